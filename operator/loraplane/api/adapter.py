@@ -1,0 +1,137 @@
+"""Adapter: one versioned LoRA artifact, checked against its base model before it is ever loaded."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from loraplane.api.common import (
+    ApiModel,
+    CelRule,
+    FreeForm,
+    LocalObjectRef,
+    Resource,
+    SecretKeyRef,
+    StatusBase,
+)
+from loraplane.api.finetunejob import immutable
+
+
+class AdapterBaseModel(ApiModel):
+    """The base model an adapter was trained on; it is only served on a ModelRoute of the same base."""
+
+    name: str = Field(min_length=1, max_length=200,
+                      description="Hugging Face id (or URI) of the base model, as in the ModelRoute's baseModel.")
+    revision: str | None = Field(default=None, max_length=200,
+                                 description="Revision it was trained on; when set, the route's must match.")
+
+
+class AdapterSource(ApiModel):
+    """Where the artifact (a PEFT adapter directory) lives."""
+
+    cel_rules: ClassVar = (
+        CelRule(rule="has(self.uri) != has(self.fineTuneJobRef)",
+                message="set exactly one of source.uri or source.fineTuneJobRef"),
+    )
+
+    uri: str | None = Field(
+        default=None, pattern=r"^(pvc://.+|s3://.+|https?://.+|hf://.+|file:///.+|/.+)$",
+        description="pvc://CLAIM/PATH, s3://BUCKET/PREFIX, https://….tar.gz, hf://ORG/REPO[@revision], "
+                    "or a local directory for local runs.")
+    fine_tune_job_ref: LocalObjectRef | None = Field(
+        default=None, description="The FineTuneJob whose output this is (set by the operator on success).")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
+                               description="Expected sha256 of the artifact; loading fails on mismatch.")
+    credentials_secret_ref: SecretKeyRef | None = None
+
+
+class AdapterSpec(ApiModel):
+    base_model: AdapterBaseModel = Field(json_schema_extra=immutable("spec.baseModel",
+                                                                     "create a new Adapter for another base"))
+    source: AdapterSource
+    version: str | None = Field(
+        default=None, max_length=63, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+        description="Version label. Changing source or version rolls replicas to the new artifact under a new "
+                    "internal name, so cached prefixes never mix versions.")
+    rank: int | None = Field(default=None, ge=1, le=512,
+                             description="Declared LoRA rank; checked against routes before any download.")
+    target_modules: list[str] | None = Field(default=None, description="Declared target modules.")
+
+
+class ArtifactInfo(ApiModel):
+    """What was read from the artifact's adapter_config.json (facts, not declarations)."""
+
+    uri: str | None = None
+    sha256: str | None = None
+    size_bytes: int | None = Field(default=None, ge=0)
+    peft_type: str | None = None
+    rank: int | None = None
+    alpha: float | None = None
+    target_modules: list[str] | None = None
+    base_model: str | None = Field(default=None, description="base_model_name_or_path recorded by peft.")
+    modules_to_save: list[str] | None = None
+
+
+class Provenance(ApiModel):
+    """How the artifact was made (from its FineTuneJob)."""
+
+    fine_tune_job: str | None = None
+    base_model: str | None = None
+    base_model_revision: str | None = None
+    dataset_uri: str | None = None
+    dataset_sha256: str | None = None
+    hyperparameters: FreeForm | None = None
+    metrics: dict[str, float] | None = None
+    library_versions: dict[str, str] | None = None
+    completed_at: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+
+
+class LoadedOn(ApiModel):
+    """One replica that serves the adapter."""
+
+    route: str
+    replica: str = Field(description="Pod name.")
+    served_name: str = Field(description="Name the adapter is loaded under in vLLM (includes its version).")
+    since: str = Field(json_schema_extra={"format": "date-time"})
+
+
+class AdapterStatus(StatusBase):
+    phase: Literal["Pending", "Incompatible", "Loading", "Ready", "Failed"] | None = None
+    version: str | None = Field(default=None, description="Version this status describes.")
+    served_name: str | None = Field(default=None, description="Internal vLLM name of this version.")
+    artifact: ArtifactInfo | None = None
+    provenance: Provenance | None = None
+    routes: list[str] = Field(default_factory=list, description="ModelRoutes that select this adapter.")
+    loaded_on: list[LoadedOn] = Field(default_factory=list)
+
+
+class Adapter(Resource):
+    KIND: ClassVar = "Adapter"
+    PLURAL: ClassVar = "adapters"
+    SHORT_NAMES: ClassVar = ("lora",)
+    DESCRIPTION: ClassVar = "A versioned LoRA adapter, checked for compatibility before it is served."
+    PRINTER_COLUMNS: ClassVar = (
+        {"name": "Base", "type": "string", "jsonPath": ".spec.baseModel.name"},
+        {"name": "Version", "type": "string", "jsonPath": ".spec.version"},
+        {"name": "Rank", "type": "integer", "jsonPath": ".status.artifact.rank"},
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"},
+        {"name": "Reason", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason",
+         "priority": 1},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    )
+
+    kind: Literal["Adapter"] = "Adapter"
+    spec: AdapterSpec
+    status: AdapterStatus | None = None
+
+    def served_name(self) -> str:
+        """The name this version is loaded under in vLLM: unique per version, stable across replicas."""
+        if self.spec.version:
+            return f"{self.metadata.name}--{self.spec.version}"
+        # No version: derive one from the source, so a changed source still gets a new name.
+        digest = hashlib.sha256(json.dumps(self.spec.source.wire(), sort_keys=True).encode()).hexdigest()
+        return f"{self.metadata.name}--{digest[:8]}"

@@ -1,0 +1,70 @@
+"""Evaluate the API's CEL rules with cel-python, the way the API server evaluates x-kubernetes-validations.
+
+Kubernetes >= 1.25 enforces these rules itself; older servers drop them. Evaluating the same expressions
+here means one definition of each rule, enforced everywhere a spec is parsed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import celpy
+
+
+def _list_sum(values):
+    total = celpy.celtypes.IntType(0)
+    for v in values:
+        total = total + v
+    return total
+
+
+# The parts of Kubernetes' CEL list library (k8s.io/apiserver/pkg/cel/library) that our rules use;
+# cel-python has only the CEL standard library.
+KUBERNETES_FUNCTIONS = {
+    "sum": _list_sum,
+    "min": lambda values: min(values),
+    "max": lambda values: max(values),
+    "isSorted": lambda values: celpy.celtypes.BoolType(list(values) == sorted(values)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _program(rule: str):
+    env = celpy.Environment()
+    return env.program(env.compile(rule), functions=KUBERNETES_FUNCTIONS)
+
+
+def evaluate(rule: str, self_value: Any, old_self: Any = None) -> bool:
+    """True when `rule` holds for `self_value` (and `old_self`, for transition rules)."""
+    activation = {"self": celpy.json_to_cel(self_value)}
+    if old_self is not None:
+        activation["oldSelf"] = celpy.json_to_cel(old_self)
+    result = _program(rule).evaluate(activation)
+    if isinstance(result, Exception):  # celpy returns evaluation errors (e.g. no such key) as values
+        raise result
+    return bool(result)
+
+
+def is_transition_rule(rule: str) -> bool:
+    return "oldSelf" in rule
+
+
+def failed_rules(model_cls, wire_value: dict[str, Any], old_value: dict[str, Any] | None = None) -> list[str]:
+    """Messages of the rules of `model_cls` that `wire_value` breaks.
+
+    Transition rules (those that mention oldSelf) run only when an old value is given, as in Kubernetes.
+    """
+    failed = []
+    for r in model_cls.cel_rules:
+        if is_transition_rule(r.rule) and old_value is None:
+            continue
+        try:
+            ok = evaluate(r.rule, wire_value, old_value)
+        except Exception as exc:  # noqa: BLE001 - a rule that cannot evaluate is a failed rule, with why
+            detail = str(exc.args[0] if exc.args else exc)[:200]
+            failed.append(f"{r.message} (rule {r.rule!r} could not be evaluated: {detail})")
+            continue
+        if not ok:
+            failed.append(r.message)
+    return failed

@@ -1,0 +1,221 @@
+"""Types shared by the three kinds: the model base class, conditions, references and CEL rules.
+
+Every API type derives from `ApiModel`: camelCase on the wire, snake_case in Python, unknown fields
+rejected (a typo in a spec is an error that names the field, not a silently ignored setting).
+Cross-field rules are written once, in CEL (`cel_rules`): the same expressions go into the CRD as
+`x-kubernetes-validations` for API servers that enforce them, and are evaluated by pydantic here
+(through cel-python) so that the operator, `loraplane render` and older API servers enforce them too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "loraplane.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# A DNS-1123 subdomain, what Kubernetes accepts as an object name.
+DNS_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+# A DNS-1123 label (Service, Deployment and label values built from it must fit in 63 characters).
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+# An int-or-string Kubernetes quantity ("8", 8, "64Gi", "500m"), marked the Kubernetes way in the schema.
+Quantity = Annotated[
+    int | str,
+    WithJsonSchema({"x-kubernetes-int-or-string": True}),
+    Field(description="A Kubernetes quantity, e.g. 8, \"500m\" or \"64Gi\"."),
+]
+QUANTITY_RE = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
+
+# Free-form objects passed through to Kubernetes verbatim (tolerations, env entries, affinity).
+FreeForm = Annotated[
+    dict[str, Any],
+    WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
+]
+
+
+class CelRule(BaseModel):
+    """A CEL validation rule, as Kubernetes writes it into `x-kubernetes-validations`."""
+
+    model_config = ConfigDict(frozen=True)
+    rule: str
+    message: str
+
+
+class ApiModel(BaseModel):
+    """Base of all API types. Subclasses list cross-field rules in `cel_rules`."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=False,
+        use_enum_values=True,
+    )
+    cel_rules: ClassVar[tuple[CelRule, ...]] = ()
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):  # noqa: D105 - pydantic hook
+        schema = handler(core_schema)
+        if cls.cel_rules:
+            target = handler.resolve_ref_schema(schema)
+            target["x-kubernetes-validations"] = [r.model_dump() for r in cls.cel_rules]
+        return schema
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _check_cel_rules(cls, data: Any, handler):
+        model = handler(data)
+        if cls.cel_rules:
+            from loraplane.api import cel  # late import: cel-python is only needed when rules exist
+
+            # What the API server would evaluate: wire names, only the fields the user set.
+            raw = model.model_dump(by_alias=True, exclude_unset=True, exclude_none=True, mode="json")
+            failed = cel.failed_rules(cls, raw)
+            if failed:
+                raise ValueError("; ".join(failed))
+        return model
+
+    def wire(self) -> dict[str, Any]:
+        """The object as it appears in the Kubernetes API: camelCase, unset fields left out."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class SecretKeyRef(ApiModel):
+    """A key in a Secret of the object's namespace."""
+
+    name: str = Field(pattern=DNS_NAME, description="Name of the Secret.")
+    key: str | None = Field(default=None, description="Key within the Secret; the whole Secret when omitted.")
+
+
+class LocalObjectRef(ApiModel):
+    """A reference to an object of the same namespace."""
+
+    name: str = Field(pattern=DNS_NAME, max_length=253, description="Name of the object.")
+
+
+class ModelRef(ApiModel):
+    """Where a base model comes from: a Hugging Face id (with revision) or a URI."""
+
+    cel_rules: ClassVar = (
+        CelRule(rule="has(self.name) != has(self.uri)",
+                message="set exactly one of baseModel.name (a Hugging Face id) or baseModel.uri"),
+    )
+
+    name: str | None = Field(
+        default=None, min_length=1, max_length=200,
+        description="Hugging Face model id, e.g. meta-llama/Llama-3.1-8B-Instruct. "
+                    "Also the identity used to check adapter compatibility.")
+    revision: str | None = Field(
+        default=None, max_length=200,
+        description="Branch, tag or commit of the Hugging Face repo. Pin a commit for reproducible runs.")
+    uri: str | None = Field(
+        default=None, pattern=r"^(pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?|s3://.+|https?://.+|file:///.+|/.+)$",
+        description="pvc://CLAIM/PATH, s3://BUCKET/PREFIX, https://… archive, or a local path "
+                    "(file:///… or /…, for local runs).")
+    credentials_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret with HF_TOKEN or AWS_* credentials to fetch the model.")
+
+    @property
+    def identity(self) -> str:
+        """The name adapters are matched against: the hub id, else the URI."""
+        return self.name or self.uri or ""
+
+
+class Condition(ApiModel):
+    """A Kubernetes-style condition (the shape kstatus, Flux and Argo CD understand)."""
+
+    type: str = Field(pattern=r"^[A-Z][A-Za-z0-9]*$", description="Condition type, e.g. Ready.")
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+                        description="CamelCase machine-readable reason; see docs/troubleshooting.md.")
+    message: str = Field(default="", description="What happened and what to do about it.")
+    observed_generation: int | None = Field(default=None, ge=0,
+                                            description="metadata.generation this condition was computed for.")
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).",
+                                      json_schema_extra={"format": "date-time"})
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def set_condition(conditions: list[Condition], type: str, status: bool | str, reason: str, message: str = "",
+                  observed_generation: int | None = None, now: str | None = None) -> list[Condition]:
+    """Return `conditions` with `type` set; lastTransitionTime moves only when the status flips."""
+    status_str = {True: "True", False: "False"}.get(status, status) if isinstance(status, bool) else status
+    out: list[Condition] = []
+    found = False
+    for c in conditions:
+        if c.type != type:
+            out.append(c)
+            continue
+        found = True
+        ltt = c.last_transition_time if c.status == status_str else (now or now_rfc3339())
+        out.append(Condition(type=type, status=status_str, reason=reason, message=message,
+                             observed_generation=observed_generation, last_transition_time=ltt))
+    if not found:
+        out.append(Condition(type=type, status=status_str, reason=reason, message=message,
+                             observed_generation=observed_generation, last_transition_time=now or now_rfc3339()))
+    return out
+
+
+def get_condition(conditions: list[Condition], type: str) -> Condition | None:
+    return next((c for c in conditions if c.type == type), None)
+
+
+class StatusBase(ApiModel):
+    """Fields every status carries: what generation it describes and its conditions."""
+
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="metadata.generation of the spec this status was computed from.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Current conditions; Ready summarises them (kstatus-compatible).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
+
+    def set_condition(self, type: str, status: bool | str, reason: str, message: str = "",
+                      generation: int | None = None, now: str | None = None) -> None:
+        self.conditions = set_condition(self.conditions, type, status, reason, message,
+                                        observed_generation=generation, now=now)
+
+    def condition(self, type: str) -> Condition | None:
+        return get_condition(self.conditions, type)
+
+
+class ObjectMeta(ApiModel):
+    """The parts of metadata loraplane reads; everything else passes through untouched."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str | None = Field(default=None, pattern=DNS_NAME, max_length=253)
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    generation: int | None = None
+    uid: str | None = None
+
+
+class Resource(ApiModel):
+    """Base of the three top-level kinds: apiVersion, kind, metadata, spec, status."""
+
+    # Filled by each kind.
+    KIND: ClassVar[str]
+    PLURAL: ClassVar[str]
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ()
+    PRINTER_COLUMNS: ClassVar[tuple[dict[str, Any], ...]] = ()
+    DESCRIPTION: ClassVar[str] = ""
+
+    api_version: str = Field(default=API_VERSION, alias="apiVersion")
+    kind: str
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+
+    @model_validator(mode="after")
+    def _check_api_version(self):
+        if self.api_version != API_VERSION:
+            raise ValueError(f"apiVersion must be {API_VERSION}, not {self.api_version!r}")
+        return self

