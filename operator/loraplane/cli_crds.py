@@ -13,20 +13,31 @@ from loraplane.cli import repo_root
 
 
 def add_crds_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=repo_root() / "crds", help="output folder (default: crds/)")
+    p.add_argument("--out", type=Path, default=repo_root() / "crds", help="CRD folder (default: crds/)")
+    p.add_argument("--reference", type=Path, default=repo_root() / "docs" / "api-reference.md",
+                   help="generated API reference (default: docs/api-reference.md)")
     p.add_argument("--check", action="store_true", help="exit 1 if the files there are stale; write nothing")
 
 
-def crds_main(args: argparse.Namespace) -> int:
-    from loraplane.api import crdgen
+def generated_files(args: argparse.Namespace) -> dict[Path, str]:
+    """Every file generated from the API models, with its expected content."""
+    from loraplane.api import crdgen, reference
 
+    files = {args.out / name: crdgen.render(crd) for name, crd in crdgen.all_crds().items()}
+    files[args.reference] = reference.render()
+    return files
+
+
+def crds_main(args: argparse.Namespace) -> int:
+    files = generated_files(args)
     if args.check:
-        stale = [name for name, crd in crdgen.all_crds().items()
-                 if not (args.out / name).is_file() or (args.out / name).read_text() != crdgen.render(crd)]
-        for name in stale:
-            print(f"stale: {args.out / name} (run `loraplane crds`)", file=sys.stderr)
+        stale = [p for p, text in files.items() if not p.is_file() or p.read_text() != text]
+        for path in stale:
+            print(f"stale: {path} (run `loraplane crds`)", file=sys.stderr)
         return 1 if stale else 0
-    for path in crdgen.write_crds(args.out):
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
         print(path)
     return 0
 

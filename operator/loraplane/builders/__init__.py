@@ -1,0 +1,33 @@
+"""Pure builders of the Kubernetes objects the operator creates: no I/O, deterministic output.
+
+`render(resources)` is what `loraplane render` prints and what the controllers apply.
+"""
+
+from __future__ import annotations
+
+from loraplane.api import Adapter, FineTuneJob, ModelRoute, Resource
+from loraplane.builders import modelroute, training
+from loraplane.builders.common import Manifest
+from loraplane.builders.defaults import BuildSettings
+from loraplane.builders.serving_table import Resolution, resolve
+
+
+def route_resolution(route: ModelRoute, adapters: list[Adapter]) -> Resolution:
+    ns = route.metadata.namespace or "default"
+    return resolve(route, [a for a in adapters if (a.metadata.namespace or "default") == ns])
+
+
+def render(resources: list[Resource], settings: BuildSettings = BuildSettings()) -> list[Manifest]:
+    """The children of every FineTuneJob and ModelRoute in `resources`. A ModelRoute's serving table is
+    resolved against the Adapters among `resources` (the operator uses those of the namespace)."""
+    adapters = [r for r in resources if isinstance(r, Adapter)]
+    out: list[Manifest] = []
+    for r in resources:
+        if isinstance(r, FineTuneJob):
+            out += training.children(r, settings)
+        elif isinstance(r, ModelRoute):
+            out += modelroute.children(r, route_resolution(r, adapters).table, settings)
+    return out
+
+
+__all__ = ["BuildSettings", "Manifest", "Resolution", "render", "resolve", "route_resolution"]

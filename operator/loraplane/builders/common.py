@@ -1,0 +1,131 @@
+"""Helpers every child builder shares: names, labels, owner references and the applied-spec hash.
+
+Builders are pure: the same custom resource always gives byte-identical manifests, so the operator can
+compare a hash instead of the live object to decide whether anything needs writing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from loraplane.api.common import Resource
+
+MANAGER = "loraplane"
+HASH_ANNOTATION = "loraplane.io/spec-hash"
+FINETUNEJOB_LABEL = "loraplane.io/finetunejob"
+COMPONENT_LABEL = "loraplane.io/component"
+ROUTER_LABEL = "loraplane.io/router"
+# ownerReferences of an object rendered before it exists (`loraplane render` on a file): the API server
+# assigns the uid at creation and the operator fills it in.
+UNKNOWN_UID = "set-by-the-api-server-at-creation"
+
+Manifest = dict[str, Any]
+
+
+def child_name(owner: str, suffix: str, limit: int = 63) -> str:
+    """`<owner>-<suffix>`, shortened with a stable hash when it would exceed `limit` (a DNS label's 63)."""
+    name = f"{owner}-{suffix}" if suffix else owner
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    keep = limit - len(suffix) - len(digest) - 2
+    return f"{owner[:keep].rstrip('-.')}-{digest}-{suffix}"
+
+
+def owner_reference(owner: Resource, controller: bool = True) -> dict[str, Any]:
+    return {
+        "apiVersion": owner.api_version,
+        "kind": owner.kind,
+        "name": owner.metadata.name,
+        "uid": owner.metadata.uid or UNKNOWN_UID,
+        "controller": controller,
+        "blockOwnerDeletion": True,
+    }
+
+
+def base_labels(owner: Resource, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "loraplane",
+        "app.kubernetes.io/instance": owner.metadata.name or "",
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": MANAGER,
+    }
+
+
+def namespace_of(owner: Resource, default: str = "default") -> str:
+    return owner.metadata.namespace or default
+
+
+def metadata(owner: Resource, name: str, labels: dict[str, str], annotations: dict[str, str] | None = None,
+             namespace: str | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace or namespace_of(owner),
+        "labels": dict(sorted(labels.items())),
+        "ownerReferences": [owner_reference(owner)],
+    }
+    if annotations:
+        meta["annotations"] = dict(sorted(annotations.items()))
+    return meta
+
+
+def spec_hash(manifest: Manifest) -> str:
+    """sha256 of the manifest without its own hash annotation, over canonical JSON."""
+    body = json.loads(json.dumps(manifest))
+    annotations = body.get("metadata", {}).get("annotations", {})
+    annotations.pop(HASH_ANNOTATION, None)
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def with_hash(manifest: Manifest) -> Manifest:
+    """Stamp the manifest with the hash of its content (what the operator compares before writing)."""
+    digest = spec_hash(manifest)
+    manifest.setdefault("metadata", {}).setdefault("annotations", {})[HASH_ANNOTATION] = digest
+    manifest["metadata"]["annotations"] = dict(sorted(manifest["metadata"]["annotations"].items()))
+    return manifest
+
+
+def quantity(value: int | str) -> int | str:
+    """Quantities pass through; Kubernetes accepts both ints and strings."""
+    return value
+
+
+def resources(gpus: int, gpu_resource: str, cpu: Any, memory: Any) -> dict[str, Any]:
+    """Requests/limits: GPUs as limits (extended resources), CPU as a request, memory as request and limit."""
+    limits: dict[str, Any] = {}
+    requests: dict[str, Any] = {}
+    if gpus:
+        limits[gpu_resource] = gpus
+    if cpu is not None:
+        requests["cpu"] = cpu
+    if memory is not None:
+        requests["memory"] = limits["memory"] = memory
+    out: dict[str, Any] = {}
+    if limits:
+        out["limits"] = limits
+    if requests:
+        out["requests"] = requests
+    return out
+
+
+def role(owner: Resource, name: str, labels: dict[str, str], rules: list[dict[str, Any]]) -> Manifest:
+    return with_hash({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                      "metadata": metadata(owner, name, labels), "rules": rules})
+
+
+def service_account(owner: Resource, name: str, labels: dict[str, str]) -> Manifest:
+    # No API token unless a pod asks for one: only the pods that talk to the API mount it.
+    return with_hash({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata(owner, name, labels)})
+
+
+def role_binding(owner: Resource, name: str, labels: dict[str, str], role_name: str,
+                 service_account_name: str) -> Manifest:
+    return with_hash({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": metadata(owner, name, labels),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role_name},
+        "subjects": [{"kind": "ServiceAccount", "name": service_account_name,
+                      "namespace": namespace_of(owner)}],
+    })

@@ -1,0 +1,26 @@
+"""Operator-wide settings the builders need (images, artifact store, API versions of the target cluster)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loraplane import __version__ as _version
+
+DEFAULT_IMAGE = f"ghcr.io/loraplane/loraplane:{_version}"
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    # The image with the loraplane package: trainer, adapter loader and router (one image, three entry points).
+    image: str = DEFAULT_IMAGE
+    trainer_image: str | None = None          # default: `image` (with torch/peft for GPU training)
+    # Where a FineTuneJob without spec.output.uri writes its adapter: <artifact_store>/<namespace>/<job>.
+    artifact_store: str = "pvc://loraplane-artifacts"
+    # autoscaling/v2 is GA from Kubernetes 1.23; older clusters (and the 1.20 test server) serve v2beta2.
+    hpa_api_version: str = "autoscaling/v2"
+    # policy/v1 PodDisruptionBudget from 1.21; 1.20 serves policy/v1beta1.
+    pdb_api_version: str = "policy/v1"
+
+    @property
+    def trainer(self) -> str:
+        return self.trainer_image or self.image

@@ -1,0 +1,290 @@
+"""Children of a ModelRoute: the serving table ConfigMap, the vLLM replicas (Deployment with the adapter
+loader beside each vLLM container, their RBAC, a headless Service, a PodDisruptionBudget, an HPA or a KEDA
+ScaledObject) and the OpenAI-compatible router (RBAC, Deployment, Service).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loraplane.api.modelroute import ModelRoute
+from loraplane.builders import serving
+from loraplane.builders.common import (
+    COMPONENT_LABEL,
+    ROUTER_LABEL,
+    Manifest,
+    base_labels,
+    child_name,
+    metadata,
+    namespace_of,
+    resources,
+    role,
+    role_binding,
+    service_account,
+    with_hash,
+)
+from loraplane.builders.defaults import BuildSettings
+from loraplane.servingtable import (
+    CONFIGMAP_KEY,
+    ENGINE_PORT,
+    LOADER_PORT,
+    ROUTE_LABEL,
+    ROUTER_PORT,
+    ServingTable,
+    configmap_name,
+)
+
+SERVING_MOUNT = "/etc/loraplane/serving"
+API_KEYS_MOUNT = "/etc/loraplane/api-keys"
+KEDA_API_VERSION = "keda.sh/v1alpha1"
+
+
+def engine_name(route: ModelRoute) -> str:
+    return child_name(route.metadata.name or "", "engine")
+
+
+def router_name(route: ModelRoute) -> str:
+    return child_name(route.metadata.name or "", "router")
+
+
+def endpoint(route: ModelRoute) -> str:
+    return f"http://{router_name(route)}.{namespace_of(route)}.svc:{ROUTER_PORT}/v1"
+
+
+def engine_selector(route: ModelRoute) -> dict[str, str]:
+    return {ROUTE_LABEL: route.metadata.name or "", COMPONENT_LABEL: "engine"}
+
+
+def router_selector(route: ModelRoute) -> dict[str, str]:
+    return {ROUTER_LABEL: route.metadata.name or "", COMPONENT_LABEL: "router"}
+
+
+def engine_labels(route: ModelRoute) -> dict[str, str]:
+    return {**base_labels(route, "engine"), **engine_selector(route)}
+
+
+def router_labels(route: ModelRoute) -> dict[str, str]:
+    # Router pods do not carry loraplane.io/route: that label marks the replicas whose reports are aggregated.
+    return {**base_labels(route, "router"), **router_selector(route)}
+
+
+def serving_config_map(route: ModelRoute, table: ServingTable) -> Manifest:
+    return with_hash({"apiVersion": "v1", "kind": "ConfigMap",
+                      "metadata": metadata(route, configmap_name(route.metadata.name or ""),
+                                           base_labels(route, "serving-table")),
+                      "data": {CONFIGMAP_KEY: table.to_json() + "\n"}})
+
+
+def engine_rbac(route: ModelRoute) -> list[Manifest]:
+    """The loader reads and watches its route's ConfigMap (that one only) and writes its Pod's report
+    annotation. RBAC cannot name a pod that does not exist yet, so `patch pods` covers the namespace."""
+    name = engine_name(route)
+    labels = engine_labels(route)
+    rules = [
+        {"apiGroups": [""], "resources": ["configmaps"],
+         "resourceNames": [configmap_name(route.metadata.name or "")], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]},
+    ]
+    return [service_account(route, name, labels), role(route, name, labels, rules),
+            role_binding(route, name, labels, name, name)]
+
+
+def router_rbac(route: ModelRoute) -> list[Manifest]:
+    """The router reads and watches its route's ConfigMap; it finds replicas through DNS, not the API."""
+    name = router_name(route)
+    labels = router_labels(route)
+    rules = [{"apiGroups": [""], "resources": ["configmaps"],
+              "resourceNames": [configmap_name(route.metadata.name or "")], "verbs": ["get", "list", "watch"]}]
+    return [service_account(route, name, labels), role(route, name, labels, rules),
+            role_binding(route, name, labels, name, name)]
+
+
+def _node_placement(route: ModelRoute) -> dict[str, Any]:
+    engine = route.spec.engine
+    out: dict[str, Any] = {}
+    node_selector = dict(engine.node_selector)
+    if engine.gpu_type:
+        node_selector[engine.gpu_type_label] = engine.gpu_type
+    if node_selector:
+        out["nodeSelector"] = dict(sorted(node_selector.items()))
+    if engine.tolerations:
+        out["tolerations"] = [dict(t) for t in engine.tolerations]
+    return out
+
+
+def adapter_claims(table: ServingTable) -> list[str]:
+    """PVCs holding the served adapters (mounted read-only so the loader can copy from them)."""
+    return serving.pvc_claims(*(a.uri for a in table.adapters))
+
+
+def engine_deployment(route: ModelRoute, table: ServingTable, settings: BuildSettings) -> Manifest:
+    spec = route.spec
+    ns = namespace_of(route)
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": engine_name(route),
+        "containers": [serving.engine_container(route), serving.loader_container(route, ns, settings.image)],
+        "volumes": serving.serving_volumes(route, adapter_claims(table)),
+        # vLLM drains in-flight requests on SIGTERM; long generations need more than the default 30 s.
+        "terminationGracePeriodSeconds": 120,
+        **_node_placement(route),
+    }
+    deploy_spec: dict[str, Any] = {
+        "selector": {"matchLabels": engine_selector(route)},
+        # One new replica at a time: each one loads a model (minutes) before it is Ready.
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+        "template": {
+            "metadata": {"labels": engine_labels(route),
+                         "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(ENGINE_PORT),
+                                         "prometheus.io/path": "/metrics"}},
+            "spec": pod_spec,
+        },
+    }
+    # With an autoscaler the replica count is the autoscaler's field: leaving it out of the apply keeps
+    # server-side apply from fighting over it.
+    if spec.autoscaling is None:
+        deploy_spec["replicas"] = 1 if spec.replicas is None else spec.replicas
+    return with_hash({"apiVersion": "apps/v1", "kind": "Deployment",
+                      "metadata": metadata(route, engine_name(route), engine_labels(route)), "spec": deploy_spec})
+
+
+def engine_service(route: ModelRoute) -> Manifest:
+    """Headless: the router resolves it to the replicas' addresses and balances across them itself."""
+    return with_hash({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": metadata(route, engine_name(route), engine_labels(route)),
+        "spec": {"clusterIP": "None", "selector": engine_selector(route),
+                 "ports": [{"name": "http", "port": ENGINE_PORT, "targetPort": ENGINE_PORT},
+                           {"name": "loader", "port": LOADER_PORT, "targetPort": LOADER_PORT}]},
+    })
+
+
+def pod_disruption_budget(route: ModelRoute, settings: BuildSettings) -> Manifest:
+    # A drain takes replicas one at a time, so serving capacity drops by at most one replica.
+    return with_hash({
+        "apiVersion": settings.pdb_api_version, "kind": "PodDisruptionBudget",
+        "metadata": metadata(route, engine_name(route), engine_labels(route)),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": engine_selector(route)}},
+    })
+
+
+def hpa_metric_name(metric: str) -> str:
+    """Prometheus adapters expose `vllm:num_requests_waiting` as `vllm_num_requests_waiting` (':' is not
+    allowed in a custom-metrics API name); see docs/operator.md for the adapter rule."""
+    return metric.replace(":", "_")
+
+
+def horizontal_pod_autoscaler(route: ModelRoute, settings: BuildSettings) -> Manifest:
+    auto = route.spec.autoscaling
+    assert auto is not None
+    return with_hash({
+        "apiVersion": settings.hpa_api_version, "kind": "HorizontalPodAutoscaler",
+        "metadata": metadata(route, engine_name(route), engine_labels(route)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": engine_name(route)},
+            "minReplicas": max(auto.min_replicas, 1),  # an HPA cannot scale to zero; KEDA can
+            "maxReplicas": auto.max_replicas,
+            "metrics": [{"type": "Pods", "pods": {
+                "metric": {"name": hpa_metric_name(auto.metric)},
+                "target": {"type": "AverageValue", "averageValue": _quantity(auto.target)}}}],
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": auto.scale_down_stabilization_seconds}},
+        },
+    })
+
+
+def _quantity(value: float) -> str:
+    """A float target as a Kubernetes quantity string (milli-units when fractional)."""
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{int(round(value * 1000))}m"
+
+
+def keda_scaled_object(route: ModelRoute) -> Manifest:
+    auto = route.spec.autoscaling
+    assert auto is not None
+    ns = namespace_of(route)
+    query = f'sum({auto.metric}{{namespace="{ns}",pod=~"{engine_name(route)}-.*"}})'
+    return with_hash({
+        "apiVersion": KEDA_API_VERSION, "kind": "ScaledObject",
+        "metadata": metadata(route, engine_name(route), engine_labels(route)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": engine_name(route)},
+            "minReplicaCount": auto.min_replicas,
+            "maxReplicaCount": auto.max_replicas,
+            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": {"scaleDown": {
+                "stabilizationWindowSeconds": auto.scale_down_stabilization_seconds}}}},
+            "triggers": [{"type": "prometheus", "metadata": {
+                "serverAddress": auto.prometheus_address or "http://prometheus.monitoring.svc:9090",
+                "query": query, "threshold": str(auto.target)}}],
+        },
+    })
+
+
+def router_args(route: ModelRoute) -> list[str]:
+    ns = namespace_of(route)
+    args = ["--table", f"{SERVING_MOUNT}/{CONFIGMAP_KEY}",
+            "--replicas-dns", f"{engine_name(route)}.{ns}.svc",
+            "--host", "0.0.0.0", "--port", str(ROUTER_PORT)]
+    if route.spec.router.api_key_secret_ref:
+        args += ["--api-keys-dir", API_KEYS_MOUNT]
+    return args
+
+
+def router_deployment(route: ModelRoute, settings: BuildSettings) -> Manifest:
+    spec = route.spec.router
+    volumes: list[dict[str, Any]] = [
+        {"name": "serving", "configMap": {"name": configmap_name(route.metadata.name or "")}}]
+    mounts: list[dict[str, Any]] = [{"name": "serving", "mountPath": SERVING_MOUNT, "readOnly": True}]
+    if spec.api_key_secret_ref:
+        secret: dict[str, Any] = {"secretName": spec.api_key_secret_ref.name}
+        if spec.api_key_secret_ref.key:
+            secret["items"] = [{"key": spec.api_key_secret_ref.key, "path": spec.api_key_secret_ref.key}]
+        volumes.append({"name": "api-keys", "secret": secret})
+        mounts.append({"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True})
+    health = {"httpGet": {"path": "/healthz", "port": ROUTER_PORT}}
+    container: dict[str, Any] = {
+        "name": "router",
+        "image": spec.image or settings.image,
+        "command": ["python3", "-m", "loraplane.router", *router_args(route)],
+        "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
+        "volumeMounts": mounts,
+        "readinessProbe": {**health, "periodSeconds": 5},
+        "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 4},
+    }
+    if r := resources(0, "", spec.cpu, spec.memory):
+        container["resources"] = r
+    return with_hash({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": metadata(route, router_name(route), router_labels(route)),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": router_selector(route)},
+            "template": {
+                "metadata": {"labels": router_labels(route),
+                             "annotations": {"prometheus.io/scrape": "true",
+                                             "prometheus.io/port": str(ROUTER_PORT)}},
+                "spec": {"serviceAccountName": router_name(route), "containers": [container],
+                         "volumes": volumes},
+            },
+        },
+    })
+
+
+def router_service(route: ModelRoute) -> Manifest:
+    return with_hash({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": metadata(route, router_name(route), router_labels(route)),
+        "spec": {"selector": router_selector(route),
+                 "ports": [{"name": "http", "port": ROUTER_PORT, "targetPort": ROUTER_PORT}]},
+    })
+
+
+def children(route: ModelRoute, table: ServingTable, settings: BuildSettings) -> list[Manifest]:
+    """Everything the operator applies for a ModelRoute, in apply order."""
+    out = [serving_config_map(route, table), *engine_rbac(route), engine_deployment(route, table, settings),
+           engine_service(route), pod_disruption_budget(route, settings)]
+    auto = route.spec.autoscaling
+    if auto is not None:
+        out.append(keda_scaled_object(route) if auto.backend == "keda"
+                   else horizontal_pod_autoscaler(route, settings))
+    out += [*router_rbac(route), router_deployment(route, settings), router_service(route)]
+    return out

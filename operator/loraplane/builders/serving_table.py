@@ -1,0 +1,156 @@
+"""Resolve a ModelRoute and the Adapters of its namespace into its `ServingTable` (pure, deterministic).
+
+Which adapters a route serves: those named by a backend and those matched by a route's label selector.
+Each must pass what metadata can tell before any replica downloads it: same base model identity (and
+revision when both sides set one) and a declared rank (spec.rank, else the rank the loader read from the
+artifact) no larger than the route's engine.maxLoraRank. Adapters that fail stay out of the table; the
+reason is kept for the ModelRoute's and the Adapter's status.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from loraplane.api.adapter import Adapter
+from loraplane.api.modelroute import ModelRoute
+from loraplane.builders.serving import model_path_in_replica, served_model_name
+from loraplane.servingtable import Backend, DesiredAdapter, PublicModel, RouterSettings, ServingTable
+
+
+@dataclass(frozen=True)
+class Verdict:
+    compatible: bool
+    reason: str
+    message: str = ""
+
+
+@dataclass
+class Resolution:
+    table: ServingTable
+    # Adapter name -> verdict, for every adapter the route selects (by reference or selector).
+    selected: dict[str, Verdict] = field(default_factory=dict)
+    # (public model, adapter) -> why a referenced backend is left out (missing, incompatible, rejected).
+    missing: dict[tuple[str, str], Verdict] = field(default_factory=dict)
+
+
+def selector_matches(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics (matchLabels AND matchExpressions); an empty selector matches all."""
+    if selector is None:
+        return False
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+        if op not in ("In", "NotIn", "Exists", "DoesNotExist"):
+            return False
+    return True
+
+
+def declared_rank(adapter: Adapter) -> int | None:
+    if adapter.spec.rank:
+        return adapter.spec.rank
+    if adapter.status and adapter.status.artifact and adapter.status.artifact.rank:
+        return adapter.status.artifact.rank
+    return None
+
+
+def check_compatibility(adapter: Adapter, route: ModelRoute) -> Verdict:
+    """What can be checked from metadata alone; the loader checks the artifact itself again."""
+    base = route.spec.base_model
+    want = adapter.spec.base_model
+    if want.name != base.identity:
+        return Verdict(False, "BaseModelMismatch",
+                       f"adapter {adapter.metadata.name} was trained on {want.name}, but ModelRoute "
+                       f"{route.metadata.name} serves {base.identity}")
+    if want.revision and base.revision and want.revision != base.revision:
+        return Verdict(False, "BaseModelRevisionMismatch",
+                       f"adapter {adapter.metadata.name} was trained on {want.name}@{want.revision}, but "
+                       f"ModelRoute {route.metadata.name} serves revision {base.revision}")
+    rank = declared_rank(adapter)
+    if rank and rank > route.spec.engine.max_lora_rank:
+        return Verdict(False, "RankTooLarge",
+                       f"adapter {adapter.metadata.name} has rank {rank}, above ModelRoute "
+                       f"{route.metadata.name}'s engine.maxLoraRank {route.spec.engine.max_lora_rank}; "
+                       "raise maxLoraRank or train with a smaller method.r")
+    return Verdict(True, "Compatible", f"compatible with ModelRoute {route.metadata.name}")
+
+
+def desired_adapter(adapter: Adapter) -> DesiredAdapter:
+    return DesiredAdapter(
+        served_name=adapter.served_name(), adapter=adapter.metadata.name or "", version=adapter.spec.version,
+        uri=adapter.spec.source.uri or "", sha256=adapter.spec.source.sha256, rank=declared_rank(adapter),
+        base_model=adapter.spec.base_model.name, base_model_revision=adapter.spec.base_model.revision)
+
+
+def resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Verdict] | None = None) -> Resolution:
+    """The ServingTable of `route` given the Adapters of its namespace.
+
+    `rejected` names adapters the operator refuses (an invalid spec or a change to an immutable field):
+    they are never served, whatever selects them.
+    """
+    rejected = rejected or {}
+    by_name = {a.metadata.name: a for a in adapters}
+    base_served = served_model_name(route)
+    selected: dict[str, Verdict] = {}
+
+    def verdict(name: str) -> Verdict:
+        if name not in selected:
+            if name in rejected:
+                selected[name] = rejected[name]
+            elif name not in by_name:
+                selected[name] = Verdict(False, "AdapterNotFound", f"Adapter {name} does not exist in namespace "
+                                                                   f"{route.metadata.namespace}")
+            elif not by_name[name].spec.source.uri:
+                selected[name] = Verdict(False, "ArtifactPending",
+                                         f"Adapter {name} has no source.uri yet (its FineTuneJob has not "
+                                         "finished)")
+            else:
+                selected[name] = check_compatibility(by_name[name], route)
+        return selected[name]
+
+    models: list[PublicModel] = []
+    missing: dict[tuple[str, str], Verdict] = {}
+    for r in route.spec.routes:
+        if r.backends is not None:
+            backends = []
+            for b in r.backends:
+                if b.adapter:
+                    v = verdict(b.adapter)
+                    if not v.compatible:
+                        missing[(r.name or "", b.adapter)] = v
+                        continue
+                    backends.append(Backend(served_name=by_name[b.adapter].served_name(), adapter=b.adapter,
+                                            weight=b.weight))
+                else:
+                    backends.append(Backend(served_name=base_served, adapter=None, weight=b.weight))
+            models.append(PublicModel(name=r.name or "", backends=backends))
+        else:
+            for a in sorted(adapters, key=lambda a: a.metadata.name or ""):
+                if selector_matches(r.selector, a.metadata.labels) and verdict(a.metadata.name or "").compatible:
+                    models.append(PublicModel(name=f"{r.prefix}{a.metadata.name}", backends=[
+                        Backend(served_name=a.served_name(), adapter=a.metadata.name, weight=100)]))
+    served = sorted((desired_adapter(by_name[n]) for n, v in selected.items() if v.compatible),
+                    key=lambda d: d.served_name)
+    spec = route.spec
+    table = ServingTable(
+        route=route.metadata.name or "", namespace=route.metadata.namespace or "default",
+        generation=route.metadata.generation or 0,
+        base_model=spec.base_model.identity, base_model_revision=spec.base_model.revision,
+        served_model_name=base_served, model_path=model_path_in_replica(spec.base_model),
+        max_lora_rank=spec.engine.max_lora_rank, max_loras=spec.engine.max_loras,
+        adapters=served, models=models,
+        router=RouterSettings(sticky_header=spec.router.sticky_header,
+                              timeout_seconds=spec.router.timeout_seconds,
+                              max_request_bytes=spec.router.max_request_bytes,
+                              log_prompts=spec.router.log_prompts))
+    return Resolution(table=table, selected=selected, missing=missing)

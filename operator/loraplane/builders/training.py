@@ -1,0 +1,328 @@
+"""Children of a FineTuneJob: the trainer's config ConfigMap, its narrowly scoped RBAC, the batch/v1 Job
+(an indexed Job plus a headless Service for multi-node torchrun), and, on success, the Adapter it produced.
+
+Why the trainer patches its own `status.progress` (a ServiceAccount allowed to get/patch the `/status` of
+this one FineTuneJob) rather than the operator polling it: progress arrives when it happens, the operator
+never opens connections into training pods (no network policy holes, no per-job polling loop that grows
+with the number of jobs), and the RBAC grant is as narrow as Kubernetes allows: one verb pair on one
+object's status subresource, deleted with the job.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from loraplane.api.adapter import Adapter
+from loraplane.api.finetunejob import FineTuneJob
+from loraplane.builders.common import (
+    FINETUNEJOB_LABEL,
+    Manifest,
+    base_labels,
+    child_name,
+    metadata,
+    namespace_of,
+    owner_reference,
+    resources,
+    role,
+    role_binding,
+    service_account,
+    with_hash,
+)
+from loraplane.builders.defaults import BuildSettings
+
+CONFIG_KEY = "finetunejob.json"
+CONFIG_DIR = "/etc/loraplane"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
+MODEL_CACHE_PATH = "/models"
+PVC_ROOT = "/mnt/pvc"
+DATA_CONFIGMAP_ROOT = "/data"
+OUTPUT_SCRATCH = "/output"
+RENDEZVOUS_PORT = 29500
+TRAINER_CONTAINER = "trainer"
+# Annotation on a produced Adapter: the uid of the FineTuneJob whose output its current version is. A
+# restarted operator that finds it does not bump the version a second time.
+PRODUCED_BY_ANNOTATION = "loraplane.io/produced-by"
+
+
+def job_name(ftj: FineTuneJob) -> str:
+    # The Job name becomes the pods' `job-name` label: it must fit a 63-character label value.
+    return child_name(ftj.metadata.name or "", "train")
+
+
+def config_name(ftj: FineTuneJob) -> str:
+    return child_name(ftj.metadata.name or "", "config", 253)
+
+
+def trainer_account_name(ftj: FineTuneJob) -> str:
+    return child_name(ftj.metadata.name or "", "trainer", 253)
+
+
+def rendezvous_service_name(ftj: FineTuneJob) -> str:
+    return child_name(ftj.metadata.name or "", "rdzv")
+
+
+def labels(ftj: FineTuneJob) -> dict[str, str]:
+    return {**base_labels(ftj, "trainer"), FINETUNEJOB_LABEL: ftj.metadata.name or ""}
+
+
+def output_uri(ftj: FineTuneJob, settings: BuildSettings) -> str:
+    if ftj.spec.output.uri:
+        return ftj.spec.output.uri
+    return f"{settings.artifact_store.rstrip('/')}/{namespace_of(ftj)}/{ftj.metadata.name}"
+
+
+def trainer_config(ftj: FineTuneJob, settings: BuildSettings) -> dict[str, Any]:
+    """What the trainer reads (`--config`): the FineTuneJob manifest with defaults resolved (output.uri)."""
+    spec = ftj.spec.model_copy(update={"output": ftj.spec.output.model_copy(
+        update={"uri": output_uri(ftj, settings)})})
+    return {
+        "apiVersion": ftj.api_version, "kind": ftj.kind,
+        "metadata": {"name": ftj.metadata.name, "namespace": namespace_of(ftj)},
+        "spec": spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+    }
+
+
+def config_map(ftj: FineTuneJob, settings: BuildSettings) -> Manifest:
+    body = json.dumps(trainer_config(ftj, settings), indent=2, sort_keys=True)
+    return with_hash({"apiVersion": "v1", "kind": "ConfigMap",
+                      "metadata": metadata(ftj, config_name(ftj), labels(ftj)),
+                      "data": {CONFIG_KEY: body + "\n"}})
+
+
+def rbac(ftj: FineTuneJob) -> list[Manifest]:
+    """ServiceAccount (unless the spec names one), Role and RoleBinding: get/patch this job's status only."""
+    name = trainer_account_name(ftj)
+    rules = [{"apiGroups": ["loraplane.io"], "resources": ["finetunejobs/status"],
+              "resourceNames": [ftj.metadata.name], "verbs": ["get", "patch"]}]
+    out = []
+    account = ftj.spec.service_account_name or name
+    if not ftj.spec.service_account_name:
+        out.append(service_account(ftj, name, labels(ftj)))
+    out.append(role(ftj, name, labels(ftj), rules))
+    out.append(role_binding(ftj, name, labels(ftj), name, account))
+    return out
+
+
+def _pvc_claim(uri: str | None) -> str | None:
+    if uri and uri.startswith("pvc://"):
+        return uri.removeprefix("pvc://").split("/", 1)[0]
+    return None
+
+
+def _secret_env(ref, default_names: list[str]) -> list[dict[str, Any]]:
+    """A Secret reference as env: one key under its own name, or the usual credential variables, optional."""
+    if ref is None:
+        return []
+    keys = [ref.key] if ref.key else default_names
+    return [{"name": k, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": k, "optional": True}}}
+            for k in keys]
+
+
+CREDENTIAL_VARS = ["HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                   "AWS_ENDPOINT_URL"]
+
+
+def _volumes(ftj: FineTuneJob, settings: BuildSettings) -> tuple[list[dict], list[dict]]:
+    spec = ftj.spec
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": config_name(ftj)}},
+        {"name": "model-cache", "emptyDir": {}},
+        # PyTorch data loaders and NCCL use shared memory; the container default (64 MiB) is too small.
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "output-scratch", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "model-cache", "mountPath": MODEL_CACHE_PATH},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "output-scratch", "mountPath": OUTPUT_SCRATCH},
+    ]
+    writable = {_pvc_claim(output_uri(ftj, settings))} - {None}
+    claims: list[str] = []
+    for uri in (spec.base_model.uri, spec.dataset.uri, spec.dataset.validation_uri, output_uri(ftj, settings)):
+        claim = _pvc_claim(uri)
+        if claim and claim not in claims:
+            claims.append(claim)
+    for claim in claims:
+        read_only = claim not in writable
+        volumes.append({"name": f"pvc-{claim}",
+                        "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
+        mounts.append({"name": f"pvc-{claim}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": read_only})
+    if spec.dataset.config_map_ref:
+        cm = spec.dataset.config_map_ref.name
+        volumes.append({"name": "dataset", "configMap": {"name": cm}})
+        mounts.append({"name": "dataset", "mountPath": f"{DATA_CONFIGMAP_ROOT}/{cm}", "readOnly": True})
+    return volumes, mounts
+
+
+def _command(ftj: FineTuneJob) -> list[str]:
+    spec = ftj.spec
+    nodes, per_node = spec.resources.nodes, max(spec.resources.gpus, 1)
+    trainer = ["-m", "loraplane.trainer", "--config", CONFIG_PATH]
+    if nodes > 1:
+        master = f"{job_name(ftj)}-0.{rendezvous_service_name(ftj)}"
+        return ["torchrun", f"--nnodes={nodes}", f"--nproc-per-node={per_node}",
+                "--node-rank=$(JOB_COMPLETION_INDEX)", f"--master-addr={master}",
+                f"--master-port={RENDEZVOUS_PORT}", *trainer]
+    if per_node > 1:
+        return ["torchrun", "--standalone", f"--nproc-per-node={per_node}", *trainer]
+    return ["python3", *trainer]
+
+
+def job(ftj: FineTuneJob, settings: BuildSettings) -> Manifest:
+    spec, res = ftj.spec, ftj.spec.resources
+    volumes, mounts = _volumes(ftj, settings)
+    env = [
+        {"name": "LORAPLANE_JOB_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "LORAPLANE_JOB_NAME", "value": ftj.metadata.name},
+        {"name": "LORAPLANE_PVC_ROOT", "value": PVC_ROOT},
+        {"name": "LORAPLANE_OUTPUT_SCRATCH", "value": OUTPUT_SCRATCH},
+        {"name": "HF_HOME", "value": f"{MODEL_CACHE_PATH}/hf"},
+        {"name": "OMP_NUM_THREADS", "value": "1"} if not res.gpus else None,
+        *_secret_env(spec.base_model.credentials_secret_ref, CREDENTIAL_VARS),
+        *_secret_env(spec.dataset.credentials_secret_ref, CREDENTIAL_VARS),
+    ]
+    env = list({e["name"]: e for e in env if e}.values())  # model and dataset Secrets may share names
+    container: dict[str, Any] = {
+        "name": TRAINER_CONTAINER,
+        "image": spec.image or settings.trainer,
+        "command": _command(ftj),
+        "env": env,
+        "volumeMounts": mounts,
+        # The trainer writes {"reason","message"} (failure) or its result JSON (success) here; a crash
+        # before that leaves the log tail, which is what the user needs then.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if r := resources(res.gpus, res.gpu_resource, res.cpu, res.memory):
+        container["resources"] = r
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": spec.service_account_name or trainer_account_name(ftj),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    node_selector = dict(res.node_selector)
+    if res.gpu_type:
+        node_selector[res.gpu_type_label] = res.gpu_type
+    if node_selector:
+        pod_spec["nodeSelector"] = dict(sorted(node_selector.items()))
+    if res.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in res.tolerations]
+    job_spec: dict[str, Any] = {
+        "backoffLimit": spec.backoff_limit,
+        "completions": res.nodes,
+        "parallelism": res.nodes,
+        "template": {"metadata": {"labels": labels(ftj)}, "spec": pod_spec},
+    }
+    if res.nodes > 1:
+        # Pod i is reachable as <job>-i.<service>: rank 0 is torchrun's rendezvous master.
+        job_spec["completionMode"] = "Indexed"
+        pod_spec["subdomain"] = rendezvous_service_name(ftj)
+        container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
+    if spec.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if spec.suspend:  # only when set: Kubernetes < 1.21 rejects the field in a server-side apply
+        job_spec["suspend"] = True
+    return with_hash({"apiVersion": "batch/v1", "kind": "Job",
+                      "metadata": metadata(ftj, job_name(ftj), labels(ftj)), "spec": job_spec})
+
+
+def rendezvous_service(ftj: FineTuneJob) -> Manifest:
+    return with_hash({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": metadata(ftj, rendezvous_service_name(ftj), labels(ftj)),
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                 "selector": {FINETUNEJOB_LABEL: ftj.metadata.name},
+                 "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}]},
+    })
+
+
+def children(ftj: FineTuneJob, settings: BuildSettings) -> list[Manifest]:
+    """Everything the operator applies for a FineTuneJob, in apply order (the Job last)."""
+    out = [config_map(ftj, settings), *rbac(ftj)]
+    if ftj.spec.resources.nodes > 1:
+        out.append(rendezvous_service(ftj))
+    out.append(job(ftj, settings))
+    return out
+
+
+# ---- what success produces ---------------------------------------------------------------------------
+
+def bump_version(current: str | None) -> str:
+    """The next version: numbers count up ("3" -> "4"); anything else gets a counter ("v3" -> "v3.2")."""
+    if not current:
+        return "1"
+    if current.isdigit():
+        return str(int(current) + 1)
+    head, sep, tail = current.rpartition(".")
+    if sep and tail.isdigit() and head:
+        return f"{head}.{int(tail) + 1}"
+    return f"{current}.2"
+
+
+def hyperparameters(ftj: FineTuneJob) -> dict[str, Any]:
+    return {"method": ftj.spec.method.model_dump(by_alias=True, exclude_none=True, mode="json"),
+            "training": ftj.spec.training.model_dump(by_alias=True, exclude_none=True, mode="json")}
+
+
+def produced_adapter(ftj: FineTuneJob, artifact_uri: str, artifact_sha256: str | None,
+                     existing: Adapter | None) -> Manifest:
+    """The Adapter a successful FineTuneJob creates, or the next version of `existing`.
+
+    Idempotent across operator restarts: when `existing` already carries this job's uid in
+    PRODUCED_BY_ANNOTATION its version is kept, not bumped again. Owner references of earlier jobs are
+    kept, so the Adapter lives as long as any job that produced one of its versions.
+    """
+    uid = ftj.metadata.uid or ""
+    if existing is None:
+        version = "1"
+    elif existing.metadata.annotations.get(PRODUCED_BY_ANNOTATION) == uid and existing.spec.version:
+        version = existing.spec.version
+    else:
+        version = bump_version(existing.spec.version)
+    prior = (existing.metadata.model_extra or {}).get("ownerReferences") or [] if existing else []
+    owners = [{"apiVersion": r["apiVersion"], "kind": r["kind"], "name": r["name"], "uid": r["uid"],
+               "controller": False, "blockOwnerDeletion": True}
+              for r in prior if r.get("kind") == "FineTuneJob" and r.get("uid") != uid]
+    # Not a controller reference: a user-made Adapter that a job bumps stays the user's object too.
+    owners.append(owner_reference(ftj, controller=False))
+    base = {"name": ftj.spec.base_model.identity}
+    if ftj.spec.base_model.revision:
+        base["revision"] = ftj.spec.base_model.revision
+    source: dict[str, Any] = {"uri": artifact_uri}
+    if artifact_sha256:
+        source["sha256"] = artifact_sha256
+    spec: dict[str, Any] = {"baseModel": base, "source": source, "version": version, "rank": ftj.spec.method.r}
+    if ftj.spec.method.target_modules:
+        spec["targetModules"] = list(ftj.spec.method.target_modules)
+    adapter_labels = {**ftj.spec.output.adapter_labels, FINETUNEJOB_LABEL: ftj.metadata.name or ""}
+    return {
+        "apiVersion": ftj.api_version, "kind": "Adapter",
+        "metadata": {"name": ftj.spec.output.adapter_name, "namespace": namespace_of(ftj),
+                     "labels": dict(sorted(adapter_labels.items())),
+                     "annotations": {PRODUCED_BY_ANNOTATION: uid},
+                     "ownerReferences": owners},
+        "spec": spec,
+    }
+
+
+def provenance(ftj: FineTuneJob, result: dict[str, Any], completed_at: str | None) -> dict[str, Any]:
+    """Adapter.status.provenance (wire form) from the job and the trainer's result message."""
+    spec = ftj.spec
+    out: dict[str, Any] = {
+        "fineTuneJob": ftj.metadata.name,
+        "baseModel": spec.base_model.identity,
+        "baseModelRevision": spec.base_model.revision,
+        "datasetUri": spec.dataset.uri or (f"configmap://{spec.dataset.config_map_ref.name}/"
+                                           f"{spec.dataset.config_map_ref.key}" if spec.dataset.config_map_ref
+                                           else None),
+        "datasetSha256": result.get("datasetSha256") or result.get("dataset_sha256"),
+        "hyperparameters": hyperparameters(ftj),
+        "metrics": {k: float(v) for k, v in (result.get("metrics") or {}).items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)} or None,
+        "libraryVersions": {k: str(v) for k, v in (result.get("libraryVersions")
+                                                    or result.get("library_versions") or {}).items()} or None,
+        "completedAt": completed_at,
+    }
+    return {k: v for k, v in out.items() if v is not None}

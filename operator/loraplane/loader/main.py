@@ -1,0 +1,121 @@
+"""`loraplane loader` / `python -m loraplane.loader`: wire the table source, cache, engine client, control loop,
+HTTP server and report sinks together."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from loraplane.servingtable import LOADER_PORT
+
+log = logging.getLogger("loraplane.loader")
+
+
+def add_loader_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--table", type=Path, help="serving table JSON file (local runs); reloaded when it changes")
+    src.add_argument("--configmap", help="ConfigMap holding serving.json (in a cluster), e.g. ROUTE-serving")
+    p.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "default"),
+                   help="namespace of the ConfigMap and the Pod (default: $POD_NAMESPACE or default)")
+    p.add_argument("--kubeconfig", help="use this kubeconfig instead of the in-cluster service account")
+    p.add_argument("--pod-name", default=os.environ.get("POD_NAME"),
+                   help="this replica's Pod, annotated with the report (default: $POD_NAME)")
+    p.add_argument("--vllm-url", default="http://127.0.0.1:8000", help="the vLLM server beside the loader")
+    p.add_argument("--cache-dir", type=Path, default=Path("/var/cache/loraplane/adapters"),
+                   help="where verified adapter artifacts are kept (shared with vLLM at the same path)")
+    p.add_argument("--cache-max-bytes", type=int, default=20 * 1024**3,
+                   help="evict least-recently-used artifacts not in use above this size")
+    p.add_argument("--pvc-root", default="/mnt/pvc", help="where pvc://CLAIM/... sources are mounted")
+    p.add_argument("--model-dir", help="the base model's local directory (default: the table's modelPath, then "
+                                       "the Hugging Face cache)")
+    p.add_argument("--max-lora-rank", type=int, help="override the table's maxLoraRank (must equal vLLM's flag)")
+    p.add_argument("--no-smoke-test", dest="smoke_test", action="store_false",
+                   help="do not probe each adapter after loading (then a no-op adapter is reported Ready)")
+    p.add_argument("--probe-prompt", default=None, help="prompt of the smoke test (greedy, compared to the base)")
+    p.add_argument("--probe-tokens", type=int, default=8)
+    p.add_argument("--max-attempts", type=int, default=5, help="load attempts before an adapter is Failed")
+    p.add_argument("--backoff-seconds", type=float, default=1.0, help="first retry delay; doubles per attempt")
+    p.add_argument("--resync-seconds", type=float, default=1.0,
+                   help="how often vLLM's health and adapter list are checked (restart detection)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=LOADER_PORT, help="/status, /metrics, /healthz")
+    p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
+
+
+def loader_main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def serve(args: argparse.Namespace, started: asyncio.Event | None = None) -> None:
+    import aiohttp
+    from aiohttp import web
+
+    from loraplane.loader.cache import ArtifactCache
+    from loraplane.loader.engine import VllmClient
+    from loraplane.loader.reconciler import DEFAULT_PROBE_PROMPT, Loader
+    from loraplane.loader.server import make_app
+    from loraplane.loader.sources import KubeBinding, watch_file
+
+    cache = ArtifactCache(args.cache_dir, args.cache_max_bytes, pvc_root=args.pvc_root)
+    kube = None
+    if args.configmap:
+        kube = KubeBinding.from_environment(args.namespace, args.configmap, args.pod_name, args.kubeconfig)
+    async with aiohttp.ClientSession() as session:
+        engine = VllmClient(args.vllm_url, session)
+        loader = Loader(engine, cache, replica=args.pod_name or socket.gethostname(),
+                        model_dir=args.model_dir, max_lora_rank=args.max_lora_rank, smoke_test=args.smoke_test,
+                        probe_prompt=args.probe_prompt or DEFAULT_PROBE_PROMPT, probe_tokens=args.probe_tokens,
+                        max_attempts=args.max_attempts, backoff_base=args.backoff_seconds,
+                        resync=args.resync_seconds, report_sinks=[kube.report] if kube and args.pod_name else [])
+        loader.metrics.cache_bytes.set(cache.total_bytes())
+
+        def on_error(message: str) -> None:
+            loader.metrics.table_errors.inc()
+            log.error("%s (keeping the previous table)", message)
+
+        runner = web.AppRunner(make_app(loader), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, args.host, args.port).start()
+        log.info("loader for %s on :%d, engine %s", args.table or args.configmap, args.port, args.vllm_url)
+        source = (watch_file(args.table, loader.set_table, on_error) if args.table
+                  else kube.watch_table(loader.set_table, on_error))
+        tasks = [asyncio.create_task(loader.run(), name="reconcile"), asyncio.create_task(source, name="table")]
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        if started:
+            started.set()
+        try:
+            waiter = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not waiter and t.exception():
+                    log.error("%s stopped: %r", t.get_name(), t.exception())
+        finally:
+            for t in [*tasks, waiter]:
+                t.cancel()
+            if kube:
+                kube.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await runner.cleanup()
+
+
+if __name__ == "__main__":
+    from loraplane.cli import main
+
+    sys.exit(main(["loader", *sys.argv[1:]]))

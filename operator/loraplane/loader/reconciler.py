@@ -1,0 +1,358 @@
+"""The loader's control loop: make the engine's loaded adapters equal the serving table, and say so truthfully.
+
+Each desired adapter version (a `Slot`) moves Pending -> Fetching -> Loading -> Ready, or ends in
+Incompatible (the gate refused it: never sent to vLLM) or Failed (bounded retries ran out, or the smoke test
+found it changes nothing). The loop runs on every table change and every `resync` seconds; each pass checks
+vLLM's /health and /v1/models, so an engine restart (adapters gone) is noticed within one pass and every
+desired adapter is loaded again from the local cache without anyone touching the CRs.
+
+Only one thing at a time talks to the engine from here (the loop is a single task): base and adapter probes
+never run concurrently, which matters on vLLM CPU builds whose mixed batches are wrong (see docs/loader.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from loraplane.api.common import now_rfc3339
+from loraplane.loader import gate
+from loraplane.loader.cache import ArtifactCache, CachedArtifact, FetchError
+from loraplane.loader.engine import EngineError, Probe, VllmClient, classify_load_error
+from loraplane.loader.metrics import STATES, LoaderMetrics
+from loraplane.servingtable import AdapterReport, DesiredAdapter, ReplicaReport, ServingTable
+
+log = logging.getLogger(__name__)
+
+# Reasons that describe the artifact itself: retrying cannot help, the adapter is Incompatible.
+INCOMPATIBLE_REASONS = {"InvalidAdapter", "RankTooLarge", "UnsupportedModulesToSave", "UnsupportedAdapterFeature",
+                        "UnsupportedAdapterType", "UnsupportedDtype", "UnsupportedQuantization",
+                        "BaseModelMismatch", "TargetModulesNotFound", "RankMismatch"}
+DEFAULT_PROBE_PROMPT = "what does the cat see?\n"
+
+
+@dataclass
+class Slot:
+    """One desired adapter version on this replica, and where it stands."""
+
+    desired: DesiredAdapter
+    state: str = "Pending"
+    reason: str = "Desired"
+    message: str = "waiting for the engine"
+    since: str = field(default_factory=now_rfc3339)
+    attempts: int = 0
+    next_try: float = 0.0
+    artifact: CachedArtifact | None = None
+
+    def move(self, state: str, reason: str, message: str = "") -> None:
+        if (state, reason) != (self.state, self.reason):
+            self.since = now_rfc3339()
+            log.info("%s: %s (%s) %s", self.desired.served_name, state, reason, message)
+        self.state, self.reason, self.message = state, reason, message
+
+    @property
+    def settled(self) -> bool:
+        return self.state in ("Ready", "Incompatible", "Failed")
+
+
+ReportSink = Callable[[ReplicaReport], Awaitable[None]]
+
+
+class Loader:
+    def __init__(self, engine: VllmClient, cache: ArtifactCache, replica: str, *,
+                 metrics: LoaderMetrics | None = None, model_dir: str | None = None,
+                 max_lora_rank: int | None = None, smoke_test: bool = True,
+                 probe_prompt: str = DEFAULT_PROBE_PROMPT, probe_tokens: int = 8, max_attempts: int = 5,
+                 backoff_base: float = 1.0, backoff_max: float = 60.0, resync: float = 1.0,
+                 engine_url: str | None = None, report_sinks: list[ReportSink] | None = None):
+        self.engine = engine
+        self.cache = cache
+        self.replica = replica
+        self.metrics = metrics or LoaderMetrics()
+        self.model_dir = model_dir
+        self.max_lora_rank_override = max_lora_rank
+        self.smoke_test = smoke_test
+        self.probe_prompt = probe_prompt
+        self.probe_tokens = probe_tokens
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.resync = resync
+        self.engine_url = engine_url or engine.base_url
+        self.report_sinks = list(report_sinks or [])
+        self.table: ServingTable | None = None
+        self.slots: dict[str, Slot] = {}
+        self.unloading: dict[str, str] = {}   # served name -> since
+        self.engine_ready = False
+        self.applied_generation = 0
+        self.last_pass: float = 0.0
+        self._wake = asyncio.Event()
+        self._base_probe: Probe | None = None
+        self._base_facts: gate.BaseFacts | None = None
+        self._last_published: str | None = None
+
+    # ---- desired state --------------------------------------------------------------------------------------
+    def set_table(self, table: ServingTable) -> None:
+        desired = {a.served_name: a for a in table.adapters}
+        for name, slot in list(self.slots.items()):
+            if name not in desired:
+                del self.slots[name]
+                self.unloading.setdefault(name, now_rfc3339())
+            elif slot.desired != desired[name]:
+                # Same served name, other artifact: reload it (the operator normally gives a new name instead).
+                self.slots[name] = Slot(desired[name])
+                self.unloading.setdefault(name, now_rfc3339())
+        for name, want in desired.items():
+            if name not in self.slots:
+                self.slots[name] = Slot(want)
+                self.unloading.pop(name, None)
+        if self.table is None or (table.base_model, table.base_model_revision, table.model_path,
+                                  table.served_model_name) != (self.table.base_model, self.table.base_model_revision,
+                                                               self.table.model_path, self.table.served_model_name):
+            self._base_facts = None
+            self._base_probe = None
+        self.table = table
+        self.wake()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def max_lora_rank(self) -> int:
+        return self.max_lora_rank_override or (self.table.max_lora_rank if self.table else 0)
+
+    def settled(self) -> bool:
+        """Every desired adapter reached a final state for the current table, on a live engine."""
+        return (self.table is not None and self.engine_ready and not self.unloading
+                and self.applied_generation == self.table.generation
+                and all(s.settled for s in self.slots.values()))
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.reconcile_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the loop must survive anything; the next pass retries
+                log.exception("reconcile pass failed")
+            self.last_pass = time.monotonic()
+            timeout = self.resync
+            retries = [s.next_try for s in self.slots.values() if not s.settled and s.next_try > time.monotonic()]
+            if retries:
+                timeout = max(0.05, min(timeout, min(retries) - time.monotonic()))
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def reconcile_once(self) -> None:
+        if self.table is None:
+            return
+        try:
+            healthy = await self.engine.healthy()
+            loaded = await self.engine.loaded_adapters() if healthy else {}
+        except (EngineError, aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            healthy, loaded = False, {}
+        if not healthy:
+            self._engine_lost("vLLM does not answer /health; every adapter is loaded again when it is back")
+            await self.publish()
+            return
+        self.engine_ready = True
+        self.metrics.engine_ready.set(1)
+
+        lost = [s for n, s in self.slots.items() if s.state == "Ready" and n not in loaded]
+        if lost:
+            self.metrics.engine_restarts.inc()
+            self._base_probe = None
+            log.warning("engine lost %d adapter(s) (restarted?): reloading them", len(lost))
+            for s in lost:
+                s.attempts = 0
+                s.next_try = 0.0
+                s.move("Pending", "EngineRestarted", "vLLM no longer lists this adapter; loading it again")
+
+        for name in sorted(set(loaded) - set(self.slots)) + sorted(set(self.unloading) & set(loaded) & set(self.slots)):
+            try:
+                await self.engine.unload(name)
+                self.metrics.unloads.inc()
+                log.info("unloaded %s (not in the serving table)", name)
+                loaded.pop(name, None)
+            except (EngineError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                log.warning("unloading %s failed: %s (retrying next pass)", name, exc)
+        self.unloading = {n: t for n, t in self.unloading.items() if n in loaded}
+
+        table = self.table
+        for name in sorted(self.slots):
+            slot = self.slots.get(name)
+            if slot is None or slot.settled or slot.next_try > time.monotonic():
+                continue
+            await self._bring_up(slot, loaded)
+            await self.publish()
+            if self.table is not table:   # a new table arrived meanwhile: start over with it
+                return
+        self.applied_generation = table.generation
+        await self.publish()
+
+    def _engine_lost(self, message: str) -> None:
+        if self.engine_ready:
+            log.warning("engine unavailable at %s", self.engine_url)
+        self.engine_ready = False
+        self.metrics.engine_ready.set(0)
+        self._base_probe = None
+        for s in self.slots.values():
+            if s.state in ("Ready", "Loading", "Fetching"):
+                s.attempts = 0
+                s.move("Pending", "EngineUnavailable", message)
+
+    # ---- one adapter ----------------------------------------------------------------------------------------
+    def _protected(self) -> set[Path]:
+        return {s.artifact.path for s in self.slots.values() if s.artifact}
+
+    async def _bring_up(self, slot: Slot, loaded: dict[str, str]) -> None:
+        want = slot.desired
+        name = want.served_name
+        started = time.monotonic()
+        slot.attempts += 1
+        try:
+            slot.move("Fetching", "Fetching", f"fetching {want.uri}")
+            t = time.monotonic()
+            art = await self.cache.fetch(want.uri, want.sha256, protect=self._protected())
+            slot.artifact = art
+            self.metrics.load_seconds.labels("fetch").observe(time.monotonic() - t)
+            self.metrics.cache_bytes.set(self.cache.total_bytes())
+
+            t = time.monotonic()
+            failures, note = await asyncio.to_thread(self._gate, want, art.path)
+            self.metrics.load_seconds.labels("gate").observe(time.monotonic() - t)
+            if failures:
+                for f in failures:
+                    self.metrics.failures.labels(f.reason).inc()
+                slot.move("Incompatible", failures[0].reason,
+                          " ".join(f"[{f.reason}] {f.message}." for f in failures))
+                if name in loaded:   # a stale copy under this name must not keep serving
+                    await self.engine.unload(name)
+                return
+
+            slot.move("Loading", "Loading", f"loading {art.path} into vLLM")
+            t = time.monotonic()
+            path = str(art.path)
+            if name in loaded and loaded[name] != path:
+                await self.engine.unload(name)
+                loaded.pop(name)
+            if name not in loaded:
+                await self.engine.load(name, path)
+            now_loaded = await self.engine.loaded_adapters()
+            if name not in now_loaded:
+                raise EngineError(200, "vLLM accepted the load but does not list the adapter in /v1/models")
+            loaded[name] = now_loaded[name]
+            self.metrics.load_seconds.labels("load").observe(time.monotonic() - t)
+
+            if self.smoke_test:
+                t = time.monotonic()
+                base = await self._base_output()
+                probe = await self.engine.probe(name, self.probe_prompt, self.probe_tokens)
+                self.metrics.load_seconds.labels("probe").observe(time.monotonic() - t)
+                if not probe.differs_from(base):
+                    await self.engine.unload(name)
+                    loaded.pop(name, None)
+                    self.metrics.failures.labels("NoEffect").inc()
+                    slot.move("Failed", "NoEffect",
+                              f"a greedy probe through the adapter gave exactly the base model's output and "
+                              f"log-probabilities ({base.text!r}): it changes nothing, so it was unloaded. Its "
+                              "LoRA B matrices are probably zero (untrained or saved before training) or its "
+                              "target modules are not ones vLLM adapts; retrain it and check that the "
+                              "training loss decreased")
+                    return
+            elapsed = time.monotonic() - started
+            self.metrics.load_seconds.labels("total").observe(elapsed)
+            self.metrics.loads.inc()
+            slot.next_try = 0.0
+            slot.move("Ready", "Loaded", f"loaded from {want.uri} (sha256 {art.sha256[:12]}) in {elapsed:.2f}s"
+                      + (f"; {note}" if note else ""))
+        except FetchError as exc:
+            self._retry_or_fail(slot, exc.reason, str(exc), exc.retryable)
+        except EngineError as exc:
+            reason, retryable = classify_load_error(exc)
+            self._retry_or_fail(slot, reason, f"vLLM refused the load: {exc.message}", retryable)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+            # The engine went away mid-load: not the adapter's fault, do not spend an attempt on it.
+            slot.attempts -= 1
+            self._engine_lost(f"vLLM went away while loading ({type(exc).__name__}); retrying when it is back")
+            slot.move("Pending", "EngineUnavailable", "vLLM went away while loading; retrying when it is back")
+
+    def _retry_or_fail(self, slot: Slot, reason: str, message: str, retryable: bool) -> None:
+        self.metrics.failures.labels(reason).inc()
+        if not retryable:
+            slot.move("Incompatible" if reason in INCOMPATIBLE_REASONS else "Failed", reason, message)
+        elif slot.attempts >= self.max_attempts:
+            slot.move("Failed", reason, f"{message} (gave up after {slot.attempts} attempts; change the Adapter "
+                                        "or restart the replica to try again)")
+        else:
+            delay = min(self.backoff_max, self.backoff_base * 2 ** (slot.attempts - 1))
+            slot.next_try = time.monotonic() + delay
+            slot.move("Pending", reason, f"{message} (attempt {slot.attempts}/{self.max_attempts}; "
+                                         f"retrying in {delay:.1f}s)")
+
+    async def _base_output(self) -> Probe:
+        if self._base_probe is None:
+            self._base_probe = await self.engine.probe(self.table.served_model_name, self.probe_prompt,
+                                                       self.probe_tokens)
+        return self._base_probe
+
+    def _gate(self, want: DesiredAdapter, path: Path) -> tuple[list[gate.GateFailure], str]:
+        """(failures, note): the note says which checks could not run (base model files not readable)."""
+        try:
+            adapter = gate.read_adapter(path)
+        except ValueError as exc:
+            return [gate.GateFailure("InvalidAdapter", str(exc))], ""
+        table = self.table
+        model_path = self.model_dir or table.model_path
+        if self._base_facts is None:
+            where = gate.find_base_model_dir(table.base_model, table.base_model_revision, model_path)
+            self._base_facts = gate.read_base(table.base_model, table.base_model_revision, where)
+        base = self._base_facts
+        failures = gate.check(adapter, base, max_lora_rank=self.max_lora_rank, declared_base=want.base_model,
+                              declared_base_revision=want.base_model_revision, declared_rank=want.rank,
+                              model_path=model_path)
+        note = "" if base.weights else ("target modules and shapes were not checked: the base model's files "
+                                        "are not readable by the loader (set the table's modelPath or mount "
+                                        "the model cache)")
+        return failures, note
+
+    # ---- reporting ------------------------------------------------------------------------------------------
+    def report(self) -> ReplicaReport:
+        adapters = {n: AdapterReport(state=s.state, reason=s.reason, message=s.message, since=s.since,
+                                     attempts=s.attempts) for n, s in sorted(self.slots.items())}
+        for name, since in sorted(self.unloading.items()):
+            if name in self.slots:
+                continue
+            adapters[name] = AdapterReport(state="Unloading", reason="NotDesired", since=since,
+                                           message="no longer in the serving table")
+        return ReplicaReport(replica=self.replica, route=self.table.route if self.table else "",
+                             generation=self.applied_generation, engine_ready=self.engine_ready,
+                             engine_url=self.engine_url, adapters=adapters, updated_at=now_rfc3339())
+
+    async def publish(self) -> None:
+        report = self.report()
+        counts = {s: 0 for s in STATES}
+        for a in report.adapters.values():
+            counts[a.state] += 1
+        for s, n in counts.items():
+            self.metrics.adapters.labels(s).set(n)
+        key = report.model_copy(update={"updated_at": ""}).model_dump_json()
+        if key == self._last_published:
+            return
+        self._last_published = key
+        for sink in self.report_sinks:
+            try:
+                await sink(report)
+            except Exception as exc:  # noqa: BLE001 - a failed report is retried on the next change or pass
+                log.warning("reporting to %s failed: %s", getattr(sink, "__name__", sink), exc)
+                self._last_published = None

@@ -1,0 +1,38 @@
+"""The loader's HTTP endpoints: /status (the ReplicaReport the router polls), /metrics, /healthz."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from loraplane.loader.reconciler import Loader
+
+LOADER_KEY = web.AppKey("loader", Loader)
+# /healthz fails when the control loop has not completed a pass for this long (a wedged loop gets restarted).
+STALL_SECONDS = 120
+
+
+async def status(request: web.Request) -> web.Response:
+    loader = request.app[LOADER_KEY]
+    return web.json_response(loader.report().model_dump(mode="json", exclude_none=True))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[LOADER_KEY].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    loader = request.app[LOADER_KEY]
+    if loader.last_pass and time.monotonic() - loader.last_pass > STALL_SECONDS:
+        return web.Response(status=503, text=f"no reconcile pass for {STALL_SECONDS}s\n")
+    return web.Response(text="ok\n")
+
+
+def make_app(loader: Loader) -> web.Application:
+    app = web.Application()
+    app[LOADER_KEY] = loader
+    app.add_routes([web.get("/status", status), web.get("/metrics", metrics), web.get("/healthz", healthz)])
+    return app

@@ -1,0 +1,5 @@
+import sys
+
+from loraplane.router.cli import main
+
+sys.exit(main())

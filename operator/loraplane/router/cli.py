@@ -1,0 +1,112 @@
+"""`loraplane router` / `python -m loraplane.router`: run the OpenAI-compatible router of one ModelRoute."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from loraplane.servingtable import ENGINE_PORT, LOADER_PORT, ROUTER_PORT
+
+_SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def add_router_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("routing table (one of)")
+    src.add_argument("--table", type=Path, metavar="FILE",
+                     help="ServingTable JSON (e.g. the mounted ConfigMap key serving.json); reloaded on change")
+    src.add_argument("--configmap", metavar="NAME",
+                     help="watch this ConfigMap's serving.json through the Kubernetes API (faster than a volume)")
+    p.add_argument("--namespace", metavar="NS",
+                   help="namespace of --configmap (default: the pod's own, else 'default')")
+    rep = p.add_argument_group("replicas (one of)")
+    rep.add_argument("--replica", action="append", default=[], metavar="ENGINE_URL[,STATUS_URL]",
+                     help=f"a vLLM replica (repeatable). STATUS_URL is its loader's /status; default: port "
+                          f"{LOADER_PORT} when the engine is on {ENGINE_PORT}, else vLLM's /v1/models; 'none' "
+                          "forces /v1/models")
+    rep.add_argument("--replicas-dns", metavar="HOST",
+                     help=f"headless Service name; every address it resolves to is a replica (vLLM on "
+                          f"{ENGINE_PORT}, loader on {LOADER_PORT}); re-resolved every --dns-interval")
+    p.add_argument("--dns-interval", type=float, default=5.0, metavar="SECONDS")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=ROUTER_PORT)
+    p.add_argument("--api-keys-file", type=Path, metavar="PATH",
+                   help="accepted API keys, one per line, or a folder of such files (a mounted Secret); "
+                        "clients send Authorization: Bearer <key>. Without it no key is asked")
+    p.add_argument("--poll-interval", type=float, default=1.0, metavar="SECONDS",
+                   help="how often each replica's loader status and vLLM metrics are read")
+    p.add_argument("--connect-timeout", type=float, default=3.0, metavar="SECONDS")
+    p.add_argument("--max-attempts", type=int, default=3,
+                   help="replicas tried for one request when connecting fails (nothing sent yet)")
+    p.add_argument("--drain-seconds", type=float, default=30.0,
+                   help="on SIGTERM, how long requests in flight may take to finish")
+    p.add_argument("--access-log", action="store_true",
+                   help="one log line per request (model, backend, replica, status, time; never the prompt)")
+    p.add_argument("--log-level", default=os.environ.get("LORAPLANE_LOG_LEVEL", "INFO"))
+
+
+def _configure(args: argparse.Namespace) -> str | None:
+    """None if the arguments make sense, else the error to print."""
+    if bool(args.table) == bool(args.configmap):
+        return "give exactly one routing table source: --table FILE or --configmap NAME"
+    if bool(args.replica) == bool(args.replicas_dns):
+        return "give the replicas: --replica URL (repeatable) or --replicas-dns HOST, not both"
+    if args.poll_interval <= 0 or args.dns_interval <= 0:
+        return "--poll-interval and --dns-interval must be > 0"
+    return None
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from loraplane.router.replicas import ReplicaPool, parse_replica_arg
+    from loraplane.router.server import ApiKeys, Router
+    from loraplane.router.service import RouterService
+
+    try:
+        specs = [parse_replica_arg(v) for v in args.replica]
+        api_keys = ApiKeys(args.api_keys_file) if args.api_keys_file else None
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    pool = ReplicaPool(poll_interval=args.poll_interval)
+    pool.set_replicas(specs)
+    router = Router(pool, api_keys=api_keys, connect_timeout=args.connect_timeout,
+                    max_attempts=args.max_attempts, access_log=args.access_log)
+    configmap = None
+    if args.configmap:
+        ns = args.namespace or (_SA_NAMESPACE.read_text().strip() if _SA_NAMESPACE.exists() else "default")
+        configmap = (ns, args.configmap)
+    service = RouterService(router, table_path=args.table, configmap=configmap, replicas_dns=args.replicas_dns,
+                            dns_interval=args.dns_interval, host=args.host, port=args.port,
+                            drain_seconds=args.drain_seconds)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    await stop.wait()
+    logging.getLogger("loraplane.router").info("stopping: draining requests in flight")
+    await service.stop()
+    return 0
+
+
+def router_main(args: argparse.Namespace) -> int:
+    problem = _configure(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop  # a faster event loop when installed (kopf[uvloop], uvicorn[standard])
+    except ImportError:
+        return asyncio.run(_serve(args))
+    return uvloop.run(_serve(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loraplane.router", description=__doc__)
+    add_router_arguments(parser)
+    return router_main(parser.parse_args(argv))

@@ -1,0 +1,241 @@
+"""The vLLM replicas behind a route: discovery, what each has loaded, how busy each is, and the choice.
+
+Each replica is polled every `poll_interval` seconds:
+- its loader's `/status` (a `ReplicaReport`: which adapters are Ready, whether vLLM is up), or, for a
+  replica given without a loader, vLLM's own `/v1/models` (what it has loaded);
+- vLLM's `/metrics` for `vllm:num_requests_running` + `vllm:num_requests_waiting`, which include the
+  traffic of the other router replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+
+from loraplane.servingtable import ENGINE_PORT, LOADER_PORT, ReplicaReport
+
+log = logging.getLogger("loraplane.router")
+
+# Only two gauges are needed out of vLLM's ~100 metric families: a line filter is ~100x cheaper than
+# the full exposition-format parser on every poll of every replica.
+_ENGINE_LOAD = re.compile(rb"^vllm:num_requests_(?:running|waiting)(?:\{[^}\n]*\})? ([0-9.eE+-]+|NaN)\s*$",
+                          re.MULTILINE)
+
+
+def parse_engine_load(metrics_text: bytes) -> int:
+    """Requests running + waiting in vLLM, summed over its label sets (engines, model names)."""
+    total = 0.0
+    for m in _ENGINE_LOAD.finditer(metrics_text):
+        value = float(m.group(1))
+        if value == value:  # not NaN
+            total += value
+    return int(total)
+
+
+@dataclass(eq=False, slots=True)
+class Replica:
+    """One vLLM server and what the router knows about it."""
+
+    engine_url: str                 # vLLM base URL, e.g. http://10.0.0.7:8000
+    status_url: str | None          # loader /status; None: ask vLLM's /v1/models instead
+    name: str = ""
+    in_flight: int = 0              # this router's requests now open on it
+    engine_load: int = 0            # vLLM's running + waiting at the last poll (all routers)
+    _own_at_poll: int = 0           # our in_flight when engine_load was sampled
+    engine_ready: bool = False
+    polled: bool = False            # at least one poll answered
+    ready: frozenset[str] = frozenset()  # served names Ready there (base model included when up)
+    failed_at: float = 0.0          # monotonic time of the last connection failure while proxying
+    last_poll_error: str | None = None
+    completions_url: str = ""
+    chat_url: str = ""
+    requests_total: int = 0
+
+    def __post_init__(self):
+        self.engine_url = self.engine_url.rstrip("/")
+        self.name = self.name or urlsplit(self.engine_url).netloc
+        self.completions_url = self.engine_url + "/v1/completions"
+        self.chat_url = self.engine_url + "/v1/chat/completions"
+
+    @property
+    def load(self) -> int:
+        """Requests in flight there: ours now, plus the other routers' as of the last poll."""
+        return self.in_flight + max(0, self.engine_load - self._own_at_poll)
+
+    def usable(self) -> bool:
+        return self.engine_ready and self.failed_at == 0.0
+
+
+def parse_replica_arg(value: str) -> tuple[str, str | None]:
+    """`ENGINE_URL[,STATUS_URL]` -> (engine base URL, loader status URL or None).
+
+    Without STATUS_URL the loader is assumed beside vLLM on the standard ports (engine on ENGINE_PORT ->
+    loader /status on LOADER_PORT); on another port the replica has no loader and vLLM's /v1/models tells
+    what is loaded. STATUS_URL `none` forces the latter.
+    """
+    engine, _, status = value.partition(",")
+    parts = urlsplit(engine.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"--replica {value!r}: expected ENGINE_URL[,STATUS_URL] with http(s) URLs, "
+                         f"e.g. http://10.0.0.7:{ENGINE_PORT}")
+    status = status.strip()
+    if status.lower() == "none":
+        return engine.strip(), None
+    if status:
+        if urlsplit(status).scheme not in ("http", "https"):
+            raise ValueError(f"--replica {value!r}: STATUS_URL must be an http(s) URL or 'none'")
+        return engine.strip(), status
+    if parts.port == ENGINE_PORT:
+        host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        return engine.strip(), urlunsplit((parts.scheme, f"{host}:{LOADER_PORT}", "/status", "", ""))
+    return engine.strip(), None
+
+
+@dataclass(eq=False)
+class ReplicaPool:
+    """The replicas, kept fresh by polling; `choose` is the hot path."""
+
+    poll_interval: float = 1.0
+    poll_timeout: float = 2.0
+    replicas: list[Replica] = field(default_factory=list)
+    base_served_name: str = ""
+    _rr: int = 0
+
+    def set_replicas(self, specs: list[tuple[str, str | None]]) -> None:
+        """Replace the replica set, keeping what is known about those that stay."""
+        current = {(r.engine_url, r.status_url): r for r in self.replicas}
+        fresh = []
+        for engine, status in specs:
+            key = (engine.rstrip("/"), status)
+            fresh.append(current.pop(key, None) or Replica(engine, status))
+        for gone in current.values():
+            log.info("replica %s removed", gone.name)
+        for r in fresh:
+            if not r.polled:
+                log.info("replica %s added (status from %s)", r.name, r.status_url or "vLLM /v1/models")
+        self.replicas = fresh
+
+    def choose(self, served_name: str, exclude: tuple[Replica, ...] = ()) -> Replica | None:
+        """The least loaded usable replica that has `served_name` Ready (ties: round robin)."""
+        best: Replica | None = None
+        best_load = 1 << 62
+        n = len(self.replicas)
+        if n == 0:
+            return None
+        self._rr = start = (self._rr + 1) % n
+        replicas = self.replicas
+        for k in range(n):
+            r = replicas[(start + k) % n]
+            if r.failed_at or not r.engine_ready or served_name not in r.ready or r in exclude:
+                continue
+            load = r.in_flight + (r.engine_load - r._own_at_poll if r.engine_load > r._own_at_poll else 0)
+            if load < best_load:
+                best, best_load = r, load
+        return best
+
+    def mark_failed(self, replica: Replica) -> None:
+        """A connection to it failed: skip it until a poll started after now answers."""
+        replica.failed_at = time.monotonic()
+
+    def mark_missing(self, replica: Replica, served_name: str) -> None:
+        """vLLM said it does not have `served_name` (our view was stale): skip it there until the next poll."""
+        replica.ready = replica.ready - {served_name}
+
+    # ---- polling -------------------------------------------------------------------------------------
+
+    async def poll_once(self, session: aiohttp.ClientSession) -> None:
+        await asyncio.gather(*(self._poll(session, r) for r in list(self.replicas)))
+
+    async def _poll(self, session: aiohttp.ClientSession, r: Replica) -> None:
+        started = time.monotonic()
+        try:
+            if r.status_url:
+                async with session.get(r.status_url) as resp:
+                    resp.raise_for_status()
+                    report = ReplicaReport.model_validate_json(await resp.read())
+                engine_ready = report.engine_ready
+                ready = {name for name, a in report.adapters.items() if a.state == "Ready"}
+                if engine_ready and self.base_served_name:
+                    ready.add(self.base_served_name)
+            else:
+                async with session.get(r.engine_url + "/v1/models") as resp:
+                    resp.raise_for_status()
+                    listing = await resp.json(content_type=None)
+                engine_ready = True
+                ready = {m["id"] for m in listing.get("data", []) if isinstance(m, dict) and "id" in m}
+            load = r.engine_load
+            own = r.in_flight
+            if engine_ready:
+                try:
+                    async with session.get(r.engine_url + "/metrics") as resp:
+                        if resp.status == 200:
+                            load = parse_engine_load(await resp.read())
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    pass  # the load figure is advisory; readiness came from the status above
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            if r.engine_ready or not r.polled or r.last_poll_error is None:
+                log.warning("replica %s: status poll failed (%s); not routing to it", r.name,
+                            f"{type(exc).__name__}: {exc}".rstrip(": "))
+            r.engine_ready = False
+            r.polled = True
+            r.last_poll_error = str(exc) or type(exc).__name__
+            return
+        if not r.engine_ready and engine_ready:
+            log.info("replica %s ready: %d served names", r.name, len(ready))
+        r.engine_ready = engine_ready
+        r.ready = frozenset(ready)
+        r.engine_load, r._own_at_poll = load, own
+        r.polled = True
+        r.last_poll_error = None
+        if r.failed_at and r.failed_at < started:
+            r.failed_at = 0.0
+
+    async def run_polling(self, session: aiohttp.ClientSession) -> None:
+        while True:
+            try:
+                await self.poll_once(session)
+            except Exception:  # never let one bad answer stop the loop
+                log.exception("replica polling failed")
+            await asyncio.sleep(self.poll_interval)
+
+
+async def resolve_replicas(host: str, engine_port: int = ENGINE_PORT,
+                           loader_port: int | None = LOADER_PORT) -> list[tuple[str, str | None]]:
+    """The pods behind a headless Service: one replica per address its DNS name resolves to."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, engine_port, type=socket.SOCK_STREAM)
+    addresses = sorted({info[4][0] for info in infos})
+    specs = []
+    for addr in addresses:
+        h = f"[{addr}]" if ":" in addr else addr
+        specs.append((f"http://{h}:{engine_port}",
+                      f"http://{h}:{loader_port}/status" if loader_port else None))
+    return specs
+
+
+async def run_dns_discovery(pool: ReplicaPool, host: str, interval: float,
+                            session: aiohttp.ClientSession) -> None:
+    """Re-resolve the headless Service periodically; a new replica is polled before it gets traffic."""
+    while True:
+        try:
+            specs = await resolve_replicas(host)
+            before = {r.engine_url for r in pool.replicas}
+            pool.set_replicas(specs)
+            new = [r for r in pool.replicas if r.engine_url not in before]
+            if new:
+                await asyncio.gather(*(pool._poll(session, r) for r in new))
+        except socket.gaierror as exc:
+            # No pods yet (or scaled to zero): an empty set, not an error that stops discovery.
+            if pool.replicas:
+                log.warning("replicas DNS %s: %s; no replicas", host, exc)
+            pool.set_replicas([])
+        except Exception:
+            log.exception("replica discovery failed")
+        await asyncio.sleep(interval)

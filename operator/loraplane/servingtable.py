@@ -1,0 +1,117 @@
+"""The contract between the operator and the serving data plane (adapter loader and router).
+
+For each ModelRoute the operator resolves its spec and the Adapters it selects into one `ServingTable`
+and writes it as JSON (key `serving.json`) into the ConfigMap `<route>-serving`:
+
+- the **loader** sidecar beside each vLLM replica makes the replica's loaded adapters equal `adapters`;
+- the **router** maps each public model name in `models` to weighted backends (vLLM served names).
+
+Each replica's loader reports what it actually has as a `ReplicaReport`: served on its HTTP `/status`
+(the router polls it to choose replicas) and written to its Pod's annotation `loraplane.io/adapters`
+(the operator aggregates it into Adapter and ModelRoute status). Locally (quickstart, tests) the same
+JSON travels through files and loopback URLs instead of a ConfigMap and annotations.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CONFIGMAP_KEY = "serving.json"
+REPORT_ANNOTATION = "loraplane.io/adapters"
+ROUTE_LABEL = "loraplane.io/route"
+# Container ports, the same in pods and in local runs' defaults.
+ENGINE_PORT = 8000   # vLLM OpenAI server (+ /metrics)
+LOADER_PORT = 8081   # loader sidecar: /status (ReplicaReport), /metrics, /healthz
+ROUTER_PORT = 8080   # router: OpenAI API, /metrics, /healthz
+
+
+def configmap_name(route_name: str) -> str:
+    return f"{route_name}-serving"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DesiredAdapter(_Model):
+    """One adapter version every replica of the route must have loaded."""
+
+    served_name: str = Field(description="Name it is loaded under in vLLM (unique per version).")
+    adapter: str = Field(description="Adapter object name.")
+    version: str | None = None
+    uri: str = Field(description="Where to fetch the PEFT directory: local path, pvc://, s3://, https://, hf://.")
+    sha256: str | None = Field(default=None, description="Expected artifact sha256; mismatch refuses the load.")
+    rank: int | None = Field(default=None, description="Declared/known rank (checked again on the artifact).")
+    base_model: str = Field(description="Base model identity the adapter was trained on.")
+    base_model_revision: str | None = None
+
+
+class Backend(_Model):
+    served_name: str = Field(description="vLLM model name: the base model's served name or an adapter's.")
+    adapter: str | None = Field(default=None, description="Adapter object name; None for the base model.")
+    weight: int = Field(ge=0, le=100)
+
+
+class PublicModel(_Model):
+    name: str = Field(description="Public model name clients send in `model`.")
+    backends: list[Backend]
+
+
+class RouterSettings(_Model):
+    sticky_header: str | None = None
+    timeout_seconds: float = 600
+    max_request_bytes: int = 4 * 1024 * 1024
+    log_prompts: bool = False
+
+
+class ServingTable(_Model):
+    route: str
+    namespace: str = "default"
+    generation: int = 0
+    base_model: str = Field(description="Identity of the served base model (ModelRef.identity).")
+    base_model_revision: str | None = None
+    served_model_name: str = Field(description="Name vLLM serves the base model under.")
+    model_path: str | None = Field(default=None, description="Local path of the base model in the replica, "
+                                                             "for compatibility checks against its modules.")
+    max_lora_rank: int
+    max_loras: int
+    adapters: list[DesiredAdapter] = Field(default_factory=list)
+    models: list[PublicModel] = Field(default_factory=list)
+    router: RouterSettings = Field(default_factory=RouterSettings)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def load(cls, path: Path) -> "ServingTable":
+        return cls.model_validate_json(Path(path).read_text())
+
+
+AdapterState = Literal["Pending", "Fetching", "Loading", "Ready", "Incompatible", "Failed", "Unloading"]
+
+
+class AdapterReport(_Model):
+    state: AdapterState
+    reason: str = Field(description="CamelCase reason, e.g. Loaded, RankTooLarge, BaseModelMismatch, NoEffect.")
+    message: str = ""
+    since: str = Field(description="RFC 3339 time the adapter entered this state.")
+    attempts: int = 0
+
+
+class ReplicaReport(_Model):
+    """What one replica really serves, as its loader observed it."""
+
+    replica: str = Field(description="Pod name (or a local id).")
+    route: str
+    generation: int = Field(description="ServingTable generation the loader has applied.")
+    engine_ready: bool = Field(description="vLLM answers /health.")
+    engine_url: str | None = None
+    adapters: dict[str, AdapterReport] = Field(default_factory=dict, description="By served name.")
+    updated_at: str
+
+    def to_annotation(self) -> str:
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), separators=(",", ":"), sort_keys=True)

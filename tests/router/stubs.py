@@ -1,0 +1,108 @@
+"""An in-process stand-in for one vLLM replica and its loader, for the router's fast tests.
+
+It speaks the parts of vLLM's OpenAI API the router touches (completions, chat completions with SSE
+streaming and the final usage chunk, /v1/models, /metrics) and the loader's /status (a ReplicaReport).
+The real vLLM server is exercised by the tests marked `vllm`; this stub lets every routing rule be
+tested in milliseconds, including failures a real server cannot be made to show on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from loraplane.servingtable import ReplicaReport
+
+
+@dataclass(eq=False)
+class StubReplica:
+    name: str
+    base: str = "base"
+    adapters: set[str] = field(default_factory=set)   # served names the loader reports Ready
+    engine_ready: bool = True
+    engine_load: int = 0                              # reported as running + waiting in /metrics
+    missing: set[str] = field(default_factory=set)    # served names vLLM answers 404 for despite the report
+    hold: asyncio.Event | None = None                 # completions wait for it before answering
+    stream_gate: asyncio.Event | None = None          # streams wait for it after the first chunk
+    received: list[tuple[str, bytes, dict]] = field(default_factory=list)  # (path, body, headers)
+    server: TestServer | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self.complete)
+        app.router.add_post("/v1/chat/completions", self.complete)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/status", self.status)
+        return app
+
+    async def start(self) -> "StubReplica":
+        self.server = TestServer(self.app())
+        await self.server.start_server()
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+            self.server = None
+
+    @property
+    def engine_url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    @property
+    def status_url(self) -> str:
+        return str(self.server.make_url("/status"))
+
+    @property
+    def spec(self) -> str:
+        """The router's --replica value for this stub."""
+        return f"{self.engine_url},{self.status_url}"
+
+    async def status(self, request: web.Request) -> web.Response:
+        report = ReplicaReport(
+            replica=self.name, route="r", generation=1, engine_ready=self.engine_ready, updated_at="2026-01-01T00:00:00Z",
+            adapters={a: {"state": "Ready", "reason": "Loaded", "since": "2026-01-01T00:00:00Z"} for a in self.adapters})
+        return web.Response(body=report.model_dump_json(), content_type="application/json")
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = [{"id": n, "object": "model"} for n in [self.base, *sorted(self.adapters)]]
+        return web.json_response({"object": "list", "data": data})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        text = (f'vllm:num_requests_running{{engine="0",model_name="{self.base}"}} {float(self.engine_load)}\n'
+                f'vllm:num_requests_waiting{{engine="0",model_name="{self.base}"}} 0.0\n')
+        return web.Response(text=text)
+
+    async def complete(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.received.append((request.path, body, dict(request.headers)))
+        req = json.loads(body)
+        model = req["model"]
+        if model != self.base and (model not in self.adapters or model in self.missing):
+            return web.json_response({"error": {"message": f"The model `{model}` does not exist.",
+                                                "type": "NotFoundError", "param": "model", "code": 404}},
+                                     status=404)
+        if self.hold is not None:
+            await self.hold.wait()
+        usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+        if not req.get("stream"):
+            return web.json_response({"id": "cmpl-1", "object": "text_completion", "model": model,
+                                      "replica": self.name, "choices": [{"index": 0, "text": "a b c"}],
+                                      "usage": usage})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        for i, word in enumerate(["a", "b", "c"]):
+            chunk = {"id": "cmpl-1", "model": model, "replica": self.name, "choices": [{"index": 0, "text": word}]}
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if i == 0 and self.stream_gate is not None:
+                await self.stream_gate.wait()
+        if (req.get("stream_options") or {}).get("include_usage"):
+            await resp.write(f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp

@@ -1,0 +1,141 @@
+"""Routing decisions and body rewriting: pure functions, no servers."""
+
+from __future__ import annotations
+
+import collections
+import json
+import random
+
+import pytest
+
+from loraplane.router.table import BadRequest, RoutingTable, read_model, rewrite_model
+from loraplane.servingtable import ServingTable
+
+
+def make_table(models: dict[str, list[tuple[str, int]]], **router) -> ServingTable:
+    return ServingTable.model_validate({
+        "route": "r", "base_model": "tiny", "served_model_name": "base", "max_lora_rank": 16, "max_loras": 4,
+        "models": [{"name": name, "backends": [{"served_name": s, "adapter": None if s == "base" else s,
+                                                "weight": w} for s, w in backends]}
+                   for name, backends in models.items()],
+        "router": router})
+
+
+def route_of(models, name):
+    return RoutingTable.compile(make_table(models)).models[name]
+
+
+# ---- body surgery ----
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "chat", "prompt": "hi", "max_tokens": 5}',
+    b'{"prompt":"say \\"model\\": no","model":"chat"}',                          # model not first, parsed
+    b'{"messages":[{"role":"user","content":"x"}],"model" : "chat","n":1}',     # openai-python key order
+    b'{"model":"chat","response_format":{"json_schema":{"properties":{"model":{"type":"string"}}}}}',
+])
+def test_rewrite_changes_only_model(body):
+    route = route_of({"chat": [("chat-v2", 100)]}, "chat")
+    model, handle = read_model(body)
+    assert model == "chat"
+    out = rewrite_model(body, handle, route.backends[0])
+    assert json.loads(out) == {**json.loads(body), "model": "chat-v2"}
+    if type(handle) is tuple:  # spliced: every other byte is the client's own
+        assert out.replace(b'"chat-v2"', b'"chat"', 1) == body
+
+
+def test_nested_model_key_is_not_taken_for_the_top_level_one():
+    body = b'{"extra":{"model":"evil"},"model":"chat"}'
+    model, handle = read_model(body)
+    assert model == "chat"
+    out = json.loads(rewrite_model(body, handle, route_of({"chat": [("v1", 100)]}, "chat").backends[0]))
+    assert out == {"extra": {"model": "evil"}, "model": "v1"}
+
+
+def test_duplicate_model_keys_cannot_smuggle_another_served_name():
+    body = b'{"model":"chat","model":"secret-adapter"}'
+    model, handle = read_model(body)
+    assert model == "secret-adapter"  # JSON semantics: the last one wins, and that is what gets routed
+    out = rewrite_model(body, handle, route_of({"x": [("v1", 100)]}, "x").backends[0])
+    assert json.loads(out) == {"model": "v1"} and out.count(b'"model"') == 1
+
+
+def test_escaped_and_unicode_names():
+    body = '{"model":"caf\\u00e9"}'.encode()
+    model, handle = read_model(body)
+    assert model == "café"
+    out = rewrite_model(body, handle, route_of({"café": [("v\"1", 100)]}, "café").backends[0])
+    assert json.loads(out)["model"] == 'v"1'
+
+
+@pytest.mark.parametrize("body, fragment", [
+    (b"not json", "not valid JSON"),
+    (b"[1,2]", "JSON object"),
+    (b'{"prompt":"x"}', "`model` is required"),
+    (b'{"model":5}', "`model` is required"),
+])
+def test_bad_bodies_are_named(body, fragment):
+    with pytest.raises(BadRequest, match=fragment):
+        read_model(body)
+
+
+# ---- backend choice ----
+
+def test_weights_within_statistical_bounds():
+    route = route_of({"chat": [("v1", 90), ("v2", 10)]}, "chat")
+    rng = random.Random(1234)
+    n = 20000
+    counts = collections.Counter(route.pick(rng).served_name for _ in range(n))
+    # Binomial(20000, 0.1): sd ~42; 5 sd bounds never trip by chance with a fixed seed and catch any bias.
+    assert abs(counts["v2"] - 2000) < 5 * 42, counts
+
+
+def test_zero_weight_is_never_chosen_and_all_zero_is_none():
+    route = route_of({"chat": [("v1", 100), ("v2", 0)]}, "chat")
+    rng = random.Random(1)
+    assert {route.pick(rng).served_name for _ in range(2000)} == {"v1"}
+    assert route.pick(rng, b"user-7").served_name == "v1"
+    assert route_of({"off": [("v1", 0)]}, "off").pick(rng) is None
+
+
+def test_sticky_is_stable_and_weighted():
+    route = route_of({"chat": [("v1", 80), ("v2", 20)]}, "chat")
+    rng = random.Random(0)
+    users = [f"user-{i}".encode() for i in range(5000)]
+    first = {u: route.pick(rng, u).served_name for u in users}
+    assert all(route.pick(rng, u).served_name == first[u] for u in users)  # same key, same version
+    share = sum(v == "v2" for v in first.values()) / len(users)
+    assert 0.17 < share < 0.23, share  # HRW honours the weights (sd of the share ~0.006)
+
+
+def test_sticky_moves_only_the_callers_whose_share_moves():
+    users = [f"session-{i}".encode() for i in range(5000)]
+    rng = random.Random(0)
+    before = route_of({"chat": [("v1", 90), ("v2", 10)]}, "chat")
+    after = route_of({"chat": [("v1", 70), ("v2", 30)]}, "chat")
+    b = {u: before.pick(rng, u).served_name for u in users}
+    a = {u: after.pick(rng, u).served_name for u in users}
+    assert all(a[u] == "v2" for u in users if b[u] == "v2")  # canary callers stay on the canary
+    moved = sum(b[u] != a[u] for u in users) / len(users)
+    assert 0.15 < moved < 0.25, moved  # ~20% of callers move, not a reshuffle
+
+
+def test_exclusion_renormalises():
+    route = route_of({"chat": [("v1", 50), ("v2", 30), ("v3", 20)]}, "chat")
+    rng = random.Random(5)
+    v1 = route.backends[0]
+    counts = collections.Counter(route.pick(rng, None, {v1}).served_name for _ in range(10000))
+    assert set(counts) == {"v2", "v3"} and abs(counts["v2"] - 6000) < 5 * 49, counts
+    assert route.pick(rng, b"k", {v1}).served_name in ("v2", "v3")
+    assert route.pick(rng, None, set(route.backends)) is None
+
+
+def test_duplicate_public_names_refused():
+    t = make_table({"a": [("v1", 100)]})
+    t = t.model_copy(update={"models": t.models * 2})
+    with pytest.raises(ValueError, match="appears twice"):
+        RoutingTable.compile(t)
+
+
+def test_models_listing():
+    listing = json.loads(RoutingTable.compile(make_table({"a": [("v1", 100)], "b": [("base", 100)]})).models_json)
+    assert [m["id"] for m in listing["data"]] == ["a", "b"] and listing["object"] == "list"

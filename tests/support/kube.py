@@ -1,0 +1,88 @@
+"""Fixtures for tests marked `apiserver`: one real control plane per session, CRDs installed from crds/."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.cluster import Cluster, start_cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(tmp_path_factory) -> Cluster:
+    cluster = start_cluster(tmp_path_factory.mktemp("kube"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def kube_api(kube_cluster):
+    """A `kubernetes.client.ApiClient` with cluster-admin rights."""
+    from kubernetes import client, config
+
+    api_client = config.new_client_from_config(config_file=str(kube_cluster.kubeconfig))
+    yield api_client
+    api_client.close()
+
+
+def wait_established(kube_api, name: str, timeout: float = 30) -> None:
+    from kubernetes import client
+
+    ext = client.ApiextensionsV1Api(kube_api)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        crd = ext.read_custom_resource_definition(name)
+        conds = {c.type: c.status for c in (crd.status.conditions or [])}
+        if conds.get("Established") == "True":
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"CRD {name} not Established: {conds}")
+
+
+def install_crds(kube_api, crd_dir: Path = ROOT / "crds") -> list[str]:
+    """Create or replace every CRD in `crd_dir` and wait until each is Established."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    ext = client.ApiextensionsV1Api(kube_api)
+    names = []
+    for path in sorted(crd_dir.glob("*.yaml")):
+        body = yaml.safe_load(path.read_text())
+        name = body["metadata"]["name"]
+        try:
+            ext.create_custom_resource_definition(body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            current = ext.read_custom_resource_definition(name)
+            body["metadata"]["resourceVersion"] = current.metadata.resource_version
+            ext.replace_custom_resource_definition(name, body)
+        names.append(name)
+    for name in names:
+        wait_established(kube_api, name)
+    return names
+
+
+@pytest.fixture(scope="session")
+def crds_installed(kube_api) -> list[str]:
+    return install_crds(kube_api)
+
+
+_ns_counter = iter(range(1_000_000))
+
+
+@pytest.fixture
+def namespace(kube_api, crds_installed) -> str:
+    """A fresh namespace per test (deleted afterwards; the namespace controller cleans it up)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(kube_api)
+    name = f"t{int(time.time()) % 100000}-{next(_ns_counter)}"
+    core.create_namespace({"metadata": {"name": name}})
+    yield name
+    core.delete_namespace(name)
