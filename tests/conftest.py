@@ -23,6 +23,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 pytest_plugins = [
     "support.kube",
     "support.tiny_model",
+    "support.vllm_server",
 ]
 
 

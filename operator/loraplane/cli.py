@@ -12,10 +12,12 @@ from pathlib import Path
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "crds": ("loraplane.cli_crds", "write (or --check) the CRD manifests generated from the API models"),
     "validate": ("loraplane.cli_crds", "validate loraplane manifests in files, as the operator would"),
-    "loader": ("loraplane.loader.main", "adapter loader sidecar: keep a vLLM replica's LoRA adapters equal to its serving table"),
+    "loader": ("loraplane.loader.main", "adapter loader sidecar of a vLLM replica (docs/loader.md)"),
     "operator": ("loraplane.cli_operator", "run the operator (kopf) that reconciles the loraplane kinds"),
     "render": ("loraplane.cli_render", "print the child manifests the operator would create for a file's CRs"),
+    "run": ("loraplane.cli_run", "run a file's FineTuneJob -> Adapter -> ModelRoute pipeline locally (quickstart)"),
     "router": ("loraplane.router.cli", "run the OpenAI-compatible router of a ModelRoute (docs/router.md)"),
+    "train": ("loraplane.trainer.cli", "fine-tune a LoRA/QLoRA adapter from a FineTuneJob file (docs/trainer.md)"),
 }
 
 

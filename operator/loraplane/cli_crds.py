@@ -16,15 +16,19 @@ def add_crds_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=repo_root() / "crds", help="CRD folder (default: crds/)")
     p.add_argument("--reference", type=Path, default=repo_root() / "docs" / "api-reference.md",
                    help="generated API reference (default: docs/api-reference.md)")
+    p.add_argument("--chart", type=Path, default=repo_root() / "charts" / "loraplane",
+                   help="Helm chart whose CRD templates are generated too (default: charts/loraplane)")
     p.add_argument("--check", action="store_true", help="exit 1 if the files there are stale; write nothing")
 
 
 def generated_files(args: argparse.Namespace) -> dict[Path, str]:
     """Every file generated from the API models, with its expected content."""
+    from loraplane import chartgen
     from loraplane.api import crdgen, reference
 
     files = {args.out / name: crdgen.render(crd) for name, crd in crdgen.all_crds().items()}
     files[args.reference] = reference.render()
+    files.update(chartgen.crd_template_files(args.chart))
     return files
 
 

@@ -32,7 +32,7 @@ async def running_router(tmp_path: Path, replica_specs: list[str], table: str, *
     """Yields (service, client session). The table is a real file, so hot reload is the real code path."""
     table_path = tmp_path / "serving.json"
     table_path.write_text(table)
-    pool = ReplicaPool(poll_interval=poll_interval, poll_timeout=1.0)
+    pool = ReplicaPool(poll_interval=poll_interval)
     pool.set_replicas([parse_replica_arg(s) for s in replica_specs])
     router = Router(pool, api_keys=ApiKeys(api_keys) if api_keys else None, connect_timeout=1.0,
                     access_log=access_log, rng=random.Random(seed))

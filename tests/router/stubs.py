@@ -26,9 +26,11 @@ class StubReplica:
     engine_ready: bool = True
     engine_load: int = 0                              # reported as running + waiting in /metrics
     missing: set[str] = field(default_factory=set)    # served names vLLM answers 404 for despite the report
+    status_fails: bool = False                        # the loader's /status answers 500
     hold: asyncio.Event | None = None                 # completions wait for it before answering
+    hold_models: set[str] | None = None               # ...only those for these served names (None: all)
     stream_gate: asyncio.Event | None = None          # streams wait for it after the first chunk
-    received: list[tuple[str, bytes, dict]] = field(default_factory=list)  # (path, body, headers)
+    received: list[tuple[str, bytes, object]] = field(default_factory=list)  # (path, body, headers)
     server: TestServer | None = None
 
     def app(self) -> web.Application:
@@ -64,6 +66,8 @@ class StubReplica:
         return f"{self.engine_url},{self.status_url}"
 
     async def status(self, request: web.Request) -> web.Response:
+        if self.status_fails:
+            return web.Response(status=500, text="loader busy")
         report = ReplicaReport(
             replica=self.name, route="r", generation=1, engine_ready=self.engine_ready, updated_at="2026-01-01T00:00:00Z",
             adapters={a: {"state": "Ready", "reason": "Loaded", "since": "2026-01-01T00:00:00Z"} for a in self.adapters})
@@ -80,14 +84,14 @@ class StubReplica:
 
     async def complete(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        self.received.append((request.path, body, dict(request.headers)))
+        self.received.append((request.path, body, request.headers.copy()))  # case-insensitive
         req = json.loads(body)
         model = req["model"]
         if model != self.base and (model not in self.adapters or model in self.missing):
             return web.json_response({"error": {"message": f"The model `{model}` does not exist.",
                                                 "type": "NotFoundError", "param": "model", "code": 404}},
                                      status=404)
-        if self.hold is not None:
+        if self.hold is not None and (self.hold_models is None or model in self.hold_models):
             await self.hold.wait()
         usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
         if not req.get("stream"):

@@ -105,6 +105,9 @@ class AdapterStatus(StatusBase):
     artifact: ArtifactInfo | None = None
     provenance: Provenance | None = None
     routes: list[str] = Field(default_factory=list, description="ModelRoutes that select this adapter.")
+    accepted_base_model: AdapterBaseModel | None = Field(
+        default=None, description="The spec.baseModel the operator accepted; spec.baseModel is immutable, so a "
+                                  "later change is refused (Ready=False, reason SpecImmutable) against this.")
     loaded_on: list[LoadedOn] = Field(default_factory=list)
 
 

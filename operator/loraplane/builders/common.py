@@ -74,8 +74,10 @@ def metadata(owner: Resource, name: str, labels: dict[str, str], annotations: di
 def spec_hash(manifest: Manifest) -> str:
     """sha256 of the manifest without its own hash annotation, over canonical JSON."""
     body = json.loads(json.dumps(manifest))
-    annotations = body.get("metadata", {}).get("annotations", {})
-    annotations.pop(HASH_ANNOTATION, None)
+    meta = body.get("metadata", {})
+    meta.get("annotations", {}).pop(HASH_ANNOTATION, None)
+    if "annotations" in meta and not meta["annotations"]:
+        del meta["annotations"]
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
@@ -87,9 +89,18 @@ def with_hash(manifest: Manifest) -> Manifest:
     return manifest
 
 
-def quantity(value: int | str) -> int | str:
-    """Quantities pass through; Kubernetes accepts both ints and strings."""
-    return value
+def quantity(value: int | float | str) -> str:
+    """A quantity as a string: server-side apply (typed patches) rejects bare numbers for quantities."""
+    return str(value)
+
+
+def stringify_quantities(container: dict[str, Any]) -> dict[str, Any]:
+    """The container with its resource requests/limits as strings (see `quantity`)."""
+    res = container.get("resources")
+    if res:
+        container = {**container, "resources": {
+            part: {k: quantity(v) for k, v in values.items()} for part, values in res.items()}}
+    return container
 
 
 def resources(gpus: int, gpu_resource: str, cpu: Any, memory: Any) -> dict[str, Any]:
@@ -97,11 +108,11 @@ def resources(gpus: int, gpu_resource: str, cpu: Any, memory: Any) -> dict[str, 
     limits: dict[str, Any] = {}
     requests: dict[str, Any] = {}
     if gpus:
-        limits[gpu_resource] = gpus
+        limits[gpu_resource] = quantity(gpus)
     if cpu is not None:
-        requests["cpu"] = cpu
+        requests["cpu"] = quantity(cpu)
     if memory is not None:
-        requests["memory"] = limits["memory"] = memory
+        requests["memory"] = limits["memory"] = quantity(memory)
     out: dict[str, Any] = {}
     if limits:
         out["limits"] = limits

@@ -21,6 +21,7 @@ from loraplane.builders.common import (
     role,
     role_binding,
     service_account,
+    stringify_quantities,
     with_hash,
 )
 from loraplane.builders.defaults import BuildSettings
@@ -122,7 +123,8 @@ def engine_deployment(route: ModelRoute, table: ServingTable, settings: BuildSet
     ns = namespace_of(route)
     pod_spec: dict[str, Any] = {
         "serviceAccountName": engine_name(route),
-        "containers": [serving.engine_container(route), serving.loader_container(route, ns, settings.image)],
+        "containers": [stringify_quantities(serving.engine_container(route)),
+                       stringify_quantities(serving.loader_container(route, ns, settings.image))],
         "volumes": serving.serving_volumes(route, adapter_claims(table)),
         # vLLM drains in-flight requests on SIGTERM; long generations need more than the default 30 s.
         "terminationGracePeriodSeconds": 120,
@@ -153,8 +155,8 @@ def engine_service(route: ModelRoute) -> Manifest:
         "apiVersion": "v1", "kind": "Service",
         "metadata": metadata(route, engine_name(route), engine_labels(route)),
         "spec": {"clusterIP": "None", "selector": engine_selector(route),
-                 "ports": [{"name": "http", "port": ENGINE_PORT, "targetPort": ENGINE_PORT},
-                           {"name": "loader", "port": LOADER_PORT, "targetPort": LOADER_PORT}]},
+                 "ports": [{"name": "http", "port": ENGINE_PORT, "targetPort": ENGINE_PORT, "protocol": "TCP"},
+                           {"name": "loader", "port": LOADER_PORT, "targetPort": LOADER_PORT, "protocol": "TCP"}]},
     })
 
 
@@ -274,8 +276,20 @@ def router_service(route: ModelRoute) -> Manifest:
         "apiVersion": "v1", "kind": "Service",
         "metadata": metadata(route, router_name(route), router_labels(route)),
         "spec": {"selector": router_selector(route),
-                 "ports": [{"name": "http", "port": ROUTER_PORT, "targetPort": ROUTER_PORT}]},
+                 "ports": [{"name": "http", "port": ROUTER_PORT, "targetPort": ROUTER_PORT, "protocol": "TCP"}]},
     })
+
+
+def unwanted_children(route: ModelRoute, settings: BuildSettings) -> list[tuple[str, str, str, str]]:
+    """(apiVersion, kind, namespace, name) of optional children the spec does not ask for now: the
+    autoscaler of the other backend, or both when the route has fixed replicas."""
+    ns, name = namespace_of(route), engine_name(route)
+    hpa = (settings.hpa_api_version, "HorizontalPodAutoscaler", ns, name)
+    keda = (KEDA_API_VERSION, "ScaledObject", ns, name)
+    auto = route.spec.autoscaling
+    if auto is None:
+        return [hpa, keda]
+    return [hpa] if auto.backend == "keda" else [keda]
 
 
 def children(route: ModelRoute, table: ServingTable, settings: BuildSettings) -> list[Manifest]:

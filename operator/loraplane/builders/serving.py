@@ -15,6 +15,7 @@ Layout inside a replica pod:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from loraplane.api.common import ModelRef
@@ -142,15 +143,15 @@ def engine_env(route: ModelRoute) -> Env:
     return env + [dict(e) for e in route.spec.engine.env]
 
 
-def _volume_mounts(route: ModelRoute) -> list[dict[str, Any]]:
+def _volume_mounts(route: ModelRoute, adapter_claims: Sequence[str] = ()) -> list[dict[str, Any]]:
     mounts = [{"name": ADAPTER_CACHE_VOLUME, "mountPath": ADAPTER_CACHE_PATH},
               {"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_PATH}]
-    for claim in pvc_claims(route.spec.base_model.uri):
+    for claim in pvc_claims(route.spec.base_model.uri, *(f"pvc://{c}" for c in adapter_claims)):
         mounts.append({"name": f"pvc-{claim}", "mountPath": pvc_mount_path(claim), "readOnly": True})
     return mounts
 
 
-def serving_volumes(route: ModelRoute, adapter_claims: list[str] = (),
+def serving_volumes(route: ModelRoute, adapter_claims: Sequence[str] = (),
                     cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES) -> list[dict[str, Any]]:
     """Pod volumes the two containers mount: caches as emptyDirs, PVCs of the base model and of adapters."""
     volumes: list[dict[str, Any]] = [
@@ -224,16 +225,17 @@ def loader_env(route: ModelRoute) -> Env:
     ]
 
 
-def loader_container(route: ModelRoute, namespace: str, image: str,
+def loader_container(route: ModelRoute, namespace: str, image: str, adapter_claims: Sequence[str] = (),
                      cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES) -> dict[str, Any]:
-    """The sidecar. Its liveness is its own /healthz; it never gates the pod's readiness on vLLM's startup."""
+    """The sidecar. It copies adapters from their PVCs (`adapter_claims`, mounted read-only under PVC_ROOT)
+    into the shared cache. Its liveness is its own /healthz; vLLM's startup never makes it restart."""
     return {
         "name": LOADER_CONTAINER,
         "image": image,
         "command": loader_command(route, namespace, cache_max_bytes),
         "env": loader_env(route),
         "ports": [{"name": "loader", "containerPort": LOADER_PORT}],
-        "volumeMounts": _volume_mounts(route),
+        "volumeMounts": _volume_mounts(route, adapter_claims),
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": LOADER_PORT}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": LOADER_PORT}, "periodSeconds": 15,
                           "failureThreshold": 4},

@@ -234,7 +234,7 @@ def rendezvous_service(ftj: FineTuneJob) -> Manifest:
         "metadata": metadata(ftj, rendezvous_service_name(ftj), labels(ftj)),
         "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
                  "selector": {FINETUNEJOB_LABEL: ftj.metadata.name},
-                 "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}]},
+                 "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}]},
     })
 
 

@@ -110,14 +110,16 @@ class ArtifactCache:
                 shutil.rmtree(p, ignore_errors=True)
             elif p.is_dir() and not self._meta(p.name).exists():
                 shutil.rmtree(p, ignore_errors=True)
+            elif p.name.endswith(META_SUFFIX) and not self._entry(p.name.removesuffix(META_SUFFIX)).is_dir():
+                p.unlink(missing_ok=True)
 
     def lookup(self, uri: str) -> CachedArtifact | None:
         key = cache_key(uri)
         try:
             raw = json.loads(self._meta(key).read_text())
-        except (OSError, ValueError):
+            art = CachedArtifact(**{**raw, "path": Path(raw["path"])})
+        except (OSError, ValueError, TypeError, KeyError):
             return None
-        art = CachedArtifact(**{**raw, "path": Path(raw["path"])})
         return art if art.path.is_dir() else None
 
     def entries(self) -> list[tuple[str, CachedArtifact, float]]:
@@ -128,7 +130,7 @@ class ArtifactCache:
             try:
                 raw = json.loads(meta.read_text())
                 out.append((key, CachedArtifact(**{**raw, "path": Path(raw["path"])}), meta.stat().st_mtime))
-            except (OSError, ValueError, TypeError):
+            except (OSError, ValueError, TypeError, KeyError):
                 continue
         return out
 
@@ -305,9 +307,12 @@ class ArtifactCache:
         return None
 
     def _download_hf(self, uri: str, dest: Path) -> None:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-        from huggingface_hub.utils import HFValidationError
+        try:
+            from huggingface_hub import snapshot_download
+            from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+            from huggingface_hub.utils import HFValidationError
+        except ImportError as exc:
+            raise InvalidArtifact("hf:// sources need huggingface_hub in the loader image") from exc
 
         repo, _, revision = uri.removeprefix("hf://").partition("@")
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")

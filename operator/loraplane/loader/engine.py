@@ -106,8 +106,8 @@ def classify_load_error(err: EngineError) -> tuple[str, bool]:
         return "UnsupportedModulesToSave", False
     if "does not support" in msg or "not supported" in msg:
         return "UnsupportedAdapterFeature", False
-    if "already been loaded" in msg:
-        return "AlreadyLoaded", False
+    if "already been loaded" in msg:   # a race with another client: the next pass sees it and compares paths
+        return "AlreadyLoaded", True
     if err.status == 404 or "no adapter found" in msg or "does not exist" in msg:
         return "AdapterNotFound", True
     return "LoadFailed", True

@@ -112,7 +112,11 @@ def read_adapter(directory: Path) -> AdapterFacts:
     if st.is_file():
         tensors = read_safetensors_header(st)
     elif (directory / "adapter_model.bin").is_file():
-        import torch  # only for legacy pickled adapters; vLLM loads them too
+        try:
+            import torch  # only for legacy pickled adapters; vLLM loads them too
+        except ImportError as exc:
+            raise ValueError("adapter_model.bin (pickle) needs torch to inspect; save the adapter as "
+                             "safetensors (PEFT's default)") from exc
 
         state = torch.load(directory / "adapter_model.bin", map_location="cpu", weights_only=True)
         dt = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}

@@ -50,6 +50,10 @@ def add_loader_arguments(p: argparse.ArgumentParser) -> None:
 
 def loader_main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.table is None and not args.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        print("error: --configmap reads the Kubernetes API: run in a pod (in-cluster service account) or pass "
+              "--kubeconfig; for local runs use --table FILE", file=sys.stderr)
+        return 2
     try:
         asyncio.run(serve(args))
     except KeyboardInterrupt:

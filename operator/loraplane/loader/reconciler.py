@@ -127,12 +127,6 @@ class Loader:
     def max_lora_rank(self) -> int:
         return self.max_lora_rank_override or (self.table.max_lora_rank if self.table else 0)
 
-    def settled(self) -> bool:
-        """Every desired adapter reached a final state for the current table, on a live engine."""
-        return (self.table is not None and self.engine_ready and not self.unloading
-                and self.applied_generation == self.table.generation
-                and all(s.settled for s in self.slots.values()))
-
     # ---- the loop -------------------------------------------------------------------------------------------
     async def run(self) -> None:
         while True:
@@ -178,7 +172,8 @@ class Loader:
                 s.next_try = 0.0
                 s.move("Pending", "EngineRestarted", "vLLM no longer lists this adapter; loading it again")
 
-        for name in sorted(set(loaded) - set(self.slots)) + sorted(set(self.unloading) & set(loaded) & set(self.slots)):
+        replaced = set(self.unloading) & set(loaded) & set(self.slots)   # same name, new artifact
+        for name in sorted(set(loaded) - set(self.slots)) + sorted(replaced):
             try:
                 await self.engine.unload(name)
                 self.metrics.unloads.inc()
@@ -280,12 +275,19 @@ class Loader:
             self._retry_or_fail(slot, exc.reason, str(exc), exc.retryable)
         except EngineError as exc:
             reason, retryable = classify_load_error(exc)
-            self._retry_or_fail(slot, reason, f"vLLM refused the load: {exc.message}", retryable)
+            hint = ""
+            if reason == "AdapterNotFound":
+                hint = (" (vLLM cannot read the loader's cache: mount the adapter cache volume in the vLLM "
+                        "container at the same path as in the loader)")
+            self._retry_or_fail(slot, reason, f"vLLM refused the load: {exc.message}{hint}", retryable)
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
             # The engine went away mid-load: not the adapter's fault, do not spend an attempt on it.
             slot.attempts -= 1
             self._engine_lost(f"vLLM went away while loading ({type(exc).__name__}); retrying when it is back")
             slot.move("Pending", "EngineUnavailable", "vLLM went away while loading; retrying when it is back")
+        except Exception as exc:  # noqa: BLE001 - a bug must not wedge the adapter: bounded retries, then Failed
+            log.exception("bringing up %s failed unexpectedly", name)
+            self._retry_or_fail(slot, "InternalError", f"{type(exc).__name__}: {exc}", True)
 
     def _retry_or_fail(self, slot: Slot, reason: str, message: str, retryable: bool) -> None:
         self.metrics.failures.labels(reason).inc()
@@ -314,7 +316,7 @@ class Loader:
             return [gate.GateFailure("InvalidAdapter", str(exc))], ""
         table = self.table
         model_path = self.model_dir or table.model_path
-        if self._base_facts is None:
+        if self._base_facts is None or not self._base_facts.weights:   # files may appear once vLLM fetched them
             where = gate.find_base_model_dir(table.base_model, table.base_model_revision, model_path)
             self._base_facts = gate.read_base(table.base_model, table.base_model_revision, where)
         base = self._base_facts

@@ -32,14 +32,18 @@ def parse_table(text: str, where: str) -> ServingTable:
 
 
 async def watch_file(path: Path, on_table: TableCallback, on_error: Callable[[str], None],
-                     interval: float = 0.5) -> None:
-    """Call `on_table` with the file's table now and whenever it changes (mtime/size/content)."""
+                     interval: float = 0.1) -> None:
+    """Call `on_table` with the file's table now and whenever it changes; a stat per tick, a read on change."""
     last: str | None = None
+    seen: tuple | None = None
     while True:
         try:
-            text = path.read_text()
+            st = path.stat()
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            text = path.read_text() if stamp != seen else last
+            seen = stamp
         except OSError as exc:
-            text = None
+            text, seen = None, None
             if last != f"missing:{exc}":
                 on_error(f"{path}: {exc}")
                 last = f"missing:{exc}"

@@ -23,6 +23,8 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
                      help="watch this ConfigMap's serving.json through the Kubernetes API (faster than a volume)")
     p.add_argument("--namespace", metavar="NS",
                    help="namespace of --configmap (default: the pod's own, else 'default')")
+    p.add_argument("--kubeconfig", type=Path, metavar="FILE",
+                   help="for --configmap outside a pod (default: the service account, else $KUBECONFIG)")
     rep = p.add_argument_group("replicas (one of)")
     rep.add_argument("--replica", action="append", default=[], metavar="ENGINE_URL[,STATUS_URL]",
                      help=f"a vLLM replica (repeatable). STATUS_URL is its loader's /status; default: port "
@@ -34,7 +36,7 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dns-interval", type=float, default=5.0, metavar="SECONDS")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=ROUTER_PORT)
-    p.add_argument("--api-keys-file", type=Path, metavar="PATH",
+    p.add_argument("--api-keys-file", "--api-keys-dir", dest="api_keys_file", type=Path, metavar="PATH",
                    help="accepted API keys, one per line, or a folder of such files (a mounted Secret); "
                         "clients send Authorization: Bearer <key>. Without it no key is asked")
     p.add_argument("--poll-interval", type=float, default=1.0, metavar="SECONDS",
@@ -79,7 +81,8 @@ async def _serve(args: argparse.Namespace) -> int:
     if args.configmap:
         ns = args.namespace or (_SA_NAMESPACE.read_text().strip() if _SA_NAMESPACE.exists() else "default")
         configmap = (ns, args.configmap)
-    service = RouterService(router, table_path=args.table, configmap=configmap, replicas_dns=args.replicas_dns,
+    service = RouterService(router, table_path=args.table, configmap=configmap, kubeconfig=args.kubeconfig,
+                            replicas_dns=args.replicas_dns,
                             dns_interval=args.dns_interval, host=args.host, port=args.port,
                             drain_seconds=args.drain_seconds)
     stop = asyncio.Event()

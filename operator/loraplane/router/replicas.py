@@ -23,6 +23,8 @@ from loraplane.servingtable import ENGINE_PORT, LOADER_PORT, ReplicaReport
 
 log = logging.getLogger("loraplane.router")
 
+POLL_FAILURES_TO_DOWN = 3
+
 # Only two gauges are needed out of vLLM's ~100 metric families: a line filter is ~100x cheaper than
 # the full exposition-format parser on every poll of every replica.
 _ENGINE_LOAD = re.compile(rb"^vllm:num_requests_(?:running|waiting)(?:\{[^}\n]*\})? ([0-9.eE+-]+|NaN)\s*$",
@@ -54,15 +56,27 @@ class Replica:
     ready: frozenset[str] = frozenset()  # served names Ready there (base model included when up)
     failed_at: float = 0.0          # monotonic time of the last connection failure while proxying
     last_poll_error: str | None = None
-    completions_url: str = ""
-    chat_url: str = ""
+    poll_failures: int = 0          # consecutive
     requests_total: int = 0
+    host: str = ""
+    port: int = 0
+    host_header: bytes = b""
+    idle: list = field(default_factory=list)  # kept-alive upstream connections (router.server.Upstream)
 
     def __post_init__(self):
         self.engine_url = self.engine_url.rstrip("/")
-        self.name = self.name or urlsplit(self.engine_url).netloc
-        self.completions_url = self.engine_url + "/v1/completions"
-        self.chat_url = self.engine_url + "/v1/chat/completions"
+        parts = urlsplit(self.engine_url)
+        if parts.scheme != "http":
+            raise ValueError(f"replica {self.engine_url}: the router talks plain http to vLLM inside the cluster")
+        self.name = self.name or parts.netloc
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.host_header = parts.netloc.encode()
+
+    def close_idle(self) -> None:
+        idle, self.idle = self.idle, []
+        for up in idle:
+            up.close()
 
     @property
     def load(self) -> int:
@@ -82,8 +96,8 @@ def parse_replica_arg(value: str) -> tuple[str, str | None]:
     """
     engine, _, status = value.partition(",")
     parts = urlsplit(engine.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"--replica {value!r}: expected ENGINE_URL[,STATUS_URL] with http(s) URLs, "
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"--replica {value!r}: expected ENGINE_URL[,STATUS_URL] with an http:// ENGINE_URL, "
                          f"e.g. http://10.0.0.7:{ENGINE_PORT}")
     status = status.strip()
     if status.lower() == "none":
@@ -117,6 +131,7 @@ class ReplicaPool:
             fresh.append(current.pop(key, None) or Replica(engine, status))
         for gone in current.values():
             log.info("replica %s removed", gone.name)
+            gone.close_idle()
         for r in fresh:
             if not r.polled:
                 log.info("replica %s added (status from %s)", r.name, r.status_url or "vLLM /v1/models")
@@ -155,6 +170,7 @@ class ReplicaPool:
 
     async def _poll(self, session: aiohttp.ClientSession, r: Replica) -> None:
         started = time.monotonic()
+        engine_reached = False  # vLLM itself answered (not only its loader)
         try:
             if r.status_url:
                 async with session.get(r.status_url) as resp:
@@ -168,24 +184,30 @@ class ReplicaPool:
                 async with session.get(r.engine_url + "/v1/models") as resp:
                     resp.raise_for_status()
                     listing = await resp.json(content_type=None)
-                engine_ready = True
+                engine_ready = engine_reached = True
                 ready = {m["id"] for m in listing.get("data", []) if isinstance(m, dict) and "id" in m}
             load = r.engine_load
             own = r.in_flight
             if engine_ready:
                 try:
                     async with session.get(r.engine_url + "/metrics") as resp:
+                        engine_reached = True
                         if resp.status == 200:
                             load = parse_engine_load(await resp.read())
                 except (aiohttp.ClientError, asyncio.TimeoutError):
                     pass  # the load figure is advisory; readiness came from the status above
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            if r.engine_ready or not r.polled or r.last_poll_error is None:
-                log.warning("replica %s: status poll failed (%s); not routing to it", r.name,
-                            f"{type(exc).__name__}: {exc}".rstrip(": "))
-            r.engine_ready = False
+            # One slow or failed poll is not a dead replica (a busy node, a restarting sidecar): it keeps
+            # its last known state until POLL_FAILURES_TO_DOWN polls in a row fail. A dead vLLM is caught
+            # sooner by the proxy itself (a refused connection takes the replica out at once).
+            r.poll_failures += 1
             r.polled = True
-            r.last_poll_error = str(exc) or type(exc).__name__
+            r.last_poll_error = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            if r.poll_failures == POLL_FAILURES_TO_DOWN:
+                log.warning("replica %s: %d status polls failed (last: %s); not routing to it", r.name,
+                            r.poll_failures, r.last_poll_error)
+            if r.poll_failures >= POLL_FAILURES_TO_DOWN:
+                r.engine_ready = False
             return
         if not r.engine_ready and engine_ready:
             log.info("replica %s ready: %d served names", r.name, len(ready))
@@ -194,16 +216,19 @@ class ReplicaPool:
         r.engine_load, r._own_at_poll = load, own
         r.polled = True
         r.last_poll_error = None
-        if r.failed_at and r.failed_at < started:
+        r.poll_failures = 0
+        # After a failed connection, only an answer from vLLM itself, not just from its loader, brings it back.
+        if r.failed_at and r.failed_at < started and engine_reached:
             r.failed_at = 0.0
 
     async def run_polling(self, session: aiohttp.ClientSession) -> None:
+        """Poll every `poll_interval`, starting one interval from now (the caller polls once first)."""
         while True:
+            await asyncio.sleep(self.poll_interval)
             try:
                 await self.poll_once(session)
             except Exception:  # never let one bad answer stop the loop
                 log.exception("replica polling failed")
-            await asyncio.sleep(self.poll_interval)
 
 
 async def resolve_replicas(host: str, engine_port: int = ENGINE_PORT,

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
 from pydantic import ValidationError
 
 from loraplane.router.replicas import ReplicaPool, run_dns_discovery
@@ -40,6 +39,7 @@ class RouterService:
     router: Router
     table_path: Path | None = None
     configmap: tuple[str, str] | None = None        # (namespace, name)
+    kubeconfig: Path | None = None                   # outside a pod; in one, the service account is used
     replicas_dns: str | None = None
     dns_interval: float = 5.0
     reload_interval: float = 1.0
@@ -47,7 +47,6 @@ class RouterService:
     port: int = 8080
     drain_seconds: float = 30.0
     _tasks: list[asyncio.Task] = field(default_factory=list)
-    _runner: web.AppRunner | None = None
     _poll_session: aiohttp.ClientSession | None = None
     _table_stamp: tuple | None = None
     _applied_text: str | None = None
@@ -106,11 +105,15 @@ class RouterService:
         from kubernetes import client, config, watch
 
         namespace, name = self.configmap
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        api = client.CoreV1Api()
+        if self.kubeconfig is not None:
+            api_client = config.new_client_from_config(config_file=str(self.kubeconfig))
+        else:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            api_client = None
+        api = client.CoreV1Api(api_client)
         while not self._stop_watch.is_set():
             try:
                 w = watch.Watch()
@@ -151,13 +154,7 @@ class RouterService:
         # The first poll happens before the port opens, so the first requests already see the replicas.
         await self.pool.poll_once(self._poll_session)
         self._tasks.append(asyncio.create_task(self.pool.run_polling(self._poll_session)))
-        self._runner = web.AppRunner(self.router.make_app(), handler_cancellation=True, access_log=None,
-                                     shutdown_timeout=self.drain_seconds)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
-        if self.port == 0:
-            self.port = self._runner.addresses[0][1]
+        self.port = await self.router.start_server(self.host, self.port)
         log.info("router listening on %s:%d", self.host, self.port)
 
     @property
@@ -168,8 +165,7 @@ class RouterService:
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish (up to drain_seconds), then stop the loops."""
         self._stop_watch.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self.router.drain(self.drain_seconds)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from loraplane.servingtable import ServingTable
 
+STICKY_CACHE_SIZE = 65536
 _MODEL_KEY = b'"model"'
 # After the key: `: "value"` where the value has no escapes (the common case; anything else is parsed).
 _SIMPLE_VALUE = re.compile(rb'\s*:\s*"([^"\\]*)"')
@@ -57,6 +58,9 @@ class PublicRoute:
     backends: tuple[BackendRoute, ...]
     _cumulative: list[int] = field(default_factory=list)
     _total: int = 0
+    # sticky key -> backend: the hash per backend is the costliest step of a request otherwise. The table
+    # is immutable (a new one is compiled on change), so entries never go stale; the size is capped.
+    _sticky: dict[bytes, BackendRoute] = field(default_factory=dict)
 
     def __post_init__(self):
         total = 0
@@ -74,6 +78,10 @@ class PublicRoute:
         `exclude` drops backends that have no usable replica; the rest keep their relative weights.
         """
         if sticky_key is not None:
+            if not exclude:
+                cached = self._sticky.get(sticky_key)
+                if cached is not None:
+                    return cached
             best, best_score = None, -1.0
             for b in self.backends:
                 if b.weight <= 0 or b in exclude:
@@ -84,6 +92,10 @@ class PublicRoute:
                 score = b.weight / -math.log(u) if u < 1.0 else math.inf
                 if score > best_score:
                     best, best_score = b, score
+            if not exclude and best is not None:
+                if len(self._sticky) >= STICKY_CACHE_SIZE:
+                    self._sticky.clear()
+                self._sticky[sticky_key] = best
             return best
         if not exclude:
             if self._total <= 0:

@@ -1,0 +1,91 @@
+{{/* Names, labels and images shared by every template. */}}
+
+{{- define "loraplane.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* <release>-loraplane, or the release name alone when it already contains the chart name. */}}
+{{- define "loraplane.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "loraplane.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "loraplane.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "loraplane.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "loraplane.labels" -}}
+helm.sh/chart: {{ include "loraplane.chart" . }}
+{{ include "loraplane.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: loraplane
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Labels of the operator's own objects (Deployment, pods, metrics Service). */}}
+{{- define "loraplane.operatorLabels" -}}
+{{ include "loraplane.labels" . }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "loraplane.operatorSelectorLabels" -}}
+{{ include "loraplane.selectorLabels" . }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "loraplane.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "loraplane.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* An image reference from {repository, tag, digest}: the digest wins, the tag defaults to appVersion. */}}
+{{- define "loraplane.image" -}}
+{{- $image := index . 0 }}
+{{- $root := index . 1 }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $image.repository (default $root.Chart.AppVersion $image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* Cluster-wide unless watch.namespaces lists namespaces. */}}
+{{- define "loraplane.clusterWide" -}}
+{{- if .Values.watch.namespaces }}false{{- else }}true{{- end }}
+{{- end }}
+
+{{/* API versions the operator gives the HPAs and PDBs it creates: what this cluster serves, unless set. */}}
+{{- define "loraplane.hpaApiVersion" -}}
+{{- if .Values.operator.hpaApiVersion }}
+{{- .Values.operator.hpaApiVersion }}
+{{- else if .Capabilities.APIVersions.Has "autoscaling/v2" }}autoscaling/v2
+{{- else }}autoscaling/v2beta2
+{{- end }}
+{{- end }}
+
+{{- define "loraplane.pdbApiVersion" -}}
+{{- if .Values.operator.pdbApiVersion }}
+{{- .Values.operator.pdbApiVersion }}
+{{- else if .Capabilities.APIVersions.Has "policy/v1" }}policy/v1
+{{- else }}policy/v1beta1
+{{- end }}
+{{- end }}

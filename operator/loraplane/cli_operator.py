@@ -1,0 +1,58 @@
+"""`loraplane operator`: run the controllers (kopf) against the cluster of the current kubeconfig, or
+in-cluster. The same as `kopf run -m loraplane.controllers` with LORAPLANE_* variables set."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+
+from loraplane.builders.defaults import BuildSettings
+
+
+def add_operator_arguments(p: argparse.ArgumentParser) -> None:
+    d = BuildSettings()
+    p.add_argument("-n", "--namespace", action="append", default=[],
+                   help="watch only this namespace (repeatable); default: all namespaces")
+    p.add_argument("--image", default=os.environ.get("LORAPLANE_IMAGE", d.image),
+                   help="loraplane image for the loader sidecar, router and trainer")
+    p.add_argument("--trainer-image", default=os.environ.get("LORAPLANE_TRAINER_IMAGE"),
+                   help="trainer image (default: --image)")
+    p.add_argument("--artifact-store", default=os.environ.get("LORAPLANE_ARTIFACT_STORE", d.artifact_store),
+                   help="where jobs without spec.output.uri write adapters")
+    p.add_argument("--hpa-api-version", default=os.environ.get("LORAPLANE_HPA_API_VERSION", d.hpa_api_version),
+                   help="autoscaling/v2 (Kubernetes >= 1.23) or autoscaling/v2beta2")
+    p.add_argument("--pdb-api-version", default=os.environ.get("LORAPLANE_PDB_API_VERSION", d.pdb_api_version),
+                   help="policy/v1 (Kubernetes >= 1.21) or policy/v1beta1")
+    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("LORAPLANE_METRICS_PORT", "8080")),
+                   help="port of /metrics and /healthz")
+    p.add_argument("--resync-seconds", type=float,
+                   default=float(os.environ.get("LORAPLANE_RESYNC_SECONDS", "600")),
+                   help="re-reconcile everything this often (writes nothing when nothing changed)")
+    p.add_argument("--verbose", action="store_true")
+
+
+def operator_main(args: argparse.Namespace) -> int:
+    import kopf
+
+    env = {
+        "LORAPLANE_IMAGE": args.image, "LORAPLANE_TRAINER_IMAGE": args.trainer_image or "",
+        "LORAPLANE_ARTIFACT_STORE": args.artifact_store, "LORAPLANE_HPA_API_VERSION": args.hpa_api_version,
+        "LORAPLANE_PDB_API_VERSION": args.pdb_api_version, "LORAPLANE_METRICS_PORT": str(args.metrics_port),
+        "LORAPLANE_RESYNC_SECONDS": str(args.resync_seconds), "LORAPLANE_NAMESPACES": ",".join(args.namespace),
+    }
+    os.environ.update({k: v for k, v in env.items() if v})
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("kopf.activities", "kopf.objects", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import loraplane.controllers  # noqa: F401  (registers the handlers)
+
+    try:
+        import uvloop
+        run = uvloop.run
+    except ImportError:
+        run = asyncio.run
+    run(kopf.operator(standalone=True, namespaces=args.namespace, clusterwide=not args.namespace))
+    return 0

@@ -1,0 +1,65 @@
+"""kopf handlers of the loraplane operator: `kopf run -m loraplane.controllers` or `loraplane operator`.
+
+kopf does the watching (re-lists, reconnects, backoff); every handler here only feeds the event into the
+operator's stores and schedules reconciles (see controllers/runtime.py). The handlers are `on.event`
+handlers on purpose: they need no per-object progress or diff-base bookkeeping, so kopf itself writes
+nothing to the API server, and every write the operator makes is a change to children or status.
+Settings come from LORAPLANE_* environment variables (see runtime.OperatorSettings.from_env).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import kopf
+
+from loraplane.builders.common import COMPONENT_LABEL, FINETUNEJOB_LABEL
+from loraplane.controllers.kube import KubeClient
+from loraplane.controllers.operator import Operator
+from loraplane.controllers.runtime import OperatorSettings
+from loraplane.servingtable import ROUTE_LABEL
+
+GROUP = "loraplane.io"
+_op: list[Operator] = []
+
+
+def current() -> Operator:
+    return _op[0]
+
+
+@kopf.on.startup()
+async def _startup(settings: kopf.OperatorSettings, logger, **_):
+    settings.posting.enabled = False        # our own Events, only for state changes a user needs
+    settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="loraplane.io")
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 330
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    op = Operator(OperatorSettings.from_env(), KubeClient.from_environment())
+    _op[:] = [op]
+    await op.start()
+    logger.info("loraplane operator ready: /metrics and /healthz on port %s", op.settings.metrics_port)
+
+
+@kopf.on.cleanup()
+async def _cleanup(**_):
+    if _op:
+        await _op[0].stop()
+
+
+def _feed(kind: str):
+    async def handler(event, **_):
+        if _op:
+            _op[0].on_event(kind, event.get("type"), event["object"])
+    handler.__name__ = f"feed_{kind}"
+    return handler
+
+
+kopf.on.event(GROUP, "v1alpha1", "finetunejobs")(_feed("FineTuneJob"))
+kopf.on.event(GROUP, "v1alpha1", "adapters")(_feed("Adapter"))
+kopf.on.event(GROUP, "v1alpha1", "modelroutes")(_feed("ModelRoute"))
+kopf.on.event("batch", "v1", "jobs", labels={FINETUNEJOB_LABEL: kopf.PRESENT})(_feed("Job"))
+kopf.on.event("", "v1", "pods", labels={FINETUNEJOB_LABEL: kopf.PRESENT})(_feed("TrainPod"))
+kopf.on.event("", "v1", "pods", labels={ROUTE_LABEL: kopf.PRESENT, COMPONENT_LABEL: "engine"})(_feed("EnginePod"))
+kopf.on.event("apps", "v1", "deployments",
+              labels={ROUTE_LABEL: kopf.PRESENT, COMPONENT_LABEL: "engine"})(_feed("Deployment"))

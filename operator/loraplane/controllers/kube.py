@@ -1,0 +1,207 @@
+"""A small async Kubernetes API client for the controllers: get, list, server-side apply, status patches,
+Events. kopf owns the watches; this covers the writes, on aiohttp (already a dependency), so handlers
+never block kopf's event loop the way the synchronous `kubernetes` client would.
+
+Credentials come from `kubernetes.config` (kubeconfig or in-cluster), the same sources kopf logs in with.
+Every write is counted in `loraplane_operator_api_writes_total`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from prometheus_client import Counter
+
+from loraplane.builders.common import MANAGER
+
+log = logging.getLogger("loraplane.operator")
+
+API_WRITES = Counter("loraplane_operator_api_writes_total", "Write requests the operator sent to the API server",
+                     ["verb", "resource"])
+
+# Kinds the operator reads or writes -> plural resource name.
+PLURALS = {
+    "ConfigMap": "configmaps", "ServiceAccount": "serviceaccounts", "Service": "services", "Pod": "pods",
+    "Event": "events", "Role": "roles", "RoleBinding": "rolebindings", "Job": "jobs",
+    "Deployment": "deployments", "PodDisruptionBudget": "poddisruptionbudgets",
+    "HorizontalPodAutoscaler": "horizontalpodautoscalers", "ScaledObject": "scaledobjects",
+    "FineTuneJob": "finetunejobs", "Adapter": "adapters", "ModelRoute": "modelroutes",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: Any, what: str):
+        self.status = status
+        self.body = body
+        message = body.get("message") if isinstance(body, dict) else str(body)[:500]
+        super().__init__(f"{what}: HTTP {status}: {message}")
+
+    @property
+    def message(self) -> str:
+        return self.body.get("message", "") if isinstance(self.body, dict) else str(self.body)
+
+
+def resource_path(api_version: str, kind: str, namespace: str | None, name: str | None = None,
+                  subresource: str | None = None) -> str:
+    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    path = prefix + (f"/namespaces/{namespace}" if namespace else "") + f"/{PLURALS[kind]}"
+    if name:
+        path += f"/{quote(name)}"
+    if subresource:
+        path += f"/{subresource}"
+    return path
+
+
+class KubeClient:
+    def __init__(self, host: str, ssl_context: ssl.SSLContext | bool, auth_header, concurrency: int = 32):
+        self.host = host.rstrip("/")
+        self._ssl = ssl_context
+        self._auth_header = auth_header  # callable -> "Bearer ..." or None (refreshes expiring tokens)
+        self._session: aiohttp.ClientSession | None = None
+        # Bounds the operator's share of the API server: a burst of 1,000 objects queues here.
+        self._gate = asyncio.Semaphore(concurrency)
+
+    @classmethod
+    def from_environment(cls, kubeconfig: str | None = None, context: str | None = None) -> "KubeClient":
+        from kubernetes import client, config
+
+        cfg = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=cfg)
+        except config.ConfigException:
+            config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
+        if cfg.verify_ssl:
+            ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
+        else:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if cfg.cert_file:
+            ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+        def auth_header() -> str | None:
+            # auth_settings() runs the client's refresh hook, so expiring in-cluster tokens are re-read.
+            for setting in cfg.auth_settings().values():
+                if setting.get("in") == "header" and setting.get("key", "").lower() == "authorization":
+                    return setting["value"]
+            return None
+
+        return cls(cfg.host, ctx, auth_header)
+
+    async def close(self) -> None:
+        if self._session:
+            await self._session.close()
+            self._session = None
+
+    async def request(self, method: str, path: str, body: Any = None, params: dict | None = None,
+                      content_type: str = "application/json", what: str = "") -> Any:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+        headers = {"Accept": "application/json"}
+        if (auth := self._auth_header()) is not None:
+            headers["Authorization"] = auth
+        data = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            data = json.dumps(body, separators=(",", ":"))
+        if method != "GET":
+            resource = path.split("?")[0].rstrip("/").split("/")
+            API_WRITES.labels(method, _resource_label(resource)).inc()
+        async with self._gate:
+            for attempt in range(5):
+                async with self._session.request(method, self.host + path, data=data, params=params,
+                                                 headers=headers, ssl=self._ssl) as resp:
+                    text = await resp.text()
+                    if resp.status == 429 or (resp.status >= 500 and attempt < 4):
+                        await asyncio.sleep(float(resp.headers.get("Retry-After", 0.2 * 2 ** attempt)))
+                        continue
+                    try:
+                        payload = json.loads(text) if text else None
+                    except ValueError:
+                        payload = text
+                    if resp.status >= 400:
+                        raise ApiError(resp.status, payload, what or f"{method} {path}")
+                    return payload
+        raise ApiError(503, "retries exhausted", what or f"{method} {path}")
+
+    async def list(self, api_version: str, kind: str, namespace: str | None = None,
+                   label_selector: str | None = None) -> list[dict]:
+        params = {"labelSelector": label_selector} if label_selector else None
+        out = await self.request("GET", resource_path(api_version, kind, namespace), params=params)
+        items = out.get("items") or []
+        for item in items:  # list items carry no apiVersion/kind
+            item.setdefault("apiVersion", api_version)
+            item.setdefault("kind", kind)
+        return items
+
+    async def apply(self, manifest: dict, force: bool = True) -> dict:
+        """Server-side apply under the operator's field manager."""
+        meta = manifest["metadata"]
+        path = resource_path(manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"])
+        return await self.request("PATCH", path, manifest,
+                                  params={"fieldManager": MANAGER, "force": "true" if force else "false"},
+                                  content_type="application/apply-patch+yaml",
+                                  what=f"apply {manifest['kind']} {meta.get('namespace')}/{meta['name']}")
+
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        try:
+            await self.request("DELETE", resource_path(api_version, kind, namespace, name),
+                               {"propagationPolicy": "Background"}, what=f"delete {kind} {namespace}/{name}")
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+
+    async def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict | None:
+        try:
+            return await self.request("GET", resource_path(api_version, kind, namespace, name))
+        except ApiError as exc:
+            if exc.status == 404:  # no such object, or no such kind (a KEDA CRD that is not installed)
+                return None
+            raise
+
+    async def merge_patch(self, api_version: str, kind: str, namespace: str, name: str, patch: dict) -> dict:
+        return await self.request("PATCH", resource_path(api_version, kind, namespace, name), patch,
+                                  content_type="application/merge-patch+json",
+                                  what=f"patch {kind} {namespace}/{name}")
+
+    async def patch_status(self, api_version: str, kind: str, namespace: str, name: str, patch: dict) -> dict:
+        """A JSON merge patch of the status subresource: only the keys in `patch` change."""
+        return await self.request("PATCH", resource_path(api_version, kind, namespace, name, "status"),
+                                  {"status": patch}, content_type="application/merge-patch+json",
+                                  what=f"patch {kind} {namespace}/{name} status")
+
+    async def post_event(self, obj: dict, type_: str, reason: str, message: str, now: str) -> None:
+        meta = obj.get("metadata", {})
+        ns = meta.get("namespace") or "default"
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{meta.get('name')}.", "namespace": ns},
+            "involvedObject": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"),
+                               "name": meta.get("name"), "namespace": ns, "uid": meta.get("uid"),
+                               "resourceVersion": meta.get("resourceVersion")},
+            "type": type_, "reason": reason, "message": message[:1024],
+            "source": {"component": "loraplane-operator"},
+            "reportingComponent": "loraplane.io/operator", "reportingInstance": "loraplane-operator",
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        }
+        try:
+            await self.request("POST", resource_path("v1", "Event", ns), event, what="post Event")
+        except ApiError as exc:  # an Event is informative: losing one must not fail a reconcile
+            log.warning("could not post Event %s for %s/%s: %s", reason, ns, meta.get("name"), exc)
+
+
+def _resource_label(parts: list[str]) -> str:
+    # .../namespaces/NS/PLURAL[/NAME[/SUBRESOURCE]]
+    if "namespaces" in parts:
+        i = parts.index("namespaces")
+        rest = parts[i + 2:]
+    else:
+        rest = parts[3:]
+    if not rest:
+        return "unknown"
+    return rest[0] + (f"/{rest[2]}" if len(rest) > 2 else "")

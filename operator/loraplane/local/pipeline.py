@@ -1,0 +1,381 @@
+"""`loraplane run -f FILE`: the customization pipeline of a file's objects, locally, on the cluster's code.
+
+What runs is what the operator would run, built by the same builders: the FineTuneJob's trainer container
+(command, args, env from `builders.training.job`), the Adapter it produces (`produced_adapter`), the
+ModelRoute's serving table (`builders.serving_table.resolve`), its vLLM container, loader sidecar and router
+(`builders.serving`, `builders.modelroute`). Only the pod's paths are mapped to a local work folder, and a
+CPU box gets the vLLM settings it needs (`local/cpu.py`). A second run reuses what the first built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from loraplane.api import Adapter, FineTuneJob, ModelRoute, parse
+from loraplane.builders import BuildSettings, modelroute as route_builders, training
+from loraplane.builders.serving import ADAPTER_CACHE_PATH, PVC_ROOT, loader_container
+from loraplane.builders.serving import engine_command, engine_env
+from loraplane.builders.serving_table import resolve
+from loraplane.cli_crds import format_validation_error
+from loraplane.local import cpu, hfcache
+from loraplane.local.podspec import LocalPod, container_argv, container_env
+from loraplane.local.processes import ManagedProcess, ProcessFailed, http_ok
+from loraplane.servingtable import ReplicaReport
+
+NAMESPACE = "default"
+
+
+class RunError(RuntimeError):
+    """A problem the user can fix; printed without a traceback."""
+
+
+@dataclass
+class Plan:
+    jobs: list[FineTuneJob] = field(default_factory=list)
+    adapters: list[Adapter] = field(default_factory=list)
+    routes: list[ModelRoute] = field(default_factory=list)
+    configmaps: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def load_plan(path: Path) -> Plan:
+    """Validate every object of the file exactly as the operator does; all problems at once."""
+    plan, problems = Plan(), []
+    for i, doc in enumerate(d for d in yaml.safe_load_all(Path(path).read_text()) if d):
+        kind, name = doc.get("kind"), (doc.get("metadata") or {}).get("name")
+        if kind == "ConfigMap" and doc.get("apiVersion") == "v1":
+            plan.configmaps[name] = dict(doc.get("data") or {})
+            continue
+        try:
+            obj = parse(doc)
+        except ValidationError as exc:
+            problems.append(f"{path} #{i} {kind}/{name}:\n{format_validation_error(exc, '  ')}")
+            continue
+        except ValueError as exc:
+            problems.append(f"{path} #{i}: {exc}")
+            continue
+        obj.metadata.namespace = obj.metadata.namespace or NAMESPACE
+        {FineTuneJob: plan.jobs, Adapter: plan.adapters, ModelRoute: plan.routes}[type(obj)].append(obj)
+    if problems:
+        raise RunError("invalid objects (nothing was run):\n" + "\n".join(problems))
+    if not (plan.jobs or plan.routes):
+        raise RunError(f"{path} has no FineTuneJob or ModelRoute to run")
+    return plan
+
+
+class LocalRun:
+    def __init__(self, plan: Plan, workdir: Path, model_dir: Path | None = None, out=sys.stdout):
+        self.plan, self.workdir, self.model_dir, self.out = plan, Path(workdir), model_dir, out
+        self.settings = BuildSettings()
+        self.hf_home = self.workdir / "hf"
+        self.pvc_root = self.workdir / "pvc"
+        self.processes: list[ManagedProcess] = []
+        self.timings: dict[str, float] = {}
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    # ---- base models -------------------------------------------------------------------------------------
+
+    def prepare_models(self) -> None:
+        """Make every base model the file names loadable by its id, offline."""
+        refs = {(r.identity, r.revision): r for r in [*(j.spec.base_model for j in self.plan.jobs),
+                                                        *(r.spec.base_model for r in self.plan.routes)]}
+        for _, ref in sorted(refs.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
+            if ref.uri:
+                continue  # a local path or a URI the components resolve themselves
+            source = self.model_dir
+            if source is None:
+                from loraplane import tinymodel
+
+                if ref.name != tinymodel.MODEL_NAME:
+                    raise RunError(f"baseModel.name {ref.name!r} is not available offline here: pass --model DIR "
+                                   "(a local Hugging Face model directory), or use "
+                                   f"{tinymodel.MODEL_NAME!r}, the embedded tiny default")
+                started = time.monotonic()
+                self.say(f"• base model {ref.name}: building or reusing the tiny local model")
+                source = tinymodel.tiny_model_path()
+                self.timings["base model"] = time.monotonic() - started
+            hfcache.install(ref.name, Path(source), self.hf_home, ref.revision or "main")
+            self.say(f"  {ref.name} -> {source}")
+
+    def pod(self, name: str) -> LocalPod:
+        return LocalPod(name=name, namespace=NAMESPACE,
+                        paths={PVC_ROOT: str(self.pvc_root), training.CONFIG_DIR: str(self.workdir / "config"),
+                               training.OUTPUT_SCRATCH: str(self.workdir / "output"),
+                               training.MODEL_CACHE_PATH: str(self.workdir / "models"),
+                               ADAPTER_CACHE_PATH: str(self.workdir / "adapter-cache")},
+                        env_overrides={"HF_HOME": str(self.hf_home), "HF_HUB_OFFLINE": "1",
+                                       "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+
+    # ---- training ----------------------------------------------------------------------------------------
+
+    def train(self, ftj: FineTuneJob) -> Adapter:
+        config = training.trainer_config(ftj, self.settings)
+        key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        job = training.job(ftj, self.settings)
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        if container["command"][0] == "torchrun":
+            raise RunError(f"FineTuneJob {ftj.metadata.name}: a local run trains in one process; set "
+                           "spec.resources.gpus <= 1 and nodes: 1 for the local trial")
+        pod = self.pod(f"{job['metadata']['name']}-local")
+        # The FineTuneJob's dataset ConfigMap, where the pod would have it mounted.
+        data_root = self.workdir / "configmaps"
+        if ref := ftj.spec.dataset.config_map_ref:
+            if ref.name not in self.plan.configmaps or ref.key not in self.plan.configmaps[ref.name]:
+                raise RunError(f"FineTuneJob {ftj.metadata.name}: spec.dataset.configMapRef names ConfigMap "
+                               f"{ref.name} key {ref.key}, which is not in the file; add it (kind: ConfigMap)")
+            (data_root / ref.name).mkdir(parents=True, exist_ok=True)
+            (data_root / ref.name / ref.key).write_text(self.plan.configmaps[ref.name][ref.key])
+        config_path = self.workdir / "config" / training.CONFIG_KEY
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        state_dir = self.workdir / "runs" / (ftj.metadata.name or "job")
+        result_file = state_dir / f"result-{key}.json"
+        pod.env_overrides.update({
+            # In-cluster only: the status sink would patch a FineTuneJob that does not exist here.
+            "LORAPLANE_JOB_NAME": None, "LORAPLANE_JOB_NAMESPACE": None,
+            "LORAPLANE_CONFIGMAP_ROOT": str(data_root),
+            "LORAPLANE_TERMINATION_LOG": str(state_dir / "termination-log"),
+            "LORAPLANE_RESULT_FILE": str(result_file),
+            "LORAPLANE_PROGRESS_FILE": str(state_dir / "progress.json"),
+        })
+        if result_file.is_file():
+            self.say(f"• FineTuneJob {ftj.metadata.name}: reusing the adapter trained by an earlier run")
+            result = json.loads(result_file.read_text())
+        else:
+            self.say(f"• FineTuneJob {ftj.metadata.name}: training (the trainer container of Job "
+                     f"{job['metadata']['name']}, locally)")
+            state_dir.mkdir(parents=True, exist_ok=True)
+            started = time.monotonic()
+            proc = ManagedProcess("trainer", container_argv(container, pod), container_env(container, pod),
+                                  state_dir / "trainer.log")
+            self.processes.append(proc)
+            code = proc.run_foreground()  # the trainer draws its own progress bar
+            self.timings[f"training {ftj.metadata.name}"] = time.monotonic() - started
+            if code != 0:
+                term = state_dir / "termination-log"
+                detail = term.read_text() if term.is_file() else proc.log_tail()
+                raise RunError(f"FineTuneJob {ftj.metadata.name} failed (exit {code}): {detail.strip()}\n"
+                               f"log: {proc.log_path}")
+            result = json.loads(result_file.read_text())
+        artifact = result.get("artifact") or {}
+        manifest = training.produced_adapter(ftj, artifact.get("uri") or "", artifact.get("sha256"), None)
+        adapter = Adapter.model_validate(manifest)
+        self.say(f"  Adapter {adapter.metadata.name} version {adapter.spec.version}: {artifact.get('uri')} "
+                 f"(sha256 {str(artifact.get('sha256'))[:12]}…)")
+        metrics = result.get("metrics") or {}
+        if metrics:
+            self.say("  metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                               for k, v in sorted(metrics.items())))
+        return adapter
+
+    # ---- serving -----------------------------------------------------------------------------------------
+
+    def serve(self, route: ModelRoute, adapters: list[Adapter]) -> "ServingRoute":
+        resolution = resolve(route, [a for a in adapters if a.metadata.namespace == route.metadata.namespace])
+        for name, verdict in sorted(resolution.selected.items()):
+            if not verdict.compatible:
+                self.say(f"  ! Adapter {name} not served: {verdict.reason}: {verdict.message}")
+        table = resolution.table
+        rdir = self.workdir / "routes" / (route.metadata.name or "route")
+        rdir.mkdir(parents=True, exist_ok=True)
+        table_path = rdir / "serving.json"
+        table_path.write_text(table.to_json())
+        ports = [cpu.free_port() for _ in range(3)]
+        engine_port, loader_port, router_port = ports
+        pod = self.pod(f"{route_builders.engine_name(route)}-local-0")
+
+        started = time.monotonic()
+        engine_argv, env = cpu.engine_process(engine_command(route), engine_env(route), engine_port,
+                                              self.hf_home)
+        engine = ManagedProcess("vllm", engine_argv, {**env, **{k: v for k, v in pod.env_overrides.items() if v}},
+                                rdir / "vllm.log").start()
+        self.processes.append(engine)
+        self.say(f"• ModelRoute {route.metadata.name}: starting vLLM (CPU build) on :{engine_port} "
+                 f"(1–3 minutes, mostly imports)")
+        with _spinner("  vLLM starting") as tick:
+            engine.wait_until(lambda: http_ok(f"http://127.0.0.1:{engine_port}/health"), 600, tick,
+                              "healthy")
+        self.timings["vLLM startup"] = time.monotonic() - started
+
+        loader_c = loader_container(route, NAMESPACE, self.settings.image)
+        argv = container_argv(loader_c, pod)
+        argv = _replace_flag(argv, "--configmap", ["--table", str(table_path)])
+        argv = _set_flag(argv, "--vllm-url", f"http://127.0.0.1:{engine_port}")
+        argv = _set_flag(argv, "--port", str(loader_port)) + ["--host", "127.0.0.1", "--pvc-root",
+                                                              str(self.pvc_root)]
+        loader = ManagedProcess("loader", argv, container_env(loader_c, pod), rdir / "loader.log").start()
+        self.processes.append(loader)
+
+        router_c = route_builders.router_deployment(route, self.settings)["spec"]["template"]["spec"][
+            "containers"][0]
+        argv = container_argv(router_c, pod)
+        argv = _set_flag(argv, "--table", str(table_path))
+        argv = _replace_flag(argv, "--replicas-dns", ["--replica", f"http://127.0.0.1:{engine_port},"
+                                                                   f"http://127.0.0.1:{loader_port}/status"])
+        argv = _set_flag(_set_flag(argv, "--port", str(router_port)), "--host", "127.0.0.1")
+        router = ManagedProcess("router", argv, container_env(router_c, pod), rdir / "router.log").start()
+        self.processes.append(router)
+        router.wait_until(lambda: http_ok(f"http://127.0.0.1:{router_port}/healthz"), 60, None, "listening")
+
+        started = time.monotonic()
+        wanted = {a.served_name for a in table.adapters}
+        report: dict[str, Any] = {}
+
+        def settled() -> bool:
+            nonlocal report
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{loader_port}/status", timeout=2) as r:
+                    report = ReplicaReport.model_validate_json(r.read()).model_dump(mode="json")
+            except (OSError, ValueError):
+                return False
+            states = {n: a["state"] for n, a in report.get("adapters", {}).items()}
+            return all(states.get(n) in ("Ready", "Incompatible", "Failed") for n in wanted)
+
+        if wanted:
+            with _spinner("  loading adapters") as tick:
+                loader.wait_until(settled, 300, tick, "done loading")
+        self.timings["adapter activation"] = time.monotonic() - started
+        for name, a in sorted(report.get("adapters", {}).items()):
+            mark = "✓" if a["state"] == "Ready" else "✗"
+            self.say(f"  {mark} {name}: {a['state']} ({a['reason']}) {a.get('message', '')}".rstrip())
+        return ServingRoute(route=route, table_path=table_path, router_url=f"http://127.0.0.1:{router_port}",
+                            engine_url=f"http://127.0.0.1:{engine_port}",
+                            loader_url=f"http://127.0.0.1:{loader_port}", logs=rdir,
+                            public_models=[m.name for m in table.models])
+
+    def stop(self) -> None:
+        for p in reversed(self.processes):
+            p.stop()
+        self.processes.clear()
+
+
+@dataclass
+class ServingRoute:
+    route: ModelRoute
+    table_path: Path
+    router_url: str
+    engine_url: str
+    loader_url: str
+    logs: Path
+    public_models: list[str]
+
+
+def complete(router_url: str, model: str, prompt: str, max_tokens: int = 16,
+             patience: float = 15) -> tuple[int, str, float]:
+    """One greedy completion through the router: (HTTP status, text or error, seconds).
+
+    A 503 with Retry-After (the router has not yet seen a replica report the adapter) is retried as a
+    well-behaved client would, for up to `patience` seconds."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
+    deadline = time.monotonic() + patience
+    while True:
+        req = urllib.request.Request(f"{router_url}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        started = time.monotonic()
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                text = json.loads(r.read())["choices"][0]["text"]
+                return r.status, text, time.monotonic() - started
+        except urllib.error.HTTPError as exc:
+            retry_after = exc.headers.get("Retry-After")
+            if exc.code == 503 and retry_after and time.monotonic() < deadline:
+                time.sleep(min(float(retry_after), 2.0))
+                continue
+            return exc.code, exc.read().decode(errors="replace")[:300], time.monotonic() - started
+
+
+def _set_flag(argv: list[str], flag: str, value: str) -> list[str]:
+    out = list(argv)
+    if flag in out:
+        out[out.index(flag) + 1] = value
+    else:
+        out += [flag, value]
+    return out
+
+
+def _replace_flag(argv: list[str], flag: str, replacement: list[str]) -> list[str]:
+    """Drop `flag VALUE` and append `replacement` (e.g. a ConfigMap watch becomes a local file)."""
+    out = list(argv)
+    if flag in out:
+        i = out.index(flag)
+        del out[i:i + 2]
+    return out + replacement
+
+
+class _spinner:
+    """A progress line for waits of unknown length (tqdm, elapsed seconds)."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def __enter__(self):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=None, desc=self.label, bar_format="{desc}: {elapsed}", file=sys.stderr,
+                        leave=False, disable=None)  # None: no bar when not on a terminal
+        return lambda _elapsed: self.bar.refresh()
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        return False
+
+
+def run(path: Path, workdir: Path, model_dir: Path | None = None, prompts: list[str] | None = None,
+        keep_serving: bool = False, out=sys.stdout) -> int:
+    plan = load_plan(path)
+    workdir.mkdir(parents=True, exist_ok=True)
+    lr = LocalRun(plan, workdir, model_dir, out)
+    say = lr.say
+    say(f"loraplane run {path}  (work folder {workdir})")
+    try:
+        lr.prepare_models()
+        adapters = list(plan.adapters)
+        for ftj in plan.jobs:
+            produced = lr.train(ftj)
+            adapters = [a for a in adapters if a.metadata.name != produced.metadata.name] + [produced]
+        served = [lr.serve(route, adapters) for route in plan.routes]
+        if not prompts:
+            from loraplane import tinymodel
+
+            prompts = [tinymodel.instruction_prompt(q) for q in ("what does the cat see?", "describe the lake.")]
+        for s in served:
+            say(f"\n• Requests through the router of ModelRoute {s.route.metadata.name} ({s.router_url}/v1):")
+            for prompt in prompts:
+                say(f"  prompt: {prompt.strip()!r}")
+                for model in s.public_models:
+                    status, text, seconds = complete(s.router_url, model, prompt)
+                    shown = repr(text.strip()) if status == 200 else f"HTTP {status}: {text}"
+                    say(f"    {model:>12} → {shown}   ({seconds * 1000:.0f} ms)")
+        say("\n• Timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in lr.timings.items()))
+        say("• Where things are:")
+        say(f"    work folder      {workdir}")
+        say(f"    adapters         {lr.pvc_root}")
+        for s in served:
+            say(f"    serving table    {s.table_path}")
+            say(f"    logs             {s.logs}/{{vllm,loader,router}}.log")
+            say(f"    router (OpenAI)  {s.router_url}/v1   loader status {s.loader_url}/status   "
+                f"vLLM {s.engine_url}")
+        if keep_serving and served:
+            say("\nServing; Ctrl-C stops every process this run started.")
+            while all(p.running for p in lr.processes):
+                time.sleep(1)
+            raise ProcessFailed("a serving process exited: " + ", ".join(
+                f"{p.name} (log {p.log_path})" for p in lr.processes if not p.running))
+        return 0
+    except KeyboardInterrupt:
+        say("\ninterrupted: stopping")
+        return 130
+    finally:
+        lr.stop()

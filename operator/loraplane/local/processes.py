@@ -1,0 +1,96 @@
+"""Child processes of a local run (trainer, vLLM, loader, router): started in their own process group,
+logged to a file, waited on over HTTP, and always stopped (Ctrl-C included)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+
+class ProcessFailed(RuntimeError):
+    pass
+
+
+class ManagedProcess:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None):
+        self.name, self.argv, self.env, self.log_path, self.cwd = name, argv, env, Path(log_path), cwd
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "ManagedProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            # A new session: Ctrl-C in the terminal reaches only us, and we stop the whole group in order.
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.cwd, start_new_session=True)
+        return self
+
+    def run_foreground(self) -> int:
+        """Run to completion, showing the output live (progress bars) and keeping a copy in the log."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, cwd=self.cwd, start_new_session=True)
+            for chunk in iter(lambda: self.proc.stdout.read1(4096), b""):
+                log.write(chunk)
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+            return self.proc.wait()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_until(self, ready: Callable[[], bool], timeout: float, tick: Callable[[float], None] | None = None,
+                   what: str = "ready") -> float:
+        """Poll `ready` until it holds; fail early (with the log tail) if the process exits."""
+        started = time.monotonic()
+        while True:
+            elapsed = time.monotonic() - started
+            if not self.running:
+                code = self.proc.returncode if self.proc else None
+                raise ProcessFailed(f"{self.name} exited with code {code} before it was {what}; "
+                                    f"log {self.log_path}:\n{self.log_tail()}")
+            if ready():
+                return elapsed
+            if elapsed > timeout:
+                raise ProcessFailed(f"{self.name} not {what} after {timeout:.0f}s; log {self.log_path}:\n"
+                                    f"{self.log_tail()}")
+            if tick:
+                tick(elapsed)
+            time.sleep(0.5)
+
+    def stop(self, grace: float = 20) -> None:
+        if not self.running:
+            return
+        self._signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self._signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def http_ok(url: str, timeout: float = 2) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return 200 <= resp.status < 300
+    except OSError:
+        return False

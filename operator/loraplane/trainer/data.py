@@ -1,0 +1,378 @@
+"""Datasets: fetch (local path, https, s3, Hugging Face hub), validate, tokenise with loss masks, split.
+
+Formats (spec.dataset.format), one JSON object per line:
+- text:        {"text": "..."}                       loss on every token; longer records are truncated
+- instruction: {"prompt": "...", "response": "..."}  trained as prompt + response + EOS, loss on the response
+- chat:        {"messages": [{"role", "content"}]}   rendered with the tokenizer's chat template; loss on
+                                                     assistant turns only
+Field names are configurable (textField, promptField, responseField, messagesField). Records of the
+instruction and chat formats longer than maxSeqLength are rejected with their line numbers (truncating
+them would train on answers cut mid-way).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraplane.api.finetunejob import DatasetSpec
+from loraplane.trainer.config import local_path
+from loraplane.trainer.errors import (
+    DatasetAccessDenied,
+    DatasetNotFound,
+    DatasetUnavailable,
+    InvalidConfig,
+    InvalidDataset,
+)
+
+log = logging.getLogger("loraplane.trainer")
+IGNORE_INDEX = -100  # label of tokens that carry no loss (the value transformers' loss ignores)
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+_MAX_LISTED = 5  # line numbers quoted in an error message
+
+
+@dataclass
+class Source:
+    """Records read from one location, with the digest that provenance records."""
+
+    uri: str
+    records: list[tuple[int, Any]]  # (line number, parsed JSON value)
+    sha256: str
+
+
+@dataclass
+class Examples:
+    """Tokenised records: input_ids and labels (IGNORE_INDEX where no loss), with their source lines."""
+
+    rows: list[dict[str, list[int]]]
+    lines: list[int]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(r["input_ids"]) for r in self.rows)
+
+
+# ---- fetching -----------------------------------------------------------------------------------------
+
+def fetch(uri: str, dest_dir: Path, pvc_root: Path, what: str = "spec.dataset.uri") -> Source:
+    """Read the records at `uri` (a local path, file://, pvc://, https://, s3:// or hf://)."""
+    if uri.startswith("hf://"):
+        return _fetch_hub(uri, what)
+    path = local_path(uri, pvc_root)
+    if path is None:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        path = dest_dir / f"dataset-{hashlib.sha256(uri.encode()).hexdigest()[:12]}{_suffix(uri)}"
+        if uri.startswith(("http://", "https://")):
+            _download_http(uri, path, what)
+        elif uri.startswith("s3://"):
+            _download_s3(uri, path, what)
+        else:
+            raise InvalidConfig(f"{what}: unsupported URI {uri!r}; use a path, file://, pvc://, https://, s3:// "
+                                "or hf://")
+    return read_file(path, what, uri)
+
+
+def _suffix(uri: str) -> str:
+    name = uri.split("?", 1)[0].rsplit("/", 1)[-1]
+    return ".json" if name.endswith(".json") else ".jsonl"
+
+
+def _download_http(uri: str, dest: Path, what: str) -> None:
+    tmp = dest.with_name(dest.name + ".part")
+    request = urllib.request.Request(uri, headers={"User-Agent": "loraplane-trainer"})
+    token = os.environ.get("HF_TOKEN")
+    if token and "huggingface.co" in uri:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp, open(tmp, "wb") as fh:
+            shutil.copyfileobj(resp, fh)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise DatasetNotFound(f"{what}: {uri} returned 404 Not Found; check the URL") from exc
+        if exc.code in (401, 403):
+            raise DatasetAccessDenied(f"{what}: {uri} returned {exc.code} {exc.reason}; check the credentials "
+                                      "(spec.dataset.credentialsSecretRef) or use a pre-signed URL") from exc
+        raise DatasetUnavailable(f"{what}: {uri} returned {exc.code} {exc.reason}; retry later") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise DatasetUnavailable(f"{what}: cannot fetch {uri}: {getattr(exc, 'reason', exc)}; check the URL "
+                                 "and the pod's network access") from exc
+    os.replace(tmp, dest)
+
+
+def _download_s3(uri: str, dest: Path, what: str) -> None:
+    """Download s3://BUCKET/KEY with boto3; credentials and AWS_ENDPOINT_URL come from the environment."""
+    try:
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    except ImportError as exc:  # pragma: no cover - the trainer image installs the s3 extra
+        raise InvalidConfig(f"{what}: s3:// needs boto3 (pip install 'loraplane[s3]')") from exc
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket or not key:
+        raise InvalidConfig(f"{what}: {uri!r} must be s3://BUCKET/KEY")
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        s3_client().download_file(bucket, key, str(tmp))
+    except NoCredentialsError as exc:
+        raise DatasetAccessDenied(f"{what}: no AWS credentials to read {uri}; set "
+                                  "spec.dataset.credentialsSecretRef to a Secret with AWS_ACCESS_KEY_ID and "
+                                  "AWS_SECRET_ACCESS_KEY (or give the pod an IAM role)") from exc
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
+            raise DatasetNotFound(f"{what}: {uri} does not exist ({code}); check the bucket and key") from exc
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
+            raise DatasetAccessDenied(f"{what}: access to {uri} denied ({code}); check the credentials in "
+                                      "spec.dataset.credentialsSecretRef and the bucket policy") from exc
+        raise DatasetUnavailable(f"{what}: fetching {uri} failed: {code or exc}") from exc
+    except BotoCoreError as exc:
+        raise DatasetUnavailable(f"{what}: fetching {uri} failed: {exc}; check AWS_ENDPOINT_URL and the "
+                                 "network") from exc
+    os.replace(tmp, dest)
+
+
+def s3_client():
+    """The boto3 S3 client (a function so tests can stub it: S3 itself cannot run here)."""
+    import boto3
+
+    return boto3.client("s3")
+
+
+def _fetch_hub(uri: str, what: str) -> Source:
+    """hf://ORG/DATASET[@revision]: the `train` split, through `datasets` (offline mode honoured)."""
+    import datasets
+
+    name, _, revision = uri.removeprefix("hf://").partition("@")
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    try:
+        ds = datasets.load_dataset(name, revision=revision or None, split="train")
+    except Exception as exc:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, HTTP)
+        text = f"{type(exc).__name__}: {exc}"
+        if offline:
+            raise DatasetNotFound(f"{what}: hub dataset {name!r} is not in the local cache and offline mode is on "
+                                  f"(HF_HUB_OFFLINE=1); pre-fetch it or allow network access ({text})") from exc
+        if "401" in text or "403" in text or "gated" in text.lower():
+            raise DatasetAccessDenied(f"{what}: hub dataset {name!r} needs a token: set HF_TOKEN through "
+                                      f"spec.dataset.credentialsSecretRef ({text})") from exc
+        if isinstance(exc, (FileNotFoundError,)) or "doesn't exist" in text or "not found" in text.lower():
+            raise DatasetNotFound(f"{what}: hub dataset {name!r} (revision {revision or 'main'}) not found; "
+                                  f"check the id ({text})") from exc
+        raise DatasetUnavailable(f"{what}: loading hub dataset {name!r} failed: {text}") from exc
+    records = [(i + 1, dict(row)) for i, row in enumerate(ds)]
+    digest = hashlib.sha256()
+    for _, row in records:
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode() + b"\n")
+    return Source(uri=uri, records=records, sha256=digest.hexdigest())
+
+
+def read_file(path: Path, what: str, uri: str | None = None) -> Source:
+    """Parse a JSONL file (or a .json array) into numbered records."""
+    from loraplane.artifacts import sha256_file
+
+    path = Path(path)
+    if path.is_dir():
+        candidates = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json"))
+        if len(candidates) != 1:
+            raise InvalidConfig(f"{what}: {path} is a directory with {len(candidates)} .jsonl/.json files; "
+                                "point the URI at one file")
+        path = candidates[0]
+    if not path.is_file():
+        raise DatasetNotFound(f"{what}: no file at {path}; check the path (and that its volume is mounted)")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    records: list[tuple[int, Any]] = []
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            records = list(enumerate(json.loads(text), start=1))
+        except ValueError as exc:
+            raise InvalidDataset(f"{what}: {path} is not valid JSON: {exc}") from exc
+    else:
+        bad = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((number, json.loads(line)))
+            except ValueError as exc:
+                bad.append(f"line {number}: {exc.msg}")
+        if bad:
+            raise InvalidDataset(f"{what}: {path} has {len(bad)} line(s) that are not JSON ("
+                                 f"{'; '.join(bad[:_MAX_LISTED])}); the file must hold one JSON object per line")
+    if not records:
+        raise InvalidDataset(f"{what}: {path} is empty (no records); it must hold one JSON object per line")
+    return Source(uri=uri or str(path), records=records, sha256=sha256_file(path))
+
+
+# ---- validation and tokenisation ----------------------------------------------------------------------
+
+def _field_error(problems: list[str], total: int, hint: str) -> InvalidDataset:
+    listed = "; ".join(problems[:_MAX_LISTED]) + (f"; … {len(problems) - _MAX_LISTED} more"
+                                                  if len(problems) > _MAX_LISTED else "")
+    return InvalidDataset(f"{len(problems)} of {total} records are invalid: {listed}. {hint}")
+
+
+def check_records(source: Source, spec: DatasetSpec) -> None:
+    """Each record has the fields its format needs, with the right types; errors name lines and settings."""
+    fmt = spec.format
+    needed = {"text": [("textField", spec.text_field)],
+              "instruction": [("promptField", spec.prompt_field), ("responseField", spec.response_field)],
+              "chat": [("messagesField", spec.messages_field)]}[fmt]
+    problems: list[str] = []
+    seen_fields: set[str] = set()
+    for number, rec in source.records:
+        if not isinstance(rec, dict):
+            problems.append(f"line {number} is a {type(rec).__name__}, not a JSON object")
+            continue
+        seen_fields.update(rec)
+        for setting, name in needed:
+            if name not in rec:
+                problems.append(f"line {number} has no field {name!r} (spec.dataset.{setting})")
+            elif fmt == "chat":
+                problems.extend(f"line {number}: {p}" for p in _chat_problems(rec[name], name))
+            elif not isinstance(rec[name], str):
+                problems.append(f"line {number}: field {name!r} must be a string, got {type(rec[name]).__name__}")
+    if problems:
+        names = ", ".join(f"spec.dataset.{s}={n!r}" for s, n in needed)
+        found = ", ".join(sorted(seen_fields)[:12]) or "none"
+        raise _field_error(problems, len(source.records),
+                           f"The {fmt!r} format reads {names}; the records have fields: {found}. Set the "
+                           "field names in spec.dataset (or spec.dataset.format) to match the data.")
+
+
+def _chat_problems(messages: Any, name: str) -> list[str]:
+    if not isinstance(messages, list) or not messages:
+        return [f"field {name!r} must be a non-empty list of {{role, content}} messages"]
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            out.append(f"{name}[{i}] must be an object with string 'role' and 'content'")
+        elif m["role"] not in CHAT_ROLES:
+            out.append(f"{name}[{i}].role {m['role']!r} is not one of {', '.join(CHAT_ROLES)}")
+    if not out and not any(m["role"] == "assistant" for m in messages):
+        out.append(f"field {name!r} has no assistant message (nothing to learn)")
+    return out
+
+
+def tokenize(source: Source, spec: DatasetSpec, tokenizer, max_len: int, packing: bool = False) -> Examples:
+    """Tokenise checked records into input_ids + labels. Raises InvalidDataset for over-long records."""
+    check_records(source, spec)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    rows: list[dict[str, list[int]]] = []
+    lines: list[int] = []
+    too_long: list[tuple[int, int]] = []
+    if spec.format == "chat" and not tokenizer.chat_template:
+        raise InvalidConfig("spec.dataset.format is 'chat' but the base model's tokenizer has no chat template; "
+                            "use the instruction or text format, or a model with a chat template")
+    for number, rec in source.records:
+        if spec.format == "text":
+            ids = tokenizer(rec[spec.text_field], add_special_tokens=True, verbose=False)["input_ids"] + eos
+            if not packing:
+                ids = ids[:max_len]  # text is truncated, as documented for the format
+            labels = list(ids)
+        elif spec.format == "instruction":
+            prompt = tokenizer(rec[spec.prompt_field], add_special_tokens=True, verbose=False)["input_ids"]
+            answer = tokenizer(rec[spec.response_field], add_special_tokens=False, verbose=False)["input_ids"] + eos
+            ids, labels = prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+        else:
+            ids, labels = _tokenize_chat(rec[spec.messages_field], tokenizer, number)
+        if len(ids) > max_len and not (spec.format == "text"):
+            too_long.append((number, len(ids)))
+            continue
+        rows.append({"input_ids": ids, "labels": labels})
+        lines.append(number)
+    if too_long:
+        worst = max(too_long, key=lambda t: t[1])
+        listed = ", ".join(str(n) for n, _ in too_long[:_MAX_LISTED]) + (", …" if len(too_long) > _MAX_LISTED else "")
+        raise InvalidDataset(
+            f"{len(too_long)} of {len(source.records)} records are longer than spec.training.maxSeqLength="
+            f"{max_len} tokens (lines {listed}; the longest, line {worst[0]}, has {worst[1]} tokens); raise "
+            "spec.training.maxSeqLength (up to the model's context length) or shorten or split those records")
+    if not any(any(label != IGNORE_INDEX for label in r["labels"]) for r in rows):
+        raise InvalidDataset("no record has any token to learn from (every response/assistant turn is empty)")
+    if packing:
+        if spec.format != "text":
+            raise InvalidConfig("spec.training.packing works with the text format only (instruction and chat "
+                                "records keep their boundaries so their loss masks stay right); set packing: false")
+        rows, lines = _pack(rows, lines, max_len)
+    return Examples(rows=rows, lines=lines)
+
+
+def _tokenize_chat(messages: list[dict], tokenizer, number: int) -> tuple[list[int], list[int]]:
+    """Render with the chat template; label only the characters each assistant turn adds.
+
+    The assistant spans are found by rendering prefixes of the conversation: the text a turn adds is what
+    `render(messages[:i+1])` has beyond `render(messages[:i], add_generation_prompt=True)`. This works with any
+    template that renders conversations incrementally (nearly all do) and needs no `{% generation %}` markers.
+    """
+    def render(msgs, gen_prompt=False) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+
+    full = render(messages)
+    spans: list[tuple[int, int]] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, upto = render(messages[:i], True), render(messages[: i + 1])
+        if not (full.startswith(upto) and upto.startswith(before)):
+            raise InvalidDataset(
+                f"line {number}: the tokenizer's chat template does not render this conversation incrementally "
+                "(a prefix of the conversation renders differently), so assistant turns cannot be located for "
+                "the loss mask; use the instruction format for this model")
+        spans.append((len(before), len(upto)))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    ids = enc["input_ids"]
+    labels = [tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
+              for tok, (start, _end) in zip(ids, enc["offset_mapping"])]
+    return ids, labels
+
+
+def _pack(rows: list[dict], lines: list[int], max_len: int) -> tuple[list[dict], list[int]]:
+    """Concatenate text records (each ends with EOS) and cut them into max_len blocks: no padding wasted."""
+    ids = [t for r in rows for t in r["input_ids"]]
+    blocks = [ids[i:i + max_len] for i in range(0, len(ids), max_len)]
+    return [{"input_ids": b, "labels": list(b)} for b in blocks], list(range(1, len(blocks) + 1))
+
+
+def split(examples: Examples, fraction: float, seed: int) -> tuple[Examples, Examples]:
+    """Hold out `fraction` of the examples (at least one), chosen by a seeded shuffle."""
+    n = len(examples.rows)
+    n_val = max(1, round(n * fraction))
+    if n - n_val < 1:
+        raise InvalidDataset(f"spec.dataset.validationSplit={fraction} leaves no training records out of {n}; "
+                             "add records or remove validationSplit")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    val, train = sorted(order[:n_val]), sorted(order[n_val:])
+    pick = lambda idx: Examples([examples.rows[i] for i in idx], [examples.lines[i] for i in idx])  # noqa: E731
+    return pick(train), pick(val)
+
+
+class PaddingCollator:
+    """Pads a batch to its longest row: pad id in input_ids, IGNORE_INDEX in labels, 0 in attention_mask."""
+
+    def __init__(self, pad_token_id: int, multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.multiple_of = multiple_of
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        if self.multiple_of:
+            width = -(-width // self.multiple_of) * self.multiple_of
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}

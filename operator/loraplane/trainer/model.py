@@ -1,0 +1,275 @@
+"""Base model, tokenizer and the peft wrapper (LoRA, QLoRA, DoRA), with the checks that make bad settings
+fail early with a clear message instead of deep inside peft or a CUDA kernel."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraplane.api.finetunejob import FineTuneJob
+from loraplane.trainer.config import Runtime, local_path
+from loraplane.trainer.errors import InvalidConfig, ModelNotFound, TargetModulesNotFound
+
+log = logging.getLogger("loraplane.trainer")
+
+# Attention projections per architecture (config.model_type): the default target modules. They are linear
+# layers, which is what vLLM serves LoRA on. Unknown architectures fall back to peft's own table.
+ATTENTION_PROJECTIONS: dict[str, list[str]] = {
+    **{t: ["q_proj", "k_proj", "v_proj", "o_proj"] for t in (
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3",
+        "gemma3_text", "granite", "olmo", "olmo2", "starcoder2", "deepseek_v2", "cohere", "stablelm", "yi")},
+    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
+    "phi3": ["qkv_proj", "o_proj"],
+    "gpt_neox": ["query_key_value", "dense"],
+    "falcon": ["query_key_value", "dense"],
+    "gpt_bigcode": ["c_attn", "c_proj"],
+    "gpt2": ["c_attn", "c_proj"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "bloom": ["query_key_value", "dense"],
+    "mpt": ["Wqkv", "out_proj"],
+}
+
+
+@dataclass
+class ModelSource:
+    """Where the weights are read from, and what provenance records about them."""
+
+    location: str           # a local directory or a hub id
+    revision: str | None     # hub revision asked for
+    identity: str            # spec.baseModel name or uri: what adapters are matched against
+
+
+@dataclass
+class Precision:
+    requested: str
+    used: str                # what actually runs: bf16, fp16 or fp32
+    note: str | None = None  # why `used` differs from `requested`
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.used]
+
+
+def choose_precision(requested: str) -> Precision:
+    """bf16/fp16 need a GPU here; on CPU the run falls back to fp32 and says so (log and provenance)."""
+    import torch
+
+    if requested == "fp32":
+        return Precision(requested, "fp32")
+    if not torch.cuda.is_available():
+        return Precision(requested, "fp32", f"spec.training.precision={requested} needs a GPU; no GPU found, "
+                                            "training in fp32 on the CPU")
+    if requested == "bf16" and not torch.cuda.is_bf16_supported():
+        return Precision(requested, "fp16", "this GPU has no bf16 support; training in fp16")
+    return Precision(requested, requested)
+
+
+def resolve_source(job: FineTuneJob, runtime: Runtime, scratch: Path) -> ModelSource:
+    ref = job.spec.base_model
+    if runtime.model_dir:
+        return ModelSource(str(_check_dir(Path(runtime.model_dir), "--model-dir/LORAPLANE_MODEL_DIR")), None,
+                           ref.identity)
+    if ref.uri:
+        path = local_path(ref.uri, runtime.pvc_root)
+        if path is None:
+            path = _download_model(ref.uri, scratch / "base-model")
+        return ModelSource(str(_check_dir(path, "spec.baseModel.uri")), ref.revision, ref.identity)
+    return ModelSource(ref.name or "", ref.revision, ref.identity)
+
+
+def _check_dir(path: Path, what: str) -> Path:
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(f"{what}: {path} holds no model (no config.json); point it at a directory written "
+                            "by save_pretrained (and check that its volume is mounted)")
+    return path
+
+
+def _download_model(uri: str, dest: Path) -> Path:
+    """s3://BUCKET/PREFIX (every object under it) or an https:// archive (.tar.gz, .zip), unpacked."""
+    if (dest / "config.json").is_file():
+        return dest
+    tmp = dest.with_name(dest.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if uri.startswith("s3://"):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from loraplane.trainer.data import s3_client
+
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        client = s3_client()
+        try:
+            keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix.rstrip("/") + "/") for o in page.get("Contents", [])]
+            if not keys:
+                raise ModelNotFound(f"spec.baseModel.uri: no objects under {uri}; check the bucket and prefix")
+            for key in keys:
+                target = tmp / key[len(prefix.rstrip("/")) + 1:]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, key, str(target))
+        except (ClientError, BotoCoreError) as exc:
+            raise ModelNotFound(f"spec.baseModel.uri: cannot read {uri}: {exc}; check the URI and the credentials "
+                                "in spec.baseModel.credentialsSecretRef") from exc
+    else:
+        import urllib.request
+
+        archive = tmp / "archive"
+        try:
+            with urllib.request.urlopen(uri, timeout=120) as resp, open(archive, "wb") as fh:
+                shutil.copyfileobj(resp, fh)
+            fmt = "zip" if uri.endswith(".zip") else "gztar" if uri.endswith((".tar.gz", ".tgz")) else "tar"
+            shutil.unpack_archive(archive, tmp, fmt)
+        except (OSError, ValueError, shutil.ReadError) as exc:
+            raise ModelNotFound(f"spec.baseModel.uri: cannot fetch/unpack {uri}: {exc}; it must be a .tar.gz, "
+                                ".tar or .zip archive of a save_pretrained directory") from exc
+        archive.unlink()
+        inner = [p for p in tmp.iterdir()]
+        if len(inner) == 1 and inner[0].is_dir() and not (tmp / "config.json").exists():
+            tmp = inner[0]
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _hub_error(source: ModelSource, exc: Exception) -> ModelNotFound:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    where = f"{source.location}" + (f"@{source.revision}" if source.revision else "")
+    hint = ("it is not in the local cache and offline mode is on (HF_HUB_OFFLINE=1): pre-fetch it into HF_HOME "
+            "or mount it and set spec.baseModel.uri" if offline and "/" not in source.location[:1]
+            else "check spec.baseModel.name/revision (gated models need HF_TOKEN through "
+                 "spec.baseModel.credentialsSecretRef) or spec.baseModel.uri")
+    return ModelNotFound(f"cannot load the base model {where}: {hint} ({type(exc).__name__}: {exc})")
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source.location, revision=source.revision)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(source, exc) from exc
+    if tok.pad_token_id is None:
+        # Padding is masked out of attention and loss, so any id works; EOS is the usual choice.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(source: ModelSource, method: str, precision: Precision, gradient_checkpointing: bool):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"revision": source.revision, "dtype": precision.torch_dtype}
+    if method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - the train extra installs it
+            raise InvalidConfig("spec.method.type=qlora needs bitsandbytes (pip install 'loraplane[train]')") from exc
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=precision.torch_dtype)
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    except (OSError, ValueError) as exc:
+        if "quantization" in str(exc).lower() or "bitsandbytes" in str(exc).lower():
+            raise InvalidConfig(f"spec.method.type=qlora: cannot quantise {source.location}: {exc}") from exc
+        raise _hub_error(source, exc) from exc
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def context_length(model) -> int | None:
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def default_target_modules(model) -> list[str]:
+    model_type = getattr(model.config, "model_type", "")
+    if model_type in ATTENTION_PROJECTIONS:
+        return list(ATTENTION_PROJECTIONS[model_type])
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    if model_type in PEFT_DEFAULTS:
+        return list(PEFT_DEFAULTS[model_type])
+    raise InvalidConfig(f"no default target modules for model type {model_type!r}; set spec.method.targetModules "
+                        f"to some of its linear layers: {', '.join(linear_module_names(model)[:20])}")
+
+
+def linear_module_names(model) -> list[str]:
+    """Distinct last name components of the model's adaptable linear layers (what targetModules names)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, _ in _linear_modules(model)} - {"lm_head"})
+
+
+def _linear_modules(model):
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)):
+            yield name, module
+
+
+def check_targets(model, targets: list[str], r: int) -> None:
+    """Every target names linear layers of the model, and the rank fits their smallest dimension."""
+    linear = list(_linear_modules(model))
+    found = {t: [m for n, m in linear if n == t or n.endswith("." + t)] for t in targets}
+    missing = [t for t, mods in found.items() if not mods]
+    if missing:
+        other = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        not_linear = [t for t in missing if t in other]
+        detail = f" ({', '.join(not_linear)} exist but are not linear layers)" if not_linear else ""
+        raise TargetModulesNotFound(
+            f"spec.method.targetModules: {', '.join(missing)} not found among the linear layers of "
+            f"{getattr(model.config, 'model_type', 'this model')}{detail}; choose from: "
+            f"{', '.join(linear_module_names(model))}")
+    smallest = min(min(_dims(m)) for mods in found.values() for m in mods)
+    if r > smallest:
+        raise InvalidConfig(f"spec.method.r={r} exceeds the smallest dimension ({smallest}) of the target modules "
+                            f"{', '.join(targets)}; a LoRA rank above it adds nothing; choose r <= {smallest}")
+
+
+def _dims(module) -> tuple[int, int]:
+    if hasattr(module, "in_features"):
+        return module.in_features, module.out_features
+    return tuple(module.weight.shape)  # Conv1D
+
+
+def wrap_peft(model, job: FineTuneJob):
+    from peft import LoraConfig, get_peft_model
+
+    m = job.spec.method
+    targets = list(m.target_modules) if m.target_modules else default_target_modules(model)
+    check_targets(model, targets, m.r)
+    config = LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules=targets,
+                        use_dora=m.use_dora, bias="none", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    # What adapters are matched against when served: the spec's identity, not a local mount path.
+    peft_model.peft_config["default"].base_model_name_or_path = job.spec.base_model.identity
+    peft_model.peft_config["default"].revision = job.spec.base_model.revision
+    return peft_model, targets
+
+
+def quantization_summary(model) -> dict:
+    """What QLoRA actually quantised (provenance; and proof that the 4-bit path ran)."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    quant_type = getattr(getattr(layers[0].weight, "quant_state", None), "quant_type", None) if layers else None
+    return {"bits": 4, "quantType": quant_type or "nf4", "linear4bitLayers": len(layers), "doubleQuant": True}

@@ -1,0 +1,209 @@
+"""Progress reporting: one small interface (`ProgressSink.update`), two sinks.
+
+- `LocalSink`: a tqdm bar plus a JSON file holding the same fields (for `loraplane train` on a laptop);
+- `ClusterSink`: patches the FineTuneJob's `status.progress` through the status subresource, at most once
+  per `interval` seconds (plus the final update), so a thousand-step run costs the API server a handful of
+  writes, not a thousand.
+
+`ProgressCallback` turns transformers' Trainer events into `TrainingProgress` (the API type, so the fields
+and their names are the CRD's) and hands them to every sink.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from loraplane.api.common import now_rfc3339
+from loraplane.api.finetunejob import TrainingProgress
+from loraplane.trainer.config import dump_json_atomic
+
+log = logging.getLogger("loraplane.trainer")
+
+
+class ProgressSink(Protocol):
+    def update(self, progress: TrainingProgress, final: bool = False) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class RateLimiter:
+    """Lets an event through at most once per `interval` seconds; `force` always passes (and resets)."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic):
+        self.interval = interval
+        self.clock = clock
+        self._last: float | None = None
+
+    def allow(self, force: bool = False) -> bool:
+        now = self.clock()
+        if force or self._last is None or now - self._last >= self.interval:
+            self._last = now
+            return True
+        return False
+
+
+class LocalSink:
+    """tqdm bar on stderr + the same fields as JSON in `path` (rewritten atomically, at most once a second)."""
+
+    def __init__(self, path: Path | None, bar: bool = True, file_interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.path = Path(path) if path else None
+        self.bar_enabled = bar
+        self._bar = None
+        self._limiter = RateLimiter(file_interval, clock)
+
+    def update(self, progress: TrainingProgress, final: bool = False) -> None:
+        if self.bar_enabled:
+            self._update_bar(progress)
+        if self.path and self._limiter.allow(force=final):
+            dump_json_atomic(self.path, progress.wire())
+
+    def _update_bar(self, p: TrainingProgress) -> None:
+        from tqdm.auto import tqdm
+
+        if self._bar is None:
+            self._bar = tqdm(total=p.total_steps, initial=p.step, unit="step", desc="train", dynamic_ncols=True)
+        self._bar.update(p.step - self._bar.n)
+        fields = {"loss": p.loss, "eval_loss": p.eval_loss, "lr": p.learning_rate, "tok/s": p.tokens_per_second}
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in fields.items() if v is not None}, refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class ClusterSink:
+    """Patches `status.progress` of one FineTuneJob, rate-limited; API errors are logged, never fatal.
+
+    `patch` defaults to a merge patch through the status subresource with the in-cluster ServiceAccount
+    (the operator grants it get/patch on this one object's status).
+    """
+
+    def __init__(self, namespace: str, name: str, interval: float = 10.0,
+                 patch: Callable[[dict], None] | None = None, clock: Callable[[], float] = time.monotonic):
+        self.namespace, self.name = namespace, name
+        self._limiter = RateLimiter(interval, clock)
+        self._patch = patch or self._kubernetes_patch()
+        self._pending: TrainingProgress | None = None
+        self.patches = 0
+        self.failures = 0
+
+    def _kubernetes_patch(self) -> Callable[[dict], None]:
+        from kubernetes import client, config
+
+        from loraplane.api.common import GROUP, VERSION
+        from loraplane.api.finetunejob import FineTuneJob
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()  # a local run pointed at a cluster (LORAPLANE_JOB_* set by hand)
+        api = client.CustomObjectsApi()
+
+        def patch(body: dict) -> None:
+            api.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, FineTuneJob.PLURAL,
+                                                      self.name, body)
+        return patch
+
+    def update(self, progress: TrainingProgress, final: bool = False) -> None:
+        self._pending = progress
+        if self._limiter.allow(force=final):
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending is None:
+            return
+        body = {"status": {"progress": self._pending.wire()}}
+        try:
+            self._patch(body)
+            self.patches += 1
+            self._pending = None
+        except Exception as exc:  # progress is best effort: a flaky API server must not kill training
+            self.failures += 1
+            log.warning("could not patch %s/%s status.progress: %s", self.namespace, self.name, exc)
+
+    def close(self) -> None:
+        self.flush()
+
+
+class ProgressTracker:
+    """Builds TrainingProgress from step events: tokens/s and ETA are measured over this process's steps
+    (a resumed run does not count the steps it skipped as instantly done)."""
+
+    def __init__(self, sinks: Sequence[ProgressSink], clock: Callable[[], float] = time.monotonic):
+        self.sinks = list(sinks)
+        self.clock = clock
+        self._start: float | None = None
+        self._start_step = 0
+        self._start_tokens = 0
+        self.last = TrainingProgress()
+
+    def report(self, *, step: int, total_steps: int | None, epoch: float | None = None, loss: float | None = None,
+               eval_loss: float | None = None, learning_rate: float | None = None, tokens_seen: int | None = None,
+               final: bool = False) -> TrainingProgress:
+        now = self.clock()
+        if self._start is None:
+            self._start, self._start_step, self._start_tokens = now, step, tokens_seen or 0
+        elapsed = now - self._start
+        done = step - self._start_step
+        eta = tps = None
+        if elapsed > 0 and done > 0 and total_steps:
+            eta = int(round(elapsed / done * max(total_steps - step, 0)))
+        if elapsed > 0 and tokens_seen is not None and tokens_seen > self._start_tokens:
+            tps = round((tokens_seen - self._start_tokens) / elapsed, 1)
+        prev = self.last
+        self.last = TrainingProgress(
+            step=step, total_steps=total_steps, epoch=_round(epoch, 4),
+            loss=_round(loss if loss is not None else prev.loss, 6),
+            eval_loss=_round(eval_loss if eval_loss is not None else prev.eval_loss, 6),
+            learning_rate=learning_rate if learning_rate is not None else prev.learning_rate,
+            tokens_per_second=tps if tps is not None else prev.tokens_per_second,
+            eta_seconds=0 if total_steps and step >= total_steps else eta,
+            percent=min(100, int(100 * step / total_steps)) if total_steps else None,
+            updated_at=now_rfc3339(),
+        )
+        for sink in self.sinks:
+            sink.update(self.last, final=final)
+        return self.last
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return round(float(value), digits)
+
+
+def make_callback(tracker: ProgressTracker):
+    """A transformers TrainerCallback feeding `tracker` (imported lazily: transformers is heavy)."""
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        def _send(self, state, logs: dict | None = None, final: bool = False) -> None:
+            if not state.is_world_process_zero:
+                return
+            logs = logs or {}
+            tracker.report(step=state.global_step, total_steps=state.max_steps or None, epoch=state.epoch,
+                           loss=logs.get("loss"), eval_loss=logs.get("eval_loss"),
+                           learning_rate=logs.get("learning_rate"),
+                           tokens_seen=getattr(state, "num_input_tokens_seen", None), final=final)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self._send(state)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self._send(state, logs)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self._send(state, final=True)
+
+    return ProgressCallback()

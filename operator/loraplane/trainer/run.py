@@ -1,0 +1,321 @@
+"""One training run: FineTuneJob + Runtime in, a PEFT adapter directory with provenance.json out.
+
+Engine: transformers' `Trainer` (see docs/trainer.md for why not TRL): checkpoints, resume, gradient
+accumulation, mixed precision and torchrun/accelerate multi-GPU come from it; this module adds the parts a
+FineTuneJob needs on top: data formats with loss masks, QLoRA/DoRA wiring, complete-checkpoint detection,
+preemption, progress sinks, categorised errors and an atomically written, hashed artifact.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loraplane.api.common import now_rfc3339
+from loraplane.api.finetunejob import FineTuneJob
+from loraplane.artifacts import sha256_dir
+from loraplane.trainer import checkpoints, data, model as modelmod, progress
+from loraplane.trainer.config import Runtime, dump_json_atomic
+from loraplane.trainer.errors import InvalidConfig, OutOfMemory, OutputWriteFailed, TrainerError, is_out_of_memory
+
+log = logging.getLogger("loraplane.trainer")
+PROVENANCE_FILE = "provenance.json"
+KEEP_CHECKPOINTS = 2
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "tokenizers", "datasets", "loraplane")
+
+
+@dataclass
+class RunResult:
+    """What a run produced. `preempted`: stopped by SIGTERM after saving a checkpoint (no adapter yet)."""
+
+    preempted: bool
+    global_step: int
+    output_dir: Path | None = None
+    artifact_sha256: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: Path | None = None
+
+    def message(self, artifact_uri: str | None = None) -> dict[str, Any]:
+        """The result JSON (result file and termination message): what the operator copies into status."""
+        if self.preempted:
+            return {"reason": "Preempted", "message": f"stopped by a signal at step {self.global_step}; a checkpoint "
+                                                      "was saved and the next run resumes from it",
+                    "step": self.global_step}
+        p = self.provenance
+        return {
+            "reason": "Succeeded",
+            "artifact": {"uri": artifact_uri or str(self.output_dir), "sha256": self.artifact_sha256},
+            "artifactSha256": self.artifact_sha256,
+            "datasetSha256": p.get("dataset", {}).get("sha256"),
+            "metrics": p.get("metrics", {}),
+            "libraryVersions": p.get("libraryVersions", {}),
+            "completedAt": p.get("completedAt"),
+        }
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def planned_steps(n_train: int, job: FineTuneJob, world_size: int) -> int:
+    t = job.spec.training
+    if t.max_steps:
+        return t.max_steps
+    batches = math.ceil(n_train / (t.batch_size * world_size))
+    per_epoch = max(1, batches // t.gradient_accumulation_steps)
+    return max(1, math.ceil(per_epoch * (t.epochs or 1.0)))
+
+
+def effective_max_len(job: FineTuneJob, context: int | None) -> int:
+    t = job.spec.training
+    if context is None or t.max_seq_length <= context:
+        return t.max_seq_length
+    if "max_seq_length" in t.model_fields_set:
+        raise InvalidConfig(f"spec.training.maxSeqLength={t.max_seq_length} exceeds the base model's context length "
+                            f"({context} tokens); set it to at most {context}")
+    log.info("maxSeqLength defaults to %d but the model's context is %d tokens: using %d",
+             t.max_seq_length, context, context)
+    return context
+
+
+def run_training(job: FineTuneJob, runtime: Runtime, sinks: list | None = None) -> RunResult:
+    """Train (or resume) and write the adapter. Raises TrainerError subclasses for every foreseen failure."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, Trainer, TrainingArguments
+
+    spec, t = job.spec, job.spec.training
+    transformers.set_seed(t.seed)
+    runtime.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    scratch = runtime.checkpoint_dir / "inputs"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    is_main = int(os.environ.get("RANK", "0")) == 0
+
+    # 1. Cheap checks first: tokenizer, model config, data. A bad dataset fails before a 70B model loads.
+    source = modelmod.resolve_source(job, runtime, scratch)
+    tokenizer = modelmod.load_tokenizer(source)
+    try:
+        model_config = AutoConfig.from_pretrained(source.location, revision=source.revision)
+    except (OSError, ValueError) as exc:
+        raise modelmod._hub_error(source, exc) from exc
+    context = next((v for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                    if isinstance(v := getattr(model_config, k, None), int)), None)
+    max_len = effective_max_len(job, context)
+
+    ds = spec.dataset
+    train_src = _read_dataset(ds.uri, runtime.dataset_path, scratch, runtime, "spec.dataset.uri")
+    train_ex = data.tokenize(train_src, ds, tokenizer, max_len, packing=t.packing)
+    val_src, val_ex = None, None
+    if ds.validation_uri or runtime.validation_path:
+        val_src = _read_dataset(ds.validation_uri, runtime.validation_path, scratch, runtime,
+                                "spec.dataset.validationUri")
+        val_ex = data.tokenize(val_src, ds, tokenizer, max_len, packing=t.packing)
+    elif ds.validation_split:
+        train_ex, val_ex = data.split(train_ex, ds.validation_split, t.seed)
+    total_steps = planned_steps(len(train_ex.rows), job, world_size)
+
+    # 2. Checkpoints: drop half-written ones, resume from the newest complete one.
+    checkpoints.remove_incomplete(runtime.checkpoint_dir)
+    resume = checkpoints.latest_complete(runtime.checkpoint_dir)
+    if resume:
+        log.info("resuming from %s", resume)
+
+    # 3. Model and adapter.
+    precision = modelmod.choose_precision(t.precision)
+    if precision.note:
+        log.warning("%s", precision.note)
+    try:
+        base = modelmod.load_model(source, spec.method.type, precision, t.gradient_checkpointing)
+        peft_model, targets = modelmod.wrap_peft(base, job)
+    except TrainerError:
+        raise
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise _oom(job, exc, "loading the base model") from exc
+        raise
+
+    preemption = checkpoints.Preemption()
+    tracker = progress.ProgressTracker(sinks if sinks is not None else default_sinks(runtime) if is_main else [])
+    eval_every = t.eval_every_steps or t.checkpoint_every_steps
+    args = TrainingArguments(
+        output_dir=str(runtime.checkpoint_dir),
+        max_steps=total_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=0.0,
+        seed=t.seed,
+        bf16=precision.used == "bf16",
+        fp16=precision.used == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        save_strategy="steps",
+        save_steps=t.checkpoint_every_steps,
+        save_total_limit=None,  # rotation happens after a checkpoint is marked complete (checkpoints.rotate)
+        eval_strategy="steps" if val_ex else "no",
+        eval_steps=eval_every if val_ex else None,
+        logging_steps=max(1, min(50, total_steps // 100)),
+        logging_first_step=True,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(
+        model=peft_model, args=args, train_dataset=train_ex.rows, eval_dataset=val_ex.rows if val_ex else None,
+        data_collator=data.PaddingCollator(tokenizer.pad_token_id),
+        callbacks=[progress.make_callback(tracker),
+                   checkpoints.make_callback(runtime.checkpoint_dir, KEEP_CHECKPOINTS, preemption)],
+    )
+    if not (runtime.in_cluster or sinks is None and not runtime.progress_bar):
+        # Transformers prints every log dict when its own bar is off; our sinks show progress instead (in the
+        # cluster, and with --no-progress-bar, the printed lines are what `kubectl logs` shows, so they stay).
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    preemption.install()
+    started = time.monotonic()
+    try:
+        try:
+            out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except TrainerError:
+            raise
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise _oom(job, exc, f"training step {trainer.state.global_step}") from exc
+            raise
+        finally:
+            preemption.uninstall()
+        if preemption.requested:
+            return RunResult(preempted=True, global_step=trainer.state.global_step,
+                             log_history=list(trainer.state.log_history), resumed_from=resume)
+        metrics: dict[str, Any] = {"trainLoss": round(out.training_loss, 6), "steps": trainer.state.global_step,
+                                   "epochs": round(trainer.state.epoch or 0.0, 4),
+                                   "trainSeconds": round(time.monotonic() - started, 3),
+                                   "tokensSeen": int(trainer.state.num_input_tokens_seen or 0)}
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        if losses:
+            metrics["firstLoss"], metrics["finalLoss"] = round(losses[0], 6), round(losses[-1], 6)
+        if val_ex:
+            eval_loss = trainer.evaluate()["eval_loss"]
+            metrics["evalLoss"] = round(eval_loss, 6)
+            metrics["perplexity"] = round(math.exp(min(eval_loss, 50.0)), 4)
+            if trainer.is_world_process_zero():
+                tracker.report(step=trainer.state.global_step, total_steps=total_steps, epoch=trainer.state.epoch,
+                               eval_loss=eval_loss, final=True)
+    finally:
+        tracker.close()
+    if not trainer.is_world_process_zero():
+        return RunResult(preempted=False, global_step=trainer.state.global_step)
+
+    provenance = {
+        "fineTuneJob": {"namespace": job.metadata.namespace, "name": job.metadata.name},
+        "baseModel": {"identity": source.identity, "name": spec.base_model.name, "uri": spec.base_model.uri,
+                      "revision": spec.base_model.revision,
+                      "resolvedRevision": getattr(model_config, "_commit_hash", None)},
+        "dataset": {"uri": train_src.uri, "sha256": train_src.sha256, "format": ds.format,
+                    "records": len(train_src.records), "trainExamples": len(train_ex.rows),
+                    "trainTokens": train_ex.tokens},
+        "validation": ({"uri": val_src.uri if val_src else f"split {ds.validation_split} of the dataset",
+                        "sha256": val_src.sha256 if val_src else train_src.sha256,
+                        "examples": len(val_ex.rows)} if val_ex else None),
+        "method": {**spec.method.wire(), "targetModules": targets},
+        "training": {**t.wire(), "maxSeqLengthUsed": max_len, "totalSteps": total_steps,
+                     "worldSize": world_size},
+        "precision": {"requested": precision.requested, "used": precision.used, "note": precision.note},
+        "quantization": modelmod.quantization_summary(peft_model) if spec.method.type == "qlora" else None,
+        "metrics": metrics,
+        "libraryVersions": library_versions(),
+        "resumedFrom": str(resume) if resume else None,
+        "completedAt": now_rfc3339(),
+    }
+    sha = write_adapter(peft_model, runtime.output_dir, provenance)
+    return RunResult(preempted=False, global_step=trainer.state.global_step, output_dir=runtime.output_dir,
+                     artifact_sha256=sha, provenance=provenance, log_history=list(trainer.state.log_history),
+                     resumed_from=resume)
+
+
+def _read_dataset(uri: str | None, override: Path | None, scratch: Path, runtime: Runtime, what: str):
+    if override:
+        return data.read_file(Path(override), what.replace("spec.dataset.uri", "dataset path"), uri or str(override))
+    if not uri:
+        raise InvalidConfig(f"{what} is not set and no dataset path was given (--dataset-path); for "
+                            "spec.dataset.configMapRef the ConfigMap must be mounted (LORAPLANE_CONFIGMAP_ROOT)")
+    return data.fetch(uri, scratch, runtime.pvc_root, what)
+
+
+def _oom(job: FineTuneJob, exc: BaseException, during: str) -> OutOfMemory:
+    t = job.spec.training
+    return OutOfMemory(
+        f"out of memory while {during} (batchSize={t.batch_size}, maxSeqLength={t.max_seq_length}, "
+        f"method={job.spec.method.type}, gradientCheckpointing={t.gradient_checkpointing}): lower "
+        "spec.training.batchSize (raise gradientAccumulationSteps to keep the effective batch) or maxSeqLength, "
+        "enable spec.training.gradientCheckpointing, use spec.method.type=qlora, or request more memory/larger "
+        f"GPUs ({type(exc).__name__}: {str(exc)[:300]})")
+
+
+def write_adapter(peft_model, output_dir: Path, provenance: dict) -> str:
+    """Save adapter + provenance.json into a temporary sibling, then rename it into place: readers see the
+    previous artifact or the complete new one. Returns the artifact sha256 (loraplane.artifacts.sha256_dir)."""
+    output_dir = Path(output_dir)
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.writing-", dir=output_dir.parent))
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+        dump_json_atomic(tmp / PROVENANCE_FILE, {k: v for k, v in provenance.items() if v is not None})
+        sha = sha256_dir(tmp)
+        if output_dir.exists():
+            old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+            os.replace(output_dir, old)
+            os.replace(tmp, output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, output_dir)
+    except OSError as exc:
+        raise OutputWriteFailed(f"cannot write the adapter to {output_dir}: {exc}; check that the output volume "
+                                "is mounted read-write and has space") from exc
+    return sha
+
+
+def upload_s3(local_dir: Path, uri: str) -> None:
+    """Upload the adapter directory to s3://BUCKET/PREFIX (the object layout mirrors the directory)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    client = data.s3_client()
+    try:
+        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+            key = "/".join(x for x in (prefix.rstrip("/"), path.relative_to(local_dir).as_posix()) if x)
+            client.upload_file(str(path), bucket, key)
+    except (ClientError, BotoCoreError) as exc:
+        raise OutputWriteFailed(f"spec.output.uri: uploading the adapter to {uri} failed: {exc}; check the bucket "
+                                "and the credentials") from exc
+
+
+def default_sinks(runtime: Runtime) -> list:
+    if runtime.in_cluster:
+        return [progress.LocalSink(runtime.progress_file, bar=False),
+                progress.ClusterSink(runtime.job_namespace, runtime.job_name, runtime.status_interval_s)]
+    return [progress.LocalSink(runtime.progress_file, bar=runtime.progress_bar and sys.stderr.isatty())]

@@ -1,0 +1,235 @@
+"""Benchmark of the trainer against a bare peft training loop, and peak memory of LoRA vs QLoRA.
+
+    OMP_NUM_THREADS=1 .venv/bin/python tests/bench/bench_trainer.py [--steps 150] [--rounds 3]
+
+1. Step time: our trainer (transformers Trainer + our data pipeline, callbacks, progress sinks, checkpoint
+   marker) vs the smallest correct peft loop (same model, LoRA config, data, collator, optimizer, batch size),
+   on the tiny model, interleaved rounds in one process. A step is timed from one step end to the next, so
+   data loading, logging and callbacks count; the first steps (warm-up) and the final save do not.
+   Reported: median step time of each and their ratio (target <= 1.05).
+2. Peak memory, LoRA vs QLoRA (4-bit NF4): each in a fresh subprocess training a few steps on a randomly
+   initialised ~100M-parameter Llama (the tiny model is too small for weights to matter), through the real
+   trainer. Reported: weight bytes of the loaded model, peak RSS above the post-import baseline (CPU), and
+   torch.cuda.max_memory_allocated when a GPU is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MEDIUM = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+              num_key_value_heads=4, max_position_embeddings=256)
+
+
+def bare_peft_loop(model_dir: Path, data: Path, steps: int, seed: int) -> list[float]:
+    """The reference: a hand-written loop doing the same work, timestamps at each step end."""
+    import random
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraplane.api.finetunejob import DatasetSpec
+    from loraplane.trainer import data as datamod
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = datamod.tokenize(datamod.read_file(data, "bench"), DatasetSpec(uri="/x"), tok, 128).rows
+    collate = datamod.PaddingCollator(tok.pad_token_id)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                      task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    model.train()
+    order: list[int] = []
+    rng = random.Random(seed)
+    stamps = [time.perf_counter()]
+    for _ in range(steps):
+        if len(order) < 8:
+            fresh = list(range(len(rows)))
+            rng.shuffle(fresh)
+            order += fresh
+        batch = collate([rows[i] for i in order[:8]])
+        del order[:8]
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # Trainer clips at 1.0 by default too
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()  # what a loop that logs its loss pays (Trainer reads it at each logging step)
+        stamps.append(time.perf_counter())
+    return stamps
+
+
+def our_trainer(model_dir: Path, data: Path, steps: int, seed: int, work: Path) -> list[float]:
+    from loraplane.api.finetunejob import TrainingProgress
+    from loraplane.trainer import quick_job, resolve_runtime, run_training
+    from loraplane.trainer.progress import LocalSink
+
+    stamps: list[float] = []
+    seen: set[int] = set()
+
+    class StepClock:  # a sink: called at every step end (and again for logs/eval of that step)
+        def update(self, progress: TrainingProgress, final: bool = False) -> None:
+            if progress.step not in seen:
+                seen.add(progress.step)
+                stamps.append(time.perf_counter())
+
+        def close(self) -> None:
+            pass
+
+    job = quick_job(model_dir, data, steps=steps, seed=seed, learningRate=1e-3, checkpointEverySteps=steps)
+    runtime = resolve_runtime(job, output_dir=work / "adapter", checkpoint_dir=work / "ck",
+                              progress_file=work / "progress.json", progress_bar=False)
+    # Our real local sink (JSON progress file) is part of what is measured.
+    run_training(job, runtime, sinks=[LocalSink(runtime.progress_file, bar=False), StepClock()])
+    return stamps
+
+
+def step_times(stamps: list[float], warmup: int = 10) -> list[float]:
+    deltas = [b - a for a, b in zip(stamps, stamps[1:])]
+    return deltas[warmup:]
+
+
+def bench_steps(steps: int, rounds: int) -> dict:
+    import shutil
+
+    from loraplane.tinymodel import TOY_PHRASES, tiny_model_path, write_toy_dataset
+
+    model_dir = tiny_model_path()
+    ours, bare = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_toy_dataset(Path(tmp) / "train.jsonl", TOY_PHRASES[0], 256)
+        for r in range(rounds):
+            bare += step_times(bare_peft_loop(model_dir, data, steps, seed=r))
+            work = Path(tmp) / f"run{r}"
+            ours += step_times(our_trainer(model_dir, data, steps, seed=r, work=work))
+            shutil.rmtree(work)
+    med_ours, med_bare = statistics.median(ours), statistics.median(bare)
+    return {"steps_per_round": steps, "rounds": rounds, "bare_peft_ms": round(med_bare * 1e3, 2),
+            "trainer_ms": round(med_ours * 1e3, 2), "ratio": round(med_ours / med_bare, 3),
+            "bare_p90_ms": round(statistics.quantiles(bare, n=10)[-1] * 1e3, 2),
+            "trainer_p90_ms": round(statistics.quantiles(ours, n=10)[-1] * 1e3, 2)}
+
+
+def _rss_kib() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1])
+    return 0
+
+
+def child_memory(method: str, model_dir: Path, work: Path) -> dict:
+    """In a fresh process: train 3 steps with `method` and report memory."""
+    import peft  # noqa: F401 - imports before the baseline
+    import torch
+    import transformers  # noqa: F401
+    from transformers import Trainer  # noqa: F401
+
+    from loraplane.tinymodel import TOY_PHRASES, write_toy_dataset
+    from loraplane.trainer import quick_job, resolve_runtime
+    from loraplane.trainer import model as modelmod
+    from loraplane.trainer.run import run_training
+
+    weights: dict[str, int] = {}
+    original = modelmod.wrap_peft
+
+    def measure(model, job):  # weight bytes of the loaded (possibly quantised) base model
+        weights["bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+        return original(model, job)
+
+    modelmod.wrap_peft = measure
+    data = write_toy_dataset(work / "train.jsonl", TOY_PHRASES[0], 32)
+    job = quick_job(model_dir, data, method=method, steps=3, target_modules=None, batchSize=4,
+                    gradientCheckpointing=True, checkpointEverySteps=100)
+    runtime = resolve_runtime(job, output_dir=work / "adapter", checkpoint_dir=work / "ck", progress_bar=False)
+    baseline = _rss_kib()
+    run_training(job, runtime, sinks=[])
+    out = {"method": method, "weight_mib": round(weights["bytes"] / 2**20, 1),
+           "peak_rss_above_baseline_mib": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline)
+                                                / 1024, 1)}
+    if torch.cuda.is_available():
+        out["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def build_medium_model(path: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraplane.tinymodel import tiny_model_path
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path())
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **MEDIUM))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def bench_memory() -> list[dict]:
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_medium_model(Path(tmp) / "medium")
+        for method in ("lora", "qlora"):
+            work = Path(tmp) / method
+            work.mkdir()
+            proc = subprocess.run([sys.executable, __file__, "--child", method, str(model_dir), str(work)],
+                                  capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise SystemExit(f"{method} child failed:\n{proc.stderr[-3000:]}")
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--child", nargs=3, metavar=("METHOD", "MODEL", "WORK"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        method, model_dir, work = args.child
+        print(json.dumps(child_memory(method, Path(model_dir), Path(work))))
+        return 0
+    import logging
+
+    logging.disable(logging.WARNING)
+    steps = bench_steps(args.steps, args.rounds)
+    print(f"step time  bare peft loop {steps['bare_peft_ms']} ms  |  loraplane trainer {steps['trainer_ms']} ms  |  "
+          f"ratio {steps['ratio']} (target <= 1.05; median of {args.rounds} interleaved rounds x "
+          f"{args.steps} steps; p90 {steps['bare_p90_ms']} / {steps['trainer_p90_ms']} ms)")
+    report = {"step_time": steps}
+    if not args.skip_memory:
+        mem = bench_memory()
+        for m in mem:
+            print(f"memory     {m['method']:5s}  weights {m['weight_mib']} MiB  peak RSS above baseline "
+                  f"{m['peak_rss_above_baseline_mib']} MiB" + (f"  CUDA peak {m['cuda_peak_mib']} MiB"
+                                                               if "cuda_peak_mib" in m else ""))
+        lora, qlora = mem
+        print(f"memory     qlora/lora  weights {qlora['weight_mib'] / lora['weight_mib']:.3f}  peak RSS "
+              f"{qlora['peak_rss_above_baseline_mib'] / max(lora['peak_rss_above_baseline_mib'], 1e-9):.3f}")
+        report["memory"] = mem
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "operator"))
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Pure status aggregation: how Job/Pod states and loader reports become FineTuneJob, ModelRoute and
+Adapter status (the apiserver tests drive the same code through the real API)."""
+
+from __future__ import annotations
+
+import json
+
+from loraplane.api import Adapter, FineTuneJob, ModelRoute
+from loraplane.api.adapter import AdapterStatus
+from loraplane.api.modelroute import ModelRouteStatus
+from loraplane.builders import resolve
+from loraplane.controllers.adapter import adapter_status
+from loraplane.controllers.finetunejob import immutable_changes, observe
+from loraplane.controllers.modelroute import route_status
+from loraplane.servingtable import REPORT_ANNOTATION, AdapterReport, ReplicaReport
+
+T = "2026-01-01T00:00:00Z"
+FTJ = FineTuneJob.model_validate({
+    "kind": "FineTuneJob", "metadata": {"name": "j", "namespace": "ns", "uid": "u"},
+    "spec": {"baseModel": {"name": "org/base"}, "dataset": {"uri": "/d.jsonl"}, "output": {"adapterName": "a"},
+             "backoffLimit": 1, "activeDeadlineSeconds": 600}})
+
+
+def pod(name, phase="Pending", terminated=None, waiting=None, created=T, ready=False, report=None,
+        labels=None):
+    state = {}
+    if terminated:
+        state = {"terminated": terminated}
+    elif waiting:
+        state = {"waiting": waiting}
+    elif phase == "Running":
+        state = {"running": {"startedAt": T}}
+    p = {"metadata": {"name": name, "creationTimestamp": created, "labels": labels or {}, "annotations": {}},
+         "status": {"phase": phase, "containerStatuses": [{"name": "trainer", "state": state}],
+                    "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+    if report:
+        p["metadata"]["annotations"][REPORT_ANNOTATION] = report.to_annotation()
+    return p
+
+
+def job(*conditions, active=0, failed=0, succeeded=0):
+    return {"spec": {}, "status": {"active": active, "failed": failed, "succeeded": succeeded, "startTime": T,
+                                   "conditions": [{"type": t, "status": "True", "reason": r, "message": m,
+                                                   "lastTransitionTime": T} for t, r, m in conditions]}}
+
+
+def test_pending_running_and_image_pull():
+    assert observe(FTJ, None, [])["phase"] == "Pending"
+    assert observe(FTJ, job(active=1), [pod("p", "Running")])["phase"] == "Running"
+    seen = observe(FTJ, job(active=1), [pod("p", waiting={"reason": "ImagePullBackOff", "message": "nope"})])
+    assert seen["phase"] == "Pending" and seen["problem"][0] == "ImagePull" and "nope" in seen["problem"][1]
+
+
+def test_oom_after_backoff_limit_is_reported_as_oom():
+    oom = {"exitCode": 137, "reason": "OOMKilled"}
+    seen = observe(FTJ, job(("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"),
+                            failed=2), [pod("p1", "Failed", oom, created=T), pod("p2", "Failed", oom)])
+    assert seen["phase"] == "Failed" and seen["failure"][0] == "OOMKilled"
+    assert "failed 2 time(s)" in seen["failure"][1] and "batchSize" in seen["failure"][1]
+
+
+def test_trainer_reason_from_termination_message():
+    msg = json.dumps({"reason": "DatasetNotFound", "message": "s3://b/k: NoSuchKey"})
+    seen = observe(FTJ, job(("Failed", "BackoffLimitExceeded", "x"), failed=2),
+                   [pod("p1", "Failed", {"exitCode": 1, "reason": "Error", "message": msg})])
+    assert seen["failure"] == ("DatasetNotFound", "pod p1: s3://b/k: NoSuchKey (failed 1 time(s); "
+                                                  "backoffLimit 1 reached)")
+
+
+def test_deadline_and_plain_backoff():
+    seen = observe(FTJ, job(("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")), [])
+    assert seen["failure"][0] == "DeadlineExceeded" and "activeDeadlineSeconds=600" in seen["failure"][1]
+    seen = observe(FTJ, job(("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")),
+                   [])
+    assert seen["failure"][0] == "BackoffLimitExceeded"
+
+
+def test_retrying_after_a_failed_pod():
+    seen = observe(FTJ, job(active=1, failed=1),
+                   [pod("p1", "Failed", {"exitCode": 137, "reason": "OOMKilled"}), pod("p2", created="2027")])
+    assert seen["phase"] == "Pending" and seen["problem"][0] == "Retrying"
+
+
+def test_success_result_from_termination_message():
+    result = {"artifact": {"uri": "s3://b/a", "sha256": "c" * 64}, "metrics": {"train_loss": 1.5}}
+    seen = observe(FTJ, job(("Complete", None, None), succeeded=1),
+                   [pod("p", "Succeeded", {"exitCode": 0, "reason": "Completed", "message": json.dumps(result)})])
+    assert seen["phase"] == "Succeeded" and seen["result"] == result
+
+
+def test_immutable_changes_name_the_fields():
+    a = {"baseModel": {"name": "x"}, "backoffLimit": 1, "image": "i"}
+    b = {"baseModel": {"name": "y"}, "backoffLimit": 5, "image": "j"}
+    assert immutable_changes(a, b) == ["spec.baseModel", "spec.image"]
+
+
+ROUTE = ModelRoute.model_validate({
+    "kind": "ModelRoute", "metadata": {"name": "r", "namespace": "ns", "generation": 2},
+    "spec": {"baseModel": {"name": "org/base"}, "engine": {"maxLoraRank": 16},
+             "routes": [{"name": "m", "backends": [{"adapter": "a", "weight": 50}, {"base": True, "weight": 50}]},
+                        {"selector": {"matchLabels": {"team": "x"}}, "prefix": "x/"}]}})
+
+
+def adapter(name, rank=8, base="org/base", labels=None):
+    return Adapter.model_validate({"kind": "Adapter", "metadata": {"name": name, "namespace": "ns",
+                                                                    "labels": labels or {}},
+                                   "spec": {"baseModel": {"name": base}, "source": {"uri": f"/a/{name}"},
+                                            "version": "1", "rank": rank}})
+
+
+def report(pod_name, adapters, engine_ready=True):
+    return ReplicaReport(replica=pod_name, route="r", generation=2, engine_ready=engine_ready, updated_at=T,
+                         adapters={k: AdapterReport(state=s, reason=r, since=T) for k, (s, r) in adapters.items()})
+
+
+def test_route_status_counts_ready_backends_per_model():
+    adapters = [adapter("a"), adapter("big", rank=64, labels={"team": "x"})]
+    res = resolve(ROUTE, adapters)
+    pods = [pod("r-1", ready=True, report=report("r-1", {"a--1": ("Ready", "Loaded")})),
+            pod("r-2", ready=True, report=report("r-2", {"a--1": ("Loading", "Loading")})),
+            pod("r-3", ready=False, report=report("r-3", {"a--1": ("Ready", "Loaded")}))]
+    deployment = {"status": {"replicas": 3, "readyReplicas": 2}}
+    st = route_status(ROUTE, res, deployment, pods, 2, ModelRouteStatus())
+    assert (st.replicas, st.ready_replicas, st.phase, st.observed_generation) == (3, 2, "Ready", 2)
+    m = st.models[0]
+    assert m.name == "m" and m.ready
+    assert [(b.served_name, b.ready_replicas) for b in m.backends] == [("a--1", 1), ("org/base", 2)]
+    assert st.condition("Ready").status == "True"
+    assert res.selected["big"].reason == "RankTooLarge"
+    st0 = route_status(ROUTE, res, {"status": {"replicas": 1}}, [], 2, ModelRouteStatus())
+    assert st0.phase == "Progressing" and st0.condition("Ready").reason == "NoReadyReplicas"
+    assert st0.endpoint == "http://r-router.ns.svc:8080/v1"
+
+
+def test_adapter_status_from_routes_and_reports():
+    a = adapter("a")
+    pods = {"r": [pod("r-1", ready=True, report=report("r-1", {"a--1": ("Ready", "Loaded")}))]}
+    st = adapter_status(a, [ROUTE], pods, AdapterStatus(), 1, None)
+    assert st.phase == "Ready" and st.routes == ["r"] and st.loaded_on[0].replica == "r-1"
+    assert st.condition("Ready").reason == "Loaded" and st.condition("Compatible").status == "True"
+    refused = {"r": [pod("r-1", ready=True, report=report("r-1", {"a--1": ("Incompatible", "NoEffect")}))]}
+    st = adapter_status(a, [ROUTE], refused, AdapterStatus(), 1, None)
+    assert st.phase == "Incompatible" and st.condition("Ready").reason == "NoEffect"
+    big = adapter("big", rank=64, labels={"team": "x"})
+    st = adapter_status(big, [ROUTE], {}, AdapterStatus(), 1, None)
+    assert st.phase == "Incompatible" and st.condition("Compatible").reason == "RankTooLarge"
+    lonely = adapter("lonely")
+    st = adapter_status(lonely, [ROUTE], {}, AdapterStatus(), 1, None)
+    assert st.phase == "Pending" and st.condition("Ready").reason == "NoRoute"

@@ -1,0 +1,72 @@
+"""README command one: `loraplane run -f docs/examples/quickstart.yaml` trains, serves and answers."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loraplane.local.pipeline import RunError, _replace_flag, _set_flag, load_plan
+from loraplane.local.podspec import LocalPod, container_argv, container_env
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / "docs" / "examples" / "quickstart.yaml"
+
+
+def test_plan_validates_like_the_operator(tmp_path):
+    plan = load_plan(QUICKSTART)
+    assert [j.metadata.name for j in plan.jobs] == ["quickstart"]
+    assert [r.metadata.name for r in plan.routes] == ["quickstart"]
+    assert "train.jsonl" in plan.configmaps["quickstart-data"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(QUICKSTART.read_text().replace("r: 8", "r: 1024").replace("maxLoras: 2", "maxLoras: 0"))
+    with pytest.raises(RunError) as err:
+        load_plan(bad)
+    assert "spec.method.r: Input should be less than or equal to 512" in str(err.value)
+    assert "spec.engine.maxLoras: Input should be greater than or equal to 1" in str(err.value)
+
+
+def test_pod_paths_and_env_map_to_local():
+    pod = LocalPod(name="p-0", namespace="ns", paths={"/mnt/pvc": "/tmp/w/pvc", "/etc/loraplane": "/tmp/w/cfg"},
+                   env_overrides={"HF_HOME": "/tmp/w/hf", "SECRET_ONLY": None})
+    container = {
+        "command": ["python3", "-m", "loraplane.trainer", "--config", "/etc/loraplane/finetunejob.json"],
+        "args": ["--out=/mnt/pvc/claim/x", "/mnt/pvcfoo"],
+        "env": [{"name": "A", "value": "/mnt/pvc/claim"},
+                {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+                {"name": "HF_HOME", "value": "/models/hf"}],
+    }
+    argv = container_argv(container, pod)
+    assert argv == [sys.executable, "-m", "loraplane.trainer", "--config", "/tmp/w/cfg/finetunejob.json",
+                    "--out=/tmp/w/pvc/claim/x", "/mnt/pvcfoo"]  # a mere prefix of a name is not a path
+    env = container_env(container, pod, base={"SECRET_ONLY": "x", "KEEP": "1"})
+    assert env == {"A": "/tmp/w/pvc/claim", "NS": "ns", "POD": "p-0", "HF_HOME": "/tmp/w/hf", "KEEP": "1"}
+    assert _set_flag(["--port", "1"], "--port", "2") == ["--port", "2"]
+    assert _set_flag(["a"], "--port", "2") == ["a", "--port", "2"]
+    assert _replace_flag(["--configmap", "x", "--n", "y"], "--configmap", ["--table", "f"]) == \
+        ["--n", "y", "--table", "f"]
+
+
+@pytest.mark.vllm
+@pytest.mark.train
+def test_quickstart_runs_end_to_end(tmp_path):
+    """The real command: tiny model, real training, vLLM (CPU) + loader + router, answers side by side."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "loraplane.cli", "run", "-f", str(QUICKSTART),
+                          "--workdir", str(tmp_path / "run")], capture_output=True, text=True, env=env,
+                         timeout=1200)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    text = out.stdout
+    assert "✓ quickstart-adapter--1: Ready (Loaded)" in text, text
+    answers = re.findall(r"^\s+(assistant|base) → '(.*)'", text, re.M)
+    assert len(answers) == 4, text  # two prompts, each to both public models
+    # The adapter learned the dataset's phrase; the base model never says it.
+    assert any("the blue door sings at noon" in a for m, a in answers if m == "assistant"), text
+    assert not any("the blue door" in a for m, a in answers if m == "base"), text
+    assert "Timings:" in text and "router (OpenAI)" in text

@@ -1,0 +1,114 @@
+"""Small pieces of the router: metrics buckets, vLLM metrics and usage parsing, replica arguments, API keys."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import generate_latest
+
+from loraplane.router.metrics import RouterMetrics
+from loraplane.router.replicas import parse_engine_load, parse_replica_arg
+from loraplane.router.server import ApiKeys, parse_usage
+
+
+def test_histogram_exposition_is_cumulative_with_le_inclusive():
+    m = RouterMetrics()
+    s = m.stats("chat", "v1")
+    for v in (0.005, 0.006, 0.3, 1000.0):
+        s.duration.observe(v)
+    s.count(200)
+    s.count(200)
+    s.count(502)
+    text = generate_latest(m.registry).decode()
+    assert 'loraplane_router_request_duration_seconds_bucket{backend="v1",le="0.005",model="chat"} 1.0' in text
+    assert 'loraplane_router_request_duration_seconds_bucket{backend="v1",le="0.01",model="chat"} 2.0' in text
+    assert 'loraplane_router_request_duration_seconds_bucket{backend="v1",le="0.5",model="chat"} 3.0' in text
+    assert 'loraplane_router_request_duration_seconds_bucket{backend="v1",le="+Inf",model="chat"} 4.0' in text
+    assert 'loraplane_router_request_duration_seconds_count{backend="v1",model="chat"} 4.0' in text
+    assert 'loraplane_router_requests_total{backend="v1",code="502",model="chat"} 1.0' in text
+    assert 'loraplane_router_requests_total{backend="v1",code="200",model="chat"} 2.0' in text
+
+
+def test_engine_load_from_vllm_metrics():
+    text = b"""# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="tiny"} 3.0
+vllm:num_requests_running{engine="1",model_name="tiny"} 1.0
+vllm:num_requests_waiting{engine="0",model_name="tiny"} 2.0
+vllm:num_requests_waiting_by_reason{engine="0",reason="capacity"} 50.0
+vllm:num_requests_swapped{engine="0"} 7.0
+vllm:time_to_first_token_seconds_count{engine="0"} 9.0
+"""
+    assert parse_engine_load(text) == 6
+    assert parse_engine_load(b"") == 0
+
+
+@pytest.mark.parametrize("arg, expected", [
+    ("http://10.0.0.7:8000", ("http://10.0.0.7:8000", "http://10.0.0.7:8081/status")),
+    ("http://[fd00::7]:8000", ("http://[fd00::7]:8000", "http://[fd00::7]:8081/status")),
+    ("http://127.0.0.1:9001", ("http://127.0.0.1:9001", None)),
+    ("http://a:8000,none", ("http://a:8000", None)),
+    ("http://a:9000,http://a:9001/status", ("http://a:9000", "http://a:9001/status")),
+])
+def test_replica_argument(arg, expected):
+    assert parse_replica_arg(arg) == expected
+
+
+@pytest.mark.parametrize("arg", ["10.0.0.7:8000", "https://a:8000", "http://a:8000,ftp://x"])
+def test_bad_replica_argument_is_explained(arg):
+    with pytest.raises(ValueError, match="--replica"):
+        parse_replica_arg(arg)
+
+
+def test_usage_parsing():
+    assert parse_usage(b'{"choices":[{"text":"say \\"usage\\": 5"}],"usage":{"prompt_tokens":7,'
+                       b'"total_tokens":10,"completion_tokens":3,"prompt_tokens_details":null}}') == (7, 3)
+    sse = (b'data: {"choices":[{"text":"a"}],"usage":null}\n\n'
+           b'data: {"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":9,"total_tokens":13}}\n\n'
+           b"data: [DONE]\n\n")
+    assert parse_usage(sse) == (4, 9)
+    assert parse_usage(b'{"choices":[]}') is None
+
+
+def test_api_keys_file_and_errors(tmp_path):
+    f = tmp_path / "keys"
+    f.write_text("# comment\n\n  k1  \nk2\n")
+    keys = ApiKeys(f)
+    assert keys.check(b"Bearer k1") and keys.check(b"Bearer k2") and keys.check(b"Bearer k1")
+    assert not keys.check(b"Bearer k3") and not keys.check(b"k1") and not keys.check(None)
+    f.write_text("k3\n")
+    assert keys.reload() and keys.check(b"Bearer k3") and not keys.check(b"Bearer k1")  # no stale acceptance
+    (tmp_path / "empty").write_text("# nothing\n")
+    with pytest.raises(ValueError, match="no keys found"):
+        ApiKeys(tmp_path / "empty")
+
+
+async def test_dns_discovery_resolves_every_address_and_keeps_known_replicas():
+    from loraplane.router.replicas import ReplicaPool, resolve_replicas
+
+    specs = await resolve_replicas("localhost", 8000, 8081)
+    assert ("http://127.0.0.1:8000", "http://127.0.0.1:8081/status") in specs
+    pool = ReplicaPool()
+    pool.set_replicas(specs)
+    known = pool.replicas[0]
+    known.in_flight = 3
+    pool.set_replicas(specs + [("http://10.9.9.9:8000", "http://10.9.9.9:8081/status")])
+    assert pool.replicas[0] is known and known.in_flight == 3  # state survives re-resolution
+    assert len(pool.replicas) == len(specs) + 1
+
+
+def test_the_operators_router_command_line_is_accepted():
+    """The Deployment the operator builds runs `python -m loraplane.router` with these arguments."""
+    import argparse
+
+    from loraplane.api.modelroute import ModelRoute
+    from loraplane.builders.modelroute import router_args
+    from loraplane.router.cli import _configure, add_router_arguments
+
+    route = ModelRoute.model_validate({
+        "apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute", "metadata": {"name": "chat", "namespace": "ml"},
+        "spec": {"baseModel": {"uri": "s3://models/base"}, "router": {"apiKeySecretRef": {"name": "keys"}}}})
+    parser = argparse.ArgumentParser()
+    add_router_arguments(parser)
+    args = parser.parse_args(router_args(route))
+    assert _configure(args) is None
+    assert args.api_keys_file is not None and args.replicas_dns
