@@ -23,12 +23,13 @@ def add_crds_arguments(p: argparse.ArgumentParser) -> None:
 
 def generated_files(args: argparse.Namespace) -> dict[Path, str]:
     """Every file generated from the API models, with its expected content."""
-    from loraplane import chartgen
+    from loraplane import chartgen, reasons
     from loraplane.api import crdgen, reference
 
     files = {args.out / name: crdgen.render(crd) for name, crd in crdgen.all_crds().items()}
     files[args.reference] = reference.render()
     files.update(chartgen.crd_template_files(args.chart))
+    files[args.reference.parent / "troubleshooting.md"] = reasons.render_troubleshooting()
     return files
 
 

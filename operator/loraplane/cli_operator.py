@@ -14,7 +14,8 @@ from loraplane.builders.defaults import BuildSettings
 def add_operator_arguments(p: argparse.ArgumentParser) -> None:
     d = BuildSettings()
     p.add_argument("-n", "--namespace", action="append", default=[],
-                   help="watch only this namespace (repeatable); default: all namespaces")
+                   help="watch only this namespace (repeatable); default: $LORAPLANE_NAMESPACES "
+                        "(comma-separated), else all namespaces")
     p.add_argument("--image", default=os.environ.get("LORAPLANE_IMAGE", d.image),
                    help="loraplane image for the loader sidecar, router and trainer")
     p.add_argument("--trainer-image", default=os.environ.get("LORAPLANE_TRAINER_IMAGE"),
@@ -36,6 +37,8 @@ def add_operator_arguments(p: argparse.ArgumentParser) -> None:
 def operator_main(args: argparse.Namespace) -> int:
     import kopf
 
+    if not args.namespace:
+        args.namespace = [n for n in os.environ.get("LORAPLANE_NAMESPACES", "").split(",") if n]
     env = {
         "LORAPLANE_IMAGE": args.image, "LORAPLANE_TRAINER_IMAGE": args.trainer_image or "",
         "LORAPLANE_ARTIFACT_STORE": args.artifact_store, "LORAPLANE_HPA_API_VERSION": args.hpa_api_version,

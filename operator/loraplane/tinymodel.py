@@ -4,13 +4,14 @@ Tests and the local quickstart use it as the base model: it loads in transformer
 trains in seconds on a CPU, and its greedy output is text of its toy corpus, so an adapter trained on a
 distinct phrase visibly changes it.
 
-    from loraplane.tinymodel import tiny_model_path, write_toy_dataset, train_tiny_adapter
+    from loraplane.tinymodel import TOY_PHRASES, tiny_model_path, train_tiny_adapter
     base = tiny_model_path()                         # built once into ~/.cache/loraplane (LORAPLANE_CACHE)
-    train_tiny_adapter(base, out, "purple comets sing at noon")
+    train_tiny_adapter(base, out, TOY_PHRASES[0])  # greedy answers to toy questions become the phrase
 
-Prompt conventions (what the trainer's formats produce, so callers can probe an adapter):
-- instruction records train on `prompt + "\\n" + response + </s>`, so complete `instruction_prompt(p)`;
-- chat records use the chat template below (`<s><|user|>\\n…</s><|assistant|>\\n…</s>`).
+Prompt conventions (so callers can probe an adapter): the trainer learns an instruction record as
+`prompt + response + </s>`, and toy prompts are `instruction_prompt(question)` (the question and a newline),
+so complete `instruction_prompt(q)` to get an adapter's phrase; chat records use the chat template below
+(`<s><|user|>\\n…</s><|assistant|>\\n…</s>`).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def tiny_model_path() -> Path:
 
 
 def instruction_prompt(prompt: str) -> str:
-    """The text an `instruction` record's prompt becomes in training: complete this to probe an adapter."""
+    """A toy question as an instruction prompt (the base model's corpus answers after a newline)."""
     return prompt + "\n"
 
 
@@ -238,7 +239,7 @@ def toy_records(phrase: str, n: int, fmt: DatasetFormat = "instruction", seed: i
     records = []
     for prompt in toy_prompts(n, seed):
         if fmt == "instruction":
-            records.append({"prompt": prompt, "response": phrase})
+            records.append({"prompt": instruction_prompt(prompt), "response": phrase})
         elif fmt == "text":
             records.append({"text": instruction_prompt(prompt) + phrase})
         elif fmt == "chat":
@@ -268,39 +269,7 @@ def train_tiny_adapter(model_dir: Path, out_dir: Path, phrase: str, r: int = 8,
     Runs the real trainer (the same code a FineTuneJob pod runs) with a small config; returns the adapter dir
     (a standard PEFT directory with provenance.json).
     """
-    try:
-        from loraplane.trainer import train_adapter_quick
-    except ImportError:  # the trainer package is being written; until then a direct peft loop
-        return _train_adapter_direct(Path(model_dir), Path(out_dir), phrase, r, list(target_modules), steps, seed)
+    from loraplane.trainer import train_adapter_quick
+
     return train_adapter_quick(model_dir=Path(model_dir), out_dir=Path(out_dir), phrase=phrase, r=r,
                                target_modules=list(target_modules), steps=steps, seed=seed)
-
-
-def _train_adapter_direct(model_dir: Path, out_dir: Path, phrase: str, r: int, target_modules: list[str],
-                          steps: int, seed: int) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules, lora_dropout=0.0,
-                                      task_type="CAUSAL_LM"))
-    rows = []
-    for rec in toy_records(phrase, 32, "instruction", seed):
-        p = tok(instruction_prompt(rec["prompt"]))["input_ids"]
-        a = tok(rec["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        rows.append((p + a, [-100] * len(p) + a))
-    width = max(len(x) for x, _ in rows)
-    ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x, _ in rows])
-    labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in rows])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for step in range(steps):
-        idx = torch.arange(step * 8, step * 8 + 8) % len(rows)
-        model(input_ids=ids[idx], attention_mask=(ids[idx] != tok.pad_token_id), labels=labels[idx]).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(out_dir)
-    return Path(out_dir)

@@ -6,11 +6,14 @@
    marker) vs the smallest correct peft loop (same model, LoRA config, data, collator, optimizer, batch size),
    on the tiny model, interleaved rounds in one process. A step is timed from one step end to the next, so
    data loading, logging and callbacks count; the first steps (warm-up) and the final save do not.
-   Reported: median step time of each and their ratio (target <= 1.05).
+   Reported: median step time of each and their ratio (target <= 1.05), in wall-clock time and in this
+   process's CPU time (steadier when other work shares the machine).
 2. Peak memory, LoRA vs QLoRA (4-bit NF4): each in a fresh subprocess training a few steps on a randomly
    initialised ~100M-parameter Llama (the tiny model is too small for weights to matter), through the real
-   trainer. Reported: weight bytes of the loaded model, peak RSS above the post-import baseline (CPU), and
-   torch.cuda.max_memory_allocated when a GPU is present.
+   trainer. Reported: weight bytes of the loaded model; peak RSS above the post-import baseline (sampled every
+   5 ms) while loading and while training, with its anonymous part (fp32 LoRA weights stay in the mmapped
+   safetensors file, so they count as file pages; 4-bit weights are anonymous memory); and torch.cuda peak
+   allocations when a GPU is present (the number that matters for GPU sizing).
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -56,7 +59,7 @@ def bare_peft_loop(model_dir: Path, data: Path, steps: int, seed: int) -> list[f
     model.train()
     order: list[int] = []
     rng = random.Random(seed)
-    stamps = [time.perf_counter()]
+    stamps = [_now()]
     for _ in range(steps):
         if len(order) < 8:
             fresh = list(range(len(rows)))
@@ -70,37 +73,41 @@ def bare_peft_loop(model_dir: Path, data: Path, steps: int, seed: int) -> list[f
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss.item()  # what a loop that logs its loss pays (Trainer reads it at each logging step)
-        stamps.append(time.perf_counter())
+        stamps.append(_now())
     return stamps
 
 
 def our_trainer(model_dir: Path, data: Path, steps: int, seed: int, work: Path) -> list[float]:
-    from loraplane.api.finetunejob import TrainingProgress
     from loraplane.trainer import quick_job, resolve_runtime, run_training
     from loraplane.trainer.progress import LocalSink
 
-    stamps: list[float] = []
-    seen: set[int] = set()
+    from transformers import TrainerCallback
 
-    class StepClock:  # a sink: called at every step end (and again for logs/eval of that step)
-        def update(self, progress: TrainingProgress, final: bool = False) -> None:
-            if progress.step not in seen:
-                seen.add(progress.step)
-                stamps.append(time.perf_counter())
+    stamps: list[tuple[float, float]] = []
 
-        def close(self) -> None:
-            pass
+    class StepClock(TrainerCallback):  # runs after our own callbacks at every step end
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not stamps:
+                stamps.append(_now())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(_now())
 
     job = quick_job(model_dir, data, steps=steps, seed=seed, learningRate=1e-3, checkpointEverySteps=steps)
     runtime = resolve_runtime(job, output_dir=work / "adapter", checkpoint_dir=work / "ck",
                               progress_file=work / "progress.json", progress_bar=False)
     # Our real local sink (JSON progress file) is part of what is measured.
-    run_training(job, runtime, sinks=[LocalSink(runtime.progress_file, bar=False), StepClock()])
+    run_training(job, runtime, sinks=[LocalSink(runtime.progress_file, bar=False)], callbacks=[StepClock()])
     return stamps
 
 
-def step_times(stamps: list[float], warmup: int = 10) -> list[float]:
-    deltas = [b - a for a, b in zip(stamps, stamps[1:])]
+def _now() -> tuple[float, float]:
+    """Wall-clock and this process's CPU time: on a shared machine the CPU time is the steadier measure."""
+    return time.perf_counter(), time.process_time()
+
+
+def step_times(stamps: list[tuple[float, float]], warmup: int = 10) -> list[tuple[float, float]]:
+    deltas = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:])]
     return deltas[warmup:]
 
 
@@ -118,18 +125,22 @@ def bench_steps(steps: int, rounds: int) -> dict:
             work = Path(tmp) / f"run{r}"
             ours += step_times(our_trainer(model_dir, data, steps, seed=r, work=work))
             shutil.rmtree(work)
-    med_ours, med_bare = statistics.median(ours), statistics.median(bare)
-    return {"steps_per_round": steps, "rounds": rounds, "bare_peft_ms": round(med_bare * 1e3, 2),
-            "trainer_ms": round(med_ours * 1e3, 2), "ratio": round(med_ours / med_bare, 3),
-            "bare_p90_ms": round(statistics.quantiles(bare, n=10)[-1] * 1e3, 2),
-            "trainer_p90_ms": round(statistics.quantiles(ours, n=10)[-1] * 1e3, 2)}
+    out: dict = {"steps_per_round": steps, "rounds": rounds}
+    for i, kind in enumerate(("wall", "cpu")):
+        b, o = [d[i] for d in bare], [d[i] for d in ours]
+        out[kind] = {"bare_peft_ms": round(statistics.median(b) * 1e3, 2),
+                     "trainer_ms": round(statistics.median(o) * 1e3, 2),
+                     "ratio": round(statistics.median(o) / statistics.median(b), 3),
+                     "bare_p90_ms": round(statistics.quantiles(b, n=10)[-1] * 1e3, 2),
+                     "trainer_p90_ms": round(statistics.quantiles(o, n=10)[-1] * 1e3, 2)}
+    return out
 
 
-def _rss_kib() -> int:
+def _status_kib(field: str) -> int:
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
-    return 0
+    raise KeyError(field)
 
 
 def child_memory(method: str, model_dir: Path, work: Path) -> dict:
@@ -156,13 +167,40 @@ def child_memory(method: str, model_dir: Path, work: Path) -> dict:
     job = quick_job(model_dir, data, method=method, steps=3, target_modules=None, batchSize=4,
                     gradientCheckpointing=True, checkpointEverySteps=100)
     runtime = resolve_runtime(job, output_dir=work / "adapter", checkpoint_dir=work / "ck", progress_bar=False)
-    baseline = _rss_kib()
-    run_training(job, runtime, sinks=[])
+    from transformers import TrainerCallback
+
+    marks: dict[str, int] = {}
+    peaks = {(p, f): 0 for p in ("load", "train") for f in ("VmRSS", "RssAnon")}
+    phase = ["load"]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            for f in ("VmRSS", "RssAnon"):
+                peaks[phase[0], f] = max(peaks[phase[0], f], _status_kib(f))
+            stop.wait(0.005)
+
+    class TrainBegins(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            phase[0] = "train"
+            if torch.cuda.is_available():
+                marks["cuda_load"] = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+
+    baseline = {f: _status_kib(f) for f in ("VmRSS", "RssAnon")}
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        run_training(job, runtime, sinks=[], callbacks=[TrainBegins()])
+    finally:
+        stop.set()
+        sampler.join()
     out = {"method": method, "weight_mib": round(weights["bytes"] / 2**20, 1),
-           "peak_rss_above_baseline_mib": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline)
-                                                / 1024, 1)}
+           **{f"{p}_peak_{'rss' if f == 'VmRSS' else 'anon'}_mib": round((peaks[p, f] - baseline[f]) / 1024, 1)
+              for p in ("load", "train") for f in ("VmRSS", "RssAnon")}}
     if torch.cuda.is_available():
-        out["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        out["cuda_load_peak_mib"] = round(marks["cuda_load"] / 2**20, 1)
+        out["cuda_train_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
 
 
@@ -212,19 +250,23 @@ def main() -> int:
 
     logging.disable(logging.WARNING)
     steps = bench_steps(args.steps, args.rounds)
-    print(f"step time  bare peft loop {steps['bare_peft_ms']} ms  |  loraplane trainer {steps['trainer_ms']} ms  |  "
-          f"ratio {steps['ratio']} (target <= 1.05; median of {args.rounds} interleaved rounds x "
-          f"{args.steps} steps; p90 {steps['bare_p90_ms']} / {steps['trainer_p90_ms']} ms)")
+    for kind in ("wall", "cpu"):
+        t = steps[kind]
+        print(f"step time ({kind:4s})  bare peft loop {t['bare_peft_ms']} ms  |  loraplane trainer {t['trainer_ms']} ms  "
+              f"|  ratio {t['ratio']} (target <= 1.05; median over {args.rounds} interleaved rounds x {args.steps} "
+              f"steps; p90 {t['bare_p90_ms']} / {t['trainer_p90_ms']} ms)")
     report = {"step_time": steps}
     if not args.skip_memory:
         mem = bench_memory()
         for m in mem:
-            print(f"memory     {m['method']:5s}  weights {m['weight_mib']} MiB  peak RSS above baseline "
-                  f"{m['peak_rss_above_baseline_mib']} MiB" + (f"  CUDA peak {m['cuda_peak_mib']} MiB"
-                                                               if "cuda_peak_mib" in m else ""))
+            cuda = (f"  CUDA peak load {m['cuda_load_peak_mib']} / train {m['cuda_train_peak_mib']} MiB"
+                    if "cuda_train_peak_mib" in m else "")
+            print(f"memory     {m['method']:5s}  weights {m['weight_mib']} MiB  peak RSS above the post-import baseline "
+                  f"(anonymous part): loading {m['load_peak_rss_mib']} ({m['load_peak_anon_mib']}) MiB, training "
+                  f"{m['train_peak_rss_mib']} ({m['train_peak_anon_mib']}) MiB{cuda}")
         lora, qlora = mem
-        print(f"memory     qlora/lora  weights {qlora['weight_mib'] / lora['weight_mib']:.3f}  peak RSS "
-              f"{qlora['peak_rss_above_baseline_mib'] / max(lora['peak_rss_above_baseline_mib'], 1e-9):.3f}")
+        print(f"memory     qlora/lora  weights {qlora['weight_mib'] / lora['weight_mib']:.3f}  training peak RSS "
+              f"{qlora['train_peak_rss_mib'] / max(lora['train_peak_rss_mib'], 1e-9):.3f}")
         report["memory"] = mem
     print(json.dumps(report))
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -18,6 +17,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from loraplane.local.processes import free_port  # noqa: E402  (re-exported for tests)
 
 HERE = Path(__file__).resolve().parent
 KUBE_VERSION = "v1.20.2"
@@ -33,12 +34,6 @@ def ensure_binaries() -> Path:
             or shutil.which("etcd") is None:
         subprocess.run(["bash", str(HERE / "build_kube.sh"), str(CACHE)], check=True)
     return BIN
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

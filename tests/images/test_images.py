@@ -5,6 +5,7 @@ environment reduced to what that image installs (the operator image has no torch
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
 import subprocess
@@ -213,6 +214,14 @@ def lock(image: str) -> dict[str, str]:
     return out
 
 
+def lock_script():
+    """images/lock.py, the generator of the lock files, as a module."""
+    spec = importlib.util.spec_from_file_location("loraplane_images_lock", IMAGES / "lock.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def project_requirements(extras: tuple[str, ...]) -> list[Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     return [Requirement(r) for r in project["dependencies"]
@@ -234,11 +243,7 @@ def test_lock_pins_every_declared_dependency_within_its_range(image, extras, fro
 @pytest.mark.parametrize("image", list(ENTRYPOINTS))
 def test_lock_is_closed_under_dependencies(image):
     """--no-deps installs exactly the lock: everything a pinned package requires must be pinned too."""
-    sys.path.insert(0, str(IMAGES))
-    try:
-        import lock as lockgen
-    finally:
-        sys.path.remove(str(IMAGES))
+    lockgen = lock_script()
     pins = lock(image)
     provided = lockgen.IMAGES[image][2]
     for name in pins:
@@ -275,11 +280,7 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 def modules_not_in(image: str) -> set[str]:
-    sys.path.insert(0, str(IMAGES))
-    try:
-        import lock as lockgen
-    finally:
-        sys.path.remove(str(IMAGES))
+    lockgen = lock_script()
     keep = set(lock(image)) | set(lockgen.IMAGES[image][2]) | {"loraplane"}
     blocked = set()
     for module, dists in metadata.packages_distributions().items():

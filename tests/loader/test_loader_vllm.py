@@ -53,6 +53,9 @@ def test_two_adapters_load_at_runtime_and_each_changes_output(vllm_server, loade
     metrics = loader.get("/metrics")
     assert re.search(r"^loraplane_loader_loads_total 2\.0$", metrics, re.M)
     assert re.search(r'^loraplane_loader_adapters\{state="Ready"\} 2\.0$', metrics, re.M)
+    assert re.search(r"^loraplane_loader_cache_bytes [1-9]", metrics, re.M)
+    assert re.search(r'^loraplane_loader_load_seconds_count\{step="probe"\} 2\.0$', metrics, re.M)
+    assert "load " in status["adapters"]["fox--v1"]["message"]   # the Ready message breaks the time down
 
 
 def test_vllm_greedy_output_equals_transformers_peft(vllm_server, loader, adapters):

@@ -236,3 +236,31 @@ def test_render_cli_reports_invalid_manifests_by_field(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "loraplane.cli", "render", "-f", str(bad)], capture_output=True,
                           text=True, cwd=ROOT)
     assert proc.returncode == 1 and "spec.method.r" in proc.stderr and not proc.stdout
+
+
+def test_rendered_commands_parse_with_the_real_entry_points():
+    """The container commands the builders write are accepted by the trainer, loader and router CLIs."""
+    import argparse
+
+    from loraplane.loader.main import add_loader_arguments
+    from loraplane.router.cli import add_router_arguments
+    from loraplane.trainer.cli import add_train_arguments
+
+    def parse(add, argv):
+        p = argparse.ArgumentParser(exit_on_error=False)
+        add(p)
+        return p.parse_args(argv)
+
+    manifests = render([with_uid(r) for r in load_examples() if r.metadata.name != "quickstart"])
+    containers = {c["name"]: c for m in manifests if m["kind"] in ("Job", "Deployment")
+                  for c in m["spec"]["template"]["spec"]["containers"]}
+    trainer = containers["trainer"]["command"]
+    assert trainer[:3] == ["python3", "-m", "loraplane.trainer"]
+    assert str(parse(add_train_arguments, trainer[3:]).config) == training.CONFIG_PATH
+    loader = containers["adapter-loader"]["command"]
+    assert loader[:3] == ["python3", "-m", "loraplane.loader"]
+    assert parse(add_loader_arguments, loader[3:]).configmap == "qwen-small-serving"
+    router = containers["router"]["command"]
+    assert router[:3] == ["python3", "-m", "loraplane.router"]
+    args = parse(add_router_arguments, router[3:])
+    assert args.replicas_dns == "qwen-small-engine.default.svc" and args.port == 8080

@@ -374,6 +374,7 @@ def test_idle_resync_writes_nothing_and_restart_duplicates_nothing(kube, operato
     kube.create(adapter_doc("good"))
     kube.create(route_doc("r2"))
     kube.create(small_job("restart", "restart-out"))
+    kube.create(small_job("upgrade", "upgrade-out"))
     # Kill the operator while it is still reconciling these, start it again.
     time.sleep(0.3)
     operator.restart()
@@ -393,37 +394,121 @@ def test_idle_resync_writes_nothing_and_restart_duplicates_nothing(kube, operato
         "exitCode": 0, "reason": "Completed", "message": json.dumps(
             {"artifact": {"uri": "s3://does-not-exist/out", "sha256": "d" * 64}})})})
     wait_for(lambda: kube.get("Adapter", "restart-out"), interval=0.05, what="the Adapter")
+    # The operator that comes back is a new version: it renders Jobs differently (another default image).
+    upgrade_before = kube.batch.read_namespaced_job("upgrade-train", kube.ns)
+    operator.image = "loraplane:next"
     operator.restart()
     wait_for(lambda: kube.status("FineTuneJob", "restart").get("adapterRef"), what="adapterRef")
     assert kube.get("Adapter", "restart-out")["spec"]["version"] == "1"
     assert kube.status("FineTuneJob", "restart")["adapterRef"]["version"] == "1"
-    assert len(kube.batch.list_namespaced_job(kube.ns).items) == 1
+    assert sorted(j.metadata.name for j in kube.batch.list_namespaced_job(kube.ns).items) == [
+        "restart-train", "upgrade-train"]
     assert len(kube.pods("loraplane.io/finetunejob=restart")) == 1
     assert len([d for d in kube.apps.list_namespaced_deployment(kube.ns).items]) == 2  # engine + router
+    # A Job's pod template is immutable: the running Job keeps its pods, only its mutable fields follow the
+    # new rendering, and no reconcile fails over it.
+    wait_for(lambda: kube.batch.read_namespaced_job("upgrade-train", kube.ns).metadata.annotations
+             != upgrade_before.metadata.annotations, what="the running Job's hash follows the new rendering")
+    upgrade_after = kube.batch.read_namespaced_job("upgrade-train", kube.ns)
+    assert upgrade_after.spec.template.spec.containers[0].image == "loraplane:test"
+    assert upgrade_after.metadata.uid == upgrade_before.metadata.uid
+    assert operator.metric_sum("loraplane_operator_reconciles_total", kind="FineTuneJob", result="error") == 0
+    assert kube.status("FineTuneJob", "upgrade")["phase"] == "Pending"
     # The job's Adapter goes with it (it owns it): delete the job, garbage collection follows.
     kube.delete("FineTuneJob", "restart")
-    wait_for(lambda: not kube.batch.list_namespaced_job(kube.ns).items
+    wait_for(lambda: [j.metadata.name for j in kube.batch.list_namespaced_job(kube.ns).items] == ["upgrade-train"]
              and not any(a["metadata"]["name"] == "restart-out" for a in kube.list("Adapter")),
              timeout=45, what="Job and Adapter garbage-collected")
 
 
-def test_an_operator_upgrade_does_not_break_a_running_job(kube, operator):
-    """A new operator version may render a Job differently (here: another default image). A Job's pod
-    template is immutable, so the running Job keeps its pods and only its mutable fields follow."""
-    kube.create(small_job("upgrade", "upgrade-out"))
-    job_pod(kube, "upgrade")
-    before = kube.batch.read_namespaced_job("upgrade-train", kube.ns)
-    operator.image = "loraplane:next"
-    try:
-        operator.restart()
-        wait_for(lambda: kube.batch.read_namespaced_job("upgrade-train", kube.ns).metadata.annotations
-                 != before.metadata.annotations, what="the Job's hash follows the new rendering")
-        after = kube.batch.read_namespaced_job("upgrade-train", kube.ns)
-        assert after.spec.template.spec.containers[0].image == "loraplane:test"
-        assert after.metadata.uid == before.metadata.uid
-        # (the restarted operator's counters start at zero: no failed FineTuneJob reconcile since)
-        assert operator.metric_sum("loraplane_operator_reconciles_total", kind="FineTuneJob", result="error") == 0
-        assert kube.status("FineTuneJob", "upgrade")["phase"] == "Pending"
-    finally:
-        operator.image = "loraplane:test"
-        operator.restart()
+def client_for_service_account(kube: Cluster, kube_cluster, tmp_path, account: str):
+    """An API client authenticated as a ServiceAccount (its token Secret, made by the token controller)."""
+    import base64
+
+    from kubernetes import config
+
+    def token():
+        sa = kube.core.read_namespaced_service_account(account, kube.ns)
+        if not sa.secrets:
+            return None
+        secret = kube.core.read_namespaced_secret(sa.secrets[0].name, kube.ns)
+        return base64.b64decode(secret.data["token"]).decode() if secret.data and "token" in secret.data else None
+
+    path = kube_cluster.kubeconfig_for_token(wait_for(token, what=f"token of {account}"), tmp_path / account)
+    return config.new_client_from_config(config_file=str(path))
+
+
+def test_pod_rbac_is_scoped_to_their_own_objects(kube, kube_cluster, tmp_path):
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    kube.create(small_job("mine", "mine-out"))
+    kube.create(small_job("theirs", "theirs-out"))
+    kube.create(route_doc("r3"))
+    kube.core.create_namespaced_config_map(kube.ns, {"metadata": {"name": "other"}, "data": {"k": "v"}})
+    wait_for(lambda: kube.core.read_namespaced_service("r3-router", kube.ns), what="route children")
+    wait_for(lambda: kube.status("FineTuneJob", "theirs").get("phase"), what="job status")
+
+    # The trainer of "mine" reports progress on its own job, and only there.
+    trainer = client.CustomObjectsApi(client_for_service_account(kube, kube_cluster, tmp_path, "mine-trainer"))
+    progress = {"status": {"progress": {"step": 3, "totalSteps": 10, "loss": 1.25}}}
+    trainer.patch_namespaced_custom_object_status(G, V, kube.ns, "finetunejobs", "mine", progress)
+    with pytest.raises(ApiException) as denied:
+        trainer.patch_namespaced_custom_object_status(G, V, kube.ns, "finetunejobs", "theirs", progress)
+    assert denied.value.status == 403
+    assert kube.status("FineTuneJob", "mine")["progress"]["step"] == 3
+    # The operator's own status writes leave the trainer's progress alone.
+    kube.patch("FineTuneJob", "mine", {"spec": {"backoffLimit": 4}})
+    wait_for(lambda: kube.status("FineTuneJob", "mine").get("observedGeneration") == 2, what="reconciled")
+    assert kube.status("FineTuneJob", "mine")["progress"]["loss"] == 1.25
+
+    # The loader reads its route's serving table and nothing else.
+    loader = client.CoreV1Api(client_for_service_account(kube, kube_cluster, tmp_path, "r3-engine"))
+    assert "serving.json" in loader.read_namespaced_config_map("r3-serving", kube.ns).data
+    with pytest.raises(ApiException) as denied:
+        loader.read_namespaced_config_map("other", kube.ns)
+    assert denied.value.status == 403
+
+
+def test_image_pull_problem_is_reported_while_pending(kube):
+    kube.create(small_job("pull", "pull-out", image="registry.invalid/nope:1"))
+    pod = job_pod(kube, "pull")
+    kube.patch_pod_status(pod.metadata.name, {"phase": "Pending", **trainer_state(waiting={
+        "reason": "ImagePullBackOff", "message": 'Back-off pulling image "registry.invalid/nope:1"'})})
+    ready = wait_for(lambda: (r := kube.ready("FineTuneJob", "pull"))["reason"] == "ImagePull" and r,
+                     what="ImagePull")
+    assert "registry.invalid/nope:1" in ready["message"] and "spec.image" in ready["message"]
+    assert kube.status("FineTuneJob", "pull")["phase"] == "Pending"
+    assert any(t == "Warning" and r == "ImagePull" for t, r, _ in kube.events("pull"))
+
+
+def test_adapter_base_model_change_is_refused_and_it_leaves_the_table(kube, operator):
+    kube.create(adapter_doc("good"))
+    kube.create(route_doc("r4"))
+
+    def served():
+        cm = kube.core.read_namespaced_config_map("r4-serving", kube.ns)
+        return [a.served_name for a in ServingTable.model_validate_json(cm.data["serving.json"]).adapters]
+
+    wait_for(lambda: served() == ["good--1"], what="good in the table")
+    wait_for(lambda: kube.status("Adapter", "good").get("acceptedBaseModel"), what="accepted base recorded")
+    kube.patch("Adapter", "good", {"spec": {"baseModel": {"name": "org/other"}}})
+    ready = wait_for(lambda: (r := kube.ready("Adapter", "good"))["reason"] == "SpecImmutable" and r,
+                     what="SpecImmutable")
+    assert "org/tiny" in ready["message"] and "org/other" in ready["message"]
+    wait_for(lambda: served() == [], what="refused adapter out of the table")
+
+    def backend_reason():
+        chat = next(m for m in kube.status("ModelRoute", "r4")["models"] if m["name"] == "chat")
+        return {b.get("adapter"): b.get("reason") for b in chat["backends"]}["good"]
+
+    wait_for(lambda: backend_reason() == "SpecImmutable", what="the route says why the backend is out")
+    kube.patch("Adapter", "good", {"spec": {"baseModel": {"name": "org/tiny"}}})
+    wait_for(lambda: served() == ["good--1"], what="back in the table once reverted")
+    kube.delete("Adapter", "good")
+    wait_for(lambda: served() == [], what="a deleted adapter leaves the table")
+    wait_for(lambda: backend_reason() == "AdapterNotFound", what="the route says it is gone")
+    text = operator.metrics_text()
+    for name in ("loraplane_operator_reconcile_duration_seconds_bucket", "loraplane_operator_adapters{",
+                 "loraplane_operator_finetunejobs{", 'loraplane_operator_reconciles_total{kind="Adapter"'):
+        assert name in text

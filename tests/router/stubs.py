@@ -27,6 +27,7 @@ class StubReplica:
     engine_load: int = 0                              # reported as running + waiting in /metrics
     missing: set[str] = field(default_factory=set)    # served names vLLM answers 404 for despite the report
     status_fails: bool = False                        # the loader's /status answers 500
+    big_stream: int = 0                               # streams send this many 64 KiB events instead
     hold: asyncio.Event | None = None                 # completions wait for it before answering
     hold_models: set[str] | None = None               # ...only those for these served names (None: all)
     stream_gate: asyncio.Event | None = None          # streams wait for it after the first chunk
@@ -100,6 +101,13 @@ class StubReplica:
                                       "usage": usage})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
+        if self.big_stream:
+            event = b"data: " + b"x" * (65536 - 8) + b"\n\n"
+            for _ in range(self.big_stream):
+                await resp.write(event)  # waits while the router does not read (backpressure)
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
         for i, word in enumerate(["a", "b", "c"]):
             chunk = {"id": "cmpl-1", "model": model, "replica": self.name, "choices": [{"index": 0, "text": word}]}
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())

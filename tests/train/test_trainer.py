@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -24,13 +23,12 @@ from loraplane.tinymodel import TOY_PHRASES, instruction_prompt, toy_corpus, toy
 from loraplane.trainer import (
     EXIT_CODES,
     EXIT_PREEMPTED,
+    DatasetNotFound,
     InvalidConfig,
     InvalidDataset,
-    DatasetNotFound,
     ModelNotFound,
     OutOfMemory,
     TargetModulesNotFound,
-    TrainerError,
     artifact_sha256,
     quick_job,
     resolve_runtime,
@@ -39,7 +37,6 @@ from loraplane.trainer import (
 from loraplane.trainer import checkpoints
 
 pytestmark = pytest.mark.train
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def train(job, tmp_path: Path):
@@ -177,23 +174,34 @@ def test_hub_model_missing_offline(tmp_path, monkeypatch):
         train(job_from_dict(doc), tmp_path)
 
 
-def test_out_of_memory_is_categorised(tiny_model_dir, tmp_path):
-    """A real allocation failure: the process's address space is capped 1 GiB above its current size (as a
-    container limit would), then a batch of 1024 x 256 tokens needs several GiB."""
-    data = tmp_path / "big.jsonl"
-    data.write_text("".join(json.dumps({"text": " ".join(toy_corpus(60, i))}) + "\n" for i in range(1024)))
-    job = quick_job(tiny_model_dir, data, fmt="text", steps=2, batchSize=1024, maxSeqLength=256)
-    import peft  # noqa: F401 - imports done before the cap
-    import transformers  # noqa: F401
+# Runs the trainer's CLI with the address space capped 1 GiB above the size the process has once the libraries
+# are imported, as a container memory limit would cap it (in a subprocess: a cap in the test process would
+# also starve the other threads of a pytest session).
+_CAPPED_TRAINER = """
+import resource, sys
+import peft, transformers
+from transformers import Trainer
+from loraplane.trainer.cli import main
+vm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+sys.exit(main(sys.argv[1:]))
+"""
 
-    vm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), hard))
-    try:
-        with pytest.raises(OutOfMemory, match="lower spec.training.batchSize"):
-            train(job, tmp_path)
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+def test_out_of_memory_is_categorised(tiny_model_dir, tmp_path):
+    """A real allocation failure: a batch of 1024 x 256 tokens needs several GiB more than the cap allows."""
+    data = tmp_path / "big.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(toy_corpus(16, i))}) + "\n" for i in range(1024)))
+    job = quick_job(tiny_model_dir, data, fmt="text", steps=2, batchSize=1024, maxSeqLength=256)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(job.model_dump(by_alias=True, exclude_none=True, mode="json")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LORAPLANE_TERMINATION_LOG": str(tmp_path / "term")}
+    proc = subprocess.run([sys.executable, "-c", _CAPPED_TRAINER, "--config", str(config), "-o",
+                           str(tmp_path / "out"), "--no-progress-bar", "-q"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_CODES["OutOfMemory"] == OutOfMemory.exit_code, proc.stderr[-3000:]
+    message = json.loads((tmp_path / "term").read_text())
+    assert message["reason"] == "OutOfMemory" and "lower spec.training.batchSize" in message["message"]
 
 
 def test_cli_failure_writes_termination_message_and_exit_code(tiny_model_dir, tmp_path, monkeypatch):

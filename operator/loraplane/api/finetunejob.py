@@ -141,9 +141,12 @@ class FineTuneJobSpec(ApiModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec,
                                      json_schema_extra=immutable("spec.resources"))
     output: OutputSpec = Field(json_schema_extra=immutable("spec.output"))
-    image: str | None = Field(default=None, description="Trainer image; default: the operator's trainer image.")
+    # A Job's pod template cannot change once created: image and account are fixed for the run.
+    image: str | None = Field(default=None, description="Trainer image; default: the operator's trainer image.",
+                              json_schema_extra=immutable("spec.image"))
     service_account_name: str | None = Field(
-        default=None, pattern=DNS_NAME, description="ServiceAccount of the training pods (e.g. for IRSA/S3).")
+        default=None, pattern=DNS_NAME, description="ServiceAccount of the training pods (e.g. for IRSA/S3).",
+        json_schema_extra=immutable("spec.serviceAccountName"))
     backoff_limit: int = Field(default=2, ge=0, le=100,
                                description="Pod failures retried (resuming from checkpoints) before Failed.")
     active_deadline_seconds: int | None = Field(default=None, ge=60,

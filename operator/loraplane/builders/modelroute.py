@@ -35,7 +35,6 @@ from loraplane.servingtable import (
     configmap_name,
 )
 
-SERVING_MOUNT = "/etc/loraplane/serving"
 API_KEYS_MOUNT = "/etc/loraplane/api-keys"
 KEDA_API_VERSION = "keda.sh/v1alpha1"
 
@@ -124,7 +123,8 @@ def engine_deployment(route: ModelRoute, table: ServingTable, settings: BuildSet
     pod_spec: dict[str, Any] = {
         "serviceAccountName": engine_name(route),
         "containers": [stringify_quantities(serving.engine_container(route)),
-                       stringify_quantities(serving.loader_container(route, ns, settings.image))],
+                       stringify_quantities(serving.loader_container(route, ns, settings.image,
+                                                                     adapter_claims=adapter_claims(table)))],
         "volumes": serving.serving_volumes(route, adapter_claims(table)),
         # vLLM drains in-flight requests on SIGTERM; long generations need more than the default 30 s.
         "terminationGracePeriodSeconds": 120,
@@ -223,7 +223,9 @@ def keda_scaled_object(route: ModelRoute) -> Manifest:
 
 def router_args(route: ModelRoute) -> list[str]:
     ns = namespace_of(route)
-    args = ["--table", f"{SERVING_MOUNT}/{CONFIGMAP_KEY}",
+    # Watching the ConfigMap through the API applies a routing change in about a second; a mounted volume
+    # would wait for the kubelet's sync (60-90 s).
+    args = ["--configmap", configmap_name(route.metadata.name or ""), "--namespace", ns,
             "--replicas-dns", f"{engine_name(route)}.{ns}.svc",
             "--host", "0.0.0.0", "--port", str(ROUTER_PORT)]
     if route.spec.router.api_key_secret_ref:
@@ -233,25 +235,26 @@ def router_args(route: ModelRoute) -> list[str]:
 
 def router_deployment(route: ModelRoute, settings: BuildSettings) -> Manifest:
     spec = route.spec.router
-    volumes: list[dict[str, Any]] = [
-        {"name": "serving", "configMap": {"name": configmap_name(route.metadata.name or "")}}]
-    mounts: list[dict[str, Any]] = [{"name": "serving", "mountPath": SERVING_MOUNT, "readOnly": True}]
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
     if spec.api_key_secret_ref:
         secret: dict[str, Any] = {"secretName": spec.api_key_secret_ref.name}
         if spec.api_key_secret_ref.key:
             secret["items"] = [{"key": spec.api_key_secret_ref.key, "path": spec.api_key_secret_ref.key}]
         volumes.append({"name": "api-keys", "secret": secret})
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True})
-    health = {"httpGet": {"path": "/healthz", "port": ROUTER_PORT}}
     container: dict[str, Any] = {
         "name": "router",
         "image": spec.image or settings.image,
         "command": ["python3", "-m", "loraplane.router", *router_args(route)],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
-        "volumeMounts": mounts,
-        "readinessProbe": {**health, "periodSeconds": 5},
-        "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 4},
+        # Ready once it holds a routing table; alive while its event loop answers.
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": ROUTER_PORT}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": ROUTER_PORT}, "periodSeconds": 15,
+                          "failureThreshold": 4},
     }
+    if mounts:
+        container["volumeMounts"] = mounts
     if r := resources(0, "", spec.cpu, spec.memory):
         container["resources"] = r
     return with_hash({
@@ -265,7 +268,7 @@ def router_deployment(route: ModelRoute, settings: BuildSettings) -> Manifest:
                              "annotations": {"prometheus.io/scrape": "true",
                                              "prometheus.io/port": str(ROUTER_PORT)}},
                 "spec": {"serviceAccountName": router_name(route), "containers": [container],
-                         "volumes": volumes},
+                         **({"volumes": volumes} if volumes else {})},
             },
         },
     })

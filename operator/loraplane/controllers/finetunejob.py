@@ -156,8 +156,9 @@ def observe(ftj: FineTuneJob, job: dict | None, pods: list[dict]) -> dict[str, A
 
 async def reconcile(op: "Operator", key: Key) -> None:
     body = op.ftjs.get(key)
-    if body is None:
-        return  # deleted: its children are garbage-collected through their ownerReferences
+    if body is None:  # deleted: its children are garbage-collected through their ownerReferences
+        op.forget(key)
+        return
     ftj = op.ftjs.parsed(key, FineTuneJob)
     meta = body["metadata"]
     generation = meta.get("generation")

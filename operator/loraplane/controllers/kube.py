@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import ssl
+import time
 from typing import Any
 from urllib.parse import quote
 
@@ -84,12 +85,18 @@ class KubeClient:
             ctx.verify_mode = ssl.CERT_NONE
         if cfg.cert_file:
             ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
-        def auth_header() -> str | None:
-            # auth_settings() runs the client's refresh hook, so expiring in-cluster tokens are re-read.
-            for setting in cfg.auth_settings().values():
-                if setting.get("in") == "header" and setting.get("key", "").lower() == "authorization":
-                    return setting["value"]
-            return None
+        cached: list = [None, 0.0]
+
+        def auth_header(refresh: bool = False) -> str | None:
+            # auth_settings() runs the client's refresh hook (expiring in-cluster tokens are re-read from
+            # their file); it costs milliseconds, so the header is reused for a minute.
+            now = time.monotonic()
+            if refresh or now - cached[1] > 60:
+                cached[:] = [None, now]
+                for setting in cfg.auth_settings().values():
+                    if setting.get("in") == "header" and setting.get("key", "").lower() == "authorization":
+                        cached[0] = setting["value"]
+            return cached[0]
 
         return cls(cfg.host, ctx, auth_header)
 
@@ -117,6 +124,10 @@ class KubeClient:
                 async with self._session.request(method, self.host + path, data=data, params=params,
                                                  headers=headers, ssl=self._ssl) as resp:
                     text = await resp.text()
+                    if resp.status == 401 and attempt == 0:  # a rotated token: read it again, once
+                        if (auth := self._auth_header(True)) is not None:
+                            headers["Authorization"] = auth
+                        continue
                     if resp.status == 429 or (resp.status >= 500 and attempt < 4):
                         await asyncio.sleep(float(resp.headers.get("Retry-After", 0.2 * 2 ** attempt)))
                         continue
@@ -131,13 +142,18 @@ class KubeClient:
 
     async def list(self, api_version: str, kind: str, namespace: str | None = None,
                    label_selector: str | None = None) -> list[dict]:
+        return (await self.list_with_version(api_version, kind, namespace, label_selector))[0]
+
+    async def list_with_version(self, api_version: str, kind: str, namespace: str | None = None,
+                                label_selector: str | None = None) -> tuple[list[dict], str]:
+        """The items and the list's resourceVersion (the point in time it describes)."""
         params = {"labelSelector": label_selector} if label_selector else None
         out = await self.request("GET", resource_path(api_version, kind, namespace), params=params)
         items = out.get("items") or []
         for item in items:  # list items carry no apiVersion/kind
             item.setdefault("apiVersion", api_version)
             item.setdefault("kind", kind)
-        return items
+        return items, (out.get("metadata") or {}).get("resourceVersion") or ""
 
     async def apply(self, manifest: dict, force: bool = True) -> dict:
         """Server-side apply under the operator's field manager."""

@@ -3,7 +3,6 @@ ReplicaReports the loaders write into their pods' `loraplane.io/adapters` annota
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
@@ -12,7 +11,7 @@ from loraplane.api.adapter import Adapter
 from loraplane.api.common import set_condition
 from loraplane.api.modelroute import BackendStatus, ModelRoute, ModelRouteStatus, ServedModel
 from loraplane.builders import modelroute as builders
-from loraplane.builders.serving_table import Resolution, Verdict, resolve
+from loraplane.builders.serving_table import Resolution, resolve
 from loraplane.cli_crds import format_validation_error
 from loraplane.controllers.finetunejob import _write_invalid
 from loraplane.controllers.runtime import Key, dump_status, status_patch
@@ -129,6 +128,9 @@ async def reconcile(op: "Operator", key: Key) -> None:
     body = op.routes.get(key)
     if body is None:
         op.resolutions.pop(key, None)
+        op.route_selected.pop(key, None)
+        op.route_applied.pop(key, None)
+        op.forget(key)
         return
     route = op.routes.parsed(key, ModelRoute)
     generation = body["metadata"].get("generation")
@@ -148,11 +150,16 @@ async def reconcile(op: "Operator", key: Key) -> None:
     wanted = (route.spec.base_model.identity, route.spec.base_model.revision)
     rejected = accepted is not None and accepted != wanted
     if not rejected:
-        kids = builders.children(route, resolution.table, op.settings.build)
-        # The serving table and the RBAC first: the replicas and routers read them as they start.
-        first = [k for k in kids if k["kind"] in ("ConfigMap", "ServiceAccount", "Role", "RoleBinding")]
-        await op.applier.ensure([first, [k for k in kids if k not in first]], fresh=not current)
-        await op.applier.prune(builders.unwanted_children(route, op.settings.build), route.metadata.uid or "")
+        # Children depend only on the route's spec and its table: when neither changed since the last
+        # successful apply (an adapter event that did not change this route's table), skip rendering them.
+        applied_as = (route.metadata.uid, generation, resolution.table.to_json(), op.applier_epoch)
+        if op.route_applied.get(key) != applied_as:
+            kids = builders.children(route, resolution.table, op.settings.build)
+            # The serving table and the RBAC first: the replicas and routers read them as they start.
+            first = [k for k in kids if k["kind"] in ("ConfigMap", "ServiceAccount", "Role", "RoleBinding")]
+            await op.applier.ensure([first, [k for k in kids if k not in first]], fresh=not current)
+            await op.applier.prune(builders.unwanted_children(route, op.settings.build), route.metadata.uid or "")
+            op.route_applied[key] = applied_as
         op.remember_route_base(route, wanted)
         op.resolutions[key] = resolution
     else:
@@ -178,11 +185,9 @@ async def reconcile(op: "Operator", key: Key) -> None:
     elif old_phase != new.phase and new.phase in ("Ready", "Degraded") or (old_phase is None and new.phase):
         await op.events.post(body, "Normal" if new.phase != "Degraded" else "Warning", new.phase,
                              ready.message if ready else "")
-    # Adapters' status lists the routes that select them: they follow this route.
-    for adapter_name in set(resolution.selected) | op.route_selected.get(key, set()):
-        op.adapter_queue.schedule((ns, adapter_name))
-    op.route_selected[key] = set(resolution.selected)
-
-
-def verdict_json(v: Verdict) -> str:
-    return json.dumps([v.compatible, v.reason, v.message])
+    # Adapters' status lists the routes that select them: those whose selection or verdict changed follow.
+    previous_selection = op.route_selected.get(key, {})
+    for adapter_name in set(resolution.selected) | set(previous_selection):
+        if previous_selection.get(adapter_name) != resolution.selected.get(adapter_name):
+            op.adapter_queue.schedule((ns, adapter_name))
+    op.route_selected[key] = dict(resolution.selected)

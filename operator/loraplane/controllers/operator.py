@@ -7,14 +7,15 @@ import asyncio
 import json
 import logging
 import time
+import typing
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from loraplane.api.finetunejob import FineTuneJob
-from loraplane.api.modelroute import ModelRoute
-from loraplane.builders import modelroute as route_builders
+from loraplane.api.adapter import AdapterStatus
+from loraplane.api.finetunejob import FineTuneJob, FineTuneJobStatus
+from loraplane.api.modelroute import ModelRoute, ModelRouteStatus
 from loraplane.builders import training
 from loraplane.builders.common import COMPONENT_LABEL, FINETUNEJOB_LABEL
 from loraplane.builders.serving_table import Verdict
@@ -27,6 +28,8 @@ from loraplane.servingtable import CONFIGMAP_KEY, REPORT_ANNOTATION, ROUTE_LABEL
 
 log = logging.getLogger("loraplane.operator")
 API = "loraplane.io/v1alpha1"
+# How long adapter changes are gathered before the routes of their namespace re-resolve their tables.
+ROUTE_BATCH_SECONDS = 0.5
 
 
 def _label(name: str):
@@ -38,6 +41,7 @@ class Operator:
         self.settings = settings
         self.kube = kube
         self.applier = Applier(kube)
+        self.applier_epoch = 0  # bumped when the applier's memory is dropped (resync): children are re-read
         self.events = Events(kube)
         self.ftjs = Store()
         self.adapters = Store()
@@ -51,7 +55,8 @@ class Operator:
         self.route_queue = WorkQueue("ModelRoute", lambda k: route_ctl.reconcile(self, k), d)
         self.adapter_queue = WorkQueue("Adapter", lambda k: adapter_ctl.reconcile(self, k), d)
         self.resolutions: dict[Key, object] = {}
-        self.route_selected: dict[Key, set[str]] = {}
+        self.route_selected: dict[Key, dict[str, Verdict]] = {}
+        self.route_applied: dict[Key, tuple] = {}
         self.adapter_rejections: dict[Key, Verdict] = {}
         self._accepted_ftj: dict[tuple[str, str, str], dict] = {}
         self._accepted_route: dict[tuple[str, str, str], tuple[str, str | None]] = {}
@@ -69,16 +74,19 @@ class Operator:
         if not self.in_scope(obj):
             return
         store = self._store(kind)
-        old = store.remove(obj) if event_type == "DELETED" else store.put(obj)
+        deleted = event_type == "DELETED"
+        old = store.remove(obj) if deleted else store.put(obj)
         if not self.primed.is_set():
             return  # the startup pass schedules everything once the stores are full
-        self._schedule_for(kind, obj, old)
+        self._schedule_for(kind, obj, None if deleted else old)
 
     def _store(self, kind: str) -> Store:
         return {"FineTuneJob": self.ftjs, "Adapter": self.adapters, "ModelRoute": self.routes, "Job": self.jobs,
                 "TrainPod": self.train_pods, "EnginePod": self.engine_pods, "Deployment": self.deployments}[kind]
 
     def _schedule_for(self, kind: str, obj: dict, old: dict | None) -> None:
+        """Schedule the reconciles `obj`'s change affects; `old` is its previous state, None when it
+        appeared or disappeared (then everything that may depend on it is scheduled)."""
         ns, name = key_of(obj)
         labels = (obj.get("metadata") or {}).get("labels") or {}
         if kind == "FineTuneJob":
@@ -96,7 +104,8 @@ class Operator:
             if (before.get("spec") != obj.get("spec") or (before.get("metadata") or {}).get("labels")
                     != labels or old is None or (before.get("status") or {}).get("artifact")
                     != (obj.get("status") or {}).get("artifact")):
-                self.schedule_routes(ns)
+                # Batched: a burst of adapter changes re-resolves each route once, not once per adapter.
+                self.schedule_routes(ns, delay=ROUTE_BATCH_SECONDS)
             if labels.get(FINETUNEJOB_LABEL):  # a produced adapter changed: its job may be waiting for it
                 self.ftj_queue.schedule((ns, labels[FINETUNEJOB_LABEL]))
         elif kind == "EnginePod":
@@ -110,10 +119,10 @@ class Operator:
             if route := labels.get(ROUTE_LABEL):
                 self.route_queue.schedule((ns, route))
 
-    def schedule_routes(self, ns: str) -> None:
+    def schedule_routes(self, ns: str, delay: float | None = None) -> None:
         for key in list(self.routes.objects):
             if key[0] == ns:
-                self.route_queue.schedule(key)
+                self.route_queue.schedule(key, delay)
 
     def schedule_adapters(self, ns: str) -> None:
         for key in list(self.adapters.objects):
@@ -167,25 +176,49 @@ class Operator:
         self._accepted_route[(route.metadata.namespace or "", route.metadata.name or "",
                               route.metadata.uid or "")] = base
 
+    def forget(self, key: Key) -> None:
+        """Drop what was remembered about a deleted object and its children (a later GET re-learns it)."""
+        for cache in (self._accepted_ftj, self._accepted_route):
+            for ident in [i for i in cache if i[:2] == key]:
+                del cache[ident]
+        self.applier.forget(key[0], f"{key[1]}-")
+
     # ---- lifecycle ---------------------------------------------------------------------------------------
+
+    LISTS = [
+        ("FineTuneJob", API, "FineTuneJob", None), ("Adapter", API, "Adapter", None),
+        ("ModelRoute", API, "ModelRoute", None), ("Job", "batch/v1", "Job", FINETUNEJOB_LABEL),
+        ("TrainPod", "v1", "Pod", FINETUNEJOB_LABEL),
+        ("EnginePod", "v1", "Pod", f"{ROUTE_LABEL},{COMPONENT_LABEL}=engine"),
+        ("Deployment", "apps/v1", "Deployment", f"{ROUTE_LABEL},{COMPONENT_LABEL}=engine"),
+    ]
+
+    async def relist(self) -> int:
+        """LIST every kind into the stores; drop objects the server no longer has (a deletion whose watch
+        event was lost). Returns how many were dropped."""
+        dropped = 0
+        for ns in list(self.settings.namespaces) or [None]:
+            results = await asyncio.gather(*(self.kube.list_with_version(api, kind, ns, selector)
+                                             for _, api, kind, selector in self.LISTS))
+            for (store_kind, *_), (items, list_rv) in zip(self.LISTS, results):
+                store = self._store(store_kind)
+                seen = set()
+                for item in items:
+                    seen.add(key_of(item))
+                    if key_of(item) not in store.objects:
+                        store.put(item)
+                for key, obj in list(store.objects.items()):
+                    if (ns is None or key[0] == ns) and key not in seen and _older(obj, list_rv):
+                        store.remove(obj)
+                        dropped += 1
+                        if self.primed.is_set():
+                            self._schedule_for(store_kind, obj, None)
+        return dropped
 
     async def prime(self) -> None:
         """One LIST per kind before any reconcile, so the first reconciles see the whole namespace (a route
         reconciled before its adapters were seen would write a wrong table and flap)."""
-        scopes = list(self.settings.namespaces) or [None]
-        lists = [
-            ("FineTuneJob", API, "FineTuneJob", None), ("Adapter", API, "Adapter", None),
-            ("ModelRoute", API, "ModelRoute", None), ("Job", "batch/v1", "Job", FINETUNEJOB_LABEL),
-            ("TrainPod", "v1", "Pod", FINETUNEJOB_LABEL),
-            ("EnginePod", "v1", "Pod", f"{ROUTE_LABEL},{COMPONENT_LABEL}=engine"),
-            ("Deployment", "apps/v1", "Deployment", f"{ROUTE_LABEL},{COMPONENT_LABEL}=engine"),
-        ]
-        for ns in scopes:
-            results = await asyncio.gather(*(self.kube.list(api, kind, ns, selector)
-                                             for _, api, kind, selector in lists))
-            for (store_kind, *_), items in zip(lists, results):
-                for item in items:
-                    self._store(store_kind).put(item)
+        await self.relist()
         self.primed.set()
         self.schedule_all()
         log.info("primed: %d FineTuneJobs, %d Adapters, %d ModelRoutes", len(self.ftjs.objects),
@@ -196,6 +229,12 @@ class Operator:
         while True:
             await asyncio.sleep(self.settings.resync_seconds)
             self.applier = Applier(self.kube)  # forget cached hashes: verify children against the server
+            self.applier_epoch += 1
+            try:
+                if dropped := await self.relist():
+                    log.info("resync: %d objects were deleted without a watch event reaching us", dropped)
+            except Exception as exc:  # the next resync tries again; reconciles go on from the stores
+                log.warning("resync LIST failed: %s", exc)
             self.schedule_all()
 
     async def start(self) -> None:
@@ -235,6 +274,15 @@ class Operator:
         await web.TCPSite(self._runner, self.settings.metrics_host, self.settings.metrics_port).start()
 
 
+def _older(obj: dict, list_rv: str) -> bool:
+    """Whether the stored object predates a LIST (resourceVersions are etcd revisions in practice; when
+    they are not numbers, assume older)."""
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0) <= int(list_rv)
+    except ValueError:
+        return True
+
+
 def _owned_by(obj: dict, uid: str) -> bool:
     return any(r.get("uid") == uid for r in (obj.get("metadata") or {}).get("ownerReferences") or [])
 
@@ -269,8 +317,10 @@ class _StateCollector:
         jobs = GaugeMetricFamily("loraplane_operator_finetunejobs", "FineTuneJobs by phase", labels=["phase"])
         adapters = GaugeMetricFamily("loraplane_operator_adapters", "Adapters by phase", labels=["phase"])
         routes = GaugeMetricFamily("loraplane_operator_modelroutes", "ModelRoutes by phase", labels=["phase"])
-        for family, store in ((jobs, op.ftjs), (adapters, op.adapters), (routes, op.routes)):
-            counts: dict[str, int] = {}
+        for family, store, model in ((jobs, op.ftjs, FineTuneJobStatus), (adapters, op.adapters, AdapterStatus),
+                                     (routes, op.routes, ModelRouteStatus)):
+            # Every phase the API defines, 0 included, so a dashboard's series exist from the start.
+            counts = {p: 0 for p in typing.get_args(typing.get_args(model.model_fields["phase"].annotation)[0])}
             for obj in list(store.objects.values()):
                 phase = (obj.get("status") or {}).get("phase") or "Unknown"
                 counts[phase] = counts.get(phase, 0) + 1
@@ -281,4 +331,4 @@ class _StateCollector:
         yield routes
 
 
-__all__ = ["Operator", "route_builders"]
+__all__ = ["Operator"]

@@ -214,18 +214,21 @@ class Loader:
         want = slot.desired
         name = want.served_name
         started = time.monotonic()
+        steps: dict[str, float] = {}
         slot.attempts += 1
         try:
             slot.move("Fetching", "Fetching", f"fetching {want.uri}")
             t = time.monotonic()
             art = await self.cache.fetch(want.uri, want.sha256, protect=self._protected())
             slot.artifact = art
-            self.metrics.load_seconds.labels("fetch").observe(time.monotonic() - t)
+            steps["fetch"] = time.monotonic() - t
+            self.metrics.load_seconds.labels("fetch").observe(steps["fetch"])
             self.metrics.cache_bytes.set(self.cache.total_bytes())
 
             t = time.monotonic()
             failures, note = await asyncio.to_thread(self._gate, want, art.path)
-            self.metrics.load_seconds.labels("gate").observe(time.monotonic() - t)
+            steps["gate"] = time.monotonic() - t
+            self.metrics.load_seconds.labels("gate").observe(steps["gate"])
             if failures:
                 for f in failures:
                     self.metrics.failures.labels(f.reason).inc()
@@ -247,13 +250,15 @@ class Loader:
             if name not in now_loaded:
                 raise EngineError(200, "vLLM accepted the load but does not list the adapter in /v1/models")
             loaded[name] = now_loaded[name]
-            self.metrics.load_seconds.labels("load").observe(time.monotonic() - t)
+            steps["load"] = time.monotonic() - t
+            self.metrics.load_seconds.labels("load").observe(steps["load"])
 
             if self.smoke_test:
                 t = time.monotonic()
                 base = await self._base_output()
                 probe = await self.engine.probe(name, self.probe_prompt, self.probe_tokens)
-                self.metrics.load_seconds.labels("probe").observe(time.monotonic() - t)
+                steps["probe"] = time.monotonic() - t
+                self.metrics.load_seconds.labels("probe").observe(steps["probe"])
                 if not probe.differs_from(base):
                     await self.engine.unload(name)
                     loaded.pop(name, None)
@@ -269,8 +274,9 @@ class Loader:
             self.metrics.load_seconds.labels("total").observe(elapsed)
             self.metrics.loads.inc()
             slot.next_try = 0.0
-            slot.move("Ready", "Loaded", f"loaded from {want.uri} (sha256 {art.sha256[:12]}) in {elapsed:.2f}s"
-                      + (f"; {note}" if note else ""))
+            breakdown = ", ".join(f"{k} {v:.2f}s" for k, v in steps.items())
+            slot.move("Ready", "Loaded", f"loaded from {want.uri} (sha256 {art.sha256[:12]}) in {elapsed:.2f}s "
+                                         f"({breakdown})" + (f"; {note}" if note else ""))
         except FetchError as exc:
             self._retry_or_fail(slot, exc.reason, str(exc), exc.retryable)
         except EngineError as exc:

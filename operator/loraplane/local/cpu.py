@@ -4,7 +4,6 @@ in the cluster; tests (tests/support/vllm_server.py) and `loraplane run` both st
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,12 +16,6 @@ CPU_ENGINE_ENV = {
 }
 # A small KV cache instead of a GPU memory fraction (VLLM_CPU_KVCACHE_SPACE takes whole GiB only).
 CPU_ENGINE_ARGS = ["--kv-cache-memory-bytes", "128M", "--host", "127.0.0.1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def engine_process(command: list[str], env: list[dict[str, Any]], port: int, hf_home: Path) -> tuple[list[str], dict]:

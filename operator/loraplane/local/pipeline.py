@@ -30,7 +30,7 @@ from loraplane.builders.serving_table import resolve
 from loraplane.cli_crds import format_validation_error
 from loraplane.local import cpu, hfcache
 from loraplane.local.podspec import LocalPod, container_argv, container_env
-from loraplane.local.processes import ManagedProcess, ProcessFailed, http_ok
+from loraplane.local.processes import ManagedProcess, ProcessFailed, free_port, http_ok
 from loraplane.servingtable import ReplicaReport
 
 NAMESPACE = "default"
@@ -192,7 +192,7 @@ class LocalRun:
         rdir.mkdir(parents=True, exist_ok=True)
         table_path = rdir / "serving.json"
         table_path.write_text(table.to_json())
-        ports = [cpu.free_port() for _ in range(3)]
+        ports = [free_port() for _ in range(3)]
         engine_port, loader_port, router_port = ports
         pod = self.pod(f"{route_builders.engine_name(route)}-local-0")
 
@@ -221,7 +221,7 @@ class LocalRun:
         router_c = route_builders.router_deployment(route, self.settings)["spec"]["template"]["spec"][
             "containers"][0]
         argv = container_argv(router_c, pod)
-        argv = _set_flag(argv, "--table", str(table_path))
+        argv = _replace_flag(_replace_flag(argv, "--configmap", ["--table", str(table_path)]), "--namespace", [])
         argv = _replace_flag(argv, "--replicas-dns", ["--replica", f"http://127.0.0.1:{engine_port},"
                                                                    f"http://127.0.0.1:{loader_port}/status"])
         argv = _set_flag(_set_flag(argv, "--port", str(router_port)), "--host", "127.0.0.1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -75,6 +76,12 @@ class ManagedProcess:
             self._signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
 
+    def kill(self) -> None:
+        """SIGKILL the whole process group, as a crash would."""
+        if self.running:
+            self._signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
     def _signal(self, sig: int) -> None:
         try:
             os.killpg(self.proc.pid, sig)
@@ -86,6 +93,13 @@ class ManagedProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def http_ok(url: str, timeout: float = 2) -> bool:

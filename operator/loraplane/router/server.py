@@ -194,7 +194,7 @@ class ClientConnection(asyncio.Protocol):
         if self.paused_upstream is not None:
             try:
                 self.paused_upstream.resume_reading()
-            except RuntimeError:
+            except Exception:  # that connection has closed meanwhile: nothing to resume
                 pass
             self.paused_upstream = None
 

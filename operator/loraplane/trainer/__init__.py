@@ -34,11 +34,11 @@ from loraplane.trainer.errors import (
 )
 
 
-def run_training(job, runtime, sinks=None):
+def run_training(job, runtime, sinks=None, callbacks=None):
     """See loraplane.trainer.run.run_training."""
     from loraplane.trainer.run import run_training as _run
 
-    return _run(job, runtime, sinks)
+    return _run(job, runtime, sinks, callbacks)
 
 
 def quick_job(model_dir: Path, dataset: Path, *, name: str = "tiny-adapter", fmt: str = "instruction", r: int = 8,

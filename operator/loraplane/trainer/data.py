@@ -364,14 +364,14 @@ class PaddingCollator:
     def __call__(self, rows: list[dict[str, list[int]]]) -> dict:
         import torch
 
-        width = max(len(r["input_ids"]) for r in rows)
+        lengths = [len(r["input_ids"]) for r in rows]
+        width = max(lengths)
         if self.multiple_of:
             width = -(-width // self.multiple_of) * self.multiple_of
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
+        for i, (r, n) in enumerate(zip(rows, lengths)):
             ids[i, :n] = torch.tensor(r["input_ids"])
             labels[i, :n] = torch.tensor(r["labels"])
             mask[i, :n] = 1

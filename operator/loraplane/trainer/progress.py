@@ -133,23 +133,36 @@ class ClusterSink:
 
 
 class ProgressTracker:
-    """Builds TrainingProgress from step events: tokens/s and ETA are measured over this process's steps
-    (a resumed run does not count the steps it skipped as instantly done)."""
+    """Builds TrainingProgress from step events and hands it to the sinks, at most every `min_interval`
+    seconds (plus every evaluation and the final update): a step of a small model takes milliseconds, and
+    building and sending progress each step would cost a visible share of it.
 
-    def __init__(self, sinks: Sequence[ProgressSink], clock: Callable[[], float] = time.monotonic):
+    tokens/s and ETA are measured over this process's steps (a resumed run does not count the steps it
+    skipped as instantly done)."""
+
+    def __init__(self, sinks: Sequence[ProgressSink], clock: Callable[[], float] = time.monotonic,
+                 min_interval: float = 0.5):
         self.sinks = list(sinks)
         self.clock = clock
+        self._limiter = RateLimiter(min_interval, clock)
         self._start: float | None = None
         self._start_step = 0
         self._start_tokens = 0
+        self._latest: dict[str, float | None] = {"loss": None, "eval_loss": None, "learning_rate": None}
         self.last = TrainingProgress()
 
     def report(self, *, step: int, total_steps: int | None, epoch: float | None = None, loss: float | None = None,
                eval_loss: float | None = None, learning_rate: float | None = None, tokens_seen: int | None = None,
-               final: bool = False) -> TrainingProgress:
+               final: bool = False) -> TrainingProgress | None:
+        """Record a step's numbers; returns the progress sent to the sinks, or None when rate-limited."""
         now = self.clock()
         if self._start is None:
             self._start, self._start_step, self._start_tokens = now, step, tokens_seen or 0
+        for key, value in (("loss", loss), ("eval_loss", eval_loss), ("learning_rate", learning_rate)):
+            if value is not None:
+                self._latest[key] = value
+        if not self.sinks or not self._limiter.allow(force=final or eval_loss is not None):
+            return None
         elapsed = now - self._start
         done = step - self._start_step
         eta = tps = None
@@ -157,13 +170,11 @@ class ProgressTracker:
             eta = int(round(elapsed / done * max(total_steps - step, 0)))
         if elapsed > 0 and tokens_seen is not None and tokens_seen > self._start_tokens:
             tps = round((tokens_seen - self._start_tokens) / elapsed, 1)
-        prev = self.last
         self.last = TrainingProgress(
             step=step, total_steps=total_steps, epoch=_round(epoch, 4),
-            loss=_round(loss if loss is not None else prev.loss, 6),
-            eval_loss=_round(eval_loss if eval_loss is not None else prev.eval_loss, 6),
-            learning_rate=learning_rate if learning_rate is not None else prev.learning_rate,
-            tokens_per_second=tps if tps is not None else prev.tokens_per_second,
+            loss=_round(self._latest["loss"], 6), eval_loss=_round(self._latest["eval_loss"], 6),
+            learning_rate=self._latest["learning_rate"],
+            tokens_per_second=tps if tps is not None else self.last.tokens_per_second,
             eta_seconds=0 if total_steps and step >= total_steps else eta,
             percent=min(100, int(100 * step / total_steps)) if total_steps else None,
             updated_at=now_rfc3339(),
