@@ -29,9 +29,15 @@ KUBERNETES_FUNCTIONS = {
 }
 
 
+@functools.lru_cache(maxsize=1)
+def _environment() -> celpy.Environment:
+    # Building the CEL grammar's parser is the expensive part (seconds): once per process.
+    return celpy.Environment()
+
+
 @functools.lru_cache(maxsize=None)
 def _program(rule: str):
-    env = celpy.Environment()
+    env = _environment()
     return env.program(env.compile(rule), functions=KUBERNETES_FUNCTIONS)
 
 

@@ -198,6 +198,8 @@ def job(ftj: FineTuneJob, settings: BuildSettings) -> Manifest:
         container["resources"] = r
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        # On SIGTERM (preemption, drain) the trainer finishes its step and saves a checkpoint before exiting.
+        "terminationGracePeriodSeconds": 300,
         "serviceAccountName": spec.service_account_name or trainer_account_name(ftj),
         "containers": [container],
         "volumes": volumes,
