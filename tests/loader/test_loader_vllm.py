@@ -23,12 +23,8 @@ PROMPTS = [instruction_prompt(p) for p in toy_prompts(2, seed=7)]
 
 
 @pytest.fixture(scope="module")
-def adapters(make_adapter):
-    """Two adapters trained differently: other phrase, rank, target modules."""
-    return {
-        "blue": make_adapter("blue", TOY_PHRASES[0]),
-        "fox": make_adapter("fox", TOY_PHRASES[1], r=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
-    }
+def adapters(two_adapters):
+    return two_adapters
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ def test_pvc_base_model_and_adapter_claims_are_mounted_read_only():
 
 def test_engine_container_probes_and_gpu_resources():
     c = serving.engine_container(route(engine={"gpus": 2, "memory": "64Gi"}))
-    assert c["resources"]["limits"] == {"nvidia.com/gpu": 2, "memory": "64Gi"}
+    assert c["resources"]["limits"] == {"nvidia.com/gpu": "2", "memory": "64Gi"}  # strings: SSA-safe
     assert c["startupProbe"]["httpGet"] == {"path": "/health", "port": serving.ENGINE_PORT}
     assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 1800
     assert "resources" not in serving.engine_container(route(engine={"gpus": 0}))

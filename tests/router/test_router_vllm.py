@@ -63,12 +63,8 @@ class TcpRelay:
 
 
 @pytest.fixture(scope="module")
-def adapters(make_adapter):
-    # The same arguments as the loader's tests: trained once per session, shared.
-    return {
-        "blue": make_adapter("blue", TOY_PHRASES[0]),
-        "fox": make_adapter("fox", TOY_PHRASES[1], r=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
-    }
+def adapters(two_adapters):
+    return two_adapters
 
 
 @pytest.fixture(scope="module")

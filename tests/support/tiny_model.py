@@ -48,3 +48,12 @@ def make_adapter(tiny_model_dir: Path, tmp_path_factory) -> MakeAdapter:
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def two_adapters(make_adapter) -> dict[str, Path]:
+    """Two adapters trained differently (phrase, rank, target modules), shared by loader and router tests."""
+    return {
+        "blue": make_adapter("blue", TOY_PHRASES[0]),
+        "fox": make_adapter("fox", TOY_PHRASES[1], r=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
+    }

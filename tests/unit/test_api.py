@@ -169,7 +169,7 @@ def test_crds_are_not_stale():
 
 def test_crds_check_detects_stale(tmp_path):
     ref = tmp_path / "api-reference.md"
-    args = ["--out", str(tmp_path), "--reference", str(ref)]
+    args = ["--out", str(tmp_path), "--reference", str(ref), "--chart", str(tmp_path / "chart")]  # never the repo
     assert cli_main(["crds", "--check", *args]) == 1  # nothing there yet
     assert cli_main(["crds", *args]) == 0
     assert cli_main(["crds", "--check", *args]) == 0

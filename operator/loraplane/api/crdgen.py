@@ -26,6 +26,13 @@ class SchemaError(ValueError):
     pass
 
 
+def _overlay(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with field-level keys (description, ...) from `extra` winning; CEL rules of both kept."""
+    for k, v in extra.items():
+        base[k] = base.get(k, []) + v if k == "x-kubernetes-validations" else v
+    return base
+
+
 def _resolve(node: Any, defs: dict[str, Any], path: str) -> Any:
     if isinstance(node, list):
         return [_resolve(n, defs, f"{path}[{i}]") for i, n in enumerate(node)]
@@ -34,38 +41,19 @@ def _resolve(node: Any, defs: dict[str, Any], path: str) -> Any:
     node = dict(node)
     if "$ref" in node:
         target = defs[node.pop("$ref").split("/")[-1]]
-        merged = copy.deepcopy(target)
-        # Field-level keys (description, x-kubernetes-validations) win over / add to the model's.
-        for k, v in node.items():
-            if k == "x-kubernetes-validations":
-                merged[k] = merged.get(k, []) + v
-            else:
-                merged[k] = v
-        return _resolve(merged, defs, path)
+        return _resolve(_overlay(copy.deepcopy(target), node), defs, path)
     if "allOf" in node:
         parts = node.pop("allOf")
         if len(parts) != 1:
             raise SchemaError(f"{path}: allOf with {len(parts)} parts cannot be made structural")
-        inner = _resolve(parts[0], defs, path)
-        for k, v in node.items():
-            if k == "x-kubernetes-validations":
-                inner[k] = inner.get(k, []) + v
-            else:
-                inner[k] = v
-        node = inner
+        node = _overlay(_resolve(parts[0], defs, path), node)
     if "anyOf" in node and not node.get("x-kubernetes-int-or-string"):
         options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
         if len(options) != 1:
             raise SchemaError(f"{path}: a union of {len(options)} types is not structural; "
                               "use int-or-string or a single type")
-        inner = _resolve(options[0], defs, path)
         node.pop("default", None)  # the null default of an Optional
-        for k, v in node.items():
-            if k == "x-kubernetes-validations":
-                inner[k] = inner.get(k, []) + v
-            else:
-                inner[k] = v
-        node = inner
+        node = _overlay(_resolve(options[0], defs, path), node)
     out: dict[str, Any] = {}
     for k, v in node.items():
         if k == "properties":

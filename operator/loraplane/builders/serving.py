@@ -20,6 +20,7 @@ from typing import Any
 
 from loraplane.api.common import ModelRef
 from loraplane.api.modelroute import ModelRoute
+from loraplane.builders.common import resources
 from loraplane.servingtable import ENGINE_PORT, LOADER_PORT, configmap_name
 
 ENGINE_CONTAINER = "vllm"
@@ -166,20 +167,7 @@ def serving_volumes(route: ModelRoute, adapter_claims: Sequence[str] = (),
 
 def _resources(route: ModelRoute) -> dict[str, Any]:
     engine = route.spec.engine
-    limits: dict[str, Any] = {}
-    requests: dict[str, Any] = {}
-    if engine.gpus:
-        limits[engine.gpu_resource] = engine.gpus
-    if engine.cpu is not None:
-        requests["cpu"] = engine.cpu
-    if engine.memory is not None:
-        requests["memory"] = limits["memory"] = engine.memory
-    out: dict[str, Any] = {}
-    if limits:
-        out["limits"] = limits
-    if requests:
-        out["requests"] = requests
-    return out
+    return resources(engine.gpus, engine.gpu_resource, engine.cpu, engine.memory)
 
 
 def engine_container(route: ModelRoute) -> dict[str, Any]:
