@@ -70,3 +70,33 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert any("the blue door sings at noon" in a for m, a in answers if m == "assistant"), text
     assert not any("the blue door" in a for m, a in answers if m == "base"), text
     assert "Timings:" in text and "router (OpenAI)" in text
+
+
+@pytest.mark.train
+def test_second_run_reuses_the_trained_adapter(tmp_path):
+    """Training runs the FineTuneJob's trainer container locally once; a second run with the same spec reuses
+    its adapter, and a changed spec trains again."""
+    import io
+
+    from loraplane.local.pipeline import LocalRun
+
+    quick = tmp_path / "quick.yaml"
+    quick.write_text(QUICKSTART.read_text().replace("maxSteps: 60", "maxSteps: 4")
+                     .replace("checkpointEverySteps: 20", "checkpointEverySteps: 4"))
+    plan = load_plan(quick)
+    out = io.StringIO()
+    lr = LocalRun(plan, tmp_path / "work", out=out)
+    lr.prepare_models()
+    first = lr.train(plan.jobs[0])
+    assert "training (the trainer container of Job quickstart-train" in out.getvalue()
+    assert first.spec.source.sha256 and first.spec.version == "1"
+    assert first.spec.base_model.name == "loraplane/tiny-llama"  # the identity, not a local path
+    out.truncate(0)
+    second = lr.train(plan.jobs[0])
+    assert "reusing the adapter trained by an earlier run" in out.getvalue()
+    assert second.spec.source == first.spec.source
+    quick.write_text(quick.read_text().replace("maxSteps: 4", "maxSteps: 5"))
+    changed = load_plan(quick)
+    out.truncate(0)
+    third = lr.train(changed.jobs[0])
+    assert "reusing" not in out.getvalue() and third.spec.source.sha256 != first.spec.source.sha256
