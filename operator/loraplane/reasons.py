@@ -40,6 +40,9 @@ REASONS: tuple[Reason, ...] = (
     _r("Running", FTJ, "Training; `status.progress` has step, loss, tokens/s and ETA.", "Nothing to do."),
     _r("Succeeded", FTJ, "Training finished; the Adapter in `status.adapterRef` holds the result.",
        "Serve it: reference the Adapter from a ModelRoute."),
+    _r("Retrying", FTJ, "A trainer pod failed and the Job starts another, which resumes from the newest "
+       "checkpoint; the message has the failed pod's reason and the retries used.",
+       "Nothing if it recovers; if the same reason repeats, fix it (the run fails at `backoffLimit`)."),
     _r("Suspended", FTJ, "`spec.suspend: true`: pods are stopped, checkpoints are kept.",
        "Set `spec.suspend: false` to resume from the newest checkpoint."),
     _r("Preempted", FTJ, "The trainer got SIGTERM (node drain, preemption), saved a checkpoint and exited; the "
@@ -114,6 +117,8 @@ REASONS: tuple[Reason, ...] = (
        "Check the URI, the credentials Secret, and that a pvc:// claim exists in the namespace."),
     _r("AccessDenied", ADAPTER, "The artifact store refused the credentials.",
        "Check `source.credentialsSecretRef`."),
+    _r("Fetching", ADAPTER, "The loader is downloading or copying the artifact into its cache.",
+       "Wait; large artifacts over slow links take a while (the loader's load-time metrics show it)."),
     _r("Loading", ADAPTER, "Fetching, checking or loading into vLLM is in progress on some replica.",
        "Wait; activation takes seconds once vLLM is up."),
     _r("Loaded", ADAPTER, "Loaded and smoke-tested on at least one replica (`status.loadedOn`).", "Nothing to do."),

@@ -41,6 +41,21 @@ def test_every_emitted_reason_is_documented():
     assert not undocumented, f"add these to operator/loraplane/reasons.py (or NOT_REASONS): {undocumented}"
 
 
+def test_single_word_reasons_documented():
+    # One-word reasons escape the CamelCase scan above: the loader's report reasons and the condition reasons
+    # the controllers set.
+    import inspect
+
+    from loraplane.controllers import adapter, finetunejob, modelroute
+    from loraplane.loader import reconciler
+
+    src = inspect.getsource(reconciler) + "".join(inspect.getsource(m) for m in (adapter, finetunejob, modelroute))
+    used = set(re.findall(r'move\("[A-Za-z]+", "([A-Z][a-z]+)"', src))
+    used |= set(re.findall(r'"(?:True|False|Unknown)", "([A-Z][a-z]+)"', src))
+    used |= set(re.findall(r'\("(Retrying)", ', src))
+    assert used and used <= set(reasons.BY_NAME), used - set(reasons.BY_NAME)
+
+
 def test_trainer_failure_reasons_documented():
     missing = set(EXIT_CODES) - set(reasons.BY_NAME) - {"Ok", "OK"}
     assert not missing
