@@ -52,7 +52,6 @@ def test_engine_env_enables_runtime_lora_and_passes_user_env_last():
     ("pvc://models/llama/8b", "/mnt/pvc/models/llama/8b"),
     ("file:///data/llama", "/data/llama"),
     ("/data/llama", "/data/llama"),
-    ("s3://bucket/llama", serving.FETCHED_MODEL_PATH),
 ])
 def test_uri_base_models_are_served_from_their_path_in_the_pod(uri, model):
     r = route(baseModel={"uri": uri})

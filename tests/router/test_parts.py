@@ -106,7 +106,7 @@ def test_the_operators_router_command_line_is_accepted():
 
     route = ModelRoute.model_validate({
         "apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute", "metadata": {"name": "chat", "namespace": "ml"},
-        "spec": {"baseModel": {"uri": "s3://models/base"}, "router": {"apiKeySecretRef": {"name": "keys"}}}})
+        "spec": {"baseModel": {"uri": "pvc://models/base"}, "router": {"apiKeySecretRef": {"name": "keys"}}}})
     parser = argparse.ArgumentParser()
     add_router_arguments(parser)
     args = parser.parse_args(router_args(route))

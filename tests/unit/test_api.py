@@ -118,6 +118,13 @@ def test_more_cel_rules():
     minmax["spec"]["autoscaling"].update(minReplicas=5, maxReplicas=2)
     with pytest.raises(ValidationError, match="minReplicas must be <= "):
         parse(minmax)
+    s3 = copy.deepcopy(route)
+    s3["spec"]["baseModel"] = {"uri": "s3://models/llama"}
+    with pytest.raises(ValidationError, match="s3:// and https:// base models are not served yet"):
+        parse(s3)
+    pvc = copy.deepcopy(route)
+    pvc["spec"]["baseModel"] = {"uri": "pvc://models/llama"}
+    assert parse(pvc).spec.base_model.uri == "pvc://models/llama"
     single = copy.deepcopy(route)
     single["spec"]["routes"] = [{"name": "x", "backends": [{"adapter": "a"}]}]  # weight defaults to 100
     assert parse(single).spec.routes[0].backends[0].weight == 100

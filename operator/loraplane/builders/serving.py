@@ -30,8 +30,6 @@ ADAPTER_CACHE_PATH = "/var/cache/loraplane/adapters"
 MODEL_CACHE_VOLUME = "model-cache"
 MODEL_CACHE_PATH = "/models"
 HF_HOME = f"{MODEL_CACHE_PATH}/hf"
-# Where a base model fetched from s3:// or https:// is unpacked (by the operator's init container).
-FETCHED_MODEL_PATH = f"{MODEL_CACHE_PATH}/base"
 PVC_ROOT = "/mnt/pvc"
 # Startup budget of vLLM before the kubelet restarts it: downloads and compiles of big models take minutes.
 ENGINE_STARTUP_SECONDS = 1800
@@ -72,7 +70,9 @@ def model_location(ref: ModelRef) -> str:
     if ref.name:
         return ref.name
     assert ref.uri, "ModelRef has neither name nor uri (the API model forbids this)"
-    return local_path_of_uri(ref.uri) or FETCHED_MODEL_PATH
+    path = local_path_of_uri(ref.uri)
+    assert path, "a ModelRoute's base model is a hub id or on a PVC (ModelRouteSpec's CEL rule refuses others)"
+    return path
 
 
 def model_path_in_replica(ref: ModelRef) -> str | None:
