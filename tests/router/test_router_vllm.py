@@ -178,9 +178,16 @@ async def test_replica_taken_down_mid_test_is_avoided(vllm_server, loader, tmp_p
                 status, answer, _ = await complete(c, "blue", max_tokens=2)
                 assert status == 200, answer
                 await asyncio.sleep(0.2)
-            async with c.get("/metrics") as resp:
-                metrics = await resp.text()
-            assert f'loraplane_router_replica_up{{replica="127.0.0.1:{relay_port}"}} 0.0' in metrics
+            # And it is reported down: within a few polls (bounded wait; polls are slower on a busy machine).
+            down = f'loraplane_router_replica_up{{replica="127.0.0.1:{relay_port}"}} 0.0'
+            deadline = asyncio.get_running_loop().time() + 15
+            while True:
+                async with c.get("/metrics") as resp:
+                    metrics = await resp.text()
+                if down in metrics or asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            assert down in metrics
     finally:
         if relay.server.is_serving():
             await relay.stop()
