@@ -52,7 +52,7 @@ def labels(**kw) -> tuple:
     return tuple(sorted(kw.items()))
 
 
-async def wait_for(predicate, timeout=5.0):
+async def wait_for(predicate, timeout=15.0):  # generous: CI machines are busy
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
