@@ -8,18 +8,17 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from loraplane.api.adapter import Adapter, AdapterStatus, LoadedOn
-from loraplane.api.common import set_condition
+from loraplane.api.common import API_VERSION
 from loraplane.api.modelroute import ModelRoute
 from loraplane.builders.serving_table import Verdict, check_compatibility, selector_matches
 from loraplane.cli_crds import format_validation_error
-from loraplane.controllers.finetunejob import _write_invalid
 from loraplane.controllers.modelroute import pod_ready, replica_report
-from loraplane.controllers.runtime import Key, dump_status, status_patch
+from loraplane.controllers.runtime import Key, dump_status, owned_status, status_patch, write_invalid
 
 if TYPE_CHECKING:
     from loraplane.controllers.operator import Operator
 
-API = "loraplane.io/v1alpha1"
+API = API_VERSION
 OWNED_STATUS = ("phase", "observedGeneration", "conditions", "version", "servedName", "routes", "loadedOn",
                 "acceptedBaseModel")
 FAILED_STATES = ("Failed", "Incompatible")
@@ -116,12 +115,9 @@ async def reconcile(op: "Operator", key: Key) -> None:
         if op.adapter_rejections.get(key) != Verdict(False, "InvalidSpec", message):
             op.adapter_rejections[key] = Verdict(False, "InvalidSpec", message)
             op.schedule_routes(ns)
-        await _write_invalid(op, body, current, generation, message)
+        await write_invalid(op, body, current, generation, message)
         return
-    try:
-        previous = AdapterStatus.model_validate({k: v for k, v in current.items() if k in OWNED_STATUS})
-    except ValidationError:
-        previous = AdapterStatus()
+    previous = owned_status(AdapterStatus, current, OWNED_STATUS)
     rejection = None
     accepted = previous.accepted_base_model
     if accepted is not None and accepted != adapter.spec.base_model:

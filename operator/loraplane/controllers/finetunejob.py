@@ -14,17 +14,17 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from loraplane.api.adapter import Adapter
-from loraplane.api.common import now_rfc3339, set_condition
+from loraplane.api.common import API_VERSION, now_rfc3339, set_condition
 from loraplane.api.finetunejob import AdapterRef, ArtifactRef, Failure, FineTuneJob, FineTuneJobStatus
 from loraplane.builders import training
 from loraplane.cli_crds import format_validation_error
-from loraplane.controllers.runtime import Key, dump_status, status_patch
+from loraplane.controllers.runtime import Key, dump_status, owned_status, status_patch, write_invalid
 from loraplane.trainer.errors import REASONS_BY_EXIT_CODE
 
 if TYPE_CHECKING:
     from loraplane.controllers.operator import Operator
 
-API = "loraplane.io/v1alpha1"
+API = API_VERSION
 OWNED_STATUS = ("phase", "observedGeneration", "conditions", "startTime", "completionTime", "jobName", "attempts",
                 "adapterRef", "artifact", "failure")
 # Fields a running job may change; everything else in the spec is fixed once the Job exists.
@@ -164,13 +164,10 @@ async def reconcile(op: "Operator", key: Key) -> None:
     generation = meta.get("generation")
     current = body.get("status") or {}
     if isinstance(ftj, ValidationError):
-        await _write_invalid(op, body, current, generation, format_validation_error(ftj, "spec field "))
+        await write_invalid(op, body, current, generation, format_validation_error(ftj, "spec field "))
         return
     ns, name = key
-    try:
-        status = FineTuneJobStatus.model_validate({k: v for k, v in current.items() if k in OWNED_STATUS})
-    except ValidationError:
-        status = FineTuneJobStatus()
+    status = owned_status(FineTuneJobStatus, current, OWNED_STATUS)
     settings = op.settings.build
     config = training.trainer_config(ftj, settings)
     accepted = await op.accepted_ftj_spec(ftj) if current else None  # never reconciled: nothing accepted yet
@@ -249,22 +246,6 @@ async def reconcile(op: "Operator", key: Key) -> None:
         event = ("Warning", ready[1], ready[2])
     if event:
         await op.events.post(body, *event)
-
-
-async def _write_invalid(op: "Operator", body: dict, current: dict, generation: int | None, message: str) -> None:
-    conditions = FineTuneJobStatus.model_validate(
-        {"conditions": current.get("conditions") or []}).conditions if current.get("conditions") else []
-    conditions = set_condition(conditions, "Ready", "False", "InvalidSpec", message,
-                               observed_generation=generation)
-    desired = {"observedGeneration": generation,
-               "conditions": [c.model_dump(by_alias=True, exclude_none=True) for c in conditions]}
-    patch = status_patch(current, desired, ("observedGeneration", "conditions"))
-    if patch:
-        ns, name = body["metadata"].get("namespace"), body["metadata"]["name"]
-        await op.kube.patch_status(body.get("apiVersion", API), body["kind"], ns, name, patch)
-        old = [c for c in current.get("conditions") or [] if c.get("type") == "Ready"]
-        if not old or old[0].get("reason") != "InvalidSpec" or old[0].get("message") != message:
-            await op.events.post(body, "Warning", "InvalidSpec", message)
 
 
 async def ensure_adapter(op: "Operator", ftj: FineTuneJob, uri: str, sha: str | None, result: dict,

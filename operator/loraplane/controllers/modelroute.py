@@ -8,19 +8,18 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from loraplane.api.adapter import Adapter
-from loraplane.api.common import set_condition
+from loraplane.api.common import API_VERSION, set_condition
 from loraplane.api.modelroute import BackendStatus, ModelRoute, ModelRouteStatus, ServedModel
 from loraplane.builders import modelroute as builders
 from loraplane.builders.serving_table import Resolution, resolve
 from loraplane.cli_crds import format_validation_error
-from loraplane.controllers.finetunejob import _write_invalid
-from loraplane.controllers.runtime import Key, dump_status, status_patch
+from loraplane.controllers.runtime import Key, dump_status, owned_status, status_patch, write_invalid
 from loraplane.servingtable import REPORT_ANNOTATION, ReplicaReport, ServingTable
 
 if TYPE_CHECKING:
     from loraplane.controllers.operator import Operator
 
-API = "loraplane.io/v1alpha1"
+API = API_VERSION
 OWNED_STATUS = ("phase", "observedGeneration", "conditions", "replicas", "readyReplicas", "endpoint", "models")
 
 
@@ -136,13 +135,10 @@ async def reconcile(op: "Operator", key: Key) -> None:
     generation = body["metadata"].get("generation")
     current = body.get("status") or {}
     if isinstance(route, ValidationError):
-        await _write_invalid(op, body, current, generation, format_validation_error(route, "spec field "))
+        await write_invalid(op, body, current, generation, format_validation_error(route, "spec field "))
         return
     ns, name = key
-    try:
-        previous = ModelRouteStatus.model_validate({k: v for k, v in current.items() if k in OWNED_STATUS})
-    except ValidationError:
-        previous = ModelRouteStatus()
+    previous = owned_status(ModelRouteStatus, current, OWNED_STATUS)
     adapters = [a for a in (op.adapters.parsed(k, Adapter) for k in list(op.adapters.objects) if k[0] == ns)
                 if isinstance(a, Adapter)]
     resolution = resolve(route, adapters, op.rejected_adapters(ns))

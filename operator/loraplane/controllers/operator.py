@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from loraplane.api.common import API_VERSION
 from loraplane.api.adapter import AdapterStatus
 from loraplane.api.finetunejob import FineTuneJob, FineTuneJobStatus
 from loraplane.api.modelroute import ModelRoute, ModelRouteStatus
@@ -27,7 +28,7 @@ from loraplane.controllers.runtime import Applier, Events, Key, OperatorSettings
 from loraplane.servingtable import CONFIGMAP_KEY, REPORT_ANNOTATION, ROUTE_LABEL, configmap_name
 
 log = logging.getLogger("loraplane.operator")
-API = "loraplane.io/v1alpha1"
+API = API_VERSION
 # How long adapter changes are gathered before the routes of their namespace re-resolve their tables.
 ROUTE_BATCH_SECONDS = 0.5
 

@@ -23,6 +23,7 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ValidationError
 
+from loraplane.api.common import API_VERSION, StatusBase, set_condition
 from loraplane.builders.common import HASH_ANNOTATION
 from loraplane.builders.defaults import BuildSettings
 from loraplane.controllers.kube import ApiError, KubeClient
@@ -304,6 +305,32 @@ class Applier:
     def forget(self, namespace: str, name_prefix: str = "") -> None:
         for ident in [i for i in self._known if i[2] == namespace and i[3].startswith(name_prefix)]:
             del self._known[ident]
+
+
+def owned_status(status_cls: type[StatusBase], current: dict, owned: tuple[str, ...]) -> StatusBase:
+    """The part of the stored status this controller owns, parsed; empty when it is unreadable (a status
+    written by an older version, or by hand), since the reconcile recomputes it anyway."""
+    try:
+        return status_cls.model_validate({k: v for k, v in current.items() if k in owned})
+    except ValidationError:
+        return status_cls()
+
+
+async def write_invalid(op, body: dict, current: dict, generation: int | None, message: str) -> None:
+    """Ready=False, reason InvalidSpec, naming the field; a Warning Event when the message is new."""
+    conditions = StatusBase.model_validate(
+        {"conditions": current.get("conditions") or []}).conditions if current.get("conditions") else []
+    conditions = set_condition(conditions, "Ready", "False", "InvalidSpec", message,
+                               observed_generation=generation)
+    desired = {"observedGeneration": generation,
+               "conditions": [c.model_dump(by_alias=True, exclude_none=True) for c in conditions]}
+    patch = status_patch(current, desired, ("observedGeneration", "conditions"))
+    if patch:
+        ns, name = body["metadata"].get("namespace"), body["metadata"]["name"]
+        await op.kube.patch_status(body.get("apiVersion", API_VERSION), body["kind"], ns, name, patch)
+        old = [c for c in current.get("conditions") or [] if c.get("type") == "Ready"]
+        if not old or old[0].get("reason") != "InvalidSpec" or old[0].get("message") != message:
+            await op.events.post(body, "Warning", "InvalidSpec", message)
 
 
 def status_patch(current: dict | None, desired: dict, owned: tuple[str, ...]) -> dict:
