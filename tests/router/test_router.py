@@ -495,6 +495,33 @@ async def test_one_failed_status_poll_does_not_take_a_replica_out(started, tmp_p
             assert resp.status == 200
 
 
+async def test_replica_whose_vllm_is_unreachable_is_down_even_without_traffic(started, tmp_path):
+    """Its loader still says vLLM is up (same pod, so it can reach it) but the router cannot: the poll alone
+    takes it out, before any request pays for finding out, and the up gauge says so."""
+    from loraplane.local.processes import free_port
+
+    a, b = await started(StubReplica("a", adapters={"v1"}), StubReplica("b", adapters={"v1"}))
+    unreachable = f"http://127.0.0.1:{free_port()},{a.status_url}"  # nothing listens on the engine port
+    async with running_router(tmp_path, [unreachable, b.spec], table_json({"chat": [("v1", 100)]}),
+                              poll_interval=300) as (svc, c):
+        await svc.pool.poll_once(svc._poll_session)
+        m = await metric_samples(c)
+        dead = svc.pool.replicas[0].name
+        assert m[("loraplane_router_replica_up", labels(replica=dead))] == 0
+        assert m[("loraplane_router_replica_up", labels(replica=b.server.make_url("").host + ":" +
+                                                        str(b.server.port)))] == 1
+        for _ in range(4):
+            async with c.post("/v1/completions", json={"model": "chat", "prompt": "p"}) as resp:
+                assert resp.status == 200 and (await resp.json())["replica"] == "b"
+        m = await metric_samples(c)
+        assert m.get(("loraplane_router_retries_total", labels(backend="v1", model="chat")), 0) == 0  # none tried it
+        # vLLM answers again on the next poll (here: the replica is now reachable through b): back in rotation.
+        svc.pool.replicas[0].engine_url = b.engine_url
+        svc.pool.replicas[0].host, svc.pool.replicas[0].port = "127.0.0.1", b.server.port
+        await svc.pool.poll_once(svc._poll_session)
+        assert svc.pool.replicas[0].usable()
+
+
 async def test_slow_client_pauses_the_replica_instead_of_buffering(started, tmp_path):
     a = await started(StubReplica("a", adapters={"v1"}, big_stream=200))  # 12.5 MiB of events
     async with running_router(tmp_path, [a.spec], table_json({"chat": [("v1", 100)]})) as (svc, c):

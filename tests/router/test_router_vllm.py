@@ -33,6 +33,7 @@ class TcpRelay:
         self.server: asyncio.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []
         self.connections = 0
+        self.stopped = False
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -42,6 +43,10 @@ class TcpRelay:
         self.connections += 1
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self.writers += [writer, up_writer]
+        if self.stopped:  # accepted just before stop(): it must not outlive it
+            writer.close()
+            up_writer.close()
+            return
 
         async def pipe(src, dst):
             try:
@@ -56,6 +61,7 @@ class TcpRelay:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
     async def stop(self) -> None:
+        self.stopped = True
         self.server.close()
         for w in self.writers:
             w.close()

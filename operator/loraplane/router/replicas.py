@@ -194,6 +194,13 @@ class ReplicaPool:
                         engine_reached = True
                         if resp.status == 200:
                             load = parse_engine_load(await resp.read())
+                except aiohttp.ClientConnectorError:
+                    # The loader answers but vLLM cannot be reached from here (its port closed, a network
+                    # policy): out of rotation now, as a refused proxy connection would do; a later poll
+                    # that reaches vLLM brings it back. Without this a replica traffic never tries stays "up".
+                    if not r.failed_at:
+                        log.warning("replica %s: its loader answers but vLLM does not; not routing to it", r.name)
+                    r.failed_at = time.monotonic()
                 except (aiohttp.ClientError, asyncio.TimeoutError):
                     pass  # the load figure is advisory; readiness came from the status above
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
