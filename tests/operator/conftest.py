@@ -1,4 +1,8 @@
-"""The real operator, started once per session against the session's real kube-apiserver."""
+"""The real operator, started once per test module against the session's real kube-apiserver.
+
+Module scope, not session: it watches every namespace, so left running it would also reconcile what later
+test modules create for their own operator (the chart's namespaced install) and the two would fight.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import pytest
 from operator_process import OperatorProcess
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def operator(kube_cluster, crds_installed, tmp_path_factory):
     proc = OperatorProcess(kube_cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log").start()
     yield proc
