@@ -11,7 +11,7 @@ import time
 import pytest
 
 from loader.adapters import write_adapter
-from loader.running import desired
+from support.loader_run import desired
 from loraplane.servingtable import CONFIGMAP_KEY, REPORT_ANNOTATION, ReplicaReport, ServingTable
 from loraplane.tinymodel import MODEL_NAME
 from support.vllm_server import free_port

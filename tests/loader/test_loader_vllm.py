@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from loader.adapters import write_adapter
-from loader.running import LoaderRun, complete, desired, engine_adapters
+from support.loader_run import LoaderRun, complete, desired, engine_adapters
 from support.tiny_model import TOY_PHRASES, instruction_prompt, toy_prompts
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]

@@ -16,7 +16,7 @@ import json
 
 import pytest
 
-from loader.running import LoaderRun, desired
+from support.loader_run import LoaderRun, desired
 from router.running import running_router, table_json
 from support.tiny_model import TOY_PHRASES, instruction_prompt, toy_prompts
 
