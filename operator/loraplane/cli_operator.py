@@ -20,6 +20,8 @@ def add_operator_arguments(p: argparse.ArgumentParser) -> None:
                    help="loraplane image for the loader sidecar, router and trainer")
     p.add_argument("--trainer-image", default=os.environ.get("LORAPLANE_TRAINER_IMAGE"),
                    help="trainer image (default: --image)")
+    p.add_argument("--engine-image", default=os.environ.get("LORAPLANE_ENGINE_IMAGE", d.engine_image),
+                   help="vLLM image of ModelRoutes without spec.engine.image")
     p.add_argument("--artifact-store", default=os.environ.get("LORAPLANE_ARTIFACT_STORE", d.artifact_store),
                    help="where jobs without spec.output.uri write adapters")
     p.add_argument("--hpa-api-version", default=os.environ.get("LORAPLANE_HPA_API_VERSION", d.hpa_api_version),
@@ -41,6 +43,7 @@ def operator_main(args: argparse.Namespace) -> int:
         args.namespace = [n for n in os.environ.get("LORAPLANE_NAMESPACES", "").split(",") if n]
     env = {
         "LORAPLANE_IMAGE": args.image, "LORAPLANE_TRAINER_IMAGE": args.trainer_image or "",
+        "LORAPLANE_ENGINE_IMAGE": args.engine_image,
         "LORAPLANE_ARTIFACT_STORE": args.artifact_store, "LORAPLANE_HPA_API_VERSION": args.hpa_api_version,
         "LORAPLANE_PDB_API_VERSION": args.pdb_api_version, "LORAPLANE_METRICS_PORT": str(args.metrics_port),
         "LORAPLANE_RESYNC_SECONDS": str(args.resync_seconds), "LORAPLANE_NAMESPACES": ",".join(args.namespace),

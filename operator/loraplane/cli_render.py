@@ -19,6 +19,8 @@ def add_render_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--namespace", default="default", help="namespace of manifests that set none (default: default)")
     p.add_argument("--image", default=d.image, help=f"loraplane image (loader, router, trainer) [{d.image}]")
     p.add_argument("--trainer-image", default=None, help="trainer image (default: --image)")
+    p.add_argument("--engine-image", default=d.engine_image,
+                   help=f"vLLM image of ModelRoutes without spec.engine.image [{d.engine_image}]")
     p.add_argument("--artifact-store", default=d.artifact_store,
                    help=f"where jobs without spec.output.uri write adapters [{d.artifact_store}]")
     p.add_argument("--hpa-api-version", default=d.hpa_api_version,
@@ -28,7 +30,8 @@ def add_render_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> BuildSettings:
-    return BuildSettings(image=args.image, trainer_image=args.trainer_image, artifact_store=args.artifact_store,
+    return BuildSettings(image=args.image, trainer_image=args.trainer_image,
+                         engine_image=args.engine_image, artifact_store=args.artifact_store,
                          hpa_api_version=args.hpa_api_version, pdb_api_version=args.pdb_api_version)
 
 

@@ -32,7 +32,9 @@ VALUE_SETS = {
     "crds-off-no-metrics": {"crds": {"enabled": False}, "metrics": {"enabled": False}, "rbac": {"keda": False}},
     "pinned-images": {"image": {"repository": "registry.example.com/lp/loraplane",
                                 "digest": "sha256:" + "a" * 64},
-                      "trainerImage": {"repository": "registry.example.com/lp/trainer", "tag": "0.1.0-cu128"}},
+                      "trainerImage": {"repository": "registry.example.com/lp/trainer", "tag": "0.1.0-cu128"},
+                      "engineImage": {"repository": "registry.example.com/mirror/vllm-openai",
+                                      "digest": "sha256:" + "b" * 64}},
     "old-cluster-apis": {"operator": {"hpaApiVersion": "autoscaling/v2beta2", "pdbApiVersion": "policy/v1beta1"}},
 }
 RECOMMENDED_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
@@ -95,6 +97,7 @@ BAD_VALUES = [
     ("pull policy", {"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
     ("malformed digest", {"image": {"digest": "sha256:xyz"}}, "digest"),
     ("tag with a colon", {"trainerImage": {"tag": "v1:latest"}}, "tag"),
+    ("vLLM image without tag or digest", {"engineImage": {"tag": ""}}, "engineImage"),
     ("namespace not a DNS label", {"watch": {"namespaces": ["Team_A"]}}, "namespaces"),
     ("namespace listed twice", {"watch": {"namespaces": ["a", "a"]}}, "namespaces"),
     ("port as a string", {"metrics": {"port": "http"}}, "port"),
@@ -167,12 +170,16 @@ def test_images_and_settings_are_values():
     env = env_of(operator_container(objects()))
     assert env["LORAPLANE_IMAGE"] == "ghcr.io/loraplane/loraplane:0.1.0"  # tag defaults to appVersion
     assert env["LORAPLANE_TRAINER_IMAGE"] == "ghcr.io/loraplane/loraplane-trainer:0.1.0"
+    # vLLM's own release, never the chart's appVersion; the same default the operator has without the chart
+    from loraplane.builders.defaults import DEFAULT_ENGINE_IMAGE
+    assert env["LORAPLANE_ENGINE_IMAGE"] == DEFAULT_ENGINE_IMAGE
     assert env["LORAPLANE_NAMESPACES"] == ""
     objs = objects(VALUE_SETS["pinned-images"])
     c = operator_container(objs)
     assert c["image"] == "registry.example.com/lp/loraplane@sha256:" + "a" * 64  # digest wins over the tag
     assert env_of(c)["LORAPLANE_IMAGE"] == c["image"]
     assert env_of(c)["LORAPLANE_TRAINER_IMAGE"] == "registry.example.com/lp/trainer:0.1.0-cu128"
+    assert env_of(c)["LORAPLANE_ENGINE_IMAGE"] == "registry.example.com/mirror/vllm-openai@sha256:" + "b" * 64
     c = operator_container(objects(VALUE_SETS["namespaced"]))
     assert env_of(c)["LORAPLANE_NAMESPACES"] == "team-a,team-b"
     assert c["args"] == ["--namespace=team-a", "--namespace=team-b"]  # what kopf watches

@@ -170,6 +170,22 @@ def test_modelroute_children_and_autoscaler_variants():
     assert trig["metadata"]["threshold"] == "5.0"
 
 
+def test_engine_image_comes_from_the_route_else_the_operator_setting():
+    route = with_uid(example("ModelRoute"))
+    table = resolve(route, []).table
+
+    def engine_image(r, settings):
+        pod = modelroute.engine_deployment(r, table, settings)["spec"]["template"]["spec"]
+        return next(c["image"] for c in pod["containers"] if c["name"] == "vllm")
+
+    pinned = route.spec.engine.image
+    assert pinned and engine_image(route, BuildSettings(engine_image="mirror.example/vllm:x")) == pinned
+    unpinned = route.model_copy(deep=True)
+    unpinned.spec.engine.image = None
+    assert engine_image(unpinned, BuildSettings()) == "vllm/vllm-openai:v0.11.0"
+    assert engine_image(unpinned, BuildSettings(engine_image="mirror.example/vllm:x")) == "mirror.example/vllm:x"
+
+
 def test_serving_table_resolves_references_selectors_and_compatibility():
     route = example("ModelRoute")
     adapters = [a for a in load_examples() if a.kind == "Adapter"]

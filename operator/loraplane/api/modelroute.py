@@ -24,7 +24,9 @@ from loraplane.api.finetunejob import immutable
 class EngineSpec(ApiModel):
     """The vLLM server each replica runs."""
 
-    image: str = Field(default="vllm/vllm-openai:v0.11.0", description="vLLM OpenAI-compatible server image.")
+    image: str | None = Field(default=None, description=(
+        "vLLM OpenAI-compatible server image. Default: the operator's engine image (chart value `engineImage`, "
+        "vllm/vllm-openai:v0.11.0 unless the platform team mirrors it); set it here to pin one route."))
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_model_len: int | None = Field(default=None, ge=16, description="Context length (--max-model-len).")
     max_loras: int = Field(default=4, ge=1, le=256, description="Adapters in one batch (--max-loras).")

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from loraplane import __version__ as _version
 
 DEFAULT_IMAGE = f"ghcr.io/loraplane/loraplane:{_version}"
+# The vLLM release the loader and router are tested against (its LoRA API and metric names).
+DEFAULT_ENGINE_IMAGE = "vllm/vllm-openai:v0.11.0"
 
 
 @dataclass(frozen=True)
@@ -14,6 +16,8 @@ class BuildSettings:
     # The image with the loraplane package: trainer, adapter loader and router (one image, three entry points).
     image: str = DEFAULT_IMAGE
     trainer_image: str | None = None          # default: `image` (with torch/peft for GPU training)
+    # vLLM of ModelRoutes that set no spec.engine.image (a mirror in air-gapped clusters).
+    engine_image: str = DEFAULT_ENGINE_IMAGE
     # Where a FineTuneJob without spec.output.uri writes its adapter: <artifact_store>/<namespace>/<job>.
     artifact_store: str = "pvc://loraplane-artifacts"
     # autoscaling/v2 is GA from Kubernetes 1.23; older clusters (and the 1.20 test server) serve v2beta2.

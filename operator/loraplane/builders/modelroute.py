@@ -122,7 +122,7 @@ def engine_deployment(route: ModelRoute, table: ServingTable, settings: BuildSet
     ns = namespace_of(route)
     pod_spec: dict[str, Any] = {
         "serviceAccountName": engine_name(route),
-        "containers": [stringify_quantities(serving.engine_container(route)),
+        "containers": [stringify_quantities(serving.engine_container(route, settings.engine_image)),
                        stringify_quantities(serving.loader_container(route, ns, settings.image,
                                                                      adapter_claims=adapter_claims(table)))],
         "volumes": serving.serving_volumes(route, adapter_claims(table)),

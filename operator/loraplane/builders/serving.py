@@ -21,6 +21,7 @@ from typing import Any
 from loraplane.api.common import ModelRef
 from loraplane.api.modelroute import ModelRoute
 from loraplane.builders.common import resources
+from loraplane.builders.defaults import DEFAULT_ENGINE_IMAGE
 from loraplane.servingtable import ENGINE_PORT, LOADER_PORT, configmap_name
 
 ENGINE_CONTAINER = "vllm"
@@ -170,11 +171,11 @@ def _resources(route: ModelRoute) -> dict[str, Any]:
     return resources(engine.gpus, engine.gpu_resource, engine.cpu, engine.memory)
 
 
-def engine_container(route: ModelRoute) -> dict[str, Any]:
+def engine_container(route: ModelRoute, default_image: str = DEFAULT_ENGINE_IMAGE) -> dict[str, Any]:
     health = {"httpGet": {"path": "/health", "port": ENGINE_PORT}}
     container: dict[str, Any] = {
         "name": ENGINE_CONTAINER,
-        "image": route.spec.engine.image,
+        "image": route.spec.engine.image or default_image,
         "command": engine_command(route),
         "env": engine_env(route),
         "ports": [{"name": "http", "containerPort": ENGINE_PORT}],

@@ -54,6 +54,7 @@ class OperatorSettings:
         d = BuildSettings()
         return cls(
             build=BuildSettings(image=e("LORAPLANE_IMAGE", d.image), trainer_image=e("LORAPLANE_TRAINER_IMAGE"),
+                                engine_image=e("LORAPLANE_ENGINE_IMAGE", d.engine_image),
                                 artifact_store=e("LORAPLANE_ARTIFACT_STORE", d.artifact_store),
                                 hpa_api_version=e("LORAPLANE_HPA_API_VERSION", d.hpa_api_version),
                                 pdb_api_version=e("LORAPLANE_PDB_API_VERSION", d.pdb_api_version)),
