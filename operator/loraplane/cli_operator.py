@@ -28,6 +28,9 @@ def add_operator_arguments(p: argparse.ArgumentParser) -> None:
                    help="autoscaling/v2 (Kubernetes >= 1.23) or autoscaling/v2beta2")
     p.add_argument("--pdb-api-version", default=os.environ.get("LORAPLANE_PDB_API_VERSION", d.pdb_api_version),
                    help="policy/v1 (Kubernetes >= 1.21) or policy/v1beta1")
+    p.add_argument("--pod-failure-policy", choices=("true", "false"),
+                   default=os.environ.get("LORAPLANE_POD_FAILURE_POLICY", "true").lower(),
+                   help="give training Jobs a podFailurePolicy (Kubernetes >= 1.26; false before)")
     p.add_argument("--metrics-port", type=int, default=int(os.environ.get("LORAPLANE_METRICS_PORT", "8080")),
                    help="port of /metrics and /healthz")
     p.add_argument("--resync-seconds", type=float,
@@ -45,7 +48,8 @@ def operator_main(args: argparse.Namespace) -> int:
         "LORAPLANE_IMAGE": args.image, "LORAPLANE_TRAINER_IMAGE": args.trainer_image or "",
         "LORAPLANE_ENGINE_IMAGE": args.engine_image,
         "LORAPLANE_ARTIFACT_STORE": args.artifact_store, "LORAPLANE_HPA_API_VERSION": args.hpa_api_version,
-        "LORAPLANE_PDB_API_VERSION": args.pdb_api_version, "LORAPLANE_METRICS_PORT": str(args.metrics_port),
+        "LORAPLANE_PDB_API_VERSION": args.pdb_api_version,
+        "LORAPLANE_POD_FAILURE_POLICY": args.pod_failure_policy, "LORAPLANE_METRICS_PORT": str(args.metrics_port),
         "LORAPLANE_RESYNC_SECONDS": str(args.resync_seconds), "LORAPLANE_NAMESPACES": ",".join(args.namespace),
     }
     os.environ.update({k: v for k, v in env.items() if v})

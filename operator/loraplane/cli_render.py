@@ -27,12 +27,15 @@ def add_render_arguments(p: argparse.ArgumentParser) -> None:
                    help="autoscaling/v2 (Kubernetes >= 1.23) or autoscaling/v2beta2")
     p.add_argument("--pdb-api-version", default=d.pdb_api_version,
                    help="policy/v1 (Kubernetes >= 1.21) or policy/v1beta1")
+    p.add_argument("--pod-failure-policy", choices=("true", "false"), default="true",
+                   help="give training Jobs a podFailurePolicy (Kubernetes >= 1.26) [true]")
 
 
 def settings_from_args(args: argparse.Namespace) -> BuildSettings:
     return BuildSettings(image=args.image, trainer_image=args.trainer_image,
                          engine_image=args.engine_image, artifact_store=args.artifact_store,
-                         hpa_api_version=args.hpa_api_version, pdb_api_version=args.pdb_api_version)
+                         hpa_api_version=args.hpa_api_version, pdb_api_version=args.pdb_api_version,
+                         pod_failure_policy=args.pod_failure_policy == "true")
 
 
 def render_main(args: argparse.Namespace) -> int:

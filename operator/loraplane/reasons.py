@@ -42,11 +42,15 @@ REASONS: tuple[Reason, ...] = (
        "Serve it: reference the Adapter from a ModelRoute."),
     _r("Retrying", FTJ, "A trainer pod failed and the Job starts another, which resumes from the newest "
        "checkpoint; the message has the failed pod's reason and the retries used.",
-       "Nothing if it recovers; if the same reason repeats, fix it (the run fails at `backoffLimit`)."),
+       "Nothing if it recovers; if the same reason repeats, fix it (the run fails at `backoffLimit`). Input "
+       "errors (InvalidConfig, InvalidDataset, DatasetNotFound, DatasetAccessDenied, ModelNotFound, "
+       "TargetModulesNotFound) are not retried where the Job has a podFailurePolicy: the run fails at once."),
     _r("Suspended", FTJ, "`spec.suspend: true`: pods are stopped, checkpoints are kept.",
        "Set `spec.suspend: false` to resume from the newest checkpoint."),
-    _r("Preempted", FTJ, "The trainer got SIGTERM (node drain, preemption), saved a checkpoint and exited; the "
-       "next pod resumes from it.", "Nothing, unless it repeats: then look at node pressure or spot interruptions."),
+    _r("Preempted", FTJ, "The trainer pod was preempted, evicted or drained (after SIGTERM it saves a checkpoint "
+       "and exits); the next pod resumes from it. With the Job's podFailurePolicy (Kubernetes >= 1.26) this does "
+       "not use up `backoffLimit`.",
+       "Nothing, unless it repeats: then look at node pressure or spot interruptions."),
     _r("InvalidConfig", FTJ, "The trainer refused its configuration (e.g. an output location it cannot write).",
        "Read the message; fix the named field."),
     _r("InvalidDataset", FTJ, "The dataset is readable but wrong: empty, not JSON lines, missing the fields the "

@@ -35,7 +35,8 @@ VALUE_SETS = {
                       "trainerImage": {"repository": "registry.example.com/lp/trainer", "tag": "0.1.0-cu128"},
                       "engineImage": {"repository": "registry.example.com/mirror/vllm-openai",
                                       "digest": "sha256:" + "b" * 64}},
-    "old-cluster-apis": {"operator": {"hpaApiVersion": "autoscaling/v2beta2", "pdbApiVersion": "policy/v1beta1"}},
+    "old-cluster-apis": {"operator": {"hpaApiVersion": "autoscaling/v2beta2", "pdbApiVersion": "policy/v1beta1",
+                                      "podFailurePolicy": "false"}},
 }
 RECOMMENDED_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
                       "app.kubernetes.io/managed-by", "app.kubernetes.io/part-of", "helm.sh/chart")
@@ -107,6 +108,7 @@ BAD_VALUES = [
     ("crds.enabled not a boolean", {"crds": {"enabled": "yes"}}, "enabled"),
     ("artifact store without scheme", {"operator": {"artifactStore": "/data"}}, "artifactStore"),
     ("unknown HPA version", {"operator": {"hpaApiVersion": "autoscaling/v1"}}, "hpaApiVersion"),
+    ("pod failure policy as yes", {"operator": {"podFailurePolicy": "yes"}}, "podFailurePolicy"),
     ("scrape interval", {"metrics": {"serviceMonitor": {"interval": "often"}}}, "interval"),
 ]
 
@@ -193,9 +195,20 @@ def test_images_and_settings_are_values():
 def test_child_api_versions_follow_the_cluster_or_the_values():
     env = env_of(operator_container(objects()))  # Helm's built-in capabilities: a current cluster
     assert (env["LORAPLANE_HPA_API_VERSION"], env["LORAPLANE_PDB_API_VERSION"]) == ("autoscaling/v2", "policy/v1")
+    assert env["LORAPLANE_POD_FAILURE_POLICY"] == "true"
     env = env_of(operator_container(objects(VALUE_SETS["old-cluster-apis"])))
     assert (env["LORAPLANE_HPA_API_VERSION"], env["LORAPLANE_PDB_API_VERSION"]) == (
         "autoscaling/v2beta2", "policy/v1beta1")
+    assert env["LORAPLANE_POD_FAILURE_POLICY"] == "false"
+    # and the operator reads them as meant
+    from loraplane.controllers.runtime import OperatorSettings
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            if k.startswith("LORAPLANE_"):
+                mp.setenv(k, v)
+        assert OperatorSettings.from_env().build.pod_failure_policy is False
+        mp.setenv("LORAPLANE_POD_FAILURE_POLICY", "true")
+        assert OperatorSettings.from_env().build.pod_failure_policy is True
 
 
 def test_chart_app_version_is_the_package_version():

@@ -8,9 +8,10 @@ RBAC, metrics Service), then act with the chart ServiceAccount's own token:
   creating cluster role bindings, granting what it does not hold, writing outside the watched namespaces).
 
 Not installed: the operator Deployment itself (there is no kubelet to run it; the test runs its command as a
-local process instead). The 1.20 server lacks autoscaling/v2 and policy/v1, so the chart is rendered with
-`operator.hpaApiVersion: autoscaling/v2beta2` and `operator.pdbApiVersion: policy/v1beta1`, the values a
-1.20 cluster's capabilities select on a real `helm install`. No KEDA CRDs are installed: the examples use HPA.
+local process instead). The 1.20 server lacks autoscaling/v2, policy/v1 and Job podFailurePolicy, so the chart
+is rendered with `operator.hpaApiVersion: autoscaling/v2beta2`, `operator.pdbApiVersion: policy/v1beta1` and
+`operator.podFailurePolicy: "false"`, the values a 1.20 cluster's capabilities select on a real `helm install`.
+No KEDA CRDs are installed: the examples use HPA.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ pytest.importorskip("helm_python", reason="helm-python-sdk is in the `test` extr
 
 ROOT = Path(__file__).resolve().parents[2]
 API = "loraplane.io/v1alpha1"
-V120 = {"operator": {"hpaApiVersion": "autoscaling/v2beta2", "pdbApiVersion": "policy/v1beta1"}}
+V120 = {"operator": {"hpaApiVersion": "autoscaling/v2beta2", "pdbApiVersion": "policy/v1beta1",
+                     "podFailurePolicy": "false"}}
 _counter = iter(range(1000))
 
 

@@ -32,7 +32,7 @@ class OperatorProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "loraplane.cli", "operator", "--hpa-api-version", "autoscaling/v2beta2",
-             "--pdb-api-version", "policy/v1beta1", "--metrics-port", str(self.port),
+             "--pdb-api-version", "policy/v1beta1", "--pod-failure-policy", "false", "--metrics-port", str(self.port),
              "--resync-seconds", str(self.resync_seconds), "--image", self.image],
             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         deadline = time.monotonic() + timeout

@@ -49,10 +49,15 @@ def test_render_is_deterministic_and_every_child_is_owned_and_hashed():
         assert m["metadata"]["annotations"][HASH_ANNOTATION] == spec_hash(m)
 
 
-@pytest.mark.parametrize("hpa,pdb,k8s", [("autoscaling/v2", "policy/v1", K8S),
-                                         ("autoscaling/v2beta2", "policy/v1", "1.25.0")])
-def test_every_rendered_child_validates_strictly(hpa, pdb, k8s):
-    settings = BuildSettings(hpa_api_version=hpa, pdb_api_version=pdb)
+@pytest.mark.parametrize("hpa,pdb,k8s,pod_failure_policy", [("autoscaling/v2", "policy/v1", K8S, True),
+                                                            # 1.26-1.28 API servers take podFailurePolicy too,
+                                                            # but their OpenAPI wrongly marks onPodConditions
+                                                            # required (kubernetes/api#48): 1.29 is the oldest
+                                                            # schema that states the rule as the server applies it
+                                                            ("autoscaling/v2", "policy/v1", "1.29.0", True),
+                                                            ("autoscaling/v2beta2", "policy/v1", "1.25.0", False)])
+def test_every_rendered_child_validates_strictly(hpa, pdb, k8s, pod_failure_policy):
+    settings = BuildSettings(hpa_api_version=hpa, pdb_api_version=pdb, pod_failure_policy=pod_failure_policy)
     resources = [with_uid(r) for r in load_examples()]
     keda_route = example("ModelRoute").model_copy(deep=True)
     keda_route.spec.autoscaling.backend = "keda"
@@ -100,6 +105,25 @@ def test_finetunejob_job_runs_the_trainer_with_its_config_and_rbac():
     assert role["rules"] == [{"apiGroups": ["loraplane.io"], "resources": ["finetunejobs/status"],
                               "resourceNames": [ftj.metadata.name], "verbs": ["get", "patch"]}]
     assert children[3]["subjects"][0]["name"] == children[1]["metadata"]["name"]
+
+
+def test_training_job_pod_failure_policy_matches_the_trainer_exit_codes():
+    from loraplane.trainer import errors
+
+    ftj = with_uid(example("FineTuneJob"))
+    rules = training.job(ftj, BuildSettings())["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    ignored = {v for r in rules if r["action"] == "Ignore" and "onExitCodes" in r for v in r["onExitCodes"]["values"]}
+    fail_now = {v for r in rules if r["action"] == "FailJob" for v in r["onExitCodes"]["values"]}
+    assert ignored == {errors.EXIT_CODES["Preempted"]}
+    assert fail_now == {errors.EXIT_CODES[r] for r in ("InvalidConfig", "InvalidDataset", "DatasetNotFound",
+                                                         "DatasetAccessDenied", "ModelNotFound", "TargetModulesNotFound")}
+    # transient or resource failures keep their retries
+    assert not fail_now & {errors.EXIT_CODES[r] for r in ("DatasetUnavailable", "OutOfMemory", "OutputWriteFailed",
+                                                           "InternalError")}
+    assert all(r.get("onExitCodes", {}).get("containerName", training.TRAINER_CONTAINER) == training.TRAINER_CONTAINER
+               for r in rules)
+    assert "podFailurePolicy" not in training.job(ftj, BuildSettings(pod_failure_policy=False))["spec"]
 
 
 def test_finetunejob_without_output_uri_writes_to_the_artifact_store():

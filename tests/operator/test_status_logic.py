@@ -81,6 +81,42 @@ def test_retrying_after_a_failed_pod():
     assert seen["phase"] == "Pending" and seen["problem"][0] == "Retrying"
 
 
+def policy_job(*conditions, **counts):
+    j = job(*conditions, **counts)
+    j["spec"]["podFailurePolicy"] = {"rules": []}  # as builders.training.job writes it on Kubernetes >= 1.26
+    return j
+
+
+def test_input_error_fails_at_once_under_the_pod_failure_policy():
+    msg = json.dumps({"reason": "InvalidDataset", "message": "line 3: missing field text"})
+    seen = observe(FTJ, policy_job(("Failed", "PodFailurePolicy", "Container trainer for pod ns/p1 failed with "
+                                    "exit code 65 matching FailJob rule at index 2"), failed=1),
+                   [pod("p1", "Failed", {"exitCode": 65, "reason": "Error", "message": msg})])
+    assert seen["phase"] == "Failed"
+    assert seen["failure"] == ("InvalidDataset", "pod p1: line 3: missing field text (not retried: a new pod "
+                                                 "would fail the same way)")
+
+
+def test_preemption_is_reported_as_such_and_counts_only_without_a_policy():
+    preempted = pod("p1", "Failed", {"exitCode": 75, "reason": "Error",
+                                     "message": json.dumps({"reason": "Preempted", "message": "checkpoint at 40"})})
+    # Under the policy Kubernetes ignores it: status.failed stays 0.
+    seen = observe(FTJ, policy_job(active=1, failed=0), [preempted, pod("p2", created="2027")])
+    assert seen["problem"][0] == "Preempted"
+    assert "resumes from the newest checkpoint" in seen["problem"][1] and "do not count" in seen["problem"][1]
+    seen = observe(FTJ, job(active=1, failed=1), [preempted, pod("p2", created="2027")])
+    assert seen["problem"][0] == "Preempted" and "(1 of 1 retries used)" in seen["problem"][1]
+    # An eviction (the DisruptionTarget condition, no trainer message) is a disruption too.
+    evicted = pod("p1", "Failed", {"exitCode": 137, "reason": "Error"})
+    evicted["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True",
+                                            "reason": "EvictionByEvictionAPI"})
+    assert observe(FTJ, policy_job(active=1), [evicted, pod("p2", created="2027")])["problem"][0] == "Preempted"
+    # A crash under the policy counts: the used retries come from the Job, not from the pods seen.
+    crashed = pod("p1", "Failed", {"exitCode": 70, "reason": "Error"})
+    seen = observe(FTJ, policy_job(active=1, failed=1), [evicted, crashed, pod("p3", created="2027")])
+    assert seen["problem"][0] == "Retrying" and "(1 of 1 retries used)" in seen["problem"][1]
+
+
 def test_success_result_from_termination_message():
     result = {"artifact": {"uri": "s3://b/a", "sha256": "c" * 64}, "metrics": {"train_loss": 1.5}}
     seen = observe(FTJ, job(("Complete", None, None), succeeded=1),

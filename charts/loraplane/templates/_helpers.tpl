@@ -82,6 +82,15 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
+{{/* Training Jobs get a podFailurePolicy where the cluster supports it (beta, on by default, from 1.26). */}}
+{{- define "loraplane.podFailurePolicy" -}}
+{{- if .Values.operator.podFailurePolicy }}
+{{- .Values.operator.podFailurePolicy }}
+{{- else if semverCompare ">=1.26-0" .Capabilities.KubeVersion.Version }}true
+{{- else }}false
+{{- end }}
+{{- end }}
+
 {{- define "loraplane.pdbApiVersion" -}}
 {{- if .Values.operator.pdbApiVersion }}
 {{- .Values.operator.pdbApiVersion }}

@@ -24,6 +24,9 @@ class BuildSettings:
     hpa_api_version: str = "autoscaling/v2"
     # policy/v1 PodDisruptionBudget from 1.21; 1.20 serves policy/v1beta1.
     pdb_api_version: str = "policy/v1"
+    # batch/v1 Job podFailurePolicy (on by default from 1.26): preemptions don't use up backoffLimit and input
+    # errors fail at once. Servers before 1.26 refuse the field in a server-side apply: set False there.
+    pod_failure_policy: bool = True
 
     @property
     def trainer(self) -> str:

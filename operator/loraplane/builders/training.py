@@ -30,6 +30,7 @@ from loraplane.builders.common import (
     with_hash,
 )
 from loraplane.builders.defaults import BuildSettings
+from loraplane.trainer.errors import EXIT_PREEMPTED, NOT_RETRYABLE_EXIT_CODES
 
 CONFIG_KEY = "finetunejob.json"
 CONFIG_DIR = "/etc/loraplane"
@@ -222,12 +223,32 @@ def job(ftj: FineTuneJob, settings: BuildSettings) -> Manifest:
         job_spec["completionMode"] = "Indexed"
         pod_spec["subdomain"] = rendezvous_service_name(ftj)
         container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
+    if settings.pod_failure_policy:  # requires restartPolicy Never, as above
+        job_spec["podFailurePolicy"] = pod_failure_policy()
     if spec.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     if spec.suspend:  # only when set: Kubernetes < 1.21 rejects the field in a server-side apply
         job_spec["suspend"] = True
     return with_hash({"apiVersion": "batch/v1", "kind": "Job",
                       "metadata": metadata(ftj, job_name(ftj), labels(ftj)), "spec": job_spec})
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """Which trainer pod failures count against spec.backoffLimit (batch/v1, Kubernetes >= 1.26).
+
+    - A disrupted pod (preemption, eviction, node drain: the DisruptionTarget condition) and a trainer that
+      exited EXIT_PREEMPTED after saving a checkpoint are not failures of the run: the next pod resumes.
+    - An input error (bad config, dataset or model location, target modules) fails the Job at once: a new pod
+      would fail the same way, after paying for a GPU node and a model download again.
+    Everything else (OOM, transient network errors, crashes) counts as usual.
+    """
+    return {"rules": [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "Ignore", "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In",
+                                             "values": [EXIT_PREEMPTED]}},
+        {"action": "FailJob", "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In",
+                                              "values": list(NOT_RETRYABLE_EXIT_CODES)}},
+    ]}
 
 
 def rendezvous_service(ftj: FineTuneJob) -> Manifest:

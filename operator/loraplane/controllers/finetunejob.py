@@ -84,6 +84,13 @@ def pod_failure(pod: dict) -> tuple[str, str] | None:
     return None
 
 
+def disrupted(pod: dict, failure: tuple[str, str]) -> bool:
+    """Ended by the cluster (preemption, eviction, drain) or by SIGTERM after a checkpoint: not the run's fault."""
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return failure[0] in ("Preempted", "Evicted") or any(
+        c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in conditions)
+
+
 def pod_waiting_problem(pod: dict) -> tuple[str, str] | None:
     waiting = (_container_status(pod).get("state") or {}).get("waiting") or {}
     if waiting.get("reason") in IMAGE_PULL_REASONS:
@@ -121,7 +128,11 @@ def observe(ftj: FineTuneJob, job: dict | None, pods: list[dict]) -> dict[str, A
     out: dict[str, Any] = {"phase": "Pending", "failure": None, "problem": None,
                            "attempts": (js.get("active") or 0) + (js.get("failed") or 0) + (js.get("succeeded") or 0),
                            "startTime": js.get("startTime"), "completionTime": js.get("completionTime")}
-    failures = [f for f in (pod_failure(p) for p in pods) if f]
+    failed_pods = [(p, f) for p, f in ((p, pod_failure(p)) for p in pods) if f]
+    failures = [f for _, f in failed_pods]
+    # With the Job's podFailurePolicy, disruptions and input errors are handled by Kubernetes (see
+    # builders.training.pod_failure_policy); status.failed then counts only what uses up backoffLimit.
+    policy = bool(((job or {}).get("spec") or {}).get("podFailurePolicy"))
     if _job_condition(job, "Complete"):
         out["phase"] = "Succeeded"
         out["result"] = success_result(pods)
@@ -133,6 +144,9 @@ def observe(ftj: FineTuneJob, job: dict | None, pods: list[dict]) -> dict[str, A
             out["failure"] = ("DeadlineExceeded", f"the run exceeded activeDeadlineSeconds="
                               f"{ftj.spec.active_deadline_seconds}: {cond.get('message', '')}".rstrip(": ")
                               + "; raise activeDeadlineSeconds or train fewer steps (checkpoints are kept)")
+        elif failures and job_reason == "PodFailurePolicy":
+            reason, message = failures[-1]
+            out["failure"] = (reason, f"{message} (not retried: a new pod would fail the same way)")
         elif failures:
             reason, message = failures[-1]
             out["failure"] = (reason, f"{message} (failed {len(failures)} time(s); backoffLimit "
@@ -147,10 +161,16 @@ def observe(ftj: FineTuneJob, job: dict | None, pods: list[dict]) -> dict[str, A
         problems = [w for w in (pod_waiting_problem(p) for p in pods) if w]
         if problems:
             out["problem"] = problems[-1]
-        elif failures and out["phase"] == "Pending":
-            reason, message = failures[-1]
-            out["problem"] = ("Retrying", f"{message}; retrying ({len(failures)} of {ftj.spec.backoff_limit} "
-                                          "retries used), resuming from the newest checkpoint")
+        elif failed_pods and out["phase"] == "Pending":
+            last_pod, (reason, message) = failed_pods[-1]
+            used = (js.get("failed") or 0) if policy else len(failures)
+            if disrupted(last_pod, (reason, message)):
+                out["problem"] = ("Preempted", f"{message}; a new pod resumes from the newest checkpoint" + (
+                    " (disruptions do not count against backoffLimit)" if policy else
+                    f" ({used} of {ftj.spec.backoff_limit} retries used)"))
+            else:
+                out["problem"] = ("Retrying", f"{message}; retrying ({used} of {ftj.spec.backoff_limit} "
+                                              "retries used), resuming from the newest checkpoint")
     return out
 
 
@@ -242,7 +262,7 @@ async def reconcile(op: "Operator", key: Key) -> None:
             event = ("Normal", new.phase, ready[2])
     old_ready = status.condition("Ready")
     if not event and ready[1] != (old_ready.reason if old_ready else None) and ready[1] in (
-            "SpecImmutable", "ImagePull", "Retrying"):
+            "SpecImmutable", "ImagePull", "Retrying", "Preempted"):
         event = ("Warning", ready[1], ready[2])
     if event:
         await op.events.post(body, *event)

@@ -27,6 +27,8 @@ class TrainerError(Exception):
 
     reason = "TrainerError"
     exit_code = EXIT_INTERNAL
+    # False: the input is wrong, so a new pod would fail the same way (the Job's podFailurePolicy fails at once).
+    retryable = True
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -40,24 +42,28 @@ class InvalidConfig(TrainerError):
     """The FineTuneJob (or a runtime flag) is invalid or does not fit the model."""
 
     reason, exit_code = "InvalidConfig", 64
+    retryable = False
 
 
 class InvalidDataset(TrainerError):
     """The dataset exists but its content cannot be trained on (bad JSON, wrong fields, empty, too long)."""
 
     reason, exit_code = "InvalidDataset", 65
+    retryable = False
 
 
 class DatasetNotFound(TrainerError):
     """Nothing at the dataset location (missing file, HTTP 404, no such S3 key or hub dataset)."""
 
     reason, exit_code = "DatasetNotFound", 66
+    retryable = False
 
 
 class DatasetAccessDenied(TrainerError):
     """The dataset exists but the credentials do not allow reading it (HTTP 401/403, S3 AccessDenied)."""
 
     reason, exit_code = "DatasetAccessDenied", 77
+    retryable = False
 
 
 class DatasetUnavailable(TrainerError):
@@ -70,12 +76,14 @@ class ModelNotFound(TrainerError):
     """The base model is not at its location, or not in the cache while offline."""
 
     reason, exit_code = "ModelNotFound", 67
+    retryable = False
 
 
 class TargetModulesNotFound(TrainerError):
     """spec.method.targetModules names modules the model does not have (or that are not linear layers)."""
 
     reason, exit_code = "TargetModulesNotFound", 68
+    retryable = False
 
 
 class OutOfMemory(TrainerError):
@@ -101,6 +109,8 @@ EXIT_CODES: dict[str, int] = {
     "InternalError": EXIT_INTERNAL,
 }
 REASONS_BY_EXIT_CODE: dict[int, str] = {code: reason for reason, code in EXIT_CODES.items()}
+# Exit codes of input errors: retrying cannot help.
+NOT_RETRYABLE_EXIT_CODES: tuple[int, ...] = tuple(sorted(cls.exit_code for cls in ERRORS if not cls.retryable))
 assert len(REASONS_BY_EXIT_CODE) == len(EXIT_CODES), "exit codes must be unique per reason"
 
 
