@@ -24,6 +24,7 @@ pytest_plugins = [
     "support.kube",
     "support.tiny_model",
     "support.vllm_server",
+    "support.s3",
 ]
 
 

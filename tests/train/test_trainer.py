@@ -289,3 +289,47 @@ def test_sigterm_and_sigkill_mid_run_resume_to_the_same_step_count(tiny_model_di
     assert json.loads((tmp_path / "term-3").read_text())["artifact"]["sha256"] == sha
     progress = json.loads((ck / "progress.json").read_text())
     assert progress["step"] == total and progress["percent"] == 100 and progress["etaSeconds"] == 0
+
+
+def test_s3_output_resumes_on_a_fresh_pod_from_mirrored_checkpoints(tiny_model_dir, tmp_path, s3_env):
+    """MOCK S3 (moto server; the trainer uses its real boto3 client through AWS_ENDPOINT_URL). Each run gets an
+    empty scratch volume, as a replacement pod does: only the S3 mirror carries the checkpoint across."""
+    total = 60
+    s3_env.client().create_bucket(Bucket="models")
+    data = write_toy_dataset(tmp_path / "train.jsonl", TOY_PHRASES[2], 64)
+    job = quick_job(tiny_model_dir, data, steps=total, checkpointEverySteps=10, learningRate=1e-3)
+    doc = job.model_dump(by_alias=True, exclude_none=True, mode="json")
+    doc["spec"]["output"]["uri"] = "s3://models/adapters/tiny/"
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(doc))
+
+    def start(pod: str) -> subprocess.Popen:
+        env = {**os.environ, **s3_env.env, "OMP_NUM_THREADS": "1",
+               "LORAPLANE_OUTPUT_SCRATCH": str(tmp_path / pod), "LORAPLANE_TERMINATION_LOG": str(tmp_path / f"term-{pod}")}
+        env.pop("LORAPLANE_JOB_NAME", None)
+        env.pop("LORAPLANE_CHECKPOINT_URI", None)
+        return subprocess.Popen([sys.executable, "-m", "loraplane.trainer", "--config", str(config),
+                                 "--no-progress-bar", "-q"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    proc = start("pod-1")
+    _wait_for_checkpoint_after(proc, tmp_path / "pod-1" / "tiny-adapter.checkpoints", 0)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
+    step = json.loads((tmp_path / "term-pod-1").read_text())["step"]
+    mirror = checkpoints.S3CheckpointMirror("s3://models/adapters/tiny.checkpoints", keep=2)
+    assert mirror.complete_steps()[-1] == step  # the checkpoint saved on SIGTERM reached S3
+    assert not s3_env.keys("models", "adapters/tiny/")  # no adapter yet
+
+    proc = start("pod-2")  # a new pod: empty scratch volume
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    ck2 = tmp_path / "pod-2" / "tiny-adapter.checkpoints"
+    assert json.loads((ck2 / "result.json").read_text())["metrics"]["steps"] == total
+    prov = json.loads((tmp_path / "pod-2" / "tiny-adapter" / "provenance.json").read_text())
+    assert prov["resumedFrom"] == str(ck2 / f"checkpoint-{step}")  # from S3, not from step 0
+    state = json.loads((checkpoints.latest_complete(ck2) / "trainer_state.json").read_text())
+    assert state["global_step"] == total
+    assert "adapters/tiny/adapter_model.safetensors" in s3_env.keys("models", "adapters/tiny/")
+    assert mirror.complete_steps()[-1] == total and len(mirror.complete_steps()) == 2

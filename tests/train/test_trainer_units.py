@@ -268,6 +268,87 @@ def test_only_marked_checkpoints_are_resumed(tmp_path):
     assert checkpoints.latest_complete(tmp_path / "nothing") is None
 
 
+def _fake_checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
+    path = folder / f"checkpoint-{step}"
+    (path / "nested").mkdir(parents=True)
+    (path / "adapter_model.safetensors").write_bytes(b"w" * step)
+    (path / "nested" / "rng_state.pth").write_bytes(b"r")
+    if complete:
+        checkpoints.mark_complete(path, step)
+    return path
+
+
+def test_s3_checkpoint_mirror_push_rotate_and_restore(s3_env, tmp_path):
+    """MOCK S3 (moto): the mirror's object layout, marker-last rule, rotation and restore."""
+    s3_env.client().create_bucket(Bucket="ckpt")
+    mirror = checkpoints.S3CheckpointMirror("s3://ckpt/runs/job-a.checkpoints/", keep=2)
+    pod1 = tmp_path / "pod1"
+    for step in (10, 20, 30):
+        assert mirror.push(_fake_checkpoint(pod1, step))
+    assert mirror.complete_steps() == [20, 30]  # rotated remotely too
+    assert s3_env.keys("ckpt", "runs/job-a.checkpoints/checkpoint-30/") == [
+        f"runs/job-a.checkpoints/checkpoint-30/{f}" for f in
+        ("adapter_model.safetensors", checkpoints.MARKER, "nested/rng_state.pth")]
+    # An upload torn by a dying pod (files, no marker) is newer but never restored.
+    torn = _fake_checkpoint(tmp_path / "torn", 40, complete=False)
+    s3_env.client().upload_file(str(torn / "adapter_model.safetensors"), "ckpt",
+                                "runs/job-a.checkpoints/checkpoint-40/adapter_model.safetensors")
+    # A replaced pod starts with an empty scratch volume: it gets the newest complete checkpoint.
+    pod2 = tmp_path / "pod2"
+    restored = mirror.restore(pod2)
+    assert restored == pod2 / "checkpoint-30" and checkpoints.latest_complete(pod2) == restored
+    assert (restored / "adapter_model.safetensors").read_bytes() == b"w" * 30
+    assert (restored / "nested" / "rng_state.pth").read_bytes() == b"r"
+    assert mirror.restore(pod2) is None  # the local one is as new: nothing downloaded
+    assert mirror.restore(pod1) is None
+    # The next complete push cleans the torn upload older than it away.
+    assert mirror.push(_fake_checkpoint(pod2, 50))
+    assert mirror.complete_steps() == [30, 50]
+    assert not s3_env.keys("ckpt", "runs/job-a.checkpoints/checkpoint-40/")
+
+
+def test_s3_checkpoint_mirror_errors_name_the_fix(s3_env, tmp_path):
+    """MOCK S3 (moto): a missing bucket fails before training (not retryable); a failed upload only warns."""
+    mirror = checkpoints.S3CheckpointMirror("s3://no-such-bucket/x.checkpoints", keep=2)
+    with pytest.raises(errors.InvalidConfig, match="no-such-bucket.*NoSuchBucket.*spec.output.uri.s bucket"):
+        mirror.restore(tmp_path / "ck")
+    assert mirror.push(_fake_checkpoint(tmp_path / "ck", 10)) is False  # logged; training goes on
+    assert checkpoints.latest_complete(tmp_path / "ck").name == "checkpoint-10"
+
+
+def test_adapter_upload_to_a_missing_bucket_is_output_write_failed(s3_env, tmp_path):
+    """MOCK S3 (moto): boto3 wraps the PutObject error; it must still become OutputWriteFailed (exit 73)."""
+    from loraplane.trainer.run import upload_s3
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text("{}")
+    with pytest.raises(errors.OutputWriteFailed, match="spec.output.uri: uploading the adapter to s3://gone/a"):
+        upload_s3(tmp_path / "a", "s3://gone/a")
+
+
+def test_checkpoint_mirror_follows_an_s3_output(monkeypatch, tmp_path):
+    spec = {"baseModel": {"name": "org/m"}, "dataset": {"uri": "/d.jsonl"}}
+    s3_job = quick_job_like({**spec, "output": {"adapterName": "a", "uri": "s3://b/adapters/a/"}})
+    pvc_job = quick_job_like({**spec, "output": {"adapterName": "a", "uri": "pvc://adapters/a"}})
+    monkeypatch.delenv("LORAPLANE_CHECKPOINT_URI", raising=False)
+    monkeypatch.setenv("LORAPLANE_OUTPUT_SCRATCH", str(tmp_path))
+    assert resolve_runtime(s3_job).checkpoint_uri == "s3://b/adapters/a.checkpoints"
+    assert resolve_runtime(pvc_job, output_dir=tmp_path / "o").checkpoint_uri is None  # the volume survives
+    monkeypatch.setenv("LORAPLANE_CHECKPOINT_URI", "none")
+    assert resolve_runtime(s3_job).checkpoint_uri is None
+    monkeypatch.setenv("LORAPLANE_CHECKPOINT_URI", "s3://other/ck")
+    assert resolve_runtime(pvc_job, output_dir=tmp_path / "o").checkpoint_uri == "s3://other/ck"
+    monkeypatch.setenv("LORAPLANE_CHECKPOINT_URI", "/mnt/ck")
+    with pytest.raises(errors.InvalidConfig, match="LORAPLANE_CHECKPOINT_URI.*LORAPLANE_CHECKPOINT_DIR"):
+        resolve_runtime(s3_job)
+
+
+def quick_job_like(spec: dict):
+    from loraplane.api import FineTuneJob
+
+    return FineTuneJob.model_validate({"kind": "FineTuneJob", "metadata": {"name": "j"}, "spec": spec})
+
+
 # ---- progress --------------------------------------------------------------------------------------------
 
 class FakeClock:

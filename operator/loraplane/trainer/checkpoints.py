@@ -8,6 +8,10 @@ newest `keep`) happens only after the new checkpoint is marked, so a complete ch
 
 SIGTERM (Kubernetes preemption, node drain, `kubectl delete pod`) sets a flag; at the end of the current
 step the Trainer saves a checkpoint and stops, and the process exits with EXIT_PREEMPTED.
+
+With an `s3://` output there may be no volume that outlives the pod, so complete checkpoints are mirrored to
+S3 (`S3CheckpointMirror`, by default `<output uri>.checkpoints/`) with the same rule: the marker object is
+uploaded last and only checkpoints with it are restored.
 """
 
 from __future__ import annotations
@@ -113,7 +117,124 @@ class Preemption:
         self._previous.clear()
 
 
-def make_callback(folder: Path, keep: int, preemption: Preemption):
+class S3CheckpointMirror:
+    """Complete checkpoints copied to s3://BUCKET/PREFIX/checkpoint-<step>/, restorable on a fresh pod.
+
+    Upload order makes a remote checkpoint complete exactly when its marker object exists: every file first,
+    the marker last. Restore picks the newest remote checkpoint with a marker, downloads it (marker last) and
+    leaves the local rules (`latest_complete`) to do the rest. Remote rotation keeps the newest `keep`.
+    Upload failures are logged, not raised: a multi-hour run must not die because a mirror write failed; the
+    local checkpoint still exists and the next save tries again.
+    """
+
+    def __init__(self, uri: str, keep: int):
+        from loraplane.trainer.data import s3_client
+
+        self.uri = uri.rstrip("/")
+        self.bucket, _, prefix = self.uri.removeprefix("s3://").partition("/")
+        self.prefix = prefix.strip("/")
+        self.keep = keep
+        self.client = s3_client()
+
+    def _key(self, *parts: str) -> str:
+        return "/".join(p for p in (self.prefix, *parts) if p)
+
+    def _remote(self) -> dict[int, dict[str, int]]:
+        """step -> {relative key: size} of every remote checkpoint, complete or not."""
+        found: dict[int, dict[str, int]] = {}
+        start = self._key("") + "/" if self.prefix else ""
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start):
+            for obj in page.get("Contents", []):
+                head, _, rest = obj["Key"][len(start):].partition("/")
+                if (m := _CHECKPOINT_RE.match(head)) and rest:
+                    found.setdefault(int(m.group(1)), {})[rest] = obj["Size"]
+        return found
+
+    def complete_steps(self) -> list[int]:
+        return sorted(step for step, files in self._remote().items() if MARKER in files)
+
+    def push(self, path: Path) -> bool:
+        from boto3.exceptions import Boto3Error  # upload_file wraps S3 errors in S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        path = Path(path)
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.name != MARKER)
+        try:
+            for f in [*files, path / MARKER]:  # the marker last: it makes the remote copy complete
+                self.client.upload_file(str(f), self.bucket, self._key(path.name, f.relative_to(path).as_posix()))
+            self._rotate()
+        except (Boto3Error, BotoCoreError, ClientError, OSError) as exc:
+            log.warning("could not mirror %s to %s (%s); it stays local, the next checkpoint tries again",
+                        path.name, self.uri, exc)
+            return False
+        log.info("checkpoint %s mirrored to %s", path.name, self.uri)
+        return True
+
+    def _rotate(self) -> None:
+        remote = self._remote()
+        complete = sorted(step for step, files in remote.items() if MARKER in files)
+        newest = complete[-1] if complete else None
+        # Older than the newest `keep` complete ones, and torn uploads older than the newest complete one.
+        stale = [s for s in complete[:-self.keep]] + [s for s in remote if s not in complete and newest and s < newest]
+        for step in stale:
+            keys = [{"Key": self._key(f"checkpoint-{step}", rel)} for rel in remote[step]]
+            for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[i:i + 1000], "Quiet": True})
+
+    def restore(self, folder: Path) -> Path | None:
+        """Download the newest complete remote checkpoint into `folder` unless a local one is as new.
+
+        The processes of one node (torchrun) share `folder`: a file lock lets the first download and the
+        others find it already there."""
+        import fcntl
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with open(Path(folder) / ".restore.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._restore(folder)
+
+    def _restore(self, folder: Path) -> Path | None:
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        from loraplane.trainer.data import S3_DENIED_CODES, S3_NOT_FOUND_CODES
+        from loraplane.trainer.errors import InvalidConfig, OutputWriteFailed
+
+        fix = ("check spec.output.uri's bucket and the credentials (they need s3:ListBucket, GetObject, PutObject "
+               "and DeleteObject on it)")
+        try:
+            remote = self._remote()
+        except NoCredentialsError as exc:
+            raise InvalidConfig(f"checkpoints at {self.uri}: no AWS credentials; {fix}") from exc
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in S3_NOT_FOUND_CODES | S3_DENIED_CODES:  # wrong bucket or credentials: a retry won't help
+                raise InvalidConfig(f"checkpoints at {self.uri}: {code}; {fix}") from exc
+            raise OutputWriteFailed(f"listing checkpoints at {self.uri} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise OutputWriteFailed(f"listing checkpoints at {self.uri} failed: {exc}; check AWS_ENDPOINT_URL "
+                                    "and the network") from exc
+        complete = sorted(step for step, files in remote.items() if MARKER in files)
+        local = latest_complete(folder)
+        local_step = int(local.name.split("-")[1]) if local else -1
+        if not complete or complete[-1] <= local_step:
+            return None
+        step = complete[-1]
+        dest = Path(folder) / f"checkpoint-{step}"
+        shutil.rmtree(dest, ignore_errors=True)
+        rels = sorted(remote[step], key=lambda rel: rel == MARKER)  # the marker last, as on upload
+        try:
+            for rel in rels:
+                target = dest / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.client.download_file(self.bucket, self._key(dest.name, rel), str(target))
+        except (BotoCoreError, ClientError, OSError) as exc:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise OutputWriteFailed(f"downloading checkpoint-{step} from {self.uri} failed: {exc}") from exc
+        log.info("restored checkpoint-%d from %s", step, self.uri)
+        return dest
+
+
+def make_callback(folder: Path, keep: int, preemption: Preemption, mirror: S3CheckpointMirror | None = None):
     from transformers import TrainerCallback
 
     class CheckpointCallback(TrainerCallback):
@@ -128,5 +249,7 @@ def make_callback(folder: Path, keep: int, preemption: Preemption):
                 if path.is_dir():
                     mark_complete(path, state.global_step)
                     rotate(folder, keep)
+                    if mirror is not None:
+                        mirror.push(path)
 
     return CheckpointCallback()

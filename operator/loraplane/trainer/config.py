@@ -10,6 +10,8 @@ the checkpoint directory) is runtime detail the pod's environment supplies:
   --output-dir         LORAPLANE_OUTPUT_DIR        spec.output.uri (local/pvc), else $LORAPLANE_OUTPUT_SCRATCH/<adapterName>
                                                    (in a pod: /output/<adapterName>; locally: ./<adapterName>)
   --checkpoint-dir     LORAPLANE_CHECKPOINT_DIR    <output-dir>.checkpoints (next to the adapter, same volume)
+  (checkpoint mirror)  LORAPLANE_CHECKPOINT_URI    s3 output: <spec.output.uri>.checkpoints (survives the pod);
+                                                   else none. `none` switches it off
   --progress-file      LORAPLANE_PROGRESS_FILE     <checkpoint-dir>/progress.json
   --result-file        LORAPLANE_RESULT_FILE       <checkpoint-dir>/result.json
   (cluster progress)   LORAPLANE_JOB_NAMESPACE + LORAPLANE_JOB_NAME: patch that FineTuneJob's status.progress
@@ -51,6 +53,8 @@ class Runtime:
     job_name: str | None = None
     # Seconds between status patches in the cluster (the final one is always sent).
     status_interval_s: float = 10.0
+    # s3://… where complete checkpoints are mirrored and restored from (None: local checkpoints only).
+    checkpoint_uri: str | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -130,6 +134,13 @@ def resolve_runtime(job: FineTuneJob, *, output_dir: Path | None = None, checkpo
         ref = spec.dataset.config_map_ref
         ds = Path(os.environ.get("LORAPLANE_CONFIGMAP_ROOT") or DEFAULT_CONFIGMAP_ROOT) / ref.name / ref.key
     bar = progress_bar if progress_bar is not None else os.environ.get("LORAPLANE_PROGRESS_BAR", "1") != "0"
+    mirror = os.environ.get("LORAPLANE_CHECKPOINT_URI") or (
+        spec.output.uri.rstrip("/") + ".checkpoints" if (spec.output.uri or "").startswith("s3://") else None)
+    if mirror and mirror.lower() == "none":
+        mirror = None
+    if mirror and not mirror.startswith("s3://"):
+        raise InvalidConfig(f"LORAPLANE_CHECKPOINT_URI {mirror!r}: expected s3://BUCKET/PREFIX or none (a local or "
+                            "pvc checkpoint location is LORAPLANE_CHECKPOINT_DIR)")
     return Runtime(
         output_dir=out, checkpoint_dir=ckpt.absolute(),
         progress_file=Path(progress_file or _env_path("LORAPLANE_PROGRESS_FILE") or ckpt / "progress.json"),
@@ -140,6 +151,7 @@ def resolve_runtime(job: FineTuneJob, *, output_dir: Path | None = None, checkpo
         job_namespace=os.environ.get("LORAPLANE_JOB_NAMESPACE") or None,
         job_name=os.environ.get("LORAPLANE_JOB_NAME") or None,
         status_interval_s=float(os.environ.get("LORAPLANE_STATUS_INTERVAL_S") or 10.0),
+        checkpoint_uri=mirror,
     )
 
 

@@ -108,6 +108,11 @@ def _download_http(uri: str, dest: Path, what: str) -> None:
     os.replace(tmp, dest)
 
 
+# S3 error codes by what they mean for the user (HEAD answers carry only the HTTP status).
+S3_NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NoSuchBucket", "NotFound"})
+S3_DENIED_CODES = frozenset({"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"})
+
+
 def _download_s3(uri: str, dest: Path, what: str) -> None:
     """Download s3://BUCKET/KEY with boto3; credentials and AWS_ENDPOINT_URL come from the environment."""
     try:
@@ -127,9 +132,9 @@ def _download_s3(uri: str, dest: Path, what: str) -> None:
                                   "AWS_SECRET_ACCESS_KEY (or give the pod an IAM role)") from exc
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
+        if code in S3_NOT_FOUND_CODES:
             raise DatasetNotFound(f"{what}: {uri} does not exist ({code}); check the bucket and key") from exc
-        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
+        if code in S3_DENIED_CODES:
             raise DatasetAccessDenied(f"{what}: access to {uri} denied ({code}); check the credentials in "
                                       "spec.dataset.credentialsSecretRef and the bucket policy") from exc
         raise DatasetUnavailable(f"{what}: fetching {uri} failed: {code or exc}") from exc

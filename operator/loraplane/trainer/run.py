@@ -135,8 +135,12 @@ def run_training(job: FineTuneJob, runtime: Runtime, sinks: list | None = None,
         train_ex, val_ex = data.split(train_ex, ds.validation_split, t.seed)
     total_steps = planned_steps(len(train_ex.rows), job, world_size)
 
-    # 2. Checkpoints: drop half-written ones, resume from the newest complete one.
+    # 2. Checkpoints: drop half-written ones, resume from the newest complete one (from the S3 mirror when it
+    #    has a newer one than this volume: a replaced pod starts on an empty scratch volume).
+    mirror = checkpoints.S3CheckpointMirror(runtime.checkpoint_uri, KEEP_CHECKPOINTS) if runtime.checkpoint_uri else None
     checkpoints.remove_incomplete(runtime.checkpoint_dir)
+    if mirror is not None:
+        mirror.restore(runtime.checkpoint_dir)
     resume = checkpoints.latest_complete(runtime.checkpoint_dir)
     if resume:
         log.info("resuming from %s", resume)
@@ -194,7 +198,8 @@ def run_training(job: FineTuneJob, runtime: Runtime, sinks: list | None = None,
         model=peft_model, args=args, train_dataset=train_ex.rows, eval_dataset=val_ex.rows if val_ex else None,
         data_collator=data.PaddingCollator(tokenizer.pad_token_id),
         callbacks=[progress.make_callback(tracker),
-                   checkpoints.make_callback(runtime.checkpoint_dir, KEEP_CHECKPOINTS, preemption),
+                   checkpoints.make_callback(runtime.checkpoint_dir, KEEP_CHECKPOINTS, preemption,
+                                             mirror if is_main else None),
                    *(callbacks or [])],
     )
     if not (runtime.in_cluster or sinks is None and not runtime.progress_bar):
@@ -350,6 +355,7 @@ def write_adapter(peft_model, output_dir: Path, provenance: dict) -> str:
 
 def upload_s3(local_dir: Path, uri: str) -> None:
     """Upload the adapter directory to s3://BUCKET/PREFIX (the object layout mirrors the directory)."""
+    from boto3.exceptions import Boto3Error  # upload_file wraps S3 errors in S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
@@ -358,7 +364,7 @@ def upload_s3(local_dir: Path, uri: str) -> None:
         for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
             key = "/".join(x for x in (prefix.rstrip("/"), path.relative_to(local_dir).as_posix()) if x)
             client.upload_file(str(path), bucket, key)
-    except (ClientError, BotoCoreError) as exc:
+    except (Boto3Error, ClientError, BotoCoreError) as exc:
         raise OutputWriteFailed(f"spec.output.uri: uploading the adapter to {uri} failed: {exc}; check the bucket "
                                 "and the credentials") from exc
 
