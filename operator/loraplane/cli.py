@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "crds": ("loraplane.cli_crds", "write (or --check) the CRD manifests generated from the API models"),
     "validate": ("loraplane.cli_crds", "validate loraplane manifests in files, as the operator would"),
     "loader": ("loraplane.loader.main", "adapter loader sidecar of a vLLM replica (docs/loader.md)"),
+    "fetch-model": ("loraplane.loader.fetch_model", "fetch an s3:// or https:// base model onto a replica's volume"),
     "operator": ("loraplane.cli_operator", "run the operator (kopf) that reconciles the loraplane kinds"),
     "render": ("loraplane.cli_render", "print the child manifests the operator would create for a file's CRs"),
     "run": ("loraplane.cli_run", "run a file's FineTuneJob -> Adapter -> ModelRoute pipeline locally (quickstart)"),
@@ -30,12 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(_module=module)
         # Only the chosen subcommand's module is imported to build its arguments.
         if argv and argv[0] == name:
-            getattr(importlib.import_module(module), f"add_{name}_arguments")(p)
+            getattr(importlib.import_module(module), f"add_{name.replace('-', '_')}_arguments")(p)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2
-    return int(getattr(importlib.import_module(args._module), f"{args.command}_main")(args) or 0)
+    return int(getattr(importlib.import_module(args._module), f"{args.command.replace('-', '_')}_main")(args) or 0)
 
 
 def repo_root() -> Path:

@@ -74,8 +74,9 @@ REASONS: tuple[Reason, ...] = (
        "Raise `resources.memory`, or lower batch size / sequence length."),
     _r("OutputWriteFailed", FTJ, "The adapter could not be written to `output.uri` (PVC full or read-only, S3 "
        "refused).", "Check the output PVC's capacity and access mode, or the S3 credentials."),
-    _r("ImagePull", FTJ, "The trainer image cannot be pulled.", "Check `spec.image` / the chart's trainer image "
-       "and the imagePullSecrets."),
+    _r("ImagePull", f"{FTJ}; {ROUTE}", "An image cannot be pulled (trainer, vLLM, loader or model fetch); the "
+       "message names the container and the image.", "Check `spec.image` (FineTuneJob), `spec.engine.image` "
+       "(ModelRoute), the chart's image values and the imagePullSecrets."),
     _r("DeadlineExceeded", FTJ, "The run exceeded `spec.activeDeadlineSeconds`.",
        "Raise the deadline, or resume: a new FineTuneJob with the same output continues from the checkpoints."),
     _r("BackoffLimitExceeded", FTJ, "Trainer pods failed more than `spec.backoffLimit` times; the message has the "
@@ -140,8 +141,22 @@ REASONS: tuple[Reason, ...] = (
        "Look at the Adapter's Ready condition for why."),
     # --- ModelRoute -----------------------------------------------------------------------------------------
     _r("Progressing", ROUTE, "Children are being created or rolled out.", "Wait."),
-    _r("NoReadyReplicas", ROUTE, "No vLLM replica is ready (starting, unschedulable, crash-looping).",
-       "`kubectl describe pod -l loraplane.io/route=NAME`; GPU capacity, image, model download."),
+    _r("NoReadyReplicas", ROUTE, "No vLLM replica is ready yet and no pod shows a failure: starting, pulling the "
+       "image, downloading or loading the model (large models take minutes).",
+       "Wait; if it lasts, `kubectl describe pod -l loraplane.io/route=NAME`."),
+    _r("Unschedulable", f"{ROUTE}; {FTJ}", "No node fits the pod: the message quotes the scheduler (e.g. "
+       "`0/4 nodes are available: 4 Insufficient nvidia.com/gpu`).",
+       "Free or add GPU nodes, or change the request: `spec.engine.gpus` / `gpuType` / `nodeSelector` / "
+       "`tolerations` (ModelRoute), `spec.resources` (FineTuneJob)."),
+    _r("ModelFetchFailed", ROUTE, "The init container could not fetch the `s3://` / `https://` base model; the "
+       "message has its error (missing prefix, denied, not a model directory).",
+       "Fix `spec.baseModel.uri` or `spec.baseModel.credentialsSecretRef` (AWS_* keys, AWS_ENDPOINT_URL for "
+       "S3-compatible stores); a new ModelRoute is needed to change the base model."),
+    _r("EngineFailing", ROUTE, "A container of the engine pods (vLLM or the adapter loader) exits with an error and "
+       "is restarted; the message has its exit and the last lines of its log (e.g. CUDA out of memory, an "
+       "unsupported model architecture, a bad extraArgs flag).",
+       "Fix what the quoted log says: `spec.engine` (gpuMemoryUtilization, maxModelLen, tensorParallelSize, "
+       "extraArgs), memory limits, or the model."),
     _r("ModelsNotReady", ROUTE, "Replicas are up but some public models have no ready backend; the message lists "
        "them.", "Look at each named Adapter's Ready condition."),
     _r("Degraded", ROUTE, "Some, not all, replicas or backends are ready.", "See the message."),

@@ -94,3 +94,35 @@ def test_loader_container_arguments_parse_with_the_loader_cli():
     env = {e["name"]: e for e in c["env"]}
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert c["ports"] == [{"name": "loader", "containerPort": serving.LOADER_PORT}]
+
+
+def test_s3_base_model_is_fetched_by_an_init_container_that_vllm_and_the_loader_read():
+    from kubernetes_validate import validate
+
+    from loraplane.builders import BuildSettings, modelroute, resolve
+    from loraplane.loader.cache import fetched_model_path
+    from loraplane.loader.fetch_model import add_fetch_model_arguments
+
+    r = route(baseModel={"uri": "s3://models/llama-3-8b/", "credentialsSecretRef": {"name": "s3-creds"}})
+    r.metadata.uid = "0b6c1f5e-8d1e-4f59-9f0e-2f5d7b8c9a10"
+    table = resolve(r, []).table
+    pod = modelroute.engine_deployment(r, table, BuildSettings(image="lp:1"))["spec"]["template"]["spec"]
+    (fetch,) = pod["initContainers"]
+    assert fetch["name"] == serving.MODEL_FETCH_CONTAINER and fetch["image"] == "lp:1"
+    assert fetch["command"][:3] == ["loraplane", "fetch-model", "s3://models/llama-3-8b/"]
+    args = argparse.ArgumentParser()
+    add_fetch_model_arguments(args)
+    parsed = args.parse_args(fetch["command"][2:])  # the command parses with the real entry point
+    where = fetched_model_path(parsed.cache_dir, parsed.uri)
+    assert {e["name"] for e in fetch["env"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
+    assert all(e["valueFrom"]["secretKeyRef"]["name"] == "s3-creds" for e in fetch["env"])
+    assert fetch["volumeMounts"] == [{"name": serving.MODEL_CACHE_VOLUME, "mountPath": serving.MODEL_CACHE_PATH}]
+    vllm = next(c for c in pod["containers"] if c["name"] == serving.ENGINE_CONTAINER)
+    assert flag(vllm["command"], "--model") == str(where)             # vLLM serves the fetched copy
+    assert flag(vllm["command"], "--served-model-name") == "llama-3-8b"
+    assert table.model_path == str(where)                            # the loader's gate reads the same
+    assert str(where).startswith(serving.MODEL_CACHE_PATH + "/")     # on the volume both containers mount
+    validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": pod}, "1.30.0", strict=True)
+    # Hub and PVC models need no fetch.
+    assert serving.model_fetch_container(route(), "lp:1") is None
+    assert serving.model_fetch_container(route(baseModel={"uri": "pvc://models/llama"}), "lp:1") is None

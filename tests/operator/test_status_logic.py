@@ -168,6 +168,68 @@ def test_route_status_counts_ready_backends_per_model():
     assert st0.endpoint == "http://r-router.ns.svc:8080/v1"
 
 
+def engine_pod(name, created=T, conditions=(), containers=None, init=None):
+    """An engine pod as the API server shows it (no kubelet here: statuses written as kubelet would)."""
+    status = {"phase": "Pending", "conditions": [{"type": "Ready", "status": "False"}, *conditions],
+              "containerStatuses": [{"name": n, "ready": False, "restartCount": cs.pop("restartCount", 0), **cs}
+                                    for n, cs in (containers or {}).items()]}
+    if init:
+        status["initContainerStatuses"] = [{"name": n, "ready": False, "restartCount": cs.pop("restartCount", 0),
+                                            **cs} for n, cs in init.items()]
+    return {"metadata": {"name": name, "creationTimestamp": created, "labels": {}, "annotations": {}},
+            "status": status}
+
+
+def test_route_status_says_why_no_replica_is_ready():
+    res = resolve(ROUTE, [adapter("a")])
+    deployment = {"status": {"replicas": 1}}
+
+    def ready_of(*pods):
+        c = route_status(ROUTE, res, deployment, list(pods), 2, ModelRouteStatus()).condition("Ready")
+        return c.reason, c.message
+
+    gpus = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}
+    reason, message = ready_of(engine_pod("r-1", conditions=[gpus]))
+    assert reason == "Unschedulable" and "Insufficient nvidia.com/gpu" in message and "spec.engine.gpus" in message
+    assert message.startswith("0 of 1 engine replicas are ready: pod r-1 cannot be scheduled")
+
+    pull = {"state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image"}},
+            "image": "registry.internal/vllm:v0.11.0"}
+    reason, message = ready_of(engine_pod("r-1", containers={"vllm": pull, "adapter-loader": {}}))
+    assert reason == "ImagePull" and "vllm container (registry.internal/vllm:v0.11.0)" in message
+
+    crash = {"state": {"waiting": {"reason": "CrashLoopBackOff"}}, "restartCount": 3,
+             "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": "ValueError: The model's "
+                                          "max seq len (32768) is larger than the KV cache (21000)"}}}
+    reason, message = ready_of(engine_pod("r-1", containers={"vllm": crash, "adapter-loader": {}}))
+    assert reason == "EngineFailing"
+    assert "container vllm exited with code 1 (3 restarts): ValueError: The model's max seq len" in message
+
+    fetch = {"state": {"waiting": {"reason": "CrashLoopBackOff"}}, "restartCount": 1,
+             "lastState": {"terminated": {"exitCode": 1, "message": "spec.baseModel.uri s3://m/x: no objects"}}}
+    reason, message = ready_of(engine_pod("r-1", init={"model-fetch": fetch}))
+    assert reason == "ModelFetchFailed" and "spec.baseModel.uri s3://m/x: no objects" in message
+
+    # The newest pod speaks; a pod that is only starting gives no reason (still NoReadyReplicas).
+    old = engine_pod("r-0", created="2025-01-01T00:00:00Z", conditions=[gpus])
+    starting = engine_pod("r-1", containers={"vllm": {"state": {"running": {}}}, "adapter-loader": {}})
+    assert ready_of(old, starting)[0] == "Unschedulable"
+    assert ready_of(starting)[0] == "NoReadyReplicas"
+    oom = {"state": {"running": {}}, "restartCount": 2,
+           "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}
+    assert "OOMKilled (raise the memory limit)" in ready_of(engine_pod("r-1", containers={"vllm": oom}))[1]
+
+
+def test_trainer_pod_that_fits_no_node_says_so():
+    unschedulable = pod("p1")
+    unschedulable["status"]["conditions"].append(
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."})
+    seen = observe(FTJ, job(active=1), [unschedulable])
+    assert seen["problem"][0] == "Unschedulable" and "spec.resources" in seen["problem"][1]
+
+
 def test_adapter_status_from_routes_and_reports():
     a = adapter("a")
     pods = {"r": [pod("r-1", ready=True, report=report("r-1", {"a--1": ("Ready", "Loaded")}))]}

@@ -53,6 +53,60 @@ def test_pod_paths_and_env_map_to_local():
         ["--n", "y", "--table", "f"]
 
 
+def test_local_run_fetches_an_https_base_model_like_the_init_container(tiny_model_dir, tmp_path):
+    """`loraplane run` runs the engine pod's init container locally: the archive lands on the local model volume
+    where the (path-mapped) vLLM command and the loader look. A real local HTTP server serves the archive."""
+    import http.server
+    import io
+    import tarfile
+    import threading
+
+    from loraplane.artifacts import sha256_dir
+    from loraplane.builders.serving import engine_command
+    from loraplane.local.pipeline import LocalRun
+
+    site = tmp_path / "site"
+    site.mkdir()
+    with tarfile.open(site / "tiny.tar.gz", "w:gz") as tar:
+        tar.add(tiny_model_dir, arcname="tiny")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(site), **kw)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_port}/tiny.tar.gz"
+    (tmp_path / "route.yaml").write_text(f"""
+apiVersion: loraplane.io/v1alpha1
+kind: ModelRoute
+metadata: {{name: fetched}}
+spec:
+  baseModel: {{uri: "{uri}"}}
+  engine: {{gpus: 0}}
+""")
+    try:
+        plan = load_plan(tmp_path / "route.yaml")
+        run = LocalRun(plan, tmp_path / "work", out=io.StringIO())
+        run.prepare_models()
+        (route,) = plan.routes
+        pod = run.pod("fetched-engine-local-0")
+        argv = [pod.map_path(a) for a in engine_command(route)]
+        model = Path(argv[argv.index("--model") + 1])
+        assert model.is_relative_to(tmp_path / "work") and sha256_dir(model) == sha256_dir(tiny_model_dir)
+        assert argv[argv.index("--served-model-name") + 1] == "tiny"
+        # A failed fetch stops the run with the init container's message.
+        bad = load_plan(tmp_path / "route.yaml")
+        bad.routes[0].spec.base_model.uri = uri.replace("tiny.tar.gz", "gone.tar.gz")
+        with pytest.raises(RunError, match="fetching the base model of ModelRoute fetched failed(.|\n)*HTTP 404"):
+            LocalRun(bad, tmp_path / "work2", out=io.StringIO()).prepare_models()
+    finally:
+        server.shutdown()
+
+
 @pytest.mark.vllm
 @pytest.mark.train
 def test_quickstart_runs_end_to_end(tmp_path):

@@ -139,7 +139,7 @@ async def test_prefers_replica_with_adapter_ready_then_least_loaded(started, tmp
 async def test_fallback_to_another_version_when_no_replica_has_it(started, tmp_path):
     a = await started(StubReplica("a", adapters={"v1"}))
     table = table_json({"chat": [("v1", 50), ("v2", 50)], "only-v2": [("v2", 100)]})
-    async with running_router(tmp_path, [a.spec], table) as (_, c):
+    async with running_router(tmp_path, [a.spec], table) as (svc, c):
         for _ in range(20):
             async with c.post("/v1/completions", json={"model": "chat", "prompt": "p"}) as resp:
                 assert resp.headers["X-Loraplane-Backend"] == "v1"  # v2 is loading nowhere yet
@@ -147,7 +147,7 @@ async def test_fallback_to_another_version_when_no_replica_has_it(started, tmp_p
             assert resp.status == 503 and resp.headers["Retry-After"] == "2"
             assert (await resp.json())["error"]["code"] == "no_ready_replica"
         a.adapters.add("v2")  # the loader finished: after a poll, v2 gets traffic
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: "v2" in svc.pool.replicas[0].ready)
         async with c.post("/v1/completions", json={"model": "only-v2", "prompt": "p"}) as resp:
             assert resp.status == 200
 
@@ -182,13 +182,14 @@ async def test_replica_down_is_retried_and_avoided(started, tmp_path):
 async def test_polling_removes_and_readds_a_replica(started, tmp_path):
     a, b = await started(StubReplica("a", adapters={"v1"}), StubReplica("b", adapters={"v1"}))
     async with running_router(tmp_path, [a.spec, b.spec], table_json({"chat": [("v1", 100)]})) as (svc, c):
+        ra, rb = svc.pool.replicas
         a.engine_ready = False  # the loader reports vLLM down
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: not ra.engine_ready)
         for _ in range(6):
             async with c.post("/v1/completions", json={"model": "chat", "prompt": "p"}) as resp:
                 assert (await resp.json())["replica"] == "b"
         a.engine_ready, b.engine_ready = True, False
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: ra.engine_ready and not rb.engine_ready)
         for _ in range(6):
             async with c.post("/v1/completions", json={"model": "chat", "prompt": "p"}) as resp:
                 assert (await resp.json())["replica"] == "a"
@@ -241,7 +242,8 @@ async def test_in_flight_gauge_and_hot_reload_without_dropping_requests(started,
             resp.release()
         # A broken table is refused and the working one stays.
         (tmp_path / "serving.json").write_text('{"route": "r", "models": 5}')
-        await asyncio.sleep(0.3)
+        errors = svc.router.metrics.table_reloads.labels("error")
+        await wait_for(lambda: errors._value.get() == 1)
         assert svc.router.table.source.generation == 2
         async with c.post("/v1/completions", json={"model": "new", "prompt": "p"}) as resp:
             assert resp.status == 200
@@ -290,9 +292,13 @@ async def test_api_keys(started, tmp_path):
         async with c.get("/metrics") as resp:
             assert resp.status == 200  # scraped in-cluster without a key
         (keys / "team-b").write_text("key-three\n")  # the Secret was rotated
-        await asyncio.sleep(0.2)
-        async with c.post("/v1/completions", json=req, headers={"Authorization": "Bearer key-two"}) as resp:
-            assert resp.status == 401
+        deadline = time.monotonic() + 15  # picked up within a re-read interval (bounded: CI machines are busy)
+        while True:
+            async with c.post("/v1/completions", json=req, headers={"Authorization": "Bearer key-two"}) as resp:
+                if resp.status == 401 or time.monotonic() > deadline:
+                    break
+            await asyncio.sleep(0.05)
+        assert resp.status == 401
         async with c.post("/v1/completions", json=req, headers={"Authorization": "Bearer key-three"}) as resp:
             assert resp.status == 200
 
@@ -529,7 +535,7 @@ async def test_slow_client_pauses_the_replica_instead_of_buffering(started, tmp_
         writer.transport.pause_reading()  # a client that does not read
         writer.write(post(b'{"model":"chat","prompt":"p","stream":true}'))
         await wait_for(lambda: len(a.received) == 1)
-        await asyncio.sleep(0.5)
+        await wait_for(lambda: any(c.paused_upstream is not None for c in svc.router.connections))
         conn = next(iter(svc.router.connections))
         # The router holds at most about its write buffer's high-water mark, not the 12.5 MiB on offer.
         assert conn.transport.get_write_buffer_size() < 2 * 1024 * 1024

@@ -120,8 +120,13 @@ def test_more_cel_rules():
         parse(minmax)
     s3 = copy.deepcopy(route)
     s3["spec"]["baseModel"] = {"uri": "s3://models/llama"}
-    with pytest.raises(ValidationError, match="s3:// and https:// base models are not served yet"):
-        parse(s3)
+    assert parse(s3).spec.base_model.uri == "s3://models/llama"  # fetched by the engine pod's init container
+    web = copy.deepcopy(route)
+    web["spec"]["baseModel"] = {"uri": "https://models.example.com/llama"}
+    with pytest.raises(ValidationError, match="an https:// base model must be a .tar.gz, .tgz or .tar archive"):
+        parse(web)
+    web["spec"]["baseModel"] = {"uri": "https://models.example.com/llama.tar.gz"}
+    assert cel.validate_object(crd_schema("ModelRoute"), web) == []
     pvc = copy.deepcopy(route)
     pvc["spec"]["baseModel"] = {"uri": "pvc://models/llama"}
     assert parse(pvc).spec.base_model.uri == "pvc://models/llama"

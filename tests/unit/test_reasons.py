@@ -22,7 +22,7 @@ NOT_REASONS = {
     "NoSuchKey", "NotFound", "NotIn", "OperatorSettings", "PodDisruptionBudget", "RoleBinding", "RollingUpdate",
     "ScaledObject", "ServiceAccount", "SignatureDoesNotMatch", "TrainPod", "TrainerError", "WorkQueue",
     "AlreadyLoaded", "CreateContainerConfigError", "CrashLoopBackOff", "ContainerCreating", "PodInitializing",
-    "DisruptionTarget", "FailJob", "PodFailurePolicy",  # Kubernetes Job vocabulary, not reasons of ours
+    "DisruptionTarget", "FailJob", "PodFailurePolicy", "PodScheduled",  # Kubernetes vocabulary, not reasons of ours
 }
 
 

@@ -124,13 +124,13 @@ class ModelRouteSpec(ApiModel):
     cel_rules: ClassVar = (
         CelRule(rule="!has(self.autoscaling) || !has(self.replicas)",
                 message="set replicas or autoscaling, not both"),
-        # Replicas read the base model from the hub (cached on their model volume) or a mounted PVC; fetching
-        # s3:// and https:// archives into every replica is not built yet, so it is refused, not left to crash.
-        CelRule(rule="!has(self.baseModel.uri) || self.baseModel.uri.startsWith('pvc://') || "
-                     "self.baseModel.uri.startsWith('/') || self.baseModel.uri.startsWith('file://')",
-                message="spec.baseModel.uri: a ModelRoute serves a hub model (baseModel.name) or one on a PVC "
-                        "(pvc://CLAIM/PATH); s3:// and https:// base models are not served yet: copy the model "
-                        "to a PVC"),
+        # An https:// base model is fetched as one archive (a web server lists no directories).
+        CelRule(rule="!has(self.baseModel.uri) || !self.baseModel.uri.startsWith('http') || "
+                     "self.baseModel.uri.endsWith('.tar.gz') || self.baseModel.uri.endsWith('.tgz') || "
+                     "self.baseModel.uri.endsWith('.tar')",
+                message="spec.baseModel.uri: an https:// base model must be a .tar.gz, .tgz or .tar archive of "
+                        "the model directory (or use s3://BUCKET/PREFIX, pvc://CLAIM/PATH or a hub id in "
+                        "baseModel.name)"),
         CelRule(rule="!has(self.routes) || self.routes.all(r, has(r.name) ? "
                      "self.routes.filter(s, has(s.name) ? s.name == r.name : false).size() == 1 : true)",
                 message="route names must be unique"),

@@ -126,6 +126,7 @@ def engine_deployment(route: ModelRoute, table: ServingTable, settings: BuildSet
                        stringify_quantities(serving.loader_container(route, ns, settings.image,
                                                                      adapter_claims=adapter_claims(table)))],
         "volumes": serving.serving_volumes(route, adapter_claims(table)),
+        **({"initContainers": [fetch]} if (fetch := serving.model_fetch_container(route, settings.image)) else {}),
         # vLLM drains in-flight requests on SIGTERM; long generations need more than the default 30 s.
         "terminationGracePeriodSeconds": 120,
         **_node_placement(route),

@@ -22,6 +22,7 @@ from loraplane.api.common import ModelRef
 from loraplane.api.modelroute import ModelRoute
 from loraplane.builders.common import resources
 from loraplane.builders.defaults import DEFAULT_ENGINE_IMAGE
+from loraplane.loader.cache import fetched_model_path
 from loraplane.servingtable import ENGINE_PORT, LOADER_PORT, configmap_name
 
 ENGINE_CONTAINER = "vllm"
@@ -31,6 +32,9 @@ ADAPTER_CACHE_PATH = "/var/cache/loraplane/adapters"
 MODEL_CACHE_VOLUME = "model-cache"
 MODEL_CACHE_PATH = "/models"
 HF_HOME = f"{MODEL_CACHE_PATH}/hf"
+# s3:// and https:// base models are fetched here by the init container (loraplane fetch-model).
+FETCHED_MODELS_PATH = f"{MODEL_CACHE_PATH}/fetched"
+MODEL_FETCH_CONTAINER = "model-fetch"
 PVC_ROOT = "/mnt/pvc"
 # Startup budget of vLLM before the kubelet restarts it: downloads and compiles of big models take minutes.
 ENGINE_STARTUP_SECONDS = 1800
@@ -66,13 +70,20 @@ def local_path_of_uri(uri: str) -> str | None:
     return None
 
 
+def fetches_base_model(ref: ModelRef) -> bool:
+    """An s3:// or https:// base model is copied onto the replica's model volume before vLLM starts."""
+    return not ref.name and (ref.uri or "").startswith(("s3://", "https://", "http://"))
+
+
 def model_location(ref: ModelRef) -> str:
     """What vLLM's --model gets: a hub id, or the base model's path inside the replica."""
     if ref.name:
         return ref.name
     assert ref.uri, "ModelRef has neither name nor uri (the API model forbids this)"
+    if fetches_base_model(ref):
+        return str(fetched_model_path(FETCHED_MODELS_PATH, ref.uri))
     path = local_path_of_uri(ref.uri)
-    assert path, "a ModelRoute's base model is a hub id or on a PVC (ModelRouteSpec's CEL rule refuses others)"
+    assert path, f"unsupported base model URI {ref.uri!r} (the API's pattern forbids it)"
     return path
 
 
@@ -87,8 +98,12 @@ def served_model_name(route: ModelRoute) -> str:
         return spec.served_model_name
     if spec.base_model.name:
         return spec.base_model.name
-    # A URI-only base model: its last path component is the readable choice (…/llama-3-8b → llama-3-8b).
-    return (spec.base_model.uri or "base").rstrip("/").rsplit("/", 1)[-1] or "base"
+    # A URI-only base model: its last path component is the readable choice (…/llama-3-8b → llama-3-8b,
+    # …/llama-3-8b.tar.gz → llama-3-8b).
+    last = (spec.base_model.uri or "base").split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        last = last.removesuffix(suffix)
+    return last or "base"
 
 
 def engine_args(route: ModelRoute, port: int = ENGINE_PORT) -> list[str]:
@@ -183,10 +198,30 @@ def engine_container(route: ModelRoute, default_image: str = DEFAULT_ENGINE_IMAG
         "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": ENGINE_STARTUP_SECONDS // 10},
         "readinessProbe": {**health, "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 4, "timeoutSeconds": 5},
+        # A vLLM that exits (bad model, out of GPU memory) leaves its log tail as the termination message:
+        # the ModelRoute's Ready condition quotes it (reason EngineFailing).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if resources := _resources(route):
         container["resources"] = resources
     return container
+
+
+def model_fetch_container(route: ModelRoute, image: str) -> dict[str, Any] | None:
+    """The init container that fetches an s3:// / https:// base model (None for hub and PVC models)."""
+    ref = route.spec.base_model
+    if not fetches_base_model(ref):
+        return None
+    return {
+        "name": MODEL_FETCH_CONTAINER,
+        "image": image,
+        "command": ["loraplane", "fetch-model", ref.uri, "--cache-dir", FETCHED_MODELS_PATH],
+        "env": credential_env(ref),
+        "volumeMounts": [{"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_PATH}],
+        # Its message on failure says what to fix; the ModelRoute's status carries it (ModelFetchFailed).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
+    }
 
 
 def loader_args(route: ModelRoute, namespace: str, cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES) -> list[str]:
@@ -229,4 +264,5 @@ def loader_container(route: ModelRoute, namespace: str, image: str, adapter_clai
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": LOADER_PORT}, "periodSeconds": 15,
                           "failureThreshold": 4},
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }

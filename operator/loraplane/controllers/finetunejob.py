@@ -18,6 +18,8 @@ from loraplane.api.common import API_VERSION, now_rfc3339, set_condition
 from loraplane.api.finetunejob import AdapterRef, ArtifactRef, Failure, FineTuneJob, FineTuneJobStatus
 from loraplane.builders import training
 from loraplane.cli_crds import format_validation_error
+from loraplane.controllers.pods import (container_status, image_pull_problem, last_terminated, pod_name,
+                                        unschedulable)
 from loraplane.controllers.runtime import Key, dump_status, owned_status, status_patch, write_invalid
 from loraplane.trainer.errors import REASONS_BY_EXIT_CODE
 
@@ -29,7 +31,6 @@ OWNED_STATUS = ("phase", "observedGeneration", "conditions", "startTime", "compl
                 "adapterRef", "artifact", "failure")
 # Fields a running job may change; everything else in the spec is fixed once the Job exists.
 MUTABLE_FIELDS = ("backoffLimit", "activeDeadlineSeconds", "suspend")
-IMAGE_PULL_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
 TERMINAL = ("Succeeded", "Failed")
 
 
@@ -50,21 +51,14 @@ def parse_message(message: str | None) -> dict[str, Any] | None:
 
 
 def _container_status(pod: dict) -> dict:
-    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        if cs.get("name") == training.TRAINER_CONTAINER:
-            return cs
-    return {}
-
-
-def _terminated(cs: dict) -> dict | None:
-    return (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+    return container_status(pod, training.TRAINER_CONTAINER)
 
 
 def pod_failure(pod: dict) -> tuple[str, str] | None:
     """Why a trainer pod failed, categorised: the trainer's reason, OOMKilled, Evicted, or the exit code."""
     status = pod.get("status") or {}
     name = pod["metadata"]["name"]
-    term = _terminated(_container_status(pod))
+    term = last_terminated(_container_status(pod))
     if term and term.get("exitCode", 0) != 0:
         msg = parse_message(term.get("message"))
         if term.get("reason") == "OOMKilled":
@@ -92,16 +86,19 @@ def disrupted(pod: dict, failure: tuple[str, str]) -> bool:
 
 
 def pod_waiting_problem(pod: dict) -> tuple[str, str] | None:
-    waiting = (_container_status(pod).get("state") or {}).get("waiting") or {}
-    if waiting.get("reason") in IMAGE_PULL_REASONS:
-        return "ImagePull", (f"pod {pod['metadata']['name']} cannot pull its image: {waiting.get('reason')}: "
-                             f"{waiting.get('message', '')}; check spec.image and imagePullSecrets")
+    """Why a trainer pod does not start: an image it cannot pull, or no node with what it asks for."""
+    if problem := image_pull_problem(pod, (training.TRAINER_CONTAINER,)):
+        return "ImagePull", f"{problem}; check spec.image (or the chart's trainerImage) and imagePullSecrets"
+    if message := unschedulable(pod):
+        return "Unschedulable", (f"pod {pod_name(pod)} cannot be scheduled: {message}; check "
+                                 "spec.resources (gpus, gpuType, nodeSelector, tolerations) against the cluster's "
+                                 "free capacity")
     return None
 
 
 def success_result(pods: list[dict]) -> dict[str, Any] | None:
     for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""), reverse=True):
-        term = _terminated(_container_status(pod))
+        term = last_terminated(_container_status(pod))
         if term and term.get("exitCode") == 0:
             return parse_message(term.get("message")) or {}
     return None
@@ -262,7 +259,7 @@ async def reconcile(op: "Operator", key: Key) -> None:
             event = ("Normal", new.phase, ready[2])
     old_ready = status.condition("Ready")
     if not event and ready[1] != (old_ready.reason if old_ready else None) and ready[1] in (
-            "SpecImmutable", "ImagePull", "Retrying", "Preempted"):
+            "SpecImmutable", "ImagePull", "Unschedulable", "Retrying", "Preempted"):
         event = ("Warning", ready[1], ready[2])
     if event:
         await op.events.post(body, *event)

@@ -11,8 +11,10 @@ from loraplane.api.adapter import Adapter
 from loraplane.api.common import API_VERSION, set_condition
 from loraplane.api.modelroute import BackendStatus, ModelRoute, ModelRouteStatus, ServedModel
 from loraplane.builders import modelroute as builders
+from loraplane.builders import serving
 from loraplane.builders.serving_table import Resolution, resolve
 from loraplane.cli_crds import format_validation_error
+from loraplane.controllers.pods import crash_problem, image_pull_problem, pod_name, unschedulable
 from loraplane.controllers.runtime import Key, dump_status, owned_status, status_patch, write_invalid
 from loraplane.servingtable import REPORT_ANNOTATION, ReplicaReport, ServingTable
 
@@ -48,6 +50,32 @@ def ready_reports(pods: list[dict]) -> list[ReplicaReport]:
         if report and pod_ready(pod) and report.engine_ready:
             out.append(report)
     return out
+
+
+# Ready reasons that explain unready replicas (each posts a Warning event when it appears).
+REPLICA_PROBLEMS = ("Unschedulable", "ImagePull", "ModelFetchFailed", "EngineFailing")
+
+
+def replica_problem(route: ModelRoute, pods: list[dict]) -> tuple[str, str] | None:
+    """Why engine replicas are not ready, from the newest pod that shows a reason (pure)."""
+    gpu = route.spec.engine.gpu_resource
+    containers = (serving.ENGINE_CONTAINER, serving.LOADER_CONTAINER)
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""), reverse=True):
+        if (pod.get("metadata") or {}).get("deletionTimestamp"):
+            continue
+        if message := unschedulable(pod):
+            return "Unschedulable", (f"pod {pod_name(pod)} cannot be scheduled: {message}; check spec.engine.gpus "
+                                     f"(free {gpu} in the cluster), gpuType, nodeSelector and tolerations")
+        if problem := crash_problem(pod, serving.MODEL_FETCH_CONTAINER, init=True):
+            return "ModelFetchFailed", problem
+        if problem := (image_pull_problem(pod, (serving.MODEL_FETCH_CONTAINER,), init=True)
+                       or image_pull_problem(pod, containers)):
+            return "ImagePull", (f"{problem}; check spec.engine.image (or the chart's engineImage / image) and "
+                                 "imagePullSecrets")
+        for name in containers:
+            if problem := crash_problem(pod, name):
+                return "EngineFailing", problem
+    return None
 
 
 def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | None, pods: list[dict],
@@ -96,6 +124,8 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
     if new.ready_replicas == 0:
         new.phase = "Progressing" if deployment is not None else "Pending"
         ready = ("False", "NoReadyReplicas", f"0 of {new.replicas} engine replicas are ready")
+        if problem := replica_problem(route, pods):
+            ready = ("False", problem[0], f"{ready[2]}: {problem[1]}")
     elif unready:
         new.phase = "Degraded"
         ready = ("False", "ModelsNotReady", f"no ready backend for: {', '.join(unready)}")
@@ -176,8 +206,8 @@ async def reconcile(op: "Operator", key: Key) -> None:
     old_phase = current.get("phase")
     ready = new.condition("Ready")
     old_reason = next((c.get("reason") for c in current.get("conditions") or [] if c.get("type") == "Ready"), None)
-    if ready and ready.reason == "SpecImmutable" and old_reason != "SpecImmutable":
-        await op.events.post(body, "Warning", "SpecImmutable", ready.message)
+    if ready and ready.reason in REPLICA_PROBLEMS + ("SpecImmutable",) and old_reason != ready.reason:
+        await op.events.post(body, "Warning", ready.reason, ready.message)
     elif old_phase != new.phase and new.phase in ("Ready", "Degraded") or (old_phase is None and new.phase):
         await op.events.post(body, "Normal" if new.phase != "Degraded" else "Warning", new.phase,
                              ready.message if ready else "")

@@ -10,6 +10,9 @@ Sources: a local directory (`/path`, `file:///path`), a mounted PVC (`pvc://CLAI
 directory of objects or one archive; needs boto3), and `hf://ORG/REPO[@REVISION]` (huggingface_hub; honours
 HF_HUB_OFFLINE by reading only the local HF cache).
 
+The same cache, with `root_of=model_root`, fetches an `s3://` or `https://` base model into a replica before
+vLLM starts (`loraplane fetch-model`, the engine pod's init container).
+
 Digests (loraplane.artifacts): a directory's sha256_dir; for archives either the archive file's sha256 (what
 `sha256sum x.tar.gz` prints) or the unpacked directory's sha256_dir is accepted.
 """
@@ -25,6 +28,7 @@ import shutil
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,20 +78,42 @@ def _digest_matches(expected: str | None, art: CachedArtifact) -> bool:
     return expected is None or expected.lower() in (art.sha256, art.archive_sha256)
 
 
-def adapter_root(directory: Path) -> Path:
-    """The directory holding adapter_config.json: `directory` itself or its single subdirectory (archives)."""
-    if (directory / "adapter_config.json").is_file():
+def _root_holding(directory: Path, marker: str) -> Path | None:
+    """`directory` if it holds `marker`, else its single subdirectory if that does (an archive's top folder)."""
+    if (directory / marker).is_file():
         return directory
     subdirs = [p for p in directory.iterdir() if p.is_dir()]
-    if len(subdirs) == 1 and (subdirs[0] / "adapter_config.json").is_file():
+    if len(subdirs) == 1 and (subdirs[0] / marker).is_file():
         return subdirs[0]
+    return None
+
+
+def adapter_root(directory: Path) -> Path:
+    """The directory holding adapter_config.json."""
+    if root := _root_holding(directory, "adapter_config.json"):
+        return root
     raise InvalidArtifact(
         "no adapter_config.json at the top of the artifact (or of its single folder): the source must be a "
         "PEFT adapter directory as written by `model.save_pretrained(dir)`")
 
 
+def model_root(directory: Path) -> Path:
+    """The directory holding a transformers model's config.json."""
+    if root := _root_holding(directory, "config.json"):
+        return root
+    raise InvalidArtifact("no config.json at the top of the artifact (or of its single folder): a base model must "
+                          "be a directory as written by `model.save_pretrained(dir)` (config, weights, tokenizer)")
+
+
+def fetched_model_path(cache_dir: str | Path, uri: str) -> Path:
+    """Where `loraplane fetch-model` leaves the base model at `uri` (what vLLM's --model then names)."""
+    return Path(cache_dir) / cache_key(uri)
+
+
 class ArtifactCache:
-    def __init__(self, root: Path, max_bytes: int, pvc_root: str = "/mnt/pvc", http_timeout: float = 600):
+    def __init__(self, root: Path, max_bytes: int, pvc_root: str = "/mnt/pvc", http_timeout: float = 600,
+                 root_of: Callable[[Path], Path] = adapter_root):
+        self.root_of = root_of  # which directory of a fetched tree is the artifact (adapter or model)
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.pvc_root = pvc_root
@@ -175,7 +201,7 @@ class ArtifactCache:
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
             try:
                 archive_sha = await self._download(uri, tmp / "src")
-                root = adapter_root(tmp / "src")
+                root = self.root_of(tmp / "src")
                 digest = await asyncio.to_thread(sha256_dir, root)
                 art = CachedArtifact(uri=uri, path=self._entry(cache_key(uri)), sha256=digest,
                                      archive_sha256=archive_sha, size_bytes=directory_size(root),
@@ -196,7 +222,7 @@ class ArtifactCache:
         if expected is not None or self._local_path(uri) is None:
             return False
         try:
-            return await asyncio.to_thread(sha256_dir, adapter_root(self._local_path(uri))) != cached.sha256
+            return await asyncio.to_thread(sha256_dir, self.root_of(self._local_path(uri))) != cached.sha256
         except (OSError, FetchError):
             return False  # the source vanished: keep serving the verified copy
 
@@ -258,8 +284,8 @@ class ArtifactCache:
     async def _download_http(self, uri: str, dest: Path) -> str:
         name = uri.split("?", 1)[0].rsplit("/", 1)[-1]
         if not name.endswith(ARCHIVE_SUFFIXES):
-            raise InvalidArtifact(f"{uri}: an https:// adapter must be a .tar.gz, .tgz or .tar archive "
-                                  "of the PEFT directory")
+            raise InvalidArtifact(f"{uri}: an https:// artifact must be a .tar.gz, .tgz or .tar archive "
+                                  "of its directory")
         archive = dest.parent / name
         timeout = aiohttp.ClientTimeout(total=self.http_timeout)
         try:

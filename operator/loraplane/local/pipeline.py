@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from loraplane.api import Adapter, FineTuneJob, ModelRoute, parse
 from loraplane.builders import BuildSettings, modelroute as route_builders, training
-from loraplane.builders.serving import ADAPTER_CACHE_PATH, PVC_ROOT, loader_container
+from loraplane.builders.serving import ADAPTER_CACHE_PATH, PVC_ROOT, loader_container, model_fetch_container
 from loraplane.builders.serving import engine_command, engine_env
 from loraplane.builders.serving_table import resolve
 from loraplane.cli_crds import format_validation_error
@@ -108,6 +108,24 @@ class LocalRun:
                 self.timings["base model"] = time.monotonic() - started
             hfcache.install(ref.name, Path(source), self.hf_home, ref.revision or "main")
             self.say(f"  {ref.name} -> {source}")
+        for route in self.plan.routes:
+            if fetch := model_fetch_container(route, self.settings.image):
+                self.fetch_base_model(route, fetch)
+
+    def fetch_base_model(self, route: ModelRoute, container: dict) -> None:
+        """Run the engine pod's init container here: the s3:// / https:// model lands on the local model
+        volume, where the engine command (paths mapped) finds it."""
+        import subprocess
+
+        pod = self.pod(f"{route_builders.engine_name(route)}-local-0")
+        self.say(f"• base model {route.spec.base_model.uri}: fetching (the engine pod's init container)")
+        started = time.monotonic()
+        done = subprocess.run(container_argv(container, pod), env=container_env(container, pod),
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RunError(f"fetching the base model of ModelRoute {route.metadata.name} failed:\n"
+                           f"{done.stderr.strip()[-2000:]}")
+        self.timings["base model fetch"] = time.monotonic() - started
 
     def pod(self, name: str) -> LocalPod:
         return LocalPod(name=name, namespace=NAMESPACE,
@@ -197,8 +215,8 @@ class LocalRun:
         pod = self.pod(f"{route_builders.engine_name(route)}-local-0")
 
         started = time.monotonic()
-        engine_argv, env = cpu.engine_process(engine_command(route), engine_env(route), engine_port,
-                                              self.hf_home)
+        engine_argv, env = cpu.engine_process([pod.map_path(a) for a in engine_command(route)], engine_env(route),
+                                              engine_port, self.hf_home)
         engine = ManagedProcess("vllm", engine_argv, {**env, **{k: v for k, v in pod.env_overrides.items() if v}},
                                 rdir / "vllm.log").start()
         self.processes.append(engine)
@@ -215,6 +233,8 @@ class LocalRun:
         argv = _set_flag(argv, "--vllm-url", f"http://127.0.0.1:{engine_port}")
         argv = _set_flag(argv, "--port", str(loader_port)) + ["--host", "127.0.0.1", "--pvc-root",
                                                               str(self.pvc_root)]
+        if table.model_path:  # the table names the pod's path of the base model: give the loader this one
+            argv += ["--model-dir", pod.map_path(table.model_path)]
         loader = ManagedProcess("loader", argv, container_env(loader_c, pod), rdir / "loader.log").start()
         self.processes.append(loader)
 

@@ -32,6 +32,8 @@ def container_argv(container: dict[str, Any], pod: LocalPod) -> list[str]:
     argv = [*(container.get("command") or []), *(container.get("args") or [])]
     if argv and argv[0] in ("python3", "python"):
         argv[0] = sys.executable
+    elif argv and argv[0] == "loraplane":  # the image's console script: this interpreter's copy of the CLI
+        argv[:1] = [sys.executable, "-m", "loraplane.cli"]
     out = []
     for a in argv:
         if "=" in a and a.startswith("--"):
