@@ -551,3 +551,48 @@ def test_adapter_base_model_change_is_refused_and_it_leaves_the_table(kube, oper
     for name in ("loraplane_operator_reconcile_duration_seconds_bucket", "loraplane_operator_adapters{",
                  "loraplane_operator_finetunejobs{", 'loraplane_operator_reconciles_total{kind="Adapter"'):
         assert name in text
+
+
+def test_child_watches_are_label_selected_on_the_server(kube_cluster, kube_api, namespace):
+    """The operator's own watches of Pods/Jobs/Deployments carry the label selector to the API server: an
+    unrelated pod is never sent (kopf would stream it and filter it here). Also: a watch resumes from its
+    resourceVersion, so nothing between LIST and WATCH is lost."""
+    import asyncio
+
+    from kubernetes import client
+
+    from loraplane.builders.common import COMPONENT_LABEL
+    from loraplane.controllers.kube import KubeClient
+    from loraplane.servingtable import ROUTE_LABEL
+
+    core = client.CoreV1Api(kube_api)
+    selector = f"{ROUTE_LABEL},{COMPONENT_LABEL}=engine"
+
+    def pod(name, labels):
+        return {"metadata": {"name": name, "labels": labels},
+                "spec": {"containers": [{"name": "c", "image": "busybox"}]}}
+
+    async def scenario():
+        kube = KubeClient.from_environment(kubeconfig=str(kube_cluster.kubeconfig))
+        try:
+            _, rv = await kube.list_with_version("v1", "Pod", namespace, selector)
+            # Created after the LIST, before the WATCH: the watch from rv must still deliver the labelled one.
+            for i in range(5):
+                core.create_namespaced_pod(namespace, pod(f"unrelated-{i}", {"app": "other"}))
+            core.create_namespaced_pod(namespace, pod("engine-0", {ROUTE_LABEL: "r", COMPONENT_LABEL: "engine"}))
+            core.create_namespaced_pod(namespace, pod("unrelated-late", {ROUTE_LABEL: "r"}))  # not an engine pod
+            seen = []
+
+            async def collect():
+                async for event_type, obj in kube.watch("v1", "Pod", namespace, selector, rv, timeout_seconds=5):
+                    if event_type != "BOOKMARK":
+                        seen.append((event_type, obj["metadata"]["name"], obj["kind"]))
+
+            await asyncio.wait_for(collect(), 30)  # the server ends the watch after timeoutSeconds
+            return seen
+        finally:
+            await kube.close()
+
+    seen = asyncio.run(scenario())
+    assert seen and {name for _, name, _ in seen} == {"engine-0"}, seen
+    assert seen[0] == ("ADDED", "engine-0", "Pod")

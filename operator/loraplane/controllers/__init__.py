@@ -1,7 +1,9 @@
 """kopf handlers of the loraplane operator: `kopf run -m loraplane.controllers` or `loraplane operator`.
 
-kopf does the watching (re-lists, reconnects, backoff); every handler here only feeds the event into the
-operator's stores and schedules reconciles (see controllers/runtime.py). The handlers are `on.event`
+kopf watches the loraplane kinds (re-lists, reconnects, backoff); every handler here only feeds the event
+into the operator's stores and schedules reconciles (see controllers/runtime.py). The children (Jobs, Pods,
+Deployments) are watched by the operator itself with server-side label selectors (Operator.watch_children):
+kopf filters labels client-side, so it would stream every pod of every watched namespace. The handlers are `on.event`
 handlers on purpose: they need no per-object progress or diff-base bookkeeping, so kopf itself writes
 nothing to the API server, and every write the operator makes is a change to children or status.
 Settings come from LORAPLANE_* environment variables (see runtime.OperatorSettings.from_env).
@@ -13,11 +15,9 @@ import logging
 
 import kopf
 
-from loraplane.builders.common import COMPONENT_LABEL, FINETUNEJOB_LABEL
 from loraplane.controllers.kube import KubeClient
 from loraplane.controllers.operator import Operator
 from loraplane.controllers.runtime import OperatorSettings
-from loraplane.servingtable import ROUTE_LABEL
 
 GROUP = "loraplane.io"
 _op: list[Operator] = []
@@ -58,8 +58,3 @@ def _feed(kind: str):
 kopf.on.event(GROUP, "v1alpha1", "finetunejobs")(_feed("FineTuneJob"))
 kopf.on.event(GROUP, "v1alpha1", "adapters")(_feed("Adapter"))
 kopf.on.event(GROUP, "v1alpha1", "modelroutes")(_feed("ModelRoute"))
-kopf.on.event("batch", "v1", "jobs", labels={FINETUNEJOB_LABEL: kopf.PRESENT})(_feed("Job"))
-kopf.on.event("", "v1", "pods", labels={FINETUNEJOB_LABEL: kopf.PRESENT})(_feed("TrainPod"))
-kopf.on.event("", "v1", "pods", labels={ROUTE_LABEL: kopf.PRESENT, COMPONENT_LABEL: "engine"})(_feed("EnginePod"))
-kopf.on.event("apps", "v1", "deployments",
-              labels={ROUTE_LABEL: kopf.PRESENT, COMPONENT_LABEL: "engine"})(_feed("Deployment"))

@@ -1,6 +1,8 @@
-"""A small async Kubernetes API client for the controllers: get, list, server-side apply, status patches,
-Events. kopf owns the watches; this covers the writes, on aiohttp (already a dependency), so handlers
-never block kopf's event loop the way the synchronous `kubernetes` client would.
+"""A small async Kubernetes API client for the controllers: get, list, watch, server-side apply, status
+patches, Events, on aiohttp (already a dependency), so handlers never block kopf's event loop the way the
+synchronous `kubernetes` client would. kopf watches the loraplane kinds; the children (Jobs, Pods,
+Deployments) are watched here because their watches need a server-side label selector, which kopf does not
+send (it filters every Pod of the cluster client-side).
 
 Credentials come from `kubernetes.config` (kubeconfig or in-cluster), the same sources kopf logs in with.
 Every write is counted in `loraplane_operator_api_writes_total`.
@@ -34,6 +36,10 @@ PLURALS = {
     "HorizontalPodAutoscaler": "horizontalpodautoscalers", "ScaledObject": "scaledobjects",
     "FineTuneJob": "finetunejobs", "Adapter": "adapters", "ModelRoute": "modelroutes",
 }
+
+
+class WatchExpired(Exception):
+    """HTTP 410 Gone: the resourceVersion is too old for a watch; LIST again."""
 
 
 class ApiError(Exception):
@@ -139,6 +145,45 @@ class KubeClient:
                         raise ApiError(resp.status, payload, what or f"{method} {path}")
                     return payload
         raise ApiError(503, "retries exhausted", what or f"{method} {path}")
+
+    async def watch(self, api_version: str, kind: str, namespace: str | None, label_selector: str | None,
+                    resource_version: str, timeout_seconds: int = 300):
+        """Yield (type, object) from `resource_version` on (ADDED, MODIFIED, DELETED, BOOKMARK) until the server
+        ends the watch. Raises WatchExpired when the version is too old, ApiError on other errors."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+        params = {"watch": "true", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
+                  "timeoutSeconds": str(timeout_seconds)}
+        if label_selector:
+            params["labelSelector"] = label_selector
+        headers = {"Accept": "application/json"}
+        if (auth := self._auth_header()) is not None:
+            headers["Authorization"] = auth
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout_seconds + 30)
+        path = resource_path(api_version, kind, namespace)
+        async with self._session.get(self.host + path, params=params, headers=headers, ssl=self._ssl,
+                                     timeout=timeout) as resp:
+            if resp.status == 410:
+                raise WatchExpired(path)
+            if resp.status >= 400:
+                raise ApiError(resp.status, await resp.text(), f"watch {path}")
+            buffer = b""
+            # Lines can be longer than aiohttp's readline limit (pods with large annotations): split by hand.
+            async for chunk in resp.content.iter_any():
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    obj = event.get("object") or {}
+                    if event.get("type") == "ERROR":
+                        if obj.get("code") == 410:
+                            raise WatchExpired(path)
+                        raise ApiError(obj.get("code") or 500, obj, f"watch {path}")
+                    obj.setdefault("apiVersion", api_version)
+                    obj.setdefault("kind", kind)
+                    yield event.get("type"), obj
 
     async def list(self, api_version: str, kind: str, namespace: str | None = None,
                    label_selector: str | None = None) -> list[dict]:

@@ -23,7 +23,7 @@ from loraplane.builders.serving_table import Verdict
 from loraplane.controllers import adapter as adapter_ctl
 from loraplane.controllers import finetunejob as ftj_ctl
 from loraplane.controllers import modelroute as route_ctl
-from loraplane.controllers.kube import KubeClient
+from loraplane.controllers.kube import KubeClient, WatchExpired
 from loraplane.controllers.runtime import Applier, Events, Key, OperatorSettings, Store, WorkQueue, key_of
 from loraplane.servingtable import CONFIGMAP_KEY, REPORT_ANNOTATION, ROUTE_LABEL, configmap_name
 
@@ -194,6 +194,55 @@ class Operator:
         ("Deployment", "apps/v1", "Deployment", f"{ROUTE_LABEL},{COMPONENT_LABEL}=engine"),
     ]
 
+    # Children the operator watches itself, with a server-side label selector (kopf watches the CRDs).
+    WATCHED_HERE = ("Job", "TrainPod", "EnginePod", "Deployment")
+
+    async def watch_children(self, store_kind: str, namespace: str | None) -> None:
+        """LIST + WATCH one child kind (label-selected on the server, so the API server sends only our pods,
+        not every pod of the cluster) into its store; resumes from the last resourceVersion seen (bookmarks
+        keep it fresh) and LISTs again when it expired. Runs until cancelled."""
+        _, api, kind, selector = next(entry for entry in self.LISTS if entry[0] == store_kind)
+        rv, backoff = None, 1.0
+        while True:
+            try:
+                if rv is None:
+                    items, rv = await self.kube.list_with_version(api, kind, namespace, selector)
+                    self._sync_listed(store_kind, namespace, items, rv, update=True)
+                async for event_type, obj in self.kube.watch(api, kind, namespace, selector, rv):
+                    rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
+                    if event_type != "BOOKMARK":
+                        self.on_event(store_kind, event_type, obj)
+                backoff = 1.0  # the server ended the watch (timeoutSeconds): resume from rv
+            except asyncio.CancelledError:
+                raise
+            except WatchExpired:
+                rv = None
+            except Exception as exc:  # API server restarts, network: retry with backoff, from the same rv
+                log.warning("watching %s failed (%s); retrying in %.0f s", store_kind, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def _sync_listed(self, store_kind: str, namespace: str | None, items: list[dict], list_rv: str,
+                     update: bool) -> int:
+        """Make the store match a LIST: add what is missing (and, with `update`, refresh what changed), drop
+        what the server no longer has. Returns how many were dropped."""
+        store = self._store(store_kind)
+        seen, dropped = set(), 0
+        for item in items:
+            key = key_of(item)
+            seen.add(key)
+            stored = store.objects.get(key)
+            if stored is None or update and (stored.get("metadata") or {}).get("resourceVersion") != (
+                    item.get("metadata") or {}).get("resourceVersion"):
+                self.on_event(store_kind, None, item)
+        for key, obj in list(store.objects.items()):
+            if (namespace is None or key[0] == namespace) and key not in seen and _older(obj, list_rv):
+                store.remove(obj)
+                dropped += 1
+                if self.primed.is_set():
+                    self._schedule_for(store_kind, obj, None)
+        return dropped
+
     async def relist(self) -> int:
         """LIST every kind into the stores; drop objects the server no longer has (a deletion whose watch
         event was lost). Returns how many were dropped."""
@@ -202,18 +251,7 @@ class Operator:
             results = await asyncio.gather(*(self.kube.list_with_version(api, kind, ns, selector)
                                              for _, api, kind, selector in self.LISTS))
             for (store_kind, *_), (items, list_rv) in zip(self.LISTS, results):
-                store = self._store(store_kind)
-                seen = set()
-                for item in items:
-                    seen.add(key_of(item))
-                    if key_of(item) not in store.objects:
-                        store.put(item)
-                for key, obj in list(store.objects.items()):
-                    if (ns is None or key[0] == ns) and key not in seen and _older(obj, list_rv):
-                        store.remove(obj)
-                        dropped += 1
-                        if self.primed.is_set():
-                            self._schedule_for(store_kind, obj, None)
+                dropped += self._sync_listed(store_kind, ns, items, list_rv, update=False)
         return dropped
 
     async def prime(self) -> None:
@@ -243,7 +281,11 @@ class Operator:
         _CURRENT[0] = self
         await self.start_http()
         await self.prime()
-        self._tasks.append(asyncio.get_running_loop().create_task(self.resync_forever()))
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self.resync_forever()))
+        for store_kind in self.WATCHED_HERE:
+            for ns in list(self.settings.namespaces) or [None]:
+                self._tasks.append(loop.create_task(self.watch_children(store_kind, ns)))
 
     async def stop(self) -> None:
         for t in self._tasks:
