@@ -123,6 +123,9 @@ def test_s3_base_model_is_fetched_by_an_init_container_that_vllm_and_the_loader_
     assert table.model_path == str(where)                            # the loader's gate reads the same
     assert str(where).startswith(serving.MODEL_CACHE_PATH + "/")     # on the volume both containers mount
     validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": pod}, "1.30.0", strict=True)
+    pinned = route(baseModel={"uri": "https://m.example/llama.tar.gz", "sha256": "c" * 64})
+    assert serving.model_fetch_container(pinned, "lp:1")["command"][-2:] == ["--sha256", "c" * 64]
+    assert serving.served_model_name(pinned) == "llama"
     # Hub and PVC models need no fetch.
     assert serving.model_fetch_container(route(), "lp:1") is None
     assert serving.model_fetch_container(route(baseModel={"uri": "pvc://models/llama"}), "lp:1") is None

@@ -343,6 +343,32 @@ def test_checkpoint_mirror_follows_an_s3_output(monkeypatch, tmp_path):
         resolve_runtime(s3_job)
 
 
+def test_s3_base_model_is_fetched_verified_and_reused(s3_env, tiny_model_dir, tmp_path):
+    """MOCK S3 (moto): the trainer fetches an s3:// base model with the serving replicas' code, checks
+    spec.baseModel.sha256, and a rerun in the same pod reuses the verified copy."""
+    from loraplane.artifacts import sha256_dir
+    from loraplane.trainer.model import resolve_source
+
+    client = s3_env.client()
+    client.create_bucket(Bucket="models")
+    for f in sorted(p for p in Path(tiny_model_dir).rglob("*") if p.is_file()):
+        client.upload_file(str(f), "models", f"tiny/{f.relative_to(tiny_model_dir).as_posix()}")
+    digest = sha256_dir(tiny_model_dir)
+    base = {"dataset": {"uri": "/d.jsonl"}, "output": {"adapterName": "a"}}
+    job = quick_job_like({**base, "baseModel": {"uri": "s3://models/tiny", "sha256": digest}})
+    runtime = resolve_runtime(job, output_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ck")
+    source = resolve_source(job, runtime, tmp_path / "ck" / "inputs")
+    assert sha256_dir(Path(source.location)) == digest and source.identity == "s3://models/tiny"
+    wrong = quick_job_like({**base, "baseModel": {"uri": "s3://models/tiny", "sha256": "0" * 64}})
+    with pytest.raises(errors.InvalidConfig, match="spec.baseModel.sha256: artifact sha256 is"):
+        resolve_source(wrong, runtime, tmp_path / "other")
+    client.delete_objects(Bucket="models", Delete={"Objects": [{"Key": k} for k in s3_env.keys("models")]})
+    assert resolve_source(job, runtime, tmp_path / "ck" / "inputs").location == source.location  # reused
+    missing = quick_job_like({**base, "baseModel": {"uri": "s3://models/none"}})
+    with pytest.raises(errors.ModelNotFound, match="spec.baseModel.uri s3://models/none: .*credentialsSecretRef"):
+        resolve_source(missing, runtime, tmp_path / "other")
+
+
 def quick_job_like(spec: dict):
     from loraplane.api import FineTuneJob
 

@@ -125,8 +125,12 @@ def test_more_cel_rules():
     web["spec"]["baseModel"] = {"uri": "https://models.example.com/llama"}
     with pytest.raises(ValidationError, match="an https:// base model must be a .tar.gz, .tgz or .tar archive"):
         parse(web)
-    web["spec"]["baseModel"] = {"uri": "https://models.example.com/llama.tar.gz"}
+    web["spec"]["baseModel"] = {"uri": "https://models.example.com/llama.tar.gz", "sha256": "a" * 64}
     assert cel.validate_object(crd_schema("ModelRoute"), web) == []
+    hub_pin = copy.deepcopy(route)
+    hub_pin["spec"]["baseModel"] = {"name": "org/m", "sha256": "a" * 64}
+    with pytest.raises(ValidationError, match="baseModel.sha256 pins a downloaded model"):
+        parse(hub_pin)
     pvc = copy.deepcopy(route)
     pvc["spec"]["baseModel"] = {"uri": "pvc://models/llama"}
     assert parse(pvc).spec.base_model.uri == "pvc://models/llama"

@@ -106,6 +106,10 @@ class ModelRef(ApiModel):
     cel_rules: ClassVar = (
         CelRule(rule="has(self.name) != has(self.uri)",
                 message="set exactly one of baseModel.name (a Hugging Face id) or baseModel.uri"),
+        CelRule(rule="!has(self.sha256) || (has(self.uri) && (self.uri.startsWith('s3://') || "
+                     "self.uri.startsWith('http')))",
+                message="baseModel.sha256 pins a downloaded model: use it with an s3:// or https:// baseModel.uri "
+                        "(pin a hub model with baseModel.revision)"),
     )
 
     name: str | None = Field(
@@ -121,6 +125,11 @@ class ModelRef(ApiModel):
                     "(file:///… or /…, for local runs).")
     credentials_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret with HF_TOKEN or AWS_* credentials to fetch the model.")
+    sha256: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$",
+        description="Expected digest of an s3:// or https:// model: the archive's sha256 (what `sha256sum` "
+                    "prints) or the directory's (loraplane.artifacts.sha256_dir). A download that differs "
+                    "is refused.")
 
     @property
     def identity(self) -> str:

@@ -215,7 +215,8 @@ def model_fetch_container(route: ModelRoute, image: str) -> dict[str, Any] | Non
     return {
         "name": MODEL_FETCH_CONTAINER,
         "image": image,
-        "command": ["loraplane", "fetch-model", ref.uri, "--cache-dir", FETCHED_MODELS_PATH],
+        "command": ["loraplane", "fetch-model", ref.uri, "--cache-dir", FETCHED_MODELS_PATH,
+                    *(["--sha256", ref.sha256] if ref.sha256 else [])],
         "env": credential_env(ref),
         "volumeMounts": [{"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_PATH}],
         # Its message on failure says what to fix; the ModelRoute's status carries it (ModelFetchFailed).

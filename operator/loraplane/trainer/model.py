@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +76,7 @@ def resolve_source(job: FineTuneJob, runtime: Runtime, scratch: Path) -> ModelSo
     if ref.uri:
         path = local_path(ref.uri, runtime.pvc_root)
         if path is None:
-            path = _download_model(ref.uri, scratch / "base-model")
+            path = _download_model(ref.uri, scratch / "models", ref.sha256)
         return ModelSource(str(_check_dir(path, "spec.baseModel.uri")), ref.revision, ref.identity)
     return ModelSource(ref.name or "", ref.revision, ref.identity)
 
@@ -89,51 +88,22 @@ def _check_dir(path: Path, what: str) -> Path:
     return path
 
 
-def _download_model(uri: str, dest: Path) -> Path:
-    """s3://BUCKET/PREFIX (every object under it) or an https:// archive (.tar.gz, .zip), unpacked."""
-    if (dest / "config.json").is_file():
-        return dest
-    tmp = dest.with_name(dest.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if uri.startswith("s3://"):
-        from botocore.exceptions import BotoCoreError, ClientError
+def _download_model(uri: str, cache_dir: Path, sha256: str | None) -> Path:
+    """An s3:// prefix (or one archive in S3) or an https:// .tar.gz/.tgz/.tar archive, fetched and verified by
+    the same code as the engine pod's `loraplane fetch-model` (loader.cache.ArtifactCache). A rerun in the
+    same pod reuses the verified copy."""
+    import asyncio
 
-        from loraplane.trainer.data import s3_client
+    from loraplane.loader.cache import ArtifactCache, ChecksumMismatch, FetchError, model_root
 
-        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-        client = s3_client()
-        try:
-            keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
-                Bucket=bucket, Prefix=prefix.rstrip("/") + "/") for o in page.get("Contents", [])]
-            if not keys:
-                raise ModelNotFound(f"spec.baseModel.uri: no objects under {uri}; check the bucket and prefix")
-            for key in keys:
-                target = tmp / key[len(prefix.rstrip("/")) + 1:]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                client.download_file(bucket, key, str(target))
-        except (ClientError, BotoCoreError) as exc:
-            raise ModelNotFound(f"spec.baseModel.uri: cannot read {uri}: {exc}; check the URI and the credentials "
-                                "in spec.baseModel.credentialsSecretRef") from exc
-    else:
-        import urllib.request
-
-        archive = tmp / "archive"
-        try:
-            with urllib.request.urlopen(uri, timeout=120) as resp, open(archive, "wb") as fh:
-                shutil.copyfileobj(resp, fh)
-            fmt = "zip" if uri.endswith(".zip") else "gztar" if uri.endswith((".tar.gz", ".tgz")) else "tar"
-            shutil.unpack_archive(archive, tmp, fmt)
-        except (OSError, ValueError, shutil.ReadError) as exc:
-            raise ModelNotFound(f"spec.baseModel.uri: cannot fetch/unpack {uri}: {exc}; it must be a .tar.gz, "
-                                ".tar or .zip archive of a save_pretrained directory") from exc
-        archive.unlink()
-        inner = [p for p in tmp.iterdir()]
-        if len(inner) == 1 and inner[0].is_dir() and not (tmp / "config.json").exists():
-            tmp = inner[0]
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
-    return dest
+    cache = ArtifactCache(cache_dir, max_bytes=1 << 62, root_of=model_root)
+    try:
+        return asyncio.run(cache.fetch(uri, sha256)).path
+    except ChecksumMismatch as exc:
+        raise InvalidConfig(f"spec.baseModel.sha256: {exc}") from exc
+    except FetchError as exc:
+        raise ModelNotFound(f"spec.baseModel.uri {uri}: {exc}; check the URI (a save_pretrained directory, or a "
+                            ".tar.gz of one) and the credentials in spec.baseModel.credentialsSecretRef") from exc
 
 
 def _hub_error(source: ModelSource, exc: Exception) -> ModelNotFound:
