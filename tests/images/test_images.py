@@ -24,8 +24,10 @@ IMAGES = ROOT / "images"
 DOCKERFILES = sorted(IMAGES.glob("*/Dockerfile"))
 # What each image runs: the module and the arguments the operator's pod specs (or the chart) pass.
 ENTRYPOINTS = {
-    "operator": [["loraplane.cli", "operator"], ["loraplane.loader"], ["loraplane.router"]],
-    "trainer": [["loraplane.trainer"]],
+    # fetch-model: the engine pod's init container; in the trainer image, the same code fetches base models.
+    "operator": [["loraplane.cli", "operator"], ["loraplane.loader"], ["loraplane.router"],
+                 ["loraplane.cli", "fetch-model"]],
+    "trainer": [["loraplane.trainer"], ["loraplane.cli", "fetch-model"]],
 }
 
 
