@@ -121,6 +121,20 @@ def resources(gpus: int, gpu_resource: str, cpu: Any, memory: Any) -> dict[str, 
     return out
 
 
+def node_placement(node_selector: dict[str, str], gpu_type: str | None, gpu_type_label: str,
+                   tolerations: list[Any]) -> dict[str, Any]:
+    """Pod-spec nodeSelector (the GPU type as one more label) and tolerations; keys only when set."""
+    selector = dict(node_selector)
+    if gpu_type:
+        selector[gpu_type_label] = gpu_type
+    out: dict[str, Any] = {}
+    if selector:
+        out["nodeSelector"] = dict(sorted(selector.items()))
+    if tolerations:
+        out["tolerations"] = [dict(t) for t in tolerations]
+    return out
+
+
 def role(owner: Resource, name: str, labels: dict[str, str], rules: list[dict[str, Any]]) -> Manifest:
     return with_hash({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
                       "metadata": metadata(owner, name, labels), "rules": rules})

@@ -17,6 +17,7 @@ from loraplane.builders.common import (
     child_name,
     metadata,
     namespace_of,
+    node_placement,
     resources,
     role,
     role_binding,
@@ -99,19 +100,6 @@ def router_rbac(route: ModelRoute) -> list[Manifest]:
             role_binding(route, name, labels, name, name)]
 
 
-def _node_placement(route: ModelRoute) -> dict[str, Any]:
-    engine = route.spec.engine
-    out: dict[str, Any] = {}
-    node_selector = dict(engine.node_selector)
-    if engine.gpu_type:
-        node_selector[engine.gpu_type_label] = engine.gpu_type
-    if node_selector:
-        out["nodeSelector"] = dict(sorted(node_selector.items()))
-    if engine.tolerations:
-        out["tolerations"] = [dict(t) for t in engine.tolerations]
-    return out
-
-
 def adapter_claims(table: ServingTable) -> list[str]:
     """PVCs holding the served adapters (mounted read-only so the loader can copy from them)."""
     return serving.pvc_claims(*(a.uri for a in table.adapters))
@@ -129,7 +117,8 @@ def engine_deployment(route: ModelRoute, table: ServingTable, settings: BuildSet
         **({"initContainers": [fetch]} if (fetch := serving.model_fetch_container(route, settings.image)) else {}),
         # vLLM drains in-flight requests on SIGTERM; long generations need more than the default 30 s.
         "terminationGracePeriodSeconds": 120,
-        **_node_placement(route),
+        **node_placement(spec.engine.node_selector, spec.engine.gpu_type, spec.engine.gpu_type_label,
+                         spec.engine.tolerations),
     }
     deploy_spec: dict[str, Any] = {
         "selector": {"matchLabels": engine_selector(route)},

@@ -22,6 +22,7 @@ from loraplane.builders.common import (
     child_name,
     metadata,
     namespace_of,
+    node_placement,
     owner_reference,
     resources,
     role,
@@ -205,13 +206,7 @@ def job(ftj: FineTuneJob, settings: BuildSettings) -> Manifest:
         "containers": [container],
         "volumes": volumes,
     }
-    node_selector = dict(res.node_selector)
-    if res.gpu_type:
-        node_selector[res.gpu_type_label] = res.gpu_type
-    if node_selector:
-        pod_spec["nodeSelector"] = dict(sorted(node_selector.items()))
-    if res.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in res.tolerations]
+    pod_spec.update(node_placement(res.node_selector, res.gpu_type, res.gpu_type_label, res.tolerations))
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.backoff_limit,
         "completions": res.nodes,
