@@ -111,13 +111,18 @@ class KubeClient:
             await self._session.close()
             self._session = None
 
-    async def request(self, method: str, path: str, body: Any = None, params: dict | None = None,
-                      content_type: str = "application/json", what: str = "") -> Any:
+    def _prepare(self) -> tuple[aiohttp.ClientSession, dict[str, str]]:
+        """The shared session (created on first use) and the headers every call sends."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
         headers = {"Accept": "application/json"}
         if (auth := self._auth_header()) is not None:
             headers["Authorization"] = auth
+        return self._session, headers
+
+    async def request(self, method: str, path: str, body: Any = None, params: dict | None = None,
+                      content_type: str = "application/json", what: str = "") -> Any:
+        session, headers = self._prepare()
         data = None
         if body is not None:
             headers["Content-Type"] = content_type
@@ -127,8 +132,8 @@ class KubeClient:
             API_WRITES.labels(method, _resource_label(resource)).inc()
         async with self._gate:
             for attempt in range(5):
-                async with self._session.request(method, self.host + path, data=data, params=params,
-                                                 headers=headers, ssl=self._ssl) as resp:
+                async with session.request(method, self.host + path, data=data, params=params,
+                                           headers=headers, ssl=self._ssl) as resp:
                     text = await resp.text()
                     if resp.status == 401 and attempt == 0:  # a rotated token: read it again, once
                         if (auth := self._auth_header(True)) is not None:
@@ -150,18 +155,14 @@ class KubeClient:
                     resource_version: str, timeout_seconds: int = 300):
         """Yield (type, object) from `resource_version` on (ADDED, MODIFIED, DELETED, BOOKMARK) until the server
         ends the watch. Raises WatchExpired when the version is too old, ApiError on other errors."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+        session, headers = self._prepare()
         params = {"watch": "true", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
                   "timeoutSeconds": str(timeout_seconds)}
         if label_selector:
             params["labelSelector"] = label_selector
-        headers = {"Accept": "application/json"}
-        if (auth := self._auth_header()) is not None:
-            headers["Authorization"] = auth
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout_seconds + 30)
         path = resource_path(api_version, kind, namespace)
-        async with self._session.get(self.host + path, params=params, headers=headers, ssl=self._ssl,
+        async with session.get(self.host + path, params=params, headers=headers, ssl=self._ssl,
                                      timeout=timeout) as resp:
             if resp.status == 410:
                 raise WatchExpired(path)
