@@ -6,6 +6,7 @@ The https:// path is served by a real local HTTP server."""
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import subprocess
 import sys
@@ -21,8 +22,8 @@ from loraplane.loader.cache import fetched_model_path
 
 def fetch(uri: str, cache: Path, tmp_path: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "loraplane.cli", "fetch-model", uri, "--cache-dir", str(cache),
-                           "--termination-log", str(tmp_path / "termination-log"), *extra],
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+                           *extra], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env, "LORAPLANE_TERMINATION_LOG": str(tmp_path / "termination-log")})
 
 
 def test_fetch_model_from_s3_is_verified_and_idempotent(tiny_model_dir, s3_server, tmp_path):
@@ -49,7 +50,9 @@ def test_fetch_model_failures_say_what_to_fix(tiny_model_dir, s3_server, tmp_pat
     s3_server.client().create_bucket(Bucket="empty")
     done = fetch("s3://empty/llama/", tmp_path / "cache", tmp_path, s3_server.env)
     assert done.returncode == 1
-    message = (tmp_path / "termination-log").read_text()
+    written = json.loads((tmp_path / "termination-log").read_text())  # the trainer's form: reason + message
+    assert written["reason"] == "ModelFetchFailed"
+    message = written["message"]
     assert "spec.baseModel.uri s3://empty/llama/" in message and "no objects under that prefix" in message
     assert "credentialsSecretRef" in message
     # An adapter directory is not a base model.

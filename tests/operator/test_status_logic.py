@@ -210,6 +210,11 @@ def test_route_status_says_why_no_replica_is_ready():
              "lastState": {"terminated": {"exitCode": 1, "message": "spec.baseModel.uri s3://m/x: no objects"}}}
     reason, message = ready_of(engine_pod("r-1", init={"model-fetch": fetch}))
     assert reason == "ModelFetchFailed" and "spec.baseModel.uri s3://m/x: no objects" in message
+    written = json.dumps({"reason": "ModelFetchFailed", "message": "spec.baseModel.uri s3://m/x: no objects"})
+    fetch = {"state": {"waiting": {"reason": "CrashLoopBackOff"}}, "restartCount": 1,  # as fetch-model writes it
+             "lastState": {"terminated": {"exitCode": 1, "message": written}}}
+    reason, message = ready_of(engine_pod("r-1", init={"model-fetch": fetch}))
+    assert reason == "ModelFetchFailed" and message.endswith("(1 restarts): spec.baseModel.uri s3://m/x: no objects")
 
     # The newest pod speaks; a pod that is only starting gives no reason (still NoReadyReplicas).
     old = engine_pod("r-0", created="2025-01-01T00:00:00Z", conditions=[gpus])

@@ -18,8 +18,8 @@ from loraplane.api.common import API_VERSION, now_rfc3339, set_condition
 from loraplane.api.finetunejob import AdapterRef, ArtifactRef, Failure, FineTuneJob, FineTuneJobStatus
 from loraplane.builders import training
 from loraplane.cli_crds import format_validation_error
-from loraplane.controllers.pods import (container_status, image_pull_problem, last_terminated, pod_name,
-                                        unschedulable)
+from loraplane.controllers.pods import (container_status, image_pull_problem, last_terminated, parse_message,
+                                        pod_name, unschedulable)
 from loraplane.controllers.runtime import Key, dump_status, owned_status, status_patch, write_invalid
 from loraplane.trainer.errors import REASONS_BY_EXIT_CODE
 
@@ -38,16 +38,6 @@ def immutable_changes(accepted: dict, desired: dict) -> list[str]:
     """spec.* fields whose value differs from the accepted (running) configuration."""
     keys = sorted((set(accepted) | set(desired)) - set(MUTABLE_FIELDS))
     return [f"spec.{k}" for k in keys if accepted.get(k) != desired.get(k)]
-
-
-def parse_message(message: str | None) -> dict[str, Any] | None:
-    if not message:
-        return None
-    try:
-        value = json.loads(message.strip())
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _container_status(pod: dict) -> dict:

@@ -7,8 +7,22 @@ Shared by the FineTuneJob status (trainer pods) and the ModelRoute status (engin
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 IMAGE_PULL_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"})
 MESSAGE_TAIL = 600  # characters of a termination message (a log tail) carried into a condition
+
+
+def parse_message(message: str | None) -> dict[str, Any] | None:
+    """A termination message in loraplane's {"reason", "message"} JSON form (trainer, fetch-model), else None."""
+    if not message:
+        return None
+    try:
+        value = json.loads(message.strip())
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def pod_name(pod: dict) -> str:
@@ -56,6 +70,7 @@ def crash_problem(pod: dict, name: str, init: bool = False) -> str | None:
     restarts = cs.get("restartCount") or 0
     what = "was OOMKilled (raise the memory limit)" if term.get("reason") == "OOMKilled" else (
         f"exited with code {term.get('exitCode')}")
-    tail = (term.get("message") or "").strip()[-MESSAGE_TAIL:]
+    own = parse_message(term.get("message"))  # ours: quote its message; anything else is a log tail
+    tail = (str(own.get("message", "")) if own else (term.get("message") or "")).strip()[-MESSAGE_TAIL:]
     return (f"pod {pod_name(pod)}: container {name} {what}" + (f" ({restarts} restarts)" if restarts else "")
             + (f": {tail}" if tail else ""))

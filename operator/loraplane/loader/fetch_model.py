@@ -3,8 +3,8 @@
 It runs as the engine pod's init container, before vLLM, whose `--model` names the directory it leaves
 (`fetched_model_path(cache_dir, uri)`). The download goes through the adapter cache's code (temporary
 directory, verified, renamed into place, metadata last), so a pod restarted mid-download starts clean and a
-complete copy is not fetched twice. A failure writes its message to the termination-message path: the
-ModelRoute's status shows it (reason ModelFetchFailed), not only the container log.
+complete copy is not fetched twice. A failure writes {"reason": "ModelFetchFailed", "message"} to the
+termination-message path, as the trainer does: the ModelRoute's status shows it, not only the container log.
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from pathlib import Path
 
 from loraplane.loader.cache import ArtifactCache, FetchError, fetched_model_path, model_root
+from loraplane.trainer.errors import write_termination_message
 
 log = logging.getLogger("loraplane.loader")
-TERMINATION_LOG = "/dev/termination-log"
 
 
 def add_fetch_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,14 +27,6 @@ def add_fetch_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="the model volume's folder; the model lands in CACHE_DIR/<key of the URI>")
     p.add_argument("--sha256", help="expected digest (archive sha256 or the directory's sha256_dir)")
     p.add_argument("--pvc-root", default="/mnt/pvc")
-    p.add_argument("--termination-log", default=os.environ.get("LORAPLANE_TERMINATION_LOG", TERMINATION_LOG))
-
-
-def _write_termination(path: str, message: str) -> None:
-    try:
-        Path(path).write_text(message[-4000:])  # Kubernetes keeps at most 4096 bytes
-    except OSError:
-        pass  # not in a pod: the message is on stderr
 
 
 def fetch_model_main(args: argparse.Namespace) -> int:
@@ -48,7 +39,7 @@ def fetch_model_main(args: argparse.Namespace) -> int:
         message = (f"spec.baseModel.uri {args.uri}: {exc}; check the URI, that the model is a save_pretrained "
                    "directory (or a .tar.gz of one) and spec.baseModel.credentialsSecretRef")
         print(f"error: {message}", file=sys.stderr)
-        _write_termination(args.termination_log, message)
+        write_termination_message({"reason": "ModelFetchFailed", "message": message})  # $LORAPLANE_TERMINATION_LOG
         return 1
     assert art.path == fetched_model_path(args.cache_dir, args.uri)
     log.info("base model %s at %s (%d bytes, sha256 %s)", args.uri, art.path, art.size_bytes, art.sha256)
