@@ -10,7 +10,7 @@ Sources: a local directory (`/path`, `file:///path`), a mounted PVC (`pvc://CLAI
 directory of objects or one archive; needs boto3), and `hf://ORG/REPO[@REVISION]` (huggingface_hub; honours
 HF_HUB_OFFLINE by reading only the local HF cache).
 
-The same cache, with `root_of=model_root`, fetches an `s3://` or `https://` base model into a replica before
+The same cache (`model_cache`) fetches an `s3://` or `https://` base model into a replica before
 vLLM starts (`loraplane fetch-model`, the engine pod's init container).
 
 Digests (loraplane.artifacts): a directory's sha256_dir; for archives either the archive file's sha256 (what
@@ -351,3 +351,9 @@ class ArtifactCache:
             raise FetchError(f"{uri}: {type(exc).__name__}: {exc}") from exc
         # The snapshot holds symlinks into the blob store: copy real files so the entry stands alone.
         shutil.copytree(snapshot, dest, symlinks=False, ignore=shutil.ignore_patterns(".cache", ".gitattributes"))
+
+
+def model_cache(root: Path, pvc_root: str = "/mnt/pvc") -> ArtifactCache:
+    """The cache that fetches base models (engine pod init container, trainer): no size bound, since its one
+    entry is the model in use; an entry is a directory with config.json."""
+    return ArtifactCache(root, max_bytes=1 << 62, pvc_root=pvc_root, root_of=model_root)

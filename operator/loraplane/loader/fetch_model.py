@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from loraplane.loader.cache import ArtifactCache, FetchError, fetched_model_path, model_root
+from loraplane.loader.cache import FetchError, fetched_model_path, model_cache
 from loraplane.trainer.errors import write_termination_message
 
 log = logging.getLogger("loraplane.loader")
@@ -31,10 +31,8 @@ def add_fetch_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def fetch_model_main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # No size bound: the one entry is the model the replica serves.
-    cache = ArtifactCache(args.cache_dir, max_bytes=1 << 62, pvc_root=args.pvc_root, root_of=model_root)
     try:
-        art = asyncio.run(cache.fetch(args.uri, args.sha256))
+        art = asyncio.run(model_cache(args.cache_dir, args.pvc_root).fetch(args.uri, args.sha256))
     except FetchError as exc:
         message = (f"spec.baseModel.uri {args.uri}: {exc}; check the URI, that the model is a save_pretrained "
                    "directory (or a .tar.gz of one) and spec.baseModel.credentialsSecretRef")

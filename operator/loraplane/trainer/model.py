@@ -94,11 +94,10 @@ def _download_model(uri: str, cache_dir: Path, sha256: str | None) -> Path:
     same pod reuses the verified copy."""
     import asyncio
 
-    from loraplane.loader.cache import ArtifactCache, ChecksumMismatch, FetchError, model_root
+    from loraplane.loader.cache import ChecksumMismatch, FetchError, model_cache
 
-    cache = ArtifactCache(cache_dir, max_bytes=1 << 62, root_of=model_root)
     try:
-        return asyncio.run(cache.fetch(uri, sha256)).path
+        return asyncio.run(model_cache(cache_dir).fetch(uri, sha256)).path
     except ChecksumMismatch as exc:
         raise InvalidConfig(f"spec.baseModel.sha256: {exc}") from exc
     except FetchError as exc:
