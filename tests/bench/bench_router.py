@@ -343,7 +343,7 @@ def percentile(xs: list[float], q: float) -> float:
 def bench_real_vllm(args) -> int:
     """Requests/s with a real vLLM backend, direct vs through our router (interleaved rounds)."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from loraplane.tinymodel import tiny_model_path
+    from loraplane.local.tinymodel import tiny_model_path
     from support.vllm_server import VllmServer, tiny_route
 
     work = Path(tempfile.mkdtemp(prefix="bench-router-vllm-"))

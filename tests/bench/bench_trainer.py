@@ -83,7 +83,8 @@ def bare_peft_loop(model_dir: Path, data: Path, steps: int, seed: int) -> list[f
 
 
 def our_trainer(model_dir: Path, data: Path, steps: int, seed: int, work: Path) -> list[float]:
-    from loraplane.trainer import quick_job, resolve_runtime, run_training
+    from loraplane.local.tinymodel import quick_job
+    from loraplane.trainer import resolve_runtime, run_training
     from loraplane.trainer.progress import LocalSink
 
     from transformers import TrainerCallback
@@ -119,7 +120,7 @@ def step_times(stamps: list[tuple[float, float]], warmup: int = 10) -> list[tupl
 def bench_steps(model_dir: Path, steps: int, rounds: int) -> dict:
     import shutil
 
-    from loraplane.tinymodel import TOY_PHRASES, write_toy_dataset
+    from loraplane.local.tinymodel import TOY_PHRASES, write_toy_dataset
 
     ours, bare = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,8 +155,9 @@ def child_memory(method: str, model_dir: Path, work: Path) -> dict:
     import transformers  # noqa: F401
     from transformers import Trainer  # noqa: F401
 
-    from loraplane.tinymodel import TOY_PHRASES, write_toy_dataset
-    from loraplane.trainer import quick_job, resolve_runtime
+    from loraplane.local.tinymodel import TOY_PHRASES, write_toy_dataset
+    from loraplane.local.tinymodel import quick_job
+    from loraplane.trainer import resolve_runtime
     from loraplane.trainer import model as modelmod
     from loraplane.trainer.run import run_training
 
@@ -212,7 +214,7 @@ def build_medium_model(path: Path, dims: dict = MEDIUM) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loraplane.tinymodel import tiny_model_path
+    from loraplane.local.tinymodel import tiny_model_path
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_path())
@@ -254,7 +256,7 @@ def main() -> int:
     import logging
 
     logging.disable(logging.WARNING)
-    from loraplane.tinymodel import tiny_model_path
+    from loraplane.local.tinymodel import tiny_model_path
 
     report: dict = {"step_time": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -173,7 +173,7 @@ def test_images_and_settings_are_values():
     assert env["LORAPLANE_IMAGE"] == "ghcr.io/loraplane/loraplane:0.1.0"  # tag defaults to appVersion
     assert env["LORAPLANE_TRAINER_IMAGE"] == "ghcr.io/loraplane/loraplane-trainer:0.1.0"
     # vLLM's own release, never the chart's appVersion; the same default the operator has without the chart
-    from loraplane.builders.defaults import DEFAULT_ENGINE_IMAGE
+    from loraplane.builders.settings import DEFAULT_ENGINE_IMAGE
     assert env["LORAPLANE_ENGINE_IMAGE"] == DEFAULT_ENGINE_IMAGE
     assert env["LORAPLANE_NAMESPACES"] == ""
     objs = objects(VALUE_SETS["pinned-images"])
@@ -285,7 +285,7 @@ def builder_children(backend: str = "hpa") -> list[dict]:
     """Everything the operator creates for the examples in docs/examples (and the Adapter a job produces)."""
     from loraplane.api import parse
     from loraplane.builders import render as render_children
-    from loraplane.builders.training import produced_adapter
+    from loraplane.builders.finetunejob import produced_adapter
 
     from support.examples import valid_examples
 
@@ -306,7 +306,7 @@ def builder_children(backend: str = "hpa") -> list[dict]:
 def test_operator_role_covers_every_child_and_every_grant(backend):
     """What the builders create, the operator may GET and server-side apply (PATCH); what the Roles they
     create grant, the operator holds itself (Kubernetes refuses to let it grant more than it has)."""
-    from loraplane.controllers.kube import PLURALS
+    from loraplane.kube.client import PLURALS
 
     grants = rule_grants(by_kind(objects(), "ClusterRole")[0]["rules"])
     children = builder_children(backend)
@@ -328,7 +328,7 @@ def test_operator_role_covers_every_child_and_every_grant(backend):
 
 def test_crd_templates_are_not_stale():
     """charts/loraplane/templates/crd-*.yaml are exactly what `loraplane crds` generates from the models."""
-    from loraplane import chartgen
+    from loraplane.codegen import chart as chartgen
     from loraplane.cli import main as cli_main
 
     expected = chartgen.crd_template_files(CHART)
@@ -355,7 +355,7 @@ def test_crds_check_detects_a_stale_chart(tmp_path):
 
 
 def test_rendered_crds_are_the_generated_crds_with_keep_policy():
-    from loraplane.api import crdgen
+    from loraplane.codegen import crds as crdgen
 
     crds = {c["metadata"]["name"]: c for c in by_kind(objects(), "CustomResourceDefinition")}
     generated = {c["metadata"]["name"]: c for c in crdgen.all_crds().values()}
@@ -369,7 +369,7 @@ def test_rendered_crds_are_the_generated_crds_with_keep_policy():
 
 
 def test_template_syntax_in_model_text_is_escaped():
-    from loraplane.chartgen import crd_template
+    from loraplane.codegen.chart import crd_template
 
     crd = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
            "metadata": {"name": "x.loraplane.io"}, "spec": {"description": "use {{ .Values }} literally"}}

@@ -194,7 +194,7 @@ def children_of(live: list[dict], installed: Installed) -> list[dict]:
     real owner uids) plus the Adapter a succeeded FineTuneJob produces."""
     from loraplane.api import parse
     from loraplane.builders import render
-    from loraplane.builders.training import produced_adapter
+    from loraplane.builders.finetunejob import produced_adapter
 
     resources = [parse(obj) for obj in live]
     out = render(resources, chart_settings(installed))
@@ -209,7 +209,7 @@ def children_of(live: list[dict], installed: Installed) -> list[dict]:
 async def typical_calls(installed: Installed, namespace: str, live: list[dict], cluster_wide: bool) -> list[str]:
     """The API calls the operator makes, with the operator's own client; returns what was done."""
     from loraplane.api import KINDS
-    from loraplane.controllers.kube import KubeClient, resource_path
+    from loraplane.kube.client import KubeClient, resource_path
 
     os.environ.pop("KUBERNETES_SERVICE_HOST", None)
     kube = KubeClient.from_environment(kubeconfig=str(installed.kubeconfig))
@@ -252,7 +252,7 @@ async def typical_calls(installed: Installed, namespace: str, live: list[dict], 
 
 async def refused(kubeconfig: Path, method: str, path: str, body: dict | None = None,
                   content_type: str = "application/json") -> int:
-    from loraplane.controllers.kube import ApiError, KubeClient
+    from loraplane.kube.client import ApiError, KubeClient
 
     kube = KubeClient.from_environment(kubeconfig=str(kubeconfig))
     try:

@@ -162,7 +162,7 @@ def test_every_copied_file_exists_and_is_in_the_context(dockerfile):
 def test_dockerignore_matching_follows_docker_rules():
     patterns = ["*", "!operator/", "**/__pycache__", "!README.md"]
     assert ignored("tests/unit/test_api.py", patterns)
-    assert not ignored("operator/loraplane/cli.py", patterns)
+    assert not ignored("operator/loraplane/cli/__init__.py", patterns)
     assert ignored("operator/loraplane/__pycache__/cli.cpython-311.pyc", patterns)
     assert not ignored("README.md", patterns) and ignored("READMEx.md", patterns)
 

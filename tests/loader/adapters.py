@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-# The tiny model's layer sizes (loraplane.tinymodel.RECIPE): hidden 128, 4 heads, 2 KV heads -> k/v out 64.
+# The tiny model's layer sizes (loraplane.local.tinymodel.RECIPE): hidden 128, 4 heads, 2 KV heads -> k/v out 64.
 HIDDEN, KV_OUT, LAYERS = 128, 64, 2
 
 

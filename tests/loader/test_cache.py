@@ -12,8 +12,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from loader.adapters import write_adapter
-from loraplane.artifacts import sha256_dir, sha256_file
-from loraplane.loader.cache import ArtifactCache, ChecksumMismatch, FetchError, InvalidArtifact
+from loraplane.storage.digest import sha256_dir, sha256_file
+from loraplane.storage.cache import ArtifactCache, ChecksumMismatch, FetchError, InvalidArtifact
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from loraplane.artifacts import sha256_dir
-from loraplane.loader.cache import fetched_model_path
+from loraplane.storage.digest import sha256_dir
+from loraplane.storage.cache import fetched_model_path
 
 
 def fetch(uri: str, cache: Path, tmp_path: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:

@@ -12,8 +12,8 @@ import pytest
 
 from loader.adapters import write_adapter
 from support.loader_run import desired
-from loraplane.servingtable import CONFIGMAP_KEY, REPORT_ANNOTATION, ReplicaReport, ServingTable
-from loraplane.tinymodel import MODEL_NAME
+from loraplane.api.wire.serving import CONFIGMAP_KEY, REPORT_ANNOTATION, ReplicaReport, ServingTable
+from loraplane.local.tinymodel import MODEL_NAME
 from support.vllm_server import free_port
 
 pytestmark = [pytest.mark.apiserver, pytest.mark.vllm, pytest.mark.timeout(300)]

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from loraplane.api.modelroute import ModelRoute
-from loraplane.builders import serving
+from loraplane.builders import engine_pod
 from loraplane.loader.main import add_loader_arguments
 
 
@@ -25,24 +25,24 @@ def test_engine_command_carries_the_route_engine_settings():
     r = route(servedModelName="llama", engine={"maxLoras": 8, "maxLoraRank": 64, "maxModelLen": 4096,
                                                   "dtype": "bfloat16", "tensorParallelSize": 2,
                                                   "extraArgs": ["--enable-prefix-caching"]})
-    cmd = serving.engine_command(r)
+    cmd = engine_pod.engine_command(r)
     assert cmd[:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
     assert flag(cmd, "--model") == "meta-llama/Llama-3.1-8B-Instruct" and flag(cmd, "--revision") == "abc123"
     assert flag(cmd, "--served-model-name") == "llama" and "--enable-lora" in cmd
     assert (flag(cmd, "--max-loras"), flag(cmd, "--max-lora-rank"), flag(cmd, "--max-cpu-loras")) == ("8", "64", "16")
     assert (flag(cmd, "--dtype"), flag(cmd, "--max-model-len"), flag(cmd, "--tensor-parallel-size")) == \
         ("bfloat16", "4096", "2")
-    assert flag(cmd, "--port") == str(serving.ENGINE_PORT)
+    assert flag(cmd, "--port") == str(engine_pod.ENGINE_PORT)
     assert cmd[-1] == "--enable-prefix-caching"          # extraArgs come last, so they can override
-    assert serving.engine_command(r) == cmd               # deterministic
+    assert engine_pod.engine_command(r) == cmd               # deterministic
 
 
 def test_engine_env_enables_runtime_lora_and_passes_user_env_last():
     r = route(engine={"env": [{"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}]},
               baseModel={"name": "org/m", "credentialsSecretRef": {"name": "hf"}})
-    env = serving.engine_env(r)
+    env = engine_pod.engine_env(r)
     assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in env
-    assert {"name": "HF_HOME", "value": serving.HF_HOME} in env
+    assert {"name": "HF_HOME", "value": engine_pod.HF_HOME} in env
     token = next(e for e in env if e["name"] == "HF_TOKEN")
     assert token["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "HF_TOKEN", "optional": True}
     assert env[-1] == {"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}
@@ -55,52 +55,52 @@ def test_engine_env_enables_runtime_lora_and_passes_user_env_last():
 ])
 def test_uri_base_models_are_served_from_their_path_in_the_pod(uri, model):
     r = route(baseModel={"uri": uri})
-    assert flag(serving.engine_command(r), "--model") == model
-    assert serving.model_path_in_replica(r.spec.base_model) == model
-    assert serving.served_model_name(r) == uri.rstrip("/").rsplit("/", 1)[-1]
+    assert flag(engine_pod.engine_command(r), "--model") == model
+    assert engine_pod.model_path_in_replica(r.spec.base_model) == model
+    assert engine_pod.served_model_name(r) == uri.rstrip("/").rsplit("/", 1)[-1]
 
 
 def test_pvc_base_model_and_adapter_claims_are_mounted_read_only():
     r = route(baseModel={"uri": "pvc://models/llama"})
-    volumes = serving.serving_volumes(r, adapter_claims=["adapters", "models"])
+    volumes = engine_pod.serving_volumes(r, adapter_claims=["adapters", "models"])
     claims = [v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v]
     assert claims == ["models", "adapters"]
-    loader = serving.loader_container(r, "ml", "loraplane:1", adapter_claims=["adapters"])
+    loader = engine_pod.loader_container(r, "ml", "loraplane:1", adapter_claims=["adapters"])
     mounts = {m["mountPath"]: m for m in loader["volumeMounts"]}
     assert mounts["/mnt/pvc/adapters"]["readOnly"] and mounts["/mnt/pvc/models"]["readOnly"]
     # vLLM reads adapters from the cache both containers share, at the same path
-    engine = serving.engine_container(r)
-    assert {m["mountPath"] for m in engine["volumeMounts"]} >= {serving.ADAPTER_CACHE_PATH, serving.MODEL_CACHE_PATH}
-    assert serving.ADAPTER_CACHE_PATH in mounts
+    engine = engine_pod.engine_container(r)
+    assert {m["mountPath"] for m in engine["volumeMounts"]} >= {engine_pod.ADAPTER_CACHE_PATH, engine_pod.MODEL_CACHE_PATH}
+    assert engine_pod.ADAPTER_CACHE_PATH in mounts
 
 
 def test_engine_container_probes_and_gpu_resources():
-    c = serving.engine_container(route(engine={"gpus": 2, "memory": "64Gi"}))
+    c = engine_pod.engine_container(route(engine={"gpus": 2, "memory": "64Gi"}))
     assert c["resources"]["limits"] == {"nvidia.com/gpu": "2", "memory": "64Gi"}  # strings: SSA-safe
-    assert c["startupProbe"]["httpGet"] == {"path": "/health", "port": serving.ENGINE_PORT}
+    assert c["startupProbe"]["httpGet"] == {"path": "/health", "port": engine_pod.ENGINE_PORT}
     assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 1800
-    assert "resources" not in serving.engine_container(route(engine={"gpus": 0}))
+    assert "resources" not in engine_pod.engine_container(route(engine={"gpus": 0}))
 
 
 def test_loader_container_arguments_parse_with_the_loader_cli():
-    c = serving.loader_container(route(), "ml", "ghcr.io/x/loraplane:1")
+    c = engine_pod.loader_container(route(), "ml", "ghcr.io/x/loraplane:1")
     assert c["command"][:3] == ["python3", "-m", "loraplane.loader"]
     parser = argparse.ArgumentParser()
     add_loader_arguments(parser)
     args = parser.parse_args(c["command"][3:])
-    assert (args.configmap, args.namespace, args.port) == ("chat-serving", "ml", serving.LOADER_PORT)
-    assert args.vllm_url == f"http://127.0.0.1:{serving.ENGINE_PORT}"
-    assert str(args.cache_dir) == serving.ADAPTER_CACHE_PATH
+    assert (args.configmap, args.namespace, args.port) == ("chat-serving", "ml", engine_pod.LOADER_PORT)
+    assert args.vllm_url == f"http://127.0.0.1:{engine_pod.ENGINE_PORT}"
+    assert str(args.cache_dir) == engine_pod.ADAPTER_CACHE_PATH
     env = {e["name"]: e for e in c["env"]}
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    assert c["ports"] == [{"name": "loader", "containerPort": serving.LOADER_PORT}]
+    assert c["ports"] == [{"name": "loader", "containerPort": engine_pod.LOADER_PORT}]
 
 
 def test_s3_base_model_is_fetched_by_an_init_container_that_vllm_and_the_loader_read():
     from kubernetes_validate import validate
 
     from loraplane.builders import BuildSettings, modelroute, resolve
-    from loraplane.loader.cache import fetched_model_path
+    from loraplane.storage.cache import fetched_model_path
     from loraplane.loader.fetch_model import add_fetch_model_arguments
 
     r = route(baseModel={"uri": "s3://models/llama-3-8b/", "credentialsSecretRef": {"name": "s3-creds"}})
@@ -108,7 +108,7 @@ def test_s3_base_model_is_fetched_by_an_init_container_that_vllm_and_the_loader_
     table = resolve(r, []).table
     pod = modelroute.engine_deployment(r, table, BuildSettings(image="lp:1"))["spec"]["template"]["spec"]
     (fetch,) = pod["initContainers"]
-    assert fetch["name"] == serving.MODEL_FETCH_CONTAINER and fetch["image"] == "lp:1"
+    assert fetch["name"] == engine_pod.MODEL_FETCH_CONTAINER and fetch["image"] == "lp:1"
     assert fetch["command"][:3] == ["loraplane", "fetch-model", "s3://models/llama-3-8b/"]
     args = argparse.ArgumentParser()
     add_fetch_model_arguments(args)
@@ -116,16 +116,16 @@ def test_s3_base_model_is_fetched_by_an_init_container_that_vllm_and_the_loader_
     where = fetched_model_path(parsed.cache_dir, parsed.uri)
     assert {e["name"] for e in fetch["env"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
     assert all(e["valueFrom"]["secretKeyRef"]["name"] == "s3-creds" for e in fetch["env"])
-    assert fetch["volumeMounts"] == [{"name": serving.MODEL_CACHE_VOLUME, "mountPath": serving.MODEL_CACHE_PATH}]
-    vllm = next(c for c in pod["containers"] if c["name"] == serving.ENGINE_CONTAINER)
+    assert fetch["volumeMounts"] == [{"name": engine_pod.MODEL_CACHE_VOLUME, "mountPath": engine_pod.MODEL_CACHE_PATH}]
+    vllm = next(c for c in pod["containers"] if c["name"] == engine_pod.ENGINE_CONTAINER)
     assert flag(vllm["command"], "--model") == str(where)             # vLLM serves the fetched copy
     assert flag(vllm["command"], "--served-model-name") == "llama-3-8b"
     assert table.model_path == str(where)                            # the loader's gate reads the same
-    assert str(where).startswith(serving.MODEL_CACHE_PATH + "/")     # on the volume both containers mount
+    assert str(where).startswith(engine_pod.MODEL_CACHE_PATH + "/")     # on the volume both containers mount
     validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": pod}, "1.30.0", strict=True)
     pinned = route(baseModel={"uri": "https://m.example/llama.tar.gz", "sha256": "c" * 64})
-    assert serving.model_fetch_container(pinned, "lp:1")["command"][-2:] == ["--sha256", "c" * 64]
-    assert serving.served_model_name(pinned) == "llama"
+    assert engine_pod.model_fetch_container(pinned, "lp:1")["command"][-2:] == ["--sha256", "c" * 64]
+    assert engine_pod.served_model_name(pinned) == "llama"
     # Hub and PVC models need no fetch.
-    assert serving.model_fetch_container(route(), "lp:1") is None
-    assert serving.model_fetch_container(route(baseModel={"uri": "pvc://models/llama"}), "lp:1") is None
+    assert engine_pod.model_fetch_container(route(), "lp:1") is None
+    assert engine_pod.model_fetch_container(route(baseModel={"uri": "pvc://models/llama"}), "lp:1") is None

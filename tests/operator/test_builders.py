@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from loraplane.api import KINDS, Adapter, parse
-from loraplane.builders import BuildSettings, modelroute, render, resolve, training
+from loraplane.builders import BuildSettings, finetunejob, modelroute, render, resolve
 from loraplane.builders.common import HASH_ANNOTATION, child_name, spec_hash
-from loraplane.builders.serving_table import selector_matches
+from loraplane.builders.resolution import selector_matches
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "docs" / "examples"
@@ -79,13 +79,13 @@ def test_every_rendered_child_validates_strictly(hpa, pdb, k8s, pod_failure_poli
 
 def test_finetunejob_job_runs_the_trainer_with_its_config_and_rbac():
     ftj = with_uid(example("FineTuneJob"))
-    children = training.children(ftj, BuildSettings(image="img:1"))
+    children = finetunejob.children(ftj, BuildSettings(image="img:1"))
     kinds = [c["kind"] for c in children]
     assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Job"]
     job = children[-1]
     pod = job["spec"]["template"]["spec"]
     c = pod["containers"][0]
-    assert c["command"] == ["python3", "-m", "loraplane.trainer", "--config", training.CONFIG_PATH]
+    assert c["command"] == ["python3", "-m", "loraplane.trainer", "--config", finetunejob.CONFIG_PATH]
     assert c["image"] == "img:1"
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
@@ -99,7 +99,7 @@ def test_finetunejob_job_runs_the_trainer_with_its_config_and_rbac():
     # The output PVC is writable, the ConfigMap holds the resolved spec.
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     assert mounts["pvc-adapters"]["readOnly"] is False
-    config = yaml.safe_load(children[0]["data"][training.CONFIG_KEY])
+    config = yaml.safe_load(children[0]["data"][finetunejob.CONFIG_KEY])
     assert config["spec"]["output"]["uri"] == "pvc://adapters/support-bot"
     role = children[2]
     assert role["rules"] == [{"apiGroups": ["loraplane.io"], "resources": ["finetunejobs/status"],
@@ -111,7 +111,7 @@ def test_training_job_pod_failure_policy_matches_the_trainer_exit_codes():
     from loraplane.trainer import errors
 
     ftj = with_uid(example("FineTuneJob"))
-    rules = training.job(ftj, BuildSettings())["spec"]["podFailurePolicy"]["rules"]
+    rules = finetunejob.job(ftj, BuildSettings())["spec"]["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     ignored = {v for r in rules if r["action"] == "Ignore" and "onExitCodes" in r for v in r["onExitCodes"]["values"]}
     fail_now = {v for r in rules if r["action"] == "FailJob" for v in r["onExitCodes"]["values"]}
@@ -121,23 +121,23 @@ def test_training_job_pod_failure_policy_matches_the_trainer_exit_codes():
     # transient or resource failures keep their retries
     assert not fail_now & {errors.EXIT_CODES[r] for r in ("DatasetUnavailable", "OutOfMemory", "OutputWriteFailed",
                                                            "InternalError")}
-    assert all(r.get("onExitCodes", {}).get("containerName", training.TRAINER_CONTAINER) == training.TRAINER_CONTAINER
+    assert all(r.get("onExitCodes", {}).get("containerName", finetunejob.TRAINER_CONTAINER) == finetunejob.TRAINER_CONTAINER
                for r in rules)
-    assert "podFailurePolicy" not in training.job(ftj, BuildSettings(pod_failure_policy=False))["spec"]
+    assert "podFailurePolicy" not in finetunejob.job(ftj, BuildSettings(pod_failure_policy=False))["spec"]
 
 
 def test_finetunejob_without_output_uri_writes_to_the_artifact_store():
     ftj = example("FineTuneJob").model_copy(deep=True)
     ftj.spec.output.uri = None
-    cm = training.config_map(ftj, BuildSettings(artifact_store="s3://store/"))
-    assert yaml.safe_load(cm["data"][training.CONFIG_KEY])["spec"]["output"]["uri"] == \
+    cm = finetunejob.config_map(ftj, BuildSettings(artifact_store="s3://store/"))
+    assert yaml.safe_load(cm["data"][finetunejob.CONFIG_KEY])["spec"]["output"]["uri"] == \
         "s3://store/default/support-bot-v1"
 
 
 def test_multi_node_is_an_indexed_job_with_a_headless_rendezvous_service():
     ftj = example("FineTuneJob").model_copy(deep=True)
     ftj.spec.resources.nodes, ftj.spec.resources.gpus = 3, 8
-    children = training.children(ftj, BuildSettings())
+    children = finetunejob.children(ftj, BuildSettings())
     svc = next(c for c in children if c["kind"] == "Service")
     job = children[-1]
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
@@ -247,19 +247,19 @@ def test_selector_semantics():
 def test_produced_adapter_versions_and_owners():
     ftj = with_uid(example("FineTuneJob"), "uid-1")
     sha = "a" * 64
-    first = training.produced_adapter(ftj, "pvc://adapters/x", sha, None)
+    first = finetunejob.produced_adapter(ftj, "pvc://adapters/x", sha, None)
     assert first["spec"]["version"] == "1" and first["spec"]["source"] == {"uri": "pvc://adapters/x", "sha256": sha}
     assert first["metadata"]["labels"]["team"] == "support"
     existing = Adapter.model_validate(first)
     # The same job again (an operator restart): no second bump.
-    assert training.produced_adapter(ftj, "pvc://adapters/x", sha, existing)["spec"]["version"] == "1"
+    assert finetunejob.produced_adapter(ftj, "pvc://adapters/x", sha, existing)["spec"]["version"] == "1"
     # Another job: the next version, both jobs own it.
     rerun = with_uid(example("FineTuneJob"), "uid-2")
     rerun.metadata.name = "support-bot-v2"
-    second = training.produced_adapter(rerun, "pvc://adapters/y", None, existing)
+    second = finetunejob.produced_adapter(rerun, "pvc://adapters/y", None, existing)
     assert second["spec"]["version"] == "2"
     assert [r["uid"] for r in second["metadata"]["ownerReferences"]] == ["uid-1", "uid-2"]
-    assert training.bump_version("v3") == "v3.2" and training.bump_version("1.4") == "1.5"
+    assert finetunejob.bump_version("v3") == "v3.2" and finetunejob.bump_version("1.4") == "1.5"
 
 
 def test_render_cli_prints_the_same_manifests():
@@ -296,7 +296,7 @@ def test_rendered_commands_parse_with_the_real_entry_points():
                   for c in m["spec"]["template"]["spec"]["containers"]}
     trainer = containers["trainer"]["command"]
     assert trainer[:3] == ["python3", "-m", "loraplane.trainer"]
-    assert str(parse(add_train_arguments, trainer[3:]).config) == training.CONFIG_PATH
+    assert str(parse(add_train_arguments, trainer[3:]).config) == finetunejob.CONFIG_PATH
     loader = containers["adapter-loader"]["command"]
     assert loader[:3] == ["python3", "-m", "loraplane.loader"]
     assert parse(add_loader_arguments, loader[3:]).configmap == "qwen-small-serving"

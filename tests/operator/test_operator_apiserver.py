@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraplane.servingtable import REPORT_ANNOTATION, AdapterReport, ReplicaReport, ServingTable
+from loraplane.api.wire.serving import REPORT_ANNOTATION, AdapterReport, ReplicaReport, ServingTable
 
 pytestmark = pytest.mark.apiserver
 
@@ -562,8 +562,8 @@ def test_child_watches_are_label_selected_on_the_server(kube_cluster, kube_api, 
     from kubernetes import client
 
     from loraplane.builders.common import COMPONENT_LABEL
-    from loraplane.controllers.kube import KubeClient
-    from loraplane.servingtable import ROUTE_LABEL
+    from loraplane.kube.client import KubeClient
+    from loraplane.api.wire.serving import ROUTE_LABEL
 
     core = client.CoreV1Api(kube_api)
     selector = f"{ROUTE_LABEL},{COMPONENT_LABEL}=engine"

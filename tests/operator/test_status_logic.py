@@ -12,7 +12,7 @@ from loraplane.builders import resolve
 from loraplane.controllers.adapter import adapter_status
 from loraplane.controllers.finetunejob import immutable_changes, observe
 from loraplane.controllers.modelroute import route_status
-from loraplane.servingtable import REPORT_ANNOTATION, AdapterReport, ReplicaReport
+from loraplane.api.wire.serving import REPORT_ANNOTATION, AdapterReport, ReplicaReport
 
 T = "2026-01-01T00:00:00Z"
 FTJ = FineTuneJob.model_validate({

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from loraplane.controllers.kube import WatchExpired
+from loraplane.kube.client import WatchExpired
 from loraplane.controllers.operator import Operator
 from loraplane.controllers.runtime import OperatorSettings
 

@@ -61,8 +61,8 @@ def test_local_run_fetches_an_https_base_model_like_the_init_container(tiny_mode
     import tarfile
     import threading
 
-    from loraplane.artifacts import sha256_dir
-    from loraplane.builders.serving import engine_command
+    from loraplane.storage.digest import sha256_dir
+    from loraplane.builders.engine_pod import engine_command
     from loraplane.local.pipeline import LocalRun
 
     site = tmp_path / "site"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from loraplane.servingtable import ReplicaReport
+from loraplane.api.wire.serving import ReplicaReport
 
 
 @dataclass(eq=False)

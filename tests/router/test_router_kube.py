@@ -12,7 +12,7 @@ import pytest
 from loraplane.router.replicas import ReplicaPool, parse_replica_arg
 from loraplane.router.server import Router
 from loraplane.router.service import RouterService
-from loraplane.servingtable import CONFIGMAP_KEY, configmap_name
+from loraplane.api.wire.serving import CONFIGMAP_KEY, configmap_name
 from router.running import table_json
 from router.stubs import StubReplica
 

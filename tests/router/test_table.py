@@ -9,7 +9,7 @@ import random
 import pytest
 
 from loraplane.router.table import BadRequest, RoutingTable, read_model, rewrite_model
-from loraplane.servingtable import ServingTable
+from loraplane.api.wire.serving import ServingTable
 
 
 def make_table(models: dict[str, list[tuple[str, int]]], **router) -> ServingTable:

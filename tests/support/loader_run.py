@@ -10,8 +10,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from loraplane.servingtable import DesiredAdapter, ServingTable
-from loraplane.tinymodel import MODEL_NAME
+from loraplane.api.wire.serving import DesiredAdapter, ServingTable
+from loraplane.local.tinymodel import MODEL_NAME
 from support.vllm_server import VllmServer, free_port
 
 SETTLED = ("Ready", "Incompatible", "Failed")

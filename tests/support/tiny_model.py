@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from loraplane.tinymodel import TOY_PHRASES, instruction_prompt, tiny_model_path, toy_prompts, train_tiny_adapter
+from loraplane.local.tinymodel import TOY_PHRASES, instruction_prompt, tiny_model_path, toy_prompts, train_tiny_adapter
 
 __all__ = ["TOY_PHRASES", "instruction_prompt", "toy_prompts"]
 

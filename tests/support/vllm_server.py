@@ -1,7 +1,7 @@
 """One real vLLM server (the CPU build) on the tiny model, started once per test session.
 
 The server is started from exactly what the operator puts into a replica pod — `engine_command(route)` and
-`engine_env(route)` from loraplane.builders.serving — for a ModelRoute describing the tiny model. The only
+`engine_env(route)` from loraplane.builders.engine_pod — for a ModelRoute describing the tiny model. The only
 additions are the ones a CPU box needs, in `loraplane.local.cpu` (shared with `loraplane run`).
 
     def test_x(vllm_server):
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from loraplane.api.modelroute import ModelRoute
-from loraplane.builders.serving import engine_command, engine_env
+from loraplane.builders.engine_pod import engine_command, engine_env
 from loraplane.local.cpu import engine_process
 from loraplane.local.processes import ManagedProcess, ProcessFailed, free_port, http_ok
 

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from loraplane import tinymodel
-from loraplane.tinymodel import (
+from loraplane.local import tinymodel
+from loraplane.local.tinymodel import (
     STAMP_FILE,
     TOY_PHRASES,
     build_tiny_model,

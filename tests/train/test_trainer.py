@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraplane.artifacts import sha256_dir, sha256_file
-from loraplane.tinymodel import TOY_PHRASES, instruction_prompt, toy_corpus, toy_prompts, write_toy_dataset
+from loraplane.storage.digest import sha256_dir, sha256_file
+from loraplane.local.tinymodel import (
+    TOY_PHRASES, instruction_prompt, quick_job, toy_corpus, toy_prompts, write_toy_dataset,
+)
 from loraplane.trainer import (
     EXIT_CODES,
     EXIT_PREEMPTED,
@@ -30,7 +32,6 @@ from loraplane.trainer import (
     OutOfMemory,
     TargetModulesNotFound,
     artifact_sha256,
-    quick_job,
     resolve_runtime,
     run_training,
 )

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from loraplane.api.finetunejob import DatasetSpec, TrainingProgress
-from loraplane.tinymodel import TOY_PHRASES, build_tokenizer, toy_corpus, write_toy_dataset
+from loraplane.local.tinymodel import TOY_PHRASES, build_tokenizer, toy_corpus, write_toy_dataset
 from loraplane.trainer import checkpoints, data, errors, progress
 from loraplane.trainer.config import load_job, local_path, resolve_runtime
 from loraplane.trainer.errors import (
@@ -226,7 +226,7 @@ def test_https_dataset_fetch_and_404(tmp_path, http_root):
     write_toy_dataset(root / "train.jsonl", TOY_PHRASES[0], 4)
     src = data.fetch(f"{base}/train.jsonl", tmp_path / "dl", tmp_path)
     assert len(src.records) == 4 and src.uri.endswith("/train.jsonl")
-    from loraplane.artifacts import sha256_file
+    from loraplane.storage.digest import sha256_file
 
     assert src.sha256 == sha256_file(root / "train.jsonl")
     with pytest.raises(DatasetNotFound, match="404"):
@@ -346,7 +346,7 @@ def test_checkpoint_mirror_follows_an_s3_output(monkeypatch, tmp_path):
 def test_s3_base_model_is_fetched_verified_and_reused(s3_env, tiny_model_dir, tmp_path):
     """MOCK S3 (moto): the trainer fetches an s3:// base model with the serving replicas' code, checks
     spec.baseModel.sha256, and a rerun in the same pod reuses the verified copy."""
-    from loraplane.artifacts import sha256_dir
+    from loraplane.storage.digest import sha256_dir
     from loraplane.trainer.model import resolve_source
 
     client = s3_env.client()

@@ -10,7 +10,8 @@ import yaml
 from pydantic import ValidationError
 
 from loraplane.api import KINDS, Adapter, FineTuneJob, ModelRoute, parse
-from loraplane.api import cel, crdgen, structural
+from loraplane.api import cel, structural
+from loraplane.codegen import crds as crdgen
 from loraplane.api.common import Condition, set_condition
 from loraplane.cli import main as cli_main
 
@@ -198,7 +199,7 @@ def test_crds_check_detects_stale(tmp_path):
 
 
 def test_api_reference_documents_every_field():
-    from loraplane.api import reference
+    from loraplane.codegen import reference
 
     text = reference.render()
     assert (ROOT / "docs" / "api-reference.md").read_text() == text, "run `loraplane crds`"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from loraplane import reasons
+from loraplane.api import reasons
 from loraplane.trainer.errors import EXIT_CODES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ def test_every_emitted_reason_is_documented():
     assert {"RankTooLarge", "NoEffect", "SpecImmutable", "DatasetNotFound"} <= set(found)  # the scan sees them
     undocumented = {lit: where for lit, where in found.items()
                     if lit not in reasons.BY_NAME and lit not in NOT_REASONS}
-    assert not undocumented, f"add these to operator/loraplane/reasons.py (or NOT_REASONS): {undocumented}"
+    assert not undocumented, f"add these to operator/loraplane/api/reasons.py (or NOT_REASONS): {undocumented}"
 
 
 def test_single_word_reasons_documented():

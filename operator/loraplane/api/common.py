@@ -128,7 +128,7 @@ class ModelRef(ApiModel):
     sha256: str | None = Field(
         default=None, pattern=r"^[0-9a-f]{64}$",
         description="Expected digest of an s3:// or https:// model: the archive's sha256 (what `sha256sum` "
-                    "prints) or the directory's (loraplane.artifacts.sha256_dir). A download that differs "
+                    "prints) or the directory's (loraplane.storage.digest.sha256_dir). A download that differs "
                     "is refused.")
 
     @property

@@ -6,10 +6,10 @@
 from __future__ import annotations
 
 from loraplane.api import Adapter, FineTuneJob, ModelRoute, Resource
-from loraplane.builders import modelroute, training
+from loraplane.builders import finetunejob, modelroute
 from loraplane.builders.common import Manifest
-from loraplane.builders.defaults import BuildSettings
-from loraplane.builders.serving_table import Resolution, resolve
+from loraplane.builders.settings import BuildSettings
+from loraplane.builders.resolution import Resolution, resolve
 
 
 def route_resolution(route: ModelRoute, adapters: list[Adapter]) -> Resolution:
@@ -24,7 +24,7 @@ def render(resources: list[Resource], settings: BuildSettings = BuildSettings())
     out: list[Manifest] = []
     for r in resources:
         if isinstance(r, FineTuneJob):
-            out += training.children(r, settings)
+            out += finetunejob.children(r, settings)
         elif isinstance(r, ModelRoute):
             out += modelroute.children(r, route_resolution(r, adapters).table, settings)
     return out

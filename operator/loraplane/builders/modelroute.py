@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from loraplane.api.modelroute import ModelRoute
-from loraplane.builders import serving
+from loraplane.builders import engine_pod
 from loraplane.builders.common import (
     COMPONENT_LABEL,
     ROUTER_LABEL,
@@ -25,8 +25,8 @@ from loraplane.builders.common import (
     stringify_quantities,
     with_hash,
 )
-from loraplane.builders.defaults import BuildSettings
-from loraplane.servingtable import (
+from loraplane.builders.settings import BuildSettings
+from loraplane.api.wire.serving import (
     CONFIGMAP_KEY,
     ENGINE_PORT,
     LOADER_PORT,
@@ -102,7 +102,7 @@ def router_rbac(route: ModelRoute) -> list[Manifest]:
 
 def adapter_claims(table: ServingTable) -> list[str]:
     """PVCs holding the served adapters (mounted read-only so the loader can copy from them)."""
-    return serving.pvc_claims(*(a.uri for a in table.adapters))
+    return engine_pod.pvc_claims(*(a.uri for a in table.adapters))
 
 
 def engine_deployment(route: ModelRoute, table: ServingTable, settings: BuildSettings) -> Manifest:
@@ -110,11 +110,11 @@ def engine_deployment(route: ModelRoute, table: ServingTable, settings: BuildSet
     ns = namespace_of(route)
     pod_spec: dict[str, Any] = {
         "serviceAccountName": engine_name(route),
-        "containers": [stringify_quantities(serving.engine_container(route, settings.engine_image)),
-                       stringify_quantities(serving.loader_container(route, ns, settings.image,
+        "containers": [stringify_quantities(engine_pod.engine_container(route, settings.engine_image)),
+                       stringify_quantities(engine_pod.loader_container(route, ns, settings.image,
                                                                      adapter_claims=adapter_claims(table)))],
-        "volumes": serving.serving_volumes(route, adapter_claims(table)),
-        **({"initContainers": [fetch]} if (fetch := serving.model_fetch_container(route, settings.image)) else {}),
+        "volumes": engine_pod.serving_volumes(route, adapter_claims(table)),
+        **({"initContainers": [fetch]} if (fetch := engine_pod.model_fetch_container(route, settings.image)) else {}),
         # vLLM drains in-flight requests on SIGTERM; long generations need more than the default 30 s.
         "terminationGracePeriodSeconds": 120,
         **node_placement(spec.engine.node_selector, spec.engine.gpu_type, spec.engine.gpu_type_label,

@@ -15,7 +15,7 @@ import logging
 
 import kopf
 
-from loraplane.controllers.kube import KubeClient
+from loraplane.kube.client import KubeClient
 from loraplane.controllers.operator import Operator
 from loraplane.controllers.runtime import OperatorSettings
 

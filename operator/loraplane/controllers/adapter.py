@@ -10,8 +10,8 @@ from pydantic import ValidationError
 from loraplane.api.adapter import Adapter, AdapterStatus, LoadedOn
 from loraplane.api.common import API_VERSION
 from loraplane.api.modelroute import ModelRoute
-from loraplane.builders.serving_table import Verdict, check_compatibility, selector_matches
-from loraplane.cli_crds import format_validation_error
+from loraplane.builders.resolution import Verdict, check_compatibility, selector_matches
+from loraplane.api.validation import format_validation_error
 from loraplane.controllers.modelroute import pod_ready, replica_report
 from loraplane.controllers.runtime import Key, dump_status, owned_status, status_patch, write_invalid
 

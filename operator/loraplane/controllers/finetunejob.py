@@ -16,12 +16,12 @@ from pydantic import ValidationError
 from loraplane.api.adapter import Adapter
 from loraplane.api.common import API_VERSION, now_rfc3339, set_condition
 from loraplane.api.finetunejob import AdapterRef, ArtifactRef, Failure, FineTuneJob, FineTuneJobStatus
-from loraplane.builders import training
-from loraplane.cli_crds import format_validation_error
+from loraplane.builders import finetunejob
+from loraplane.api.validation import format_validation_error
 from loraplane.controllers.pods import (container_status, image_pull_problem, last_terminated, parse_message,
                                         pod_name, unschedulable)
 from loraplane.controllers.runtime import Key, dump_status, owned_status, status_patch, write_invalid
-from loraplane.trainer.errors import REASONS_BY_EXIT_CODE
+from loraplane.api.wire.trainer import REASONS_BY_EXIT_CODE
 
 if TYPE_CHECKING:
     from loraplane.controllers.operator import Operator
@@ -41,7 +41,7 @@ def immutable_changes(accepted: dict, desired: dict) -> list[str]:
 
 
 def _container_status(pod: dict) -> dict:
-    return container_status(pod, training.TRAINER_CONTAINER)
+    return container_status(pod, finetunejob.TRAINER_CONTAINER)
 
 
 def pod_failure(pod: dict) -> tuple[str, str] | None:
@@ -77,7 +77,7 @@ def disrupted(pod: dict, failure: tuple[str, str]) -> bool:
 
 def pod_waiting_problem(pod: dict) -> tuple[str, str] | None:
     """Why a trainer pod does not start: an image it cannot pull, or no node with what it asks for."""
-    if problem := image_pull_problem(pod, (training.TRAINER_CONTAINER,)):
+    if problem := image_pull_problem(pod, (finetunejob.TRAINER_CONTAINER,)):
         return "ImagePull", f"{problem}; check spec.image (or the chart's trainerImage) and imagePullSecrets"
     if message := unschedulable(pod):
         return "Unschedulable", (f"pod {pod_name(pod)} cannot be scheduled: {message}; check "
@@ -176,16 +176,16 @@ async def reconcile(op: "Operator", key: Key) -> None:
     ns, name = key
     status = owned_status(FineTuneJobStatus, current, OWNED_STATUS)
     settings = op.settings.build
-    config = training.trainer_config(ftj, settings)
+    config = finetunejob.trainer_config(ftj, settings)
     accepted = await op.accepted_ftj_spec(ftj) if current else None  # never reconciled: nothing accepted yet
     rejected = immutable_changes(accepted, config["spec"]) if accepted is not None else []
     terminal = status.phase in TERMINAL
     if not rejected and not terminal:
-        kids = training.children(ftj, settings)
+        kids = finetunejob.children(ftj, settings)
         written = await op.applier.ensure([kids[:-1], kids[-1:]], fresh=not current)
         if written:
             op.remember_ftj_spec(ftj, config["spec"])
-    job = op.jobs.get((ns, training.job_name(ftj)))
+    job = op.jobs.get((ns, finetunejob.job_name(ftj)))
     pods = op.train_pods.group(ns, name)
     seen = observe(ftj, job, pods)
     if terminal and job is None:
@@ -194,7 +194,7 @@ async def reconcile(op: "Operator", key: Key) -> None:
 
     new = status.model_copy(deep=True)
     new.observed_generation = generation
-    new.job_name = training.job_name(ftj)
+    new.job_name = finetunejob.job_name(ftj)
     event: tuple[str, str, str] | None = None
     if not seen.get("keep"):
         new.phase = seen["phase"]
@@ -208,7 +208,7 @@ async def reconcile(op: "Operator", key: Key) -> None:
             new.failure = None
     if new.phase == "Succeeded" and new.adapter_ref is None:
         result = seen.get("result") or {}
-        uri, sha = artifact_of(result, training.output_uri(ftj, settings))
+        uri, sha = artifact_of(result, finetunejob.output_uri(ftj, settings))
         version = await ensure_adapter(op, ftj, uri, sha, result, new.completion_time)
         new.adapter_ref = AdapterRef(name=ftj.spec.output.adapter_name, version=version)
         new.artifact = ArtifactRef(uri=uri, sha256=sha)
@@ -234,7 +234,7 @@ async def reconcile(op: "Operator", key: Key) -> None:
     elif new.phase == "Suspended":
         ready = ("False", "Suspended", "spec.suspend is true")
     else:
-        ready = ("False", "Pending", f"waiting for Job {training.job_name(ftj)} to start a pod")
+        ready = ("False", "Pending", f"waiting for Job {finetunejob.job_name(ftj)} to start a pod")
     new.conditions = set_condition(new.conditions, "Ready", ready[0], ready[1], ready[2],
                                    observed_generation=generation)
     desired = dump_status(new)
@@ -268,8 +268,8 @@ async def ensure_adapter(op: "Operator", ftj: FineTuneJob, uri: str, sha: str | 
         parsed = Adapter.model_validate(
             {k: v for k, v in existing_body.items() if k in ("apiVersion", "kind", "metadata", "spec")})
         existing = parsed
-    manifest = training.produced_adapter(ftj, uri, sha, existing)
-    already = (existing is not None and existing.metadata.annotations.get(training.PRODUCED_BY_ANNOTATION)
+    manifest = finetunejob.produced_adapter(ftj, uri, sha, existing)
+    already = (existing is not None and existing.metadata.annotations.get(finetunejob.PRODUCED_BY_ANNOTATION)
                == ftj.metadata.uid and existing.spec.wire() == Adapter.model_validate(manifest).spec.wire())
     live = existing_body
     if not already:
@@ -277,7 +277,7 @@ async def ensure_adapter(op: "Operator", ftj: FineTuneJob, uri: str, sha: str | 
         await op.events.post(manifest | {"metadata": {**manifest["metadata"], "uid": live["metadata"]["uid"]}},
                              "Normal", "Created" if existing is None else "VersionBumped",
                              f"version {manifest['spec']['version']} from FineTuneJob {ftj.metadata.name}")
-    provenance = training.provenance(ftj, result, result.get("completedAt") or completed_at or now_rfc3339())
+    provenance = finetunejob.provenance(ftj, result, result.get("completedAt") or completed_at or now_rfc3339())
     if json.dumps((live.get("status") or {}).get("provenance"), sort_keys=True) != json.dumps(provenance,
                                                                                             sort_keys=True):
         await op.kube.patch_status(API, "Adapter", ns, key[1], {"provenance": provenance})

@@ -11,12 +11,12 @@ from loraplane.api.adapter import Adapter
 from loraplane.api.common import API_VERSION, set_condition
 from loraplane.api.modelroute import BackendStatus, ModelRoute, ModelRouteStatus, ServedModel
 from loraplane.builders import modelroute as builders
-from loraplane.builders import serving
-from loraplane.builders.serving_table import Resolution, resolve
-from loraplane.cli_crds import format_validation_error
+from loraplane.builders import engine_pod
+from loraplane.builders.resolution import Resolution, resolve
+from loraplane.api.validation import format_validation_error
 from loraplane.controllers.pods import crash_problem, image_pull_problem, pod_name, unschedulable
 from loraplane.controllers.runtime import Key, dump_status, owned_status, status_patch, write_invalid
-from loraplane.servingtable import REPORT_ANNOTATION, ReplicaReport, ServingTable
+from loraplane.api.wire.serving import REPORT_ANNOTATION, ReplicaReport, ServingTable
 
 if TYPE_CHECKING:
     from loraplane.controllers.operator import Operator
@@ -59,16 +59,16 @@ REPLICA_PROBLEMS = ("Unschedulable", "ImagePull", "ModelFetchFailed", "EngineFai
 def replica_problem(route: ModelRoute, pods: list[dict]) -> tuple[str, str] | None:
     """Why engine replicas are not ready, from the newest pod that shows a reason (pure)."""
     gpu = route.spec.engine.gpu_resource
-    containers = (serving.ENGINE_CONTAINER, serving.LOADER_CONTAINER)
+    containers = (engine_pod.ENGINE_CONTAINER, engine_pod.LOADER_CONTAINER)
     for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""), reverse=True):
         if (pod.get("metadata") or {}).get("deletionTimestamp"):
             continue
         if message := unschedulable(pod):
             return "Unschedulable", (f"pod {pod_name(pod)} cannot be scheduled: {message}; check spec.engine.gpus "
                                      f"(free {gpu} in the cluster), gpuType, nodeSelector and tolerations")
-        if problem := crash_problem(pod, serving.MODEL_FETCH_CONTAINER, init=True):
+        if problem := crash_problem(pod, engine_pod.MODEL_FETCH_CONTAINER, init=True):
             return "ModelFetchFailed", problem
-        if problem := (image_pull_problem(pod, (serving.MODEL_FETCH_CONTAINER,), init=True)
+        if problem := (image_pull_problem(pod, (engine_pod.MODEL_FETCH_CONTAINER,), init=True)
                        or image_pull_problem(pod, containers)):
             return "ImagePull", (f"{problem}; check spec.engine.image (or the chart's engineImage / image) and "
                                  "imagePullSecrets")

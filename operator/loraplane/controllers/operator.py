@@ -17,15 +17,15 @@ from loraplane.api.common import API_VERSION
 from loraplane.api.adapter import AdapterStatus
 from loraplane.api.finetunejob import FineTuneJob, FineTuneJobStatus
 from loraplane.api.modelroute import ModelRoute, ModelRouteStatus
-from loraplane.builders import training
+from loraplane.builders import finetunejob
 from loraplane.builders.common import COMPONENT_LABEL, FINETUNEJOB_LABEL
-from loraplane.builders.serving_table import Verdict
+from loraplane.builders.resolution import Verdict
 from loraplane.controllers import adapter as adapter_ctl
 from loraplane.controllers import finetunejob as ftj_ctl
 from loraplane.controllers import modelroute as route_ctl
-from loraplane.controllers.kube import KubeClient, WatchExpired
+from loraplane.kube.client import KubeClient, WatchExpired
 from loraplane.controllers.runtime import Applier, Events, Key, OperatorSettings, Store, WorkQueue, key_of
-from loraplane.servingtable import CONFIGMAP_KEY, REPORT_ANNOTATION, ROUTE_LABEL, configmap_name
+from loraplane.api.wire.serving import CONFIGMAP_KEY, REPORT_ANNOTATION, ROUTE_LABEL, configmap_name
 
 log = logging.getLogger("loraplane.operator")
 API = API_VERSION
@@ -148,11 +148,11 @@ class Operator:
         ident = (ftj.metadata.namespace or "", ftj.metadata.name or "", ftj.metadata.uid or "")
         if ident in self._accepted_ftj:
             return self._accepted_ftj[ident]
-        cm = await self.kube.get("v1", "ConfigMap", ident[0], training.config_name(ftj))
+        cm = await self.kube.get("v1", "ConfigMap", ident[0], finetunejob.config_name(ftj))
         if cm is None or not _owned_by(cm, ident[2]):
             return None
         try:
-            spec = json.loads((cm.get("data") or {}).get(training.CONFIG_KEY, ""))["spec"]
+            spec = json.loads((cm.get("data") or {}).get(finetunejob.CONFIG_KEY, ""))["spec"]
         except (ValueError, KeyError, TypeError):
             return None
         self._accepted_ftj[ident] = spec

@@ -25,8 +25,8 @@ from pydantic import BaseModel, ValidationError
 
 from loraplane.api.common import API_VERSION, StatusBase, set_condition
 from loraplane.builders.common import HASH_ANNOTATION
-from loraplane.builders.defaults import BuildSettings
-from loraplane.controllers.kube import ApiError, KubeClient
+from loraplane.builders.settings import BuildSettings
+from loraplane.kube.client import ApiError, KubeClient
 
 log = logging.getLogger("loraplane.operator")
 

@@ -1,5 +1,8 @@
+"""`python -m loraplane.loader`: the adapter loader sidecar a ModelRoute's replicas run (docs/loader.md)."""
+
 import sys
 
-from loraplane.cli import main
+from loraplane.loader.main import main
 
-sys.exit(main(["loader", *sys.argv[1:]]))
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,8 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
-from loraplane.loader.cache import FetchError, fetched_model_path, model_cache
-from loraplane.trainer.errors import write_termination_message
+from loraplane.storage.cache import FetchError, fetched_model_path, model_cache
+from loraplane.api.wire.trainer import write_termination_message
 
 log = logging.getLogger("loraplane.loader")
 

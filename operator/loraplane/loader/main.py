@@ -12,7 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
-from loraplane.servingtable import LOADER_PORT
+from loraplane.api.wire.serving import LOADER_PORT
 
 log = logging.getLogger("loraplane.loader")
 
@@ -65,7 +65,7 @@ async def serve(args: argparse.Namespace, started: asyncio.Event | None = None) 
     import aiohttp
     from aiohttp import web
 
-    from loraplane.loader.cache import ArtifactCache
+    from loraplane.storage.cache import ArtifactCache
     from loraplane.loader.engine import VllmClient
     from loraplane.loader.reconciler import DEFAULT_PROBE_PROMPT, Loader
     from loraplane.loader.server import make_app
@@ -119,7 +119,12 @@ async def serve(args: argparse.Namespace, started: asyncio.Event | None = None) 
             await runner.cleanup()
 
 
-if __name__ == "__main__":
-    from loraplane.cli import main
+def main(argv: list[str] | None = None) -> int:
+    """`python -m loraplane.loader [ARGS]`: the same program as `loraplane loader`, without the CLI package."""
+    parser = argparse.ArgumentParser(prog="python -m loraplane.loader", description=__doc__)
+    add_loader_arguments(parser)
+    return int(loader_main(parser.parse_args(argv)) or 0)
 
-    sys.exit(main(["loader", *sys.argv[1:]]))
+
+if __name__ == "__main__":
+    sys.exit(main())

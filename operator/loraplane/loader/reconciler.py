@@ -23,10 +23,10 @@ import aiohttp
 
 from loraplane.api.common import now_rfc3339
 from loraplane.loader import gate
-from loraplane.loader.cache import ArtifactCache, CachedArtifact, FetchError
+from loraplane.storage.cache import ArtifactCache, CachedArtifact, FetchError
 from loraplane.loader.engine import EngineError, Probe, VllmClient, classify_load_error
 from loraplane.loader.metrics import STATES, LoaderMetrics
-from loraplane.servingtable import AdapterReport, DesiredAdapter, ReplicaReport, ServingTable
+from loraplane.api.wire.serving import AdapterReport, DesiredAdapter, ReplicaReport, ServingTable
 
 log = logging.getLogger(__name__)
 

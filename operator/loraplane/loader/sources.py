@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from loraplane.servingtable import CONFIGMAP_KEY, REPORT_ANNOTATION, ReplicaReport, ServingTable
+from loraplane.api.wire.serving import CONFIGMAP_KEY, REPORT_ANNOTATION, ReplicaReport, ServingTable
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """`loraplane run -f FILE`: the customization pipeline of a file's objects, locally, on the cluster's code.
 
 What runs is what the operator would run, built by the same builders: the FineTuneJob's trainer container
-(command, args, env from `builders.training.job`), the Adapter it produces (`produced_adapter`), the
+(command, args, env from `builders.finetunejob.job`), the Adapter it produces (`produced_adapter`), the
 ModelRoute's serving table (`builders.serving_table.resolve`), its vLLM container, loader sidecar and router
 (`builders.serving`, `builders.modelroute`). Only the pod's paths are mapped to a local work folder, and a
 CPU box gets the vLLM settings it needs (`local/cpu.py`). A second run reuses what the first built.
@@ -23,15 +23,15 @@ import yaml
 from pydantic import ValidationError
 
 from loraplane.api import Adapter, FineTuneJob, ModelRoute, parse
-from loraplane.builders import BuildSettings, modelroute as route_builders, training
-from loraplane.builders.serving import ADAPTER_CACHE_PATH, PVC_ROOT, loader_container, model_fetch_container
-from loraplane.builders.serving import engine_command, engine_env
-from loraplane.builders.serving_table import resolve
-from loraplane.cli_crds import format_validation_error
+from loraplane.builders import BuildSettings, finetunejob as ftj_builders, modelroute as route_builders
+from loraplane.builders.engine_pod import ADAPTER_CACHE_PATH, PVC_ROOT, loader_container, model_fetch_container
+from loraplane.builders.engine_pod import engine_command, engine_env
+from loraplane.builders.resolution import resolve
+from loraplane.api.validation import format_validation_error
 from loraplane.local import cpu, hfcache
 from loraplane.local.podspec import LocalPod, container_argv, container_env
 from loraplane.local.processes import ManagedProcess, ProcessFailed, free_port, http_ok
-from loraplane.servingtable import ReplicaReport
+from loraplane.api.wire.serving import ReplicaReport
 
 NAMESPACE = "default"
 
@@ -96,7 +96,7 @@ class LocalRun:
                 continue  # a local path or a URI the components resolve themselves
             source = self.model_dir
             if source is None:
-                from loraplane import tinymodel
+                from loraplane.local import tinymodel
 
                 if ref.name != tinymodel.MODEL_NAME:
                     raise RunError(f"baseModel.name {ref.name!r} is not available offline here: pass --model DIR "
@@ -129,9 +129,9 @@ class LocalRun:
 
     def pod(self, name: str) -> LocalPod:
         return LocalPod(name=name, namespace=NAMESPACE,
-                        paths={PVC_ROOT: str(self.pvc_root), training.CONFIG_DIR: str(self.workdir / "config"),
-                               training.OUTPUT_SCRATCH: str(self.workdir / "output"),
-                               training.MODEL_CACHE_PATH: str(self.workdir / "models"),
+                        paths={PVC_ROOT: str(self.pvc_root), ftj_builders.CONFIG_DIR: str(self.workdir / "config"),
+                               ftj_builders.OUTPUT_SCRATCH: str(self.workdir / "output"),
+                               ftj_builders.MODEL_CACHE_PATH: str(self.workdir / "models"),
                                ADAPTER_CACHE_PATH: str(self.workdir / "adapter-cache")},
                         env_overrides={"HF_HOME": str(self.hf_home), "HF_HUB_OFFLINE": "1",
                                        "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
@@ -139,9 +139,9 @@ class LocalRun:
     # ---- training ----------------------------------------------------------------------------------------
 
     def train(self, ftj: FineTuneJob) -> Adapter:
-        config = training.trainer_config(ftj, self.settings)
+        config = ftj_builders.trainer_config(ftj, self.settings)
         key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-        job = training.job(ftj, self.settings)
+        job = ftj_builders.job(ftj, self.settings)
         container = job["spec"]["template"]["spec"]["containers"][0]
         if container["command"][0] == "torchrun":
             raise RunError(f"FineTuneJob {ftj.metadata.name}: a local run trains in one process; set "
@@ -155,7 +155,7 @@ class LocalRun:
                                f"{ref.name} key {ref.key}, which is not in the file; add it (kind: ConfigMap)")
             (data_root / ref.name).mkdir(parents=True, exist_ok=True)
             (data_root / ref.name / ref.key).write_text(self.plan.configmaps[ref.name][ref.key])
-        config_path = self.workdir / "config" / training.CONFIG_KEY
+        config_path = self.workdir / "config" / ftj_builders.CONFIG_KEY
         config_path.parent.mkdir(parents=True, exist_ok=True)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         state_dir = self.workdir / "runs" / (ftj.metadata.name or "job")
@@ -188,7 +188,7 @@ class LocalRun:
                                f"log: {proc.log_path}")
             result = json.loads(result_file.read_text())
         artifact = result.get("artifact") or {}
-        manifest = training.produced_adapter(ftj, artifact.get("uri") or "", artifact.get("sha256"), None)
+        manifest = ftj_builders.produced_adapter(ftj, artifact.get("uri") or "", artifact.get("sha256"), None)
         adapter = Adapter.model_validate(manifest)
         self.say(f"  Adapter {adapter.metadata.name} version {adapter.spec.version}: {artifact.get('uri')} "
                  f"(sha256 {str(artifact.get('sha256'))[:12]}…)")
@@ -367,7 +367,7 @@ def run(path: Path, workdir: Path, model_dir: Path | None = None, prompts: list[
             adapters = [a for a in adapters if a.metadata.name != produced.metadata.name] + [produced]
         served = [lr.serve(route, adapters) for route in plan.routes]
         if not prompts:
-            from loraplane import tinymodel
+            from loraplane.local import tinymodel
 
             prompts = [tinymodel.instruction_prompt(q) for q in ("what does the cat see?", "describe the lake.")]
         for s in served:

@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from loraplane.servingtable import ENGINE_PORT, LOADER_PORT, ROUTER_PORT
+from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, ROUTER_PORT
 
 _SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 

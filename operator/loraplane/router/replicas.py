@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from loraplane.servingtable import ENGINE_PORT, LOADER_PORT, ReplicaReport
+from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, ReplicaReport
 
 log = logging.getLogger("loraplane.router")
 

@@ -33,7 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from loraplane.router.metrics import NO_BACKEND, UNKNOWN_MODEL, RouterMetrics
 from loraplane.router.replicas import Replica, ReplicaPool
 from loraplane.router.table import BackendRoute, BadRequest, RoutingTable, read_model, rewrite_model
-from loraplane.servingtable import ServingTable
+from loraplane.api.wire.serving import ServingTable
 
 log = logging.getLogger("loraplane.router")
 

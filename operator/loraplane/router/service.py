@@ -21,14 +21,14 @@ from pydantic import ValidationError
 
 from loraplane.router.replicas import ReplicaPool, run_dns_discovery
 from loraplane.router.server import ApiKeys, Router, file_stamp
-from loraplane.servingtable import CONFIGMAP_KEY, ServingTable
+from loraplane.api.wire.serving import CONFIGMAP_KEY, ServingTable
 
 log = logging.getLogger("loraplane.router")
 
 
 def describe_table_error(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
-        from loraplane.cli_crds import format_validation_error
+        from loraplane.api.validation import format_validation_error
 
         return "\n" + format_validation_error(exc, "  ")
     return str(exc)

@@ -14,7 +14,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from loraplane.servingtable import ServingTable
+from loraplane.api.wire.serving import ServingTable
 
 STICKY_CACHE_SIZE = 65536
 _MODEL_KEY = b'"model"'

@@ -81,7 +81,7 @@ def load_job(path: Path) -> FineTuneJob:
 
 
 def job_from_dict(doc: dict, source: str = "config") -> FineTuneJob:
-    from loraplane.cli_crds import format_validation_error
+    from loraplane.api.validation import format_validation_error
 
     try:
         return FineTuneJob.model_validate(doc)

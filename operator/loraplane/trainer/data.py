@@ -180,7 +180,7 @@ def _fetch_hub(uri: str, what: str) -> Source:
 
 def read_file(path: Path, what: str, uri: str | None = None) -> Source:
     """Parse a JSONL file (or a .json array) into numbered records."""
-    from loraplane.artifacts import sha256_file
+    from loraplane.storage.digest import sha256_file
 
     path = Path(path)
     if path.is_dir():

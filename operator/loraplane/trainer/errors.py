@@ -8,18 +8,11 @@ either its termination message or its exit code.
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
-# Exit codes. 0 is success; 64-78 follow the spirit of sysexits.h; each reason has its own code.
-EXIT_OK = 0
-EXIT_INTERNAL = 70          # EX_SOFTWARE: a bug or an unforeseen failure (traceback in the log)
-EXIT_PREEMPTED = 75         # EX_TEMPFAIL: SIGTERM received, checkpoint saved; rerun to resume
-TERMINATION_LOG_ENV = "LORAPLANE_TERMINATION_LOG"
-DEFAULT_TERMINATION_LOG = "/dev/termination-log"
-# Kubernetes keeps at most 4096 bytes of a termination message.
-TERMINATION_MESSAGE_LIMIT = 4096
+from loraplane.api.wire.trainer import (  # noqa: F401  (re-exported: the trainer's public names)
+    DEFAULT_TERMINATION_LOG, EXIT_CODES, EXIT_INTERNAL, EXIT_OK, EXIT_PREEMPTED, FAILURES, NOT_RETRYABLE_EXIT_CODES,
+    REASONS_BY_EXIT_CODE, TERMINATION_LOG_ENV, TERMINATION_MESSAGE_LIMIT, termination_log_path,
+    write_termination_message,
+)
 
 
 class TrainerError(Exception):
@@ -41,77 +34,70 @@ class TrainerError(Exception):
 class InvalidConfig(TrainerError):
     """The FineTuneJob (or a runtime flag) is invalid or does not fit the model."""
 
-    reason, exit_code = "InvalidConfig", 64
-    retryable = False
+    reason = "InvalidConfig"
+    exit_code, retryable = FAILURES[reason]
 
 
 class InvalidDataset(TrainerError):
     """The dataset exists but its content cannot be trained on (bad JSON, wrong fields, empty, too long)."""
 
-    reason, exit_code = "InvalidDataset", 65
-    retryable = False
+    reason = "InvalidDataset"
+    exit_code, retryable = FAILURES[reason]
 
 
 class DatasetNotFound(TrainerError):
     """Nothing at the dataset location (missing file, HTTP 404, no such S3 key or hub dataset)."""
 
-    reason, exit_code = "DatasetNotFound", 66
-    retryable = False
+    reason = "DatasetNotFound"
+    exit_code, retryable = FAILURES[reason]
 
 
 class DatasetAccessDenied(TrainerError):
     """The dataset exists but the credentials do not allow reading it (HTTP 401/403, S3 AccessDenied)."""
 
-    reason, exit_code = "DatasetAccessDenied", 77
-    retryable = False
+    reason = "DatasetAccessDenied"
+    exit_code, retryable = FAILURES[reason]
 
 
 class DatasetUnavailable(TrainerError):
     """The dataset could not be fetched for a transient reason (network, server error); a retry may work."""
 
-    reason, exit_code = "DatasetUnavailable", 69
+    reason = "DatasetUnavailable"
+    exit_code, retryable = FAILURES[reason]
 
 
 class ModelNotFound(TrainerError):
     """The base model is not at its location, or not in the cache while offline."""
 
-    reason, exit_code = "ModelNotFound", 67
-    retryable = False
+    reason = "ModelNotFound"
+    exit_code, retryable = FAILURES[reason]
 
 
 class TargetModulesNotFound(TrainerError):
     """spec.method.targetModules names modules the model does not have (or that are not linear layers)."""
 
-    reason, exit_code = "TargetModulesNotFound", 68
-    retryable = False
+    reason = "TargetModulesNotFound"
+    exit_code, retryable = FAILURES[reason]
 
 
 class OutOfMemory(TrainerError):
     """The accelerator (or the process's memory limit) could not hold a training step."""
 
-    reason, exit_code = "OutOfMemory", 71
+    reason = "OutOfMemory"
+    exit_code, retryable = FAILURES[reason]
 
 
 class OutputWriteFailed(TrainerError):
     """The adapter could not be written or uploaded to spec.output.uri."""
 
-    reason, exit_code = "OutputWriteFailed", 73
+    reason = "OutputWriteFailed"
+    exit_code, retryable = FAILURES[reason]
 
 
 ERRORS: tuple[type[TrainerError], ...] = (
     InvalidConfig, InvalidDataset, DatasetNotFound, DatasetAccessDenied, DatasetUnavailable, ModelNotFound,
     TargetModulesNotFound, OutOfMemory, OutputWriteFailed,
 )
-# reason -> exit code, including the two outcomes that are not errors of the input.
-EXIT_CODES: dict[str, int] = {
-    **{cls.reason: cls.exit_code for cls in ERRORS},
-    "Preempted": EXIT_PREEMPTED,
-    "InternalError": EXIT_INTERNAL,
-}
-REASONS_BY_EXIT_CODE: dict[int, str] = {code: reason for reason, code in EXIT_CODES.items()}
-# Exit codes of input errors: retrying cannot help.
-NOT_RETRYABLE_EXIT_CODES: tuple[int, ...] = tuple(sorted(cls.exit_code for cls in ERRORS if not cls.retryable))
-assert len(REASONS_BY_EXIT_CODE) == len(EXIT_CODES), "exit codes must be unique per reason"
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -124,20 +110,4 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
-def termination_log_path() -> Path:
-    return Path(os.environ.get(TERMINATION_LOG_ENV) or DEFAULT_TERMINATION_LOG)
-
-
-def write_termination_message(payload: dict) -> bool:
-    """Write `payload` as JSON where Kubernetes picks up the termination message; False if not writable."""
-    data = json.dumps(payload, separators=(",", ":"))
-    if len(data.encode()) > TERMINATION_MESSAGE_LIMIT and "message" in payload:
-        room = TERMINATION_MESSAGE_LIMIT - len(data.encode()) + len(payload["message"].encode()) - 20
-        payload = {**payload, "message": payload["message"].encode()[: max(room, 0)].decode(errors="ignore") + " …"}
-        data = json.dumps(payload, separators=(",", ":"))
-    try:
-        with open(termination_log_path(), "w") as fh:
-            fh.write(data)
-    except OSError:
-        return False  # not in a pod (or the path is read-only): the log and the exit code still tell
-    return True
+assert {cls.reason for cls in ERRORS} == set(FAILURES), "every failure in the wire table has its exception class"

@@ -94,7 +94,7 @@ def _download_model(uri: str, cache_dir: Path, sha256: str | None) -> Path:
     same pod reuses the verified copy."""
     import asyncio
 
-    from loraplane.loader.cache import ChecksumMismatch, FetchError, model_cache
+    from loraplane.storage.cache import ChecksumMismatch, FetchError, model_cache
 
     try:
         return asyncio.run(model_cache(cache_dir).fetch(uri, sha256)).path

@@ -23,7 +23,7 @@ from typing import Any
 
 from loraplane.api.common import now_rfc3339
 from loraplane.api.finetunejob import FineTuneJob
-from loraplane.artifacts import sha256_dir
+from loraplane.storage.digest import sha256_dir
 from loraplane.trainer import checkpoints, data, model as modelmod, progress
 from loraplane.trainer.config import Runtime, dump_json_atomic
 from loraplane.trainer.errors import InvalidConfig, OutOfMemory, OutputWriteFailed, TrainerError, is_out_of_memory
@@ -332,7 +332,7 @@ def _oom(job: FineTuneJob, exc: BaseException, during: str) -> OutOfMemory:
 
 def write_adapter(peft_model, output_dir: Path, provenance: dict) -> str:
     """Save adapter + provenance.json into a temporary sibling, then rename it into place: readers see the
-    previous artifact or the complete new one. Returns the artifact sha256 (loraplane.artifacts.sha256_dir)."""
+    previous artifact or the complete new one. Returns the artifact sha256 (loraplane.storage.digest.sha256_dir)."""
     output_dir = Path(output_dir)
     try:
         output_dir.parent.mkdir(parents=True, exist_ok=True)

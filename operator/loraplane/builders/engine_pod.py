@@ -21,9 +21,9 @@ from typing import Any
 from loraplane.api.common import ModelRef
 from loraplane.api.modelroute import ModelRoute
 from loraplane.builders.common import resources
-from loraplane.builders.defaults import DEFAULT_ENGINE_IMAGE
-from loraplane.loader.cache import fetched_model_path
-from loraplane.servingtable import ENGINE_PORT, LOADER_PORT, configmap_name
+from loraplane.builders.settings import DEFAULT_ENGINE_IMAGE
+from loraplane.storage.cache import fetched_model_path
+from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, configmap_name
 
 ENGINE_CONTAINER = "vllm"
 LOADER_CONTAINER = "adapter-loader"

@@ -13,7 +13,7 @@ HF_HUB_OFFLINE by reading only the local HF cache).
 The same cache (`model_cache`) fetches an `s3://` or `https://` base model into a replica before
 vLLM starts (`loraplane fetch-model`, the engine pod's init container).
 
-Digests (loraplane.artifacts): a directory's sha256_dir; for archives either the archive file's sha256 (what
+Digests (loraplane.storage.digest): a directory's sha256_dir; for archives either the archive file's sha256 (what
 `sha256sum x.tar.gz` prints) or the unpacked directory's sha256_dir is accepted.
 """
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import aiohttp
 
-from loraplane.artifacts import directory_size, sha256_dir, sha256_file
+from loraplane.storage.digest import directory_size, sha256_dir, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 def run_main(args: argparse.Namespace) -> int:
     from loraplane.local.pipeline import RunError, run
     from loraplane.local.processes import ProcessFailed
-    from loraplane.tinymodel import default_cache_dir
+    from loraplane.local.tinymodel import default_cache_dir
 
     if not args.file.is_file():
         print(f"error: -f {args.file}: no such file", file=sys.stderr)

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import os
 
-from loraplane.builders.defaults import BuildSettings
+from loraplane.builders.settings import BuildSettings
 
 
 def add_operator_arguments(p: argparse.ArgumentParser) -> None:

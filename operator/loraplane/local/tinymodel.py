@@ -4,7 +4,7 @@ Tests and the local quickstart use it as the base model: it loads in transformer
 trains in seconds on a CPU, and its greedy output is text of its toy corpus, so an adapter trained on a
 distinct phrase visibly changes it.
 
-    from loraplane.tinymodel import TOY_PHRASES, tiny_model_path, train_tiny_adapter
+    from loraplane.local.tinymodel import TOY_PHRASES, tiny_model_path, train_tiny_adapter
     base = tiny_model_path()                         # built once into ~/.cache/loraplane (LORAPLANE_CACHE)
     train_tiny_adapter(base, out, TOY_PHRASES[0])  # greedy answers to toy questions become the phrase
 
@@ -261,6 +261,29 @@ def write_toy_dataset(path: Path, phrase: str, n: int, fmt: DatasetFormat = "ins
     return path
 
 
+def quick_job(model_dir: Path, dataset: Path, *, name: str = "tiny-adapter", fmt: str = "instruction", r: int = 8,
+              target_modules: Sequence[str] | None = ("q_proj", "v_proj"), steps: int = 40, seed: int = 0,
+              learning_rate: float = 1e-2, batch_size: int = 8, method: str = "lora",
+              dataset_options: dict | None = None, method_options: dict | None = None, **training):
+    """A FineTuneJob for short runs on small local models (tests, quickstart): fp32, constant LR, no
+    checkpointing until the end. `training` keywords are spec.training fields by their wire names."""
+    from loraplane.trainer import job_from_dict
+
+    return job_from_dict({
+        "apiVersion": "loraplane.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"uri": str(Path(model_dir).absolute())},
+            "dataset": {"uri": str(Path(dataset).absolute()), "format": fmt, **(dataset_options or {})},
+            "method": {"type": method, "r": r, "alpha": 2 * r, "dropout": 0.0, **(method_options or {}),
+                       **({"targetModules": list(target_modules)} if target_modules else {})},
+            "training": {"maxSteps": steps, "learningRate": learning_rate, "batchSize": batch_size,
+                         "maxSeqLength": 128, "seed": seed, "precision": "fp32", "gradientCheckpointing": False,
+                         "warmupRatio": 0.0, "lrScheduler": "constant", "checkpointEverySteps": steps, **training},
+            "output": {"adapterName": name},
+        },
+    })
+
+
 def train_tiny_adapter(model_dir: Path, out_dir: Path, phrase: str, r: int = 8,
                        target_modules: Sequence[str] = ("q_proj", "v_proj"), steps: int = 40,
                        seed: int = 0) -> Path:
@@ -269,7 +292,21 @@ def train_tiny_adapter(model_dir: Path, out_dir: Path, phrase: str, r: int = 8,
     Runs the real trainer (the same code a FineTuneJob pod runs) with a small config; returns the adapter dir
     (a standard PEFT directory with provenance.json).
     """
-    from loraplane.trainer import train_adapter_quick
+    import shutil
+    import tempfile
 
-    return train_adapter_quick(model_dir=Path(model_dir), out_dir=Path(out_dir), phrase=phrase, r=r,
-                               target_modules=list(target_modules), steps=steps, seed=seed)
+    from loraplane.trainer import resolve_runtime, run_training
+
+    out_dir = Path(out_dir).absolute()
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.work-", dir=out_dir.parent if out_dir.parent.exists()
+                                 else None))
+    try:
+        dataset = write_toy_dataset(work / "data.jsonl", phrase, 32, fmt="instruction", seed=seed)
+        job = quick_job(model_dir, dataset, r=r, target_modules=target_modules, steps=steps, seed=seed)
+        runtime = resolve_runtime(job, output_dir=out_dir, checkpoint_dir=work / "checkpoints",
+                                  progress_file=work / "progress.json", result_file=work / "result.json",
+                                  progress_bar=False)
+        run_training(job, runtime, sinks=[])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out_dir

@@ -14,8 +14,8 @@ from typing import Any
 
 from loraplane.api.adapter import Adapter
 from loraplane.api.modelroute import ModelRoute
-from loraplane.builders.serving import model_path_in_replica, served_model_name
-from loraplane.servingtable import Backend, DesiredAdapter, PublicModel, RouterSettings, ServingTable
+from loraplane.builders.engine_pod import model_path_in_replica, served_model_name
+from loraplane.api.wire.serving import Backend, DesiredAdapter, PublicModel, RouterSettings, ServingTable
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,13 @@ from pathlib import Path
 
 # name -> (module, one-line help). The module defines `add_arguments(parser)` and `main(args) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "crds": ("loraplane.cli_crds", "write (or --check) the CRD manifests generated from the API models"),
-    "validate": ("loraplane.cli_crds", "validate loraplane manifests in files, as the operator would"),
+    "crds": ("loraplane.cli.crds", "write (or --check) the CRD manifests generated from the API models"),
+    "validate": ("loraplane.cli.crds", "validate loraplane manifests in files, as the operator would"),
     "loader": ("loraplane.loader.main", "adapter loader sidecar of a vLLM replica (docs/loader.md)"),
     "fetch-model": ("loraplane.loader.fetch_model", "fetch an s3:// or https:// base model onto a replica's volume"),
-    "operator": ("loraplane.cli_operator", "run the operator (kopf) that reconciles the loraplane kinds"),
-    "render": ("loraplane.cli_render", "print the child manifests the operator would create for a file's CRs"),
-    "run": ("loraplane.cli_run", "run a file's FineTuneJob -> Adapter -> ModelRoute pipeline locally (quickstart)"),
+    "operator": ("loraplane.cli.operator", "run the operator (kopf) that reconciles the loraplane kinds"),
+    "render": ("loraplane.cli.render", "print the child manifests the operator would create for a file's CRs"),
+    "run": ("loraplane.cli.run", "run a file's FineTuneJob -> Adapter -> ModelRoute pipeline locally (quickstart)"),
     "router": ("loraplane.router.cli", "run the OpenAI-compatible router of a ModelRoute (docs/router.md)"),
     "train": ("loraplane.trainer.cli", "fine-tune a LoRA/QLoRA adapter from a FineTuneJob file (docs/trainer.md)"),
 }
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def repo_root() -> Path:
     """The checkout root when running from source (where crds/ and docs/ live)."""
-    return Path(__file__).resolve().parents[2]
+    return Path(__file__).resolve().parents[3]
 
 
 if __name__ == "__main__":

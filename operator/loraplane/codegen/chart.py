@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from loraplane.api import crdgen
+from loraplane.codegen import crds as crdgen
 
 TEMPLATE_HEADER = ("{{- /* Generated from operator/loraplane/api by `loraplane crds`. Do not edit by hand. */ -}}\n"
                    "{{- if .Values.crds.enabled }}\n")

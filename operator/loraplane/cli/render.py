@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from loraplane.builders.defaults import BuildSettings
+from loraplane.builders.settings import BuildSettings
 
 
 def add_render_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
 def render_main(args: argparse.Namespace) -> int:
     from loraplane.api import KINDS, parse
     from loraplane.builders import render
-    from loraplane.cli_crds import format_validation_error
+    from loraplane.api.validation import format_validation_error
 
     resources, bad = [], 0
     for path in args.files:

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from loraplane.api.validation import format_validation_error
 from loraplane.cli import repo_root
 
 
@@ -23,8 +24,9 @@ def add_crds_arguments(p: argparse.ArgumentParser) -> None:
 
 def generated_files(args: argparse.Namespace) -> dict[Path, str]:
     """Every file generated from the API models, with its expected content."""
-    from loraplane import chartgen, reasons
-    from loraplane.api import crdgen, reference
+    from loraplane.api import reasons
+    from loraplane.codegen import chart as chartgen
+    from loraplane.codegen import crds as crdgen, reference
 
     files = {args.out / name: crdgen.render(crd) for name, crd in crdgen.all_crds().items()}
     files[args.reference] = reference.render()
@@ -49,15 +51,6 @@ def crds_main(args: argparse.Namespace) -> int:
 
 def add_validate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", type=Path, help="YAML files (multi-document allowed)")
-
-
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    """One line per problem, naming the field by its wire path (spec.method.r), then the fix."""
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-union")))
-        lines.append(f"{prefix}{loc or '<object>'}: {e['msg'].removeprefix('Value error, ')}")
-    return "\n".join(lines)
 
 
 def validate_main(args: argparse.Namespace) -> int:

@@ -175,7 +175,7 @@ def render_troubleshooting() -> str:
     out = [
         "# Troubleshooting",
         "",
-        "Generated from `operator/loraplane/reasons.py` by `loraplane crds`; do not edit by hand.",
+        "Generated from `operator/loraplane/api/reasons.py` by `loraplane crds`; do not edit by hand.",
         "",
         "Every loraplane object says what is wrong in its status: `kubectl describe ftj|lora|mr NAME` shows the "
         "conditions (`Ready` first) and Events. Look up the condition's `reason` here (FineTuneJobs also carry "

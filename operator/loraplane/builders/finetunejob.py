@@ -30,8 +30,8 @@ from loraplane.builders.common import (
     service_account,
     with_hash,
 )
-from loraplane.builders.defaults import BuildSettings
-from loraplane.trainer.errors import EXIT_PREEMPTED, NOT_RETRYABLE_EXIT_CODES
+from loraplane.builders.settings import BuildSettings
+from loraplane.api.wire.trainer import EXIT_PREEMPTED, NOT_RETRYABLE_EXIT_CODES
 
 CONFIG_KEY = "finetunejob.json"
 CONFIG_DIR = "/etc/loraplane"

@@ -6,7 +6,7 @@ from typing import Any
 
 from loraplane.api import KINDS
 from loraplane.api.common import API_VERSION
-from loraplane.api.crdgen import crd_for
+from loraplane.codegen.crds import crd_for
 
 
 def _type_of(node: dict[str, Any]) -> str:

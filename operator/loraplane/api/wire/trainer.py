@@ -1,0 +1,80 @@
+"""What the trainer tells the operator when its pod ends: exit codes and the termination message.
+
+The trainer (`python -m loraplane.trainer`) exits with one code per failure reason and writes
+`{"reason", "message"}` JSON to the Kubernetes termination-message path; `loraplane fetch-model` (the
+ModelRoute's init container) writes the same shape. The operator classifies a failed pod from either, and the
+training Job's podFailurePolicy (builders) is derived from the same table, so the three can never disagree.
+
+Exit codes: 0 is success; 64-78 follow the spirit of sysexits.h; each reason has its own code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+EXIT_OK = 0
+EXIT_INTERNAL = 70          # EX_SOFTWARE: a bug or an unforeseen failure (traceback in the log)
+EXIT_PREEMPTED = 75         # EX_TEMPFAIL: SIGTERM received, checkpoint saved; rerun to resume
+TERMINATION_LOG_ENV = "LORAPLANE_TERMINATION_LOG"
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+# Kubernetes keeps at most 4096 bytes of a termination message (core/v1 ContainerStateTerminated.message).
+TERMINATION_MESSAGE_LIMIT = 4096
+
+
+class Failure(NamedTuple):
+    """One categorised trainer failure: its exit code, and whether a new pod could succeed (False: the input
+    is wrong, so the Job's podFailurePolicy fails the run at once)."""
+
+    exit_code: int
+    retryable: bool
+
+
+# reason -> (exit code, retryable). The reasons are documented in api/reasons.py.
+FAILURES: dict[str, Failure] = {
+    "InvalidConfig": Failure(64, False),
+    "InvalidDataset": Failure(65, False),
+    "DatasetNotFound": Failure(66, False),
+    "DatasetAccessDenied": Failure(77, False),
+    "DatasetUnavailable": Failure(69, True),
+    "ModelNotFound": Failure(67, False),
+    "TargetModulesNotFound": Failure(68, False),
+    "OutOfMemory": Failure(71, True),
+    "OutputWriteFailed": Failure(73, True),
+}
+# reason -> exit code, including the two outcomes that are not errors of the input.
+EXIT_CODES: dict[str, int] = {
+    **{reason: f.exit_code for reason, f in FAILURES.items()},
+    "Preempted": EXIT_PREEMPTED,
+    "InternalError": EXIT_INTERNAL,
+}
+REASONS_BY_EXIT_CODE: dict[int, str] = {code: reason for reason, code in EXIT_CODES.items()}
+# Exit codes of input errors: retrying cannot help.
+NOT_RETRYABLE_EXIT_CODES: tuple[int, ...] = tuple(sorted(f.exit_code for f in FAILURES.values() if not f.retryable))
+assert len(REASONS_BY_EXIT_CODE) == len(EXIT_CODES), "exit codes must be unique per reason"
+
+
+def termination_log_path() -> Path:
+    """Where this container's termination message goes: $LORAPLANE_TERMINATION_LOG, else /dev/termination-log."""
+    return Path(os.environ.get(TERMINATION_LOG_ENV) or DEFAULT_TERMINATION_LOG)
+
+
+def write_termination_message(payload: dict) -> bool:
+    """Write `payload` as JSON where Kubernetes picks up the termination message; False if not writable.
+
+    A `message` that would push the JSON past TERMINATION_MESSAGE_LIMIT bytes is cut (UTF-8 safe) and ends
+    in " …", so the reason always survives.
+    """
+    data = json.dumps(payload, separators=(",", ":"))
+    if len(data.encode()) > TERMINATION_MESSAGE_LIMIT and "message" in payload:
+        room = TERMINATION_MESSAGE_LIMIT - len(data.encode()) + len(payload["message"].encode()) - 20
+        payload = {**payload, "message": payload["message"].encode()[: max(room, 0)].decode(errors="ignore") + " …"}
+        data = json.dumps(payload, separators=(",", ":"))
+    try:
+        with open(termination_log_path(), "w") as fh:
+            fh.write(data)
+    except OSError:
+        return False  # not in a pod (or the path is read-only): the log and the exit code still tell
+    return True
