@@ -11,12 +11,8 @@ import json
 from typing import Any
 
 from loraplane.api.common import Resource
+from loraplane.api.keys import COMPONENT_LABEL, FINETUNEJOB_LABEL, HASH_ANNOTATION, MANAGER, ROUTER_LABEL  # noqa: F401
 
-MANAGER = "loraplane"
-HASH_ANNOTATION = "loraplane.io/spec-hash"
-FINETUNEJOB_LABEL = "loraplane.io/finetunejob"
-COMPONENT_LABEL = "loraplane.io/component"
-ROUTER_LABEL = "loraplane.io/router"
 # ownerReferences of an object rendered before it exists (`loraplane render` on a file): the API server
 # assigns the uid at creation and the operator fills it in.
 UNKNOWN_UID = "set-by-the-api-server-at-creation"

@@ -20,6 +20,7 @@ from typing import Any
 
 from loraplane.api.common import ModelRef
 from loraplane.api.modelroute import ModelRoute
+from loraplane.api.paths import ADAPTER_CACHE_PATH, FETCHED_MODELS_PATH, HF_HOME, MODEL_CACHE_PATH, PVC_ROOT
 from loraplane.builders.common import resources
 from loraplane.builders.settings import DEFAULT_ENGINE_IMAGE
 from loraplane.storage.cache import fetched_model_path
@@ -28,14 +29,9 @@ from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, configmap_name
 ENGINE_CONTAINER = "vllm"
 LOADER_CONTAINER = "adapter-loader"
 ADAPTER_CACHE_VOLUME = "adapter-cache"
-ADAPTER_CACHE_PATH = "/var/cache/loraplane/adapters"
 MODEL_CACHE_VOLUME = "model-cache"
-MODEL_CACHE_PATH = "/models"
-HF_HOME = f"{MODEL_CACHE_PATH}/hf"
 # s3:// and https:// base models are fetched here by the init container (loraplane fetch-model).
-FETCHED_MODELS_PATH = f"{MODEL_CACHE_PATH}/fetched"
 MODEL_FETCH_CONTAINER = "model-fetch"
-PVC_ROOT = "/mnt/pvc"
 # Startup budget of vLLM before the kubelet restarts it: downloads and compiles of big models take minutes.
 ENGINE_STARTUP_SECONDS = 1800
 DEFAULT_CACHE_MAX_BYTES = 20 * 1024**3

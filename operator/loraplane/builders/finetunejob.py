@@ -31,20 +31,17 @@ from loraplane.builders.common import (
     with_hash,
 )
 from loraplane.builders.settings import BuildSettings
+from loraplane.api import paths
+from loraplane.api.keys import PRODUCED_BY_ANNOTATION
+from loraplane.api.paths import (
+    DATA_CONFIGMAP_ROOT, MODEL_CACHE_PATH, OUTPUT_SCRATCH, PVC_ROOT, RENDEZVOUS_PORT, TRAINER_CONFIG_KEY,
+    TRAINER_CONFIG_PATH,
+)
 from loraplane.api.wire.trainer import EXIT_PREEMPTED, NOT_RETRYABLE_EXIT_CODES
 
-CONFIG_KEY = "finetunejob.json"
-CONFIG_DIR = "/etc/loraplane"
-CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
-MODEL_CACHE_PATH = "/models"
-PVC_ROOT = "/mnt/pvc"
-DATA_CONFIGMAP_ROOT = "/data"
-OUTPUT_SCRATCH = "/output"
-RENDEZVOUS_PORT = 29500
+# The trainer's paths and ports inside its pod (api.paths; the trainer reads the same defaults).
+CONFIG_KEY, CONFIG_DIR, CONFIG_PATH = TRAINER_CONFIG_KEY, paths.CONFIG_DIR, TRAINER_CONFIG_PATH
 TRAINER_CONTAINER = "trainer"
-# Annotation on a produced Adapter: the uid of the FineTuneJob whose output its current version is. A
-# restarted operator that finds it does not bump the version a second time.
-PRODUCED_BY_ANNOTATION = "loraplane.io/produced-by"
 
 
 def job_name(ftj: FineTuneJob) -> str:

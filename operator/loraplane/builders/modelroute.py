@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from loraplane.api.modelroute import ModelRoute
+from loraplane.api.paths import API_KEYS_MOUNT
 from loraplane.builders import engine_pod
 from loraplane.builders.common import (
     COMPONENT_LABEL,
@@ -36,7 +37,6 @@ from loraplane.api.wire.serving import (
     configmap_name,
 )
 
-API_KEYS_MOUNT = "/etc/loraplane/api-keys"
 KEDA_API_VERSION = "keda.sh/v1alpha1"
 
 

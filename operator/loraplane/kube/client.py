@@ -21,7 +21,7 @@ from urllib.parse import quote
 import aiohttp
 from prometheus_client import Counter
 
-from loraplane.builders.common import MANAGER
+from loraplane.api.keys import MANAGER
 
 log = logging.getLogger("loraplane.operator")
 

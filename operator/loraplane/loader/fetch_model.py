@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from loraplane.storage.cache import FetchError, fetched_model_path, model_cache
+from loraplane.api.paths import PVC_ROOT
 from loraplane.api.wire.trainer import write_termination_message
 
 log = logging.getLogger("loraplane.loader")
@@ -26,7 +27,7 @@ def add_fetch_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, required=True,
                    help="the model volume's folder; the model lands in CACHE_DIR/<key of the URI>")
     p.add_argument("--sha256", help="expected digest (archive sha256 or the directory's sha256_dir)")
-    p.add_argument("--pvc-root", default="/mnt/pvc")
+    p.add_argument("--pvc-root", default=PVC_ROOT)
 
 
 def fetch_model_main(args: argparse.Namespace) -> int:

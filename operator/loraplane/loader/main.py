@@ -12,7 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
-from loraplane.api.wire.serving import LOADER_PORT
+from loraplane.api.paths import ADAPTER_CACHE_PATH, LOADER_PORT, PVC_ROOT
 
 log = logging.getLogger("loraplane.loader")
 
@@ -27,11 +27,11 @@ def add_loader_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pod-name", default=os.environ.get("POD_NAME"),
                    help="this replica's Pod, annotated with the report (default: $POD_NAME)")
     p.add_argument("--vllm-url", default="http://127.0.0.1:8000", help="the vLLM server beside the loader")
-    p.add_argument("--cache-dir", type=Path, default=Path("/var/cache/loraplane/adapters"),
+    p.add_argument("--cache-dir", type=Path, default=Path(ADAPTER_CACHE_PATH),
                    help="where verified adapter artifacts are kept (shared with vLLM at the same path)")
     p.add_argument("--cache-max-bytes", type=int, default=20 * 1024**3,
                    help="evict least-recently-used artifacts not in use above this size")
-    p.add_argument("--pvc-root", default="/mnt/pvc", help="where pvc://CLAIM/... sources are mounted")
+    p.add_argument("--pvc-root", default=PVC_ROOT, help="where pvc://CLAIM/... sources are mounted")
     p.add_argument("--model-dir", help="the base model's local directory (default: the table's modelPath, then "
                                        "the Hugging Face cache)")
     p.add_argument("--max-lora-rank", type=int, help="override the table's maxLoraRank (must equal vLLM's flag)")

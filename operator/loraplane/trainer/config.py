@@ -28,12 +28,13 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from loraplane.api import paths
 from loraplane.api.finetunejob import FineTuneJob
 from loraplane.trainer.errors import InvalidConfig
 
-DEFAULT_PVC_ROOT = "/mnt/pvc"
-DEFAULT_CONFIGMAP_ROOT = "/data"
-DEFAULT_SCRATCH = "/output"
+DEFAULT_PVC_ROOT = paths.PVC_ROOT
+DEFAULT_CONFIGMAP_ROOT = paths.DATA_CONFIGMAP_ROOT
+DEFAULT_SCRATCH = paths.OUTPUT_SCRATCH
 
 
 @dataclass

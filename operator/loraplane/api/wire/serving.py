@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Re-exported: the keys and ports this contract travels through (defined once in api.keys / api.paths).
+from loraplane.api.keys import REPORT_ANNOTATION, ROUTE_LABEL  # noqa: F401
+from loraplane.api.paths import ENGINE_PORT, LOADER_PORT, ROUTER_PORT  # noqa: F401
+
 CONFIGMAP_KEY = "serving.json"
-REPORT_ANNOTATION = "loraplane.io/adapters"
-ROUTE_LABEL = "loraplane.io/route"
-# Container ports, the same in pods and in local runs' defaults.
-ENGINE_PORT = 8000   # vLLM OpenAI server (+ /metrics)
-LOADER_PORT = 8081   # loader sidecar: /status (ReplicaReport), /metrics, /healthz
-ROUTER_PORT = 8080   # router: OpenAI API, /metrics, /healthz
 
 
 def configmap_name(route_name: str) -> str:
@@ -91,7 +89,23 @@ class ServingTable(_Model):
         return cls.model_validate_json(Path(path).read_text())
 
 
-AdapterState = Literal["Pending", "Fetching", "Loading", "Ready", "Incompatible", "Failed", "Unloading"]
+class AdapterState(StrEnum):
+    """Where one adapter stands on one replica (a ReplicaReport entry); the operator aggregates these."""
+
+    Pending = "Pending"
+    """In the table, not yet being worked on (waiting for vLLM or a retry)."""
+    Fetching = "Fetching"
+    """Being downloaded or copied into the verified cache."""
+    Loading = "Loading"
+    """Gated, being loaded into vLLM or smoke-tested."""
+    Ready = "Ready"
+    """Loaded into vLLM and smoke-tested: requests may be sent to it."""
+    Incompatible = "Incompatible"
+    """Refused by the compatibility gate (never loaded); the reason says which rule."""
+    Failed = "Failed"
+    """Fetching or loading failed after bounded retries, or the smoke test showed no effect."""
+    Unloading = "Unloading"
+    """No longer in the table; being unloaded from vLLM."""
 
 
 class AdapterReport(_Model):

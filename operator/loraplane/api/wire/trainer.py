@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 EXIT_OK = 0
 EXIT_INTERNAL = 70          # EX_SOFTWARE: a bug or an unforeseen failure (traceback in the log)
@@ -78,3 +80,50 @@ def write_termination_message(payload: dict) -> bool:
     except OSError:
         return False  # not in a pod (or the path is read-only): the log and the exit code still tell
     return True
+
+
+class _Wire(BaseModel):
+    # Fields a newer or older trainer adds are ignored (pods of another version may still be running after an
+    # upgrade); the ones defined here have exactly one spelling, the camelCase alias.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+
+class ArtifactInfo(_Wire):
+    """Where the trained adapter was written and its directory digest (storage.digest.sha256_dir)."""
+
+    uri: str
+    sha256: str | None = None
+
+
+class TerminationMessage(_Wire):
+    """The JSON a loraplane container writes as its termination message and result file (trainer, fetch-model).
+
+    - success (trainer): reason `Succeeded`, `artifact`, `datasetSha256`, `metrics`, `libraryVersions`,
+      `completedAt`;
+    - preemption (trainer): reason `Preempted`, `message`, `step`;
+    - failure: a reason of `FAILURES` (or `InternalError`, `ModelFetchFailed`) and `message`.
+    It must fit TERMINATION_MESSAGE_LIMIT bytes (write_termination_message cuts `message`).
+    """
+
+    reason: str = Field(pattern=r"^[A-Z][A-Za-z0-9]*$")
+    message: str = ""
+    step: int | None = None
+    artifact: ArtifactInfo | None = None
+    dataset_sha256: str | None = Field(default=None, alias="datasetSha256")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    library_versions: dict[str, str] = Field(default_factory=dict, alias="libraryVersions")
+    completed_at: str | None = Field(default=None, alias="completedAt")
+
+    def to_json(self) -> dict[str, Any]:
+        """The wire form: camelCase keys, unset fields left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)
+
+    @classmethod
+    def parse(cls, text: str | None) -> "TerminationMessage | None":
+        """The message in `text` (a container's terminated.message), or None when it is absent or not ours."""
+        if not text:
+            return None
+        try:
+            return cls.model_validate_json(text.strip())
+        except (ValidationError, ValueError):
+            return None
