@@ -166,7 +166,8 @@ RULE_CASES = {
     gate.rank_within_limit: (_facts(max_lora_rank=8), _facts(config={"rank_pattern": {"v_proj": 32}})),
     gate.declared_rank: (_facts(declared_rank=8), _facts(declared_rank=16)),
     gate.only_lora_weights: (_facts(config={"modules_to_save": ["score"]},
-                                    tensors={"base_model.model.score.modules_to_save.default.weight": ((2, 128), "F32")}),
+                                    tensors={"base_model.model.score.modules_to_save.default.weight":
+                                             ((2, 128), "F32")}),
                              _facts(tensors={"base_model.model.model.embed_tokens.weight": ((500, 128), "F32")})),
     gate.float_dtypes: (_facts(tensors={"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
                                         ((8, 128), "BF16")}),
