@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from loader.adapters import write_adapter
+from loraplane.api.reasons import Reason
 from loraplane.loader import gate
 
 IDENTITY = "loraplane/tiny-llama"
@@ -129,3 +130,82 @@ def test_unreadable_adapters_are_reported_not_raised(tmp_path):
     (tmp_path / "empty" / "adapter_config.json").write_text("{}")
     with pytest.raises(ValueError, match="adapter_model.safetensors"):
         gate.read_adapter(tmp_path / "empty")
+
+
+# ---- each rule on its own: a passing and a violating input, built in memory ----------------------------------
+def _facts(*, config: dict | None = None, tensors: dict | None = None, base_config: dict | None = None,
+           weights: dict | None = None, revision: str | None = None, **kw) -> gate.GateInput:
+    """A GateInput for a compatible rank-8 q/v adapter of the tiny model, with the given parts replaced."""
+    lora = {}
+    for layer in range(2):
+        for t, out in (("q_proj", 128), ("v_proj", 64)):
+            lora[f"base_model.model.model.layers.{layer}.self_attn.{t}.lora_A.weight"] = ((8, 128), "F32")
+            lora[f"base_model.model.model.layers.{layer}.self_attn.{t}.lora_B.weight"] = ((out, 8), "F32")
+    cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+           "base_model_name_or_path": IDENTITY, "bias": "none"}
+    base_weights = {f"model.layers.{layer}.self_attn.{t}.weight": (out, 128)
+                    for layer in range(2) for t, out in (("q_proj", 128), ("k_proj", 64), ("v_proj", 64))}
+    adapter = gate.AdapterFacts({**cfg, **(config or {})}, {**lora, **(tensors or {})})
+    base = gate.BaseFacts(IDENTITY, revision, None, base_config or {}, base_weights if weights is None else weights)
+    kw.setdefault("max_lora_rank", 16)
+    return gate.GateInput(adapter, base, **kw)
+
+
+# rule -> (a passing input, a violating input)
+RULE_CASES = {
+    gate.adapter_type: (_facts(config={"peft_type": "lora"}), _facts(config={"peft_type": "IA3"})),
+    gate.declared_base_model: (_facts(declared_base="LoRAPlane/Tiny-Llama"), _facts(declared_base="Qwen/Qwen2-0.5B")),
+    gate.recorded_base_model: (_facts(config={"base_model_name_or_path": "/models/tiny-llama"}),
+                               _facts(config={"base_model_name_or_path": "meta-llama/Llama-3.1-8B"})),
+    gate.declared_base_revision: (_facts(revision="a" * 40, declared_base_revision="a" * 40),
+                                  _facts(revision="a" * 40, declared_base_revision="b" * 40)),
+    gate.recorded_base_revision: (_facts(config={"revision": "b" * 40}),   # the route pins none: nothing to compare
+                                  _facts(revision="a" * 40, config={"revision": "b" * 40})),
+    gate.unsupported_features: (_facts(config={"init_lora_weights": "gaussian", "use_rslora": True}),
+                                _facts(config={"use_dora": True})),
+    gate.rank_within_limit: (_facts(max_lora_rank=8), _facts(config={"rank_pattern": {"v_proj": 32}})),
+    gate.declared_rank: (_facts(declared_rank=8), _facts(declared_rank=16)),
+    gate.only_lora_weights: (_facts(config={"modules_to_save": ["score"]},
+                                    tensors={"base_model.model.score.modules_to_save.default.weight":
+                                             ((2, 128), "F32")}),
+                             _facts(tensors={"base_model.model.model.embed_tokens.weight": ((500, 128), "F32")})),
+    gate.float_dtypes: (_facts(tensors={"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
+                                        ((8, 128), "BF16")}),
+                        _facts(tensors={"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
+                                        ((8, 128), "I8")})),
+    gate.base_quantization: (_facts(base_config={"quantization_config": {"quant_method": "GPTQ"}}),
+                             _facts(base_config={"quantization_config": {"quant_method": "hqq"}})),
+    gate.target_modules_exist: (_facts(config={"target_modules": r".*\.(q|v)_proj"}, weights={}),   # unknown base
+                                _facts(config={"target_modules": ["q_proj", "c_attn"]})),
+    gate.matrices_fit_base: (_facts(weights={f"model.layers.{layer}.self_attn.{t}.weight": None   # shapes unknown
+                                             for layer in range(2) for t in ("q_proj", "v_proj")}),
+                             _facts(tensors={"base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight":
+                                             ((32, 8), "F32")})),
+}
+
+
+def test_every_rule_has_a_case_a_reason_and_a_docstring():
+    assert set(RULE_CASES) == set(gate.RULES)
+    for rule in gate.RULES:
+        assert isinstance(rule.reason, Reason) and rule.__doc__ and rule.__name__ != "make"
+
+
+@pytest.mark.parametrize("rule", list(RULE_CASES), ids=lambda r: r.__name__)
+def test_rule_passes_and_violates(rule):
+    passing, violating = RULE_CASES[rule]
+    assert rule(passing) is None
+    failure = rule(violating)
+    assert failure is not None and failure.reason is rule.reason and failure.message
+    assert gate.check(passing.adapter, passing.base, **_check_kwargs(passing)) == []
+
+
+def _check_kwargs(g: gate.GateInput) -> dict:
+    return {"max_lora_rank": g.max_lora_rank, "declared_base": g.declared_base,
+            "declared_base_revision": g.declared_base_revision, "declared_rank": g.declared_rank,
+            "model_path": g.model_path}
+
+
+def test_the_chain_stops_at_a_final_rule():
+    ia3 = _facts(config={"peft_type": "IA3", "use_dora": True}, max_lora_rank=4)
+    assert [f.reason for f in gate.check(ia3.adapter, ia3.base, **_check_kwargs(ia3))] == \
+        [Reason.UnsupportedAdapterType]

@@ -10,11 +10,13 @@ import yaml
 from pydantic import ValidationError
 
 from loraplane.api import KINDS, Adapter, FineTuneJob, ModelRoute, parse
-from loraplane.api import cel, structural
+from loraplane.api import cel
 from loraplane.codegen import crds as crdgen
 from loraplane.api.common import Condition, set_condition
 from loraplane.cli import main as cli_main
 
+from support import structural
+from support.crds import validate_object, write_crds
 from support.examples import EXAMPLES, ROOT, invalid_examples, load_docs, valid_examples
 
 
@@ -64,7 +66,7 @@ def test_valid_examples_parse_and_round_trip(name, doc):
     # What a user wrote comes back unchanged (no defaults injected, nothing dropped).
     wire = obj.model_dump(by_alias=True, exclude_unset=True, mode="json")
     assert wire["spec"] == doc["spec"]
-    assert cel.validate_object(crd_schema(doc["kind"]), doc) == []
+    assert validate_object(crd_schema(doc["kind"]), doc) == []
 
 
 @pytest.mark.parametrize("name,doc,by,expect", invalid_examples(), ids=[v[0] for v in invalid_examples()])
@@ -80,7 +82,7 @@ def test_invalid_examples_rejected_naming_the_field(name, doc, by, expect):
     else:
         assert expect in text
         # The same rule, evaluated from the generated CRD the way the API server would, fails too.
-        assert any(expect in e for e in cel.validate_object(crd_schema(doc["kind"]), doc))
+        assert any(expect in e for e in validate_object(crd_schema(doc["kind"]), doc))
 
 
 def test_error_messages_name_field_and_fix():
@@ -127,7 +129,7 @@ def test_more_cel_rules():
     with pytest.raises(ValidationError, match="an https:// base model must be a .tar.gz, .tgz or .tar archive"):
         parse(web)
     web["spec"]["baseModel"] = {"uri": "https://models.example.com/llama.tar.gz", "sha256": "a" * 64}
-    assert cel.validate_object(crd_schema("ModelRoute"), web) == []
+    assert validate_object(crd_schema("ModelRoute"), web) == []
     hub_pin = copy.deepcopy(route)
     hub_pin["spec"]["baseModel"] = {"name": "org/m", "sha256": "a" * 64}
     with pytest.raises(ValidationError, match="baseModel.sha256 pins a downloaded model"):
@@ -138,7 +140,7 @@ def test_more_cel_rules():
     single = copy.deepcopy(route)
     single["spec"]["routes"] = [{"name": "x", "backends": [{"adapter": "a"}]}]  # weight defaults to 100
     assert parse(single).spec.routes[0].backends[0].weight == 100
-    assert cel.validate_object(crd_schema("ModelRoute"), single) == []
+    assert validate_object(crd_schema("ModelRoute"), single) == []
 
 
 def test_cel_transition_rules_make_fields_immutable():
@@ -146,23 +148,23 @@ def test_cel_transition_rules_make_fields_immutable():
     old = load_docs(EXAMPLES / "finetunejob.yaml")[0]
     new = copy.deepcopy(old)
     new["spec"]["suspend"] = True  # mutable
-    assert cel.validate_object(schema, new, old) == []
+    assert validate_object(schema, new, old) == []
     new["spec"]["method"]["r"] = 32
-    assert cel.validate_object(schema, new, old) == ["spec.method: spec.method is immutable; create a new object "
+    assert validate_object(schema, new, old) == ["spec.method: spec.method is immutable; create a new object "
                                                      "instead"]
     # Without an old object (a create), transition rules do not apply.
-    assert cel.validate_object(schema, new) == []
+    assert validate_object(schema, new) == []
     adapter_old = load_docs(EXAMPLES / "adapter.yaml")[0]
     adapter_new = copy.deepcopy(adapter_old)
     adapter_new["spec"]["version"] = "4"  # a new version: allowed
-    assert cel.validate_object(crd_schema("Adapter"), adapter_new, adapter_old) == []
+    assert validate_object(crd_schema("Adapter"), adapter_new, adapter_old) == []
     adapter_new["spec"]["baseModel"]["name"] = "other/model"
-    assert cel.validate_object(crd_schema("Adapter"), adapter_new, adapter_old)[0].startswith("spec.baseModel:")
+    assert validate_object(crd_schema("Adapter"), adapter_new, adapter_old)[0].startswith("spec.baseModel:")
     route_old = load_docs(EXAMPLES / "modelroute.yaml")[0]
     route_new = copy.deepcopy(route_old)
     route_new["spec"]["routes"][0]["backends"][0]["weight"] = 50
     route_new["spec"]["routes"][0]["backends"][1]["weight"] = 50  # canary shift: allowed
-    assert cel.validate_object(crd_schema("ModelRoute"), route_new, route_old) == []
+    assert validate_object(crd_schema("ModelRoute"), route_new, route_old) == []
 
 
 def test_kubernetes_list_functions():
@@ -193,7 +195,7 @@ def test_crds_check_detects_stale(tmp_path):
     victim = tmp_path / "loraplane.io_adapters.yaml"
     victim.write_text(victim.read_text().replace("Rank", "R4nk"))
     assert cli_main(["crds", "--check", *args]) == 1
-    crdgen.write_crds(tmp_path)
+    write_crds(tmp_path)
     ref.write_text(ref.read_text().replace("maxLoraRank", "maxRank"))
     assert cli_main(["crds", "--check", *args]) == 1
 

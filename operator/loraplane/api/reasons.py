@@ -148,12 +148,19 @@ class Reason(StrEnum):
         "Check the URI, the credentials Secret, and that a pvc:// claim exists in the namespace.")
     AccessDenied = ("AccessDenied", ADAPTER, "The artifact store refused the credentials.",
         "Check `source.credentialsSecretRef`.")
+    Desired = ("Desired", ADAPTER,
+        "In the serving table; the replica's loader has not started on it yet (it waits for vLLM to answer).",
+        "Wait; if it lasts, look at the replica's vLLM container.")
     Fetching = ("Fetching", ADAPTER, "The loader is downloading or copying the artifact into its cache.",
         "Wait; large artifacts over slow links take a while (the loader's load-time metrics show it).")
     Loading = ("Loading", ADAPTER, "Fetching, checking or loading into vLLM is in progress on some replica.",
         "Wait; activation takes seconds once vLLM is up.")
     Loaded = ("Loaded", ADAPTER,
         "Loaded and smoke-tested on at least one replica (`status.loadedOn`).", "Nothing to do.")
+    AlreadyLoaded = ("AlreadyLoaded", ADAPTER,
+        "vLLM already has an adapter of this name (another client loaded it meanwhile); the loader compares "
+        "its path on the next pass and reloads it if it differs.",
+        "Nothing, unless something other than the loader loads adapters into this vLLM: only the loader should.")
     LoadFailed = ("LoadFailed", ADAPTER,
         "vLLM refused the load after the bounded retries; the message has vLLM's words.",
         "Read the message (often rank, dtype or a corrupt file); fix the artifact and bump `spec.version`.")

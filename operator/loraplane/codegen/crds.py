@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -177,13 +176,3 @@ HEADER = "# Generated from operator/loraplane/api by `loraplane crds`. Do not ed
 
 def render(crd: dict[str, Any]) -> str:
     return HEADER + yaml.safe_dump(crd, sort_keys=False, width=120)
-
-
-def write_crds(out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, crd in all_crds().items():
-        path = out_dir / name
-        path.write_text(render(crd))
-        written.append(path)
-    return written

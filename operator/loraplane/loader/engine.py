@@ -7,8 +7,12 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from loraplane.api.reasons import Reason
+
 
 class EngineError(Exception):
+    """vLLM answered a request with an error: its HTTP `status` and its error `message`."""
+
     def __init__(self, status: int, message: str):
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
@@ -23,7 +27,7 @@ class Probe:
     tokens: tuple[str, ...]
     logprobs: tuple[float, ...]
 
-    def differs_from(self, other: "Probe", tolerance: float = 1e-4) -> bool:
+    def differs_from(self, other: Probe, tolerance: float = 1e-4) -> bool:
         """True when the output (or, while the tokens agree, any token's log-probability) changed."""
         if self.tokens != other.tokens or self.text != other.text:
             return True
@@ -31,6 +35,10 @@ class Probe:
 
 
 class VllmClient:
+    """The calls the loader makes to one vLLM OpenAI server at `base_url` (--enable-lora, runtime LoRA updating
+    allowed): /health, /v1/models, /v1/load_lora_adapter, /v1/unload_lora_adapter and /v1/completions.
+    `request_timeout` is seconds per request."""
+
     def __init__(self, base_url: str, session: aiohttp.ClientSession, request_timeout: float = 60):
         self.base_url = base_url.rstrip("/")
         self.session = session
@@ -96,18 +104,18 @@ def _message(text: str, body: object) -> str:
     return text[:500]
 
 
-def classify_load_error(err: EngineError) -> tuple[str, bool]:
+def classify_load_error(err: EngineError) -> tuple[Reason, bool]:
     """(reason, retryable) for a failed load. vLLM's status codes are not a reliable classification (most
     validation failures are HTTP 500), so the message decides."""
     msg = err.message.lower()
     if "max_lora_rank" in msg or "greater than max" in msg:
-        return "RankTooLarge", False
+        return Reason.RankTooLarge, False
     if "modules_to_save" in msg:
-        return "UnsupportedModulesToSave", False
+        return Reason.UnsupportedModulesToSave, False
     if "does not support" in msg or "not supported" in msg:
-        return "UnsupportedAdapterFeature", False
+        return Reason.UnsupportedAdapterFeature, False
     if "already been loaded" in msg:   # a race with another client: the next pass sees it and compares paths
-        return "AlreadyLoaded", True
+        return Reason.AlreadyLoaded, True
     if err.status == 404 or "no adapter found" in msg or "does not exist" in msg:
-        return "AdapterNotFound", True
-    return "LoadFailed", True
+        return Reason.AdapterNotFound, True
+    return Reason.LoadFailed, True

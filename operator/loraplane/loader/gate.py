@@ -2,7 +2,13 @@
 
 Facts come from files only, never from instantiating a model: the adapter's adapter_config.json and the
 names, shapes and dtypes in its safetensors header; the served base model's config.json and the weight names
-(and shapes) in its safetensors index/headers. `check()` is pure: it takes those facts and returns failures.
+(and shapes) in its safetensors index/headers. `check()` is pure: it takes those facts and runs the chain of
+named rules `RULES`, returning every violation in chain order.
+
+Each rule is a small function `GateInput -> message | None`, declared with `@rule(Reason.X)` (the reason it
+reports) and documented with where it comes from (a vLLM behaviour or a PEFT format fact). To add one: write it
+next to the others, put it in `RULES` where its failure should be reported, and add a passing and a violating
+case to `RULE_CASES` in tests/loader/test_gate.py.
 
 Base model identity (peft's `base_model_name_or_path` against the route's base model) is compared sensibly,
 because trainers record whatever path they loaded the model from:
@@ -18,9 +24,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property, update_wrapper
 from pathlib import Path
 from typing import Any
+
+from loraplane.api.reasons import Reason
 
 # Adapter tensors vLLM applies as LoRA: `...<module>.lora_A.weight`, `lora_B`, and embedding variants.
 _LORA_TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|"
@@ -39,8 +49,10 @@ SUPPORTED_MODULES_TO_SAVE = {"classifier", "score"}
 
 @dataclass(frozen=True)
 class GateFailure:
-    reason: str
-    message: str   # what is wrong and how to fix it
+    """One broken rule: its reason and a message saying what is wrong and how to fix it."""
+
+    reason: Reason
+    message: str
 
 
 @dataclass
@@ -196,47 +208,128 @@ def identity_matches(recorded: str, identity: str, model_path: str | None,
 
 
 # ---- the rules -------------------------------------------------------------------------------------------
-def _target_patterns_missing(targets: Any, modules: set[str]) -> list[str]:
-    if targets in (None, "all-linear", ["all-linear"]):
-        return []
-    if isinstance(targets, str):   # peft: a regex matched against the full module name
-        return [] if any(re.fullmatch(targets, m) for m in modules) else [targets]
-    return [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+@dataclass(frozen=True)
+class GateInput:
+    """What every rule looks at: the adapter's files, the served base model's files and the route's limits.
+
+    `declared_*` come from the Adapter's spec (via the serving table); `model_path` is the base model's local
+    directory in the replica (None: unknown), used to recognise a recorded local base path as the served one.
+    """
+
+    adapter: AdapterFacts
+    base: BaseFacts
+    max_lora_rank: int
+    declared_base: str | None = None
+    declared_base_revision: str | None = None
+    declared_rank: int | None = None
+    model_path: str | None = None
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The adapter's adapter_config.json."""
+        return self.adapter.config
+
+    @cached_property
+    def rank(self) -> int:
+        """The adapter's effective (largest) rank."""
+        return self.adapter.rank
+
+    @cached_property
+    def base_modules(self) -> dict[str, tuple[int, ...] | None]:
+        """The base model's adaptable modules -> weight shape (empty: its files are not readable here)."""
+        return self.base.modules()
+
+    @cached_property
+    def lora_modules(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """The modules the adapter carries LoRA factors for -> their shapes."""
+        return self.adapter.lora_modules()
 
 
-def check(adapter: AdapterFacts, base: BaseFacts, *, max_lora_rank: int, declared_base: str | None = None,
-          declared_base_revision: str | None = None, declared_rank: int | None = None,
-          model_path: str | None = None) -> list[GateFailure]:
-    """Every rule the adapter breaks for this served base model (empty: compatible)."""
-    cfg = adapter.config
-    failures: list[GateFailure] = []
+RuleCheck = Callable[[GateInput], str | None]
 
-    def fail(reason: str, message: str) -> None:
-        failures.append(GateFailure(reason, message))
 
-    peft_type = str(cfg.get("peft_type") or "LORA").upper()
-    if peft_type != "LORA":
-        fail("UnsupportedAdapterType", f"peft_type is {peft_type}; vLLM serves LoRA adapters only. Train with "
-                                       "method lora or qlora.")
-        return failures
+@dataclass(eq=False)   # a rule is itself (hashable by identity), not its fields
+class Rule:
+    """One compatibility rule: `check` returns the violation's message (what is wrong and the fix) or None.
 
-    # Base model and revision.
-    if declared_base and not identity_matches(declared_base, base.identity, model_path)[0]:
-        fail("BaseModelMismatch", f"the Adapter declares base model {declared_base!r} but this route serves "
-                                  f"{base.identity!r}; select it from a ModelRoute of that base model")
-    recorded = str(cfg.get("base_model_name_or_path") or "")
-    ok, why = identity_matches(recorded, base.identity, model_path, base.revision)
-    if not ok:
-        fail("BaseModelMismatch", f"adapter_config.json says base_model_name_or_path={recorded!r} but this route "
-                                  f"serves {base.identity!r} ({why}); serve it on a route of its base model, or "
-                                  "retrain it on this one")
-    for rev, where in ((declared_base_revision, "spec.baseModel.revision"), (cfg.get("revision"),
-                                                                               "adapter_config.json revision")):
-        if rev and base.revision and rev != base.revision:
-            fail("BaseModelMismatch", f"{where} is {rev!r} but the route serves revision {base.revision!r}; "
-                                      "pin the same revision on both or retrain on the served one")
+    A violation is reported with the rule's `reason`. A `final` rule's violation ends the chain: the rules after
+    it assume what it checks (a LoRA adapter).
+    """
 
-    # Features vLLM does not implement.
+    reason: Reason
+    check: RuleCheck
+    final: bool = False
+
+    def __call__(self, subject: GateInput) -> GateFailure | None:
+        message = self.check(subject)
+        return None if message is None else GateFailure(self.reason, message)
+
+
+def rule(reason: Reason, *, final: bool = False) -> Callable[[RuleCheck], Rule]:
+    """Decorator: make a check function (GateInput -> message or None) a `Rule` reporting `reason`."""
+    def make(check: RuleCheck) -> Rule:
+        return update_wrapper(Rule(reason, check, final), check)
+    return make
+
+
+@rule(Reason.UnsupportedAdapterType, final=True)
+def adapter_type(g: GateInput) -> str | None:
+    """peft_type must be LORA (PEFT's default when absent): vLLM's runtime adapters are LoRA only (its
+    PEFTHelper reads LoRA fields; IA3, prefix tuning, LoHa… have other tensors). Final: the rest assumes LoRA."""
+    peft_type = str(g.config.get("peft_type") or "LORA").upper()
+    if peft_type == "LORA":
+        return None
+    return f"peft_type is {peft_type}; vLLM serves LoRA adapters only. Train with method lora or qlora."
+
+
+@rule(Reason.BaseModelMismatch)
+def declared_base_model(g: GateInput) -> str | None:
+    """The Adapter's spec.baseModel must name the route's base model (see `identity_matches`)."""
+    if not g.declared_base or identity_matches(g.declared_base, g.base.identity, g.model_path)[0]:
+        return None
+    return (f"the Adapter declares base model {g.declared_base!r} but this route serves {g.base.identity!r}; "
+            "select it from a ModelRoute of that base model")
+
+
+@rule(Reason.BaseModelMismatch)
+def recorded_base_model(g: GateInput) -> str | None:
+    """PEFT's adapter_config.json `base_model_name_or_path` must refer to the served base model (see
+    `identity_matches`; an empty value passes and leaves it to the shape rule). vLLM does not check this at all:
+    an adapter of another model with the same layer shapes would load and produce garbage."""
+    recorded = str(g.config.get("base_model_name_or_path") or "")
+    ok, why = identity_matches(recorded, g.base.identity, g.model_path, g.base.revision)
+    if ok:
+        return None
+    return (f"adapter_config.json says base_model_name_or_path={recorded!r} but this route serves "
+            f"{g.base.identity!r} ({why}); serve it on a route of its base model, or retrain it on this one")
+
+
+def _revision_mismatch(revision: str | None, where: str, served: str | None) -> str | None:
+    if not revision or not served or revision == served:
+        return None
+    return (f"{where} is {revision!r} but the route serves revision {served!r}; pin the same revision on both "
+            "or retrain on the served one")
+
+
+@rule(Reason.BaseModelMismatch)
+def declared_base_revision(g: GateInput) -> str | None:
+    """When both the Adapter's spec.baseModel.revision and the route's revision are pinned, they must be equal."""
+    return _revision_mismatch(g.declared_base_revision, "spec.baseModel.revision", g.base.revision)
+
+
+@rule(Reason.BaseModelMismatch)
+def recorded_base_revision(g: GateInput) -> str | None:
+    """When both PEFT's adapter_config.json `revision` and the route's revision are set, they must be equal."""
+    return _revision_mismatch(g.config.get("revision"), "adapter_config.json revision", g.base.revision)
+
+
+@rule(Reason.UnsupportedAdapterFeature)
+def unsupported_features(g: GateInput) -> str | None:
+    """PEFT LoRA variants vLLM does not implement (vLLM's PEFTHelper._validate_features and validate_legal):
+    DoRA (use_dora), trained biases (bias != "none", lora_bias), init_lora_weights that rewrite the base
+    weights (PiSSA, OLoRA, CorDA, LoftQ; the plain inits in `_PLAIN_INITS` pass), Activated LoRA
+    (alora_invocation_tokens), layer_replication, QALoRA (use_qalora) and block-diagonal LoRA (use_bdlora)."""
+    cfg = g.config
     features = []
     if cfg.get("use_dora"):
         features.append("DoRA (use_dora)")
@@ -249,68 +342,147 @@ def check(adapter: AdapterFacts, base: BaseFacts, *, max_lora_rank: int, declare
                        ("use_qalora", "QALoRA"), ("use_bdlora", "block-diagonal LoRA")):
         if cfg.get(key):
             features.append(label)
-    if features:
-        fail("UnsupportedAdapterFeature", "vLLM cannot serve " + ", ".join(features) + "; retrain as a plain "
-                                          "LoRA adapter (or convert it with PEFT)")
+    if not features:
+        return None
+    return ("vLLM cannot serve " + ", ".join(features) + "; retrain as a plain LoRA adapter (or convert it with "
+            "PEFT)")
 
-    # Rank.
-    rank = adapter.rank
-    if rank > max_lora_rank:
-        fail("RankTooLarge", f"the adapter's rank is {rank} but the route's engine.maxLoraRank is {max_lora_rank}; "
-                             f"raise spec.engine.maxLoraRank to at least {rank} or retrain with r <= {max_lora_rank}")
-    if declared_rank is not None and declared_rank != rank:
-        fail("RankMismatch", f"spec.rank declares {declared_rank} but the artifact's rank is {rank}; "
-                             "correct spec.rank (or remove it)")
 
-    # modules_to_save and resized embeddings.
-    saved = [m for m in (cfg.get("modules_to_save") or []) if m not in SUPPORTED_MODULES_TO_SAVE]
-    full = [n for n in adapter.full_tensors() if not any(f".{m}." in f".{n}" for m in SUPPORTED_MODULES_TO_SAVE)]
-    if saved or full:
-        what = f"modules_to_save={saved}" if saved else f"full weights {sorted(full)[:4]}"
-        fail("UnsupportedModulesToSave", f"the adapter carries whole-module weights ({what}, e.g. resized "
-                                         "embeddings or an lm_head); vLLM applies only LoRA factors. Retrain "
-                                         "without modules_to_save and without adding tokens")
+@rule(Reason.RankTooLarge)
+def rank_within_limit(g: GateInput) -> str | None:
+    """The adapter's rank (max of `r`, `rank_pattern` and the lora_A tensors' first dimension) must not exceed
+    the engine's --max-lora-rank (spec.engine.maxLoraRank): vLLM sizes its LoRA buffers by it and refuses a
+    larger rank ("LoRA rank R is greater than max_lora_rank M")."""
+    if g.rank <= g.max_lora_rank:
+        return None
+    return (f"the adapter's rank is {g.rank} but the route's engine.maxLoraRank is {g.max_lora_rank}; raise "
+            f"spec.engine.maxLoraRank to at least {g.rank} or retrain with r <= {g.max_lora_rank}")
 
-    # dtypes and the base model's quantization.
-    bad_dtypes = sorted({dt for _, dt in adapter.tensors.values() if dt not in _FLOAT_DTYPES})
-    if bad_dtypes:
-        fail("UnsupportedDtype", f"adapter tensors are stored as {bad_dtypes}; vLLM needs float16, bfloat16 or "
-                                 "float32 LoRA weights. Save the adapter unquantized (QLoRA adapters are saved "
-                                 "in full precision by PEFT)")
-    quant = (base.config.get("quantization_config") or {}).get("quant_method")
-    if quant and str(quant).lower() not in LORA_QUANTIZATIONS:
-        fail("UnsupportedQuantization", f"the base model is quantized with {quant!r}, which vLLM does not "
-                                        "combine with LoRA; serve an unquantized or a supported (awq, gptq, "
-                                        "bitsandbytes, fp8) checkpoint")
 
-    # Target modules and shapes against the base model's weights.
-    modules = base.modules()
-    if modules:
-        lora = adapter.lora_modules()
-        missing_targets = _target_patterns_missing(cfg.get("target_modules"), set(modules))
-        missing_modules = sorted(m for m in lora if m not in modules)
-        if missing_targets or missing_modules:
-            names = missing_targets or missing_modules[:4]
-            fail("TargetModulesNotFound", f"target modules {names} do not exist in the base model "
-                                          f"({base.identity}); retrain with target_modules naming its layers, "
-                                          f"e.g. {_example_targets(modules)}")
-        mismatched = []
-        for mod, shapes in lora.items():
-            wshape = modules.get(mod)
-            if not wshape or len(wshape) != 2:
-                continue
-            out_f, in_f = wshape
-            if "lora_embedding_A" in shapes:   # embeddings: A is (r, vocab), B is (hidden, r)
-                if shapes["lora_embedding_A"][-1] != out_f:
-                    mismatched.append(f"{mod} (vocab {shapes['lora_embedding_A'][-1]} vs {out_f})")
-                continue
-            a, b = shapes.get("lora_A"), shapes.get("lora_B")
-            if (a and a[-1] != in_f) or (b and b[0] != out_f):
-                mismatched.append(f"{mod} (adapter {a and a[-1]}->{b and b[0]}, base {in_f}->{out_f})")
-        if mismatched:
-            fail("BaseModelMismatch", f"LoRA matrices do not fit the base model's layers: {mismatched[:3]}; the "
-                                      "adapter was trained on a different model (or resized embeddings)")
+@rule(Reason.RankMismatch)
+def declared_rank(g: GateInput) -> str | None:
+    """An Adapter's spec.rank, when set, must equal the artifact's rank (the route's rank limit trusts it)."""
+    if g.declared_rank is None or g.declared_rank == g.rank:
+        return None
+    return (f"spec.rank declares {g.declared_rank} but the artifact's rank is {g.rank}; correct spec.rank "
+            "(or remove it)")
+
+
+@rule(Reason.UnsupportedModulesToSave)
+def only_lora_weights(g: GateInput) -> str | None:
+    """The adapter must carry only LoRA factors: vLLM accepts modules_to_save only as a classification head
+    (["classifier", "score"]) and refuses other whole-module weights (an lm_head, resized embeddings)."""
+    saved = [m for m in (g.config.get("modules_to_save") or []) if m not in SUPPORTED_MODULES_TO_SAVE]
+    full = [n for n in g.adapter.full_tensors()
+            if not any(f".{m}." in f".{n}" for m in SUPPORTED_MODULES_TO_SAVE)]
+    if not saved and not full:
+        return None
+    what = f"modules_to_save={saved}" if saved else f"full weights {sorted(full)[:4]}"
+    return (f"the adapter carries whole-module weights ({what}, e.g. resized embeddings or an lm_head); vLLM "
+            "applies only LoRA factors. Retrain without modules_to_save and without adding tokens")
+
+
+@rule(Reason.UnsupportedDtype)
+def float_dtypes(g: GateInput) -> str | None:
+    """Every adapter tensor must be a float (safetensors F16, BF16, F32, F64): vLLM casts the LoRA factors to
+    its lora dtype; integer or packed (quantized) factors are not weights it can apply."""
+    bad_dtypes = sorted({dt for _, dt in g.adapter.tensors.values() if dt not in _FLOAT_DTYPES})
+    if not bad_dtypes:
+        return None
+    return (f"adapter tensors are stored as {bad_dtypes}; vLLM needs float16, bfloat16 or float32 LoRA weights. "
+            "Save the adapter unquantized (QLoRA adapters are saved in full precision by PEFT)")
+
+
+@rule(Reason.UnsupportedQuantization)
+def base_quantization(g: GateInput) -> str | None:
+    """A quantized base model (config.json quantization_config.quant_method) must use a method vLLM combines
+    with LoRA (`LORA_QUANTIZATIONS`)."""
+    quant = (g.base.config.get("quantization_config") or {}).get("quant_method")
+    if not quant or str(quant).lower() in LORA_QUANTIZATIONS:
+        return None
+    return (f"the base model is quantized with {quant!r}, which vLLM does not combine with LoRA; serve an "
+            "unquantized or a supported (awq, gptq, bitsandbytes, fp8) checkpoint")
+
+
+@rule(Reason.TargetModulesNotFound)
+def target_modules_exist(g: GateInput) -> str | None:
+    """PEFT's target_modules (names matched as suffixes, or one regex matched against full names) and every
+    module the adapter has LoRA factors for must exist in the base model's weights (vLLM refuses modules it
+    does not expect: "expected target modules in … but received …"). Skipped when the base model's files are
+    not readable."""
+    modules = g.base_modules
+    if not modules:
+        return None
+    missing_targets = _target_patterns_missing(g.config.get("target_modules"), set(modules))
+    missing_modules = sorted(m for m in g.lora_modules if m not in modules)
+    if not missing_targets and not missing_modules:
+        return None
+    names = missing_targets or missing_modules[:4]
+    return (f"target modules {names} do not exist in the base model ({g.base.identity}); retrain with "
+            f"target_modules naming its layers, e.g. {_example_targets(modules)}")
+
+
+@rule(Reason.BaseModelMismatch)
+def matrices_fit_base(g: GateInput) -> str | None:
+    """Every LoRA matrix must fit the base weight it adapts: lora_A is (r, in_features), lora_B is
+    (out_features, r) of a (out, in) Linear weight; for embeddings lora_embedding_A is (r, vocab). This catches
+    an adapter of another model whose recorded name matches. Skipped when the base model's files are not
+    readable (or a weight's shape is unknown)."""
+    modules = g.base_modules
+    if not modules:
+        return None
+    mismatched = []
+    for mod, shapes in g.lora_modules.items():
+        wshape = modules.get(mod)
+        if not wshape or len(wshape) != 2:
+            continue
+        out_f, in_f = wshape
+        if "lora_embedding_A" in shapes:   # embeddings: A is (r, vocab), B is (hidden, r)
+            if shapes["lora_embedding_A"][-1] != out_f:
+                mismatched.append(f"{mod} (vocab {shapes['lora_embedding_A'][-1]} vs {out_f})")
+            continue
+        a, b = shapes.get("lora_A"), shapes.get("lora_B")
+        if (a and a[-1] != in_f) or (b and b[0] != out_f):
+            mismatched.append(f"{mod} (adapter {a and a[-1]}->{b and b[0]}, base {in_f}->{out_f})")
+    if not mismatched:
+        return None
+    return (f"LoRA matrices do not fit the base model's layers: {mismatched[:3]}; the adapter was trained on a "
+            "different model (or resized embeddings)")
+
+
+# The chain, in the order failures are reported.
+RULES: tuple[Rule, ...] = (
+    adapter_type, declared_base_model, recorded_base_model, declared_base_revision, recorded_base_revision,
+    unsupported_features, rank_within_limit, declared_rank, only_lora_weights, float_dtypes, base_quantization,
+    target_modules_exist, matrices_fit_base,
+)
+
+
+def check(adapter: AdapterFacts, base: BaseFacts, *, max_lora_rank: int, declared_base: str | None = None,
+          declared_base_revision: str | None = None, declared_rank: int | None = None,
+          model_path: str | None = None) -> list[GateFailure]:
+    """Every rule in `RULES` the adapter breaks for this served base model, in chain order (empty: compatible).
+
+    Runs each rule on the same `GateInput`; a violated `final` rule ends the chain.
+    """
+    subject = GateInput(adapter, base, max_lora_rank, declared_base, declared_base_revision, declared_rank,
+                        model_path)
+    failures: list[GateFailure] = []
+    for r in RULES:
+        failure = r(subject)
+        if failure is not None:
+            failures.append(failure)
+            if r.final:
+                break
     return failures
+
+
+def _target_patterns_missing(targets: Any, modules: set[str]) -> list[str]:
+    if targets in (None, "all-linear", ["all-linear"]):
+        return []
+    if isinstance(targets, str):   # peft: a regex matched against the full module name
+        return [] if any(re.fullmatch(targets, m) for m in modules) else [targets]
+    return [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
 
 
 def _example_targets(modules: dict[str, Any]) -> str:

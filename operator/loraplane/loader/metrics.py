@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-STATES = ("Pending", "Fetching", "Loading", "Ready", "Incompatible", "Failed", "Unloading")
+from loraplane.api.wire.serving import AdapterState
 
 
 class LoaderMetrics:
+    """The loader's metrics, registered in `registry` (a new one when None); served on the loader's /metrics."""
+
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
@@ -28,5 +30,5 @@ class LoaderMetrics:
                                        "Times the engine came back without the adapters it had.", registry=r)
         self.table_errors = Counter("loraplane_loader_table_errors", "Serving tables that could not be read.",
                                     registry=r)
-        for s in STATES:
-            self.adapters.labels(s).set(0)
+        for state in AdapterState:   # every state is exported, 0 included
+            self.adapters.labels(state).set(0)

@@ -22,18 +22,24 @@ from pathlib import Path
 import aiohttp
 
 from loraplane.api.common import now_rfc3339
+from loraplane.api.reasons import Reason
+from loraplane.api.wire.serving import (AdapterReport, AdapterState, DesiredAdapter, ReplicaReport,
+                                        ServingTable)
 from loraplane.loader import gate
-from loraplane.storage.cache import ArtifactCache, CachedArtifact, FetchError
 from loraplane.loader.engine import EngineError, Probe, VllmClient, classify_load_error
-from loraplane.loader.metrics import STATES, LoaderMetrics
-from loraplane.api.wire.serving import AdapterReport, DesiredAdapter, ReplicaReport, ServingTable
+from loraplane.loader.metrics import LoaderMetrics
+from loraplane.storage.cache import ArtifactCache, CachedArtifact, FetchError
 
 log = logging.getLogger(__name__)
 
 # Reasons that describe the artifact itself: retrying cannot help, the adapter is Incompatible.
-INCOMPATIBLE_REASONS = {"InvalidAdapter", "RankTooLarge", "UnsupportedModulesToSave", "UnsupportedAdapterFeature",
-                        "UnsupportedAdapterType", "UnsupportedDtype", "UnsupportedQuantization",
-                        "BaseModelMismatch", "TargetModulesNotFound", "RankMismatch"}
+INCOMPATIBLE_REASONS = frozenset({
+    Reason.InvalidAdapter, Reason.RankTooLarge, Reason.UnsupportedModulesToSave, Reason.UnsupportedAdapterFeature,
+    Reason.UnsupportedAdapterType, Reason.UnsupportedDtype, Reason.UnsupportedQuantization,
+    Reason.BaseModelMismatch, Reason.TargetModulesNotFound, Reason.RankMismatch,
+})
+# States a slot stays in until the table or the engine changes (no further work on it).
+SETTLED_STATES = frozenset({AdapterState.Ready, AdapterState.Incompatible, AdapterState.Failed})
 DEFAULT_PROBE_PROMPT = "what does the cat see?\n"
 
 
@@ -42,15 +48,16 @@ class Slot:
     """One desired adapter version on this replica, and where it stands."""
 
     desired: DesiredAdapter
-    state: str = "Pending"
-    reason: str = "Desired"
+    state: AdapterState = AdapterState.Pending
+    reason: Reason = Reason.Desired
     message: str = "waiting for the engine"
     since: str = field(default_factory=now_rfc3339)
     attempts: int = 0
     next_try: float = 0.0
     artifact: CachedArtifact | None = None
 
-    def move(self, state: str, reason: str, message: str = "") -> None:
+    def move(self, state: AdapterState, reason: Reason, message: str = "") -> None:
+        """Enter `state` for `reason`; `since` restarts only when the (state, reason) pair changes."""
         if (state, reason) != (self.state, self.reason):
             self.since = now_rfc3339()
             log.info("%s: %s (%s) %s", self.desired.served_name, state, reason, message)
@@ -58,13 +65,23 @@ class Slot:
 
     @property
     def settled(self) -> bool:
-        return self.state in ("Ready", "Incompatible", "Failed")
+        return self.state in SETTLED_STATES
 
 
 ReportSink = Callable[[ReplicaReport], Awaitable[None]]
 
 
 class Loader:
+    """Makes one vLLM replica's loaded adapters equal the serving table (`set_table`), and reports each
+    adapter's `AdapterState` with a `Reason` (`report`, pushed to `report_sinks` on change).
+
+    `max_lora_rank` overrides the table's (the engine's real --max-lora-rank); `model_dir` is the base model's
+    directory for the gate (default: the table's modelPath). Failed attempts back off exponentially from
+    `backoff_base` to `backoff_max` seconds, `max_attempts` times; `resync` is the idle pass interval (seconds).
+    With `smoke_test`, each loaded adapter's greedy completion of `probe_prompt` (`probe_tokens` tokens) must
+    differ from the base model's, else it is unloaded as NoEffect.
+    """
+
     def __init__(self, engine: VllmClient, cache: ArtifactCache, replica: str, *,
                  metrics: LoaderMetrics | None = None, model_dir: str | None = None,
                  max_lora_rank: int | None = None, smoke_test: bool = True,
@@ -162,7 +179,7 @@ class Loader:
         self.engine_ready = True
         self.metrics.engine_ready.set(1)
 
-        lost = [s for n, s in self.slots.items() if s.state == "Ready" and n not in loaded]
+        lost = [s for n, s in self.slots.items() if s.state == AdapterState.Ready and n not in loaded]
         if lost:
             self.metrics.engine_restarts.inc()
             self._base_probe = None
@@ -170,7 +187,8 @@ class Loader:
             for s in lost:
                 s.attempts = 0
                 s.next_try = 0.0
-                s.move("Pending", "EngineRestarted", "vLLM no longer lists this adapter; loading it again")
+                s.move(AdapterState.Pending, Reason.EngineRestarted,
+                       "vLLM no longer lists this adapter; loading it again")
 
         replaced = set(self.unloading) & set(loaded) & set(self.slots)   # same name, new artifact
         for name in sorted(set(loaded) - set(self.slots)) + sorted(replaced):
@@ -202,9 +220,9 @@ class Loader:
         self.metrics.engine_ready.set(0)
         self._base_probe = None
         for s in self.slots.values():
-            if s.state in ("Ready", "Loading", "Fetching"):
+            if s.state in (AdapterState.Ready, AdapterState.Loading, AdapterState.Fetching):
                 s.attempts = 0
-                s.move("Pending", "EngineUnavailable", message)
+                s.move(AdapterState.Pending, Reason.EngineUnavailable, message)
 
     # ---- one adapter ----------------------------------------------------------------------------------------
     def _protected(self) -> set[Path]:
@@ -217,7 +235,7 @@ class Loader:
         steps: dict[str, float] = {}
         slot.attempts += 1
         try:
-            slot.move("Fetching", "Fetching", f"fetching {want.uri}")
+            slot.move(AdapterState.Fetching, Reason.Fetching, f"fetching {want.uri}")
             t = time.monotonic()
             art = await self.cache.fetch(want.uri, want.sha256, protect=self._protected())
             slot.artifact = art
@@ -232,13 +250,13 @@ class Loader:
             if failures:
                 for f in failures:
                     self.metrics.failures.labels(f.reason).inc()
-                slot.move("Incompatible", failures[0].reason,
+                slot.move(AdapterState.Incompatible, failures[0].reason,
                           " ".join(f"[{f.reason}] {f.message}." for f in failures))
                 if name in loaded:   # a stale copy under this name must not keep serving
                     await self.engine.unload(name)
                 return
 
-            slot.move("Loading", "Loading", f"loading {art.path} into vLLM")
+            slot.move(AdapterState.Loading, Reason.Loading, f"loading {art.path} into vLLM")
             t = time.monotonic()
             path = str(art.path)
             if name in loaded and loaded[name] != path:
@@ -262,8 +280,8 @@ class Loader:
                 if not probe.differs_from(base):
                     await self.engine.unload(name)
                     loaded.pop(name, None)
-                    self.metrics.failures.labels("NoEffect").inc()
-                    slot.move("Failed", "NoEffect",
+                    self.metrics.failures.labels(Reason.NoEffect).inc()
+                    slot.move(AdapterState.Failed, Reason.NoEffect,
                               f"a greedy probe through the adapter gave exactly the base model's output and "
                               f"log-probabilities ({base.text!r}): it changes nothing, so it was unloaded. Its "
                               "LoRA B matrices are probably zero (untrained or saved before training) or its "
@@ -275,14 +293,15 @@ class Loader:
             self.metrics.loads.inc()
             slot.next_try = 0.0
             breakdown = ", ".join(f"{k} {v:.2f}s" for k, v in steps.items())
-            slot.move("Ready", "Loaded", f"loaded from {want.uri} (sha256 {art.sha256[:12]}) in {elapsed:.2f}s "
-                                         f"({breakdown})" + (f"; {note}" if note else ""))
+            slot.move(AdapterState.Ready, Reason.Loaded,
+                      f"loaded from {want.uri} (sha256 {art.sha256[:12]}) in {elapsed:.2f}s ({breakdown})"
+                      + (f"; {note}" if note else ""))
         except FetchError as exc:
-            self._retry_or_fail(slot, exc.reason, str(exc), exc.retryable)
+            self._retry_or_fail(slot, Reason(exc.reason), str(exc), exc.retryable)   # the storage layer names it
         except EngineError as exc:
             reason, retryable = classify_load_error(exc)
             hint = ""
-            if reason == "AdapterNotFound":
+            if reason == Reason.AdapterNotFound:
                 hint = (" (vLLM cannot read the loader's cache: mount the adapter cache volume in the vLLM "
                         "container at the same path as in the loader)")
             self._retry_or_fail(slot, reason, f"vLLM refused the load: {exc.message}{hint}", retryable)
@@ -290,22 +309,24 @@ class Loader:
             # The engine went away mid-load: not the adapter's fault, do not spend an attempt on it.
             slot.attempts -= 1
             self._engine_lost(f"vLLM went away while loading ({type(exc).__name__}); retrying when it is back")
-            slot.move("Pending", "EngineUnavailable", "vLLM went away while loading; retrying when it is back")
+            slot.move(AdapterState.Pending, Reason.EngineUnavailable,
+                      "vLLM went away while loading; retrying when it is back")
         except Exception as exc:  # noqa: BLE001 - a bug must not wedge the adapter: bounded retries, then Failed
             log.exception("bringing up %s failed unexpectedly", name)
-            self._retry_or_fail(slot, "InternalError", f"{type(exc).__name__}: {exc}", True)
+            self._retry_or_fail(slot, Reason.InternalError, f"{type(exc).__name__}: {exc}", True)
 
-    def _retry_or_fail(self, slot: Slot, reason: str, message: str, retryable: bool) -> None:
+    def _retry_or_fail(self, slot: Slot, reason: Reason, message: str, retryable: bool) -> None:
         self.metrics.failures.labels(reason).inc()
         if not retryable:
-            slot.move("Incompatible" if reason in INCOMPATIBLE_REASONS else "Failed", reason, message)
+            slot.move(AdapterState.Incompatible if reason in INCOMPATIBLE_REASONS else AdapterState.Failed, reason,
+                      message)
         elif slot.attempts >= self.max_attempts:
-            slot.move("Failed", reason, f"{message} (gave up after {slot.attempts} attempts; change the Adapter "
-                                        "or restart the replica to try again)")
+            slot.move(AdapterState.Failed, reason, f"{message} (gave up after {slot.attempts} attempts; change the "
+                                                   "Adapter or restart the replica to try again)")
         else:
             delay = min(self.backoff_max, self.backoff_base * 2 ** (slot.attempts - 1))
             slot.next_try = time.monotonic() + delay
-            slot.move("Pending", reason, f"{message} (attempt {slot.attempts}/{self.max_attempts}; "
+            slot.move(AdapterState.Pending, reason, f"{message} (attempt {slot.attempts}/{self.max_attempts}; "
                                          f"retrying in {delay:.1f}s)")
 
     async def _base_output(self) -> Probe:
@@ -319,7 +340,7 @@ class Loader:
         try:
             adapter = gate.read_adapter(path)
         except ValueError as exc:
-            return [gate.GateFailure("InvalidAdapter", str(exc))], ""
+            return [gate.GateFailure(Reason.InvalidAdapter, str(exc))], ""
         table = self.table
         model_path = self.model_dir or table.model_path
         if self._base_facts is None or not self._base_facts.weights:   # files may appear once vLLM fetched them
@@ -341,7 +362,7 @@ class Loader:
         for name, since in sorted(self.unloading.items()):
             if name in self.slots:
                 continue
-            adapters[name] = AdapterReport(state="Unloading", reason="NotDesired", since=since,
+            adapters[name] = AdapterReport(state=AdapterState.Unloading, reason=Reason.NotDesired, since=since,
                                            message="no longer in the serving table")
         return ReplicaReport(replica=self.replica, route=self.table.route if self.table else "",
                              generation=self.applied_generation, engine_ready=self.engine_ready,
@@ -349,7 +370,7 @@ class Loader:
 
     async def publish(self) -> None:
         report = self.report()
-        counts = {s: 0 for s in STATES}
+        counts = {s: 0 for s in AdapterState}
         for a in report.adapters.values():
             counts[a.state] += 1
         for s, n in counts.items():

@@ -32,6 +32,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 def make_app(loader: Loader) -> web.Application:
+    """The loader's aiohttp application serving /status, /metrics and /healthz for `loader`."""
     app = web.Application()
     app[LOADER_KEY] = loader
     app.add_routes([web.get("/status", status), web.get("/metrics", metrics), web.get("/healthz", healthz)])
