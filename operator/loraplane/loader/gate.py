@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loraplane.storage.uri import recorded_path
+
 # Adapter tensors vLLM applies as LoRA: `...<module>.lora_A.weight`, `lora_B`, and embedding variants.
 _LORA_TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|"
                           r"lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$")
@@ -166,7 +168,7 @@ _HF_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(
 
 
 def _is_path(s: str) -> bool:
-    return s.startswith(("/", "./", "../", "~", "file://", "pvc://"))
+    return recorded_path(s) is not None
 
 
 def identity_matches(recorded: str, identity: str, model_path: str | None,
@@ -177,7 +179,7 @@ def identity_matches(recorded: str, identity: str, model_path: str | None,
         return True, ""
     if model_path and _is_path(rec):
         try:
-            if Path(rec.removeprefix("file://")).resolve() == Path(model_path).resolve():
+            if recorded_path(rec).resolve() == Path(model_path).resolve():
                 return True, ""
         except OSError:
             pass
