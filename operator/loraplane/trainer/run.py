@@ -25,7 +25,7 @@ from loraplane.api.common import now_rfc3339
 from loraplane.api.finetunejob import FineTuneJob
 from loraplane.storage.digest import sha256_dir
 from loraplane.trainer import checkpoints, data, model as modelmod, progress
-from loraplane.trainer.config import Runtime, dump_json_atomic
+from loraplane.trainer.config import Runtime, dump_json_atomic, spec_uri
 from loraplane.trainer.errors import InvalidConfig, OutOfMemory, OutputWriteFailed, TrainerError, is_out_of_memory
 
 log = logging.getLogger("loraplane.trainer")
@@ -354,17 +354,14 @@ def write_adapter(peft_model, output_dir: Path, provenance: dict) -> str:
 
 
 def upload_s3(local_dir: Path, uri: str) -> None:
-    """Upload the adapter directory to s3://BUCKET/PREFIX (the object layout mirrors the directory)."""
-    from boto3.exceptions import Boto3Error  # upload_file wraps S3 errors in S3UploadFailedError
-    from botocore.exceptions import BotoCoreError, ClientError
+    """Upload the adapter directory to s3://BUCKET/PREFIX (the object layout mirrors the directory).
+    Raises OutputWriteFailed."""
+    from loraplane.storage.errors import StorageError
+    from loraplane.storage.fetchers.s3 import S3Fetcher
 
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    client = data.s3_client()
     try:
-        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
-            key = "/".join(x for x in (prefix.rstrip("/"), path.relative_to(local_dir).as_posix()) if x)
-            client.upload_file(str(path), bucket, key)
-    except (Boto3Error, ClientError, BotoCoreError) as exc:
+        S3Fetcher().upload_tree(Path(local_dir), spec_uri(uri, "spec.output.uri"))
+    except StorageError as exc:
         raise OutputWriteFailed(f"spec.output.uri: uploading the adapter to {uri} failed: {exc}; check the bucket "
                                 "and the credentials") from exc
 
