@@ -115,6 +115,22 @@ def _hub_error(source: ModelSource, exc: Exception) -> ModelNotFound:
     return ModelNotFound(f"cannot load the base model {where}: {hint} ({type(exc).__name__}: {exc})")
 
 
+def load_config(source: ModelSource):
+    """The base model's transformers config (cheap: no weights). Raises ModelNotFound."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.location, revision=source.revision)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(source, exc) from exc
+
+
+def context_tokens(config) -> int | None:
+    """The model's context length in tokens, from the first of the config fields architectures use for it."""
+    return next((v for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                 if isinstance(v := getattr(config, k, None), int)), None)
+
+
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
