@@ -286,7 +286,7 @@ def test_sigterm_and_sigkill_mid_run_resume_to_the_same_step_count(tiny_model_di
     final_state = json.loads((checkpoints.latest_complete(ck) / "trainer_state.json").read_text())
     assert final_state["global_step"] == total
     sha = sha256_dir(tmp_path / "adapter")
-    assert result["artifactSha256"] == sha and f"artifact sha256: {sha}" in out
+    assert result["artifact"]["sha256"] == sha and f"artifact sha256: {sha}" in out
     assert json.loads((tmp_path / "term-3").read_text())["artifact"]["sha256"] == sha
     progress = json.loads((ck / "progress.json").read_text())
     assert progress["step"] == total and progress["percent"] == 100 and progress["etaSeconds"] == 0

@@ -14,7 +14,7 @@ import yaml
 from loraplane.api.finetunejob import DatasetSpec, TrainingProgress
 from loraplane.local.tinymodel import TOY_PHRASES, build_tokenizer, toy_corpus, write_toy_dataset
 from loraplane.trainer import checkpoints, data, errors, progress
-from loraplane.trainer.config import load_job, local_path, resolve_runtime
+from loraplane.trainer.config import load_job, resolve_runtime
 from loraplane.trainer.errors import (
     EXIT_CODES,
     DatasetAccessDenied,
@@ -85,9 +85,11 @@ def test_runtime_paths_from_spec_env_and_flags(tmp_path, monkeypatch):
 
 
 def test_local_path_mapping(tmp_path):
-    assert local_path("pvc://c/a/b", tmp_path) == tmp_path / "c/a/b"
-    assert local_path("file:///x/y", tmp_path) == Path("/x/y")
-    assert local_path("s3://b/k", tmp_path) is None and local_path("https://h/x", tmp_path) is None
+    from loraplane.storage.uri import parse_uri
+
+    assert parse_uri("pvc://c/a/b").local_path(tmp_path) == tmp_path / "c/a/b"
+    assert parse_uri("file:///x/y").local_path(tmp_path) == Path("/x/y")
+    assert parse_uri("s3://b/k").local_path(tmp_path) is None and parse_uri("https://h/x").local_path() is None
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -243,7 +245,9 @@ def test_s3_dataset_errors_are_categorised(tmp_path, monkeypatch):
     stub.add_client_error("head_object", service_error_code="404", http_status_code=404)
     stub.add_client_error("head_object", service_error_code="403", http_status_code=403)
     stub.activate()
-    monkeypatch.setattr(data, "s3_client", lambda: client)
+    from loraplane.storage.fetchers import s3
+
+    monkeypatch.setattr(s3, "s3_client", lambda: client)
     with pytest.raises(DatasetNotFound, match="s3://bucket/train.jsonl does not exist"):
         data.fetch("s3://bucket/train.jsonl", tmp_path, tmp_path)
     with pytest.raises(DatasetAccessDenied, match="credentialsSecretRef"):

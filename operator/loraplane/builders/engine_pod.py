@@ -20,10 +20,10 @@ from typing import Any
 
 from loraplane.api.common import ModelRef
 from loraplane.api.modelroute import ModelRoute
-from loraplane.api.paths import ADAPTER_CACHE_PATH, FETCHED_MODELS_PATH, HF_HOME, MODEL_CACHE_PATH, PVC_ROOT
+from loraplane.api.paths import ADAPTER_CACHE_PATH, FETCHED_MODELS_PATH, HF_HOME, MODEL_CACHE_PATH
 from loraplane.builders.common import resources
 from loraplane.builders.settings import DEFAULT_ENGINE_IMAGE
-from loraplane.storage.cache import fetched_model_path
+from loraplane.storage.uri import Scheme, fetched_model_path, pvc_mount_path, try_parse_uri
 from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, configmap_name
 
 ENGINE_CONTAINER = "vllm"
@@ -39,36 +39,28 @@ DEFAULT_CACHE_MAX_BYTES = 20 * 1024**3
 Env = list[dict[str, Any]]
 
 
-def pvc_mount_path(claim: str) -> str:
-    return f"{PVC_ROOT}/{claim}"
-
-
 def pvc_claims(*uris: str | None) -> list[str]:
-    """The PVC claims named by pvc://CLAIM/PATH URIs, deduplicated in order."""
+    """The PVC claims named by pvc://CLAIM/PATH URIs, deduplicated in order (malformed URIs name none: the
+    loader reports them for their adapter)."""
     claims: list[str] = []
     for uri in uris:
-        if uri and uri.startswith("pvc://"):
-            claim = uri.removeprefix("pvc://").split("/", 1)[0]
-            if claim not in claims:
-                claims.append(claim)
+        parsed = try_parse_uri(uri)
+        claim = parsed.pvc_claim if parsed else None
+        if claim and claim not in claims:
+            claims.append(claim)
     return claims
 
 
 def local_path_of_uri(uri: str) -> str | None:
     """The path a pvc://, file:// or absolute URI has inside a replica; None for remote URIs."""
-    if uri.startswith("pvc://"):
-        claim, _, rest = uri.removeprefix("pvc://").partition("/")
-        return pvc_mount_path(claim) + (f"/{rest.strip('/')}" if rest.strip("/") else "")
-    if uri.startswith("file://"):
-        return uri.removeprefix("file://")
-    if uri.startswith("/"):
-        return uri
-    return None
+    parsed = try_parse_uri(uri)
+    return parsed.mount_path() if parsed else None
 
 
 def fetches_base_model(ref: ModelRef) -> bool:
     """An s3:// or https:// base model is copied onto the replica's model volume before vLLM starts."""
-    return not ref.name and (ref.uri or "").startswith(("s3://", "https://", "http://"))
+    parsed = None if ref.name else try_parse_uri(ref.uri)
+    return parsed is not None and (parsed.scheme == Scheme.S3 or parsed.is_http)
 
 
 def model_location(ref: ModelRef) -> str:
@@ -140,7 +132,8 @@ def credential_env(ref: ModelRef) -> Env:
     if not sref:
         return []
     if sref.key:  # one key of the Secret: it is the token of the scheme the URI uses
-        var = "AWS_SECRET_ACCESS_KEY" if (ref.uri or "").startswith("s3://") else "HF_TOKEN"
+        parsed = try_parse_uri(ref.uri)
+        var = "AWS_SECRET_ACCESS_KEY" if parsed and parsed.scheme == Scheme.S3 else "HF_TOKEN"
         return [_secret_env(var, sref.name, sref.key)]
     names = ["HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"]
     return [_secret_env(n, sref.name, n) for n in names]

@@ -38,6 +38,7 @@ from loraplane.api.paths import (
     TRAINER_CONFIG_PATH,
 )
 from loraplane.api.wire.trainer import EXIT_PREEMPTED, NOT_RETRYABLE_EXIT_CODES
+from loraplane.storage.uri import pvc_mount_path, try_parse_uri
 
 # The trainer's paths and ports inside its pod (api.paths; the trainer reads the same defaults).
 CONFIG_KEY, CONFIG_DIR, CONFIG_PATH = TRAINER_CONFIG_KEY, paths.CONFIG_DIR, TRAINER_CONFIG_PATH
@@ -104,9 +105,8 @@ def rbac(ftj: FineTuneJob) -> list[Manifest]:
 
 
 def _pvc_claim(uri: str | None) -> str | None:
-    if uri and uri.startswith("pvc://"):
-        return uri.removeprefix("pvc://").split("/", 1)[0]
-    return None
+    parsed = try_parse_uri(uri)
+    return parsed.pvc_claim if parsed else None
 
 
 def _secret_env(ref, default_names: list[str]) -> list[dict[str, Any]]:
@@ -147,7 +147,7 @@ def _volumes(ftj: FineTuneJob, settings: BuildSettings) -> tuple[list[dict], lis
         read_only = claim not in writable
         volumes.append({"name": f"pvc-{claim}",
                         "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
-        mounts.append({"name": f"pvc-{claim}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": read_only})
+        mounts.append({"name": f"pvc-{claim}", "mountPath": pvc_mount_path(claim), "readOnly": read_only})
     if spec.dataset.config_map_ref:
         cm = spec.dataset.config_map_ref.name
         volumes.append({"name": "dataset", "configMap": {"name": cm}})

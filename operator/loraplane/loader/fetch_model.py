@@ -1,7 +1,7 @@
 """`loraplane fetch-model`: put an `s3://` or `https://` base model on the replica's model volume.
 
 It runs as the engine pod's init container, before vLLM, whose `--model` names the directory it leaves
-(`fetched_model_path(cache_dir, uri)`). The download goes through the adapter cache's code (temporary
+(`storage.uri.fetched_model_path(cache_dir, uri)`). The download goes through the verified cache (temporary
 directory, verified, renamed into place, metadata last), so a pod restarted mid-download starts clean and a
 complete copy is not fetched twice. A failure writes {"reason": "ModelFetchFailed", "message"} to the
 termination-message path, as the trainer does: the ModelRoute's status shows it, not only the container log.
@@ -15,9 +15,11 @@ import logging
 import sys
 from pathlib import Path
 
-from loraplane.storage.cache import FetchError, fetched_model_path, model_cache
 from loraplane.api.paths import PVC_ROOT
-from loraplane.api.wire.trainer import write_termination_message
+from loraplane.api.reasons import Reason
+from loraplane.api.wire.trainer import TerminationMessage, write_termination_message
+from loraplane.storage.cache import FetchError, model_cache
+from loraplane.storage.uri import fetched_model_path
 
 log = logging.getLogger("loraplane.loader")
 
@@ -38,7 +40,8 @@ def fetch_model_main(args: argparse.Namespace) -> int:
         message = (f"spec.baseModel.uri {args.uri}: {exc}; check the URI, that the model is a save_pretrained "
                    "directory (or a .tar.gz of one) and spec.baseModel.credentialsSecretRef")
         print(f"error: {message}", file=sys.stderr)
-        write_termination_message({"reason": "ModelFetchFailed", "message": message})  # $LORAPLANE_TERMINATION_LOG
+        # $LORAPLANE_TERMINATION_LOG; the ModelRoute's status quotes it.
+        write_termination_message(TerminationMessage(reason=Reason.ModelFetchFailed, message=message).to_json())
         return 1
     assert art.path == fetched_model_path(args.cache_dir, args.uri)
     log.info("base model %s at %s (%d bytes, sha256 %s)", args.uri, art.path, art.size_bytes, art.sha256)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplane.api.reasons import Reason
+from loraplane.storage.uri import recorded_path
 
 # Adapter tensors vLLM applies as LoRA: `...<module>.lora_A.weight`, `lora_B`, and embedding variants.
 _LORA_TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|"
@@ -178,7 +179,7 @@ _HF_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(
 
 
 def _is_path(s: str) -> bool:
-    return s.startswith(("/", "./", "../", "~", "file://", "pvc://"))
+    return recorded_path(s) is not None
 
 
 def identity_matches(recorded: str, identity: str, model_path: str | None,
@@ -189,7 +190,7 @@ def identity_matches(recorded: str, identity: str, model_path: str | None,
         return True, ""
     if model_path and _is_path(rec):
         try:
-            if Path(rec.removeprefix("file://")).resolve() == Path(model_path).resolve():
+            if recorded_path(rec).resolve() == Path(model_path).resolve():
                 return True, ""
         except OSError:
             pass

@@ -24,7 +24,8 @@ from pydantic import ValidationError
 
 from loraplane.api import Adapter, FineTuneJob, ModelRoute, parse
 from loraplane.builders import BuildSettings, finetunejob as ftj_builders, modelroute as route_builders
-from loraplane.builders.engine_pod import ADAPTER_CACHE_PATH, PVC_ROOT, loader_container, model_fetch_container
+from loraplane.api.paths import ADAPTER_CACHE_PATH, PVC_ROOT
+from loraplane.builders.engine_pod import loader_container, model_fetch_container
 from loraplane.builders.engine_pod import engine_command, engine_env
 from loraplane.builders.resolution import resolve
 from loraplane.api.validation import format_validation_error

@@ -20,7 +20,6 @@ Digests (loraplane.storage.digest): a directory's sha256_dir; for archives eithe
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -32,31 +31,35 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import aiohttp
-
+from loraplane.api.paths import PVC_ROOT
+from loraplane.api.reasons import Reason
 from loraplane.storage.digest import directory_size, sha256_dir, sha256_file
+from loraplane.storage.errors import InvalidContent, MissingDependency, StorageError
+from loraplane.storage.fetchers import fetcher_for
+from loraplane.storage.uri import (  # noqa: F401  (fetched_model_path: also the cache's public name)
+    ArtifactUri, Scheme, cache_key, fetched_model_path, parse_uri, try_parse_uri,
+)
 
 log = logging.getLogger(__name__)
 
 META_SUFFIX = ".meta.json"
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 
 class FetchError(Exception):
     """The artifact could not be fetched; `reason` is the CamelCase reason reported for it."""
 
-    reason = "FetchFailed"
+    reason = Reason.FetchFailed
     retryable = True
 
 
 class ChecksumMismatch(FetchError):
-    reason = "ChecksumMismatch"
+    reason = Reason.ChecksumMismatch
 
 
 class InvalidArtifact(FetchError):
     """Fetched, but not a PEFT adapter directory: retrying cannot help."""
 
-    reason = "InvalidAdapter"
+    reason = Reason.InvalidAdapter
     retryable = False
 
 
@@ -68,10 +71,6 @@ class CachedArtifact:
     archive_sha256: str | None
     size_bytes: int
     fetched_at: float
-
-
-def cache_key(uri: str) -> str:
-    return hashlib.sha256(uri.encode()).hexdigest()[:32]
 
 
 def _digest_matches(expected: str | None, art: CachedArtifact) -> bool:
@@ -105,13 +104,8 @@ def model_root(directory: Path) -> Path:
                           "be a directory as written by `model.save_pretrained(dir)` (config, weights, tokenizer)")
 
 
-def fetched_model_path(cache_dir: str | Path, uri: str) -> Path:
-    """Where `loraplane fetch-model` leaves the base model at `uri` (what vLLM's --model then names)."""
-    return Path(cache_dir) / cache_key(uri)
-
-
 class ArtifactCache:
-    def __init__(self, root: Path, max_bytes: int, pvc_root: str = "/mnt/pvc", http_timeout: float = 600,
+    def __init__(self, root: Path, max_bytes: int, pvc_root: str = PVC_ROOT, http_timeout: float = 600,
                  root_of: Callable[[Path], Path] = adapter_root):
         self.root_of = root_of  # which directory of a fetched tree is the artifact (adapter or model)
         self.root = Path(root)
@@ -240,36 +234,40 @@ class ArtifactCache:
         os.replace(tmp_meta, meta)
 
     def _local_path(self, uri: str) -> Path | None:
-        if uri.startswith("pvc://"):
-            return Path(self.pvc_root) / uri.removeprefix("pvc://")
-        if uri.startswith("file://"):
-            return Path(uri.removeprefix("file://"))
-        if uri.startswith("/"):
-            return Path(uri)
-        return None
+        parsed = try_parse_uri(uri)
+        return parsed.local_path(self.pvc_root) if parsed else None
 
     async def _download(self, uri: str, dest: Path) -> str | None:
-        """Materialise `uri` as directory `dest`; return the archive's sha256 when it was an archive."""
-        local = self._local_path(uri)
-        if local is not None:
-            if local.is_file() and local.name.endswith(ARCHIVE_SUFFIXES):
-                return await asyncio.to_thread(self._unpack, local, dest)
-            if not local.is_dir():
-                raise FetchError(f"{local} does not exist or is not a directory"
-                                 + (" (is the PVC mounted in the pod?)" if uri.startswith("pvc://") else ""))
-            try:
-                await asyncio.to_thread(shutil.copytree, local, dest, symlinks=False)
-            except OSError as exc:
-                raise FetchError(f"copying {local}: {exc}") from exc
+        """Materialise `uri` as directory `dest`; return the archive's sha256 when it was an archive.
+        Fetcher errors become FetchError (retryable) or InvalidArtifact (not)."""
+        try:
+            parsed = parse_uri(uri)
+        except ValueError as exc:
+            raise InvalidArtifact(f"{exc}") from exc
+        try:
+            return await asyncio.to_thread(self._materialise, parsed, dest)
+        except (InvalidContent, MissingDependency) as exc:
+            raise InvalidArtifact(str(exc)) from exc
+        except StorageError as exc:
+            raise FetchError(str(exc)) from exc
+
+    def _materialise(self, uri: ArtifactUri, dest: Path) -> str | None:
+        """A directory is copied as is; one archive (.tar.gz, .tgz, .tar) is fetched, hashed and unpacked."""
+        fetcher = fetcher_for(uri, pvc_root=self.pvc_root, http_timeout_s=self.http_timeout)
+        if uri.is_local:
+            local = uri.local_path(self.pvc_root)
+            if local is not None and local.is_file() and uri.is_archive:
+                return self._unpack(local, dest)
+            fetcher.fetch_tree(uri, dest)
             return None
-        if uri.startswith(("https://", "http://")):
-            return await self._download_http(uri, dest)
-        if uri.startswith("s3://"):
-            return await asyncio.to_thread(self._download_s3, uri, dest)
-        if uri.startswith("hf://"):
-            await asyncio.to_thread(self._download_hf, uri, dest)
-            return None
-        raise InvalidArtifact(f"unsupported URI scheme in {uri!r}: use a path, pvc://, https://, s3:// or hf://")
+        if uri.is_http and not uri.is_archive:
+            raise InvalidArtifact(f"{uri}: an https:// artifact must be a .tar.gz, .tgz or .tar archive "
+                                  "of its directory")
+        if uri.is_archive and uri.scheme != Scheme.HF:
+            archive = fetcher.fetch_file(uri, dest.parent / uri.name)
+            return self._unpack(archive, dest)
+        fetcher.fetch_tree(uri, dest)
+        return None
 
     def _unpack(self, archive: Path, dest: Path) -> str:
         digest = sha256_file(archive)
@@ -281,79 +279,8 @@ class ArtifactCache:
             raise InvalidArtifact(f"{archive.name} is not a readable tar archive: {exc}") from exc
         return digest
 
-    async def _download_http(self, uri: str, dest: Path) -> str:
-        name = uri.split("?", 1)[0].rsplit("/", 1)[-1]
-        if not name.endswith(ARCHIVE_SUFFIXES):
-            raise InvalidArtifact(f"{uri}: an https:// artifact must be a .tar.gz, .tgz or .tar archive "
-                                  "of its directory")
-        archive = dest.parent / name
-        timeout = aiohttp.ClientTimeout(total=self.http_timeout)
-        try:
-            async with aiohttp.ClientSession(timeout=timeout) as session, session.get(uri) as resp:
-                if resp.status != 200:
-                    raise FetchError(f"GET {uri} answered HTTP {resp.status}")
-                with open(archive, "wb") as fh:
-                    async for chunk in resp.content.iter_chunked(1 << 20):
-                        fh.write(chunk)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise FetchError(f"GET {uri}: {type(exc).__name__}: {exc}") from exc
-        return await asyncio.to_thread(self._unpack, archive, dest)
 
-    def _download_s3(self, uri: str, dest: Path) -> str | None:
-        try:
-            import boto3
-            from botocore.exceptions import BotoCoreError, ClientError
-        except ImportError as exc:
-            raise InvalidArtifact("s3:// sources need boto3 in the loader image (pip install 'loraplane[s3]')") \
-                from exc
-        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-        s3 = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-        try:
-            if prefix.endswith(ARCHIVE_SUFFIXES):
-                archive = dest.parent / prefix.rsplit("/", 1)[-1]
-                s3.download_file(bucket, prefix, str(archive))
-                return self._unpack(archive, dest)
-            prefix = prefix.rstrip("/") + "/" if prefix else ""
-            found = 0
-            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-                for obj in page.get("Contents", []):
-                    rel = obj["Key"][len(prefix):]
-                    if not rel or rel.endswith("/"):
-                        continue
-                    target = dest / rel
-                    if dest.resolve() not in target.resolve().parents:
-                        raise InvalidArtifact(f"s3 key {obj['Key']!r} escapes the artifact directory")
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    s3.download_file(bucket, obj["Key"], str(target))
-                    found += 1
-        except (BotoCoreError, ClientError) as exc:
-            raise FetchError(f"{uri}: {exc}") from exc
-        if not found:
-            raise FetchError(f"{uri}: no objects under that prefix")
-        return None
-
-    def _download_hf(self, uri: str, dest: Path) -> None:
-        try:
-            from huggingface_hub import snapshot_download
-            from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-            from huggingface_hub.utils import HFValidationError
-        except ImportError as exc:
-            raise InvalidArtifact("hf:// sources need huggingface_hub in the loader image") from exc
-
-        repo, _, revision = uri.removeprefix("hf://").partition("@")
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        try:
-            snapshot = snapshot_download(repo.strip("/"), revision=revision or None, local_files_only=offline)
-        except LocalEntryNotFoundError as exc:
-            raise FetchError(f"{uri} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
-                             "pre-populate HF_HOME or allow hub access") from exc
-        except (HfHubHTTPError, HFValidationError, OSError) as exc:
-            raise FetchError(f"{uri}: {type(exc).__name__}: {exc}") from exc
-        # The snapshot holds symlinks into the blob store: copy real files so the entry stands alone.
-        shutil.copytree(snapshot, dest, symlinks=False, ignore=shutil.ignore_patterns(".cache", ".gitattributes"))
-
-
-def model_cache(root: Path, pvc_root: str = "/mnt/pvc") -> ArtifactCache:
+def model_cache(root: Path, pvc_root: str = PVC_ROOT) -> ArtifactCache:
     """The cache that fetches base models (engine pod init container, trainer): no size bound, since its one
     entry is the model in use; an entry is a directory with config.json."""
     return ArtifactCache(root, max_bytes=1 << 62, pvc_root=pvc_root, root_of=model_root)

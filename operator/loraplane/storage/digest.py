@@ -41,11 +41,5 @@ def sha256_dir(root: Path) -> str:
     return digest.hexdigest()
 
 
-def sha256_path(path: Path) -> str:
-    """sha256_dir for a directory, sha256_file for a file."""
-    path = Path(path)
-    return sha256_dir(path) if path.is_dir() else sha256_file(path)
-
-
 def directory_size(root: Path) -> int:
     return sum(p.stat().st_size for p in directory_files(root))

@@ -26,6 +26,9 @@ import threading
 from pathlib import Path
 
 from loraplane.api.common import now_rfc3339
+from loraplane.storage.errors import AccessDenied, NoCredentials, NotFound, StorageError
+from loraplane.trainer.config import spec_uri
+from loraplane.trainer.errors import InvalidConfig, OutputWriteFailed
 
 log = logging.getLogger("loraplane.trainer")
 MARKER = "loraplane-complete.json"
@@ -128,13 +131,13 @@ class S3CheckpointMirror:
     """
 
     def __init__(self, uri: str, keep: int):
-        from loraplane.trainer.data import s3_client
+        from loraplane.storage.fetchers.s3 import S3Fetcher
 
         self.uri = uri.rstrip("/")
-        self.bucket, _, prefix = self.uri.removeprefix("s3://").partition("/")
-        self.prefix = prefix.strip("/")
+        parsed = spec_uri(self.uri, "the checkpoint mirror")
+        self.bucket, self.prefix = parsed.bucket or "", parsed.key.strip("/")
         self.keep = keep
-        self.client = s3_client()
+        self.store = S3Fetcher()
 
     def _key(self, *parts: str) -> str:
         return "/".join(p for p in (self.prefix, *parts) if p)
@@ -143,27 +146,23 @@ class S3CheckpointMirror:
         """step -> {relative key: size} of every remote checkpoint, complete or not."""
         found: dict[int, dict[str, int]] = {}
         start = self._key("") + "/" if self.prefix else ""
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start):
-            for obj in page.get("Contents", []):
-                head, _, rest = obj["Key"][len(start):].partition("/")
-                if (m := _CHECKPOINT_RE.match(head)) and rest:
-                    found.setdefault(int(m.group(1)), {})[rest] = obj["Size"]
+        for key, size in self.store.list_objects(self.bucket, start, uri=self.uri).items():
+            head, _, rest = key[len(start):].partition("/")
+            if (m := _CHECKPOINT_RE.match(head)) and rest:
+                found.setdefault(int(m.group(1)), {})[rest] = size
         return found
 
     def complete_steps(self) -> list[int]:
         return sorted(step for step, files in self._remote().items() if MARKER in files)
 
     def push(self, path: Path) -> bool:
-        from boto3.exceptions import Boto3Error  # upload_file wraps S3 errors in S3UploadFailedError
-        from botocore.exceptions import BotoCoreError, ClientError
-
         path = Path(path)
         files = sorted(f for f in path.rglob("*") if f.is_file() and f.name != MARKER)
         try:
             for f in [*files, path / MARKER]:  # the marker last: it makes the remote copy complete
-                self.client.upload_file(str(f), self.bucket, self._key(path.name, f.relative_to(path).as_posix()))
+                self.store.upload_file(f, self.bucket, self._key(path.name, f.relative_to(path).as_posix()))
             self._rotate()
-        except (Boto3Error, BotoCoreError, ClientError, OSError) as exc:
+        except (StorageError, OSError) as exc:
             log.warning("could not mirror %s to %s (%s); it stays local, the next checkpoint tries again",
                         path.name, self.uri, exc)
             return False
@@ -177,9 +176,7 @@ class S3CheckpointMirror:
         # Older than the newest `keep` complete ones, and torn uploads older than the newest complete one.
         stale = [s for s in complete[:-self.keep]] + [s for s in remote if s not in complete and newest and s < newest]
         for step in stale:
-            keys = [{"Key": self._key(f"checkpoint-{step}", rel)} for rel in remote[step]]
-            for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[i:i + 1000], "Quiet": True})
+            self.store.delete_keys(self.bucket, [self._key(f"checkpoint-{step}", rel) for rel in remote[step]])
 
     def restore(self, folder: Path) -> Path | None:
         """Download the newest complete remote checkpoint into `folder` unless a local one is as new.
@@ -194,23 +191,15 @@ class S3CheckpointMirror:
             return self._restore(folder)
 
     def _restore(self, folder: Path) -> Path | None:
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
-        from loraplane.trainer.data import S3_DENIED_CODES, S3_NOT_FOUND_CODES
-        from loraplane.trainer.errors import InvalidConfig, OutputWriteFailed
-
         fix = ("check spec.output.uri's bucket and the credentials (they need s3:ListBucket, GetObject, PutObject "
                "and DeleteObject on it)")
         try:
             remote = self._remote()
-        except NoCredentialsError as exc:
+        except NoCredentials as exc:
             raise InvalidConfig(f"checkpoints at {self.uri}: no AWS credentials; {fix}") from exc
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in S3_NOT_FOUND_CODES | S3_DENIED_CODES:  # wrong bucket or credentials: a retry won't help
-                raise InvalidConfig(f"checkpoints at {self.uri}: {code}; {fix}") from exc
-            raise OutputWriteFailed(f"listing checkpoints at {self.uri} failed: {exc}") from exc
-        except BotoCoreError as exc:
+        except (NotFound, AccessDenied) as exc:  # wrong bucket or credentials: a retry won't help
+            raise InvalidConfig(f"checkpoints at {self.uri}: {exc.code or exc.detail}; {fix}") from exc
+        except StorageError as exc:
             raise OutputWriteFailed(f"listing checkpoints at {self.uri} failed: {exc}; check AWS_ENDPOINT_URL "
                                     "and the network") from exc
         complete = sorted(step for step, files in remote.items() if MARKER in files)
@@ -226,8 +215,8 @@ class S3CheckpointMirror:
             for rel in rels:
                 target = dest / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
-                self.client.download_file(self.bucket, self._key(dest.name, rel), str(target))
-        except (BotoCoreError, ClientError, OSError) as exc:
+                self.store.download_key(self.bucket, self._key(dest.name, rel), target)
+        except (StorageError, OSError) as exc:
             shutil.rmtree(dest, ignore_errors=True)
             raise OutputWriteFailed(f"downloading checkpoint-{step} from {self.uri} failed: {exc}") from exc
         log.info("restored checkpoint-%d from %s", step, self.uri)

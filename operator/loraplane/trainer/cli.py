@@ -16,6 +16,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from loraplane.api.reasons import Reason
+from loraplane.api.wire.trainer import TerminationMessage
 from loraplane.trainer.errors import EXIT_INTERNAL, EXIT_OK, EXIT_PREEMPTED, TrainerError, write_termination_message
 
 log = logging.getLogger("loraplane.trainer")
@@ -59,13 +61,14 @@ def train_main(args: argparse.Namespace) -> int:
             err = OutOfMemory(f"out of memory: {exc}; lower spec.training.batchSize or maxSeqLength")
             write_termination_message(err.as_dict())
             return err.exit_code
-        write_termination_message({"reason": "InternalError",
-                                   "message": f"{type(exc).__name__}: {str(exc)[:2000]} (see the pod log)"})
+        write_termination_message(TerminationMessage(
+            reason=Reason.InternalError, message=f"{type(exc).__name__}: {str(exc)[:2000]} (see the pod log)").to_json())
         return EXIT_INTERNAL
 
 
 def _run(args: argparse.Namespace) -> int:
-    from loraplane.trainer.config import dump_json_atomic, load_job, resolve_runtime
+    from loraplane.storage.uri import Scheme
+    from loraplane.trainer.config import dump_json_atomic, load_job, resolve_runtime, spec_uri
     from loraplane.trainer.errors import InvalidConfig
 
     if not args.config:
@@ -79,7 +82,7 @@ def _run(args: argparse.Namespace) -> int:
 
     result = run_training(job, runtime)
     if result.preempted:
-        message = result.message()
+        message = result.message().to_json()
         write_termination_message(message)
         dump_json_atomic(runtime.result_file, message)
         log.warning("preempted at step %d; exiting with %d", result.global_step, EXIT_PREEMPTED)
@@ -87,9 +90,9 @@ def _run(args: argparse.Namespace) -> int:
     if result.output_dir is None:
         return EXIT_OK  # a non-zero rank of a distributed run: rank 0 writes the artifact
     uri = job.spec.output.uri or str(result.output_dir)
-    if uri.startswith("s3://"):
+    if job.spec.output.uri and spec_uri(uri, "spec.output.uri").scheme == Scheme.S3:
         upload_s3(result.output_dir, uri)
-    message = result.message(artifact_uri=uri)
+    message = result.message(artifact_uri=uri).to_json()
     dump_json_atomic(runtime.result_file, message)
     write_termination_message(message)
     print(f"adapter: {result.output_dir}")

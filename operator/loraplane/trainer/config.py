@@ -30,6 +30,7 @@ from pydantic import ValidationError
 
 from loraplane.api import paths
 from loraplane.api.finetunejob import FineTuneJob
+from loraplane.storage.uri import ArtifactUri, Scheme, parse_uri, try_parse_uri
 from loraplane.trainer.errors import InvalidConfig
 
 DEFAULT_PVC_ROOT = paths.PVC_ROOT
@@ -92,17 +93,12 @@ def job_from_dict(doc: dict, source: str = "config") -> FineTuneJob:
         raise InvalidConfig(f"{source} is not a valid FineTuneJob: {exc}") from exc
 
 
-def local_path(uri: str | None, pvc_root: Path) -> Path | None:
-    """The local path a URI names on this machine (absolute path, file:///, pvc://CLAIM/PATH), else None."""
-    if not uri:
-        return None
-    if uri.startswith("file://"):
-        return Path(uri.removeprefix("file://"))
-    if uri.startswith("pvc://"):
-        return Path(pvc_root) / uri.removeprefix("pvc://")
-    if uri.startswith("/"):
-        return Path(uri)
-    return None
+def spec_uri(uri: str, what: str) -> ArtifactUri:
+    """`uri` parsed (loraplane.storage.uri); a malformed one is InvalidConfig naming the field `what`."""
+    try:
+        return parse_uri(uri)
+    except ValueError as exc:
+        raise InvalidConfig(f"{what}: {exc}") from exc
 
 
 def _env_path(name: str) -> Path | None:
@@ -117,9 +113,10 @@ def resolve_runtime(job: FineTuneJob, *, output_dir: Path | None = None, checkpo
     """Fill runtime paths: explicit arguments, then LORAPLANE_* env, then what the spec implies."""
     pvc_root = Path(os.environ.get("LORAPLANE_PVC_ROOT") or DEFAULT_PVC_ROOT)
     spec = job.spec
-    out = output_dir or _env_path("LORAPLANE_OUTPUT_DIR") or local_path(spec.output.uri, pvc_root)
+    output = spec_uri(spec.output.uri, "spec.output.uri") if spec.output.uri else None
+    out = output_dir or _env_path("LORAPLANE_OUTPUT_DIR") or (output.local_path(pvc_root) if output else None)
     if out is None:
-        if spec.output.uri and not spec.output.uri.startswith("s3://"):
+        if output and output.scheme != Scheme.S3:
             raise InvalidConfig(f"spec.output.uri {spec.output.uri!r} is not writable from here; pass --output-dir")
         # s3:// (uploaded after training) or no uri at all: the pod's scratch volume; locally, the current dir.
         in_pod = bool(os.environ.get("LORAPLANE_JOB_NAME"))
@@ -136,10 +133,10 @@ def resolve_runtime(job: FineTuneJob, *, output_dir: Path | None = None, checkpo
         ds = Path(os.environ.get("LORAPLANE_CONFIGMAP_ROOT") or DEFAULT_CONFIGMAP_ROOT) / ref.name / ref.key
     bar = progress_bar if progress_bar is not None else os.environ.get("LORAPLANE_PROGRESS_BAR", "1") != "0"
     mirror = os.environ.get("LORAPLANE_CHECKPOINT_URI") or (
-        spec.output.uri.rstrip("/") + ".checkpoints" if (spec.output.uri or "").startswith("s3://") else None)
+        output.text.rstrip("/") + ".checkpoints" if output and output.scheme == Scheme.S3 else None)
     if mirror and mirror.lower() == "none":
         mirror = None
-    if mirror and not mirror.startswith("s3://"):
+    if mirror and getattr(try_parse_uri(mirror), "scheme", None) != Scheme.S3:
         raise InvalidConfig(f"LORAPLANE_CHECKPOINT_URI {mirror!r}: expected s3://BUCKET/PREFIX or none (a local or "
                             "pvc checkpoint location is LORAPLANE_CHECKPOINT_DIR)")
     return Runtime(

@@ -1,4 +1,4 @@
-"""Datasets: fetch (local path, https, s3, Hugging Face hub), validate, tokenise with loss masks, split.
+"""Datasets: fetch (local path, https, s3, Hugging Face hub; loraplane.storage does the transfer), validate, tokenise with loss masks, split.
 
 Formats (spec.dataset.format), one JSON object per line:
 - text:        {"text": "..."}                       loss on every token; longer records are truncated
@@ -15,23 +15,32 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import shutil
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loraplane.api.finetunejob import DatasetSpec
-from loraplane.trainer.config import local_path
+from loraplane.storage.digest import sha256_file
+from loraplane.storage.errors import (
+    AccessDenied,
+    MissingDependency,
+    NoCredentials,
+    NotFound,
+    OfflineMiss,
+    StorageError,
+)
+from loraplane.storage.fetchers import fetcher_for
+from loraplane.storage.fetchers.hf import load_hub_dataset
+from loraplane.storage.uri import ArtifactUri, Scheme
+from loraplane.trainer.config import spec_uri
 from loraplane.trainer.errors import (
     DatasetAccessDenied,
     DatasetNotFound,
     DatasetUnavailable,
     InvalidConfig,
     InvalidDataset,
+    TrainerError,
 )
 
 log = logging.getLogger("loraplane.trainer")
@@ -64,124 +73,77 @@ class Examples:
 # ---- fetching -----------------------------------------------------------------------------------------
 
 def fetch(uri: str, dest_dir: Path, pvc_root: Path, what: str = "spec.dataset.uri") -> Source:
-    """Read the records at `uri` (a local path, file://, pvc://, https://, s3:// or hf://)."""
-    if uri.startswith("hf://"):
-        return _fetch_hub(uri, what)
-    path = local_path(uri, pvc_root)
+    """Read the records at `uri` (a local path, file://, pvc://, https://, s3:// or hf://).
+
+    Remote files are downloaded into `dest_dir` with the storage layer's fetchers; their failures become
+    DatasetNotFound / DatasetAccessDenied / DatasetUnavailable naming `what` and the fix."""
+    parsed = spec_uri(uri, what)
+    if parsed.scheme == Scheme.HF:
+        return _fetch_hub(parsed, what)
+    path = parsed.local_path(pvc_root)
     if path is None:
+        if parsed.scheme == Scheme.S3 and not parsed.key:
+            raise InvalidConfig(f"{what}: {uri!r} must be s3://BUCKET/KEY")
         dest_dir.mkdir(parents=True, exist_ok=True)
-        path = dest_dir / f"dataset-{hashlib.sha256(uri.encode()).hexdigest()[:12]}{_suffix(uri)}"
-        if uri.startswith(("http://", "https://")):
-            _download_http(uri, path, what)
-        elif uri.startswith("s3://"):
-            _download_s3(uri, path, what)
-        else:
-            raise InvalidConfig(f"{what}: unsupported URI {uri!r}; use a path, file://, pvc://, https://, s3:// "
-                                "or hf://")
+        path = dest_dir / f"dataset-{hashlib.sha256(uri.encode()).hexdigest()[:12]}{_suffix(parsed)}"
+        try:
+            fetcher_for(parsed).fetch_file(parsed, path)
+        except StorageError as exc:
+            raise _dataset_error(exc, parsed, what) from exc
     return read_file(path, what, uri)
 
 
-def _suffix(uri: str) -> str:
-    name = uri.split("?", 1)[0].rsplit("/", 1)[-1]
-    return ".json" if name.endswith(".json") else ".jsonl"
+def _suffix(uri: ArtifactUri) -> str:
+    return ".json" if uri.name.endswith(".json") else ".jsonl"
 
 
-def _download_http(uri: str, dest: Path, what: str) -> None:
-    tmp = dest.with_name(dest.name + ".part")
-    request = urllib.request.Request(uri, headers={"User-Agent": "loraplane-trainer"})
-    token = os.environ.get("HF_TOKEN")
-    if token and "huggingface.co" in uri:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as resp, open(tmp, "wb") as fh:
-            shutil.copyfileobj(resp, fh)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            raise DatasetNotFound(f"{what}: {uri} returned 404 Not Found; check the URL") from exc
-        if exc.code in (401, 403):
-            raise DatasetAccessDenied(f"{what}: {uri} returned {exc.code} {exc.reason}; check the credentials "
-                                      "(spec.dataset.credentialsSecretRef) or use a pre-signed URL") from exc
-        raise DatasetUnavailable(f"{what}: {uri} returned {exc.code} {exc.reason}; retry later") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        raise DatasetUnavailable(f"{what}: cannot fetch {uri}: {getattr(exc, 'reason', exc)}; check the URL "
-                                 "and the pod's network access") from exc
-    os.replace(tmp, dest)
+def _dataset_error(exc: StorageError, uri: ArtifactUri, what: str) -> TrainerError:
+    """A storage failure as the trainer's dataset reason, with the fix for the URI's scheme."""
+    s3 = uri.scheme == Scheme.S3
+    if isinstance(exc, MissingDependency):
+        return InvalidConfig(f"{what}: {exc}")
+    if isinstance(exc, NoCredentials):
+        return DatasetAccessDenied(f"{what}: no AWS credentials to read {uri}; set spec.dataset.credentialsSecretRef "
+                                   "to a Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or give the pod "
+                                   "an IAM role)")
+    if isinstance(exc, NotFound):
+        return DatasetNotFound(f"{what}: {uri} does not exist ({exc.detail}); check the "
+                               + ("bucket and key" if s3 else "URL"))
+    if isinstance(exc, AccessDenied):
+        return DatasetAccessDenied(f"{what}: access to {uri} denied ({exc.detail}); check the credentials in "
+                                   "spec.dataset.credentialsSecretRef " + ("and the bucket policy" if s3 else
+                                                                           "or use a pre-signed URL"))
+    return DatasetUnavailable(f"{what}: fetching {uri} failed: {exc.detail}; retry later, or check "
+                              + ("AWS_ENDPOINT_URL" if s3 else "the URL") + " and the pod's network access")
 
 
-# S3 error codes by what they mean for the user (HEAD answers carry only the HTTP status).
-S3_NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NoSuchBucket", "NotFound"})
-S3_DENIED_CODES = frozenset({"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"})
-
-
-def _download_s3(uri: str, dest: Path, what: str) -> None:
-    """Download s3://BUCKET/KEY with boto3; credentials and AWS_ENDPOINT_URL come from the environment."""
-    try:
-        import boto3
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-    except ImportError as exc:  # pragma: no cover - the trainer image installs the s3 extra
-        raise InvalidConfig(f"{what}: s3:// needs boto3 (pip install 'loraplane[s3]')") from exc
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    if not bucket or not key:
-        raise InvalidConfig(f"{what}: {uri!r} must be s3://BUCKET/KEY")
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        s3_client().download_file(bucket, key, str(tmp))
-    except NoCredentialsError as exc:
-        raise DatasetAccessDenied(f"{what}: no AWS credentials to read {uri}; set "
-                                  "spec.dataset.credentialsSecretRef to a Secret with AWS_ACCESS_KEY_ID and "
-                                  "AWS_SECRET_ACCESS_KEY (or give the pod an IAM role)") from exc
-    except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in S3_NOT_FOUND_CODES:
-            raise DatasetNotFound(f"{what}: {uri} does not exist ({code}); check the bucket and key") from exc
-        if code in S3_DENIED_CODES:
-            raise DatasetAccessDenied(f"{what}: access to {uri} denied ({code}); check the credentials in "
-                                      "spec.dataset.credentialsSecretRef and the bucket policy") from exc
-        raise DatasetUnavailable(f"{what}: fetching {uri} failed: {code or exc}") from exc
-    except BotoCoreError as exc:
-        raise DatasetUnavailable(f"{what}: fetching {uri} failed: {exc}; check AWS_ENDPOINT_URL and the "
-                                 "network") from exc
-    os.replace(tmp, dest)
-
-
-def s3_client():
-    """The boto3 S3 client (a function so tests can stub it: S3 itself cannot run here)."""
-    import boto3
-
-    return boto3.client("s3")
-
-
-def _fetch_hub(uri: str, what: str) -> Source:
+def _fetch_hub(uri: ArtifactUri, what: str) -> Source:
     """hf://ORG/DATASET[@revision]: the `train` split, through `datasets` (offline mode honoured)."""
-    import datasets
-
-    name, _, revision = uri.removeprefix("hf://").partition("@")
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    name, revision = uri.repo, uri.revision
     try:
-        ds = datasets.load_dataset(name, revision=revision or None, split="train")
-    except Exception as exc:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, HTTP)
-        text = f"{type(exc).__name__}: {exc}"
-        if offline:
-            raise DatasetNotFound(f"{what}: hub dataset {name!r} is not in the local cache and offline mode is on "
-                                  f"(HF_HUB_OFFLINE=1); pre-fetch it or allow network access ({text})") from exc
-        if "401" in text or "403" in text or "gated" in text.lower():
-            raise DatasetAccessDenied(f"{what}: hub dataset {name!r} needs a token: set HF_TOKEN through "
-                                      f"spec.dataset.credentialsSecretRef ({text})") from exc
-        if isinstance(exc, (FileNotFoundError,)) or "doesn't exist" in text or "not found" in text.lower():
-            raise DatasetNotFound(f"{what}: hub dataset {name!r} (revision {revision or 'main'}) not found; "
-                                  f"check the id ({text})") from exc
-        raise DatasetUnavailable(f"{what}: loading hub dataset {name!r} failed: {text}") from exc
+        ds = load_hub_dataset(uri, split="train")
+    except OfflineMiss as exc:
+        raise DatasetNotFound(f"{what}: hub dataset {name!r} is not in the local cache and offline mode is on "
+                              f"(HF_HUB_OFFLINE=1); pre-fetch it or allow network access ({exc.detail})") from exc
+    except MissingDependency as exc:
+        raise InvalidConfig(f"{what}: {exc}") from exc
+    except AccessDenied as exc:
+        raise DatasetAccessDenied(f"{what}: hub dataset {name!r} needs a token: set HF_TOKEN through "
+                                  f"spec.dataset.credentialsSecretRef ({exc.detail})") from exc
+    except NotFound as exc:
+        raise DatasetNotFound(f"{what}: hub dataset {name!r} (revision {revision or 'main'}) not found; "
+                              f"check the id ({exc.detail})") from exc
+    except StorageError as exc:
+        raise DatasetUnavailable(f"{what}: loading hub dataset {name!r} failed: {exc.detail}") from exc
     records = [(i + 1, dict(row)) for i, row in enumerate(ds)]
     digest = hashlib.sha256()
     for _, row in records:
         digest.update(json.dumps(row, sort_keys=True, default=str).encode() + b"\n")
-    return Source(uri=uri, records=records, sha256=digest.hexdigest())
+    return Source(uri=uri.text, records=records, sha256=digest.hexdigest())
 
 
 def read_file(path: Path, what: str, uri: str | None = None) -> Source:
     """Parse a JSONL file (or a .json array) into numbered records."""
-    from loraplane.storage.digest import sha256_file
-
     path = Path(path)
     if path.is_dir():
         candidates = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json"))

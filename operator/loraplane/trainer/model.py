@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraplane.api.finetunejob import FineTuneJob
-from loraplane.trainer.config import Runtime, local_path
+from loraplane.trainer.config import Runtime, spec_uri
 from loraplane.trainer.errors import InvalidConfig, ModelNotFound, TargetModulesNotFound
 
 log = logging.getLogger("loraplane.trainer")
@@ -74,7 +74,7 @@ def resolve_source(job: FineTuneJob, runtime: Runtime, scratch: Path) -> ModelSo
         return ModelSource(str(_check_dir(Path(runtime.model_dir), "--model-dir/LORAPLANE_MODEL_DIR")), None,
                            ref.identity)
     if ref.uri:
-        path = local_path(ref.uri, runtime.pvc_root)
+        path = spec_uri(ref.uri, "spec.baseModel.uri").local_path(runtime.pvc_root)
         if path is None:
             path = _download_model(ref.uri, scratch / "models", ref.sha256)
         return ModelSource(str(_check_dir(path, "spec.baseModel.uri")), ref.revision, ref.identity)
@@ -90,7 +90,7 @@ def _check_dir(path: Path, what: str) -> Path:
 
 def _download_model(uri: str, cache_dir: Path, sha256: str | None) -> Path:
     """An s3:// prefix (or one archive in S3) or an https:// .tar.gz/.tgz/.tar archive, fetched and verified by
-    the same code as the engine pod's `loraplane fetch-model` (loader.cache.ArtifactCache). A rerun in the
+    the same code as the engine pod's `loraplane fetch-model` (loraplane.storage.cache.ArtifactCache). A rerun in the
     same pod reuses the verified copy."""
     import asyncio
 
@@ -113,6 +113,22 @@ def _hub_error(source: ModelSource, exc: Exception) -> ModelNotFound:
             else "check spec.baseModel.name/revision (gated models need HF_TOKEN through "
                  "spec.baseModel.credentialsSecretRef) or spec.baseModel.uri")
     return ModelNotFound(f"cannot load the base model {where}: {hint} ({type(exc).__name__}: {exc})")
+
+
+def load_config(source: ModelSource):
+    """The base model's transformers config (cheap: no weights). Raises ModelNotFound."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.location, revision=source.revision)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(source, exc) from exc
+
+
+def context_tokens(config) -> int | None:
+    """The model's context length in tokens, from the first of the config fields architectures use for it."""
+    return next((v for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                 if isinstance(v := getattr(config, k, None), int)), None)
 
 
 def load_tokenizer(source: ModelSource):
@@ -158,15 +174,6 @@ def load_model(source: ModelSource, method: str, precision: Precision, gradient_
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
-
-
-def context_length(model) -> int | None:
-    cfg = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def default_target_modules(model) -> list[str]:

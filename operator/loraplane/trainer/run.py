@@ -23,9 +23,11 @@ from typing import Any
 
 from loraplane.api.common import now_rfc3339
 from loraplane.api.finetunejob import FineTuneJob
+from loraplane.api.reasons import Reason
+from loraplane.api.wire.trainer import ArtifactInfo, TerminationMessage
 from loraplane.storage.digest import sha256_dir
 from loraplane.trainer import checkpoints, data, model as modelmod, progress
-from loraplane.trainer.config import Runtime, dump_json_atomic
+from loraplane.trainer.config import Runtime, dump_json_atomic, spec_uri
 from loraplane.trainer.errors import InvalidConfig, OutOfMemory, OutputWriteFailed, TrainerError, is_out_of_memory
 
 log = logging.getLogger("loraplane.trainer")
@@ -46,22 +48,22 @@ class RunResult:
     log_history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: Path | None = None
 
-    def message(self, artifact_uri: str | None = None) -> dict[str, Any]:
-        """The result JSON (result file and termination message): what the operator copies into status."""
+    def message(self, artifact_uri: str | None = None) -> TerminationMessage:
+        """The result (result file and termination message): what the operator copies into status."""
         if self.preempted:
-            return {"reason": "Preempted", "message": f"stopped by a signal at step {self.global_step}; a checkpoint "
-                                                      "was saved and the next run resumes from it",
-                    "step": self.global_step}
+            return TerminationMessage(
+                reason=Reason.Preempted, step=self.global_step,
+                message=f"stopped by a signal at step {self.global_step}; a checkpoint was saved and the next run "
+                        "resumes from it")
         p = self.provenance
-        return {
-            "reason": "Succeeded",
-            "artifact": {"uri": artifact_uri or str(self.output_dir), "sha256": self.artifact_sha256},
-            "artifactSha256": self.artifact_sha256,
-            "datasetSha256": p.get("dataset", {}).get("sha256"),
-            "metrics": p.get("metrics", {}),
-            "libraryVersions": p.get("libraryVersions", {}),
-            "completedAt": p.get("completedAt"),
-        }
+        return TerminationMessage(
+            reason=Reason.Succeeded,
+            artifact=ArtifactInfo(uri=artifact_uri or str(self.output_dir), sha256=self.artifact_sha256),
+            dataset_sha256=p.get("dataset", {}).get("sha256"),
+            metrics=p.get("metrics", {}),
+            library_versions=p.get("libraryVersions", {}),
+            completed_at=p.get("completedAt"),
+        )
 
 
 def library_versions() -> dict[str, str]:
@@ -95,62 +97,136 @@ def effective_max_len(job: FineTuneJob, context: int | None) -> int:
     return context
 
 
+@dataclass
+class Process:
+    """This process's place in a (torchrun) distributed run: WORLD_SIZE processes, rank 0 is the main one."""
+
+    world_size: int
+    is_main: bool
+
+    @classmethod
+    def from_env(cls) -> "Process":
+        return cls(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0)
+
+
+@dataclass
+class BaseModel:
+    """Step 1's result: where the base model is, its tokenizer and config, and the sequence length used."""
+
+    source: modelmod.ModelSource
+    tokenizer: Any
+    config: Any
+    max_len: int
+
+
+@dataclass
+class TrainingData:
+    """Step 2's result: the tokenised training (and validation) examples and the planned optimizer steps."""
+
+    train_source: data.Source
+    train: data.Examples
+    validation_source: data.Source | None
+    validation: data.Examples | None
+    total_steps: int
+
+
 def run_training(job: FineTuneJob, runtime: Runtime, sinks: list | None = None,
                  callbacks: list | None = None) -> RunResult:
     """Train (or resume) and write the adapter. Raises TrainerError subclasses for every foreseen failure.
 
     `sinks`: progress sinks (default: from the runtime, local or cluster); `callbacks`: extra transformers
-    TrainerCallbacks (benchmarks, embedding programs)."""
-    import torch
+    TrainerCallbacks (benchmarks, embedding programs). The steps, cheapest checks first (a bad dataset fails
+    before a 70B model loads): load_base_model, prepare_data, resume_point, load_peft_model, build_trainer,
+    train, then (rank 0) collect_metrics, provenance and write_adapter."""
     import transformers
-    from transformers import AutoConfig, TrainingArguments
 
-    spec, t = job.spec, job.spec.training
-    transformers.set_seed(t.seed)
+    transformers.set_seed(job.spec.training.seed)
     runtime.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     scratch = runtime.checkpoint_dir / "inputs"
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    process = Process.from_env()
 
-    # 1. Cheap checks first: tokenizer, model config, data. A bad dataset fails before a 70B model loads.
+    base = load_base_model(job, runtime, scratch)
+    prepared = prepare_data(job, runtime, scratch, base, process.world_size)
+    resume, mirror = resume_point(runtime)
+    peft_model, targets, precision = load_peft_model(job, base.source)
+
+    preemption = checkpoints.Preemption()
+    tracker = progress.ProgressTracker(sinks if sinks is not None else default_sinks(runtime) if process.is_main
+                                       else [])
+    trainer = build_trainer(job, runtime, prepared, base, peft_model, precision,
+                            [progress.make_callback(tracker),
+                             checkpoints.make_callback(runtime.checkpoint_dir, KEEP_CHECKPOINTS, preemption,
+                                                       mirror if process.is_main else None),
+                             *(callbacks or [])],
+                            keep_printer=runtime.in_cluster or (sinks is None and not runtime.progress_bar))
+    started = time.monotonic()
+    try:
+        out = train(trainer, job, preemption, resume)
+        if preemption.requested:
+            return RunResult(preempted=True, global_step=trainer.state.global_step,
+                             log_history=list(trainer.state.log_history), resumed_from=resume)
+        metrics = collect_metrics(trainer, out, time.monotonic() - started, prepared, tracker)
+    finally:
+        tracker.close()
+    if not trainer.is_world_process_zero():
+        return RunResult(preempted=False, global_step=trainer.state.global_step)
+
+    record = provenance(job, base, prepared, targets, precision, metrics, resume, peft_model, process.world_size)
+    sha = write_adapter(peft_model, runtime.output_dir, record)
+    return RunResult(preempted=False, global_step=trainer.state.global_step, output_dir=runtime.output_dir,
+                     artifact_sha256=sha, provenance=record, log_history=list(trainer.state.log_history),
+                     resumed_from=resume)
+
+
+def load_base_model(job: FineTuneJob, runtime: Runtime, scratch: Path) -> BaseModel:
+    """Step 1, cheap: where the base model is (fetched into `scratch` when remote), its tokenizer and config,
+    and the sequence length (spec.training.maxSeqLength bounded by the model's context). No weights load."""
     source = modelmod.resolve_source(job, runtime, scratch)
     tokenizer = modelmod.load_tokenizer(source)
-    try:
-        model_config = AutoConfig.from_pretrained(source.location, revision=source.revision)
-    except (OSError, ValueError) as exc:
-        raise modelmod._hub_error(source, exc) from exc
-    context = next((v for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
-                    if isinstance(v := getattr(model_config, k, None), int)), None)
-    max_len = effective_max_len(job, context)
+    config = modelmod.load_config(source)
+    return BaseModel(source, tokenizer, config, effective_max_len(job, modelmod.context_tokens(config)))
 
-    ds = spec.dataset
+
+def prepare_data(job: FineTuneJob, runtime: Runtime, scratch: Path, base: BaseModel, world_size: int) -> TrainingData:
+    """Step 2: read, check and tokenise the dataset (and the validation set: its own URI, or a seeded split),
+    then plan the number of optimizer steps. Raises the Dataset* / InvalidDataset errors."""
+    ds, t = job.spec.dataset, job.spec.training
     train_src = _read_dataset(ds.uri, runtime.dataset_path, scratch, runtime, "spec.dataset.uri")
-    train_ex = data.tokenize(train_src, ds, tokenizer, max_len, packing=t.packing)
+    train_ex = data.tokenize(train_src, ds, base.tokenizer, base.max_len, packing=t.packing)
     val_src, val_ex = None, None
     if ds.validation_uri or runtime.validation_path:
         val_src = _read_dataset(ds.validation_uri, runtime.validation_path, scratch, runtime,
                                 "spec.dataset.validationUri")
-        val_ex = data.tokenize(val_src, ds, tokenizer, max_len, packing=t.packing)
+        val_ex = data.tokenize(val_src, ds, base.tokenizer, base.max_len, packing=t.packing)
     elif ds.validation_split:
         train_ex, val_ex = data.split(train_ex, ds.validation_split, t.seed)
-    total_steps = planned_steps(len(train_ex.rows), job, world_size)
+    return TrainingData(train_src, train_ex, val_src, val_ex, planned_steps(len(train_ex.rows), job, world_size))
 
-    # 2. Checkpoints: drop half-written ones, resume from the newest complete one (from the S3 mirror when it
-    #    has a newer one than this volume: a replaced pod starts on an empty scratch volume).
-    mirror = checkpoints.S3CheckpointMirror(runtime.checkpoint_uri, KEEP_CHECKPOINTS) if runtime.checkpoint_uri else None
+
+def resume_point(runtime: Runtime) -> tuple[Path | None, checkpoints.S3CheckpointMirror | None]:
+    """Step 3: drop half-written checkpoints and find the newest complete one to resume from; with an S3
+    mirror, restore from it first when it has a newer one (a replaced pod starts on an empty scratch volume).
+    Returns (checkpoint to resume from or None, the mirror or None)."""
+    mirror = (checkpoints.S3CheckpointMirror(runtime.checkpoint_uri, KEEP_CHECKPOINTS)
+              if runtime.checkpoint_uri else None)
     checkpoints.remove_incomplete(runtime.checkpoint_dir)
     if mirror is not None:
         mirror.restore(runtime.checkpoint_dir)
     resume = checkpoints.latest_complete(runtime.checkpoint_dir)
     if resume:
         log.info("resuming from %s", resume)
+    return resume, mirror
 
-    # 3. Model and adapter.
+
+def load_peft_model(job: FineTuneJob, source: modelmod.ModelSource):
+    """Step 4: choose the precision, load the base weights (4-bit for QLoRA) and wrap them with the LoRA
+    adapter. Returns (peft model, target modules, precision); out of memory while loading is OutOfMemory."""
+    t = job.spec.training
     precision = modelmod.choose_precision(t.precision)
     if precision.note:
         log.warning("%s", precision.note)
     try:
-        base = modelmod.load_model(source, spec.method.type, precision, t.gradient_checkpointing)
+        base = modelmod.load_model(source, job.spec.method.type, precision, t.gradient_checkpointing)
         peft_model, targets = modelmod.wrap_peft(base, job)
     except TrainerError:
         raise
@@ -158,11 +234,18 @@ def run_training(job: FineTuneJob, runtime: Runtime, sinks: list | None = None,
         if is_out_of_memory(exc):
             raise _oom(job, exc, "loading the base model") from exc
         raise
+    return peft_model, targets, precision
 
-    preemption = checkpoints.Preemption()
-    tracker = progress.ProgressTracker(sinks if sinks is not None else default_sinks(runtime) if is_main else [])
-    eval_every = t.eval_every_steps or t.checkpoint_every_steps
-    args = TrainingArguments(
+
+def training_arguments(job: FineTuneJob, runtime: Runtime, prepared: TrainingData, precision) -> Any:
+    """transformers.TrainingArguments from spec.training: checkpoints every checkpointEverySteps (rotated by
+    loraplane once complete), evaluation when there is a validation set, no reporting integrations."""
+    import torch
+    from transformers import TrainingArguments
+
+    t = job.spec.training
+    total_steps, has_val = prepared.total_steps, prepared.validation is not None
+    return TrainingArguments(
         output_dir=str(runtime.checkpoint_dir),
         max_steps=total_steps,
         per_device_train_batch_size=t.batch_size,
@@ -181,8 +264,8 @@ def run_training(job: FineTuneJob, runtime: Runtime, sinks: list | None = None,
         save_strategy="steps",
         save_steps=t.checkpoint_every_steps,
         save_total_limit=None,  # rotation happens after a checkpoint is marked complete (checkpoints.rotate)
-        eval_strategy="steps" if val_ex else "no",
-        eval_steps=eval_every if val_ex else None,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=(t.eval_every_steps or t.checkpoint_every_steps) if has_val else None,
         logging_steps=max(1, min(50, total_steps // 25)),  # ~25 loss readings a run; each costs a sync
         logging_first_step=True,
         include_num_input_tokens_seen="non_padding",  # kept in the trainer state: survives resume
@@ -193,61 +276,79 @@ def run_training(job: FineTuneJob, runtime: Runtime, sinks: list | None = None,
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
+
+
+def build_trainer(job: FineTuneJob, runtime: Runtime, prepared: TrainingData, base: BaseModel, peft_model,
+                  precision, callbacks: list, keep_printer: bool):
+    """Step 5: the transformers Trainer (LoraplaneTrainer) over the prepared data, with `callbacks` (progress,
+    checkpoint marking/mirroring, the caller's). `keep_printer`: keep transformers' PrinterCallback (in the
+    cluster, and with --no-progress-bar, its printed lines are what `kubectl logs` shows); otherwise our
+    progress sinks show progress instead."""
     _lean_per_step_calls(peft_model)
     trainer = _trainer_class()(
-        model=peft_model, args=args, train_dataset=train_ex.rows, eval_dataset=val_ex.rows if val_ex else None,
-        data_collator=data.PaddingCollator(tokenizer.pad_token_id),
-        callbacks=[progress.make_callback(tracker),
-                   checkpoints.make_callback(runtime.checkpoint_dir, KEEP_CHECKPOINTS, preemption,
-                                             mirror if is_main else None),
-                   *(callbacks or [])],
+        model=peft_model, args=training_arguments(job, runtime, prepared, precision),
+        train_dataset=prepared.train.rows,
+        eval_dataset=prepared.validation.rows if prepared.validation else None,
+        data_collator=data.PaddingCollator(base.tokenizer.pad_token_id),
+        callbacks=callbacks,
     )
-    if not (runtime.in_cluster or sinks is None and not runtime.progress_bar):
-        # Transformers prints every log dict when its own bar is off; our sinks show progress instead (in the
-        # cluster, and with --no-progress-bar, the printed lines are what `kubectl logs` shows, so they stay).
+    if not keep_printer:
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-    preemption.install()
-    started = time.monotonic()
-    try:
-        try:
-            out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        except TrainerError:
-            raise
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                raise _oom(job, exc, f"training step {trainer.state.global_step}") from exc
-            raise
-        finally:
-            preemption.uninstall()
-        if preemption.requested:
-            return RunResult(preempted=True, global_step=trainer.state.global_step,
-                             log_history=list(trainer.state.log_history), resumed_from=resume)
-        metrics: dict[str, Any] = {"trainLoss": round(out.training_loss, 6), "steps": trainer.state.global_step,
-                                   "epochs": round(trainer.state.epoch or 0.0, 4),
-                                   "trainSeconds": round(time.monotonic() - started, 3),
-                                   "tokensSeen": int(trainer.state.num_input_tokens_seen or 0)}
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        if losses:
-            metrics["firstLoss"], metrics["finalLoss"] = round(losses[0], 6), round(losses[-1], 6)
-        if val_ex:
-            eval_loss = trainer.evaluate()["eval_loss"]
-            metrics["evalLoss"] = round(eval_loss, 6)
-            metrics["perplexity"] = round(math.exp(min(eval_loss, 50.0)), 4)
-            if trainer.is_world_process_zero():
-                tracker.report(step=trainer.state.global_step, total_steps=total_steps, epoch=trainer.state.epoch,
-                               eval_loss=eval_loss, final=True)
-    finally:
-        tracker.close()
-    if not trainer.is_world_process_zero():
-        return RunResult(preempted=False, global_step=trainer.state.global_step)
+    return trainer
 
-    provenance = {
+
+def train(trainer, job: FineTuneJob, preemption: checkpoints.Preemption, resume: Path | None):
+    """Step 6: run the training loop, from `resume` when set, with SIGTERM turned into "save and stop"
+    (preemption.requested afterwards). Out of memory during a step is OutOfMemory. Returns transformers'
+    TrainOutput."""
+    preemption.install()
+    try:
+        return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except TrainerError:
+        raise
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise _oom(job, exc, f"training step {trainer.state.global_step}") from exc
+        raise
+    finally:
+        preemption.uninstall()
+
+
+def collect_metrics(trainer, out, train_seconds: float, prepared: TrainingData,
+                    tracker: progress.ProgressTracker) -> dict[str, Any]:
+    """Step 7: the run's metrics (losses, steps, epochs, seconds, tokens), plus a final evaluation (loss and
+    perplexity) reported to the progress sinks when there is a validation set."""
+    state = trainer.state
+    metrics: dict[str, Any] = {"trainLoss": round(out.training_loss, 6), "steps": state.global_step,
+                               "epochs": round(state.epoch or 0.0, 4), "trainSeconds": round(train_seconds, 3),
+                               "tokensSeen": int(state.num_input_tokens_seen or 0)}
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    if losses:
+        metrics["firstLoss"], metrics["finalLoss"] = round(losses[0], 6), round(losses[-1], 6)
+    if prepared.validation:
+        eval_loss = trainer.evaluate()["eval_loss"]
+        metrics["evalLoss"] = round(eval_loss, 6)
+        metrics["perplexity"] = round(math.exp(min(eval_loss, 50.0)), 4)
+        if trainer.is_world_process_zero():
+            tracker.report(step=state.global_step, total_steps=prepared.total_steps, epoch=state.epoch,
+                           eval_loss=eval_loss, final=True)
+    return metrics
+
+
+def provenance(job: FineTuneJob, base: BaseModel, prepared: TrainingData, targets: list[str], precision,
+               metrics: dict[str, Any], resume: Path | None, peft_model, world_size: int) -> dict[str, Any]:
+    """Step 8: provenance.json, written next to the adapter: what was trained on what, how, with which
+    library versions (None values are left out when written)."""
+    spec, t, ds = job.spec, job.spec.training, job.spec.dataset
+    train_src, train_ex, val_src, val_ex = (prepared.train_source, prepared.train, prepared.validation_source,
+                                            prepared.validation)
+    return {
         "fineTuneJob": {"namespace": job.metadata.namespace, "name": job.metadata.name},
-        "baseModel": {"identity": source.identity, "name": spec.base_model.name, "uri": spec.base_model.uri,
+        "baseModel": {"identity": base.source.identity, "name": spec.base_model.name, "uri": spec.base_model.uri,
                       "revision": spec.base_model.revision,
-                      "resolvedRevision": getattr(model_config, "_commit_hash", None)},
+                      "resolvedRevision": getattr(base.config, "_commit_hash", None)},
         "dataset": {"uri": train_src.uri, "sha256": train_src.sha256, "format": ds.format,
                     "records": len(train_src.records), "trainExamples": len(train_ex.rows),
                     "trainTokens": train_ex.tokens},
@@ -255,7 +356,7 @@ def run_training(job: FineTuneJob, runtime: Runtime, sinks: list | None = None,
                         "sha256": val_src.sha256 if val_src else train_src.sha256,
                         "examples": len(val_ex.rows)} if val_ex else None),
         "method": {**spec.method.wire(), "targetModules": targets},
-        "training": {**t.wire(), "maxSeqLengthUsed": max_len, "totalSteps": total_steps,
+        "training": {**t.wire(), "maxSeqLengthUsed": base.max_len, "totalSteps": prepared.total_steps,
                      "worldSize": world_size},
         "precision": {"requested": precision.requested, "used": precision.used, "note": precision.note},
         "quantization": modelmod.quantization_summary(peft_model) if spec.method.type == "qlora" else None,
@@ -264,10 +365,6 @@ def run_training(job: FineTuneJob, runtime: Runtime, sinks: list | None = None,
         "resumedFrom": str(resume) if resume else None,
         "completedAt": now_rfc3339(),
     }
-    sha = write_adapter(peft_model, runtime.output_dir, provenance)
-    return RunResult(preempted=False, global_step=trainer.state.global_step, output_dir=runtime.output_dir,
-                     artifact_sha256=sha, provenance=provenance, log_history=list(trainer.state.log_history),
-                     resumed_from=resume)
 
 
 def _trainer_class():
@@ -354,17 +451,14 @@ def write_adapter(peft_model, output_dir: Path, provenance: dict) -> str:
 
 
 def upload_s3(local_dir: Path, uri: str) -> None:
-    """Upload the adapter directory to s3://BUCKET/PREFIX (the object layout mirrors the directory)."""
-    from boto3.exceptions import Boto3Error  # upload_file wraps S3 errors in S3UploadFailedError
-    from botocore.exceptions import BotoCoreError, ClientError
+    """Upload the adapter directory to s3://BUCKET/PREFIX (the object layout mirrors the directory).
+    Raises OutputWriteFailed."""
+    from loraplane.storage.errors import StorageError
+    from loraplane.storage.fetchers.s3 import S3Fetcher
 
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    client = data.s3_client()
     try:
-        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
-            key = "/".join(x for x in (prefix.rstrip("/"), path.relative_to(local_dir).as_posix()) if x)
-            client.upload_file(str(path), bucket, key)
-    except (Boto3Error, ClientError, BotoCoreError) as exc:
+        S3Fetcher().upload_tree(Path(local_dir), spec_uri(uri, "spec.output.uri"))
+    except StorageError as exc:
         raise OutputWriteFailed(f"spec.output.uri: uploading the adapter to {uri} failed: {exc}; check the bucket "
                                 "and the credentials") from exc
 

@@ -1,0 +1,34 @@
+"""The one interface every scheme's fetcher implements (like AIBrix's downloader base class)."""
+
+from __future__ import annotations
+
+import os
+from abc import ABC
+from pathlib import Path
+from typing import ClassVar
+
+from loraplane.storage.errors import StorageError
+from loraplane.storage.uri import ArtifactUri, Scheme
+
+
+class Fetcher(ABC):
+    """Copies what a URI of its schemes names onto local disk; raises loraplane.storage.errors.StorageError
+    subclasses (never a library's own exception types). A scheme implements the operations that make sense
+    for it; the others raise StorageError saying so."""
+
+    schemes: ClassVar[tuple[Scheme, ...]] = ()
+
+    def fetch_file(self, uri: ArtifactUri, dest: Path) -> Path:
+        """Download the one file `uri` names to `dest` (written beside it and renamed when complete, so `dest`
+        is whole or absent). Returns `dest`."""
+        raise StorageError(uri.text, "not a single file", f"{uri}: a {uri.scheme} URI does not name one file")
+
+    def fetch_tree(self, uri: ArtifactUri, dest: Path) -> Path:
+        """Copy the directory `uri` names (a folder, an S3 prefix, a Hub repo snapshot) to the new directory
+        `dest` as regular files (no symlinks). Returns `dest`."""
+        raise StorageError(uri.text, "not a directory", f"{uri}: a {uri.scheme} URI does not name a directory")
+
+
+def partial_path(dest: Path) -> Path:
+    """Where a download to `dest` is written until complete (same folder, so the rename is atomic)."""
+    return dest.with_name(f"{dest.name}.part-{os.getpid()}")

@@ -1,0 +1,92 @@
+"""The Hugging Face Hub (`hf://ORG/REPO[@REVISION]`): repo snapshots (huggingface_hub) and datasets (`datasets`).
+
+Offline mode is honoured: with HF_HUB_OFFLINE set only the local cache (HF_HOME) is read, and a miss is
+OfflineMiss. HF_TOKEN (gated repos) is read by the libraries themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from loraplane.storage.errors import (
+    AccessDenied,
+    MissingDependency,
+    NotFound,
+    OfflineMiss,
+    StorageError,
+    Unavailable,
+)
+from loraplane.storage.fetchers.base import Fetcher
+from loraplane.storage.uri import ArtifactUri, Scheme
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set (huggingface_hub's truthy spellings)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE
+
+
+class HfFetcher(Fetcher):
+    """Hub repositories as directories (model or adapter repos)."""
+
+    schemes = (Scheme.HF,)
+
+    def fetch_tree(self, uri: ArtifactUri, dest: Path) -> Path:
+        """A snapshot of the repo at its revision, copied as regular files (the HF cache holds symlinks into
+        its blob store: the copy stands alone)."""
+        try:
+            from huggingface_hub import snapshot_download
+            from huggingface_hub.errors import (
+                GatedRepoError,
+                HfHubHTTPError,
+                LocalEntryNotFoundError,
+                RepositoryNotFoundError,
+                RevisionNotFoundError,
+            )
+            from huggingface_hub.utils import HFValidationError
+        except ImportError as exc:
+            raise MissingDependency(uri.text, "huggingface_hub is not installed",
+                                    "hf:// sources need huggingface_hub in the image") from exc
+        try:
+            snapshot = snapshot_download(uri.repo or "", revision=uri.revision, local_files_only=hub_offline())
+        except LocalEntryNotFoundError as exc:
+            raise OfflineMiss(uri.text, "not in the local cache",
+                              f"{uri} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                              "pre-populate HF_HOME or allow hub access") from exc
+        except (HfHubHTTPError, HFValidationError, OSError) as exc:
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            cls: type[StorageError] = (
+                AccessDenied if isinstance(exc, GatedRepoError) or status in (401, 403)
+                else NotFound if isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError))
+                else Unavailable)
+            raise cls(uri.text, f"{type(exc).__name__}: {exc}") from exc
+        shutil.copytree(snapshot, dest, symlinks=False, ignore=shutil.ignore_patterns(".cache", ".gitattributes"))
+        return dest
+
+
+def load_hub_dataset(uri: ArtifactUri, split: str = "train"):
+    """The `split` of the Hub dataset `uri` names, as a `datasets.Dataset` (offline mode honoured).
+
+    `datasets` raises many types (FileNotFoundError, DatasetNotFoundError, HTTP errors): with offline mode on
+    (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE) any failure is OfflineMiss; otherwise 401/403/gated is
+    AccessDenied, "doesn't exist"/"not found" is NotFound, anything else Unavailable."""
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - the train extra installs it
+        raise MissingDependency(uri.text, "datasets is not installed",
+                                "hf:// datasets need the datasets library (pip install 'loraplane[train]')") from exc
+    offline = hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in _TRUE
+    try:
+        return datasets.load_dataset(uri.repo, revision=uri.revision, split=split)
+    except Exception as exc:  # noqa: BLE001 - classified below
+        text = f"{type(exc).__name__}: {exc}"
+        if offline:
+            raise OfflineMiss(uri.text, text) from exc
+        if "401" in text or "403" in text or "gated" in text.lower():
+            raise AccessDenied(uri.text, text) from exc
+        if isinstance(exc, FileNotFoundError) or "doesn't exist" in text or "not found" in text.lower():
+            raise NotFound(uri.text, text) from exc
+        raise Unavailable(uri.text, text) from exc

@@ -1,0 +1,54 @@
+"""Local paths and mounted PersistentVolumeClaims (`/PATH`, `file:///PATH`, `pvc://CLAIM/PATH`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from loraplane.api.paths import PVC_ROOT
+from loraplane.storage.errors import NotFound, Unavailable
+from loraplane.storage.fetchers.base import Fetcher, partial_path
+from loraplane.storage.uri import ArtifactUri, Scheme
+
+
+class LocalFetcher(Fetcher):
+    """Copies from this machine's file system; pvc:// URIs are read at `pvc_root/CLAIM/PATH`, where the pod
+    mounts each claim (builders write the same mount)."""
+
+    schemes = (Scheme.LOCAL, Scheme.PVC)
+
+    def __init__(self, pvc_root: str | Path = PVC_ROOT):
+        self.pvc_root = pvc_root
+
+    def path(self, uri: ArtifactUri) -> Path:
+        path = uri.local_path(self.pvc_root)
+        assert path is not None, f"{uri} is not a local URI"
+        return path
+
+    def _hint(self, uri: ArtifactUri) -> str:
+        return " (is the PVC mounted in the pod?)" if uri.scheme == Scheme.PVC else ""
+
+    def fetch_file(self, uri: ArtifactUri, dest: Path) -> Path:
+        src = self.path(uri)
+        if not src.is_file():
+            raise NotFound(uri.text, "no such file", f"{src} does not exist or is not a file{self._hint(uri)}")
+        tmp = partial_path(dest)
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise Unavailable(uri.text, str(exc), f"copying {src}: {exc}") from exc
+        return dest
+
+    def fetch_tree(self, uri: ArtifactUri, dest: Path) -> Path:
+        src = self.path(uri)
+        if not src.is_dir():
+            raise NotFound(uri.text, "no such directory",
+                           f"{src} does not exist or is not a directory{self._hint(uri)}")
+        try:
+            shutil.copytree(src, dest, symlinks=False)
+        except OSError as exc:
+            raise Unavailable(uri.text, str(exc), f"copying {src}: {exc}") from exc
+        return dest

@@ -1,0 +1,138 @@
+"""S3 and S3-compatible stores (`s3://BUCKET/KEY`), through boto3.
+
+`s3_client()` is the one construction of the client: credentials from the environment (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, an IAM role...) and AWS_ENDPOINT_URL for S3-compatible stores
+(MinIO, moto in the tests). Besides fetching, `S3Fetcher` offers the few writes the trainer needs (adapter
+upload, checkpoint mirror), with the same error mapping (loraplane.storage.errors.s3_error).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from loraplane.storage.errors import InvalidContent, MissingDependency, NotFound, s3_error
+from loraplane.storage.fetchers.base import Fetcher, partial_path
+from loraplane.storage.uri import ArtifactUri, Scheme
+
+# DeleteObjects takes at most 1000 keys per request (S3 API limit).
+_DELETE_BATCH = 1000
+
+
+def _boto_errors() -> tuple[type[Exception], ...]:
+    """The exception types boto3 raises for a failed call (none without boto3: s3_client raised already)."""
+    try:
+        from boto3.exceptions import Boto3Error  # upload_file wraps S3 errors in S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover
+        return ()
+    return Boto3Error, BotoCoreError, ClientError
+
+
+def s3_client():
+    """A boto3 S3 client configured from the environment (see the module docstring).
+    Raises MissingDependency without boto3."""
+    try:
+        import boto3
+    except ImportError as exc:  # pragma: no cover - the images install the s3 extra
+        raise MissingDependency("s3://", "boto3 is not installed",
+                                "s3:// needs boto3 (pip install 'loraplane[s3]')") from exc
+    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
+class S3Fetcher(Fetcher):
+    """Objects of one S3 endpoint. `client`: a boto3 S3 client (default: s3_client(), made on first use)."""
+
+    schemes = (Scheme.S3,)
+
+    def __init__(self, client=None):
+        self._client = client
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = s3_client()
+        return self._client
+
+    # ---- reads -------------------------------------------------------------------------------------------
+    def fetch_file(self, uri: ArtifactUri, dest: Path) -> Path:
+        """The object s3://BUCKET/KEY to `dest`."""
+        if not uri.key or uri.key.endswith("/"):
+            raise NotFound(uri.text, "no key", f"{uri}: names no object (expected s3://BUCKET/KEY)")
+        tmp = partial_path(dest)
+        try:
+            self.client.download_file(uri.bucket, uri.key, str(tmp))
+            os.replace(tmp, dest)
+        except _boto_errors() as exc:
+            raise s3_error(uri.text, exc) from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dest
+
+    def fetch_tree(self, uri: ArtifactUri, dest: Path) -> Path:
+        """Every object under the prefix KEY/ to `dest`, keeping the relative layout. NotFound when the prefix
+        holds no object; InvalidContent for a key that would land outside `dest`."""
+        prefix = uri.key.rstrip("/") + "/" if uri.key else ""
+        objects = self.list_objects(uri.bucket or "", prefix, uri=uri.text)
+        dest.mkdir(parents=True, exist_ok=True)
+        found = 0
+        try:
+            for key in sorted(objects):
+                rel = key[len(prefix):]
+                if not rel or rel.endswith("/"):
+                    continue  # "folder" placeholder objects
+                target = dest / rel
+                if dest.resolve() not in target.resolve().parents:
+                    raise InvalidContent(uri.text, f"key {key!r}", f"s3 key {key!r} escapes the artifact directory")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.client.download_file(uri.bucket, key, str(target))
+                found += 1
+        except _boto_errors() as exc:
+            raise s3_error(uri.text, exc) from exc
+        if not found:
+            raise NotFound(uri.text, "empty prefix", f"{uri}: no objects under that prefix")
+        return dest
+
+    def list_objects(self, bucket: str, prefix: str, uri: str | None = None) -> dict[str, int]:
+        """{key: size in bytes} of every object under `prefix` (paginated)."""
+        out: dict[str, int] = {}
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    out[obj["Key"]] = obj["Size"]
+        except _boto_errors() as exc:
+            raise s3_error(uri or f"s3://{bucket}/{prefix}", exc) from exc
+        return out
+
+    def download_key(self, bucket: str, key: str, dest: Path) -> None:
+        """One object by bucket and key (callers that walk a listing)."""
+        try:
+            self.client.download_file(bucket, key, str(dest))
+        except _boto_errors() as exc:
+            raise s3_error(f"s3://{bucket}/{key}", exc) from exc
+
+    # ---- writes ------------------------------------------------------------------------------------------
+    def upload_file(self, path: Path, bucket: str, key: str) -> None:
+        try:
+            self.client.upload_file(str(path), bucket, key)
+        except _boto_errors() as exc:
+            raise s3_error(f"s3://{bucket}/{key}", exc) from exc
+
+    def upload_tree(self, local_dir: Path, uri: ArtifactUri) -> None:
+        """Upload the regular files of `local_dir` under s3://BUCKET/KEY/ (the object layout mirrors the
+        directory), in sorted order."""
+        local_dir = Path(local_dir)
+        try:
+            for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+                key = "/".join(x for x in (uri.key.rstrip("/"), path.relative_to(local_dir).as_posix()) if x)
+                self.client.upload_file(str(path), uri.bucket, key)
+        except _boto_errors() as exc:
+            raise s3_error(uri.text, exc) from exc
+
+    def delete_keys(self, bucket: str, keys: list[str]) -> None:
+        try:
+            for i in range(0, len(keys), _DELETE_BATCH):
+                batch = [{"Key": k} for k in keys[i:i + _DELETE_BATCH]]
+                self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+        except _boto_errors() as exc:
+            raise s3_error(f"s3://{bucket}", exc) from exc
