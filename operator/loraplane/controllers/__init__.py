@@ -1,12 +1,12 @@
 """kopf handlers of the loraplane operator: `kopf run -m loraplane.controllers` or `loraplane operator`.
 
 kopf watches the loraplane kinds (re-lists, reconnects, backoff); every handler here only feeds the event
-into the operator's stores and schedules reconciles (see controllers/runtime.py). The children (Jobs, Pods,
-Deployments) are watched by the operator itself with server-side label selectors (Operator.watch_children):
+into the operator's stores and schedules reconciles (see controllers/operator.py). The children (Jobs, Pods,
+Deployments) are watched by the operator itself with server-side label selectors (loraplane.kube.informer):
 kopf filters labels client-side, so it would stream every pod of every watched namespace. The handlers are `on.event`
 handlers on purpose: they need no per-object progress or diff-base bookkeeping, so kopf itself writes
 nothing to the API server, and every write the operator makes is a change to children or status.
-Settings come from LORAPLANE_* environment variables (see runtime.OperatorSettings.from_env).
+Settings come from LORAPLANE_* environment variables (see controllers.settings.OperatorSettings.from_env).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import kopf
 
 from loraplane.kube.client import KubeClient
 from loraplane.controllers.operator import Operator
-from loraplane.controllers.runtime import OperatorSettings
+from loraplane.controllers.settings import OperatorSettings
 
 GROUP = "loraplane.io"
 _op: list[Operator] = []
