@@ -160,8 +160,8 @@ def test_operator_deployment_is_one_replica_recreate_and_hardened():
 
 
 def test_operator_settings_env_matches_what_the_operator_reads():
-    """Every LORAPLANE_* variable the chart sets is one the operator reads (controllers/runtime.py)."""
-    source = (ROOT / "operator" / "loraplane" / "controllers" / "runtime.py").read_text()
+    """Every LORAPLANE_* variable the chart sets is one the operator reads (controllers/settings.py)."""
+    source = (ROOT / "operator" / "loraplane" / "controllers" / "settings.py").read_text()
     read = set(re.findall(r'e\("(LORAPLANE_[A-Z_]+)"', source))
     env = env_of(operator_container(objects()))
     chart_vars = {k for k in env if k.startswith("LORAPLANE_")}
@@ -201,7 +201,7 @@ def test_child_api_versions_follow_the_cluster_or_the_values():
         "autoscaling/v2beta2", "policy/v1beta1")
     assert env["LORAPLANE_POD_FAILURE_POLICY"] == "false"
     # and the operator reads them as meant
-    from loraplane.controllers.runtime import OperatorSettings
+    from loraplane.controllers.settings import OperatorSettings
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             if k.startswith("LORAPLANE_"):

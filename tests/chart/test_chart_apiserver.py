@@ -176,7 +176,7 @@ def create_examples(kube_api, namespace: str) -> list[dict]:
 
 def chart_settings(installed: Installed):
     """The builders' settings of the chart's operator, from its container's env (as the operator reads them)."""
-    from loraplane.controllers.runtime import OperatorSettings
+    from loraplane.controllers.settings import OperatorSettings
 
     (deploy,) = by_kind(installed.objs, "Deployment")
     env = {e["name"]: e["value"] for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}

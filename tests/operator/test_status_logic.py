@@ -10,9 +10,10 @@ from loraplane.api.adapter import AdapterStatus
 from loraplane.api.modelroute import ModelRouteStatus
 from loraplane.builders import resolve
 from loraplane.controllers.adapter import adapter_status
-from loraplane.controllers.finetunejob import immutable_changes, observe
+from loraplane.controllers.finetunejob import immutable_changes, run_state
 from loraplane.controllers.modelroute import route_status
 from loraplane.api.wire.serving import REPORT_ANNOTATION, AdapterReport, ReplicaReport
+from loraplane.api.wire.trainer import TerminationMessage
 
 T = "2026-01-01T00:00:00Z"
 FTJ = FineTuneJob.model_validate({
@@ -45,40 +46,40 @@ def job(*conditions, active=0, failed=0, succeeded=0):
 
 
 def test_pending_running_and_image_pull():
-    assert observe(FTJ, None, [])["phase"] == "Pending"
-    assert observe(FTJ, job(active=1), [pod("p", "Running")])["phase"] == "Running"
-    seen = observe(FTJ, job(active=1), [pod("p", waiting={"reason": "ImagePullBackOff", "message": "nope"})])
-    assert seen["phase"] == "Pending" and seen["problem"][0] == "ImagePull" and "nope" in seen["problem"][1]
+    assert run_state(FTJ, None, []).phase == "Pending"
+    assert run_state(FTJ, job(active=1), [pod("p", "Running")]).phase == "Running"
+    seen = run_state(FTJ, job(active=1), [pod("p", waiting={"reason": "ImagePullBackOff", "message": "nope"})])
+    assert seen.phase == "Pending" and seen.problem.reason == "ImagePull" and "nope" in seen.problem.message
 
 
 def test_oom_after_backoff_limit_is_reported_as_oom():
     oom = {"exitCode": 137, "reason": "OOMKilled"}
-    seen = observe(FTJ, job(("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"),
+    seen = run_state(FTJ, job(("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"),
                             failed=2), [pod("p1", "Failed", oom, created=T), pod("p2", "Failed", oom)])
-    assert seen["phase"] == "Failed" and seen["failure"][0] == "OOMKilled"
-    assert "failed 2 time(s)" in seen["failure"][1] and "batchSize" in seen["failure"][1]
+    assert seen.phase == "Failed" and seen.failure.reason == "OOMKilled"
+    assert "failed 2 time(s)" in seen.failure.message and "batchSize" in seen.failure.message
 
 
 def test_trainer_reason_from_termination_message():
     msg = json.dumps({"reason": "DatasetNotFound", "message": "s3://b/k: NoSuchKey"})
-    seen = observe(FTJ, job(("Failed", "BackoffLimitExceeded", "x"), failed=2),
+    seen = run_state(FTJ, job(("Failed", "BackoffLimitExceeded", "x"), failed=2),
                    [pod("p1", "Failed", {"exitCode": 1, "reason": "Error", "message": msg})])
-    assert seen["failure"] == ("DatasetNotFound", "pod p1: s3://b/k: NoSuchKey (failed 1 time(s); "
+    assert (seen.failure.reason, seen.failure.message) == ("DatasetNotFound", "pod p1: s3://b/k: NoSuchKey (failed 1 time(s); "
                                                   "backoffLimit 1 reached)")
 
 
 def test_deadline_and_plain_backoff():
-    seen = observe(FTJ, job(("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")), [])
-    assert seen["failure"][0] == "DeadlineExceeded" and "activeDeadlineSeconds=600" in seen["failure"][1]
-    seen = observe(FTJ, job(("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")),
+    seen = run_state(FTJ, job(("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")), [])
+    assert seen.failure.reason == "DeadlineExceeded" and "activeDeadlineSeconds=600" in seen.failure.message
+    seen = run_state(FTJ, job(("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")),
                    [])
-    assert seen["failure"][0] == "BackoffLimitExceeded"
+    assert seen.failure.reason == "BackoffLimitExceeded"
 
 
 def test_retrying_after_a_failed_pod():
-    seen = observe(FTJ, job(active=1, failed=1),
+    seen = run_state(FTJ, job(active=1, failed=1),
                    [pod("p1", "Failed", {"exitCode": 137, "reason": "OOMKilled"}), pod("p2", created="2027")])
-    assert seen["phase"] == "Pending" and seen["problem"][0] == "Retrying"
+    assert seen.phase == "Pending" and seen.problem.reason == "Retrying"
 
 
 def policy_job(*conditions, **counts):
@@ -89,11 +90,11 @@ def policy_job(*conditions, **counts):
 
 def test_input_error_fails_at_once_under_the_pod_failure_policy():
     msg = json.dumps({"reason": "InvalidDataset", "message": "line 3: missing field text"})
-    seen = observe(FTJ, policy_job(("Failed", "PodFailurePolicy", "Container trainer for pod ns/p1 failed with "
+    seen = run_state(FTJ, policy_job(("Failed", "PodFailurePolicy", "Container trainer for pod ns/p1 failed with "
                                     "exit code 65 matching FailJob rule at index 2"), failed=1),
                    [pod("p1", "Failed", {"exitCode": 65, "reason": "Error", "message": msg})])
-    assert seen["phase"] == "Failed"
-    assert seen["failure"] == ("InvalidDataset", "pod p1: line 3: missing field text (not retried: a new pod "
+    assert seen.phase == "Failed"
+    assert (seen.failure.reason, seen.failure.message) == ("InvalidDataset", "pod p1: line 3: missing field text (not retried: a new pod "
                                                  "would fail the same way)")
 
 
@@ -101,27 +102,28 @@ def test_preemption_is_reported_as_such_and_counts_only_without_a_policy():
     preempted = pod("p1", "Failed", {"exitCode": 75, "reason": "Error",
                                      "message": json.dumps({"reason": "Preempted", "message": "checkpoint at 40"})})
     # Under the policy Kubernetes ignores it: status.failed stays 0.
-    seen = observe(FTJ, policy_job(active=1, failed=0), [preempted, pod("p2", created="2027")])
-    assert seen["problem"][0] == "Preempted"
-    assert "resumes from the newest checkpoint" in seen["problem"][1] and "do not count" in seen["problem"][1]
-    seen = observe(FTJ, job(active=1, failed=1), [preempted, pod("p2", created="2027")])
-    assert seen["problem"][0] == "Preempted" and "(1 of 1 retries used)" in seen["problem"][1]
+    seen = run_state(FTJ, policy_job(active=1, failed=0), [preempted, pod("p2", created="2027")])
+    assert seen.problem.reason == "Preempted"
+    assert "resumes from the newest checkpoint" in seen.problem.message and "do not count" in seen.problem.message
+    seen = run_state(FTJ, job(active=1, failed=1), [preempted, pod("p2", created="2027")])
+    assert seen.problem.reason == "Preempted" and "(1 of 1 retries used)" in seen.problem.message
     # An eviction (the DisruptionTarget condition, no trainer message) is a disruption too.
     evicted = pod("p1", "Failed", {"exitCode": 137, "reason": "Error"})
     evicted["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True",
                                             "reason": "EvictionByEvictionAPI"})
-    assert observe(FTJ, policy_job(active=1), [evicted, pod("p2", created="2027")])["problem"][0] == "Preempted"
+    assert run_state(FTJ, policy_job(active=1), [evicted, pod("p2", created="2027")]).problem.reason == "Preempted"
     # A crash under the policy counts: the used retries come from the Job, not from the pods seen.
     crashed = pod("p1", "Failed", {"exitCode": 70, "reason": "Error"})
-    seen = observe(FTJ, policy_job(active=1, failed=1), [evicted, crashed, pod("p3", created="2027")])
-    assert seen["problem"][0] == "Retrying" and "(1 of 1 retries used)" in seen["problem"][1]
+    seen = run_state(FTJ, policy_job(active=1, failed=1), [evicted, crashed, pod("p3", created="2027")])
+    assert seen.problem.reason == "Retrying" and "(1 of 1 retries used)" in seen.problem.message
 
 
 def test_success_result_from_termination_message():
-    result = {"artifact": {"uri": "s3://b/a", "sha256": "c" * 64}, "metrics": {"train_loss": 1.5}}
-    seen = observe(FTJ, job(("Complete", None, None), succeeded=1),
+    result = {"reason": "Succeeded", "artifact": {"uri": "s3://b/a", "sha256": "c" * 64},
+              "metrics": {"train_loss": 1.5}}
+    seen = run_state(FTJ, job(("Complete", None, None), succeeded=1),
                    [pod("p", "Succeeded", {"exitCode": 0, "reason": "Completed", "message": json.dumps(result)})])
-    assert seen["phase"] == "Succeeded" and seen["result"] == result
+    assert seen.phase == "Succeeded" and seen.result == TerminationMessage.model_validate(result)
 
 
 def test_immutable_changes_name_the_fields():
@@ -231,8 +233,8 @@ def test_trainer_pod_that_fits_no_node_says_so():
     unschedulable["status"]["conditions"].append(
         {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
          "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."})
-    seen = observe(FTJ, job(active=1), [unschedulable])
-    assert seen["problem"][0] == "Unschedulable" and "spec.resources" in seen["problem"][1]
+    seen = run_state(FTJ, job(active=1), [unschedulable])
+    assert seen.problem.reason == "Unschedulable" and "spec.resources" in seen.problem.message
 
 
 def test_adapter_status_from_routes_and_reports():

@@ -1,4 +1,4 @@
-"""The operator's own label-selected watches (Operator.watch_children): resume, bookmarks, 410 and errors.
+"""The operator's own label-selected watches (kube.informer.Informer.run): resume, bookmarks, 410 and errors.
 
 The apiserver test shows the selector reaches a real server; a 410 cannot be provoked there on demand (etcd
 compaction is not under the test's control), so the API client is replaced here by a scripted one. MOCK:
@@ -10,7 +10,7 @@ import asyncio
 
 from loraplane.kube.client import WatchExpired
 from loraplane.controllers.operator import Operator
-from loraplane.controllers.runtime import OperatorSettings
+from loraplane.controllers.settings import OperatorSettings
 
 
 def pod(name: str, rv: int) -> dict:
@@ -54,10 +54,10 @@ async def test_watch_resumes_from_bookmarks_relists_on_410_and_retries_errors(mo
             [ConnectionResetError("apiserver restarting")],       # network: retry from the same version
         ])
     op = Operator(OperatorSettings(), kube)
-    store = op.engine_pods
-    task = asyncio.create_task(op.watch_children("EnginePod", None))
+    store = op.stores.EnginePod
+    task = asyncio.create_task(op.informers["EnginePod"].run(None))
     try:
-        monkeypatch.setattr("loraplane.controllers.operator.asyncio.sleep", no_sleep)
+        monkeypatch.setattr("loraplane.kube.informer.asyncio.sleep", no_sleep)
         await asyncio.wait_for(kube.done.wait(), 10)
     finally:
         task.cancel()

@@ -100,6 +100,10 @@ class Reason(StrEnum):
         "`kubectl describe job` and the trainer pod's log.")
     InternalError = ("InternalError", FTJ, "The trainer failed unexpectedly; the message has the exception.",
         "Look at the pod log; report it with the FineTuneJob if it is a bug.")
+    TrainerError = ("TrainerError", FTJ,
+        "The trainer exited with an error code of no known reason and left no termination message (e.g. killed "
+        "before it could write one); the message has the exit code and the log's tail.",
+        "Read the log tail in the message and the pod log (`kubectl logs -l loraplane.io/finetunejob=NAME`).")
     # --- Adapter --------------------------------------------------------------------------------------------
     NoRoute = ("NoRoute", ADAPTER, "No ModelRoute in the namespace references or selects this Adapter.",
         "Add it to a ModelRoute's `routes` (by name or label selector).")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loraplane.api.adapter import Adapter
+from loraplane.api.reasons import Reason
 from loraplane.api.modelroute import ModelRoute
 from loraplane.builders.engine_pod import model_path_in_replica, served_model_name
 from loraplane.api.wire.serving import Backend, DesiredAdapter, PublicModel, RouterSettings, ServingTable
@@ -20,8 +21,10 @@ from loraplane.api.wire.serving import Backend, DesiredAdapter, PublicModel, Rou
 
 @dataclass(frozen=True)
 class Verdict:
+    """Whether an Adapter may be served by a route, the Reason and a message naming both."""
+
     compatible: bool
-    reason: str
+    reason: Reason
     message: str = ""
 
 
@@ -69,20 +72,20 @@ def check_compatibility(adapter: Adapter, route: ModelRoute) -> Verdict:
     base = route.spec.base_model
     want = adapter.spec.base_model
     if want.name != base.identity:
-        return Verdict(False, "BaseModelMismatch",
+        return Verdict(False, Reason.BaseModelMismatch,
                        f"adapter {adapter.metadata.name} was trained on {want.name}, but ModelRoute "
                        f"{route.metadata.name} serves {base.identity}")
     if want.revision and base.revision and want.revision != base.revision:
-        return Verdict(False, "BaseModelRevisionMismatch",
+        return Verdict(False, Reason.BaseModelRevisionMismatch,
                        f"adapter {adapter.metadata.name} was trained on {want.name}@{want.revision}, but "
                        f"ModelRoute {route.metadata.name} serves revision {base.revision}")
     rank = declared_rank(adapter)
     if rank and rank > route.spec.engine.max_lora_rank:
-        return Verdict(False, "RankTooLarge",
+        return Verdict(False, Reason.RankTooLarge,
                        f"adapter {adapter.metadata.name} has rank {rank}, above ModelRoute "
                        f"{route.metadata.name}'s engine.maxLoraRank {route.spec.engine.max_lora_rank}; "
                        "raise maxLoraRank or train with a smaller method.r")
-    return Verdict(True, "Compatible", f"compatible with ModelRoute {route.metadata.name}")
+    return Verdict(True, Reason.Compatible, f"compatible with ModelRoute {route.metadata.name}")
 
 
 def desired_adapter(adapter: Adapter) -> DesiredAdapter:
@@ -108,10 +111,10 @@ def resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Verd
             if name in rejected:
                 selected[name] = rejected[name]
             elif name not in by_name:
-                selected[name] = Verdict(False, "AdapterNotFound", f"Adapter {name} does not exist in namespace "
+                selected[name] = Verdict(False, Reason.AdapterNotFound, f"Adapter {name} does not exist in namespace "
                                                                    f"{route.metadata.namespace}")
             elif not by_name[name].spec.source.uri:
-                selected[name] = Verdict(False, "ArtifactPending",
+                selected[name] = Verdict(False, Reason.ArtifactPending,
                                          f"Adapter {name} has no source.uri yet (its FineTuneJob has not "
                                          "finished)")
             else:

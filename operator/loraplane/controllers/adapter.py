@@ -1,30 +1,39 @@
-"""Adapter reconcile: which ModelRoutes select it, whether it is compatible with each (from metadata), and
-what the replicas' loaders report (loadedOn, and the loader's reason when it refused or failed)."""
+"""The Adapter controller: which ModelRoutes select an Adapter, whether it is compatible with each (from
+metadata), and what the replicas' loaders report (loadedOn, and the loader's reason when it refused or failed).
+
+It also decides which Adapters no route may serve (an invalid spec, a changed immutable field): the
+ModelRoute controller asks `rejections(namespace)` when it resolves a serving table, and is told to re-resolve
+the namespace when that set changes.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
 from loraplane.api.adapter import Adapter, AdapterStatus, LoadedOn
-from loraplane.api.common import API_VERSION
+from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType
 from loraplane.api.modelroute import ModelRoute
-from loraplane.builders.resolution import Verdict, check_compatibility, selector_matches
+from loraplane.api.reasons import Reason
 from loraplane.api.validation import format_validation_error
-from loraplane.controllers.modelroute import pod_ready, replica_report
-from loraplane.controllers.runtime import Key, dump_status, owned_status, status_patch, write_invalid
+from loraplane.api.wire.serving import AdapterState
+from loraplane.builders.resolution import Verdict, check_compatibility, selector_matches
+from loraplane.controllers.base import API, Context, Controller
+from loraplane.controllers.pods import pod_ready, replica_report, reported_adapters
+from loraplane.controllers.status import dump_status, invalid_spec, owned_status, set_condition, status_patch
+from loraplane.kube.events import Event, EventType
+from loraplane.kube.informer import Key
 
-if TYPE_CHECKING:
-    from loraplane.controllers.operator import Operator
-
-API = API_VERSION
 OWNED_STATUS = ("phase", "observedGeneration", "conditions", "version", "servedName", "routes", "loadedOn",
                 "acceptedBaseModel")
-FAILED_STATES = ("Failed", "Incompatible")
+FAILED_STATES = (AdapterState.Failed, AdapterState.Incompatible)
+TRUE, FALSE, UNKNOWN = ConditionStatus.TRUE, ConditionStatus.FALSE, ConditionStatus.UNKNOWN
 
 
 def selects(route: ModelRoute, adapter: Adapter) -> bool:
+    """Whether one of `route`'s public models names `adapter` as a backend or matches it by label selector."""
     name = adapter.metadata.name
     for r in route.spec.routes:
         if r.backends is not None and any(b.adapter == name for b in r.backends):
@@ -49,7 +58,7 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
     verdicts = {r.metadata.name: check_compatibility(adapter, r) for r in selecting}
     compatible = [r for r in selecting if verdicts[r.metadata.name].compatible]
     loaded: list[LoadedOn] = []
-    loader_problems: list[tuple[str, str, str]] = []
+    loader_problems: list[tuple[AdapterState, ConditionState]] = []
     previous_since = {(lo.route, lo.replica): lo.since for lo in previous.loaded_on}
     for r in compatible:
         for pod in pods_by_route.get(r.metadata.name or "", []):
@@ -58,89 +67,172 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
             if entry is None:
                 continue
             pod_name = pod["metadata"]["name"]
-            if entry.state == "Ready" and pod_ready(pod):
+            if entry.state == AdapterState.Ready and pod_ready(pod):
                 loaded.append(LoadedOn(route=r.metadata.name or "", replica=pod_name, served_name=served,
                                        since=previous_since.get((r.metadata.name or "", pod_name), entry.since)))
             elif entry.state in FAILED_STATES:
-                loader_problems.append((entry.state, entry.reason, f"replica {pod_name}: {entry.message}"))
+                loader_problems.append((entry.state, ConditionState(FALSE, entry.reason,
+                                                                    f"replica {pod_name}: {entry.message}")))
     new.loaded_on = sorted(loaded, key=lambda lo: (lo.route, lo.replica))
-    g = generation
+
+    def condition(type_: ConditionType, state: ConditionState) -> None:
+        set_condition(new, type_, state, generation)
+
     if rejection is not None:
         new.phase = "Failed"
-        new.set_condition("Ready", False, rejection.reason, rejection.message, g)
+        condition(ConditionType.Ready, ConditionState(FALSE, rejection.reason, rejection.message))
         return new
     if not selecting:
         new.phase = "Pending"
-        new.set_condition("Compatible", "Unknown", "NoRoute", "no ModelRoute selects this adapter", g)
-        new.set_condition("Ready", False, "NoRoute", "no ModelRoute in this namespace selects this adapter; "
-                                                      "reference it in a route's backends or match a selector", g)
+        condition(ConditionType.Compatible, ConditionState(UNKNOWN, Reason.NoRoute,
+                                                           "no ModelRoute selects this adapter"))
+        condition(ConditionType.Ready, ConditionState(FALSE, Reason.NoRoute, (
+            "no ModelRoute in this namespace selects this adapter; reference it in a route's backends or match a "
+            "selector")))
         return new
     if not compatible:
         first = verdicts[selecting[0].metadata.name]
         new.phase = "Incompatible"
         message = "; ".join(v.message for v in verdicts.values())
-        new.set_condition("Compatible", False, first.reason, message, g)
-        new.set_condition("Ready", False, first.reason, message, g)
+        condition(ConditionType.Compatible, ConditionState(FALSE, first.reason, message))
+        condition(ConditionType.Ready, ConditionState(FALSE, first.reason, message))
         return new
     incompatible = [v.message for v in verdicts.values() if not v.compatible]
-    new.set_condition("Compatible", True, "Compatible",
-                      f"compatible with {', '.join(r.metadata.name or '' for r in compatible)}"
-                      + (f"; not with: {'; '.join(incompatible)}" if incompatible else ""), g)
+    condition(ConditionType.Compatible, ConditionState(TRUE, Reason.Compatible, (
+        f"compatible with {', '.join(r.metadata.name or '' for r in compatible)}"
+        + (f"; not with: {'; '.join(incompatible)}" if incompatible else ""))))
     if loaded:
         new.phase = "Ready"
-        new.set_condition("Ready", True, "Loaded", f"served as {served} by {len(loaded)} replica(s)", g)
+        condition(ConditionType.Ready, ConditionState(TRUE, Reason.Loaded,
+                                                      f"served as {served} by {len(loaded)} replica(s)"))
     elif loader_problems:
-        state, reason, message = loader_problems[0]
-        new.phase = "Incompatible" if state == "Incompatible" else "Failed"
-        new.set_condition("Ready", False, reason, message, g)
+        state, problem = loader_problems[0]
+        new.phase = "Incompatible" if state == AdapterState.Incompatible else "Failed"
+        condition(ConditionType.Ready, problem)
     else:
         new.phase = "Loading"
-        new.set_condition("Ready", False, "Loading",
-                          f"waiting for the replicas of {', '.join(r.metadata.name or '' for r in compatible)} "
-                          f"to load {served}", g)
+        condition(ConditionType.Ready, ConditionState(FALSE, Reason.Loading, (
+            f"waiting for the replicas of {', '.join(r.metadata.name or '' for r in compatible)} to load {served}")))
     return new
 
 
-async def reconcile(op: "Operator", key: Key) -> None:
-    body = op.adapters.get(key)
-    if body is None:
-        op.adapter_rejections.pop(key, None)
-        return
-    adapter = op.adapters.parsed(key, Adapter)
-    generation = body["metadata"].get("generation")
-    current = body.get("status") or {}
-    ns, name = key
-    if isinstance(adapter, ValidationError):
-        message = format_validation_error(adapter, "spec field ")
-        if op.adapter_rejections.get(key) != Verdict(False, "InvalidSpec", message):
-            op.adapter_rejections[key] = Verdict(False, "InvalidSpec", message)
-            op.schedule_routes(ns)
-        await write_invalid(op, body, current, generation, message)
-        return
-    previous = owned_status(AdapterStatus, current, OWNED_STATUS)
-    rejection = None
+def immutable_rejection(adapter: Adapter, previous: AdapterStatus) -> Verdict | None:
+    """Why `adapter` may not be served because its base model changed from the accepted one, else None."""
     accepted = previous.accepted_base_model
-    if accepted is not None and accepted != adapter.spec.base_model:
-        rejection = Verdict(False, "SpecImmutable",
-                            f"spec.baseModel cannot change from {accepted.name}@{accepted.revision or '-'} to "
-                            f"{adapter.spec.base_model.name}@{adapter.spec.base_model.revision or '-'} "
-                            "(immutable); revert it or create a new Adapter. Not served until then.")
-    if op.adapter_rejections.get(key) != rejection:
-        if rejection is None:
-            op.adapter_rejections.pop(key, None)
-        else:
-            op.adapter_rejections[key] = rejection
-        op.schedule_routes(ns)
-    routes = [r for r in (op.routes.parsed(k, ModelRoute) for k in list(op.routes.objects) if k[0] == ns)
-              if isinstance(r, ModelRoute)]
-    pods_by_route = {r.metadata.name or "": op.engine_pods.group(ns, r.metadata.name or "") for r in routes}
-    new = adapter_status(adapter, routes, pods_by_route, previous, generation, rejection)
-    patch = status_patch(current, dump_status(new), OWNED_STATUS)
-    if patch:
-        await op.kube.patch_status(API, "Adapter", ns, name, patch)
-    old_phase = current.get("phase")
-    if old_phase != new.phase and (old_phase is not None or new.phase not in ("Pending", "Loading")):
-        ready = new.condition("Ready")
-        warn = new.phase in ("Incompatible", "Failed")
-        await op.events.post(body, "Warning" if warn else "Normal", ready.reason if ready else new.phase,
-                             ready.message if ready else "")
+    if accepted is None or accepted == adapter.spec.base_model:
+        return None
+    return Verdict(False, Reason.SpecImmutable,
+                   f"spec.baseModel cannot change from {accepted.name}@{accepted.revision or '-'} to "
+                   f"{adapter.spec.base_model.name}@{adapter.spec.base_model.revision or '-'} "
+                   "(immutable); revert it or create a new Adapter. Not served until then.")
+
+
+@dataclass
+class AdapterFacts:
+    """What an Adapter reconcile observed."""
+
+    body: dict
+    adapter: Adapter | None                   # None when the spec is invalid (`invalid` says why)
+    invalid: str | None = None
+    routes: list[ModelRoute] = field(default_factory=list)  # the valid ModelRoutes of its namespace
+    pods_by_route: dict[str, list[dict]] = field(default_factory=dict)  # their engine pods
+
+
+@dataclass
+class AdapterPlan:
+    """What an Adapter reconcile writes: its rejection (in memory), its status patch, Events."""
+
+    body: dict
+    rejection: Verdict | None
+    status: dict
+    events: list[Event]
+
+
+class AdapterController(Controller):
+    """Reconciles Adapters. Owns the set of rejected Adapters (by key) that no route may serve."""
+
+    kind = "Adapter"
+
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        self._rejected: dict[Key, Verdict] = {}
+        self._rejections_changed: Callable[[str], None] = lambda namespace: None
+
+    def connect(self, rejections_changed: Callable[[str], None]) -> None:
+        """Call `rejections_changed(namespace)` when the set of rejected Adapters of a namespace changes (the
+        ModelRoute controller re-resolves that namespace's tables)."""
+        self._rejections_changed = rejections_changed
+
+    def rejections(self, namespace: str) -> dict[str, Verdict]:
+        """Adapter name -> why no route may serve it, for the Adapters of `namespace` the operator refuses."""
+        return {k[1]: v for k, v in self._rejected.items() if k[0] == namespace}
+
+    def on_change(self, source: str, obj: dict, old: dict | None) -> None:
+        meta = obj.get("metadata") or {}
+        ns = meta.get("namespace") or ""
+        if source == "Adapter":
+            self.schedule((ns, meta.get("name") or ""))
+        elif source == "ModelRoute":
+            if old is None or old.get("spec") != obj.get("spec"):
+                self.schedule_namespace(ns)  # which adapters it selects may have changed
+        elif source == "EnginePod":
+            for pod in (obj, old):  # a replica's report names the adapters whose loadedOn may change
+                for adapter in reported_adapters(pod):
+                    self.schedule((ns, adapter))
+
+    async def reconcile(self, key: Key) -> None:
+        facts = self.observe(key)
+        if facts is None:
+            self._rejected.pop(key, None)
+            return
+        await self.execute(key, self.plan(facts))
+
+    def observe(self, key: Key) -> AdapterFacts | None:
+        """Everything comes from the stores: no I/O."""
+        body = self.store.get(key)
+        if body is None:
+            return None
+        adapter = self.store.parsed(key, Adapter)
+        if isinstance(adapter, ValidationError):
+            return AdapterFacts(body, None, invalid=format_validation_error(adapter, "spec field "))
+        ns = key[0]
+        routes = [r for r in (self.stores.ModelRoute.parsed(k, ModelRoute) for k in self.stores.ModelRoute.keys_in(ns))
+                  if isinstance(r, ModelRoute)]
+        pods = {r.metadata.name or "": self.stores.EnginePod.group(ns, r.metadata.name or "") for r in routes}
+        return AdapterFacts(body, adapter, routes=routes, pods_by_route=pods)
+
+    @staticmethod
+    def plan(facts: AdapterFacts) -> AdapterPlan:
+        """Rejection, status patch and Events (pure)."""
+        body = facts.body
+        generation = body["metadata"].get("generation")
+        current = body.get("status") or {}
+        if facts.adapter is None:
+            message = facts.invalid or ""
+            patch, event = invalid_spec(current, generation, message)
+            return AdapterPlan(body, Verdict(False, Reason.InvalidSpec, message), patch, [event] if event else [])
+        previous = owned_status(AdapterStatus, current, OWNED_STATUS)
+        rejection = immutable_rejection(facts.adapter, previous)
+        new = adapter_status(facts.adapter, facts.routes, facts.pods_by_route, previous, generation, rejection)
+        events = []
+        old_phase = current.get("phase")
+        if old_phase != new.phase and (old_phase is not None or new.phase not in ("Pending", "Loading")):
+            ready = new.condition(ConditionType.Ready)
+            warn = new.phase in ("Incompatible", "Failed")
+            events.append(Event(EventType.Warning if warn else EventType.Normal,
+                                ready.reason if ready else new.phase, ready.message if ready else ""))
+        return AdapterPlan(body, rejection, status_patch(current, dump_status(new), OWNED_STATUS), events)
+
+    async def execute(self, key: Key, plan: AdapterPlan) -> None:
+        """Record the rejection (telling the routes when it changed), patch the status, post the Events."""
+        if self._rejected.get(key) != plan.rejection:
+            if plan.rejection is None:
+                self._rejected.pop(key, None)
+            else:
+                self._rejected[key] = plan.rejection
+            self._rejections_changed(key[0])
+        if plan.status:
+            await self.kube.patch_status(API, self.kind, key[0], key[1], plan.status)
+        for event in plan.events:
+            await self.ctx.events.post(plan.body, event)
+

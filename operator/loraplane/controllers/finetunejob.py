@@ -1,37 +1,48 @@
-"""FineTuneJob reconcile: children (config, RBAC, Job), status from the Job and its pods, the Adapter on
+"""The FineTuneJob controller: children (config, RBAC, Job), status from the Job and its pods, the Adapter on
 success.
 
 Status follows reality and nothing else: the Job's conditions say whether it finished; the pods say why a
-run failed (OOMKilled, an image that cannot be pulled, the trainer's own {"reason","message"} termination
-message); the trainer patches `status.progress` itself, so the operator never writes that key.
+run failed (OOMKilled, an image that cannot be pulled, the trainer's own termination message,
+api.wire.trainer.TerminationMessage); the trainer patches `status.progress` itself, so the operator never
+writes that key.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import ValidationError
 
 from loraplane.api.adapter import Adapter
-from loraplane.api.common import API_VERSION, now_rfc3339, set_condition
+from loraplane.api.common import now_rfc3339
+from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType
 from loraplane.api.finetunejob import AdapterRef, ArtifactRef, Failure, FineTuneJob, FineTuneJobStatus
-from loraplane.builders import finetunejob
+from loraplane.api.keys import FINETUNEJOB_LABEL
+from loraplane.api.reasons import Reason
 from loraplane.api.validation import format_validation_error
-from loraplane.controllers.pods import (container_status, image_pull_problem, last_terminated, parse_message,
-                                        pod_name, unschedulable)
-from loraplane.controllers.runtime import Key, dump_status, owned_status, status_patch, write_invalid
-from loraplane.api.wire.trainer import REASONS_BY_EXIT_CODE
+from loraplane.api.wire.trainer import REASONS_BY_EXIT_CODE, TerminationMessage
+from loraplane.builders import finetunejob
+from loraplane.controllers.base import API, Context, Controller
+from loraplane.controllers.pods import (container_status, image_pull_problem, last_terminated, pod_name,
+                                        termination_message, unschedulable)
+from loraplane.controllers.status import dump_status, invalid_spec, owned_status, set_condition, status_patch
+from loraplane.kube.events import Event, EventType
+from loraplane.kube.informer import Key
 
-if TYPE_CHECKING:
-    from loraplane.controllers.operator import Operator
-
-API = API_VERSION
 OWNED_STATUS = ("phase", "observedGeneration", "conditions", "startTime", "completionTime", "jobName", "attempts",
                 "adapterRef", "artifact", "failure")
 # Fields a running job may change; everything else in the spec is fixed once the Job exists.
 MUTABLE_FIELDS = ("backoffLimit", "activeDeadlineSeconds", "suspend")
 TERMINAL = ("Succeeded", "Failed")
+# Ready reasons that post a Warning Event when they appear.
+WARNING_REASONS = (Reason.SpecImmutable, Reason.ImagePull, Reason.Unschedulable, Reason.Retrying, Reason.Preempted)
+# Kubernetes vocabulary read here: the kubelet's pod status reason of an eviction, and the Job condition reason
+# of a run its podFailurePolicy failed.
+POD_EVICTED = "Evicted"
+JOB_FAILED_BY_POLICY = "PodFailurePolicy"
+FALSE = ConditionStatus.FALSE
 
 
 def immutable_changes(accepted: dict, desired: dict) -> list[str]:
@@ -40,65 +51,67 @@ def immutable_changes(accepted: dict, desired: dict) -> list[str]:
     return [f"spec.{k}" for k in keys if accepted.get(k) != desired.get(k)]
 
 
-def _container_status(pod: dict) -> dict:
-    return container_status(pod, finetunejob.TRAINER_CONTAINER)
+def _trainer_terminated(pod: dict) -> dict | None:
+    return last_terminated(container_status(pod, finetunejob.TRAINER_CONTAINER))
 
 
-def pod_failure(pod: dict) -> tuple[str, str] | None:
+def pod_failure(pod: dict) -> Failure | None:
     """Why a trainer pod failed, categorised: the trainer's reason, OOMKilled, Evicted, or the exit code."""
     status = pod.get("status") or {}
     name = pod["metadata"]["name"]
-    term = last_terminated(_container_status(pod))
+    term = _trainer_terminated(pod)
     if term and term.get("exitCode", 0) != 0:
-        msg = parse_message(term.get("message"))
-        if term.get("reason") == "OOMKilled":
-            return "OOMKilled", (f"pod {name}: the trainer ran out of memory (OOMKilled); lower "
-                                 "training.batchSize or maxSeqLength, enable gradientCheckpointing, use qlora, "
-                                 "or raise resources.memory / use larger GPUs")
-        if msg and msg.get("reason"):
-            return str(msg["reason"]), f"pod {name}: {msg.get('message', '')}".rstrip(": ")
+        if term.get("reason") == Reason.OOMKilled:
+            return Failure(reason=Reason.OOMKilled, message=(
+                f"pod {name}: the trainer ran out of memory (OOMKilled); lower training.batchSize or "
+                "maxSeqLength, enable gradientCheckpointing, use qlora, or raise resources.memory / use larger GPUs"))
+        if msg := termination_message(term):
+            return Failure(reason=msg.reason, message=f"pod {name}: {msg.message}".rstrip(": "))
         tail = (term.get("message") or "").strip()[-600:]
-        if reason := REASONS_BY_EXIT_CODE.get(term.get("exitCode")):  # message lost: the exit code says why
-            return reason, f"pod {name}: the trainer exited with code {term.get('exitCode')} ({reason})" + (
-                f": {tail}" if tail else "")
-        return "TrainerError", (f"pod {name}: the trainer exited with code {term.get('exitCode')}"
-                                + (f": {tail}" if tail else ""))
+        code = term.get("exitCode")
+        if reason := REASONS_BY_EXIT_CODE.get(code):  # message lost: the exit code says why
+            return Failure(reason=reason, message=f"pod {name}: the trainer exited with code {code} ({reason})"
+                           + (f": {tail}" if tail else ""))
+        return Failure(reason=Reason.TrainerError, message=f"pod {name}: the trainer exited with code {code}"
+                       + (f": {tail}" if tail else ""))
     if status.get("phase") == "Failed" and status.get("reason"):
-        return str(status["reason"]), f"pod {name}: {status.get('message', '')}"
+        return Failure(reason=str(status["reason"]), message=f"pod {name}: {status.get('message', '')}")
     return None
 
 
-def disrupted(pod: dict, failure: tuple[str, str]) -> bool:
+def disrupted(pod: dict, failure: Failure) -> bool:
     """Ended by the cluster (preemption, eviction, drain) or by SIGTERM after a checkpoint: not the run's fault."""
     conditions = (pod.get("status") or {}).get("conditions") or []
-    return failure[0] in ("Preempted", "Evicted") or any(
+    return failure.reason in (Reason.Preempted, POD_EVICTED) or any(
         c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in conditions)
 
 
-def pod_waiting_problem(pod: dict) -> tuple[str, str] | None:
+def pod_waiting_problem(pod: dict) -> ConditionState | None:
     """Why a trainer pod does not start: an image it cannot pull, or no node with what it asks for."""
     if problem := image_pull_problem(pod, (finetunejob.TRAINER_CONTAINER,)):
-        return "ImagePull", f"{problem}; check spec.image (or the chart's trainerImage) and imagePullSecrets"
+        return ConditionState(FALSE, Reason.ImagePull,
+                              f"{problem}; check spec.image (or the chart's trainerImage) and imagePullSecrets")
     if message := unschedulable(pod):
-        return "Unschedulable", (f"pod {pod_name(pod)} cannot be scheduled: {message}; check "
-                                 "spec.resources (gpus, gpuType, nodeSelector, tolerations) against the cluster's "
-                                 "free capacity")
+        return ConditionState(FALSE, Reason.Unschedulable, (
+            f"pod {pod_name(pod)} cannot be scheduled: {message}; check spec.resources (gpus, gpuType, "
+            "nodeSelector, tolerations) against the cluster's free capacity"))
     return None
 
 
-def success_result(pods: list[dict]) -> dict[str, Any] | None:
+def success_result(pods: list[dict]) -> TerminationMessage | None:
+    """The trainer's result message of the newest pod that exited 0, else None."""
     for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""), reverse=True):
-        term = last_terminated(_container_status(pod))
+        term = _trainer_terminated(pod)
         if term and term.get("exitCode") == 0:
-            return parse_message(term.get("message")) or {}
+            return termination_message(term)
     return None
 
 
-def artifact_of(result: dict[str, Any], fallback_uri: str) -> tuple[str, str | None]:
-    art = result.get("artifact") if isinstance(result.get("artifact"), dict) else {}
-    uri = art.get("uri") or result.get("artifactUri") or result.get("artifact_uri") or fallback_uri
-    sha = art.get("sha256") or result.get("artifactSha256") or result.get("artifact_sha256")
-    return uri, sha
+def artifact_of(result: TerminationMessage | None, fallback_uri: str) -> tuple[str, str | None]:
+    """(uri, sha256) of the trained adapter: the result's `artifact`, else the job's output location unverified."""
+    if result is not None and result.artifact is not None:
+        return result.artifact.uri, result.artifact.sha256
+    return fallback_uri, None
 
 
 def _job_condition(job: dict | None, type_: str) -> dict | None:
@@ -108,177 +121,308 @@ def _job_condition(job: dict | None, type_: str) -> dict | None:
     return None
 
 
-def observe(ftj: FineTuneJob, job: dict | None, pods: list[dict]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RunState:
+    """Where a training run stands, read from its Job and pods (`run_state`)."""
+
+    phase: str                                # FineTuneJobStatus.phase
+    attempts: int = 0                         # pods started: active + failed + succeeded
+    start_time: str | None = None
+    completion_time: str | None = None
+    failure: Failure | None = None            # why a Failed run failed
+    problem: ConditionState | None = None     # why a Pending/Running run does not progress (Ready=False)
+    result: TerminationMessage | None = None  # a Succeeded run's result message
+
+
+def run_state(ftj: FineTuneJob, job: dict | None, pods: list[dict]) -> RunState:
     """Phase, failure and waiting problem from the Job and its pods (pure)."""
     pods = sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""))
     js = (job or {}).get("status") or {}
-    out: dict[str, Any] = {"phase": "Pending", "failure": None, "problem": None,
-                           "attempts": (js.get("active") or 0) + (js.get("failed") or 0) + (js.get("succeeded") or 0),
-                           "startTime": js.get("startTime"), "completionTime": js.get("completionTime")}
+    attempts = (js.get("active") or 0) + (js.get("failed") or 0) + (js.get("succeeded") or 0)
+    start, completion = js.get("startTime"), js.get("completionTime")
     failed_pods = [(p, f) for p, f in ((p, pod_failure(p)) for p in pods) if f]
     failures = [f for _, f in failed_pods]
     # With the Job's podFailurePolicy, disruptions and input errors are handled by Kubernetes (see
-    # builders.training.pod_failure_policy); status.failed then counts only what uses up backoffLimit.
+    # builders.finetunejob.pod_failure_policy); status.failed then counts only what uses up backoffLimit.
     policy = bool(((job or {}).get("spec") or {}).get("podFailurePolicy"))
     if _job_condition(job, "Complete"):
-        out["phase"] = "Succeeded"
-        out["result"] = success_result(pods)
-    elif cond := _job_condition(job, "Failed"):
-        out["phase"] = "Failed"
-        out["completionTime"] = out["completionTime"] or cond.get("lastTransitionTime")
-        job_reason = cond.get("reason") or "JobFailed"
-        if job_reason == "DeadlineExceeded":
-            out["failure"] = ("DeadlineExceeded", f"the run exceeded activeDeadlineSeconds="
-                              f"{ftj.spec.active_deadline_seconds}: {cond.get('message', '')}".rstrip(": ")
-                              + "; raise activeDeadlineSeconds or train fewer steps (checkpoints are kept)")
-        elif failures and job_reason == "PodFailurePolicy":
-            reason, message = failures[-1]
-            out["failure"] = (reason, f"{message} (not retried: a new pod would fail the same way)")
+        return RunState("Succeeded", attempts, start, completion, result=success_result(pods))
+    if cond := _job_condition(job, "Failed"):
+        completion = completion or cond.get("lastTransitionTime")
+        job_reason = cond.get("reason") or Reason.JobFailed
+        if job_reason == Reason.DeadlineExceeded:
+            failure = Failure(reason=Reason.DeadlineExceeded, message=(
+                f"the run exceeded activeDeadlineSeconds={ftj.spec.active_deadline_seconds}: "
+                f"{cond.get('message', '')}".rstrip(": ")
+                + "; raise activeDeadlineSeconds or train fewer steps (checkpoints are kept)"))
+        elif failures and job_reason == JOB_FAILED_BY_POLICY:
+            failure = Failure(reason=failures[-1].reason,
+                              message=f"{failures[-1].message} (not retried: a new pod would fail the same way)")
         elif failures:
-            reason, message = failures[-1]
-            out["failure"] = (reason, f"{message} (failed {len(failures)} time(s); backoffLimit "
-                                      f"{ftj.spec.backoff_limit} reached)")
+            failure = Failure(reason=failures[-1].reason, message=(
+                f"{failures[-1].message} (failed {len(failures)} time(s); backoffLimit {ftj.spec.backoff_limit} "
+                "reached)"))
         else:
-            out["failure"] = (job_reason, cond.get("message") or "the Job failed")
-    elif (job or {}).get("spec", {}).get("suspend"):
-        out["phase"] = "Suspended"
-    elif any((p.get("status") or {}).get("phase") == "Running" for p in pods):
-        out["phase"] = "Running"
-    if out["phase"] in ("Pending", "Running"):
-        problems = [w for w in (pod_waiting_problem(p) for p in pods) if w]
-        if problems:
-            out["problem"] = problems[-1]
-        elif failed_pods and out["phase"] == "Pending":
-            last_pod, (reason, message) = failed_pods[-1]
-            used = (js.get("failed") or 0) if policy else len(failures)
-            if disrupted(last_pod, (reason, message)):
-                out["problem"] = ("Preempted", f"{message}; a new pod resumes from the newest checkpoint" + (
-                    " (disruptions do not count against backoffLimit)" if policy else
-                    f" ({used} of {ftj.spec.backoff_limit} retries used)"))
-            else:
-                out["problem"] = ("Retrying", f"{message}; retrying ({used} of {ftj.spec.backoff_limit} "
-                                              "retries used), resuming from the newest checkpoint")
-    return out
-
-
-async def reconcile(op: "Operator", key: Key) -> None:
-    body = op.ftjs.get(key)
-    if body is None:  # deleted: its children are garbage-collected through their ownerReferences
-        op.forget(key)
-        return
-    ftj = op.ftjs.parsed(key, FineTuneJob)
-    meta = body["metadata"]
-    generation = meta.get("generation")
-    current = body.get("status") or {}
-    if isinstance(ftj, ValidationError):
-        await write_invalid(op, body, current, generation, format_validation_error(ftj, "spec field "))
-        return
-    ns, name = key
-    status = owned_status(FineTuneJobStatus, current, OWNED_STATUS)
-    settings = op.settings.build
-    config = finetunejob.trainer_config(ftj, settings)
-    accepted = await op.accepted_ftj_spec(ftj) if current else None  # never reconciled: nothing accepted yet
-    rejected = immutable_changes(accepted, config["spec"]) if accepted is not None else []
-    terminal = status.phase in TERMINAL
-    if not rejected and not terminal:
-        kids = finetunejob.children(ftj, settings)
-        written = await op.applier.ensure([kids[:-1], kids[-1:]], fresh=not current)
-        if written:
-            op.remember_ftj_spec(ftj, config["spec"])
-    job = op.jobs.get((ns, finetunejob.job_name(ftj)))
-    pods = op.train_pods.group(ns, name)
-    seen = observe(ftj, job, pods)
-    if terminal and job is None:
-        seen = {"phase": status.phase, "failure": None, "problem": None, "attempts": status.attempts,
-                "startTime": status.start_time, "completionTime": status.completion_time, "keep": True}
-
-    new = status.model_copy(deep=True)
-    new.observed_generation = generation
-    new.job_name = finetunejob.job_name(ftj)
-    event: tuple[str, str, str] | None = None
-    if not seen.get("keep"):
-        new.phase = seen["phase"]
-        new.attempts = seen["attempts"]
-        new.start_time = seen["startTime"]
-        new.completion_time = seen["completionTime"]
-        if seen["failure"]:
-            reason, message = seen["failure"]
-            new.failure = Failure(reason=reason, message=message)
+            failure = Failure(reason=job_reason, message=cond.get("message") or "the Job failed")
+        return RunState("Failed", attempts, start, completion, failure=failure)
+    if (job or {}).get("spec", {}).get("suspend"):
+        return RunState("Suspended", attempts, start, completion)
+    phase = "Running" if any((p.get("status") or {}).get("phase") == "Running" for p in pods) else "Pending"
+    problem = None
+    if problems := [w for w in (pod_waiting_problem(p) for p in pods) if w]:
+        problem = problems[-1]
+    elif failed_pods and phase == "Pending":
+        last_pod, last = failed_pods[-1]
+        used = (js.get("failed") or 0) if policy else len(failures)
+        if disrupted(last_pod, last):
+            problem = ConditionState(FALSE, Reason.Preempted, f"{last.message}; a new pod resumes from the newest "
+                                     "checkpoint" + (" (disruptions do not count against backoffLimit)" if policy
+                                                     else f" ({used} of {ftj.spec.backoff_limit} retries used)"))
         else:
-            new.failure = None
-    if new.phase == "Succeeded" and new.adapter_ref is None:
-        result = seen.get("result") or {}
-        uri, sha = artifact_of(result, finetunejob.output_uri(ftj, settings))
-        version = await ensure_adapter(op, ftj, uri, sha, result, new.completion_time)
-        new.adapter_ref = AdapterRef(name=ftj.spec.output.adapter_name, version=version)
-        new.artifact = ArtifactRef(uri=uri, sha256=sha)
-        event = ("Normal", "Succeeded", f"training finished; Adapter {ftj.spec.output.adapter_name} version "
-                                        f"{version} points at {uri}"
-                 + ("" if seen.get("result") else " (the trainer reported no result message: no sha256, "
-                                                  "metrics or dataset digest)"))
-    # Ready: kstatus reads it; the reason says what the user is waiting for or must fix.
-    if rejected:
-        ready = ("False", "SpecImmutable",
-                 f"{', '.join(rejected)} cannot change while the job exists (immutable); revert the change "
-                 "or create a new FineTuneJob. The running job keeps its original spec.")
-    elif new.phase == "Succeeded":
-        ready = ("True", "Succeeded", f"Adapter {ftj.spec.output.adapter_name} version "
-                                      f"{(new.adapter_ref.version if new.adapter_ref else '')} created")
-    elif new.phase == "Failed":
-        ready = ("False", new.failure.reason if new.failure else "Failed",
-                 new.failure.message if new.failure else "the Job failed")
-    elif seen.get("problem"):
-        ready = ("False", *seen["problem"])
-    elif new.phase == "Running":
-        ready = ("False", "Running", "training; see status.progress")
-    elif new.phase == "Suspended":
-        ready = ("False", "Suspended", "spec.suspend is true")
-    else:
-        ready = ("False", "Pending", f"waiting for Job {finetunejob.job_name(ftj)} to start a pod")
-    new.conditions = set_condition(new.conditions, "Ready", ready[0], ready[1], ready[2],
-                                   observed_generation=generation)
-    desired = dump_status(new)
-    patch = status_patch(current, desired, OWNED_STATUS)
-    if patch:
-        await op.kube.patch_status(API, "FineTuneJob", ns, name, patch)
-    if event is None and status.phase != new.phase and new.phase != "Succeeded":
-        if new.phase == "Failed":
-            event = ("Warning", new.failure.reason if new.failure else "Failed",
-                     new.failure.message if new.failure else "failed")
-        elif new.phase:
-            event = ("Normal", new.phase, ready[2])
-    old_ready = status.condition("Ready")
-    if not event and ready[1] != (old_ready.reason if old_ready else None) and ready[1] in (
-            "SpecImmutable", "ImagePull", "Unschedulable", "Retrying", "Preempted"):
-        event = ("Warning", ready[1], ready[2])
-    if event:
-        await op.events.post(body, *event)
+            problem = ConditionState(FALSE, Reason.Retrying, f"{last.message}; retrying ({used} of "
+                                     f"{ftj.spec.backoff_limit} retries used), resuming from the newest checkpoint")
+    return RunState(phase, attempts, start, completion, problem=problem)
 
 
-async def ensure_adapter(op: "Operator", ftj: FineTuneJob, uri: str, sha: str | None, result: dict,
-                         completed_at: str | None) -> str:
-    """Create (or bump) the Adapter this job produced and record its provenance; returns its version."""
-    ns = ftj.metadata.namespace or "default"
-    key = (ns, ftj.spec.output.adapter_name)
-    existing_body = op.adapters.get(key)
-    if existing_body is None:  # the watch may lag behind a write of ours: ask the API server
-        existing_body = await op.kube.get(API, "Adapter", ns, key[1])
+@dataclass
+class FineTuneJobFacts:
+    """What a FineTuneJob reconcile observed."""
+
+    body: dict                          # the object as stored
+    ftj: FineTuneJob | None             # None when the spec is invalid (`invalid` says why)
+    invalid: str | None = None
+    accepted_spec: dict | None = None   # the spec the running Job was created from (None: not created yet)
+    run: RunState | None = None         # None: terminal and the Job is gone (the status is kept)
+    existing_adapter: dict | None = None  # the output Adapter, when the run succeeded and none is recorded yet
+    now: str = ""                       # RFC 3339, the provenance's completedAt when the trainer gave none
+
+
+@dataclass
+class ProducedAdapter:
+    """The Adapter a succeeded run creates or bumps, and its provenance."""
+
+    manifest: dict
+    job: str                            # the FineTuneJob's name
+    apply: bool                         # False: the live Adapter already is this job's output
+    created: bool                       # no Adapter of that name existed
+    live: dict | None                   # the live Adapter (None when it does not exist yet)
+    provenance: dict[str, Any]
+
+
+@dataclass
+class FineTuneJobPlan:
+    """What a FineTuneJob reconcile writes, in this order."""
+
+    body: dict
+    children: list[list[dict]] = field(default_factory=list)  # apply stages; empty: leave the children alone
+    fresh: bool = False                 # never reconciled: its children cannot exist yet (no GET before apply)
+    spec: dict | None = None            # the spec the children are rendered from, remembered once applied
+    adapter: ProducedAdapter | None = None
+    status: dict = field(default_factory=dict)  # merge patch of the status; empty: unchanged
+    events: list[Event] = field(default_factory=list)
+
+
+class FineTuneJobController(Controller):
+    """Reconciles FineTuneJobs. Remembers, per job (namespace, name, uid), the spec its Job was created from,
+    to refuse changes of immutable fields; it is re-read from the job's config ConfigMap after a restart."""
+
+    kind = "FineTuneJob"
+
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        self._accepted: dict[tuple[str, str, str], dict] = {}
+
+    def on_change(self, source: str, obj: dict, old: dict | None) -> None:
+        meta = obj.get("metadata") or {}
+        ns = meta.get("namespace") or ""
+        if source == "FineTuneJob":
+            self.schedule((ns, meta.get("name") or ""))
+        elif source in ("Job", "TrainPod", "Adapter"):
+            # A child changed, or a produced Adapter (labelled with its job): the job may be waiting for it.
+            if owner := (meta.get("labels") or {}).get(FINETUNEJOB_LABEL):
+                self.schedule((ns, owner))
+
+    async def reconcile(self, key: Key) -> None:
+        facts = await self.observe(key)
+        if facts is None:  # deleted: its children are garbage-collected through their ownerReferences
+            self.forget(key)
+            return
+        await self.execute(self.plan(facts))
+
+    # ---- observe -----------------------------------------------------------------------------------------
+
+    async def observe(self, key: Key) -> FineTuneJobFacts | None:
+        body = self.store.get(key)
+        if body is None:
+            return None
+        ftj = self.store.parsed(key, FineTuneJob)
+        if isinstance(ftj, ValidationError):
+            return FineTuneJobFacts(body, None, invalid=format_validation_error(ftj, "spec field "))
+        ns, name = key
+        current = body.get("status") or {}
+        accepted = await self.accepted_spec(ftj) if current else None  # never reconciled: nothing accepted yet
+        job = self.stores.Job.get((ns, finetunejob.job_name(ftj)))
+        previous = owned_status(FineTuneJobStatus, current, OWNED_STATUS)
+        run = None if previous.phase in TERMINAL and job is None else run_state(
+            ftj, job, self.stores.TrainPod.group(ns, name))
+        facts = FineTuneJobFacts(body, ftj, accepted_spec=accepted, run=run, now=now_rfc3339())
+        if (run.phase if run else previous.phase) == "Succeeded" and previous.adapter_ref is None:
+            adapter_key = (ns, ftj.spec.output.adapter_name)
+            # The watch may lag behind a write of ours: ask the API server when the store has none.
+            facts.existing_adapter = self.stores.Adapter.get(adapter_key) or await self.kube.get(
+                API, "Adapter", *adapter_key)
+        return facts
+
+    async def accepted_spec(self, ftj: FineTuneJob) -> dict | None:
+        """The spec the job's Job runs with: from memory, else from its config ConfigMap."""
+        ident = (ftj.metadata.namespace or "", ftj.metadata.name or "", ftj.metadata.uid or "")
+        if ident in self._accepted:
+            return self._accepted[ident]
+        cm = await self.kube.get("v1", "ConfigMap", ident[0], finetunejob.config_name(ftj))
+        if cm is None or not _owned_by(cm, ident[2]):
+            return None
+        try:
+            spec = json.loads((cm.get("data") or {}).get(finetunejob.CONFIG_KEY, ""))["spec"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        self._accepted[ident] = spec
+        return spec
+
+    def forget(self, key: Key) -> None:
+        """Drop what was remembered about a deleted job and its children (a later GET re-learns it)."""
+        for ident in [i for i in self._accepted if i[:2] == key]:
+            del self._accepted[ident]
+        self.ctx.applier.forget(key[0], f"{key[1]}-")
+
+    # ---- plan (pure) -------------------------------------------------------------------------------------
+
+    def plan(self, facts: FineTuneJobFacts) -> FineTuneJobPlan:
+        """Children, status patch, produced Adapter and Events from the facts (no I/O)."""
+        body = facts.body
+        generation = body["metadata"].get("generation")
+        current = body.get("status") or {}
+        out = FineTuneJobPlan(body)
+        if facts.ftj is None:
+            patch, event = invalid_spec(current, generation, facts.invalid or "")
+            out.status, out.events = patch, [event] if event else []
+            return out
+        ftj, settings = facts.ftj, self.ctx.build
+        status = owned_status(FineTuneJobStatus, current, OWNED_STATUS)
+        desired_spec = finetunejob.trainer_config(ftj, settings)["spec"]
+        rejected = immutable_changes(facts.accepted_spec, desired_spec) if facts.accepted_spec is not None else []
+        if not rejected and status.phase not in TERMINAL:
+            kids = finetunejob.children(ftj, settings)
+            out.children, out.fresh, out.spec = [kids[:-1], kids[-1:]], not current, desired_spec
+
+        new = status.model_copy(deep=True)
+        new.observed_generation = generation
+        new.job_name = finetunejob.job_name(ftj)
+        run = facts.run
+        if run is not None:
+            new.phase, new.attempts = run.phase, run.attempts
+            new.start_time, new.completion_time = run.start_time, run.completion_time
+            new.failure = run.failure
+        event: Event | None = None
+        if new.phase == "Succeeded" and new.adapter_ref is None:
+            result = run.result if run else None
+            uri, sha = artifact_of(result, finetunejob.output_uri(ftj, settings))
+            out.adapter = produced_adapter(ftj, uri, sha, result, facts.existing_adapter,
+                                           new.completion_time or facts.now)
+            version = out.adapter.manifest["spec"]["version"]
+            new.adapter_ref = AdapterRef(name=ftj.spec.output.adapter_name, version=version)
+            new.artifact = ArtifactRef(uri=uri, sha256=sha)
+            event = Event(EventType.Normal, Reason.Succeeded, (
+                f"training finished; Adapter {ftj.spec.output.adapter_name} version {version} points at {uri}"
+                + ("" if result else " (the trainer reported no result message: no sha256, metrics or dataset "
+                                     "digest)")))
+        ready = ready_state(ftj, new, run, rejected)
+        set_condition(new, ConditionType.Ready, ready, generation)
+        out.status = status_patch(current, dump_status(new), OWNED_STATUS)
+        if event is None and status.phase != new.phase and new.phase != "Succeeded":
+            if new.phase == "Failed":
+                event = Event(EventType.Warning, new.failure.reason if new.failure else Reason.JobFailed,
+                              new.failure.message if new.failure else "failed")
+            elif new.phase:
+                event = Event(EventType.Normal, new.phase, ready.message)
+        old_ready = status.condition(ConditionType.Ready)
+        if not event and ready.reason != (old_ready.reason if old_ready else None) and ready.reason in WARNING_REASONS:
+            event = Event(EventType.Warning, ready.reason, ready.message)
+        out.events = [event] if event else []
+        return out
+
+    # ---- execute -----------------------------------------------------------------------------------------
+
+    async def execute(self, plan: FineTuneJobPlan) -> None:
+        """Apply the children, create or bump the produced Adapter, patch the status, post the Events."""
+        body = plan.body
+        ns, name = body["metadata"].get("namespace"), body["metadata"]["name"]
+        if plan.children and await self.ctx.applier.ensure(plan.children, fresh=plan.fresh):
+            meta = body["metadata"]
+            self._accepted[(ns or "", name, meta.get("uid") or "")] = plan.spec
+        if plan.adapter is not None:
+            await self._write_adapter(plan.adapter)
+        if plan.status:
+            await self.kube.patch_status(API, self.kind, ns, name, plan.status)
+        for event in plan.events:
+            await self.ctx.events.post(body, event)
+
+    async def _write_adapter(self, produced: ProducedAdapter) -> None:
+        manifest, live = produced.manifest, produced.live
+        if produced.apply:
+            live = await self.kube.apply(manifest)
+            await self.ctx.events.post(
+                manifest | {"metadata": {**manifest["metadata"], "uid": live["metadata"]["uid"]}},
+                Event(EventType.Normal, Reason.Created if produced.created else Reason.VersionBumped,
+                      f"version {manifest['spec']['version']} from FineTuneJob {produced.job}"))
+        if _canonical(((live or {}).get("status") or {}).get("provenance")) != _canonical(produced.provenance):
+            meta = manifest["metadata"]
+            await self.kube.patch_status(API, "Adapter", meta["namespace"], meta["name"],
+                                         {"provenance": produced.provenance})
+
+
+def produced_adapter(ftj: FineTuneJob, uri: str, sha: str | None, result: TerminationMessage | None,
+                     existing_body: dict | None, completed_at: str) -> ProducedAdapter:
+    """The Adapter `ftj` produced (builders.finetunejob.produced_adapter) and whether it must be written: not when
+    the live one already carries this job's uid and the same spec (a restarted operator bumps nothing)."""
     existing = None
     if existing_body is not None:
-        parsed = Adapter.model_validate(
+        existing = Adapter.model_validate(
             {k: v for k, v in existing_body.items() if k in ("apiVersion", "kind", "metadata", "spec")})
-        existing = parsed
     manifest = finetunejob.produced_adapter(ftj, uri, sha, existing)
     already = (existing is not None and existing.metadata.annotations.get(finetunejob.PRODUCED_BY_ANNOTATION)
                == ftj.metadata.uid and existing.spec.wire() == Adapter.model_validate(manifest).spec.wire())
-    live = existing_body
-    if not already:
-        live = await op.kube.apply(manifest)
-        await op.events.post(manifest | {"metadata": {**manifest["metadata"], "uid": live["metadata"]["uid"]}},
-                             "Normal", "Created" if existing is None else "VersionBumped",
-                             f"version {manifest['spec']['version']} from FineTuneJob {ftj.metadata.name}")
-    provenance = finetunejob.provenance(ftj, result, result.get("completedAt") or completed_at or now_rfc3339())
-    if json.dumps((live.get("status") or {}).get("provenance"), sort_keys=True) != json.dumps(provenance,
-                                                                                            sort_keys=True):
-        await op.kube.patch_status(API, "Adapter", ns, key[1], {"provenance": provenance})
-    return manifest["spec"]["version"]
+    wire = result.to_json() if result else {}
+    provenance = finetunejob.provenance(ftj, wire, (result.completed_at if result else None) or completed_at)
+    return ProducedAdapter(manifest, job=ftj.metadata.name or "", apply=not already, created=existing is None, live=existing_body,
+                           provenance=provenance)
+
+
+def ready_state(ftj: FineTuneJob, new: FineTuneJobStatus, run: RunState | None,
+                rejected: list[str]) -> ConditionState:
+    """The Ready condition: kstatus reads it; the reason says what the user is waiting for or must fix."""
+    if rejected:
+        return ConditionState(FALSE, Reason.SpecImmutable, (
+            f"{', '.join(rejected)} cannot change while the job exists (immutable); revert the change or create "
+            "a new FineTuneJob. The running job keeps its original spec."))
+    if new.phase == "Succeeded":
+        return ConditionState(ConditionStatus.TRUE, Reason.Succeeded, f"Adapter {ftj.spec.output.adapter_name} "
+                              f"version {(new.adapter_ref.version if new.adapter_ref else '')} created")
+    if new.phase == "Failed":
+        return ConditionState(FALSE, new.failure.reason if new.failure else Reason.JobFailed,
+                              new.failure.message if new.failure else "the Job failed")
+    if run is not None and run.problem is not None:
+        return run.problem
+    if new.phase == "Running":
+        return ConditionState(FALSE, Reason.Running, "training; see status.progress")
+    if new.phase == "Suspended":
+        return ConditionState(FALSE, Reason.Suspended, "spec.suspend is true")
+    return ConditionState(FALSE, Reason.Pending, f"waiting for Job {finetunejob.job_name(ftj)} to start a pod")
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _owned_by(obj: dict, uid: str) -> bool:
+    return any(r.get("uid") == uid for r in (obj.get("metadata") or {}).get("ownerReferences") or [])
+

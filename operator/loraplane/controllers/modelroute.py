@@ -1,45 +1,39 @@
-"""ModelRoute reconcile: the serving table and children, status from the engine Deployment and the
+"""The ModelRoute controller: the serving table and children, status from the engine Deployment and the
 ReplicaReports the loaders write into their pods' `loraplane.io/adapters` annotation."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
 from loraplane.api.adapter import Adapter
-from loraplane.api.common import API_VERSION, set_condition
+from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType
+from loraplane.api.keys import ROUTE_LABEL
 from loraplane.api.modelroute import BackendStatus, ModelRoute, ModelRouteStatus, ServedModel
-from loraplane.builders import modelroute as builders
-from loraplane.builders import engine_pod
-from loraplane.builders.resolution import Resolution, resolve
+from loraplane.api.reasons import Reason
 from loraplane.api.validation import format_validation_error
-from loraplane.controllers.pods import crash_problem, image_pull_problem, pod_name, unschedulable
-from loraplane.controllers.runtime import Key, dump_status, owned_status, status_patch, write_invalid
-from loraplane.api.wire.serving import REPORT_ANNOTATION, ReplicaReport, ServingTable
+from loraplane.api.wire.serving import CONFIGMAP_KEY, AdapterState, ReplicaReport, ServingTable, configmap_name
+from loraplane.builders import engine_pod
+from loraplane.builders import modelroute as builders
+from loraplane.builders.resolution import Resolution, Verdict, resolve
+from loraplane.controllers.base import API, Context, Controller
+from loraplane.controllers.pods import (crash_problem, image_pull_problem, pod_name, pod_ready, replica_report,
+                                        unschedulable)
+from loraplane.controllers.status import (dump_status, invalid_spec, owned_status, ready_reason, set_condition,
+                                          status_patch)
+from loraplane.kube.events import Event, EventType
+from loraplane.kube.informer import Key
 
-if TYPE_CHECKING:
-    from loraplane.controllers.operator import Operator
-
-API = API_VERSION
 OWNED_STATUS = ("phase", "observedGeneration", "conditions", "replicas", "readyReplicas", "endpoint", "models")
+# How long adapter changes are gathered before the routes of their namespace re-resolve their tables.
+ROUTE_BATCH_SECONDS = 0.5
+# Ready reasons that explain unready replicas (each posts a Warning event when it appears).
+REPLICA_PROBLEMS = (Reason.Unschedulable, Reason.ImagePull, Reason.ModelFetchFailed, Reason.EngineFailing)
+FALSE = ConditionStatus.FALSE
 
-
-def pod_ready(pod: dict) -> bool:
-    status = pod.get("status") or {}
-    if (pod.get("metadata") or {}).get("deletionTimestamp"):
-        return False
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
-
-
-def replica_report(pod: dict) -> ReplicaReport | None:
-    raw = ((pod.get("metadata") or {}).get("annotations") or {}).get(REPORT_ANNOTATION)
-    if not raw:
-        return None
-    try:
-        return ReplicaReport.model_validate_json(raw)
-    except (ValidationError, ValueError):
-        return None
+BaseModelId = tuple[str, str | None]  # (identity, revision)
 
 
 def ready_reports(pods: list[dict]) -> list[ReplicaReport]:
@@ -52,11 +46,11 @@ def ready_reports(pods: list[dict]) -> list[ReplicaReport]:
     return out
 
 
-# Ready reasons that explain unready replicas (each posts a Warning event when it appears).
-REPLICA_PROBLEMS = ("Unschedulable", "ImagePull", "ModelFetchFailed", "EngineFailing")
+def replica_reports_all(pods: list[dict]) -> list[ReplicaReport]:
+    return [r for r in (replica_report(p) for p in pods) if r]
 
 
-def replica_problem(route: ModelRoute, pods: list[dict]) -> tuple[str, str] | None:
+def replica_problem(route: ModelRoute, pods: list[dict]) -> ConditionState | None:
     """Why engine replicas are not ready, from the newest pod that shows a reason (pure)."""
     gpu = route.spec.engine.gpu_resource
     containers = (engine_pod.ENGINE_CONTAINER, engine_pod.LOADER_CONTAINER)
@@ -64,17 +58,18 @@ def replica_problem(route: ModelRoute, pods: list[dict]) -> tuple[str, str] | No
         if (pod.get("metadata") or {}).get("deletionTimestamp"):
             continue
         if message := unschedulable(pod):
-            return "Unschedulable", (f"pod {pod_name(pod)} cannot be scheduled: {message}; check spec.engine.gpus "
-                                     f"(free {gpu} in the cluster), gpuType, nodeSelector and tolerations")
+            return ConditionState(FALSE, Reason.Unschedulable, (
+                f"pod {pod_name(pod)} cannot be scheduled: {message}; check spec.engine.gpus (free {gpu} in the "
+                "cluster), gpuType, nodeSelector and tolerations"))
         if problem := crash_problem(pod, engine_pod.MODEL_FETCH_CONTAINER, init=True):
-            return "ModelFetchFailed", problem
+            return ConditionState(FALSE, Reason.ModelFetchFailed, problem)
         if problem := (image_pull_problem(pod, (engine_pod.MODEL_FETCH_CONTAINER,), init=True)
                        or image_pull_problem(pod, containers)):
-            return "ImagePull", (f"{problem}; check spec.engine.image (or the chart's engineImage / image) and "
-                                 "imagePullSecrets")
+            return ConditionState(FALSE, Reason.ImagePull, (
+                f"{problem}; check spec.engine.image (or the chart's engineImage / image) and imagePullSecrets"))
         for name in containers:
             if problem := crash_problem(pod, name):
-                return "EngineFailing", problem
+                return ConditionState(FALSE, Reason.EngineFailing, problem)
     return None
 
 
@@ -93,12 +88,12 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
     def count(served_name: str, base: bool) -> int:
         if base:
             return sum(1 for r in reports if r.engine_ready)
-        return sum(1 for r in reports if (a := r.adapters.get(served_name)) and a.state == "Ready")
+        return sum(1 for r in reports if (a := r.adapters.get(served_name)) and a.state == AdapterState.Ready)
 
     def loader_reason(served_name: str) -> str | None:
         for r in replica_reports_all(pods):
             a = r.adapters.get(served_name)
-            if a and a.state != "Ready":
+            if a and a.state != AdapterState.Ready:
                 return a.reason
         return None
 
@@ -110,7 +105,7 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
             backends.append(BackendStatus(adapter=b.adapter, base=True if b.adapter is None else None,
                                           weight=b.weight, served_name=b.served_name, ready=n > 0,
                                           ready_replicas=n,
-                                          reason=None if n else (loader_reason(b.served_name) or "NotLoaded")))
+                                          reason=None if n else (loader_reason(b.served_name) or Reason.NotLoaded)))
         for (public, adapter), verdict in sorted(resolution.missing.items()):
             if public == model.name:
                 weight = next((x.weight for r in route.spec.routes if r.name == public for x in r.backends or []
@@ -123,27 +118,24 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
     excluded = sorted({f"{a} ({v.reason})" for (_, a), v in resolution.missing.items()})
     if new.ready_replicas == 0:
         new.phase = "Progressing" if deployment is not None else "Pending"
-        ready = ("False", "NoReadyReplicas", f"0 of {new.replicas} engine replicas are ready")
+        ready = ConditionState(FALSE, Reason.NoReadyReplicas, f"0 of {new.replicas} engine replicas are ready")
         if problem := replica_problem(route, pods):
-            ready = ("False", problem[0], f"{ready[2]}: {problem[1]}")
+            ready = ConditionState(FALSE, problem.reason, f"{ready.message}: {problem.message}")
     elif unready:
         new.phase = "Degraded"
-        ready = ("False", "ModelsNotReady", f"no ready backend for: {', '.join(unready)}")
+        ready = ConditionState(FALSE, Reason.ModelsNotReady, f"no ready backend for: {', '.join(unready)}")
     else:
         new.phase = "Ready"
-        ready = ("True", "Ready", f"{new.ready_replicas} replica(s) serve {len(models)} model(s)")
+        ready = ConditionState(ConditionStatus.TRUE, Reason.Ready,
+                               f"{new.ready_replicas} replica(s) serve {len(models)} model(s)")
     if excluded:
-        ready = (ready[0], ready[1], ready[2] + f"; left out: {', '.join(excluded)}")
-    new.conditions = set_condition(new.conditions, "Ready", ready[0], ready[1], ready[2],
-                                   observed_generation=generation)
+        ready = ready._replace(message=ready.message + f"; left out: {', '.join(excluded)}")
+    set_condition(new, ConditionType.Ready, ready, generation)
     return new
 
 
-def replica_reports_all(pods: list[dict]) -> list[ReplicaReport]:
-    return [r for r in (replica_report(p) for p in pods) if r]
-
-
-def accepted_base(table_json: str | None) -> tuple[str, str | None] | None:
+def accepted_base(table_json: str | None) -> BaseModelId | None:
+    """The base model (identity, revision) a serving table (its ConfigMap's JSON) was written for."""
     if not table_json:
         return None
     try:
@@ -153,67 +145,196 @@ def accepted_base(table_json: str | None) -> tuple[str, str | None] | None:
     return table.base_model, table.base_model_revision
 
 
-async def reconcile(op: "Operator", key: Key) -> None:
-    body = op.routes.get(key)
-    if body is None:
-        op.resolutions.pop(key, None)
-        op.route_selected.pop(key, None)
-        op.route_applied.pop(key, None)
-        op.forget(key)
-        return
-    route = op.routes.parsed(key, ModelRoute)
-    generation = body["metadata"].get("generation")
-    current = body.get("status") or {}
-    if isinstance(route, ValidationError):
-        await write_invalid(op, body, current, generation, format_validation_error(route, "spec field "))
-        return
-    ns, name = key
-    previous = owned_status(ModelRouteStatus, current, OWNED_STATUS)
-    adapters = [a for a in (op.adapters.parsed(k, Adapter) for k in list(op.adapters.objects) if k[0] == ns)
-                if isinstance(a, Adapter)]
-    resolution = resolve(route, adapters, op.rejected_adapters(ns))
-    accepted = await op.accepted_route_base(route) if current else None
-    wanted = (route.spec.base_model.identity, route.spec.base_model.revision)
-    rejected = accepted is not None and accepted != wanted
-    if not rejected:
-        # Children depend only on the route's spec and its table: when neither changed since the last
-        # successful apply (an adapter event that did not change this route's table), skip rendering them.
-        applied_as = (route.metadata.uid, generation, resolution.table.to_json(), op.applier_epoch)
-        if op.route_applied.get(key) != applied_as:
-            kids = builders.children(route, resolution.table, op.settings.build)
-            # The serving table and the RBAC first: the replicas and routers read them as they start.
-            first = [k for k in kids if k["kind"] in ("ConfigMap", "ServiceAccount", "Role", "RoleBinding")]
-            await op.applier.ensure([first, [k for k in kids if k not in first]], fresh=not current)
-            await op.applier.prune(builders.unwanted_children(route, op.settings.build), route.metadata.uid or "")
-            op.route_applied[key] = applied_as
-        op.remember_route_base(route, wanted)
-        op.resolutions[key] = resolution
-    else:
-        resolution = op.resolutions.get(key) or resolution
-    deployment = op.deployments.get((ns, builders.engine_name(route)))
-    pods = op.engine_pods.group(ns, name)
-    new = route_status(route, resolution, deployment, pods, generation, previous)
-    if rejected:
-        new.conditions = set_condition(
-            new.conditions, "Ready", "False", "SpecImmutable",
-            f"spec.baseModel cannot change from {accepted[0]}@{accepted[1] or '-'} to "
-            f"{wanted[0]}@{wanted[1] or '-'} (immutable); revert it or create a new ModelRoute",
-            observed_generation=generation)
-    desired = dump_status(new)
-    patch = status_patch(current, desired, OWNED_STATUS)
-    if patch:
-        await op.kube.patch_status(API, "ModelRoute", ns, name, patch)
-    old_phase = current.get("phase")
-    ready = new.condition("Ready")
-    old_reason = next((c.get("reason") for c in current.get("conditions") or [] if c.get("type") == "Ready"), None)
-    if ready and ready.reason in REPLICA_PROBLEMS + ("SpecImmutable",) and old_reason != ready.reason:
-        await op.events.post(body, "Warning", ready.reason, ready.message)
-    elif old_phase != new.phase and new.phase in ("Ready", "Degraded") or (old_phase is None and new.phase):
-        await op.events.post(body, "Normal" if new.phase != "Degraded" else "Warning", new.phase,
-                             ready.message if ready else "")
-    # Adapters' status lists the routes that select them: those whose selection or verdict changed follow.
-    previous_selection = op.route_selected.get(key, {})
-    for adapter_name in set(resolution.selected) | set(previous_selection):
-        if previous_selection.get(adapter_name) != resolution.selected.get(adapter_name):
-            op.adapter_queue.schedule((ns, adapter_name))
-    op.route_selected[key] = dict(resolution.selected)
+@dataclass
+class ModelRouteFacts:
+    """What a ModelRoute reconcile observed, from the stores and the controller's memory."""
+
+    body: dict
+    route: ModelRoute | None                     # None when the spec is invalid (`invalid` says why)
+    invalid: str | None = None
+    adapters: list[Adapter] = field(default_factory=list)      # the valid Adapters of its namespace
+    rejected: dict[str, Verdict] = field(default_factory=dict)  # Adapters no route may serve
+    accepted_base: BaseModelId | None = None     # the base model its serving table was written for
+    deployment: dict | None = None               # the engine Deployment
+    pods: list[dict] = field(default_factory=list)  # the engine pods
+    last_resolution: Resolution | None = None    # the table it serves now (kept while a change is refused)
+    last_applied: tuple | None = None            # what its children were last rendered from
+    last_selected: dict[str, Verdict] = field(default_factory=dict)  # adapters it selected last time
+    applier_epoch: int = 0
+
+
+@dataclass
+class ModelRoutePlan:
+    """What a ModelRoute reconcile writes, in this order."""
+
+    body: dict
+    children: list[list[dict]] = field(default_factory=list)  # apply stages; empty: unchanged
+    fresh: bool = False
+    unwanted: list[tuple[str, str, str, str]] = field(default_factory=list)  # optional children to prune
+    applied_as: tuple | None = None              # remembered once the children are applied
+    accepted_base: BaseModelId | None = None     # remembered as accepted (None: the change was refused)
+    resolution: Resolution | None = None
+    status: dict = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    selected: dict[str, Verdict] = field(default_factory=dict)
+    reselected: list[str] = field(default_factory=list)  # adapters whose selection or verdict changed
+
+
+class ModelRouteController(Controller):
+    """Reconciles ModelRoutes. Remembers per route the base model it accepted, the resolution it serves, what
+    its children were rendered from, and which adapters it selected (to tell the Adapter controller)."""
+
+    kind = "ModelRoute"
+
+    def __init__(self, ctx: Context, rejections: Callable[[str], dict[str, Verdict]],
+                 reselected: Callable[[Key], None]):
+        """`rejections(namespace)`: the Adapters no route may serve (AdapterController.rejections);
+        `reselected(adapter key)`: called when a route's selection or verdict of that Adapter changed."""
+        super().__init__(ctx)
+        self._rejections = rejections
+        self._reselected = reselected
+        self._accepted: dict[tuple[str, str, str], BaseModelId] = {}
+        self._resolutions: dict[Key, Resolution] = {}
+        self._selected: dict[Key, dict[str, Verdict]] = {}
+        self._applied: dict[Key, tuple] = {}
+
+    def on_change(self, source: str, obj: dict, old: dict | None) -> None:
+        meta = obj.get("metadata") or {}
+        ns = meta.get("namespace") or ""
+        if source == "ModelRoute":
+            self.schedule((ns, meta.get("name") or ""))
+        elif source == "Adapter":
+            before = old or {}
+            if (old is None or before.get("spec") != obj.get("spec")
+                    or (before.get("metadata") or {}).get("labels") != meta.get("labels")
+                    or (before.get("status") or {}).get("artifact") != (obj.get("status") or {}).get("artifact")):
+                # Batched: a burst of adapter changes re-resolves each route once, not once per adapter.
+                self.schedule_namespace(ns, delay=ROUTE_BATCH_SECONDS)
+        elif source in ("EnginePod", "Deployment"):
+            if route := (meta.get("labels") or {}).get(ROUTE_LABEL):
+                self.schedule((ns, route))
+
+    async def reconcile(self, key: Key) -> None:
+        facts = await self.observe(key)
+        if facts is None:
+            self.forget(key)
+            return
+        await self.execute(key, self.plan(facts))
+
+    def forget(self, key: Key) -> None:
+        """Drop what was remembered about a deleted route and its children."""
+        for memory in (self._resolutions, self._selected, self._applied):
+            memory.pop(key, None)
+        for ident in [i for i in self._accepted if i[:2] == key]:
+            del self._accepted[ident]
+        self.ctx.applier.forget(key[0], f"{key[1]}-")
+
+    # ---- observe -----------------------------------------------------------------------------------------
+
+    async def observe(self, key: Key) -> ModelRouteFacts | None:
+        body = self.store.get(key)
+        if body is None:
+            return None
+        route = self.store.parsed(key, ModelRoute)
+        if isinstance(route, ValidationError):
+            return ModelRouteFacts(body, None, invalid=format_validation_error(route, "spec field "))
+        ns, name = key
+        adapters = [a for a in (self.stores.Adapter.parsed(k, Adapter) for k in self.stores.Adapter.keys_in(ns))
+                    if isinstance(a, Adapter)]
+        return ModelRouteFacts(
+            body, route, adapters=adapters, rejected=self._rejections(ns),
+            accepted_base=await self.accepted_base_of(route) if body.get("status") else None,
+            deployment=self.stores.Deployment.get((ns, builders.engine_name(route))),
+            pods=self.stores.EnginePod.group(ns, name), last_resolution=self._resolutions.get(key),
+            last_applied=self._applied.get(key), last_selected=self._selected.get(key, {}),
+            applier_epoch=self.ctx.applier.epoch)
+
+    async def accepted_base_of(self, route: ModelRoute) -> BaseModelId | None:
+        """The base model the route's serving table was written for: from memory, else its ConfigMap."""
+        ident = (route.metadata.namespace or "", route.metadata.name or "", route.metadata.uid or "")
+        if ident in self._accepted:
+            return self._accepted[ident]
+        cm = await self.kube.get("v1", "ConfigMap", ident[0], configmap_name(ident[1]))
+        refs = ((cm or {}).get("metadata") or {}).get("ownerReferences") or []
+        if cm is None or not any(r.get("uid") == ident[2] for r in refs):
+            return None
+        base = accepted_base((cm.get("data") or {}).get(CONFIGMAP_KEY))
+        if base is not None:
+            self._accepted[ident] = base
+        return base
+
+    # ---- plan (pure) -------------------------------------------------------------------------------------
+
+    def plan(self, facts: ModelRouteFacts) -> ModelRoutePlan:
+        """The serving table, children, status patch, Events and which Adapters to tell (no I/O)."""
+        body = facts.body
+        generation = body["metadata"].get("generation")
+        current = body.get("status") or {}
+        out = ModelRoutePlan(body)
+        if facts.route is None:
+            patch, event = invalid_spec(current, generation, facts.invalid or "")
+            out.status, out.events = patch, [event] if event else []
+            out.selected = facts.last_selected  # an invalid route changes nothing it selected
+            return out
+        route = facts.route
+        resolution = resolve(route, facts.adapters, facts.rejected)
+        wanted = (route.spec.base_model.identity, route.spec.base_model.revision)
+        rejected = facts.accepted_base is not None and facts.accepted_base != wanted
+        if not rejected:
+            # Children depend only on the route's spec and its table: when neither changed since the last
+            # successful apply (an adapter event that did not change this route's table), skip rendering them.
+            applied_as = (route.metadata.uid, generation, resolution.table.to_json(), facts.applier_epoch)
+            if facts.last_applied != applied_as:
+                kids = builders.children(route, resolution.table, self.ctx.build)
+                # The serving table and the RBAC first: the replicas and routers read them as they start.
+                first = [k for k in kids if k["kind"] in ("ConfigMap", "ServiceAccount", "Role", "RoleBinding")]
+                out.children = [first, [k for k in kids if k not in first]]
+                out.fresh = not current
+                out.unwanted = builders.unwanted_children(route, self.ctx.build)
+                out.applied_as = applied_as
+            out.accepted_base, out.resolution = wanted, resolution
+        else:
+            resolution = facts.last_resolution or resolution
+        previous = owned_status(ModelRouteStatus, current, OWNED_STATUS)
+        new = route_status(route, resolution, facts.deployment, facts.pods, generation, previous)
+        if rejected:
+            accepted = facts.accepted_base
+            set_condition(new, ConditionType.Ready, ConditionState(FALSE, Reason.SpecImmutable, (
+                f"spec.baseModel cannot change from {accepted[0]}@{accepted[1] or '-'} to "
+                f"{wanted[0]}@{wanted[1] or '-'} (immutable); revert it or create a new ModelRoute")), generation)
+        out.status = status_patch(current, dump_status(new), OWNED_STATUS)
+        old_phase = current.get("phase")
+        ready = new.condition(ConditionType.Ready)
+        if ready and ready.reason in REPLICA_PROBLEMS + (Reason.SpecImmutable,) and ready_reason(current) != ready.reason:
+            out.events.append(Event(EventType.Warning, ready.reason, ready.message))
+        elif old_phase != new.phase and new.phase in ("Ready", "Degraded") or (old_phase is None and new.phase):
+            out.events.append(Event(EventType.Normal if new.phase != "Degraded" else EventType.Warning, new.phase,
+                                    ready.message if ready else ""))
+        # Adapters' status lists the routes that select them: those whose selection or verdict changed follow.
+        out.selected = dict(resolution.selected)
+        out.reselected = [a for a in sorted(set(out.selected) | set(facts.last_selected))
+                          if facts.last_selected.get(a) != out.selected.get(a)]
+        return out
+
+    # ---- execute -----------------------------------------------------------------------------------------
+
+    async def execute(self, key: Key, plan: ModelRoutePlan) -> None:
+        """Apply the children and prune the unwanted ones, remember what was accepted, patch the status, post
+        the Events, and tell the Adapter controller whose selection changed."""
+        ns, name = key
+        applier = self.ctx.applier
+        if plan.children:
+            await applier.ensure(plan.children, fresh=plan.fresh)
+            await applier.prune(plan.unwanted, plan.body["metadata"].get("uid") or "")
+            self._applied[key] = plan.applied_as
+        if plan.accepted_base is not None:
+            self._accepted[(ns, name, plan.body["metadata"].get("uid") or "")] = plan.accepted_base
+            self._resolutions[key] = plan.resolution
+        if plan.status:
+            await self.kube.patch_status(API, self.kind, ns, name, plan.status)
+        for event in plan.events:
+            await self.ctx.events.post(plan.body, event)
+        for adapter in plan.reselected:
+            self._reselected((ns, adapter))
+        self._selected[key] = plan.selected
+

@@ -8,28 +8,29 @@ Shared by the FineTuneJob status (trainer pods) and the ModelRoute status (engin
 from __future__ import annotations
 
 import json
-from typing import Any
+
+from pydantic import ValidationError
+
+from loraplane.api.wire.serving import REPORT_ANNOTATION, ReplicaReport
+from loraplane.api.wire.trainer import TerminationMessage
 
 IMAGE_PULL_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"})
 MESSAGE_TAIL = 600  # characters of a termination message (a log tail) carried into a condition
 
 
-def parse_message(message: str | None) -> dict[str, Any] | None:
-    """A termination message in loraplane's {"reason", "message"} JSON form (trainer, fetch-model), else None."""
-    if not message:
-        return None
-    try:
-        value = json.loads(message.strip())
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
+def termination_message(terminated: dict | None) -> TerminationMessage | None:
+    """The loraplane termination message (trainer, fetch-model) of a container's `terminated` state, else None
+    (no message, or a log tail written by terminationMessagePolicy FallbackToLogsOnError)."""
+    return TerminationMessage.parse((terminated or {}).get("message"))
 
 
 def pod_name(pod: dict) -> str:
+    """metadata.name, "?" when missing."""
     return (pod.get("metadata") or {}).get("name", "?")
 
 
 def container_status(pod: dict, name: str, init: bool = False) -> dict:
+    """status.containerStatuses[] (initContainerStatuses[] with `init`) entry of container `name`, else {}."""
     key = "initContainerStatuses" if init else "containerStatuses"
     for cs in (pod.get("status") or {}).get(key) or []:
         if cs.get("name") == name:
@@ -52,6 +53,7 @@ def unschedulable(pod: dict) -> str | None:
 
 
 def image_pull_problem(pod: dict, names: tuple[str, ...], init: bool = False) -> str | None:
+    """Which of the containers `names` waits on an image it cannot pull, and why, else None."""
     for name in names:
         cs = container_status(pod, name, init)
         waiting = (cs.get("state") or {}).get("waiting") or {}
@@ -70,7 +72,39 @@ def crash_problem(pod: dict, name: str, init: bool = False) -> str | None:
     restarts = cs.get("restartCount") or 0
     what = "was OOMKilled (raise the memory limit)" if term.get("reason") == "OOMKilled" else (
         f"exited with code {term.get('exitCode')}")
-    own = parse_message(term.get("message"))  # ours: quote its message; anything else is a log tail
-    tail = (str(own.get("message", "")) if own else (term.get("message") or "")).strip()[-MESSAGE_TAIL:]
+    own = termination_message(term)  # ours: quote its message; anything else is a log tail
+    tail = (own.message if own else (term.get("message") or "")).strip()[-MESSAGE_TAIL:]
     return (f"pod {pod_name(pod)}: container {name} {what}" + (f" ({restarts} restarts)" if restarts else "")
             + (f": {tail}" if tail else ""))
+
+
+def pod_ready(pod: dict) -> bool:
+    """The pod's Ready condition is True and it is not being deleted."""
+    status = pod.get("status") or {}
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def replica_report(pod: dict | None) -> ReplicaReport | None:
+    """The ReplicaReport an engine pod's loader wrote into its REPORT_ANNOTATION, else None (none yet, or
+    unreadable)."""
+    raw = (((pod or {}).get("metadata") or {}).get("annotations") or {}).get(REPORT_ANNOTATION)
+    if not raw:
+        return None
+    try:
+        return ReplicaReport.model_validate_json(raw)
+    except (ValidationError, ValueError):
+        return None
+
+
+def reported_adapters(pod: dict | None) -> set[str]:
+    """Adapter object names in a pod's report (served names are `<adapter>--<version>`)."""
+    raw = (((pod or {}).get("metadata") or {}).get("annotations") or {}).get(REPORT_ANNOTATION)
+    if not raw:
+        return set()
+    try:
+        served = json.loads(raw).get("adapters") or {}
+    except (ValueError, AttributeError):
+        return set()
+    return {s.rpartition("--")[0] for s in served if "--" in s}

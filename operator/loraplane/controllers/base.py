@@ -1,0 +1,110 @@
+"""What every controller is built from: the shared read-only view of the cluster (Stores), the shared writers
+(Context), and the Controller base class that owns a work queue.
+
+A controller reconciles one kind in three steps (KubeAI's calculatePodPlan / plan.execute shape):
+`observe(key)` gathers facts from the stores (and, where memory does not know, one GET) into a dataclass;
+`plan(facts)` decides the children, the status patch and the Events without I/O (unit-tested without a
+cluster); `execute(plan)` writes what differs. Each controller keeps its own memory (accepted specs, rejected
+adapters) and says in `on_change` which of its keys a change of a watched object affects; controllers reach
+each other only through the explicit methods their constructor or `connect` is given.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from loraplane.api.common import API_VERSION as API
+from loraplane.api.keys import COMPONENT_LABEL, FINETUNEJOB_LABEL, ROUTE_LABEL
+from loraplane.builders.settings import BuildSettings
+from loraplane.kube.apply import Applier
+from loraplane.kube.client import KubeClient
+from loraplane.kube.events import EventRecorder
+from loraplane.kube.informer import Key, Source, Store, label_getter
+from loraplane.kube.workqueue import WorkQueue
+
+ENGINE_SELECTOR = f"{ROUTE_LABEL},{COMPONENT_LABEL}=engine"
+
+
+@dataclass
+class Stores:
+    """The informers' stores, one per source (SOURCES); controllers only read them. Children are grouped by
+    their owner's label, so "the pods of job X" is one lookup."""
+
+    FineTuneJob: Store = field(default_factory=Store)
+    Adapter: Store = field(default_factory=Store)
+    ModelRoute: Store = field(default_factory=Store)
+    Job: Store = field(default_factory=lambda: Store(group_by=label_getter(FINETUNEJOB_LABEL)))
+    TrainPod: Store = field(default_factory=lambda: Store(group_by=label_getter(FINETUNEJOB_LABEL)))
+    EnginePod: Store = field(default_factory=lambda: Store(group_by=label_getter(ROUTE_LABEL)))
+    Deployment: Store = field(default_factory=lambda: Store(group_by=label_getter(ROUTE_LABEL)))
+
+    def of(self, source: str) -> Store:
+        return getattr(self, source)
+
+
+# What the operator lists and watches, by store name. The three loraplane kinds arrive through kopf's watches;
+# the children are label-selected on the server (CHILD_SOURCES, watched by the operator's own informers).
+SOURCES: tuple[Source, ...] = (
+    Source("FineTuneJob", API, "FineTuneJob"), Source("Adapter", API, "Adapter"),
+    Source("ModelRoute", API, "ModelRoute"), Source("Job", "batch/v1", "Job", FINETUNEJOB_LABEL),
+    Source("TrainPod", "v1", "Pod", FINETUNEJOB_LABEL), Source("EnginePod", "v1", "Pod", ENGINE_SELECTOR),
+    Source("Deployment", "apps/v1", "Deployment", ENGINE_SELECTOR),
+)
+CHILD_SOURCES = ("Job", "TrainPod", "EnginePod", "Deployment")
+
+
+@dataclass
+class Context:
+    """What the controllers share: the API client, the applier of children, the Event recorder, the builders'
+    settings, the stores and how long a scheduled key waits for more events (seconds)."""
+
+    kube: KubeClient
+    applier: Applier
+    events: EventRecorder
+    build: BuildSettings
+    stores: Stores
+    coalesce_seconds: float = 0.05
+
+
+class Controller(ABC):
+    """One kind's controller: its work queue, its memory, and its reconcile."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.kube = ctx.kube
+        self.stores = ctx.stores
+        self.queue = WorkQueue(self.kind, self.reconcile, ctx.coalesce_seconds)
+
+    @property
+    def store(self) -> Store:
+        """The store of this controller's own kind."""
+        return self.stores.of(self.kind)
+
+    def schedule(self, key: Key, delay: float | None = None) -> None:
+        """Reconcile `key` soon (after `delay` seconds, default the queue's coalescing delay)."""
+        self.queue.schedule(key, delay)
+
+    def schedule_namespace(self, namespace: str, delay: float | None = None) -> None:
+        """Reconcile every object of this kind in `namespace`."""
+        for key in self.store.keys_in(namespace):
+            self.queue.schedule(key, delay)
+
+    def schedule_all(self) -> None:
+        for key in list(self.store.objects):
+            self.queue.schedule(key)
+
+    @abstractmethod
+    def on_change(self, source: str, obj: dict, old: dict | None) -> None:
+        """Schedule the keys a change of `obj` (from store `source`) affects; `old` is its previous state,
+        None when it appeared or disappeared."""
+
+    @abstractmethod
+    async def reconcile(self, key: Key) -> None:
+        """observe -> plan -> execute for one object; raising retries it with backoff (WorkQueue)."""
+
+
+__all__ = ["API", "CHILD_SOURCES", "Context", "Controller", "SOURCES", "Stores"]

@@ -1,0 +1,44 @@
+"""The operator's settings, read from LORAPLANE_* environment variables (`loraplane operator` sets them from its
+flags; `kopf run -m loraplane.controllers` takes them from the environment as is)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from loraplane.builders.settings import BuildSettings
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """How the operator runs: the builders' settings, the namespaces watched, the periodic resync (seconds),
+    how long a scheduled key waits for more events (seconds) and where /metrics and /healthz listen."""
+
+    build: BuildSettings = field(default_factory=BuildSettings)
+    namespaces: tuple[str, ...] = ()      # empty: all namespaces
+    resync_seconds: float = 600.0
+    coalesce_seconds: float = 0.05
+    metrics_port: int = 8080
+    metrics_host: str = "0.0.0.0"
+
+    @classmethod
+    def from_env(cls) -> "OperatorSettings":
+        """`kopf run -m loraplane.controllers` has no flags of ours: settings come from LORAPLANE_* env."""
+        e = os.environ.get
+        d = BuildSettings()
+        return cls(
+            build=BuildSettings(image=e("LORAPLANE_IMAGE", d.image), trainer_image=e("LORAPLANE_TRAINER_IMAGE"),
+                                engine_image=e("LORAPLANE_ENGINE_IMAGE", d.engine_image),
+                                artifact_store=e("LORAPLANE_ARTIFACT_STORE", d.artifact_store),
+                                hpa_api_version=e("LORAPLANE_HPA_API_VERSION", d.hpa_api_version),
+                                pdb_api_version=e("LORAPLANE_PDB_API_VERSION", d.pdb_api_version),
+                                pod_failure_policy=e("LORAPLANE_POD_FAILURE_POLICY", "true").lower() != "false"),
+            namespaces=tuple(n for n in e("LORAPLANE_NAMESPACES", "").split(",") if n),
+            resync_seconds=float(e("LORAPLANE_RESYNC_SECONDS", "600")),
+            coalesce_seconds=float(e("LORAPLANE_COALESCE_SECONDS", "0.05")),
+            metrics_port=int(e("LORAPLANE_METRICS_PORT", "8080")),
+            metrics_host=e("LORAPLANE_METRICS_HOST", "0.0.0.0"),
+        )
+
+
+__all__ = ["OperatorSettings"]

@@ -1,0 +1,84 @@
+"""Status bookkeeping shared by the controllers: the owned part of a status, the one way a condition is set,
+and the merge patch that writes only what changed.
+
+A controller owns a fixed set of status keys (OWNED_STATUS in each controller): other writers' keys (the
+trainer's `status.progress`, an Adapter's `provenance` written on behalf of its FineTuneJob) are neither read
+into the computation nor patched. Conditions keep `lastTransitionTime` unless their status flips
+(api.common.set_condition) and carry `observedGeneration`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from loraplane.api.common import StatusBase
+from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType
+from loraplane.api.reasons import Reason
+from loraplane.kube.events import Event, EventType
+
+S = TypeVar("S", bound=StatusBase)
+
+
+def owned_status(status_cls: type[S], current: dict, owned: tuple[str, ...]) -> S:
+    """The part of the stored status this controller owns, parsed; empty when it is unreadable (a status
+    written by an older version, or by hand), since the reconcile recomputes it anyway."""
+    try:
+        return status_cls.model_validate({k: v for k, v in current.items() if k in owned})
+    except ValidationError:
+        return status_cls()
+
+
+def set_condition(status: StatusBase, type_: ConditionType, state: ConditionState, generation: int | None) -> None:
+    """Set condition `type_` of `status` to `state`, for metadata.generation `generation`: the one path every
+    controller sets a condition through."""
+    status.set_condition(str(type_), str(ConditionStatus.of(state.status)), str(state.reason), state.message,
+                         generation)
+
+
+def ready_reason(current: dict | None) -> str | None:
+    """The reason of the stored Ready condition (`current` is a status in wire form), else None."""
+    return next((c.get("reason") for c in (current or {}).get("conditions") or []
+                 if c.get("type") == ConditionType.Ready), None)
+
+
+def status_patch(current: dict | None, desired: dict, owned: tuple[str, ...]) -> dict:
+    """The merge patch that turns `current` into `desired` on the `owned` keys (others are left alone:
+    the trainer's progress, another controller's fields). Empty when nothing changed."""
+    current = current or {}
+    patch: dict[str, Any] = {}
+    for k in owned:
+        want = desired.get(k)
+        if _canonical(current.get(k)) != _canonical(want):
+            patch[k] = want
+    return patch
+
+
+def _canonical(value: Any) -> str:
+    if value in (None, [], {}):
+        return "null"
+    return json.dumps(value, sort_keys=True)
+
+
+def dump_status(model: BaseModel) -> dict:
+    """A status model in wire form (camelCase keys, unset fields left out)."""
+    return model.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def invalid_spec(current: dict, generation: int | None, message: str) -> tuple[dict, Event | None]:
+    """For a spec that fails validation: the status patch (Ready=False, reason InvalidSpec, naming the field; the
+    other keys are left as they were) and a Warning Event when the message is new."""
+    previous = StatusBase.model_validate({"conditions": current.get("conditions") or []})
+    state = ConditionState(ConditionStatus.FALSE, Reason.InvalidSpec, message)
+    set_condition(previous, ConditionType.Ready, state, generation)
+    desired = {"observedGeneration": generation,
+               "conditions": [c.model_dump(by_alias=True, exclude_none=True) for c in previous.conditions]}
+    patch = status_patch(current, desired, ("observedGeneration", "conditions"))
+    old = next((c for c in current.get("conditions") or [] if c.get("type") == ConditionType.Ready), None)
+    new_message = not old or old.get("reason") != Reason.InvalidSpec or old.get("message") != message
+    return patch, Event(EventType.Warning, Reason.InvalidSpec, message) if patch and new_message else None
+
+
+__all__ = ["dump_status", "invalid_spec", "owned_status", "ready_reason", "set_condition", "status_patch"]

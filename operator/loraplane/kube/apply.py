@@ -1,0 +1,102 @@
+"""Server-side apply of an owner's children, writing only the ones whose rendering changed.
+
+Every child the builders render carries `loraplane.io/spec-hash` (HASH_ANNOTATION), the hash of its desired
+manifest. The Applier remembers the hash it last saw per object and compares: an unchanged child costs
+nothing, an unknown one one GET (a restarted operator reads each child once and writes none that are
+unchanged). Writes go through KubeClient.apply (field manager `loraplane`, force).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from loraplane.api.keys import HASH_ANNOTATION
+from loraplane.kube.client import ApiError, KubeClient
+
+log = logging.getLogger("loraplane.operator")
+
+
+class Applier:
+    """Server-side apply of children, skipped when the live object already carries the same spec hash.
+
+    The hash of what was last applied is remembered per object; an object never seen is read once (a GET,
+    not a write) to learn its hash, so a restarted operator writes nothing for unchanged children.
+    """
+
+    def __init__(self, kube: KubeClient):
+        self.kube = kube
+        self._known: dict[tuple[str, str, str, str], str] = {}
+        # Bumped by reset(): callers that skip rendering while nothing changed compare it, so after a reset
+        # they render and verify again.
+        self.epoch = 0
+
+    def reset(self) -> None:
+        """Forget every remembered hash: the next ensure() of each child reads it from the server again
+        (the periodic resync does this, so a child changed or deleted behind the operator's back returns)."""
+        self._known.clear()
+        self.epoch += 1
+
+    @staticmethod
+    def _id(m: dict) -> tuple[str, str, str, str]:
+        return m["apiVersion"], m["kind"], m["metadata"].get("namespace", ""), m["metadata"]["name"]
+
+    async def ensure(self, stages: list[list[dict]], fresh: bool = False) -> int:
+        """Apply what differs; returns the number of objects written. Objects of one stage are applied
+        concurrently, stages in order (RBAC and config before the workloads that use them). `fresh`: the
+        owner was never reconciled, so its children cannot exist yet and are applied without a read."""
+        written = 0
+        for stage in stages:
+            results = await asyncio.gather(*(self._ensure_one(m, fresh) for m in stage))
+            written += sum(results)
+        return written
+
+    async def _ensure_one(self, m: dict, fresh: bool) -> int:
+        ident = self._id(m)
+        want = m["metadata"].get("annotations", {}).get(HASH_ANNOTATION)
+        have = self._known.get(ident)
+        if have is None and not fresh:
+            live = await self.kube.get(ident[0], ident[1], ident[2], ident[3])
+            have = ((live or {}).get("metadata", {}).get("annotations") or {}).get(HASH_ANNOTATION)
+        if have == want and want is not None:
+            self._known[ident] = want
+            return 0
+        try:
+            await self.kube.apply(m)
+        except ApiError as exc:
+            if exc.status != 422 or m["kind"] != "Job":
+                raise
+            # A Job's pod template is immutable: when the rendering of a running Job changed (a new operator
+            # version or default image), only the fields a Job may change are updated; the run goes on.
+            spec = {k: m["spec"].get(k) for k in ("backoffLimit", "activeDeadlineSeconds", "parallelism")}
+            await self.kube.merge_patch(ident[0], ident[1], ident[2], ident[3],
+                                        {"metadata": {"annotations": {HASH_ANNOTATION: want}}, "spec": spec})
+            log.info("Job %s/%s: pod template unchanged (immutable); updated %s only", ident[2], ident[3],
+                     ", ".join(k for k, v in spec.items() if v is not None))
+        self._known[ident] = want
+        return 1
+
+    async def prune(self, unwanted: list[tuple[str, str, str, str]], owner_uid: str) -> int:
+        """Delete children the spec no longer asks for (e.g. the HPA after a switch to KEDA), only when
+        this owner owns them. Returns the number deleted."""
+        deleted = 0
+        for api_version, kind, namespace, name in unwanted:
+            ident = (api_version, kind, namespace, name)
+            if self._known.get(ident) == "absent":
+                continue
+            live = await self.kube.get(api_version, kind, namespace, name)
+            refs = ((live or {}).get("metadata") or {}).get("ownerReferences") or []
+            if live is not None and any(r.get("uid") == owner_uid for r in refs):
+                await self.kube.delete(api_version, kind, namespace, name)
+                deleted += 1
+            self._known[ident] = "absent"
+        return deleted
+
+    def forget(self, namespace: str, name_prefix: str = "") -> None:
+        """Forget the hashes of the children in `namespace` whose name starts with `name_prefix` (their owner
+        was deleted)."""
+        for ident in [i for i in self._known if i[2] == namespace and i[3].startswith(name_prefix)]:
+            del self._known[ident]
+
+
+__all__ = ["Applier"]
