@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from enum import StrEnum
 from typing import ClassVar, Literal
 
 from pydantic import Field
@@ -98,8 +99,18 @@ class LoadedOn(ApiModel):
     since: str = Field(json_schema_extra={"format": "date-time"})
 
 
+class AdapterPhase(StrEnum):
+    """status.phase of an Adapter: a one-word summary for `kubectl get` (the Ready condition has the detail)."""
+
+    Pending = "Pending"
+    Incompatible = "Incompatible"
+    Loading = "Loading"
+    Ready = "Ready"
+    Failed = "Failed"
+
+
 class AdapterStatus(StatusBase):
-    phase: Literal["Pending", "Incompatible", "Loading", "Ready", "Failed"] | None = None
+    phase: AdapterPhase | None = None
     version: str | None = Field(default=None, description="Version this status describes.")
     served_name: str | None = Field(default=None, description="Internal vLLM name of this version.")
     artifact: ArtifactInfo | None = None

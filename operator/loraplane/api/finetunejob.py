@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field
@@ -183,8 +184,18 @@ class Failure(ApiModel):
     message: str = ""
 
 
+class FineTuneJobPhase(StrEnum):
+    """status.phase of a FineTuneJob: a one-word summary for `kubectl get` (the Ready condition has the detail)."""
+
+    Pending = "Pending"
+    Running = "Running"
+    Succeeded = "Succeeded"
+    Failed = "Failed"
+    Suspended = "Suspended"
+
+
 class FineTuneJobStatus(StatusBase):
-    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"] | None = None
+    phase: FineTuneJobPhase | None = None
     progress: TrainingProgress | None = None
     start_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     completion_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})

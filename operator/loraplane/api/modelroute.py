@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -163,8 +164,18 @@ class ServedModel(ApiModel):
     backends: list[BackendStatus] = Field(default_factory=list)
 
 
+class ModelRoutePhase(StrEnum):
+    """status.phase of a ModelRoute: a one-word summary for `kubectl get` (the Ready condition has the detail)."""
+
+    Pending = "Pending"
+    Progressing = "Progressing"
+    Ready = "Ready"
+    Degraded = "Degraded"
+    Failed = "Failed"
+
+
 class ModelRouteStatus(StatusBase):
-    phase: Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"] | None = None
+    phase: ModelRoutePhase | None = None
     replicas: int | None = None
     ready_replicas: int | None = None
     endpoint: str | None = Field(default=None, description="OpenAI-compatible base URL of the router.")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from loraplane.api.adapter import Adapter, AdapterStatus, LoadedOn
+from loraplane.api.adapter import Adapter, AdapterPhase, AdapterStatus, LoadedOn
 from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType
 from loraplane.api.modelroute import ModelRoute
 from loraplane.api.reasons import Reason
@@ -79,11 +79,11 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
         set_condition(new, type_, state, generation)
 
     if rejection is not None:
-        new.phase = "Failed"
+        new.phase = AdapterPhase.Failed
         condition(ConditionType.Ready, ConditionState(FALSE, rejection.reason, rejection.message))
         return new
     if not selecting:
-        new.phase = "Pending"
+        new.phase = AdapterPhase.Pending
         condition(ConditionType.Compatible, ConditionState(UNKNOWN, Reason.NoRoute,
                                                            "no ModelRoute selects this adapter"))
         condition(ConditionType.Ready, ConditionState(FALSE, Reason.NoRoute, (
@@ -92,7 +92,7 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
         return new
     if not compatible:
         first = verdicts[selecting[0].metadata.name]
-        new.phase = "Incompatible"
+        new.phase = AdapterPhase.Incompatible
         message = "; ".join(v.message for v in verdicts.values())
         condition(ConditionType.Compatible, ConditionState(FALSE, first.reason, message))
         condition(ConditionType.Ready, ConditionState(FALSE, first.reason, message))
@@ -102,15 +102,15 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
         f"compatible with {', '.join(r.metadata.name or '' for r in compatible)}"
         + (f"; not with: {'; '.join(incompatible)}" if incompatible else ""))))
     if loaded:
-        new.phase = "Ready"
+        new.phase = AdapterPhase.Ready
         condition(ConditionType.Ready, ConditionState(TRUE, Reason.Loaded,
                                                       f"served as {served} by {len(loaded)} replica(s)"))
     elif loader_problems:
         state, problem = loader_problems[0]
-        new.phase = "Incompatible" if state == AdapterState.Incompatible else "Failed"
+        new.phase = AdapterPhase.Incompatible if state == AdapterState.Incompatible else AdapterPhase.Failed
         condition(ConditionType.Ready, problem)
     else:
-        new.phase = "Loading"
+        new.phase = AdapterPhase.Loading
         condition(ConditionType.Ready, ConditionState(FALSE, Reason.Loading, (
             f"waiting for the replicas of {', '.join(r.metadata.name or '' for r in compatible)} to load {served}")))
     return new
@@ -216,9 +216,9 @@ class AdapterController(Controller):
         new = adapter_status(facts.adapter, facts.routes, facts.pods_by_route, previous, generation, rejection)
         events = []
         old_phase = current.get("phase")
-        if old_phase != new.phase and (old_phase is not None or new.phase not in ("Pending", "Loading")):
+        if old_phase != new.phase and (old_phase is not None or new.phase not in (AdapterPhase.Pending, AdapterPhase.Loading)):
             ready = new.condition(ConditionType.Ready)
-            warn = new.phase in ("Incompatible", "Failed")
+            warn = new.phase in (AdapterPhase.Incompatible, AdapterPhase.Failed)
             events.append(Event(EventType.Warning if warn else EventType.Normal,
                                 ready.reason if ready else new.phase, ready.message if ready else ""))
         return AdapterPlan(body, rejection, status_patch(current, dump_status(new), OWNED_STATUS), events)

@@ -18,7 +18,9 @@ from pydantic import ValidationError
 from loraplane.api.adapter import Adapter
 from loraplane.api.common import now_rfc3339
 from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType
-from loraplane.api.finetunejob import AdapterRef, ArtifactRef, Failure, FineTuneJob, FineTuneJobStatus
+from loraplane.api.finetunejob import (
+    AdapterRef, ArtifactRef, Failure, FineTuneJob, FineTuneJobPhase, FineTuneJobStatus,
+)
 from loraplane.api.keys import FINETUNEJOB_LABEL
 from loraplane.api.reasons import Reason
 from loraplane.api.validation import format_validation_error
@@ -35,7 +37,11 @@ OWNED_STATUS = ("phase", "observedGeneration", "conditions", "startTime", "compl
                 "adapterRef", "artifact", "failure")
 # Fields a running job may change; everything else in the spec is fixed once the Job exists.
 MUTABLE_FIELDS = ("backoffLimit", "activeDeadlineSeconds", "suspend")
-TERMINAL = ("Succeeded", "Failed")
+TERMINAL = (FineTuneJobPhase.Succeeded, FineTuneJobPhase.Failed)
+POD_RUNNING = "Running"  # core/v1 PodPhase
+# batch/v1 JobConditionType values the controller reads.
+JOB_COMPLETE = "Complete"
+JOB_FAILED = "Failed"
 # Ready reasons that post a Warning Event when they appear.
 WARNING_REASONS = (Reason.SpecImmutable, Reason.ImagePull, Reason.Unschedulable, Reason.Retrying, Reason.Preempted)
 # Kubernetes vocabulary read here: the kubelet's pod status reason of an eviction, and the Job condition reason
@@ -74,7 +80,7 @@ def pod_failure(pod: dict) -> Failure | None:
                            + (f": {tail}" if tail else ""))
         return Failure(reason=Reason.TrainerError, message=f"pod {name}: the trainer exited with code {code}"
                        + (f": {tail}" if tail else ""))
-    if status.get("phase") == "Failed" and status.get("reason"):
+    if status.get("phase") == FineTuneJobPhase.Failed and status.get("reason"):
         return Failure(reason=str(status["reason"]), message=f"pod {name}: {status.get('message', '')}")
     return None
 
@@ -125,7 +131,7 @@ def _job_condition(job: dict | None, type_: str) -> dict | None:
 class RunState:
     """Where a training run stands, read from its Job and pods (`run_state`)."""
 
-    phase: str                                # FineTuneJobStatus.phase
+    phase: FineTuneJobPhase
     attempts: int = 0                         # pods started: active + failed + succeeded
     start_time: str | None = None
     completion_time: str | None = None
@@ -145,9 +151,9 @@ def run_state(ftj: FineTuneJob, job: dict | None, pods: list[dict]) -> RunState:
     # With the Job's podFailurePolicy, disruptions and input errors are handled by Kubernetes (see
     # builders.finetunejob.pod_failure_policy); status.failed then counts only what uses up backoffLimit.
     policy = bool(((job or {}).get("spec") or {}).get("podFailurePolicy"))
-    if _job_condition(job, "Complete"):
-        return RunState("Succeeded", attempts, start, completion, result=success_result(pods))
-    if cond := _job_condition(job, "Failed"):
+    if _job_condition(job, JOB_COMPLETE):
+        return RunState(FineTuneJobPhase.Succeeded, attempts, start, completion, result=success_result(pods))
+    if cond := _job_condition(job, JOB_FAILED):
         completion = completion or cond.get("lastTransitionTime")
         job_reason = cond.get("reason") or Reason.JobFailed
         if job_reason == Reason.DeadlineExceeded:
@@ -164,14 +170,15 @@ def run_state(ftj: FineTuneJob, job: dict | None, pods: list[dict]) -> RunState:
                 "reached)"))
         else:
             failure = Failure(reason=job_reason, message=cond.get("message") or "the Job failed")
-        return RunState("Failed", attempts, start, completion, failure=failure)
+        return RunState(FineTuneJobPhase.Failed, attempts, start, completion, failure=failure)
     if (job or {}).get("spec", {}).get("suspend"):
-        return RunState("Suspended", attempts, start, completion)
-    phase = "Running" if any((p.get("status") or {}).get("phase") == "Running" for p in pods) else "Pending"
+        return RunState(FineTuneJobPhase.Suspended, attempts, start, completion)
+    phase = (FineTuneJobPhase.Running if any((p.get("status") or {}).get("phase") == POD_RUNNING for p in pods)
+             else FineTuneJobPhase.Pending)
     problem = None
     if problems := [w for w in (pod_waiting_problem(p) for p in pods) if w]:
         problem = problems[-1]
-    elif failed_pods and phase == "Pending":
+    elif failed_pods and phase == FineTuneJobPhase.Pending:
         last_pod, last = failed_pods[-1]
         used = (js.get("failed") or 0) if policy else len(failures)
         if disrupted(last_pod, last):
@@ -266,7 +273,7 @@ class FineTuneJobController(Controller):
         run = None if previous.phase in TERMINAL and job is None else run_state(
             ftj, job, self.stores.TrainPod.group(ns, name))
         facts = FineTuneJobFacts(body, ftj, accepted_spec=accepted, run=run, now=now_rfc3339())
-        if (run.phase if run else previous.phase) == "Succeeded" and previous.adapter_ref is None:
+        if (run.phase if run else previous.phase) == FineTuneJobPhase.Succeeded and previous.adapter_ref is None:
             adapter_key = (ns, ftj.spec.output.adapter_name)
             # The watch may lag behind a write of ours: ask the API server when the store has none.
             facts.existing_adapter = self.stores.Adapter.get(adapter_key) or await self.kube.get(
@@ -323,7 +330,7 @@ class FineTuneJobController(Controller):
             new.start_time, new.completion_time = run.start_time, run.completion_time
             new.failure = run.failure
         event: Event | None = None
-        if new.phase == "Succeeded" and new.adapter_ref is None:
+        if new.phase == FineTuneJobPhase.Succeeded and new.adapter_ref is None:
             result = run.result if run else None
             uri, sha = artifact_of(result, finetunejob.output_uri(ftj, settings))
             out.adapter = produced_adapter(ftj, uri, sha, result, facts.existing_adapter,
@@ -338,8 +345,8 @@ class FineTuneJobController(Controller):
         ready = ready_state(ftj, new, run, rejected)
         set_condition(new, ConditionType.Ready, ready, generation)
         out.status = status_patch(current, dump_status(new), OWNED_STATUS)
-        if event is None and status.phase != new.phase and new.phase != "Succeeded":
-            if new.phase == "Failed":
+        if event is None and status.phase != new.phase and new.phase != FineTuneJobPhase.Succeeded:
+            if new.phase == FineTuneJobPhase.Failed:
                 event = Event(EventType.Warning, new.failure.reason if new.failure else Reason.JobFailed,
                               new.failure.message if new.failure else "failed")
             elif new.phase:
@@ -404,17 +411,17 @@ def ready_state(ftj: FineTuneJob, new: FineTuneJobStatus, run: RunState | None,
         return ConditionState(FALSE, Reason.SpecImmutable, (
             f"{', '.join(rejected)} cannot change while the job exists (immutable); revert the change or create "
             "a new FineTuneJob. The running job keeps its original spec."))
-    if new.phase == "Succeeded":
+    if new.phase == FineTuneJobPhase.Succeeded:
         return ConditionState(ConditionStatus.TRUE, Reason.Succeeded, f"Adapter {ftj.spec.output.adapter_name} "
                               f"version {(new.adapter_ref.version if new.adapter_ref else '')} created")
-    if new.phase == "Failed":
+    if new.phase == FineTuneJobPhase.Failed:
         return ConditionState(FALSE, new.failure.reason if new.failure else Reason.JobFailed,
                               new.failure.message if new.failure else "the Job failed")
     if run is not None and run.problem is not None:
         return run.problem
-    if new.phase == "Running":
+    if new.phase == FineTuneJobPhase.Running:
         return ConditionState(FALSE, Reason.Running, "training; see status.progress")
-    if new.phase == "Suspended":
+    if new.phase == FineTuneJobPhase.Suspended:
         return ConditionState(FALSE, Reason.Suspended, "spec.suspend is true")
     return ConditionState(FALSE, Reason.Pending, f"waiting for Job {finetunejob.job_name(ftj)} to start a pod")
 

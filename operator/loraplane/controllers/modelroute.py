@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from loraplane.api.adapter import Adapter
 from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType
 from loraplane.api.keys import ROUTE_LABEL
-from loraplane.api.modelroute import BackendStatus, ModelRoute, ModelRouteStatus, ServedModel
+from loraplane.api.modelroute import BackendStatus, ModelRoute, ModelRoutePhase, ModelRouteStatus, ServedModel
 from loraplane.api.reasons import Reason
 from loraplane.api.validation import format_validation_error
 from loraplane.api.wire.serving import CONFIGMAP_KEY, AdapterState, ReplicaReport, ServingTable, configmap_name
@@ -117,15 +117,15 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
     unready = [m.name for m in models if not m.ready]
     excluded = sorted({f"{a} ({v.reason})" for (_, a), v in resolution.missing.items()})
     if new.ready_replicas == 0:
-        new.phase = "Progressing" if deployment is not None else "Pending"
+        new.phase = ModelRoutePhase.Progressing if deployment is not None else ModelRoutePhase.Pending
         ready = ConditionState(FALSE, Reason.NoReadyReplicas, f"0 of {new.replicas} engine replicas are ready")
         if problem := replica_problem(route, pods):
             ready = ConditionState(FALSE, problem.reason, f"{ready.message}: {problem.message}")
     elif unready:
-        new.phase = "Degraded"
+        new.phase = ModelRoutePhase.Degraded
         ready = ConditionState(FALSE, Reason.ModelsNotReady, f"no ready backend for: {', '.join(unready)}")
     else:
-        new.phase = "Ready"
+        new.phase = ModelRoutePhase.Ready
         ready = ConditionState(ConditionStatus.TRUE, Reason.Ready,
                                f"{new.ready_replicas} replica(s) serve {len(models)} model(s)")
     if excluded:
@@ -307,8 +307,8 @@ class ModelRouteController(Controller):
         ready = new.condition(ConditionType.Ready)
         if ready and ready.reason in REPLICA_PROBLEMS + (Reason.SpecImmutable,) and ready_reason(current) != ready.reason:
             out.events.append(Event(EventType.Warning, ready.reason, ready.message))
-        elif old_phase != new.phase and new.phase in ("Ready", "Degraded") or (old_phase is None and new.phase):
-            out.events.append(Event(EventType.Normal if new.phase != "Degraded" else EventType.Warning, new.phase,
+        elif old_phase != new.phase and new.phase in (ModelRoutePhase.Ready, ModelRoutePhase.Degraded) or (old_phase is None and new.phase):
+            out.events.append(Event(EventType.Normal if new.phase != ModelRoutePhase.Degraded else EventType.Warning, new.phase,
                                     ready.message if ready else ""))
         # Adapters' status lists the routes that select them: those whose selection or verdict changed follow.
         out.selected = dict(resolution.selected)

@@ -155,7 +155,8 @@ class _StateCollector:
                                      (adapters, self.stores.Adapter, AdapterStatus),
                                      (routes, self.stores.ModelRoute, ModelRouteStatus)):
             # Every phase the API defines, 0 included, so a dashboard's series exist from the start.
-            counts = {p: 0 for p in typing.get_args(typing.get_args(model.model_fields["phase"].annotation)[0])}
+            phases = typing.get_args(model.model_fields["phase"].annotation)[0]  # the kind's Phase StrEnum
+            counts = {p.value: 0 for p in phases}
             for obj in list(store.objects.values()):
                 phase = (obj.get("status") or {}).get("phase") or "Unknown"
                 counts[phase] = counts.get(phase, 0) + 1

@@ -15,6 +15,7 @@ from loraplane.api.wire.serving import REPORT_ANNOTATION, ReplicaReport
 from loraplane.api.wire.trainer import TerminationMessage
 
 IMAGE_PULL_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"})
+POD_READY = "Ready"  # core/v1 PodConditionType
 MESSAGE_TAIL = 600  # characters of a termination message (a log tail) carried into a condition
 
 
@@ -83,7 +84,7 @@ def pod_ready(pod: dict) -> bool:
     status = pod.get("status") or {}
     if (pod.get("metadata") or {}).get("deletionTimestamp"):
         return False
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    return any(c.get("type") == POD_READY and c.get("status") == "True" for c in status.get("conditions") or [])
 
 
 def replica_report(pod: dict | None) -> ReplicaReport | None:

@@ -32,7 +32,7 @@ from loraplane.api.validation import format_validation_error
 from loraplane.local import cpu, hfcache
 from loraplane.local.podspec import LocalPod, container_argv, container_env
 from loraplane.local.processes import ManagedProcess, ProcessFailed, free_port, http_ok
-from loraplane.api.wire.serving import ReplicaReport
+from loraplane.api.wire.serving import AdapterState, ReplicaReport
 
 NAMESPACE = "default"
 
@@ -262,14 +262,14 @@ class LocalRun:
             except (OSError, ValueError):
                 return False
             states = {n: a["state"] for n, a in report.get("adapters", {}).items()}
-            return all(states.get(n) in ("Ready", "Incompatible", "Failed") for n in wanted)
+            return all(states.get(n) in (AdapterState.Ready, AdapterState.Incompatible, AdapterState.Failed) for n in wanted)
 
         if wanted:
             with _spinner("  loading adapters") as tick:
                 loader.wait_until(settled, 300, tick, "done loading")
         self.timings["adapter activation"] = time.monotonic() - started
         for name, a in sorted(report.get("adapters", {}).items()):
-            mark = "✓" if a["state"] == "Ready" else "✗"
+            mark = "✓" if a["state"] == AdapterState.Ready else "✗"
             self.say(f"  {mark} {name}: {a['state']} ({a['reason']}) {a.get('message', '')}".rstrip())
         return ServingRoute(route=route, table_path=table_path, router_url=f"http://127.0.0.1:{router_port}",
                             engine_url=f"http://127.0.0.1:{engine_port}",
