@@ -37,7 +37,8 @@ from loraplane.api.paths import (
     DATA_CONFIGMAP_ROOT, MODEL_CACHE_PATH, OUTPUT_SCRATCH, PVC_ROOT, RENDEZVOUS_PORT, TRAINER_CONFIG_KEY,
     TRAINER_CONFIG_PATH,
 )
-from loraplane.api.wire.trainer import EXIT_PREEMPTED, NOT_RETRYABLE_EXIT_CODES
+from loraplane.api.reasons import Reason
+from loraplane.api.wire.trainer import EXIT_PREEMPTED, NOT_RETRYABLE_EXIT_CODES, TerminationMessage
 from loraplane.storage.uri import pvc_mount_path, try_parse_uri
 
 # The trainer's paths and ports inside its pod (api.paths; the trainer reads the same defaults).
@@ -322,8 +323,9 @@ def produced_adapter(ftj: FineTuneJob, artifact_uri: str, artifact_sha256: str |
     }
 
 
-def provenance(ftj: FineTuneJob, result: dict[str, Any], completed_at: str | None) -> dict[str, Any]:
-    """Adapter.status.provenance (wire form) from the job and the trainer's result message."""
+def provenance(ftj: FineTuneJob, result: TerminationMessage | None, completed_at: str | None) -> dict[str, Any]:
+    """Adapter.status.provenance (wire form) from the job and the trainer's result message (None: none read)."""
+    result = result or TerminationMessage(reason=Reason.Succeeded)
     spec = ftj.spec
     out: dict[str, Any] = {
         "fineTuneJob": ftj.metadata.name,
@@ -332,12 +334,11 @@ def provenance(ftj: FineTuneJob, result: dict[str, Any], completed_at: str | Non
         "datasetUri": spec.dataset.uri or (f"configmap://{spec.dataset.config_map_ref.name}/"
                                            f"{spec.dataset.config_map_ref.key}" if spec.dataset.config_map_ref
                                            else None),
-        "datasetSha256": result.get("datasetSha256") or result.get("dataset_sha256"),
+        "datasetSha256": result.dataset_sha256,
         "hyperparameters": hyperparameters(ftj),
-        "metrics": {k: float(v) for k, v in (result.get("metrics") or {}).items()
+        "metrics": {k: float(v) for k, v in result.metrics.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)} or None,
-        "libraryVersions": {k: str(v) for k, v in (result.get("libraryVersions")
-                                                    or result.get("library_versions") or {}).items()} or None,
+        "libraryVersions": {k: str(v) for k, v in result.library_versions.items()} or None,
         "completedAt": completed_at,
     }
     return {k: v for k, v in out.items() if v is not None}

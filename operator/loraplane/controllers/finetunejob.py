@@ -398,10 +398,9 @@ def produced_adapter(ftj: FineTuneJob, uri: str, sha: str | None, result: Termin
     manifest = finetunejob.produced_adapter(ftj, uri, sha, existing)
     already = (existing is not None and existing.metadata.annotations.get(finetunejob.PRODUCED_BY_ANNOTATION)
                == ftj.metadata.uid and existing.spec.wire() == Adapter.model_validate(manifest).spec.wire())
-    wire = result.to_json() if result else {}
-    provenance = finetunejob.provenance(ftj, wire, (result.completed_at if result else None) or completed_at)
-    return ProducedAdapter(manifest, job=ftj.metadata.name or "", apply=not already, created=existing is None, live=existing_body,
-                           provenance=provenance)
+    provenance = finetunejob.provenance(ftj, result, (result.completed_at if result else None) or completed_at)
+    return ProducedAdapter(manifest, job=ftj.metadata.name or "", apply=not already, created=existing is None,
+                           live=existing_body, provenance=provenance)
 
 
 def ready_state(ftj: FineTuneJob, new: FineTuneJobStatus, run: RunState | None,
