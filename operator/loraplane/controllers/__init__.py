@@ -16,11 +16,39 @@ import logging
 import kopf
 
 from loraplane.kube.client import KubeClient
+from loraplane.kube.config import KubeConfig
 from loraplane.controllers.operator import Operator
 from loraplane.controllers.runtime import OperatorSettings
 
 GROUP = "loraplane.io"
 _op: list[Operator] = []
+_config: list[KubeConfig] = []
+_logins: list[int] = []
+
+
+def _kube_config() -> KubeConfig:
+    """The one set of credentials of this process: kopf's connection and the operator's KubeClient."""
+    if not _config:
+        _config.append(KubeConfig.from_environment())
+    return _config[0]
+
+
+@kopf.on.login()
+async def _login(**_) -> kopf.ConnectionInfo:
+    """kopf logs in with the operator's own credentials (loraplane.kube.config), so both connections follow
+    the same source and the same token refresh. kopf calls this again after an HTTP 401: the credentials
+    are then re-read from their source first."""
+    config = _kube_config()
+    if _logins:
+        await config.reload()
+    _logins.append(1)
+    cfg = await config.configuration()
+    header = await config.authorization()
+    scheme, _, token = header.partition(" ") if header else (None, "", None)
+    return kopf.ConnectionInfo(
+        server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl,
+        scheme=scheme or None, token=token or None,
+        certificate_path=cfg.cert_file, private_key_path=cfg.key_file, proxy_url=cfg.proxy)
 
 
 def current() -> Operator:
@@ -35,7 +63,7 @@ async def _startup(settings: kopf.OperatorSettings, logger, **_):
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 330
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    op = Operator(OperatorSettings.from_env(), KubeClient.from_environment())
+    op = Operator(OperatorSettings.from_env(), KubeClient(_kube_config()))
     _op[:] = [op]
     await op.start()
     logger.info("loraplane operator ready: /metrics and /healthz on port %s", op.settings.metrics_port)
