@@ -105,6 +105,7 @@ class KubeClient:
         return cls(KubeConfig.from_environment(kubeconfig, context))
 
     async def close(self) -> None:
+        """Close the connection pool; the client opens a new one if used again."""
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -195,6 +196,7 @@ class KubeClient:
 
     async def list(self, api_version: str, kind: str, namespace: str | None = None,
                    label_selector: str | None = None, *, field_selector: str | None = None) -> list[dict]:
+        """The items of a kind (all namespaces when `namespace` is None), optionally selected."""
         return (await self.list_with_version(api_version, kind, namespace, label_selector,
                                              field_selector=field_selector))[0]
 
@@ -301,6 +303,7 @@ class BlockingKubeClient:
         return lambda *args, **kwargs: self.run(method(*args, **kwargs))
 
     def close(self) -> None:
+        """Close the client and stop its loop thread (idempotent)."""
         if self._loop.is_closed():
             return
         self.run(self.client.close())

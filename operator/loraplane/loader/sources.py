@@ -65,4 +65,5 @@ class KubeBinding:
         await self.kube.merge_patch("v1", "Pod", self.namespace, self.pod_name, body)
 
     async def close(self) -> None:
+        """Close the API client's connections."""
         await self.kube.close()
