@@ -20,11 +20,37 @@ import kopf
 from loraplane.controllers.operator import Operator
 from loraplane.controllers.settings import OperatorSettings
 from loraplane.kube.client import KubeClient
+from loraplane.kube.config import KubeConfig
 
 GROUP = "loraplane.io"
 
 # ---- authentication ------------------------------------------------------------------------------------------
-# (kopf.on.login: how kopf and the operator's KubeClient get their credentials goes here.)
+
+def _kube_config(memo: kopf.Memo) -> KubeConfig:
+    """The one set of credentials of this process, for kopf's connection and the operator's KubeClient alike
+    (kept in kopf's operator-wide memo, created by whichever of login and startup runs first)."""
+    if memo.get("kube_config") is None:
+        memo.kube_config = KubeConfig.from_environment()
+        memo.logins = 0
+    return memo.kube_config
+
+
+@kopf.on.login()
+async def _login(memo: kopf.Memo, **_) -> kopf.ConnectionInfo:
+    """kopf logs in with the operator's own credentials (loraplane.kube.config), so both connections follow
+    the same source and the same token refresh. kopf calls this again after an HTTP 401: the credentials
+    are then re-read from their source first."""
+    config = _kube_config(memo)
+    if memo.logins:
+        await config.reload()
+    memo.logins += 1
+    cfg = await config.configuration()
+    header = await config.authorization()
+    scheme, _, token = header.partition(" ") if header else (None, "", None)
+    return kopf.ConnectionInfo(
+        server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl,
+        scheme=scheme or None, token=token or None,
+        certificate_path=cfg.cert_file, private_key_path=cfg.key_file, proxy_url=cfg.proxy)
 
 
 # ---- lifecycle -----------------------------------------------------------------------------------------------
@@ -35,7 +61,7 @@ async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger, **_
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 330
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    op = Operator(OperatorSettings.from_env(), KubeClient.from_environment())
+    op = Operator(OperatorSettings.from_env(), KubeClient(_kube_config(memo)))
     # kopf copies the operator-wide memo into every object's handler kwargs; startup runs before any watch.
     memo.operator = op
     await op.start()

@@ -1,34 +1,45 @@
-"""A small async Kubernetes API client for the controllers: get, list, watch, server-side apply, status
-patches, Events, on aiohttp (already a dependency), so handlers never block kopf's event loop the way the
-synchronous `kubernetes` client would. kopf watches the loraplane kinds; the children (Jobs, Pods,
-Deployments) are watched here because their watches need a server-side label selector, which kopf does not
-send (it filters every Pod of the cluster client-side).
+"""The project's async Kubernetes API client: get, list, watch, server-side apply, status patches, Events, as
+raw JSON dicts, used by the operator's controllers, the loader, the router and the trainer (through
+`BlockingKubeClient`).
 
-Credentials come from `kubernetes.config` (kubeconfig or in-cluster), the same sources kopf logs in with.
-Every write is counted in `loraplane_operator_api_writes_total`.
+Credentials and connection settings come from kubernetes_asyncio's config loaders (`loraplane.kube.config`,
+the same source kopf logs in with); the requests go over one aiohttp session of this class. The library's own
+transport (its ApiClient) was measured against this one with tests/bench/bench_operator.py and cost more
+than 10% of settle time (docs/operator.md, "Kubernetes client"): it walks every body to sanitise it and reads
+the proxy environment and ~/.netrc on every request. What this class adds: JSON dicts end to end (no model
+(de)serialisation per object), label- and field-selected watches with bookmarks resumed from a
+resourceVersion, server-side apply under one field manager, retries of 429/5xx, a token re-read after a 401,
+and a count of every write in `loraplane_operator_api_writes_total`.
+
+kopf watches the loraplane kinds; the children (Jobs, Pods, Deployments) are watched here because their
+watches need a server-side label selector, which kopf does not send (it filters every Pod of the cluster
+client-side).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import ssl
-import time
-from typing import Any
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 from prometheus_client import Counter
 
 from loraplane.api.keys import MANAGER
+from loraplane.kube.config import KubeConfig
 
-log = logging.getLogger("loraplane.operator")
+log = logging.getLogger("loraplane.kube")
 
 API_WRITES = Counter("loraplane_operator_api_writes_total", "Write requests the operator sent to the API server",
                      ["verb", "resource"])
 
-# Kinds the operator reads or writes -> plural resource name.
+# Kinds the project reads or writes -> plural resource name.
 PLURALS = {
     "ConfigMap": "configmaps", "ServiceAccount": "serviceaccounts", "Service": "services", "Pod": "pods",
     "Event": "events", "Role": "roles", "RoleBinding": "rolebindings", "Job": "jobs",
@@ -37,12 +48,17 @@ PLURALS = {
     "FineTuneJob": "finetunejobs", "Adapter": "adapters", "ModelRoute": "modelroutes",
 }
 
+T = TypeVar("T")
+
 
 class WatchExpired(Exception):
     """HTTP 410 Gone: the resourceVersion is too old for a watch; LIST again."""
 
 
 class ApiError(Exception):
+    """An HTTP error answer of the API server: `status`, the decoded `body` (a Status object when JSON) and
+    its `message`."""
+
     def __init__(self, status: int, body: Any, what: str):
         self.status = status
         self.body = body
@@ -56,6 +72,8 @@ class ApiError(Exception):
 
 def resource_path(api_version: str, kind: str, namespace: str | None, name: str | None = None,
                   subresource: str | None = None) -> str:
+    """The REST path of a kind's collection, or of one object (and its subresource): `/api/v1/...` for the
+    core group, `/apis/<group>/<version>/...` otherwise. Raises KeyError for a kind not in PLURALS."""
     prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
     path = prefix + (f"/namespaces/{namespace}" if namespace else "") + f"/{PLURALS[kind]}"
     if name:
@@ -66,104 +84,94 @@ def resource_path(api_version: str, kind: str, namespace: str | None, name: str 
 
 
 class KubeClient:
-    def __init__(self, host: str, ssl_context: ssl.SSLContext | bool, auth_header, concurrency: int = 32):
-        self.host = host.rstrip("/")
-        self._ssl = ssl_context
-        self._auth_header = auth_header  # callable -> "Bearer ..." or None (refreshes expiring tokens)
-        self._session: aiohttp.ClientSession | None = None
-        # Bounds the operator's share of the API server: a burst of 1,000 objects queues here.
+    """Async client of one API server. Objects are JSON dicts as the server sends them; list items and watch
+    objects get their `apiVersion`/`kind` filled in (the server leaves them out of list items).
+
+    Errors: `ApiError` (HTTP status >= 400 after retries; `.status`, `.message`), `WatchExpired` (HTTP 410 on
+    a watch), aiohttp's ClientError/OSError for the network. Up to `concurrency` requests run at once (watches
+    are not counted): a burst of 1,000 objects queues here instead of at the API server's priority and
+    fairness.
+    """
+
+    def __init__(self, config: KubeConfig, concurrency: int = 32):
+        self.config = config
+        self._session: aiohttp.ClientSession | None = None  # created in the event loop on first use
         self._gate = asyncio.Semaphore(concurrency)
 
     @classmethod
     def from_environment(cls, kubeconfig: str | None = None, context: str | None = None) -> "KubeClient":
-        from kubernetes import client, config
-
-        cfg = client.Configuration()
-        try:
-            config.load_incluster_config(client_configuration=cfg)
-        except config.ConfigException:
-            config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
-        if cfg.verify_ssl:
-            ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
-        else:
-            ctx = ssl.create_default_context()
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        if cfg.cert_file:
-            ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
-        cached: list = [None, 0.0]
-
-        def auth_header(refresh: bool = False) -> str | None:
-            # auth_settings() runs the client's refresh hook (expiring in-cluster tokens are re-read from
-            # their file); it costs milliseconds, so the header is reused for a minute.
-            now = time.monotonic()
-            if refresh or now - cached[1] > 60:
-                cached[:] = [None, now]
-                for setting in cfg.auth_settings().values():
-                    if setting.get("in") == "header" and setting.get("key", "").lower() == "authorization":
-                        cached[0] = setting["value"]
-            return cached[0]
-
-        return cls(cfg.host, ctx, auth_header)
+        """A client with `KubeConfig.from_environment`'s credentials (explicit kubeconfig, else in-cluster,
+        else $KUBECONFIG / ~/.kube/config). Raises kubernetes_asyncio's ConfigException when none exists."""
+        return cls(KubeConfig.from_environment(kubeconfig, context))
 
     async def close(self) -> None:
-        if self._session:
+        """Close the connection pool; the client opens a new one if used again."""
+        if self._session is not None:
             await self._session.close()
             self._session = None
 
-    def _prepare(self) -> tuple[aiohttp.ClientSession, dict[str, str]]:
-        """The shared session (created on first use) and the headers every call sends."""
+    async def _send(self, method: str, path: str, params: dict | None, data: str | None, content_type: str,
+                    timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+        """One HTTP exchange with the API server; the caller reads and releases the response. The connection
+        settings (server, CA, client certificate, TLS server name, proxy) and the Authorization header come
+        from the library's Configuration."""
+        cfg = await self.config.configuration()
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=_ssl_context(cfg)))
         headers = {"Accept": "application/json"}
-        if (auth := self._auth_header()) is not None:
+        if data is not None:
+            headers["Content-Type"] = content_type
+        if (auth := await self.config.authorization()) is not None:
             headers["Authorization"] = auth
-        return self._session, headers
+        extra = {"server_hostname": cfg.tls_server_name} if cfg.tls_server_name else {}
+        return await self._session.request(method, cfg.host + path, params=params, data=data, headers=headers,
+                                           timeout=timeout, proxy=cfg.proxy or None, **extra)
 
     async def request(self, method: str, path: str, body: Any = None, params: dict | None = None,
                       content_type: str = "application/json", what: str = "") -> Any:
-        session, headers = self._prepare()
-        data = None
-        if body is not None:
-            headers["Content-Type"] = content_type
-            data = json.dumps(body, separators=(",", ":"))
+        """Send one request, retrying HTTP 429 and 5xx (honouring Retry-After, else 0.2 s doubling, 5 tries) and
+        a 401 once after re-reading the credentials. Returns the decoded JSON body (None when empty). Every
+        non-GET is counted in API_WRITES. Raises ApiError."""
+        data = None if body is None else json.dumps(body, separators=(",", ":"))
         if method != "GET":
             resource = path.split("?")[0].rstrip("/").split("/")
             API_WRITES.labels(method, _resource_label(resource)).inc()
+        timeout = aiohttp.ClientTimeout(total=60)
         async with self._gate:
             for attempt in range(5):
-                async with session.request(method, self.host + path, data=data, params=params,
-                                           headers=headers, ssl=self._ssl) as resp:
+                resp = await self._send(method, path, params, data, content_type, timeout)
+                async with resp:
                     text = await resp.text()
-                    if resp.status == 401 and attempt == 0:  # a rotated token: read it again, once
-                        if (auth := self._auth_header(True)) is not None:
-                            headers["Authorization"] = auth
-                        continue
-                    if resp.status == 429 or (resp.status >= 500 and attempt < 4):
-                        await asyncio.sleep(float(resp.headers.get("Retry-After", 0.2 * 2 ** attempt)))
-                        continue
-                    try:
-                        payload = json.loads(text) if text else None
-                    except ValueError:
-                        payload = text
-                    if resp.status >= 400:
-                        raise ApiError(resp.status, payload, what or f"{method} {path}")
-                    return payload
+                if resp.status == 401 and attempt == 0:  # a rotated token: read it again, once
+                    await self.config.reload()
+                    continue
+                if resp.status == 429 or (resp.status >= 500 and attempt < 4):
+                    await asyncio.sleep(float(resp.headers.get("Retry-After", 0.2 * 2 ** attempt)))
+                    continue
+                try:
+                    payload = json.loads(text) if text else None
+                except ValueError:
+                    payload = text
+                if resp.status >= 400:
+                    raise ApiError(resp.status, payload, what or f"{method} {path}")
+                return payload
         raise ApiError(503, "retries exhausted", what or f"{method} {path}")
 
     async def watch(self, api_version: str, kind: str, namespace: str | None, label_selector: str | None,
-                    resource_version: str, timeout_seconds: int = 300):
+                    resource_version: str, timeout_seconds: int = 300, *, field_selector: str | None = None):
         """Yield (type, object) from `resource_version` on (ADDED, MODIFIED, DELETED, BOOKMARK) until the server
-        ends the watch. Raises WatchExpired when the version is too old, ApiError on other errors."""
-        session, headers = self._prepare()
+        ends the watch after `timeout_seconds`. Raises WatchExpired when the version is too old, ApiError on
+        other errors."""
         params = {"watch": "true", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
                   "timeoutSeconds": str(timeout_seconds)}
         if label_selector:
             params["labelSelector"] = label_selector
+        if field_selector:
+            params["fieldSelector"] = field_selector
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout_seconds + 30)
         path = resource_path(api_version, kind, namespace)
-        async with session.get(self.host + path, params=params, headers=headers, ssl=self._ssl,
-                                     timeout=timeout) as resp:
+        resp = await self._send("GET", path, params, None, "application/json", timeout)
+        async with resp:
             if resp.status == 410:
                 raise WatchExpired(path)
             if resp.status >= 400:
@@ -187,14 +195,21 @@ class KubeClient:
                     yield event.get("type"), obj
 
     async def list(self, api_version: str, kind: str, namespace: str | None = None,
-                   label_selector: str | None = None) -> list[dict]:
-        return (await self.list_with_version(api_version, kind, namespace, label_selector))[0]
+                   label_selector: str | None = None, *, field_selector: str | None = None) -> list[dict]:
+        """The items of a kind (all namespaces when `namespace` is None), optionally selected."""
+        return (await self.list_with_version(api_version, kind, namespace, label_selector,
+                                             field_selector=field_selector))[0]
 
     async def list_with_version(self, api_version: str, kind: str, namespace: str | None = None,
-                                label_selector: str | None = None) -> tuple[list[dict], str]:
-        """The items and the list's resourceVersion (the point in time it describes)."""
-        params = {"labelSelector": label_selector} if label_selector else None
-        out = await self.request("GET", resource_path(api_version, kind, namespace), params=params)
+                                label_selector: str | None = None, *,
+                                field_selector: str | None = None) -> tuple[list[dict], str]:
+        """The items and the list's resourceVersion (the point in time it describes, where a watch resumes)."""
+        params = {}
+        if label_selector:
+            params["labelSelector"] = label_selector
+        if field_selector:
+            params["fieldSelector"] = field_selector
+        out = await self.request("GET", resource_path(api_version, kind, namespace), params=params or None)
         items = out.get("items") or []
         for item in items:  # list items carry no apiVersion/kind
             item.setdefault("apiVersion", api_version)
@@ -255,6 +270,57 @@ class KubeClient:
             await self.request("POST", resource_path("v1", "Event", ns), event, what="post Event")
         except ApiError as exc:  # an Event is informative: losing one must not fail a reconcile
             log.warning("could not post Event %s for %s/%s: %s", reason, ns, meta.get("name"), exc)
+
+
+
+class BlockingKubeClient:
+    """A KubeClient for synchronous code (the trainer's Trainer callbacks): the async client runs on a private
+    event loop in a daemon thread, and each call blocks until its coroutine is done.
+
+        kube = BlockingKubeClient()                  # KubeClient.from_environment() credentials
+        kube.patch_status(api_version, kind, ns, name, {"progress": ...})   # any KubeClient coroutine method
+        kube.close()
+
+    `watch` (an async generator) is not offered. Errors are the async client's (ApiError, WatchExpired,
+    aiohttp's), raised in the calling thread; `timeout` seconds bound each call (TimeoutError).
+    """
+
+    def __init__(self, client: KubeClient | None = None, timeout: float | None = 120):
+        self.client = client or KubeClient.from_environment()
+        self.timeout = timeout
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kube-client", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run one coroutine on the client's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(self.timeout)
+
+    def __getattr__(self, name: str):
+        method = getattr(self.client, name)
+        if not inspect.iscoroutinefunction(method):
+            raise AttributeError(f"{name} is not a coroutine method of KubeClient")
+        return lambda *args, **kwargs: self.run(method(*args, **kwargs))
+
+    def close(self) -> None:
+        """Close the client and stop its loop thread (idempotent)."""
+        if self._loop.is_closed():
+            return
+        self.run(self.client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+def _ssl_context(cfg) -> ssl.SSLContext:
+    """TLS settings of a kubernetes_asyncio Configuration, as its own REST client builds them."""
+    context = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
+    if cfg.cert_file:
+        context.load_cert_chain(cfg.cert_file, keyfile=cfg.key_file)
+    if not cfg.verify_ssl:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _resource_label(parts: list[str]) -> str:

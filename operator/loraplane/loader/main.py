@@ -113,9 +113,9 @@ async def serve(args: argparse.Namespace, started: asyncio.Event | None = None) 
         finally:
             for t in [*tasks, waiter]:
                 t.cancel()
-            if kube:
-                kube.stop()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if kube:
+                await kube.close()
             await runner.cleanup()
 
 

@@ -1,6 +1,6 @@
 """The running router: HTTP server plus its background loops (table source, replica polling, DNS discovery).
 
-Table sources:
+Table sources, both the data plane's one serving-table watcher (loraplane.kube.tablewatch):
 - a file (`--table`), checked every `reload_interval` seconds; a mounted ConfigMap arrives this way, but
   the kubelet refreshes such volumes only on its sync period plus its cache TTL (typically 60-90 s);
 - the ConfigMap itself (`--configmap`), watched through the API: changes arrive within a second, which
@@ -12,26 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-from pydantic import ValidationError
 
+from loraplane.kube.client import KubeClient
+from loraplane.kube.tablewatch import TableRead, watch_configmap_table, watch_table_file
 from loraplane.router.replicas import ReplicaPool, run_dns_discovery
-from loraplane.router.server import ApiKeys, Router, file_stamp
-from loraplane.api.wire.serving import CONFIGMAP_KEY, ServingTable
+from loraplane.router.server import Router
 
 log = logging.getLogger("loraplane.router")
-
-
-def describe_table_error(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        from loraplane.api.validation import format_validation_error
-
-        return "\n" + format_validation_error(exc, "  ")
-    return str(exc)
 
 
 @dataclass(eq=False)
@@ -42,15 +34,13 @@ class RouterService:
     kubeconfig: Path | None = None                   # outside a pod; in one, the service account is used
     replicas_dns: str | None = None
     dns_interval: float = 5.0
-    reload_interval: float = 1.0
+    reload_interval: float = 1.0                     # table file and API key files are checked this often
     host: str = "0.0.0.0"
     port: int = 8080
     drain_seconds: float = 30.0
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _poll_session: aiohttp.ClientSession | None = None
-    _table_stamp: tuple | None = None
-    _applied_text: str | None = None
-    _stop_watch: threading.Event = field(default_factory=threading.Event)
+    _kube: KubeClient | None = None
 
     @property
     def pool(self) -> ReplicaPool:
@@ -58,96 +48,57 @@ class RouterService:
 
     # ---- table ---------------------------------------------------------------------------------------
 
-    def apply_table_text(self, text: str, origin: str) -> bool:
-        """Parse, check and swap in a table; on error keep the current one."""
-        if text == self._applied_text:
+    def apply_read(self, read: TableRead) -> bool:
+        """Swap in the table of one read of the source; on a problem keep the current table. An invalid
+        table (or one the router cannot compile) counts as a reload error; a missing source only logs."""
+        keep = "keeping the previous table" if self.router.table else "no table in use yet"
+        if read.table is None and not read.invalid:
+            log.warning("routing table %s (%s)", read.describe(), keep)
             return False
-        try:
-            table = ServingTable.model_validate_json(text)
-            self.router.set_table(table)
-        except (ValidationError, ValueError) as exc:
+        problem = read.problem
+        if read.table is not None:
+            try:
+                self.router.set_table(read.table)
+            except ValueError as exc:
+                problem = str(exc)
+        if problem is not None:
             self.router.metrics.table_reloads.labels("error").inc()
-            keep = "keeping the previous table" if self.router.table else "no table in use yet"
-            log.error("routing table from %s refused (%s): %s", origin, keep, describe_table_error(exc))
-            self._applied_text = text  # do not log the same bad table every second
+            log.error("routing table from %s refused (%s): %s", read.origin, keep, problem)
             return False
         self.router.metrics.table_reloads.labels("ok").inc()
-        self._applied_text = text
         return True
 
-    def check_table_file(self) -> bool:
-        stamp = file_stamp(self.table_path)
-        if stamp == self._table_stamp:
-            return False
-        self._table_stamp = stamp
-        if stamp is None:
-            log.warning("routing table %s does not exist (yet)", self.table_path)
-            return False
-        try:
-            text = self.table_path.read_text()
-        except OSError as exc:
-            log.error("routing table %s unreadable: %s", self.table_path, exc)
-            return False
-        return self.apply_table_text(text, str(self.table_path))
+    async def _follow(self, reads: AsyncIterator[TableRead]) -> None:
+        async for read in reads:
+            try:
+                self.apply_read(read)
+            except Exception:
+                log.exception("applying the routing table from %s failed", read.origin)
 
-    async def _watch_file(self) -> None:
+    async def _reload_api_keys(self) -> None:
         while True:
             await asyncio.sleep(self.reload_interval)
             try:
-                self.check_table_file()
-                if self.router.api_keys is not None:
-                    self.router.api_keys.reload()
+                self.router.api_keys.reload()
             except Exception:
-                log.exception("checking the routing table failed")
-
-    def _watch_configmap(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Runs in a thread: the kubernetes client's watch is synchronous, and idle between events."""
-        from kubernetes import client, config, watch
-
-        namespace, name = self.configmap
-        if self.kubeconfig is not None:
-            api_client = config.new_client_from_config(config_file=str(self.kubeconfig))
-        else:
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config()
-            api_client = None
-        api = client.CoreV1Api(api_client)
-        while not self._stop_watch.is_set():
-            try:
-                w = watch.Watch()
-                # Each (re)start lists the current object first (ADDED), so no resourceVersion bookkeeping.
-                for event in w.stream(api.list_namespaced_config_map, namespace,
-                                      field_selector=f"metadata.name={name}", timeout_seconds=60):
-                    if self._stop_watch.is_set():
-                        w.stop()
-                        break
-                    if event["type"] in ("ADDED", "MODIFIED"):
-                        text = (event["object"].data or {}).get(CONFIGMAP_KEY)
-                        if text is None:
-                            log.error("ConfigMap %s/%s has no key %s", namespace, name, CONFIGMAP_KEY)
-                            continue
-                        loop.call_soon_threadsafe(self.apply_table_text, text, f"ConfigMap {namespace}/{name}")
-            except Exception as exc:
-                log.warning("watching ConfigMap %s/%s: %s; retrying", namespace, name, exc)
-                self._stop_watch.wait(2)
+                log.exception("reloading the API keys failed")
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         self._poll_session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.pool.poll_timeout),
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4))
         if self.table_path is not None:
-            self.check_table_file()
-            self._tasks.append(asyncio.create_task(self._watch_file()))
-        elif self.router.api_keys is not None:
-            self._tasks.append(asyncio.create_task(self._watch_file()))
+            reads = watch_table_file(self.table_path, self.reload_interval)
+            self.apply_read(await anext(reads))  # the first table is in use before the port opens
+            self._tasks.append(asyncio.create_task(self._follow(reads)))
         if self.configmap is not None:
-            threading.Thread(target=self._watch_configmap, args=(loop,), daemon=True,
-                             name="configmap-watch").start()
+            self._kube = KubeClient.from_environment(str(self.kubeconfig) if self.kubeconfig else None)
+            namespace, name = self.configmap
+            self._tasks.append(asyncio.create_task(self._follow(watch_configmap_table(self._kube, namespace, name))))
+        if self.router.api_keys is not None:
+            self._tasks.append(asyncio.create_task(self._reload_api_keys()))
         if self.replicas_dns:
             self._tasks.append(asyncio.create_task(
                 run_dns_discovery(self.pool, self.replicas_dns, self.dns_interval, self._poll_session)))
@@ -164,11 +115,13 @@ class RouterService:
 
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish (up to drain_seconds), then stop the loops."""
-        self._stop_watch.set()
         await self.router.drain(self.drain_seconds)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self._kube is not None:
+            await self._kube.close()
+            self._kube = None
         if self._poll_session is not None:
             await self._poll_session.close()

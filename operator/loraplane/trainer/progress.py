@@ -81,34 +81,31 @@ class LocalSink:
 class ClusterSink:
     """Patches `status.progress` of one FineTuneJob, rate-limited; API errors are logged, never fatal.
 
-    `patch` defaults to a merge patch through the status subresource with the in-cluster ServiceAccount
-    (the operator grants it get/patch on this one object's status).
+    `patch` defaults to a merge patch through the status subresource with the project's Kubernetes client
+    (loraplane.kube; the in-cluster ServiceAccount, to which the operator grants get/patch on this one
+    object's status), run from these synchronous callbacks through `BlockingKubeClient`.
     """
 
     def __init__(self, namespace: str, name: str, interval: float = 10.0,
                  patch: Callable[[dict], None] | None = None, clock: Callable[[], float] = time.monotonic):
         self.namespace, self.name = namespace, name
         self._limiter = RateLimiter(interval, clock)
+        self._kube = None
         self._patch = patch or self._kubernetes_patch()
         self._pending: TrainingProgress | None = None
         self.patches = 0
         self.failures = 0
 
     def _kubernetes_patch(self) -> Callable[[dict], None]:
-        from kubernetes import client, config
-
         from loraplane.api.common import GROUP, VERSION
-        from loraplane.api.finetunejob import FineTuneJob
+        from loraplane.kube.client import BlockingKubeClient
 
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()  # a local run pointed at a cluster (LORAPLANE_JOB_* set by hand)
-        api = client.CustomObjectsApi()
+        # In-cluster credentials; a local run pointed at a cluster (LORAPLANE_JOB_* set by hand) uses the
+        # kubeconfig.
+        self._kube = kube = BlockingKubeClient(timeout=30)
 
         def patch(body: dict) -> None:
-            api.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, FineTuneJob.PLURAL,
-                                                      self.name, body)
+            kube.patch_status(f"{GROUP}/{VERSION}", "FineTuneJob", self.namespace, self.name, body["status"])
         return patch
 
     def update(self, progress: TrainingProgress, final: bool = False) -> None:
@@ -130,6 +127,9 @@ class ClusterSink:
 
     def close(self) -> None:
         self.flush()
+        if self._kube is not None:
+            self._kube.close()
+            self._kube = None
 
 
 class ProgressTracker:
