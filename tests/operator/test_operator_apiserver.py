@@ -225,7 +225,7 @@ def test_oom_is_categorised_with_a_warning_event(kube):
     assert st["failure"]["reason"] == "OOMKilled" and "batchSize" in st["failure"]["message"]
     ready = kube.ready("FineTuneJob", "oom")
     assert (ready["status"], ready["reason"]) == ("False", "OOMKilled")
-    assert any(t == "Warning" and r == "OOMKilled" for t, r, _ in kube.events("oom"))
+    wait_for(lambda: any(t == "Warning" and r == "OOMKilled" for t, r, _ in kube.events("oom")), what="the oom event")
     with pytest.raises(Exception):
         kube.get("Adapter", "oom-out")
 
@@ -250,7 +250,7 @@ def test_deadline_exceeded(kube):
                   timeout=45, what="DeadlineExceeded")
     assert st["failure"]["reason"] == "DeadlineExceeded"
     assert "activeDeadlineSeconds" in st["failure"]["message"]
-    assert any(r == "DeadlineExceeded" for _, r, _ in kube.events("slow"))
+    wait_for(lambda: any(r == "DeadlineExceeded" for _, r, _ in kube.events("slow")), what="the slow event")
 
 
 def test_invalid_spec_and_immutable_change_become_conditions(kube, operator):
@@ -275,7 +275,7 @@ def test_invalid_spec_and_immutable_change_become_conditions(kube, operator):
     assert after.annotations == before.annotations  # the Job (and its config) kept the accepted spec
     config = kube.core.read_namespaced_config_map("fixed-config", kube.ns).data["finetunejob.json"]
     assert json.loads(config)["spec"]["method"]["r"] == 8
-    assert any(r == "SpecImmutable" for _, r, _ in kube.events("fixed"))
+    wait_for(lambda: any(r == "SpecImmutable" for _, r, _ in kube.events("fixed")), what="the fixed event")
     kube.patch("FineTuneJob", "fixed", {"spec": {"method": {"r": 8}}})
     wait_for(lambda: kube.ready("FineTuneJob", "fixed")["reason"] == "Pending", what="accepted again")
     # A mutable field reaches the Job.
@@ -484,7 +484,7 @@ def test_image_pull_problem_is_reported_while_pending(kube):
                      what="ImagePull")
     assert "registry.invalid/nope:1" in ready["message"] and "spec.image" in ready["message"]
     assert kube.status("FineTuneJob", "pull")["phase"] == "Pending"
-    assert any(t == "Warning" and r == "ImagePull" for t, r, _ in kube.events("pull"))
+    wait_for(lambda: any(t == "Warning" and r == "ImagePull" for t, r, _ in kube.events("pull")), what="the pull event")
 
 
 def test_route_status_quotes_why_replicas_fail(kube):
@@ -504,7 +504,8 @@ def test_route_status_quotes_why_replicas_fail(kube):
     ready = wait_for(lambda: (r := kube.ready("ModelRoute", "r-s3"))["reason"] == "ModelFetchFailed" and r,
                      what="ModelFetchFailed")
     assert "no objects under that prefix" in ready["message"] and ready["status"] == "False"
-    assert any(t == "Warning" and r == "ModelFetchFailed" for t, r, _ in kube.events("r-s3"))
+    wait_for(lambda: any(t == "Warning" and r == "ModelFetchFailed" for t, r, _ in kube.events("r-s3")),
+             what="the r-s3 event")
 
     running = {"running": {"startedAt": NOW}}
     kube.patch_pod_status(pod.metadata.name, {"phase": "Running", "initContainerStatuses": [{
