@@ -170,8 +170,8 @@ def test_examples_get_their_children_and_honest_status(kube):
         st = wait_for(lambda: (s := kube.status("Adapter", name)).get("phase") and s, what=f"{name} status")
         assert st["phase"] == "Loading" and st["routes"] == ["qwen-small"]
         assert next(c for c in st["conditions"] if c["type"] == "Compatible")["status"] == "True"
-    assert ("Normal", "Pending", "waiting for Job support-bot-v1-train to start a pod") in \
-        kube.events("support-bot-v1")
+    wait_for(lambda: ("Normal", "Pending", "waiting for Job support-bot-v1-train to start a pod") in
+             kube.events("support-bot-v1"), what="the Pending event")
 
 
 def test_success_creates_the_adapter_with_provenance_and_a_rerun_bumps_it(kube, operator):
@@ -198,9 +198,10 @@ def test_success_creates_the_adapter_with_provenance_and_a_rerun_bumps_it(kube, 
     assert prov["datasetSha256"] == "b" * 64 and prov["metrics"] == {"train_loss": 0.75, "eval_loss": 0.8}
     assert prov["baseModel"] == "org/tiny" and prov["baseModelRevision"] == "main"
     assert prov["hyperparameters"]["method"]["r"] == 8 and prov["libraryVersions"] == {"peft": "0.21.0"}
-    reasons = {r for _, r, _ in kube.events("tune")}
-    assert {"Pending", "Running", "Succeeded"} <= reasons
-    assert ("Normal", "Created", "version 1 from FineTuneJob tune") in kube.events("tuned")
+    wait_for(lambda: {"Pending", "Running", "Succeeded"} <= {r for _, r, _ in kube.events("tune")},
+             what="the tune events")
+    wait_for(lambda: ("Normal", "Created", "version 1 from FineTuneJob tune") in kube.events("tuned"),
+             what="the Created event")
 
     # A second run writing to the same Adapter bumps its version; both jobs own it.
     kube.create(small_job("tune-again", "tuned"))
