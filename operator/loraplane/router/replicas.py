@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, ReplicaReport
+from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, AdapterState, ReplicaReport
 
 log = logging.getLogger("loraplane.router")
 
@@ -177,7 +177,7 @@ class ReplicaPool:
                     resp.raise_for_status()
                     report = ReplicaReport.model_validate_json(await resp.read())
                 engine_ready = report.engine_ready
-                ready = {name for name, a in report.adapters.items() if a.state == "Ready"}
+                ready = {name for name, a in report.adapters.items() if a.state == AdapterState.Ready}
                 if engine_ready and self.base_served_name:
                     ready.add(self.base_served_name)
             else:
