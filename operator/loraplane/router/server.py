@@ -16,20 +16,18 @@ remains the client for everything off the hot path (replica polling).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
-import os
 import random
 import re
 import socket
 import time
 from http import HTTPStatus
-from pathlib import Path
 
 import httptools
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from loraplane.router.auth import ApiKeys
 from loraplane.router.metrics import NO_BACKEND, UNKNOWN_MODEL, RouterMetrics
 from loraplane.router.replicas import Replica, ReplicaPool
 from loraplane.router.table import BackendRoute, BadRequest, RoutingTable, read_model, rewrite_model
@@ -72,54 +70,6 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
     err = {"message": message, "type": type_, "param": param, "code": code, **extra}
     return json.dumps({"error": err}, separators=(",", ":")).encode()
-
-
-class ApiKeys:
-    """Accepted API keys from a file (one per line) or a folder (a mounted Secret: one or more keys per
-    file). Re-read when it changes, so a rotated Secret applies without a restart. Only SHA-256 digests
-    are kept in memory and compared."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._digests: frozenset[bytes] = frozenset()
-        self._accepted: set[bytes] = set()  # header values already verified (cleared when the keys change)
-        self._stamp: tuple | None = None
-        self.reload()
-        if not self._digests:
-            raise ValueError(f"--api-keys-file {self.path}: no keys found (one key per line; '#' comments); "
-                             "omit the option to run without API keys")
-
-    def _files(self) -> list[Path]:
-        if self.path.is_dir():
-            return sorted(p for p in self.path.iterdir() if p.is_file() and not p.name.startswith("."))
-        return [self.path]
-
-    def reload(self) -> bool:
-        files = self._files()
-        stamp = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
-        if stamp == self._stamp:
-            return False
-        keys = set()
-        for p in files:
-            for line in p.read_text().splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    keys.add(hashlib.sha256(line.encode()).digest())
-        self._digests, self._stamp = frozenset(keys), stamp
-        self._accepted = set()
-        log.info("API keys loaded: %d", len(keys))
-        return True
-
-    def check(self, authorization: bytes | None) -> bool:
-        if authorization in self._accepted:
-            return True
-        if not authorization or not authorization.startswith(b"Bearer "):
-            return False
-        if hashlib.sha256(authorization[7:].strip()).digest() in self._digests:
-            if len(self._accepted) < 4096:  # only verified values are remembered: bounded by the keys in use
-                self._accepted.add(authorization)
-            return True
-        return False
 
 
 class Request:
@@ -781,11 +731,3 @@ class Router:
         conn.exchange = ex
         ex.start()
 
-
-def file_stamp(path: Path) -> tuple | None:
-    """What changes when the file does, including a kubelet's atomic swap of a ConfigMap volume."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)

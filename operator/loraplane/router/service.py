@@ -20,7 +20,9 @@ import aiohttp
 from pydantic import ValidationError
 
 from loraplane.router.replicas import ReplicaPool, run_dns_discovery
-from loraplane.router.server import ApiKeys, Router, file_stamp
+from loraplane.router.auth import ApiKeys
+from loraplane.router.files import file_stamp
+from loraplane.router.server import Router
 from loraplane.api.wire.serving import CONFIGMAP_KEY, ServingTable
 
 log = logging.getLogger("loraplane.router")
