@@ -61,7 +61,7 @@ class Replica:
     host: str = ""
     port: int = 0
     host_header: bytes = b""
-    idle: list = field(default_factory=list)  # kept-alive upstream connections (router.server.Upstream)
+    idle: list = field(default_factory=list)  # kept-alive upstream connections (router.upstream.Upstream)
 
     def __post_init__(self):
         self.engine_url = self.engine_url.rstrip("/")

@@ -31,6 +31,7 @@ from loraplane.router.auth import ApiKeys
 from loraplane.router.metrics import NO_BACKEND, UNKNOWN_MODEL, RouterMetrics
 from loraplane.router.replicas import Replica, ReplicaPool
 from loraplane.router.table import BackendRoute, BadRequest, RoutingTable, read_model, rewrite_model
+from loraplane.router.upstream import Upstream, open_upstream, take_idle
 from loraplane.api.wire.serving import ServingTable
 
 log = logging.getLogger("loraplane.router")
@@ -46,7 +47,6 @@ _COMPLETIONS, _CHAT, _MODELS = b"/v1/completions", b"/v1/chat/completions", b"/v
 _CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
 _STREAM_BROKEN = 599  # the replica failed after the stream had started: the client got a truncated stream
 _MAX_HEADER_BYTES = 64 * 1024
-_UPSTREAM_KEEPALIVE = 4.0  # below uvicorn's 5 s: a pooled connection is never one vLLM has just closed
 
 
 def parse_usage(data: bytes) -> tuple[int, int] | None:
@@ -246,100 +246,6 @@ class ClientConnection(asyncio.Protocol):
                      keep_alive=not close)
 
 
-class Upstream(asyncio.Protocol):
-    """A kept-alive connection to one vLLM replica, carrying one exchange at a time."""
-
-    def __init__(self, replica: Replica):
-        self.replica = replica
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.exchange: Exchange | None = None
-        self.content_type = _JSON
-        self.idle_since = 0.0
-        self.got_bytes = False
-        self.probe: socket.socket | None = None
-
-    def connection_made(self, transport):
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # A duplicate of the socket, only to peek at it before reuse (transports do not allow recv).
-            self.probe = socket.fromfd(sock.fileno(), sock.family, sock.type)
-            self.probe.setblocking(False)
-
-    def reusable(self) -> bool:
-        """Still open at the other end, with nothing unexpected waiting. vLLM closing an idle connection
-        may not have reached our event loop yet: sending there would lose the request after it was written
-        (then it may not be resent), while a peek costs one syscall."""
-        if self.transport is None or self.probe is None:
-            return False
-        try:
-            self.probe.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:
-            return True  # nothing to read: open and idle
-        except OSError:
-            return False
-        return False  # end of stream (closed by vLLM) or bytes nobody asked for
-
-    def connection_lost(self, exc):
-        self.transport = None
-        if self.probe is not None:
-            self.probe.close()
-            self.probe = None
-        ex, self.exchange = self.exchange, None
-        if ex is not None:
-            ex.upstream_lost(exc)
-        else:
-            try:
-                self.replica.idle.remove(self)
-            except ValueError:
-                pass
-
-    def data_received(self, data):
-        self.got_bytes = True
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            log.warning("replica %s: malformed response (%s)", self.replica.name, exc)
-            self.close()
-
-    def send(self, exchange: "Exchange", head: bytes, payload: bytes) -> None:
-        self.exchange = exchange
-        self.got_bytes = False
-        self.parser = httptools.HttpResponseParser(self)
-        self.content_type = _JSON
-        self.transport.write(head + payload)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    # ---- parser callbacks ----
-
-    def on_header(self, name: bytes, value: bytes):
-        if len(name) == 12 and name.lower() == b"content-type":
-            self.content_type = value
-
-    def on_headers_complete(self):
-        if self.exchange is not None:
-            self.exchange.upstream_head(self.parser.get_status_code(), self.content_type)
-
-    def on_body(self, body: bytes):
-        if self.exchange is not None:
-            self.exchange.upstream_body(body)
-
-    def on_message_complete(self):
-        ex, self.exchange = self.exchange, None
-        if self.parser.should_keep_alive() and self.transport is not None:
-            self.idle_since = time.monotonic()
-            self.replica.idle.append(self)
-        else:
-            self.close()
-        if ex is not None:
-            ex.upstream_complete()
-
-
 class Exchange:
     """One proxied request, driven by callbacks from the upstream and client connections."""
 
@@ -387,28 +293,21 @@ class Exchange:
         replica = self.replica
         replica.in_flight += 1
         self.attempt_open = True
-        idle = replica.idle
-        now = time.monotonic()
-        while idle:
-            up = idle.pop()
-            if now - up.idle_since < _UPSTREAM_KEEPALIVE and up.reusable():
-                self.upstream = up
-                up.send(self, self._request_head(replica), self.payload)
-                return
-            up.close()
+        up = take_idle(replica)
+        if up is not None:
+            self.upstream = up
+            up.send(self, self._request_head(replica), self.payload)
+            return
         self.router.loop.create_task(self._connect(replica))
 
     async def _connect(self, replica: Replica) -> None:
-        loop = self.router.loop
         try:
-            _, up = await asyncio.wait_for(loop.create_connection(lambda: Upstream(replica), replica.host, replica.port),
-                                           self.router.connect_timeout)
+            up = await open_upstream(replica, self.router.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             self.connect_failed(replica, exc)
             return
         if self.finished:  # the client left or the request timed out while connecting
-            up.idle_since = time.monotonic()
-            replica.idle.append(up)
+            up.release()
             return
         self.upstream = up
         up.send(self, self._request_head(replica), self.payload)
