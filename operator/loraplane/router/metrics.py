@@ -65,6 +65,9 @@ class BackendStats:
 
 
 class RouterMetrics:
+    """The router's Prometheus registry: per-(model, backend) `BackendStats` turned into families at scrape
+    time, per-replica state from the watched pool, and the routing table's reloads and generation."""
+
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         self._stats: dict[tuple[str, str], BackendStats] = {}
@@ -81,6 +84,11 @@ class RouterMetrics:
         if s is None:
             s = self._stats[key] = BackendStats(model, backend)
         return s
+
+    def count_refused(self, model: str, status: int) -> None:
+        """Count a request the router answered itself with `status`, before any backend was chosen (label
+        backend=NO_BACKEND; `model` is the public name, UNKNOWN_MODEL, or NO_BACKEND before it was read)."""
+        self.stats(model, NO_BACKEND).count(status)
 
     def watch_pool(self, pool) -> None:
         """Export per-replica state from `pool` at scrape time."""

@@ -16,18 +16,15 @@ remains the client for everything off the hot path (replica polling).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import re
-import socket
 import time
-from http import HTTPStatus
 
-import httptools
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from loraplane.router.auth import ApiKeys
+from loraplane.router.client_protocol import JSON, STATUS_PHRASES, ClientConnection, Request
 from loraplane.router.metrics import NO_BACKEND, UNKNOWN_MODEL, RouterMetrics
 from loraplane.router.replicas import Replica, ReplicaPool
 from loraplane.router.table import BackendRoute, BadRequest, RoutingTable, read_model, rewrite_model
@@ -41,12 +38,9 @@ _BACKEND_HEADER = BACKEND_HEADER.encode()
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _USAGE_SPAN = 600  # bytes after `"usage"` that hold its token counts
-_JSON = b"application/json"
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _COMPLETIONS, _CHAT, _MODELS = b"/v1/completions", b"/v1/chat/completions", b"/v1/models"
 _CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
 _STREAM_BROKEN = 599  # the replica failed after the stream had started: the client got a truncated stream
-_MAX_HEADER_BYTES = 64 * 1024
 
 
 def parse_usage(data: bytes) -> tuple[int, int] | None:
@@ -66,186 +60,6 @@ def parse_usage(data: bytes) -> tuple[int, int] | None:
     return (int(p.group(1)) if p else 0, int(c.group(1)) if c else 0)
 
 
-def error_body(message: str, type_: str, code: str | None = None, param: str | None = None, **extra) -> bytes:
-    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-    err = {"message": message, "type": type_, "param": param, "code": code, **extra}
-    return json.dumps({"error": err}, separators=(",", ":")).encode()
-
-
-class Request:
-    """One parsed client request (the parser's callbacks fill it)."""
-
-    __slots__ = ("method", "path", "authorization", "sticky", "request_id", "expect", "content_length",
-                 "body", "size", "too_large", "keep_alive", "started")
-
-    def __init__(self):
-        self.authorization = self.sticky = self.request_id = self.expect = None
-        self.content_length = None
-        self.body: list[bytes] | None = []
-        self.size = 0
-        self.too_large = False
-        self.keep_alive = True
-        self.started = time.perf_counter()
-
-
-class ClientConnection(asyncio.Protocol):
-    """One client's keep-alive connection. Requests are answered in order, one at a time."""
-
-    def __init__(self, router: "Router"):
-        self.router = router
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
-        self.req: Request | None = None
-        self.pending: list[Request] = []
-        self.exchange: Exchange | None = None
-        self.busy = False
-        self.closing = False
-        self.paused_upstream: asyncio.Transport | None = None
-        self.header_bytes = 0
-        self.url = b""
-
-    # ---- transport events ----
-
-    def connection_made(self, transport):
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-        self.router.connections.add(self)
-
-    def connection_lost(self, exc):
-        self.router.connections.discard(self)
-        self.transport = None
-        if self.exchange is not None:
-            self.exchange.client_lost()
-
-    def data_received(self, data):
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self.respond_error(400, "protocol upgrades are not supported", "invalid_request_error", close=True)
-        except httptools.HttpParserError as exc:
-            if self.transport is not None and not self.busy:
-                self.respond_error(400, f"malformed HTTP request: {exc}", "invalid_request_error", close=True)
-            elif self.transport is not None:
-                self.transport.close()
-
-    def pause_writing(self):
-        # The client reads slower than the replica streams: stop reading from the replica.
-        ex = self.exchange
-        if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
-            self.paused_upstream = ex.upstream.transport
-            self.paused_upstream.pause_reading()
-
-    def resume_writing(self):
-        if self.paused_upstream is not None:
-            try:
-                self.paused_upstream.resume_reading()
-            except Exception:  # that connection has closed meanwhile: nothing to resume
-                pass
-            self.paused_upstream = None
-
-    # ---- parser callbacks ----
-
-    def on_message_begin(self):
-        self.req = Request()
-        self.url = b""
-        self.header_bytes = 0
-
-    def on_url(self, url: bytes):
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes):
-        self.header_bytes += len(name) + len(value)
-        if self.header_bytes > _MAX_HEADER_BYTES:
-            raise httptools.HttpParserError("headers too large")
-        n = name.lower()
-        req = self.req
-        if n == b"authorization":
-            req.authorization = value
-        elif n == b"content-length":
-            req.content_length = int(value) if value.isdigit() else None
-        elif n == b"x-request-id":
-            req.request_id = value
-        elif n == b"expect":
-            req.expect = value.lower()
-        elif n == self.router.sticky_header_lower:
-            req.sticky = value
-
-    def on_headers_complete(self):
-        req = self.req
-        req.method = self.parser.get_method()
-        q = self.url.find(b"?")
-        req.path = self.url if q < 0 else self.url[:q]
-        req.keep_alive = self.parser.should_keep_alive()
-        limit = self.router.max_request_bytes
-        if req.content_length is not None and req.content_length > limit:
-            req.too_large, req.body = True, None
-        if req.expect == b"100-continue" and not self.busy:
-            if req.too_large:  # refuse before the client sends the body
-                self.router._refuse(NO_BACKEND, 413)
-                self.busy = True
-                self.respond_error(413, f"request body over {limit} bytes (the route's router.maxRequestBytes)",
-                                   "invalid_request_error", "request_too_large", close=True)
-            else:
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def on_body(self, body: bytes):
-        req = self.req
-        if req.too_large:
-            return
-        req.size += len(body)
-        if req.size > self.router.max_request_bytes:
-            req.too_large, req.body = True, None
-        else:
-            req.body.append(body)
-
-    def on_message_complete(self):
-        req, self.req = self.req, None
-        if self.busy:
-            self.pending.append(req)
-            if len(self.pending) > 8:  # a client pipelining without reading: stop reading from it
-                self.transport.pause_reading()
-            return
-        self.busy = True
-        self.router.dispatch(self, req)
-
-    # ---- answering ----
-
-    def done(self, keep_alive: bool) -> None:
-        """The current response is complete: close, or go on with the next pipelined request."""
-        self.exchange = None
-        self.busy = False
-        if self.transport is None:
-            return
-        if not keep_alive or self.closing:
-            self.transport.close()
-            return
-        if self.pending:
-            req = self.pending.pop(0)
-            if len(self.pending) <= 8:
-                self.transport.resume_reading()
-            self.busy = True
-            self.router.dispatch(self, req)
-
-    def respond(self, status: int, body: bytes, content_type: bytes = _JSON, extra: bytes = b"",
-                keep_alive: bool = True) -> None:
-        t = self.transport
-        if t is not None:
-            t.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n%s" % (
-                status, _REASONS.get(status, b"Unknown"), content_type, len(body), extra,
-                b"" if keep_alive else b"Connection: close\r\n", body))
-        self.done(keep_alive)
-
-    def respond_error(self, status: int, message: str, type_: str, code: str | None = None,
-                      param: str | None = None, extra: bytes = b"", close: bool = False, **fields) -> None:
-        self.respond(status, error_body(message, type_, code, param, **fields), extra=extra,
-                     keep_alive=not close)
-
-
 class Exchange:
     """One proxied request, driven by callbacks from the upstream and client connections."""
 
@@ -258,7 +72,7 @@ class Exchange:
         self.router, self.conn, self.req, self.model = router, conn, req, model
         self.backend, self.stats, self.replica, self.payload = backend, backend.stats, replica, payload
         self.path = _CHAT if chat else _COMPLETIONS
-        self.ctype = _JSON
+        self.ctype = JSON
         self.attempt_open = False
         self.tried: tuple[Replica, ...] = ()
         self.upstream: Upstream | None = None
@@ -393,7 +207,7 @@ class Exchange:
             t = self.conn.transport
             if t is not None:
                 t.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s: %s\r\n%s\r\n%s" % (
-                    self.status, _REASONS.get(self.status, b"Unknown"), self.ctype, len(body),
+                    self.status, STATUS_PHRASES.get(self.status, b"Unknown"), self.ctype, len(body),
                     _BACKEND_HEADER, self.backend.served_json,
                     b"" if self.req.keep_alive else b"Connection: close\r\n", body))
             usage = parse_usage(body) if self.status == 200 else None
@@ -538,9 +352,6 @@ class Router:
 
     # ---- dispatch ----
 
-    def _refuse(self, model: str, status: int) -> None:
-        self.metrics.stats(model, NO_BACKEND).count(status)
-
     def dispatch(self, conn: ClientConnection, req: Request) -> None:
         path = req.path
         if path == _COMPLETIONS or path == _CHAT:
@@ -573,7 +384,7 @@ class Router:
                                "not_found", close=not req.keep_alive)
 
     def _unauthorized(self, conn: ClientConnection, req: Request) -> None:
-        self._refuse(NO_BACKEND, 401)
+        self.metrics.count_refused(NO_BACKEND, 401)
         conn.respond_error(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
                            "invalid_request_error", "invalid_api_key", close=not req.keep_alive)
 
@@ -587,7 +398,7 @@ class Router:
             self._unauthorized(conn, req)
             return
         if req.too_large:
-            self._refuse(NO_BACKEND, 413)
+            self.metrics.count_refused(NO_BACKEND, 413)
             conn.respond_error(413, f"request body over {self.max_request_bytes} bytes (the route's "
                                     "router.maxRequestBytes)", "invalid_request_error", "request_too_large",
                                close=True)
@@ -596,12 +407,12 @@ class Router:
         try:
             model, handle = read_model(body)
         except BadRequest as exc:
-            self._refuse(NO_BACKEND, 400)
+            self.metrics.count_refused(NO_BACKEND, 400)
             conn.respond_error(400, str(exc), "invalid_request_error", None, exc.param, close=close)
             return
         route = table.models.get(model)
         if route is None:
-            self._refuse(UNKNOWN_MODEL, 404)
+            self.metrics.count_refused(UNKNOWN_MODEL, 404)
             names = list(table.models)
             conn.respond_error(404, f"The model `{model}` does not exist. Served models: {', '.join(names)}",
                                "NotFoundError", "model_not_found", "model", close=close, available_models=names)
@@ -620,7 +431,7 @@ class Router:
                 backend = route.pick(rng, sticky, skipped)
                 replica = pool.choose(backend.served_name) if backend is not None else None
             if replica is None:
-                self._refuse(model, 503)
+                self.metrics.count_refused(model, 503)
                 conn.respond_error(
                     503, f"no replica is ready to serve `{model}` (backends: "
                          f"{', '.join(b.served_name for b in route.backends)}); adapters may still be loading",
