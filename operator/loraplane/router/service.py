@@ -19,9 +19,8 @@ from pathlib import Path
 import aiohttp
 from pydantic import ValidationError
 
-from loraplane.router.replicas import ReplicaPool, run_dns_discovery
-from loraplane.router.auth import ApiKeys
 from loraplane.router.files import file_stamp
+from loraplane.router.replicas import ReplicaPool, run_dns_discovery
 from loraplane.router.server import Router
 from loraplane.api.wire.serving import CONFIGMAP_KEY, ServingTable
 
