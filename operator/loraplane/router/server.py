@@ -10,8 +10,9 @@ latency, TTFT. One module per concern:
 - dispatch.py: which endpoint answers, which backend and replica get an inference request;
 - exchange.py: one proxied request (retries, streaming relay, usage and latency accounting);
 - upstream.py: the connections to vLLM and their keep-alive pool;
-- auth.py (API keys), table.py (the routing table, `model` rewriting), replicas.py (polling, choice),
-  metrics.py (Prometheus), service.py (table sources, background loops), cli.py (the command line).
+- auth.py (API keys), files.py (change detection of re-read files), table.py (the routing table,
+  `model` rewriting), replicas.py (polling, choice), metrics.py (Prometheus), service.py (table sources,
+  background loops), cli.py (the command line).
 
 Why asyncio protocols with httptools (the llhttp parser, as uvicorn uses) rather than aiohttp's web
 server and client here: on the 2-core reference machine aiohttp's server alone costs ~140 us of CPU per
