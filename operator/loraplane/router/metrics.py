@@ -31,11 +31,13 @@ class Hist:
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
+        """Count one observation (seconds, for the router's histograms)."""
         # bisect_left: a value equal to a bound belongs to that bound's bucket (le = "less or equal").
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
     def buckets(self) -> list[tuple[str, int]]:
+        """Cumulative counts per upper bound (`le` label values, "+Inf" last), as Prometheus exposes them."""
         out, acc = [], 0
         for bound, n in zip((*self.bounds, float("inf")), self.counts):
             acc += n
@@ -60,6 +62,7 @@ class BackendStats:
         self.retries = 0
 
     def count(self, code: int) -> None:
+        """Count one answered request by HTTP status code (499 and 599 included, see the requests metric)."""
         codes = self.codes
         codes[code] = codes.get(code, 0) + 1
 
@@ -79,6 +82,8 @@ class RouterMetrics:
         self.registry.register(_Collector(self))
 
     def stats(self, model: str, backend: str) -> BackendStats:
+        """The figures of (public model, backend served name), created on first use and kept (a new table
+        does not reset the counters of pairs it keeps)."""
         key = (model, backend)
         s = self._stats.get(key)
         if s is None:

@@ -74,6 +74,7 @@ class Replica:
         self.host_header = parts.netloc.encode()
 
     def close_idle(self) -> None:
+        """Close the kept-alive connections to this replica (it left the set, or the router drains)."""
         idle, self.idle = self.idle, []
         for up in idle:
             up.close()
@@ -84,6 +85,8 @@ class Replica:
         return self.in_flight + max(0, self.engine_load - self._own_at_poll)
 
     def usable(self) -> bool:
+        """vLLM is up as of the last poll, and no connection to it has failed since a poll last reached it
+        (see mark_failed): whether it may get traffic."""
         return self.engine_ready and self.failed_at == 0.0
 
 
@@ -166,6 +169,7 @@ class ReplicaPool:
     # ---- polling -------------------------------------------------------------------------------------
 
     async def poll_once(self, session: aiohttp.ClientSession) -> None:
+        """Poll every replica once, concurrently (each request bounded by the session's timeout)."""
         await asyncio.gather(*(self._poll(session, r) for r in list(self.replicas)))
 
     async def _poll(self, session: aiohttp.ClientSession, r: Replica) -> None:
