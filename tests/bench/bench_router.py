@@ -398,7 +398,9 @@ def main() -> int:
         spec = json.loads(sys.stdin.read())
         res = run_load(spec["url"], spec["concurrency"], spec["duration"],
                        [r.encode("latin-1") for r in spec["requests"]])
-        print(json.dumps(res))
+        out = (json.dumps(res) + "\n").encode()
+        while out:  # after uvloop.run a write to the pipe can come back short; print() then lost the rest
+            out = out[os.write(1, out):]
         return 0
     if len(sys.argv) > 2 and sys.argv[1] == "--_stub":
         run_stub(int(sys.argv[2]))

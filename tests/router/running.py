@@ -10,7 +10,8 @@ from pathlib import Path
 import aiohttp
 
 from loraplane.router.replicas import ReplicaPool, parse_replica_arg
-from loraplane.router.server import ApiKeys, Router
+from loraplane.router.auth import ApiKeys
+from loraplane.router.server import Router
 from loraplane.router.service import RouterService
 
 

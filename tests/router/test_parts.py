@@ -7,7 +7,8 @@ from prometheus_client import generate_latest
 
 from loraplane.router.metrics import RouterMetrics
 from loraplane.router.replicas import parse_engine_load, parse_replica_arg
-from loraplane.router.server import ApiKeys, parse_usage
+from loraplane.router.auth import ApiKeys
+from loraplane.router.exchange import parse_usage
 
 
 def test_histogram_exposition_is_cumulative_with_le_inclusive():

@@ -468,7 +468,7 @@ async def test_pooled_connection_closed_by_the_replica_is_not_reused():
     import socket
 
     from loraplane.router.replicas import Replica
-    from loraplane.router.server import Upstream
+    from loraplane.router.upstream import Upstream
 
     accepted = []
     server = await asyncio.start_server(lambda r, w: accepted.append(w), "127.0.0.1", 0)

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from loraplane.api.validation import format_validation_error
 from loraplane.api.wire.serving import CONFIGMAP_KEY, ServingTable
 from loraplane.kube.client import ApiError, KubeClient, WatchExpired
+from loraplane.kube.mounted import file_stamp
 
 log = logging.getLogger("loraplane.kube.tablewatch")
 
@@ -81,10 +82,12 @@ async def watch_table_file(path: Path, interval: float = 0.1) -> AsyncIterator[T
     while True:
         read = None
         try:
-            st = path.stat()
-            if (st.st_ino, st.st_mtime_ns, st.st_size) != stamp:
+            now = file_stamp(path)
+            if now is None:
+                raise FileNotFoundError(path)
+            if now != stamp:
                 text = path.read_text()
-                stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+                stamp = now
                 read = parse_table(text, str(path))
         except FileNotFoundError:
             stamp, read = None, TableRead(str(path), problem="does not exist (yet)")

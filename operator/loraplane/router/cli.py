@@ -64,7 +64,8 @@ def _configure(args: argparse.Namespace) -> str | None:
 
 async def _serve(args: argparse.Namespace) -> int:
     from loraplane.router.replicas import ReplicaPool, parse_replica_arg
-    from loraplane.router.server import ApiKeys, Router
+    from loraplane.router.auth import ApiKeys
+    from loraplane.router.server import Router
     from loraplane.router.service import RouterService
 
     try:

@@ -31,11 +31,13 @@ class Hist:
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
+        """Count one observation (seconds, for the router's histograms)."""
         # bisect_left: a value equal to a bound belongs to that bound's bucket (le = "less or equal").
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
     def buckets(self) -> list[tuple[str, int]]:
+        """Cumulative counts per upper bound (`le` label values, "+Inf" last), as Prometheus exposes them."""
         out, acc = [], 0
         for bound, n in zip((*self.bounds, float("inf")), self.counts):
             acc += n
@@ -60,11 +62,15 @@ class BackendStats:
         self.retries = 0
 
     def count(self, code: int) -> None:
+        """Count one answered request by HTTP status code (499 and 599 included, see the requests metric)."""
         codes = self.codes
         codes[code] = codes.get(code, 0) + 1
 
 
 class RouterMetrics:
+    """The router's Prometheus registry: per-(model, backend) `BackendStats` turned into families at scrape
+    time, per-replica state from the watched pool, and the routing table's reloads and generation."""
+
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         self._stats: dict[tuple[str, str], BackendStats] = {}
@@ -76,11 +82,18 @@ class RouterMetrics:
         self.registry.register(_Collector(self))
 
     def stats(self, model: str, backend: str) -> BackendStats:
+        """The figures of (public model, backend served name), created on first use and kept (a new table
+        does not reset the counters of pairs it keeps)."""
         key = (model, backend)
         s = self._stats.get(key)
         if s is None:
             s = self._stats[key] = BackendStats(model, backend)
         return s
+
+    def count_refused(self, model: str, status: int) -> None:
+        """Count a request the router answered itself with `status`, before any backend was chosen (label
+        backend=NO_BACKEND; `model` is the public name, UNKNOWN_MODEL, or NO_BACKEND before it was read)."""
+        self.stats(model, NO_BACKEND).count(status)
 
     def watch_pool(self, pool) -> None:
         """Export per-replica state from `pool` at scrape time."""

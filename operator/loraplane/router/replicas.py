@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, ReplicaReport
+from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, AdapterState, ReplicaReport
 
 log = logging.getLogger("loraplane.router")
 
@@ -61,7 +61,7 @@ class Replica:
     host: str = ""
     port: int = 0
     host_header: bytes = b""
-    idle: list = field(default_factory=list)  # kept-alive upstream connections (router.server.Upstream)
+    idle: list = field(default_factory=list)  # kept-alive upstream connections (router.upstream.Upstream)
 
     def __post_init__(self):
         self.engine_url = self.engine_url.rstrip("/")
@@ -74,6 +74,7 @@ class Replica:
         self.host_header = parts.netloc.encode()
 
     def close_idle(self) -> None:
+        """Close the kept-alive connections to this replica (it left the set, or the router drains)."""
         idle, self.idle = self.idle, []
         for up in idle:
             up.close()
@@ -84,6 +85,8 @@ class Replica:
         return self.in_flight + max(0, self.engine_load - self._own_at_poll)
 
     def usable(self) -> bool:
+        """vLLM is up as of the last poll, and no connection to it has failed since a poll last reached it
+        (see mark_failed): whether it may get traffic."""
         return self.engine_ready and self.failed_at == 0.0
 
 
@@ -166,6 +169,7 @@ class ReplicaPool:
     # ---- polling -------------------------------------------------------------------------------------
 
     async def poll_once(self, session: aiohttp.ClientSession) -> None:
+        """Poll every replica once, concurrently (each request bounded by the session's timeout)."""
         await asyncio.gather(*(self._poll(session, r) for r in list(self.replicas)))
 
     async def _poll(self, session: aiohttp.ClientSession, r: Replica) -> None:
@@ -177,7 +181,7 @@ class ReplicaPool:
                     resp.raise_for_status()
                     report = ReplicaReport.model_validate_json(await resp.read())
                 engine_ready = report.engine_ready
-                ready = {name for name, a in report.adapters.items() if a.state == "Ready"}
+                ready = {name for name, a in report.adapters.items() if a.state == AdapterState.Ready}
                 if engine_ready and self.base_served_name:
                     ready.add(self.base_served_name)
             else:

@@ -39,7 +39,7 @@ class BackendRoute:
     weight: int
     # The served name as it appears inside a JSON string (escaped once, at table load).
     served_json: bytes = b""
-    # Filled by the server: its metric children, so the hot path does no label lookups.
+    # Filled by Router.set_table: its metric children, so the hot path does no label lookups.
     stats: object = None
 
     def __post_init__(self):
@@ -47,6 +47,7 @@ class BackendRoute:
 
     @property
     def is_base(self) -> bool:
+        """The route's base model (no adapter): vLLM always has it, so a 404 from vLLM is not resent."""
         return self.adapter is None
 
 
@@ -120,6 +121,7 @@ class RoutingTable:
 
     @classmethod
     def compile(cls, table: ServingTable) -> "RoutingTable":
+        """Compile a validated ServingTable; raises ValueError when a public model name appears twice."""
         models: dict[str, PublicRoute] = {}
         for pm in table.models:
             if pm.name in models:
@@ -134,6 +136,7 @@ class RoutingTable:
 
     @property
     def sticky_header(self) -> str | None:
+        """The route's router.stickyHeader (a header name), or None."""
         return self.source.router.sticky_header
 
 

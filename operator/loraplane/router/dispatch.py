@@ -1,0 +1,130 @@
+"""Dispatch: which endpoint answers a client request and, for an inference request, which backend (vLLM
+served name) and which replica get it.
+
+The choices themselves live beside their data: `PublicRoute.pick` (weights, sticky header) in
+table.py and `ReplicaPool.choose` (Ready there, least loaded) in replicas.py; this module applies them to
+one request and answers what the router refuses itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from loraplane.router.client_protocol import ClientConnection, Request
+from loraplane.router.exchange import Exchange
+from loraplane.router.metrics import NO_BACKEND, UNKNOWN_MODEL
+from loraplane.router.table import BadRequest, read_model, rewrite_model
+
+if TYPE_CHECKING:
+    from loraplane.router.server import Router
+
+log = logging.getLogger("loraplane.router")
+
+# The OpenAI API endpoints served (vLLM serves the same paths).
+COMPLETIONS, CHAT_COMPLETIONS, MODELS = b"/v1/completions", b"/v1/chat/completions", b"/v1/models"
+
+
+def dispatch(router: Router, conn: ClientConnection, req: Request) -> None:
+    """Answer one complete client request: proxy the OpenAI inference endpoints (POST only), answer
+    /v1/models (the public model names, API key required when keys are set), /metrics (Prometheus text
+    format), /healthz (the process runs) and /readyz (503 until a routing table is loaded); 404 otherwise.
+    Bound as `Router.dispatch`, which `ClientConnection` calls."""
+    path = req.path
+    if path == COMPLETIONS or path == CHAT_COMPLETIONS:
+        if req.method != b"POST":
+            conn.respond_error(405, f"use POST for {path.decode()}", "invalid_request_error",
+                               extra=b"Allow: POST\r\n", close=not req.keep_alive)
+            return
+        proxy(router, conn, req)
+    elif path == MODELS:
+        if router.api_keys is not None and not router.api_keys.check(req.authorization):
+            _unauthorized(router, conn, req)
+        elif router.table is None:
+            conn.respond_error(503, "no routing table loaded yet", "service_unavailable",
+                               close=not req.keep_alive)
+        else:
+            conn.respond(200, router.table.models_json, keep_alive=req.keep_alive)
+    elif path == b"/metrics":
+        conn.respond(200, generate_latest(router.metrics.registry), CONTENT_TYPE_LATEST.encode(),
+                     keep_alive=req.keep_alive)
+    elif path == b"/healthz":
+        conn.respond(200, b"ok", b"text/plain", keep_alive=req.keep_alive)
+    elif path == b"/readyz":
+        if router.table is None:
+            conn.respond(503, b"no routing table loaded yet", b"text/plain", keep_alive=req.keep_alive)
+        else:
+            conn.respond(200, b"ok", b"text/plain", keep_alive=req.keep_alive)
+    else:
+        conn.respond_error(404, f"no such endpoint: {path.decode('latin-1')} (this router serves "
+                                "/v1/completions, /v1/chat/completions, /v1/models)", "invalid_request_error",
+                           "not_found", close=not req.keep_alive)
+
+def _unauthorized(router: Router, conn: ClientConnection, req: Request) -> None:
+    router.metrics.count_refused(NO_BACKEND, 401)
+    conn.respond_error(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
+                       "invalid_request_error", "invalid_api_key", close=not req.keep_alive)
+
+def proxy(router: Router, conn: ClientConnection, req: Request) -> None:
+    """Route one /v1/completions or /v1/chat/completions request and start its `Exchange`.
+
+    Refuses with an OpenAI error, before any backend is chosen: 503 without a routing table, 401 without
+    an accepted API key, 413 over router.maxRequestBytes, 400 for a body without a usable `model`, 404 for
+    a model the route does not serve, 503 (Retry-After: 2) when no backend of the model has a usable
+    replica. Otherwise picks a backend (weights, or sticky by the route's header), skipping backends with
+    no usable replica (their weight goes to the others), and the least loaded replica that has it Ready.
+    """
+    table = router.table
+    close = not req.keep_alive
+    if table is None:
+        conn.respond_error(503, "no routing table loaded yet", "service_unavailable", close=close)
+        return
+    if router.api_keys is not None and not router.api_keys.check(req.authorization):
+        _unauthorized(router, conn, req)
+        return
+    if req.too_large:
+        router.metrics.count_refused(NO_BACKEND, 413)
+        conn.respond_error(413, f"request body over {router.max_request_bytes} bytes (the route's "
+                                "router.maxRequestBytes)", "invalid_request_error", "request_too_large",
+                           close=True)
+        return
+    body = req.body[0] if len(req.body) == 1 else b"".join(req.body)
+    try:
+        model, handle = read_model(body)
+    except BadRequest as exc:
+        router.metrics.count_refused(NO_BACKEND, 400)
+        conn.respond_error(400, str(exc), "invalid_request_error", None, exc.param, close=close)
+        return
+    route = table.models.get(model)
+    if route is None:
+        router.metrics.count_refused(UNKNOWN_MODEL, 404)
+        names = list(table.models)
+        conn.respond_error(404, f"The model `{model}` does not exist. Served models: {', '.join(names)}",
+                           "NotFoundError", "model_not_found", "model", close=close, available_models=names)
+        return
+    if router.log_prompts:
+        log.info("request body (router.logPrompts is on): %s", body.decode("utf-8", "replace"))
+    sticky = req.sticky
+    # A backend with no usable replica is skipped; its weight goes to the others.
+    rng, pool = router.rng, router.pool
+    backend = route.pick(rng, sticky)
+    replica = pool.choose(backend.served_name) if backend is not None else None
+    if replica is None:
+        skipped = set()
+        while backend is not None and replica is None:
+            skipped.add(backend)
+            backend = route.pick(rng, sticky, skipped)
+            replica = pool.choose(backend.served_name) if backend is not None else None
+        if replica is None:
+            router.metrics.count_refused(model, 503)
+            conn.respond_error(
+                503, f"no replica is ready to serve `{model}` (backends: "
+                     f"{', '.join(b.served_name for b in route.backends)}); adapters may still be loading",
+                "service_unavailable", "no_ready_replica", extra=b"Retry-After: 2\r\n", close=close)
+            return
+    ex = Exchange(router, conn, req, model, backend, replica, rewrite_model(body, handle, backend), req.path)
+    conn.exchange = ex
+    ex.start()
+

@@ -1,0 +1,160 @@
+"""The router's connections to vLLM: an HTTP/1.1 client protocol (httptools) and the per-replica pool of
+kept-alive connections.
+
+A connection carries one exchange at a time. It reports the response to that `Exchange` as it is parsed:
+`upstream_head(status, content_type)`, `upstream_body(data)` per body chunk (de-chunked by the parser),
+`upstream_complete()`, or `upstream_lost(exc)` when vLLM closes it mid-answer. When the answer is complete
+and vLLM keeps the connection alive, it goes back to its replica's idle list (`Replica.idle`) for reuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING
+
+import httptools
+
+from loraplane.router.replicas import Replica
+
+if TYPE_CHECKING:
+    from loraplane.router.exchange import Exchange
+
+log = logging.getLogger("loraplane.router")
+
+# Below uvicorn's default keep-alive timeout (5 s, what vLLM's API server runs with): a pooled connection is
+# never one vLLM is just closing.
+UPSTREAM_KEEPALIVE = 4.0
+DEFAULT_CONTENT_TYPE = b"application/json"  # vLLM's answers are JSON unless they stream
+
+
+class Upstream(asyncio.Protocol):
+    """A kept-alive HTTP/1.1 connection to one vLLM replica, carrying one exchange at a time.
+
+    `send()` writes a request and attaches the exchange that gets the answer; `reusable()` tells whether an
+    idle connection may carry the next one; `release()` puts it back into the replica's idle pool.
+    """
+
+    def __init__(self, replica: Replica):
+        self.replica = replica
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.content_type = DEFAULT_CONTENT_TYPE
+        self.idle_since = 0.0  # time.monotonic() when it last went idle
+        self.got_bytes = False
+        self.probe: socket.socket | None = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # A duplicate of the socket, only to peek at it before reuse (transports do not allow recv).
+            self.probe = socket.fromfd(sock.fileno(), sock.family, sock.type)
+            self.probe.setblocking(False)
+
+    def reusable(self) -> bool:
+        """Still open at the other end, with nothing unexpected waiting. vLLM closing an idle connection
+        may not have reached our event loop yet: sending there would lose the request after it was written
+        (then it may not be resent), while a peek costs one syscall."""
+        if self.transport is None or self.probe is None:
+            return False
+        try:
+            self.probe.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return True  # nothing to read: open and idle
+        except OSError:
+            return False
+        return False  # end of stream (closed by vLLM) or bytes nobody asked for
+
+    def connection_lost(self, exc):
+        self.transport = None
+        if self.probe is not None:
+            self.probe.close()
+            self.probe = None
+        ex, self.exchange = self.exchange, None
+        if ex is not None:
+            ex.upstream_lost(exc)
+        else:
+            try:
+                self.replica.idle.remove(self)
+            except ValueError:
+                pass
+
+    def data_received(self, data):
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            log.warning("replica %s: malformed response (%s)", self.replica.name, exc)
+            self.close()
+
+    def send(self, exchange: Exchange, head: bytes, payload: bytes) -> None:
+        """Write one request (`head`: request line and headers, ending with the blank line; `payload`: the
+        body) and report its answer to `exchange`."""
+        self.exchange = exchange
+        self.got_bytes = False
+        self.parser = httptools.HttpResponseParser(self)
+        self.content_type = DEFAULT_CONTENT_TYPE
+        self.transport.write(head + payload)
+
+    def release(self) -> None:
+        """Back into the replica's idle pool, kept alive for the next request (see `take_idle`)."""
+        self.idle_since = time.monotonic()
+        self.replica.idle.append(self)
+
+    def close(self) -> None:
+        """Close the connection (vLLM aborts a generation whose connection closes)."""
+        if self.transport is not None:
+            self.transport.close()
+
+    # ---- parser callbacks ----
+
+    def on_header(self, name: bytes, value: bytes):
+        if len(name) == 12 and name.lower() == b"content-type":
+            self.content_type = value
+
+    def on_headers_complete(self):
+        if self.exchange is not None:
+            self.exchange.upstream_head(self.parser.get_status_code(), self.content_type)
+
+    def on_body(self, body: bytes):
+        if self.exchange is not None:
+            self.exchange.upstream_body(body)
+
+    def on_message_complete(self):
+        ex, self.exchange = self.exchange, None
+        if self.parser.should_keep_alive() and self.transport is not None:
+            self.release()
+        else:
+            self.close()
+        if ex is not None:
+            ex.upstream_complete()
+
+
+def take_idle(replica: Replica) -> Upstream | None:
+    """A pooled connection to `replica` fit for the next request, or None (then open one).
+
+    The most recently used first; those idle for UPSTREAM_KEEPALIVE seconds or more, or closed by vLLM
+    (`Upstream.reusable`), are closed and dropped on the way.
+    """
+    idle = replica.idle
+    now = time.monotonic()
+    while idle:
+        up = idle.pop()
+        if now - up.idle_since < UPSTREAM_KEEPALIVE and up.reusable():
+            return up
+        up.close()
+    return None
+
+
+async def open_upstream(replica: Replica, timeout: float) -> Upstream:
+    """A new connection to `replica`'s vLLM. Raises OSError (refused, unreachable) or asyncio.TimeoutError
+    after `timeout` seconds (the router's --connect-timeout); in both cases nothing was sent."""
+    loop = asyncio.get_running_loop()
+    _, up = await asyncio.wait_for(loop.create_connection(lambda: Upstream(replica), replica.host, replica.port),
+                                   timeout)
+    return up
