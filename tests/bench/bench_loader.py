@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import aiohttp  # noqa: E402
 
-from loader.adapters import write_adapter  # noqa: E402
+from support.adapters import write_adapter  # noqa: E402
 from support.loader_run import LoaderRun, complete, desired  # noqa: E402
 from loraplane.local.tinymodel import instruction_prompt, tiny_model_path, toy_prompts  # noqa: E402
 from support.vllm_server import VllmServer, tiny_route  # noqa: E402

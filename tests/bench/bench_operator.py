@@ -25,10 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "operator")]
+sys.path.insert(0, str(ROOT / "tests"))
 
 from harness.cluster import start_cluster  # noqa: E402
-from operator_process import OperatorProcess, cpu_seconds, rss_bytes  # noqa: E402
+from support.operator_process import OperatorProcess, cpu_seconds, rss_bytes  # noqa: E402
 from support.kube import install_crds  # noqa: E402
 
 G, V, NS = "loraplane.io", "v1alpha1", "bench"

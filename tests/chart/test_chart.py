@@ -8,17 +8,16 @@ import copy
 import json
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
 
-from chart.rendering import CHART, RELEASE, RELEASE_NAMESPACE, by_kind, notes, objects, render, rule_grants
+from support.chart_rendering import CHART, RELEASE, RELEASE_NAMESPACE, by_kind, notes, objects, render, rule_grants
+from support.paths import ROOT
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk is in the `test` extra")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
-ROOT = Path(__file__).resolve().parents[2]
 # Value sets a user would install with: defaults, namespaced watch, everything optional switched on,
 # CRDs managed elsewhere, pinned images.
 VALUE_SETS = {

@@ -9,8 +9,8 @@ from pathlib import Path
 import yaml
 
 from loraplane.api import KINDS
+from support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "docs" / "examples"
 
 

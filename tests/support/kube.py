@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from pathlib import Path
 
@@ -9,8 +10,7 @@ import pytest
 import yaml
 
 from harness.cluster import Cluster, start_cluster
-
-ROOT = Path(__file__).resolve().parents[2]
+from support.paths import ROOT
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +23,7 @@ def kube_cluster(tmp_path_factory) -> Cluster:
 @pytest.fixture(scope="session")
 def kube_api(kube_cluster):
     """A `kubernetes.client.ApiClient` with cluster-admin rights."""
-    from kubernetes import client, config
+    from kubernetes import config
 
     api_client = config.new_client_from_config(config_file=str(kube_cluster.kubeconfig))
     yield api_client
@@ -86,3 +86,19 @@ def namespace(kube_api, crds_installed) -> str:
     core.create_namespace({"metadata": {"name": name}})
     yield name
     core.delete_namespace(name)
+
+
+def service_account_token(kube_api, namespace: str, name: str, timeout: float = 30) -> str:
+    """The token the controller-manager's token controller minted for the ServiceAccount (v1.20: a Secret)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(kube_api)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sa = core.read_namespaced_service_account(name, namespace)
+        for ref in sa.secrets or []:
+            secret = core.read_namespaced_secret(ref.name, namespace)
+            if secret.type == "kubernetes.io/service-account-token" and (secret.data or {}).get("token"):
+                return base64.b64decode(secret.data["token"]).decode()
+        time.sleep(0.2)
+    raise TimeoutError(f"no token Secret for ServiceAccount {namespace}/{name}")

@@ -7,8 +7,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 

@@ -12,7 +12,6 @@ from loraplane.api.common import (
     ApiModel,
     CelRule,
     FreeForm,
-    LocalObjectRef,
     ModelRef,
     Quantity,
     Resource,

@@ -8,7 +8,7 @@ named rules `RULES`, returning every violation in chain order.
 Each rule is a small function `GateInput -> message | None`, declared with `@rule(Reason.X)` (the reason it
 reports) and documented with where it comes from (a vLLM behaviour or a PEFT format fact). To add one: write it
 next to the others, put it in `RULES` where its failure should be reported, and add a passing and a violating
-case to `RULE_CASES` in tests/loader/test_gate.py.
+case to `RULE_CASES` in tests/unit/loader/test_gate.py.
 
 Base model identity (peft's `base_model_name_or_path` against the route's base model) is compared sensibly,
 because trainers record whatever path they loaded the model from:

@@ -2,8 +2,8 @@
 
 What runs is what the operator would run, built by the same builders: the FineTuneJob's trainer container
 (command, args, env from `builders.finetunejob.job`), the Adapter it produces (`produced_adapter`), the
-ModelRoute's serving table (`builders.serving_table.resolve`), its vLLM container, loader sidecar and router
-(`builders.serving`, `builders.modelroute`). Only the pod's paths are mapped to a local work folder, and a
+ModelRoute's serving table (`builders.resolution.resolve`), its vLLM container, loader sidecar and router
+(`builders.engine_pod`, `builders.modelroute`). Only the pod's paths are mapped to a local work folder, and a
 CPU box gets the vLLM settings it needs (`local/cpu.py`). A second run reuses what the first built.
 """
 

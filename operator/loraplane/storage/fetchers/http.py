@@ -6,7 +6,6 @@ A `huggingface.co` URL gets `Authorization: Bearer $HF_TOKEN` when HF_TOKEN is s
 from __future__ import annotations
 
 import os
-import shutil
 import time
 import urllib.error
 import urllib.parse

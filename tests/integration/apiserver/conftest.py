@@ -1,0 +1,18 @@
+"""The real operator, started once per test module against the session's real kube-apiserver.
+
+Module scope, not session: it watches every namespace, so left running it would also reconcile what later
+test modules create for their own operator (the chart's namespaced install) and the two would fight.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from support.operator_process import OperatorProcess
+
+
+@pytest.fixture(scope="module")
+def operator(kube_cluster, crds_installed, tmp_path_factory):
+    proc = OperatorProcess(kube_cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log").start()
+    yield proc
+    proc.stop()

@@ -1,0 +1,206 @@
+"""The controllers' plan step without a cluster, and the runtime machinery (kube/workqueue, kube/apply) with a
+scripted API client. MOCK: FakeKube records writes and answers GETs from a dict; no API server is involved.
+The same code runs against the real API server in test_operator_apiserver.py."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+
+from loraplane.api import Adapter, FineTuneJob, ModelRoute
+from loraplane.api.conditions import ConditionType
+from loraplane.api.keys import HASH_ANNOTATION
+from loraplane.api.reasons import Reason
+from loraplane.builders import finetunejob as ftj_builders
+from loraplane.builders.resolution import Verdict
+from loraplane.builders.settings import BuildSettings
+from loraplane.controllers.adapter import AdapterController, AdapterFacts
+from loraplane.controllers.base import Context, Stores
+from loraplane.controllers.finetunejob import FineTuneJobController, FineTuneJobFacts, artifact_of, run_state
+from loraplane.controllers.modelroute import ModelRouteController, ModelRouteFacts
+from loraplane.kube.apply import Applier
+from loraplane.kube.events import EventRecorder
+from loraplane.kube.workqueue import WorkQueue
+from loraplane.api.wire.trainer import TerminationMessage
+from support.paths import ROOT
+
+PKG = ROOT / "operator" / "loraplane"
+
+
+class FakeKube:
+    """Answers GETs from `objects`; records applies, patches and Events."""
+
+    def __init__(self, objects: dict | None = None):
+        self.objects = objects or {}
+        self.gets, self.applied, self.status_patches, self.events = [], [], [], []
+
+    async def get(self, api_version, kind, namespace, name):
+        self.gets.append((kind, name))
+        return self.objects.get((kind, name))
+
+    async def apply(self, manifest):
+        self.applied.append(manifest)
+        return {**manifest, "metadata": {**manifest["metadata"], "uid": "new-uid"}}
+
+    async def patch_status(self, api_version, kind, namespace, name, patch):
+        self.status_patches.append((kind, name, patch))
+
+    async def post_event(self, obj, type_, reason, message, now):
+        self.events.append((type_, reason, message))
+
+
+def context(kube=None) -> Context:
+    kube = kube or FakeKube()
+    return Context(kube=kube, applier=Applier(kube), events=EventRecorder(kube), build=BuildSettings(),
+                   stores=Stores())
+
+
+FTJ_BODY = {"apiVersion": "loraplane.io/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": "j", "namespace": "ns", "uid": "u", "generation": 1},
+            "spec": {"baseModel": {"name": "org/base"}, "dataset": {"uri": "/d.jsonl"},
+                     "output": {"adapterName": "a"}}}
+FTJ = FineTuneJob.model_validate(FTJ_BODY)
+
+
+def test_a_new_finetunejob_plans_its_children_and_a_pending_status():
+    ctl = FineTuneJobController(context())
+    plan = ctl.plan(FineTuneJobFacts(FTJ_BODY, FTJ, run=run_state(FTJ, None, [])))
+    assert [m["kind"] for stage in plan.children for m in stage] == [
+        m["kind"] for m in ftj_builders.children(FTJ, BuildSettings())]
+    assert plan.fresh and plan.status["phase"] == "Pending"
+    ready = plan.status["conditions"][0]
+    assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "False", "Pending")
+    assert plan.adapter is None and plan.events[0].reason == "Pending"
+
+
+def test_a_changed_immutable_field_is_refused_and_no_children_are_planned():
+    body = {**FTJ_BODY, "status": {"phase": "Running"}}
+    accepted = {**ftj_builders.trainer_config(FTJ, BuildSettings())["spec"], "baseModel": {"name": "org/other"}}
+    plan = FineTuneJobController(context()).plan(
+        FineTuneJobFacts(body, FTJ, accepted_spec=accepted, run=run_state(FTJ, None, [])))
+    assert plan.children == []
+    ready = plan.status["conditions"][0]
+    assert ready["reason"] == Reason.SpecImmutable and "spec.baseModel" in ready["message"]
+    assert [e.reason for e in plan.events] == ["Pending"]  # the phase change is the Event of this pass
+
+
+def test_success_plans_the_adapter_from_the_termination_message_only():
+    result = TerminationMessage.model_validate({"reason": "Succeeded", "artifact": {"uri": "s3://b/a",
+                                                                                    "sha256": "c" * 64}})
+    assert artifact_of(result, "pvc://x/y") == ("s3://b/a", "c" * 64)
+    # Other spellings of the digest are not part of the message: only artifact.uri/sha256 count.
+    legacy = TerminationMessage.parse(json.dumps({"reason": "Succeeded", "artifactUri": "s3://b/a",
+                                                  "artifactSha256": "c" * 64}))
+    assert artifact_of(legacy, "pvc://x/y") == ("pvc://x/y", None)
+    job = {"spec": {}, "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}}
+    pod = {"metadata": {"name": "p", "creationTimestamp": "t"},
+           "status": {"containerStatuses": [{"name": "trainer", "state": {"terminated": {
+               "exitCode": 0, "message": json.dumps(result.to_json())}}}]}}
+    body = {**FTJ_BODY, "status": {"phase": "Running"}}
+    plan = FineTuneJobController(context()).plan(
+        FineTuneJobFacts(body, FTJ, run=run_state(FTJ, job, [pod]), now="2026-01-01T00:00:00Z"))
+    assert plan.adapter.apply and plan.adapter.created
+    assert plan.adapter.manifest["spec"]["source"] == {"uri": "s3://b/a", "sha256": "c" * 64}
+    assert plan.status["adapterRef"] == {"name": "a", "version": "1"}
+    assert [(e.type, e.reason) for e in plan.events] == [("Normal", "Succeeded")]
+
+
+ROUTE_BODY = {"apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute",
+              "metadata": {"name": "r", "namespace": "ns", "uid": "ru", "generation": 3},
+              "spec": {"baseModel": {"name": "org/base"}, "routes": [{"name": "m", "backends": [{"adapter": "a"}]}]}}
+ROUTE = ModelRoute.model_validate(ROUTE_BODY)
+ADAPTER = Adapter.model_validate({"kind": "Adapter", "metadata": {"name": "a", "namespace": "ns"},
+                                  "spec": {"baseModel": {"name": "org/base"}, "source": {"uri": "s3://b/a"},
+                                           "version": "1", "rank": 8}})
+
+
+def route_controller(rejected=None) -> ModelRouteController:
+    return ModelRouteController(context(), rejections=lambda ns: rejected or {}, reselected=lambda key: None)
+
+
+def test_route_plan_renders_children_once_and_tells_the_adapters_it_selects():
+    ctl = route_controller()
+    plan = ctl.plan(ModelRouteFacts(ROUTE_BODY, ROUTE, adapters=[ADAPTER]))
+    assert plan.children and plan.fresh and plan.reselected == ["a"]
+    table = next(m for m in plan.children[0] if m["kind"] == "ConfigMap")
+    assert [a["adapter"] for a in json.loads(next(iter(table["data"].values())))["adapters"]] == ["a"]
+    again = ctl.plan(ModelRouteFacts(ROUTE_BODY, ROUTE, adapters=[ADAPTER], last_applied=plan.applied_as,
+                                     last_selected=plan.selected))
+    assert again.children == [] and again.reselected == []  # same spec, same table: nothing to render
+
+
+def test_route_plan_leaves_out_a_rejected_adapter_and_refuses_a_new_base_model():
+    rejected = {"a": Verdict(False, Reason.SpecImmutable, "changed")}
+    plan = route_controller().plan(ModelRouteFacts(ROUTE_BODY, ROUTE, adapters=[ADAPTER], rejected=rejected))
+    assert plan.status["models"][0]["backends"][0]["reason"] == Reason.SpecImmutable
+    body = {**ROUTE_BODY, "status": {"phase": "Ready"}}
+    plan = route_controller().plan(ModelRouteFacts(body, ROUTE, adapters=[ADAPTER],
+                                                   accepted_base=("org/old", None)))
+    assert plan.children == [] and plan.accepted_base is None
+    ready = next(c for c in plan.status["conditions"] if c["type"] == ConditionType.Ready)
+    assert ready["reason"] == Reason.SpecImmutable and "org/old@-" in ready["message"]
+
+
+def test_adapter_plan_rejects_a_changed_base_model_and_execute_tells_the_routes():
+    changed = []
+    ctl = AdapterController(context())
+    ctl.connect(rejections_changed=changed.append)
+    body = {"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",
+            "metadata": {"name": "a", "namespace": "ns", "generation": 2},
+            "status": {"acceptedBaseModel": {"name": "org/old"}}}
+    plan = ctl.plan(AdapterFacts(body, ADAPTER, routes=[ROUTE]))
+    assert plan.rejection.reason == Reason.SpecImmutable and plan.status["phase"] == "Failed"
+    asyncio.run(ctl.execute(("ns", "a"), plan))
+    assert changed == ["ns"] and ctl.rejections("ns") == {"a": plan.rejection}
+    asyncio.run(ctl.execute(("ns", "a"), plan))
+    assert changed == ["ns"]  # unchanged: the routes are not told again
+
+
+def test_workqueue_coalesces_a_burst_and_reruns_a_key_changed_while_running():
+    async def main():
+        runs, gate = [], asyncio.Event()
+
+        async def reconcile(key):
+            runs.append(key)
+            if len(runs) == 1:
+                await gate.wait()
+
+        q = WorkQueue("Test", reconcile, delay=0.01)
+        for _ in range(5):
+            q.schedule(("ns", "a"))  # a burst: one run
+        await asyncio.sleep(0.05)
+        q.schedule(("ns", "a"))      # while it runs: once more afterwards
+        q.schedule(("ns", "a"))
+        gate.set()
+        await asyncio.sleep(0.05)
+        await q.idle.wait()
+        return runs
+
+    assert asyncio.run(main()) == [("ns", "a")] * 2
+
+
+def test_applier_writes_only_children_whose_hash_changed():
+    def child(h):
+        return {"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "c", "namespace": "ns", "annotations": {HASH_ANNOTATION: h}}}
+
+    kube = FakeKube({("ConfigMap", "c"): child("h1")})
+    applier = Applier(kube)
+    assert asyncio.run(applier.ensure([[child("h1")]])) == 0 and kube.gets == [("ConfigMap", "c")]
+    assert asyncio.run(applier.ensure([[child("h1")]])) == 0 and len(kube.gets) == 1  # remembered: no GET
+    assert asyncio.run(applier.ensure([[child("h2")]])) == 1 and len(kube.applied) == 1
+    applier.reset()
+    assert applier.epoch == 1 and asyncio.run(applier.ensure([[child("h2")]])) == 1  # re-read: h1 live
+
+
+def test_controllers_do_not_import_the_manager():
+    for path in (PKG / "controllers").glob("*.py"):
+        if path.name in ("operator.py", "__init__.py"):
+            continue
+        imported = {n.module for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom)}
+        assert "loraplane.controllers.operator" not in imported, path.name
+
+
+# Literals that equal a Reason but are something else: phases (the API's Literal values) and Kubernetes'
+# own vocabulary the code reads (the scheduler's PodScheduled reason, the kubelet's terminated reason).

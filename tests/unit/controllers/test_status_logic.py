@@ -1,0 +1,254 @@
+"""Pure status aggregation: how Job/Pod states and loader reports become FineTuneJob, ModelRoute and
+Adapter status (the apiserver tests drive the same code through the real API)."""
+
+from __future__ import annotations
+
+import json
+
+from loraplane.api import Adapter, FineTuneJob, ModelRoute
+from loraplane.api.adapter import AdapterStatus
+from loraplane.api.modelroute import ModelRouteStatus
+from loraplane.builders import resolve
+from loraplane.controllers.adapter import adapter_status
+from loraplane.controllers.finetunejob import immutable_changes, run_state
+from loraplane.controllers.modelroute import route_status
+from loraplane.api.wire.serving import REPORT_ANNOTATION, AdapterReport, ReplicaReport
+from loraplane.api.wire.trainer import TerminationMessage
+
+T = "2026-01-01T00:00:00Z"
+FTJ = FineTuneJob.model_validate({
+    "kind": "FineTuneJob", "metadata": {"name": "j", "namespace": "ns", "uid": "u"},
+    "spec": {"baseModel": {"name": "org/base"}, "dataset": {"uri": "/d.jsonl"}, "output": {"adapterName": "a"},
+             "backoffLimit": 1, "activeDeadlineSeconds": 600}})
+
+
+def pod(name, phase="Pending", terminated=None, waiting=None, created=T, ready=False, report=None,
+        labels=None):
+    state = {}
+    if terminated:
+        state = {"terminated": terminated}
+    elif waiting:
+        state = {"waiting": waiting}
+    elif phase == "Running":
+        state = {"running": {"startedAt": T}}
+    p = {"metadata": {"name": name, "creationTimestamp": created, "labels": labels or {}, "annotations": {}},
+         "status": {"phase": phase, "containerStatuses": [{"name": "trainer", "state": state}],
+                    "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+    if report:
+        p["metadata"]["annotations"][REPORT_ANNOTATION] = report.to_annotation()
+    return p
+
+
+def job(*conditions, active=0, failed=0, succeeded=0):
+    return {"spec": {}, "status": {"active": active, "failed": failed, "succeeded": succeeded, "startTime": T,
+                                   "conditions": [{"type": t, "status": "True", "reason": r, "message": m,
+                                                   "lastTransitionTime": T} for t, r, m in conditions]}}
+
+
+def test_pending_running_and_image_pull():
+    assert run_state(FTJ, None, []).phase == "Pending"
+    assert run_state(FTJ, job(active=1), [pod("p", "Running")]).phase == "Running"
+    seen = run_state(FTJ, job(active=1), [pod("p", waiting={"reason": "ImagePullBackOff", "message": "nope"})])
+    assert seen.phase == "Pending" and seen.problem.reason == "ImagePull" and "nope" in seen.problem.message
+
+
+def test_oom_after_backoff_limit_is_reported_as_oom():
+    oom = {"exitCode": 137, "reason": "OOMKilled"}
+    seen = run_state(FTJ, job(("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"),
+                            failed=2), [pod("p1", "Failed", oom, created=T), pod("p2", "Failed", oom)])
+    assert seen.phase == "Failed" and seen.failure.reason == "OOMKilled"
+    assert "failed 2 time(s)" in seen.failure.message and "batchSize" in seen.failure.message
+
+
+def test_trainer_reason_from_termination_message():
+    msg = json.dumps({"reason": "DatasetNotFound", "message": "s3://b/k: NoSuchKey"})
+    seen = run_state(FTJ, job(("Failed", "BackoffLimitExceeded", "x"), failed=2),
+                   [pod("p1", "Failed", {"exitCode": 1, "reason": "Error", "message": msg})])
+    assert (seen.failure.reason, seen.failure.message) == ("DatasetNotFound", "pod p1: s3://b/k: NoSuchKey (failed 1 time(s); "
+                                                  "backoffLimit 1 reached)")
+
+
+def test_deadline_and_plain_backoff():
+    seen = run_state(FTJ, job(("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")), [])
+    assert seen.failure.reason == "DeadlineExceeded" and "activeDeadlineSeconds=600" in seen.failure.message
+    seen = run_state(FTJ, job(("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")),
+                   [])
+    assert seen.failure.reason == "BackoffLimitExceeded"
+
+
+def test_retrying_after_a_failed_pod():
+    seen = run_state(FTJ, job(active=1, failed=1),
+                   [pod("p1", "Failed", {"exitCode": 137, "reason": "OOMKilled"}), pod("p2", created="2027")])
+    assert seen.phase == "Pending" and seen.problem.reason == "Retrying"
+
+
+def policy_job(*conditions, **counts):
+    j = job(*conditions, **counts)
+    j["spec"]["podFailurePolicy"] = {"rules": []}  # as builders.finetunejob.job writes it on Kubernetes >= 1.26
+    return j
+
+
+def test_input_error_fails_at_once_under_the_pod_failure_policy():
+    msg = json.dumps({"reason": "InvalidDataset", "message": "line 3: missing field text"})
+    seen = run_state(FTJ, policy_job(("Failed", "PodFailurePolicy", "Container trainer for pod ns/p1 failed with "
+                                    "exit code 65 matching FailJob rule at index 2"), failed=1),
+                   [pod("p1", "Failed", {"exitCode": 65, "reason": "Error", "message": msg})])
+    assert seen.phase == "Failed"
+    assert (seen.failure.reason, seen.failure.message) == ("InvalidDataset", "pod p1: line 3: missing field text (not retried: a new pod "
+                                                 "would fail the same way)")
+
+
+def test_preemption_is_reported_as_such_and_counts_only_without_a_policy():
+    preempted = pod("p1", "Failed", {"exitCode": 75, "reason": "Error",
+                                     "message": json.dumps({"reason": "Preempted", "message": "checkpoint at 40"})})
+    # Under the policy Kubernetes ignores it: status.failed stays 0.
+    seen = run_state(FTJ, policy_job(active=1, failed=0), [preempted, pod("p2", created="2027")])
+    assert seen.problem.reason == "Preempted"
+    assert "resumes from the newest checkpoint" in seen.problem.message and "do not count" in seen.problem.message
+    seen = run_state(FTJ, job(active=1, failed=1), [preempted, pod("p2", created="2027")])
+    assert seen.problem.reason == "Preempted" and "(1 of 1 retries used)" in seen.problem.message
+    # An eviction (the DisruptionTarget condition, no trainer message) is a disruption too.
+    evicted = pod("p1", "Failed", {"exitCode": 137, "reason": "Error"})
+    evicted["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True",
+                                            "reason": "EvictionByEvictionAPI"})
+    assert run_state(FTJ, policy_job(active=1), [evicted, pod("p2", created="2027")]).problem.reason == "Preempted"
+    # A crash under the policy counts: the used retries come from the Job, not from the pods seen.
+    crashed = pod("p1", "Failed", {"exitCode": 70, "reason": "Error"})
+    seen = run_state(FTJ, policy_job(active=1, failed=1), [evicted, crashed, pod("p3", created="2027")])
+    assert seen.problem.reason == "Retrying" and "(1 of 1 retries used)" in seen.problem.message
+
+
+def test_success_result_from_termination_message():
+    result = {"reason": "Succeeded", "artifact": {"uri": "s3://b/a", "sha256": "c" * 64},
+              "metrics": {"train_loss": 1.5}}
+    seen = run_state(FTJ, job(("Complete", None, None), succeeded=1),
+                   [pod("p", "Succeeded", {"exitCode": 0, "reason": "Completed", "message": json.dumps(result)})])
+    assert seen.phase == "Succeeded" and seen.result == TerminationMessage.model_validate(result)
+
+
+def test_immutable_changes_name_the_fields():
+    a = {"baseModel": {"name": "x"}, "backoffLimit": 1, "image": "i"}
+    b = {"baseModel": {"name": "y"}, "backoffLimit": 5, "image": "j"}
+    assert immutable_changes(a, b) == ["spec.baseModel", "spec.image"]
+
+
+ROUTE = ModelRoute.model_validate({
+    "kind": "ModelRoute", "metadata": {"name": "r", "namespace": "ns", "generation": 2},
+    "spec": {"baseModel": {"name": "org/base"}, "engine": {"maxLoraRank": 16},
+             "routes": [{"name": "m", "backends": [{"adapter": "a", "weight": 50}, {"base": True, "weight": 50}]},
+                        {"selector": {"matchLabels": {"team": "x"}}, "prefix": "x/"}]}})
+
+
+def adapter(name, rank=8, base="org/base", labels=None):
+    return Adapter.model_validate({"kind": "Adapter", "metadata": {"name": name, "namespace": "ns",
+                                                                    "labels": labels or {}},
+                                   "spec": {"baseModel": {"name": base}, "source": {"uri": f"/a/{name}"},
+                                            "version": "1", "rank": rank}})
+
+
+def report(pod_name, adapters, engine_ready=True):
+    return ReplicaReport(replica=pod_name, route="r", generation=2, engine_ready=engine_ready, updated_at=T,
+                         adapters={k: AdapterReport(state=s, reason=r, since=T) for k, (s, r) in adapters.items()})
+
+
+def test_route_status_counts_ready_backends_per_model():
+    adapters = [adapter("a"), adapter("big", rank=64, labels={"team": "x"})]
+    res = resolve(ROUTE, adapters)
+    pods = [pod("r-1", ready=True, report=report("r-1", {"a--1": ("Ready", "Loaded")})),
+            pod("r-2", ready=True, report=report("r-2", {"a--1": ("Loading", "Loading")})),
+            pod("r-3", ready=False, report=report("r-3", {"a--1": ("Ready", "Loaded")}))]
+    deployment = {"status": {"replicas": 3, "readyReplicas": 2}}
+    st = route_status(ROUTE, res, deployment, pods, 2, ModelRouteStatus())
+    assert (st.replicas, st.ready_replicas, st.phase, st.observed_generation) == (3, 2, "Ready", 2)
+    m = st.models[0]
+    assert m.name == "m" and m.ready
+    assert [(b.served_name, b.ready_replicas) for b in m.backends] == [("a--1", 1), ("org/base", 2)]
+    assert st.condition("Ready").status == "True"
+    assert res.selected["big"].reason == "RankTooLarge"
+    st0 = route_status(ROUTE, res, {"status": {"replicas": 1}}, [], 2, ModelRouteStatus())
+    assert st0.phase == "Progressing" and st0.condition("Ready").reason == "NoReadyReplicas"
+    assert st0.endpoint == "http://r-router.ns.svc:8080/v1"
+
+
+def engine_pod(name, created=T, conditions=(), containers=None, init=None):
+    """An engine pod as the API server shows it (no kubelet here: statuses written as kubelet would)."""
+    status = {"phase": "Pending", "conditions": [{"type": "Ready", "status": "False"}, *conditions],
+              "containerStatuses": [{"name": n, "ready": False, "restartCount": cs.pop("restartCount", 0), **cs}
+                                    for n, cs in (containers or {}).items()]}
+    if init:
+        status["initContainerStatuses"] = [{"name": n, "ready": False, "restartCount": cs.pop("restartCount", 0),
+                                            **cs} for n, cs in init.items()]
+    return {"metadata": {"name": name, "creationTimestamp": created, "labels": {}, "annotations": {}},
+            "status": status}
+
+
+def test_route_status_says_why_no_replica_is_ready():
+    res = resolve(ROUTE, [adapter("a")])
+    deployment = {"status": {"replicas": 1}}
+
+    def ready_of(*pods):
+        c = route_status(ROUTE, res, deployment, list(pods), 2, ModelRouteStatus()).condition("Ready")
+        return c.reason, c.message
+
+    gpus = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}
+    reason, message = ready_of(engine_pod("r-1", conditions=[gpus]))
+    assert reason == "Unschedulable" and "Insufficient nvidia.com/gpu" in message and "spec.engine.gpus" in message
+    assert message.startswith("0 of 1 engine replicas are ready: pod r-1 cannot be scheduled")
+
+    pull = {"state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image"}},
+            "image": "registry.internal/vllm:v0.11.0"}
+    reason, message = ready_of(engine_pod("r-1", containers={"vllm": pull, "adapter-loader": {}}))
+    assert reason == "ImagePull" and "vllm container (registry.internal/vllm:v0.11.0)" in message
+
+    crash = {"state": {"waiting": {"reason": "CrashLoopBackOff"}}, "restartCount": 3,
+             "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": "ValueError: The model's "
+                                          "max seq len (32768) is larger than the KV cache (21000)"}}}
+    reason, message = ready_of(engine_pod("r-1", containers={"vllm": crash, "adapter-loader": {}}))
+    assert reason == "EngineFailing"
+    assert "container vllm exited with code 1 (3 restarts): ValueError: The model's max seq len" in message
+
+    fetch = {"state": {"waiting": {"reason": "CrashLoopBackOff"}}, "restartCount": 1,
+             "lastState": {"terminated": {"exitCode": 1, "message": "spec.baseModel.uri s3://m/x: no objects"}}}
+    reason, message = ready_of(engine_pod("r-1", init={"model-fetch": fetch}))
+    assert reason == "ModelFetchFailed" and "spec.baseModel.uri s3://m/x: no objects" in message
+    written = json.dumps({"reason": "ModelFetchFailed", "message": "spec.baseModel.uri s3://m/x: no objects"})
+    fetch = {"state": {"waiting": {"reason": "CrashLoopBackOff"}}, "restartCount": 1,  # as fetch-model writes it
+             "lastState": {"terminated": {"exitCode": 1, "message": written}}}
+    reason, message = ready_of(engine_pod("r-1", init={"model-fetch": fetch}))
+    assert reason == "ModelFetchFailed" and message.endswith("(1 restarts): spec.baseModel.uri s3://m/x: no objects")
+
+    # The newest pod speaks; a pod that is only starting gives no reason (still NoReadyReplicas).
+    old = engine_pod("r-0", created="2025-01-01T00:00:00Z", conditions=[gpus])
+    starting = engine_pod("r-1", containers={"vllm": {"state": {"running": {}}}, "adapter-loader": {}})
+    assert ready_of(old, starting)[0] == "Unschedulable"
+    assert ready_of(starting)[0] == "NoReadyReplicas"
+    oom = {"state": {"running": {}}, "restartCount": 2,
+           "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}
+    assert "OOMKilled (raise the memory limit)" in ready_of(engine_pod("r-1", containers={"vllm": oom}))[1]
+
+
+def test_trainer_pod_that_fits_no_node_says_so():
+    unschedulable = pod("p1")
+    unschedulable["status"]["conditions"].append(
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."})
+    seen = run_state(FTJ, job(active=1), [unschedulable])
+    assert seen.problem.reason == "Unschedulable" and "spec.resources" in seen.problem.message
+
+
+def test_adapter_status_from_routes_and_reports():
+    a = adapter("a")
+    pods = {"r": [pod("r-1", ready=True, report=report("r-1", {"a--1": ("Ready", "Loaded")}))]}
+    st = adapter_status(a, [ROUTE], pods, AdapterStatus(), 1, None)
+    assert st.phase == "Ready" and st.routes == ["r"] and st.loaded_on[0].replica == "r-1"
+    assert st.condition("Ready").reason == "Loaded" and st.condition("Compatible").status == "True"
+    refused = {"r": [pod("r-1", ready=True, report=report("r-1", {"a--1": ("Incompatible", "NoEffect")}))]}
+    st = adapter_status(a, [ROUTE], refused, AdapterStatus(), 1, None)
+    assert st.phase == "Incompatible" and st.condition("Ready").reason == "NoEffect"
+    big = adapter("big", rank=64, labels={"team": "x"})
+    st = adapter_status(big, [ROUTE], {}, AdapterStatus(), 1, None)
+    assert st.phase == "Incompatible" and st.condition("Compatible").reason == "RankTooLarge"
+    lonely = adapter("lonely")
+    st = adapter_status(lonely, [ROUTE], {}, AdapterStatus(), 1, None)
+    assert st.phase == "Pending" and st.condition("Ready").reason == "NoRoute"

@@ -1,0 +1,211 @@
+"""The compatibility gate's rules, on hand-made adapters against the real tiny model's files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from support.adapters import write_adapter
+from loraplane.api.reasons import Reason
+from loraplane.loader import gate
+
+IDENTITY = "loraplane/tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir) -> gate.BaseFacts:
+    return gate.read_base(IDENTITY, None, tiny_model_dir)
+
+
+def reasons(adapter_dir, base, **kw) -> list[str]:
+    kw.setdefault("max_lora_rank", 16)
+    return [f.reason for f in gate.check(gate.read_adapter(adapter_dir), base, **kw)]
+
+
+def test_base_facts_come_from_the_weight_files(base):
+    modules = base.modules()
+    assert modules["model.layers.0.self_attn.q_proj"] == (128, 128)
+    assert modules["model.layers.1.self_attn.v_proj"] == (64, 128)
+    assert base.config["model_type"] == "llama"
+
+
+def test_compatible_adapter_passes(tmp_path, base, tiny_model_dir):
+    assert reasons(write_adapter(tmp_path / "ok"), base) == []
+    # peft records the local path the trainer loaded the model from: the served directory itself matches
+    assert reasons(write_adapter(tmp_path / "local", base=str(tiny_model_dir)), base,
+                   model_path=str(tiny_model_dir)) == []
+
+
+def test_rank_above_engine_limit(tmp_path, base):
+    failures = gate.check(gate.read_adapter(write_adapter(tmp_path / "r32", r=32)), base, max_lora_rank=16)
+    assert [f.reason for f in failures] == ["RankTooLarge"]
+    assert "maxLoraRank" in failures[0].message and "32" in failures[0].message
+    # rank_pattern raises the effective rank of some modules
+    wide = write_adapter(tmp_path / "pattern", r=8, extra_config={"rank_pattern": {"v_proj": 64}})
+    assert "RankTooLarge" in reasons(wide, base)
+
+
+def test_declared_rank_must_match_artifact(tmp_path, base):
+    assert reasons(write_adapter(tmp_path / "a", r=8), base, declared_rank=4) == ["RankMismatch"]
+
+
+def test_wrong_base_model_by_name(tmp_path, base):
+    other = write_adapter(tmp_path / "other", base="meta-llama/Llama-3.1-8B")
+    assert reasons(other, base) == ["BaseModelMismatch"]
+    assert reasons(write_adapter(tmp_path / "declared"), base, declared_base="Qwen/Qwen2-0.5B") == ["BaseModelMismatch"]
+
+
+def test_wrong_base_model_by_shapes_even_with_a_matching_name(tmp_path, base):
+    # Same recorded name, but trained on a model with hidden size 64: the matrices cannot fit.
+    failures = gate.check(gate.read_adapter(write_adapter(tmp_path / "small", hidden=64)), base, max_lora_rank=16)
+    assert [f.reason for f in failures] == ["BaseModelMismatch"]
+    assert "do not fit" in failures[0].message
+
+
+def test_target_modules_absent(tmp_path, base):
+    bad = write_adapter(tmp_path / "w", targets=("q_proj",), extra_config={"target_modules": ["q_proj", "c_attn"]})
+    failures = gate.check(gate.read_adapter(bad), base, max_lora_rank=16)
+    assert [f.reason for f in failures] == ["TargetModulesNotFound"]
+    assert "c_attn" in failures[0].message and "q_proj" in failures[0].message  # names the fix's candidates
+    # a regex target that matches nothing
+    rx = write_adapter(tmp_path / "rx", extra_config={"target_modules": r".*\.attn\.c_proj"})
+    assert "TargetModulesNotFound" in reasons(rx, base)
+
+
+def test_modules_to_save_and_resized_embeddings_are_refused(tmp_path, base):
+    saved = write_adapter(tmp_path / "s", extra_config={"modules_to_save": ["lm_head"]},
+                          extra_tensors={"base_model.model.lm_head.modules_to_save.default.weight":
+                                         np.zeros((500, 128), np.float32)})
+    assert reasons(saved, base) == ["UnsupportedModulesToSave"]
+    resized = write_adapter(tmp_path / "e", extra_tensors={"base_model.model.model.embed_tokens.weight":
+                                                           np.zeros((500, 128), np.float32)})
+    assert reasons(resized, base) == ["UnsupportedModulesToSave"]
+
+
+def test_unsupported_features_dtypes_and_quantization(tmp_path, base):
+    assert reasons(write_adapter(tmp_path / "dora", extra_config={"use_dora": True}), base) == \
+        ["UnsupportedAdapterFeature"]
+    assert reasons(write_adapter(tmp_path / "pissa", extra_config={"init_lora_weights": "pissa"}), base) == \
+        ["UnsupportedAdapterFeature"]
+    assert reasons(write_adapter(tmp_path / "int8", dtype=np.int8), base) == ["UnsupportedDtype"]
+    assert reasons(write_adapter(tmp_path / "ia3", extra_config={"peft_type": "IA3"}), base) == \
+        ["UnsupportedAdapterType"]
+    quantized = gate.BaseFacts(IDENTITY, None, base.path, {"quantization_config": {"quant_method": "hqq"}},
+                               base.weights)
+    assert reasons(write_adapter(tmp_path / "q"), quantized) == ["UnsupportedQuantization"]
+    awq = gate.BaseFacts(IDENTITY, None, base.path, {"quantization_config": {"quant_method": "awq"}}, base.weights)
+    assert reasons(write_adapter(tmp_path / "q2"), awq) == []
+
+
+def test_several_rules_are_all_reported(tmp_path, base):
+    bad = write_adapter(tmp_path / "bad", r=32, base="meta-llama/Llama-3.1-8B", extra_config={"use_dora": True})
+    assert set(reasons(bad, base)) == {"RankTooLarge", "BaseModelMismatch", "UnsupportedAdapterFeature"}
+
+
+def test_revision_must_match_when_both_pinned(tmp_path):
+    facts = gate.BaseFacts(IDENTITY, "a" * 40, None)
+    assert reasons(write_adapter(tmp_path / "a"), facts, declared_base_revision="b" * 40) == ["BaseModelMismatch"]
+    assert reasons(write_adapter(tmp_path / "b"), facts, declared_base_revision="a" * 40) == []
+
+
+@pytest.mark.parametrize("recorded,identity,model_path,ok", [
+    ("meta-llama/Llama-3.1-8B", "meta-llama/llama-3.1-8b", None, True),
+    ("meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-70B", None, False),
+    ("/data/models/Llama-3.1-8B", "meta-llama/Llama-3.1-8B", None, True),
+    ("/data/models/Mistral-7B", "meta-llama/Llama-3.1-8B", None, False),
+    ("/root/.cache/huggingface/hub/models--meta-llama--Llama-3.1-8B/snapshots/abc", "meta-llama/Llama-3.1-8B",
+     None, True),
+    ("/root/.cache/huggingface/hub/models--Qwen--Qwen2-7B/snapshots/abc", "meta-llama/Llama-3.1-8B", None, False),
+    ("/tmp/x/whatever", "pvc://models/llama", "/tmp/x/whatever", True),
+    ("", "meta-llama/Llama-3.1-8B", None, True),   # nothing recorded: only the shapes can tell
+])
+def test_identity_matching(recorded, identity, model_path, ok):
+    assert gate.identity_matches(recorded, identity, model_path)[0] is ok
+
+
+def test_unreadable_adapters_are_reported_not_raised(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        gate.read_adapter(tmp_path / "empty")
+    (tmp_path / "empty" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="adapter_model.safetensors"):
+        gate.read_adapter(tmp_path / "empty")
+
+
+# ---- each rule on its own: a passing and a violating input, built in memory ----------------------------------
+def _facts(*, config: dict | None = None, tensors: dict | None = None, base_config: dict | None = None,
+           weights: dict | None = None, revision: str | None = None, **kw) -> gate.GateInput:
+    """A GateInput for a compatible rank-8 q/v adapter of the tiny model, with the given parts replaced."""
+    lora = {}
+    for layer in range(2):
+        for t, out in (("q_proj", 128), ("v_proj", 64)):
+            lora[f"base_model.model.model.layers.{layer}.self_attn.{t}.lora_A.weight"] = ((8, 128), "F32")
+            lora[f"base_model.model.model.layers.{layer}.self_attn.{t}.lora_B.weight"] = ((out, 8), "F32")
+    cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+           "base_model_name_or_path": IDENTITY, "bias": "none"}
+    base_weights = {f"model.layers.{layer}.self_attn.{t}.weight": (out, 128)
+                    for layer in range(2) for t, out in (("q_proj", 128), ("k_proj", 64), ("v_proj", 64))}
+    adapter = gate.AdapterFacts({**cfg, **(config or {})}, {**lora, **(tensors or {})})
+    base = gate.BaseFacts(IDENTITY, revision, None, base_config or {}, base_weights if weights is None else weights)
+    kw.setdefault("max_lora_rank", 16)
+    return gate.GateInput(adapter, base, **kw)
+
+
+# rule -> (a passing input, a violating input)
+RULE_CASES = {
+    gate.adapter_type: (_facts(config={"peft_type": "lora"}), _facts(config={"peft_type": "IA3"})),
+    gate.declared_base_model: (_facts(declared_base="LoRAPlane/Tiny-Llama"), _facts(declared_base="Qwen/Qwen2-0.5B")),
+    gate.recorded_base_model: (_facts(config={"base_model_name_or_path": "/models/tiny-llama"}),
+                               _facts(config={"base_model_name_or_path": "meta-llama/Llama-3.1-8B"})),
+    gate.declared_base_revision: (_facts(revision="a" * 40, declared_base_revision="a" * 40),
+                                  _facts(revision="a" * 40, declared_base_revision="b" * 40)),
+    gate.recorded_base_revision: (_facts(config={"revision": "b" * 40}),   # the route pins none: nothing to compare
+                                  _facts(revision="a" * 40, config={"revision": "b" * 40})),
+    gate.unsupported_features: (_facts(config={"init_lora_weights": "gaussian", "use_rslora": True}),
+                                _facts(config={"use_dora": True})),
+    gate.rank_within_limit: (_facts(max_lora_rank=8), _facts(config={"rank_pattern": {"v_proj": 32}})),
+    gate.declared_rank: (_facts(declared_rank=8), _facts(declared_rank=16)),
+    gate.only_lora_weights: (_facts(config={"modules_to_save": ["score"]},
+                                    tensors={"base_model.model.score.modules_to_save.default.weight":
+                                             ((2, 128), "F32")}),
+                             _facts(tensors={"base_model.model.model.embed_tokens.weight": ((500, 128), "F32")})),
+    gate.float_dtypes: (_facts(tensors={"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
+                                        ((8, 128), "BF16")}),
+                        _facts(tensors={"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
+                                        ((8, 128), "I8")})),
+    gate.base_quantization: (_facts(base_config={"quantization_config": {"quant_method": "GPTQ"}}),
+                             _facts(base_config={"quantization_config": {"quant_method": "hqq"}})),
+    gate.target_modules_exist: (_facts(config={"target_modules": r".*\.(q|v)_proj"}, weights={}),   # unknown base
+                                _facts(config={"target_modules": ["q_proj", "c_attn"]})),
+    gate.matrices_fit_base: (_facts(weights={f"model.layers.{layer}.self_attn.{t}.weight": None   # shapes unknown
+                                             for layer in range(2) for t in ("q_proj", "v_proj")}),
+                             _facts(tensors={"base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight":
+                                             ((32, 8), "F32")})),
+}
+
+
+def test_every_rule_has_a_case_a_reason_and_a_docstring():
+    assert set(RULE_CASES) == set(gate.RULES)
+    for rule in gate.RULES:
+        assert isinstance(rule.reason, Reason) and rule.__doc__ and rule.__name__ != "make"
+
+
+@pytest.mark.parametrize("rule", list(RULE_CASES), ids=lambda r: r.__name__)
+def test_rule_passes_and_violates(rule):
+    passing, violating = RULE_CASES[rule]
+    assert rule(passing) is None
+    failure = rule(violating)
+    assert failure is not None and failure.reason is rule.reason and failure.message
+    assert gate.check(passing.adapter, passing.base, **_check_kwargs(passing)) == []
+
+
+def _check_kwargs(g: gate.GateInput) -> dict:
+    return {"max_lora_rank": g.max_lora_rank, "declared_base": g.declared_base,
+            "declared_base_revision": g.declared_base_revision, "declared_rank": g.declared_rank,
+            "model_path": g.model_path}
+
+
+def test_the_chain_stops_at_a_final_rule():
+    ia3 = _facts(config={"peft_type": "IA3", "use_dora": True}, max_lora_rank=4)
+    assert [f.reason for f in gate.check(ia3.adapter, ia3.base, **_check_kwargs(ia3))] == \
+        [Reason.UnsupportedAdapterType]

@@ -1,0 +1,106 @@
+"""The loader's control loop against a fake vLLM: which AdapterState and Reason each outcome reports."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from support.adapters import write_adapter
+from loraplane.api.reasons import Reason
+from loraplane.api.wire.serving import AdapterState, DesiredAdapter, ServingTable
+from loraplane.loader.engine import EngineError, Probe
+from loraplane.loader.reconciler import Loader
+from loraplane.storage.cache import ArtifactCache
+
+BASE = "loraplane/tiny-llama"
+
+
+class FakeEngine:
+    """Just enough of VllmClient: a set of loaded adapters, a load error to raise, distinct probe outputs."""
+
+    base_url = "http://fake-vllm"
+
+    def __init__(self, load_error: EngineError | None = None, healthy: bool = True):
+        self.loaded: dict[str, str] = {}
+        self.load_error = load_error
+        self.is_healthy = healthy
+
+    async def healthy(self) -> bool:
+        return self.is_healthy
+
+    async def loaded_adapters(self) -> dict[str, str]:
+        return dict(self.loaded)
+
+    async def load(self, name: str, path: str) -> None:
+        if self.load_error:
+            raise self.load_error
+        self.loaded[name] = path
+
+    async def unload(self, name: str) -> None:
+        self.loaded.pop(name, None)
+
+    async def probe(self, model: str, prompt: str, max_tokens: int) -> Probe:
+        return Probe(text=model, tokens=(model,), logprobs=(0.0,))
+
+
+def _table(*adapters: DesiredAdapter) -> ServingTable:
+    return ServingTable(route="r", base_model=BASE, served_model_name="base", max_lora_rank=16, max_loras=4,
+                        adapters=list(adapters))
+
+
+def _want(name: str, uri: str) -> DesiredAdapter:
+    return DesiredAdapter(served_name=name, adapter=name, uri=uri, base_model=BASE)
+
+
+def _run(tmp_path, engine: FakeEngine, *adapters: DesiredAdapter) -> Loader:
+    loader = Loader(engine, ArtifactCache(tmp_path / "cache", 1 << 30), "replica-0", max_attempts=2,
+                    backoff_base=0.0)
+    loader.set_table(_table(*adapters))
+    asyncio.run(loader.reconcile_once())
+    return loader
+
+
+def _state(loader: Loader, name: str) -> tuple[AdapterState, str]:
+    entry = loader.report().adapters[name]
+    return entry.state, entry.reason
+
+
+def test_a_compatible_adapter_becomes_ready_and_is_counted(tmp_path):
+    loader = _run(tmp_path, FakeEngine(), _want("ok", str(write_adapter(tmp_path / "ok"))))
+    assert _state(loader, "ok") == (AdapterState.Ready, Reason.Loaded)
+    assert loader.metrics.adapters.labels(AdapterState.Ready)._value.get() == 1
+    assert loader.metrics.adapters.labels(AdapterState.Failed)._value.get() == 0
+
+
+def test_the_gate_refuses_as_incompatible(tmp_path):
+    loader = _run(tmp_path, FakeEngine(), _want("big", str(write_adapter(tmp_path / "big", r=32))))
+    assert _state(loader, "big") == (AdapterState.Incompatible, Reason.RankTooLarge)
+
+
+@pytest.mark.parametrize("status,message,expected", [
+    (400, "LoRA rank 32 is greater than max_lora_rank 16.", (AdapterState.Incompatible, Reason.RankTooLarge)),
+    (400, "The lora adapter 'a' has already been loaded.", (AdapterState.Pending, Reason.AlreadyLoaded)),
+    (404, "No adapter found", (AdapterState.Pending, Reason.AdapterNotFound)),
+    (500, "boom", (AdapterState.Pending, Reason.LoadFailed)),
+])
+def test_engine_refusals_are_classified(tmp_path, status, message, expected):
+    loader = _run(tmp_path, FakeEngine(EngineError(status, message)),
+                  _want("a", str(write_adapter(tmp_path / "a"))))
+    assert _state(loader, "a") == expected
+
+
+def test_a_missing_artifact_is_retried(tmp_path):
+    loader = _run(tmp_path, FakeEngine(), _want("gone", str(tmp_path / "nowhere")))
+    assert _state(loader, "gone") == (AdapterState.Pending, Reason.FetchFailed)
+
+
+def test_waiting_for_the_engine_and_unloading(tmp_path):
+    loader = _run(tmp_path, FakeEngine(healthy=False), _want("a", str(write_adapter(tmp_path / "a"))))
+    assert _state(loader, "a") == (AdapterState.Pending, Reason.Desired)
+    engine = FakeEngine()
+    engine.loaded["old"] = "/somewhere"
+    loader = _run(tmp_path, engine)
+    loader.set_table(_table(_want("old", "/somewhere")))
+    loader.set_table(_table())
+    assert _state(loader, "old") == (AdapterState.Unloading, Reason.NotDesired)

@@ -1,0 +1,142 @@
+"""One fetcher per scheme (loraplane.storage.fetchers), each against a real server where one can run here:
+local paths and PVC mounts, HTTP on a loopback http.server, S3 on moto's server (MOCK S3: none can exist
+here). Errors come out as loraplane.storage.errors types whatever the store said."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+
+import pytest
+
+from loraplane.storage.errors import (
+    AccessDenied, InvalidContent, NoCredentials, NotFound, StorageError, Unavailable, http_error,
+    s3_error,
+)
+from loraplane.storage.fetchers import fetcher_for
+from loraplane.storage.fetchers.http import HttpFetcher
+from loraplane.storage.fetchers.local import LocalFetcher
+from loraplane.storage.fetchers.s3 import S3Fetcher
+from loraplane.storage.uri import parse_uri
+
+
+def test_fetcher_for_each_scheme():
+    kinds = {uri: type(fetcher_for(parse_uri(uri))).__name__ for uri in
+             ("/x", "pvc://c/x", "https://h/x", "http://h/x", "s3://b/k", "hf://o/r")}
+    assert kinds == {"/x": "LocalFetcher", "pvc://c/x": "LocalFetcher", "https://h/x": "HttpFetcher",
+                     "http://h/x": "HttpFetcher", "s3://b/k": "S3Fetcher", "hf://o/r": "HfFetcher"}
+
+
+def test_local_and_pvc(tmp_path):
+    (tmp_path / "pvc" / "claim" / "dir" / "sub").mkdir(parents=True)
+    (tmp_path / "pvc" / "claim" / "dir" / "sub" / "f.txt").write_text("hi")
+    fetcher = LocalFetcher(tmp_path / "pvc")
+    out = fetcher.fetch_tree(parse_uri("pvc://claim/dir"), tmp_path / "copy")
+    assert (out / "sub" / "f.txt").read_text() == "hi"
+    one = fetcher.fetch_file(parse_uri(str(tmp_path / "pvc/claim/dir/sub/f.txt")), tmp_path / "one.txt")
+    assert one.read_text() == "hi"
+    with pytest.raises(NotFound, match="is the PVC mounted"):
+        fetcher.fetch_tree(parse_uri("pvc://other/x"), tmp_path / "x")
+    with pytest.raises(NotFound, match="not a file"):
+        fetcher.fetch_file(parse_uri(str(tmp_path / "missing")), tmp_path / "y")
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path == "/denied":
+            self.send_error(403)
+        elif self.path == "/broken":
+            self.send_error(503)
+        else:
+            super().do_GET()
+
+
+@pytest.fixture
+def site(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: _Handler(*a, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_file_and_status_mapping(site, tmp_path):
+    root, base = site
+    (root / "a.bin").write_bytes(b"x" * 3_000_000)  # several chunks
+    fetcher = HttpFetcher(timeout_s=30)
+    assert fetcher.fetch_file(parse_uri(f"{base}/a.bin"), tmp_path / "a.bin").read_bytes() == b"x" * 3_000_000
+    for path, cls, needle in (("/nope", NotFound, "HTTP 404"), ("/denied", AccessDenied, "HTTP 403"),
+                              ("/broken", Unavailable, "HTTP 503")):
+        with pytest.raises(cls, match=needle) as info:
+            fetcher.fetch_file(parse_uri(base + path), tmp_path / "out")
+        assert info.value.code == needle.split()[-1]
+    assert not list(tmp_path.glob("out*"))  # nothing half-written left behind
+    with pytest.raises(Unavailable, match="GET http://127.0.0.1:9/x"):  # nothing listens on the discard port
+        fetcher.fetch_file(parse_uri("http://127.0.0.1:9/x"), tmp_path / "out")
+    with pytest.raises(StorageError, match="does not name a directory"):
+        fetcher.fetch_tree(parse_uri(f"{base}/"), tmp_path / "tree")
+
+
+def test_one_table_maps_store_answers():
+    assert isinstance(http_error("u", 410, "Gone"), NotFound)
+    assert isinstance(http_error("u", 401, "Unauthorized"), AccessDenied)
+    assert isinstance(http_error("u", 429, "Too Many Requests"), Unavailable)
+
+
+def test_s3_tree_file_upload_and_errors(s3_env, tmp_path):
+    """MOCK S3 (moto server, real boto3 client through AWS_ENDPOINT_URL)."""
+    client = s3_env.client()
+    client.create_bucket(Bucket="store")
+    src = tmp_path / "src"
+    (src / "nested").mkdir(parents=True)
+    (src / "a.json").write_text("{}")
+    (src / "nested" / "b.bin").write_bytes(b"b")
+    fetcher = S3Fetcher()
+    fetcher.upload_tree(src, parse_uri("s3://store/art/v1/"))
+    assert s3_env.keys("store") == ["art/v1/a.json", "art/v1/nested/b.bin"]
+    out = fetcher.fetch_tree(parse_uri("s3://store/art/v1"), tmp_path / "tree")
+    assert (out / "nested" / "b.bin").read_bytes() == b"b" and (out / "a.json").read_text() == "{}"
+    assert fetcher.fetch_file(parse_uri("s3://store/art/v1/a.json"), tmp_path / "a.json").read_text() == "{}"
+    assert fetcher.list_objects("store", "art/") == {"art/v1/a.json": 2, "art/v1/nested/b.bin": 1}
+    fetcher.delete_keys("store", ["art/v1/a.json"])
+    assert s3_env.keys("store") == ["art/v1/nested/b.bin"]
+    with pytest.raises(NotFound, match="no objects under that prefix"):
+        fetcher.fetch_tree(parse_uri("s3://store/none/"), tmp_path / "empty")
+    with pytest.raises(NotFound) as info:
+        fetcher.fetch_file(parse_uri("s3://store/none.json"), tmp_path / "none.json")
+    assert info.value.code == "404"
+    with pytest.raises(NotFound) as info:
+        fetcher.list_objects("no-such-bucket", "")
+    assert info.value.code == "NoSuchBucket"
+    with pytest.raises(NotFound, match="NoSuchBucket"):  # boto3 wraps upload errors; the code still counts
+        fetcher.upload_tree(src, parse_uri("s3://gone/x"))
+
+
+def test_s3_key_escaping_the_artifact_is_refused(s3_env, tmp_path):
+    client = s3_env.client()
+    client.create_bucket(Bucket="evil")
+    client.put_object(Bucket="evil", Key="a/../../escape.txt", Body=b"x")
+    with pytest.raises(InvalidContent, match="escapes the artifact directory"):
+        S3Fetcher().fetch_tree(parse_uri("s3://evil/a"), tmp_path / "dest")
+
+
+def test_s3_error_mapping():
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    def client_error(code):
+        return ClientError({"Error": {"Code": code, "Message": "m"}}, "GetObject")
+
+    assert isinstance(s3_error("u", NoCredentialsError()), NoCredentials)
+    assert isinstance(s3_error("u", client_error("NoSuchKey")), NotFound)
+    assert isinstance(s3_error("u", client_error("ExpiredToken")), AccessDenied)
+    assert isinstance(s3_error("u", client_error("SlowDown")), Unavailable)
+    assert isinstance(s3_error("u", EndpointConnectionError(endpoint_url="http://x")), Unavailable)
+    wrapped = S3UploadFailedError("Failed to upload a to b/c: An error occurred (AccessDenied) when calling the "
+                                  "PutObject operation: Access Denied")
+    assert s3_error("u", wrapped).code == "AccessDenied" and isinstance(s3_error("u", wrapped), AccessDenied)
