@@ -17,6 +17,7 @@ from loraplane.api.common import (
     Resource,
     SecretKeyRef,
     StatusBase,
+    uri_pattern,
 )
 from loraplane.api.finetunejob import immutable
 
@@ -39,7 +40,7 @@ class AdapterSource(ApiModel):
     )
 
     uri: str | None = Field(
-        default=None, pattern=r"^(pvc://.+|s3://.+|https?://.+|hf://.+|file:///.+|/.+)$",
+        default=None, pattern=uri_pattern("pvc", "s3", "http", "hf", "file", "path"),
         description="pvc://CLAIM/PATH, s3://BUCKET/PREFIX, https://….tar.gz, hf://ORG/REPO[@revision], "
                     "or a local directory for local runs.")
     fine_tune_job_ref: LocalObjectRef | None = Field(

@@ -94,6 +94,26 @@ class SecretKeyRef(ApiModel):
     key: str | None = Field(default=None, description="Key within the Secret; the whole Secret when omitted.")
 
 
+# The URI forms each scheme takes in the API's `pattern`s: one place that says which schemes exist, so that
+# admission (the CRD schema), `loraplane validate` and the operator agree. They only keep obviously wrong values
+# out; storage.uri.parse_uri is the full parser every component uses. Adding a scheme: a form here, the fields
+# whose uri_pattern() admit it, and a case in storage/uri.py (docs/architecture.md, "Where to add").
+URI_FORMS: dict[str, str] = {
+    "pvc": r"pvc://.+",
+    "pvc-claim": r"pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?",   # the claim a DNS-1123 subdomain
+    "s3": r"s3://.+",
+    "http": r"https?://.+",
+    "hf": r"hf://.+",
+    "file": r"file:///.+",
+    "path": r"/.+",
+}
+
+
+def uri_pattern(*forms: str) -> str:
+    """The anchored regular expression admitting the URI_FORMS named (KeyError on an unknown form)."""
+    return "^(" + "|".join(URI_FORMS[f] for f in forms) + ")$"
+
+
 class LocalObjectRef(ApiModel):
     """A reference to an object of the same namespace."""
 
@@ -120,7 +140,7 @@ class ModelRef(ApiModel):
         default=None, max_length=200,
         description="Branch, tag or commit of the Hugging Face repo. Pin a commit for reproducible runs.")
     uri: str | None = Field(
-        default=None, pattern=r"^(pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?|s3://.+|https?://.+|file:///.+|/.+)$",
+        default=None, pattern=uri_pattern("pvc-claim", "s3", "http", "file", "path"),
         description="pvc://CLAIM/PATH, s3://BUCKET/PREFIX, https://… archive, or a local path "
                     "(file:///… or /…, for local runs).")
     credentials_secret_ref: SecretKeyRef | None = Field(

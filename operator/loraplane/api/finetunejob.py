@@ -17,6 +17,7 @@ from loraplane.api.common import (
     Resource,
     SecretKeyRef,
     StatusBase,
+    uri_pattern,
 )
 
 
@@ -41,7 +42,7 @@ class DatasetSpec(ApiModel):
     )
 
     uri: str | None = Field(
-        default=None, pattern=r"^(pvc://.+|s3://.+|https?://.+|hf://.+|file:///.+|/.+)$",
+        default=None, pattern=uri_pattern("pvc", "s3", "http", "hf", "file", "path"),
         description="pvc://CLAIM/PATH, s3://BUCKET/KEY, https://…, hf://ORG/DATASET[@revision], "
                     "or a local path for local runs.")
     config_map_ref: ConfigMapKeyRef | None = Field(default=None, description="Small datasets, inline.")
@@ -125,7 +126,7 @@ class OutputSpec(ApiModel):
     adapter_name: str = Field(pattern=DNS_NAME, max_length=253,
                               description="Adapter to create, or to bump to a new version if it exists.")
     uri: str | None = Field(
-        default=None, pattern=r"^(pvc://.+|s3://.+|file:///.+|/.+)$",
+        default=None, pattern=uri_pattern("pvc", "s3", "file", "path"),
         description="Where the adapter directory is written: pvc://CLAIM/PATH or s3://BUCKET/PREFIX. "
                     "Default: the operator's artifact store.")
     adapter_labels: dict[str, str] = Field(

@@ -99,6 +99,12 @@ def stringify_quantities(container: dict[str, Any]) -> dict[str, Any]:
     return container
 
 
+def secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    """An env var `name` from key `key` of Secret `secret`, optional (a missing key leaves it unset, so a Secret
+    holding only some credentials still starts the pod)."""
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+
+
 def resources(gpus: int, gpu_resource: str, cpu: Any, memory: Any) -> dict[str, Any]:
     """Requests/limits: GPUs as limits (extended resources), CPU as a request, memory as request and limit."""
     limits: dict[str, Any] = {}

@@ -21,9 +21,9 @@ from typing import Any
 from loraplane.api.common import ModelRef
 from loraplane.api.modelroute import ModelRoute
 from loraplane.api.paths import ADAPTER_CACHE_PATH, FETCHED_MODELS_PATH, HF_HOME, MODEL_CACHE_PATH
-from loraplane.builders.common import resources
+from loraplane.builders.common import resources, secret_env
 from loraplane.builders.settings import DEFAULT_ENGINE_IMAGE
-from loraplane.storage.uri import Scheme, fetched_model_path, pvc_mount_path, try_parse_uri
+from loraplane.storage.uri import CREDENTIAL_ENV, fetched_model_path, pvc_mount_path, try_parse_uri
 from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, configmap_name
 
 ENGINE_CONTAINER = "vllm"
@@ -58,20 +58,24 @@ def local_path_of_uri(uri: str) -> str | None:
 
 
 def fetches_base_model(ref: ModelRef) -> bool:
-    """An s3:// or https:// base model is copied onto the replica's model volume before vLLM starts."""
+    """A remote base model (s3://, https://: storage.uri's `is_remote`) is copied onto the replica's model
+    volume by the `fetch-model` init container before vLLM starts."""
     parsed = None if ref.name else try_parse_uri(ref.uri)
-    return parsed is not None and (parsed.scheme == Scheme.S3 or parsed.is_http)
+    return parsed is not None and parsed.is_remote
 
 
 def model_location(ref: ModelRef) -> str:
-    """What vLLM's --model gets: a hub id, or the base model's path inside the replica."""
+    """What vLLM's --model gets: a hub id, or the base model's path inside the replica.
+
+    Raises ValueError for a URI no scheme of storage.uri serves (the API's patterns keep such URIs out, so this
+    means the two disagree)."""
     if ref.name:
         return ref.name
-    assert ref.uri, "ModelRef has neither name nor uri (the API model forbids this)"
     if fetches_base_model(ref):
-        return str(fetched_model_path(FETCHED_MODELS_PATH, ref.uri))
-    path = local_path_of_uri(ref.uri)
-    assert path, f"unsupported base model URI {ref.uri!r} (the API's pattern forbids it)"
+        return str(fetched_model_path(FETCHED_MODELS_PATH, ref.uri or ""))
+    path = local_path_of_uri(ref.uri or "")
+    if not path:
+        raise ValueError(f"baseModel: unsupported URI {ref.uri!r}; use pvc://, s3://, https:// or a local path")
     return path
 
 
@@ -122,10 +126,6 @@ def engine_command(route: ModelRoute, port: int = ENGINE_PORT) -> list[str]:
     return ["python3", "-m", "vllm.entrypoints.openai.api_server", *engine_args(route, port)]
 
 
-def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
-    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
-
-
 def credential_env(ref: ModelRef) -> Env:
     """HF_TOKEN / AWS_* from the base model's credentials Secret (each key optional)."""
     sref = ref.credentials_secret_ref
@@ -133,10 +133,8 @@ def credential_env(ref: ModelRef) -> Env:
         return []
     if sref.key:  # one key of the Secret: it is the token of the scheme the URI uses
         parsed = try_parse_uri(ref.uri)
-        var = "AWS_SECRET_ACCESS_KEY" if parsed and parsed.scheme == Scheme.S3 else "HF_TOKEN"
-        return [_secret_env(var, sref.name, sref.key)]
-    names = ["HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"]
-    return [_secret_env(n, sref.name, n) for n in names]
+        return [secret_env(parsed.token_env if parsed else "HF_TOKEN", sref.name, sref.key)]
+    return [secret_env(n, sref.name, n) for n in CREDENTIAL_ENV]
 
 
 def engine_env(route: ModelRoute) -> Env:

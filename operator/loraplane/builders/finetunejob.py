@@ -27,6 +27,7 @@ from loraplane.builders.common import (
     resources,
     role,
     role_binding,
+    secret_env,
     service_account,
     with_hash,
 )
@@ -39,7 +40,7 @@ from loraplane.api.paths import (
 )
 from loraplane.api.reasons import Reason
 from loraplane.api.wire.trainer import EXIT_PREEMPTED, NOT_RETRYABLE_EXIT_CODES, TerminationMessage
-from loraplane.storage.uri import pvc_mount_path, try_parse_uri
+from loraplane.storage.uri import CREDENTIAL_ENV, pvc_mount_path, try_parse_uri
 
 # The trainer's paths and ports inside its pod (api.paths; the trainer reads the same defaults).
 CONFIG_KEY, CONFIG_DIR, CONFIG_PATH = TRAINER_CONFIG_KEY, paths.CONFIG_DIR, TRAINER_CONFIG_PATH
@@ -110,17 +111,12 @@ def _pvc_claim(uri: str | None) -> str | None:
     return parsed.pvc_claim if parsed else None
 
 
-def _secret_env(ref, default_names: list[str]) -> list[dict[str, Any]]:
-    """A Secret reference as env: one key under its own name, or the usual credential variables, optional."""
+def _credential_env(ref) -> list[dict[str, Any]]:
+    """A credentials Secret reference as env: one key under its own name, or every storage.uri.CREDENTIAL_ENV
+    variable (each optional)."""
     if ref is None:
         return []
-    keys = [ref.key] if ref.key else default_names
-    return [{"name": k, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": k, "optional": True}}}
-            for k in keys]
-
-
-CREDENTIAL_VARS = ["HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                   "AWS_ENDPOINT_URL"]
+    return [secret_env(k, ref.name, k) for k in ([ref.key] if ref.key else CREDENTIAL_ENV)]
 
 
 def _volumes(ftj: FineTuneJob, settings: BuildSettings) -> tuple[list[dict], list[dict]]:
@@ -180,8 +176,8 @@ def job(ftj: FineTuneJob, settings: BuildSettings) -> Manifest:
         {"name": "LORAPLANE_OUTPUT_SCRATCH", "value": OUTPUT_SCRATCH},
         {"name": "HF_HOME", "value": f"{MODEL_CACHE_PATH}/hf"},
         {"name": "OMP_NUM_THREADS", "value": "1"} if not res.gpus else None,
-        *_secret_env(spec.base_model.credentials_secret_ref, CREDENTIAL_VARS),
-        *_secret_env(spec.dataset.credentials_secret_ref, CREDENTIAL_VARS),
+        *_credential_env(spec.base_model.credentials_secret_ref),
+        *_credential_env(spec.dataset.credentials_secret_ref),
     ]
     env = list({e["name"]: e for e in env if e}.values())  # model and dataset Secrets may share names
     container: dict[str, Any] = {

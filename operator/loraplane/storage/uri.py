@@ -34,6 +34,10 @@ _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # A Hub repo id: NAME or ORG/NAME (huggingface_hub's validate_repo_id allows these characters).
 _REPO = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+# The environment variables the fetchers read credentials from (boto3's standard AWS_* names; the Hub token for
+# hf:// and huggingface.co URLs). Builders map a credentials Secret onto them: a whole Secret onto every name
+# (each key optional), a single key onto its scheme's TOKEN_ENV.
+CREDENTIAL_ENV = ("HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL")
 
 
 class Scheme(StrEnum):
@@ -45,6 +49,10 @@ class Scheme(StrEnum):
     HTTP = "http"
     HTTPS = "https"
     HF = "hf"
+
+
+# A one-key credentials Secret is the token of its URI's scheme (default HF_TOKEN).
+TOKEN_ENV: dict[Scheme, str] = {Scheme.S3: "AWS_SECRET_ACCESS_KEY"}
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,16 @@ class ArtifactUri:
     def is_local(self) -> bool:
         """True for a path on this machine (local) or on a mounted claim (pvc): read, never downloaded."""
         return self.scheme in (Scheme.LOCAL, Scheme.PVC)
+
+    @property
+    def is_remote(self) -> bool:
+        """True when the artifact is copied from a store over the network (every scheme but local and pvc)."""
+        return not self.is_local
+
+    @property
+    def token_env(self) -> str:
+        """The environment variable a one-key credentials Secret fills for this scheme (CREDENTIAL_ENV)."""
+        return TOKEN_ENV.get(self.scheme, "HF_TOKEN")
 
     @property
     def is_http(self) -> bool:

@@ -13,11 +13,11 @@ from loraplane.storage.errors import (
     AccessDenied, InvalidContent, NoCredentials, NotFound, StorageError, Unavailable, http_error,
     s3_error,
 )
-from loraplane.storage.fetchers import fetcher_for
+from loraplane.storage.fetchers import REGISTRY, fetcher_class, fetcher_for
 from loraplane.storage.fetchers.http import HttpFetcher
 from loraplane.storage.fetchers.local import LocalFetcher
 from loraplane.storage.fetchers.s3 import S3Fetcher
-from loraplane.storage.uri import parse_uri
+from loraplane.storage.uri import Scheme, parse_uri
 
 
 def test_fetcher_for_each_scheme():
@@ -25,6 +25,18 @@ def test_fetcher_for_each_scheme():
              ("/x", "pvc://c/x", "https://h/x", "http://h/x", "s3://b/k", "hf://o/r")}
     assert kinds == {"/x": "LocalFetcher", "pvc://c/x": "LocalFetcher", "https://h/x": "HttpFetcher",
                      "http://h/x": "HttpFetcher", "s3://b/k": "S3Fetcher", "hf://o/r": "HfFetcher"}
+
+
+def test_every_scheme_has_a_fetcher_that_declares_it():
+    assert set(REGISTRY) == set(Scheme)
+    for scheme in Scheme:
+        assert scheme in fetcher_class(scheme).schemes
+
+
+def test_an_unregistered_scheme_is_refused(monkeypatch):
+    monkeypatch.delitem(REGISTRY, Scheme.HF)
+    with pytest.raises(ValueError, match="no fetcher serves hf URIs"):
+        fetcher_for(parse_uri("hf://o/r"))
 
 
 def test_local_and_pvc(tmp_path):

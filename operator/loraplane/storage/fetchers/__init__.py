@@ -6,31 +6,43 @@ verified cache) and `loraplane fetch-model` (base models, through the same cache
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from loraplane.api.paths import PVC_ROOT
 from loraplane.storage.fetchers.base import Fetcher
 from loraplane.storage.uri import ArtifactUri, Scheme
 
+# Which fetcher serves each scheme, as "module:Class". Imported on first use, so boto3 or huggingface_hub load
+# only in a process that fetches a URI of theirs. A new scheme registers here (its class lists it in `schemes`).
+REGISTRY: dict[Scheme, str] = {
+    Scheme.LOCAL: "loraplane.storage.fetchers.local:LocalFetcher",
+    Scheme.PVC: "loraplane.storage.fetchers.local:LocalFetcher",
+    Scheme.HTTP: "loraplane.storage.fetchers.http:HttpFetcher",
+    Scheme.HTTPS: "loraplane.storage.fetchers.http:HttpFetcher",
+    Scheme.S3: "loraplane.storage.fetchers.s3:S3Fetcher",
+    Scheme.HF: "loraplane.storage.fetchers.hf:HfFetcher",
+}
+
+
+def fetcher_class(scheme: Scheme) -> type[Fetcher]:
+    """The Fetcher class registered for `scheme`. Raises ValueError for a scheme nothing serves, TypeError when
+    the registered class does not declare the scheme (a registration mistake)."""
+    try:
+        target = REGISTRY[scheme]
+    except KeyError:
+        raise ValueError(f"no fetcher serves {scheme} URIs (register one in storage/fetchers/__init__.py)") from None
+    module, _, name = target.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    if scheme not in cls.schemes:
+        raise TypeError(f"{target} is registered for {scheme} but its `schemes` are {cls.schemes}")
+    return cls
+
 
 def fetcher_for(uri: ArtifactUri, *, pvc_root: str | Path = PVC_ROOT, http_timeout_s: float | None = None) -> Fetcher:
     """The fetcher of `uri`'s scheme. `pvc_root`: where pvc:// claims are mounted; `http_timeout_s`: the
-    budget of a whole HTTP download (None: only the per-read timeout)."""
-    if uri.scheme in (Scheme.LOCAL, Scheme.PVC):
-        from loraplane.storage.fetchers.local import LocalFetcher
-
-        return LocalFetcher(pvc_root)
-    if uri.scheme in (Scheme.HTTP, Scheme.HTTPS):
-        from loraplane.storage.fetchers.http import HttpFetcher
-
-        return HttpFetcher(http_timeout_s)
-    if uri.scheme == Scheme.S3:
-        from loraplane.storage.fetchers.s3 import S3Fetcher
-
-        return S3Fetcher()
-    from loraplane.storage.fetchers.hf import HfFetcher
-
-    return HfFetcher()
+    budget of a whole HTTP download (None: only the per-read timeout). ValueError for an unserved scheme."""
+    return fetcher_class(uri.scheme).configured(pvc_root=pvc_root, http_timeout_s=http_timeout_s)
 
 
-__all__ = ["Fetcher", "fetcher_for"]
+__all__ = ["REGISTRY", "Fetcher", "fetcher_class", "fetcher_for"]

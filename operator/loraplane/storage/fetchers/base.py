@@ -18,6 +18,11 @@ class Fetcher(ABC):
 
     schemes: ClassVar[tuple[Scheme, ...]] = ()
 
+    @classmethod
+    def configured(cls, *, pvc_root: str | Path, http_timeout_s: float | None) -> "Fetcher":
+        """An instance for `fetcher_for`'s options; a fetcher that takes none of them ignores them."""
+        return cls()
+
     def fetch_file(self, uri: ArtifactUri, dest: Path) -> Path:
         """Download the one file `uri` names to `dest` (written beside it and renamed when complete, so `dest`
         is whole or absent). Returns `dest`."""

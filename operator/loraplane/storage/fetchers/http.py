@@ -30,6 +30,10 @@ class HttpFetcher(Fetcher):
         self.timeout_s = timeout_s
         self.socket_timeout_s = socket_timeout_s if timeout_s is None else min(socket_timeout_s, timeout_s)
 
+    @classmethod
+    def configured(cls, *, pvc_root: str | Path, http_timeout_s: float | None) -> "HttpFetcher":
+        return cls(http_timeout_s)
+
     def fetch_file(self, uri: ArtifactUri, dest: Path) -> Path:
         url = uri.text
         request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})

@@ -21,6 +21,10 @@ class LocalFetcher(Fetcher):
     def __init__(self, pvc_root: str | Path = PVC_ROOT):
         self.pvc_root = pvc_root
 
+    @classmethod
+    def configured(cls, *, pvc_root: str | Path, http_timeout_s: float | None) -> "LocalFetcher":
+        return cls(pvc_root)
+
     def path(self, uri: ArtifactUri) -> Path:
         path = uri.local_path(self.pvc_root)
         assert path is not None, f"{uri} is not a local URI"
