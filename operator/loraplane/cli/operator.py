@@ -1,5 +1,5 @@
 """`loraplane operator`: run the controllers (kopf) against the cluster of the current kubeconfig, or
-in-cluster. The same as `kopf run -m loraplane.controllers` with LORAPLANE_* variables set."""
+in-cluster. The same as `kopf run -m loraplane.controllers.handlers` with LORAPLANE_* variables set."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def operator_main(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("kopf.activities", "kopf.objects", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    import loraplane.controllers  # noqa: F401  (registers the handlers)
+    import loraplane.controllers.handlers  # noqa: F401  (registers the handlers)
 
     try:
         import uvloop

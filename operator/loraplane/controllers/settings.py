@@ -1,5 +1,5 @@
 """The operator's settings, read from LORAPLANE_* environment variables (`loraplane operator` sets them from its
-flags; `kopf run -m loraplane.controllers` takes them from the environment as is)."""
+flags; `kopf run -m loraplane.controllers.handlers` takes them from the environment as is)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class OperatorSettings:
 
     @classmethod
     def from_env(cls) -> "OperatorSettings":
-        """`kopf run -m loraplane.controllers` has no flags of ours: settings come from LORAPLANE_* env."""
+        """`kopf run -m loraplane.controllers.handlers` has no flags of ours: settings come from LORAPLANE_* env."""
         e = os.environ.get
         d = BuildSettings()
         return cls(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from loraplane.kube.client import WatchExpired
-from loraplane.controllers.operator import Operator
+from loraplane.controllers.manager import Manager
 from loraplane.controllers.settings import OperatorSettings
 
 
@@ -53,7 +53,7 @@ async def test_watch_resumes_from_bookmarks_relists_on_410_and_retries_errors(mo
             [("DELETED", pod("a", 13)), WatchExpired("pods")],   # too old: LIST again
             [ConnectionResetError("apiserver restarting")],       # network: retry from the same version
         ])
-    op = Operator(OperatorSettings(), kube)
+    op = Manager(OperatorSettings(), kube)
     store = op.stores.EnginePod
     task = asyncio.create_task(op.informers["EnginePod"].run(None))
     try:

@@ -28,7 +28,7 @@ from loraplane.kube.informer import Informer
 log = logging.getLogger("loraplane.operator")
 
 
-class Operator:
+class Manager:
     """The running operator: informers fill the stores, every change goes to each controller's `on_change`,
     which schedules the reconciles it affects on that controller's own queue."""
 
@@ -167,4 +167,4 @@ class _StateCollector:
         yield routes
 
 
-__all__ = ["Operator"]
+__all__ = ["Manager"]

@@ -1,0 +1,89 @@
+"""kopf handlers of the loraplane operator: `kopf run -m loraplane.controllers.handlers` or `loraplane operator`.
+
+kopf runs the operator: its startup and cleanup handlers start and stop loraplane's `Manager`, and its
+watches of the three loraplane kinds (re-lists, reconnects, backoff) feed every event through `on.event`
+handlers into the Manager's informers, which schedule the reconciles. The handlers are `on.event` handlers on
+purpose: they need no per-object progress or diff-base bookkeeping, so kopf itself writes nothing to the API
+server (no finalizer, no annotations, no status.kopf), and every write the operator makes is a change to
+children or status. The children (Jobs, Pods, Deployments) are watched by the operator's own label-selected
+informers (loraplane.kube.informer): kopf filters labels client-side, so it would stream every pod of every
+watched namespace. docs/operator.md, "What kopf does and what loraplane's runtime does", says why.
+Settings come from LORAPLANE_* environment variables (controllers.settings.OperatorSettings.from_env).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import kopf
+
+from loraplane.api import KINDS
+from loraplane.api.common import GROUP, VERSION
+from loraplane.controllers.manager import Manager
+from loraplane.controllers.settings import OperatorSettings
+from loraplane.kube.client import KubeClient
+from loraplane.kube.config import KubeConfig
+
+
+# ---- authentication ------------------------------------------------------------------------------------------
+
+def _kube_config(memo: kopf.Memo) -> KubeConfig:
+    """The one set of credentials of this process, for kopf's connection and the operator's KubeClient alike
+    (kept in kopf's operator-wide memo, created by whichever of login and startup runs first)."""
+    if memo.get("kube_config") is None:
+        memo.kube_config = KubeConfig.from_environment()
+        memo.logins = 0
+    return memo.kube_config
+
+
+@kopf.on.login()
+async def _login(memo: kopf.Memo, **_) -> kopf.ConnectionInfo:
+    """kopf logs in with the operator's own credentials (loraplane.kube.config), so both connections follow
+    the same source and the same token refresh. kopf calls this again after an HTTP 401: the credentials
+    are then re-read from their source first."""
+    config = _kube_config(memo)
+    if memo.logins:
+        await config.reload()
+    memo.logins += 1
+    cfg = await config.configuration()
+    header = await config.authorization()
+    scheme, _, token = header.partition(" ") if header else (None, "", None)
+    return kopf.ConnectionInfo(
+        server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl,
+        scheme=scheme or None, token=token or None,
+        certificate_path=cfg.cert_file, private_key_path=cfg.key_file, proxy_url=cfg.proxy)
+
+
+# ---- lifecycle -----------------------------------------------------------------------------------------------
+
+@kopf.on.startup()
+async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger, **_):
+    settings.posting.enabled = False        # our own Events, only for state changes a user needs
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 330
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    op = Manager(OperatorSettings.from_env(), KubeClient(_kube_config(memo)))
+    # kopf copies the operator-wide memo into every object's handler kwargs; startup runs before any watch.
+    memo.operator = op
+    await op.start()
+    logger.info("loraplane operator ready: /metrics and /healthz on port %s", op.settings.metrics_port)
+
+
+@kopf.on.cleanup()
+async def _cleanup(memo: kopf.Memo, **_):
+    if (op := memo.get("operator")) is not None:
+        await op.stop()
+
+
+# ---- the three loraplane kinds -> the operator's informers ----------------------------------------------------
+
+def _feed(kind: str):
+    async def handler(event, memo: kopf.Memo, **_):
+        if (op := memo.get("operator")) is not None:
+            op.on_event(kind, event.get("type"), event["object"])
+    handler.__name__ = handler.__qualname__ = f"feed_{kind}"
+    return handler
+
+
+for _kind in KINDS.values():
+    kopf.on.event(GROUP, VERSION, _kind.PLURAL)(_feed(_kind.KIND))
