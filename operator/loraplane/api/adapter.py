@@ -18,6 +18,7 @@ from loraplane.api.common import (
     SecretKeyRef,
     StatusBase,
     uri_pattern,
+    uri_rules,
 )
 from loraplane.api.finetunejob import immutable
 
@@ -37,6 +38,7 @@ class AdapterSource(ApiModel):
     cel_rules: ClassVar = (
         CelRule(rule="has(self.uri) != has(self.fineTuneJobRef)",
                 message="set exactly one of source.uri or source.fineTuneJobRef"),
+        *uri_rules("uri", "source.uri"),
     )
 
     uri: str | None = Field(

@@ -99,11 +99,10 @@ class SecretKeyRef(ApiModel):
 # out; storage.uri.parse_uri is the full parser every component uses. Adding a scheme: a form here, the fields
 # whose uri_pattern() admit it, and a case in storage/uri.py (docs/architecture.md, "Where to add").
 URI_FORMS: dict[str, str] = {
-    "pvc": r"pvc://.+",
-    "pvc-claim": r"pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?",   # the claim a DNS-1123 subdomain
-    "s3": r"s3://.+",
-    "http": r"https?://.+",
-    "hf": r"hf://.+",
+    "pvc": r"pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?",      # the claim: a DNS-1123 subdomain, as Kubernetes names
+    "s3": r"s3://[A-Za-z0-9][A-Za-z0-9._-]*(/.*)?",             # a bucket name, then the key
+    "http": r"https?://.+",                                      # the host: see uri_rules
+    "hf": r"hf:///*[\w.-]+(/[\w.-]+)?/*(@.*)?",                  # ORG/REPO[@REVISION], as the Hub names repos
     "file": r"file:///.+",
     "path": r"/.+",
 }
@@ -112,6 +111,24 @@ URI_FORMS: dict[str, str] = {
 def uri_pattern(*forms: str) -> str:
     """The anchored regular expression admitting the URI_FORMS named (KeyError on an unknown form)."""
     return "^(" + "|".join(URI_FORMS[f] for f in forms) + ")$"
+
+
+def uri_rules(field: str, where: str) -> tuple["CelRule", ...]:
+    """CEL rules refusing, at admission, the URIs storage.uri.parse_uri refuses although `uri_pattern` admits
+    them, so that every accepted spec renders (a test checks the two agree on a table of URIs).
+
+    `field` is the wire name of the URI field of the object the rules are attached to; `where` is its path as
+    a user writes it (for the message). Patterns are RE2, as Kubernetes evaluates them (no lookahead).
+    """
+    has = f"!has(self.{field}) || "
+    return (
+        CelRule(rule=has + f"!self.{field}.matches(r'^\\s|\\s$')",
+                message=f"{where}: remove the leading or trailing whitespace"),
+        CelRule(rule=has + f"!self.{field}.matches('^pvc://[^/]*(/.*)?/[.][.](/|$)')",
+                message=f"{where}: a pvc:// path must stay inside its claim (no '..' segment)"),
+        CelRule(rule=has + f"!self.{field}.matches('^https?://([/?#]|$)')",
+                message=f"{where}: an http(s):// URI needs a host (https://HOST/PATH)"),
+    )
 
 
 class LocalObjectRef(ApiModel):
@@ -124,6 +141,7 @@ class ModelRef(ApiModel):
     """Where a base model comes from: a Hugging Face id (with revision) or a URI."""
 
     cel_rules: ClassVar = (
+        *uri_rules("uri", "baseModel.uri"),
         CelRule(rule="has(self.name) != has(self.uri)",
                 message="set exactly one of baseModel.name (a Hugging Face id) or baseModel.uri"),
         CelRule(rule="!has(self.sha256) || (has(self.uri) && (self.uri.startsWith('s3://') || "
@@ -140,7 +158,7 @@ class ModelRef(ApiModel):
         default=None, max_length=200,
         description="Branch, tag or commit of the Hugging Face repo. Pin a commit for reproducible runs.")
     uri: str | None = Field(
-        default=None, pattern=uri_pattern("pvc-claim", "s3", "http", "file", "path"),
+        default=None, pattern=uri_pattern("pvc", "s3", "http", "file", "path"),
         description="pvc://CLAIM/PATH, s3://BUCKET/PREFIX, https://… archive, or a local path "
                     "(file:///… or /…, for local runs).")
     credentials_secret_ref: SecretKeyRef | None = Field(

@@ -18,6 +18,7 @@ from loraplane.api.common import (
     SecretKeyRef,
     StatusBase,
     uri_pattern,
+    uri_rules,
 )
 
 
@@ -39,6 +40,8 @@ class DatasetSpec(ApiModel):
                 message="set exactly one of dataset.uri or dataset.configMapRef"),
         CelRule(rule="!has(self.validationSplit) || !has(self.validationUri)",
                 message="set at most one of dataset.validationSplit or dataset.validationUri"),
+        *uri_rules("uri", "dataset.uri"),
+        *uri_rules("validationUri", "dataset.validationUri"),
     )
 
     uri: str | None = Field(
@@ -56,7 +59,9 @@ class DatasetSpec(ApiModel):
     messages_field: str = Field(default="messages", description="Field of a `chat` record's message list.")
     validation_split: float | None = Field(
         default=None, gt=0, lt=0.5, description="Fraction held out for evaluation (eval loss, perplexity).")
-    validation_uri: str | None = Field(default=None, description="A separate validation file instead.")
+    validation_uri: str | None = Field(
+        default=None, pattern=uri_pattern("pvc", "s3", "http", "hf", "file", "path"),
+        description="A separate validation file instead (the same URI forms as `uri`).")
     credentials_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret with AWS_* or HF_TOKEN credentials to fetch the data.")
 
@@ -122,6 +127,8 @@ class ResourcesSpec(ApiModel):
 
 class OutputSpec(ApiModel):
     """What a successful run produces."""
+
+    cel_rules: ClassVar = uri_rules("uri", "output.uri")
 
     adapter_name: str = Field(pattern=DNS_NAME, max_length=253,
                               description="Adapter to create, or to bump to a new version if it exists.")

@@ -22,6 +22,7 @@ from pathlib import Path
 import aiohttp
 
 from loraplane.api.common import now_rfc3339
+from loraplane.api.redaction import MAX_MESSAGE, redacted
 from loraplane.api.reasons import Reason
 from loraplane.api.wire.serving import (AdapterReport, AdapterState, DesiredAdapter, ReplicaReport,
                                         ServingTable)
@@ -57,7 +58,9 @@ class Slot:
     artifact: CachedArtifact | None = None
 
     def move(self, state: AdapterState, reason: Reason, message: str = "") -> None:
-        """Enter `state` for `reason`; `since` restarts only when the (state, reason) pair changes."""
+        """Enter `state` for `reason`; `since` restarts only when the (state, reason) pair changes. The message
+        goes into the pod annotation and the Adapter's status: credentials are redacted, its size bounded."""
+        message = redacted(message, MAX_MESSAGE)
         if (state, reason) != (self.state, self.reason):
             self.since = now_rfc3339()
             log.info("%s: %s (%s) %s", self.desired.served_name, state, reason, message)

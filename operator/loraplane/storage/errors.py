@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from loraplane.api.redaction import redacted
+
 # S3 error codes by what they mean for the user (HEAD answers carry only the HTTP status as the code).
 S3_NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NoSuchBucket", "NotFound"})
 S3_DENIED_CODES = frozenset({"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"})
@@ -26,7 +28,7 @@ class StorageError(Exception):
     """
 
     def __init__(self, uri: str, detail: str, message: str | None = None, code: str | None = None):
-        super().__init__(message or f"{uri}: {detail}")
+        super().__init__(message or f"{redacted(uri)}: {detail}")
         self.uri, self.detail, self.code = uri, detail, code
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from loraplane.api.paths import PVC_ROOT
+from loraplane.api.redaction import redacted
 
 # A PVC name is a DNS-1123 subdomain (what the API's pvc:// pattern and Kubernetes accept).
 _CLAIM = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -129,8 +130,9 @@ class ArtifactUri:
 
     @property
     def is_archive(self) -> bool:
-        """The URI names one .tar.gz/.tgz/.tar file (to be unpacked) rather than a directory."""
-        return self.name.endswith(ARCHIVE_SUFFIXES)
+        """The URI names one .tar.gz/.tgz/.tar file (to be unpacked) rather than a directory (a trailing "/"
+        makes it a directory, whatever its name)."""
+        return not self.text.split("?", 1)[0].endswith("/") and self.name.endswith(ARCHIVE_SUFFIXES)
 
 
 def pvc_mount_path(claim: str, pvc_root: str = PVC_ROOT) -> str:
@@ -142,51 +144,50 @@ def parse_uri(text: str) -> ArtifactUri:
     """Parse an artifact URI (see the module docstring). Raises ValueError saying what is wrong with `text`."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("empty URI: expected a path, file://, pvc://, s3://, http(s):// or hf:// URI")
+    shown = redacted(text)
     if text != text.strip():
-        raise ValueError(f"URI {text!r} has leading or trailing whitespace")
+        raise ValueError(f"URI {shown!r} has leading or trailing whitespace")
     if text.startswith("/"):
         return ArtifactUri(text, Scheme.LOCAL, path=text)
     scheme, sep, rest = text.partition("://")
     if not sep:
-        raise ValueError(f"{text!r} is neither an absolute path nor a URI: use /PATH, file:///PATH, "
+        raise ValueError(f"{shown!r} is neither an absolute path nor a URI: use /PATH, file:///PATH, "
                          "pvc://CLAIM/PATH, s3://BUCKET/KEY, https://… or hf://ORG/REPO")
     if scheme == "file":
         if not rest.startswith("/"):
-            raise ValueError(f"{text!r}: a file:// URI names an absolute path (file:///PATH)")
+            raise ValueError(f"{shown!r}: a file:// URI names an absolute path (file:///PATH)")
         return ArtifactUri(text, Scheme.LOCAL, path=rest)
     if scheme == "pvc":
         claim, _, path = rest.partition("/")
         if not claim:
-            raise ValueError(f"{text!r}: no claim name (expected pvc://CLAIM/PATH)")
+            raise ValueError(f"{shown!r}: no claim name (expected pvc://CLAIM/PATH)")
         if not _CLAIM.match(claim):
-            raise ValueError(f"{text!r}: {claim!r} is not a valid PersistentVolumeClaim name (lowercase letters, "
+            raise ValueError(f"{shown!r}: {claim!r} is not a valid PersistentVolumeClaim name (lowercase letters, "
                              "digits, '-' and '.', starting and ending with a letter or digit)")
         path = path.strip("/")
         if ".." in path.split("/"):
-            raise ValueError(f"{text!r}: the path must stay inside the claim (no '..')")
+            raise ValueError(f"{shown!r}: the path must stay inside the claim (no '..')")
         return ArtifactUri(text, Scheme.PVC, claim=claim, path=path)
     if scheme == "s3":
         bucket, _, key = rest.partition("/")
         if not bucket:
-            raise ValueError(f"{text!r}: no bucket (expected s3://BUCKET/KEY)")
+            raise ValueError(f"{shown!r}: no bucket (expected s3://BUCKET/KEY)")
         if not _BUCKET.match(bucket):
-            raise ValueError(f"{text!r}: {bucket!r} is not a valid S3 bucket name")
+            raise ValueError(f"{shown!r}: {bucket!r} is not a valid S3 bucket name")
         return ArtifactUri(text, Scheme.S3, bucket=bucket, key=key)
     if scheme in ("http", "https"):
         if not urlsplit(text).hostname:
-            raise ValueError(f"{text!r}: no host (expected {scheme}://HOST/PATH)")
+            raise ValueError(f"{shown!r}: no host (expected {scheme}://HOST/PATH)")
         return ArtifactUri(text, Scheme(scheme))
     if scheme == "hf":
         repo, at, revision = rest.partition("@")
         repo = repo.strip("/")
         if not repo:
-            raise ValueError(f"{text!r}: no repository (expected hf://ORG/REPO[@REVISION])")
+            raise ValueError(f"{shown!r}: no repository (expected hf://ORG/REPO[@REVISION])")
         if not _REPO.match(repo):
-            raise ValueError(f"{text!r}: {repo!r} is not a Hugging Face repo id (ORG/NAME)")
-        if at and not revision:
-            raise ValueError(f"{text!r}: empty revision after '@'")
+            raise ValueError(f"{shown!r}: {repo!r} is not a Hugging Face repo id (ORG/NAME)")
         return ArtifactUri(text, Scheme.HF, repo=repo, revision=revision or None)
-    raise ValueError(f"unsupported URI scheme {scheme + '://'!r} in {text!r}: use a path, file://, pvc://, s3://, "
+    raise ValueError(f"unsupported URI scheme {scheme + '://'!r} in {shown!r}: use a path, file://, pvc://, s3://, "
                      "http(s):// or hf://")
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplane.api.finetunejob import DatasetSpec
+from loraplane.api.redaction import redacted
 from loraplane.storage.digest import sha256_file
 from loraplane.storage.errors import (
     AccessDenied,
@@ -83,11 +84,12 @@ def fetch(uri: str, dest_dir: Path, pvc_root: Path, what: str = "spec.dataset.ur
     path = parsed.local_path(pvc_root)
     if path is None:
         if parsed.scheme == Scheme.S3 and not parsed.key:
-            raise InvalidConfig(f"{what}: {uri!r} must be s3://BUCKET/KEY")
+            raise InvalidConfig(f"{what}: {redacted(uri)!r} must be s3://BUCKET/KEY")
         dest_dir.mkdir(parents=True, exist_ok=True)
         path = dest_dir / f"dataset-{hashlib.sha256(uri.encode()).hexdigest()[:12]}{_suffix(parsed)}"
         try:
-            fetcher_for(parsed).fetch_file(parsed, path)
+            # The dataset's credentials Secret is the user's own: its HF_TOKEN may go to huggingface.co (gated data).
+            fetcher_for(parsed, send_hub_token=True).fetch_file(parsed, path)
         except StorageError as exc:
             raise _dataset_error(exc, parsed, what) from exc
     return read_file(path, what, uri)

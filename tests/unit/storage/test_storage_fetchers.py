@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 
 import pytest
 
@@ -14,7 +15,7 @@ from loraplane.storage.errors import (
     s3_error,
 )
 from loraplane.storage.fetchers import REGISTRY, fetcher_class, fetcher_for
-from loraplane.storage.fetchers.http import HttpFetcher
+from loraplane.storage.fetchers.http import HttpFetcher, is_hub_url
 from loraplane.storage.fetchers.local import LocalFetcher
 from loraplane.storage.fetchers.s3 import S3Fetcher
 from loraplane.storage.uri import Scheme, parse_uri
@@ -54,14 +55,32 @@ def test_local_and_pvc(tmp_path):
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
+    seen_auth: list = []   # the Authorization header of every request, in order
+
     def log_message(self, *args):
         pass
 
     def do_GET(self):
+        _Handler.seen_auth.append(self.headers.get("Authorization"))
         if self.path == "/denied":
             self.send_error(403)
         elif self.path == "/broken":
             self.send_error(503)
+        elif self.path == "/drip":       # a server that never stops sending, one byte at a time
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            try:
+                for _ in range(100000):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                pass
+        elif self.path.startswith("/away"):  # a redirect to another origin (the other loopback address)
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/a.bin")
+            self.end_headers()
         else:
             super().do_GET()
 
@@ -92,6 +111,40 @@ def test_http_file_and_status_mapping(site, tmp_path):
         fetcher.fetch_file(parse_uri("http://127.0.0.1:9/x"), tmp_path / "out")
     with pytest.raises(StorageError, match="does not name a directory"):
         fetcher.fetch_tree(parse_uri(f"{base}/"), tmp_path / "tree")
+
+
+def test_http_budget_covers_the_whole_download(site, tmp_path):
+    # A server that sends a byte every 50 ms never trips a per-read timeout; the whole-download budget ends it.
+    _, base = site
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="not complete after 1 s"):
+        HttpFetcher(timeout_s=1).fetch_file(parse_uri(f"{base}/drip"), tmp_path / "out")
+    assert time.monotonic() - started < 4
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_http_credentials_are_never_shown(site, tmp_path):
+    _, base = site
+    url = base.replace("http://", "http://user:s3cr3t@") + "/nope"
+    with pytest.raises(NotFound) as info:
+        HttpFetcher(timeout_s=10).fetch_file(parse_uri(url), tmp_path / "out")
+    assert "s3cr3t" not in str(info.value) and "***@" in str(info.value)
+    assert _Handler.seen_auth[-1].startswith("Basic ")   # userinfo becomes Basic auth, as aiohttp does
+
+
+def test_hub_token_goes_only_where_it_was_asked_for(site, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    assert is_hub_url("https://huggingface.co/org/repo/resolve/main/x.tar.gz")
+    assert is_hub_url("https://cdn-lfs.huggingface.co/x")
+    for url in ("http://huggingface.co/x", "https://evilhuggingface.co/x", "https://huggingface.co.evil.com/x",
+                "https://evil.com/huggingface.co/x", "https://huggingface.co@evil.com/x"):
+        assert not is_hub_url(url), url
+    root, base = site
+    (root / "a.bin").write_bytes(b"a")
+    HttpFetcher(timeout_s=10, send_hub_token=True).fetch_file(parse_uri(f"{base}/a.bin"), tmp_path / "a")
+    assert _Handler.seen_auth[-1] is None    # loopback is not the Hub
+    HttpFetcher(timeout_s=10).fetch_file(parse_uri(f"{base}/away"), tmp_path / "b")
+    assert _Handler.seen_auth[-2:] == [None, None]
 
 
 def test_one_table_maps_store_answers():

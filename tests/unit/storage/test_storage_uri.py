@@ -55,7 +55,6 @@ def test_every_scheme_parses_to_its_fields(text, expected):
     ("http:///path", "no host"),
     ("hf://", "no repository"),
     ("hf://@main", "no repository"),
-    ("hf://org/repo@", "empty revision"),
     ("hf://a/b/c", "not a Hugging Face repo id"),
     ("ftp://host/x", "unsupported URI scheme 'ftp://'"),
 ])
@@ -96,3 +95,43 @@ def test_cache_key_hashes_the_text_as_written():
     assert cache_key(parse_uri("s3://b/m")) == cache_key("s3://b/m")
     assert fetched_model_path("/models/fetched", "s3://b/m") == Path("/models/fetched") / cache_key("s3://b/m")
     assert len(cache_key("x")) == 32
+
+
+def test_hf_revision_may_be_empty():
+    # `hf://org/repo@` means the default branch, as the loader always read it.
+    assert parse_uri("hf://org/repo@").revision is None
+
+
+# URIs the API's patterns admit, or nearly: admission (pattern + CEL rules) and the parser must agree on each, so
+# every accepted spec renders and fetches (the builders never meet a URI they cannot parse).
+AGREEMENT = [
+    "/models/x", "file:///models/x", "pvc://models", "pvc://models/a/b", "pvc://m.odels/a", "pvc://models/..x/y",
+    "s3://bucket", "s3://bucket/key", "s3://b/dir.tar.gz/", "https://h/x.tar.gz", "http://h:8080/x?y=1",
+    "hf://org/repo", "hf://org/repo@v1", "hf://org/repo@", "hf://repo",
+    "pvc://models/a/../b", "pvc://models/..", "pvc://Bad_Claim/x", "pvc://-x/y", "pvc:///x", "s3:///x", "s3://",
+    "https:///x.tar.gz", "https://", "https://?x", " /models/x", "/models/x ", "hf://a/b/c", "hf://", "ftp://h/x",
+    "file://relative/x", "relative/x",
+]
+
+
+@pytest.mark.parametrize("field", ["adapter.source", "dataset", "dataset.validation", "output", "baseModel"])
+def test_admission_and_parser_agree(field):
+    from pydantic import ValidationError
+
+    from loraplane.api.adapter import AdapterSource
+    from loraplane.api.common import ModelRef
+    from loraplane.api.finetunejob import DatasetSpec, OutputSpec
+
+    build = {
+        "adapter.source": lambda u: AdapterSource.model_validate({"uri": u}),
+        "dataset": lambda u: DatasetSpec.model_validate({"uri": u}),
+        "dataset.validation": lambda u: DatasetSpec.model_validate({"uri": "/d", "validationUri": u}),
+        "output": lambda u: OutputSpec.model_validate({"adapterName": "a", "uri": u}),
+        "baseModel": lambda u: ModelRef.model_validate({"uri": u}),
+    }[field]
+    for uri in AGREEMENT:
+        try:
+            build(uri)
+        except ValidationError:
+            continue          # refused at admission: never reaches a builder
+        parse_uri(uri)        # admitted: must parse (raises ValueError otherwise)

@@ -17,6 +17,8 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from loraplane.api.redaction import redacted
+
 EXIT_OK = 0
 EXIT_INTERNAL = 70          # EX_SOFTWARE: a bug or an unforeseen failure (traceback in the log)
 EXIT_PREEMPTED = 75         # EX_TEMPFAIL: SIGTERM received, checkpoint saved; rerun to resume
@@ -66,9 +68,12 @@ def termination_log_path() -> Path:
 def write_termination_message(payload: dict) -> bool:
     """Write `payload` as JSON where Kubernetes picks up the termination message; False if not writable.
 
-    A `message` that would push the JSON past TERMINATION_MESSAGE_LIMIT bytes is cut (UTF-8 safe) and ends
+    Credentials in URLs of `message` are redacted (api.redaction). A `message` that would push the JSON past
+    TERMINATION_MESSAGE_LIMIT bytes is cut (UTF-8 safe) and ends
     in " …", so the reason always survives.
     """
+    if isinstance(payload.get("message"), str):
+        payload = {**payload, "message": redacted(payload["message"], TERMINATION_MESSAGE_LIMIT)}
     data = json.dumps(payload, separators=(",", ":"))
     if len(data.encode()) > TERMINATION_MESSAGE_LIMIT and "message" in payload:
         room = TERMINATION_MESSAGE_LIMIT - len(data.encode()) + len(payload["message"].encode()) - 20

@@ -39,10 +39,14 @@ def fetcher_class(scheme: Scheme) -> type[Fetcher]:
     return cls
 
 
-def fetcher_for(uri: ArtifactUri, *, pvc_root: str | Path = PVC_ROOT, http_timeout_s: float | None = None) -> Fetcher:
+def fetcher_for(uri: ArtifactUri, *, pvc_root: str | Path = PVC_ROOT, http_timeout_s: float | None = None,
+                send_hub_token: bool = False) -> Fetcher:
     """The fetcher of `uri`'s scheme. `pvc_root`: where pvc:// claims are mounted; `http_timeout_s`: the
-    budget of a whole HTTP download (None: only the per-read timeout). ValueError for an unserved scheme."""
-    return fetcher_class(uri.scheme).configured(pvc_root=pvc_root, http_timeout_s=http_timeout_s)
+    budget of a whole HTTP download (None: only the per-read timeout); `send_hub_token`: send $HF_TOKEN with
+    https requests to huggingface.co (off unless the caller's user gave the token for that). ValueError for an
+    unserved scheme."""
+    return fetcher_class(uri.scheme).configured(pvc_root=pvc_root, http_timeout_s=http_timeout_s,
+                                                send_hub_token=send_hub_token)
 
 
 __all__ = ["REGISTRY", "Fetcher", "fetcher_class", "fetcher_for"]

@@ -19,7 +19,8 @@ class Fetcher(ABC):
     schemes: ClassVar[tuple[Scheme, ...]] = ()
 
     @classmethod
-    def configured(cls, *, pvc_root: str | Path, http_timeout_s: float | None) -> "Fetcher":
+    def configured(cls, *, pvc_root: str | Path, http_timeout_s: float | None,
+                   send_hub_token: bool = False) -> "Fetcher":
         """An instance for `fetcher_for`'s options; a fetcher that takes none of them ignores them."""
         return cls()
 

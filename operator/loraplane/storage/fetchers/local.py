@@ -22,7 +22,8 @@ class LocalFetcher(Fetcher):
         self.pvc_root = pvc_root
 
     @classmethod
-    def configured(cls, *, pvc_root: str | Path, http_timeout_s: float | None) -> "LocalFetcher":
+    def configured(cls, *, pvc_root: str | Path, http_timeout_s: float | None,
+                   send_hub_token: bool = False) -> "LocalFetcher":
         return cls(pvc_root)
 
     def path(self, uri: ArtifactUri) -> Path:
