@@ -31,6 +31,8 @@ class HttpFetcher(Fetcher):
         self.socket_timeout_s = socket_timeout_s if timeout_s is None else min(socket_timeout_s, timeout_s)
 
     def fetch_file(self, uri: ArtifactUri, dest: Path) -> Path:
+        """GET the URL into `dest` (complete or absent). Raises the storage error http_error maps the status
+        to, or Unavailable for connection errors and a download past `timeout_s`."""
         url = uri.text
         request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
         token = os.environ.get("HF_TOKEN")
