@@ -53,6 +53,8 @@ class AdapterSource(ApiModel):
 
 
 class AdapterSpec(ApiModel):
+    """What an Adapter declares: its base model, where the artifact is, its version and LoRA rank."""
+
     base_model: AdapterBaseModel = Field(json_schema_extra=immutable("spec.baseModel",
                                                                      "create a new Adapter for another base"))
     source: AdapterSource
@@ -113,6 +115,8 @@ class AdapterPhase(StrEnum):
 
 
 class AdapterStatus(StatusBase):
+    """What the operator observed about an Adapter: its artifact, provenance and the replicas serving it."""
+
     phase: AdapterPhase | None = None
     version: str | None = Field(default=None, description="Version this status describes.")
     served_name: str | None = Field(default=None, description="Internal vLLM name of this version.")
@@ -126,6 +130,8 @@ class AdapterStatus(StatusBase):
 
 
 class Adapter(Resource):
+    """The Adapter custom resource (loraplane.io/v1alpha1): one versioned LoRA artifact."""
+
     KIND: ClassVar = "Adapter"
     PLURAL: ClassVar = "adapters"
     SHORT_NAMES: ClassVar = ("lora",)

@@ -53,6 +53,7 @@ def evaluate(rule: str, self_value: Any, old_self: Any = None) -> bool:
 
 
 def is_transition_rule(rule: str) -> bool:
+    """True when `rule` mentions oldSelf: Kubernetes runs such rules on updates only."""
     return "oldSelf" in rule
 
 

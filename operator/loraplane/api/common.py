@@ -190,6 +190,7 @@ class Condition(ApiModel):
 
 
 def now_rfc3339() -> str:
+    """The current UTC time as RFC 3339 with whole seconds and a `Z` suffix (Kubernetes' time format)."""
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
@@ -214,6 +215,7 @@ def set_condition(conditions: list[Condition], type: str, status: bool | str, re
 
 
 def get_condition(conditions: list[Condition], type: str) -> Condition | None:
+    """The condition of `type` in `conditions`, or None when there is none."""
     return next((c for c in conditions if c.type == type), None)
 
 
@@ -228,10 +230,13 @@ class StatusBase(ApiModel):
 
     def set_condition(self, type: str, status: bool | str, reason: str, message: str = "",
                       generation: int | None = None, now: str | None = None) -> None:
+        """Set condition `type` in place (see module `set_condition`: the transition time moves only on a
+        status flip); `generation` becomes its observedGeneration."""
         self.conditions = set_condition(self.conditions, type, status, reason, message,
                                         observed_generation=generation, now=now)
 
     def condition(self, type: str) -> Condition | None:
+        """The condition of `type`, or None when it is not set."""
         return get_condition(self.conditions, type)
 
 

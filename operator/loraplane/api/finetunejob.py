@@ -28,6 +28,8 @@ def immutable(what: str, fix: str = "create a new object instead") -> dict[str, 
 
 
 class ConfigMapKeyRef(ApiModel):
+    """A key of a ConfigMap in the FineTuneJob's namespace that holds the dataset as JSON lines."""
+
     name: str = Field(pattern=DNS_NAME, description="ConfigMap holding the data inline.")
     key: str = Field(default="train.jsonl", description="Key of the ConfigMap that holds the JSONL.")
 
@@ -141,6 +143,8 @@ class OutputSpec(ApiModel):
 
 
 class FineTuneJobSpec(ApiModel):
+    """What a FineTuneJob asks for: base model, dataset, LoRA method, training settings, resources and output."""
+
     base_model: ModelRef = Field(description="The model to fine-tune.",
                                  json_schema_extra=immutable("spec.baseModel"))
     dataset: DatasetSpec = Field(json_schema_extra=immutable("spec.dataset"))
@@ -163,6 +167,8 @@ class FineTuneJobSpec(ApiModel):
 
 
 class TrainingProgress(ApiModel):
+    """Where a run stands, as the trainer last reported it (steps, loss, throughput in tokens/s, ETA)."""
+
     step: int = Field(default=0, ge=0)
     total_steps: int | None = Field(default=None, ge=0)
     epoch: float | None = None
@@ -176,16 +182,22 @@ class TrainingProgress(ApiModel):
 
 
 class ArtifactRef(ApiModel):
+    """Where the trained adapter directory was written and its sha256."""
+
     uri: str
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
 
 class AdapterRef(ApiModel):
+    """The Adapter (and its version) a successful run created or bumped."""
+
     name: str
     version: str | None = None
 
 
 class Failure(ApiModel):
+    """Why a run failed: a Reason and a message saying what to fix."""
+
     reason: str = Field(description="OOMKilled, ImagePull, DatasetNotFound, InvalidDataset, DeadlineExceeded, "
                                     "BackoffLimitExceeded, ... (docs/troubleshooting.md).")
     message: str = ""
@@ -202,6 +214,8 @@ class FineTuneJobPhase(StrEnum):
 
 
 class FineTuneJobStatus(StatusBase):
+    """What the operator observed about a FineTuneJob: phase, progress, its Job and its result."""
+
     phase: FineTuneJobPhase | None = None
     progress: TrainingProgress | None = None
     start_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
@@ -214,6 +228,8 @@ class FineTuneJobStatus(StatusBase):
 
 
 class FineTuneJob(Resource):
+    """The FineTuneJob custom resource (loraplane.io/v1alpha1): one LoRA/QLoRA training run."""
+
     KIND: ClassVar = "FineTuneJob"
     PLURAL: ClassVar = "finetunejobs"
     SHORT_NAMES: ClassVar = ("ftj",)

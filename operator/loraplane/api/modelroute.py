@@ -122,6 +122,8 @@ class RouterSpec(ApiModel):
 
 
 class ModelRouteSpec(ApiModel):
+    """What a ModelRoute asks for: the base model, its vLLM engine and replicas, public routes and the router."""
+
     cel_rules: ClassVar = (
         CelRule(rule="!has(self.autoscaling) || !has(self.replicas)",
                 message="set replicas or autoscaling, not both"),
@@ -149,6 +151,8 @@ class ModelRouteSpec(ApiModel):
 
 
 class BackendStatus(ApiModel):
+    """One backend of a public model: the base model or an adapter, its weight and whether it is ready."""
+
     adapter: str | None = None
     base: bool | None = None
     weight: int
@@ -159,6 +163,8 @@ class BackendStatus(ApiModel):
 
 
 class ServedModel(ApiModel):
+    """One public model name and the state of its backends."""
+
     name: str
     ready: bool = False
     backends: list[BackendStatus] = Field(default_factory=list)
@@ -175,6 +181,8 @@ class ModelRoutePhase(StrEnum):
 
 
 class ModelRouteStatus(StatusBase):
+    """What the operator observed about a ModelRoute: replicas, the router's endpoint and each public model."""
+
     phase: ModelRoutePhase | None = None
     replicas: int | None = None
     ready_replicas: int | None = None
@@ -183,6 +191,8 @@ class ModelRouteStatus(StatusBase):
 
 
 class ModelRoute(Resource):
+    """The ModelRoute custom resource (loraplane.io/v1alpha1): a multi-LoRA vLLM deployment with its router."""
+
     KIND: ClassVar = "ModelRoute"
     PLURAL: ClassVar = "modelroutes"
     SHORT_NAMES: ClassVar = ("mr",)

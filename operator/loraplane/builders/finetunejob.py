@@ -48,27 +48,33 @@ TRAINER_CONTAINER = "trainer"
 
 
 def job_name(ftj: FineTuneJob) -> str:
+    """Name of the FineTuneJob's batch/v1 Job: `<ftj>-train`, at most 63 characters (it becomes a label value)."""
     # The Job name becomes the pods' `job-name` label: it must fit a 63-character label value.
     return child_name(ftj.metadata.name or "", "train")
 
 
 def config_name(ftj: FineTuneJob) -> str:
+    """Name of the trainer config ConfigMap: `<ftj>-config` (ConfigMap names may have 253 characters)."""
     return child_name(ftj.metadata.name or "", "config", 253)
 
 
 def trainer_account_name(ftj: FineTuneJob) -> str:
+    """Name of the trainer's ServiceAccount, Role and RoleBinding: `<ftj>-trainer` (up to 253 characters)."""
     return child_name(ftj.metadata.name or "", "trainer", 253)
 
 
 def rendezvous_service_name(ftj: FineTuneJob) -> str:
+    """Name of the headless torchrun rendezvous Service: `<ftj>-rdzv`, a 63-character DNS label."""
     return child_name(ftj.metadata.name or "", "rdzv")
 
 
 def labels(ftj: FineTuneJob) -> dict[str, str]:
+    """Labels of every child of a FineTuneJob: the base labels (component trainer) and loraplane.io/finetunejob."""
     return {**base_labels(ftj, "trainer"), FINETUNEJOB_LABEL: ftj.metadata.name or ""}
 
 
 def output_uri(ftj: FineTuneJob, settings: BuildSettings) -> str:
+    """Where the adapter is written: spec.output.uri, else `<artifact_store>/<namespace>/<job name>`."""
     if ftj.spec.output.uri:
         return ftj.spec.output.uri
     return f"{settings.artifact_store.rstrip('/')}/{namespace_of(ftj)}/{ftj.metadata.name}"
@@ -86,6 +92,7 @@ def trainer_config(ftj: FineTuneJob, settings: BuildSettings) -> dict[str, Any]:
 
 
 def config_map(ftj: FineTuneJob, settings: BuildSettings) -> Manifest:
+    """The ConfigMap holding `trainer_config` as sorted JSON under CONFIG_KEY (mounted at CONFIG_PATH)."""
     body = json.dumps(trainer_config(ftj, settings), indent=2, sort_keys=True)
     return with_hash({"apiVersion": "v1", "kind": "ConfigMap",
                       "metadata": metadata(ftj, config_name(ftj), labels(ftj)),
@@ -167,6 +174,8 @@ def _command(ftj: FineTuneJob) -> list[str]:
 
 
 def job(ftj: FineTuneJob, settings: BuildSettings) -> Manifest:
+    """The batch/v1 Job that runs the trainer: one pod per node (Indexed with torchrun when nodes > 1),
+    restartPolicy Never, a 300 s grace period to checkpoint on SIGTERM, and the pod failure policy."""
     spec, res = ftj.spec, ftj.spec.resources
     volumes, mounts = _volumes(ftj, settings)
     env = [
@@ -241,6 +250,8 @@ def pod_failure_policy() -> dict[str, Any]:
 
 
 def rendezvous_service(ftj: FineTuneJob) -> Manifest:
+    """Headless Service (publishNotReadyAddresses) that gives each indexed pod a DNS name for torchrun's
+    rendezvous on RENDEZVOUS_PORT; only built for multi-node jobs."""
     return with_hash({
         "apiVersion": "v1", "kind": "Service",
         "metadata": metadata(ftj, rendezvous_service_name(ftj), labels(ftj)),
@@ -274,6 +285,7 @@ def bump_version(current: str | None) -> str:
 
 
 def hyperparameters(ftj: FineTuneJob) -> dict[str, Any]:
+    """spec.method and spec.training in wire form (camelCase, no nulls): Adapter provenance's hyperparameters."""
     return {"method": ftj.spec.method.model_dump(by_alias=True, exclude_none=True, mode="json"),
             "training": ftj.spec.training.model_dump(by_alias=True, exclude_none=True, mode="json")}
 

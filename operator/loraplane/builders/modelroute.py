@@ -41,35 +41,43 @@ KEDA_API_VERSION = "keda.sh/v1alpha1"
 
 
 def engine_name(route: ModelRoute) -> str:
+    """Name of the vLLM replicas' Deployment, Service, PDB, autoscaler and RBAC: `<route>-engine`."""
     return child_name(route.metadata.name or "", "engine")
 
 
 def router_name(route: ModelRoute) -> str:
+    """Name of the router's Deployment, Service and RBAC: `<route>-router`."""
     return child_name(route.metadata.name or "", "router")
 
 
 def endpoint(route: ModelRoute) -> str:
+    """The router's in-cluster OpenAI base URL: `http://<route>-router.<ns>.svc:ROUTER_PORT/v1`."""
     return f"http://{router_name(route)}.{namespace_of(route)}.svc:{ROUTER_PORT}/v1"
 
 
 def engine_selector(route: ModelRoute) -> dict[str, str]:
+    """Labels that select the route's vLLM replicas (loraplane.io/route and component engine)."""
     return {ROUTE_LABEL: route.metadata.name or "", COMPONENT_LABEL: "engine"}
 
 
 def router_selector(route: ModelRoute) -> dict[str, str]:
+    """Labels that select the route's router pods (loraplane.io/router and component router)."""
     return {ROUTER_LABEL: route.metadata.name or "", COMPONENT_LABEL: "router"}
 
 
 def engine_labels(route: ModelRoute) -> dict[str, str]:
+    """All labels of the replicas and their objects: base labels plus `engine_selector`."""
     return {**base_labels(route, "engine"), **engine_selector(route)}
 
 
 def router_labels(route: ModelRoute) -> dict[str, str]:
+    """All labels of the router and its objects: base labels plus `router_selector`."""
     # Router pods do not carry loraplane.io/route: that label marks the replicas whose reports are aggregated.
     return {**base_labels(route, "router"), **router_selector(route)}
 
 
 def serving_config_map(route: ModelRoute, table: ServingTable) -> Manifest:
+    """The ConfigMap `<route>-serving` holding the serving table as JSON (what loaders and routers watch)."""
     return with_hash({"apiVersion": "v1", "kind": "ConfigMap",
                       "metadata": metadata(route, configmap_name(route.metadata.name or ""),
                                            base_labels(route, "serving-table")),
@@ -106,6 +114,8 @@ def adapter_claims(table: ServingTable) -> list[str]:
 
 
 def engine_deployment(route: ModelRoute, table: ServingTable, settings: BuildSettings) -> Manifest:
+    """The replicas' Deployment: vLLM and the loader sidecar per pod, one new replica at a time
+    (maxSurge 1, maxUnavailable 0); replicas left out when an autoscaler owns the count."""
     spec = route.spec
     ns = namespace_of(route)
     pod_spec: dict[str, Any] = {
@@ -151,6 +161,7 @@ def engine_service(route: ModelRoute) -> Manifest:
 
 
 def pod_disruption_budget(route: ModelRoute, settings: BuildSettings) -> Manifest:
+    """PodDisruptionBudget of the replicas: at most one unavailable at a time during voluntary disruptions."""
     # A drain takes replicas one at a time, so serving capacity drops by at most one replica.
     return with_hash({
         "apiVersion": settings.pdb_api_version, "kind": "PodDisruptionBudget",
@@ -166,6 +177,8 @@ def hpa_metric_name(metric: str) -> str:
 
 
 def horizontal_pod_autoscaler(route: ModelRoute, settings: BuildSettings) -> Manifest:
+    """HPA on the replicas' Pods metric (named per `hpa_metric_name`), averaged per pod; at least one
+    replica (an HPA cannot scale to zero). Requires spec.autoscaling."""
     auto = route.spec.autoscaling
     assert auto is not None
     return with_hash({
@@ -191,6 +204,8 @@ def _quantity(value: float) -> str:
 
 
 def keda_scaled_object(route: ModelRoute) -> Manifest:
+    """KEDA ScaledObject scaling the replicas on a Prometheus query summing the metric over the route's
+    pods; may scale to zero. Requires spec.autoscaling."""
     auto = route.spec.autoscaling
     assert auto is not None
     ns = namespace_of(route)
@@ -212,6 +227,8 @@ def keda_scaled_object(route: ModelRoute) -> Manifest:
 
 
 def router_args(route: ModelRoute) -> list[str]:
+    """The router's CLI arguments: its route's ConfigMap, the replicas' headless Service DNS name, its port
+    and the API key directory when spec.router.apiKeySecretRef is set."""
     ns = namespace_of(route)
     # Watching the ConfigMap through the API applies a routing change in about a second; a mounted volume
     # would wait for the kubelet's sync (60-90 s).
@@ -224,6 +241,8 @@ def router_args(route: ModelRoute) -> list[str]:
 
 
 def router_deployment(route: ModelRoute, settings: BuildSettings) -> Manifest:
+    """The router's Deployment: `python3 -m loraplane.router`, /readyz and /healthz probes, the API key
+    Secret mounted read-only when set."""
     spec = route.spec.router
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
@@ -265,6 +284,7 @@ def router_deployment(route: ModelRoute, settings: BuildSettings) -> Manifest:
 
 
 def router_service(route: ModelRoute) -> Manifest:
+    """The ClusterIP Service in front of the router on ROUTER_PORT (the route's `endpoint`)."""
     return with_hash({
         "apiVersion": "v1", "kind": "Service",
         "metadata": metadata(route, router_name(route), router_labels(route)),

@@ -30,6 +30,9 @@ class Verdict:
 
 @dataclass
 class Resolution:
+    """A route's resolved ServingTable and, for status, the verdict of each selected adapter and the
+    referenced backends left out."""
+
     table: ServingTable
     # Adapter name -> verdict, for every adapter the route selects (by reference or selector).
     selected: dict[str, Verdict] = field(default_factory=dict)
@@ -60,6 +63,7 @@ def selector_matches(selector: dict[str, Any] | None, labels: dict[str, str]) ->
 
 
 def declared_rank(adapter: Adapter) -> int | None:
+    """The adapter's LoRA rank: spec.rank, else the rank read from its artifact; None when neither is known."""
     if adapter.spec.rank:
         return adapter.spec.rank
     if adapter.status and adapter.status.artifact and adapter.status.artifact.rank:
@@ -89,6 +93,7 @@ def check_compatibility(adapter: Adapter, route: ModelRoute) -> Verdict:
 
 
 def desired_adapter(adapter: Adapter) -> DesiredAdapter:
+    """The serving-table entry for an Adapter: its served name, source URI and sha256, rank and base model."""
     return DesiredAdapter(
         served_name=adapter.served_name(), adapter=adapter.metadata.name or "", version=adapter.spec.version,
         uri=adapter.spec.source.uri or "", sha256=adapter.spec.source.sha256, rank=declared_rank(adapter),

@@ -13,6 +13,9 @@ DEFAULT_ENGINE_IMAGE = "vllm/vllm-openai:v0.11.0"
 
 @dataclass(frozen=True)
 class BuildSettings:
+    """Operator-wide settings the builders need: images, the artifact store and the API versions and
+    features the target cluster serves."""
+
     # The image with the loraplane package: trainer, adapter loader and router (one image, three entry points).
     image: str = DEFAULT_IMAGE
     trainer_image: str | None = None          # default: `image` (with torch/peft for GPU training)
@@ -30,4 +33,5 @@ class BuildSettings:
 
     @property
     def trainer(self) -> str:
+        """The trainer image: trainer_image, else the loraplane image."""
         return self.trainer_image or self.image

@@ -23,6 +23,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of `loraplane`: parse `argv` (default sys.argv[1:]) and run the chosen subcommand's
+    `<name>_main(args)`; returns its exit status, 2 (with help) when no subcommand is given."""
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="loraplane", description="LoRA fine-tuning and serving on Kubernetes.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

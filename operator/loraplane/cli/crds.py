@@ -14,6 +14,7 @@ from loraplane.cli import repo_root
 
 
 def add_crds_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `loraplane crds`: the crds/, API reference and chart folders to write, and --check."""
     p.add_argument("--out", type=Path, default=repo_root() / "crds", help="CRD folder (default: crds/)")
     p.add_argument("--reference", type=Path, default=repo_root() / "docs" / "api-reference.md",
                    help="generated API reference (default: docs/api-reference.md)")
@@ -36,6 +37,8 @@ def generated_files(args: argparse.Namespace) -> dict[Path, str]:
 
 
 def crds_main(args: argparse.Namespace) -> int:
+    """Write every generated file (CRDs, chart CRD templates, API reference, troubleshooting page); with
+    --check write nothing and return 1 when any is missing or stale, else 0."""
     files = generated_files(args)
     if args.check:
         stale = [p for p, text in files.items() if not p.is_file() or p.read_text() != text]
@@ -50,10 +53,13 @@ def crds_main(args: argparse.Namespace) -> int:
 
 
 def add_validate_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `loraplane validate`: the YAML files to check."""
     p.add_argument("files", nargs="+", type=Path, help="YAML files (multi-document allowed)")
 
 
 def validate_main(args: argparse.Namespace) -> int:
+    """Validate every loraplane object in the files as the operator parses them, printing ok/error per
+    document (other kinds are skipped); returns 1 when any is invalid, else 0."""
     from loraplane.api import KINDS, parse
 
     bad = 0

@@ -12,6 +12,8 @@ from loraplane.builders.settings import BuildSettings
 
 
 def add_operator_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `loraplane operator`; each defaults to its LORAPLANE_* environment variable (what the
+    chart sets), else the BuildSettings default."""
     d = BuildSettings()
     p.add_argument("-n", "--namespace", action="append", default=[],
                    help="watch only this namespace (repeatable); default: $LORAPLANE_NAMESPACES "
@@ -40,6 +42,8 @@ def add_operator_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def operator_main(args: argparse.Namespace) -> int:
+    """Export the options as LORAPLANE_* variables, register the controllers' kopf handlers and run kopf
+    (under uvloop when installed) until it stops; returns 0."""
     import kopf
 
     if not args.namespace:

@@ -13,6 +13,7 @@ from loraplane.builders.settings import BuildSettings
 
 
 def add_render_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `loraplane render`: the input files and the BuildSettings the operator would use."""
     d = BuildSettings()
     p.add_argument("-f", "--filename", dest="files", action="append", type=Path, required=True,
                    help="YAML file with FineTuneJob/ModelRoute/Adapter manifests (repeatable; - for stdin)")
@@ -32,6 +33,7 @@ def add_render_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> BuildSettings:
+    """The BuildSettings the parsed render options describe."""
     return BuildSettings(image=args.image, trainer_image=args.trainer_image,
                          engine_image=args.engine_image, artifact_store=args.artifact_store,
                          hpa_api_version=args.hpa_api_version, pdb_api_version=args.pdb_api_version,
@@ -39,6 +41,8 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
 
 
 def render_main(args: argparse.Namespace) -> int:
+    """Print the children of every loraplane object in the files as multi-document YAML; returns 1 (and
+    prints nothing to stdout) when any object is invalid, else 0."""
     from loraplane.api import KINDS, parse
     from loraplane.builders import render
     from loraplane.api.validation import format_validation_error
@@ -77,4 +81,5 @@ _BlockDumper.add_representer(str, _str)
 
 
 def dump_manifests(manifests: list[dict]) -> str:
+    """Manifests as multi-document YAML in their key order, multi-line strings as `|` blocks."""
     return yaml.dump_all(manifests, Dumper=_BlockDumper, sort_keys=False, default_flow_style=False, width=120)

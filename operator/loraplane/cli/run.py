@@ -10,6 +10,7 @@ from loraplane.cli import repo_root
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `loraplane run`: the pipeline file, a local base model, the work folder and prompts."""
     p.add_argument("-f", "--file", type=Path, default=repo_root() / "docs" / "examples" / "quickstart.yaml",
                    help="YAML with FineTuneJobs, Adapters, ModelRoutes (and ConfigMaps they reference); "
                         "default: docs/examples/quickstart.yaml")
@@ -23,6 +24,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_main(args: argparse.Namespace) -> int:
+    """Run the file's pipeline locally (local.pipeline.run); returns 2 for a missing file or a --model
+    without config.json, 1 when a step fails, else the pipeline's status."""
     from loraplane.local.pipeline import RunError, run
     from loraplane.local.processes import ProcessFailed
     from loraplane.local.tinymodel import default_cache_dir

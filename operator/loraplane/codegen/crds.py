@@ -22,6 +22,8 @@ CATEGORIES = ["loraplane"]
 
 
 class SchemaError(ValueError):
+    """A pydantic schema construct that has no structural (Kubernetes CRD) equivalent, e.g. a union."""
+
     pass
 
 
@@ -115,6 +117,8 @@ def model_schema(model: type) -> dict[str, Any]:
 
 
 def crd_for(kind: type[Resource]) -> dict[str, Any]:
+    """The apiextensions.k8s.io/v1 CustomResourceDefinition of `kind`: one served and stored version with
+    the status subresource, printer columns and the structural schemas of its spec and status."""
     fields = kind.model_fields
     spec_schema = model_schema(fields["spec"].annotation)
     status_type = [a for a in fields["status"].annotation.__args__ if a is not type(None)][0]
@@ -175,4 +179,5 @@ HEADER = "# Generated from operator/loraplane/api by `loraplane crds`. Do not ed
 
 
 def render(crd: dict[str, Any]) -> str:
+    """A CRD as YAML (key order kept, lines up to 120 characters) under the do-not-edit header."""
     return HEADER + yaml.safe_dump(crd, sort_keys=False, width=120)

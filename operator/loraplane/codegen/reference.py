@@ -58,6 +58,8 @@ def _rows(node: dict[str, Any], path: str, required: bool, rows: list[str]) -> N
 
 
 def render() -> str:
+    """docs/api-reference.md: per kind its description, names and one table row per spec and status field
+    (type, required, description, constraints and CEL rule messages)."""
     out = [
         "# API reference",
         "",

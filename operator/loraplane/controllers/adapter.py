@@ -168,6 +168,8 @@ class AdapterController(Controller):
         return {k[1]: v for k, v in self._rejected.items() if k[0] == namespace}
 
     def on_change(self, source: str, obj: dict, old: dict | None) -> None:
+        """Schedule the Adapter itself, every Adapter of the namespace when a route's spec changes (its selection
+        may have), and the adapters an engine pod's report names (their loadedOn may have changed)."""
         meta = obj.get("metadata") or {}
         ns = meta.get("namespace") or ""
         if source == "Adapter":
@@ -181,6 +183,7 @@ class AdapterController(Controller):
                     self.schedule((ns, adapter))
 
     async def reconcile(self, key: Key) -> None:
+        """observe -> plan -> execute for one Adapter; a deleted one leaves the rejected set."""
         facts = self.observe(key)
         if facts is None:
             self._rejected.pop(key, None)

@@ -41,6 +41,7 @@ class Stores:
     Deployment: Store = field(default_factory=lambda: Store(group_by=label_getter(ROUTE_LABEL)))
 
     def of(self, source: str) -> Store:
+        """The store named `source` (a SOURCES name, e.g. "EnginePod"); AttributeError for an unknown name."""
         return getattr(self, source)
 
 
@@ -94,6 +95,7 @@ class Controller(ABC):
             self.queue.schedule(key, delay)
 
     def schedule_all(self) -> None:
+        """Reconcile every object of this kind the store holds (startup and periodic resync)."""
         for key in list(self.store.objects):
             self.queue.schedule(key)
 

@@ -240,6 +240,8 @@ class FineTuneJobController(Controller):
         self._accepted: dict[tuple[str, str, str], dict] = {}
 
     def on_change(self, source: str, obj: dict, old: dict | None) -> None:
+        """Schedule the FineTuneJob itself, or the job named by the loraplane.io/finetunejob label of a changed
+        Job, training pod or produced Adapter."""
         meta = obj.get("metadata") or {}
         ns = meta.get("namespace") or ""
         if source == "FineTuneJob":
@@ -250,6 +252,8 @@ class FineTuneJobController(Controller):
                 self.schedule((ns, owner))
 
     async def reconcile(self, key: Key) -> None:
+        """observe -> plan -> execute for one FineTuneJob; a deleted one is forgotten (its children are
+        garbage-collected through their ownerReferences)."""
         facts = await self.observe(key)
         if facts is None:  # deleted: its children are garbage-collected through their ownerReferences
             self.forget(key)
@@ -259,6 +263,8 @@ class FineTuneJobController(Controller):
     # ---- observe -----------------------------------------------------------------------------------------
 
     async def observe(self, key: Key) -> FineTuneJobFacts | None:
+        """The facts to plan from: the parsed job (or its validation error), the spec it was accepted with,
+        its Job and pods' run state and, once it succeeded, the Adapter to create or bump. None when deleted."""
         body = self.store.get(key)
         if body is None:
             return None

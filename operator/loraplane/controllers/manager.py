@@ -62,6 +62,7 @@ class Manager:
         self.informers[source].on_event(event_type, obj)
 
     def schedule_all(self) -> None:
+        """Ask every controller to reconcile every object it holds."""
         for controller in self.controllers:
             controller.schedule_all()
 
@@ -97,6 +98,8 @@ class Manager:
             self.schedule_all()
 
     async def start(self) -> None:
+        """Register the phase gauges, serve /metrics and /healthz, prime the stores (one LIST per source), then
+        start the periodic resync and the watches of the children."""
         self._collector = _StateCollector(self.stores)
         REGISTRY.register(self._collector)
         await self.start_http()
@@ -108,6 +111,7 @@ class Manager:
                 self._tasks.append(loop.create_task(self.informers[name].run(ns)))
 
     async def stop(self) -> None:
+        """Cancel the watches and the resync, stop every work queue, the HTTP server and the API client."""
         for t in self._tasks:
             t.cancel()
         for controller in self.controllers:
@@ -125,6 +129,8 @@ class Manager:
             await controller.queue.idle.wait()
 
     async def start_http(self) -> None:
+        """Serve /metrics (Prometheus) and /healthz (200 once primed, else 503) on the settings' metrics
+        host and port."""
         async def metrics(_):
             return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -47,6 +47,7 @@ def ready_reports(pods: list[dict]) -> list[ReplicaReport]:
 
 
 def replica_reports_all(pods: list[dict]) -> list[ReplicaReport]:
+    """The ReplicaReport of every pod that has one, ready or not."""
     return [r for r in (replica_report(p) for p in pods) if r]
 
 
@@ -199,6 +200,8 @@ class ModelRouteController(Controller):
         self._applied: dict[Key, tuple] = {}
 
     def on_change(self, source: str, obj: dict, old: dict | None) -> None:
+        """Schedule the route itself; re-resolve the namespace's routes (batched, ROUTE_BATCH_SECONDS) when an
+        Adapter's spec, labels or artifact changed; schedule the route named by a changed replica or Deployment."""
         meta = obj.get("metadata") or {}
         ns = meta.get("namespace") or ""
         if source == "ModelRoute":
@@ -215,6 +218,7 @@ class ModelRouteController(Controller):
                 self.schedule((ns, route))
 
     async def reconcile(self, key: Key) -> None:
+        """observe -> plan -> execute for one ModelRoute; a deleted one is forgotten."""
         facts = await self.observe(key)
         if facts is None:
             self.forget(key)
@@ -232,6 +236,9 @@ class ModelRouteController(Controller):
     # ---- observe -----------------------------------------------------------------------------------------
 
     async def observe(self, key: Key) -> ModelRouteFacts | None:
+        """The facts to plan from: the parsed route (or its validation error), its namespace's Adapters and
+        rejections, the accepted base model, its Deployment and replica pods, and what was applied last. None
+        when deleted."""
         body = self.store.get(key)
         if body is None:
             return None

@@ -67,6 +67,7 @@ class ApiError(Exception):
 
     @property
     def message(self) -> str:
+        """The API server's message: the Status object's `message`, else the raw body as text."""
         return self.body.get("message", "") if isinstance(self.body, dict) else str(self.body)
 
 
@@ -226,6 +227,8 @@ class KubeClient:
                                   what=f"apply {manifest['kind']} {meta.get('namespace')}/{meta['name']}")
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        """Delete an object with background propagation (dependents are garbage-collected afterwards); a
+        404 is not an error. Raises ApiError otherwise."""
         try:
             await self.request("DELETE", resource_path(api_version, kind, namespace, name),
                                {"propagationPolicy": "Background"}, what=f"delete {kind} {namespace}/{name}")
@@ -234,6 +237,7 @@ class KubeClient:
                 raise
 
     async def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict | None:
+        """The object, or None on 404 (no such object, or the kind is not served); raises ApiError otherwise."""
         try:
             return await self.request("GET", resource_path(api_version, kind, namespace, name))
         except ApiError as exc:
@@ -242,6 +246,8 @@ class KubeClient:
             raise
 
     async def merge_patch(self, api_version: str, kind: str, namespace: str, name: str, patch: dict) -> dict:
+        """A JSON merge patch (RFC 7386) of the object; returns the object as the server stored it. Raises
+        ApiError."""
         return await self.request("PATCH", resource_path(api_version, kind, namespace, name), patch,
                                   content_type="application/merge-patch+json",
                                   what=f"patch {kind} {namespace}/{name}")
@@ -253,6 +259,8 @@ class KubeClient:
                                   what=f"patch {kind} {namespace}/{name} status")
 
     async def post_event(self, obj: dict, type_: str, reason: str, message: str, now: str) -> None:
+        """Post a core/v1 Event about `obj` (message cut to 1024 characters); a failure is logged, not raised:
+        an Event is informative."""
         meta = obj.get("metadata", {})
         ns = meta.get("namespace") or "default"
         event = {

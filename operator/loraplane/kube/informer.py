@@ -78,6 +78,7 @@ class Store:
                     del self._groups[(key[0], g)]
 
     def get(self, key: Key) -> dict | None:
+        """The stored object with `key` (namespace, name), or None."""
         return self.objects.get(key)
 
     def keys_in(self, namespace: str) -> list[Key]:
@@ -177,6 +178,7 @@ class Informer:
         self.active = False
 
     def in_scope(self, obj: dict) -> bool:
+        """True when `obj`'s namespace is one this informer watches (every namespace when none are set)."""
         return not self.namespaces or key_of(obj)[0] in self.namespaces
 
     def on_event(self, event_type: str | None, obj: dict) -> None:

@@ -54,6 +54,7 @@ class VllmClient:
             return resp.status, text, body
 
     async def healthy(self) -> bool:
+        """True when vLLM answers GET /health with 200; False on any other status or a connection error."""
         try:
             status, _, _ = await self._request("GET", "/health")
             return status == 200
@@ -61,6 +62,8 @@ class VllmClient:
             return False
 
     async def models(self) -> list[dict]:
+        """The model cards of GET /v1/models (`data`: the base model and every loaded adapter). Raises
+        EngineError on a non-200 answer."""
         status, text, body = await self._request("GET", "/v1/models")
         if status != 200 or not isinstance(body, dict):
             raise EngineError(status, text[:500])
@@ -71,17 +74,22 @@ class VllmClient:
         return {m["id"]: m.get("root", "") for m in await self.models() if m.get("parent")}
 
     async def load(self, name: str, path: str) -> None:
+        """POST /v1/load_lora_adapter: load the PEFT directory `path` under `name` (needs
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING). Raises EngineError with vLLM's message on a non-200 answer."""
         status, text, body = await self._request("POST", "/v1/load_lora_adapter",
                                                  {"lora_name": name, "lora_path": path})
         if status != 200:
             raise EngineError(status, _message(text, body))
 
     async def unload(self, name: str) -> None:
+        """POST /v1/unload_lora_adapter for `name`; a 404 (not loaded) counts as done. Raises EngineError otherwise."""
         status, text, body = await self._request("POST", "/v1/unload_lora_adapter", {"lora_name": name})
         if status not in (200, 404):   # 404: already gone, which is what we wanted
             raise EngineError(status, _message(text, body))
 
     async def probe(self, model: str, prompt: str, max_tokens: int) -> Probe:
+        """A greedy (temperature 0, seed 0) completion of `prompt` from `model`, up to `max_tokens` tokens, with
+        each token's log-probability. Raises EngineError on a non-200 answer."""
         status, text, body = await self._request("POST", "/v1/completions", {
             "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 1,
             "seed": 0,

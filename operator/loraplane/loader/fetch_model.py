@@ -25,6 +25,8 @@ log = logging.getLogger("loraplane.loader")
 
 
 def add_fetch_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `loraplane fetch-model`: the base model URI, the model volume's folder, the expected
+    sha256 and where PVCs are mounted."""
     p.add_argument("uri", help="s3://BUCKET/PREFIX (a model directory or one .tar.gz) or an https:// archive")
     p.add_argument("--cache-dir", type=Path, required=True,
                    help="the model volume's folder; the model lands in CACHE_DIR/<key of the URI>")
@@ -33,6 +35,8 @@ def add_fetch_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def fetch_model_main(args: argparse.Namespace) -> int:
+    """Fetch and verify the base model into CACHE_DIR/<cache key of the URI>; returns 0, or 1 after writing
+    a ModelFetchFailed termination message when the fetch fails."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         art = asyncio.run(model_cache(args.cache_dir, args.pvc_root).fetch(args.uri, args.sha256))

@@ -58,11 +58,16 @@ class GateFailure:
 
 @dataclass
 class AdapterFacts:
+    """What an adapter directory holds: its adapter_config.json and each tensor's (shape, dtype) from
+    adapter_model.safetensors."""
+
     config: dict[str, Any]
     tensors: dict[str, tuple[tuple[int, ...], str]]   # name -> (shape, safetensors dtype)
 
     @property
     def rank(self) -> int:
+        """The largest LoRA rank in the adapter: config `r`, its `rank_pattern` values and the first dimension
+        of every lora_A tensor (vLLM's --max-lora-rank must cover it)."""
         ranks = [int(self.config.get("r") or 0), *(int(v) for v in (self.config.get("rank_pattern") or {}).values())]
         ranks += [shape[0] for name, (shape, _) in self.tensors.items() if ".lora_A" in name and shape]
         return max(ranks)
@@ -83,6 +88,9 @@ class AdapterFacts:
 
 @dataclass
 class BaseFacts:
+    """What the loader knows of the served base model: identity and revision, its directory (None: not
+    found), its config.json and weight shapes by tensor name."""
+
     identity: str
     revision: str | None
     path: Path | None

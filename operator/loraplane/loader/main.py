@@ -18,6 +18,8 @@ log = logging.getLogger("loraplane.loader")
 
 
 def add_loader_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of the loader sidecar: its table source (--table or --configmap), vLLM's URL, the adapter
+    cache, the smoke test and retry settings, and its HTTP port."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--table", type=Path, help="serving table JSON file (local runs); reloaded when it changes")
     src.add_argument("--configmap", help="ConfigMap holding serving.json (in a cluster), e.g. ROUTE-serving")
@@ -49,6 +51,8 @@ def add_loader_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def loader_main(args: argparse.Namespace) -> int:
+    """Run the loader until SIGTERM/SIGINT; returns 2 when --configmap is given outside a pod without
+    --kubeconfig, else 0."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.table is None and not args.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
         print("error: --configmap reads the Kubernetes API: run in a pod (in-cluster service account) or pass "
@@ -62,6 +66,8 @@ def loader_main(args: argparse.Namespace) -> int:
 
 
 async def serve(args: argparse.Namespace, started: asyncio.Event | None = None) -> None:
+    """Wire cache, vLLM client, Loader, HTTP server and table source (file or ConfigMap watch) and run them
+    until a signal or until the reconcile loop or the table source stops; sets `started` once listening."""
     import aiohttp
     from aiohttp import web
 

@@ -68,6 +68,7 @@ class Slot:
 
     @property
     def settled(self) -> bool:
+        """True in a state the loop leaves alone until something changes: Ready, Incompatible or Failed."""
         return self.state in SETTLED_STATES
 
 
@@ -119,6 +120,8 @@ class Loader:
 
     # ---- desired state --------------------------------------------------------------------------------------
     def set_table(self, table: ServingTable) -> None:
+        """Adopt a new serving table: new adapters get a slot, dropped ones (and changed artifacts under the
+        same name) are queued for unloading, and the control loop wakes."""
         desired = {a.served_name: a for a in table.adapters}
         for name, slot in list(self.slots.items()):
             if name not in desired:
@@ -141,14 +144,18 @@ class Loader:
         self.wake()
 
     def wake(self) -> None:
+        """Start the next reconcile pass now instead of after `resync` seconds."""
         self._wake.set()
 
     @property
     def max_lora_rank(self) -> int:
+        """vLLM's --max-lora-rank as the gate checks it: the override, else the table's, 0 without a table."""
         return self.max_lora_rank_override or (self.table.max_lora_rank if self.table else 0)
 
     # ---- the loop -------------------------------------------------------------------------------------------
     async def run(self) -> None:
+        """The control loop: reconcile, then wait for a wake-up, the next due retry or `resync` seconds;
+        an exception of a pass is logged and the next pass retries. Runs until cancelled."""
         while True:
             try:
                 await self.reconcile_once()
@@ -168,6 +175,8 @@ class Loader:
             self._wake.clear()
 
     async def reconcile_once(self) -> None:
+        """One pass: check vLLM's health and loaded adapters, reload adapters a restarted engine lost, unload
+        what the table no longer has, bring up each due adapter (fetch, gate, load, smoke test) and publish."""
         if self.table is None:
             return
         try:
@@ -360,6 +369,7 @@ class Loader:
 
     # ---- reporting ------------------------------------------------------------------------------------------
     def report(self) -> ReplicaReport:
+        """This replica's ReplicaReport now: every slot's state, plus the adapters being unloaded."""
         adapters = {n: AdapterReport(state=s.state, reason=s.reason, message=s.message, since=s.since,
                                      attempts=s.attempts) for n, s in sorted(self.slots.items())}
         for name, since in sorted(self.unloading.items()):
@@ -372,6 +382,8 @@ class Loader:
                              engine_url=self.engine_url, adapters=adapters, updated_at=now_rfc3339())
 
     async def publish(self) -> None:
+        """Update the per-state gauges and push the report to every sink when it changed (updated_at aside);
+        a failed sink is logged and retried on the next publish."""
         report = self.report()
         counts = {s: 0 for s in AdapterState}
         for a in report.adapters.values():

@@ -15,16 +15,19 @@ STALL_SECONDS = 120
 
 
 async def status(request: web.Request) -> web.Response:
+    """GET /status: the loader's ReplicaReport as JSON (what the router polls to choose replicas)."""
     loader = request.app[LOADER_KEY]
     return web.json_response(loader.report().model_dump(mode="json", exclude_none=True))
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: the loader's Prometheus metrics."""
     body = generate_latest(request.app[LOADER_KEY].metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """GET /healthz: 200, or 503 when the control loop has not finished a pass for STALL_SECONDS."""
     loader = request.app[LOADER_KEY]
     if loader.last_pass and time.monotonic() - loader.last_pass > STALL_SECONDS:
         return web.Response(status=503, text=f"no reconcile pass for {STALL_SECONDS}s\n")

@@ -43,6 +43,8 @@ class RunError(RuntimeError):
 
 @dataclass
 class Plan:
+    """The objects of a file to run locally, by kind, plus the ConfigMaps (name -> data) it carries."""
+
     jobs: list[FineTuneJob] = field(default_factory=list)
     adapters: list[Adapter] = field(default_factory=list)
     routes: list[ModelRoute] = field(default_factory=list)
@@ -75,6 +77,9 @@ def load_plan(path: Path) -> Plan:
 
 
 class LocalRun:
+    """One `loraplane run`: prepares base models, trains, serves and stops its processes, with the pod
+    paths mapped under `workdir`; progress goes to `out`."""
+
     def __init__(self, plan: Plan, workdir: Path, model_dir: Path | None = None, out=sys.stdout):
         self.plan, self.workdir, self.model_dir, self.out = plan, Path(workdir), model_dir, out
         self.settings = BuildSettings()
@@ -84,6 +89,7 @@ class LocalRun:
         self.timings: dict[str, float] = {}
 
     def say(self, text: str = "") -> None:
+        """Print one line of progress to `out`, flushed."""
         print(text, file=self.out, flush=True)
 
     # ---- base models -------------------------------------------------------------------------------------
@@ -129,6 +135,8 @@ class LocalRun:
         self.timings["base model fetch"] = time.monotonic() - started
 
     def pod(self, name: str) -> LocalPod:
+        """The LocalPod `name` of this run: pod paths (PVC root, trainer config and output, model and adapter
+        caches) under the work folder, offline Hugging Face settings, one OpenMP thread."""
         return LocalPod(name=name, namespace=NAMESPACE,
                         paths={PVC_ROOT: str(self.pvc_root), ftj_builders.CONFIG_DIR: str(self.workdir / "config"),
                                ftj_builders.OUTPUT_SCRATCH: str(self.workdir / "output"),
@@ -140,6 +148,9 @@ class LocalRun:
     # ---- training ----------------------------------------------------------------------------------------
 
     def train(self, ftj: FineTuneJob) -> Adapter:
+        """Run the FineTuneJob's trainer container here (or reuse the adapter an identical config trained
+        before) and return the Adapter the operator would create. Raises RunError when training fails or
+        needs more than one process."""
         config = ftj_builders.trainer_config(ftj, self.settings)
         key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
         job = ftj_builders.job(ftj, self.settings)
@@ -202,6 +213,8 @@ class LocalRun:
     # ---- serving -----------------------------------------------------------------------------------------
 
     def serve(self, route: ModelRoute, adapters: list[Adapter]) -> "ServingRoute":
+        """Start the route's vLLM, loader and router as local processes on free loopback ports, wait until
+        every adapter has settled, and return where they are."""
         resolution = resolve(route, [a for a in adapters if a.metadata.namespace == route.metadata.namespace])
         for name, verdict in sorted(resolution.selected.items()):
             if not verdict.compatible:
@@ -277,6 +290,7 @@ class LocalRun:
                             public_models=[m.name for m in table.models])
 
     def stop(self) -> None:
+        """Stop every process this run started, the last started first."""
         for p in reversed(self.processes):
             p.stop()
         self.processes.clear()
@@ -284,6 +298,9 @@ class LocalRun:
 
 @dataclass
 class ServingRoute:
+    """A route served locally: its serving table file, the router, vLLM and loader URLs, the log folder
+    and its public model names."""
+
     route: ModelRoute
     table_path: Path
     router_url: str
@@ -355,6 +372,8 @@ class _spinner:
 
 def run(path: Path, workdir: Path, model_dir: Path | None = None, prompts: list[str] | None = None,
         keep_serving: bool = False, out=sys.stdout) -> int:
+    """`loraplane run`: validate the file, prepare base models, train each FineTuneJob, serve each ModelRoute,
+    send the prompts through each router and stop everything; returns 0, or 130 on Ctrl-C. Raises RunError."""
     plan = load_plan(path)
     workdir.mkdir(parents=True, exist_ok=True)
     lr = LocalRun(plan, workdir, model_dir, out)

@@ -21,6 +21,7 @@ class LocalPod:
     env_overrides: dict[str, str | None] = field(default_factory=dict)
 
     def map_path(self, value: str) -> str:
+        """`value` with its longest matching pod path prefix replaced by the local folder; unchanged otherwise."""
         for prefix in sorted(self.paths, key=len, reverse=True):
             if value == prefix or value.startswith(prefix.rstrip("/") + "/"):
                 return self.paths[prefix] + value[len(prefix):]

@@ -15,15 +15,20 @@ from pathlib import Path
 
 
 class ProcessFailed(RuntimeError):
+    """A child process exited or missed its deadline; the message carries its log tail."""
+
     pass
 
 
 class ManagedProcess:
+    """One child process of a local run, in its own session (process group), output appended to `log_path`."""
+
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None):
         self.name, self.argv, self.env, self.log_path, self.cwd = name, argv, env, Path(log_path), cwd
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "ManagedProcess":
+        """Start the process in the background, output to its log; returns self."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             # A new session: Ctrl-C in the terminal reaches only us, and we stop the whole group in order.
@@ -45,6 +50,7 @@ class ManagedProcess:
 
     @property
     def running(self) -> bool:
+        """True while the process has been started and has not exited."""
         return self.proc is not None and self.proc.poll() is None
 
     def wait_until(self, ready: Callable[[], bool], timeout: float, tick: Callable[[float], None] | None = None,
@@ -67,6 +73,7 @@ class ManagedProcess:
             time.sleep(0.5)
 
     def stop(self, grace: float = 20) -> None:
+        """SIGTERM the process group, SIGKILL it after `grace` seconds; nothing when not running."""
         if not self.running:
             return
         self._signal(signal.SIGTERM)
@@ -89,6 +96,7 @@ class ManagedProcess:
             pass
 
     def log_tail(self, lines: int = 40) -> str:
+        """The last `lines` lines of the log (empty when it cannot be read)."""
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
@@ -103,6 +111,7 @@ def free_port() -> int:
 
 
 def http_ok(url: str, timeout: float = 2) -> bool:
+    """True when a GET of `url` answers 2xx within `timeout` seconds; False on errors and other statuses."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return 200 <= resp.status < 300

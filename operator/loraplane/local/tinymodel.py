@@ -83,6 +83,7 @@ def default_cache_dir() -> Path:
 
 
 def recipe_hash() -> str:
+    """16 hex digits of the sha256 of RECIPE: a cached tiny model is reused only when its stamp matches."""
     return hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -16,6 +16,8 @@ _SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 def add_router_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of the router: its table source (--table or --configmap), its replicas (--replica or
+    --replicas-dns), API keys, polling, retry and drain settings (seconds) and its listen address."""
     src = p.add_argument_group("routing table (one of)")
     src.add_argument("--table", type=Path, metavar="FILE",
                      help="ServingTable JSON (e.g. the mounted ConfigMap key serving.json); reloaded on change")
@@ -98,6 +100,8 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def router_main(args: argparse.Namespace) -> int:
+    """Run the router until SIGTERM/SIGINT, then drain; returns 2 for contradictory or invalid options (or
+    unreadable API keys), else 0. Uses uvloop when installed."""
     problem = _configure(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -111,6 +115,7 @@ def router_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m loraplane.router [ARGS]`: the same program as `loraplane router`, without the CLI package."""
     parser = argparse.ArgumentParser(prog="python -m loraplane.router", description=__doc__)
     add_router_arguments(parser)
     return router_main(parser.parse_args(argv))

@@ -84,6 +84,8 @@ class ClientConnection(asyncio.Protocol):
     # ---- transport events ----
 
     def connection_made(self, transport):
+        """asyncio callback: keep the transport, set TCP_NODELAY (streamed tokens go out at once) and
+        register with the router."""
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -94,12 +96,15 @@ class ClientConnection(asyncio.Protocol):
         self.router.connections.add(self)
 
     def connection_lost(self, exc):
+        """asyncio callback: unregister and tell the exchange in progress that its client left."""
         self.router.connections.discard(self)
         self.transport = None
         if self.exchange is not None:
             self.exchange.client_lost()
 
     def data_received(self, data):
+        """asyncio callback: feed the bytes to the parser; a malformed request or an upgrade is answered
+        400 (or, mid-response, the connection closed)."""
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -111,6 +116,7 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.close()
 
     def pause_writing(self):
+        """asyncio flow control: the client's send buffer is full; pause reading from the replica."""
         # The client reads slower than the replica streams: stop reading from the replica.
         ex = self.exchange
         if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
@@ -118,6 +124,7 @@ class ClientConnection(asyncio.Protocol):
             self.paused_upstream.pause_reading()
 
     def resume_writing(self):
+        """asyncio flow control: the client drained its buffer; resume reading from the replica."""
         if self.paused_upstream is not None:
             try:
                 self.paused_upstream.resume_reading()
@@ -128,14 +135,17 @@ class ClientConnection(asyncio.Protocol):
     # ---- parser callbacks ----
 
     def on_message_begin(self):
+        """httptools callback: a new request starts."""
         self.req = Request()
         self.url = b""
         self.header_bytes = 0
 
     def on_url(self, url: bytes):
+        """httptools callback: a piece of the request target (it may arrive in several)."""
         self.url += url
 
     def on_header(self, name: bytes, value: bytes):
+        """httptools callback: keep the headers the router reads; raises HttpParserError past MAX_HEADER_BYTES."""
         self.header_bytes += len(name) + len(value)
         if self.header_bytes > MAX_HEADER_BYTES:
             raise httptools.HttpParserError("headers too large")
@@ -153,6 +163,8 @@ class ClientConnection(asyncio.Protocol):
             req.sticky = value
 
     def on_headers_complete(self):
+        """httptools callback: method, path and keep-alive are known; a Content-Length over
+        max_request_bytes marks the request too large, and `Expect: 100-continue` is answered (413 or 100)."""
         req = self.req
         req.method = self.parser.get_method()
         q = self.url.find(b"?")
@@ -171,6 +183,7 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes):
+        """httptools callback: collect a body chunk until max_request_bytes is exceeded (then too_large)."""
         req = self.req
         if req.too_large:
             return
@@ -181,6 +194,8 @@ class ClientConnection(asyncio.Protocol):
             req.body.append(body)
 
     def on_message_complete(self):
+        """httptools callback: dispatch the request, or queue it behind the one being answered (reading
+        pauses past MAX_PIPELINED queued)."""
         req, self.req = self.req, None
         if self.busy:
             self.pending.append(req)

@@ -28,6 +28,10 @@ log = logging.getLogger("loraplane.router")
 
 @dataclass(eq=False)
 class RouterService:
+    """The running router: the Router, its table source (`table_path` or `configmap` (namespace, name)),
+    replica discovery (`replicas_dns`, every `dns_interval` seconds) and the address it listens on;
+    `drain_seconds` bounds the shutdown drain."""
+
     router: Router
     table_path: Path | None = None
     configmap: tuple[str, str] | None = None        # (namespace, name)
@@ -44,6 +48,7 @@ class RouterService:
 
     @property
     def pool(self) -> ReplicaPool:
+        """The router's replica pool."""
         return self.router.pool
 
     # ---- table ---------------------------------------------------------------------------------------
@@ -86,6 +91,8 @@ class RouterService:
     # ---- lifecycle -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Load the first table and poll the replicas once, then open the port (so the first requests are
+        routed) and start the table, API key, DNS and polling loops; `port` becomes the port actually bound."""
         self._poll_session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.pool.poll_timeout),
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4))
@@ -110,6 +117,7 @@ class RouterService:
 
     @property
     def url(self) -> str:
+        """The router's base URL (loopback when it listens on every address)."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"http://{host}:{self.port}"
 

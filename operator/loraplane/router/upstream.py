@@ -48,6 +48,7 @@ class Upstream(asyncio.Protocol):
         self.probe: socket.socket | None = None
 
     def connection_made(self, transport):
+        """asyncio callback: keep the transport, set TCP_NODELAY and make the peek socket `reusable` uses."""
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -71,6 +72,7 @@ class Upstream(asyncio.Protocol):
         return False  # end of stream (closed by vLLM) or bytes nobody asked for
 
     def connection_lost(self, exc):
+        """asyncio callback: tell the exchange in progress (vLLM closed mid-answer), else leave the idle pool."""
         self.transport = None
         if self.probe is not None:
             self.probe.close()
@@ -85,6 +87,7 @@ class Upstream(asyncio.Protocol):
                 pass
 
     def data_received(self, data):
+        """asyncio callback: feed the response bytes to the parser; a malformed response closes the connection."""
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
@@ -114,18 +117,23 @@ class Upstream(asyncio.Protocol):
     # ---- parser callbacks ----
 
     def on_header(self, name: bytes, value: bytes):
+        """httptools callback: remember the response's Content-Type."""
         if len(name) == 12 and name.lower() == b"content-type":
             self.content_type = value
 
     def on_headers_complete(self):
+        """httptools callback: report the status code and content type to the exchange."""
         if self.exchange is not None:
             self.exchange.upstream_head(self.parser.get_status_code(), self.content_type)
 
     def on_body(self, body: bytes):
+        """httptools callback: pass one de-chunked body chunk to the exchange."""
         if self.exchange is not None:
             self.exchange.upstream_body(body)
 
     def on_message_complete(self):
+        """httptools callback: the answer is complete; back to the idle pool when vLLM keeps the connection
+        alive, else close, then tell the exchange."""
         ex, self.exchange = self.exchange, None
         if self.parser.should_keep_alive() and self.transport is not None:
             self.release()

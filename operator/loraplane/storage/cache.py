@@ -53,6 +53,8 @@ class FetchError(Exception):
 
 
 class ChecksumMismatch(FetchError):
+    """The fetched artifact's sha256 is not the expected one (retried like any fetch failure)."""
+
     reason = Reason.ChecksumMismatch
 
 
@@ -65,6 +67,9 @@ class InvalidArtifact(FetchError):
 
 @dataclass(frozen=True)
 class CachedArtifact:
+    """One complete, verified cache entry: the URI as written, its directory, the directory's sha256_dir,
+    the archive's sha256 (None for a tree), its size in bytes and when it was fetched (Unix seconds)."""
+
     uri: str
     path: Path
     sha256: str               # sha256_dir of the cached directory
@@ -105,6 +110,10 @@ def model_root(directory: Path) -> Path:
 
 
 class ArtifactCache:
+    """A verified, size-bounded (`max_bytes`) cache of fetched artifacts under `root`, one entry per URI
+    (cache_key): a directory plus a metadata file written last, so a crash never leaves an entry that looks
+    complete. `http_timeout` is seconds per HTTP(S) download; `root_of` picks the artifact's directory in the tree."""
+
     def __init__(self, root: Path, max_bytes: int, pvc_root: str = PVC_ROOT, http_timeout: float = 600,
                  root_of: Callable[[Path], Path] = adapter_root):
         self.root_of = root_of  # which directory of a fetched tree is the artifact (adapter or model)
@@ -134,6 +143,8 @@ class ArtifactCache:
                 p.unlink(missing_ok=True)
 
     def lookup(self, uri: str) -> CachedArtifact | None:
+        """The complete entry of `uri` (metadata readable, directory present), else None; its digest is not
+        checked again here."""
         key = cache_key(uri)
         try:
             raw = json.loads(self._meta(key).read_text())
@@ -155,6 +166,7 @@ class ArtifactCache:
         return out
 
     def total_bytes(self) -> int:
+        """The size of every complete entry, in bytes (as recorded at fetch time)."""
         return sum(art.size_bytes for _, art, _ in self.entries())
 
     def _touch(self, uri: str) -> None:

@@ -17,6 +17,7 @@ _CHUNK = 1 << 20
 
 
 def sha256_file(path: Path) -> str:
+    """Hex sha256 of the file's bytes (what `sha256sum FILE` prints), read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
@@ -42,4 +43,5 @@ def sha256_dir(root: Path) -> str:
 
 
 def directory_size(root: Path) -> int:
+    """Total size in bytes of the regular files under `root` (symlinks followed)."""
     return sum(p.stat().st_size for p in directory_files(root))

@@ -94,6 +94,7 @@ class ArtifactUri:
 
     @property
     def is_http(self) -> bool:
+        """True for http:// and https:// URLs (one file, fetched with a GET)."""
         return self.scheme in (Scheme.HTTP, Scheme.HTTPS)
 
     @property

@@ -45,6 +45,7 @@ def checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 
 def is_complete(path: Path) -> bool:
+    """True when the checkpoint directory's MARKER file says complete (written last by `mark_complete`)."""
     try:
         return json.loads((Path(path) / MARKER).read_text()).get("complete") is True
     except (OSError, ValueError):
@@ -52,6 +53,7 @@ def is_complete(path: Path) -> bool:
 
 
 def latest_complete(folder: Path) -> Path | None:
+    """The complete checkpoint with the highest step in `folder`, or None."""
     complete = [p for _, p in checkpoints(folder) if is_complete(p)]
     return complete[-1] if complete else None
 
@@ -68,6 +70,8 @@ def remove_incomplete(folder: Path) -> list[Path]:
 
 
 def mark_complete(path: Path, step: int) -> None:
+    """fsync every file of the checkpoint, then atomically write its MARKER (step, time) and fsync the
+    directory: a checkpoint counts as complete only once all of it is on disk."""
     path = Path(path)
     for f in path.rglob("*"):
         if f.is_file():
@@ -99,9 +103,12 @@ class Preemption:
 
     @property
     def requested(self) -> bool:
+        """True once SIGTERM or SIGINT was received: save at the end of this step and exit."""
         return self.signal is not None
 
     def install(self) -> None:
+        """Handle SIGTERM and SIGINT (a second SIGINT raises KeyboardInterrupt); only on the main thread,
+        where Python allows signal handlers, else nothing."""
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread (in-process test runs)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -115,6 +122,7 @@ class Preemption:
                     signal.Signals(signum).name)
 
     def uninstall(self) -> None:
+        """Restore the signal handlers `install` replaced."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -153,9 +161,12 @@ class S3CheckpointMirror:
         return found
 
     def complete_steps(self) -> list[int]:
+        """Steps of the remote checkpoints whose marker object exists, ascending. Raises StorageError."""
         return sorted(step for step, files in self._remote().items() if MARKER in files)
 
     def push(self, path: Path) -> bool:
+        """Upload one complete local checkpoint (marker last) and rotate the remote ones; returns False
+        (logged) when an upload fails."""
         path = Path(path)
         files = sorted(f for f in path.rglob("*") if f.is_file() and f.name != MARKER)
         try:
@@ -224,6 +235,8 @@ class S3CheckpointMirror:
 
 
 def make_callback(folder: Path, keep: int, preemption: Preemption, mirror: S3CheckpointMirror | None = None):
+    """A transformers TrainerCallback that stops and saves at the step's end once preemption is requested,
+    and on each save (main process only) marks the checkpoint complete, rotates to `keep` and mirrors it."""
     from transformers import TrainerCallback
 
     class CheckpointCallback(TrainerCallback):

@@ -24,6 +24,8 @@ log = logging.getLogger("loraplane.trainer")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of the trainer: the FineTuneJob config and local overrides of the model, data and output
+    paths (each also from its LORAPLANE_* variable), progress/result files and output switches."""
     p.add_argument("-f", "--config", type=Path, default=os.environ.get("LORAPLANE_CONFIG"),
                    help="the FineTuneJob manifest (YAML or JSON) [env LORAPLANE_CONFIG]")
     p.add_argument("--model-dir", type=Path, help="local directory of the base model, overriding "
@@ -42,6 +44,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def train_main(args: argparse.Namespace) -> int:
+    """Run training; returns the exit status (0, EXIT_PREEMPTED, or the failure reason's code) after
+    writing the termination message. An unforeseen exception becomes InternalError (OOM: OutOfMemory)."""
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -102,6 +106,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m loraplane.trainer [ARGS]`: the same program as `loraplane train`, without the CLI package."""
     parser = argparse.ArgumentParser(prog="python -m loraplane.trainer",
                                      description="Fine-tune a LoRA/QLoRA adapter as described by a FineTuneJob.")
     add_train_arguments(parser)

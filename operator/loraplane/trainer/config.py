@@ -61,6 +61,7 @@ class Runtime:
 
     @property
     def in_cluster(self) -> bool:
+        """True when the run belongs to a FineTuneJob in a cluster (job namespace and name are known)."""
         return bool(self.job_namespace and self.job_name)
 
 
@@ -83,6 +84,7 @@ def load_job(path: Path) -> FineTuneJob:
 
 
 def job_from_dict(doc: dict, source: str = "config") -> FineTuneJob:
+    """A FineTuneJob validated from a manifest dict; raises InvalidConfig naming `source` and every bad field."""
     from loraplane.api.validation import format_validation_error
 
     try:

@@ -68,6 +68,7 @@ class Examples:
 
     @property
     def tokens(self) -> int:
+        """Total tokens over all rows (input_ids lengths)."""
         return sum(len(r["input_ids"]) for r in self.rows)
 
 

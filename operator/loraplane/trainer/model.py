@@ -43,12 +43,15 @@ class ModelSource:
 
 @dataclass
 class Precision:
+    """The training precision asked for and the one used (bf16, fp16 or fp32), with why they differ."""
+
     requested: str
     used: str                # what actually runs: bf16, fp16 or fp32
     note: str | None = None  # why `used` differs from `requested`
 
     @property
     def torch_dtype(self):
+        """The torch dtype of the precision used."""
         import torch
 
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.used]
@@ -69,6 +72,8 @@ def choose_precision(requested: str) -> Precision:
 
 
 def resolve_source(job: FineTuneJob, runtime: Runtime, scratch: Path) -> ModelSource:
+    """Where to load the base model from: --model-dir, else spec.baseModel.uri (a local or PVC path, or
+    downloaded and verified under `scratch`), else the hub id. Raises ModelNotFound, InvalidConfig."""
     ref = job.spec.base_model
     if runtime.model_dir:
         return ModelSource(str(_check_dir(Path(runtime.model_dir), "--model-dir/LORAPLANE_MODEL_DIR")), None,
@@ -132,6 +137,7 @@ def context_tokens(config) -> int | None:
 
 
 def load_tokenizer(source: ModelSource):
+    """The base model's tokenizer, with pad = EOS when it has no pad token. Raises ModelNotFound."""
     from transformers import AutoTokenizer
 
     try:
@@ -145,6 +151,8 @@ def load_tokenizer(source: ModelSource):
 
 
 def load_model(source: ModelSource, method: str, precision: Precision, gradient_checkpointing: bool):
+    """The base causal LM in the precision's dtype; for qlora 4-bit NF4 with double quantisation
+    (bitsandbytes) prepared for k-bit training. Raises ModelNotFound, InvalidConfig."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -177,6 +185,8 @@ def load_model(source: ModelSource, method: str, precision: Precision, gradient_
 
 
 def default_target_modules(model) -> list[str]:
+    """Target modules when spec.method.targetModules is unset: the attention projections of the
+    architecture, else peft's default for it. Raises InvalidConfig listing linear layers otherwise."""
     model_type = getattr(model.config, "model_type", "")
     if model_type in ATTENTION_PROJECTIONS:
         return list(ATTENTION_PROJECTIONS[model_type])
@@ -228,6 +238,9 @@ def _dims(module) -> tuple[int, int]:
 
 
 def wrap_peft(model, job: FineTuneJob):
+    """The model wrapped in a PEFT LoRA (or DoRA) adapter from spec.method, and the target modules used;
+    base_model_name_or_path is the spec's identity (what the loader matches). Raises TargetModulesNotFound,
+    InvalidConfig."""
     from peft import LoraConfig, get_peft_model
 
     m = job.spec.method

@@ -26,9 +26,15 @@ log = logging.getLogger("loraplane.trainer")
 
 
 class ProgressSink(Protocol):
-    def update(self, progress: TrainingProgress, final: bool = False) -> None: ...
+    """Where training progress goes: a local file and bar, or the FineTuneJob's status."""
 
-    def close(self) -> None: ...
+    def update(self, progress: TrainingProgress, final: bool = False) -> None:
+        """Take the latest progress; a sink may rate-limit, but must not drop a `final` update."""
+        ...
+
+    def close(self) -> None:
+        """Send what is pending and release what the sink holds (bar, API client)."""
+        ...
 
 
 class RateLimiter:
@@ -40,6 +46,7 @@ class RateLimiter:
         self._last: float | None = None
 
     def allow(self, force: bool = False) -> bool:
+        """True (and restart the interval) when `interval` seconds have passed since the last pass, or `force`."""
         now = self.clock()
         if force or self._last is None or now - self._last >= self.interval:
             self._last = now
@@ -58,6 +65,7 @@ class LocalSink:
         self._limiter = RateLimiter(file_interval, clock)
 
     def update(self, progress: TrainingProgress, final: bool = False) -> None:
+        """Advance the bar and rewrite the JSON file (at most every `file_interval` s; `final` always)."""
         if self.bar_enabled:
             self._update_bar(progress)
         if self.path and self._limiter.allow(force=final):
@@ -73,6 +81,7 @@ class LocalSink:
         self._bar.set_postfix({k: f"{v:.4g}" for k, v in fields.items() if v is not None}, refresh=False)
 
     def close(self) -> None:
+        """Close the progress bar."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -109,11 +118,14 @@ class ClusterSink:
         return patch
 
     def update(self, progress: TrainingProgress, final: bool = False) -> None:
+        """Keep `progress` and patch status.progress when the rate limit allows (`final` always)."""
         self._pending = progress
         if self._limiter.allow(force=final):
             self.flush()
 
     def flush(self) -> None:
+        """Patch status.progress with the pending progress; a failure is counted and logged, and the progress
+        stays pending for the next try."""
         if self._pending is None:
             return
         body = {"status": {"progress": self._pending.wire()}}
@@ -126,6 +138,7 @@ class ClusterSink:
             log.warning("could not patch %s/%s status.progress: %s", self.namespace, self.name, exc)
 
     def close(self) -> None:
+        """Send the pending progress, then close the API client."""
         self.flush()
         if self._kube is not None:
             self._kube.close()
@@ -184,6 +197,7 @@ class ProgressTracker:
         return self.last
 
     def close(self) -> None:
+        """Close every sink (each sends what is pending)."""
         for sink in self.sinks:
             sink.close()
 

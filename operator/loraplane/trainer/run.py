@@ -67,6 +67,7 @@ class RunResult:
 
 
 def library_versions() -> dict[str, str]:
+    """Python's version and the installed version of each of LIBRARIES (missing ones left out), for provenance."""
     out = {"python": platform.python_version()}
     for name in LIBRARIES:
         try:
@@ -77,6 +78,8 @@ def library_versions() -> dict[str, str]:
 
 
 def planned_steps(n_train: int, job: FineTuneJob, world_size: int) -> int:
+    """Optimizer steps of the run: spec.training.maxSteps, else epochs (default 1) x optimizer steps per epoch
+    (batches of batch_size x world_size, divided by gradient accumulation); at least 1."""
     t = job.spec.training
     if t.max_steps:
         return t.max_steps
@@ -86,6 +89,8 @@ def planned_steps(n_train: int, job: FineTuneJob, world_size: int) -> int:
 
 
 def effective_max_len(job: FineTuneJob, context: int | None) -> int:
+    """The sequence length used: maxSeqLength, capped to the model's context (`context` tokens) when it
+    was defaulted; raises InvalidConfig when an explicit maxSeqLength exceeds the context."""
     t = job.spec.training
     if context is None or t.max_seq_length <= context:
         return t.max_seq_length
@@ -106,6 +111,7 @@ class Process:
 
     @classmethod
     def from_env(cls) -> "Process":
+        """From torchrun's WORLD_SIZE and RANK (default: one process, the main one)."""
         return cls(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0)
 
 
@@ -464,6 +470,8 @@ def upload_s3(local_dir: Path, uri: str) -> None:
 
 
 def default_sinks(runtime: Runtime) -> list:
+    """Progress sinks: in a cluster the progress file and the FineTuneJob's status; locally the file and a
+    bar when stderr is a terminal."""
     if runtime.in_cluster:
         return [progress.LocalSink(runtime.progress_file, bar=False),
                 progress.ClusterSink(runtime.job_namespace, runtime.job_name, runtime.status_interval_s)]

@@ -28,6 +28,7 @@ CONFIGMAP_KEY = "serving.json"
 
 
 def configmap_name(route_name: str) -> str:
+    """Name of the ConfigMap that carries a route's serving table: `<route>-serving`."""
     return f"{route_name}-serving"
 
 
@@ -49,17 +50,23 @@ class DesiredAdapter(_Model):
 
 
 class Backend(_Model):
+    """One weighted target of a public model: a vLLM served name (the base model's or an adapter version's)."""
+
     served_name: str = Field(description="vLLM model name: the base model's served name or an adapter's.")
     adapter: str | None = Field(default=None, description="Adapter object name; None for the base model.")
     weight: int = Field(ge=0, le=100)
 
 
 class PublicModel(_Model):
+    """A name clients send in the OpenAI `model` field and the backends the router splits it across."""
+
     name: str = Field(description="Public model name clients send in `model`.")
     backends: list[Backend]
 
 
 class RouterSettings(_Model):
+    """Router behaviour from the ModelRoute's spec.router (timeout in seconds, body limit in bytes)."""
+
     sticky_header: str | None = None
     timeout_seconds: float = 600
     max_request_bytes: int = 4 * 1024 * 1024
@@ -67,6 +74,9 @@ class RouterSettings(_Model):
 
 
 class ServingTable(_Model):
+    """Everything the loader and router of one route need: the base model, vLLM's LoRA limits, the adapters
+    to load and the public models (the ConfigMap's `serving.json`)."""
+
     route: str
     namespace: str = "default"
     generation: int = 0
@@ -82,10 +92,12 @@ class ServingTable(_Model):
     router: RouterSettings = Field(default_factory=RouterSettings)
 
     def to_json(self) -> str:
+        """The table as indented JSON (the ConfigMap value and the local file format)."""
         return self.model_dump_json(indent=2)
 
     @classmethod
     def load(cls, path: Path) -> "ServingTable":
+        """Read a table from a JSON file; raises pydantic.ValidationError on a malformed table."""
         return cls.model_validate_json(Path(path).read_text())
 
 
@@ -109,6 +121,8 @@ class AdapterState(StrEnum):
 
 
 class AdapterReport(_Model):
+    """One adapter's state on one replica, with the reason, since when and how many load attempts."""
+
     state: AdapterState
     reason: str = Field(description="CamelCase reason, e.g. Loaded, RankTooLarge, BaseModelMismatch, NoEffect.")
     message: str = ""
@@ -128,4 +142,5 @@ class ReplicaReport(_Model):
     updated_at: str
 
     def to_annotation(self) -> str:
+        """Compact, key-sorted JSON without nulls: the value of the Pod annotation `loraplane.io/adapters`."""
         return json.dumps(self.model_dump(mode="json", exclude_none=True), separators=(",", ":"), sort_keys=True)

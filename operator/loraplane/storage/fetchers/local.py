@@ -27,6 +27,7 @@ class LocalFetcher(Fetcher):
         return cls(pvc_root)
 
     def path(self, uri: ArtifactUri) -> Path:
+        """Where `uri` is on this machine (pvc: `pvc_root/CLAIM/PATH`); AssertionError for a remote URI."""
         path = uri.local_path(self.pvc_root)
         assert path is not None, f"{uri} is not a local URI"
         return path
@@ -35,6 +36,8 @@ class LocalFetcher(Fetcher):
         return " (is the PVC mounted in the pod?)" if uri.scheme == Scheme.PVC else ""
 
     def fetch_file(self, uri: ArtifactUri, dest: Path) -> Path:
+        """Copy the file to `dest` (complete or absent). Raises NotFound when it is not a file, Unavailable
+        when the copy fails."""
         src = self.path(uri)
         if not src.is_file():
             raise NotFound(uri.text, "no such file", f"{src} does not exist or is not a file{self._hint(uri)}")
@@ -48,6 +51,8 @@ class LocalFetcher(Fetcher):
         return dest
 
     def fetch_tree(self, uri: ArtifactUri, dest: Path) -> Path:
+        """Copy the directory to the new `dest`, symlinks resolved to regular files. Raises NotFound when it
+        is not a directory, Unavailable when the copy fails."""
         src = self.path(uri)
         if not src.is_dir():
             raise NotFound(uri.text, "no such directory",

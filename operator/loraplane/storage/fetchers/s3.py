@@ -50,6 +50,7 @@ class S3Fetcher(Fetcher):
 
     @property
     def client(self):
+        """The boto3 S3 client, made with s3_client() on first use when none was given."""
         if self._client is None:
             self._client = s3_client()
         return self._client
@@ -113,6 +114,7 @@ class S3Fetcher(Fetcher):
 
     # ---- writes ------------------------------------------------------------------------------------------
     def upload_file(self, path: Path, bucket: str, key: str) -> None:
+        """Upload one file to s3://BUCKET/KEY. Raises the storage error s3_error maps boto's to."""
         try:
             self.client.upload_file(str(path), bucket, key)
         except _boto_errors() as exc:
@@ -130,6 +132,8 @@ class S3Fetcher(Fetcher):
             raise s3_error(uri.text, exc) from exc
 
     def delete_keys(self, bucket: str, keys: list[str]) -> None:
+        """Delete `keys` from `bucket`, 1000 per DeleteObjects request (the S3 API limit). Raises the storage
+        error s3_error maps boto's to."""
         try:
             for i in range(0, len(keys), _DELETE_BATCH):
                 batch = [{"Key": k} for k in keys[i:i + _DELETE_BATCH]]
