@@ -16,6 +16,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
+from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType
+
 GROUP = "loraplane.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -194,10 +196,12 @@ def now_rfc3339() -> str:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def set_condition(conditions: list[Condition], type: str, status: bool | str, reason: str, message: str = "",
+def set_condition(conditions: list[Condition], type: ConditionType, state: ConditionState,
                   observed_generation: int | None = None, now: str | None = None) -> list[Condition]:
-    """Return `conditions` with `type` set; lastTransitionTime moves only when the status flips."""
-    status_str = {True: "True", False: "False"}.get(status, status) if isinstance(status, bool) else status
+    """Return `conditions` with `type` set to `state`; lastTransitionTime moves only when the status flips
+    (cert-manager's SetCertificateCondition rule). `now` (RFC 3339) replaces the clock in tests."""
+    status_str = str(ConditionStatus.of(state.status))
+    type, reason, message = str(type), str(state.reason), state.message
     out: list[Condition] = []
     found = False
     for c in conditions:
@@ -228,12 +232,12 @@ class StatusBase(ApiModel):
         default_factory=list, description="Current conditions; Ready summarises them (kstatus-compatible).",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
 
-    def set_condition(self, type: str, status: bool | str, reason: str, message: str = "",
-                      generation: int | None = None, now: str | None = None) -> None:
-        """Set condition `type` in place (see module `set_condition`: the transition time moves only on a
-        status flip); `generation` becomes its observedGeneration."""
-        self.conditions = set_condition(self.conditions, type, status, reason, message,
-                                        observed_generation=generation, now=now)
+    def set_condition(self, type: ConditionType, state: ConditionState, generation: int | None = None,
+                      now: str | None = None) -> None:
+        """Set condition `type` to `state` in place (module `set_condition`: the transition time moves only on
+        a status flip); `generation` (metadata.generation) becomes its observedGeneration. The one way a
+        condition is set."""
+        self.conditions = set_condition(self.conditions, type, state, observed_generation=generation, now=now)
 
     def condition(self, type: str) -> Condition | None:
         """The condition of `type`, or None when it is not set."""

@@ -8,11 +8,12 @@ import importlib
 import sys
 from pathlib import Path
 
-# name -> (module, one-line help). The module defines `add_arguments(parser)` and `main(args) -> int`.
+# name -> (module, one-line help). The module defines `add_<name>_arguments(parser)` and `<name>_main(args) -> int`
+# (a "-" in the name becomes "_").
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "crds": ("loraplane.cli.crds", "write (or --check) the CRD manifests generated from the API models"),
-    "validate": ("loraplane.cli.crds", "validate loraplane manifests in files, as the operator would"),
-    "loader": ("loraplane.loader.main", "adapter loader sidecar of a vLLM replica (docs/loader.md)"),
+    "validate": ("loraplane.cli.validate", "validate loraplane manifests in files, as the operator would"),
+    "loader": ("loraplane.loader.cli", "adapter loader sidecar of a vLLM replica (docs/loader.md)"),
     "fetch-model": ("loraplane.loader.fetch_model", "fetch an s3:// or https:// base model onto a replica's volume"),
     "operator": ("loraplane.cli.operator", "run the operator (kopf) that reconciles the loraplane kinds"),
     "render": ("loraplane.cli.render", "print the child manifests the operator would create for a file's CRs"),
@@ -45,6 +46,3 @@ def repo_root() -> Path:
     """The checkout root when running from source (where crds/ and docs/ live)."""
     return Path(__file__).resolve().parents[3]
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""`loraplane crds` and `loraplane validate`."""
+"""`loraplane crds`: write (or --check) everything generated from the API models."""
 
 from __future__ import annotations
 
@@ -6,10 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-from pydantic import ValidationError
 
-from loraplane.api.validation import format_validation_error
 from loraplane.cli import repo_root
 
 
@@ -25,14 +22,13 @@ def add_crds_arguments(p: argparse.ArgumentParser) -> None:
 
 def generated_files(args: argparse.Namespace) -> dict[Path, str]:
     """Every file generated from the API models, with its expected content."""
-    from loraplane.api import reasons
     from loraplane.codegen import chart as chartgen
-    from loraplane.codegen import crds as crdgen, reference
+    from loraplane.codegen import crds as crdgen, reference, troubleshooting
 
     files = {args.out / name: crdgen.render(crd) for name, crd in crdgen.all_crds().items()}
     files[args.reference] = reference.render()
     files.update(chartgen.crd_template_files(args.chart))
-    files[args.reference.parent / "troubleshooting.md"] = reasons.render_troubleshooting()
+    files[args.reference.parent / "troubleshooting.md"] = troubleshooting.render()
     return files
 
 
@@ -50,29 +46,3 @@ def crds_main(args: argparse.Namespace) -> int:
         path.write_text(text)
         print(path)
     return 0
-
-
-def add_validate_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of `loraplane validate`: the YAML files to check."""
-    p.add_argument("files", nargs="+", type=Path, help="YAML files (multi-document allowed)")
-
-
-def validate_main(args: argparse.Namespace) -> int:
-    """Validate every loraplane object in the files as the operator parses them, printing ok/error per
-    document (other kinds are skipped); returns 1 when any is invalid, else 0."""
-    from loraplane.api import KINDS, parse
-
-    bad = 0
-    for path in args.files:
-        for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
-            if not doc or doc.get("kind") not in KINDS:
-                continue
-            where = f"{path}#{i} {doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}"
-            try:
-                parse(doc)
-                print(f"ok    {where}")
-            except (ValidationError, ValueError) as exc:
-                bad += 1
-                detail = format_validation_error(exc, "  ") if isinstance(exc, ValidationError) else f"  {exc}"
-                print(f"error {where}\n{detail}")
-    return 1 if bad else 0

@@ -22,7 +22,7 @@ from loraplane.api.wire.serving import AdapterState
 from loraplane.builders.resolution import Verdict, check_compatibility, selector_matches
 from loraplane.controllers.base import API, Context, Controller
 from loraplane.controllers.pods import pod_ready, replica_report, reported_adapters
-from loraplane.controllers.status import dump_status, invalid_spec, owned_status, set_condition, status_patch
+from loraplane.controllers.status import dump_status, invalid_spec, owned_status, status_patch
 from loraplane.kube.events import Event, EventType
 from loraplane.kube.informer import Key
 
@@ -76,7 +76,7 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
     new.loaded_on = sorted(loaded, key=lambda lo: (lo.route, lo.replica))
 
     def condition(type_: ConditionType, state: ConditionState) -> None:
-        set_condition(new, type_, state, generation)
+        new.set_condition(type_, state, generation)
 
     if rejection is not None:
         new.phase = AdapterPhase.Failed

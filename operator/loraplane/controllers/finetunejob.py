@@ -29,7 +29,9 @@ from loraplane.builders import finetunejob
 from loraplane.controllers.base import API, Context, Controller
 from loraplane.controllers.pods import (container_status, image_pull_problem, last_terminated, pod_name,
                                         termination_message, unschedulable)
-from loraplane.controllers.status import dump_status, invalid_spec, owned_status, set_condition, status_patch
+from loraplane.controllers.status import (
+    canonical, dump_status, invalid_spec, owned_status, status_patch,
+)
 from loraplane.kube.events import Event, EventType
 from loraplane.kube.informer import Key
 
@@ -349,7 +351,7 @@ class FineTuneJobController(Controller):
                 + ("" if result else " (the trainer reported no result message: no sha256, metrics or dataset "
                                      "digest)")))
         ready = ready_state(ftj, new, run, rejected)
-        set_condition(new, ConditionType.Ready, ready, generation)
+        new.set_condition(ConditionType.Ready, ready, generation)
         out.status = status_patch(current, dump_status(new), OWNED_STATUS)
         if event is None and status.phase != new.phase and new.phase != FineTuneJobPhase.Succeeded:
             if new.phase == FineTuneJobPhase.Failed:
@@ -387,7 +389,7 @@ class FineTuneJobController(Controller):
                 manifest | {"metadata": {**manifest["metadata"], "uid": live["metadata"]["uid"]}},
                 Event(EventType.Normal, Reason.Created if produced.created else Reason.VersionBumped,
                       f"version {manifest['spec']['version']} from FineTuneJob {produced.job}"))
-        if _canonical(((live or {}).get("status") or {}).get("provenance")) != _canonical(produced.provenance):
+        if canonical(((live or {}).get("status") or {}).get("provenance")) != canonical(produced.provenance):
             meta = manifest["metadata"]
             await self.kube.patch_status(API, "Adapter", meta["namespace"], meta["name"],
                                          {"provenance": produced.provenance})
@@ -429,10 +431,6 @@ def ready_state(ftj: FineTuneJob, new: FineTuneJobStatus, run: RunState | None,
     if new.phase == FineTuneJobPhase.Suspended:
         return ConditionState(FALSE, Reason.Suspended, "spec.suspend is true")
     return ConditionState(FALSE, Reason.Pending, f"waiting for Job {finetunejob.job_name(ftj)} to start a pod")
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
 
 
 def _owned_by(obj: dict, uid: str) -> bool:

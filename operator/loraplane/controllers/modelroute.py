@@ -16,12 +16,12 @@ from loraplane.api.reasons import Reason
 from loraplane.api.validation import format_validation_error
 from loraplane.api.wire.serving import CONFIGMAP_KEY, AdapterState, ReplicaReport, ServingTable, configmap_name
 from loraplane.builders import engine_pod
-from loraplane.builders import modelroute as builders
+from loraplane.builders import modelroute as route_builders
 from loraplane.builders.resolution import Resolution, Verdict, resolve
 from loraplane.controllers.base import API, Context, Controller
 from loraplane.controllers.pods import (crash_problem, image_pull_problem, pod_name, pod_ready, replica_report,
                                         unschedulable)
-from loraplane.controllers.status import (dump_status, invalid_spec, owned_status, ready_reason, set_condition,
+from loraplane.controllers.status import (dump_status, invalid_spec, owned_status, ready_reason,
                                           status_patch)
 from loraplane.kube.events import Event, EventType
 from loraplane.kube.informer import Key
@@ -84,7 +84,7 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
     new.observed_generation = generation
     new.replicas = ds.get("replicas") or 0
     new.ready_replicas = ds.get("readyReplicas") or 0
-    new.endpoint = builders.endpoint(route)
+    new.endpoint = route_builders.endpoint(route)
 
     def count(served_name: str, base: bool) -> int:
         if base:
@@ -131,7 +131,7 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
                                f"{new.ready_replicas} replica(s) serve {len(models)} model(s)")
     if excluded:
         ready = ready._replace(message=ready.message + f"; left out: {', '.join(excluded)}")
-    set_condition(new, ConditionType.Ready, ready, generation)
+    new.set_condition(ConditionType.Ready, ready, generation)
     return new
 
 
@@ -251,7 +251,7 @@ class ModelRouteController(Controller):
         return ModelRouteFacts(
             body, route, adapters=adapters, rejected=self._rejections(ns),
             accepted_base=await self.accepted_base_of(route) if body.get("status") else None,
-            deployment=self.stores.Deployment.get((ns, builders.engine_name(route))),
+            deployment=self.stores.Deployment.get((ns, route_builders.engine_name(route))),
             pods=self.stores.EnginePod.group(ns, name), last_resolution=self._resolutions.get(key),
             last_applied=self._applied.get(key), last_selected=self._selected.get(key, {}),
             applier_epoch=self.ctx.applier.epoch)
@@ -292,12 +292,12 @@ class ModelRouteController(Controller):
             # successful apply (an adapter event that did not change this route's table), skip rendering them.
             applied_as = (route.metadata.uid, generation, resolution.table.to_json(), facts.applier_epoch)
             if facts.last_applied != applied_as:
-                kids = builders.children(route, resolution.table, self.ctx.build)
+                kids = route_builders.children(route, resolution.table, self.ctx.build)
                 # The serving table and the RBAC first: the replicas and routers read them as they start.
                 first = [k for k in kids if k["kind"] in ("ConfigMap", "ServiceAccount", "Role", "RoleBinding")]
                 out.children = [first, [k for k in kids if k not in first]]
                 out.fresh = not current
-                out.unwanted = builders.unwanted_children(route, self.ctx.build)
+                out.unwanted = route_builders.unwanted_children(route, self.ctx.build)
                 out.applied_as = applied_as
             out.accepted_base, out.resolution = wanted, resolution
         else:
@@ -306,7 +306,7 @@ class ModelRouteController(Controller):
         new = route_status(route, resolution, facts.deployment, facts.pods, generation, previous)
         if rejected:
             accepted = facts.accepted_base
-            set_condition(new, ConditionType.Ready, ConditionState(FALSE, Reason.SpecImmutable, (
+            new.set_condition(ConditionType.Ready, ConditionState(FALSE, Reason.SpecImmutable, (
                 f"spec.baseModel cannot change from {accepted[0]}@{accepted[1] or '-'} to "
                 f"{wanted[0]}@{wanted[1] or '-'} (immutable); revert it or create a new ModelRoute")), generation)
         out.status = status_patch(current, dump_status(new), OWNED_STATUS)

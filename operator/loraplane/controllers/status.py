@@ -1,4 +1,4 @@
-"""Status bookkeeping shared by the controllers: the owned part of a status, the one way a condition is set,
+"""Status bookkeeping shared by the controllers: the owned part of a status, the InvalidSpec status,
 and the merge patch that writes only what changed.
 
 A controller owns a fixed set of status keys (OWNED_STATUS in each controller): other writers' keys (the
@@ -31,13 +31,6 @@ def owned_status(status_cls: type[S], current: dict, owned: tuple[str, ...]) -> 
         return status_cls()
 
 
-def set_condition(status: StatusBase, type_: ConditionType, state: ConditionState, generation: int | None) -> None:
-    """Set condition `type_` of `status` to `state`, for metadata.generation `generation`: the one path every
-    controller sets a condition through."""
-    status.set_condition(str(type_), str(ConditionStatus.of(state.status)), str(state.reason), state.message,
-                         generation)
-
-
 def ready_reason(current: dict | None) -> str | None:
     """The reason of the stored Ready condition (`current` is a status in wire form), else None."""
     return next((c.get("reason") for c in (current or {}).get("conditions") or []
@@ -51,12 +44,13 @@ def status_patch(current: dict | None, desired: dict, owned: tuple[str, ...]) ->
     patch: dict[str, Any] = {}
     for k in owned:
         want = desired.get(k)
-        if _canonical(current.get(k)) != _canonical(want):
+        if canonical(current.get(k)) != canonical(want):
             patch[k] = want
     return patch
 
 
-def _canonical(value: Any) -> str:
+def canonical(value: Any) -> str:
+    """JSON with sorted keys, None/[]/{} alike ("null"): what two status values are compared by."""
     if value in (None, [], {}):
         return "null"
     return json.dumps(value, sort_keys=True)
@@ -72,7 +66,7 @@ def invalid_spec(current: dict, generation: int | None, message: str) -> tuple[d
     other keys are left as they were) and a Warning Event when the message is new."""
     previous = StatusBase.model_validate({"conditions": current.get("conditions") or []})
     state = ConditionState(ConditionStatus.FALSE, Reason.InvalidSpec, message)
-    set_condition(previous, ConditionType.Ready, state, generation)
+    previous.set_condition(ConditionType.Ready, state, generation)
     desired = {"observedGeneration": generation,
                "conditions": [c.model_dump(by_alias=True, exclude_none=True) for c in previous.conditions]}
     patch = status_patch(current, desired, ("observedGeneration", "conditions"))
@@ -81,4 +75,4 @@ def invalid_spec(current: dict, generation: int | None, message: str) -> tuple[d
     return patch, Event(EventType.Warning, Reason.InvalidSpec, message) if patch and new_message else None
 
 
-__all__ = ["dump_status", "invalid_spec", "owned_status", "ready_reason", "set_condition", "status_patch"]
+__all__ = ["canonical", "dump_status", "invalid_spec", "owned_status", "ready_reason", "status_patch"]

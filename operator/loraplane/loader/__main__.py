@@ -2,7 +2,7 @@
 
 import sys
 
-from loraplane.loader.main import main
+from loraplane.loader.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

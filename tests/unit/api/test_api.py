@@ -11,6 +11,8 @@ from loraplane.api import KINDS, Adapter, FineTuneJob, ModelRoute, parse
 from loraplane.api import cel
 from loraplane.codegen import crds as crdgen
 from loraplane.api.common import Condition, set_condition
+from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType
+from loraplane.api.reasons import Reason
 from loraplane.cli import main as cli_main
 
 from support import structural
@@ -26,15 +28,19 @@ def crd_schema(kind: str) -> dict:
 # --- conditions -------------------------------------------------------------------------------------------
 
 def test_set_condition_keeps_transition_time_unless_status_flips():
-    conds = set_condition([], "Ready", False, "Pending", "waiting", observed_generation=1, now="2026-01-01T00:00:00Z")
-    conds = set_condition(conds, "Ready", False, "StillPending", "still", observed_generation=2,
-                          now="2026-01-02T00:00:00Z")
+    ready, compatible = ConditionType.Ready, ConditionType.Compatible
+    conds = set_condition([], ready, ConditionState(ConditionStatus.FALSE, Reason.Pending, "waiting"),
+                          observed_generation=1, now="2026-01-01T00:00:00Z")
+    conds = set_condition(conds, ready, ConditionState(ConditionStatus.FALSE, Reason.Running, "still"),
+                          observed_generation=2, now="2026-01-02T00:00:00Z")
     (c,) = conds
     assert c.last_transition_time == "2026-01-01T00:00:00Z"  # same status: time kept, reason/message updated
-    assert (c.reason, c.message, c.observed_generation) == ("StillPending", "still", 2)
-    conds = set_condition(conds, "Ready", True, "Ready", observed_generation=2, now="2026-01-03T00:00:00Z")
+    assert (c.reason, c.message, c.observed_generation) == ("Running", "still", 2)
+    conds = set_condition(conds, ready, ConditionState(ConditionStatus.TRUE, Reason.Ready),
+                          observed_generation=2, now="2026-01-03T00:00:00Z")
     assert conds[0].last_transition_time == "2026-01-03T00:00:00Z" and conds[0].status == "True"
-    conds = set_condition(conds, "Compatible", "Unknown", "Checking", now="2026-01-04T00:00:00Z")
+    conds = set_condition(conds, compatible, ConditionState(ConditionStatus.UNKNOWN, Reason.NoRoute),
+                          now="2026-01-04T00:00:00Z")
     assert [c.type for c in conds] == ["Ready", "Compatible"]
 
 
@@ -51,7 +57,8 @@ def test_status_helpers_on_models():
     from loraplane.api import AdapterStatus
 
     st = AdapterStatus()
-    st.set_condition("Compatible", False, "RankTooLarge", "rank 32 > maxLoraRank 16", generation=4)
+    st.set_condition(ConditionType.Compatible,
+                     ConditionState(ConditionStatus.FALSE, Reason.RankTooLarge, "rank 32 > maxLoraRank 16"), generation=4)
     assert st.condition("Compatible").reason == "RankTooLarge"
     assert st.wire()["conditions"][0]["observedGeneration"] == 4
 

@@ -12,11 +12,12 @@ from loraplane.api.modelroute import ModelRoutePhase
 from loraplane.api.reasons import Reason
 from loraplane.api.wire.serving import AdapterState
 from loraplane.api.wire.trainer import EXIT_CODES, FAILURES
+from loraplane.codegen import troubleshooting
 from support.paths import ROOT
 
 PKG = ROOT / "operator" / "loraplane"
 # Every folder of the product that decides a state, a reason or a report.
-AREAS = ("controllers", "builders", "trainer", "loader", "router", "storage", "kube", "local")
+AREAS = ("api", "controllers", "builders", "trainer", "loader", "router", "storage", "kube", "local")
 # Vocabulary of Kubernetes and S3 that the code reads from their objects and errors to categorise them, and that
 # happens to coincide with one of our reasons (container reason "OOMKilled", scheduler reason "Unschedulable", S3
 # error code "AccessDenied", Job condition reasons). Other foreign words that coincide (pod condition "Ready", Job
@@ -24,8 +25,9 @@ AREAS = ("controllers", "builders", "trainer", "loader", "router", "storage", "k
 FOREIGN = {"OOMKilled", "Unschedulable", "AccessDenied", "DeadlineExceeded", "BackoffLimitExceeded"}
 
 def string_literals(path: Path) -> list[tuple[int, str]]:
-    """String constants of a module, leaving out docstrings, `__all__` and named module constants
-    (`POD_READY = "Ready"`: a foreign term given a name once)."""
+    """String constants of a module, leaving out docstrings, `__all__`, a constant naming one foreign word
+    (`POD_READY = "Ready"`), CRD printer-column headers, and the members of enums (where each word is spelled,
+    once)."""
     tree = ast.parse(path.read_text())
     skip: set[int] = set()
     for node in ast.walk(tree):
@@ -33,9 +35,17 @@ def string_literals(path: Path) -> list[tuple[int, str]]:
         if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
                 and isinstance(body[0].value, ast.Constant):
             skip.add(id(body[0].value))
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "").isupper() or getattr(t, "id", "") == "__all__"
-                                                for t in node.targets):
-            skip.update(id(c) for c in ast.walk(node.value))
+        if isinstance(node, ast.ClassDef) and any(getattr(b, "id", getattr(b, "attr", "")).endswith("Enum")
+                                                  for b in node.bases):
+            skip.update(id(c) for stmt in node.body if isinstance(stmt, ast.Assign) for c in ast.walk(stmt.value))
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) \
+            else []
+        names = {getattr(t, "id", "") for t in targets}
+        value = getattr(node, "value", None)
+        # A foreign word named once (`POD_READY = "Ready"`), `__all__`, and CRD printer-column headers ("Ready").
+        if value is not None and (names & {"__all__", "PRINTER_COLUMNS"} or (
+                any(n.isupper() for n in names) and isinstance(value, ast.Constant))):
+            skip.update(id(c) for c in ast.walk(value))
     return [(n.lineno, n.value) for n in ast.walk(tree)
             if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in skip]
 
@@ -52,8 +62,9 @@ def test_no_reason_or_adapter_state_is_spelled_as_a_string():
 def test_the_scan_sees_a_hand_spelled_reason(tmp_path):
     # Not vacuous: the scanner finds a reason written as a string, and ignores docstrings.
     module = tmp_path / "m.py"
-    module.write_text('"""RankTooLarge in a docstring."""\nreason = "RankTooLarge"\nPOD_READY = "Ready"\n')
-    assert string_literals(module) == [(2, "RankTooLarge")]
+    module.write_text('"""RankTooLarge in a docstring."""\nreason = "RankTooLarge"\nPOD_READY = "Ready"\n'
+                      'STATES = ("Ready", "Failed")\n')
+    assert sorted(string_literals(module)) == [(2, "RankTooLarge"), (4, "Failed"), (4, "Ready")]
 
 
 def test_every_reason_is_documented():
@@ -74,6 +85,6 @@ def test_job_reasons_the_operator_maps_are_documented():
 
 def test_troubleshooting_is_generated():
     text = (ROOT / "docs" / "troubleshooting.md").read_text()
-    assert text == reasons.render_troubleshooting(), "run `loraplane crds`"
+    assert text == troubleshooting.render(), "run `loraplane crds`"
     for r in Reason:
         assert f"`{r.value}`" in text

@@ -281,7 +281,7 @@ def test_rendered_commands_parse_with_the_real_entry_points():
     """The container commands the builders write are accepted by the trainer, loader and router CLIs."""
     import argparse
 
-    from loraplane.loader.main import add_loader_arguments
+    from loraplane.loader.cli import add_loader_arguments
     from loraplane.router.cli import add_router_arguments
     from loraplane.trainer.cli import add_train_arguments
 

@@ -8,7 +8,7 @@ import pytest
 
 from loraplane.api.modelroute import ModelRoute
 from loraplane.builders import engine_pod
-from loraplane.loader.main import add_loader_arguments
+from loraplane.loader.cli import add_loader_arguments
 
 
 def route(**spec) -> ModelRoute:

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from loraplane.api.reasons import Reason
 from loraplane.api.redaction import redacted
 
 EXIT_OK = 0
@@ -37,24 +38,24 @@ class Failure(NamedTuple):
 
 
 # reason -> (exit code, retryable). The reasons are documented in api/reasons.py.
-FAILURES: dict[str, Failure] = {
-    "InvalidConfig": Failure(64, False),
-    "InvalidDataset": Failure(65, False),
-    "DatasetNotFound": Failure(66, False),
-    "DatasetAccessDenied": Failure(77, False),
-    "DatasetUnavailable": Failure(69, True),
-    "ModelNotFound": Failure(67, False),
-    "TargetModulesNotFound": Failure(68, False),
-    "OutOfMemory": Failure(71, True),
-    "OutputWriteFailed": Failure(73, True),
+FAILURES: dict[Reason, Failure] = {
+    Reason.InvalidConfig: Failure(64, False),
+    Reason.InvalidDataset: Failure(65, False),
+    Reason.DatasetNotFound: Failure(66, False),
+    Reason.DatasetAccessDenied: Failure(77, False),
+    Reason.DatasetUnavailable: Failure(69, True),
+    Reason.ModelNotFound: Failure(67, False),
+    Reason.TargetModulesNotFound: Failure(68, False),
+    Reason.OutOfMemory: Failure(71, True),
+    Reason.OutputWriteFailed: Failure(73, True),
 }
 # reason -> exit code, including the two outcomes that are not errors of the input.
-EXIT_CODES: dict[str, int] = {
+EXIT_CODES: dict[Reason, int] = {
     **{reason: f.exit_code for reason, f in FAILURES.items()},
-    "Preempted": EXIT_PREEMPTED,
-    "InternalError": EXIT_INTERNAL,
+    Reason.Preempted: EXIT_PREEMPTED,
+    Reason.InternalError: EXIT_INTERNAL,
 }
-REASONS_BY_EXIT_CODE: dict[int, str] = {code: reason for reason, code in EXIT_CODES.items()}
+REASONS_BY_EXIT_CODE: dict[int, Reason] = {code: reason for reason, code in EXIT_CODES.items()}
 # Exit codes of input errors: retrying cannot help.
 NOT_RETRYABLE_EXIT_CODES: tuple[int, ...] = tuple(sorted(f.exit_code for f in FAILURES.values() if not f.retryable))
 assert len(REASONS_BY_EXIT_CODE) == len(EXIT_CODES), "exit codes must be unique per reason"

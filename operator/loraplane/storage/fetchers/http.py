@@ -53,6 +53,7 @@ class HttpFetcher(Fetcher):
     @classmethod
     def configured(cls, *, pvc_root: str | Path, http_timeout_s: float | None,
                    send_hub_token: bool = False) -> "HttpFetcher":
+        """Fetcher.configured: the whole-download budget and the Hub-token choice apply; pvc_root does not."""
         return cls(http_timeout_s, send_hub_token=send_hub_token)
 
     def fetch_file(self, uri: ArtifactUri, dest: Path) -> Path:

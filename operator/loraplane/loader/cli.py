@@ -15,6 +15,9 @@ from pathlib import Path
 from loraplane.api.paths import ADAPTER_CACHE_PATH, LOADER_PORT, PVC_ROOT
 
 log = logging.getLogger("loraplane.loader")
+DESCRIPTION = ("The adapter loader beside a vLLM replica: keeps the replica's LoRA adapters equal to its ModelRoute's "
+               "serving table (fetch, verify, check compatibility, load, smoke-test) and reports what is loaded "
+               "(docs/loader.md).")
 
 
 def add_loader_arguments(p: argparse.ArgumentParser) -> None:
@@ -127,7 +130,7 @@ async def serve(args: argparse.Namespace, started: asyncio.Event | None = None) 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m loraplane.loader [ARGS]`: the same program as `loraplane loader`, without the CLI package."""
-    parser = argparse.ArgumentParser(prog="python -m loraplane.loader", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m loraplane.loader", description=DESCRIPTION)
     add_loader_arguments(parser)
     return int(loader_main(parser.parse_args(argv)) or 0)
 
