@@ -67,7 +67,7 @@ def failed_rules(model_cls, wire_value: dict[str, Any], old_value: dict[str, Any
         if is_transition_rule(r.rule) and old_value is None:
             continue
         try:
-            ok = evaluate(r.rule, wire_value, old_value)
+            ok = r.check(wire_value) if r.check is not None else evaluate(r.rule, wire_value, old_value)
         except Exception as exc:  # noqa: BLE001 - a rule that cannot evaluate is a failed rule, with why
             detail = str(exc.args[0] if exc.args else exc)[:200]
             failed.append(f"{r.message} (rule {r.rule!r} could not be evaluated: {detail})")

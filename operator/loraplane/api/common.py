@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
@@ -43,11 +44,17 @@ FreeForm = Annotated[
 
 
 class CelRule(BaseModel):
-    """A CEL validation rule, as Kubernetes writes it into `x-kubernetes-validations`."""
+    """A CEL validation rule, as Kubernetes writes it into `x-kubernetes-validations`.
+
+    `check`, when set, is the same rule in Python (wire-form dict -> ok), evaluated instead of cel-python where
+    a spec is parsed: parsing is on the operator's reconcile path, and one CEL evaluation costs about 0.3 ms
+    against microseconds. A test evaluates both on the same inputs (tests/unit/storage/test_storage_uri.py).
+    """
 
     model_config = ConfigDict(frozen=True)
     rule: str
     message: str
+    check: Callable[[dict], bool] | None = Field(default=None, exclude=True)
 
 
 class ApiModel(BaseModel):
@@ -123,14 +130,25 @@ def uri_rules(field: str, where: str) -> tuple["CelRule", ...]:
     a user writes it (for the message). Patterns are RE2, as Kubernetes evaluates them (no lookahead).
     """
     has = f"!has(self.{field}) || "
+
+    def refuses(pattern: str) -> Callable[[dict], bool]:
+        regex = re.compile(pattern)
+        return lambda obj: not isinstance(obj.get(field), str) or not regex.search(obj[field])
+
     return (
-        CelRule(rule=has + f"!self.{field}.matches(r'^\\s|\\s$')",
+        CelRule(rule=has + f"!self.{field}.matches(r'{_URI_SPACE}')", check=refuses(_URI_SPACE),
                 message=f"{where}: remove the leading or trailing whitespace"),
-        CelRule(rule=has + f"!self.{field}.matches('^pvc://[^/]*(/.*)?/[.][.](/|$)')",
+        CelRule(rule=has + f"!self.{field}.matches('{_URI_DOTDOT}')", check=refuses(_URI_DOTDOT),
                 message=f"{where}: a pvc:// path must stay inside its claim (no '..' segment)"),
-        CelRule(rule=has + f"!self.{field}.matches('^https?://([/?#]|$)')",
+        CelRule(rule=has + f"!self.{field}.matches('{_URI_NO_HOST}')", check=refuses(_URI_NO_HOST),
                 message=f"{where}: an http(s):// URI needs a host (https://HOST/PATH)"),
     )
+
+
+# What uri_rules refuses (RE2 and Python `re` read these alike; CEL's matches() searches, as re.search does).
+_URI_SPACE = r"^\s|\s$"
+_URI_DOTDOT = r"^pvc://[^/]*(/.*)?/[.][.](/|$)"
+_URI_NO_HOST = r"^https?://([/?#]|$)"
 
 
 class LocalObjectRef(ApiModel):

@@ -135,3 +135,13 @@ def test_admission_and_parser_agree(field):
         except ValidationError:
             continue          # refused at admission: never reaches a builder
         parse_uri(uri)        # admitted: must parse (raises ValueError otherwise)
+
+
+def test_uri_rules_in_python_and_in_cel_agree():
+    # The parser path evaluates each rule's Python `check`; the API server evaluates its CEL: same verdicts.
+    from loraplane.api import cel
+    from loraplane.api.common import uri_rules
+
+    for rule in uri_rules("uri", "x"):
+        for value in [{}, *({"uri": u} for u in AGREEMENT)]:
+            assert rule.check(value) == cel.evaluate(rule.rule, value), (rule.rule, value)
