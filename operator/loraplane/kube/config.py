@@ -1,6 +1,6 @@
 """Where the Kubernetes API server is and how to authenticate to it: one loader for every component.
 
-The operator, its kopf watches (through the login handler in controllers/__init__.py), the loader, the router
+The operator, its kopf watches (through the login handler in controllers/handlers.py), the loader, the router
 and the trainer all read their credentials here, with kubernetes_asyncio's config loaders (the same code
 paths as client-go's: kubeconfig clusters/users/contexts including exec plugins and OIDC, and the in-cluster
 service account). Sources, first match wins:
