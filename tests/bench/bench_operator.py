@@ -51,13 +51,27 @@ def adapter(j: int, groups: int) -> dict:
                      "rank": 8}}
 
 
-def settled(custom, core, n_adapters: int, n_routes: int, per_route: int) -> tuple[bool, str]:
+def settled(custom, core, apps, n_adapters: int, n_routes: int, per_route: int) -> tuple[bool, str]:
+    """Everything the operator will write has been written: every Adapter's status lists its route, every
+    serving table holds its adapters, and every route's status reflects its engine Deployment as the
+    controller-manager finished it (status.replicas = the Deployment's, which has all its pods), since the
+    Deployment's status is the last change that makes the operator write."""
     adapters = custom.list_namespaced_custom_object(G, V, NS, "adapters")["items"]
     routes = custom.list_namespaced_custom_object(G, V, NS, "modelroutes")["items"]
     ok_adapters = sum(1 for a in adapters if (a.get("status") or {}).get("observedGeneration")
                       == a["metadata"]["generation"] and (a.get("status") or {}).get("routes"))
-    ok_routes = sum(1 for r in routes if (r.get("status") or {}).get("observedGeneration")
-                    == r["metadata"]["generation"])
+    deployments = {d.metadata.name: d for d in apps.list_namespaced_deployment(NS).items}
+
+    def route_done(r: dict) -> bool:
+        st = r.get("status") or {}
+        dep = deployments.get(f"{r['metadata']['name']}-engine")
+        if dep is None or st.get("observedGeneration") != r["metadata"]["generation"]:
+            return False
+        rolled = (dep.status.observed_generation == dep.metadata.generation
+                  and (dep.status.replicas or 0) == r["spec"]["replicas"])
+        return rolled and st.get("replicas") == dep.status.replicas
+
+    ok_routes = sum(1 for r in routes if route_done(r))
     tables = 0
     for cm in core.list_namespaced_config_map(NS, label_selector="app.kubernetes.io/component=serving-table").items:
         if len(json.loads(cm.data["serving.json"])["adapters"]) == per_route:
@@ -82,7 +96,7 @@ def main() -> int:
     try:
         api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
         install_crds(api)
-        core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+        core, custom, apps = client.CoreV1Api(api), client.CustomObjectsApi(api), client.AppsV1Api(api)
         core.create_namespace({"metadata": {"name": NS}})
         resync = args.idle / 2.5
         op = OperatorProcess(cluster.kubeconfig, work / "operator.log", resync_seconds=resync).start()
@@ -108,7 +122,7 @@ def main() -> int:
         state = ""
         last_print = 0.0
         while time.monotonic() < deadline:
-            done, state = settled(custom, core, args.adapters, args.routes, per_route)
+            done, state = settled(custom, core, apps, args.adapters, args.routes, per_route)
             if done:
                 break
             if time.perf_counter() - last_print > 5:
