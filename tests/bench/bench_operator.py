@@ -150,14 +150,16 @@ def apiserver_writes(cluster) -> dict[str, float]:
 
 
 def top_own_frames(raw: Path, n: int = 10) -> list[tuple[float, str]]:
-    """py-spy's raw (collapsed) stacks -> the n frames with the most samples as the innermost frame."""
+    """py-spy's raw (collapsed) stacks -> the n functions with the most samples as the innermost frame."""
+    import re
+
     own: dict[str, int] = {}
     total = 0
-    for line in raw.read_text().splitlines():
+    for line in (raw.read_text() if raw.exists() else "").splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        leaf = stack.split(";")[-1]
+        leaf = re.sub(r":\d+\)$", ")", stack.split(";")[-1])  # per function, not per line
         own[leaf] = own.get(leaf, 0) + int(count)
         total += int(count)
     return [(c / max(total, 1), f) for f, c in sorted(own.items(), key=lambda kv: -kv[1])[:n]]
@@ -219,7 +221,9 @@ def run_loraplane(args, work: Path, profile: bool = False) -> dict:
 
         w1 = op.metric_sum("loraplane_operator_api_writes_total")
         r1 = op.metric_sum("loraplane_operator_reconciles_total")
+        cpu_idle0 = cpu_seconds(op.proc.pid)
         time.sleep(args.idle)
+        cpu_idle = cpu_seconds(op.proc.pid) - cpu_idle0
         idle_writes = op.metric_sum("loraplane_operator_api_writes_total") - w1
         idle_reconciles = op.metric_sum("loraplane_operator_reconciles_total") - r1
 
@@ -237,7 +241,8 @@ def run_loraplane(args, work: Path, profile: bool = False) -> dict:
         for k, v in sorted(by_resource.items(), key=lambda kv: -kv[1]):
             print(f"    {v:7.0f}  {k}")
         print(f"idle {args.idle:.0f} s with resync every {resync:.0f} s: {idle_writes:.0f} writes "
-              f"({idle_reconciles:.0f} reconciles ran)")
+              f"({idle_reconciles:.0f} reconciles ran, operator CPU {cpu_idle:.1f} s: resyncs inside the settle "
+              f"window count in the CPU above)")
         print(f"operator RSS: {rss_idle_empty / 2**20:.0f} MiB empty, {rss_loaded / 2**20:.0f} MiB with "
               f"{n} objects + their {args.routes * 3} pods", flush=True)
         return {"cpu_per_object": cpu_settle / n, "settle_s": t_settled, "writes_per_object": writes / n,
@@ -363,9 +368,6 @@ def main() -> int:
             if not args.no_minimal:
                 print(f"--- round {rnd + 1}/{args.rounds}: minimal kopf operator", flush=True)
                 anchor.append(run_minimal(args, work / f"r{rnd}-minimal"))
-        if args.py_spy:
-            print("--- profile: loraplane (py-spy; not part of the measurements above)", flush=True)
-            run_loraplane(args, work / "profile-loraplane", profile=True)
     except NotSettled as e:
         print(e)
         return 1
@@ -391,7 +393,13 @@ def main() -> int:
               + ")")
         if args.enforce_ratio is not None and ratio > args.enforce_ratio and rc == 0:
             rc = 3
-    print(f"idle writes (loraplane, worst round): {idle:.0f} (target 0)")
+    print(f"idle writes (loraplane, worst round): {idle:.0f} (target 0)", flush=True)
+    if args.py_spy:
+        print("--- profile: loraplane (py-spy; not part of the measurements above)", flush=True)
+        try:
+            run_loraplane(args, work / "profile-loraplane", profile=True)
+        except NotSettled as e:
+            print(e)
     return rc
 
 
