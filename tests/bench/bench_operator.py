@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from harness.cluster import free_port, start_cluster
+from harness.cluster import free_port, start_cluster, stop_process
 from support.kube import install_crds
 from support.operator_process import OperatorProcess, cpu_seconds, rss_bytes
 
@@ -333,13 +333,7 @@ def run_minimal(args, work: Path) -> dict:
         return {"cpu_per_object": cpu_settle / n, "settle_s": t_settled, "writes_per_object": writes / n,
                 "api_cpu": api_cpu}
     finally:
-        if proc and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         cluster.stop()
 
 

@@ -144,14 +144,19 @@ current-context: test
 
     def stop(self) -> None:
         for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
-            p = self.procs.pop(name, None)
-            if p and p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_process(self.procs.pop(name, None), grace=10)
+
+
+def stop_process(proc: subprocess.Popen | None, grace: float = 15) -> None:
+    """SIGTERM `proc` if it still runs, SIGKILL it after `grace` seconds, and reap it (None: nothing to do)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def start_cluster(workdir: Path | None = None) -> Cluster:

@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from harness.cluster import stop_process
 from loraplane.api.wire.serving import DesiredAdapter, ServingTable
 from loraplane.local.tinymodel import MODEL_NAME
 from support.vllm_server import VllmServer, free_port
@@ -58,13 +59,7 @@ class LoaderRun:
         self.wait(lambda s: s is not None, timeout=60)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def get(self, path: str) -> str:
         with urllib.request.urlopen(self.url + path, timeout=5) as resp:

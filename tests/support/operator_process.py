@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from harness.cluster import free_port
+from harness.cluster import free_port, stop_process
 from support.paths import ROOT
 
 
@@ -54,13 +54,7 @@ class OperatorProcess:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def restart(self) -> None:
         self.kill()

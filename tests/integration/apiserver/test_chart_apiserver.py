@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from support.chart_rendering import by_kind, objects
-from harness.cluster import free_port
+from harness.cluster import free_port, stop_process
 from support.examples import valid_examples
 from support.kube import service_account_token
 from support.paths import ROOT
@@ -297,16 +297,6 @@ def operator_process(installed: Installed, log_path: Path) -> tuple[subprocess.P
     raise TimeoutError(f"operator not healthy:\n{log_path.read_text()[-3000:]}")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def wait_reconciled(kube_api, namespace: str, names: list[tuple[str, str]], timeout: float = 60) -> dict:
     from kubernetes import client
 
@@ -350,7 +340,7 @@ def test_operator_with_the_chart_token_reconciles_every_example(kube_api, mode, 
             metrics = r.read().decode()
         assert "loraplane_operator_api_writes_total" in metrics
     finally:
-        stop(proc)
+        stop_process(proc)
         if mode == "cluster-wide":
             delete_namespace(kube_api, ns)
     denied = re.findall(r".*(?:HTTP 403|[Ff]orbidden|Not enough permissions).*", log.read_text())
