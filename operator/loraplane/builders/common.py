@@ -12,6 +12,7 @@ from typing import Any
 
 from loraplane.api.common import Resource
 from loraplane.api.keys import COMPONENT_LABEL, FINETUNEJOB_LABEL, HASH_ANNOTATION, MANAGER, ROUTER_LABEL  # noqa: F401
+from loraplane.storage.uri import try_parse_uri
 
 # ownerReferences of an object rendered before it exists (`loraplane render` on a file): the API server
 # assigns the uid at creation and the operator fills it in.
@@ -103,6 +104,18 @@ def stringify_quantities(container: dict[str, Any]) -> dict[str, Any]:
         container = {**container, "resources": {
             part: {k: quantity(v) for k, v in values.items()} for part, values in res.items()}}
     return container
+
+
+def pvc_claims(*uris: str | None) -> list[str]:
+    """The PVC claims named by pvc://CLAIM/PATH URIs, deduplicated in order (malformed URIs name none: the
+    loader reports them for their adapter)."""
+    claims: list[str] = []
+    for uri in uris:
+        parsed = try_parse_uri(uri)
+        claim = parsed.pvc_claim if parsed else None
+        if claim and claim not in claims:
+            claims.append(claim)
+    return claims
 
 
 def secret_env(name: str, secret: str, key: str) -> dict[str, Any]:

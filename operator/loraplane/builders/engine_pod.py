@@ -21,9 +21,9 @@ from typing import Any
 from loraplane.api.common import ModelRef
 from loraplane.api.modelroute import ModelRoute
 from loraplane.api.paths import ADAPTER_CACHE_PATH, FETCHED_MODELS_PATH, HF_HOME, MODEL_CACHE_PATH
-from loraplane.builders.common import resources, secret_env
+from loraplane.builders.common import pvc_claims, resources, secret_env
 from loraplane.builders.settings import DEFAULT_ENGINE_IMAGE
-from loraplane.storage.uri import CREDENTIAL_ENV, fetched_model_path, pvc_mount_path, try_parse_uri
+from loraplane.storage.uri import ARCHIVE_SUFFIXES, CREDENTIAL_ENV, fetched_model_path, pvc_mount_path, try_parse_uri
 from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, configmap_name
 
 ENGINE_CONTAINER = "vllm"
@@ -37,18 +37,6 @@ ENGINE_STARTUP_SECONDS = 1800
 DEFAULT_CACHE_MAX_BYTES = 20 * 1024**3
 
 Env = list[dict[str, Any]]
-
-
-def pvc_claims(*uris: str | None) -> list[str]:
-    """The PVC claims named by pvc://CLAIM/PATH URIs, deduplicated in order (malformed URIs name none: the
-    loader reports them for their adapter)."""
-    claims: list[str] = []
-    for uri in uris:
-        parsed = try_parse_uri(uri)
-        claim = parsed.pvc_claim if parsed else None
-        if claim and claim not in claims:
-            claims.append(claim)
-    return claims
 
 
 def local_path_of_uri(uri: str) -> str | None:
@@ -95,7 +83,7 @@ def served_model_name(route: ModelRoute) -> str:
     # A URI-only base model: its last path component is the readable choice (…/llama-3-8b → llama-3-8b,
     # …/llama-3-8b.tar.gz → llama-3-8b).
     last = (spec.base_model.uri or "base").split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
-    for suffix in (".tar.gz", ".tgz", ".tar"):
+    for suffix in ARCHIVE_SUFFIXES:
         last = last.removesuffix(suffix)
     return last or "base"
 

@@ -24,6 +24,7 @@ from loraplane.builders.common import (
     namespace_of,
     node_placement,
     owner_reference,
+    pvc_claims,
     resources,
     role,
     role_binding,
@@ -40,7 +41,7 @@ from loraplane.api.paths import (
 )
 from loraplane.api.reasons import Reason
 from loraplane.api.wire.trainer import EXIT_PREEMPTED, NOT_RETRYABLE_EXIT_CODES, TerminationMessage
-from loraplane.storage.uri import CREDENTIAL_ENV, pvc_mount_path, try_parse_uri
+from loraplane.storage.uri import CREDENTIAL_ENV, pvc_mount_path
 
 # The trainer's paths and ports inside its pod (api.paths; the trainer reads the same defaults).
 CONFIG_KEY, CONFIG_DIR, CONFIG_PATH = TRAINER_CONFIG_KEY, paths.CONFIG_DIR, TRAINER_CONFIG_PATH
@@ -113,11 +114,6 @@ def rbac(ftj: FineTuneJob) -> list[Manifest]:
     return out
 
 
-def _pvc_claim(uri: str | None) -> str | None:
-    parsed = try_parse_uri(uri)
-    return parsed.pvc_claim if parsed else None
-
-
 def _credential_env(ref) -> list[dict[str, Any]]:
     """A credentials Secret reference as env: one key under its own name, or every storage.uri.CREDENTIAL_ENV
     variable (each optional)."""
@@ -141,13 +137,9 @@ def _volumes(ftj: FineTuneJob, settings: BuildSettings) -> tuple[list[dict], lis
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "output-scratch", "mountPath": OUTPUT_SCRATCH},
     ]
-    writable = {_pvc_claim(output_uri(ftj, settings))} - {None}
-    claims: list[str] = []
-    for uri in (spec.base_model.uri, spec.dataset.uri, spec.dataset.validation_uri, output_uri(ftj, settings)):
-        claim = _pvc_claim(uri)
-        if claim and claim not in claims:
-            claims.append(claim)
-    for claim in claims:
+    writable = set(pvc_claims(output_uri(ftj, settings)))
+    for claim in pvc_claims(spec.base_model.uri, spec.dataset.uri, spec.dataset.validation_uri,
+                            output_uri(ftj, settings)):
         read_only = claim not in writable
         volumes.append({"name": f"pvc-{claim}",
                         "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})

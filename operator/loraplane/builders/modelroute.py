@@ -14,6 +14,7 @@ from loraplane.builders.common import (
     COMPONENT_LABEL,
     ROUTER_LABEL,
     Manifest,
+    pvc_claims,
     base_labels,
     child_name,
     metadata,
@@ -110,7 +111,7 @@ def router_rbac(route: ModelRoute) -> list[Manifest]:
 
 def adapter_claims(table: ServingTable) -> list[str]:
     """PVCs holding the served adapters (mounted read-only so the loader can copy from them)."""
-    return engine_pod.pvc_claims(*(a.uri for a in table.adapters))
+    return pvc_claims(*(a.uri for a in table.adapters))
 
 
 def engine_deployment(route: ModelRoute, table: ServingTable, settings: BuildSettings) -> Manifest:
