@@ -210,8 +210,3 @@ class Reason(StrEnum):
     Created = ("Created", "Event on an Adapter", "A FineTuneJob created this Adapter.", "Nothing to do.")
     VersionBumped = ("VersionBumped", "Event on an Adapter", "A FineTuneJob wrote a new version of this Adapter; replicas load "
         "it under a new internal name.", "Nothing to do; the old version is unloaded once unused.")
-
-
-
-REASONS: tuple[Reason, ...] = tuple(Reason)
-BY_NAME: dict[str, Reason] = {r.value: r for r in Reason}

@@ -280,7 +280,6 @@ class KubeClient:
             log.warning("could not post Event %s for %s/%s: %s", reason, ns, meta.get("name"), exc)
 
 
-
 class BlockingKubeClient:
     """A KubeClient for synchronous code (the trainer's Trainer callbacks): the async client runs on a private
     event loop in a daemon thread, and each call blocks until its coroutine is done.
