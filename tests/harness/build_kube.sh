@@ -12,6 +12,11 @@ KUBE_VERSION="v1.20.2"
 CACHE="${1:-${LORAPLANE_CACHE:-$HOME/.cache/loraplane}}"
 BIN="$CACHE/kube-$KUBE_VERSION/bin"
 
+# Two runs at once (a test run and a benchmark, say) would delete each other's work tree: the second waits.
+mkdir -p "$CACHE"
+exec 9>"$CACHE/build_kube.lock"
+flock 9
+
 have_bins() { [[ -x "$BIN/kube-apiserver" && -x "$BIN/kube-controller-manager" ]]; }
 need_pkgs=()
 command -v etcd >/dev/null || need_pkgs+=(etcd-server)
