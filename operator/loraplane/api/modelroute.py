@@ -61,7 +61,9 @@ class AutoscalingSpec(ApiModel):
     """Scale replicas on vLLM's own metrics."""
 
     cel_rules: ClassVar = (
-        CelRule(rule="self.minReplicas <= self.maxReplicas",
+        # minReplicas is optional (default 1, and maxReplicas >= 1): the CRD carries no defaults, so the API server
+        # evaluates the object as written and an unguarded `self.minReplicas` would refuse a valid spec.
+        CelRule(rule="!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
                 message="autoscaling.minReplicas must be <= autoscaling.maxReplicas"),
     )
 
