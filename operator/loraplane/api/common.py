@@ -17,7 +17,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
-from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType
+from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType, Progress, progress_of
 
 GROUP = "loraplane.io"
 VERSION = "v1alpha1"
@@ -236,6 +236,23 @@ def set_condition(conditions: list[Condition], type: ConditionType, state: Condi
     return out
 
 
+def set_kstatus_conditions(conditions: list[Condition], ready: ConditionState,
+                           observed_generation: int | None = None, now: str | None = None) -> list[Condition]:
+    """Return `conditions` with kstatus' Reconciling and Stalled derived from the Ready state `ready`: the one of
+    them that `progress_of(ready.reason)` names is True, with Ready's reason and message; the other (and both,
+    when Ready is True or the object is idle) is removed (kstatus: abnormal-true conditions are absent when
+    False, as Flux's own objects do)."""
+    progress = None if ConditionStatus.of(ready.status) == ConditionStatus.TRUE else progress_of(ready.reason)
+    for type_, wanted in ((ConditionType.Reconciling, Progress.Reconciling), (ConditionType.Stalled,
+                                                                               Progress.Stalled)):
+        if progress == wanted:
+            conditions = set_condition(conditions, type_, ConditionState(ConditionStatus.TRUE, ready.reason,
+                                                                         ready.message), observed_generation, now)
+        else:
+            conditions = [c for c in conditions if c.type != type_]
+    return conditions
+
+
 def get_condition(conditions: list[Condition], type: str) -> Condition | None:
     """The condition of `type` in `conditions`, or None when there is none."""
     return next((c for c in conditions if c.type == type), None)
@@ -254,8 +271,11 @@ class StatusBase(ApiModel):
                       now: str | None = None) -> None:
         """Set condition `type` to `state` in place (module `set_condition`: the transition time moves only on
         a status flip); `generation` (metadata.generation) becomes its observedGeneration. The one way a
-        condition is set."""
+        condition is set: setting Ready also sets kstatus' Reconciling and Stalled from it
+        (`set_kstatus_conditions`), on every kind and every path (the InvalidSpec status included)."""
         self.conditions = set_condition(self.conditions, type, state, observed_generation=generation, now=now)
+        if type == ConditionType.Ready:
+            self.conditions = set_kstatus_conditions(self.conditions, state, generation, now)
 
     def condition(self, type: str) -> Condition | None:
         """The condition of `type`, or None when it is not set."""

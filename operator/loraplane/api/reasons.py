@@ -181,7 +181,14 @@ class Reason(StrEnum):
     NotLoaded = ("NotLoaded", f"{ROUTE} backend", "No replica reports this backend loaded yet.",
         "Look at the Adapter's Ready condition for why.")
     # --- ModelRoute -----------------------------------------------------------------------------------------
-    Progressing = ("Progressing", ROUTE, "Children are being created or rolled out.", "Wait.")
+    Progressing = ("Progressing", ROUTE, "Children are being created or rolled out: the engine Deployment does "
+        "not yet run the current spec on every replica (the message says how far it is); replicas of the previous "
+        "spec keep serving meanwhile.", "Wait; if it lasts, `kubectl rollout status deployment/NAME-engine`.")
+    RolloutStalled = ("RolloutStalled", ROUTE,
+        "The engine Deployment's rollout of the current spec made no progress within its progress deadline "
+        "(Deployment condition Progressing=False, ProgressDeadlineExceeded) and no pod shows why; replicas of the "
+        "previous spec keep serving.",
+        "`kubectl describe deployment NAME-engine` and its newest pods; fix `spec.engine` or revert the change.")
     NoReadyReplicas = ("NoReadyReplicas", ROUTE,
         "No vLLM replica is ready yet and no pod shows a failure: starting, pulling the "
         "image, downloading or loading the model (large models take minutes).",

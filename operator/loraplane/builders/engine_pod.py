@@ -19,10 +19,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from loraplane.api.common import ModelRef
-from loraplane.api.modelroute import ModelRoute
+from loraplane.api.modelroute import DEFAULT_ENGINE_IMAGE, ModelRoute
 from loraplane.api.paths import ADAPTER_CACHE_PATH, FETCHED_MODELS_PATH, HF_HOME, MODEL_CACHE_PATH
 from loraplane.builders.common import pvc_claims, resources, secret_env
-from loraplane.builders.settings import DEFAULT_ENGINE_IMAGE
 from loraplane.storage.uri import ARCHIVE_SUFFIXES, CREDENTIAL_ENV, fetched_model_path, pvc_mount_path, try_parse_uri
 from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, configmap_name
 

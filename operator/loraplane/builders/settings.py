@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loraplane import __version__ as _version
+from loraplane.api.modelroute import DEFAULT_ENGINE_IMAGE
 
 DEFAULT_IMAGE = f"ghcr.io/loraplane/loraplane:{_version}"
-# The vLLM release the loader and router are tested against (its LoRA API and metric names).
-DEFAULT_ENGINE_IMAGE = "vllm/vllm-openai:v0.11.0"
 
 
 @dataclass(frozen=True)

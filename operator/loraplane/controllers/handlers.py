@@ -56,11 +56,30 @@ async def _login(memo: kopf.Memo, **_) -> kopf.ConnectionInfo:
 
 # ---- lifecycle -----------------------------------------------------------------------------------------------
 
+# kopf's watch of the loraplane kinds (seconds). The server ends each watch after WATCH_SERVER_TIMEOUT and kopf
+# resumes it; the client gives up WATCH_CLIENT_GRACE later, so a half-open stream (a dropped connection the
+# socket never notices: NAT or load-balancer idle timeouts, a node gone) is dropped and resumed instead of
+# hanging silently until the operator restarts. kopf >= 1.44 also reconnects a stream that delivered nothing
+# (not even a bookmark) for `watching.inactivity_timeout`; the total timeout is the bound on every version.
+WATCH_SERVER_TIMEOUT = 300
+WATCH_CLIENT_GRACE = 30
+WATCH_CONNECT_TIMEOUT = 30
+REQUEST_TIMEOUT = 330
+
+
+def configure_kopf(settings: kopf.OperatorSettings) -> None:
+    """kopf's settings for loraplane: no kopf Events (the operator posts its own, only for state changes a user
+    needs), and watches that time out on both sides and resume (see WATCH_SERVER_TIMEOUT)."""
+    settings.posting.enabled = False
+    settings.watching.server_timeout = WATCH_SERVER_TIMEOUT
+    settings.watching.client_timeout = WATCH_SERVER_TIMEOUT + WATCH_CLIENT_GRACE
+    settings.watching.connect_timeout = WATCH_CONNECT_TIMEOUT
+    settings.networking.request_timeout = REQUEST_TIMEOUT
+
+
 @kopf.on.startup()
 async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger, **_):
-    settings.posting.enabled = False        # our own Events, only for state changes a user needs
-    settings.watching.server_timeout = 300
-    settings.networking.request_timeout = 330
+    configure_kopf(settings)
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     op = Manager(OperatorSettings.from_env(), KubeClient(_kube_config(memo)))
     # kopf copies the operator-wide memo into every object's handler kwargs; startup runs before any watch.

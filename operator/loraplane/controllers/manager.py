@@ -67,8 +67,8 @@ class Manager:
             controller.schedule_all()
 
     async def relist(self) -> int:
-        """LIST every source into its store; drop objects the server no longer has (a deletion whose watch
-        event was lost). Returns how many were dropped."""
+        """LIST every source into its store: bring up to date objects whose ADDED or MODIFIED event was lost, drop
+        objects the server no longer has (a deletion whose watch event was lost). Returns how many were dropped."""
         dropped = 0
         for ns in list(self.settings.namespaces) or [None]:
             dropped += sum(await asyncio.gather(*(i.relist(ns) for i in self.informers.values())))

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from pydantic import ValidationError
 
 from loraplane.api.adapter import Adapter
 from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType
-from loraplane.api.keys import ROUTE_LABEL
+from loraplane.api.keys import HASH_ANNOTATION, ROUTE_LABEL
 from loraplane.api.modelroute import BackendStatus, ModelRoute, ModelRoutePhase, ModelRouteStatus, ServedModel
 from loraplane.api.reasons import Reason
 from loraplane.api.validation import format_validation_error
@@ -30,10 +31,14 @@ OWNED_STATUS = ("phase", "observedGeneration", "conditions", "replicas", "readyR
 # How long adapter changes are gathered before the routes of their namespace re-resolve their tables.
 ROUTE_BATCH_SECONDS = 0.5
 # Ready reasons that explain unready replicas (each posts a Warning event when it appears).
-REPLICA_PROBLEMS = (Reason.Unschedulable, Reason.ImagePull, Reason.ModelFetchFailed, Reason.EngineFailing)
+REPLICA_PROBLEMS = (Reason.Unschedulable, Reason.ImagePull, Reason.ModelFetchFailed, Reason.EngineFailing,
+                    Reason.RolloutStalled)
 FALSE = ConditionStatus.FALSE
 
 BaseModelId = tuple[str, str | None]  # (identity, revision)
+# apps/v1 DeploymentCondition: the rollout made no progress within spec.progressDeadlineSeconds.
+DEPLOYMENT_PROGRESSING = "Progressing"
+PROGRESS_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
 
 
 def ready_reports(pods: list[dict]) -> list[ReplicaReport]:
@@ -74,9 +79,47 @@ def replica_problem(route: ModelRoute, pods: list[dict]) -> ConditionState | Non
     return None
 
 
+class Rollout(NamedTuple):
+    """Why the engine Deployment does not yet run the route's current spec on every replica."""
+
+    message: str
+    stalled: bool = False  # the Deployment gave up: ProgressDeadlineExceeded
+
+
+def rollout_pending(deployment: dict | None, desired_hash: str | None) -> Rollout | None:
+    """Whether the engine Deployment's rollout of the current spec is unfinished (pure), else None.
+
+    `desired_hash` is the HASH_ANNOTATION of the Deployment the route's current spec renders (None: unknown).
+    The rules are `kubectl rollout status`'s (k8s.io/kubectl/pkg/polymorphichelpers/rollout_status.go), less its
+    availability check (readiness is counted by the caller, and a scale-up is no rollout), plus the hash: the
+    store may still hold the Deployment of the previous spec right after the new one was applied."""
+    if deployment is None:
+        return None
+    meta = deployment.get("metadata") or {}
+    ds = deployment.get("status") or {}
+    if desired_hash is not None and (meta.get("annotations") or {}).get(HASH_ANNOTATION) != desired_hash:
+        return Rollout("the engine Deployment does not have the current spec yet")
+    if (meta.get("generation") or 0) > (ds.get("observedGeneration") or 0):
+        return Rollout("the Deployment controller has not seen the current spec yet")
+    stalled = any(c.get("type") == DEPLOYMENT_PROGRESSING and c.get("reason") == PROGRESS_DEADLINE_EXCEEDED
+                  for c in ds.get("conditions") or [])
+    want = (deployment.get("spec") or {}).get("replicas")
+    updated = ds.get("updatedReplicas") or 0
+    if want is not None and updated < want:
+        return Rollout(f"{updated} of {want} replica(s) run the current spec", stalled)
+    if (old := (ds.get("replicas") or 0) - updated) > 0:
+        return Rollout(f"{old} replica(s) of the previous spec are still being replaced", stalled)
+    return None
+
+
 def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | None, pods: list[dict],
-                 generation: int | None, previous: ModelRouteStatus) -> ModelRouteStatus:
-    """Aggregate (pure): replicas, per-model backend readiness, phase and the Ready condition."""
+                 generation: int | None, previous: ModelRouteStatus,
+                 desired_hash: str | None = None) -> ModelRouteStatus:
+    """Aggregate (pure): replicas, per-model backend readiness, phase and the Ready condition.
+
+    Ready is True only when the current spec is rolled out (`rollout_pending`, with `desired_hash` the engine
+    Deployment's wanted HASH_ANNOTATION): while replicas of a previous spec serve and the new ones do not come
+    up, Ready is False at the new observedGeneration with the new pods' reason (ImagePull, EngineFailing, ...)."""
     table = resolution.table
     ds = (deployment or {}).get("status") or {}
     reports = ready_reports(pods)
@@ -117,11 +160,27 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
     new.models = models
     unready = [m.name for m in models if not m.ready]
     excluded = sorted({f"{a} ({v.reason})" for (_, a), v in resolution.missing.items()})
+    rollout = rollout_pending(deployment, desired_hash)
     if new.ready_replicas == 0:
         new.phase = ModelRoutePhase.Progressing if deployment is not None else ModelRoutePhase.Pending
         ready = ConditionState(FALSE, Reason.NoReadyReplicas, f"0 of {new.replicas} engine replicas are ready")
         if problem := replica_problem(route, pods):
             ready = ConditionState(FALSE, problem.reason, f"{ready.message}: {problem.message}")
+    elif rollout is not None:
+        # Serving goes on from the ready replicas; the current generation is not what they run yet.
+        message = (f"generation {generation} is not rolled out: {rollout.message}; {new.ready_replicas} ready "
+                   "replica(s) keep serving")
+        # Only pods that are not ready can be the failing new ones (an old ready pod's past restart is not).
+        if problem := replica_problem(route, [p for p in pods if not pod_ready(p)]):
+            new.phase = ModelRoutePhase.Degraded
+            ready = ConditionState(FALSE, problem.reason, f"{message}: {problem.message}")
+        elif rollout.stalled:
+            new.phase = ModelRoutePhase.Degraded
+            ready = ConditionState(FALSE, Reason.RolloutStalled, f"{message}: the Deployment exceeded its "
+                                   "progress deadline")
+        else:
+            new.phase = ModelRoutePhase.Progressing
+            ready = ConditionState(FALSE, Reason.Progressing, message)
     elif unready:
         new.phase = ModelRoutePhase.Degraded
         ready = ConditionState(FALSE, Reason.ModelsNotReady, f"no ready backend for: {', '.join(unready)}")
@@ -162,6 +221,7 @@ class ModelRouteFacts:
     last_applied: tuple | None = None            # what its children were last rendered from
     last_selected: dict[str, Verdict] = field(default_factory=dict)  # adapters it selected last time
     applier_epoch: int = 0
+    engine_hash: str | None = None               # HASH_ANNOTATION of the engine Deployment last applied
 
 
 @dataclass
@@ -179,6 +239,7 @@ class ModelRoutePlan:
     events: list[Event] = field(default_factory=list)
     selected: dict[str, Verdict] = field(default_factory=dict)
     reselected: list[str] = field(default_factory=list)  # adapters whose selection or verdict changed
+    engine_hash: str | None = None               # the engine Deployment's HASH_ANNOTATION, remembered once applied
 
 
 class ModelRouteController(Controller):
@@ -198,6 +259,7 @@ class ModelRouteController(Controller):
         self._resolutions: dict[Key, Resolution] = {}
         self._selected: dict[Key, dict[str, Verdict]] = {}
         self._applied: dict[Key, tuple] = {}
+        self._engine_hash: dict[Key, str] = {}
 
     def on_change(self, source: str, obj: dict, old: dict | None) -> None:
         """Schedule the route itself; re-resolve the namespace's routes (batched, ROUTE_BATCH_SECONDS) when an
@@ -227,7 +289,7 @@ class ModelRouteController(Controller):
 
     def forget(self, key: Key) -> None:
         """Drop what was remembered about a deleted route and its children."""
-        for memory in (self._resolutions, self._selected, self._applied):
+        for memory in (self._resolutions, self._selected, self._applied, self._engine_hash):
             memory.pop(key, None)
         for ident in [i for i in self._accepted if i[:2] == key]:
             del self._accepted[ident]
@@ -254,7 +316,7 @@ class ModelRouteController(Controller):
             deployment=self.stores.Deployment.get((ns, route_builders.engine_name(route))),
             pods=self.stores.EnginePod.group(ns, name), last_resolution=self._resolutions.get(key),
             last_applied=self._applied.get(key), last_selected=self._selected.get(key, {}),
-            applier_epoch=self.ctx.applier.epoch)
+            applier_epoch=self.ctx.applier.epoch, engine_hash=self._engine_hash.get(key))
 
     async def accepted_base_of(self, route: ModelRoute) -> BaseModelId | None:
         """The base model the route's serving table was written for: from memory, else its ConfigMap."""
@@ -277,7 +339,7 @@ class ModelRouteController(Controller):
         body = facts.body
         generation = body["metadata"].get("generation")
         current = body.get("status") or {}
-        out = ModelRoutePlan(body)
+        out = ModelRoutePlan(body, engine_hash=facts.engine_hash)
         if facts.route is None:
             patch, event = invalid_spec(current, generation, facts.invalid or "")
             out.status, out.events = patch, [event] if event else []
@@ -299,11 +361,14 @@ class ModelRouteController(Controller):
                 out.fresh = not current
                 out.unwanted = route_builders.unwanted_children(route, self.ctx.build)
                 out.applied_as = applied_as
+                engine = route_builders.engine_name(route)
+                out.engine_hash = next((k["metadata"]["annotations"].get(HASH_ANNOTATION) for k in kids
+                                        if k["kind"] == "Deployment" and k["metadata"]["name"] == engine), None)
             out.accepted_base, out.resolution = wanted, resolution
         else:
             resolution = facts.last_resolution or resolution
         previous = owned_status(ModelRouteStatus, current, OWNED_STATUS)
-        new = route_status(route, resolution, facts.deployment, facts.pods, generation, previous)
+        new = route_status(route, resolution, facts.deployment, facts.pods, generation, previous, out.engine_hash)
         if rejected:
             accepted = facts.accepted_base
             new.set_condition(ConditionType.Ready, ConditionState(FALSE, Reason.SpecImmutable, (
@@ -334,6 +399,8 @@ class ModelRouteController(Controller):
             await applier.ensure(plan.children, fresh=plan.fresh)
             await applier.prune(plan.unwanted, plan.body["metadata"].get("uid") or "")
             self._applied[key] = plan.applied_as
+            if plan.engine_hash is not None:
+                self._engine_hash[key] = plan.engine_hash
         if plan.accepted_base is not None:
             self._accepted[(ns, name, plan.body["metadata"].get("uid") or "")] = plan.accepted_base
             self._resolutions[key] = plan.resolution

@@ -1,7 +1,7 @@
 """What a pod's status says about why it does not run, in words a user can act on.
 
 Shared by the FineTuneJob status (trainer pods) and the ModelRoute status (engine pods): users should read
-"cannot pull vllm/vllm-openai:v0.11.0", "0/4 nodes have a free nvidia.com/gpu" or vLLM's last log lines in
+"cannot pull vllm/vllm-openai:v0.32.0", "0/4 nodes have a free nvidia.com/gpu" or vLLM's last log lines in
 `kubectl get`, not dig for them with `kubectl describe` and `kubectl logs`.
 """
 

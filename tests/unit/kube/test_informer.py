@@ -65,3 +65,74 @@ async def test_watch_resumes_from_bookmarks_relists_on_410_and_retries_errors(mo
     assert kube.watch_calls == ["10", "12", "20", "20"]  # bookmark kept the place; re-list after 410; same after error
     assert list(store.objects) == [("ns", "b")]           # a's deletion applied, b found by the re-list
     assert sleeps == [1.0]                                 # one backoff, for the network error only
+
+
+# --- issue 13, item 8: a relist brings every changed object up to date; watches time out and resume ----------
+
+async def test_relist_after_a_missed_modification_updates_the_store():
+    """A MODIFIED event lost on a half-open watch: the periodic relist must bring the object up to date and report
+    it, as a watch event would have (before, it refreshed only added and removed objects)."""
+    from loraplane.kube.informer import Informer, Source, Store
+
+    changes = []
+    listed = [pod("a", 15), pod("b", 20), pod("c", 30)]
+    listed[0]["metadata"]["annotations"] = {"loraplane.io/adapters": "{}"}  # what the lost event carried
+    kube = FakeKube(lists=[(listed, "30")], watches=[])
+    store = Store()
+    informer = Informer(kube, Source("EnginePod", "v1", "Pod"), store, lambda *c: changes.append(c))
+    for obj in (pod("a", 10), pod("b", 25), pod("c", 30)):
+        informer.on_event("ADDED", obj)
+    informer.active = True
+    assert await informer.relist(None) == 0
+    assert store.get(("ns", "a"))["metadata"]["resourceVersion"] == "15"      # the missed modification
+    assert store.get(("ns", "a"))["metadata"]["annotations"] == {"loraplane.io/adapters": "{}"}
+    assert store.get(("ns", "b"))["metadata"]["resourceVersion"] == "25"      # the watch was ahead: kept
+    assert [(source, obj["metadata"]["name"], old["metadata"]["resourceVersion"])
+            for source, obj, old in changes] == [("EnginePod", "a", "10")]   # reported once, with the old state
+
+
+def test_kopf_watches_time_out_on_the_client_side():
+    """kopf's watches end on the server (timeoutSeconds) and on the client (a total timeout a little later, and
+    a connect timeout), so a half-open stream is resumed instead of hanging until a restart."""
+    import kopf
+
+    from loraplane.controllers.handlers import configure_kopf
+
+    settings = kopf.OperatorSettings()
+    configure_kopf(settings)
+    w = settings.watching
+    assert w.server_timeout and w.client_timeout and w.connect_timeout
+    assert w.server_timeout < w.client_timeout <= settings.networking.request_timeout
+    assert settings.posting.enabled is False
+
+
+async def test_own_watch_has_a_client_side_read_timeout():
+    """The operator's own informer watch (KubeClient.watch) bounds the silence between reads as well."""
+    from loraplane.kube.client import KubeClient
+
+    seen = {}
+
+    class Resp:
+        status = 200
+
+        class content:
+            @staticmethod
+            async def iter_any():
+                return
+                yield
+
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            return False
+
+    async def send(method, path, params, data, content_type, timeout):
+        seen.update(params=params, timeout=timeout)
+        return Resp()
+
+    client = KubeClient.__new__(KubeClient)
+    client._send = send
+    assert [e async for e in client.watch("v1", "Pod", "ns", None, "5", timeout_seconds=300)] == []
+    assert seen["params"]["timeoutSeconds"] == "300"
+    assert seen["timeout"].sock_read and seen["timeout"].sock_read > 300 and seen["timeout"].sock_connect
