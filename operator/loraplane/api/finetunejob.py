@@ -5,18 +5,21 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from loraplane.api.common import (
     DNS_NAME,
+    LABEL_VALUE,
     ApiModel,
     CelRule,
     FreeForm,
+    Labels,
     ModelRef,
     Quantity,
     Resource,
     SecretKeyRef,
     StatusBase,
+    label_key_problem,
     uri_pattern,
     uri_rules,
 )
@@ -116,15 +119,21 @@ class ResourcesSpec(ApiModel):
     gpus: int = Field(default=1, ge=0, le=16, description="GPUs per node (0: CPU-only, for small trials).")
     gpu_resource: str = Field(default="nvidia.com/gpu", description="Extended resource name of the GPUs.")
     gpu_type: str | None = Field(
-        default=None,
+        default=None, max_length=63, pattern=LABEL_VALUE,
         description="Value of the node label named by gpuTypeLabel to schedule on, e.g. NVIDIA-H100-80GB-HBM3.")
     gpu_type_label: str = Field(default="nvidia.com/gpu.product",
                                 description="Node label that carries the GPU model (GPU feature discovery).")
     cpu: Quantity | None = None
     memory: Quantity | None = None
     nodes: int = Field(default=1, ge=1, le=64, description="Nodes for multi-node training (torchrun).")
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    node_selector: Labels = Field(default_factory=dict)
     tolerations: list[FreeForm] = Field(default_factory=list, description="Pod tolerations, verbatim.")
+
+    @model_validator(mode="after")
+    def _check_gpu_type_label(self):
+        if problem := label_key_problem(self.gpu_type_label):
+            raise ValueError(f"gpuTypeLabel: {problem}")
+        return self
 
 
 class OutputSpec(ApiModel):
@@ -138,7 +147,7 @@ class OutputSpec(ApiModel):
         default=None, pattern=uri_pattern("pvc", "s3", "file", "path"),
         description="Where the adapter directory is written: pvc://CLAIM/PATH or s3://BUCKET/PREFIX. "
                     "Default: the operator's artifact store.")
-    adapter_labels: dict[str, str] = Field(
+    adapter_labels: Labels = Field(
         default_factory=dict, description="Labels set on the Adapter (ModelRoute selectors match them).")
 
 
