@@ -253,6 +253,8 @@ def uri_rules(field: str, where: str) -> tuple["CelRule", ...]:
                 message=f"{where}: a pvc:// path must stay inside its claim (no '..' segment)"),
         CelRule(rule=has + f"!self.{field}.matches('{_URI_NO_HOST}')", check=refuses(_URI_NO_HOST),
                 message=f"{where}: an http(s):// URI needs a host (https://HOST/PATH)"),
+        CelRule(rule=has + f"!self.{field}.matches('{_URI_LONG_CLAIM}')", check=refuses(_URI_LONG_CLAIM),
+                message=f"{where}: a PersistentVolumeClaim name has at most 253 characters"),
     )
 
 
@@ -260,6 +262,7 @@ def uri_rules(field: str, where: str) -> tuple["CelRule", ...]:
 _URI_SPACE = r"^\s|\s$"
 _URI_DOTDOT = r"^pvc://[^/]*(/.*)?/[.][.](/|$)"
 _URI_NO_HOST = r"^https?://([/?#]|$)"
+_URI_LONG_CLAIM = r"^pvc://[^/]{254}"
 
 
 class LocalObjectRef(ApiModel):
