@@ -379,9 +379,13 @@ class FineTuneJobController(Controller):
         """Apply the children, create or bump the produced Adapter, patch the status, post the Events."""
         body = plan.body
         ns, name = body["metadata"].get("namespace"), body["metadata"]["name"]
-        if plan.children and await self.ctx.applier.ensure(plan.children, fresh=plan.fresh):
-            meta = body["metadata"]
-            self._accepted[(ns or "", name, meta.get("uid") or "")] = plan.spec
+        if plan.children:
+            applied = await self.apply_children(body, plan.children, plan.fresh)
+            if applied is None:
+                return  # shown as InvalidSpec (apply_children): not retried until the job changes
+            if applied:
+                meta = body["metadata"]
+                self._accepted[(ns or "", name, meta.get("uid") or "")] = plan.spec
         if plan.adapter is not None:
             await self._write_adapter(plan.adapter)
         if plan.status:

@@ -337,7 +337,8 @@ class ModelRouteController(Controller):
         ns, name = key
         applier = self.ctx.applier
         if plan.children:
-            await applier.ensure(plan.children, fresh=plan.fresh)
+            if await self.apply_children(plan.body, plan.children, plan.fresh) is None:
+                return  # shown as InvalidSpec; nothing below may claim the children are in place
             await applier.prune(plan.unwanted, plan.body["metadata"].get("uid") or "")
             self._applied[key] = plan.applied_as
         if plan.accepted_base is not None:

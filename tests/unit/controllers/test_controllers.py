@@ -260,3 +260,28 @@ def test_children_of_a_long_named_finetunejob_lead_back_to_it():
     value = job["metadata"]["labels"]["loraplane.io/finetunejob"]
     assert len(value) <= 63 and value != long
     assert ctl.owner_of_label("ns", value) == long and ctl.owner_of_label("ns", "j") == "j"
+
+
+def test_a_child_the_api_server_refuses_shows_as_invalid_spec_instead_of_a_retry_loop():
+    # The safety net under the builders' naming rules: a 422 on a child used to raise into the work queue, which
+    # retried it forever while the owner's status said nothing.
+    from loraplane.kube.client import ApiError
+
+    class Refusing(FakeKube):
+        async def apply(self, manifest):
+            raise ApiError(422, {"message": f'{manifest["kind"]} "x" is invalid: metadata.labels: Invalid value'},
+                           f'apply {manifest["kind"]}/{manifest["metadata"]["name"]}')
+
+    kube = Refusing()
+    ctl = FineTuneJobController(context(kube))
+    plan = ctl.plan(FineTuneJobFacts(FTJ_BODY, FTJ, run=run_state(FTJ, None, [])))
+    asyncio.run(ctl.execute(plan))  # does not raise
+    (kind, name, patch), = kube.status_patches
+    ready = patch["conditions"][0]
+    assert ready["reason"] == Reason.InvalidSpec and "metadata.labels" in ready["message"]
+    assert [e[1] for e in kube.events] == [Reason.InvalidSpec]
+    rctl = ModelRouteController(context(kube), rejections=lambda ns: {}, reselected=lambda key: None)
+    rplan = rctl.plan(ModelRouteFacts(ROUTE_BODY, ROUTE, adapters=[ADAPTER]))
+    asyncio.run(rctl.execute(("ns", "r"), rplan))
+    assert kube.status_patches[-1][:2] == ("ModelRoute", "r")
+    assert kube.status_patches[-1][2]["conditions"][0]["reason"] == Reason.InvalidSpec
