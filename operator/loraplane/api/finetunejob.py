@@ -33,8 +33,9 @@ def immutable(what: str, fix: str = "create a new object instead") -> dict[str, 
 class ConfigMapKeyRef(ApiModel):
     """A key of a ConfigMap in the FineTuneJob's namespace that holds the dataset as JSON lines."""
 
-    name: str = Field(pattern=DNS_NAME, description="ConfigMap holding the data inline.")
-    key: str = Field(default="train.jsonl", description="Key of the ConfigMap that holds the JSONL.")
+    name: str = Field(pattern=DNS_NAME, max_length=253, description="ConfigMap holding the data inline.")
+    key: str = Field(default="train.jsonl", max_length=253, pattern=r"^[-._a-zA-Z0-9]+$",
+                     description="Key of the ConfigMap that holds the JSONL.")
 
 
 class DatasetSpec(ApiModel):
@@ -166,7 +167,8 @@ class FineTuneJobSpec(ApiModel):
     image: str | None = Field(default=None, description="Trainer image; default: the operator's trainer image.",
                               json_schema_extra=immutable("spec.image"))
     service_account_name: str | None = Field(
-        default=None, pattern=DNS_NAME, description="ServiceAccount of the training pods (e.g. for IRSA/S3).",
+        default=None, pattern=DNS_NAME, max_length=253,
+        description="ServiceAccount of the training pods (e.g. for IRSA/S3).",
         json_schema_extra=immutable("spec.serviceAccountName"))
     backoff_limit: int = Field(default=2, ge=0, le=100,
                                description="Pod failures retried (resuming from checkpoints) before Failed.")

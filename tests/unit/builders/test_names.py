@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import re
 
+import kubernetes_validate
 import pytest
 from pydantic import ValidationError
 
@@ -130,6 +131,8 @@ def test_every_child_of_a_maximal_spec_has_valid_names_and_labels(ftj_name, rout
     assert {m["kind"] for m in children} >= {"Job", "Service", "Deployment", "ConfigMap", "Role", "ServiceAccount"}
     problems = [p for m in children for p in name_problems(m)]
     assert problems == []
+    for m in children:  # and the rest of each child against Kubernetes' own schema
+        kubernetes_validate.validate(m, "1.30.0", strict=True)
     # The produced Adapter carries its job's label too.
     from loraplane.builders.finetunejob import produced_adapter
     made = produced_adapter(resources[0], "pvc://x/y", None, None)
