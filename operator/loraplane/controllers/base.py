@@ -101,8 +101,8 @@ class Controller(ABC):
             self.queue.schedule(key)
 
     async def apply_children(self, body: dict, stages: list[list[dict]], fresh: bool) -> int | None:
-        """Apply the owner's children (Applier.ensure); the number written, or None when refused. A child the API server
-        refuses as invalid (HTTP 400/422: a spec the builders turned into something it does not accept) is shown
+        """Apply the owner's children (Applier.ensure); the number written, or None when refused. A child the API
+        server refuses as invalid (HTTP 400/422: a spec the builders turned into something it does not accept) is shown
         on the owner as Ready=False InvalidSpec with the server's message, which names the child and the field,
         and None is returned: retrying cannot help until the spec changes, so it is not raised into the work
         queue's retry loop (the next change of the owner reconciles it again)."""

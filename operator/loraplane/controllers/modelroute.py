@@ -318,7 +318,8 @@ class ModelRouteController(Controller):
         out.status = status_patch(current, dump_status(new), OWNED_STATUS)
         old_phase = current.get("phase")
         ready = new.condition(ConditionType.Ready)
-        if ready and ready.reason in REPLICA_PROBLEMS + (Reason.SpecImmutable, Reason.PublicNameConflict) and ready_reason(current) != ready.reason:
+        warn = REPLICA_PROBLEMS + (Reason.SpecImmutable, Reason.PublicNameConflict)
+        if ready and ready.reason in warn and ready_reason(current) != ready.reason:
             out.events.append(Event(EventType.Warning, ready.reason, ready.message))
         elif old_phase != new.phase and new.phase in (ModelRoutePhase.Ready, ModelRoutePhase.Degraded) or (old_phase is None and new.phase):
             out.events.append(Event(EventType.Normal if new.phase != ModelRoutePhase.Degraded else EventType.Warning, new.phase,
