@@ -22,6 +22,29 @@ from loraplane.api.common import (
 )
 from loraplane.api.finetunejob import immutable
 
+# Served names (what vLLM loads an adapter version under, and what the serving table, the loader's report and
+# the router's backends carry) are `<adapter>--<version>`. The separator is reserved in versions (a CEL rule
+# below) and in the base model's served name (api.modelroute), so the name is unique by construction: the
+# version is what follows the last `--`, the Adapter name what precedes it (an Adapter name may contain `--`).
+SERVED_NAME_SEPARATOR = "--"
+
+
+def served_name(adapter: str, version: str) -> str:
+    """The served name of version `version` of Adapter `adapter`: `<adapter>--<version>`.
+
+    Raises ValueError when `version` contains the reserved separator (the API refuses such versions), since two
+    different (adapter, version) pairs could then give one name (`sql`/`v2--1` and `sql--v2`/`1`)."""
+    if SERVED_NAME_SEPARATOR in version or not version:
+        raise ValueError(f"version {version!r} must be non-empty and must not contain "
+                         f"{SERVED_NAME_SEPARATOR!r} (reserved as the served-name separator)")
+    return f"{adapter}{SERVED_NAME_SEPARATOR}{version}"
+
+
+def adapter_of_served_name(name: str) -> str | None:
+    """The Adapter name a served name (`served_name`) belongs to; None when `name` is not an adapter's."""
+    adapter, sep, version = name.rpartition(SERVED_NAME_SEPARATOR)
+    return adapter if sep and adapter and version else None
+
 
 class AdapterBaseModel(ApiModel):
     """The base model an adapter was trained on; it is only served on a ModelRoute of the same base."""
@@ -55,13 +78,21 @@ class AdapterSource(ApiModel):
 class AdapterSpec(ApiModel):
     """What an Adapter declares: its base model, where the artifact is, its version and LoRA rank."""
 
+    cel_rules: ClassVar = (
+        CelRule(rule=f"!has(self.version) || !self.version.contains('{SERVED_NAME_SEPARATOR}')",
+                check=lambda obj: SERVED_NAME_SEPARATOR not in str(obj.get("version") or ""),
+                message=f"spec.version must not contain '{SERVED_NAME_SEPARATOR}': it separates the Adapter name "
+                        "from the version in served names (use e.g. v2-1 or v2.1)"),
+    )
+
     base_model: AdapterBaseModel = Field(json_schema_extra=immutable("spec.baseModel",
                                                                      "create a new Adapter for another base"))
     source: AdapterSource
     version: str | None = Field(
         default=None, max_length=63, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
-        description="Version label. Changing source or version rolls replicas to the new artifact under a new "
-                    "internal name, so cached prefixes never mix versions.")
+        description="Version label (no '--': it separates name and version in the served name "
+                    "`<adapter>--<version>`). Changing source or version rolls replicas to the new artifact under "
+                    "a new internal name, so cached prefixes never mix versions.")
     rank: int | None = Field(default=None, ge=1, le=512,
                              description="Declared LoRA rank; checked against routes before any download.")
     target_modules: list[str] | None = Field(default=None, description="Declared target modules.")
@@ -152,9 +183,10 @@ class Adapter(Resource):
     status: AdapterStatus | None = None
 
     def served_name(self) -> str:
-        """The name this version is loaded under in vLLM: unique per version, stable across replicas."""
+        """The name this version is loaded under in vLLM (module `served_name`): unique per (Adapter, version)
+        across the namespace, stable across replicas."""
         if self.spec.version:
-            return f"{self.metadata.name}--{self.spec.version}"
+            return served_name(self.metadata.name or "", self.spec.version)
         # No version: derive one from the source, so a changed source still gets a new name.
         digest = hashlib.sha256(json.dumps(self.spec.source.wire(), sort_keys=True).encode()).hexdigest()
-        return f"{self.metadata.name}--{digest[:8]}"
+        return served_name(self.metadata.name or "", digest[:8])

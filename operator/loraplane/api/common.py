@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
 from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType, Progress, progress_of
@@ -28,6 +28,68 @@ DNS_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 # A DNS-1123 label (Service, Deployment and label values built from it must fit in 63 characters).
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
+# A DNS-1035 label: what a Service name must be (a DNS label that starts with a letter).
+DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# A label value (k8s.io/apimachinery validation.IsValidLabelValue): empty, or at most 63 of these.
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+# The name part of a qualified name (label keys, annotation keys): at most 63 of these.
+QUALIFIED_NAME_PART = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+# An env var name as Kubernetes validates it (k8s.io/apimachinery validation.IsEnvVarName).
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+
+
+def label_key_problem(key: str) -> str | None:
+    """Why `key` is not a valid label key (`[prefix/]name`: prefix a DNS-1123 subdomain of at most 253
+    characters, name at most 63 of [A-Za-z0-9-_.] starting and ending alphanumeric), else None.
+
+    The rule is Kubernetes' IsQualifiedName (k8s.io/apimachinery/pkg/util/validation)."""
+    prefix, slash, name = key.rpartition("/")
+    if slash and (not prefix or len(prefix) > 253 or not re.match(DNS_NAME, prefix)):
+        return f"label key {key!r}: its prefix must be a DNS subdomain (lowercase, digits, '-', '.')"
+    if not name or len(name) > 63 or not re.match(QUALIFIED_NAME_PART, name):
+        return (f"label key {key!r}: the name part must be 1-63 characters of letters, digits, '-', '_', '.', "
+                "starting and ending with a letter or digit")
+    return None
+
+
+def label_value_problem(value: str) -> str | None:
+    """Why `value` is not a valid label value (at most 63 characters, LABEL_VALUE), else None."""
+    if len(value) > 63 or not re.match(LABEL_VALUE, value):
+        return (f"label value {value!r}: at most 63 characters of letters, digits, '-', '_', '.', starting and "
+                "ending with a letter or digit")
+    return None
+
+
+def _check_labels(labels: dict[str, str]) -> dict[str, str]:
+    problems = [p for k, v in labels.items() for p in (label_key_problem(k), label_value_problem(v)) if p]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return labels
+
+
+# A map of Kubernetes labels (keys and values as the API server validates them), also what a nodeSelector
+# and a selector's matchLabels hold. Values are also checked in the CRD schema; keys here (CRD schemas have
+# no propertyNames).
+Labels = Annotated[
+    dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]],
+    AfterValidator(_check_labels),
+]
+
+
+def _check_env(env: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen: set[str] = set()
+    for i, entry in enumerate(env):
+        name = entry.get("name")
+        if not isinstance(name, str) or not re.match(ENV_NAME, name):
+            raise ValueError(f"[{i}].name: every env entry needs a name of letters, digits, '_', '-', '.' (not "
+                             f"starting with a digit), got {name!r}")
+        if name in seen:
+            raise ValueError(f"[{i}].name: {name!r} appears twice; env names must be unique (server-side apply "
+                             "refuses a container with duplicate env names)")
+        seen.add(name)
+    return env
+
+
 # An int-or-string Kubernetes quantity ("8", 8, "64Gi", "500m"), marked the Kubernetes way in the schema.
 Quantity = Annotated[
     int | str,
@@ -40,6 +102,13 @@ QUANTITY_RE = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
 FreeForm = Annotated[
     dict[str, Any],
     WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
+]
+
+
+# Container env entries passed through verbatim, but each with a valid, unique name.
+EnvList = Annotated[
+    list[FreeForm],
+    AfterValidator(_check_env),
 ]
 
 
@@ -96,11 +165,54 @@ class ApiModel(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+class LabelSelectorRequirement(ApiModel):
+    """One matchExpressions entry of a Kubernetes label selector (metav1.LabelSelectorRequirement)."""
+
+    key: str = Field(min_length=1, max_length=317, description="Label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]] | None = Field(
+        default=None, description="Non-empty for In and NotIn; unset for Exists and DoesNotExist.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if problem := label_key_problem(self.key):
+            raise ValueError(problem)
+        if self.operator in ("In", "NotIn") and not self.values:
+            raise ValueError(f"matchExpressions: operator {self.operator} needs a non-empty values list")
+        if self.operator in ("Exists", "DoesNotExist") and self.values:
+            raise ValueError(f"matchExpressions: operator {self.operator} takes no values")
+        return self
+
+
+class LabelSelector(ApiModel):
+    """A Kubernetes label selector (metav1.LabelSelector): matchLabels AND matchExpressions; empty matches all."""
+
+    match_labels: Labels = Field(default_factory=dict)
+    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list)
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        """Kubernetes' selector semantics on a label map."""
+        if any(labels.get(k) != v for k, v in self.match_labels.items()):
+            return False
+        for e in self.match_expressions:
+            present = e.key in labels
+            if e.operator == "In" and (not present or labels[e.key] not in (e.values or [])):
+                return False
+            if e.operator == "NotIn" and present and labels[e.key] in (e.values or []):
+                return False
+            if e.operator == "Exists" and not present:
+                return False
+            if e.operator == "DoesNotExist" and present:
+                return False
+        return True
+
+
 class SecretKeyRef(ApiModel):
     """A key in a Secret of the object's namespace."""
 
-    name: str = Field(pattern=DNS_NAME, description="Name of the Secret.")
-    key: str | None = Field(default=None, description="Key within the Secret; the whole Secret when omitted.")
+    name: str = Field(pattern=DNS_NAME, max_length=253, description="Name of the Secret.")
+    key: str | None = Field(default=None, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$",
+                            description="Key within the Secret; the whole Secret when omitted.")
 
 
 # The URI forms each scheme takes in the API's `pattern`s: one place that says which schemes exist, so that
@@ -142,6 +254,8 @@ def uri_rules(field: str, where: str) -> tuple["CelRule", ...]:
                 message=f"{where}: a pvc:// path must stay inside its claim (no '..' segment)"),
         CelRule(rule=has + f"!self.{field}.matches('{_URI_NO_HOST}')", check=refuses(_URI_NO_HOST),
                 message=f"{where}: an http(s):// URI needs a host (https://HOST/PATH)"),
+        CelRule(rule=has + f"!self.{field}.matches('{_URI_LONG_CLAIM}')", check=refuses(_URI_LONG_CLAIM),
+                message=f"{where}: a PersistentVolumeClaim name has at most 253 characters"),
     )
 
 
@@ -149,6 +263,7 @@ def uri_rules(field: str, where: str) -> tuple["CelRule", ...]:
 _URI_SPACE = r"^\s|\s$"
 _URI_DOTDOT = r"^pvc://[^/]*(/.*)?/[.][.](/|$)"
 _URI_NO_HOST = r"^https?://([/?#]|$)"
+_URI_LONG_CLAIM = r"^pvc://[^/]{254}"
 
 
 class LocalObjectRef(ApiModel):

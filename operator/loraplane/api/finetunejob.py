@@ -5,18 +5,21 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from loraplane.api.common import (
     DNS_NAME,
+    LABEL_VALUE,
     ApiModel,
     CelRule,
     FreeForm,
+    Labels,
     ModelRef,
     Quantity,
     Resource,
     SecretKeyRef,
     StatusBase,
+    label_key_problem,
     uri_pattern,
     uri_rules,
 )
@@ -30,8 +33,9 @@ def immutable(what: str, fix: str = "create a new object instead") -> dict[str, 
 class ConfigMapKeyRef(ApiModel):
     """A key of a ConfigMap in the FineTuneJob's namespace that holds the dataset as JSON lines."""
 
-    name: str = Field(pattern=DNS_NAME, description="ConfigMap holding the data inline.")
-    key: str = Field(default="train.jsonl", description="Key of the ConfigMap that holds the JSONL.")
+    name: str = Field(pattern=DNS_NAME, max_length=253, description="ConfigMap holding the data inline.")
+    key: str = Field(default="train.jsonl", max_length=253, pattern=r"^[-._a-zA-Z0-9]+$",
+                     description="Key of the ConfigMap that holds the JSONL.")
 
 
 class DatasetSpec(ApiModel):
@@ -116,15 +120,21 @@ class ResourcesSpec(ApiModel):
     gpus: int = Field(default=1, ge=0, le=16, description="GPUs per node (0: CPU-only, for small trials).")
     gpu_resource: str = Field(default="nvidia.com/gpu", description="Extended resource name of the GPUs.")
     gpu_type: str | None = Field(
-        default=None,
+        default=None, max_length=63, pattern=LABEL_VALUE,
         description="Value of the node label named by gpuTypeLabel to schedule on, e.g. NVIDIA-H100-80GB-HBM3.")
     gpu_type_label: str = Field(default="nvidia.com/gpu.product",
                                 description="Node label that carries the GPU model (GPU feature discovery).")
     cpu: Quantity | None = None
     memory: Quantity | None = None
     nodes: int = Field(default=1, ge=1, le=64, description="Nodes for multi-node training (torchrun).")
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    node_selector: Labels = Field(default_factory=dict)
     tolerations: list[FreeForm] = Field(default_factory=list, description="Pod tolerations, verbatim.")
+
+    @model_validator(mode="after")
+    def _check_gpu_type_label(self):
+        if problem := label_key_problem(self.gpu_type_label):
+            raise ValueError(f"gpuTypeLabel: {problem}")
+        return self
 
 
 class OutputSpec(ApiModel):
@@ -138,7 +148,7 @@ class OutputSpec(ApiModel):
         default=None, pattern=uri_pattern("pvc", "s3", "file", "path"),
         description="Where the adapter directory is written: pvc://CLAIM/PATH or s3://BUCKET/PREFIX. "
                     "Default: the operator's artifact store.")
-    adapter_labels: dict[str, str] = Field(
+    adapter_labels: Labels = Field(
         default_factory=dict, description="Labels set on the Adapter (ModelRoute selectors match them).")
 
 
@@ -157,7 +167,8 @@ class FineTuneJobSpec(ApiModel):
     image: str | None = Field(default=None, description="Trainer image; default: the operator's trainer image.",
                               json_schema_extra=immutable("spec.image"))
     service_account_name: str | None = Field(
-        default=None, pattern=DNS_NAME, description="ServiceAccount of the training pods (e.g. for IRSA/S3).",
+        default=None, pattern=DNS_NAME, max_length=253,
+        description="ServiceAccount of the training pods (e.g. for IRSA/S3).",
         json_schema_extra=immutable("spec.serviceAccountName"))
     backoff_limit: int = Field(default=2, ge=0, le=100,
                                description="Pod failures retried (resuming from checkpoints) before Failed.")

@@ -8,16 +8,22 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from loraplane.api.adapter import SERVED_NAME_SEPARATOR
 from loraplane.api.common import (
-    DNS_LABEL,
+    DNS_1035_LABEL,
+    LABEL_VALUE,
     ApiModel,
     CelRule,
+    EnvList,
     FreeForm,
+    LabelSelector,
+    Labels,
     ModelRef,
     Quantity,
     Resource,
     SecretKeyRef,
     StatusBase,
+    label_key_problem,
 )
 from loraplane.api.finetunejob import immutable
 
@@ -47,13 +53,22 @@ class EngineSpec(ApiModel):
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     gpus: int = Field(default=1, ge=0, le=64, description="GPUs per replica (>= tensorParallelSize).")
     gpu_resource: str = Field(default="nvidia.com/gpu")
-    gpu_type: str | None = Field(default=None, description="Value of gpuTypeLabel to schedule on.")
-    gpu_type_label: str = Field(default="nvidia.com/gpu.product")
+    gpu_type: str | None = Field(default=None, max_length=63, pattern=LABEL_VALUE,
+                                 description="Value of gpuTypeLabel to schedule on (a label value).")
+    gpu_type_label: str = Field(default="nvidia.com/gpu.product", description="Node label key of the GPU type.")
     cpu: Quantity | None = None
     memory: Quantity | None = None
     extra_args: list[str] = Field(default_factory=list, description="Appended to the vLLM command line.")
-    env: list[FreeForm] = Field(default_factory=list, description="Extra container env entries, verbatim.")
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    env: EnvList = Field(default_factory=list, description=(
+        "Extra env entries of the vLLM container, verbatim; names must be unique. An entry named like one the "
+        "operator sets (HF_HOME, VLLM_ALLOW_RUNTIME_LORA_UPDATING, credentials) replaces it."))
+    node_selector: Labels = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_gpu_type_label(self):
+        if problem := label_key_problem(self.gpu_type_label):
+            raise ValueError(f"gpuTypeLabel: {problem}")
+        return self
     tolerations: list[FreeForm] = Field(default_factory=list)
 
 
@@ -110,9 +125,10 @@ class Route(ApiModel):
                              pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.:/]*[A-Za-z0-9])?$",
                              description="Public model name clients put in the request's `model`.")
     backends: list[RouteBackend] | None = Field(default=None, min_length=1, max_length=16)
-    selector: FreeForm | None = Field(
+    selector: LabelSelector | None = Field(
         default=None, description="Label selector (matchLabels/matchExpressions): every matching Adapter is "
-                                  "served under prefix + its own name.")
+                                  "served under prefix + its own name. A name another route already publishes "
+                                  "is left out (reason PublicNameConflict).")
     prefix: str = Field(default="", max_length=100, description="Prefix of names served through a selector.")
 
 
@@ -145,6 +161,13 @@ class ModelRouteSpec(ApiModel):
                 message="spec.baseModel.uri: an https:// base model must be a .tar.gz, .tgz or .tar archive of "
                         "the model directory (or use s3://BUCKET/PREFIX, pvc://CLAIM/PATH or a hub id in "
                         "baseModel.name)"),
+        CelRule(rule=f"!has(self.servedModelName) || !self.servedModelName.contains('{SERVED_NAME_SEPARATOR}')",
+                message=f"spec.servedModelName must not contain '{SERVED_NAME_SEPARATOR}' (reserved for adapter "
+                        "served names <adapter>--<version>)"),
+        CelRule(rule=f"has(self.servedModelName) || !has(self.baseModel.name) || "
+                     f"!self.baseModel.name.contains('{SERVED_NAME_SEPARATOR}')",
+                message=f"spec.baseModel.name contains '{SERVED_NAME_SEPARATOR}', which is reserved for adapter "
+                        "served names: set spec.servedModelName to a name without it"),
         CelRule(rule="!has(self.routes) || self.routes.all(r, has(r.name) ? "
                      "self.routes.filter(s, has(s.name) ? s.name == r.name : false).size() == 1 : true)",
                 message="route names must be unique"),
@@ -153,7 +176,9 @@ class ModelRouteSpec(ApiModel):
     base_model: ModelRef = Field(json_schema_extra=immutable("spec.baseModel",
                                                              "create a new ModelRoute for another base model"))
     served_model_name: str | None = Field(
-        default=None, description="Name vLLM serves the base model under (default: baseModel.name).")
+        default=None, min_length=1, max_length=200,
+        description="Name vLLM serves the base model under (default: baseModel.name); no '--' (reserved for "
+                    "adapter served names).")
     engine: EngineSpec = Field(default_factory=EngineSpec)
     replicas: int | None = Field(default=None, ge=0, le=1000, description="Fixed replica count (default 1).")
     autoscaling: AutoscalingSpec | None = None
@@ -223,9 +248,11 @@ class ModelRoute(Resource):
 
     @model_validator(mode="after")
     def _check_name(self):
-        # Child Deployments/Services are named after the route (e.g. NAME-router) and must be DNS labels.
+        # Child Services are named after the route (NAME-router, NAME-engine): Kubernetes wants Service names to
+        # be DNS-1035 labels (a letter first, at most 63), and the engine pods carry the name as a label value.
         name = self.metadata.name
-        if name and (len(name) > 50 or not re.match(DNS_LABEL, name)):
-            raise ValueError(f"metadata.name {name!r}: a ModelRoute name must be a DNS label (lowercase letters, "
-                             "digits, '-') of at most 50 characters, because its Services are named after it")
+        if name and (len(name) > 50 or not re.match(DNS_1035_LABEL, name)):
+            raise ValueError(f"metadata.name {name!r}: a ModelRoute name must be a DNS-1035 label (lowercase "
+                             "letters, digits, '-', starting with a letter) of at most 50 characters, because its "
+                             "Services are named after it")
         return self

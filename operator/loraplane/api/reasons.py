@@ -208,6 +208,12 @@ class Reason(StrEnum):
         "unsupported model architecture, a bad extraArgs flag).",
         "Fix what the quoted log says: `spec.engine` (gpuMemoryUtilization, maxModelLen, tensorParallelSize, "
         "extraArgs), memory limits, or the model.")
+    PublicNameConflict = ("PublicNameConflict", ROUTE,
+        "Two sources of one ModelRoute publish the same public model name (a route's `name` and a selector's "
+        "`prefix` + Adapter name, or two selectors); the message names both. The later source is left out of the "
+        "serving table: an explicit route (with `backends`) wins over a selector, an earlier route over a later "
+        "one. Every other name is served.",
+        "Rename the route, change the selector route's `prefix`, or narrow its selector so the names differ.")
     ModelsNotReady = ("ModelsNotReady", ROUTE,
         "Replicas are up but some public models have no ready backend; the message lists "
         "them.", "Look at each named Adapter's Ready condition.")

@@ -31,4 +31,13 @@ def render(resources: list[Resource], settings: BuildSettings = BuildSettings())
     return out
 
 
-__all__ = ["BuildSettings", "Manifest", "Resolution", "render", "resolve", "route_resolution"]
+def public_name_conflicts(resources: list[Resource]) -> list[str]:
+    """One line per public model name two sources of a ModelRoute in `resources` publish (resolved against the
+    Adapters among `resources`, as `render` does): `ModelRoute NS/NAME: <message>`."""
+    adapters = [r for r in resources if isinstance(r, Adapter)]
+    return [f"ModelRoute {r.metadata.namespace or 'default'}/{r.metadata.name}: {c.message}"
+            for r in resources if isinstance(r, ModelRoute) for c in route_resolution(r, adapters).conflicts]
+
+
+__all__ = ["BuildSettings", "Manifest", "Resolution", "public_name_conflicts", "render", "resolve",
+           "route_resolution"]

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+import re
+from typing import Any, Literal
 
-from loraplane.api.common import Resource
+from loraplane.api.common import DNS_1035_LABEL, DNS_LABEL, DNS_NAME, LABEL_VALUE, Resource
 from loraplane.api.keys import COMPONENT_LABEL, FINETUNEJOB_LABEL, HASH_ANNOTATION, MANAGER, ROUTER_LABEL  # noqa: F401
 from loraplane.storage.uri import try_parse_uri
 
@@ -21,14 +22,62 @@ UNKNOWN_UID = "set-by-the-api-server-at-creation"
 Manifest = dict[str, Any]
 
 
-def child_name(owner: str, suffix: str, limit: int = 63) -> str:
-    """`<owner>-<suffix>`, shortened with a stable hash when it would exceed `limit` (a DNS label's 63)."""
-    name = f"{owner}-{suffix}" if suffix else owner
-    if len(name) <= limit:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    keep = limit - len(suffix) - len(digest) - 2
-    return f"{owner[:keep].rstrip('-.')}-{digest}-{suffix}"
+# The forms of derived names and label values, with the rule Kubernetes checks for each
+# (k8s.io/apimachinery/pkg/util/validation): the characters allowed, and whether the first must be a letter.
+NameForm = Literal["subdomain", "label", "dns1035", "label-value"]
+_FORM_RULES: dict[str, tuple[re.Pattern[str], str]] = {
+    # Object names of most kinds (ConfigMap, Job, ServiceAccount, Deployment, RBAC): at most 253.
+    "subdomain": (re.compile(DNS_NAME), "[^a-z0-9.-]"),
+    # Volume names, pod hostnames: at most 63, no dots.
+    "label": (re.compile(DNS_LABEL), "[^a-z0-9-]"),
+    # Service names: a DNS label that starts with a letter.
+    "dns1035": (re.compile(DNS_1035_LABEL), "[^a-z0-9-]"),
+    # Label values: at most 63, upper case, '_' and '.' allowed (or empty).
+    "label-value": (re.compile(LABEL_VALUE), "[^A-Za-z0-9_.-]"),
+}
+NAME_HASH_CHARS = 8
+
+
+def bounded_name(base: str, suffix: str = "", limit: int = 63, form: NameForm = "subdomain") -> str:
+    """`<base>-<suffix>` (or `base`), when it is a valid `form` of at most `limit` characters; else the longest
+    head of `base` that fits, made valid, then `-<hash>` and `-<suffix>` (hash: the first NAME_HASH_CHARS hex
+    digits of sha256 of the full `<base>-<suffix>`, so two different inputs never share the shortened name).
+
+    The one way loraplane derives a child's name or a label value from a user's name: an API-valid name (up to
+    253 characters, dots allowed) always yields a name the API server accepts for the child, deterministically
+    (the operator finds its children again by recomputing it). Names that are already valid are unchanged.
+    `suffix` must itself be valid in `form` (a constant such as "train"); `limit` is 63 or 253."""
+    full = f"{base}-{suffix}" if suffix and base else (base or suffix)
+    pattern, disallowed = _FORM_RULES[form]
+    if len(full) <= limit and pattern.match(full):
+        return full
+    tail = f"-{hashlib.sha256(full.encode()).hexdigest()[:NAME_HASH_CHARS]}" + (f"-{suffix}" if suffix else "")
+    clean = base if form == "label-value" else base.lower()
+    clean = re.sub(disallowed, "-", clean)
+    if form == "dns1035" and not clean[:1].isalpha():
+        clean = "n" + clean  # a Service name must start with a letter
+    head = re.sub(r"^[^A-Za-z0-9]+", "", clean[:limit - len(tail)]).rstrip("-._")
+    if form == "dns1035" and not head[:1].isalpha():
+        head = "n"
+    return f"{head}{tail}" if head else tail[1:]
+
+
+def child_name(owner: str, suffix: str, limit: int = 63, form: NameForm = "subdomain") -> str:
+    """`<owner>-<suffix>` as a child's object name (`bounded_name`): a DNS subdomain by default, `limit` 63 where
+    the name also becomes a label value (a Job's pods carry their Job's name) or a DNS label."""
+    return bounded_name(owner, suffix, limit, form)
+
+
+def label_value(value: str) -> str:
+    """`value` (an object name, up to 253 characters) as a label value: itself when it fits 63 characters,
+    else shortened with a hash (`bounded_name`). Selecting by such a label: compare with label_value(name)."""
+    return bounded_name(value, "", 63, "label-value")
+
+
+def pvc_volume_name(claim: str) -> str:
+    """The pod volume name of PVC `claim`: `pvc-<claim>` when that is a DNS label (volume names are), else made
+    one (dots replaced, shortened) with a hash of the claim, so `my.claim` and `my-claim` stay two volumes."""
+    return bounded_name(f"pvc-{claim}", "", 63, "label")
 
 
 def owner_reference(owner: Resource, controller: bool = True) -> dict[str, Any]:
@@ -48,7 +97,7 @@ def base_labels(owner: Resource, component: str) -> dict[str, str]:
     """The app.kubernetes.io/{name,instance,component,managed-by} labels every child carries."""
     return {
         "app.kubernetes.io/name": "loraplane",
-        "app.kubernetes.io/instance": owner.metadata.name or "",
+        "app.kubernetes.io/instance": label_value(owner.metadata.name or ""),
         "app.kubernetes.io/component": component,
         "app.kubernetes.io/managed-by": MANAGER,
     }

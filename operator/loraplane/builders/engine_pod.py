@@ -21,7 +21,7 @@ from typing import Any
 from loraplane.api.common import ModelRef
 from loraplane.api.modelroute import DEFAULT_ENGINE_IMAGE, ModelRoute
 from loraplane.api.paths import ADAPTER_CACHE_PATH, FETCHED_MODELS_PATH, HF_HOME, MODEL_CACHE_PATH
-from loraplane.builders.common import pvc_claims, resources, secret_env
+from loraplane.builders.common import pvc_claims, pvc_volume_name, resources, secret_env
 from loraplane.storage.uri import ARCHIVE_SUFFIXES, CREDENTIAL_ENV, fetched_model_path, pvc_mount_path, try_parse_uri
 from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, configmap_name
 
@@ -128,20 +128,23 @@ def credential_env(ref: ModelRef) -> Env:
 
 
 def engine_env(route: ModelRoute) -> Env:
-    """vLLM's env: runtime LoRA loading on (the loader needs it), HF cache on the shared volume, user env last."""
+    """vLLM's env: runtime LoRA loading on (the loader needs it), HF cache on the shared volume, user env last.
+    One entry per name (server-side apply refuses a container with two): a user entry replaces ours."""
     env: Env = [
         {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
         {"name": "HF_HOME", "value": HF_HOME},
         *credential_env(route.spec.base_model),
     ]
-    return env + [dict(e) for e in route.spec.engine.env]
+    user = [dict(e) for e in route.spec.engine.env]
+    taken = {e.get("name") for e in user}
+    return [e for e in env if e["name"] not in taken] + user
 
 
 def _volume_mounts(route: ModelRoute, adapter_claims: Sequence[str] = ()) -> list[dict[str, Any]]:
     mounts = [{"name": ADAPTER_CACHE_VOLUME, "mountPath": ADAPTER_CACHE_PATH},
               {"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_PATH}]
     for claim in pvc_claims(route.spec.base_model.uri, *(f"pvc://{c}" for c in adapter_claims)):
-        mounts.append({"name": f"pvc-{claim}", "mountPath": pvc_mount_path(claim), "readOnly": True})
+        mounts.append({"name": pvc_volume_name(claim), "mountPath": pvc_mount_path(claim), "readOnly": True})
     return mounts
 
 
@@ -154,7 +157,8 @@ def serving_volumes(route: ModelRoute, adapter_claims: Sequence[str] = (),
         {"name": MODEL_CACHE_VOLUME, "emptyDir": {}},
     ]
     for claim in pvc_claims(route.spec.base_model.uri, *(f"pvc://{c}" for c in adapter_claims)):
-        volumes.append({"name": f"pvc-{claim}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        volumes.append({"name": pvc_volume_name(claim),
+                        "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
     return volumes
 
 

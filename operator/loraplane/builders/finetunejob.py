@@ -20,11 +20,13 @@ from loraplane.builders.common import (
     Manifest,
     base_labels,
     child_name,
+    label_value,
     metadata,
     namespace_of,
     node_placement,
     owner_reference,
     pvc_claims,
+    pvc_volume_name,
     resources,
     role,
     role_binding,
@@ -49,9 +51,11 @@ TRAINER_CONTAINER = "trainer"
 
 
 def job_name(ftj: FineTuneJob) -> str:
-    """Name of the FineTuneJob's batch/v1 Job: `<ftj>-train`, at most 63 characters (it becomes a label value)."""
+    """Name of the FineTuneJob's batch/v1 Job: `<ftj>-train`, at most 63 characters (it becomes a label value);
+    a DNS label for multi-node jobs, whose pods' hostnames are `<job>-<index>`."""
     # The Job name becomes the pods' `job-name` label: it must fit a 63-character label value.
-    return child_name(ftj.metadata.name or "", "train")
+    form = "label" if ftj.spec.resources.nodes > 1 else "subdomain"
+    return child_name(ftj.metadata.name or "", "train", 63, form)
 
 
 def config_name(ftj: FineTuneJob) -> str:
@@ -65,13 +69,20 @@ def trainer_account_name(ftj: FineTuneJob) -> str:
 
 
 def rendezvous_service_name(ftj: FineTuneJob) -> str:
-    """Name of the headless torchrun rendezvous Service: `<ftj>-rdzv`, a 63-character DNS label."""
-    return child_name(ftj.metadata.name or "", "rdzv")
+    """Name of the headless torchrun rendezvous Service: `<ftj>-rdzv`, a DNS-1035 label (Service names are)."""
+    return child_name(ftj.metadata.name or "", "rdzv", 63, "dns1035")
 
 
 def labels(ftj: FineTuneJob) -> dict[str, str]:
-    """Labels of every child of a FineTuneJob: the base labels (component trainer) and loraplane.io/finetunejob."""
-    return {**base_labels(ftj, "trainer"), FINETUNEJOB_LABEL: ftj.metadata.name or ""}
+    """Labels of every child of a FineTuneJob: the base labels (component trainer) and loraplane.io/finetunejob
+    (`owner_label`)."""
+    return {**base_labels(ftj, "trainer"), FINETUNEJOB_LABEL: owner_label(ftj.metadata.name or "")}
+
+
+def owner_label(ftj_name: str) -> str:
+    """The loraplane.io/finetunejob label value of the children (and the produced Adapter) of FineTuneJob
+    `ftj_name`: the name itself, shortened with a hash beyond 63 characters (`label_value`)."""
+    return label_value(ftj_name)
 
 
 def output_uri(ftj: FineTuneJob, settings: BuildSettings) -> str:
@@ -141,9 +152,9 @@ def _volumes(ftj: FineTuneJob, settings: BuildSettings) -> tuple[list[dict], lis
     for claim in pvc_claims(spec.base_model.uri, spec.dataset.uri, spec.dataset.validation_uri,
                             output_uri(ftj, settings)):
         read_only = claim not in writable
-        volumes.append({"name": f"pvc-{claim}",
+        volumes.append({"name": pvc_volume_name(claim),
                         "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
-        mounts.append({"name": f"pvc-{claim}", "mountPath": pvc_mount_path(claim), "readOnly": read_only})
+        mounts.append({"name": pvc_volume_name(claim), "mountPath": pvc_mount_path(claim), "readOnly": read_only})
     if spec.dataset.config_map_ref:
         cm = spec.dataset.config_map_ref.name
         volumes.append({"name": "dataset", "configMap": {"name": cm}})
@@ -248,7 +259,7 @@ def rendezvous_service(ftj: FineTuneJob) -> Manifest:
         "apiVersion": "v1", "kind": "Service",
         "metadata": metadata(ftj, rendezvous_service_name(ftj), labels(ftj)),
         "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
-                 "selector": {FINETUNEJOB_LABEL: ftj.metadata.name},
+                 "selector": {FINETUNEJOB_LABEL: owner_label(ftj.metadata.name or "")},
                  "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}]},
     })
 
@@ -312,7 +323,7 @@ def produced_adapter(ftj: FineTuneJob, artifact_uri: str, artifact_sha256: str |
     spec: dict[str, Any] = {"baseModel": base, "source": source, "version": version, "rank": ftj.spec.method.r}
     if ftj.spec.method.target_modules:
         spec["targetModules"] = list(ftj.spec.method.target_modules)
-    adapter_labels = {**ftj.spec.output.adapter_labels, FINETUNEJOB_LABEL: ftj.metadata.name or ""}
+    adapter_labels = {**ftj.spec.output.adapter_labels, FINETUNEJOB_LABEL: owner_label(ftj.metadata.name or "")}
     return {
         "apiVersion": ftj.api_version, "kind": "Adapter",
         "metadata": {"name": ftj.spec.output.adapter_name, "namespace": namespace_of(ftj),

@@ -17,6 +17,7 @@ from loraplane.builders.common import (
     pvc_claims,
     base_labels,
     child_name,
+    label_value,
     metadata,
     namespace_of,
     node_placement,
@@ -43,12 +44,12 @@ KEDA_API_VERSION = "keda.sh/v1alpha1"
 
 def engine_name(route: ModelRoute) -> str:
     """Name of the vLLM replicas' Deployment, Service, PDB, autoscaler and RBAC: `<route>-engine`."""
-    return child_name(route.metadata.name or "", "engine")
+    return child_name(route.metadata.name or "", "engine", 63, "dns1035")
 
 
 def router_name(route: ModelRoute) -> str:
     """Name of the router's Deployment, Service and RBAC: `<route>-router`."""
-    return child_name(route.metadata.name or "", "router")
+    return child_name(route.metadata.name or "", "router", 63, "dns1035")
 
 
 def endpoint(route: ModelRoute) -> str:
@@ -58,12 +59,13 @@ def endpoint(route: ModelRoute) -> str:
 
 def engine_selector(route: ModelRoute) -> dict[str, str]:
     """Labels that select the route's vLLM replicas (loraplane.io/route and component engine)."""
-    return {ROUTE_LABEL: route.metadata.name or "", COMPONENT_LABEL: "engine"}
+    # The API keeps route names to 50 characters, so the value is the name (the operator groups pods by it).
+    return {ROUTE_LABEL: label_value(route.metadata.name or ""), COMPONENT_LABEL: "engine"}
 
 
 def router_selector(route: ModelRoute) -> dict[str, str]:
     """Labels that select the route's router pods (loraplane.io/router and component router)."""
-    return {ROUTER_LABEL: route.metadata.name or "", COMPONENT_LABEL: "router"}
+    return {ROUTER_LABEL: label_value(route.metadata.name or ""), COMPONENT_LABEL: "router"}
 
 
 def engine_labels(route: ModelRoute) -> dict[str, str]:

@@ -5,14 +5,20 @@ Each must pass what metadata can tell before any replica downloads it: same base
 revision when both sides set one) and a declared rank (spec.rank, else the rank the loader read from the
 artifact) no larger than the route's engine.maxLoraRank. Adapters that fail stay out of the table; the
 reason is kept for the ModelRoute's and the Adapter's status.
+
+Public model names are unique in a table. Rule when two sources publish one name: a route with `backends`
+(an explicit name; the API keeps those unique) wins over a name a selector route derives (`prefix` + Adapter
+name), and between two selector routes the one listed first in spec.routes wins (for one route, each Adapter
+gives one name). The losing name is left out of the table and reported (`Resolution.conflicts`, reason
+PublicNameConflict), so the table the router gets never holds a duplicate.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from loraplane.api.adapter import Adapter
+from loraplane.api.common import LabelSelector
 from loraplane.api.reasons import Reason
 from loraplane.api.modelroute import ModelRoute
 from loraplane.builders.engine_pod import model_path_in_replica, served_model_name
@@ -38,28 +44,31 @@ class Resolution:
     selected: dict[str, Verdict] = field(default_factory=dict)
     # (public model, adapter) -> why a referenced backend is left out (missing, incompatible, rejected).
     missing: dict[tuple[str, str], Verdict] = field(default_factory=dict)
+    # Public names two sources publish, in spec order: each left out of the table for its losing source.
+    conflicts: list[NameConflict] = field(default_factory=list)
 
 
-def selector_matches(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
-    """Kubernetes label-selector semantics (matchLabels AND matchExpressions); an empty selector matches all."""
-    if selector is None:
-        return False
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
-            return False
-    for expr in selector.get("matchExpressions") or []:
-        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
-        if op == "In" and labels.get(key) not in values:
-            return False
-        if op == "NotIn" and key in labels and labels[key] in values:
-            return False
-        if op == "Exists" and key not in labels:
-            return False
-        if op == "DoesNotExist" and key in labels:
-            return False
-        if op not in ("In", "NotIn", "Exists", "DoesNotExist"):
-            return False
-    return True
+@dataclass(frozen=True)
+class NameConflict:
+    """A public model name published twice: `kept` (the source that serves it) and `dropped` (left out), each a
+    readable source such as `routes[0] (analytics-sql)` or `routes[1] selector, Adapter sql`."""
+
+    name: str
+    kept: str
+    dropped: str
+
+    @property
+    def message(self) -> str:
+        """One sentence naming both sources and the fix."""
+        return (f"public model {self.name!r} is published by {self.kept} and by {self.dropped}; "
+                f"{self.dropped} is left out (explicit routes win over selectors, earlier routes over later); "
+                "rename the route, change the selector's prefix, or narrow the selector")
+
+
+def selector_matches(selector: LabelSelector | None, labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics (matchLabels AND matchExpressions); an empty selector matches all,
+    None matches nothing. The selector is the API's validated LabelSelector, so matching cannot fail."""
+    return selector is not None and selector.matches(labels)
 
 
 def declared_rank(adapter: Adapter) -> int | None:
@@ -128,7 +137,11 @@ def resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Verd
 
     models: list[PublicModel] = []
     missing: dict[tuple[str, str], Verdict] = {}
-    for r in route.spec.routes:
+    # Explicit names first (they win), so a selector's derived name can be checked against all of them.
+    sources: dict[str, str] = {r.name: f"routes[{i}] ({r.name})" for i, r in enumerate(route.spec.routes)
+                               if r.backends is not None and r.name}
+    conflicts: list[NameConflict] = []
+    for i, r in enumerate(route.spec.routes):
         if r.backends is not None:
             backends = []
             for b in r.backends:
@@ -145,7 +158,13 @@ def resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Verd
         else:
             for a in sorted(adapters, key=lambda a: a.metadata.name or ""):
                 if selector_matches(r.selector, a.metadata.labels) and verdict(a.metadata.name or "").compatible:
-                    models.append(PublicModel(name=f"{r.prefix}{a.metadata.name}", backends=[
+                    public = f"{r.prefix}{a.metadata.name}"
+                    source = f"routes[{i}] selector (Adapter {a.metadata.name})"
+                    if public in sources:
+                        conflicts.append(NameConflict(public, sources[public], source))
+                        continue
+                    sources[public] = source
+                    models.append(PublicModel(name=public, backends=[
                         Backend(served_name=a.served_name(), adapter=a.metadata.name, weight=100)]))
     served = sorted((desired_adapter(by_name[n]) for n, v in selected.items() if v.compatible),
                     key=lambda d: d.served_name)
@@ -161,4 +180,4 @@ def resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Verd
                               timeout_seconds=spec.router.timeout_seconds,
                               max_request_bytes=spec.router.max_request_bytes,
                               log_prompts=spec.router.log_prompts))
-    return Resolution(table=table, selected=selected, missing=missing)
+    return Resolution(table=table, selected=selected, missing=missing, conflicts=conflicts)

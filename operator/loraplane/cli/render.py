@@ -44,7 +44,7 @@ def render_main(args: argparse.Namespace) -> int:
     """Print the children of every loraplane object in the files as multi-document YAML; returns 1 (and
     prints nothing to stdout) when any object is invalid, else 0."""
     from loraplane.api import KINDS, parse
-    from loraplane.builders import render
+    from loraplane.builders import public_name_conflicts, render
     from loraplane.api.validation import format_validation_error
 
     resources, bad = [], 0
@@ -63,6 +63,9 @@ def render_main(args: argparse.Namespace) -> int:
                       file=sys.stderr)
     if bad:
         return 1
+    # Rendered anyway (the operator serves every other name), but the reviewer should see it.
+    for line in public_name_conflicts(resources):
+        print(f"warning {line}", file=sys.stderr)
     manifests = render(resources, settings_from_args(args))
     sys.stdout.write(dump_manifests(manifests))
     return 0

@@ -18,8 +18,9 @@ from typing import ClassVar
 from loraplane.api.common import API_VERSION as API
 from loraplane.api.keys import COMPONENT_LABEL, FINETUNEJOB_LABEL, ROUTE_LABEL
 from loraplane.builders.settings import BuildSettings
+from loraplane.controllers.status import invalid_spec
 from loraplane.kube.apply import Applier
-from loraplane.kube.client import KubeClient
+from loraplane.kube.client import ApiError, KubeClient
 from loraplane.kube.events import EventRecorder
 from loraplane.kube.informer import Key, Source, Store, label_getter
 from loraplane.kube.workqueue import WorkQueue
@@ -98,6 +99,27 @@ class Controller(ABC):
         """Reconcile every object of this kind the store holds (startup and periodic resync)."""
         for key in list(self.store.objects):
             self.queue.schedule(key)
+
+    async def apply_children(self, body: dict, stages: list[list[dict]], fresh: bool) -> int | None:
+        """Apply the owner's children (Applier.ensure); the number written, or None when refused. A child the API
+        server refuses as invalid (HTTP 400/422: a spec the builders turned into something it does not accept) is shown
+        on the owner as Ready=False InvalidSpec with the server's message, which names the child and the field,
+        and None is returned: retrying cannot help until the spec changes, so it is not raised into the work
+        queue's retry loop (the next change of the owner reconciles it again)."""
+        try:
+            return await self.ctx.applier.ensure(stages, fresh=fresh)
+        except ApiError as exc:
+            if exc.status not in (400, 422):
+                raise
+            refused = str(exc)
+        meta = body["metadata"]
+        patch, event = invalid_spec(body.get("status") or {}, meta.get("generation"),
+                                    f"the API server refused a child: {refused}")
+        if patch:
+            await self.kube.patch_status(API, self.kind, meta.get("namespace"), meta["name"], patch)
+        if event:
+            await self.ctx.events.post(body, event)
+        return None
 
     @abstractmethod
     def on_change(self, source: str, obj: dict, old: dict | None) -> None:

@@ -251,7 +251,15 @@ class FineTuneJobController(Controller):
         elif source in ("Job", "TrainPod", "Adapter"):
             # A child changed, or a produced Adapter (labelled with its job): the job may be waiting for it.
             if owner := (meta.get("labels") or {}).get(FINETUNEJOB_LABEL):
-                self.schedule((ns, owner))
+                self.schedule((ns, self.owner_of_label(ns, owner)))
+
+    def owner_of_label(self, namespace: str, value: str) -> str:
+        """The FineTuneJob name a loraplane.io/finetunejob label value stands for: the value itself, or for a
+        name beyond 63 characters the job whose shortened label (builders' owner_label) it is."""
+        if (namespace, value) in self.store.objects:
+            return value
+        return next((name for ns, name in self.store.keys_in(namespace)
+                     if finetunejob.owner_label(name) == value), value)
 
     async def reconcile(self, key: Key) -> None:
         """observe -> plan -> execute for one FineTuneJob; a deleted one is forgotten (its children are
@@ -279,7 +287,7 @@ class FineTuneJobController(Controller):
         job = self.stores.Job.get((ns, finetunejob.job_name(ftj)))
         previous = owned_status(FineTuneJobStatus, current, OWNED_STATUS)
         run = None if previous.phase in TERMINAL and job is None else run_state(
-            ftj, job, self.stores.TrainPod.group(ns, name))
+            ftj, job, self.stores.TrainPod.group(ns, finetunejob.owner_label(name)))
         facts = FineTuneJobFacts(body, ftj, accepted_spec=accepted, run=run, now=now_rfc3339())
         if (run.phase if run else previous.phase) == FineTuneJobPhase.Succeeded and previous.adapter_ref is None:
             adapter_key = (ns, ftj.spec.output.adapter_name)
@@ -371,9 +379,13 @@ class FineTuneJobController(Controller):
         """Apply the children, create or bump the produced Adapter, patch the status, post the Events."""
         body = plan.body
         ns, name = body["metadata"].get("namespace"), body["metadata"]["name"]
-        if plan.children and await self.ctx.applier.ensure(plan.children, fresh=plan.fresh):
-            meta = body["metadata"]
-            self._accepted[(ns or "", name, meta.get("uid") or "")] = plan.spec
+        if plan.children:
+            applied = await self.apply_children(body, plan.children, plan.fresh)
+            if applied is None:
+                return  # shown as InvalidSpec (apply_children): not retried until the job changes
+            if applied:
+                meta = body["metadata"]
+                self._accepted[(ns or "", name, meta.get("uid") or "")] = plan.spec
         if plan.adapter is not None:
             await self._write_adapter(plan.adapter)
         if plan.status:

@@ -190,6 +190,12 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
                                f"{new.ready_replicas} replica(s) serve {len(models)} model(s)")
     if excluded:
         ready = ready._replace(message=ready.message + f"; left out: {', '.join(excluded)}")
+    if resolution.conflicts:
+        # A spec mistake the user must fix: it names both sources whatever else the route's state is.
+        if new.phase == ModelRoutePhase.Ready:
+            new.phase = ModelRoutePhase.Degraded
+        ready = ConditionState(FALSE, Reason.PublicNameConflict,
+                               "; ".join(c.message for c in resolution.conflicts) + f". {ready.message}")
     new.set_condition(ConditionType.Ready, ready, generation)
     return new
 
@@ -377,7 +383,8 @@ class ModelRouteController(Controller):
         out.status = status_patch(current, dump_status(new), OWNED_STATUS)
         old_phase = current.get("phase")
         ready = new.condition(ConditionType.Ready)
-        if ready and ready.reason in REPLICA_PROBLEMS + (Reason.SpecImmutable,) and ready_reason(current) != ready.reason:
+        warn = REPLICA_PROBLEMS + (Reason.SpecImmutable, Reason.PublicNameConflict)
+        if ready and ready.reason in warn and ready_reason(current) != ready.reason:
             out.events.append(Event(EventType.Warning, ready.reason, ready.message))
         elif old_phase != new.phase and new.phase in (ModelRoutePhase.Ready, ModelRoutePhase.Degraded) or (old_phase is None and new.phase):
             out.events.append(Event(EventType.Normal if new.phase != ModelRoutePhase.Degraded else EventType.Warning, new.phase,
@@ -396,7 +403,8 @@ class ModelRouteController(Controller):
         ns, name = key
         applier = self.ctx.applier
         if plan.children:
-            await applier.ensure(plan.children, fresh=plan.fresh)
+            if await self.apply_children(plan.body, plan.children, plan.fresh) is None:
+                return  # shown as InvalidSpec; nothing below may claim the children are in place
             await applier.prune(plan.unwanted, plan.body["metadata"].get("uid") or "")
             self._applied[key] = plan.applied_as
             if plan.engine_hash is not None:

@@ -11,6 +11,7 @@ import json
 
 from pydantic import ValidationError
 
+from loraplane.api.adapter import adapter_of_served_name
 from loraplane.api.wire.serving import REPORT_ANNOTATION, ReplicaReport
 from loraplane.api.wire.trainer import TerminationMessage
 
@@ -100,7 +101,7 @@ def replica_report(pod: dict | None) -> ReplicaReport | None:
 
 
 def reported_adapters(pod: dict | None) -> set[str]:
-    """Adapter object names in a pod's report (served names are `<adapter>--<version>`)."""
+    """Adapter object names in a pod's report (served names: api.adapter.served_name)."""
     raw = (((pod or {}).get("metadata") or {}).get("annotations") or {}).get(REPORT_ANNOTATION)
     if not raw:
         return set()
@@ -108,4 +109,4 @@ def reported_adapters(pod: dict | None) -> set[str]:
         served = json.loads(raw).get("adapters") or {}
     except (ValueError, AttributeError):
         return set()
-    return {s.rpartition("--")[0] for s in served if "--" in s}
+    return {a for s in served if isinstance(s, str) and (a := adapter_of_served_name(s))}

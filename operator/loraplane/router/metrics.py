@@ -79,6 +79,10 @@ class RouterMetrics:
                                      ("result",), registry=self.registry)
         self.table_generation = Gauge("loraplane_router_table_generation",
                                       "Generation of the routing table in use.", registry=self.registry)
+        self.table_dropped_entries = Gauge("loraplane_router_table_dropped_entries",
+                                           "Entries of the routing table in use that were left out (a duplicate "
+                                           "public name, no backend with weight); the log names them.",
+                                           registry=self.registry)
         self.registry.register(_Collector(self))
 
     def stats(self, model: str, backend: str) -> BackendStats:

@@ -90,6 +90,10 @@ class Router:
         self.pool.base_served_name = table.served_model_name
         self.table = compiled
         self.metrics.table_generation.set(table.generation)
+        self.metrics.table_dropped_entries.set(len(compiled.dropped))
+        for problem in compiled.dropped:
+            log.error("routing table generation %d: left out %s (every other name is served)",
+                      table.generation, problem)
         log.info("routing table generation %d: %s", table.generation,
                  ", ".join(f"{m.name} -> " + "/".join(f"{b.served_name}:{b.weight}" for b in m.backends)
                            for m in table.models) or "no models")

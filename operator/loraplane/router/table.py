@@ -118,21 +118,27 @@ class RoutingTable:
     models: dict[str, PublicRoute]
     base_served_name: str
     models_json: bytes  # the /v1/models answer, rendered once
+    # Entries left out, one readable line each ("models[3] 'x': ..."): one bad entry never costs the rest.
+    dropped: list[str] = field(default_factory=list)
 
     @classmethod
     def compile(cls, table: ServingTable) -> "RoutingTable":
-        """Compile a validated ServingTable; raises ValueError when a public model name appears twice."""
+        """Compile a validated ServingTable. An entry that cannot be routed is left out and listed in `dropped`,
+        never the whole table: a public model name already taken (the first entry keeps it, as the operator's
+        resolution keeps the first source)."""
         models: dict[str, PublicRoute] = {}
-        for pm in table.models:
+        dropped: list[str] = []
+        for i, pm in enumerate(table.models):
             if pm.name in models:
-                raise ValueError(f"models[].name {pm.name!r} appears twice: public model names must be unique")
+                dropped.append(f"models[{i}] {pm.name!r}: the name appears twice; the first entry serves it")
+                continue
             backends = tuple(BackendRoute(b.served_name, b.adapter, b.weight) for b in pm.backends)
             models[pm.name] = PublicRoute(pm.name, backends)
         listing = {"object": "list",
                    "data": [{"id": name, "object": "model", "created": 0, "owned_by": table.route,
                              "root": name, "parent": None} for name in models]}
         return cls(source=table, models=models, base_served_name=table.served_model_name,
-                   models_json=json.dumps(listing, separators=(",", ":")).encode())
+                   models_json=json.dumps(listing, separators=(",", ":")).encode(), dropped=dropped)
 
     @property
     def sticky_header(self) -> str | None:

@@ -162,9 +162,9 @@ def parse_uri(text: str) -> ArtifactUri:
         claim, _, path = rest.partition("/")
         if not claim:
             raise ValueError(f"{shown!r}: no claim name (expected pvc://CLAIM/PATH)")
-        if not _CLAIM.match(claim):
+        if len(claim) > 253 or not _CLAIM.match(claim):
             raise ValueError(f"{shown!r}: {claim!r} is not a valid PersistentVolumeClaim name (lowercase letters, "
-                             "digits, '-' and '.', starting and ending with a letter or digit)")
+                             "digits, '-' and '.', starting and ending with a letter or digit; at most 253)")
         path = path.strip("/")
         if ".." in path.split("/"):
             raise ValueError(f"{shown!r}: the path must stay inside the claim (no '..')")

@@ -601,3 +601,52 @@ def test_child_watches_are_label_selected_on_the_server(kube_cluster, kube_api, 
     seen = asyncio.run(scenario())
     assert seen and {name for _, name, _ in seen} == {"engine-0"}, seen
     assert seen[0] == ("ADDED", "engine-0", "Pod")
+
+
+# ---- issue 13: names at the seams ------------------------------------------------------------------------------
+
+def test_a_long_job_name_and_a_dotted_claim_give_children_the_api_server_accepts(kube):
+    # A 69-character FineTuneJob used to render 69-character label values: the API server refused its children
+    # and the operator retried forever with no status. Now the Job and its pods exist, labelled within 63.
+    from loraplane.api import FineTuneJob
+    from loraplane.builders.finetunejob import job_name, owner_label
+
+    name = "f" * 69
+    body = small_job(name, "a" * 63, dataset={"uri": "pvc://my.claim/train.jsonl"})
+    kube.create(body)
+    ftj = FineTuneJob.model_validate(body)
+    label = owner_label(name)
+    assert len(label) <= 63 and label != name
+    pod = wait_for(lambda: kube.pods(f"loraplane.io/finetunejob={label}"), what="a trainer pod")[0]
+    assert kube.batch.read_namespaced_job(job_name(ftj), kube.ns).metadata.name == job_name(ftj)
+    assert [v.persistent_volume_claim.claim_name for v in pod.spec.volumes if v.persistent_volume_claim] == [
+        "my.claim"]
+    wait_for(lambda: kube.status("FineTuneJob", name).get("phase") == "Pending", what="Pending")
+
+
+def test_served_name_and_public_name_collisions_are_refused_or_reported(kube):
+    # Item 1: v1.20 ignores CEL, so the reserved separator in a version reaches the operator: InvalidSpec.
+    kube.create(adapter_doc("sql") | {"spec": {**adapter_doc("sql")["spec"], "version": "v2--1"}})
+    ready = wait_for(lambda: (r := kube.ready("Adapter", "sql")) and r, what="InvalidSpec")
+    assert ready["reason"] == "InvalidSpec" and "spec.version" in ready["message"]
+    # Item 2: an explicit route `analytics-sql`, and a selector with prefix `analytics-s` over Adapter `ql`.
+    kube.create(adapter_doc("ql", labels={"team": "analytics"}))
+    route = route_doc("names")
+    route["spec"]["routes"] = [{"selector": {"matchLabels": {"team": "analytics"}}, "prefix": "analytics-s"},
+                               {"name": "analytics-sql", "backends": [{"base": True}]}]
+    kube.create(route)
+    ready = wait_for(lambda: (r := kube.ready("ModelRoute", "names"))["reason"] == "PublicNameConflict" and r,
+                     what="PublicNameConflict")
+    assert "routes[1] (analytics-sql)" in ready["message"] and "Adapter ql" in ready["message"]
+    table = ServingTable.model_validate_json(
+        kube.core.read_namespaced_config_map("names-serving", kube.ns).data["serving.json"])
+    assert [m.name for m in table.models] == ["analytics-sql"]
+    # Item 3: a malformed selector no longer reaches anyone: the CRD's schema refuses it at admission.
+    from kubernetes.client.exceptions import ApiException
+
+    bad = route_doc("badsel")
+    bad["spec"]["routes"] = [{"selector": {"matchLabels": ["team"]}, "prefix": "x-"}]
+    with pytest.raises(ApiException) as err:
+        kube.create(bad)
+    assert err.value.status == 422 and "matchLabels" in err.value.body
+    wait_for(lambda: kube.status("Adapter", "ql").get("routes") == ["names"], what="the adapter's routes")

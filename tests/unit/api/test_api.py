@@ -108,7 +108,10 @@ def test_error_messages_name_field_and_fix():
 def test_modelroute_name_must_fit_child_names():
     doc = load_docs(EXAMPLES / "modelroute.yaml")[0]
     doc["metadata"]["name"] = "qwen.small"
-    with pytest.raises(ValidationError, match="must be a DNS label"):
+    with pytest.raises(ValidationError, match="must be a DNS-1035 label"):
+        parse(doc)
+    doc["metadata"]["name"] = "7b-chat"  # Service names (NAME-router) must start with a letter
+    with pytest.raises(ValidationError, match="must be a DNS-1035 label"):
         parse(doc)
 
 

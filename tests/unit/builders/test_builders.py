@@ -12,6 +12,7 @@ import yaml
 
 from loraplane.api import KINDS, Adapter, parse
 from loraplane.api.modelroute import DEFAULT_ENGINE_IMAGE, ENGINE_VERSION
+from loraplane.api.common import LabelSelector
 from loraplane.builders import BuildSettings, finetunejob, modelroute, render, resolve
 from loraplane.builders.common import HASH_ANNOTATION, child_name, spec_hash
 from loraplane.builders.resolution import selector_matches
@@ -258,15 +259,16 @@ def test_serving_table_resolves_references_selectors_and_compatibility():
 
 
 def test_selector_semantics():
+    # The API parses a route's selector into a LabelSelector; matching works on that (it cannot fail).
     labels = {"team": "a", "tier": "gold"}
-    assert selector_matches({"matchLabels": {"team": "a"}}, labels)
-    assert not selector_matches({"matchLabels": {"team": "b"}}, labels)
-    assert selector_matches({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["gold"]}]}, labels)
-    assert not selector_matches({"matchExpressions": [{"key": "tier", "operator": "NotIn",
-                                                       "values": ["gold"]}]}, labels)
-    assert selector_matches({"matchExpressions": [{"key": "x", "operator": "DoesNotExist"}]}, labels)
-    assert not selector_matches({"matchExpressions": [{"key": "x", "operator": "Exists"}]}, labels)
-    assert selector_matches({}, labels) and not selector_matches(None, labels)
+    assert selector_matches(LabelSelector.model_validate({"matchLabels": {"team": "a"}}), labels)
+    assert not selector_matches(LabelSelector.model_validate({"matchLabels": {"team": "b"}}), labels)
+    assert selector_matches(LabelSelector.model_validate({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["gold"]}]}), labels)
+    assert not selector_matches(LabelSelector.model_validate({"matchExpressions": [{"key": "tier", "operator": "NotIn",
+                                                       "values": ["gold"]}]}), labels)
+    assert selector_matches(LabelSelector.model_validate({"matchExpressions": [{"key": "x", "operator": "DoesNotExist"}]}), labels)
+    assert not selector_matches(LabelSelector.model_validate({"matchExpressions": [{"key": "x", "operator": "Exists"}]}), labels)
+    assert selector_matches(LabelSelector.model_validate({}), labels) and not selector_matches(None, labels)
 
 
 def test_produced_adapter_versions_and_owners():

@@ -221,3 +221,87 @@ def test_controllers_do_not_import_the_manager():
         imported = {n.module for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom)}
         assert "loraplane.controllers.manager" not in imported, path.name
 
+
+
+# ---- issue 13: names at the seams ------------------------------------------------------------------------------
+
+def test_a_route_with_a_malformed_selector_is_invalid_and_adapters_still_reconcile():
+    # The selector used to be free-form: `matchLabels: [team]` raised inside the Adapter controller's selector
+    # matching, so every Adapter of the namespace failed its reconcile and retried forever with no status.
+    ctl = AdapterController(context())
+    bad = {**ROUTE_BODY, "metadata": {**ROUTE_BODY["metadata"], "name": "bad"},
+           "spec": {**ROUTE_BODY["spec"], "routes": [{"selector": {"matchLabels": ["team"]}}]}}
+    ctl.stores.ModelRoute.put(bad)
+    ctl.stores.ModelRoute.put(ROUTE_BODY)
+    body = {"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",
+            "metadata": {"name": "a", "namespace": "ns", "generation": 1},
+            "spec": ADAPTER.spec.wire()}
+    ctl.store.put(body)
+    facts = ctl.observe(("ns", "a"))
+    assert [r.metadata.name for r in facts.routes] == ["r"]  # the invalid route selects nothing
+    plan = ctl.plan(facts)
+    assert plan.status["routes"] == ["r"] and plan.status["phase"] == "Loading"
+    # The route itself shows InvalidSpec naming the field.
+    rctl = route_controller()
+    rctl.stores.ModelRoute.put(bad)
+    rfacts = asyncio.run(rctl.observe(("ns", "bad")))
+    ready = rctl.plan(rfacts).status["conditions"][0]
+    assert ready["reason"] == Reason.InvalidSpec and "spec.routes.0.selector.matchLabels" in ready["message"]
+
+
+def test_a_public_name_conflict_shows_on_the_route_naming_both_sources():
+    body = {**ROUTE_BODY, "spec": {"baseModel": {"name": "org/base"}, "routes": [
+        {"name": "analytics-sql", "backends": [{"base": True}]},
+        {"selector": {"matchLabels": {"team": "analytics"}}, "prefix": "analytics-"}]}}
+    sql = Adapter.model_validate({**ADAPTER.model_dump(by_alias=True, exclude_none=True),
+                                  "metadata": {"name": "sql", "namespace": "ns", "labels": {"team": "analytics"}}})
+    pods = [{"metadata": {"name": "p", "annotations": {"loraplane.io/adapters": json.dumps({
+        "replica": "p", "route": "r", "generation": 3, "engineReady": True, "updatedAt": "t",
+        "adapters": {}})}}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}]
+    plan = route_controller().plan(ModelRouteFacts(body, ModelRoute.model_validate(body), adapters=[sql],
+                                                   deployment={"status": {"readyReplicas": 1, "replicas": 1}},
+                                                   pods=pods))
+    table = json.loads(next(iter(next(m for m in plan.children[0] if m["kind"] == "ConfigMap")["data"].values())))
+    assert [m["name"] for m in table["models"]] == ["analytics-sql"]  # once, the explicit route's
+    ready = next(c for c in plan.status["conditions"] if c["type"] == ConditionType.Ready)
+    assert ready["status"] == "False" and ready["reason"] == Reason.PublicNameConflict
+    assert "routes[0] (analytics-sql)" in ready["message"] and "Adapter sql" in ready["message"]
+    assert plan.status["phase"] != "Ready"
+    assert any(e.reason == Reason.PublicNameConflict for e in plan.events)
+
+
+def test_children_of_a_long_named_finetunejob_lead_back_to_it():
+    # A 69-character name gives a shortened label value; the controller still finds the job from it.
+    long = "j" * 69
+    body = {**FTJ_BODY, "metadata": {**FTJ_BODY["metadata"], "name": long}}
+    ctl = FineTuneJobController(context())
+    ctl.store.put(body)
+    job = ftj_builders.job(FineTuneJob.model_validate(body), BuildSettings())
+    value = job["metadata"]["labels"]["loraplane.io/finetunejob"]
+    assert len(value) <= 63 and value != long
+    assert ctl.owner_of_label("ns", value) == long and ctl.owner_of_label("ns", "j") == "j"
+
+
+def test_a_child_the_api_server_refuses_shows_as_invalid_spec_instead_of_a_retry_loop():
+    # The safety net under the builders' naming rules: a 422 on a child used to raise into the work queue, which
+    # retried it forever while the owner's status said nothing.
+    from loraplane.kube.client import ApiError
+
+    class Refusing(FakeKube):
+        async def apply(self, manifest):
+            raise ApiError(422, {"message": f'{manifest["kind"]} "x" is invalid: metadata.labels: Invalid value'},
+                           f'apply {manifest["kind"]}/{manifest["metadata"]["name"]}')
+
+    kube = Refusing()
+    ctl = FineTuneJobController(context(kube))
+    plan = ctl.plan(FineTuneJobFacts(FTJ_BODY, FTJ, run=run_state(FTJ, None, [])))
+    asyncio.run(ctl.execute(plan))  # does not raise
+    (kind, name, patch), = kube.status_patches
+    ready = patch["conditions"][0]
+    assert ready["reason"] == Reason.InvalidSpec and "metadata.labels" in ready["message"]
+    assert [e[1] for e in kube.events] == [Reason.InvalidSpec]
+    rctl = ModelRouteController(context(kube), rejections=lambda ns: {}, reselected=lambda key: None)
+    rplan = rctl.plan(ModelRouteFacts(ROUTE_BODY, ROUTE, adapters=[ADAPTER]))
+    asyncio.run(rctl.execute(("ns", "r"), rplan))
+    assert kube.status_patches[-1][:2] == ("ModelRoute", "r")
+    assert kube.status_patches[-1][2]["conditions"][0]["reason"] == Reason.InvalidSpec

@@ -129,13 +129,37 @@ def test_exclusion_renormalises():
     assert route.pick(rng, None, set(route.backends)) is None
 
 
-def test_duplicate_public_names_refused():
-    t = make_table({"a": [("v1", 100)]})
-    t = t.model_copy(update={"models": t.models * 2})
-    with pytest.raises(ValueError, match="appears twice"):
-        RoutingTable.compile(t)
+def test_duplicate_public_name_drops_the_entry_not_the_table():
+    # Issue 13 item 2: a duplicate name used to refuse the whole table (a restarted router never got ready).
+    t = make_table({"a": [("v1", 100)], "b": [("v3", 100)]})
+    dup = t.models[0].model_copy(update={"backends": [t.models[0].backends[0].model_copy(
+        update={"served_name": "v2"})]})
+    t = t.model_copy(update={"models": [t.models[0], dup, t.models[1]]})
+    compiled = RoutingTable.compile(t)
+    assert set(compiled.models) == {"a", "b"}
+    assert [b.served_name for b in compiled.models["a"].backends] == ["v1"]  # the first entry keeps the name
+    assert len(compiled.dropped) == 1 and "models[1] 'a'" in compiled.dropped[0]
+    assert [m["id"] for m in json.loads(compiled.models_json)["data"]] == ["a", "b"]
 
 
 def test_models_listing():
     listing = json.loads(RoutingTable.compile(make_table({"a": [("v1", 100)], "b": [("base", 100)]})).models_json)
     assert [m["id"] for m in listing["data"]] == ["a", "b"] and listing["object"] == "list"
+
+
+def test_router_service_serves_the_rest_of_a_table_with_a_duplicate(caplog):
+    # Issue 13 item 2: the router refused every table holding a duplicate name, so a restarted router never
+    # became ready. Now it takes the table, logs the dropped entry and exports how many it dropped.
+    from loraplane.kube.tablewatch import TableRead
+    from loraplane.router.replicas import ReplicaPool
+    from loraplane.router.server import Router
+    from loraplane.router.service import RouterService
+
+    t = make_table({"analytics-sql": [("base", 100)], "other": [("v3", 100)]})
+    t = t.model_copy(update={"models": [t.models[0], t.models[0], t.models[1]]})
+    service = RouterService(router=Router(ReplicaPool()))
+    with caplog.at_level("ERROR", logger="loraplane.router"):
+        assert service.apply_read(TableRead("test", t.to_json(), t))
+    assert set(service.router.table.models) == {"analytics-sql", "other"}
+    assert "analytics-sql" in caplog.text and "left out" in caplog.text
+    assert service.router.metrics.registry.get_sample_value("loraplane_router_table_dropped_entries") == 1

@@ -47,6 +47,7 @@ def test_every_scheme_parses_to_its_fields(text, expected):
     ("pvc:///path", "no claim name"),
     ("pvc://Bad_Claim/x", "not a valid PersistentVolumeClaim name"),
     ("pvc://-claim/x", "not a valid PersistentVolumeClaim name"),
+    ("pvc://" + "c" * 254 + "/x", "not a valid PersistentVolumeClaim name"),  # issue 13: longer than 253
     ("pvc://claim/../other/x", "inside the claim"),
     ("s3://", "no bucket"),
     ("s3:///key", "no bucket"),
@@ -110,7 +111,7 @@ AGREEMENT = [
     "hf://org/repo", "hf://org/repo@v1", "hf://org/repo@", "hf://repo",
     "pvc://models/a/../b", "pvc://models/..", "pvc://Bad_Claim/x", "pvc://-x/y", "pvc:///x", "s3:///x", "s3://",
     "https:///x.tar.gz", "https://", "https://?x", " /models/x", "/models/x ", "hf://a/b/c", "hf://", "ftp://h/x",
-    "file://relative/x", "relative/x",
+    "file://relative/x", "relative/x", "pvc://" + "c" * 253 + "/x", "pvc://" + "c" * 254 + "/x",
 ]
 
 
