@@ -122,10 +122,12 @@ def engine_deployment(route: ModelRoute, table: ServingTable, settings: BuildSet
     pod_spec: dict[str, Any] = {
         "serviceAccountName": engine_name(route),
         "containers": [stringify_quantities(engine_pod.engine_container(route, settings.engine_image)),
-                       stringify_quantities(engine_pod.loader_container(route, ns, settings.image,
-                                                                     adapter_claims=adapter_claims(table)))],
+                       stringify_quantities(engine_pod.loader_container(
+                           route, ns, settings.image, adapter_claims=adapter_claims(table),
+                           allow_insecure_http=settings.allow_insecure_http))],
         "volumes": engine_pod.serving_volumes(route, adapter_claims(table)),
-        **({"initContainers": [fetch]} if (fetch := engine_pod.model_fetch_container(route, settings.image)) else {}),
+        **({"initContainers": [fetch]} if (fetch := engine_pod.model_fetch_container(
+            route, settings.image, settings.allow_insecure_http)) else {}),
         # vLLM drains in-flight requests on SIGTERM; long generations need more than the default 30 s.
         "terminationGracePeriodSeconds": 120,
         **node_placement(spec.engine.node_selector, spec.engine.gpu_type, spec.engine.gpu_type_label,

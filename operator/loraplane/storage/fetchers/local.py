@@ -8,7 +8,7 @@ from pathlib import Path
 
 from loraplane.api.paths import PVC_ROOT
 from loraplane.storage.errors import NotFound, Unavailable
-from loraplane.storage.fetchers.base import Fetcher, partial_path
+from loraplane.storage.fetchers.base import Fetcher, FetchPolicy, partial_path
 from loraplane.storage.uri import ArtifactUri, Scheme
 
 
@@ -23,7 +23,7 @@ class LocalFetcher(Fetcher):
 
     @classmethod
     def configured(cls, *, pvc_root: str | Path, http_timeout_s: float | None,
-                   send_hub_token: bool = False) -> "LocalFetcher":
+                   send_hub_token: bool = False, policy: FetchPolicy = FetchPolicy()) -> "LocalFetcher":
         """Fetcher.configured: only `pvc_root` applies (nothing goes over the network)."""
         return cls(pvc_root)
 
