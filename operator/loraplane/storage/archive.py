@@ -115,6 +115,9 @@ def _checked_members(tar: tarfile.TarFile, limits: ArtifactLimits, uri: str, nam
         if count > limits.max_members:
             raise TooLarge(uri, "too many members",
                            f"{name} holds more than {limits.max_members} members (the artifact limit)")
+        if member.name.startswith("/") or ".." in member.name.split("/"):
+            raise UnsafeContent(uri, "path outside", f"{name}: member {member.name!r} is an absolute or '..' path; "
+                                "an archive's paths are relative to its top")
         if member.ischr() or member.isblk() or member.isfifo() or not (member.isreg() or member.isdir()
                                                                         or member.issym() or member.islnk()):
             raise UnsafeContent(uri, "special file", f"{name}: member {member.name!r} is a device file, FIFO or "
