@@ -173,6 +173,12 @@ def pod_disruption_budget(route: ModelRoute, settings: BuildSettings) -> Manifes
     })
 
 
+def promql_string(value: str) -> str:
+    """`value` as a PromQL double-quoted string literal (backslash, quote and newline escaped, as Go's
+    strconv.Quote-style escapes PromQL accepts)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
 def hpa_metric_name(metric: str) -> str:
     """Prometheus adapters expose `vllm:num_requests_waiting` as `vllm_num_requests_waiting` (':' is not
     allowed in a custom-metrics API name); see docs/operator.md for the adapter rule."""
@@ -212,7 +218,11 @@ def keda_scaled_object(route: ModelRoute) -> Manifest:
     auto = route.spec.autoscaling
     assert auto is not None
     ns = namespace_of(route)
-    query = f'sum({auto.metric}{{namespace="{ns}",pod=~"{engine_name(route)}-.*"}})'
+    # The metric is a validated metric name (api.modelroute.PROMETHEUS_METRIC_NAME); label values are quoted
+    # as PromQL string literals and the pod prefix (a DNS name: its
+    # only regex character is '.') matched literally.
+    query = (f'sum({auto.metric}{{namespace={promql_string(ns)},'
+             f'pod=~{promql_string(engine_name(route).replace(".", "[.]") + "-.*")}}})')
     return with_hash({
         "apiVersion": KEDA_API_VERSION, "kind": "ScaledObject",
         "metadata": metadata(route, engine_name(route), engine_labels(route)),
