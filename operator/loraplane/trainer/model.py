@@ -100,9 +100,10 @@ def _download_model(uri: str, cache_dir: Path, sha256: str | None) -> Path:
     import asyncio
 
     from loraplane.storage.cache import ChecksumMismatch, FetchError, model_cache
+    from loraplane.storage.fetchers import FetchPolicy
 
     try:
-        return asyncio.run(model_cache(cache_dir).fetch(uri, sha256)).path
+        return asyncio.run(model_cache(cache_dir, policy=FetchPolicy.from_env()).fetch(uri, sha256)).path
     except ChecksumMismatch as exc:
         raise InvalidConfig(f"spec.baseModel.sha256: {exc}") from exc
     except FetchError as exc:

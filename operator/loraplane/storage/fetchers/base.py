@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from loraplane.api.wire.trainer import INSECURE_HTTP_ENV
 from loraplane.storage.errors import StorageError
 from loraplane.storage.uri import ArtifactUri, Scheme
 
@@ -23,6 +24,11 @@ class FetchPolicy:
 
     allow_insecure_http: bool = False
     max_bytes: int | None = None
+
+    @classmethod
+    def from_env(cls) -> "FetchPolicy":
+        """The trainer's policy: allow_insecure_http when $LORAPLANE_ALLOW_INSECURE_HTTP is "true"."""
+        return cls(allow_insecure_http=os.environ.get(INSECURE_HTTP_ENV, "").lower() == "true")
 
 
 class Fetcher(ABC):
