@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loraplane.api.paths import PVC_ROOT
+from loraplane.api.redaction import redacted
 from loraplane.api.reasons import Reason
 from loraplane.storage.archive import ADAPTER_LIMITS, MODEL_LIMITS, ArtifactLimits, check_tree, copy_tree, unpack_archive
 from loraplane.storage.digest import directory_size, sha256_dir, sha256_file
@@ -204,7 +205,7 @@ class ArtifactCache:
             shutil.rmtree(self._entry(key), ignore_errors=True)
             total -= art.size_bytes
             evicted.append(art.uri)
-            log.info("evicted %s (%d bytes) from the adapter cache", art.uri, art.size_bytes)
+            log.info("evicted %s (%d bytes) from the adapter cache", redacted(art.uri), art.size_bytes)
         return evicted
 
     # ---- fetching ------------------------------------------------------------------------------------------

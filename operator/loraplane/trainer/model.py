@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraplane.api.finetunejob import FineTuneJob
+from loraplane.api.redaction import redacted
 from loraplane.trainer.config import Runtime, spec_uri
 from loraplane.trainer.errors import InvalidConfig, ModelNotFound, TargetModulesNotFound
 
@@ -107,8 +108,9 @@ def _download_model(uri: str, cache_dir: Path, sha256: str | None) -> Path:
     except ChecksumMismatch as exc:
         raise InvalidConfig(f"spec.baseModel.sha256: {exc}") from exc
     except FetchError as exc:
-        raise ModelNotFound(f"spec.baseModel.uri {uri}: {exc}; check the URI (a save_pretrained directory, or a "
-                            ".tar.gz of one) and the credentials in spec.baseModel.credentialsSecretRef") from exc
+        raise ModelNotFound(f"spec.baseModel.uri {redacted(uri)}: {exc}; check the URI (a save_pretrained "
+                            "directory, or a .tar.gz of one) and the credentials in "
+                            "spec.baseModel.credentialsSecretRef") from exc
 
 
 def _hub_error(source: ModelSource, exc: Exception) -> ModelNotFound:

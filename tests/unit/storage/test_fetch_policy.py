@@ -149,3 +149,16 @@ async def test_cache_reports_refusals_as_insecure_source_not_retried(tmp_path):
         assert not parse_uri(uri).is_archive
         with pytest.raises(FetchError, match="must be a .tar.gz"):
             await cache.fetch(uri)
+
+
+async def test_hub_token_goes_to_the_hub_origin_only_never_along_a_redirect(tmp_path, monkeypatch):
+    from loraplane.storage.fetchers import http as http_fetcher
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    async with Site("127.0.0.1") as hub, Site("localhost") as cdn:
+        # Pretend the loopback origin is huggingface.co (is_hub_url is an exact host match, tested elsewhere).
+        monkeypatch.setattr(http_fetcher, "is_hub_url", lambda url: url.startswith(hub.base))
+        hub.redirects["/resolve"] = f"{cdn.base}/blob"
+        assert await _in_thread(fetch, f"{hub.base}/resolve", tmp_path, send_hub_token=True) == b"data"
+        assert hub.seen == [("/resolve", "Bearer hf_secret")]
+        assert cdn.seen == [("/blob", None)]
