@@ -2,7 +2,8 @@
 
 Messages quote untrusted input, URIs above all: credentials in a URL's userinfo are never shown, nor the secret
 parameters of a presigned URL (S3's X-Amz-Signature / X-Amz-Credential / X-Amz-Security-Token, GCS's
-X-Goog-Signature, Azure SAS `sig`, `token`, `access_token`, `password`...: SECRET_PARAMS), and the text is cut so a huge value cannot push a status, a pod annotation (256 KiB in all) or a termination message (4096
+X-Goog-Signature, Azure SAS `sig`, `token`, `access_token`, `password`...: SECRET_PARAMS), and the text is cut
+so a huge value cannot push a status, a pod annotation (256 KiB in all) or a termination message (4096
 bytes) past its Kubernetes size limit.
 """
 

@@ -46,8 +46,8 @@ def fetch_model_main(args: argparse.Namespace) -> int:
         policy = FetchPolicy(allow_insecure_http=args.allow_insecure_http)
         art = asyncio.run(model_cache(args.cache_dir, args.pvc_root, policy).fetch(args.uri, args.sha256))
     except FetchError as exc:
-        message = (f"spec.baseModel.uri {redacted(args.uri)}: {exc}; check the URI, that the model is a save_pretrained "
-                   "directory (or a .tar.gz of one) and spec.baseModel.credentialsSecretRef")
+        message = (f"spec.baseModel.uri {redacted(args.uri)}: {exc}; check the URI, that the model is a "
+                   "save_pretrained directory (or a .tar.gz of one) and spec.baseModel.credentialsSecretRef")
         print(f"error: {message}", file=sys.stderr)
         # $LORAPLANE_TERMINATION_LOG; the ModelRoute's status quotes it.
         write_termination_message(TerminationMessage(reason=Reason.ModelFetchFailed, message=message).to_json())

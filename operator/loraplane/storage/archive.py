@@ -180,8 +180,9 @@ def walk_tree(src: Path, limits: ArtifactLimits, uri: str, hint: str = "") -> It
     """(relative path, file to read) for each entry of the local directory `src`, in walk order; the file is
     None for a directory. Links are not followed: a symlink must resolve inside `src` to a regular file.
 
-    Raises NotFound when `src` is not a directory (its message ends with `hint`), UnsafeContent for a device file, FIFO, socket, a link
-    leaving `src` or to a directory, TooLarge past `limits.max_members` or a file's `max_member_bytes`.
+    Raises NotFound when `src` is not a directory (its message ends with `hint`), UnsafeContent for a device
+    file, FIFO, socket, a link leaving `src` or to a directory, TooLarge past `limits.max_members` or a file's
+    `max_member_bytes`.
     """
     try:
         root = src.resolve(strict=True)

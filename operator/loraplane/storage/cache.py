@@ -33,7 +33,9 @@ from pathlib import Path
 from loraplane.api.paths import PVC_ROOT
 from loraplane.api.redaction import redacted
 from loraplane.api.reasons import Reason
-from loraplane.storage.archive import ADAPTER_LIMITS, MODEL_LIMITS, ArtifactLimits, check_tree, copy_tree, unpack_archive
+from loraplane.storage.archive import (
+    ADAPTER_LIMITS, MODEL_LIMITS, ArtifactLimits, check_tree, copy_tree, unpack_archive,
+)
 from loraplane.storage.digest import directory_size, sha256_dir, sha256_file
 from loraplane.storage.errors import InvalidContent, MissingDependency, Refused, StorageError, TooLarge, UnsafeContent
 from loraplane.storage.fetchers import fetcher_for
