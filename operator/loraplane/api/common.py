@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 from pydantic.alias_generators import to_camel
 
 from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType, Progress, progress_of
+from loraplane.api.redaction import scrubbed
 
 GROUP = "loraplane.io"
 VERSION = "v1alpha1"
@@ -334,7 +335,8 @@ def set_condition(conditions: list[Condition], type: ConditionType, state: Condi
     """Return `conditions` with `type` set to `state`; lastTransitionTime moves only when the status flips
     (cert-manager's SetCertificateCondition rule). `now` (RFC 3339) replaces the clock in tests."""
     status_str = str(ConditionStatus.of(state.status))
-    type, reason, message = str(type), str(state.reason), state.message
+    # Messages quote URIs: no credential of one reaches a status (api.redaction).
+    type, reason, message = str(type), str(state.reason), scrubbed(state.message)
     out: list[Condition] = []
     found = False
     for c in conditions:

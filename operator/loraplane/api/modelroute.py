@@ -72,6 +72,10 @@ class EngineSpec(ApiModel):
     tolerations: list[FreeForm] = Field(default_factory=list)
 
 
+# A Prometheus metric name (the data model's grammar): nothing else may reach the PromQL query built from it.
+PROMETHEUS_METRIC_NAME = r"^[a-zA-Z_:][a-zA-Z0-9_:]*$"
+
+
 class AutoscalingSpec(ApiModel):
     """Scale replicas on vLLM's own metrics."""
 
@@ -80,6 +84,10 @@ class AutoscalingSpec(ApiModel):
         # evaluates the object as written and an unguarded `self.minReplicas` would refuse a valid spec.
         CelRule(rule="!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
                 message="autoscaling.minReplicas must be <= autoscaling.maxReplicas"),
+        # The metric is spliced into a PromQL query (KEDA) and an HPA metric name: only a metric name may go in.
+        CelRule(rule=f"self.metric.matches('{PROMETHEUS_METRIC_NAME}')",
+                message="autoscaling.metric must be a Prometheus metric name ([a-zA-Z_:][a-zA-Z0-9_:]*), e.g. "
+                        "vllm:num_requests_waiting"),
     )
 
     backend: Literal["hpa", "keda"] = Field(
@@ -87,7 +95,7 @@ class AutoscalingSpec(ApiModel):
                                    "keda: a KEDA ScaledObject with a Prometheus trigger.")
     min_replicas: int = Field(default=1, ge=0, description="0 is allowed with keda (scale to zero).")
     max_replicas: int = Field(ge=1, le=1000)
-    metric: str = Field(default="vllm:num_requests_waiting",
+    metric: str = Field(default="vllm:num_requests_waiting", pattern=PROMETHEUS_METRIC_NAME, max_length=200,
                         description="vLLM metric per replica, e.g. vllm:num_requests_waiting, "
                                     "vllm:kv_cache_usage_perc, or the router's loraplane_router_in_flight.")
     target: float = Field(default=5, gt=0, description="Target average value of the metric per replica.")
@@ -155,9 +163,10 @@ class ModelRouteSpec(ApiModel):
         CelRule(rule="!has(self.autoscaling) || !has(self.replicas)",
                 message="set replicas or autoscaling, not both"),
         # An https:// base model is fetched as one archive (a web server lists no directories).
+        # The suffix is read on the URL's path, as storage.uri does: "#.tar.gz" or "?x=.tar" does not count, a
+        # presigned query after "a.tar.gz?" does.
         CelRule(rule="!has(self.baseModel.uri) || !self.baseModel.uri.startsWith('http') || "
-                     "self.baseModel.uri.endsWith('.tar.gz') || self.baseModel.uri.endsWith('.tgz') || "
-                     "self.baseModel.uri.endsWith('.tar')",
+                     "self.baseModel.uri.matches('^https?://[^?#]*[.](tar[.]gz|tgz|tar)([?][^#]*)?$')",
                 message="spec.baseModel.uri: an https:// base model must be a .tar.gz, .tgz or .tar archive of "
                         "the model directory (or use s3://BUCKET/PREFIX, pvc://CLAIM/PATH or a hub id in "
                         "baseModel.name)"),

@@ -146,6 +146,25 @@ class Reason(StrEnum):
     InvalidArtifact = ("InvalidArtifact", ADAPTER,
         "The artifact cannot be used as fetched (unsupported archive, missing "
         "library for the URI scheme).", "Use a PEFT directory or .tar.gz; see the message.")
+    UnsafeArtifact = ("UnsafeArtifact", f"{ADAPTER}; ModelRoute ModelFetchFailed message",
+        "The artifact holds something no artifact may: a device file, FIFO or socket, a link pointing outside "
+        "the artifact (or to a directory), an absolute or '..' path in an archive. Nothing of it was kept.",
+        "Rebuild the archive or directory from the adapter's files only (`tar czf a.tar.gz -C DIR .`).")
+    ArtifactTooLarge = ("ArtifactTooLarge", f"{ADAPTER}; ModelRoute ModelFetchFailed message",
+        "The artifact exceeds a loader limit: members in the archive, a file's or the total unpacked size "
+        "(sparse files count with their full size), the download size, or the safetensors header length.",
+        "Check that `source.uri` is the adapter you meant; a real LoRA adapter is far below the limits "
+        "(docs/security.md, \"Artifacts and fetching\", lists them and the loader flags that raise them).")
+    InvalidTargetModules = ("InvalidTargetModules", ADAPTER,
+        "adapter_config.json's target_modules is a regular expression the gate will not run: RE2 cannot "
+        "express it (backreferences, lookaround) or it is too long. Patterns are matched in linear time only.",
+        "Write target_modules as a list of module names, or as a plain regular expression.")
+    InsecureSource = ("InsecureSource", f"{ADAPTER}; ModelRoute ModelFetchFailed message; FineTuneJob message",
+        "The fetch policy refused the URI or where it led: plain http:// without `allowInsecureHttp`, a "
+        "redirect to a non-https URL, more than 5 redirects, or a host resolving to a loopback, link-local or "
+        "cloud metadata address. Not retried.",
+        "Serve the artifact over https from a reachable store; plain http only with the chart's "
+        "`allowInsecureHttp: true` (local clusters).")
     ChecksumMismatch = ("ChecksumMismatch", ADAPTER, "The artifact's sha256 differs from `source.sha256`.",
         "Fix `source.sha256` or the artifact; a mismatch is never loaded.")
     FetchFailed = ("FetchFailed", ADAPTER, "Downloading or copying the artifact failed.",

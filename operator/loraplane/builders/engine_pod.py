@@ -190,8 +190,10 @@ def engine_container(route: ModelRoute, default_image: str = DEFAULT_ENGINE_IMAG
     return container
 
 
-def model_fetch_container(route: ModelRoute, image: str) -> dict[str, Any] | None:
-    """The init container that fetches an s3:// / https:// base model (None for hub and PVC models)."""
+def model_fetch_container(route: ModelRoute, image: str, allow_insecure_http: bool = False
+                          ) -> dict[str, Any] | None:
+    """The init container that fetches an s3:// / https:// base model (None for hub and PVC models);
+    `allow_insecure_http` (BuildSettings) adds --allow-insecure-http (plain http, loopback)."""
     ref = route.spec.base_model
     if not fetches_base_model(ref):
         return None
@@ -199,7 +201,8 @@ def model_fetch_container(route: ModelRoute, image: str) -> dict[str, Any] | Non
         "name": MODEL_FETCH_CONTAINER,
         "image": image,
         "command": ["loraplane", "fetch-model", ref.uri, "--cache-dir", FETCHED_MODELS_PATH,
-                    *(["--sha256", ref.sha256] if ref.sha256 else [])],
+                    *(["--sha256", ref.sha256] if ref.sha256 else []),
+                    *(["--allow-insecure-http"] if allow_insecure_http else [])],
         "env": credential_env(ref),
         "volumeMounts": [{"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_PATH}],
         # Its message on failure says what to fix; the ModelRoute's status carries it (ModelFetchFailed).
@@ -208,9 +211,10 @@ def model_fetch_container(route: ModelRoute, image: str) -> dict[str, Any] | Non
     }
 
 
-def loader_args(route: ModelRoute, namespace: str, cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES) -> list[str]:
+def loader_args(route: ModelRoute, namespace: str, cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
+                allow_insecure_http: bool = False) -> list[str]:
     """The loader sidecar's CLI arguments: its route's ConfigMap, vLLM on localhost, the adapter cache
-    (`cache_max_bytes`, bytes) and its own port."""
+    (`cache_max_bytes`, bytes), its own port and --allow-insecure-http when `allow_insecure_http`."""
     name = route.metadata.name or ""
     return [
         "--configmap", configmap_name(name),
@@ -219,12 +223,15 @@ def loader_args(route: ModelRoute, namespace: str, cache_max_bytes: int = DEFAUL
         "--cache-dir", ADAPTER_CACHE_PATH,
         "--cache-max-bytes", str(cache_max_bytes),
         "--port", str(LOADER_PORT),
+        *(["--allow-insecure-http"] if allow_insecure_http else []),
     ]
 
 
-def loader_command(route: ModelRoute, namespace: str, cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES) -> list[str]:
+def loader_command(route: ModelRoute, namespace: str, cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
+                   allow_insecure_http: bool = False) -> list[str]:
     """The loader sidecar's command: `python3 -m loraplane.loader` with `loader_args`."""
-    return ["python3", "-m", "loraplane.loader", *loader_args(route, namespace, cache_max_bytes)]
+    return ["python3", "-m", "loraplane.loader",
+            *loader_args(route, namespace, cache_max_bytes, allow_insecure_http)]
 
 
 def loader_env(route: ModelRoute) -> Env:
@@ -239,13 +246,15 @@ def loader_env(route: ModelRoute) -> Env:
 
 
 def loader_container(route: ModelRoute, namespace: str, image: str, adapter_claims: Sequence[str] = (),
-                     cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES) -> dict[str, Any]:
+                     cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES, allow_insecure_http: bool = False
+                     ) -> dict[str, Any]:
     """The sidecar. It copies adapters from their PVCs (`adapter_claims`, mounted read-only under PVC_ROOT)
-    into the shared cache. Its liveness is its own /healthz; vLLM's startup never makes it restart."""
+    into the shared cache. Its liveness is its own /healthz; vLLM's startup never makes it restart.
+    `allow_insecure_http`: the loader also fetches plain http:// and loopback sources (BuildSettings)."""
     return {
         "name": LOADER_CONTAINER,
         "image": image,
-        "command": loader_command(route, namespace, cache_max_bytes),
+        "command": loader_command(route, namespace, cache_max_bytes, allow_insecure_http),
         "env": loader_env(route),
         "ports": [{"name": "loader", "containerPort": LOADER_PORT}],
         "volumeMounts": _volume_mounts(route, adapter_claims),

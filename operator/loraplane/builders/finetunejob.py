@@ -35,6 +35,7 @@ from loraplane.builders.common import (
     with_hash,
 )
 from loraplane.builders.settings import BuildSettings
+from loraplane.api.wire.trainer import INSECURE_HTTP_ENV
 from loraplane.api import paths
 from loraplane.api.keys import PRODUCED_BY_ANNOTATION
 from loraplane.api.paths import (
@@ -188,6 +189,8 @@ def job(ftj: FineTuneJob, settings: BuildSettings) -> Manifest:
         {"name": "LORAPLANE_OUTPUT_SCRATCH", "value": OUTPUT_SCRATCH},
         {"name": "HF_HOME", "value": f"{MODEL_CACHE_PATH}/hf"},
         {"name": "OMP_NUM_THREADS", "value": "1"} if not res.gpus else None,
+        # The trainer's --allow-insecure-http (storage.fetchers.FetchPolicy.from_env), from the chart's setting.
+        {"name": INSECURE_HTTP_ENV, "value": "true"} if settings.allow_insecure_http else None,
         *_credential_env(spec.base_model.credentials_secret_ref),
         *_credential_env(spec.dataset.credentials_secret_ref),
     ]

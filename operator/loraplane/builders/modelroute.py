@@ -124,10 +124,12 @@ def engine_deployment(route: ModelRoute, table: ServingTable, settings: BuildSet
     pod_spec: dict[str, Any] = {
         "serviceAccountName": engine_name(route),
         "containers": [stringify_quantities(engine_pod.engine_container(route, settings.engine_image)),
-                       stringify_quantities(engine_pod.loader_container(route, ns, settings.image,
-                                                                     adapter_claims=adapter_claims(table)))],
+                       stringify_quantities(engine_pod.loader_container(
+                           route, ns, settings.image, adapter_claims=adapter_claims(table),
+                           allow_insecure_http=settings.allow_insecure_http))],
         "volumes": engine_pod.serving_volumes(route, adapter_claims(table)),
-        **({"initContainers": [fetch]} if (fetch := engine_pod.model_fetch_container(route, settings.image)) else {}),
+        **({"initContainers": [fetch]} if (fetch := engine_pod.model_fetch_container(
+            route, settings.image, settings.allow_insecure_http)) else {}),
         # vLLM drains in-flight requests on SIGTERM; long generations need more than the default 30 s.
         "terminationGracePeriodSeconds": 120,
         **node_placement(spec.engine.node_selector, spec.engine.gpu_type, spec.engine.gpu_type_label,
@@ -173,6 +175,12 @@ def pod_disruption_budget(route: ModelRoute, settings: BuildSettings) -> Manifes
     })
 
 
+def promql_string(value: str) -> str:
+    """`value` as a PromQL double-quoted string literal (backslash, quote and newline escaped, as Go's
+    strconv.Quote-style escapes PromQL accepts)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
 def hpa_metric_name(metric: str) -> str:
     """Prometheus adapters expose `vllm:num_requests_waiting` as `vllm_num_requests_waiting` (':' is not
     allowed in a custom-metrics API name); see docs/operator.md for the adapter rule."""
@@ -212,7 +220,11 @@ def keda_scaled_object(route: ModelRoute) -> Manifest:
     auto = route.spec.autoscaling
     assert auto is not None
     ns = namespace_of(route)
-    query = f'sum({auto.metric}{{namespace="{ns}",pod=~"{engine_name(route)}-.*"}})'
+    # The metric is a validated metric name (api.modelroute.PROMETHEUS_METRIC_NAME); label values are quoted
+    # as PromQL string literals and the pod prefix (a DNS name: its
+    # only regex character is '.') matched literally.
+    query = (f'sum({auto.metric}{{namespace={promql_string(ns)},'
+             f'pod=~{promql_string(engine_name(route).replace(".", "[.]") + "-.*")}}})')
     return with_hash({
         "apiVersion": KEDA_API_VERSION, "kind": "ScaledObject",
         "metadata": metadata(route, engine_name(route), engine_labels(route)),

@@ -29,6 +29,9 @@ class BuildSettings:
     # batch/v1 Job podFailurePolicy (on by default from 1.26): preemptions don't use up backoffLimit and input
     # errors fail at once. Servers before 1.26 refuse the field in a server-side apply: set False there.
     pod_failure_policy: bool = True
+    # The loader and fetch-model also fetch plain http:// artifacts and from loopback addresses (the chart's
+    # operator.allowInsecureHttp; the local quickstart). Off: https only, no loopback (docs/security.md).
+    allow_insecure_http: bool = False
 
     @property
     def trainer(self) -> str:

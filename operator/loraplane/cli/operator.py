@@ -33,6 +33,10 @@ def add_operator_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pod-failure-policy", choices=("true", "false"),
                    default=os.environ.get("LORAPLANE_POD_FAILURE_POLICY", "true").lower(),
                    help="give training Jobs a podFailurePolicy (Kubernetes >= 1.26; false before)")
+    p.add_argument("--allow-insecure-http", choices=("true", "false"),
+                   default=os.environ.get("LORAPLANE_ALLOW_INSECURE_HTTP", "false").lower(),
+                   help="let loaders, fetch-model and trainers fetch plain http:// and loopback sources "
+                        "(local clusters only; docs/security.md)")
     p.add_argument("--metrics-port", type=int, default=int(os.environ.get("LORAPLANE_METRICS_PORT", "8080")),
                    help="port of /metrics and /healthz")
     p.add_argument("--resync-seconds", type=float,
@@ -54,6 +58,7 @@ def operator_main(args: argparse.Namespace) -> int:
         "LORAPLANE_ARTIFACT_STORE": args.artifact_store, "LORAPLANE_HPA_API_VERSION": args.hpa_api_version,
         "LORAPLANE_PDB_API_VERSION": args.pdb_api_version,
         "LORAPLANE_POD_FAILURE_POLICY": args.pod_failure_policy, "LORAPLANE_METRICS_PORT": str(args.metrics_port),
+        "LORAPLANE_ALLOW_INSECURE_HTTP": args.allow_insecure_http,
         "LORAPLANE_RESYNC_SECONDS": str(args.resync_seconds), "LORAPLANE_NAMESPACES": ",".join(args.namespace),
     }
     os.environ.update({k: v for k, v in env.items() if v})

@@ -30,6 +30,8 @@ def add_render_arguments(p: argparse.ArgumentParser) -> None:
                    help="policy/v1 (Kubernetes >= 1.21) or policy/v1beta1")
     p.add_argument("--pod-failure-policy", choices=("true", "false"), default="true",
                    help="give training Jobs a podFailurePolicy (Kubernetes >= 1.26) [true]")
+    p.add_argument("--allow-insecure-http", action="store_true",
+                   help="let loaders, fetch-model and trainers fetch plain http:// and loopback sources")
 
 
 def settings_from_args(args: argparse.Namespace) -> BuildSettings:
@@ -37,7 +39,8 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
     return BuildSettings(image=args.image, trainer_image=args.trainer_image,
                          engine_image=args.engine_image, artifact_store=args.artifact_store,
                          hpa_api_version=args.hpa_api_version, pdb_api_version=args.pdb_api_version,
-                         pod_failure_policy=args.pod_failure_policy == "true")
+                         pod_failure_policy=args.pod_failure_policy == "true",
+                         allow_insecure_http=args.allow_insecure_http)
 
 
 def render_main(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from enum import StrEnum
 from prometheus_client import Counter
 
 from loraplane.api.common import now_rfc3339
+from loraplane.api.redaction import scrubbed
 from loraplane.kube.client import KubeClient
 
 EVENTS_POSTED = Counter("loraplane_operator_events_total", "Kubernetes Events posted", ["kind", "reason"])
@@ -32,6 +33,10 @@ class Event:
     type: EventType
     reason: str
     message: str
+
+    def __post_init__(self) -> None:
+        # Messages quote URIs: an Event never carries a credential of one (api.redaction.scrubbed).
+        object.__setattr__(self, "message", scrubbed(self.message))
 
 
 class EventRecorder:

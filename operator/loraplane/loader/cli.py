@@ -37,6 +37,14 @@ def add_loader_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-max-bytes", type=int, default=20 * 1024**3,
                    help="evict least-recently-used artifacts not in use above this size")
     p.add_argument("--pvc-root", default=PVC_ROOT, help="where pvc://CLAIM/... sources are mounted")
+    add_fetch_policy_arguments(p)
+    p.add_argument("--max-artifact-bytes", type=int, default=8 * 1024**3,
+                   help="largest unpacked adapter (and largest file in it) accepted, in bytes; also capped by "
+                        "--cache-max-bytes (docs/security.md)")
+    p.add_argument("--max-artifact-files", type=int, default=10_000,
+                   help="most files and directories one adapter archive or directory may hold")
+    p.add_argument("--max-header-bytes", type=int, default=8 * 1024**2,
+                   help="largest adapter safetensors header the gate reads, in bytes")
     p.add_argument("--model-dir", help="the base model's local directory (default: the table's modelPath, then "
                                        "the Hugging Face cache)")
     p.add_argument("--max-lora-rank", type=int, help="override the table's maxLoraRank (must equal vLLM's flag)")
@@ -51,6 +59,14 @@ def add_loader_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=LOADER_PORT, help="/status, /metrics, /healthz")
     p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
+
+
+def add_fetch_policy_arguments(p: argparse.ArgumentParser) -> None:
+    """--allow-insecure-http, shared by the loader, `fetch-model` and the trainer: plain http:// artifact URLs
+    and loopback addresses (the chart's allowInsecureHttp; local clusters and tests only)."""
+    p.add_argument("--allow-insecure-http", action="store_true",
+                   help="also fetch plain http:// URLs and from loopback addresses (local clusters and tests; "
+                        "https and public or private addresses otherwise)")
 
 
 def loader_main(args: argparse.Namespace) -> int:
@@ -80,7 +96,12 @@ async def serve(args: argparse.Namespace, started: asyncio.Event | None = None) 
     from loraplane.loader.server import make_app
     from loraplane.loader.sources import KubeBinding, watch_file
 
-    cache = ArtifactCache(args.cache_dir, args.cache_max_bytes, pvc_root=args.pvc_root)
+    from loraplane.storage.archive import ArtifactLimits
+    from loraplane.storage.fetchers import FetchPolicy
+
+    limits = ArtifactLimits(args.max_artifact_files, args.max_artifact_bytes, args.max_artifact_bytes)
+    cache = ArtifactCache(args.cache_dir, args.cache_max_bytes, pvc_root=args.pvc_root, limits=limits,
+                          policy=FetchPolicy(allow_insecure_http=args.allow_insecure_http))
     kube = None
     if args.configmap:
         kube = KubeBinding.from_environment(args.namespace, args.configmap, args.pod_name, args.kubeconfig)
@@ -90,7 +111,8 @@ async def serve(args: argparse.Namespace, started: asyncio.Event | None = None) 
                         model_dir=args.model_dir, max_lora_rank=args.max_lora_rank, smoke_test=args.smoke_test,
                         probe_prompt=args.probe_prompt or DEFAULT_PROBE_PROMPT, probe_tokens=args.probe_tokens,
                         max_attempts=args.max_attempts, backoff_base=args.backoff_seconds,
-                        resync=args.resync_seconds, report_sinks=[kube.report] if kube and args.pod_name else [])
+                        resync=args.resync_seconds, report_sinks=[kube.report] if kube and args.pod_name else [],
+                        max_header_bytes=args.max_header_bytes)
         loader.metrics.cache_bytes.set(cache.total_bytes())
 
         def on_error(message: str) -> None:

@@ -18,7 +18,10 @@ from pathlib import Path
 from loraplane.api.paths import PVC_ROOT
 from loraplane.api.reasons import Reason
 from loraplane.api.wire.trainer import TerminationMessage, write_termination_message
+from loraplane.api.redaction import redacted
+from loraplane.loader.cli import add_fetch_policy_arguments
 from loraplane.storage.cache import FetchError, model_cache
+from loraplane.storage.fetchers import FetchPolicy
 from loraplane.storage.uri import fetched_model_path
 
 log = logging.getLogger("loraplane.loader")
@@ -32,6 +35,7 @@ def add_fetch_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="the model volume's folder; the model lands in CACHE_DIR/<key of the URI>")
     p.add_argument("--sha256", help="expected digest (archive sha256 or the directory's sha256_dir)")
     p.add_argument("--pvc-root", default=PVC_ROOT)
+    add_fetch_policy_arguments(p)
 
 
 def fetch_model_main(args: argparse.Namespace) -> int:
@@ -39,14 +43,15 @@ def fetch_model_main(args: argparse.Namespace) -> int:
     a ModelFetchFailed termination message when the fetch fails."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        art = asyncio.run(model_cache(args.cache_dir, args.pvc_root).fetch(args.uri, args.sha256))
+        policy = FetchPolicy(allow_insecure_http=args.allow_insecure_http)
+        art = asyncio.run(model_cache(args.cache_dir, args.pvc_root, policy).fetch(args.uri, args.sha256))
     except FetchError as exc:
-        message = (f"spec.baseModel.uri {args.uri}: {exc}; check the URI, that the model is a save_pretrained "
-                   "directory (or a .tar.gz of one) and spec.baseModel.credentialsSecretRef")
+        message = (f"spec.baseModel.uri {redacted(args.uri)}: {exc}; check the URI, that the model is a "
+                   "save_pretrained directory (or a .tar.gz of one) and spec.baseModel.credentialsSecretRef")
         print(f"error: {message}", file=sys.stderr)
         # $LORAPLANE_TERMINATION_LOG; the ModelRoute's status quotes it.
         write_termination_message(TerminationMessage(reason=Reason.ModelFetchFailed, message=message).to_json())
         return 1
     assert art.path == fetched_model_path(args.cache_dir, args.uri)
-    log.info("base model %s at %s (%d bytes, sha256 %s)", args.uri, art.path, art.size_bytes, art.sha256)
+    log.info("base model %s at %s (%d bytes, sha256 %s)", redacted(args.uri), art.path, art.size_bytes, art.sha256)
     return 0

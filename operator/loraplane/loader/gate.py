@@ -34,6 +34,8 @@ from functools import cached_property, update_wrapper
 from pathlib import Path
 from typing import Any
 
+import re2   # google-re2: linear-time matching of target_modules patterns
+
 from loraplane.api.modelroute import ENGINE_VERSION
 from loraplane.api.reasons import Reason
 from loraplane.storage.uri import recorded_path
@@ -114,18 +116,50 @@ class BaseFacts:
 
 
 # ---- reading facts ---------------------------------------------------------------------------------------------
-def read_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (shape, dtype) from a .safetensors header, without reading the tensors."""
+# The largest adapter safetensors header read (bytes). The format allows 100 MB (safetensors' own
+# MAX_HEADER_SIZE); a LoRA adapter's header is a few KB to a few hundred KB (one small JSON entry per tensor),
+# so 8 MiB leaves room for any real adapter while a hostile one cannot make every replica parse 100 MB of JSON.
+MAX_ADAPTER_HEADER_BYTES = 8 << 20
+# A base model's header (its own files, of the route's owner) gets the format's limit.
+MAX_BASE_HEADER_BYTES = 100_000_000
+# Longest target_modules regex accepted (PEFT's string form); real ones are well under 200 characters.
+MAX_PATTERN_CHARS = 1000
+
+
+class GateError(ValueError):
+    """An adapter the gate cannot read, with the reason to report (InvalidAdapter unless a limit was hit)."""
+
+    def __init__(self, message: str, reason: Reason = Reason.InvalidAdapter):
+        super().__init__(message)
+        self.reason = reason
+
+
+def read_safetensors_header(path: Path, max_header_bytes: int = MAX_BASE_HEADER_BYTES
+                            ) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype) from a .safetensors header: reads the 8-byte length and then only the header
+    (never the tensors). Raises GateError(ArtifactTooLarge) when the length field exceeds `max_header_bytes`
+    (checked before anything more is read), GateError(InvalidAdapter) for a file that is not safetensors (length
+    beyond the file, header not a JSON object of {dtype, shape} entries)."""
     with open(path, "rb") as fh:
         size = int.from_bytes(fh.read(8), "little")
-        if size <= 0 or size > 100 * 1024 * 1024:
-            raise ValueError(f"{path.name}: not a safetensors file (header size {size})")
-        header = json.loads(fh.read(size))
-    return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"}
+        if size > max_header_bytes:
+            raise GateError(f"{path.name}: its safetensors header is {size} bytes, more than the limit of "
+                            f"{max_header_bytes} (a LoRA adapter's header is a few KB); re-save it with "
+                            "safetensors/PEFT", Reason.ArtifactTooLarge)
+        raw = fh.read(size)
+    if size <= 0 or len(raw) != size:
+        raise GateError(f"{path.name}: not a safetensors file (header size {size}, {len(raw)} bytes present)")
+    try:
+        header = json.loads(raw)
+        return {k: (tuple(int(d) for d in v["shape"]), str(v["dtype"]))
+                for k, v in header.items() if k != "__metadata__"}
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise GateError(f"{path.name}: not a safetensors file (unreadable header: {type(exc).__name__})") from exc
 
 
-def read_adapter(directory: Path) -> AdapterFacts:
-    """Raises ValueError with a user-facing message when the directory is not a usable PEFT adapter."""
+def read_adapter(directory: Path, max_header_bytes: int = MAX_ADAPTER_HEADER_BYTES) -> AdapterFacts:
+    """Raises ValueError with a user-facing message when the directory is not a usable PEFT adapter (a GateError
+    carrying its reason for a header over `max_header_bytes`)."""
     cfg_path = directory / "adapter_config.json"
     try:
         config = json.loads(cfg_path.read_text())
@@ -138,7 +172,7 @@ def read_adapter(directory: Path) -> AdapterFacts:
     tensors: dict[str, tuple[tuple[int, ...], str]] = {}
     st = directory / "adapter_model.safetensors"
     if st.is_file():
-        tensors = read_safetensors_header(st)
+        tensors = read_safetensors_header(st, max_header_bytes)
     elif (directory / "adapter_model.bin").is_file():
         try:
             import torch  # only for legacy pickled adapters; vLLM loads them too
@@ -420,6 +454,21 @@ def base_quantization(g: GateInput) -> str | None:
             "unquantized or a supported (awq, gptq, bitsandbytes, fp8) checkpoint")
 
 
+@rule(Reason.InvalidTargetModules)
+def target_modules_pattern(g: GateInput) -> str | None:
+    """A string target_modules is a regular expression PEFT full-matches against every module name
+    (`re.fullmatch`). The gate matches it with RE2 (linear time, so a backtracking pattern cannot hold the
+    loader for minutes); a pattern RE2 cannot run (backreferences, lookaround) or longer than
+    MAX_PATTERN_CHARS is refused rather than run with Python's backtracking engine."""
+    targets = g.config.get("target_modules")
+    if not isinstance(targets, str) or targets == "all-linear":
+        return None
+    _, why = _compile_target_pattern(targets)
+    return None if why is None else (f"target_modules {targets[:80]!r} cannot be checked: {why}; write it as a "
+                                     "list of module names or a plain regular expression (no backreferences "
+                                     "or lookaround)")
+
+
 @rule(Reason.TargetModulesNotFound)
 def target_modules_exist(g: GateInput) -> str | None:
     """PEFT's target_modules (names matched as suffixes, or one regex matched against full names) and every
@@ -470,7 +519,7 @@ def matrices_fit_base(g: GateInput) -> str | None:
 RULES: tuple[Rule, ...] = (
     adapter_type, declared_base_model, recorded_base_model, declared_base_revision, recorded_base_revision,
     unsupported_features, rank_within_limit, declared_rank, only_lora_weights, float_dtypes, base_quantization,
-    target_modules_exist, matrices_fit_base,
+    target_modules_pattern, target_modules_exist, matrices_fit_base,
 )
 
 
@@ -497,7 +546,10 @@ def _target_patterns_missing(targets: Any, modules: set[str]) -> list[str]:
     if targets in (None, "all-linear", ["all-linear"]):
         return []
     if isinstance(targets, str):   # peft: a regex matched against the full module name
-        return [] if any(re.fullmatch(targets, m) for m in modules) else [targets]
+        pattern, _ = _compile_target_pattern(targets)
+        if pattern is None:
+            return []   # target_modules_pattern reports it
+        return [] if any(pattern.fullmatch(m) for m in modules) else [targets]
     return [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
 
 
@@ -505,3 +557,20 @@ def _example_targets(modules: dict[str, Any]) -> str:
     leaves = sorted({m.rsplit(".", 1)[-1] for m, s in modules.items() if s is None or len(s) == 2}
                     - {"embed_tokens", "lm_head", "norm"})
     return str(leaves[:8])
+
+
+def _compile_target_pattern(pattern: str) -> tuple[Any, str | None]:
+    """(compiled RE2 pattern, None) or (None, why it is refused). RE2 runs in time linear in the input and
+    refuses what needs backtracking; its program size is bounded (max_mem) so a pattern cannot blow up memory."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        return None, f"it is {len(pattern)} characters long (at most {MAX_PATTERN_CHARS})"
+    options = re2.Options()
+    options.log_errors = False
+    options.max_mem = 8 << 20
+    try:
+        return re2.compile(pattern, options), None
+    except re2.error as exc:
+        detail = exc.args[0] if exc.args else exc
+        if isinstance(detail, bytes):
+            detail = detail.decode(errors="replace")
+        return None, f"RE2 refuses it ({detail})"

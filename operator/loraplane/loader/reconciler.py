@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 INCOMPATIBLE_REASONS = frozenset({
     Reason.InvalidAdapter, Reason.RankTooLarge, Reason.UnsupportedModulesToSave, Reason.UnsupportedAdapterFeature,
     Reason.UnsupportedAdapterType, Reason.UnsupportedDtype, Reason.UnsupportedQuantization,
-    Reason.BaseModelMismatch, Reason.TargetModulesNotFound, Reason.RankMismatch,
+    Reason.BaseModelMismatch, Reason.TargetModulesNotFound, Reason.RankMismatch, Reason.UnsafeArtifact,
+    Reason.ArtifactTooLarge, Reason.InvalidTargetModules,
 })
 # States a slot stays in until the table or the engine changes (no further work on it).
 SETTLED_STATES = frozenset({AdapterState.Ready, AdapterState.Incompatible, AdapterState.Failed})
@@ -91,7 +92,8 @@ class Loader:
                  max_lora_rank: int | None = None, smoke_test: bool = True,
                  probe_prompt: str = DEFAULT_PROBE_PROMPT, probe_tokens: int = 8, max_attempts: int = 5,
                  backoff_base: float = 1.0, backoff_max: float = 60.0, resync: float = 1.0,
-                 engine_url: str | None = None, report_sinks: list[ReportSink] | None = None):
+                 engine_url: str | None = None, report_sinks: list[ReportSink] | None = None,
+                 max_header_bytes: int = gate.MAX_ADAPTER_HEADER_BYTES):
         self.engine = engine
         self.cache = cache
         self.replica = replica
@@ -107,6 +109,7 @@ class Loader:
         self.resync = resync
         self.engine_url = engine_url or engine.base_url
         self.report_sinks = list(report_sinks or [])
+        self.max_header_bytes = max_header_bytes   # the gate's safetensors header limit (--max-header-bytes)
         self.table: ServingTable | None = None
         self.slots: dict[str, Slot] = {}
         self.unloading: dict[str, str] = {}   # served name -> since
@@ -350,9 +353,9 @@ class Loader:
     def _gate(self, want: DesiredAdapter, path: Path) -> tuple[list[gate.GateFailure], str]:
         """(failures, note): the note says which checks could not run (base model files not readable)."""
         try:
-            adapter = gate.read_adapter(path)
-        except ValueError as exc:
-            return [gate.GateFailure(Reason.InvalidAdapter, str(exc))], ""
+            adapter = gate.read_adapter(path, self.max_header_bytes)
+        except ValueError as exc:   # a GateError names its own reason (e.g. an oversized header)
+            return [gate.GateFailure(getattr(exc, "reason", Reason.InvalidAdapter), str(exc))], ""
         table = self.table
         model_path = self.model_dir or table.model_path
         if self._base_facts is None or not self._base_facts.weights:   # files may appear once vLLM fetched them

@@ -82,7 +82,8 @@ class LocalRun:
 
     def __init__(self, plan: Plan, workdir: Path, model_dir: Path | None = None, out=sys.stdout):
         self.plan, self.workdir, self.model_dir, self.out = plan, Path(workdir), model_dir, out
-        self.settings = BuildSettings()
+        # Local sources are loopback http servers and paths: the quickstart opts in to plain http explicitly.
+        self.settings = BuildSettings(allow_insecure_http=True)
         self.hf_home = self.workdir / "hf"
         self.pvc_root = self.workdir / "pvc"
         self.processes: list[ManagedProcess] = []
@@ -116,7 +117,7 @@ class LocalRun:
             hfcache.install(ref.name, Path(source), self.hf_home, ref.revision or "main")
             self.say(f"  {ref.name} -> {source}")
         for route in self.plan.routes:
-            if fetch := model_fetch_container(route, self.settings.image):
+            if fetch := model_fetch_container(route, self.settings.image, self.settings.allow_insecure_http):
                 self.fetch_base_model(route, fetch)
 
     def fetch_base_model(self, route: ModelRoute, container: dict) -> None:
@@ -241,7 +242,8 @@ class LocalRun:
                               "healthy")
         self.timings["vLLM startup"] = time.monotonic() - started
 
-        loader_c = loader_container(route, NAMESPACE, self.settings.image)
+        loader_c = loader_container(route, NAMESPACE, self.settings.image,
+                                    allow_insecure_http=self.settings.allow_insecure_http)
         argv = container_argv(loader_c, pod)
         argv = _replace_flag(argv, "--configmap", ["--table", str(table_path)])
         argv = _set_flag(argv, "--vllm-url", f"http://127.0.0.1:{engine_port}")

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,10 +31,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loraplane.api.paths import PVC_ROOT
+from loraplane.api.redaction import redacted
 from loraplane.api.reasons import Reason
+from loraplane.storage.archive import (
+    ADAPTER_LIMITS, MODEL_LIMITS, ArtifactLimits, check_tree, copy_tree, unpack_archive,
+)
 from loraplane.storage.digest import directory_size, sha256_dir, sha256_file
-from loraplane.storage.errors import InvalidContent, MissingDependency, StorageError
+from loraplane.storage.errors import InvalidContent, MissingDependency, Refused, StorageError, TooLarge, UnsafeContent
 from loraplane.storage.fetchers import fetcher_for
+from loraplane.storage.fetchers.base import FetchPolicy
 from loraplane.storage.uri import (  # noqa: F401  (fetched_model_path: also the cache's public name)
     ArtifactUri, Scheme, cache_key, fetched_model_path, parse_uri, try_parse_uri,
 )
@@ -46,10 +50,18 @@ META_SUFFIX = ".meta.json"
 
 
 class FetchError(Exception):
-    """The artifact could not be fetched; `reason` is the CamelCase reason reported for it."""
+    """The artifact could not be fetched; `reason` is the CamelCase reason reported for it (a class default, or
+    given per instance), `retryable` whether another attempt may succeed."""
 
     reason = Reason.FetchFailed
     retryable = True
+
+    def __init__(self, message: str, reason: Reason | None = None, retryable: bool | None = None):
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+        if retryable is not None:
+            self.retryable = retryable
 
 
 class ChecksumMismatch(FetchError):
@@ -112,13 +124,18 @@ def model_root(directory: Path) -> Path:
 class ArtifactCache:
     """A verified, size-bounded (`max_bytes`) cache of fetched artifacts under `root`, one entry per URI
     (cache_key): a directory plus a metadata file written last, so a crash never leaves an entry that looks
-    complete. `http_timeout` is seconds per HTTP(S) download; `root_of` picks the artifact's directory in the tree."""
+    complete. `http_timeout` is seconds per HTTP(S) download; `root_of` picks the artifact's directory in the tree;
+    `limits` bound what one artifact may unpack to (capped at `max_bytes`: an artifact larger than the cache
+    cannot be kept anyway); `policy` is what HTTP(S) fetches may do (plain http, loopback: off by default)."""
 
     def __init__(self, root: Path, max_bytes: int, pvc_root: str = PVC_ROOT, http_timeout: float = 600,
-                 root_of: Callable[[Path], Path] = adapter_root):
+                 root_of: Callable[[Path], Path] = adapter_root, limits: ArtifactLimits = ADAPTER_LIMITS,
+                 policy: FetchPolicy = FetchPolicy()):
         self.root_of = root_of  # which directory of a fetched tree is the artifact (adapter or model)
         self.root = Path(root)
         self.max_bytes = max_bytes
+        self.limits = limits.at_most(max_bytes)
+        self.policy = FetchPolicy(policy.allow_insecure_http, self.limits.max_total_bytes)
         self.pvc_root = pvc_root
         self.http_timeout = http_timeout
         self.root.mkdir(parents=True, exist_ok=True)
@@ -190,7 +207,7 @@ class ArtifactCache:
             shutil.rmtree(self._entry(key), ignore_errors=True)
             total -= art.size_bytes
             evicted.append(art.uri)
-            log.info("evicted %s (%d bytes) from the adapter cache", art.uri, art.size_bytes)
+            log.info("evicted %s (%d bytes) from the adapter cache", redacted(art.uri), art.size_bytes)
         return evicted
 
     # ---- fetching ------------------------------------------------------------------------------------------
@@ -227,6 +244,12 @@ class ArtifactCache:
         """A local/PVC source without a pinned digest may be rewritten in place: re-hash it to notice."""
         if expected is not None or self._local_path(uri) is None:
             return False
+        try:   # a source that now holds a device file or a link outside must not be read: refetch (and refuse)
+            await asyncio.to_thread(check_tree, self.root_of(self._local_path(uri)), self.limits, uri)
+        except (StorageError, FetchError):
+            return True
+        except OSError:
+            return False
         try:
             return await asyncio.to_thread(sha256_dir, self.root_of(self._local_path(uri))) != cached.sha256
         except (OSError, FetchError):
@@ -258,6 +281,12 @@ class ArtifactCache:
             raise InvalidArtifact(f"{exc}") from exc
         try:
             return await asyncio.to_thread(self._materialise, parsed, dest)
+        except UnsafeContent as exc:
+            raise InvalidArtifact(str(exc), Reason.UnsafeArtifact) from exc
+        except TooLarge as exc:
+            raise InvalidArtifact(str(exc), Reason.ArtifactTooLarge) from exc
+        except Refused as exc:
+            raise FetchError(str(exc), Reason.InsecureSource, retryable=False) from exc
         except (InvalidContent, MissingDependency) as exc:
             raise InvalidArtifact(str(exc)) from exc
         except StorageError as exc:
@@ -265,34 +294,39 @@ class ArtifactCache:
 
     def _materialise(self, uri: ArtifactUri, dest: Path) -> str | None:
         """A directory is copied as is; one archive (.tar.gz, .tgz, .tar) is fetched, hashed and unpacked."""
-        fetcher = fetcher_for(uri, pvc_root=self.pvc_root, http_timeout_s=self.http_timeout)
+        fetcher = fetcher_for(uri, pvc_root=self.pvc_root, http_timeout_s=self.http_timeout, policy=self.policy)
         if uri.is_local:
             local = uri.local_path(self.pvc_root)
-            if local is not None and local.is_file() and uri.is_archive:
-                return self._unpack(local, dest)
-            fetcher.fetch_tree(uri, dest)
+            assert local is not None
+            if local.is_file() and uri.is_archive:
+                return self._unpack(local, dest, uri.text)
+            hint = " (is the PVC mounted in the pod?)" if uri.scheme == Scheme.PVC else ""
+            copy_tree(local, dest, self.limits, uri.text, hint)   # no device files, FIFOs or links leaving it
             return None
         if uri.is_http and not uri.is_archive:
             raise InvalidArtifact(f"{uri}: an https:// artifact must be a .tar.gz, .tgz or .tar archive "
                                   "of its directory")
         if uri.is_archive and uri.scheme != Scheme.HF:
             archive = fetcher.fetch_file(uri, dest.parent / uri.name)
-            return self._unpack(archive, dest)
+            return self._unpack(archive, dest, uri.text)
         fetcher.fetch_tree(uri, dest)
         return None
 
-    def _unpack(self, archive: Path, dest: Path) -> str:
-        digest = sha256_file(archive)
-        dest.mkdir(parents=True)
-        try:
-            with tarfile.open(archive) as tar:
-                tar.extractall(dest, filter="data")  # refuses absolute paths, '..' and device files
-        except (tarfile.TarError, OSError) as exc:
-            raise InvalidArtifact(f"{archive.name} is not a readable tar archive: {exc}") from exc
-        return digest
+    def _unpack(self, archive: Path, dest: Path, uri: str) -> str:
+        """Hash and unpack `archive` into `dest` within `self.limits` (storage.archive.unpack_archive: refused
+        members and limits raise UnsafeContent / TooLarge / InvalidContent). Returns the archive's sha256."""
+        size = archive.stat().st_size
+        if size > self.limits.max_total_bytes:
+            raise TooLarge(uri, "archive too large", f"{archive.name} is {size} bytes (the artifact limit is "
+                           f"{self.limits.max_total_bytes})")
+        # A local archive may be a link to the real file: open its target (unpack_archive refuses links and
+        # anything but a regular file before reading a byte).
+        unpack_archive(archive.resolve(), dest, self.limits, uri)
+        return sha256_file(archive)
 
 
-def model_cache(root: Path, pvc_root: str = PVC_ROOT) -> ArtifactCache:
-    """The cache that fetches base models (engine pod init container, trainer): no size bound, since its one
-    entry is the model in use; an entry is a directory with config.json."""
-    return ArtifactCache(root, max_bytes=1 << 62, pvc_root=pvc_root, root_of=model_root)
+def model_cache(root: Path, pvc_root: str = PVC_ROOT, policy: FetchPolicy = FetchPolicy()) -> ArtifactCache:
+    """The cache that fetches base models (engine pod init container, trainer): no size bound but MODEL_LIMITS,
+    since its one entry is the model in use; an entry is a directory with config.json."""
+    return ArtifactCache(root, max_bytes=1 << 62, pvc_root=pvc_root, root_of=model_root, limits=MODEL_LIMITS,
+                         policy=policy)

@@ -56,6 +56,21 @@ class InvalidContent(StorageError):
     """The store holds something that cannot be an artifact (e.g. an S3 key escaping its prefix)."""
 
 
+class UnsafeContent(InvalidContent):
+    """The artifact holds what no artifact may: a device file, a FIFO or socket, a link leaving the artifact,
+    an absolute or '..' member path (loraplane.storage.archive refuses them before anything is written)."""
+
+
+class TooLarge(InvalidContent):
+    """The artifact exceeds a limit of `archive.ArtifactLimits` (member count, member or total unpacked size,
+    download size): refused before it fills the disk or memory."""
+
+
+class Refused(StorageError):
+    """The fetch policy refuses the URI or where it leads (plain http:// without the opt-in, a redirect to a
+    loopback, link-local or metadata address, too many redirects): retrying cannot help."""
+
+
 class MissingDependency(StorageError):
     """The scheme needs a library this image lacks (boto3, huggingface_hub, datasets): retrying cannot help."""
 

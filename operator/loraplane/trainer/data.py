@@ -27,11 +27,12 @@ from loraplane.storage.errors import (
     AccessDenied,
     MissingDependency,
     NoCredentials,
+    Refused,
     NotFound,
     OfflineMiss,
     StorageError,
 )
-from loraplane.storage.fetchers import fetcher_for
+from loraplane.storage.fetchers import FetchPolicy, fetcher_for
 from loraplane.storage.fetchers.hf import load_hub_dataset
 from loraplane.storage.uri import ArtifactUri, Scheme
 from loraplane.trainer.config import spec_uri
@@ -90,7 +91,7 @@ def fetch(uri: str, dest_dir: Path, pvc_root: Path, what: str = "spec.dataset.ur
         path = dest_dir / f"dataset-{hashlib.sha256(uri.encode()).hexdigest()[:12]}{_suffix(parsed)}"
         try:
             # The dataset's credentials Secret is the user's own: its HF_TOKEN may go to huggingface.co (gated data).
-            fetcher_for(parsed, send_hub_token=True).fetch_file(parsed, path)
+            fetcher_for(parsed, send_hub_token=True, policy=FetchPolicy.from_env()).fetch_file(parsed, path)
         except StorageError as exc:
             raise _dataset_error(exc, parsed, what) from exc
     return read_file(path, what, uri)
@@ -103,7 +104,7 @@ def _suffix(uri: ArtifactUri) -> str:
 def _dataset_error(exc: StorageError, uri: ArtifactUri, what: str) -> TrainerError:
     """A storage failure as the trainer's dataset reason, with the fix for the URI's scheme."""
     s3 = uri.scheme == Scheme.S3
-    if isinstance(exc, MissingDependency):
+    if isinstance(exc, (MissingDependency, Refused)):   # retrying cannot help either
         return InvalidConfig(f"{what}: {exc}")
     if isinstance(exc, NoCredentials):
         return DatasetAccessDenied(f"{what}: no AWS credentials to read {uri}; set spec.dataset.credentialsSecretRef "

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraplane.api.finetunejob import FineTuneJob
+from loraplane.api.redaction import redacted
 from loraplane.trainer.config import Runtime, spec_uri
 from loraplane.trainer.errors import InvalidConfig, ModelNotFound, TargetModulesNotFound
 
@@ -100,14 +101,16 @@ def _download_model(uri: str, cache_dir: Path, sha256: str | None) -> Path:
     import asyncio
 
     from loraplane.storage.cache import ChecksumMismatch, FetchError, model_cache
+    from loraplane.storage.fetchers import FetchPolicy
 
     try:
-        return asyncio.run(model_cache(cache_dir).fetch(uri, sha256)).path
+        return asyncio.run(model_cache(cache_dir, policy=FetchPolicy.from_env()).fetch(uri, sha256)).path
     except ChecksumMismatch as exc:
         raise InvalidConfig(f"spec.baseModel.sha256: {exc}") from exc
     except FetchError as exc:
-        raise ModelNotFound(f"spec.baseModel.uri {uri}: {exc}; check the URI (a save_pretrained directory, or a "
-                            ".tar.gz of one) and the credentials in spec.baseModel.credentialsSecretRef") from exc
+        raise ModelNotFound(f"spec.baseModel.uri {redacted(uri)}: {exc}; check the URI (a save_pretrained "
+                            "directory, or a .tar.gz of one) and the credentials in "
+                            "spec.baseModel.credentialsSecretRef") from exc
 
 
 def _hub_error(source: ModelSource, exc: Exception) -> ModelNotFound:

@@ -72,7 +72,10 @@ def test_fetch_model_from_an_https_archive(tiny_model_dir, tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         uri = f"http://127.0.0.1:{server.server_port}/tiny.tar.gz"
-        done = fetch(uri, tmp_path / "cache", tmp_path, {})
+        # Plain http on loopback is refused unless the route's operator opted in (chart allowInsecureHttp).
+        refused = fetch(uri, tmp_path / "cache", tmp_path, {})
+        assert refused.returncode == 1 and "allowInsecureHttp" in refused.stderr
+        done = fetch(uri, tmp_path / "cache", tmp_path, {}, "--allow-insecure-http")
         assert done.returncode == 0, done.stderr
         assert sha256_dir(fetched_model_path(tmp_path / "cache", uri)) == sha256_dir(tiny_model_dir)
     finally:

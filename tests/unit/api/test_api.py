@@ -302,3 +302,31 @@ def test_validate_cli(capsys):
 
 def test_kinds_have_distinct_names():
     assert {FineTuneJob.PLURAL, Adapter.PLURAL, ModelRoute.PLURAL} == {"finetunejobs", "adapters", "modelroutes"}
+
+
+def test_autoscaling_metric_and_archive_suffix_cannot_inject(tmp_path):
+    """Issue 12, item 7: autoscaling.metric was spliced unescaped into KEDA's PromQL query; an https base model
+    ending in "#.tar.gz" passed the archive check. Both are refused at admission (schema pattern and CEL)."""
+    from loraplane.builders import modelroute as route_builders
+
+    route = load_docs(EXAMPLES / "modelroute.yaml")[0]
+    for metric in ('up or vector(1000)', 'x{a="b"}', "vllm:num_requests_waiting) or (1", "9lives", ""):
+        bad = copy.deepcopy(route)
+        bad["spec"]["autoscaling"]["metric"] = metric
+        with pytest.raises(ValidationError, match="metric"):
+            parse(bad)
+        assert validate_object(crd_schema("ModelRoute"), bad) != [], metric
+    keda = copy.deepcopy(route)
+    keda["spec"]["autoscaling"].update(backend="keda", metric="vllm:num_requests_waiting")
+    keda["metadata"]["name"] = "chat"
+    query = route_builders.keda_scaled_object(parse(keda))["spec"]["triggers"][0]["metadata"]["query"]
+    assert query.startswith("sum(vllm:num_requests_waiting{namespace=") and 'pod=~"chat-engine-.*"' in query
+    assert route_builders.promql_string('a"b\\c') == '"a\\"b\\\\c"'
+    for uri in ("https://models.example.com/llama#.tar.gz", "https://models.example.com/llama?x=.tar.gz"):
+        web = copy.deepcopy(route)
+        web["spec"]["baseModel"] = {"uri": uri}
+        with pytest.raises(ValidationError, match="must be a .tar.gz"):
+            parse(web)
+    signed = copy.deepcopy(route)
+    signed["spec"]["baseModel"] = {"uri": "https://b.s3.amazonaws.com/llama.tar.gz?X-Amz-Signature=abc"}
+    assert parse(signed).spec.base_model.uri.endswith("abc")

@@ -175,6 +175,8 @@ RULE_CASES = {
                                         ((8, 128), "I8")})),
     gate.base_quantization: (_facts(base_config={"quantization_config": {"quant_method": "GPTQ"}}),
                              _facts(base_config={"quantization_config": {"quant_method": "hqq"}})),
+    gate.target_modules_pattern: (_facts(config={"target_modules": r".*\.(q|v)_proj"}),
+                                  _facts(config={"target_modules": r"(.*)\1"})),
     gate.target_modules_exist: (_facts(config={"target_modules": r".*\.(q|v)_proj"}, weights={}),   # unknown base
                                 _facts(config={"target_modules": ["q_proj", "c_attn"]})),
     gate.matrices_fit_base: (_facts(weights={f"model.layers.{layer}.self_attn.{t}.weight": None   # shapes unknown
@@ -209,3 +211,45 @@ def test_the_chain_stops_at_a_final_rule():
     ia3 = _facts(config={"peft_type": "IA3", "use_dora": True}, max_lora_rank=4)
     assert [f.reason for f in gate.check(ia3.adapter, ia3.base, **_check_kwargs(ia3))] == \
         [Reason.UnsupportedAdapterType]
+
+
+# ---- hostile adapters (issue 12, item 4): refused promptly with a named reason, never run or read in full ----
+def test_safetensors_header_length_is_capped_before_reading(tmp_path):
+    # The length field says 100 MB (the format's own limit): the gate must refuse it without reading 100 MB.
+    d = write_adapter(tmp_path / "big")
+    st = d / "adapter_model.safetensors"
+    st.write_bytes((100_000_000).to_bytes(8, "little") + b"{")
+    with pytest.raises(gate.GateError) as info:
+        gate.read_adapter(d)
+    assert info.value.reason is Reason.ArtifactTooLarge and "100000000" in str(info.value)
+    # The cap is configurable; a header within it but longer than the file is not safetensors.
+    with pytest.raises(gate.GateError) as info:
+        gate.read_adapter(d, max_header_bytes=200_000_000)
+    assert info.value.reason is Reason.InvalidAdapter
+    # A header that is JSON but not a tensor table is InvalidAdapter, not a crash.
+    st.write_bytes((2).to_bytes(8, "little") + b"[]")
+    with pytest.raises(gate.GateError, match="not a safetensors file"):
+        gate.read_adapter(d)
+
+
+def test_backtracking_target_modules_regex_is_bounded(tmp_path, base):
+    import time
+
+    names = [f"model.layers.{i}.self_attn.q_proj" for i in range(1)] + ["a" * 40]
+    # Catastrophic for Python's re: nested quantifiers against a long non-matching name.
+    evil = r"(a+)+b"
+    started = time.monotonic()
+    assert gate._target_patterns_missing(evil, set(names)) == [evil]
+    assert time.monotonic() - started < 1
+    evil_adapter = write_adapter(tmp_path / "evil", extra_config={"target_modules": "(a|aa)+$" * 1})
+    started = time.monotonic()
+    assert reasons(evil_adapter, base) == ["TargetModulesNotFound"]
+    assert time.monotonic() - started < 2
+    # What RE2 cannot run (backreferences, lookaround) or a huge pattern is refused with its own reason.
+    for pattern in (r"(q)\1_proj", r"(?=q).*_proj", "q" * (gate.MAX_PATTERN_CHARS + 1)):
+        bad = write_adapter(tmp_path / f"bad{len(pattern)}", extra_config={"target_modules": pattern})
+        failures = gate.check(gate.read_adapter(bad), base, max_lora_rank=16)
+        assert [f.reason for f in failures] == [Reason.InvalidTargetModules], pattern
+    # An ordinary PEFT regex still matches as re.fullmatch would.
+    ok = write_adapter(tmp_path / "ok", extra_config={"target_modules": r".*\.(q_proj|v_proj)"})
+    assert reasons(ok, base) == []

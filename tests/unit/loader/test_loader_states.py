@@ -104,3 +104,21 @@ def test_waiting_for_the_engine_and_unloading(tmp_path):
     loader.set_table(_table(_want("old", "/somewhere")))
     loader.set_table(_table())
     assert _state(loader, "old") == (AdapterState.Unloading, Reason.NotDesired)
+
+
+@pytest.mark.timeout(60)   # the symlink to /dev/zero used to be copied forever
+def test_hostile_adapters_are_incompatible_with_the_rule_named(tmp_path):
+    """Issue 12, item 4: a hostile artifact ends Incompatible with its reason, beside a healthy adapter that
+    still becomes Ready (the replica keeps serving); nothing is retried."""
+    zero = write_adapter(tmp_path / "zero")
+    (zero / "x.bin").symlink_to("/dev/zero")       # used to copy forever
+    header = write_adapter(tmp_path / "header")
+    (header / "adapter_model.safetensors").write_bytes((100_000_000).to_bytes(8, "little") + b"{")
+    regex = write_adapter(tmp_path / "regex", extra_config={"target_modules": r"(q)\1_proj"})
+    loader = _run(tmp_path, FakeEngine(), _want("zero", str(zero)), _want("header", str(header)),
+                  _want("regex", str(regex)), _want("ok", str(write_adapter(tmp_path / "ok"))))
+    assert _state(loader, "zero") == (AdapterState.Incompatible, Reason.UnsafeArtifact)
+    assert _state(loader, "header") == (AdapterState.Incompatible, Reason.ArtifactTooLarge)
+    assert _state(loader, "regex") == (AdapterState.Incompatible, Reason.InvalidTargetModules)
+    assert _state(loader, "ok") == (AdapterState.Ready, Reason.Loaded)
+    assert loader.report().adapters["zero"].attempts == 1

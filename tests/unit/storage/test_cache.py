@@ -14,11 +14,14 @@ from aiohttp.test_utils import TestServer
 from support.adapters import write_adapter
 from loraplane.storage.digest import sha256_dir, sha256_file
 from loraplane.storage.cache import ArtifactCache, ChecksumMismatch, FetchError, InvalidArtifact
+from loraplane.storage.fetchers import FetchPolicy
 
 
 @pytest.fixture
 def cache(tmp_path) -> ArtifactCache:
-    return ArtifactCache(tmp_path / "cache", max_bytes=10**9, pvc_root=str(tmp_path / "pvc"))
+    # The test servers listen on loopback over plain http: the tests opt in explicitly, as the quickstart does.
+    return ArtifactCache(tmp_path / "cache", max_bytes=10**9, pvc_root=str(tmp_path / "pvc"),
+                         policy=FetchPolicy(allow_insecure_http=True))
 
 
 async def test_local_directory_is_copied_and_verified(tmp_path, cache):

@@ -14,11 +14,14 @@ from loraplane.storage.errors import (
     AccessDenied, InvalidContent, NoCredentials, NotFound, StorageError, Unavailable, http_error,
     s3_error,
 )
-from loraplane.storage.fetchers import REGISTRY, fetcher_class, fetcher_for
+from loraplane.storage.fetchers import REGISTRY, FetchPolicy, fetcher_class, fetcher_for
 from loraplane.storage.fetchers.http import HttpFetcher, is_hub_url
 from loraplane.storage.fetchers.local import LocalFetcher
 from loraplane.storage.fetchers.s3 import S3Fetcher
 from loraplane.storage.uri import Scheme, parse_uri
+
+# The test servers are plain http on loopback: allowed only with the explicit opt-in (allowInsecureHttp).
+LOCAL = FetchPolicy(allow_insecure_http=True)
 
 
 def test_fetcher_for_each_scheme():
@@ -99,7 +102,7 @@ def site(tmp_path):
 def test_http_file_and_status_mapping(site, tmp_path):
     root, base = site
     (root / "a.bin").write_bytes(b"x" * 3_000_000)  # several chunks
-    fetcher = HttpFetcher(timeout_s=30)
+    fetcher = HttpFetcher(timeout_s=30, policy=LOCAL)
     assert fetcher.fetch_file(parse_uri(f"{base}/a.bin"), tmp_path / "a.bin").read_bytes() == b"x" * 3_000_000
     for path, cls, needle in (("/nope", NotFound, "HTTP 404"), ("/denied", AccessDenied, "HTTP 403"),
                               ("/broken", Unavailable, "HTTP 503")):
@@ -118,7 +121,7 @@ def test_http_budget_covers_the_whole_download(site, tmp_path):
     _, base = site
     started = time.monotonic()
     with pytest.raises(Unavailable, match="not complete after 1 s"):
-        HttpFetcher(timeout_s=1).fetch_file(parse_uri(f"{base}/drip"), tmp_path / "out")
+        HttpFetcher(timeout_s=1, policy=LOCAL).fetch_file(parse_uri(f"{base}/drip"), tmp_path / "out")
     assert time.monotonic() - started < 4
     assert not list(tmp_path.glob("out*"))
 
@@ -127,7 +130,7 @@ def test_http_credentials_are_never_shown(site, tmp_path):
     _, base = site
     url = base.replace("http://", "http://user:s3cr3t@") + "/nope"
     with pytest.raises(NotFound) as info:
-        HttpFetcher(timeout_s=10).fetch_file(parse_uri(url), tmp_path / "out")
+        HttpFetcher(timeout_s=10, policy=LOCAL).fetch_file(parse_uri(url), tmp_path / "out")
     assert "s3cr3t" not in str(info.value) and "***@" in str(info.value)
     assert _Handler.seen_auth[-1].startswith("Basic ")   # userinfo becomes Basic auth, as aiohttp does
 
@@ -141,9 +144,10 @@ def test_hub_token_goes_only_where_it_was_asked_for(site, tmp_path, monkeypatch)
         assert not is_hub_url(url), url
     root, base = site
     (root / "a.bin").write_bytes(b"a")
-    HttpFetcher(timeout_s=10, send_hub_token=True).fetch_file(parse_uri(f"{base}/a.bin"), tmp_path / "a")
+    HttpFetcher(timeout_s=10, send_hub_token=True, policy=LOCAL).fetch_file(parse_uri(f"{base}/a.bin"),
+                                                                            tmp_path / "a")
     assert _Handler.seen_auth[-1] is None    # loopback is not the Hub
-    HttpFetcher(timeout_s=10).fetch_file(parse_uri(f"{base}/away"), tmp_path / "b")
+    HttpFetcher(timeout_s=10, policy=LOCAL).fetch_file(parse_uri(f"{base}/away"), tmp_path / "b")
     assert _Handler.seen_auth[-2:] == [None, None]
 
 

@@ -224,8 +224,12 @@ def http_root(tmp_path):
     server.server_close()
 
 
-def test_https_dataset_fetch_and_404(tmp_path, http_root):
+def test_https_dataset_fetch_and_404(tmp_path, http_root, monkeypatch):
     root, base = http_root
+    # A loopback http server: refused unless the trainer has the opt-in (the chart's allowInsecureHttp).
+    with pytest.raises(InvalidConfig, match="allowInsecureHttp"):
+        data.fetch(f"{base}/train.jsonl", tmp_path / "dl", tmp_path)
+    monkeypatch.setenv("LORAPLANE_ALLOW_INSECURE_HTTP", "true")
     write_toy_dataset(root / "train.jsonl", TOY_PHRASES[0], 4)
     src = data.fetch(f"{base}/train.jsonl", tmp_path / "dl", tmp_path)
     assert len(src.records) == 4 and src.uri.endswith("/train.jsonl")

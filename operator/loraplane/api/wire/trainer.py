@@ -24,6 +24,9 @@ EXIT_OK = 0
 EXIT_INTERNAL = 70          # EX_SOFTWARE: a bug or an unforeseen failure (traceback in the log)
 EXIT_PREEMPTED = 75         # EX_TEMPFAIL: SIGTERM received, checkpoint saved; rerun to resume
 TERMINATION_LOG_ENV = "LORAPLANE_TERMINATION_LOG"
+# The trainer's --allow-insecure-http (plain http:// and loopback sources), set by the Job builder from the
+# chart's operator.allowInsecureHttp; read by storage.fetchers.FetchPolicy.from_env.
+INSECURE_HTTP_ENV = "LORAPLANE_ALLOW_INSECURE_HTTP"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 # Kubernetes keeps at most 4096 bytes of a termination message (core/v1 ContainerStateTerminated.message).
 TERMINATION_MESSAGE_LIMIT = 4096

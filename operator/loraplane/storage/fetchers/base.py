@@ -4,11 +4,31 @@ from __future__ import annotations
 
 import os
 from abc import ABC
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from loraplane.api.wire.trainer import INSECURE_HTTP_ENV
 from loraplane.storage.errors import StorageError
 from loraplane.storage.uri import ArtifactUri, Scheme
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """What a fetch over the network may do, beyond the defaults (https only, public addresses, no size bound).
+
+    `allow_insecure_http`: also plain http:// and loopback addresses (the chart's `allowInsecureHttp`, the
+    local quickstart and tests; never needed against a real store). `max_bytes`: the largest download
+    accepted (None: unbounded), so a server streaming forever stops at the artifact limit.
+    """
+
+    allow_insecure_http: bool = False
+    max_bytes: int | None = None
+
+    @classmethod
+    def from_env(cls) -> "FetchPolicy":
+        """The trainer's policy: allow_insecure_http when $LORAPLANE_ALLOW_INSECURE_HTTP is "true"."""
+        return cls(allow_insecure_http=os.environ.get(INSECURE_HTTP_ENV, "").lower() == "true")
 
 
 class Fetcher(ABC):
@@ -20,7 +40,7 @@ class Fetcher(ABC):
 
     @classmethod
     def configured(cls, *, pvc_root: str | Path, http_timeout_s: float | None,
-                   send_hub_token: bool = False) -> "Fetcher":
+                   send_hub_token: bool = False, policy: FetchPolicy = FetchPolicy()) -> "Fetcher":
         """An instance for `fetcher_for`'s options; a fetcher that takes none of them ignores them."""
         return cls()
 

@@ -1,31 +1,52 @@
 """One file over HTTP(S) (`https://HOST/PATH`), with aiohttp (already a dependency of the loader and router).
 
-aiohttp rather than urllib because it gives what a download from an untrusted URL needs without code of ours:
-a budget for the whole download (`ClientTimeout.total`) as well as for each read, credentials in the URL turned
-into Basic auth (and never printed: messages show the URL without them), paths percent-encoded, redirects
-followed only to http(s) and with the Authorization header dropped when they leave the origin, and no proxy
-taken from the environment (trust_env=False).
+aiohttp rather than urllib because it gives what a download from an untrusted URL needs: a budget for the whole
+download (`ClientTimeout.total`) as well as for each read, paths percent-encoded, a pluggable resolver and no
+proxy taken from the environment (trust_env=False).
+
+A URL is whatever the author of an Adapter or ModelRoute wrote, fetched from inside the cluster, so the fetch
+policy (`FetchPolicy`) keeps it from reaching what the author could not (blind SSRF):
+
+- https only; plain http:// only with `allow_insecure_http` (the chart's `allowInsecureHttp`).
+- Redirects are followed by this module, at most MAX_REDIRECTS, only to http(s) (https only without the opt-in).
+- Every address a connection goes to is checked after DNS resolution, at connect time (a resolver wrapping
+  aiohttp's, no DNS cache: no rebinding between check and connect), and literal IP hosts before the request:
+  link-local (169.254.0.0/16, fe80::/10, so the cloud metadata service), the other metadata addresses in
+  METADATA_ADDRESSES, unspecified and multicast addresses are refused; loopback only with the opt-in.
+- Credentials (the URL's userinfo as Basic auth, the Hub token) go only to the URL's own origin: a redirect to
+  another scheme, host or port carries none of them.
+- A download stops at `max_bytes` (the artifact limit).
 
 The Hugging Face token (HF_TOKEN) is sent only when the caller asks for it (`send_hub_token`, the trainer's
-datasets) and only over https to huggingface.co or one of its subdomains.
+datasets) and only over https to a host that is huggingface.co or one of its subdomains (is_hub_url).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import ipaddress
 import os
+import socket
 from pathlib import Path
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
 
-from loraplane.storage.errors import StorageError, Unavailable, http_error
-from loraplane.storage.fetchers.base import Fetcher, partial_path
 from loraplane.api.redaction import redacted
+from loraplane.storage.errors import Refused, StorageError, TooLarge, Unavailable, http_error
+from loraplane.storage.fetchers.base import Fetcher, FetchPolicy, partial_path
 from loraplane.storage.uri import ArtifactUri, Scheme
 
 _CHUNK = 1 << 20
 USER_AGENT = "loraplane"
 HUB_HOST = "huggingface.co"
+MAX_REDIRECTS = 5
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# Cloud metadata services outside the link-local range: AWS over IPv6, Alibaba Cloud, Azure's wireserver.
+METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in
+                               ("169.254.169.254", "fd00:ec2::254", "100.100.100.200", "168.63.129.16"))
 
 
 def is_hub_url(url: str) -> bool:
@@ -38,26 +59,85 @@ def is_hub_url(url: str) -> bool:
     return parsed.scheme == "https" and (host == HUB_HOST or host.endswith("." + HUB_HOST))
 
 
+def refused_address(address: str, allow_loopback: bool = False) -> str | None:
+    """Why a connection to the IP `address` is refused (None: allowed): a metadata address, link-local,
+    unspecified, multicast, or loopback unless `allow_loopback`. IPv4-mapped IPv6 addresses count as their
+    IPv4 address. A text that is not an IP address is refused."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return f"{address!r} is not an IP address"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip in METADATA_ADDRESSES:
+        return f"{ip} is a cloud metadata address"
+    if ip.is_link_local:
+        return f"{ip} is a link-local address"
+    if ip.is_unspecified or ip.is_multicast:
+        return f"{ip} is not a host address"
+    if ip.is_loopback and not allow_loopback:
+        return f"{ip} is a loopback address (allowed only with allowInsecureHttp, for local use)"
+    return None
+
+
+class _AddressRefused(Exception):
+    """Raised from the resolver (not an OSError, so aiohttp passes it through unwrapped)."""
+
+    def __init__(self, host: str, why: str):
+        super().__init__(f"{host} resolves to a refused address: {why}")
+
+
+class PolicyResolver(AbstractResolver):
+    """aiohttp resolver that refuses a host any of whose addresses `refused_address` refuses; the addresses it
+    returns are the ones aiohttp connects to (with the connector's DNS cache off, at every connection)."""
+
+    def __init__(self, allow_loopback: bool):
+        self.allow_loopback = allow_loopback
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+                      ) -> list[ResolveResult]:
+        """The addresses of `host`, or _AddressRefused naming the first refused one."""
+        infos = await self._inner.resolve(host, port, family)
+        for info in infos:
+            if why := refused_address(info["host"], self.allow_loopback):
+                raise _AddressRefused(host, why)
+        return infos
+
+    async def close(self) -> None:
+        """Close the wrapped resolver."""
+        await self._inner.close()
+
+
+def _origin(url: URL) -> tuple[str, str, int | None]:
+    return url.scheme, (url.host or "").lower().rstrip("."), url.port
+
+
 class HttpFetcher(Fetcher):
     """GETs one file. `timeout_s`: the whole download's budget (None: unbounded); `socket_timeout_s`: the
     longest wait for a connection or for the next bytes, so a stalled server fails fast; `send_hub_token`:
-    send $HF_TOKEN to huggingface.co (is_hub_url) for gated files."""
+    send $HF_TOKEN to huggingface.co (is_hub_url) for gated files; `policy`: plain http and loopback opt-in,
+    the largest download (see the module docstring)."""
 
     schemes = (Scheme.HTTP, Scheme.HTTPS)
 
-    def __init__(self, timeout_s: float | None = None, socket_timeout_s: float = 60, send_hub_token: bool = False):
+    def __init__(self, timeout_s: float | None = None, socket_timeout_s: float = 60, send_hub_token: bool = False,
+                 policy: FetchPolicy = FetchPolicy()):
         self.timeout_s = timeout_s
         self.socket_timeout_s = socket_timeout_s if timeout_s is None else min(socket_timeout_s, timeout_s)
         self.send_hub_token = send_hub_token
+        self.policy = policy
 
     @classmethod
     def configured(cls, *, pvc_root: str | Path, http_timeout_s: float | None,
-                   send_hub_token: bool = False) -> "HttpFetcher":
-        """Fetcher.configured: the whole-download budget and the Hub-token choice apply; pvc_root does not."""
-        return cls(http_timeout_s, send_hub_token=send_hub_token)
+                   send_hub_token: bool = False, policy: FetchPolicy = FetchPolicy()) -> "HttpFetcher":
+        """Fetcher.configured: the whole-download budget, the Hub-token choice and the policy apply; pvc_root
+        does not."""
+        return cls(http_timeout_s, send_hub_token=send_hub_token, policy=policy)
 
     def fetch_file(self, uri: ArtifactUri, dest: Path) -> Path:
-        """Download to `dest` (whole or absent). Raises http_error's classes for an HTTP status other than 200,
+        """Download to `dest` (whole or absent). Raises Refused for what the policy refuses (scheme, address,
+        redirects), TooLarge past policy.max_bytes, http_error's classes for an HTTP status other than 200,
         Unavailable for a network failure or an exceeded budget, StorageError for a URL that cannot be sent.
         Runs its own event loop: call it from a thread without one (the cache uses asyncio.to_thread)."""
         shown = redacted(uri.text)
@@ -67,6 +147,8 @@ class HttpFetcher(Fetcher):
             os.replace(tmp, dest)
         except StorageError:
             raise
+        except _AddressRefused as exc:
+            raise Refused(uri.text, str(exc), f"GET {shown}: {exc}") from exc
         except aiohttp.InvalidURL as exc:
             raise StorageError(uri.text, "invalid URL", f"GET {shown}: not a URL that can be requested") from exc
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
@@ -77,18 +159,65 @@ class HttpFetcher(Fetcher):
             tmp.unlink(missing_ok=True)
         return dest
 
-    async def _download(self, url: str, shown: str, tmp: Path) -> None:
+    def _check_url(self, url: URL, text: str, shown: str) -> None:
+        """Refused unless the policy admits `url`'s scheme and (for an IP literal) its address."""
+        allowed = ("https", "http") if self.policy.allow_insecure_http else ("https",)
+        if url.scheme not in allowed:
+            hint = (" (plain http:// is allowed only with the chart's allowInsecureHttp)" if url.scheme == "http"
+                    else "")
+            raise Refused(text, f"{url.scheme}:// refused",
+                          f"GET {shown}: {redacted(str(url))} is not an https:// URL{hint}")
+        host = (url.host or "").strip("[]")
+        try:
+            ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return   # a name: the resolver checks what it resolves to
+        if why := refused_address(host, self.policy.allow_insecure_http):
+            raise Refused(text, why, f"GET {shown}: {why}")
+
+    async def _download(self, text: str, shown: str, tmp: Path) -> None:
+        url = URL(text)
+        origin = _origin(url)
         headers = {"User-Agent": USER_AGENT}
+        credentials: dict[str, str] = {}
+        if url.user is not None:   # the URL's own credentials, as Basic auth, to its origin only
+            userinfo = f"{url.user or ''}:{url.password or ''}".encode()
+            credentials["Authorization"] = "Basic " + base64.b64encode(userinfo).decode()
+            url = url.with_user(None)
         token = os.environ.get("HF_TOKEN")
-        if self.send_hub_token and token and is_hub_url(url):
-            headers["Authorization"] = f"Bearer {token}"
+        if self.send_hub_token and token and is_hub_url(text):
+            credentials["Authorization"] = f"Bearer {token}"
         timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=self.socket_timeout_s,
                                         sock_read=self.socket_timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session, \
-                session.get(url, headers=headers) as resp:
-            if resp.status != 200:
-                raise http_error(url, resp.status, resp.reason or "",
-                                 f"GET {shown} answered HTTP {resp.status} {resp.reason or ''}".rstrip())
-            with open(tmp, "wb") as fh:
-                async for chunk in resp.content.iter_chunked(_CHUNK):
-                    fh.write(chunk)
+        connector = aiohttp.TCPConnector(resolver=PolicyResolver(self.policy.allow_insecure_http),
+                                         use_dns_cache=False)
+        async with aiohttp.ClientSession(timeout=timeout, trust_env=False, connector=connector) as session:
+            for _ in range(MAX_REDIRECTS + 1):
+                self._check_url(url, text, shown)
+                hop_headers = {**headers, **(credentials if _origin(url) == origin else {})}
+                async with session.get(url, headers=hop_headers, allow_redirects=False) as resp:
+                    if resp.status in _REDIRECT_STATUSES and "Location" in resp.headers:
+                        # Any userinfo the server put in Location is dropped too: credentials are never sent
+                        # anywhere but the origin the author named.
+                        url = url.join(URL(resp.headers["Location"])).with_user(None)
+                        continue
+                    if resp.status != 200:
+                        raise http_error(text, resp.status, resp.reason or "",
+                                         f"GET {shown} answered HTTP {resp.status} {resp.reason or ''}".rstrip())
+                    await self._save(resp, text, shown, tmp)
+                    return
+            raise Refused(text, "too many redirects", f"GET {shown}: more than {MAX_REDIRECTS} redirects")
+
+    async def _save(self, resp: aiohttp.ClientResponse, text: str, shown: str, tmp: Path) -> None:
+        limit = self.policy.max_bytes
+        too_large = TooLarge(text, "download too large", f"GET {shown}: larger than the artifact limit of "
+                             f"{limit} bytes")
+        if limit is not None and (resp.content_length or 0) > limit:
+            raise too_large
+        written = 0
+        with open(tmp, "wb") as fh:
+            async for chunk in resp.content.iter_chunked(_CHUNK):
+                written += len(chunk)
+                if limit is not None and written > limit:
+                    raise too_large
+                fh.write(chunk)

@@ -7,8 +7,9 @@ import shutil
 from pathlib import Path
 
 from loraplane.api.paths import PVC_ROOT
+from loraplane.storage.archive import MODEL_LIMITS, copy_tree
 from loraplane.storage.errors import NotFound, Unavailable
-from loraplane.storage.fetchers.base import Fetcher, partial_path
+from loraplane.storage.fetchers.base import Fetcher, FetchPolicy, partial_path
 from loraplane.storage.uri import ArtifactUri, Scheme
 
 
@@ -23,7 +24,7 @@ class LocalFetcher(Fetcher):
 
     @classmethod
     def configured(cls, *, pvc_root: str | Path, http_timeout_s: float | None,
-                   send_hub_token: bool = False) -> "LocalFetcher":
+                   send_hub_token: bool = False, policy: FetchPolicy = FetchPolicy()) -> "LocalFetcher":
         """Fetcher.configured: only `pvc_root` applies (nothing goes over the network)."""
         return cls(pvc_root)
 
@@ -52,14 +53,9 @@ class LocalFetcher(Fetcher):
         return dest
 
     def fetch_tree(self, uri: ArtifactUri, dest: Path) -> Path:
-        """Copy the directory to the new `dest`, symlinks resolved to regular files. Raises NotFound when it
-        is not a directory, Unavailable when the copy fails."""
-        src = self.path(uri)
-        if not src.is_dir():
-            raise NotFound(uri.text, "no such directory",
-                           f"{src} does not exist or is not a directory{self._hint(uri)}")
-        try:
-            shutil.copytree(src, dest, symlinks=False)
-        except OSError as exc:
-            raise Unavailable(uri.text, str(exc), f"copying {src}: {exc}") from exc
+        """Copy the directory to the new `dest` as regular files, through storage.archive.copy_tree (links
+        inside it copied as their file; device files, FIFOs and links leaving it refused) within MODEL_LIMITS.
+        Raises NotFound when it is not a directory, UnsafeContent / TooLarge for what copy_tree refuses,
+        Unavailable when the copy fails."""
+        copy_tree(self.path(uri), dest, MODEL_LIMITS, uri.text, self._hint(uri))
         return dest

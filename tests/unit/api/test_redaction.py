@@ -1,0 +1,68 @@
+"""Credential-bearing and presigned URIs never reach a sink a user or another tenant reads (issue 12, "Also"):
+conditions (status), Events, the loader's report (its /status and the pod annotation), termination messages,
+storage error messages and the fetch-model message. Before the fix presigned query secrets went through as is,
+and conditions and Events were not redacted at all."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loraplane.api.common import set_condition
+from loraplane.api.conditions import ConditionState, ConditionType
+from loraplane.api.reasons import Reason
+from loraplane.api.redaction import redacted, scrubbed
+from loraplane.api.wire.serving import DesiredAdapter
+from loraplane.kube.events import Event, EventType
+from loraplane.loader.reconciler import Slot
+from loraplane.storage.cache import ArtifactCache, FetchError
+from loraplane.storage.errors import StorageError
+
+SECRETS = ("s3cr3t", "AKIAEXAMPLE", "deadbeefsig", "sastoken", "tok3n", "sessiontok")
+URI = ("https://user:s3cr3t@bucket.s3.amazonaws.com/adapters/a.tar.gz?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+       "&X-Amz-Credential=AKIAEXAMPLE%2F20260101&X-Amz-Signature=deadbeefsig&X-Amz-Security-Token=sessiontok"
+       "&sig=sastoken&token=tok3n")
+
+
+def assert_clean(text: str) -> None:
+    for secret in SECRETS:
+        assert secret not in text, f"{secret!r} leaked into {text!r}"
+
+
+def test_redaction_masks_userinfo_and_presigned_parameters():
+    shown = redacted(URI, limit=10_000)
+    assert_clean(shown)
+    assert "bucket.s3.amazonaws.com/adapters/a.tar.gz" in shown and "X-Amz-Algorithm=AWS4-HMAC-SHA256" in shown
+    assert scrubbed("see https://h/x?Sig=abc&keep=1") == "see https://h/x?Sig=***&keep=1"
+
+
+def test_conditions_and_events_carry_no_credentials():
+    conds = set_condition([], ConditionType.Ready,
+                          ConditionState(False, Reason.FetchFailed, f"fetching {URI} failed"))
+    assert_clean(json.dumps([c.model_dump(mode="json") for c in conds]))
+    assert_clean(Event(EventType.Warning, Reason.FetchFailed, f"could not fetch {URI}").message)
+
+
+def test_loader_report_carries_no_credentials():
+    slot = Slot(DesiredAdapter(served_name="a-1", adapter="a", uri=URI, base_model="org/m"))
+    slot.move(slot.state, Reason.Fetching, f"fetching {URI}")
+    assert_clean(slot.message)
+
+
+async def test_storage_and_cache_errors_carry_no_credentials(tmp_path):
+    assert_clean(str(StorageError(URI, "HTTP 403")))
+    cache = ArtifactCache(tmp_path / "cache", 10**9)
+    with pytest.raises(FetchError) as info:   # plain http is refused; the message quotes the URI
+        await cache.fetch(URI.replace("https://", "http://"))
+    assert_clean(str(info.value))
+
+
+def test_fetch_model_message_carries_no_credentials(tmp_path, monkeypatch, capsys):
+    from loraplane.cli import main as cli_main
+
+    log = tmp_path / "termination"
+    monkeypatch.setenv("LORAPLANE_TERMINATION_LOG", str(log))
+    assert cli_main(["fetch-model", URI.replace("https://", "http://"), "--cache-dir", str(tmp_path / "m")]) == 1
+    assert_clean(log.read_text())
+    assert_clean(capsys.readouterr().err)
