@@ -85,7 +85,7 @@ class AutoscalingSpec(ApiModel):
         CelRule(rule="!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
                 message="autoscaling.minReplicas must be <= autoscaling.maxReplicas"),
         # The metric is spliced into a PromQL query (KEDA) and an HPA metric name: only a metric name may go in.
-        CelRule(rule=f"self.metric.matches('{PROMETHEUS_METRIC_NAME}')",
+        CelRule(rule=f"!has(self.metric) || self.metric.matches('{PROMETHEUS_METRIC_NAME}')",
                 message="autoscaling.metric must be a Prometheus metric name ([a-zA-Z_:][a-zA-Z0-9_:]*), e.g. "
                         "vllm:num_requests_waiting"),
     )
