@@ -10,6 +10,7 @@ import importlib
 from pathlib import Path
 
 from loraplane.api.paths import PVC_ROOT
+from loraplane.storage.credentials import Credentials
 from loraplane.storage.fetchers.base import Fetcher
 from loraplane.storage.uri import ArtifactUri, Scheme
 
@@ -40,13 +41,14 @@ def fetcher_class(scheme: Scheme) -> type[Fetcher]:
 
 
 def fetcher_for(uri: ArtifactUri, *, pvc_root: str | Path = PVC_ROOT, http_timeout_s: float | None = None,
-                send_hub_token: bool = False) -> Fetcher:
+                send_hub_token: bool = False, credentials: Credentials | None = None) -> Fetcher:
     """The fetcher of `uri`'s scheme. `pvc_root`: where pvc:// claims are mounted; `http_timeout_s`: the
     budget of a whole HTTP download (None: only the per-read timeout); `send_hub_token`: send $HF_TOKEN with
-    https requests to huggingface.co (off unless the caller's user gave the token for that). ValueError for an
-    unserved scheme."""
+    https requests to huggingface.co (off unless the caller's user gave the token for that); `credentials`:
+    this fetch's own credentials, used instead of the process environment (storage.credentials). ValueError
+    for an unserved scheme."""
     return fetcher_class(uri.scheme).configured(pvc_root=pvc_root, http_timeout_s=http_timeout_s,
-                                                send_hub_token=send_hub_token)
+                                                send_hub_token=send_hub_token, credentials=credentials)
 
 
-__all__ = ["REGISTRY", "Fetcher", "fetcher_class", "fetcher_for"]
+__all__ = ["REGISTRY", "Credentials", "Fetcher", "fetcher_class", "fetcher_for"]

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 from abc import ABC
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from loraplane.storage.errors import StorageError
 from loraplane.storage.uri import ArtifactUri, Scheme
+
+if TYPE_CHECKING:
+    from loraplane.storage.credentials import Credentials
 
 
 class Fetcher(ABC):
@@ -20,8 +23,9 @@ class Fetcher(ABC):
 
     @classmethod
     def configured(cls, *, pvc_root: str | Path, http_timeout_s: float | None,
-                   send_hub_token: bool = False) -> "Fetcher":
-        """An instance for `fetcher_for`'s options; a fetcher that takes none of them ignores them."""
+                   send_hub_token: bool = False, credentials: "Credentials | None" = None) -> "Fetcher":
+        """An instance for `fetcher_for`'s options; a fetcher that takes none of them ignores them
+        (`credentials`: used instead of the environment by the fetchers of stores that take credentials)."""
         return cls()
 
     def fetch_file(self, uri: ArtifactUri, dest: Path) -> Path:

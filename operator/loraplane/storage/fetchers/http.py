@@ -7,7 +7,9 @@ followed only to http(s) and with the Authorization header dropped when they lea
 taken from the environment (trust_env=False).
 
 The Hugging Face token (HF_TOKEN) is sent only when the caller asks for it (`send_hub_token`, the trainer's
-datasets) and only over https to huggingface.co or one of its subdomains.
+datasets) and only over https to huggingface.co or one of its subdomains. Explicit `credentials` (an Adapter's
+own Secret, bound to this one URL) replace the environment: their HF_TOKEN is sent as a Bearer token to the URL's
+own origin (aiohttp drops it on a redirect to another origin), and $HF_TOKEN is then never read.
 """
 
 from __future__ import annotations
@@ -45,16 +47,19 @@ class HttpFetcher(Fetcher):
 
     schemes = (Scheme.HTTP, Scheme.HTTPS)
 
-    def __init__(self, timeout_s: float | None = None, socket_timeout_s: float = 60, send_hub_token: bool = False):
+    def __init__(self, timeout_s: float | None = None, socket_timeout_s: float = 60, send_hub_token: bool = False,
+                 credentials=None):
         self.timeout_s = timeout_s
         self.socket_timeout_s = socket_timeout_s if timeout_s is None else min(socket_timeout_s, timeout_s)
         self.send_hub_token = send_hub_token
+        self.credentials = credentials
 
     @classmethod
     def configured(cls, *, pvc_root: str | Path, http_timeout_s: float | None,
-                   send_hub_token: bool = False) -> "HttpFetcher":
-        """Fetcher.configured: the whole-download budget and the Hub-token choice apply; pvc_root does not."""
-        return cls(http_timeout_s, send_hub_token=send_hub_token)
+                   send_hub_token: bool = False, credentials=None) -> "HttpFetcher":
+        """Fetcher.configured: the whole-download budget, the Hub-token choice and explicit credentials apply;
+        pvc_root does not."""
+        return cls(http_timeout_s, send_hub_token=send_hub_token, credentials=credentials)
 
     def fetch_file(self, uri: ArtifactUri, dest: Path) -> Path:
         """Download to `dest` (whole or absent). Raises http_error's classes for an HTTP status other than 200,
@@ -79,8 +84,10 @@ class HttpFetcher(Fetcher):
 
     async def _download(self, url: str, shown: str, tmp: Path) -> None:
         headers = {"User-Agent": USER_AGENT}
-        token = os.environ.get("HF_TOKEN")
-        if self.send_hub_token and token and is_hub_url(url):
+        if self.credentials is not None:  # this URL's own credentials: never the environment's
+            if token := self.credentials.get("HF_TOKEN"):
+                headers["Authorization"] = f"Bearer {token}"
+        elif self.send_hub_token and (token := os.environ.get("HF_TOKEN")) and is_hub_url(url):
             headers["Authorization"] = f"Bearer {token}"
         timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=self.socket_timeout_s,
                                         sock_read=self.socket_timeout_s)
