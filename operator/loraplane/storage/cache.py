@@ -131,11 +131,14 @@ def model_root(directory: Path) -> Path:
 class ArtifactCache:
     """A verified, size-bounded (`max_bytes`) cache of fetched artifacts under `root`, one entry per artifact
     identity (cache_key: URI, version, expected digest): a directory plus a metadata file written last, so a
-    crash never leaves an entry that looks complete. `http_timeout` is seconds per HTTP(S) download; `root_of` picks the artifact's directory in the tree."""
+    crash never leaves an entry that looks complete. `http_timeout` is seconds per HTTP(S) download; `root_of`
+    picks the artifact's directory in the tree; `by_identity` False keys entries by the URI alone (the base-model
+    cache, whose entry's path vLLM's --model names: storage.uri.fetched_model_path)."""
 
     def __init__(self, root: Path, max_bytes: int, pvc_root: str = PVC_ROOT, http_timeout: float = 600,
-                 root_of: Callable[[Path], Path] = adapter_root):
+                 root_of: Callable[[Path], Path] = adapter_root, by_identity: bool = True):
         self.root_of = root_of  # which directory of a fetched tree is the artifact (adapter or model)
+        self.by_identity = by_identity
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.pvc_root = pvc_root
@@ -145,6 +148,10 @@ class ArtifactCache:
         self._clean_partial()
 
     # ---- entries -------------------------------------------------------------------------------------------
+    def key(self, uri: str, version: str | None = None, sha256: str | None = None) -> str:
+        """The entry name of an artifact: cache_key of its identity, or of the URI alone without by_identity."""
+        return cache_key(uri, version, sha256) if self.by_identity else cache_key(uri)
+
     def _entry(self, key: str) -> Path:
         return self.root / key
 
@@ -164,7 +171,7 @@ class ArtifactCache:
     def lookup(self, uri: str, version: str | None = None, sha256: str | None = None) -> CachedArtifact | None:
         """The complete entry of `uri` at `version` fetched for digest `sha256` (cache_key), metadata readable
         and directory present, else None; its digest is not checked again here."""
-        key = cache_key(uri, version, sha256)
+        key = self.key(uri, version, sha256)
         try:
             raw = json.loads(self._meta(key).read_text())
             art = CachedArtifact(**{**raw, "path": Path(raw["path"])})
@@ -219,7 +226,7 @@ class ArtifactCache:
         """The verified local copy of `uri` at `version` (the artifact's identity with `expected_sha256`:
         cache_key), fetched if missing, stale or changed on disk since it was verified. `credentials`: this
         artifact's own, used instead of the environment. Raises FetchError subclasses."""
-        key = cache_key(uri, version, expected_sha256)
+        key = self.key(uri, version, expected_sha256)
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             cached = self.lookup(uri, version, expected_sha256)
@@ -227,6 +234,13 @@ class ArtifactCache:
                     and not await self._local_source_changed(uri, cached, expected_sha256):
                 self._touch(key)
                 return cached
+            if expected_sha256 is not None and cached is None and self.by_identity:
+                # The digest was recorded after this version was verified without one (the Adapter pins what a
+                # replica first served): that entry is this artifact, whatever the source holds now.
+                verified = self.lookup(uri, version, None)
+                if verified and _digest_matches(expected_sha256, verified) and await self._intact(verified):
+                    self._touch(self.key(uri, version, None))
+                    return verified
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
             try:
                 archive_sha = await self._download(uri, tmp / "src", credentials)
@@ -331,4 +345,4 @@ class ArtifactCache:
 def model_cache(root: Path, pvc_root: str = PVC_ROOT) -> ArtifactCache:
     """The cache that fetches base models (engine pod init container, trainer): no size bound, since its one
     entry is the model in use; an entry is a directory with config.json."""
-    return ArtifactCache(root, max_bytes=1 << 62, pvc_root=pvc_root, root_of=model_root)
+    return ArtifactCache(root, max_bytes=1 << 62, pvc_root=pvc_root, root_of=model_root, by_identity=False)

@@ -181,3 +181,25 @@ async def test_a_hub_401_is_access_denied_on_the_first_attempt(monkeypatch, cach
         await cache.fetch("hf://org/private-lora@v1", version="1",
                           credentials=Credentials("Secret hf-adapter-token", {"HF_TOKEN": "bad"}))
     assert not isinstance(FetchError("x"), FetchAccessDenied)
+
+
+async def test_a_digest_recorded_later_finds_the_entry_verified_without_it(tmp_path, cache):
+    """The Adapter records the digest a replica first verified; the table then pins it. After an engine restart the
+    replica reloads from its verified entry even though the source was overwritten meanwhile."""
+    src = write_adapter(tmp_path / "src", seed=1)
+    first = await cache.fetch(str(src), version="1")
+    write_adapter(src, seed=2)                      # overwritten in place under the same version
+    again = await cache.fetch(str(src), first.sha256, version="1")
+    assert again.path == first.path and sha256_dir(again.path) == first.sha256
+
+
+async def test_the_base_model_cache_keeps_one_entry_per_uri(tmp_path):
+    """fetch-model leaves the model where vLLM's --model looks (fetched_model_path), with or without --sha256."""
+    from loraplane.storage.cache import model_cache
+    from loraplane.storage.uri import fetched_model_path
+
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    art = await model_cache(tmp_path / "models").fetch(str(src), sha256_dir(src))
+    assert art.path == fetched_model_path(tmp_path / "models", str(src))
