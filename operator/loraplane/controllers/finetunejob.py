@@ -254,6 +254,12 @@ class FineTuneJobController(Controller):
             # A child changed, or a produced Adapter (labelled with its job): the job may be waiting for it.
             if owner := (meta.get("labels") or {}).get(FINETUNEJOB_LABEL):
                 self.schedule((ns, owner))
+            if source == "Adapter":
+                # A job refused because this Adapter exists (AdapterExists) may go on once it is deleted.
+                for key in self.store.keys_in(ns):
+                    body = self.store.get(key) or {}
+                    if ((body.get("spec") or {}).get("output") or {}).get("adapterName") == meta.get("name"):
+                        self.schedule(key)
 
     async def reconcile(self, key: Key) -> None:
         """observe -> plan -> execute for one FineTuneJob; a deleted one is forgotten (its children are

@@ -126,3 +126,17 @@ def test_the_produced_adapter_has_no_owner_and_names_its_run():
     assert "ownerReferences" not in manifest["metadata"]
     assert manifest["spec"]["version"] == "2" and manifest["spec"]["source"]["uri"] == "s3://b/j/run-22222222"
     assert plan.adapter.provenance["fineTuneJob"] == "j" and plan.adapter.provenance["fineTuneJobUid"] == UID_2
+
+
+def test_a_change_of_the_named_adapter_wakes_the_job_it_blocked():
+    """A job refused with AdapterExists goes on once that Adapter is deleted: the Adapter's change schedules every
+    job of the namespace naming it (the refused job's Adapter carries no label of it)."""
+    ctl = FineTuneJobController(context())
+    scheduled = []
+    ctl.schedule = lambda key, delay=None: scheduled.append(key)
+    body, _ = _ftj(UID_2)
+    ctl.store.put(body)
+    ctl.store.put({**body, "metadata": {**body["metadata"], "name": "other"},
+                   "spec": {**body["spec"], "output": {"adapterName": "b"}}})
+    ctl.on_change("Adapter", _adapter(None), None)
+    assert scheduled == [("ns", "j")]
