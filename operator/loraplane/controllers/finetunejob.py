@@ -19,7 +19,7 @@ from loraplane.api.adapter import Adapter
 from loraplane.api.common import now_rfc3339
 from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType
 from loraplane.api.finetunejob import (
-    AdapterRef, ArtifactRef, Failure, FineTuneJob, FineTuneJobPhase, FineTuneJobStatus,
+    AdapterRef, ArtifactRef, Failure, FineTuneJob, FineTuneJobPhase, FineTuneJobSpec, FineTuneJobStatus,
 )
 from loraplane.api.keys import FINETUNEJOB_LABEL
 from loraplane.api.reasons import Reason
@@ -54,8 +54,19 @@ JOB_FAILED_BY_POLICY = "PodFailurePolicy"
 FALSE = ConditionStatus.FALSE
 
 
+def _normalised(spec: dict) -> dict:
+    """`spec` with every default filled in (as the current API model writes it), so a configuration written by an
+    older operator, which lacks fields added since (e.g. output.allowExistingAdapter), compares equal to the same
+    spec written now; a spec the model no longer accepts is compared as it is."""
+    try:
+        return FineTuneJobSpec.model_validate(spec).model_dump(by_alias=True, exclude_none=True, mode="json")
+    except (ValidationError, ValueError):
+        return spec
+
+
 def immutable_changes(accepted: dict, desired: dict) -> list[str]:
     """spec.* fields whose value differs from the accepted (running) configuration."""
+    accepted, desired = _normalised(accepted), _normalised(desired)
     keys = sorted((set(accepted) | set(desired)) - set(MUTABLE_FIELDS))
     return [f"spec.{k}" for k in keys if accepted.get(k) != desired.get(k)]
 

@@ -63,11 +63,14 @@ def test_a_run_keeps_the_location_it_was_accepted_with():
     SpecImmutable, the config is not rewritten to a new location."""
     body, ftj = _ftj(UID_1, uri="pvc://adapters/a")
     accepted = ftj_builders.trainer_config(ftj, BuildSettings(), output="pvc://adapters/a")["spec"]
+    # as an older operator wrote it: without the fields added since
+    del accepted["output"]["allowExistingAdapter"]
     plan = FineTuneJobController(context()).plan(FineTuneJobFacts(
         {**body, "status": {"phase": "Running"}}, ftj, accepted_spec=accepted, run=run_state(ftj, None, []),
         job_exists=True))
     assert _config_output(plan) == "pvc://adapters/a"
     assert plan.status["conditions"][0]["reason"] != Reason.SpecImmutable
+    assert plan.children
 
 
 def test_a_job_does_not_start_into_an_adapter_it_did_not_create():
