@@ -380,9 +380,10 @@ class FineTuneJobController(Controller):
                 f"training finished; Adapter {ftj.spec.output.adapter_name} version {version} points at {uri}"
                 + ("" if result else " (the trainer reported no result message: no sha256, metrics or dataset "
                                      "digest)")))
-        ready = ready_state(ftj, new, run, rejected,
-                            refusal if new.adapter_ref is None and not (run and run.phase == FineTuneJobPhase.Failed)
-                            else None)
+        # The refusal shows where it blocks: before the Job starts, and on success (nothing published).
+        blocks = (new.phase == FineTuneJobPhase.Succeeded and new.adapter_ref is None) or (
+            not facts.job_exists and new.phase not in TERMINAL)
+        ready = ready_state(ftj, new, run, rejected, refusal if blocks else None)
         new.set_condition(ConditionType.Ready, ready, generation)
         out.status = status_patch(current, dump_status(new), OWNED_STATUS)
         if event is None and status.phase != new.phase and new.phase != FineTuneJobPhase.Succeeded:

@@ -143,3 +143,17 @@ def test_a_change_of_the_named_adapter_wakes_the_job_it_blocked():
                    "spec": {**body["spec"], "output": {"adapterName": "b"}}})
     ctl.on_change("Adapter", _adapter(None), None)
     assert scheduled == [("ns", "j")]
+
+
+def test_the_refusal_shows_only_where_it_blocks():
+    """A running job keeps its Running/Pending condition while a foreign Adapter appears (it is re-checked on
+    success); a failed job keeps its failure."""
+    body, ftj = _ftj(UID_2)
+    running = FineTuneJobController(context()).plan(FineTuneJobFacts(
+        {**body, "status": {"phase": "Running"}}, ftj, run=run_state(ftj, {"spec": {}, "status": {}}, []),
+        existing_adapter=_adapter(None), job_exists=True))
+    assert running.status["conditions"][0]["reason"] == Reason.Pending and running.children
+    failed = FineTuneJobController(context()).plan(FineTuneJobFacts(
+        {**body, "status": {"phase": "Failed", "failure": {"reason": "OOMKilled", "message": "m"}}}, ftj, run=None,
+        existing_adapter=_adapter(None)))
+    assert failed.status["conditions"][0]["reason"] == "OOMKilled"
