@@ -82,3 +82,18 @@ def test_render_of_the_documented_adapter_shows_its_secret():
     secrets = [v["secret"]["secretName"] for d in docs if d["kind"] == "Deployment"
                for v in d["spec"]["template"]["spec"].get("volumes", []) if "secret" in v]
     assert "hf-token" in secrets
+
+
+def test_a_secret_key_that_is_not_a_kubernetes_key_is_refused_at_validation():
+    """A key is a file name in the mounted Secret: `a/b` or `../x` would leave it. The API refuses what Kubernetes
+    would never store as a key, naming the field, before anything renders or resolves it."""
+    import pytest
+    from pydantic import ValidationError
+
+    from loraplane.api.validation import format_validation_error
+
+    for key in ("a/b", "../token", ""):
+        with pytest.raises(ValidationError) as info:
+            _adapter("x", "hf://org/r", {"name": "s", "key": key})
+        assert "credentialsSecretRef.key" in format_validation_error(info.value, "")
+    assert _adapter("x", "hf://org/r", {"name": "s", "key": "hf_token.v2"}).spec.source.credentials_secret_ref.key
