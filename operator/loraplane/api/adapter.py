@@ -72,7 +72,12 @@ class AdapterSource(ApiModel):
         default=None, description="The FineTuneJob whose output this is (set by the operator on success).")
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
                                description="Expected sha256 of the artifact; loading fails on mismatch.")
-    credentials_secret_ref: SecretKeyRef | None = None
+    credentials_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret (in the Adapter's namespace) with the credentials to fetch this artifact: "
+                                  "HF_TOKEN and/or AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, "
+                                  "AWS_ENDPOINT_URL, or one `key` holding the scheme's token. Mounted read-only in "
+                                  "the adapter loader of each replica that serves it; without it the loader uses "
+                                  "its own identity.")
 
 
 class AdapterSpec(ApiModel):
@@ -99,7 +104,8 @@ class AdapterSpec(ApiModel):
 
 
 class ArtifactInfo(ApiModel):
-    """What was read from the artifact's adapter_config.json (facts, not declarations)."""
+    """Facts about the artifact of `status.version`: its URI and the sha256 recorded when the version was first
+    served (spec.source.sha256, else the digest the replicas verified), and what adapter_config.json says."""
 
     uri: str | None = None
     sha256: str | None = None
@@ -116,6 +122,9 @@ class Provenance(ApiModel):
     """How the artifact was made (from its FineTuneJob)."""
 
     fine_tune_job: str | None = None
+    fine_tune_job_uid: str | None = Field(
+        default=None, description="The uid of the FineTuneJob run that produced this version (the Adapter has no "
+                                  "ownerReference to it: deleting the job never deletes a served Adapter).")
     base_model: str | None = None
     base_model_revision: str | None = None
     dataset_uri: str | None = None

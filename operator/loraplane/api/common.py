@@ -212,8 +212,9 @@ class SecretKeyRef(ApiModel):
     """A key in a Secret of the object's namespace."""
 
     name: str = Field(pattern=DNS_NAME, max_length=253, description="Name of the Secret.")
-    key: str | None = Field(default=None, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$",
-                            description="Key within the Secret; the whole Secret when omitted.")
+    key: str | None = Field(default=None, pattern=r"^[-._a-zA-Z0-9]+$", max_length=253,
+                            description="Key within the Secret (letters, digits, '-', '_', '.', as Kubernetes "
+                                        "allows); the whole Secret when omitted.")
 
 
 # The URI forms each scheme takes in the API's `pattern`s: one place that says which schemes exist, so that

@@ -143,11 +143,18 @@ class OutputSpec(ApiModel):
     cel_rules: ClassVar = uri_rules("uri", "output.uri")
 
     adapter_name: str = Field(pattern=DNS_NAME, max_length=253,
-                              description="Adapter to create, or to bump to a new version if it exists.")
+                              description="Adapter to create. If it exists and this job did not create it, a new "
+                                          "version of it is published only with allowExistingAdapter.")
+    allow_existing_adapter: bool = Field(
+        default=False, description="Publish a new version of adapterName even though it already exists and this "
+                                   "FineTuneJob did not create it (by hand, or by another run). Without it such a "
+                                   "job does not start (Ready=False, reason AdapterExists).")
     uri: str | None = Field(
         default=None, pattern=uri_pattern("pvc", "s3", "file", "path"),
-        description="Where the adapter directory is written: pvc://CLAIM/PATH or s3://BUCKET/PREFIX. "
-                    "Default: the operator's artifact store.")
+        description="Where runs write: pvc://CLAIM/PATH or s3://BUCKET/PREFIX (default: the operator's artifact "
+                    "store, <store>/<namespace>/<job name>). Each run writes its adapter to "
+                    "<uri>/run-<first 8 characters of the FineTuneJob's uid> and its checkpoints beside it "
+                    "(.checkpoints): a recreated job never resumes or overwrites another run's files.")
     adapter_labels: Labels = Field(
         default_factory=dict, description="Labels set on the Adapter (ModelRoute selectors match them).")
 

@@ -28,5 +28,8 @@ TRAINER_CONFIG_PATH = f"{CONFIG_DIR}/{TRAINER_CONFIG_KEY}"
 # A dataset from a ConfigMap is mounted here; the trainer's local scratch for the adapter before upload.
 DATA_CONFIGMAP_ROOT = "/data"
 OUTPUT_SCRATCH = "/output"
+# Each Secret an Adapter's source.credentialsSecretRef names is mounted read-only (loader container only) at
+# ADAPTER_CREDENTIALS_ROOT/<secret name>; the loader reads that adapter's credentials from there per fetch.
+ADAPTER_CREDENTIALS_ROOT = "/var/run/secrets/loraplane/adapters"
 # The router's API keys (a Secret) are mounted here.
 API_KEYS_MOUNT = "/etc/loraplane/api-keys"

@@ -51,6 +51,14 @@ class Reason(StrEnum):
         "Nothing if it recovers; if the same reason repeats, fix it (the run fails at `backoffLimit`). Input "
         "errors (InvalidConfig, InvalidDataset, DatasetNotFound, DatasetAccessDenied, ModelNotFound, "
         "TargetModulesNotFound) are not retried where the Job has a podFailurePolicy: the run fails at once.")
+    AdapterExists = ("AdapterExists", FTJ,
+        "`spec.output.adapterName` names an Adapter that this FineTuneJob did not create (made by hand or by "
+        "another run), and `spec.output.allowExistingAdapter` is not true: the job does not publish a version of "
+        "it. Checked before the Job starts (nothing runs) and again when training finishes (the artifact is kept "
+        "at `status.artifact`, unpublished).",
+        "Recreate the FineTuneJob with `spec.output.allowExistingAdapter: true` to publish a new version of that "
+        "Adapter, or with another `adapterName`; or publish `status.artifact` yourself (an Adapter with that "
+        "`source.uri` and `sha256`).")
     Suspended = ("Suspended", FTJ, "`spec.suspend: true`: pods are stopped, checkpoints are kept.",
         "Set `spec.suspend: false` to resume from the newest checkpoint.")
     Preempted = ("Preempted", FTJ,
@@ -169,8 +177,19 @@ class Reason(StrEnum):
         "Fix `source.sha256` or the artifact; a mismatch is never loaded.")
     FetchFailed = ("FetchFailed", ADAPTER, "Downloading or copying the artifact failed.",
         "Check the URI, the credentials Secret, and that a pvc:// claim exists in the namespace.")
-    AccessDenied = ("AccessDenied", ADAPTER, "The artifact store refused the credentials.",
-        "Check `source.credentialsSecretRef`.")
+    AccessDenied = ("AccessDenied", ADAPTER,
+        "The artifact store refused the credentials (HTTP 401/403, S3 AccessDenied or no keys, a gated or private "
+        "Hugging Face repo). Not retried: the message names the credentials used (the Secret of "
+        "`source.credentialsSecretRef`, or the loader's own identity without one).",
+        "Check `source.credentialsSecretRef`: the Secret exists in the Adapter's namespace with HF_TOKEN or AWS_* "
+        "keys (or the one `key` named) that may read the artifact; then change the Adapter (e.g. `spec.version`) "
+        "or restart the replicas to try again.")
+    ArtifactChanged = ("ArtifactChanged", ADAPTER,
+        "A replica fetched content for this version whose sha256 differs from the digest the Adapter recorded "
+        "when the version was first served (`status.artifact.sha256`): the artifact at `source.uri` was "
+        "overwritten. A published version is immutable; replicas refuse the changed content (ChecksumMismatch).",
+        "Publish new weights as a new `spec.version` (and preferably a new URI); restore the original artifact "
+        "to keep serving this version.")
     Desired = ("Desired", ADAPTER,
         "In the serving table; the replica's loader has not started on it yet (it waits for vLLM to answer).",
         "Wait; if it lasts, look at the replica's vLLM container.")

@@ -11,6 +11,10 @@ Layout inside a replica pod:
 - Both mount the model cache at MODEL_CACHE_PATH (HF_HOME lives there), so the loader reads the served base
   model's config and weight names for its compatibility gate without downloading the model a second time.
 - A base model or adapter on a PVC is mounted read-only at PVC_ROOT/<claim> in both containers.
+- Each Secret a served Adapter's source.credentialsSecretRef names is mounted read-only in the loader only, at
+  ADAPTER_CREDENTIALS_ROOT/<secret>: the loader fetches each adapter with its own credentials, never another
+  adapter's or the base model's. The volume is optional, so a missing Secret fails that adapter (AccessDenied,
+  naming the Secret) instead of keeping the whole replica from starting.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from typing import Any
 
 from loraplane.api.common import ModelRef
 from loraplane.api.modelroute import DEFAULT_ENGINE_IMAGE, ModelRoute
-from loraplane.api.paths import ADAPTER_CACHE_PATH, FETCHED_MODELS_PATH, HF_HOME, MODEL_CACHE_PATH
-from loraplane.builders.common import pvc_claims, pvc_volume_name, resources, secret_env
+from loraplane.api.paths import (ADAPTER_CACHE_PATH, ADAPTER_CREDENTIALS_ROOT, FETCHED_MODELS_PATH, HF_HOME,
+                                 MODEL_CACHE_PATH)
+from loraplane.builders.common import bounded_name, pvc_claims, pvc_volume_name, resources, secret_env
 from loraplane.storage.uri import ARCHIVE_SUFFIXES, CREDENTIAL_ENV, fetched_model_path, pvc_mount_path, try_parse_uri
-from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, configmap_name
+from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, ServingTable, configmap_name
 
 ENGINE_CONTAINER = "vllm"
 LOADER_CONTAINER = "adapter-loader"
@@ -140,6 +145,24 @@ def engine_env(route: ModelRoute) -> Env:
     return [e for e in env if e["name"] not in taken] + user
 
 
+def adapter_secrets(table: ServingTable) -> list[str]:
+    """The Secrets the served adapters' source.credentialsSecretRef name, deduplicated and sorted (the pod
+    template changes only when the set does)."""
+    return sorted({a.credentials_secret for a in table.adapters if a.credentials_secret})
+
+
+def credentials_volume_name(secret: str) -> str:
+    """The pod volume of an adapter credentials Secret: `adapter-creds-<secret>` when that is a DNS label (volume
+    names are), else shortened with a hash (builders.common.bounded_name; Secret names may be 253 characters
+    and hold dots)."""
+    return bounded_name(f"adapter-creds-{secret}", "", 63, "label")
+
+
+def credentials_mount_path(secret: str) -> str:
+    """Where the loader reads Secret `secret` (the loader's --credentials-root joined with the Secret's name)."""
+    return f"{ADAPTER_CREDENTIALS_ROOT}/{secret}"
+
+
 def _volume_mounts(route: ModelRoute, adapter_claims: Sequence[str] = ()) -> list[dict[str, Any]]:
     mounts = [{"name": ADAPTER_CACHE_VOLUME, "mountPath": ADAPTER_CACHE_PATH},
               {"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_PATH}]
@@ -149,8 +172,10 @@ def _volume_mounts(route: ModelRoute, adapter_claims: Sequence[str] = ()) -> lis
 
 
 def serving_volumes(route: ModelRoute, adapter_claims: Sequence[str] = (),
-                    cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES) -> list[dict[str, Any]]:
-    """Pod volumes the two containers mount: caches as emptyDirs, PVCs of the base model and of adapters."""
+                    cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
+                    adapter_secrets: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Pod volumes the two containers mount: caches as emptyDirs, PVCs of the base model and of adapters, and
+    the adapters' credentials Secrets (`adapter_secrets`, loader only)."""
     volumes: list[dict[str, Any]] = [
         # The loader evicts down to cache_max_bytes; the sizeLimit leaves headroom for one download in flight.
         {"name": ADAPTER_CACHE_VOLUME, "emptyDir": {"sizeLimit": str(cache_max_bytes + cache_max_bytes // 4)}},
@@ -159,6 +184,9 @@ def serving_volumes(route: ModelRoute, adapter_claims: Sequence[str] = (),
     for claim in pvc_claims(route.spec.base_model.uri, *(f"pvc://{c}" for c in adapter_claims)):
         volumes.append({"name": pvc_volume_name(claim),
                         "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+    for secret in adapter_secrets:
+        # optional: a missing Secret fails its adapter (AccessDenied), not the replica's start.
+        volumes.append({"name": credentials_volume_name(secret), "secret": {"secretName": secret, "optional": True}})
     return volumes
 
 
@@ -222,6 +250,7 @@ def loader_args(route: ModelRoute, namespace: str, cache_max_bytes: int = DEFAUL
         "--vllm-url", f"http://127.0.0.1:{ENGINE_PORT}",
         "--cache-dir", ADAPTER_CACHE_PATH,
         "--cache-max-bytes", str(cache_max_bytes),
+        "--credentials-root", ADAPTER_CREDENTIALS_ROOT,
         "--port", str(LOADER_PORT),
         *(["--allow-insecure-http"] if allow_insecure_http else []),
     ]
@@ -246,18 +275,22 @@ def loader_env(route: ModelRoute) -> Env:
 
 
 def loader_container(route: ModelRoute, namespace: str, image: str, adapter_claims: Sequence[str] = (),
-                     cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES, allow_insecure_http: bool = False
-                     ) -> dict[str, Any]:
+                     cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES, allow_insecure_http: bool = False,
+                     adapter_secrets: Sequence[str] = ()) -> dict[str, Any]:
     """The sidecar. It copies adapters from their PVCs (`adapter_claims`, mounted read-only under PVC_ROOT)
-    into the shared cache. Its liveness is its own /healthz; vLLM's startup never makes it restart.
+    into the shared cache, each fetched with its own credentials Secret (`adapter_secrets`, mounted read-only
+    under ADAPTER_CREDENTIALS_ROOT). Its liveness is its own /healthz; vLLM's startup never makes it restart.
     `allow_insecure_http`: the loader also fetches plain http:// and loopback sources (BuildSettings)."""
+    mounts = _volume_mounts(route, adapter_claims) + [
+        {"name": credentials_volume_name(s), "mountPath": credentials_mount_path(s), "readOnly": True}
+        for s in adapter_secrets]
     return {
         "name": LOADER_CONTAINER,
         "image": image,
         "command": loader_command(route, namespace, cache_max_bytes, allow_insecure_http),
         "env": loader_env(route),
         "ports": [{"name": "loader", "containerPort": LOADER_PORT}],
-        "volumeMounts": _volume_mounts(route, adapter_claims),
+        "volumeMounts": mounts,
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": LOADER_PORT}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": LOADER_PORT}, "periodSeconds": 15,
                           "failureThreshold": 4},

@@ -24,7 +24,6 @@ from loraplane.builders.common import (
     metadata,
     namespace_of,
     node_placement,
-    owner_reference,
     pvc_claims,
     pvc_volume_name,
     resources,
@@ -86,17 +85,35 @@ def owner_label(ftj_name: str) -> str:
     return label_value(ftj_name)
 
 
-def output_uri(ftj: FineTuneJob, settings: BuildSettings) -> str:
-    """Where the adapter is written: spec.output.uri, else `<artifact_store>/<namespace>/<job name>`."""
+def run_id(ftj: FineTuneJob) -> str | None:
+    """This run's identity in output paths: `run-` + the first 8 characters of the FineTuneJob's uid (None before
+    the API server assigned one: a file rendered locally). A job deleted and recreated under the same name is a
+    new run (a new uid); the pods of one run (retries, a preempted pod's successor) share it."""
+    uid = ftj.metadata.uid
+    return f"run-{uid[:8]}" if uid else None
+
+
+def output_root(ftj: FineTuneJob, settings: BuildSettings) -> str:
+    """Where runs of this job write: spec.output.uri, else `<artifact_store>/<namespace>/<job name>`."""
     if ftj.spec.output.uri:
         return ftj.spec.output.uri
     return f"{settings.artifact_store.rstrip('/')}/{namespace_of(ftj)}/{ftj.metadata.name}"
 
 
-def trainer_config(ftj: FineTuneJob, settings: BuildSettings) -> dict[str, Any]:
-    """What the trainer reads (`--config`): the FineTuneJob manifest with defaults resolved (output.uri)."""
+def output_uri(ftj: FineTuneJob, settings: BuildSettings) -> str:
+    """Where this run writes its adapter: `<output_root>/<run_id>` (the trainer puts its checkpoints beside it,
+    `<…>/<run_id>.checkpoints`), so a recreated job (another uid) never resumes from or overwrites another run's
+    checkpoints or the artifact a served Adapter version points to. Without a uid (a file rendered locally):
+    output_root itself."""
+    root, run = output_root(ftj, settings), run_id(ftj)
+    return f"{root.rstrip('/')}/{run}" if run else root
+
+
+def trainer_config(ftj: FineTuneJob, settings: BuildSettings, output: str | None = None) -> dict[str, Any]:
+    """What the trainer reads (`--config`): the FineTuneJob manifest with defaults resolved: output.uri is this
+    run's own location (output_uri), or `output` when given (a run keeps the location it started with)."""
     spec = ftj.spec.model_copy(update={"output": ftj.spec.output.model_copy(
-        update={"uri": output_uri(ftj, settings)})})
+        update={"uri": output or output_uri(ftj, settings)})})
     return {
         "apiVersion": ftj.api_version, "kind": ftj.kind,
         "metadata": {"name": ftj.metadata.name, "namespace": namespace_of(ftj)},
@@ -104,9 +121,9 @@ def trainer_config(ftj: FineTuneJob, settings: BuildSettings) -> dict[str, Any]:
     }
 
 
-def config_map(ftj: FineTuneJob, settings: BuildSettings) -> Manifest:
+def config_map(ftj: FineTuneJob, settings: BuildSettings, output: str | None = None) -> Manifest:
     """The ConfigMap holding `trainer_config` as sorted JSON under CONFIG_KEY (mounted at CONFIG_PATH)."""
-    body = json.dumps(trainer_config(ftj, settings), indent=2, sort_keys=True)
+    body = json.dumps(trainer_config(ftj, settings, output), indent=2, sort_keys=True)
     return with_hash({"apiVersion": "v1", "kind": "ConfigMap",
                       "metadata": metadata(ftj, config_name(ftj), labels(ftj)),
                       "data": {CONFIG_KEY: body + "\n"}})
@@ -267,9 +284,10 @@ def rendezvous_service(ftj: FineTuneJob) -> Manifest:
     })
 
 
-def children(ftj: FineTuneJob, settings: BuildSettings) -> list[Manifest]:
-    """Everything the operator applies for a FineTuneJob, in apply order (the Job last)."""
-    out = [config_map(ftj, settings), *rbac(ftj)]
+def children(ftj: FineTuneJob, settings: BuildSettings, output: str | None = None) -> list[Manifest]:
+    """Everything the operator applies for a FineTuneJob, in apply order (the Job last); `output`: the run's
+    output location when it is not output_uri (trainer_config)."""
+    out = [config_map(ftj, settings, output), *rbac(ftj)]
     if ftj.spec.resources.nodes > 1:
         out.append(rendezvous_service(ftj))
     out.append(job(ftj, settings))
@@ -298,11 +316,15 @@ def hyperparameters(ftj: FineTuneJob) -> dict[str, Any]:
 
 def produced_adapter(ftj: FineTuneJob, artifact_uri: str, artifact_sha256: str | None,
                      existing: Adapter | None) -> Manifest:
-    """The Adapter a successful FineTuneJob creates, or the next version of `existing`.
+    """The Adapter a successful FineTuneJob creates, or the next version of `existing` (the controller decides
+    whether the job may bump it: spec.output.allowExistingAdapter).
 
     Idempotent across operator restarts: when `existing` already carries this job's uid in
-    PRODUCED_BY_ANNOTATION its version is kept, not bumped again. Owner references of earlier jobs are
-    kept, so the Adapter lives as long as any job that produced one of its versions.
+    PRODUCED_BY_ANNOTATION its version is kept, not bumped again. The Adapter has no ownerReference to the job:
+    a served Adapter must outlive the run that made it (deleting or pruning a FineTuneJob would otherwise
+    garbage-collect it); provenance (the job's name and uid) says where it came from. Applying this manifest
+    also drops the FineTuneJob ownerReferences earlier operator versions set (server-side apply removes the
+    fields its manager no longer sets).
     """
     uid = ftj.metadata.uid or ""
     if existing is None:
@@ -311,12 +333,6 @@ def produced_adapter(ftj: FineTuneJob, artifact_uri: str, artifact_sha256: str |
         version = existing.spec.version
     else:
         version = bump_version(existing.spec.version)
-    prior = (existing.metadata.model_extra or {}).get("ownerReferences") or [] if existing else []
-    owners = [{"apiVersion": r["apiVersion"], "kind": r["kind"], "name": r["name"], "uid": r["uid"],
-               "controller": False, "blockOwnerDeletion": True}
-              for r in prior if r.get("kind") == "FineTuneJob" and r.get("uid") != uid]
-    # Not a controller reference: a user-made Adapter that a job bumps stays the user's object too.
-    owners.append(owner_reference(ftj, controller=False))
     base = {"name": ftj.spec.base_model.identity}
     if ftj.spec.base_model.revision:
         base["revision"] = ftj.spec.base_model.revision
@@ -331,8 +347,7 @@ def produced_adapter(ftj: FineTuneJob, artifact_uri: str, artifact_sha256: str |
         "apiVersion": ftj.api_version, "kind": "Adapter",
         "metadata": {"name": ftj.spec.output.adapter_name, "namespace": namespace_of(ftj),
                      "labels": dict(sorted(adapter_labels.items())),
-                     "annotations": {PRODUCED_BY_ANNOTATION: uid},
-                     "ownerReferences": owners},
+                     "annotations": {PRODUCED_BY_ANNOTATION: uid}},
         "spec": spec,
     }
 
@@ -343,6 +358,7 @@ def provenance(ftj: FineTuneJob, result: TerminationMessage | None, completed_at
     spec = ftj.spec
     out: dict[str, Any] = {
         "fineTuneJob": ftj.metadata.name,
+        "fineTuneJobUid": ftj.metadata.uid,
         "baseModel": spec.base_model.identity,
         "baseModelRevision": spec.base_model.revision,
         "datasetUri": spec.dataset.uri or (f"configmap://{spec.dataset.config_map_ref.name}/"

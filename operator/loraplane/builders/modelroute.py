@@ -126,8 +126,10 @@ def engine_deployment(route: ModelRoute, table: ServingTable, settings: BuildSet
         "containers": [stringify_quantities(engine_pod.engine_container(route, settings.engine_image)),
                        stringify_quantities(engine_pod.loader_container(
                            route, ns, settings.image, adapter_claims=adapter_claims(table),
-                           allow_insecure_http=settings.allow_insecure_http))],
-        "volumes": engine_pod.serving_volumes(route, adapter_claims(table)),
+                           allow_insecure_http=settings.allow_insecure_http,
+                           adapter_secrets=engine_pod.adapter_secrets(table)))],
+        "volumes": engine_pod.serving_volumes(route, adapter_claims(table),
+                                              adapter_secrets=engine_pod.adapter_secrets(table)),
         **({"initContainers": [fetch]} if (fetch := engine_pod.model_fetch_container(
             route, settings.image, settings.allow_insecure_http)) else {}),
         # vLLM drains in-flight requests on SIGTERM; long generations need more than the default 30 s.

@@ -101,12 +101,28 @@ def check_compatibility(adapter: Adapter, route: ModelRoute) -> Verdict:
     return Verdict(True, Reason.Compatible, f"compatible with ModelRoute {route.metadata.name}")
 
 
+def expected_digest(adapter: Adapter) -> str | None:
+    """The sha256 every replica must verify for this version: spec.source.sha256, else the digest the Adapter
+    recorded for this very version and URI when it was first served (status.artifact, written by the Adapter
+    controller). A version is content-addressed once published: changed content under it is never loaded."""
+    if adapter.spec.source.sha256:
+        return adapter.spec.source.sha256
+    status = adapter.status
+    art = status.artifact if status else None
+    if art and art.sha256 and status.version == adapter.spec.version and art.uri == adapter.spec.source.uri:
+        return art.sha256
+    return None
+
+
 def desired_adapter(adapter: Adapter) -> DesiredAdapter:
-    """The serving-table entry for an Adapter: its served name, source URI and sha256, rank and base model."""
+    """The serving-table entry for an Adapter: its served name, source URI and expected sha256, rank, base
+    model and the credentials Secret the loader fetches it with."""
+    creds = adapter.spec.source.credentials_secret_ref
     return DesiredAdapter(
         served_name=adapter.served_name(), adapter=adapter.metadata.name or "", version=adapter.spec.version,
-        uri=adapter.spec.source.uri or "", sha256=adapter.spec.source.sha256, rank=declared_rank(adapter),
-        base_model=adapter.spec.base_model.name, base_model_revision=adapter.spec.base_model.revision)
+        uri=adapter.spec.source.uri or "", sha256=expected_digest(adapter), rank=declared_rank(adapter),
+        base_model=adapter.spec.base_model.name, base_model_revision=adapter.spec.base_model.revision,
+        credentials_secret=creds.name if creds else None, credentials_key=creds.key if creds else None)
 
 
 def resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Verdict] | None = None) -> Resolution:

@@ -1,6 +1,12 @@
 """The Adapter controller: which ModelRoutes select an Adapter, whether it is compatible with each (from
 metadata), and what the replicas' loaders report (loadedOn, and the loader's reason when it refused or failed).
 
+A version, once served, is immutable and content-addressed: the first time a replica reports it loaded, the
+controller records its URI and digest in `status.artifact` (spec.source.sha256, else the digest the replica
+verified); every replica must then verify that digest (builders.resolution.expected_digest), a spec.source change
+under the same spec.version is refused (SpecImmutable), and a replica reporting other content for it is flagged
+(ArtifactChanged). Adapters without spec.version are not pinned: their served name follows their source.
+
 It also decides which Adapters no route may serve (an invalid spec, a changed immutable field): the
 ModelRoute controller asks `rejections(namespace)` when it resolves a serving table, and is told to re-resolve
 the namespace when that set changes.
@@ -13,7 +19,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from loraplane.api.adapter import Adapter, AdapterPhase, AdapterStatus, LoadedOn
+from loraplane.api.adapter import Adapter, AdapterPhase, AdapterStatus, ArtifactInfo, LoadedOn
 from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType
 from loraplane.api.modelroute import ModelRoute
 from loraplane.api.reasons import Reason
@@ -27,7 +33,7 @@ from loraplane.kube.events import Event, EventType
 from loraplane.kube.informer import Key
 
 OWNED_STATUS = ("phase", "observedGeneration", "conditions", "version", "servedName", "routes", "loadedOn",
-                "acceptedBaseModel")
+                "acceptedBaseModel", "artifact")
 FAILED_STATES = (AdapterState.Failed, AdapterState.Incompatible)
 TRUE, FALSE, UNKNOWN = ConditionStatus.TRUE, ConditionStatus.FALSE, ConditionStatus.UNKNOWN
 
@@ -49,6 +55,8 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
     # Shallow: fields are assigned, never mutated in place (see route_status), so `previous` is untouched.
     new = previous.model_copy()
     new.observed_generation = generation
+    if rejection is None and previous.version != adapter.spec.version:
+        new.artifact = None   # another version: its digest is recorded when it is first served
     new.version = adapter.spec.version
     served = adapter.served_name()
     new.served_name = served
@@ -59,6 +67,7 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
     verdicts = {r.metadata.name: check_compatibility(adapter, r) for r in selecting}
     compatible = [r for r in selecting if verdicts[r.metadata.name].compatible]
     loaded: list[LoadedOn] = []
+    digests: dict[str, str] = {}   # replica -> the digest it verified for this version (Ready replicas)
     loader_problems: list[tuple[AdapterState, ConditionState]] = []
     previous_since = {(lo.route, lo.replica): lo.since for lo in previous.loaded_on}
     for r in compatible:
@@ -68,6 +77,8 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
             if entry is None:
                 continue
             pod_name = pod["metadata"]["name"]
+            if entry.state == AdapterState.Ready and entry.sha256:
+                digests[pod_name] = entry.sha256
             if entry.state == AdapterState.Ready and pod_ready(pod):
                 loaded.append(LoadedOn(route=r.metadata.name or "", replica=pod_name, served_name=served,
                                        since=previous_since.get((r.metadata.name or "", pod_name), entry.since)))
@@ -83,6 +94,7 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
         new.phase = AdapterPhase.Failed
         condition(ConditionType.Ready, ConditionState(FALSE, rejection.reason, rejection.message))
         return new
+    changed = record_artifact(adapter, new, digests)
     if not selecting:
         new.phase = AdapterPhase.Pending
         condition(ConditionType.Compatible, ConditionState(UNKNOWN, Reason.NoRoute,
@@ -102,7 +114,10 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
     condition(ConditionType.Compatible, ConditionState(TRUE, Reason.Compatible, (
         f"compatible with {', '.join(r.metadata.name or '' for r in compatible)}"
         + (f"; not with: {'; '.join(incompatible)}" if incompatible else ""))))
-    if loaded:
+    if changed:
+        new.phase = AdapterPhase.Failed
+        condition(ConditionType.Ready, changed)
+    elif loaded:
         new.phase = AdapterPhase.Ready
         condition(ConditionType.Ready, ConditionState(TRUE, Reason.Loaded,
                                                       f"served as {served} by {len(loaded)} replica(s)"))
@@ -117,11 +132,53 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
     return new
 
 
+def record_artifact(adapter: Adapter, new: AdapterStatus, digests: dict[str, str]) -> ConditionState | None:
+    """Record a versioned Adapter's artifact once a replica serves it (status.artifact: URI and digest), and
+    return why the replicas' content differs from the recorded one (Reason.ArtifactChanged), else None.
+
+    The digest recorded is spec.source.sha256 when set (replicas verified it), else the one the first Ready
+    replica reports (sorted by replica name, so the choice is stable). Adapters without spec.version are not
+    recorded (their served name follows their source, which may change in place)."""
+    if not adapter.spec.version:
+        return None
+    art = new.artifact
+    if (art is None or not art.sha256) and digests:
+        sha = adapter.spec.source.sha256 or digests[sorted(digests)[0]]
+        new.artifact = art = (art or ArtifactInfo()).model_copy(update={"uri": adapter.spec.source.uri,
+                                                                        "sha256": sha})
+    if art is None or not art.sha256:
+        return None
+    others = {replica: d for replica, d in sorted(digests.items()) if d != art.sha256}
+    if not others:
+        return None
+    replica, digest = next(iter(others.items()))
+    return ConditionState(FALSE, Reason.ArtifactChanged, (
+        f"replica {replica} serves content with sha256 {digest} as version {adapter.spec.version}, but the version "
+        f"was published with sha256 {art.sha256}: {art.uri} was overwritten. A published version is immutable; "
+        "publish the new weights as a new spec.version, or restore the original artifact"))
+
+
+def version_rejection(adapter: Adapter, previous: AdapterStatus) -> Verdict | None:
+    """Why `adapter` may not be served because spec.source changed under a version that was already served
+    (status.artifact records its URI and digest), else None."""
+    art, version = previous.artifact, adapter.spec.version
+    if not version or previous.version != version or art is None or not art.sha256:
+        return None
+    source = adapter.spec.source
+    if art.uri == source.uri and source.sha256 in (None, art.sha256):
+        return None
+    return Verdict(False, Reason.SpecImmutable, (
+        f"spec.source changed under version {version}, which was published as {art.uri} (sha256 {art.sha256}); "
+        f"a published version is immutable: set a new spec.version to publish other content, or revert "
+        "spec.source. Not served until then."))
+
+
 def immutable_rejection(adapter: Adapter, previous: AdapterStatus) -> Verdict | None:
-    """Why `adapter` may not be served because its base model changed from the accepted one, else None."""
+    """Why `adapter` may not be served because its base model changed from the accepted one, or its source under
+    a published version (version_rejection), else None."""
     accepted = previous.accepted_base_model
     if accepted is None or accepted == adapter.spec.base_model:
-        return None
+        return version_rejection(adapter, previous)
     return Verdict(False, Reason.SpecImmutable,
                    f"spec.baseModel cannot change from {accepted.name}@{accepted.revision or '-'} to "
                    f"{adapter.spec.base_model.name}@{adapter.spec.base_model.revision or '-'} "

@@ -19,7 +19,7 @@ from loraplane.api.adapter import Adapter
 from loraplane.api.common import now_rfc3339
 from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType
 from loraplane.api.finetunejob import (
-    AdapterRef, ArtifactRef, Failure, FineTuneJob, FineTuneJobPhase, FineTuneJobStatus,
+    AdapterRef, ArtifactRef, Failure, FineTuneJob, FineTuneJobPhase, FineTuneJobSpec, FineTuneJobStatus,
 )
 from loraplane.api.keys import FINETUNEJOB_LABEL
 from loraplane.api.reasons import Reason
@@ -45,7 +45,8 @@ POD_RUNNING = "Running"  # core/v1 PodPhase
 JOB_COMPLETE = "Complete"
 JOB_FAILED = "Failed"
 # Ready reasons that post a Warning Event when they appear.
-WARNING_REASONS = (Reason.SpecImmutable, Reason.ImagePull, Reason.Unschedulable, Reason.Retrying, Reason.Preempted)
+WARNING_REASONS = (Reason.SpecImmutable, Reason.ImagePull, Reason.Unschedulable, Reason.Retrying, Reason.Preempted,
+                   Reason.AdapterExists)
 # Kubernetes vocabulary read here: the kubelet's pod status reason of an eviction, and the Job condition reason
 # of a run its podFailurePolicy failed.
 POD_EVICTED = "Evicted"
@@ -53,8 +54,19 @@ JOB_FAILED_BY_POLICY = "PodFailurePolicy"
 FALSE = ConditionStatus.FALSE
 
 
+def _normalised(spec: dict) -> dict:
+    """`spec` with every default filled in (as the current API model writes it), so a configuration written by an
+    older operator, which lacks fields added since (e.g. output.allowExistingAdapter), compares equal to the same
+    spec written now; a spec the model no longer accepts is compared as it is."""
+    try:
+        return FineTuneJobSpec.model_validate(spec).model_dump(by_alias=True, exclude_none=True, mode="json")
+    except (ValidationError, ValueError):
+        return spec
+
+
 def immutable_changes(accepted: dict, desired: dict) -> list[str]:
     """spec.* fields whose value differs from the accepted (running) configuration."""
+    accepted, desired = _normalised(accepted), _normalised(desired)
     keys = sorted((set(accepted) | set(desired)) - set(MUTABLE_FIELDS))
     return [f"spec.{k}" for k in keys if accepted.get(k) != desired.get(k)]
 
@@ -202,7 +214,8 @@ class FineTuneJobFacts:
     invalid: str | None = None
     accepted_spec: dict | None = None   # the spec the running Job was created from (None: not created yet)
     run: RunState | None = None         # None: terminal and the Job is gone (the status is kept)
-    existing_adapter: dict | None = None  # the output Adapter, when the run succeeded and none is recorded yet
+    existing_adapter: dict | None = None  # the Adapter named by spec.output.adapterName, when it exists
+    job_exists: bool = False            # the batch/v1 Job of this run exists (the run has started)
     now: str = ""                       # RFC 3339, the provenance's completedAt when the trainer gave none
 
 
@@ -252,6 +265,12 @@ class FineTuneJobController(Controller):
             # A child changed, or a produced Adapter (labelled with its job): the job may be waiting for it.
             if owner := (meta.get("labels") or {}).get(FINETUNEJOB_LABEL):
                 self.schedule((ns, self.owner_of_label(ns, owner)))
+            if source == "Adapter":
+                # A job refused because this Adapter exists (AdapterExists) may go on once it is deleted.
+                for key in self.store.keys_in(ns):
+                    body = self.store.get(key) or {}
+                    if ((body.get("spec") or {}).get("output") or {}).get("adapterName") == meta.get("name"):
+                        self.schedule(key)
 
     def owner_of_label(self, namespace: str, value: str) -> str:
         """The FineTuneJob name a loraplane.io/finetunejob label value stands for: the value itself, or for a
@@ -288,12 +307,13 @@ class FineTuneJobController(Controller):
         previous = owned_status(FineTuneJobStatus, current, OWNED_STATUS)
         run = None if previous.phase in TERMINAL and job is None else run_state(
             ftj, job, self.stores.TrainPod.group(ns, finetunejob.owner_label(name)))
-        facts = FineTuneJobFacts(body, ftj, accepted_spec=accepted, run=run, now=now_rfc3339())
-        if (run.phase if run else previous.phase) == FineTuneJobPhase.Succeeded and previous.adapter_ref is None:
-            adapter_key = (ns, ftj.spec.output.adapter_name)
+        adapter_key = (ns, ftj.spec.output.adapter_name)
+        facts = FineTuneJobFacts(body, ftj, accepted_spec=accepted, run=run, now=now_rfc3339(),
+                                 existing_adapter=self.stores.Adapter.get(adapter_key), job_exists=job is not None)
+        if (run.phase if run else previous.phase) == FineTuneJobPhase.Succeeded and previous.adapter_ref is None \
+                and facts.existing_adapter is None:
             # The watch may lag behind a write of ours: ask the API server when the store has none.
-            facts.existing_adapter = self.stores.Adapter.get(adapter_key) or await self.kube.get(
-                API, "Adapter", *adapter_key)
+            facts.existing_adapter = await self.kube.get(API, "Adapter", *adapter_key)
         return facts
 
     async def accepted_spec(self, ftj: FineTuneJob) -> dict | None:
@@ -331,10 +351,14 @@ class FineTuneJobController(Controller):
             return out
         ftj, settings = facts.ftj, self.ctx.build
         status = owned_status(FineTuneJobStatus, current, OWNED_STATUS)
-        desired_spec = finetunejob.trainer_config(ftj, settings)["spec"]
+        # A run keeps the output location it started with (its checkpoints are there): the accepted spec is this
+        # uid's own (accepted_spec), so another run never shares it.
+        output = ((facts.accepted_spec or {}).get("output") or {}).get("uri") or finetunejob.output_uri(ftj, settings)
+        desired_spec = finetunejob.trainer_config(ftj, settings, output)["spec"]
         rejected = immutable_changes(facts.accepted_spec, desired_spec) if facts.accepted_spec is not None else []
-        if not rejected and status.phase not in TERMINAL:
-            kids = finetunejob.children(ftj, settings)
+        refusal = adapter_refusal(ftj, facts.existing_adapter)
+        if not rejected and status.phase not in TERMINAL and not (refusal and not facts.job_exists):
+            kids = finetunejob.children(ftj, settings, output)
             out.children, out.fresh, out.spec = [kids[:-1], kids[-1:]], not current, desired_spec
 
         new = status.model_copy(deep=True)
@@ -346,9 +370,15 @@ class FineTuneJobController(Controller):
             new.start_time, new.completion_time = run.start_time, run.completion_time
             new.failure = run.failure
         event: Event | None = None
-        if new.phase == FineTuneJobPhase.Succeeded and new.adapter_ref is None:
+        if new.phase == FineTuneJobPhase.Succeeded and new.adapter_ref is None and refusal:
+            # Trained, but not published into an Adapter it may not bump: keep where the artifact is.
+            uri, sha = artifact_of(run.result if run else None, output)
+            new.artifact = ArtifactRef(uri=uri, sha256=sha)
+            refusal = ConditionState(FALSE, Reason.AdapterExists, f"{refusal.message}. The trained adapter is at "
+                                     f"{uri}" + (f" (sha256 {sha})" if sha else "") + ", unpublished")
+        elif new.phase == FineTuneJobPhase.Succeeded and new.adapter_ref is None:
             result = run.result if run else None
-            uri, sha = artifact_of(result, finetunejob.output_uri(ftj, settings))
+            uri, sha = artifact_of(result, output)
             out.adapter = produced_adapter(ftj, uri, sha, result, facts.existing_adapter,
                                            new.completion_time or facts.now)
             version = out.adapter.manifest["spec"]["version"]
@@ -358,7 +388,10 @@ class FineTuneJobController(Controller):
                 f"training finished; Adapter {ftj.spec.output.adapter_name} version {version} points at {uri}"
                 + ("" if result else " (the trainer reported no result message: no sha256, metrics or dataset "
                                      "digest)")))
-        ready = ready_state(ftj, new, run, rejected)
+        # The refusal shows where it blocks: before the Job starts, and on success (nothing published).
+        blocks = (new.phase == FineTuneJobPhase.Succeeded and new.adapter_ref is None) or (
+            not facts.job_exists and new.phase not in TERMINAL)
+        ready = ready_state(ftj, new, run, rejected, refusal if blocks else None)
         new.set_condition(ConditionType.Ready, ready, generation)
         out.status = status_patch(current, dump_status(new), OWNED_STATUS)
         if event is None and status.phase != new.phase and new.phase != FineTuneJobPhase.Succeeded:
@@ -423,13 +456,34 @@ def produced_adapter(ftj: FineTuneJob, uri: str, sha: str | None, result: Termin
                            live=existing_body, provenance=provenance)
 
 
+def adapter_refusal(ftj: FineTuneJob, existing: dict | None) -> ConditionState | None:
+    """Why `ftj` may not publish a version of the Adapter it names (Reason.AdapterExists), else None: the Adapter
+    exists, this job (its uid) did not create it, and spec.output.allowExistingAdapter is not set. Without this
+    rule any FineTuneJob could replace what any Adapter of the namespace serves just by naming it."""
+    if existing is None or ftj.spec.output.allow_existing_adapter:
+        return None
+    meta = existing.get("metadata") or {}
+    producer = (meta.get("annotations") or {}).get(finetunejob.PRODUCED_BY_ANNOTATION)
+    if ftj.metadata.uid and producer == ftj.metadata.uid:
+        return None
+    made_by = (f"FineTuneJob {(meta.get('labels') or {}).get(FINETUNEJOB_LABEL)} (another run)"
+               if producer else "hand (not by a FineTuneJob)")
+    return ConditionState(FALSE, Reason.AdapterExists, (
+        f"Adapter {ftj.spec.output.adapter_name} already exists, made by {made_by}; this FineTuneJob publishes a "
+        "new version of it only with spec.output.allowExistingAdapter: true (recreate the job with it, or with "
+        "another spec.output.adapterName)"))
+
+
 def ready_state(ftj: FineTuneJob, new: FineTuneJobStatus, run: RunState | None,
-                rejected: list[str]) -> ConditionState:
-    """The Ready condition: kstatus reads it; the reason says what the user is waiting for or must fix."""
+                rejected: list[str], refusal: ConditionState | None = None) -> ConditionState:
+    """The Ready condition: kstatus reads it; the reason says what the user is waiting for or must fix
+    (`refusal`: why the produced Adapter may not be written, adapter_refusal)."""
     if rejected:
         return ConditionState(FALSE, Reason.SpecImmutable, (
             f"{', '.join(rejected)} cannot change while the job exists (immutable); revert the change or create "
             "a new FineTuneJob. The running job keeps its original spec."))
+    if refusal is not None:
+        return refusal
     if new.phase == FineTuneJobPhase.Succeeded:
         return ConditionState(ConditionStatus.TRUE, Reason.Succeeded, f"Adapter {ftj.spec.output.adapter_name} "
                               f"version {(new.adapter_ref.version if new.adapter_ref else '')} created")

@@ -12,7 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
-from loraplane.api.paths import ADAPTER_CACHE_PATH, LOADER_PORT, PVC_ROOT
+from loraplane.api.paths import ADAPTER_CACHE_PATH, ADAPTER_CREDENTIALS_ROOT, LOADER_PORT, PVC_ROOT
 
 log = logging.getLogger("loraplane.loader")
 DESCRIPTION = ("The adapter loader beside a vLLM replica: keeps the replica's LoRA adapters equal to its ModelRoute's "
@@ -45,6 +45,9 @@ def add_loader_arguments(p: argparse.ArgumentParser) -> None:
                    help="most files and directories one adapter archive or directory may hold")
     p.add_argument("--max-header-bytes", type=int, default=8 * 1024**2,
                    help="largest adapter safetensors header the gate reads, in bytes")
+    p.add_argument("--credentials-root", default=ADAPTER_CREDENTIALS_ROOT,
+                   help="where each adapter's credentials Secret is mounted, one folder per Secret name; `none`: "
+                        "fetch every adapter with this process's environment (local runs)")
     p.add_argument("--model-dir", help="the base model's local directory (default: the table's modelPath, then "
                                        "the Hugging Face cache)")
     p.add_argument("--max-lora-rank", type=int, help="override the table's maxLoraRank (must equal vLLM's flag)")
@@ -112,7 +115,8 @@ async def serve(args: argparse.Namespace, started: asyncio.Event | None = None) 
                         probe_prompt=args.probe_prompt or DEFAULT_PROBE_PROMPT, probe_tokens=args.probe_tokens,
                         max_attempts=args.max_attempts, backoff_base=args.backoff_seconds,
                         resync=args.resync_seconds, report_sinks=[kube.report] if kube and args.pod_name else [],
-                        max_header_bytes=args.max_header_bytes)
+                        max_header_bytes=args.max_header_bytes,
+                        credentials_root=None if args.credentials_root == "none" else args.credentials_root)
         loader.metrics.cache_bytes.set(cache.total_bytes())
 
         def on_error(message: str) -> None:

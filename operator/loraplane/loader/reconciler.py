@@ -29,7 +29,10 @@ from loraplane.api.wire.serving import (AdapterReport, AdapterState, DesiredAdap
 from loraplane.loader import gate
 from loraplane.loader.engine import EngineError, Probe, VllmClient, classify_load_error
 from loraplane.loader.metrics import LoaderMetrics
+from loraplane.api.paths import ADAPTER_CREDENTIALS_ROOT
 from loraplane.storage.cache import ArtifactCache, CachedArtifact, FetchError
+from loraplane.storage.credentials import Credentials
+from loraplane.storage.uri import try_parse_uri
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,23 @@ class Slot:
 ReportSink = Callable[[ReplicaReport], Awaitable[None]]
 
 
+def _verified_digest(slot: Slot) -> str | None:
+    """The digest this replica verified for the slot's artifact: the table's expected one (it matched), else the
+    cached directory's sha256_dir; None before a fetch."""
+    if slot.artifact is None:
+        return None
+    return slot.desired.sha256 or slot.artifact.sha256
+
+
+def _only_pinned(slot: Slot, new: DesiredAdapter) -> bool:
+    """True when `new` differs from the slot's entry only by a digest the slot's verified artifact has (the
+    Adapter recorded what this replica reported): nothing to fetch or reload."""
+    art = slot.artifact
+    return (art is not None and slot.desired.sha256 is None and new.sha256 is not None
+            and new.sha256 in (art.sha256, art.archive_sha256)
+            and slot.desired.model_copy(update={"sha256": new.sha256}) == new)
+
+
 class Loader:
     """Makes one vLLM replica's loaded adapters equal the serving table (`set_table`), and reports each
     adapter's `AdapterState` with a `Reason` (`report`, pushed to `report_sinks` on change).
@@ -83,6 +103,8 @@ class Loader:
     `max_lora_rank` overrides the table's (the engine's real --max-lora-rank); `model_dir` is the base model's
     directory for the gate (default: the table's modelPath). Failed attempts back off exponentially from
     `backoff_base` to `backoff_max` seconds, `max_attempts` times; `resync` is the idle pass interval (seconds).
+    `credentials_root`: where each adapter's credentials Secret is mounted (one folder per Secret); None: every
+    adapter is fetched with the process environment (local runs, which have no Secrets).
     With `smoke_test`, each loaded adapter's greedy completion of `probe_prompt` (`probe_tokens` tokens) must
     differ from the base model's, else it is unloaded as NoEffect.
     """
@@ -93,7 +115,8 @@ class Loader:
                  probe_prompt: str = DEFAULT_PROBE_PROMPT, probe_tokens: int = 8, max_attempts: int = 5,
                  backoff_base: float = 1.0, backoff_max: float = 60.0, resync: float = 1.0,
                  engine_url: str | None = None, report_sinks: list[ReportSink] | None = None,
-                 max_header_bytes: int = gate.MAX_ADAPTER_HEADER_BYTES):
+                 max_header_bytes: int = gate.MAX_ADAPTER_HEADER_BYTES,
+                 credentials_root: str | Path | None = ADAPTER_CREDENTIALS_ROOT):
         self.engine = engine
         self.cache = cache
         self.replica = replica
@@ -110,6 +133,7 @@ class Loader:
         self.engine_url = engine_url or engine.base_url
         self.report_sinks = list(report_sinks or [])
         self.max_header_bytes = max_header_bytes   # the gate's safetensors header limit (--max-header-bytes)
+        self.credentials_root = Path(credentials_root) if credentials_root is not None else None
         self.table: ServingTable | None = None
         self.slots: dict[str, Slot] = {}
         self.unloading: dict[str, str] = {}   # served name -> since
@@ -131,6 +155,10 @@ class Loader:
                 del self.slots[name]
                 self.unloading.setdefault(name, now_rfc3339())
             elif slot.desired != desired[name]:
+                if _only_pinned(slot, desired[name]):
+                    # The Adapter recorded the digest this replica already verified: same artifact, no reload.
+                    slot.desired = desired[name]
+                    continue
                 # Same served name, other artifact: reload it (the operator normally gives a new name instead).
                 self.slots[name] = Slot(desired[name])
                 self.unloading.setdefault(name, now_rfc3339())
@@ -252,7 +280,8 @@ class Loader:
         try:
             slot.move(AdapterState.Fetching, Reason.Fetching, f"fetching {want.uri}")
             t = time.monotonic()
-            art = await self.cache.fetch(want.uri, want.sha256, protect=self._protected())
+            art = await self.cache.fetch(want.uri, want.sha256, protect=self._protected(), version=want.version,
+                                         credentials=self.credentials(want))
             slot.artifact = art
             steps["fetch"] = time.monotonic() - t
             self.metrics.load_seconds.labels("fetch").observe(steps["fetch"])
@@ -330,6 +359,23 @@ class Loader:
             log.exception("bringing up %s failed unexpectedly", name)
             self._retry_or_fail(slot, Reason.InternalError, f"{type(exc).__name__}: {exc}", True)
 
+    def credentials(self, want: DesiredAdapter) -> Credentials | None:
+        """The adapter's own credentials (its source.credentialsSecretRef, mounted under credentials_root), read
+        for each fetch so a rotated Secret is used at the next one; None without a Secret, or without a
+        credentials_root (then the environment's). Raises FetchError (retried) when the Secret's folder is not
+        mounted in this replica: the table named the adapter before the Deployment rolled out a pod mounting
+        it. An existing but empty folder is a missing Secret (an optional volume): the store refuses the fetch."""
+        if not want.credentials_secret or self.credentials_root is None:
+            return None
+        parsed = try_parse_uri(want.uri)
+        if parsed is None:
+            return None   # the fetch reports the malformed URI
+        folder = self.credentials_root / want.credentials_secret
+        if not folder.is_dir():
+            raise FetchError(f"Secret {want.credentials_secret} (source.credentialsSecretRef) is not mounted in this "
+                             f"replica at {folder}: replicas that mount it are being rolled out")
+        return Credentials.from_secret_dir(folder, want.credentials_secret, want.credentials_key, parsed)
+
     def _retry_or_fail(self, slot: Slot, reason: Reason, message: str, retryable: bool) -> None:
         self.metrics.failures.labels(reason).inc()
         if not retryable:
@@ -374,7 +420,8 @@ class Loader:
     def report(self) -> ReplicaReport:
         """This replica's ReplicaReport now: every slot's state, plus the adapters being unloaded."""
         adapters = {n: AdapterReport(state=s.state, reason=s.reason, message=s.message, since=s.since,
-                                     attempts=s.attempts) for n, s in sorted(self.slots.items())}
+                                     attempts=s.attempts, sha256=_verified_digest(s))
+                    for n, s in sorted(self.slots.items())}
         for name, since in sorted(self.unloading.items()):
             if name in self.slots:
                 continue

@@ -247,6 +247,7 @@ class LocalRun:
         argv = container_argv(loader_c, pod)
         argv = _replace_flag(argv, "--configmap", ["--table", str(table_path)])
         argv = _set_flag(argv, "--vllm-url", f"http://127.0.0.1:{engine_port}")
+        argv = _set_flag(argv, "--credentials-root", "none")   # no Secrets here: the environment's credentials
         argv = _set_flag(argv, "--port", str(loader_port)) + ["--host", "127.0.0.1", "--pvc-root",
                                                               str(self.pvc_root)]
         if table.model_path:  # the table names the pod's path of the base model: give the loader this one

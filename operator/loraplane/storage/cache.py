@@ -15,6 +15,15 @@ vLLM starts (`loraplane fetch-model`, the engine pod's init container).
 
 Digests (loraplane.storage.digest): a directory's sha256_dir; for archives either the archive file's sha256 (what
 `sha256sum x.tar.gz` prints) or the unpacked directory's sha256_dir is accepted.
+
+Entries are keyed by the artifact's identity (storage.uri.cache_key: URI + version + expected digest when
+known), never by the URI alone: a new version published at the same URI gets its own entry, and the entry an
+engine loaded an older version from is never rewritten under it. A cache hit is hashed again before it is
+returned, so files changed on disk after verification are fetched anew rather than served.
+
+Credentials: each fetch may carry its own (`credentials`, storage.credentials), used instead of the process
+environment. A store that refuses them (HTTP 401/403, S3 AccessDenied, a gated or private Hub repo) raises
+`FetchAccessDenied`: terminal, since retrying with the same credentials cannot help.
 """
 
 from __future__ import annotations
@@ -37,7 +46,9 @@ from loraplane.storage.archive import (
     ADAPTER_LIMITS, MODEL_LIMITS, ArtifactLimits, check_tree, copy_tree, unpack_archive,
 )
 from loraplane.storage.digest import directory_size, sha256_dir, sha256_file
-from loraplane.storage.errors import InvalidContent, MissingDependency, Refused, StorageError, TooLarge, UnsafeContent
+from loraplane.storage.credentials import Credentials
+from loraplane.storage.errors import (AccessDenied, InvalidContent, MissingDependency, Refused, StorageError, TooLarge,
+                                      UnsafeContent)
 from loraplane.storage.fetchers import fetcher_for
 from loraplane.storage.fetchers.base import FetchPolicy
 from loraplane.storage.uri import (  # noqa: F401  (fetched_model_path: also the cache's public name)
@@ -70,6 +81,13 @@ class ChecksumMismatch(FetchError):
     reason = Reason.ChecksumMismatch
 
 
+class FetchAccessDenied(FetchError):
+    """The store refused the credentials (or there were none): retrying with the same ones cannot help."""
+
+    reason = Reason.AccessDenied
+    retryable = False
+
+
 class InvalidArtifact(FetchError):
     """Fetched, but not a PEFT adapter directory: retrying cannot help."""
 
@@ -80,7 +98,8 @@ class InvalidArtifact(FetchError):
 @dataclass(frozen=True)
 class CachedArtifact:
     """One complete, verified cache entry: the URI as written, its directory, the directory's sha256_dir,
-    the archive's sha256 (None for a tree), its size in bytes and when it was fetched (Unix seconds)."""
+    the archive's sha256 (None for a tree), its size in bytes, when it was fetched (Unix seconds) and the
+    version it was fetched for (None: unversioned)."""
 
     uri: str
     path: Path
@@ -88,6 +107,7 @@ class CachedArtifact:
     archive_sha256: str | None
     size_bytes: int
     fetched_at: float
+    version: str | None = None
 
 
 def _digest_matches(expected: str | None, art: CachedArtifact) -> bool:
@@ -122,16 +142,19 @@ def model_root(directory: Path) -> Path:
 
 
 class ArtifactCache:
-    """A verified, size-bounded (`max_bytes`) cache of fetched artifacts under `root`, one entry per URI
-    (cache_key): a directory plus a metadata file written last, so a crash never leaves an entry that looks
-    complete. `http_timeout` is seconds per HTTP(S) download; `root_of` picks the artifact's directory in the tree;
-    `limits` bound what one artifact may unpack to (capped at `max_bytes`: an artifact larger than the cache
-    cannot be kept anyway); `policy` is what HTTP(S) fetches may do (plain http, loopback: off by default)."""
+    """A verified, size-bounded (`max_bytes`) cache of fetched artifacts under `root`, one entry per artifact
+    identity (cache_key: URI, version, expected digest): a directory plus a metadata file written last, so a
+    crash never leaves an entry that looks complete. `http_timeout` is seconds per HTTP(S) download; `root_of`
+    picks the artifact's directory in the tree; `by_identity` False keys entries by the URI alone (the base-model
+    cache, whose entry's path vLLM's --model names: storage.uri.fetched_model_path); `limits` bound what one
+    artifact may unpack to (capped at `max_bytes`: an artifact larger than the cache cannot be kept anyway);
+    `policy` is what HTTP(S) fetches may do (plain http, loopback: off by default)."""
 
     def __init__(self, root: Path, max_bytes: int, pvc_root: str = PVC_ROOT, http_timeout: float = 600,
-                 root_of: Callable[[Path], Path] = adapter_root, limits: ArtifactLimits = ADAPTER_LIMITS,
-                 policy: FetchPolicy = FetchPolicy()):
+                 root_of: Callable[[Path], Path] = adapter_root, by_identity: bool = True,
+                 limits: ArtifactLimits = ADAPTER_LIMITS, policy: FetchPolicy = FetchPolicy()):
         self.root_of = root_of  # which directory of a fetched tree is the artifact (adapter or model)
+        self.by_identity = by_identity
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.limits = limits.at_most(max_bytes)
@@ -143,6 +166,10 @@ class ArtifactCache:
         self._clean_partial()
 
     # ---- entries -------------------------------------------------------------------------------------------
+    def key(self, uri: str, version: str | None = None, sha256: str | None = None) -> str:
+        """The entry name of an artifact: cache_key of its identity, or of the URI alone without by_identity."""
+        return cache_key(uri, version, sha256) if self.by_identity else cache_key(uri)
+
     def _entry(self, key: str) -> Path:
         return self.root / key
 
@@ -159,10 +186,10 @@ class ArtifactCache:
             elif p.name.endswith(META_SUFFIX) and not self._entry(p.name.removesuffix(META_SUFFIX)).is_dir():
                 p.unlink(missing_ok=True)
 
-    def lookup(self, uri: str) -> CachedArtifact | None:
-        """The complete entry of `uri` (metadata readable, directory present), else None; its digest is not
-        checked again here."""
-        key = cache_key(uri)
+    def lookup(self, uri: str, version: str | None = None, sha256: str | None = None) -> CachedArtifact | None:
+        """The complete entry of `uri` at `version` fetched for digest `sha256` (cache_key), metadata readable
+        and directory present, else None; its digest is not checked again here."""
+        key = self.key(uri, version, sha256)
         try:
             raw = json.loads(self._meta(key).read_text())
             art = CachedArtifact(**{**raw, "path": Path(raw["path"])})
@@ -186,9 +213,9 @@ class ArtifactCache:
         """The size of every complete entry, in bytes (as recorded at fetch time)."""
         return sum(art.size_bytes for _, art, _ in self.entries())
 
-    def _touch(self, uri: str) -> None:
+    def _touch(self, key: str) -> None:
         try:
-            os.utime(self._meta(cache_key(uri)))
+            os.utime(self._meta(key))
         except OSError:
             pass
 
@@ -212,33 +239,51 @@ class ArtifactCache:
 
     # ---- fetching ------------------------------------------------------------------------------------------
     async def fetch(self, uri: str, expected_sha256: str | None = None,
-                    protect: set[Path] = frozenset()) -> CachedArtifact:
-        """The verified local copy of `uri`, fetched if missing or stale. Raises FetchError subclasses."""
-        lock = self._locks.setdefault(uri, asyncio.Lock())
+                    protect: set[Path] = frozenset(), *, version: str | None = None,
+                    credentials: Credentials | None = None) -> CachedArtifact:
+        """The verified local copy of `uri` at `version` (the artifact's identity with `expected_sha256`:
+        cache_key), fetched if missing, stale or changed on disk since it was verified. `credentials`: this
+        artifact's own, used instead of the environment. Raises FetchError subclasses."""
+        key = self.key(uri, version, expected_sha256)
+        lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-            cached = self.lookup(uri)
-            if cached and _digest_matches(expected_sha256, cached) and not await self._local_source_changed(
-                    uri, cached, expected_sha256):
-                self._touch(uri)
+            cached = self.lookup(uri, version, expected_sha256)
+            if cached and _digest_matches(expected_sha256, cached) and await self._intact(cached) \
+                    and not await self._local_source_changed(uri, cached, expected_sha256):
+                self._touch(key)
                 return cached
+            if expected_sha256 is not None and cached is None and self.by_identity:
+                # The digest was recorded after this version was verified without one (the Adapter pins what a
+                # replica first served): that entry is this artifact, whatever the source holds now.
+                verified = self.lookup(uri, version, None)
+                if verified and _digest_matches(expected_sha256, verified) and await self._intact(verified):
+                    self._touch(self.key(uri, version, None))
+                    return verified
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
             try:
-                archive_sha = await self._download(uri, tmp / "src")
+                archive_sha = await self._download(uri, tmp / "src", credentials)
                 root = self.root_of(tmp / "src")
                 digest = await asyncio.to_thread(sha256_dir, root)
-                art = CachedArtifact(uri=uri, path=self._entry(cache_key(uri)), sha256=digest,
+                art = CachedArtifact(uri=uri, path=self._entry(key), sha256=digest,
                                      archive_sha256=archive_sha, size_bytes=directory_size(root),
-                                     fetched_at=time.time())
+                                     fetched_at=time.time(), version=version)
                 if not _digest_matches(expected_sha256, art):
                     raise ChecksumMismatch(
                         f"artifact sha256 is {digest}" + (f" (archive {archive_sha})" if archive_sha else "")
                         + f", expected {expected_sha256}: the artifact changed after its digest was recorded, "
                           "or source.sha256 is wrong; fix spec.source.sha256 or restore the artifact")
-                self._install(art, root)
+                self._install(key, art, root)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             self.evict(protect | {art.path})
             return art
+
+    async def _intact(self, cached: CachedArtifact) -> bool:
+        """The entry's files still hash to the digest recorded when it was verified (nothing rewrote them)."""
+        try:
+            return await asyncio.to_thread(sha256_dir, cached.path) == cached.sha256
+        except OSError:
+            return False
 
     async def _local_source_changed(self, uri: str, cached: CachedArtifact, expected: str | None) -> bool:
         """A local/PVC source without a pinned digest may be rewritten in place: re-hash it to notice."""
@@ -255,8 +300,7 @@ class ArtifactCache:
         except (OSError, FetchError):
             return False  # the source vanished: keep serving the verified copy
 
-    def _install(self, art: CachedArtifact, root: Path) -> None:
-        key = cache_key(art.uri)
+    def _install(self, key: str, art: CachedArtifact, root: Path) -> None:
         entry, meta = self._entry(key), self._meta(key)
         meta.unlink(missing_ok=True)
         if entry.exists():
@@ -272,15 +316,15 @@ class ArtifactCache:
         parsed = try_parse_uri(uri)
         return parsed.local_path(self.pvc_root) if parsed else None
 
-    async def _download(self, uri: str, dest: Path) -> str | None:
+    async def _download(self, uri: str, dest: Path, credentials: Credentials | None = None) -> str | None:
         """Materialise `uri` as directory `dest`; return the archive's sha256 when it was an archive.
-        Fetcher errors become FetchError (retryable) or InvalidArtifact (not)."""
+        Fetcher errors become FetchError (retryable), FetchAccessDenied or InvalidArtifact (not)."""
         try:
             parsed = parse_uri(uri)
         except ValueError as exc:
             raise InvalidArtifact(f"{exc}") from exc
         try:
-            return await asyncio.to_thread(self._materialise, parsed, dest)
+            return await asyncio.to_thread(self._materialise, parsed, dest, credentials)
         except UnsafeContent as exc:
             raise InvalidArtifact(str(exc), Reason.UnsafeArtifact) from exc
         except TooLarge as exc:
@@ -289,12 +333,19 @@ class ArtifactCache:
             raise FetchError(str(exc), Reason.InsecureSource, retryable=False) from exc
         except (InvalidContent, MissingDependency) as exc:
             raise InvalidArtifact(str(exc)) from exc
+        except AccessDenied as exc:
+            whose = (f"the credentials of {credentials.origin}" if credentials is not None
+                     else "the loader's own identity (no source.credentialsSecretRef)")
+            raise FetchAccessDenied(f"{exc} (fetched with {whose}); check source.credentialsSecretRef, the "
+                                    "Secret's keys and what they may read, then restart the replica or change "
+                                    "the Adapter to try again") from exc
         except StorageError as exc:
             raise FetchError(str(exc)) from exc
 
-    def _materialise(self, uri: ArtifactUri, dest: Path) -> str | None:
+    def _materialise(self, uri: ArtifactUri, dest: Path, credentials: Credentials | None = None) -> str | None:
         """A directory is copied as is; one archive (.tar.gz, .tgz, .tar) is fetched, hashed and unpacked."""
-        fetcher = fetcher_for(uri, pvc_root=self.pvc_root, http_timeout_s=self.http_timeout, policy=self.policy)
+        fetcher = fetcher_for(uri, pvc_root=self.pvc_root, http_timeout_s=self.http_timeout, policy=self.policy,
+                              credentials=credentials)
         if uri.is_local:
             local = uri.local_path(self.pvc_root)
             assert local is not None
@@ -327,6 +378,6 @@ class ArtifactCache:
 
 def model_cache(root: Path, pvc_root: str = PVC_ROOT, policy: FetchPolicy = FetchPolicy()) -> ArtifactCache:
     """The cache that fetches base models (engine pod init container, trainer): no size bound but MODEL_LIMITS,
-    since its one entry is the model in use; an entry is a directory with config.json."""
-    return ArtifactCache(root, max_bytes=1 << 62, pvc_root=pvc_root, root_of=model_root, limits=MODEL_LIMITS,
-                         policy=policy)
+    since its one entry is the model in use; an entry is a directory with config.json, keyed by URI alone."""
+    return ArtifactCache(root, max_bytes=1 << 62, pvc_root=pvc_root, root_of=model_root, by_identity=False,
+                         limits=MODEL_LIMITS, policy=policy)

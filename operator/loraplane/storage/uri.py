@@ -12,7 +12,7 @@ Schemes (the same set the API's URI fields admit):
 `parse_uri` raises ValueError naming the problem for anything else; nothing else in the project looks at the
 prefix of a URI string. Like KubeAI's `parseModelURL`, it returns a typed value the callers branch on.
 
-`cache_key` / `fetched_model_path` are pure functions of the URI text: builders write the path into pod specs
+`cache_key` (of the URI text, plus version and digest when given) and `fetched_model_path` are pure: builders write the path into pod specs
 (vLLM's `--model`) and `loraplane fetch-model` leaves the model there, so both must agree on them.
 """
 
@@ -211,10 +211,17 @@ def recorded_path(text: str, pvc_root: str | Path = PVC_ROOT) -> Path | None:
     return uri.local_path(pvc_root) if uri else None
 
 
-def cache_key(uri: str | ArtifactUri) -> str:
-    """The cache entry name of a URI: a hash of its text exactly as written (so a pod spec and the program that
-    fills the cache agree without sharing state)."""
-    return hashlib.sha256(str(uri).encode()).hexdigest()[:32]
+def cache_key(uri: str | ArtifactUri, version: str | None = None, sha256: str | None = None) -> str:
+    """The cache entry name of an artifact: a hash of its URI exactly as written (so a pod spec and the program
+    that fills the cache agree without sharing state) and, when known, of the version and the expected digest.
+
+    Two versions published at one URI (a source overwritten in place) are two entries: fetching the second never
+    replaces the files the first is loaded from. With neither version nor digest the key is the URI's alone
+    (base models, `fetched_model_path`)."""
+    if version is None and sha256 is None:
+        return hashlib.sha256(str(uri).encode()).hexdigest()[:32]
+    identity = "\n".join((str(uri), f"version={version or ''}", f"sha256={(sha256 or '').lower()}"))
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
 def fetched_model_path(cache_dir: str | Path, uri: str | ArtifactUri) -> Path:

@@ -457,13 +457,23 @@ def write_adapter(peft_model, output_dir: Path, provenance: dict) -> str:
 
 
 def upload_s3(local_dir: Path, uri: str) -> None:
-    """Upload the adapter directory to s3://BUCKET/PREFIX (the object layout mirrors the directory).
+    """Upload the adapter directory to s3://BUCKET/PREFIX (the object layout mirrors the directory), then delete
+    the objects under PREFIX/ that are not part of it (left by an earlier upload to the same prefix): the prefix
+    then holds exactly the artifact whose sha256 the result reports. A whole bucket (no PREFIX) is never pruned.
     Raises OutputWriteFailed."""
     from loraplane.storage.errors import StorageError
     from loraplane.storage.fetchers.s3 import S3Fetcher
 
+    target = spec_uri(uri, "spec.output.uri")
+    prefix = target.key.rstrip("/") + "/" if target.key else ""
+    store = S3Fetcher()
     try:
-        S3Fetcher().upload_tree(Path(local_dir), spec_uri(uri, "spec.output.uri"))
+        before = store.list_objects(target.bucket or "", prefix, uri=uri) if prefix else {}
+        store.upload_tree(Path(local_dir), target)
+        uploaded = {prefix + p.relative_to(local_dir).as_posix() for p in Path(local_dir).rglob("*") if p.is_file()}
+        if stale := sorted(set(before) - uploaded):
+            log.info("deleting %d stale object(s) under %s", len(stale), uri)
+            store.delete_keys(target.bucket or "", stale)
     except StorageError as exc:
         raise OutputWriteFailed(f"spec.output.uri: uploading the adapter to {uri} failed: {exc}; check the bucket "
                                 "and the credentials") from exc

@@ -192,8 +192,10 @@ def test_success_creates_the_adapter_with_provenance_and_a_rerun_bumps_it(kube, 
     assert adapter["spec"]["source"] == {"uri": "s3://does-not-exist/out", "sha256": "a" * 64}
     assert adapter["spec"]["version"] == "1" and adapter["spec"]["rank"] == 8
     assert adapter["metadata"]["labels"]["team"] == "t"
-    assert adapter["metadata"]["ownerReferences"][0]["name"] == "tune"
+    # Not owned by the job (issue 13 item 4c): deleting the FineTuneJob must never delete the served Adapter.
+    assert "ownerReferences" not in adapter["metadata"]
     prov = wait_for(lambda: kube.status("Adapter", "tuned").get("provenance"), what="provenance")
+    assert prov["fineTuneJob"] == "tune" and prov["fineTuneJobUid"] == kube.get("FineTuneJob", "tune")["metadata"]["uid"]
     assert prov["datasetSha256"] == "b" * 64 and prov["metrics"] == {"train_loss": 0.75, "eval_loss": 0.8}
     assert prov["baseModel"] == "org/tiny" and prov["baseModelRevision"] == "main"
     assert prov["hyperparameters"]["method"]["r"] == 8 and prov["libraryVersions"] == {"peft": "0.21.0"}
@@ -202,8 +204,16 @@ def test_success_creates_the_adapter_with_provenance_and_a_rerun_bumps_it(kube, 
     wait_for(lambda: ("Normal", "Created", "version 1 from FineTuneJob tune") in kube.events("tuned"),
              what="the Created event")
 
-    # A second run writing to the same Adapter bumps its version; both jobs own it.
-    kube.create(small_job("tune-again", "tuned"))
+    # A second job naming the same Adapter does not start without the opt-in (issue 13 item 4d).
+    kube.create(small_job("tune-uninvited", "tuned"))
+    wait_for(lambda: kube.ready("FineTuneJob", "tune-uninvited").get("reason") == "AdapterExists",
+             what="AdapterExists")
+    assert "allowExistingAdapter" in kube.ready("FineTuneJob", "tune-uninvited")["message"]
+    assert kube.pods("loraplane.io/finetunejob=tune-uninvited") == []
+    # With it, a successful run bumps the version.
+    again = small_job("tune-again", "tuned")
+    again["spec"]["output"]["allowExistingAdapter"] = True
+    kube.create(again)
     pod2 = job_pod(kube, "tune-again")
     kube.patch_pod_status(pod2.metadata.name, {"phase": "Succeeded", **trainer_state(terminated={
         "exitCode": 0, "reason": "Completed", "message": json.dumps(result | {"artifact": {
@@ -212,8 +222,15 @@ def test_success_creates_the_adapter_with_provenance_and_a_rerun_bumps_it(kube, 
              what="version 2")
     adapter = kube.get("Adapter", "tuned")
     assert adapter["spec"]["source"]["uri"] == "s3://does-not-exist/out2"
-    assert [r["name"] for r in adapter["metadata"]["ownerReferences"]] == ["tune", "tune-again"]
-    assert kube.status("Adapter", "tuned")["provenance"]["fineTuneJob"] == "tune-again"
+    assert "ownerReferences" not in adapter["metadata"]
+    wait_for(lambda: kube.status("Adapter", "tuned")["provenance"]["fineTuneJob"] == "tune-again",
+             what="the second run's provenance")
+    # Deleting the jobs garbage-collects their children (the trainer Jobs), never the Adapter.
+    for name in ("tune", "tune-again"):
+        kube.delete("FineTuneJob", name)
+    wait_for(lambda: not kube.pods("loraplane.io/finetunejob=tune-again"), timeout=60, what="the jobs' pods GC'd")
+    time.sleep(2)
+    assert kube.get("Adapter", "tuned")["spec"]["version"] == "2"
 
 
 def test_oom_is_categorised_with_a_warning_event(kube):
@@ -423,11 +440,13 @@ def test_idle_resync_writes_nothing_and_restart_duplicates_nothing(kube, operato
     assert upgrade_after.metadata.uid == upgrade_before.metadata.uid
     assert operator.metric_sum("loraplane_operator_reconciles_total", kind="FineTuneJob", result="error") == 0
     assert kube.status("FineTuneJob", "upgrade")["phase"] == "Pending"
-    # The job's Adapter goes with it (it owns it): delete the job, garbage collection follows.
+    # Deleting the job garbage-collects its children (the Job), never the Adapter it produced (issue 13 item 4c:
+    # a served Adapter must outlive the run that made it).
     kube.delete("FineTuneJob", "restart")
-    wait_for(lambda: [j.metadata.name for j in kube.batch.list_namespaced_job(kube.ns).items] == ["upgrade-train"]
-             and not any(a["metadata"]["name"] == "restart-out" for a in kube.list("Adapter")),
-             timeout=45, what="Job and Adapter garbage-collected")
+    wait_for(lambda: [j.metadata.name for j in kube.batch.list_namespaced_job(kube.ns).items] == ["upgrade-train"],
+             timeout=45, what="the Job garbage-collected")
+    time.sleep(2)
+    assert any(a["metadata"]["name"] == "restart-out" for a in kube.list("Adapter"))
 
 
 def client_for_service_account(kube: Cluster, kube_cluster, tmp_path, account: str):

@@ -101,7 +101,8 @@ def test_finetunejob_job_runs_the_trainer_with_its_config_and_rbac():
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     assert mounts["pvc-adapters"]["readOnly"] is False
     config = yaml.safe_load(children[0]["data"][finetunejob.CONFIG_KEY])
-    assert config["spec"]["output"]["uri"] == "pvc://adapters/support-bot"
+    # each run writes under its own uid-derived folder (issue 13 item 4b)
+    assert config["spec"]["output"]["uri"] == "pvc://adapters/support-bot/run-0b6c1f5e"
     role = children[2]
     assert role["rules"] == [{"apiGroups": ["loraplane.io"], "resources": ["finetunejobs/status"],
                               "resourceNames": [ftj.metadata.name], "verbs": ["get", "patch"]}]
@@ -271,7 +272,7 @@ def test_selector_semantics():
     assert selector_matches(LabelSelector.model_validate({}), labels) and not selector_matches(None, labels)
 
 
-def test_produced_adapter_versions_and_owners():
+def test_produced_adapter_versions_and_no_owners():
     ftj = with_uid(example("FineTuneJob"), "uid-1")
     sha = "a" * 64
     first = finetunejob.produced_adapter(ftj, "pvc://adapters/x", sha, None)
@@ -280,12 +281,16 @@ def test_produced_adapter_versions_and_owners():
     existing = Adapter.model_validate(first)
     # The same job again (an operator restart): no second bump.
     assert finetunejob.produced_adapter(ftj, "pvc://adapters/x", sha, existing)["spec"]["version"] == "1"
-    # Another job: the next version, both jobs own it.
+    # Another job: the next version. No job owns the Adapter (issue 13 item 4c: deleting a FineTuneJob must never
+    # garbage-collect a served Adapter); the producing run is named by the annotation and the provenance.
+    assert "ownerReferences" not in first["metadata"]
     rerun = with_uid(example("FineTuneJob"), "uid-2")
     rerun.metadata.name = "support-bot-v2"
     second = finetunejob.produced_adapter(rerun, "pvc://adapters/y", None, existing)
     assert second["spec"]["version"] == "2"
-    assert [r["uid"] for r in second["metadata"]["ownerReferences"]] == ["uid-1", "uid-2"]
+    assert "ownerReferences" not in second["metadata"]
+    assert second["metadata"]["annotations"][finetunejob.PRODUCED_BY_ANNOTATION] == "uid-2"
+    assert finetunejob.provenance(rerun, None, None)["fineTuneJobUid"] == "uid-2"
     assert finetunejob.bump_version("v3") == "v3.2" and finetunejob.bump_version("1.4") == "1.5"
 
 

@@ -20,6 +20,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from loraplane.api.common import DNS_NAME
+
 # Re-exported: the keys and ports this contract travels through (defined once in api.keys / api.paths).
 from loraplane.api.keys import REPORT_ANNOTATION, ROUTE_LABEL  # noqa: F401
 from loraplane.api.paths import ENGINE_PORT, LOADER_PORT, ROUTER_PORT  # noqa: F401
@@ -47,6 +49,11 @@ class DesiredAdapter(_Model):
     rank: int | None = Field(default=None, description="Declared/known rank (checked again on the artifact).")
     base_model: str = Field(description="Base model identity the adapter was trained on.")
     base_model_revision: str | None = None
+    credentials_secret: str | None = Field(
+        default=None, pattern=DNS_NAME, description="The Adapter's source.credentialsSecretRef Secret: the loader reads it from "
+                                  "ADAPTER_CREDENTIALS_ROOT/<secret> and fetches with it (None: its own identity).")
+    credentials_key: str | None = Field(default=None, pattern=r"^[-._a-zA-Z0-9]+$",
+                                        description="One key of that Secret (the scheme's token).")
 
 
 class Backend(_Model):
@@ -128,6 +135,9 @@ class AdapterReport(_Model):
     message: str = ""
     since: str = Field(description="RFC 3339 time the adapter entered this state.")
     attempts: int = 0
+    sha256: str | None = Field(default=None, description="Digest of the artifact this replica fetched and "
+                                                         "verified (the one the table expected, else its "
+                                                         "directory's sha256_dir); the Adapter records it.")
 
 
 class ReplicaReport(_Model):

@@ -10,6 +10,7 @@ import importlib
 from pathlib import Path
 
 from loraplane.api.paths import PVC_ROOT
+from loraplane.storage.credentials import Credentials
 from loraplane.storage.fetchers.base import Fetcher, FetchPolicy
 from loraplane.storage.uri import ArtifactUri, Scheme
 
@@ -40,13 +41,17 @@ def fetcher_class(scheme: Scheme) -> type[Fetcher]:
 
 
 def fetcher_for(uri: ArtifactUri, *, pvc_root: str | Path = PVC_ROOT, http_timeout_s: float | None = None,
-                send_hub_token: bool = False, policy: FetchPolicy = FetchPolicy()) -> Fetcher:
+                send_hub_token: bool = False, policy: FetchPolicy = FetchPolicy(),
+                credentials: Credentials | None = None) -> Fetcher:
     """The fetcher of `uri`'s scheme. `pvc_root`: where pvc:// claims are mounted; `http_timeout_s`: the
     budget of a whole HTTP download (None: only the per-read timeout); `send_hub_token`: send $HF_TOKEN with
     https requests to huggingface.co (off unless the caller's user gave the token for that); `policy`: plain
-    http/loopback opt-in and the download size bound (FetchPolicy). ValueError for an unserved scheme."""
+    http/loopback opt-in and the download size bound (FetchPolicy); `credentials`: this fetch's own
+    credentials, used instead of the process environment (storage.credentials). ValueError for an unserved
+    scheme."""
     return fetcher_class(uri.scheme).configured(pvc_root=pvc_root, http_timeout_s=http_timeout_s,
-                                                send_hub_token=send_hub_token, policy=policy)
+                                                send_hub_token=send_hub_token, policy=policy,
+                                                credentials=credentials)
 
 
-__all__ = ["REGISTRY", "FetchPolicy", "Fetcher", "fetcher_class", "fetcher_for"]
+__all__ = ["REGISTRY", "Credentials", "FetchPolicy", "Fetcher", "fetcher_class", "fetcher_for"]

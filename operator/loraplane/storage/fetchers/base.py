@@ -6,11 +6,14 @@ import os
 from abc import ABC
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from loraplane.api.wire.trainer import INSECURE_HTTP_ENV
 from loraplane.storage.errors import StorageError
 from loraplane.storage.uri import ArtifactUri, Scheme
+
+if TYPE_CHECKING:
+    from loraplane.storage.credentials import Credentials
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,10 @@ class Fetcher(ABC):
 
     @classmethod
     def configured(cls, *, pvc_root: str | Path, http_timeout_s: float | None,
-                   send_hub_token: bool = False, policy: FetchPolicy = FetchPolicy()) -> "Fetcher":
-        """An instance for `fetcher_for`'s options; a fetcher that takes none of them ignores them."""
+                   send_hub_token: bool = False, policy: FetchPolicy = FetchPolicy(),
+                   credentials: "Credentials | None" = None) -> "Fetcher":
+        """An instance for `fetcher_for`'s options; a fetcher that takes none of them ignores them
+        (`credentials`: used instead of the environment by the fetchers of stores that take credentials)."""
         return cls()
 
     def fetch_file(self, uri: ArtifactUri, dest: Path) -> Path:

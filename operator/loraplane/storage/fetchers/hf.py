@@ -1,7 +1,8 @@
 """The Hugging Face Hub (`hf://ORG/REPO[@REVISION]`): repo snapshots (huggingface_hub) and datasets (`datasets`).
 
 Offline mode is honoured: with HF_HUB_OFFLINE set only the local cache (HF_HOME) is read, and a miss is
-OfflineMiss. HF_TOKEN (gated repos) is read by the libraries themselves.
+OfflineMiss. HF_TOKEN (gated repos) is read by the libraries themselves, unless the fetch has its own
+`credentials` (an Adapter's Secret): then their HF_TOKEN is the token, and without one none is sent.
 """
 
 from __future__ import annotations
@@ -34,6 +35,22 @@ class HfFetcher(Fetcher):
 
     schemes = (Scheme.HF,)
 
+    def __init__(self, credentials=None):
+        self.credentials = credentials
+
+    @classmethod
+    def configured(cls, *, pvc_root: str | Path, http_timeout_s: float | None,
+                   send_hub_token: bool = False, policy=None, credentials=None) -> "HfFetcher":
+        """Fetcher.configured: only `credentials` applies (None: huggingface_hub reads $HF_TOKEN itself)."""
+        return cls(credentials)
+
+    def _token(self) -> str | bool | None:
+        """snapshot_download's `token`: None reads $HF_TOKEN; explicit credentials give theirs, or False
+        (send none) when they have no HF_TOKEN, so the environment's never stands in for them."""
+        if self.credentials is None:
+            return None
+        return self.credentials.get("HF_TOKEN") or False
+
     def fetch_tree(self, uri: ArtifactUri, dest: Path) -> Path:
         """A snapshot of the repo at its revision, copied as regular files (the HF cache holds symlinks into
         its blob store: the copy stands alone)."""
@@ -51,7 +68,8 @@ class HfFetcher(Fetcher):
             raise MissingDependency(uri.text, "huggingface_hub is not installed",
                                     "hf:// sources need huggingface_hub in the image") from exc
         try:
-            snapshot = snapshot_download(uri.repo or "", revision=uri.revision, local_files_only=hub_offline())
+            snapshot = snapshot_download(uri.repo or "", revision=uri.revision, local_files_only=hub_offline(),
+                                         token=self._token())
         except LocalEntryNotFoundError as exc:
             raise OfflineMiss(uri.text, "not in the local cache",
                               f"{uri} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "

@@ -18,7 +18,9 @@ policy (`FetchPolicy`) keeps it from reaching what the author could not (blind S
 - A download stops at `max_bytes` (the artifact limit).
 
 The Hugging Face token (HF_TOKEN) is sent only when the caller asks for it (`send_hub_token`, the trainer's
-datasets) and only over https to a host that is huggingface.co or one of its subdomains (is_hub_url).
+datasets) and only over https to a host that is huggingface.co or one of its subdomains (is_hub_url). Explicit
+`credentials` (an Adapter's own Secret, bound to this one URL) replace the environment: their HF_TOKEN is sent as a
+Bearer token to the URL's own origin only, and $HF_TOKEN is then never read.
 """
 
 from __future__ import annotations
@@ -122,18 +124,20 @@ class HttpFetcher(Fetcher):
     schemes = (Scheme.HTTP, Scheme.HTTPS)
 
     def __init__(self, timeout_s: float | None = None, socket_timeout_s: float = 60, send_hub_token: bool = False,
-                 policy: FetchPolicy = FetchPolicy()):
+                 policy: FetchPolicy = FetchPolicy(), credentials=None):
         self.timeout_s = timeout_s
         self.socket_timeout_s = socket_timeout_s if timeout_s is None else min(socket_timeout_s, timeout_s)
         self.send_hub_token = send_hub_token
         self.policy = policy
+        self.credentials = credentials
 
     @classmethod
     def configured(cls, *, pvc_root: str | Path, http_timeout_s: float | None,
-                   send_hub_token: bool = False, policy: FetchPolicy = FetchPolicy()) -> "HttpFetcher":
-        """Fetcher.configured: the whole-download budget, the Hub-token choice and the policy apply; pvc_root
-        does not."""
-        return cls(http_timeout_s, send_hub_token=send_hub_token, policy=policy)
+                   send_hub_token: bool = False, policy: FetchPolicy = FetchPolicy(),
+                   credentials=None) -> "HttpFetcher":
+        """Fetcher.configured: the whole-download budget, the Hub-token choice, the policy and explicit
+        credentials apply; pvc_root does not."""
+        return cls(http_timeout_s, send_hub_token=send_hub_token, policy=policy, credentials=credentials)
 
     def fetch_file(self, uri: ArtifactUri, dest: Path) -> Path:
         """Download to `dest` (whole or absent). Raises Refused for what the policy refuses (scheme, address,
@@ -184,8 +188,10 @@ class HttpFetcher(Fetcher):
             userinfo = f"{url.user or ''}:{url.password or ''}".encode()
             credentials["Authorization"] = "Basic " + base64.b64encode(userinfo).decode()
             url = url.with_user(None)
-        token = os.environ.get("HF_TOKEN")
-        if self.send_hub_token and token and is_hub_url(text):
+        if self.credentials is not None:  # this URL's own credentials: never the environment's
+            if token := self.credentials.get("HF_TOKEN"):
+                credentials["Authorization"] = f"Bearer {token}"
+        elif self.send_hub_token and (token := os.environ.get("HF_TOKEN")) and is_hub_url(text):
             credentials["Authorization"] = f"Bearer {token}"
         timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=self.socket_timeout_s,
                                         sock_read=self.socket_timeout_s)

@@ -24,8 +24,9 @@ class LocalFetcher(Fetcher):
 
     @classmethod
     def configured(cls, *, pvc_root: str | Path, http_timeout_s: float | None,
-                   send_hub_token: bool = False, policy: FetchPolicy = FetchPolicy()) -> "LocalFetcher":
-        """Fetcher.configured: only `pvc_root` applies (nothing goes over the network)."""
+                   send_hub_token: bool = False, policy: FetchPolicy = FetchPolicy(),
+                   credentials=None) -> "LocalFetcher":
+        """Fetcher.configured: only `pvc_root` applies (nothing goes over the network, no credentials)."""
         return cls(pvc_root)
 
     def path(self, uri: ArtifactUri) -> Path:

@@ -3,7 +3,9 @@
 `s3_client()` is the one construction of the client: credentials from the environment (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, an IAM role...) and AWS_ENDPOINT_URL for S3-compatible stores
 (MinIO, moto in the tests). Besides fetching, `S3Fetcher` offers the few writes the trainer needs (adapter
-upload, checkpoint mirror), with the same error mapping (loraplane.storage.errors.s3_error).
+upload, checkpoint mirror), with the same error mapping (loraplane.storage.errors.s3_error). With explicit
+`credentials` (an Adapter's own Secret) the client uses only their keys (and their AWS_ENDPOINT_URL, else the
+environment's endpoint): never the environment's keys or the node's role.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from loraplane.storage.errors import InvalidContent, MissingDependency, NotFound, s3_error
+from loraplane.storage.errors import InvalidContent, MissingDependency, NoCredentials, NotFound, s3_error
 from loraplane.storage.fetchers.base import Fetcher, partial_path
 from loraplane.storage.uri import ArtifactUri, Scheme
 
@@ -29,30 +31,49 @@ def _boto_errors() -> tuple[type[Exception], ...]:
     return Boto3Error, BotoCoreError, ClientError
 
 
-def s3_client():
-    """A boto3 S3 client configured from the environment (see the module docstring).
-    Raises MissingDependency without boto3."""
+def s3_client(credentials=None, uri: str = "s3://"):
+    """A boto3 S3 client configured from the environment (see the module docstring), or from `credentials`
+    alone (storage.credentials.Credentials). Raises MissingDependency without boto3, NoCredentials when
+    `credentials` lack AWS_ACCESS_KEY_ID or AWS_SECRET_ACCESS_KEY (`uri` names the artifact in the message)."""
     try:
         import boto3
     except ImportError as exc:  # pragma: no cover - the images install the s3 extra
         raise MissingDependency("s3://", "boto3 is not installed",
                                 "s3:// needs boto3 (pip install 'loraplane[s3]')") from exc
-    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    if credentials is None:
+        return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    key_id, secret = credentials.get("AWS_ACCESS_KEY_ID"), credentials.get("AWS_SECRET_ACCESS_KEY")
+    if not (key_id and secret):
+        raise NoCredentials(uri, "no AWS keys", f"{uri}: {credentials.origin} has no AWS_ACCESS_KEY_ID and "
+                            "AWS_SECRET_ACCESS_KEY (does the Secret exist, with those keys?)")
+    # A Session of its own: the default session would fill what is missing from the environment.
+    return boto3.session.Session(aws_access_key_id=key_id, aws_secret_access_key=secret,
+                                 aws_session_token=credentials.get("AWS_SESSION_TOKEN")).client(
+        "s3", endpoint_url=credentials.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None)
 
 
 class S3Fetcher(Fetcher):
-    """Objects of one S3 endpoint. `client`: a boto3 S3 client (default: s3_client(), made on first use)."""
+    """Objects of one S3 endpoint. `client`: a boto3 S3 client (default: s3_client(credentials), made on first
+    use); `credentials`: this fetch's own (storage.credentials), else the environment's."""
 
     schemes = (Scheme.S3,)
 
-    def __init__(self, client=None):
+    def __init__(self, client=None, credentials=None):
         self._client = client
+        self.credentials = credentials
+
+    @classmethod
+    def configured(cls, *, pvc_root: str | Path, http_timeout_s: float | None,
+                   send_hub_token: bool = False, policy=None, credentials=None) -> "S3Fetcher":
+        """Fetcher.configured: only `credentials` applies (`policy` is about HTTP(S) URLs; S3 endpoints come from
+        the environment the operator sets, not from user input)."""
+        return cls(credentials=credentials)
 
     @property
     def client(self):
-        """The boto3 S3 client, made with s3_client() on first use when none was given."""
+        """The boto3 S3 client, made with s3_client(credentials) on first use when none was given."""
         if self._client is None:
-            self._client = s3_client()
+            self._client = s3_client(self.credentials)
         return self._client
 
     # ---- reads -------------------------------------------------------------------------------------------
