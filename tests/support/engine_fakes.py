@@ -11,7 +11,7 @@ from loraplane.loader.engine import EngineError, Probe
 class WarmingEngine:
     """Just enough of VllmClient. Every completion is recorded in `calls` as (model, max_tokens) when it
     starts; while `hold` is set, completions wait for it (the cold engine's slow first request); while
-    `fail_completions` > 0, completions raise an EngineError (and count it down)."""
+    `fail_completions` > 0, completions raise an EngineError with `fail_status` (and count it down)."""
 
     base_url = "http://fake-vllm"
 
@@ -23,6 +23,7 @@ class WarmingEngine:
         self.events: list[str] = []               # "load NAME" and "complete MODEL", in order
         self.hold: asyncio.Event | None = None
         self.fail_completions = 0
+        self.fail_status = 500
 
     async def healthy(self) -> bool:
         return self.is_healthy
@@ -44,5 +45,6 @@ class WarmingEngine:
             await self.hold.wait()
         if self.fail_completions > 0:
             self.fail_completions -= 1
-            raise EngineError(500, "EngineCore encountered an issue")
+            raise EngineError(self.fail_status, "EngineCore encountered an issue" if self.fail_status >= 500
+                              else "Requested sample logprobs of 1, which is greater than max allowed: 0")
         return Probe(text=model, tokens=(model,), logprobs=(0.0,))

@@ -284,15 +284,26 @@ class Loader:
     async def _warm_up(self, epoch: int) -> None:
         """Send the warm-up completion (`WARMUP_PROMPT`, `WARMUP_TOKENS` greedy tokens with log-probabilities,
         to the base model) and mark the engine warm when it succeeds, unless the engine was lost meanwhile
-        (`epoch` changed). A failure is kept in `_warmup_error` for the adapters' messages and retried after
-        `resync` seconds; it never raises."""
+        (`epoch` changed). A refusal of the request itself (HTTP 4xx: the engine is up) also counts as warm,
+        with a warning. Other failures (5xx, connection errors, timeouts) are kept in `_warmup_error` for the
+        adapters' messages and retried after `resync` seconds; it never raises."""
         started = time.monotonic()
         try:
             await self.engine.probe(self.table.served_model_name, WARMUP_PROMPT, WARMUP_TOKENS)
         except asyncio.CancelledError:
             raise
         except EngineError as exc:
-            self._warmup_error = f"vLLM answers /health but refused the warm-up completion: {exc.message}"
+            if 400 <= exc.status < 500 and epoch == self._engine_epoch:
+                # The engine is up and answered; it only refuses this request (e.g. extraArgs set
+                # --max-logprobs 0). Keeping the replica out for that would wedge it: serve without the warm-up.
+                log.warning("vLLM refused the warm-up completion (HTTP %d: %s); the replica serves without it "
+                            "and its first request may be slow", exc.status, redacted(exc.message, MAX_MESSAGE))
+                self.engine_warm = True
+                self._warmup_error = ""
+                self.metrics.engine_ready.set(1)
+                self.wake()
+                return
+            self._warmup_error = f"vLLM answers /health but failed the warm-up completion: {exc.message}"
         except Exception as exc:  # noqa: BLE001 - connection errors and anything else: retried, never raised
             self._warmup_error = f"the warm-up completion failed: {type(exc).__name__}: {exc}".rstrip(": ")
         else:

@@ -115,3 +115,14 @@ async def test_an_engine_restart_makes_the_replica_cold_again(tmp_path):
     finally:
         run.cancel()
         await asyncio.gather(run, return_exceptions=True)
+
+
+async def test_a_refused_warm_up_request_does_not_wedge_the_replica(tmp_path):
+    # vLLM is up but refuses the request itself (HTTP 4xx, e.g. extraArgs --max-logprobs 0): the replica
+    # serves without the warm-up instead of staying out forever.
+    engine = WarmingEngine()
+    engine.fail_completions, engine.fail_status = 1, 400
+    loader = _loader(tmp_path, engine)
+    await loader.reconcile_once()
+    await asyncio.wait({loader._warmup})
+    assert loader.report().engine_ready
