@@ -6,8 +6,16 @@ found it changes nothing). The loop runs on every table change and every `resync
 vLLM's /health and /v1/models, so an engine restart (adapters gone) is noticed within one pass and every
 desired adapter is loaded again from the local cache without anyone touching the CRs.
 
-Only one thing at a time talks to the engine from here (the loop is a single task): base and adapter probes
-never run concurrently, which matters on vLLM CPU builds whose mixed batches are wrong (see docs/loader.md).
+A replica counts as serving (`engine_ready` in its report, which the router and the operator act on) only
+once vLLM answers /health *and* has completed one warm-up completion since it came up: vLLM compiles parts of
+its sampler lazily (on the vLLM 0.32 CPU build, `torch.compile` of the log-probability ranks on the first
+request that asks for log-probabilities: 2 s on a quiet 2-core box, up to 20 s on a busy one), and that first
+request must not be a client's, nor the first adapter's smoke test. The warm-up starts as soon as /health
+answers and runs while the first adapter is fetched and gated, which need no engine.
+
+Only one completion at a time goes to the engine from here: the probes run in the loop (a single task), and
+the warm-up, the only request outside it, is awaited before the first load. So base and adapter probes never
+run concurrently, which matters on vLLM CPU builds whose mixed batches are wrong (see docs/loader.md).
 """
 
 from __future__ import annotations
@@ -46,6 +54,13 @@ INCOMPATIBLE_REASONS = frozenset({
 # States a slot stays in until the table or the engine changes (no further work on it).
 SETTLED_STATES = frozenset({AdapterState.Ready, AdapterState.Incompatible, AdapterState.Failed})
 DEFAULT_PROBE_PROMPT = "what does the cat see?\n"
+# The warm-up completion: the base model, greedy, one token, with log-probabilities (the probe request's shape:
+# what vLLM compiles lazily is on that path). The prompt only needs to tokenize to something.
+WARMUP_PROMPT = "hello"
+WARMUP_TOKENS = 1
+# Seconds between /health checks while vLLM is not up (instead of `resync`): the warm-up, and so the first
+# adapter, should start soon after vLLM answers.
+ENGINE_DOWN_POLL = 0.2
 
 
 @dataclass
@@ -137,13 +152,18 @@ class Loader:
         self.table: ServingTable | None = None
         self.slots: dict[str, Slot] = {}
         self.unloading: dict[str, str] = {}   # served name -> since
-        self.engine_ready = False
+        self.engine_ready = False     # vLLM answers /health
+        self.engine_warm = False      # ...and has completed the warm-up completion since it came up
         self.applied_generation = 0
         self.last_pass: float = 0.0
         self._wake = asyncio.Event()
         self._base_probe: Probe | None = None
         self._base_facts: gate.BaseFacts | None = None
         self._last_published: str | None = None
+        self._warmup: asyncio.Task | None = None
+        self._warmup_error = ""
+        self._warmup_not_before = 0.0
+        self._engine_epoch = 0         # +1 each time the engine is lost or restarted: a stale warm-up is ignored
 
     # ---- desired state --------------------------------------------------------------------------------------
     def set_table(self, table: ServingTable) -> None:
@@ -195,7 +215,7 @@ class Loader:
             except Exception:  # noqa: BLE001 - the loop must survive anything; the next pass retries
                 log.exception("reconcile pass failed")
             self.last_pass = time.monotonic()
-            timeout = self.resync
+            timeout = self.resync if self.engine_ready else min(self.resync, ENGINE_DOWN_POLL)
             retries = [s.next_try for s in self.slots.values() if not s.settled and s.next_try > time.monotonic()]
             if retries:
                 timeout = max(0.05, min(timeout, min(retries) - time.monotonic()))
@@ -220,18 +240,19 @@ class Loader:
             await self.publish()
             return
         self.engine_ready = True
-        self.metrics.engine_ready.set(1)
 
         lost = [s for n, s in self.slots.items() if s.state == AdapterState.Ready and n not in loaded]
         if lost:
             self.metrics.engine_restarts.inc()
             self._base_probe = None
+            self._engine_cold()   # a restarted engine is cold again
             log.warning("engine lost %d adapter(s) (restarted?): reloading them", len(lost))
             for s in lost:
                 s.attempts = 0
                 s.next_try = 0.0
                 s.move(AdapterState.Pending, Reason.EngineRestarted,
                        "vLLM no longer lists this adapter; loading it again")
+        self._start_warm_up()   # runs while the first adapter is fetched and gated (below)
 
         replaced = set(self.unloading) & set(loaded) & set(self.slots)   # same name, new artifact
         for name in sorted(set(loaded) - set(self.slots)) + sorted(replaced):
@@ -260,12 +281,85 @@ class Loader:
         if self.engine_ready:
             log.warning("engine unavailable at %s", self.engine_url)
         self.engine_ready = False
-        self.metrics.engine_ready.set(0)
+        self._engine_cold()
         self._base_probe = None
         for s in self.slots.values():
             if s.state in (AdapterState.Ready, AdapterState.Loading, AdapterState.Fetching):
                 s.attempts = 0
                 s.move(AdapterState.Pending, Reason.EngineUnavailable, message)
+
+    # ---- warm-up ----------------------------------------------------------------------------------------------
+    @property
+    def serving(self) -> bool:
+        """True when the replica may get traffic: vLLM answers /health and has completed the warm-up."""
+        return self.engine_ready and self.engine_warm
+
+    def _engine_cold(self) -> None:
+        """The engine went away or restarted: it must be warmed up again before the replica serves."""
+        self._engine_epoch += 1
+        self.engine_warm = False
+        self.metrics.engine_ready.set(0)
+        self._warmup_not_before = 0.0
+        if self._warmup is not None and not self._warmup.done():
+            self._warmup.cancel()
+        self._warmup = None
+
+    def _start_warm_up(self) -> None:
+        """Start the warm-up completion in the background unless the engine is warm, one is running, or the
+        last one failed less than `resync` seconds ago."""
+        if self.engine_warm or self.table is None or time.monotonic() < self._warmup_not_before:
+            return
+        if self._warmup is None or self._warmup.done():
+            self._warmup = asyncio.create_task(self._warm_up(self._engine_epoch), name="warm-up")
+
+    async def _warm_up(self, epoch: int) -> None:
+        """Send the warm-up completion (`WARMUP_PROMPT`, `WARMUP_TOKENS` greedy tokens with log-probabilities,
+        to the base model) and mark the engine warm when it succeeds, unless the engine was lost meanwhile
+        (`epoch` changed). A refusal of the request itself (HTTP 4xx: the engine is up) also counts as warm,
+        with a warning. Other failures (5xx, connection errors, timeouts) are kept in `_warmup_error` for the
+        adapters' messages and retried after `resync` seconds; it never raises."""
+        started = time.monotonic()
+        try:
+            await self.engine.probe(self.table.served_model_name, WARMUP_PROMPT, WARMUP_TOKENS)
+        except asyncio.CancelledError:
+            raise
+        except EngineError as exc:
+            if 400 <= exc.status < 500 and epoch == self._engine_epoch:
+                # The engine is up and answered; it only refuses this request (e.g. extraArgs set
+                # --max-logprobs 0). Keeping the replica out for that would wedge it: serve without the warm-up.
+                log.warning("vLLM refused the warm-up completion (HTTP %d: %s); the replica serves without it "
+                            "and its first request may be slow", exc.status, redacted(exc.message, MAX_MESSAGE))
+                self.engine_warm = True
+                self._warmup_error = ""
+                self.metrics.engine_ready.set(1)
+                self.wake()
+                return
+            self._warmup_error = f"vLLM answers /health but failed the warm-up completion: {exc.message}"
+        except Exception as exc:  # noqa: BLE001 - connection errors and anything else: retried, never raised
+            self._warmup_error = f"the warm-up completion failed: {type(exc).__name__}: {exc}".rstrip(": ")
+        else:
+            if epoch == self._engine_epoch:
+                elapsed = time.monotonic() - started
+                self.engine_warm = True
+                self._warmup_error = ""
+                self.metrics.engine_ready.set(1)
+                self.metrics.load_seconds.labels("warmup").observe(elapsed)
+                log.info("engine warm: its first completion took %.2fs; the replica serves now", elapsed)
+            self.wake()
+            return
+        if epoch == self._engine_epoch:
+            self._warmup_not_before = time.monotonic() + self.resync
+            log.warning("%s (retrying in %.1fs)", redacted(self._warmup_error, MAX_MESSAGE), self.resync)
+        self.wake()
+
+    async def _wait_warm(self) -> bool:
+        """Wait for the warm-up (starting it when none runs); True when the engine is warm."""
+        self._start_warm_up()
+        if not self.engine_warm and self._warmup is not None:
+            # asyncio.wait: neither cancels the warm-up when this pass is cancelled nor raises when the
+            # warm-up itself was cancelled (the engine was lost meanwhile).
+            await asyncio.wait({self._warmup})
+        return self.engine_warm
 
     # ---- one adapter ----------------------------------------------------------------------------------------
     def _protected(self) -> set[Path]:
@@ -300,6 +394,16 @@ class Loader:
                     await self.engine.unload(name)
                 return
 
+            if not self.engine_warm:
+                # Fetch and gate ran during the warm-up; the load and the smoke test wait for it (its compile
+                # would otherwise be paid by the probe, and a probe must not share a batch with it).
+                slot.move(AdapterState.Loading, Reason.Loading, "waiting for vLLM's warm-up completion")
+                if not await self._wait_warm():
+                    slot.attempts -= 1   # not the adapter's fault
+                    slot.next_try = self._warmup_not_before
+                    slot.move(AdapterState.Pending, Reason.EngineUnavailable,
+                              self._warmup_error or "vLLM is not warm yet; loading when it is")
+                    return
             slot.move(AdapterState.Loading, Reason.Loading, f"loading {art.path} into vLLM")
             t = time.monotonic()
             path = str(art.path)
@@ -428,7 +532,7 @@ class Loader:
             adapters[name] = AdapterReport(state=AdapterState.Unloading, reason=Reason.NotDesired, since=since,
                                            message="no longer in the serving table")
         return ReplicaReport(replica=self.replica, route=self.table.route if self.table else "",
-                             generation=self.applied_generation, engine_ready=self.engine_ready,
+                             generation=self.applied_generation, engine_ready=self.serving,
                              engine_url=self.engine_url, adapters=adapters, updated_at=now_rfc3339())
 
     async def publish(self) -> None:

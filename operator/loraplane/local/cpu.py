@@ -13,6 +13,11 @@ CPU_ENGINE_ENV = {
     "HF_HUB_OFFLINE": "1",           # local models only; never reach for the hub
     "OMP_NUM_THREADS": "1",          # shared 2-core machines: one thread is faster than two fighting
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    # The CPU build runs the model eagerly anyway (compilation mode NONE); what remains of torch.compile are
+    # sampler helpers compiled lazily on first use: the first request asking for log-probabilities (every
+    # loader smoke test) paid 2 s on a quiet 2-core box, up to 20 s on a busy one, importing and running
+    # inductor. Eager, the same request takes milliseconds (docs/loader.md, "Readiness").
+    "TORCH_COMPILE_DISABLE": "1",
 }
 # A small KV cache instead of a GPU memory fraction (VLLM_CPU_KVCACHE_SPACE takes whole GiB only).
 CPU_ENGINE_ARGS = ["--kv-cache-memory-bytes", "128M", "--host", "127.0.0.1"]

@@ -146,7 +146,8 @@ class ReplicaReport(_Model):
     replica: str = Field(description="Pod name (or a local id).")
     route: str
     generation: int = Field(description="ServingTable generation the loader has applied.")
-    engine_ready: bool = Field(description="vLLM answers /health.")
+    engine_ready: bool = Field(description="The replica may get traffic: vLLM answers /health and has completed "
+                                           "the loader's warm-up completion since it (re)started.")
     engine_url: str | None = None
     adapters: dict[str, AdapterReport] = Field(default_factory=dict, description="By served name.")
     updated_at: str
