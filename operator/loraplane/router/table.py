@@ -18,6 +18,10 @@ from loraplane.api.wire.serving import ServingTable
 
 STICKY_CACHE_SIZE = 65536
 _MODEL_KEY = b'"model"'
+# The only way a JSON key can spell `model` other than literally: a \u escape of one of its letters
+# (m o d e l are U+006D U+006F U+0064 U+0065 U+006C; JSON has no other escapes for letters). A body
+# without this prefix anywhere has every top-level `model` key written as the literal `"model"`.
+_LETTER_ESCAPE = b"\\u006"
 # After the key: `: "value"` where the value has no escapes (the common case; anything else is parsed).
 _SIMPLE_VALUE = re.compile(rb'\s*:\s*"([^"\\]*)"')
 
@@ -141,31 +145,59 @@ class RoutingTable:
 
 
 def read_model(body: bytes) -> tuple[str, object]:
-    """The request's top-level `model` and a handle for `rewrite_model`.
+    """The request's top-level `model` and a handle for `rewrite_model`; raises BadRequest (param `model`
+    where it is about it) for a body the router cannot route.
 
-    Fast path, no JSON parse: the body holds `"model"` exactly once, right after the opening brace,
-    with an unescaped string value (a JSON string cannot contain an unescaped quote, so that
-    occurrence is the key). Otherwise the body is parsed; it is re-encoded only when the raw value
-    cannot be spliced (escapes, duplicate keys, or `"model"` also appearing nested).
+    The rule (docs/router.md, "What the router reads"): the `model` the router routes by is exactly the
+    `model` vLLM reads from the forwarded body. vLLM (FastAPI/Starlette) parses with Python's `json.loads`
+    on the raw bytes: a BOM or UTF-16/32 is decoded, NaN/Infinity accepted, a duplicate key's last value
+    wins. So a body with `model` more than once at the top level (also spelled with escapes, e.g.
+    `"mod\\u0065l"`) is refused with 400: which one counts depends on the parser, and routing one while
+    vLLM serves the other would bypass public names, canaries and metrics. Anything else `json.loads`
+    accepts is routed by the `model` that `json.loads` reads.
+
+    Fast path, no JSON parse: `"model"` occurs exactly once, right after the opening brace, with an
+    unescaped UTF-8 string value, and no letter of `model` is \\u-escaped anywhere (so no other key can
+    spell it). Then that occurrence is the top-level key and the only one: any JSON parser that accepts
+    the forwarded body reads the served name written there. (A body that is not valid JSON after it, e.g.
+    trailing garbage, is left to vLLM, which refuses it before generating anything.) Otherwise the body
+    is parsed (invalid JSON: 400 here); the value is then spliced when its only literal occurrence is the
+    top-level key with an unescaped value, else the body is re-encoded.
     """
     i = body.find(_MODEL_KEY)
     if i >= 0 and body.find(_MODEL_KEY, i + 7) < 0:
         m = _SIMPLE_VALUE.match(body, i + 7)
-        if m is not None and body[:i].strip() == b"{":
-            return m.group(1).decode("utf-8", "replace"), m.span(1)
+        if m is not None and body[:i].strip() == b"{" and body.find(_LETTER_ESCAPE) < 0:
+            try:
+                return m.group(1).decode(), m.span(1)
+            except UnicodeDecodeError:  # not UTF-8: json.loads below refuses the body and says where
+                pass
+    seen_model = 0
+
+    def pairs_hook(pairs: list) -> dict:
+        # Called for every object, innermost first: the last call is the top-level object's.
+        nonlocal seen_model
+        seen_model = sum(1 for k, _ in pairs if k == "model")
+        return dict(pairs)
+
     try:
-        obj = json.loads(body)
+        obj = json.loads(body, object_pairs_hook=pairs_hook)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise BadRequest("the request body must be a JSON object with a `model` field")
+    if seen_model > 1:
+        raise BadRequest(f"`model` appears {seen_model} times in the request body (counting escaped spellings "
+                         "such as \"mod\\u0065l\"): send it once", "model")
     model = obj.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("`model` is required: set it to one of the names listed by GET /v1/models", "model")
-    if i >= 0 and body.find(_MODEL_KEY, i + 7) < 0:
+    if i >= 0 and body.find(_MODEL_KEY, i + 7) < 0 and body.find(_LETTER_ESCAPE) < 0:
+        # The top-level key is spelled literally (no escapes of its letters anywhere) and this is the only
+        # literal `"model"`: it is the top-level key; splice when its value is unescaped.
         m = _SIMPLE_VALUE.match(body, i + 7)
         if m is not None and m.group(1) == model.encode():
-            return model, m.span(1)  # the only occurrence, and it is the top-level key
+            return model, m.span(1)
     return model, obj
 
 
@@ -174,6 +206,8 @@ def rewrite_model(body: bytes, handle: object, backend: BackendRoute) -> bytes:
     if type(handle) is tuple:
         start, end = handle
         return b"".join((body[:start], backend.served_json, body[end:]))
-    obj = dict(handle)  # a parsed body: re-encode (rare: escapes, duplicate or nested `model` keys)
+    obj = dict(handle)  # a parsed body: re-encode (rare: escapes, or `model` also nested)
     obj["model"] = backend.served_name
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    # ASCII with \u escapes: any string json.loads returned encodes, lone surrogates (`"\ud800"`) included,
+    # and vLLM's json.loads reads back exactly the same values (NaN/Infinity stay literals, as it accepts).
+    return json.dumps(obj, separators=(",", ":")).encode()
