@@ -162,6 +162,9 @@ class ClientConnection(asyncio.Protocol):
                     self._feed_capped(data)
                     return
                 self.head_bytes = n
+            elif len(data) > self.router.max_header_bytes:  # the body may end in it and a head begin
+                self._feed_capped(data)
+                return
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.refuse(400, "protocol upgrades are not supported", "invalid_request_error")
@@ -174,9 +177,11 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.close()
 
     def _feed_capped(self, data: bytes) -> None:
-        """Feed `data` when it would take a request head past max_header_bytes: only as much as the head may
-        still have, again after each head that completes (pipelined requests), and 431 when a head does not
-        complete within its allowance. The parser never holds more than the cap of one head."""
+        """Feed `data` when it would take a request head past max_header_bytes, or is a body piece larger
+        than that: a head gets only as much as it may still have (again after each head that completes:
+        pipelined requests), and 431 when it does not complete within its allowance; a body goes in pieces
+        of max_header_bytes, so a head that begins where a body ends has at most that much uncounted. The
+        parser never holds more than two allowances of one head."""
         view = memoryview(data)
         pos, size = 0, len(view)
         limit = self.router.max_header_bytes
@@ -184,8 +189,10 @@ class ClientConnection(asyncio.Protocol):
             if self.refused:
                 return
             if self.phase == BODY:
-                self.parser.feed_data(view[pos:])
-                return
+                piece = view[pos:pos + limit]
+                self.parser.feed_data(piece)
+                pos += len(piece)
+                continue
             room = limit - self.head_bytes
             if room <= 0:
                 self.router.metrics.count_refused(NO_BACKEND, 431)
