@@ -29,13 +29,17 @@ COMPLETIONS, CHAT_COMPLETIONS, MODELS = b"/v1/completions", b"/v1/chat/completio
 
 # Paths that need an API key (when keys are set); /metrics, /healthz and /readyz are open to probes.
 KEYED_PATHS = frozenset((COMPLETIONS, CHAT_COMPLETIONS, MODELS))
+# X-Request-Id is forwarded to vLLM, which logs it (and with --enable-request-id-headers uses it as the
+# request's id): longer values are refused rather than passed on or cut.
+MAX_REQUEST_ID_BYTES = 256
 
 
 def admit(router: Router, conn: ClientConnection, req: Request) -> bool:
     """Whether to read the body of a request whose headers are complete; False when it was refused: 401
     without an accepted API key (on KEYED_PATHS), 413 when its Content-Length is over
-    router.maxRequestBytes. A refused request's body is never read or buffered, with or without
-    `Expect: 100-continue` (see ClientConnection.refuse). Bound as `Router.admit`."""
+    router.maxRequestBytes, 400 for an X-Request-Id over MAX_REQUEST_ID_BYTES. A refused request's body
+    is never read or buffered, with or without `Expect: 100-continue` (see ClientConnection.refuse).
+    Bound as `Router.admit`."""
     if router.api_keys is not None and req.path in KEYED_PATHS and not router.api_keys.check(req.authorization):
         router.metrics.count_refused(NO_BACKEND, 401)
         conn.refuse(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
@@ -44,6 +48,11 @@ def admit(router: Router, conn: ClientConnection, req: Request) -> bool:
     if req.content_length is not None and req.content_length > router.max_request_bytes:
         router.metrics.count_refused(NO_BACKEND, 413)
         conn.refuse_too_large()
+        return False
+    if req.request_id is not None and len(req.request_id) > MAX_REQUEST_ID_BYTES:
+        router.metrics.count_refused(NO_BACKEND, 400)
+        conn.refuse(400, f"X-Request-Id is over {MAX_REQUEST_ID_BYTES} bytes: send a shorter id (or none)",
+                    "invalid_request_error", "invalid_request_id", "X-Request-Id")
         return False
     return True
 

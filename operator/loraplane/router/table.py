@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from loraplane.api.wire.serving import ServingTable
 
 STICKY_CACHE_SIZE = 65536
+# Sticky header values longer than this are routed by the same hash but not cached: the cache holds
+# client-chosen keys, and 65536 of them at the header cap (64 KiB) would be 4 GiB.
+STICKY_CACHE_KEY_BYTES = 256
 # Scans of whole bodies are compiled patterns: on CPython 3.11 `re` finds these literals in about half
 # the time of bytes.find.
 _MODEL_KEY = re.compile(rb'"model"')
@@ -100,7 +103,7 @@ class PublicRoute:
                 score = b.weight / -math.log(u) if u < 1.0 else math.inf
                 if score > best_score:
                     best, best_score = b, score
-            if not exclude and best is not None:
+            if not exclude and best is not None and len(sticky_key) <= STICKY_CACHE_KEY_BYTES:
                 if len(self._sticky) >= STICKY_CACHE_SIZE:
                     self._sticky.clear()
                 self._sticky[sticky_key] = best

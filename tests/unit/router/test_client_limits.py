@@ -246,3 +246,24 @@ async def test_duplicate_model_keys_are_refused_before_anything_reaches_vllm(stu
         assert err["param"] == "model" and "more than once" not in err["message"]
         assert "appears 2 times" in err["message"]
         assert stub.received == []
+
+
+async def test_request_ids_and_sticky_values_from_clients_are_bounded(stub, tmp_path):
+    """Router input that is kept or passed on: an X-Request-Id over 256 bytes is refused (vLLM logs it),
+    and a long sticky header value is routed but not cached (the cache's keys are client-chosen)."""
+    async with running_router(tmp_path, [stub.spec], table_json({"chat": [("v1", 100)]}, sticky_header="X-User")) \
+            as (svc, client):
+        req = {"model": "chat", "prompt": "p"}
+        async with client.post("/v1/completions", json=req, headers={"X-Request-Id": "r" * 257}) as resp:
+            assert resp.status == 400
+            err = (await resp.json())["error"]
+        assert err["param"] == "X-Request-Id" and err["code"] == "invalid_request_id"
+        async with client.post("/v1/completions", json=req, headers={"X-Request-Id": "r" * 256,
+                                                                      "X-User": "u" * 4000}) as resp:
+            assert resp.status == 200
+        assert stub.received[-1][2]["X-Request-Id"] == "r" * 256
+        route = svc.router.table.models["chat"]
+        assert route._sticky == {}  # routed, not cached
+        async with client.post("/v1/completions", json=req, headers={"X-User": "u1"}) as resp:
+            assert resp.status == 200
+        assert list(route._sticky) == [b"u1"]
