@@ -367,8 +367,8 @@ class ClientConnection(asyncio.Protocol):
         phase = self.phase
         if phase == HEAD or phase == BODY:
             self.router.metrics.count_refused(NO_BACKEND, 408)
-            what = "headers" if phase == HEAD else "body"
-            self.refuse(408, f"the request {what} did not arrive in time (the router's --{what}-timeout)",
+            what, flag = ("headers", "--header-timeout") if phase == HEAD else ("body", "--body-timeout")
+            self.refuse(408, f"the request {what} did not arrive in time (the router's {flag})",
                         "invalid_request_error", "request_timeout")
             if self.busy and self.closing:
                 self.phase, self.deadline = IDLE, 0.0  # closes once the answer in progress is sent
