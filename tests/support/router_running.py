@@ -29,14 +29,15 @@ def table_json(models: dict[str, list[tuple[str, int]]], base: str = "base", gen
 
 @contextlib.asynccontextmanager
 async def running_router(tmp_path: Path, replica_specs: list[str], table: str, *, api_keys: Path | None = None,
-                         seed: int = 7, poll_interval: float = 0.1, access_log: bool = True):
-    """Yields (service, client session). The table is a real file, so hot reload is the real code path."""
+                         seed: int = 7, poll_interval: float = 0.1, access_log: bool = True, **limits):
+    """Yields (service, client session). The table is a real file, so hot reload is the real code path.
+    `limits` are the Router's client connection limits (max_connections, header_timeout, ...)."""
     table_path = tmp_path / "serving.json"
     table_path.write_text(table)
     pool = ReplicaPool(poll_interval=poll_interval)
     pool.set_replicas([parse_replica_arg(s) for s in replica_specs])
     router = Router(pool, api_keys=ApiKeys(api_keys) if api_keys else None, connect_timeout=1.0,
-                    access_log=access_log, rng=random.Random(seed))
+                    access_log=access_log, rng=random.Random(seed), **limits)
     service = RouterService(router, table_path=table_path, host="127.0.0.1", port=0, reload_interval=0.05,
                             drain_seconds=5)
     await service.start()

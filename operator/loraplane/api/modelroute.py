@@ -152,8 +152,13 @@ class RouterSpec(ApiModel):
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     timeout_seconds: int = Field(default=600, ge=1, le=86400)
     log_prompts: bool = Field(default=False, description="Log request bodies (off: no prompt contents in logs).")
-    cpu: Quantity | None = None
-    memory: Quantity | None = None
+    # Defaults bound what the router can be made to hold (issue 12): its client connections, headers and
+    # bodies are capped (docs/security.md), and a memory limit turns a leak into a restart, not a node's OOM.
+    cpu: Quantity | None = Field(
+        default="250m", description="CPU request of each router pod. Default: 250m (no CPU limit: one "
+                                    "single-threaded process, which a CFS quota would only add latency to).")
+    memory: Quantity | None = Field(default="1Gi",
+                                    description="Memory request and limit of each router pod. Default: 1Gi.")
 
 
 class ModelRouteSpec(ApiModel):

@@ -48,6 +48,17 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
                    help="replicas tried for one request when connecting fails (nothing sent yet)")
     p.add_argument("--drain-seconds", type=float, default=30.0,
                    help="on SIGTERM, how long requests in flight may take to finish")
+    lim = p.add_argument_group("client connection limits (what a client without an API key can hold)")
+    lim.add_argument("--max-connections", type=int, default=4096,
+                     help="client connections open at once; more are answered 503 and closed")
+    lim.add_argument("--max-header-bytes", type=int, default=64 * 1024, metavar="BYTES",
+                     help="request line plus headers of one request; more: 431 and the connection closed")
+    lim.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="from a request's first byte to the end of its headers; later: 408, closed")
+    lim.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
+                     help="from the end of a request's headers to the end of its body; later: 408, closed")
+    lim.add_argument("--idle-timeout", type=float, default=75.0, metavar="SECONDS",
+                     help="a keep-alive connection with no request in progress is closed after this long")
     p.add_argument("--access-log", action="store_true",
                    help="one log line per request (model, backend, replica, status, time; never the prompt)")
     p.add_argument("--log-level", default=os.environ.get("LORAPLANE_LOG_LEVEL", "INFO"))
@@ -61,6 +72,10 @@ def _configure(args: argparse.Namespace) -> str | None:
         return "give the replicas: --replica URL (repeatable) or --replicas-dns HOST, not both"
     if args.poll_interval <= 0 or args.dns_interval <= 0:
         return "--poll-interval and --dns-interval must be > 0"
+    if min(args.header_timeout, args.body_timeout, args.idle_timeout) <= 0:
+        return "--header-timeout, --body-timeout and --idle-timeout must be > 0 (seconds)"
+    if args.max_connections < 1 or args.max_header_bytes < 1024:
+        return "--max-connections must be >= 1 and --max-header-bytes >= 1024"
     return None
 
 
@@ -79,7 +94,10 @@ async def _serve(args: argparse.Namespace) -> int:
     pool = ReplicaPool(poll_interval=args.poll_interval)
     pool.set_replicas(specs)
     router = Router(pool, api_keys=api_keys, connect_timeout=args.connect_timeout,
-                    max_attempts=args.max_attempts, access_log=args.access_log)
+                    max_attempts=args.max_attempts, access_log=args.access_log,
+                    max_connections=args.max_connections, max_header_bytes=args.max_header_bytes,
+                    header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                    idle_timeout=args.idle_timeout)
     configmap = None
     if args.configmap:
         ns = args.namespace or (_SA_NAMESPACE.read_text().strip() if _SA_NAMESPACE.exists() else "default")

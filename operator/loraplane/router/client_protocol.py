@@ -3,8 +3,22 @@ parser uvicorn uses), answered in order.
 
 The parser's callbacks fill one `Request` per message: the few headers the router reads (Authorization, the
 route's sticky header, X-Request-Id, Expect, Content-Length) and the body, size-limited to the route's
-`router.maxRequestBytes` while it arrives. A complete request goes to `router.dispatch(conn, req)`; whoever
-answers it calls `respond`/`respond_error`, or writes the answer itself and then calls `done`.
+`router.maxRequestBytes` while it arrives. When the headers are complete, `router.admit(conn, req)` may
+refuse the request (no API key, body announced too large) before a byte of its body is read. A complete
+request goes to `router.dispatch(conn, req)`; whoever answers it calls `respond`/`respond_error`, or
+writes the answer itself and then calls `done`.
+
+Every phase of reading a request is bounded, so a client without a key cannot hold the router's memory or
+connections (issue: slow-header, slow-body, huge-header and idle clients):
+- size: the request line and headers together at most `router.max_header_bytes`, counted on the raw bytes
+  as they arrive (httptools would otherwise accumulate one endless header value); the body at most
+  `router.max_request_bytes`;
+- time: each connection is in one read phase (IDLE between requests, HEAD, BODY, LINGER after a refusal)
+  with a deadline that `Router.sweep` checks about once a second (the hot path only stores the phase);
+- count: at most `router.max_connections` client connections; more are answered 503 and closed.
+A refusal before the request was read whole answers, half-closes (FIN after the answer) and then discards,
+never buffers, what the client still sends, for at most LINGER_SECONDS / LINGER_BYTES: closing at once
+would make the kernel reset the connection and the client could lose the answer.
 """
 
 from __future__ import annotations
@@ -26,8 +40,17 @@ if TYPE_CHECKING:
 
 JSON = b"application/json"
 STATUS_PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}  # 404 -> b"Not Found"
-MAX_HEADER_BYTES = 64 * 1024  # names + values of one request's headers; over it: 400, connection closed
 MAX_PIPELINED = 8  # requests parsed ahead of the one being answered before the router stops reading
+# After a refusal mid-request: how long and how much of what the client still sends is read and dropped
+# (so the client can finish sending and read the answer) before the connection is closed.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1024 * 1024
+# Read phases (ClientConnection.phase); Router.sweep applies each one's timeout.
+IDLE, HEAD, BODY, LINGER = 0, 1, 2, 3
+
+
+class _Stop(Exception):
+    """Raised in a parser callback after the request was refused: stops httptools from parsing further."""
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None, **extra) -> bytes:
@@ -36,24 +59,27 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
     return json.dumps({"error": err}, separators=(",", ":")).encode()
 
 
+_TOO_MANY = error_body("the router has too many client connections; retry", "service_unavailable",
+                       "too_many_connections")
+
+
 class Request:
     """One parsed client request (the parser's callbacks fill it).
 
     `method` and `path` (without the query) are bytes; `authorization`, `sticky` (the route's sticky header),
     `request_id` (X-Request-Id) and `expect` (lower-cased) are raw header values or None; `body` is the list of
-    received chunks (None once the body went over the limit: `too_large`), `size` its length in bytes;
+    received chunks, `size` its length in bytes (a body over the limit is refused, never kept);
     `started` is time.perf_counter() at the first byte, what latency and TTFT are measured from.
     """
 
     __slots__ = ("method", "path", "authorization", "sticky", "request_id", "expect", "content_length",
-                 "body", "size", "too_large", "keep_alive", "started")
+                 "body", "size", "keep_alive", "started")
 
     def __init__(self):
         self.authorization = self.sticky = self.request_id = self.expect = None
         self.content_length = None
-        self.body: list[bytes] | None = []
+        self.body: list[bytes] = []
         self.size = 0
-        self.too_large = False
         self.keep_alive = True
         self.started = time.perf_counter()
 
@@ -62,8 +88,12 @@ class ClientConnection(asyncio.Protocol):
     """One client's keep-alive connection. Requests are answered in order, one at a time; pipelined ones wait
     in `pending` (over MAX_PIPELINED the router stops reading from the client).
 
-    Reads from `router`: `connections` (it registers itself there), `sticky_header_lower`,
-    `max_request_bytes`, `metrics`, and `dispatch(conn, req)`, which answers a complete request.
+    Reads from `router`: `connections` (it registers itself there), `max_connections`, `max_header_bytes`,
+    `sticky_header_lower`, `max_request_bytes`, `metrics`, `admit(conn, req)`, which may refuse a request
+    once its headers are complete, and `dispatch(conn, req)`, which answers a complete request.
+    `phase` (IDLE, HEAD, BODY, LINGER) and `deadline` (time.perf_counter() seconds; 0.0: not armed yet) are
+    the read phase and its deadline, armed and enforced by `Router.sweep`; `refused` is set once the
+    connection answered a refusal and only drops what else arrives.
     `exchange` is the proxied exchange in progress, if any: told when the client leaves, and the connection
     to vLLM whose reading pauses while the client reads slower than vLLM streams (transport flow control).
     """
@@ -78,15 +108,29 @@ class ClientConnection(asyncio.Protocol):
         self.busy = False
         self.closing = False
         self.paused_upstream: asyncio.Transport | None = None
-        self.header_bytes = 0
+        self.head_bytes = 0  # raw bytes of the request line and headers received so far
+        self.heads = 0  # headers completed on this connection (tells _feed_capped where a head ended)
         self.url = b""
+        self.phase = IDLE
+        self.deadline = 0.0
+        self.refused = False
+        self.dropped = 0  # bytes discarded while lingering
 
     # ---- transport events ----
 
     def connection_made(self, transport):
         """asyncio callback: keep the transport, set TCP_NODELAY (streamed tokens go out at once) and
-        register with the router."""
+        register with the router; over `router.max_connections` answer 503 and close instead."""
         self.transport = transport
+        router = self.router
+        if len(router.connections) >= router.max_connections:
+            self.refused = True
+            router.connection_refused()
+            transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s" % (
+                                len(_TOO_MANY), _TOO_MANY))
+            transport.close()
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -103,17 +147,64 @@ class ClientConnection(asyncio.Protocol):
             self.exchange.client_lost()
 
     def data_received(self, data):
-        """asyncio callback: feed the bytes to the parser; a malformed request or an upgrade is answered
-        400 (or, mid-response, the connection closed)."""
+        """asyncio callback: feed the bytes to the parser, counting the raw bytes of a request line and
+        headers against `router.max_header_bytes` (431 past it); a malformed request or an upgrade is
+        answered 400 (or, mid-response, the connection closed)."""
         try:
+            if self.phase != BODY:
+                if self.refused:  # lingering after a refusal: drop, never parse or keep
+                    self.dropped += len(data)
+                    if self.dropped > LINGER_BYTES and self.transport is not None:
+                        self.transport.close()
+                    return
+                n = self.head_bytes + len(data)
+                if n > self.router.max_header_bytes:
+                    self._feed_capped(data)
+                    return
+                self.head_bytes = n
+            elif len(data) > self.router.max_header_bytes:  # the body may end in it and a head begin
+                self._feed_capped(data)
+                return
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self.respond_error(400, "protocol upgrades are not supported", "invalid_request_error", close=True)
+            self.refuse(400, "protocol upgrades are not supported", "invalid_request_error")
         except httptools.HttpParserError as exc:
+            if self.refused:  # a callback refused the request and stopped the parser: answered already
+                return
             if self.transport is not None and not self.busy:
-                self.respond_error(400, f"malformed HTTP request: {exc}", "invalid_request_error", close=True)
+                self.refuse(400, f"malformed HTTP request: {exc}", "invalid_request_error")
             elif self.transport is not None:
                 self.transport.close()
+
+    def _feed_capped(self, data: bytes) -> None:
+        """Feed `data` when it would take a request head past max_header_bytes, or is a body piece larger
+        than that: a head gets only as much as it may still have (again after each head that completes:
+        pipelined requests), and 431 when it does not complete within its allowance; a body goes in pieces
+        of max_header_bytes, so a head that begins where a body ends has at most that much uncounted. The
+        parser never holds more than two allowances of one head."""
+        view = memoryview(data)
+        pos, size = 0, len(view)
+        limit = self.router.max_header_bytes
+        while pos < size:
+            if self.refused:
+                return
+            if self.phase == BODY:
+                piece = view[pos:pos + limit]
+                self.parser.feed_data(piece)
+                pos += len(piece)
+                continue
+            room = limit - self.head_bytes
+            if room <= 0:
+                self.router.metrics.count_refused(NO_BACKEND, 431)
+                self.refuse(431, f"request line and headers over {limit} bytes (the router's "
+                                 "--max-header-bytes)", "invalid_request_error", "headers_too_large")
+                return
+            piece = view[pos:pos + room]
+            heads = self.heads
+            self.parser.feed_data(piece)
+            pos += len(piece)
+            if self.heads == heads:  # still within the same head
+                self.head_bytes += len(piece)
 
     def pause_writing(self):
         """asyncio flow control: the client's send buffer is full; pause reading from the replica."""
@@ -135,20 +226,18 @@ class ClientConnection(asyncio.Protocol):
     # ---- parser callbacks ----
 
     def on_message_begin(self):
-        """httptools callback: a new request starts."""
+        """httptools callback: a new request starts (its header-read deadline is armed by the sweep)."""
         self.req = Request()
         self.url = b""
-        self.header_bytes = 0
+        self.phase = HEAD
+        self.deadline = 0.0
 
     def on_url(self, url: bytes):
         """httptools callback: a piece of the request target (it may arrive in several)."""
         self.url += url
 
     def on_header(self, name: bytes, value: bytes):
-        """httptools callback: keep the headers the router reads; raises HttpParserError past MAX_HEADER_BYTES."""
-        self.header_bytes += len(name) + len(value)
-        if self.header_bytes > MAX_HEADER_BYTES:
-            raise httptools.HttpParserError("headers too large")
+        """httptools callback: keep the headers the router reads (their size is capped in data_received)."""
         n = name.lower()
         req = self.req
         if n == b"authorization":
@@ -163,40 +252,41 @@ class ClientConnection(asyncio.Protocol):
             req.sticky = value
 
     def on_headers_complete(self):
-        """httptools callback: method, path and keep-alive are known; a Content-Length over
-        max_request_bytes marks the request too large, and `Expect: 100-continue` is answered (413 or 100)."""
+        """httptools callback: method, path and keep-alive are known. `router.admit` may refuse the request
+        now (no API key, Content-Length over max_request_bytes): answered before its body is read, and the
+        parser is stopped. Otherwise `Expect: 100-continue` is answered 100 and the body phase begins."""
         req = self.req
         req.method = self.parser.get_method()
         q = self.url.find(b"?")
         req.path = self.url if q < 0 else self.url[:q]
         req.keep_alive = self.parser.should_keep_alive()
-        limit = self.router.max_request_bytes
-        if req.content_length is not None and req.content_length > limit:
-            req.too_large, req.body = True, None
+        self.head_bytes = 0
+        self.heads += 1
+        self.phase = BODY
+        self.deadline = 0.0
+        if not self.router.admit(self, req):
+            raise _Stop
         if req.expect == b"100-continue" and not self.busy:
-            if req.too_large:  # refuse before the client sends the body
-                self.router.metrics.count_refused(NO_BACKEND, 413)
-                self.busy = True
-                self.respond_error(413, f"request body over {limit} bytes (the route's router.maxRequestBytes)",
-                                   "invalid_request_error", "request_too_large", close=True)
-            else:
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes):
-        """httptools callback: collect a body chunk until max_request_bytes is exceeded (then too_large)."""
+        """httptools callback: collect a body chunk; past max_request_bytes (a chunked body: its length was
+        not announced) refuse with 413 at once, without reading the rest."""
         req = self.req
-        if req.too_large:
-            return
         req.size += len(body)
         if req.size > self.router.max_request_bytes:
-            req.too_large, req.body = True, None
-        else:
-            req.body.append(body)
+            req.body = []
+            self.router.metrics.count_refused(NO_BACKEND, 413)
+            self.refuse_too_large()
+            raise _Stop
+        req.body.append(body)
 
     def on_message_complete(self):
         """httptools callback: dispatch the request, or queue it behind the one being answered (reading
         pauses past MAX_PIPELINED queued)."""
         req, self.req = self.req, None
+        self.phase = IDLE
+        self.deadline = 0.0
         if self.busy:
             self.pending.append(req)
             if len(self.pending) > MAX_PIPELINED:  # a client pipelining without reading: stop reading from it
@@ -216,6 +306,8 @@ class ClientConnection(asyncio.Protocol):
         if not keep_alive or self.closing:
             self.transport.close()
             return
+        if self.phase == IDLE:
+            self.deadline = 0.0  # the keep-alive idle time starts now, not when the request arrived
         if self.pending:
             req = self.pending.pop(0)
             if len(self.pending) <= MAX_PIPELINED:
@@ -233,6 +325,55 @@ class ClientConnection(asyncio.Protocol):
                 status, STATUS_PHRASES.get(status, b"Unknown"), content_type, len(body), extra,
                 b"" if keep_alive else b"Connection: close\r\n", body))
         self.done(keep_alive)
+
+    def refuse(self, status: int, message: str, type_: str, code: str | None = None,
+               param: str | None = None, extra: bytes = b"") -> None:
+        """Refuse the request being read (not read whole yet) with an OpenAI error and end the connection:
+        answer with `Connection: close`, half-close, and drop what the client still sends (LINGER phase,
+        until it closes, LINGER_SECONDS or LINGER_BYTES). While an earlier request's answer is still going
+        out, nothing can be written in between: reading stops and the connection closes after that answer."""
+        self.refused = True
+        t = self.transport
+        if t is None:
+            return
+        if self.busy:
+            self.closing = True
+            t.pause_reading()
+            return
+        body = error_body(message, type_, code, param)
+        t.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s"
+                b"Connection: close\r\n\r\n%s" % (status, STATUS_PHRASES.get(status, b"Unknown"), len(body),
+                                                   extra, body))
+        self.busy = True  # nothing else is dispatched on this connection
+        self.pending.clear()
+        self.phase = LINGER
+        self.deadline = 0.0
+        if t.can_write_eof():
+            t.write_eof()
+        else:
+            t.close()
+
+    def refuse_too_large(self) -> None:
+        """413 for a body over the route's router.maxRequestBytes (announced or counted), before it is read."""
+        self.refuse(413, f"request body over {self.router.max_request_bytes} bytes (the route's "
+                         "router.maxRequestBytes)", "invalid_request_error", "request_too_large")
+
+    def timed_out(self) -> None:
+        """The read phase's deadline passed (Router.sweep): an idle keep-alive connection or a lingering one is
+        closed; a request whose headers or body did not arrive in time is answered 408."""
+        t = self.transport
+        if t is None:
+            return
+        phase = self.phase
+        if phase == HEAD or phase == BODY:
+            self.router.metrics.count_refused(NO_BACKEND, 408)
+            what, flag = ("headers", "--header-timeout") if phase == HEAD else ("body", "--body-timeout")
+            self.refuse(408, f"the request {what} did not arrive in time (the router's {flag})",
+                        "invalid_request_error", "request_timeout")
+            if self.busy and self.closing:
+                self.phase, self.deadline = IDLE, 0.0  # closes once the answer in progress is sent
+        else:
+            t.close()
 
     def respond_error(self, status: int, message: str, type_: str, code: str | None = None,
                       param: str | None = None, extra: bytes = b"", close: bool = False, **fields) -> None:

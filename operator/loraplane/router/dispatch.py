@@ -27,9 +27,39 @@ log = logging.getLogger("loraplane.router")
 COMPLETIONS, CHAT_COMPLETIONS, MODELS = b"/v1/completions", b"/v1/chat/completions", b"/v1/models"
 
 
+# Paths that need an API key (when keys are set); /metrics, /healthz and /readyz are open to probes.
+KEYED_PATHS = frozenset((COMPLETIONS, CHAT_COMPLETIONS, MODELS))
+# X-Request-Id is forwarded to vLLM, which logs it (and with --enable-request-id-headers uses it as the
+# request's id): longer values are refused rather than passed on or cut.
+MAX_REQUEST_ID_BYTES = 256
+
+
+def admit(router: Router, conn: ClientConnection, req: Request) -> bool:
+    """Whether to read the body of a request whose headers are complete; False when it was refused: 401
+    without an accepted API key (on KEYED_PATHS), 413 when its Content-Length is over
+    router.maxRequestBytes, 400 for an X-Request-Id over MAX_REQUEST_ID_BYTES. A refused request's body
+    is never read or buffered, with or without `Expect: 100-continue` (see ClientConnection.refuse).
+    Bound as `Router.admit`."""
+    if router.api_keys is not None and req.path in KEYED_PATHS and not router.api_keys.check(req.authorization):
+        router.metrics.count_refused(NO_BACKEND, 401)
+        conn.refuse(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
+                    "invalid_request_error", "invalid_api_key")
+        return False
+    if req.content_length is not None and req.content_length > router.max_request_bytes:
+        router.metrics.count_refused(NO_BACKEND, 413)
+        conn.refuse_too_large()
+        return False
+    if req.request_id is not None and len(req.request_id) > MAX_REQUEST_ID_BYTES:
+        router.metrics.count_refused(NO_BACKEND, 400)
+        conn.refuse(400, f"X-Request-Id is over {MAX_REQUEST_ID_BYTES} bytes: send a shorter id (or none)",
+                    "invalid_request_error", "invalid_request_id", "X-Request-Id")
+        return False
+    return True
+
+
 def dispatch(router: Router, conn: ClientConnection, req: Request) -> None:
     """Answer one complete client request: proxy the OpenAI inference endpoints (POST only), answer
-    /v1/models (the public model names, API key required when keys are set), /metrics (Prometheus text
+    /v1/models (the public model names; the API key was checked by `admit`), /metrics (Prometheus text
     format), /healthz (the process runs) and /readyz (503 until a routing table is loaded); 404 otherwise.
     Bound as `Router.dispatch`, which `ClientConnection` calls."""
     path = req.path
@@ -40,9 +70,7 @@ def dispatch(router: Router, conn: ClientConnection, req: Request) -> None:
             return
         proxy(router, conn, req)
     elif path == MODELS:
-        if router.api_keys is not None and not router.api_keys.check(req.authorization):
-            _unauthorized(router, conn, req)
-        elif router.table is None:
+        if router.table is None:
             conn.respond_error(503, "no routing table loaded yet", "service_unavailable",
                                close=not req.keep_alive)
         else:
@@ -62,16 +90,12 @@ def dispatch(router: Router, conn: ClientConnection, req: Request) -> None:
                                 "/v1/completions, /v1/chat/completions, /v1/models)", "invalid_request_error",
                            "not_found", close=not req.keep_alive)
 
-def _unauthorized(router: Router, conn: ClientConnection, req: Request) -> None:
-    router.metrics.count_refused(NO_BACKEND, 401)
-    conn.respond_error(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
-                       "invalid_request_error", "invalid_api_key", close=not req.keep_alive)
-
 def proxy(router: Router, conn: ClientConnection, req: Request) -> None:
     """Route one /v1/completions or /v1/chat/completions request and start its `Exchange`.
 
-    Refuses with an OpenAI error, before any backend is chosen: 503 without a routing table, 401 without
-    an accepted API key, 413 over router.maxRequestBytes, 400 for a body without a usable `model`, 404 for
+    The API key and the body size were checked before the body was read (`admit`, `on_body`). Refuses
+    with an OpenAI error, before any backend is chosen: 503 without a routing table, 400 for a body
+    without a usable `model` (or one that vLLM could read differently: see table.read_model), 404 for
     a model the route does not serve, 503 (Retry-After: 2) when no backend of the model has a usable
     replica. Otherwise picks a backend (weights, or sticky by the route's header), skipping backends with
     no usable replica (their weight goes to the others), and the least loaded replica that has it Ready.
@@ -80,15 +104,6 @@ def proxy(router: Router, conn: ClientConnection, req: Request) -> None:
     close = not req.keep_alive
     if table is None:
         conn.respond_error(503, "no routing table loaded yet", "service_unavailable", close=close)
-        return
-    if router.api_keys is not None and not router.api_keys.check(req.authorization):
-        _unauthorized(router, conn, req)
-        return
-    if req.too_large:
-        router.metrics.count_refused(NO_BACKEND, 413)
-        conn.respond_error(413, f"request body over {router.max_request_bytes} bytes (the route's "
-                                "router.maxRequestBytes)", "invalid_request_error", "request_too_large",
-                           close=True)
         return
     body = req.body[0] if len(req.body) == 1 else b"".join(req.body)
     try:

@@ -30,8 +30,8 @@ import random
 import time
 
 from loraplane.router.auth import ApiKeys
-from loraplane.router.client_protocol import ClientConnection
-from loraplane.router.dispatch import dispatch
+from loraplane.router.client_protocol import BODY, HEAD, IDLE, LINGER, LINGER_SECONDS, ClientConnection
+from loraplane.router.dispatch import admit, dispatch
 from loraplane.router.metrics import RouterMetrics
 from loraplane.router.replicas import ReplicaPool
 from loraplane.router.table import RoutingTable
@@ -47,15 +47,25 @@ class Router:
     one request may be sent to (see exchange.py for when a request is resent); `access_log` logs every
     request (failures are always logged). The route's own settings (sticky header, body limit, timeout,
     prompt logging) come with each table: `set_table`.
+
+    Client connections are bounded (see client_protocol.py): `max_connections` at once, `max_header_bytes`
+    of request line and headers, `header_timeout` seconds from a request's first byte to its last header,
+    `body_timeout` seconds from then to its last body byte, `idle_timeout` seconds of keep-alive between
+    requests. `sweep` enforces the timeouts every `sweep_interval` seconds (at most 1 s, a quarter of the
+    shortest timeout when that is shorter), so each is met within one interval.
     """
 
     # Answers one complete request; ClientConnection calls `router.dispatch(conn, req)`. Defined in
     # dispatch.py and bound here as a method, so the hot path pays no extra call.
     dispatch = dispatch
+    # May refuse a request when its headers are complete (API key, announced body size); see dispatch.py.
+    admit = admit
 
     def __init__(self, pool: ReplicaPool, *, metrics: RouterMetrics | None = None, api_keys: ApiKeys | None = None,
                  connect_timeout: float = 3.0, max_attempts: int = 3, access_log: bool = False,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, max_connections: int = 4096,
+                 max_header_bytes: int = 64 * 1024, header_timeout: float = 10.0, body_timeout: float = 60.0,
+                 idle_timeout: float = 75.0):
         self.pool = pool
         self.metrics = metrics or RouterMetrics()
         self.metrics.watch_pool(pool)
@@ -70,6 +80,15 @@ class Router:
         self.timeout_seconds = 600.0
         self.log_prompts = False
         self.connections: set[ClientConnection] = set()
+        self.max_connections = max_connections
+        self.max_header_bytes = max_header_bytes
+        self.header_timeout, self.body_timeout, self.idle_timeout = header_timeout, body_timeout, idle_timeout
+        self.sweep_interval = max(0.02, min(1.0, header_timeout / 4, body_timeout / 4, idle_timeout / 4))
+        self._phase_timeouts = {IDLE: idle_timeout, HEAD: header_timeout, BODY: body_timeout,
+                                LINGER: LINGER_SECONDS}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._refused_logged = 0.0
+        self.refused_connections = 0
         self.active = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: asyncio.Server | None = None
@@ -105,12 +124,50 @@ class Router:
         self.loop = asyncio.get_running_loop()
         self.server = await self.loop.create_server(lambda: ClientConnection(self), host, port, backlog=2048,
                                                     reuse_address=True)
+        self._sweeper = self.loop.call_later(self.sweep_interval, self.sweep)
         return self.server.sockets[0].getsockname()[1]
+
+    def sweep(self) -> None:
+        """Enforce the client connections' read deadlines (runs every sweep_interval seconds).
+
+        A connection's phase change only stores the phase and clears its deadline (the hot path pays no
+        clock read or timer); the first sweep that sees the phase arms the deadline, a later one past it
+        calls `ClientConnection.timed_out`. No read deadline runs while a request is being answered
+        (router.timeoutSeconds bounds that) unless the client started sending another one.
+        """
+        now = time.perf_counter()
+        timeouts = self._phase_timeouts
+        for c in list(self.connections):
+            phase = c.phase
+            if phase == IDLE and c.busy:
+                continue
+            if c.deadline == 0.0:
+                c.deadline = now + timeouts[phase]
+            elif now >= c.deadline:
+                try:
+                    c.timed_out()
+                except Exception:  # one bad connection must not stop the sweep for the others
+                    log.exception("closing a timed-out client connection failed")
+                    if c.transport is not None:
+                        c.transport.abort()
+        self._sweeper = self.loop.call_later(self.sweep_interval, self.sweep)
+
+    def connection_refused(self) -> None:
+        """A client connection over max_connections was refused: count it, log at most every 10 s."""
+        self.refused_connections += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= 10.0:
+            self._refused_logged = now
+            log.warning("refusing client connections: %d open (--max-connections); %d refused so far",
+                        len(self.connections), self.refused_connections)
 
     async def drain(self, seconds: float) -> None:
         """Stop accepting; close idle client connections; let answers in flight finish (up to `seconds`)."""
         if self.server is not None:
             self.server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for c in list(self.connections):
             c.closing = True
             if not c.busy and c.transport is not None:

@@ -17,7 +17,17 @@ from dataclasses import dataclass, field
 from loraplane.api.wire.serving import ServingTable
 
 STICKY_CACHE_SIZE = 65536
-_MODEL_KEY = b'"model"'
+# Sticky header values longer than this are routed by the same hash but not cached: the cache holds
+# client-chosen keys, and 65536 of them at the header cap (64 KiB) would be 4 GiB.
+STICKY_CACHE_KEY_BYTES = 256
+# Scans of whole bodies are compiled patterns: on CPython 3.11 `re` finds these literals in about half
+# the time of bytes.find.
+_MODEL_KEY = re.compile(rb'"model"')
+# The only way a JSON key can spell `model` other than literally: a \u escape of one of its letters
+# (m o d e l are U+006D U+006F U+0064 U+0065 U+006C; JSON has no other escapes for letters). A body
+# without this prefix anywhere has every top-level `model` key written as the literal `"model"`.
+_LETTER_ESCAPE = re.compile(rb"\\u006")
+_UTF16_32_START = (b"\xfe", b"\xff")  # first byte of a UTF-16/32 BOM (the UTF-32-BE one starts with NUL)
 # After the key: `: "value"` where the value has no escapes (the common case; anything else is parsed).
 _SIMPLE_VALUE = re.compile(rb'\s*:\s*"([^"\\]*)"')
 
@@ -93,7 +103,7 @@ class PublicRoute:
                 score = b.weight / -math.log(u) if u < 1.0 else math.inf
                 if score > best_score:
                     best, best_score = b, score
-            if not exclude and best is not None:
+            if not exclude and best is not None and len(sticky_key) <= STICKY_CACHE_KEY_BYTES:
                 if len(self._sticky) >= STICKY_CACHE_SIZE:
                     self._sticky.clear()
                 self._sticky[sticky_key] = best
@@ -147,31 +157,66 @@ class RoutingTable:
 
 
 def read_model(body: bytes) -> tuple[str, object]:
-    """The request's top-level `model` and a handle for `rewrite_model`.
+    """The request's top-level `model` and a handle for `rewrite_model`; raises BadRequest (param `model`
+    where it is about it) for a body the router cannot route.
 
-    Fast path, no JSON parse: the body holds `"model"` exactly once, right after the opening brace,
-    with an unescaped string value (a JSON string cannot contain an unescaped quote, so that
-    occurrence is the key). Otherwise the body is parsed; it is re-encoded only when the raw value
-    cannot be spliced (escapes, duplicate keys, or `"model"` also appearing nested).
+    The rule (docs/router.md, "What the router reads"): the `model` the router routes by is exactly the
+    `model` vLLM reads from the forwarded body. vLLM (FastAPI/Starlette) parses with Python's `json.loads`
+    on the raw bytes: a BOM or UTF-16/32 is decoded, NaN/Infinity accepted, a duplicate key's last value
+    wins. So a body with `model` more than once at the top level (also spelled with escapes, e.g.
+    `"mod\\u0065l"`) is refused with 400: which one counts depends on the parser, and routing one while
+    vLLM serves the other would bypass public names, canaries and metrics. Anything else `json.loads`
+    accepts is routed by the `model` that `json.loads` reads.
+
+    Fast path, no JSON parse: `"model"` occurs exactly once, right after the opening brace, with an
+    unescaped UTF-8 string value, and no letter of `model` is \\u-escaped anywhere (so no other key can
+    spell it). Then that occurrence is the top-level key and the only one: any JSON parser that accepts
+    the forwarded body reads the served name written there. (A body that is not valid JSON after it, e.g.
+    trailing garbage, is left to vLLM, which refuses it before generating anything.) Otherwise the body
+    is parsed (invalid JSON: 400 here); the value is then spliced when its only literal occurrence is the
+    top-level key with an unescaped value, else the body is re-encoded.
     """
-    i = body.find(_MODEL_KEY)
-    if i >= 0 and body.find(_MODEL_KEY, i + 7) < 0:
+    key = _MODEL_KEY.search(body)
+    i = key.start() if key is not None else -1
+    # `literal`: the body spells `model` only literally, and at most once; then no key can be a duplicate.
+    # Byte scans see keys only in UTF-8 (with or without a BOM): json.loads also reads UTF-16/32, which it
+    # tells by a BOM or NUL bytes at the start (json.detect_encoding).
+    literal = (i < 0 or _MODEL_KEY.search(body, i + 7) is None) and _LETTER_ESCAPE.search(body) is None
+    if literal and i >= 0:
         m = _SIMPLE_VALUE.match(body, i + 7)
-        if m is not None and body[:i].strip() == b"{":
-            return m.group(1).decode("utf-8", "replace"), m.span(1)
+        if m is not None and body[:i].strip() == b"{":  # starts `{"`: UTF-8 by json.detect_encoding
+            try:
+                return m.group(1).decode(), m.span(1)
+            except UnicodeDecodeError:  # not UTF-8: json.loads below refuses the body and says where
+                pass
+    literal = literal and body[:1] not in _UTF16_32_START and b"\x00" not in body[:4]
+    seen_model = 0
+
+    def pairs_hook(pairs: list) -> dict:
+        # Called for every object, innermost first: the last call is the top-level object's.
+        nonlocal seen_model
+        seen_model = sum(1 for k, _ in pairs if k == "model")
+        return dict(pairs)
+
     try:
-        obj = json.loads(body)
+        # The hook (a Python call per object) only where a duplicate is possible at all.
+        obj = json.loads(body) if literal else json.loads(body, object_pairs_hook=pairs_hook)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise BadRequest("the request body must be a JSON object with a `model` field")
+    if seen_model > 1:
+        raise BadRequest(f"`model` appears {seen_model} times in the request body (counting escaped spellings "
+                         "such as \"mod\\u0065l\"): send it once", "model")
     model = obj.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("`model` is required: set it to one of the names listed by GET /v1/models", "model")
-    if i >= 0 and body.find(_MODEL_KEY, i + 7) < 0:
+    if literal:
+        # The one literal `"model"` is the top-level key (no other spelling exists): splice when its value
+        # is unescaped.
         m = _SIMPLE_VALUE.match(body, i + 7)
         if m is not None and m.group(1) == model.encode():
-            return model, m.span(1)  # the only occurrence, and it is the top-level key
+            return model, m.span(1)
     return model, obj
 
 
@@ -180,6 +225,8 @@ def rewrite_model(body: bytes, handle: object, backend: BackendRoute) -> bytes:
     if type(handle) is tuple:
         start, end = handle
         return b"".join((body[:start], backend.served_json, body[end:]))
-    obj = dict(handle)  # a parsed body: re-encode (rare: escapes, duplicate or nested `model` keys)
+    obj = dict(handle)  # a parsed body: re-encode (rare: escapes, or `model` also nested)
     obj["model"] = backend.served_name
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    # ASCII with \u escapes: any string json.loads returned encodes, lone surrogates (`"\ud800"`) included,
+    # and vLLM's json.loads reads back exactly the same values (NaN/Infinity stay literals, as it accepts).
+    return json.dumps(obj, separators=(",", ":")).encode()

@@ -178,6 +178,9 @@ def test_modelroute_children_and_autoscaler_variants():
     assert by[("Service", "qwen-small-engine")]["spec"]["clusterIP"] == "None"
     router = by[("Deployment", "qwen-small-router")]
     assert router["spec"]["replicas"] == 2
+    # Bounded by default (issue 12): a memory limit, a CPU request.
+    assert router["spec"]["template"]["spec"]["containers"][0]["resources"] == {
+        "limits": {"memory": "1Gi"}, "requests": {"cpu": "250m", "memory": "1Gi"}}
     assert "loraplane.io/route" not in router["spec"]["template"]["metadata"]["labels"]
     engine_role = by[("Role", "qwen-small-engine")]
     assert engine_role["rules"][0]["resourceNames"] == ["qwen-small-serving"]

@@ -382,7 +382,11 @@ async def test_cli_rejects_bad_arguments():
 
     for args, fragment in [(["--replica", "http://x:8000"], b"--table FILE or --configmap"),
                            (["--table", "t.json"], b"--replica URL"),
-                           (["--table", "t.json", "--replica", "x:8000"], b"ENGINE_URL[,STATUS_URL]")]:
+                           (["--table", "t.json", "--replica", "x:8000"], b"ENGINE_URL[,STATUS_URL]"),
+                           (["--table", "t.json", "--replica", "http://x:8000", "--idle-timeout", "0"],
+                            b"--idle-timeout must be > 0"),
+                           (["--table", "t.json", "--replica", "http://x:8000", "--max-header-bytes", "10"],
+                            b"--max-header-bytes >= 1024")]:
         proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "loraplane.router", *args,
                                                     stderr=asyncio.subprocess.PIPE)
         _, err = await proc.communicate()

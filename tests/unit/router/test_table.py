@@ -51,12 +51,92 @@ def test_nested_model_key_is_not_taken_for_the_top_level_one():
     assert out == {"extra": {"model": "evil"}, "model": "v1"}
 
 
-def test_duplicate_model_keys_cannot_smuggle_another_served_name():
-    body = b'{"model":"chat","model":"secret-adapter"}'
-    model, handle = read_model(body)
-    assert model == "secret-adapter"  # JSON semantics: the last one wins, and that is what gets routed
-    out = rewrite_model(body, handle, route_of({"x": [("v1", 100)]}, "x").backends[0])
-    assert json.loads(out) == {"model": "v1"} and out.count(b'"model"') == 1
+@pytest.mark.parametrize("body", [
+    b'{"model":"chat","model":"secret-adapter"}',
+    b'{"model": "a", "mod\\u0065l": "x--v9"}',                      # issue 12: routed `a`, vLLM served x--v9
+    b'{"mod\\u0065l": "x--v9", "model": "a"}',
+    b'{"prompt":"p","\\u006d\\u006f\\u0064\\u0065\\u006C":"x--v9","model":"a"}',  # every letter, upper hex
+    b'{"extra":{"model":"n"},"model":"a","mo\\u0064el":"x--v9"}',
+    b'\xef\xbb\xbf{"model":"a","mod\\u0065l":"x--v9"}',             # behind a BOM
+    '{"model":"a","mod\\u0065l":"x--v9"}'.encode("utf-16"),        # UTF-16, which json.loads also reads
+])
+def test_duplicate_top_level_model_is_refused_naming_the_param(body):
+    """Which duplicate counts depends on the parser (vLLM's json.loads takes the last): the router refuses
+    instead of routing one name while vLLM serves another."""
+    with pytest.raises(BadRequest, match="`model` appears 2 times") as err:
+        read_model(body)
+    assert err.value.param == "model"
+
+
+# Bodies where a fast scan and a real JSON parser could disagree about `model`.
+TRICKY_BODIES = [
+    b'{"model":"chat","prompt":"p"}',
+    b'{"model":"chat","x":{"mod\\u0065l":"x--v9"}}',                 # escaped, but nested: not the top level
+    b'{"x":{"model":"x--v9"},"mod\\u0065l":"chat"}',                  # top level escaped, literal one nested
+    b'{"x":{"model":"chat"},"mod\\u0065l":"chat"}',                   # ... with the same value (splice trap)
+    b'{"mod\\u0065l":"chat"}',
+    b'{"model":"ch\\u0061t"}',                                        # escaped value
+    b'\xef\xbb\xbf{"model":"chat"}',                                  # BOM: json.loads decodes it
+    b'  {"model":"chat"}  ',
+    '{"model":"chat","p":"é"}'.encode("utf-16-le"),
+    '{"model":"chat","p":"é"}'.encode("utf-32"),
+    b'{"model":"chat","temperature":NaN,"top_p":Infinity}',          # Python's json accepts these literals
+    b'{"model":"chat","p":"\\ud800"}',                                # a lone surrogate escape
+    b'{"x":{"model":1},"model":"chat","p":"\\ud800"}',                # ... in a body that must be re-encoded
+    b'{"model":"chat"} {"model":"x--v9"}',                            # trailing garbage: a second object
+    b'{"model":"chat"}garbage',
+    b'{"model":"chat","p":"\xff"}',                                   # invalid UTF-8 after the model
+    b'{"model":"ch\xffat"}',                                          # invalid UTF-8 in the model
+    b'{"model":"chat","p":"\\\\u0065"}',                              # an escaped backslash, not an escape
+    b'{"model":"chat", "prompt": "say \\"model\\": \\"x--v9\\""}',
+    b'{"model":"chat","model":"chat"}',
+    b'{"model":"chat","mod\\u0065l":"x--v9"}',                          # issue 12: vLLM would serve x--v9
+]
+
+
+def _vllm_reads(data: bytes):
+    """What vLLM (FastAPI -> Starlette `json.loads(raw bytes)`) and pydantic's own JSON parser read as the
+    top-level `model` of a body, and how many top-level `model` keys each parser saw; None if refused."""
+    import pydantic_core
+
+    out = []
+    try:
+        counts = []
+
+        def hook(pairs):
+            counts.append(sum(1 for k, _ in pairs if k == "model"))
+            return dict(pairs)
+
+        obj = json.loads(data, object_pairs_hook=hook)
+        out.append(("json", obj.get("model") if isinstance(obj, dict) else None, counts[-1] if counts else 0))
+    except (ValueError, UnicodeDecodeError):
+        out.append(("json", None, 0))
+    try:
+        obj = pydantic_core.from_json(data)
+        out.append(("pydantic", obj.get("model") if isinstance(obj, dict) else None, None))
+    except ValueError:
+        out.append(("pydantic", None, None))
+    return out
+
+
+@pytest.mark.parametrize("body", TRICKY_BODIES)
+def test_what_the_router_routes_is_what_vllm_reads(body):
+    """Whole class (issue 12): whatever the body's form, the router routes by the `model` vLLM would read,
+    and every parser that accepts the forwarded body reads the served name the router chose, once."""
+    route = route_of({"chat": [("chat-v2", 100)]}, "chat")
+    try:
+        model, handle = read_model(body)
+    except BadRequest:
+        return  # refused: nothing reaches vLLM
+    for parser, read, _ in _vllm_reads(body):
+        if read is not None and parser == "json":  # vLLM would have served `read`: the router routes it
+            assert model == read, (parser, model, read)
+    out = rewrite_model(body, handle, route.backends[0])
+    for parser, read, count in _vllm_reads(out):
+        if read is not None:
+            assert read == "chat-v2", (parser, out)
+        if count is not None and read is not None:
+            assert count == 1, (parser, out)
 
 
 def test_escaped_and_unicode_names():
