@@ -257,8 +257,7 @@ class AdapterController(Controller):
         if isinstance(adapter, ValidationError):
             return AdapterFacts(body, None, invalid=format_validation_error(adapter, "spec field "))
         ns = key[0]
-        routes = [r for r in (self.stores.ModelRoute.parsed(k, ModelRoute) for k in self.stores.ModelRoute.keys_in(ns))
-                  if isinstance(r, ModelRoute)]
+        routes = list(self.stores.ModelRoute.valid_in(ns, ModelRoute))
         pods = {r.metadata.name or "": self.stores.EnginePod.group(ns, r.metadata.name or "") for r in routes}
         return AdapterFacts(body, adapter, routes=routes, pods_by_route=pods)
 

@@ -316,8 +316,7 @@ class ModelRouteController(Controller):
         if isinstance(route, ValidationError):
             return ModelRouteFacts(body, None, invalid=format_validation_error(route, "spec field "))
         ns, name = key
-        adapters = [a for a in (self.stores.Adapter.parsed(k, Adapter) for k in self.stores.Adapter.keys_in(ns))
-                    if isinstance(a, Adapter)]
+        adapters = list(self.stores.Adapter.valid_in(ns, Adapter))
         return ModelRouteFacts(
             body, route, adapters=adapters, rejected=self._rejections(ns),
             accepted_base=await self.accepted_base_of(route) if body.get("status") else None,

@@ -7,6 +7,8 @@ Shared by the FineTuneJob status (trainer pods) and the ModelRoute status (engin
 
 from __future__ import annotations
 
+import functools
+
 import json
 
 from pydantic import ValidationError
@@ -90,10 +92,18 @@ def pod_ready(pod: dict) -> bool:
 
 def replica_report(pod: dict | None) -> ReplicaReport | None:
     """The ReplicaReport an engine pod's loader wrote into its REPORT_ANNOTATION, else None (none yet, or
-    unreadable)."""
+    unreadable). The result is shared between callers (parsed once per distinct annotation): read it only."""
     raw = (((pod or {}).get("metadata") or {}).get("annotations") or {}).get(REPORT_ANNOTATION)
-    if not raw:
+    if not raw or not isinstance(raw, str):
         return None
+    return _parse_report(raw)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_report(raw: str) -> ReplicaReport | None:
+    # One report lists every adapter of its replica, and every Adapter's reconcile reads the reports of the
+    # replicas of its routes: without this cache a burst over N adapters parses the same JSON N times per pod.
+    # 1024 entries: several reports per engine pod in flight, far more pods than a namespace usually has.
     try:
         return ReplicaReport.model_validate_json(raw)
     except (ValidationError, ValueError):

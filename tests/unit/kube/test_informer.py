@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from loraplane.kube.client import WatchExpired
+from loraplane.kube.informer import Store
 from loraplane.controllers.manager import Manager
 from loraplane.controllers.settings import OperatorSettings
 
@@ -157,3 +158,51 @@ async def test_own_watch_has_a_client_side_read_timeout():
     assert [e async for e in client.watch("v1", "Pod", "ns", None, "5", timeout_seconds=300)] == []
     assert seen["params"]["timeoutSeconds"] == "300"
     assert seen["timeout"].sock_read and seen["timeout"].sock_read > 300 and seen["timeout"].sock_connect
+
+
+def test_valid_in_is_shared_until_the_namespace_changes_and_follows_every_change():
+    """Store.valid_in: the parsed, valid objects of one namespace, built once and reused until a put/remove in that
+    namespace; a change elsewhere keeps it; updates, deletions and newly invalid objects show at once."""
+    from pydantic import BaseModel, ConfigDict
+
+    class M(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        spec: dict[str, int]
+        status: dict | None = None
+
+    def obj(ns, name, x, rv="1"):
+        return {"metadata": {"namespace": ns, "name": name, "uid": name, "generation": 1, "resourceVersion": rv},
+                "spec": {"x": x}}
+
+    store = Store()
+    store.put(obj("a", "one", 1))
+    store.put(obj("a", "two", "not a number"))
+    store.put(obj("b", "three", 3))
+    first = store.valid_in("a", M)
+    assert [m.spec["x"] for m in first] == [1]
+    assert store.valid_in("a", M) is first                     # no change: the same list
+    store.put(obj("b", "four", 4))
+    assert store.valid_in("a", M) is first                     # another namespace changed
+    store.put({**obj("a", "two", 2, rv="2"), "metadata": {**obj("a", "two", 2, rv="2")["metadata"], "generation": 2}})
+    assert [m.spec["x"] for m in store.valid_in("a", M)] == [1, 2]
+    store.remove(obj("a", "one", 1))
+    assert [m.spec["x"] for m in store.valid_in("a", M)] == [2]
+    assert store.keys_in("a") == [("a", "two")] and store.keys_in("b") == [("b", "three"), ("b", "four")]
+    store.remove(obj("a", "two", 2))
+    assert store.valid_in("a", M) == [] and store.keys_in("a") == []
+
+
+def test_replica_reports_are_parsed_once_per_distinct_annotation():
+    """Every Adapter's reconcile reads the reports of its routes' replicas: one parse per distinct report, and an
+    unreadable or non-string annotation is no report (never an exception in a reconcile)."""
+    from loraplane.api.wire.serving import REPORT_ANNOTATION, ReplicaReport
+    from loraplane.controllers.pods import _parse_report, replica_report
+
+    _parse_report.cache_clear()
+    raw = ReplicaReport(replica="p-0", route="r", generation=1, engine_ready=True, updated_at="t").to_annotation()
+    pods = [{"metadata": {"name": f"p-{i}", "annotations": {REPORT_ANNOTATION: raw}}} for i in range(50)]
+    reports = [replica_report(p) for p in pods for _ in range(20)]
+    assert reports[0] is not None and all(r is reports[0] for r in reports)
+    assert _parse_report.cache_info().misses == 1
+    for bad in ("{", "[]", 7, None, ""):
+        assert replica_report({"metadata": {"annotations": {REPORT_ANNOTATION: bad}}}) is None
