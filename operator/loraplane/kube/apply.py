@@ -62,7 +62,7 @@ class Applier:
             self._known[ident] = want
             return 0
         try:
-            await self.kube.apply(m)
+            await self.kube.apply(m, result=False)
         except ApiError as exc:
             if exc.status != 422 or m["kind"] != "Job":
                 raise
@@ -70,7 +70,8 @@ class Applier:
             # version or default image), only the fields a Job may change are updated; the run goes on.
             spec = {k: m["spec"].get(k) for k in ("backoffLimit", "activeDeadlineSeconds", "parallelism")}
             await self.kube.merge_patch(ident[0], ident[1], ident[2], ident[3],
-                                        {"metadata": {"annotations": {HASH_ANNOTATION: want}}, "spec": spec})
+                                        {"metadata": {"annotations": {HASH_ANNOTATION: want}}, "spec": spec},
+                                        result=False)
             log.info("Job %s/%s: pod template unchanged (immutable); updated %s only", ident[2], ident[3],
                      ", ".join(k for k, v in spec.items() if v is not None))
         self._known[ident] = want

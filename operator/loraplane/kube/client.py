@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 import ssl
 import threading
@@ -29,6 +28,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
 import aiohttp
+import orjson
 from yarl import URL
 from prometheus_client import Counter
 
@@ -134,11 +134,12 @@ class KubeClient:
                                            timeout=timeout, proxy=cfg.proxy or None, **extra)
 
     async def request(self, method: str, path: str, body: Any = None, params: dict | None = None,
-                      content_type: str = "application/json", what: str = "") -> Any:
+                      content_type: str = "application/json", what: str = "", result: bool = True) -> Any:
         """Send one request, retrying HTTP 429 and 5xx (honouring Retry-After, else 0.2 s doubling, 5 tries) and
-        a 401 once after re-reading the credentials. Returns the decoded JSON body (None when empty). Every
-        non-GET is counted in API_WRITES. Raises ApiError."""
-        data = None if body is None else json.dumps(body, separators=(",", ":"))
+        a 401 once after re-reading the credentials. Returns the decoded JSON body (None when empty, and always
+        None with `result=False`: a write whose answer, the whole stored object with its managedFields, nobody
+        reads is not decoded). Every non-GET is counted in API_WRITES. Raises ApiError."""
+        data = None if body is None else orjson.dumps(body)
         if method != "GET":
             resource = path.split("?")[0].rstrip("/").split("/")
             API_WRITES.labels(method, _resource_label(resource)).inc()
@@ -147,17 +148,19 @@ class KubeClient:
             for attempt in range(5):
                 resp = await self._send(method, path, params, data, content_type, timeout)
                 async with resp:
-                    text = await resp.text()
+                    raw = await resp.read()
                 if resp.status == 401 and attempt == 0:  # a rotated token: read it again, once
                     await self.config.reload()
                     continue
                 if resp.status == 429 or (resp.status >= 500 and attempt < 4):
                     await asyncio.sleep(float(resp.headers.get("Retry-After", 0.2 * 2 ** attempt)))
                     continue
+                if resp.status < 400 and not result:
+                    return None
                 try:
-                    payload = json.loads(text) if text else None
-                except ValueError:
-                    payload = text
+                    payload = orjson.loads(raw) if raw else None
+                except ValueError:  # orjson.JSONDecodeError is a ValueError
+                    payload = raw.decode(errors="replace")
                 if resp.status >= 400:
                     raise ApiError(resp.status, payload, what or f"{method} {path}")
                 return payload
@@ -190,7 +193,7 @@ class KubeClient:
                 for line in lines:
                     if not line.strip():
                         continue
-                    event = json.loads(line)
+                    event = orjson.loads(line)
                     obj = event.get("object") or {}
                     if event.get("type") == "ERROR":
                         if obj.get("code") == 410:
@@ -222,13 +225,14 @@ class KubeClient:
             item.setdefault("kind", kind)
         return items, (out.get("metadata") or {}).get("resourceVersion") or ""
 
-    async def apply(self, manifest: dict, force: bool = True) -> dict:
-        """Server-side apply under the operator's field manager."""
+    async def apply(self, manifest: dict, force: bool = True, result: bool = True) -> dict | None:
+        """Server-side apply under the operator's field manager; returns the stored object (None with
+        `result=False`: not decoded)."""
         meta = manifest["metadata"]
         path = resource_path(manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"])
         return await self.request("PATCH", path, manifest,
                                   params={"fieldManager": MANAGER, "force": "true" if force else "false"},
-                                  content_type="application/apply-patch+yaml",
+                                  content_type="application/apply-patch+yaml", result=result,
                                   what=f"apply {manifest['kind']} {meta.get('namespace')}/{meta['name']}")
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
@@ -250,18 +254,20 @@ class KubeClient:
                 return None
             raise
 
-    async def merge_patch(self, api_version: str, kind: str, namespace: str, name: str, patch: dict) -> dict:
-        """A JSON merge patch (RFC 7386) of the object; returns the object as the server stored it. Raises
-        ApiError."""
+    async def merge_patch(self, api_version: str, kind: str, namespace: str, name: str, patch: dict,
+                          result: bool = True) -> dict | None:
+        """A JSON merge patch (RFC 7386) of the object; returns the object as the server stored it (None with
+        `result=False`). Raises ApiError."""
         return await self.request("PATCH", resource_path(api_version, kind, namespace, name), patch,
-                                  content_type="application/merge-patch+json",
+                                  content_type="application/merge-patch+json", result=result,
                                   what=f"patch {kind} {namespace}/{name}")
 
-    async def patch_status(self, api_version: str, kind: str, namespace: str, name: str, patch: dict) -> dict:
-        """A JSON merge patch of the status subresource: only the keys in `patch` change."""
-        return await self.request("PATCH", resource_path(api_version, kind, namespace, name, "status"),
-                                  {"status": patch}, content_type="application/merge-patch+json",
-                                  what=f"patch {kind} {namespace}/{name} status")
+    async def patch_status(self, api_version: str, kind: str, namespace: str, name: str, patch: dict) -> None:
+        """A JSON merge patch of the status subresource: only the keys in `patch` change. The stored object the
+        server answers with is not decoded (nobody reads it; the watch delivers it)."""
+        await self.request("PATCH", resource_path(api_version, kind, namespace, name, "status"),
+                           {"status": patch}, content_type="application/merge-patch+json", result=False,
+                           what=f"patch {kind} {namespace}/{name} status")
 
     async def post_event(self, obj: dict, type_: str, reason: str, message: str, now: str) -> None:
         """Post a core/v1 Event about `obj` (message cut to 1024 characters); a failure is logged, not raised:

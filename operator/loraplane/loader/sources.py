@@ -62,7 +62,7 @@ class KubeBinding:
         if not self.pod_name:
             return
         body = {"metadata": {"annotations": {REPORT_ANNOTATION: report.to_annotation()}}}
-        await self.kube.merge_patch("v1", "Pod", self.namespace, self.pod_name, body)
+        await self.kube.merge_patch("v1", "Pod", self.namespace, self.pod_name, body, result=False)
 
     async def close(self) -> None:
         """Close the API client's connections."""

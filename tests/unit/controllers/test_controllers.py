@@ -39,7 +39,7 @@ class FakeKube:
         self.gets.append((kind, name))
         return self.objects.get((kind, name))
 
-    async def apply(self, manifest):
+    async def apply(self, manifest, result=True):
         self.applied.append(manifest)
         return {**manifest, "metadata": {**manifest["metadata"], "uid": "new-uid"}}
 
@@ -288,7 +288,7 @@ def test_a_child_the_api_server_refuses_shows_as_invalid_spec_instead_of_a_retry
     from loraplane.kube.client import ApiError
 
     class Refusing(FakeKube):
-        async def apply(self, manifest):
+        async def apply(self, manifest, result=True):
             raise ApiError(422, {"message": f'{manifest["kind"]} "x" is invalid: metadata.labels: Invalid value'},
                            f'apply {manifest["kind"]}/{manifest["metadata"]["name"]}')
 
