@@ -100,7 +100,9 @@ class Reason(StrEnum):
         "message names the container and the image.", "Check `spec.image` (FineTuneJob), `spec.engine.image` "
         "(ModelRoute), the chart's image values and the imagePullSecrets.")
     DeadlineExceeded = ("DeadlineExceeded", FTJ, "The run exceeded `spec.activeDeadlineSeconds`.",
-        "Raise the deadline, or resume: a new FineTuneJob with the same output continues from the checkpoints.")
+        "Raise `spec.activeDeadlineSeconds` and create a new FineTuneJob. It starts from step 0: each run writes "
+        "to its own `run-<uid>` folder, so a recreated job never resumes (or overwrites) another run; the "
+        "failed run's checkpoints stay in `<output>/run-<uid>.checkpoints`.")
     BackoffLimitExceeded = ("BackoffLimitExceeded", FTJ,
         "Trainer pods failed more than `spec.backoffLimit` times; the message has the "
         "last pod's reason.", "Fix the cause the last failure names, then create a new FineTuneJob.")

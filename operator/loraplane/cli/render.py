@@ -46,24 +46,28 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
 def render_main(args: argparse.Namespace) -> int:
     """Print the children of every loraplane object in the files as multi-document YAML; returns 1 (and
     prints nothing to stdout) when any object is invalid, else 0."""
-    from loraplane.api import KINDS, parse
+    from loraplane.api import parse
     from loraplane.builders import public_name_conflicts, render
+    from loraplane.cli.manifests import read_documents
     from loraplane.api.validation import format_validation_error
 
     resources, bad = [], 0
-    for path in args.files:
-        text = sys.stdin.read() if str(path) == "-" else path.read_text()
-        for i, doc in enumerate(yaml.safe_load_all(text)):
-            if not doc or doc.get("kind") not in KINDS:
-                continue
-            doc.setdefault("metadata", {}).setdefault("namespace", args.namespace)
-            try:
-                resources.append(parse(doc))
-            except (ValidationError, ValueError) as exc:
-                bad += 1
-                detail = format_validation_error(exc, "  ") if isinstance(exc, ValidationError) else f"  {exc}"
-                print(f"error {path}#{i} {doc.get('kind')}/{doc['metadata'].get('name')}\n{detail}",
-                      file=sys.stderr)
+    for d in read_documents(args.files):
+        if d.skip:
+            continue
+        if d.error is not None:
+            bad += 1
+            print(f"error {d.where}\n  {d.error}", file=sys.stderr)
+            continue
+        doc = d.doc
+        if isinstance(meta := doc.setdefault("metadata", {}), dict):  # not a mapping: parse() names the field
+            meta.setdefault("namespace", args.namespace)
+        try:
+            resources.append(parse(doc))
+        except (ValidationError, ValueError) as exc:
+            bad += 1
+            detail = format_validation_error(exc, "  ") if isinstance(exc, ValidationError) else f"  {exc}"
+            print(f"error {d.where}\n{detail}", file=sys.stderr)
     if bad:
         return 1
     # Rendered anyway (the operator serves every other name), but the reviewer should see it.

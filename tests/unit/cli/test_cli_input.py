@@ -1,0 +1,62 @@
+"""`validate` and `render` on input a user gets wrong: one clear error per file or document, never a traceback,
+and never a silent pass (a mistyped loraplane.io kind used to be skipped like a Secret and exit 0)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+from loraplane.cli.render import add_render_arguments, render_main
+from loraplane.cli.validate import validate_main
+
+ADAPTER = """apiVersion: loraplane.io/v1alpha1
+kind: Adapter
+metadata: {name: sql}
+spec: {baseModel: {name: m}, version: "1", source: {uri: "pvc://adapters/sql"}}
+"""
+
+CASES = {
+    "mistyped kind": ("apiVersion: loraplane.io/v1alpha1\nkind: Adaptor\nmetadata: {name: a}\n",
+                      "kind: 'Adaptor' is not a loraplane.io kind"),
+    "bad yaml": ("a: [1\n", "not valid YAML (line 2"),
+    "top-level list": ("- 1\n- 2\n", "a document must be one object"),
+    "no loraplane object": ("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\n", "no loraplane.io object"),
+}
+
+
+def run_validate(files, capsys) -> tuple[int, str]:
+    rc = validate_main(argparse.Namespace(files=files))
+    return rc, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_validate_refuses_what_is_not_a_usable_manifest(case, tmp_path, capsys):
+    text, expected = CASES[case]
+    path = tmp_path / "in.yaml"
+    path.write_text(text)
+    rc, out = run_validate([path], capsys)
+    assert rc == 1 and expected in out, out
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "no loraplane object"])
+def test_render_refuses_what_is_not_a_usable_manifest(case, tmp_path, capsys):
+    text, expected = CASES[case]
+    path = tmp_path / "in.yaml"
+    path.write_text(text)
+    p = argparse.ArgumentParser()
+    add_render_arguments(p)
+    rc = render_main(p.parse_args(["-f", str(path)]))
+    captured = capsys.readouterr()
+    assert rc == 1 and expected in captured.err and captured.out == "", captured
+
+
+def test_validate_reads_stdin_and_names_a_missing_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(ADAPTER))
+    rc, out = run_validate([Path("-")], capsys)
+    assert rc == 0 and "ok    -#0 Adapter/sql" in out
+    rc, out = run_validate([tmp_path / "missing.yaml"], capsys)
+    assert rc == 1 and "cannot read the file" in out
