@@ -231,9 +231,20 @@ URI_FORMS: dict[str, str] = {
 }
 
 
+# How each form reads in an error message (api.validation names the forms a refused URI could have taken).
+URI_FORM_HINTS: dict[str, str] = {
+    "pvc": "pvc://CLAIM/PATH", "s3": "s3://BUCKET/PREFIX", "http": "https://HOST/PATH", "hf": "hf://ORG/REPO[@REVISION]",
+    "file": "file:///PATH (local runs)", "path": "/PATH (local runs)",
+}
+# Every pattern uri_pattern() built -> the forms it admits, in words.
+URI_PATTERN_FORMS: dict[str, str] = {}
+
+
 def uri_pattern(*forms: str) -> str:
     """The anchored regular expression admitting the URI_FORMS named (KeyError on an unknown form)."""
-    return "^(" + "|".join(URI_FORMS[f] for f in forms) + ")$"
+    pattern = "^(" + "|".join(URI_FORMS[f] for f in forms) + ")$"
+    URI_PATTERN_FORMS[pattern] = ", ".join(URI_FORM_HINTS[f] for f in forms)
+    return pattern
 
 
 def uri_rules(field: str, where: str) -> tuple["CelRule", ...]:

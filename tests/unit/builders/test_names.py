@@ -243,13 +243,13 @@ ROUTE = {"apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute", "metadata"
 
 
 @pytest.mark.parametrize("patch, field", [
-    ({"routes": [{"selector": {"matchLabels": ["team"]}}]}, "spec.routes.0.selector.matchLabels"),
+    ({"routes": [{"selector": {"matchLabels": ["team"]}}]}, "spec.routes[0].selector.matchLabels"),
     ({"routes": [{"selector": {"matchExpressions": [{"key": "t", "operator": "Equals", "values": ["a"]}]}}]},
-     "spec.routes.0.selector.matchExpressions.0.operator"),
+     "spec.routes[0].selector.matchExpressions[0].operator"),
     ({"routes": [{"selector": {"matchExpressions": [{"key": "t", "operator": "In"}]}}]},
-     "spec.routes.0.selector.matchExpressions.0"),
-    ({"routes": [{"selector": {"matchLabels": {"team": "a b"}}}]}, "spec.routes.0.selector.matchLabels.team"),
-    ({"routes": [{"selector": {"matchLbels": {"team": "a"}}}]}, "spec.routes.0.selector.matchLbels"),
+     "spec.routes[0].selector.matchExpressions[0]"),
+    ({"routes": [{"selector": {"matchLabels": {"team": "a b"}}}]}, "spec.routes[0].selector.matchLabels.team"),
+    ({"routes": [{"selector": {"matchLbels": {"team": "a"}}}]}, "spec.routes[0].selector.matchLbels"),
     ({"engine": {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}}, "spec.engine.env"),
     ({"engine": {"env": [{"value": "1"}]}}, "spec.engine.env"),
     ({"engine": {"nodeSelector": {"gpu": "x" * 64}}}, "spec.engine.nodeSelector.gpu"),

@@ -60,3 +60,22 @@ def test_validate_reads_stdin_and_names_a_missing_file(tmp_path, capsys, monkeyp
     assert rc == 0 and "ok    -#0 Adapter/sql" in out
     rc, out = run_validate([tmp_path / "missing.yaml"], capsys)
     assert rc == 1 and "cannot read the file" in out
+
+
+def test_errors_name_fields_as_kubectl_does_and_uris_by_the_forms_the_field_takes(tmp_path, capsys):
+    """List indexes in brackets (`spec.routes[0]...`, the notation of kubectl and the docs), and a URI of an
+    unsupported scheme answered with the forms the field takes, not the field's regular expression."""
+    path = tmp_path / "in.yaml"
+    path.write_text(ADAPTER.replace("pvc://adapters/sql", "gs://bucket/sql") + """---
+apiVersion: loraplane.io/v1alpha1
+kind: ModelRoute
+metadata: {name: r}
+spec:
+  baseModel: {name: m}
+  routes: [{name: a, backends: [{adapter: sql, weight: "x"}]}]
+""")
+    rc, out = run_validate([path], capsys)
+    assert rc == 1
+    assert "spec.source.uri: unsupported URI 'gs://bucket/sql': use pvc://CLAIM/PATH, s3://BUCKET/PREFIX" in out
+    assert "^(" not in out
+    assert "spec.routes[0].backends[0].weight" in out, out

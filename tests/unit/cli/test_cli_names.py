@@ -67,7 +67,7 @@ def test_item3_what_the_api_server_would_refuse_is_refused_with_the_field(tmp_pa
     dup_env["metadata"]["name"] = "r2"
     dup_env["spec"]["engine"] = {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}
     rc, out = validate(tmp_path, [bad_selector, dup_env], capsys)
-    assert rc == 1 and "spec.routes.0.selector.matchLabels" in out and "spec.engine.env" in out
+    assert rc == 1 and "spec.routes[0].selector.matchLabels" in out and "spec.engine.env" in out
     # A 69-character FineTuneJob and a dotted claim are valid: their children are made valid (test_names.py).
     ftj = {"apiVersion": API, "kind": "FineTuneJob", "metadata": {"name": "f" * 69},
            "spec": {"baseModel": {"name": "org/base"}, "dataset": {"uri": "pvc://my.claim/d.jsonl"},

@@ -246,7 +246,7 @@ def test_a_route_with_a_malformed_selector_is_invalid_and_adapters_still_reconci
     rctl.stores.ModelRoute.put(bad)
     rfacts = asyncio.run(rctl.observe(("ns", "bad")))
     ready = rctl.plan(rfacts).status["conditions"][0]
-    assert ready["reason"] == Reason.InvalidSpec and "spec.routes.0.selector.matchLabels" in ready["message"]
+    assert ready["reason"] == Reason.InvalidSpec and "spec.routes[0].selector.matchLabels" in ready["message"]
 
 
 def test_a_public_name_conflict_shows_on_the_route_naming_both_sources():
