@@ -9,9 +9,9 @@ into the computation nor patched. Conditions keep `lastTransitionTime` unless th
 
 from __future__ import annotations
 
-import json
 from typing import Any, TypeVar
 
+import orjson
 from pydantic import BaseModel, ValidationError
 
 from loraplane.api.common import StatusBase
@@ -53,7 +53,7 @@ def canonical(value: Any) -> str:
     """JSON with sorted keys, None/[]/{} alike ("null"): what two status values are compared by."""
     if value in (None, [], {}):
         return "null"
-    return json.dumps(value, sort_keys=True)
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
 def dump_status(model: BaseModel) -> dict:
