@@ -78,6 +78,12 @@ def test_api_keys_file_and_errors(tmp_path):
     assert not keys.check(b"Bearer k3") and not keys.check(b"k1") and not keys.check(None)
     f.write_text("k3\n")
     assert keys.reload() and keys.check(b"Bearer k3") and not keys.check(b"Bearer k1")  # no stale acceptance
+    # A key ends at "\n" only: splitlines() cut it at U+2028 / U+0085 / \x1c and made its pieces valid keys.
+    f.write_text("abc\u2028def\nghi\x85jkl\x1cmno\n", encoding="utf-8")
+    assert keys.reload()
+    for piece in (b"abc", b"def", b"ghi", b"jkl", b"mno"):
+        assert not keys.check(b"Bearer " + piece), piece
+    assert keys.check(b"Bearer " + "abc\u2028def".encode())
     (tmp_path / "empty").write_text("# nothing\n")
     with pytest.raises(ValueError, match="no keys found"):
         ApiKeys(tmp_path / "empty")
