@@ -18,6 +18,9 @@ from aiohttp.test_utils import TestServer
 from loraplane.api.wire.serving import ReplicaReport
 
 
+FINGERPRINT = "vllm-stub-0"
+
+
 @dataclass(eq=False)
 class StubReplica:
     name: str
@@ -114,13 +117,18 @@ class StubReplica:
         # last, when stream_options.include_usage asks for it.
         options = req.get("stream_options") or {}
         events = []
-        for word in ["a", "b", "c"]:
-            chunk = {"id": "cmpl-1", "model": model, "replica": self.name, "choices": [{"index": 0, "text": word}]}
+        # As vLLM does, the terminal chunk (finish_reason set) carries system_fingerprint, which moves to the
+        # usage chunk when there is one.
+        for word, finish in (("a", None), ("b", None), ("c", "length")):
+            chunk = {"id": "cmpl-1", "model": model, "replica": self.name,
+                     "choices": [{"index": 0, "text": word, "finish_reason": finish}]}
             if options.get("include_usage") and options.get("continuous_usage_stats"):
                 chunk["usage"] = usage
+            if finish and not options.get("include_usage"):
+                chunk["system_fingerprint"] = FINGERPRINT
             events.append(f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode())
         if options.get("include_usage"):
-            final = {"id": "cmpl-1", "model": model, "choices": [], "usage": usage}
+            final = {"id": "cmpl-1", "model": model, "choices": [], "usage": usage, "system_fingerprint": FINGERPRINT}
             events.append(f"data: {json.dumps(final, separators=(',', ':'))}\n\n".encode())
         events.append(b"data: [DONE]\n\n")
         if self.stream_piece:

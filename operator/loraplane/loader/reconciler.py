@@ -36,7 +36,6 @@ from loraplane.storage.cache import ArtifactCache, CachedArtifact, FetchError
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Outcome:
     """What a failure of bringing up an adapter means: whether another attempt can change it (`retry`: with

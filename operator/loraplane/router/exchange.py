@@ -40,6 +40,7 @@ _VLLM_USAGE = re.compile(rb'(?:\s*:\s*)?\{\s*"prompt_tokens"\s*:\s*(\d+)\s*,\s*"
 _STREAM_TRUE = re.compile(rb'\s*:\s*true')   # after `"stream"`
 _ASK_USAGE = b'"stream_options":{"include_usage":true},'
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')  # vLLM's usage-only chunk, the last before [DONE]
+_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')  # a choice's terminal chunk (finish_reason not null)
 _MAX_HELD = 1 << 20  # bytes of an unfinished SSE event held back while usage is being stripped
 _DECODER = json.JSONDecoder()
 CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
@@ -171,7 +172,7 @@ class Exchange:
 
     __slots__ = ("router", "conn", "req", "model", "backend", "stats", "replica", "payload", "head", "tried",
                  "upstream", "status", "streaming", "chunks", "tail", "first_byte", "timer", "finished",
-                 "retry_404", "path", "ctype", "attempt_open", "strip_usage", "held", "usage")
+                 "retry_404", "path", "ctype", "attempt_open", "strip_usage", "held", "ending", "usage")
 
     def __init__(self, router: Router, conn: ClientConnection, req: Request, model: str, backend: BackendRoute,
                  replica: Replica, payload: bytes, path: bytes, strip_usage: bool = False):
@@ -192,6 +193,7 @@ class Exchange:
         self.retry_404 = False
         self.strip_usage = strip_usage
         self.held = b""   # the unfinished SSE event while stripping usage
+        self.ending: list[bytes] | None = None   # the held end of the stream (see _without_usage_event)
         self.usage: tuple[int, int] | None = None
         rid = req.request_id
         # Everything after the Host line; the client's own headers (its API key above all) stay here.
@@ -318,7 +320,7 @@ class Exchange:
         stats = self.stats
         if self.streaming:
             t = self.conn.transport
-            held, self.held = self.held, b""
+            held = self._end_of_stream() if self.strip_usage else b""
             if t is not None:
                 t.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(held), held) if held else b"0\r\n\r\n")
             usage = self.usage if self.strip_usage else parse_stream_usage(self.tail)
@@ -339,33 +341,63 @@ class Exchange:
         self.conn.done(self.req.keep_alive)
 
     def _without_usage_event(self, data: bytes) -> bytes:
-        """What of `data` to relay while the usage chunk is stripped: complete SSE events only (an unfinished
-        one is held until its end arrives, in practice within the same read), less vLLM's usage-only event
-        (`"choices":[]` with a usage object), whose counts are kept in `usage`."""
-        buf = self.held + data if self.held else data
-        cut = buf.rfind(b"\n\n") + 2
-        if cut < 2:   # no event ends here
-            if len(buf) > _MAX_HELD:   # not the SSE vLLM writes: relay it as it is
-                self.held = b""
-                return buf
-            self.held = buf
+        """What of `data` to relay now while the usage chunk is stripped: complete SSE events only (an
+        unfinished one waits for its end, in practice within the same read) up to the stream's end, which is
+        held from its first terminal chunk (a choice with a finish_reason) or the usage chunk on, and relayed
+        by `_end_of_stream` once the answer is complete."""
+        if self.held:
+            data = self.held + data
+        if self.ending is not None:   # in the held end: everything waits for the answer's end
+            self.held = b""
+            self.ending.append(data)
             return b""
-        out, self.held = buf[:cut], buf[cut:]
-        m = _EMPTY_CHOICES.search(out)
-        if m is not None:
-            start = out.rfind(b"\n\n", 0, m.start())
-            start = 0 if start < 0 else start + 2
-            end = out.find(b"\n\n", m.end()) + 2
-            event = out[start:end]
-            if event.startswith(b"data:"):
+        cut = data.rfind(b"\n\n") + 2
+        if cut < 2:   # no event ends here
+            if len(data) > _MAX_HELD:   # not the SSE vLLM writes: relay it as it is
+                self.held = b""
+                return data
+            self.held = data
+            return b""
+        out, self.held = data[:cut], data[cut:]
+        m = _FINISHED.search(out)
+        u = _EMPTY_CHOICES.search(out) if b"[]" in out else None   # a fast search first: few events have []
+        if m is None and u is None:
+            return out
+        first = min(x.start() for x in (m, u) if x is not None)
+        start = out.rfind(b"\n\n", 0, first)
+        start = 0 if start < 0 else start + 2
+        self.ending = [out[start:]]
+        return out[:start]
+
+    def _end_of_stream(self) -> bytes:
+        """The held end of the stream as vLLM would have sent it without include_usage: its usage-only event
+        (`"choices":[]`) removed and counted into `usage`, and the `system_fingerprint` that vLLM then moves
+        from the terminal chunks to the usage chunk put back on them (as vLLM writes it: the last field)."""
+        rest = b"".join((*(self.ending or ()), self.held))
+        self.ending, self.held = None, b""
+        if b"[]" not in rest:
+            return rest
+        events = rest.split(b"\n\n")
+        for k, event in enumerate(events):
+            if event.startswith(b"data:") and _EMPTY_CHOICES.search(event):
                 try:
                     chunk = json.loads(event[5:])
                 except (ValueError, UnicodeDecodeError):
-                    chunk = None
+                    continue
                 if isinstance(chunk, dict) and chunk.get("choices") == [] and "usage" in chunk:
-                    self.usage = _counts(chunk["usage"])
-                    out = out[:start] + out[end:]
-        return out
+                    break
+        else:
+            return rest
+        del events[k]
+        self.usage = _counts(chunk["usage"])
+        fingerprint = chunk.get("system_fingerprint")
+        if isinstance(fingerprint, str):
+            field = b',"system_fingerprint":%s}' % json.dumps(fingerprint).encode()
+            for n, event in enumerate(events):
+                if (event.startswith(b"data:") and event.endswith(b"}") and _FINISHED.search(event)
+                        and b'"system_fingerprint"' not in event):
+                    events[n] = event[:-1] + field
+        return b"\n\n".join(events)
 
     def upstream_lost(self, exc: BaseException | None) -> None:
         """The replica closed the connection mid-answer. The request reached it: never resent."""
@@ -377,6 +409,9 @@ class Exchange:
             self._finish(STREAM_BROKEN)
             t = self.conn.transport
             if t is not None:
+                held = self._end_of_stream() if self.strip_usage else b""
+                if held:   # what vLLM did send, as it would have reached the client directly
+                    t.write(b"%x\r\n%s\r\n" % (len(held), held))
                 t.close()  # no terminating chunk: the client sees a truncated stream, not a complete one
             return
         self.fail(502, "the replica closed the connection before answering", "bad_gateway", "replica_failed")
