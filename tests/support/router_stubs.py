@@ -18,6 +18,9 @@ from aiohttp.test_utils import TestServer
 from loraplane.api.wire.serving import ReplicaReport
 
 
+FINGERPRINT = "vllm-stub-0"
+
+
 @dataclass(eq=False)
 class StubReplica:
     name: str
@@ -31,6 +34,8 @@ class StubReplica:
     hold: asyncio.Event | None = None                 # completions wait for it before answering
     hold_models: set[str] | None = None               # ...only those for these served names (None: all)
     stream_gate: asyncio.Event | None = None          # streams wait for it after the first chunk
+    stream_piece: int = 0                             # streams are written in pieces of this many bytes
+    extra_fields: dict = field(default_factory=dict)  # added to plain answers after `usage` (as vLLM's prompt_logprobs)
     received: list[tuple[str, bytes, object]] = field(default_factory=list)  # (path, body, headers)
     server: TestServer | None = None
 
@@ -98,7 +103,7 @@ class StubReplica:
         if not req.get("stream"):
             return web.json_response({"id": "cmpl-1", "object": "text_completion", "model": model,
                                       "replica": self.name, "choices": [{"index": 0, "text": "a b c"}],
-                                      "usage": usage})
+                                      "usage": usage, **self.extra_fields})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
         if self.big_stream:
@@ -108,13 +113,30 @@ class StubReplica:
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
             return resp
-        for i, word in enumerate(["a", "b", "c"]):
-            chunk = {"id": "cmpl-1", "model": model, "replica": self.name, "choices": [{"index": 0, "text": word}]}
-            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        # vLLM's framing: one `data: <compact JSON>\n\n` event per chunk; the usage-only chunk (empty choices)
+        # last, when stream_options.include_usage asks for it.
+        options = req.get("stream_options") or {}
+        events = []
+        # As vLLM does, the terminal chunk (finish_reason set) carries system_fingerprint, which moves to the
+        # usage chunk when there is one.
+        for word, finish in (("a", None), ("b", None), ("c", "length")):
+            chunk = {"id": "cmpl-1", "model": model, "replica": self.name,
+                     "choices": [{"index": 0, "text": word, "finish_reason": finish}]}
+            if options.get("include_usage") and options.get("continuous_usage_stats"):
+                chunk["usage"] = usage
+            if finish and not options.get("include_usage"):
+                chunk["system_fingerprint"] = FINGERPRINT
+            events.append(f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode())
+        if options.get("include_usage"):
+            final = {"id": "cmpl-1", "model": model, "choices": [], "usage": usage, "system_fingerprint": FINGERPRINT}
+            events.append(f"data: {json.dumps(final, separators=(',', ':'))}\n\n".encode())
+        events.append(b"data: [DONE]\n\n")
+        if self.stream_piece:
+            stream = b"".join(events)
+            events = [stream[i:i + self.stream_piece] for i in range(0, len(stream), self.stream_piece)]
+        for i, event in enumerate(events):
+            await resp.write(event)
             if i == 0 and self.stream_gate is not None:
                 await self.stream_gate.wait()
-        if (req.get("stream_options") or {}).get("include_usage"):
-            await resp.write(f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\n".encode())
-        await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

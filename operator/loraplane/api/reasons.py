@@ -152,7 +152,22 @@ class Reason(StrEnum):
         "Serve on an unquantized (or supported) base model.")
     InvalidAdapter = ("InvalidAdapter", ADAPTER,
         "The artifact is not a readable PEFT adapter directory (no adapter_config.json, "
-        "no weights, corrupt files).", "Check the artifact at `source.uri`.")
+        "no weights, corrupt files), or its adapter_config.json disagrees with its tensors (e.g. `r` or "
+        "`rank_pattern` is not the rank of the lora_A/lora_B matrices: PEFT refuses it, vLLM would scale it "
+        "by the wrong `lora_alpha / r`). Not retried.",
+        "Check the artifact at `source.uri`; the message names the file, module and values that disagree. "
+        "Re-save the adapter with PEFT (`save_pretrained`) rather than editing its config.")
+    NonFiniteWeights = ("NonFiniteWeights", ADAPTER,
+        "The adapter's tensors hold NaN or Inf values (the loader scans them before loading; the message names "
+        "the tensors): training diverged, or fp16 overflowed. Never sent to vLLM; not retried.",
+        "Retrain: lower the learning rate, train in bfloat16 rather than float16, check that the loss stayed "
+        "finite; do not serve a checkpoint saved after the loss became NaN.")
+    NonFiniteOutput = ("NonFiniteOutput", ADAPTER,
+        "vLLM loaded the adapter, but the smoke-test completion through it has NaN or Inf log-probabilities "
+        "(vLLM answers `Out of range float values are not JSON compliant`): its weights overflow in the "
+        "engine's dtype. Unloaded and not retried.",
+        "Retrain with a lower learning rate or stronger weight decay (smaller LoRA weights), or serve in "
+        "bfloat16 (`spec.engine.dtype: bfloat16`) instead of float16.")
     InvalidArtifact = ("InvalidArtifact", ADAPTER,
         "The artifact cannot be used as fetched (unsupported archive, missing "
         "library for the URI scheme).", "Use a PEFT directory or .tar.gz; see the message.")

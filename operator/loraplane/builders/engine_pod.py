@@ -39,6 +39,9 @@ MODEL_FETCH_CONTAINER = "model-fetch"
 # Startup budget of vLLM before the kubelet restarts it: downloads and compiles of big models take minutes.
 ENGINE_STARTUP_SECONDS = 1800
 DEFAULT_CACHE_MAX_BYTES = 20 * 1024**3
+# vLLM's flag that ends every stream with its usage chunk (the router then need not ask for it, see
+# RouterSettings.engine_includes_usage).
+FORCE_INCLUDE_USAGE = "--enable-force-include-usage"
 
 Env = list[dict[str, Any]]
 

@@ -21,7 +21,7 @@ from loraplane.api.adapter import Adapter
 from loraplane.api.common import LabelSelector
 from loraplane.api.reasons import Reason
 from loraplane.api.modelroute import ModelRoute
-from loraplane.builders.engine_pod import model_path_in_replica, served_model_name
+from loraplane.builders.engine_pod import FORCE_INCLUDE_USAGE, model_path_in_replica, served_model_name
 from loraplane.api.wire.serving import Backend, DesiredAdapter, PublicModel, RouterSettings, ServingTable
 
 
@@ -195,5 +195,7 @@ def resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Verd
         router=RouterSettings(sticky_header=spec.router.sticky_header,
                               timeout_seconds=spec.router.timeout_seconds,
                               max_request_bytes=spec.router.max_request_bytes,
-                              log_prompts=spec.router.log_prompts))
+                              log_prompts=spec.router.log_prompts,
+                              engine_includes_usage=any(a.split("=", 1)[0] == FORCE_INCLUDE_USAGE
+                                                        for a in spec.engine.extra_args)))
     return Resolution(table=table, selected=selected, missing=missing, conflicts=conflicts)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import re
 from dataclasses import dataclass
 
 import aiohttp
@@ -26,6 +28,12 @@ class Probe:
     text: str
     tokens: tuple[str, ...]
     logprobs: tuple[float, ...]
+
+    @property
+    def finite(self) -> bool:
+        """False when a generated token's log-probability is missing, NaN or infinite (a greedy token's
+        log-probability is finite unless the logits were NaN/Inf)."""
+        return len(self.logprobs) == len(self.tokens) and all(math.isfinite(x) for x in self.logprobs)
 
     def differs_from(self, other: Probe, tolerance: float = 1e-4) -> bool:
         """True when the output (or, while the tokens agree, any token's log-probability) changed."""
@@ -98,8 +106,10 @@ class VllmClient:
             raise EngineError(status, _message(text, body))
         choice = body["choices"][0]
         lp = choice.get("logprobs") or {}
+        # A missing (None) log-probability stays NaN, so `Probe.finite` sees it; Python's JSON reader accepts NaN
+        # and Infinity, which an engine serialising non-finite floats would send.
         return Probe(text=choice.get("text") or "", tokens=tuple(lp.get("tokens") or ()),
-                     logprobs=tuple(float(x) for x in (lp.get("token_logprobs") or ()) if x is not None))
+                     logprobs=tuple(math.nan if x is None else float(x) for x in (lp.get("token_logprobs") or ())))
 
 
 def _message(text: str, body: object) -> str:
@@ -112,18 +122,45 @@ def _message(text: str, body: object) -> str:
     return text[:500]
 
 
-def classify_load_error(err: EngineError) -> tuple[Reason, bool]:
-    """(reason, retryable) for a failed load. vLLM's status codes are not a reliable classification (most
-    validation failures are HTTP 500), so the message decides."""
-    msg = err.message.lower()
-    if "max_lora_rank" in msg or "greater than max" in msg:
-        return Reason.RankTooLarge, False
-    if "modules_to_save" in msg:
-        return Reason.UnsupportedModulesToSave, False
-    if "does not support" in msg or "not supported" in msg:
-        return Reason.UnsupportedAdapterFeature, False
-    if "already been loaded" in msg:   # a race with another client: the next pass sees it and compares paths
-        return Reason.AlreadyLoaded, True
-    if err.status == 404 or "no adapter found" in msg or "does not exist" in msg:
-        return Reason.AdapterNotFound, True
-    return Reason.LoadFailed, True
+@dataclass(frozen=True)
+class Refusal:
+    """One row of a refusal table: a vLLM error whose message matches `pattern` (a case-insensitive regex), or
+    whose HTTP status is `status`, means `reason`. Whether it is retried is the loader's (reconciler.OUTCOMES)."""
+
+    reason: Reason
+    pattern: str
+    status: int | None = None
+
+    def matches(self, err: EngineError) -> bool:
+        """Does `err` (its message, or its status when the row names one) fall under this row?"""
+        return (self.status is not None and err.status == self.status) or bool(
+            re.search(self.pattern, err.message, re.IGNORECASE))
+
+
+# vLLM's answers to POST /v1/load_lora_adapter, first match wins. Its status codes are not a reliable
+# classification (most validation failures are HTTP 400 or 500 alike), so the message decides; the
+# messages are vLLM's (vllm/lora/peft_helper.py, vllm/lora/models.py, vllm/entrypoints/openai/serving_models.py).
+LOAD_REFUSALS: tuple[Refusal, ...] = (
+    Refusal(Reason.RankTooLarge, r"max_lora_rank|greater than max"),
+    Refusal(Reason.UnsupportedModulesToSave, r"modules_to_save"),
+    Refusal(Reason.TargetModulesNotFound, r"expected target modules"),
+    Refusal(Reason.UnsupportedAdapterFeature, r"does not support|not supported"),
+    Refusal(Reason.AlreadyLoaded, r"already been loaded"),   # a race with another client: the next pass compares
+    Refusal(Reason.AdapterNotFound, r"no adapter found|does not exist", status=404),
+    Refusal(Reason.InvalidAdapter, r"error while deserializing|headertoolarge|incomplete metadata|size mismatch"),
+)
+# vLLM's error answers to the smoke-test completion through a loaded adapter. NaN/Inf log-probabilities
+# cannot be serialised: vLLM answers 500 "Out of range float values are not JSON compliant".
+PROBE_REFUSALS: tuple[Refusal, ...] = (
+    Refusal(Reason.NonFiniteOutput, r"out of range float|not json compliant|\b(nan|inf)\b"),
+)
+
+
+def classify(err: EngineError, table: tuple[Refusal, ...], default: Reason = Reason.LoadFailed) -> Reason:
+    """The reason of the first row of `table` that `err` matches, else `default`."""
+    return next((row.reason for row in table if row.matches(err)), default)
+
+
+def classify_load_error(err: EngineError) -> Reason:
+    """The reason of a failed load (`LOAD_REFUSALS`; LoadFailed when no row matches)."""
+    return classify(err, LOAD_REFUSALS)

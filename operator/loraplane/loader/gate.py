@@ -72,14 +72,20 @@ class AdapterFacts:
 
     config: dict[str, Any]
     tensors: dict[str, tuple[tuple[int, ...], str]]   # name -> (shape, safetensors dtype)
+    # name -> how many NaN/Inf values `scan_nonfinite` found in it (only tensors with some); what was scanned:
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    values_scanned: str = ""   # "" (not scanned), "all", or "sampled: ..." when over the scan budget
 
     @property
     def rank(self) -> int:
         """The largest LoRA rank in the adapter: config `r`, its `rank_pattern` values and the first dimension
-        of every lora_A tensor (vLLM's --max-lora-rank must cover it)."""
-        ranks = [int(self.config.get("r") or 0), *(int(v) for v in (self.config.get("rank_pattern") or {}).values())]
+        of every lora_A tensor (vLLM's --max-lora-rank must cover it). Values that are not integers are left
+        out here (the `config_rank_matches_tensors` rule reports them)."""
+        pattern = self.config.get("rank_pattern")
+        ranks = [_int(self.config.get("r")), *(_int(v) for v in (pattern.values() if isinstance(pattern, dict)
+                                                                  else ()))]
         ranks += [shape[0] for name, (shape, _) in self.tensors.items() if ".lora_A" in name and shape]
-        return max(ranks)
+        return max([r for r in ranks if r is not None] or [0])
 
     def lora_modules(self) -> dict[str, dict[str, tuple[int, ...]]]:
         """module name (as in the base model) -> {"lora_A": shape, "lora_B": shape}."""
@@ -115,6 +121,11 @@ class BaseFacts:
         return out
 
 
+def _int(value: Any) -> int | None:
+    """`value` when it is an int (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 # ---- reading facts ---------------------------------------------------------------------------------------------
 # The largest adapter safetensors header read (bytes). The format allows 100 MB (safetensors' own
 # MAX_HEADER_SIZE); a LoRA adapter's header is a few KB to a few hundred KB (one small JSON entry per tensor),
@@ -134,12 +145,11 @@ class GateError(ValueError):
         self.reason = reason
 
 
-def read_safetensors_header(path: Path, max_header_bytes: int = MAX_BASE_HEADER_BYTES
-                            ) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (shape, dtype) from a .safetensors header: reads the 8-byte length and then only the header
-    (never the tensors). Raises GateError(ArtifactTooLarge) when the length field exceeds `max_header_bytes`
-    (checked before anything more is read), GateError(InvalidAdapter) for a file that is not safetensors (length
-    beyond the file, header not a JSON object of {dtype, shape} entries)."""
+def _raw_safetensors_header(path: Path, max_header_bytes: int = MAX_BASE_HEADER_BYTES) -> tuple[dict[str, Any], int]:
+    """(header without __metadata__, offset of the data section) of a .safetensors file: reads the 8-byte length
+    and then only the header. Raises GateError(ArtifactTooLarge) when the length field exceeds
+    `max_header_bytes` (checked before anything more is read), GateError(InvalidAdapter) for a file that is not
+    safetensors (length beyond the file, header not a JSON object)."""
     with open(path, "rb") as fh:
         size = int.from_bytes(fh.read(8), "little")
         if size > max_header_bytes:
@@ -151,15 +161,90 @@ def read_safetensors_header(path: Path, max_header_bytes: int = MAX_BASE_HEADER_
         raise GateError(f"{path.name}: not a safetensors file (header size {size}, {len(raw)} bytes present)")
     try:
         header = json.loads(raw)
-        return {k: (tuple(int(d) for d in v["shape"]), str(v["dtype"]))
-                for k, v in header.items() if k != "__metadata__"}
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise GateError(f"{path.name}: not a safetensors file (unreadable header: {type(exc).__name__})") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise GateError(f"{path.name}: not a safetensors file (its header is not valid JSON: {type(exc).__name__})") from exc
+    if not isinstance(header, dict):
+        raise GateError(f"{path.name}: not a safetensors file (its header is not a JSON object)")
+    header.pop("__metadata__", None)
+    return header, 8 + size
 
 
-def read_adapter(directory: Path, max_header_bytes: int = MAX_ADAPTER_HEADER_BYTES) -> AdapterFacts:
-    """Raises ValueError with a user-facing message when the directory is not a usable PEFT adapter (a GateError
-    carrying its reason for a header over `max_header_bytes`)."""
+def read_safetensors_header(path: Path, max_header_bytes: int = MAX_BASE_HEADER_BYTES
+                            ) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype) from a .safetensors header (`_raw_safetensors_header`), without reading the
+    tensors. Raises GateError (a ValueError)."""
+    header, _ = _raw_safetensors_header(path, max_header_bytes)
+    try:
+        return {k: (tuple(int(d) for d in v["shape"]), str(v["dtype"])) for k, v in header.items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise GateError(f"{path.name}: a tensor entry lacks a valid shape or dtype ({type(exc).__name__})") from exc
+
+
+# Float dtypes as unsigned integers and their exponent bits: a value is NaN or Inf exactly when its exponent
+# bits are all ones (IEEE 754; bfloat16 is the top half of a float32). Counting on the integer view needs no
+# float conversion, so bfloat16 (which numpy lacks) costs the same as the others.
+_EXPONENT_BITS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000),
+                  "F64": ("<u8", 0x7FF0000000000000)}
+SCAN_BYTES = 1 << 30   # the value scan reads at most this much of an adapter (about a second)
+_SCAN_CHUNK = 1 << 22  # elements per vectorised step (bounded temporary memory)
+
+
+def scan_nonfinite(path: Path, budget: int = SCAN_BYTES) -> tuple[dict[str, int], str]:
+    """({tensor name: count of NaN/Inf values} for the tensors that have any, what was scanned) of a
+    .safetensors file's float tensors.
+
+    Cost is bounded: up to `budget` bytes are read (memory-mapped, vectorised with numpy, about 1 GB/s).
+    When the float tensors are larger, the same share of every tensor is read from its start (a diverged
+    training leaves NaN throughout its tensors, so a share of each finds it) and the second value says so.
+    Raises ValueError when the header's offsets do not fit the file (a corrupt or truncated file).
+    """
+    import numpy as np
+
+    header, data_start = _raw_safetensors_header(path)
+    size = path.stat().st_size
+    floats = []
+    for name, entry in header.items():
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            dtype = entry["dtype"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path.name}: tensor {name!r} has no valid data_offsets ({exc})") from exc
+        if not 0 <= begin <= end or data_start + end > size:
+            raise ValueError(f"{path.name}: tensor {name!r} lies outside the file (offsets {begin}..{end}, "
+                             f"{size - data_start} data bytes): the file is truncated or corrupt")
+        if dtype in _EXPONENT_BITS:
+            floats.append((name, dtype, begin, end))
+    total = sum(end - begin for _, _, begin, end in floats)
+    share = total if total <= budget else max(budget // max(len(floats), 1), 4096)
+    found: dict[str, int] = {}
+    if not floats or size <= data_start:
+        return found, "all"
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for name, dtype, begin, end in floats:
+        itype, mask = _EXPONENT_BITS[dtype]
+        width = np.dtype(itype).itemsize
+        n = min(end - begin, share) // width
+        values = data[data_start + begin:data_start + begin + n * width].view(itype)
+        mask = np.array(mask, dtype=itype)
+        bad = 0
+        for i in range(0, n, _SCAN_CHUNK):
+            part = values[i:i + _SCAN_CHUNK]
+            bad += int(np.count_nonzero((part & mask) == mask))
+        if bad:
+            found[name] = bad
+    del data
+    what = "all" if total <= budget else (f"sampled: the first {share} bytes of each of {len(floats)} tensors "
+                                          f"({budget} of {total} bytes)")
+    return found, what
+
+
+def read_adapter(directory: Path, max_header_bytes: int = MAX_ADAPTER_HEADER_BYTES, *,
+                 scan_bytes: int = SCAN_BYTES) -> AdapterFacts:
+    """An adapter directory's facts: its config, its tensors' shapes and dtypes (the safetensors header capped
+    at `max_header_bytes`) and, for safetensors, which tensors hold NaN/Inf values (`scan_nonfinite` within
+    `scan_bytes`; 0 skips the scan).
+
+    Raises ValueError with a user-facing message when the directory is not a usable PEFT adapter."""
     cfg_path = directory / "adapter_config.json"
     try:
         config = json.loads(cfg_path.read_text())
@@ -170,9 +255,13 @@ def read_adapter(directory: Path, max_header_bytes: int = MAX_ADAPTER_HEADER_BYT
     if not isinstance(config, dict):
         raise ValueError("adapter_config.json must hold a JSON object")
     tensors: dict[str, tuple[tuple[int, ...], str]] = {}
+    nonfinite: dict[str, int] = {}
+    scanned = ""
     st = directory / "adapter_model.safetensors"
     if st.is_file():
         tensors = read_safetensors_header(st, max_header_bytes)
+        if scan_bytes > 0:
+            nonfinite, scanned = scan_nonfinite(st, scan_bytes)
     elif (directory / "adapter_model.bin").is_file():
         try:
             import torch  # only for legacy pickled adapters; vLLM loads them too
@@ -183,9 +272,12 @@ def read_adapter(directory: Path, max_header_bytes: int = MAX_ADAPTER_HEADER_BYT
         state = torch.load(directory / "adapter_model.bin", map_location="cpu", weights_only=True)
         dt = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
         tensors = {k: (tuple(v.shape), dt.get(v.dtype, str(v.dtype))) for k, v in state.items()}
+        nonfinite = {k: n for k, v in state.items() if v.is_floating_point()
+                     and (n := int((~torch.isfinite(v)).sum()))}
+        scanned = "all"
     else:
         raise ValueError("no adapter_model.safetensors (or adapter_model.bin) next to adapter_config.json")
-    return AdapterFacts(config=config, tensors=tensors)
+    return AdapterFacts(config=config, tensors=tensors, nonfinite=nonfinite, values_scanned=scanned)
 
 
 def read_base(identity: str, revision: str | None, path: Path | None) -> BaseFacts:
@@ -398,6 +490,76 @@ def unsupported_features(g: GateInput) -> str | None:
             "PEFT)")
 
 
+def rank_pattern_key(pattern: dict[str, Any], module: str) -> str | None:
+    """The `rank_pattern` key that applies to `module` (a full module name), as PEFT picks it
+    (peft.utils.other.get_pattern_key): the first key that matches the name's end as a regex
+    (`(.*\\.)?(KEY)$`). None: `r` applies. Raises re.error for a key that is not a regex."""
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+@rule(Reason.InvalidAdapter)
+def config_rank_matches_tensors(g: GateInput) -> str | None:
+    """adapter_config.json's `r` (and the `rank_pattern` entry of a module, when one matches it) must be the rank
+    of that module's tensors: lora_A is (r, in_features) and lora_B (out_features, r) (lora_embedding_A (r,
+    vocab), lora_embedding_B (hidden, r)), and a module has both. PEFT refuses to load an adapter whose
+    tensors disagree with its config (size mismatch); vLLM loads it but scales by lora_alpha / r with the
+    wrong r (and sizes buffers by it)."""
+    r = _int(g.config.get("r"))
+    if r is None or r <= 0:
+        return (f"adapter_config.json's r is {g.config.get('r')!r}; it must be the adapters' rank, a positive "
+                "integer. Re-save the adapter with PEFT")
+    pattern = g.config.get("rank_pattern") or {}
+    if not isinstance(pattern, dict) or any(_int(v) is None or v <= 0 for v in pattern.values()):
+        return (f"adapter_config.json's rank_pattern is {pattern!r}; it must map module name patterns to positive "
+                "integer ranks. Re-save the adapter with PEFT")
+    problems = []
+    for module, shapes in sorted(g.lora_modules.items()):
+        a_kind, b_kind = (("lora_embedding_A", "lora_embedding_B") if "lora_embedding_A" in shapes
+                          or "lora_embedding_B" in shapes else ("lora_A", "lora_B"))
+        a, b = shapes.get(a_kind), shapes.get(b_kind)
+        if a is None or b is None:
+            problems.append(f"{module} has {a_kind if a is not None else b_kind} without "
+                            f"{b_kind if a is not None else a_kind}")
+            continue
+        if len(a) != 2 or len(b) != 2:
+            problems.append(f"{module}: {a_kind} {list(a)} and {b_kind} {list(b)} must be matrices")
+            continue
+        try:
+            key = rank_pattern_key(pattern, module)
+        except re.error as exc:
+            return f"adapter_config.json's rank_pattern has a key that is not a regular expression ({exc})"
+        want = pattern[key] if key is not None else r
+        where = f"rank_pattern[{key!r}]" if key is not None else "r"
+        if a[0] != b[1]:
+            problems.append(f"{module}: {a_kind} {list(a)} and {b_kind} {list(b)} disagree on the rank")
+        elif a[0] != want:
+            problems.append(f"{module}: {where} is {want} but its {a_kind} is {list(a)} and {b_kind} {list(b)} "
+                            f"(rank {a[0]})")
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return (f"adapter_config.json disagrees with adapter_model's tensors: {'; '.join(problems[:3])}{more}. PEFT "
+            "refuses such an adapter and vLLM would scale it wrongly: re-save it with PEFT (save_pretrained) "
+            "instead of editing adapter_config.json")
+
+
+@rule(Reason.NonFiniteWeights)
+def finite_weights(g: GateInput) -> str | None:
+    """No adapter tensor may hold NaN or Inf (found by `scan_nonfinite`, cost bounded by SCAN_BYTES): vLLM
+    would load it, and every output through it is garbage (or its JSON answer fails: "Out of range float
+    values are not JSON compliant"). This is what a diverged training (loss NaN) or an fp16 overflow saves."""
+    bad = g.adapter.nonfinite
+    if not bad:
+        return None
+    listed = ", ".join(f"{name} ({n} values)" for name, n in sorted(bad.items())[:3])
+    more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
+    return (f"adapter tensors hold NaN or Inf values: {listed}{more}. Training diverged or float16 overflowed; "
+            "retrain (lower learning rate, bfloat16) from a checkpoint saved while the loss was finite")
+
+
 @rule(Reason.RankTooLarge)
 def rank_within_limit(g: GateInput) -> str | None:
     """The adapter's rank (max of `r`, `rank_pattern` and the lora_A tensors' first dimension) must not exceed
@@ -518,8 +680,9 @@ def matrices_fit_base(g: GateInput) -> str | None:
 # The chain, in the order failures are reported.
 RULES: tuple[Rule, ...] = (
     adapter_type, declared_base_model, recorded_base_model, declared_base_revision, recorded_base_revision,
-    unsupported_features, rank_within_limit, declared_rank, only_lora_weights, float_dtypes, base_quantization,
-    target_modules_pattern, target_modules_exist, matrices_fit_base,
+    unsupported_features, config_rank_matches_tensors, finite_weights, rank_within_limit, declared_rank,
+    only_lora_weights, float_dtypes, base_quantization, target_modules_pattern, target_modules_exist,
+    matrices_fit_base,
 )
 
 

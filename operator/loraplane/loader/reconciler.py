@@ -1,8 +1,10 @@
 """The loader's control loop: make the engine's loaded adapters equal the serving table, and say so truthfully.
 
 Each desired adapter version (a `Slot`) moves Pending -> Fetching -> Loading -> Ready, or ends in
-Incompatible (the gate refused it: never sent to vLLM) or Failed (bounded retries ran out, or the smoke test
-found it changes nothing). The loop runs on every table change and every `resync` seconds; each pass checks
+Incompatible (the artifact itself is wrong: the gate refused it before vLLM saw it, or vLLM refused it for such
+a reason) or Failed (bounded retries ran out, or the smoke test found it changes nothing or outputs NaN/Inf).
+Which failures are retried is one table, `OUTCOMES`: a failure that cannot change on retry settles at once.
+The loop runs on every table change and every `resync` seconds; each pass checks
 vLLM's /health and /v1/models, so an engine restart (adapters gone) is noticed within one pass and every
 desired adapter is loaded again from the local cache without anyone touching the CRs.
 
@@ -35,7 +37,7 @@ from loraplane.api.reasons import Reason
 from loraplane.api.wire.serving import (AdapterReport, AdapterState, DesiredAdapter, ReplicaReport,
                                         ServingTable)
 from loraplane.loader import gate
-from loraplane.loader.engine import EngineError, Probe, VllmClient, classify_load_error
+from loraplane.loader.engine import PROBE_REFUSALS, EngineError, Probe, VllmClient, classify, classify_load_error
 from loraplane.loader.metrics import LoaderMetrics
 from loraplane.api.paths import ADAPTER_CREDENTIALS_ROOT
 from loraplane.storage.cache import ArtifactCache, CachedArtifact, FetchError
@@ -44,13 +46,38 @@ from loraplane.storage.uri import try_parse_uri
 
 log = logging.getLogger(__name__)
 
-# Reasons that describe the artifact itself: retrying cannot help, the adapter is Incompatible.
-INCOMPATIBLE_REASONS = frozenset({
-    Reason.InvalidAdapter, Reason.RankTooLarge, Reason.UnsupportedModulesToSave, Reason.UnsupportedAdapterFeature,
-    Reason.UnsupportedAdapterType, Reason.UnsupportedDtype, Reason.UnsupportedQuantization,
-    Reason.BaseModelMismatch, Reason.TargetModulesNotFound, Reason.RankMismatch, Reason.UnsafeArtifact,
-    Reason.ArtifactTooLarge, Reason.InvalidTargetModules,
-})
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a failure of bringing up an adapter means: whether another attempt can change it (`retry`: with
+    exponential backoff, `max_attempts` in all) and the state the adapter settles in when it is not retried or
+    the attempts ran out."""
+
+    retry: bool
+    settles: AdapterState
+
+
+_ARTIFACT = Outcome(retry=False, settles=AdapterState.Incompatible)   # the files themselves are wrong
+_BROKEN = Outcome(retry=False, settles=AdapterState.Failed)           # loaded, but the smoke test shows it broken
+_TRANSIENT = Outcome(retry=True, settles=AdapterState.Failed)         # may change: retried, then Failed
+_REFUSED = Outcome(retry=False, settles=AdapterState.Failed)          # the store or the policy refuses: ask again
+#                                                                       only after the Adapter or Secret changed
+# Every reason a bring-up failure is reported with -> its Outcome: the one place that decides retries. A
+# failure that cannot change on retry is settled on its first attempt, with the reason that says what was
+# checked and found. Reasons come from the gate's rules (gate.RULES), vLLM's refusals (engine.LOAD_REFUSALS,
+# engine.PROBE_REFUSALS), the smoke test and the cache (storage.cache.FetchError and its subclasses).
+OUTCOMES: dict[Reason, Outcome] = {
+    **dict.fromkeys((Reason.InvalidAdapter, Reason.RankTooLarge, Reason.UnsupportedModulesToSave,
+                     Reason.UnsupportedAdapterFeature, Reason.UnsupportedAdapterType, Reason.UnsupportedDtype,
+                     Reason.UnsupportedQuantization, Reason.BaseModelMismatch, Reason.TargetModulesNotFound,
+                     Reason.RankMismatch, Reason.NonFiniteWeights, Reason.UnsafeArtifact, Reason.ArtifactTooLarge,
+                     Reason.InvalidTargetModules), _ARTIFACT),
+    **dict.fromkeys((Reason.AccessDenied, Reason.InsecureSource), _REFUSED),
+    **dict.fromkeys((Reason.NoEffect, Reason.NonFiniteOutput), _BROKEN),
+    # the store or the engine may answer otherwise next time; an unforeseen error may be a passing one
+    **dict.fromkeys((Reason.FetchFailed, Reason.ChecksumMismatch, Reason.AlreadyLoaded, Reason.AdapterNotFound,
+                     Reason.LoadFailed, Reason.InternalError), _TRANSIENT),
+}
 # States a slot stays in until the table or the engine changes (no further work on it).
 SETTLED_STATES = frozenset({AdapterState.Ready, AdapterState.Incompatible, AdapterState.Failed})
 DEFAULT_PROBE_PROMPT = "what does the cat see?\n"
@@ -386,12 +413,10 @@ class Loader:
             steps["gate"] = time.monotonic() - t
             self.metrics.load_seconds.labels("gate").observe(steps["gate"])
             if failures:
-                for f in failures:
+                for f in failures[1:]:
                     self.metrics.failures.labels(f.reason).inc()
-                slot.move(AdapterState.Incompatible, failures[0].reason,
-                          " ".join(f"[{f.reason}] {f.message}." for f in failures))
-                if name in loaded:   # a stale copy under this name must not keep serving
-                    await self.engine.unload(name)
+                await self._failed(slot, failures[0].reason, " ".join(f"[{f.reason}] {f.message}." for f in failures),
+                                   loaded)
                 return
 
             if not self.engine_warm:
@@ -421,20 +446,33 @@ class Loader:
 
             if self.smoke_test:
                 t = time.monotonic()
-                base = await self._base_output()
-                probe = await self.engine.probe(name, self.probe_prompt, self.probe_tokens)
+                try:
+                    base = await self._base_output()
+                except EngineError as exc:
+                    await self._failed(slot, Reason.LoadFailed, "the smoke-test completion through the base model "
+                                       f"({self.table.served_model_name}) failed: vLLM answered {exc}", loaded)
+                    return
+                try:
+                    probe = await self.engine.probe(name, self.probe_prompt, self.probe_tokens)
+                except EngineError as exc:
+                    await self._failed(slot, classify(exc, PROBE_REFUSALS), "the smoke-test completion through the "
+                                       f"adapter failed: vLLM answered {exc}", loaded)
+                    return
                 steps["probe"] = time.monotonic() - t
                 self.metrics.load_seconds.labels("probe").observe(steps["probe"])
+                if not probe.finite:
+                    await self._failed(slot, Reason.NonFiniteOutput,
+                                       "the smoke-test completion through the adapter has NaN or infinite "
+                                       f"log-probabilities ({list(probe.logprobs)[:4]}): its weights overflow in "
+                                       "the engine's dtype; it was unloaded", loaded)
+                    return
                 if not probe.differs_from(base):
-                    await self.engine.unload(name)
-                    loaded.pop(name, None)
-                    self.metrics.failures.labels(Reason.NoEffect).inc()
-                    slot.move(AdapterState.Failed, Reason.NoEffect,
-                              f"a greedy probe through the adapter gave exactly the base model's output and "
-                              f"log-probabilities ({base.text!r}): it changes nothing, so it was unloaded. Its "
-                              "LoRA B matrices are probably zero (untrained or saved before training) or its "
-                              "target modules are not ones vLLM adapts; retrain it and check that the "
-                              "training loss decreased")
+                    await self._failed(slot, Reason.NoEffect,
+                                       f"a greedy probe through the adapter gave exactly the base model's output and "
+                                       f"log-probabilities ({base.text!r}): it changes nothing, so it was unloaded. Its "
+                                       "LoRA B matrices are probably zero (untrained or saved before training) or its "
+                                       "target modules are not ones vLLM adapts; retrain it and check that the "
+                                       "training loss decreased", loaded)
                     return
             elapsed = time.monotonic() - started
             self.metrics.load_seconds.labels("total").observe(elapsed)
@@ -445,14 +483,14 @@ class Loader:
                       f"loaded from {want.uri} (sha256 {art.sha256[:12]}) in {elapsed:.2f}s ({breakdown})"
                       + (f"; {note}" if note else ""))
         except FetchError as exc:
-            self._retry_or_fail(slot, Reason(exc.reason), str(exc), exc.retryable)   # the storage layer names it
-        except EngineError as exc:
-            reason, retryable = classify_load_error(exc)
+            await self._failed(slot, Reason(exc.reason), str(exc), loaded)   # the storage layer names it
+        except EngineError as exc:   # from loading (the smoke test's errors are classified where it runs)
+            reason = classify_load_error(exc)
             hint = ""
             if reason == Reason.AdapterNotFound:
                 hint = (" (vLLM cannot read the loader's cache: mount the adapter cache volume in the vLLM "
                         "container at the same path as in the loader)")
-            self._retry_or_fail(slot, reason, f"vLLM refused the load: {exc.message}{hint}", retryable)
+            await self._failed(slot, reason, f"vLLM refused the load: {exc.message}{hint}", loaded)
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
             # The engine went away mid-load: not the adapter's fault, do not spend an attempt on it.
             slot.attempts -= 1
@@ -461,7 +499,7 @@ class Loader:
                       "vLLM went away while loading; retrying when it is back")
         except Exception as exc:  # noqa: BLE001 - a bug must not wedge the adapter: bounded retries, then Failed
             log.exception("bringing up %s failed unexpectedly", name)
-            self._retry_or_fail(slot, Reason.InternalError, f"{type(exc).__name__}: {exc}", True)
+            await self._failed(slot, Reason.InternalError, f"{type(exc).__name__}: {exc}", loaded)
 
     def credentials(self, want: DesiredAdapter) -> Credentials | None:
         """The adapter's own credentials (its source.credentialsSecretRef, mounted under credentials_root), read
@@ -480,19 +518,29 @@ class Loader:
                              f"replica at {folder}: replicas that mount it are being rolled out")
         return Credentials.from_secret_dir(folder, want.credentials_secret, want.credentials_key, parsed)
 
-    def _retry_or_fail(self, slot: Slot, reason: Reason, message: str, retryable: bool) -> None:
+    async def _failed(self, slot: Slot, reason: Reason, message: str, loaded: dict[str, str]) -> None:
+        """Count a failed attempt and act on its `OUTCOMES` row: settle now (an outcome that cannot change), settle
+        after the last attempt, or schedule a retry with backoff. A settled adapter that vLLM has loaded is
+        unloaded: it must not keep a LoRA slot, nor serve a stale copy under its name."""
         self.metrics.failures.labels(reason).inc()
-        if not retryable:
-            slot.move(AdapterState.Incompatible if reason in INCOMPATIBLE_REASONS else AdapterState.Failed, reason,
-                      message)
+        outcome = OUTCOMES.get(reason, _TRANSIENT)
+        if not outcome.retry:
+            slot.move(outcome.settles, reason, message)
         elif slot.attempts >= self.max_attempts:
-            slot.move(AdapterState.Failed, reason, f"{message} (gave up after {slot.attempts} attempts; change the "
-                                                   "Adapter or restart the replica to try again)")
+            slot.move(outcome.settles, reason, f"{message} (gave up after {slot.attempts} attempts; change the "
+                                               "Adapter or restart the replica to try again)")
         else:
             delay = min(self.backoff_max, self.backoff_base * 2 ** (slot.attempts - 1))
             slot.next_try = time.monotonic() + delay
             slot.move(AdapterState.Pending, reason, f"{message} (attempt {slot.attempts}/{self.max_attempts}; "
                                          f"retrying in {delay:.1f}s)")
+        name = slot.desired.served_name
+        if slot.settled and name in loaded:
+            try:
+                await self.engine.unload(name)
+                loaded.pop(name, None)
+            except (EngineError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                log.warning("unloading %s after it failed did not work: %s", name, exc)
 
     async def _base_output(self) -> Probe:
         if self._base_probe is None:

@@ -45,8 +45,10 @@ class ApiKeys:
             return False
         keys = set()
         for p in files:
-            for line in p.read_text().splitlines():
-                line = line.strip()
+            # Keys end at "\n" only: str.splitlines() would also cut a key at U+2028, U+0085 or \x1c-\x1e (making
+            # its pieces valid keys). Stripped of what `check` strips from the header (ASCII whitespace).
+            for line in p.read_text(encoding="utf-8").split("\n"):
+                line = line.strip(" \t\r\x0b\x0c")
                 if line and not line.startswith("#"):
                     keys.add(hashlib.sha256(line.encode()).digest())
         self._digests, self._stamp = frozenset(keys), stamp

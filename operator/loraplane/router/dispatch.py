@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from loraplane.router.client_protocol import ClientConnection, Request
-from loraplane.router.exchange import Exchange
+from loraplane.router.exchange import Exchange, ask_for_usage
 from loraplane.router.metrics import NO_BACKEND, UNKNOWN_MODEL
 from loraplane.router.table import BadRequest, read_model, rewrite_model
 
@@ -139,7 +139,12 @@ def proxy(router: Router, conn: ClientConnection, req: Request) -> None:
                      f"{', '.join(b.served_name for b in route.backends)}); adapters may still be loading",
                 "service_unavailable", "no_ready_replica", extra=b"Retry-After: 2\r\n", close=close)
             return
-    ex = Exchange(router, conn, req, model, backend, replica, rewrite_model(body, handle, backend), req.path)
+    payload = rewrite_model(body, handle, backend)
+    # A stream that does not ask for usage gets it from vLLM anyway (stripped before the client sees it), so
+    # its tokens are counted: most chat UIs stream without stream_options.
+    with_usage = ask_for_usage(payload) if router.ask_usage else None
+    ex = Exchange(router, conn, req, model, backend, replica, payload if with_usage is None else with_usage,
+                  req.path, strip_usage=with_usage is not None)
     conn.exchange = ex
     ex.start()
 

@@ -79,6 +79,7 @@ class Router:
         self.max_request_bytes = 4 * 1024 * 1024
         self.timeout_seconds = 600.0
         self.log_prompts = False
+        self.ask_usage = True   # add stream_options.include_usage to streams without it (see exchange.ask_for_usage)
         self.connections: set[ClientConnection] = set()
         self.max_connections = max_connections
         self.max_header_bytes = max_header_bytes
@@ -106,6 +107,7 @@ class Router:
         self.max_request_bytes = rs.max_request_bytes
         self.timeout_seconds = rs.timeout_seconds
         self.log_prompts = rs.log_prompts
+        self.ask_usage = not rs.engine_includes_usage
         self.pool.base_served_name = table.served_model_name
         self.table = compiled
         self.metrics.table_generation.set(table.generation)

@@ -166,7 +166,10 @@ def read_file(path: Path, what: str, uri: str | None = None) -> Source:
             raise InvalidDataset(f"{what}: {path} is not valid JSON: {exc}") from exc
     else:
         bad = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        # Lines end at "\n" only (a "\r" before it is JSON whitespace): str.splitlines() would also split at
+        # U+2028/U+2029, U+0085 and \x1c-\x1e, which JSON strings may hold unescaped (json.dumps with
+        # ensure_ascii=False writes them), breaking valid records and shifting every line number after them.
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -238,6 +241,7 @@ def tokenize(source: Source, spec: DatasetSpec, tokenizer, max_len: int, packing
     rows: list[dict[str, list[int]]] = []
     lines: list[int] = []
     too_long: list[tuple[int, int]] = []
+    refused: list[str] = []   # "line N: the chat template's message"
     if spec.format == "chat" and not tokenizer.chat_template:
         raise InvalidConfig("spec.dataset.format is 'chat' but the base model's tokenizer has no chat template; "
                             "use the instruction or text format, or a model with a chat template")
@@ -252,12 +256,21 @@ def tokenize(source: Source, spec: DatasetSpec, tokenizer, max_len: int, packing
             answer = tokenizer(rec[spec.response_field], add_special_tokens=False, verbose=False)["input_ids"] + eos
             ids, labels = prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
         else:
-            ids, labels = _tokenize_chat(rec[spec.messages_field], tokenizer, number)
+            try:
+                ids, labels = _tokenize_chat(rec[spec.messages_field], tokenizer, number)
+            except _TemplateRefused as exc:
+                refused.append(f"line {number}: {exc}")
+                continue
         if len(ids) > max_len and not (spec.format == "text"):
             too_long.append((number, len(ids)))
             continue
         rows.append({"input_ids": ids, "labels": labels})
         lines.append(number)
+    if refused:
+        raise _field_error(refused, len(source.records),
+                           "The base model's chat template refuses these conversations (its own message is "
+                           "quoted); fix them as it asks (e.g. alternate user and assistant turns, fold a system "
+                           "message into the first user turn), or use the instruction format")
     if too_long:
         worst = max(too_long, key=lambda t: t[1])
         listed = ", ".join(str(n) for n, _ in too_long[:_MAX_LISTED]) + (", …" if len(too_long) > _MAX_LISTED else "")
@@ -275,15 +288,31 @@ def tokenize(source: Source, spec: DatasetSpec, tokenizer, max_len: int, packing
     return Examples(rows=rows, lines=lines)
 
 
+class _TemplateRefused(Exception):
+    """The chat template raised on one record's conversation (its message is the exception's text)."""
+
+
 def _tokenize_chat(messages: list[dict], tokenizer, number: int) -> tuple[list[int], list[int]]:
     """Render with the chat template; label only the characters each assistant turn adds.
 
     The assistant spans are found by rendering prefixes of the conversation: the text a turn adds is what
     `render(messages[:i+1])` has beyond `render(messages[:i], add_generation_prompt=True)`. This works with any
     template that renders conversations incrementally (nearly all do) and needs no `{% generation %}` markers.
+
+    Raises `_TemplateRefused` when the template refuses the conversation: templates call `raise_exception(...)`
+    (a jinja2 TemplateError) for roles that do not alternate, a system role they do not support, and the like,
+    which is the record's fault, not the trainer's. A template that is not valid Jinja is InvalidConfig.
     """
+    from jinja2 import TemplateError, TemplateSyntaxError
+
     def render(msgs, gen_prompt=False) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+        except TemplateSyntaxError as exc:
+            raise InvalidConfig(f"the base model's chat template is not valid Jinja ({exc}); fix the tokenizer's "
+                                "chat_template or use the instruction format") from exc
+        except TemplateError as exc:
+            raise _TemplateRefused(str(exc) or type(exc).__name__) from exc
 
     full = render(messages)
     spans: list[tuple[int, int]] = []

@@ -111,15 +111,19 @@ def test_noop_adapter_is_caught_by_the_smoke_test(vllm_server, loader, adapters,
     assert "noop--v1" not in engine_adapters(vllm_server)
 
 
-def test_load_errors_retry_with_backoff_then_fail_with_reason(vllm_server, loader, adapters, tmp_path):
+def test_a_truncated_adapter_is_refused_at_once_and_never_sent_to_vllm(vllm_server, loader, adapters, tmp_path):
+    # It used to pass the gate (header intact) and fail vLLM's load 3 times as LoadFailed: a failure that cannot
+    # change on retry. The gate's value scan finds the tensor data cut short on the first attempt. (Retries with
+    # backoff of failures that can change are covered against a fake engine in tests/unit/loader.)
     broken = write_adapter(tmp_path / "broken")
     weights = broken / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-64])   # header intact (the gate passes), tensor data cut short
+    weights.write_bytes(weights.read_bytes()[:-64])   # header intact, tensor data cut short
     loader.set_table([desired("blue", adapters["blue"]), desired("broken", broken)])
     report = loader.wait_settled()["adapters"]["broken--v1"]
-    assert report["state"] == "Failed" and report["attempts"] == 3, report
-    assert report["reason"] == "LoadFailed" and "gave up after 3 attempts" in report["message"]
-    assert re.search(r'^loraplane_loader_failures_total\{reason="LoadFailed"\} 3\.0$', loader.get("/metrics"), re.M)
+    assert (report["state"], report["reason"], report["attempts"]) == ("Incompatible", "InvalidAdapter", 1), report
+    assert "truncated or corrupt" in report["message"]
+    assert "broken--v1" not in engine_adapters(vllm_server)
+    assert re.search(r'^loraplane_loader_failures_total\{reason="InvalidAdapter"\} 1\.0$', loader.get("/metrics"), re.M)
 
 
 def test_checksum_mismatch_is_refused(vllm_server, loader, adapters):

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import re
 
+import aiohttp
 import pytest
 
 from support.loader_run import LoaderRun, desired
@@ -148,6 +150,41 @@ async def test_streaming_through_router(vllm_server, loader, tmp_path):
         expected = usage["completion_tokens"] + plain["usage"]["completion_tokens"]
         assert f'loraplane_router_completion_tokens_total{{backend="fox--v1",model="fox"}} {float(expected)}' in metrics
         assert 'loraplane_router_time_to_first_token_seconds_count{backend="fox--v1",model="fox"} 1.0' in metrics
+
+
+async def test_streams_without_usage_are_counted_and_relayed_as_vllm_sends_them(vllm_server, loader, tmp_path):
+    # Chat UIs stream without stream_options: the router asks vLLM for usage, counts it and strips the
+    # usage-only chunk, so the client gets the events vLLM would have sent it (ids and timestamps aside).
+    spec = f"{vllm_server.base_url},{loader.url}/status"
+    messages = [{"role": "user", "content": PROMPT}]
+    async with running_router(tmp_path, [spec], routes(vllm_server.served_name)) as (svc, c):
+        body = {"model": "fox", "messages": messages, "max_tokens": 8, "temperature": 0}
+        async with c.post("/v1/chat/completions", json=body) as resp:
+            plain = await resp.json()
+        async with c.post("/v1/chat/completions", json={**body, "stream": True}) as resp:
+            assert resp.status == 200
+            data = (await resp.read()).decode()
+        async with aiohttp.ClientSession() as direct:
+            async with direct.post(vllm_server.base_url + "/v1/chat/completions",
+                                   json={**body, "model": "fox--v1", "stream": True}) as resp:
+                expected = (await resp.read()).decode()
+
+        def events(text):
+            out = [e[6:] for e in text.split("\n\n") if e.startswith("data: ")]
+            assert out[-1] == "[DONE]"
+            return [{k: v for k, v in json.loads(e).items() if k not in ("id", "created")} for e in out[:-1]]
+
+        assert events(data) == events(expected) and '"usage"' not in data
+        same = lambda text: re.sub(r'"id":"[^"]*","object":"([^"]*)","created":\d+', r'"\1"', text)  # noqa: E731
+        assert same(data) == same(expected)   # byte for byte, request ids and timestamps aside
+        text = "".join(ch["delta"].get("content") or "" for e in events(data) for ch in e["choices"])
+        assert text == plain["choices"][0]["message"]["content"]
+        async with c.get("/metrics") as resp:
+            metrics = await resp.text()
+        tokens = 2 * plain["usage"]["completion_tokens"]
+        assert f'loraplane_router_completion_tokens_total{{backend="fox--v1",model="fox"}} {float(tokens)}' in metrics
+        prompt = 2 * plain["usage"]["prompt_tokens"]
+        assert f'loraplane_router_prompt_tokens_total{{backend="fox--v1",model="fox"}} {float(prompt)}' in metrics
 
 
 async def test_weights_and_stickiness_on_real_backends(vllm_server, loader, tmp_path):

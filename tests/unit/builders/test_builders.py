@@ -199,6 +199,16 @@ def test_modelroute_children_and_autoscaler_variants():
     assert trig["metadata"]["threshold"] == "5.0"
 
 
+def test_the_router_knows_when_vllm_forces_stream_usage():
+    # With --enable-force-include-usage every stream ends with usage, which clients then expect: the router must
+    # neither ask for it nor strip it.
+    route = with_uid(example("ModelRoute"))
+    assert resolve(route, []).table.router.engine_includes_usage is False
+    forced = route.model_copy(deep=True)
+    forced.spec.engine.extra_args = ["--enable-force-include-usage"]
+    assert resolve(forced, []).table.router.engine_includes_usage is True
+
+
 def test_engine_image_comes_from_the_route_else_the_operator_setting():
     route = with_uid(example("ModelRoute"))
     table = resolve(route, []).table

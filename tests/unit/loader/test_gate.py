@@ -123,6 +123,86 @@ def test_identity_matching(recorded, identity, model_path, ok):
     assert gate.identity_matches(recorded, identity, model_path)[0] is ok
 
 
+def _lora_pair(r: int, out: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return rng.standard_normal((r, 128)).astype(dtype), rng.standard_normal((out, r)).astype(dtype)
+
+
+def test_config_rank_must_match_the_tensors(tmp_path, base):
+    # adapter_config.json says r=4, the tensors have rank 8: PEFT refuses it, vLLM would scale by alpha/4.
+    failures = gate.check(gate.read_adapter(write_adapter(tmp_path / "r", r=8, extra_config={"r": 4})), base,
+                          max_lora_rank=16)
+    assert [f.reason for f in failures] == [Reason.InvalidAdapter]
+    msg = failures[0].message
+    assert "model.layers.0.self_attn.q_proj: r is 4 but its lora_A is [8, 128]" in msg and "and 1 more" in msg
+    # rank_pattern names the rank of some modules (matched as PEFT does: the end of the module name)
+    prefix = "base_model.model.model.layers.{}.self_attn.v_proj"
+    four = {f"{prefix.format(layer)}.lora_{k}.weight": t for layer in range(2)
+            for k, t in zip("AB", _lora_pair(4, 64))}
+    ok = write_adapter(tmp_path / "p", r=8, extra_config={"rank_pattern": {"v_proj": 4}}, extra_tensors=four)
+    assert reasons(ok, base) == []
+    wrong = write_adapter(tmp_path / "w", r=8, extra_config={"rank_pattern": {"v_proj": 4}})
+    failures = gate.check(gate.read_adapter(wrong), base, max_lora_rank=16)
+    assert [f.reason for f in failures] == [Reason.InvalidAdapter]
+    assert "rank_pattern['v_proj'] is 4 but its lora_A is [8, 128]" in failures[0].message
+    # A module with lora_A but no lora_B, a rank the two factors disagree on, an r that is not an integer
+    a, _ = _lora_pair(8, 64)
+    half = write_adapter(tmp_path / "h", extra_tensors={"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": a})
+    assert "has lora_A without lora_B" in gate.check(gate.read_adapter(half), base, max_lora_rank=16)[0].message
+    b = _lora_pair(4, 64)[1]
+    split = write_adapter(tmp_path / "s", extra_tensors={f"{prefix.format(0)}.lora_B.weight": b})
+    assert "disagree on the rank" in gate.check(gate.read_adapter(split), base, max_lora_rank=16)[0].message
+    for bad in ("8", None, True, 0):
+        assert "InvalidAdapter" in reasons(write_adapter(tmp_path / f"c{bad}", extra_config={"r": bad}), base)
+    assert "InvalidAdapter" in reasons(write_adapter(tmp_path / "rx", extra_config={"rank_pattern": {"(": 4}}), base)
+
+
+def test_nonfinite_weights_are_found_before_loading(tmp_path, base):
+    prefix = "base_model.model.model.layers.1.self_attn.q_proj"
+    for dtype, value in ((np.float32, np.nan), (np.float16, np.inf), (np.float64, -np.inf)):
+        a, b = _lora_pair(8, 128, dtype)
+        b[5, 3] = value
+        bad = write_adapter(tmp_path / np.dtype(dtype).name, dtype=dtype,
+                            extra_tensors={f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b})
+        failures = gate.check(gate.read_adapter(bad), base, max_lora_rank=16)
+        assert [f.reason for f in failures] == [Reason.NonFiniteWeights], dtype
+        assert f"{prefix}.lora_B.weight (1 values)" in failures[0].message
+    # bfloat16 (numpy has no such dtype: the scan reads its bits)
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    d = write_adapter(tmp_path / "bf16")
+    tensors = {k: torch.tensor(v).to(torch.bfloat16) for k, v in _numpy_tensors(d).items()}
+    tensors[f"{prefix}.lora_A.weight"][0, :7] = float("nan")
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    assert gate.read_adapter(d).nonfinite == {f"{prefix}.lora_A.weight": 7}
+    # huge finite values (the largest bfloat16 below Inf) are not NaN
+    tensors[f"{prefix}.lora_A.weight"][0, :7] = 3.3e38
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    assert gate.read_adapter(d).nonfinite == {}
+
+
+def _numpy_tensors(directory) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(directory / "adapter_model.safetensors"))
+
+
+def test_the_value_scan_is_bounded_and_refuses_corrupt_offsets(tmp_path):
+    a, b = _lora_pair(8, 128)
+    b[0, 0] = np.nan   # at the start of the tensor: a sampled scan still reads it
+    d = write_adapter(tmp_path / "a", extra_tensors={"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": b})
+    found, scanned = gate.scan_nonfinite(d / "adapter_model.safetensors", budget=4096)
+    assert found == {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": 1}
+    assert scanned.startswith("sampled: the first 4096 bytes of each of 8 tensors")
+    assert gate.scan_nonfinite(d / "adapter_model.safetensors")[1] == "all"
+    assert gate.read_adapter(d, scan_bytes=0).nonfinite == {}
+    path = d / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])   # truncated: the last tensor's bytes are missing
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        gate.read_adapter(d)
+
+
 def test_unreadable_adapters_are_reported_not_raised(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="adapter_config.json"):
@@ -134,7 +214,8 @@ def test_unreadable_adapters_are_reported_not_raised(tmp_path):
 
 # ---- each rule on its own: a passing and a violating input, built in memory ----------------------------------
 def _facts(*, config: dict | None = None, tensors: dict | None = None, base_config: dict | None = None,
-           weights: dict | None = None, revision: str | None = None, **kw) -> gate.GateInput:
+           weights: dict | None = None, revision: str | None = None, nonfinite: dict | None = None,
+           **kw) -> gate.GateInput:
     """A GateInput for a compatible rank-8 q/v adapter of the tiny model, with the given parts replaced."""
     lora = {}
     for layer in range(2):
@@ -145,7 +226,7 @@ def _facts(*, config: dict | None = None, tensors: dict | None = None, base_conf
            "base_model_name_or_path": IDENTITY, "bias": "none"}
     base_weights = {f"model.layers.{layer}.self_attn.{t}.weight": (out, 128)
                     for layer in range(2) for t, out in (("q_proj", 128), ("k_proj", 64), ("v_proj", 64))}
-    adapter = gate.AdapterFacts({**cfg, **(config or {})}, {**lora, **(tensors or {})})
+    adapter = gate.AdapterFacts({**cfg, **(config or {})}, {**lora, **(tensors or {})}, nonfinite or {}, "all")
     base = gate.BaseFacts(IDENTITY, revision, None, base_config or {}, base_weights if weights is None else weights)
     kw.setdefault("max_lora_rank", 16)
     return gate.GateInput(adapter, base, **kw)
@@ -163,6 +244,10 @@ RULE_CASES = {
                                   _facts(revision="a" * 40, config={"revision": "b" * 40})),
     gate.unsupported_features: (_facts(config={"init_lora_weights": "gaussian", "use_rslora": True}),
                                 _facts(config={"use_dora": True})),
+    gate.config_rank_matches_tensors: (_facts(config={"rank_pattern": {r"layers\.1\..*v_proj": 8}}),
+                                       _facts(config={"r": 4})),
+    gate.finite_weights: (_facts(), _facts(nonfinite={"base_model.model.model.layers.0.self_attn.q_proj.lora_B"
+                                                      ".weight": 3})),
     gate.rank_within_limit: (_facts(max_lora_rank=8), _facts(config={"rank_pattern": {"v_proj": 32}})),
     gate.declared_rank: (_facts(declared_rank=8), _facts(declared_rank=16)),
     gate.only_lora_weights: (_facts(config={"modules_to_save": ["score"]},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from support.adapters import write_adapter
@@ -21,10 +22,14 @@ class FakeEngine:
 
     base_url = "http://fake-vllm"
 
-    def __init__(self, load_error: EngineError | None = None, healthy: bool = True):
+    def __init__(self, load_error: EngineError | None = None, healthy: bool = True,
+                 probe_error: EngineError | None = None, probe_logprobs: tuple[float, ...] = (0.0,)):
         self.loaded: dict[str, str] = {}
         self.load_error = load_error
         self.is_healthy = healthy
+        self.probe_error = probe_error          # raised by probes through an adapter (not the base model)
+        self.probe_logprobs = probe_logprobs    # what probes through an adapter report
+        self.loads = 0
 
     async def healthy(self) -> bool:
         return self.is_healthy
@@ -33,6 +38,7 @@ class FakeEngine:
         return dict(self.loaded)
 
     async def load(self, name: str, path: str) -> None:
+        self.loads += 1
         if self.load_error:
             raise self.load_error
         self.loaded[name] = path
@@ -41,6 +47,10 @@ class FakeEngine:
         self.loaded.pop(name, None)
 
     async def probe(self, model: str, prompt: str, max_tokens: int) -> Probe:
+        if model in self.loaded:
+            if self.probe_error:
+                raise self.probe_error
+            return Probe(text=model, tokens=(model,), logprobs=self.probe_logprobs)
         return Probe(text=model, tokens=(model,), logprobs=(0.0,))
 
 
@@ -83,6 +93,9 @@ def test_the_gate_refuses_as_incompatible(tmp_path):
     (400, "The lora adapter 'a' has already been loaded.", (AdapterState.Pending, Reason.AlreadyLoaded)),
     (404, "No adapter found", (AdapterState.Pending, Reason.AdapterNotFound)),
     (500, "boom", (AdapterState.Pending, Reason.LoadFailed)),
+    (400, "Error while deserializing header: HeaderTooLarge", (AdapterState.Incompatible, Reason.InvalidAdapter)),
+    (400, "While loading /c/a, expected target modules in ['q_proj'] but received ['c_attn'].",
+     (AdapterState.Incompatible, Reason.TargetModulesNotFound)),
 ])
 def test_engine_refusals_are_classified(tmp_path, status, message, expected):
     loader = _run(tmp_path, FakeEngine(EngineError(status, message)),
@@ -122,3 +135,56 @@ def test_hostile_adapters_are_incompatible_with_the_rule_named(tmp_path):
     assert _state(loader, "regex") == (AdapterState.Incompatible, Reason.InvalidTargetModules)
     assert _state(loader, "ok") == (AdapterState.Ready, Reason.Loaded)
     assert loader.report().adapters["zero"].attempts == 1
+
+
+def test_failures_that_cannot_change_settle_on_the_first_attempt(tmp_path):
+    # adapter_config.json's r disagrees with the tensors' rank: was served as Ready.
+    engine = FakeEngine()
+    loader = _run(tmp_path, engine, _want("r", str(write_adapter(tmp_path / "r", r=8, extra_config={"r": 4}))))
+    assert _state(loader, "r") == (AdapterState.Incompatible, Reason.InvalidAdapter)
+    assert "r is 4 but its lora_A is [8, 128]" in loader.report().adapters["r"].message
+    # NaN weights: found by the gate, never sent to vLLM.
+    nan = write_adapter(tmp_path / "nan", extra_tensors={
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.full((128, 8), np.nan, np.float32)})
+    loader = _run(tmp_path, engine, _want("nan", str(nan)))
+    assert _state(loader, "nan") == (AdapterState.Incompatible, Reason.NonFiniteWeights)
+    assert engine.loads == 0 and loader.report().adapters["nan"].attempts == 1
+
+
+@pytest.mark.parametrize("engine", [
+    # vLLM cannot serialise NaN log-probabilities: was "LoadFailed: vLLM refused the load" after 5 attempts
+    FakeEngine(probe_error=EngineError(500, "Out of range float values are not JSON compliant")),
+    FakeEngine(probe_logprobs=(float("nan"),)),   # an engine that does send them
+], ids=["500", "nan"])
+def test_nonfinite_probe_output_fails_at_once_and_unloads(tmp_path, engine):
+    loader = _run(tmp_path, engine, _want("a", str(write_adapter(tmp_path / "a"))))
+    entry = loader.report().adapters["a"]
+    assert (entry.state, entry.reason, entry.attempts) == (AdapterState.Failed, Reason.NonFiniteOutput, 1)
+    assert "smoke-test completion" in entry.message and "a" not in engine.loaded
+
+
+def test_a_transient_probe_error_is_retried_then_fails_and_unloads(tmp_path):
+    engine = FakeEngine(probe_error=EngineError(500, "engine busy"))
+    loader = _run(tmp_path, engine, _want("a", str(write_adapter(tmp_path / "a"))))
+    assert _state(loader, "a") == (AdapterState.Pending, Reason.LoadFailed)
+    assert "vLLM refused the load" not in loader.report().adapters["a"].message
+    asyncio.run(loader.reconcile_once())   # max_attempts=2
+    assert _state(loader, "a") == (AdapterState.Failed, Reason.LoadFailed) and "a" not in engine.loaded
+
+
+def test_the_outcome_table_covers_every_reason_a_bring_up_reports():
+    from loraplane.loader import gate
+    from loraplane.loader.engine import LOAD_REFUSALS, PROBE_REFUSALS
+    from loraplane.loader.reconciler import OUTCOMES
+    from loraplane.storage import cache
+
+    reported = ({r.reason for r in gate.RULES} | {r.reason for r in LOAD_REFUSALS + PROBE_REFUSALS}
+                | {Reason.LoadFailed, Reason.NoEffect, Reason.NonFiniteOutput, Reason.InternalError}
+                # reasons the cache gives per instance (storage.cache.ArtifactCache._materialise, _download)
+                | {Reason.UnsafeArtifact, Reason.ArtifactTooLarge, Reason.InsecureSource})
+    fetch_errors = [cache.FetchError, *cache.FetchError.__subclasses__()]
+    assert reported | {e.reason for e in fetch_errors} <= set(OUTCOMES)
+    for e in fetch_errors:   # the storage layer's own flag agrees with the table
+        assert OUTCOMES[e.reason].retry == e.retryable, e
+    for reason in {r.reason for r in gate.RULES}:   # what the gate refuses is never retried
+        assert OUTCOMES[reason].settles == AdapterState.Incompatible and not OUTCOMES[reason].retry

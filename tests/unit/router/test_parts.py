@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from prometheus_client import generate_latest
 
 from loraplane.router.metrics import RouterMetrics
 from loraplane.router.replicas import parse_engine_load, parse_replica_arg
 from loraplane.router.auth import ApiKeys
-from loraplane.router.exchange import parse_usage
+from loraplane.router.exchange import ask_for_usage, parse_stream_usage, parse_usage
 
 
 def test_histogram_exposition_is_cumulative_with_le_inclusive():
@@ -66,8 +68,42 @@ def test_usage_parsing():
     sse = (b'data: {"choices":[{"text":"a"}],"usage":null}\n\n'
            b'data: {"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":9,"total_tokens":13}}\n\n'
            b"data: [DONE]\n\n")
-    assert parse_usage(sse) == (4, 9)
-    assert parse_usage(b'{"choices":[]}') is None
+    assert parse_stream_usage(sse) == (4, 9)
+    assert parse_usage(b'{"choices":[]}') is None and parse_stream_usage(b"data: [DONE]\n\n") is None
+    assert parse_usage(b'{"usage": {"prompt_tokens": 2, "completion_tokens": 1}}') == (2, 1)
+
+
+def test_usage_is_the_top_level_object_not_a_token_named_usage():
+    # vLLM's chat answer has prompt_logprobs after usage; a prompt token that decodes to "usage" made the old
+    # parser (last `"usage"` in the body) find no counts: the request went uncounted.
+    usage = {"prompt_tokens": 7, "total_tokens": 10, "completion_tokens": 3}
+    top = [{"usage": -0.5, "use": -1.2}]   # completions' top_logprobs: token text -> logprob
+    body = json.dumps({"choices": [{"index": 0, "text": "usage", "logprobs": {"tokens": ["usage"],
+                                                                             "top_logprobs": top}}],
+                       "usage": usage,
+                       "prompt_logprobs": [None, *[{"42": {"logprob": -1.0, "rank": 1, "decoded_token": "usage"}}] * 50]},
+                      separators=(",", ":")).encode()
+    assert parse_usage(body) == (7, 3)
+    # Several `"usage": {` (not vLLM's shape): the body is parsed and the top-level one read.
+    nested = json.dumps({"x": {"usage": {"prompt_tokens": 1, "completion_tokens": 1}}, "usage": usage}).encode()
+    assert parse_usage(nested) == (7, 3)
+    assert parse_usage(json.dumps({"usage": {"prompt_tokens": "7"}}).encode()) == (0, 0)   # not an int: 0
+    assert parse_usage(b'{"usage": null}') is None and parse_usage(b"not json") is None
+
+
+def test_ask_for_usage_only_for_streams_that_do_not():
+    assert ask_for_usage(b'{"model":"m","prompt":"p"}') is None
+    assert ask_for_usage(b'{"model":"m","stream":false,"prompt":"stream"}') is None
+    assert ask_for_usage(b'{"model":"m","metadata":{"stream":true}}') is None   # not the top-level key
+    assert ask_for_usage(b'{"model":"m","stream":true,"stream_options":{"include_usage":true}}') is None
+    assert ask_for_usage(b'{"model":"m","stream":true,"stream_options":"x"}') is None   # vLLM's 400, unchanged
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "\xe2\x80\xa8 hi"}], "stream": true}'
+    out = ask_for_usage(body)
+    assert out == body.replace(b"{", b'{"stream_options":{"include_usage":true},', 1)   # spliced, not re-encoded
+    assert json.loads(out) == {**json.loads(body), "stream_options": {"include_usage": True}}
+    for options in (None, {"include_usage": False, "continuous_usage_stats": True}, {}):
+        out = json.loads(ask_for_usage(json.dumps({"model": "m", "stream": True, "stream_options": options}).encode()))
+        assert out["stream_options"] == {**(options or {}), "include_usage": True, "continuous_usage_stats": False}
 
 
 def test_api_keys_file_and_errors(tmp_path):
@@ -78,6 +114,12 @@ def test_api_keys_file_and_errors(tmp_path):
     assert not keys.check(b"Bearer k3") and not keys.check(b"k1") and not keys.check(None)
     f.write_text("k3\n")
     assert keys.reload() and keys.check(b"Bearer k3") and not keys.check(b"Bearer k1")  # no stale acceptance
+    # A key ends at "\n" only: splitlines() cut it at U+2028 / U+0085 / \x1c and made its pieces valid keys.
+    f.write_text("abc\u2028def\nghi\x85jkl\x1cmno\n", encoding="utf-8")
+    assert keys.reload()
+    for piece in (b"abc", b"def", b"ghi", b"jkl", b"mno"):
+        assert not keys.check(b"Bearer " + piece), piece
+    assert keys.check(b"Bearer " + "abc\u2028def".encode())
     (tmp_path / "empty").write_text("# nothing\n")
     with pytest.raises(ValueError, match="no keys found"):
         ApiKeys(tmp_path / "empty")

@@ -220,6 +220,53 @@ async def test_streaming_is_passed_through_unbuffered_with_usage(started, tmp_pa
         assert m[("loraplane_router_in_flight", labels(backend="v1", model="chat"))] == 0
 
 
+@pytest.mark.parametrize("piece", [0, 7], ids=["events", "7-byte-pieces"])
+async def test_streams_without_usage_are_counted_and_relayed_unchanged(started, tmp_path, piece):
+    # Most chat UIs stream without stream_options.include_usage: the router asks vLLM for usage, counts it
+    # and strips the usage chunk, so the client receives exactly what vLLM would have sent it.
+    a = await started(StubReplica("a", adapters={"v1"}, stream_piece=piece))
+    async with running_router(tmp_path, [a.spec], table_json({"chat": [("v1", 100)]})) as (_, c):
+        asked = [{"prompt": "p", "stream": True},
+                 {"prompt": "p", "stream": True, "stream_options": {"include_usage": False,
+                                                                    "continuous_usage_stats": True}}]
+        for extra in asked:
+            async with c.post("/v1/completions", json={"model": "chat", **extra}) as resp:
+                assert resp.status == 200
+                relayed = await resp.read()
+            async with aiohttp.ClientSession() as direct:
+                async with direct.post(a.engine_url + "/v1/completions", json={"model": "v1", **extra}) as resp:
+                    expected = await resp.read()
+            assert relayed == expected and b'"usage"' not in relayed
+            assert json.loads(a.received[-2][1])["stream_options"]["include_usage"] is True   # asked upstream
+        async with c.post("/v1/completions", json={"model": "chat", "prompt": "p", "stream": True,
+                                                   "stream_options": {"include_usage": True}}) as resp:
+            assert b'"usage"' in await resp.read()   # asked by the client: relayed
+        m = await metric_samples(c)
+        assert m[("loraplane_router_prompt_tokens_total", labels(backend="v1", model="chat"))] == 21
+        assert m[("loraplane_router_completion_tokens_total", labels(backend="v1", model="chat"))] == 9
+
+
+async def test_an_engine_that_forces_usage_is_not_asked_and_its_usage_is_relayed(started, tmp_path):
+    a = await started(StubReplica("a", adapters={"v1"}))
+    table = table_json({"chat": [("v1", 100)]}, engine_includes_usage=True)
+    async with running_router(tmp_path, [a.spec], table) as (_, c):
+        async with c.post("/v1/completions", json={"model": "chat", "prompt": "p", "stream": True}) as resp:
+            assert resp.status == 200 and b'"usage"' not in await resp.read()   # the stub does not force it
+        assert "stream_options" not in json.loads(a.received[-1][1])
+
+
+async def test_a_token_named_usage_does_not_lose_the_counts(started, tmp_path):
+    # vLLM's chat answer puts prompt_logprobs after usage; a prompt token decoding to "usage" came last.
+    a = await started(StubReplica("a", adapters={"v1"}, extra_fields={
+        "prompt_logprobs": [None, {"42": {"logprob": -1.5, "rank": 1, "decoded_token": "usage"}}]}))
+    async with running_router(tmp_path, [a.spec], table_json({"chat": [("v1", 100)]})) as (_, c):
+        async with c.post("/v1/chat/completions", json={"model": "chat", "messages": [], "prompt_logprobs": 1}) as resp:
+            assert resp.status == 200 and (await resp.json())["prompt_logprobs"][1]["42"]["decoded_token"] == "usage"
+        m = await metric_samples(c)
+        assert m[("loraplane_router_prompt_tokens_total", labels(backend="v1", model="chat"))] == 7
+        assert m[("loraplane_router_completion_tokens_total", labels(backend="v1", model="chat"))] == 3
+
+
 async def test_in_flight_gauge_and_hot_reload_without_dropping_requests(started, tmp_path):
     a = await started(StubReplica("a", adapters={"v1", "v2"}, hold_models={"v1"}))
     a.hold = asyncio.Event()

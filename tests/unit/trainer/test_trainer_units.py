@@ -174,6 +174,53 @@ def test_malformed_chat(tmp_path, tokenizer, messages, needle):
         data.tokenize(source(tmp_path, [{"messages": messages}]), DatasetSpec(uri="/x", format="chat"), tokenizer, 64)
 
 
+def test_jsonl_lines_end_at_newline_only(tmp_path, tokenizer):
+    # json.dumps(ensure_ascii=False) writes U+2028/U+2029, U+0085 and \x1c-\x1e unescaped; str.splitlines()
+    # split records there ("2 lines are not JSON") and shifted every later line number.
+    odd = "a\u2028b\u2029c\x85d\x1ce\x1df\x1eg"
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": odd, "response": "r"}, ensure_ascii=False) + "\r\n"
+                    + json.dumps({"prompt": "p", "response": odd}, ensure_ascii=False) + "\n"
+                    + "not json\n", encoding="utf-8")
+    with pytest.raises(InvalidDataset, match=r"has 1 line\(s\) that are not JSON \(line 3: "):
+        data.read_file(path, "spec.dataset.uri")
+    path.write_text(path.read_text(encoding="utf-8").removesuffix("not json\n"), encoding="utf-8")
+    src = data.read_file(path, "spec.dataset.uri")
+    assert [(n, r["prompt"]) for n, r in src.records] == [(1, odd), (2, "p")]
+    data.tokenize(src, DatasetSpec(uri="/x"), tokenizer, 64)
+
+
+def test_chat_template_refusals_are_invalid_dataset_with_lines(tmp_path, tokenizer):
+    # Templates refuse conversations with raise_exception (a jinja2 TemplateError); that is the data's fault:
+    # InvalidDataset (not retried), naming the line and the template's own message, not InternalError.
+    import copy
+
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+    ok = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the cat"}]
+    lines = [{"messages": ok},
+             {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"},
+                           {"role": "assistant", "content": "the dog"}]},
+             {"messages": [{"role": "system", "content": "be brief"}, *ok]}]
+    spec = DatasetSpec(uri="/x", format="chat")
+    with pytest.raises(InvalidDataset) as exc:
+        data.tokenize(source(tmp_path, lines), spec, strict, 128)
+    msg = exc.value.message
+    assert "2 of 3 records are invalid" in msg
+    assert "line 2: Conversation roles must alternate" in msg and "line 3: System role not supported" in msg
+    assert exc.value.reason == "InvalidDataset" and not exc.value.retryable
+    assert data.tokenize(source(tmp_path, lines[:1]), spec, strict, 128).lines == [1]
+    broken = copy.deepcopy(tokenizer)
+    broken.chat_template = "{% for m in messages %}{{ m['content'] }"   # not valid Jinja: the model's fault
+    with pytest.raises(InvalidConfig, match="chat template is not valid Jinja"):
+        data.tokenize(source(tmp_path, lines[:1]), spec, broken, 128)
+
+
 def test_empty_and_missing_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(InvalidDataset, match="is empty"):

@@ -78,6 +78,9 @@ class RouterSettings(_Model):
     timeout_seconds: float = 600
     max_request_bytes: int = 4 * 1024 * 1024
     log_prompts: bool = False
+    # vLLM runs with --enable-force-include-usage (in spec.engine.extraArgs): every stream already ends with its
+    # usage chunk, which clients then expect, so the router neither asks for it nor strips it.
+    engine_includes_usage: bool = False
 
 
 class ServingTable(_Model):
