@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from loraplane.api.redaction import redacted
 from loraplane.api.validation import format_validation_error
 from loraplane.cli.manifests import read_documents
 
@@ -15,6 +16,18 @@ from loraplane.cli.manifests import read_documents
 def add_validate_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `loraplane validate`: the YAML files to check."""
     p.add_argument("files", nargs="+", type=Path, help="YAML files (multi-document allowed); - reads stdin")
+
+
+def plain_http_uris(value: object, path: str) -> list[tuple[str, str]]:
+    """(field path, value) of every string under `value` that is a plain http:// URI (wire names, Kubernetes'
+    list notation)."""
+    if isinstance(value, str):
+        return [(path, value)] if value.lower().startswith("http://") else []
+    if isinstance(value, dict):
+        return [hit for k, v in value.items() for hit in plain_http_uris(v, f"{path}.{k}")]
+    if isinstance(value, list):
+        return [hit for i, v in enumerate(value) for hit in plain_http_uris(v, f"{path}[{i}]")]
+    return []
 
 
 def validate_main(args: argparse.Namespace) -> int:
@@ -49,4 +62,8 @@ def validate_main(args: argparse.Namespace) -> int:
     # win over selectors, earlier routes over later) and reports PublicNameConflict; say so before applying.
     for line in public_name_conflicts(parsed):
         print(f"warn  {line}")
+    for obj in parsed:
+        for path, uri in plain_http_uris(obj.wire().get("spec") or {}, "spec"):
+            print(f"warn  {obj.kind}/{obj.metadata.name}: {path} is plain http ({redacted(uri)}): refused at run time "
+                  "(InsecureSource) unless the operator allows it (chart value operator.allowInsecureHttp); use https")
     return 1 if bad else 0

@@ -79,3 +79,13 @@ spec:
     assert "spec.source.uri: unsupported URI 'gs://bucket/sql': use pvc://CLAIM/PATH, s3://BUCKET/PREFIX" in out
     assert "^(" not in out
     assert "spec.routes[0].backends[0].weight" in out, out
+
+
+def test_validate_warns_about_plain_http_sources_without_showing_credentials(tmp_path, capsys):
+    """A plain http:// URI passes the schema (the operator may allow it) but is refused at run time by default:
+    validate says so before it is applied, naming the field, and never prints the URI's credentials."""
+    path = tmp_path / "in.yaml"
+    path.write_text(ADAPTER.replace("pvc://adapters/sql", "http://user:s3cret@host/sql.tar.gz"))
+    rc, out = run_validate([path], capsys)
+    assert rc == 0 and "warn  Adapter/sql: spec.source.uri is plain http" in out and "allowInsecureHttp" in out
+    assert "s3cret" not in out
