@@ -31,13 +31,23 @@ def render(resources: list[Resource], settings: BuildSettings = BuildSettings())
     return out
 
 
-def public_name_conflicts(resources: list[Resource]) -> list[str]:
-    """One line per public model name two sources of a ModelRoute in `resources` publish (resolved against the
-    Adapters among `resources`, as `render` does): `ModelRoute NS/NAME: <message>`."""
+def route_warnings(resources: list[Resource]) -> list[str]:
+    """What the operator would report about the ModelRoutes in `resources`, resolved against the Adapters among
+    them (as `render` does), one line each, `ModelRoute NS/NAME: <message>`: public names published twice, and
+    backends left out of the table (an Adapter that is not in `resources` — it may exist in the cluster —, or
+    one the route cannot serve, e.g. a rank over engine.maxLoraRank or another base model), with the reason."""
     adapters = [r for r in resources if isinstance(r, Adapter)]
-    return [f"ModelRoute {r.metadata.namespace or 'default'}/{r.metadata.name}: {c.message}"
-            for r in resources if isinstance(r, ModelRoute) for c in route_resolution(r, adapters).conflicts]
+    out = []
+    for r in resources:
+        if not isinstance(r, ModelRoute):
+            continue
+        where = f"ModelRoute {r.metadata.namespace or 'default'}/{r.metadata.name}"
+        resolution = route_resolution(r, adapters)
+        out += [f"{where}: {c.message}" for c in resolution.conflicts]
+        out += [f"{where}: backend {adapter} of {public!r} is left out ({verdict.reason}): {verdict.message}"
+                for (public, adapter), verdict in sorted(resolution.missing.items())]
+    return out
 
 
-__all__ = ["BuildSettings", "Manifest", "Resolution", "public_name_conflicts", "render", "resolve",
-           "route_resolution"]
+__all__ = ["BuildSettings", "Manifest", "Resolution", "render", "resolve",
+           "route_resolution", "route_warnings"]

@@ -142,7 +142,7 @@ def resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Verd
                 selected[name] = rejected[name]
             elif name not in by_name:
                 selected[name] = Verdict(False, Reason.AdapterNotFound, f"Adapter {name} does not exist in namespace "
-                                                                   f"{route.metadata.namespace}")
+                                                                   f"{route.metadata.namespace or 'default'}")
             elif not by_name[name].spec.source.uri:
                 selected[name] = Verdict(False, Reason.ArtifactPending,
                                          f"Adapter {name} has no source.uri yet (its FineTuneJob has not "

@@ -47,7 +47,7 @@ def render_main(args: argparse.Namespace) -> int:
     """Print the children of every loraplane object in the files as multi-document YAML; returns 1 (and
     prints nothing to stdout) when any object is invalid, else 0."""
     from loraplane.api import parse
-    from loraplane.builders import public_name_conflicts, render
+    from loraplane.builders import render, route_warnings
     from loraplane.cli.manifests import read_documents
     from loraplane.api.validation import format_validation_error
 
@@ -71,8 +71,8 @@ def render_main(args: argparse.Namespace) -> int:
     if bad:
         return 1
     # Rendered anyway (the operator serves every other name), but the reviewer should see it.
-    for line in public_name_conflicts(resources):
-        print(f"warning {line}", file=sys.stderr)
+    for line in route_warnings(resources):
+        print(f"warn  {line}", file=sys.stderr)
     manifests = render(resources, settings_from_args(args))
     sys.stdout.write(dump_manifests(manifests))
     return 0

@@ -37,7 +37,7 @@ def validate_main(args: argparse.Namespace) -> int:
     is invalid or when there is no loraplane object at all, else 0."""
     from loraplane.api import GROUP, parse
 
-    from loraplane.builders import public_name_conflicts
+    from loraplane.builders import route_warnings
 
     bad = 0
     parsed = []
@@ -58,9 +58,9 @@ def validate_main(args: argparse.Namespace) -> int:
     if not bad and not parsed:
         print(f"error no {GROUP} object (FineTuneJob, Adapter, ModelRoute) in {', '.join(map(str, args.files))}")
         return 1
-    # Valid objects that together publish one public name twice: the operator serves it once (explicit routes
-    # win over selectors, earlier routes over later) and reports PublicNameConflict; say so before applying.
-    for line in public_name_conflicts(parsed):
+    # What the operator would report about the valid routes, resolved against the files' Adapters: a public name
+    # published twice (served once, PublicNameConflict), a backend left out (missing here, or incompatible).
+    for line in route_warnings(parsed):
         print(f"warn  {line}")
     for obj in parsed:
         for path, uri in plain_http_uris(obj.wire().get("spec") or {}, "spec"):

@@ -89,3 +89,24 @@ def test_validate_warns_about_plain_http_sources_without_showing_credentials(tmp
     rc, out = run_validate([path], capsys)
     assert rc == 0 and "warn  Adapter/sql: spec.source.uri is plain http" in out and "allowInsecureHttp" in out
     assert "s3cret" not in out
+
+
+def test_validate_warns_about_backends_the_operator_would_leave_out(tmp_path, capsys):
+    """What the route's status would say after apply, said before: a backend whose Adapter is in none of the
+    files (it may exist in the cluster) and one the route cannot serve (its rank over engine.maxLoraRank)."""
+    path = tmp_path / "in.yaml"
+    path.write_text(ADAPTER.replace('version: "1"', 'version: "1", rank: 64') + """---
+apiVersion: loraplane.io/v1alpha1
+kind: ModelRoute
+metadata: {name: r}
+spec:
+  baseModel: {name: m}
+  engine: {maxLoraRank: 8}
+  routes:
+  - {name: a, backends: [{adapter: sql, weight: 100}]}
+  - {name: b, backends: [{adapter: nope, weight: 100}]}
+""")
+    rc, out = run_validate([path], capsys)
+    assert rc == 0, out
+    assert "backend nope of 'b' is left out (AdapterNotFound)" in out and "namespace default" in out
+    assert "backend sql of 'a' is left out (RankTooLarge)" in out, out
