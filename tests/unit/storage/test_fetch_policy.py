@@ -162,3 +162,23 @@ async def test_hub_token_goes_to_the_hub_origin_only_never_along_a_redirect(tmp_
         assert await _in_thread(fetch, f"{hub.base}/resolve", tmp_path, send_hub_token=True) == b"data"
         assert hub.seen == [("/resolve", "Bearer hf_secret")]
         assert cdn.seen == [("/blob", None)]
+
+
+@pytest.mark.parametrize("address", [
+    "::ffff:169.254.169.254",        # IPv4-mapped
+    "::a9fe:a9fe",                   # IPv4-compatible
+    "64:ff9b::a9fe:a9fe",            # NAT64 well-known prefix (RFC 6052)
+    "64:ff9b:1::a9fe:a9fe",          # NAT64 local-use prefix (RFC 8215), /96
+    "64:ff9b:1:a9fe:a9:fe00::",      # the same, /48 layout
+    "2002:a9fe:a9fe::1",             # 6to4
+    "2001:0:4136:e378:8000:63bf:5601:5601",   # Teredo, client 169.254.169.254 (obfuscated)
+    "64:ff9b::7f00:1", "::ffff:0.0.0.0",
+])
+def test_ipv6_forms_of_refused_ipv4_addresses_are_refused(address):
+    """Review p16: every IPv6 form that reaches 169.254.169.254 (or loopback) through a translator is refused."""
+    assert refused_address(address)
+
+
+def test_ipv6_forms_of_public_ipv4_addresses_are_allowed():
+    for address in ("64:ff9b::808:808", "64:ff9b:1::808:808", "2002:808:808::1", "2606:4700::1111"):
+        assert refused_address(address) is None, address
