@@ -252,7 +252,7 @@ def test_s3_dataset_errors_are_categorised(tmp_path, monkeypatch):
     stub.activate()
     from loraplane.storage.fetchers import s3
 
-    monkeypatch.setattr(s3, "s3_client", lambda credentials=None: client)
+    monkeypatch.setattr(s3, "s3_client", lambda credentials=None, **_: client)
     with pytest.raises(DatasetNotFound, match="s3://bucket/train.jsonl does not exist"):
         data.fetch("s3://bucket/train.jsonl", tmp_path, tmp_path)
     with pytest.raises(DatasetAccessDenied, match="credentialsSecretRef"):
