@@ -87,6 +87,18 @@ def loader_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def loader_fetch_policy(args: argparse.Namespace):
+    """The loader's FetchPolicy (storage.fetchers.base): plain http with --allow-insecure-http; local `/PATH` and
+    `file://` sources only with a local table (--table: `loraplane run`), since in a cluster the loader's file
+    system holds other Adapters' cached weights and credentials; the credentials root is never a source (the
+    cache adds its own root)."""
+    from loraplane.storage.fetchers import FetchPolicy
+
+    private = () if args.credentials_root == "none" else (str(args.credentials_root),)
+    return FetchPolicy(allow_insecure_http=args.allow_insecure_http, allow_local_paths=args.table is not None,
+                       private_roots=private)
+
+
 async def serve(args: argparse.Namespace, started: asyncio.Event | None = None) -> None:
     """Wire cache, vLLM client, Loader, HTTP server and table source (file or ConfigMap watch) and run them
     until a signal or until the reconcile loop or the table source stops; sets `started` once listening."""
@@ -100,11 +112,10 @@ async def serve(args: argparse.Namespace, started: asyncio.Event | None = None) 
     from loraplane.loader.sources import KubeBinding, watch_file
 
     from loraplane.storage.archive import ArtifactLimits
-    from loraplane.storage.fetchers import FetchPolicy
 
     limits = ArtifactLimits(args.max_artifact_files, args.max_artifact_bytes, args.max_artifact_bytes)
     cache = ArtifactCache(args.cache_dir, args.cache_max_bytes, pvc_root=args.pvc_root, limits=limits,
-                          policy=FetchPolicy(allow_insecure_http=args.allow_insecure_http))
+                          policy=loader_fetch_policy(args))
     kube = None
     if args.configmap:
         kube = KubeBinding.from_environment(args.namespace, args.configmap, args.pod_name, args.kubeconfig)
