@@ -66,3 +66,30 @@ def test_fetch_model_message_carries_no_credentials(tmp_path, monkeypatch, capsy
     assert cli_main(["fetch-model", URI.replace("https://", "http://"), "--cache-dir", str(tmp_path / "m")]) == 1
     assert_clean(log.read_text())
     assert_clean(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("text", [
+    "https://user:p@ssw0rdSECRET@host/a.tar.gz",               # '@' in the password: userinfo ends at the last '@'
+    "https://user:pa/SECRET@host/a.tar.gz",                    # '/' in the password
+    "https://host/a.tar.gz?X-Amz-Algorithm=AWS4&X%2DAmz%2DSignature=SECRET",   # percent-encoded name
+    "https://host/a.tar.gz?X%252DAmz%252DSignature=SECRET",    # encoded twice
+    "https://host/a.tar.gz?code=SECRET", "https://host/a.tar.gz?hf_token=SECRET",
+    "https://host/a.tar.gz?client_secret=SECRET", "https://host/a.tar.gz?private_token=SECRET",
+    "https://host/a.tar.gz?Authorization=Bearer%20SECRET", "https://host/a.tar.gz?api-key=SECRET",
+    "https://host/a.tar.gz?access-token=SECRET", "https://host/a.tar.gz?api_key=SECRET",
+    "https://host/a.tar.gz?password=SECRET", "https://host/a.tar.gz?secret=SECRET",
+    "https://host/a.tar.gz?a=1#sig=SECRET", "https://host/a.tar.gz?token=ab#SECRET",
+    "fetch failed: Authorization: Bearer SECRETSECRET", 'headers {"Authorization": "Basic U0VDUkVUU0VDUkVU"}',
+    "x-api-key: SECRET",
+])
+def test_scrubbed_masks_every_credential_form(text):
+    """Review p7: each of these leaked (a '@' or '/' in a password, encoded or unlisted parameter names, header
+    values quoted in a message)."""
+    shown = scrubbed(text)
+    assert "SECRET" not in shown and "U0VDUkVU" not in shown, shown
+
+
+def test_scrubbed_keeps_what_is_not_a_credential():
+    for text in ("hf://org/repo@main", "https://host:8443/a@b", "http://[::1]:8080/x", "s3://bucket/key",
+                 "exit code 1, basic check failed", "pvc://claim/a.tar.gz", "https://h/a.tar.gz?version=3"):
+        assert scrubbed(text) == text
