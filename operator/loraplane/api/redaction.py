@@ -19,6 +19,7 @@ bytes) past its Kubernetes size limit.
 
 from __future__ import annotations
 
+import logging
 import re
 from urllib.parse import unquote_plus
 
@@ -93,3 +94,24 @@ def redacted(text: str, limit: int = MAX_SHOWN) -> str:
     (ending in " …")."""
     text = scrubbed(text)
     return text if len(text) <= limit else text[:limit] + " …"
+
+
+class ScrubbingFormatter(logging.Formatter):
+    """A log formatter whose output (message, arguments and traceback) is `scrubbed`; wraps the handler's own."""
+
+    def __init__(self, inner: logging.Formatter | None = None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The inner formatter's text, scrubbed."""
+        return scrubbed(self.inner.format(record))
+
+
+def install_log_redaction(logger: logging.Logger | None = None) -> None:
+    """Scrub every line the handlers of `logger` (default: the root logger) write: call after
+    logging.basicConfig in a program whose logs quote untrusted URIs or error texts (trainer, loader,
+    fetch-model). Idempotent."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if not isinstance(handler.formatter, ScrubbingFormatter):
+            handler.setFormatter(ScrubbingFormatter(handler.formatter))

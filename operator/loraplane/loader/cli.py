@@ -12,6 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
+from loraplane.api.redaction import install_log_redaction
 from loraplane.api.paths import ADAPTER_CACHE_PATH, ADAPTER_CREDENTIALS_ROOT, LOADER_PORT, PVC_ROOT
 
 log = logging.getLogger("loraplane.loader")
@@ -76,6 +77,7 @@ def loader_main(args: argparse.Namespace) -> int:
     """Run the loader until SIGTERM/SIGINT; returns 2 when --configmap is given outside a pod without
     --kubeconfig, else 0."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()   # log lines quote adapter URIs and store errors
     if args.table is None and not args.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
         print("error: --configmap reads the Kubernetes API: run in a pod (in-cluster service account) or pass "
               "--kubeconfig; for local runs use --table FILE", file=sys.stderr)
