@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from loraplane.api.wire.trainer import INSECURE_HTTP_ENV
 from loraplane.local.processes import free_port
 
 
@@ -17,9 +18,11 @@ class S3Server:
 
     @property
     def env(self) -> dict[str, str]:
-        """What a pod's environment would carry (from a Secret), pointed at the stand-in."""
+        """What a pod's environment would carry (from a Secret), pointed at the stand-in; the stand-in is plain
+        http on loopback, which the fetch policy admits only with the insecure-http opt-in (allowInsecureHttp)."""
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                INSECURE_HTTP_ENV: "true"}
 
     def client(self):
         import boto3

@@ -67,7 +67,8 @@ class AdapterSource(ApiModel):
     uri: str | None = Field(
         default=None, pattern=uri_pattern("pvc", "s3", "http", "hf", "file", "path"),
         description="pvc://CLAIM/PATH, s3://BUCKET/PREFIX, https://….tar.gz, hf://ORG/REPO[@revision], "
-                    "or a local directory for local runs.")
+                    "or a local directory for local runs only (`loraplane run`): in a cluster a local path is "
+                    "refused (LocalSourceRefused).")
     fine_tune_job_ref: LocalObjectRef | None = Field(
         default=None, description="The FineTuneJob whose output this is (set by the operator on success).")
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",

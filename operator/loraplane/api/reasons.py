@@ -190,6 +190,13 @@ class Reason(StrEnum):
         "cloud metadata address. Not retried.",
         "Serve the artifact over https from a reachable store; plain http only with the chart's "
         "`allowInsecureHttp: true` (local clusters).")
+    LocalSourceRefused = ("LocalSourceRefused", ADAPTER,
+        "`spec.source.uri` is a local path (`/PATH` or `file://`), which is for local runs (`loraplane run`, a "
+        "loader with `--table`): in a cluster a replica would read it from its own file system (other "
+        "Adapters' cached weights, mounted credentials). A path under the loader's adapter cache or credentials "
+        "folders is refused everywhere. Not retried.",
+        "Publish the adapter where replicas fetch it: `pvc://CLAIM/PATH`, `s3://`, `https://` (an archive) or "
+        "`hf://`, and set spec.source.uri to it.")
     ChecksumMismatch = ("ChecksumMismatch", ADAPTER, "The artifact's sha256 differs from `source.sha256`.",
         "Fix `source.sha256` or the artifact; a mismatch is never loaded.")
     FetchFailed = ("FetchFailed", ADAPTER, "Downloading or copying the artifact failed.",

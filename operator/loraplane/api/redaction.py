@@ -1,32 +1,92 @@
 """What may go into a message a user reads (a condition, a replica report, a termination message, a log line).
 
-Messages quote untrusted input, URIs above all: credentials in a URL's userinfo are never shown, nor the secret
-parameters of a presigned URL (S3's X-Amz-Signature / X-Amz-Credential / X-Amz-Security-Token, GCS's
-X-Goog-Signature, Azure SAS `sig`, `token`, `access_token`, `password`...: SECRET_PARAMS), and the text is cut
-so a huge value cannot push a status, a pod annotation (256 KiB in all) or a termination message (4096
+Messages quote untrusted input, URIs above all. `scrubbed` masks every credential a URI or a header quoted in
+text may carry:
+
+- a URL's userinfo (`scheme://USER:PASSWORD@host`): everything up to the LAST `@` of the authority, since a
+  password may hold a raw `@` (as urllib.parse and yarl split it); and a password holding a raw `/`, `?` or `#`
+  (`user:pa/ss@host`), which ends the authority early, up to the first `@` after it;
+- the value of every query, fragment or `;` parameter whose name, percent-decoded (`X%2DAmz%2DSignature`) and
+  case-folded, contains one of SECRET_NAME_PARTS (token, secret, signature, credential, password, key, auth, sig,
+  code...): presigned S3/GCS URLs, Azure SAS and function keys, OAuth codes, `hf_token`, `client_secret`,
+  `private_token`, `api-key`, `Authorization`;
+- `Authorization:` / `X-Api-Key:`-style header values and `Bearer ...` tokens quoted in text.
+
+Over-masking a harmless parameter is the accepted cost of never showing a secret one. `redacted` also cuts the
+text so a huge value cannot push a status, a pod annotation (256 KiB in all) or a termination message (4096
 bytes) past its Kubernetes size limit.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+from urllib.parse import unquote_plus
 
 MAX_SHOWN = 300            # characters of one quoted value (a URI) in a message
 MAX_MESSAGE = 2000         # characters of one message in a replica report
-_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#@\s]*@")
-# Query (or fragment) parameters whose value is a credential, case-insensitive: presigned S3/GCS URLs, Azure SAS,
-# OAuth-style tokens in the URL.
-SECRET_PARAMS = ("x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature",
-                 "x-goog-credential", "signature", "sig", "token", "access_token", "auth", "password",
-                 "secret", "key", "api_key", "apikey", "x-hf-token")
-_SECRET_PARAM = re.compile(r"([?&#;](?:" + "|".join(re.escape(p) for p in SECRET_PARAMS) + r")=)[^&#\s\"']*",
-                           re.IGNORECASE)
+# A parameter whose (decoded, case-folded) name contains any of these has a credential for a value.
+SECRET_NAME_PARTS = ("token", "secret", "signature", "credential", "password", "passwd", "pwd", "key", "auth",
+                     "sig", "code", "session", "jwt", "cookie", "private")
+_URL = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)([^\s\"'<>]*)")
+_PARAM = re.compile(r"([?&#;])([^=&#;?\s\"'<>]{1,200})=")
+_VALUE_END = frozenset("&; \t\r\n\"'<>")
+_HEADER = re.compile(r"(?i)\b((?:proxy-)?authorization|x-api-key|api-key|x-auth-token|private-token|cookie)"
+                     r"([\"']?\s*[:=]\s*[\"']?)(?:(bearer|basic|token|digest|aws4-hmac-sha256)\s+)?[^\s\"',;]+")
+_BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]{6,}|\b(basic)\s+[A-Za-z0-9+/=]{12,}")
+
+
+def _secret_name(name: str) -> bool:
+    for _ in range(3):   # a name percent-encoded more than once
+        decoded = unquote_plus(name)
+        if decoded == name:
+            break
+        name = decoded
+    name = name.lower()
+    return any(part in name for part in SECRET_NAME_PARTS)
+
+
+def _mask_userinfo(match: re.Match) -> str:
+    scheme, body = match.group(1), match.group(2)
+    end = len(body)
+    for sep in "/?#":
+        pos = body.find(sep)
+        if pos != -1:
+            end = min(end, pos)
+    at = body.rfind("@", 0, end)
+    if at == -1 and not body.startswith("[") and ":" in body[:end] and "@" in body[end:]:
+        # `user:pa/ss@host`: what follows the colon is no port, so the authority was cut by the password.
+        after = body[:end].split(":", 1)[1]
+        if not after.isdigit():
+            at = body.find("@", end)
+    return scheme + ("***@" + body[at + 1:] if at != -1 else body)
+
+
+def _mask_params(text: str) -> str:
+    out: list[str] = []
+    i = 0
+    while (m := _PARAM.search(text, i)) is not None:
+        if not _secret_name(m.group(2)):
+            out.append(text[i:m.end()])
+            i = m.end()
+            continue
+        end = m.end()
+        while end < len(text) and text[end] not in _VALUE_END:
+            end += 1   # the value runs to the next parameter: a raw '#' in it does not end it
+        out.append(text[i:m.end()] + "***")
+        i = end
+    out.append(text[i:])
+    return "".join(out)
 
 
 def scrubbed(text: str) -> str:
-    """`text` with every credential a URL in it may carry masked (userinfo -> `***@`, SECRET_PARAMS values ->
-    `***`), not cut: for messages that have their own size bound."""
-    return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+    """`text` with every credential a URL or header in it may carry masked (module docstring: userinfo ->
+    `***@`, secret parameter values and header values -> `***`), not cut: for messages that have their own size
+    bound."""
+    text = _URL.sub(_mask_userinfo, text)
+    text = _mask_params(text)
+    text = _HEADER.sub(lambda m: m.group(1) + m.group(2) + (m.group(3) + " " if m.group(3) else "") + "***", text)
+    return _BEARER.sub(lambda m: (m.group(1) or m.group(2)) + " ***", text)
 
 
 def redacted(text: str, limit: int = MAX_SHOWN) -> str:
@@ -34,3 +94,24 @@ def redacted(text: str, limit: int = MAX_SHOWN) -> str:
     (ending in " …")."""
     text = scrubbed(text)
     return text if len(text) <= limit else text[:limit] + " …"
+
+
+class ScrubbingFormatter(logging.Formatter):
+    """A log formatter whose output (message, arguments and traceback) is `scrubbed`; wraps the handler's own."""
+
+    def __init__(self, inner: logging.Formatter | None = None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The inner formatter's text, scrubbed."""
+        return scrubbed(self.inner.format(record))
+
+
+def install_log_redaction(logger: logging.Logger | None = None) -> None:
+    """Scrub every line the handlers of `logger` (default: the root logger) write: call after
+    logging.basicConfig in a program whose logs quote untrusted URIs or error texts (trainer, loader,
+    fetch-model). Idempotent."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if not isinstance(handler.formatter, ScrubbingFormatter):
+            handler.setFormatter(ScrubbingFormatter(handler.formatter))

@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from loraplane.api.adapter import Adapter
 from loraplane.api.common import LabelSelector
 from loraplane.api.reasons import Reason
+from loraplane.api.redaction import redacted
 from loraplane.api.modelroute import ModelRoute
 from loraplane.builders.engine_pod import FORCE_INCLUDE_USAGE, model_path_in_replica, served_model_name
 from loraplane.api.wire.serving import Backend, DesiredAdapter, PublicModel, RouterSettings, ServingTable
+from loraplane.storage.uri import Scheme, try_parse_uri
 
 
 @dataclass(frozen=True)
@@ -80,10 +82,20 @@ def declared_rank(adapter: Adapter) -> int | None:
     return None
 
 
-def check_compatibility(adapter: Adapter, route: ModelRoute) -> Verdict:
-    """What can be checked from metadata alone; the loader checks the artifact itself again."""
+def check_compatibility(adapter: Adapter, route: ModelRoute, *, local_paths: bool = False) -> Verdict:
+    """What can be checked from metadata alone; the loader checks the artifact itself again.
+
+    `local_paths`: a `/PATH` or `file://` spec.source.uri may be served (local runs, `loraplane run`). In a
+    cluster it may not (LocalSourceRefused): a replica would read it from its own file system, where other
+    Adapters' cached weights and credentials are (the loader refuses it too)."""
     base = route.spec.base_model
     want = adapter.spec.base_model
+    source = try_parse_uri(adapter.spec.source.uri)
+    if source is not None and source.scheme == Scheme.LOCAL and not local_paths:
+        return Verdict(False, Reason.LocalSourceRefused,
+                       f"adapter {adapter.metadata.name}: spec.source.uri {redacted(source.text)!r} is a local path, "
+                       "which only local runs read; in a cluster publish the adapter to pvc://CLAIM/PATH, s3://, "
+                       "https:// or hf:// and set spec.source.uri to it")
     if want.name != base.identity:
         return Verdict(False, Reason.BaseModelMismatch,
                        f"adapter {adapter.metadata.name} was trained on {want.name}, but ModelRoute "
@@ -125,11 +137,12 @@ def desired_adapter(adapter: Adapter) -> DesiredAdapter:
         credentials_secret=creds.name if creds else None, credentials_key=creds.key if creds else None)
 
 
-def resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Verdict] | None = None) -> Resolution:
+def resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Verdict] | None = None, *,
+            local_paths: bool = False) -> Resolution:
     """The ServingTable of `route` given the Adapters of its namespace.
 
     `rejected` names adapters the operator refuses (an invalid spec or a change to an immutable field):
-    they are never served, whatever selects them.
+    they are never served, whatever selects them. `local_paths`: check_compatibility's (local runs only).
     """
     rejected = rejected or {}
     by_name = {a.metadata.name: a for a in adapters}
@@ -148,7 +161,7 @@ def resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Verd
                                          f"Adapter {name} has no source.uri yet (its FineTuneJob has not "
                                          "finished)")
             else:
-                selected[name] = check_compatibility(by_name[name], route)
+                selected[name] = check_compatibility(by_name[name], route, local_paths=local_paths)
         return selected[name]
 
     models: list[PublicModel] = []

@@ -12,6 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
+from loraplane.api.redaction import install_log_redaction
 from loraplane.api.paths import ADAPTER_CACHE_PATH, ADAPTER_CREDENTIALS_ROOT, LOADER_PORT, PVC_ROOT
 
 log = logging.getLogger("loraplane.loader")
@@ -76,6 +77,7 @@ def loader_main(args: argparse.Namespace) -> int:
     """Run the loader until SIGTERM/SIGINT; returns 2 when --configmap is given outside a pod without
     --kubeconfig, else 0."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()   # log lines quote adapter URIs and store errors
     if args.table is None and not args.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
         print("error: --configmap reads the Kubernetes API: run in a pod (in-cluster service account) or pass "
               "--kubeconfig; for local runs use --table FILE", file=sys.stderr)
@@ -85,6 +87,18 @@ def loader_main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def loader_fetch_policy(args: argparse.Namespace):
+    """The loader's FetchPolicy (storage.fetchers.base): plain http with --allow-insecure-http; local `/PATH` and
+    `file://` sources only with a local table (--table: `loraplane run`), since in a cluster the loader's file
+    system holds other Adapters' cached weights and credentials; the credentials root is never a source (the
+    cache adds its own root)."""
+    from loraplane.storage.fetchers import FetchPolicy
+
+    private = () if args.credentials_root == "none" else (str(args.credentials_root),)
+    return FetchPolicy(allow_insecure_http=args.allow_insecure_http, allow_local_paths=args.table is not None,
+                       private_roots=private)
 
 
 async def serve(args: argparse.Namespace, started: asyncio.Event | None = None) -> None:
@@ -100,11 +114,10 @@ async def serve(args: argparse.Namespace, started: asyncio.Event | None = None) 
     from loraplane.loader.sources import KubeBinding, watch_file
 
     from loraplane.storage.archive import ArtifactLimits
-    from loraplane.storage.fetchers import FetchPolicy
 
     limits = ArtifactLimits(args.max_artifact_files, args.max_artifact_bytes, args.max_artifact_bytes)
     cache = ArtifactCache(args.cache_dir, args.cache_max_bytes, pvc_root=args.pvc_root, limits=limits,
-                          policy=FetchPolicy(allow_insecure_http=args.allow_insecure_http))
+                          policy=loader_fetch_policy(args))
     kube = None
     if args.configmap:
         kube = KubeBinding.from_environment(args.namespace, args.configmap, args.pod_name, args.kubeconfig)

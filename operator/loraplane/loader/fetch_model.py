@@ -18,7 +18,7 @@ from pathlib import Path
 from loraplane.api.paths import PVC_ROOT
 from loraplane.api.reasons import Reason
 from loraplane.api.wire.trainer import TerminationMessage, write_termination_message
-from loraplane.api.redaction import redacted
+from loraplane.api.redaction import install_log_redaction, redacted, scrubbed
 from loraplane.loader.cli import add_fetch_policy_arguments
 from loraplane.storage.cache import FetchError, model_cache
 from loraplane.storage.fetchers import FetchPolicy
@@ -42,12 +42,13 @@ def fetch_model_main(args: argparse.Namespace) -> int:
     """Fetch and verify the base model into CACHE_DIR/<cache key of the URI>; returns 0, or 1 after writing
     a ModelFetchFailed termination message when the fetch fails."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
     try:
         policy = FetchPolicy(allow_insecure_http=args.allow_insecure_http)
         art = asyncio.run(model_cache(args.cache_dir, args.pvc_root, policy).fetch(args.uri, args.sha256))
     except FetchError as exc:
-        message = (f"spec.baseModel.uri {redacted(args.uri)}: {exc}; check the URI, that the model is a "
-                   "save_pretrained directory (or a .tar.gz of one) and spec.baseModel.credentialsSecretRef")
+        message = scrubbed(f"spec.baseModel.uri {redacted(args.uri)}: {exc}; check the URI, that the model is a "
+                           "save_pretrained directory (or a .tar.gz of one) and spec.baseModel.credentialsSecretRef")
         print(f"error: {message}", file=sys.stderr)
         # $LORAPLANE_TERMINATION_LOG; the ModelRoute's status quotes it.
         write_termination_message(TerminationMessage(reason=Reason.ModelFetchFailed, message=message).to_json())

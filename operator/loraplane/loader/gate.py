@@ -27,6 +27,7 @@ because trainers record whatever path they loaded the model from:
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from typing import Any
 import re2   # google-re2: linear-time matching of target_modules patterns
 
 from loraplane.api.modelroute import ENGINE_VERSION
+from loraplane.api.redaction import redacted
 from loraplane.api.reasons import Reason
 from loraplane.storage.uri import recorded_path
 
@@ -135,6 +137,11 @@ MAX_ADAPTER_HEADER_BYTES = 8 << 20
 MAX_BASE_HEADER_BYTES = 100_000_000
 # Longest target_modules regex accepted (PEFT's string form); real ones are well under 200 characters.
 MAX_PATTERN_CHARS = 1000
+# Largest adapter_config.json read (checked with fstat before reading): PEFT writes about 1 KB; json.loads of a
+# huge one costs several times its size in memory, on every replica.
+MAX_CONFIG_BYTES = 1 << 20
+# Most target_modules names accepted (PEFT's list form): a model has a few dozen distinct layer names.
+MAX_TARGET_MODULES = 10_000
 
 
 class GateError(ValueError):
@@ -244,13 +251,24 @@ def read_adapter(directory: Path, max_header_bytes: int = MAX_ADAPTER_HEADER_BYT
     at `max_header_bytes`) and, for safetensors, which tensors hold NaN/Inf values (`scan_nonfinite` within
     `scan_bytes`; 0 skips the scan).
 
-    Raises ValueError with a user-facing message when the directory is not a usable PEFT adapter."""
+    Raises ValueError with a user-facing message when the directory is not a usable PEFT adapter (a GateError
+    carrying its reason for a header over `max_header_bytes` or an adapter_config.json over MAX_CONFIG_BYTES:
+    ArtifactTooLarge, checked with fstat before a byte is read)."""
     cfg_path = directory / "adapter_config.json"
     try:
-        config = json.loads(cfg_path.read_text())
+        with open(cfg_path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_CONFIG_BYTES:
+                raise GateError(f"adapter_config.json is {size} bytes, more than the limit of {MAX_CONFIG_BYTES} "
+                                "(PEFT writes about 1 KB); save the adapter with PEFT's save_pretrained",
+                                Reason.ArtifactTooLarge)
+            raw = fh.read(MAX_CONFIG_BYTES + 1)   # bounded even if the file grew after fstat
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise GateError(f"adapter_config.json is more than {MAX_CONFIG_BYTES} bytes", Reason.ArtifactTooLarge)
+        config = json.loads(raw)
     except OSError as exc:
         raise ValueError(f"adapter_config.json is missing: {exc}") from exc
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"adapter_config.json is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise ValueError("adapter_config.json must hold a JSON object")
@@ -618,12 +636,18 @@ def base_quantization(g: GateInput) -> str | None:
 
 @rule(Reason.InvalidTargetModules)
 def target_modules_pattern(g: GateInput) -> str | None:
-    """A string target_modules is a regular expression PEFT full-matches against every module name
+    """target_modules is a list of at most MAX_TARGET_MODULES module names (strings), or one string: a regular
+    expression PEFT full-matches against every module name
     (`re.fullmatch`). The gate matches it with RE2 (linear time, so a backtracking pattern cannot hold the
     loader for minutes); a pattern RE2 cannot run (backreferences, lookaround) or longer than
     MAX_PATTERN_CHARS is refused rather than run with Python's backtracking engine."""
     targets = g.config.get("target_modules")
-    if not isinstance(targets, str) or targets == "all-linear":
+    if isinstance(targets, list) or targets is None:
+        return _target_list_problem(targets)
+    if not isinstance(targets, str):
+        return (f"target_modules must be a list of module names or one regular expression, not "
+                f"{type(targets).__name__}; save the adapter with PEFT")
+    if targets == "all-linear":
         return None
     _, why = _compile_target_pattern(targets)
     return None if why is None else (f"target_modules {targets[:80]!r} cannot be checked: {why}; write it as a "
@@ -697,7 +721,16 @@ def check(adapter: AdapterFacts, base: BaseFacts, *, max_lora_rank: int, declare
                         model_path)
     failures: list[GateFailure] = []
     for r in RULES:
-        failure = r(subject)
+        try:
+            failure = r(subject)
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError) as exc:
+            # adapter_config.json is untrusted JSON: a field of the wrong type ("r": {}, "rank_pattern": 1) is
+            # the adapter's fault, reported with the rule that could not read it, never a retried InternalError.
+            # The rules after it would read the same field: the chain ends here.
+            failures.append(GateFailure(Reason.InvalidAdapter, f"adapter_config.json cannot be checked by rule "
+                                        f"{r.__name__}: a field has the wrong type or value ({type(exc).__name__}: "
+                                        f"{redacted(str(exc), 200)}); save the adapter with PEFT's save_pretrained"))
+            break
         if failure is not None:
             failures.append(failure)
             if r.final:
@@ -705,7 +738,25 @@ def check(adapter: AdapterFacts, base: BaseFacts, *, max_lora_rank: int, declare
     return failures
 
 
+def _target_list_problem(targets: list | None) -> str | None:
+    """Why a list target_modules cannot be checked (None: it can): too long, or an entry not a string."""
+    if targets is None:
+        return None
+    if len(targets) > MAX_TARGET_MODULES:
+        return (f"target_modules lists {len(targets)} names (at most {MAX_TARGET_MODULES}); list the base "
+                "model's layer names, e.g. q_proj, v_proj")
+    bad = [t for t in targets if not isinstance(t, str)][:1]
+    if bad:
+        bad = bad[0]
+        return (f"target_modules entries must be module names (strings), not {type(bad).__name__} "
+                f"{str(bad)[:40]!r}; save the adapter with PEFT")
+    return None
+
+
 def _target_patterns_missing(targets: Any, modules: set[str]) -> list[str]:
+    """The target_modules entries no module of the base model matches (PEFT: a list names modules by suffix at
+    a dot, `m == t or m.endswith("." + t)`; a string is a regex full-matched). Linear in targets plus modules x
+    name depth (one set of every dot-suffix); a target_modules that target_modules_pattern refuses gives []."""
     if targets in (None, "all-linear", ["all-linear"]):
         return []
     if isinstance(targets, str):   # peft: a regex matched against the full module name
@@ -713,7 +764,13 @@ def _target_patterns_missing(targets: Any, modules: set[str]) -> list[str]:
         if pattern is None:
             return []   # target_modules_pattern reports it
         return [] if any(pattern.fullmatch(m) for m in modules) else [targets]
-    return [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+    if not isinstance(targets, list) or _target_list_problem(targets):
+        return []   # target_modules_pattern reports it
+    suffixes = set()
+    for m in modules:
+        parts = m.split(".")
+        suffixes.update(".".join(parts[i:]) for i in range(len(parts)))
+    return [t for t in targets if t not in suffixes]
 
 
 def _example_targets(modules: dict[str, Any]) -> str:

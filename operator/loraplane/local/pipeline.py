@@ -216,7 +216,8 @@ class LocalRun:
     def serve(self, route: ModelRoute, adapters: list[Adapter]) -> "ServingRoute":
         """Start the route's vLLM, loader and router as local processes on free loopback ports, wait until
         every adapter has settled, and return where they are."""
-        resolution = resolve(route, [a for a in adapters if a.metadata.namespace == route.metadata.namespace])
+        resolution = resolve(route, [a for a in adapters if a.metadata.namespace == route.metadata.namespace],
+                             local_paths=True)   # a local run reads local adapter paths (the loader: --table)
         for name, verdict in sorted(resolution.selected.items()):
             if not verdict.compatible:
                 self.say(f"  ! Adapter {name} not served: {verdict.reason}: {verdict.message}")

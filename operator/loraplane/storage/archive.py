@@ -13,7 +13,12 @@ ways an artifact becomes a directory go through here:
 - `copy_tree`: a local or PVC directory. It is walked without following links: a device file, FIFO or socket
   is refused, a symlink must resolve inside the directory to a regular file (copied as that file), and each
   file is opened with O_NOFOLLOW and checked with fstat (a file swapped for a link or a FIFO after the walk is
-  refused, not followed or blocked on); the same limits apply to what is copied.
+  refused, not followed or blocked on); the same limits apply to what is copied. Each source file (inode) is
+  read and counted once: its other names (symlinks, hard links) become hard links to the one copy, so a
+  directory of thousands of links to one file costs one file, not thousands.
+
+Hard-link members of an archive count against the total as copies of their target (tarfile copies when the
+file system refuses a hard link); symlink members cost no bytes and are counted as members only.
 
 Every refusal is a storage error naming the member and the rule: UnsafeContent or TooLarge (both
 InvalidContent: retrying cannot help).
@@ -110,6 +115,7 @@ def _decompressed(fh):
 def _checked_members(tar: tarfile.TarFile, limits: ArtifactLimits, uri: str, name: str) -> Iterator[tarfile.TarInfo]:
     """The archive's members, read one header at a time, each checked before tarfile touches its data."""
     count = total = 0
+    sizes: dict[str, int] = {}   # regular members by name: what a hard link to one of them unpacks to
     for member in tar:
         count += 1
         if count > limits.max_members:
@@ -122,12 +128,17 @@ def _checked_members(tar: tarfile.TarFile, limits: ArtifactLimits, uri: str, nam
                                                                         or member.issym() or member.islnk()):
             raise UnsafeContent(uri, "special file", f"{name}: member {member.name!r} is a device file, FIFO or "
                                 "other special file; an artifact holds only files and directories")
-        if member.isreg():
+        if member.isreg() or member.islnk():
             # For a sparse member tarfile reports the expanded size here (what would land on disk and be hashed).
-            if member.size > limits.max_member_bytes:
-                raise TooLarge(uri, "member too large", f"{name}: member {member.name!r} is {member.size} bytes "
+            # A hard link counts as a copy of its target: where the file system refuses os.link, tarfile writes
+            # one. (A symlink costs no bytes; digest and cache read and count each inode once.)
+            size = member.size if member.isreg() else sizes.get(member.linkname.rstrip("/"), 0)
+            if member.isreg():
+                sizes[member.name.rstrip("/")] = size
+            if size > limits.max_member_bytes:
+                raise TooLarge(uri, "member too large", f"{name}: member {member.name!r} is {size} bytes "
                                f"unpacked (at most {limits.max_member_bytes})")
-            total += member.size
+            total += size
             if total > limits.max_total_bytes:
                 raise TooLarge(uri, "archive too large", f"{name} unpacks to more than {limits.max_total_bytes} "
                                "bytes (the artifact limit)")
@@ -229,25 +240,43 @@ def walk_tree(src: Path, limits: ArtifactLimits, uri: str, hint: str = "") -> It
 def check_tree(src: Path, limits: ArtifactLimits, uri: str) -> None:
     """Refuse the local directory `src` as copy_tree would (walk_tree's errors, TooLarge past the total)."""
     total = 0
+    seen: set[tuple[int, int]] = set()
     for _, path in walk_tree(src, limits, uri):
         if path is not None:
-            total += path.stat().st_size
+            st = path.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                continue   # another name of a file already counted (copy_tree links it)
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_size
             if total > limits.max_total_bytes:
                 raise TooLarge(uri, "too large", f"{src} holds more than {limits.max_total_bytes} bytes")
 
 
 def copy_tree(src: Path, dest: Path, limits: ArtifactLimits, uri: str, hint: str = "") -> None:
     """Copy the local directory `src` to the new directory `dest` as regular files (walk_tree decides what is
-    admitted; links inside become copies of their file). Raises walk_tree's errors, TooLarge once more than
-    `limits.max_total_bytes` were copied, Unavailable when reading or writing fails."""
+    admitted; links inside become copies of their file). Each source file (inode) is copied once; its other
+    names become hard links to that copy (or, where `dest`'s file system refuses hard links, copies counted
+    against the limits). Raises walk_tree's errors, TooLarge once more than `limits.max_total_bytes` were
+    copied, Unavailable when reading or writing fails."""
     dest.mkdir(parents=True)
     total = 0
+    copied: dict[tuple[int, int], Path] = {}   # source (device, inode) -> its copy in dest
     for rel, path in walk_tree(src, limits, uri, hint):
         target = dest / rel
         if path is None:
             target.mkdir(exist_ok=True)
             continue
         fd = _open_regular(path, rel, uri)
+        st = os.fstat(fd)
+        first = copied.get((st.st_dev, st.st_ino))
+        if first is not None:
+            try:
+                os.link(first, target)
+                os.close(fd)
+                continue
+            except OSError:
+                pass   # no hard links there: copy it (counted below)
+        copied.setdefault((st.st_dev, st.st_ino), target)
         written = 0
         try:
             with os.fdopen(fd, "rb") as fh, open(target, "xb") as out:

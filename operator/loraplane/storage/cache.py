@@ -36,7 +36,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from loraplane.api.paths import PVC_ROOT
@@ -158,7 +158,8 @@ class ArtifactCache:
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.limits = limits.at_most(max_bytes)
-        self.policy = FetchPolicy(policy.allow_insecure_http, self.limits.max_total_bytes)
+        self.policy = replace(policy, max_bytes=self.limits.max_total_bytes,
+                              private_roots=(*policy.private_roots, str(self.root)))
         self.pvc_root = pvc_root
         self.http_timeout = http_timeout
         self.root.mkdir(parents=True, exist_ok=True)
@@ -244,6 +245,7 @@ class ArtifactCache:
         """The verified local copy of `uri` at `version` (the artifact's identity with `expected_sha256`:
         cache_key), fetched if missing, stale or changed on disk since it was verified. `credentials`: this
         artifact's own, used instead of the environment. Raises FetchError subclasses."""
+        self._check_local(uri)   # before any lookup: an entry cached under an older policy is not served either
         key = self.key(uri, version, expected_sha256)
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
@@ -277,6 +279,29 @@ class ArtifactCache:
                 shutil.rmtree(tmp, ignore_errors=True)
             self.evict(protect | {art.path})
             return art
+
+    def _check_local(self, uri: str) -> None:
+        """Refuse (FetchError LocalSourceRefused, not retried) a `/PATH` or `file://` source when the policy
+        does not allow local paths, and a local or pvc:// source that names or lies under one of the policy's
+        private roots (this cache, the loader's credentials), links resolved."""
+        parsed = try_parse_uri(uri)
+        if parsed is None or not parsed.is_local:
+            return
+        if parsed.scheme == Scheme.LOCAL and not self.policy.allow_local_paths:
+            raise FetchError(f"spec.source.uri {redacted(uri)!r} is a local path, read from the replica's own file "
+                             "system: local paths are for local runs (loraplane run, a loader with --table); "
+                             "publish the adapter to pvc://, s3://, https:// or hf://",
+                             Reason.LocalSourceRefused, retryable=False)
+        local = parsed.local_path(self.pvc_root)
+        if local is None:
+            return
+        real = Path(os.path.realpath(local))
+        for root in self.policy.private_roots:
+            private = Path(os.path.realpath(root))
+            if real == private or real.is_relative_to(private) or private.is_relative_to(real):
+                raise FetchError(f"spec.source.uri {redacted(uri)!r} names the loader's own folder {root} (its "
+                                 "adapter cache or credentials), which no source may read; publish the adapter "
+                                 "to pvc://, s3://, https:// or hf://", Reason.LocalSourceRefused, retryable=False)
 
     async def _intact(self, cached: CachedArtifact) -> bool:
         """The entry's files still hash to the digest recorded when it was verified (nothing rewrote them)."""

@@ -58,7 +58,9 @@ TOKEN_ENV: dict[Scheme, str] = {Scheme.S3: "AWS_SECRET_ACCESS_KEY"}
 
 @dataclass(frozen=True)
 class ArtifactUri:
-    """A parsed artifact URI. `text` is the URI as written (cache keys and messages use it unchanged).
+    """A parsed artifact URI. `text` is the URI as written (cache keys and fetches use it unchanged); str() and
+    repr() are what a message may show: redacted (api.redaction: no userinfo, no presigned-URL secrets, cut),
+    so formatting an ArtifactUri into a message or a log line never leaks a credential it carries.
 
     Fields by scheme: local `path` (absolute); pvc `claim` and `path` (inside the claim, no leading or
     trailing slash, may be empty); s3 `bucket` and `key` (as written: may be empty or end in "/"); http(s) the
@@ -75,7 +77,10 @@ class ArtifactUri:
     revision: str | None = None
 
     def __str__(self) -> str:
-        return self.text
+        return redacted(self.text)
+
+    def __repr__(self) -> str:
+        return f"ArtifactUri({redacted(self.text)!r}, scheme={self.scheme.value!r})"
 
     @property
     def is_local(self) -> bool:
@@ -218,9 +223,10 @@ def cache_key(uri: str | ArtifactUri, version: str | None = None, sha256: str | 
     Two versions published at one URI (a source overwritten in place) are two entries: fetching the second never
     replaces the files the first is loaded from. With neither version nor digest the key is the URI's alone
     (base models, `fetched_model_path`)."""
+    text = uri.text if isinstance(uri, ArtifactUri) else uri   # str(ArtifactUri) is redacted
     if version is None and sha256 is None:
-        return hashlib.sha256(str(uri).encode()).hexdigest()[:32]
-    identity = "\n".join((str(uri), f"version={version or ''}", f"sha256={(sha256 or '').lower()}"))
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+    identity = "\n".join((text, f"version={version or ''}", f"sha256={(sha256 or '').lower()}"))
     return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 

@@ -17,6 +17,7 @@ import traceback
 from pathlib import Path
 
 from loraplane.api.reasons import Reason
+from loraplane.api.redaction import install_log_redaction, scrubbed
 from loraplane.api.wire.trainer import TerminationMessage
 from loraplane.trainer.errors import EXIT_INTERNAL, EXIT_OK, EXIT_PREEMPTED, TrainerError, write_termination_message
 
@@ -48,6 +49,7 @@ def train_main(args: argparse.Namespace) -> int:
     writing the termination message. An unforeseen exception becomes InternalError (OOM: OutOfMemory)."""
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()   # log lines quote URIs and store errors: no credential reaches the pod log
     try:
         return _run(args)
     except TrainerError as exc:
@@ -56,7 +58,7 @@ def train_main(args: argparse.Namespace) -> int:
         print(json.dumps(exc.as_dict()), file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # a bug or an unforeseen failure: still tell the operator something useful
-        traceback.print_exc()
+        print(scrubbed(traceback.format_exc()), file=sys.stderr, end="")   # the pod log: no credentials
         from loraplane.trainer.errors import is_out_of_memory
 
         if is_out_of_memory(exc):

@@ -9,6 +9,7 @@ either its termination message or its exit code.
 from __future__ import annotations
 
 from loraplane.api.reasons import Reason
+from loraplane.api.redaction import scrubbed
 from loraplane.api.wire.trainer import (  # noqa: F401  (re-exported: the trainer's public names)
     DEFAULT_TERMINATION_LOG, EXIT_CODES, EXIT_INTERNAL, EXIT_OK, EXIT_PREEMPTED, FAILURES, NOT_RETRYABLE_EXIT_CODES,
     REASONS_BY_EXIT_CODE, TERMINATION_LOG_ENV, TERMINATION_MESSAGE_LIMIT, TerminationMessage, termination_log_path,
@@ -25,6 +26,9 @@ class TrainerError(Exception):
     retryable = True
 
     def __init__(self, message: str):
+        # Messages quote URIs and store errors: scrubbed here, so the log line, stderr and the termination
+        # message (every sink of `message`, str(exc) and as_dict()) never carry a credential.
+        message = scrubbed(message)
         super().__init__(message)
         self.message = message
 

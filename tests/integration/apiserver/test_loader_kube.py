@@ -68,15 +68,17 @@ def test_loader_follows_its_configmap_and_annotates_its_pod(kube_cluster, kube_a
     kubeconfig = loader_kubeconfig(kube_cluster, kube_api, namespace, vllm_server, tmp_path)
     core.create_namespaced_pod(namespace, {"metadata": {"name": "replica-0"},
                                            "spec": {"containers": [{"name": "vllm", "image": "vllm"}]}})
-    good = write_adapter(tmp_path / "good", scale=0.05)
-    wide = write_adapter(tmp_path / "wide", r=32)
+    # In a cluster the loader reads no local paths (LocalSourceRefused): the adapters sit on a "mounted PVC".
+    write_adapter(tmp_path / "pvc" / "claim" / "good", scale=0.05)
+    write_adapter(tmp_path / "pvc" / "claim" / "wide", r=32)
+    good, wide = "pvc://claim/good", "pvc://claim/wide"
     core.create_namespaced_config_map(namespace, {
         "metadata": {"name": "tiny-serving"},
         "data": {CONFIGMAP_KEY: table(vllm_server, 1, [desired("good", good), desired("wide", wide)])}})
     proc = subprocess.Popen(
         [sys.executable, "-m", "loraplane.loader", "--configmap", "tiny-serving", "--namespace", namespace,
          "--kubeconfig", kubeconfig, "--pod-name", "replica-0", "--vllm-url",
-         vllm_server.base_url, "--cache-dir", str(tmp_path / "cache"), "--port", str(free_port()),
+         vllm_server.base_url, "--cache-dir", str(tmp_path / "cache"), "--pvc-root", str(tmp_path / "pvc"), "--port", str(free_port()),
          "--host", "127.0.0.1"], stdout=open(tmp_path / "loader.log", "wb"), stderr=subprocess.STDOUT)
     try:
         report = wait_report(core, namespace, lambda r: r.generation == 1

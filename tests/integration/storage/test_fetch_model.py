@@ -33,7 +33,10 @@ def test_fetch_model_from_s3_is_verified_and_idempotent(tiny_model_dir, s3_serve
         client.upload_file(str(f), "models", f"tiny/{f.relative_to(tiny_model_dir).as_posix()}")
     cache = tmp_path / "models" / "fetched"
     uri = "s3://models/tiny/"
-    done = fetch(uri, cache, tmp_path, s3_server.env)
+    # The stand-in is plain http on loopback: the S3 endpoint passes the fetch policy only with the opt-in.
+    refused = fetch(uri, cache, tmp_path, s3_server.env)
+    assert refused.returncode == 1 and "AWS_ENDPOINT_URL" in refused.stderr and "allowInsecureHttp" in refused.stderr
+    done = fetch(uri, cache, tmp_path, s3_server.env, "--allow-insecure-http")
     assert done.returncode == 0, done.stderr
     where = fetched_model_path(cache, uri)
     assert sha256_dir(where) == sha256_dir(tiny_model_dir)  # byte for byte what was uploaded
@@ -42,13 +45,13 @@ def test_fetch_model_from_s3_is_verified_and_idempotent(tiny_model_dir, s3_serve
     assert AutoConfig.from_pretrained(where).model_type == AutoConfig.from_pretrained(tiny_model_dir).model_type
     # A restarted init container finds the verified copy and downloads nothing (the bucket is gone).
     client.delete_objects(Bucket="models", Delete={"Objects": [{"Key": k} for k in s3_server.keys("models")]})
-    again = fetch(uri, cache, tmp_path, s3_server.env, "--sha256", sha256_dir(tiny_model_dir))
+    again = fetch(uri, cache, tmp_path, s3_server.env, "--allow-insecure-http", "--sha256", sha256_dir(tiny_model_dir))
     assert again.returncode == 0, again.stderr
 
 
 def test_fetch_model_failures_say_what_to_fix(tiny_model_dir, s3_server, tmp_path):
     s3_server.client().create_bucket(Bucket="empty")
-    done = fetch("s3://empty/llama/", tmp_path / "cache", tmp_path, s3_server.env)
+    done = fetch("s3://empty/llama/", tmp_path / "cache", tmp_path, s3_server.env, "--allow-insecure-http")
     assert done.returncode == 1
     written = json.loads((tmp_path / "termination-log").read_text())  # the trainer's form: reason + message
     assert written["reason"] == "ModelFetchFailed"

@@ -50,12 +50,86 @@ def test_loader_report_carries_no_credentials():
     assert_clean(slot.message)
 
 
-async def test_storage_and_cache_errors_carry_no_credentials(tmp_path):
+@pytest.fixture
+def store():
+    """A plain-http loopback store answering /404/..., /503/..., /403/... with that status (reached with the
+    insecure-http opt-in, so the NotFound / Unavailable / AccessDenied paths build their messages)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):   # noqa: N802
+            self.send_response(int(self.path.split("/")[1]))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _store_uri(host: str, status: int, name: str = "a.tar.gz") -> str:
+    """URI with its host replaced by the loopback store and its path by /STATUS/NAME (secrets kept)."""
+    return (URI.replace("https://", "http://").replace("bucket.s3.amazonaws.com", host)
+            .replace("/adapters/a.tar.gz", f"/{status}/{name}"))
+
+
+async def test_storage_and_cache_errors_carry_no_credentials(tmp_path, store):
+    from loraplane.storage.fetchers import FetchPolicy
+
     assert_clean(str(StorageError(URI, "HTTP 403")))
     cache = ArtifactCache(tmp_path / "cache", 10**9)
     with pytest.raises(FetchError) as info:   # plain http is refused; the message quotes the URI
         await cache.fetch(URI.replace("https://", "http://"))
     assert_clean(str(info.value))
+    local = ArtifactCache(tmp_path / "local", 10**9, policy=FetchPolicy(allow_insecure_http=True))
+    reasons = set()
+    for status in (404, 503, 403):
+        with pytest.raises(FetchError) as info:
+            await local.fetch(_store_uri(store, status))
+        assert_clean(str(info.value))
+        assert str(status) in str(info.value)   # the store's answer is there, the secrets are not
+        reasons.add(info.value.reason)
+    assert {Reason.AccessDenied, Reason.FetchFailed} <= reasons
+
+
+def test_trainer_dataset_errors_and_logs_carry_no_credentials(tmp_path, store, monkeypatch, capsys):
+    """Review p1/p6: the trainer formatted the raw URI into DatasetNotFound / DatasetUnavailable /
+    DatasetAccessDenied and logged it and printed as_dict() to stderr (the pod log) unredacted."""
+    import logging
+
+    from loraplane.api.redaction import install_log_redaction
+    from loraplane.api.wire.trainer import INSECURE_HTTP_ENV
+    from loraplane.storage.uri import parse_uri
+    from loraplane.trainer.data import fetch
+    from loraplane.trainer.errors import TrainerError
+
+    monkeypatch.setenv(INSECURE_HTTP_ENV, "true")
+    handler = logging.StreamHandler()
+    logger = logging.getLogger("loraplane.test.redaction")
+    logger.addHandler(handler)
+    logger.propagate = False
+    install_log_redaction(logger)
+    seen = []
+    for status in (404, 503, 403):
+        with pytest.raises(TrainerError) as info:
+            fetch(_store_uri(store, status, "train.jsonl"), tmp_path / "data", tmp_path / "pvc")
+        err = info.value
+        seen.append(err.reason)
+        for text in (str(err), err.message, json.dumps(err.as_dict()), repr(err)):
+            assert_clean(text)
+        logger.error("%s: %s", err.reason, f"raw {_store_uri(store, status)}")
+    assert seen == [Reason.DatasetNotFound, Reason.DatasetUnavailable, Reason.DatasetAccessDenied]
+    assert_clean(capsys.readouterr().err)
+    # an ArtifactUri formats redacted wherever it lands; its text stays the real value
+    parsed = parse_uri(URI)
+    for text in (str(parsed), repr(parsed), f"{parsed}"):
+        assert_clean(text)
+    assert parsed.text == URI
 
 
 def test_fetch_model_message_carries_no_credentials(tmp_path, monkeypatch, capsys):
@@ -66,3 +140,30 @@ def test_fetch_model_message_carries_no_credentials(tmp_path, monkeypatch, capsy
     assert cli_main(["fetch-model", URI.replace("https://", "http://"), "--cache-dir", str(tmp_path / "m")]) == 1
     assert_clean(log.read_text())
     assert_clean(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("text", [
+    "https://user:p@ssw0rdSECRET@host/a.tar.gz",               # '@' in the password: userinfo ends at the last '@'
+    "https://user:pa/SECRET@host/a.tar.gz",                    # '/' in the password
+    "https://host/a.tar.gz?X-Amz-Algorithm=AWS4&X%2DAmz%2DSignature=SECRET",   # percent-encoded name
+    "https://host/a.tar.gz?X%252DAmz%252DSignature=SECRET",    # encoded twice
+    "https://host/a.tar.gz?code=SECRET", "https://host/a.tar.gz?hf_token=SECRET",
+    "https://host/a.tar.gz?client_secret=SECRET", "https://host/a.tar.gz?private_token=SECRET",
+    "https://host/a.tar.gz?Authorization=Bearer%20SECRET", "https://host/a.tar.gz?api-key=SECRET",
+    "https://host/a.tar.gz?access-token=SECRET", "https://host/a.tar.gz?api_key=SECRET",
+    "https://host/a.tar.gz?password=SECRET", "https://host/a.tar.gz?secret=SECRET",
+    "https://host/a.tar.gz?a=1#sig=SECRET", "https://host/a.tar.gz?token=ab#SECRET",
+    "fetch failed: Authorization: Bearer SECRETSECRET", 'headers {"Authorization": "Basic U0VDUkVUU0VDUkVU"}',
+    "x-api-key: SECRET",
+])
+def test_scrubbed_masks_every_credential_form(text):
+    """Review p7: each of these leaked (a '@' or '/' in a password, encoded or unlisted parameter names, header
+    values quoted in a message)."""
+    shown = scrubbed(text)
+    assert "SECRET" not in shown and "U0VDUkVU" not in shown, shown
+
+
+def test_scrubbed_keeps_what_is_not_a_credential():
+    for text in ("hf://org/repo@main", "https://host:8443/a@b", "http://[::1]:8080/x", "s3://bucket/key",
+                 "exit code 1, basic check failed", "pvc://claim/a.tar.gz", "https://h/a.tar.gz?version=3"):
+        assert scrubbed(text) == text

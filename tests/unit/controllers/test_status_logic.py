@@ -142,7 +142,7 @@ ROUTE = ModelRoute.model_validate({
 def adapter(name, rank=8, base="org/base", labels=None):
     return Adapter.model_validate({"kind": "Adapter", "metadata": {"name": name, "namespace": "ns",
                                                                     "labels": labels or {}},
-                                   "spec": {"baseModel": {"name": base}, "source": {"uri": f"/a/{name}"},
+                                   "spec": {"baseModel": {"name": base}, "source": {"uri": f"s3://b/a/{name}"},
                                             "version": "1", "rank": rank}})
 
 

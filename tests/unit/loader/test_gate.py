@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -338,3 +340,56 @@ def test_backtracking_target_modules_regex_is_bounded(tmp_path, base):
     # An ordinary PEFT regex still matches as re.fullmatch would.
     ok = write_adapter(tmp_path / "ok", extra_config={"target_modules": r".*\.(q_proj|v_proj)"})
     assert reasons(ok, base) == []
+
+
+def test_adapter_config_size_is_capped_before_reading(tmp_path, monkeypatch):
+    """Review p6: a 95 MiB adapter_config.json was read whole and json-decoded (about 3x its size in memory on
+    every replica). Now it is refused by its size, before a byte is decoded."""
+    d = write_adapter(tmp_path / "big")
+    config = json.loads((d / "adapter_config.json").read_text())
+    with open(d / "adapter_config.json", "w") as fh:
+        fh.write(json.dumps(config)[:-1] + ', "pad": "' + "x" * (gate.MAX_CONFIG_BYTES + 10) + '"}')
+    monkeypatch.setattr(gate.json, "loads", lambda *a, **k: pytest.fail("decoded an oversized config"))
+    with pytest.raises(gate.GateError) as info:
+        gate.read_adapter(d)
+    assert info.value.reason is Reason.ArtifactTooLarge and "adapter_config.json" in str(info.value)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", 1], [None], [["q_proj"]], {"q_proj": 1}, 7,
+                                     ["q_proj"] * (gate.MAX_TARGET_MODULES + 1)], ids=lambda t: type(t).__name__ + str(len(t) if hasattr(t, "__len__") else t))
+def test_malformed_target_modules_are_refused_by_the_rule(targets, base):
+    """Review p5/p6: a non-string entry crashed the suffix match (TypeError -> InternalError, retried); an
+    unbounded list was matched O(targets x modules). Now the pattern rule names it, nothing raises."""
+    bad = _facts(config={"target_modules": targets})
+    failures = gate.check(bad.adapter, bad.base, **_check_kwargs(bad))
+    assert [f.reason for f in failures] == [Reason.InvalidTargetModules]
+    assert "target_modules" in failures[0].message
+    # also against the real tiny model's modules (target_modules_exist runs there)
+    assert [f.reason for f in gate.check(bad.adapter, base, max_lora_rank=16)][-1:] != [Reason.InternalError]
+
+
+def test_target_modules_matching_is_linear(base):
+    import time
+
+    modules = {f"model.layers.{layer}.{part}" for layer in range(200) for part in
+               ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")}
+    targets = [f"t{i}" for i in range(gate.MAX_TARGET_MODULES - 2)] + ["q_proj", "self_attn.v_proj"]
+    started = time.monotonic()
+    missing = gate._target_patterns_missing(targets, modules)
+    assert time.monotonic() - started < 0.5   # was about 10 s (10,000 x 1,800 suffix tests in Python)
+    assert len(missing) == gate.MAX_TARGET_MODULES - 2 and "q_proj" not in missing
+    assert gate._target_patterns_missing(["proj", "layers.0.self_attn.q_proj", "0.self_attn.q_proj"],
+                                         modules) == ["proj"]   # PEFT: suffixes at a dot only
+
+
+@pytest.mark.parametrize("field,value", [("r", {"a": 1}), ("rank_pattern", 1), ("rank_pattern", {"q_proj": "b"}),
+                                         ("modules_to_save", 1), ("modules_to_save", ["x", {}])])
+def test_a_config_field_of_the_wrong_type_is_an_invalid_adapter(field, value):
+    """Any adapter_config.json field of the wrong type is InvalidAdapter naming the field (a rule that checks it, or
+    the rule that could not read it), never an exception (the loader reported those as InternalError and retried
+    them)."""
+    bad = _facts(config={field: value})
+    failures = gate.check(bad.adapter, bad.base, **_check_kwargs(bad))
+    assert failures and failures[-1].reason == Reason.InvalidAdapter
+    assert field in failures[-1].message or "rule" in failures[-1].message, failures

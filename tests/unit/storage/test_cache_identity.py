@@ -131,7 +131,9 @@ def test_s3_uses_only_the_explicit_credentials(s3_env, monkeypatch, tmp_path):
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     a = Credentials("Secret a", {"AWS_ACCESS_KEY_ID": "key-a", "AWS_SECRET_ACCESS_KEY": "s-a"})
     b = Credentials("Secret b", {"AWS_ACCESS_KEY_ID": "key-b", "AWS_SECRET_ACCESS_KEY": "s-b"})
-    fa, fb = (fetcher_for(parse_uri(f"s3://team-{x}/lora"), credentials=c) for x, c in (("a", a), ("b", b)))
+    local = FetchPolicy(allow_insecure_http=True)   # the stand-in is plain http on loopback
+    fa, fb = (fetcher_for(parse_uri(f"s3://team-{x}/lora"), credentials=c, policy=local)
+              for x, c in (("a", a), ("b", b)))
     assert isinstance(fa, S3Fetcher) and fa.client._request_signer._credentials.access_key == "key-a"
     assert fb.client._request_signer._credentials.access_key == "key-b"
     assert (fa.fetch_tree(parse_uri("s3://team-a/lora"), tmp_path / "a") / "adapter_config.json").is_file()

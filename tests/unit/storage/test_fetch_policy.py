@@ -162,3 +162,90 @@ async def test_hub_token_goes_to_the_hub_origin_only_never_along_a_redirect(tmp_
         assert await _in_thread(fetch, f"{hub.base}/resolve", tmp_path, send_hub_token=True) == b"data"
         assert hub.seen == [("/resolve", "Bearer hf_secret")]
         assert cdn.seen == [("/blob", None)]
+
+
+@pytest.mark.parametrize("address", [
+    "::ffff:169.254.169.254",        # IPv4-mapped
+    "::a9fe:a9fe",                   # IPv4-compatible
+    "64:ff9b::a9fe:a9fe",            # NAT64 well-known prefix (RFC 6052)
+    "64:ff9b:1::a9fe:a9fe",          # NAT64 local-use prefix (RFC 8215), /96
+    "64:ff9b:1:a9fe:a9:fe00::",      # the same, /48 layout
+    "2002:a9fe:a9fe::1",             # 6to4
+    "2001:0:4136:e378:8000:63bf:5601:5601",   # Teredo, client 169.254.169.254 (obfuscated)
+    "64:ff9b::7f00:1", "::ffff:0.0.0.0",
+])
+def test_ipv6_forms_of_refused_ipv4_addresses_are_refused(address):
+    """Review p16: every IPv6 form that reaches 169.254.169.254 (or loopback) through a translator is refused."""
+    assert refused_address(address)
+
+
+def test_ipv6_forms_of_public_ipv4_addresses_are_allowed():
+    for address in ("64:ff9b::808:808", "64:ff9b:1::808:808", "2002:808:808::1", "2606:4700::1111"):
+        assert refused_address(address) is None, address
+
+
+def _s3_endpoint_hits(endpoint_env: dict[str, str], policy: FetchPolicy, tmp_path, monkeypatch) -> tuple[list, str]:
+    """Fetch s3://latest/meta-data with an Adapter's credentials Secret carrying `endpoint_env`; a plain-http
+    loopback server stands in for the metadata service. Returns (requests it got, the error's text or "")."""
+    import http.server
+    import threading
+
+    from loraplane.storage.credentials import Credentials
+    from loraplane.storage.errors import StorageError
+    from loraplane.storage.fetchers import fetcher_for
+
+    hits: list = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):   # noqa: N802
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    values = {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b",
+              **{k: v.format(port=port) for k, v in endpoint_env.items()}}
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    uri = parse_uri("s3://latest/meta-data/iam/security-credentials/role")
+    try:
+        fetcher_for(uri, policy=policy, credentials=Credentials("Secret evil", values)).fetch_file(uri, tmp_path / "f")
+        return hits, ""
+    except StorageError as exc:
+        return hits, str(exc) if isinstance(exc, Refused) else f"not refused: {exc!r}"
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:{port}", "https://127.0.0.1:{port}",
+                                      "http://[::ffff:127.0.0.1]:{port}", "ftp://127.0.0.1:{port}"])
+def test_s3_endpoint_from_a_secret_obeys_the_fetch_policy(endpoint, tmp_path, monkeypatch):
+    """Review p3: AWS_ENDPOINT_URL from an Adapter's credentials Secret went straight to boto3 (plain http, loopback,
+    the metadata service). Under the default policy it is refused before any request, naming the Secret."""
+    hits, error = _s3_endpoint_hits({"AWS_ENDPOINT_URL": endpoint}, FetchPolicy(), tmp_path, monkeypatch)
+    assert hits == [] and "Secret evil" in error and "AWS_ENDPOINT_URL" in error
+
+
+def test_s3_endpoint_link_local_is_refused_even_with_the_opt_in(tmp_path, monkeypatch):
+    from loraplane.storage.fetchers.s3 import check_endpoint
+
+    for endpoint in ("http://169.254.169.254", "https://169.254.169.254:443", "http://[fd00:ec2::254]",
+                     "http://[64:ff9b::a9fe:a9fe]"):
+        with pytest.raises(Refused, match="refused address"):
+            check_endpoint(endpoint, LOCAL, "s3://b/k", "Secret evil")
+    # the environment's endpoint (the trainer's dataset Secret is mapped onto it) is checked the same way
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://169.254.169.254")
+    from loraplane.storage.fetchers.s3 import S3Fetcher
+    with pytest.raises(Refused):
+        S3Fetcher(policy=LOCAL).client   # noqa: B018
+    # with the opt-in a loopback stand-in (MinIO, moto) is reached
+    hits, error = _s3_endpoint_hits({"AWS_ENDPOINT_URL": "http://127.0.0.1:{port}"}, LOCAL, tmp_path, monkeypatch)
+    assert hits, error

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from loraplane.api.redaction import redacted
+
 from loraplane.api.paths import PVC_ROOT
 from loraplane.storage.uri import (
     ArtifactUri,
@@ -33,7 +35,8 @@ from loraplane.storage.uri import (
 ])
 def test_every_scheme_parses_to_its_fields(text, expected):
     assert parse_uri(text) == expected
-    assert str(parse_uri(text)) == text
+    assert parse_uri(text).text == text
+    assert str(parse_uri(text)) == redacted(text)   # what a message shows (review p6: no credentials)
 
 
 @pytest.mark.parametrize("text, needle", [

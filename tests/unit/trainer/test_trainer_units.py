@@ -299,7 +299,7 @@ def test_s3_dataset_errors_are_categorised(tmp_path, monkeypatch):
     stub.activate()
     from loraplane.storage.fetchers import s3
 
-    monkeypatch.setattr(s3, "s3_client", lambda credentials=None: client)
+    monkeypatch.setattr(s3, "s3_client", lambda credentials=None, **_: client)
     with pytest.raises(DatasetNotFound, match="s3://bucket/train.jsonl does not exist"):
         data.fetch("s3://bucket/train.jsonl", tmp_path, tmp_path)
     with pytest.raises(DatasetAccessDenied, match="credentialsSecretRef"):
@@ -521,3 +521,40 @@ def test_out_of_memory_detection():
     assert errors.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert errors.is_out_of_memory(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory"))
     assert not errors.is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+@pytest.mark.parametrize("endpoint, opt_in", [("http://127.0.0.1:{port}", False), ("http://169.254.169.254", True),
+                                              ("https://[::ffff:169.254.169.254]", True)])
+def test_dataset_s3_endpoint_obeys_the_fetch_policy(endpoint, opt_in, tmp_path, monkeypatch):
+    """Review p3: the dataset Secret is mapped onto the trainer's environment, so its AWS_ENDPOINT_URL is the
+    user's: plain http needs the opt-in, link-local / metadata never; refused (InvalidConfig) before a request."""
+    from loraplane.api.wire.trainer import INSECURE_HTTP_ENV
+
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):   # noqa: N802
+            hits.append(self.path)
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint.format(port=server.server_address[1]))
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "a")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "b")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        if opt_in:
+            monkeypatch.setenv(INSECURE_HTTP_ENV, "true")
+        else:
+            monkeypatch.delenv(INSECURE_HTTP_ENV, raising=False)
+        with pytest.raises(InvalidConfig, match="AWS_ENDPOINT_URL"):
+            data.fetch("s3://latest/meta-data.jsonl", tmp_path / "d", tmp_path / "pvc")
+        assert hits == []
+    finally:
+        server.shutdown()

@@ -23,10 +23,16 @@ class FetchPolicy:
     `allow_insecure_http`: also plain http:// and loopback addresses (the chart's `allowInsecureHttp`, the
     local quickstart and tests; never needed against a real store). `max_bytes`: the largest download
     accepted (None: unbounded), so a server streaming forever stops at the artifact limit.
+    `allow_local_paths`: local `/PATH` and `file://` sources may be read (local runs; the adapter loader in a
+    cluster sets it False, since its file system holds other tenants' cached adapters and credentials).
+    `private_roots`: folders no local or pvc:// source may name or lie under, whatever `allow_local_paths`
+    (the loader's credentials root; an ArtifactCache adds its own root).
     """
 
     allow_insecure_http: bool = False
     max_bytes: int | None = None
+    allow_local_paths: bool = True
+    private_roots: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls) -> "FetchPolicy":

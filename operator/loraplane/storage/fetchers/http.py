@@ -61,21 +61,76 @@ def is_hub_url(url: str) -> bool:
     return parsed.scheme == "https" and (host == HUB_HOST or host.endswith("." + HUB_HOST))
 
 
+# NAT64 prefixes (RFC 6052 well-known 64:ff9b::/96, RFC 8215 local-use 64:ff9b:1::/48): an address in them reaches
+# the IPv4 address embedded in it through the network's translator.
+_NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+# Where RFC 6052 section 2.2 puts the IPv4 address for each prefix length a local-use NAT64 prefix may have:
+# (bit offsets from the left of the 128-bit address) of its first and last 16 bits; bits 64-71 are skipped.
+# The local-use prefix is a /48, so a network's prefix in it is /48, /56, /64 or /96.
+_RFC6052_SPLITS = ((48, 72), (56, 72), (64, 72), (96, 96))
+
+
+def _bits(value: int, start: int, length: int) -> int:
+    return (value >> (128 - start - length)) & ((1 << length) - 1)
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address reaches (or may reach) through a translation mechanism: IPv4-mapped
+    (::ffff:a.b.c.d), IPv4-compatible (::a.b.c.d, deprecated but still routed by some stacks), 6to4
+    (2002:AABB:CCDD::/48), Teredo (server and client), NAT64 well-known (64:ff9b::/96) and every RFC 6052
+    position of the local-use NAT64 prefix 64:ff9b:1::/48. Empty for an address with none."""
+    out: list[ipaddress.IPv4Address] = []
+    value = int(ip)
+    if ip.ipv4_mapped is not None:
+        out.append(ip.ipv4_mapped)
+    if ip in _IPV4_COMPATIBLE and value > 1:   # not :: or ::1 (unspecified, loopback: checked as IPv6)
+        out.append(ipaddress.IPv4Address(value & 0xFFFFFFFF))
+    if ip.sixtofour is not None:
+        out.append(ip.sixtofour)
+    if ip.teredo is not None:
+        out.extend(ip.teredo)
+    if ip in _NAT64_WELL_KNOWN:
+        out.append(ipaddress.IPv4Address(value & 0xFFFFFFFF))
+    if ip in _NAT64_LOCAL:
+        for first, second in _RFC6052_SPLITS:
+            if first == 96:
+                out.append(ipaddress.IPv4Address(value & 0xFFFFFFFF))
+                continue
+            head = min(32, 64 - first)   # bits of the IPv4 address before the skipped octet
+            v4 = (_bits(value, first, head) << (32 - head)) | _bits(value, second, 32 - head)
+            out.append(ipaddress.IPv4Address(v4))
+    return out
+
+
 def refused_address(address: str, allow_loopback: bool = False) -> str | None:
     """Why a connection to the IP `address` is refused (None: allowed): a metadata address, link-local,
-    unspecified, multicast, or loopback unless `allow_loopback`. IPv4-mapped IPv6 addresses count as their
-    IPv4 address. A text that is not an IP address is refused."""
+    unspecified, multicast, or loopback unless `allow_loopback`. An IPv6 address that embeds an IPv4 address
+    (embedded_ipv4: mapped, compatible, 6to4, Teredo, NAT64) is also refused when any embedded one is. A text
+    that is not an IP address is refused."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return f"{address!r} is not an IP address"
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+        ip = ip.ipv4_mapped   # the kernel connects to the IPv4 address itself: every rule applies
+    if isinstance(ip, ipaddress.IPv6Address):
+        for v4 in embedded_ipv4(ip):
+            # Only the rules about where a translated packet lands: zero bits read at a guessed NAT64 position
+            # give 0.0.0.0, which no translator forwards, and must not refuse an honest address.
+            if why := _refused_ip(v4, allow_loopback, host_rules=False):
+                return f"{ip} embeds {v4}: {why}"
+    return _refused_ip(ip, allow_loopback)
+
+
+def _refused_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_loopback: bool,
+                host_rules: bool = True) -> str | None:
     if ip in METADATA_ADDRESSES:
         return f"{ip} is a cloud metadata address"
     if ip.is_link_local:
         return f"{ip} is a link-local address"
-    if ip.is_unspecified or ip.is_multicast:
+    if host_rules and (ip.is_unspecified or ip.is_multicast):
         return f"{ip} is not a host address"
     if ip.is_loopback and not allow_loopback:
         return f"{ip} is a loopback address (allowed only with allowInsecureHttp, for local use)"

@@ -6,15 +6,27 @@ AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, an IAM role...) and AWS_ENDPOINT_URL f
 upload, checkpoint mirror), with the same error mapping (loraplane.storage.errors.s3_error). With explicit
 `credentials` (an Adapter's own Secret) the client uses only their keys (and their AWS_ENDPOINT_URL, else the
 environment's endpoint): never the environment's keys or the node's role.
+
+The endpoint is untrusted input (an Adapter's credentials Secret, or a FineTuneJob's dataset Secret mapped onto the
+trainer's environment), so it passes the same fetch policy as an https:// URL (`check_endpoint`): https only
+(plain http with `FetchPolicy.allow_insecure_http`), and none of the host's resolved addresses may be one that
+`http.refused_address` refuses (link-local and cloud metadata always; loopback without the opt-in). The check runs
+when the client is made; botocore resolves the host again when it connects, so a DNS name that changes its
+answer in between (rebinding) is not covered: use an address, or a name you control.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from loraplane.storage.errors import InvalidContent, MissingDependency, NoCredentials, NotFound, s3_error
-from loraplane.storage.fetchers.base import Fetcher, partial_path
+from loraplane.api.redaction import redacted
+from loraplane.storage.errors import (InvalidContent, MissingDependency, NoCredentials, NotFound, Refused,
+                                      Unavailable, s3_error)
+from loraplane.storage.fetchers.base import Fetcher, FetchPolicy, partial_path
+from loraplane.storage.fetchers.http import refused_address
 from loraplane.storage.uri import ArtifactUri, Scheme
 
 # DeleteObjects takes at most 1000 keys per request (S3 API limit).
@@ -31,25 +43,65 @@ def _boto_errors() -> tuple[type[Exception], ...]:
     return Boto3Error, BotoCoreError, ClientError
 
 
-def s3_client(credentials=None, uri: str = "s3://"):
+def check_endpoint(endpoint: str, policy: FetchPolicy, uri: str = "s3://", origin: str = "the environment") -> None:
+    """Refuse an S3 endpoint URL the fetch policy does not allow (module docstring): Refused for a scheme other
+    than https (http only with `policy.allow_insecure_http`), no host, or a host any of whose addresses
+    `refused_address` refuses; Unavailable when the host does not resolve (retryable). `origin` says where the
+    endpoint came from ("Secret x", "the environment") and `uri` names the artifact, in messages."""
+    shown = redacted(endpoint)
+    try:
+        parts = urlsplit(endpoint)
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise Refused(uri, "bad endpoint", f"{uri}: AWS_ENDPOINT_URL {shown!r} from {origin} is not a URL ({exc})") \
+            from exc
+    scheme = parts.scheme.lower()
+    if scheme not in ("https", "http") or not host:
+        raise Refused(uri, "bad endpoint", f"{uri}: AWS_ENDPOINT_URL {shown!r} from {origin} must be an "
+                      "https://HOST[:PORT] URL")
+    if scheme == "http" and not policy.allow_insecure_http:
+        raise Refused(uri, "insecure endpoint", f"{uri}: AWS_ENDPOINT_URL {shown!r} from {origin} is plain http; "
+                      "use https (plain http only with the chart's allowInsecureHttp, for local use)")
+    try:
+        infos = socket.getaddrinfo(host, port or (443 if scheme == "https" else 80), type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise Unavailable(uri, f"cannot resolve {host}", f"{uri}: the S3 endpoint host {host!r} (AWS_ENDPOINT_URL "
+                          f"from {origin}) does not resolve: {exc}") from exc
+    for info in infos:
+        if why := refused_address(str(info[4][0]), allow_loopback=policy.allow_insecure_http):
+            raise Refused(uri, "refused endpoint", f"{uri}: the S3 endpoint {shown!r} (AWS_ENDPOINT_URL from "
+                          f"{origin}) resolves to a refused address: {why}")
+
+
+def s3_client(credentials=None, uri: str = "s3://", policy: FetchPolicy | None = None):
     """A boto3 S3 client configured from the environment (see the module docstring), or from `credentials`
-    alone (storage.credentials.Credentials). Raises MissingDependency without boto3, NoCredentials when
-    `credentials` lack AWS_ACCESS_KEY_ID or AWS_SECRET_ACCESS_KEY (`uri` names the artifact in the message)."""
+    alone (storage.credentials.Credentials), its endpoint checked against `policy` (None: FetchPolicy.from_env(),
+    the trainer's) by check_endpoint. Raises MissingDependency without boto3, NoCredentials when `credentials`
+    lack AWS_ACCESS_KEY_ID or AWS_SECRET_ACCESS_KEY (`uri` names the artifact in the message), check_endpoint's
+    Refused / Unavailable."""
     try:
         import boto3
     except ImportError as exc:  # pragma: no cover - the images install the s3 extra
         raise MissingDependency("s3://", "boto3 is not installed",
                                 "s3:// needs boto3 (pip install 'loraplane[s3]')") from exc
+    policy = FetchPolicy.from_env() if policy is None else policy
     if credentials is None:
-        return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
+        if endpoint:
+            check_endpoint(endpoint, policy, uri)
+        return boto3.client("s3", endpoint_url=endpoint)
     key_id, secret = credentials.get("AWS_ACCESS_KEY_ID"), credentials.get("AWS_SECRET_ACCESS_KEY")
     if not (key_id and secret):
         raise NoCredentials(uri, "no AWS keys", f"{uri}: {credentials.origin} has no AWS_ACCESS_KEY_ID and "
                             "AWS_SECRET_ACCESS_KEY (does the Secret exist, with those keys?)")
+    own = credentials.get("AWS_ENDPOINT_URL")
+    endpoint = own or os.environ.get("AWS_ENDPOINT_URL") or None
+    if endpoint:
+        check_endpoint(endpoint, policy, uri, credentials.origin if own else "the environment")
     # A Session of its own: the default session would fill what is missing from the environment.
     return boto3.session.Session(aws_access_key_id=key_id, aws_secret_access_key=secret,
                                  aws_session_token=credentials.get("AWS_SESSION_TOKEN")).client(
-        "s3", endpoint_url=credentials.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None)
+        "s3", endpoint_url=endpoint)
 
 
 class S3Fetcher(Fetcher):
@@ -58,22 +110,24 @@ class S3Fetcher(Fetcher):
 
     schemes = (Scheme.S3,)
 
-    def __init__(self, client=None, credentials=None):
+    def __init__(self, client=None, credentials=None, policy: FetchPolicy | None = None):
         self._client = client
         self.credentials = credentials
+        self.policy = policy
 
     @classmethod
     def configured(cls, *, pvc_root: str | Path, http_timeout_s: float | None,
                    send_hub_token: bool = False, policy=None, credentials=None) -> "S3Fetcher":
-        """Fetcher.configured: only `credentials` applies (`policy` is about HTTP(S) URLs; S3 endpoints come from
-        the environment the operator sets, not from user input)."""
-        return cls(credentials=credentials)
+        """Fetcher.configured: `credentials` and `policy` apply (the endpoint, from the credentials or the
+        environment, is checked against the policy: s3_client)."""
+        return cls(credentials=credentials, policy=policy)
 
     @property
     def client(self):
-        """The boto3 S3 client, made with s3_client(credentials) on first use when none was given."""
+        """The boto3 S3 client, made with s3_client(credentials, policy=policy) on first use when none was given
+        (its errors: s3_client's)."""
         if self._client is None:
-            self._client = s3_client(self.credentials)
+            self._client = s3_client(self.credentials, policy=self.policy)
         return self._client
 
     # ---- reads -------------------------------------------------------------------------------------------
