@@ -40,6 +40,13 @@ class Reason(StrEnum):
         "A field that cannot change after creation was changed (e.g. a FineTuneJob's dataset "
         "or an Adapter's base model). The operator keeps acting on the last accepted spec.",
         "Revert the change, or create a new object (a new FineTuneJob name, a new Adapter).")
+    PolicyViolation = ("PolicyViolation", f"{FTJ}; {ROUTE}",
+        "The spec asks for something the operator's policy does not allow: an image outside the operator's "
+        "repositories and allowedImages, a vLLM flag outside allowedEngineArgs (e.g. --trust-remote-code), a "
+        "Secret in spec.engine.env, or another ServiceAccount; the message names each field and the setting "
+        "that would allow it. Nothing is created or changed for this object.",
+        "Change the named field, or ask the platform team to allow it (chart values operator.policy.*; "
+        "docs/security.md). `loraplane validate --policy values.yaml FILE` checks before you apply.")
     # --- FineTuneJob ----------------------------------------------------------------------------------------
     Pending = ("Pending", FTJ, "The training Job exists but no trainer pod runs yet (scheduling, image pull, a PVC).",
         "`kubectl describe pod -l loraplane.io/finetunejob=NAME`: look for unschedulable GPUs or a missing PVC.")

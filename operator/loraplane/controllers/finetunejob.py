@@ -26,6 +26,7 @@ from loraplane.api.reasons import Reason
 from loraplane.api.validation import format_validation_error
 from loraplane.api.wire.trainer import REASONS_BY_EXIT_CODE, TerminationMessage
 from loraplane.builders import finetunejob
+from loraplane.builders.policy import policy_message
 from loraplane.controllers.base import API, Context, Controller
 from loraplane.controllers.pods import (container_status, image_pull_problem, last_terminated, pod_name,
                                         termination_message, unschedulable)
@@ -350,6 +351,11 @@ class FineTuneJobController(Controller):
             out.status, out.events = patch, [event] if event else []
             return out
         ftj, settings = facts.ftj, self.ctx.build
+        if violations := settings.violations(ftj):
+            # The operator's policy refuses the spec (an image, a ServiceAccount): nothing is created or changed.
+            patch, event = invalid_spec(current, generation, policy_message(violations), Reason.PolicyViolation)
+            out.status, out.events = patch, [event] if event else []
+            return out
         status = owned_status(FineTuneJobStatus, current, OWNED_STATUS)
         # A run keeps the output location it started with (its checkpoints are there): the accepted spec is this
         # uid's own (accepted_spec), so another run never shares it.
