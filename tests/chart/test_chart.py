@@ -109,6 +109,8 @@ BAD_VALUES = [
     ("unknown HPA version", {"operator": {"hpaApiVersion": "autoscaling/v1"}}, "hpaApiVersion"),
     ("pod failure policy as yes", {"operator": {"podFailurePolicy": "yes"}}, "podFailurePolicy"),
     ("scrape interval", {"metrics": {"serviceMonitor": {"interval": "often"}}}, "interval"),
+    ("policy flag not a flag", {"operator": {"policy": {"allowedEngineArgs": ["--seed 1"]}}}, "allowedEngineArgs"),
+    ("policy key misspelled", {"operator": {"policy": {"allowImages": ["x/*"]}}}, "allowImages"),
 ]
 
 
@@ -189,6 +191,32 @@ def test_images_and_settings_are_values():
     assert c["args"] == ["--namespace=team-a", "--namespace=team-b", "--verbose"]
     env = env_of(operator_container(objects({"operator": {"artifactStore": "s3://bucket/adapters"}})))
     assert env["LORAPLANE_ARTIFACT_STORE"] == "s3://bucket/adapters"
+
+
+def test_the_spec_policy_reaches_the_operator():
+    """Issue 12, item 6: operator.policy values -> the operator's LORAPLANE_* env -> OperatorSettings' policy; the
+    defaults are the operator's own (the safe extraArgs list, nothing else allowed)."""
+    from loraplane.builders.policy import DEFAULT_ENGINE_ARGS, SpecPolicy
+    from loraplane.controllers.settings import OperatorSettings
+
+    def policy_of(values: dict) -> SpecPolicy:
+        env = env_of(operator_container(objects(values)))
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                if k.startswith("LORAPLANE_"):
+                    mp.setenv(k, v)
+            return OperatorSettings.from_env().build.policy
+
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())["operator"]["policy"]
+    assert tuple(defaults["allowedEngineArgs"]) == DEFAULT_ENGINE_ARGS
+    assert policy_of({}) == SpecPolicy()
+    values = {"operator": {"policy": {
+        "allowedImages": ["registry.example.com/ml/*", "quay.io/x/y:1"], "allowedEngineArgs": ["--seed"],
+        "allowTrustRemoteCode": True, "allowedEnvSecrets": ["hf-*"], "allowedServiceAccounts": ["trainer-*"]}}}
+    assert policy_of(values) == SpecPolicy(
+        allowed_images=("registry.example.com/ml/*", "quay.io/x/y:1"), allowed_engine_args=("--seed",),
+        allow_trust_remote_code=True, allowed_env_secrets=("hf-*",), allowed_service_accounts=("trainer-*",))
+    assert policy_of({"operator": {"policy": {"allowedEngineArgs": []}}}).allowed_engine_args == ()
 
 
 def test_child_api_versions_follow_the_cluster_or_the_values():
