@@ -351,6 +351,42 @@ def test_operator_role_covers_every_child_and_every_grant(backend):
     assert ("keda.sh", "scaledobjects", "patch") not in without_keda
 
 
+def test_operator_role_holds_nothing_it_neither_uses_nor_grants():
+    """Least privilege (issue 12): every namespaced grant of the operator is a call it makes (watches and reads
+    of its sources, server-side apply of its children, status patches, Events, pruning autoscalers) or a
+    permission a Role it creates grants (RBAC's escalation check). `patch pods` is only the latter: when no
+    builder-made Role grants it any more, this fails and the chart must drop it."""
+    from loraplane.api import API_VERSION, ModelRoute, parse
+    from loraplane.builders.modelroute import unwanted_children
+    from loraplane.builders.settings import BuildSettings
+    from loraplane.controllers.base import SOURCES
+    from loraplane.kube.client import PLURALS
+
+    def group(api_version: str) -> str:
+        return api_version.rpartition("/")[0]
+
+    used: set[tuple[str, str, str]] = set()
+    for src in SOURCES:                                   # kopf's watches and the operator's informers
+        used |= {(group(src.api_version), PLURALS[src.kind], v) for v in ("get", "list", "watch")}
+    for kind in ("FineTuneJob", "Adapter", "ModelRoute"):  # status patches
+        used.add((group(API_VERSION), PLURALS[kind] + "/status", "patch"))
+    used.add(("", "events", "create"))
+    route = parse(yaml.safe_load((ROOT / "docs" / "examples" / "modelroute.yaml").read_text()))
+    assert isinstance(route, ModelRoute)
+    fixed = route.model_copy(update={"spec": route.spec.model_copy(update={"autoscaling": None, "replicas": 1})})
+    for api_version, kind, _, _ in unwanted_children(fixed, BuildSettings()):   # pruned autoscalers
+        used.add((group(api_version), PLURALS[kind], "delete"))
+    granted: set[tuple[str, str, str]] = set()
+    for child in builder_children("hpa") + builder_children("keda"):
+        used |= {(group(child["apiVersion"]), PLURALS[child["kind"]], v) for v in ("get", "create", "patch")}
+        if child["kind"] == "Role":
+            granted |= rule_grants(child["rules"])
+    cluster_only = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
+    grants = rule_grants(by_kind(objects(), "ClusterRole")[0]["rules"]) - cluster_only
+    extra = grants - used - granted
+    assert not extra, f"the operator holds {sorted(extra)} but neither uses nor grants them"
+
+
 # --- CRDs ---------------------------------------------------------------------------------------------------------
 
 def test_crd_templates_are_not_stale():
