@@ -264,7 +264,34 @@ class Reason(StrEnum):
         "them.", "Look at each named Adapter's Ready condition.")
     Degraded = ("Degraded", ROUTE, "Some, not all, replicas or backends are ready.", "See the message.")
     Ready = ("Ready", ROUTE, "Every public model has a ready backend on a ready replica.", "Nothing to do.")
+    UnknownReason = ("UnknownReason", f"{FTJ}; {ADAPTER}",
+        "A reason from outside the operator (a replica's report annotation, a container's termination message, "
+        "a pod's status) is not one this operator knows: a newer or foreign component, or a malformed value. "
+        "It is never used as a condition reason, Event reason or metric label as it is; the message quotes it.",
+        "Read the message; upgrade the operator when the reason comes from a newer loraplane component.")
     # --- Events only ----------------------------------------------------------------------------------------
     Created = ("Created", "Event on an Adapter", "A FineTuneJob created this Adapter.", "Nothing to do.")
     VersionBumped = ("VersionBumped", "Event on an Adapter", "A FineTuneJob wrote a new version of this Adapter; replicas load "
         "it under a new internal name.", "Nothing to do; the old version is unloaded once unused.")
+
+
+# The longest outside reason quoted in a message (characters): a malformed one can be of any length.
+QUOTED_REASON_CHARS = 80
+
+
+def reason_or_unknown(value: object) -> Reason:
+    """`value` as a Reason when it is one, else Reason.UnknownReason. For reasons read from outside the operator
+    (report annotations, termination messages): they become condition reasons, Event reasons and metric labels,
+    which must be one of a known, bounded set (a condition reason outside its pattern fails the status patch)."""
+    if isinstance(value, str):
+        try:
+            return Reason(value)
+        except ValueError:
+            pass
+    return Reason.UnknownReason
+
+
+def quoted_reason(value: object) -> str:
+    """How a message names an unknown outside reason: its repr, cut to QUOTED_REASON_CHARS characters."""
+    text = repr(value)
+    return text if len(text) <= QUOTED_REASON_CHARS else text[:QUOTED_REASON_CHARS] + "..."
