@@ -67,7 +67,8 @@ class EngineSpec(ApiModel):
         "Extra env entries of the vLLM container, verbatim; names must be unique. An entry named like one the "
         "operator sets (HF_HOME, VLLM_ALLOW_RUNTIME_LORA_UPDATING, credentials) replaces it. valueFrom.secretKeyRef "
         "may name only baseModel.credentialsSecretRef's Secret or one the operator's policy allows (chart "
-        "operator.policy.allowedEnvSecrets; else PolicyViolation)."))
+        "operator.policy.allowedEnvSecrets; else PolicyViolation); variables that load code from a path "
+        "(LD_PRELOAD, PYTHONPATH, ...) are refused."))
     node_selector: Labels = Field(default_factory=dict)
 
     @model_validator(mode="after")

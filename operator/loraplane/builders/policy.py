@@ -17,7 +17,8 @@ The rules (docs/security.md, "Policy: what creating each kind grants"):
   `allow_trust_remote_code`. Flags the operator sets itself (--host, --port, --model, the LoRA settings) are never
   allowed: a later copy would override them.
 - env: `valueFrom.secretKeyRef` in `spec.engine.env` may name only the route's own `baseModel.credentialsSecretRef`
-  or a Secret matching a glob of `allowed_env_secrets`.
+  or a Secret matching a glob of `allowed_env_secrets`; variables that load code or configuration from a path
+  (`DENIED_ENV_NAMES`: LD_PRELOAD, PYTHONPATH, ...) are never allowed.
 - ServiceAccount: a FineTuneJob's `spec.serviceAccountName` must match a glob of `allowed_service_accounts`
   (default none: the trainer runs as the ServiceAccount the operator creates for it, which holds no Role).
 - trust_remote_code: the trainer never passes it (transformers' default, False); there is no spec field for it.
@@ -56,6 +57,15 @@ ENGINE_OWNED_ARGS: frozenset[str] = frozenset({
     "--model", "--served-model-name", "--host", "--port", "--enable-lora", "--max-loras", "--max-lora-rank",
     "--max-cpu-loras", "--dtype", "--tensor-parallel-size", "--max-model-len", "--gpu-memory-utilization",
     "--revision", "--lora-modules",
+})
+# Environment variables of spec.engine.env that make the vLLM container load code or configuration from a path
+# the route's author controls (a PVC its baseModel.uri mounts): a shared library, Python modules, a startup or
+# breakpoint hook, a warnings category (imported by name), a logging dictConfig (instantiates classes), pickle
+# deserialisation. Refused whatever the policy says: an allowed image does not make them safe.
+DENIED_ENV_NAMES: frozenset[str] = frozenset({
+    "LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE",
+    "PYTHONBREAKPOINT", "PYTHONWARNINGS", "PYTHONPLATLIBDIR", "PYTHONINSPECT", "VLLM_LOGGING_CONFIG_PATH",
+    "VLLM_ALLOW_INSECURE_SERIALIZATION",
 })
 # Where each setting is written, for the messages (chart value, then the operator's environment variable).
 SETTING_IMAGES = "operator.policy.allowedImages (LORAPLANE_ALLOWED_IMAGES)"
@@ -152,7 +162,12 @@ def engine_arg_violations(args: list[str], policy: SpecPolicy, where: str = "spe
 def _env_violations(env: list[dict], own_secrets: set[str], policy: SpecPolicy, where: str) -> list[Violation]:
     out = []
     for i, entry in enumerate(env):
-        ref = ((entry.get("valueFrom") or {}).get("secretKeyRef") or {}) if isinstance(entry, dict) else {}
+        if not isinstance(entry, dict):
+            continue
+        if entry.get("name") in DENIED_ENV_NAMES:
+            out.append(Violation(f"{where}[{i}].name", f"{entry['name']} makes the vLLM container load code or "
+                                 "configuration from a path", "none: bake it into an allowed image"))
+        ref = (entry.get("valueFrom") or {}).get("secretKeyRef") or {}
         secret = ref.get("name") if isinstance(ref, dict) else None
         if not ref:
             continue
@@ -201,5 +216,5 @@ def split_list(value: str | None) -> tuple[str, ...] | None:
     return tuple(t for t in re.split(r"[,\s]+", value) if t)
 
 
-__all__ = ["DEFAULT_ENGINE_ARGS", "ENGINE_OWNED_ARGS", "SpecPolicy", "Violation", "engine_arg_violations",
+__all__ = ["DEFAULT_ENGINE_ARGS", "DENIED_ENV_NAMES", "ENGINE_OWNED_ARGS", "SpecPolicy", "Violation", "engine_arg_violations",
            "flag_name", "image_allowed", "image_repository", "policy_message", "policy_violations", "split_list"]

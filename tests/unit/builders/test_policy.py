@@ -99,6 +99,11 @@ def test_env_may_read_only_the_routes_own_secret_or_an_allowed_one():
     assert fields(s, route({"env": [plain, other]})) == [("spec.engine.env[1].valueFrom.secretKeyRef", SETTING_SECRETS)]
     allowed = BuildSettings(policy=SpecPolicy(allowed_env_secrets=("payments-*",)))
     assert fields(allowed, route({"env": [other]})) == []
+    # Code loaded from a path the author controls (a PVC the base model URI mounts): never, whatever the policy.
+    hooks = [{"name": "LD_PRELOAD", "value": "/mnt/pvc/m/x.so"}, {"name": "PYTHONPATH", "value": "/mnt/pvc/m"},
+             {"name": "PYTHONUNBUFFERED", "value": "1"}]
+    assert fields(allowed, route({"env": hooks})) == [("spec.engine.env[0].name", "none: bake it into an allowed image"),
+                                                      ("spec.engine.env[1].name", "none: bake it into an allowed image")]
 
 
 def test_service_account_override_needs_the_policy():
