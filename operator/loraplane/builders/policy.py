@@ -140,7 +140,10 @@ def engine_arg_violations(args: list[str], policy: SpecPolicy, where: str = "spe
     seen_flag = False
     for i, token in enumerate(args):
         if not token.startswith("-") or _NUMBER.match(token):
-            if not seen_flag:
+            if token.startswith("@"):   # argparse's fromfile syntax, wherever a parser enables it: arguments from a file
+                out.append(Violation(f"{where}[{i}]", f"{token!r} would read arguments from a file",
+                                     SETTING_ENGINE_ARGS))
+            elif not seen_flag:
                 out.append(Violation(f"{where}[{i}]", f"{token!r} is not a flag (extraArgs must start with one)",
                                      SETTING_ENGINE_ARGS))
             continue

@@ -82,6 +82,8 @@ def test_extra_args_are_an_allow_list_with_a_safe_default():
                    ("spec.engine.extraArgs[13]", "none: use the spec's own field"),
                    ("spec.engine.extraArgs[15]", "none: use the spec's own field")]
     assert [v.field for v in engine_arg_violations(["/model", "--seed", "1"], s.policy)] == ["spec.engine.extraArgs[0]"]
+    assert [v.field for v in engine_arg_violations(["--seed", "@/mnt/pvc/m/args"], s.policy)] == [
+        "spec.engine.extraArgs[1]"]
     trusted = SpecPolicy(allow_trust_remote_code=True)
     assert engine_arg_violations(["--trust-remote-code"], trusted) == []
     # The operator's own flags stay refused whatever the list says: they would override what the spec set.
