@@ -19,7 +19,7 @@ from loraplane.storage.cache import ArtifactCache
 
 pytestmark = pytest.mark.timeout(30)
 BASE = "loraplane/tiny-llama"
-STALL = 0.3
+STALL = 1.0   # seconds: far above the heartbeat interval (0.02 s), so a busy test machine cannot trip it
 
 
 def _table(*adapters: DesiredAdapter) -> ServingTable:
@@ -50,7 +50,7 @@ async def test_a_download_longer_than_the_stall_threshold_keeps_the_loader_live(
     monkeypatch.setattr(server, "STALL_SECONDS", STALL)
     loader = _loader(tmp_path, WarmingEngine())
     fetch = loader.cache.fetch
-    slow = 5 * STALL
+    slow = 3 * STALL
 
     async def slow_fetch(*args, **kwargs):
         await asyncio.sleep(slow)          # a large adapter on a slow link
@@ -69,7 +69,7 @@ async def test_a_download_longer_than_the_stall_threshold_keeps_the_loader_live(
             while loader.report().adapters["a"].state != AdapterState.Ready:
                 statuses.append(await _healthz(client))
                 await asyncio.sleep(STALL / 6)
-            assert len(statuses) >= 10            # the probe ran throughout the download
+            assert len(statuses) >= 5             # the probe ran throughout the download
             assert set(statuses) == {200}
         finally:
             loop.cancel()
