@@ -109,6 +109,8 @@ BAD_VALUES = [
     ("unknown HPA version", {"operator": {"hpaApiVersion": "autoscaling/v1"}}, "hpaApiVersion"),
     ("pod failure policy as yes", {"operator": {"podFailurePolicy": "yes"}}, "podFailurePolicy"),
     ("scrape interval", {"metrics": {"serviceMonitor": {"interval": "often"}}}, "interval"),
+    ("policy flag not a flag", {"operator": {"policy": {"allowedEngineArgs": ["--seed 1"]}}}, "allowedEngineArgs"),
+    ("policy key misspelled", {"operator": {"policy": {"allowImages": ["x/*"]}}}, "allowImages"),
 ]
 
 
@@ -189,6 +191,32 @@ def test_images_and_settings_are_values():
     assert c["args"] == ["--namespace=team-a", "--namespace=team-b", "--verbose"]
     env = env_of(operator_container(objects({"operator": {"artifactStore": "s3://bucket/adapters"}})))
     assert env["LORAPLANE_ARTIFACT_STORE"] == "s3://bucket/adapters"
+
+
+def test_the_spec_policy_reaches_the_operator():
+    """Issue 12, item 6: operator.policy values -> the operator's LORAPLANE_* env -> OperatorSettings' policy; the
+    defaults are the operator's own (the safe extraArgs list, nothing else allowed)."""
+    from loraplane.builders.policy import DEFAULT_ENGINE_ARGS, SpecPolicy
+    from loraplane.controllers.settings import OperatorSettings
+
+    def policy_of(values: dict) -> SpecPolicy:
+        env = env_of(operator_container(objects(values)))
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                if k.startswith("LORAPLANE_"):
+                    mp.setenv(k, v)
+            return OperatorSettings.from_env().build.policy
+
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())["operator"]["policy"]
+    assert tuple(defaults["allowedEngineArgs"]) == DEFAULT_ENGINE_ARGS
+    assert policy_of({}) == SpecPolicy()
+    values = {"operator": {"policy": {
+        "allowedImages": ["registry.example.com/ml/*", "quay.io/x/y:1"], "allowedEngineArgs": ["--seed"],
+        "allowTrustRemoteCode": True, "allowedEnvSecrets": ["hf-*"], "allowedServiceAccounts": ["trainer-*"]}}}
+    assert policy_of(values) == SpecPolicy(
+        allowed_images=("registry.example.com/ml/*", "quay.io/x/y:1"), allowed_engine_args=("--seed",),
+        allow_trust_remote_code=True, allowed_env_secrets=("hf-*",), allowed_service_accounts=("trainer-*",))
+    assert policy_of({"operator": {"policy": {"allowedEngineArgs": []}}}).allowed_engine_args == ()
 
 
 def test_child_api_versions_follow_the_cluster_or_the_values():
@@ -321,6 +349,42 @@ def test_operator_role_covers_every_child_and_every_grant(backend):
                     assert (g, r, v) in grants, f"the operator grants {v} {g}/{r} without holding it"
     without_keda = rule_grants(by_kind(objects({"rbac": {"keda": False}}), "ClusterRole")[0]["rules"])
     assert ("keda.sh", "scaledobjects", "patch") not in without_keda
+
+
+def test_operator_role_holds_nothing_it_neither_uses_nor_grants():
+    """Least privilege (issue 12): every namespaced grant of the operator is a call it makes (watches and reads
+    of its sources, server-side apply of its children, status patches, Events, pruning autoscalers) or a
+    permission a Role it creates grants (RBAC's escalation check). `patch pods` is only the latter: when no
+    builder-made Role grants it any more, this fails and the chart must drop it."""
+    from loraplane.api import API_VERSION, ModelRoute, parse
+    from loraplane.builders.modelroute import unwanted_children
+    from loraplane.builders.settings import BuildSettings
+    from loraplane.controllers.base import SOURCES
+    from loraplane.kube.client import PLURALS
+
+    def group(api_version: str) -> str:
+        return api_version.rpartition("/")[0]
+
+    used: set[tuple[str, str, str]] = set()
+    for src in SOURCES:                                   # kopf's watches and the operator's informers
+        used |= {(group(src.api_version), PLURALS[src.kind], v) for v in ("get", "list", "watch")}
+    for kind in ("FineTuneJob", "Adapter", "ModelRoute"):  # status patches
+        used.add((group(API_VERSION), PLURALS[kind] + "/status", "patch"))
+    used.add(("", "events", "create"))
+    route = parse(yaml.safe_load((ROOT / "docs" / "examples" / "modelroute.yaml").read_text()))
+    assert isinstance(route, ModelRoute)
+    fixed = route.model_copy(update={"spec": route.spec.model_copy(update={"autoscaling": None, "replicas": 1})})
+    for api_version, kind, _, _ in unwanted_children(fixed, BuildSettings()):   # pruned autoscalers
+        used.add((group(api_version), PLURALS[kind], "delete"))
+    granted: set[tuple[str, str, str]] = set()
+    for child in builder_children("hpa") + builder_children("keda"):
+        used |= {(group(child["apiVersion"]), PLURALS[child["kind"]], v) for v in ("get", "create", "patch")}
+        if child["kind"] == "Role":
+            granted |= rule_grants(child["rules"])
+    cluster_only = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
+    grants = rule_grants(by_kind(objects(), "ClusterRole")[0]["rules"]) - cluster_only
+    extra = grants - used - granted
+    assert not extra, f"the operator holds {sorted(extra)} but neither uses nor grants them"
 
 
 # --- CRDs ---------------------------------------------------------------------------------------------------------

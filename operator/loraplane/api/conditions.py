@@ -69,7 +69,7 @@ class Progress(StrEnum):
 # Ready=False reasons that need someone to act (every terminal FineTuneJob failure, every gate refusal, a pod that
 # cannot pull its image or crashes, an invalid or immutable-violating spec).
 STALLED_REASONS: frozenset[Reason] = frozenset({
-    Reason.InvalidSpec, Reason.SpecImmutable,
+    Reason.InvalidSpec, Reason.SpecImmutable, Reason.PolicyViolation,
     Reason.InvalidConfig, Reason.InvalidDataset, Reason.DatasetNotFound, Reason.DatasetAccessDenied,
     Reason.DatasetUnavailable, Reason.ModelNotFound, Reason.TargetModulesNotFound, Reason.OutOfMemory,
     Reason.OOMKilled, Reason.OutputWriteFailed, Reason.ImagePull, Reason.DeadlineExceeded,

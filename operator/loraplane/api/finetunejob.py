@@ -171,11 +171,14 @@ class FineTuneJobSpec(ApiModel):
                                      json_schema_extra=immutable("spec.resources"))
     output: OutputSpec = Field(json_schema_extra=immutable("spec.output"))
     # A Job's pod template cannot change once created: image and account are fixed for the run.
-    image: str | None = Field(default=None, description="Trainer image; default: the operator's trainer image.",
+    image: str | None = Field(default=None, description=(
+        "Trainer image; default: the operator's trainer image. Another tag of one of the operator's images, or "
+        "an image the operator's policy allows (chart operator.policy.allowedImages; else PolicyViolation)."),
                               json_schema_extra=immutable("spec.image"))
     service_account_name: str | None = Field(
         default=None, pattern=DNS_NAME, max_length=253,
-        description="ServiceAccount of the training pods (e.g. for IRSA/S3).",
+        description="ServiceAccount of the training pods (e.g. for IRSA/S3); only one the operator's policy "
+                    "allows (chart operator.policy.allowedServiceAccounts; else PolicyViolation).",
         json_schema_extra=immutable("spec.serviceAccountName"))
     backoff_limit: int = Field(default=2, ge=0, le=100,
                                description="Pod failures retried (resuming from checkpoints) before Failed.")

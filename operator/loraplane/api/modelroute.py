@@ -42,7 +42,8 @@ class EngineSpec(ApiModel):
     image: str | None = Field(default=None, description=(
         "vLLM OpenAI-compatible server image. Default: the operator's engine image (chart value `engineImage`, "
         f"{DEFAULT_ENGINE_IMAGE}, the release loraplane is tested against, unless the platform team mirrors it); "
-        "set it here to pin one route."))
+        "set it here to pin one route: another tag of the operator's images, or one its policy allows (chart "
+        "operator.policy.allowedImages; else PolicyViolation)."))
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_model_len: int | None = Field(default=None, ge=16, description="Context length (--max-model-len).")
     max_loras: int = Field(default=4, ge=1, le=256, description="Adapters in one batch (--max-loras).")
@@ -58,10 +59,16 @@ class EngineSpec(ApiModel):
     gpu_type_label: str = Field(default="nvidia.com/gpu.product", description="Node label key of the GPU type.")
     cpu: Quantity | None = None
     memory: Quantity | None = None
-    extra_args: list[str] = Field(default_factory=list, description="Appended to the vLLM command line.")
+    extra_args: list[str] = Field(default_factory=list, description=(
+        "Appended to the vLLM command line. Only flags the operator's policy allows (chart "
+        "operator.policy.allowedEngineArgs, default: scheduling and caching flags; --trust-remote-code only with "
+        "allowTrustRemoteCode); others end in PolicyViolation."))
     env: EnvList = Field(default_factory=list, description=(
         "Extra env entries of the vLLM container, verbatim; names must be unique. An entry named like one the "
-        "operator sets (HF_HOME, VLLM_ALLOW_RUNTIME_LORA_UPDATING, credentials) replaces it."))
+        "operator sets (HF_HOME, VLLM_ALLOW_RUNTIME_LORA_UPDATING, credentials) replaces it. valueFrom.secretKeyRef "
+        "may name only baseModel.credentialsSecretRef's Secret or one the operator's policy allows (chart "
+        "operator.policy.allowedEnvSecrets; else PolicyViolation); variables that load code from a path "
+        "(LD_PRELOAD, PYTHONPATH, ...) are refused."))
     node_selector: Labels = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -144,7 +151,9 @@ class RouterSpec(ApiModel):
     """The OpenAI-compatible routing layer in front of the replicas."""
 
     replicas: int = Field(default=2, ge=0, le=100)
-    image: str | None = Field(default=None, description="Default: the operator's image.")
+    image: str | None = Field(default=None, description=(
+        "Default: the operator's image. Another tag of it, or one the operator's policy allows (chart "
+        "operator.policy.allowedImages; else PolicyViolation)."))
     sticky_header: str | None = Field(
         default=None, description="Requests with the same value of this header stay on one backend version.")
     api_key_secret_ref: SecretKeyRef | None = Field(

@@ -40,6 +40,13 @@ class Reason(StrEnum):
         "A field that cannot change after creation was changed (e.g. a FineTuneJob's dataset "
         "or an Adapter's base model). The operator keeps acting on the last accepted spec.",
         "Revert the change, or create a new object (a new FineTuneJob name, a new Adapter).")
+    PolicyViolation = ("PolicyViolation", f"{FTJ}; {ROUTE}",
+        "The spec asks for something the operator's policy does not allow: an image outside the operator's "
+        "repositories and allowedImages, a vLLM flag outside allowedEngineArgs (e.g. --trust-remote-code), a "
+        "Secret in spec.engine.env, or another ServiceAccount; the message names each field and the setting "
+        "that would allow it. Nothing is created or changed for this object.",
+        "Change the named field, or ask the platform team to allow it (chart values operator.policy.*; "
+        "docs/security.md). `loraplane validate --policy values.yaml FILE` checks before you apply.")
     # --- FineTuneJob ----------------------------------------------------------------------------------------
     Pending = ("Pending", FTJ, "The training Job exists but no trainer pod runs yet (scheduling, image pull, a PVC).",
         "`kubectl describe pod -l loraplane.io/finetunejob=NAME`: look for unschedulable GPUs or a missing PVC.")
@@ -281,7 +288,34 @@ class Reason(StrEnum):
         "them.", "Look at each named Adapter's Ready condition.")
     Degraded = ("Degraded", ROUTE, "Some, not all, replicas or backends are ready.", "See the message.")
     Ready = ("Ready", ROUTE, "Every public model has a ready backend on a ready replica.", "Nothing to do.")
+    UnknownReason = ("UnknownReason", f"{FTJ}; {ADAPTER}",
+        "A reason from outside the operator (a replica's report annotation, a container's termination message, "
+        "a pod's status) is not one this operator knows: a newer or foreign component, or a malformed value. "
+        "It is never used as a condition reason, Event reason or metric label as it is; the message quotes it.",
+        "Read the message; upgrade the operator when the reason comes from a newer loraplane component.")
     # --- Events only ----------------------------------------------------------------------------------------
     Created = ("Created", "Event on an Adapter", "A FineTuneJob created this Adapter.", "Nothing to do.")
     VersionBumped = ("VersionBumped", "Event on an Adapter", "A FineTuneJob wrote a new version of this Adapter; replicas load "
         "it under a new internal name.", "Nothing to do; the old version is unloaded once unused.")
+
+
+# The longest outside reason quoted in a message (characters): a malformed one can be of any length.
+QUOTED_REASON_CHARS = 80
+
+
+def reason_or_unknown(value: object) -> Reason:
+    """`value` as a Reason when it is one, else Reason.UnknownReason. For reasons read from outside the operator
+    (report annotations, termination messages): they become condition reasons, Event reasons and metric labels,
+    which must be one of a known, bounded set (a condition reason outside its pattern fails the status patch)."""
+    if isinstance(value, str):
+        try:
+            return Reason(value)
+        except ValueError:
+            pass
+    return Reason.UnknownReason
+
+
+def quoted_reason(value: object) -> str:
+    """How a message names an unknown outside reason: its repr, cut to QUOTED_REASON_CHARS characters."""
+    text = repr(value)
+    return text if len(text) <= QUOTED_REASON_CHARS else text[:QUOTED_REASON_CHARS] + "..."

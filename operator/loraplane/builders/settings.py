@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loraplane import __version__ as _version
+from loraplane.api.common import Resource
 from loraplane.api.modelroute import DEFAULT_ENGINE_IMAGE
+from loraplane.builders.policy import SpecPolicy, Violation, policy_violations
 
 DEFAULT_IMAGE = f"ghcr.io/loraplane/loraplane:{_version}"
 
@@ -32,6 +34,18 @@ class BuildSettings:
     # The loader and fetch-model also fetch plain http:// artifacts and from loopback addresses (the chart's
     # operator.allowInsecureHttp; the local quickstart). Off: https only, no loopback (docs/security.md).
     allow_insecure_http: bool = False
+    # What FineTuneJob and ModelRoute specs may ask for: images, vLLM flags, Secrets in env, ServiceAccounts
+    # (the chart's operator.policy; builders/policy.py, docs/security.md).
+    policy: SpecPolicy = SpecPolicy()
+
+    @property
+    def own_images(self) -> tuple[str, ...]:
+        """The operator's own images (loraplane, trainer, vLLM): a spec may pick any tag or digest of these."""
+        return (self.image, self.trainer, self.engine_image)
+
+    def violations(self, obj: Resource) -> list[Violation]:
+        """The fields of a parsed FineTuneJob or ModelRoute this operator's policy refuses (empty: allowed)."""
+        return policy_violations(obj, self.own_images, self.policy)
 
     @property
     def trainer(self) -> str:

@@ -5,17 +5,69 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import yaml
 from pydantic import ValidationError
 
+from loraplane.api.reasons import Reason
 from loraplane.api.redaction import redacted
 from loraplane.api.validation import format_validation_error
 from loraplane.cli.manifests import read_documents
 
+if TYPE_CHECKING:
+    from loraplane.builders.settings import BuildSettings
+
 
 def add_validate_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of `loraplane validate`: the YAML files to check."""
+    """Options of `loraplane validate`: the YAML files to check, and the chart values whose operator policy
+    they must also meet."""
     p.add_argument("files", nargs="+", type=Path, help="YAML files (multi-document allowed); - reads stdin")
+    p.add_argument("--policy", type=Path, metavar="VALUES",
+                   help="the loraplane chart's values file the operator is installed with: also check each "
+                        "FineTuneJob and ModelRoute against its operator.policy (and its images), as the operator "
+                        "does (reason PolicyViolation; docs/security.md)")
+
+
+def settings_from_values(values: dict) -> "BuildSettings":
+    """The BuildSettings whose policy and own images the chart `values` (a values.yaml, defaults filled in for
+    what it omits) give the operator: `operator.policy.*` and the repositories of image, trainerImage and
+    engineImage (any tag of those is allowed, so the tags do not matter here). Raises ValueError for a values
+    file that is not a mapping or whose policy entries have the wrong types."""
+    from loraplane.builders.policy import SpecPolicy
+    from loraplane.builders.settings import BuildSettings
+
+    if not isinstance(values, dict):
+        raise ValueError("the values file is not a YAML mapping")
+    d, dp = BuildSettings(), SpecPolicy()
+    operator = values.get("operator") or {}
+    policy = (operator.get("policy") if isinstance(operator, dict) else None) or {}
+    if not isinstance(policy, dict):
+        raise ValueError("operator.policy must be a mapping")
+
+    def strings(key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = policy.get(key, default)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"operator.policy.{key} must be a list of strings")
+        return tuple(value)
+
+    trust = policy.get("allowTrustRemoteCode", False)
+    if not isinstance(trust, bool):
+        raise ValueError("operator.policy.allowTrustRemoteCode must be true or false")
+
+    def repo(key: str, default: str) -> str:
+        image = values.get(key)
+        found = image.get("repository") if isinstance(image, dict) else None
+        return found if isinstance(found, str) and found else default
+
+    return BuildSettings(
+        image=repo("image", d.image), trainer_image=repo("trainerImage", d.trainer),
+        engine_image=repo("engineImage", d.engine_image),
+        policy=SpecPolicy(allowed_images=strings("allowedImages", dp.allowed_images),
+                          allowed_engine_args=strings("allowedEngineArgs", dp.allowed_engine_args),
+                          allow_trust_remote_code=trust,
+                          allowed_env_secrets=strings("allowedEnvSecrets", dp.allowed_env_secrets),
+                          allowed_service_accounts=strings("allowedServiceAccounts", dp.allowed_service_accounts)))
 
 
 def plain_http_uris(value: object, path: str) -> list[tuple[str, str]]:
@@ -31,14 +83,22 @@ def plain_http_uris(value: object, path: str) -> list[tuple[str, str]]:
 
 
 def validate_main(args: argparse.Namespace) -> int:
-    """Validate every loraplane object in the files as the operator parses them, printing ok/error per
-    document (other API groups are skipped; an unknown loraplane.io kind, unreadable YAML or a non-object
-    document is an error) and a warning per public model name published twice among them; returns 1 when any
-    is invalid or when there is no loraplane object at all, else 0."""
+    """Validate every loraplane object in the files as the operator parses them (and, with --policy, against the
+    operator's policy), printing ok/error per document (other API groups are skipped; an unknown loraplane.io
+    kind, unreadable YAML or a non-object document is an error) and warnings for what the operator would report
+    about the routes; returns 1 when any is invalid or refused, or when there is no loraplane object at all,
+    else 0."""
     from loraplane.api import GROUP, parse
 
     from loraplane.builders import route_warnings
 
+    settings = None
+    if (policy := getattr(args, "policy", None)) is not None:
+        try:
+            settings = settings_from_values(yaml.safe_load(policy.read_text()))
+        except (OSError, yaml.YAMLError, ValueError) as exc:
+            print(f"error {policy}: {exc}")
+            return 1
     bad = 0
     parsed = []
     for d in read_documents(args.files):
@@ -49,12 +109,20 @@ def validate_main(args: argparse.Namespace) -> int:
             print(f"error {d.where}\n  {d.error}")
             continue
         try:
-            parsed.append(parse(d.doc))
-            print(f"ok    {d.where}")
+            obj = parse(d.doc)
         except (ValidationError, ValueError) as exc:
             bad += 1
             detail = format_validation_error(exc, "  ") if isinstance(exc, ValidationError) else f"  {exc}"
             print(f"error {d.where}\n{detail}")
+            continue
+        parsed.append(obj)
+        violations = settings.violations(obj) if settings is not None else []
+        if violations:
+            bad += 1
+            detail = "\n".join(f"  {v}" for v in violations)
+            print(f"error {d.where} ({Reason.PolicyViolation})\n{detail}")
+        else:
+            print(f"ok    {d.where}")
     if not bad and not parsed:
         print(f"error no {GROUP} object (FineTuneJob, Adapter, ModelRoute) in {', '.join(map(str, args.files))}")
         return 1

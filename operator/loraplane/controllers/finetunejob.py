@@ -22,10 +22,11 @@ from loraplane.api.finetunejob import (
     AdapterRef, ArtifactRef, Failure, FineTuneJob, FineTuneJobPhase, FineTuneJobSpec, FineTuneJobStatus,
 )
 from loraplane.api.keys import FINETUNEJOB_LABEL
-from loraplane.api.reasons import Reason
+from loraplane.api.reasons import Reason, quoted_reason, reason_or_unknown
 from loraplane.api.validation import format_validation_error
 from loraplane.api.wire.trainer import REASONS_BY_EXIT_CODE, TerminationMessage
 from loraplane.builders import finetunejob
+from loraplane.builders.policy import policy_message
 from loraplane.controllers.base import API, Context, Controller
 from loraplane.controllers.pods import (container_status, image_pull_problem, last_terminated, pod_name,
                                         termination_message, unschedulable)
@@ -95,7 +96,13 @@ def pod_failure(pod: dict) -> Failure | None:
         return Failure(reason=Reason.TrainerError, message=f"pod {name}: the trainer exited with code {code}"
                        + (f": {tail}" if tail else ""))
     if status.get("phase") == FineTuneJobPhase.Failed and status.get("reason"):
-        return Failure(reason=str(status["reason"]), message=f"pod {name}: {status.get('message', '')}")
+        # The kubelet's reason (Evicted, DeadlineExceeded, OutOf<resource>, ...) becomes the condition reason: only
+        # one the operator knows does as it is (an OutOfnvidia.com/gpu would fail the status patch's pattern).
+        raw = status["reason"]
+        if raw == POD_EVICTED or reason_or_unknown(raw) != Reason.UnknownReason:
+            return Failure(reason=str(raw), message=f"pod {name}: {status.get('message', '')}")
+        return Failure(reason=Reason.UnknownReason,
+                       message=f"pod {name} failed with reason {quoted_reason(raw)}: {status.get('message', '')}")
     return None
 
 
@@ -350,6 +357,11 @@ class FineTuneJobController(Controller):
             out.status, out.events = patch, [event] if event else []
             return out
         ftj, settings = facts.ftj, self.ctx.build
+        if violations := settings.violations(ftj):
+            # The operator's policy refuses the spec (an image, a ServiceAccount): nothing is created or changed.
+            patch, event = invalid_spec(current, generation, policy_message(violations), Reason.PolicyViolation)
+            out.status, out.events = patch, [event] if event else []
+            return out
         status = owned_status(FineTuneJobStatus, current, OWNED_STATUS)
         # A run keeps the output location it started with (its checkpoints are there): the accepted spec is this
         # uid's own (accepted_spec), so another run never shares it.

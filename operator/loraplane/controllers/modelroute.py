@@ -18,6 +18,7 @@ from loraplane.api.validation import format_validation_error
 from loraplane.api.wire.serving import CONFIGMAP_KEY, AdapterState, ReplicaReport, ServingTable, configmap_name
 from loraplane.builders import engine_pod
 from loraplane.builders import modelroute as route_builders
+from loraplane.builders.policy import policy_message
 from loraplane.builders.resolution import Resolution, Verdict, resolve
 from loraplane.controllers.base import API, Context, Controller
 from loraplane.controllers.pods import (crash_problem, image_pull_problem, pod_name, pod_ready, replica_report,
@@ -353,6 +354,13 @@ class ModelRouteController(Controller):
             out.selected = facts.last_selected  # an invalid route changes nothing it selected
             return out
         route = facts.route
+        if violations := self.ctx.build.violations(route):
+            # The operator's policy refuses the spec (an image, a vLLM flag, a Secret in env): nothing is created
+            # or changed; the replicas already running keep serving the last accepted spec.
+            patch, event = invalid_spec(current, generation, policy_message(violations), Reason.PolicyViolation)
+            out.status, out.events = patch, [event] if event else []
+            out.selected = facts.last_selected
+            return out
         resolution = resolve(route, facts.adapters, facts.rejected)
         wanted = (route.spec.base_model.identity, route.spec.base_model.revision)
         rejected = facts.accepted_base is not None and facts.accepted_base != wanted

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from loraplane.builders.policy import DEFAULT_ENGINE_ARGS, SpecPolicy, split_list
 from loraplane.builders.settings import BuildSettings
 
 
@@ -26,6 +27,13 @@ class OperatorSettings:
         """`kopf run -m loraplane.controllers.handlers` has no flags of ours: settings come from LORAPLANE_* env."""
         e = os.environ.get
         d = BuildSettings()
+        policy = SpecPolicy(
+            allowed_images=split_list(e("LORAPLANE_ALLOWED_IMAGES")) or (),
+            # Unset: the safe default list; set (even empty): exactly the flags it names.
+            allowed_engine_args=split_list(e("LORAPLANE_ALLOWED_ENGINE_ARGS", ",".join(DEFAULT_ENGINE_ARGS))) or (),
+            allow_trust_remote_code=e("LORAPLANE_ALLOW_TRUST_REMOTE_CODE", "false").lower() == "true",
+            allowed_env_secrets=split_list(e("LORAPLANE_ALLOWED_ENV_SECRETS")) or (),
+            allowed_service_accounts=split_list(e("LORAPLANE_ALLOWED_SERVICE_ACCOUNTS")) or ())
         return cls(
             build=BuildSettings(image=e("LORAPLANE_IMAGE", d.image), trainer_image=e("LORAPLANE_TRAINER_IMAGE"),
                                 engine_image=e("LORAPLANE_ENGINE_IMAGE", d.engine_image),
@@ -33,7 +41,8 @@ class OperatorSettings:
                                 hpa_api_version=e("LORAPLANE_HPA_API_VERSION", d.hpa_api_version),
                                 pdb_api_version=e("LORAPLANE_PDB_API_VERSION", d.pdb_api_version),
                                 pod_failure_policy=e("LORAPLANE_POD_FAILURE_POLICY", "true").lower() != "false",
-                                allow_insecure_http=e("LORAPLANE_ALLOW_INSECURE_HTTP", "false").lower() == "true"),
+                                allow_insecure_http=e("LORAPLANE_ALLOW_INSECURE_HTTP", "false").lower() == "true",
+                                policy=policy),
             namespaces=tuple(n for n in e("LORAPLANE_NAMESPACES", "").split(",") if n),
             resync_seconds=float(e("LORAPLANE_RESYNC_SECONDS", "600")),
             coalesce_seconds=float(e("LORAPLANE_COALESCE_SECONDS", "0.05")),

@@ -50,6 +50,27 @@ PLURALS = {
 }
 
 T = TypeVar("T")
+# Client-side bounds of every API call (seconds). A request: the whole exchange, per attempt. A watch: getting a
+# connection (pool wait, TCP and TLS) and the silence between two reads, which the server breaks at least every
+# `timeoutSeconds` by ending the watch (so a dead connection is noticed and the watch restarted by its caller).
+REQUEST_TIMEOUT = 60.0
+WATCH_CONNECT_TIMEOUT = 30.0
+WATCH_READ_GRACE = 30.0
+# A Retry-After the server sends (429/5xx) is honoured up to this many seconds; one that is not a number of
+# seconds (an HTTP date, garbage) counts as the default backoff.
+MAX_RETRY_AFTER = 30.0
+
+
+def retry_after(value: str | None, default: float) -> float:
+    """Seconds to wait before a retry from a Retry-After header: its delay-seconds, capped at MAX_RETRY_AFTER
+    and never negative; `default` when absent or not a number (an HTTP-date, garbage)."""
+    try:
+        seconds = float(value) if value is not None else default
+    except ValueError:
+        return default
+    if seconds != seconds:   # NaN
+        return default
+    return max(0.0, min(MAX_RETRY_AFTER, seconds))
 
 
 class WatchExpired(Exception):
@@ -143,7 +164,7 @@ class KubeClient:
         if method != "GET":
             resource = path.split("?")[0].rstrip("/").split("/")
             API_WRITES.labels(method, _resource_label(resource)).inc()
-        timeout = aiohttp.ClientTimeout(total=60)
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
         async with self._gate:
             for attempt in range(5):
                 resp = await self._send(method, path, params, data, content_type, timeout)
@@ -153,7 +174,7 @@ class KubeClient:
                     await self.config.reload()
                     continue
                 if resp.status == 429 or (resp.status >= 500 and attempt < 4):
-                    await asyncio.sleep(float(resp.headers.get("Retry-After", 0.2 * 2 ** attempt)))
+                    await asyncio.sleep(retry_after(resp.headers.get("Retry-After"), 0.2 * 2 ** attempt))
                     continue
                 if resp.status < 400 and not result:
                     return None
@@ -177,7 +198,8 @@ class KubeClient:
             params["labelSelector"] = label_selector
         if field_selector:
             params["fieldSelector"] = field_selector
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout_seconds + 30)
+        timeout = aiohttp.ClientTimeout(total=None, connect=WATCH_CONNECT_TIMEOUT, sock_connect=WATCH_CONNECT_TIMEOUT,
+                                        sock_read=timeout_seconds + WATCH_READ_GRACE)
         path = resource_path(api_version, kind, namespace)
         resp = await self._send("GET", path, params, None, "application/json", timeout)
         async with resp:

@@ -12,7 +12,11 @@ from enum import StrEnum
 
 from prometheus_client import Counter
 
+from loraplane.api.adapter import AdapterPhase
 from loraplane.api.common import now_rfc3339
+from loraplane.api.finetunejob import FineTuneJobPhase
+from loraplane.api.modelroute import ModelRoutePhase
+from loraplane.api.reasons import Reason
 from loraplane.api.redaction import scrubbed
 from loraplane.kube.client import KubeClient
 
@@ -39,6 +43,21 @@ class Event:
         object.__setattr__(self, "message", scrubbed(self.message))
 
 
+# The label values loraplane_operator_events_total may take: a bounded set whatever an Event's reason came from.
+_KINDS = frozenset({"FineTuneJob", "Adapter", "ModelRoute"})
+_REASON_LABELS = frozenset(Reason) | frozenset(FineTuneJobPhase) | frozenset(AdapterPhase) | frozenset(ModelRoutePhase)
+OTHER_LABEL = "Other"
+
+
+def _kind_label(kind: object) -> str:
+    return kind if kind in _KINDS else OTHER_LABEL
+
+
+def _reason_label(reason: object) -> str:
+    """The metric label of an Event reason: a Reason or a phase as it is, anything else OTHER_LABEL."""
+    return str(reason) if reason in _REASON_LABELS else OTHER_LABEL
+
+
 class EventRecorder:
     """Posts Events (client-go's EventRecorder role), counted in `loraplane_operator_events_total`."""
 
@@ -47,7 +66,7 @@ class EventRecorder:
 
     async def post(self, obj: dict, event: Event) -> None:
         """Post `event` about `obj` (a manifest with apiVersion, kind and metadata incl. uid)."""
-        EVENTS_POSTED.labels(obj.get("kind", ""), event.reason).inc()
+        EVENTS_POSTED.labels(_kind_label(obj.get("kind")), _reason_label(event.reason)).inc()
         await self.kube.post_event(obj, str(event.type), str(event.reason), event.message, now_rfc3339())
 
 

@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 
@@ -88,6 +89,11 @@ WARMUP_TOKENS = 1
 # Seconds between /health checks while vLLM is not up (instead of `resync`): the warm-up, and so the first
 # adapter, should start soon after vLLM answers.
 ENGINE_DOWN_POLL = 0.2
+# Seconds between the control loop's heartbeats (`Loader.heartbeat`, what /healthz reads): the loop beats at
+# least this often while it waits for the next pass and while a long step (a download, the gate, a load) runs
+# in its own task, so liveness never depends on how long a rollout takes.
+HEARTBEAT_SECONDS = 1.0
+T = TypeVar("T")
 
 
 @dataclass
@@ -182,7 +188,10 @@ class Loader:
         self.engine_ready = False     # vLLM answers /health
         self.engine_warm = False      # ...and has completed the warm-up completion since it came up
         self.applied_generation = 0
-        self.last_pass: float = 0.0
+        self.last_pass: float = 0.0     # monotonic time the last pass ended (0: none yet)
+        self.heartbeat: float = 0.0     # monotonic time the loop last ticked (0: not started)
+        self.heartbeat_interval = HEARTBEAT_SECONDS
+        self._loop_task: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self._base_probe: Probe | None = None
         self._base_facts: gate.BaseFacts | None = None
@@ -233,7 +242,11 @@ class Loader:
     # ---- the loop -------------------------------------------------------------------------------------------
     async def run(self) -> None:
         """The control loop: reconcile, then wait for a wake-up, the next due retry or `resync` seconds;
-        an exception of a pass is logged and the next pass retries. Runs until cancelled."""
+        an exception of a pass is logged and the next pass retries. Runs until cancelled. The loop beats
+        (`heartbeat`) at every pass, every `heartbeat_interval` seconds while it waits, and while a long step
+        of a pass runs (`_ticking`): `stalled` reads it for /healthz."""
+        self._loop_task = asyncio.current_task()
+        self.beat()
         while True:
             try:
                 await self.reconcile_once()
@@ -242,15 +255,51 @@ class Loader:
             except Exception:  # noqa: BLE001 - the loop must survive anything; the next pass retries
                 log.exception("reconcile pass failed")
             self.last_pass = time.monotonic()
+            self.beat()
             timeout = self.resync if self.engine_ready else min(self.resync, ENGINE_DOWN_POLL)
             retries = [s.next_try for s in self.slots.values() if not s.settled and s.next_try > time.monotonic()]
             if retries:
                 timeout = max(0.05, min(timeout, min(retries) - time.monotonic()))
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), min(left, self.heartbeat_interval))
+                    break
+                except asyncio.TimeoutError:
+                    self.beat()   # a long resync must not look like a wedged loop
             self._wake.clear()
+
+    def beat(self) -> None:
+        """Record that the control loop is alive now (monotonic seconds in `heartbeat`)."""
+        self.heartbeat = time.monotonic()
+
+    def stalled(self, stall_seconds: float) -> str | None:
+        """Why the control loop is not alive, or None when it is: its task ended (crashed or cancelled), or it
+        has not ticked for `stall_seconds`. Before `run` started, None. A slow download or load is not a stall
+        (`_ticking` beats while it runs); only a loop blocked outside those steps is."""
+        task = self._loop_task
+        if task is not None and task.done():
+            return "the control loop stopped"
+        if self.heartbeat and time.monotonic() - self.heartbeat > stall_seconds:
+            return f"the control loop has not ticked for {time.monotonic() - self.heartbeat:.0f}s " \
+                   f"(limit {stall_seconds:g}s)"
+        return None
+
+    async def _ticking(self, step: Awaitable[T]) -> T:
+        """Await `step` in its own task, beating every `heartbeat_interval` seconds until it ends, and return
+        its result (or raise its exception). Cancelling the caller cancels the step. The step's own timeouts
+        (vLLM requests, the cache's download timeout) bound it; the heartbeat only says the loop is waiting on
+        it rather than wedged."""
+        task = asyncio.ensure_future(step)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.heartbeat_interval)
+                self.beat()
+                if done:
+                    return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
 
     async def reconcile_once(self) -> None:
         """One pass: check vLLM's health and loaded adapters, reload adapters a restarted engine lost, unload
@@ -297,7 +346,8 @@ class Loader:
             slot = self.slots.get(name)
             if slot is None or slot.settled or slot.next_try > time.monotonic():
                 continue
-            await self._bring_up(slot, loaded)
+            # Fetch, gate, load and smoke test can take minutes (a large download): the loop keeps beating.
+            await self._ticking(self._bring_up(slot, loaded))
             await self.publish()
             if self.table is not table:   # a new table arrived meanwhile: start over with it
                 return

@@ -13,6 +13,9 @@ from support.operator_process import OperatorProcess
 
 @pytest.fixture(scope="module")
 def operator(kube_cluster, crds_installed, tmp_path_factory):
-    proc = OperatorProcess(kube_cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log").start()
+    # The spec policy (issue 12, item 6) through the operator's environment, as the chart sets it: the tests'
+    # unpullable images are allowed; anything else outside the operator's own images is refused.
+    proc = OperatorProcess(kube_cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log",
+                           extra_env={"LORAPLANE_ALLOWED_IMAGES": "registry.invalid/*"}).start()
     yield proc
     proc.stop()

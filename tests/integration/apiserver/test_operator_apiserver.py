@@ -669,3 +669,24 @@ def test_served_name_and_public_name_collisions_are_refused_or_reported(kube):
         kube.create(bad)
     assert err.value.status == 422 and "matchLabels" in err.value.body
     wait_for(lambda: kube.status("Adapter", "ql").get("routes") == ["names"], what="the adapter's routes")
+
+
+def test_a_spec_the_policy_refuses_creates_nothing_and_says_which_setting(kube):
+    """Issue 12, item 6, against the real API server: with the default policy, a FineTuneJob with a foreign image
+    and a ModelRoute with --trust-remote-code get Ready=False PolicyViolation (which the CRD's condition schema
+    accepts) and a Warning Event; no Job, ConfigMap or Deployment is created. Fixing the route creates them."""
+    kube.create(small_job("foreign", "foreign-out", image="evil.example/miner:1"))
+    ready = wait_for(lambda: (r := kube.ready("FineTuneJob", "foreign")) and r, what="PolicyViolation")
+    assert (ready["status"], ready["reason"]) == ("False", "PolicyViolation")
+    assert "spec.image" in ready["message"] and "operator.policy.allowedImages" in ready["message"]
+    route = example("modelroute.yaml")[0]
+    route["metadata"]["name"] = "trusting"
+    route["spec"]["engine"]["extraArgs"] = ["--trust-remote-code"]
+    kube.create(route)
+    ready = wait_for(lambda: (r := kube.ready("ModelRoute", "trusting")) and r, what="PolicyViolation")
+    assert ready["reason"] == "PolicyViolation" and "spec.engine.extraArgs[0]" in ready["message"]
+    wait_for(lambda: any(r == "PolicyViolation" for _, r, _ in kube.events("trusting")), what="the Event")
+    assert not kube.batch.list_namespaced_job(kube.ns).items
+    assert not kube.apps.list_namespaced_deployment(kube.ns).items
+    kube.patch("ModelRoute", "trusting", {"spec": {"engine": {"extraArgs": ["--enable-prefix-caching"]}}})
+    wait_for(lambda: kube.apps.list_namespaced_deployment(kube.ns).items, what="the route's Deployments")

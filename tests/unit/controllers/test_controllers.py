@@ -305,3 +305,31 @@ def test_a_child_the_api_server_refuses_shows_as_invalid_spec_instead_of_a_retry
     asyncio.run(rctl.execute(("ns", "r"), rplan))
     assert kube.status_patches[-1][:2] == ("ModelRoute", "r")
     assert kube.status_patches[-1][2]["conditions"][0]["reason"] == Reason.InvalidSpec
+
+
+def test_a_spec_the_policy_refuses_gets_policy_violation_and_no_children():
+    """Issue 12, item 6: an image outside the policy (FineTuneJob) or --trust-remote-code (ModelRoute) ends in
+    Ready=False PolicyViolation naming the field and the setting; nothing is created. Allowed, it runs."""
+    from loraplane.builders.policy import SpecPolicy
+
+    body = {**FTJ_BODY, "spec": {**FTJ_BODY["spec"], "image": "evil.example/miner:1"}}
+    job = FineTuneJob.model_validate(body)
+    plan = FineTuneJobController(context()).plan(FineTuneJobFacts(body, job, run=run_state(job, None, [])))
+    (ready,) = [c for c in plan.status["conditions"] if c["type"] == ConditionType.Ready]
+    assert (ready["status"], ready["reason"]) == ("False", Reason.PolicyViolation)
+    assert "spec.image" in ready["message"] and "operator.policy.allowedImages" in ready["message"]
+    assert not plan.children and [e.reason for e in plan.events] == [Reason.PolicyViolation]
+
+    rbody = {**ROUTE_BODY, "spec": {**ROUTE_BODY["spec"], "engine": {"extraArgs": ["--trust-remote-code"]}}}
+    r = ModelRoute.model_validate(rbody)
+    plan = route_controller().plan(ModelRouteFacts(rbody, r, adapters=[ADAPTER]))
+    (ready,) = [c for c in plan.status["conditions"] if c["type"] == ConditionType.Ready]
+    assert (ready["status"], ready["reason"]) == ("False", Reason.PolicyViolation)
+    assert "spec.engine.extraArgs[0]" in ready["message"] and "allowTrustRemoteCode" in ready["message"]
+    assert not plan.children
+
+    trusting = context()
+    trusting.build = BuildSettings(policy=SpecPolicy(allow_trust_remote_code=True))
+    ctl = ModelRouteController(trusting, rejections=lambda ns: {}, reselected=lambda key: None)
+    plan = ctl.plan(ModelRouteFacts(rbody, r, adapters=[ADAPTER]))
+    assert plan.children

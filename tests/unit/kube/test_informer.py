@@ -158,6 +158,7 @@ async def test_own_watch_has_a_client_side_read_timeout():
     assert [e async for e in client.watch("v1", "Pod", "ns", None, "5", timeout_seconds=300)] == []
     assert seen["params"]["timeoutSeconds"] == "300"
     assert seen["timeout"].sock_read and seen["timeout"].sock_read > 300 and seen["timeout"].sock_connect
+    assert seen["timeout"].connect   # waiting for a pooled connection is bounded too
 
 
 def test_valid_in_is_shared_until_the_namespace_changes_and_follows_every_change():
@@ -206,3 +207,42 @@ def test_replica_reports_are_parsed_once_per_distinct_annotation():
     assert _parse_report.cache_info().misses == 1
     for bad in ("{", "[]", 7, None, ""):
         assert replica_report({"metadata": {"annotations": {REPORT_ANNOTATION: bad}}}) is None
+
+
+async def test_a_malformed_or_huge_retry_after_never_raises_nor_stalls_a_request(monkeypatch):
+    """Issue 12 (also): a Retry-After from the API server (or a proxy in front of it) that is an HTTP date or
+    garbage used to raise ValueError out of every request; a huge one slept for as long as it said."""
+    from loraplane.kube import client as kc
+
+    slept = []
+
+    async def sleep(seconds):
+        slept.append(seconds)
+
+    monkeypatch.setattr(kc.asyncio, "sleep", sleep)
+    answers = [(429, {"Retry-After": "Wed, 21 Oct 2026 07:28:00 GMT"}), (503, {"Retry-After": "86400"}),
+               (429, {"Retry-After": "nan"}), (200, {})]
+
+    class Resp:
+        def __init__(self, status, headers):
+            self.status, self.headers = status, headers
+
+        async def read(self):
+            return b'{"ok": true}' if self.status == 200 else b""
+
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            return False
+
+    async def send(method, path, params, data, content_type, timeout):
+        assert timeout.total and timeout.total <= 60
+        return Resp(*answers.pop(0))
+
+    client = kc.KubeClient.__new__(kc.KubeClient)
+    client._gate = asyncio.Semaphore(1)
+    client._send = send
+    assert await client.request("GET", "/api/v1/namespaces/ns/pods/p") == {"ok": True}
+    assert slept == [0.2, 30.0, 0.8]   # the default backoff, MAX_RETRY_AFTER, the default backoff
+    assert kc.MAX_RETRY_AFTER == 30.0

@@ -72,7 +72,9 @@ async def test_the_replica_serves_only_after_the_warm_up_which_overlaps_the_firs
 async def test_a_failed_warm_up_keeps_the_replica_out_and_is_retried(tmp_path):
     engine = WarmingEngine()
     engine.fail_completions = 1
-    loader = _loader(tmp_path, engine, "a")
+    # The retry waits `resync` seconds: long enough that the second pass below comes before it even when the
+    # first test of a process is slow (imports), short enough for the loop to retry within _until's timeout.
+    loader = _loader(tmp_path, engine, "a", resync=1.0)
     await loader.reconcile_once()
     await asyncio.wait({loader._warmup})
     await loader.reconcile_once()

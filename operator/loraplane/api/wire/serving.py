@@ -18,9 +18,10 @@ import json
 from pathlib import Path
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loraplane.api.common import DNS_NAME
+from loraplane.api.reasons import Reason, quoted_reason, reason_or_unknown
 
 # Re-exported: the keys and ports this contract travels through (defined once in api.keys / api.paths).
 from loraplane.api.keys import REPORT_ANNOTATION, ROUTE_LABEL  # noqa: F401
@@ -130,12 +131,36 @@ class AdapterState(StrEnum):
     """No longer in the table; being unloaded from vLLM."""
 
 
+# The longest message of one adapter in a report the operator carries into a condition (characters); the loader
+# writes at most api.redaction.MAX_MESSAGE. A pod annotation anyone who may patch pods can write is untrusted.
+REPORT_MESSAGE_CHARS = 4000
+
+
 class AdapterReport(_Model):
-    """One adapter's state on one replica, with the reason, since when and how many load attempts."""
+    """One adapter's state on one replica, with the reason, since when and how many load attempts.
+
+    Read from a pod annotation, so validated at this boundary: a reason that is not a `Reason` becomes
+    `UnknownReason` (the original quoted in the message) and the message is cut to REPORT_MESSAGE_CHARS, so
+    neither can fail a status patch nor become an unbounded metric label or Event reason."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, data):
+        if isinstance(data, dict):
+            data = dict(data)
+            reason = data.get("reason")
+            message = data.get("message")
+            if isinstance(reason, str) and reason_or_unknown(reason) == Reason.UnknownReason:
+                data["reason"] = Reason.UnknownReason.value
+                data["message"] = f"(reported reason {quoted_reason(reason)}) {message if isinstance(message, str) else ''}"
+            if isinstance(data.get("message"), str) and len(data["message"]) > REPORT_MESSAGE_CHARS:
+                data["message"] = data["message"][:REPORT_MESSAGE_CHARS - 3] + "..."
+        return data
 
     state: AdapterState
-    reason: str = Field(description="CamelCase reason, e.g. Loaded, RankTooLarge, BaseModelMismatch, NoEffect.")
-    message: str = ""
+    reason: str = Field(description="CamelCase reason, e.g. Loaded, RankTooLarge, BaseModelMismatch, NoEffect; "
+                                    "one the reader does not know reads as UnknownReason (quoted in the message).")
+    message: str = Field(default="", description=f"At most {REPORT_MESSAGE_CHARS} characters (longer is cut).")
     since: str = Field(description="RFC 3339 time the adapter entered this state.")
     attempts: int = 0
     sha256: str | None = Field(default=None, description="Digest of the artifact this replica fetched and "

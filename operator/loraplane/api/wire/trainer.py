@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from loraplane.api.reasons import Reason
+from loraplane.api.reasons import Reason, quoted_reason, reason_or_unknown
 from loraplane.api.redaction import redacted
 
 EXIT_OK = 0
@@ -104,6 +105,10 @@ class ArtifactInfo(_Wire):
     sha256: str | None = None
 
 
+# What a termination message's reason must look like to be read as one (else the text is a log tail).
+TERMINATION_REASON = r"^[A-Z][A-Za-z0-9]*$"
+
+
 class TerminationMessage(_Wire):
     """The JSON a loraplane container writes as its termination message and result file (trainer, fetch-model).
 
@@ -114,7 +119,7 @@ class TerminationMessage(_Wire):
     It must fit TERMINATION_MESSAGE_LIMIT bytes (write_termination_message cuts `message`).
     """
 
-    reason: str = Field(pattern=r"^[A-Z][A-Za-z0-9]*$")
+    reason: str = Field(pattern=TERMINATION_REASON)
     message: str = ""
     step: int | None = None
     artifact: ArtifactInfo | None = None
@@ -122,6 +127,19 @@ class TerminationMessage(_Wire):
     metrics: dict[str, Any] = Field(default_factory=dict)
     library_versions: dict[str, str] = Field(default_factory=dict, alias="libraryVersions")
     completed_at: str | None = Field(default=None, alias="completedAt")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_reason(cls, data):
+        # Read from a container's termination message (whatever image ran): a well-formed reason this operator
+        # does not know becomes UnknownReason, quoted in the message, never a condition reason or metric label as
+        # it is. A malformed one fails the pattern below: the text is then not ours (a log tail).
+        if isinstance(data, dict) and isinstance(reason := data.get("reason"), str) \
+                and re.fullmatch(TERMINATION_REASON, reason) and reason_or_unknown(reason) == Reason.UnknownReason:
+            message = data.get("message") if isinstance(data.get("message"), str) else ""
+            data = {**data, "reason": Reason.UnknownReason.value,
+                    "message": f"(reported reason {quoted_reason(reason)}) {message}".rstrip()}
+        return data
 
     def to_json(self) -> dict[str, Any]:
         """The wire form: camelCase keys, unset fields left out."""

@@ -1,0 +1,223 @@
+"""The operator-level spec policy: what a user who may create FineTuneJobs and ModelRoutes may make the cluster run.
+
+A FineTuneJob or ModelRoute author chooses images, vLLM flags, environment entries and (FineTuneJob) the
+ServiceAccount of pods the operator creates in their namespace. Without a policy that is "anything, as anyone in
+the namespace": any image, any Secret through `valueFrom.secretKeyRef`, `--trust-remote-code` (vLLM executes the
+model repository's Python). The platform team sets the policy once (chart values `operator.policy.*` -> the
+operator's LORAPLANE_* env -> `OperatorSettings` -> `BuildSettings.policy`); the controllers refuse a spec that
+breaks it (Ready=False, reason PolicyViolation, naming the field and the setting that would allow it; no child is
+created or changed) and `loraplane validate --policy values.yaml` reports the same before an apply.
+
+The rules (docs/security.md, "Policy: what creating each kind grants"):
+- images: `spec.image` (FineTuneJob), `spec.engine.image` and `spec.router.image` (ModelRoute) must be in the
+  repository of one of the operator's own images (any tag or digest of it), or match a glob of `allowed_images`
+  (`fnmatch`, case-sensitive; `*` also matches `/`, so `registry.example.com/ml/*` allows that whole tree).
+- vLLM flags: every flag in `spec.engine.extraArgs` must be in `allowed_engine_args` (default: `DEFAULT_ENGINE_ARGS`,
+  tuning flags that neither load code, read local files nor open listeners). `--trust-remote-code` also needs
+  `allow_trust_remote_code`. Flags the operator sets itself (--host, --port, --model, the LoRA settings) are never
+  allowed: a later copy would override them.
+- env: `valueFrom.secretKeyRef` in `spec.engine.env` may name only the route's own `baseModel.credentialsSecretRef`
+  or a Secret matching a glob of `allowed_env_secrets`; variables that load code or configuration from a path
+  (`DENIED_ENV_NAMES`: LD_PRELOAD, PYTHONPATH, ...) are never allowed.
+- ServiceAccount: a FineTuneJob's `spec.serviceAccountName` must match a glob of `allowed_service_accounts`
+  (default none: the trainer runs as the ServiceAccount the operator creates for it, which holds no Role).
+- trust_remote_code: the trainer never passes it (transformers' default, False); there is no spec field for it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from loraplane.api.common import Resource
+from loraplane.api.finetunejob import FineTuneJob
+from loraplane.api.modelroute import ModelRoute
+
+# vLLM flags a ModelRoute may pass in spec.engine.extraArgs without the platform team allowing more: scheduling,
+# memory and caching knobs of the engine's own work. Left out on purpose: anything that loads code or a plugin
+# (--trust-remote-code, --tool-parser-plugin, --logits-processors, --worker-cls), reads a local path or URL
+# (--chat-template, --allowed-local-media-path, --download-dir, --config, --generation-config,
+# --lora-modules, --tokenizer, --model-loader-extra-config), opens or changes a listener or its auth (--host,
+# --port, --api-key, --ssl-*, --root-path, --middleware, --enable-auto-tool-choice), and every flag the operator
+# sets (ENGINE_OWNED_ARGS).
+DEFAULT_ENGINE_ARGS: tuple[str, ...] = (
+    "--enable-prefix-caching", "--no-enable-prefix-caching", "--enable-chunked-prefill",
+    "--no-enable-chunked-prefill", "--max-num-seqs", "--max-num-batched-tokens", "--max-num-partial-prefills",
+    "--block-size", "--swap-space", "--kv-cache-dtype", "--enforce-eager", "--seed", "--max-logprobs",
+    "--disable-log-requests", "--disable-log-stats", "--enable-log-requests", "--scheduling-policy",
+    "--cpu-offload-gb", "--max-seq-len-to-capture", "--max-cudagraph-capture-size", "--lora-dtype",
+    "--fully-sharded-loras", "--disable-sliding-window", "--pipeline-parallel-size", "--quantization",
+    "--num-gpu-blocks-override", "--preemption-mode", "--uvicorn-log-level", "--disable-uvicorn-access-log",
+)
+TRUST_REMOTE_CODE = "--trust-remote-code"
+# Flags engine_pod.engine_args writes: an extraArgs copy would override them (a second listener, another model,
+# other LoRA limits than the loader's gate checks), so no policy allows them.
+ENGINE_OWNED_ARGS: frozenset[str] = frozenset({
+    "--model", "--served-model-name", "--host", "--port", "--enable-lora", "--max-loras", "--max-lora-rank",
+    "--max-cpu-loras", "--dtype", "--tensor-parallel-size", "--max-model-len", "--gpu-memory-utilization",
+    "--revision", "--lora-modules",
+})
+# Environment variables of spec.engine.env that make the vLLM container load code or configuration from a path
+# the route's author controls (a PVC its baseModel.uri mounts): a shared library, Python modules, a startup or
+# breakpoint hook, a warnings category (imported by name), a logging dictConfig (instantiates classes), pickle
+# deserialisation. Refused whatever the policy says: an allowed image does not make them safe.
+DENIED_ENV_NAMES: frozenset[str] = frozenset({
+    "LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE",
+    "PYTHONBREAKPOINT", "PYTHONWARNINGS", "PYTHONPLATLIBDIR", "PYTHONINSPECT", "VLLM_LOGGING_CONFIG_PATH",
+    "VLLM_ALLOW_INSECURE_SERIALIZATION",
+})
+# Where each setting is written, for the messages (chart value, then the operator's environment variable).
+SETTING_IMAGES = "operator.policy.allowedImages (LORAPLANE_ALLOWED_IMAGES)"
+SETTING_ENGINE_ARGS = "operator.policy.allowedEngineArgs (LORAPLANE_ALLOWED_ENGINE_ARGS)"
+SETTING_TRUST = "operator.policy.allowTrustRemoteCode (LORAPLANE_ALLOW_TRUST_REMOTE_CODE)"
+SETTING_SECRETS = "operator.policy.allowedEnvSecrets (LORAPLANE_ALLOWED_ENV_SECRETS)"
+SETTING_ACCOUNTS = "operator.policy.allowedServiceAccounts (LORAPLANE_ALLOWED_SERVICE_ACCOUNTS)"
+# A token of extraArgs that is a value, not a flag, although it starts with "-": a negative number.
+_NUMBER = re.compile(r"^-\d+(\.\d+)?([eE][-+]?\d+)?$")
+
+
+@dataclass(frozen=True)
+class SpecPolicy:
+    """What FineTuneJob and ModelRoute specs may ask for beyond the operator's defaults (see the module's
+    docstring). Globs are `fnmatch` patterns, matched case-sensitively on the whole string."""
+
+    allowed_images: tuple[str, ...] = ()
+    allowed_engine_args: tuple[str, ...] = DEFAULT_ENGINE_ARGS
+    allow_trust_remote_code: bool = False
+    allowed_env_secrets: tuple[str, ...] = ()
+    allowed_service_accounts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One field of a spec the policy refuses: `field` (e.g. spec.engine.extraArgs[2]), what it asks for and
+    the policy setting that would allow it."""
+
+    field: str
+    problem: str
+    setting: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.problem}; the operator's policy does not allow it (setting: {self.setting})"
+
+
+def image_repository(ref: str) -> str:
+    """The repository of an image reference, without its tag and digest: `reg:5000/a/b:1@sha256:..` ->
+    `reg:5000/a/b`."""
+    name = ref.split("@", 1)[0]
+    head, sep, tail = name.rpartition(":")
+    return head if sep and "/" not in tail else name
+
+
+def _glob_match(value: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatchcase(value, p) for p in patterns)
+
+
+def flag_name(token: str) -> str:
+    """The flag of an extraArgs token as vLLM's parser reads it: the part before `=`, with `_` as `-`
+    (`--max_num_seqs=8` -> `--max-num-seqs`)."""
+    name = token.split("=", 1)[0]
+    return name[:2] + name[2:].replace("_", "-") if name.startswith("--") else name
+
+
+def image_allowed(image: str, own_images: tuple[str, ...], policy: SpecPolicy) -> bool:
+    """True when `image` is in the repository of one of `own_images` (the operator's images) or matches a glob
+    of `policy.allowed_images`."""
+    return image_repository(image) in {image_repository(i) for i in own_images} or _glob_match(
+        image, policy.allowed_images)
+
+
+def engine_arg_violations(args: list[str], policy: SpecPolicy, where: str = "spec.engine.extraArgs"
+                          ) -> list[Violation]:
+    """The flags of `args` (vLLM's extraArgs) the policy refuses. A token starting with `-` (other than a
+    negative number) is a flag; others are values of the flag before them; a value with no flag before it is
+    refused (vLLM would read it as something else)."""
+    allowed = {flag_name(a) for a in policy.allowed_engine_args} - ENGINE_OWNED_ARGS
+    if policy.allow_trust_remote_code:
+        allowed.add(TRUST_REMOTE_CODE)
+    out: list[Violation] = []
+    seen_flag = False
+    for i, token in enumerate(args):
+        if not token.startswith("-") or _NUMBER.match(token):
+            if token.startswith("@"):   # argparse's fromfile syntax, wherever a parser enables it: arguments from a file
+                out.append(Violation(f"{where}[{i}]", f"{token!r} would read arguments from a file",
+                                     SETTING_ENGINE_ARGS))
+            elif not seen_flag:
+                out.append(Violation(f"{where}[{i}]", f"{token!r} is not a flag (extraArgs must start with one)",
+                                     SETTING_ENGINE_ARGS))
+            continue
+        seen_flag = True
+        name = flag_name(token)
+        if name in allowed:
+            continue
+        if name in ENGINE_OWNED_ARGS:
+            problem = f"{name} is set by the operator from the spec (spec.engine and spec.baseModel fields)"
+            out.append(Violation(f"{where}[{i}]", problem, "none: use the spec's own field"))
+        elif name == TRUST_REMOTE_CODE:
+            out.append(Violation(f"{where}[{i}]", f"{name} runs the model repository's Python code in vLLM",
+                                 SETTING_TRUST))
+        else:
+            out.append(Violation(f"{where}[{i}]", f"vLLM flag {name} is not in the allowed list", SETTING_ENGINE_ARGS))
+    return out
+
+
+def _env_violations(env: list[dict], own_secrets: set[str], policy: SpecPolicy, where: str) -> list[Violation]:
+    out = []
+    for i, entry in enumerate(env):
+        if not isinstance(entry, dict):
+            continue
+        if entry.get("name") in DENIED_ENV_NAMES:
+            out.append(Violation(f"{where}[{i}].name", f"{entry['name']} makes the vLLM container load code or "
+                                 "configuration from a path", "none: bake it into an allowed image"))
+        ref = (entry.get("valueFrom") or {}).get("secretKeyRef") or {}
+        secret = ref.get("name") if isinstance(ref, dict) else None
+        if not ref:
+            continue
+        if isinstance(secret, str) and (secret in own_secrets or _glob_match(secret, policy.allowed_env_secrets)):
+            continue
+        out.append(Violation(f"{where}[{i}].valueFrom.secretKeyRef", f"reads Secret {secret!r}, which is not "
+                             "the route's own baseModel.credentialsSecretRef", SETTING_SECRETS))
+    return out
+
+
+def policy_violations(obj: Resource, own_images: tuple[str, ...], policy: SpecPolicy) -> list[Violation]:
+    """Every field of a parsed FineTuneJob or ModelRoute that `policy` refuses (empty: the spec may run), in
+    field order. `own_images`: the operator's own images (its image, trainer image and engine image), always
+    allowed with any tag. Other kinds ask for nothing the policy covers: always empty."""
+    out: list[Violation] = []
+    if isinstance(obj, FineTuneJob):
+        spec = obj.spec
+        if spec.image and not image_allowed(spec.image, own_images, policy):
+            out.append(Violation("spec.image", f"image {spec.image!r} is not one of the operator's images",
+                                 SETTING_IMAGES))
+        if spec.service_account_name and not _glob_match(spec.service_account_name, policy.allowed_service_accounts):
+            out.append(Violation("spec.serviceAccountName", f"the trainer would run as ServiceAccount "
+                                 f"{spec.service_account_name!r} instead of its own", SETTING_ACCOUNTS))
+    elif isinstance(obj, ModelRoute):
+        spec = obj.spec
+        for where, image in (("spec.engine.image", spec.engine.image), ("spec.router.image", spec.router.image)):
+            if image and not image_allowed(image, own_images, policy):
+                out.append(Violation(where, f"image {image!r} is not one of the operator's images", SETTING_IMAGES))
+        out += engine_arg_violations(list(spec.engine.extra_args), policy)
+        sref = spec.base_model.credentials_secret_ref
+        own = {sref.name} if sref is not None else set()
+        out += _env_violations([dict(e) for e in spec.engine.env], own, policy, "spec.engine.env")
+    return out
+
+
+def policy_message(violations: list[Violation]) -> str:
+    """The condition message of a refused spec: every violation, `; `-joined, then what to do."""
+    return ("; ".join(str(v) for v in violations)
+            + ". Nothing was created or changed: change the spec, or ask the platform team to allow it")
+
+
+def split_list(value: str | None) -> tuple[str, ...] | None:
+    """A comma- or whitespace-separated environment value as a tuple (None when the variable is unset)."""
+    if value is None:
+        return None
+    return tuple(t for t in re.split(r"[,\s]+", value) if t)
+
+
+__all__ = ["DEFAULT_ENGINE_ARGS", "DENIED_ENV_NAMES", "ENGINE_OWNED_ARGS", "SpecPolicy", "Violation", "engine_arg_violations",
+           "flag_name", "image_allowed", "image_repository", "policy_message", "policy_violations", "split_list"]
