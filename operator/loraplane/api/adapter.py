@@ -40,6 +40,18 @@ def served_name(adapter: str, version: str) -> str:
     return f"{adapter}{SERVED_NAME_SEPARATOR}{version}"
 
 
+def base_served_name(name: str) -> str:
+    """`name` made disjoint from every adapter served name: each run of the separator's character (`-`) that
+    would contain `--` becomes a single `-` (`sql--v1` -> `sql-v1`). Every adapter served name contains `--`
+    (`served_name`), so a name this returns never equals one and `adapter_of_served_name` gives None for it.
+
+    Used for the base model's served name whatever its origin (spec.servedModelName and baseModel.name are
+    also refused with `--` by the API; a name derived from a URI is not, so it is normalised here)."""
+    while SERVED_NAME_SEPARATOR in name:
+        name = name.replace(SERVED_NAME_SEPARATOR, SERVED_NAME_SEPARATOR[0])
+    return name
+
+
 def adapter_of_served_name(name: str) -> str | None:
     """The Adapter name a served name (`served_name`) belongs to; None when `name` is not an adapter's."""
     adapter, sep, version = name.rpartition(SERVED_NAME_SEPARATOR)
