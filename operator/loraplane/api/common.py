@@ -357,10 +357,11 @@ def set_condition(conditions: list[Condition], type: ConditionType, state: Condi
 def set_kstatus_conditions(conditions: list[Condition], ready: ConditionState,
                            observed_generation: int | None = None, now: str | None = None) -> list[Condition]:
     """Return `conditions` with kstatus' Reconciling and Stalled derived from the Ready state `ready`: the one of
-    them that `progress_of(ready.reason)` names is True, with Ready's reason and message; the other (and both,
+    them that `ready.progress` (else `progress_of(ready.reason)`) names is True, with Ready's reason and message; the other (and both,
     when Ready is True or the object is idle) is removed (kstatus: abnormal-true conditions are absent when
     False, as Flux's own objects do)."""
-    progress = None if ConditionStatus.of(ready.status) == ConditionStatus.TRUE else progress_of(ready.reason)
+    progress = (None if ConditionStatus.of(ready.status) == ConditionStatus.TRUE
+                else ready.progress or progress_of(ready.reason))
     for type_, wanted in ((ConditionType.Reconciling, Progress.Reconciling), (ConditionType.Stalled,
                                                                                Progress.Stalled)):
         if progress == wanted:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from loraplane.api.adapter import Adapter, AdapterPhase, AdapterStatus, ArtifactInfo, LoadedOn
-from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType
+from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType, Progress
 from loraplane.api.modelroute import ModelRoute
 from loraplane.api.reasons import Reason
 from loraplane.api.validation import format_validation_error
@@ -83,8 +83,10 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
                 loaded.append(LoadedOn(route=r.metadata.name or "", replica=pod_name, served_name=served,
                                        since=previous_since.get((r.metadata.name or "", pod_name), entry.since)))
             elif entry.state in FAILED_STATES:
+                # Failed / Incompatible are terminal on the replica whatever the (untrusted) reason says.
                 loader_problems.append((entry.state, ConditionState(FALSE, entry.reason,
-                                                                    f"replica {pod_name}: {entry.message}")))
+                                                                    f"replica {pod_name}: {entry.message}",
+                                                                    Progress.Stalled)))
     new.loaded_on = sorted(loaded, key=lambda lo: (lo.route, lo.replica))
 
     def condition(type_: ConditionType, state: ConditionState) -> None:

@@ -137,6 +137,7 @@ def test_reconciling_and_stalled_follow_ready_with_abnormal_true_polarity():
     """Present and True only while reconciling / stalled, with Ready's reason; removed when Ready turns True."""
     from loraplane.api.common import StatusBase
     from loraplane.api.conditions import ConditionState, ConditionStatus
+    from loraplane.api.conditions import ConditionState, ConditionStatus
 
     st = StatusBase()
     st.set_condition(ConditionType.Ready, ConditionState(ConditionStatus.FALSE, Reason.Loading, "loading"), 1)
@@ -173,3 +174,16 @@ def test_docs_ship_the_tested_script_and_a_flux_example():
     flux = next(b for b in blocks if isinstance(b, dict) and b.get("kind") == "Kustomization")
     assert flux["apiVersion"].startswith("kustomize.toolkit.fluxcd.io/") and flux["spec"]["wait"] is True
     assert Path(LUA).exists()
+
+
+def test_a_failed_replica_report_stalls_the_adapter_whatever_its_reason():
+    """A loader report in a terminal state (Failed / Incompatible) reads as Stalled even with a reason that alone
+    is progressing (AlreadyLoaded after the attempts ran out) or that is no Reason at all (an untrusted report)."""
+    from loraplane.api.common import StatusBase
+    from loraplane.api.conditions import ConditionState, ConditionStatus
+
+    for reason in (Reason.AlreadyLoaded, "SomethingNew"):
+        st = StatusBase()
+        st.set_condition(ConditionType.Ready, ConditionState(ConditionStatus.FALSE, reason, "gave up",
+                                                             Progress.Stalled), 1)
+        assert {c.type for c in st.conditions} == {"Ready", "Stalled"}, reason
