@@ -1,8 +1,8 @@
 """GitOps tools can see progress and failure (issue 13, item 7): kstatus' Reconciling / Stalled on every kind, the
 Argo CD health script over statuses the operator's own status code writes, and the Flux example.
 
-`kstatus` below is a port of the generic rules of sigs.k8s.io/cli-utils/pkg/kstatus/status (Compute for a kind
-with no built-in rules: checkGenericProperties, then the Ready condition fallback), what Flux's health checks
+`kstatus` below is a port of sigs.k8s.io/cli-utils/pkg/kstatus/status Compute for a kind with no built-in rules
+(checkGenericProperties, then Current: there is no Ready-condition fallback), what Flux's health checks
 and `kubectl wait`-style tooling compute; it lives here, not in the product, to check the product against it.
 The Argo CD script (docs/gitops/argocd-health.lua) runs in a real Lua interpreter (lupa).
 """
@@ -34,21 +34,23 @@ LATER = "2026-01-01T00:05:00Z"
 
 
 def kstatus(obj: dict) -> str:
-    """kstatus' status of a custom resource (cli-utils pkg/kstatus/status/status.go Compute; generic.go
-    checkGenericProperties; the Ready-condition fallback for kinds without built-in rules)."""
+    """kstatus' status of a custom resource, ported faithfully from sigs.k8s.io/cli-utils pkg/kstatus/status:
+    Compute (status.go) runs checkGenericProperties (generic.go: deletionTimestamp, then checkGeneration, then
+    the first condition in list order that is Reconciling=True or Stalled=True), then the rules of built-in kinds
+    (none apply to a custom resource), and otherwise returns Current. There is no Ready-condition fallback: a
+    Ready=False object with neither condition is Current, so the product must set Reconciling or Stalled
+    whenever it is not settled."""
     meta, status = obj.get("metadata") or {}, obj.get("status") or {}
     if meta.get("deletionTimestamp"):
         return "Terminating"
-    observed = status.get("observedGeneration")
-    if observed is not None and observed != meta.get("generation"):
+    generation, observed = meta.get("generation"), status.get("observedGeneration")
+    if generation is not None and observed is not None and observed != generation:
         return "InProgress"
-    conditions = {c["type"]: c for c in status.get("conditions") or []}
-    if conditions.get("Reconciling", {}).get("status") == "True":
-        return "InProgress"
-    if conditions.get("Stalled", {}).get("status") == "True":
-        return "Failed"
-    if "Ready" in conditions:
-        return "Current" if conditions["Ready"]["status"] == "True" else "InProgress"
+    for c in status.get("conditions") or []:
+        if c.get("type") == "Reconciling" and c.get("status") == "True":
+            return "InProgress"
+        if c.get("type") == "Stalled" and c.get("status") == "True":
+            return "Failed"
     return "Current"
 
 
@@ -111,10 +113,16 @@ CASES = [
         "r-1", {"a--1": ("Loading", "Loading")}))]})), "InProgress", "Progressing"),
     ("adapter refused by the gate", lambda: wrap("Adapter", adapter_of({"r": [pod("r-1", ready=True, report=report(
         "r-1", {"a--1": ("Incompatible", "NoEffect")}))]})), "Failed", "Degraded"),
+    ("adapter artifact refused as unsafe", lambda: wrap("Adapter", adapter_of({"r": [pod("r-1", ready=True,
+        report=report("r-1", {"a--1": ("Incompatible", "UnsafeArtifact")}))]})), "Failed", "Degraded"),
+    ("adapter a replica gave up on", lambda: wrap("Adapter", adapter_of({"r": [pod("r-1", ready=True,
+        report=report("r-1", {"a--1": ("Failed", "AlreadyLoaded")}))]})), "Failed", "Degraded"),
     ("adapter too large for the route", lambda: wrap("Adapter", adapter_of({}, "big", rank=64,
                                                                            labels={"team": "x"})),
      "Failed", "Degraded"),
-    ("adapter no route selects", lambda: wrap("Adapter", adapter_of({}, "lonely")), "InProgress", "Suspended"),
+    # Deliberate (docs/gitops.md): an Adapter no route selects is valid and settled (Idle: neither condition),
+    # so kstatus reads it as Current and a Flux `wait` does not hang on it; Argo CD shows Suspended.
+    ("adapter no route selects", lambda: wrap("Adapter", adapter_of({}, "lonely")), "Current", "Suspended"),
     ("spec not yet seen", lambda: wrap("ModelRoute", route_of(done, [serving_old_pod()]), generation=4),
      "InProgress", "Progressing"),
     ("never reconciled", lambda: {"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",
