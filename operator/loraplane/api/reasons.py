@@ -269,6 +269,19 @@ class Reason(StrEnum):
         "unsupported model architecture, a bad extraArgs flag).",
         "Fix what the quoted log says: `spec.engine` (gpuMemoryUtilization, maxModelLen, tensorParallelSize, "
         "extraArgs), memory limits, or the model.", STALLED)
+    RouterNotReady = ("RouterNotReady", ROUTE,
+        "The router Deployment (`NAME-router`, behind `status.endpoint`) has no available pod running the current "
+        "spec yet: it is being created, started or rolled out. Until it has, the endpoint does not answer (or "
+        "answers with the previous router spec).",
+        "Wait; if it lasts, `kubectl describe deployment NAME-router` and its newest pods.", RECONCILING)
+    RouterFailing = ("RouterFailing", ROUTE,
+        "The router cannot serve `status.endpoint`: a router pod cannot pull its image or exits with an error, or "
+        "the router Deployment's rollout exceeded its progress deadline; the message names the pod and why.",
+        "Fix `spec.router.image` (or the chart's image) and imagePullSecrets, `spec.router.apiKeySecretRef`, "
+        "`spec.router.cpu` / `memory`; `kubectl logs` the named router pod.", STALLED)
+    RouterScaledToZero = ("RouterScaledToZero", ROUTE,
+        "`spec.router.replicas` is 0: no router pod serves `status.endpoint` (the engine replicas may be up).",
+        "Set `spec.router.replicas` to 1 or more to serve the route.", IDLE)
     PublicNameConflict = ("PublicNameConflict", ROUTE,
         "Two sources of one ModelRoute publish the same public model name (a route's `name` and a selector's "
         "`prefix` + Adapter name, or two selectors); the message names both. The later source is left out of the "

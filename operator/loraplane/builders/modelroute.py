@@ -40,6 +40,7 @@ from loraplane.api.wire.serving import (
 )
 
 KEDA_API_VERSION = "keda.sh/v1alpha1"
+ROUTER_CONTAINER = "router"   # the router pod's one container (its status names the router's problems)
 
 
 def engine_name(route: ModelRoute) -> str:
@@ -270,7 +271,7 @@ def router_deployment(route: ModelRoute, settings: BuildSettings) -> Manifest:
         volumes.append({"name": "api-keys", "secret": secret})
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True})
     container: dict[str, Any] = {
-        "name": "router",
+        "name": ROUTER_CONTAINER,
         "image": spec.image or settings.image,
         "command": ["python3", "-m", "loraplane.router", *router_args(route)],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT}],

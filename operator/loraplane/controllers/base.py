@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from loraplane.api.common import API_VERSION as API
-from loraplane.api.keys import COMPONENT_LABEL, FINETUNEJOB_LABEL, ROUTE_LABEL
+from loraplane.api.keys import COMPONENT_LABEL, FINETUNEJOB_LABEL, ROUTE_LABEL, ROUTER_LABEL
 from loraplane.builders.settings import BuildSettings
 from loraplane.controllers.status import invalid_spec
 from loraplane.kube.apply import Applier
@@ -26,6 +26,8 @@ from loraplane.kube.informer import Key, Source, Store, label_getter
 from loraplane.kube.workqueue import WorkQueue
 
 ENGINE_SELECTOR = f"{ROUTE_LABEL},{COMPONENT_LABEL}=engine"
+# The router's Deployment and pods carry loraplane.io/router (not loraplane.io/route: that marks the replicas).
+ROUTER_SELECTOR = f"{ROUTER_LABEL},{COMPONENT_LABEL}=router"
 
 
 @dataclass
@@ -40,6 +42,8 @@ class Stores:
     TrainPod: Store = field(default_factory=lambda: Store(group_by=label_getter(FINETUNEJOB_LABEL)))
     EnginePod: Store = field(default_factory=lambda: Store(group_by=label_getter(ROUTE_LABEL)))
     Deployment: Store = field(default_factory=lambda: Store(group_by=label_getter(ROUTE_LABEL)))
+    RouterDeployment: Store = field(default_factory=lambda: Store(group_by=label_getter(ROUTER_LABEL)))
+    RouterPod: Store = field(default_factory=lambda: Store(group_by=label_getter(ROUTER_LABEL)))
 
     def of(self, source: str) -> Store:
         """The store named `source` (a SOURCES name, e.g. "EnginePod"); AttributeError for an unknown name."""
@@ -53,8 +57,11 @@ SOURCES: tuple[Source, ...] = (
     Source("ModelRoute", API, "ModelRoute"), Source("Job", "batch/v1", "Job", FINETUNEJOB_LABEL),
     Source("TrainPod", "v1", "Pod", FINETUNEJOB_LABEL), Source("EnginePod", "v1", "Pod", ENGINE_SELECTOR),
     Source("Deployment", "apps/v1", "Deployment", ENGINE_SELECTOR),
+    # A route is Ready only when its router serves too (ModelRoute Ready reads both).
+    Source("RouterDeployment", "apps/v1", "Deployment", ROUTER_SELECTOR),
+    Source("RouterPod", "v1", "Pod", ROUTER_SELECTOR),
 )
-CHILD_SOURCES = ("Job", "TrainPod", "EnginePod", "Deployment")
+CHILD_SOURCES = ("Job", "TrainPod", "EnginePod", "Deployment", "RouterDeployment", "RouterPod")
 
 
 @dataclass

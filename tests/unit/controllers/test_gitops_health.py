@@ -27,7 +27,7 @@ from loraplane.controllers.modelroute import route_status
 from loraplane.controllers.status import dump_status, invalid_spec
 from support.paths import ROOT
 from test_controllers import FTJ, FTJ_BODY, context
-from test_status_logic import ROUTE, adapter, engine_pod, job, pod, report, rolling, serving_old_pod
+from test_status_logic import ROUTER_UP, ROUTE, adapter, engine_pod, job, pod, report, rolling, serving_old_pod
 
 LUA = ROOT / "docs" / "gitops" / "argocd-health.lua"
 LATER = "2026-01-01T00:05:00Z"
@@ -74,7 +74,8 @@ def ftj_status(run) -> dict:
 
 def route_of(deployment, pods) -> dict:
     res = resolve(ROUTE, [adapter("a")])
-    return dump_status(route_status(ROUTE, res, deployment, pods, 3, ModelRouteStatus(), "h-new"))
+    return dump_status(route_status(ROUTE, res, deployment, pods, 3, ModelRouteStatus(), "h-new",
+                                     router=ROUTER_UP))
 
 
 def adapter_of(pods_by_route, name="a", **kw) -> dict:
