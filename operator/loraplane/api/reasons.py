@@ -63,6 +63,11 @@ class Reason(StrEnum):
         "A field that cannot change after creation was changed (e.g. a FineTuneJob's dataset "
         "or an Adapter's base model). The operator keeps acting on the last accepted spec.",
         "Revert the change, or create a new object (a new FineTuneJob name, a new Adapter).", STALLED)
+    NameConflict = ("NameConflict", ANY,
+        "A child this object needs (Job, ConfigMap, Service, Deployment, ...) has a name that an object of "
+        "another owner already has (the message names the child and its owner): a long name is shortened to "
+        "`<head>-<hash8>`, which another object may be named. The child is neither adopted nor overwritten.",
+        "Rename this object (or the other one), or delete the other object if it is stale.", STALLED)
     # --- FineTuneJob ----------------------------------------------------------------------------------------
     Pending = ("Pending", FTJ, "The training Job exists but no trainer pod runs yet (scheduling, image pull, a PVC).",
         "`kubectl describe pod -l loraplane.io/finetunejob=NAME`: look for unschedulable GPUs or a missing PVC.", RECONCILING)

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from loraplane.api.common import API_VERSION as API
+from loraplane.api.reasons import Reason
 from loraplane.api.keys import COMPONENT_LABEL, FINETUNEJOB_LABEL, ROUTE_LABEL, ROUTER_LABEL
 from loraplane.builders.settings import BuildSettings
 from loraplane.controllers.status import invalid_spec
-from loraplane.kube.apply import Applier
+from loraplane.kube.apply import Applier, NameTaken
 from loraplane.kube.client import ApiError, KubeClient
 from loraplane.kube.events import EventRecorder
 from loraplane.kube.informer import Key, Source, Store, label_getter
@@ -112,16 +113,21 @@ class Controller(ABC):
         server refuses as invalid (HTTP 400/422: a spec the builders turned into something it does not accept) is shown
         on the owner as Ready=False InvalidSpec with the server's message, which names the child and the field,
         and None is returned: retrying cannot help until the spec changes, so it is not raised into the work
-        queue's retry loop (the next change of the owner reconciles it again)."""
+        queue's retry loop (the next change of the owner reconciles it again). A child name held by another
+        owner's object (kube.apply.NameTaken) is shown the same way with reason NameConflict."""
+        reason = Reason.InvalidSpec
         try:
             return await self.ctx.applier.ensure(stages, fresh=fresh)
+        except NameTaken as exc:
+            # Never adopted nor overwritten: the other owner keeps it, this one waits for the name to be free.
+            reason, refused = Reason.NameConflict, (
+                f"{exc}: its name is what this {self.kind}'s name gives; rename or delete one of the two")
         except ApiError as exc:
             if exc.status not in (400, 422):
                 raise
-            refused = str(exc)
+            refused = f"the API server refused a child: {exc}"
         meta = body["metadata"]
-        patch, event = invalid_spec(body.get("status") or {}, meta.get("generation"),
-                                    f"the API server refused a child: {refused}")
+        patch, event = invalid_spec(body.get("status") or {}, meta.get("generation"), refused, reason)
         if patch:
             await self.kube.patch_status(API, self.kind, meta.get("namespace"), meta["name"], patch)
         if event:

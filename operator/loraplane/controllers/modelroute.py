@@ -24,6 +24,7 @@ from loraplane.controllers.pods import (crash_problem, image_pull_problem, pod_n
                                         unschedulable)
 from loraplane.controllers.status import (dump_status, invalid_spec, owned_status, ready_reason,
                                           status_patch)
+from loraplane.kube.apply import owned_by
 from loraplane.kube.events import Event, EventType
 from loraplane.kube.informer import Key
 
@@ -383,14 +384,21 @@ class ModelRouteController(Controller):
             return ModelRouteFacts(body, None, invalid=format_validation_error(route, "spec field "))
         ns, name = key
         adapters = list(self.stores.Adapter.valid_in(ns, Adapter))
+        uid = route.metadata.uid
+
+        def own(obj: dict | None) -> dict | None:
+            # Found by computed name: only this route's (controller ownerReference = its uid) counts; another
+            # owner's object of that name is not read as this route's (applying it shows NameConflict).
+            return obj if owned_by(obj, uid) else None
+
         return ModelRouteFacts(
             body, route, adapters=adapters, rejected=self._rejections(ns),
             accepted_base=await self.accepted_base_of(route) if body.get("status") else None,
-            deployment=self.stores.Deployment.get((ns, route_builders.engine_name(route))),
+            deployment=own(self.stores.Deployment.get((ns, route_builders.engine_name(route)))),
             pods=self.stores.EnginePod.group(ns, name), last_resolution=self._resolutions.get(key),
             last_applied=self._applied.get(key), last_selected=self._selected.get(key, {}),
             applier_epoch=self.ctx.applier.epoch, engine_hash=self._engine_hash.get(key),
-            router_deployment=self.stores.RouterDeployment.get((ns, route_builders.router_name(route))),
+            router_deployment=own(self.stores.RouterDeployment.get((ns, route_builders.router_name(route)))),
             router_pods=self.stores.RouterPod.group(ns, name), router_hash=self._router_hash.get(key))
 
     async def accepted_base_of(self, route: ModelRoute) -> BaseModelId | None:
@@ -399,8 +407,7 @@ class ModelRouteController(Controller):
         if ident in self._accepted:
             return self._accepted[ident]
         cm = await self.kube.get("v1", "ConfigMap", ident[0], configmap_name(ident[1]))
-        refs = ((cm or {}).get("metadata") or {}).get("ownerReferences") or []
-        if cm is None or not any(r.get("uid") == ident[2] for r in refs):
+        if cm is None or not owned_by(cm, ident[2]):
             return None
         base = accepted_base((cm.get("data") or {}).get(CONFIGMAP_KEY))
         if base is not None:

@@ -61,18 +61,19 @@ def dump_status(model: BaseModel) -> dict:
     return model.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
-def invalid_spec(current: dict, generation: int | None, message: str) -> tuple[dict, Event | None]:
-    """For a spec that fails validation: the status patch (Ready=False, reason InvalidSpec, naming the field; the
-    other keys are left as they were) and a Warning Event when the message is new."""
+def invalid_spec(current: dict, generation: int | None, message: str,
+                 reason: Reason = Reason.InvalidSpec) -> tuple[dict, Event | None]:
+    """For a spec that fails validation: the status patch (Ready=False, reason InvalidSpec, or `reason`, naming
+    the field; the other keys are left as they were) and a Warning Event when the message is new."""
     previous = StatusBase.model_validate({"conditions": current.get("conditions") or []})
-    state = ConditionState(ConditionStatus.FALSE, Reason.InvalidSpec, message)
+    state = ConditionState(ConditionStatus.FALSE, reason, message)
     previous.set_condition(ConditionType.Ready, state, generation)
     desired = {"observedGeneration": generation,
                "conditions": [c.model_dump(by_alias=True, exclude_none=True) for c in previous.conditions]}
     patch = status_patch(current, desired, ("observedGeneration", "conditions"))
     old = next((c for c in current.get("conditions") or [] if c.get("type") == ConditionType.Ready), None)
-    new_message = not old or old.get("reason") != Reason.InvalidSpec or old.get("message") != message
-    return patch, Event(EventType.Warning, Reason.InvalidSpec, message) if patch and new_message else None
+    new_message = not old or old.get("reason") != reason or old.get("message") != message
+    return patch, Event(EventType.Warning, reason, message) if patch and new_message else None
 
 
 __all__ = ["canonical", "dump_status", "invalid_spec", "owned_status", "ready_reason", "status_patch"]
