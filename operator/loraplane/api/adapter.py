@@ -10,6 +10,8 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from loraplane.api.common import (
+    URI_MAX_LENGTH,
+    ShortString,
     ApiModel,
     CelRule,
     FreeForm,
@@ -76,13 +78,13 @@ class AdapterSource(ApiModel):
         *uri_rules("uri", "source.uri"),
     )
 
-    uri: str | None = Field(
+    uri: str | None = Field(max_length=URI_MAX_LENGTH,
         default=None, pattern=uri_pattern("pvc", "s3", "http", "hf", "file", "path"),
         description="pvc://CLAIM/PATH, s3://BUCKET/PREFIX, https://….tar.gz, hf://ORG/REPO[@revision], "
                     "or a local directory for local runs.")
     fine_tune_job_ref: LocalObjectRef | None = Field(
         default=None, description="The FineTuneJob whose output this is (set by the operator on success).")
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
+    sha256: str | None = Field(max_length=64, default=None, pattern=r"^[0-9a-f]{64}$",
                                description="Expected sha256 of the artifact; loading fails on mismatch.")
     credentials_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret (in the Adapter's namespace) with the credentials to fetch this artifact: "
@@ -112,7 +114,7 @@ class AdapterSpec(ApiModel):
                     "a new internal name, so cached prefixes never mix versions.")
     rank: int | None = Field(default=None, ge=1, le=512,
                              description="Declared LoRA rank; checked against routes before any download.")
-    target_modules: list[str] | None = Field(default=None, description="Declared target modules.")
+    target_modules: list[ShortString] | None = Field(max_length=256, default=None, description="Declared target modules.")
 
 
 class ArtifactInfo(ApiModel):

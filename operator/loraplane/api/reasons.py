@@ -274,6 +274,12 @@ class Reason(StrEnum):
         "unsupported model architecture, a bad extraArgs flag).",
         "Fix what the quoted log says: `spec.engine` (gpuMemoryUtilization, maxModelLen, tensorParallelSize, "
         "extraArgs), memory limits, or the model.", STALLED)
+    ServingTableFull = ("ServingTableFull", f"{ADAPTER}; ModelRoute Ready message",
+        "The route's serving table (one ConfigMap, at most 1 MiB) would be too large with every adapter the route "
+        "selects: the adapters with the largest entries (long `source.uri`s, many versions) are left out so the "
+        "others keep being served; the message gives the sizes.",
+        "Select fewer adapters on this route (narrow its selectors or split it into several ModelRoutes), or "
+        "shorten the adapters' `source.uri`s.", STALLED)
     RouterNotReady = ("RouterNotReady", ROUTE,
         "The router Deployment (`NAME-router`, behind `status.endpoint`) has no available pod running the current "
         "spec yet: it is being created, started or rolled out. Until it has, the endpoint does not answer (or "

@@ -211,7 +211,9 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
         models.append(ServedModel(name=model.name, ready=any(b.ready for b in backends), backends=backends))
     new.models = models
     unready = [m.name for m in models if not m.ready]
-    excluded = sorted({f"{a} ({v.reason})" for (_, a), v in resolution.missing.items()})
+    excluded = sorted({f"{a} ({v.reason})" for (_, a), v in resolution.missing.items()}
+                      | {f"{a} ({v.reason})" for a, v in resolution.selected.items()
+                         if v.reason == Reason.ServingTableFull})   # selector-matched ones are in no backend
     rollout = rollout_pending(deployment, desired_hash)
     if new.ready_replicas == 0:
         new.phase = ModelRoutePhase.Progressing if deployment is not None else ModelRoutePhase.Pending
@@ -361,6 +363,12 @@ class ModelRouteController(Controller):
             self.forget(key)
             return
         await self.execute(key, self.plan(facts))
+
+    def table_verdicts(self, namespace: str, adapter: str) -> dict[str, Verdict]:
+        """Route name -> the verdict of the routes of `namespace` that left `adapter` out of their serving table
+        for its size (Reason.ServingTableFull): only the route's resolution knows it, the Adapter shows it."""
+        return {name: v for (ns, name), selected in self._selected.items() if ns == namespace
+                and (v := selected.get(adapter)) is not None and v.reason == Reason.ServingTableFull}
 
     def forget(self, key: Key) -> None:
         """Drop what was remembered about a deleted route and its children."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from loraplane.api.reasons import Reason
 from loraplane.api import Adapter, FineTuneJob, ModelRoute
 from loraplane.api.adapter import AdapterStatus
 from loraplane.api.modelroute import ModelRouteStatus
@@ -354,3 +355,15 @@ def test_route_is_not_ready_without_a_router_serving_its_endpoint():
     starting = engine_pod("r-1", containers={"vllm": {}, "adapter-loader": {}})
     c = ready_of(RouterFacts(broken, [new_pod], "h-new"), engine={"status": {"replicas": 1}}, engine_pods=[starting])
     assert (c.status, c.reason) == ("False", "RouterFailing") and "engine: 0 of 1" in c.message
+
+
+def test_an_adapter_left_out_of_a_full_serving_table_says_so():
+    from loraplane.api.adapter import AdapterStatus
+    from loraplane.builders.resolution import Verdict
+    from loraplane.controllers.adapter import adapter_status
+
+    full = Verdict(False, Reason.ServingTableFull, "Adapter a is left out of route r's serving table: ...")
+    st = adapter_status(adapter("a"), [ROUTE], {}, AdapterStatus(), 1, None, {"r": full})
+    ready = st.condition("Ready")
+    assert (ready.status, ready.reason) == ("False", "ServingTableFull") and "left out" in ready.message
+    assert st.condition("Stalled") is not None

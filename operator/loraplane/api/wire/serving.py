@@ -15,6 +15,7 @@ JSON travels through files and loopback URLs instead of a ConfigMap and annotati
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 from enum import StrEnum
 
@@ -98,9 +99,15 @@ class ServingTable(_Model):
     models: list[PublicModel] = Field(default_factory=list)
     router: RouterSettings = Field(default_factory=RouterSettings)
 
+    @cached_property
+    def json_text(self) -> str:
+        """The table as indented JSON, computed once per (frozen) table: resolve() measures it, the controller
+        compares it and the ConfigMap carries it."""
+        return self.model_dump_json(indent=2)
+
     def to_json(self) -> str:
         """The table as indented JSON (the ConfigMap value and the local file format)."""
-        return self.model_dump_json(indent=2)
+        return self.json_text
 
     @classmethod
     def load(cls, path: Path) -> "ServingTable":
