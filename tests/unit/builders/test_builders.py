@@ -394,3 +394,42 @@ def test_a_route_selecting_too_many_large_adapters_keeps_its_table_within_the_co
     assert "over the" in res.selected[left_out[0]].message
     status = route_status(route, res, None, [], 1, ModelRouteStatus(), router=RouterFacts(None))
     assert f"{left_out[0]} (ServingTableFull)" in status.condition("Ready").message
+
+
+def test_the_keda_query_selects_exactly_its_own_routes_pods():
+    """Issue 13 review p15: `pod=~"a-engine-.*"` also summed route `a-engine-b`'s pods, so one route's load scaled
+    another. The pattern is the exact shape of the engine Deployment's pod names (ReplicaSet hash and random
+    suffix from Kubernetes' vowel-free alphabet, the 58-character cut of generated names), checked against pod
+    names made as Kubernetes makes them for routes whose names prefix each other, up to the 50-character limit."""
+    import random
+    import re
+
+    from loraplane.builders.modelroute import GENERATED_NAME_BASE, POD_NAME_ALPHABET, engine_name
+
+    rng = random.Random(7)
+
+    def pods_of(route_name):
+        deployment = engine_name(parse({"apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute",
+                                        "metadata": {"name": route_name}, "spec": {"baseModel": {"name": "m"}}}))
+        for h in range(1, 11):
+            for _ in range(3):
+                rs = f"{deployment}-{''.join(rng.choice(POD_NAME_ALPHABET) for _ in range(h))}"
+                yield (rs + "-")[:GENERATED_NAME_BASE] + "".join(rng.choice(POD_NAME_ALPHABET) for _ in range(5))
+
+    names = ["a", "a-engine", "a-engine-b", "a-b", "a-engine-engine", "b2", "a-e"]
+    names += [("x" * n)[:n] for n in (44, 45, 46, 47, 48, 49, 50)]
+    names += [("x" * (n - 9)) + "-engine-b" for n in (46, 48, 50)]
+    pods = {n: list(pods_of(n)) for n in names}
+
+    def query_of(route_name):
+        r = parse({"apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute",
+                   "metadata": {"name": route_name, "namespace": "ns"},
+                   "spec": {"baseModel": {"name": "m"},
+                            "autoscaling": {"backend": "keda", "minReplicas": 0, "maxReplicas": 2}}})
+        return modelroute.keda_scaled_object(r)["spec"]["triggers"][0]["metadata"]["query"]
+
+    for n in names:
+        pattern = re.search(r'pod=~"([^"]*)"', query_of(n)).group(1)   # PromQL anchors =~ at both ends
+        for other, names_of_pods in pods.items():
+            for pod in names_of_pods:
+                assert (re.fullmatch(pattern, pod) is not None) == (other == n), (n, other, pod, pattern)
