@@ -146,7 +146,6 @@ def test_reconciling_and_stalled_follow_ready_with_abnormal_true_polarity():
     """Present and True only while reconciling / stalled, with Ready's reason; removed when Ready turns True."""
     from loraplane.api.common import StatusBase
     from loraplane.api.conditions import ConditionState, ConditionStatus
-    from loraplane.api.conditions import ConditionState, ConditionStatus
 
     st = StatusBase()
     st.set_condition(ConditionType.Ready, ConditionState(ConditionStatus.FALSE, Reason.Loading, "loading"), 1)
