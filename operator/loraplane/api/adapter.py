@@ -10,6 +10,8 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from loraplane.api.common import (
+    URI_MAX_LENGTH,
+    ShortString,
     ApiModel,
     CelRule,
     FreeForm,
@@ -40,6 +42,18 @@ def served_name(adapter: str, version: str) -> str:
     return f"{adapter}{SERVED_NAME_SEPARATOR}{version}"
 
 
+def base_served_name(name: str) -> str:
+    """`name` made disjoint from every adapter served name: each run of the separator's character (`-`) that
+    would contain `--` becomes a single `-` (`sql--v1` -> `sql-v1`). Every adapter served name contains `--`
+    (`served_name`), so a name this returns never equals one and `adapter_of_served_name` gives None for it.
+
+    Used for the base model's served name whatever its origin (spec.servedModelName and baseModel.name are
+    also refused with `--` by the API; a name derived from a URI is not, so it is normalised here)."""
+    while SERVED_NAME_SEPARATOR in name:
+        name = name.replace(SERVED_NAME_SEPARATOR, SERVED_NAME_SEPARATOR[0])
+    return name
+
+
 def adapter_of_served_name(name: str) -> str | None:
     """The Adapter name a served name (`served_name`) belongs to; None when `name` is not an adapter's."""
     adapter, sep, version = name.rpartition(SERVED_NAME_SEPARATOR)
@@ -64,14 +78,14 @@ class AdapterSource(ApiModel):
         *uri_rules("uri", "source.uri"),
     )
 
-    uri: str | None = Field(
+    uri: str | None = Field(max_length=URI_MAX_LENGTH,
         default=None, pattern=uri_pattern("pvc", "s3", "http", "hf", "file", "path"),
         description="pvc://CLAIM/PATH, s3://BUCKET/PREFIX, https://….tar.gz, hf://ORG/REPO[@revision], "
                     "or a local directory for local runs only (`loraplane run`): in a cluster a local path is "
                     "refused (LocalSourceRefused).")
     fine_tune_job_ref: LocalObjectRef | None = Field(
         default=None, description="The FineTuneJob whose output this is (set by the operator on success).")
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
+    sha256: str | None = Field(max_length=64, default=None, pattern=r"^[0-9a-f]{64}$",
                                description="Expected sha256 of the artifact; loading fails on mismatch.")
     credentials_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret (in the Adapter's namespace) with the credentials to fetch this artifact: "
@@ -101,7 +115,7 @@ class AdapterSpec(ApiModel):
                     "a new internal name, so cached prefixes never mix versions.")
     rank: int | None = Field(default=None, ge=1, le=512,
                              description="Declared LoRA rank; checked against routes before any download.")
-    target_modules: list[str] | None = Field(default=None, description="Declared target modules.")
+    target_modules: list[ShortString] | None = Field(max_length=256, default=None, description="Declared target modules.")
 
 
 class ArtifactInfo(ApiModel):

@@ -172,7 +172,7 @@ class LabelSelectorRequirement(ApiModel):
     key: str = Field(min_length=1, max_length=317, description="Label key.")
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
     values: list[Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]] | None = Field(
-        default=None, description="Non-empty for In and NotIn; unset for Exists and DoesNotExist.")
+        default=None, max_length=256, description="Non-empty for In and NotIn; unset for Exists and DoesNotExist.")
 
     @model_validator(mode="after")
     def _check(self):
@@ -189,7 +189,7 @@ class LabelSelector(ApiModel):
     """A Kubernetes label selector (metav1.LabelSelector): matchLabels AND matchExpressions; empty matches all."""
 
     match_labels: Labels = Field(default_factory=dict)
-    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list)
+    match_expressions: list[LabelSelectorRequirement] = Field(max_length=64, default_factory=list)
 
     def matches(self, labels: dict[str, str]) -> bool:
         """Kubernetes' selector semantics on a label map."""
@@ -221,6 +221,14 @@ class SecretKeyRef(ApiModel):
 # admission (the CRD schema), `loraplane validate` and the operator agree. They only keep obviously wrong values
 # out; storage.uri.parse_uri is the full parser every component uses. Adding a scheme: a form here, the fields
 # whose uri_pattern() admit it, and a case in storage/uri.py (docs/architecture.md, "Where to add").
+# Bounds of every free string of a spec that reaches a child (a Pod's args, a serving table, a ConfigMap): a
+# schema-valid object must render children the API server accepts (a ConfigMap holds at most 1 MiB, an object's
+# annotations 256 KiB), and CEL's cost estimate needs them too.
+URI_MAX_LENGTH = 2048
+IMAGE_MAX_LENGTH = 1024
+ShortString = Annotated[str, Field(max_length=256)]   # a module name, a record field name, a header
+ArgString = Annotated[str, Field(max_length=4096)]    # one command-line argument
+
 URI_FORMS: dict[str, str] = {
     "pvc": r"pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?",      # the claim: a DNS-1123 subdomain, as Kubernetes names
     "s3": r"s3://[A-Za-z0-9][A-Za-z0-9._-]*(/.*)?",             # a bucket name, then the key
@@ -305,13 +313,13 @@ class ModelRef(ApiModel):
     revision: str | None = Field(
         default=None, max_length=200,
         description="Branch, tag or commit of the Hugging Face repo. Pin a commit for reproducible runs.")
-    uri: str | None = Field(
+    uri: str | None = Field(max_length=URI_MAX_LENGTH,
         default=None, pattern=uri_pattern("pvc", "s3", "http", "file", "path"),
         description="pvc://CLAIM/PATH, s3://BUCKET/PREFIX, https://… archive, or a local path "
                     "(file:///… or /…, for local runs).")
     credentials_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret with HF_TOKEN or AWS_* credentials to fetch the model.")
-    sha256: str | None = Field(
+    sha256: str | None = Field(max_length=64,
         default=None, pattern=r"^[0-9a-f]{64}$",
         description="Expected digest of an s3:// or https:// model: the archive's sha256 (what `sha256sum` "
                     "prints) or the directory's (loraplane.storage.digest.sha256_dir). A download that differs "
@@ -368,10 +376,11 @@ def set_condition(conditions: list[Condition], type: ConditionType, state: Condi
 def set_kstatus_conditions(conditions: list[Condition], ready: ConditionState,
                            observed_generation: int | None = None, now: str | None = None) -> list[Condition]:
     """Return `conditions` with kstatus' Reconciling and Stalled derived from the Ready state `ready`: the one of
-    them that `progress_of(ready.reason)` names is True, with Ready's reason and message; the other (and both,
+    them that `ready.progress` (else `progress_of(ready.reason)`) names is True, with Ready's reason and message; the other (and both,
     when Ready is True or the object is idle) is removed (kstatus: abnormal-true conditions are absent when
     False, as Flux's own objects do)."""
-    progress = None if ConditionStatus.of(ready.status) == ConditionStatus.TRUE else progress_of(ready.reason)
+    progress = (None if ConditionStatus.of(ready.status) == ConditionStatus.TRUE
+                else ready.progress or progress_of(ready.reason))
     for type_, wanted in ((ConditionType.Reconciling, Progress.Reconciling), (ConditionType.Stalled,
                                                                                Progress.Stalled)):
         if progress == wanted:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import NamedTuple
 
-from loraplane.api.reasons import Reason
+from loraplane.api.reasons import Progress, Reason
 
 
 class ConditionType(StrEnum):
@@ -47,46 +47,27 @@ class ConditionStatus(StrEnum):
 
 
 class ConditionState(NamedTuple):
-    """What a controller decided a condition should say; `set_condition` adds the transition time."""
+    """What a controller decided a condition should say; `set_condition` adds the transition time. `progress`
+    overrides what the reason alone says about progress (progress_of): e.g. a replica's Failed state is terminal
+    whatever reason its (untrusted) report gives."""
 
     status: ConditionStatus
     reason: Reason
     message: str = ""
+    progress: Progress | None = None
 
 
-class Progress(StrEnum):
-    """What a Ready=False reason says about progress: which of kstatus' Reconciling / Stalled is True."""
-
-    Reconciling = "Reconciling"
-    """Work is under way (scheduling, pulling, training, loading, rolling out): waiting helps."""
-    Stalled = "Stalled"
-    """Nothing changes until someone fixes the spec, the artifact, the credentials or the cluster."""
-    Idle = "Idle"
-    """Settled on purpose (a suspended job) or until another object refers to it (an Adapter no route selects):
-    neither condition; kstatus falls back to Ready=False (InProgress), Argo CD shows Suspended."""
-
-
-# Ready=False reasons that need someone to act (every terminal FineTuneJob failure, every gate refusal, a pod that
-# cannot pull its image or crashes, an invalid or immutable-violating spec).
-STALLED_REASONS: frozenset[Reason] = frozenset({
-    Reason.InvalidSpec, Reason.SpecImmutable, Reason.PolicyViolation,
-    Reason.InvalidConfig, Reason.InvalidDataset, Reason.DatasetNotFound, Reason.DatasetAccessDenied,
-    Reason.DatasetUnavailable, Reason.ModelNotFound, Reason.TargetModulesNotFound, Reason.OutOfMemory,
-    Reason.OOMKilled, Reason.OutputWriteFailed, Reason.ImagePull, Reason.DeadlineExceeded,
-    Reason.BackoffLimitExceeded, Reason.JobFailed, Reason.InternalError, Reason.TrainerError,
-    Reason.AdapterNotFound, Reason.BaseModelMismatch, Reason.BaseModelRevisionMismatch, Reason.RankTooLarge,
-    Reason.RankMismatch, Reason.UnsupportedModulesToSave, Reason.UnsupportedAdapterFeature,
-    Reason.UnsupportedAdapterType, Reason.UnsupportedDtype, Reason.UnsupportedQuantization, Reason.InvalidAdapter,
-    Reason.InvalidArtifact, Reason.ChecksumMismatch, Reason.FetchFailed, Reason.AccessDenied, Reason.LoadFailed,
-    Reason.NoEffect, Reason.ModelFetchFailed, Reason.EngineFailing, Reason.RolloutStalled,
-})
-# Ready=False reasons of an object that is settled rather than progressing or stuck.
-IDLE_REASONS: frozenset[Reason] = frozenset({Reason.Suspended, Reason.NoRoute})
+# Every Reason carries its Progress (api.reasons); these sets are derived from it.
+STALLED_REASONS: frozenset[Reason] = frozenset(r for r in Reason if r.progress == Progress.Stalled)
+IDLE_REASONS: frozenset[Reason] = frozenset(r for r in Reason if r.progress == Progress.Idle)
 
 
 def progress_of(reason: str) -> Progress:
-    """The Progress a Ready=False `reason` means; any reason not listed as stalled or idle is progressing (a new
-    reason reads as InProgress, what kstatus made of every Ready=False before these conditions existed)."""
-    if reason in STALLED_REASONS:
-        return Progress.Stalled
-    return Progress.Idle if reason in IDLE_REASONS else Progress.Reconciling
+    """The Progress a Ready=False `reason` means: the reason's own `progress` (Reason.progress). A string that is
+    no Reason (only an untrusted report can carry one) reads as Reconciling; a Done reason (of Ready=True or an
+    event) as Idle: neither condition."""
+    try:
+        progress = Reason(reason).progress
+    except ValueError:
+        return Progress.Reconciling
+    return Progress.Idle if progress == Progress.Done else progress

@@ -8,6 +8,9 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from loraplane.api.common import (
+    URI_MAX_LENGTH,
+    IMAGE_MAX_LENGTH,
+    ShortString,
     DNS_NAME,
     LABEL_VALUE,
     ApiModel,
@@ -50,7 +53,7 @@ class DatasetSpec(ApiModel):
         *uri_rules("validationUri", "dataset.validationUri"),
     )
 
-    uri: str | None = Field(
+    uri: str | None = Field(max_length=URI_MAX_LENGTH,
         default=None, pattern=uri_pattern("pvc", "s3", "http", "hf", "file", "path"),
         description="pvc://CLAIM/PATH, s3://BUCKET/KEY, https://…, hf://ORG/DATASET[@revision], "
                     "or a local path for local runs.")
@@ -59,13 +62,13 @@ class DatasetSpec(ApiModel):
         default="instruction",
         description="text: {text}; instruction: {prompt, response}; chat: {messages:[{role, content}]} "
                     "rendered with the tokenizer's chat template, loss on assistant turns only.")
-    text_field: str = Field(default="text", description="Field of a `text` record.")
-    prompt_field: str = Field(default="prompt", description="Field of an `instruction` record's prompt.")
-    response_field: str = Field(default="response", description="Field of an `instruction` record's answer.")
-    messages_field: str = Field(default="messages", description="Field of a `chat` record's message list.")
+    text_field: str = Field(max_length=256, default="text", description="Field of a `text` record.")
+    prompt_field: str = Field(max_length=256, default="prompt", description="Field of an `instruction` record's prompt.")
+    response_field: str = Field(max_length=256, default="response", description="Field of an `instruction` record's answer.")
+    messages_field: str = Field(max_length=256, default="messages", description="Field of a `chat` record's message list.")
     validation_split: float | None = Field(
         default=None, gt=0, lt=0.5, description="Fraction held out for evaluation (eval loss, perplexity).")
-    validation_uri: str | None = Field(
+    validation_uri: str | None = Field(max_length=URI_MAX_LENGTH,
         default=None, pattern=uri_pattern("pvc", "s3", "http", "hf", "file", "path"),
         description="A separate validation file instead (the same URI forms as `uri`).")
     credentials_secret_ref: SecretKeyRef | None = Field(
@@ -80,7 +83,7 @@ class MethodSpec(ApiModel):
     r: int = Field(default=16, ge=1, le=512, description="LoRA rank. Must be <= the serving route's maxLoraRank.")
     alpha: int = Field(default=32, ge=1, le=4096, description="LoRA alpha (scaling = alpha / r).")
     dropout: float = Field(default=0.05, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: list[str] | None = Field(
+    target_modules: list[ShortString] | None = Field(max_length=256,
         default=None, min_length=1,
         description="Module names to adapt, e.g. [q_proj, v_proj]. Default: the attention projections of "
                     "the model's architecture. vLLM serves adapters on linear layers only.")
@@ -118,17 +121,17 @@ class ResourcesSpec(ApiModel):
     """What each training pod asks for."""
 
     gpus: int = Field(default=1, ge=0, le=16, description="GPUs per node (0: CPU-only, for small trials).")
-    gpu_resource: str = Field(default="nvidia.com/gpu", description="Extended resource name of the GPUs.")
+    gpu_resource: str = Field(max_length=253, default="nvidia.com/gpu", description="Extended resource name of the GPUs.")
     gpu_type: str | None = Field(
         default=None, max_length=63, pattern=LABEL_VALUE,
         description="Value of the node label named by gpuTypeLabel to schedule on, e.g. NVIDIA-H100-80GB-HBM3.")
-    gpu_type_label: str = Field(default="nvidia.com/gpu.product",
+    gpu_type_label: str = Field(max_length=317, default="nvidia.com/gpu.product",
                                 description="Node label that carries the GPU model (GPU feature discovery).")
     cpu: Quantity | None = None
     memory: Quantity | None = None
     nodes: int = Field(default=1, ge=1, le=64, description="Nodes for multi-node training (torchrun).")
     node_selector: Labels = Field(default_factory=dict)
-    tolerations: list[FreeForm] = Field(default_factory=list, description="Pod tolerations, verbatim.")
+    tolerations: list[FreeForm] = Field(max_length=64, default_factory=list, description="Pod tolerations, verbatim.")
 
     @model_validator(mode="after")
     def _check_gpu_type_label(self):
@@ -149,7 +152,7 @@ class OutputSpec(ApiModel):
         default=False, description="Publish a new version of adapterName even though it already exists and this "
                                    "FineTuneJob did not create it (by hand, or by another run). Without it such a "
                                    "job does not start (Ready=False, reason AdapterExists).")
-    uri: str | None = Field(
+    uri: str | None = Field(max_length=URI_MAX_LENGTH,
         default=None, pattern=uri_pattern("pvc", "s3", "file", "path"),
         description="Where runs write: pvc://CLAIM/PATH or s3://BUCKET/PREFIX (default: the operator's artifact "
                     "store, <store>/<namespace>/<job name>). Each run writes its adapter to "
@@ -171,7 +174,7 @@ class FineTuneJobSpec(ApiModel):
                                      json_schema_extra=immutable("spec.resources"))
     output: OutputSpec = Field(json_schema_extra=immutable("spec.output"))
     # A Job's pod template cannot change once created: image and account are fixed for the run.
-    image: str | None = Field(default=None, description=(
+    image: str | None = Field(max_length=IMAGE_MAX_LENGTH, default=None, description=(
         "Trainer image; default: the operator's trainer image. Another tag of one of the operator's images, or "
         "an image the operator's policy allows (chart operator.policy.allowedImages; else PolicyViolation)."),
                               json_schema_extra=immutable("spec.image"))

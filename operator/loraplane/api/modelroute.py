@@ -10,6 +10,9 @@ from pydantic import Field, model_validator
 
 from loraplane.api.adapter import SERVED_NAME_SEPARATOR
 from loraplane.api.common import (
+    URI_MAX_LENGTH,
+    IMAGE_MAX_LENGTH,
+    ArgString,
     DNS_1035_LABEL,
     LABEL_VALUE,
     ApiModel,
@@ -39,7 +42,7 @@ DEFAULT_ENGINE_IMAGE = f"vllm/vllm-openai:v{ENGINE_VERSION}"
 class EngineSpec(ApiModel):
     """The vLLM server each replica runs."""
 
-    image: str | None = Field(default=None, description=(
+    image: str | None = Field(max_length=IMAGE_MAX_LENGTH, default=None, description=(
         "vLLM OpenAI-compatible server image. Default: the operator's engine image (chart value `engineImage`, "
         f"{DEFAULT_ENGINE_IMAGE}, the release loraplane is tested against, unless the platform team mirrors it); "
         "set it here to pin one route: another tag of the operator's images, or one its policy allows (chart "
@@ -53,17 +56,17 @@ class EngineSpec(ApiModel):
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     gpus: int = Field(default=1, ge=0, le=64, description="GPUs per replica (>= tensorParallelSize).")
-    gpu_resource: str = Field(default="nvidia.com/gpu")
+    gpu_resource: str = Field(max_length=253, default="nvidia.com/gpu")
     gpu_type: str | None = Field(default=None, max_length=63, pattern=LABEL_VALUE,
                                  description="Value of gpuTypeLabel to schedule on (a label value).")
-    gpu_type_label: str = Field(default="nvidia.com/gpu.product", description="Node label key of the GPU type.")
+    gpu_type_label: str = Field(max_length=317, default="nvidia.com/gpu.product", description="Node label key of the GPU type.")
     cpu: Quantity | None = None
     memory: Quantity | None = None
-    extra_args: list[str] = Field(default_factory=list, description=(
+    extra_args: list[ArgString] = Field(max_length=256, default_factory=list, description=(
         "Appended to the vLLM command line. Only flags the operator's policy allows (chart "
         "operator.policy.allowedEngineArgs, default: scheduling and caching flags; --trust-remote-code only with "
         "allowTrustRemoteCode); others end in PolicyViolation."))
-    env: EnvList = Field(default_factory=list, description=(
+    env: EnvList = Field(max_length=256, default_factory=list, description=(
         "Extra env entries of the vLLM container, verbatim; names must be unique. An entry named like one the "
         "operator sets (HF_HOME, VLLM_ALLOW_RUNTIME_LORA_UPDATING, credentials) replaces it. valueFrom.secretKeyRef "
         "may name only baseModel.credentialsSecretRef's Secret or one the operator's policy allows (chart "
@@ -76,7 +79,7 @@ class EngineSpec(ApiModel):
         if problem := label_key_problem(self.gpu_type_label):
             raise ValueError(f"gpuTypeLabel: {problem}")
         return self
-    tolerations: list[FreeForm] = Field(default_factory=list)
+    tolerations: list[FreeForm] = Field(max_length=64, default_factory=list)
 
 
 # A Prometheus metric name (the data model's grammar): nothing else may reach the PromQL query built from it.
@@ -106,7 +109,7 @@ class AutoscalingSpec(ApiModel):
                         description="vLLM metric per replica, e.g. vllm:num_requests_waiting, "
                                     "vllm:kv_cache_usage_perc, or the router's loraplane_router_in_flight.")
     target: float = Field(default=5, gt=0, description="Target average value of the metric per replica.")
-    prometheus_address: str | None = Field(
+    prometheus_address: str | None = Field(max_length=URI_MAX_LENGTH,
         default=None, description="Prometheus URL for keda, e.g. http://prometheus.monitoring:9090.")
     scale_down_stabilization_seconds: int = Field(default=300, ge=0, le=3600)
 
@@ -119,7 +122,7 @@ class RouteBackend(ApiModel):
                 message="a backend sets exactly one of adapter: NAME or base: true"),
     )
 
-    adapter: str | None = Field(default=None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+    adapter: str | None = Field(max_length=253, default=None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
                                 description="Name of an Adapter in the route's namespace.")
     base: bool | None = Field(default=None, description="true: the base model itself.")
     weight: int = Field(default=100, ge=0, le=100, description="Share of traffic, in percent.")
@@ -151,10 +154,10 @@ class RouterSpec(ApiModel):
     """The OpenAI-compatible routing layer in front of the replicas."""
 
     replicas: int = Field(default=2, ge=0, le=100)
-    image: str | None = Field(default=None, description=(
+    image: str | None = Field(max_length=IMAGE_MAX_LENGTH, default=None, description=(
         "Default: the operator's image. Another tag of it, or one the operator's policy allows (chart "
         "operator.policy.allowedImages; else PolicyViolation)."))
-    sticky_header: str | None = Field(
+    sticky_header: str | None = Field(max_length=256,
         default=None, description="Requests with the same value of this header stay on one backend version.")
     api_key_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret whose values are accepted API keys (Authorization: Bearer).")

@@ -1,7 +1,8 @@
 """Every reason loraplane puts in a condition, a failure or a replica report, with what it means and the fix.
 
 `Reason` is the one spelling of each: code writes `Reason.RankTooLarge`, never the bare string. Each member
-carries where it is shown (`where`), what it means (`means`, also its `__doc__`) and the fix (`fix`).
+carries where it is shown (`where`), what it means (`means`, also its `__doc__`), the fix (`fix`) and, as
+Ready's reason, whether the object is progressing, stalled or settled (`progress`, a `Progress`).
 docs/troubleshooting.md is generated from this enum (`loraplane crds` writes it, a test fails when it is stale).
 Reasons are CamelCase, as Kubernetes condition reasons are (metav1.Condition.reason).
 """
@@ -16,6 +17,25 @@ ROUTE = "ModelRoute Ready"
 ANY = "any kind, Ready"
 
 
+class Progress(StrEnum):
+    """What a reason says about progress when it is Ready's reason: which of kstatus' Reconciling / Stalled
+    conditions is True (api.conditions, api.common.set_kstatus_conditions). Every Reason names one."""
+
+    Reconciling = "Reconciling"
+    """Work is under way (scheduling, pulling, training, loading, rolling out): waiting helps."""
+    Stalled = "Stalled"
+    """Nothing changes until someone fixes the spec, the artifact, the credentials or the cluster (every terminal
+    failure and refusal)."""
+    Idle = "Idle"
+    """Settled on purpose (a suspended job) or until another object refers to it (an Adapter no route selects):
+    neither condition, so kstatus reads the object as Current (docs/gitops.md)."""
+    Done = "Done"
+    """A reason of Ready=True or of an event only: neither condition."""
+
+
+RECONCILING, STALLED, IDLE, DONE = Progress.Reconciling, Progress.Stalled, Progress.Idle, Progress.Done
+
+
 class Reason(StrEnum):
     """A CamelCase machine-readable reason (metav1.Condition.reason, FineTuneJob status.failure.reason, a replica
     report's adapter reason). Compares equal to its string, so it goes into JSON and conditions as-is."""
@@ -23,11 +43,14 @@ class Reason(StrEnum):
     where: str
     means: str
     fix: str
+    progress: Progress
 
-    def __new__(cls, value: str, where: str, means: str, fix: str) -> "Reason":
+    def __new__(cls, value: str, where: str, means: str, fix: str, progress: Progress) -> "Reason":
+        # `progress` is required, so no reason can be added without saying whether it stalls (issue 13 review:
+        # terminal reasons left out of a hand-kept list read as Reconciling forever).
         member = str.__new__(cls, value)
         member._value_ = value
-        member.where, member.means, member.fix = where, means, fix
+        member.where, member.means, member.fix, member.progress = where, means, fix, Progress(progress)
         member.__doc__ = means
         return member
 
@@ -35,29 +58,34 @@ class Reason(StrEnum):
     InvalidSpec = ("InvalidSpec", ANY,
         "The spec fails validation (schema or a cross-field rule); the message names the field. "
         "Nothing is created or changed for this object.",
-        "Fix the named field (`loraplane validate FILE` shows the same errors before you apply).")
+        "Fix the named field (`loraplane validate FILE` shows the same errors before you apply).", STALLED)
     SpecImmutable = ("SpecImmutable", ANY,
         "A field that cannot change after creation was changed (e.g. a FineTuneJob's dataset "
         "or an Adapter's base model). The operator keeps acting on the last accepted spec.",
-        "Revert the change, or create a new object (a new FineTuneJob name, a new Adapter).")
+        "Revert the change, or create a new object (a new FineTuneJob name, a new Adapter).", STALLED)
     PolicyViolation = ("PolicyViolation", f"{FTJ}; {ROUTE}",
         "The spec asks for something the operator's policy does not allow: an image outside the operator's "
         "repositories and allowedImages, a vLLM flag outside allowedEngineArgs (e.g. --trust-remote-code), a "
         "Secret in spec.engine.env, or another ServiceAccount; the message names each field and the setting "
         "that would allow it. Nothing is created or changed for this object.",
         "Change the named field, or ask the platform team to allow it (chart values operator.policy.*; "
-        "docs/security.md). `loraplane validate --policy values.yaml FILE` checks before you apply.")
+        "docs/security.md). `loraplane validate --policy values.yaml FILE` checks before you apply.", STALLED)
+    NameConflict = ("NameConflict", ANY,
+        "A child this object needs (Job, ConfigMap, Service, Deployment, ...) has a name that an object of "
+        "another owner already has (the message names the child and its owner): a long name is shortened to "
+        "`<head>-<hash8>`, which another object may be named. The child is neither adopted nor overwritten.",
+        "Rename this object (or the other one), or delete the other object if it is stale.", STALLED)
     # --- FineTuneJob ----------------------------------------------------------------------------------------
     Pending = ("Pending", FTJ, "The training Job exists but no trainer pod runs yet (scheduling, image pull, a PVC).",
-        "`kubectl describe pod -l loraplane.io/finetunejob=NAME`: look for unschedulable GPUs or a missing PVC.")
-    Running = ("Running", FTJ, "Training; `status.progress` has step, loss, tokens/s and ETA.", "Nothing to do.")
+        "`kubectl describe pod -l loraplane.io/finetunejob=NAME`: look for unschedulable GPUs or a missing PVC.", RECONCILING)
+    Running = ("Running", FTJ, "Training; `status.progress` has step, loss, tokens/s and ETA.", "Nothing to do.", RECONCILING)
     Succeeded = ("Succeeded", FTJ, "Training finished; the Adapter in `status.adapterRef` holds the result.",
-        "Serve it: reference the Adapter from a ModelRoute.")
+        "Serve it: reference the Adapter from a ModelRoute.", DONE)
     Retrying = ("Retrying", FTJ, "A trainer pod failed and the Job starts another, which resumes from the newest "
         "checkpoint; the message has the failed pod's reason and the retries used.",
         "Nothing if it recovers; if the same reason repeats, fix it (the run fails at `backoffLimit`). Input "
         "errors (InvalidConfig, InvalidDataset, DatasetNotFound, DatasetAccessDenied, ModelNotFound, "
-        "TargetModulesNotFound) are not retried where the Job has a podFailurePolicy: the run fails at once.")
+        "TargetModulesNotFound) are not retried where the Job has a podFailurePolicy: the run fails at once.", RECONCILING)
     AdapterExists = ("AdapterExists", FTJ,
         "`spec.output.adapterName` names an Adapter that this FineTuneJob did not create (made by hand or by "
         "another run), and `spec.output.allowExistingAdapter` is not true: the job does not publish a version of "
@@ -65,238 +93,258 @@ class Reason(StrEnum):
         "at `status.artifact`, unpublished).",
         "Recreate the FineTuneJob with `spec.output.allowExistingAdapter: true` to publish a new version of that "
         "Adapter, or with another `adapterName`; or publish `status.artifact` yourself (an Adapter with that "
-        "`source.uri` and `sha256`).")
+        "`source.uri` and `sha256`).", STALLED)
     Suspended = ("Suspended", FTJ, "`spec.suspend: true`: pods are stopped, checkpoints are kept.",
-        "Set `spec.suspend: false` to resume from the newest checkpoint.")
+        "Set `spec.suspend: false` to resume from the newest checkpoint.", IDLE)
     Preempted = ("Preempted", FTJ,
         "The trainer pod was preempted, evicted or drained (after SIGTERM it saves a checkpoint "
         "and exits); the next pod resumes from it. With the Job's podFailurePolicy (Kubernetes >= 1.26) this does "
         "not use up `backoffLimit`.",
-        "Nothing, unless it repeats: then look at node pressure or spot interruptions.")
+        "Nothing, unless it repeats: then look at node pressure or spot interruptions.", RECONCILING)
     InvalidConfig = ("InvalidConfig", FTJ,
         "The trainer refused its configuration (e.g. an output location it cannot write).",
-        "Read the message; fix the named field.")
+        "Read the message; fix the named field.", STALLED)
     InvalidDataset = ("InvalidDataset", FTJ,
         "The dataset is readable but wrong: empty, not JSON lines, missing the fields the "
         "format needs, or records longer than `training.maxSeqLength`.",
-        "Fix the records, or `dataset.format` / the field names (`promptField`, …) / `maxSeqLength`.")
+        "Fix the records, or `dataset.format` / the field names (`promptField`, …) / `maxSeqLength`.", STALLED)
     DatasetNotFound = ("DatasetNotFound", FTJ, "No dataset at `spec.dataset.uri` (or the ConfigMap key).",
-        "Check the URI / PVC path / ConfigMap name and key.")
+        "Check the URI / PVC path / ConfigMap name and key.", STALLED)
     DatasetAccessDenied = ("DatasetAccessDenied", FTJ, "The dataset store refused the credentials.",
-        "Check `dataset.credentialsSecretRef` (AWS_* or HF_TOKEN keys) and the bucket policy.")
+        "Check `dataset.credentialsSecretRef` (AWS_* or HF_TOKEN keys) and the bucket policy.", STALLED)
     DatasetUnavailable = ("DatasetUnavailable", FTJ,
         "Fetching the dataset failed transiently (network, server error); retried per "
-        "`backoffLimit`.", "Retry later; check the store's availability.")
+        "`backoffLimit`.", "Retry later; check the store's availability.", STALLED)
     ModelNotFound = ("ModelNotFound", FTJ,
         "The base model could not be found or loaded (wrong id, revision, path, or gated).",
-        "Check `baseModel.name` / `revision` / `uri`; gated hub models need `credentialsSecretRef` with HF_TOKEN.")
+        "Check `baseModel.name` / `revision` / `uri`; gated hub models need `credentialsSecretRef` with HF_TOKEN.", STALLED)
     TargetModulesNotFound = ("TargetModulesNotFound", f"{FTJ}; {ADAPTER}",
         "`method.targetModules` (or an adapter's target modules) "
         "name modules the base model does not have; the message lists the ones it has.",
-        "Use module names of this architecture (e.g. q_proj, v_proj for Llama), or omit them for the default.")
+        "Use module names of this architecture (e.g. q_proj, v_proj for Llama), or omit them for the default.", STALLED)
     OutOfMemory = ("OutOfMemory", FTJ, "The trainer ran out of (GPU) memory.",
         "Lower `training.batchSize` or `maxSeqLength`, use gradient checkpointing or `method.type: qlora`, or more "
-        "GPU memory.")
+        "GPU memory.", STALLED)
     OOMKilled = ("OOMKilled", FTJ, "The kernel killed the trainer container at its memory limit.",
-        "Raise `resources.memory`, or lower batch size / sequence length.")
+        "Raise `resources.memory`, or lower batch size / sequence length.", STALLED)
     OutputWriteFailed = ("OutputWriteFailed", FTJ,
         "The adapter could not be written to `output.uri` (PVC full or read-only, S3 "
-        "refused).", "Check the output PVC's capacity and access mode, or the S3 credentials.")
+        "refused).", "Check the output PVC's capacity and access mode, or the S3 credentials.", STALLED)
     ImagePull = ("ImagePull", f"{FTJ}; {ROUTE}",
         "An image cannot be pulled (trainer, vLLM, loader or model fetch); the "
         "message names the container and the image.", "Check `spec.image` (FineTuneJob), `spec.engine.image` "
-        "(ModelRoute), the chart's image values and the imagePullSecrets.")
+        "(ModelRoute), the chart's image values and the imagePullSecrets.", STALLED)
     DeadlineExceeded = ("DeadlineExceeded", FTJ, "The run exceeded `spec.activeDeadlineSeconds`.",
         "Raise `spec.activeDeadlineSeconds` and create a new FineTuneJob. It starts from step 0: each run writes "
         "to its own `run-<uid>` folder, so a recreated job never resumes (or overwrites) another run; the "
-        "failed run's checkpoints stay in `<output>/run-<uid>.checkpoints`.")
+        "failed run's checkpoints stay in `<output>/run-<uid>.checkpoints`.", STALLED)
     BackoffLimitExceeded = ("BackoffLimitExceeded", FTJ,
         "Trainer pods failed more than `spec.backoffLimit` times; the message has the "
-        "last pod's reason.", "Fix the cause the last failure names, then create a new FineTuneJob.")
+        "last pod's reason.", "Fix the cause the last failure names, then create a new FineTuneJob.", STALLED)
     JobFailed = ("JobFailed", FTJ, "The Job failed for a reason Kubernetes did not categorise.",
-        "`kubectl describe job` and the trainer pod's log.")
+        "`kubectl describe job` and the trainer pod's log.", STALLED)
     InternalError = ("InternalError", FTJ, "The trainer failed unexpectedly; the message has the exception.",
-        "Look at the pod log; report it with the FineTuneJob if it is a bug.")
+        "Look at the pod log; report it with the FineTuneJob if it is a bug.", STALLED)
     TrainerError = ("TrainerError", FTJ,
         "The trainer exited with an error code of no known reason and left no termination message (e.g. killed "
         "before it could write one); the message has the exit code and the log's tail.",
-        "Read the log tail in the message and the pod log (`kubectl logs -l loraplane.io/finetunejob=NAME`).")
+        "Read the log tail in the message and the pod log (`kubectl logs -l loraplane.io/finetunejob=NAME`).", STALLED)
     # --- Adapter --------------------------------------------------------------------------------------------
     NoRoute = ("NoRoute", ADAPTER, "No ModelRoute in the namespace references or selects this Adapter.",
-        "Add it to a ModelRoute's `routes` (by name or label selector).")
+        "Add it to a ModelRoute's `routes` (by name or label selector).", IDLE)
     ArtifactPending = ("ArtifactPending", ADAPTER,
         "The Adapter has no `source.uri` yet: its FineTuneJob has not finished.",
-        "Wait for the FineTuneJob; `kubectl get ftj`.")
+        "Wait for the FineTuneJob; `kubectl get ftj`.", RECONCILING)
     AdapterNotFound = ("AdapterNotFound", f"{ROUTE} backend", "A route's backend names an Adapter that does not exist.",
-        "Create the Adapter or fix the name in `spec.routes[].backends[].adapter`.")
-    Compatible = ("Compatible", ADAPTER, "The metadata checks passed (base model, revision, rank).", "Nothing to do.")
+        "Create the Adapter or fix the name in `spec.routes[].backends[].adapter`.", STALLED)
+    Compatible = ("Compatible", ADAPTER, "The metadata checks passed (base model, revision, rank).", "Nothing to do.", DONE)
     BaseModelMismatch = ("BaseModelMismatch", ADAPTER,
         "The adapter was trained on another base model than the route serves "
-        "(by name, or by its weight shapes).", "Serve it on a ModelRoute of its base model, or retrain.")
+        "(by name, or by its weight shapes).", "Serve it on a ModelRoute of its base model, or retrain.", STALLED)
     BaseModelRevisionMismatch = ("BaseModelRevisionMismatch", ADAPTER,
         "Same base model, different revision than the route's.",
-        "Align `spec.baseModel.revision` of the Adapter and the ModelRoute, or retrain on the served revision.")
+        "Align `spec.baseModel.revision` of the Adapter and the ModelRoute, or retrain on the served revision.", STALLED)
     RankTooLarge = ("RankTooLarge", ADAPTER,
         "The adapter's rank is above the route's `engine.maxLoraRank` (vLLM would refuse "
-        "it).", "Raise `engine.maxLoraRank` (costs GPU memory) or retrain with a smaller `method.r`.")
+        "it).", "Raise `engine.maxLoraRank` (costs GPU memory) or retrain with a smaller `method.r`.", STALLED)
     RankMismatch = ("RankMismatch", ADAPTER, "The declared `spec.rank` differs from the artifact's rank.",
-        "Fix `spec.rank` or the artifact.")
+        "Fix `spec.rank` or the artifact.", STALLED)
     UnsupportedModulesToSave = ("UnsupportedModulesToSave", ADAPTER,
         "The adapter saves full modules (`modules_to_save`, e.g. a resized "
         "embedding or lm_head), which vLLM's LoRA serving cannot apply.",
-        "Retrain without `modules_to_save` / vocabulary changes.")
+        "Retrain without `modules_to_save` / vocabulary changes.", STALLED)
     UnsupportedAdapterFeature = ("UnsupportedAdapterFeature", ADAPTER,
         "The adapter uses a PEFT feature vLLM cannot serve (e.g. DoRA).",
-        "Retrain without it.")
+        "Retrain without it.", STALLED)
     UnsupportedAdapterType = ("UnsupportedAdapterType", ADAPTER,
         "The artifact is not a LoRA adapter (another PEFT type).",
-        "Serve LoRA adapters only.")
+        "Serve LoRA adapters only.", STALLED)
     UnsupportedDtype = ("UnsupportedDtype", ADAPTER,
         "The adapter's weights have a dtype vLLM cannot use with this engine.",
-        "Save the adapter in float16/bfloat16/float32.")
+        "Save the adapter in float16/bfloat16/float32.", STALLED)
     UnsupportedQuantization = ("UnsupportedQuantization", ADAPTER,
         "This combination of quantized base model and adapter is not served.",
-        "Serve on an unquantized (or supported) base model.")
+        "Serve on an unquantized (or supported) base model.", STALLED)
     InvalidAdapter = ("InvalidAdapter", ADAPTER,
         "The artifact is not a readable PEFT adapter directory (no adapter_config.json, "
         "no weights, corrupt files), or its adapter_config.json disagrees with its tensors (e.g. `r` or "
         "`rank_pattern` is not the rank of the lora_A/lora_B matrices: PEFT refuses it, vLLM would scale it "
         "by the wrong `lora_alpha / r`). Not retried.",
         "Check the artifact at `source.uri`; the message names the file, module and values that disagree. "
-        "Re-save the adapter with PEFT (`save_pretrained`) rather than editing its config.")
+        "Re-save the adapter with PEFT (`save_pretrained`) rather than editing its config.", STALLED)
     NonFiniteWeights = ("NonFiniteWeights", ADAPTER,
         "The adapter's tensors hold NaN or Inf values (the loader scans them before loading; the message names "
         "the tensors): training diverged, or fp16 overflowed. Never sent to vLLM; not retried.",
         "Retrain: lower the learning rate, train in bfloat16 rather than float16, check that the loss stayed "
-        "finite; do not serve a checkpoint saved after the loss became NaN.")
+        "finite; do not serve a checkpoint saved after the loss became NaN.", STALLED)
     NonFiniteOutput = ("NonFiniteOutput", ADAPTER,
         "vLLM loaded the adapter, but the smoke-test completion through it has NaN or Inf log-probabilities "
         "(vLLM answers `Out of range float values are not JSON compliant`): its weights overflow in the "
         "engine's dtype. Unloaded and not retried.",
         "Retrain with a lower learning rate or stronger weight decay (smaller LoRA weights), or serve in "
-        "bfloat16 (`spec.engine.dtype: bfloat16`) instead of float16.")
+        "bfloat16 (`spec.engine.dtype: bfloat16`) instead of float16.", STALLED)
     InvalidArtifact = ("InvalidArtifact", ADAPTER,
         "The artifact cannot be used as fetched (unsupported archive, missing "
-        "library for the URI scheme).", "Use a PEFT directory or .tar.gz; see the message.")
+        "library for the URI scheme).", "Use a PEFT directory or .tar.gz; see the message.", STALLED)
     UnsafeArtifact = ("UnsafeArtifact", f"{ADAPTER}; ModelRoute ModelFetchFailed message",
         "The artifact holds something no artifact may: a device file, FIFO or socket, a link pointing outside "
         "the artifact (or to a directory), an absolute or '..' path in an archive. Nothing of it was kept.",
-        "Rebuild the archive or directory from the adapter's files only (`tar czf a.tar.gz -C DIR .`).")
+        "Rebuild the archive or directory from the adapter's files only (`tar czf a.tar.gz -C DIR .`).", STALLED)
     ArtifactTooLarge = ("ArtifactTooLarge", f"{ADAPTER}; ModelRoute ModelFetchFailed message",
         "The artifact exceeds a loader limit: members in the archive, a file's or the total unpacked size "
         "(sparse files count with their full size), the download size, or the safetensors header length.",
         "Check that `source.uri` is the adapter you meant; a real LoRA adapter is far below the limits "
-        "(docs/security.md, \"Artifacts and fetching\", lists them and the loader flags that raise them).")
+        "(docs/security.md, \"Artifacts and fetching\", lists them and the loader flags that raise them).", STALLED)
     InvalidTargetModules = ("InvalidTargetModules", ADAPTER,
         "adapter_config.json's target_modules is a regular expression the gate will not run: RE2 cannot "
         "express it (backreferences, lookaround) or it is too long. Patterns are matched in linear time only.",
-        "Write target_modules as a list of module names, or as a plain regular expression.")
+        "Write target_modules as a list of module names, or as a plain regular expression.", STALLED)
     InsecureSource = ("InsecureSource", f"{ADAPTER}; ModelRoute ModelFetchFailed message; FineTuneJob message",
         "The fetch policy refused the URI or where it led: plain http:// without `allowInsecureHttp`, a "
         "redirect to a non-https URL, more than 5 redirects, or a host resolving to a loopback, link-local or "
         "cloud metadata address. Not retried.",
         "Serve the artifact over https from a reachable store; plain http only with the chart's "
-        "`allowInsecureHttp: true` (local clusters).")
+        "`allowInsecureHttp: true` (local clusters).", STALLED)
     LocalSourceRefused = ("LocalSourceRefused", ADAPTER,
         "`spec.source.uri` is a local path (`/PATH` or `file://`), which is for local runs (`loraplane run`, a "
         "loader with `--table`): in a cluster a replica would read it from its own file system (other "
         "Adapters' cached weights, mounted credentials). A path under the loader's adapter cache or credentials "
         "folders is refused everywhere. Not retried.",
         "Publish the adapter where replicas fetch it: `pvc://CLAIM/PATH`, `s3://`, `https://` (an archive) or "
-        "`hf://`, and set spec.source.uri to it.")
+        "`hf://`, and set spec.source.uri to it.", STALLED)
     ChecksumMismatch = ("ChecksumMismatch", ADAPTER, "The artifact's sha256 differs from `source.sha256`.",
-        "Fix `source.sha256` or the artifact; a mismatch is never loaded.")
+        "Fix `source.sha256` or the artifact; a mismatch is never loaded.", STALLED)
     FetchFailed = ("FetchFailed", ADAPTER, "Downloading or copying the artifact failed.",
-        "Check the URI, the credentials Secret, and that a pvc:// claim exists in the namespace.")
+        "Check the URI, the credentials Secret, and that a pvc:// claim exists in the namespace.", STALLED)
     AccessDenied = ("AccessDenied", ADAPTER,
         "The artifact store refused the credentials (HTTP 401/403, S3 AccessDenied or no keys, a gated or private "
         "Hugging Face repo). Not retried: the message names the credentials used (the Secret of "
         "`source.credentialsSecretRef`, or the loader's own identity without one).",
         "Check `source.credentialsSecretRef`: the Secret exists in the Adapter's namespace with HF_TOKEN or AWS_* "
         "keys (or the one `key` named) that may read the artifact; then change the Adapter (e.g. `spec.version`) "
-        "or restart the replicas to try again.")
+        "or restart the replicas to try again.", STALLED)
     ArtifactChanged = ("ArtifactChanged", ADAPTER,
         "A replica fetched content for this version whose sha256 differs from the digest the Adapter recorded "
         "when the version was first served (`status.artifact.sha256`): the artifact at `source.uri` was "
         "overwritten. A published version is immutable; replicas refuse the changed content (ChecksumMismatch).",
         "Publish new weights as a new `spec.version` (and preferably a new URI); restore the original artifact "
-        "to keep serving this version.")
+        "to keep serving this version.", STALLED)
     Desired = ("Desired", ADAPTER,
         "In the serving table; the replica's loader has not started on it yet (it waits for vLLM to answer).",
-        "Wait; if it lasts, look at the replica's vLLM container.")
+        "Wait; if it lasts, look at the replica's vLLM container.", RECONCILING)
     Fetching = ("Fetching", ADAPTER, "The loader is downloading or copying the artifact into its cache.",
-        "Wait; large artifacts over slow links take a while (the loader's load-time metrics show it).")
+        "Wait; large artifacts over slow links take a while (the loader's load-time metrics show it).", RECONCILING)
     Loading = ("Loading", ADAPTER, "Fetching, checking or loading into vLLM is in progress on some replica.",
-        "Wait; activation takes seconds once vLLM is up.")
+        "Wait; activation takes seconds once vLLM is up.", RECONCILING)
     Loaded = ("Loaded", ADAPTER,
-        "Loaded and smoke-tested on at least one replica (`status.loadedOn`).", "Nothing to do.")
+        "Loaded and smoke-tested on at least one replica (`status.loadedOn`).", "Nothing to do.", DONE)
     AlreadyLoaded = ("AlreadyLoaded", ADAPTER,
         "vLLM already has an adapter of this name (another client loaded it meanwhile); the loader compares "
         "its path on the next pass and reloads it if it differs.",
-        "Nothing, unless something other than the loader loads adapters into this vLLM: only the loader should.")
+        "Nothing, unless something other than the loader loads adapters into this vLLM: only the loader should.", RECONCILING)
     LoadFailed = ("LoadFailed", ADAPTER,
         "vLLM refused the load after the bounded retries; the message has vLLM's words.",
-        "Read the message (often rank, dtype or a corrupt file); fix the artifact and bump `spec.version`.")
+        "Read the message (often rank, dtype or a corrupt file); fix the artifact and bump `spec.version`.", STALLED)
     NoEffect = ("NoEffect", ADAPTER, "Loaded, but its output is identical to the base model's: the silent \"targets no "
         "modules\" / untrained-adapter failure. Not served.", "Retrain; check `targetModules` and that training "
-        "actually ran (loss fell).")
+        "actually ran (loss fell).", STALLED)
     EngineUnavailable = ("EngineUnavailable", ADAPTER,
         "The replica's vLLM is not answering (starting, crashed); adapters are "
-        "reloaded when it is back.", "Wait; if it persists, the vLLM container's log.")
+        "reloaded when it is back.", "Wait; if it persists, the vLLM container's log.", RECONCILING)
     EngineRestarted = ("EngineRestarted", ADAPTER,
-        "vLLM restarted; the loader is restoring every adapter.", "Nothing to do.")
+        "vLLM restarted; the loader is restoring every adapter.", "Nothing to do.", RECONCILING)
     NotDesired = ("NotDesired", ADAPTER, "The adapter was unloaded because the serving table no longer lists it.",
-        "Nothing, unless unexpected: check the ModelRoute's routes.")
+        "Nothing, unless unexpected: check the ModelRoute's routes.", RECONCILING)
     NotLoaded = ("NotLoaded", f"{ROUTE} backend", "No replica reports this backend loaded yet.",
-        "Look at the Adapter's Ready condition for why.")
+        "Look at the Adapter's Ready condition for why.", RECONCILING)
     # --- ModelRoute -----------------------------------------------------------------------------------------
     Progressing = ("Progressing", ROUTE, "Children are being created or rolled out: the engine Deployment does "
         "not yet run the current spec on every replica (the message says how far it is); replicas of the previous "
-        "spec keep serving meanwhile.", "Wait; if it lasts, `kubectl rollout status deployment/NAME-engine`.")
+        "spec keep serving meanwhile.", "Wait; if it lasts, `kubectl rollout status deployment/NAME-engine`.", RECONCILING)
     RolloutStalled = ("RolloutStalled", ROUTE,
         "The engine Deployment's rollout of the current spec made no progress within its progress deadline "
         "(Deployment condition Progressing=False, ProgressDeadlineExceeded) and no pod shows why; replicas of the "
         "previous spec keep serving.",
-        "`kubectl describe deployment NAME-engine` and its newest pods; fix `spec.engine` or revert the change.")
+        "`kubectl describe deployment NAME-engine` and its newest pods; fix `spec.engine` or revert the change.", STALLED)
     NoReadyReplicas = ("NoReadyReplicas", ROUTE,
         "No vLLM replica is ready yet and no pod shows a failure: starting, pulling the "
         "image, downloading or loading the model (large models take minutes).",
-        "Wait; if it lasts, `kubectl describe pod -l loraplane.io/route=NAME`.")
+        "Wait; if it lasts, `kubectl describe pod -l loraplane.io/route=NAME`.", RECONCILING)
     Unschedulable = ("Unschedulable", f"{ROUTE}; {FTJ}", "No node fits the pod: the message quotes the scheduler (e.g. "
         "`0/4 nodes are available: 4 Insufficient nvidia.com/gpu`).",
         "Free or add GPU nodes, or change the request: `spec.engine.gpus` / `gpuType` / `nodeSelector` / "
-        "`tolerations` (ModelRoute), `spec.resources` (FineTuneJob).")
+        "`tolerations` (ModelRoute), `spec.resources` (FineTuneJob).", RECONCILING)
     ModelFetchFailed = ("ModelFetchFailed", ROUTE,
         "The init container could not fetch the `s3://` / `https://` base model; the "
         "message has its error (missing prefix, denied, not a model directory).",
         "Fix `spec.baseModel.uri` or `spec.baseModel.credentialsSecretRef` (AWS_* keys, AWS_ENDPOINT_URL for "
-        "S3-compatible stores); a new ModelRoute is needed to change the base model.")
+        "S3-compatible stores); a new ModelRoute is needed to change the base model.", STALLED)
     EngineFailing = ("EngineFailing", ROUTE,
         "A container of the engine pods (vLLM or the adapter loader) exits with an error and "
         "is restarted; the message has its exit and the last lines of its log (e.g. CUDA out of memory, an "
         "unsupported model architecture, a bad extraArgs flag).",
         "Fix what the quoted log says: `spec.engine` (gpuMemoryUtilization, maxModelLen, tensorParallelSize, "
-        "extraArgs), memory limits, or the model.")
+        "extraArgs), memory limits, or the model.", STALLED)
+    ServingTableFull = ("ServingTableFull", f"{ADAPTER}; ModelRoute Ready message",
+        "The route's serving table (one ConfigMap, at most 1 MiB) would be too large with every adapter the route "
+        "selects: the adapters with the largest entries (long `source.uri`s, many versions) are left out so the "
+        "others keep being served; the message gives the sizes.",
+        "Select fewer adapters on this route (narrow its selectors or split it into several ModelRoutes), or "
+        "shorten the adapters' `source.uri`s.", STALLED)
+    RouterNotReady = ("RouterNotReady", ROUTE,
+        "The router Deployment (`NAME-router`, behind `status.endpoint`) has no available pod running the current "
+        "spec yet: it is being created, started or rolled out. Until it has, the endpoint does not answer (or "
+        "answers with the previous router spec).",
+        "Wait; if it lasts, `kubectl describe deployment NAME-router` and its newest pods.", RECONCILING)
+    RouterFailing = ("RouterFailing", ROUTE,
+        "The router cannot serve `status.endpoint`: a router pod cannot pull its image or exits with an error, or "
+        "the router Deployment's rollout exceeded its progress deadline; the message names the pod and why.",
+        "Fix `spec.router.image` (or the chart's image) and imagePullSecrets, `spec.router.apiKeySecretRef`, "
+        "`spec.router.cpu` / `memory`; `kubectl logs` the named router pod.", STALLED)
+    RouterScaledToZero = ("RouterScaledToZero", ROUTE,
+        "`spec.router.replicas` is 0: no router pod serves `status.endpoint` (the engine replicas may be up).",
+        "Set `spec.router.replicas` to 1 or more to serve the route.", IDLE)
     PublicNameConflict = ("PublicNameConflict", ROUTE,
         "Two sources of one ModelRoute publish the same public model name (a route's `name` and a selector's "
         "`prefix` + Adapter name, or two selectors); the message names both. The later source is left out of the "
         "serving table: an explicit route (with `backends`) wins over a selector, an earlier route over a later "
         "one. Every other name is served.",
-        "Rename the route, change the selector route's `prefix`, or narrow its selector so the names differ.")
+        "Rename the route, change the selector route's `prefix`, or narrow its selector so the names differ.", STALLED)
     ModelsNotReady = ("ModelsNotReady", ROUTE,
         "Replicas are up but some public models have no ready backend; the message lists "
-        "them.", "Look at each named Adapter's Ready condition.")
-    Degraded = ("Degraded", ROUTE, "Some, not all, replicas or backends are ready.", "See the message.")
-    Ready = ("Ready", ROUTE, "Every public model has a ready backend on a ready replica.", "Nothing to do.")
+        "them.", "Look at each named Adapter's Ready condition.", RECONCILING)
+    Degraded = ("Degraded", ROUTE, "Some, not all, replicas or backends are ready.", "See the message.", RECONCILING)
+    Ready = ("Ready", ROUTE, "Every public model has a ready backend on a ready replica.", "Nothing to do.", DONE)
     UnknownReason = ("UnknownReason", f"{FTJ}; {ADAPTER}",
         "A reason from outside the operator (a replica's report annotation, a container's termination message, "
         "a pod's status) is not one this operator knows: a newer or foreign component, or a malformed value. "
         "It is never used as a condition reason, Event reason or metric label as it is; the message quotes it.",
-        "Read the message; upgrade the operator when the reason comes from a newer loraplane component.")
+        "Read the message; upgrade the operator when the reason comes from a newer loraplane component.",
+        RECONCILING)
     # --- Events only ----------------------------------------------------------------------------------------
-    Created = ("Created", "Event on an Adapter", "A FineTuneJob created this Adapter.", "Nothing to do.")
+    Created = ("Created", "Event on an Adapter", "A FineTuneJob created this Adapter.", "Nothing to do.", DONE)
     VersionBumped = ("VersionBumped", "Event on an Adapter", "A FineTuneJob wrote a new version of this Adapter; replicas load "
-        "it under a new internal name.", "Nothing to do; the old version is unloaded once unused.")
+        "it under a new internal name.", "Nothing to do; the old version is unloaded once unused.", DONE)
 
 
 # The longest outside reason quoted in a message (characters): a malformed one can be of any length.

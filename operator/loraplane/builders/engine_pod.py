@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from loraplane.api.adapter import base_served_name
 from loraplane.api.common import ModelRef
 from loraplane.api.modelroute import DEFAULT_ENGINE_IMAGE, ModelRoute
 from loraplane.api.paths import (ADAPTER_CACHE_PATH, ADAPTER_CREDENTIALS_ROOT, FETCHED_MODELS_PATH, HF_HOME,
@@ -81,18 +82,21 @@ def model_path_in_replica(ref: ModelRef) -> str | None:
 
 def served_model_name(route: ModelRoute) -> str:
     """The name vLLM serves the base model under (`--served-model-name`): spec.servedModelName, else
-    baseModel.name, else the last path component of baseModel.uri without an archive suffix."""
+    baseModel.name, else the last path component of baseModel.uri without an archive suffix; in every case with
+    `--` collapsed to `-` (`base_served_name`), so it is never an adapter served name."""
     spec = route.spec
     if spec.served_model_name:
-        return spec.served_model_name
+        return base_served_name(spec.served_model_name)
     if spec.base_model.name:
-        return spec.base_model.name
+        return base_served_name(spec.base_model.name)
     # A URI-only base model: its last path component is the readable choice (…/llama-3-8b → llama-3-8b,
-    # …/llama-3-8b.tar.gz → llama-3-8b).
+    # …/llama-3-8b.tar.gz → llama-3-8b). Nothing in the API forbids `--` there (s3://models/sql--v1), so the
+    # name goes through base_served_name: it must never equal an adapter's served name `<adapter>--<version>`,
+    # or the router would mark that adapter ready whenever vLLM is up and answer its traffic with the base.
     last = (spec.base_model.uri or "base").split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
     for suffix in ARCHIVE_SUFFIXES:
         last = last.removesuffix(suffix)
-    return last or "base"
+    return base_served_name(last) or "base"
 
 
 def engine_args(route: ModelRoute, port: int = ENGINE_PORT) -> list[str]:

@@ -5,6 +5,8 @@ ScaledObject) and the OpenAI-compatible router (RBAC, Deployment, Service).
 
 from __future__ import annotations
 
+import re
+
 from typing import Any
 
 from loraplane.api.modelroute import ModelRoute
@@ -40,6 +42,7 @@ from loraplane.api.wire.serving import (
 )
 
 KEDA_API_VERSION = "keda.sh/v1alpha1"
+ROUTER_CONTAINER = "router"   # the router pod's one container (its status names the router's problems)
 
 
 def engine_name(route: ModelRoute) -> str:
@@ -216,6 +219,40 @@ def _quantity(value: float) -> str:
     return f"{int(round(value * 1000))}m"
 
 
+# How Kubernetes names a Deployment's pods: the ReplicaSet is `<deployment>-<pod-template-hash>` and each pod
+# `<replicaset>-` cut to 58 characters plus 5 random characters (k8s.io/apiserver/pkg/storage/names,
+# maxGeneratedNameLength = 63 - 5). The hash (SafeEncodeString of a uint32: 1 to 10 characters) and the suffix
+# (rand.String) are drawn from this alphabet (k8s.io/apimachinery/pkg/util/rand), which has no vowels.
+POD_NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+GENERATED_NAME_BASE = 58
+POD_TEMPLATE_HASH_MAX = 10
+
+
+def replica_pod_regex(deployment: str) -> str:
+    """An RE2 pattern (PromQL `=~` anchors it) matching exactly the pod names the Deployment `deployment` can
+    give its pods, cut to 58 characters where Kubernetes cuts them.
+
+    It matches no other route's pods: every engine Deployment name ends in `-engine`, whose vowels the hash and
+    the suffix never contain, so a longer route name that starts with this one (`a` and `a-engine-b`, whose pods
+    `a-engine-b-engine-…` a prefix match `a-engine-.*` also summed) cannot fit the hash-dash-suffix tail."""
+    if not re.fullmatch(r"[a-z0-9-]+", deployment):
+        raise ValueError(f"{deployment!r} is not a DNS-1035 name")   # so it is its own regex, literally
+    char = f"[{POD_NAME_ALPHABET}]"
+    alternatives, whole = [], []
+    for h in range(1, POD_TEMPLATE_HASH_MAX + 1):
+        base = f"{deployment}-{'#' * h}-"[:GENERATED_NAME_BASE]
+        tail = base[len(deployment):]            # '', '-', '-###' or '-###-' once the cut is applied
+        hashes = tail.count("#")
+        if hashes == h and tail.endswith("-"):
+            whole.append(h)                      # not cut: one alternative for all such hash lengths below
+            continue
+        alternatives.append(base[:len(deployment)] + (tail.replace("#" * hashes, f"{char}{{{hashes}}}")
+                                                       if hashes else tail) + f"{char}{{5}}")
+    if whole:
+        alternatives.insert(0, f"{deployment}-{char}{{{min(whole)},{max(whole)}}}-{char}{{5}}")
+    return "(" + "|".join(dict.fromkeys(alternatives)) + ")"
+
+
 def keda_scaled_object(route: ModelRoute) -> Manifest:
     """KEDA ScaledObject scaling the replicas on a Prometheus query summing the metric over the route's
     pods; may scale to zero. Requires spec.autoscaling."""
@@ -223,10 +260,12 @@ def keda_scaled_object(route: ModelRoute) -> Manifest:
     assert auto is not None
     ns = namespace_of(route)
     # The metric is a validated metric name (api.modelroute.PROMETHEUS_METRIC_NAME); label values are quoted
-    # as PromQL string literals and the pod prefix (a DNS name: its
-    # only regex character is '.') matched literally.
+    # as PromQL string literals. Pods are selected by the exact shape of the engine Deployment's pod names
+    # (replica_pod_regex), not a prefix: `<route>-engine-.*` also matched the pods of route `<route>-engine-x`.
+    # (The `pod` and `namespace` labels are the ones every Kubernetes scrape config attaches; a route label would
+    # need a relabelling rule the cluster may not have.)
     query = (f'sum({auto.metric}{{namespace={promql_string(ns)},'
-             f'pod=~{promql_string(engine_name(route).replace(".", "[.]") + "-.*")}}})')
+             f'pod=~{promql_string(replica_pod_regex(engine_name(route)))}}})')
     return with_hash({
         "apiVersion": KEDA_API_VERSION, "kind": "ScaledObject",
         "metadata": metadata(route, engine_name(route), engine_labels(route)),
@@ -270,7 +309,7 @@ def router_deployment(route: ModelRoute, settings: BuildSettings) -> Manifest:
         volumes.append({"name": "api-keys", "secret": secret})
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True})
     container: dict[str, Any] = {
-        "name": "router",
+        "name": ROUTER_CONTAINER,
         "image": spec.image or settings.image,
         "command": ["python3", "-m", "loraplane.router", *router_args(route)],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT}],

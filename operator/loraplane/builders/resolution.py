@@ -137,14 +137,49 @@ def desired_adapter(adapter: Adapter) -> DesiredAdapter:
         credentials_secret=creds.name if creds else None, credentials_key=creds.key if creds else None)
 
 
-def resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Verdict] | None = None, *,
-            local_paths: bool = False) -> Resolution:
+# The serving table travels in one ConfigMap, whose data the API server caps at 1 MiB (core validation
+# MaxSecretSize, also applied to ConfigMaps); the headroom leaves room for the object's metadata and encoding.
+CONFIGMAP_DATA_LIMIT = 1024 * 1024
+TABLE_MAX_BYTES = CONFIGMAP_DATA_LIMIT - 64 * 1024
+
+
+def resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Verdict] | None = None,
+            max_bytes: int = TABLE_MAX_BYTES, *, local_paths: bool = False) -> Resolution:
     """The ServingTable of `route` given the Adapters of its namespace.
 
     `rejected` names adapters the operator refuses (an invalid spec or a change to an immutable field):
     they are never served, whatever selects them. `local_paths`: check_compatibility's (local runs only).
+
+    The table's JSON (`ServingTable.to_json`, what the ConfigMap holds) is kept within `max_bytes`: when the
+    adapters it would serve make it larger, the ones with the largest entries are left out (ties by name, so
+    the choice is stable) with reason ServingTableFull until it fits. One table that cannot be applied would
+    stop every change from reaching any replica of the route; this way only the adapters left out are not
+    served, and their status and the route's say why.
     """
-    rejected = rejected or {}
+    rejected = dict(rejected or {})
+    while True:
+        resolution = _resolve(route, adapters, rejected, local_paths)
+        size = len(resolution.table.to_json().encode())
+        if size <= max_bytes:
+            return resolution
+        # Leave out the largest entries until their bytes cover the excess (re-checked on the next pass).
+        cost = {d.adapter: len(d.model_dump_json(indent=2).encode()) * 2 for d in resolution.table.adapters}
+        if not cost:
+            return resolution   # nothing left to leave out (the spec's own bounds keep the rest small)
+        excess = size - max_bytes
+        for name in sorted(cost, key=lambda n: (-cost[n], n)):
+            rejected[name] = Verdict(False, Reason.ServingTableFull, (
+                f"Adapter {name} is left out of route {route.metadata.name}'s serving table: with the adapters it "
+                f"selects the table would be {size} bytes, over the {max_bytes}-byte budget of its ConfigMap "
+                f"(this adapter's entries: about {cost[name]} bytes)"))
+            excess -= cost[name]
+            if excess <= 0:
+                break
+
+
+def _resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Verdict],
+             local_paths: bool = False) -> Resolution:
+    """`resolve` without the size bound."""
     by_name = {a.metadata.name: a for a in adapters}
     base_served = served_model_name(route)
     selected: dict[str, Verdict] = {}

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from loraplane.api.adapter import Adapter, AdapterPhase, AdapterStatus, ArtifactInfo, LoadedOn
-from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType
+from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType, Progress
 from loraplane.api.modelroute import ModelRoute
 from loraplane.api.reasons import Reason
 from loraplane.api.validation import format_validation_error
@@ -50,8 +50,12 @@ def selects(route: ModelRoute, adapter: Adapter) -> bool:
 
 
 def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: dict[str, list[dict]],
-                   previous: AdapterStatus, generation: int | None, rejection: Verdict | None) -> AdapterStatus:
-    """Aggregate (pure): routes, compatibility, loadedOn, phase and the Compatible/Ready conditions."""
+                   previous: AdapterStatus, generation: int | None, rejection: Verdict | None,
+                   table_verdicts: dict[str, Verdict] | None = None) -> AdapterStatus:
+    """Aggregate (pure): routes, compatibility, loadedOn, phase and the Compatible/Ready conditions.
+    `table_verdicts`: route name -> why that route left this adapter out of its table although compatible
+    (ServingTableFull; ModelRouteController.table_verdicts), shown as that route's verdict."""
+    table_verdicts = table_verdicts or {}
     # Shallow: fields are assigned, never mutated in place (see route_status), so `previous` is untouched.
     new = previous.model_copy()
     new.observed_generation = generation
@@ -64,7 +68,8 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
         new.accepted_base_model = adapter.spec.base_model
     selecting = sorted((r for r in routes if selects(r, adapter)), key=lambda r: r.metadata.name or "")
     new.routes = [r.metadata.name or "" for r in selecting]
-    verdicts = {r.metadata.name: check_compatibility(adapter, r) for r in selecting}
+    verdicts = {r.metadata.name: table_verdicts.get(r.metadata.name or "") or check_compatibility(adapter, r)
+                for r in selecting}
     compatible = [r for r in selecting if verdicts[r.metadata.name].compatible]
     loaded: list[LoadedOn] = []
     digests: dict[str, str] = {}   # replica -> the digest it verified for this version (Ready replicas)
@@ -83,8 +88,10 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
                 loaded.append(LoadedOn(route=r.metadata.name or "", replica=pod_name, served_name=served,
                                        since=previous_since.get((r.metadata.name or "", pod_name), entry.since)))
             elif entry.state in FAILED_STATES:
+                # Failed / Incompatible are terminal on the replica whatever the (untrusted) reason says.
                 loader_problems.append((entry.state, ConditionState(FALSE, entry.reason,
-                                                                    f"replica {pod_name}: {entry.message}")))
+                                                                    f"replica {pod_name}: {entry.message}",
+                                                                    Progress.Stalled)))
     new.loaded_on = sorted(loaded, key=lambda lo: (lo.route, lo.replica))
 
     def condition(type_: ConditionType, state: ConditionState) -> None:
@@ -194,6 +201,7 @@ class AdapterFacts:
     invalid: str | None = None
     routes: list[ModelRoute] = field(default_factory=list)  # the valid ModelRoutes of its namespace
     pods_by_route: dict[str, list[dict]] = field(default_factory=dict)  # their engine pods
+    table_verdicts: dict[str, Verdict] = field(default_factory=dict)  # routes whose table left it out (size)
 
 
 @dataclass
@@ -215,11 +223,16 @@ class AdapterController(Controller):
         super().__init__(ctx)
         self._rejected: dict[Key, Verdict] = {}
         self._rejections_changed: Callable[[str], None] = lambda namespace: None
+        self._table_verdicts: Callable[[str, str], dict[str, Verdict]] = lambda namespace, adapter: {}
 
-    def connect(self, rejections_changed: Callable[[str], None]) -> None:
+    def connect(self, rejections_changed: Callable[[str], None],
+                table_verdicts: Callable[[str, str], dict[str, Verdict]] | None = None) -> None:
         """Call `rejections_changed(namespace)` when the set of rejected Adapters of a namespace changes (the
-        ModelRoute controller re-resolves that namespace's tables)."""
+        ModelRoute controller re-resolves that namespace's tables); `table_verdicts(namespace, adapter)` gives
+        the routes that left the adapter out of their serving table (ModelRouteController.table_verdicts)."""
         self._rejections_changed = rejections_changed
+        if table_verdicts is not None:
+            self._table_verdicts = table_verdicts
 
     def rejections(self, namespace: str) -> dict[str, Verdict]:
         """Adapter name -> why no route may serve it, for the Adapters of `namespace` the operator refuses."""
@@ -259,7 +272,8 @@ class AdapterController(Controller):
         ns = key[0]
         routes = list(self.stores.ModelRoute.valid_in(ns, ModelRoute))
         pods = {r.metadata.name or "": self.stores.EnginePod.group(ns, r.metadata.name or "") for r in routes}
-        return AdapterFacts(body, adapter, routes=routes, pods_by_route=pods)
+        return AdapterFacts(body, adapter, routes=routes, pods_by_route=pods,
+                            table_verdicts=self._table_verdicts(ns, key[1]))
 
     @staticmethod
     def plan(facts: AdapterFacts) -> AdapterPlan:
@@ -273,7 +287,8 @@ class AdapterController(Controller):
             return AdapterPlan(body, Verdict(False, Reason.InvalidSpec, message), patch, [event] if event else [])
         previous = owned_status(AdapterStatus, current, OWNED_STATUS)
         rejection = immutable_rejection(facts.adapter, previous)
-        new = adapter_status(facts.adapter, facts.routes, facts.pods_by_route, previous, generation, rejection)
+        new = adapter_status(facts.adapter, facts.routes, facts.pods_by_route, previous, generation, rejection,
+                             facts.table_verdicts)
         events = []
         old_phase = current.get("phase")
         if old_phase != new.phase and (old_phase is not None or new.phase not in (AdapterPhase.Pending, AdapterPhase.Loading)):

@@ -16,16 +16,19 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from loraplane.api.common import API_VERSION as API
-from loraplane.api.keys import COMPONENT_LABEL, FINETUNEJOB_LABEL, ROUTE_LABEL
+from loraplane.api.reasons import Reason
+from loraplane.api.keys import COMPONENT_LABEL, FINETUNEJOB_LABEL, ROUTE_LABEL, ROUTER_LABEL
 from loraplane.builders.settings import BuildSettings
 from loraplane.controllers.status import invalid_spec
-from loraplane.kube.apply import Applier
+from loraplane.kube.apply import Applier, NameTaken
 from loraplane.kube.client import ApiError, KubeClient
 from loraplane.kube.events import EventRecorder
 from loraplane.kube.informer import Key, Source, Store, label_getter
 from loraplane.kube.workqueue import WorkQueue
 
 ENGINE_SELECTOR = f"{ROUTE_LABEL},{COMPONENT_LABEL}=engine"
+# The router's Deployment and pods carry loraplane.io/router (not loraplane.io/route: that marks the replicas).
+ROUTER_SELECTOR = f"{ROUTER_LABEL},{COMPONENT_LABEL}=router"
 
 
 @dataclass
@@ -40,6 +43,8 @@ class Stores:
     TrainPod: Store = field(default_factory=lambda: Store(group_by=label_getter(FINETUNEJOB_LABEL)))
     EnginePod: Store = field(default_factory=lambda: Store(group_by=label_getter(ROUTE_LABEL)))
     Deployment: Store = field(default_factory=lambda: Store(group_by=label_getter(ROUTE_LABEL)))
+    RouterDeployment: Store = field(default_factory=lambda: Store(group_by=label_getter(ROUTER_LABEL)))
+    RouterPod: Store = field(default_factory=lambda: Store(group_by=label_getter(ROUTER_LABEL)))
 
     def of(self, source: str) -> Store:
         """The store named `source` (a SOURCES name, e.g. "EnginePod"); AttributeError for an unknown name."""
@@ -53,8 +58,11 @@ SOURCES: tuple[Source, ...] = (
     Source("ModelRoute", API, "ModelRoute"), Source("Job", "batch/v1", "Job", FINETUNEJOB_LABEL),
     Source("TrainPod", "v1", "Pod", FINETUNEJOB_LABEL), Source("EnginePod", "v1", "Pod", ENGINE_SELECTOR),
     Source("Deployment", "apps/v1", "Deployment", ENGINE_SELECTOR),
+    # A route is Ready only when its router serves too (ModelRoute Ready reads both).
+    Source("RouterDeployment", "apps/v1", "Deployment", ROUTER_SELECTOR),
+    Source("RouterPod", "v1", "Pod", ROUTER_SELECTOR),
 )
-CHILD_SOURCES = ("Job", "TrainPod", "EnginePod", "Deployment")
+CHILD_SOURCES = ("Job", "TrainPod", "EnginePod", "Deployment", "RouterDeployment", "RouterPod")
 
 
 @dataclass
@@ -105,16 +113,21 @@ class Controller(ABC):
         server refuses as invalid (HTTP 400/422: a spec the builders turned into something it does not accept) is shown
         on the owner as Ready=False InvalidSpec with the server's message, which names the child and the field,
         and None is returned: retrying cannot help until the spec changes, so it is not raised into the work
-        queue's retry loop (the next change of the owner reconciles it again)."""
+        queue's retry loop (the next change of the owner reconciles it again). A child name held by another
+        owner's object (kube.apply.NameTaken) is shown the same way with reason NameConflict."""
+        reason = Reason.InvalidSpec
         try:
             return await self.ctx.applier.ensure(stages, fresh=fresh)
+        except NameTaken as exc:
+            # Never adopted nor overwritten: the other owner keeps it, this one waits for the name to be free.
+            reason, refused = Reason.NameConflict, (
+                f"{exc}: its name is what this {self.kind}'s name gives; rename or delete one of the two")
         except ApiError as exc:
             if exc.status not in (400, 422):
                 raise
-            refused = str(exc)
+            refused = f"the API server refused a child: {exc}"
         meta = body["metadata"]
-        patch, event = invalid_spec(body.get("status") or {}, meta.get("generation"),
-                                    f"the API server refused a child: {refused}")
+        patch, event = invalid_spec(body.get("status") or {}, meta.get("generation"), refused, reason)
         if patch:
             await self.kube.patch_status(API, self.kind, meta.get("namespace"), meta["name"], patch)
         if event:

@@ -33,6 +33,7 @@ from loraplane.controllers.pods import (container_status, image_pull_problem, la
 from loraplane.controllers.status import (
     canonical, dump_status, invalid_spec, owned_status, status_patch,
 )
+from loraplane.kube.apply import owned_by
 from loraplane.kube.events import Event, EventType
 from loraplane.kube.informer import Key
 
@@ -310,10 +311,16 @@ class FineTuneJobController(Controller):
         ns, name = key
         current = body.get("status") or {}
         accepted = await self.accepted_spec(ftj) if current else None  # never reconciled: nothing accepted yet
+        # Children are found by computed name and label, which another FineTuneJob's may equal (a shortened long
+        # name is a valid short one): only those whose controller ownerReference is this job's uid (its Job's, for
+        # pods) are its own. Another owner's Job is never read as this job's run; applying shows NameConflict.
         job = self.stores.Job.get((ns, finetunejob.job_name(ftj)))
+        if job is not None and not owned_by(job, ftj.metadata.uid):
+            job = None
+        job_uid = ((job or {}).get("metadata") or {}).get("uid")
+        pods = [p for p in self.stores.TrainPod.group(ns, finetunejob.owner_label(name)) if owned_by(p, job_uid)]
         previous = owned_status(FineTuneJobStatus, current, OWNED_STATUS)
-        run = None if previous.phase in TERMINAL and job is None else run_state(
-            ftj, job, self.stores.TrainPod.group(ns, finetunejob.owner_label(name)))
+        run = None if previous.phase in TERMINAL and job is None else run_state(ftj, job, pods)
         adapter_key = (ns, ftj.spec.output.adapter_name)
         facts = FineTuneJobFacts(body, ftj, accepted_spec=accepted, run=run, now=now_rfc3339(),
                                  existing_adapter=self.stores.Adapter.get(adapter_key), job_exists=job is not None)
@@ -329,7 +336,7 @@ class FineTuneJobController(Controller):
         if ident in self._accepted:
             return self._accepted[ident]
         cm = await self.kube.get("v1", "ConfigMap", ident[0], finetunejob.config_name(ftj))
-        if cm is None or not _owned_by(cm, ident[2]):
+        if cm is None or not owned_by(cm, ident[2]):
             return None
         try:
             spec = json.loads((cm.get("data") or {}).get(finetunejob.CONFIG_KEY, ""))["spec"]
@@ -510,7 +517,4 @@ def ready_state(ftj: FineTuneJob, new: FineTuneJobStatus, run: RunState | None,
         return ConditionState(FALSE, Reason.Suspended, "spec.suspend is true")
     return ConditionState(FALSE, Reason.Pending, f"waiting for Job {finetunejob.job_name(ftj)} to start a pod")
 
-
-def _owned_by(obj: dict, uid: str) -> bool:
-    return any(r.get("uid") == uid for r in (obj.get("metadata") or {}).get("ownerReferences") or [])
 

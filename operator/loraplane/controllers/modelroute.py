@@ -10,8 +10,8 @@ from typing import NamedTuple
 from pydantic import ValidationError
 
 from loraplane.api.adapter import Adapter
-from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType
-from loraplane.api.keys import HASH_ANNOTATION, ROUTE_LABEL
+from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType, Progress, progress_of
+from loraplane.api.keys import HASH_ANNOTATION, ROUTE_LABEL, ROUTER_LABEL
 from loraplane.api.modelroute import BackendStatus, ModelRoute, ModelRoutePhase, ModelRouteStatus, ServedModel
 from loraplane.api.reasons import Reason
 from loraplane.api.validation import format_validation_error
@@ -25,6 +25,7 @@ from loraplane.controllers.pods import (crash_problem, image_pull_problem, pod_n
                                         unschedulable)
 from loraplane.controllers.status import (dump_status, invalid_spec, owned_status, ready_reason,
                                           status_patch)
+from loraplane.kube.apply import owned_by
 from loraplane.kube.events import Event, EventType
 from loraplane.kube.informer import Key
 
@@ -33,8 +34,10 @@ OWNED_STATUS = ("phase", "observedGeneration", "conditions", "replicas", "readyR
 ROUTE_BATCH_SECONDS = 0.5
 # Ready reasons that explain unready replicas (each posts a Warning event when it appears).
 REPLICA_PROBLEMS = (Reason.Unschedulable, Reason.ImagePull, Reason.ModelFetchFailed, Reason.EngineFailing,
-                    Reason.RolloutStalled)
+                    Reason.RolloutStalled, Reason.RouterFailing)
 FALSE = ConditionStatus.FALSE
+# Which of two Ready=False states (the engine's, the router's) says more: the one that needs someone to act.
+SEVERITY = {Progress.Idle: 0, Progress.Done: 0, Progress.Reconciling: 1, Progress.Stalled: 2}
 
 BaseModelId = tuple[str, str | None]  # (identity, revision)
 # apps/v1 DeploymentCondition: the rollout made no progress within spec.progressDeadlineSeconds.
@@ -113,14 +116,61 @@ def rollout_pending(deployment: dict | None, desired_hash: str | None) -> Rollou
     return None
 
 
+class RouterFacts(NamedTuple):
+    """What was observed of a route's router: its Deployment (None: not in the store), its pods and the
+    HASH_ANNOTATION its current spec renders (None: unknown)."""
+
+    deployment: dict | None
+    pods: list[dict] = []
+    desired_hash: str | None = None
+
+
+def router_state(route: ModelRoute, router: RouterFacts) -> ConditionState | None:
+    """Why the router does not serve `status.endpoint` with the current spec (pure), else None.
+
+    The router is the route's only way in: with no available router pod the endpoint has nothing behind it,
+    whatever the engine replicas do. The rollout rules are the engine's (`rollout_pending`); a router pod's own
+    problem (image pull, crash) names it as `replica_problem` does for the engine."""
+    if (route.spec.router.replicas or 0) == 0:
+        return ConditionState(FALSE, Reason.RouterScaledToZero, "spec.router.replicas is 0: no router pod serves "
+                              f"the endpoint {route_builders.endpoint(route)}")
+    name = route_builders.router_name(route)
+    if router.deployment is None:
+        return ConditionState(FALSE, Reason.RouterNotReady, f"the router Deployment {name} does not exist yet")
+    ds = router.deployment.get("status") or {}
+    available = ds.get("availableReplicas") or 0
+    rollout = rollout_pending(router.deployment, router.desired_hash)
+    if not available or rollout is not None:
+        what = (f"router Deployment {name}: " + (rollout.message if rollout else "no router pod is available")
+                + (f"; {available} available router pod(s) of the previous spec keep serving" if available else ""))
+        live = [p for p in router.pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
+        for pod in sorted(live, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp", ""), reverse=True):
+            if pod_ready(pod):
+                continue
+            if problem := (image_pull_problem(pod, (route_builders.ROUTER_CONTAINER,))
+                           or crash_problem(pod, route_builders.ROUTER_CONTAINER)):
+                return ConditionState(FALSE, Reason.RouterFailing, f"{what}: {problem}")
+            if message := unschedulable(pod):
+                return ConditionState(FALSE, Reason.RouterNotReady, f"{what}: pod {pod_name(pod)} cannot be "
+                                      f"scheduled: {message}")
+        if rollout is not None and rollout.stalled:
+            return ConditionState(FALSE, Reason.RouterFailing, f"{what}: the Deployment exceeded its progress "
+                                  "deadline")
+        return ConditionState(FALSE, Reason.RouterNotReady, what)
+    return None
+
+
 def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | None, pods: list[dict],
                  generation: int | None, previous: ModelRouteStatus,
-                 desired_hash: str | None = None) -> ModelRouteStatus:
+                 desired_hash: str | None = None, *, router: RouterFacts) -> ModelRouteStatus:
     """Aggregate (pure): replicas, per-model backend readiness, phase and the Ready condition.
 
     Ready is True only when the current spec is rolled out (`rollout_pending`, with `desired_hash` the engine
     Deployment's wanted HASH_ANNOTATION): while replicas of a previous spec serve and the new ones do not come
-    up, Ready is False at the new observedGeneration with the new pods' reason (ImagePull, EngineFailing, ...)."""
+    up, Ready is False at the new observedGeneration with the new pods' reason (ImagePull, EngineFailing, ...).
+    It also needs the router (`router`, `router_state`): an endpoint with no available router pod of the current
+    spec serves nothing, so Ready is False with its reason; of the engine's and the router's reasons the more
+    severe one (Stalled over Reconciling over Idle) is Ready's, the other is added to the message."""
     table = resolution.table
     ds = (deployment or {}).get("status") or {}
     reports = ready_reports(pods)
@@ -162,7 +212,9 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
         models.append(ServedModel(name=model.name, ready=any(b.ready for b in backends), backends=backends))
     new.models = models
     unready = [m.name for m in models if not m.ready]
-    excluded = sorted({f"{a} ({v.reason})" for (_, a), v in resolution.missing.items()})
+    excluded = sorted({f"{a} ({v.reason})" for (_, a), v in resolution.missing.items()}
+                      | {f"{a} ({v.reason})" for a, v in resolution.selected.items()
+                         if v.reason == Reason.ServingTableFull})   # selector-matched ones are in no backend
     rollout = rollout_pending(deployment, desired_hash)
     if new.ready_replicas == 0:
         new.phase = ModelRoutePhase.Progressing if deployment is not None else ModelRoutePhase.Pending
@@ -191,6 +243,15 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
         new.phase = ModelRoutePhase.Ready
         ready = ConditionState(ConditionStatus.TRUE, Reason.Ready,
                                f"{new.ready_replicas} replica(s) serve {len(models)} model(s)")
+    if (router_problem := router_state(route, router)) is not None:
+        if ready.status == ConditionStatus.TRUE:
+            new.phase = ModelRoutePhase.Progressing if router_problem.reason == Reason.RouterNotReady else (
+                ModelRoutePhase.Degraded)
+            ready = router_problem
+        elif SEVERITY[progress_of(router_problem.reason)] > SEVERITY[progress_of(ready.reason)]:
+            ready = router_problem._replace(message=f"{router_problem.message}; engine: {ready.message}")
+        else:
+            ready = ready._replace(message=f"{ready.message}; {router_problem.message}")
     if excluded:
         ready = ready._replace(message=ready.message + f"; left out: {', '.join(excluded)}")
     if resolution.conflicts:
@@ -231,6 +292,9 @@ class ModelRouteFacts:
     last_selected: dict[str, Verdict] = field(default_factory=dict)  # adapters it selected last time
     applier_epoch: int = 0
     engine_hash: str | None = None               # HASH_ANNOTATION of the engine Deployment last applied
+    router_deployment: dict | None = None        # the router Deployment
+    router_pods: list[dict] = field(default_factory=list)  # the router pods
+    router_hash: str | None = None               # HASH_ANNOTATION of the router Deployment last applied
 
 
 @dataclass
@@ -249,6 +313,7 @@ class ModelRoutePlan:
     selected: dict[str, Verdict] = field(default_factory=dict)
     reselected: list[str] = field(default_factory=list)  # adapters whose selection or verdict changed
     engine_hash: str | None = None               # the engine Deployment's HASH_ANNOTATION, remembered once applied
+    router_hash: str | None = None               # the router Deployment's, likewise
 
 
 class ModelRouteController(Controller):
@@ -269,6 +334,7 @@ class ModelRouteController(Controller):
         self._selected: dict[Key, dict[str, Verdict]] = {}
         self._applied: dict[Key, tuple] = {}
         self._engine_hash: dict[Key, str] = {}
+        self._router_hash: dict[Key, str] = {}
 
     def on_change(self, source: str, obj: dict, old: dict | None) -> None:
         """Schedule the route itself; re-resolve the namespace's routes (batched, ROUTE_BATCH_SECONDS) when an
@@ -287,6 +353,9 @@ class ModelRouteController(Controller):
         elif source in ("EnginePod", "Deployment"):
             if route := (meta.get("labels") or {}).get(ROUTE_LABEL):
                 self.schedule((ns, route))
+        elif source in ("RouterPod", "RouterDeployment"):
+            if route := (meta.get("labels") or {}).get(ROUTER_LABEL):
+                self.schedule((ns, route))
 
     async def reconcile(self, key: Key) -> None:
         """observe -> plan -> execute for one ModelRoute; a deleted one is forgotten."""
@@ -296,9 +365,15 @@ class ModelRouteController(Controller):
             return
         await self.execute(key, self.plan(facts))
 
+    def table_verdicts(self, namespace: str, adapter: str) -> dict[str, Verdict]:
+        """Route name -> the verdict of the routes of `namespace` that left `adapter` out of their serving table
+        for its size (Reason.ServingTableFull): only the route's resolution knows it, the Adapter shows it."""
+        return {name: v for (ns, name), selected in self._selected.items() if ns == namespace
+                and (v := selected.get(adapter)) is not None and v.reason == Reason.ServingTableFull}
+
     def forget(self, key: Key) -> None:
         """Drop what was remembered about a deleted route and its children."""
-        for memory in (self._resolutions, self._selected, self._applied, self._engine_hash):
+        for memory in (self._resolutions, self._selected, self._applied, self._engine_hash, self._router_hash):
             memory.pop(key, None)
         for ident in [i for i in self._accepted if i[:2] == key]:
             del self._accepted[ident]
@@ -318,13 +393,22 @@ class ModelRouteController(Controller):
             return ModelRouteFacts(body, None, invalid=format_validation_error(route, "spec field "))
         ns, name = key
         adapters = list(self.stores.Adapter.valid_in(ns, Adapter))
+        uid = route.metadata.uid
+
+        def own(obj: dict | None) -> dict | None:
+            # Found by computed name: only this route's (controller ownerReference = its uid) counts; another
+            # owner's object of that name is not read as this route's (applying it shows NameConflict).
+            return obj if owned_by(obj, uid) else None
+
         return ModelRouteFacts(
             body, route, adapters=adapters, rejected=self._rejections(ns),
             accepted_base=await self.accepted_base_of(route) if body.get("status") else None,
-            deployment=self.stores.Deployment.get((ns, route_builders.engine_name(route))),
+            deployment=own(self.stores.Deployment.get((ns, route_builders.engine_name(route)))),
             pods=self.stores.EnginePod.group(ns, name), last_resolution=self._resolutions.get(key),
             last_applied=self._applied.get(key), last_selected=self._selected.get(key, {}),
-            applier_epoch=self.ctx.applier.epoch, engine_hash=self._engine_hash.get(key))
+            applier_epoch=self.ctx.applier.epoch, engine_hash=self._engine_hash.get(key),
+            router_deployment=own(self.stores.RouterDeployment.get((ns, route_builders.router_name(route)))),
+            router_pods=self.stores.RouterPod.group(ns, name), router_hash=self._router_hash.get(key))
 
     async def accepted_base_of(self, route: ModelRoute) -> BaseModelId | None:
         """The base model the route's serving table was written for: from memory, else its ConfigMap."""
@@ -332,8 +416,7 @@ class ModelRouteController(Controller):
         if ident in self._accepted:
             return self._accepted[ident]
         cm = await self.kube.get("v1", "ConfigMap", ident[0], configmap_name(ident[1]))
-        refs = ((cm or {}).get("metadata") or {}).get("ownerReferences") or []
-        if cm is None or not any(r.get("uid") == ident[2] for r in refs):
+        if cm is None or not owned_by(cm, ident[2]):
             return None
         base = accepted_base((cm.get("data") or {}).get(CONFIGMAP_KEY))
         if base is not None:
@@ -347,7 +430,7 @@ class ModelRouteController(Controller):
         body = facts.body
         generation = body["metadata"].get("generation")
         current = body.get("status") or {}
-        out = ModelRoutePlan(body, engine_hash=facts.engine_hash)
+        out = ModelRoutePlan(body, engine_hash=facts.engine_hash, router_hash=facts.router_hash)
         if facts.route is None:
             patch, event = invalid_spec(current, generation, facts.invalid or "")
             out.status, out.events = patch, [event] if event else []
@@ -379,11 +462,15 @@ class ModelRouteController(Controller):
                 engine = route_builders.engine_name(route)
                 out.engine_hash = next((k["metadata"]["annotations"].get(HASH_ANNOTATION) for k in kids
                                         if k["kind"] == "Deployment" and k["metadata"]["name"] == engine), None)
+                router = route_builders.router_name(route)
+                out.router_hash = next((k["metadata"]["annotations"].get(HASH_ANNOTATION) for k in kids
+                                        if k["kind"] == "Deployment" and k["metadata"]["name"] == router), None)
             out.accepted_base, out.resolution = wanted, resolution
         else:
             resolution = facts.last_resolution or resolution
         previous = owned_status(ModelRouteStatus, current, OWNED_STATUS)
-        new = route_status(route, resolution, facts.deployment, facts.pods, generation, previous, out.engine_hash)
+        new = route_status(route, resolution, facts.deployment, facts.pods, generation, previous, out.engine_hash,
+                           router=RouterFacts(facts.router_deployment, facts.router_pods, out.router_hash))
         if rejected:
             accepted = facts.accepted_base
             new.set_condition(ConditionType.Ready, ConditionState(FALSE, Reason.SpecImmutable, (
@@ -418,6 +505,8 @@ class ModelRouteController(Controller):
             self._applied[key] = plan.applied_as
             if plan.engine_hash is not None:
                 self._engine_hash[key] = plan.engine_hash
+            if plan.router_hash is not None:
+                self._router_hash[key] = plan.router_hash
         if plan.accepted_base is not None:
             self._accepted[(ns, name, plan.body["metadata"].get("uid") or "")] = plan.accepted_base
             self._resolutions[key] = plan.resolution

@@ -17,6 +17,35 @@ from loraplane.kube.client import ApiError, KubeClient
 log = logging.getLogger("loraplane.operator")
 
 
+def controller_of(obj: dict | None) -> dict | None:
+    """The controller ownerReference of `obj` (the one with `controller: true`), else None."""
+    refs = ((obj or {}).get("metadata") or {}).get("ownerReferences") or []
+    return next((r for r in refs if isinstance(r, dict) and r.get("controller")), None)
+
+
+def owned_by(obj: dict | None, uid: str | None) -> bool:
+    """Whether `obj`'s controller ownerReference names the owner `uid`: the only proof that a child found by
+    its (computed) name is this owner's, since two owners' child names can coincide (a shortened long name
+    `<head>-<hash8>` is also a valid name another object may have)."""
+    ref = controller_of(obj)
+    return bool(uid) and ref is not None and ref.get("uid") == uid
+
+
+def owner_words(obj: dict | None) -> str:
+    """`<Kind> <name>` of `obj`'s controller owner, or `no loraplane owner` (for a NameTaken message)."""
+    ref = controller_of(obj)
+    return f"{ref.get('kind', '?')} {ref.get('name', '?')}" if ref else "no owner (created by hand?)"
+
+
+class NameTaken(Exception):
+    """A child's name is held by an object another owner controls (or none does): the Applier never writes it
+    (server-side apply with force would take it over). `child` is `<Kind> <name>`, `holder` who has it."""
+
+    def __init__(self, child: str, holder: str):
+        super().__init__(f"{child} already exists and belongs to {holder}")
+        self.child, self.holder = child, holder
+
+
 class Applier:
     """Server-side apply of children, skipped when the live object already carries the same spec hash.
 
@@ -51,12 +80,19 @@ class Applier:
             written += sum(results)
         return written
 
+    async def _check_owner(self, m: dict, live: dict | None) -> None:
+        """Raise NameTaken when `live` (the object named as child `m`) is not controlled by `m`'s owner."""
+        owner = controller_of(m)
+        if live is not None and owner is not None and not owned_by(live, owner.get("uid")):
+            raise NameTaken(f"{m['kind']} {m['metadata']['name']}", owner_words(live))
+
     async def _ensure_one(self, m: dict, fresh: bool) -> int:
         ident = self._id(m)
         want = m["metadata"].get("annotations", {}).get(HASH_ANNOTATION)
         have = self._known.get(ident)
         if have is None and not fresh:
             live = await self.kube.get(ident[0], ident[1], ident[2], ident[3])
+            await self._check_owner(m, live)
             have = ((live or {}).get("metadata", {}).get("annotations") or {}).get(HASH_ANNOTATION)
         if have == want and want is not None:
             self._known[ident] = want
@@ -64,6 +100,10 @@ class Applier:
         try:
             await self.kube.apply(m, result=False)
         except ApiError as exc:
+            if exc.status in (409, 422):
+                # A fresh owner applies without reading first; an object of another owner with this name makes
+                # the apply fail (two controller ownerReferences are invalid): say whose it is.
+                await self._check_owner(m, await self.kube.get(ident[0], ident[1], ident[2], ident[3]))
             if exc.status != 422 or m["kind"] != "Job":
                 raise
             # A Job's pod template is immutable: when the rendering of a running Job changed (a new operator
@@ -100,4 +140,4 @@ class Applier:
             del self._known[ident]
 
 
-__all__ = ["Applier"]
+__all__ = ["Applier", "NameTaken", "controller_of", "owned_by", "owner_words"]

@@ -158,7 +158,9 @@ def test_examples_get_their_children_and_honest_status(kube):
     table = ServingTable.model_validate_json(
         kube.core.read_namespaced_config_map("qwen-small-serving", kube.ns).data["serving.json"])
     assert {a.served_name for a in table.adapters} == {"sql-helper--3", "support-bot-canary--2"}
-    status = wait_for(lambda: (s := kube.status("ModelRoute", "qwen-small")).get("phase") and s, what="route")
+    # The first status may say Pending (written before the engine Deployment reached the operator's store).
+    status = wait_for(lambda: (s := kube.status("ModelRoute", "qwen-small")).get("phase") == "Progressing" and s,
+                      what="route Progressing")
     assert status["endpoint"] == f"http://qwen-small-router.{kube.ns}.svc:8080/v1"
     assert status["phase"] == "Progressing" and status["readyReplicas"] == 0
     support = next(m for m in status["models"] if m["name"] == "support")

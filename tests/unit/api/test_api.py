@@ -320,7 +320,7 @@ def test_autoscaling_metric_and_archive_suffix_cannot_inject(tmp_path):
     keda["spec"]["autoscaling"].update(backend="keda", metric="vllm:num_requests_waiting")
     keda["metadata"]["name"] = "chat"
     query = route_builders.keda_scaled_object(parse(keda))["spec"]["triggers"][0]["metadata"]["query"]
-    assert query.startswith("sum(vllm:num_requests_waiting{namespace=") and 'pod=~"chat-engine-.*"' in query
+    assert query.startswith("sum(vllm:num_requests_waiting{namespace=") and 'pod=~"(chat-engine-[' in query
     assert route_builders.promql_string('a"b\\c') == '"a\\"b\\\\c"'
     for uri in ("https://models.example.com/llama#.tar.gz", "https://models.example.com/llama?x=.tar.gz"):
         web = copy.deepcopy(route)
@@ -330,3 +330,38 @@ def test_autoscaling_metric_and_archive_suffix_cannot_inject(tmp_path):
     signed = copy.deepcopy(route)
     signed["spec"]["baseModel"] = {"uri": "https://b.s3.amazonaws.com/llama.tar.gz?X-Amz-Signature=abc"}
     assert parse(signed).spec.base_model.uri.endswith("abc")
+
+
+def test_a_replica_report_annotation_always_fits_its_budget():
+    """Issue 13 review p10: 120 failing adapters with long messages made a 275 KB annotation, over Kubernetes'
+    256 KiB for all of a pod's annotations, so the report patch failed and every adapter's status went stale.
+    The annotation is bounded: at 1,000 adapters with maximal messages every state and reason is kept; with
+    maximal names too, entries are left out (counted in `omitted`) but it still fits and parses."""
+    from loraplane.api.redaction import MAX_MESSAGE, redacted
+    from loraplane.api.wire.serving import REPORT_MAX_BYTES, AdapterReport, ReplicaReport
+
+    msg = redacted("GET https://evil.example/a.tar.gz answered HTTP 404 " + "x" * 8000, MAX_MESSAGE)
+    assert len(msg) >= MAX_MESSAGE - 1
+
+    def report(name_len):
+        return ReplicaReport(replica="p", route="r", generation=1, engine_ready=True, updated_at="t", adapters={
+            f"{'a' * name_len}-{i:04d}--v1": AdapterReport(
+                state="Ready" if i % 2 else "Failed", reason="Loaded" if i % 2 else "FetchFailed", message=msg,
+                since="2026-01-01T00:00:00Z", attempts=3, sha256="0" * 64) for i in range(1000)})
+
+    full = report(8)
+    text = full.to_annotation()
+    assert len(text.encode()) <= REPORT_MAX_BYTES
+    back = ReplicaReport.model_validate_json(text)
+    assert back.omitted is None and back.adapters.keys() == full.adapters.keys()
+    for name, entry in full.adapters.items():
+        assert (back.adapters[name].state, back.adapters[name].reason) == (entry.state, entry.reason)
+        if entry.state == "Ready":
+            assert back.adapters[name].sha256 == entry.sha256   # the operator records digests from Ready ones
+    huge = report(240)
+    text = huge.to_annotation()
+    back = ReplicaReport.model_validate_json(text)
+    assert len(text.encode()) <= REPORT_MAX_BYTES and back.omitted and len(back.adapters) + back.omitted == 1000
+    small = ReplicaReport(replica="p", route="r", generation=1, engine_ready=True, updated_at="t", adapters={
+        "a--1": AdapterReport(state="Failed", reason="FetchFailed", message="m", since="t")})
+    assert ReplicaReport.model_validate_json(small.to_annotation()) == small   # what fits is left whole

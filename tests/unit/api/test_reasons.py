@@ -88,3 +88,28 @@ def test_troubleshooting_is_generated():
     assert text == troubleshooting.render(), "run `loraplane crds`"
     for r in Reason:
         assert f"`{r.value}`" in text
+
+
+def test_every_reason_says_whether_it_stalls():
+    """Issue 13 review (Stalled): each Reason names its Progress (a required argument of Reason.__new__, so a new
+    reason cannot be declared without it), and every terminal refusal is Stalled, never 'Progressing' forever."""
+    import inspect
+
+    from loraplane.api.conditions import STALLED_REASONS, Progress, progress_of
+    from loraplane.loader.reconciler import OUTCOMES
+    from loraplane.storage import cache
+
+    assert inspect.signature(Reason._new_member_).parameters["progress"].default is inspect.Parameter.empty
+    assert all(isinstance(r.progress, Progress) for r in Reason)
+    terminal = {Reason.UnsafeArtifact, Reason.ArtifactTooLarge, Reason.InsecureSource, Reason.PublicNameConflict,
+                Reason.InvalidTargetModules, Reason.AdapterExists, Reason.ArtifactChanged}
+    # The loader's non-retryable outcomes (its one outcome table: gate refusals, refused fetches, broken
+    # adapters) and fetch errors that are never retried.
+    terminal |= {r for r, outcome in OUTCOMES.items() if not outcome.retry}
+    terminal |= {c.reason for c in vars(cache).values()
+                 if isinstance(c, type) and issubclass(c, cache.FetchError) and not c.retryable}
+    for r in terminal:
+        assert progress_of(r) == Progress.Stalled and r in STALLED_REASONS, r
+    for r in Reason:   # a reason whose fix asks for nothing is never Stalled
+        if r.fix.startswith("Nothing"):
+            assert r.progress != Progress.Stalled, r

@@ -349,3 +349,97 @@ def test_rendered_commands_parse_with_the_real_entry_points():
     assert router[:3] == ["python3", "-m", "loraplane.router"]
     args = parse(add_router_arguments, router[3:])
     assert args.replicas_dns == "qwen-small-engine.default.svc" and args.port == 8080
+
+
+def test_every_spec_string_and_list_that_reaches_a_child_is_bounded():
+    """Issue 13 review p9: Adapter source.uri had no maxLength, so one schema-valid 1.1 MB Adapter made its
+    route's serving table unappliable. Every string of every spec has a maxLength, every list a maxItems."""
+    unbounded = []
+
+    def walk(s, path):
+        if not isinstance(s, dict):
+            return
+        if s.get("type") == "string" and "maxLength" not in s and "enum" not in s:
+            unbounded.append(path)
+        if s.get("type") == "array" and "maxItems" not in s:
+            unbounded.append(path)
+        for k, v in (s.get("properties") or {}).items():
+            walk(v, f"{path}.{k}")
+        walk(s.get("items"), f"{path}[]")
+        walk(s.get("additionalProperties"), f"{path}{{}}")
+
+    for f in sorted((ROOT / "crds").glob("*.yaml")):
+        crd = yaml.safe_load(f.read_text())
+        for v in crd["spec"]["versions"]:
+            walk(v["schema"]["openAPIV3Schema"]["properties"]["spec"], f"{crd['spec']['names']['kind']}.spec")
+    assert unbounded == [], unbounded
+    with pytest.raises(Exception, match="2048"):
+        parse({"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter", "metadata": {"name": "big"},
+               "spec": {"baseModel": {"name": "org/base"}, "source": {"uri": "s3://b/" + "x" * 1_100_000}}})
+
+
+def test_a_route_selecting_too_many_large_adapters_keeps_its_table_within_the_configmap_limit():
+    """Many schema-valid adapters with maximal URIs: the table stays under the ConfigMap budget; the largest
+    entries are left out with ServingTableFull (on the Adapter via its route's verdict and in the route's
+    Ready message), every other adapter is still served."""
+    from loraplane.api.modelroute import ModelRouteStatus
+    from loraplane.builders.resolution import TABLE_MAX_BYTES
+    from loraplane.controllers.modelroute import RouterFacts, route_status
+
+    route = parse({"apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute",
+                   "metadata": {"name": "r", "namespace": "ns", "generation": 1},
+                   "spec": {"baseModel": {"name": "org/base"},
+                            "routes": [{"selector": {"matchLabels": {"team": "t"}}, "prefix": "t/"}]}})
+    adapters = [Adapter.model_validate({
+        "kind": "Adapter", "metadata": {"name": f"a{i:04d}", "namespace": "ns", "labels": {"team": "t"}},
+        "spec": {"baseModel": {"name": "org/base"}, "rank": 8, "version": "1",
+                 "source": {"uri": "s3://bucket/" + "k" * (2048 - 12 - i % 7)}}}) for i in range(600)]
+    res = resolve(route, adapters)
+    size = len(res.table.to_json().encode())
+    assert size <= TABLE_MAX_BYTES
+    left_out = sorted(a for a, v in res.selected.items() if v.reason == "ServingTableFull")
+    served = {d.adapter for d in res.table.adapters}
+    assert left_out and len(served) + len(left_out) == 600 and not served & set(left_out)
+    assert len(served) > 150   # only what does not fit is left out
+    assert "over the" in res.selected[left_out[0]].message
+    status = route_status(route, res, None, [], 1, ModelRouteStatus(), router=RouterFacts(None))
+    assert f"{left_out[0]} (ServingTableFull)" in status.condition("Ready").message
+
+
+def test_the_keda_query_selects_exactly_its_own_routes_pods():
+    """Issue 13 review p15: `pod=~"a-engine-.*"` also summed route `a-engine-b`'s pods, so one route's load scaled
+    another. The pattern is the exact shape of the engine Deployment's pod names (ReplicaSet hash and random
+    suffix from Kubernetes' vowel-free alphabet, the 58-character cut of generated names), checked against pod
+    names made as Kubernetes makes them for routes whose names prefix each other, up to the 50-character limit."""
+    import random
+    import re
+
+    from loraplane.builders.modelroute import GENERATED_NAME_BASE, POD_NAME_ALPHABET, engine_name
+
+    rng = random.Random(7)
+
+    def pods_of(route_name):
+        deployment = engine_name(parse({"apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute",
+                                        "metadata": {"name": route_name}, "spec": {"baseModel": {"name": "m"}}}))
+        for h in range(1, 11):
+            for _ in range(3):
+                rs = f"{deployment}-{''.join(rng.choice(POD_NAME_ALPHABET) for _ in range(h))}"
+                yield (rs + "-")[:GENERATED_NAME_BASE] + "".join(rng.choice(POD_NAME_ALPHABET) for _ in range(5))
+
+    names = ["a", "a-engine", "a-engine-b", "a-b", "a-engine-engine", "b2", "a-e"]
+    names += [("x" * n)[:n] for n in (44, 45, 46, 47, 48, 49, 50)]
+    names += [("x" * (n - 9)) + "-engine-b" for n in (46, 48, 50)]
+    pods = {n: list(pods_of(n)) for n in names}
+
+    def query_of(route_name):
+        r = parse({"apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute",
+                   "metadata": {"name": route_name, "namespace": "ns"},
+                   "spec": {"baseModel": {"name": "m"},
+                            "autoscaling": {"backend": "keda", "minReplicas": 0, "maxReplicas": 2}}})
+        return modelroute.keda_scaled_object(r)["spec"]["triggers"][0]["metadata"]["query"]
+
+    for n in names:
+        pattern = re.search(r'pod=~"([^"]*)"', query_of(n)).group(1)   # PromQL anchors =~ at both ends
+        for other, names_of_pods in pods.items():
+            for pod in names_of_pods:
+                assert (re.fullmatch(pattern, pod) is not None) == (other == n), (n, other, pod, pattern)

@@ -271,3 +271,49 @@ def test_adapter_labels_of_a_finetunejob_are_checked():
                     "output": {"adapterName": "a", "adapterLabels": {"team": "-bad-"}}}}
     with pytest.raises(ValidationError, match="spec.output.adapterLabels"):
         FineTuneJob.model_validate(doc)
+
+
+def _uri_route(uri: str) -> ModelRoute:
+    return parse({"apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute",
+                  "metadata": {"name": "r", "namespace": "ns", "generation": 1},
+                  "spec": {"baseModel": {"uri": uri},
+                           "routes": [{"name": "sql", "backends": [{"adapter": "sql"}]}]}})
+
+
+def test_a_uri_base_models_derived_served_name_is_never_an_adapters():
+    """Property over derived base names (issue 13 review p2): every last path component built from `a`, `-` and
+    `.` up to 6 characters, under every URI form and archive suffix (valid or not), gives a base served name that contains no
+    `--`, is read as no adapter's and equals no `served_name(adapter, version)` — so the router can never mark an
+    adapter ready because vLLM (the base) is up."""
+    import itertools
+
+    template = _uri_route("s3://models/base")
+    checked = 0
+    for n in range(1, 7):
+        for chars in itertools.product("a-.", repeat=n):
+            last = "".join(chars)
+            for uri in (f"s3://models/{last}", f"pvc://claim/{last}", f"/data/{last}",
+                        f"s3://models/{last}.tar.gz", f"https://h/{last}.tgz?sig=1", f"s3://models/{last}/"):
+                # Every string, not only the schema-valid ones (validating each costs its CEL rules).
+                spec = template.spec.model_copy(update={
+                    "base_model": template.spec.base_model.model_copy(update={"uri": uri})})
+                base = served_model_name(template.model_copy(update={"spec": spec}))
+                checked += 1
+                assert base and "--" not in base, (uri, base)
+                assert adapter_of_served_name(base) is None, (uri, base)
+                adapter, sep, version = last.rpartition("--")
+                if sep and adapter and version and "--" not in version:
+                    assert base != served_name(adapter, version)
+    assert checked > 1000
+
+
+def test_the_base_served_name_of_a_uri_named_like_an_adapter_version_differs_from_it():
+    route = _uri_route("s3://models/sql--v1")
+    adapter = parse({"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",
+                     "metadata": {"name": "sql", "namespace": "ns"},
+                     "spec": {"baseModel": {"name": "s3://models/sql--v1"}, "version": "v1",
+                              "source": {"uri": "s3://adapters/sql/v1"}}})
+    table = resolve(route, [adapter]).table
+    assert table.served_model_name == "sql-v1"
+    assert table.served_model_name not in {a.served_name for a in table.adapters}
+    assert adapter.served_name() in {a.served_name for a in table.adapters}

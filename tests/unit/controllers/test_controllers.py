@@ -8,6 +8,8 @@ import ast
 import asyncio
 import json
 
+import pytest
+
 from loraplane.api import Adapter, FineTuneJob, ModelRoute
 from loraplane.api.conditions import ConditionType
 from loraplane.api.keys import HASH_ANNOTATION
@@ -333,3 +335,73 @@ def test_a_spec_the_policy_refuses_gets_policy_violation_and_no_children():
     ctl = ModelRouteController(trusting, rejections=lambda ns: {}, reselected=lambda key: None)
     plan = ctl.plan(ModelRouteFacts(rbody, r, adapters=[ADAPTER]))
     assert plan.children
+
+
+def test_a_finetunejob_never_adopts_or_overwrites_another_owners_child():
+    """Issue 13 review p12: a FineTuneJob named `<head>-<hash8>` gets the child names of a long-named one. It must
+    neither read the other's Job and pods as its run nor apply over its children: Ready=False NameConflict names
+    the other owner, and nothing is written."""
+    from loraplane.api import parse
+
+    def ftj_body(name, uid):
+        return {**FTJ_BODY, "metadata": {"name": name, "namespace": "ns", "uid": uid, "generation": 1}}
+
+    long_body = ftj_body("team-a-" + "x" * 62, "uid-a")
+    a = parse(long_body)
+    short_name = ftj_builders.job_name(a).removesuffix("-train")
+    b_body = {**ftj_body(short_name, "uid-b"), "status": {"observedGeneration": 1}}
+    b = parse(b_body)
+    assert ftj_builders.job_name(a) == ftj_builders.job_name(b)   # the names do coincide
+    a_job = {"apiVersion": "batch/v1", "kind": "Job",
+             "metadata": {"name": ftj_builders.job_name(a), "namespace": "ns", "uid": "job-a",
+                          "labels": {"loraplane.io/finetunejob": ftj_builders.owner_label(a.metadata.name)},
+                          "ownerReferences": [{"kind": "FineTuneJob", "name": a.metadata.name, "uid": "uid-a",
+                                               "controller": True}]},
+             "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}}
+    kube = FakeKube({("Job", a_job["metadata"]["name"]): a_job})
+    ctl = FineTuneJobController(context(kube))
+    ctl.stores.Job.put(a_job)
+    ctl.store.put(b_body)
+    facts = asyncio.run(ctl.observe(("ns", short_name)))
+    assert not facts.job_exists and (facts.run is None or facts.run.phase != "Succeeded")
+    asyncio.run(ctl.execute(ctl.plan(facts)))
+    assert not any(m["kind"] == "Job" for m in kube.applied)
+    ready = next(c for _, _, p in kube.status_patches for c in p.get("conditions", []) if c["type"] == "Ready")
+    assert ready["reason"] == Reason.NameConflict and a.metadata.name in ready["message"]
+
+
+def test_the_applier_refuses_a_name_another_owner_holds_even_on_a_fresh_apply():
+    from loraplane.kube.apply import NameTaken
+    from loraplane.kube.client import ApiError
+
+    mine = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+        "name": "x", "namespace": "ns", "annotations": {HASH_ANNOTATION: "h"},
+        "ownerReferences": [{"kind": "ModelRoute", "name": "me", "uid": "u-me", "controller": True}]}}
+    theirs = {**mine, "metadata": {**mine["metadata"], "annotations": {}, "ownerReferences": [
+        {"kind": "ModelRoute", "name": "other", "uid": "u-other", "controller": True}]}}
+
+    class Refusing(FakeKube):
+        async def apply(self, manifest, result=True):   # what the API server says to a second controller ownerReference
+            raise ApiError(422, {"message": "Only one reference can have Controller set to true"}, "apply")
+
+    for kube, fresh in ((FakeKube({("ConfigMap", "x"): theirs}), False),
+                        (Refusing({("ConfigMap", "x"): theirs}), True)):
+        with pytest.raises(NameTaken, match="ModelRoute other"):
+            asyncio.run(Applier(kube).ensure([[mine]], fresh=fresh))
+        assert kube.applied == []
+
+
+def test_a_route_reads_only_the_deployments_it_controls():
+    def deployment(name, uid):
+        return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {
+            "name": name, "namespace": "ns", "ownerReferences": [{"kind": "ModelRoute", "uid": uid,
+                                                                   "controller": True}]},
+            "status": {"availableReplicas": 1, "readyReplicas": 1}}
+
+    ctl = route_controller()
+    ctl.stores.ModelRoute.put(ROUTE_BODY)
+    for uid, seen in (("someone-else", False), ("ru", True)):
+        ctl.stores.Deployment.put(deployment("r-engine", uid))
+        ctl.stores.RouterDeployment.put(deployment("r-router", uid))
+        facts = asyncio.run(ctl.observe(("ns", "r")))
+        assert (facts.deployment is not None, facts.router_deployment is not None) == (seen, seen)

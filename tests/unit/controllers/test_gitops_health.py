@@ -1,8 +1,8 @@
 """GitOps tools can see progress and failure (issue 13, item 7): kstatus' Reconciling / Stalled on every kind, the
 Argo CD health script over statuses the operator's own status code writes, and the Flux example.
 
-`kstatus` below is a port of the generic rules of sigs.k8s.io/cli-utils/pkg/kstatus/status (Compute for a kind
-with no built-in rules: checkGenericProperties, then the Ready condition fallback), what Flux's health checks
+`kstatus` below is a port of sigs.k8s.io/cli-utils/pkg/kstatus/status Compute for a kind with no built-in rules
+(checkGenericProperties, then Current: there is no Ready-condition fallback), what Flux's health checks
 and `kubectl wait`-style tooling compute; it lives here, not in the product, to check the product against it.
 The Argo CD script (docs/gitops/argocd-health.lua) runs in a real Lua interpreter (lupa).
 """
@@ -27,28 +27,30 @@ from loraplane.controllers.modelroute import route_status
 from loraplane.controllers.status import dump_status, invalid_spec
 from support.paths import ROOT
 from test_controllers import FTJ, FTJ_BODY, context
-from test_status_logic import ROUTE, adapter, engine_pod, job, pod, report, rolling, serving_old_pod
+from test_status_logic import ROUTER_UP, ROUTE, adapter, engine_pod, job, pod, report, rolling, serving_old_pod
 
 LUA = ROOT / "docs" / "gitops" / "argocd-health.lua"
 LATER = "2026-01-01T00:05:00Z"
 
 
 def kstatus(obj: dict) -> str:
-    """kstatus' status of a custom resource (cli-utils pkg/kstatus/status/status.go Compute; generic.go
-    checkGenericProperties; the Ready-condition fallback for kinds without built-in rules)."""
+    """kstatus' status of a custom resource, ported faithfully from sigs.k8s.io/cli-utils pkg/kstatus/status:
+    Compute (status.go) runs checkGenericProperties (generic.go: deletionTimestamp, then checkGeneration, then
+    the first condition in list order that is Reconciling=True or Stalled=True), then the rules of built-in kinds
+    (none apply to a custom resource), and otherwise returns Current. There is no Ready-condition fallback: a
+    Ready=False object with neither condition is Current, so the product must set Reconciling or Stalled
+    whenever it is not settled."""
     meta, status = obj.get("metadata") or {}, obj.get("status") or {}
     if meta.get("deletionTimestamp"):
         return "Terminating"
-    observed = status.get("observedGeneration")
-    if observed is not None and observed != meta.get("generation"):
+    generation, observed = meta.get("generation"), status.get("observedGeneration")
+    if generation is not None and observed is not None and observed != generation:
         return "InProgress"
-    conditions = {c["type"]: c for c in status.get("conditions") or []}
-    if conditions.get("Reconciling", {}).get("status") == "True":
-        return "InProgress"
-    if conditions.get("Stalled", {}).get("status") == "True":
-        return "Failed"
-    if "Ready" in conditions:
-        return "Current" if conditions["Ready"]["status"] == "True" else "InProgress"
+    for c in status.get("conditions") or []:
+        if c.get("type") == "Reconciling" and c.get("status") == "True":
+            return "InProgress"
+        if c.get("type") == "Stalled" and c.get("status") == "True":
+            return "Failed"
     return "Current"
 
 
@@ -72,7 +74,8 @@ def ftj_status(run) -> dict:
 
 def route_of(deployment, pods) -> dict:
     res = resolve(ROUTE, [adapter("a")])
-    return dump_status(route_status(ROUTE, res, deployment, pods, 3, ModelRouteStatus(), "h-new"))
+    return dump_status(route_status(ROUTE, res, deployment, pods, 3, ModelRouteStatus(), "h-new",
+                                     router=ROUTER_UP))
 
 
 def adapter_of(pods_by_route, name="a", **kw) -> dict:
@@ -111,10 +114,16 @@ CASES = [
         "r-1", {"a--1": ("Loading", "Loading")}))]})), "InProgress", "Progressing"),
     ("adapter refused by the gate", lambda: wrap("Adapter", adapter_of({"r": [pod("r-1", ready=True, report=report(
         "r-1", {"a--1": ("Incompatible", "NoEffect")}))]})), "Failed", "Degraded"),
+    ("adapter artifact refused as unsafe", lambda: wrap("Adapter", adapter_of({"r": [pod("r-1", ready=True,
+        report=report("r-1", {"a--1": ("Incompatible", "UnsafeArtifact")}))]})), "Failed", "Degraded"),
+    ("adapter a replica gave up on", lambda: wrap("Adapter", adapter_of({"r": [pod("r-1", ready=True,
+        report=report("r-1", {"a--1": ("Failed", "AlreadyLoaded")}))]})), "Failed", "Degraded"),
     ("adapter too large for the route", lambda: wrap("Adapter", adapter_of({}, "big", rank=64,
                                                                            labels={"team": "x"})),
      "Failed", "Degraded"),
-    ("adapter no route selects", lambda: wrap("Adapter", adapter_of({}, "lonely")), "InProgress", "Suspended"),
+    # Deliberate (docs/gitops.md): an Adapter no route selects is valid and settled (Idle: neither condition),
+    # so kstatus reads it as Current and a Flux `wait` does not hang on it; Argo CD shows Suspended.
+    ("adapter no route selects", lambda: wrap("Adapter", adapter_of({}, "lonely")), "Current", "Suspended"),
     ("spec not yet seen", lambda: wrap("ModelRoute", route_of(done, [serving_old_pod()]), generation=4),
      "InProgress", "Progressing"),
     ("never reconciled", lambda: {"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",
@@ -173,3 +182,16 @@ def test_docs_ship_the_tested_script_and_a_flux_example():
     flux = next(b for b in blocks if isinstance(b, dict) and b.get("kind") == "Kustomization")
     assert flux["apiVersion"].startswith("kustomize.toolkit.fluxcd.io/") and flux["spec"]["wait"] is True
     assert Path(LUA).exists()
+
+
+def test_a_failed_replica_report_stalls_the_adapter_whatever_its_reason():
+    """A loader report in a terminal state (Failed / Incompatible) reads as Stalled even with a reason that alone
+    is progressing (AlreadyLoaded after the attempts ran out) or that is no Reason at all (an untrusted report)."""
+    from loraplane.api.common import StatusBase
+    from loraplane.api.conditions import ConditionState, ConditionStatus
+
+    for reason in (Reason.AlreadyLoaded, "SomethingNew"):
+        st = StatusBase()
+        st.set_condition(ConditionType.Ready, ConditionState(ConditionStatus.FALSE, reason, "gave up",
+                                                             Progress.Stalled), 1)
+        assert {c.type for c in st.conditions} == {"Ready", "Stalled"}, reason

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 
+from loraplane.api.reasons import Reason
 from loraplane.api import Adapter, FineTuneJob, ModelRoute
 from loraplane.api.adapter import AdapterStatus
 from loraplane.api.modelroute import ModelRouteStatus
 from loraplane.builders import resolve
 from loraplane.controllers.adapter import adapter_status
 from loraplane.controllers.finetunejob import immutable_changes, run_state
-from loraplane.controllers.modelroute import route_status
+from loraplane.controllers.modelroute import RouterFacts, route_status
 from loraplane.api.wire.serving import REPORT_ANNOTATION, AdapterReport, ReplicaReport
 from loraplane.api.wire.trainer import TerminationMessage
 
@@ -137,6 +138,10 @@ ROUTE = ModelRoute.model_validate({
     "spec": {"baseModel": {"name": "org/base"}, "engine": {"maxLoraRank": 16},
              "routes": [{"name": "m", "backends": [{"adapter": "a", "weight": 50}, {"base": True, "weight": 50}]},
                         {"selector": {"matchLabels": {"team": "x"}}, "prefix": "x/"}]}})
+# The route's router Deployment, rolled out with one available pod (route_status needs it for Ready).
+ROUTER_UP = RouterFacts({"metadata": {"generation": 1}, "spec": {"replicas": 1},
+                         "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1,
+                                    "availableReplicas": 1, "readyReplicas": 1}})
 
 
 def adapter(name, rank=8, base="org/base", labels=None):
@@ -158,14 +163,14 @@ def test_route_status_counts_ready_backends_per_model():
             pod("r-2", ready=True, report=report("r-2", {"a--1": ("Loading", "Loading")})),
             pod("r-3", ready=False, report=report("r-3", {"a--1": ("Ready", "Loaded")}))]
     deployment = {"status": {"replicas": 3, "updatedReplicas": 3, "readyReplicas": 2}}
-    st = route_status(ROUTE, res, deployment, pods, 2, ModelRouteStatus())
+    st = route_status(ROUTE, res, deployment, pods, 2, ModelRouteStatus(), router=ROUTER_UP)
     assert (st.replicas, st.ready_replicas, st.phase, st.observed_generation) == (3, 2, "Ready", 2)
     m = st.models[0]
     assert m.name == "m" and m.ready
     assert [(b.served_name, b.ready_replicas) for b in m.backends] == [("a--1", 1), ("org/base", 2)]
     assert st.condition("Ready").status == "True"
     assert res.selected["big"].reason == "RankTooLarge"
-    st0 = route_status(ROUTE, res, {"status": {"replicas": 1}}, [], 2, ModelRouteStatus())
+    st0 = route_status(ROUTE, res, {"status": {"replicas": 1}}, [], 2, ModelRouteStatus(), router=ROUTER_UP)
     assert st0.phase == "Progressing" and st0.condition("Ready").reason == "NoReadyReplicas"
     assert st0.endpoint == "http://r-router.ns.svc:8080/v1"
 
@@ -187,7 +192,7 @@ def test_route_status_says_why_no_replica_is_ready():
     deployment = {"status": {"replicas": 1}}
 
     def ready_of(*pods):
-        c = route_status(ROUTE, res, deployment, list(pods), 2, ModelRouteStatus()).condition("Ready")
+        c = route_status(ROUTE, res, deployment, list(pods), 2, ModelRouteStatus(), router=ROUTER_UP).condition("Ready")
         return c.reason, c.message
 
     gpus = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
@@ -277,7 +282,7 @@ def test_route_is_not_ready_while_the_new_generation_cannot_roll_out():
     pull = {"state": {"waiting": {"reason": "ImagePullBackOff", "message": "manifest unknown"}},
             "image": "vllm/vllm-openai:v9.9.9"}
     pods = [serving_old_pod(), engine_pod("r-new", created=later, containers={"vllm": pull, "adapter-loader": {}})]
-    st = route_status(ROUTE, res, rolling(), pods, 3, ModelRouteStatus(), "h-new")
+    st = route_status(ROUTE, res, rolling(), pods, 3, ModelRouteStatus(), "h-new", router=ROUTER_UP)
     ready = st.condition("Ready")
     assert (ready.status, ready.reason, ready.observed_generation) == ("False", "ImagePull", 3)
     assert "generation 3 is not rolled out" in ready.message and "1 ready replica(s) keep serving" in ready.message
@@ -288,7 +293,7 @@ def test_route_is_not_ready_while_the_new_generation_cannot_roll_out():
     crash = {"state": {"waiting": {"reason": "CrashLoopBackOff"}}, "restartCount": 2,
              "lastState": {"terminated": {"exitCode": 1, "message": "unrecognized arguments: --bad-flag"}}}
     pods = [serving_old_pod(), engine_pod("r-new", created=later, containers={"vllm": crash, "adapter-loader": {}})]
-    ready = route_status(ROUTE, res, rolling(), pods, 3, ModelRouteStatus(), "h-new").condition("Ready")
+    ready = route_status(ROUTE, res, rolling(), pods, 3, ModelRouteStatus(), "h-new", router=ROUTER_UP).condition("Ready")
     assert ready.reason == "EngineFailing" and "--bad-flag" in ready.message
 
 
@@ -298,7 +303,7 @@ def test_route_rollout_progress_stall_and_completion():
 
     def ready_of(deployment, desired="h-new", pods=None):
         return route_status(ROUTE, res, deployment, pods or [serving_old_pod(), starting], 3, ModelRouteStatus(),
-                            desired).condition("Ready")
+                            desired, router=ROUTER_UP).condition("Ready")
 
     c = ready_of(rolling())
     assert (c.status, c.reason) == ("False", "Progressing") and "1 replica(s) of the previous spec" in c.message
@@ -313,3 +318,52 @@ def test_route_rollout_progress_stall_and_completion():
     c = ready_of(done, pods=[serving_old_pod()])
     assert (c.status, c.reason) == ("True", "Ready")
     assert ready_of(done, desired=None, pods=[serving_old_pod()]).status == "True"  # hash unknown: the rest decides
+
+
+def test_route_is_not_ready_without_a_router_serving_its_endpoint():
+    """Issue 13 review p8: Ready looked only at the engine. With router.replicas 0, no router Deployment, a router
+    pod that cannot pull its image or a router rollout of the current spec not done, the endpoint has nothing
+    (or the previous router) behind it: Ready is False with the router's reason."""
+    res = resolve(ROUTE, [adapter("a")])
+    pods = [serving_old_pod()]
+    done = rolling(replicas=1, updated=1)
+
+    def ready_of(router, route=ROUTE, engine=done, engine_pods=pods):
+        return route_status(route, res, engine, engine_pods, 3, ModelRouteStatus(), "h-new",
+                            router=router).condition("Ready")
+
+    c = ready_of(ROUTER_UP)
+    assert (c.status, c.reason) == ("True", "Ready")
+    zero = ROUTE.model_copy(update={"spec": ROUTE.spec.model_copy(update={
+        "router": ROUTE.spec.router.model_copy(update={"replicas": 0})})})
+    c = ready_of(ROUTER_UP, route=zero)
+    assert (c.status, c.reason) == ("False", "RouterScaledToZero")
+    c = ready_of(RouterFacts(None))
+    assert (c.status, c.reason) == ("False", "RouterNotReady") and "r-router" in c.message
+    broken = rolling(replicas=2, updated=1, ready=1)   # the router's new spec: one new pod, not available yet
+    pull = {"state": {"waiting": {"reason": "ErrImagePull", "message": "not found"}}, "image": "nope/router:0"}
+    new_pod = engine_pod("r-router-new", created="2026-01-01T00:05:00Z", containers={"router": pull})
+    c = ready_of(RouterFacts(broken, [new_pod], "h-new"))
+    assert (c.status, c.reason) == ("False", "RouterFailing") and "nope/router:0" in c.message
+    c = ready_of(RouterFacts(broken, [], "h-new"))
+    assert (c.status, c.reason) == ("False", "RouterNotReady") and "previous spec keep serving" in c.message
+    # The store still holds the router Deployment of the previous spec: not rolled out yet.
+    c = ready_of(RouterFacts(ROUTER_UP.deployment | {"metadata": {"generation": 1, "annotations": {
+        "loraplane.io/spec-hash": "h-old"}}}, [], "h-new"))
+    assert (c.status, c.reason) == ("False", "RouterNotReady")
+    # The engine is still starting but the router is broken for good: the Stalled reason wins.
+    starting = engine_pod("r-1", containers={"vllm": {}, "adapter-loader": {}})
+    c = ready_of(RouterFacts(broken, [new_pod], "h-new"), engine={"status": {"replicas": 1}}, engine_pods=[starting])
+    assert (c.status, c.reason) == ("False", "RouterFailing") and "engine: 0 of 1" in c.message
+
+
+def test_an_adapter_left_out_of_a_full_serving_table_says_so():
+    from loraplane.api.adapter import AdapterStatus
+    from loraplane.builders.resolution import Verdict
+    from loraplane.controllers.adapter import adapter_status
+
+    full = Verdict(False, Reason.ServingTableFull, "Adapter a is left out of route r's serving table: ...")
+    st = adapter_status(adapter("a"), [ROUTE], {}, AdapterStatus(), 1, None, {"r": full})
+    ready = st.condition("Ready")
+    assert (ready.status, ready.reason) == ("False", "ServingTableFull") and "left out" in ready.message
+    assert st.condition("Stalled") is not None

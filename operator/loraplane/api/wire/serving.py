@@ -15,6 +15,7 @@ JSON travels through files and loopback URLs instead of a ConfigMap and annotati
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 from enum import StrEnum
 
@@ -102,9 +103,15 @@ class ServingTable(_Model):
     models: list[PublicModel] = Field(default_factory=list)
     router: RouterSettings = Field(default_factory=RouterSettings)
 
+    @cached_property
+    def json_text(self) -> str:
+        """The table as indented JSON, computed once per (frozen) table: resolve() measures it, the controller
+        compares it and the ConfigMap carries it."""
+        return self.model_dump_json(indent=2)
+
     def to_json(self) -> str:
         """The table as indented JSON (the ConfigMap value and the local file format)."""
-        return self.model_dump_json(indent=2)
+        return self.json_text
 
     @classmethod
     def load(cls, path: Path) -> "ServingTable":
@@ -168,6 +175,22 @@ class AdapterReport(_Model):
                                                          "directory's sha256_dir); the Adapter records it.")
 
 
+# The report annotation's budget. Kubernetes refuses an object whose annotations together exceed 256 KiB
+# (apimachinery ValidateAnnotationsSize, TotalAnnotationSizeLimitB = 262144): past it the report patch fails and
+# every adapter's status on that replica goes stale. 64 KiB are left to the pod's other annotations; 192 KiB
+# hold the state, reason and time of about 1,000 adapters.
+REPORT_MAX_BYTES = 192 * 1024
+# Message lengths tried, longest first, when the report does not fit (the last one drops them).
+_MESSAGE_STEPS = (500, 100, 0)
+# Which entries are kept first when even states and reasons do not all fit: what serves and what needs someone
+# to act, then the ones in transit.
+_KEEP_FIRST = {AdapterState.Ready: 0, AdapterState.Failed: 1, AdapterState.Incompatible: 1}
+
+
+def _dump(data: dict) -> str:
+    return json.dumps(data, separators=(",", ":"), sort_keys=True)
+
+
 class ReplicaReport(_Model):
     """What one replica really serves, as its loader observed it."""
 
@@ -179,7 +202,54 @@ class ReplicaReport(_Model):
     engine_url: str | None = None
     adapters: dict[str, AdapterReport] = Field(default_factory=dict, description="By served name.")
     updated_at: str
+    omitted: int | None = Field(default=None, ge=0, description=(
+        "How many adapters were left out of this report to keep it within REPORT_MAX_BYTES (absent: none). The "
+        "replica's HTTP /status always has them all."))
 
-    def to_annotation(self) -> str:
-        """Compact, key-sorted JSON without nulls: the value of the Pod annotation `loraplane.io/adapters`."""
-        return json.dumps(self.model_dump(mode="json", exclude_none=True), separators=(",", ":"), sort_keys=True)
+    def to_annotation(self, max_bytes: int = REPORT_MAX_BYTES) -> str:
+        """Compact, key-sorted JSON without nulls: the value of the Pod annotation `loraplane.io/adapters`,
+        never longer than `max_bytes` (UTF-8).
+
+        When the whole report does not fit, it is made smaller step by step until it does: the messages of
+        Ready entries go first, then every message is cut to 500, 100 and 0 characters (a cut message ends with
+        `…`), then the digests and attempt counts of entries that are not Ready (the operator reads a digest
+        only from a Ready entry). States, reasons and times are kept to the last; only if even those do not all
+        fit are entries left out (the Ready and failed ones kept first, then by served name) and counted in
+        `omitted`."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        text = _dump(data)
+        if len(text.encode()) <= max_bytes:
+            return text
+        entries: dict[str, dict] = data["adapters"]
+        for e in entries.values():
+            if e["state"] == AdapterState.Ready:
+                e.pop("message", None)
+        for limit in (None, *_MESSAGE_STEPS):
+            if limit is not None:
+                for e in entries.values():
+                    if len(e.get("message", "")) > limit:
+                        e["message"] = e["message"][:max(limit - 1, 0)] + "…" if limit else ""
+                        if not e["message"]:
+                            del e["message"]
+            text = _dump(data)
+            if len(text.encode()) <= max_bytes:
+                return text
+        for e in entries.values():
+            if e["state"] != AdapterState.Ready:
+                e.pop("sha256", None)
+                e.pop("attempts", None)
+        text = _dump(data)
+        if len(text.encode()) <= max_bytes:
+            return text
+        # Left out, least needed first; the rest kept in their order of importance while they fit.
+        order = sorted(entries, key=lambda n: (_KEEP_FIRST.get(entries[n]["state"], 2), n))
+        kept: dict[str, dict] = {}
+        data["adapters"], data["omitted"] = kept, len(entries)
+        budget = max_bytes - len(_dump(data).encode()) - len(str(len(entries)))
+        for name in order:
+            cost = len(_dump({name: entries[name]}).encode()) - 1   # its `"name":{...}` plus a comma
+            if cost > budget:
+                break
+            kept[name], budget = entries[name], budget - cost
+        data["omitted"] = len(entries) - len(kept)
+        return _dump(data)
