@@ -287,6 +287,7 @@ class ModelRouteFacts:
     accepted_base: BaseModelId | None = None     # the base model its serving table was written for
     deployment: dict | None = None               # the engine Deployment
     pods: list[dict] = field(default_factory=list)  # the engine pods
+    resolution: Resolution | None = None         # resolve() of route, adapters and rejected (None: plan resolves)
     last_resolution: Resolution | None = None    # the table it serves now (kept while a change is refused)
     last_applied: tuple | None = None            # what its children were last rendered from
     last_selected: dict[str, Verdict] = field(default_factory=dict)  # adapters it selected last time
@@ -331,6 +332,7 @@ class ModelRouteController(Controller):
         self._reselected = reselected
         self._accepted: dict[tuple[str, str, str], BaseModelId] = {}
         self._resolutions: dict[Key, Resolution] = {}
+        self._resolved: dict[Key, tuple[tuple, dict[str, Verdict], Resolution]] = {}  # observe's resolve() memo
         self._selected: dict[Key, dict[str, Verdict]] = {}
         self._applied: dict[Key, tuple] = {}
         self._engine_hash: dict[Key, str] = {}
@@ -373,7 +375,8 @@ class ModelRouteController(Controller):
 
     def forget(self, key: Key) -> None:
         """Drop what was remembered about a deleted route and its children."""
-        for memory in (self._resolutions, self._selected, self._applied, self._engine_hash, self._router_hash):
+        for memory in (self._resolutions, self._resolved, self._selected, self._applied, self._engine_hash,
+                       self._router_hash):
             memory.pop(key, None)
         for ident in [i for i in self._accepted if i[:2] == key]:
             del self._accepted[ident]
@@ -393,7 +396,19 @@ class ModelRouteController(Controller):
             return ModelRouteFacts(body, None, invalid=format_validation_error(route, "spec field "))
         ns, name = key
         adapters = list(self.stores.Adapter.valid_in(ns, Adapter))
+        rejected = self._rejections(ns)
         uid = route.metadata.uid
+        # The resolution is a function of the route's spec (its generation), the namespace's Adapters (the store's
+        # version of the namespace) and the rejections: most reconciles (a pod, a Deployment, the route's own
+        # status) change none of them, so the last one is reused instead of matching every selector against
+        # every Adapter again (the largest cost of a reconcile with 1,000 Adapters).
+        memo = (uid, route.metadata.generation, self.stores.Adapter.version(ns))
+        hit = self._resolved.get(key)
+        if hit is not None and hit[0] == memo and hit[1] == rejected:
+            resolution = hit[2]
+        else:
+            resolution = resolve(route, adapters, rejected)
+            self._resolved[key] = (memo, rejected, resolution)
 
         def own(obj: dict | None) -> dict | None:
             # Found by computed name: only this route's (controller ownerReference = its uid) counts; another
@@ -401,7 +416,7 @@ class ModelRouteController(Controller):
             return obj if owned_by(obj, uid) else None
 
         return ModelRouteFacts(
-            body, route, adapters=adapters, rejected=self._rejections(ns),
+            body, route, adapters=adapters, rejected=rejected, resolution=resolution,
             accepted_base=await self.accepted_base_of(route) if body.get("status") else None,
             deployment=own(self.stores.Deployment.get((ns, route_builders.engine_name(route)))),
             pods=self.stores.EnginePod.group(ns, name), last_resolution=self._resolutions.get(key),
@@ -444,7 +459,7 @@ class ModelRouteController(Controller):
             out.status, out.events = patch, [event] if event else []
             out.selected = facts.last_selected
             return out
-        resolution = resolve(route, facts.adapters, facts.rejected)
+        resolution = facts.resolution or resolve(route, facts.adapters, facts.rejected)
         wanted = (route.spec.base_model.identity, route.spec.base_model.revision)
         rejected = facts.accepted_base is not None and facts.accepted_base != wanted
         if not rejected:

@@ -98,6 +98,10 @@ class Store:
         """The keys of the objects in `namespace` (a snapshot: safe to iterate while the store changes)."""
         return [(namespace, n) for n in self._names.get(namespace, ())]
 
+    def version(self, namespace: str) -> int:
+        """A counter that moves on every put/remove in `namespace`: equal values mean nothing there changed."""
+        return self._ns_version.get(namespace, 0)
+
     def valid_in(self, namespace: str, model: type[BaseModel]) -> list[Any]:
         """The objects of `namespace` that parse as `model` (`parsed`), in store order; invalid ones left out.
 

@@ -405,3 +405,44 @@ def test_a_route_reads_only_the_deployments_it_controls():
         ctl.stores.RouterDeployment.put(deployment("r-router", uid))
         facts = asyncio.run(ctl.observe(("ns", "r")))
         assert (facts.deployment is not None, facts.router_deployment is not None) == (seen, seen)
+
+
+def test_a_route_resolves_again_only_when_its_spec_its_adapters_or_the_rejections_change(monkeypatch):
+    """observe() reuses the route's last resolution while nothing it depends on changed (a pod or Deployment event,
+    the route's own status patch), and resolves again on an Adapter change, a new generation or a new rejection:
+    matching every selector against every Adapter on every reconcile was the largest cost at 1,000 Adapters."""
+    from loraplane.builders.resolution import Verdict
+    from loraplane.controllers import modelroute as mr
+
+    calls = []
+    real = mr.resolve
+    monkeypatch.setattr(mr, "resolve", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rejected: dict = {}
+    ctl = ModelRouteController(context(), rejections=lambda ns: dict(rejected), reselected=lambda key: None)
+    adapter_body = {"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",
+                    "metadata": {"name": "a", "namespace": "ns", "uid": "au", "generation": 1,
+                                 "resourceVersion": "1"},
+                    "spec": {"baseModel": {"name": "org/base"}, "source": {"uri": "s3://b/a"}, "version": "1",
+                             "rank": 8}}
+    ctl.stores.ModelRoute.put({**ROUTE_BODY, "metadata": {**ROUTE_BODY["metadata"], "resourceVersion": "1"}})
+    ctl.stores.Adapter.put(adapter_body)
+
+    def observe():
+        return asyncio.run(ctl.observe(("ns", "r")))
+
+    first = observe()
+    assert len(calls) == 1 and [d.adapter for d in first.resolution.table.adapters] == ["a"]
+    ctl.stores.EnginePod.put({"metadata": {"name": "p", "namespace": "ns", "labels": {"loraplane.io/route": "r"}}})
+    ctl.stores.ModelRoute.put({**ROUTE_BODY, "metadata": {**ROUTE_BODY["metadata"], "resourceVersion": "2"},
+                               "status": {"phase": "Pending"}})
+    assert observe().resolution is first.resolution and len(calls) == 1     # nothing it depends on changed
+    ctl.stores.Adapter.put({**adapter_body, "metadata": {**adapter_body["metadata"], "resourceVersion": "2"},
+                            "status": {"phase": "Ready"}})
+    observe()
+    assert len(calls) == 2                                                    # an Adapter changed
+    rejected["a"] = Verdict(False, Reason.SpecImmutable, "no")
+    assert observe().resolution.table.adapters == [] and len(calls) == 3      # a new rejection
+    ctl.stores.ModelRoute.put({**ROUTE_BODY, "metadata": {**ROUTE_BODY["metadata"], "resourceVersion": "3",
+                                                          "generation": 4}})
+    observe()
+    assert len(calls) == 4                                                    # a new generation
