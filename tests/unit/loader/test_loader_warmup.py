@@ -72,9 +72,9 @@ async def test_the_replica_serves_only_after_the_warm_up_which_overlaps_the_firs
 async def test_a_failed_warm_up_keeps_the_replica_out_and_is_retried(tmp_path):
     engine = WarmingEngine()
     engine.fail_completions = 1
-    # The retry waits `resync` seconds: long enough that the second pass below comes before it even when the
-    # first test of a process is slow (imports), short enough for the loop to retry within _until's timeout.
-    loader = _loader(tmp_path, engine, "a", resync=1.0)
+    # The retry waits `resync` seconds: an hour, so the second pass below always comes before it however slow
+    # the machine is; the retry is then let due at once, so the loop retries without waiting for the clock.
+    loader = _loader(tmp_path, engine, "a", resync=3600.0)
     await loader.reconcile_once()
     await asyncio.wait({loader._warmup})
     await loader.reconcile_once()
@@ -84,6 +84,9 @@ async def test_a_failed_warm_up_keeps_the_replica_out_and_is_retried(tmp_path):
     assert loader.slots["a"].attempts == 0                # not counted against the adapter
     assert not loader.report().engine_ready
 
+    loader.resync = 0.05
+    loader._warmup_not_before = 0.0                        # the retry is due (the hour above has "passed")
+    loader.slots["a"].next_try = 0.0
     run = asyncio.create_task(loader.run())
     try:
         await _until(lambda: _state(loader, "a")[0] == AdapterState.Ready)
