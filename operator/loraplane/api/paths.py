@@ -31,5 +31,8 @@ OUTPUT_SCRATCH = "/output"
 # Each Secret an Adapter's source.credentialsSecretRef names is mounted read-only (loader container only) at
 # ADAPTER_CREDENTIALS_ROOT/<secret name>; the loader reads that adapter's credentials from there per fetch.
 ADAPTER_CREDENTIALS_ROOT = "/var/run/secrets/loraplane/adapters"
+# The in-cluster ServiceAccount credentials (token, ca.crt, namespace), where Kubernetes clients look for them.
+# Engine pods mount them in the loader container only (automountServiceAccountToken is off for the pod).
+SERVICE_ACCOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 # The router's API keys (a Secret) are mounted here.
 API_KEYS_MOUNT = "/etc/loraplane/api-keys"

@@ -15,6 +15,9 @@ Layout inside a replica pod:
   ADAPTER_CREDENTIALS_ROOT/<secret>: the loader fetches each adapter with its own credentials, never another
   adapter's or the base model's. The volume is optional, so a missing Secret fails that adapter (AccessDenied,
   naming the Secret) instead of keeping the whole replica from starting.
+- Only the loader holds the pod's ServiceAccount token (SERVICE_ACCOUNT_PATH, a projected volume): the pod sets
+  automountServiceAccountToken false, so vLLM (which runs model code) and the init container have no API
+  credentials at all. The token's only grant is reading the route's ConfigMap (builders.modelroute.engine_rbac).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 from loraplane.api.common import ModelRef
 from loraplane.api.modelroute import DEFAULT_ENGINE_IMAGE, ModelRoute
 from loraplane.api.paths import (ADAPTER_CACHE_PATH, ADAPTER_CREDENTIALS_ROOT, FETCHED_MODELS_PATH, HF_HOME,
-                                 MODEL_CACHE_PATH)
+                                 MODEL_CACHE_PATH, SERVICE_ACCOUNT_PATH)
 from loraplane.builders.common import bounded_name, pvc_claims, pvc_volume_name, resources, secret_env
 from loraplane.storage.uri import ARCHIVE_SUFFIXES, CREDENTIAL_ENV, fetched_model_path, pvc_mount_path, try_parse_uri
 from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, ServingTable, configmap_name
@@ -34,6 +37,10 @@ ENGINE_CONTAINER = "vllm"
 LOADER_CONTAINER = "adapter-loader"
 ADAPTER_CACHE_VOLUME = "adapter-cache"
 MODEL_CACHE_VOLUME = "model-cache"
+# The loader's ServiceAccount credentials (projected token, cluster CA, namespace); no other container mounts it.
+LOADER_TOKEN_VOLUME = "loader-api-access"
+# Lifetime asked for the loader's token; the kubelet renews it at 80% and the loader re-reads it (kube/config.py).
+TOKEN_EXPIRATION_SECONDS = 3607
 # s3:// and https:// base models are fetched here by the init container (loraplane fetch-model).
 MODEL_FETCH_CONTAINER = "model-fetch"
 # Startup budget of vLLM before the kubelet restarts it: downloads and compiles of big models take minutes.
@@ -187,7 +194,19 @@ def serving_volumes(route: ModelRoute, adapter_claims: Sequence[str] = (),
     for secret in adapter_secrets:
         # optional: a missing Secret fails its adapter (AccessDenied), not the replica's start.
         volumes.append({"name": credentials_volume_name(secret), "secret": {"secretName": secret, "optional": True}})
+    volumes.append(loader_token_volume())
     return volumes
+
+
+def loader_token_volume() -> dict[str, Any]:
+    """The projected volume with what the kubelet's automount would give every container (token, ca.crt from
+    the kube-root-ca.crt ConfigMap, namespace), mounted by the loader only at SERVICE_ACCOUNT_PATH."""
+    return {"name": LOADER_TOKEN_VOLUME, "projected": {"defaultMode": 0o444, "sources": [
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": TOKEN_EXPIRATION_SECONDS}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace",
+                                    "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+    ]}}
 
 
 def _resources(route: ModelRoute) -> dict[str, Any]:
@@ -264,7 +283,7 @@ def loader_command(route: ModelRoute, namespace: str, cache_max_bytes: int = DEF
 
 
 def loader_env(route: ModelRoute) -> Env:
-    """The loader's env: its Pod name and namespace (downward API, for its report annotation), HF_HOME
+    """The loader's env: its Pod name and namespace (downward API: the report's replica name), HF_HOME
     and the base model's credentials."""
     return [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -279,11 +298,12 @@ def loader_container(route: ModelRoute, namespace: str, image: str, adapter_clai
                      adapter_secrets: Sequence[str] = ()) -> dict[str, Any]:
     """The sidecar. It copies adapters from their PVCs (`adapter_claims`, mounted read-only under PVC_ROOT)
     into the shared cache, each fetched with its own credentials Secret (`adapter_secrets`, mounted read-only
-    under ADAPTER_CREDENTIALS_ROOT). Its liveness is its own /healthz; vLLM's startup never makes it restart.
+    under ADAPTER_CREDENTIALS_ROOT), and it alone mounts the pod's API token (SERVICE_ACCOUNT_PATH). Its liveness is its own /healthz; vLLM's startup never makes it restart.
     `allow_insecure_http`: the loader also fetches plain http:// and loopback sources (BuildSettings)."""
     mounts = _volume_mounts(route, adapter_claims) + [
         {"name": credentials_volume_name(s), "mountPath": credentials_mount_path(s), "readOnly": True}
-        for s in adapter_secrets]
+        for s in adapter_secrets] + [
+        {"name": LOADER_TOKEN_VOLUME, "mountPath": SERVICE_ACCOUNT_PATH, "readOnly": True}]
     return {
         "name": LOADER_CONTAINER,
         "image": image,

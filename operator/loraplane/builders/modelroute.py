@@ -88,14 +88,15 @@ def serving_config_map(route: ModelRoute, table: ServingTable) -> Manifest:
 
 
 def engine_rbac(route: ModelRoute) -> list[Manifest]:
-    """The loader reads and watches its route's ConfigMap (that one only) and writes its Pod's report
-    annotation. RBAC cannot name a pod that does not exist yet, so `patch pods` covers the namespace."""
+    """The loader reads and watches its route's ConfigMap (that one only), and may do nothing else: no write
+    of any kind. Its report reaches the Pod's annotation through the operator, which reads the loader's
+    /status (controllers/reports.py): a grant to annotate its own Pod would be `patch pods` on the whole
+    namespace (RBAC cannot name pods whose names are generated), letting an engine pod rewrite any pod."""
     name = engine_name(route)
     labels = engine_labels(route)
     rules = [
         {"apiGroups": [""], "resources": ["configmaps"],
          "resourceNames": [configmap_name(route.metadata.name or "")], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]},
     ]
     return [service_account(route, name, labels), role(route, name, labels, rules),
             role_binding(route, name, labels, name, name)]
@@ -123,6 +124,8 @@ def engine_deployment(route: ModelRoute, table: ServingTable, settings: BuildSet
     ns = namespace_of(route)
     pod_spec: dict[str, Any] = {
         "serviceAccountName": engine_name(route),
+        # The token is mounted in the loader only (engine_pod.loader_token_volume): vLLM gets none.
+        "automountServiceAccountToken": False,
         "containers": [stringify_quantities(engine_pod.engine_container(route, settings.engine_image)),
                        stringify_quantities(engine_pod.loader_container(
                            route, ns, settings.image, adapter_claims=adapter_claims(table),

@@ -30,7 +30,8 @@ def add_loader_arguments(p: argparse.ArgumentParser) -> None:
                    help="namespace of the ConfigMap and the Pod (default: $POD_NAMESPACE or default)")
     p.add_argument("--kubeconfig", help="use this kubeconfig instead of the in-cluster service account")
     p.add_argument("--pod-name", default=os.environ.get("POD_NAME"),
-                   help="this replica's Pod, annotated with the report (default: $POD_NAME)")
+                   help="this replica's Pod: the report's replica name (default: $POD_NAME); the operator reads "
+                        "the report from /status and annotates the Pod (the loader has no write access)")
     p.add_argument("--vllm-url", default="http://127.0.0.1:8000", help="the vLLM server beside the loader")
     p.add_argument("--cache-dir", type=Path, default=Path(ADAPTER_CACHE_PATH),
                    help="where verified adapter artifacts are kept (shared with vLLM at the same path)")
@@ -107,14 +108,14 @@ async def serve(args: argparse.Namespace, started: asyncio.Event | None = None) 
                           policy=FetchPolicy(allow_insecure_http=args.allow_insecure_http))
     kube = None
     if args.configmap:
-        kube = KubeBinding.from_environment(args.namespace, args.configmap, args.pod_name, args.kubeconfig)
+        kube = KubeBinding.from_environment(args.namespace, args.configmap, args.kubeconfig)
     async with aiohttp.ClientSession() as session:
         engine = VllmClient(args.vllm_url, session)
         loader = Loader(engine, cache, replica=args.pod_name or socket.gethostname(),
                         model_dir=args.model_dir, max_lora_rank=args.max_lora_rank, smoke_test=args.smoke_test,
                         probe_prompt=args.probe_prompt or DEFAULT_PROBE_PROMPT, probe_tokens=args.probe_tokens,
                         max_attempts=args.max_attempts, backoff_base=args.backoff_seconds,
-                        resync=args.resync_seconds, report_sinks=[kube.report] if kube and args.pod_name else [],
+                        resync=args.resync_seconds,
                         max_header_bytes=args.max_header_bytes,
                         credentials_root=None if args.credentials_root == "none" else args.credentials_root)
         loader.metrics.cache_bytes.set(cache.total_bytes())

@@ -129,3 +129,30 @@ def test_s3_base_model_is_fetched_by_an_init_container_that_vllm_and_the_loader_
     # Hub and PVC models need no fetch.
     assert engine_pod.model_fetch_container(route(), "lp:1") is None
     assert engine_pod.model_fetch_container(route(baseModel={"uri": "pvc://models/llama"}), "lp:1") is None
+
+
+def test_only_the_loader_holds_an_api_token_and_it_may_write_nothing():
+    """Issue 12 item 3: the token was automounted into every container (vLLM runs model code) and the loader's
+    Role could patch every pod of the namespace. Now only the loader mounts it, and the Role only reads."""
+    from loraplane.api.paths import SERVICE_ACCOUNT_PATH
+    from loraplane.builders import BuildSettings, modelroute
+    from loraplane.api.wire.serving import ServingTable
+
+    r = route(baseModel={"uri": "s3://models/llama"})   # with the fetch-model init container
+    table = ServingTable(route="chat", namespace="ml", base_model="llama", served_model_name="llama",
+                         max_lora_rank=16, max_loras=4)
+    pod = modelroute.engine_deployment(r, table, BuildSettings())["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    token_volumes = {v["name"] for v in pod["volumes"] if "projected" in v}
+    sources = [next(iter(s)) for v in pod["volumes"] if "projected" in v for s in v["projected"]["sources"]]
+    assert sources == ["serviceAccountToken", "configMap", "downwardAPI"]   # token, ca.crt, namespace
+    for c in pod["containers"] + pod["initContainers"]:
+        mounted = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+        holds = [n for n in mounted if n in token_volumes]
+        if c["name"] == engine_pod.LOADER_CONTAINER:
+            assert [mounted[n] for n in holds] == [SERVICE_ACCOUNT_PATH]   # where kube/config.py reads it
+        else:
+            assert holds == [], c["name"]
+    rules = next(m for m in modelroute.engine_rbac(r) if m["kind"] == "Role")["rules"]
+    assert all(set(rule["verbs"]) <= {"get", "list", "watch"} for rule in rules)
+    assert all(rule.get("resourceNames") == ["chat-serving"] for rule in rules)
