@@ -29,7 +29,8 @@ from loraplane.api.common import ModelRef
 from loraplane.api.modelroute import DEFAULT_ENGINE_IMAGE, ModelRoute
 from loraplane.api.paths import (ADAPTER_CACHE_PATH, ADAPTER_CREDENTIALS_ROOT, FETCHED_MODELS_PATH, HF_HOME,
                                  MODEL_CACHE_PATH, SERVICE_ACCOUNT_PATH)
-from loraplane.builders.common import bounded_name, pvc_claims, pvc_volume_name, resources, secret_env
+from loraplane.builders.common import (bounded_name, container_security_context, pvc_claims, pvc_volume_name,
+                                       resources, scratch_env, scratch_mount, scratch_volume, secret_env)
 from loraplane.storage.uri import ARCHIVE_SUFFIXES, CREDENTIAL_ENV, fetched_model_path, pvc_mount_path, try_parse_uri
 from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, ServingTable, configmap_name
 
@@ -37,6 +38,14 @@ ENGINE_CONTAINER = "vllm"
 LOADER_CONTAINER = "adapter-loader"
 ADAPTER_CACHE_VOLUME = "adapter-cache"
 MODEL_CACHE_VOLUME = "model-cache"
+# Writable scratch (/tmp, HOME) under a read-only root filesystem: vLLM's own (torch.compile, Triton and
+# FlashInfer caches under HOME), and the loader's, shared with the model-fetch init container (both loraplane).
+ENGINE_SCRATCH_VOLUME = "engine-tmp"
+LOADER_SCRATCH_VOLUME = "loader-tmp"
+ENGINE_SCRATCH_LIMIT = "8Gi"
+LOADER_SCRATCH_LIMIT = "256Mi"
+# vLLM's worker processes exchange tensors through shared memory (/dev/shm); the container default is 64 MiB.
+SHM_VOLUME = "dshm"
 # The loader's ServiceAccount credentials (projected token, cluster CA, namespace); no other container mounts it.
 LOADER_TOKEN_VOLUME = "loader-api-access"
 # Lifetime asked for the loader's token; the kubelet renews it at 80% and the loader re-reads it (kube/config.py).
@@ -140,11 +149,12 @@ def credential_env(ref: ModelRef) -> Env:
 
 
 def engine_env(route: ModelRoute) -> Env:
-    """vLLM's env: runtime LoRA loading on (the loader needs it), HF cache on the shared volume, user env last.
-    One entry per name (server-side apply refuses a container with two): a user entry replaces ours."""
+    """vLLM's env: runtime LoRA loading on (the loader needs it), HF cache on the shared volume, HOME and TMPDIR
+    on its scratch volume (the root filesystem is read-only), user env last. One entry per name (server-side apply refuses a container with two): a user entry replaces ours."""
     env: Env = [
         {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
         {"name": "HF_HOME", "value": HF_HOME},
+        *scratch_env(),
         *credential_env(route.spec.base_model),
     ]
     user = [dict(e) for e in route.spec.engine.env]
@@ -194,7 +204,10 @@ def serving_volumes(route: ModelRoute, adapter_claims: Sequence[str] = (),
     for secret in adapter_secrets:
         # optional: a missing Secret fails its adapter (AccessDenied), not the replica's start.
         volumes.append({"name": credentials_volume_name(secret), "secret": {"secretName": secret, "optional": True}})
-    volumes.append(loader_token_volume())
+    volumes += [scratch_volume(ENGINE_SCRATCH_VOLUME, ENGINE_SCRATCH_LIMIT),
+                scratch_volume(LOADER_SCRATCH_VOLUME, LOADER_SCRATCH_LIMIT),
+                {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}},
+                loader_token_volume()]
     return volumes
 
 
@@ -224,7 +237,9 @@ def engine_container(route: ModelRoute, default_image: str = DEFAULT_ENGINE_IMAG
         "command": engine_command(route),
         "env": engine_env(route),
         "ports": [{"name": "http", "containerPort": ENGINE_PORT}],
-        "volumeMounts": _volume_mounts(route),
+        "volumeMounts": [*_volume_mounts(route), scratch_mount(ENGINE_SCRATCH_VOLUME),
+                         {"name": SHM_VOLUME, "mountPath": "/dev/shm"}],
+        "securityContext": container_security_context(),
         "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": ENGINE_STARTUP_SECONDS // 10},
         "readinessProbe": {**health, "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 4, "timeoutSeconds": 5},
@@ -250,8 +265,10 @@ def model_fetch_container(route: ModelRoute, image: str, allow_insecure_http: bo
         "command": ["loraplane", "fetch-model", ref.uri, "--cache-dir", FETCHED_MODELS_PATH,
                     *(["--sha256", ref.sha256] if ref.sha256 else []),
                     *(["--allow-insecure-http"] if allow_insecure_http else [])],
-        "env": credential_env(ref),
-        "volumeMounts": [{"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_PATH}],
+        "env": [*scratch_env(), *credential_env(ref)],
+        "volumeMounts": [{"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_PATH},
+                         scratch_mount(LOADER_SCRATCH_VOLUME)],
+        "securityContext": container_security_context(),
         # Its message on failure says what to fix; the ModelRoute's status carries it (ModelFetchFailed).
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
@@ -289,6 +306,7 @@ def loader_env(route: ModelRoute) -> Env:
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "HF_HOME", "value": HF_HOME},
+        *scratch_env(),
         *credential_env(route.spec.base_model),
     ]
 
@@ -303,7 +321,8 @@ def loader_container(route: ModelRoute, namespace: str, image: str, adapter_clai
     mounts = _volume_mounts(route, adapter_claims) + [
         {"name": credentials_volume_name(s), "mountPath": credentials_mount_path(s), "readOnly": True}
         for s in adapter_secrets] + [
-        {"name": LOADER_TOKEN_VOLUME, "mountPath": SERVICE_ACCOUNT_PATH, "readOnly": True}]
+        {"name": LOADER_TOKEN_VOLUME, "mountPath": SERVICE_ACCOUNT_PATH, "readOnly": True},
+        scratch_mount(LOADER_SCRATCH_VOLUME)]
     return {
         "name": LOADER_CONTAINER,
         "image": image,
@@ -311,6 +330,7 @@ def loader_container(route: ModelRoute, namespace: str, image: str, adapter_clai
         "env": loader_env(route),
         "ports": [{"name": "loader", "containerPort": LOADER_PORT}],
         "volumeMounts": mounts,
+        "securityContext": container_security_context(),
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": LOADER_PORT}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": LOADER_PORT}, "periodSeconds": 15,
                           "failureThreshold": 4},

@@ -21,7 +21,12 @@ from loraplane.builders.common import (
     metadata,
     namespace_of,
     node_placement,
+    pod_security_context,
     resources,
+    container_security_context,
+    scratch_env,
+    scratch_mount,
+    scratch_volume,
     role,
     role_binding,
     service_account,
@@ -126,6 +131,8 @@ def engine_deployment(route: ModelRoute, table: ServingTable, settings: BuildSet
         "serviceAccountName": engine_name(route),
         # The token is mounted in the loader only (engine_pod.loader_token_volume): vLLM gets none.
         "automountServiceAccountToken": False,
+        # Pod Security `restricted` (docs/security.md, "Engine pods and network").
+        "securityContext": pod_security_context(),
         "containers": [stringify_quantities(engine_pod.engine_container(route, settings.engine_image)),
                        stringify_quantities(engine_pod.loader_container(
                            route, ns, settings.image, adapter_claims=adapter_claims(table),
@@ -264,8 +271,8 @@ def router_deployment(route: ModelRoute, settings: BuildSettings) -> Manifest:
     """The router's Deployment: `python3 -m loraplane.router`, /readyz and /healthz probes, the API key
     Secret mounted read-only when set."""
     spec = route.spec.router
-    volumes: list[dict[str, Any]] = []
-    mounts: list[dict[str, Any]] = []
+    volumes: list[dict[str, Any]] = [scratch_volume("tmp", "64Mi")]
+    mounts: list[dict[str, Any]] = [scratch_mount("tmp")]
     if spec.api_key_secret_ref:
         secret: dict[str, Any] = {"secretName": spec.api_key_secret_ref.name}
         if spec.api_key_secret_ref.key:
@@ -276,14 +283,15 @@ def router_deployment(route: ModelRoute, settings: BuildSettings) -> Manifest:
         "name": "router",
         "image": spec.image or settings.image,
         "command": ["python3", "-m", "loraplane.router", *router_args(route)],
+        "env": scratch_env(),
         "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
+        "volumeMounts": mounts,
+        "securityContext": container_security_context(),
         # Ready once it holds a routing table; alive while its event loop answers.
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": ROUTER_PORT}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": ROUTER_PORT}, "periodSeconds": 15,
                           "failureThreshold": 4},
     }
-    if mounts:
-        container["volumeMounts"] = mounts
     if r := resources(0, "", spec.cpu, spec.memory):
         container["resources"] = r
     return with_hash({
@@ -296,8 +304,8 @@ def router_deployment(route: ModelRoute, settings: BuildSettings) -> Manifest:
                 "metadata": {"labels": router_labels(route),
                              "annotations": {"prometheus.io/scrape": "true",
                                              "prometheus.io/port": str(ROUTER_PORT)}},
-                "spec": {"serviceAccountName": router_name(route), "containers": [container],
-                         **({"volumes": volumes} if volumes else {})},
+                "spec": {"serviceAccountName": router_name(route), "securityContext": pod_security_context(),
+                         "containers": [container], "volumes": volumes},
             },
         },
     })
