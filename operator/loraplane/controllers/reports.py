@@ -33,6 +33,7 @@ TIMEOUT_SECONDS = 3.0
 # Seconds between two reads of the same pod: how late the operator's status may be behind a loader.
 DEFAULT_INTERVAL_SECONDS = 5.0
 CONCURRENCY = 16
+POD_RUNNING = "Running"  # core/v1 PodPhase
 
 
 class ReportTooLarge(ValueError):
@@ -42,7 +43,7 @@ class ReportTooLarge(ValueError):
 def pod_address(pod: dict) -> str | None:
     """The pod's IP while it runs and is not being deleted (status.podIP), else None."""
     meta, status = pod.get("metadata") or {}, pod.get("status") or {}
-    if meta.get("deletionTimestamp") or status.get("phase") != "Running":
+    if meta.get("deletionTimestamp") or status.get("phase") != POD_RUNNING:
         return None
     ip = status.get("podIP")
     return ip if isinstance(ip, str) and ip else None
