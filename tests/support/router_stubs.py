@@ -32,6 +32,7 @@ class StubReplica:
     hold_models: set[str] | None = None               # ...only those for these served names (None: all)
     stream_gate: asyncio.Event | None = None          # streams wait for it after the first chunk
     received: list[tuple[str, bytes, object]] = field(default_factory=list)  # (path, body, headers)
+    models_auth: list[str | None] = field(default_factory=list)  # Authorization of each /v1/models request
     server: TestServer | None = None
 
     def app(self) -> web.Application:
@@ -75,6 +76,7 @@ class StubReplica:
         return web.Response(body=report.model_dump_json(), content_type="application/json")
 
     async def models(self, request: web.Request) -> web.Response:
+        self.models_auth.append(request.headers.get("Authorization"))
         data = [{"id": n, "object": "model"} for n in [self.base, *sorted(self.adapters)]]
         return web.json_response({"object": "list", "data": data})
 

@@ -28,9 +28,10 @@ from typing import Any
 from loraplane.api.common import ModelRef
 from loraplane.api.modelroute import DEFAULT_ENGINE_IMAGE, ModelRoute
 from loraplane.api.paths import (ADAPTER_CACHE_PATH, ADAPTER_CREDENTIALS_ROOT, FETCHED_MODELS_PATH, HF_HOME,
-                                 MODEL_CACHE_PATH, SERVICE_ACCOUNT_PATH)
-from loraplane.builders.common import (bounded_name, container_security_context, pvc_claims, pvc_volume_name,
-                                       resources, scratch_env, scratch_mount, scratch_volume, secret_env)
+                                 MODEL_CACHE_PATH, SERVICE_ACCOUNT_PATH, ENGINE_API_KEY_ENV, ENGINE_KEY_SECRET_KEY)
+from loraplane.builders.common import (bounded_name, child_name, container_security_context, pvc_claims,
+                                       pvc_volume_name, resources, scratch_env, scratch_mount, scratch_volume,
+                                       secret_env)
 from loraplane.storage.uri import ARCHIVE_SUFFIXES, CREDENTIAL_ENV, fetched_model_path, pvc_mount_path, try_parse_uri
 from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, ServingTable, configmap_name
 
@@ -137,6 +138,20 @@ def engine_command(route: ModelRoute, port: int = ENGINE_PORT) -> list[str]:
     return ["python3", "-m", "vllm.entrypoints.openai.api_server", *engine_args(route, port)]
 
 
+def engine_key_secret_name(route: ModelRoute) -> str:
+    """The Secret holding the route's engine key: `<route>-engine-key` (the operator creates it once, with a
+    random key: controllers/modelroute.py)."""
+    return child_name(route.metadata.name or "", "engine-key", 253, "subdomain")
+
+
+def engine_key_env(route: ModelRoute) -> Env:
+    """ENGINE_API_KEY_ENV from the route's engine key Secret: vLLM's --api-key (vLLM reads VLLM_API_KEY), and
+    what the loader and router send as `Authorization: Bearer`. Not optional: a pod without the key must not
+    start a vLLM that answers /v1/load_lora_adapter to anyone."""
+    return [{"name": ENGINE_API_KEY_ENV, "valueFrom": {"secretKeyRef": {
+        "name": engine_key_secret_name(route), "key": ENGINE_KEY_SECRET_KEY}}}]
+
+
 def credential_env(ref: ModelRef) -> Env:
     """HF_TOKEN / AWS_* from the base model's credentials Secret (each key optional)."""
     sref = ref.credentials_secret_ref
@@ -155,6 +170,7 @@ def engine_env(route: ModelRoute) -> Env:
         {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
         {"name": "HF_HOME", "value": HF_HOME},
         *scratch_env(),
+        *engine_key_env(route),
         *credential_env(route.spec.base_model),
     ]
     user = [dict(e) for e in route.spec.engine.env]
@@ -300,13 +316,14 @@ def loader_command(route: ModelRoute, namespace: str, cache_max_bytes: int = DEF
 
 
 def loader_env(route: ModelRoute) -> Env:
-    """The loader's env: its Pod name and namespace (downward API: the report's replica name), HF_HOME
-    and the base model's credentials."""
+    """The loader's env: its Pod name and namespace (downward API: the report's replica name), HF_HOME, the
+    route's engine key and the base model's credentials."""
     return [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "HF_HOME", "value": HF_HOME},
         *scratch_env(),
+        *engine_key_env(route),
         *credential_env(route.spec.base_model),
     ]
 

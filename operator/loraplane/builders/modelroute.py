@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from loraplane.api.modelroute import ModelRoute
-from loraplane.api.paths import API_KEYS_MOUNT
+from loraplane.api.paths import API_KEYS_MOUNT, ENGINE_KEY_SECRET_KEY
 from loraplane.builders import engine_pod
 from loraplane.builders.common import (
     COMPONENT_LABEL,
@@ -292,6 +292,8 @@ def router_deployment(route: ModelRoute, settings: BuildSettings) -> Manifest:
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": ROUTER_PORT}, "periodSeconds": 15,
                           "failureThreshold": 4},
     }
+    # The route's engine key: the router authenticates to vLLM with it (never with a client's key).
+    container["env"] = [*container["env"], *engine_pod.engine_key_env(route)]
     if r := resources(0, "", spec.cpu, spec.memory):
         container["resources"] = r
     return with_hash({
@@ -309,6 +311,15 @@ def router_deployment(route: ModelRoute, settings: BuildSettings) -> Manifest:
             },
         },
     })
+
+
+def engine_key_secret(route: ModelRoute, key: str) -> Manifest:
+    """The Secret `<route>-engine-key` holding `key` (ENGINE_KEY_SECRET_KEY), owned by the route. Not a
+    child the applier keeps in sync: the operator only creates it, once, with a random key
+    (controllers/modelroute.py), and never reads or overwrites it."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": metadata(route, engine_pod.engine_key_secret_name(route), engine_labels(route)),
+            "stringData": {ENGINE_KEY_SECRET_KEY: key}}
 
 
 def router_service(route: ModelRoute) -> Manifest:

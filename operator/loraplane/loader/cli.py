@@ -12,7 +12,8 @@ import socket
 import sys
 from pathlib import Path
 
-from loraplane.api.paths import ADAPTER_CACHE_PATH, ADAPTER_CREDENTIALS_ROOT, LOADER_PORT, PVC_ROOT
+from loraplane.api.paths import (ADAPTER_CACHE_PATH, ADAPTER_CREDENTIALS_ROOT, ENGINE_API_KEY_ENV, LOADER_PORT,
+                                 PVC_ROOT)
 
 log = logging.getLogger("loraplane.loader")
 DESCRIPTION = ("The adapter loader beside a vLLM replica: keeps the replica's LoRA adapters equal to its ModelRoute's "
@@ -110,7 +111,8 @@ async def serve(args: argparse.Namespace, started: asyncio.Event | None = None) 
     if args.configmap:
         kube = KubeBinding.from_environment(args.namespace, args.configmap, args.kubeconfig)
     async with aiohttp.ClientSession() as session:
-        engine = VllmClient(args.vllm_url, session)
+        # The route's engine key (the pod's env, from the operator's Secret); unset locally: keyless vLLM.
+        engine = VllmClient(args.vllm_url, session, api_key=os.environ.get(ENGINE_API_KEY_ENV) or None)
         loader = Loader(engine, cache, replica=args.pod_name or socket.gethostname(),
                         model_dir=args.model_dir, max_lora_rank=args.max_lora_rank, smoke_test=args.smoke_test,
                         probe_prompt=args.probe_prompt or DEFAULT_PROBE_PROMPT, probe_tokens=args.probe_tokens,

@@ -53,3 +53,33 @@ def test_the_engine_token_reads_its_configmap_and_cannot_touch_pods(kube_cluster
         assert forbidden(lambda: core.read_namespaced_config_map("other", namespace))
         assert forbidden(lambda: core.patch_namespaced_config_map("chat-serving", namespace, {"data": {"k": "w"}}))
     assert admin.read_namespaced_pod("victim", namespace).metadata.annotations is None
+
+
+def test_the_engine_key_secret_is_created_once_and_never_overwritten(kube_cluster, kube_api, namespace):
+    """KubeClient.create_if_absent against a real API server: the second create (a new operator process with a
+    new random key) finds the Secret and leaves the first key in place."""
+    import asyncio
+    import base64
+
+    from kubernetes import client
+
+    from loraplane.builders.modelroute import engine_key_secret
+    from loraplane.kube.client import KubeClient
+
+    route = ModelRoute.model_validate({"apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute",
+                                       "metadata": {"name": "chat", "namespace": namespace},
+                                       "spec": {"baseModel": {"name": "org/model"}}})
+
+    async def create(key: str) -> bool:
+        kube = KubeClient.from_environment(str(kube_cluster.kubeconfig))
+        try:
+            secret = engine_key_secret(route, key)
+            secret["metadata"].pop("ownerReferences", None)   # no ModelRoute object here
+            return await kube.create_if_absent(secret)
+        finally:
+            await kube.close()
+
+    assert asyncio.run(create("first-key")) is True
+    assert asyncio.run(create("second-key")) is False
+    stored = client.CoreV1Api(kube_api).read_namespaced_secret("chat-engine-key", namespace)
+    assert base64.b64decode(stored.data["api-key"]).decode() == "first-key"
