@@ -167,6 +167,18 @@ def test_operator_settings_env_matches_what_the_operator_reads():
     assert chart_vars <= read, f"the operator does not read {chart_vars - read}"
 
 
+def test_network_policies_are_on_by_default_and_can_be_switched_off(monkeypatch):
+    from loraplane.controllers.settings import OperatorSettings
+
+    on = env_of(operator_container(objects()))["LORAPLANE_NETWORK_POLICIES"]
+    off = env_of(operator_container(objects({"networkPolicies": False})))["LORAPLANE_NETWORK_POLICIES"]
+    read = []
+    for value in (on, off):
+        monkeypatch.setenv("LORAPLANE_NETWORK_POLICIES", value)
+        read.append(OperatorSettings.from_env().build.network_policies)
+    assert read == [True, False]
+
+
 def test_images_and_settings_are_values():
     env = env_of(operator_container(objects()))
     assert env["LORAPLANE_IMAGE"] == "ghcr.io/loraplane/loraplane:0.1.0"  # tag defaults to appVersion
@@ -243,8 +255,9 @@ def test_rbac_has_no_wildcards(values):
         for key in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[key], rule
         allowed = {"get", "list", "watch", "create", "patch"}
-        # The one deletion the operator makes: the autoscaler a route no longer uses (HPA <-> KEDA <-> fixed).
-        if set(rule["resources"]) <= {"horizontalpodautoscalers", "scaledobjects"}:
+        # The deletions the operator makes: the autoscaler a route no longer uses (HPA <-> KEDA <-> fixed), and
+        # its NetworkPolicies once networkPolicies is switched off.
+        if set(rule["resources"]) <= {"horizontalpodautoscalers", "scaledobjects", "networkpolicies"}:
             allowed.add("delete")
         assert set(rule["verbs"]) <= allowed, rule
 

@@ -45,6 +45,7 @@ from loraplane.api.wire.serving import (
 )
 
 KEDA_API_VERSION = "keda.sh/v1alpha1"
+NETWORK_POLICY_API_VERSION = "networking.k8s.io/v1"
 
 
 def engine_name(route: ModelRoute) -> str:
@@ -174,6 +175,27 @@ def engine_service(route: ModelRoute) -> Manifest:
         "spec": {"clusterIP": "None", "selector": engine_selector(route),
                  "ports": [{"name": "http", "port": ENGINE_PORT, "targetPort": ENGINE_PORT, "protocol": "TCP"},
                            {"name": "loader", "port": LOADER_PORT, "targetPort": LOADER_PORT, "protocol": "TCP"}]},
+    })
+
+
+def engine_network_policy(route: ModelRoute) -> Manifest:
+    """Ingress to the route's engine pods: vLLM's port (ENGINE_PORT) only from the route's own router pods; the
+    loader's port (LOADER_PORT: /status, /metrics, /healthz, all read-only) from anywhere, for the operator's
+    report relay and Prometheus. Everything else is refused. The loader reaches vLLM over localhost, which a
+    NetworkPolicy does not govern. NetworkPolicies add up: another policy selecting these pods can allow more
+    (e.g. Prometheus on ENGINE_PORT for vLLM's /metrics)."""
+    return with_hash({
+        "apiVersion": NETWORK_POLICY_API_VERSION, "kind": "NetworkPolicy",
+        "metadata": metadata(route, engine_name(route), engine_labels(route)),
+        "spec": {
+            "podSelector": {"matchLabels": engine_selector(route)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": router_selector(route)}}],
+                 "ports": [{"protocol": "TCP", "port": ENGINE_PORT}]},
+                {"ports": [{"protocol": "TCP", "port": LOADER_PORT}]},
+            ],
+        },
     })
 
 
@@ -334,19 +356,23 @@ def router_service(route: ModelRoute) -> Manifest:
 
 def unwanted_children(route: ModelRoute, settings: BuildSettings) -> list[tuple[str, str, str, str]]:
     """(apiVersion, kind, namespace, name) of optional children the spec does not ask for now: the
-    autoscaler of the other backend, or both when the route has fixed replicas."""
+    autoscaler of the other backend, or both when the route has fixed replicas; the NetworkPolicy when
+    settings.network_policies is off."""
     ns, name = namespace_of(route), engine_name(route)
     hpa = (settings.hpa_api_version, "HorizontalPodAutoscaler", ns, name)
     keda = (KEDA_API_VERSION, "ScaledObject", ns, name)
+    policy = [] if settings.network_policies else [(NETWORK_POLICY_API_VERSION, "NetworkPolicy", ns, name)]
     auto = route.spec.autoscaling
     if auto is None:
-        return [hpa, keda]
-    return [hpa] if auto.backend == "keda" else [keda]
+        return [hpa, keda, *policy]
+    return [hpa, *policy] if auto.backend == "keda" else [keda, *policy]
 
 
 def children(route: ModelRoute, table: ServingTable, settings: BuildSettings) -> list[Manifest]:
     """Everything the operator applies for a ModelRoute, in apply order."""
-    out = [serving_config_map(route, table), *engine_rbac(route), engine_deployment(route, table, settings),
+    # The NetworkPolicy before the replicas: a new vLLM is never reachable from other pods, not even briefly.
+    policy = [engine_network_policy(route)] if settings.network_policies else []
+    out = [serving_config_map(route, table), *engine_rbac(route), *policy, engine_deployment(route, table, settings),
            engine_service(route), pod_disruption_budget(route, settings)]
     auto = route.spec.autoscaling
     if auto is not None:

@@ -32,6 +32,9 @@ class BuildSettings:
     # The loader and fetch-model also fetch plain http:// artifacts and from loopback addresses (the chart's
     # operator.allowInsecureHttp; the local quickstart). Off: https only, no loopback (docs/security.md).
     allow_insecure_http: bool = False
+    # A NetworkPolicy per ModelRoute: vLLM's port only from the route's routers (the chart's networkPolicies;
+    # docs/security.md, "Engine pods and network"). Off: no policy, and the operator deletes the ones it made.
+    network_policies: bool = True
 
     @property
     def trainer(self) -> str:

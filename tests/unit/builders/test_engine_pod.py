@@ -156,3 +156,41 @@ def test_only_the_loader_holds_an_api_token_and_it_may_write_nothing():
     rules = next(m for m in modelroute.engine_rbac(r) if m["kind"] == "Role")["rules"]
     assert all(set(rule["verbs"]) <= {"get", "list", "watch"} for rule in rules)
     assert all(rule.get("resourceNames") == ["chat-serving"] for rule in rules)
+
+
+def test_vllm_accepts_connections_only_from_its_routes_routers():
+    """Issue 12 item 1 (b): a NetworkPolicy per route, on by default: ingress to the engine pods' vLLM port only
+    from the same route's router pods; the loader's read-only port stays reachable; a switch turns it off."""
+    from loraplane.api.wire.serving import ServingTable
+    from loraplane.builders import BuildSettings, modelroute
+
+    def selected(selector: dict, labels: dict) -> bool:
+        return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+    r, other = route(), route()
+    other.metadata.name = "other"
+    table = ServingTable(route="chat", namespace="ml", base_model="llama", served_model_name="llama",
+                         max_lora_rank=16, max_loras=4)
+    kids = modelroute.children(r, table, BuildSettings())
+    (policy,) = [k for k in kids if k["kind"] == "NetworkPolicy"]
+    assert [k["kind"] for k in kids].index("NetworkPolicy") < [k["kind"] for k in kids].index("Deployment")
+    spec = policy["spec"]
+    engine = modelroute.engine_deployment(r, table, BuildSettings())["spec"]["template"]["metadata"]["labels"]
+    routers = modelroute.router_deployment(r, BuildSettings())["spec"]["template"]["metadata"]["labels"]
+    others = modelroute.router_deployment(other, BuildSettings())["spec"]["template"]["metadata"]["labels"]
+    other_engine = modelroute.engine_deployment(other, table, BuildSettings())["spec"]["template"]["metadata"]
+    assert selected(spec["podSelector"], engine) and not selected(spec["podSelector"], other_engine["labels"])
+    assert spec["policyTypes"] == ["Ingress"]
+
+    def allowed(port: int, labels: dict) -> bool:
+        return any(any(p["port"] == port for p in rule["ports"])
+                   and ("from" not in rule or any(selected(peer["podSelector"], labels) for peer in rule["from"]))
+                   for rule in spec["ingress"])
+
+    assert allowed(engine_pod.ENGINE_PORT, routers)
+    assert not allowed(engine_pod.ENGINE_PORT, others) and not allowed(engine_pod.ENGINE_PORT, engine)
+    assert not allowed(engine_pod.ENGINE_PORT, {})
+    assert allowed(engine_pod.LOADER_PORT, {})     # read-only /status, /metrics: the operator's relay
+    off = BuildSettings(network_policies=False)
+    assert not any(k["kind"] == "NetworkPolicy" for k in modelroute.children(r, table, off))
+    assert ("networking.k8s.io/v1", "NetworkPolicy", "ml", "chat-engine") in modelroute.unwanted_children(r, off)
