@@ -165,7 +165,8 @@ def credential_env(ref: ModelRef) -> Env:
 
 def engine_env(route: ModelRoute) -> Env:
     """vLLM's env: runtime LoRA loading on (the loader needs it), HF cache on the shared volume, HOME and TMPDIR
-    on its scratch volume (the root filesystem is read-only), user env last. One entry per name (server-side apply refuses a container with two): a user entry replaces ours."""
+    on its scratch volume (the root filesystem is read-only), the route's engine key (vLLM's --api-key), user
+    env last. One entry per name (server-side apply refuses a container with two): a user entry replaces ours."""
     env: Env = [
         {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
         {"name": "HF_HOME", "value": HF_HOME},
@@ -333,7 +334,8 @@ def loader_container(route: ModelRoute, namespace: str, image: str, adapter_clai
                      adapter_secrets: Sequence[str] = ()) -> dict[str, Any]:
     """The sidecar. It copies adapters from their PVCs (`adapter_claims`, mounted read-only under PVC_ROOT)
     into the shared cache, each fetched with its own credentials Secret (`adapter_secrets`, mounted read-only
-    under ADAPTER_CREDENTIALS_ROOT), and it alone mounts the pod's API token (SERVICE_ACCOUNT_PATH). Its liveness is its own /healthz; vLLM's startup never makes it restart.
+    under ADAPTER_CREDENTIALS_ROOT), and it alone mounts the pod's API token (SERVICE_ACCOUNT_PATH). Its liveness
+    is its own /healthz; vLLM's startup never makes it restart.
     `allow_insecure_http`: the loader also fetches plain http:// and loopback sources (BuildSettings)."""
     mounts = _volume_mounts(route, adapter_claims) + [
         {"name": credentials_volume_name(s), "mountPath": credentials_mount_path(s), "readOnly": True}
