@@ -169,6 +169,18 @@ def test_operator_settings_env_matches_what_the_operator_reads():
     assert chart_vars <= read, f"the operator does not read {chart_vars - read}"
 
 
+def test_network_policies_are_on_by_default_and_can_be_switched_off(monkeypatch):
+    from loraplane.controllers.settings import OperatorSettings
+
+    on = env_of(operator_container(objects()))["LORAPLANE_NETWORK_POLICIES"]
+    off = env_of(operator_container(objects({"networkPolicies": False})))["LORAPLANE_NETWORK_POLICIES"]
+    read = []
+    for value in (on, off):
+        monkeypatch.setenv("LORAPLANE_NETWORK_POLICIES", value)
+        read.append(OperatorSettings.from_env().build.network_policies)
+    assert read == [True, False]
+
+
 def test_images_and_settings_are_values():
     env = env_of(operator_container(objects()))
     assert env["LORAPLANE_IMAGE"] == "ghcr.io/loraplane/loraplane:0.1.0"  # tag defaults to appVersion
@@ -271,8 +283,9 @@ def test_rbac_has_no_wildcards(values):
         for key in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[key], rule
         allowed = {"get", "list", "watch", "create", "patch"}
-        # The one deletion the operator makes: the autoscaler a route no longer uses (HPA <-> KEDA <-> fixed).
-        if set(rule["resources"]) <= {"horizontalpodautoscalers", "scaledobjects"}:
+        # The deletions the operator makes: the autoscaler a route no longer uses (HPA <-> KEDA <-> fixed), and
+        # its NetworkPolicies once networkPolicies is switched off.
+        if set(rule["resources"]) <= {"horizontalpodautoscalers", "scaledobjects", "networkpolicies"}:
             allowed.add("delete")
         assert set(rule["verbs"]) <= allowed, rule
 
@@ -354,8 +367,8 @@ def test_operator_role_covers_every_child_and_every_grant(backend):
 def test_operator_role_holds_nothing_it_neither_uses_nor_grants():
     """Least privilege (issue 12): every namespaced grant of the operator is a call it makes (watches and reads
     of its sources, server-side apply of its children, status patches, Events, pruning autoscalers) or a
-    permission a Role it creates grants (RBAC's escalation check). `patch pods` is only the latter: when no
-    builder-made Role grants it any more, this fails and the chart must drop it."""
+    permission a Role it creates grants (RBAC's escalation check): `patch pods` (the report relay), `create
+    secrets` (the engine key), deleting the children a spec or setting no longer asks for."""
     from loraplane.api import API_VERSION, ModelRoute, parse
     from loraplane.builders.modelroute import unwanted_children
     from loraplane.builders.settings import BuildSettings
@@ -374,8 +387,11 @@ def test_operator_role_holds_nothing_it_neither_uses_nor_grants():
     route = parse(yaml.safe_load((ROOT / "docs" / "examples" / "modelroute.yaml").read_text()))
     assert isinstance(route, ModelRoute)
     fixed = route.model_copy(update={"spec": route.spec.model_copy(update={"autoscaling": None, "replicas": 1})})
-    for api_version, kind, _, _ in unwanted_children(fixed, BuildSettings()):   # pruned autoscalers
-        used.add((group(api_version), PLURALS[kind], "delete"))
+    for settings in (BuildSettings(), BuildSettings(network_policies=False)):
+        for api_version, kind, _, _ in unwanted_children(fixed, settings):   # pruned autoscalers, NetworkPolicies
+            used.add((group(api_version), PLURALS[kind], "delete"))
+    used.add(("", "pods", "patch"))       # the report relay writes each engine pod's annotation (controllers/reports)
+    used.add(("", "secrets", "create"))   # each route's engine key Secret, created once, never read
     granted: set[tuple[str, str, str]] = set()
     for child in builder_children("hpa") + builder_children("keda"):
         used |= {(group(child["apiVersion"]), PLURALS[child["kind"]], v) for v in ("get", "create", "patch")}

@@ -37,6 +37,7 @@ class StubReplica:
     stream_piece: int = 0                             # streams are written in pieces of this many bytes
     extra_fields: dict = field(default_factory=dict)  # added to plain answers after `usage` (as vLLM's prompt_logprobs)
     received: list[tuple[str, bytes, object]] = field(default_factory=list)  # (path, body, headers)
+    models_auth: list[str | None] = field(default_factory=list)  # Authorization of each /v1/models request
     server: TestServer | None = None
 
     def app(self) -> web.Application:
@@ -80,6 +81,7 @@ class StubReplica:
         return web.Response(body=report.model_dump_json(), content_type="application/json")
 
     async def models(self, request: web.Request) -> web.Response:
+        self.models_auth.append(request.headers.get("Authorization"))
         data = [{"id": n, "object": "model"} for n in [self.base, *sorted(self.adapters)]]
         return web.json_response({"object": "list", "data": data})
 

@@ -20,7 +20,8 @@ ROUTE_LABEL = f"{PREFIX}/route"               # the engine replicas of a ModelRo
 
 # --- annotations ---------------------------------------------------------------------------------------------
 HASH_ANNOTATION = f"{PREFIX}/spec-hash"       # hash of a child's desired manifest: unchanged children are not re-applied
-REPORT_ANNOTATION = f"{PREFIX}/adapters"      # a replica's ReplicaReport JSON, written by its loader
+# A replica's ReplicaReport JSON, copied from its loader's /status by the operator (controllers/reports.py).
+REPORT_ANNOTATION = f"{PREFIX}/adapters"
 # On a produced Adapter: the uid of the FineTuneJob whose output its current version is, so a restarted operator
 # does not bump the version a second time.
 PRODUCED_BY_ANNOTATION = f"{PREFIX}/produced-by"

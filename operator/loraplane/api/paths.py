@@ -31,5 +31,13 @@ OUTPUT_SCRATCH = "/output"
 # Each Secret an Adapter's source.credentialsSecretRef names is mounted read-only (loader container only) at
 # ADAPTER_CREDENTIALS_ROOT/<secret name>; the loader reads that adapter's credentials from there per fetch.
 ADAPTER_CREDENTIALS_ROOT = "/var/run/secrets/loraplane/adapters"
+# The in-cluster ServiceAccount credentials (token, ca.crt, namespace), where Kubernetes clients look for them.
+# Engine pods mount them in the loader container only (automountServiceAccountToken is off for the pod).
+SERVICE_ACCOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+# The route's engine key (a Secret `<route>-engine-key` the operator generates once, key ENGINE_KEY_SECRET_KEY):
+# vLLM requires it on /v1/* (its --api-key comes from this env var) and the loader and router send it as
+# `Authorization: Bearer`. All three read it from the same env var; unset (local runs) means no key.
+ENGINE_API_KEY_ENV = "VLLM_API_KEY"
+ENGINE_KEY_SECRET_KEY = "api-key"
 # The router's API keys (a Secret) are mounted here.
 API_KEYS_MOUNT = "/etc/loraplane/api-keys"

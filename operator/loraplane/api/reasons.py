@@ -273,6 +273,12 @@ class Reason(StrEnum):
         "reloaded when it is back.", "Wait; if it persists, the vLLM container's log.", RECONCILING)
     EngineRestarted = ("EngineRestarted", ADAPTER,
         "vLLM restarted; the loader is restoring every adapter.", "Nothing to do.", RECONCILING)
+    AdapterReplaced = ("AdapterReplaced", ADAPTER,
+        "vLLM served this adapter's name from another path than the verified artifact the loader loaded: "
+        "something else called vLLM's /v1/load_lora_adapter. The loader unloaded it and loaded its own artifact "
+        "again.", "Find the caller: engine pods should be reachable only by their route's routers (the "
+        "operator's NetworkPolicy) and vLLM needs the route's engine key (docs/security.md, \"Engine pods and "
+        "network\").", RECONCILING)
     NotDesired = ("NotDesired", ADAPTER, "The adapter was unloaded because the serving table no longer lists it.",
         "Nothing, unless unexpected: check the ModelRoute's routes.", RECONCILING)
     NotLoaded = ("NotLoaded", f"{ROUTE} backend", "No replica reports this backend loaded yet.",

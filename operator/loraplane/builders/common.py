@@ -222,6 +222,49 @@ def node_placement(node_selector: dict[str, str], gpu_type: str | None, gpu_type
     return out
 
 
+# ---- Pod Security `restricted` (docs/security.md, "Engine pods and network") ----------------------------------
+# The UID and GID of loraplane's images (images/*/Dockerfile `USER 65532:65532`); vLLM's image runs as root by
+# default, so its pods set the same UID rather than only runAsNonRoot (which would refuse a root image).
+POD_UID = 65532
+# Every container's writable scratch directory (the root filesystem is read-only): HOME and TMPDIR point here.
+SCRATCH_PATH = "/tmp"
+
+
+def pod_security_context() -> dict[str, Any]:
+    """The pod-level securityContext of every pod the operator creates: non-root POD_UID/GID, fsGroup so
+    the pod's volumes are writable by that group (changed only when the volume root does not match, so a large
+    PVC is not walked on every start), and the runtime's default seccomp profile."""
+    return {"runAsNonRoot": True, "runAsUser": POD_UID, "runAsGroup": POD_UID, "fsGroup": POD_UID,
+            "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_security_context() -> dict[str, Any]:
+    """Each container's securityContext under Pod Security `restricted`: no privilege escalation, no
+    capabilities, non-root, RuntimeDefault seccomp, and a read-only root filesystem (writable paths are
+    emptyDir volumes, e.g. `scratch_volume`)."""
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def scratch_volume(name: str, size_limit: str = "1Gi") -> dict[str, Any]:
+    """An emptyDir for a container's SCRATCH_PATH (bounded: it counts against the node's ephemeral storage)."""
+    return {"name": name, "emptyDir": {"sizeLimit": size_limit}}
+
+
+def scratch_mount(name: str) -> dict[str, Any]:
+    """The mount of `scratch_volume(name)` at SCRATCH_PATH."""
+    return {"name": name, "mountPath": SCRATCH_PATH}
+
+
+# The variables scratch_env sets; a local run (loraplane.local) keeps its own instead.
+SCRATCH_ENV = ("HOME", "TMPDIR")
+
+
+def scratch_env() -> list[dict[str, Any]]:
+    """HOME and TMPDIR on the scratch volume: libraries write caches under HOME (~/.cache, ~/.triton)."""
+    return [{"name": name, "value": SCRATCH_PATH} for name in SCRATCH_ENV]
+
+
 def role(owner: Resource, name: str, labels: dict[str, str], rules: list[dict[str, Any]]) -> Manifest:
     """A namespaced RBAC Role with `rules`, owned by `owner`, stamped with its hash."""
     return with_hash({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",

@@ -15,6 +15,9 @@ Layout inside a replica pod:
   ADAPTER_CREDENTIALS_ROOT/<secret>: the loader fetches each adapter with its own credentials, never another
   adapter's or the base model's. The volume is optional, so a missing Secret fails that adapter (AccessDenied,
   naming the Secret) instead of keeping the whole replica from starting.
+- Only the loader holds the pod's ServiceAccount token (SERVICE_ACCOUNT_PATH, a projected volume): the pod sets
+  automountServiceAccountToken false, so vLLM (which runs model code) and the init container have no API
+  credentials at all. The token's only grant is reading the route's ConfigMap (builders.modelroute.engine_rbac).
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from loraplane.api.adapter import base_served_name
 from loraplane.api.common import ModelRef
 from loraplane.api.modelroute import DEFAULT_ENGINE_IMAGE, ModelRoute
 from loraplane.api.paths import (ADAPTER_CACHE_PATH, ADAPTER_CREDENTIALS_ROOT, FETCHED_MODELS_PATH, HF_HOME,
-                                 MODEL_CACHE_PATH)
-from loraplane.builders.common import bounded_name, pvc_claims, pvc_volume_name, resources, secret_env
+                                 MODEL_CACHE_PATH, SERVICE_ACCOUNT_PATH, ENGINE_API_KEY_ENV, ENGINE_KEY_SECRET_KEY)
+from loraplane.builders.common import (bounded_name, child_name, container_security_context, pvc_claims,
+                                       pvc_volume_name, resources, scratch_env, scratch_mount, scratch_volume,
+                                       secret_env)
 from loraplane.storage.uri import ARCHIVE_SUFFIXES, CREDENTIAL_ENV, fetched_model_path, pvc_mount_path, try_parse_uri
 from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, ServingTable, configmap_name
 
@@ -35,6 +40,18 @@ ENGINE_CONTAINER = "vllm"
 LOADER_CONTAINER = "adapter-loader"
 ADAPTER_CACHE_VOLUME = "adapter-cache"
 MODEL_CACHE_VOLUME = "model-cache"
+# Writable scratch (/tmp, HOME) under a read-only root filesystem: vLLM's own (torch.compile, Triton and
+# FlashInfer caches under HOME), and the loader's, shared with the model-fetch init container (both loraplane).
+ENGINE_SCRATCH_VOLUME = "engine-tmp"
+LOADER_SCRATCH_VOLUME = "loader-tmp"
+ENGINE_SCRATCH_LIMIT = "8Gi"
+LOADER_SCRATCH_LIMIT = "256Mi"
+# vLLM's worker processes exchange tensors through shared memory (/dev/shm); the container default is 64 MiB.
+SHM_VOLUME = "dshm"
+# The loader's ServiceAccount credentials (projected token, cluster CA, namespace); no other container mounts it.
+LOADER_TOKEN_VOLUME = "loader-api-access"
+# Lifetime asked for the loader's token; the kubelet renews it at 80% and the loader re-reads it (kube/config.py).
+TOKEN_EXPIRATION_SECONDS = 3607
 # s3:// and https:// base models are fetched here by the init container (loraplane fetch-model).
 MODEL_FETCH_CONTAINER = "model-fetch"
 # Startup budget of vLLM before the kubelet restarts it: downloads and compiles of big models take minutes.
@@ -128,6 +145,20 @@ def engine_command(route: ModelRoute, port: int = ENGINE_PORT) -> list[str]:
     return ["python3", "-m", "vllm.entrypoints.openai.api_server", *engine_args(route, port)]
 
 
+def engine_key_secret_name(route: ModelRoute) -> str:
+    """The Secret holding the route's engine key: `<route>-engine-key` (the operator creates it once, with a
+    random key: controllers/modelroute.py)."""
+    return child_name(route.metadata.name or "", "engine-key", 253, "subdomain")
+
+
+def engine_key_env(route: ModelRoute) -> Env:
+    """ENGINE_API_KEY_ENV from the route's engine key Secret: vLLM's --api-key (vLLM reads VLLM_API_KEY), and
+    what the loader and router send as `Authorization: Bearer`. Not optional: a pod without the key must not
+    start a vLLM that answers /v1/load_lora_adapter to anyone."""
+    return [{"name": ENGINE_API_KEY_ENV, "valueFrom": {"secretKeyRef": {
+        "name": engine_key_secret_name(route), "key": ENGINE_KEY_SECRET_KEY}}}]
+
+
 def credential_env(ref: ModelRef) -> Env:
     """HF_TOKEN / AWS_* from the base model's credentials Secret (each key optional)."""
     sref = ref.credentials_secret_ref
@@ -140,11 +171,14 @@ def credential_env(ref: ModelRef) -> Env:
 
 
 def engine_env(route: ModelRoute) -> Env:
-    """vLLM's env: runtime LoRA loading on (the loader needs it), HF cache on the shared volume, user env last.
-    One entry per name (server-side apply refuses a container with two): a user entry replaces ours."""
+    """vLLM's env: runtime LoRA loading on (the loader needs it), HF cache on the shared volume, HOME and TMPDIR
+    on its scratch volume (the root filesystem is read-only), the route's engine key (vLLM's --api-key), user
+    env last. One entry per name (server-side apply refuses a container with two): a user entry replaces ours."""
     env: Env = [
         {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
         {"name": "HF_HOME", "value": HF_HOME},
+        *scratch_env(),
+        *engine_key_env(route),
         *credential_env(route.spec.base_model),
     ]
     user = [dict(e) for e in route.spec.engine.env]
@@ -194,7 +228,22 @@ def serving_volumes(route: ModelRoute, adapter_claims: Sequence[str] = (),
     for secret in adapter_secrets:
         # optional: a missing Secret fails its adapter (AccessDenied), not the replica's start.
         volumes.append({"name": credentials_volume_name(secret), "secret": {"secretName": secret, "optional": True}})
+    volumes += [scratch_volume(ENGINE_SCRATCH_VOLUME, ENGINE_SCRATCH_LIMIT),
+                scratch_volume(LOADER_SCRATCH_VOLUME, LOADER_SCRATCH_LIMIT),
+                {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}},
+                loader_token_volume()]
     return volumes
+
+
+def loader_token_volume() -> dict[str, Any]:
+    """The projected volume with what the kubelet's automount would give every container (token, ca.crt from
+    the kube-root-ca.crt ConfigMap, namespace), mounted by the loader only at SERVICE_ACCOUNT_PATH."""
+    return {"name": LOADER_TOKEN_VOLUME, "projected": {"defaultMode": 0o444, "sources": [
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": TOKEN_EXPIRATION_SECONDS}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace",
+                                    "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+    ]}}
 
 
 def _resources(route: ModelRoute) -> dict[str, Any]:
@@ -212,7 +261,9 @@ def engine_container(route: ModelRoute, default_image: str = DEFAULT_ENGINE_IMAG
         "command": engine_command(route),
         "env": engine_env(route),
         "ports": [{"name": "http", "containerPort": ENGINE_PORT}],
-        "volumeMounts": _volume_mounts(route),
+        "volumeMounts": [*_volume_mounts(route), scratch_mount(ENGINE_SCRATCH_VOLUME),
+                         {"name": SHM_VOLUME, "mountPath": "/dev/shm"}],
+        "securityContext": container_security_context(),
         "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": ENGINE_STARTUP_SECONDS // 10},
         "readinessProbe": {**health, "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 4, "timeoutSeconds": 5},
@@ -238,8 +289,10 @@ def model_fetch_container(route: ModelRoute, image: str, allow_insecure_http: bo
         "command": ["loraplane", "fetch-model", ref.uri, "--cache-dir", FETCHED_MODELS_PATH,
                     *(["--sha256", ref.sha256] if ref.sha256 else []),
                     *(["--allow-insecure-http"] if allow_insecure_http else [])],
-        "env": credential_env(ref),
-        "volumeMounts": [{"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_PATH}],
+        "env": [*scratch_env(), *credential_env(ref)],
+        "volumeMounts": [{"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_PATH},
+                         scratch_mount(LOADER_SCRATCH_VOLUME)],
+        "securityContext": container_security_context(),
         # Its message on failure says what to fix; the ModelRoute's status carries it (ModelFetchFailed).
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
@@ -271,12 +324,14 @@ def loader_command(route: ModelRoute, namespace: str, cache_max_bytes: int = DEF
 
 
 def loader_env(route: ModelRoute) -> Env:
-    """The loader's env: its Pod name and namespace (downward API, for its report annotation), HF_HOME
-    and the base model's credentials."""
+    """The loader's env: its Pod name and namespace (downward API: the report's replica name), HF_HOME, the
+    route's engine key and the base model's credentials."""
     return [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "HF_HOME", "value": HF_HOME},
+        *scratch_env(),
+        *engine_key_env(route),
         *credential_env(route.spec.base_model),
     ]
 
@@ -286,11 +341,14 @@ def loader_container(route: ModelRoute, namespace: str, image: str, adapter_clai
                      adapter_secrets: Sequence[str] = ()) -> dict[str, Any]:
     """The sidecar. It copies adapters from their PVCs (`adapter_claims`, mounted read-only under PVC_ROOT)
     into the shared cache, each fetched with its own credentials Secret (`adapter_secrets`, mounted read-only
-    under ADAPTER_CREDENTIALS_ROOT). Its liveness is its own /healthz; vLLM's startup never makes it restart.
+    under ADAPTER_CREDENTIALS_ROOT), and it alone mounts the pod's API token (SERVICE_ACCOUNT_PATH). Its liveness
+    is its own /healthz; vLLM's startup never makes it restart.
     `allow_insecure_http`: the loader also fetches plain http:// and loopback sources (BuildSettings)."""
     mounts = _volume_mounts(route, adapter_claims) + [
         {"name": credentials_volume_name(s), "mountPath": credentials_mount_path(s), "readOnly": True}
-        for s in adapter_secrets]
+        for s in adapter_secrets] + [
+        {"name": LOADER_TOKEN_VOLUME, "mountPath": SERVICE_ACCOUNT_PATH, "readOnly": True},
+        scratch_mount(LOADER_SCRATCH_VOLUME)]
     return {
         "name": LOADER_CONTAINER,
         "image": image,
@@ -298,6 +356,7 @@ def loader_container(route: ModelRoute, namespace: str, image: str, adapter_clai
         "env": loader_env(route),
         "ports": [{"name": "loader", "containerPort": LOADER_PORT}],
         "volumeMounts": mounts,
+        "securityContext": container_security_context(),
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": LOADER_PORT}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": LOADER_PORT}, "periodSeconds": 15,
                           "failureThreshold": 4},

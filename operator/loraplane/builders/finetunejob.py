@@ -24,6 +24,11 @@ from loraplane.builders.common import (
     metadata,
     namespace_of,
     node_placement,
+    pod_security_context,
+    container_security_context,
+    scratch_env,
+    scratch_mount,
+    scratch_volume,
     pvc_claims,
     pvc_volume_name,
     resources,
@@ -159,12 +164,15 @@ def _volumes(ftj: FineTuneJob, settings: BuildSettings) -> tuple[list[dict], lis
         # PyTorch data loaders and NCCL use shared memory; the container default (64 MiB) is too small.
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
         {"name": "output-scratch", "emptyDir": {}},
+        # The root filesystem is read-only: HOME and TMPDIR (torch, Triton, datasets scratch) live here.
+        scratch_volume("tmp", "8Gi"),
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "model-cache", "mountPath": MODEL_CACHE_PATH},
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "output-scratch", "mountPath": OUTPUT_SCRATCH},
+        scratch_mount("tmp"),
     ]
     writable = set(pvc_claims(output_uri(ftj, settings)))
     for claim in pvc_claims(spec.base_model.uri, spec.dataset.uri, spec.dataset.validation_uri,
@@ -205,6 +213,7 @@ def job(ftj: FineTuneJob, settings: BuildSettings) -> Manifest:
         {"name": "LORAPLANE_PVC_ROOT", "value": PVC_ROOT},
         {"name": "LORAPLANE_OUTPUT_SCRATCH", "value": OUTPUT_SCRATCH},
         {"name": "HF_HOME", "value": f"{MODEL_CACHE_PATH}/hf"},
+        *scratch_env(),
         {"name": "OMP_NUM_THREADS", "value": "1"} if not res.gpus else None,
         # The trainer's --allow-insecure-http (storage.fetchers.FetchPolicy.from_env), from the chart's setting.
         {"name": INSECURE_HTTP_ENV, "value": "true"} if settings.allow_insecure_http else None,
@@ -218,6 +227,7 @@ def job(ftj: FineTuneJob, settings: BuildSettings) -> Manifest:
         "command": _command(ftj),
         "env": env,
         "volumeMounts": mounts,
+        "securityContext": container_security_context(),
         # The trainer writes {"reason","message"} (failure) or its result JSON (success) here; a crash
         # before that leaves the log tail, which is what the user needs then.
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -229,6 +239,9 @@ def job(ftj: FineTuneJob, settings: BuildSettings) -> Manifest:
         # On SIGTERM (preemption, drain) the trainer finishes its step and saves a checkpoint before exiting.
         "terminationGracePeriodSeconds": 300,
         "serviceAccountName": spec.service_account_name or trainer_account_name(ftj),
+        # Pod Security `restricted` (docs/security.md, "Engine pods and network"); fsGroup makes the output PVC
+        # writable by the trainer's group.
+        "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": volumes,
     }

@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from loraplane.api.modelroute import ModelRoute
-from loraplane.api.paths import API_KEYS_MOUNT
+from loraplane.api.paths import API_KEYS_MOUNT, ENGINE_KEY_SECRET_KEY
 from loraplane.builders import engine_pod
 from loraplane.builders.common import (
     COMPONENT_LABEL,
@@ -23,7 +23,12 @@ from loraplane.builders.common import (
     metadata,
     namespace_of,
     node_placement,
+    pod_security_context,
     resources,
+    container_security_context,
+    scratch_env,
+    scratch_mount,
+    scratch_volume,
     role,
     role_binding,
     service_account,
@@ -43,6 +48,7 @@ from loraplane.api.wire.serving import (
 
 KEDA_API_VERSION = "keda.sh/v1alpha1"
 ROUTER_CONTAINER = "router"   # the router pod's one container (its status names the router's problems)
+NETWORK_POLICY_API_VERSION = "networking.k8s.io/v1"
 
 
 def engine_name(route: ModelRoute) -> str:
@@ -91,14 +97,15 @@ def serving_config_map(route: ModelRoute, table: ServingTable) -> Manifest:
 
 
 def engine_rbac(route: ModelRoute) -> list[Manifest]:
-    """The loader reads and watches its route's ConfigMap (that one only) and writes its Pod's report
-    annotation. RBAC cannot name a pod that does not exist yet, so `patch pods` covers the namespace."""
+    """The loader reads and watches its route's ConfigMap (that one only), and may do nothing else: no write
+    of any kind. Its report reaches the Pod's annotation through the operator, which reads the loader's
+    /status (controllers/reports.py): a grant to annotate its own Pod would be `patch pods` on the whole
+    namespace (RBAC cannot name pods whose names are generated), letting an engine pod rewrite any pod."""
     name = engine_name(route)
     labels = engine_labels(route)
     rules = [
         {"apiGroups": [""], "resources": ["configmaps"],
          "resourceNames": [configmap_name(route.metadata.name or "")], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]},
     ]
     return [service_account(route, name, labels), role(route, name, labels, rules),
             role_binding(route, name, labels, name, name)]
@@ -126,6 +133,10 @@ def engine_deployment(route: ModelRoute, table: ServingTable, settings: BuildSet
     ns = namespace_of(route)
     pod_spec: dict[str, Any] = {
         "serviceAccountName": engine_name(route),
+        # The token is mounted in the loader only (engine_pod.loader_token_volume): vLLM gets none.
+        "automountServiceAccountToken": False,
+        # Pod Security `restricted` (docs/security.md, "Engine pods and network").
+        "securityContext": pod_security_context(),
         "containers": [stringify_quantities(engine_pod.engine_container(route, settings.engine_image)),
                        stringify_quantities(engine_pod.loader_container(
                            route, ns, settings.image, adapter_claims=adapter_claims(table),
@@ -167,6 +178,27 @@ def engine_service(route: ModelRoute) -> Manifest:
         "spec": {"clusterIP": "None", "selector": engine_selector(route),
                  "ports": [{"name": "http", "port": ENGINE_PORT, "targetPort": ENGINE_PORT, "protocol": "TCP"},
                            {"name": "loader", "port": LOADER_PORT, "targetPort": LOADER_PORT, "protocol": "TCP"}]},
+    })
+
+
+def engine_network_policy(route: ModelRoute) -> Manifest:
+    """Ingress to the route's engine pods: vLLM's port (ENGINE_PORT) only from the route's own router pods; the
+    loader's port (LOADER_PORT: /status, /metrics, /healthz, all read-only) from anywhere, for the operator's
+    report relay and Prometheus. Everything else is refused. The loader reaches vLLM over localhost, which a
+    NetworkPolicy does not govern. NetworkPolicies add up: another policy selecting these pods can allow more
+    (e.g. Prometheus on ENGINE_PORT for vLLM's /metrics)."""
+    return with_hash({
+        "apiVersion": NETWORK_POLICY_API_VERSION, "kind": "NetworkPolicy",
+        "metadata": metadata(route, engine_name(route), engine_labels(route)),
+        "spec": {
+            "podSelector": {"matchLabels": engine_selector(route)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": router_selector(route)}}],
+                 "ports": [{"protocol": "TCP", "port": ENGINE_PORT}]},
+                {"ports": [{"protocol": "TCP", "port": LOADER_PORT}]},
+            ],
+        },
     })
 
 
@@ -300,8 +332,8 @@ def router_deployment(route: ModelRoute, settings: BuildSettings) -> Manifest:
     """The router's Deployment: `python3 -m loraplane.router`, /readyz and /healthz probes, the API key
     Secret mounted read-only when set."""
     spec = route.spec.router
-    volumes: list[dict[str, Any]] = []
-    mounts: list[dict[str, Any]] = []
+    volumes: list[dict[str, Any]] = [scratch_volume("tmp", "64Mi")]
+    mounts: list[dict[str, Any]] = [scratch_mount("tmp")]
     if spec.api_key_secret_ref:
         secret: dict[str, Any] = {"secretName": spec.api_key_secret_ref.name}
         if spec.api_key_secret_ref.key:
@@ -312,14 +344,17 @@ def router_deployment(route: ModelRoute, settings: BuildSettings) -> Manifest:
         "name": ROUTER_CONTAINER,
         "image": spec.image or settings.image,
         "command": ["python3", "-m", "loraplane.router", *router_args(route)],
+        "env": scratch_env(),
         "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
+        "volumeMounts": mounts,
+        "securityContext": container_security_context(),
         # Ready once it holds a routing table; alive while its event loop answers.
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": ROUTER_PORT}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": ROUTER_PORT}, "periodSeconds": 15,
                           "failureThreshold": 4},
     }
-    if mounts:
-        container["volumeMounts"] = mounts
+    # The route's engine key: the router authenticates to vLLM with it (never with a client's key).
+    container["env"] = [*container["env"], *engine_pod.engine_key_env(route)]
     if r := resources(0, "", spec.cpu, spec.memory):
         container["resources"] = r
     return with_hash({
@@ -332,11 +367,20 @@ def router_deployment(route: ModelRoute, settings: BuildSettings) -> Manifest:
                 "metadata": {"labels": router_labels(route),
                              "annotations": {"prometheus.io/scrape": "true",
                                              "prometheus.io/port": str(ROUTER_PORT)}},
-                "spec": {"serviceAccountName": router_name(route), "containers": [container],
-                         **({"volumes": volumes} if volumes else {})},
+                "spec": {"serviceAccountName": router_name(route), "securityContext": pod_security_context(),
+                         "containers": [container], "volumes": volumes},
             },
         },
     })
+
+
+def engine_key_secret(route: ModelRoute, key: str) -> Manifest:
+    """The Secret `<route>-engine-key` holding `key` (ENGINE_KEY_SECRET_KEY), owned by the route. Not a
+    child the applier keeps in sync: the operator only creates it, once, with a random key
+    (controllers/modelroute.py), and never reads or overwrites it."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": metadata(route, engine_pod.engine_key_secret_name(route), engine_labels(route)),
+            "stringData": {ENGINE_KEY_SECRET_KEY: key}}
 
 
 def router_service(route: ModelRoute) -> Manifest:
@@ -351,19 +395,23 @@ def router_service(route: ModelRoute) -> Manifest:
 
 def unwanted_children(route: ModelRoute, settings: BuildSettings) -> list[tuple[str, str, str, str]]:
     """(apiVersion, kind, namespace, name) of optional children the spec does not ask for now: the
-    autoscaler of the other backend, or both when the route has fixed replicas."""
+    autoscaler of the other backend, or both when the route has fixed replicas; the NetworkPolicy when
+    settings.network_policies is off."""
     ns, name = namespace_of(route), engine_name(route)
     hpa = (settings.hpa_api_version, "HorizontalPodAutoscaler", ns, name)
     keda = (KEDA_API_VERSION, "ScaledObject", ns, name)
+    policy = [] if settings.network_policies else [(NETWORK_POLICY_API_VERSION, "NetworkPolicy", ns, name)]
     auto = route.spec.autoscaling
     if auto is None:
-        return [hpa, keda]
-    return [hpa] if auto.backend == "keda" else [keda]
+        return [hpa, keda, *policy]
+    return [hpa, *policy] if auto.backend == "keda" else [keda, *policy]
 
 
 def children(route: ModelRoute, table: ServingTable, settings: BuildSettings) -> list[Manifest]:
     """Everything the operator applies for a ModelRoute, in apply order."""
-    out = [serving_config_map(route, table), *engine_rbac(route), engine_deployment(route, table, settings),
+    # The NetworkPolicy before the replicas: a new vLLM is never reachable from other pods, not even briefly.
+    policy = [engine_network_policy(route)] if settings.network_policies else []
+    out = [serving_config_map(route, table), *engine_rbac(route), *policy, engine_deployment(route, table, settings),
            engine_service(route), pod_disruption_budget(route, settings)]
     auto = route.spec.autoscaling
     if auto is not None:

@@ -34,6 +34,9 @@ class BuildSettings:
     # The loader and fetch-model also fetch plain http:// artifacts and from loopback addresses (the chart's
     # operator.allowInsecureHttp; the local quickstart). Off: https only, no loopback (docs/security.md).
     allow_insecure_http: bool = False
+    # A NetworkPolicy per ModelRoute: vLLM's port only from the route's routers (the chart's networkPolicies;
+    # docs/security.md, "Engine pods and network"). Off: no policy, and the operator deletes the ones it made.
+    network_policies: bool = True
     # What FineTuneJob and ModelRoute specs may ask for: images, vLLM flags, Secrets in env, ServiceAccounts
     # (the chart's operator.policy; builders/policy.py, docs/security.md).
     policy: SpecPolicy = SpecPolicy()

@@ -21,6 +21,7 @@ from loraplane.controllers.adapter import AdapterController
 from loraplane.controllers.base import CHILD_SOURCES, SOURCES, Context, Controller, Stores
 from loraplane.controllers.finetunejob import FineTuneJobController
 from loraplane.controllers.modelroute import ModelRouteController
+from loraplane.controllers.reports import ReportRelay
 from loraplane.controllers.settings import OperatorSettings
 from loraplane.kube.apply import Applier
 from loraplane.kube.client import KubeClient
@@ -50,6 +51,8 @@ class Manager:
         self.controllers: tuple[Controller, ...] = (self.finetunejobs, self.adapters, self.routes)
         self.informers = {s.name: Informer(kube, s, self.stores.of(s.name), self._changed, settings.namespaces)
                           for s in SOURCES}
+        # The engine pods' reports: read from each loader's /status, written into its pod's annotation.
+        self.relay = ReportRelay(kube, self.stores.EnginePod, settings.report_poll_seconds)
         self.primed = asyncio.Event()
         self.started_at = time.time()
         self._tasks: list[asyncio.Task] = []
@@ -102,7 +105,7 @@ class Manager:
 
     async def start(self) -> None:
         """Register the phase gauges, serve /metrics and /healthz, prime the stores (one LIST per source), then
-        start the periodic resync and the watches of the children."""
+        start the periodic resync, the report relay and the watches of the children."""
         # CEL's parser and every rule compiled before the first object is parsed (seconds of CPU, once).
         await asyncio.to_thread(cel.compile_all, ApiModel)
         self._collector = _StateCollector(self.stores)
@@ -111,6 +114,7 @@ class Manager:
         await self.prime()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.resync_forever()))
+        self._tasks.append(loop.create_task(self.relay.run()))
         for name in CHILD_SOURCES:
             for ns in list(self.settings.namespaces) or [None]:
                 self._tasks.append(loop.create_task(self.informers[name].run(ns)))

@@ -3,6 +3,7 @@ ReplicaReports the loaders write into their pods' `loraplane.io/adapters` annota
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -25,6 +26,7 @@ from loraplane.controllers.pods import (crash_problem, image_pull_problem, pod_n
                                         unschedulable)
 from loraplane.controllers.status import (dump_status, invalid_spec, owned_status, ready_reason,
                                           status_patch)
+from loraplane.api.paths import ENGINE_KEY_SECRET_KEY
 from loraplane.kube.apply import owned_by
 from loraplane.kube.events import Event, EventType
 from loraplane.kube.informer import Key
@@ -315,6 +317,8 @@ class ModelRoutePlan:
     reselected: list[str] = field(default_factory=list)  # adapters whose selection or verdict changed
     engine_hash: str | None = None               # the engine Deployment's HASH_ANNOTATION, remembered once applied
     router_hash: str | None = None               # the router Deployment's, likewise
+    # The route's engine key Secret without its key (execute generates one when it creates the Secret).
+    engine_key: dict | None = None
 
 
 class ModelRouteController(Controller):
@@ -337,6 +341,7 @@ class ModelRouteController(Controller):
         self._applied: dict[Key, tuple] = {}
         self._engine_hash: dict[Key, str] = {}
         self._router_hash: dict[Key, str] = {}
+        self._keyed: set[tuple[str, str, str]] = set()   # (namespace, name, uid) whose engine key Secret exists
 
     def on_change(self, source: str, obj: dict, old: dict | None) -> None:
         """Schedule the route itself; re-resolve the namespace's routes (batched, ROUTE_BATCH_SECONDS) when an
@@ -474,6 +479,7 @@ class ModelRouteController(Controller):
                 out.fresh = not current
                 out.unwanted = route_builders.unwanted_children(route, self.ctx.build)
                 out.applied_as = applied_as
+                out.engine_key = route_builders.engine_key_secret(route, "")
                 engine = route_builders.engine_name(route)
                 out.engine_hash = next((k["metadata"]["annotations"].get(HASH_ANNOTATION) for k in kids
                                         if k["kind"] == "Deployment" and k["metadata"]["name"] == engine), None)
@@ -508,11 +514,27 @@ class ModelRouteController(Controller):
 
     # ---- execute -----------------------------------------------------------------------------------------
 
+    async def ensure_engine_key(self, secret: dict) -> None:
+        """Create the route's engine key Secret with a random key (256 bits, URL-safe) unless it exists: a create
+        that finds it (409) leaves it alone, so the key is generated once and never overwritten, and the
+        operator needs only `create` on Secrets, never `get`. The key is never logged. Once per route (uid) and
+        operator process: a deleted Secret comes back when the operator restarts (docs/security.md)."""
+        meta = secret["metadata"]
+        owner = ((meta.get("ownerReferences") or [{}])[0]).get("uid") or ""
+        mark = (meta["namespace"], meta["name"], owner)
+        if mark in self._keyed:
+            return
+        body = {**secret, "stringData": {ENGINE_KEY_SECRET_KEY: secrets.token_urlsafe(32)}}
+        await self.kube.create_if_absent(body)   # False: generated before, kept as it is
+        self._keyed.add(mark)
+
     async def execute(self, key: Key, plan: ModelRoutePlan) -> None:
         """Apply the children and prune the unwanted ones, remember what was accepted, patch the status, post
         the Events, and tell the Adapter controller whose selection changed."""
         ns, name = key
         applier = self.ctx.applier
+        if plan.engine_key is not None:
+            await self.ensure_engine_key(plan.engine_key)
         if plan.children:
             if await self.apply_children(plan.body, plan.children, plan.fresh) is None:
                 return  # shown as InvalidSpec; nothing below may claim the children are in place

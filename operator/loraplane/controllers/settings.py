@@ -13,7 +13,8 @@ from loraplane.builders.settings import BuildSettings
 @dataclass(frozen=True)
 class OperatorSettings:
     """How the operator runs: the builders' settings, the namespaces watched, the periodic resync (seconds),
-    how long a scheduled key waits for more events (seconds) and where /metrics and /healthz listen."""
+    how long a scheduled key waits for more events (seconds), where /metrics and /healthz listen and how often
+    the engine pods' reports are read (seconds)."""
 
     build: BuildSettings = field(default_factory=BuildSettings)
     namespaces: tuple[str, ...] = ()      # empty: all namespaces
@@ -21,6 +22,8 @@ class OperatorSettings:
     coalesce_seconds: float = 0.05
     metrics_port: int = 8080
     metrics_host: str = "0.0.0.0"
+    # Seconds between two reads of each engine pod's loader /status (controllers/reports.py).
+    report_poll_seconds: float = 5.0
 
     @classmethod
     def from_env(cls) -> "OperatorSettings":
@@ -42,12 +45,14 @@ class OperatorSettings:
                                 pdb_api_version=e("LORAPLANE_PDB_API_VERSION", d.pdb_api_version),
                                 pod_failure_policy=e("LORAPLANE_POD_FAILURE_POLICY", "true").lower() != "false",
                                 allow_insecure_http=e("LORAPLANE_ALLOW_INSECURE_HTTP", "false").lower() == "true",
-                                policy=policy),
+                                policy=policy,
+                                network_policies=e("LORAPLANE_NETWORK_POLICIES", "true").lower() != "false"),
             namespaces=tuple(n for n in e("LORAPLANE_NAMESPACES", "").split(",") if n),
             resync_seconds=float(e("LORAPLANE_RESYNC_SECONDS", "600")),
             coalesce_seconds=float(e("LORAPLANE_COALESCE_SECONDS", "0.05")),
             metrics_port=int(e("LORAPLANE_METRICS_PORT", "8080")),
             metrics_host=e("LORAPLANE_METRICS_HOST", "0.0.0.0"),
+            report_poll_seconds=float(e("LORAPLANE_REPORT_POLL_SECONDS", "5")),
         )
 
 

@@ -46,6 +46,7 @@ PLURALS = {
     "Event": "events", "Role": "roles", "RoleBinding": "rolebindings", "Job": "jobs",
     "Deployment": "deployments", "PodDisruptionBudget": "poddisruptionbudgets",
     "HorizontalPodAutoscaler": "horizontalpodautoscalers", "ScaledObject": "scaledobjects",
+    "Secret": "secrets", "NetworkPolicy": "networkpolicies",
     "FineTuneJob": "finetunejobs", "Adapter": "adapters", "ModelRoute": "modelroutes",
 }
 
@@ -256,6 +257,20 @@ class KubeClient:
                                   params={"fieldManager": MANAGER, "force": "true" if force else "false"},
                                   content_type="application/apply-patch+yaml", result=result,
                                   what=f"apply {manifest['kind']} {meta.get('namespace')}/{meta['name']}")
+
+    async def create_if_absent(self, manifest: dict) -> bool:
+        """POST the object; True when it was created, False when one of that name exists already (HTTP 409, left
+        unchanged). Needs only the `create` verb. The server's answer is not returned (a created Secret's
+        answer holds its data). Raises ApiError otherwise."""
+        meta = manifest["metadata"]
+        try:
+            await self.request("POST", resource_path(manifest["apiVersion"], manifest["kind"], meta.get("namespace")),
+                               manifest, what=f"create {manifest['kind']} {meta.get('namespace')}/{meta['name']}")
+        except ApiError as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         """Delete an object with background propagation (dependents are garbage-collected afterwards); a

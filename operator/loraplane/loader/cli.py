@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from loraplane.api.redaction import install_log_redaction
-from loraplane.api.paths import ADAPTER_CACHE_PATH, ADAPTER_CREDENTIALS_ROOT, LOADER_PORT, PVC_ROOT
+from loraplane.api.paths import (ADAPTER_CACHE_PATH, ADAPTER_CREDENTIALS_ROOT, ENGINE_API_KEY_ENV, LOADER_PORT,
+                                 PVC_ROOT)
 
 log = logging.getLogger("loraplane.loader")
 DESCRIPTION = ("The adapter loader beside a vLLM replica: keeps the replica's LoRA adapters equal to its ModelRoute's "
@@ -31,7 +32,8 @@ def add_loader_arguments(p: argparse.ArgumentParser) -> None:
                    help="namespace of the ConfigMap and the Pod (default: $POD_NAMESPACE or default)")
     p.add_argument("--kubeconfig", help="use this kubeconfig instead of the in-cluster service account")
     p.add_argument("--pod-name", default=os.environ.get("POD_NAME"),
-                   help="this replica's Pod, annotated with the report (default: $POD_NAME)")
+                   help="this replica's Pod: the report's replica name (default: $POD_NAME); the operator reads "
+                        "the report from /status and annotates the Pod (the loader has no write access)")
     p.add_argument("--vllm-url", default="http://127.0.0.1:8000", help="the vLLM server beside the loader")
     p.add_argument("--cache-dir", type=Path, default=Path(ADAPTER_CACHE_PATH),
                    help="where verified adapter artifacts are kept (shared with vLLM at the same path)")
@@ -120,14 +122,15 @@ async def serve(args: argparse.Namespace, started: asyncio.Event | None = None) 
                           policy=loader_fetch_policy(args))
     kube = None
     if args.configmap:
-        kube = KubeBinding.from_environment(args.namespace, args.configmap, args.pod_name, args.kubeconfig)
+        kube = KubeBinding.from_environment(args.namespace, args.configmap, args.kubeconfig)
     async with aiohttp.ClientSession() as session:
-        engine = VllmClient(args.vllm_url, session)
+        # The route's engine key (the pod's env, from the operator's Secret); unset locally: keyless vLLM.
+        engine = VllmClient(args.vllm_url, session, api_key=os.environ.get(ENGINE_API_KEY_ENV) or None)
         loader = Loader(engine, cache, replica=args.pod_name or socket.gethostname(),
                         model_dir=args.model_dir, max_lora_rank=args.max_lora_rank, smoke_test=args.smoke_test,
                         probe_prompt=args.probe_prompt or DEFAULT_PROBE_PROMPT, probe_tokens=args.probe_tokens,
                         max_attempts=args.max_attempts, backoff_base=args.backoff_seconds,
-                        resync=args.resync_seconds, report_sinks=[kube.report] if kube and args.pod_name else [],
+                        resync=args.resync_seconds,
                         max_header_bytes=args.max_header_bytes,
                         credentials_root=None if args.credentials_root == "none" else args.credentials_root)
         loader.metrics.cache_bytes.set(cache.total_bytes())

@@ -45,15 +45,19 @@ class Probe:
 class VllmClient:
     """The calls the loader makes to one vLLM OpenAI server at `base_url` (--enable-lora, runtime LoRA updating
     allowed): /health, /v1/models, /v1/load_lora_adapter, /v1/unload_lora_adapter and /v1/completions.
-    `request_timeout` is seconds per request."""
+    `request_timeout` is seconds per request; `api_key`, when set, is sent as `Authorization: Bearer` (the
+    route's engine key: vLLM's --api-key guards every /v1/ path)."""
 
-    def __init__(self, base_url: str, session: aiohttp.ClientSession, request_timeout: float = 60):
+    def __init__(self, base_url: str, session: aiohttp.ClientSession, request_timeout: float = 60,
+                 api_key: str | None = None):
         self.base_url = base_url.rstrip("/")
         self.session = session
         self.timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     async def _request(self, method: str, path: str, json: dict | None = None) -> tuple[int, str, object]:
-        async with self.session.request(method, self.base_url + path, json=json, timeout=self.timeout) as resp:
+        async with self.session.request(method, self.base_url + path, json=json, timeout=self.timeout,
+                                        headers=self.headers) as resp:
             text = await resp.text()
             try:
                 body = await resp.json(content_type=None) if text else None

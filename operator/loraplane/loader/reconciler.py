@@ -328,6 +328,23 @@ class Loader:
                 s.next_try = 0.0
                 s.move(AdapterState.Pending, Reason.EngineRestarted,
                        "vLLM no longer lists this adapter; loading it again")
+        # What vLLM lists under a Ready adapter's name must be what this loader loaded (a model card's `root` is the
+        # path it was loaded from): anyone who can reach vLLM's API could have unloaded it and loaded other
+        # weights under the same name. Such an adapter is loaded again from its verified artifact (_load unloads
+        # the impostor first, since the path differs). The replacement is published before the repair.
+        replaced_by_others = False
+        for name, s in self.slots.items():
+            if (s.state == AdapterState.Ready and s.artifact is not None and name in loaded
+                    and loaded[name] != str(s.artifact.path)):
+                log.warning("vLLM serves %s from a path the loader did not load: loading its artifact again", name)
+                s.attempts = 0
+                s.next_try = 0.0
+                s.move(AdapterState.Pending, Reason.AdapterReplaced,
+                       f"vLLM served this name from {loaded[name]!r}, not from the verified artifact "
+                       f"{str(s.artifact.path)!r}; loading the artifact again")
+                replaced_by_others = True
+        if replaced_by_others:
+            await self.publish()
         self._start_warm_up()   # runs while the first adapter is fetched and gated (below)
 
         replaced = set(self.unloading) & set(loaded) & set(self.slots)   # same name, new artifact

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from loraplane.builders.common import SCRATCH_ENV
+
 CPU_ENGINE_ENV = {
     "VLLM_TARGET_DEVICE": "cpu",
     "HF_HUB_OFFLINE": "1",           # local models only; never reach for the hub
@@ -28,7 +30,8 @@ def engine_process(command: list[str], env: list[dict[str, Any]], port: int, hf_
     port (argparse keeps the last --port/--host) and a local HF_HOME instead of the pod's model volume."""
     argv = [sys.executable, *command[1:], *CPU_ENGINE_ARGS, "--port", str(port)]
     full_env = dict(os.environ)
-    full_env.update({e["name"]: e["value"] for e in env if "value" in e})
+    # HOME and TMPDIR point at the pod's scratch volume in a cluster; here the process keeps its own.
+    full_env.update({e["name"]: e["value"] for e in env if "value" in e and e["name"] not in SCRATCH_ENV})
     full_env.update(CPU_ENGINE_ENV)
     full_env["HF_HOME"] = str(hf_home)
     return argv, full_env

@@ -8,6 +8,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraplane.builders.common import SCRATCH_ENV
+
 
 @dataclass
 class LocalPod:
@@ -53,6 +55,8 @@ def container_env(container: dict[str, Any], pod: LocalPod, base: dict[str, str]
     """
     env = dict(os.environ if base is None else base)
     for e in container.get("env") or []:
+        if e.get("name") in SCRATCH_ENV:   # the pod's scratch volume; a local process keeps its own HOME/TMPDIR
+            continue
         if "value" in e:
             env[e["name"]] = pod.map_path(str(e["value"]))
         elif field_path := (e.get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath"):

@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from loraplane.api.paths import ENGINE_API_KEY_ENV
 from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, ROUTER_PORT
 
 _SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -93,11 +94,16 @@ async def _serve(args: argparse.Namespace) -> int:
         return 2
     pool = ReplicaPool(poll_interval=args.poll_interval)
     pool.set_replicas(specs)
-    router = Router(pool, api_keys=api_keys, connect_timeout=args.connect_timeout,
-                    max_attempts=args.max_attempts, access_log=args.access_log,
-                    max_connections=args.max_connections, max_header_bytes=args.max_header_bytes,
-                    header_timeout=args.header_timeout, body_timeout=args.body_timeout,
-                    idle_timeout=args.idle_timeout)
+    try:
+        router = Router(pool, api_keys=api_keys, connect_timeout=args.connect_timeout,
+                        engine_key=os.environ.get(ENGINE_API_KEY_ENV) or None,
+                        max_attempts=args.max_attempts, access_log=args.access_log,
+                        max_connections=args.max_connections, max_header_bytes=args.max_header_bytes,
+                        header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                        idle_timeout=args.idle_timeout)
+    except ValueError as exc:   # an engine key that cannot be a header value (the key itself is not printed)
+        print(f"error: ${ENGINE_API_KEY_ENV}: {exc}", file=sys.stderr)
+        return 2
     configmap = None
     if args.configmap:
         ns = args.namespace or (_SA_NAMESPACE.read_text().strip() if _SA_NAMESPACE.exists() else "default")

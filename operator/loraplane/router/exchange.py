@@ -197,8 +197,8 @@ class Exchange:
         self.usage: tuple[int, int] | None = None
         rid = req.request_id
         # Everything after the Host line; the client's own headers (its API key above all) stay here.
-        self.head = b"Content-Type: application/json\r\nContent-Length: %d\r\n%s\r\n" % (
-            len(payload), b"X-Request-Id: " + rid + b"\r\n" if rid else b"")
+        self.head = b"Content-Type: application/json\r\nContent-Length: %d\r\n%s%s\r\n" % (
+            len(payload), b"X-Request-Id: " + rid + b"\r\n" if rid else b"", router.engine_auth)
 
     def start(self) -> None:
         """Count it in flight, arm the timeout and send it to `replica`."""

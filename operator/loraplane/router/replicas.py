@@ -123,6 +123,8 @@ class ReplicaPool:
     poll_timeout: float = 2.0
     replicas: list[Replica] = field(default_factory=list)
     base_served_name: str = ""
+    # Headers of the router's own requests to vLLM (/v1/models needs the route's engine key: Router.engine_key).
+    engine_headers: dict[str, str] = field(default_factory=dict)
     _rr: int = 0
 
     def set_replicas(self, specs: list[tuple[str, str | None]]) -> None:
@@ -185,7 +187,7 @@ class ReplicaPool:
                 if engine_ready and self.base_served_name:
                     ready.add(self.base_served_name)
             else:
-                async with session.get(r.engine_url + "/v1/models") as resp:
+                async with session.get(r.engine_url + "/v1/models", headers=self.engine_headers) as resp:
                     resp.raise_for_status()
                     listing = await resp.json(content_type=None)
                 engine_ready = engine_reached = True

@@ -40,6 +40,16 @@ from loraplane.api.wire.serving import ServingTable
 log = logging.getLogger("loraplane.router")
 
 
+def engine_authorization(key: str | None) -> bytes:
+    """The `Authorization: Bearer <key>` header line (with CRLF) for requests to vLLM, b"" without a key.
+    Raises ValueError when the key holds anything but visible ASCII (it would break or inject header lines)."""
+    if not key:
+        return b""
+    if not all(0x21 <= ord(ch) <= 0x7e for ch in key):
+        raise ValueError("the engine key must be visible ASCII characters only")
+    return b"Authorization: Bearer " + key.encode("ascii") + b"\r\n"
+
+
 class Router:
     """State shared by the connections: the routing table (swapped whole on reload), replicas, metrics.
 
@@ -65,8 +75,13 @@ class Router:
                  connect_timeout: float = 3.0, max_attempts: int = 3, access_log: bool = False,
                  rng: random.Random | None = None, max_connections: int = 4096,
                  max_header_bytes: int = 64 * 1024, header_timeout: float = 10.0, body_timeout: float = 60.0,
-                 idle_timeout: float = 75.0):
+                 idle_timeout: float = 75.0, engine_key: str | None = None):
         self.pool = pool
+        # The route's engine key, sent to vLLM on every request as `Authorization: Bearer` (never a client's
+        # key: the client's headers are not forwarded). Raises ValueError for a key that is not one header token.
+        self.engine_auth = engine_authorization(engine_key)
+        if engine_key:
+            pool.engine_headers = {"Authorization": f"Bearer {engine_key}"}
         self.metrics = metrics or RouterMetrics()
         self.metrics.watch_pool(pool)
         self.api_keys = api_keys

@@ -1,12 +1,13 @@
 """The loader in its cluster role, against a real kube-apiserver: it follows its ConfigMap and reports what
-its vLLM really serves into its Pod's annotation (what the operator aggregates into CR status)."""
+its vLLM really serves on /status (the operator copies it into the Pod's annotation: controllers/reports.py);
+its token may write nothing, so the Pod stays unannotated by the loader itself."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -27,16 +28,19 @@ def table(server, generation: int, adapters) -> str:
                         adapters=adapters).to_json()
 
 
-def wait_report(core, ns, predicate, timeout=90) -> ReplicaReport:
+def wait_report(port, predicate, timeout=90) -> ReplicaReport:
     deadline = time.monotonic() + timeout
     report = None
     while time.monotonic() < deadline:
-        raw = (core.read_namespaced_pod("replica-0", ns).metadata.annotations or {}).get(REPORT_ANNOTATION)
-        report = ReplicaReport.model_validate_json(raw) if raw else None
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as resp:
+                report = ReplicaReport.model_validate_json(resp.read())
+        except OSError:
+            report = None
         if report and predicate(report):
             return report
         time.sleep(0.2)
-    raise TimeoutError(f"annotation never matched; last: {report}")
+    raise TimeoutError(f"report never matched; last: {report}")
 
 
 def loader_kubeconfig(kube_cluster, kube_api, namespace: str, server, tmp_path) -> str:
@@ -60,7 +64,7 @@ def loader_kubeconfig(kube_cluster, kube_api, namespace: str, server, tmp_path) 
     return str(kube_cluster.kubeconfig_for_token(token, tmp_path / "loader.kubeconfig"))
 
 
-def test_loader_follows_its_configmap_and_annotates_its_pod(kube_cluster, kube_api, namespace, vllm_server,
+def test_loader_follows_its_configmap_and_reports_on_status(kube_cluster, kube_api, namespace, vllm_server,
                                                             tmp_path):
     from kubernetes import client
 
@@ -75,13 +79,14 @@ def test_loader_follows_its_configmap_and_annotates_its_pod(kube_cluster, kube_a
     core.create_namespaced_config_map(namespace, {
         "metadata": {"name": "tiny-serving"},
         "data": {CONFIGMAP_KEY: table(vllm_server, 1, [desired("good", good), desired("wide", wide)])}})
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "loraplane.loader", "--configmap", "tiny-serving", "--namespace", namespace,
          "--kubeconfig", kubeconfig, "--pod-name", "replica-0", "--vllm-url",
-         vllm_server.base_url, "--cache-dir", str(tmp_path / "cache"), "--pvc-root", str(tmp_path / "pvc"), "--port", str(free_port()),
+         vllm_server.base_url, "--cache-dir", str(tmp_path / "cache"), "--pvc-root", str(tmp_path / "pvc"), "--port", str(port),
          "--host", "127.0.0.1"], stdout=open(tmp_path / "loader.log", "wb"), stderr=subprocess.STDOUT)
     try:
-        report = wait_report(core, namespace, lambda r: r.generation == 1
+        report = wait_report(port, lambda r: r.generation == 1
                              and {a.state for a in r.adapters.values()} <= {"Ready", "Incompatible"})
         assert report.replica == "replica-0" and report.engine_ready
         assert (report.adapters["good--v1"].state, report.adapters["wide--v1"].reason) == ("Ready", "RankTooLarge")
@@ -89,15 +94,16 @@ def test_loader_follows_its_configmap_and_annotates_its_pod(kube_cluster, kube_a
         # A new version arrives through the ConfigMap: loaded; the old one unloaded and gone from the report.
         core.patch_namespaced_config_map("tiny-serving", namespace, {"data": {
             CONFIGMAP_KEY: table(vllm_server, 2, [desired("good", good, version="v2")])}})
-        report = wait_report(core, namespace, lambda r: r.generation == 2
+        report = wait_report(port, lambda r: r.generation == 2
                              and r.adapters.get("good--v2") and r.adapters["good--v2"].state == "Ready"
                              and set(r.adapters) == {"good--v2"})
         # An unreadable table is refused; the loader keeps serving the last good one.
         core.patch_namespaced_config_map("tiny-serving", namespace, {"data": {CONFIGMAP_KEY: "{not json"}})
         time.sleep(2)
         assert proc.poll() is None
-        raw = core.read_namespaced_pod("replica-0", namespace).metadata.annotations[REPORT_ANNOTATION]
-        assert set(json.loads(raw)["adapters"]) == {"good--v2"}
+        assert set(wait_report(port, lambda r: True).adapters) == {"good--v2"}
+        # The loader wrote nothing to the API server (its Role only reads its ConfigMap).
+        assert REPORT_ANNOTATION not in (core.read_namespaced_pod("replica-0", namespace).metadata.annotations or {})
         assert "not a valid serving table" in (tmp_path / "loader.log").read_text()
     finally:
         proc.terminate()

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.request
 
 import numpy as np
 import pytest
 
 from support.adapters import write_adapter
-from support.loader_run import LoaderRun, complete, desired, engine_adapters
+from support.loader_run import LoaderRun, complete, desired, engine_adapters, openai
 from support.tiny_model import TOY_PHRASES, instruction_prompt, toy_prompts
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
@@ -149,3 +150,27 @@ def test_adapters_come_back_after_vllm_is_killed(vllm_server, loader, adapters):
     assert engine_adapters(vllm_server) == {"blue--v1", "fox--v1"}
     assert complete(vllm_server, "fox--v1", PROMPTS[0]).startswith(TOY_PHRASES[1])
     print(json.dumps(status["adapters"]["fox--v1"]))
+
+
+def test_an_adapter_replaced_in_vllm_under_its_name_is_restored(vllm_server, loader, adapters):
+    """Issue 12 item 1 (c) against the real vLLM: another caller unloads "blue--v1" and loads the fox weights
+    under that name; /v1/models shows it by its `root` (the path it was loaded from), and the loader restores
+    its own artifact."""
+    loader.set_table([desired("blue", adapters["blue"])])
+    loader.wait_settled()
+    roots = {m["id"]: m["root"] for m in openai(vllm_server, "/v1/models")["data"] if m.get("parent")}
+    own = roots["blue--v1"]
+    for path, body in (("/v1/unload_lora_adapter", {"lora_name": "blue--v1"}),
+                       ("/v1/load_lora_adapter", {"lora_name": "blue--v1", "lora_path": str(adapters["fox"])})):
+        req = urllib.request.Request(vllm_server.base_url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:   # answers plain text
+            assert resp.status == 200
+
+    def restored(_status) -> bool:
+        cards = openai(vllm_server, "/v1/models")["data"]
+        return any(m["id"] == "blue--v1" and m["root"] == own for m in cards)
+
+    loader.wait(lambda s: restored(s) and s["adapters"]["blue--v1"]["state"] == "Ready", timeout=120)
+    assert "vLLM serves blue--v1 from a path the loader did not load" in loader.log_tail(200)
+    assert complete(vllm_server, "blue--v1", PROMPTS[0]).startswith(TOY_PHRASES[0])

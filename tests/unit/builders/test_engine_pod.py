@@ -115,8 +115,8 @@ def test_s3_base_model_is_fetched_by_an_init_container_that_vllm_and_the_loader_
     parsed = args.parse_args(fetch["command"][2:])  # the command parses with the real entry point
     where = fetched_model_path(parsed.cache_dir, parsed.uri)
     assert {e["name"] for e in fetch["env"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
-    assert all(e["valueFrom"]["secretKeyRef"]["name"] == "s3-creds" for e in fetch["env"])
-    assert fetch["volumeMounts"] == [{"name": engine_pod.MODEL_CACHE_VOLUME, "mountPath": engine_pod.MODEL_CACHE_PATH}]
+    assert all(e["valueFrom"]["secretKeyRef"]["name"] == "s3-creds" for e in fetch["env"] if "valueFrom" in e)
+    assert fetch["volumeMounts"][0] == {"name": engine_pod.MODEL_CACHE_VOLUME, "mountPath": engine_pod.MODEL_CACHE_PATH}
     vllm = next(c for c in pod["containers"] if c["name"] == engine_pod.ENGINE_CONTAINER)
     assert flag(vllm["command"], "--model") == str(where)             # vLLM serves the fetched copy
     assert flag(vllm["command"], "--served-model-name") == "llama-3-8b"
@@ -129,3 +129,68 @@ def test_s3_base_model_is_fetched_by_an_init_container_that_vllm_and_the_loader_
     # Hub and PVC models need no fetch.
     assert engine_pod.model_fetch_container(route(), "lp:1") is None
     assert engine_pod.model_fetch_container(route(baseModel={"uri": "pvc://models/llama"}), "lp:1") is None
+
+
+def test_only_the_loader_holds_an_api_token_and_it_may_write_nothing():
+    """Issue 12 item 3: the token was automounted into every container (vLLM runs model code) and the loader's
+    Role could patch every pod of the namespace. Now only the loader mounts it, and the Role only reads."""
+    from loraplane.api.paths import SERVICE_ACCOUNT_PATH
+    from loraplane.builders import BuildSettings, modelroute
+    from loraplane.api.wire.serving import ServingTable
+
+    r = route(baseModel={"uri": "s3://models/llama"})   # with the fetch-model init container
+    table = ServingTable(route="chat", namespace="ml", base_model="llama", served_model_name="llama",
+                         max_lora_rank=16, max_loras=4)
+    pod = modelroute.engine_deployment(r, table, BuildSettings())["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    token_volumes = {v["name"] for v in pod["volumes"] if "projected" in v}
+    sources = [next(iter(s)) for v in pod["volumes"] if "projected" in v for s in v["projected"]["sources"]]
+    assert sources == ["serviceAccountToken", "configMap", "downwardAPI"]   # token, ca.crt, namespace
+    for c in pod["containers"] + pod["initContainers"]:
+        mounted = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+        holds = [n for n in mounted if n in token_volumes]
+        if c["name"] == engine_pod.LOADER_CONTAINER:
+            assert [mounted[n] for n in holds] == [SERVICE_ACCOUNT_PATH]   # where kube/config.py reads it
+        else:
+            assert holds == [], c["name"]
+    rules = next(m for m in modelroute.engine_rbac(r) if m["kind"] == "Role")["rules"]
+    assert all(set(rule["verbs"]) <= {"get", "list", "watch"} for rule in rules)
+    assert all(rule.get("resourceNames") == ["chat-serving"] for rule in rules)
+
+
+def test_vllm_accepts_connections_only_from_its_routes_routers():
+    """Issue 12 item 1 (b): a NetworkPolicy per route, on by default: ingress to the engine pods' vLLM port only
+    from the same route's router pods; the loader's read-only port stays reachable; a switch turns it off."""
+    from loraplane.api.wire.serving import ServingTable
+    from loraplane.builders import BuildSettings, modelroute
+
+    def selected(selector: dict, labels: dict) -> bool:
+        return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+    r, other = route(), route()
+    other.metadata.name = "other"
+    table = ServingTable(route="chat", namespace="ml", base_model="llama", served_model_name="llama",
+                         max_lora_rank=16, max_loras=4)
+    kids = modelroute.children(r, table, BuildSettings())
+    (policy,) = [k for k in kids if k["kind"] == "NetworkPolicy"]
+    assert [k["kind"] for k in kids].index("NetworkPolicy") < [k["kind"] for k in kids].index("Deployment")
+    spec = policy["spec"]
+    engine = modelroute.engine_deployment(r, table, BuildSettings())["spec"]["template"]["metadata"]["labels"]
+    routers = modelroute.router_deployment(r, BuildSettings())["spec"]["template"]["metadata"]["labels"]
+    others = modelroute.router_deployment(other, BuildSettings())["spec"]["template"]["metadata"]["labels"]
+    other_engine = modelroute.engine_deployment(other, table, BuildSettings())["spec"]["template"]["metadata"]
+    assert selected(spec["podSelector"], engine) and not selected(spec["podSelector"], other_engine["labels"])
+    assert spec["policyTypes"] == ["Ingress"]
+
+    def allowed(port: int, labels: dict) -> bool:
+        return any(any(p["port"] == port for p in rule["ports"])
+                   and ("from" not in rule or any(selected(peer["podSelector"], labels) for peer in rule["from"]))
+                   for rule in spec["ingress"])
+
+    assert allowed(engine_pod.ENGINE_PORT, routers)
+    assert not allowed(engine_pod.ENGINE_PORT, others) and not allowed(engine_pod.ENGINE_PORT, engine)
+    assert not allowed(engine_pod.ENGINE_PORT, {})
+    assert allowed(engine_pod.LOADER_PORT, {})     # read-only /status, /metrics: the operator's relay
+    off = BuildSettings(network_policies=False)
+    assert not any(k["kind"] == "NetworkPolicy" for k in modelroute.children(r, table, off))
+    assert ("networking.k8s.io/v1", "NetworkPolicy", "ml", "chat-engine") in modelroute.unwanted_children(r, off)

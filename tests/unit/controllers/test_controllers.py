@@ -36,6 +36,11 @@ class FakeKube:
     def __init__(self, objects: dict | None = None):
         self.objects = objects or {}
         self.gets, self.applied, self.status_patches, self.events = [], [], [], []
+        self.created: list[dict] = []
+
+    async def create_if_absent(self, manifest):
+        self.created.append(manifest)
+        return True
 
     async def get(self, api_version, kind, namespace, name):
         self.gets.append((kind, name))
@@ -446,3 +451,36 @@ def test_a_route_resolves_again_only_when_its_spec_its_adapters_or_the_rejection
                                                           "generation": 4}})
     observe()
     assert len(calls) == 4                                                    # a new generation
+
+
+def test_the_route_engine_key_secret_is_created_once_with_a_random_key_and_never_overwritten():
+    """Issue 12 item 1 (a): vLLM, the loader and the router share a per-route key from a Secret the operator
+    creates: random, generated once (a create that finds it leaves it alone), before the pods that need it."""
+    class Exists(FakeKube):
+        async def create_if_absent(self, manifest):
+            self.created.append(manifest)
+            return len(self.created) == 1   # the first create made it; later ones found it
+
+    kube = Exists()
+    ctl = ModelRouteController(context(kube), rejections=lambda ns: {}, reselected=lambda key: None)
+    plan = ctl.plan(ModelRouteFacts(ROUTE_BODY, ROUTE, adapters=[ADAPTER]))
+    asyncio.run(ctl.execute(("ns", "r"), plan))
+    (secret,) = kube.created
+    assert (secret["kind"], secret["metadata"]["name"]) == ("Secret", "r-engine-key")
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "ru"
+    key = secret["stringData"]["api-key"]
+    assert len(key) >= 40 and kube.applied, "the Secret is created before the children are applied"
+    # The pods take it from the Secret: vLLM (VLLM_API_KEY = --api-key), the loader and the router.
+    pods = [m["spec"]["template"]["spec"] for m in kube.applied if m["kind"] == "Deployment"]
+    refs = {c["name"]: e["valueFrom"]["secretKeyRef"] for p in pods for c in p["containers"]
+            for e in c.get("env", []) if e["name"] == "VLLM_API_KEY"}
+    assert set(refs) == {"vllm", "adapter-loader", "router"}
+    assert all(r == {"name": "r-engine-key", "key": "api-key"} for r in refs.values())
+    # A re-render (a resync, a new table) does not create it again; another route gets its own random key.
+    again = ctl.plan(ModelRouteFacts(ROUTE_BODY, ROUTE, adapters=[ADAPTER], applier_epoch=1))
+    asyncio.run(ctl.execute(("ns", "r"), again))
+    assert len(kube.created) == 1
+    other = ModelRouteController(context(kube), rejections=lambda ns: {}, reselected=lambda key: None)
+    asyncio.run(other.execute(("ns", "r"), other.plan(ModelRouteFacts(ROUTE_BODY, ROUTE, adapters=[ADAPTER]))))
+    assert kube.created[1]["stringData"]["api-key"] != key   # a new process tries with a new random key...
+    # ...and the create finding the Secret leaves the stored one unchanged (KubeClient.create_if_absent: 409).

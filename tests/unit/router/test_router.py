@@ -81,6 +81,25 @@ async def test_routes_public_name_and_rewrites_only_model(started, tmp_path):
         assert a.received[-1][0] == "/v1/chat/completions"
 
 
+async def test_the_router_authenticates_to_vllm_with_the_route_engine_key_never_the_clients(started, tmp_path):
+    """Issue 12 item 1 (a): vLLM requires the route's engine key; the router sends it (and only it) to vLLM,
+    on requests and on its own /v1/models poll of a replica without a loader."""
+    a = await started(StubReplica("a", adapters={"chat-v1"}))
+    b = await started(StubReplica("b", adapters={"chat-v1"}))
+    async with running_router(tmp_path, [a.spec, b.engine_url], table_json({"chat": [("chat-v1", 100)]}),
+                              engine_key="route-key-1") as (_, c):
+        for _ in range(6):
+            async with c.post("/v1/completions", json={"model": "chat", "prompt": "x"},
+                              headers={"Authorization": "Bearer client-secret"}) as resp:
+                assert resp.status == 200
+        sent = [h.get("Authorization") for _, _, h in a.received + b.received]
+        assert sent and set(sent) == {"Bearer route-key-1"}
+        assert b.models_auth and set(b.models_auth) == {"Bearer route-key-1"}   # b has no loader: polled
+    with pytest.raises(ValueError):
+        from loraplane.router.server import engine_authorization
+        engine_authorization("key\r\nX-Evil: 1")
+
+
 async def test_models_listing_and_unknown_model_404(started, tmp_path):
     a = await started(StubReplica("a", adapters={"v1"}))
     table = table_json({"chat": [("v1", 100)], "tiny": [("base", 100)]})

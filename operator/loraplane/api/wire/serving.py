@@ -7,8 +7,8 @@ and writes it as JSON (key `serving.json`) into the ConfigMap `<route>-serving`:
 - the **router** maps each public model name in `models` to weighted backends (vLLM served names).
 
 Each replica's loader reports what it actually has as a `ReplicaReport`: served on its HTTP `/status`
-(the router polls it to choose replicas) and written to its Pod's annotation `loraplane.io/adapters`
-(the operator aggregates it into Adapter and ModelRoute status). Locally (quickstart, tests) the same
+(the router polls it to choose replicas; the operator polls it too and writes it into the Pod's annotation
+`loraplane.io/adapters`, which it aggregates into Adapter and ModelRoute status). Locally (quickstart, tests) the same
 JSON travels through files and loopback URLs instead of a ConfigMap and annotations.
 """
 
