@@ -208,7 +208,7 @@ def test_images_and_settings_are_values():
 def test_the_spec_policy_reaches_the_operator():
     """Issue 12, item 6: operator.policy values -> the operator's LORAPLANE_* env -> OperatorSettings' policy; the
     defaults are the operator's own (the safe extraArgs list, nothing else allowed)."""
-    from loraplane.builders.policy import DEFAULT_ENGINE_ARGS, SpecPolicy
+    from loraplane.builders.policy import DEFAULT_ENGINE_ARGS, DEFAULT_ENGINE_ENV, SpecPolicy
     from loraplane.controllers.settings import OperatorSettings
 
     def policy_of(values: dict) -> SpecPolicy:
@@ -221,13 +221,16 @@ def test_the_spec_policy_reaches_the_operator():
 
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())["operator"]["policy"]
     assert tuple(defaults["allowedEngineArgs"]) == DEFAULT_ENGINE_ARGS
+    assert tuple(defaults["allowedEngineEnv"]) == DEFAULT_ENGINE_ENV
     assert policy_of({}) == SpecPolicy()
     values = {"operator": {"policy": {
         "allowedImages": ["registry.example.com/ml/*", "quay.io/x/y:1"], "allowedEngineArgs": ["--seed"],
-        "allowTrustRemoteCode": True, "allowedEnvSecrets": ["hf-*"], "allowedServiceAccounts": ["trainer-*"]}}}
+        "allowTrustRemoteCode": True, "allowedEnvSecrets": ["hf-*"], "allowedServiceAccounts": ["trainer-*"],
+        "allowedEngineEnv": ["NCCL_*"]}}}
     assert policy_of(values) == SpecPolicy(
         allowed_images=("registry.example.com/ml/*", "quay.io/x/y:1"), allowed_engine_args=("--seed",),
-        allow_trust_remote_code=True, allowed_env_secrets=("hf-*",), allowed_service_accounts=("trainer-*",))
+        allow_trust_remote_code=True, allowed_env_secrets=("hf-*",), allowed_service_accounts=("trainer-*",),
+        allowed_engine_env=("NCCL_*",))
     assert policy_of({"operator": {"policy": {"allowedEngineArgs": []}}}).allowed_engine_args == ()
 
 

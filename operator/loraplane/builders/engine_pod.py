@@ -173,7 +173,9 @@ def credential_env(ref: ModelRef) -> Env:
 def engine_env(route: ModelRoute) -> Env:
     """vLLM's env: runtime LoRA loading on (the loader needs it), HF cache on the shared volume, HOME and TMPDIR
     on its scratch volume (the root filesystem is read-only), the route's engine key (vLLM's --api-key), user
-    env last. One entry per name (server-side apply refuses a container with two): a user entry replaces ours."""
+    env last. One entry per name (server-side apply refuses a container with two): a user entry named like one
+    of ours is dropped, never the operator's (an empty VLLM_API_KEY would switch vLLM's key check off; the policy
+    refuses such a spec first: builders/policy.py ENGINE_OWNED_ENV)."""
     env: Env = [
         {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
         {"name": "HF_HOME", "value": HF_HOME},
@@ -181,9 +183,8 @@ def engine_env(route: ModelRoute) -> Env:
         *engine_key_env(route),
         *credential_env(route.spec.base_model),
     ]
-    user = [dict(e) for e in route.spec.engine.env]
-    taken = {e.get("name") for e in user}
-    return [e for e in env if e["name"] not in taken] + user
+    ours = {e["name"] for e in env}
+    return env + [dict(e) for e in route.spec.engine.env if dict(e).get("name") not in ours]
 
 
 def adapter_secrets(table: ServingTable) -> list[str]:

@@ -16,6 +16,9 @@ The rules (docs/security.md, "Policy: what creating each kind grants"):
   tuning flags that neither load code, read local files nor open listeners). `--trust-remote-code` also needs
   `allow_trust_remote_code`. Flags the operator sets itself (--host, --port, --model, the LoRA settings) are never
   allowed: a later copy would override them.
+- env names: every name in `spec.engine.env` must match a glob of `allowed_engine_env` (default:
+  `DEFAULT_ENGINE_ENV`, logging and thread tuning); names the operator sets (`ENGINE_OWNED_ENV`: VLLM_API_KEY, ...)
+  and `ENGINE_ENV_NEVER` (code loading, endpoints/proxies/CAs, VLLM_SERVER_DEV_MODE) are never allowed.
 - env: `valueFrom.secretKeyRef` in `spec.engine.env` may name only the route's own `baseModel.credentialsSecretRef`
   or a Secret matching a glob of `allowed_env_secrets`; variables that load code or configuration from a path
   (`DENIED_ENV_NAMES`: LD_PRELOAD, PYTHONPATH, ...) are never allowed.
@@ -33,6 +36,9 @@ from fnmatch import fnmatchcase
 from loraplane.api.common import Resource
 from loraplane.api.finetunejob import FineTuneJob
 from loraplane.api.modelroute import ModelRoute
+from loraplane.api.paths import ENGINE_API_KEY_ENV
+from loraplane.builders.common import SCRATCH_ENV
+from loraplane.storage.uri import CREDENTIAL_ENV
 
 # vLLM flags a ModelRoute may pass in spec.engine.extraArgs without the platform team allowing more: scheduling,
 # memory and caching knobs of the engine's own work. Left out on purpose: anything that loads code or a plugin
@@ -43,12 +49,12 @@ from loraplane.api.modelroute import ModelRoute
 # sets (ENGINE_OWNED_ARGS).
 DEFAULT_ENGINE_ARGS: tuple[str, ...] = (
     "--enable-prefix-caching", "--no-enable-prefix-caching", "--enable-chunked-prefill",
-    "--no-enable-chunked-prefill", "--max-num-seqs", "--max-num-batched-tokens", "--max-num-partial-prefills",
-    "--block-size", "--swap-space", "--kv-cache-dtype", "--enforce-eager", "--seed", "--max-logprobs",
-    "--disable-log-requests", "--disable-log-stats", "--enable-log-requests", "--scheduling-policy",
-    "--cpu-offload-gb", "--max-seq-len-to-capture", "--max-cudagraph-capture-size", "--lora-dtype",
+    "--no-enable-chunked-prefill", "--max-num-seqs", "--max-num-batched-tokens",
+    "--block-size", "--kv-cache-dtype", "--enforce-eager", "--seed", "--max-logprobs",
+    "--disable-log-stats", "--enable-log-requests", "--scheduling-policy",
+    "--cpu-offload-gb", "--max-cudagraph-capture-size", "--lora-dtype",
     "--fully-sharded-loras", "--disable-sliding-window", "--pipeline-parallel-size", "--quantization",
-    "--num-gpu-blocks-override", "--preemption-mode", "--uvicorn-log-level", "--disable-uvicorn-access-log",
+    "--num-gpu-blocks-override", "--uvicorn-log-level", "--disable-uvicorn-access-log",
 )
 TRUST_REMOTE_CODE = "--trust-remote-code"
 # Flags engine_pod.engine_args writes: an extraArgs copy would override them (a second listener, another model,
@@ -62,15 +68,50 @@ ENGINE_OWNED_ARGS: frozenset[str] = frozenset({
 # the route's author controls (a PVC its baseModel.uri mounts): a shared library, Python modules, a startup or
 # breakpoint hook, a warnings category (imported by name), a logging dictConfig (instantiates classes), pickle
 # deserialisation. Refused whatever the policy says: an allowed image does not make them safe.
+# Kept for callers and docs; ENGINE_ENV_NEVER (below) holds these and more.
 DENIED_ENV_NAMES: frozenset[str] = frozenset({
     "LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE",
     "PYTHONBREAKPOINT", "PYTHONWARNINGS", "PYTHONPLATLIBDIR", "PYTHONINSPECT", "VLLM_LOGGING_CONFIG_PATH",
     "VLLM_ALLOW_INSECURE_SERIALIZATION",
 })
+# Environment variables spec.engine.env may set without the platform team allowing more (names, not globs): vLLM's
+# logging, stats and CPU-backend tuning and the OpenMP/tokenizers thread counts (vllm/envs.py of vLLM 0.32). Each
+# only changes how much or how verbosely vLLM works: none loads code or a plugin, names a path, a URL, a proxy or
+# a CA, or changes authentication or which routes vLLM serves. Everything else needs operator.policy.allowedEngineEnv.
+DEFAULT_ENGINE_ENV: tuple[str, ...] = (
+    "VLLM_LOGGING_LEVEL", "VLLM_LOGGING_PREFIX", "VLLM_LOG_STATS_INTERVAL", "VLLM_NO_USAGE_STATS",
+    "VLLM_DO_NOT_TRACK", "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM",
+)
+# Names the operator sets on the vLLM container (engine_pod.engine_env: the engine key, runtime LoRA loading, the
+# HF cache, HOME/TMPDIR on scratch, the base model's credentials). A user entry would replace the operator's: an
+# empty VLLM_API_KEY switches vLLM's key check off, VLLM_ALLOW_RUNTIME_LORA_UPDATING=False breaks the loader.
+ENGINE_OWNED_ENV: frozenset[str] = frozenset({
+    ENGINE_API_KEY_ENV, "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "HF_HOME", *SCRATCH_ENV, *CREDENTIAL_ENV,
+})
+# Globs of names no setting allows, even when a glob of allowed_engine_env matches them (`VLLM_*`, `*`):
+# - the operator's own names (ENGINE_OWNED_ENV) and DENIED_ENV_NAMES;
+# - names that make vLLM or a library it loads import or run code from a path or a name the author chooses
+#   (SageMaker's CUSTOM_SCRIPT_FILENAME / SAGEMAKER_* of the bundled model_hosting_container_standards, every
+#   PYTHON* and LD_*, VLLM_PLUGINS, cache and config roots that hold pickled or compiled code: VLLM_CACHE_ROOT,
+#   VLLM_CONFIG_ROOT, TRITON_CACHE_DIR, TORCHINDUCTOR_*, HF_MODULES_CACHE, XDG_*, ...);
+# - VLLM_SERVER_DEV_MODE: serves /collective_rpc, /update_weights, /sleep outside /v1, never key-checked;
+# - endpoints, proxies and CAs: with baseModel.credentialsSecretRef vLLM would send the Secret (HF_TOKEN, AWS_*)
+#   to the author's server (HF_ENDPOINT, *_PROXY, SSL_CERT_FILE, REQUESTS_CA_BUNDLE, AWS_ENDPOINT_URL*, ...).
+ENGINE_ENV_NEVER: tuple[str, ...] = (
+    *sorted(ENGINE_OWNED_ENV), *sorted(DENIED_ENV_NAMES), "VLLM_SERVER_DEV_MODE",
+    "PYTHON*", "LD_*", "SAGEMAKER_*", "CUSTOM_SCRIPT*", "XDG_*", "VLLM_PLUGINS", "VLLM_*PLUGIN*", "VLLM_CACHE_ROOT",
+    "VLLM_CONFIG_ROOT", "VLLM_ASSETS_CACHE*", "VLLM_RPC_BASE_PATH", "VLLM_USE_MODELSCOPE", "MODELSCOPE_*",
+    "VLLM_*_PATH", "VLLM_*_DIR", "VLLM_*_URL", "VLLM_*_ENDPOINT*", "VLLM_*INSECURE*", "VLLM_*SERIALIZ*",
+    "TRITON_*", "TORCHINDUCTOR_*", "TORCH_HOME", "TORCH_EXTENSIONS_DIR", "CUDA_CACHE_PATH", "HF_*", "HUGGINGFACE_*",
+    "TRANSFORMERS_*", "*_PROXY", "*_proxy", "SSL_CERT_*", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_*",
+    "AWS_*", "GOOGLE_*", "AZURE_*", "KUBERNETES_*", "PATH",
+)
 # Where each setting is written, for the messages (chart value, then the operator's environment variable).
 SETTING_IMAGES = "operator.policy.allowedImages (LORAPLANE_ALLOWED_IMAGES)"
 SETTING_ENGINE_ARGS = "operator.policy.allowedEngineArgs (LORAPLANE_ALLOWED_ENGINE_ARGS)"
 SETTING_TRUST = "operator.policy.allowTrustRemoteCode (LORAPLANE_ALLOW_TRUST_REMOTE_CODE)"
+SETTING_ENGINE_ENV = "operator.policy.allowedEngineEnv (LORAPLANE_ALLOWED_ENGINE_ENV)"
 SETTING_SECRETS = "operator.policy.allowedEnvSecrets (LORAPLANE_ALLOWED_ENV_SECRETS)"
 SETTING_ACCOUNTS = "operator.policy.allowedServiceAccounts (LORAPLANE_ALLOWED_SERVICE_ACCOUNTS)"
 # A token of extraArgs that is a value, not a flag, although it starts with "-": a negative number.
@@ -86,6 +127,7 @@ class SpecPolicy:
     allowed_engine_args: tuple[str, ...] = DEFAULT_ENGINE_ARGS
     allow_trust_remote_code: bool = False
     allowed_env_secrets: tuple[str, ...] = ()
+    allowed_engine_env: tuple[str, ...] = DEFAULT_ENGINE_ENV
     allowed_service_accounts: tuple[str, ...] = ()
 
 
@@ -162,14 +204,30 @@ def engine_arg_violations(args: list[str], policy: SpecPolicy, where: str = "spe
     return out
 
 
+def engine_env_name_violations(name: str, policy: SpecPolicy, where: str) -> list[Violation]:
+    """The violation (zero or one) of an env entry NAMED `name` in the vLLM container's spec.engine.env: a name the
+    operator sets or one of ENGINE_ENV_NEVER (code loading, endpoints, proxies, CAs, dev routes) is refused
+    whatever the policy says; any other name must match a glob of `policy.allowed_engine_env` (default:
+    DEFAULT_ENGINE_ENV). Case-sensitive, as the kernel and Python's os.environ are."""
+    if name in ENGINE_OWNED_ENV:
+        return [Violation(where, f"{name} is set by the operator on the vLLM container (engine key, runtime LoRA "
+                          "loading, caches, credentials)", "none: the operator owns it")]
+    if _glob_match(name, ENGINE_ENV_NEVER) or _glob_match(name.upper(), ENGINE_ENV_NEVER):
+        return [Violation(where, f"{name} could make vLLM run code the author chooses, serve unauthenticated "
+                          "routes, or send credentials to another endpoint", "none: bake it into an allowed image")]
+    if _glob_match(name, policy.allowed_engine_env):
+        return []
+    return [Violation(where, f"environment variable {name} is not in the allowed list", SETTING_ENGINE_ENV)]
+
+
 def _env_violations(env: list[dict], own_secrets: set[str], policy: SpecPolicy, where: str) -> list[Violation]:
     out = []
     for i, entry in enumerate(env):
         if not isinstance(entry, dict):
             continue
-        if entry.get("name") in DENIED_ENV_NAMES:
-            out.append(Violation(f"{where}[{i}].name", f"{entry['name']} makes the vLLM container load code or "
-                                 "configuration from a path", "none: bake it into an allowed image"))
+        name = entry.get("name")
+        if isinstance(name, str):
+            out += engine_env_name_violations(name, policy, f"{where}[{i}].name")
         ref = (entry.get("valueFrom") or {}).get("secretKeyRef") or {}
         secret = ref.get("name") if isinstance(ref, dict) else None
         if not ref:
@@ -219,5 +277,6 @@ def split_list(value: str | None) -> tuple[str, ...] | None:
     return tuple(t for t in re.split(r"[,\s]+", value) if t)
 
 
-__all__ = ["DEFAULT_ENGINE_ARGS", "DENIED_ENV_NAMES", "ENGINE_OWNED_ARGS", "SpecPolicy", "Violation", "engine_arg_violations",
+__all__ = ["DEFAULT_ENGINE_ARGS", "DEFAULT_ENGINE_ENV", "DENIED_ENV_NAMES", "ENGINE_ENV_NEVER", "ENGINE_OWNED_ARGS",
+           "ENGINE_OWNED_ENV", "engine_env_name_violations", "SpecPolicy", "Violation", "engine_arg_violations",
            "flag_name", "image_allowed", "image_repository", "policy_message", "policy_violations", "split_list"]

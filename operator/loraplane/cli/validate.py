@@ -67,6 +67,7 @@ def settings_from_values(values: dict) -> "BuildSettings":
                           allowed_engine_args=strings("allowedEngineArgs", dp.allowed_engine_args),
                           allow_trust_remote_code=trust,
                           allowed_env_secrets=strings("allowedEnvSecrets", dp.allowed_env_secrets),
+                          allowed_engine_env=strings("allowedEngineEnv", dp.allowed_engine_env),
                           allowed_service_accounts=strings("allowedServiceAccounts", dp.allowed_service_accounts)))
 
 

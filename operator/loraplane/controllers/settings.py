@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from loraplane.builders.policy import DEFAULT_ENGINE_ARGS, SpecPolicy, split_list
+from loraplane.builders.policy import DEFAULT_ENGINE_ARGS, DEFAULT_ENGINE_ENV, SpecPolicy, split_list
 from loraplane.builders.settings import BuildSettings
 
 
@@ -36,6 +36,8 @@ class OperatorSettings:
             allowed_engine_args=split_list(e("LORAPLANE_ALLOWED_ENGINE_ARGS", ",".join(DEFAULT_ENGINE_ARGS))) or (),
             allow_trust_remote_code=e("LORAPLANE_ALLOW_TRUST_REMOTE_CODE", "false").lower() == "true",
             allowed_env_secrets=split_list(e("LORAPLANE_ALLOWED_ENV_SECRETS")) or (),
+            # Unset: the safe default list; set (even empty): exactly the globs it names.
+            allowed_engine_env=split_list(e("LORAPLANE_ALLOWED_ENGINE_ENV", ",".join(DEFAULT_ENGINE_ENV))) or (),
             allowed_service_accounts=split_list(e("LORAPLANE_ALLOWED_SERVICE_ACCOUNTS")) or ())
         return cls(
             build=BuildSettings(image=e("LORAPLANE_IMAGE", d.image), trainer_image=e("LORAPLANE_TRAINER_IMAGE"),
