@@ -67,11 +67,12 @@ class EngineSpec(ApiModel):
         "operator.policy.allowedEngineArgs, default: scheduling and caching flags; --trust-remote-code only with "
         "allowTrustRemoteCode); others end in PolicyViolation."))
     env: EnvList = Field(max_length=256, default_factory=list, description=(
-        "Extra env entries of the vLLM container, verbatim; names must be unique. An entry named like one the "
-        "operator sets (HF_HOME, VLLM_ALLOW_RUNTIME_LORA_UPDATING, credentials) replaces it. valueFrom.secretKeyRef "
-        "may name only baseModel.credentialsSecretRef's Secret or one the operator's policy allows (chart "
-        "operator.policy.allowedEnvSecrets; else PolicyViolation); variables that load code from a path "
-        "(LD_PRELOAD, PYTHONPATH, ...) are refused."))
+        "Extra env entries of the vLLM container, verbatim; names must be unique. Names must be in the operator's "
+        "policy (chart operator.policy.allowedEngineEnv, default: vLLM logging and thread tuning; else "
+        "PolicyViolation); names the operator sets (VLLM_API_KEY, HF_HOME, credentials, ...), VLLM_SERVER_DEV_MODE, "
+        "code-loading names (PYTHON*, LD_*, VLLM_PLUGINS, ...) and endpoint/proxy/CA names (HF_ENDPOINT, *_PROXY, "
+        "...) are always refused. valueFrom.secretKeyRef may name only baseModel.credentialsSecretRef's Secret or "
+        "one the operator's policy allows (chart operator.policy.allowedEnvSecrets; else PolicyViolation)."))
     node_selector: Labels = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -66,7 +66,8 @@ class Reason(StrEnum):
     PolicyViolation = ("PolicyViolation", f"{FTJ}; {ROUTE}",
         "The spec asks for something the operator's policy does not allow: an image outside the operator's "
         "repositories and allowedImages, a vLLM flag outside allowedEngineArgs (e.g. --trust-remote-code), a "
-        "Secret in spec.engine.env, or another ServiceAccount; the message names each field and the setting "
+        "Secret or an environment variable name outside allowedEngineEnv in spec.engine.env (names the operator "
+        "sets and code-loading or endpoint names are never allowed), or another ServiceAccount; the message names each field and the setting "
         "that would allow it. Nothing is created or changed for this object.",
         "Change the named field, or ask the platform team to allow it (chart values operator.policy.*; "
         "docs/security.md). `loraplane validate --policy values.yaml FILE` checks before you apply.", STALLED)
