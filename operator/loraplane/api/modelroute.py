@@ -67,7 +67,8 @@ class EngineSpec(ApiModel):
         "operator.policy.allowedEngineArgs, default: scheduling and caching flags; --trust-remote-code only with "
         "allowTrustRemoteCode); others end in PolicyViolation."))
     env: EnvList = Field(max_length=256, default_factory=list, description=(
-        "Extra env entries of the vLLM container, verbatim; names must be unique. An entry named like one the "
+        "Extra env entries of the vLLM container (core/v1 EnvVar: name, and value or a valueFrom with exactly one "
+        "source); names must be unique. An entry named like one the "
         "operator sets (HF_HOME, VLLM_ALLOW_RUNTIME_LORA_UPDATING, credentials) replaces it. valueFrom.secretKeyRef "
         "may name only baseModel.credentialsSecretRef's Secret or one the operator's policy allows (chart "
         "operator.policy.allowedEnvSecrets; else PolicyViolation); variables that load code from a path "

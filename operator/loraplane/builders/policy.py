@@ -170,7 +170,8 @@ def _env_violations(env: list[dict], own_secrets: set[str], policy: SpecPolicy, 
         if entry.get("name") in DENIED_ENV_NAMES:
             out.append(Violation(f"{where}[{i}].name", f"{entry['name']} makes the vLLM container load code or "
                                  "configuration from a path", "none: bake it into an allowed image"))
-        ref = (entry.get("valueFrom") or {}).get("secretKeyRef") or {}
+        source = entry.get("valueFrom")   # typed by api.common.EnvVar; a dict here all the same, never trusted
+        ref = (source.get("secretKeyRef") if isinstance(source, dict) else None) or {}
         secret = ref.get("name") if isinstance(ref, dict) else None
         if not ref:
             continue
