@@ -460,13 +460,16 @@ class ModelRouteController(Controller):
     def engine_key_due(self, body: dict, route: ModelRoute, pods: list[dict], router_pods: list[dict]) -> bool:
         """Whether the route's engine key Secret is to be created (again) in this reconcile, besides when its
         children are rendered: never tried for this uid, or (at most every ENGINE_KEY_RETRY_SECONDS) a pod of
-        the route waits on a missing Secret, or its last create found one (409) while the route is younger than
+        the route waits on its missing engine key Secret, or its last create found one (409) while the route is younger than
         ENGINE_KEY_YOUNG_SECONDS: the Secret found may be a deleted predecessor's, which the garbage collector
         removes afterwards (then every new pod would fail until it is created again)."""
         mark = (route.metadata.namespace or "", route.metadata.name or "", route.metadata.uid or "")
         last = self._key_conflicts.get(mark)
-        stuck = any(config_problem(p, (engine_pod.ENGINE_CONTAINER, engine_pod.LOADER_CONTAINER)) for p in pods) \
-            or any(config_problem(p, (route_builders.ROUTER_CONTAINER,)) for p in router_pods)
+        # kubelet's message names what is missing (`secret "r-engine-key" not found`): only the key counts.
+        missing = f'"{engine_pod.engine_key_secret_name(route)}"'
+        stuck = any(missing in (config_problem(p, (engine_pod.ENGINE_CONTAINER, engine_pod.LOADER_CONTAINER)) or "")
+                    for p in pods) \
+            or any(missing in (config_problem(p, (route_builders.ROUTER_CONTAINER,)) or "") for p in router_pods)
         if mark in self._keyed and not stuck:
             return False
         if last is None:

@@ -542,3 +542,9 @@ def test_an_engine_key_create_that_finds_a_predecessors_secret_is_retried_until_
     assert len(old.kube.created) == 2
     ready = next(c for c in old.kube.status_patches[-1][2]["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == Reason.ContainerConfig and 'secret "r-engine-key" not found' in ready["message"]
+    # A pod missing another Secret (the user's) is shown, but does not make the operator create its key again.
+    now["mono"] += ENGINE_KEY_RETRY_SECONDS
+    pod = old.stores.EnginePod.get(("ns", "r-engine-1"))
+    pod["status"]["containerStatuses"][0]["state"]["waiting"]["message"] = 'secret "users-secret" not found'
+    asyncio.run(old.reconcile(("ns", "r")))
+    assert len(old.kube.created) == 2
