@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
 from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType, Progress, progress_of
@@ -106,11 +106,6 @@ FreeForm = Annotated[
 ]
 
 
-# Container env entries passed through verbatim, but each with a valid, unique name.
-EnvList = Annotated[
-    list[FreeForm],
-    AfterValidator(_check_env),
-]
 
 
 class CelRule(BaseModel):
@@ -215,6 +210,77 @@ class SecretKeyRef(ApiModel):
     key: str | None = Field(default=None, pattern=r"^[-._a-zA-Z0-9]+$", max_length=253,
                             description="Key within the Secret (letters, digits, '-', '_', '.', as Kubernetes "
                                         "allows); the whole Secret when omitted.")
+
+
+def _one_of(*fields: str) -> CelRule:
+    counted = " + ".join(f"(has(self.{f}) ? 1 : 0)" for f in fields)
+    return CelRule(rule=f"{counted} == 1", check=lambda obj: sum(f in obj for f in fields) == 1,
+                   message=f"set exactly one of {', '.join(fields)}")
+
+
+class EnvFieldRef(ApiModel):
+    """valueFrom.fieldRef of a container env entry (core/v1 ObjectFieldSelector): a field of the pod."""
+
+    field_path: str = Field(min_length=1, max_length=253, description="e.g. metadata.name, status.podIP.")
+    api_version: str | None = Field(default=None, max_length=63, description="Default v1.")
+
+
+class EnvResourceFieldRef(ApiModel):
+    """valueFrom.resourceFieldRef of a container env entry (core/v1 ResourceFieldSelector): a container's
+    resource limit or request."""
+
+    resource: str = Field(min_length=1, max_length=253, description="e.g. limits.memory, requests.cpu.")
+    container_name: str | None = Field(default=None, max_length=63)
+    divisor: Quantity | None = None
+
+
+class EnvKeyRef(ApiModel):
+    """valueFrom.configMapKeyRef / secretKeyRef of a container env entry (core/v1 ConfigMapKeySelector,
+    SecretKeySelector): one key of a ConfigMap or Secret of the namespace."""
+
+    name: str = Field(pattern=DNS_NAME, max_length=253, description="Name of the ConfigMap or Secret.")
+    key: str = Field(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253, description="The key within it.")
+    optional: bool | None = None
+
+
+class EnvVarSource(ApiModel):
+    """valueFrom of a container env entry (core/v1 EnvVarSource): exactly one of its four sources."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        _one_of("fieldRef", "resourceFieldRef", "configMapKeyRef", "secretKeyRef"),)
+    field_ref: EnvFieldRef | None = None
+    resource_field_ref: EnvResourceFieldRef | None = None
+    config_map_key_ref: EnvKeyRef | None = None
+    secret_key_ref: EnvKeyRef | None = None
+
+
+class EnvVar(ApiModel):
+    """One container env entry (core/v1 EnvVar): a name and either a literal `value` or a `valueFrom` source.
+    Typed so that a malformed entry (e.g. `valueFrom: "x"`) is refused at admission and by `loraplane
+    validate` with its field named, never passed on to the policy check or the Pod."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(rule="!(has(self.value) && has(self.valueFrom))",
+                check=lambda obj: not ("value" in obj and "valueFrom" in obj),
+                message="set value or valueFrom, not both"),)
+    name: str = Field(pattern=ENV_NAME, max_length=253, description=(
+        "Letters, digits, '_', '-', '.', not starting with a digit."))
+    # Bounded (CEL cost estimates need a bound); 32 KiB is more than any flag or URL an engine reads from env.
+    value: str | None = Field(default=None, max_length=32768)
+    value_from: EnvVarSource | None = None
+
+
+def _env_wire(env: list[EnvVar]) -> list[dict[str, Any]]:
+    # Kept as the wire dicts the builders copy into the Pod (camelCase, unset fields left out).
+    return _check_env([e.wire() for e in env])
+
+
+# Container env entries: each typed (EnvVar), with a valid, unique name; held as their wire dicts.
+EnvList = Annotated[
+    list[EnvVar],
+    AfterValidator(_env_wire),
+    PlainSerializer(lambda env: env, return_type=list[dict[str, Any]]),
+]
 
 
 # The URI forms each scheme takes in the API's `pattern`s: one place that says which schemes exist, so that

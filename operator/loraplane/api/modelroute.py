@@ -67,7 +67,8 @@ class EngineSpec(ApiModel):
         "operator.policy.allowedEngineArgs, default: scheduling and caching flags; --trust-remote-code only with "
         "allowTrustRemoteCode); others end in PolicyViolation."))
     env: EnvList = Field(max_length=256, default_factory=list, description=(
-        "Extra env entries of the vLLM container, verbatim; names must be unique. Names must be in the operator's "
+        "Extra env entries of the vLLM container (core/v1 EnvVar: name, and value or a valueFrom with exactly one "
+        "source); names must be unique. Names must be in the operator's "
         "policy (chart operator.policy.allowedEngineEnv, default: vLLM logging and thread tuning; else "
         "PolicyViolation); names the operator sets (VLLM_API_KEY, HF_HOME, credentials, ...), VLLM_SERVER_DEV_MODE, "
         "code-loading names (PYTHON*, LD_*, VLLM_PLUGINS, ...) and endpoint/proxy/CA names (HF_ENDPOINT, *_PROXY, "

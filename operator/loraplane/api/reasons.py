@@ -323,6 +323,13 @@ class Reason(StrEnum):
         "spec yet: it is being created, started or rolled out. Until it has, the endpoint does not answer (or "
         "answers with the previous router spec).",
         "Wait; if it lasts, `kubectl describe deployment NAME-router` and its newest pods.", RECONCILING)
+    ContainerConfig = ("ContainerConfig", ROUTE,
+        "A container of the engine pods cannot be created (CreateContainerConfigError): a Secret, ConfigMap or key "
+        "its env or volumes name does not exist; the message names the pod, the container and what is missing. "
+        "The route's engine key Secret `<route>-engine-key` is re-created by the operator within about 30 s when "
+        "it is missing (e.g. the old route's Secret was garbage-collected after a delete and re-create).",
+        "Create the named Secret or ConfigMap (`spec.engine.env` valueFrom, `spec.baseModel.credentialsSecretRef`, ...); "
+        "if it is the engine key and it stays missing, check the operator's log for the create's error.", STALLED)
     RouterFailing = ("RouterFailing", ROUTE,
         "The router cannot serve `status.endpoint`: a router pod cannot pull its image or exits with an error, or "
         "the router Deployment's rollout exceeded its progress deadline; the message names the pod and why.",

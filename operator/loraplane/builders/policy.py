@@ -228,7 +228,8 @@ def _env_violations(env: list[dict], own_secrets: set[str], policy: SpecPolicy, 
         name = entry.get("name")
         if isinstance(name, str):
             out += engine_env_name_violations(name, policy, f"{where}[{i}].name")
-        ref = (entry.get("valueFrom") or {}).get("secretKeyRef") or {}
+        source = entry.get("valueFrom")   # typed by api.common.EnvVar; a dict here all the same, never trusted
+        ref = (source.get("secretKeyRef") if isinstance(source, dict) else None) or {}
         secret = ref.get("name") if isinstance(ref, dict) else None
         if not ref:
             continue

@@ -4,7 +4,9 @@ ReplicaReports the loaders write into their pods' `loraplane.io/adapters` annota
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable
+from datetime import datetime
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -22,7 +24,7 @@ from loraplane.builders import modelroute as route_builders
 from loraplane.builders.policy import policy_message
 from loraplane.builders.resolution import Resolution, Verdict, resolve
 from loraplane.controllers.base import API, Context, Controller
-from loraplane.controllers.pods import (crash_problem, image_pull_problem, pod_name, pod_ready, replica_report,
+from loraplane.controllers.pods import (config_problem, crash_problem, image_pull_problem, pod_name, pod_ready, replica_report,
                                         unschedulable)
 from loraplane.controllers.status import (dump_status, invalid_spec, owned_status, ready_reason,
                                           status_patch)
@@ -36,7 +38,14 @@ OWNED_STATUS = ("phase", "observedGeneration", "conditions", "replicas", "readyR
 ROUTE_BATCH_SECONDS = 0.5
 # Ready reasons that explain unready replicas (each posts a Warning event when it appears).
 REPLICA_PROBLEMS = (Reason.Unschedulable, Reason.ImagePull, Reason.ModelFetchFailed, Reason.EngineFailing,
-                    Reason.RolloutStalled, Reason.RouterFailing)
+                    Reason.ContainerConfig, Reason.RolloutStalled, Reason.RouterFailing)
+# The engine key Secret's create is retried at most this often per route (seconds) while it may be missing: its
+# create found a Secret of that name (409) for a route younger than ENGINE_KEY_YOUNG_SECONDS (the previous
+# route's of that name, deleted and awaiting garbage collection, then gone), or a pod of the route cannot be
+# created because a Secret is missing (CreateContainerConfigError). The operator may not read Secrets, so a
+# 409 cannot say whose Secret it found.
+ENGINE_KEY_RETRY_SECONDS = 30.0
+ENGINE_KEY_YOUNG_SECONDS = 600.0
 FALSE = ConditionStatus.FALSE
 # Which of two Ready=False states (the engine's, the router's) says more: the one that needs someone to act.
 SEVERITY = {Progress.Idle: 0, Progress.Done: 0, Progress.Reconciling: 1, Progress.Stalled: 2}
@@ -79,6 +88,11 @@ def replica_problem(route: ModelRoute, pods: list[dict]) -> ConditionState | Non
                        or image_pull_problem(pod, containers)):
             return ConditionState(FALSE, Reason.ImagePull, (
                 f"{problem}; check spec.engine.image (or the chart's engineImage / image) and imagePullSecrets"))
+        if problem := (config_problem(pod, (engine_pod.MODEL_FETCH_CONTAINER,), init=True)
+                       or config_problem(pod, containers)):
+            return ConditionState(FALSE, Reason.ContainerConfig, (
+                f"{problem}; create the named Secret or ConfigMap (the engine key Secret "
+                f"{engine_pod.engine_key_secret_name(route)} is re-created by the operator)"))
         for name in containers:
             if problem := crash_problem(pod, name):
                 return ConditionState(FALSE, Reason.EngineFailing, problem)
@@ -150,6 +164,7 @@ def router_state(route: ModelRoute, router: RouterFacts) -> ConditionState | Non
             if pod_ready(pod):
                 continue
             if problem := (image_pull_problem(pod, (route_builders.ROUTER_CONTAINER,))
+                           or config_problem(pod, (route_builders.ROUTER_CONTAINER,))
                            or crash_problem(pod, route_builders.ROUTER_CONTAINER)):
                 return ConditionState(FALSE, Reason.RouterFailing, f"{what}: {problem}")
             if message := unschedulable(pod):
@@ -298,6 +313,7 @@ class ModelRouteFacts:
     router_deployment: dict | None = None        # the router Deployment
     router_pods: list[dict] = field(default_factory=list)  # the router pods
     router_hash: str | None = None               # HASH_ANNOTATION of the router Deployment last applied
+    engine_key_due: bool = False                 # the engine key Secret's create is to be tried (again)
 
 
 @dataclass
@@ -319,6 +335,7 @@ class ModelRoutePlan:
     router_hash: str | None = None               # the router Deployment's, likewise
     # The route's engine key Secret without its key (execute generates one when it creates the Secret).
     engine_key: dict | None = None
+    engine_key_due: bool = False                 # create it even if remembered (ModelRouteFacts.engine_key_due)
 
 
 class ModelRouteController(Controller):
@@ -341,7 +358,11 @@ class ModelRouteController(Controller):
         self._applied: dict[Key, tuple] = {}
         self._engine_hash: dict[Key, str] = {}
         self._router_hash: dict[Key, str] = {}
-        self._keyed: set[tuple[str, str, str]] = set()   # (namespace, name, uid) whose engine key Secret exists
+        self._keyed: set[tuple[str, str, str]] = set()   # routes' (namespace, name, uid) whose key Secret it made
+        # (namespace, name, uid) -> time.monotonic() of its last engine key create that found a Secret (409).
+        self._key_conflicts: dict[tuple[str, str, str], float] = {}
+        self._clock = time.monotonic   # for ENGINE_KEY_RETRY_SECONDS (tests replace it)
+        self._wall = time.time         # for ENGINE_KEY_YOUNG_SECONDS, against creationTimestamp
 
     def on_change(self, source: str, obj: dict, old: dict | None) -> None:
         """Schedule the route itself; re-resolve the namespace's routes (batched, ROUTE_BATCH_SECONDS) when an
@@ -385,6 +406,10 @@ class ModelRouteController(Controller):
             memory.pop(key, None)
         for ident in [i for i in self._accepted if i[:2] == key]:
             del self._accepted[ident]
+        for memory in (self._key_conflicts,):
+            for ident in [i for i in memory if i[:2] == key]:
+                del memory[ident]
+        self._keyed = {i for i in self._keyed if i[:2] != key}
         self.ctx.applier.forget(key[0], f"{key[1]}-")
 
     # ---- observe -----------------------------------------------------------------------------------------
@@ -428,7 +453,38 @@ class ModelRouteController(Controller):
             last_applied=self._applied.get(key), last_selected=self._selected.get(key, {}),
             applier_epoch=self.ctx.applier.epoch, engine_hash=self._engine_hash.get(key),
             router_deployment=own(self.stores.RouterDeployment.get((ns, route_builders.router_name(route)))),
-            router_pods=self.stores.RouterPod.group(ns, name), router_hash=self._router_hash.get(key))
+            router_pods=self.stores.RouterPod.group(ns, name), router_hash=self._router_hash.get(key),
+            engine_key_due=self.engine_key_due(body, route, self.stores.EnginePod.group(ns, name),
+                                               self.stores.RouterPod.group(ns, name)))
+
+    def engine_key_due(self, body: dict, route: ModelRoute, pods: list[dict], router_pods: list[dict]) -> bool:
+        """Whether the route's engine key Secret is to be created (again) in this reconcile, besides when its
+        children are rendered: never tried for this uid, or (at most every ENGINE_KEY_RETRY_SECONDS) a pod of
+        the route waits on its missing engine key Secret, or its last create found one (409) while the route is younger than
+        ENGINE_KEY_YOUNG_SECONDS: the Secret found may be a deleted predecessor's, which the garbage collector
+        removes afterwards (then every new pod would fail until it is created again)."""
+        mark = (route.metadata.namespace or "", route.metadata.name or "", route.metadata.uid or "")
+        last = self._key_conflicts.get(mark)
+        # kubelet's message names what is missing (`secret "r-engine-key" not found`): only the key counts.
+        missing = f'"{engine_pod.engine_key_secret_name(route)}"'
+        stuck = any(missing in (config_problem(p, (engine_pod.ENGINE_CONTAINER, engine_pod.LOADER_CONTAINER)) or "")
+                    for p in pods) \
+            or any(missing in (config_problem(p, (route_builders.ROUTER_CONTAINER,)) or "") for p in router_pods)
+        if mark in self._keyed and not stuck:
+            return False
+        if last is None:
+            return mark not in self._keyed or stuck
+        if self._clock() - last < ENGINE_KEY_RETRY_SECONDS:
+            return False
+        return stuck or self._young(body)
+
+    def _young(self, body: dict) -> bool:
+        created = (body.get("metadata") or {}).get("creationTimestamp")
+        try:
+            at = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
+        except (AttributeError, ValueError):
+            return True   # unknown age: keep retrying at the bounded rate
+        return self._wall() - at < ENGINE_KEY_YOUNG_SECONDS
 
     async def accepted_base_of(self, route: ModelRoute) -> BaseModelId | None:
         """The base model the route's serving table was written for: from memory, else its ConfigMap."""
@@ -486,6 +542,8 @@ class ModelRouteController(Controller):
                 router = route_builders.router_name(route)
                 out.router_hash = next((k["metadata"]["annotations"].get(HASH_ANNOTATION) for k in kids
                                         if k["kind"] == "Deployment" and k["metadata"]["name"] == router), None)
+            if facts.engine_key_due:
+                out.engine_key, out.engine_key_due = route_builders.engine_key_secret(route, ""), True
             out.accepted_base, out.resolution = wanted, resolution
         else:
             resolution = facts.last_resolution or resolution
@@ -514,27 +572,38 @@ class ModelRouteController(Controller):
 
     # ---- execute -----------------------------------------------------------------------------------------
 
-    async def ensure_engine_key(self, secret: dict) -> None:
+    async def ensure_engine_key(self, secret: dict, due: bool = False) -> bool:
         """Create the route's engine key Secret with a random key (256 bits, URL-safe) unless it exists: a create
         that finds it (409) leaves it alone, so the key is generated once and never overwritten, and the
-        operator needs only `create` on Secrets, never `get`. The key is never logged. Once per route (uid) and
-        operator process: a deleted Secret comes back when the operator restarts (docs/security.md)."""
+        operator needs only `create` on Secrets, never `get`. The key is never logged.
+
+        A create that made it is remembered per route (uid) and operator process. One that found a Secret (409)
+        is not: the Secret found may be the previous route's of that name, deleted with it and awaiting garbage
+        collection; `engine_key_due` tries again (at most every ENGINE_KEY_RETRY_SECONDS) while the route is
+        young or while its pods wait on a missing Secret (docs/security.md). Without `due` (a re-render of the
+        children) a route whose Secret was made, or whose last create found one, is not tried. Returns whether a
+        retry is to be scheduled."""
         meta = secret["metadata"]
-        owner = ((meta.get("ownerReferences") or [{}])[0]).get("uid") or ""
-        mark = (meta["namespace"], meta["name"], owner)
-        if mark in self._keyed:
-            return
+        owner = (meta.get("ownerReferences") or [{}])[0]
+        mark = (meta["namespace"], owner.get("name") or "", owner.get("uid") or "")   # the route's (ns, name, uid)
+        if not due and (mark in self._keyed or mark in self._key_conflicts):
+            return False
         body = {**secret, "stringData": {ENGINE_KEY_SECRET_KEY: secrets.token_urlsafe(32)}}
-        await self.kube.create_if_absent(body)   # False: generated before, kept as it is
-        self._keyed.add(mark)
+        if await self.kube.create_if_absent(body):
+            self._keyed.add(mark)
+            self._key_conflicts.pop(mark, None)
+            return False
+        self._key_conflicts[mark] = self._clock()
+        return True
 
     async def execute(self, key: Key, plan: ModelRoutePlan) -> None:
         """Apply the children and prune the unwanted ones, remember what was accepted, patch the status, post
         the Events, and tell the Adapter controller whose selection changed."""
         ns, name = key
         applier = self.ctx.applier
-        if plan.engine_key is not None:
-            await self.ensure_engine_key(plan.engine_key)
+        if plan.engine_key is not None and await self.ensure_engine_key(plan.engine_key, plan.engine_key_due):
+            # Found one: look again later (engine_key_due decides whether the create is tried again).
+            self.schedule(key, ENGINE_KEY_RETRY_SECONDS)
         if plan.children:
             if await self.apply_children(plan.body, plan.children, plan.fresh) is None:
                 return  # shown as InvalidSpec; nothing below may claim the children are in place

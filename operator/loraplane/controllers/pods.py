@@ -17,6 +17,8 @@ from loraplane.api.adapter import adapter_of_served_name
 from loraplane.api.wire.serving import REPORT_ANNOTATION, ReplicaReport
 from loraplane.api.wire.trainer import TerminationMessage
 
+# kubelet's waiting reason when a container's env or volumes name a Secret, ConfigMap or key that does not exist.
+CREATE_CONFIG_ERROR = "CreateContainerConfigError"
 IMAGE_PULL_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"})
 POD_READY = "Ready"  # core/v1 PodConditionType
 MESSAGE_TAIL = 600  # characters of a termination message (a log tail) carried into a condition
@@ -64,6 +66,19 @@ def image_pull_problem(pod: dict, names: tuple[str, ...], init: bool = False) ->
         if waiting.get("reason") in IMAGE_PULL_REASONS:
             return (f"pod {pod_name(pod)} cannot pull the image of its {name} container ({cs.get('image', '?')}): "
                     f"{waiting.get('reason')}: {waiting.get('message', '')}".rstrip(": "))
+    return None
+
+
+def config_problem(pod: dict, names: tuple[str, ...], init: bool = False) -> str | None:
+    """Which of the containers `names` cannot be created because a Secret, ConfigMap or key it reads is missing
+    (waiting CreateContainerConfigError, e.g. `secret "r-engine-key" not found`), and kubelet's message, else
+    None."""
+    for name in names:
+        cs = container_status(pod, name, init)
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") == CREATE_CONFIG_ERROR:
+            return (f"pod {pod_name(pod)} cannot create its {name} container: {CREATE_CONFIG_ERROR}: "
+                    f"{waiting.get('message', '')}".rstrip(": "))
     return None
 
 

@@ -7,8 +7,8 @@ would let code running in an engine pod (vLLM executes model code) rewrite every
 the relay the engine pods' ServiceAccount may only read its route's ConfigMap (docs/security.md, "What the
 operator grants").
 
-What a loader answers is untrusted: at most MAX_REPORT_BYTES are read within TIMEOUT_SECONDS, the body must be
-a valid ReplicaReport, and its `replica` is replaced by the name of the pod it was read from (a loader cannot
+What a loader answers is untrusted: at most MAX_REPORT_BYTES are read (to the end of the stream, over as many
+network reads as it takes) within TIMEOUT_SECONDS, the body must be a valid ReplicaReport, and its `replica` is replaced by the name of the pod it was read from (a loader cannot
 report for another pod). The address is the pod's `status.podIP` from the operator's own watch.
 """
 
@@ -16,24 +16,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import aiohttp
 from pydantic import ValidationError
 
-from loraplane.api.wire.serving import LOADER_PORT, REPORT_ANNOTATION, ReplicaReport
+from loraplane.api.wire.serving import (
+    LOADER_PORT,
+    REPORT_ANNOTATION,
+    REPORT_MAX_BYTES,
+    STATUS_BOUNDED_QUERY,
+    ReplicaReport,
+)
 from loraplane.kube.client import ApiError, KubeClient
 from loraplane.kube.informer import Store
 
 log = logging.getLogger("loraplane.operator.reports")
 
-# Bounds on what one loader can make the operator read or wait for. A report lists a replica's adapters with
-# bounded messages; 256 KiB is also the API server's limit on all annotations of an object together.
-MAX_REPORT_BYTES = 256 * 1024
+# Bounds on what one loader can make the operator read or wait for. The relay asks for the bounded form of the
+# report (STATUS_BOUNDED_QUERY: ReplicaReport.to_annotation, at most REPORT_MAX_BYTES = 192 KiB); a loader of an
+# older version answers its full report, whose size grows with its adapters (about 370 bytes per Ready adapter,
+# up to ~4.2 KB per adapter with a REPORT_MESSAGE_CHARS message). 4 MiB covers 1,000 adapters with the longest
+# messages, or ~11,000 Ready ones, and bounds the relay's memory to CONCURRENCY x 4 MiB = 64 MiB.
+MAX_REPORT_BYTES = 4 * 1024 * 1024
+assert MAX_REPORT_BYTES > REPORT_MAX_BYTES
+# Bytes asked of the stream per read while accumulating a body.
+_CHUNK_BYTES = 64 * 1024
 TIMEOUT_SECONDS = 3.0
 # Seconds between two reads of the same pod: how late the operator's status may be behind a loader.
 DEFAULT_INTERVAL_SECONDS = 5.0
 CONCURRENCY = 16
 POD_RUNNING = "Running"  # core/v1 PodPhase
+# A pod whose loader answers something that is not a report is logged at warning at most this often (seconds).
+REFUSED_LOG_INTERVAL_SECONDS = 300.0
 
 
 class ReportTooLarge(ValueError):
@@ -50,9 +65,10 @@ def pod_address(pod: dict) -> str | None:
 
 
 def status_url(ip: str, port: int = LOADER_PORT) -> str:
-    """The loader's /status URL at `ip` (IPv6 literals bracketed)."""
+    """The loader's /status URL at `ip` (IPv6 literals bracketed), asking for the bounded report
+    (STATUS_BOUNDED_QUERY); a loader that does not know the query answers its full report."""
     host = f"[{ip}]" if ":" in ip else ip
-    return f"http://{host}:{port}/status"
+    return f"http://{host}:{port}/status?{STATUS_BOUNDED_QUERY}"
 
 
 async def read_report(session: aiohttp.ClientSession, url: str, replica: str) -> ReplicaReport:
@@ -62,9 +78,14 @@ async def read_report(session: aiohttp.ClientSession, url: str, replica: str) ->
         resp.raise_for_status()
         if (resp.content_length or 0) > MAX_REPORT_BYTES:
             raise ReportTooLarge(f"{url}: {resp.content_length} bytes")
-        body = await resp.content.read(MAX_REPORT_BYTES + 1)
-    if len(body) > MAX_REPORT_BYTES:
-        raise ReportTooLarge(f"{url}: more than {MAX_REPORT_BYTES} bytes")
+        # To the end of the stream: one read() returns only what has arrived so far, and a report larger than
+        # a TCP window arrives in several pieces. The running total bounds a body without (or lying about) its
+        # Content-Length.
+        body = bytearray()
+        async for chunk in resp.content.iter_chunked(_CHUNK_BYTES):
+            body += chunk
+            if len(body) > MAX_REPORT_BYTES:
+                raise ReportTooLarge(f"{url}: more than {MAX_REPORT_BYTES} bytes")
     try:
         report = ReplicaReport.model_validate_json(body)
     except ValidationError as exc:
@@ -84,6 +105,8 @@ class ReportRelay:
         self.interval = interval
         self.port = port
         self._limit = asyncio.Semaphore(CONCURRENCY)
+        # (namespace, pod) -> monotonic time its refused report was last logged at warning.
+        self._refused_logged: dict[tuple[str, str], float] = {}
 
     async def relay_once(self, session: aiohttp.ClientSession) -> int:
         """Read every running engine pod's report once; returns how many annotations were written."""
@@ -99,10 +122,16 @@ class ReportRelay:
         async with self._limit:
             try:
                 report = await read_report(session, status_url(ip, self.port), name)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-                # A loader still starting, or one that answers nonsense: the pod keeps its last report.
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                # A loader still starting: the pod keeps its last report.
                 log.debug("no report from pod %s/%s: %s", ns, name, exc)
                 return False
+            except ValueError as exc:
+                # An answer that is too large or not a report: the pod keeps its last report, and its adapters'
+                # status goes stale, so say so (once per REFUSED_LOG_INTERVAL_SECONDS per pod).
+                self._log_refused(ns, name, exc)
+                return False
+            self._refused_logged.pop((ns, name), None)
             value = report.to_annotation()
             if (meta.get("annotations") or {}).get(REPORT_ANNOTATION) == value:
                 return False
@@ -113,6 +142,17 @@ class ReportRelay:
                 log.info("could not annotate pod %s/%s with its report: %s", ns, name, exc)
                 return False
             return True
+
+    def _log_refused(self, ns: str, name: str, exc: Exception) -> None:
+        now = time.monotonic()
+        last = self._refused_logged.get((ns, name))
+        if last is not None and now - last < REFUSED_LOG_INTERVAL_SECONDS:
+            log.debug("report of pod %s/%s refused: %s", ns, name, exc)
+            return
+        if len(self._refused_logged) > 4 * CONCURRENCY * 64:   # forget pods long gone (bounded memory)
+            self._refused_logged.clear()
+        self._refused_logged[(ns, name)] = now
+        log.warning("report of pod %s/%s refused, its adapters' status is not updated: %s", ns, name, exc)
 
     async def run(self) -> None:
         """Relay forever (until cancelled)."""

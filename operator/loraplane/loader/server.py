@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from loraplane.api.wire.serving import STATUS_BOUNDED_QUERY
 from loraplane.loader.reconciler import Loader
 
 LOADER_KEY = web.AppKey("loader", Loader)
@@ -14,9 +15,15 @@ STALL_SECONDS = 120
 
 
 async def status(request: web.Request) -> web.Response:
-    """GET /status: the loader's ReplicaReport as JSON (what the router polls to choose replicas)."""
+    """GET /status: the loader's ReplicaReport as JSON (what the router polls to choose replicas). With
+    `?form=annotation` (STATUS_BOUNDED_QUERY, what the operator's report relay asks) the bounded form,
+    ReplicaReport.to_annotation(), at most REPORT_MAX_BYTES whatever the number of adapters."""
     loader = request.app[LOADER_KEY]
-    return web.json_response(loader.report().model_dump(mode="json", exclude_none=True))
+    report = loader.report()
+    key, _, value = STATUS_BOUNDED_QUERY.partition("=")
+    if request.query.get(key) == value:
+        return web.Response(text=report.to_annotation(), content_type="application/json")
+    return web.json_response(report.model_dump(mode="json", exclude_none=True))
 
 
 async def metrics(request: web.Request) -> web.Response:

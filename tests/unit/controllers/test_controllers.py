@@ -484,3 +484,67 @@ def test_the_route_engine_key_secret_is_created_once_with_a_random_key_and_never
     asyncio.run(other.execute(("ns", "r"), other.plan(ModelRouteFacts(ROUTE_BODY, ROUTE, adapters=[ADAPTER]))))
     assert kube.created[1]["stringData"]["api-key"] != key   # a new process tries with a new random key...
     # ...and the create finding the Secret leaves the stored one unchanged (KubeClient.create_if_absent: 409).
+
+
+def test_an_engine_key_create_that_finds_a_predecessors_secret_is_retried_until_it_creates_one():
+    """`kubectl delete modelroute r && kubectl apply -f r.yaml`: the new route's create finds the old route's
+    `r-engine-key` (409, awaiting garbage collection), then the GC deletes it. Before, the 409 was remembered as
+    done for the new uid and every new pod failed with CreateContainerConfigError until the operator restarted;
+    now the create is retried (at most every ENGINE_KEY_RETRY_SECONDS) and makes the Secret once it is gone."""
+    from datetime import datetime, timezone
+
+    from loraplane.controllers.modelroute import ENGINE_KEY_RETRY_SECONDS, ENGINE_KEY_YOUNG_SECONDS
+
+    class GcLater(FakeKube):
+        answers = [False, False, True]      # 409 (the old Secret), 409 again, 201 once the GC deleted it
+
+        async def create_if_absent(self, manifest):
+            self.created.append(manifest)
+            return self.answers[min(len(self.created), len(self.answers)) - 1]
+
+    now = {"mono": 1000.0, "wall": datetime(2026, 1, 1, tzinfo=timezone.utc).timestamp()}
+    body = {**ROUTE_BODY, "metadata": {**ROUTE_BODY["metadata"], "creationTimestamp": "2026-01-01T00:00:00Z"}}
+    kube = GcLater()
+    ctl = ModelRouteController(context(kube), rejections=lambda ns: {}, reselected=lambda key: None)
+    ctl._clock, ctl._wall = (lambda: now["mono"]), (lambda: now["wall"])
+    scheduled = []
+    ctl.schedule = lambda key, delay=None: scheduled.append((key, delay))
+    ctl.stores.ModelRoute.put(body)
+
+    def reconcile(seconds_later: float) -> int:
+        now["mono"] += seconds_later
+        now["wall"] += seconds_later
+        asyncio.run(ctl.reconcile(("ns", "r")))
+        return len(kube.created)
+
+    assert reconcile(0) == 1 and scheduled == [(("ns", "r"), ENGINE_KEY_RETRY_SECONDS)]
+    assert reconcile(5) == 1                          # bounded: not again within ENGINE_KEY_RETRY_SECONDS
+    assert reconcile(ENGINE_KEY_RETRY_SECONDS) == 2   # still there (409): tried again, looked at later again
+    assert reconcile(ENGINE_KEY_RETRY_SECONDS) == 3   # the GC removed it: created (201)
+    assert reconcile(ENGINE_KEY_RETRY_SECONDS) == 3   # and done for this uid
+    assert len(scheduled) == 2
+
+    # An old route whose create finds its own Secret (an operator restart) is not retried...
+    old = ModelRouteController(context(GcLater()), rejections=lambda ns: {}, reselected=lambda key: None)
+    old._clock, old._wall = (lambda: now["mono"]), (lambda: now["wall"] + ENGINE_KEY_YOUNG_SECONDS)
+    old.stores.ModelRoute.put(body)
+    asyncio.run(old.reconcile(("ns", "r")))
+    now["mono"] += ENGINE_KEY_RETRY_SECONDS
+    asyncio.run(old.reconcile(("ns", "r")))
+    assert len(old.kube.created) == 1
+    # ...unless a pod of the route waits on a missing Secret: then it is, and the route's status says why.
+    old.stores.EnginePod.put({"metadata": {"name": "r-engine-1", "namespace": "ns", "labels": {"loraplane.io/route": "r"},
+                                           "creationTimestamp": "2026-01-01T00:00:00Z"},
+                              "status": {"containerStatuses": [{"name": "vllm", "state": {"waiting": {
+                                  "reason": "CreateContainerConfigError",
+                                  "message": 'secret "r-engine-key" not found'}}}]}})
+    asyncio.run(old.reconcile(("ns", "r")))
+    assert len(old.kube.created) == 2
+    ready = next(c for c in old.kube.status_patches[-1][2]["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == Reason.ContainerConfig and 'secret "r-engine-key" not found' in ready["message"]
+    # A pod missing another Secret (the user's) is shown, but does not make the operator create its key again.
+    now["mono"] += ENGINE_KEY_RETRY_SECONDS
+    pod = old.stores.EnginePod.get(("ns", "r-engine-1"))
+    pod["status"]["containerStatuses"][0]["state"]["waiting"]["message"] = 'secret "users-secret" not found'
+    asyncio.run(old.reconcile(("ns", "r")))
+    assert len(old.kube.created) == 2

@@ -180,6 +180,9 @@ class AdapterReport(_Model):
 # every adapter's status on that replica goes stale. 64 KiB are left to the pod's other annotations; 192 KiB
 # hold the state, reason and time of about 1,000 adapters.
 REPORT_MAX_BYTES = 192 * 1024
+# The loader's /status answers ReplicaReport.to_annotation() (at most REPORT_MAX_BYTES) when asked with this
+# query string; without it the full report (what the router polls). The operator's report relay asks with it.
+STATUS_BOUNDED_QUERY = "form=annotation"
 # Message lengths tried, longest first, when the report does not fit (the last one drops them).
 _MESSAGE_STEPS = (500, 100, 0)
 # Which entries are kept first when even states and reasons do not all fit: what serves and what needs someone
