@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 from loraplane.api import Adapter, FineTuneJob, ModelRoute, Resource
+from loraplane.api.reasons import Reason
 from loraplane.builders import finetunejob, modelroute
 from loraplane.builders.common import Manifest
-from loraplane.builders.settings import BuildSettings
 from loraplane.builders.resolution import Resolution, resolve
+from loraplane.builders.settings import BuildSettings
 
 
 def route_resolution(route: ModelRoute, adapters: list[Adapter]) -> Resolution:
@@ -37,15 +38,20 @@ def route_warnings(resources: list[Resource]) -> list[str]:
     backends left out of the table (an Adapter that is not in `resources` — it may exist in the cluster —, or
     one the route cannot serve, e.g. a rank over engine.maxLoraRank or another base model), with the reason."""
     adapters = [r for r in resources if isinstance(r, Adapter)]
+    # Adapters a FineTuneJob among `resources` creates when it succeeds: not missing, only not trained yet.
+    produced = {(j.metadata.namespace or "default", j.spec.output.adapter_name)
+                for j in resources if isinstance(j, FineTuneJob)}
     out = []
     for r in resources:
         if not isinstance(r, ModelRoute):
             continue
-        where = f"ModelRoute {r.metadata.namespace or 'default'}/{r.metadata.name}"
+        ns = r.metadata.namespace or "default"
+        where = f"ModelRoute {ns}/{r.metadata.name}"
         resolution = route_resolution(r, adapters)
         out += [f"{where}: {c.message}" for c in resolution.conflicts]
         out += [f"{where}: backend {adapter} of {public!r} is left out ({verdict.reason}): {verdict.message}"
-                for (public, adapter), verdict in sorted(resolution.missing.items())]
+                for (public, adapter), verdict in sorted(resolution.missing.items())
+                if not (verdict.reason == Reason.AdapterNotFound and (ns, adapter) in produced)]
     return out
 
 
