@@ -102,3 +102,21 @@ def service_account_token(kube_api, namespace: str, name: str, timeout: float = 
                 return base64.b64decode(secret.data["token"]).decode()
         time.sleep(0.2)
     raise TimeoutError(f"no token Secret for ServiceAccount {namespace}/{name}")
+
+
+def engine_token(kube_api, namespace: str, route) -> str:
+    """Create the engine pods' RBAC the operator builds for ModelRoute `route` (builders.modelroute.engine_rbac:
+    ServiceAccount, Role, RoleBinding) in `namespace`, without owners (no ModelRoute object exists here), and
+    return the ServiceAccount's token: a client with exactly the rights a replica has in a cluster."""
+    from kubernetes import utils
+
+    from loraplane.builders.modelroute import engine_rbac
+
+    account = None
+    for manifest in engine_rbac(route):
+        manifest["metadata"].pop("ownerReferences", None)   # no ModelRoute object here: no GC owner either
+        utils.create_from_dict(kube_api, manifest, namespace=namespace)
+        if manifest["kind"] == "ServiceAccount":
+            account = manifest["metadata"]["name"]
+    assert account, "engine_rbac built no ServiceAccount"
+    return service_account_token(kube_api, namespace, account)

@@ -6,32 +6,25 @@ from __future__ import annotations
 import pytest
 
 from loraplane.api.modelroute import ModelRoute
-from loraplane.builders.modelroute import engine_rbac
 
 pytestmark = [pytest.mark.apiserver, pytest.mark.timeout(120)]
 
 
 def test_the_engine_token_reads_its_configmap_and_cannot_touch_pods(kube_cluster, kube_api, namespace, tmp_path):
-    from kubernetes import client, config, utils
+    from kubernetes import client, config
     from kubernetes.client.exceptions import ApiException
 
-    from support.kube import service_account_token
+    from support.kube import engine_token
 
     route = ModelRoute.model_validate({"apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute",
                                        "metadata": {"name": "chat", "namespace": namespace},
                                        "spec": {"baseModel": {"name": "org/model"}}})
-    account = None
-    for manifest in engine_rbac(route):
-        manifest["metadata"].pop("ownerReferences", None)   # no ModelRoute object here: no GC owner either
-        utils.create_from_dict(kube_api, manifest, namespace=namespace)
-        if manifest["kind"] == "ServiceAccount":
-            account = manifest["metadata"]["name"]
     admin = client.CoreV1Api(kube_api)
     admin.create_namespaced_config_map(namespace, {"metadata": {"name": "chat-serving"}, "data": {"k": "v"}})
     admin.create_namespaced_config_map(namespace, {"metadata": {"name": "other"}, "data": {"k": "v"}})
     admin.create_namespaced_pod(namespace, {"metadata": {"name": "victim"},
                                             "spec": {"containers": [{"name": "c", "image": "x"}]}})
-    token = service_account_token(kube_api, namespace, account)
+    token = engine_token(kube_api, namespace, route)
     kubeconfig = kube_cluster.kubeconfig_for_token(token, tmp_path / "engine.kubeconfig")
     with config.new_client_from_config(config_file=str(kubeconfig)) as api:
         core = client.CoreV1Api(api)

@@ -46,21 +46,12 @@ def wait_report(port, predicate, timeout=90) -> ReplicaReport:
 def loader_kubeconfig(kube_cluster, kube_api, namespace: str, server, tmp_path) -> str:
     """A kubeconfig with the token of the replica's ServiceAccount, bound to the Role the operator builds for
     it: the loader runs with exactly the rights it has in a cluster."""
-    from kubernetes import utils
-
-    from support.kube import service_account_token
-    from loraplane.builders.modelroute import engine_rbac
+    from support.kube import engine_token
     from support.vllm_server import tiny_route
 
     route = tiny_route(server.model_dir)
     route.metadata.namespace = namespace
-    account = None
-    for manifest in engine_rbac(route):
-        manifest["metadata"].pop("ownerReferences", None)   # no ModelRoute object here: no GC owner either
-        utils.create_from_dict(kube_api, manifest, namespace=namespace)
-        if manifest["kind"] == "ServiceAccount":
-            account = manifest["metadata"]["name"]
-    token = service_account_token(kube_api, namespace, account)
+    token = engine_token(kube_api, namespace, route)
     return str(kube_cluster.kubeconfig_for_token(token, tmp_path / "loader.kubeconfig"))
 
 
