@@ -58,12 +58,6 @@ def _files(root: Path) -> list[tuple[str, Path, os.stat_result]]:
     return out
 
 
-def directory_files(root: Path) -> list[Path]:
-    """The files under `root` the digest counts (links resolved to their target inside `root`), sorted by
-    relative POSIX path (the order the digest uses). A file with several names appears once per name."""
-    return [path for _, path, _ in _files(Path(root))]
-
-
 def sha256_dir(root: Path) -> str:
     """The digest of a directory's contents (see the module docstring); independent of timestamps and owners.
     Each distinct file (device, inode) is read once. Raises NotADirectoryError when `root` is not a directory,
