@@ -22,6 +22,7 @@ from loraplane.api.common import (
     uri_pattern,
     uri_rules,
 )
+from loraplane.api.evaluation import EvaluationResult
 from loraplane.api.finetunejob import immutable
 
 # Served names (what vLLM loads an adapter version under, and what the serving table, the loader's report and
@@ -146,6 +147,9 @@ class Provenance(ApiModel):
     dataset_sha256: str | None = None
     hyperparameters: FreeForm | None = None
     metrics: dict[str, float] | None = None
+    evaluation: EvaluationResult | None = Field(
+        default=None, description="The version's evaluation after training (api.evaluation): its scores, the base "
+                                  "model's and the replaced version's.")
     library_versions: dict[str, str] | None = None
     completed_at: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
 

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from loraplane.api.evaluation import EvaluationResult
 from loraplane.api.common import (
     URI_MAX_LENGTH,
     IMAGE_MAX_LENGTH,
@@ -248,6 +249,8 @@ class FineTuneJobStatus(StatusBase):
     attempts: int | None = Field(default=None, ge=0, description="Pod attempts so far (restarts resume).")
     adapter_ref: AdapterRef | None = None
     artifact: ArtifactRef | None = None
+    evaluation: EvaluationResult | None = Field(
+        default=None, description="Scores of the trained adapter, the base model and the replaced version.")
     failure: Failure | None = None
 
 
