@@ -387,6 +387,7 @@ def test_operator_role_holds_nothing_it_neither_uses_nor_grants():
     for kind in ("FineTuneJob", "Adapter", "ModelRoute"):  # status patches
         used.add((group(API_VERSION), PLURALS[kind] + "/status", "patch"))
     used.add(("", "events", "create"))
+    used.add(("", "events", "list"))      # a trainer Job's FailedCreate Events (controllers/finetunejob)
     route = parse(yaml.safe_load((ROOT / "docs" / "examples" / "modelroute.yaml").read_text()))
     assert isinstance(route, ModelRoute)
     fixed = route.model_copy(update={"spec": route.spec.model_copy(update={"autoscaling": None, "replicas": 1})})

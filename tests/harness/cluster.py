@@ -66,7 +66,9 @@ current-context: test
 """)
         return path
 
-    def start(self, controllers: str = CONTROLLERS) -> "Cluster":
+    def start(self, controllers: str = CONTROLLERS, apiserver_args: tuple[str, ...] = ()) -> "Cluster":
+        """Start etcd, kube-apiserver (with `apiserver_args` added, e.g. an admission plugin) and the
+        controller-manager running `controllers`; returns self once the apiserver is ready."""
         bin_dir = ensure_binaries()
         w = self.workdir
         (w / "logs").mkdir(parents=True, exist_ok=True)
@@ -100,6 +102,7 @@ current-context: test
             "--service-cluster-ip-range=10.0.0.0/24",
             "--disable-admission-plugins=ServiceAccount",
             "--enable-priority-and-fairness=false",
+            *apiserver_args,
         ])
         self.kubeconfig_for_token(ADMIN_TOKEN, self.kubeconfig)
         self._wait_ready()

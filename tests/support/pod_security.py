@@ -182,3 +182,39 @@ def violations(pod_spec: Pod, pod_metadata: dict | None = None, level: dict[str,
     """Every failed check of `level` (default restricted, which includes baseline) as "<check ID>: <what>"."""
     meta = pod_metadata or {}
     return [f"{check_id}: {what}" for check_id, check in level.items() for what in check(pod_spec, meta)]
+
+
+def pod_templates(manifests: list[dict]) -> list[tuple[str, dict]]:
+    """(owner kind/name, pod template) of every Job and Deployment."""
+    return [(f"{m['kind']}/{m['metadata']['name']}", m["spec"]["template"])
+            for m in manifests if m["kind"] in ("Job", "Deployment")]
+
+
+def every_pod_kind() -> list[tuple[str, dict]]:
+    """(owner kind/name, pod template) of every pod the builders render for docs/examples plus variants that add
+    containers and volumes: a multi-node trainer with PVC data, an s3:// base model (fetch-model init
+    container), adapters from a PVC and with credentials, a router API key. Shared by the port's check
+    (tests/unit/builders/test_pod_security.py) and the admission check (test_pod_security_admission.py)."""
+    import yaml
+
+    from loraplane.api import KINDS, FineTuneJob, ModelRoute, parse
+    from loraplane.builders import BuildSettings, render
+    from support.examples import EXAMPLES
+
+    ftj = FineTuneJob.model_validate({
+        "apiVersion": "loraplane.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "t", "namespace": "ml"},
+        "spec": {"baseModel": {"uri": "pvc://models/llama"}, "dataset": {"uri": "pvc://data/train.jsonl"},
+                 "output": {"uri": "pvc://out/adapters", "adapterName": "t"}, "resources": {"gpus": 2, "nodes": 2}}})
+    route = ModelRoute.model_validate({
+        "apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute", "metadata": {"name": "r", "namespace": "ml"},
+        "spec": {"baseModel": {"uri": "s3://bucket/llama", "credentialsSecretRef": {"name": "s3"}},
+                 "router": {"apiKeySecretRef": {"name": "keys"}},
+                 "routes": [{"name": "a", "backends": [{"adapter": "a", "weight": 100}]}]}})
+    adapter = parse({"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",
+                     "metadata": {"name": "a", "namespace": "ml"},
+                     "spec": {"baseModel": {"name": "s3://bucket/llama"}, "rank": 8,
+                              "source": {"uri": "pvc://adapters/a", "credentialsSecretRef": {"name": "creds"}}}})
+    examples = [parse(d) for path in sorted(EXAMPLES.glob("*.yaml")) for d in yaml.safe_load_all(path.read_text())
+                if d and d.get("kind") in KINDS]
+    manifests = render([*examples, ftj, route, adapter], BuildSettings())
+    return pod_templates(manifests)

@@ -330,6 +330,13 @@ class Reason(StrEnum):
         "it is missing (e.g. the old route's Secret was garbage-collected after a delete and re-create).",
         "Create the named Secret or ConfigMap (`spec.engine.env` valueFrom, `spec.baseModel.credentialsSecretRef`, ...); "
         "if it is the engine key and it stays missing, check the operator's log for the create's error.", STALLED)
+    PodsRefused = ("PodsRefused", "ModelRoute Ready; FineTuneJob Ready",
+        "The API server refuses to create the pods of the engine or router Deployment (the ReplicaSet's "
+        "FailedCreate) or of the trainer Job (the Job's FailedCreate Event): an admission controller such as Pod Security admission, a PodSecurityPolicy, a "
+        "ResourceQuota or a LimitRange said no; the message is the API server's, naming the rule.",
+        "Read the message: for Pod Security, the operator's pods run under `restricted` (docs/security.md), so a "
+        "refusal comes from a stricter namespace policy or a spec setting the cluster forbids; for a quota, raise "
+        "it or lower `spec.engine` / `spec.router` / `spec.resources`.", STALLED)
     RouterFailing = ("RouterFailing", ROUTE,
         "The router cannot serve `status.endpoint`: a router pod cannot pull its image or exits with an error, or "
         "the router Deployment's rollout exceeded its progress deadline; the message names the pod and why.",

@@ -10,6 +10,7 @@ writes that key.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,12 +29,13 @@ from loraplane.api.wire.trainer import REASONS_BY_EXIT_CODE, TerminationMessage
 from loraplane.builders import finetunejob
 from loraplane.builders.policy import policy_message
 from loraplane.controllers.base import API, Context, Controller
-from loraplane.controllers.pods import (container_status, image_pull_problem, last_terminated, pod_name,
-                                        termination_message, unschedulable)
+from loraplane.controllers.pods import (JOB_FAILED_CREATE, container_status, image_pull_problem, last_terminated,
+                                        pod_name, refusal_text, termination_message, unschedulable)
 from loraplane.controllers.status import (
     canonical, dump_status, invalid_spec, owned_status, status_patch,
 )
 from loraplane.kube.apply import owned_by
+from loraplane.kube.client import ApiError
 from loraplane.kube.events import Event, EventType
 from loraplane.kube.informer import Key
 
@@ -48,12 +50,16 @@ JOB_COMPLETE = "Complete"
 JOB_FAILED = "Failed"
 # Ready reasons that post a Warning Event when they appear.
 WARNING_REASONS = (Reason.SpecImmutable, Reason.ImagePull, Reason.Unschedulable, Reason.Retrying, Reason.Preempted,
-                   Reason.AdapterExists)
+                   Reason.AdapterExists, Reason.PodsRefused)
 # Kubernetes vocabulary read here: the kubelet's pod status reason of an eviction, and the Job condition reason
 # of a run its podFailurePolicy failed.
 POD_EVICTED = "Evicted"
 JOB_FAILED_BY_POLICY = "PodFailurePolicy"
 FALSE = ConditionStatus.FALSE
+# How often an unfinished Job with no pod is looked at again for a FailedCreate Event (seconds).
+POD_REFUSAL_RECHECK_SECONDS = 15.0
+
+log = logging.getLogger(__name__)
 
 
 def _normalised(spec: dict) -> dict:
@@ -162,8 +168,9 @@ class RunState:
     result: TerminationMessage | None = None  # a Succeeded run's result message
 
 
-def run_state(ftj: FineTuneJob, job: dict | None, pods: list[dict]) -> RunState:
-    """Phase, failure and waiting problem from the Job and its pods (pure)."""
+def run_state(ftj: FineTuneJob, job: dict | None, pods: list[dict], refused: str | None = None) -> RunState:
+    """Phase, failure and waiting problem from the Job and its pods (pure). `refused` is the API server's
+    refusal of the Job's pods (`pods_refused_message`), shown while the run has no pod."""
     pods = sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""))
     js = (job or {}).get("status") or {}
     attempts = (js.get("active") or 0) + (js.get("failed") or 0) + (js.get("succeeded") or 0)
@@ -200,6 +207,9 @@ def run_state(ftj: FineTuneJob, job: dict | None, pods: list[dict]) -> RunState:
     problem = None
     if problems := [w for w in (pod_waiting_problem(p) for p in pods) if w]:
         problem = problems[-1]
+    elif refused and not pods:
+        problem = ConditionState(FALSE, Reason.PodsRefused, f"the API server refuses the trainer Job's pods: "
+                                 f"{refused}")
     elif failed_pods and phase == FineTuneJobPhase.Pending:
         last_pod, last = failed_pods[-1]
         used = (js.get("failed") or 0) if policy else len(failures)
@@ -320,7 +330,8 @@ class FineTuneJobController(Controller):
         job_uid = ((job or {}).get("metadata") or {}).get("uid")
         pods = [p for p in self.stores.TrainPod.group(ns, finetunejob.owner_label(name)) if owned_by(p, job_uid)]
         previous = owned_status(FineTuneJobStatus, current, OWNED_STATUS)
-        run = None if previous.phase in TERMINAL and job is None else run_state(ftj, job, pods)
+        refused = await self.pods_refused(key, job) if job is not None and not pods else None
+        run = None if previous.phase in TERMINAL and job is None else run_state(ftj, job, pods, refused)
         adapter_key = (ns, ftj.spec.output.adapter_name)
         facts = FineTuneJobFacts(body, ftj, accepted_spec=accepted, run=run, now=now_rfc3339(),
                                  existing_adapter=self.stores.Adapter.get(adapter_key), job_exists=job is not None)
@@ -329,6 +340,31 @@ class FineTuneJobController(Controller):
             # The watch may lag behind a write of ours: ask the API server when the store has none.
             facts.existing_adapter = await self.kube.get(API, "Adapter", *adapter_key)
         return facts
+
+    async def pods_refused(self, key: Key, job: dict) -> str | None:
+        """The newest message of the Job's FailedCreate Events (the API server refused its pod: Pod Security
+        admission, a PodSecurityPolicy, a quota), else None. batch/v1 Job status has no condition for it, and the
+        refused pod never exists, so the Job controller's Event is the only place it is written. Only asked while
+        an unfinished Job has no pod; the job is looked at again after POD_REFUSAL_RECHECK_SECONDS, since the
+        Event changes nothing the informers watch. A list that fails (e.g. a chart without `list events`) is
+        logged and read as no refusal: it never fails the reconcile."""
+        if _job_condition(job, JOB_COMPLETE) or _job_condition(job, JOB_FAILED) or (job.get("spec") or {}).get(
+                "suspend"):
+            return None
+        self.schedule(key, POD_REFUSAL_RECHECK_SECONDS)
+        uid = (job.get("metadata") or {}).get("uid")
+        if not uid:
+            return None
+        try:
+            events = await self.kube.list("v1", "Event", key[0],
+                                          field_selector=f"involvedObject.uid={uid},reason={JOB_FAILED_CREATE}")
+        except ApiError as exc:
+            log.warning("cannot read the FailedCreate Events of Job %s/%s: %s", key[0], job["metadata"].get("name"),
+                        exc)
+            return None
+        newest = max((e for e in events if isinstance(e, dict)), default=None,
+                     key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
+        return refusal_text(newest.get("message") or JOB_FAILED_CREATE) if newest else None
 
     async def accepted_spec(self, ftj: FineTuneJob) -> dict | None:
         """The spec the job's Job runs with: from memory, else from its config ConfigMap."""

@@ -24,8 +24,8 @@ from loraplane.builders import modelroute as route_builders
 from loraplane.builders.policy import policy_message
 from loraplane.builders.resolution import Resolution, Verdict, resolve
 from loraplane.controllers.base import API, Context, Controller
-from loraplane.controllers.pods import (config_problem, crash_problem, image_pull_problem, pod_name, pod_ready, replica_report,
-                                        unschedulable)
+from loraplane.controllers.pods import (config_problem, crash_problem, image_pull_problem, pod_name, pod_ready,
+                                        pods_refused, replica_report, unschedulable)
 from loraplane.controllers.status import (dump_status, invalid_spec, owned_status, ready_reason,
                                           status_patch)
 from loraplane.api.paths import ENGINE_KEY_SECRET_KEY
@@ -38,7 +38,7 @@ OWNED_STATUS = ("phase", "observedGeneration", "conditions", "replicas", "readyR
 ROUTE_BATCH_SECONDS = 0.5
 # Ready reasons that explain unready replicas (each posts a Warning event when it appears).
 REPLICA_PROBLEMS = (Reason.Unschedulable, Reason.ImagePull, Reason.ModelFetchFailed, Reason.EngineFailing,
-                    Reason.ContainerConfig, Reason.RolloutStalled, Reason.RouterFailing)
+                    Reason.ContainerConfig, Reason.RolloutStalled, Reason.RouterFailing, Reason.PodsRefused)
 # The engine key Secret's create is retried at most this often per route (seconds) while it may be missing: its
 # create found a Secret of that name (409) for a route younger than ENGINE_KEY_YOUNG_SECONDS (the previous
 # route's of that name, deleted and awaiting garbage collection, then gone), or a pod of the route cannot be
@@ -170,6 +170,9 @@ def router_state(route: ModelRoute, router: RouterFacts) -> ConditionState | Non
             if message := unschedulable(pod):
                 return ConditionState(FALSE, Reason.RouterNotReady, f"{what}: pod {pod_name(pod)} cannot be "
                                       f"scheduled: {message}")
+        if refused := pods_refused(router.deployment):
+            return ConditionState(FALSE, Reason.PodsRefused, f"{what}: the API server refuses the router pods: "
+                                  f"{refused}")
         if rollout is not None and rollout.stalled:
             return ConditionState(FALSE, Reason.RouterFailing, f"{what}: the Deployment exceeded its progress "
                                   "deadline")
@@ -238,6 +241,9 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
         ready = ConditionState(FALSE, Reason.NoReadyReplicas, f"0 of {new.replicas} engine replicas are ready")
         if problem := replica_problem(route, pods):
             ready = ConditionState(FALSE, problem.reason, f"{ready.message}: {problem.message}")
+        elif refused := pods_refused(deployment):
+            ready = ConditionState(FALSE, Reason.PodsRefused, f"{ready.message}: the API server refuses the "
+                                   f"engine pods: {refused}")
     elif rollout is not None:
         # Serving goes on from the ready replicas; the current generation is not what they run yet.
         message = (f"generation {generation} is not rolled out: {rollout.message}; {new.ready_replicas} ready "
@@ -246,6 +252,10 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
         if problem := replica_problem(route, [p for p in pods if not pod_ready(p)]):
             new.phase = ModelRoutePhase.Degraded
             ready = ConditionState(FALSE, problem.reason, f"{message}: {problem.message}")
+        elif refused := pods_refused(deployment):
+            new.phase = ModelRoutePhase.Degraded
+            ready = ConditionState(FALSE, Reason.PodsRefused, f"{message}: the API server refuses the new engine "
+                                   f"pods: {refused}")
         elif rollout.stalled:
             new.phase = ModelRoutePhase.Degraded
             ready = ConditionState(FALSE, Reason.RolloutStalled, f"{message}: the Deployment exceeded its "

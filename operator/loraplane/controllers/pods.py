@@ -14,6 +14,7 @@ import json
 from pydantic import ValidationError
 
 from loraplane.api.adapter import adapter_of_served_name
+from loraplane.api.redaction import redacted
 from loraplane.api.wire.serving import REPORT_ANNOTATION, ReplicaReport
 from loraplane.api.wire.trainer import TerminationMessage
 
@@ -22,6 +23,29 @@ CREATE_CONFIG_ERROR = "CreateContainerConfigError"
 IMAGE_PULL_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"})
 POD_READY = "Ready"  # core/v1 PodConditionType
 MESSAGE_TAIL = 600  # characters of a termination message (a log tail) carried into a condition
+# apps/v1 DeploymentCondition: a ReplicaSet of the Deployment could not create a pod (the deployment controller
+# copies the ReplicaSet's ReplicaFailure condition, reason FailedCreate, message the API server's refusal).
+DEPLOYMENT_REPLICA_FAILURE = "ReplicaFailure"
+# The Job controller's Event reason when the API server refuses one of its pods.
+JOB_FAILED_CREATE = "FailedCreate"
+# Kubernetes' refusals can be long (a PodSecurityPolicy refusal lists every rule); a condition message stays short.
+REFUSAL_MESSAGE_CHARS = 1024
+
+
+def refusal_text(message: object) -> str:
+    """An API server refusal fit for a condition: scrubbed of credentials, cut to REFUSAL_MESSAGE_CHARS."""
+    return redacted(str(message), REFUSAL_MESSAGE_CHARS)
+
+
+def pods_refused(deployment: dict | None) -> str | None:
+    """The API server's refusal of the Deployment's pods (its ReplicaFailure=True condition's message, through
+    `refusal_text`), else None (pure). A pod refused by admission (Pod Security, a PodSecurityPolicy, a quota)
+    never exists, so no pod can show it: the ReplicaSet's FailedCreate, copied into the Deployment, is where it
+    is written."""
+    for c in ((deployment or {}).get("status") or {}).get("conditions") or []:
+        if isinstance(c, dict) and c.get("type") == DEPLOYMENT_REPLICA_FAILURE and c.get("status") == "True":
+            return refusal_text(c.get("message") or c.get("reason") or "pod creation failed")
+    return None
 
 
 def termination_message(terminated: dict | None) -> TerminationMessage | None:

@@ -367,3 +367,47 @@ def test_an_adapter_left_out_of_a_full_serving_table_says_so():
     ready = st.condition("Ready")
     assert (ready.status, ready.reason) == ("False", "ServingTableFull") and "left out" in ready.message
     assert st.condition("Stalled") is not None
+
+
+# Refusals captured from the v1.20 kube-apiserver with the PodSecurityPolicy plugin and the restricted policy
+# (tests/integration/apiserver/test_pod_security_admission.py produces them live): the Deployment's ReplicaFailure
+# condition and the Job controller's FailedCreate Event message.
+PSP_REFUSAL = ('pods "r-5b78c6f4d-" is forbidden: PodSecurityPolicy: unable to admit pod: '
+               '[spec.containers[0].securityContext.runAsNonRoot: Invalid value: false: must be true]')
+JOB_REFUSAL = 'Error creating: pods "j-" is forbidden: PodSecurityPolicy: unable to admit pod: ' \
+              '[spec.containers[0].securityContext.runAsNonRoot: Invalid value: false: must be true]'
+
+
+def refused_deployment(generation=1, replicas=1):
+    return {"metadata": {"generation": generation}, "spec": {"replicas": replicas},
+            "status": {"observedGeneration": generation, "conditions": [
+                {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable"},
+                {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": PSP_REFUSAL}]}}
+
+
+def test_a_pod_refused_by_admission_shows_in_the_route_status():
+    """Issue 12: a pod refused by Pod Security admission never exists, so no pod status can say why; the
+    Deployment's ReplicaFailure condition does, and the route's Ready carries it (engine and router)."""
+    res = resolve(ROUTE, [adapter("a")])
+    ready = route_status(ROUTE, res, refused_deployment(), [], 2, ModelRouteStatus(),
+                         router=ROUTER_UP).condition("Ready")
+    assert (ready.status, ready.reason) == ("False", "PodsRefused")
+    assert "engine pods" in ready.message and "runAsNonRoot: Invalid value: false" in ready.message
+    # A rollout whose new pods are refused while an old replica serves: Degraded with the refusal.
+    serving = rolling(replicas=1, updated=0, ready=1)
+    serving["status"]["conditions"] = refused_deployment()["status"]["conditions"]
+    st = route_status(ROUTE, res, serving, [serving_old_pod()], 3, ModelRouteStatus(), "h-new", router=ROUTER_UP)
+    assert (st.condition("Ready").reason, st.phase) == ("PodsRefused", "Degraded")
+    router = RouterFacts(refused_deployment(replicas=1))
+    ready = route_status(ROUTE, res, rolling(replicas=1, updated=1), [serving_old_pod()], 3, ModelRouteStatus(),
+                         "h-new", router=router).condition("Ready")
+    assert ready.reason == "PodsRefused" and "router pods" in ready.message
+
+
+def test_a_trainer_pod_refused_by_admission_shows_in_the_job_status():
+    """The Job controller writes the refusal only into a FailedCreate Event; run_state shows it while the Job has
+    no pod, and a pod that exists wins (its own state says more)."""
+    state = run_state(FTJ, job(), [], JOB_REFUSAL)
+    assert state.problem is not None and state.problem.reason == "PodsRefused"
+    assert "runAsNonRoot" in state.problem.message
+    assert run_state(FTJ, job(active=1), [pod("p", "Running")], JOB_REFUSAL).problem is None
