@@ -26,10 +26,12 @@ from loraplane.api.wire.serving import (
     REPORT_ANNOTATION,
     REPORT_MAX_BYTES,
     STATUS_BOUNDED_QUERY,
+    STATUS_MAX_BYTES,
     ReplicaReport,
 )
 from loraplane.kube.client import ApiError, KubeClient
 from loraplane.kube.informer import Store
+from loraplane.storage.httpbody import read_bounded
 
 log = logging.getLogger("loraplane.operator.reports")
 
@@ -38,10 +40,8 @@ log = logging.getLogger("loraplane.operator.reports")
 # older version answers its full report, whose size grows with its adapters (about 370 bytes per Ready adapter,
 # up to ~4.2 KB per adapter with a REPORT_MESSAGE_CHARS message). 4 MiB covers 1,000 adapters with the longest
 # messages, or ~11,000 Ready ones, and bounds the relay's memory to CONCURRENCY x 4 MiB = 64 MiB.
-MAX_REPORT_BYTES = 4 * 1024 * 1024
+MAX_REPORT_BYTES = STATUS_MAX_BYTES
 assert MAX_REPORT_BYTES > REPORT_MAX_BYTES
-# Bytes asked of the stream per read while accumulating a body.
-_CHUNK_BYTES = 64 * 1024
 TIMEOUT_SECONDS = 3.0
 # Seconds between two reads of the same pod: how late the operator's status may be behind a loader.
 DEFAULT_INTERVAL_SECONDS = 5.0
@@ -49,10 +49,6 @@ CONCURRENCY = 16
 POD_RUNNING = "Running"  # core/v1 PodPhase
 # A pod whose loader answers something that is not a report is logged at warning at most this often (seconds).
 REFUSED_LOG_INTERVAL_SECONDS = 300.0
-
-
-class ReportTooLarge(ValueError):
-    """A loader answered more than MAX_REPORT_BYTES."""
 
 
 def pod_address(pod: dict) -> str | None:
@@ -73,19 +69,10 @@ def status_url(ip: str, port: int = LOADER_PORT) -> str:
 
 async def read_report(session: aiohttp.ClientSession, url: str, replica: str) -> ReplicaReport:
     """GET a loader's /status; the report with `replica` set to the pod it was read from. Raises
-    aiohttp.ClientError / asyncio.TimeoutError (unreachable), ReportTooLarge, or ValueError (not a report)."""
+    aiohttp.ClientError / asyncio.TimeoutError (unreachable), storage.httpbody.BodyTooLarge (a ValueError), or ValueError (not a report)."""
     async with session.get(url, allow_redirects=False) as resp:
         resp.raise_for_status()
-        if (resp.content_length or 0) > MAX_REPORT_BYTES:
-            raise ReportTooLarge(f"{url}: {resp.content_length} bytes")
-        # To the end of the stream: one read() returns only what has arrived so far, and a report larger than
-        # a TCP window arrives in several pieces. The running total bounds a body without (or lying about) its
-        # Content-Length.
-        body = bytearray()
-        async for chunk in resp.content.iter_chunked(_CHUNK_BYTES):
-            body += chunk
-            if len(body) > MAX_REPORT_BYTES:
-                raise ReportTooLarge(f"{url}: more than {MAX_REPORT_BYTES} bytes")
+        body = await read_bounded(resp, MAX_REPORT_BYTES, url)
     try:
         report = ReplicaReport.model_validate_json(body)
     except ValidationError as exc:

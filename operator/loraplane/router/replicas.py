@@ -10,6 +10,7 @@ Each replica is polled every `poll_interval` seconds:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import socket
@@ -19,11 +20,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, AdapterState, ReplicaReport
+from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, STATUS_MAX_BYTES, AdapterState, ReplicaReport
+from loraplane.storage.httpbody import read_bounded
 
 log = logging.getLogger("loraplane.router")
 
 POLL_FAILURES_TO_DOWN = 3
+# The most read of vLLM's /v1/models or /metrics answer (storage.httpbody.read_bounded): a replica is a peer the
+# router does not trust with its memory. vLLM 0.32's /metrics is ~30 KiB plus ~2 KiB per served adapter name, and
+# /v1/models ~300 bytes per model, so 8 MiB is thousands of adapters.
+ENGINE_BODY_MAX_BYTES = 8 * 1024 * 1024
 
 # Only two gauges are needed out of vLLM's ~100 metric families: a line filter is ~100x cheaper than
 # the full exposition-format parser on every poll of every replica.
@@ -179,27 +185,33 @@ class ReplicaPool:
         engine_reached = False  # vLLM itself answered (not only its loader)
         try:
             if r.status_url:
-                async with session.get(r.status_url) as resp:
+                async with session.get(r.status_url, allow_redirects=False) as resp:
                     resp.raise_for_status()
-                    report = ReplicaReport.model_validate_json(await resp.read())
+                    report = ReplicaReport.model_validate_json(
+                        await read_bounded(resp, STATUS_MAX_BYTES, r.status_url))
                 engine_ready = report.engine_ready
                 ready = {name for name, a in report.adapters.items() if a.state == AdapterState.Ready}
                 if engine_ready and self.base_served_name:
                     ready.add(self.base_served_name)
             else:
-                async with session.get(r.engine_url + "/v1/models", headers=self.engine_headers) as resp:
+                url = r.engine_url + "/v1/models"
+                async with session.get(url, headers=self.engine_headers, allow_redirects=False) as resp:
                     resp.raise_for_status()
-                    listing = await resp.json(content_type=None)
+                    listing = json.loads(await read_bounded(resp, ENGINE_BODY_MAX_BYTES, url))
+                data = listing.get("data") if isinstance(listing, dict) else None
+                if not isinstance(data, list):
+                    raise ValueError(f"{url}: not a model list")
                 engine_ready = engine_reached = True
-                ready = {m["id"] for m in listing.get("data", []) if isinstance(m, dict) and "id" in m}
+                ready = {m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)}
             load = r.engine_load
             own = r.in_flight
             if engine_ready:
                 try:
-                    async with session.get(r.engine_url + "/metrics") as resp:
+                    url = r.engine_url + "/metrics"
+                    async with session.get(url, allow_redirects=False) as resp:
                         engine_reached = True
                         if resp.status == 200:
-                            load = parse_engine_load(await resp.read())
+                            load = parse_engine_load(await read_bounded(resp, ENGINE_BODY_MAX_BYTES, url))
                 except aiohttp.ClientConnectorError:
                     # The loader answers but vLLM cannot be reached from here (its port closed, a network
                     # policy): out of rotation now, as a refused proxy connection would do; a later poll
@@ -207,8 +219,8 @@ class ReplicaPool:
                     if not r.failed_at:
                         log.warning("replica %s: its loader answers but vLLM does not; not routing to it", r.name)
                     r.failed_at = time.monotonic()
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    pass  # the load figure is advisory; readiness came from the status above
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                    pass  # the load figure is advisory (too large: unknown); readiness came from the status above
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             # One slow or failed poll is not a dead replica (a busy node, a restarting sidecar): it keeps
             # its last known state until POLL_FAILURES_TO_DOWN polls in a row fail. A dead vLLM is caught

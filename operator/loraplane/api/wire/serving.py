@@ -183,6 +183,10 @@ REPORT_MAX_BYTES = 192 * 1024
 # The loader's /status answers ReplicaReport.to_annotation() (at most REPORT_MAX_BYTES) when asked with this
 # query string; without it the full report (what the router polls). The operator's report relay asks with it.
 STATUS_BOUNDED_QUERY = "form=annotation"
+# The most any reader of a loader's /status reads (storage.httpbody.read_bounded): the full report grows with its
+# adapters (about 370 bytes per Ready adapter, up to ~4.2 KB with a REPORT_MESSAGE_CHARS message), so 4 MiB
+# covers 1,000 adapters with the longest messages or ~11,000 Ready ones.
+STATUS_MAX_BYTES = 4 * 1024 * 1024
 # Message lengths tried, longest first, when the report does not fit (the last one drops them).
 _MESSAGE_STEPS = (500, 100, 0)
 # Which entries are kept first when even states and reasons do not all fit: what serves and what needs someone
