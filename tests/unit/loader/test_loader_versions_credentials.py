@@ -38,7 +38,8 @@ def _tarball(src: Path) -> bytes:
 async def test_two_adapters_on_one_route_each_fetched_with_its_own_secret(tmp_path):
     """Two stores (paths standing in for two buckets), each accepting only its own token; two Secrets mounted
     as the engine pod mounts them. The environment's token is neither."""
-    tokens = {"/team-a/lora.tar.gz": "tok-a", "/team-b/lora.tar.gz": "tok-b", "/team-c/lora.tar.gz": "tok-c"}
+    tokens = {"/team-a/lora.tar.gz": "tok-a", "/team-b/lora.tar.gz": "tok-b", "/team-c/lora.tar.gz": "tok-c",
+              "/exfil/lora.tar.gz": "never"}
     blobs = {p: _tarball(write_adapter(tmp_path / p.split("/")[1], seed=i)) for i, p in enumerate(tokens)}
     seen: dict[str, list] = {p: [] for p in tokens}
 
@@ -54,9 +55,12 @@ async def test_two_adapters_on_one_route_each_fetched_with_its_own_secret(tmp_pa
     server = TestServer(app)
     await server.start_server()
     root = tmp_path / "secrets"
-    for secret, token in (("secret-a", "tok-a"), ("secret-b", "tok-b"), ("secret-c", "wrong")):
+    origin = str(server.make_url("/")).rstrip("/")
+    for secret, token in (("secret-a", "tok-a"), ("secret-b", "tok-b"), ("secret-c", "wrong"), ("other", "tok-o")):
         (root / secret).mkdir(parents=True)
         (root / secret / "HF_TOKEN").write_text(token)
+        if secret != "other":   # the store's owner bound these tokens to the store (storage.credentials)
+            (root / secret / "ALLOWED_ORIGINS").write_text(f"https://elsewhere.example, {origin}\n")
     try:
         def want(name, path, secret):
             return DesiredAdapter(served_name=name, adapter=name, uri=str(server.make_url(path)), base_model=BASE,
@@ -65,7 +69,9 @@ async def test_two_adapters_on_one_route_each_fetched_with_its_own_secret(tmp_pa
         loader = _loader(tmp_path, FakeEngine(), credentials_root=root)
         loader.set_table(_table(want("a", "/team-a/lora.tar.gz", "secret-a"),
                                 want("b", "/team-b/lora.tar.gz", "secret-b"),
-                                want("c", "/team-c/lora.tar.gz", "secret-c")))
+                                want("c", "/team-c/lora.tar.gz", "secret-c"),
+                                # another team's Secret, named by an Adapter author who cannot read it
+                                want("d", "/exfil/lora.tar.gz", "other")))
         await loader.reconcile_once()
         assert _state(loader, "a") == (AdapterState.Ready, Reason.Loaded)
         assert _state(loader, "b") == (AdapterState.Ready, Reason.Loaded)
@@ -76,6 +82,10 @@ async def test_two_adapters_on_one_route_each_fetched_with_its_own_secret(tmp_pa
         assert "Secret secret-c" in report.message and "HTTP 403" in report.message
         await loader.reconcile_once()
         assert len(seen["/team-c/lora.tar.gz"]) == 1
+        # a Secret that does not list the host: its token is never sent there (no request at all), and says why
+        report = loader.report().adapters["d"]
+        assert report.state == AdapterState.Failed and seen["/exfil/lora.tar.gz"] == []
+        assert "Secret other" in report.message and "ALLOWED_ORIGINS" in report.message
     finally:
         await server.close()
 

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from loraplane.api.reasons import Reason
 from loraplane.storage.cache import ArtifactCache, FetchAccessDenied, FetchError
-from loraplane.storage.credentials import Credentials
+from loraplane.storage.credentials import Credentials, origin_of
 from loraplane.storage.digest import sha256_dir
 from loraplane.storage.errors import AccessDenied, NoCredentials
 from loraplane.storage.fetchers import FetchPolicy, fetcher_for
@@ -97,8 +97,10 @@ async def test_access_denied_is_terminal_and_names_the_credentials(tmp_path, cac
         assert info.value.reason == Reason.AccessDenied and info.value.retryable is False
         assert "no source.credentialsSecretRef" in str(info.value) and seen == [None]
         with pytest.raises(FetchAccessDenied, match="Secret other-token"):
-            await cache.fetch(url, credentials=Credentials("Secret other-token", {"HF_TOKEN": "wrong"}))
-        art = await cache.fetch(url, credentials=Credentials("Secret adapter-token", {"HF_TOKEN": "tok-a"}))
+            await cache.fetch(url, credentials=Credentials("Secret other-token", {"HF_TOKEN": "wrong"},
+                                                           frozenset({origin_of(url)})))
+        art = await cache.fetch(url, credentials=Credentials("Secret adapter-token", {"HF_TOKEN": "tok-a"},
+                                                             frozenset({origin_of(url)})))
         assert (art.path / "adapter_config.json").is_file()
 
 
@@ -107,6 +109,10 @@ async def test_credentials_read_from_a_mounted_secret(tmp_path, cache):
         whole = tmp_path / "secrets" / "adapter-token"
         whole.mkdir(parents=True)
         (whole / "HF_TOKEN").write_text("tok-a\n")
+        unbound = Credentials.from_secret_dir(whole, "adapter-token", None, parse_uri(url))
+        with pytest.raises(FetchError, match="ALLOWED_ORIGINS"):   # the Secret does not name this host
+            await cache.fetch(url, credentials=unbound)
+        (whole / "ALLOWED_ORIGINS").write_text(url.upper().replace("/A.TAR.GZ", "/"))  # case and path ignored
         creds = Credentials.from_secret_dir(whole, "adapter-token", None, parse_uri(url))
         assert creds.get("HF_TOKEN") == "tok-a" and "tok-a" not in repr(creds)
         one_key = tmp_path / "secrets" / "one-key"

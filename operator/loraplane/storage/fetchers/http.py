@@ -20,7 +20,9 @@ policy (`FetchPolicy`) keeps it from reaching what the author could not (blind S
 The Hugging Face token (HF_TOKEN) is sent only when the caller asks for it (`send_hub_token`, the trainer's
 datasets) and only over https to a host that is huggingface.co or one of its subdomains (is_hub_url). Explicit
 `credentials` (an Adapter's own Secret, bound to this one URL) replace the environment: their HF_TOKEN is sent as a
-Bearer token to the URL's own origin only, and $HF_TOKEN is then never read.
+Bearer token to the URL's own origin only, and $HF_TOKEN is then never read; and only when that origin is
+huggingface.co or listed in the Secret's own ALLOWED_ORIGINS key (storage.credentials.ORIGINS_KEY), else the fetch
+is Refused: an Adapter's author may name a Secret they cannot read, and must not be able to send it anywhere.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from loraplane.api.redaction import redacted
+from loraplane.storage.credentials import ORIGINS_KEY, origin_of
 from loraplane.storage.errors import Refused, StorageError, TooLarge, Unavailable, http_error
 from loraplane.storage.fetchers.base import Fetcher, FetchPolicy, partial_path
 from loraplane.storage.uri import ArtifactUri, Scheme
@@ -245,6 +248,12 @@ class HttpFetcher(Fetcher):
             url = url.with_user(None)
         if self.credentials is not None:  # this URL's own credentials: never the environment's
             if token := self.credentials.get("HF_TOKEN"):
+                if not (is_hub_url(text) or self.credentials.may_send_to(text)):
+                    # The Adapter's author may name a Secret they cannot read: its owner says where it may go.
+                    raise Refused(text, "credentials not for this host", (
+                        f"GET {shown}: {self.credentials.origin} may not be sent to {origin_of(text) or shown}: "
+                        f"add that origin to the Secret's {ORIGINS_KEY} key (comma-separated https://host[:port]), "
+                        "or use a Secret made for this host"))
                 credentials["Authorization"] = f"Bearer {token}"
         elif self.send_hub_token and (token := os.environ.get("HF_TOKEN")) and is_hub_url(text):
             credentials["Authorization"] = f"Bearer {token}"
