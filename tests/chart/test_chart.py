@@ -226,11 +226,11 @@ def test_the_spec_policy_reaches_the_operator():
     values = {"operator": {"policy": {
         "allowedImages": ["registry.example.com/ml/*", "quay.io/x/y:1"], "allowedEngineArgs": ["--seed"],
         "allowTrustRemoteCode": True, "allowedEnvSecrets": ["hf-*"], "allowedServiceAccounts": ["trainer-*"],
-        "allowedEngineEnv": ["NCCL_*"]}}}
+        "allowedEngineEnv": ["NCCL_*"], "allowedPrometheusAddresses": ["http://prometheus.monitoring:9090"]}}}
     assert policy_of(values) == SpecPolicy(
         allowed_images=("registry.example.com/ml/*", "quay.io/x/y:1"), allowed_engine_args=("--seed",),
         allow_trust_remote_code=True, allowed_env_secrets=("hf-*",), allowed_service_accounts=("trainer-*",),
-        allowed_engine_env=("NCCL_*",))
+        allowed_engine_env=("NCCL_*",), allowed_prometheus_addresses=("http://prometheus.monitoring:9090",))
     assert policy_of({"operator": {"policy": {"allowedEngineArgs": []}}}).allowed_engine_args == ()
 
 

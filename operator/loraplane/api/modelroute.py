@@ -112,7 +112,9 @@ class AutoscalingSpec(ApiModel):
                                     "vllm:kv_cache_usage_perc, or the router's loraplane_router_in_flight.")
     target: float = Field(default=5, gt=0, description="Target average value of the metric per replica.")
     prometheus_address: str | None = Field(max_length=URI_MAX_LENGTH,
-        default=None, description="Prometheus URL for keda, e.g. http://prometheus.monitoring:9090.")
+        default=None, description="Prometheus URL for keda, e.g. http://prometheus.monitoring:9090. Must be allowed "
+                                  "by the operator's policy (chart operator.policy.allowedPrometheusAddresses; "
+                                  "else PolicyViolation): KEDA's operator sends the query to it.")
     scale_down_stabilization_seconds: int = Field(default=300, ge=0, le=3600)
 
 

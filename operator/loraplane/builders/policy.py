@@ -24,6 +24,10 @@ The rules (docs/security.md, "Policy: what creating each kind grants"):
   (`DENIED_ENV_NAMES`: LD_PRELOAD, PYTHONPATH, ...) are never allowed.
 - ServiceAccount: a FineTuneJob's `spec.serviceAccountName` must match a glob of `allowed_service_accounts`
   (default none: the trainer runs as the ServiceAccount the operator creates for it, which holds no Role).
+- Prometheus: a ModelRoute's `spec.autoscaling.prometheusAddress` (KEDA's operator GETs it, from its own place in
+  the cluster's network, every polling interval) must match a glob of `allowed_prometheus_addresses` (default none:
+  unset, the KEDA trigger asks the chart's default address), and be a plain `http(s)://host[:port][/path]` URL
+  with no userinfo, query or fragment, whatever the globs say (a `#` would cut off the query KEDA appends).
 - trust_remote_code: the trainer never passes it (transformers' default, False); there is no spec field for it.
 """
 
@@ -32,6 +36,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from urllib.parse import urlsplit
 
 from loraplane.api.common import Resource
 from loraplane.api.finetunejob import FineTuneJob
@@ -114,6 +119,7 @@ SETTING_TRUST = "operator.policy.allowTrustRemoteCode (LORAPLANE_ALLOW_TRUST_REM
 SETTING_ENGINE_ENV = "operator.policy.allowedEngineEnv (LORAPLANE_ALLOWED_ENGINE_ENV)"
 SETTING_SECRETS = "operator.policy.allowedEnvSecrets (LORAPLANE_ALLOWED_ENV_SECRETS)"
 SETTING_ACCOUNTS = "operator.policy.allowedServiceAccounts (LORAPLANE_ALLOWED_SERVICE_ACCOUNTS)"
+SETTING_PROMETHEUS = "operator.policy.allowedPrometheusAddresses (LORAPLANE_ALLOWED_PROMETHEUS_ADDRESSES)"
 # A token of extraArgs that is a value, not a flag, although it starts with "-": a negative number.
 _NUMBER = re.compile(r"^-\d+(\.\d+)?([eE][-+]?\d+)?$")
 
@@ -129,6 +135,7 @@ class SpecPolicy:
     allowed_env_secrets: tuple[str, ...] = ()
     allowed_engine_env: tuple[str, ...] = DEFAULT_ENGINE_ENV
     allowed_service_accounts: tuple[str, ...] = ()
+    allowed_prometheus_addresses: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -240,6 +247,29 @@ def _env_violations(env: list[dict], own_secrets: set[str], policy: SpecPolicy, 
     return out
 
 
+def prometheus_address_violations(address: str, policy: SpecPolicy,
+                                  where: str = "spec.autoscaling.prometheusAddress") -> list[Violation]:
+    """The violation (zero or one) of a KEDA Prometheus address: the keda-operator GETs
+    `<address>/api/v1/query?query=...` from its own network position, so an address is a request the route's
+    author makes KEDA send (blind SSRF: a metadata service, an internal API). It must be an http(s) URL with a
+    host and no userinfo, query or fragment (a `#` would make the rest a fragment and the request go to the
+    author's path as written), and match a glob of `policy.allowed_prometheus_addresses`."""
+    try:
+        parts = urlsplit(address)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.username is not None \
+            or parts.password is not None or parts.query or parts.fragment or "#" in address or "?" in address \
+            or any(c.isspace() or ord(c) < 32 for c in address):
+        return [Violation(where, f"{address!r} is not an http(s)://host[:port][/path] URL without userinfo, query "
+                          "or fragment", "none: write the Prometheus base URL")]
+    if _glob_match(address, policy.allowed_prometheus_addresses):
+        return []
+    return [Violation(where, f"KEDA's operator would query {address!r}, which is not an allowed Prometheus "
+                      "address (unset: the default address)", SETTING_PROMETHEUS)]
+
+
 def policy_violations(obj: Resource, own_images: tuple[str, ...], policy: SpecPolicy) -> list[Violation]:
     """Every field of a parsed FineTuneJob or ModelRoute that `policy` refuses (empty: the spec may run), in
     field order. `own_images`: the operator's own images (its image, trainer image and engine image), always
@@ -262,6 +292,8 @@ def policy_violations(obj: Resource, own_images: tuple[str, ...], policy: SpecPo
         sref = spec.base_model.credentials_secret_ref
         own = {sref.name} if sref is not None else set()
         out += _env_violations([dict(e) for e in spec.engine.env], own, policy, "spec.engine.env")
+        if spec.autoscaling is not None and spec.autoscaling.prometheus_address is not None:
+            out += prometheus_address_violations(spec.autoscaling.prometheus_address, policy)
     return out
 
 
@@ -280,4 +312,5 @@ def split_list(value: str | None) -> tuple[str, ...] | None:
 
 __all__ = ["DEFAULT_ENGINE_ARGS", "DEFAULT_ENGINE_ENV", "DENIED_ENV_NAMES", "ENGINE_ENV_NEVER", "ENGINE_OWNED_ARGS",
            "ENGINE_OWNED_ENV", "engine_env_name_violations", "SpecPolicy", "Violation", "engine_arg_violations",
-           "flag_name", "image_allowed", "image_repository", "policy_message", "policy_violations", "split_list"]
+           "flag_name", "image_allowed", "image_repository", "policy_message", "policy_violations",
+           "prometheus_address_violations", "split_list"]

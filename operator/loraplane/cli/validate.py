@@ -68,7 +68,9 @@ def settings_from_values(values: dict) -> "BuildSettings":
                           allow_trust_remote_code=trust,
                           allowed_env_secrets=strings("allowedEnvSecrets", dp.allowed_env_secrets),
                           allowed_engine_env=strings("allowedEngineEnv", dp.allowed_engine_env),
-                          allowed_service_accounts=strings("allowedServiceAccounts", dp.allowed_service_accounts)))
+                          allowed_service_accounts=strings("allowedServiceAccounts", dp.allowed_service_accounts),
+                          allowed_prometheus_addresses=strings("allowedPrometheusAddresses",
+                                                               dp.allowed_prometheus_addresses)))
 
 
 def plain_http_uris(value: object, path: str) -> list[tuple[str, str]]:

@@ -38,7 +38,8 @@ class OperatorSettings:
             allowed_env_secrets=split_list(e("LORAPLANE_ALLOWED_ENV_SECRETS")) or (),
             # Unset: the safe default list; set (even empty): exactly the globs it names.
             allowed_engine_env=split_list(e("LORAPLANE_ALLOWED_ENGINE_ENV", ",".join(DEFAULT_ENGINE_ENV))) or (),
-            allowed_service_accounts=split_list(e("LORAPLANE_ALLOWED_SERVICE_ACCOUNTS")) or ())
+            allowed_service_accounts=split_list(e("LORAPLANE_ALLOWED_SERVICE_ACCOUNTS")) or (),
+            allowed_prometheus_addresses=split_list(e("LORAPLANE_ALLOWED_PROMETHEUS_ADDRESSES")) or ())
         return cls(
             build=BuildSettings(image=e("LORAPLANE_IMAGE", d.image), trainer_image=e("LORAPLANE_TRAINER_IMAGE"),
                                 engine_image=e("LORAPLANE_ENGINE_IMAGE", d.engine_image),

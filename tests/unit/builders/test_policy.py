@@ -232,3 +232,29 @@ def test_the_default_engine_args_exist_in_vllm():
     from vllm.utils.argparse_utils import FlexibleArgumentParser
     options = make_arg_parser(FlexibleArgumentParser())._option_string_actions
     assert [a for a in DEFAULT_ENGINE_ARGS if a not in options] == []
+
+
+def keda_route(address: str | None) -> ModelRoute:
+    body = copy.deepcopy(ROUTE_BODY)
+    body["spec"]["autoscaling"] = {"backend": "keda", "minReplicas": 0, "maxReplicas": 2,
+                                   **({"prometheusAddress": address} if address is not None else {})}
+    return ModelRoute.model_validate(body)
+
+
+def test_a_keda_prometheus_address_needs_the_policy():
+    """Issue 12 review: KEDA's operator GETs <prometheusAddress>/api/v1/query from its own network position, so an
+    address the author picks is a request KEDA sends for them (the metadata service, an internal API; a `#` makes
+    KEDA's query a fragment and the path the author's). Allowed only by a glob of the policy, and only as a plain
+    http(s) base URL whatever the globs say."""
+    from loraplane.builders.policy import SETTING_PROMETHEUS
+
+    where = "spec.autoscaling.prometheusAddress"
+    assert fields(BuildSettings(), keda_route(None)) == []           # the default address
+    for address in ("http://prometheus.monitoring:9090", "http://169.254.169.254/latest/meta-data/"):
+        assert fields(BuildSettings(), keda_route(address)) == [(where, SETTING_PROMETHEUS)], address
+    allowed = BuildSettings(policy=SpecPolicy(allowed_prometheus_addresses=("http://prometheus.monitoring*",
+                                                                            "http://*")))
+    assert fields(allowed, keda_route("http://prometheus.monitoring:9090")) == []
+    for bad in ("http://169.254.169.254/latest/meta-data/iam#", "http://x/?a=b", "http://u:p@x:9090",
+                "file:///etc/passwd", "http://", "http://x:port", "gopher://x"):
+        assert fields(allowed, keda_route(bad)) == [(where, "none: write the Prometheus base URL")], bad
