@@ -73,7 +73,7 @@ class Request:
     """
 
     __slots__ = ("method", "path", "authorization", "sticky", "request_id", "expect", "content_length",
-                 "body", "size", "keep_alive", "started")
+                 "body", "size", "keep_alive", "started", "body_limit")
 
     def __init__(self):
         self.authorization = self.sticky = self.request_id = self.expect = None
@@ -82,6 +82,9 @@ class Request:
         self.size = 0
         self.keep_alive = True
         self.started = time.perf_counter()
+        # Bytes of body this request may have (set by `router.admit`: max_request_bytes on the paths that take
+        # a body, 0 elsewhere); over it the request is refused as soon as a byte too many arrives.
+        self.body_limit = 0
 
 
 class ClientConnection(asyncio.Protocol):
@@ -270,14 +273,18 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes):
-        """httptools callback: collect a body chunk; past max_request_bytes (a chunked body: its length was
-        not announced) refuse with 413 at once, without reading the rest."""
+        """httptools callback: collect a body chunk; past the request's body_limit (max_request_bytes, 0 on a
+        path that takes no body; a chunked body: its length was not announced) refuse at once (413, or 400 for
+        a body where none belongs), without reading the rest."""
         req = self.req
         req.size += len(body)
-        if req.size > self.router.max_request_bytes:
+        if req.size > req.body_limit:
             req.body = []
-            self.router.metrics.count_refused(NO_BACKEND, 413)
-            self.refuse_too_large()
+            self.router.metrics.count_refused(NO_BACKEND, 413 if req.body_limit else 400)
+            if req.body_limit:
+                self.refuse_too_large()
+            else:   # a path that takes no body (a chunked one: its length was not announced)
+                self.refuse_no_body()
             raise _Stop
         req.body.append(body)
 
@@ -325,6 +332,11 @@ class ClientConnection(asyncio.Protocol):
                 status, STATUS_PHRASES.get(status, b"Unknown"), content_type, len(body), extra,
                 b"" if keep_alive else b"Connection: close\r\n", body))
         self.done(keep_alive)
+
+    def refuse_no_body(self) -> None:
+        """Refuse (400) a request with a body on a path that takes none; the body is never read."""
+        self.refuse(400, f"{(self.req.path if self.req and self.req.path else b'').decode('latin-1')} takes no "
+                    "request body", "invalid_request_error", "unexpected_body")
 
     def refuse(self, status: int, message: str, type_: str, code: str | None = None,
                param: str | None = None, extra: bytes = b"") -> None:

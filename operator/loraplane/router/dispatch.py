@@ -29,6 +29,10 @@ COMPLETIONS, CHAT_COMPLETIONS, MODELS = b"/v1/completions", b"/v1/chat/completio
 
 # Paths that need an API key (when keys are set); /metrics, /healthz and /readyz are open to probes.
 KEYED_PATHS = frozenset((COMPLETIONS, CHAT_COMPLETIONS, MODELS))
+# Paths whose requests have a body (up to router.maxRequestBytes). Every other request must have none: a body
+# there is refused before it is read, so a client without a key cannot make the router buffer bodies on an
+# open path (/healthz, an unknown path) either.
+BODY_PATHS = frozenset((COMPLETIONS, CHAT_COMPLETIONS))
 # X-Request-Id is forwarded to vLLM, which logs it (and with --enable-request-id-headers uses it as the
 # request's id): longer values are refused rather than passed on or cut.
 MAX_REQUEST_ID_BYTES = 256
@@ -37,7 +41,7 @@ MAX_REQUEST_ID_BYTES = 256
 def admit(router: Router, conn: ClientConnection, req: Request) -> bool:
     """Whether to read the body of a request whose headers are complete; False when it was refused: 401
     without an accepted API key (on KEYED_PATHS), 413 when its Content-Length is over
-    router.maxRequestBytes, 400 for an X-Request-Id over MAX_REQUEST_ID_BYTES. A refused request's body
+    router.maxRequestBytes, 400 for a body on a path not in BODY_PATHS, 400 for an X-Request-Id over MAX_REQUEST_ID_BYTES. A refused request's body
     is never read or buffered, with or without `Expect: 100-continue` (see ClientConnection.refuse).
     Bound as `Router.admit`."""
     if router.api_keys is not None and req.path in KEYED_PATHS and not router.api_keys.check(req.authorization):
@@ -45,9 +49,13 @@ def admit(router: Router, conn: ClientConnection, req: Request) -> bool:
         conn.refuse(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
                     "invalid_request_error", "invalid_api_key")
         return False
-    if req.content_length is not None and req.content_length > router.max_request_bytes:
-        router.metrics.count_refused(NO_BACKEND, 413)
-        conn.refuse_too_large()
+    req.body_limit = router.max_request_bytes if req.path in BODY_PATHS else 0
+    if req.content_length is not None and req.content_length > req.body_limit:
+        router.metrics.count_refused(NO_BACKEND, 413 if req.body_limit else 400)
+        if req.body_limit:
+            conn.refuse_too_large()
+        else:
+            conn.refuse_no_body()
         return False
     if req.request_id is not None and len(req.request_id) > MAX_REQUEST_ID_BYTES:
         router.metrics.count_refused(NO_BACKEND, 400)

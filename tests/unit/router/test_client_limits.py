@@ -267,3 +267,26 @@ async def test_request_ids_and_sticky_values_from_clients_are_bounded(stub, tmp_
         async with client.post("/v1/completions", json=req, headers={"X-User": "u1"}) as resp:
             assert resp.status == 200
         assert list(route._sticky) == [b"u1"]
+
+
+@pytest.mark.parametrize("path", [b"/healthz", b"/metrics", b"/nope", b"/v1/models"])
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_a_body_on_a_path_that_takes_none_is_refused_unread(stub, tmp_path, path, framing):
+    """Issue 12 review: the key was checked before the body only on the keyed paths; on an open path (/healthz,
+    /metrics, an unknown one) a client without a key could make the router read and buffer a body of up to
+    maxRequestBytes on each of max_connections connections (4 MiB x 4096 by default). Only the two inference
+    paths take a body now: elsewhere it is refused (400) before it is read, announced or chunked."""
+    async with running_router(tmp_path, [stub.spec], table_json({"chat": [("v1", 100)]}),
+                              api_keys=keys_dir(tmp_path), **LIMITS) as (svc, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        auth = f"Authorization: Bearer {KEY}\r\n".encode() if path == b"/v1/models" else b""
+        if framing == "length":   # announced, never sent: the answer must not wait for it
+            writer.write(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 3000000\r\n\r\n")
+        else:                     # chunked: the first chunk is refused
+            writer.write(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + auth
+                         + b"Transfer-Encoding: chunked\r\n\r\n10000\r\n" + b"x" * 0x10000 + b"\r\n")
+        await writer.drain()
+        data, took = await read_answer(reader, LIMITS["body_timeout"] * 0.5 + SLACK)
+        writer.close()
+        assert data.startswith(b"HTTP/1.1 400 "), data[:200]
+        assert b"takes no request body" in data and took < LIMITS["body_timeout"]
