@@ -32,6 +32,7 @@ import lzma
 import os
 import stat
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,7 +171,9 @@ def unpack_archive(archive: Path, dest: Path, limits: ArtifactLimits, uri: str) 
         except tarfile.FilterError as exc:   # absolute or '..' path, link outside, special file
             raise UnsafeContent(uri, type(exc).__name__, f"{name}: {exc}; the archive must hold only the "
                                 "artifact's files and directories") from exc
-        except (tarfile.TarError, EOFError, OSError, lzma.LZMAError, ValueError) as exc:
+        # KeyError: a hard link to a member the archive does not have (tarfile's fallback copy looks it up);
+        # zlib.error: a corrupt deflate stream. Both are the artifact's fault: InvalidContent, never retried.
+        except (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error, ValueError, KeyError) as exc:
             raise InvalidContent(uri, "not a tar archive", f"{name} is not a readable tar archive: {exc}") from exc
 
 

@@ -191,3 +191,18 @@ async def test_an_unpinned_source_that_turns_hostile_is_not_read(tmp_path, cache
     with pytest.raises(FetchError) as info:
         await cache.fetch(str(src))
     assert info.value.reason == Reason.UnsafeArtifact
+
+
+async def test_a_hard_link_to_a_missing_member_is_invalid_not_retried(tmp_path, cache):
+    """Issue 12 review: tarfile's fallback for a hard link whose target is not in the archive raises KeyError,
+    which unpack_archive let through: the loader's catch-all retried (re-downloaded) it as an unknown error.
+    It is the artifact's fault: InvalidAdapter, terminal, naming the archive."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        _adapter_members(tar, tmp_path)
+        link = tarfile.TarInfo("adapter_model.safetensors")
+        link.type, link.linkname = tarfile.LNKTYPE, "not-in-the-archive"
+        tar.addfile(link)
+    (tmp_path / "a.tar").write_bytes(buf.getvalue())
+    error = await _refused(cache, str(tmp_path / "a.tar"), Reason.InvalidAdapter, "a.tar")
+    assert error.retryable is False
