@@ -46,6 +46,7 @@ from loraplane.api.paths import (
     DATA_CONFIGMAP_ROOT, MODEL_CACHE_PATH, OUTPUT_SCRATCH, PVC_ROOT, RENDEZVOUS_PORT, TRAINER_CONFIG_KEY,
     TRAINER_CONFIG_PATH,
 )
+from loraplane.api.redaction import scrubbed
 from loraplane.api.reasons import Reason
 from loraplane.api.wire.trainer import EXIT_PREEMPTED, NOT_RETRYABLE_EXIT_CODES, TerminationMessage
 from loraplane.storage.uri import CREDENTIAL_ENV, pvc_mount_path
@@ -374,7 +375,9 @@ def provenance(ftj: FineTuneJob, result: TerminationMessage | None, completed_at
         "fineTuneJobUid": ftj.metadata.uid,
         "baseModel": spec.base_model.identity,
         "baseModelRevision": spec.base_model.revision,
-        "datasetUri": spec.dataset.uri or (f"configmap://{spec.dataset.config_map_ref.name}/"
+        # Scrubbed (api.redaction): a presigned dataset URL's signature would otherwise reach everyone who may
+        # read the produced Adapter, a wider audience than the FineTuneJob's.
+        "datasetUri": (scrubbed(spec.dataset.uri) if spec.dataset.uri else None) or (f"configmap://{spec.dataset.config_map_ref.name}/"
                                            f"{spec.dataset.config_map_ref.key}" if spec.dataset.config_map_ref
                                            else None),
         "datasetSha256": result.dataset_sha256,

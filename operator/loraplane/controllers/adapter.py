@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from loraplane.api.adapter import Adapter, AdapterPhase, AdapterStatus, ArtifactInfo, LoadedOn
 from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType, Progress
 from loraplane.api.modelroute import ModelRoute
+from loraplane.api.redaction import scrubbed
 from loraplane.api.reasons import Reason
 from loraplane.api.validation import format_validation_error
 from loraplane.api.wire.serving import AdapterState
@@ -151,7 +152,9 @@ def record_artifact(adapter: Adapter, new: AdapterStatus, digests: dict[str, str
     art = new.artifact
     if (art is None or not art.sha256) and digests:
         sha = adapter.spec.source.sha256 or digests[sorted(digests)[0]]
-        new.artifact = art = (art or ArtifactInfo()).model_copy(update={"uri": adapter.spec.source.uri,
+        # The URI as a message would quote it (api.redaction.scrubbed): a presigned URL's signature is a credential,
+        # and status is read by more than the spec's author (dashboards, GitOps tools).
+        new.artifact = art = (art or ArtifactInfo()).model_copy(update={"uri": scrubbed(adapter.spec.source.uri),
                                                                         "sha256": sha})
     if art is None or not art.sha256:
         return None
@@ -172,7 +175,9 @@ def version_rejection(adapter: Adapter, previous: AdapterStatus) -> Verdict | No
     if not version or previous.version != version or art is None or not art.sha256:
         return None
     source = adapter.spec.source
-    if art.uri == source.uri and source.sha256 in (None, art.sha256):
+    # status.artifact.uri is the scrubbed URI (record_artifact; the raw one in statuses written before): a
+    # re-signed presigned URL of the same object is the same source.
+    if art.uri in (source.uri, scrubbed(source.uri)) and source.sha256 in (None, art.sha256):
         return None
     return Verdict(False, Reason.SpecImmutable, (
         f"spec.source changed under version {version}, which was published as {art.uri} (sha256 {art.sha256}); "

@@ -411,3 +411,38 @@ def test_a_trainer_pod_refused_by_admission_shows_in_the_job_status():
     assert state.problem is not None and state.problem.reason == "PodsRefused"
     assert "runAsNonRoot" in state.problem.message
     assert run_state(FTJ, job(active=1), [pod("p", "Running")], JOB_REFUSAL).problem is None
+
+
+PRESIGNED = ("https://bucket.s3.amazonaws.com/lora/a.tar.gz?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+             "&X-Amz-Credential=AKIAEXAMPLE%2F20260101&X-Amz-Signature=deadbeefcafe")
+
+
+def test_a_presigned_source_is_recorded_in_status_without_its_signature():
+    """Issue 12 ("presigned URIs redacted in status"): status.artifact.uri copied spec.source.uri as is; status is
+    read by more than the spec's author. It is recorded scrubbed, and the scrubbed record still matches the
+    source (a re-signed URL of the same object is the same source, not a change under the version)."""
+    from loraplane.controllers.adapter import record_artifact, version_rejection
+
+    a = Adapter.model_validate({"kind": "Adapter", "metadata": {"name": "a", "namespace": "ns"},
+                                "spec": {"baseModel": {"name": "org/base"}, "source": {"uri": PRESIGNED},
+                                         "version": "1", "rank": 8}})
+    new = AdapterStatus(version="1")
+    record_artifact(a, new, {"r-1": "ab" * 32})
+    assert new.artifact.uri.startswith("https://bucket.s3.amazonaws.com/lora/a.tar.gz?")
+    assert "deadbeefcafe" not in new.artifact.uri and "AKIAEXAMPLE" not in new.artifact.uri
+    assert version_rejection(a, new) is None
+    moved = a.model_copy(update={"spec": a.spec.model_copy(update={"source": a.spec.source.model_copy(
+        update={"uri": PRESIGNED.replace("/a.tar.gz", "/b.tar.gz")})})})
+    assert version_rejection(moved, new).reason == "SpecImmutable"
+
+
+def test_a_presigned_dataset_uri_reaches_the_adapters_provenance_scrubbed():
+    """The produced Adapter's provenance.datasetUri quoted the FineTuneJob's dataset URI as is: whoever may read
+    the Adapter (a wider audience than the job's) got the dataset's presigned signature."""
+    from loraplane.builders.finetunejob import provenance
+
+    job = FTJ.model_copy(update={"spec": FTJ.spec.model_copy(update={"dataset": FTJ.spec.dataset.model_copy(
+        update={"uri": PRESIGNED})})})
+    uri = provenance(job, None, T)["datasetUri"]
+    assert uri.startswith("https://bucket.s3.amazonaws.com/lora/a.tar.gz?")
+    assert "deadbeefcafe" not in uri and "AKIAEXAMPLE" not in uri
