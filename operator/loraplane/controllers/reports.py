@@ -15,6 +15,7 @@ report for another pod). The address is the pod's `status.podIP` from the operat
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 
@@ -52,12 +53,18 @@ REFUSED_LOG_INTERVAL_SECONDS = 300.0
 
 
 def pod_address(pod: dict) -> str | None:
-    """The pod's IP while it runs and is not being deleted (status.podIP), else None."""
+    """The pod's IP while it runs and is not being deleted (status.podIP, which must be an IP address), else
+    None."""
     meta, status = pod.get("metadata") or {}, pod.get("status") or {}
     if meta.get("deletionTimestamp") or status.get("phase") != POD_RUNNING:
         return None
     ip = status.get("podIP")
-    return ip if isinstance(ip, str) and ip else None
+    # status.podIP is written by the kubelet, but whoever may patch pods/status can write anything there: only
+    # an IP address becomes part of the URL the operator fetches (never a host name, path or userinfo).
+    try:
+        return str(ipaddress.ip_address(ip)) if isinstance(ip, str) and ip else None
+    except ValueError:
+        return None
 
 
 def status_url(ip: str, port: int = LOADER_PORT) -> str:

@@ -92,6 +92,18 @@ def test_addresses():
     assert status_url("fd00::1") == f"http://[fd00::1]:8081/status?{STATUS_BOUNDED_QUERY}"
 
 
+def test_only_an_ip_address_in_pod_status_becomes_a_url():
+    """Issue 12 review: status.podIP went into the relay's URL as written; whoever may patch pods/status could
+    make the operator fetch a host name, a path or another port (`metadata.google.internal/x#`)."""
+    def at(ip):
+        p = pod("p")
+        return pod_address({**p, "status": {**p["status"], "podIP": ip}})
+
+    assert at("fd00::1") == "fd00::1" and at("10.1.2.3") == "10.1.2.3"
+    for bad in ("metadata.google.internal", "10.0.0.1:9000", "10.0.0.1/x#", "u@10.0.0.1", " 10.0.0.1", 7, None):
+        assert at(bad) is None, bad
+
+
 def many(n: int, message: str = "loaded from s3://bucket/adapters/team/adapter/v1/ in 3.21s (fetch 2.10s)") -> ReplicaReport:
     ads = {f"team-adapter-{i:05d}--v1": AdapterReport(state="Ready", reason="Loaded", message=message, since=T,
                                                       attempts=1, sha256="ab" * 32) for i in range(n)}
