@@ -23,6 +23,7 @@ from loraplane.controllers.manager import Manager
 from loraplane.controllers.settings import OperatorSettings
 from loraplane.kube.client import KubeClient
 from loraplane.kube.config import KubeConfig
+from loraplane.api.redaction import install_log_redaction
 
 
 # ---- authentication ------------------------------------------------------------------------------------------
@@ -97,10 +98,18 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.networking.request_timeout = REQUEST_TIMEOUT
 
 
+def configure_logging() -> None:
+    """The operator's log: kopf's per-object chatter at WARNING, and every line written through the root
+    logger's handlers (kopf's) scrubbed of credentials (api.redaction): messages and tracebacks quote spec URIs,
+    which may be presigned, and API errors."""
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    install_log_redaction()
+
+
 @kopf.on.startup()
 async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger, **_):
     configure_kopf(settings)
-    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    configure_logging()
     op = Manager(OperatorSettings.from_env(), KubeClient(_kube_config(memo)))
     # kopf copies the operator-wide memo into every object's handler kwargs; startup runs before any watch.
     memo.operator = op

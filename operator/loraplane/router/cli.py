@@ -12,6 +12,7 @@ from pathlib import Path
 
 from loraplane.api.paths import ENGINE_API_KEY_ENV
 from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, ROUTER_PORT
+from loraplane.api.redaction import install_log_redaction
 
 _SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -130,12 +131,19 @@ def router_main(args: argparse.Namespace) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     try:
         import uvloop  # a faster event loop when installed (kopf[uvloop], uvicorn[standard])
     except ImportError:
         return asyncio.run(_serve(args))
     return uvloop.run(_serve(args))
+
+
+def configure_logging(level: str) -> None:
+    """The router's log at `level`, every line scrubbed of credentials (api.redaction): errors quote replica
+    URLs and, with router.logPrompts, request bodies."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
 
 
 def main(argv: list[str] | None = None) -> int:
