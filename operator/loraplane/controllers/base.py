@@ -11,6 +11,8 @@ each other only through the explicit methods their constructor or `connect` is g
 
 from __future__ import annotations
 
+import asyncio
+
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -88,6 +90,7 @@ class Controller(ABC):
         self.kube = ctx.kube
         self.stores = ctx.stores
         self.queue = WorkQueue(self.kind, self.reconcile, ctx.coalesce_seconds)
+        self._timers: dict[Key, asyncio.TimerHandle] = {}
 
     @property
     def store(self) -> Store:
@@ -97,6 +100,20 @@ class Controller(ABC):
     def schedule(self, key: Key, delay: float | None = None) -> None:
         """Reconcile `key` soon (after `delay` seconds, default the queue's coalescing delay)."""
         self.queue.schedule(key, delay)
+
+    def schedule_later(self, key: Key, delay: float) -> None:
+        """Look at `key` again in `delay` seconds, for a change no watch reports (an Event). Safe to call from
+        the key's own reconcile: `schedule` there would run it again at once (the queue re-runs a key scheduled
+        while it runs), a hot loop; this sets one timer per key, and a timer already set is kept."""
+        timer = self._timers.get(key)
+        if timer is not None and not timer.cancelled() and timer.when() > asyncio.get_running_loop().time():
+            return
+
+        def fire() -> None:
+            self._timers.pop(key, None)
+            self.schedule(key)
+
+        self._timers[key] = asyncio.get_running_loop().call_later(delay, fire)
 
     def schedule_namespace(self, namespace: str, delay: float | None = None) -> None:
         """Reconcile every object of this kind in `namespace`."""

@@ -351,7 +351,7 @@ class FineTuneJobController(Controller):
         if _job_condition(job, JOB_COMPLETE) or _job_condition(job, JOB_FAILED) or (job.get("spec") or {}).get(
                 "suspend"):
             return None
-        self.schedule(key, POD_REFUSAL_RECHECK_SECONDS)
+        self.schedule_later(key, POD_REFUSAL_RECHECK_SECONDS)
         uid = (job.get("metadata") or {}).get("uid")
         if not uid:
             return None

@@ -548,3 +548,37 @@ def test_an_engine_key_create_that_finds_a_predecessors_secret_is_retried_until_
     pod["status"]["containerStatuses"][0]["state"]["waiting"]["message"] = 'secret "users-secret" not found'
     asyncio.run(old.reconcile(("ns", "r")))
     assert len(old.kube.created) == 2
+
+
+async def test_a_job_whose_pod_is_refused_shows_it_once_per_recheck_not_in_a_loop():
+    """Issue 12: a trainer Job whose pod the API server refuses (Pod Security admission) writes that only in a
+    FailedCreate Event; the controller reads it into Ready (PodsRefused) and looks again later. The look-again
+    must be a timer: scheduling the key from its own reconcile re-runs it at once (the queue's rule), a hot
+    loop of reconciles and Event lists."""
+    refusal = ('Error creating: pods "j-" is forbidden: PodSecurityPolicy: unable to admit pod: '
+               '[spec.containers[0].securityContext.runAsNonRoot: Invalid value: false: must be true]')
+
+    class Kube(FakeKube):
+        lists: list = []
+
+        async def list(self, api_version, kind, namespace=None, label_selector=None, *, field_selector=None):
+            self.lists.append((kind, field_selector))
+            return [{"reason": "FailedCreate", "message": refusal, "lastTimestamp": "2026-01-01T00:00:00Z"}]
+
+    kube = Kube()
+    ctl = FineTuneJobController(context(kube))
+    ctl.store.put(FTJ_BODY)
+    job = {"apiVersion": "batch/v1", "kind": "Job",
+           "metadata": {"name": ftj_builders.job_name(FTJ), "namespace": "ns", "uid": "job-uid",
+                        "ownerReferences": [{"uid": "u", "controller": True, "kind": "FineTuneJob", "name": "j",
+                                             "apiVersion": "loraplane.io/v1alpha1"}]},
+           "spec": {}, "status": {"active": 0}}
+    ctl.stores.Job.put(job)
+    ctl.schedule(("ns", "j"))
+    await asyncio.sleep(0.6)
+    await ctl.queue.stop()
+    assert 1 <= len(Kube.lists) <= 2, f"{len(Kube.lists)} Event lists in 0.6 s"
+    assert Kube.lists[0] == ("Event", "involvedObject.uid=job-uid,reason=FailedCreate")
+    ready = [c for _, _, p in kube.status_patches for c in (p.get("status") or p).get("conditions") or []
+             if c["type"] == "Ready"]
+    assert ready and ready[-1]["reason"] == "PodsRefused" and "runAsNonRoot" in ready[-1]["message"]
