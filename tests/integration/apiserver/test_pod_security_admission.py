@@ -219,7 +219,7 @@ def test_a_refused_trainer_pod_shows_in_the_finetunejob_status(psp_cluster, admi
     async def read() -> str | None:
         kube = KubeClient.from_environment(str(psp_cluster.kubeconfig))
         try:
-            reader = SimpleNamespace(kube=kube, schedule=lambda *a: None)
+            reader = SimpleNamespace(kube=kube, schedule_later=lambda *a: None)
             return await FineTuneJobController.pods_refused(reader, (NS, "refused"), job)
         finally:
             await kube.close()
