@@ -246,3 +246,53 @@ def ftj_model():
         "kind": "FineTuneJob", "metadata": {"name": "refused", "namespace": NS, "uid": "u"},
         "spec": {"baseModel": {"name": "org/base"}, "dataset": {"uri": "/d.jsonl"},
                  "output": {"adapterName": "a"}}})
+
+
+def test_the_operator_shows_real_refusals_in_modelroute_and_finetunejob_status(psp_cluster, admin, author,
+                                                                               tmp_path_factory):
+    """End to end, with the real operator on this cluster: the cluster's only policy becomes a stricter one (the
+    restricted policy with the UIDs pinned to 1000-2000, as a platform might pin them), so the API server
+    refuses the pods the operator's Deployments and Job ask for (they run as 65532). The ModelRoute's and the
+    FineTuneJob's Ready say PodsRefused with the API server's message. Runs last in this module: it removes
+    the restricted policy."""
+    from kubernetes import client, dynamic
+
+    from support.kube import install_crds
+    from support.operator_process import OperatorProcess
+
+    psps = dynamic.DynamicClient(admin).resources.get(api_version="policy/v1beta1", kind="PodSecurityPolicy")
+    pinned = yaml.safe_load(PSP.read_text())
+    pinned["metadata"]["name"] = "pinned-uids"
+    pinned["spec"]["runAsUser"] = {"rule": "MustRunAs", "ranges": [{"min": 1000, "max": 2000}]}
+    psps.create(body=pinned)
+    psps.delete(name="restricted")
+    install_crds(admin)
+    custom = client.CustomObjectsApi(admin)
+    ns, group, version = "pinned", "loraplane.io", "v1alpha1"
+    client.CoreV1Api(admin).create_namespace({"metadata": {"name": ns}})
+    custom.create_namespaced_custom_object(group, version, ns, "modelroutes", {
+        "apiVersion": f"{group}/{version}", "kind": "ModelRoute", "metadata": {"name": "r"},
+        "spec": {"baseModel": {"name": "org/base"}, "replicas": 1,
+                 "routes": [{"name": "m", "backends": [{"base": True}]}]}})
+    custom.create_namespaced_custom_object(group, version, ns, "finetunejobs", {
+        "apiVersion": f"{group}/{version}", "kind": "FineTuneJob", "metadata": {"name": "j"},
+        "spec": {"baseModel": {"name": "org/base"}, "dataset": {"uri": "s3://does-not-exist/train.jsonl"},
+                 "output": {"adapterName": "a"}}})
+    operator = OperatorProcess(psp_cluster.kubeconfig,
+                               tmp_path_factory.mktemp("psp-operator") / "operator.log").start()
+    try:
+        def ready(plural: str, name: str):
+            obj = custom.get_namespaced_custom_object(group, version, ns, plural, name)
+            found = [c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == "Ready"]
+            return found[0] if found and found[0]["reason"] == "PodsRefused" else None
+
+        route = wait_for(lambda: ready("modelroutes", "r"), "ModelRoute r never showed PodsRefused", 120)
+        job = wait_for(lambda: ready("finetunejobs", "j"), "FineTuneJob j never showed PodsRefused", 120)
+    except TimeoutError:
+        print(operator.log_tail())
+        raise
+    finally:
+        operator.stop()
+    for condition in (route, job):
+        assert condition["status"] == "False"
+        assert REFUSED.search(condition["message"]) and "runAsUser" in condition["message"], condition["message"]
