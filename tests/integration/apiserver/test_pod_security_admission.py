@@ -4,8 +4,8 @@ refused by admission shows in the owner's status with the API server's message (
 Why a PodSecurityPolicy and not Pod Security admission: nothing that runs the Pod Security Standards' own checks
 (k8s.io/pod-security-admission) can be had offline here: the Go module proxy is unreachable, no Debian, PyPI or
 npm package carries it, and the test kube-apiserver is v1.20, which predates the PodSecurity plugin (1.22). It
-does have the PodSecurityPolicy plugin, and the Kubernetes documentation publishes the "restricted" policy
-(fixtures/restricted-psp.yaml, unchanged, source in its header). So a second, short-lived control plane runs with
+does have the PodSecurityPolicy plugin, which enforces the standard's "restricted" controls written as a policy
+(fixtures/restricted-psp.yaml: each rule names its control). So a second, short-lived control plane runs with
 `--enable-admission-plugins=PodSecurityPolicy`; a ServiceAccount that may `use` only that policy creates, with
 server-side dry-run, every pod the builders render (support.pod_security.every_pod_kind: trainer Job, engine and
 router Deployments, with the variants that add init containers and volumes) and the chart's operator Deployment.
