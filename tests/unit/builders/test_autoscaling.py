@@ -4,6 +4,7 @@ KEDA fallback, and the API's refusals of what cannot work."""
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -112,3 +113,21 @@ def test_cold_start_bounds_reach_the_routers_table():
     assert resolve(route(), []).table.router.cold_start_wait_seconds == 300      # held by default
     # A route parked at fixed `replicas: 0` will not come up: its requests are answered at once.
     assert resolve(route(replicas=0), []).table.router.cold_start_wait_seconds == 0
+
+
+@pytest.mark.parametrize("autoscaling", [
+    {"backend": "keda", "minReplicas": 0, "maxReplicas": 4},
+    {"backend": "keda", "minReplicas": 2, "maxReplicas": 4, "target": 2.5, "fallback": {"replicas": 3},
+     "behavior": {"scaleUp": {"selectPolicy": "Min", "policies": [{"type": "Percent", "value": 50, "periodSeconds": 30}]},
+                  "scaleDown": {"stabilizationWindowSeconds": 0}}},
+])
+def test_scaled_object_validates_against_kedas_crd(autoscaling):
+    """Strictly, against KEDA's ScaledObject CRD (tests/support/thirdparty_crds, with its source): a misspelled or
+    mistyped field fails here instead of being pruned by the API server."""
+    from support.thirdparty import schema_errors
+
+    so = modelroute.keda_scaled_object(route(autoscaling))
+    assert schema_errors(so) == []
+    broken = copy.deepcopy(so)
+    broken["spec"]["fallback"]["replica"] = 1
+    assert any("replica" in e for e in schema_errors(broken))
