@@ -162,8 +162,10 @@ class AutoscalingSpec(ApiModel):
         "router holds requests (spec.router.coldStart) and signals demand until a replica serves."))
     max_replicas: int = Field(ge=1, le=1000)
     metric: str = Field(default="vllm:num_requests_waiting", pattern=PROMETHEUS_METRIC_NAME, max_length=200,
-                        description="vLLM metric per replica, e.g. vllm:num_requests_waiting, "
-                                    "vllm:kv_cache_usage_perc, or the router's loraplane_router_in_flight.")
+                        description="A metric every engine pod exports, averaged per replica (hpa) or summed over "
+                                    "them (keda): vllm:num_requests_waiting, vllm:num_requests_running or "
+                                    "vllm:kv_cache_usage_perc (the gauges the chart's prometheus-adapter rule "
+                                    "serves to the HPA, ':' read as '_'), or one your own adapter rule serves.")
     target: float = Field(default=5, gt=0, description="Target average value of the metric per replica.")
     prometheus_address: str | None = Field(max_length=URI_MAX_LENGTH,
         default=None, description="Prometheus URL for keda, e.g. http://prometheus.monitoring:9090.")
