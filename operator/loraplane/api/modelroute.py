@@ -325,6 +325,8 @@ class ModelRoutePhase(StrEnum):
     Ready = "Ready"
     Degraded = "Degraded"
     Failed = "Failed"
+    ScaledToZero = "ScaledToZero"
+    """The autoscaler (or someone) set the replicas to 0; the router holds the next request and the route wakes."""
 
 
 class ModelRouteStatus(StatusBase):
