@@ -145,6 +145,9 @@ class AutoscalingSpec(ApiModel):
                         "set backend: keda, or minReplicas >= 1"),
         CelRule(rule="!has(self.fallback) || (has(self.backend) && self.backend == 'keda')",
                 message="autoscaling.fallback is KEDA's: set backend: keda, or remove fallback"),
+        CelRule(rule="!has(self.scaleToZeroAfterSeconds) || (has(self.backend) && self.backend == 'keda')",
+                message="autoscaling.scaleToZeroAfterSeconds is KEDA's (cooldownPeriod): set backend: keda with "
+                        "minReplicas 0, or remove scaleToZeroAfterSeconds"),
         CelRule(rule="!has(self.fallback) || self.fallback.replicas <= self.maxReplicas",
                 message="autoscaling.fallback.replicas must be <= autoscaling.maxReplicas"),
         CelRule(rule="!has(self.behavior) || !has(self.behavior.scaleDown) || "

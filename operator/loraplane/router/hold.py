@@ -3,8 +3,8 @@
 A request for which no replica serves any backend of its model is held instead of being answered 503 at once,
 when the route's table allows it (`RouterSettings.cold_start_wait_seconds` > 0) and either no replica at all is
 usable (a cold route) or requests are already held (the same cold start is still under way). Holding is bounded:
-- in number: at most `cold_start_max_requests` per router; one more is answered 503 (`cold_start_queue_full`)
-  with Retry-After at once;
+- in number: at most `cold_start_max_requests` per router, and at most MAX_HELD_BYTES of request bodies; one more
+  is answered 503 (`cold_start_queue_full`) with Retry-After at once;
 - in time: a held request is answered 503 (`cold_start_timeout`) with Retry-After when no replica serves its
   model within `cold_start_wait_seconds`.
 Each new hold signals demand (`Router.on_demand`: the scale subresource wake-up, service.py) and the held count
@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from loraplane.router.client_protocol import ClientConnection, Request
     from loraplane.router.server import Router
 
+# Request bodies held at once, in bytes, whatever cold_start_max_requests says: each body may be up to the
+# route's router.maxRequestBytes (4 MiB by default), and 100 such would be 400 MiB of a router pod whose default
+# memory limit is 1 GiB. Past it: 503 cold_start_queue_full, as past the count.
+MAX_HELD_BYTES = 64 * 1024 * 1024
 # What a 503 past the bounds tells the client to wait (seconds): a replica's start takes minutes, a retry
 # sooner would only be held again.
 COLD_RETRY_AFTER = 15
@@ -46,7 +50,8 @@ class Hold:
         self.timer: asyncio.TimerHandle | None = router.loop.call_later(router.cold_start_wait, self.expire)
 
     def _end(self) -> None:
-        self.router.held.pop(self, None)
+        if self.router.held.pop(self, self) is None:   # it was held until now (the dict's values are None)
+            self.router.held_bytes -= self.req.size
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from loraplane.router.auth import ApiKeys
 from loraplane.router.client_protocol import BODY, HEAD, IDLE, LINGER, LINGER_SECONDS, ClientConnection
 from loraplane.router.dispatch import admit, dispatch, proxy
-from loraplane.router.hold import RETRY_AFTER_HEADER, Hold
+from loraplane.router.hold import MAX_HELD_BYTES, RETRY_AFTER_HEADER, Hold
 from loraplane.router.metrics import RouterMetrics
 from loraplane.router.replicas import ReplicaPool
 from loraplane.router.table import RoutingTable
@@ -103,6 +103,7 @@ class Router:
         self.cold_start_wait = 0.0
         self.cold_start_max = 0
         self.held: dict[Hold, None] = {}
+        self.held_bytes = 0   # request bodies of the held requests (bounded by hold.MAX_HELD_BYTES)
         self.on_demand: Callable[[], None] | None = None
         pool.listeners.append(self.release_held)
         self.connections: set[ClientConnection] = set()
@@ -151,16 +152,18 @@ class Router:
     def hold(self, conn, req, model: str) -> None:
         """Hold a request no replica can serve while the route is cold (dispatch.proxy decided), or answer 503
         with Retry-After when cold_start_max requests are already held. Signals demand (`on_demand`)."""
-        if len(self.held) >= self.cold_start_max:
+        if len(self.held) >= self.cold_start_max or self.held_bytes + req.size > MAX_HELD_BYTES:
             self.metrics.count_held_result("queue_full")
             self.metrics.count_refused(model, 503)
-            conn.respond_error(503, f"no replica is up to serve `{model}` and {len(self.held)} requests already "
-                                    "wait for one (router.coldStart.maxRequests); retry later",
+            conn.respond_error(503, f"no replica is up to serve `{model}` and {len(self.held)} requests "
+                                    f"({self.held_bytes} bytes) already wait for one (router.coldStart.maxRequests); "
+                                    "retry later",
                                "service_unavailable", "cold_start_queue_full", extra=RETRY_AFTER_HEADER,
                                close=not req.keep_alive)
             return
         h = Hold(self, conn, req, model)
         self.held[h] = None
+        self.held_bytes += req.size
         conn.exchange = h
         if len(self.held) == 1:
             log.info("no replica is up: holding requests (up to %d for %g s) until one serves them",
@@ -177,18 +180,12 @@ class Router:
         if not self.held:
             return
         waiting = list(self.held)
-        self.held = {}
-        still: dict[Hold, None] = {}
         for h in waiting:
-            if h.conn.transport is None:
+            if h not in self.held:   # its client left, or its time ran out meanwhile
                 continue
-            self.held = still   # a request answered now sees the current set
             if proxy(self, h.conn, h.req, h):
-                h._end()        # sent, or answered (the table changed meanwhile): no longer held
-            else:
-                still[h] = None
-        self.held = still
-        if waiting and not still:
+                h._end()             # sent, or answered (the table changed meanwhile): no longer held
+        if not self.held:
             log.info("released %d held requests", len(waiting))
 
     # ---- lifecycle ----

@@ -100,6 +100,7 @@ def test_hpa_behavior_defaults_sized_for_slow_starts_and_overrides():
     ({"maxReplicas": 3, "behavior": {"scaleUp": {"policies": [{"type": "Pods", "value": 0, "periodSeconds": 60}]}}},
      "value"),
     ({"backend": "keda", "maxReplicas": 3, "scaleToZeroAfterSeconds": 5}, "scaleToZeroAfterSeconds"),
+    ({"maxReplicas": 3, "scaleToZeroAfterSeconds": 600}, "scaleToZeroAfterSeconds is KEDA's"),
 ])
 def test_autoscaling_that_cannot_work_is_refused_naming_the_field(autoscaling, message):
     with pytest.raises(ValidationError, match=re.escape(message)):

@@ -157,3 +157,50 @@ async def test_held_requests_are_answered_on_shutdown(tmp_path):
         await svc.router.drain(1)
         status, headers, body = await held
         assert status == 503 and body["error"]["code"] == "router_shutting_down" and "Retry-After" in headers
+
+
+async def test_held_request_bodies_are_bounded_in_bytes(tmp_path, monkeypatch):
+    """Each held body may be up to router.maxRequestBytes: the total is bounded too (hold.MAX_HELD_BYTES), so a
+    queue of big prompts cannot take the router pod past its memory limit."""
+    import loraplane.router.server as server
+
+    monkeypatch.setattr(server, "MAX_HELD_BYTES", 100)
+    table = table_json({"chat": [("v1", 100)]}, **COLD)
+    async with running_router(tmp_path, [], table) as (svc, c):
+        held = asyncio.create_task(post(c))                       # ~30 bytes: held
+        await wait_for(lambda: len(svc.router.held) == 1)
+        async with c.post("/v1/completions", json={"model": "chat", "prompt": "p" * 200}) as resp:
+            assert resp.status == 503 and (await resp.json())["error"]["code"] == "cold_start_queue_full"
+        assert len(svc.router.held) == 1 and 0 < svc.router.held_bytes <= 100
+        held.cancel()
+        await wait_for(lambda: not svc.router.held)
+        assert svc.router.held_bytes == 0
+
+
+class FakeScaleApi:
+    """Stands in for the API server's deployments/scale: answers GET with `replicas`, records PATCHes."""
+
+    def __init__(self, replicas: int):
+        self.replicas = replicas
+        self.calls: list[str] = []
+
+    async def request(self, method, path, body=None, **kw):
+        self.calls.append(method)
+        if method == "GET":
+            return {"metadata": {"resourceVersion": "7"}, "spec": {"replicas": self.replicas}}
+        assert body == {"metadata": {"resourceVersion": "7"}, "spec": {"replicas": 1}}
+        self.replicas = 1
+        return None
+
+
+async def test_the_waker_scales_from_zero_once_and_throttles():
+    from loraplane.router.metrics import RouterMetrics
+    from loraplane.router.wake import ScaleWaker
+
+    kube = FakeScaleApi(replicas=0)
+    waker = ScaleWaker(kube, "ns", "r-engine", RouterMetrics(), interval=60)
+    for _ in range(20):          # every held request signals demand...
+        waker.demand()
+    await waker._task
+    assert kube.calls == ["GET", "PATCH"] and kube.replicas == 1   # ...the API server hears it once
+    assert await ScaleWaker(kube, "ns", "r-engine", RouterMetrics()).wake() == "not_zero"
