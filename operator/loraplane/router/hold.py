@@ -49,7 +49,8 @@ class Hold:
         self.since = time.perf_counter()
         self.timer: asyncio.TimerHandle | None = router.loop.call_later(router.cold_start_wait, self.expire)
 
-    def _end(self) -> None:
+    def end(self) -> None:
+        """No longer held (sent, answered or dropped): leave the held set, stop the timer, free the slot."""
         if self.router.held.pop(self, self) is None:   # it was held until now (the dict's values are None)
             self.router.held_bytes -= self.req.size
         if self.timer is not None:
@@ -60,19 +61,19 @@ class Hold:
 
     def released(self) -> None:
         """A replica serves the model: the request goes on (the caller starts its exchange)."""
-        self._end()
+        self.end()
         self.router.metrics.held_released(time.perf_counter() - self.since)
 
     def client_lost(self) -> None:
         """The client closed its connection while held: drop it, count 499."""
-        self._end()
+        self.end()
         self.router.metrics.count_held_result("client_closed")
         self.router.metrics.count_refused(self.model, 499)
 
     def expire(self) -> None:
         """cold_start_wait_seconds passed without a replica serving the model: 503 with Retry-After."""
         self.timer = None
-        self._end()
+        self.end()
         self.router.metrics.count_held_result("timeout")
         self.refuse(f"no replica came up to serve `{self.model}` within {self.router.cold_start_wait:g} s "
                     "(the route is scaled to zero or its replicas are starting; router.coldStart.maxWaitSeconds)",

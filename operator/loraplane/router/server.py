@@ -184,7 +184,7 @@ class Router:
             if h not in self.held:   # its client left, or its time ran out meanwhile
                 continue
             if proxy(self, h.conn, h.req, h):
-                h._end()             # sent, or answered (the table changed meanwhile): no longer held
+                h.end()             # sent, or answered (the table changed meanwhile): no longer held
         if not self.held:
             log.info("released %d held requests", len(waiting))
 
@@ -238,7 +238,7 @@ class Router:
         if self.server is not None:
             self.server.close()
         for h in list(self.held):
-            h._end()
+            h.end()
             self.metrics.count_held_result("shutdown")
             h.refuse("the router is shutting down; retry", "router_shutting_down")
         if self._sweeper is not None:
