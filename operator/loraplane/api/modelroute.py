@@ -183,8 +183,8 @@ class AutoscalingSpec(ApiModel):
         "keda only: replicas while the Prometheus query fails. Default: failureThreshold 3, replicas "
         "max(minReplicas, 1)."))
     scale_to_zero_after_seconds: int = Field(default=600, ge=30, le=86400, description=(
-        "keda with minReplicas 0: seconds without demand (engine metric and the router's held requests both "
-        "0) before the route scales to zero (KEDA cooldownPeriod)."))
+        "keda with minReplicas 0: seconds without demand (the engine metric, the routers' held requests and "
+        "their request rate over 2 minutes all 0) before the route scales to zero (KEDA cooldownPeriod)."))
 
 
 class RouteBackend(ApiModel):

@@ -329,6 +329,13 @@ def replica_pod_regex(deployment: str) -> str:
 
 # The router's gauge of requests held while no replica is up (router/metrics.py): KEDA's activation signal.
 HELD_REQUESTS_METRIC = "loraplane_router_held_requests"
+# The router's counter of answered requests (its exposition name): the route's traffic, which keeps it awake.
+REQUESTS_METRIC = "loraplane_router_requests_total"
+# Window of the traffic trigger's rate(): a route is idle once its routers counted no request for this long.
+TRAFFIC_WINDOW = "2m"
+# The traffic trigger's threshold per replica: so large that it asks for at most one replica (ceil(rate /
+# threshold)), never more; it keeps a serving route active, sizing is the other triggers' job.
+ACTIVATION_ONLY_THRESHOLD = "1000000000"
 DEFAULT_PROMETHEUS = "http://prometheus.monitoring.svc:9090"
 
 
@@ -344,12 +351,16 @@ def pods_query(metric: str, namespace: str, deployment: str) -> str:
 
 
 def keda_scaled_object(route: ModelRoute) -> Manifest:
-    """KEDA ScaledObject of the replicas, with two Prometheus triggers, each `target` per replica:
-    - `engine`: the metric summed over the engine pods (what scales between 1 and maxReplicas);
-    - `router-held`: the requests the route's router pods hold because no replica is up. At zero replicas the
-      engine metric does not exist (no pod exports it), so this is what activates the route from zero; it is
-      exported by the routers, which stay up.
-    With minReplicas 0 the route goes to zero once both are 0 for scaleToZeroAfterSeconds (cooldownPeriod).
+    """KEDA ScaledObject of the replicas, with three Prometheus triggers:
+    - `engine`: the metric summed over the engine pods, `target` per replica (what scales between 1 and
+      maxReplicas);
+    - `router-held`: the requests the route's router pods hold because no replica is up, `target` per replica.
+      At zero replicas the engine metric does not exist (no pod exports it), so this is what activates the route
+      from zero; it is exported by the routers, which stay up;
+    - `router-traffic`: the rate of requests the routers answered over TRAFFIC_WINDOW, with a threshold no rate
+      reaches (ACTIVATION_ONLY_THRESHOLD): it never asks for more than one replica, but keeps a route that serves
+      traffic active. Without it a route serving requests that never queue (engine metric 0) would count as idle.
+    With minReplicas 0 the route goes to zero once all three are 0 for scaleToZeroAfterSeconds (cooldownPeriod).
     `fallback` (default: max(minReplicas, 1) replicas after 3 failed queries) keeps the route serving while
     Prometheus cannot be read. The HPA behavior is `scaling_behavior`'s. Requires spec.autoscaling."""
     auto = route.spec.autoscaling
@@ -359,10 +370,14 @@ def keda_scaled_object(route: ModelRoute) -> Manifest:
     fallback = auto.fallback.model_dump(by_alias=True) if auto.fallback else {
         "failureThreshold": 3, "replicas": max(auto.min_replicas, 1)}
 
-    def trigger(name: str, query: str) -> dict[str, Any]:
+    def trigger(name: str, query: str, threshold: str = str(auto.target)) -> dict[str, Any]:
         # ignoreNullValues: an empty result (no pod exports the metric yet) reads as 0, not as a failed query.
         return {"type": "prometheus", "name": name, "metadata": {
-            "serverAddress": server, "query": query, "threshold": str(auto.target), "ignoreNullValues": "true"}}
+            "serverAddress": server, "query": query, "threshold": threshold, "ignoreNullValues": "true"}}
+
+    routers = promql_string(replica_pod_regex(router_name(route)))
+    traffic = (f"sum(rate({REQUESTS_METRIC}{{namespace={promql_string(ns)},pod=~{routers}}}"
+               f"[{TRAFFIC_WINDOW}]))")
 
     return with_hash({
         "apiVersion": KEDA_API_VERSION, "kind": "ScaledObject",
@@ -375,7 +390,8 @@ def keda_scaled_object(route: ModelRoute) -> Manifest:
             "fallback": fallback,
             "advanced": {"horizontalPodAutoscalerConfig": {"behavior": scaling_behavior(route)}},
             "triggers": [trigger("engine", pods_query(auto.metric, ns, engine_name(route))),
-                         trigger("router-held", pods_query(HELD_REQUESTS_METRIC, ns, router_name(route)))],
+                         trigger("router-held", pods_query(HELD_REQUESTS_METRIC, ns, router_name(route))),
+                         trigger("router-traffic", traffic, ACTIVATION_ONLY_THRESHOLD)],
         },
     })
 

@@ -49,7 +49,7 @@ def test_keda_activates_from_zero_on_the_routers_held_requests():
     r = route({"backend": "keda", "minReplicas": 0, "maxReplicas": 4, "target": 2, "scaleToZeroAfterSeconds": 900})
     spec = modelroute.keda_scaled_object(r)["spec"]
     assert spec["minReplicaCount"] == 0 and spec["cooldownPeriod"] == 900   # the idle time before zero
-    engine, held = spec["triggers"]
+    engine, held, traffic = spec["triggers"]
     assert engine["name"] == "engine" and "vllm:num_requests_waiting" in engine["metadata"]["query"]
     # The engine metric does not exist at zero replicas: the routers' held requests (they stay up) do.
     assert held["name"] == "router-held"
@@ -57,11 +57,19 @@ def test_keda_activates_from_zero_on_the_routers_held_requests():
     assert query.startswith(f"sum({modelroute.HELD_REQUESTS_METRIC}{{") and 'namespace="ns"' in query
     pattern = re.search(r'pod=~"([^"]*)"', query).group(1)
     assert re.fullmatch(pattern, "r-router-7d9f8b6c5d-x2x4z") and not re.fullmatch(pattern, "r-engine-7d9f8-x2x4z")
-    for t in (engine, held):
+    for t in (engine, held):  # both size the route: `target` per replica
         assert t["metadata"]["threshold"] == "2.0" and t["metadata"]["ignoreNullValues"] == "true"
-    # The metric KEDA reads is one the router exports.
-    names = {f.name for f in RouterMetrics().registry.collect()}
-    assert modelroute.HELD_REQUESTS_METRIC in names
+    # A route that serves requests which never queue (engine metric 0, nothing held) is not idle: the routers'
+    # request rate keeps it active, and asks for no more than one replica (sizing is the other triggers' job).
+    assert traffic["name"] == "router-traffic"
+    tq = traffic["metadata"]["query"]
+    assert tq.startswith(f"sum(rate({modelroute.REQUESTS_METRIC}{{") and re.search(r'pod=~"([^"]*)"', tq).group(1) \
+        == pattern and tq.endswith("[2m]))")
+    assert float(traffic["metadata"]["threshold"]) >= 1e9 and traffic["metadata"]["ignoreNullValues"] == "true"
+    # The metrics KEDA reads are ones the router exports (a counter `x` is exposed as `x_total`).
+    families = {f.name: f.type for f in RouterMetrics().registry.collect()}
+    assert families[modelroute.HELD_REQUESTS_METRIC] == "gauge"
+    assert families[modelroute.REQUESTS_METRIC.removesuffix("_total")] == "counter"
 
 
 def test_keda_fallback_default_and_given():
