@@ -108,15 +108,21 @@ def engine_token(kube_api, namespace: str, route) -> str:
     """Create the engine pods' RBAC the operator builds for ModelRoute `route` (builders.modelroute.engine_rbac:
     ServiceAccount, Role, RoleBinding) in `namespace`, without owners (no ModelRoute object exists here), and
     return the ServiceAccount's token: a client with exactly the rights a replica has in a cluster."""
-    from kubernetes import utils
-
     from loraplane.builders.modelroute import engine_rbac
 
+    return rbac_token(kube_api, namespace, engine_rbac(route))
+
+
+def rbac_token(kube_api, namespace: str, manifests: list[dict]) -> str:
+    """Create built RBAC manifests (one ServiceAccount, its Role and RoleBinding) in `namespace` without owners
+    and return the ServiceAccount's token: a client with exactly the rights the builders grant."""
+    from kubernetes import utils
+
     account = None
-    for manifest in engine_rbac(route):
+    for manifest in manifests:
         manifest["metadata"].pop("ownerReferences", None)   # no ModelRoute object here: no GC owner either
         utils.create_from_dict(kube_api, manifest, namespace=namespace)
         if manifest["kind"] == "ServiceAccount":
             account = manifest["metadata"]["name"]
-    assert account, "engine_rbac built no ServiceAccount"
+    assert account, "the RBAC manifests hold no ServiceAccount"
     return service_account_token(kube_api, namespace, account)

@@ -88,6 +88,43 @@ class EngineSpec(ApiModel):
 PROMETHEUS_METRIC_NAME = r"^[a-zA-Z_:][a-zA-Z0-9_:]*$"
 
 
+class ScalingPolicy(ApiModel):
+    """One rate limit of an HPA scaling direction (autoscaling/v2 HPAScalingPolicy): at most `value` pods (or
+    percent of the current replicas) added or removed within `periodSeconds`."""
+
+    type: Literal["Pods", "Percent"]
+    value: int = Field(ge=1, le=1000)
+    period_seconds: int = Field(ge=1, le=1800, description="Window the limit applies to (1 to 1800 s).")
+
+
+class ScalingRules(ApiModel):
+    """How one direction scales (autoscaling/v2 HPAScalingRules); a field left out takes Kubernetes' default."""
+
+    stabilization_window_seconds: int | None = Field(
+        default=None, ge=0, le=3600, description="Recommendations of the last this many seconds are considered: "
+                                                 "scale-up takes their lowest, scale-down their highest.")
+    select_policy: Literal["Max", "Min", "Disabled"] | None = Field(
+        default=None, description="Which policy wins when several apply (Disabled: never scale this way).")
+    policies: list[ScalingPolicy] | None = Field(default=None, min_length=1, max_length=10)
+
+
+class ScalingBehavior(ApiModel):
+    """The HPA's `behavior` (also passed to the HPA KEDA creates). A direction left out gets loraplane's
+    default, sized for vLLM replicas that take minutes to start (docs/operations.md, "Autoscaling"); one set
+    here replaces that default whole."""
+
+    scale_up: ScalingRules | None = None
+    scale_down: ScalingRules | None = None
+
+
+class KedaFallback(ApiModel):
+    """KEDA `fallback`: the replica count KEDA asks for while its Prometheus query keeps failing."""
+
+    failure_threshold: int = Field(default=3, ge=1, le=100,
+                                   description="Failed queries in a row before the fallback applies.")
+    replicas: int = Field(ge=1, le=1000, description="Replicas while the metrics cannot be read.")
+
+
 class AutoscalingSpec(ApiModel):
     """Scale replicas on vLLM's own metrics."""
 
@@ -100,22 +137,56 @@ class AutoscalingSpec(ApiModel):
         CelRule(rule=f"!has(self.metric) || self.metric.matches('{PROMETHEUS_METRIC_NAME}')",
                 message="autoscaling.metric must be a Prometheus metric name ([a-zA-Z_:][a-zA-Z0-9_:]*), e.g. "
                         "vllm:num_requests_waiting"),
+        # An HPA neither scales to zero nor from it (without an alpha feature gate): refused rather than
+        # silently raised to 1.
+        CelRule(rule="!has(self.minReplicas) || self.minReplicas > 0 || "
+                     "(has(self.backend) && self.backend == 'keda')",
+                message="autoscaling.minReplicas 0 needs backend: keda (an HPA cannot scale to or from zero); "
+                        "set backend: keda, or minReplicas >= 1"),
+        CelRule(rule="!has(self.fallback) || (has(self.backend) && self.backend == 'keda')",
+                message="autoscaling.fallback is KEDA's: set backend: keda, or remove fallback"),
+        CelRule(rule="!has(self.scaleToZeroAfterSeconds) || (has(self.backend) && self.backend == 'keda')",
+                message="autoscaling.scaleToZeroAfterSeconds is KEDA's (cooldownPeriod): set backend: keda with "
+                        "minReplicas 0, or remove scaleToZeroAfterSeconds"),
+        CelRule(rule="!has(self.fallback) || self.fallback.replicas <= self.maxReplicas",
+                message="autoscaling.fallback.replicas must be <= autoscaling.maxReplicas"),
+        CelRule(rule="!has(self.behavior) || !has(self.behavior.scaleDown) || "
+                     "!has(self.behavior.scaleDown.stabilizationWindowSeconds) || "
+                     "!has(self.scaleDownStabilizationSeconds)",
+                message="set autoscaling.scaleDownStabilizationSeconds or "
+                        "autoscaling.behavior.scaleDown.stabilizationWindowSeconds, not both"),
     )
 
     backend: Literal["hpa", "keda"] = Field(
         default="hpa", description="hpa: autoscaling/v2 on a Pods metric from a Prometheus adapter; "
                                    "keda: a KEDA ScaledObject with a Prometheus trigger.")
-    min_replicas: int = Field(default=1, ge=0, description="0 is allowed with keda (scale to zero).")
+    min_replicas: int = Field(default=1, ge=0, description=(
+        "0 only with keda: the route scales to zero after scaleToZeroAfterSeconds without demand, and the "
+        "router holds requests (spec.router.coldStart) and signals demand until a replica serves."))
     max_replicas: int = Field(ge=1, le=1000)
     metric: str = Field(default="vllm:num_requests_waiting", pattern=PROMETHEUS_METRIC_NAME, max_length=200,
-                        description="vLLM metric per replica, e.g. vllm:num_requests_waiting, "
-                                    "vllm:kv_cache_usage_perc, or the router's loraplane_router_in_flight.")
+                        description="A metric every engine pod exports, averaged per replica (hpa) or summed over "
+                                    "them (keda): vllm:num_requests_waiting, vllm:num_requests_running or "
+                                    "vllm:kv_cache_usage_perc (the gauges the chart's prometheus-adapter rule "
+                                    "serves to the HPA, ':' read as '_'), or one your own adapter rule serves.")
     target: float = Field(default=5, gt=0, description="Target average value of the metric per replica.")
     prometheus_address: str | None = Field(max_length=URI_MAX_LENGTH,
         default=None, description="Prometheus URL for keda, e.g. http://prometheus.monitoring:9090. Must be allowed "
                                   "by the operator's policy (chart operator.policy.allowedPrometheusAddresses; "
                                   "else PolicyViolation): KEDA's operator sends the query to it.")
-    scale_down_stabilization_seconds: int = Field(default=300, ge=0, le=3600)
+    scale_down_stabilization_seconds: int = Field(default=300, ge=0, le=3600, description=(
+        "Scale-down stabilisation window (the HPA's behavior.scaleDown.stabilizationWindowSeconds)."))
+    behavior: ScalingBehavior | None = Field(default=None, description=(
+        "HPA scaling behavior (both backends). Default scale-up: after 60 s of pressure, at most 1 pod or "
+        "100% more per 180 s (a vLLM replica takes minutes to serve; without a limit the HPA keeps adding "
+        "replicas while the first new one starts). Default scale-down: scaleDownStabilizationSeconds, at most 1 "
+        "pod per 60 s."))
+    fallback: KedaFallback | None = Field(default=None, description=(
+        "keda only: replicas while the Prometheus query fails. Default: failureThreshold 3, replicas "
+        "max(minReplicas, 1)."))
+    scale_to_zero_after_seconds: int = Field(default=600, ge=30, le=86400, description=(
+        "keda with minReplicas 0: seconds without demand (the engine metric, the routers' held requests and "
+        "their request rate over 2 minutes all 0) before the route scales to zero (KEDA cooldownPeriod)."))
 
 
 class RouteBackend(ApiModel):
@@ -154,6 +225,18 @@ class Route(ApiModel):
     prefix: str = Field(default="", max_length=100, description="Prefix of names served through a selector.")
 
 
+class ColdStartSpec(ApiModel):
+    """What the router does with a request while no replica is up (scaled to zero, or all starting)."""
+
+    max_wait_seconds: int = Field(default=300, ge=0, le=3600, description=(
+        "How long a request is held for a replica to serve its model, then answered 503 with Retry-After "
+        "(code cold_start_timeout). 0: answered 503 at once. Counts before router.timeoutSeconds, which "
+        "starts when the request is sent to vLLM."))
+    max_requests: int = Field(default=100, ge=0, le=10000, description=(
+        "Requests held at once per router pod; more are answered 503 with Retry-After at once (code "
+        "cold_start_queue_full)."))
+
+
 class RouterSpec(ApiModel):
     """The OpenAI-compatible routing layer in front of the replicas."""
 
@@ -168,6 +251,9 @@ class RouterSpec(ApiModel):
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     timeout_seconds: int = Field(default=600, ge=1, le=86400)
     log_prompts: bool = Field(default=False, description="Log request bodies (off: no prompt contents in logs).")
+    cold_start: ColdStartSpec = Field(default_factory=ColdStartSpec, description=(
+        "Requests while no replica is up are held, bounded in number and time (a route at zero replicas "
+        "wakes on them); not with fixed replicas: 0."))
     # Defaults bound what the router can be made to hold (issue 12): its client connections, headers and
     # bodies are capped (docs/security.md), and a memory limit turns a leak into a restart, not a node's OOM.
     cpu: Quantity | None = Field(
@@ -244,6 +330,8 @@ class ModelRoutePhase(StrEnum):
     Ready = "Ready"
     Degraded = "Degraded"
     Failed = "Failed"
+    ScaledToZero = "ScaledToZero"
+    """The autoscaler (or someone) set the replicas to 0; the router holds the next request and the route wakes."""
 
 
 class ModelRouteStatus(StatusBase):

@@ -293,6 +293,15 @@ class Reason(StrEnum):
         "(Deployment condition Progressing=False, ProgressDeadlineExceeded) and no pod shows why; replicas of the "
         "previous spec keep serving.",
         "`kubectl describe deployment NAME-engine` and its newest pods; fix `spec.engine` or revert the change.", STALLED)
+    ScaledToZero = ("ScaledToZero", ROUTE,
+        "The route's engine Deployment is at 0 replicas while it is autoscaled: KEDA scaled it to zero after "
+        "`autoscaling.scaleToZeroAfterSeconds` without demand (`minReplicas: 0`), or it was scaled to 0 by hand. "
+        "The router stays up: it holds the next requests (`spec.router.coldStart`) while a replica starts, and the "
+        "route wakes (KEDA on the router's held requests; with an HPA, the router sets the Deployment's scale to 1).",
+        "Nothing to fix. If requests are answered 503 `cold_start_timeout`, the replica took longer than "
+        "`spec.router.coldStart.maxWaitSeconds` to serve: raise it, or keep `minReplicas: 1`; if the route never "
+        "wakes, check KEDA's ScaledObject events and that Prometheus scrapes the router pods (the chart's "
+        "`monitoring.podMonitors`).", IDLE)
     NoReadyReplicas = ("NoReadyReplicas", ROUTE,
         "No vLLM replica is ready yet and no pod shows a failure: starting, pulling the "
         "image, downloading or loading the model (large models take minutes).",

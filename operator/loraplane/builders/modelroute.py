@@ -5,6 +5,7 @@ ScaledObject) and the OpenAI-compatible router (RBAC, Deployment, Service).
 
 from __future__ import annotations
 
+import json
 import re
 
 from typing import Any
@@ -111,12 +112,25 @@ def engine_rbac(route: ModelRoute) -> list[Manifest]:
             role_binding(route, name, labels, name, name)]
 
 
+def wakes_engine(route: ModelRoute) -> bool:
+    """Whether the router wakes the engine Deployment from zero through its scale subresource (router/wake.py):
+    routes autoscaled by an HPA, which never scales a target at zero by itself. KEDA routes are woken by KEDA on
+    the router's held-requests metric; fixed replicas are the spec's to set."""
+    auto = route.spec.autoscaling
+    return auto is not None and auto.backend == "hpa"
+
+
 def router_rbac(route: ModelRoute) -> list[Manifest]:
-    """The router reads and watches its route's ConfigMap; it finds replicas through DNS, not the API."""
+    """The router reads and watches its route's ConfigMap; it finds replicas through DNS, not the API. When it
+    wakes the replicas from zero (`wakes_engine`), it may also get and patch the scale subresource of its own
+    engine Deployment, by name: the replica count of that one Deployment, nothing else."""
     name = router_name(route)
     labels = router_labels(route)
     rules = [{"apiGroups": [""], "resources": ["configmaps"],
               "resourceNames": [configmap_name(route.metadata.name or "")], "verbs": ["get", "list", "watch"]}]
+    if wakes_engine(route):
+        rules.append({"apiGroups": ["apps"], "resources": ["deployments/scale"],
+                      "resourceNames": [engine_name(route)], "verbs": ["get", "patch"]})
     return [service_account(route, name, labels), role(route, name, labels, rules),
             role_binding(route, name, labels, name, name)]
 
@@ -181,23 +195,28 @@ def engine_service(route: ModelRoute) -> Manifest:
     })
 
 
-def engine_network_policy(route: ModelRoute) -> Manifest:
+def engine_network_policy(route: ModelRoute, scrape_from: str = "") -> Manifest:
     """Ingress to the route's engine pods: vLLM's port (ENGINE_PORT) only from the route's own router pods; the
     loader's port (LOADER_PORT: /status, /metrics, /healthz, all read-only) from anywhere, for the operator's
     report relay and Prometheus. Everything else is refused. The loader reaches vLLM over localhost, which a
-    NetworkPolicy does not govern. NetworkPolicies add up: another policy selecting these pods can allow more
-    (e.g. Prometheus on ENGINE_PORT for vLLM's /metrics)."""
+    NetworkPolicy does not govern. `scrape_from` (BuildSettings.metrics_scrape_from: a JSON list of
+    NetworkPolicyPeers, the chart's monitoring.podMonitors.scrapeFrom) may also reach ENGINE_PORT, for vLLM's
+    /metrics, which the autoscaler reads. NetworkPolicies add up: another policy selecting these pods can allow
+    more."""
+    ingress: list[dict[str, Any]] = [
+        {"from": [{"podSelector": {"matchLabels": router_selector(route)}}],
+         "ports": [{"protocol": "TCP", "port": ENGINE_PORT}]},
+        {"ports": [{"protocol": "TCP", "port": LOADER_PORT}]},
+    ]
+    if scrape_from:
+        ingress.insert(1, {"from": json.loads(scrape_from), "ports": [{"protocol": "TCP", "port": ENGINE_PORT}]})
     return with_hash({
         "apiVersion": NETWORK_POLICY_API_VERSION, "kind": "NetworkPolicy",
         "metadata": metadata(route, engine_name(route), engine_labels(route)),
         "spec": {
             "podSelector": {"matchLabels": engine_selector(route)},
             "policyTypes": ["Ingress"],
-            "ingress": [
-                {"from": [{"podSelector": {"matchLabels": router_selector(route)}}],
-                 "ports": [{"protocol": "TCP", "port": ENGINE_PORT}]},
-                {"ports": [{"protocol": "TCP", "port": LOADER_PORT}]},
-            ],
+            "ingress": ingress,
         },
     })
 
@@ -239,9 +258,32 @@ def horizontal_pod_autoscaler(route: ModelRoute, settings: BuildSettings) -> Man
             "metrics": [{"type": "Pods", "pods": {
                 "metric": {"name": hpa_metric_name(auto.metric)},
                 "target": {"type": "AverageValue", "averageValue": _quantity(auto.target)}}}],
-            "behavior": {"scaleDown": {"stabilizationWindowSeconds": auto.scale_down_stabilization_seconds}},
+            "behavior": scaling_behavior(route),
         },
     })
+
+
+# Sized for vLLM replicas, which take minutes (scheduling, image, model load, adapters) before they serve: the
+# metric stays high meanwhile, and without a limit the HPA keeps adding replicas every 15 s for the same
+# pressure. Scale up only after 60 s of it, by at most one pod or doubling per 180 s (whichever is more).
+DEFAULT_SCALE_UP = {"stabilizationWindowSeconds": 60, "selectPolicy": "Max",
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 180},
+                                 {"type": "Percent", "value": 100, "periodSeconds": 180}]}
+# Scale down one pod a minute at most: each replica holds loaded adapters and warm caches.
+DEFAULT_SCALE_DOWN_POLICIES = [{"type": "Pods", "value": 1, "periodSeconds": 60}]
+
+
+def scaling_behavior(route: ModelRoute) -> dict[str, Any]:
+    """The HPA `behavior` of an autoscaled route (the HPA's, or the one KEDA creates): spec.autoscaling.behavior
+    per direction where given (its fields in the API's camelCase, as autoscaling/v2 spells them), else
+    DEFAULT_SCALE_UP and a scale-down of scaleDownStabilizationSeconds with DEFAULT_SCALE_DOWN_POLICIES.
+    Requires spec.autoscaling."""
+    auto = route.spec.autoscaling
+    assert auto is not None
+    given = auto.behavior.model_dump(by_alias=True, exclude_none=True) if auto.behavior else {}
+    scale_down = given.get("scaleDown") or {"policies": DEFAULT_SCALE_DOWN_POLICIES}
+    scale_down.setdefault("stabilizationWindowSeconds", auto.scale_down_stabilization_seconds)
+    return {"scaleUp": given.get("scaleUp") or DEFAULT_SCALE_UP, "scaleDown": scale_down}
 
 
 def _quantity(value: float) -> str:
@@ -285,19 +327,58 @@ def replica_pod_regex(deployment: str) -> str:
     return "(" + "|".join(dict.fromkeys(alternatives)) + ")"
 
 
+# The router's gauge of requests held while no replica is up (router/metrics.py): KEDA's activation signal.
+HELD_REQUESTS_METRIC = "loraplane_router_held_requests"
+# The router's counter of answered requests (its exposition name): the route's traffic, which keeps it awake.
+REQUESTS_METRIC = "loraplane_router_requests_total"
+# Window of the traffic trigger's rate(): a route is idle once its routers counted no request for this long.
+TRAFFIC_WINDOW = "2m"
+# The traffic trigger's threshold per replica: so large that it asks for at most one replica (ceil(rate /
+# threshold)), never more; it keeps a serving route active, sizing is the other triggers' job.
+ACTIVATION_ONLY_THRESHOLD = "1000000000"
+DEFAULT_PROMETHEUS = "http://prometheus.monitoring.svc:9090"
+
+
+def pods_query(metric: str, namespace: str, deployment: str) -> str:
+    """PromQL summing `metric` (a validated metric name) over the pods of Deployment `deployment` in `namespace`.
+
+    Label values are quoted as PromQL string literals. Pods are selected by the exact shape of the Deployment's
+    pod names (replica_pod_regex), not a prefix: `<route>-engine-.*` also matched the pods of route
+    `<route>-engine-x`. (The `pod` and `namespace` labels are the ones every Kubernetes scrape config attaches; a
+    route label would need a relabelling rule the cluster may not have.)"""
+    return (f'sum({metric}{{namespace={promql_string(namespace)},'
+            f'pod=~{promql_string(replica_pod_regex(deployment))}}})')
+
+
 def keda_scaled_object(route: ModelRoute) -> Manifest:
-    """KEDA ScaledObject scaling the replicas on a Prometheus query summing the metric over the route's
-    pods; may scale to zero. Requires spec.autoscaling."""
+    """KEDA ScaledObject of the replicas, with three Prometheus triggers:
+    - `engine`: the metric summed over the engine pods, `target` per replica (what scales between 1 and
+      maxReplicas);
+    - `router-held`: the requests the route's router pods hold because no replica is up, `target` per replica.
+      At zero replicas the engine metric does not exist (no pod exports it), so this is what activates the route
+      from zero; it is exported by the routers, which stay up;
+    - `router-traffic`: the rate of requests the routers answered over TRAFFIC_WINDOW, with a threshold no rate
+      reaches (ACTIVATION_ONLY_THRESHOLD): it never asks for more than one replica, but keeps a route that serves
+      traffic active. Without it a route serving requests that never queue (engine metric 0) would count as idle.
+    With minReplicas 0 the route goes to zero once all three are 0 for scaleToZeroAfterSeconds (cooldownPeriod).
+    `fallback` (default: max(minReplicas, 1) replicas after 3 failed queries) keeps the route serving while
+    Prometheus cannot be read. The HPA behavior is `scaling_behavior`'s. Requires spec.autoscaling."""
     auto = route.spec.autoscaling
     assert auto is not None
     ns = namespace_of(route)
-    # The metric is a validated metric name (api.modelroute.PROMETHEUS_METRIC_NAME); label values are quoted
-    # as PromQL string literals. Pods are selected by the exact shape of the engine Deployment's pod names
-    # (replica_pod_regex), not a prefix: `<route>-engine-.*` also matched the pods of route `<route>-engine-x`.
-    # (The `pod` and `namespace` labels are the ones every Kubernetes scrape config attaches; a route label would
-    # need a relabelling rule the cluster may not have.)
-    query = (f'sum({auto.metric}{{namespace={promql_string(ns)},'
-             f'pod=~{promql_string(replica_pod_regex(engine_name(route)))}}})')
+    server = auto.prometheus_address or DEFAULT_PROMETHEUS
+    fallback = auto.fallback.model_dump(by_alias=True) if auto.fallback else {
+        "failureThreshold": 3, "replicas": max(auto.min_replicas, 1)}
+
+    def trigger(name: str, query: str, threshold: str = str(auto.target)) -> dict[str, Any]:
+        # ignoreNullValues: an empty result (no pod exports the metric yet) reads as 0, not as a failed query.
+        return {"type": "prometheus", "name": name, "metadata": {
+            "serverAddress": server, "query": query, "threshold": threshold, "ignoreNullValues": "true"}}
+
+    routers = promql_string(replica_pod_regex(router_name(route)))
+    traffic = (f"sum(rate({REQUESTS_METRIC}{{namespace={promql_string(ns)},pod=~{routers}}}"
+               f"[{TRAFFIC_WINDOW}]))")
+
     return with_hash({
         "apiVersion": KEDA_API_VERSION, "kind": "ScaledObject",
         "metadata": metadata(route, engine_name(route), engine_labels(route)),
@@ -305,11 +386,12 @@ def keda_scaled_object(route: ModelRoute) -> Manifest:
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": engine_name(route)},
             "minReplicaCount": auto.min_replicas,
             "maxReplicaCount": auto.max_replicas,
-            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": {"scaleDown": {
-                "stabilizationWindowSeconds": auto.scale_down_stabilization_seconds}}}},
-            "triggers": [{"type": "prometheus", "metadata": {
-                "serverAddress": auto.prometheus_address or "http://prometheus.monitoring.svc:9090",
-                "query": query, "threshold": str(auto.target)}}],
+            "cooldownPeriod": auto.scale_to_zero_after_seconds,
+            "fallback": fallback,
+            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": scaling_behavior(route)}},
+            "triggers": [trigger("engine", pods_query(auto.metric, ns, engine_name(route))),
+                         trigger("router-held", pods_query(HELD_REQUESTS_METRIC, ns, router_name(route))),
+                         trigger("router-traffic", traffic, ACTIVATION_ONLY_THRESHOLD)],
         },
     })
 
@@ -325,6 +407,8 @@ def router_args(route: ModelRoute) -> list[str]:
             "--host", "0.0.0.0", "--port", str(ROUTER_PORT)]
     if route.spec.router.api_key_secret_ref:
         args += ["--api-keys-dir", API_KEYS_MOUNT]
+    if wakes_engine(route):
+        args += ["--wake-deployment", engine_name(route)]
     return args
 
 
@@ -410,7 +494,7 @@ def unwanted_children(route: ModelRoute, settings: BuildSettings) -> list[tuple[
 def children(route: ModelRoute, table: ServingTable, settings: BuildSettings) -> list[Manifest]:
     """Everything the operator applies for a ModelRoute, in apply order."""
     # The NetworkPolicy before the replicas: a new vLLM is never reachable from other pods, not even briefly.
-    policy = [engine_network_policy(route)] if settings.network_policies else []
+    policy = [engine_network_policy(route, settings.metrics_scrape_from)] if settings.network_policies else []
     out = [serving_config_map(route, table), *engine_rbac(route), *policy, engine_deployment(route, table, settings),
            engine_service(route), pod_disruption_budget(route, settings)]
     auto = route.spec.autoscaling

@@ -244,6 +244,9 @@ def _resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Ver
                               timeout_seconds=spec.router.timeout_seconds,
                               max_request_bytes=spec.router.max_request_bytes,
                               log_prompts=spec.router.log_prompts,
+                              # Fixed `replicas: 0` is a parked route: nothing will come up, so no request waits.
+                              cold_start_wait_seconds=0 if spec.replicas == 0 else spec.router.cold_start.max_wait_seconds,
+                              cold_start_max_requests=spec.router.cold_start.max_requests,
                               engine_includes_usage=any(a.split("=", 1)[0] == FORCE_INCLUDE_USAGE
                                                         for a in spec.engine.extra_args)))
     return Resolution(table=table, selected=selected, missing=missing, conflicts=conflicts)

@@ -180,6 +180,15 @@ def router_state(route: ModelRoute, router: RouterFacts) -> ConditionState | Non
     return None
 
 
+def scaled_to_zero(route: ModelRoute, deployment: dict | None) -> bool:
+    """Whether an autoscaled route's engine Deployment asks for 0 replicas and has none left (KEDA scaled it to
+    zero, or someone did by hand): a settled state, not a start that is under way."""
+    if route.spec.autoscaling is None or deployment is None:
+        return False
+    spec, status = deployment.get("spec") or {}, deployment.get("status") or {}
+    return spec.get("replicas") == 0 and not status.get("replicas")
+
+
 def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | None, pods: list[dict],
                  generation: int | None, previous: ModelRouteStatus,
                  desired_hash: str | None = None, *, router: RouterFacts) -> ModelRouteStatus:
@@ -236,7 +245,13 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
                       | {f"{a} ({v.reason})" for a, v in resolution.selected.items()
                          if v.reason == Reason.ServingTableFull})   # selector-matched ones are in no backend
     rollout = rollout_pending(deployment, desired_hash)
-    if new.ready_replicas == 0:
+    if new.ready_replicas == 0 and scaled_to_zero(route, deployment):
+        new.phase = ModelRoutePhase.ScaledToZero
+        cold = route.spec.router.cold_start
+        ready = ConditionState(FALSE, Reason.ScaledToZero, "the engine is scaled to 0 replicas; the router holds "
+                               f"up to {cold.max_requests} requests for up to {cold.max_wait_seconds} s while the "
+                               "route wakes")
+    elif new.ready_replicas == 0:
         new.phase = ModelRoutePhase.Progressing if deployment is not None else ModelRoutePhase.Pending
         ready = ConditionState(FALSE, Reason.NoReadyReplicas, f"0 of {new.replicas} engine replicas are ready")
         if problem := replica_problem(route, pods):

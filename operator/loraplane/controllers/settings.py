@@ -3,6 +3,7 @@ flags; `kopf run -m loraplane.controllers.handlers` takes them from the environm
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -49,7 +50,8 @@ class OperatorSettings:
                                 pod_failure_policy=e("LORAPLANE_POD_FAILURE_POLICY", "true").lower() != "false",
                                 allow_insecure_http=e("LORAPLANE_ALLOW_INSECURE_HTTP", "false").lower() == "true",
                                 policy=policy,
-                                network_policies=e("LORAPLANE_NETWORK_POLICIES", "true").lower() != "false"),
+                                network_policies=e("LORAPLANE_NETWORK_POLICIES", "true").lower() != "false",
+                                metrics_scrape_from=scrape_peers(e("LORAPLANE_METRICS_SCRAPE_FROM", ""))),
             namespaces=tuple(n for n in e("LORAPLANE_NAMESPACES", "").split(",") if n),
             resync_seconds=float(e("LORAPLANE_RESYNC_SECONDS", "600")),
             coalesce_seconds=float(e("LORAPLANE_COALESCE_SECONDS", "0.05")),
@@ -59,4 +61,19 @@ class OperatorSettings:
         )
 
 
-__all__ = ["OperatorSettings"]
+def scrape_peers(text: str) -> str:
+    """LORAPLANE_METRICS_SCRAPE_FROM checked: "" or a JSON list of NetworkPolicyPeer objects (returned as given).
+    Raises ValueError naming the variable and the chart value, so a bad value stops the operator at start."""
+    if not text.strip():
+        return ""
+    try:
+        peers = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"LORAPLANE_METRICS_SCRAPE_FROM (chart monitoring.podMonitors.scrapeFrom) is not JSON: {exc}")
+    if not isinstance(peers, list) or not all(isinstance(p, dict) and p for p in peers):
+        raise ValueError("LORAPLANE_METRICS_SCRAPE_FROM (chart monitoring.podMonitors.scrapeFrom) must be a list of "
+                         "NetworkPolicyPeer objects (namespaceSelector, podSelector or ipBlock)")
+    return text
+
+
+__all__ = ["OperatorSettings", "scrape_peers"]

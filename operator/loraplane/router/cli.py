@@ -38,6 +38,9 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
                      help=f"headless Service name; every address it resolves to is a replica (vLLM on "
                           f"{ENGINE_PORT}, loader on {LOADER_PORT}); re-resolved every --dns-interval")
     p.add_argument("--dns-interval", type=float, default=5.0, metavar="SECONDS")
+    p.add_argument("--wake-deployment", metavar="NAME",
+                   help="while requests are held for a cold start, scale this Deployment (in --namespace) from 0 "
+                        "to 1 replica through its scale subresource (needs get/patch on deployments/scale)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=ROUTER_PORT)
     p.add_argument("--api-keys-file", "--api-keys-dir", dest="api_keys_file", type=Path, metavar="PATH",
@@ -112,7 +115,8 @@ async def _serve(args: argparse.Namespace) -> int:
     service = RouterService(router, table_path=args.table, configmap=configmap, kubeconfig=args.kubeconfig,
                             replicas_dns=args.replicas_dns,
                             dns_interval=args.dns_interval, host=args.host, port=args.port,
-                            drain_seconds=args.drain_seconds)
+                            drain_seconds=args.drain_seconds, wake_deployment=args.wake_deployment,
+                            wake_namespace=configmap[0] if configmap else args.namespace)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

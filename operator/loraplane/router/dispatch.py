@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from loraplane.router.client_protocol import ClientConnection, Request
 from loraplane.router.exchange import Exchange, ask_for_usage
+from loraplane.router.hold import Hold
 from loraplane.router.metrics import NO_BACKEND, UNKNOWN_MODEL
 from loraplane.router.table import BadRequest, read_model, rewrite_model
 
@@ -98,36 +99,39 @@ def dispatch(router: Router, conn: ClientConnection, req: Request) -> None:
                                 "/v1/completions, /v1/chat/completions, /v1/models)", "invalid_request_error",
                            "not_found", close=not req.keep_alive)
 
-def proxy(router: Router, conn: ClientConnection, req: Request) -> None:
-    """Route one /v1/completions or /v1/chat/completions request and start its `Exchange`.
+def proxy(router: Router, conn: ClientConnection, req: Request, hold: Hold | None = None) -> bool:
+    """Route one /v1/completions or /v1/chat/completions request and start its `Exchange`. Returns False
+    only when `hold` (the request's `Hold`, when it is being released: see hold.py) is given and still no
+    replica serves its model: it stays held.
 
     The API key and the body size were checked before the body was read (`admit`, `on_body`). Refuses
     with an OpenAI error, before any backend is chosen: 503 without a routing table, 400 for a body
     without a usable `model` (or one that vLLM could read differently: see table.read_model), 404 for
     a model the route does not serve, 503 (Retry-After: 2) when no backend of the model has a usable
-    replica. Otherwise picks a backend (weights, or sticky by the route's header), skipping backends with
-    no usable replica (their weight goes to the others), and the least loaded replica that has it Ready.
+    replica, unless the router holds it for a cold start (hold.py). Otherwise picks a backend (weights, or
+    sticky by the route's header), skipping backends with no usable replica (their weight goes to the
+    others), and the least loaded replica that has it Ready.
     """
     table = router.table
     close = not req.keep_alive
     if table is None:
         conn.respond_error(503, "no routing table loaded yet", "service_unavailable", close=close)
-        return
+        return True
     body = req.body[0] if len(req.body) == 1 else b"".join(req.body)
     try:
         model, handle = read_model(body)
     except BadRequest as exc:
         router.metrics.count_refused(NO_BACKEND, 400)
         conn.respond_error(400, str(exc), "invalid_request_error", None, exc.param, close=close)
-        return
+        return True
     route = table.models.get(model)
     if route is None:
         router.metrics.count_refused(UNKNOWN_MODEL, 404)
         names = list(table.models)
         conn.respond_error(404, f"The model `{model}` does not exist. Served models: {', '.join(names)}",
                            "NotFoundError", "model_not_found", "model", close=close, available_models=names)
-        return
-    if router.log_prompts:
+        return True
+    if router.log_prompts and hold is None:
         log.info("request body (router.logPrompts is on): %s", body.decode("utf-8", "replace"))
     sticky = req.sticky
     # A backend with no usable replica is skipped; its weight goes to the others.
@@ -141,12 +145,19 @@ def proxy(router: Router, conn: ClientConnection, req: Request) -> None:
             backend = route.pick(rng, sticky, skipped)
             replica = pool.choose(backend.served_name) if backend is not None else None
         if replica is None:
+            if hold is not None:
+                return False   # still cold: stays held until a replica serves it or its time is up
+            if router.cold_start_wait > 0 and (router.held or not router.pool.any_usable()):
+                router.hold(conn, req, model)
+                return True
             router.metrics.count_refused(model, 503)
             conn.respond_error(
                 503, f"no replica is ready to serve `{model}` (backends: "
                      f"{', '.join(b.served_name for b in route.backends)}); adapters may still be loading",
                 "service_unavailable", "no_ready_replica", extra=b"Retry-After: 2\r\n", close=close)
-            return
+            return True
+    if hold is not None:
+        hold.released()
     payload = rewrite_model(body, handle, backend)
     # A stream that does not ask for usage gets it from vLLM anyway (stripped before the client sees it), so
     # its tokens are counted: most chat UIs stream without stream_options.
@@ -155,4 +166,5 @@ def proxy(router: Router, conn: ClientConnection, req: Request) -> None:
                   req.path, strip_usage=with_usage is not None)
     conn.exchange = ex
     ex.start()
+    return True
 

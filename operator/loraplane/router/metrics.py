@@ -83,7 +83,28 @@ class RouterMetrics:
                                            "Entries of the routing table in use that were left out (a duplicate "
                                            "public name, no backend with weight); the log names them.",
                                            registry=self.registry)
+        # Cold start (router/hold.py): requests held now (KEDA activates the route on it), how long released
+        # ones waited, and how each hold ended.
+        self.held_results: dict[str, int] = {}
+        self.hold_wait = Hist(LATENCY_BUCKETS)
+        self._router = None
+        self.scale_wakeups = Counter("loraplane_router_scale_wakeups", "Scale-subresource wake-ups of the engine "
+                                     "Deployment from zero replicas, by result (scaled, not_zero, conflict, "
+                                     "error).", ("result",), registry=self.registry)
         self.registry.register(_Collector(self))
+
+    def count_held_result(self, result: str) -> None:
+        """Count a held request by how its hold ended: released, timeout, queue_full, client_closed, shutdown."""
+        self.held_results[result] = self.held_results.get(result, 0) + 1
+
+    def held_released(self, seconds: float) -> None:
+        """A held request was sent to a replica after `seconds` held."""
+        self.count_held_result("released")
+        self.hold_wait.observe(seconds)
+
+    def watch_router(self, router) -> None:
+        """Export the router's held requests at scrape time."""
+        self._router = router
 
     def stats(self, model: str, backend: str) -> BackendStats:
         """The figures of (public model, backend served name), created on first use and kept (a new table
@@ -160,3 +181,17 @@ class _Collector:
             r_up.add_metric([r.name], 1.0 if r.usable() else 0.0)
             r_ready.add_metric([r.name], len(r.ready))
         yield from (r_in_flight, r_load, r_up, r_ready)
+
+        router = self._m._router
+        held = GaugeMetricFamily("loraplane_router_held_requests",
+                                 "Requests held now because no replica is up (a cold start); what KEDA activates "
+                                 "a route at zero replicas on.")
+        held.add_metric([], len(router.held) if router is not None else 0)
+        results = CounterMetricFamily("loraplane_router_held", "Held requests by how the hold ended (released, "
+                                      "timeout, queue_full, client_closed, shutdown).", labels=["result"])
+        for result, n in sorted(self._m.held_results.items()):
+            results.add_metric([result], n)
+        wait = HistogramMetricFamily("loraplane_router_hold_seconds",
+                                     "How long released requests were held for a replica (cold start wait).")
+        wait.add_metric([], self._m.hold_wait.buckets(), self._m.hold_wait.sum)
+        yield from (held, results, wait)

@@ -15,6 +15,7 @@ import logging
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
@@ -131,7 +132,21 @@ class ReplicaPool:
     base_served_name: str = ""
     # Headers of the router's own requests to vLLM (/v1/models needs the route's engine key: Router.engine_key).
     engine_headers: dict[str, str] = field(default_factory=dict)
+    # Called after every poll (of all replicas, or of new ones): the router releases held requests there.
+    listeners: list[Callable[[], None]] = field(default_factory=list)
     _rr: int = 0
+
+    def any_usable(self) -> bool:
+        """Whether some replica may get traffic now (see Replica.usable); False at zero replicas."""
+        return any(r.engine_ready and not r.failed_at for r in self.replicas)
+
+    def notify(self) -> None:
+        """Tell the listeners the replicas' state may have changed (after a poll)."""
+        for listener in self.listeners:
+            try:
+                listener()
+            except Exception:  # one listener's bug must not stop polling
+                log.exception("a replica pool listener failed")
 
     def set_replicas(self, specs: list[tuple[str, str | None]]) -> None:
         """Replace the replica set, keeping what is known about those that stay."""
@@ -179,6 +194,7 @@ class ReplicaPool:
     async def poll_once(self, session: aiohttp.ClientSession) -> None:
         """Poll every replica once, concurrently (each request bounded by the session's timeout)."""
         await asyncio.gather(*(self._poll(session, r) for r in list(self.replicas)))
+        self.notify()
 
     async def _poll(self, session: aiohttp.ClientSession, r: Replica) -> None:
         started = time.monotonic()
@@ -281,6 +297,7 @@ async def run_dns_discovery(pool: ReplicaPool, host: str, interval: float,
             new = [r for r in pool.replicas if r.engine_url not in before]
             if new:
                 await asyncio.gather(*(pool._poll(session, r) for r in new))
+                pool.notify()
         except socket.gaierror as exc:
             # No pods yet (or scaled to zero): an empty set, not an error that stops discovery.
             if pool.replicas:

@@ -28,10 +28,12 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 
 from loraplane.router.auth import ApiKeys
 from loraplane.router.client_protocol import BODY, HEAD, IDLE, LINGER, LINGER_SECONDS, ClientConnection
-from loraplane.router.dispatch import admit, dispatch
+from loraplane.router.dispatch import admit, dispatch, proxy
+from loraplane.router.hold import MAX_HELD_BYTES, RETRY_AFTER_HEADER, Hold
 from loraplane.router.metrics import RouterMetrics
 from loraplane.router.replicas import ReplicaPool
 from loraplane.router.table import RoutingTable
@@ -84,6 +86,7 @@ class Router:
             pool.engine_headers = {"Authorization": f"Bearer {engine_key}"}
         self.metrics = metrics or RouterMetrics()
         self.metrics.watch_pool(pool)
+        self.metrics.watch_router(self)
         self.api_keys = api_keys
         self.connect_timeout = connect_timeout
         self.max_attempts = max(1, max_attempts)
@@ -95,6 +98,14 @@ class Router:
         self.timeout_seconds = 600.0
         self.log_prompts = False
         self.ask_usage = True   # add stream_options.include_usage to streams without it (see exchange.ask_for_usage)
+        # Cold start (hold.py): seconds a request may be held while no replica is up (0: never held), how many
+        # at once, the held ones in arrival order, and what is called when one more is held (demand signal).
+        self.cold_start_wait = 0.0
+        self.cold_start_max = 0
+        self.held: dict[Hold, None] = {}
+        self.held_bytes = 0   # request bodies of the held requests (bounded by hold.MAX_HELD_BYTES)
+        self.on_demand: Callable[[], None] | None = None
+        pool.listeners.append(self.release_held)
         self.connections: set[ClientConnection] = set()
         self.max_connections = max_connections
         self.max_header_bytes = max_header_bytes
@@ -123,6 +134,8 @@ class Router:
         self.timeout_seconds = rs.timeout_seconds
         self.log_prompts = rs.log_prompts
         self.ask_usage = not rs.engine_includes_usage
+        self.cold_start_wait = rs.cold_start_wait_seconds
+        self.cold_start_max = rs.cold_start_max_requests
         self.pool.base_served_name = table.served_model_name
         self.table = compiled
         self.metrics.table_generation.set(table.generation)
@@ -133,6 +146,47 @@ class Router:
         log.info("routing table generation %d: %s", table.generation,
                  ", ".join(f"{m.name} -> " + "/".join(f"{b.served_name}:{b.weight}" for b in m.backends)
                            for m in table.models) or "no models")
+
+    # ---- cold start (hold.py) ----
+
+    def hold(self, conn, req, model: str) -> None:
+        """Hold a request no replica can serve while the route is cold (dispatch.proxy decided), or answer 503
+        with Retry-After when cold_start_max requests are already held. Signals demand (`on_demand`)."""
+        if len(self.held) >= self.cold_start_max or self.held_bytes + req.size > MAX_HELD_BYTES:
+            self.metrics.count_held_result("queue_full")
+            self.metrics.count_refused(model, 503)
+            conn.respond_error(503, f"no replica is up to serve `{model}` and {len(self.held)} requests "
+                                    f"({self.held_bytes} bytes) already wait for one (router.coldStart.maxRequests); "
+                                    "retry later",
+                               "service_unavailable", "cold_start_queue_full", extra=RETRY_AFTER_HEADER,
+                               close=not req.keep_alive)
+            return
+        h = Hold(self, conn, req, model)
+        self.held[h] = None
+        self.held_bytes += req.size
+        conn.exchange = h
+        if len(self.held) == 1:
+            log.info("no replica is up: holding requests (up to %d for %g s) until one serves them",
+                     self.cold_start_max, self.cold_start_wait)
+        if self.on_demand is not None:
+            try:
+                self.on_demand()
+            except Exception:  # the signal is best effort; the held request still waits
+                log.exception("signalling demand failed")
+
+    def release_held(self) -> None:
+        """Send the held requests, oldest first, whose model a replica now serves (called after each poll);
+        the others stay held, in order."""
+        if not self.held:
+            return
+        waiting = list(self.held)
+        for h in waiting:
+            if h not in self.held:   # its client left, or its time ran out meanwhile
+                continue
+            if proxy(self, h.conn, h.req, h):
+                h.end()             # sent, or answered (the table changed meanwhile): no longer held
+        if not self.held:
+            log.info("released %d held requests", len(waiting))
 
     # ---- lifecycle ----
 
@@ -179,9 +233,14 @@ class Router:
                         len(self.connections), self.refused_connections)
 
     async def drain(self, seconds: float) -> None:
-        """Stop accepting; close idle client connections; let answers in flight finish (up to `seconds`)."""
+        """Stop accepting; answer held requests 503 (Retry-After: another router pod may serve them); close
+        idle client connections; let answers in flight finish (up to `seconds`)."""
         if self.server is not None:
             self.server.close()
+        for h in list(self.held):
+            h.end()
+            self.metrics.count_held_result("shutdown")
+            h.refuse("the router is shutting down; retry", "router_shutting_down")
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

@@ -22,6 +22,7 @@ from loraplane.kube.client import KubeClient
 from loraplane.kube.tablewatch import TableRead, watch_configmap_table, watch_table_file
 from loraplane.router.replicas import ReplicaPool, run_dns_discovery
 from loraplane.router.server import Router
+from loraplane.router.wake import ScaleWaker
 
 log = logging.getLogger("loraplane.router")
 
@@ -42,6 +43,10 @@ class RouterService:
     host: str = "0.0.0.0"
     port: int = 8080
     drain_seconds: float = 30.0
+    # The engine Deployment to wake from zero through its scale subresource when requests are held (wake.py);
+    # None: the router only exports its held requests (KEDA wakes the route on them).
+    wake_deployment: str | None = None
+    wake_namespace: str | None = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _poll_session: aiohttp.ClientSession | None = None
     _kube: KubeClient | None = None
@@ -104,6 +109,12 @@ class RouterService:
             self._kube = KubeClient.from_environment(str(self.kubeconfig) if self.kubeconfig else None)
             namespace, name = self.configmap
             self._tasks.append(asyncio.create_task(self._follow(watch_configmap_table(self._kube, namespace, name))))
+        if self.wake_deployment:
+            if self._kube is None:
+                self._kube = KubeClient.from_environment(str(self.kubeconfig) if self.kubeconfig else None)
+            waker = ScaleWaker(self._kube, self.wake_namespace or (self.configmap or ("default",))[0],
+                               self.wake_deployment, self.router.metrics)
+            self.router.on_demand = waker.demand
         if self.router.api_keys is not None:
             self._tasks.append(asyncio.create_task(self._reload_api_keys()))
         if self.replicas_dns:

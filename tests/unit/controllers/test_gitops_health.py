@@ -18,7 +18,7 @@ import yaml
 
 from loraplane.api.adapter import AdapterStatus
 from loraplane.api.conditions import IDLE_REASONS, STALLED_REASONS, ConditionType, Progress, progress_of
-from loraplane.api.modelroute import ModelRouteStatus
+from loraplane.api.modelroute import AutoscalingSpec, ModelRouteStatus
 from loraplane.api.reasons import Reason
 from loraplane.builders import resolve
 from loraplane.controllers.adapter import adapter_status
@@ -72,9 +72,13 @@ def ftj_status(run) -> dict:
     return FineTuneJobController(context()).plan(FineTuneJobFacts(body, FTJ, run=run, now=LATER)).status
 
 
-def route_of(deployment, pods) -> dict:
-    res = resolve(ROUTE, [adapter("a")])
-    return dump_status(route_status(ROUTE, res, deployment, pods, 3, ModelRouteStatus(), "h-new",
+def route_of(deployment, pods, autoscaled: bool = False) -> dict:
+    route = ROUTE
+    if autoscaled:   # KEDA with minReplicas 0 (what scales a route to zero)
+        route = ROUTE.model_copy(deep=True)
+        route.spec.autoscaling = AutoscalingSpec(backend="keda", min_replicas=0, max_replicas=2)
+    res = resolve(route, [adapter("a")])
+    return dump_status(route_status(route, res, deployment, pods, 3, ModelRouteStatus(), "h-new",
                                      router=ROUTER_UP))
 
 
@@ -102,6 +106,8 @@ CASES = [
     ("invalid spec", lambda: wrap("ModelRoute", invalid_spec({}, 3, "spec field engine.gpus: must be >= 0")[0]),
      "Failed", "Degraded"),
     ("route serving", lambda: wrap("ModelRoute", route_of(done, [serving_old_pod()])), "Current", "Healthy"),
+    ("route scaled to zero", lambda: wrap("ModelRoute", route_of(
+        {"spec": {"replicas": 0}, "status": {"observedGeneration": 1}}, [], autoscaled=True)), "Current", "Suspended"),
     ("route starting", lambda: wrap("ModelRoute", route_of(
         {"status": {"replicas": 1}}, [engine_pod("r-1", containers=starting)])), "InProgress", "Progressing"),
     ("route rolling out", lambda: wrap("ModelRoute", route_of(rolling(), [

@@ -446,3 +446,26 @@ def test_a_presigned_dataset_uri_reaches_the_adapters_provenance_scrubbed():
     uri = provenance(job, None, T)["datasetUri"]
     assert uri.startswith("https://bucket.s3.amazonaws.com/lora/a.tar.gz?")
     assert "deadbeefcafe" not in uri and "AKIAEXAMPLE" not in uri
+
+
+def test_route_scaled_to_zero_is_settled_not_starting():
+    """An autoscaled route whose engine Deployment asks for 0 replicas (KEDA after scaleToZeroAfterSeconds, or by
+    hand) is ScaledToZero, an Idle reason (kstatus Current, Argo CD Suspended), not a start that never ends; a
+    route with fixed replicas, or one that asks for replicas it does not have yet, is still NoReadyReplicas."""
+    from loraplane.api.conditions import IDLE_REASONS
+
+    auto = ROUTE.model_copy(deep=True)
+    auto.spec.autoscaling = ModelRoute.model_validate({"kind": "ModelRoute", "metadata": {"name": "x"}, "spec": {
+        "baseModel": {"name": "b"}, "autoscaling": {"backend": "keda", "minReplicas": 0, "maxReplicas": 2}}}
+    ).spec.autoscaling
+    res = resolve(auto, [])
+    at_zero = {"spec": {"replicas": 0}, "status": {"observedGeneration": 1}}
+    st = route_status(auto, res, at_zero, [], 2, ModelRouteStatus(), router=ROUTER_UP)
+    ready = st.condition("Ready")
+    assert (st.phase, ready.status, ready.reason) == ("ScaledToZero", "False", "ScaledToZero")
+    assert Reason.ScaledToZero in IDLE_REASONS and "300 s" in ready.message
+    waking = {"spec": {"replicas": 1}, "status": {"replicas": 1}}
+    assert route_status(auto, res, waking, [], 2, ModelRouteStatus(),
+                        router=ROUTER_UP).condition("Ready").reason == "NoReadyReplicas"
+    fixed = route_status(ROUTE, resolve(ROUTE, []), at_zero, [], 2, ModelRouteStatus(), router=ROUTER_UP)
+    assert fixed.condition("Ready").reason == "NoReadyReplicas"

@@ -83,6 +83,11 @@ class RouterSettings(_Model):
     # vLLM runs with --enable-force-include-usage (in spec.engine.extraArgs): every stream already ends with its
     # usage chunk, which clients then expect, so the router neither asks for it nor strips it.
     engine_includes_usage: bool = False
+    # While no replica is up (scaled to zero, or every replica starting), a request is held this many seconds
+    # for one to serve its model, then answered 503 with Retry-After; 0: answered 503 at once. At most
+    # `cold_start_max_requests` are held at once (per router pod); more are answered 503 at once.
+    cold_start_wait_seconds: float = Field(default=0, ge=0)
+    cold_start_max_requests: int = Field(default=0, ge=0)
 
 
 class ServingTable(_Model):
