@@ -60,3 +60,9 @@ class EvaluationResult(ApiModel):
     previous: EvaluationScores | None = Field(default=None, description="The version being replaced, when known.")
     previous_version: str | None = Field(default=None, description="Which version `previous` scored.")
     evaluated_at: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    # Added after the first version of this contract (optional; readers must not require them):
+    score: float | None = Field(default=None, description="The candidate's primary metric (`kubectl get -o wide`).")
+    base_score: float | None = Field(default=None, description="The base model's primary metric.")
+    message: str | None = Field(default=None, max_length=1024,
+                                description="What was not scored and why (time budget reached, previous version "
+                                            "unavailable).")
