@@ -66,3 +66,15 @@ class EvaluationResult(ApiModel):
     message: str | None = Field(default=None, max_length=1024,
                                 description="What was not scored and why (time budget reached, previous version "
                                             "unavailable).")
+
+    def summary(self) -> str:
+        """`<primary metric>: adapter <v>, base <v>[, previous <version> <v>]` for logs, Events and `loraplane run`."""
+        p = self.primary_metric
+
+        def value(scores: EvaluationScores | None) -> str:
+            return f"{scores.metrics[p]:.4g}" if scores is not None and p in scores.metrics else "n/a"
+
+        out = f"{p}: adapter {value(self.candidate)}, base {value(self.base)}"
+        if self.previous is not None:
+            out += f", previous{' ' + self.previous_version if self.previous_version else ''} {value(self.previous)}"
+        return out

@@ -107,9 +107,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"adapter: {result.output_dir}")
     print(f"artifact sha256: {result.artifact_sha256}")
     if result.evaluation is not None:
-        from loraplane.trainer.evaluate import summary
-
-        print(f"evaluation: {summary(result.evaluation)}")
+        print(f"evaluation: {result.evaluation.summary()}")
     print(f"result: {runtime.result_file}")
     return EXIT_OK
 

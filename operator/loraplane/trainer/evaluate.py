@@ -394,16 +394,3 @@ def _scores(t: _Tally) -> EvaluationScores:
         metrics.update({m: round(v / t.examples, DIGITS) for m, v in t.sums.items()})
     # examples: the generation examples scored, else (loss metrics only) the validation examples.
     return EvaluationScores(metrics={str(k): v for k, v in metrics.items()}, examples=t.examples or t.loss_examples)
-
-
-def summary(result: EvaluationResult) -> str:
-    """One line for logs and `loraplane run`: the primary metric of the candidate, the base and the previous."""
-    p = result.primary_metric
-
-    def value(s: EvaluationScores | None) -> str:
-        return "n/a" if s is None or p not in s.metrics else f"{s.metrics[p]:.4g}"
-
-    out = f"{p}: adapter {value(result.candidate)}, base {value(result.base)}"
-    if result.previous is not None:
-        out += f", previous ({result.previous_version}) {value(result.previous)}"
-    return out

@@ -382,7 +382,7 @@ def run_evaluation(job: FineTuneJob, runtime: Runtime, scratch: Path, base: Base
         if is_out_of_memory(exc):
             raise _oom(job, exc, "evaluating the adapter (spec.evaluation)") from exc
         raise
-    log.info("evaluation (%.1f s): %s%s", time.monotonic() - started, evalmod.summary(result),
+    log.info("evaluation (%.1f s): %s%s", time.monotonic() - started, result.summary(),
              f" ({result.message})" if result.message else "")
     return result
 
