@@ -343,7 +343,7 @@ def evaluate(peft_model, tokenizer, spec: EvaluationSpec, eval_set: EvalSet | No
                 collate = data.PaddingCollator(tokenizer.pad_token_id)
                 done = 0
                 for start in range(0, len(rows), batch_size):
-                    if start and clock() > deadline:
+                    if start and clock() >= deadline:
                         notes.append(f"time budget ({spec.timeout_seconds} s) reached: eval_loss covers {done} of "
                                      f"{len(rows)} validation examples")
                         break
@@ -357,7 +357,7 @@ def evaluate(peft_model, tokenizer, spec: EvaluationSpec, eval_set: EvalSet | No
                     done += len(batch["input_ids"])
             if eval_set is not None:
                 for i, example in enumerate(eval_set.examples):
-                    if i and clock() > deadline:
+                    if i and clock() >= deadline:
                         notes.append(f"time budget ({spec.timeout_seconds} s) reached: generation metrics cover {i} "
                                      f"of {len(eval_set.examples)} examples")
                         break
