@@ -6,6 +6,7 @@ and the Adapter's provenance. The wrong run also scores the right adapter as the
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -126,3 +127,26 @@ def test_the_time_budget_scores_every_model_on_the_same_examples(runs):
     result = evalmod.evaluate(model, tok, spec, examples, None, 8, clock=lambda: next(ticks))
     assert result.candidate.examples == result.base.examples == 1
     assert "time budget (900 s) reached: generation metrics cover 1 of 16 examples" in result.message
+
+
+def test_loraplane_run_shows_the_quickstart_evaluation(tmp_path):
+    """`loraplane run`'s training step on the quickstart file: the trainer container with the evaluation set from
+    the file's ConfigMap, and the scores printed (the rest of the run, serving, is the e2e test's)."""
+    import io
+
+    from loraplane.local.pipeline import LocalRun, load_plan
+
+    plan = load_plan(ROOT / "docs" / "examples" / "quickstart.yaml")
+    out = io.StringIO()
+    run = LocalRun(plan, tmp_path, None, out)
+    try:
+        run.prepare_models()
+        run.train(plan.jobs[0])
+    finally:
+        run.stop()
+    text = out.getvalue()
+    print(text)
+    line = next(x for x in text.splitlines() if "evaluation (8 examples)" in x)
+    adapter, base = (float(v) for v in re.findall(r"(?:adapter|base) ([0-9.]+)", line))
+    assert adapter > base, line
+    assert "    base: contains=" in text
