@@ -329,7 +329,8 @@ def evaluate(peft_model, tokenizer, spec: EvaluationSpec, eval_set: EvalSet | No
             load_previous(peft_model, previous, scratch or Path("."), pvc_root or Path("."), identity)
             with_previous = True
         except ValueError as exc:
-            notes.append(f"previous version {previous.version or ''} not scored: {exc}".replace("  ", " "))
+            version = f" {previous.version}" if previous.version else ""
+            notes.append(f"previous version{version} not scored: {exc}")
             log.warning("%s", notes[-1])
     modes = _modes(peft_model, with_previous)
     tallies = {name: _Tally() for name in modes}

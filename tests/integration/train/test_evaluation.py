@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from loraplane.api import FineTuneJob
-from loraplane.api.wire.trainer import PREVIOUS_VERSION_KEY, TerminationMessage
+from loraplane.api.wire.trainer import PREVIOUS_VERSION_KEY, PreviousVersion, TerminationMessage
 from loraplane.local.tinymodel import TOY_PHRASES, instruction_prompt, quick_job, toy_prompts, write_toy_dataset
 from loraplane.trainer import resolve_runtime, run_training
 from loraplane.trainer import evaluate as evalmod
@@ -114,7 +114,7 @@ def test_the_adapter_trained_on_the_wrong_data_scores_below_the_base_and_the_ope
     assert plan.adapter.provenance["evaluation"] == plan.status["evaluation"] == ev.wire()
 
 
-def test_the_time_budget_scores_every_model_on_the_same_examples(runs):
+def test_the_time_budget_and_an_unreachable_previous_version_are_reported_not_fatal(runs):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -124,9 +124,14 @@ def test_the_time_budget_scores_every_model_on_the_same_examples(runs):
     examples = evalmod.prepare(spec, evalmod.read_source(spec, runs["wrong_dir"], runs["wrong_dir"], None,
                                                          runs["wrong_dir"]), tok, 2048)
     ticks = iter(range(0, 10**6, spec.timeout_seconds))   # every reading of the clock is one budget later
-    result = evalmod.evaluate(model, tok, spec, examples, None, 8, clock=lambda: next(ticks))
+    unreachable = PreviousVersion(uri="pvc://not-mounted/a/run-1", version="7")
+    result = evalmod.evaluate(model, tok, spec, examples, None, 8, previous=unreachable, scratch=runs["wrong_dir"],
+                              pvc_root=runs["wrong_dir"], clock=lambda: next(ticks))
     assert result.candidate.examples == result.base.examples == 1
     assert "time budget (900 s) reached: generation metrics cover 1 of 16 examples" in result.message
+    # A previous version that cannot be scored is left out with the reason; the evaluation goes on.
+    assert result.previous is None and result.previous_version is None
+    assert "previous version 7 not scored: pvc://not-mounted/a/run-1 is not mounted in this pod" in result.message
 
 
 def test_loraplane_run_shows_the_quickstart_evaluation(tmp_path):
