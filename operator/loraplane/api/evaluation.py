@@ -60,3 +60,21 @@ class EvaluationResult(ApiModel):
     previous: EvaluationScores | None = Field(default=None, description="The version being replaced, when known.")
     previous_version: str | None = Field(default=None, description="Which version `previous` scored.")
     evaluated_at: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    # Added after the first version of this contract (optional; readers must not require them):
+    score: float | None = Field(default=None, description="The candidate's primary metric (`kubectl get -o wide`).")
+    base_score: float | None = Field(default=None, description="The base model's primary metric.")
+    message: str | None = Field(default=None, max_length=1024,
+                                description="What was not scored and why (time budget reached, previous version "
+                                            "unavailable).")
+
+    def summary(self) -> str:
+        """`<primary metric>: adapter <v>, base <v>[, previous <version> <v>]` for logs, Events and `loraplane run`."""
+        p = self.primary_metric
+
+        def value(scores: EvaluationScores | None) -> str:
+            return f"{scores.metrics[p]:.4g}" if scores is not None and p in scores.metrics else "n/a"
+
+        out = f"{p}: adapter {value(self.candidate)}, base {value(self.base)}"
+        if self.previous is not None:
+            out += f", previous{' ' + self.previous_version if self.previous_version else ''} {value(self.previous)}"
+        return out

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from loraplane.api.evaluation import EvaluationResult
+from loraplane.api.evaluation import EvaluationMetric, EvaluationResult
 from loraplane.api.common import (
     URI_MAX_LENGTH,
     IMAGE_MAX_LENGTH,
@@ -74,6 +74,103 @@ class DatasetSpec(ApiModel):
         description="A separate validation file instead (the same URI forms as `uri`).")
     credentials_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret with AWS_* or HF_TOKEN credentials to fetch the data.")
+
+
+# The metrics that score generated completions against references (need spec.evaluation.dataset), and the ones
+# computed on the validation split (need spec.dataset.validationSplit or validationUri).
+GenerationMetric = Literal["exact_match", "contains", "regex", "rouge_l"]
+DEFAULT_METRICS: tuple[str, ...] = ("rouge_l", "exact_match", "contains")
+LOSS_METRICS: tuple[str, ...] = (EvaluationMetric.eval_loss.value, EvaluationMetric.perplexity.value)
+_CEL_METRICS = "(has(self.metrics) ? self.metrics : [" + ", ".join(f"'{m}'" for m in DEFAULT_METRICS) + "])"
+_CEL_LOSS = "[" + ", ".join(f"'{m}'" for m in LOSS_METRICS) + "]"
+
+
+def _primary_ok(obj: dict) -> bool:
+    primary = obj.get("primaryMetric")
+    return primary is None or primary in LOSS_METRICS or (
+        "dataset" in obj and primary in obj.get("metrics", DEFAULT_METRICS))
+
+
+def _validation_set(dataset: dict) -> bool:
+    return "validationSplit" in dataset or "validationUri" in dataset
+
+
+class EvaluationDatasetSpec(ApiModel):
+    """An evaluation set: prompts with references (and optional regex patterns), as JSON lines from a URI or an
+    inline ConfigMap, in the instruction or chat layout of training data."""
+
+    cel_rules: ClassVar = (
+        CelRule(rule="has(self.uri) != has(self.configMapRef)",
+                check=lambda obj: ("uri" in obj) != ("configMapRef" in obj),
+                message="set exactly one of evaluation.dataset.uri or evaluation.dataset.configMapRef"),
+        *uri_rules("uri", "evaluation.dataset.uri"),
+    )
+
+    uri: str | None = Field(max_length=URI_MAX_LENGTH,
+        default=None, pattern=uri_pattern("pvc", "s3", "http", "hf", "file", "path"),
+        description="The same URI forms as spec.dataset.uri; fetched with spec.dataset.credentialsSecretRef.")
+    config_map_ref: ConfigMapKeyRef | None = Field(default=None, description="A small evaluation set, inline.")
+    format: Literal["instruction", "chat"] = Field(
+        default="instruction",
+        description="instruction: {prompt, response}, the response is the reference; chat: {messages}, the last "
+                    "message (role assistant) is the reference and the ones before it, rendered with the "
+                    "tokenizer's chat template, the prompt. Prompts are tokenised as in training.")
+    prompt_field: str = Field(max_length=256, default="prompt", description="Field of an instruction record's prompt.")
+    response_field: str = Field(max_length=256, default="response",
+                                description="Field of an instruction record's reference answer.")
+    messages_field: str = Field(max_length=256, default="messages", description="Field of a chat record's messages.")
+    pattern_field: str = Field(max_length=256, default="pattern",
+                               description="Field holding the RE2 pattern the `regex` metric matches the completion "
+                                           "against (every record needs one when `regex` is among the metrics).")
+
+
+class EvaluationSpec(ApiModel):
+    """What the trainer scores after training, for the new adapter, the base model alone and the version the
+    Adapter serves now (when known), on the same data: eval_loss/perplexity on the validation split, and the
+    named metrics on greedy completions of an evaluation set. Results: status.evaluation (api.evaluation)."""
+
+    cel_rules: ClassVar = (
+        CelRule(rule=f"!has(self.primaryMetric) || self.primaryMetric in {_CEL_LOSS} || "
+                     f"(has(self.dataset) && self.primaryMetric in {_CEL_METRICS})",
+                check=_primary_ok,
+                message="evaluation.primaryMetric must be eval_loss or perplexity, or one of evaluation.metrics "
+                        "(default rouge_l, exact_match, contains) with evaluation.dataset set"),
+    )
+
+    dataset: EvaluationDatasetSpec | None = Field(
+        default=None, description="Prompts with references, scored by `metrics` (unset: loss metrics only).")
+    metrics: list[GenerationMetric] = Field(
+        default_factory=lambda: list(DEFAULT_METRICS), min_length=1, max_length=4,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+        description="Metrics of the completions, each averaged over the examples (0..1): exact_match, contains, "
+                    "regex (RE2, linear time), rouge_l (ROUGE-L F1, the rouge-score library). Default: "
+                    "rouge_l, exact_match, contains.")
+    primary_metric: Literal["exact_match", "contains", "regex", "rouge_l", "eval_loss", "perplexity"] | None = Field(
+        default=None, description="The metric the rollout gates compare and `kubectl get` shows. Default: the first "
+                                  "of `metrics` with a dataset, else eval_loss.")
+    max_examples: int = Field(default=200, ge=1, le=10000,
+                              description="Score at most this many records (the first ones) of the evaluation set, "
+                                          "and of the validation split.")
+    max_new_tokens: int = Field(default=64, ge=1, le=4096,
+                                description="Greedy decoding stops after this many new tokens (or at EOS).")
+    timeout_seconds: int = Field(default=900, ge=10, le=86400,
+                                 description="Time budget of the whole evaluation; when it runs out, the scores "
+                                             "cover the examples done so far (the same ones for every model) and "
+                                             "status.evaluation.message says so.")
+    compare_previous: bool = Field(default=True,
+                                   description="Also score the version the Adapter serves now, when it has one.")
+
+    @model_validator(mode="after")
+    def _distinct_metrics(self):
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError("evaluation.metrics lists a metric twice; list each once")
+        return self
+
+    def primary(self) -> str:
+        """The primary metric: primaryMetric, else the first of `metrics` with a dataset, else eval_loss."""
+        if self.primary_metric:
+            return self.primary_metric
+        return self.metrics[0] if self.dataset else EvaluationMetric.eval_loss.value
 
 
 class MethodSpec(ApiModel):
@@ -166,6 +263,22 @@ class OutputSpec(ApiModel):
 class FineTuneJobSpec(ApiModel):
     """What a FineTuneJob asks for: base model, dataset, LoRA method, training settings, resources and output."""
 
+    cel_rules: ClassVar = (
+        CelRule(rule="!has(self.evaluation) || has(self.evaluation.dataset) || has(self.dataset.validationSplit) "
+                     "|| has(self.dataset.validationUri)",
+                check=lambda obj: "evaluation" not in obj or "dataset" in obj["evaluation"]
+                or _validation_set(obj.get("dataset", {})),
+                message="spec.evaluation has nothing to score: set spec.evaluation.dataset, or "
+                        "spec.dataset.validationSplit or validationUri (eval_loss, perplexity)"),
+        CelRule(rule=f"!has(self.evaluation) || !has(self.evaluation.primaryMetric) || "
+                     f"!(self.evaluation.primaryMetric in {_CEL_LOSS}) || has(self.dataset.validationSplit) || "
+                     "has(self.dataset.validationUri)",
+                check=lambda obj: obj.get("evaluation", {}).get("primaryMetric") not in LOSS_METRICS
+                or _validation_set(obj.get("dataset", {})),
+                message="spec.evaluation.primaryMetric eval_loss/perplexity needs a validation set: set "
+                        "spec.dataset.validationSplit or validationUri"),
+    )
+
     base_model: ModelRef = Field(description="The model to fine-tune.",
                                  json_schema_extra=immutable("spec.baseModel"))
     dataset: DatasetSpec = Field(json_schema_extra=immutable("spec.dataset"))
@@ -174,6 +287,10 @@ class FineTuneJobSpec(ApiModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec,
                                      json_schema_extra=immutable("spec.resources"))
     output: OutputSpec = Field(json_schema_extra=immutable("spec.output"))
+    evaluation: EvaluationSpec | None = Field(
+        default=None, description="Score the trained adapter against the base model (and the version it replaces) "
+                                  "after training; results in status.evaluation and the Adapter's provenance.",
+        json_schema_extra=immutable("spec.evaluation"))
     # A Job's pod template cannot change once created: image and account are fixed for the run.
     image: str | None = Field(max_length=IMAGE_MAX_LENGTH, default=None, description=(
         "Trainer image; default: the operator's trainer image. Another tag of one of the operator's images, or "
@@ -269,6 +386,9 @@ class FineTuneJob(Resource):
         {"name": "ETA", "type": "integer", "jsonPath": ".status.progress.etaSeconds", "priority": 1},
         {"name": "Base", "type": "string", "jsonPath": ".spec.baseModel.name"},
         {"name": "Adapter", "type": "string", "jsonPath": ".spec.output.adapterName"},
+        {"name": "Metric", "type": "string", "jsonPath": ".status.evaluation.primaryMetric", "priority": 1},
+        {"name": "Score", "type": "number", "jsonPath": ".status.evaluation.score", "priority": 1},
+        {"name": "BaseScore", "type": "number", "jsonPath": ".status.evaluation.baseScore", "priority": 1},
         {"name": "Reason", "type": "string", "jsonPath": ".status.failure.reason", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     )

@@ -107,9 +107,15 @@ class Reason(StrEnum):
         "Read the message; fix the named field.", STALLED)
     InvalidDataset = ("InvalidDataset", FTJ,
         "The dataset is readable but wrong: empty, not JSON lines, missing the fields the "
-        "format needs, or records longer than `training.maxSeqLength`.",
-        "Fix the records, or `dataset.format` / the field names (`promptField`, …) / `maxSeqLength`.", STALLED)
-    DatasetNotFound = ("DatasetNotFound", FTJ, "No dataset at `spec.dataset.uri` (or the ConfigMap key).",
+        "format needs, or records longer than `training.maxSeqLength`. Also the evaluation set "
+        "(`spec.evaluation.dataset`, checked before training): a missing or empty reference, a missing `pattern` "
+        "or one RE2 refuses (with the `regex` metric), a chat record not ending with the assistant's answer, or a "
+        "prompt that leaves no room for `maxNewTokens` in the model's context.",
+        "Fix the records, or `dataset.format` / the field names (`promptField`, …) / `maxSeqLength` (for the "
+        "evaluation set: the same under `spec.evaluation.dataset`, or `maxNewTokens`); the message names the "
+        "lines.", STALLED)
+    DatasetNotFound = ("DatasetNotFound", FTJ, "No dataset at `spec.dataset.uri` (or the ConfigMap key), or no "
+        "evaluation set at `spec.evaluation.dataset`.",
         "Check the URI / PVC path / ConfigMap name and key.", STALLED)
     DatasetAccessDenied = ("DatasetAccessDenied", FTJ, "The dataset store refused the credentials.",
         "Check `dataset.credentialsSecretRef` (AWS_* or HF_TOKEN keys) and the bucket policy.", STALLED)

@@ -48,7 +48,9 @@ from loraplane.api.paths import (
 )
 from loraplane.api.redaction import scrubbed
 from loraplane.api.reasons import Reason
-from loraplane.api.wire.trainer import EXIT_PREEMPTED, NOT_RETRYABLE_EXIT_CODES, TerminationMessage
+from loraplane.api.wire.trainer import (
+    EXIT_PREEMPTED, NOT_RETRYABLE_EXIT_CODES, PREVIOUS_VERSION_KEY, PreviousVersion, TerminationMessage,
+)
 from loraplane.storage.uri import CREDENTIAL_ENV, pvc_mount_path
 
 # The trainer's paths and ports inside its pod (api.paths; the trainer reads the same defaults).
@@ -115,21 +117,48 @@ def output_uri(ftj: FineTuneJob, settings: BuildSettings) -> str:
     return f"{root.rstrip('/')}/{run}" if run else root
 
 
-def trainer_config(ftj: FineTuneJob, settings: BuildSettings, output: str | None = None) -> dict[str, Any]:
+def trainer_config(ftj: FineTuneJob, settings: BuildSettings, output: str | None = None,
+                   previous: PreviousVersion | None = None) -> dict[str, Any]:
     """What the trainer reads (`--config`): the FineTuneJob manifest with defaults resolved: output.uri is this
-    run's own location (output_uri), or `output` when given (a run keeps the location it started with)."""
+    run's own location (output_uri), or `output` when given (a run keeps the location it started with); and,
+    under PREVIOUS_VERSION_KEY, the version the run would replace, which spec.evaluation scores too
+    (`previous_version`)."""
     spec = ftj.spec.model_copy(update={"output": ftj.spec.output.model_copy(
         update={"uri": output or output_uri(ftj, settings)})})
-    return {
+    out = {
         "apiVersion": ftj.api_version, "kind": ftj.kind,
         "metadata": {"name": ftj.metadata.name, "namespace": namespace_of(ftj)},
         "spec": spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
     }
+    if previous is not None:
+        out[PREVIOUS_VERSION_KEY] = previous.model_dump(by_alias=True, exclude_none=True, mode="json")
+    return out
 
 
-def config_map(ftj: FineTuneJob, settings: BuildSettings, output: str | None = None) -> Manifest:
+def previous_version(ftj: FineTuneJob, adapter: dict | None) -> PreviousVersion | None:
+    """The version of `adapter` (the live Adapter named by spec.output.adapterName, as stored) that a run of `ftj`
+    would replace, for spec.evaluation to score: its status.artifact.uri (and sha256) and status.version. None
+    without spec.evaluation (or with comparePrevious false), without an Adapter, without a known artifact URI,
+    or when the Adapter already is this job's own output."""
+    ev = ftj.spec.evaluation
+    if ev is None or not ev.compare_previous or not adapter:
+        return None
+    meta = adapter.get("metadata") or {}
+    if ftj.metadata.uid and (meta.get("annotations") or {}).get(PRODUCED_BY_ANNOTATION) == ftj.metadata.uid:
+        return None
+    status = adapter.get("status") or {}
+    artifact = status.get("artifact") or {}
+    uri, sha, version = artifact.get("uri"), artifact.get("sha256"), status.get("version")
+    if not isinstance(uri, str) or not uri:
+        return None
+    return PreviousVersion(uri=uri, version=version if isinstance(version, str) else None,
+                           sha256=sha if isinstance(sha, str) and len(sha) == 64 else None)
+
+
+def config_map(ftj: FineTuneJob, settings: BuildSettings, output: str | None = None,
+               previous: PreviousVersion | None = None) -> Manifest:
     """The ConfigMap holding `trainer_config` as sorted JSON under CONFIG_KEY (mounted at CONFIG_PATH)."""
-    body = json.dumps(trainer_config(ftj, settings, output), indent=2, sort_keys=True)
+    body = json.dumps(trainer_config(ftj, settings, output, previous), indent=2, sort_keys=True)
     return with_hash({"apiVersion": "v1", "kind": "ConfigMap",
                       "metadata": metadata(ftj, config_name(ftj), labels(ftj)),
                       "data": {CONFIG_KEY: body + "\n"}})
@@ -176,8 +205,9 @@ def _volumes(ftj: FineTuneJob, settings: BuildSettings) -> tuple[list[dict], lis
         scratch_mount("tmp"),
     ]
     writable = set(pvc_claims(output_uri(ftj, settings)))
+    eval_ds = spec.evaluation.dataset if spec.evaluation else None
     for claim in pvc_claims(spec.base_model.uri, spec.dataset.uri, spec.dataset.validation_uri,
-                            output_uri(ftj, settings)):
+                            eval_ds.uri if eval_ds else None, output_uri(ftj, settings)):
         read_only = claim not in writable
         volumes.append({"name": pvc_volume_name(claim),
                         "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
@@ -186,6 +216,11 @@ def _volumes(ftj: FineTuneJob, settings: BuildSettings) -> tuple[list[dict], lis
         cm = spec.dataset.config_map_ref.name
         volumes.append({"name": "dataset", "configMap": {"name": cm}})
         mounts.append({"name": "dataset", "mountPath": f"{DATA_CONFIGMAP_ROOT}/{cm}", "readOnly": True})
+    if eval_ds and eval_ds.config_map_ref and not (
+            spec.dataset.config_map_ref and spec.dataset.config_map_ref.name == eval_ds.config_map_ref.name):
+        cm = eval_ds.config_map_ref.name   # the same ConfigMap as the training data is mounted once, above
+        volumes.append({"name": "evaluation-dataset", "configMap": {"name": cm}})
+        mounts.append({"name": "evaluation-dataset", "mountPath": f"{DATA_CONFIGMAP_ROOT}/{cm}", "readOnly": True})
     return volumes, mounts
 
 
@@ -298,10 +333,11 @@ def rendezvous_service(ftj: FineTuneJob) -> Manifest:
     })
 
 
-def children(ftj: FineTuneJob, settings: BuildSettings, output: str | None = None) -> list[Manifest]:
+def children(ftj: FineTuneJob, settings: BuildSettings, output: str | None = None,
+             previous: PreviousVersion | None = None) -> list[Manifest]:
     """Everything the operator applies for a FineTuneJob, in apply order (the Job last); `output`: the run's
-    output location when it is not output_uri (trainer_config)."""
-    out = [config_map(ftj, settings, output), *rbac(ftj)]
+    output location when it is not output_uri, `previous`: the version it would replace (trainer_config)."""
+    out = [config_map(ftj, settings, output, previous), *rbac(ftj)]
     if ftj.spec.resources.nodes > 1:
         out.append(rendezvous_service(ftj))
     out.append(job(ftj, settings))
@@ -385,6 +421,7 @@ def provenance(ftj: FineTuneJob, result: TerminationMessage | None, completed_at
         "metrics": {k: float(v) for k, v in result.metrics.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)} or None,
         "libraryVersions": {k: str(v) for k, v in result.library_versions.items()} or None,
+        "evaluation": result.evaluation.wire() if result.evaluation is not None else None,
         "completedAt": completed_at,
     }
     return {k: v for k, v in out.items() if v is not None}

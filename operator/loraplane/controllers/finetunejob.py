@@ -40,7 +40,7 @@ from loraplane.kube.events import Event, EventType
 from loraplane.kube.informer import Key
 
 OWNED_STATUS = ("phase", "observedGeneration", "conditions", "startTime", "completionTime", "jobName", "attempts",
-                "adapterRef", "artifact", "failure")
+                "adapterRef", "artifact", "evaluation", "failure")
 # Fields a running job may change; everything else in the spec is fixed once the Job exists.
 MUTABLE_FIELDS = ("backoffLimit", "activeDeadlineSeconds", "suspend")
 TERMINAL = (FineTuneJobPhase.Succeeded, FineTuneJobPhase.Failed)
@@ -413,7 +413,10 @@ class FineTuneJobController(Controller):
         rejected = immutable_changes(facts.accepted_spec, desired_spec) if facts.accepted_spec is not None else []
         refusal = adapter_refusal(ftj, facts.existing_adapter)
         if not rejected and status.phase not in TERMINAL and not (refusal and not facts.job_exists):
-            kids = finetunejob.children(ftj, settings, output)
+            # The version the run would replace, which spec.evaluation scores too (in the trainer's config only:
+            # the Job's pod template must not change when the Adapter does).
+            previous = finetunejob.previous_version(ftj, facts.existing_adapter)
+            kids = finetunejob.children(ftj, settings, output, previous)
             out.children, out.fresh, out.spec = [kids[:-1], kids[-1:]], not current, desired_spec
 
         new = status.model_copy(deep=True)
@@ -425,6 +428,9 @@ class FineTuneJobController(Controller):
             new.start_time, new.completion_time = run.start_time, run.completion_time
             new.failure = run.failure
         event: Event | None = None
+        if new.phase == FineTuneJobPhase.Succeeded and new.evaluation is None and run is not None \
+                and run.result is not None and run.result.evaluation is not None:
+            new.evaluation = run.result.evaluation
         if new.phase == FineTuneJobPhase.Succeeded and new.adapter_ref is None and refusal:
             # Trained, but not published into an Adapter it may not bump: keep where the artifact is.
             uri, sha = artifact_of(run.result if run else None, output)
@@ -441,6 +447,7 @@ class FineTuneJobController(Controller):
             new.artifact = ArtifactRef(uri=uri, sha256=sha)
             event = Event(EventType.Normal, Reason.Succeeded, (
                 f"training finished; Adapter {ftj.spec.output.adapter_name} version {version} points at {uri}"
+                + (f"; evaluation {new.evaluation.summary()}" if new.evaluation else "")
                 + ("" if result else " (the trainer reported no result message: no sha256, metrics or dataset "
                                      "digest)")))
         # The refusal shows where it blocks: before the Job starts, and on success (nothing published).

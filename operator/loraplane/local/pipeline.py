@@ -33,6 +33,7 @@ from loraplane.local import cpu, hfcache
 from loraplane.local.podspec import LocalPod, container_argv, container_env
 from loraplane.local.processes import ManagedProcess, ProcessFailed, free_port, http_ok
 from loraplane.api.wire.serving import AdapterState, ReplicaReport
+from loraplane.api.wire.trainer import TerminationMessage
 
 NAMESPACE = "default"
 
@@ -162,9 +163,13 @@ class LocalRun:
         pod = self.pod(f"{job['metadata']['name']}-local")
         # The FineTuneJob's dataset ConfigMap, where the pod would have it mounted.
         data_root = self.workdir / "configmaps"
-        if ref := ftj.spec.dataset.config_map_ref:
+        evaluation = ftj.spec.evaluation.dataset if ftj.spec.evaluation else None
+        for where, ref in (("spec.dataset.configMapRef", ftj.spec.dataset.config_map_ref),
+                           ("spec.evaluation.dataset.configMapRef", evaluation.config_map_ref if evaluation else None)):
+            if ref is None:
+                continue
             if ref.name not in self.plan.configmaps or ref.key not in self.plan.configmaps[ref.name]:
-                raise RunError(f"FineTuneJob {ftj.metadata.name}: spec.dataset.configMapRef names ConfigMap "
+                raise RunError(f"FineTuneJob {ftj.metadata.name}: {where} names ConfigMap "
                                f"{ref.name} key {ref.key}, which is not in the file; add it (kind: ConfigMap)")
             (data_root / ref.name).mkdir(parents=True, exist_ok=True)
             (data_root / ref.name / ref.key).write_text(self.plan.configmaps[ref.name][ref.key])
@@ -209,6 +214,15 @@ class LocalRun:
         if metrics:
             self.say("  metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                for k, v in sorted(metrics.items())))
+        message = TerminationMessage.parse(json.dumps(result))
+        if message is not None and message.evaluation is not None:
+            ev = message.evaluation
+            self.say(f"  evaluation ({ev.candidate.examples} examples) {ev.summary()}")
+            for name, scores in (("adapter", ev.candidate), ("base", ev.base), ("previous", ev.previous)):
+                if scores is not None:
+                    self.say(f"    {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(scores.metrics.items())))
+            if ev.message:
+                self.say(f"    note: {ev.message}")
         return adapter
 
     # ---- serving -----------------------------------------------------------------------------------------

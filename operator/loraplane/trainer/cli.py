@@ -34,6 +34,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset-path", type=Path, help="local dataset file, overriding spec.dataset "
                    "[env LORAPLANE_DATASET_PATH]")
     p.add_argument("--validation-path", type=Path, help="local validation file [env LORAPLANE_VALIDATION_PATH]")
+    p.add_argument("--evaluation-path", type=Path, help="local evaluation set, overriding "
+                   "spec.evaluation.dataset [env LORAPLANE_EVALUATION_PATH]")
     p.add_argument("-o", "--output-dir", type=Path, help="where the adapter directory is written (default: "
                    "spec.output.uri when local) [env LORAPLANE_OUTPUT_DIR]")
     p.add_argument("--checkpoint-dir", type=Path, help="resumable checkpoints (default: <output-dir>.checkpoints) "
@@ -74,16 +76,17 @@ def train_main(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from loraplane.storage.uri import Scheme
-    from loraplane.trainer.config import dump_json_atomic, load_job, resolve_runtime, spec_uri
+    from loraplane.trainer.config import dump_json_atomic, load_config, resolve_runtime, spec_uri
     from loraplane.trainer.errors import InvalidConfig
 
     if not args.config:
         raise InvalidConfig("no config: pass --config FILE (a FineTuneJob manifest) or set LORAPLANE_CONFIG")
-    job = load_job(args.config)
+    job, previous = load_config(args.config)
     runtime = resolve_runtime(job, output_dir=args.output_dir, checkpoint_dir=args.checkpoint_dir,
                               model_dir=args.model_dir, dataset_path=args.dataset_path,
                               validation_path=args.validation_path, progress_file=args.progress_file,
-                              result_file=args.result_file, progress_bar=not args.no_progress_bar)
+                              result_file=args.result_file, progress_bar=not args.no_progress_bar,
+                              evaluation_path=getattr(args, "evaluation_path", None), previous=previous)
     from loraplane.trainer.run import run_training, upload_s3
 
     result = run_training(job, runtime)
@@ -103,6 +106,8 @@ def _run(args: argparse.Namespace) -> int:
     write_termination_message(message)
     print(f"adapter: {result.output_dir}")
     print(f"artifact sha256: {result.artifact_sha256}")
+    if result.evaluation is not None:
+        print(f"evaluation: {result.evaluation.summary()}")
     print(f"result: {runtime.result_file}")
     return EXIT_OK
 

@@ -14,6 +14,8 @@ the checkpoint directory) is runtime detail the pod's environment supplies:
                                                    else none. `none` switches it off
   --progress-file      LORAPLANE_PROGRESS_FILE     <checkpoint-dir>/progress.json
   --result-file        LORAPLANE_RESULT_FILE       <checkpoint-dir>/result.json
+  --evaluation-path    LORAPLANE_EVALUATION_PATH   spec.evaluation.dataset.uri, or /data/<configMap>/<key>
+  (previous version)   the config's `previousVersion` (api.wire.trainer.PreviousVersion), set by the operator
   (cluster progress)   LORAPLANE_JOB_NAMESPACE + LORAPLANE_JOB_NAME: patch that FineTuneJob's status.progress
   (pvc:// URIs)        LORAPLANE_PVC_ROOT          /mnt/pvc   (pvc://CLAIM/PATH is $ROOT/CLAIM/PATH)
 """
@@ -30,6 +32,7 @@ from pydantic import ValidationError
 
 from loraplane.api import paths
 from loraplane.api.finetunejob import FineTuneJob
+from loraplane.api.wire.trainer import PREVIOUS_VERSION_KEY, PreviousVersion
 from loraplane.storage.uri import ArtifactUri, Scheme, parse_uri, try_parse_uri
 from loraplane.trainer.errors import InvalidConfig
 
@@ -49,6 +52,11 @@ class Runtime:
     model_dir: Path | None = None
     dataset_path: Path | None = None
     validation_path: Path | None = None
+    # A local evaluation set (spec.evaluation.dataset), overriding its URI or ConfigMap.
+    evaluation_path: Path | None = None
+    configmap_root: Path = Path(DEFAULT_CONFIGMAP_ROOT)
+    # The Adapter version this run would replace (scored too when spec.evaluation.comparePrevious).
+    previous: PreviousVersion | None = None
     pvc_root: Path = Path(DEFAULT_PVC_ROOT)
     progress_bar: bool = True
     job_namespace: str | None = None
@@ -67,6 +75,12 @@ class Runtime:
 
 def load_job(path: Path) -> FineTuneJob:
     """Read and validate a FineTuneJob manifest (YAML or JSON); InvalidConfig names each bad field."""
+    return load_config(path)[0]
+
+
+def load_config(path: Path) -> tuple[FineTuneJob, PreviousVersion | None]:
+    """The FineTuneJob of a trainer config (YAML or JSON) and the version it would replace (the `previousVersion`
+    key the operator adds beside the manifest; None when absent). InvalidConfig names each bad field."""
     try:
         text = Path(path).read_text()
     except OSError as exc:
@@ -80,7 +94,13 @@ def load_job(path: Path) -> FineTuneJob:
     if len(jobs) != 1:
         raise InvalidConfig(f"{path} must hold exactly one FineTuneJob (kind: FineTuneJob); found {len(jobs)} "
                             f"among {len(docs)} document(s)")
-    return job_from_dict(jobs[0], source=str(path))
+    doc = dict(jobs[0])
+    previous = doc.pop(PREVIOUS_VERSION_KEY, None)
+    try:
+        prev = PreviousVersion.model_validate(previous) if previous is not None else None
+    except ValidationError as exc:
+        raise InvalidConfig(f"{path}: {PREVIOUS_VERSION_KEY} is not valid: {exc.errors()[0]['msg']}") from exc
+    return job_from_dict(doc, source=str(path)), prev
 
 
 def job_from_dict(doc: dict, source: str = "config") -> FineTuneJob:
@@ -111,7 +131,8 @@ def _env_path(name: str) -> Path | None:
 def resolve_runtime(job: FineTuneJob, *, output_dir: Path | None = None, checkpoint_dir: Path | None = None,
                     model_dir: Path | None = None, dataset_path: Path | None = None,
                     validation_path: Path | None = None, progress_file: Path | None = None,
-                    result_file: Path | None = None, progress_bar: bool | None = None) -> Runtime:
+                    result_file: Path | None = None, progress_bar: bool | None = None,
+                    evaluation_path: Path | None = None, previous: PreviousVersion | None = None) -> Runtime:
     """Fill runtime paths: explicit arguments, then LORAPLANE_* env, then what the spec implies."""
     pvc_root = Path(os.environ.get("LORAPLANE_PVC_ROOT") or DEFAULT_PVC_ROOT)
     spec = job.spec
@@ -130,9 +151,10 @@ def resolve_runtime(job: FineTuneJob, *, output_dir: Path | None = None, checkpo
         raise InvalidConfig(f"the checkpoint dir {ckpt} must not be inside the adapter output dir {out} "
                             "(the adapter dir holds exactly the artifact that is hashed and served)")
     ds = dataset_path or _env_path("LORAPLANE_DATASET_PATH")
+    configmap_root = Path(os.environ.get("LORAPLANE_CONFIGMAP_ROOT") or DEFAULT_CONFIGMAP_ROOT)
     if ds is None and spec.dataset.config_map_ref:
         ref = spec.dataset.config_map_ref
-        ds = Path(os.environ.get("LORAPLANE_CONFIGMAP_ROOT") or DEFAULT_CONFIGMAP_ROOT) / ref.name / ref.key
+        ds = configmap_root / ref.name / ref.key
     bar = progress_bar if progress_bar is not None else os.environ.get("LORAPLANE_PROGRESS_BAR", "1") != "0"
     mirror = os.environ.get("LORAPLANE_CHECKPOINT_URI") or (
         output.text.rstrip("/") + ".checkpoints" if output and output.scheme == Scheme.S3 else None)
@@ -147,6 +169,8 @@ def resolve_runtime(job: FineTuneJob, *, output_dir: Path | None = None, checkpo
         result_file=Path(result_file or _env_path("LORAPLANE_RESULT_FILE") or ckpt / "result.json"),
         model_dir=model_dir or _env_path("LORAPLANE_MODEL_DIR"),
         dataset_path=ds, validation_path=validation_path or _env_path("LORAPLANE_VALIDATION_PATH"),
+        evaluation_path=evaluation_path or _env_path("LORAPLANE_EVALUATION_PATH"), configmap_root=configmap_root,
+        previous=previous,
         pvc_root=pvc_root, progress_bar=bar,
         job_namespace=os.environ.get("LORAPLANE_JOB_NAMESPACE") or None,
         job_name=os.environ.get("LORAPLANE_JOB_NAME") or None,

@@ -186,16 +186,19 @@ def read_file(path: Path, what: str, uri: str | None = None) -> Source:
 
 # ---- validation and tokenisation ----------------------------------------------------------------------
 
-def _field_error(problems: list[str], total: int, hint: str) -> InvalidDataset:
+def field_error(problems: list[str], total: int, hint: str) -> InvalidDataset:
+    """InvalidDataset listing the first problems (record lines and what is wrong), how many records of `total`
+    are bad, and `hint` (what to change)."""
     listed = "; ".join(problems[:_MAX_LISTED]) + (f"; … {len(problems) - _MAX_LISTED} more"
                                                   if len(problems) > _MAX_LISTED else "")
     return InvalidDataset(f"{len(problems)} of {total} records are invalid: {listed}. {hint}")
 
 
-def check_records(source: Source, spec: DatasetSpec) -> None:
-    """Each record has the fields its format needs, with the right types; errors name lines and settings."""
+def check_records(source: Source, spec: DatasetSpec, where: str = "spec.dataset") -> None:
+    """Each record has the fields its format needs, with the right types; errors name lines and the settings
+    under `where` (spec.dataset, or spec.evaluation.dataset whose spec has the same field names)."""
     fmt = spec.format
-    needed = {"text": [("textField", spec.text_field)],
+    needed = {"text": [("textField", getattr(spec, "text_field", "text"))],
               "instruction": [("promptField", spec.prompt_field), ("responseField", spec.response_field)],
               "chat": [("messagesField", spec.messages_field)]}[fmt]
     problems: list[str] = []
@@ -207,17 +210,17 @@ def check_records(source: Source, spec: DatasetSpec) -> None:
         seen_fields.update(rec)
         for setting, name in needed:
             if name not in rec:
-                problems.append(f"line {number} has no field {name!r} (spec.dataset.{setting})")
+                problems.append(f"line {number} has no field {name!r} ({where}.{setting})")
             elif fmt == "chat":
                 problems.extend(f"line {number}: {p}" for p in _chat_problems(rec[name], name))
             elif not isinstance(rec[name], str):
                 problems.append(f"line {number}: field {name!r} must be a string, got {type(rec[name]).__name__}")
     if problems:
-        names = ", ".join(f"spec.dataset.{s}={n!r}" for s, n in needed)
+        names = ", ".join(f"{where}.{s}={n!r}" for s, n in needed)
         found = ", ".join(sorted(seen_fields)[:12]) or "none"
-        raise _field_error(problems, len(source.records),
+        raise field_error(problems, len(source.records),
                            f"The {fmt!r} format reads {names}; the records have fields: {found}. Set the "
-                           "field names in spec.dataset (or spec.dataset.format) to match the data.")
+                           f"field names in {where} (or {where}.format) to match the data.")
 
 
 def _chat_problems(messages: Any, name: str) -> list[str]:
@@ -267,7 +270,7 @@ def tokenize(source: Source, spec: DatasetSpec, tokenizer, max_len: int, packing
         rows.append({"input_ids": ids, "labels": labels})
         lines.append(number)
     if refused:
-        raise _field_error(refused, len(source.records),
+        raise field_error(refused, len(source.records),
                            "The base model's chat template refuses these conversations (its own message is "
                            "quoted); fix them as it asks (e.g. alternate user and assistant turns, fold a system "
                            "message into the first user turn), or use the instruction format")

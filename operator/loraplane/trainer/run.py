@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from loraplane.api.common import now_rfc3339
+from loraplane.api.evaluation import EvaluationResult
 from loraplane.api.finetunejob import FineTuneJob
 from loraplane.api.reasons import Reason
 from loraplane.api.wire.trainer import ArtifactInfo, TerminationMessage
 from loraplane.storage.digest import sha256_dir
-from loraplane.trainer import checkpoints, data, model as modelmod, progress
+from loraplane.trainer import checkpoints, data, evaluate as evalmod, model as modelmod, progress
 from loraplane.trainer.config import Runtime, dump_json_atomic, spec_uri
 from loraplane.trainer.errors import InvalidConfig, OutOfMemory, OutputWriteFailed, TrainerError, is_out_of_memory
 
@@ -47,6 +48,7 @@ class RunResult:
     provenance: dict[str, Any] = field(default_factory=dict)
     log_history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: Path | None = None
+    evaluation: EvaluationResult | None = None
 
     def message(self, artifact_uri: str | None = None) -> TerminationMessage:
         """The result (result file and termination message): what the operator copies into status."""
@@ -63,6 +65,7 @@ class RunResult:
             metrics=p.get("metrics", {}),
             library_versions=p.get("libraryVersions", {}),
             completed_at=p.get("completedAt"),
+            evaluation=self.evaluation,
         )
 
 
@@ -134,6 +137,7 @@ class TrainingData:
     validation_source: data.Source | None
     validation: data.Examples | None
     total_steps: int
+    evaluation: evalmod.EvalSet | None = None   # spec.evaluation.dataset, read and checked
 
 
 def run_training(job: FineTuneJob, runtime: Runtime, sinks: list | None = None,
@@ -143,7 +147,7 @@ def run_training(job: FineTuneJob, runtime: Runtime, sinks: list | None = None,
     `sinks`: progress sinks (default: from the runtime, local or cluster); `callbacks`: extra transformers
     TrainerCallbacks (benchmarks, embedding programs). The steps, cheapest checks first (a bad dataset fails
     before a 70B model loads): load_base_model, prepare_data, resume_point, load_peft_model, build_trainer,
-    train, then (rank 0) collect_metrics, provenance and write_adapter."""
+    train, then (rank 0) collect_metrics, evaluation (spec.evaluation), provenance and write_adapter."""
     import transformers
 
     transformers.set_seed(job.spec.training.seed)
@@ -177,11 +181,18 @@ def run_training(job: FineTuneJob, runtime: Runtime, sinks: list | None = None,
     if not trainer.is_world_process_zero():
         return RunResult(preempted=False, global_step=trainer.state.global_step)
 
+    evaluation = run_evaluation(job, runtime, scratch, base, prepared, peft_model)
     record = provenance(job, base, prepared, targets, precision, metrics, resume, peft_model, process.world_size)
+    if evaluation is not None:
+        record["evaluation"] = evaluation.wire()
+        if prepared.evaluation is not None:
+            record["evaluationSet"] = {"uri": prepared.evaluation.uri, "sha256": prepared.evaluation.sha256,
+                                       "records": prepared.evaluation.records,
+                                       "examples": len(prepared.evaluation.examples)}
     sha = write_adapter(peft_model, runtime.output_dir, record)
     return RunResult(preempted=False, global_step=trainer.state.global_step, output_dir=runtime.output_dir,
                      artifact_sha256=sha, provenance=record, log_history=list(trainer.state.log_history),
-                     resumed_from=resume)
+                     resumed_from=resume, evaluation=evaluation)
 
 
 def load_base_model(job: FineTuneJob, runtime: Runtime, scratch: Path) -> BaseModel:
@@ -206,7 +217,14 @@ def prepare_data(job: FineTuneJob, runtime: Runtime, scratch: Path, base: BaseMo
         val_ex = data.tokenize(val_src, ds, base.tokenizer, base.max_len, packing=t.packing)
     elif ds.validation_split:
         train_ex, val_ex = data.split(train_ex, ds.validation_split, t.seed)
-    return TrainingData(train_src, train_ex, val_src, val_ex, planned_steps(len(train_ex.rows), job, world_size))
+    ev = job.spec.evaluation
+    eval_set = None
+    if ev is not None and ev.dataset is not None:
+        # Read and checked now, before any weights load: a bad evaluation set fails the run before training.
+        source = evalmod.read_source(ev, scratch, runtime.pvc_root, runtime.evaluation_path, runtime.configmap_root)
+        eval_set = evalmod.prepare(ev, source, base.tokenizer, modelmod.context_tokens(base.config) or base.max_len)
+    return TrainingData(train_src, train_ex, val_src, val_ex, planned_steps(len(train_ex.rows), job, world_size),
+                        eval_set)
 
 
 def resume_point(runtime: Runtime) -> tuple[Path | None, checkpoints.S3CheckpointMirror | None]:
@@ -343,9 +361,35 @@ def collect_metrics(trainer, out, train_seconds: float, prepared: TrainingData,
     return metrics
 
 
+def run_evaluation(job: FineTuneJob, runtime: Runtime, scratch: Path, base: BaseModel, prepared: TrainingData,
+                   peft_model) -> EvaluationResult | None:
+    """Step 8 (rank 0, spec.evaluation set): score the new adapter, the base model and the previous version
+    (runtime.previous) on the validation split and the evaluation set (trainer.evaluate). None without
+    spec.evaluation; out of memory is OutOfMemory."""
+    spec = job.spec.evaluation
+    if spec is None:
+        return None
+    started = time.monotonic()
+    try:
+        result = evalmod.evaluate(
+            peft_model, base.tokenizer, spec, prepared.evaluation,
+            prepared.validation.rows if prepared.validation else None, job.spec.training.batch_size,
+            previous=runtime.previous, scratch=scratch, pvc_root=runtime.pvc_root,
+            identity=job.spec.base_model.identity)
+    except TrainerError:
+        raise
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise _oom(job, exc, "evaluating the adapter (spec.evaluation)") from exc
+        raise
+    log.info("evaluation (%.1f s): %s%s", time.monotonic() - started, result.summary(),
+             f" ({result.message})" if result.message else "")
+    return result
+
+
 def provenance(job: FineTuneJob, base: BaseModel, prepared: TrainingData, targets: list[str], precision,
                metrics: dict[str, Any], resume: Path | None, peft_model, world_size: int) -> dict[str, Any]:
-    """Step 8: provenance.json, written next to the adapter: what was trained on what, how, with which
+    """Step 9: provenance.json, written next to the adapter: what was trained on what, how, with which
     library versions (None values are left out when written)."""
     spec, t, ds = job.spec, job.spec.training, job.spec.dataset
     train_src, train_ex, val_src, val_ex = (prepared.train_source, prepared.train, prepared.validation_source,

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from loraplane.api.evaluation import EvaluationResult
 from loraplane.api.reasons import Reason, quoted_reason, reason_or_unknown
 from loraplane.api.redaction import redacted
 
@@ -75,8 +76,13 @@ def write_termination_message(payload: dict) -> bool:
 
     Credentials in URLs of `message` are redacted (api.redaction). A `message` that would push the JSON past
     TERMINATION_MESSAGE_LIMIT bytes is cut (UTF-8 safe) and ends
-    in " …", so the reason always survives.
+    in " …", so the reason always survives. A success message still too long loses DROPPABLE_FIELDS, in order
+    (Kubernetes would otherwise cut the JSON itself and the operator could not read any of it).
     """
+    for name in DROPPABLE_FIELDS:
+        if len(json.dumps(payload, separators=(",", ":")).encode()) <= TERMINATION_MESSAGE_LIMIT:
+            break
+        payload = {k: v for k, v in payload.items() if k != name}
     if isinstance(payload.get("message"), str):
         payload = {**payload, "message": redacted(payload["message"], TERMINATION_MESSAGE_LIMIT)}
     data = json.dumps(payload, separators=(",", ":"))
@@ -105,6 +111,25 @@ class ArtifactInfo(_Wire):
     sha256: str | None = None
 
 
+class PreviousVersion(_Wire):
+    """The Adapter version a run would replace, which the trainer scores too (spec.evaluation.comparePrevious).
+
+    The operator writes it into the trainer's config (the `previousVersion` key next to the FineTuneJob manifest,
+    builders.finetunejob.trainer_config) when the Adapter exists and its status.artifact.uri is known: the version
+    served when the run's configuration was rendered."""
+
+    uri: str
+    version: str | None = None
+    sha256: str | None = None
+
+
+# Key of the trainer config (beside apiVersion, kind, metadata, spec) that holds a PreviousVersion.
+PREVIOUS_VERSION_KEY = "previousVersion"
+# Fields of a success message left out, in this order, when the message would not fit TERMINATION_MESSAGE_LIMIT
+# (they are in the artifact's provenance.json too); the artifact, the reason and the evaluation are kept.
+DROPPABLE_FIELDS = ("libraryVersions", "metrics")
+
+
 # What a termination message's reason must look like to be read as one (else the text is a log tail).
 TERMINATION_REASON = r"^[A-Z][A-Za-z0-9]*$"
 
@@ -113,7 +138,7 @@ class TerminationMessage(_Wire):
     """The JSON a loraplane container writes as its termination message and result file (trainer, fetch-model).
 
     - success (trainer): reason `Succeeded`, `artifact`, `datasetSha256`, `metrics`, `libraryVersions`,
-      `completedAt`;
+      `completedAt`, and `evaluation` (api.evaluation.EvaluationResult) when spec.evaluation is set;
     - preemption (trainer): reason `Preempted`, `message`, `step`;
     - failure: a reason of `FAILURES` (or `InternalError`, `ModelFetchFailed`) and `message`.
     It must fit TERMINATION_MESSAGE_LIMIT bytes (write_termination_message cuts `message`).
@@ -127,6 +152,7 @@ class TerminationMessage(_Wire):
     metrics: dict[str, Any] = Field(default_factory=dict)
     library_versions: dict[str, str] = Field(default_factory=dict, alias="libraryVersions")
     completed_at: str | None = Field(default=None, alias="completedAt")
+    evaluation: EvaluationResult | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -1,0 +1,397 @@
+"""Evaluation after training (spec.evaluation): the new adapter, the base model alone and the version the Adapter
+serves now, scored on the same data in the trainer pod.
+
+Two kinds of scores (api.evaluation.EvaluationMetric):
+- eval_loss / perplexity on the validation split (spec.dataset.validationSplit or validationUri): the mean token
+  cross-entropy (nats) of the response/assistant tokens, weighted by token, and its exponential;
+- generation metrics on an evaluation set (spec.evaluation.dataset): each prompt is completed greedily (at most
+  maxNewTokens new tokens) and the completion scored against the record's reference: exact_match, contains,
+  regex (the record's RE2 pattern; linear time, bounded memory) and rouge_l (ROUGE-L F1 from Google's
+  `rouge-score`), each averaged over the examples.
+
+One PEFT model serves the three: the adapter trained here (`default`), the base model (peft's `disable_adapter`)
+and the previous version loaded as a second adapter (`previous`, removed again before the artifact is saved).
+They are interleaved per batch/example, so when the time budget (timeoutSeconds) runs out every model has been
+scored on the same examples. Untrusted data: a bad evaluation set fails the run before training starts
+(InvalidDataset naming spec.evaluation.dataset and the lines), never in the middle of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from loraplane.api.common import now_rfc3339
+from loraplane.api.evaluation import EvaluationMetric, EvaluationResult, EvaluationScores
+from loraplane.api.finetunejob import EvaluationSpec
+from loraplane.api.redaction import redacted
+from loraplane.api.wire.trainer import PreviousVersion
+from loraplane.trainer import data
+from loraplane.trainer.errors import InvalidDataset
+
+log = logging.getLogger("loraplane.trainer")
+
+WHERE = "spec.evaluation.dataset"
+MAX_PATTERN_CHARS = 1024        # longest regex pattern of a record
+MAX_REFERENCE_CHARS = 65536     # longest reference answer of a record
+MESSAGE_LIMIT = 1000            # EvaluationResult.message is at most 1024 characters
+DIGITS = 4                      # scores are rounded to this many decimals (they travel in a 4 KiB message)
+CANDIDATE, BASE, PREVIOUS = "candidate", "base", "previous"
+PREVIOUS_ADAPTER = "previous"   # peft adapter name of the version being replaced while it is scored
+
+
+# ---- metrics (pure) ------------------------------------------------------------------------------------------
+
+def normalise(text: str) -> str:
+    """Whitespace runs as one space, ends stripped: how exact_match and contains compare texts."""
+    return " ".join(text.split())
+
+
+def exact_match(completion: str, reference: str) -> float:
+    """1.0 when the completion equals the reference after whitespace normalisation (case-sensitive), else 0.0."""
+    return float(normalise(completion) == normalise(reference))
+
+
+def contains(completion: str, reference: str) -> float:
+    """1.0 when the (normalised) reference occurs in the (normalised) completion, else 0.0."""
+    return float(normalise(reference) in normalise(completion))
+
+
+def compile_pattern(pattern: str):
+    """An RE2 program for a record's pattern (linear-time matching, program memory bounded at 8 MiB, as the
+    loader's target_modules patterns). Raises ValueError saying why RE2 refuses it."""
+    import re2
+
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ValueError(f"it is {len(pattern)} characters long (at most {MAX_PATTERN_CHARS})")
+    options = re2.Options()
+    options.log_errors = False
+    options.max_mem = 8 << 20
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as exc:
+        detail = exc.args[0] if exc.args else exc
+        raise ValueError(f"RE2 refuses it ({detail.decode(errors='replace') if isinstance(detail, bytes) else detail})")
+
+
+def regex_match(completion: str, pattern) -> float:
+    """1.0 when the compiled RE2 `pattern` matches anywhere in the completion (search), else 0.0."""
+    return float(pattern.search(completion) is not None)
+
+
+class _UnicodeWords:
+    """rouge-score's tokenizer protocol: lower-cased Unicode word runs. The library's default keeps [a-z0-9]
+    only, which scores every non-Latin text 0; for ASCII text both give the same tokens."""
+
+    _word = re.compile(r"\w+", re.UNICODE)
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._word.findall(text.lower())
+
+
+_scorer = None
+
+
+def rouge_l(completion: str, reference: str) -> float:
+    """ROUGE-L F1 (longest common subsequence of words; Lin 2004) of the completion against the reference,
+    computed by Google's reference implementation (`rouge-score`), no stemming, Unicode word tokens."""
+    global _scorer
+    if _scorer is None:
+        from rouge_score import rouge_scorer
+
+        _scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=_UnicodeWords())
+    return float(_scorer.score(reference, completion)["rougeL"].fmeasure)
+
+
+def score(metric: str, completion: str, example: "Example") -> float:
+    """One example's value of a generation `metric` (api.finetunejob.GenerationMetric)."""
+    if metric == EvaluationMetric.exact_match:
+        return exact_match(completion, example.reference)
+    if metric == EvaluationMetric.contains:
+        return contains(completion, example.reference)
+    if metric == EvaluationMetric.rouge_l:
+        return rouge_l(completion, example.reference)
+    if metric == EvaluationMetric.regex:
+        return regex_match(completion, example.pattern) if example.pattern is not None else 0.0
+    raise ValueError(f"unknown generation metric {metric!r}")
+
+
+# ---- the evaluation set ----------------------------------------------------------------------------------------
+
+@dataclass
+class Example:
+    """One scored record: its line, the tokenised prompt, the reference answer and the compiled regex (or None)."""
+
+    line: int
+    prompt_ids: list[int]
+    reference: str
+    pattern: Any = None
+
+
+@dataclass
+class EvalSet:
+    """The evaluation set as read and checked: where it came from, its digest and the examples to score."""
+
+    uri: str
+    sha256: str
+    records: int
+    examples: list[Example]
+
+
+def read_source(spec: EvaluationSpec, scratch: Path, pvc_root: Path, override: Path | None,
+                configmap_root: Path) -> data.Source:
+    """The evaluation set's records: `override` (--evaluation-path), the mounted ConfigMap key, or the URI fetched
+    with the storage fetchers. Raises the Dataset* errors naming spec.evaluation.dataset."""
+    ds = spec.dataset
+    assert ds is not None
+    if override:
+        return data.read_file(Path(override), "evaluation path", ds.uri or str(override))
+    if ds.config_map_ref:
+        ref = ds.config_map_ref
+        return data.read_file(configmap_root / ref.name / ref.key, f"{WHERE}.configMapRef",
+                              f"configmap://{ref.name}/{ref.key}")
+    return data.fetch(ds.uri or "", scratch, pvc_root, f"{WHERE}.uri")
+
+
+def prepare(spec: EvaluationSpec, source: data.Source, tokenizer, context: int | None) -> EvalSet:
+    """Check the records (the layout of spec.evaluation.dataset.format, a non-empty reference, a pattern RE2
+    accepts when `regex` is scored, a prompt that leaves room for maxNewTokens in the model's `context`) and
+    tokenise the prompts of the first maxExamples as in training. Raises InvalidDataset listing the bad lines."""
+    ds = spec.dataset
+    assert ds is not None
+    data.check_records(source, ds, where=WHERE)
+    if ds.format == "chat" and not tokenizer.chat_template:
+        raise InvalidDataset(f"{WHERE}.format is 'chat' but the base model's tokenizer has no chat template; "
+                             "use the instruction format")
+    want_regex = EvaluationMetric.regex in spec.metrics
+    problems: list[str] = []
+    examples: list[Example] = []
+    for number, rec in source.records[: spec.max_examples]:
+        if ds.format == "instruction":
+            prompt_ids = tokenizer(rec[ds.prompt_field], add_special_tokens=True, verbose=False)["input_ids"]
+            reference = rec[ds.response_field]
+        else:
+            messages = rec[ds.messages_field]
+            if messages[-1]["role"] != "assistant":
+                problems.append(f"line {number}: the last message of {ds.messages_field!r} must be the assistant's "
+                                "reference answer")
+                continue
+            reference = messages[-1]["content"]
+            try:
+                prompt_ids = list(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True,
+                                                                tokenize=True, return_dict=False))
+            except Exception as exc:  # the template's own refusal (jinja2 TemplateError or raise_exception)
+                problems.append(f"line {number}: the chat template refuses the prompt messages ({exc})")
+                continue
+        if not reference.strip():
+            problems.append(f"line {number}: the reference answer is empty")
+        elif len(reference) > MAX_REFERENCE_CHARS:
+            problems.append(f"line {number}: the reference answer has {len(reference)} characters (at most "
+                            f"{MAX_REFERENCE_CHARS})")
+        if context is not None and len(prompt_ids) + spec.max_new_tokens > context:
+            problems.append(f"line {number}: the prompt has {len(prompt_ids)} tokens, which leaves no room for "
+                            f"maxNewTokens={spec.max_new_tokens} in the model's context of {context} tokens")
+        pattern = None
+        if want_regex:
+            raw = rec.get(ds.pattern_field)
+            if not isinstance(raw, str):
+                problems.append(f"line {number} has no string field {ds.pattern_field!r} ({WHERE}.patternField), "
+                                "which the regex metric needs")
+            else:
+                try:
+                    pattern = compile_pattern(raw)
+                except ValueError as exc:
+                    problems.append(f"line {number}: the pattern in {ds.pattern_field!r} is refused: {exc}")
+        examples.append(Example(number, prompt_ids, reference, pattern))
+    if problems:
+        raise data.field_error(problems, min(len(source.records), spec.max_examples),
+                               f"Fix the records of the evaluation set ({WHERE}).")
+    return EvalSet(source.uri, source.sha256, len(source.records), examples)
+
+
+# ---- the previous version ------------------------------------------------------------------------------------
+
+def fetch_previous(previous: PreviousVersion, scratch: Path, pvc_root: Path) -> Path:
+    """The local directory of the version being replaced: its local or PVC path as mounted, else fetched and
+    verified (sha256 when known) with the storage layer's artifact cache. Raises ValueError saying why not."""
+    from loraplane.storage.cache import ArtifactCache, FetchError, adapter_root
+    from loraplane.storage.fetchers import FetchPolicy
+    from loraplane.storage.uri import try_parse_uri
+
+    parsed = try_parse_uri(previous.uri)
+    if parsed is None:
+        raise ValueError(f"its URI {redacted(previous.uri)!r} is not one loraplane reads")
+    local = parsed.local_path(pvc_root) if parsed.is_local else None
+    if parsed.is_local:
+        if local is None or not local.is_dir():
+            raise ValueError(f"{redacted(previous.uri)} is not mounted in this pod")
+        return adapter_root(local)
+    cache = ArtifactCache(scratch / "previous-adapter", max_bytes=8 << 30, pvc_root=str(pvc_root),
+                          policy=FetchPolicy.from_env())
+    try:
+        return asyncio.run(cache.fetch(previous.uri, previous.sha256, version=previous.version)).path
+    except FetchError as exc:
+        raise ValueError(f"fetching {redacted(previous.uri)} failed: {exc}") from exc
+
+
+def load_previous(peft_model, previous: PreviousVersion, scratch: Path, pvc_root: Path, identity: str) -> None:
+    """Load the previous version into `peft_model` as adapter PREVIOUS_ADAPTER. Raises ValueError saying why it
+    cannot be scored (not fetchable, another base model, an adapter peft cannot load onto this model)."""
+    import json
+
+    path = fetch_previous(previous, scratch, pvc_root)
+    try:
+        config = json.loads((Path(path) / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"its adapter_config.json cannot be read ({exc})") from exc
+    trained_on = config.get("base_model_name_or_path")
+    if trained_on and trained_on != identity:
+        raise ValueError(f"it was trained on base model {trained_on!r}, this run on {identity!r}")
+    try:
+        peft_model.load_adapter(str(path), adapter_name=PREVIOUS_ADAPTER, is_trainable=False)
+    except Exception as exc:  # peft/torch refuse shapes or modules of another architecture
+        raise ValueError(f"peft cannot load it onto this model ({type(exc).__name__}: {str(exc)[:200]})") from exc
+
+
+# ---- scoring ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Tally:
+    sums: dict[str, float] = field(default_factory=dict)
+    loss_sum: float = 0.0
+    loss_tokens: int = 0
+    loss_examples: int = 0
+    examples: int = 0
+
+    def add(self, metric: str, value: float) -> None:
+        self.sums[metric] = self.sums.get(metric, 0.0) + value
+
+
+def _modes(peft_model, with_previous: bool) -> dict[str, Callable[[], Any]]:
+    """Context managers that make `peft_model` act as each model scored."""
+
+    @contextmanager
+    def adapter(name: str) -> Iterator[None]:
+        peft_model.set_adapter(name)
+        try:
+            yield
+        finally:
+            peft_model.set_adapter("default")
+
+    modes: dict[str, Callable[[], Any]] = {CANDIDATE: nullcontext, BASE: peft_model.disable_adapter}
+    if with_previous:
+        modes[PREVIOUS] = lambda: adapter(PREVIOUS_ADAPTER)
+    return modes
+
+
+def _batch_loss(model, batch: dict) -> tuple[float, int]:
+    """(summed token cross-entropy in nats, tokens) of a collated batch; labels IGNORE_INDEX carry no loss."""
+    import torch
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                             ignore_index=data.IGNORE_INDEX, reduction="sum")
+    return float(loss), int((labels != data.IGNORE_INDEX).sum())
+
+
+def _complete(model, tokenizer, example: Example, max_new_tokens: int, device) -> str:
+    import torch
+
+    ids = torch.tensor([example.prompt_ids], device=device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0][ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def evaluate(peft_model, tokenizer, spec: EvaluationSpec, eval_set: EvalSet | None,
+             validation_rows: list[dict] | None, batch_size: int, previous: PreviousVersion | None = None,
+             scratch: Path | None = None, pvc_root: Path | None = None, identity: str = "",
+             clock: Callable[[], float] = time.monotonic) -> EvaluationResult:
+    """Score the candidate adapter, the base model and (when `previous` is given and loads) the previous version
+    on the same data, within spec.timeoutSeconds (at least one batch and one example are scored). Returns the
+    api.evaluation result; what could not be scored is said in its `message`. The previous adapter is removed
+    from `peft_model` before returning, so the saved artifact holds the new adapter only."""
+    import torch
+
+    deadline = clock() + spec.timeout_seconds
+    notes: list[str] = []
+    with_previous = False
+    if previous is not None and spec.compare_previous:
+        try:
+            load_previous(peft_model, previous, scratch or Path("."), pvc_root or Path("."), identity)
+            with_previous = True
+        except ValueError as exc:
+            version = f" {previous.version}" if previous.version else ""
+            notes.append(f"previous version{version} not scored: {exc}")
+            log.warning("%s", notes[-1])
+    modes = _modes(peft_model, with_previous)
+    tallies = {name: _Tally() for name in modes}
+    device = next(peft_model.parameters()).device
+    was_training = peft_model.training
+    peft_model.eval()
+    try:
+        with torch.no_grad():
+            if validation_rows:
+                rows = validation_rows[: spec.max_examples]
+                collate = data.PaddingCollator(tokenizer.pad_token_id)
+                done = 0
+                for start in range(0, len(rows), batch_size):
+                    if start and clock() >= deadline:
+                        notes.append(f"time budget ({spec.timeout_seconds} s) reached: eval_loss covers {done} of "
+                                     f"{len(rows)} validation examples")
+                        break
+                    batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size]).items()}
+                    for name, mode in modes.items():
+                        with mode():
+                            loss, tokens = _batch_loss(peft_model, batch)
+                        tallies[name].loss_sum += loss
+                        tallies[name].loss_tokens += tokens
+                        tallies[name].loss_examples += len(batch["input_ids"])
+                    done += len(batch["input_ids"])
+            if eval_set is not None:
+                for i, example in enumerate(eval_set.examples):
+                    if i and clock() >= deadline:
+                        notes.append(f"time budget ({spec.timeout_seconds} s) reached: generation metrics cover {i} "
+                                     f"of {len(eval_set.examples)} examples")
+                        break
+                    for name, mode in modes.items():
+                        with mode():
+                            completion = _complete(peft_model, tokenizer, example, spec.max_new_tokens, device)
+                        for metric in spec.metrics:
+                            tallies[name].add(metric, score(metric, completion, example))
+                        tallies[name].examples += 1
+    finally:
+        if with_previous:
+            peft_model.set_adapter("default")
+            peft_model.delete_adapter(PREVIOUS_ADAPTER)
+        peft_model.train(was_training)
+    scores = {name: _scores(t) for name, t in tallies.items()}
+    primary = spec.primary()
+    if primary not in scores[CANDIDATE].metrics:
+        notes.append(f"the primary metric {primary} was not computed")
+    message = "; ".join(notes)
+    return EvaluationResult(
+        primary_metric=primary, candidate=scores[CANDIDATE], base=scores[BASE], previous=scores.get(PREVIOUS),
+        previous_version=previous.version if with_previous and previous else None, evaluated_at=now_rfc3339(),
+        score=scores[CANDIDATE].metrics.get(primary), base_score=scores[BASE].metrics.get(primary),
+        message=(message[: MESSAGE_LIMIT - 2] + " …" if len(message) > MESSAGE_LIMIT else message) or None)
+
+
+def _scores(t: _Tally) -> EvaluationScores:
+    metrics: dict[str, float] = {}
+    if t.loss_tokens:
+        loss = t.loss_sum / t.loss_tokens
+        metrics[EvaluationMetric.eval_loss] = round(loss, DIGITS)
+        metrics[EvaluationMetric.perplexity] = round(math.exp(min(loss, 50.0)), DIGITS)
+    if t.examples:
+        metrics.update({m: round(v / t.examples, DIGITS) for m, v in t.sums.items()})
+    # examples: the generation examples scored, else (loss metrics only) the validation examples.
+    return EvaluationScores(metrics={str(k): v for k, v in metrics.items()}, examples=t.examples or t.loss_examples)

@@ -1,0 +1,91 @@
+"""FineTuneJob spec.evaluation: what admission accepts and refuses (with messages naming the field), the CEL rules
+agreeing with their Python mirrors, and the printer columns `kubectl get ftj -o wide` reads."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from pydantic import ValidationError
+
+from loraplane.api import cel
+from loraplane.api.finetunejob import EvaluationDatasetSpec, EvaluationSpec, FineTuneJob, FineTuneJobSpec
+
+BASE = {"apiVersion": "loraplane.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "j"},
+        "spec": {"baseModel": {"name": "org/base"}, "dataset": {"uri": "s3://b/train.jsonl"},
+                 "output": {"adapterName": "a"}}}
+EVAL_SET = {"uri": "s3://b/eval.jsonl"}
+
+
+def job(evaluation: dict, **dataset) -> dict:
+    doc = copy.deepcopy(BASE)
+    doc["spec"]["evaluation"] = evaluation
+    doc["spec"]["dataset"].update(dataset)
+    return doc
+
+
+@pytest.mark.parametrize("evaluation, dataset, primary", [
+    ({"dataset": EVAL_SET}, {}, "rouge_l"),                                       # the default primary metric
+    ({"dataset": EVAL_SET, "metrics": ["contains", "regex"]}, {}, "contains"),    # the first of the metrics
+    ({"dataset": EVAL_SET, "metrics": ["regex"], "primaryMetric": "regex"}, {}, "regex"),
+    ({}, {"validationSplit": 0.1}, "eval_loss"),                                  # loss metrics only
+    ({"primaryMetric": "perplexity"}, {"validationUri": "s3://b/val.jsonl"}, "perplexity"),
+    ({"dataset": {"configMapRef": {"name": "cm", "key": "eval.jsonl"}, "format": "chat"},
+      "primaryMetric": "eval_loss"}, {"validationSplit": 0.2}, "eval_loss"),
+])
+def test_accepted_evaluations_and_their_primary_metric(evaluation, dataset, primary):
+    assert FineTuneJob.model_validate(job(evaluation, **dataset)).spec.evaluation.primary() == primary
+
+
+@pytest.mark.parametrize("evaluation, dataset, message", [
+    ({}, {}, "spec.evaluation has nothing to score"),
+    ({"primaryMetric": "eval_loss"}, {}, "needs a validation set"),
+    ({"dataset": EVAL_SET, "primaryMetric": "eval_loss"}, {}, "needs a validation set"),
+    ({"primaryMetric": "rouge_l"}, {"validationSplit": 0.1}, "evaluation.primaryMetric must be"),
+    ({"dataset": EVAL_SET, "primaryMetric": "regex"}, {}, "one of evaluation.metrics"),
+    ({"dataset": EVAL_SET, "metrics": ["bleu"]}, {}, "metrics.0"),
+    ({"dataset": EVAL_SET, "metrics": []}, {}, "metrics"),
+    ({"dataset": EVAL_SET, "metrics": ["regex", "regex"]}, {}, "lists a metric twice"),
+    ({"dataset": {}}, {}, "set exactly one of evaluation.dataset.uri or evaluation.dataset.configMapRef"),
+    ({"dataset": {**EVAL_SET, "configMapRef": {"name": "cm"}}}, {}, "set exactly one of evaluation.dataset.uri"),
+    ({"dataset": {**EVAL_SET, "format": "text"}}, {}, "format"),
+    ({"dataset": {"uri": "pvc://c/../x"}}, {}, "evaluation.dataset.uri: a pvc:// path must stay inside"),
+    ({"dataset": {"uri": "ftp://x"}}, {}, "dataset.uri"),
+    ({"dataset": EVAL_SET, "maxNewTokens": 0}, {}, "maxNewTokens"),
+    ({"dataset": EVAL_SET, "maxExamples": 100000}, {}, "maxExamples"),
+    ({"dataset": EVAL_SET, "timeoutSeconds": 1}, {}, "timeoutSeconds"),
+])
+def test_refused_evaluations_name_the_field(evaluation, dataset, message):
+    with pytest.raises(ValidationError) as err:
+        FineTuneJob.model_validate(job(evaluation, **dataset))
+    assert message in str(err.value)
+
+
+CASES = [
+    {}, {"dataset": EVAL_SET}, {"primaryMetric": "rouge_l"}, {"primaryMetric": "eval_loss"},
+    {"dataset": EVAL_SET, "primaryMetric": "regex"}, {"dataset": EVAL_SET, "metrics": ["regex"],
+                                                      "primaryMetric": "regex"},
+    {"dataset": EVAL_SET, "primaryMetric": "perplexity"}, {"dataset": EVAL_SET, "metrics": ["contains"],
+                                                           "primaryMetric": "rouge_l"},
+]
+
+
+@pytest.mark.parametrize("evaluation", CASES)
+@pytest.mark.parametrize("dataset", [{}, {"validationSplit": 0.1}, {"validationUri": "s3://b/v.jsonl"}])
+def test_the_cel_rules_agree_with_their_python_mirrors(evaluation, dataset):
+    # The API server evaluates the CEL; the operator and the CLI evaluate the Python mirror (CelRule.check).
+    spec = {**BASE["spec"], "dataset": {**BASE["spec"]["dataset"], **dataset}, "evaluation": evaluation}
+    for model, value in ((FineTuneJobSpec, spec), (EvaluationSpec, evaluation)):
+        for rule in model.cel_rules:
+            assert rule.check(value) == cel.evaluate(rule.rule, value), (rule.rule, value)
+    for rule in EvaluationDatasetSpec.cel_rules:
+        if rule.check is not None and "dataset" in evaluation:
+            assert rule.check(evaluation["dataset"]) == cel.evaluate(rule.rule, evaluation["dataset"])
+
+
+def test_kubectl_get_wide_shows_the_primary_metric_and_the_scores():
+    columns = {c["name"]: c for c in FineTuneJob.PRINTER_COLUMNS}
+    assert columns["Metric"]["jsonPath"] == ".status.evaluation.primaryMetric"
+    assert columns["Score"]["jsonPath"] == ".status.evaluation.score"
+    assert columns["BaseScore"]["jsonPath"] == ".status.evaluation.baseScore"
+    assert all(columns[c].get("priority") == 1 for c in ("Metric", "Score", "BaseScore"))

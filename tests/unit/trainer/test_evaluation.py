@@ -1,0 +1,174 @@
+"""spec.evaluation in the trainer without training: the metrics on known inputs, the evaluation set's checks
+(bad data fails with InvalidDataset naming spec.evaluation.dataset and the lines), the previous version passed in
+the trainer config, and the result's trip through the 4 KiB termination message."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loraplane.api.evaluation import EvaluationResult, EvaluationScores
+from loraplane.api.finetunejob import EvaluationSpec
+from loraplane.api.wire.trainer import (
+    TERMINATION_MESSAGE_LIMIT, PreviousVersion, TerminationMessage, write_termination_message,
+)
+from loraplane.local.tinymodel import build_tokenizer, toy_corpus
+from loraplane.trainer import data, evaluate
+from loraplane.trainer.config import load_config
+from loraplane.trainer.errors import InvalidConfig, InvalidDataset
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(toy_corpus(300, 0))  # the tiny model's tokenizer, without training a model
+
+
+def source(tmp_path: Path, records: list) -> data.Source:
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return data.read_file(path, "spec.evaluation.dataset.uri")
+
+
+def spec(**kw) -> EvaluationSpec:
+    return EvaluationSpec.model_validate({"dataset": {"uri": "/e.jsonl"}, **kw})
+
+
+# ---- metrics on known inputs --------------------------------------------------------------------------------
+
+def ex(reference: str, pattern: str | None = None) -> evaluate.Example:
+    return evaluate.Example(1, [1], reference, evaluate.compile_pattern(pattern) if pattern else None)
+
+
+@pytest.mark.parametrize("completion, reference, exact, has", [
+    ("the blue door", "the blue door", 1.0, 1.0),
+    ("  the   blue\ndoor ", "the blue door", 1.0, 1.0),       # whitespace normalised
+    ("The blue door", "the blue door", 0.0, 0.0),              # case-sensitive
+    ("yes: the blue door sings", "the blue door", 0.0, 1.0),
+    ("a red fox", "the blue door", 0.0, 0.0),
+])
+def test_exact_match_and_contains(completion, reference, exact, has):
+    assert evaluate.score("exact_match", completion, ex(reference)) == exact
+    assert evaluate.score("contains", completion, ex(reference)) == has
+
+
+def test_rouge_l_is_the_f1_of_the_longest_common_word_subsequence():
+    # LCS("the blue door sings at noon", "the door sings loudly") = the door sings: 3 words;
+    # P = 3/4, R = 3/6, F1 = 2PR/(P+R) = 0.6.
+    assert evaluate.rouge_l("the door sings loudly", "the blue door sings at noon") == pytest.approx(0.6)
+    assert evaluate.rouge_l("The Blue Door", "the blue door") == 1.0   # lower-cased words, as rouge-score does
+    assert evaluate.rouge_l("a red fox", "the blue door") == 0.0
+    # Non-Latin text is scored too (rouge-score's default tokenizer keeps [a-z0-9] only and would give 0).
+    assert evaluate.rouge_l("голубая дверь поёт", "голубая дверь") == pytest.approx(0.8)
+
+
+def test_regex_uses_re2_search_and_refuses_what_re2_refuses():
+    assert evaluate.score("regex", "the answer is 42.", ex("x", r"\b\d+\b")) == 1.0
+    assert evaluate.score("regex", "no digits", ex("x", r"\d+")) == 0.0
+    with pytest.raises(ValueError, match="RE2 refuses"):
+        evaluate.compile_pattern(r"(a)\1")   # a backreference needs backtracking
+    with pytest.raises(ValueError, match="at most"):
+        evaluate.compile_pattern("a" * (evaluate.MAX_PATTERN_CHARS + 1))
+
+
+# ---- the evaluation set -------------------------------------------------------------------------------------
+
+def test_instruction_and_chat_records_become_prompts_and_references(tmp_path, tokenizer):
+    inst = evaluate.prepare(spec(), source(tmp_path, [{"prompt": "who sings?\n", "response": "the blue door"}]),
+                            tokenizer, 2048)
+    (e,) = inst.examples
+    assert e.reference == "the blue door"
+    assert e.prompt_ids == tokenizer("who sings?\n", add_special_tokens=True)["input_ids"]   # as in training
+    msgs = [{"role": "user", "content": "who sings?"}, {"role": "assistant", "content": "the blue door"}]
+    chat = evaluate.prepare(spec(dataset={"uri": "/e", "format": "chat"}), source(tmp_path, [{"messages": msgs}]),
+                            tokenizer, 2048)
+    assert chat.examples[0].reference == "the blue door"
+    assert chat.examples[0].prompt_ids == list(tokenizer.apply_chat_template(msgs[:1], add_generation_prompt=True,
+                                                                             tokenize=True, return_dict=False))
+
+
+def test_max_examples_takes_the_first_records(tmp_path, tokenizer):
+    records = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(10)]
+    out = evaluate.prepare(spec(maxExamples=3), source(tmp_path, records), tokenizer, 2048)
+    assert [e.reference for e in out.examples] == ["a0", "a1", "a2"] and out.records == 10
+
+
+@pytest.mark.parametrize("records, kw, expected", [
+    ([{"question": "q", "response": "a"}], {}, "spec.evaluation.dataset.promptField"),
+    ([{"prompt": "q", "response": 3}], {}, "field 'response' must be a string"),
+    ([{"prompt": "q", "response": "  "}], {}, "line 1: the reference answer is empty"),
+    (["not an object"], {}, "line 1 is a str"),
+    ([{"prompt": "q", "response": "a"}], {"metrics": ["regex"]}, "spec.evaluation.dataset.patternField"),
+    ([{"prompt": "q", "response": "a", "pattern": "(x)\\1"}], {"metrics": ["regex"]}, "line 1: the pattern"),
+    ([{"prompt": "word " * 40, "response": "a"}], {"maxNewTokens": 2000}, "leaves no room for maxNewTokens"),
+    ([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                    {"role": "user", "content": "more?"}]}], {"dataset": {"uri": "/e", "format": "chat"}},
+     "the last message of 'messages' must be the assistant's reference answer"),
+])
+def test_bad_evaluation_data_is_invalid_dataset_naming_the_field_and_line(tmp_path, tokenizer, records, kw,
+                                                                          expected):
+    with pytest.raises(InvalidDataset) as err:
+        evaluate.prepare(spec(**kw), source(tmp_path, records), tokenizer, 2048)
+    assert expected in err.value.message and "spec.evaluation.dataset" in err.value.message
+
+
+def test_an_evaluation_file_that_is_not_json_lines_names_the_field(tmp_path):
+    path = tmp_path / "e.jsonl"
+    path.write_text('{"prompt": "q"\n')
+    with pytest.raises(InvalidDataset, match="spec.evaluation.dataset.uri"):
+        evaluate.read_source(spec(dataset={"uri": str(path)}), tmp_path, tmp_path, None, tmp_path)
+
+
+def test_the_evaluation_configmap_is_read_where_the_pod_mounts_it(tmp_path):
+    (tmp_path / "cm").mkdir()
+    (tmp_path / "cm" / "eval.jsonl").write_text('{"prompt": "q", "response": "a"}\n')
+    got = evaluate.read_source(spec(dataset={"configMapRef": {"name": "cm", "key": "eval.jsonl"}}), tmp_path,
+                               tmp_path, None, tmp_path)
+    assert got.uri == "configmap://cm/eval.jsonl" and len(got.records) == 1
+
+
+# ---- the previous version and the result on the wire --------------------------------------------------------
+
+def test_the_trainer_reads_the_previous_version_from_its_config(tmp_path):
+    doc = {"apiVersion": "loraplane.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "j"},
+           "spec": {"baseModel": {"name": "org/base"}, "dataset": {"uri": "/d.jsonl"},
+                    "output": {"adapterName": "a"}},
+           "previousVersion": {"uri": "s3://b/a/run-1", "version": "3"}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(doc))
+    job, previous = load_config(path)
+    assert job.metadata.name == "j" and previous == PreviousVersion(uri="s3://b/a/run-1", version="3")
+    path.write_text(json.dumps({**doc, "previousVersion": {"version": "3"}}))
+    with pytest.raises(InvalidConfig, match="previousVersion"):
+        load_config(path)
+
+
+def test_an_unmounted_previous_version_is_reported_not_fatal(tmp_path):
+    with pytest.raises(ValueError, match="not mounted"):
+        evaluate.fetch_previous(PreviousVersion(uri="pvc://other-claim/a"), tmp_path, tmp_path)
+
+
+def full_result() -> EvaluationResult:
+    metrics = {"eval_loss": 1.2345, "perplexity": 3.4367, "exact_match": 0.5, "contains": 0.75, "regex": 0.25,
+               "rouge_l": 0.8123}
+    s = EvaluationScores(metrics=metrics, examples=200)
+    return EvaluationResult(primary_metric="rouge_l", candidate=s, base=s, previous=s, previous_version="12",
+                            evaluated_at="2026-01-01T00:00:00Z", score=0.8123, base_score=0.8123,
+                            message="time budget (900 s) reached: generation metrics cover 150 of 200 examples")
+
+
+def test_the_evaluation_survives_the_termination_message_limit(tmp_path, monkeypatch):
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("LORAPLANE_TERMINATION_LOG", str(log))
+    message = TerminationMessage(
+        reason="Succeeded", artifact={"uri": "s3://bucket/" + "p" * 1800, "sha256": "a" * 64},
+        dataset_sha256="b" * 64, metrics={f"metric{i}": 1.0 / 3 for i in range(40)},
+        library_versions={f"library-{i}": "1.2.3+cpu" for i in range(30)}, completed_at="2026-01-01T00:00:00Z",
+        evaluation=full_result())
+    assert len(json.dumps(message.to_json()).encode()) > TERMINATION_MESSAGE_LIMIT
+    assert write_termination_message(message.to_json())
+    text = log.read_text()
+    assert len(text.encode()) <= TERMINATION_MESSAGE_LIMIT
+    read = TerminationMessage.parse(text)   # what the operator reads from the pod
+    assert read.evaluation == full_result() and read.artifact.sha256 == "a" * 64
