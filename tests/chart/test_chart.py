@@ -395,6 +395,8 @@ def test_operator_role_holds_nothing_it_neither_uses_nor_grants():
             used.add((group(api_version), PLURALS[kind], "delete"))
     used.add(("", "pods", "patch"))       # the report relay writes each engine pod's annotation (controllers/reports)
     used.add(("", "secrets", "create"))   # each route's engine key Secret, created once, never read
+    # the artifact store's claim: read while a run waits for it, created when missing (issue 16), never changed
+    used |= {("", "persistentvolumeclaims", "get"), ("", "persistentvolumeclaims", "create")}
     granted: set[tuple[str, str, str]] = set()
     for child in builder_children("hpa") + builder_children("keda"):
         used |= {(group(child["apiVersion"]), PLURALS[child["kind"]], v) for v in ("get", "create", "patch")}
