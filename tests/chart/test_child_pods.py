@@ -183,6 +183,9 @@ def test_reserved_keys_the_policy_allows_and_harmless_values_pass():
     spec = pods(render([job(ok)], build))["t-train"]["spec"]
     caps = spec["containers"][0]["securityContext"]["capabilities"]
     assert caps == {"add": ["NET_BIND_SERVICE"], "drop": ["ALL", "NET_RAW"]}    # ALL is never dropped from drop
+    # the pod's Localhost profile applies: no container keeps the operator's RuntimeDefault over it
+    assert spec["securityContext"]["seccompProfile"] == {"type": "Localhost", "localhostProfile": "p"}
+    assert all("seccompProfile" not in c["securityContext"] for c in spec["containers"])
     assert violations(spec) == []
 
 

@@ -368,6 +368,12 @@ def apply_pod_settings(template: dict[str, Any], defaults: PodSettings, override
         spec["affinity"] = dict(s.affinity)
     if s.security_context is not None:
         spec["securityContext"] = {**spec.get("securityContext", {}), **_wire(s.security_context)}
+        # A container's own profile wins over the pod's: the operator's RuntimeDefault on each container would
+        # silently void a pod-level Localhost profile, so it is dropped where the pod names one (the pod's then
+        # applies to every container, which Pod Security `restricted` accepts).
+        if s.security_context.seccomp_profile is not None:
+            for container in [*spec.get("containers", []), *spec.get("initContainers", [])]:
+                container.get("securityContext", {}).pop("seccompProfile", None)
     if (csc := _wire(s.container_security_context)):
         caps = csc.pop("capabilities", {})
         for container in [*spec.get("containers", []), *spec.get("initContainers", [])]:
