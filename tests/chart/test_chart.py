@@ -36,6 +36,15 @@ VALUE_SETS = {
                                       "digest": "sha256:" + "b" * 64}},
     "old-cluster-apis": {"operator": {"hpaApiVersion": "autoscaling/v2beta2", "pdbApiVersion": "policy/v1beta1",
                                       "podFailurePolicy": "false"}},
+    # issue 16: settings of every child pod, the artifact store's claim, the new policy globs
+    "child-pods": {"imagePullSecrets": [{"name": "regcred"}],
+                   "childPods": {"securityContext": {"fsGroup": 2000}, "priorityClassName": "ml-batch",
+                                 "labels": {"kueue.x-k8s.io/queue-name": "team-a"},
+                                 "tolerations": [{"key": "gpu", "operator": "Exists"}]},
+                   "operator": {"artifacts": {"storageClassName": "nfs", "accessMode": "ReadWriteMany",
+                                              "size": "1Ti"},
+                                "policy": {"allowedPriorityClasses": ["team-*"],
+                                           "allowedModelCacheHostPaths": ["/var/cache/loraplane/*"]}}},
 }
 RECOMMENDED_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
                       "app.kubernetes.io/managed-by", "app.kubernetes.io/part-of", "helm.sh/chart")

@@ -218,3 +218,19 @@ def test_the_artifact_claim_settings_reach_the_operator():
                                          "accessMode": "ReadWriteMany", "size": "1Ti"}}}
     assert settings_from_chart(values).build.artifact_claim == ArtifactClaim(
         create=False, storage_class="nfs", access_mode="ReadWriteMany", size="1Ti")
+
+
+def test_the_chart_schema_knows_exactly_the_pod_settings_fields():
+    """values.schema.json's childPods lists the fields api.pods.PodSettings has (a typo fails `helm install`, and a
+    field added to the model cannot be forgotten in the chart)."""
+    import json
+
+    from support.chart_rendering import CHART
+
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["childPods"]
+    assert schema["additionalProperties"] is False
+    assert set(schema["properties"]) == {f.alias for f in PodSettings.model_fields.values()}
+    import yaml
+
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())["childPods"]
+    assert set(defaults) == set(schema["properties"])
