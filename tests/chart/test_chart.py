@@ -38,6 +38,15 @@ VALUE_SETS = {
                                       "digest": "sha256:" + "b" * 64}},
     "old-cluster-apis": {"operator": {"hpaApiVersion": "autoscaling/v2beta2", "pdbApiVersion": "policy/v1beta1",
                                       "podFailurePolicy": "false"}},
+    # issue 16: settings of every child pod, the artifact store's claim, the new policy globs
+    "child-pods": {"imagePullSecrets": [{"name": "regcred"}],
+                   "childPods": {"securityContext": {"fsGroup": 2000}, "priorityClassName": "ml-batch",
+                                 "labels": {"kueue.x-k8s.io/queue-name": "team-a"},
+                                 "tolerations": [{"key": "gpu", "operator": "Exists"}]},
+                   "operator": {"artifacts": {"storageClassName": "nfs", "accessMode": "ReadWriteMany",
+                                              "size": "1Ti"},
+                                "policy": {"allowedPriorityClasses": ["team-*"],
+                                           "allowedModelCacheHostPaths": ["/var/cache/loraplane/*"]}}},
 }
 RECOMMENDED_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
                       "app.kubernetes.io/managed-by", "app.kubernetes.io/part-of", "helm.sh/chart")
@@ -399,6 +408,8 @@ def test_operator_role_holds_nothing_it_neither_uses_nor_grants():
             used.add((group(api_version), PLURALS[kind], "delete"))
     used.add(("", "pods", "patch"))       # the report relay writes each engine pod's annotation (controllers/reports)
     used.add(("", "secrets", "create"))   # each route's engine key Secret, created once, never read
+    # the artifact store's claim: read while a run waits for it, created when missing (issue 16), never changed
+    used |= {("", "persistentvolumeclaims", "get"), ("", "persistentvolumeclaims", "create")}
     granted: set[tuple[str, str, str]] = set()
     for child in builder_children("hpa") + builder_children("keda"):
         used |= {(group(child["apiVersion"]), PLURALS[child["kind"]], v) for v in ("get", "create", "patch")}

@@ -98,3 +98,22 @@ app.kubernetes.io/component: operator
 {{- else }}policy/v1beta1
 {{- end }}
 {{- end }}
+
+{{/* childPods as the JSON the operator reads (LORAPLANE_CHILD_PODS): empty values dropped, and the operator's
+own imagePullSecrets when childPods.imagePullSecrets is null. */}}
+{{- define "loraplane.childPods" -}}
+{{- $pods := dict }}
+{{- range $key, $value := (.Values.childPods | default dict) }}
+{{- if and $value (ne $key "imagePullSecrets") }}
+{{- $_ := set $pods $key $value }}
+{{- end }}
+{{- end }}
+{{- $secrets := .Values.imagePullSecrets }}
+{{- if kindIs "slice" (.Values.childPods | default dict).imagePullSecrets }}
+{{- $secrets = .Values.childPods.imagePullSecrets }}
+{{- end }}
+{{- if $secrets }}
+{{- $_ := set $pods "imagePullSecrets" $secrets }}
+{{- end }}
+{{- toJson $pods }}
+{{- end }}

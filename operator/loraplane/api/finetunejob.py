@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from loraplane.api.evaluation import EvaluationMetric, EvaluationResult
+from loraplane.api.pods import PodSettings
 from loraplane.api.common import (
     URI_MAX_LENGTH,
     IMAGE_MAX_LENGTH,
@@ -301,6 +302,11 @@ class FineTuneJobSpec(ApiModel):
         description="ServiceAccount of the training pods (e.g. for IRSA/S3); only one the operator's policy "
                     "allows (chart operator.policy.allowedServiceAccounts; else PolicyViolation).",
         json_schema_extra=immutable("spec.serviceAccountName"))
+    pod: PodSettings | None = Field(default=None, description=(
+        "Settings of the training pods over the chart's childPods defaults: imagePullSecrets, securityContext "
+        "(fsGroup, ...), priorityClassName, runtimeClassName, extra labels/annotations (e.g. a Kueue queue "
+        "label), nodeSelector, tolerations, affinity. Bounded by the operator's policy (docs/security.md)."),
+                                    json_schema_extra=immutable("spec.pod"))
     backoff_limit: int = Field(default=2, ge=0, le=100,
                                description="Pod failures retried (resuming from checkpoints) before Failed.")
     active_deadline_seconds: int | None = Field(default=None, ge=60,

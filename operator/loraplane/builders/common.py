@@ -26,6 +26,7 @@ from loraplane.api.keys import (  # noqa: F401
     MANAGER,
     ROUTER_LABEL,
 )
+from loraplane.api.pods import PodSettings
 from loraplane.storage.uri import try_parse_uri
 
 # ownerReferences of an object rendered before it exists (`loraplane render` on a file): the API server
@@ -287,3 +288,97 @@ def role_binding(owner: Resource, name: str, labels: dict[str, str], role_name: 
         "subjects": [{"kind": "ServiceAccount", "name": service_account_name,
                       "namespace": namespace_of(owner)}],
     })
+
+
+# ---- pod settings: chart childPods defaults + a kind's override (api/pods.py) --------------------------------
+# Metadata keys Kubernetes' own controllers put on the pods the operator's Jobs and Deployments create: a pod
+# setting naming one would fight them (a Job refuses a template that sets its selector labels).
+KUBERNETES_POD_KEYS = frozenset({
+    "job-name", "controller-uid", "batch.kubernetes.io/job-name", "batch.kubernetes.io/controller-uid",
+    "batch.kubernetes.io/job-completion-index", "pod-template-hash",
+})
+
+
+def _dedupe(items: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for item in items:
+        if item not in out:
+            out.append(item)
+    return out
+
+
+def merged_pod_settings(defaults: PodSettings, override: PodSettings | None) -> PodSettings:
+    """The chart's `defaults` with a kind's `override` over them: pull secrets and tolerations add up (duplicates
+    dropped), labels, annotations and nodeSelector merge key by key (override wins), security contexts merge field
+    by field (capabilities.add/drop add up), priorityClassName, runtimeClassName and affinity are replaced."""
+    if override is None:
+        return defaults
+
+    def context(base: Any, over: Any) -> Any:
+        if base is None or over is None:
+            return over if base is None else base
+        fields = {**base.model_dump(exclude_unset=True), **over.model_dump(exclude_unset=True)}
+        if getattr(base, "capabilities", None) and getattr(over, "capabilities", None):
+            fields["capabilities"] = {"add": _dedupe([*base.capabilities.add, *over.capabilities.add]),
+                                      "drop": _dedupe([*base.capabilities.drop, *over.capabilities.drop])}
+        return type(base).model_validate(fields)
+
+    return PodSettings(
+        image_pull_secrets=_dedupe([*defaults.image_pull_secrets, *override.image_pull_secrets]),
+        security_context=context(defaults.security_context, override.security_context),
+        container_security_context=context(defaults.container_security_context,
+                                           override.container_security_context),
+        priority_class_name=override.priority_class_name or defaults.priority_class_name,
+        runtime_class_name=override.runtime_class_name or defaults.runtime_class_name,
+        labels={**defaults.labels, **override.labels},
+        annotations={**defaults.annotations, **override.annotations},
+        node_selector={**defaults.node_selector, **override.node_selector},
+        tolerations=_dedupe([*defaults.tolerations, *override.tolerations]),
+        affinity=override.affinity if override.affinity is not None else defaults.affinity,
+    )
+
+
+def _wire(model: Any) -> dict[str, Any]:
+    return model.model_dump(by_alias=True, exclude_none=True, exclude_unset=True, mode="json") if model else {}
+
+
+def apply_pod_settings(template: dict[str, Any], defaults: PodSettings, override: PodSettings | None) -> None:
+    """Put the merged pod settings (`merged_pod_settings`) into a pod `template` ({metadata, spec}) the builder
+    made, in place. The operator's own choices win where they meet: its labels and annotations, the nodeSelector
+    keys and tolerations the kind's resources fields ask for, and the restricted security context's
+    non-negotiable parts (capabilities drop ALL stays; the policy refuses a loosening override before this runs,
+    builders/policy.py). Containers and init containers all get the container security context."""
+    s = merged_pod_settings(defaults, override)
+    meta, spec = template.setdefault("metadata", {}), template["spec"]
+    if s.labels:
+        meta["labels"] = dict(sorted({**s.labels, **meta.get("labels", {})}.items()))
+    if s.annotations:
+        meta["annotations"] = dict(sorted({**s.annotations, **(meta.get("annotations") or {})}.items()))
+    if s.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": r.name} for r in s.image_pull_secrets]
+    if s.priority_class_name:
+        spec["priorityClassName"] = s.priority_class_name
+    if s.runtime_class_name:
+        spec["runtimeClassName"] = s.runtime_class_name
+    if s.node_selector:
+        spec["nodeSelector"] = dict(sorted({**s.node_selector, **spec.get("nodeSelector", {})}.items()))
+    if s.tolerations:
+        spec["tolerations"] = _dedupe([*spec.get("tolerations", []), *(dict(t) for t in s.tolerations)])
+    if s.affinity is not None:
+        spec["affinity"] = dict(s.affinity)
+    if s.security_context is not None:
+        spec["securityContext"] = {**spec.get("securityContext", {}), **_wire(s.security_context)}
+        # A container's own profile wins over the pod's: the operator's RuntimeDefault on each container would
+        # silently void a pod-level Localhost profile, so it is dropped where the pod names one (the pod's then
+        # applies to every container, which Pod Security `restricted` accepts).
+        if s.security_context.seccomp_profile is not None:
+            for container in [*spec.get("containers", []), *spec.get("initContainers", [])]:
+                container.get("securityContext", {}).pop("seccompProfile", None)
+    if (csc := _wire(s.container_security_context)):
+        caps = csc.pop("capabilities", {})
+        for container in [*spec.get("containers", []), *spec.get("initContainers", [])]:
+            current = container.get("securityContext", {})
+            merged = {**current, **csc}
+            drop = _dedupe([*(current.get("capabilities") or {}).get("drop", []), *caps.get("drop", [])])
+            merged["capabilities"] = {**({"add": caps["add"]} if caps.get("add") else {}), "drop": drop}
+            container["securityContext"] = merged

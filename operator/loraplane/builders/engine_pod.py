@@ -27,7 +27,7 @@ from typing import Any
 
 from loraplane.api.adapter import base_served_name
 from loraplane.api.common import ModelRef
-from loraplane.api.modelroute import DEFAULT_ENGINE_IMAGE, ModelRoute
+from loraplane.api.modelroute import DEFAULT_ENGINE_IMAGE, ModelCacheSpec, ModelRoute
 from loraplane.api.paths import (ADAPTER_CACHE_PATH, ADAPTER_CREDENTIALS_ROOT, FETCHED_MODELS_PATH, HF_HOME,
                                  MODEL_CACHE_PATH, SERVICE_ACCOUNT_PATH, ENGINE_API_KEY_ENV, ENGINE_KEY_SECRET_KEY)
 from loraplane.builders.common import (bounded_name, child_name, container_security_context, pvc_claims,
@@ -48,6 +48,8 @@ ENGINE_SCRATCH_LIMIT = "8Gi"
 LOADER_SCRATCH_LIMIT = "256Mi"
 # vLLM's worker processes exchange tensors through shared memory (/dev/shm); the container default is 64 MiB.
 SHM_VOLUME = "dshm"
+# GiB of /dev/shm per tensor-parallel worker when spec.engine.shmSize is not set (shm_size).
+SHM_PER_WORKER_GI = 2
 # The loader's ServiceAccount credentials (projected token, cluster CA, namespace); no other container mounts it.
 LOADER_TOKEN_VOLUME = "loader-api-access"
 # Lifetime asked for the loader's token; the kubelet renews it at 80% and the loader re-reads it (kube/config.py).
@@ -221,7 +223,7 @@ def serving_volumes(route: ModelRoute, adapter_claims: Sequence[str] = (),
     volumes: list[dict[str, Any]] = [
         # The loader evicts down to cache_max_bytes; the sizeLimit leaves headroom for one download in flight.
         {"name": ADAPTER_CACHE_VOLUME, "emptyDir": {"sizeLimit": str(cache_max_bytes + cache_max_bytes // 4)}},
-        {"name": MODEL_CACHE_VOLUME, "emptyDir": {}},
+        model_cache_volume(route),
     ]
     for claim in pvc_claims(route.spec.base_model.uri, *(f"pvc://{c}" for c in adapter_claims)):
         volumes.append({"name": pvc_volume_name(claim),
@@ -231,9 +233,33 @@ def serving_volumes(route: ModelRoute, adapter_claims: Sequence[str] = (),
         volumes.append({"name": credentials_volume_name(secret), "secret": {"secretName": secret, "optional": True}})
     volumes += [scratch_volume(ENGINE_SCRATCH_VOLUME, ENGINE_SCRATCH_LIMIT),
                 scratch_volume(LOADER_SCRATCH_VOLUME, LOADER_SCRATCH_LIMIT),
-                {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}},
+                {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(route)}},
                 loader_token_volume()]
     return volumes
+
+
+def shm_size(route: ModelRoute) -> str:
+    """The sizeLimit of the replica's memory-backed /dev/shm: spec.engine.shmSize, else SHM_PER_WORKER_GI GiB per
+    tensor-parallel worker. vLLM's workers (one process per GPU with tensorParallelSize > 1) exchange tensors and
+    scheduler messages through shared memory (NCCL's SHM transport, torch.multiprocessing, vLLM's shm broadcast
+    queue); the runtime's 64 MiB default makes NCCL fail at start. The tmpfs counts against the pod's memory."""
+    engine = route.spec.engine
+    if engine.shm_size is not None:
+        return str(engine.shm_size)
+    return f"{SHM_PER_WORKER_GI * engine.tensor_parallel_size}Gi"
+
+
+def model_cache_volume(route: ModelRoute) -> dict[str, Any]:
+    """The model cache volume (HF_HOME and fetched s3/https models): spec.engine.modelCache's PVC (read-write,
+    shared by the replicas that can attach it) or node path (type Directory: it must exist and be writable by the
+    pods' UID/fsGroup; only where the policy allows it, builders.policy), else an emptyDir bounded by its
+    sizeLimit (default DEFAULT_MODEL_CACHE_SIZE), which a replaced pod starts empty."""
+    cache = route.spec.engine.model_cache or ModelCacheSpec()
+    if cache.claim_name:
+        return {"name": MODEL_CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache.claim_name}}
+    if cache.host_path:
+        return {"name": MODEL_CACHE_VOLUME, "hostPath": {"path": cache.host_path, "type": "Directory"}}
+    return {"name": MODEL_CACHE_VOLUME, "emptyDir": {"sizeLimit": str(cache.size_limit)}}
 
 
 def loader_token_volume() -> dict[str, Any]:

@@ -17,7 +17,10 @@ from loraplane.api.adapter import Adapter
 from loraplane.api.finetunejob import FineTuneJob
 from loraplane.builders.common import (
     FINETUNEJOB_LABEL,
+    MANAGER,
     Manifest,
+    quantity,
+    apply_pod_settings,
     base_labels,
     child_name,
     label_value,
@@ -115,6 +118,33 @@ def output_uri(ftj: FineTuneJob, settings: BuildSettings) -> str:
     output_root itself."""
     root, run = output_root(ftj, settings), run_id(ftj)
     return f"{root.rstrip('/')}/{run}" if run else root
+
+
+def output_claim(output: str) -> str | None:
+    """The PVC a run whose output location is `output` writes to (pvc://CLAIM/...), else None (s3://, paths)."""
+    claims = pvc_claims(output)
+    return claims[0] if claims else None
+
+
+def store_claim(settings: BuildSettings) -> str | None:
+    """The claim of the operator's artifact store when it is pvc://CLAIM[/PATH], else None."""
+    return output_claim(settings.artifact_store)
+
+
+def artifact_claim(namespace: str, claim: str, settings: BuildSettings) -> Manifest:
+    """The PersistentVolumeClaim `claim` of the artifact store in `namespace`, as the chart's operator.artifacts
+    describe it (access mode, size, StorageClass; none: the cluster's default). It has no ownerReference: every
+    FineTuneJob of the namespace writes to it and Adapters are served from it, so it outlives any one job, and
+    the operator only ever creates it (never changes or deletes a claim)."""
+    c = settings.artifact_claim
+    spec: dict[str, Any] = {"accessModes": [c.access_mode], "resources": {"requests": {"storage": quantity(c.size)}}}
+    if c.storage_class:
+        spec["storageClassName"] = c.storage_class
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": namespace,
+                         "labels": {"app.kubernetes.io/name": "loraplane", "app.kubernetes.io/component": "artifacts",
+                                    "app.kubernetes.io/managed-by": MANAGER}},
+            "spec": spec}
 
 
 def trainer_config(ftj: FineTuneJob, settings: BuildSettings, output: str | None = None,
@@ -293,6 +323,8 @@ def job(ftj: FineTuneJob, settings: BuildSettings) -> Manifest:
         job_spec["completionMode"] = "Indexed"
         pod_spec["subdomain"] = rendezvous_service_name(ftj)
         container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
+    # The chart's childPods and spec.pod: pull secrets, security context, priority, labels, node selection.
+    apply_pod_settings(job_spec["template"], settings.child_pods, spec.pod)
     if settings.pod_failure_policy:  # requires restartPolicy Never, as above
         job_spec["podFailurePolicy"] = pod_failure_policy()
     if spec.active_deadline_seconds:

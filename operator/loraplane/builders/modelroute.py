@@ -17,6 +17,7 @@ from loraplane.builders.common import (
     COMPONENT_LABEL,
     ROUTER_LABEL,
     Manifest,
+    apply_pod_settings,
     pvc_claims,
     base_labels,
     child_name,
@@ -176,6 +177,8 @@ def engine_deployment(route: ModelRoute, table: ServingTable, settings: BuildSet
             "spec": pod_spec,
         },
     }
+    # The chart's childPods and spec.engine.pod: pull secrets, security context, priority, labels, node selection.
+    apply_pod_settings(deploy_spec["template"], settings.child_pods, spec.engine.pod)
     # With an autoscaler the replica count is the autoscaler's field: leaving it out of the apply keeps
     # server-side apply from fighting over it.
     if spec.autoscaling is None:
@@ -441,19 +444,21 @@ def router_deployment(route: ModelRoute, settings: BuildSettings) -> Manifest:
     container["env"] = [*container["env"], *engine_pod.engine_key_env(route)]
     if r := resources(0, "", spec.cpu, spec.memory):
         container["resources"] = r
+    template: dict[str, Any] = {
+        "metadata": {"labels": router_labels(route),
+                     "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(ROUTER_PORT)}},
+        "spec": {"serviceAccountName": router_name(route), "securityContext": pod_security_context(),
+                 "containers": [container], "volumes": volumes},
+    }
+    # The chart's childPods and spec.router.pod: pull secrets, security context, priority, labels, node selection.
+    apply_pod_settings(template, settings.child_pods, spec.pod)
     return with_hash({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": metadata(route, router_name(route), router_labels(route)),
         "spec": {
             "replicas": spec.replicas,
             "selector": {"matchLabels": router_selector(route)},
-            "template": {
-                "metadata": {"labels": router_labels(route),
-                             "annotations": {"prometheus.io/scrape": "true",
-                                             "prometheus.io/port": str(ROUTER_PORT)}},
-                "spec": {"serviceAccountName": router_name(route), "securityContext": pod_security_context(),
-                         "containers": [container], "volumes": volumes},
-            },
+            "template": template,
         },
     })
 

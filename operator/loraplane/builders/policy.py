@@ -29,6 +29,15 @@ The rules (docs/security.md, "Policy: what creating each kind grants"):
   unset, the KEDA trigger asks the chart's default address), and be a plain `http(s)://host[:port][/path]` URL
   with no userinfo, query or fragment, whatever the globs say (a `#` would cut off the query KEDA appends).
 - trust_remote_code: the trainer never passes it (transformers' default, False); there is no spec field for it.
+- pod settings (FineTuneJob spec.pod, ModelRoute spec.engine.pod / spec.router.pod; api/pods.py): the security
+  context may not loosen the restricted profile (runAsNonRoot false, UID 0, privileged, allowPrivilegeEscalation,
+  capabilities.add beyond NET_BIND_SERVICE, Unconfined seccomp/AppArmor, Unmasked procMount, a writable root
+  filesystem, SELinux user/role or a non-container type) whatever the policy says; priorityClassName and
+  runtimeClassName must match a glob of `allowed_priority_classes` / `allowed_runtime_classes` (default none:
+  the chart's childPods choose); a label or annotation key the operator or Kubernetes sets on the pod is never
+  allowed, and keys in the reserved domains (loraplane.io, kubernetes.io, k8s.io) need `allowed_pod_metadata_keys`.
+- model cache: `spec.engine.modelCache.hostPath` must match a glob of `allowed_model_cache_host_paths` (default
+  none: a hostPath is the node's filesystem, shared with every pod that mounts it).
 """
 
 from __future__ import annotations
@@ -40,9 +49,12 @@ from urllib.parse import urlsplit
 
 from loraplane.api.common import Resource
 from loraplane.api.finetunejob import FineTuneJob
+from loraplane.api.keys import (COMPONENT_LABEL, FINETUNEJOB_LABEL, HASH_ANNOTATION, PRODUCED_BY_ANNOTATION,
+                                REPORT_ANNOTATION, ROUTE_LABEL, ROUTER_LABEL)
 from loraplane.api.modelroute import ModelRoute
+from loraplane.api.pods import ContainerSecurityContextSpec, PodSecurityContextSpec, PodSettings
 from loraplane.api.paths import ENGINE_API_KEY_ENV
-from loraplane.builders.common import SCRATCH_ENV
+from loraplane.builders.common import KUBERNETES_POD_KEYS, SCRATCH_ENV
 from loraplane.storage.uri import CREDENTIAL_ENV
 
 # vLLM flags a ModelRoute may pass in spec.engine.extraArgs without the platform team allowing more: scheduling,
@@ -120,6 +132,26 @@ SETTING_ENGINE_ENV = "operator.policy.allowedEngineEnv (LORAPLANE_ALLOWED_ENGINE
 SETTING_SECRETS = "operator.policy.allowedEnvSecrets (LORAPLANE_ALLOWED_ENV_SECRETS)"
 SETTING_ACCOUNTS = "operator.policy.allowedServiceAccounts (LORAPLANE_ALLOWED_SERVICE_ACCOUNTS)"
 SETTING_PROMETHEUS = "operator.policy.allowedPrometheusAddresses (LORAPLANE_ALLOWED_PROMETHEUS_ADDRESSES)"
+SETTING_PRIORITY = "operator.policy.allowedPriorityClasses (LORAPLANE_ALLOWED_PRIORITY_CLASSES)"
+SETTING_RUNTIME = "operator.policy.allowedRuntimeClasses (LORAPLANE_ALLOWED_RUNTIME_CLASSES)"
+SETTING_POD_METADATA = "operator.policy.allowedPodMetadataKeys (LORAPLANE_ALLOWED_POD_METADATA_KEYS)"
+SETTING_HOST_PATHS = "operator.policy.allowedModelCacheHostPaths (LORAPLANE_ALLOWED_MODEL_CACHE_HOST_PATHS)"
+SETTING_RESTRICTED = "none: the restricted Pod Security profile is kept on every pod (docs/security.md)"
+# Label and annotation keys the operator sets on its pods (builders: base_labels, the selector labels, the
+# prometheus.io scrape annotations, the spec hash and the replica report): a pod setting never replaces them
+# (they select the pods, group replicas, carry the report).
+OPERATOR_POD_METADATA_KEYS = frozenset({
+    "app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component",
+    "app.kubernetes.io/managed-by", "prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path",
+    FINETUNEJOB_LABEL, COMPONENT_LABEL, ROUTER_LABEL, ROUTE_LABEL, HASH_ANNOTATION, REPORT_ANNOTATION,
+    PRODUCED_BY_ANNOTATION,
+})
+# Key prefixes (domains) reserved for loraplane and Kubernetes: a kind's pod setting may use them only when the
+# platform team allows the key (allowed_pod_metadata_keys). `kueue.x-k8s.io/...` is not in them.
+RESERVED_METADATA_DOMAINS = ("loraplane.io", "kubernetes.io", "k8s.io")
+# Pod Security `restricted`: the one capability a container may add; `baseline`: the SELinux types allowed.
+ALLOWED_ADD_CAPABILITIES = frozenset({"NET_BIND_SERVICE"})
+SELINUX_TYPES = frozenset({"container_t", "container_init_t", "container_kvm_t", "container_engine_t"})
 # A token of extraArgs that is a value, not a flag, although it starts with "-": a negative number.
 _NUMBER = re.compile(r"^-\d+(\.\d+)?([eE][-+]?\d+)?$")
 
@@ -136,6 +168,10 @@ class SpecPolicy:
     allowed_engine_env: tuple[str, ...] = DEFAULT_ENGINE_ENV
     allowed_service_accounts: tuple[str, ...] = ()
     allowed_prometheus_addresses: tuple[str, ...] = ()
+    allowed_priority_classes: tuple[str, ...] = ()
+    allowed_runtime_classes: tuple[str, ...] = ()
+    allowed_pod_metadata_keys: tuple[str, ...] = ()
+    allowed_model_cache_host_paths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -268,6 +304,88 @@ def prometheus_address_violations(address: str, policy: SpecPolicy,
         return []
     return [Violation(where, f"KEDA's operator would query {address!r}, which is not an allowed Prometheus "
                       "address (unset: the default address)", SETTING_PROMETHEUS)]
+def _security_violations(ctx: PodSecurityContextSpec | ContainerSecurityContextSpec | None, where: str
+                         ) -> list[Violation]:
+    """The values of a pod or container securityContext override that loosen the restricted profile."""
+    if ctx is None:
+        return []
+    out: list[Violation] = []
+
+    def refuse(field: str, problem: str) -> None:
+        out.append(Violation(f"{where}.{field}", problem, SETTING_RESTRICTED))
+
+    if ctx.run_as_non_root is False:
+        refuse("runAsNonRoot", "false would let the pods run as root")
+    if ctx.run_as_user == 0:
+        refuse("runAsUser", "UID 0 is root")
+    for field, profile in (("seccompProfile", ctx.seccomp_profile), ("appArmorProfile", ctx.app_armor_profile)):
+        if profile is not None and profile.type == "Unconfined":
+            refuse(f"{field}.type", "Unconfined removes the kernel's syscall/MAC confinement")
+    if (se := ctx.se_linux_options) is not None:
+        if se.user or se.role:
+            refuse("seLinuxOptions", "only seLinuxOptions.level and a container_* type may be set (Pod Security "
+                                     "baseline)")
+        if se.type and se.type not in SELINUX_TYPES:
+            refuse("seLinuxOptions.type", f"{se.type!r} is not one of {', '.join(sorted(SELINUX_TYPES))}")
+    if isinstance(ctx, ContainerSecurityContextSpec):
+        if ctx.privileged:
+            refuse("privileged", "a privileged container has the node's devices and capabilities")
+        if ctx.allow_privilege_escalation:
+            refuse("allowPrivilegeEscalation", "true lets setuid binaries gain privileges")
+        if ctx.read_only_root_filesystem is False:
+            refuse("readOnlyRootFilesystem", "false makes the image's filesystem writable (the pods write only to "
+                                             "their volumes)")
+        if ctx.proc_mount == "Unmasked":
+            refuse("procMount", "Unmasked exposes the host's /proc paths")
+        if ctx.capabilities is not None:
+            for i, cap in enumerate(ctx.capabilities.add):
+                if cap.upper().removeprefix("CAP_") not in ALLOWED_ADD_CAPABILITIES:
+                    refuse(f"capabilities.add[{i}]", f"capability {cap!r} (only NET_BIND_SERVICE may be added)")
+    return out
+
+
+def metadata_key_reserved(key: str) -> bool:
+    """True when `key`'s prefix is in (or under) a domain of RESERVED_METADATA_DOMAINS, except Kubernetes'
+    recommended app.kubernetes.io labels (part-of, version, ...: the ones the operator sets are its own, refused
+    by OPERATOR_POD_METADATA_KEYS)."""
+    prefix = key.rpartition("/")[0]
+    if prefix == "app.kubernetes.io":
+        return False
+    return any(prefix == d or prefix.endswith(f".{d}") for d in RESERVED_METADATA_DOMAINS)
+
+
+def pod_settings_violations(pod: PodSettings | None, where: str, policy: SpecPolicy) -> list[Violation]:
+    """What a kind's pod settings (`where`: spec.pod, spec.engine.pod, spec.router.pod) ask for that the policy
+    refuses: a loosened security context, a priority or runtime class not allowed, a label or annotation the
+    operator or Kubernetes owns or in a reserved domain without allowed_pod_metadata_keys."""
+    if pod is None:
+        return []
+    out = [*_security_violations(pod.security_context, f"{where}.securityContext"),
+           *_security_violations(pod.container_security_context, f"{where}.containerSecurityContext")]
+    if pod.priority_class_name and not _glob_match(pod.priority_class_name, policy.allowed_priority_classes):
+        out.append(Violation(f"{where}.priorityClassName", f"PriorityClass {pod.priority_class_name!r} (it decides "
+                             "which pods are preempted) is not in the allowed list", SETTING_PRIORITY))
+    if pod.runtime_class_name and not _glob_match(pod.runtime_class_name, policy.allowed_runtime_classes):
+        out.append(Violation(f"{where}.runtimeClassName", f"RuntimeClass {pod.runtime_class_name!r} (it decides the "
+                             "pods' isolation) is not in the allowed list", SETTING_RUNTIME))
+    for kind, keys in (("labels", pod.labels), ("annotations", pod.annotations)):
+        for key in keys:
+            field = f"{where}.{kind}[{key}]"
+            if key in OPERATOR_POD_METADATA_KEYS or key in KUBERNETES_POD_KEYS:
+                out.append(Violation(field, f"{key} is set by the operator or Kubernetes on its pods (selectors, "
+                                     "reports)", "none: the operator owns it"))
+            elif metadata_key_reserved(key) and not _glob_match(key, policy.allowed_pod_metadata_keys):
+                out.append(Violation(field, f"{key} is in a domain reserved for loraplane and Kubernetes",
+                                     SETTING_POD_METADATA))
+    return out
+
+
+def chart_pod_settings_problems(pod: PodSettings) -> list[str]:
+    """Why the chart's childPods defaults cannot be used (they loosen the restricted security context), as
+    messages naming the value (`childPods.securityContext.runAsNonRoot: ...`); empty when they can."""
+    return [f"{v.field}: {v.problem}" for v in (
+        *_security_violations(pod.security_context, "childPods.securityContext"),
+        *_security_violations(pod.container_security_context, "childPods.containerSecurityContext"))]
 
 
 def policy_violations(obj: Resource, own_images: tuple[str, ...], policy: SpecPolicy) -> list[Violation]:
@@ -283,6 +401,7 @@ def policy_violations(obj: Resource, own_images: tuple[str, ...], policy: SpecPo
         if spec.service_account_name and not _glob_match(spec.service_account_name, policy.allowed_service_accounts):
             out.append(Violation("spec.serviceAccountName", f"the trainer would run as ServiceAccount "
                                  f"{spec.service_account_name!r} instead of its own", SETTING_ACCOUNTS))
+        out += pod_settings_violations(spec.pod, "spec.pod", policy)
     elif isinstance(obj, ModelRoute):
         spec = obj.spec
         for where, image in (("spec.engine.image", spec.engine.image), ("spec.router.image", spec.router.image)):
@@ -294,6 +413,13 @@ def policy_violations(obj: Resource, own_images: tuple[str, ...], policy: SpecPo
         out += _env_violations([dict(e) for e in spec.engine.env], own, policy, "spec.engine.env")
         if spec.autoscaling is not None and spec.autoscaling.prometheus_address is not None:
             out += prometheus_address_violations(spec.autoscaling.prometheus_address, policy)
+        cache = spec.engine.model_cache
+        if cache is not None and cache.host_path and not _glob_match(cache.host_path,
+                                                                     policy.allowed_model_cache_host_paths):
+            out.append(Violation("spec.engine.modelCache.hostPath", f"hostPath {cache.host_path!r} would mount the "
+                                 "node's filesystem into the replicas", SETTING_HOST_PATHS))
+        out += pod_settings_violations(spec.engine.pod, "spec.engine.pod", policy)
+        out += pod_settings_violations(spec.router.pod, "spec.router.pod", policy)
     return out
 
 
@@ -310,7 +436,7 @@ def split_list(value: str | None) -> tuple[str, ...] | None:
     return tuple(t for t in re.split(r"[,\s]+", value) if t)
 
 
-__all__ = ["DEFAULT_ENGINE_ARGS", "DEFAULT_ENGINE_ENV", "DENIED_ENV_NAMES", "ENGINE_ENV_NEVER", "ENGINE_OWNED_ARGS",
+__all__ = ["chart_pod_settings_problems", "metadata_key_reserved", "pod_settings_violations", "DEFAULT_ENGINE_ARGS", "DEFAULT_ENGINE_ENV", "DENIED_ENV_NAMES", "ENGINE_ENV_NEVER", "ENGINE_OWNED_ARGS",
            "ENGINE_OWNED_ENV", "engine_env_name_violations", "SpecPolicy", "Violation", "engine_arg_violations",
            "flag_name", "image_allowed", "image_repository", "policy_message", "policy_violations",
            "prometheus_address_violations", "split_list"]

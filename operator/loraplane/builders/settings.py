@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loraplane import __version__ as _version
 from loraplane.api.common import Resource
 from loraplane.api.modelroute import DEFAULT_ENGINE_IMAGE
+from loraplane.api.pods import PodSettings
 from loraplane.builders.policy import SpecPolicy, Violation, policy_violations
 
 DEFAULT_IMAGE = f"ghcr.io/loraplane/loraplane:{_version}"
+
+
+@dataclass(frozen=True)
+class ArtifactClaim:
+    """The PersistentVolumeClaim behind a pvc:// artifact store, which the operator creates in a FineTuneJob's
+    namespace when it is missing (chart operator.artifacts; builders.finetunejob.artifact_claim). `size` is a
+    Kubernetes quantity; `storage_class` None: the cluster's default StorageClass."""
+
+    create: bool = True
+    storage_class: str | None = None
+    access_mode: str = "ReadWriteOnce"
+    size: str = "50Gi"
 
 
 @dataclass(frozen=True)
@@ -24,6 +37,8 @@ class BuildSettings:
     engine_image: str = DEFAULT_ENGINE_IMAGE
     # Where a FineTuneJob without spec.output.uri writes its adapter: <artifact_store>/<namespace>/<job>.
     artifact_store: str = "pvc://loraplane-artifacts"
+    # How the operator creates the artifact store's claim where it is missing (pvc:// stores only).
+    artifact_claim: ArtifactClaim = ArtifactClaim()
     # autoscaling/v2 is GA from Kubernetes 1.23; older clusters (and the 1.20 test server) serve v2beta2.
     hpa_api_version: str = "autoscaling/v2"
     # policy/v1 PodDisruptionBudget from 1.21; 1.20 serves policy/v1beta1.
@@ -43,6 +58,11 @@ class BuildSettings:
     # What FineTuneJob and ModelRoute specs may ask for: images, vLLM flags, Secrets in env, ServiceAccounts
     # (the chart's operator.policy; builders/policy.py, docs/security.md).
     policy: SpecPolicy = SpecPolicy()
+    # Operator-wide settings of every pod the operator creates (the chart's childPods -> LORAPLANE_CHILD_PODS):
+    # pull secrets, security context, priority/runtime class, labels, annotations, node selection. A kind's own
+    # field (FineTuneJob spec.pod, ModelRoute spec.engine.pod / spec.router.pod) overrides them
+    # (builders.common.apply_pod_settings).
+    child_pods: PodSettings = field(default_factory=PodSettings)
 
     @property
     def own_images(self) -> tuple[str, ...]:

@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `loraplane`: parse `argv` (default sys.argv[1:]) and run the chosen subcommand's
     `<name>_main(args)`; returns its exit status, 2 (with help) when no subcommand is given."""
     argv = sys.argv[1:] if argv is None else argv
+    from loraplane import __version__
+
     parser = argparse.ArgumentParser(prog="loraplane", description="LoRA fine-tuning and serving on Kubernetes.")
+    # The one version of a release (loraplane/__init__.py): the package, the chart and the image tags carry it.
+    parser.add_argument("--version", action="version", version=f"loraplane {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

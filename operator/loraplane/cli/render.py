@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import yaml
 from pydantic import ValidationError
 
+from loraplane.api.reasons import Reason
 from loraplane.builders.settings import BuildSettings
 
 
@@ -17,7 +19,14 @@ def add_render_arguments(p: argparse.ArgumentParser) -> None:
     d = BuildSettings()
     p.add_argument("-f", "--filename", dest="files", action="append", type=Path, required=True,
                    help="YAML file with FineTuneJob/ModelRoute/Adapter manifests (repeatable; - for stdin)")
-    p.add_argument("--namespace", default="default", help="namespace of manifests that set none (default: default)")
+    p.add_argument("-n", "--namespace", default="default",
+                   help="namespace of manifests that set none (default: default)")
+    p.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml",
+                   help="yaml: multi-document YAML (default); json: one kubectl-style v1 List")
+    p.add_argument("--values", type=Path, metavar="VALUES",
+                   help="the loraplane chart's values file the operator is installed with: render with its "
+                        "childPods (pull secrets, security context, labels, node selection) and refuse what its "
+                        "operator.policy refuses (reason PolicyViolation), as the operator does")
     p.add_argument("--image", default=d.image, help=f"loraplane image (loader, router, trainer) [{d.image}]")
     p.add_argument("--trainer-image", default=None, help="trainer image (default: --image)")
     p.add_argument("--engine-image", default=d.engine_image,
@@ -34,13 +43,23 @@ def add_render_arguments(p: argparse.ArgumentParser) -> None:
                    help="let loaders, fetch-model and trainers fetch plain http:// and loopback sources")
 
 
-def settings_from_args(args: argparse.Namespace) -> BuildSettings:
-    """The BuildSettings the parsed render options describe."""
+def settings_from_args(args: argparse.Namespace, values: dict | None = None) -> BuildSettings:
+    """The BuildSettings the parsed render options describe; with chart `values`, also its childPods and
+    operator.policy (cli.validate.settings_from_values; raises ValueError on bad values)."""
+    from loraplane.builders.policy import SpecPolicy
+    from loraplane.api.pods import PodSettings
+
+    policy, child_pods = SpecPolicy(), PodSettings()
+    if values is not None:
+        from loraplane.cli.validate import settings_from_values
+
+        chart = settings_from_values(values)
+        policy, child_pods = chart.policy, chart.child_pods
     return BuildSettings(image=args.image, trainer_image=args.trainer_image,
                          engine_image=args.engine_image, artifact_store=args.artifact_store,
                          hpa_api_version=args.hpa_api_version, pdb_api_version=args.pdb_api_version,
                          pod_failure_policy=args.pod_failure_policy == "true",
-                         allow_insecure_http=args.allow_insecure_http)
+                         allow_insecure_http=args.allow_insecure_http, policy=policy, child_pods=child_pods)
 
 
 def render_main(args: argparse.Namespace) -> int:
@@ -51,6 +70,16 @@ def render_main(args: argparse.Namespace) -> int:
     from loraplane.cli.manifests import read_documents
     from loraplane.api.validation import format_validation_error
 
+    values = None
+    if (values_file := getattr(args, "values", None)) is not None:
+        try:
+            values = yaml.safe_load(values_file.read_text())
+            settings = settings_from_args(args, values)
+        except (OSError, yaml.YAMLError, ValueError) as exc:
+            print(f"error {values_file}: {exc}", file=sys.stderr)
+            return 1
+    else:
+        settings = settings_from_args(args)
     resources, bad = [], 0
     for d in read_documents(args.files):
         if d.skip:
@@ -63,19 +92,31 @@ def render_main(args: argparse.Namespace) -> int:
         if isinstance(meta := doc.setdefault("metadata", {}), dict):  # not a mapping: parse() names the field
             meta.setdefault("namespace", args.namespace)
         try:
-            resources.append(parse(doc))
+            obj = parse(doc)
         except (ValidationError, ValueError) as exc:
             bad += 1
             detail = format_validation_error(exc, "  ") if isinstance(exc, ValidationError) else f"  {exc}"
             print(f"error {d.where}\n{detail}", file=sys.stderr)
+            continue
+        if values is not None and (violations := settings.violations(obj)):
+            bad += 1
+            detail = "\n".join(f"  {v}" for v in violations)
+            print(f"error {d.where} ({Reason.PolicyViolation})\n{detail}", file=sys.stderr)
+            continue
+        resources.append(obj)
     if bad:
         return 1
     # Rendered anyway (the operator serves every other name), but the reviewer should see it.
     for line in route_warnings(resources):
         print(f"warn  {line}", file=sys.stderr)
-    manifests = render(resources, settings_from_args(args))
-    sys.stdout.write(dump_manifests(manifests))
+    manifests = render(resources, settings)
+    sys.stdout.write(dump_manifests(manifests) if args.output == "yaml" else dump_json(manifests))
     return 0
+
+
+def dump_json(manifests: list[dict]) -> str:
+    """Manifests as one JSON `v1 List` (what `kubectl get -o json` prints for several objects), indented."""
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": manifests}, indent=2) + "\n"
 
 
 class _BlockDumper(yaml.SafeDumper):

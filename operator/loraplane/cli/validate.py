@@ -16,6 +16,7 @@ from loraplane.api.validation import format_validation_error
 from loraplane.cli.manifests import read_documents
 
 if TYPE_CHECKING:
+    from loraplane.api.pods import PodSettings
     from loraplane.builders.settings import BuildSettings
 
 
@@ -61,6 +62,7 @@ def settings_from_values(values: dict) -> "BuildSettings":
         return found if isinstance(found, str) and found else default
 
     return BuildSettings(
+        child_pods=child_pods_from_values(values),
         image=repo("image", d.image), trainer_image=repo("trainerImage", d.trainer),
         engine_image=repo("engineImage", d.engine_image),
         policy=SpecPolicy(allowed_images=strings("allowedImages", dp.allowed_images),
@@ -70,7 +72,38 @@ def settings_from_values(values: dict) -> "BuildSettings":
                           allowed_engine_env=strings("allowedEngineEnv", dp.allowed_engine_env),
                           allowed_service_accounts=strings("allowedServiceAccounts", dp.allowed_service_accounts),
                           allowed_prometheus_addresses=strings("allowedPrometheusAddresses",
-                                                               dp.allowed_prometheus_addresses)))
+                                                               dp.allowed_prometheus_addresses),
+                          allowed_priority_classes=strings("allowedPriorityClasses", dp.allowed_priority_classes),
+                          allowed_runtime_classes=strings("allowedRuntimeClasses", dp.allowed_runtime_classes),
+                          allowed_pod_metadata_keys=strings("allowedPodMetadataKeys", dp.allowed_pod_metadata_keys),
+                          allowed_model_cache_host_paths=strings("allowedModelCacheHostPaths",
+                                                                 dp.allowed_model_cache_host_paths)))
+
+
+def child_pods_from_values(values: dict) -> "PodSettings":
+    """The chart `values`' childPods as the operator reads them (the chart's loraplane.childPods helper): empty
+    entries dropped, and the top-level imagePullSecrets when childPods.imagePullSecrets is null. Raises
+    ValueError naming the value when it is not PodSettings or loosens the restricted security context."""
+    from pydantic import ValidationError as _ValidationError
+
+    from loraplane.api.pods import PodSettings
+    from loraplane.builders.policy import chart_pod_settings_problems
+
+    raw = values.get("childPods") or {}
+    if not isinstance(raw, dict):
+        raise ValueError("childPods must be a mapping")
+    pods = {k: v for k, v in raw.items() if v and k != "imagePullSecrets"}
+    secrets = raw.get("imagePullSecrets") if isinstance(raw.get("imagePullSecrets"), list) else \
+        values.get("imagePullSecrets")
+    if secrets:
+        pods["imagePullSecrets"] = secrets
+    try:
+        settings = PodSettings.model_validate(pods)
+    except _ValidationError as exc:
+        raise ValueError(format_validation_error(exc, "childPods.").replace("\n", "; ")) from exc
+    if problems := chart_pod_settings_problems(settings):
+        raise ValueError("; ".join(problems))
+    return settings
 
 
 def plain_http_uris(value: object, path: str) -> list[tuple[str, str]]:

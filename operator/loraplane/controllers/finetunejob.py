@@ -45,12 +45,13 @@ OWNED_STATUS = ("phase", "observedGeneration", "conditions", "startTime", "compl
 MUTABLE_FIELDS = ("backoffLimit", "activeDeadlineSeconds", "suspend")
 TERMINAL = (FineTuneJobPhase.Succeeded, FineTuneJobPhase.Failed)
 POD_RUNNING = "Running"  # core/v1 PodPhase
+PVC_BOUND = "Bound"  # core/v1 PersistentVolumeClaimPhase
 # batch/v1 JobConditionType values the controller reads.
 JOB_COMPLETE = "Complete"
 JOB_FAILED = "Failed"
 # Ready reasons that post a Warning Event when they appear.
 WARNING_REASONS = (Reason.SpecImmutable, Reason.ImagePull, Reason.Unschedulable, Reason.Retrying, Reason.Preempted,
-                   Reason.AdapterExists, Reason.PodsRefused)
+                   Reason.AdapterExists, Reason.PodsRefused, Reason.ArtifactClaimMissing)
 # Kubernetes vocabulary read here: the kubelet's pod status reason of an eviction, and the Job condition reason
 # of a run its podFailurePolicy failed.
 POD_EVICTED = "Evicted"
@@ -235,6 +236,8 @@ class FineTuneJobFacts:
     existing_adapter: dict | None = None  # the Adapter named by spec.output.adapterName, when it exists
     job_exists: bool = False            # the batch/v1 Job of this run exists (the run has started)
     now: str = ""                       # RFC 3339, the provenance's completedAt when the trainer gave none
+    output_claim: str | None = None     # the PVC the run writes to (pvc:// output), read while the run waits
+    claim: dict | None = None           # that PVC as the API server has it (None: missing, or not read)
 
 
 @dataclass
@@ -258,6 +261,7 @@ class FineTuneJobPlan:
     fresh: bool = False                 # never reconciled: its children cannot exist yet (no GET before apply)
     spec: dict | None = None            # the spec the children are rendered from, remembered once applied
     adapter: ProducedAdapter | None = None
+    create_claim: dict | None = None    # the artifact store's PVC, created (never updated) before the children
     status: dict = field(default_factory=dict)  # merge patch of the status; empty: unchanged
     events: list[Event] = field(default_factory=list)
 
@@ -335,6 +339,14 @@ class FineTuneJobController(Controller):
         adapter_key = (ns, ftj.spec.output.adapter_name)
         facts = FineTuneJobFacts(body, ftj, accepted_spec=accepted, run=run, now=now_rfc3339(),
                                  existing_adapter=self.stores.Adapter.get(adapter_key), job_exists=job is not None)
+        if run is not None and run.phase == FineTuneJobPhase.Pending:
+            # A run that waits may wait for its output claim: read it (missing, or not bound) to say so, and so
+            # the artifact store's claim is created when missing (plan). Only while Pending: one GET per pass.
+            accepted_output = ((accepted or {}).get("output") or {}).get("uri")
+            facts.output_claim = finetunejob.output_claim(
+                accepted_output or finetunejob.output_uri(ftj, self.ctx.build))
+            if facts.output_claim:
+                facts.claim = await self.kube.get("v1", "PersistentVolumeClaim", ns, facts.output_claim)
         if (run.phase if run else previous.phase) == FineTuneJobPhase.Succeeded and previous.adapter_ref is None \
                 and facts.existing_adapter is None:
             # The watch may lag behind a write of ours: ask the API server when the store has none.
@@ -453,7 +465,10 @@ class FineTuneJobController(Controller):
         # The refusal shows where it blocks: before the Job starts, and on success (nothing published).
         blocks = (new.phase == FineTuneJobPhase.Succeeded and new.adapter_ref is None) or (
             not facts.job_exists and new.phase not in TERMINAL)
-        ready = ready_state(ftj, new, run, rejected, refusal if blocks else None)
+        claim_problem = None
+        if facts.output_claim and out.children:
+            out.create_claim, claim_problem = self.claim_plan(ftj, facts)
+        ready = ready_state(ftj, new, run, rejected, refusal if blocks else None, claim_problem)
         new.set_condition(ConditionType.Ready, ready, generation)
         out.status = status_patch(current, dump_status(new), OWNED_STATUS)
         if event is None and status.phase != new.phase and new.phase != FineTuneJobPhase.Succeeded:
@@ -468,12 +483,53 @@ class FineTuneJobController(Controller):
         out.events = [event] if event else []
         return out
 
+    def claim_plan(self, ftj: FineTuneJob, facts: FineTuneJobFacts) -> tuple[dict | None, ConditionState | None]:
+        """(the claim to create, why the run waits for its claim) for a Pending run writing to a PVC: the artifact
+        store's claim is created when missing and the chart allows it (operator.artifacts.createClaim); any
+        other missing claim is ArtifactClaimMissing; an unbound one is ArtifactClaimPending, naming its
+        StorageClass and access modes."""
+        settings, ns, claim = self.ctx.build, ftj.metadata.namespace or "", facts.output_claim or ""
+        if facts.claim is None:
+            if claim == finetunejob.store_claim(settings) and settings.artifact_claim.create:
+                c = settings.artifact_claim
+                return finetunejob.artifact_claim(ns, claim, settings), ConditionState(
+                    FALSE, Reason.ArtifactClaimPending, (
+                        f"creating PersistentVolumeClaim {claim} for the artifact store ({c.access_mode}, {c.size}, "
+                        f"StorageClass {c.storage_class or '(the default)'}); the trainer starts once it is bound"))
+            how = ("set spec.output.uri to an existing claim or s3://, or create it" if claim !=
+                   finetunejob.store_claim(settings) else "create it, or enable the chart's "
+                   "operator.artifacts.createClaim")
+            return None, ConditionState(FALSE, Reason.ArtifactClaimMissing, (
+                f"PersistentVolumeClaim {claim}, where this run writes its adapter, does not exist in namespace "
+                f"{ns}: {how}"))
+        spec, status = facts.claim.get("spec") or {}, facts.claim.get("status") or {}
+        if status.get("phase") == PVC_BOUND:
+            return None, None
+        modes = ", ".join(spec.get("accessModes") or []) or "none"
+        return None, ConditionState(FALSE, Reason.ArtifactClaimPending, (
+            f"PersistentVolumeClaim {claim} is not bound (phase {status.get('phase') or 'not reported yet'}; StorageClass "
+            f"{spec.get('storageClassName') or '(the default)'}, access modes {modes}): the trainer pod cannot "
+            f"start until it is. A WaitForFirstConsumer StorageClass binds once the pod is scheduled; otherwise "
+            f"`kubectl describe pvc {claim} -n {ns}` shows why (no default StorageClass, an access mode the class "
+            "cannot provide)"))
+
     # ---- execute -----------------------------------------------------------------------------------------
 
     async def execute(self, plan: FineTuneJobPlan) -> None:
         """Apply the children, create or bump the produced Adapter, patch the status, post the Events."""
         body = plan.body
         ns, name = body["metadata"].get("namespace"), body["metadata"]["name"]
+        if plan.create_claim is not None:
+            # Created, never applied: a claim that appeared meanwhile (the user's) is left as it is (HTTP 409).
+            claim = plan.create_claim["metadata"]["name"]
+            try:
+                if await self.kube.create_if_absent(plan.create_claim):
+                    await self.ctx.events.post(body, Event(EventType.Normal, Reason.ArtifactClaimPending,
+                                                           f"created PersistentVolumeClaim {claim} for the artifact store"))
+            except ApiError as exc:   # e.g. refused by a quota or an admission policy: say so, go on
+                await self.ctx.events.post(body, Event(EventType.Warning, Reason.ArtifactClaimMissing, (
+                    f"could not create PersistentVolumeClaim {claim} for the artifact store: {exc.message}; create it "
+                    "yourself or set spec.output.uri")))
         if plan.children:
             applied = await self.apply_children(body, plan.children, plan.fresh)
             if applied is None:
@@ -537,9 +593,12 @@ def adapter_refusal(ftj: FineTuneJob, existing: dict | None) -> ConditionState |
 
 
 def ready_state(ftj: FineTuneJob, new: FineTuneJobStatus, run: RunState | None,
-                rejected: list[str], refusal: ConditionState | None = None) -> ConditionState:
+                rejected: list[str], refusal: ConditionState | None = None,
+                claim: ConditionState | None = None) -> ConditionState:
     """The Ready condition: kstatus reads it; the reason says what the user is waiting for or must fix
-    (`refusal`: why the produced Adapter may not be written, adapter_refusal)."""
+    (`refusal`: why the produced Adapter may not be written, adapter_refusal; `claim`: why a Pending run waits for
+    its output PVC, FineTuneJobController.claim_plan, which explains an Unschedulable pod better than the
+    scheduler's message)."""
     if rejected:
         return ConditionState(FALSE, Reason.SpecImmutable, (
             f"{', '.join(rejected)} cannot change while the job exists (immutable); revert the change or create "
@@ -552,6 +611,9 @@ def ready_state(ftj: FineTuneJob, new: FineTuneJobStatus, run: RunState | None,
     if new.phase == FineTuneJobPhase.Failed:
         return ConditionState(FALSE, new.failure.reason if new.failure else Reason.JobFailed,
                               new.failure.message if new.failure else "the Job failed")
+    if claim is not None and new.phase == FineTuneJobPhase.Pending and (
+            run is None or run.problem is None or run.problem.reason == Reason.Unschedulable):
+        return claim
     if run is not None and run.problem is not None:
         return run.problem
     if new.phase == FineTuneJobPhase.Running:

@@ -46,7 +46,7 @@ PLURALS = {
     "Event": "events", "Role": "roles", "RoleBinding": "rolebindings", "Job": "jobs",
     "Deployment": "deployments", "PodDisruptionBudget": "poddisruptionbudgets",
     "HorizontalPodAutoscaler": "horizontalpodautoscalers", "ScaledObject": "scaledobjects",
-    "Secret": "secrets", "NetworkPolicy": "networkpolicies",
+    "Secret": "secrets", "NetworkPolicy": "networkpolicies", "PersistentVolumeClaim": "persistentvolumeclaims",
     "FineTuneJob": "finetunejobs", "Adapter": "adapters", "ModelRoute": "modelroutes",
 }
 

@@ -229,6 +229,13 @@ async def typical_calls(installed: Installed, namespace: str, live: list[dict], 
                  "source": {"component": "loraplane-operator"}}
         await kube.request("POST", resource_path("v1", "Event", namespace), event)
         done.append("create Event")
+        # the artifact store's claim (issue 16): read while a run waits for it, created when missing
+        from loraplane.builders.finetunejob import artifact_claim
+        from loraplane.builders.settings import BuildSettings
+
+        await kube.get("v1", "PersistentVolumeClaim", namespace, "loraplane-artifacts")
+        await kube.create_if_absent(artifact_claim(namespace, "loraplane-artifacts", BuildSettings()))
+        done.append("create PersistentVolumeClaim")
     finally:
         await kube.close()
     return done
@@ -258,7 +265,7 @@ def test_chart_token_makes_every_operator_call(kube_api, cluster_wide, watched):
     # every kind the builders produce for the examples, the Roles the operator grants included
     assert {"ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Job", "Deployment", "Service",
             "PodDisruptionBudget", "HorizontalPodAutoscaler", "Adapter"} <= applied, done
-    assert "create Event" in done and "list CRDs" in done
+    assert "create Event" in done and "list CRDs" in done and "create PersistentVolumeClaim" in done
 
 
 def test_namespaced_chart_token_works_in_its_namespace(kube_api, namespaced, watched):

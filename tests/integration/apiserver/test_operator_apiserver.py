@@ -171,8 +171,18 @@ def test_examples_get_their_children_and_honest_status(kube):
         st = wait_for(lambda: (s := kube.status("Adapter", name)).get("phase") and s, what=f"{name} status")
         assert st["phase"] == "Loading" and st["routes"] == ["qwen-small"]
         assert next(c for c in st["conditions"] if c["type"] == "Compatible")["status"] == "True"
-    wait_for(lambda: ("Normal", "Pending", "waiting for Job support-bot-v1-train to start a pod") in
-             kube.events("support-bot-v1"), what="the Pending event")
+    # Its output claim `adapters` (pvc://adapters/...) does not exist here: the status says so (issue 16).
+    wait_for(lambda: any(t == "Normal" and r == "Pending" and "PersistentVolumeClaim adapters" in m
+                         for t, r, m in kube.events("support-bot-v1")), what="the Pending event")
+    ready = kube.ready("FineTuneJob", "support-bot-v1")
+    assert ready["reason"] == "ArtifactClaimMissing" and "spec.output.uri" in ready["message"]
+    # The quickstart job writes to the artifact store: the operator created its claim in this fresh namespace
+    # (from operator.artifacts' defaults), and says it waits for the claim to bind (no provisioner here).
+    claim = wait_for(lambda: kube.core.read_namespaced_persistent_volume_claim("loraplane-artifacts", kube.ns),
+                     what="the artifact store's claim")
+    assert claim.spec.access_modes == ["ReadWriteOnce"] and not claim.metadata.owner_references
+    wait_for(lambda: kube.ready("FineTuneJob", "quickstart")["reason"] == "ArtifactClaimPending",
+             what="ArtifactClaimPending")
 
 
 def test_success_creates_the_adapter_with_provenance_and_a_rerun_bumps_it(kube, operator):

@@ -194,3 +194,51 @@ def test_vllm_accepts_connections_only_from_its_routes_routers():
     off = BuildSettings(network_policies=False)
     assert not any(k["kind"] == "NetworkPolicy" for k in modelroute.children(r, table, off))
     assert ("networking.k8s.io/v1", "NetworkPolicy", "ml", "chat-engine") in modelroute.unwanted_children(r, off)
+
+
+# ---- issue 16: /dev/shm and the base-model cache ------------------------------------------------------------
+
+def _volume(r: ModelRoute, name: str) -> dict:
+    return next(v for v in engine_pod.serving_volumes(r) if v["name"] == name)
+
+
+@pytest.mark.parametrize("engine,size", [({}, "2Gi"), ({"tensorParallelSize": 2, "gpus": 2}, "4Gi"),
+                                         ({"tensorParallelSize": 8, "gpus": 8}, "16Gi"),
+                                         ({"tensorParallelSize": 2, "gpus": 2, "shmSize": "12Gi"}, "12Gi")])
+def test_dev_shm_is_memory_backed_and_sized_from_tensor_parallelism(engine, size):
+    """vLLM's tensor-parallel workers need a /dev/shm larger than the runtime's 64 MiB (NCCL, torch shm)."""
+    r = route(engine=engine)
+    assert _volume(r, engine_pod.SHM_VOLUME) == {"name": engine_pod.SHM_VOLUME,
+                                                 "emptyDir": {"medium": "Memory", "sizeLimit": size}}
+    mounts = {m["mountPath"]: m["name"] for m in engine_pod.engine_container(r)["volumeMounts"]}
+    assert mounts["/dev/shm"] == engine_pod.SHM_VOLUME
+
+
+def test_the_model_cache_is_a_bounded_emptydir_by_default_or_the_users_claim_or_node_path():
+    assert _volume(route(), engine_pod.MODEL_CACHE_VOLUME)["emptyDir"] == {"sizeLimit": "100Gi"}
+    assert _volume(route(engine={"modelCache": {"sizeLimit": "300Gi"}}),
+                   engine_pod.MODEL_CACHE_VOLUME)["emptyDir"] == {"sizeLimit": "300Gi"}
+    assert _volume(route(engine={"modelCache": {"claimName": "models"}}), engine_pod.MODEL_CACHE_VOLUME) == {
+        "name": engine_pod.MODEL_CACHE_VOLUME, "persistentVolumeClaim": {"claimName": "models"}}
+    assert _volume(route(engine={"modelCache": {"hostPath": "/var/cache/loraplane"}}),
+                   engine_pod.MODEL_CACHE_VOLUME) == {"name": engine_pod.MODEL_CACHE_VOLUME,
+                                                      "hostPath": {"path": "/var/cache/loraplane", "type": "Directory"}}
+
+
+@pytest.mark.parametrize("cache", [{"claimName": "a", "hostPath": "/x"}, {"hostPath": "/var/../etc"},
+                                   {"hostPath": "relative"}, {"hostPath": "/a/./b"}])
+def test_a_model_cache_names_one_place_and_a_normalised_path(cache):
+    with pytest.raises(ValueError, match="modelCache|hostPath"):
+        route(engine={"modelCache": cache})
+
+
+def test_a_node_path_model_cache_needs_the_policy():
+    from loraplane.builders.policy import SETTING_HOST_PATHS, SpecPolicy
+    from loraplane.builders.settings import BuildSettings
+
+    r = route(engine={"modelCache": {"hostPath": "/var/cache/loraplane/models"}})
+    refused = BuildSettings().violations(r)
+    assert [(v.field, v.setting) for v in refused] == [("spec.engine.modelCache.hostPath", SETTING_HOST_PATHS)]
+    allowed = BuildSettings(policy=SpecPolicy(allowed_model_cache_host_paths=("/var/cache/loraplane/*",)))
+    assert allowed.violations(r) == []
+    assert BuildSettings().violations(route(engine={"modelCache": {"claimName": "models"}})) == []
