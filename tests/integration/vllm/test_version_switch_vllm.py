@@ -72,12 +72,17 @@ class MiniOperator:
                      "status": status}
 
     async def step(self, session: aiohttp.ClientSession) -> None:
-        async with session.get(f"{self.loader.url}/status?form=annotation") as resp:
-            report = ReplicaReport.model_validate_json(await resp.text())
-        self.report = report
-        pod = {"metadata": {"name": report.replica, "annotations": {REPORT_ANNOTATION: report.to_annotation()}},
-               "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
-        facts = dict(routes=[self.route], pods_by_route={self.route.metadata.name: [pod]})
+        pods = []
+        try:
+            async with session.get(f"{self.loader.url}/status?form=annotation") as resp:
+                report = ReplicaReport.model_validate_json(await resp.text())
+            self.report = report
+            pods = [{"metadata": {"name": report.replica,
+                                  "annotations": {REPORT_ANNOTATION: report.to_annotation()}},
+                     "status": {"conditions": [{"type": "Ready", "status": "True"}]}}]
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            pass   # the loader is not up yet: no replica
+        facts = dict(routes=[self.route], pods_by_route={self.route.metadata.name: pods})
         if "held" in AdapterFacts.__dataclass_fields__:   # absent before make-before-break
             facts["held"] = self.held
         plan = AdapterController.plan(AdapterFacts(self.body, Adapter.model_validate(self.body), **facts))
@@ -98,10 +103,7 @@ class MiniOperator:
 
     async def run(self, session: aiohttp.ClientSession) -> None:
         while True:
-            try:
-                await self.step(session)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-                pass   # the loader is starting: the next step reads it again
+            await self.step(session)
             await asyncio.sleep(0.2)
 
     @property
@@ -109,16 +111,29 @@ class MiniOperator:
         return self.body.get("status") or {}
 
 
+WATCHED: list[asyncio.Task] = []   # the operator loop: a failure there ends the wait with its error
+
+
 async def _until(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
+        for task in WATCHED:
+            if task.done():
+                task.result()
+                raise RuntimeError("the operator loop stopped")
         if time.monotonic() > deadline:
             raise TimeoutError(what)
         await asyncio.sleep(0.1)
 
 
 async def test_a_version_switch_under_load_loses_no_request_and_never_serves_a_failed_version(
-        vllm_server, two_adapters, tmp_path):
+        vllm_server, two_adapters, tmp_path, monkeypatch):
+    import loraplane.controllers.adapter as adapter_controller
+
+    # The adapters are local directories, which only local runs serve (`loraplane run`; resolve(local_paths=True)):
+    # the Adapter controller's metadata check is told so too.
+    check = adapter_controller.check_compatibility
+    monkeypatch.setattr(adapter_controller, "check_compatibility", lambda a, r: check(a, r, local_paths=True))
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -138,6 +153,7 @@ async def test_a_version_switch_under_load_loses_no_request_and_never_serves_a_f
         await op.step(session)        # the first table, before the loader starts
         loader.start()
         operator = asyncio.create_task(op.run(session))
+        WATCHED[:] = [operator]
         spec = f"{vllm_server.base_url},{loader.url}/status"
         try:
             async with running_router(router_dir, [spec], op.tables[-1], access_log=False) as (_, client):
