@@ -173,3 +173,14 @@ def test_candidate_weight_and_the_backend_split():
     assert split_backend(versions, 80)[0].served_name == "a--1"
     split = AdapterVersions(stable=versions.stable, candidate=versions.candidate, weight=25)
     assert [(b.served_name, b.weight) for b in split_backend(split, 80)] == [("a--1", 60), ("a--2", 20)]
+
+
+def test_a_new_version_without_an_artifact_yet_leaves_the_serving_one_in_place():
+    bumped = _serving_v1()
+    bumped["spec"]["source"] = {"fineTuneJobRef": {"name": "j"}}   # its FineTuneJob has not finished
+    res = resolve(ROUTE, [Adapter.model_validate(bumped)])
+    assert [d.served_name for d in res.table.adapters] == ["a--1"] and _backends(bumped) == [("a--1", 100)]
+    _, after = _step(bumped, _pod("p0", {"a--1": READY}), held={"r": res.held["a"]})
+    cand = after["status"]["candidate"]
+    assert (cand["phase"], cand["reason"], cand["uri"]) == (AdapterPhase.Pending, Reason.ArtifactPending, "")
+    assert after["status"]["phase"] == AdapterPhase.Ready and after["status"]["servedName"] == "a--1"
