@@ -159,6 +159,14 @@ async def test_a_version_switch_under_load_loses_no_request_and_never_serves_a_f
             async with running_router(router_dir, [spec], op.tables[-1], access_log=False) as (_, client):
                 await _until(lambda: op.status.get("phase") == "Ready" and op.status.get("servedName") == f"{PUBLIC}--v1",
                              240, "v1 never served")
+                # The measurement starts once the router serves v1 (its pool polled the loader): the switch is
+                # measured, not the start.
+                for _ in range(100):
+                    async with client.post("/v1/completions", json={"model": PUBLIC, "prompt": PROMPTS[0],
+                                                                    "max_tokens": 1}) as resp:
+                        if resp.status == 200:
+                            break
+                    await asyncio.sleep(0.1)
                 stop = asyncio.Event()
 
                 async def one_client(i: int) -> None:
