@@ -31,6 +31,8 @@ POLL_FAILURES_TO_DOWN = 3
 # router does not trust with its memory. vLLM 0.32's /metrics is ~30 KiB plus ~2 KiB per served adapter name, and
 # /v1/models ~300 bytes per model, so 8 MiB is thousands of adapters.
 ENGINE_BODY_MAX_BYTES = 8 * 1024 * 1024
+# Adapter states (in a loader's report) a request may be sent to.
+ROUTABLE_STATES = frozenset({AdapterState.Ready, AdapterState.Draining})
 
 # Only two gauges are needed out of vLLM's ~100 metric families: a line filter is ~100x cheaper than
 # the full exposition-format parser on every poll of every replica.
@@ -206,7 +208,9 @@ class ReplicaPool:
                     report = ReplicaReport.model_validate_json(
                         await read_bounded(resp, STATUS_MAX_BYTES, r.status_url))
                 engine_ready = report.engine_ready
-                ready = {name for name, a in report.adapters.items() if a.state == AdapterState.Ready}
+                # A Draining adapter left the table but is still loaded: a router that has not read the new table
+                # yet may still send to it (its loader keeps it while requests run).
+                ready = {name for name, a in report.adapters.items() if a.state in ROUTABLE_STATES}
                 if engine_ready and self.base_served_name:
                     ready.add(self.base_served_name)
             else:
