@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from loraplane.api.adapter import Adapter, AdapterPhase, AdapterStatus, ArtifactInfo, LoadedOn
-from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType, Progress
+from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType
 from loraplane.api.modelroute import ModelRoute
-from loraplane.api.reasons import Reason
+from loraplane.api.reasons import Progress, Reason
 from loraplane.api.validation import format_validation_error
 from loraplane.api.wire.serving import AdapterState
 from loraplane.builders.resolution import Verdict, check_compatibility, selector_matches
@@ -35,6 +35,11 @@ from loraplane.kube.informer import Key
 OWNED_STATUS = ("phase", "observedGeneration", "conditions", "version", "servedName", "routes", "loadedOn",
                 "acceptedBaseModel", "artifact")
 FAILED_STATES = (AdapterState.Failed, AdapterState.Incompatible)
+# The reasons a replica's loader reports a Pending adapter with when nothing failed (not yet started, the engine
+# down or restarted, the artifact replaced); any other reason on a Pending entry is a failed attempt that the
+# loader will retry (loader.reconciler: OUTCOMES, Loader._failed).
+WAITING_REASONS = frozenset({Reason.Desired, Reason.EngineUnavailable, Reason.EngineRestarted,
+                             Reason.AdapterReplaced})
 TRUE, FALSE, UNKNOWN = ConditionStatus.TRUE, ConditionStatus.FALSE, ConditionStatus.UNKNOWN
 
 
@@ -74,6 +79,7 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
     loaded: list[LoadedOn] = []
     digests: dict[str, str] = {}   # replica -> the digest it verified for this version (Ready replicas)
     loader_problems: list[tuple[AdapterState, ConditionState]] = []
+    retrying: list[ConditionState] = []   # replicas that failed an attempt and will try again (loader OUTCOMES)
     previous_since = {(lo.route, lo.replica): lo.since for lo in previous.loaded_on}
     for r in compatible:
         for pod in pods_by_route.get(r.metadata.name or "", []):
@@ -92,6 +98,11 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
                 loader_problems.append((entry.state, ConditionState(FALSE, entry.reason,
                                                                     f"replica {pod_name}: {entry.message}",
                                                                     Progress.Stalled)))
+            elif entry.state == AdapterState.Pending and entry.reason not in WAITING_REASONS:
+                # The loader reports a failed attempt it will retry as Pending with the failure's reason (its
+                # OUTCOMES table): say so, instead of a bare "waiting for the replicas", but as progress, not stalled.
+                retrying.append(ConditionState(FALSE, entry.reason, f"replica {pod_name} retries: {entry.message}",
+                                               Progress.Reconciling))
     new.loaded_on = sorted(loaded, key=lambda lo: (lo.route, lo.replica))
 
     def condition(type_: ConditionType, state: ConditionState) -> None:
@@ -132,6 +143,9 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
         state, problem = loader_problems[0]
         new.phase = AdapterPhase.Incompatible if state == AdapterState.Incompatible else AdapterPhase.Failed
         condition(ConditionType.Ready, problem)
+    elif retrying:
+        new.phase = AdapterPhase.Loading
+        condition(ConditionType.Ready, retrying[0])
     else:
         new.phase = AdapterPhase.Loading
         condition(ConditionType.Ready, ConditionState(FALSE, Reason.Loading, (
