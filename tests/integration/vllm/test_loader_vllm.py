@@ -131,7 +131,7 @@ def operator_status_from(annotation: str, adapter: str, base: str):
 
     replica = ReplicaReport.model_validate_json(annotation).replica
     route = ModelRoute.model_validate({"kind": "ModelRoute", "metadata": {"name": "r", "namespace": "ns"}, "spec": {
-        "baseModel": {"name": base}, "routes": [{"name": "m", "backends": [{"adapter": adapter, "weight": 1}]}]}})
+        "baseModel": {"name": base}, "routes": [{"name": "m", "backends": [{"adapter": adapter, "weight": 100}]}]}})
     ad = Adapter.model_validate({"kind": "Adapter", "metadata": {"name": adapter, "namespace": "ns"}, "spec": {
         "baseModel": {"name": base}, "source": {"uri": f"s3://b/{adapter}"}, "version": "v1"}})
     pod = {"metadata": {"name": replica, "annotations": {REPORT_ANNOTATION: annotation}},
