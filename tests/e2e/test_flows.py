@@ -25,6 +25,7 @@ import time
 import pytest
 
 from support.e2e_flows import (ADAPTER_ANSWER, ARTIFACT_CLAIM, MODEL_URI, PROMPTS, QS_NS, complete, condition,
+                               quickstart_docs,
                          router_url, status_of)
 from support.adapters import write_adapter
 
@@ -133,3 +134,140 @@ def test_failure_truth(quickstart):
         assert ready["reason"] == reason and ready["message"] == f"replica {sent['replica']}: {sent['message']}", st
     # The good adapter is untouched by its neighbours' failures.
     assert ask(qs, "assistant", PROMPTS[0]).strip().startswith(ADAPTER_ANSWER)
+
+
+def _engine_pods(qs) -> list[dict]:
+    return [p for p in qs.kubectl.get("pods", "-l", "loraplane.io/route=quickstart")["items"]
+            if not p["metadata"].get("deletionTimestamp")]
+
+
+def _pod_ready(pod: dict) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions") or [])
+
+
+def _report_state(pod: dict, served: str) -> str | None:
+    raw = (pod["metadata"].get("annotations") or {}).get("loraplane.io/adapters")
+    entry = json.loads(raw)["adapters"].get(served) if raw else None
+    return entry and entry["state"]
+
+
+def _completions_logged(qs, pod: str) -> int:
+    """How many /v1/completions requests the pod's vLLM logged (uvicorn's access log)."""
+    return qs.plane.pod_log(QS_NS, pod, "vllm").count("POST /v1/completions")
+
+
+def test_replica_lifecycle(quickstart):
+    """Delete the serving vLLM pod and scale to two at once: the ReplicaSet starts two new pods; on each, the loader
+    restores the adapter before the Adapter counts the pod in loadedOn, and the router never answers the adapter's
+    model with anything but the adapter's answer meanwhile. Then both serve it and the router uses both."""
+    qs, k = quickstart, quickstart.kubectl
+    served = k.get("adapter", "quickstart-adapter")["status"]["servedName"]
+    (old,) = [p["metadata"]["name"] for p in _engine_pods(qs)]
+    k("delete", "pod", old, "--wait=false")
+    k("patch", "mr", "quickstart", "--type=merge", "-p", json.dumps({"spec": {"replicas": 2}}))
+    seen: dict[str, dict[str, float]] = {}   # pod -> event -> first time seen (monotonic)
+    answers: list[tuple[int, str]] = []
+    deadline = time.monotonic() + 420
+    while time.monotonic() < deadline:
+        now = time.monotonic()
+        pods = {p["metadata"]["name"]: p for p in _engine_pods(qs) if p["metadata"]["name"] != old}
+        loaded_on = {lo["replica"] for lo in status_of(k, "adapter", "quickstart-adapter").get("loadedOn") or []}
+        for name, pod in pods.items():
+            events = seen.setdefault(name, {})
+            if _report_state(pod, served) == "Ready":
+                events.setdefault("adapter_ready", now)
+            if _pod_ready(pod):
+                events.setdefault("pod_ready", now)
+            if name in loaded_on:
+                events.setdefault("loaded_on", now)
+                assert "adapter_ready" in events, f"{name} counted as serving {served} before its loader loaded it"
+        url = router_url(k, "quickstart")
+        if url:
+            answers.append(complete(url, "assistant", PROMPTS[0]))
+        if len(pods) == 2 and all("loaded_on" in seen.get(n, {}) for n in pods) and old not in loaded_on:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"two replicas did not both serve {served}: {seen}\n{qs.diagnostics()}")
+    wrong = [(code, text) for code, text in answers if code == 200 and not text.strip().startswith(ADAPTER_ANSWER)]
+    assert not wrong, f"the router answered the adapter's model otherwise: {wrong[:3]}"
+    assert not [a for a in answers if a[0] == 404], "a replica without the adapter got its requests"
+    # The router spreads the adapter's requests over both replicas (sequential: the CPU build mixes batches).
+    pods = sorted(seen)
+    before = {p: _completions_logged(qs, p) for p in pods}
+    url = router_url(k, "quickstart")
+    for _ in range(8):
+        code, text = complete(url, "assistant", PROMPTS[1])
+        assert code == 200 and text.strip().startswith(ADAPTER_ANSWER), (code, text)
+    after = {p: _completions_logged(qs, p) for p in pods}
+    assert all(after[p] > before[p] for p in pods), f"requests per replica: before {before}, after {after}"
+    assert condition(status_of(k, "mr", "quickstart"), "Ready").get("status") == "True"
+    print(f"\n[e2e] replicas: {json.dumps({p: {e: round(t - min(seen[p].values()), 1) for e, t in ev.items()} for p, ev in seen.items()})}")
+
+
+def test_training_preemption(quickstart):
+    """A longer FineTuneJob; its trainer pod is deleted after the first checkpoint. The Job starts another pod,
+    which resumes from the newest checkpoint: the step in status never goes back by more than one checkpoint
+    interval, and the job succeeds."""
+    qs, k = quickstart, quickstart.kubectl
+    every = 50
+    job = next(d for d in quickstart_docs() if d["kind"] == "FineTuneJob")
+    job["metadata"]["name"] = "preempted"
+    job["spec"]["output"] = {"adapterName": "preempted-adapter"}
+    job["spec"]["training"].update({"maxSteps": 400, "checkpointEverySteps": every})
+    job["spec"]["backoffLimit"] = 3
+    k.apply([job])
+    steps: list[int] = []
+
+    def step() -> int:
+        s = (status_of(k, "ftj", "preempted").get("progress") or {}).get("step") or 0
+        if not steps or steps[-1] != s:
+            steps.append(s)
+        return s
+
+    qs.plane.wait(lambda: step() >= every + 1, 300, "the first checkpoint")
+    (first,) = [p["metadata"]["name"] for p in k.get("pods", "-l", "job-name=preempted-train")["items"]]
+    at_delete = step()
+    k("delete", "pod", first, "--wait=false")
+    second = qs.plane.wait(lambda: [p["metadata"]["name"] for p in k.get("pods", "-l", "job-name=preempted-train")["items"]
+                                    if p["metadata"]["name"] != first], 120, "the Job's next pod")[0]
+    try:
+        k.wait("condition=Ready", "ftj/preempted", timeout=300)
+    except Exception as exc:
+        raise AssertionError(f"{exc}\nsteps {steps}\n{qs.diagnostics()}")
+    step()
+    log = qs.plane.pod_log(QS_NS, second, "trainer")
+    assert "resuming from" in log, log[-2000:]
+    drops = [a - b for a, b in zip(steps, steps[1:]) if b < a]
+    assert all(d <= every for d in drops), f"the step went back by more than {every}: {steps}"
+    assert steps[-1] == 400 and at_delete >= every, steps
+    print(f"\n[e2e] preemption: steps seen {steps}, deleted at {at_delete}")
+
+
+def test_deletion(quickstart):
+    """Deleting the ModelRoute and the FineTuneJobs leaves no pods, processes or network namespaces behind."""
+    qs, k = quickstart, quickstart.kubectl
+    uids = {p["metadata"]["uid"] for p in k.get("pods")["items"]}
+    k("delete", "mr", "quickstart", "--wait=true", timeout=300)
+    k("delete", "ftj", "--all", "--wait=true", timeout=300)
+    qs.plane.wait(lambda: not k.get("pods")["items"], 180, "no pods left in the namespace")
+    assert not k.get("deploy,rs,jobs,svc")["items"]
+    # The node stand-in's per-pod state is gone: no container process and no network namespace beyond those of the
+    # pods still running elsewhere (the operator's).
+    import subprocess
+
+    def leftovers():
+        running = [p for p in k.get("pods", "-A")["items"] if p["status"].get("phase") in ("Pending", "Running")]
+        prefix = qs.plane.bridge.netns_name(0).rsplit("-", 1)[0]
+        netns = [n.split()[0] for n in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                       text=True).stdout.splitlines() if n.startswith(prefix + "-")]
+        procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        stray = [m for m in ("vllm.entrypoints", "loraplane.router", "loraplane.loader", "loraplane.trainer")
+                 if m in procs]
+        return (netns, stray, len(running)) if len(netns) > len(running) or stray else None
+
+    try:
+        qs.plane.wait(lambda: not leftovers(), 60, "no processes or network namespaces left")
+    except TimeoutError:
+        raise AssertionError(f"left behind (netns, processes, pods running): {leftovers()}")
+    assert uids   # the flow ran pods at all
