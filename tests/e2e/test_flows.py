@@ -25,7 +25,7 @@ import time
 import pytest
 
 from support.e2e_flows import (ADAPTER_ANSWER, ARTIFACT_CLAIM, MODEL_URI, PROMPTS, QS_NS, complete, condition,
-                               quickstart_docs,
+                               first_token_breakdown, quickstart_docs,
                          router_url, status_of)
 from support.adapters import write_adapter
 
@@ -82,6 +82,10 @@ def test_quickstart(quickstart):
         assert ask(qs, "assistant", prompt).strip().startswith(ADAPTER_ANSWER)
         assert not ask(qs, "base", prompt).strip().startswith(ADAPTER_ANSWER)
     qs.timings["first_answer_s"] = time.monotonic() - qs.applied_monotonic
+    # Where the time from `kubectl apply` to the first answer went (tests/bench/bench_e2e.py prints the same for
+    # a route whose adapter exists already; here the adapter waits for training).
+    split = first_token_breakdown(k, "quickstart", adapter["status"]["servedName"], qs.applied_at, time.time())
+    print(f"\n[e2e] quickstart apply → adapter answer: {json.dumps(split)}")
     # What `kubectl get` shows a user: the printer columns filled.
     rows = {r["KIND"]: r for r in k.table("ftj,lora,mr")}
     ftj, lora, mr = (rows["finetunejob.loraplane.io"], rows["adapter.loraplane.io"],

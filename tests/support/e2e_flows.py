@@ -155,3 +155,59 @@ def condition(status: dict, type_: str) -> dict:
 
 def deep(obj: dict) -> dict:
     return copy.deepcopy(obj)
+
+
+# ---- where the time from `kubectl apply` of a ModelRoute to its first token goes ---------------------------
+
+def _ts(value: str | None) -> float | None:
+    """An RFC 3339 timestamp of the API (second resolution, or finer from the loader) as epoch seconds."""
+    from datetime import datetime
+
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def first_token_breakdown(kubectl: Kubectl, route: str, served: str, applied_at: float,
+                          first_token_at: float) -> dict[str, float]:
+    """Seconds from `kubectl apply` of ModelRoute `route` (epoch `applied_at`) to the first token of adapter
+    `served` through its router (epoch `first_token_at`), split into consecutive phases read from the objects:
+
+    - `operator`: apply → the engine Deployment created (the operator's reconcile);
+    - `scheduling`: → the engine pod created (ReplicaSet controller) and bound (its PodScheduled condition);
+    - `process_start`: → the vLLM container running (the node starts the pod: volumes, token, network);
+    - `vllm_start`: → the loader could load the adapter (vLLM answers /health and its warm-up completion ran;
+      the adapter's fetch and gate overlap this);
+    - `adapter_load`: the loader's fetch + gate + load + smoke-test probe (from its Ready message), ending when
+      it reported the adapter Ready (the report entry's `since`);
+    - `router_ready`: → the first token through the router (its table refresh, its replica poll, the request).
+
+    API timestamps have one-second resolution, so each phase is ±1 s; `total` is exact (the caller's clocks).
+    `waiting_for_adapter` (when the Adapter did not exist yet, e.g. still training) is taken out of
+    `adapter_load` where the loader's message shows it."""
+    import re
+
+    dep = kubectl.get("deployment", f"{route}-engine")
+    pods = sorted(kubectl.get("pods", "-l", f"loraplane.io/route={route}")["items"],
+                  key=lambda p: p["metadata"]["creationTimestamp"])
+    pod = next(p for p in pods if served in ((p["metadata"].get("annotations") or {}).get("loraplane.io/adapters")
+                                             or ""))
+    report = json.loads(pod["metadata"]["annotations"]["loraplane.io/adapters"])["adapters"][served]
+    scheduled = next(c["lastTransitionTime"] for c in pod["status"]["conditions"] if c["type"] == "PodScheduled")
+    vllm = next(c for c in pod["status"]["containerStatuses"] if c["name"] == "vllm")
+    started = (vllm["state"].get("running") or {}).get("startedAt") or (vllm.get("lastState", {}).get("running")
+                                                                          or {}).get("startedAt")
+    ready_at = _ts(report["since"])
+    steps = {k: float(v) for k, v in re.findall(r"(fetch|gate|load|probe) ([0-9.]+)s", report.get("message", ""))}
+    load = sum(steps.values())
+    marks = [("operator", _ts(dep["metadata"]["creationTimestamp"])), ("scheduling", _ts(scheduled)),
+             ("process_start", _ts(started)), ("vllm_start", ready_at - load), ("adapter_load", ready_at),
+             ("router_ready", first_token_at)]
+    out, last = {}, applied_at
+    for name, at in marks:
+        at = max(at or last, last)
+        out[name] = round(at - last, 2)
+        last = at
+    out["total"] = round(first_token_at - applied_at, 2)
+    out.update({f"adapter_{k}": v for k, v in steps.items()})
+    return out
