@@ -174,8 +174,10 @@ def test_replica_lifecycle(quickstart):
     deadline = time.monotonic() + 420
     while time.monotonic() < deadline:
         now = time.monotonic()
-        pods = {p["metadata"]["name"]: p for p in _engine_pods(qs) if p["metadata"]["name"] != old}
+        # The Adapter first, then the pods: a pod the (older) loadedOn names must show the adapter Ready in its
+        # (newer) report.
         loaded_on = {lo["replica"] for lo in status_of(k, "adapter", "quickstart-adapter").get("loadedOn") or []}
+        pods = {p["metadata"]["name"]: p for p in _engine_pods(qs) if p["metadata"]["name"] != old}
         for name, pod in pods.items():
             events = seen.setdefault(name, {})
             if _report_state(pod, served) == "Ready":
@@ -196,12 +198,16 @@ def test_replica_lifecycle(quickstart):
     wrong = [(code, text) for code, text in answers if code == 200 and not text.strip().startswith(ADAPTER_ANSWER)]
     assert not wrong, f"the router answered the adapter's model otherwise: {wrong[:3]}"
     assert not [a for a in answers if a[0] == 404], "a replica without the adapter got its requests"
-    # The router spreads the adapter's requests over both replicas (sequential: the CPU build mixes batches).
+    # The router spreads the adapter's requests over both replicas: 8 at once (adapter requests only, so the CPU
+    # build's wrong mixed base/adapter batches cannot occur), each replica's vLLM logs some of them.
+    from concurrent.futures import ThreadPoolExecutor
+
     pods = sorted(seen)
     before = {p: _completions_logged(qs, p) for p in pods}
     url = router_url(k, "quickstart")
-    for _ in range(8):
-        code, text = complete(url, "assistant", PROMPTS[1])
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: complete(url, "assistant", PROMPTS[1]), range(16)))
+    for code, text in results:
         assert code == 200 and text.strip().startswith(ADAPTER_ANSWER), (code, text)
     after = {p: _completions_logged(qs, p) for p in pods}
     assert all(after[p] > before[p] for p in pods), f"requests per replica: before {before}, after {after}"
