@@ -362,11 +362,13 @@ def test_operator_with_the_chart_token_reconciles_every_example(kube_api, kube_c
         stop_process(proc)
         if mode != "namespaced":
             delete_namespace(kube_api, ns)
-    denied = re.findall(r".*(?:HTTP 403|[Ff]orbidden|Not enough permissions).*", log.read_text())
+    # Writes into the namespace the test is deleting at its end are refused as "being terminated": not a finding.
+    text = "\n".join(line for line in log.read_text().splitlines() if "because it is being terminated" not in line)
+    denied = re.findall(r".*(?:HTTP 403|[Ff]orbidden|Not enough permissions).*", text)
     assert not denied, "\n".join(denied)[:3000]
     # Every reconcile of a new object succeeds at once: with RBAC enforced, a RoleBinding applied before its Role
     # was refused (HTTP 404, the escalation check) and the first reconcile of every job and route failed (issue 11).
-    failed = re.findall(r".*reconcile failed.*", log.read_text())
+    failed = re.findall(r".*reconcile failed.*", text)
     assert not failed, "\n".join(failed)[:3000]
     if mode == "in-cluster":
         assert "Kubernetes API credentials: in-cluster service account" in log.read_text()
