@@ -35,10 +35,11 @@ ADMIN_TOKEN = "loraplane-test-admin-token"
 CONTROLLERS = "garbagecollector,namespace,serviceaccount,serviceaccount-token,job,deployment,replicaset"
 # What a user's cluster runs for our objects (FineTuneJob → Job → Pods + PVC; ModelRoute → Deployment →
 # ReplicaSet → Pods, Services → Endpoints): the e2e control plane. `persistentvolume-binder` binds the claims
-# the node stand-in provisions volumes for; `root-ca-cert-publisher` writes kube-root-ca.crt in every namespace.
+# the node stand-in provisions volumes for; `root-ca-cert-publisher` writes kube-root-ca.crt in every namespace;
+# `nodelifecycle` lifts the not-ready taint the API server puts on new Nodes once they report Ready.
 USER_CONTROLLERS = CONTROLLERS + (",endpoint,endpointslice,endpointslicemirroring,statefulset,cronjob,"
                                   "ttl-after-finished,podgc,persistentvolume-binder,pvc-protection,"
-                                  "root-ca-cert-publisher,disruption")
+                                  "root-ca-cert-publisher,disruption,nodelifecycle")
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 KUBERNETES_SERVICE_IP = "10.0.0.1"   # the first address of SERVICE_CLUSTER_IP_RANGE: the `kubernetes` Service
 
@@ -102,11 +103,13 @@ class Cluster:
         return self.workdir / "kubeconfig"
 
     def kubeconfig_for_token(self, token: str, path: Path) -> Path:
+        """Write a kubeconfig for `token` at `path` (TLS verified against `ca_file` once the cluster made it)."""
+        tls = f'certificate-authority: "{self.ca_file}"' if self.ca_file.exists() else "insecure-skip-tls-verify: true"
         path.write_text(f"""apiVersion: v1
 kind: Config
 clusters:
 - name: test
-  cluster: {{server: "{self.server}", insecure-skip-tls-verify: true}}
+  cluster: {{server: "{self.server}", {tls}}}
 users:
 - name: user
   user: {{token: "{token}"}}
@@ -117,9 +120,13 @@ current-context: test
 """)
         return path
 
-    def start(self, controllers: str = CONTROLLERS, scheduler: bool = False) -> "Cluster":
+    def start(self, controllers: str = CONTROLLERS, scheduler: bool = False, pod_admission: bool = False) -> "Cluster":
         """Start the processes and wait for /readyz; `controllers` is kube-controller-manager's --controllers,
-        `scheduler` also starts kube-scheduler. Raises RuntimeError (with the log tail) if a process exits."""
+        `scheduler` also starts kube-scheduler. `pod_admission` turns on what a user's API server does to pods
+        (the ServiceAccount admission plugin, with BoundServiceAccountTokenVolume: every pod gets the projected
+        kube-api-access volume — TokenRequest token, kube-root-ca.crt, namespace — as from v1.21 on); off, pods
+        are stored as written (the `apiserver` tests, which never run pods). Raises RuntimeError (with the log
+        tail) if a process exits."""
         bin_dir = ensure_binaries()
         w = self.workdir
         (w / "logs").mkdir(parents=True, exist_ok=True)
@@ -155,7 +162,8 @@ current-context: test
             f"--service-account-key-file={w / 'sa.pub'}",
             f"--service-account-signing-key-file={w / 'sa.key'}",
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
-            "--disable-admission-plugins=ServiceAccount",
+            *(["--feature-gates=BoundServiceAccountTokenVolume=true"] if pod_admission
+              else ["--disable-admission-plugins=ServiceAccount"]),
             "--enable-priority-and-fairness=false",
         ])
         self.kubeconfig_for_token(ADMIN_TOKEN, self.kubeconfig)
