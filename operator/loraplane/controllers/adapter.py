@@ -78,6 +78,7 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
     compatible = [r for r in selecting if verdicts[r.metadata.name].compatible]
     loaded: list[LoadedOn] = []
     digests: dict[str, str] = {}   # replica -> the digest it verified for this version (Ready replicas)
+    ranks: dict[str, int] = {}     # replica -> the rank its gate read from the artifact (Ready replicas)
     loader_problems: list[tuple[AdapterState, ConditionState]] = []
     retrying: list[ConditionState] = []   # replicas that failed an attempt and will try again (loader OUTCOMES)
     previous_since = {(lo.route, lo.replica): lo.since for lo in previous.loaded_on}
@@ -90,6 +91,8 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
             pod_name = pod["metadata"]["name"]
             if entry.state == AdapterState.Ready and entry.sha256:
                 digests[pod_name] = entry.sha256
+            if entry.state == AdapterState.Ready and entry.rank:
+                ranks[pod_name] = entry.rank
             if entry.state == AdapterState.Ready and pod_ready(pod):
                 loaded.append(LoadedOn(route=r.metadata.name or "", replica=pod_name, served_name=served,
                                        since=previous_since.get((r.metadata.name or "", pod_name), entry.since)))
@@ -112,7 +115,7 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
         new.phase = AdapterPhase.Failed
         condition(ConditionType.Ready, ConditionState(FALSE, rejection.reason, rejection.message))
         return new
-    changed = record_artifact(adapter, new, digests)
+    changed = record_artifact(adapter, new, digests, ranks)
     if not selecting:
         new.phase = AdapterPhase.Pending
         condition(ConditionType.Compatible, ConditionState(UNKNOWN, Reason.NoRoute,
@@ -153,13 +156,16 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
     return new
 
 
-def record_artifact(adapter: Adapter, new: AdapterStatus, digests: dict[str, str]) -> ConditionState | None:
-    """Record a versioned Adapter's artifact once a replica serves it (status.artifact: URI and digest), and
-    return why the replicas' content differs from the recorded one (Reason.ArtifactChanged), else None.
+def record_artifact(adapter: Adapter, new: AdapterStatus, digests: dict[str, str],
+                    ranks: dict[str, int] | None = None) -> ConditionState | None:
+    """Record a versioned Adapter's artifact once a replica serves it (status.artifact: URI, digest and the LoRA
+    rank the replica's gate read from it), and return why the replicas' content differs from the recorded one
+    (Reason.ArtifactChanged), else None.
 
     The digest recorded is spec.source.sha256 when set (replicas verified it), else the one the first Ready
-    replica reports (sorted by replica name, so the choice is stable). Adapters without spec.version are not
-    recorded (their served name follows their source, which may change in place)."""
+    replica reports (sorted by replica name, so the choice is stable); the rank is the first Ready replica's
+    (`ranks`: replica -> rank), recorded once. Adapters without spec.version are not recorded (their served name
+    follows their source, which may change in place)."""
     if not adapter.spec.version:
         return None
     art = new.artifact
@@ -167,6 +173,8 @@ def record_artifact(adapter: Adapter, new: AdapterStatus, digests: dict[str, str
         sha = adapter.spec.source.sha256 or digests[sorted(digests)[0]]
         new.artifact = art = (art or ArtifactInfo()).model_copy(update={"uri": adapter.spec.source.uri,
                                                                         "sha256": sha})
+    if art is not None and art.rank is None and ranks:
+        new.artifact = art = art.model_copy(update={"rank": ranks[sorted(ranks)[0]]})
     if art is None or not art.sha256:
         return None
     others = {replica: d for replica, d in sorted(digests.items()) if d != art.sha256}

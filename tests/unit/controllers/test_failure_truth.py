@@ -130,9 +130,16 @@ def test_a_failure_being_retried_shows_its_reason_then_settles_failed(tmp_path):
     assert (st.phase, st.condition("Ready").reason) == ("Failed", "LoadFailed")
 
 
-def test_a_loaded_adapter_is_ready_on_the_replica(tmp_path):
-    st = operator_view(loader_report(tmp_path, Engine(), write_adapter(tmp_path / "a")))
+def test_a_loaded_adapter_is_ready_on_the_replica_with_the_rank_its_gate_read(tmp_path):
+    """Regression (issue 11, found by `kubectl get lora` in the e2e quickstart): nothing wrote
+    status.artifact.rank, so the RANK column was always empty and an Adapter without spec.rank never had the
+    artifact's rank checked against maxLoraRank by the operator. The loader now reports the rank its gate read
+    and the operator records it with the digest."""
+    report = loader_report(tmp_path, Engine(), write_adapter(tmp_path / "a", r=4))
+    assert report.adapters[SERVED].rank == 4
+    st = operator_view(report)
     assert st.phase == "Ready" and [lo.replica for lo in st.loaded_on] == ["r-0"]
+    assert st.artifact.rank == 4 and st.artifact.sha256 == report.adapters[SERVED].sha256
 
 
 @pytest.mark.parametrize("reason", sorted(OUTCOMES), ids=str)
