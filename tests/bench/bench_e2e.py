@@ -59,7 +59,7 @@ def one_round(plane, kubectl: Kubectl, n: int, model_dir: Path) -> dict:
     model_uri = f"pvc://{MODEL_CLAIM}/tiny-llama"
     k.apply([claim(MODEL_CLAIM), claim(ARTIFACT_CLAIM),
              {"apiVersion": API, "kind": "Adapter", "metadata": {"name": "bench"},
-              "spec": {"baseModel": {"uri": model_uri}, "version": "1",
+              "spec": {"baseModel": {"name": model_uri}, "version": "1",
                        "source": {"uri": f"pvc://{ARTIFACT_CLAIM}/bench"}}}])
     applied_at, t0 = time.time(), time.monotonic()
     k.apply([route_doc("bench", model_uri)])
