@@ -137,8 +137,13 @@ def test_failure_truth(quickstart):
                            f"Adapter {name} {phase}")
         ready = condition(st, "Ready")
         assert ready["reason"] == reason and ready["message"] == f"replica {sent['replica']}: {sent['message']}", st
-    # The good adapter is untouched by its neighbours' failures.
+    # The good adapter is untouched by its neighbours' failures; the route is Degraded (a public model without a
+    # ready backend) until the bad ones are taken out again, then Ready.
     assert ask(qs, "assistant", PROMPTS[0]).strip().startswith(ADAPTER_ANSWER)
+    assert status_of(k, "mr", "quickstart").get("phase") == "Degraded"
+    k("patch", "mr", "quickstart", "--type=json", "-p", json.dumps([{"op": "remove", "path": "/spec/routes/2"}]))
+    k("delete", "adapter", *bad, "--wait=true")
+    k.wait("condition=Ready", "mr/quickstart", timeout=60)
 
 
 def _engine_pods(qs) -> list[dict]:
