@@ -93,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         rounds = [one_round(plane, kubectl, n, tiny_model_path()) for n in range(args.rounds)]
     finally:
         plane.stop()
-    keys = list(rounds[0])
+    keys = list(dict.fromkeys(k for r in rounds for k in r))
     print(f"\napply ModelRoute → first adapter token (seconds; {len(rounds)} round(s), phases ±1 s):")
     for key in keys:
-        print(f"  {key:>16}: " + "  ".join(f"{r[key]:7.2f}" for r in rounds))
+        print(f"  {key:>16}: " + "  ".join(f"{r[key]:7.2f}" if key in r else "      -" for r in rounds))
     if args.json:
         args.json.write_text(json.dumps(rounds, indent=1))
     return 0

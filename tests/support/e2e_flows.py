@@ -183,8 +183,8 @@ def first_token_breakdown(kubectl: Kubectl, route: str, served: str, applied_at:
     - `router_ready`: → the first token through the router (its table refresh, its replica poll, the request).
 
     API timestamps have one-second resolution, so each phase is ±1 s; `total` is exact (the caller's clocks).
-    `waiting_for_adapter` (when the Adapter did not exist yet, e.g. still training) is taken out of
-    `adapter_load` where the loader's message shows it."""
+    `loader_fetch`/`loader_gate`/`loader_load`/`loader_probe` are the loader's own times of its last attempt
+    (the steps it ran: a cached artifact has no fetch)."""
     import re
 
     dep = kubectl.get("deployment", f"{route}-engine")
@@ -209,5 +209,5 @@ def first_token_breakdown(kubectl: Kubectl, route: str, served: str, applied_at:
         out[name] = round(at - last, 2)
         last = at
     out["total"] = round(first_token_at - applied_at, 2)
-    out.update({f"adapter_{k}": v for k, v in steps.items()})
+    out.update({f"loader_{k}": v for k, v in steps.items()})   # the loader's own split of adapter_load
     return out
