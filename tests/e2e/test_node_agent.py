@@ -252,3 +252,56 @@ def test_crash_loop_back_off_and_restart_counts(e2e_plane, e2e_namespace):
     assert E2E_BACKOFF_BASE <= gaps[1] < 2 * E2E_BACKOFF_BASE, gaps
     assert 2 * E2E_BACKOFF_BASE <= gaps[2] < 3 * E2E_BACKOFF_BASE, gaps
     assert read(e2e_plane, e2e_namespace, "crashy").status.phase == "Running"
+
+
+def test_configmap_volume_follows_updates(e2e_plane, e2e_namespace):
+    """A configMap volume is kept in sync: the running container sees the new value after an update."""
+    api = core(e2e_plane)
+    api.create_namespaced_config_map(e2e_namespace, {"metadata": {"name": "cfg"}, "data": {"mode": "one"}})
+    api.create_namespaced_pod(e2e_namespace, pod_obj("watcher", [
+        sh("c", "last=; while true; do v=$(cat /etc/cfg/mode); [ \"$v\" = \"$last\" ] || echo $v; last=$v; "
+                "sleep 0.2; done", volumeMounts=[{"name": "cfg", "mountPath": "/etc/cfg"}])], restart="Always",
+        volumes=[{"name": "cfg", "configMap": {"name": "cfg"}}]))
+    e2e_plane.wait(lambda: e2e_plane.pod_log(e2e_namespace, "watcher", "c") == "one\n", 60, "first value")
+    api.patch_namespaced_config_map("cfg", e2e_namespace, {"data": {"mode": "two"}})
+    e2e_plane.wait(lambda: e2e_plane.pod_log(e2e_namespace, "watcher", "c") == "one\ntwo\n", 15, "updated value")
+    assert not Path("/etc/cfg/mode").exists()
+
+
+def test_sweep_removes_what_a_crashed_run_left_and_spares_live_runs():
+    """A run whose owning process died (a killed test session) leaves a bridge, a pod namespace with a process
+    in it and a mount point: the next run's sweep removes them all; a live run's objects stay."""
+    import subprocess
+
+    from harness.netns import Bridge, available, ip, sweep
+    why = available()
+    if why:
+        pytest.skip(why)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    crashed, live = Bridge.create(), Bridge.create()
+    try:
+        (crashed.state_dir / "owner.pid").write_text(str(dead.pid))
+        ns, _ = crashed.add_pod(1, "127.0.0.1 localhost\n")
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "600"], start_new_session=True)
+        crashed.remember_process(proc.pid)
+        mountpoint = Path(f"/tmp/lp-sweep-test-{crashed.run_id}/a/b")
+        mountpoint.mkdir(parents=True)
+        crashed.remember_mountpoint(str(mountpoint.parent.parent))
+        crashed.remember_mountpoint(str(mountpoint.parent))
+        crashed.remember_mountpoint(str(mountpoint))
+        live_ns, _ = live.add_pod(1, "127.0.0.1 localhost\n")
+
+        swept = sweep()
+
+        assert crashed.run_id in swept and live.run_id not in swept
+        assert proc.wait(5) == -9
+        netns = ip("netns", "list").stdout
+        assert ns not in netns and live_ns in netns
+        links = ip("-o", "link", "show").stdout
+        assert crashed.name not in links and crashed.veth_name(1) not in links and live.name in links
+        assert not mountpoint.parent.parent.exists() and not crashed.state_dir.exists()
+    finally:
+        crashed.destroy()
+        live.destroy()
+    assert live.name not in ip("-o", "link", "show").stdout and not live.state_dir.exists()
