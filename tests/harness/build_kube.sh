@@ -34,8 +34,9 @@ fi
 if ((${#need_pkgs[@]})); then
   echo "build_kube: apt-get install ${need_pkgs[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+  # tests/bootstrap.sh may run apt-get at the same time (tests/run.sh starts both): one apt at a time.
+  flock /tmp/loraplane-apt.lock bash -c 'apt-get update -qq &&
+    apt-get install -y -qq --no-install-recommends "$@" >/dev/null' _ "${need_pkgs[@]}"
 fi
 if have_bins; then
   echo "build_kube: cached binaries in $BIN" >&2

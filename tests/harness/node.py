@@ -616,7 +616,6 @@ class PodWorker(threading.Thread):
         delay = 0.0 if c.crashes == 0 else min(self.agent.backoff_base * 2 ** (c.crashes - 1), self.agent.backoff_max)
         c.crashes += 1
         c.last_state = {"terminated": term}
-        c.restarts += 1
         c.next_start = time.monotonic() + delay
         if delay > 0:
             c.state = {"waiting": {"reason": "CrashLoopBackOff", "message": (
@@ -656,6 +655,8 @@ class PodWorker(threading.Thread):
             if not args:
                 args = list(image.cmd)
         argv = [*command, *args, *image.extra_args]
+        if c.started_at:        # a restart: the kubelet counts it when it creates the new container
+            c.restarts += 1
         cdir = self.dir / c.name
         cdir.mkdir(parents=True, exist_ok=True)
         c.log_file = cdir / f"{c.restarts}.log"
