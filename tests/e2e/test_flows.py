@@ -15,6 +15,9 @@ loader and router processes in their own network and mount namespaces. The flows
 5. deletion: deleting the ModelRoute and the FineTuneJob leaves no pods, processes or namespaces.
 
 Each flow prints its wall time; together they must stay within the CI budget (issue 11: 10 minutes on 2 cores).
+
+tests/e2e/test_quickstart.py, beside this file, is the other way to run the quickstart: `loraplane run` on one
+machine without a cluster (README command one). It stays as it is and is not marked `e2e`.
 """
 
 from __future__ import annotations
