@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -188,11 +189,25 @@ def first_token_breakdown(kubectl: Kubectl, route: str, served: str, applied_at:
     import re
 
     dep = kubectl.get("deployment", f"{route}-engine")
-    pods = sorted(kubectl.get("pods", "-l", f"loraplane.io/route={route}")["items"],
-                  key=lambda p: p["metadata"]["creationTimestamp"])
-    pod = next(p for p in pods if served in ((p["metadata"].get("annotations") or {}).get("loraplane.io/adapters")
-                                             or ""))
-    report = json.loads(pod["metadata"]["annotations"]["loraplane.io/adapters"])["adapters"][served]
+
+    def ready_entry() -> tuple[dict, dict] | None:
+        """(pod, its report's entry for `served`) of the first replica whose relayed report says Ready."""
+        for p in sorted(kubectl.get("pods", "-l", f"loraplane.io/route={route}")["items"],
+                        key=lambda p: p["metadata"]["creationTimestamp"]):
+            raw = (p["metadata"].get("annotations") or {}).get("loraplane.io/adapters")
+            entry = json.loads(raw)["adapters"].get(served) if raw else None
+            if entry and entry["state"] == "Ready":
+                return p, entry
+        return None
+
+    # The operator relays the loader's report into the pod annotation every few seconds: it may still show the
+    # adapter loading when the router already answers.
+    deadline = time.monotonic() + 30
+    while (found := ready_entry()) is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if found is None:
+        raise AssertionError(f"no replica of {route} reports {served} Ready in its annotation")
+    pod, report = found
     scheduled = next(c["lastTransitionTime"] for c in pod["status"]["conditions"] if c["type"] == "PodScheduled")
     vllm = next(c for c in pod["status"]["containerStatuses"] if c["name"] == "vllm")
     started = (vllm["state"].get("running") or {}).get("startedAt") or (vllm.get("lastState", {}).get("running")
