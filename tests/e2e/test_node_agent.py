@@ -305,3 +305,43 @@ def test_sweep_removes_what_a_crashed_run_left_and_spares_live_runs():
         crashed.destroy()
         live.destroy()
     assert live.name not in ip("-o", "link", "show").stdout and not live.state_dir.exists()
+
+
+def test_job_with_a_claim_and_a_deployment_run_through_the_real_controllers(e2e_plane, e2e_namespace):
+    """The user controllers and the scheduler drive the node: a Job's pod writes into a PVC (bound through a
+    volume the node provisions) and completes the Job; a pod of a Deployment reads the same claim, and when
+    deleted its ReplicaSet replaces it with a new pod that runs too."""
+    from kubernetes import client
+    api, batch, apps = core(e2e_plane), client.BatchV1Api(e2e_plane.api), client.AppsV1Api(e2e_plane.api)
+    api.create_namespaced_persistent_volume_claim(e2e_namespace, {"metadata": {"name": "data"}, "spec": {
+        "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+    claim = [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]
+    mount = [{"name": "data", "mountPath": "/data"}]
+    batch.create_namespaced_job(e2e_namespace, {"metadata": {"name": "writer"}, "spec": {"backoffLimit": 0,
+        "template": {"spec": {"restartPolicy": "Never", "volumes": claim, "containers": [
+            sh("w", "echo written-by-job > /data/out", volumeMounts=mount,
+               resources={"limits": {"nvidia.com/gpu": "1"}})]}}}})
+
+    def job_complete():
+        st = batch.read_namespaced_job_status("writer", e2e_namespace).status
+        return any(c.type == "Complete" and c.status == "True" for c in st.conditions or [])
+    e2e_plane.wait(job_complete, 60, "Job writer Complete")
+    assert api.read_namespaced_persistent_volume_claim("data", e2e_namespace).status.phase == "Bound"
+
+    labels = {"app": "reader"}
+    apps.create_namespaced_deployment(e2e_namespace, {"metadata": {"name": "reader"}, "spec": {
+        "replicas": 1, "selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}, "spec": {
+            "volumes": claim, "terminationGracePeriodSeconds": 1, "containers": [
+                sh("r", "cat /data/out; exec sleep 600", volumeMounts=mount)]}}}})
+
+    def reader_pods(ready_only: bool = True):
+        pods = api.list_namespaced_pod(e2e_namespace, label_selector="app=reader").items
+        return [p for p in pods if not p.metadata.deletion_timestamp and (ready(p) or not ready_only)]
+    first = e2e_plane.wait(reader_pods, 60, "reader Ready")[0]
+    e2e_plane.wait(lambda: e2e_plane.pod_log(e2e_namespace, first.metadata.name, "r") == "written-by-job\n", 10,
+                   "reader output")
+    api.delete_namespaced_pod(first.metadata.name, e2e_namespace)
+    second = e2e_plane.wait(lambda: [p for p in reader_pods() if p.metadata.uid != first.metadata.uid], 60,
+                            "replacement Ready")[0]
+    assert second.status.pod_ip and second.spec.node_name in e2e_plane.nodes
+    e2e_plane.wait(lambda: gone(e2e_plane, e2e_namespace, first.metadata.name), 30, "first reader deleted")
