@@ -345,3 +345,32 @@ def test_job_with_a_claim_and_a_deployment_run_through_the_real_controllers(e2e_
                             "replacement Ready")[0]
     assert second.status.pod_ip and second.spec.node_name in e2e_plane.nodes
     e2e_plane.wait(lambda: gone(e2e_plane, e2e_namespace, first.metadata.name), 30, "first reader deleted")
+
+
+def test_scheduler_honours_the_taints_and_labels_tests_set_on_the_node(e2e_plane, e2e_namespace):
+    """A NoSchedule taint on the node keeps a pod without the toleration Pending (Unschedulable) while one that
+    tolerates it runs; a nodeSelector on a label the node lacks stays Pending until the label is added."""
+    api = core(e2e_plane)
+    node = e2e_plane.nodes[0]
+    taint = {"key": "loraplane.io/test", "value": "x", "effect": "NoSchedule"}
+    original = api.read_node(node).spec.taints
+    api.patch_node(node, {"spec": {"taints": [*(t.to_dict() for t in original or []), taint]}})
+    try:
+        api.create_namespaced_pod(e2e_namespace, pod_obj("blocked", [sh("c", "echo ran")]))
+        api.create_namespaced_pod(e2e_namespace, pod_obj("tolerant", [sh("c", "echo ran")], tolerations=[
+            {"key": "loraplane.io/test", "operator": "Equal", "value": "x", "effect": "NoSchedule"}],
+            nodeSelector={"loraplane.io/pool": "blue"}))
+        pod = e2e_plane.wait(lambda: [c for c in read(e2e_plane, e2e_namespace, "blocked").status.conditions or []
+                                      if c.type == "PodScheduled" and c.reason == "Unschedulable"], 30,
+                             "blocked Unschedulable")[0]
+        assert "taint" in pod.message
+        time.sleep(1)
+        assert read(e2e_plane, e2e_namespace, "tolerant").status.phase == "Pending"   # no such label yet
+        api.patch_node(node, {"metadata": {"labels": {"loraplane.io/pool": "blue"}}})
+        assert wait_phase(e2e_plane, e2e_namespace, "tolerant").status.phase == "Succeeded"
+        assert read(e2e_plane, e2e_namespace, "blocked").status.phase == "Pending"
+    finally:
+        api.patch_node(node, {"metadata": {"labels": {"loraplane.io/pool": None}}})
+        kept = [t.to_dict() for t in api.read_node(node).spec.taints or [] if t.key != taint["key"]]
+        api.patch_node(node, {"spec": {"taints": kept or None}})   # Node taints have no merge key: replaced
+    assert wait_phase(e2e_plane, e2e_namespace, "blocked").status.phase == "Succeeded"
