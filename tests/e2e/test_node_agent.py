@@ -374,3 +374,30 @@ def test_scheduler_honours_the_taints_and_labels_tests_set_on_the_node(e2e_plane
         kept = [t.to_dict() for t in api.read_node(node).spec.taints or [] if t.key != taint["key"]]
         api.patch_node(node, {"spec": {"taints": kept or None}})   # Node taints have no merge key: replaced
     assert wait_phase(e2e_plane, e2e_namespace, "blocked").status.phase == "Succeeded"
+
+
+def test_exec_startup_and_liveness_probes_run_inside_the_container(e2e_plane, e2e_namespace):
+    """Exec probes see the container's own mounts: the startup probe holds `started` (and Ready) back until
+    the container made its marker; when the liveness marker goes, the container is restarted (SIGTERM, exit
+    143, restartCount 1) and starts over."""
+    api = core(e2e_plane)
+    script = ("echo run; sleep 1; touch /state/started /state/alive; "
+              "[ -f /state/second ] && exec sleep 600; touch /state/second; sleep 2; rm /state/alive; exec sleep 600")
+    api.create_namespaced_pod(e2e_namespace, pod_obj("probed", [sh(
+        "c", script, volumeMounts=[{"name": "state", "mountPath": "/state"}],
+        startupProbe={"exec": {"command": ["test", "-f", "/state/started"]}, "periodSeconds": 1,
+                      "failureThreshold": 30},
+        livenessProbe={"exec": {"command": ["test", "-f", "/state/alive"]}, "periodSeconds": 1,
+                       "failureThreshold": 1})], restart="Always", volumes=[{"name": "state", "emptyDir": {}}]))
+    e2e_plane.wait(lambda: e2e_plane.pod_log(e2e_namespace, "probed", "c") == "run\n", 60, "first run")
+    status = read(e2e_plane, e2e_namespace, "probed").status.container_statuses[0]
+    assert status.started is False and status.ready is False       # the marker is 1 s away
+    e2e_plane.wait(lambda: read(e2e_plane, e2e_namespace, "probed").status.container_statuses[0].started, 10,
+                   "started")
+
+    def restarted():
+        s = read(e2e_plane, e2e_namespace, "probed").status.container_statuses[0]
+        return s if s.restart_count == 1 and s.ready else None
+    status = e2e_plane.wait(restarted, 30, "restarted by the liveness probe, then Ready")
+    assert status.last_state.terminated.exit_code == 143 and status.last_state.terminated.reason == "Error"
+    assert not Path("/state/started").exists()   # the mount point may exist on the host, empty
