@@ -401,3 +401,25 @@ def test_exec_startup_and_liveness_probes_run_inside_the_container(e2e_plane, e2
     status = e2e_plane.wait(restarted, 30, "restarted by the liveness probe, then Ready")
     assert status.last_state.terminated.exit_code == 143 and status.last_state.terminated.reason == "Error"
     assert not Path("/state/started").exists()   # the mount point may exist on the host, empty
+
+
+def test_headless_service_name_resolves_to_every_ready_pod(e2e_plane, e2e_namespace):
+    """A headless Service's name resolves, inside a pod, to the address of every ready pod behind it."""
+    api = core(e2e_plane)
+    for i in range(2):
+        api.create_namespaced_pod(e2e_namespace, pod_obj(f"h-{i}", [{
+            "name": "web", "image": "python:3.11", "command": ["python3", "-m", "http.server", "8080"],
+            "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}], restart="Always",
+            labels={"app": "h"}))
+    api.create_namespaced_service(e2e_namespace, {"metadata": {"name": "h"}, "spec": {
+        "clusterIP": "None", "selector": {"app": "h"}, "ports": [{"port": 8080}]}})
+    ips = sorted(e2e_plane.wait(lambda: [p.status.pod_ip for p in api.list_namespaced_pod(
+        e2e_namespace, label_selector="app=h").items if ready(p)] if all(ready(read(e2e_plane, e2e_namespace, f"h-{i}"))
+        for i in range(2)) else None, 60, "both Ready"))
+    e2e_plane.wait(lambda: sum(len(s.addresses or []) for s in
+                               api.read_namespaced_endpoints("h", e2e_namespace).subsets or []) == 2, 30, "2 endpoints")
+    resolve = "import socket; print(' '.join(sorted({a[4][0] for a in socket.getaddrinfo('h', 8080)})))"
+    api.create_namespaced_pod(e2e_namespace, pod_obj("resolver", [
+        {"name": "c", "image": "python:3.11", "command": ["python3", "-c", resolve]}]))
+    wait_phase(e2e_plane, e2e_namespace, "resolver")
+    assert e2e_plane.pod_log(e2e_namespace, "resolver", "c").split() == ips

@@ -505,6 +505,10 @@ class PodWorker(threading.Thread):
             self.deleting.set()
         self.slot = self.agent.allocate_slot()
         self.pod_ip = self.agent.bridge.pod_address(self.slot)
+        try:   # names as of now, not as of the last periodic refresh (a DNS server would answer current data)
+            self.agent.refresh_names()
+        except Exception as exc:
+            log.warning("hosts refresh: %s", exc)
         self.hosts_text = self.agent.hosts_for(self.pod, self.pod_ip)
         self.netns, _ = self.agent.bridge.add_pod(self.slot, self.hosts_text)
         self.start_time = now()
