@@ -672,8 +672,24 @@ class PodWorker(threading.Thread):
         mounts.append((str(c.term_file), c.spec.get("terminationMessagePath") or "/dev/termination-log", False))
         hostname = (self.pod["spec"].get("hostname") or self.name)[:63]
         script = ["set -e", f"/bin/hostname {shlex.quote(hostname)}"]
-        for src, dst, ro in mounts:
-            if Path(src).is_dir():
+        # Every source is first bound under a private tmpfs at STAGE, then from there onto its target: a target
+        # that is an ancestor of the agent's work folder (a pod mounting an emptyDir at /tmp while the work folder
+        # is under /tmp, as the chart's operator pod does) would otherwise hide the sources mounted after it.
+        # The tmpfs exists only in this container's mount namespace. (e2e integration fix, see issue 11.)
+        stage = self.agent.bridge.state_dir / "stage"
+        stage.mkdir(parents=True, exist_ok=True)
+        mounts = [(src, dst, ro, Path(src).is_dir()) for src, dst, ro in mounts]
+        if not any(stage.is_relative_to(dst) for _, dst, _, _ in mounts):
+            script.append(f"/usr/bin/mount -t tmpfs -o size=1m loraplane-stage {shlex.quote(str(stage))}")
+            staged = []
+            for i, (src, dst, ro, is_dir) in enumerate(mounts):
+                tmp = str(stage / str(i))
+                script.append(f"mkdir -p {shlex.quote(tmp)}" if is_dir else f": > {shlex.quote(tmp)}")
+                script.append(f"/usr/bin/mount --bind {shlex.quote(src)} {shlex.quote(tmp)}")
+                staged.append((tmp, dst, ro, is_dir))
+            mounts = staged
+        for src, dst, ro, is_dir in mounts:
+            if is_dir:
                 script.append(f"[ -e {shlex.quote(dst)} ] || mkdir -p {shlex.quote(dst)}")
             else:
                 script.append(f"[ -e {shlex.quote(dst)} ] || {{ mkdir -p {shlex.quote(str(Path(dst).parent))}; "
