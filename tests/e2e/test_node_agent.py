@@ -144,7 +144,7 @@ def test_pod_reachable_from_host_and_from_another_pod_by_service_name(e2e_plane,
 
 def test_secret_volume_env_and_service_account_token_inside_the_pod_only(e2e_plane, e2e_namespace):
     """A Secret volume and the projected service-account token sit at their real paths inside the pod (and not
-    on the host); env valueFrom resolves; the token authenticates to the API server at kubernetes.default.svc
+    on the host), also behind an emptyDir at /tmp; env valueFrom resolves; the token authenticates to the API server at kubernetes.default.svc
     with TLS verified against the mounted ca.crt."""
     api = core(e2e_plane)
     api.create_namespaced_secret(e2e_namespace, {"metadata": {"name": "creds"}, "stringData": {"password": "hunter2"}})
@@ -165,8 +165,10 @@ def test_secret_volume_env_and_service_account_token_inside_the_pod_only(e2e_pla
         "env": [{"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}},
                 {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                 {"name": "GREETING", "value": "hi-$(NS)-$$(NS)"}],
-        "volumeMounts": [{"name": "creds", "mountPath": "/etc/creds"}]}],
-        volumes=[{"name": "creds", "secret": {"secretName": "creds"}}]))
+        # /tmp first, as the chart's operator pod has it: the node's work folder (the volumes' sources) is under
+        # /tmp in tests, and the mounts after it must still find their sources.
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "creds", "mountPath": "/etc/creds"}]}],
+        volumes=[{"name": "tmp", "emptyDir": {}}, {"name": "creds", "secret": {"secretName": "creds"}}]))
     pod = wait_phase(e2e_plane, e2e_namespace, "reader")
     out = e2e_plane.pod_log(e2e_namespace, "reader", "c")
     assert pod.status.phase == "Succeeded", out
