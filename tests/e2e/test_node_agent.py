@@ -144,7 +144,7 @@ def test_pod_reachable_from_host_and_from_another_pod_by_service_name(e2e_plane,
 
 def test_secret_volume_env_and_service_account_token_inside_the_pod_only(e2e_plane, e2e_namespace):
     """A Secret volume and the projected service-account token sit at their real paths inside the pod (and not
-    on the host); env valueFrom resolves; the token authenticates to the API server at kubernetes.default.svc
+    on the host), also behind an emptyDir at /tmp; env valueFrom resolves; the token authenticates to the API server at kubernetes.default.svc
     with TLS verified against the mounted ca.crt."""
     api = core(e2e_plane)
     api.create_namespaced_secret(e2e_namespace, {"metadata": {"name": "creds"}, "stringData": {"password": "hunter2"}})
@@ -165,8 +165,10 @@ def test_secret_volume_env_and_service_account_token_inside_the_pod_only(e2e_pla
         "env": [{"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}},
                 {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                 {"name": "GREETING", "value": "hi-$(NS)-$$(NS)"}],
-        "volumeMounts": [{"name": "creds", "mountPath": "/etc/creds"}]}],
-        volumes=[{"name": "creds", "secret": {"secretName": "creds"}}]))
+        # /tmp first, as the chart's operator pod has it: the node's work folder (the volumes' sources) is under
+        # /tmp in tests, and the mounts after it must still find their sources.
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "creds", "mountPath": "/etc/creds"}]}],
+        volumes=[{"name": "tmp", "emptyDir": {}}, {"name": "creds", "secret": {"secretName": "creds"}}]))
     pod = wait_phase(e2e_plane, e2e_namespace, "reader")
     out = e2e_plane.pod_log(e2e_namespace, "reader", "c")
     assert pod.status.phase == "Succeeded", out
@@ -305,3 +307,121 @@ def test_sweep_removes_what_a_crashed_run_left_and_spares_live_runs():
         crashed.destroy()
         live.destroy()
     assert live.name not in ip("-o", "link", "show").stdout and not live.state_dir.exists()
+
+
+def test_job_with_a_claim_and_a_deployment_run_through_the_real_controllers(e2e_plane, e2e_namespace):
+    """The user controllers and the scheduler drive the node: a Job's pod writes into a PVC (bound through a
+    volume the node provisions) and completes the Job; a pod of a Deployment reads the same claim, and when
+    deleted its ReplicaSet replaces it with a new pod that runs too."""
+    from kubernetes import client
+    api, batch, apps = core(e2e_plane), client.BatchV1Api(e2e_plane.api), client.AppsV1Api(e2e_plane.api)
+    api.create_namespaced_persistent_volume_claim(e2e_namespace, {"metadata": {"name": "data"}, "spec": {
+        "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+    claim = [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]
+    mount = [{"name": "data", "mountPath": "/data"}]
+    batch.create_namespaced_job(e2e_namespace, {"metadata": {"name": "writer"}, "spec": {"backoffLimit": 0,
+        "template": {"spec": {"restartPolicy": "Never", "volumes": claim, "containers": [
+            sh("w", "echo written-by-job > /data/out", volumeMounts=mount,
+               resources={"limits": {"nvidia.com/gpu": "1"}})]}}}})
+
+    def job_complete():
+        st = batch.read_namespaced_job_status("writer", e2e_namespace).status
+        return any(c.type == "Complete" and c.status == "True" for c in st.conditions or [])
+    e2e_plane.wait(job_complete, 60, "Job writer Complete")
+    assert api.read_namespaced_persistent_volume_claim("data", e2e_namespace).status.phase == "Bound"
+
+    labels = {"app": "reader"}
+    apps.create_namespaced_deployment(e2e_namespace, {"metadata": {"name": "reader"}, "spec": {
+        "replicas": 1, "selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}, "spec": {
+            "volumes": claim, "terminationGracePeriodSeconds": 1, "containers": [
+                sh("r", "cat /data/out; exec sleep 600", volumeMounts=mount)]}}}})
+
+    def reader_pods(ready_only: bool = True):
+        pods = api.list_namespaced_pod(e2e_namespace, label_selector="app=reader").items
+        return [p for p in pods if not p.metadata.deletion_timestamp and (ready(p) or not ready_only)]
+    first = e2e_plane.wait(reader_pods, 60, "reader Ready")[0]
+    e2e_plane.wait(lambda: e2e_plane.pod_log(e2e_namespace, first.metadata.name, "r") == "written-by-job\n", 10,
+                   "reader output")
+    api.delete_namespaced_pod(first.metadata.name, e2e_namespace)
+    second = e2e_plane.wait(lambda: [p for p in reader_pods() if p.metadata.uid != first.metadata.uid], 60,
+                            "replacement Ready")[0]
+    assert second.status.pod_ip and second.spec.node_name in e2e_plane.nodes
+    e2e_plane.wait(lambda: gone(e2e_plane, e2e_namespace, first.metadata.name), 30, "first reader deleted")
+
+
+def test_scheduler_honours_the_taints_and_labels_tests_set_on_the_node(e2e_plane, e2e_namespace):
+    """A NoSchedule taint on the node keeps a pod without the toleration Pending (Unschedulable) while one that
+    tolerates it runs; a nodeSelector on a label the node lacks stays Pending until the label is added."""
+    api = core(e2e_plane)
+    node = e2e_plane.nodes[0]
+    taint = {"key": "loraplane.io/test", "value": "x", "effect": "NoSchedule"}
+    original = api.read_node(node).spec.taints
+    api.patch_node(node, {"spec": {"taints": [*(t.to_dict() for t in original or []), taint]}})
+    try:
+        api.create_namespaced_pod(e2e_namespace, pod_obj("blocked", [sh("c", "echo ran")]))
+        api.create_namespaced_pod(e2e_namespace, pod_obj("tolerant", [sh("c", "echo ran")], tolerations=[
+            {"key": "loraplane.io/test", "operator": "Equal", "value": "x", "effect": "NoSchedule"}],
+            nodeSelector={"loraplane.io/pool": "blue"}))
+        pod = e2e_plane.wait(lambda: [c for c in read(e2e_plane, e2e_namespace, "blocked").status.conditions or []
+                                      if c.type == "PodScheduled" and c.reason == "Unschedulable"], 30,
+                             "blocked Unschedulable")[0]
+        assert "taint" in pod.message
+        time.sleep(1)
+        assert read(e2e_plane, e2e_namespace, "tolerant").status.phase == "Pending"   # no such label yet
+        api.patch_node(node, {"metadata": {"labels": {"loraplane.io/pool": "blue"}}})
+        assert wait_phase(e2e_plane, e2e_namespace, "tolerant").status.phase == "Succeeded"
+        assert read(e2e_plane, e2e_namespace, "blocked").status.phase == "Pending"
+    finally:
+        api.patch_node(node, {"metadata": {"labels": {"loraplane.io/pool": None}}})
+        kept = [t.to_dict() for t in api.read_node(node).spec.taints or [] if t.key != taint["key"]]
+        api.patch_node(node, {"spec": {"taints": kept or None}})   # Node taints have no merge key: replaced
+    assert wait_phase(e2e_plane, e2e_namespace, "blocked").status.phase == "Succeeded"
+
+
+def test_exec_startup_and_liveness_probes_run_inside_the_container(e2e_plane, e2e_namespace):
+    """Exec probes see the container's own mounts: the startup probe holds `started` (and Ready) back until
+    the container made its marker; when the liveness marker goes, the container is restarted (SIGTERM, exit
+    143, restartCount 1) and starts over."""
+    api = core(e2e_plane)
+    script = ("echo run; sleep 1; touch /state/started /state/alive; "
+              "[ -f /state/second ] && exec sleep 600; touch /state/second; sleep 2; rm /state/alive; exec sleep 600")
+    api.create_namespaced_pod(e2e_namespace, pod_obj("probed", [sh(
+        "c", script, volumeMounts=[{"name": "state", "mountPath": "/state"}],
+        startupProbe={"exec": {"command": ["test", "-f", "/state/started"]}, "periodSeconds": 1,
+                      "failureThreshold": 30},
+        livenessProbe={"exec": {"command": ["test", "-f", "/state/alive"]}, "periodSeconds": 1,
+                       "failureThreshold": 1})], restart="Always", volumes=[{"name": "state", "emptyDir": {}}]))
+    e2e_plane.wait(lambda: e2e_plane.pod_log(e2e_namespace, "probed", "c") == "run\n", 60, "first run")
+    status = read(e2e_plane, e2e_namespace, "probed").status.container_statuses[0]
+    assert status.started is False and status.ready is False       # the marker is 1 s away
+    e2e_plane.wait(lambda: read(e2e_plane, e2e_namespace, "probed").status.container_statuses[0].started, 10,
+                   "started")
+
+    def restarted():
+        s = read(e2e_plane, e2e_namespace, "probed").status.container_statuses[0]
+        return s if s.restart_count == 1 and s.ready else None
+    status = e2e_plane.wait(restarted, 30, "restarted by the liveness probe, then Ready")
+    assert status.last_state.terminated.exit_code == 143 and status.last_state.terminated.reason == "Error"
+    assert not Path("/state/started").exists()   # the mount point may exist on the host, empty
+
+
+def test_headless_service_name_resolves_to_every_ready_pod(e2e_plane, e2e_namespace):
+    """A headless Service's name resolves, inside a pod, to the address of every ready pod behind it."""
+    api = core(e2e_plane)
+    for i in range(2):
+        api.create_namespaced_pod(e2e_namespace, pod_obj(f"h-{i}", [{
+            "name": "web", "image": "python:3.11", "command": ["python3", "-m", "http.server", "8080"],
+            "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}], restart="Always",
+            labels={"app": "h"}))
+    api.create_namespaced_service(e2e_namespace, {"metadata": {"name": "h"}, "spec": {
+        "clusterIP": "None", "selector": {"app": "h"}, "ports": [{"port": 8080}]}})
+    ips = sorted(e2e_plane.wait(lambda: [p.status.pod_ip for p in api.list_namespaced_pod(
+        e2e_namespace, label_selector="app=h").items if ready(p)] if all(ready(read(e2e_plane, e2e_namespace, f"h-{i}"))
+        for i in range(2)) else None, 60, "both Ready"))
+    e2e_plane.wait(lambda: sum(len(s.addresses or []) for s in
+                               api.read_namespaced_endpoints("h", e2e_namespace).subsets or []) == 2, 30, "2 endpoints")
+    resolve = "import socket; print(' '.join(sorted({a[4][0] for a in socket.getaddrinfo('h', 8080)})))"
+    api.create_namespaced_pod(e2e_namespace, pod_obj("resolver", [
+        {"name": "c", "image": "python:3.11", "command": ["python3", "-c", resolve]}]))
+    wait_phase(e2e_plane, e2e_namespace, "resolver")
+    assert e2e_plane.pod_log(e2e_namespace, "resolver", "c").split() == ips

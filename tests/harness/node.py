@@ -3,11 +3,13 @@ processes; images map to local environments through IMAGES below.
 
 Interface (for tests/support/e2e.py and the e2e flows)
 ------------------------------------------------------
-Run as a process: `python tests/harness/node.py --kubeconfig K --workdir W --bridge-json B [--node NAME ...]`
-(tests/support/e2e.py starts it; see `NodeAgentProcess`). It
+Run as a process: `python tests/harness/node.py --kubeconfig K --workdir W --bridge-json B --api-port P
+--ca-file CA [--node NAME ...]` (tests/support/e2e.py starts it in `E2EPlane.start`; fixtures `e2e_plane`,
+`e2e_namespace`, documented there). It
 
 - registers each `--node` (default one, `node-1`) as a Node with capacity cpu/memory/pods/`nvidia.com/gpu`
-  (an extended resource, so GPU pods schedule; GPU containers run on CPU), labels kubernetes.io/hostname,
+  (default 32 CPUs, 128Gi, 110 pods, 8 GPUs: what the scheduler sees, not what the machine has; the GPUs are
+  an extended resource, so GPU pods schedule; GPU containers run on CPU), labels kubernetes.io/hostname,
   kubernetes.io/os, kubernetes.io/arch, loraplane.io/test-node=true, no taints (tests add their own with a
   patch; the real scheduler honours them), a Ready condition renewed every HEARTBEAT_S seconds;
 - runs every pod bound to one of its nodes (the real kube-scheduler binds them):
@@ -503,6 +505,10 @@ class PodWorker(threading.Thread):
             self.deleting.set()
         self.slot = self.agent.allocate_slot()
         self.pod_ip = self.agent.bridge.pod_address(self.slot)
+        try:   # names as of now, not as of the last periodic refresh (a DNS server would answer current data)
+            self.agent.refresh_names()
+        except Exception as exc:
+            log.warning("hosts refresh: %s", exc)
         self.hosts_text = self.agent.hosts_for(self.pod, self.pod_ip)
         self.netns, _ = self.agent.bridge.add_pod(self.slot, self.hosts_text)
         self.start_time = now()
@@ -1212,9 +1218,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ca-file", required=True, type=Path)
     ap.add_argument("--node", action="append", default=[])
     ap.add_argument("--owner-pid", type=int, default=0, help="stop (and clean up) when this process is gone")
-    ap.add_argument("--cpu", default="8")
-    ap.add_argument("--memory", default="32Gi")
-    ap.add_argument("--gpus", default="4")
+    # Capacity is what the scheduler sees, not what this machine has (GPU pods run on CPU): generous enough for
+    # the e2e flows' pods (trainer and vLLM pods request 2 CPUs each) to schedule together.
+    ap.add_argument("--cpu", default="32")
+    ap.add_argument("--memory", default="128Gi")
+    ap.add_argument("--gpus", default="8")
     ap.add_argument("--pods", default="110")
     ap.add_argument("--backoff-base", type=float, default=10.0, help="the kubelet's 10 s; tests may shorten it")
     ap.add_argument("--backoff-max", type=float, default=300.0)
