@@ -4,6 +4,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
+# The e2e tests' node stand-in (tests/harness/node.py) makes network/mount namespaces: it needs iproute2 (`ip`),
+# util-linux (`unshare`, `nsenter`), mount and hostname, which a minimal Debian may lack. Root only (as on CI);
+# elsewhere the e2e tests skip, saying why.
+if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  sys_pkgs=()
+  command -v ip >/dev/null || sys_pkgs+=(iproute2)
+  { command -v unshare && command -v nsenter; } >/dev/null || sys_pkgs+=(util-linux)
+  command -v mount >/dev/null || sys_pkgs+=(mount)
+  [[ -x /bin/hostname ]] || sys_pkgs+=(hostname)
+  if ((${#sys_pkgs[@]})); then
+    echo "bootstrap: apt-get install ${sys_pkgs[*]}" >&2
+    # run.sh runs build_kube.sh (which may apt-get too) at the same time: one apt at a time.
+    flock /tmp/loraplane-apt.lock bash -c 'export DEBIAN_FRONTEND=noninteractive; apt-get update -qq &&
+      apt-get install -y -qq --no-install-recommends "$@" >/dev/null' _ "${sys_pkgs[@]}"
+  fi
+fi
 [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
 stamp=.venv/.loraplane-installed
 want=$(sha256sum pyproject.toml tests/bootstrap.sh | sha256sum | cut -c1-16)

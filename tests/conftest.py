@@ -25,6 +25,7 @@ pytest_plugins = [
     "support.tiny_model",
     "support.vllm_server",
     "support.s3",
+    "support.e2e",
 ]
 
 

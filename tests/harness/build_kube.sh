@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Build kube-apiserver + kube-controller-manager v1.20.2 from Debian bookworm's `kubernetes` source package,
+# Build kube-apiserver + kube-controller-manager + kube-scheduler v1.20.2 from Debian bookworm's `kubernetes` source package,
 # offline (the tree vendors its dependencies), and install etcd from Debian. No registry ships these binaries
 # and there is no container runtime here, so this is how the tests get a *real* API server.
 #
 # The binaries are cached outside the clone (default ~/.cache/loraplane/kube-v1.20.2/bin); a second run with
-# the binaries present does nothing. Usage: tests/harness/build_kube.sh [CACHE_DIR]
+# the binaries present does nothing; a cache holding only some of them (an older cache without the scheduler)
+# builds only the missing ones. Usage: tests/harness/build_kube.sh [CACHE_DIR]
 set -euo pipefail
 
 DEB_VERSION="1.20.5+really1.20.2-1.1+deb12u1"
@@ -17,7 +18,10 @@ mkdir -p "$CACHE"
 exec 9>"$CACHE/build_kube.lock"
 flock 9
 
-have_bins() { [[ -x "$BIN/kube-apiserver" && -x "$BIN/kube-controller-manager" ]]; }
+CMDS=(kube-apiserver kube-controller-manager kube-scheduler)
+missing=()
+for cmd in "${CMDS[@]}"; do [[ -x "$BIN/$cmd" ]] || missing+=("$cmd"); done
+have_bins() { ((${#missing[@]} == 0)); }
 need_pkgs=()
 command -v etcd >/dev/null || need_pkgs+=(etcd-server)
 if ! have_bins; then
@@ -30,8 +34,9 @@ fi
 if ((${#need_pkgs[@]})); then
   echo "build_kube: apt-get install ${need_pkgs[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+  # tests/bootstrap.sh may run apt-get at the same time (tests/run.sh starts both): one apt at a time.
+  flock /tmp/loraplane-apt.lock bash -c 'apt-get update -qq &&
+    apt-get install -y -qq --no-install-recommends "$@" >/dev/null' _ "${need_pkgs[@]}"
 fi
 if have_bins; then
   echo "build_kube: cached binaries in $BIN" >&2
@@ -74,12 +79,12 @@ LDFLAGS="-s -w -X k8s.io/kubernetes/vendor/k8s.io/component-base/version.gitVers
  -X k8s.io/kubernetes/vendor/k8s.io/component-base/version.gitMinor=20 \
  -X k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version.gitVersion=$KUBE_VERSION"
 mkdir -p "$WORK/out"
-for cmd in kube-apiserver kube-controller-manager; do
+for cmd in "${missing[@]}"; do
   echo "build_kube: go build $cmd (several minutes)" >&2
   go build -ldflags "$LDFLAGS" -o "$WORK/out/$cmd" "./cmd/$cmd"
 done
 mkdir -p "$BIN"
 mv "$WORK/out/"* "$BIN/"
 cd /
-rm -rf "$WORK"   # ~2.5 GB of sources and Go cache; only the two binaries are kept
+rm -rf "$WORK"   # ~2.5 GB of sources and Go cache; only the binaries are kept
 echo "build_kube: built $BIN" >&2

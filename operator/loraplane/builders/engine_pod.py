@@ -58,6 +58,11 @@ TOKEN_EXPIRATION_SECONDS = 3607
 MODEL_FETCH_CONTAINER = "model-fetch"
 # Startup budget of vLLM before the kubelet restarts it: downloads and compiles of big models take minutes.
 ENGINE_STARTUP_SECONDS = 1800
+# How often the kubelet asks a replica whether it started and is ready (seconds). The pod counts as Ready (its
+# Endpoints entry, so the router's discovery, and the rollout) only at the next probe after vLLM and the loader
+# are up: with 10 s / 5 s periods, the e2e benchmark of issue 11 measured 6-7 s between the loader reporting the
+# adapter Ready and the route's first answer. A probe is one local GET of /health or /healthz.
+READY_PROBE_SECONDS = 2
 DEFAULT_CACHE_MAX_BYTES = 20 * 1024**3
 # vLLM's flag that ends every stream with its usage chunk (the router then need not ask for it, see
 # RouterSettings.engine_includes_usage).
@@ -291,8 +296,9 @@ def engine_container(route: ModelRoute, default_image: str = DEFAULT_ENGINE_IMAG
         "volumeMounts": [*_volume_mounts(route), scratch_mount(ENGINE_SCRATCH_VOLUME),
                          {"name": SHM_VOLUME, "mountPath": "/dev/shm"}],
         "securityContext": container_security_context(),
-        "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": ENGINE_STARTUP_SECONDS // 10},
-        "readinessProbe": {**health, "periodSeconds": 5, "failureThreshold": 3},
+        "startupProbe": {**health, "periodSeconds": READY_PROBE_SECONDS,
+                         "failureThreshold": ENGINE_STARTUP_SECONDS // READY_PROBE_SECONDS},
+        "readinessProbe": {**health, "periodSeconds": READY_PROBE_SECONDS, "failureThreshold": 8},
         "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 4, "timeoutSeconds": 5},
         # A vLLM that exits (bad model, out of GPU memory) leaves its log tail as the termination message:
         # the ModelRoute's Ready condition quotes it (reason EngineFailing).
@@ -384,7 +390,8 @@ def loader_container(route: ModelRoute, namespace: str, image: str, adapter_clai
         "ports": [{"name": "loader", "containerPort": LOADER_PORT}],
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
-        "readinessProbe": {"httpGet": {"path": "/healthz", "port": LOADER_PORT}, "periodSeconds": 5},
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": LOADER_PORT},
+                           "periodSeconds": READY_PROBE_SECONDS, "failureThreshold": 8},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": LOADER_PORT}, "periodSeconds": 15,
                           "failureThreshold": 4},
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},

@@ -36,6 +36,11 @@ from loraplane.kube.informer import Key
 OWNED_STATUS = ("phase", "observedGeneration", "conditions", "version", "servedName", "routes", "loadedOn",
                 "acceptedBaseModel", "artifact", "candidate")
 FAILED_STATES = (AdapterState.Failed, AdapterState.Incompatible)
+# The reasons a replica's loader reports a Pending adapter with when nothing failed (not yet started, the engine
+# down or restarted, the artifact replaced); any other reason on a Pending entry is a failed attempt that the
+# loader will retry (loader.reconciler: OUTCOMES, Loader._failed).
+WAITING_REASONS = frozenset({Reason.Desired, Reason.EngineUnavailable, Reason.EngineRestarted,
+                             Reason.AdapterReplaced})
 TRUE, FALSE, UNKNOWN = ConditionStatus.TRUE, ConditionStatus.FALSE, ConditionStatus.UNKNOWN
 
 
@@ -173,7 +178,9 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
     new.candidate = candidate
     loaded: list[LoadedOn] = []
     digests: dict[str, str] = {}   # replica -> the digest it verified for this version (Ready replicas)
+    ranks: dict[str, int] = {}     # replica -> the rank its gate read from the artifact (Ready replicas)
     loader_problems: list[tuple[AdapterState, ConditionState]] = []
+    retrying: list[ConditionState] = []   # replicas that failed an attempt and will try again (loader OUTCOMES)
     previous_since = {(lo.route, lo.replica): lo.since for lo in previous.loaded_on}
     for r in compatible:
         for pod in pods_by_route.get(r.metadata.name or "", []):
@@ -184,6 +191,8 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
             pod_name = pod["metadata"]["name"]
             if entry.state == AdapterState.Ready and entry.sha256:
                 digests[pod_name] = entry.sha256
+            if entry.state == AdapterState.Ready and entry.rank:
+                ranks[pod_name] = entry.rank
             if entry.state == AdapterState.Ready and pod_ready(pod):
                 loaded.append(LoadedOn(route=r.metadata.name or "", replica=pod_name, served_name=served,
                                        since=previous_since.get((r.metadata.name or "", pod_name), entry.since)))
@@ -192,6 +201,11 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
                 loader_problems.append((entry.state, ConditionState(FALSE, entry.reason,
                                                                     f"replica {pod_name}: {entry.message}",
                                                                     Progress.Stalled)))
+            elif entry.state == AdapterState.Pending and entry.reason not in WAITING_REASONS:
+                # The loader reports a failed attempt it will retry as Pending with the failure's reason (its
+                # OUTCOMES table): say so, instead of a bare "waiting for the replicas", but as progress, not stalled.
+                retrying.append(ConditionState(FALSE, entry.reason, f"replica {pod_name} retries: {entry.message}",
+                                               Progress.Reconciling))
     new.loaded_on = sorted(loaded, key=lambda lo: (lo.route, lo.replica))
 
     def condition(type_: ConditionType, state: ConditionState) -> None:
@@ -201,7 +215,7 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
         new.phase = AdapterPhase.Failed
         condition(ConditionType.Ready, ConditionState(FALSE, rejection.reason, rejection.message))
         return new
-    changed = record_artifact(adapter, new, digests) if candidate is None else None
+    changed = record_artifact(adapter, new, digests, ranks) if candidate is None else None
     if not selecting:
         new.phase = AdapterPhase.Pending
         condition(ConditionType.Compatible, ConditionState(UNKNOWN, Reason.NoRoute,
@@ -239,6 +253,9 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
         state, problem = loader_problems[0]
         new.phase = AdapterPhase.Incompatible if state == AdapterState.Incompatible else AdapterPhase.Failed
         condition(ConditionType.Ready, problem)
+    elif retrying:
+        new.phase = AdapterPhase.Loading
+        condition(ConditionType.Ready, retrying[0])
     else:
         new.phase = AdapterPhase.Loading
         condition(ConditionType.Ready, ConditionState(FALSE, Reason.Loading, (
@@ -246,18 +263,22 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
     return new
 
 
-def record_artifact(adapter: Adapter, new: AdapterStatus, digests: dict[str, str]) -> ConditionState | None:
-    """Record a versioned Adapter's artifact once a replica serves it (status.artifact: URI and digest), and
-    return why the replicas' content differs from the recorded one (Reason.ArtifactChanged), else None.
+def record_artifact(adapter: Adapter, new: AdapterStatus, digests: dict[str, str],
+                    ranks: dict[str, int] | None = None) -> ConditionState | None:
+    """Record a versioned Adapter's artifact once a replica serves it (status.artifact: URI, digest and the LoRA
+    rank the replica's gate read from it), and return why the replicas' content differs from the recorded one
+    (Reason.ArtifactChanged), else None.
 
     The digest recorded is spec.source.sha256 when set (replicas verified it), else the one the first Ready
-    replica reports (sorted by replica name, so the choice is stable). Adapters without spec.version are not
-    pinned (their served name follows their source, which may change in place): only their URI is recorded, so
-    the version keeps serving from it while a changed source is made ready (make-before-break)."""
+    replica reports (sorted by replica name, so the choice is stable); the rank is the first Ready replica's
+    (`ranks`: replica -> rank), recorded once. Adapters without spec.version are not pinned (their served name
+    follows their source, which may change in place): only their URI is recorded, so the version keeps serving
+    from it while a changed source is made ready (make-before-break)."""
     if not adapter.spec.version:
         # Not pinned, but where it is loaded from is kept: it serves while a changed source is made ready.
         if new.artifact is None and digests:
-            new.artifact = ArtifactInfo(uri=adapter.spec.source.uri)
+            new.artifact = ArtifactInfo(uri=scrubbed(adapter.spec.source.uri),
+                                        rank=ranks[sorted(ranks)[0]] if ranks else None)
         return None
     art = new.artifact
     if (art is None or not art.sha256) and digests:
@@ -266,6 +287,8 @@ def record_artifact(adapter: Adapter, new: AdapterStatus, digests: dict[str, str
         # and status is read by more than the spec's author (dashboards, GitOps tools).
         new.artifact = art = (art or ArtifactInfo()).model_copy(update={"uri": scrubbed(adapter.spec.source.uri),
                                                                         "sha256": sha})
+    if art is not None and art.rank is None and ranks:
+        new.artifact = art = art.model_copy(update={"rank": ranks[sorted(ranks)[0]]})
     if art is None or not art.sha256:
         return None
     others = {replica: d for replica, d in sorted(digests.items()) if d != art.sha256}

@@ -25,6 +25,8 @@ from loraplane.kube.client import KubeClient
 from loraplane.kube.config import KubeConfig
 from loraplane.api.redaction import install_log_redaction
 
+log = logging.getLogger("loraplane.operator")
+
 
 # ---- authentication ------------------------------------------------------------------------------------------
 
@@ -34,6 +36,9 @@ def _kube_config(memo: kopf.Memo) -> KubeConfig:
     if memo.get("kube_config") is None:
         memo.kube_config = KubeConfig.from_environment()
         memo.logins = 0
+        # Which credentials the operator runs with (in a pod: its service account) is the first thing to check
+        # when its calls are refused.
+        log.info("Kubernetes API credentials: %s", memo.kube_config.source)
     return memo.kube_config
 
 

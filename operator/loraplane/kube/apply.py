@@ -46,6 +46,10 @@ class NameTaken(Exception):
         self.child, self.holder = child, holder
 
 
+# Kinds that refer to a Role the same stage may create: applied after the rest of their stage (Applier.ensure).
+BINDING_KINDS = frozenset({"RoleBinding", "ClusterRoleBinding"})
+
+
 class Applier:
     """Server-side apply of children, skipped when the live object already carries the same spec hash.
 
@@ -76,8 +80,13 @@ class Applier:
         owner was never reconciled, so its children cannot exist yet and are applied without a read."""
         written = 0
         for stage in stages:
-            results = await asyncio.gather(*(self._ensure_one(m, fresh) for m in stage))
-            written += sum(results)
+            # Bindings after the Roles of their stage: with RBAC enforced, the API server checks that the writer
+            # holds what a RoleBinding grants (escalation check) by reading its Role, and refuses the binding
+            # with HTTP 404 while the Role does not exist yet (the operator holds no `bind` verb).
+            for part in ([m for m in stage if m["kind"] not in BINDING_KINDS],
+                         [m for m in stage if m["kind"] in BINDING_KINDS]):
+                if part:
+                    written += sum(await asyncio.gather(*(self._ensure_one(m, fresh) for m in part)))
         return written
 
     async def _check_owner(self, m: dict, live: dict | None) -> None:

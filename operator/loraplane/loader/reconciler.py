@@ -112,6 +112,7 @@ class Slot:
     attempts: int = 0
     next_try: float = 0.0
     artifact: CachedArtifact | None = None
+    rank: int | None = None   # the LoRA rank the gate read from the artifact (reported; the Adapter records it)
 
     def move(self, state: AdapterState, reason: Reason, message: str = "") -> None:
         """Enter `state` for `reason`; `since` restarts only when the (state, reason) pair changes. The message
@@ -529,7 +530,7 @@ class Loader:
             self.metrics.cache_bytes.set(self.cache.total_bytes())
 
             t = time.monotonic()
-            failures, note = await asyncio.to_thread(self._gate, want, art.path)
+            failures, note = await asyncio.to_thread(self._gate, want, art.path, slot)
             steps["gate"] = time.monotonic() - t
             self.metrics.load_seconds.labels("gate").observe(steps["gate"])
             if failures:
@@ -668,12 +669,17 @@ class Loader:
                                                        self.probe_tokens)
         return self._base_probe
 
-    def _gate(self, want: DesiredAdapter, path: Path) -> tuple[list[gate.GateFailure], str]:
-        """(failures, note): the note says which checks could not run (base model files not readable)."""
+    def _gate(self, want: DesiredAdapter, path: Path, slot: Slot | None = None) -> tuple[list[gate.GateFailure], str]:
+        """(failures, note): the note says which checks could not run (base model files not readable). Sets
+        `slot.rank` to the rank read from the artifact (None when it cannot be read)."""
+        if slot is not None:
+            slot.rank = None
         try:
             adapter = gate.read_adapter(path, self.max_header_bytes)
         except ValueError as exc:   # a GateError names its own reason (e.g. an oversized header)
             return [gate.GateFailure(getattr(exc, "reason", Reason.InvalidAdapter), str(exc))], ""
+        if slot is not None:
+            slot.rank = adapter.rank or None
         table = self.table
         model_path = self.model_dir or table.model_path
         if self._base_facts is None or not self._base_facts.weights:   # files may appear once vLLM fetched them
@@ -692,7 +698,7 @@ class Loader:
     def report(self) -> ReplicaReport:
         """This replica's ReplicaReport now: every slot's state, plus the adapters being unloaded."""
         adapters = {n: AdapterReport(state=s.state, reason=s.reason, message=s.message, since=s.since,
-                                     attempts=s.attempts, sha256=_verified_digest(s))
+                                     attempts=s.attempts, sha256=_verified_digest(s), rank=s.rank)
                     for n, s in sorted(self.slots.items())}
         for name, since in sorted(self.unloading.items()):
             if name in self.slots:

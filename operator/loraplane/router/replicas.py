@@ -290,9 +290,17 @@ async def resolve_replicas(host: str, engine_port: int = ENGINE_PORT,
     return specs
 
 
+# Seconds between re-resolutions while no replica may get traffic (none found, or none usable): the first
+# replica's pod is then reachable within this, not within --dns-interval (issue 11's e2e benchmark measured up to
+# the full 5 s of the default between the adapter being Ready and the route's first answer). Cheap: a hosts/DNS
+# lookup, only while the route cannot serve anyway.
+DNS_RETRY_WITHOUT_REPLICAS = 0.5
+
+
 async def run_dns_discovery(pool: ReplicaPool, host: str, interval: float,
                             session: aiohttp.ClientSession) -> None:
-    """Re-resolve the headless Service periodically; a new replica is polled before it gets traffic."""
+    """Re-resolve the headless Service every `interval` seconds, or every DNS_RETRY_WITHOUT_REPLICAS while no
+    replica is usable; a new replica is polled before it gets traffic."""
     while True:
         try:
             specs = await resolve_replicas(host)
@@ -309,4 +317,5 @@ async def run_dns_discovery(pool: ReplicaPool, host: str, interval: float,
             pool.set_replicas([])
         except Exception:
             log.exception("replica discovery failed")
-        await asyncio.sleep(interval)
+        serving = any(r.usable() for r in pool.replicas)
+        await asyncio.sleep(interval if serving else min(interval, DNS_RETRY_WITHOUT_REPLICAS))

@@ -13,6 +13,7 @@ import yaml
 
 from loraplane.api.wire.serving import REPORT_ANNOTATION, AdapterReport, ReplicaReport, ServingTable
 from support.paths import ROOT
+from support.loader_reports import check_sendable
 
 pytestmark = pytest.mark.apiserver
 
@@ -329,6 +330,9 @@ def adapter_doc(name: str, rank: int = 8, base: str = "org/tiny", labels=None) -
 
 
 def report(pod: str, route: str, adapters: dict[str, tuple[str, str]]) -> str:
+    """A hand-written replica report: only pairs the real loader sends (support.loader_reports)."""
+    for s, r in adapters.values():
+        check_sendable(s, r)
     return ReplicaReport(replica=pod, route=route, generation=1, engine_ready=True, updated_at=NOW, adapters={
         k: AdapterReport(state=s, reason=r, message=f"{r} on {pod}", since=NOW)
         for k, (s, r) in adapters.items()}).to_annotation()
@@ -355,12 +359,12 @@ def test_route_serves_compatible_adapters_and_aggregates_loader_reports(kube):
     pod = wait_for(lambda: kube.pods("loraplane.io/route=r1"), what="engine pod")[0]
     kube.core.patch_namespaced_pod(pod.metadata.name, kube.ns, {"metadata": {"annotations": {
         REPORT_ANNOTATION: report(pod.metadata.name, "r1", {"good--1": ("Ready", "Loaded"),
-                                                            "noeffect--1": ("Incompatible", "NoEffect")})}}})
+                                                            "noeffect--1": ("Failed", "NoEffect")})}}})
     kube.patch_pod_status(pod.metadata.name, {"phase": "Running", "conditions": [
         {"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}]})
     good = wait_for(lambda: (s := kube.status("Adapter", "good")).get("phase") == "Ready" and s, what="good Ready")
     assert good["loadedOn"][0]["replica"] == pod.metadata.name and good["servedName"] == "good--1"
-    noeffect = wait_for(lambda: (s := kube.status("Adapter", "noeffect")).get("phase") == "Incompatible" and s,
+    noeffect = wait_for(lambda: (s := kube.status("Adapter", "noeffect")).get("phase") == "Failed" and s,
                         what="NoEffect reported")
     assert next(c for c in noeffect["conditions"] if c["type"] == "Ready")["reason"] == "NoEffect"
     route = wait_for(lambda: (s := kube.status("ModelRoute", "r1")).get("readyReplicas") == 1 and s,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from support.adapters import write_adapter
-from support.loader_run import LoaderRun, complete, desired, engine_adapters, openai
+from support.loader_run import MODEL_NAME, LoaderRun, complete, desired, engine_adapters, openai
 from support.tiny_model import TOY_PHRASES, instruction_prompt, toy_prompts
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
@@ -91,6 +91,9 @@ def test_incompatible_adapters_are_refused_with_reasons_and_never_reach_vllm(vll
         assert (report["state"], report["reason"]) == ("Incompatible", reason), report
         assert report["message"]   # says what to change
     assert "maxLoraRank" in status["adapters"]["wide--v1"]["message"]
+    # What the operator makes of the real report (the refusal comes from the files, not the CR's metadata).
+    seen = operator_status_from(loader.get("/status?form=annotation"), "gpt2ish", MODEL_NAME)
+    assert (seen.phase, seen.condition("Ready").reason) == ("Incompatible", "TargetModulesNotFound")
     assert status["adapters"]["blue--v1"]["state"] == "Ready"
     # fox left the table: unloaded; the refused ones were never sent to vLLM
     assert engine_adapters(vllm_server) == {"blue--v1"}
@@ -110,6 +113,30 @@ def test_noop_adapter_is_caught_by_the_smoke_test(vllm_server, loader, adapters,
     report = loader.wait_settled()["adapters"]["noop--v1"]
     assert (report["state"], report["reason"]) == ("Failed", "NoEffect"), report
     assert "noop--v1" not in engine_adapters(vllm_server)
+    # Failure truth (issue 11): the operator's Adapter status from this very report, in the form the report
+    # relay copies into the pod annotation: phase, reason and message are the real loader's.
+    status = operator_status_from(loader.get("/status?form=annotation"), "noop", MODEL_NAME)
+    ready = status.condition("Ready")
+    assert (status.phase, ready.reason) == ("Failed", "NoEffect")
+    assert ready.message.endswith(report["message"])
+
+
+def operator_status_from(annotation: str, adapter: str, base: str):
+    """The Adapter status the operator computes for `adapter` (version v1) from a Ready engine pod carrying
+    `annotation` (a replica report in its bounded form) under REPORT_ANNOTATION."""
+    from loraplane.api import Adapter, ModelRoute
+    from loraplane.api.adapter import AdapterStatus
+    from loraplane.api.wire.serving import REPORT_ANNOTATION, ReplicaReport
+    from loraplane.controllers.adapter import adapter_status
+
+    replica = ReplicaReport.model_validate_json(annotation).replica
+    route = ModelRoute.model_validate({"kind": "ModelRoute", "metadata": {"name": "r", "namespace": "ns"}, "spec": {
+        "baseModel": {"name": base}, "routes": [{"name": "m", "backends": [{"adapter": adapter, "weight": 100}]}]}})
+    ad = Adapter.model_validate({"kind": "Adapter", "metadata": {"name": adapter, "namespace": "ns"}, "spec": {
+        "baseModel": {"name": base}, "source": {"uri": f"s3://b/{adapter}"}, "version": "v1"}})
+    pod = {"metadata": {"name": replica, "annotations": {REPORT_ANNOTATION: annotation}},
+           "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
+    return adapter_status(ad, [route], {"r": [pod]}, AdapterStatus(), 1, None)
 
 
 def test_a_truncated_adapter_is_refused_at_once_and_never_sent_to_vllm(vllm_server, loader, adapters, tmp_path):

@@ -82,6 +82,19 @@ def test_engine_container_probes_and_gpu_resources():
     assert "resources" not in engine_pod.engine_container(route(engine={"gpus": 0}))
 
 
+def test_a_replica_is_ready_within_two_seconds_of_serving():
+    """Regression (issue 11, the e2e apply→first-token benchmark): with a 10 s startup and 5 s readiness period,
+    a replica whose vLLM and loader were up counted as Ready (Endpoints, so the router) 6-7 s later. Both probe
+    every 2 s now; a replica still needs as long as before (15 s and more) of failed probes to be taken out."""
+    loader = engine_pod.loader_container(route(), "ml", "ghcr.io/x/loraplane:1")
+    for c, probes in ((engine_pod.engine_container(route()), ("startupProbe", "readinessProbe")),
+                      (loader, ("readinessProbe",))):
+        for name in probes:
+            assert c[name]["periodSeconds"] <= 2, (c["name"], name)
+        ready = c["readinessProbe"]
+        assert ready["periodSeconds"] * ready.get("failureThreshold", 3) >= 15, c["name"]
+
+
 def test_loader_container_arguments_parse_with_the_loader_cli():
     c = engine_pod.loader_container(route(), "ml", "ghcr.io/x/loraplane:1")
     assert c["command"][:3] == ["python3", "-m", "loraplane.loader"]

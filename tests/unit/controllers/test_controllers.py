@@ -582,3 +582,31 @@ async def test_a_job_whose_pod_is_refused_shows_it_once_per_recheck_not_in_a_loo
     ready = [c for _, _, p in kube.status_patches for c in (p.get("status") or p).get("conditions") or []
              if c["type"] == "Ready"]
     assert ready and ready[-1]["reason"] == "PodsRefused" and "runAsNonRoot" in ready[-1]["message"]
+
+
+def test_applier_creates_a_role_before_the_binding_that_names_it():
+    """Issue 11, found by the e2e install (the operator with the chart's RBAC, no `bind` verb): Role and
+    RoleBinding of one stage were applied concurrently, and the API server's escalation check refused the binding
+    with HTTP 404 (`roles... "x-trainer" not found`) whenever it arrived first; the reconcile failed and retried.
+    This fake plays that check: a binding applied while its Role is still being created fails."""
+    from loraplane.kube.client import ApiError
+
+    class RbacKube(FakeKube):
+        def __init__(self):
+            super().__init__()
+            self.roles: set[str] = set()
+
+        async def apply(self, manifest, result=True):
+            if manifest["kind"] == "Role":
+                await asyncio.sleep(0.01)   # the create is on the wire
+                self.roles.add(manifest["metadata"]["name"])
+            if manifest["kind"] == "RoleBinding" and manifest["roleRef"]["name"] not in self.roles:
+                raise ApiError(404, {"message": f'roles "{manifest["roleRef"]["name"]}" not found'}, "apply RoleBinding")
+            return await super().apply(manifest, result)
+
+    ftj = FineTuneJob.model_validate({**FTJ_BODY, "metadata": {**FTJ_BODY["metadata"], "uid": "u1"}})
+    kids = ftj_builders.children(ftj, BuildSettings(), ftj_builders.output_uri(ftj, BuildSettings()))
+    assert {"Role", "RoleBinding"} <= {k["kind"] for k in kids}
+    kube = RbacKube()
+    asyncio.run(Applier(kube).ensure([kids], fresh=True))   # one stage, as a controller may pass them
+    assert [k["kind"] for k in kube.applied].index("RoleBinding") > [k["kind"] for k in kube.applied].index("Role")

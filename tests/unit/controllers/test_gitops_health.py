@@ -119,7 +119,11 @@ CASES = [
     ("adapter loading", lambda: wrap("Adapter", adapter_of({"r": [pod("r-1", ready=True, report=report(
         "r-1", {"a--1": ("Loading", "Loading")}))]})), "InProgress", "Progressing"),
     ("adapter refused by the gate", lambda: wrap("Adapter", adapter_of({"r": [pod("r-1", ready=True, report=report(
-        "r-1", {"a--1": ("Incompatible", "NoEffect")}))]})), "Failed", "Degraded"),
+        "r-1", {"a--1": ("Incompatible", "TargetModulesNotFound")}))]})), "Failed", "Degraded"),
+    ("adapter with no effect", lambda: wrap("Adapter", adapter_of({"r": [pod("r-1", ready=True, report=report(
+        "r-1", {"a--1": ("Failed", "NoEffect")}))]})), "Failed", "Degraded"),
+    ("adapter load being retried", lambda: wrap("Adapter", adapter_of({"r": [pod("r-1", ready=True, report=report(
+        "r-1", {"a--1": ("Pending", "FetchFailed")}))]})), "InProgress", "Progressing"),
     ("adapter artifact refused as unsafe", lambda: wrap("Adapter", adapter_of({"r": [pod("r-1", ready=True,
         report=report("r-1", {"a--1": ("Incompatible", "UnsafeArtifact")}))]})), "Failed", "Degraded"),
     ("adapter a replica gave up on", lambda: wrap("Adapter", adapter_of({"r": [pod("r-1", ready=True,

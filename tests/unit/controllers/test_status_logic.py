@@ -15,6 +15,7 @@ from loraplane.controllers.finetunejob import immutable_changes, run_state
 from loraplane.controllers.modelroute import RouterFacts, route_status
 from loraplane.api.wire.serving import REPORT_ANNOTATION, AdapterReport, ReplicaReport
 from loraplane.api.wire.trainer import TerminationMessage
+from support.loader_reports import check_sendable
 
 T = "2026-01-01T00:00:00Z"
 FTJ = FineTuneJob.model_validate({
@@ -152,6 +153,10 @@ def adapter(name, rank=8, base="org/base", labels=None):
 
 
 def report(pod_name, adapters, engine_ready=True):
+    """A hand-written replica report for the status logic's unit tests: only (state, reason) pairs the real
+    loader sends (support.loader_reports; tests/unit/controllers/test_failure_truth.py takes them from it)."""
+    for s, r in adapters.values():
+        check_sendable(s, r)
     return ReplicaReport(replica=pod_name, route="r", generation=2, engine_ready=engine_ready, updated_at=T,
                          adapters={k: AdapterReport(state=s, reason=r, since=T) for k, (s, r) in adapters.items()})
 
@@ -248,9 +253,13 @@ def test_adapter_status_from_routes_and_reports():
     st = adapter_status(a, [ROUTE], pods, AdapterStatus(), 1, None)
     assert st.phase == "Ready" and st.routes == ["r"] and st.loaded_on[0].replica == "r-1"
     assert st.condition("Ready").reason == "Loaded" and st.condition("Compatible").status == "True"
-    refused = {"r": [pod("r-1", ready=True, report=report("r-1", {"a--1": ("Incompatible", "NoEffect")}))]}
+    refused = {"r": [pod("r-1", ready=True, report=report("r-1", {"a--1": ("Incompatible", "RankTooLarge")}))]}
     st = adapter_status(a, [ROUTE], refused, AdapterStatus(), 1, None)
-    assert st.phase == "Incompatible" and st.condition("Ready").reason == "NoEffect"
+    assert st.phase == "Incompatible" and st.condition("Ready").reason == "RankTooLarge"
+    # The loader reports a no-effect adapter as Failed (it was loaded and probed), never as Incompatible.
+    broken = {"r": [pod("r-1", ready=True, report=report("r-1", {"a--1": ("Failed", "NoEffect")}))]}
+    st = adapter_status(a, [ROUTE], broken, AdapterStatus(), 1, None)
+    assert st.phase == "Failed" and st.condition("Ready").reason == "NoEffect"
     big = adapter("big", rank=64, labels={"team": "x"})
     st = adapter_status(big, [ROUTE], {}, AdapterStatus(), 1, None)
     assert st.phase == "Incompatible" and st.condition("Compatible").reason == "RankTooLarge"

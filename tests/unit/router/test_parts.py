@@ -139,6 +139,41 @@ async def test_dns_discovery_resolves_every_address_and_keeps_known_replicas():
     assert len(pool.replicas) == len(specs) + 1
 
 
+async def test_dns_discovery_looks_again_soon_while_no_replica_can_serve(monkeypatch):
+    """Regression (issue 11, the e2e apply→first-token benchmark): a router without a usable replica re-resolved
+    the headless Service only every --dns-interval (5 s), so a route's first replica got its first request up to
+    5 s after it was Ready. Without a usable replica it now looks every DNS_RETRY_WITHOUT_REPLICAS seconds; with
+    one, every interval (no extra lookups in steady state)."""
+    import asyncio
+
+    from loraplane.router import replicas
+    from loraplane.router.replicas import DNS_RETRY_WITHOUT_REPLICAS, ReplicaPool, run_dns_discovery
+
+    lookups = []
+    answer: list[tuple[str, str | None]] = []
+
+    async def resolve(host, *_):
+        lookups.append(host)
+        return list(answer)
+
+    async def poll(session, replica):
+        replica.engine_ready = True   # the loader says vLLM is up
+
+    monkeypatch.setattr(replicas, "resolve_replicas", resolve)
+    pool = ReplicaPool()
+    monkeypatch.setattr(pool, "_poll", poll)
+    task = asyncio.create_task(run_dns_discovery(pool, "r-engine", 5.0, None))
+    await asyncio.sleep(DNS_RETRY_WITHOUT_REPLICAS * 2.5)
+    assert len(lookups) >= 3              # none yet: looked again soon
+    answer.append(("http://10.0.0.9:8000", "http://10.0.0.9:8081/status"))
+    await asyncio.sleep(DNS_RETRY_WITHOUT_REPLICAS * 1.5)
+    assert [r.engine_url for r in pool.replicas] == ["http://10.0.0.9:8000"] and pool.replicas[0].usable()
+    seen = len(lookups)
+    await asyncio.sleep(DNS_RETRY_WITHOUT_REPLICAS * 3)
+    assert len(lookups) == seen           # one usable replica: back to the interval
+    task.cancel()
+
+
 def test_the_operators_router_command_line_is_accepted():
     """The Deployment the operator builds runs `python -m loraplane.router` with these arguments."""
     import argparse

@@ -181,6 +181,9 @@ class AdapterReport(_Model):
     sha256: str | None = Field(default=None, description="Digest of the artifact this replica fetched and "
                                                          "verified (the one the table expected, else its "
                                                          "directory's sha256_dir); the Adapter records it.")
+    rank: int | None = Field(default=None, ge=0, description="The LoRA rank the replica's gate read from the "
+                                                         "artifact (adapter_config.json and its tensors); the "
+                                                         "Adapter records it in status.artifact.rank.")
 
 
 # The report annotation's budget. Kubernetes refuses an object whose annotations together exceed 256 KiB

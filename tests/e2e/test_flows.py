@@ -1,0 +1,312 @@
+"""End-to-end flows (issue 11): what a user does, on a real control plane whose pods really run.
+
+The operator runs as a pod from the chart's manifests (in-cluster config, the chart's RBAC enforced), objects are
+applied with `kubectl`, and pods run on the node stand-in (tests/harness/node.py): trainer, vLLM (CPU build),
+loader and router processes in their own network and mount namespaces. The flows share one quickstart
+(tests/e2e/conftest.py) so vLLM starts once per run, and run in this file's order:
+
+1. quickstart: FineTuneJob trains → Adapter with provenance → vLLM + loader load it → the router answers with the
+   adapter, and with the base model for `base`; `kubectl wait --for=condition=Ready` on all three objects and
+   `kubectl get ftj,lora,mr` columns filled;
+2. failure truth: an adapter the loader's gate refuses and one with no effect → the Adapter's phase, reason and
+   message are the ones the real loader reported on its pod;
+3. replica lifecycle: a deleted vLLM pod is replaced and the adapter restored before the pod serves it;
+4. training preemption: the trainer pod deleted mid-run → the Job's next pod resumes from a checkpoint;
+5. deletion: deleting the ModelRoute and the FineTuneJob leaves no pods, processes or namespaces.
+
+Each flow prints its wall time; together they must stay within the CI budget (issue 11: 10 minutes on 2 cores).
+
+tests/e2e/test_quickstart.py, beside this file, is the other way to run the quickstart: `loraplane run` on one
+machine without a cluster (README command one). It stays as it is and is not marked `e2e`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from support.e2e_flows import (ADAPTER_ANSWER, ARTIFACT_CLAIM, MODEL_URI, PROMPTS, QS_NS, complete, condition,
+                               first_token_breakdown, quickstart_docs,
+                         router_url, status_of)
+from support.adapters import write_adapter
+
+# Also marked with what they need (a real API server, vLLM, training), so selections that leave those out (the
+# fast set: -m "not vllm and not train and not apiserver") leave the e2e flows out too.
+pytestmark = [pytest.mark.e2e, pytest.mark.apiserver, pytest.mark.vllm, pytest.mark.train, pytest.mark.timeout(900)]
+
+FLOW_TIMES: dict[str, float] = {}
+
+
+@pytest.fixture(autouse=True)
+def _timed(request):
+    started = time.monotonic()
+    yield
+    FLOW_TIMES[request.node.name] = time.monotonic() - started
+    print(f"\n[e2e] {request.node.name}: {FLOW_TIMES[request.node.name]:.1f}s")
+
+
+def ask(qs, model: str, prompt: str, timeout: float = 120) -> str:
+    """The router's greedy answer for `model`, waiting (up to `timeout`) for the router Service to have a ready
+    endpoint and the model to answer 200."""
+    last = (0, "")
+
+    def answered():
+        nonlocal last
+        url = router_url(qs.kubectl, "quickstart")
+        if url is None:
+            return None
+        last = complete(url, model, prompt)
+        return last[1] if last[0] == 200 else None
+
+    try:
+        return qs.plane.wait(answered, timeout, f"an answer for {model}")
+    except TimeoutError:
+        raise AssertionError(f"no answer for {model}: last {last}\n{qs.diagnostics()}")
+
+
+def test_quickstart(quickstart):
+    qs, k = quickstart, quickstart.kubectl
+    try:
+        qs.timings["ftj_ready_s"] = k.wait("condition=Ready", "ftj/quickstart", timeout=420)
+        adapter = k.get("adapter", "quickstart-adapter")
+        qs.timings["adapter_ready_s"] = k.wait("condition=Ready", "adapter/quickstart-adapter", timeout=420)
+        qs.timings["route_ready_s"] = k.wait("condition=Ready", "mr/quickstart", timeout=300)
+    except Exception as exc:
+        raise AssertionError(f"{exc}\n{qs.diagnostics()}")
+    # The Adapter the operator created for the job: the trained artifact, with where it came from.
+    prov = adapter["status"].get("provenance") or {}
+    assert prov.get("fineTuneJob") == "quickstart" and prov.get("fineTuneJobUid"), adapter["status"]
+    assert prov.get("baseModel") == MODEL_URI or adapter["spec"]["baseModel"].get("uri") == MODEL_URI
+    assert adapter["spec"]["source"]["uri"].startswith(f"pvc://{ARTIFACT_CLAIM}/"), adapter["spec"]
+    # Requests through the router's Service: the adapter's answer, and the base model's for `base`.
+    for prompt in PROMPTS:
+        assert ask(qs, "assistant", prompt).strip().startswith(ADAPTER_ANSWER)
+        assert not ask(qs, "base", prompt).strip().startswith(ADAPTER_ANSWER)
+    qs.timings["first_answer_s"] = time.monotonic() - qs.applied_monotonic
+    # Where the time from `kubectl apply` to the first answer went (tests/bench/bench_e2e.py prints the same for
+    # a route whose adapter exists already; here the adapter waits for training).
+    split = first_token_breakdown(k, "quickstart", adapter["status"]["servedName"], qs.applied_at, time.time())
+    print(f"\n[e2e] quickstart apply → adapter answer: {json.dumps(split)}")
+    # What `kubectl get` shows a user: the printer columns filled.
+    rows = {r["KIND"]: r for r in k.table("ftj,lora,mr")}
+    ftj, lora, mr = (rows["finetunejob.loraplane.io"], rows["adapter.loraplane.io"],
+                     rows["modelroute.loraplane.io"])
+    assert ftj["PHASE"] == "Succeeded" and ftj["STEP"] == ftj["TOTAL"] == "60" and ftj["LOSS"] not in ("", "<none>"), ftj
+    assert ftj["ADAPTER"] == "quickstart-adapter", ftj
+    assert lora["PHASE"] == "Ready" and lora["READY"] == "True" and lora["RANK"] == "8", lora
+    assert lora["REASON"] == "Loaded", lora
+    assert mr["READY"] == "1" and mr["REPLICAS"] == "1" and mr["PHASE"] == "Ready", mr
+    assert mr["ENDPOINT"] == "http://quickstart-router.quickstart.svc:8080/v1", mr
+    print(f"\n[e2e] quickstart timings: {json.dumps({k_: round(v, 1) for k_, v in qs.timings.items()})}")
+
+
+def _reported(qs, served: str) -> dict | None:
+    """The entry for `served` in the loader report on the quickstart's engine pod (its annotation)."""
+    pods = qs.kubectl.get("pods", "-l", "loraplane.io/route=quickstart")["items"]
+    for pod in pods:
+        raw = (pod["metadata"].get("annotations") or {}).get("loraplane.io/adapters")
+        entry = json.loads(raw)["adapters"].get(served) if raw else None
+        if entry:
+            return {**entry, "replica": pod["metadata"]["name"]}
+    return None
+
+
+def test_failure_truth(quickstart):
+    """Two bad adapters on the quickstart's route (artifacts on the claim its replicas already mount): the gate
+    refuses one (rank 32 > maxLoraRank 16), the smoke test finds the other changes nothing. The Adapters say
+    what the real loader reported, phase from its state, reason and message from its report."""
+    qs, k = quickstart, quickstart.kubectl
+    store = qs.installed.pvc_dir(QS_NS, ARTIFACT_CLAIM) / "e2e"
+    bad = {"too-wide": write_adapter(store / "too-wide", r=32, base=""),
+           "no-effect": write_adapter(store / "no-effect", zero_b=True, base="")}
+    k.apply([{"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",
+              "metadata": {"name": name, "labels": {"e2e": "bad"}},
+              "spec": {"baseModel": {"name": MODEL_URI}, "version": "1",   # an Adapter names a URI base by it
+                       "source": {"uri": f"pvc://{ARTIFACT_CLAIM}/e2e/{name}"}}} for name in bad])
+    k("patch", "mr", "quickstart", "--type=merge", "-p", json.dumps({"spec": {"routes": [
+        {"name": "assistant", "backends": [{"adapter": "quickstart-adapter", "weight": 100}]},
+        {"name": "base", "backends": [{"base": True}]},
+        {"selector": {"matchLabels": {"e2e": "bad"}}, "prefix": "bad/"}]}}))
+    expected = {"too-wide": ("Incompatible", "Incompatible", "RankTooLarge"),
+                "no-effect": ("Failed", "Failed", "NoEffect")}
+    for name, (state, phase, reason) in expected.items():
+        sent = qs.plane.wait(lambda: (e := _reported(qs, f"{name}--1")) and e["state"] in ("Failed", "Incompatible")
+                             and e, 240, f"the loader's report of {name}")
+        assert (sent["state"], sent["reason"]) == (state, reason), sent
+        st = qs.plane.wait(lambda: (s := status_of(k, "adapter", name)).get("phase") == phase and s, 60,
+                           f"Adapter {name} {phase}")
+        ready = condition(st, "Ready")
+        assert ready["reason"] == reason and ready["message"] == f"replica {sent['replica']}: {sent['message']}", st
+    # The good adapter is untouched by its neighbours' failures; the route is Degraded (a public model without a
+    # ready backend) until the bad ones are taken out again, then Ready.
+    assert ask(qs, "assistant", PROMPTS[0]).strip().startswith(ADAPTER_ANSWER)
+    assert status_of(k, "mr", "quickstart").get("phase") == "Degraded"
+    k("patch", "mr", "quickstart", "--type=json", "-p", json.dumps([{"op": "remove", "path": "/spec/routes/2"}]))
+    k("delete", "adapter", *bad, "--wait=true")
+    k.wait("condition=Ready", "mr/quickstart", timeout=60)
+
+
+def _engine_pods(qs) -> list[dict]:
+    return [p for p in qs.kubectl.get("pods", "-l", "loraplane.io/route=quickstart")["items"]
+            if not p["metadata"].get("deletionTimestamp")]
+
+
+def _pod_ready(pod: dict) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions") or [])
+
+
+def _report_state(pod: dict, served: str) -> str | None:
+    raw = (pod["metadata"].get("annotations") or {}).get("loraplane.io/adapters")
+    entry = json.loads(raw)["adapters"].get(served) if raw else None
+    return entry and entry["state"]
+
+
+def _completions_logged(qs, pod: str) -> int:
+    """How many /v1/completions requests the pod's vLLM logged (uvicorn's access log)."""
+    return qs.plane.pod_log(QS_NS, pod, "vllm").count("POST /v1/completions")
+
+
+def test_replica_lifecycle(quickstart):
+    """Delete the serving vLLM pod and scale to two at once: the ReplicaSet starts two new pods; on each, the loader
+    restores the adapter before the Adapter counts the pod in loadedOn, and the router never answers the adapter's
+    model with anything but the adapter's answer meanwhile. Then both serve it and the router uses both."""
+    qs, k = quickstart, quickstart.kubectl
+    served = k.get("adapter", "quickstart-adapter")["status"]["servedName"]
+    (old,) = [p["metadata"]["name"] for p in _engine_pods(qs)]
+    k("delete", "pod", old, "--wait=false")
+    k("patch", "mr", "quickstart", "--type=merge", "-p", json.dumps({"spec": {"replicas": 2}}))
+    seen: dict[str, dict[str, float]] = {}   # pod -> event -> first time seen (monotonic)
+    answers: list[tuple[int, str]] = []
+    deadline = time.monotonic() + 420
+    while time.monotonic() < deadline:
+        now = time.monotonic()
+        # The Adapter first, then the pods: a pod the (older) loadedOn names must show the adapter Ready in its
+        # (newer) report.
+        loaded_on = {lo["replica"] for lo in status_of(k, "adapter", "quickstart-adapter").get("loadedOn") or []}
+        pods = {p["metadata"]["name"]: p for p in _engine_pods(qs) if p["metadata"]["name"] != old}
+        for name, pod in pods.items():
+            events = seen.setdefault(name, {})
+            if _report_state(pod, served) == "Ready":
+                events.setdefault("adapter_ready", now)
+            if _pod_ready(pod):
+                events.setdefault("pod_ready", now)
+            if name in loaded_on:
+                events.setdefault("loaded_on", now)
+                assert "adapter_ready" in events, f"{name} counted as serving {served} before its loader loaded it"
+        url = router_url(k, "quickstart")
+        if url:
+            answers.append(complete(url, "assistant", PROMPTS[0]))
+        if len(pods) == 2 and all("loaded_on" in seen.get(n, {}) for n in pods) and old not in loaded_on:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"two replicas did not both serve {served}: {seen}\n{qs.diagnostics()}")
+    wrong = [(code, text) for code, text in answers if code == 200 and not text.strip().startswith(ADAPTER_ANSWER)]
+    assert not wrong, f"the router answered the adapter's model otherwise: {wrong[:3]}"
+    assert not [a for a in answers if a[0] == 404], "a replica without the adapter got its requests"
+    # The router spreads the adapter's requests over both replicas: bursts of 6 at once (adapter requests only, so
+    # the CPU build's wrong mixed base/adapter batches cannot occur) until each replica's vLLM logged some. The
+    # router finds new replicas by re-resolving the headless Service every --dns-interval (5 s) seconds.
+    from concurrent.futures import ThreadPoolExecutor
+
+    ask(qs, "assistant", PROMPTS[1])
+    pods = sorted(p for p in seen if p in {q["metadata"]["name"] for q in _engine_pods(qs)})
+    assert len(pods) == 2, seen
+    before = {p: _completions_logged(qs, p) for p in pods}
+    after = dict(before)
+    until = time.monotonic() + 30
+    while time.monotonic() < until and not all(after[p] > before[p] for p in pods):
+        url = router_url(k, "quickstart")
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(lambda _: complete(url, "assistant", PROMPTS[1]), range(6)))
+        for code, text in results:
+            assert code == 200 and text.strip().startswith(ADAPTER_ANSWER), (code, text)
+        after = {p: _completions_logged(qs, p) for p in pods}
+    assert all(after[p] > before[p] for p in pods), f"requests per replica: before {before}, after {after}"
+    assert condition(status_of(k, "mr", "quickstart"), "Ready").get("status") == "True"
+    print(f"\n[e2e] replicas: {json.dumps({p: {e: round(t - min(seen[p].values()), 1) for e, t in ev.items()} for p, ev in seen.items()})}")
+
+
+def test_training_preemption(quickstart):
+    """A longer FineTuneJob; its trainer pod is deleted after the first checkpoint. The Job starts another pod,
+    which resumes from the newest checkpoint: the step in status never goes back by more than one checkpoint
+    interval, and the job succeeds."""
+    qs, k = quickstart, quickstart.kubectl
+    every = 50
+    job = next(d for d in quickstart_docs() if d["kind"] == "FineTuneJob")
+    job["metadata"]["name"] = "preempted"
+    job["spec"]["output"] = {"adapterName": "preempted-adapter"}
+    job["spec"]["training"].update({"maxSteps": 400, "checkpointEverySteps": every})
+    job["spec"]["backoffLimit"] = 3
+    k.apply([job])
+    steps: list[int] = []
+
+    def step() -> int:
+        s = (status_of(k, "ftj", "preempted").get("progress") or {}).get("step") or 0
+        if not steps or steps[-1] != s:
+            steps.append(s)
+        return s
+
+    # The trainer writes checkpoints beside its output on the artifact claim (a folder of the node stand-in); the
+    # pod is deleted as soon as the first one is complete (its marker written), well before the last step.
+    from loraplane.trainer.checkpoints import MARKER
+
+    claim_dir = qs.installed.pvc_dir(QS_NS, ARTIFACT_CLAIM)
+
+    def complete_checkpoints() -> list[int]:
+        return sorted(int(m.parent.name.split("-")[-1])
+                      for m in claim_dir.glob(f"{QS_NS}/preempted/*.checkpoints/checkpoint-*/{MARKER}"))
+
+    qs.plane.wait(lambda: step() is not None and complete_checkpoints(), 300, "the first complete checkpoint",
+                  tick=0.1)
+    (first,) = [p["metadata"]["name"] for p in k.get("pods", "-l", "job-name=preempted-train")["items"]]
+    k("delete", "pod", first, "--wait=false")
+    at_delete = complete_checkpoints()[-1]
+    second = qs.plane.wait(lambda: [p["metadata"]["name"] for p in k.get("pods", "-l", "job-name=preempted-train")["items"]
+                                    if p["metadata"]["name"] != first], 120, "the Job's next pod")[0]
+    try:
+        k.wait("condition=Ready", "ftj/preempted", timeout=300)
+    except Exception as exc:
+        raise AssertionError(f"{exc}\nsteps {steps}\n{qs.diagnostics()}")
+    step()
+    log = qs.plane.pod_log(QS_NS, second, "trainer")
+    resumed = re.search(r"resuming from \S*checkpoint-(\d+)", log)
+    assert resumed and int(resumed.group(1)) >= at_delete, log[-2000:]
+    assert int(resumed.group(1)) < 400, "the first pod finished before it was deleted: nothing was preempted"
+    drops = [a - b for a, b in zip(steps, steps[1:]) if b < a]
+    assert all(d <= every for d in drops), f"the step went back by more than {every}: {steps}"
+    assert steps[-1] == 400, steps
+    print(f"\n[e2e] preemption: steps seen {steps}, newest checkpoint at deletion {at_delete}, "
+          f"resumed from {resumed.group(1)}")
+
+
+def test_deletion(quickstart):
+    """Deleting the ModelRoute and the FineTuneJobs leaves no pods, processes or network namespaces behind."""
+    qs, k = quickstart, quickstart.kubectl
+    uids = {p["metadata"]["uid"] for p in k.get("pods")["items"]}
+    k("delete", "mr", "quickstart", "--wait=true", timeout=300)
+    k("delete", "ftj", "--all", "--wait=true", timeout=300)
+    qs.plane.wait(lambda: not k.get("pods")["items"], 180, "no pods left in the namespace")
+    assert not k.get("deploy,rs,jobs,svc")["items"]
+    # The node stand-in's per-pod state is gone: no container process and no network namespace beyond those of the
+    # pods still running elsewhere (the operator's).
+    import subprocess
+
+    def leftovers():
+        running = [p for p in k.get("pods", "-A")["items"] if p["status"].get("phase") in ("Pending", "Running")]
+        prefix = qs.plane.bridge.netns_name(0).rsplit("-", 1)[0]
+        netns = [n.split()[0] for n in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                       text=True).stdout.splitlines() if n.startswith(prefix + "-")]
+        procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        stray = [m for m in ("vllm.entrypoints", "loraplane.router", "loraplane.loader", "loraplane.trainer")
+                 if m in procs]
+        return (netns, stray, len(running)) if len(netns) > len(running) or stray else None
+
+    try:
+        qs.plane.wait(lambda: not leftovers(), 60, "no processes or network namespaces left")
+    except TimeoutError:
+        raise AssertionError(f"left behind (netns, processes, pods running): {leftovers()}")
+    assert uids   # the flow ran pods at all
