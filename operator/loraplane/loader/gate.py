@@ -142,6 +142,9 @@ MAX_PATTERN_CHARS = 1000
 MAX_CONFIG_BYTES = 1 << 20
 # Most target_modules names accepted (PEFT's list form): a model has a few dozen distinct layer names.
 MAX_TARGET_MODULES = 10_000
+# Most rank_pattern keys accepted: PEFT writes one per module given another rank (a 70B model with 7 targets has
+# 560 modules); each key is matched against every adapted module.
+MAX_PATTERN_KEYS = 1024
 
 
 class GateError(ValueError):
@@ -508,12 +511,33 @@ def unsupported_features(g: GateInput) -> str | None:
             "PEFT)")
 
 
-def rank_pattern_key(pattern: dict[str, Any], module: str) -> str | None:
+def compile_rank_pattern(pattern: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The keys of a `rank_pattern` (or `alpha_pattern`) with their RE2 programs for `rank_pattern_key`, in
+    PEFT's order. PEFT matches each key as a Python regex (`re.match(rf"(.*\\.)?({KEY})$", module)`): run with
+    Python's backtracking engine on an untrusted key such as `(.|.)*x`, one match takes exponential time and
+    holds the GIL, freezing the whole loader. RE2 matches in linear time with bounded memory. Raises ValueError
+    saying why for more than MAX_PATTERN_KEYS keys, a key that is not a string, longer than MAX_PATTERN_CHARS,
+    or one RE2 cannot run (backreferences, lookaround)."""
+    if len(pattern) > MAX_PATTERN_KEYS:
+        raise ValueError(f"it has {len(pattern)} keys (at most {MAX_PATTERN_KEYS})")
+    out: list[tuple[str, Any]] = []
+    for key in pattern:
+        if not isinstance(key, str):
+            raise ValueError(f"key {key!r} is not a string")
+        program, why = _compile_target_pattern(rf"(.*\.)?({key})$")
+        if program is None or len(key) > MAX_PATTERN_CHARS:
+            why = why or f"it is {len(key)} characters long (at most {MAX_PATTERN_CHARS})"
+            raise ValueError(f"key {key[:80]!r} cannot be checked: {why}")
+        out.append((key, program))
+    return out
+
+
+def rank_pattern_key(pattern: list[tuple[str, Any]], module: str) -> str | None:
     """The `rank_pattern` key that applies to `module` (a full module name), as PEFT picks it
     (peft.utils.other.get_pattern_key): the first key that matches the name's end as a regex
-    (`(.*\\.)?(KEY)$`). None: `r` applies. Raises re.error for a key that is not a regex."""
-    for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", module):
+    (`(.*\\.)?(KEY)$`). `pattern`: `compile_rank_pattern`'s programs. None: `r` applies."""
+    for key, program in pattern:
+        if program.match(module):
             return key
     return None
 
@@ -533,6 +557,11 @@ def config_rank_matches_tensors(g: GateInput) -> str | None:
     if not isinstance(pattern, dict) or any(_int(v) is None or v <= 0 for v in pattern.values()):
         return (f"adapter_config.json's rank_pattern is {pattern!r}; it must map module name patterns to positive "
                 "integer ranks. Re-save the adapter with PEFT")
+    try:
+        programs = compile_rank_pattern(pattern)
+    except ValueError as exc:
+        return (f"adapter_config.json's rank_pattern {exc}; write its keys as module names or plain regular "
+                "expressions (no backreferences or lookaround), or re-save the adapter with PEFT")
     problems = []
     for module, shapes in sorted(g.lora_modules.items()):
         a_kind, b_kind = (("lora_embedding_A", "lora_embedding_B") if "lora_embedding_A" in shapes
@@ -545,10 +574,7 @@ def config_rank_matches_tensors(g: GateInput) -> str | None:
         if len(a) != 2 or len(b) != 2:
             problems.append(f"{module}: {a_kind} {list(a)} and {b_kind} {list(b)} must be matrices")
             continue
-        try:
-            key = rank_pattern_key(pattern, module)
-        except re.error as exc:
-            return f"adapter_config.json's rank_pattern has a key that is not a regular expression ({exc})"
+        key = rank_pattern_key(programs, module)
         want = pattern[key] if key is not None else r
         where = f"rank_pattern[{key!r}]" if key is not None else "r"
         if a[0] != b[1]:

@@ -393,3 +393,35 @@ def test_a_config_field_of_the_wrong_type_is_an_invalid_adapter(field, value):
     failures = gate.check(bad.adapter, bad.base, **_check_kwargs(bad))
     assert failures and failures[-1].reason == Reason.InvalidAdapter
     assert field in failures[-1].message or "rule" in failures[-1].message, failures
+
+
+def test_a_backtracking_rank_pattern_key_cannot_freeze_the_loader(tmp_path, tiny_model_dir):
+    """A rank_pattern key is a regex PEFT matches against every adapted module's name. Matched with Python's
+    backtracking engine, `(.|.)*x` takes exponential time on a ~50-character module name and holds the GIL
+    (the loader's event loop stops with it). The gate matches keys with RE2: the check finishes at once and the
+    key simply matches nothing (r applies); keys RE2 cannot run, or too many keys, are InvalidAdapter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    evil = write_adapter(tmp_path / "evil", r=8, extra_config={"rank_pattern": {"(.|.)*x": 4}})
+    code = ("import sys; from loraplane.loader import gate; "
+            "base = gate.read_base(sys.argv[1], None, __import__('pathlib').Path(sys.argv[2])); "
+            "print([f.reason for f in gate.check(gate.read_adapter(__import__('pathlib').Path(sys.argv[3])), base, "
+            "max_lora_rank=16)])")
+    operator_dir = Path(gate.__file__).resolve().parents[2]
+    try:
+        done = subprocess.run([sys.executable, "-c", code, IDENTITY, str(tiny_model_dir), str(evil)],
+                              capture_output=True, text=True, timeout=30, env={"PYTHONPATH": str(operator_dir)})
+    except subprocess.TimeoutExpired:
+        pytest.fail("the gate ran a rank_pattern key with a backtracking regex engine (> 30 s for one adapter)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    # What RE2 refuses (a backreference), and more keys than the bound, are refused naming rank_pattern.
+    for name, pattern in (("backref", {r"(q)\1_proj": 4}),
+                          ("many", {f"layers\\.{i}\\.q_proj": 8 for i in range(gate.MAX_PATTERN_KEYS + 1)})):
+        failures = gate.check(gate.read_adapter(write_adapter(tmp_path / name, r=8,
+                                                              extra_config={"rank_pattern": pattern})),
+                              gate.read_base(IDENTITY, None, tiny_model_dir), max_lora_rank=16)
+        assert [f.reason for f in failures] == [Reason.InvalidAdapter]
+        assert "rank_pattern" in failures[0].message
