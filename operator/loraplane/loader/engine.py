@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from loraplane.api.reasons import Reason
+from loraplane.storage.httpbody import BodyTooLarge, read_bounded
 
 
 class EngineError(Exception):
@@ -94,11 +95,12 @@ class VllmClient:
         """vLLM's GET /metrics (Prometheus text), at most `limit` bytes read. Raises EngineError on a non-200
         answer or a longer body, aiohttp/asyncio errors when vLLM cannot be reached."""
         async with self.session.get(self.base_url + "/metrics", timeout=self.timeout, headers=self.headers) as resp:
-            body = await resp.content.read(limit + 1)
+            try:
+                body = await read_bounded(resp, limit, "vLLM's /metrics")
+            except BodyTooLarge as exc:
+                raise EngineError(502, str(exc)) from exc
             if resp.status != 200:
                 raise EngineError(resp.status, body[:500].decode(errors="replace"))
-            if len(body) > limit:
-                raise EngineError(502, f"vLLM's /metrics is more than {limit} bytes")
             return body.decode(errors="replace")
 
     async def adapters_in_use(self) -> frozenset[str] | None:
