@@ -135,27 +135,38 @@ def test_pod_monitors_select_the_engine_and_router_pods_the_operator_creates():
         assert set(spec["podTargetLabels"]) <= pod["metadata"]["labels"].keys()
 
 
-def test_scraping_vllm_is_allowed_through_the_routes_network_policy(monkeypatch):
-    """With networkPolicies on, vLLM's port takes only the route's routers: Prometheus, which the PodMonitor sends
-    there, must be let in too, or the autoscaler's metric never exists (HPA `<unknown>`)."""
+def test_vllm_is_scraped_through_the_loader_and_its_port_takes_only_the_routers(monkeypatch):
+    """vLLM answers its routes outside /v1 without the engine key (/invocations runs inference, SageMaker's
+    POST /adapters loads weights), so the route's NetworkPolicy is all that guards port 8000. Monitoring used to
+    let in any pod labelled app.kubernetes.io/name=prometheus, in any namespace (scrapeFrom), i.e. anyone who may
+    run a pod. The engine PodMonitor now scrapes vLLM's metrics from the loader (ENGINE_METRICS_PATH on the
+    loader's port), and with every monitoring value on, port 8000 still takes only the route's routers."""
     from loraplane.api import parse
-    from loraplane.builders import modelroute
+    from loraplane.api.paths import ENGINE_METRICS_PATH, ENGINE_PORT
+    from loraplane.builders import modelroute, resolve
     from loraplane.controllers.settings import OperatorSettings
 
-    env = {e["name"]: e.get("value") for e in by_kind(objects(ALL_ON), "Deployment")[0]["spec"]["template"]["spec"]
+    rendered = objects(ALL_ON)
+    env = {e["name"]: e.get("value") for e in by_kind(rendered, "Deployment")[0]["spec"]["template"]["spec"]
            ["containers"][0]["env"]}
-    monkeypatch.setenv("LORAPLANE_METRICS_SCRAPE_FROM", env["LORAPLANE_METRICS_SCRAPE_FROM"])
+    for name, value in env.items():
+        if name.startswith("LORAPLANE_") and value is not None:
+            monkeypatch.setenv(name, value)
     settings = OperatorSettings.from_env().build
     route = parse(yaml.safe_load((ROOT / "docs" / "examples" / "modelroute.yaml").read_text()))
-    ingress = modelroute.engine_network_policy(route, settings.metrics_scrape_from)["spec"]["ingress"]
-    prometheus = [r for r in ingress if r.get("from") and "podSelector" in r["from"][0]
-                  and r["from"][0]["podSelector"]["matchLabels"].get("app.kubernetes.io/name") == "prometheus"]
-    assert prometheus and prometheus[0]["ports"] == [{"protocol": "TCP", "port": 8000}]
-    assert "LORAPLANE_METRICS_SCRAPE_FROM" not in {
-        e["name"] for e in by_kind(objects(), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
-    monkeypatch.setenv("LORAPLANE_METRICS_SCRAPE_FROM", '{"podSelector": {}}')
-    with pytest.raises(ValueError, match="monitoring.podMonitors.scrapeFrom"):
-        OperatorSettings.from_env()
+    policies = [o for o in modelroute.children(route, resolve(route, []).table, settings)
+                if o["kind"] == "NetworkPolicy"]
+    assert policies
+    for policy in policies:
+        to_engine = [r for r in policy["spec"]["ingress"]
+                     if any(p.get("port") == ENGINE_PORT for p in r.get("ports", []))]
+        assert [r["from"] for r in to_engine] == [[{"podSelector": {"matchLabels": modelroute.router_selector(route)}}]]
+    engines = next(pm for pm in by_kind(rendered, "PodMonitor") if pm["metadata"]["name"].endswith("-engines"))
+    endpoints = {(e["port"], e["path"]) for e in engines["spec"]["podMetricsEndpoints"]}
+    assert endpoints == {("loader", "/metrics"), ("loader", ENGINE_METRICS_PATH)}
+    assert "scrapeFrom" not in yaml.safe_load((ROOT / "charts" / "loraplane" / "values.yaml").read_text())[
+        "monitoring"]["podMonitors"]
+
 
 
 def adapter_rules() -> list[dict]:

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 # --- ports ---------------------------------------------------------------------------------------------------
 ENGINE_PORT = 8000      # vLLM's OpenAI server (+ /metrics); vLLM's default `--port`
-LOADER_PORT = 8081      # loader sidecar: /status (ReplicaReport), /metrics, /healthz
+LOADER_PORT = 8081      # loader sidecar: /status (ReplicaReport), /metrics, /healthz, ENGINE_METRICS_PATH
+# vLLM's /metrics, read by the loader over localhost and served on LOADER_PORT: Prometheus scrapes it there, so
+# nothing but the route's routers needs to reach ENGINE_PORT, whose unauthenticated routes (/invocations,
+# SageMaker's POST /adapters) only the NetworkPolicy guards (docs/security.md).
+ENGINE_METRICS_PATH = "/engine/metrics"
 ROUTER_PORT = 8080      # router: OpenAI API, /metrics, /healthz
 RENDEZVOUS_PORT = 29500  # torchrun's default c10d rendezvous port (multi-node training)
 

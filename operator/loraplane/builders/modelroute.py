@@ -5,7 +5,6 @@ ScaledObject) and the OpenAI-compatible router (RBAC, Deployment, Service).
 
 from __future__ import annotations
 
-import json
 import re
 
 from typing import Any
@@ -198,21 +197,19 @@ def engine_service(route: ModelRoute) -> Manifest:
     })
 
 
-def engine_network_policy(route: ModelRoute, scrape_from: str = "") -> Manifest:
+def engine_network_policy(route: ModelRoute) -> Manifest:
     """Ingress to the route's engine pods: vLLM's port (ENGINE_PORT) only from the route's own router pods; the
-    loader's port (LOADER_PORT: /status, /metrics, /healthz, all read-only) from anywhere, for the operator's
-    report relay and Prometheus. Everything else is refused. The loader reaches vLLM over localhost, which a
-    NetworkPolicy does not govern. `scrape_from` (BuildSettings.metrics_scrape_from: a JSON list of
-    NetworkPolicyPeers, the chart's monitoring.podMonitors.scrapeFrom) may also reach ENGINE_PORT, for vLLM's
-    /metrics, which the autoscaler reads. NetworkPolicies add up: another policy selecting these pods can allow
-    more."""
+    loader's port (LOADER_PORT: /status, /metrics, /healthz and vLLM's metrics at ENGINE_METRICS_PATH, all
+    read-only) from anywhere, for the operator's report relay and Prometheus. Everything else is refused. The
+    loader reaches vLLM over localhost, which a NetworkPolicy does not govern. No other peer is ever let in to
+    ENGINE_PORT, not even to scrape: vLLM answers routes outside /v1 without its key (/invocations, SageMaker's
+    POST /adapters, which loads weights), so a peer chosen by a pod label is anyone who can label a pod.
+    NetworkPolicies add up: another policy selecting these pods can allow more."""
     ingress: list[dict[str, Any]] = [
         {"from": [{"podSelector": {"matchLabels": router_selector(route)}}],
          "ports": [{"protocol": "TCP", "port": ENGINE_PORT}]},
         {"ports": [{"protocol": "TCP", "port": LOADER_PORT}]},
     ]
-    if scrape_from:
-        ingress.insert(1, {"from": json.loads(scrape_from), "ports": [{"protocol": "TCP", "port": ENGINE_PORT}]})
     return with_hash({
         "apiVersion": NETWORK_POLICY_API_VERSION, "kind": "NetworkPolicy",
         "metadata": metadata(route, engine_name(route), engine_labels(route)),
@@ -499,7 +496,7 @@ def unwanted_children(route: ModelRoute, settings: BuildSettings) -> list[tuple[
 def children(route: ModelRoute, table: ServingTable, settings: BuildSettings) -> list[Manifest]:
     """Everything the operator applies for a ModelRoute, in apply order."""
     # The NetworkPolicy before the replicas: a new vLLM is never reachable from other pods, not even briefly.
-    policy = [engine_network_policy(route, settings.metrics_scrape_from)] if settings.network_policies else []
+    policy = [engine_network_policy(route)] if settings.network_policies else []
     out = [serving_config_map(route, table), *engine_rbac(route), *policy, engine_deployment(route, table, settings),
            engine_service(route), pod_disruption_budget(route, settings)]
     auto = route.spec.autoscaling

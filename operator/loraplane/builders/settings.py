@@ -52,9 +52,6 @@ class BuildSettings:
     # A NetworkPolicy per ModelRoute: vLLM's port only from the route's routers (the chart's networkPolicies;
     # docs/security.md, "Engine pods and network"). Off: no policy, and the operator deletes the ones it made.
     network_policies: bool = True
-    # Who else may reach vLLM's port through that NetworkPolicy, to scrape its /metrics (the autoscaler's input):
-    # a JSON list of NetworkPolicyPeers (the chart's monitoring.podMonitors.scrapeFrom); "" : nobody else.
-    metrics_scrape_from: str = ""
     # What FineTuneJob and ModelRoute specs may ask for: images, vLLM flags, Secrets in env, ServiceAccounts
     # (the chart's operator.policy; builders/policy.py, docs/security.md).
     policy: SpecPolicy = SpecPolicy()

@@ -64,8 +64,7 @@ class OperatorSettings:
                                 pod_failure_policy=e("LORAPLANE_POD_FAILURE_POLICY", "true").lower() != "false",
                                 allow_insecure_http=e("LORAPLANE_ALLOW_INSECURE_HTTP", "false").lower() == "true",
                                 policy=policy, child_pods=child_pods_from_env(e("LORAPLANE_CHILD_PODS")),
-                                network_policies=e("LORAPLANE_NETWORK_POLICIES", "true").lower() != "false",
-                                metrics_scrape_from=scrape_peers(e("LORAPLANE_METRICS_SCRAPE_FROM", ""))),
+                                network_policies=e("LORAPLANE_NETWORK_POLICIES", "true").lower() != "false"),
             namespaces=tuple(n for n in e("LORAPLANE_NAMESPACES", "").split(",") if n),
             resync_seconds=float(e("LORAPLANE_RESYNC_SECONDS", "600")),
             coalesce_seconds=float(e("LORAPLANE_COALESCE_SECONDS", "0.05")),
@@ -73,21 +72,6 @@ class OperatorSettings:
             metrics_host=e("LORAPLANE_METRICS_HOST", "0.0.0.0"),
             report_poll_seconds=float(e("LORAPLANE_REPORT_POLL_SECONDS", "5")),
         )
-
-
-def scrape_peers(text: str) -> str:
-    """LORAPLANE_METRICS_SCRAPE_FROM checked: "" or a JSON list of NetworkPolicyPeer objects (returned as given).
-    Raises ValueError naming the variable and the chart value, so a bad value stops the operator at start."""
-    if not text.strip():
-        return ""
-    try:
-        peers = json.loads(text)
-    except ValueError as exc:
-        raise ValueError(f"LORAPLANE_METRICS_SCRAPE_FROM (chart monitoring.podMonitors.scrapeFrom) is not JSON: {exc}")
-    if not isinstance(peers, list) or not all(isinstance(p, dict) and p for p in peers):
-        raise ValueError("LORAPLANE_METRICS_SCRAPE_FROM (chart monitoring.podMonitors.scrapeFrom) must be a list of "
-                         "NetworkPolicyPeer objects (namespaceSelector, podSelector or ipBlock)")
-    return text
 
 
 def child_pods_from_env(value: str | None) -> PodSettings:
@@ -110,4 +94,4 @@ def child_pods_from_env(value: str | None) -> PodSettings:
     return pods
 
 
-__all__ = ["OperatorSettings", "child_pods_from_env", "scrape_peers"]
+__all__ = ["OperatorSettings", "child_pods_from_env"]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from loraplane.api.reasons import Reason
+from loraplane.storage.httpbody import BodyTooLarge, read_bounded
 
 
 class EngineError(Exception):
@@ -40,6 +41,11 @@ class Probe:
         if self.tokens != other.tokens or self.text != other.text:
             return True
         return any(abs(a - b) > tolerance for a, b in zip(self.logprobs, other.logprobs))
+
+
+# The most of vLLM's /metrics read (bytes): a few hundred KB with many adapters and histograms; the loader reads
+# it for adapters_in_use and serves it to Prometheus (server.py), never unbounded into its memory.
+METRICS_MAX_BYTES = 16 << 20
 
 
 class VllmClient:
@@ -85,16 +91,28 @@ class VllmClient:
         """served name -> path of every LoRA adapter the engine has (model cards with a parent)."""
         return {m["id"]: m.get("root", "") for m in await self.models() if m.get("parent")}
 
+    async def metrics_text(self, limit: int = METRICS_MAX_BYTES) -> str:
+        """vLLM's GET /metrics (Prometheus text), at most `limit` bytes read. Raises EngineError on a non-200
+        answer or a longer body, aiohttp/asyncio errors when vLLM cannot be reached."""
+        async with self.session.get(self.base_url + "/metrics", timeout=self.timeout, headers=self.headers) as resp:
+            try:
+                body = await read_bounded(resp, limit, "vLLM's /metrics")
+            except BodyTooLarge as exc:
+                raise EngineError(502, str(exc)) from exc
+            if resp.status != 200:
+                raise EngineError(resp.status, body[:500].decode(errors="replace"))
+            return body.decode(errors="replace")
+
     async def adapters_in_use(self) -> frozenset[str] | None:
         """The LoRA adapters vLLM runs or queues requests with now, from its /metrics: nothing when
         `vllm:num_requests_running` + `vllm:num_requests_waiting` is 0, else the adapters named by the newest
         `vllm:lora_requests_info` series (labels running_lora_adapters, waiting_lora_adapters; its value is the
         time it was recorded). None when /metrics cannot be read or has neither family (then nothing is known)."""
         try:
-            status, text, _ = await self._request("GET", "/metrics")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            text = await self.metrics_text()
+        except (EngineError, aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return None
-        return parse_adapters_in_use(text) if status == 200 else None
+        return parse_adapters_in_use(text)
 
     async def load(self, name: str, path: str) -> None:
         """POST /v1/load_lora_adapter: load the PEFT directory `path` under `name` (needs

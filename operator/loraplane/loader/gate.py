@@ -142,6 +142,9 @@ MAX_PATTERN_CHARS = 1000
 MAX_CONFIG_BYTES = 1 << 20
 # Most target_modules names accepted (PEFT's list form): a model has a few dozen distinct layer names.
 MAX_TARGET_MODULES = 10_000
+# Most rank_pattern / alpha_pattern keys accepted: PEFT writes one per module given another rank; vLLM matches
+# each key against every adapted module with Python's re, whose compiled-pattern cache holds 512.
+MAX_PATTERN_KEYS = 512
 
 
 class GateError(ValueError):
@@ -508,12 +511,83 @@ def unsupported_features(g: GateInput) -> str | None:
             "PEFT)")
 
 
-def rank_pattern_key(pattern: dict[str, Any], module: str) -> str | None:
+def python_backtracking_problem(key: str) -> str | None:
+    """Why Python's backtracking `re` could take long on pattern key `key` of rank_pattern / alpha_pattern, else
+    None. vLLM (vllm/lora/peft_helper.py `_match_pattern`) and PEFT match these keys with `re.match` against every
+    adapted module's name when the adapter is loaded, in the engine itself: `(.|.)*x` takes exponential time there
+    and stops the replica. RE2 running the gate's own match is not enough, so the key's structure is bounded as
+    Python's parser reads it: a repeat (`*`, `+`, `{m,n}`) may only repeat one character or class, never a group,
+    an alternation or another repeat, and a key has at most one repeat of more than one (with vLLM's `(.*\\.)?`
+    prefix, quadratic in the ~100-character module name)."""
+    try:
+        from re import _constants as sre_constants, _parser as sre_parse   # Python >= 3.11
+    except ImportError:  # pragma: no cover - older Pythons
+        import sre_constants  # type: ignore[no-redef]
+        import sre_parse  # type: ignore[no-redef]
+    try:
+        tree = sre_parse.parse(key)
+    except (re.error, RecursionError, OverflowError, ValueError) as exc:
+        return f"Python cannot compile it ({exc})"
+    repeats = {sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT, getattr(sre_constants, "POSSESSIVE_REPEAT", None)}
+    atoms = {sre_constants.LITERAL, sre_constants.NOT_LITERAL, sre_constants.ANY, sre_constants.IN,
+             sre_constants.CATEGORY}
+    counted = 0
+
+    def walk(items) -> str | None:
+        nonlocal counted
+        for op, arg in items:
+            if op in repeats:
+                _, high, body = arg
+                if len(body) != 1 or body[0][0] not in atoms:
+                    return "it repeats a group, an alternation or a repeat"
+                if high > 1:
+                    counted += 1
+            elif op is sre_constants.SUBPATTERN:
+                if (problem := walk(arg[-1])) is not None:
+                    return problem
+            elif op is sre_constants.BRANCH:
+                for branch in arg[1]:
+                    if (problem := walk(branch)) is not None:
+                        return problem
+        return None
+
+    problem = walk(tree)
+    if problem is None and counted > 1:
+        problem = f"it has {counted} repeats (at most one: a wildcard such as .* once)"
+    return problem
+
+
+def compile_rank_pattern(pattern: dict[str, Any], field: str = "rank_pattern") -> list[tuple[str, Any]]:
+    """The keys of a `rank_pattern` (or `alpha_pattern`: `field`) with their RE2 programs for `rank_pattern_key`,
+    in PEFT's order. PEFT and vLLM match each key as a Python regex (`re.match(rf"(.*\\.)?({KEY})$", module)`):
+    run with Python's backtracking engine on an untrusted key such as `(.|.)*x`, one match takes exponential
+    time and holds the GIL. The gate matches with RE2 (linear time, bounded memory) and refuses a key whose
+    structure would make vLLM's own match slow (`python_backtracking_problem`). Raises ValueError saying why
+    for more than MAX_PATTERN_KEYS keys, a key that is not a string, longer than MAX_PATTERN_CHARS, one RE2
+    cannot run (backreferences, lookaround) or one Python would backtrack on."""
+    if len(pattern) > MAX_PATTERN_KEYS:
+        raise ValueError(f"it has {len(pattern)} keys (at most {MAX_PATTERN_KEYS})")
+    out: list[tuple[str, Any]] = []
+    for key in pattern:
+        if not isinstance(key, str):
+            raise ValueError(f"key {key!r} is not a string")
+        program, why = _compile_target_pattern(rf"(.*\.)?({key})$")
+        if program is None or len(key) > MAX_PATTERN_CHARS:
+            why = why or f"it is {len(key)} characters long (at most {MAX_PATTERN_CHARS})"
+        else:
+            why = python_backtracking_problem(key)
+        if why is not None:
+            raise ValueError(f"key {key[:80]!r} cannot be checked or matched safely by vLLM: {why}")
+        out.append((key, program))
+    return out
+
+
+def rank_pattern_key(pattern: list[tuple[str, Any]], module: str) -> str | None:
     """The `rank_pattern` key that applies to `module` (a full module name), as PEFT picks it
     (peft.utils.other.get_pattern_key): the first key that matches the name's end as a regex
-    (`(.*\\.)?(KEY)$`). None: `r` applies. Raises re.error for a key that is not a regex."""
-    for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", module):
+    (`(.*\\.)?(KEY)$`). `pattern`: `compile_rank_pattern`'s programs. None: `r` applies."""
+    for key, program in pattern:
+        if program.match(module):
             return key
     return None
 
@@ -533,6 +607,19 @@ def config_rank_matches_tensors(g: GateInput) -> str | None:
     if not isinstance(pattern, dict) or any(_int(v) is None or v <= 0 for v in pattern.values()):
         return (f"adapter_config.json's rank_pattern is {pattern!r}; it must map module name patterns to positive "
                 "integer ranks. Re-save the adapter with PEFT")
+    alpha = g.config.get("alpha_pattern") or {}
+    if not isinstance(alpha, dict):
+        return (f"adapter_config.json's alpha_pattern is {str(alpha)[:80]!r}; it must map module name patterns to "
+                "alphas. Re-save the adapter with PEFT")
+    programs: list[tuple[str, Any]] = []
+    for which, value in (("rank_pattern", pattern), ("alpha_pattern", alpha)):   # vLLM matches both alike
+        try:
+            compiled = compile_rank_pattern(value, which)
+        except ValueError as exc:
+            return (f"adapter_config.json's {which} {exc}; write its keys as module names or plain regular "
+                    "expressions (no backreferences, lookaround or repeated groups; one wildcard at most), or "
+                    "list the modules")
+        programs = compiled if which == "rank_pattern" else programs
     problems = []
     for module, shapes in sorted(g.lora_modules.items()):
         a_kind, b_kind = (("lora_embedding_A", "lora_embedding_B") if "lora_embedding_A" in shapes
@@ -545,10 +632,7 @@ def config_rank_matches_tensors(g: GateInput) -> str | None:
         if len(a) != 2 or len(b) != 2:
             problems.append(f"{module}: {a_kind} {list(a)} and {b_kind} {list(b)} must be matrices")
             continue
-        try:
-            key = rank_pattern_key(pattern, module)
-        except re.error as exc:
-            return f"adapter_config.json's rank_pattern has a key that is not a regular expression ({exc})"
+        key = rank_pattern_key(programs, module)
         want = pattern[key] if key is not None else r
         where = f"rank_pattern[{key!r}]" if key is not None else "r"
         if a[0] != b[1]:

@@ -1,11 +1,17 @@
-"""The loader's HTTP endpoints: /status (the ReplicaReport the router polls), /metrics, /healthz."""
+"""The loader's HTTP endpoints: /status (the ReplicaReport the router polls), /metrics, /healthz, and vLLM's own
+metrics at ENGINE_METRICS_PATH (read over localhost, so Prometheus never needs to reach vLLM's port)."""
 
 from __future__ import annotations
 
+import asyncio
+
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from loraplane.api.paths import ENGINE_METRICS_PATH
 from loraplane.api.wire.serving import STATUS_BOUNDED_QUERY
+from loraplane.loader.engine import EngineError
 from loraplane.loader.reconciler import Loader
 
 LOADER_KEY = web.AppKey("loader", Loader)
@@ -32,6 +38,17 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def engine_metrics(request: web.Request) -> web.Response:
+    """GET ENGINE_METRICS_PATH: vLLM's /metrics as vLLM serves it (Prometheus text, at most
+    engine.METRICS_MAX_BYTES), read over localhost with the engine key; 503 while vLLM cannot be read. What the
+    engine PodMonitor scrapes: the route's NetworkPolicy then lets nothing but its routers reach vLLM's port."""
+    try:
+        text = await request.app[LOADER_KEY].engine.metrics_text()
+    except (EngineError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        return web.Response(status=503, text=f"vLLM's metrics cannot be read: {type(exc).__name__}: {exc}\n"[:600])
+    return web.Response(text=text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
 async def healthz(request: web.Request) -> web.Response:
     """GET /healthz (the liveness probe): 200 while the control loop is alive, 503 when its task ended or it has
     not ticked for STALL_SECONDS. It never depends on adapters being loaded: a download that outlasts
@@ -43,8 +60,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 def make_app(loader: Loader) -> web.Application:
-    """The loader's aiohttp application serving /status, /metrics and /healthz for `loader`."""
+    """The loader's aiohttp application serving /status, /metrics, /healthz and ENGINE_METRICS_PATH for `loader`."""
     app = web.Application()
     app[LOADER_KEY] = loader
-    app.add_routes([web.get("/status", status), web.get("/metrics", metrics), web.get("/healthz", healthz)])
+    app.add_routes([web.get("/status", status), web.get("/metrics", metrics), web.get("/healthz", healthz),
+                    web.get(ENGINE_METRICS_PATH, engine_metrics)])
     return app

@@ -241,21 +241,116 @@ def fetch_previous(previous: PreviousVersion, scratch: Path, pvc_root: Path) -> 
         raise ValueError(f"fetching {redacted(previous.uri)} failed: {exc}") from exc
 
 
-def load_previous(peft_model, previous: PreviousVersion, scratch: Path, pvc_root: Path, identity: str) -> None:
-    """Load the previous version into `peft_model` as adapter PREVIOUS_ADAPTER. Raises ValueError saying why it
-    cannot be scored (not fetchable, another base model, an adapter peft cannot load onto this model)."""
-    import json
+# The previous version's adapter_config.json is untrusted (whoever may set the Adapter's source wrote it) and PEFT
+# reads several of its fields as Python regular expressions, run with the backtracking engine against every
+# module name while holding the GIL: target_modules and exclude_modules (a string is full-matched), the keys of
+# rank_pattern and alpha_pattern, and names it pastes into patterns unescaped (modules_to_save, layers_pattern).
+# One such pattern (`(.|.)*x`) held the trainer for hours after training, before the new adapter was saved.
+MAX_PREVIOUS_CONFIG_BYTES = 1 << 20     # as the loader's gate (PEFT writes about 1 KB)
+MAX_PATTERN_KEYS = 1024                  # rank_pattern / alpha_pattern keys, as the loader's gate
+# A name PEFT may paste into a regex: module-name characters only ('.' matches itself among others; no
+# quantifier, group or alternation, so matching stays polynomial and short).
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,256}$")
+# Fields PEFT reads as lists of names pasted into patterns or matched as suffixes.
+_NAME_LIST_FIELDS = ("modules_to_save", "layers_pattern", "target_parameters")
+# init_lora_weights values that only set initial weights (the loader's gate: loader/gate.py _PLAIN_INITS); the
+# others (pissa, olora, corda, loftq) rewrite the base model's weights when the adapter is added, which would
+# change the base and candidate scores of this run.
+_PLAIN_INITS = {"gaussian", "eva", "orthogonal", "mica", "lora_ga"}
 
-    path = fetch_previous(previous, scratch, pvc_root)
+
+def _module_pattern(pattern: str, what: str):
     try:
-        config = json.loads((Path(path) / "adapter_config.json").read_text())
+        return compile_pattern(pattern)
+    except ValueError as exc:
+        raise ValueError(f"its {what} {pattern[:80]!r} cannot be matched safely: {exc}") from exc
+
+
+def safe_previous_config(config: Any, module_names: list[str]) -> dict[str, Any]:
+    """The previous version's adapter_config.json as PEFT may load it without running an untrusted regular
+    expression: string target_modules / exclude_modules become the list of `module_names` (the full names of the
+    model it is loaded into) RE2 full-matches, as PEFT would with `re.fullmatch`; rank_pattern / alpha_pattern
+    keys become the escaped full names of the modules whose first RE2-matching key (PEFT's order, `(.*\\.)?(KEY)$`)
+    they were. Raises ValueError saying why it cannot be scored: not a LoRA config, a pattern RE2 refuses, a
+    name list field with regex syntax, layer_replication or Megatron settings (they change or import into the
+    model) or an init_lora_weights that rewrites the base weights."""
+    if not isinstance(config, dict):
+        raise ValueError("its adapter_config.json is not a JSON object")
+    out = dict(config)
+    if str(out.get("peft_type") or "LORA").upper() != "LORA":
+        raise ValueError(f"its peft_type is {out.get('peft_type')!r}, not LORA")
+    for key in ("layer_replication", "megatron_config"):   # megatron_core (PEFT writes a default) is read only with megatron_config
+        if out.get(key):
+            raise ValueError(f"its adapter_config.json sets {key}, which changes the model it is loaded into")
+    init = out.get("init_lora_weights", True)
+    if not isinstance(init, bool) and not (isinstance(init, str) and init.lower() in _PLAIN_INITS):
+        raise ValueError(f"its init_lora_weights {str(init)[:40]!r} rewrites the base model's weights")
+    for key in ("target_modules", "exclude_modules"):
+        value = out.get(key)
+        if isinstance(value, str) and value != "all-linear":
+            program = _module_pattern(value, key)
+            out[key] = [n for n in module_names if program.fullmatch(n)]
+            if key == "target_modules" and not out[key]:
+                raise ValueError(f"its target_modules {value[:80]!r} matches no module of this model")
+        elif isinstance(value, list):
+            if len(value) > 10_000 or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"its {key} is not a list of at most 10000 module names")
+        elif value is not None and value != "all-linear":
+            raise ValueError(f"its {key} is neither a list of module names nor a regular expression")
+    for key in _NAME_LIST_FIELDS:
+        value = out.get(key)
+        names = [value] if isinstance(value, str) else value if isinstance(value, list) else [] if value is None \
+            else None
+        if names is None or len(names) > 10_000 or not all(isinstance(n, str) and _PLAIN_NAME.match(n)
+                                                           for n in names):
+            raise ValueError(f"its {key} must list plain module names (letters, digits, '_', '.', '-')")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = out.get(key) or {}
+        if not isinstance(pattern, dict) or len(pattern) > MAX_PATTERN_KEYS \
+                or not all(isinstance(k, str) for k in pattern):
+            raise ValueError(f"its {key} is not a map of at most {MAX_PATTERN_KEYS} module name patterns")
+        programs = [(k, _module_pattern(rf"(.*\.)?({k})$", f"{key} key")) for k in pattern]
+        resolved: dict[str, Any] = {}
+        for name in module_names:
+            hit = next((k for k, program in programs if program.match(name)), None)
+            if hit is not None:
+                resolved[re.escape(name)] = pattern[hit]
+        out[key] = resolved
+    return out
+
+
+def load_previous(peft_model, previous: PreviousVersion, scratch: Path, pvc_root: Path, identity: str) -> None:
+    """Load the previous version into `peft_model` as adapter PREVIOUS_ADAPTER. Its adapter_config.json (at most
+    MAX_PREVIOUS_CONFIG_BYTES) is made safe to load first (`safe_previous_config`, written with links to its
+    weights under `scratch`). Raises ValueError saying why it cannot be scored (not fetchable, another base
+    model, a config PEFT would run untrusted patterns from, an adapter peft cannot load onto this model)."""
+    import json
+    import shutil
+
+    path = Path(fetch_previous(previous, scratch, pvc_root))
+    try:
+        with open(path / "adapter_config.json", "rb") as fh:
+            raw = fh.read(MAX_PREVIOUS_CONFIG_BYTES + 1)
+        if len(raw) > MAX_PREVIOUS_CONFIG_BYTES:
+            raise ValueError(f"it is more than {MAX_PREVIOUS_CONFIG_BYTES} bytes")
+        config = json.loads(raw)
     except (OSError, ValueError) as exc:
         raise ValueError(f"its adapter_config.json cannot be read ({exc})") from exc
-    trained_on = config.get("base_model_name_or_path")
+    trained_on = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     if trained_on and trained_on != identity:
         raise ValueError(f"it was trained on base model {trained_on!r}, this run on {identity!r}")
+    names = [n for n, _ in peft_model.base_model.model.named_modules()]
+    safe = safe_previous_config(config, names)
+    weights = [f for f in ("adapter_model.safetensors", "adapter_model.bin") if (path / f).is_file()][:1]
+    if not weights:
+        raise ValueError("it has no adapter_model.safetensors")
+    staged = scratch / "previous-adapter-config"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    (staged / "adapter_config.json").write_text(json.dumps(safe))
+    (staged / weights[0]).symlink_to((path / weights[0]).resolve())
     try:
-        peft_model.load_adapter(str(path), adapter_name=PREVIOUS_ADAPTER, is_trainable=False)
+        peft_model.load_adapter(str(staged), adapter_name=PREVIOUS_ADAPTER, is_trainable=False)
     except Exception as exc:  # peft/torch refuse shapes or modules of another architecture
         raise ValueError(f"peft cannot load it onto this model ({type(exc).__name__}: {str(exc)[:200]})") from exc
 

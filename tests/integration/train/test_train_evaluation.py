@@ -155,3 +155,51 @@ def test_loraplane_run_shows_the_quickstart_evaluation(tmp_path):
     adapter, base = (float(v) for v in re.findall(r"(?:adapter|base) ([0-9.]+)", line))
     assert adapter > base, line
     assert "    base: contains=" in text
+
+
+_LOAD_PREVIOUS = """
+import json, sys, time
+from pathlib import Path
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+from loraplane.api.wire.trainer import PreviousVersion
+from loraplane.trainer import evaluate
+model_dir, work, target, rank_key = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(model_dir)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+prev = work / "prev"
+model.save_pretrained(str(prev))
+cfg = json.loads((prev / "adapter_config.json").read_text())
+cfg.update(target_modules=target, rank_pattern={rank_key: 4})
+(prev / "adapter_config.json").write_text(json.dumps(cfg))
+try:
+    evaluate.load_previous(model, PreviousVersion(uri=str(prev)), work, work, cfg.get("base_model_name_or_path") or "")
+    a = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A
+    same = bool((a["default"].weight == a["previous"].weight).all())
+    print(json.dumps({"loaded": True, "same_weights": same}))
+except ValueError as exc:
+    print(json.dumps({"loaded": False, "why": str(exc)}))
+"""
+
+
+@pytest.mark.parametrize("target,rank_key,loads", [
+    (r".*\.(q_proj|v_proj)", "q_proj", True),      # a regex PEFT itself accepts: resolved, the same weights load
+    ("(.|.)*q_proj$x", "q_proj", False),           # backtracking target_modules: refused at once
+    (r".*\.(q_proj|v_proj)", "(.|.)*x", True),     # backtracking rank_pattern key: matches nothing, at once
+])
+def test_a_hostile_previous_version_config_cannot_hold_the_trainer(tiny_model_dir, tmp_path, target, rank_key, loads):
+    """The version being replaced is fetched and loaded into the trained model after training, before the new
+    adapter is saved; its adapter_config.json comes from whoever set the Adapter's source. PEFT would run its
+    regex fields with Python's backtracking re: `(.|.)*q_proj$x` held the trainer for hours. Bounded to 120 s."""
+    try:
+        done = subprocess.run([sys.executable, "-c", _LOAD_PREVIOUS, str(tiny_model_dir), str(tmp_path), target,
+                               rank_key], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "operator")})
+    except subprocess.TimeoutExpired:
+        pytest.fail("loading the previous version ran an untrusted pattern with a backtracking engine (> 120 s)")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["loaded"] is loads, result
+    if loads:
+        assert result["same_weights"] is True
+    else:
+        assert "target_modules" in result["why"]

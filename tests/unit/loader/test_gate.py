@@ -393,3 +393,50 @@ def test_a_config_field_of_the_wrong_type_is_an_invalid_adapter(field, value):
     failures = gate.check(bad.adapter, bad.base, **_check_kwargs(bad))
     assert failures and failures[-1].reason == Reason.InvalidAdapter
     assert field in failures[-1].message or "rule" in failures[-1].message, failures
+
+
+def test_a_backtracking_rank_pattern_key_cannot_freeze_the_loader_or_the_engine(tmp_path, tiny_model_dir):
+    """rank_pattern and alpha_pattern keys are regexes PEFT and vLLM (vllm/lora/peft_helper.py _match_pattern)
+    match with Python's backtracking `re` against every adapted module's name when the adapter loads: `(.|.)*x`
+    takes exponential time on a ~50-character name and holds the GIL. The gate matched them with that engine
+    too (the loader froze, event loop included). Now the gate runs RE2 and refuses a key whose structure would
+    make vLLM's own match slow (a repeated group or alternation, more than one repeat), so such an adapter is
+    InvalidAdapter before it reaches vLLM; ordinary keys pass."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    evil = write_adapter(tmp_path / "evil", r=8, extra_config={"rank_pattern": {"(.|.)*x": 4}})
+    code = ("import sys; from loraplane.loader import gate; "
+            "base = gate.read_base(sys.argv[1], None, __import__('pathlib').Path(sys.argv[2])); "
+            "print([str(f.reason) for f in gate.check(gate.read_adapter(__import__('pathlib').Path(sys.argv[3])), "
+            "base, max_lora_rank=16)])")
+    operator_dir = Path(gate.__file__).resolve().parents[2]
+    try:
+        done = subprocess.run([sys.executable, "-c", code, IDENTITY, str(tiny_model_dir), str(evil)],
+                              capture_output=True, text=True, timeout=30, env={"PYTHONPATH": str(operator_dir)})
+    except subprocess.TimeoutExpired:
+        pytest.fail("the gate ran a rank_pattern key with a backtracking regex engine (> 30 s for one adapter)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['InvalidAdapter']"
+    base = gate.read_base(IDENTITY, None, tiny_model_dir)
+
+    def failures(name: str, **config) -> list[gate.GateFailure]:
+        return gate.check(gate.read_adapter(write_adapter(tmp_path / name, r=8, extra_config=config)), base,
+                          max_lora_rank=16)
+
+    # Refused, naming the field: what vLLM would backtrack on, what RE2 refuses, too many keys, a non-map.
+    for i, (field, value) in enumerate([
+            ("rank_pattern", {"(a+)+b": 8}), ("rank_pattern", {"(q|k)*_proj": 8}), ("rank_pattern", {".*.*x": 8}),
+            ("alpha_pattern", {"(.|.)*x": 16}), ("rank_pattern", {r"(q)\1_proj": 8}),
+            ("rank_pattern", {r"(.|..)*\.q": 8}),   # > 20 s in vLLM's matcher (the regex module) on a module name
+            ("rank_pattern", {f"layers\\.{i}\\.q_proj": 8 for i in range(gate.MAX_PATTERN_KEYS + 1)}),
+            ("alpha_pattern", [1])]):
+        found = failures(f"bad{i}", **{field: value})
+        assert [f.reason for f in found] == [Reason.InvalidAdapter], (field, value)
+        assert field in found[0].message
+    # Passed: module names, one wildcard, a class repeated, an alternation that is not repeated.
+    for i, key in enumerate(["q_proj", "model.layers.0.self_attn.q_proj", r"layers\.1\..*q_proj",
+                             r"layers\.\d+\.self_attn\.q_proj", r"layers\.(0|1)\.self_attn\.v_proj"]):
+        assert gate.python_backtracking_problem(key) is None, key
+        assert failures(f"ok{i}", alpha_pattern={key: 16}) == [], key

@@ -172,3 +172,49 @@ def test_the_evaluation_survives_the_termination_message_limit(tmp_path, monkeyp
     assert len(text.encode()) <= TERMINATION_MESSAGE_LIMIT
     read = TerminationMessage.parse(text)   # what the operator reads from the pod
     assert read.evaluation == full_result() and read.artifact.sha256 == "a" * 64
+
+
+# ---- the previous version's adapter_config.json is untrusted ----------------------------------------------------
+
+MODULES = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj")]
+EVIL = "(.|.)*x"   # exponential time under Python's backtracking re on a module name; linear under RE2
+
+
+def test_the_previous_config_carries_no_pattern_peft_would_backtrack_on():
+    """PEFT full-matches a string target_modules/exclude_modules and matches rank_pattern/alpha_pattern keys with
+    Python's re; safe_previous_config resolves them with RE2 into plain names first (the same modules)."""
+    import re
+    import time
+
+    cfg = {"peft_type": "LORA", "r": 8, "target_modules": r".*\.(q_proj|v_proj)", "exclude_modules": EVIL,
+           "rank_pattern": {EVIL: 2, "v_proj": 4}, "alpha_pattern": {r"layers\.1\..*": 32}}
+    start = time.monotonic()
+    safe = evaluate.safe_previous_config(cfg, MODULES)
+    assert time.monotonic() - start < 1
+    assert safe["target_modules"] == [m for m in MODULES if m.endswith(("q_proj", "v_proj"))]
+    assert safe["exclude_modules"] == []
+    assert safe["rank_pattern"] == {re.escape(m): 4 for m in MODULES if m.endswith("v_proj")}
+    assert safe["alpha_pattern"] == {re.escape(m): 32 for m in MODULES if ".1." in m}
+    # PEFT's own reading of the rewritten keys picks the same values, and runs no untrusted pattern
+    assert all(re.match(rf"(.*\.)?({k})$", m) for k in safe["rank_pattern"] for m in [k.replace("\\", "")])
+    assert cfg["target_modules"] == r".*\.(q_proj|v_proj)"   # the input is not changed
+    assert evaluate.safe_previous_config({"r": 8, "target_modules": ["q_proj"], "megatron_core": "megatron.core"},
+                                         MODULES)["target_modules"] == ["q_proj"]
+
+
+@pytest.mark.parametrize("cfg,match", [
+    ({"target_modules": r"(q)\1_proj"}, "target_modules .* cannot be matched safely"),
+    ({"target_modules": EVIL}, "matches no module"),
+    ({"target_modules": ["q_proj"], "modules_to_save": [EVIL]}, "modules_to_save must list plain module names"),
+    ({"target_modules": ["q_proj"], "layers_pattern": EVIL}, "layers_pattern must list plain module names"),
+    ({"target_modules": ["q_proj"], "rank_pattern": {r"(?=q)": 4}}, "rank_pattern key"),
+    ({"target_modules": ["q_proj"], "rank_pattern": {f"k{i}": 4 for i in range(2000)}}, "at most 1024"),
+    ({"target_modules": ["q_proj"], "layer_replication": [[0, 2], [0, 2]]}, "layer_replication"),
+    ({"target_modules": ["q_proj"], "init_lora_weights": "pissa"}, "rewrites the base model's weights"),
+    ({"peft_type": "IA3", "target_modules": ["q_proj"]}, "not LORA"),
+    ({"target_modules": {"q_proj": 1}}, "neither a list"),
+    ([], "not a JSON object"),
+])
+def test_a_previous_config_that_cannot_be_loaded_safely_is_refused_naming_the_field(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        evaluate.safe_previous_config(cfg, MODULES)
