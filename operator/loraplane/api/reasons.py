@@ -15,7 +15,7 @@ FTJ = "FineTuneJob status.failure.reason / Ready"
 ADAPTER = "Adapter Ready / Compatible; loader report"
 ROUTE = "ModelRoute Ready"
 ANY = "any kind, Ready"
-ROLLOUT = "Adapter status.rollout.reason; Event on an Adapter"
+ROLLOUT = "Adapter status.rollout.reason (Ready when the rollout failed or was stopped); Event on an Adapter"
 
 
 class Progress(StrEnum):

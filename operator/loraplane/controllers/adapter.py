@@ -16,25 +16,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from pydantic import ValidationError
 
-from loraplane.api.adapter import Adapter, AdapterPhase, AdapterStatus, ArtifactInfo, LoadedOn
+from loraplane.api.adapter import Adapter, AdapterPhase, AdapterStatus, ArtifactInfo, LoadedOn, Provenance
+from loraplane.api.evaluation import EvaluationResult
 from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType, Progress
 from loraplane.api.modelroute import ModelRoute
 from loraplane.api.reasons import Reason
+from loraplane.api.rollout import RolloutState
 from loraplane.api.validation import format_validation_error
 from loraplane.api.wire.serving import AdapterState
 from loraplane.builders.resolution import Verdict, check_compatibility, selector_matches
+from loraplane.builders.rollout import RolloutDecision, Window
 from loraplane.controllers.base import API, Context, Controller
 from loraplane.controllers.pods import pod_ready, replica_report, reported_adapters
+from loraplane.controllers.rollout import RolloutWindows, rollout_decision
+from loraplane.controllers.rollout_metrics import Reading, RouterMetricsReader
 from loraplane.controllers.status import dump_status, invalid_spec, owned_status, status_patch
 from loraplane.kube.events import Event, EventType
 from loraplane.kube.informer import Key
 
 OWNED_STATUS = ("phase", "observedGeneration", "conditions", "version", "servedName", "routes", "loadedOn",
-                "acceptedBaseModel", "artifact")
+                "acceptedBaseModel", "artifact", "rollout", "history")
 FAILED_STATES = (AdapterState.Failed, AdapterState.Incompatible)
+# Rollout states in which spec's version gets no traffic until someone acts (Ready=False with the rollout's reason).
+HELD_BACK = frozenset({RolloutState.GateFailed, RolloutState.RolledBack, RolloutState.Aborted})
 TRUE, FALSE, UNKNOWN = ConditionStatus.TRUE, ConditionStatus.FALSE, ConditionStatus.UNKNOWN
 
 
@@ -139,6 +147,16 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
     return new
 
 
+def evaluation_of(status: dict) -> EvaluationResult | None:
+    """The evaluation in a stored status' provenance (written on behalf of the FineTuneJob, not owned here);
+    None when absent or unreadable (outside input: a gate then fails on no data)."""
+    try:
+        provenance = Provenance.model_validate((status or {}).get("provenance") or {})
+    except ValidationError:
+        return None
+    return provenance.evaluation
+
+
 def record_artifact(adapter: Adapter, new: AdapterStatus, digests: dict[str, str]) -> ConditionState | None:
     """Record a versioned Adapter's artifact once a replica serves it (status.artifact: URI and digest), and
     return why the replicas' content differs from the recorded one (Reason.ArtifactChanged), else None.
@@ -202,6 +220,9 @@ class AdapterFacts:
     routes: list[ModelRoute] = field(default_factory=list)  # the valid ModelRoutes of its namespace
     pods_by_route: dict[str, list[dict]] = field(default_factory=dict)  # their engine pods
     table_verdicts: dict[str, Verdict] = field(default_factory=dict)  # routes whose table left it out (size)
+    now: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    window: Window | None = None   # the rollout's analysis window, when one is due (controllers.rollout)
+    reading: dict[str, Reading] | None = None   # the routers' reading it ends with
 
 
 @dataclass
@@ -212,6 +233,8 @@ class AdapterPlan:
     rejection: Verdict | None
     status: dict
     events: list[Event]
+    rollout: RolloutDecision | None = None
+    reading: dict[str, Reading] | None = None
 
 
 class AdapterController(Controller):
@@ -224,6 +247,8 @@ class AdapterController(Controller):
         self._rejected: dict[Key, Verdict] = {}
         self._rejections_changed: Callable[[str], None] = lambda namespace: None
         self._table_verdicts: Callable[[str, str], dict[str, Verdict]] = lambda namespace, adapter: {}
+        # Where each rollout's analysis window began (controllers.rollout); reads the routers' /metrics.
+        self.windows = RolloutWindows(self.stores.RouterPod, RouterMetricsReader())
 
     def connect(self, rejections_changed: Callable[[str], None],
                 table_verdicts: Callable[[str, str], dict[str, Verdict]] | None = None) -> None:
@@ -258,7 +283,12 @@ class AdapterController(Controller):
         facts = self.observe(key)
         if facts is None:
             self._rejected.pop(key, None)
+            self.windows.forget(key)
             return
+        if facts.adapter is not None:
+            previous = owned_status(AdapterStatus, facts.body.get("status") or {}, OWNED_STATUS)
+            facts.window, facts.reading = await self.windows.window(key, facts.adapter, previous.rollout,
+                                                                    facts.routes, facts.now)
         await self.execute(key, self.plan(facts))
 
     def observe(self, key: Key) -> AdapterFacts | None:
@@ -289,14 +319,26 @@ class AdapterController(Controller):
         rejection = immutable_rejection(facts.adapter, previous)
         new = adapter_status(facts.adapter, facts.routes, facts.pods_by_route, previous, generation, rejection,
                              facts.table_verdicts)
-        events = []
+        decision = None
+        if rejection is None:
+            decision = rollout_decision(facts.adapter, previous, evaluation_of(current),
+                                        new.phase == AdapterPhase.Ready, facts.now, facts.window)
+            new.rollout, new.history = decision.status, decision.history
+            if decision.status.state in HELD_BACK:
+                # spec's version does not serve and will not by itself: Ready says so (kstatus reads the
+                # stalled reasons as Failed, the deliberate ones as Current), while the stable version serves.
+                new.set_condition(ConditionType.Ready, ConditionState(FALSE, Reason(decision.status.reason), (
+                    f"{decision.status.message}; version {decision.status.stable or '-'} serves")), generation)
+        events = [Event(EventType.Warning if e.warning else EventType.Normal, e.reason, e.message)
+                  for e in (decision.events if decision else [])]
         old_phase = current.get("phase")
         if old_phase != new.phase and (old_phase is not None or new.phase not in (AdapterPhase.Pending, AdapterPhase.Loading)):
             ready = new.condition(ConditionType.Ready)
             warn = new.phase in (AdapterPhase.Incompatible, AdapterPhase.Failed)
             events.append(Event(EventType.Warning if warn else EventType.Normal,
                                 ready.reason if ready else new.phase, ready.message if ready else ""))
-        return AdapterPlan(body, rejection, status_patch(current, dump_status(new), OWNED_STATUS), events)
+        return AdapterPlan(body, rejection, status_patch(current, dump_status(new), OWNED_STATUS), events, decision,
+                           facts.reading)
 
     async def execute(self, key: Key, plan: AdapterPlan) -> None:
         """Record the rejection (telling the routes when it changed), patch the status, post the Events."""
@@ -310,4 +352,11 @@ class AdapterController(Controller):
             await self.kube.patch_status(API, self.kind, key[0], key[1], plan.status)
         for event in plan.events:
             await self.ctx.events.post(plan.body, event)
+        decision = plan.rollout
+        adapter = self.store.parsed(key, Adapter)
+        if decision is not None and isinstance(adapter, Adapter):
+            routes = [r for r in self.stores.ModelRoute.valid_in(key[0], ModelRoute) if selects(r, adapter)]
+            await self.windows.after(key, adapter, decision, plan.reading, routes)
+            if decision.requeue_seconds is not None:
+                self.schedule(key, decision.requeue_seconds)
 
