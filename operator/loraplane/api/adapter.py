@@ -178,13 +178,37 @@ class AdapterPhase(StrEnum):
     Failed = "Failed"
 
 
+class CandidateVersion(ApiModel):
+    """The version spec asks for while another one serves (make-before-break, docs/adapters.md): it is loaded
+    and smoke-tested beside the serving version, gets `weight` % of the adapter's traffic (0 until it is Ready on
+    every replica that will serve it), and replaces the serving version (is promoted) when that share reaches
+    100. A candidate that fails (Failed, Incompatible) never gets traffic; the serving version keeps serving."""
+
+    version: str | None = Field(default=None, description="spec.version of the candidate.")
+    served_name: str = Field(description="Internal vLLM name of the candidate.")
+    uri: str | None = Field(default=None, description="spec.source.uri of the candidate.")
+    phase: AdapterPhase = Field(description="Loading until every replica that will serve it has it Ready; Ready; "
+                                            "Failed or Incompatible when a replica refused it (never promoted); "
+                                            "Pending when a route has no room for it (reason NoRoomForCandidate).")
+    reason: str = Field(description="Why it is in that phase (a Reason: Loading, Loaded, NoEffect, ...).")
+    message: str = Field(default="", max_length=4096)
+    ready_replicas: int = Field(default=0, ge=0, description="Replicas that have it loaded and smoke-tested.")
+    replicas: int = Field(default=0, ge=0, description="Ready replicas of the routes that will serve it.")
+    weight: int = Field(default=0, ge=0, le=100, description="Share of the adapter's traffic it gets (%).")
+
+
 class AdapterStatus(StatusBase):
     """What the operator observed about an Adapter: its artifact, provenance and the replicas serving it."""
 
     phase: AdapterPhase | None = None
-    version: str | None = Field(default=None, description="Version this status describes.")
-    served_name: str | None = Field(default=None, description="Internal vLLM name of this version.")
-    artifact: ArtifactInfo | None = None
+    version: str | None = Field(default=None, description=(
+        "The version that serves: spec.version once it was loaded and smoke-tested on every replica of the "
+        "routes that select the Adapter (until then the previous version keeps serving; `candidate`)."))
+    served_name: str | None = Field(default=None, description="Internal vLLM name of `version`.")
+    artifact: ArtifactInfo | None = Field(default=None, description=(
+        "The artifact of `version` (recorded when it was first served): what the serving table loads it from."))
+    candidate: CandidateVersion | None = Field(default=None, description=(
+        "The spec's version while it does not serve yet (make-before-break); absent when spec's version serves."))
     provenance: Provenance | None = None
     routes: list[str] = Field(default_factory=list, description="ModelRoutes that select this adapter.")
     accepted_base_model: AdapterBaseModel | None = Field(
@@ -209,6 +233,8 @@ class Adapter(Resource):
         {"name": "Version", "type": "string", "jsonPath": ".spec.version"},
         {"name": "Rank", "type": "integer", "jsonPath": ".status.artifact.rank"},
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Serving", "type": "string", "jsonPath": ".status.version", "priority": 1},
+        {"name": "Candidate", "type": "string", "jsonPath": ".status.candidate.phase", "priority": 1},
         {"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"},
         {"name": "Rollout", "type": "string", "jsonPath": ".status.rollout.state"},
         {"name": "Step", "type": "integer", "jsonPath": ".status.rollout.step"},

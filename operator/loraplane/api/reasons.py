@@ -283,6 +283,27 @@ class Reason(StrEnum):
         "network\").", RECONCILING)
     NotDesired = ("NotDesired", ADAPTER, "The adapter was unloaded because the serving table no longer lists it.",
         "Nothing, unless unexpected: check the ModelRoute's routes.", RECONCILING)
+    Draining = ("Draining", "loader report (state Draining)",
+        "A version left the serving table (a newer version of its Adapter was promoted, or it was removed) while "
+        "serving: it stays loaded until vLLM runs no request with it (at least the loader's --drain-seconds, at "
+        "most the route's router.timeoutSeconds more), so requests already routed to it finish; then it is "
+        "unloaded.", "Nothing to do.", RECONCILING)
+    NoRoomForCandidate = ("NoRoomForCandidate", "Adapter status.candidate; ModelRoute Ready message",
+        "A new version of this Adapter waits outside the route's serving table: loading it beside the version "
+        "that serves (make-before-break) would make the route hold more adapter versions than vLLM's LoRA cache "
+        "(spec.engine.maxCpuLoras, default 2 x maxLoras). The serving version keeps serving; the new one gets no "
+        "traffic until there is room.",
+        "Raise the route's spec.engine.maxCpuLoras by the number of adapters you update at once, or serve fewer "
+        "adapters on the route. The new version is loaded as soon as there is room.", STALLED)
+    VersionPromoted = ("VersionPromoted", "Event on an Adapter",
+        "The new version was loaded and smoke-tested on every replica of the routes that select the Adapter; "
+        "traffic moved to it. The previous version drains (Draining) and is then unloaded.",
+        "Nothing to do.", DONE)
+    CandidateFailed = ("CandidateFailed", "Event on an Adapter; Adapter Ready message",
+        "The new version (status.candidate) was refused or failed on a replica (its reason and message are in "
+        "status.candidate): it gets no traffic, and the previous version keeps serving.",
+        "Fix the artifact (see status.candidate.reason in this page) and publish it as a new spec.version, or "
+        "set spec back to the serving version.", DONE)
     NotLoaded = ("NotLoaded", f"{ROUTE} backend", "No replica reports this backend loaded yet.",
         "Look at the Adapter's Ready condition for why.", RECONCILING)
     # --- Adapter rollouts (status.rollout.reason; Events) -------------------------------------------------
@@ -407,7 +428,10 @@ class Reason(StrEnum):
     # --- Events only ----------------------------------------------------------------------------------------
     Created = ("Created", "Event on an Adapter", "A FineTuneJob created this Adapter.", "Nothing to do.", DONE)
     VersionBumped = ("VersionBumped", "Event on an Adapter", "A FineTuneJob wrote a new version of this Adapter; replicas load "
-        "it under a new internal name.", "Nothing to do; the old version is unloaded once unused.", DONE)
+        "it under a new internal name beside the version that serves; traffic moves to it once every replica serving the "
+        "Adapter has it loaded and smoke-tested (VersionPromoted).", "Nothing to do; the old version drains and is "
+        "unloaded once no request uses it (Draining); a new version that fails never gets traffic (CandidateFailed).",
+        DONE)
 
 
 # The longest outside reason quoted in a message (characters): a malformed one can be of any length.

@@ -16,11 +16,13 @@ PublicNameConflict), so the table the router gets never holds a duplicate.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
-from loraplane.api.adapter import Adapter
+from loraplane.api.adapter import Adapter, AdapterPhase
 from loraplane.api.common import LabelSelector
 from loraplane.api.reasons import Reason
 from loraplane.api.redaction import redacted
+from loraplane.builders.rollout import candidate_served
 from loraplane.api.modelroute import ModelRoute
 from loraplane.builders.engine_pod import FORCE_INCLUDE_USAGE, model_path_in_replica, served_model_name
 from loraplane.api.wire.serving import Backend, DesiredAdapter, PublicModel, RouterSettings, ServingTable
@@ -48,6 +50,11 @@ class Resolution:
     missing: dict[tuple[str, str], Verdict] = field(default_factory=dict)
     # Public names two sources publish, in spec order: each left out of the table for its losing source.
     conflicts: list[NameConflict] = field(default_factory=list)
+    # Adapter name -> the versions the table holds of each served adapter (stable, candidate, candidate's share).
+    versions: dict[str, AdapterVersions] = field(default_factory=dict)
+    # Adapter name -> why its candidate version is left out of the table (NoRoomForCandidate, or a metadata check
+    # such as RankTooLarge refuses it) while its stable version serves.
+    held: dict[str, Verdict] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -77,8 +84,10 @@ def declared_rank(adapter: Adapter) -> int | None:
     """The adapter's LoRA rank: spec.rank, else the rank read from its artifact; None when neither is known."""
     if adapter.spec.rank:
         return adapter.spec.rank
-    if adapter.status and adapter.status.artifact and adapter.status.artifact.rank:
-        return adapter.status.artifact.rank
+    status = adapter.status
+    # status.artifact describes the serving version (status.servedName), which may be another one than spec's.
+    if status and status.artifact and status.artifact.rank and status.served_name == adapter.served_name():
+        return status.artifact.rank
     return None
 
 
@@ -137,6 +146,93 @@ def desired_adapter(adapter: Adapter) -> DesiredAdapter:
         credentials_secret=creds.name if creds else None, credentials_key=creds.key if creds else None)
 
 
+class VersionRole(StrEnum):
+    """Which of an Adapter's versions a serving-table entry is (make-before-break, docs/adapters.md)."""
+
+    Stable = "Stable"
+    """The version that serves: the Adapter's status.version (or spec's when no version served before)."""
+    Candidate = "Candidate"
+    """spec's version while another one serves: loaded and smoke-tested beside it before it gets traffic."""
+
+
+@dataclass(frozen=True)
+class AdapterVersions:
+    """The versions of one Adapter a route's table holds, and the candidate's share of its traffic.
+
+    `stable` is the version that serves (the Adapter's status: status.servedName, status.artifact), `candidate`
+    spec's version while it is not promoted (None when spec's version is the stable one). `weight` is the
+    candidate's share (0..100 %) of every backend that names the Adapter: the Adapter controller's
+    `candidate_weight` decides it and writes it to status.candidate.weight; only a candidate whose phase is Ready
+    gets any."""
+
+    stable: DesiredAdapter | None
+    candidate: DesiredAdapter | None = None
+    weight: int = 0
+
+    def entries(self) -> list[tuple[VersionRole, DesiredAdapter]]:
+        """The table entries, stable first."""
+        return [(role, d) for role, d in ((VersionRole.Stable, self.stable), (VersionRole.Candidate, self.candidate))
+                if d is not None]
+
+
+def stable_desired(adapter: Adapter) -> DesiredAdapter | None:
+    """The serving-table entry of the version that serves, from the Adapter's status, when it is not spec's
+    version: status.servedName with the artifact recorded when it was first served (status.artifact uri,
+    sha256, rank). None when status has none recorded (no version served yet: spec's version is the only one)
+    or when it is spec's version. The base model is immutable (spec's is the stable's), the credentials Secret
+    is spec's (a Secret is per Adapter, not per version)."""
+    status = adapter.status
+    art = status.artifact if status else None
+    if status is None or not status.served_name or art is None or not art.uri:
+        return None
+    if status.served_name == adapter.served_name():
+        return None
+    creds = adapter.spec.source.credentials_secret_ref
+    return DesiredAdapter(
+        served_name=status.served_name, adapter=adapter.metadata.name or "", version=status.version, uri=art.uri,
+        sha256=art.sha256, rank=art.rank, base_model=adapter.spec.base_model.name,
+        base_model_revision=adapter.spec.base_model.revision,
+        credentials_secret=creds.name if creds else None, credentials_key=creds.key if creds else None)
+
+
+def adapter_versions(adapter: Adapter) -> AdapterVersions:
+    """The stable and candidate entries of `adapter` (see AdapterVersions). A candidate that status says a
+    route has no room for (NoRoomForCandidate) is still returned: the route's resolution leaves it out."""
+    stable = stable_desired(adapter)
+    if stable is None:
+        return AdapterVersions(stable=desired_adapter(adapter))
+    rollout = adapter.status.rollout if adapter.status else None
+    if rollout is not None and rollout.candidate == adapter.spec.version and not candidate_served(rollout):
+        # The rollout holds spec's version back (gate failed, rolled back, aborted, rollbackTo): not loaded.
+        return AdapterVersions(stable=stable)
+    cand = adapter.status.candidate if adapter.status else None
+    weight = 0
+    if cand is not None and cand.served_name == adapter.served_name() and cand.phase == AdapterPhase.Ready:
+        weight = max(0, min(100, cand.weight))
+    return AdapterVersions(stable=stable, candidate=desired_adapter(adapter), weight=weight)
+
+
+def split_backend(versions: AdapterVersions, weight: int) -> list[Backend]:
+    """The backends one route backend of `weight` naming the Adapter becomes: all on the stable version while
+    the candidate's share is 0, all on the candidate at 100, else the weight split between them (rounded; the
+    stable version gets the rest)."""
+    stable, cand = versions.stable, versions.candidate
+    if cand is None or versions.weight <= 0:
+        return [Backend(served_name=stable.served_name, adapter=stable.adapter, weight=weight)]
+    if versions.weight >= 100:
+        return [Backend(served_name=cand.served_name, adapter=cand.adapter, weight=weight)]
+    share = round(weight * versions.weight / 100)
+    return [Backend(served_name=stable.served_name, adapter=stable.adapter, weight=weight - share),
+            Backend(served_name=cand.served_name, adapter=cand.adapter, weight=share)]
+
+
+def lora_capacity(route: ModelRoute) -> int:
+    """How many adapter versions vLLM's LoRA cache holds on one replica of `route`: --max-cpu-loras, which the
+    engine pod sets to spec.engine.maxCpuLoras, else 2 x maxLoras (builders.engine_pod.engine_args)."""
+    engine = route.spec.engine
+    return engine.max_cpu_loras or 2 * engine.max_loras
+
+
 # The serving table travels in one ConfigMap, whose data the API server caps at 1 MiB (core validation
 # MaxSecretSize, also applied to ConfigMaps); the headroom leaves room for the object's metadata and encoding.
 CONFIGMAP_DATA_LIMIT = 1024 * 1024
@@ -163,7 +259,9 @@ def resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Verd
         if size <= max_bytes:
             return resolution
         # Leave out the largest entries until their bytes cover the excess (re-checked on the next pass).
-        cost = {d.adapter: len(d.model_dump_json(indent=2).encode()) * 2 for d in resolution.table.adapters}
+        cost: dict[str, int] = {}
+        for d in resolution.table.adapters:   # an Adapter being updated has two entries (stable, candidate)
+            cost[d.adapter] = cost.get(d.adapter, 0) + len(d.model_dump_json(indent=2).encode()) * 2
         if not cost:
             return resolution   # nothing left to leave out (the spec's own bounds keep the rest small)
         excess = size - max_bytes
@@ -184,6 +282,8 @@ def _resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Ver
     base_served = served_model_name(route)
     selected: dict[str, Verdict] = {}
 
+    refused: dict[str, Verdict] = {}   # adapters whose candidate (spec) is refused while their stable serves
+
     def verdict(name: str) -> Verdict:
         if name not in selected:
             if name in rejected:
@@ -196,8 +296,49 @@ def _resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Ver
                                          f"Adapter {name} has no source.uri yet (its FineTuneJob has not "
                                          "finished)")
             else:
-                selected[name] = check_compatibility(by_name[name], route, local_paths=local_paths)
+                v = check_compatibility(by_name[name], route, local_paths=local_paths)
+                stable = stable_desired(by_name[name])
+                if not v.compatible and stable is not None:
+                    # spec's new version is refused by metadata; the version that serves was accepted and keeps
+                    # serving (make-before-break: a bad candidate never breaks what serves).
+                    refused[name] = v
+                    v = Verdict(True, Reason.Compatible, f"{v.message}; version {stable.version or stable.served_name}"
+                                " keeps serving")
+                selected[name] = v
         return selected[name]
+
+    # Every verdict first (in the order the route selects the adapters), so the room for candidates is known.
+    for r in route.spec.routes:
+        if r.backends is not None:
+            for b in r.backends:
+                if b.adapter:
+                    verdict(b.adapter)
+        else:
+            for a in sorted(adapters, key=lambda a: a.metadata.name or ""):
+                if selector_matches(r.selector, a.metadata.labels):
+                    verdict(a.metadata.name or "")
+    # Make-before-break needs room for both versions of an Adapter being updated: candidates enter the table while
+    # it holds at most lora_capacity(route) versions (in the order the route selects the adapters); the others
+    # wait with NoRoomForCandidate while their stable versions serve. Stable versions are never left out here.
+    versions: dict[str, AdapterVersions] = {}
+    held: dict[str, Verdict] = {}
+    served_names = [n for n, v in selected.items() if v.compatible]
+    room = lora_capacity(route) - len(served_names)
+    for name in served_names:
+        v = adapter_versions(by_name[name])
+        if name in refused:
+            held[name], v = refused[name], AdapterVersions(stable=v.stable)
+        elif v.candidate is not None:
+            if room > 0:
+                room -= 1
+            else:
+                held[name] = Verdict(False, Reason.NoRoomForCandidate, (
+                    f"version {v.candidate.version or v.candidate.served_name} of Adapter {name} waits outside "
+                    f"route {route.metadata.name}'s serving table: with it the route would hold more adapter versions "
+                    f"than vLLM's LoRA cache (engine.maxCpuLoras {lora_capacity(route)}); version "
+                    f"{v.stable.version or v.stable.served_name} keeps serving. Raise spec.engine.maxCpuLoras"))
+                v = AdapterVersions(stable=v.stable)
+        versions[name] = v
 
     models: list[PublicModel] = []
     missing: dict[tuple[str, str], Verdict] = {}
@@ -214,8 +355,7 @@ def _resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Ver
                     if not v.compatible:
                         missing[(r.name or "", b.adapter)] = v
                         continue
-                    backends.append(Backend(served_name=by_name[b.adapter].served_name(), adapter=b.adapter,
-                                            weight=b.weight))
+                    backends.extend(split_backend(versions[b.adapter], b.weight))
                 else:
                     backends.append(Backend(served_name=base_served, adapter=None, weight=b.weight))
             models.append(PublicModel(name=r.name or "", backends=backends))
@@ -228,9 +368,9 @@ def _resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Ver
                         conflicts.append(NameConflict(public, sources[public], source))
                         continue
                     sources[public] = source
-                    models.append(PublicModel(name=public, backends=[
-                        Backend(served_name=a.served_name(), adapter=a.metadata.name, weight=100)]))
-    served = sorted((desired_adapter(by_name[n]) for n, v in selected.items() if v.compatible),
+                    models.append(PublicModel(name=public,
+                                              backends=split_backend(versions[a.metadata.name or ""], 100)))
+    served = sorted((d for v in versions.values() for _, d in v.entries()),
                     key=lambda d: d.served_name)
     spec = route.spec
     table = ServingTable(
@@ -246,4 +386,5 @@ def _resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Ver
                               log_prompts=spec.router.log_prompts,
                               engine_includes_usage=any(a.split("=", 1)[0] == FORCE_INCLUDE_USAGE
                                                         for a in spec.engine.extra_args)))
-    return Resolution(table=table, selected=selected, missing=missing, conflicts=conflicts)
+    return Resolution(table=table, selected=selected, missing=missing, conflicts=conflicts,
+                      versions=versions, held=held)

@@ -20,7 +20,16 @@ from datetime import datetime, timezone
 
 from pydantic import ValidationError
 
-from loraplane.api.adapter import Adapter, AdapterPhase, AdapterStatus, ArtifactInfo, LoadedOn, Provenance
+from loraplane.api.adapter import (
+    Adapter,
+    AdapterPhase,
+    AdapterStatus,
+    ArtifactInfo,
+    CandidateVersion,
+    LoadedOn,
+    Provenance,
+    served_name,
+)
 from loraplane.api.evaluation import EvaluationResult
 from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType, Progress
 from loraplane.api.modelroute import ModelRoute
@@ -30,6 +39,7 @@ from loraplane.api.validation import format_validation_error
 from loraplane.api.wire.serving import AdapterState
 from loraplane.builders.resolution import Verdict, check_compatibility, selector_matches
 from loraplane.builders.rollout import RolloutDecision, Window
+from loraplane.builders.rollout import candidate_weight as rollout_weight
 from loraplane.controllers.base import API, Context, Controller
 from loraplane.controllers.pods import pod_ready, replica_report, reported_adapters
 from loraplane.controllers.rollout import RolloutWindows, rollout_decision
@@ -39,7 +49,7 @@ from loraplane.kube.events import Event, EventType
 from loraplane.kube.informer import Key
 
 OWNED_STATUS = ("phase", "observedGeneration", "conditions", "version", "servedName", "routes", "loadedOn",
-                "acceptedBaseModel", "artifact", "rollout", "history")
+                "acceptedBaseModel", "artifact", "candidate", "rollout", "history")
 FAILED_STATES = (AdapterState.Failed, AdapterState.Incompatible)
 # Rollout states in which spec's version gets no traffic until someone acts (Ready=False with the rollout's reason).
 HELD_BACK = frozenset({RolloutState.GateFailed, RolloutState.RolledBack, RolloutState.Aborted})
@@ -57,28 +67,128 @@ def selects(route: ModelRoute, adapter: Adapter) -> bool:
     return False
 
 
+def serving_elsewhere(adapter: Adapter, previous: AdapterStatus, rejection: Verdict | None) -> bool:
+    """Whether a version other than spec's serves (make-before-break): status names a version whose artifact was
+    recorded when it was first served (status.artifact.uri), and spec asks for another served name. Then spec's
+    version is the candidate (status.candidate) and status.version / servedName / artifact stay the serving
+    version's until it is promoted. A rejected Adapter (invalid spec, changed immutable field) has no candidate."""
+    art = previous.artifact
+    return (rejection is None and bool(previous.served_name) and art is not None and bool(art.uri)
+            and previous.served_name != adapter.served_name())
+
+
+def candidate_weight(phase: AdapterPhase, ready_replicas: int, replicas: int) -> int:
+    """The candidate's share (0..100 %) of its Adapter's traffic on every route that serves it: the one rule of
+    how traffic moves to a new version. Make-before-break: 0 until the candidate is Ready (loaded and
+    smoke-tested) on every ready replica of the routes that will serve it (at least one), then 100, which
+    promotes it (status.version becomes it; the previous version drains and is unloaded). A failed or refused
+    candidate (Failed, Incompatible, or one a route has no room for) gets 0. A progressive rollout replaces the
+    step from 0 to 100 here; the serving table splits every backend naming the Adapter by this share
+    (builders.resolution.split_backend) and the router never sends to a replica that does not report it Ready."""
+    if phase != AdapterPhase.Ready or replicas <= 0 or ready_replicas < replicas:
+        return 0
+    return 100
+
+
+def candidate_status(adapter: Adapter, compatible: list[ModelRoute], pods_by_route: dict[str, list[dict]],
+                     held: dict[str, Verdict]) -> CandidateVersion:
+    """Where spec's version (the candidate) stands on the replicas of the `compatible` routes that select the
+    Adapter (pure). `held`: route name -> why that route leaves the candidate out of its table (a metadata
+    refusal such as RankTooLarge, or NoRoomForCandidate). The replicas that will serve it are the ready engine
+    pods (pod Ready, engine ready) of those routes; it is Ready when each reports it Ready."""
+    served = adapter.served_name()
+    base = {"version": adapter.spec.version, "served_name": served, "uri": adapter.spec.source.uri}
+    for route, verdict in sorted(held.items()):
+        if verdict.reason == Reason.NoRoomForCandidate:
+            return CandidateVersion(**base, phase=AdapterPhase.Pending, reason=verdict.reason, message=verdict.message)
+        return CandidateVersion(**base, phase=AdapterPhase.Incompatible, reason=verdict.reason,
+                                message=f"route {route}: {verdict.message}")
+    replicas = ready = 0
+    problem: tuple[AdapterState, str, str] | None = None
+    for r in compatible:
+        for pod in pods_by_route.get(r.metadata.name or "", []):
+            report = replica_report(pod)
+            if report is None:
+                continue
+            entry = report.adapters.get(served)
+            if entry is not None and entry.state in FAILED_STATES and problem is None:
+                problem = (entry.state, entry.reason, f"replica {pod['metadata']['name']}: {entry.message}")
+            if not (pod_ready(pod) and report.engine_ready):
+                continue
+            replicas += 1
+            if entry is not None and entry.state == AdapterState.Ready:
+                ready += 1
+    if problem is not None:
+        state, reason, message = problem
+        phase = AdapterPhase.Incompatible if state == AdapterState.Incompatible else AdapterPhase.Failed
+        return CandidateVersion(**base, phase=phase, reason=reason, message=message, ready_replicas=ready,
+                                replicas=replicas)
+    if replicas and ready == replicas:
+        phase, reason, message = AdapterPhase.Ready, Reason.Loaded, f"loaded and smoke-tested on {ready} replica(s)"
+    else:
+        phase, reason = AdapterPhase.Loading, Reason.Loading
+        message = (f"loading on the replicas of {', '.join(r.metadata.name or '' for r in compatible)}: "
+                   f"{ready} of {replicas} ready replica(s) have it; traffic stays on the serving version until "
+                   "all do")
+    cand = CandidateVersion(**base, phase=phase, reason=reason, message=message, ready_replicas=ready,
+                            replicas=replicas)
+    return cand.model_copy(update={"weight": candidate_weight(phase, ready, replicas)})
+
+
 def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: dict[str, list[dict]],
                    previous: AdapterStatus, generation: int | None, rejection: Verdict | None,
-                   table_verdicts: dict[str, Verdict] | None = None) -> AdapterStatus:
+                   table_verdicts: dict[str, Verdict] | None = None,
+                   held: dict[str, Verdict] | None = None,
+                   weigh: Callable[[CandidateVersion], int] | None = None) -> AdapterStatus:
     """Aggregate (pure): routes, compatibility, loadedOn, phase and the Compatible/Ready conditions.
     `table_verdicts`: route name -> why that route left this adapter out of its table although compatible
-    (ServingTableFull; ModelRouteController.table_verdicts), shown as that route's verdict."""
+    (ServingTableFull; ModelRouteController.table_verdicts), shown as that route's verdict. `held`: route name
+    -> why that route leaves spec's new version out of its table while the serving one serves
+    (ModelRouteController.held_candidates). `weigh`: the candidate's share given its status (the rollout's,
+    controllers.rollout), in place of `candidate_weight`'s make-before-break 0 or 100.
+
+    Make-before-break (`serving_elsewhere`): while another version serves, status.version / servedName /
+    artifact / loadedOn describe that version and status.candidate spec's; the candidate is promoted (status
+    describes it, the candidate goes) when `candidate_weight` gives it 100, or at once when no route serves the
+    Adapter (nothing to keep serving)."""
     table_verdicts = table_verdicts or {}
     # Shallow: fields are assigned, never mutated in place (see route_status), so `previous` is untouched.
     new = previous.model_copy()
     new.observed_generation = generation
-    if rejection is None and previous.version != adapter.spec.version:
-        new.artifact = None   # another version: its digest is recorded when it is first served
-    new.version = adapter.spec.version
-    served = adapter.served_name()
-    new.served_name = served
     if new.accepted_base_model is None:
         new.accepted_base_model = adapter.spec.base_model
     selecting = sorted((r for r in routes if selects(r, adapter)), key=lambda r: r.metadata.name or "")
     new.routes = [r.metadata.name or "" for r in selecting]
-    verdicts = {r.metadata.name: table_verdicts.get(r.metadata.name or "") or check_compatibility(adapter, r)
-                for r in selecting}
-    compatible = [r for r in selecting if verdicts[r.metadata.name].compatible]
+    candidate: CandidateVersion | None = None
+    if serving_elsewhere(adapter, previous, rejection):
+        # The serving version was accepted by every route that serves it; spec's metadata refusals are the
+        # candidate's (builders.resolution keeps the serving version in the table).
+        verdicts = {r.metadata.name: table_verdicts.get(r.metadata.name or "")
+                    or Verdict(True, Reason.Compatible, f"compatible with ModelRoute {r.metadata.name}")
+                    for r in selecting}
+        compatible = [r for r in selecting if verdicts[r.metadata.name].compatible]
+        refused = {r.metadata.name or "": v for r in compatible
+                   if not (v := check_compatibility(adapter, r)).compatible}
+        candidate = candidate_status(adapter, compatible, pods_by_route, {**refused, **(held or {})})
+        if weigh is not None:
+            candidate = candidate.model_copy(update={"weight": max(0, min(100, weigh(candidate)))})
+        if not compatible or candidate.weight >= 100:
+            # Promote: spec's version is the one that serves from now on (its digest is recorded below).
+            promoted = previous.model_copy(update={"version": adapter.spec.version,
+                                                   "served_name": adapter.served_name(), "artifact": None,
+                                                   "candidate": None})
+            return adapter_status(adapter, routes, pods_by_route, promoted, generation, rejection, table_verdicts)
+        served = previous.served_name or ""
+    else:
+        if rejection is None and previous.served_name != adapter.served_name():
+            new.artifact = None   # another version: its artifact is recorded when it is first served
+        new.version = adapter.spec.version
+        new.served_name = adapter.served_name()
+        served = new.served_name
+        verdicts = {r.metadata.name: table_verdicts.get(r.metadata.name or "") or check_compatibility(adapter, r)
+                    for r in selecting}
+        compatible = [r for r in selecting if verdicts[r.metadata.name].compatible]
+    new.candidate = candidate
     loaded: list[LoadedOn] = []
     digests: dict[str, str] = {}   # replica -> the digest it verified for this version (Ready replicas)
     loader_problems: list[tuple[AdapterState, ConditionState]] = []
@@ -109,7 +219,7 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
         new.phase = AdapterPhase.Failed
         condition(ConditionType.Ready, ConditionState(FALSE, rejection.reason, rejection.message))
         return new
-    changed = record_artifact(adapter, new, digests)
+    changed = record_artifact(adapter, new, digests) if candidate is None else None
     if not selecting:
         new.phase = AdapterPhase.Pending
         condition(ConditionType.Compatible, ConditionState(UNKNOWN, Reason.NoRoute,
@@ -134,8 +244,15 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
         condition(ConditionType.Ready, changed)
     elif loaded:
         new.phase = AdapterPhase.Ready
-        condition(ConditionType.Ready, ConditionState(TRUE, Reason.Loaded,
-                                                      f"served as {served} by {len(loaded)} replica(s)"))
+        message = f"served as {served} by {len(loaded)} replica(s)"
+        reason = Reason.Loaded
+        if candidate is not None:
+            message += (f"; version {candidate.version or candidate.served_name} is {candidate.phase} "
+                        f"({candidate.reason}: {candidate.message})")
+            if candidate.phase in (AdapterPhase.Failed, AdapterPhase.Incompatible):
+                reason = Reason.CandidateFailed
+                message += f"; it gets no traffic and {previous.version or served} keeps serving"
+        condition(ConditionType.Ready, ConditionState(TRUE, reason, message))
     elif loader_problems:
         state, problem = loader_problems[0]
         new.phase = AdapterPhase.Incompatible if state == AdapterState.Incompatible else AdapterPhase.Failed
@@ -144,6 +261,26 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
         new.phase = AdapterPhase.Loading
         condition(ConditionType.Ready, ConditionState(FALSE, Reason.Loading, (
             f"waiting for the replicas of {', '.join(r.metadata.name or '' for r in compatible)} to load {served}")))
+    return new
+
+
+def held_back(adapter: Adapter, new: AdapterStatus, decision: RolloutDecision, generation: int | None) -> AdapterStatus:
+    """`new` as the rollout `decision` leaves it (pure). While spec's version is held back (gate failed, rolled
+    back, aborted) Ready is False with the rollout's reason: kstatus reads the stalled reasons as Failed, the
+    deliberate ones (abort, rollbackTo) as Current, while the stable version keeps serving. A rollbackTo makes
+    the named version the one that serves: status.version / servedName / artifact from status.history, from
+    which the serving table loads it."""
+    rollout = decision.status
+    if rollout.state not in HELD_BACK:
+        return new
+    if rollout.reason == Reason.RolloutManualRollback and rollout.stable and rollout.stable != new.version:
+        entry = next((h for h in decision.history if h.version == rollout.stable), None)
+        if entry is not None and entry.uri:
+            new = new.model_copy(update={
+                "version": entry.version, "served_name": served_name(adapter.metadata.name or "", entry.version),
+                "artifact": ArtifactInfo(uri=entry.uri, sha256=entry.sha256), "candidate": None, "loaded_on": []})
+    new.set_condition(ConditionType.Ready, ConditionState(FALSE, Reason(rollout.reason or Reason.RolloutRolledBack), (
+        f"{rollout.message}; version {rollout.stable or '-'} serves")), generation)
     return new
 
 
@@ -163,8 +300,12 @@ def record_artifact(adapter: Adapter, new: AdapterStatus, digests: dict[str, str
 
     The digest recorded is spec.source.sha256 when set (replicas verified it), else the one the first Ready
     replica reports (sorted by replica name, so the choice is stable). Adapters without spec.version are not
-    recorded (their served name follows their source, which may change in place)."""
+    pinned (their served name follows their source, which may change in place): only their URI is recorded, so
+    the version keeps serving from it while a changed source is made ready (make-before-break)."""
     if not adapter.spec.version:
+        # Not pinned, but where it is loaded from is kept: it serves while a changed source is made ready.
+        if new.artifact is None and digests:
+            new.artifact = ArtifactInfo(uri=adapter.spec.source.uri)
         return None
     art = new.artifact
     if (art is None or not art.sha256) and digests:
@@ -220,6 +361,7 @@ class AdapterFacts:
     routes: list[ModelRoute] = field(default_factory=list)  # the valid ModelRoutes of its namespace
     pods_by_route: dict[str, list[dict]] = field(default_factory=dict)  # their engine pods
     table_verdicts: dict[str, Verdict] = field(default_factory=dict)  # routes whose table left it out (size)
+    held: dict[str, Verdict] = field(default_factory=dict)  # routes whose table leaves its new version out
     now: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     window: Window | None = None   # the rollout's analysis window, when one is due (controllers.rollout)
     reading: dict[str, Reading] | None = None   # the routers' reading it ends with
@@ -247,17 +389,23 @@ class AdapterController(Controller):
         self._rejected: dict[Key, Verdict] = {}
         self._rejections_changed: Callable[[str], None] = lambda namespace: None
         self._table_verdicts: Callable[[str, str], dict[str, Verdict]] = lambda namespace, adapter: {}
+        self._held: Callable[[str, str], dict[str, Verdict]] = lambda namespace, adapter: {}
         # Where each rollout's analysis window began (controllers.rollout); reads the routers' /metrics.
         self.windows = RolloutWindows(self.stores.RouterPod, RouterMetricsReader())
 
     def connect(self, rejections_changed: Callable[[str], None],
-                table_verdicts: Callable[[str, str], dict[str, Verdict]] | None = None) -> None:
+                table_verdicts: Callable[[str, str], dict[str, Verdict]] | None = None,
+                held_candidates: Callable[[str, str], dict[str, Verdict]] | None = None) -> None:
         """Call `rejections_changed(namespace)` when the set of rejected Adapters of a namespace changes (the
         ModelRoute controller re-resolves that namespace's tables); `table_verdicts(namespace, adapter)` gives
-        the routes that left the adapter out of their serving table (ModelRouteController.table_verdicts)."""
+        the routes that left the adapter out of their serving table (ModelRouteController.table_verdicts),
+        `held_candidates(namespace, adapter)` those that leave its new version out
+        (ModelRouteController.held_candidates)."""
         self._rejections_changed = rejections_changed
         if table_verdicts is not None:
             self._table_verdicts = table_verdicts
+        if held_candidates is not None:
+            self._held = held_candidates
 
     def rejections(self, namespace: str) -> dict[str, Verdict]:
         """Adapter name -> why no route may serve it, for the Adapters of `namespace` the operator refuses."""
@@ -303,7 +451,7 @@ class AdapterController(Controller):
         routes = list(self.stores.ModelRoute.valid_in(ns, ModelRoute))
         pods = {r.metadata.name or "": self.stores.EnginePod.group(ns, r.metadata.name or "") for r in routes}
         return AdapterFacts(body, adapter, routes=routes, pods_by_route=pods,
-                            table_verdicts=self._table_verdicts(ns, key[1]))
+                            table_verdicts=self._table_verdicts(ns, key[1]), held=self._held(ns, key[1]))
 
     @staticmethod
     def plan(facts: AdapterFacts) -> AdapterPlan:
@@ -317,20 +465,41 @@ class AdapterController(Controller):
             return AdapterPlan(body, Verdict(False, Reason.InvalidSpec, message), patch, [event] if event else [])
         previous = owned_status(AdapterStatus, current, OWNED_STATUS)
         rejection = immutable_rejection(facts.adapter, previous)
+        evaluation = evaluation_of(current)
+        decision: RolloutDecision | None = None
+
+        def weigh(candidate: CandidateVersion) -> int:
+            # The rollout decides the candidate's share once make-before-break says it may have traffic (Ready,
+            # smoke-tested on every replica that will serve it: candidate_weight's 100).
+            nonlocal decision
+            ready = candidate.weight >= 100
+            decision = rollout_decision(facts.adapter, previous, evaluation, ready, facts.now, facts.window)
+            return rollout_weight(decision.status) if ready else 0
+
         new = adapter_status(facts.adapter, facts.routes, facts.pods_by_route, previous, generation, rejection,
-                             facts.table_verdicts)
-        decision = None
-        if rejection is None:
-            decision = rollout_decision(facts.adapter, previous, evaluation_of(current),
-                                        new.phase == AdapterPhase.Ready, facts.now, facts.window)
+                             facts.table_verdicts, facts.held, weigh)
+        if decision is None and rejection is None:   # no candidate: spec's version serves (or is the first)
+            decision = rollout_decision(facts.adapter, previous, evaluation, new.phase == AdapterPhase.Ready,
+                                        facts.now, facts.window)
+        events = []
+        if decision is not None:
             new.rollout, new.history = decision.status, decision.history
-            if decision.status.state in HELD_BACK:
-                # spec's version does not serve and will not by itself: Ready says so (kstatus reads the
-                # stalled reasons as Failed, the deliberate ones as Current), while the stable version serves.
-                new.set_condition(ConditionType.Ready, ConditionState(FALSE, Reason(decision.status.reason), (
-                    f"{decision.status.message}; version {decision.status.stable or '-'} serves")), generation)
-        events = [Event(EventType.Warning if e.warning else EventType.Normal, e.reason, e.message)
-                  for e in (decision.events if decision else [])]
+            new = held_back(facts.adapter, new, decision, generation)
+            if facts.adapter.spec.rollout is not None:   # without a policy, make-before-break's Events say it all
+                events += [Event(EventType.Warning if e.warning else EventType.Normal, e.reason, e.message)
+                           for e in decision.events]
+        before = previous.candidate
+        if (before is not None and new.candidate is None and new.served_name == before.served_name
+                and facts.adapter.spec.rollout is None):   # with one, RolloutPromoted says it
+            events.append(Event(EventType.Normal, Reason.VersionPromoted, (
+                f"version {before.version or before.served_name} is loaded and smoke-tested on every replica that "
+                f"serves the Adapter ({before.ready_replicas}): traffic moved to it; the previous version drains")))
+        cand = new.candidate
+        if (cand is not None and cand.phase in (AdapterPhase.Failed, AdapterPhase.Incompatible)
+                and (before is None or (before.served_name, before.phase) != (cand.served_name, cand.phase))):
+            events.append(Event(EventType.Warning, Reason.CandidateFailed, (
+                f"version {cand.version or cand.served_name} gets no traffic ({cand.reason}: {cand.message}); "
+                f"version {new.version or new.served_name} keeps serving")))
         old_phase = current.get("phase")
         if old_phase != new.phase and (old_phase is not None or new.phase not in (AdapterPhase.Pending, AdapterPhase.Loading)):
             ready = new.condition(ConditionType.Ready)

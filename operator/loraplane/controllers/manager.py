@@ -47,7 +47,8 @@ class Manager:
         self.routes = ModelRouteController(ctx, rejections=self.adapters.rejections,
                                            reselected=self.adapters.schedule)
         self.adapters.connect(rejections_changed=self.routes.schedule_namespace,
-                              table_verdicts=self.routes.table_verdicts)
+                              table_verdicts=self.routes.table_verdicts,
+                              held_candidates=self.routes.held_candidates)
         self.controllers: tuple[Controller, ...] = (self.finetunejobs, self.adapters, self.routes)
         self.informers = {s.name: Informer(kube, s, self.stores.of(s.name), self._changed, settings.namespaces)
                           for s in SOURCES}

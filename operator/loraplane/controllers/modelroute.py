@@ -33,6 +33,9 @@ from loraplane.kube.apply import owned_by
 from loraplane.kube.events import Event, EventType
 from loraplane.kube.informer import Key
 
+# The Adapter status fields its serving-table entries are resolved from (builders.resolution.adapter_versions):
+# the serving version and its artifact, and the candidate (its phase and share of the traffic).
+TABLE_STATUS_FIELDS = ("artifact", "servedName", "version", "candidate")
 OWNED_STATUS = ("phase", "observedGeneration", "conditions", "replicas", "readyReplicas", "endpoint", "models")
 # How long adapter changes are gathered before the routes of their namespace re-resolve their tables.
 ROUTE_BATCH_SECONDS = 0.5
@@ -231,7 +234,8 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
     unready = [m.name for m in models if not m.ready]
     excluded = sorted({f"{a} ({v.reason})" for (_, a), v in resolution.missing.items()}
                       | {f"{a} ({v.reason})" for a, v in resolution.selected.items()
-                         if v.reason == Reason.ServingTableFull})   # selector-matched ones are in no backend
+                         if v.reason == Reason.ServingTableFull}   # selector-matched ones are in no backend
+                      | {f"{a}'s new version ({v.reason})" for a, v in resolution.held.items()})
     rollout = rollout_pending(deployment, desired_hash)
     if new.ready_replicas == 0:
         new.phase = ModelRoutePhase.Progressing if deployment is not None else ModelRoutePhase.Pending
@@ -308,6 +312,7 @@ class ModelRouteFacts:
     last_resolution: Resolution | None = None    # the table it serves now (kept while a change is refused)
     last_applied: tuple | None = None            # what its children were last rendered from
     last_selected: dict[str, Verdict] = field(default_factory=dict)  # adapters it selected last time
+    last_held: dict[str, Verdict] = field(default_factory=dict)  # candidates its table left out last time
     applier_epoch: int = 0
     engine_hash: str | None = None               # HASH_ANNOTATION of the engine Deployment last applied
     router_deployment: dict | None = None        # the router Deployment
@@ -330,6 +335,7 @@ class ModelRoutePlan:
     status: dict = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     selected: dict[str, Verdict] = field(default_factory=dict)
+    held: dict[str, Verdict] = field(default_factory=dict)   # Resolution.held (candidates left out)
     reselected: list[str] = field(default_factory=list)  # adapters whose selection or verdict changed
     engine_hash: str | None = None               # the engine Deployment's HASH_ANNOTATION, remembered once applied
     router_hash: str | None = None               # the router Deployment's, likewise
@@ -355,6 +361,7 @@ class ModelRouteController(Controller):
         self._resolutions: dict[Key, Resolution] = {}
         self._resolved: dict[Key, tuple[tuple, dict[str, Verdict], Resolution]] = {}  # observe's resolve() memo
         self._selected: dict[Key, dict[str, Verdict]] = {}
+        self._held: dict[Key, dict[str, Verdict]] = {}   # Resolution.held of the table each route serves
         self._applied: dict[Key, tuple] = {}
         self._engine_hash: dict[Key, str] = {}
         self._router_hash: dict[Key, str] = {}
@@ -375,7 +382,8 @@ class ModelRouteController(Controller):
             before = old or {}
             if (old is None or before.get("spec") != obj.get("spec")
                     or (before.get("metadata") or {}).get("labels") != meta.get("labels")
-                    or (before.get("status") or {}).get("artifact") != (obj.get("status") or {}).get("artifact")):
+                    or any((before.get("status") or {}).get(f) != (obj.get("status") or {}).get(f)
+                           for f in TABLE_STATUS_FIELDS)):
                 # Batched: a burst of adapter changes re-resolves each route once, not once per adapter.
                 self.schedule_namespace(ns, delay=ROUTE_BATCH_SECONDS)
         elif source in ("EnginePod", "Deployment"):
@@ -393,6 +401,13 @@ class ModelRouteController(Controller):
             return
         await self.execute(key, self.plan(facts))
 
+    def held_candidates(self, namespace: str, adapter: str) -> dict[str, Verdict]:
+        """Route name -> why the routes of `namespace` leave `adapter`'s new version (its candidate) out of their
+        serving table while its serving version serves (Resolution.held: NoRoomForCandidate, or a metadata
+        refusal of the new version such as RankTooLarge)."""
+        return {name: v for (ns, name), held in self._held.items() if ns == namespace
+                and (v := held.get(adapter)) is not None}
+
     def table_verdicts(self, namespace: str, adapter: str) -> dict[str, Verdict]:
         """Route name -> the verdict of the routes of `namespace` that left `adapter` out of their serving table
         for its size (Reason.ServingTableFull): only the route's resolution knows it, the Adapter shows it."""
@@ -402,7 +417,7 @@ class ModelRouteController(Controller):
     def forget(self, key: Key) -> None:
         """Drop what was remembered about a deleted route and its children."""
         for memory in (self._resolutions, self._resolved, self._selected, self._applied, self._engine_hash,
-                       self._router_hash):
+                       self._router_hash, self._held):
             memory.pop(key, None)
         for ident in [i for i in self._accepted if i[:2] == key]:
             del self._accepted[ident]
@@ -451,6 +466,7 @@ class ModelRouteController(Controller):
             deployment=own(self.stores.Deployment.get((ns, route_builders.engine_name(route)))),
             pods=self.stores.EnginePod.group(ns, name), last_resolution=self._resolutions.get(key),
             last_applied=self._applied.get(key), last_selected=self._selected.get(key, {}),
+            last_held=self._held.get(key, {}),
             applier_epoch=self.ctx.applier.epoch, engine_hash=self._engine_hash.get(key),
             router_deployment=own(self.stores.RouterDeployment.get((ns, route_builders.router_name(route)))),
             router_pods=self.stores.RouterPod.group(ns, name), router_hash=self._router_hash.get(key),
@@ -510,7 +526,7 @@ class ModelRouteController(Controller):
         if facts.route is None:
             patch, event = invalid_spec(current, generation, facts.invalid or "")
             out.status, out.events = patch, [event] if event else []
-            out.selected = facts.last_selected  # an invalid route changes nothing it selected
+            out.selected, out.held = facts.last_selected, facts.last_held  # an invalid route changes nothing it selected
             return out
         route = facts.route
         if violations := self.ctx.build.violations(route):
@@ -518,7 +534,7 @@ class ModelRouteController(Controller):
             # or changed; the replicas already running keep serving the last accepted spec.
             patch, event = invalid_spec(current, generation, policy_message(violations), Reason.PolicyViolation)
             out.status, out.events = patch, [event] if event else []
-            out.selected = facts.last_selected
+            out.selected, out.held = facts.last_selected, facts.last_held
             return out
         resolution = facts.resolution or resolve(route, facts.adapters, facts.rejected)
         wanted = (route.spec.base_model.identity, route.spec.base_model.revision)
@@ -566,8 +582,11 @@ class ModelRouteController(Controller):
                                     ready.message if ready else ""))
         # Adapters' status lists the routes that select them: those whose selection or verdict changed follow.
         out.selected = dict(resolution.selected)
-        out.reselected = [a for a in sorted(set(out.selected) | set(facts.last_selected))
-                          if facts.last_selected.get(a) != out.selected.get(a)]
+        out.held = dict(resolution.held)
+        out.reselected = [a for a in sorted(set(out.selected) | set(facts.last_selected)
+                                            | set(out.held) | set(facts.last_held))
+                          if facts.last_selected.get(a) != out.selected.get(a)
+                          or facts.last_held.get(a) != out.held.get(a)]
         return out
 
     # ---- execute -----------------------------------------------------------------------------------------
@@ -623,4 +642,5 @@ class ModelRouteController(Controller):
         for adapter in plan.reselected:
             self._reselected((ns, adapter))
         self._selected[key] = plan.selected
+        self._held[key] = plan.held
 

@@ -62,6 +62,9 @@ def add_loader_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backoff-seconds", type=float, default=1.0, help="first retry delay; doubles per attempt")
     p.add_argument("--resync-seconds", type=float, default=1.0,
                    help="how often vLLM's health and adapter list are checked (restart detection)")
+    p.add_argument("--drain-seconds", type=float, default=None,
+                   help="(default 5) an adapter that left the table while serving stays loaded at least this long, then until "
+                        "vLLM runs no request with it (at most the route's router.timeoutSeconds more)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=LOADER_PORT, help="/status, /metrics, /healthz")
     p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
@@ -111,7 +114,7 @@ async def serve(args: argparse.Namespace, started: asyncio.Event | None = None) 
 
     from loraplane.storage.cache import ArtifactCache
     from loraplane.loader.engine import VllmClient
-    from loraplane.loader.reconciler import DEFAULT_PROBE_PROMPT, Loader
+    from loraplane.loader.reconciler import DEFAULT_PROBE_PROMPT, DRAIN_SECONDS, Loader
     from loraplane.loader.server import make_app
     from loraplane.loader.sources import KubeBinding, watch_file
 
@@ -130,7 +133,7 @@ async def serve(args: argparse.Namespace, started: asyncio.Event | None = None) 
                         model_dir=args.model_dir, max_lora_rank=args.max_lora_rank, smoke_test=args.smoke_test,
                         probe_prompt=args.probe_prompt or DEFAULT_PROBE_PROMPT, probe_tokens=args.probe_tokens,
                         max_attempts=args.max_attempts, backoff_base=args.backoff_seconds,
-                        resync=args.resync_seconds,
+                        resync=args.resync_seconds, drain_seconds=DRAIN_SECONDS if args.drain_seconds is None else args.drain_seconds,
                         max_header_bytes=args.max_header_bytes,
                         credentials_root=None if args.credentials_root == "none" else args.credentials_root)
         loader.metrics.cache_bytes.set(cache.total_bytes())

@@ -85,6 +85,17 @@ class VllmClient:
         """served name -> path of every LoRA adapter the engine has (model cards with a parent)."""
         return {m["id"]: m.get("root", "") for m in await self.models() if m.get("parent")}
 
+    async def adapters_in_use(self) -> frozenset[str] | None:
+        """The LoRA adapters vLLM runs or queues requests with now, from its /metrics: nothing when
+        `vllm:num_requests_running` + `vllm:num_requests_waiting` is 0, else the adapters named by the newest
+        `vllm:lora_requests_info` series (labels running_lora_adapters, waiting_lora_adapters; its value is the
+        time it was recorded). None when /metrics cannot be read or has neither family (then nothing is known)."""
+        try:
+            status, text, _ = await self._request("GET", "/metrics")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return None
+        return parse_adapters_in_use(text) if status == 200 else None
+
     async def load(self, name: str, path: str) -> None:
         """POST /v1/load_lora_adapter: load the PEFT directory `path` under `name` (needs
         VLLM_ALLOW_RUNTIME_LORA_UPDATING). Raises EngineError with vLLM's message on a non-200 answer."""
@@ -114,6 +125,30 @@ class VllmClient:
         # and Infinity, which an engine serialising non-finite floats would send.
         return Probe(text=choice.get("text") or "", tokens=tuple(lp.get("tokens") or ()),
                      logprobs=tuple(math.nan if x is None else float(x) for x in (lp.get("token_logprobs") or ())))
+
+
+_REQUESTS = re.compile(r"^vllm:num_requests_(?:running|waiting)(?:\{[^}\n]*\})? ([0-9.eE+-]+|NaN)\s*$", re.MULTILINE)
+_LORA_INFO = re.compile(r"^vllm:lora_requests_info\{([^}\n]*)\} ([0-9.eE+-]+)\s*$", re.MULTILINE)
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_adapters_in_use(text: str) -> frozenset[str] | None:
+    """`VllmClient.adapters_in_use` on the text of vLLM's /metrics (Prometheus exposition format)."""
+    counts = [float(m.group(1)) for m in _REQUESTS.finditer(text)]
+    if not counts:
+        return None
+    if sum(c for c in counts if c == c) <= 0:
+        return frozenset()   # no request at all: the lora info series may be stale (it updates per engine step)
+    newest: tuple[float, str] | None = None
+    for m in _LORA_INFO.finditer(text):
+        stamp = float(m.group(2))
+        if newest is None or stamp > newest[0]:
+            newest = (stamp, m.group(1))
+    if newest is None:
+        return None
+    labels = dict(_LABEL.findall(newest[1]))
+    names = ",".join((labels.get("running_lora_adapters", ""), labels.get("waiting_lora_adapters", "")))
+    return frozenset(n.strip() for n in names.split(",") if n.strip())
 
 
 def _message(text: str, body: object) -> str:

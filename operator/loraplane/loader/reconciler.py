@@ -89,6 +89,10 @@ WARMUP_TOKENS = 1
 # Seconds between /health checks while vLLM is not up (instead of `resync`): the warm-up, and so the first
 # adapter, should start soon after vLLM answers.
 ENGINE_DOWN_POLL = 0.2
+# Seconds an adapter that left the table while Ready stays loaded at least (loader --drain-seconds): the routers
+# read the same table from the same ConfigMap about when the loader does, and stop choosing a replica for it
+# once they poll its report (router --poll-interval, 1 s); a request routed just before is on its way to vLLM.
+DRAIN_SECONDS = 5.0
 # Seconds between the control loop's heartbeats (`Loader.heartbeat`, what /healthz reads): the loop beats at
 # least this often while it waits for the next pass and while a long step (a download, the gate, a load) runs
 # in its own task, so liveness never depends on how long a rollout takes.
@@ -144,6 +148,19 @@ def _only_pinned(slot: Slot, new: DesiredAdapter) -> bool:
             and slot.desired.model_copy(update={"sha256": new.sha256}) == new)
 
 
+def _same_served_artifact(slot: Slot, new: DesiredAdapter) -> bool:
+    """True when a Ready slot's verified artifact is what `new` asks for (same URI, base model and version, and
+    a digest that is unset, the same, or the one verified) and only metadata differ (declared rank, credentials
+    Secret): a version that serves is never unloaded and reloaded for those. The serving version of an Adapter
+    being updated is described from its status while spec describes the new one (make-before-break)."""
+    art, old = slot.artifact, slot.desired
+    if slot.state != AdapterState.Ready or art is None:
+        return False
+    digest_ok = new.sha256 is None or new.sha256 == old.sha256 or new.sha256 in (art.sha256, art.archive_sha256)
+    return digest_ok and (new.uri, new.version, new.base_model, new.base_model_revision, new.adapter) == (
+        old.uri, old.version, old.base_model, old.base_model_revision, old.adapter)
+
+
 class Loader:
     """Makes one vLLM replica's loaded adapters equal the serving table (`set_table`), and reports each
     adapter's `AdapterState` with a `Reason` (`report`, pushed to `report_sinks` on change).
@@ -155,6 +172,8 @@ class Loader:
     adapter is fetched with the process environment (local runs, which have no Secrets).
     With `smoke_test`, each loaded adapter's greedy completion of `probe_prompt` (`probe_tokens` tokens) must
     differ from the base model's, else it is unloaded as NoEffect.
+    An adapter that leaves the table while Ready drains first (`_drained`): it stays loaded at least
+    `drain_seconds`, then until vLLM runs no request with it, at most the table's router.timeoutSeconds more.
     """
 
     def __init__(self, engine: VllmClient, cache: ArtifactCache, replica: str, *,
@@ -164,7 +183,8 @@ class Loader:
                  backoff_base: float = 1.0, backoff_max: float = 60.0, resync: float = 1.0,
                  engine_url: str | None = None, report_sinks: list[ReportSink] | None = None,
                  max_header_bytes: int = gate.MAX_ADAPTER_HEADER_BYTES,
-                 credentials_root: str | Path | None = ADAPTER_CREDENTIALS_ROOT):
+                 credentials_root: str | Path | None = ADAPTER_CREDENTIALS_ROOT,
+                 drain_seconds: float = DRAIN_SECONDS):
         self.engine = engine
         self.cache = cache
         self.replica = replica
@@ -185,6 +205,9 @@ class Loader:
         self.table: ServingTable | None = None
         self.slots: dict[str, Slot] = {}
         self.unloading: dict[str, str] = {}   # served name -> since
+        # served name -> time.monotonic() it left the table while Ready: loaded until drained (`_drained`)
+        self.draining: dict[str, float] = {}
+        self.drain_seconds = drain_seconds
         self.engine_ready = False     # vLLM answers /health
         self.engine_warm = False      # ...and has completed the warm-up completion since it came up
         self.applied_generation = 0
@@ -210,8 +233,12 @@ class Loader:
             if name not in desired:
                 del self.slots[name]
                 self.unloading.setdefault(name, now_rfc3339())
+                if slot.state == AdapterState.Ready:
+                    # It served: routers may still send to it (their table or poll is a moment older), and
+                    # requests routed to it run. It drains before it is unloaded (`_drained`).
+                    self.draining.setdefault(name, time.monotonic())
             elif slot.desired != desired[name]:
-                if _only_pinned(slot, desired[name]):
+                if _only_pinned(slot, desired[name]) or _same_served_artifact(slot, desired[name]):
                     # The Adapter recorded the digest this replica already verified: same artifact, no reload.
                     slot.desired = desired[name]
                     continue
@@ -222,6 +249,7 @@ class Loader:
             if name not in self.slots:
                 self.slots[name] = Slot(want)
                 self.unloading.pop(name, None)
+                self.draining.pop(name, None)
         if self.table is None or (table.base_model, table.base_model_revision, table.model_path,
                                   table.served_model_name) != (self.table.base_model, self.table.base_model_revision,
                                                                self.table.model_path, self.table.served_model_name):
@@ -348,7 +376,9 @@ class Loader:
         self._start_warm_up()   # runs while the first adapter is fetched and gated (below)
 
         replaced = set(self.unloading) & set(loaded) & set(self.slots)   # same name, new artifact
-        for name in sorted(set(loaded) - set(self.slots)) + sorted(replaced):
+        gone = sorted(set(loaded) - set(self.slots))
+        keep = await self._draining_now([n for n in gone if n in self.draining])
+        for name in [n for n in gone if n not in keep] + sorted(replaced):
             try:
                 await self.engine.unload(name)
                 self.metrics.unloads.inc()
@@ -357,6 +387,7 @@ class Loader:
             except (EngineError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 log.warning("unloading %s failed: %s (retrying next pass)", name, exc)
         self.unloading = {n: t for n, t in self.unloading.items() if n in loaded}
+        self.draining = {n: t for n, t in self.draining.items() if n in loaded and n not in self.slots}
 
         table = self.table
         for name in sorted(self.slots):
@@ -370,6 +401,28 @@ class Loader:
                 return
         self.applied_generation = table.generation
         await self.publish()
+
+    async def _draining_now(self, names: list[str]) -> set[str]:
+        """Which of `names` (adapters that left the table while Ready, still loaded) keep draining this pass.
+
+        One drains at least `drain_seconds` after it left (a router may have chosen it from its previous table
+        or poll a moment ago; that request must find it loaded), then while vLLM runs or queues a request
+        with it (`VllmClient.adapters_in_use`: vLLM counts every router's requests), and at most the table's
+        router.timeoutSeconds after that (no request through a router lasts longer; also when vLLM's metrics
+        cannot be read). vLLM's metrics are read once per pass, only when needed."""
+        now = time.monotonic()
+        cap = self.drain_seconds + (self.table.router.timeout_seconds if self.table else 0)
+        keep, ask = set(), []
+        for name in names:
+            elapsed = now - self.draining[name]
+            if elapsed < self.drain_seconds:
+                keep.add(name)
+            elif elapsed < cap:
+                ask.append(name)
+        if ask:
+            in_use = await self.engine.adapters_in_use()
+            keep |= {n for n in ask if in_use is None or n in in_use}
+        return keep
 
     def _engine_lost(self, message: str) -> None:
         if self.engine_ready:
@@ -643,6 +696,11 @@ class Loader:
                     for n, s in sorted(self.slots.items())}
         for name, since in sorted(self.unloading.items()):
             if name in self.slots:
+                continue
+            if name in self.draining:
+                adapters[name] = AdapterReport(state=AdapterState.Draining, reason=Reason.Draining, since=since,
+                                               message="no longer in the serving table; still loaded until vLLM "
+                                                       "runs no request with it (then unloaded)")
                 continue
             adapters[name] = AdapterReport(state=AdapterState.Unloading, reason=Reason.NotDesired, since=since,
                                            message="no longer in the serving table")

@@ -24,6 +24,8 @@ from loraplane.api.wire.serving import ENGINE_PORT, LOADER_PORT, AdapterState, R
 log = logging.getLogger("loraplane.router")
 
 POLL_FAILURES_TO_DOWN = 3
+# Adapter states (in a loader's report) a request may be sent to.
+ROUTABLE_STATES = frozenset({AdapterState.Ready, AdapterState.Draining})
 
 # Only two gauges are needed out of vLLM's ~100 metric families: a line filter is ~100x cheaper than
 # the full exposition-format parser on every poll of every replica.
@@ -183,7 +185,9 @@ class ReplicaPool:
                     resp.raise_for_status()
                     report = ReplicaReport.model_validate_json(await resp.read())
                 engine_ready = report.engine_ready
-                ready = {name for name, a in report.adapters.items() if a.state == AdapterState.Ready}
+                # A Draining adapter left the table but is still loaded: a router that has not read the new table
+                # yet may still send to it (its loader keeps it while requests run).
+                ready = {name for name, a in report.adapters.items() if a.state in ROUTABLE_STATES}
                 if engine_ready and self.base_served_name:
                     ready.add(self.base_served_name)
             else:

@@ -68,8 +68,11 @@ def test_a_source_change_under_a_published_version_is_refused_and_a_new_version_
         assert "artifact" not in plan.status or plan.status["artifact"]["uri"] == "s3://b/a"
     bumped = _body(uri="s3://b/other", version="2", status=served["status"])
     plan = _plan(bumped)
-    assert plan.rejection is None and plan.status.get("artifact") is None   # v2's digest comes when it is served
-    assert resolve(ROUTE, [Adapter.model_validate(_merged(bumped, plan))]).table.adapters[0].sha256 is None
+    # v1 keeps serving (its artifact stays recorded) while v2 is made ready; v2's digest comes when it is served
+    assert plan.rejection is None and plan.status.get("artifact") is None
+    assert plan.status["candidate"]["servedName"] == "a--2"
+    entries = {d.served_name: d.sha256 for d in resolve(ROUTE, [Adapter.model_validate(_merged(bumped, plan))]).table.adapters}
+    assert entries == {"a--1": DIGEST_1, "a--2": None}
 
 
 def test_a_replica_serving_other_content_under_the_version_is_flagged():
@@ -85,4 +88,5 @@ def test_an_unversioned_adapter_is_not_pinned():
     body = _body(version=None)
     served_name = Adapter.model_validate(body).served_name()
     plan = _plan(body, _pod("p0", served_name, DIGEST_1))
-    assert plan.status.get("artifact") is None and plan.status["phase"] == "Ready"
+    # not pinned (no digest); its URI is kept so it keeps serving while a changed source is made ready
+    assert plan.status.get("artifact") == {"uri": "s3://b/a"} and plan.status["phase"] == "Ready"

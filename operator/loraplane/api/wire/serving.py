@@ -134,6 +134,9 @@ class AdapterState(StrEnum):
     """Refused by the compatibility gate (never loaded); the reason says which rule."""
     Failed = "Failed"
     """Fetching or loading failed after bounded retries, or the smoke test showed no effect."""
+    Draining = "Draining"
+    """No longer in the table, still loaded: requests routed to it before the table changed (or by a router
+    that has not read the new table yet) finish; unloaded once vLLM runs none with it (bounded). Routable."""
     Unloading = "Unloading"
     """No longer in the table; being unloaded from vLLM."""
 
