@@ -195,6 +195,18 @@ def stable_desired(adapter: Adapter) -> DesiredAdapter | None:
         credentials_secret=creds.name if creds else None, credentials_key=creds.key if creds else None)
 
 
+def first_version_held(adapter: Adapter) -> Verdict | None:
+    """Why an Adapter with no version serving yet is left out of every table because its rollout holds spec's
+    version back (its evaluation gates failed, or it was aborted), else None. With a version serving, the held
+    version is left out by `adapter_versions` and the serving one stays."""
+    rollout = adapter.status.rollout if adapter.status else None
+    if (rollout is None or rollout.candidate != adapter.spec.version or candidate_served(rollout)
+            or stable_desired(adapter) is not None):
+        return None
+    return Verdict(False, Reason(rollout.reason or Reason.RolloutGateFailed),
+                   f"Adapter {adapter.metadata.name} version {rollout.candidate}: {rollout.message}")
+
+
 def adapter_versions(adapter: Adapter) -> AdapterVersions:
     """The stable and candidate entries of `adapter` (see AdapterVersions). A candidate that status says a
     route has no room for (NoRoomForCandidate) is still returned: the route's resolution leaves it out."""
@@ -295,6 +307,8 @@ def _resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Ver
                 selected[name] = Verdict(False, Reason.ArtifactPending,
                                          f"Adapter {name} has no source.uri yet (its FineTuneJob has not "
                                          "finished)")
+            elif (hold := first_version_held(by_name[name])) is not None:
+                selected[name] = hold
             else:
                 v = check_compatibility(by_name[name], route, local_paths=local_paths)
                 stable = stable_desired(by_name[name])
