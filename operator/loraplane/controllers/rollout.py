@@ -35,14 +35,16 @@ def rollout_decision(adapter: Adapter, previous: AdapterStatus, evaluation: Eval
                      candidate_ready: bool, now: datetime, window: Window | None = None) -> RolloutDecision:
     """builders.rollout.decide for `adapter` given its last (owned) status and the evaluation of spec's version
     (pure). The stable version is the last status.rollout's, else the version the status says serves (an
-    Adapter from before rollouts)."""
+    Adapter from before rollouts): status.version once its artifact was recorded, which happens when a replica
+    first served it (controllers.adapter.record_artifact)."""
     spec = adapter.spec
     candidate = Candidate(version=spec.version or adapter.served_name().rpartition("--")[2],
                           uri=spec.source.uri, sha256=spec.source.sha256)
     return decide(RolloutFacts(
         policy=spec.rollout, candidate=candidate, evaluation=evaluation,
         previous=previous.rollout, history=list(previous.history), candidate_ready=candidate_ready, now=now,
-        stable=previous.version if previous.served_name else None, window=window))
+        stable=previous.version if previous.artifact is not None and previous.artifact.uri else None,
+        window=window))
 
 
 @dataclass

@@ -129,5 +129,7 @@ def test_a_first_version_that_fails_its_gates_is_served_nowhere():
     first["status"] = {"provenance": {"evaluation": EVAL_WORSE_THAN_BASE}}
     _, b = step(first)
     assert b["status"]["rollout"]["state"] == RolloutState.GateFailed
+    _, b = step(b)    # and stays so (status.version names it, but it never served)
+    assert b["status"]["rollout"]["state"] == RolloutState.GateFailed
     assert _loaded(b) == [] and _backends(b) == []
     assert ready_condition(b)["reason"] == Reason.RolloutGateFailed
