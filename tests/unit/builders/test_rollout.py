@@ -332,3 +332,28 @@ def test_durations():
     assert [duration_seconds(d) for d in ("30s", "2m", "1h")] == [30, 120, 3600]
     with pytest.raises(ValueError, match="whole number"):
         duration_seconds("1.5m")
+
+
+def test_the_operator_can_read_every_router_pods_metrics_port():
+    """The live analysis reads each router pod's /metrics on the router port (controllers.rollout_metrics): no
+    NetworkPolicy the operator renders for a route may select the router pods without allowing that port from
+    anywhere (the operator's pods carry none of the route's labels)."""
+    from loraplane.api.paths import ROUTER_PORT
+    from loraplane.builders import modelroute
+    from loraplane.builders.resolution import resolve
+    from loraplane.builders.settings import BuildSettings
+    from test_builders import example, load_examples, with_uid
+
+    route = with_uid(example("ModelRoute"))
+    table = resolve(route, [a for a in load_examples() if a.kind == "Adapter"]).table
+    kids = modelroute.children(route, table, BuildSettings(network_policies=True))
+    policies = [c for c in kids if c["kind"] == "NetworkPolicy"]
+    assert policies, "the route renders its engine NetworkPolicy"
+    router_labels = modelroute.router_selector(route)
+    for policy in policies:
+        match = policy["spec"]["podSelector"].get("matchLabels") or {}
+        if not all(router_labels.get(k) == v for k, v in match.items()):
+            continue   # does not select the router pods
+        open_ports = [p for rule in policy["spec"].get("ingress") or [] if not rule.get("from")
+                      for p in rule.get("ports") or []]
+        assert any(p.get("port") == ROUTER_PORT for p in open_ports), policy
