@@ -31,6 +31,7 @@ from loraplane.api.adapter import (
     served_name,
 )
 from loraplane.api.evaluation import EvaluationResult
+from loraplane.api.keys import PRODUCED_BY_ANNOTATION
 from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType, Progress
 from loraplane.api.modelroute import ModelRoute
 from loraplane.api.reasons import Reason
@@ -284,6 +285,20 @@ def held_back(adapter: Adapter, new: AdapterStatus, decision: RolloutDecision, g
     return new
 
 
+def evaluation_pending(adapter: Adapter, status: dict) -> bool:
+    """Whether the gates must wait for the evaluation of spec's version: the Adapter has gates, a FineTuneJob
+    produced spec's version (its uid in PRODUCED_BY_ANNOTATION), and status.provenance is still another run's.
+    The job writes spec first and provenance just after (controllers.finetunejob); judging in between would
+    judge the previous version's scores. Meanwhile the rollout status stays as it was and the candidate gets
+    no traffic."""
+    policy = adapter.spec.rollout
+    produced_by = adapter.metadata.annotations.get(PRODUCED_BY_ANNOTATION)
+    if policy is None or policy.gates is None or not produced_by:
+        return False
+    provenance = (status or {}).get("provenance") or {}
+    return provenance.get("fineTuneJobUid") != produced_by
+
+
 def evaluation_of(status: dict) -> EvaluationResult | None:
     """The evaluation in a stored status' provenance (written on behalf of the FineTuneJob, not owned here);
     None when absent or unreadable (outside input: a gate then fails on no data)."""
@@ -466,19 +481,22 @@ class AdapterController(Controller):
         previous = owned_status(AdapterStatus, current, OWNED_STATUS)
         rejection = immutable_rejection(facts.adapter, previous)
         evaluation = evaluation_of(current)
+        pending = evaluation_pending(facts.adapter, current)
         decision: RolloutDecision | None = None
 
         def weigh(candidate: CandidateVersion) -> int:
             # The rollout decides the candidate's share once make-before-break says it may have traffic (Ready,
             # smoke-tested on every replica that will serve it: candidate_weight's 100).
             nonlocal decision
+            if pending:
+                return 0
             ready = candidate.weight >= 100
             decision = rollout_decision(facts.adapter, previous, evaluation, ready, facts.now, facts.window)
             return rollout_weight(decision.status) if ready else 0
 
         new = adapter_status(facts.adapter, facts.routes, facts.pods_by_route, previous, generation, rejection,
                              facts.table_verdicts, facts.held, weigh)
-        if decision is None and rejection is None:   # no candidate: spec's version serves (or is the first)
+        if decision is None and rejection is None and not pending:   # no candidate: spec's version serves
             decision = rollout_decision(facts.adapter, previous, evaluation, new.phase == AdapterPhase.Ready,
                                         facts.now, facts.window)
         events = []

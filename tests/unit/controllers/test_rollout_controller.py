@@ -133,3 +133,17 @@ def test_a_first_version_that_fails_its_gates_is_served_nowhere():
     assert b["status"]["rollout"]["state"] == RolloutState.GateFailed
     assert _loaded(b) == [] and _backends(b) == []
     assert ready_condition(b)["reason"] == Reason.RolloutGateFailed
+
+
+def test_the_gates_wait_for_the_evaluation_of_the_version_a_finetunejob_just_published():
+    # The job applies the new spec, then patches provenance: in between, provenance is the previous run's.
+    b = bumped(POLICY, EVAL_WORSE_THAN_BASE)
+    b["metadata"] = {**b["metadata"], "annotations": {"loraplane.io/produced-by": "run-2"}}
+    b["status"]["provenance"] = {"fineTuneJobUid": "run-1", "evaluation": EVAL_GOOD}   # v1's scores
+    plan, waiting = step(b, *BOTH)
+    assert waiting["status"]["rollout"]["candidate"] == "1"         # unchanged: v2 not judged yet
+    assert waiting["status"]["candidate"]["weight"] == 0 and _backends(waiting) == [("a--1", 100)]
+    assert not [e for e in plan.events if e.reason.startswith("Rollout")]
+    waiting["status"]["provenance"] = {"fineTuneJobUid": "run-2", "evaluation": EVAL_WORSE_THAN_BASE}
+    _, judged = step(waiting, *BOTH)
+    assert judged["status"]["rollout"]["state"] == RolloutState.GateFailed
