@@ -20,7 +20,7 @@ from enum import StrEnum
 
 from loraplane.api.adapter import Adapter, AdapterPhase
 from loraplane.api.common import LabelSelector
-from loraplane.api.reasons import Reason
+from loraplane.api.reasons import Reason, reason_or_unknown
 from loraplane.api.redaction import redacted
 from loraplane.builders.rollout import candidate_served
 from loraplane.api.modelroute import ModelRoute
@@ -203,7 +203,7 @@ def first_version_held(adapter: Adapter) -> Verdict | None:
     if (rollout is None or rollout.candidate != adapter.spec.version or candidate_served(rollout)
             or stable_desired(adapter) is not None):
         return None
-    return Verdict(False, Reason(rollout.reason or Reason.RolloutGateFailed),
+    return Verdict(False, reason_or_unknown(rollout.reason),
                    f"Adapter {adapter.metadata.name} version {rollout.candidate}: {rollout.message}")
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from loraplane.api.evaluation import EvaluationResult, higher_is_better
-from loraplane.api.reasons import Reason
+from loraplane.api.reasons import Reason, reason_or_unknown
 from loraplane.api.rollout import (
     AnalysisResult,
     AnalysisVerdict,
@@ -37,6 +37,11 @@ from loraplane.api.rollout import (
 CANDIDATE_SERVED = frozenset({RolloutState.Loading, RolloutState.Progressing, RolloutState.Paused})
 # States whose traffic split is analysed live.
 ANALYSED = frozenset({RolloutState.Progressing, RolloutState.Paused})
+# The reason each state has when status carries none we know (written by hand or by a newer operator).
+STATE_REASONS = {RolloutState.Stable: Reason.RolloutPromoted, RolloutState.Promoted: Reason.RolloutPromoted,
+                 RolloutState.Loading: Reason.RolloutLoading, RolloutState.Progressing: Reason.RolloutProgressing,
+                 RolloutState.Paused: Reason.RolloutPaused, RolloutState.GateFailed: Reason.RolloutGateFailed,
+                 RolloutState.RolledBack: Reason.RolloutRolledBack, RolloutState.Aborted: Reason.RolloutAborted}
 # A step without `pause` and without analysis lasts this long (seconds).
 DEFAULT_PAUSE_SECONDS = 60.0
 QUANTILE = 0.95
@@ -375,6 +380,9 @@ def decide(facts: RolloutFacts) -> RolloutDecision:
     `promote`, then the state's own progress (loading, steps with analysis, manual promotion)."""
     policy = facts.policy or RolloutPolicy()
     prev = facts.previous
+    if prev is not None and reason_or_unknown(prev.reason) == Reason.UnknownReason:
+        # status is outside input (anyone with status access can write it): an unknown reason reads as its state's.
+        prev = prev.model_copy(update={"reason": STATE_REASONS[RolloutState(prev.state)]})
     cand = facts.candidate.version
     now_s = rfc3339(facts.now)
     limit = policy.history_limit
@@ -461,10 +469,10 @@ def decide(facts: RolloutFacts) -> RolloutDecision:
                new_window: bool = False, record: bool = False) -> RolloutDecision:
         hist = history
         if record:
-            hist = _record(hist, entry(RolloutState(new.state), Reason(new.reason), new.message or ""), limit)
+            hist = _record(hist, entry(RolloutState(new.state), reason_or_unknown(new.reason), new.message or ""), limit)
         evs = list(events)
         if changed(new):
-            evs.append(RolloutEvent(warning, Reason(new.reason), new.message or ""))
+            evs.append(RolloutEvent(warning, reason_or_unknown(new.reason), new.message or ""))
         return RolloutDecision(new, hist, evs, requeue, new_window)
 
     def promoted(how: str) -> RolloutDecision:

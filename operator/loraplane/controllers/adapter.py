@@ -34,7 +34,7 @@ from loraplane.api.evaluation import EvaluationResult
 from loraplane.api.keys import PRODUCED_BY_ANNOTATION
 from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType, Progress
 from loraplane.api.modelroute import ModelRoute
-from loraplane.api.reasons import Reason
+from loraplane.api.reasons import Reason, reason_or_unknown
 from loraplane.api.rollout import RolloutState
 from loraplane.api.validation import format_validation_error
 from loraplane.api.wire.serving import AdapterState
@@ -280,7 +280,7 @@ def held_back(adapter: Adapter, new: AdapterStatus, decision: RolloutDecision, g
             new = new.model_copy(update={
                 "version": entry.version, "served_name": served_name(adapter.metadata.name or "", entry.version),
                 "artifact": ArtifactInfo(uri=entry.uri, sha256=entry.sha256), "candidate": None, "loaded_on": []})
-    new.set_condition(ConditionType.Ready, ConditionState(FALSE, Reason(rollout.reason or Reason.RolloutRolledBack), (
+    new.set_condition(ConditionType.Ready, ConditionState(FALSE, reason_or_unknown(rollout.reason), (
         f"{rollout.message}; version {rollout.stable or '-'} serves")), generation)
     return new
 

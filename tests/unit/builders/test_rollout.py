@@ -357,3 +357,12 @@ def test_the_operator_can_read_every_router_pods_metrics_port():
         open_ports = [p for rule in policy["spec"].get("ingress") or [] if not rule.get("from")
                       for p in rule.get("ports") or []]
         assert any(p.get("port") == ROUTER_PORT for p in open_ports), policy
+
+
+def test_a_status_written_by_hand_never_wedges_the_decision():
+    s = progressing().model_copy(update={"reason": "NotAReason"})
+    s = s.model_copy(update={"step_started_at": "yesterday"})
+    d = run(s, now=T0 + timedelta(seconds=30), window=Window(counts(40, errors=40), counts(100), 30))
+    assert (d.status.state, d.status.reason) == (RolloutState.RolledBack, Reason.RolloutRolledBack)
+    held = run(s.model_copy(update={"state": RolloutState.RolledBack}))
+    assert held.status.reason == Reason.RolloutRolledBack
