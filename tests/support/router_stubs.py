@@ -26,6 +26,7 @@ class StubReplica:
     name: str
     base: str = "base"
     adapters: set[str] = field(default_factory=set)   # served names the loader reports Ready
+    draining: set[str] = field(default_factory=set)   # served names the loader reports Draining (left the table)
     engine_ready: bool = True
     engine_load: int = 0                              # reported as running + waiting in /metrics
     missing: set[str] = field(default_factory=set)    # served names vLLM answers 404 for despite the report
@@ -78,7 +79,9 @@ class StubReplica:
             return web.Response(status=500, text="loader busy")
         report = ReplicaReport(
             replica=self.name, route="r", generation=1, engine_ready=self.engine_ready, updated_at="2026-01-01T00:00:00Z",
-            adapters={a: {"state": "Ready", "reason": "Loaded", "since": "2026-01-01T00:00:00Z"} for a in self.adapters})
+            adapters={**{a: {"state": "Ready", "reason": "Loaded", "since": "2026-01-01T00:00:00Z"} for a in self.adapters},
+                      **{a: {"state": "Draining", "reason": "Draining", "since": "2026-01-01T00:00:00Z"}
+                         for a in self.draining}})
         return web.Response(body=report.model_dump_json(), content_type="application/json")
 
     async def models(self, request: web.Request) -> web.Response:
@@ -96,7 +99,7 @@ class StubReplica:
         self.received.append((request.path, body, request.headers.copy()))  # case-insensitive
         req = json.loads(body)
         model = req["model"]
-        if model != self.base and (model not in self.adapters or model in self.missing):
+        if model != self.base and (model not in self.adapters | self.draining or model in self.missing):
             return web.json_response({"error": {"message": f"The model `{model}` does not exist.",
                                                 "type": "NotFoundError", "param": "model", "code": 404}},
                                      status=404)

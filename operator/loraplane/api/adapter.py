@@ -184,12 +184,15 @@ class CandidateVersion(ApiModel):
     every replica that will serve it), and replaces the serving version (is promoted) when that share reaches
     100. A candidate that fails (Failed, Incompatible) never gets traffic; the serving version keeps serving."""
 
-    version: str | None = Field(default=None, description="spec.version of the candidate.")
+    # "" rather than None when absent: status is written with merge patches, where a field left out keeps its
+    # previous value (another candidate's version or URI).
+    version: str = Field(default="", description="spec.version of the candidate (\"\" without one).")
     served_name: str = Field(description="Internal vLLM name of the candidate.")
-    uri: str | None = Field(default=None, description="spec.source.uri of the candidate.")
+    uri: str = Field(default="", description="spec.source.uri of the candidate (\"\" until it has one).")
     phase: AdapterPhase = Field(description="Loading until every replica that will serve it has it Ready; Ready; "
                                             "Failed or Incompatible when a replica refused it (never promoted); "
-                                            "Pending when a route has no room for it (reason NoRoomForCandidate).")
+                                            "Pending when a route has no room for it (NoRoomForCandidate) or it has no "
+                                            "source.uri yet (ArtifactPending).")
     reason: str = Field(description="Why it is in that phase (a Reason: Loading, Loaded, NoEffect, ...).")
     message: str = Field(default="", max_length=4096)
     ready_replicas: int = Field(default=0, ge=0, description="Replicas that have it loaded and smoke-tested.")

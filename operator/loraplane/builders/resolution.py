@@ -303,14 +303,14 @@ def _resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Ver
             elif name not in by_name:
                 selected[name] = Verdict(False, Reason.AdapterNotFound, f"Adapter {name} does not exist in namespace "
                                                                    f"{route.metadata.namespace or 'default'}")
-            elif not by_name[name].spec.source.uri:
-                selected[name] = Verdict(False, Reason.ArtifactPending,
-                                         f"Adapter {name} has no source.uri yet (its FineTuneJob has not "
-                                         "finished)")
             elif (hold := first_version_held(by_name[name])) is not None:
                 selected[name] = hold
             else:
-                v = check_compatibility(by_name[name], route, local_paths=local_paths)
+                if not by_name[name].spec.source.uri:
+                    v = Verdict(False, Reason.ArtifactPending,
+                                f"Adapter {name} has no source.uri yet (its FineTuneJob has not finished)")
+                else:
+                    v = check_compatibility(by_name[name], route, local_paths=local_paths)
                 stable = stable_desired(by_name[name])
                 if not v.compatible and stable is not None:
                     # spec's new version is refused by metadata; the version that serves was accepted and keeps

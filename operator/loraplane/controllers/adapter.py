@@ -98,9 +98,9 @@ def candidate_status(adapter: Adapter, compatible: list[ModelRoute], pods_by_rou
     refusal such as RankTooLarge, or NoRoomForCandidate). The replicas that will serve it are the ready engine
     pods (pod Ready, engine ready) of those routes; it is Ready when each reports it Ready."""
     served = adapter.served_name()
-    base = {"version": adapter.spec.version, "served_name": served, "uri": adapter.spec.source.uri}
+    base = {"version": adapter.spec.version or "", "served_name": served, "uri": adapter.spec.source.uri or ""}
     for route, verdict in sorted(held.items()):
-        if verdict.reason == Reason.NoRoomForCandidate:
+        if verdict.reason in (Reason.NoRoomForCandidate, Reason.ArtifactPending):
             return CandidateVersion(**base, phase=AdapterPhase.Pending, reason=verdict.reason, message=verdict.message)
         return CandidateVersion(**base, phase=AdapterPhase.Incompatible, reason=verdict.reason,
                                 message=f"route {route}: {verdict.message}")
@@ -170,6 +170,9 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
         compatible = [r for r in selecting if verdicts[r.metadata.name].compatible]
         refused = {r.metadata.name or "": v for r in compatible
                    if not (v := check_compatibility(adapter, r)).compatible}
+        if not adapter.spec.source.uri:
+            refused = {r.metadata.name or "": Verdict(False, Reason.ArtifactPending, (
+                "spec.source has no uri yet (its FineTuneJob has not finished)")) for r in compatible}
         candidate = candidate_status(adapter, compatible, pods_by_route, {**refused, **(held or {})})
         if weigh is not None:
             candidate = candidate.model_copy(update={"weight": max(0, min(100, weigh(candidate)))})

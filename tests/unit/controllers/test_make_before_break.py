@@ -173,3 +173,42 @@ def test_candidate_weight_and_the_backend_split():
     assert split_backend(versions, 80)[0].served_name == "a--1"
     split = AdapterVersions(stable=versions.stable, candidate=versions.candidate, weight=25)
     assert [(b.served_name, b.weight) for b in split_backend(split, 80)] == [("a--1", 60), ("a--2", 20)]
+
+
+def test_a_new_version_without_an_artifact_yet_leaves_the_serving_one_in_place():
+    bumped = _serving_v1()
+    bumped["spec"]["source"] = {"fineTuneJobRef": {"name": "j"}}   # its FineTuneJob has not finished
+    res = resolve(ROUTE, [Adapter.model_validate(bumped)])
+    assert [d.served_name for d in res.table.adapters] == ["a--1"] and _backends(bumped) == [("a--1", 100)]
+    _, after = _step(bumped, _pod("p0", {"a--1": READY}), held={"r": res.held["a"]})
+    cand = after["status"]["candidate"]
+    assert (cand["phase"], cand["reason"], cand["uri"]) == (AdapterPhase.Pending, Reason.ArtifactPending, "")
+    assert after["status"]["phase"] == AdapterPhase.Ready and after["status"]["servedName"] == "a--1"
+
+
+def test_the_route_controller_tells_the_adapter_about_a_held_candidate_and_follows_its_status():
+    """The wiring: a route whose table leaves an Adapter's new version out tells the Adapter controller
+    (reselected, held_candidates); a change of the Adapter's serving version or candidate re-resolves the routes."""
+    from test_controllers import ROUTE_BODY, context
+    from loraplane.controllers.modelroute import ModelRouteController, ModelRouteFacts
+
+    ctl = ModelRouteController(context(), rejections=lambda ns: {}, reselected=lambda key: None)
+    route = ModelRoute.model_validate(ROUTE_BODY)
+    bumped = _serving_v1()
+    plan = ctl.plan(ModelRouteFacts(ROUTE_BODY, route, adapters=[Adapter.model_validate(bumped)]))
+    assert set(plan.held) == set() and "a" in plan.reselected   # room and a compatible candidate: nothing held
+    bumped["spec"]["rank"] = 64
+    held = ctl.plan(ModelRouteFacts(ROUTE_BODY, route, adapters=[Adapter.model_validate(bumped)],
+                                    last_selected=plan.selected))
+    assert held.held["a"].reason == Reason.RankTooLarge and held.reselected == ["a"]
+    ctl._held[("ns", "r")] = held.held     # what execute remembers
+    assert ctl.held_candidates("ns", "a") == {"r": held.held["a"]}
+    scheduled = []
+    ctl.schedule_namespace = lambda ns, delay=None: scheduled.append(ns)
+    promoted = {**bumped, "status": {**bumped["status"], "servedName": "a--2"}}
+    ctl.on_change("Adapter", promoted, bumped)
+    candidate = {**bumped, "status": {**bumped["status"], "candidate": {"servedName": "a--2", "phase": "Ready",
+                                                                         "reason": "Loaded", "weight": 100}}}
+    ctl.on_change("Adapter", candidate, bumped)
+    ctl.on_change("Adapter", {**bumped, "status": {**bumped["status"], "loadedOn": []}}, bumped)
+    assert scheduled == ["ns", "ns"]

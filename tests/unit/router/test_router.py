@@ -556,6 +556,16 @@ async def test_pooled_connection_closed_by_the_replica_is_not_reused():
         server.close()
 
 
+async def test_a_version_draining_on_its_replica_still_serves_a_router_whose_table_names_it(started, tmp_path):
+    """Make-before-break (issue 14): the loader keeps a version that left the table loaded while it drains
+    (state Draining); a router that has not read the new table yet still reaches it instead of answering 503."""
+    a = await started(StubReplica("a", adapters={"v2"}, draining={"v1"}))
+    async with running_router(tmp_path, [a.spec], table_json({"chat": [("v1", 100)]}), poll_interval=300) as (svc, c):
+        await svc.pool.poll_once(svc._poll_session)
+        async with c.post("/v1/completions", json={"model": "chat", "prompt": "p"}) as resp:
+            assert resp.status == 200 and resp.headers["X-Loraplane-Backend"] == "v1"
+
+
 async def test_one_failed_status_poll_does_not_take_a_replica_out(started, tmp_path):
     a = await started(StubReplica("a", adapters={"v1"}))
     async with running_router(tmp_path, [a.spec], table_json({"chat": [("v1", 100)]}), poll_interval=300) as (svc, c):
