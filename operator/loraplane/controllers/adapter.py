@@ -283,6 +283,11 @@ def held_back(adapter: Adapter, new: AdapterStatus, decision: RolloutDecision, g
             new = new.model_copy(update={
                 "version": entry.version, "served_name": served_name(adapter.metadata.name or "", entry.version),
                 "artifact": ArtifactInfo(uri=entry.uri, sha256=entry.sha256), "candidate": None, "loaded_on": []})
+    if new.candidate is not None and new.candidate.served_name == adapter.served_name():
+        # Left out of the serving table by the rollout: it is not loading, whatever the replicas still report.
+        new = new.model_copy(update={"candidate": new.candidate.model_copy(update={
+            "phase": AdapterPhase.Pending, "reason": reason_or_unknown(rollout.reason),
+            "message": rollout.message or "", "weight": 0})})
     new.set_condition(ConditionType.Ready, ConditionState(FALSE, reason_or_unknown(rollout.reason), (
         f"{rollout.message}; version {rollout.stable or '-'} serves")), generation)
     return new

@@ -87,6 +87,8 @@ def test_steps_drive_the_tables_split_and_a_failed_analysis_takes_the_candidate_
     assert rollout["lastAnalysis"]["candidate"]["errorRate"] == 0.5
     assert [(e.type, e.reason) for e in plan.events] == [("Warning", Reason.RolloutRolledBack)]
     assert ready_condition(b)["reason"] == Reason.RolloutRolledBack
+    assert (b["status"]["candidate"]["phase"], b["status"]["candidate"]["reason"]) == ("Pending",
+                                                                                      Reason.RolloutRolledBack)
     assert b["status"]["version"] == "1"
     assert _loaded(b) == ["a--1"] and _backends(b) == [("a--1", 100)]
 
