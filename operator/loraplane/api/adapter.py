@@ -242,7 +242,6 @@ class Adapter(Resource):
         {"name": "Rollout", "type": "string", "jsonPath": ".status.rollout.state"},
         {"name": "Step", "type": "integer", "jsonPath": ".status.rollout.step"},
         {"name": "Weight", "type": "integer", "jsonPath": ".status.rollout.weight"},
-        {"name": "Stable", "type": "string", "jsonPath": ".status.rollout.stable", "priority": 1},
         {"name": "Reason", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason",
          "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

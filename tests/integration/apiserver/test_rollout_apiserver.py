@@ -9,6 +9,7 @@ LORAPLANE_ROUTER_METRICS_PORT)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 
@@ -154,6 +155,15 @@ async def test_a_version_that_fails_live_is_rolled_back_within_the_analysis_inte
                                       what="v2 at 50%")
             started = time.monotonic()
             assert progressing["weight"] == 50
+            # `kubectl get adapters` (the Table the API server renders from the CRD's printer columns).
+            request = kube_api.param_serialize(
+                method="GET", resource_path=f"/apis/{G}/{V}/namespaces/{ns}/adapters/a", auth_settings=["BearerToken"],
+                header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"})
+            response = kube_api.call_api(*request)
+            response.read()
+            rows = json.loads(response.data)
+            cells = dict(zip([c["name"] for c in rows["columnDefinitions"]], rows["rows"][0]["cells"]))
+            assert (cells["Rollout"], cells["Step"], cells["Weight"]) == ("Progressing", 1, 50), cells
             await until(lambda: any(b.served_name == "a--2" and b.weight == 50
                                     for m in table().models for b in m.backends), what="table split 50/50")
             rolled = await until(lambda: (r := rollout()).get("state") == "RolledBack" and r,
