@@ -113,6 +113,22 @@ class RolloutAnalysis(ApiModel):
                                description="Failed analyses in one rollout before it is rolled back.")
 
 
+class RolloutDefaults(ApiModel):
+    """A ModelRoute's default rollout policy for the Adapters it serves (spec.adapterRollout): the policy without
+    the fields that name an Adapter's versions (promote, abort, rollbackTo). An Adapter's own spec.rollout
+    overrides it field by field."""
+
+    gates: RolloutGates | None = None
+    steps: list[RolloutStep] = Field(default_factory=list, max_length=20, description=(
+        "Traffic steps, e.g. 10, 50, 100. Empty: straight to 100 % once the gates pass and the version is loaded. "
+        "An Adapter's first version skips the steps (there is nothing to split with)."))
+    analysis: RolloutAnalysis | None = None
+    manual_promotion: bool = Field(default=False, description="After the last step, wait (state Paused) until "
+                                   "`promote` names the version.")
+    history_limit: int = Field(default=DEFAULT_HISTORY_LIMIT, ge=1, le=MAX_HISTORY_LIMIT,
+                               description="How many versions status.history keeps.")
+
+
 class RolloutPolicy(ApiModel):
     """How a new version of this Adapter goes live (spec.rollout). Without it a new version takes all the traffic
     as soon as every replica has loaded it."""
@@ -241,6 +257,17 @@ class HistoryEntry(ApiModel):
     message: str | None = None
 
 
-__all__ = ["AnalysisResult", "AnalysisVerdict", "DURATION_PATTERN", "EvaluationSummary", "GateResult", "HistoryEntry", "Measured",
+def effective_policy(own: RolloutPolicy | None, defaults: RolloutDefaults | None) -> RolloutPolicy | None:
+    """The policy an Adapter rolls out with: `defaults` (its route's spec.adapterRollout), overridden by each
+    field its own spec.rollout sets; None when neither exists."""
+    if defaults is None:
+        return own
+    merged = RolloutPolicy.model_validate(defaults.model_dump())
+    if own is None:
+        return merged
+    return merged.model_copy(update={name: getattr(own, name) for name in own.model_fields_set})
+
+
+__all__ = ["AnalysisResult", "AnalysisVerdict", "RolloutDefaults", "effective_policy", "DURATION_PATTERN", "EvaluationSummary", "GateResult", "HistoryEntry", "Measured",
            "RolloutAnalysis", "RolloutGates", "RolloutPolicy", "RolloutState", "RolloutStatus", "RolloutStep",
            "VERSION_PATTERN", "duration_seconds"]

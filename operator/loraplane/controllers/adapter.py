@@ -35,7 +35,7 @@ from loraplane.api.keys import PRODUCED_BY_ANNOTATION
 from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType, Progress
 from loraplane.api.modelroute import ModelRoute
 from loraplane.api.reasons import Reason, reason_or_unknown
-from loraplane.api.rollout import RolloutState
+from loraplane.api.rollout import RolloutPolicy, RolloutState
 from loraplane.api.validation import format_validation_error
 from loraplane.api.wire.serving import AdapterState
 from loraplane.builders.resolution import Verdict, check_compatibility, selector_matches
@@ -43,7 +43,7 @@ from loraplane.builders.rollout import RolloutDecision, Window
 from loraplane.builders.rollout import candidate_weight as rollout_weight
 from loraplane.controllers.base import API, Context, Controller
 from loraplane.controllers.pods import pod_ready, replica_report, reported_adapters
-from loraplane.controllers.rollout import RolloutWindows, rollout_decision
+from loraplane.controllers.rollout import RolloutWindows, policy_of, rollout_decision
 from loraplane.controllers.rollout_metrics import Reading, RouterMetricsReader
 from loraplane.controllers.status import dump_status, invalid_spec, owned_status, status_patch
 from loraplane.kube.events import Event, EventType
@@ -293,13 +293,12 @@ def held_back(adapter: Adapter, new: AdapterStatus, decision: RolloutDecision, g
     return new
 
 
-def evaluation_pending(adapter: Adapter, status: dict) -> bool:
+def evaluation_pending(adapter: Adapter, policy: RolloutPolicy | None, status: dict) -> bool:
     """Whether the gates must wait for the evaluation of spec's version: the Adapter has gates, a FineTuneJob
     produced spec's version (its uid in PRODUCED_BY_ANNOTATION), and status.provenance is still another run's.
     The job writes spec first and provenance just after (controllers.finetunejob); judging in between would
     judge the previous version's scores. Meanwhile the rollout status stays as it was and the candidate gets
     no traffic."""
-    policy = adapter.spec.rollout
     produced_by = adapter.metadata.annotations.get(PRODUCED_BY_ANNOTATION)
     if policy is None or policy.gates is None or not produced_by:
         return False
@@ -458,8 +457,9 @@ class AdapterController(Controller):
             return
         if facts.adapter is not None:
             previous = owned_status(AdapterStatus, facts.body.get("status") or {}, OWNED_STATUS)
-            facts.window, facts.reading = await self.windows.window(key, facts.adapter, previous.rollout,
-                                                                    facts.routes, facts.now)
+            selecting = [r for r in facts.routes if selects(r, facts.adapter)]
+            facts.window, facts.reading = await self.windows.window(key, policy_of(facts.adapter, selecting),
+                                                                    previous.rollout, selecting, facts.now)
         await self.execute(key, self.plan(facts))
 
     def observe(self, key: Key) -> AdapterFacts | None:
@@ -489,7 +489,8 @@ class AdapterController(Controller):
         previous = owned_status(AdapterStatus, current, OWNED_STATUS)
         rejection = immutable_rejection(facts.adapter, previous)
         evaluation = evaluation_of(current)
-        pending = evaluation_pending(facts.adapter, current)
+        policy = policy_of(facts.adapter, [r for r in facts.routes if selects(r, facts.adapter)])
+        pending = evaluation_pending(facts.adapter, policy, current)
         decision: RolloutDecision | None = None
 
         def weigh(candidate: CandidateVersion) -> int:
@@ -499,24 +500,24 @@ class AdapterController(Controller):
             if pending:
                 return 0
             ready = candidate.weight >= 100
-            decision = rollout_decision(facts.adapter, previous, evaluation, ready, facts.now, facts.window)
+            decision = rollout_decision(facts.adapter, policy, previous, evaluation, ready, facts.now, facts.window)
             return rollout_weight(decision.status) if ready else 0
 
         new = adapter_status(facts.adapter, facts.routes, facts.pods_by_route, previous, generation, rejection,
                              facts.table_verdicts, facts.held, weigh)
         if decision is None and rejection is None and not pending:   # no candidate: spec's version serves
-            decision = rollout_decision(facts.adapter, previous, evaluation, new.phase == AdapterPhase.Ready,
-                                        facts.now, facts.window)
+            decision = rollout_decision(facts.adapter, policy, previous, evaluation,
+                                        new.phase == AdapterPhase.Ready, facts.now, facts.window)
         events = []
         if decision is not None:
             new.rollout, new.history = decision.status, decision.history
             new = held_back(facts.adapter, new, decision, generation)
-            if facts.adapter.spec.rollout is not None:   # without a policy, make-before-break's Events say it all
+            if policy is not None:   # without a policy, make-before-break's Events say it all
                 events += [Event(EventType.Warning if e.warning else EventType.Normal, e.reason, e.message)
                            for e in decision.events]
         before = previous.candidate
         if (before is not None and new.candidate is None and new.served_name == before.served_name
-                and facts.adapter.spec.rollout is None):   # with one, RolloutPromoted says it
+                and policy is None):   # with one, RolloutPromoted says it
             events.append(Event(EventType.Normal, Reason.VersionPromoted, (
                 f"version {before.version or before.served_name} is loaded and smoke-tested on every replica that "
                 f"serves the Adapter ({before.ready_replicas}): traffic moved to it; the previous version drains")))
@@ -551,7 +552,7 @@ class AdapterController(Controller):
         adapter = self.store.parsed(key, Adapter)
         if decision is not None and isinstance(adapter, Adapter):
             routes = [r for r in self.stores.ModelRoute.valid_in(key[0], ModelRoute) if selects(r, adapter)]
-            await self.windows.after(key, adapter, decision, plan.reading, routes)
+            await self.windows.after(key, policy_of(adapter, routes), decision, plan.reading, routes)
             if decision.requeue_seconds is not None:
                 self.schedule(key, decision.requeue_seconds)
 

@@ -16,7 +16,7 @@ from datetime import datetime
 from loraplane.api.adapter import Adapter, AdapterStatus, served_name
 from loraplane.api.evaluation import EvaluationResult
 from loraplane.api.modelroute import ModelRoute
-from loraplane.api.rollout import RolloutStatus
+from loraplane.api.rollout import RolloutPolicy, RolloutStatus, effective_policy
 from loraplane.builders.common import label_value
 from loraplane.builders.rollout import (
     ANALYSED,
@@ -31,8 +31,17 @@ from loraplane.controllers.rollout_metrics import Reading, RouterMetricsReader, 
 from loraplane.kube.informer import Key, Store
 
 
-def rollout_decision(adapter: Adapter, previous: AdapterStatus, evaluation: EvaluationResult | None,
-                     candidate_ready: bool, now: datetime, window: Window | None = None) -> RolloutDecision:
+def policy_of(adapter: Adapter, selecting: list[ModelRoute]) -> RolloutPolicy | None:
+    """The policy `adapter` rolls out with (api.rollout.effective_policy): its spec.rollout over the
+    spec.adapterRollout of the first route by name among `selecting` (the routes that select it) that has one."""
+    defaults = next((r.spec.adapter_rollout for r in sorted(selecting, key=lambda r: r.metadata.name or "")
+                     if r.spec.adapter_rollout is not None), None)
+    return effective_policy(adapter.spec.rollout, defaults)
+
+
+def rollout_decision(adapter: Adapter, policy: RolloutPolicy | None, previous: AdapterStatus,
+                     evaluation: EvaluationResult | None, candidate_ready: bool, now: datetime,
+                     window: Window | None = None) -> RolloutDecision:
     """builders.rollout.decide for `adapter` given its last (owned) status and the evaluation of spec's version
     (pure). The stable version is the last status.rollout's, else the version the status says serves (an
     Adapter from before rollouts): status.version once its artifact was recorded, which happens when a replica
@@ -41,7 +50,7 @@ def rollout_decision(adapter: Adapter, previous: AdapterStatus, evaluation: Eval
     candidate = Candidate(version=spec.version or adapter.served_name().rpartition("--")[2],
                           uri=spec.source.uri, sha256=spec.source.sha256)
     return decide(RolloutFacts(
-        policy=spec.rollout, candidate=candidate, evaluation=evaluation,
+        policy=policy, candidate=candidate, evaluation=evaluation,
         previous=previous.rollout, history=list(previous.history), candidate_ready=candidate_ready, now=now,
         stable=previous.version if previous.artifact is not None and previous.artifact.uri else None,
         window=window))
@@ -69,11 +78,10 @@ class RolloutWindows:
     def _pods(self, namespace: str, routes: list[ModelRoute]) -> list[dict]:
         return [p for r in routes for p in self.router_pods.group(namespace, label_value(r.metadata.name or ""))]
 
-    async def window(self, key: Key, adapter: Adapter, rollout: RolloutStatus | None, routes: list[ModelRoute],
-                     now: datetime) -> tuple[Window | None, dict[str, Reading] | None]:
+    async def window(self, key: Key, policy: RolloutPolicy | None, rollout: RolloutStatus | None,
+                     routes: list[ModelRoute], now: datetime) -> tuple[Window | None, dict[str, Reading] | None]:
         """The window to judge now, if an analysis is due and one began earlier (else None), and the reading
         taken (None when none was needed). A window that has not begun begins now."""
-        policy = adapter.spec.rollout
         if rollout is None or rollout.state not in ANALYSED or policy is None or policy.analysis is None:
             self._baselines.pop(key, None)
             return None, None
@@ -90,12 +98,11 @@ class RolloutWindows:
         stable = served_name(key[1], rollout.stable) if rollout.stable else None
         return window_between(base.reading, reading, cand, stable, time.monotonic() - base.at), reading
 
-    async def after(self, key: Key, adapter: Adapter, decision: RolloutDecision, reading: dict[str, Reading] | None,
-                    routes: list[ModelRoute]) -> None:
+    async def after(self, key: Key, policy: RolloutPolicy | None, decision: RolloutDecision,
+                    reading: dict[str, Reading] | None, routes: list[ModelRoute]) -> None:
         """Begin a new window when the decision judged one or entered a new step: from `reading` when one was
         taken now, else from a fresh reading."""
         new = decision.status
-        policy = adapter.spec.rollout
         if new.state not in ANALYSED or policy is None or policy.analysis is None:
             self._baselines.pop(key, None)
             return
@@ -109,4 +116,4 @@ class RolloutWindows:
         self._baselines[key] = _Baseline(tag, time.monotonic(), reading)
 
 
-__all__ = ["RolloutWindows", "rollout_decision"]
+__all__ = ["RolloutWindows", "policy_of", "rollout_decision"]

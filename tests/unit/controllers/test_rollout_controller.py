@@ -149,3 +149,31 @@ def test_the_gates_wait_for_the_evaluation_of_the_version_a_finetunejob_just_pub
     waiting["status"]["provenance"] = {"fineTuneJobUid": "run-2", "evaluation": EVAL_WORSE_THAN_BASE}
     _, judged = step(waiting, *BOTH)
     assert judged["status"]["rollout"]["state"] == RolloutState.GateFailed
+
+
+def test_a_routes_default_policy_applies_to_its_adapters_and_theirs_overrides_it_by_field():
+    from loraplane.api import ModelRoute
+
+    route = ModelRoute.model_validate({**ROUTE.wire(), "spec": {**ROUTE.spec.wire(), "adapterRollout": POLICY}})
+
+    def plan(body):
+        p = AdapterController.plan(AdapterFacts(body, Adapter.model_validate(body), routes=[route],
+                                                pods_by_route={"r": list(BOTH)}, now=T0))
+        return p, {**body, "status": {**body["status"], **p.status}}
+
+    first = _body()
+    first["status"] = {"provenance": {"evaluation": EVAL_GOOD}}
+    _, served = plan(first)
+    b = _body(uri="s3://b/a2", version="2", status=served["status"])
+    b["status"]["provenance"] = {"evaluation": EVAL_WORSE_THAN_BASE}
+    _, held = plan(b)
+    assert held["status"]["rollout"]["state"] == RolloutState.GateFailed      # the route's gates, no own policy
+    _, promoted = plan(with_policy(held, {"promote": "2"}))                   # own field, the route's others
+    assert promoted["status"]["rollout"]["state"] in (RolloutState.Loading, RolloutState.Promoted)
+    try:
+        ModelRoute.model_validate({**ROUTE.wire(), "spec": {**ROUTE.spec.wire(),
+                                                             "adapterRollout": {"promote": "2"}}})
+    except ValueError as exc:
+        assert "promote" in str(exc)
+    else:
+        raise AssertionError("a route default cannot name an Adapter's version")
