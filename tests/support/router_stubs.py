@@ -30,6 +30,7 @@ class StubReplica:
     engine_ready: bool = True
     engine_load: int = 0                              # reported as running + waiting in /metrics
     missing: set[str] = field(default_factory=set)    # served names vLLM answers 404 for despite the report
+    failing: set[str] = field(default_factory=set)    # served names vLLM answers 500 for (a broken version)
     status_fails: bool = False                        # the loader's /status answers 500
     big_stream: int = 0                               # streams send this many 64 KiB events instead
     hold: asyncio.Event | None = None                 # completions wait for it before answering
@@ -102,6 +103,9 @@ class StubReplica:
             return web.json_response({"error": {"message": f"The model `{model}` does not exist.",
                                                 "type": "NotFoundError", "param": "model", "code": 404}},
                                      status=404)
+        if model in self.failing:
+            return web.json_response({"error": {"message": "internal error", "type": "InternalServerError",
+                                                "code": 500}}, status=500)
         if self.hold is not None and (self.hold_models is None or model in self.hold_models):
             await self.hold.wait()
         usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}

@@ -24,6 +24,7 @@ from loraplane.api.common import (
 )
 from loraplane.api.evaluation import EvaluationResult
 from loraplane.api.finetunejob import immutable
+from loraplane.api.rollout import HistoryEntry, RolloutPolicy, RolloutStatus
 
 # Served names (what vLLM loads an adapter version under, and what the serving table, the loader's report and
 # the router's backends carry) are `<adapter>--<version>`. The separator is reserved in versions (a CEL rule
@@ -117,6 +118,10 @@ class AdapterSpec(ApiModel):
     rank: int | None = Field(default=None, ge=1, le=512,
                              description="Declared LoRA rank; checked against routes before any download.")
     target_modules: list[ShortString] | None = Field(max_length=256, default=None, description="Declared target modules.")
+    rollout: RolloutPolicy | None = Field(default=None, description=(
+        "How a new spec.version goes live: evaluation gates, traffic steps with live analysis, automatic "
+        "rollback, promote / abort / rollbackTo (docs/rollouts.md). Without it a new version takes all the "
+        "traffic once every replica has loaded it."))
 
 
 class ArtifactInfo(ApiModel):
@@ -213,6 +218,10 @@ class AdapterStatus(StatusBase):
         default=None, description="The spec.baseModel the operator accepted; spec.baseModel is immutable, so a "
                                   "later change is refused (Ready=False, reason SpecImmutable) against this.")
     loaded_on: list[LoadedOn] = Field(default_factory=list)
+    rollout: RolloutStatus | None = Field(default=None, description="Where the rollout of spec.version stands.")
+    history: list[HistoryEntry] = Field(default_factory=list, max_length=20, description=(
+        "The versions rolled out, newest first (spec.rollout.historyLimit): evaluation, when each was promoted "
+        "or rolled back and why, and the artifact, so spec.rollout.rollbackTo can serve one again."))
 
 
 class Adapter(Resource):
@@ -230,6 +239,9 @@ class Adapter(Resource):
         {"name": "Serving", "type": "string", "jsonPath": ".status.version", "priority": 1},
         {"name": "Candidate", "type": "string", "jsonPath": ".status.candidate.phase", "priority": 1},
         {"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"},
+        {"name": "Rollout", "type": "string", "jsonPath": ".status.rollout.state"},
+        {"name": "Step", "type": "integer", "jsonPath": ".status.rollout.step"},
+        {"name": "Weight", "type": "integer", "jsonPath": ".status.rollout.weight"},
         {"name": "Reason", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason",
          "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

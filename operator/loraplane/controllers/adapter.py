@@ -16,31 +16,51 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from pydantic import ValidationError
 
-from loraplane.api.adapter import Adapter, AdapterPhase, AdapterStatus, ArtifactInfo, CandidateVersion, LoadedOn
+from loraplane.api.adapter import (
+    Adapter,
+    AdapterPhase,
+    AdapterStatus,
+    ArtifactInfo,
+    CandidateVersion,
+    LoadedOn,
+    Provenance,
+    served_name,
+)
+from loraplane.api.evaluation import EvaluationResult
+from loraplane.api.keys import PRODUCED_BY_ANNOTATION
 from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType, Progress
 from loraplane.api.modelroute import ModelRoute
 from loraplane.api.redaction import scrubbed
-from loraplane.api.reasons import Reason
+from loraplane.api.reasons import Reason, reason_or_unknown
+from loraplane.api.rollout import RolloutPolicy, RolloutState
 from loraplane.api.validation import format_validation_error
 from loraplane.api.wire.serving import AdapterState
 from loraplane.builders.resolution import Verdict, check_compatibility, selector_matches
+from loraplane.builders.rollout import RolloutDecision, Window
+from loraplane.builders.rollout import candidate_weight as rollout_weight
 from loraplane.controllers.base import API, Context, Controller
 from loraplane.controllers.pods import pod_ready, replica_report, reported_adapters
+from loraplane.controllers.rollout import RolloutWindows, policy_of, rollout_decision
+from loraplane.controllers.rollout_metrics import Reading, RouterMetricsReader
 from loraplane.controllers.status import dump_status, invalid_spec, owned_status, status_patch
 from loraplane.kube.events import Event, EventType
 from loraplane.kube.informer import Key
 
 OWNED_STATUS = ("phase", "observedGeneration", "conditions", "version", "servedName", "routes", "loadedOn",
-                "acceptedBaseModel", "artifact", "candidate")
+                "acceptedBaseModel", "artifact", "candidate", "rollout", "history")
 FAILED_STATES = (AdapterState.Failed, AdapterState.Incompatible)
 # The reasons a replica's loader reports a Pending adapter with when nothing failed (not yet started, the engine
 # down or restarted, the artifact replaced); any other reason on a Pending entry is a failed attempt that the
 # loader will retry (loader.reconciler: OUTCOMES, Loader._failed).
 WAITING_REASONS = frozenset({Reason.Desired, Reason.EngineUnavailable, Reason.EngineRestarted,
                              Reason.AdapterReplaced})
+
+# Rollout states in which spec's version gets no traffic until someone acts (Ready=False with the rollout's reason).
+HELD_BACK = frozenset({RolloutState.GateFailed, RolloutState.RolledBack, RolloutState.Aborted})
 TRUE, FALSE, UNKNOWN = ConditionStatus.TRUE, ConditionStatus.FALSE, ConditionStatus.UNKNOWN
 
 
@@ -126,12 +146,14 @@ def candidate_status(adapter: Adapter, compatible: list[ModelRoute], pods_by_rou
 def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: dict[str, list[dict]],
                    previous: AdapterStatus, generation: int | None, rejection: Verdict | None,
                    table_verdicts: dict[str, Verdict] | None = None,
-                   held: dict[str, Verdict] | None = None) -> AdapterStatus:
+                   held: dict[str, Verdict] | None = None,
+                   weigh: Callable[[CandidateVersion], int] | None = None) -> AdapterStatus:
     """Aggregate (pure): routes, compatibility, loadedOn, phase and the Compatible/Ready conditions.
     `table_verdicts`: route name -> why that route left this adapter out of its table although compatible
     (ServingTableFull; ModelRouteController.table_verdicts), shown as that route's verdict. `held`: route name
     -> why that route leaves spec's new version out of its table while the serving one serves
-    (ModelRouteController.held_candidates).
+    (ModelRouteController.held_candidates). `weigh`: the candidate's share given its status (the rollout's,
+    controllers.rollout), in place of `candidate_weight`'s make-before-break 0 or 100.
 
     Make-before-break (`serving_elsewhere`): while another version serves, status.version / servedName /
     artifact / loadedOn describe that version and status.candidate spec's; the candidate is promoted (status
@@ -159,6 +181,8 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
             refused = {r.metadata.name or "": Verdict(False, Reason.ArtifactPending, (
                 "spec.source has no uri yet (its FineTuneJob has not finished)")) for r in compatible}
         candidate = candidate_status(adapter, compatible, pods_by_route, {**refused, **(held or {})})
+        if weigh is not None:
+            candidate = candidate.model_copy(update={"weight": max(0, min(100, weigh(candidate)))})
         if not compatible or candidate.weight >= 100:
             # Promote: spec's version is the one that serves from now on (its digest is recorded below).
             promoted = previous.model_copy(update={"version": adapter.spec.version,
@@ -263,6 +287,54 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
     return new
 
 
+def held_back(adapter: Adapter, new: AdapterStatus, decision: RolloutDecision, generation: int | None) -> AdapterStatus:
+    """`new` as the rollout `decision` leaves it (pure). While spec's version is held back (gate failed, rolled
+    back, aborted) Ready is False with the rollout's reason: kstatus reads the stalled reasons as Failed, the
+    deliberate ones (abort, rollbackTo) as Current, while the stable version keeps serving. A rollbackTo makes
+    the named version the one that serves: status.version / servedName / artifact from status.history, from
+    which the serving table loads it."""
+    rollout = decision.status
+    if rollout.state not in HELD_BACK:
+        return new
+    if rollout.reason == Reason.RolloutManualRollback and rollout.stable and rollout.stable != new.version:
+        entry = next((h for h in decision.history if h.version == rollout.stable), None)
+        if entry is not None and entry.uri:
+            new = new.model_copy(update={
+                "version": entry.version, "served_name": served_name(adapter.metadata.name or "", entry.version),
+                "artifact": ArtifactInfo(uri=entry.uri, sha256=entry.sha256), "candidate": None, "loaded_on": []})
+    if new.candidate is not None and new.candidate.served_name == adapter.served_name():
+        # Left out of the serving table by the rollout: it is not loading, whatever the replicas still report.
+        new = new.model_copy(update={"candidate": new.candidate.model_copy(update={
+            "phase": AdapterPhase.Pending, "reason": reason_or_unknown(rollout.reason),
+            "message": rollout.message or "", "weight": 0})})
+    new.set_condition(ConditionType.Ready, ConditionState(FALSE, reason_or_unknown(rollout.reason), (
+        f"{rollout.message}; version {rollout.stable or '-'} serves")), generation)
+    return new
+
+
+def evaluation_pending(adapter: Adapter, policy: RolloutPolicy | None, status: dict) -> bool:
+    """Whether the gates must wait for the evaluation of spec's version: the Adapter has gates, a FineTuneJob
+    produced spec's version (its uid in PRODUCED_BY_ANNOTATION), and status.provenance is still another run's.
+    The job writes spec first and provenance just after (controllers.finetunejob); judging in between would
+    judge the previous version's scores. Meanwhile the rollout status stays as it was and the candidate gets
+    no traffic."""
+    produced_by = adapter.metadata.annotations.get(PRODUCED_BY_ANNOTATION)
+    if policy is None or policy.gates is None or not produced_by:
+        return False
+    provenance = (status or {}).get("provenance") or {}
+    return provenance.get("fineTuneJobUid") != produced_by
+
+
+def evaluation_of(status: dict) -> EvaluationResult | None:
+    """The evaluation in a stored status' provenance (written on behalf of the FineTuneJob, not owned here);
+    None when absent or unreadable (outside input: a gate then fails on no data)."""
+    try:
+        provenance = Provenance.model_validate((status or {}).get("provenance") or {})
+    except ValidationError:
+        return None
+    return provenance.evaluation
+
+
 def record_artifact(adapter: Adapter, new: AdapterStatus, digests: dict[str, str],
                     ranks: dict[str, int] | None = None) -> ConditionState | None:
     """Record a versioned Adapter's artifact once a replica serves it (status.artifact: URI, digest and the LoRA
@@ -341,6 +413,9 @@ class AdapterFacts:
     pods_by_route: dict[str, list[dict]] = field(default_factory=dict)  # their engine pods
     table_verdicts: dict[str, Verdict] = field(default_factory=dict)  # routes whose table left it out (size)
     held: dict[str, Verdict] = field(default_factory=dict)  # routes whose table leaves its new version out
+    now: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    window: Window | None = None   # the rollout's analysis window, when one is due (controllers.rollout)
+    reading: dict[str, Reading] | None = None   # the routers' reading it ends with
 
 
 @dataclass
@@ -351,6 +426,8 @@ class AdapterPlan:
     rejection: Verdict | None
     status: dict
     events: list[Event]
+    rollout: RolloutDecision | None = None
+    reading: dict[str, Reading] | None = None
 
 
 class AdapterController(Controller):
@@ -364,6 +441,8 @@ class AdapterController(Controller):
         self._rejections_changed: Callable[[str], None] = lambda namespace: None
         self._table_verdicts: Callable[[str, str], dict[str, Verdict]] = lambda namespace, adapter: {}
         self._held: Callable[[str, str], dict[str, Verdict]] = lambda namespace, adapter: {}
+        # Where each rollout's analysis window began (controllers.rollout); reads the routers' /metrics.
+        self.windows = RolloutWindows(self.stores.RouterPod, RouterMetricsReader())
 
     def connect(self, rejections_changed: Callable[[str], None],
                 table_verdicts: Callable[[str, str], dict[str, Verdict]] | None = None,
@@ -403,7 +482,13 @@ class AdapterController(Controller):
         facts = self.observe(key)
         if facts is None:
             self._rejected.pop(key, None)
+            self.windows.forget(key)
             return
+        if facts.adapter is not None:
+            previous = owned_status(AdapterStatus, facts.body.get("status") or {}, OWNED_STATUS)
+            selecting = [r for r in facts.routes if selects(r, facts.adapter)]
+            facts.window, facts.reading = await self.windows.window(key, policy_of(facts.adapter, selecting),
+                                                                    previous.rollout, selecting, facts.now)
         await self.execute(key, self.plan(facts))
 
     def observe(self, key: Key) -> AdapterFacts | None:
@@ -432,11 +517,36 @@ class AdapterController(Controller):
             return AdapterPlan(body, Verdict(False, Reason.InvalidSpec, message), patch, [event] if event else [])
         previous = owned_status(AdapterStatus, current, OWNED_STATUS)
         rejection = immutable_rejection(facts.adapter, previous)
+        evaluation = evaluation_of(current)
+        policy = policy_of(facts.adapter, [r for r in facts.routes if selects(r, facts.adapter)])
+        pending = evaluation_pending(facts.adapter, policy, current)
+        decision: RolloutDecision | None = None
+
+        def weigh(candidate: CandidateVersion) -> int:
+            # The rollout decides the candidate's share once make-before-break says it may have traffic (Ready,
+            # smoke-tested on every replica that will serve it: candidate_weight's 100).
+            nonlocal decision
+            if pending:
+                return 0
+            ready = candidate.weight >= 100
+            decision = rollout_decision(facts.adapter, policy, previous, evaluation, ready, facts.now, facts.window)
+            return rollout_weight(decision.status) if ready else 0
+
         new = adapter_status(facts.adapter, facts.routes, facts.pods_by_route, previous, generation, rejection,
-                             facts.table_verdicts, facts.held)
+                             facts.table_verdicts, facts.held, weigh)
+        if decision is None and rejection is None and not pending:   # no candidate: spec's version serves
+            decision = rollout_decision(facts.adapter, policy, previous, evaluation,
+                                        new.phase == AdapterPhase.Ready, facts.now, facts.window)
         events = []
+        if decision is not None:
+            new.rollout, new.history = decision.status, decision.history
+            new = held_back(facts.adapter, new, decision, generation)
+            if policy is not None:   # without a policy, make-before-break's Events say it all
+                events += [Event(EventType.Warning if e.warning else EventType.Normal, e.reason, e.message)
+                           for e in decision.events]
         before = previous.candidate
-        if before is not None and new.candidate is None and new.served_name == before.served_name:
+        if (before is not None and new.candidate is None and new.served_name == before.served_name
+                and policy is None):   # with one, RolloutPromoted says it
             events.append(Event(EventType.Normal, Reason.VersionPromoted, (
                 f"version {before.version or before.served_name} is loaded and smoke-tested on every replica that "
                 f"serves the Adapter ({before.ready_replicas}): traffic moved to it; the previous version drains")))
@@ -452,7 +562,8 @@ class AdapterController(Controller):
             warn = new.phase in (AdapterPhase.Incompatible, AdapterPhase.Failed)
             events.append(Event(EventType.Warning if warn else EventType.Normal,
                                 ready.reason if ready else new.phase, ready.message if ready else ""))
-        return AdapterPlan(body, rejection, status_patch(current, dump_status(new), OWNED_STATUS), events)
+        return AdapterPlan(body, rejection, status_patch(current, dump_status(new), OWNED_STATUS), events, decision,
+                           facts.reading)
 
     async def execute(self, key: Key, plan: AdapterPlan) -> None:
         """Record the rejection (telling the routes when it changed), patch the status, post the Events."""
@@ -466,4 +577,11 @@ class AdapterController(Controller):
             await self.kube.patch_status(API, self.kind, key[0], key[1], plan.status)
         for event in plan.events:
             await self.ctx.events.post(plan.body, event)
+        decision = plan.rollout
+        adapter = self.store.parsed(key, Adapter)
+        if decision is not None and isinstance(adapter, Adapter):
+            routes = [r for r in self.stores.ModelRoute.valid_in(key[0], ModelRoute) if selects(r, adapter)]
+            await self.windows.after(key, policy_of(adapter, routes), decision, plan.reading, routes)
+            if decision.requeue_seconds is not None:
+                self.schedule(key, decision.requeue_seconds)
 

@@ -54,6 +54,7 @@ class Manager:
                           for s in SOURCES}
         # The engine pods' reports: read from each loader's /status, written into its pod's annotation.
         self.relay = ReportRelay(kube, self.stores.EnginePod, settings.report_poll_seconds)
+        self.adapters.windows.reader.port = settings.router_metrics_port
         self.primed = asyncio.Event()
         self.started_at = time.time()
         self._tasks: list[asyncio.Task] = []

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from loraplane.api.paths import ROUTER_PORT
 from loraplane.api.pods import PodSettings
 from loraplane.api.validation import format_validation_error
 from loraplane.builders.policy import (DEFAULT_ENGINE_ARGS, DEFAULT_ENGINE_ENV, SpecPolicy,
@@ -30,6 +31,9 @@ class OperatorSettings:
     metrics_host: str = "0.0.0.0"
     # Seconds between two reads of each engine pod's loader /status (controllers/reports.py).
     report_poll_seconds: float = 5.0
+    # The router pods' port read for rollout analysis (/metrics; controllers/rollout_metrics.py). Tests run the
+    # router elsewhere; in a cluster it is the router's port.
+    router_metrics_port: int = ROUTER_PORT
 
     @classmethod
     def from_env(cls) -> "OperatorSettings":
@@ -71,6 +75,7 @@ class OperatorSettings:
             metrics_port=int(e("LORAPLANE_METRICS_PORT", "8080")),
             metrics_host=e("LORAPLANE_METRICS_HOST", "0.0.0.0"),
             report_poll_seconds=float(e("LORAPLANE_REPORT_POLL_SECONDS", "5")),
+            router_metrics_port=int(e("LORAPLANE_ROUTER_METRICS_PORT", str(ROUTER_PORT))),
         )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from loraplane.api.adapter import AdapterPhase
 from loraplane.api.finetunejob import FineTuneJobPhase
 from loraplane.api.modelroute import ModelRoutePhase
+from loraplane.api.rollout import AnalysisVerdict, RolloutState
 from loraplane.api.reasons import Reason
 from loraplane.api.wire.serving import AdapterState
 from loraplane.api.wire.trainer import EXIT_CODES, FAILURES
@@ -51,7 +52,8 @@ def string_literals(path: Path) -> list[tuple[int, str]]:
 
 
 def test_no_reason_or_adapter_state_is_spelled_as_a_string():
-    words = {e.value for enum in (Reason, AdapterState, AdapterPhase, FineTuneJobPhase, ModelRoutePhase) for e in enum}
+    words = {e.value for enum in (Reason, AdapterState, AdapterPhase, FineTuneJobPhase, ModelRoutePhase,
+                                                     RolloutState, AnalysisVerdict) for e in enum}
     bare = {f"{path.relative_to(PKG)}:{line}": value
             for area in AREAS for path in sorted((PKG / area).rglob("*.py"))
             for line, value in string_literals(path)
