@@ -27,7 +27,8 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", type=Path, metavar="VALUES",
                    help="the loraplane chart's values file the operator is installed with: also check each "
                         "FineTuneJob and ModelRoute against its operator.policy (and its images), as the operator "
-                        "does (reason PolicyViolation; docs/security.md)")
+                        "does (reason PolicyViolation; docs/security.md); without it, only what no policy allows "
+                        "(a securityContext loosening the restricted profile, operator-owned flags, env and labels)")
 
 
 def settings_from_values(values: dict) -> "BuildSettings":
@@ -127,6 +128,7 @@ def validate_main(args: argparse.Namespace) -> int:
     from loraplane.api import GROUP, parse
 
     from loraplane.builders import route_warnings
+    from loraplane.builders.policy import unconditional_violations
 
     settings = None
     if (policy := getattr(args, "policy", None)) is not None:
@@ -152,7 +154,9 @@ def validate_main(args: argparse.Namespace) -> int:
             print(f"error {d.where}\n{detail}")
             continue
         parsed.append(obj)
-        violations = settings.violations(obj) if settings is not None else []
+        # Without the chart's values: what no policy allows (a loosened security context, ...), the default
+        # operator's refusals; with them, everything that operator's policy refuses.
+        violations = settings.violations(obj) if settings is not None else unconditional_violations(obj)
         if violations:
             bad += 1
             detail = "\n".join(f"  {v}" for v in violations)
