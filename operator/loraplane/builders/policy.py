@@ -52,7 +52,8 @@ from loraplane.api.finetunejob import FineTuneJob
 from loraplane.api.keys import (COMPONENT_LABEL, FINETUNEJOB_LABEL, HASH_ANNOTATION, PRODUCED_BY_ANNOTATION,
                                 REPORT_ANNOTATION, ROUTE_LABEL, ROUTER_LABEL)
 from loraplane.api.modelroute import ModelRoute
-from loraplane.api.pods import ContainerSecurityContextSpec, PodSecurityContextSpec, PodSettings
+from loraplane.api.pods import (POD_COMPONENTS, ChildPodSettings, ContainerSecurityContextSpec,
+                                PodSecurityContextSpec, PodSettings)
 from loraplane.api.paths import ENGINE_API_KEY_ENV
 from loraplane.builders.common import KUBERNETES_POD_KEYS, SCRATCH_ENV
 from loraplane.storage.uri import CREDENTIAL_ENV
@@ -392,11 +393,15 @@ def pod_settings_violations(pod: PodSettings | None, where: str, policy: SpecPol
 
 
 def chart_pod_settings_problems(pod: PodSettings) -> list[str]:
-    """Why the chart's childPods defaults cannot be used (they loosen the restricted security context), as
-    messages naming the value (`childPods.securityContext.runAsNonRoot: ...`); empty when they can."""
-    return [f"{v.field}: {v.problem}" for v in (
-        *_security_violations(pod.security_context, "childPods.securityContext"),
-        *_security_violations(pod.container_security_context, "childPods.containerSecurityContext"))]
+    """Why the chart's childPods defaults cannot be used (they, or a component's entry childPods.trainer /
+    .engine / .router, loosen the restricted security context), as messages naming the value
+    (`childPods.securityContext.runAsNonRoot: ...`); empty when they can."""
+    parts = [("childPods", pod)]
+    if isinstance(pod, ChildPodSettings):
+        parts += [(f"childPods.{c}", sub) for c in POD_COMPONENTS if (sub := getattr(pod, c)) is not None]
+    return [f"{v.field}: {v.problem}" for where, p in parts for v in (
+        *_security_violations(p.security_context, f"{where}.securityContext"),
+        *_security_violations(p.container_security_context, f"{where}.containerSecurityContext"))]
 
 
 def policy_violations(obj: Resource, own_images: tuple[str, ...], policy: SpecPolicy) -> list[Violation]:

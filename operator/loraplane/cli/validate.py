@@ -81,25 +81,31 @@ def settings_from_values(values: dict) -> "BuildSettings":
                                                                  dp.allowed_model_cache_host_paths)))
 
 
-def child_pods_from_values(values: dict) -> "PodSettings":
+def child_pods_from_values(values: dict) -> "ChildPodSettings":
     """The chart `values`' childPods as the operator reads them (the chart's loraplane.childPods helper): empty
     entries dropped, and the top-level imagePullSecrets when childPods.imagePullSecrets is null. Raises
     ValueError naming the value when it is not PodSettings or loosens the restricted security context."""
     from pydantic import ValidationError as _ValidationError
 
-    from loraplane.api.pods import PodSettings
+    from loraplane.api.pods import POD_COMPONENTS, ChildPodSettings
     from loraplane.builders.policy import chart_pod_settings_problems
 
     raw = values.get("childPods") or {}
     if not isinstance(raw, dict):
         raise ValueError("childPods must be a mapping")
     pods = {k: v for k, v in raw.items() if v and k != "imagePullSecrets"}
+    for component in POD_COMPONENTS:   # childPods.trainer/engine/router: their empty entries dropped too
+        if isinstance(sub := pods.get(component), dict):
+            if not (sub := {k: v for k, v in sub.items() if v}):
+                pods.pop(component)
+            else:
+                pods[component] = sub
     secrets = raw.get("imagePullSecrets") if isinstance(raw.get("imagePullSecrets"), list) else \
         values.get("imagePullSecrets")
     if secrets:
         pods["imagePullSecrets"] = secrets
     try:
-        settings = PodSettings.model_validate(pods)
+        settings = ChildPodSettings.model_validate(pods)
     except _ValidationError as exc:
         raise ValueError(format_validation_error(exc, "childPods.").replace("\n", "; ")) from exc
     if problems := chart_pod_settings_problems(settings):
