@@ -16,7 +16,7 @@ from loraplane.api.validation import format_validation_error
 from loraplane.cli.manifests import read_documents
 
 if TYPE_CHECKING:
-    from loraplane.api.pods import PodSettings
+    from loraplane.api.pods import ChildPodSettings
     from loraplane.builders.settings import BuildSettings
 
 
