@@ -187,8 +187,15 @@ class LocalRun:
         uid = str(uuid.UUID(hex=key[:32]))
         ftj = ftj.model_copy(update={"metadata": ftj.metadata.model_copy(update={"uid": uid})})
         record_path = self.adapter_record(ftj.metadata.namespace or NAMESPACE, ftj.spec.output.adapter_name)
-        record = json.loads(record_path.read_text()) if record_path.is_file() else None
-        existing = Adapter.model_validate(record["manifest"]) if record else None
+        record, existing = None, None
+        if record_path.is_file():
+            try:
+                record = json.loads(record_path.read_text())
+                existing = Adapter.model_validate(record["manifest"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:   # ValidationError is a ValueError
+                self.say(f"  ! {record_path} is unreadable ({type(exc).__name__}); starting the Adapter at "
+                         "version 1 again")
+                record, existing = None, None
         previous = ftj_builders.previous_version(ftj, {**record["manifest"], "status": record.get("status") or {}}
                                                  if record else None)
         config = ftj_builders.trainer_config(ftj, self.settings, previous=previous)

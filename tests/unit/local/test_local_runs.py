@@ -93,3 +93,14 @@ def test_a_changed_spec_is_a_new_run_with_its_own_output_and_a_new_version(tmp_p
     assert "reusing" not in text and len(fake_trainer.runs) == 3
     assert third.spec.source.uri not in (first.spec.source.uri, second.spec.source.uri)
     assert third.spec.version == "3"
+
+
+def test_an_unreadable_adapter_record_starts_over_instead_of_crashing(tmp_path, fake_trainer):
+    quick = tmp_path / "quickstart.yaml"
+    quick.write_text(QUICKSTART.read_text())
+    record = tmp_path / "work" / "adapters" / "default" / "quickstart-adapter.json"
+    record.parent.mkdir(parents=True)
+    record.write_text("{not json")
+    adapter, text = _train(quick, tmp_path / "work")
+    assert adapter.spec.version == "1" and "unreadable" in text
+    assert json.loads(record.read_text())["status"]["version"] == "1"
