@@ -5,12 +5,13 @@ a kind's own field overrides them where the policy allows, and the restricted pr
 from __future__ import annotations
 
 import copy
+import json
 
 import kubernetes_validate
 import pytest
 
 from loraplane.api import FineTuneJob, ModelRoute
-from loraplane.api.pods import PodSettings
+from loraplane.api.pods import ChildPodSettings, PodSettings
 from loraplane.builders import render
 from loraplane.controllers.settings import OperatorSettings, child_pods_from_env
 from support.chart_rendering import by_kind, objects
@@ -100,12 +101,12 @@ def test_chart_child_pod_settings_are_on_every_pod_the_operator_creates():
 
 
 def test_without_child_pods_the_operators_own_pull_secrets_are_inherited_and_nothing_else_changes():
-    assert settings_from_chart({}).build.child_pods == PodSettings()
-    assert settings_from_chart({"imagePullSecrets": [{"name": "regcred"}]}).build.child_pods == PodSettings(
+    assert settings_from_chart({}).build.child_pods == ChildPodSettings()
+    assert settings_from_chart({"imagePullSecrets": [{"name": "regcred"}]}).build.child_pods == ChildPodSettings(
         image_pull_secrets=[{"name": "regcred"}])
     # childPods.imagePullSecrets: [] means none, even when the operator has its own
     assert settings_from_chart({"imagePullSecrets": [{"name": "regcred"}],
-                                "childPods": {"imagePullSecrets": []}}).build.child_pods == PodSettings()
+                                "childPods": {"imagePullSecrets": []}}).build.child_pods == ChildPodSettings()
 
 
 def test_a_kinds_pod_settings_override_the_charts_where_the_policy_allows():
@@ -198,7 +199,7 @@ def test_the_operator_refuses_chart_child_pods_that_loosen_the_restricted_profil
         child_pods_from_env("{")
     with pytest.raises(ValueError, match=r"childPods\.priorityClass"):
         child_pods_from_env('{"priorityClass": "x"}')
-    assert child_pods_from_env("") == PodSettings()
+    assert child_pods_from_env("") == ChildPodSettings()
 
 
 def test_pod_settings_are_copied_not_shared():
@@ -229,8 +230,99 @@ def test_the_chart_schema_knows_exactly_the_pod_settings_fields():
 
     schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["childPods"]
     assert schema["additionalProperties"] is False
-    assert set(schema["properties"]) == {f.alias for f in PodSettings.model_fields.values()}
+    assert set(schema["properties"]) == {f.alias for f in ChildPodSettings.model_fields.values()}
+    component = json.loads((CHART / "values.schema.json").read_text())["definitions"]["componentPods"]
+    assert set(component["properties"]) == {f.alias for f in PodSettings.model_fields.values()}
     import yaml
 
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())["childPods"]
     assert set(defaults) == set(schema["properties"])
+
+
+# The chart's childPods security values the operator refuses at start (chart_pod_settings_problems): the values
+# schema refuses each too, so `helm install` fails instead of installing an operator that cannot start.
+CHART_REFUSED = [pod for pod, field in REFUSED if "ecurityContext" in field] + [
+    {"securityContext": {"appArmorProfile": {"type": "Unconfined"}}},
+    {"securityContext": {"seLinuxOptions": {"user": "system_u"}}},
+    {"containerSecurityContext": {"runAsUser": 0}},
+    {"containerSecurityContext": {"runAsNonRoot": False}},
+    {"containerSecurityContext": {"seccompProfile": {"type": "Unconfined"}}},
+    {"containerSecurityContext": {"capabilities": {"add": ["NET_BIND_SERVICE", "cap_sys_admin"]}}},
+]
+CHART_ALLOWED = [
+    {"securityContext": {"fsGroup": 2000, "runAsUser": 1000, "runAsNonRoot": True,
+                         "seccompProfile": {"type": "Localhost", "localhostProfile": "p"},
+                         "seLinuxOptions": {"level": "s0:c1", "type": "container_t"}}},
+    {"containerSecurityContext": {"runAsGroup": 2000, "readOnlyRootFilesystem": True, "privileged": False,
+                                  "allowPrivilegeEscalation": False, "procMount": "Default",
+                                  "capabilities": {"add": ["NET_BIND_SERVICE", "cap_net_bind_service"],
+                                                   "drop": ["NET_RAW"]}}},
+]
+
+
+def _schema_refuses(values: dict) -> bool:
+    helm = pytest.importorskip("helm_python", reason="helm-python-sdk is in the `test` extra")
+    from support.chart_rendering import CHART
+
+    with helm.Chart.load(CHART) as chart:
+        try:
+            chart.validate_schema(chart.merge_values(values))
+        except helm.HelmValuesError:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("component", [None, "trainer", "engine", "router"])
+def test_the_values_schema_refuses_the_child_pod_security_the_operator_refuses(component):
+    """A new user's report: childPods.securityContext.runAsNonRoot: false (privileged: true, ...) passed the
+    values schema, `helm install` succeeded and the operator then refused to start. The schema and the operator
+    agree on every value, at the top of childPods and under each component."""
+    for pod in CHART_REFUSED + CHART_ALLOWED:
+        values = {"childPods": {component: pod} if component else pod}
+        try:
+            child_pods_from_env(json.dumps(values["childPods"]))
+            operator_refuses = False
+        except ValueError:
+            operator_refuses = True
+        assert operator_refuses == (pod in CHART_REFUSED), pod
+        assert _schema_refuses(values) == operator_refuses, (component, pod)
+
+
+def test_kueue_queue_label_reaches_the_trainer_job_object_and_only_the_trainer():
+    """operations.md's Kueue example: Kueue reads kueue.x-k8s.io/queue-name from the Job's own metadata, so the
+    trainer Job object carries the pod settings' labels (the pod template's only were never seen by Kueue).
+    Under childPods.trainer the label stays off the engine and router pods (Kueue's pod integration would gate
+    them), and a GPU runtimeClassName / toleration under childPods.engine stays off the router."""
+    values = {"childPods": {"labels": {"team": "a"},
+                            "trainer": {"labels": {"kueue.x-k8s.io/queue-name": "team-a"}},
+                            "engine": {"runtimeClassName": "nvidia",
+                                       "tolerations": [{"key": "gpu", "operator": "Exists"}]},
+                            "router": {"labels": {"tier": "edge"}}}}
+    assert not _schema_refuses(values)
+    build = settings_from_chart(values).build
+    manifests = render([route(), job()], build)
+    (job_obj,) = [m for m in manifests if m["kind"] == "Job"]
+    assert job_obj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job_obj["metadata"]["labels"]["team"] == "a"
+    assert job_obj["metadata"]["labels"]["app.kubernetes.io/component"] == "trainer"   # the operator's win
+    found = pods(manifests)
+    assert found["t-train"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    for name in ("r-engine", "r-router"):
+        assert "kueue.x-k8s.io/queue-name" not in found[name]["metadata"]["labels"], name
+        assert found[name]["metadata"]["labels"]["team"] == "a", name
+    assert found["r-engine"]["spec"]["runtimeClassName"] == "nvidia"
+    assert {"key": "gpu", "operator": "Exists"} in found["r-engine"]["spec"]["tolerations"]
+    assert "runtimeClassName" not in found["r-router"]["spec"] and "runtimeClassName" not in found["t-train"]["spec"]
+    assert {"key": "gpu", "operator": "Exists"} not in found["r-router"]["spec"].get("tolerations", [])
+    assert found["r-router"]["metadata"]["labels"]["tier"] == "edge"
+    assert "tier" not in found["r-engine"]["metadata"]["labels"]
+    # a FineTuneJob's own spec.pod label reaches the Job object too
+    own = pods_job = render([job({"labels": {"kueue.x-k8s.io/queue-name": "team-b"}})], build)
+    assert [m for m in own if m["kind"] == "Job"][0]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-b"
+    del pods_job
+    for m in manifests:
+        if m["kind"] in ("Job", "Deployment"):
+            kubernetes_validate.validate(m, "1.30", strict=True)
+    # `loraplane render --values` reads the same childPods
+    from loraplane.cli.validate import child_pods_from_values
+    assert child_pods_from_values(values) == build.child_pods

@@ -149,8 +149,17 @@ def test_second_run_reuses_the_trained_adapter(tmp_path):
     second = lr.train(plan.jobs[0])
     assert "reusing the adapter trained by an earlier run" in out.getvalue()
     assert second.spec.source == first.spec.source
-    quick.write_text(quick.read_text().replace("maxSteps: 4", "maxSteps: 5"))
+    # A changed spec is a new run (a new user's report: the learning rate changed, the trainer resumed the old
+    # spec's last checkpoint, trained 0 steps and published the old weights as version 1 again).
+    quick.write_text(quick.read_text().replace("learningRate: 0.01", "learningRate: 0.02"))
     changed = load_plan(quick)
     out.truncate(0)
+    log = tmp_path / "work" / "runs" / "quickstart" / "trainer.log"
+    seen = log.stat().st_size if log.is_file() else 0
     third = lr.train(changed.jobs[0])
-    assert "reusing" not in out.getvalue() and third.spec.source.sha256 != first.spec.source.sha256
+    text = out.getvalue()
+    assert "reusing" not in text and third.spec.source.sha256 != first.spec.source.sha256
+    assert third.spec.source.uri != first.spec.source.uri and third.spec.version == "2"
+    assert "resuming" not in log.read_text()[seen:], log.read_text()[seen:]
+    loss = float(re.search(r"trainLoss=([0-9.e+-]+)", text).group(1))
+    assert loss > 0, text

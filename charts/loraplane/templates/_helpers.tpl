@@ -99,12 +99,24 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
-{{/* childPods as the JSON the operator reads (LORAPLANE_CHILD_PODS): empty values dropped, and the operator's
-own imagePullSecrets when childPods.imagePullSecrets is null. */}}
+{{/* childPods as the JSON the operator reads (LORAPLANE_CHILD_PODS, api.pods.ChildPodSettings): empty values
+dropped (in childPods.trainer/engine/router too), and the operator's own imagePullSecrets when
+childPods.imagePullSecrets is null. */}}
 {{- define "loraplane.childPods" -}}
 {{- $pods := dict }}
 {{- range $key, $value := (.Values.childPods | default dict) }}
-{{- if and $value (ne $key "imagePullSecrets") }}
+{{- if and $value (has $key (list "trainer" "engine" "router")) }}
+{{- /* a component's entries (childPods.trainer/engine/router): its empty values dropped too */}}
+{{- $sub := dict }}
+{{- range $k, $v := $value }}
+{{- if $v }}
+{{- $_ := set $sub $k $v }}
+{{- end }}
+{{- end }}
+{{- if $sub }}
+{{- $_ := set $pods $key $sub }}
+{{- end }}
+{{- else if and $value (ne $key "imagePullSecrets") }}
 {{- $_ := set $pods $key $value }}
 {{- end }}
 {{- end }}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from decimal import Decimal
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -98,6 +99,28 @@ Quantity = Annotated[
     Field(description="A Kubernetes quantity, e.g. 8, \"500m\" or \"64Gi\"."),
 ]
 QUANTITY_RE = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
+# Kubernetes quantity suffixes (apimachinery resource.Quantity): binary SI, decimal SI, and e/E exponents.
+_QUANTITY_SUFFIX = {"Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40, "Pi": 2 ** 50, "Ei": 2 ** 60,
+                    "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": 1, "k": 10 ** 3,
+                    "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12, "P": 10 ** 15, "E": 10 ** 18}
+_QUANTITY_PARTS = re.compile(r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(?:([eE][-+]?[0-9]+)|([KMGTPE]i|[numkMGTPE]?))$")
+
+
+def quantity_value(value: int | str) -> Decimal | None:
+    """The number a Kubernetes quantity stands for (`"4Gi"` -> 4294967296, `"500m"` -> 0.5, `"1e3"` -> 1000), as
+    apimachinery's resource.Quantity reads it; None when `value` is not a quantity (the API server refuses it
+    where the field is a quantity; here it is left to that check)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return Decimal(value)
+    match = _QUANTITY_PARTS.match(str(value).strip())
+    if not match:
+        return None
+    number, exponent, suffix = match.groups()
+    if exponent:
+        return Decimal(number) * Decimal(10) ** int(exponent[1:])
+    return Decimal(number) * _QUANTITY_SUFFIX[suffix or ""]
 
 # Free-form objects passed through to Kubernetes verbatim (tolerations, env entries, affinity).
 FreeForm = Annotated[

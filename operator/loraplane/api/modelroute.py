@@ -28,6 +28,7 @@ from loraplane.api.common import (
     SecretKeyRef,
     StatusBase,
     label_key_problem,
+    quantity_value,
 )
 from loraplane.api.finetunejob import immutable
 from loraplane.api.pods import PodSettings
@@ -42,6 +43,8 @@ ENGINE_VERSION = "0.32.0"
 DEFAULT_ENGINE_IMAGE = f"vllm/vllm-openai:v{ENGINE_VERSION}"
 
 
+# GiB of /dev/shm per tensor-parallel worker when spec.engine.shmSize is not set (builders.engine_pod.shm_size).
+SHM_PER_WORKER_GI = 2
 # The default size of a replica's base-model cache emptyDir (counts against the node's ephemeral storage).
 DEFAULT_MODEL_CACHE_SIZE = "100Gi"
 
@@ -55,6 +58,11 @@ class ModelCacheSpec(ApiModel):
         # The policy matches the path against globs: a `..` or `.` segment would walk out of an allowed tree.
         CelRule(rule="!has(self.hostPath) || !self.hostPath.matches('/[.][.]?(/|$)')",
                 message="modelCache.hostPath must be a normalised absolute path (no '.' or '..' segments)"),
+        # sizeLimit bounds only the default emptyDir: next to a claim or node path it would do nothing.
+        CelRule(rule="!has(self.sizeLimit) || !(has(self.claimName) || has(self.hostPath))",
+                message="modelCache.sizeLimit bounds only the default emptyDir cache: it does nothing with "
+                        "modelCache.claimName or modelCache.hostPath (size the PVC or the node's disk instead); "
+                        "remove modelCache.sizeLimit"),
     )
 
     claim_name: str | None = Field(default=None, pattern=DNS_NAME, max_length=253, description=(
@@ -63,8 +71,9 @@ class ModelCacheSpec(ApiModel):
     host_path: str | None = Field(default=None, max_length=4096, pattern=r"^(/[-A-Za-z0-9_.]+)+$", description=(
         "A directory on the node (type DirectoryOrCreate), kept across pods on that node. Refused unless the "
         "operator's policy allows the path (chart operator.policy.allowedModelCacheHostPaths; default none)."))
-    size_limit: Quantity = Field(default=DEFAULT_MODEL_CACHE_SIZE, description=(
-        "sizeLimit of the default emptyDir cache (ignored with claimName or hostPath)."))
+    size_limit: Quantity | None = Field(default=None, description=(
+        f"sizeLimit of the default emptyDir cache (default {DEFAULT_MODEL_CACHE_SIZE}). Refused next to claimName "
+        "or hostPath, where it would do nothing."))
 
 
 class EngineSpec(ApiModel):
@@ -108,6 +117,22 @@ class EngineSpec(ApiModel):
     def _check_gpu_type_label(self):
         if problem := label_key_problem(self.gpu_type_label):
             raise ValueError(f"gpuTypeLabel: {problem}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_shm_fits_memory(self):
+        # /dev/shm is a memory-backed emptyDir: what vLLM writes there is charged to the container's memory
+        # limit, so an shm as large as the limit leaves vLLM no memory (the pod is OOM-killed, not refused).
+        # Python only, not a CEL rule: comparing quantities needs CEL's quantity library (Kubernetes >= 1.29),
+        # and the CRDs serve older API servers; the operator refuses it (InvalidSpec), as `validate` does.
+        memory = quantity_value(self.memory) if self.memory is not None else None
+        shm_text = self.shm_size if self.shm_size is not None else f"{SHM_PER_WORKER_GI * self.tensor_parallel_size}Gi"
+        shm = quantity_value(shm_text)
+        if memory is not None and shm is not None and shm >= memory:
+            which = ("shmSize" if self.shm_size is not None
+                     else f"shmSize (default: {SHM_PER_WORKER_GI}Gi per tensor-parallel worker, {shm_text})")
+            raise ValueError(f"{which} must be less than memory ({self.memory}): /dev/shm is memory-backed and "
+                             f"counts against the replica's memory limit; lower shmSize or raise memory")
         return self
     tolerations: list[FreeForm] = Field(max_length=64, default_factory=list)
     shm_size: Quantity | None = Field(default=None, description=(

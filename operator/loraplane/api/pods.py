@@ -131,7 +131,8 @@ class PodSettings(ApiModel):
         "RuntimeClass of the pods (e.g. nvidia, gvisor); on a kind, only one the operator's policy allows (chart "
         "operator.policy.allowedRuntimeClasses; else PolicyViolation)."))
     labels: Labels = Field(default_factory=dict, description=(
-        "Extra pod labels, e.g. kueue.x-k8s.io/queue-name. Keys the operator or Kubernetes set on the pods are "
+        "Extra pod labels; for the trainer also on its Job object, where Kueue reads kueue.x-k8s.io/queue-name. "
+        "Keys the operator or Kubernetes set on the pods are "
         "refused; other keys in the reserved domains loraplane.io, kubernetes.io and k8s.io (app.kubernetes.io "
         "excepted) only where the policy allows them (operator.policy.allowedPodMetadataKeys)."))
     annotations: dict[str, AnnotationValue] = Field(default_factory=dict, max_length=64, description=(
@@ -151,5 +152,26 @@ class PodSettings(ApiModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
-__all__ = ["AppArmorProfile", "Capabilities", "ContainerSecurityContextSpec", "PodSecurityContextSpec",
+# The parts of loraplane whose pods the chart's childPods may set per component (ChildPodSettings).
+PodComponent = Literal["trainer", "engine", "router"]
+POD_COMPONENTS: tuple[PodComponent, ...] = ("trainer", "engine", "router")
+
+
+class ChildPodSettings(PodSettings):
+    """The chart's `childPods`: PodSettings of every pod the operator creates, and under `trainer` (the training
+    Job), `engine` (vLLM replicas) and `router` settings for that component's pods only, over the shared ones
+    with the same merge rules as a kind's override (builders.common.component_pod_defaults). A setting only some
+    pods need (a Kueue queue label only the trainer Jobs may carry, a GPU runtimeClassName or toleration the
+    router must not get) goes under its component: a component cannot unset a shared scalar."""
+
+    trainer: PodSettings | None = Field(default=None, description="Settings of the trainer Jobs' pods only.")
+    engine: PodSettings | None = Field(default=None, description="Settings of the vLLM engine pods only.")
+    router: PodSettings | None = Field(default=None, description="Settings of the router pods only.")
+
+    def shared(self) -> PodSettings:
+        """The settings every component shares (the component entries left out)."""
+        return PodSettings.model_validate(self.model_dump(exclude=set(POD_COMPONENTS), exclude_unset=True))
+
+
+__all__ = ["AppArmorProfile", "ChildPodSettings", "POD_COMPONENTS", "PodComponent", "Capabilities", "ContainerSecurityContextSpec", "PodSecurityContextSpec",
            "PodSettings", "SELinuxOptions", "SeccompProfile"]

@@ -26,7 +26,7 @@ from loraplane.api.keys import (  # noqa: F401
     MANAGER,
     ROUTER_LABEL,
 )
-from loraplane.api.pods import PodSettings
+from loraplane.api.pods import ChildPodSettings, PodComponent, PodSettings
 from loraplane.storage.uri import try_parse_uri
 
 # ownerReferences of an object rendered before it exists (`loraplane render` on a file): the API server
@@ -336,6 +336,14 @@ def merged_pod_settings(defaults: PodSettings, override: PodSettings | None) -> 
         tolerations=_dedupe([*defaults.tolerations, *override.tolerations]),
         affinity=override.affinity if override.affinity is not None else defaults.affinity,
     )
+
+
+def component_pod_defaults(child_pods: PodSettings, component: PodComponent) -> PodSettings:
+    """The chart's childPods for one component's pods: the shared settings with `childPods.<component>` over them
+    (merged_pod_settings' rules). A plain PodSettings (no component entries) applies to every component."""
+    if not isinstance(child_pods, ChildPodSettings):
+        return child_pods
+    return merged_pod_settings(child_pods.shared(), getattr(child_pods, component))
 
 
 def _wire(model: Any) -> dict[str, Any]:

@@ -27,7 +27,8 @@ from typing import Any
 
 from loraplane.api.adapter import base_served_name
 from loraplane.api.common import ModelRef
-from loraplane.api.modelroute import DEFAULT_ENGINE_IMAGE, ModelCacheSpec, ModelRoute
+from loraplane.api.modelroute import (DEFAULT_ENGINE_IMAGE, DEFAULT_MODEL_CACHE_SIZE, SHM_PER_WORKER_GI, ModelCacheSpec,
+                                      ModelRoute)
 from loraplane.api.paths import (ADAPTER_CACHE_PATH, ADAPTER_CREDENTIALS_ROOT, FETCHED_MODELS_PATH, HF_HOME,
                                  MODEL_CACHE_PATH, SERVICE_ACCOUNT_PATH, ENGINE_API_KEY_ENV, ENGINE_KEY_SECRET_KEY)
 from loraplane.builders.common import (bounded_name, child_name, container_security_context, pvc_claims,
@@ -48,8 +49,6 @@ ENGINE_SCRATCH_LIMIT = "8Gi"
 LOADER_SCRATCH_LIMIT = "256Mi"
 # vLLM's worker processes exchange tensors through shared memory (/dev/shm); the container default is 64 MiB.
 SHM_VOLUME = "dshm"
-# GiB of /dev/shm per tensor-parallel worker when spec.engine.shmSize is not set (shm_size).
-SHM_PER_WORKER_GI = 2
 # The loader's ServiceAccount credentials (projected token, cluster CA, namespace); no other container mounts it.
 LOADER_TOKEN_VOLUME = "loader-api-access"
 # Lifetime asked for the loader's token; the kubelet renews it at 80% and the loader re-reads it (kube/config.py).
@@ -264,7 +263,7 @@ def model_cache_volume(route: ModelRoute) -> dict[str, Any]:
         return {"name": MODEL_CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache.claim_name}}
     if cache.host_path:
         return {"name": MODEL_CACHE_VOLUME, "hostPath": {"path": cache.host_path, "type": "Directory"}}
-    return {"name": MODEL_CACHE_VOLUME, "emptyDir": {"sizeLimit": str(cache.size_limit)}}
+    return {"name": MODEL_CACHE_VOLUME, "emptyDir": {"sizeLimit": str(cache.size_limit or DEFAULT_MODEL_CACHE_SIZE)}}
 
 
 def loader_token_volume() -> dict[str, Any]:

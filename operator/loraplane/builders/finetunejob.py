@@ -21,6 +21,7 @@ from loraplane.builders.common import (
     Manifest,
     quantity,
     apply_pod_settings,
+    component_pod_defaults,
     base_labels,
     child_name,
     label_value,
@@ -323,16 +324,21 @@ def job(ftj: FineTuneJob, settings: BuildSettings) -> Manifest:
         job_spec["completionMode"] = "Indexed"
         pod_spec["subdomain"] = rendezvous_service_name(ftj)
         container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
-    # The chart's childPods and spec.pod: pull secrets, security context, priority, labels, node selection.
-    apply_pod_settings(job_spec["template"], settings.child_pods, spec.pod)
+    # The chart's childPods (shared, then childPods.trainer) and spec.pod: pull secrets, security context,
+    # priority, labels, node selection.
+    apply_pod_settings(job_spec["template"], component_pod_defaults(settings.child_pods, "trainer"), spec.pod)
     if settings.pod_failure_policy:  # requires restartPolicy Never, as above
         job_spec["podFailurePolicy"] = pod_failure_policy()
     if spec.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     if spec.suspend:  # only when set: Kubernetes < 1.21 rejects the field in a server-side apply
         job_spec["suspend"] = True
+    # The pod settings' labels go on the Job object too: queueing systems read the Job's own metadata (Kueue's
+    # kueue.x-k8s.io/queue-name decides whether and where the Job is admitted; on the pod template only, Kueue
+    # never sees it). The operator's labels win, as on the pods.
+    job_labels = {**job_spec["template"]["metadata"].get("labels", {}), **labels(ftj)}
     return with_hash({"apiVersion": "batch/v1", "kind": "Job",
-                      "metadata": metadata(ftj, job_name(ftj), labels(ftj)), "spec": job_spec})
+                      "metadata": metadata(ftj, job_name(ftj), dict(sorted(job_labels.items()))), "spec": job_spec})
 
 
 def pod_failure_policy() -> dict[str, Any]:

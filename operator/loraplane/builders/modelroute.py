@@ -17,6 +17,7 @@ from loraplane.builders.common import (
     ROUTER_LABEL,
     Manifest,
     apply_pod_settings,
+    component_pod_defaults,
     pvc_claims,
     base_labels,
     child_name,
@@ -177,7 +178,8 @@ def engine_deployment(route: ModelRoute, table: ServingTable, settings: BuildSet
         },
     }
     # The chart's childPods and spec.engine.pod: pull secrets, security context, priority, labels, node selection.
-    apply_pod_settings(deploy_spec["template"], settings.child_pods, spec.engine.pod)
+    apply_pod_settings(deploy_spec["template"], component_pod_defaults(settings.child_pods, "engine"),
+                       spec.engine.pod)
     # With an autoscaler the replica count is the autoscaler's field: leaving it out of the apply keeps
     # server-side apply from fighting over it.
     if spec.autoscaling is None:
@@ -448,7 +450,7 @@ def router_deployment(route: ModelRoute, settings: BuildSettings) -> Manifest:
                  "containers": [container], "volumes": volumes},
     }
     # The chart's childPods and spec.router.pod: pull secrets, security context, priority, labels, node selection.
-    apply_pod_settings(template, settings.child_pods, spec.pod)
+    apply_pod_settings(template, component_pod_defaults(settings.child_pods, "router"), spec.pod)
     return with_hash({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": metadata(route, router_name(route), router_labels(route)),

@@ -52,7 +52,8 @@ from loraplane.api.finetunejob import FineTuneJob
 from loraplane.api.keys import (COMPONENT_LABEL, FINETUNEJOB_LABEL, HASH_ANNOTATION, PRODUCED_BY_ANNOTATION,
                                 REPORT_ANNOTATION, ROUTE_LABEL, ROUTER_LABEL)
 from loraplane.api.modelroute import ModelRoute
-from loraplane.api.pods import ContainerSecurityContextSpec, PodSecurityContextSpec, PodSettings
+from loraplane.api.pods import (POD_COMPONENTS, ChildPodSettings, ContainerSecurityContextSpec,
+                                PodSecurityContextSpec, PodSettings)
 from loraplane.api.paths import ENGINE_API_KEY_ENV
 from loraplane.builders.common import KUBERNETES_POD_KEYS, SCRATCH_ENV
 from loraplane.storage.uri import CREDENTIAL_ENV
@@ -136,7 +137,9 @@ SETTING_PRIORITY = "operator.policy.allowedPriorityClasses (LORAPLANE_ALLOWED_PR
 SETTING_RUNTIME = "operator.policy.allowedRuntimeClasses (LORAPLANE_ALLOWED_RUNTIME_CLASSES)"
 SETTING_POD_METADATA = "operator.policy.allowedPodMetadataKeys (LORAPLANE_ALLOWED_POD_METADATA_KEYS)"
 SETTING_HOST_PATHS = "operator.policy.allowedModelCacheHostPaths (LORAPLANE_ALLOWED_MODEL_CACHE_HOST_PATHS)"
-SETTING_RESTRICTED = "none: the restricted Pod Security profile is kept on every pod (docs/security.md)"
+SETTING_RESTRICTED = "none: the restricted Pod Security profile is kept on every pod, docs/security.md"
+# The `setting` of a Violation no policy setting can allow starts with this; the rest says what to do instead.
+NO_SETTING = "none:"
 # Label and annotation keys the operator sets on its pods (builders: base_labels, the selector labels, the
 # prometheus.io scrape annotations, the spec hash and the replica report): a pod setting never replaces them
 # (they select the pods, group replicas, carry the report).
@@ -183,7 +186,16 @@ class Violation:
     problem: str
     setting: str
 
+    @property
+    def unconditional(self) -> bool:
+        """True when no policy setting allows it (`setting` starts with NO_SETTING): refused with every policy,
+        the default one included, so `loraplane validate`/`render` refuse it without the chart's values too."""
+        return self.setting.startswith(NO_SETTING)
+
     def __str__(self) -> str:
+        if self.unconditional:
+            instead = self.setting.removeprefix(NO_SETTING).strip()
+            return f"{self.field}: {self.problem}; refused whatever the operator's policy says ({instead})"
         return f"{self.field}: {self.problem}; the operator's policy does not allow it (setting: {self.setting})"
 
 
@@ -381,11 +393,15 @@ def pod_settings_violations(pod: PodSettings | None, where: str, policy: SpecPol
 
 
 def chart_pod_settings_problems(pod: PodSettings) -> list[str]:
-    """Why the chart's childPods defaults cannot be used (they loosen the restricted security context), as
-    messages naming the value (`childPods.securityContext.runAsNonRoot: ...`); empty when they can."""
-    return [f"{v.field}: {v.problem}" for v in (
-        *_security_violations(pod.security_context, "childPods.securityContext"),
-        *_security_violations(pod.container_security_context, "childPods.containerSecurityContext"))]
+    """Why the chart's childPods defaults cannot be used (they, or a component's entry childPods.trainer /
+    .engine / .router, loosen the restricted security context), as messages naming the value
+    (`childPods.securityContext.runAsNonRoot: ...`); empty when they can."""
+    parts = [("childPods", pod)]
+    if isinstance(pod, ChildPodSettings):
+        parts += [(f"childPods.{c}", sub) for c in POD_COMPONENTS if (sub := getattr(pod, c)) is not None]
+    return [f"{v.field}: {v.problem}" for where, p in parts for v in (
+        *_security_violations(p.security_context, f"{where}.securityContext"),
+        *_security_violations(p.container_security_context, f"{where}.containerSecurityContext"))]
 
 
 def policy_violations(obj: Resource, own_images: tuple[str, ...], policy: SpecPolicy) -> list[Violation]:
@@ -423,10 +439,20 @@ def policy_violations(obj: Resource, own_images: tuple[str, ...], policy: SpecPo
     return out
 
 
+def unconditional_violations(obj: Resource) -> list[Violation]:
+    """The violations of `obj` no policy allows (Violation.unconditional: a loosened security context, a flag,
+    env name or pod label the operator owns, a malformed Prometheus address): what every operator refuses,
+    whatever its chart's operator.policy says. `loraplane validate`/`render` without the chart's values check
+    these; the operator checks them with its policy (the default one too)."""
+    return [v for v in policy_violations(obj, (), SpecPolicy()) if v.unconditional]
+
+
 def policy_message(violations: list[Violation]) -> str:
-    """The condition message of a refused spec: every violation, `; `-joined, then what to do."""
-    return ("; ".join(str(v) for v in violations)
-            + ". Nothing was created or changed: change the spec, or ask the platform team to allow it")
+    """The condition message of a refused spec: every violation, `; `-joined, then what to do (asking the
+    platform team only where a setting could allow one)."""
+    todo = ("change the spec" if all(v.unconditional for v in violations)
+            else "change the spec, or ask the platform team to allow it")
+    return "; ".join(str(v) for v in violations) + f". Nothing was created or changed: {todo}"
 
 
 def split_list(value: str | None) -> tuple[str, ...] | None:
@@ -439,4 +465,4 @@ def split_list(value: str | None) -> tuple[str, ...] | None:
 __all__ = ["chart_pod_settings_problems", "metadata_key_reserved", "pod_settings_violations", "DEFAULT_ENGINE_ARGS", "DEFAULT_ENGINE_ENV", "DENIED_ENV_NAMES", "ENGINE_ENV_NEVER", "ENGINE_OWNED_ARGS",
            "ENGINE_OWNED_ENV", "engine_env_name_violations", "SpecPolicy", "Violation", "engine_arg_violations",
            "flag_name", "image_allowed", "image_repository", "policy_message", "policy_violations",
-           "prometheus_address_violations", "split_list"]
+           "prometheus_address_violations", "split_list", "unconditional_violations"]

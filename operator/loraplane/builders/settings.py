@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from loraplane import __version__ as _version
 from loraplane.api.common import Resource
 from loraplane.api.modelroute import DEFAULT_ENGINE_IMAGE
-from loraplane.api.pods import PodSettings
+from loraplane.api.pods import ChildPodSettings, PodSettings
 from loraplane.builders.policy import SpecPolicy, Violation, policy_violations
 
 DEFAULT_IMAGE = f"ghcr.io/loraplane/loraplane:{_version}"
@@ -59,7 +59,8 @@ class BuildSettings:
     # pull secrets, security context, priority/runtime class, labels, annotations, node selection. A kind's own
     # field (FineTuneJob spec.pod, ModelRoute spec.engine.pod / spec.router.pod) overrides them
     # (builders.common.apply_pod_settings).
-    child_pods: PodSettings = field(default_factory=PodSettings)
+    # childPods.trainer / .engine / .router apply to that component's pods only (api.pods.ChildPodSettings).
+    child_pods: PodSettings = field(default_factory=ChildPodSettings)
 
     @property
     def own_images(self) -> tuple[str, ...]:

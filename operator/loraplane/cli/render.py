@@ -69,6 +69,7 @@ def render_main(args: argparse.Namespace) -> int:
     from loraplane.builders import render, route_warnings
     from loraplane.cli.manifests import read_documents
     from loraplane.api.validation import format_validation_error
+    from loraplane.builders.policy import unconditional_violations
 
     values = None
     if (values_file := getattr(args, "values", None)) is not None:
@@ -98,7 +99,9 @@ def render_main(args: argparse.Namespace) -> int:
             detail = format_validation_error(exc, "  ") if isinstance(exc, ValidationError) else f"  {exc}"
             print(f"error {d.where}\n{detail}", file=sys.stderr)
             continue
-        if values is not None and (violations := settings.violations(obj)):
+        # Without --values: what no policy allows (a loosened security context, ...); with them, all its policy refuses.
+        violations = settings.violations(obj) if values is not None else unconditional_violations(obj)
+        if violations:
             bad += 1
             detail = "\n".join(f"  {v}" for v in violations)
             print(f"error {d.where} ({Reason.PolicyViolation})\n{detail}", file=sys.stderr)

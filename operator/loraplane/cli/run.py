@@ -18,7 +18,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="a local Hugging Face model directory to use as the base model (default: the embedded "
                         "tiny model for loraplane/tiny-llama)")
     p.add_argument("--workdir", type=Path, help="work folder (default: ~/.cache/loraplane/runs/<file name>); a "
-                                                "second run reuses what the first built")
+                                                "second run reuses what the first built for the same spec; an "
+                                                "edited spec trains a new run (own output, next Adapter version)")
     p.add_argument("--prompt", action="append", help="prompt to send to every public model (repeatable)")
     p.add_argument("--keep-serving", action="store_true", help="keep serving after the demo until Ctrl-C")
 

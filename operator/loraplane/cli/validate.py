@@ -16,7 +16,7 @@ from loraplane.api.validation import format_validation_error
 from loraplane.cli.manifests import read_documents
 
 if TYPE_CHECKING:
-    from loraplane.api.pods import PodSettings
+    from loraplane.api.pods import ChildPodSettings
     from loraplane.builders.settings import BuildSettings
 
 
@@ -27,7 +27,8 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", type=Path, metavar="VALUES",
                    help="the loraplane chart's values file the operator is installed with: also check each "
                         "FineTuneJob and ModelRoute against its operator.policy (and its images), as the operator "
-                        "does (reason PolicyViolation; docs/security.md)")
+                        "does (reason PolicyViolation; docs/security.md); without it, only what no policy allows "
+                        "(a securityContext loosening the restricted profile, operator-owned flags, env and labels)")
 
 
 def settings_from_values(values: dict) -> "BuildSettings":
@@ -80,25 +81,31 @@ def settings_from_values(values: dict) -> "BuildSettings":
                                                                  dp.allowed_model_cache_host_paths)))
 
 
-def child_pods_from_values(values: dict) -> "PodSettings":
+def child_pods_from_values(values: dict) -> "ChildPodSettings":
     """The chart `values`' childPods as the operator reads them (the chart's loraplane.childPods helper): empty
     entries dropped, and the top-level imagePullSecrets when childPods.imagePullSecrets is null. Raises
     ValueError naming the value when it is not PodSettings or loosens the restricted security context."""
     from pydantic import ValidationError as _ValidationError
 
-    from loraplane.api.pods import PodSettings
+    from loraplane.api.pods import POD_COMPONENTS, ChildPodSettings
     from loraplane.builders.policy import chart_pod_settings_problems
 
     raw = values.get("childPods") or {}
     if not isinstance(raw, dict):
         raise ValueError("childPods must be a mapping")
     pods = {k: v for k, v in raw.items() if v and k != "imagePullSecrets"}
+    for component in POD_COMPONENTS:   # childPods.trainer/engine/router: their empty entries dropped too
+        if isinstance(sub := pods.get(component), dict):
+            if not (sub := {k: v for k, v in sub.items() if v}):
+                pods.pop(component)
+            else:
+                pods[component] = sub
     secrets = raw.get("imagePullSecrets") if isinstance(raw.get("imagePullSecrets"), list) else \
         values.get("imagePullSecrets")
     if secrets:
         pods["imagePullSecrets"] = secrets
     try:
-        settings = PodSettings.model_validate(pods)
+        settings = ChildPodSettings.model_validate(pods)
     except _ValidationError as exc:
         raise ValueError(format_validation_error(exc, "childPods.").replace("\n", "; ")) from exc
     if problems := chart_pod_settings_problems(settings):
@@ -127,6 +134,7 @@ def validate_main(args: argparse.Namespace) -> int:
     from loraplane.api import GROUP, parse
 
     from loraplane.builders import route_warnings
+    from loraplane.builders.policy import unconditional_violations
 
     settings = None
     if (policy := getattr(args, "policy", None)) is not None:
@@ -152,7 +160,9 @@ def validate_main(args: argparse.Namespace) -> int:
             print(f"error {d.where}\n{detail}")
             continue
         parsed.append(obj)
-        violations = settings.violations(obj) if settings is not None else []
+        # Without the chart's values: what no policy allows (a loosened security context, ...), the default
+        # operator's refusals; with them, everything that operator's policy refuses.
+        violations = settings.violations(obj) if settings is not None else unconditional_violations(obj)
         if violations:
             bad += 1
             detail = "\n".join(f"  {v}" for v in violations)

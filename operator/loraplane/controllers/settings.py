@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from loraplane.api.paths import ROUTER_PORT
-from loraplane.api.pods import PodSettings
+from loraplane.api.pods import ChildPodSettings, PodSettings
 from loraplane.api.validation import format_validation_error
 from loraplane.builders.policy import (DEFAULT_ENGINE_ARGS, DEFAULT_ENGINE_ENV, SpecPolicy,
                                        chart_pod_settings_problems, split_list)
@@ -80,14 +80,14 @@ class OperatorSettings:
 
 
 def child_pods_from_env(value: str | None) -> PodSettings:
-    """The chart's childPods (LORAPLANE_CHILD_PODS, JSON of api.pods.PodSettings) as PodSettings; unset or empty:
+    """The chart's childPods (LORAPLANE_CHILD_PODS, JSON of api.pods.ChildPodSettings) as ChildPodSettings; unset or empty:
     none. Raises ValueError naming the bad value when it is not valid JSON, not PodSettings, or loosens the
     restricted security context (builders.policy.chart_pod_settings_problems): the operator does not start with
     settings it would have to ignore."""
     if not value or not value.strip():
-        return PodSettings()
+        return ChildPodSettings()
     try:
-        pods = PodSettings.model_validate(json.loads(value))
+        pods = ChildPodSettings.model_validate(json.loads(value))
     except json.JSONDecodeError as exc:
         raise ValueError(f"LORAPLANE_CHILD_PODS (chart value childPods) is not valid JSON: {exc}") from exc
     except ValidationError as exc:

@@ -4,7 +4,9 @@ What runs is what the operator would run, built by the same builders: the FineTu
 (command, args, env from `builders.finetunejob.job`), the Adapter it produces (`produced_adapter`), the
 ModelRoute's serving table (`builders.resolution.resolve`), its vLLM container, loader sidecar and router
 (`builders.engine_pod`, `builders.modelroute`). Only the pod's paths are mapped to a local work folder, and a
-CPU box gets the vLLM settings it needs (`local/cpu.py`). A second run reuses what the first built.
+CPU box gets the vLLM settings it needs (`local/cpu.py`). A second run reuses what the first built; a changed
+spec, dataset or model is a new run with its own output location and the Adapter's next version
+(`LocalRun.train`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import json
 import sys
 import time
+import uuid
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -149,12 +152,54 @@ class LocalRun:
 
     # ---- training ----------------------------------------------------------------------------------------
 
+    def run_key(self, ftj: FineTuneJob) -> str:
+        """The identity of a local run of `ftj` (64 hex digits): a hash of what decides its weights, the trainer
+        config (spec with defaults resolved, before any run identity), the content of the ConfigMaps its
+        datasets name (missing ones: left to train(), which refuses them), and the base model source
+        (--model). The same key means the same training: its checkpoints may be resumed and its result reused;
+        any other spec, data or model is a new run."""
+        config = ftj_builders.trainer_config(ftj.model_copy(update={"metadata": ftj.metadata.model_copy(
+            update={"uid": None})}), self.settings)
+        evaluation = ftj.spec.evaluation.dataset if ftj.spec.evaluation else None
+        data = {f"{ref.name}/{ref.key}": self.plan.configmaps.get(ref.name, {}).get(ref.key)
+                for ref in (ftj.spec.dataset.config_map_ref, evaluation.config_map_ref if evaluation else None)
+                if ref is not None}
+        model = str(Path(self.model_dir).resolve()) if self.model_dir is not None else None
+        return hashlib.sha256(json.dumps({"config": config, "data": data, "model": model},
+                                         sort_keys=True).encode()).hexdigest()
+
+    def adapter_record(self, namespace: str, name: str) -> Path:
+        """Where this work folder keeps the Adapter a local run last produced (`<workdir>/adapters/NS/NAME.json`:
+        its manifest and status), standing in for the cluster's Adapter object across runs."""
+        return self.workdir / "adapters" / namespace / f"{name}.json"
+
     def train(self, ftj: FineTuneJob) -> Adapter:
-        """Run the FineTuneJob's trainer container here (or reuse the adapter an identical config trained
-        before) and return the Adapter the operator would create. Raises RunError when training fails or
-        needs more than one process."""
-        config = ftj_builders.trainer_config(ftj, self.settings)
-        key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        """Run the FineTuneJob's trainer container here (or reuse the adapter the same run key trained before)
+        and return the Adapter the operator would create. Like a cluster run (run-<uid8> output, checkpoints
+        beside it), each run writes under its own `run-<key8>` location, keyed by `run_key`: a changed spec
+        never resumes another spec's checkpoints. New weights bump the Adapter's version over the one this
+        work folder holds (version 1 first; the same run again keeps its version), and spec.evaluation's
+        comparePrevious scores that previous version. Raises RunError when training fails or needs more than
+        one process."""
+        key = self.run_key(ftj)
+        # The run's identity where the operator has the FineTuneJob's uid: output_uri's run-<uid8>, the
+        # Adapter's produced-by annotation (same run: same version), provenance.
+        uid = str(uuid.UUID(hex=key[:32]))
+        ftj = ftj.model_copy(update={"metadata": ftj.metadata.model_copy(update={"uid": uid})})
+        record_path = self.adapter_record(ftj.metadata.namespace or NAMESPACE, ftj.spec.output.adapter_name)
+        record, existing = None, None
+        if record_path.is_file():
+            try:
+                record = json.loads(record_path.read_text())
+                existing = Adapter.model_validate(record["manifest"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:   # ValidationError is a ValueError
+                self.say(f"  ! {record_path} is unreadable ({type(exc).__name__}); starting the Adapter at "
+                         "version 1 again")
+                record, existing = None, None
+        previous = ftj_builders.previous_version(ftj, {**record["manifest"], "status": record.get("status") or {}}
+                                                 if record else None)
+        config = ftj_builders.trainer_config(ftj, self.settings, previous=previous)
+        key = key[:16]
         job = ftj_builders.job(ftj, self.settings)
         container = job["spec"]["template"]["spec"]["containers"][0]
         if container["command"][0] == "torchrun":
@@ -187,7 +232,8 @@ class LocalRun:
             "LORAPLANE_PROGRESS_FILE": str(state_dir / "progress.json"),
         })
         if result_file.is_file():
-            self.say(f"• FineTuneJob {ftj.metadata.name}: reusing the adapter trained by an earlier run")
+            self.say(f"• FineTuneJob {ftj.metadata.name}: reusing the adapter trained by an earlier run of the "
+                     "same spec")
             result = json.loads(result_file.read_text())
         else:
             self.say(f"• FineTuneJob {ftj.metadata.name}: training (the trainer container of Job "
@@ -206,8 +252,12 @@ class LocalRun:
                                f"log: {proc.log_path}")
             result = json.loads(result_file.read_text())
         artifact = result.get("artifact") or {}
-        manifest = ftj_builders.produced_adapter(ftj, artifact.get("uri") or "", artifact.get("sha256"), None)
+        manifest = ftj_builders.produced_adapter(ftj, artifact.get("uri") or "", artifact.get("sha256"), existing)
         adapter = Adapter.model_validate(manifest)
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        record_path.write_text(json.dumps({"manifest": manifest, "status": {
+            "version": adapter.spec.version, "artifact": {k: v for k, v in artifact.items()
+                                                          if k in ("uri", "sha256")}}}, indent=2, sort_keys=True))
         self.say(f"  Adapter {adapter.metadata.name} version {adapter.spec.version}: {artifact.get('uri')} "
                  f"(sha256 {str(artifact.get('sha256'))[:12]}…)")
         metrics = result.get("metrics") or {}

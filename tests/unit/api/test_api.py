@@ -365,3 +365,48 @@ def test_a_replica_report_annotation_always_fits_its_budget():
     small = ReplicaReport(replica="p", route="r", generation=1, engine_ready=True, updated_at="t", adapters={
         "a--1": AdapterReport(state="Failed", reason="FetchFailed", message="m", since="t")})
     assert ReplicaReport.model_validate_json(small.to_annotation()) == small   # what fits is left whole
+
+
+def test_shm_must_fit_in_the_engine_memory():
+    """A new user's report: shmSize 8Gi next to memory 4Gi was accepted, though /dev/shm (memory-backed) counts
+    against the replica's memory limit. Refused naming both fields, with the default shm (2Gi per worker) too;
+    `loraplane validate` says the same."""
+    route = load_docs(EXAMPLES / "modelroute.yaml")[0]
+    for engine, expect in (({"shmSize": "8Gi", "memory": "4Gi"}, "shmSize must be less than memory (4Gi)"),
+                           ({"shmSize": "4096Mi", "memory": "4Gi"}, "shmSize must be less than memory"),
+                           ({"tensorParallelSize": 2, "gpus": 2, "memory": "4Gi"},
+                            "shmSize (default: 2Gi per tensor-parallel worker, 4Gi) must be less than memory")):
+        bad = copy.deepcopy(route)
+        bad["spec"]["engine"] = {**bad["spec"]["engine"], **engine}
+        with pytest.raises(ValidationError) as err:
+            parse(bad)
+        assert expect in str(err.value) and "spec.engine" in str(err.value), str(err.value)
+    fine = copy.deepcopy(route)
+    fine["spec"]["engine"] = {**fine["spec"]["engine"], "shmSize": "1Gi", "memory": "4Gi"}
+    parse(fine)
+    fine["spec"]["engine"].pop("memory")   # no memory limit: nothing to compare
+    fine["spec"]["engine"]["shmSize"] = "64Gi"
+    parse(fine)
+
+
+def test_model_cache_size_limit_only_with_the_default_cache(tmp_path, capsys):
+    """sizeLimit next to claimName or hostPath did nothing and was accepted: refused by the CRD's CEL rule and
+    its Python mirror, naming both fields; alone (or with neither) it is fine."""
+    import yaml
+
+    route = load_docs(EXAMPLES / "modelroute.yaml")[0]
+    for cache in ({"claimName": "models", "sizeLimit": "300Gi"}, {"hostPath": "/models", "sizeLimit": "300Gi"}):
+        bad = copy.deepcopy(route)
+        bad["spec"]["engine"]["modelCache"] = cache
+        with pytest.raises(ValidationError, match="modelCache.sizeLimit bounds only the default emptyDir"):
+            parse(bad)
+        assert any("modelCache.claimName or modelCache.hostPath" in e
+                   for e in validate_object(crd_schema("ModelRoute"), bad))
+        path = tmp_path / "route.yaml"
+        path.write_text(yaml.safe_dump(bad))
+        assert cli_main(["validate", str(path)]) == 1
+        assert "remove modelCache.sizeLimit" in capsys.readouterr().out
+    for cache in ({"sizeLimit": "300Gi"}, {"claimName": "models"}):
+        ok = copy.deepcopy(route)
+        ok["spec"]["engine"]["modelCache"] = cache
+        parse(ok)

@@ -342,6 +342,24 @@ def test_a_spec_the_policy_refuses_gets_policy_violation_and_no_children():
     assert plan.children
 
 
+def test_the_default_policy_refuses_a_loosened_security_context():
+    """No chart operator.policy (BuildSettings' default SpecPolicy): a pod setting that loosens the restricted
+    profile still ends in PolicyViolation, with a message that does not send the user to the platform team."""
+    body = {**FTJ_BODY, "spec": {**FTJ_BODY["spec"], "pod": {"securityContext": {"runAsUser": 0}}}}
+    job = FineTuneJob.model_validate(body)
+    plan = FineTuneJobController(context()).plan(FineTuneJobFacts(body, job, run=run_state(job, None, [])))
+    (ready,) = [c for c in plan.status["conditions"] if c["type"] == ConditionType.Ready]
+    assert (ready["status"], ready["reason"]) == ("False", Reason.PolicyViolation)
+    assert "spec.pod.securityContext.runAsUser" in ready["message"] and "platform team" not in ready["message"]
+    assert not plan.children
+    rbody = {**ROUTE_BODY, "spec": {**ROUTE_BODY["spec"],
+                                    "router": {"pod": {"containerSecurityContext": {"privileged": True}}}}}
+    plan = route_controller().plan(ModelRouteFacts(rbody, ModelRoute.model_validate(rbody), adapters=[ADAPTER]))
+    (ready,) = [c for c in plan.status["conditions"] if c["type"] == ConditionType.Ready]
+    assert ready["reason"] == Reason.PolicyViolation and "spec.router.pod.containerSecurityContext.privileged" in \
+        ready["message"] and not plan.children
+
+
 def test_a_finetunejob_never_adopts_or_overwrites_another_owners_child():
     """Issue 13 review p12: a FineTuneJob named `<head>-<hash8>` gets the child names of a long-named one. It must
     neither read the other's Job and pods as its run nor apply over its children: Ready=False NameConflict names
