@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
-from pydantic import ValidationError
 
 from loraplane.api.reasons import Reason
 from loraplane.api.redaction import redacted
 from loraplane.api.validation import format_validation_error
-from loraplane.cli.manifests import read_documents
+from loraplane.cli.manifests import parse_document, read_documents
 
 if TYPE_CHECKING:
     from loraplane.api.pods import PodSettings
@@ -23,8 +22,11 @@ if TYPE_CHECKING:
 def add_validate_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `loraplane validate`: the YAML files to check, and the chart values whose operator policy
     they must also meet."""
-    p.add_argument("files", nargs="+", type=Path, help="YAML files (multi-document allowed); - reads stdin")
-    p.add_argument("--policy", type=Path, metavar="VALUES",
+    p.add_argument("files", nargs="*", type=Path, help="YAML files (multi-document allowed); - reads stdin")
+    # The same spellings on validate, render and run (-f/--filename/--file, --values/--policy).
+    p.add_argument("-f", "--filename", "--file", dest="file_options", action="append", type=Path, metavar="FILE",
+                   help="a YAML file to validate, as render -f takes it (repeatable; - for stdin)")
+    p.add_argument("--values", "--policy", dest="policy", type=Path, metavar="VALUES",
                    help="the loraplane chart's values file the operator is installed with: also check each "
                         "FineTuneJob and ModelRoute against its operator.policy (and its images), as the operator "
                         "does (reason PolicyViolation; docs/security.md)")
@@ -123,11 +125,15 @@ def validate_main(args: argparse.Namespace) -> int:
     operator's policy), printing ok/error per document (other API groups are skipped; an unknown loraplane.io
     kind, unreadable YAML or a non-object document is an error) and warnings for what the operator would report
     about the routes; returns 1 when any is invalid or refused, or when there is no loraplane object at all,
-    else 0."""
-    from loraplane.api import GROUP, parse
+    2 when no file is named, else 0."""
+    from loraplane.api import GROUP
 
     from loraplane.builders import route_warnings
 
+    args.files = [*(getattr(args, "files", None) or []), *(getattr(args, "file_options", None) or [])]
+    if not args.files:
+        print("error no file: name the YAML files to validate (loraplane validate FILE... or -f FILE)")
+        return 2
     settings = None
     if (policy := getattr(args, "policy", None)) is not None:
         try:
@@ -144,11 +150,9 @@ def validate_main(args: argparse.Namespace) -> int:
             bad += 1
             print(f"error {d.where}\n  {d.error}")
             continue
-        try:
-            obj = parse(d.doc)
-        except (ValidationError, ValueError) as exc:
+        obj, detail = parse_document(d.doc)
+        if obj is None:
             bad += 1
-            detail = format_validation_error(exc, "  ") if isinstance(exc, ValidationError) else f"  {exc}"
             print(f"error {d.where}\n{detail}")
             continue
         parsed.append(obj)
