@@ -108,16 +108,34 @@ def child_pods_from_values(values: dict) -> "PodSettings":
     return settings
 
 
-def plain_http_uris(value: object, path: str) -> list[tuple[str, str]]:
-    """(field path, value) of every string under `value` that is a plain http:// URI (wire names, Kubernetes'
-    list notation)."""
+def http_uris(value: object, path: str) -> list[tuple[str, str]]:
+    """(field path, value) of every string under `value` that is an http:// or https:// URI (wire names,
+    Kubernetes' list notation)."""
     if isinstance(value, str):
-        return [(path, value)] if value.lower().startswith("http://") else []
+        return [(path, value)] if value.lower().startswith(("http://", "https://")) else []
     if isinstance(value, dict):
-        return [hit for k, v in value.items() for hit in plain_http_uris(v, f"{path}.{k}")]
+        return [hit for k, v in value.items() for hit in http_uris(v, f"{path}.{k}")]
     if isinstance(value, list):
-        return [hit for i, v in enumerate(value) for hit in plain_http_uris(v, f"{path}[{i}]")]
+        return [hit for i, v in enumerate(value) for hit in http_uris(v, f"{path}[{i}]")]
     return []
+
+
+def fetch_warning(uri: str) -> str | None:
+    """What the fetchers will do with the http(s) `uri`, when they refuse it: the fetchers' own check
+    (storage.fetchers.http.url_refusal), with and without the chart's allowInsecureHttp. None when it is
+    fetched (a host name is checked when resolved, at run time)."""
+    from loraplane.storage.fetchers.http import url_refusal
+
+    try:
+        strict, insecure = url_refusal(uri, False), url_refusal(uri, True)
+    except ValueError:   # not a URL yarl reads: the schema check reports it
+        return None
+    if insecure is not None:
+        return f"refused at run time ({Reason.InsecureSource}) even with operator.allowInsecureHttp: {insecure[0]}"
+    if strict is not None:
+        return (f"refused at run time ({Reason.InsecureSource}) unless the operator allows it (chart value "
+                f"operator.allowInsecureHttp): {strict[0]}" + ("; use https" if uri.lower().startswith("http:") else ""))
+    return None
 
 
 def validate_main(args: argparse.Namespace) -> int:
@@ -171,7 +189,7 @@ def validate_main(args: argparse.Namespace) -> int:
     for line in route_warnings(parsed):
         print(f"warn  {line}")
     for obj in parsed:
-        for path, uri in plain_http_uris(obj.wire().get("spec") or {}, "spec"):
-            print(f"warn  {obj.kind}/{obj.metadata.name}: {path} is plain http ({redacted(uri)}): refused at run time "
-                  "(InsecureSource) unless the operator allows it (chart value operator.allowInsecureHttp); use https")
+        for path, uri in http_uris(obj.wire().get("spec") or {}, "spec"):
+            if warning := fetch_warning(uri):
+                print(f"warn  {obj.kind}/{obj.metadata.name}: {path} ({redacted(uri)}): {warning}")
     return 1 if bad else 0
