@@ -1,4 +1,8 @@
-"""`loraplane render -f FILE`: the exact child manifests the operator would create, for GitOps reviews."""
+"""`loraplane render -f FILE`: the child manifests the operator would create, for GitOps reviews.
+
+Not rendered: the two objects the operator creates once and never updates, which hold nothing of a spec (each
+ModelRoute's engine key Secret, a random key, and the artifact store's PersistentVolumeClaim): docs/gitops.md
+says so."""
 
 from __future__ import annotations
 
