@@ -111,6 +111,13 @@ def demo_prompts(plan: Plan, count: int = 2) -> list[str]:
     return [tinymodel.instruction_prompt(q) for q in DEFAULT_QUESTIONS[:count]]
 
 
+def trainer_line_shown_later(line: bytes) -> bool:
+    """The trainer's evaluation lines (its log line and its summary on stdout): `train` prints the evaluation
+    itself, with each model's scores, also when it reuses an earlier run's adapter; shown once, not three times.
+    The trainer's log keeps them."""
+    return line.startswith(b"evaluation: ") or b" INFO loraplane.trainer: evaluation (" in line
+
+
 class LocalRun:
     """One `loraplane run`: prepares base models, trains, serves and stops its processes, with the pod
     paths mapped under `workdir`; progress goes to `out`."""
@@ -231,7 +238,7 @@ class LocalRun:
             proc = ManagedProcess("trainer", container_argv(container, pod), container_env(container, pod),
                                   state_dir / "trainer.log")
             self.processes.append(proc)
-            code = proc.run_foreground()  # the trainer draws its own progress bar
+            code = proc.run_foreground(hide=trainer_line_shown_later)  # the trainer draws its own progress bar
             self.timings[f"training {ftj.metadata.name}"] = time.monotonic() - started
             if code != 0:
                 term = state_dir / "termination-log"
