@@ -3,7 +3,8 @@
 One reader for both commands, so they agree on what is a loraplane object and on how bad input is reported:
 a file that cannot be read or parsed, a document that is not a mapping, and an object of the loraplane.io API
 group whose kind does not exist (a typo such as `Adaptor` would otherwise be skipped like a Secret and pass CI)
-are each one error naming the file and document, never a traceback.
+are each one error naming the file and document, never a traceback. A key written twice in one mapping is such
+an error too (PyYAML would keep the last silently), and so is an object without metadata.name (parse_document).
 """
 
 from __future__ import annotations
