@@ -120,8 +120,8 @@ def _model_named(title: str) -> type[BaseModel] | None:
 def _uri_message(value: str, forms: str) -> str:
     scheme = value.partition("://")[0] + "://" if "://" in value else None
     for form, hint in URI_FORM_HINTS.items():
-        # The scheme is one the field takes, so the part after it is what is wrong: say which rule it breaks.
-        if scheme and hint.startswith(scheme) and form in URI_FORM_PROBLEMS:
+        # The scheme is one the field takes (`forms`), so the part after it is what is wrong: say which rule.
+        if scheme and hint.startswith(scheme) and hint in forms and form in URI_FORM_PROBLEMS:
             return f"invalid {scheme} URI {value[:200]!r}: {URI_FORM_PROBLEMS[form]} (expected {hint})"
     return f"unsupported URI {value[:200]!r}: use {forms}"
 

@@ -98,6 +98,9 @@ def test_the_api_version_is_reported_under_its_field_and_a_uri_by_the_part_that_
     assert "<object>" not in out
     assert "spec.source.uri: invalid pvc:// URI 'pvc://Bad_Claim/x': the claim name (CLAIM) must be a DNS-1123" in out
     assert "unsupported URI" not in out
+    # A scheme the field does not take is still answered with the forms it does take.
+    rc, out = validate(tmp_path, capsys, JOB.replace("{adapterName: a}", "{adapterName: a, uri: 'hf://org/repo'}"))
+    assert "spec.output.uri: unsupported URI 'hf://org/repo': use pvc://CLAIM/PATH, s3://BUCKET/PREFIX" in out, out
 
 
 @pytest.mark.parametrize("run", [validate, render])
