@@ -191,8 +191,8 @@ def _without(data: Any, loc: tuple) -> bool:
 
 def _about_removed(e: dict, removed: list[tuple]) -> bool:
     """Whether a later round's error may come from a field left out, not from the user's object: an error of the
-    object that held it (its rules now see it unset), or one whose message names it."""
-    return any(e["loc"] == loc[:-1] or str(loc[-1]) in e["msg"] for loc in removed if loc)
+    object that held it (its rules now see it unset), or one whose message names it as rules do (`source.uri`)."""
+    return any(e["loc"] == loc[:-1] or field_path(loc[-2:]) in e["msg"] for loc in removed if loc)
 
 
 def format_all_problems(model: type[BaseModel], data: Any, err: ValidationError, prefix: str = "") -> str:

@@ -123,6 +123,9 @@ def test_rule_errors_hidden_behind_schema_errors_are_reported_with_them(run, tmp
     # A field left out to check the rest does not produce errors of its own (source needs uri or a job ref).
     rc, out = run(tmp_path, capsys, ADAPTER.replace("pvc://adapters/sql", "pvc://Bad_Claim/x"))
     assert "exactly one of" not in out, out
+    # A wrong metadata.name does not hide a rule whose message says "name" in passing.
+    rc, out = run(tmp_path, capsys, ADAPTER.replace("{name: sql}", "{name: Sql}").replace('"1"', '"a--b"'))
+    assert "metadata.name:" in out and "spec.version must not contain '--'" in out, out
 
 
 @pytest.mark.parametrize("run", [validate, render])
