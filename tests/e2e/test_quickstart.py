@@ -120,8 +120,10 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert "✓ quickstart-adapter--1: Ready (Loaded)" in text, text
     answers = re.findall(r"^\s+(assistant|base) → '(.*)'", text, re.M)
     assert len(answers) == 4, text  # two prompts, each to both public models
-    # The adapter learned the dataset's phrase; the base model never says it.
-    assert any("the blue door sings at noon" in a for m, a in answers if m == "assistant"), text
+    # The adapter learned the dataset's phrase and, asked in the data's own format (demo_prompts), says it to
+    # every prompt, as its evaluation reports; the base model never says it.
+    assert all("the blue door sings at noon" in a for m, a in answers if m == "assistant"), text
+    assert "prompt: 'what does the cat see?'\n" in text, text   # repr: a trailing newline would show
     assert not any("the blue door" in a for m, a in answers if m == "base"), text
     assert "Timings:" in text and "router (OpenAI)" in text
 

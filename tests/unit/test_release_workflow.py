@@ -4,6 +4,7 @@ and publishes and signs the chart with that version."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -86,6 +87,18 @@ def test_images_and_chart_are_signed_and_the_chart_has_the_same_version():
     assert env["VERSION"] == "${{ needs.version.outputs.version }}"
     chart = yaml.safe_load((ROOT / "charts" / "loraplane" / "Chart.yaml").read_text())
     assert chart["version"] == chart["appVersion"] == loraplane.__version__
+
+
+def test_the_readme_shows_how_to_verify_each_signed_artifact():
+    """images/README.md said the chart is signed but showed only the image's `cosign verify`: one command for
+    each repository the workflow signs (every image of the matrix and the chart)."""
+    wf, readme = workflow(), (ROOT / "images" / "README.md").read_text()
+    env = wf["env"]
+    signed = [f"{env['IMAGE_REGISTRY']}/{m['image']}" for m in wf["jobs"]["images"]["strategy"]["matrix"]["include"]]
+    signed.append(f"{env['CHART_REGISTRY']}/loraplane")
+    for repo in signed:
+        assert re.search(rf"cosign verify {re.escape(repo)}:\$VERSION", readme) or \
+            re.search(rf"\b{re.escape(repo)}:\$VERSION\)", readme), repo
 
 
 @pytest.mark.parametrize("dockerfile", ["images/operator/Dockerfile", "images/trainer/Dockerfile"])

@@ -15,7 +15,9 @@ from decimal import Decimal
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema, field_validator, model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType, Progress, progress_of
@@ -333,6 +335,16 @@ URI_FORM_HINTS: dict[str, str] = {
     "pvc": "pvc://CLAIM/PATH", "s3": "s3://BUCKET/PREFIX", "http": "https://HOST/PATH", "hf": "hf://ORG/REPO[@REVISION]",
     "file": "file:///PATH (local runs)", "path": "/PATH (local runs)",
 }
+# What the part after each scheme must be, in words: said when a URI has a scheme its field takes but that part is
+# wrong (`pvc://Bad_Claim/x`: the claim name, not the scheme). The same rules as storage.uri.parse_uri.
+URI_FORM_PROBLEMS: dict[str, str] = {
+    "pvc": "the claim name (CLAIM) must be a DNS-1123 name: lowercase letters, digits, '-' and '.', starting and "
+           "ending with a letter or digit",
+    "s3": "the bucket name must start with a letter or digit and hold only letters, digits, '.', '_' and '-'",
+    "hf": "the repository must be ORG/REPO of letters, digits, '_', '.' and '-'",
+    "http": "an http(s):// URI needs a host",
+    "file": "a file:// URI names an absolute path (three slashes)",
+}
 # Every pattern uri_pattern() built -> the forms it admits, in words.
 URI_PATTERN_FORMS: dict[str, str] = {}
 
@@ -535,8 +547,10 @@ class Resource(ApiModel):
     kind: str
     metadata: ObjectMeta = Field(default_factory=ObjectMeta)
 
-    @model_validator(mode="after")
-    def _check_api_version(self):
-        if self.api_version != API_VERSION:
-            raise ValueError(f"apiVersion must be {API_VERSION}, not {self.api_version!r}")
-        return self
+    # A field validator (not a model one) so that the error is reported under `apiVersion`, the field to fix.
+    @field_validator("api_version")
+    @classmethod
+    def _check_api_version(cls, value: str) -> str:
+        if value != API_VERSION:
+            raise ValueError(f"must be {API_VERSION}, not {value!r}")
+        return value

@@ -1,4 +1,8 @@
-"""`loraplane render -f FILE`: the exact child manifests the operator would create, for GitOps reviews."""
+"""`loraplane render -f FILE`: the child manifests the operator would create, for GitOps reviews.
+
+Not rendered: the two objects the operator creates once and never updates, which hold nothing of a spec (each
+ModelRoute's engine key Secret, a random key, and the artifact store's PersistentVolumeClaim): docs/gitops.md
+says so."""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import sys
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError
 
 from loraplane.api.reasons import Reason
 from loraplane.builders.settings import BuildSettings
@@ -17,13 +20,14 @@ from loraplane.builders.settings import BuildSettings
 def add_render_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `loraplane render`: the input files and the BuildSettings the operator would use."""
     d = BuildSettings()
-    p.add_argument("-f", "--filename", dest="files", action="append", type=Path, required=True,
+    # The same spellings on validate, render and run (-f/--filename/--file, --values/--policy).
+    p.add_argument("-f", "--filename", "--file", dest="files", action="append", type=Path, required=True,
                    help="YAML file with FineTuneJob/ModelRoute/Adapter manifests (repeatable; - for stdin)")
     p.add_argument("-n", "--namespace", default="default",
                    help="namespace of manifests that set none (default: default)")
     p.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml",
                    help="yaml: multi-document YAML (default); json: one kubectl-style v1 List")
-    p.add_argument("--values", type=Path, metavar="VALUES",
+    p.add_argument("--values", "--policy", dest="values", type=Path, metavar="VALUES",
                    help="the loraplane chart's values file the operator is installed with: render with its "
                         "childPods (pull secrets, security context, labels, node selection) and refuse what its "
                         "operator.policy refuses (reason PolicyViolation), as the operator does")
@@ -65,10 +69,8 @@ def settings_from_args(args: argparse.Namespace, values: dict | None = None) -> 
 def render_main(args: argparse.Namespace) -> int:
     """Print the children of every loraplane object in the files as multi-document YAML; returns 1 (and
     prints nothing to stdout) when any object is invalid, else 0."""
-    from loraplane.api import parse
     from loraplane.builders import render, route_warnings
-    from loraplane.cli.manifests import read_documents
-    from loraplane.api.validation import format_validation_error
+    from loraplane.cli.manifests import parse_document, read_documents
     from loraplane.builders.policy import unconditional_violations
 
     values = None
@@ -92,11 +94,9 @@ def render_main(args: argparse.Namespace) -> int:
         doc = d.doc
         if isinstance(meta := doc.setdefault("metadata", {}), dict):  # not a mapping: parse() names the field
             meta.setdefault("namespace", args.namespace)
-        try:
-            obj = parse(doc)
-        except (ValidationError, ValueError) as exc:
+        obj, detail = parse_document(doc)
+        if obj is None:
             bad += 1
-            detail = format_validation_error(exc, "  ") if isinstance(exc, ValidationError) else f"  {exc}"
             print(f"error {d.where}\n{detail}", file=sys.stderr)
             continue
         # Without --values: what no policy allows (a loosened security context, ...); with them, all its policy refuses.

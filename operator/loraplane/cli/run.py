@@ -11,7 +11,8 @@ from loraplane.cli import repo_root
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `loraplane run`: the pipeline file, a local base model, the work folder and prompts."""
-    p.add_argument("-f", "--file", type=Path, default=repo_root() / "docs" / "examples" / "quickstart.yaml",
+    # The same spellings on validate, render and run (-f/--filename/--file).
+    p.add_argument("-f", "--file", "--filename", dest="file", type=Path, default=repo_root() / "docs" / "examples" / "quickstart.yaml",
                    help="YAML with FineTuneJobs, Adapters, ModelRoutes (and ConfigMaps they reference); "
                         "default: docs/examples/quickstart.yaml")
     p.add_argument("--model", type=Path, metavar="DIR",

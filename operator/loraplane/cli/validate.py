@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
-from pydantic import ValidationError
 
 from loraplane.api.reasons import Reason
 from loraplane.api.redaction import redacted
 from loraplane.api.validation import format_validation_error
-from loraplane.cli.manifests import read_documents
+from loraplane.cli.manifests import parse_document, read_documents
 
 if TYPE_CHECKING:
     from loraplane.api.pods import ChildPodSettings
@@ -23,8 +22,11 @@ if TYPE_CHECKING:
 def add_validate_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `loraplane validate`: the YAML files to check, and the chart values whose operator policy
     they must also meet."""
-    p.add_argument("files", nargs="+", type=Path, help="YAML files (multi-document allowed); - reads stdin")
-    p.add_argument("--policy", type=Path, metavar="VALUES",
+    p.add_argument("files", nargs="*", type=Path, help="YAML files (multi-document allowed); - reads stdin")
+    # The same spellings on validate, render and run (-f/--filename/--file, --values/--policy).
+    p.add_argument("-f", "--filename", "--file", dest="file_options", action="append", type=Path, metavar="FILE",
+                   help="a YAML file to validate, as render -f takes it (repeatable; - for stdin)")
+    p.add_argument("--values", "--policy", dest="policy", type=Path, metavar="VALUES",
                    help="the loraplane chart's values file the operator is installed with: also check each "
                         "FineTuneJob and ModelRoute against its operator.policy (and its images), as the operator "
                         "does (reason PolicyViolation; docs/security.md); without it, only what no policy allows "
@@ -113,16 +115,34 @@ def child_pods_from_values(values: dict) -> "ChildPodSettings":
     return settings
 
 
-def plain_http_uris(value: object, path: str) -> list[tuple[str, str]]:
-    """(field path, value) of every string under `value` that is a plain http:// URI (wire names, Kubernetes'
-    list notation)."""
+def http_uris(value: object, path: str) -> list[tuple[str, str]]:
+    """(field path, value) of every string under `value` that is an http:// or https:// URI (wire names,
+    Kubernetes' list notation)."""
     if isinstance(value, str):
-        return [(path, value)] if value.lower().startswith("http://") else []
+        return [(path, value)] if value.lower().startswith(("http://", "https://")) else []
     if isinstance(value, dict):
-        return [hit for k, v in value.items() for hit in plain_http_uris(v, f"{path}.{k}")]
+        return [hit for k, v in value.items() for hit in http_uris(v, f"{path}.{k}")]
     if isinstance(value, list):
-        return [hit for i, v in enumerate(value) for hit in plain_http_uris(v, f"{path}[{i}]")]
+        return [hit for i, v in enumerate(value) for hit in http_uris(v, f"{path}[{i}]")]
     return []
+
+
+def fetch_warning(uri: str) -> str | None:
+    """What the fetchers will do with the http(s) `uri`, when they refuse it: the fetchers' own check
+    (storage.fetchers.http.url_refusal), with and without the chart's allowInsecureHttp. None when it is
+    fetched (a host name is checked when resolved, at run time)."""
+    from loraplane.storage.fetchers.http import url_refusal
+
+    try:
+        strict, insecure = url_refusal(uri, False), url_refusal(uri, True)
+    except ValueError:   # not a URL yarl reads: the schema check reports it
+        return None
+    if insecure is not None:
+        return f"refused at run time ({Reason.InsecureSource}) even with operator.allowInsecureHttp: {insecure[0]}"
+    if strict is not None:
+        return (f"refused at run time ({Reason.InsecureSource}) unless the operator allows it (chart value "
+                f"operator.allowInsecureHttp): {strict[0]}" + ("; use https" if uri.lower().startswith("http:") else ""))
+    return None
 
 
 def validate_main(args: argparse.Namespace) -> int:
@@ -130,12 +150,16 @@ def validate_main(args: argparse.Namespace) -> int:
     operator's policy), printing ok/error per document (other API groups are skipped; an unknown loraplane.io
     kind, unreadable YAML or a non-object document is an error) and warnings for what the operator would report
     about the routes; returns 1 when any is invalid or refused, or when there is no loraplane object at all,
-    else 0."""
-    from loraplane.api import GROUP, parse
+    2 when no file is named, else 0."""
+    from loraplane.api import GROUP
 
     from loraplane.builders import route_warnings
     from loraplane.builders.policy import unconditional_violations
 
+    args.files = [*(getattr(args, "files", None) or []), *(getattr(args, "file_options", None) or [])]
+    if not args.files:
+        print("error no file: name the YAML files to validate (loraplane validate FILE... or -f FILE)")
+        return 2
     settings = None
     if (policy := getattr(args, "policy", None)) is not None:
         try:
@@ -152,11 +176,9 @@ def validate_main(args: argparse.Namespace) -> int:
             bad += 1
             print(f"error {d.where}\n  {d.error}")
             continue
-        try:
-            obj = parse(d.doc)
-        except (ValidationError, ValueError) as exc:
+        obj, detail = parse_document(d.doc)
+        if obj is None:
             bad += 1
-            detail = format_validation_error(exc, "  ") if isinstance(exc, ValidationError) else f"  {exc}"
             print(f"error {d.where}\n{detail}")
             continue
         parsed.append(obj)
@@ -177,7 +199,7 @@ def validate_main(args: argparse.Namespace) -> int:
     for line in route_warnings(parsed):
         print(f"warn  {line}")
     for obj in parsed:
-        for path, uri in plain_http_uris(obj.wire().get("spec") or {}, "spec"):
-            print(f"warn  {obj.kind}/{obj.metadata.name}: {path} is plain http ({redacted(uri)}): refused at run time "
-                  "(InsecureSource) unless the operator allows it (chart value operator.allowInsecureHttp); use https")
+        for path, uri in http_uris(obj.wire().get("spec") or {}, "spec"):
+            if warning := fetch_warning(uri):
+                print(f"warn  {obj.kind}/{obj.metadata.name}: {path} ({redacted(uri)}): {warning}")
     return 1 if bad else 0

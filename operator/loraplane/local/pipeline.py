@@ -80,6 +80,47 @@ def load_plan(path: Path) -> Plan:
     return plan
 
 
+# What `run` sends when no --prompt is given and the file carries no instruction data: questions in the format the
+# embedded tiny model's own corpus and toy datasets use (tinymodel.instruction_prompt: the question, a newline).
+DEFAULT_QUESTIONS = ("what does the cat see?", "describe the lake.")
+
+
+def demo_prompts(plan: Plan, count: int = 2) -> list[str]:
+    """The prompts a local run sends through each router when none is given: the first `count` distinct prompts
+    of the file's own instruction data (a FineTuneJob's evaluation set, else its training set, from a ConfigMap
+    of the file), verbatim, so that the adapter is asked in exactly the format it was trained on (a trailing
+    newline the data does not have makes a small adapter answer something else). Without such data, the tiny
+    model's questions (DEFAULT_QUESTIONS as tinymodel.instruction_prompt writes them)."""
+    for ftj in plan.jobs:
+        evaluation = ftj.spec.evaluation.dataset if ftj.spec.evaluation else None
+        for ds in (evaluation, ftj.spec.dataset):
+            ref = ds.config_map_ref if ds is not None else None
+            if ref is None or ds.format != "instruction":
+                continue
+            prompts: list[str] = []
+            for line in (plan.configmaps.get(ref.name) or {}).get(ref.key, "").splitlines():
+                try:
+                    prompt = json.loads(line).get(ds.prompt_field)
+                except (ValueError, AttributeError):
+                    continue   # the trainer reports bad records; a demo prompt is only picked here
+                if isinstance(prompt, str) and prompt and prompt not in prompts:
+                    prompts.append(prompt)
+                if len(prompts) == count:
+                    return prompts
+            if prompts:
+                return prompts
+    from loraplane.local import tinymodel
+
+    return [tinymodel.instruction_prompt(q) for q in DEFAULT_QUESTIONS[:count]]
+
+
+def trainer_line_shown_later(line: bytes) -> bool:
+    """The trainer's evaluation lines (its log line and its summary on stdout): `train` prints the evaluation
+    itself, with each model's scores, also when it reuses an earlier run's adapter; shown once, not three times.
+    The trainer's log keeps them."""
+    return line.startswith(b"evaluation: ") or b" INFO loraplane.trainer: evaluation (" in line
+
+
 class LocalRun:
     """One `loraplane run`: prepares base models, trains, serves and stops its processes, with the pod
     paths mapped under `workdir`; progress goes to `out`."""
@@ -243,7 +284,7 @@ class LocalRun:
             proc = ManagedProcess("trainer", container_argv(container, pod), container_env(container, pod),
                                   state_dir / "trainer.log")
             self.processes.append(proc)
-            code = proc.run_foreground()  # the trainer draws its own progress bar
+            code = proc.run_foreground(hide=trainer_line_shown_later)  # the trainer draws its own progress bar
             self.timings[f"training {ftj.metadata.name}"] = time.monotonic() - started
             if code != 0:
                 term = state_dir / "termination-log"
@@ -454,17 +495,14 @@ def run(path: Path, workdir: Path, model_dir: Path | None = None, prompts: list[
             produced = lr.train(ftj)
             adapters = [a for a in adapters if a.metadata.name != produced.metadata.name] + [produced]
         served = [lr.serve(route, adapters) for route in plan.routes]
-        if not prompts:
-            from loraplane.local import tinymodel
-
-            prompts = [tinymodel.instruction_prompt(q) for q in ("what does the cat see?", "describe the lake.")]
+        prompts = prompts or demo_prompts(plan)
         for s in served:
             say(f"\n• Requests through the router of ModelRoute {s.route.metadata.name} ({s.router_url}/v1):")
             for prompt in prompts:
-                say(f"  prompt: {prompt.strip()!r}")
+                say(f"  prompt: {prompt!r}")   # repr: a trailing newline or space is part of the prompt
                 for model in s.public_models:
                     status, text, seconds = complete(s.router_url, model, prompt)
-                    shown = repr(text.strip()) if status == 200 else f"HTTP {status}: {text}"
+                    shown = repr(text) if status == 200 else f"HTTP {status}: {text}"
                     say(f"    {model:>12} → {shown}   ({seconds * 1000:.0f} ms)")
         say("\n• Timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in lr.timings.items()))
         say("• Where things are:")

@@ -20,6 +20,16 @@ class ProcessFailed(RuntimeError):
     pass
 
 
+def _complete_lines(data: bytes) -> tuple[list[bytes], bytes]:
+    """`data` split after each \\n or \\r: (the complete lines, with their ending; the rest)."""
+    lines, start = [], 0
+    for i, byte in enumerate(data):
+        if byte in (10, 13):
+            lines.append(data[start:i + 1])
+            start = i + 1
+    return lines, data[start:]
+
+
 class ManagedProcess:
     """One child process of a local run, in its own session (process group), output appended to `log_path`."""
 
@@ -36,15 +46,25 @@ class ManagedProcess:
                                          cwd=self.cwd, start_new_session=True)
         return self
 
-    def run_foreground(self) -> int:
-        """Run to completion, showing the output live (progress bars) and keeping a copy in the log."""
+    def run_foreground(self, hide: Callable[[bytes], bool] | None = None) -> int:
+        """Run to completion, showing the output live (progress bars) and keeping all of it in the log. `hide`:
+        lines (each ending in \\n or \\r, so a progress bar still redraws) not to show, e.g. what the caller
+        prints itself; the log keeps them."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, cwd=self.cwd, start_new_session=True)
+            pending = b""
             for chunk in iter(lambda: self.proc.stdout.read1(4096), b""):
                 log.write(chunk)
-                sys.stderr.buffer.write(chunk)
+                pending += chunk
+                shown, pending = _complete_lines(pending)
+                out = b"".join(line for line in shown if hide is None or not hide(line))
+                if out:
+                    sys.stderr.buffer.write(out)
+                    sys.stderr.flush()
+            if pending and (hide is None or not hide(pending)):
+                sys.stderr.buffer.write(pending)
                 sys.stderr.flush()
             return self.proc.wait()
 

@@ -46,12 +46,53 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
 
 
+# Library messages that say nothing a user can act on, each matched exactly (anything else still shows):
+# - bitsandbytes' CPU backend tries an optional faster 4-bit kernel from the `kernels` package at import (peft
+#   imports bitsandbytes even for plain LoRA) and warns when it is missing; its own fallback is used.
+# - peft's save_pretrained looks for the base model's config.json under base_model_name_or_path (the spec's
+#   identity, e.g. loraplane/tiny-llama, not a local path) to see whether the vocabulary was resized; the trainer
+#   never resizes it, so peft's assumption ("not modified") is right.
+_QUIET_LOGS = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community"}
+_QUIET_WARNINGS = (r"Could not find a config file in .* - will assume that the vocabulary was not modified", "peft")
+
+
+class _DropPrefix(logging.Filter):
+    """Drops the records of one logger whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102 - logging hook
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_library_noise() -> None:
+    """Silence the libraries' messages that are noise for every run (_QUIET_LOGS, _QUIET_WARNINGS: matched by
+    logger and message, so every other warning and error still shows) and transformers' "Loading weights"
+    progress bar (the trainer draws its own bar and writes progress.json). Idempotent."""
+    import warnings
+
+    for name, prefix in _QUIET_LOGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropPrefix) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropPrefix(prefix))
+    message, module = _QUIET_WARNINGS
+    warnings.filterwarnings("ignore", message=message, category=UserWarning, module=module)
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:   # the trainer's own check reports a missing transformers
+        return
+    hf_logging.disable_progress_bar()
+
+
 def train_main(args: argparse.Namespace) -> int:
     """Run training; returns the exit status (0, EXIT_PREEMPTED, or the failure reason's code) after
     writing the termination message. An unforeseen exception becomes InternalError (OOM: OutOfMemory)."""
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install_log_redaction()   # log lines quote URIs and store errors: no credential reaches the pod log
+    quiet_library_noise()
     try:
         return _run(args)
     except TrainerError as exc:

@@ -99,8 +99,9 @@ def test_error_messages_name_field_and_fix():
     assert "spec.method.rank" in [".".join(map(str, e["loc"])) for e in err.value.errors()]
     bad = copy.deepcopy(doc)
     bad["apiVersion"] = "loraplane.io/v1"
-    with pytest.raises(ValidationError, match="apiVersion must be loraplane.io/v1alpha1"):
+    with pytest.raises(ValidationError, match="must be loraplane.io/v1alpha1") as err:
         parse(bad)
+    assert [e["loc"] for e in err.value.errors()] == [("apiVersion",)]
     with pytest.raises(ValueError, match="not a loraplane.io kind"):
         parse({"kind": "Deployment"})
 

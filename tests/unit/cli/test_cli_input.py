@@ -87,7 +87,8 @@ def test_validate_warns_about_plain_http_sources_without_showing_credentials(tmp
     path = tmp_path / "in.yaml"
     path.write_text(ADAPTER.replace("pvc://adapters/sql", "http://user:s3cret@host/sql.tar.gz"))
     rc, out = run_validate([path], capsys)
-    assert rc == 0 and "warn  Adapter/sql: spec.source.uri is plain http" in out and "allowInsecureHttp" in out
+    assert rc == 0 and "warn  Adapter/sql: spec.source.uri (" in out and "http:// refused" in out
+    assert "unless the operator allows it (chart value operator.allowInsecureHttp)" in out
     assert "s3cret" not in out
 
 

@@ -140,6 +140,26 @@ def _refused_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_loopbac
     return None
 
 
+def url_refusal(url: URL | str, allow_insecure_http: bool) -> tuple[str, str] | None:
+    """Why the fetch policy refuses `url` before any request ((short reason, message); None: not refused here):
+    a scheme other than https (or http with `allow_insecure_http`), or an IP-literal host that refused_address
+    refuses. A host name is checked when it is resolved (PolicyResolver), not here. The one rule of the fetchers
+    and of `loraplane validate`'s warnings."""
+    url = URL(url) if isinstance(url, str) else url
+    allowed = ("https", "http") if allow_insecure_http else ("https",)
+    if url.scheme not in allowed:
+        hint = " (plain http:// is allowed only with the chart's allowInsecureHttp)" if url.scheme == "http" else ""
+        return f"{url.scheme}:// refused", f"{redacted(str(url))} is not an https:// URL{hint}"
+    host = (url.host or "").strip("[]")
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None   # a name: the resolver checks what it resolves to
+    if why := refused_address(host, allow_insecure_http):
+        return why, why
+    return None
+
+
 class _AddressRefused(Exception):
     """Raised from the resolver (not an OSError, so aiohttp passes it through unwrapped)."""
 
@@ -222,20 +242,9 @@ class HttpFetcher(Fetcher):
         return dest
 
     def _check_url(self, url: URL, text: str, shown: str) -> None:
-        """Refused unless the policy admits `url`'s scheme and (for an IP literal) its address."""
-        allowed = ("https", "http") if self.policy.allow_insecure_http else ("https",)
-        if url.scheme not in allowed:
-            hint = (" (plain http:// is allowed only with the chart's allowInsecureHttp)" if url.scheme == "http"
-                    else "")
-            raise Refused(text, f"{url.scheme}:// refused",
-                          f"GET {shown}: {redacted(str(url))} is not an https:// URL{hint}")
-        host = (url.host or "").strip("[]")
-        try:
-            ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return   # a name: the resolver checks what it resolves to
-        if why := refused_address(host, self.policy.allow_insecure_http):
-            raise Refused(text, why, f"GET {shown}: {why}")
+        """Refused unless the policy admits `url`'s scheme and (for an IP literal) its address (url_refusal)."""
+        if refusal := url_refusal(url, self.policy.allow_insecure_http):
+            raise Refused(text, refusal[0], f"GET {shown}: {refusal[1]}")
 
     async def _download(self, text: str, shown: str, tmp: Path) -> None:
         url = URL(text)

@@ -1,0 +1,164 @@
+"""What a new user meets in `validate` / `render`: each error names the field and says what to write instead,
+every problem is reported at once where it can be, and nothing wrong passes silently (a missing metadata.name,
+a duplicate YAML key). The messages come from api.validation, so the operator's status messages read the same."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import pytest
+from loraplane.api import KINDS
+from loraplane.api.common import URI_PATTERN_FORMS
+from loraplane.api.pods import PodSettings
+from loraplane.cli import main
+from loraplane.cli.render import add_render_arguments, render_main
+from loraplane.cli.validate import validate_main
+
+JOB = """apiVersion: loraplane.io/v1alpha1
+kind: FineTuneJob
+metadata: {name: j}
+spec:
+  baseModel: {name: m}
+  dataset: {uri: "pvc://data/train.jsonl"}
+  output: {adapterName: a}
+"""
+ADAPTER = """apiVersion: loraplane.io/v1alpha1
+kind: Adapter
+metadata: {name: sql}
+spec: {baseModel: {name: m}, version: "1", source: {uri: "pvc://adapters/sql"}}
+"""
+
+
+def validate(tmp_path, capsys, text: str) -> tuple[int, str]:
+    path = tmp_path / "in.yaml"
+    path.write_text(text)
+    rc = validate_main(argparse.Namespace(files=[path]))
+    return rc, capsys.readouterr().out
+
+
+def render(tmp_path, capsys, text: str) -> tuple[int, str]:
+    path = tmp_path / "in.yaml"
+    path.write_text(text)
+    p = argparse.ArgumentParser()
+    add_render_arguments(p)
+    rc = render_main(p.parse_args(["-f", str(path)]))
+    return rc, capsys.readouterr().err
+
+
+def test_an_unknown_field_gets_the_closest_valid_name_or_the_list_of_them(tmp_path, capsys):
+    rc, out = validate(tmp_path, capsys, JOB.replace("  output:", "  methd: {}\n  output:")
+                       .replace("baseModel: {name: m}", "baseModel: {name: m, revison: main}"))
+    assert rc == 1
+    assert "spec.methd: unknown field 'methd': did you mean 'method'?" in out, out
+    assert "spec.baseModel.revison: unknown field 'revison': did you mean 'revision'?" in out, out
+    rc, out = validate(tmp_path, capsys, ADAPTER.replace('version: "1"', 'version: "1", zzz: 1'))
+    assert "spec.zzz: unknown field 'zzz': the fields here are baseModel, rank, source, targetModules, version" \
+        in out, out
+
+
+def test_patterns_are_said_in_words_and_a_missing_field_says_what_to_add(tmp_path, capsys):
+    rc, out = validate(tmp_path, capsys, ADAPTER.replace("{name: sql}", "{name: Sql_1}")
+                       .replace('"pvc://adapters/sql"', '"pvc://adapters/sql", sha256: abc'))
+    assert rc == 1
+    assert "metadata.name: 'Sql_1' is not valid: expected a DNS-1123 name: lowercase letters, digits, '-'" in out
+    assert "spec.source.sha256: 'abc' is not valid: expected 64 lowercase hex characters" in out
+    rc, out = validate(tmp_path, capsys, JOB.replace("  output: {adapterName: a}\n", ""))
+    assert re.search(r"spec\.output: required: add `output:` \(.+\)", out), out
+    assert "Field required" not in out and "String should match pattern" not in out and "Extra inputs" not in out
+
+
+def test_every_pattern_of_the_api_is_said_in_words():
+    """So that no refused value is answered with a regular expression (a new pattern needs its words)."""
+    from loraplane.api.validation import PATTERN_WORDS
+
+    patterns: set[str] = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "pattern" and isinstance(value, str):
+                    patterns.add(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for model in (*KINDS.values(), PodSettings):
+        walk(model.model_json_schema(by_alias=True))
+    assert patterns and not patterns - PATTERN_WORDS.keys() - URI_PATTERN_FORMS.keys()
+
+
+def test_the_api_version_is_reported_under_its_field_and_a_uri_by_the_part_that_is_wrong(tmp_path, capsys):
+    rc, out = validate(tmp_path, capsys, ADAPTER.replace("v1alpha1", "v1alpha2")
+                       .replace("pvc://adapters/sql", "pvc://Bad_Claim/x"))
+    assert rc == 1
+    assert "  apiVersion: must be loraplane.io/v1alpha1, not 'loraplane.io/v1alpha2'" in out, out
+    assert "<object>" not in out
+    assert "spec.source.uri: invalid pvc:// URI 'pvc://Bad_Claim/x': the claim name (CLAIM) must be a DNS-1123" in out
+    assert "unsupported URI" not in out
+    # A scheme the field does not take is still answered with the forms it does take.
+    rc, out = validate(tmp_path, capsys, JOB.replace("{adapterName: a}", "{adapterName: a, uri: 'hf://org/repo'}"))
+    assert "spec.output.uri: unsupported URI 'hf://org/repo': use pvc://CLAIM/PATH, s3://BUCKET/PREFIX" in out, out
+
+
+@pytest.mark.parametrize("run", [validate, render])
+def test_an_object_without_metadata_name_is_refused(run, tmp_path, capsys):
+    for text in (ADAPTER.replace("metadata: {name: sql}", "metadata: {}"),
+                 ADAPTER.replace("metadata: {name: sql}\n", "")):
+        rc, out = run(tmp_path, capsys, text)
+        assert rc == 1 and "metadata.name: required" in out, out
+
+
+@pytest.mark.parametrize("run", [validate, render])
+def test_rule_errors_hidden_behind_schema_errors_are_reported_with_them(run, tmp_path, capsys):
+    """A bad sha256 used to hide the version rule (`--`): one run now reports both, and says that the rules of
+    fields still wrong follow."""
+    rc, out = run(tmp_path, capsys, ADAPTER.replace('version: "1"', 'version: "a--b"')
+                  .replace('"pvc://adapters/sql"', '"pvc://adapters/sql", sha256: abc'))
+    assert rc == 1
+    assert "spec.source.sha256:" in out and "spec.version must not contain '--'" in out, out
+    assert "fix these first" in out
+    # A field left out to check the rest does not produce errors of its own (source needs uri or a job ref).
+    rc, out = run(tmp_path, capsys, ADAPTER.replace("pvc://adapters/sql", "pvc://Bad_Claim/x"))
+    assert "exactly one of" not in out, out
+    # A wrong metadata.name does not hide a rule whose message says "name" in passing.
+    rc, out = run(tmp_path, capsys, ADAPTER.replace("{name: sql}", "{name: Sql}").replace('"1"', '"a--b"'))
+    assert "metadata.name:" in out and "spec.version must not contain '--'" in out, out
+
+
+@pytest.mark.parametrize("run", [validate, render])
+def test_a_duplicate_key_is_refused_naming_it_and_its_lines(run, tmp_path, capsys):
+    rc, out = run(tmp_path, capsys, ADAPTER.replace("{name: sql}", "{name: sql}\nmetadata: {name: other}"))
+    assert rc == 1 and "duplicate key 'metadata' (first on line 3)" in out and "line 4" in out, out
+    rc, out = run(tmp_path, capsys, ADAPTER.replace("{name: m}", "{name: m, name: n}"))
+    assert rc == 1 and "duplicate key 'name'" in out, out
+
+
+def test_a_metadata_address_is_refused_over_https_too_and_whatever_the_chart_allows(tmp_path, capsys):
+    """validate's warning is the fetchers' own rule: link-local / metadata addresses are never fetched."""
+    for uri in ("https://169.254.169.254/a.tar.gz", "http://169.254.169.254/a.tar.gz", "https://[fe80::1]/a.tar.gz"):
+        rc, out = validate(tmp_path, capsys, ADAPTER.replace("pvc://adapters/sql", uri))
+        assert rc == 0 and "refused at run time (InsecureSource) even with operator.allowInsecureHttp" in out, out
+    rc, out = validate(tmp_path, capsys, ADAPTER.replace("pvc://adapters/sql", "https://example.com/a.tar.gz"))
+    assert "warn" not in out
+
+
+@pytest.mark.parametrize("command", ["validate", "render"])
+@pytest.mark.parametrize("spelling", [["-f"], ["--filename"], ["--file"]])
+@pytest.mark.parametrize("values", ["--values", "--policy"])
+def test_validate_and_render_take_the_same_flag_spellings(command, spelling, values, tmp_path, capsys):
+    path, chart = tmp_path / "in.yaml", tmp_path / "values.yaml"
+    path.write_text(ADAPTER)
+    chart.write_text("operator: {policy: {}}\n")
+    assert main([command, *spelling, str(path), values, str(chart)]) == 0, capsys.readouterr()
+
+
+@pytest.mark.parametrize("spelling", ["-f", "--file", "--filename"])
+def test_run_takes_the_same_file_spellings(spelling, tmp_path):
+    from loraplane.cli.run import add_run_arguments
+
+    p = argparse.ArgumentParser()
+    add_run_arguments(p)
+    assert p.parse_args([spelling, str(tmp_path / "x.yaml")]).file == tmp_path / "x.yaml"
