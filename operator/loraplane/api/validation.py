@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from loraplane.api.rollout import DURATION_PATTERN
 from loraplane.api.common import (
     DNS_1035_LABEL, DNS_LABEL, DNS_NAME, ENV_NAME, LABEL_VALUE, QUALIFIED_NAME_PART, URI_FORM_HINTS, URI_FORM_PROBLEMS,
     URI_PATTERN_FORMS,
@@ -45,6 +46,7 @@ PATTERN_WORDS: dict[str, str] = {
     r"^[A-Za-z_]+$": "a capability name: letters and '_' (e.g. NET_BIND_SERVICE)",
     r"^[a-zA-Z_:][a-zA-Z0-9_:]*$": "a Prometheus metric name: letters, digits, '_' and ':', not starting with a "
                                    "digit (e.g. vllm:num_requests_waiting)",
+    DURATION_PATTERN: "a duration: a whole number with the unit s, m or h (e.g. 30s, 5m, 1h)",
 }
 
 

@@ -53,7 +53,7 @@ def test_an_unknown_field_gets_the_closest_valid_name_or_the_list_of_them(tmp_pa
     assert "spec.methd: unknown field 'methd': did you mean 'method'?" in out, out
     assert "spec.baseModel.revison: unknown field 'revison': did you mean 'revision'?" in out, out
     rc, out = validate(tmp_path, capsys, ADAPTER.replace('version: "1"', 'version: "1", zzz: 1'))
-    assert "spec.zzz: unknown field 'zzz': the fields here are baseModel, rank, source, targetModules, version" \
+    assert "spec.zzz: unknown field 'zzz': the fields here are baseModel, rank, rollout, source, targetModules, version" \
         in out, out
 
 

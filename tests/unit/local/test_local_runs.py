@@ -33,7 +33,7 @@ class FakeTrainer:
         self.env, self.log_path = env, Path(log_path)
         self.config_path = Path(argv[argv.index("--config") + 1]) if "--config" in argv else None
 
-    def run_foreground(self) -> int:
+    def run_foreground(self, hide=None) -> int:
         config = json.loads(self.config_path.read_text())
         FakeTrainer.runs.append(config)
         uri = config["spec"]["output"]["uri"]
