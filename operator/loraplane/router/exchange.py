@@ -2,7 +2,8 @@
 answer (Server-Sent Events chunk by chunk as they arrive), and accounting for it (status, latency, TTFT, tokens).
 
 An `Exchange` is driven by callbacks: from its `Upstream` (the answer's head, body chunks, end, or a lost
-connection), from its `ClientConnection` (the client left) and from its timer (router.timeoutSeconds). It
+connection), from its `ClientConnection` (the client left) and from `Router.sweep` once its `deadline`
+(router.timeoutSeconds) has passed. It
 never blocks and has no task of its own, except while a new connection to vLLM is being opened.
 
 When a request is resent: the connection failed before anything was sent (the replica is marked failed),
@@ -171,7 +172,7 @@ class Exchange:
     """
 
     __slots__ = ("router", "conn", "req", "model", "backend", "stats", "replica", "payload", "head", "tried",
-                 "upstream", "status", "streaming", "chunks", "tail", "first_byte", "timer", "finished",
+                 "upstream", "status", "streaming", "chunks", "tail", "first_byte", "deadline", "finished",
                  "retry_404", "path", "ctype", "attempt_open", "strip_usage", "held", "ending", "usage")
 
     def __init__(self, router: Router, conn: ClientConnection, req: Request, model: str, backend: BackendRoute,
@@ -188,7 +189,7 @@ class Exchange:
         self.chunks: list[bytes] = []
         self.tail = b""
         self.first_byte = True
-        self.timer = None
+        self.deadline = 0.0
         self.finished = False
         self.retry_404 = False
         self.strip_usage = strip_usage
@@ -201,10 +202,13 @@ class Exchange:
             len(payload), b"X-Request-Id: " + rid + b"\r\n" if rid else b"", router.engine_auth)
 
     def start(self) -> None:
-        """Count it in flight, arm the timeout and send it to `replica`."""
+        """Count it in flight, set its deadline and send it to `replica`."""
         self.stats.in_flight += 1
-        self.router.active += 1
-        self.timer = self.router.loop.call_later(self.router.timeout_seconds, self.timed_out)
+        router = self.router
+        router.active += 1
+        # Enforced by Router.sweep (within its interval, at most a quarter of the timeout): no timer per
+        # request; arming and cancelling a loop timer was a measurable part of a request's CPU (issue 17).
+        self.deadline = time.perf_counter() + router.timeout_seconds
         self.send()
 
     def _release_attempt(self) -> None:
@@ -416,7 +420,7 @@ class Exchange:
             return
         self.fail(502, "the replica closed the connection before answering", "bad_gateway", "replica_failed")
 
-    # ---- client / timer events ----
+    # ---- client / deadline events ----
 
     def client_lost(self) -> None:
         """The client closed its connection: count 499 and close the connection to vLLM (it aborts)."""
@@ -428,7 +432,6 @@ class Exchange:
         """router.timeoutSeconds passed without a complete answer: 504 (or a cut stream if one started)."""
         if self.finished:
             return
-        self.timer = None
         log.warning("replica %s: no complete answer within %ss", self.replica.name, self.router.timeout_seconds)
         if self.streaming:
             self._finish(504)
@@ -452,9 +455,6 @@ class Exchange:
 
     def _finish(self, status: int, log_always: bool = False) -> None:
         self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         self._release_attempt()
         self.router.active -= 1
         stats = self.stats

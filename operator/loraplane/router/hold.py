@@ -43,6 +43,7 @@ class Hold:
 
     __slots__ = ("router", "conn", "req", "model", "since", "timer")
     upstream = None
+    deadline = 0.0   # not Router.sweep's to enforce: the hold's own timer (`expire`) ends it
 
     def __init__(self, router: Router, conn: ClientConnection, req: Request, model: str):
         self.router, self.conn, self.req, self.model = router, conn, req, model

@@ -63,8 +63,9 @@ class Router:
     Client connections are bounded (see client_protocol.py): `max_connections` at once, `max_header_bytes`
     of request line and headers, `header_timeout` seconds from a request's first byte to its last header,
     `body_timeout` seconds from then to its last body byte, `idle_timeout` seconds of keep-alive between
-    requests. `sweep` enforces the timeouts every `sweep_interval` seconds (at most 1 s, a quarter of the
-    shortest timeout when that is shorter), so each is met within one interval.
+    requests. `sweep` enforces the timeouts, and each proxied request's router.timeoutSeconds (its
+    `Exchange.deadline`), every `sweep_interval` seconds (at most 1 s, a quarter of the shortest timeout when
+    that is shorter), so each is met within one interval.
     """
 
     # Answers one complete request; ClientConnection calls `router.dispatch(conn, req)`. Defined in
@@ -110,7 +111,8 @@ class Router:
         self.max_connections = max_connections
         self.max_header_bytes = max_header_bytes
         self.header_timeout, self.body_timeout, self.idle_timeout = header_timeout, body_timeout, idle_timeout
-        self.sweep_interval = max(0.02, min(1.0, header_timeout / 4, body_timeout / 4, idle_timeout / 4))
+        self._client_sweep_interval = max(0.02, min(1.0, header_timeout / 4, body_timeout / 4, idle_timeout / 4))
+        self.sweep_interval = self._client_sweep_interval
         self._phase_timeouts = {IDLE: idle_timeout, HEAD: header_timeout, BODY: body_timeout,
                                 LINGER: LINGER_SECONDS}
         self._sweeper: asyncio.TimerHandle | None = None
@@ -132,6 +134,8 @@ class Router:
         self.sticky_header_lower = rs.sticky_header.lower().encode() if rs.sticky_header else None
         self.max_request_bytes = rs.max_request_bytes
         self.timeout_seconds = rs.timeout_seconds
+        # The sweep also ends proxied requests past their deadline: within a quarter of the timeout.
+        self.sweep_interval = max(0.02, min(self._client_sweep_interval, rs.timeout_seconds / 4))
         self.log_prompts = rs.log_prompts
         self.ask_usage = not rs.engine_includes_usage
         self.cold_start_wait = rs.cold_start_wait_seconds
@@ -205,10 +209,20 @@ class Router:
         clock read or timer); the first sweep that sees the phase arms the deadline, a later one past it
         calls `ClientConnection.timed_out`. No read deadline runs while a request is being answered
         (router.timeoutSeconds bounds that) unless the client started sending another one.
+        A proxied request past its `deadline` (router.timeoutSeconds after it was sent) is ended here too
+        (`Exchange.timed_out`: 504, or a cut stream): the hot path arms no timer per request.
         """
         now = time.perf_counter()
         timeouts = self._phase_timeouts
         for c in list(self.connections):
+            ex = c.exchange
+            if ex is not None and ex.deadline and now >= ex.deadline:
+                try:
+                    ex.timed_out()
+                except Exception:  # one bad exchange must not stop the sweep for the others
+                    log.exception("ending a timed-out request failed")
+                    if c.transport is not None:
+                        c.transport.abort()
             phase = c.phase
             if phase == IDLE and c.busy:
                 continue

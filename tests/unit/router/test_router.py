@@ -380,6 +380,34 @@ async def test_timeout_gives_504(started, tmp_path):
         a.hold.set()
 
 
+async def test_proxied_requests_arm_no_timer_and_reuse_the_upstream_parser(started, tmp_path, monkeypatch):
+    """Issue 17 (router CPU per request): router.timeoutSeconds is enforced by the router's sweep from each
+    exchange's deadline (test_timeout_gives_504), not by a loop timer armed and cancelled per request, and a
+    kept-alive connection to vLLM parses every answer with its one parser."""
+    from loraplane.router.upstream import Upstream
+
+    a = await started(StubReplica("a", adapters={"v1"}))
+    async with running_router(tmp_path, [a.spec], table_json({"chat": [("v1", 100)]})) as (svc, c):
+        async with c.post("/v1/completions", json={"model": "chat", "prompt": "p"}) as resp:
+            assert resp.status == 200
+        loop = svc.router.loop
+        timers, parsers = [], []
+        real_call_later, real_call_at = loop.call_later, loop.call_at
+        monkeypatch.setattr(loop, "call_later", lambda d, cb, *args, **kw: (timers.append(cb),
+                                                                            real_call_later(d, cb, *args, **kw))[1])
+        monkeypatch.setattr(loop, "call_at", lambda w, cb, *args, **kw: (timers.append(cb),
+                                                                         real_call_at(w, cb, *args, **kw))[1])
+        real_send = Upstream.send
+        monkeypatch.setattr(Upstream, "send", lambda self, *args: (parsers.append(self.parser),
+                                                                   real_send(self, *args))[1])
+        for _ in range(5):
+            async with c.post("/v1/completions", json={"model": "chat", "prompt": "p"}) as resp:
+                assert resp.status == 200
+        per_request = [cb for cb in timers if getattr(cb, "__self__", None).__class__.__name__ == "Exchange"]
+        assert per_request == []
+        assert len(parsers) == 5 and len({id(p) for p in parsers}) == 1   # one pooled connection, one parser
+
+
 async def test_prompts_not_logged_by_default(started, tmp_path, caplog):
     a = await started(StubReplica("a", adapters={"v1"}))
     caplog.set_level("DEBUG")
