@@ -286,13 +286,26 @@ class Load:
         return counts
 
 
-def _vllm_models(pod: dict) -> set[str]:
-    """The adapters vLLM on engine pod `pod` has loaded (its /v1/models, at podIP:ENGINE_PORT)."""
+def _engine_key(qs) -> str:
+    """The route's engine key (vLLM's --api-key), read from its Secret as a cluster admin can."""
+    import base64
+
+    from loraplane.api.paths import ENGINE_KEY_SECRET_KEY
+
+    secret = qs.kubectl.get("secret", "quickstart-engine-key")
+    return base64.b64decode(secret["data"][ENGINE_KEY_SECRET_KEY]).decode()
+
+
+def _vllm_models(qs, pod: dict) -> set[str]:
+    """The adapters vLLM on engine pod `pod` has loaded (its /v1/models, at podIP:ENGINE_PORT, with the route's
+    engine key: vLLM's port answers only the route's routers and loaders)."""
     import urllib.request
 
     from loraplane.api.paths import ENGINE_PORT
 
-    with urllib.request.urlopen(f"http://{pod['status']['podIP']}:{ENGINE_PORT}/v1/models", timeout=10) as r:
+    req = urllib.request.Request(f"http://{pod['status']['podIP']}:{ENGINE_PORT}/v1/models",
+                                 headers={"Authorization": f"Bearer {_engine_key(qs)}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
         return {m["id"] for m in json.loads(r.read())["data"] if m.get("parent")}
 
 
@@ -306,7 +319,7 @@ def _artifact_dir(qs, uri: str):
 def _gone_everywhere(qs, served: str) -> bool:
     """`served` is in no engine pod's loader report and in no vLLM's /v1/models."""
     pods = _engine_pods(qs)
-    return bool(pods) and all(_report_state(p, served) is None and served not in _vllm_models(p) for p in pods)
+    return bool(pods) and all(_report_state(p, served) is None and served not in _vllm_models(qs, p) for p in pods)
 
 
 def test_version_switch_under_load(quickstart):
@@ -345,7 +358,7 @@ def test_version_switch_under_load(quickstart):
     assert condition(st, "Ready").get("status") == "True", st
     assert {lo["replica"] for lo in st["loadedOn"]} == {p["metadata"]["name"] for p in _engine_pods(qs)}, st
     for pod in _engine_pods(qs):
-        assert _report_state(pod, new_served) == "Ready" and new_served in _vllm_models(pod), pod["metadata"]["name"]
+        assert _report_state(pod, new_served) == "Ready" and new_served in _vllm_models(qs, pod), pod["metadata"]["name"]
     assert not load.failed(), f"{len(load.failed())} of {len(load.answers)} failed: {load.failed()[:5]}"
     per = load.by_backend()
     assert per.get(old_served) and per.get(new_served) and set(per) == {old_served, new_served}, per
@@ -438,7 +451,7 @@ def test_evaluation_gate(quickstart):
     url = router_url(k, "quickstart")
     until = time.monotonic() + 8
     while time.monotonic() < until:
-        assert all(_report_state(p, "gated--1") is None and "gated--1" not in _vllm_models(p) for p in _engine_pods(qs))
+        assert all(_report_state(p, "gated--1") is None and "gated--1" not in _vllm_models(qs, p) for p in _engine_pods(qs))
         code, text = complete(url, "gated", PROMPTS[0])
         assert code != 200, text
         time.sleep(1)
