@@ -316,6 +316,18 @@ def _artifact_dir(qs, uri: str):
     return qs.installed.pvc_dir(QS_NS, ARTIFACT_CLAIM) / uri[len(prefix):]
 
 
+def _events(qs, name: str) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of the Events about object `name` (`kubectl get events --field-selector`)."""
+    items = qs.kubectl.get("events", "--field-selector", f"involvedObject.name={name}")["items"]
+    return [(e.get("type", ""), e.get("reason", ""), e.get("message", "")) for e in items]
+
+
+def _lora_row(qs, name: str) -> dict[str, str]:
+    """`kubectl get lora NAME -o wide`: the columns a user reads."""
+    (row,) = qs.kubectl.table("lora", name)
+    return row
+
+
 def _gone_everywhere(qs, served: str) -> bool:
     """`served` is in no engine pod's loader report and in no vLLM's /v1/models."""
     pods = _engine_pods(qs)
@@ -362,6 +374,11 @@ def test_version_switch_under_load(quickstart):
     assert not load.failed(), f"{len(load.failed())} of {len(load.answers)} failed: {load.failed()[:5]}"
     per = load.by_backend()
     assert per.get(old_served) and per.get(new_served) and set(per) == {old_served, new_served}, per
+    assert any(t == "Normal" and r == "VersionPromoted" and new_version in m for t, r, m in
+               _events(qs, "quickstart-adapter")), _events(qs, "quickstart-adapter")
+    row = _lora_row(qs, "quickstart-adapter")
+    assert (row["VERSION"], row["SERVING"], row["PHASE"]) == (new_version, new_version, "Ready"), row
+    assert row["CANDIDATE"] in ("", "<none>"), row
     print(f"\n[e2e] version switch: {len(load.answers)} requests, 0 failed, answered by {per}; promoted after "
           f"{promoted:.1f}s, old version unloaded after {unloaded:.1f}s")
 
@@ -392,6 +409,11 @@ def test_failed_candidate_gets_no_traffic(quickstart):
     assert condition(st, "Ready")["reason"] == "CandidateFailed", st
     assert not load.failed(), f"{len(load.failed())} of {len(load.answers)} failed: {load.failed()[:5]}"
     assert load.by_backend() == {serving: len(load.answers)}, load.by_backend()
+    assert any(t == "Warning" and r == "CandidateFailed" for t, r, _ in _events(qs, "quickstart-adapter")), \
+        _events(qs, "quickstart-adapter")
+    row = _lora_row(qs, "quickstart-adapter")
+    assert (row["VERSION"], row["SERVING"], row["CANDIDATE"], row["REASON"]) == (
+        "untrained", st["version"], "Failed", "CandidateFailed"), row
     # Back to the serving version: no candidate, Ready, and the failed one unloaded.
     k("patch", "adapter", "quickstart-adapter", "--type=merge", "-p", json.dumps({"spec": {
         "version": before["spec"]["version"], "source": spec_source}}))
@@ -446,6 +468,9 @@ def test_evaluation_gate(quickstart):
     gate = gates["mustBeatBase"]
     assert (gate["passed"], gate["metric"], gate["candidate"], gate["reference"]) == (False, "rouge_l", 0.1, 0.3), gate
     assert condition(st, "Ready")["status"] == "False" and condition(st, "Ready")["reason"] == "RolloutGateFailed", st
+    assert any(t == "Warning" and r == "RolloutGateFailed" and "0.3" in m for t, r, m in _events(qs, "gated")), \
+        _events(qs, "gated")
+    assert _lora_row(qs, "gated")["ROLLOUT"] == "GateFailed", _lora_row(qs, "gated")
     # The route has the public model but no backend to send it to, for a while (the route re-reads the table, the
     # loaders poll): no loader is ever asked to load the version.
     url = router_url(k, "quickstart")
