@@ -79,6 +79,8 @@ def test_quickstart(quickstart):
         qs.timings["route_ready_s"] = k.wait("condition=Ready", "mr/quickstart", timeout=300)
     except Exception as exc:
         raise AssertionError(f"{exc}\n{qs.diagnostics()}")
+    # Read again now that it is Ready: read when the job finished, its status may not name a served version yet.
+    adapter = k.get("adapter", "quickstart-adapter")
     # The Adapter the operator created for the job: the trained artifact, with where it came from.
     prov = adapter["status"].get("provenance") or {}
     assert prov.get("fineTuneJob") == "quickstart" and prov.get("fineTuneJobUid"), adapter["status"]
