@@ -470,8 +470,9 @@ def test_evaluation_gate(quickstart):
     gate = gates["mustBeatBase"]
     assert (gate["passed"], gate["metric"], gate["candidate"], gate["reference"]) == (False, "rouge_l", 0.1, 0.3), gate
     assert condition(st, "Ready")["status"] == "False" and condition(st, "Ready")["reason"] == "RolloutGateFailed", st
-    assert any(t == "Warning" and r == "RolloutGateFailed" and "0.3" in m for t, r, m in _events(qs, "gated")), \
-        _events(qs, "gated")
+    # A Warning Event (posted when the rollout's state changes: here when the version was first judged, before the
+    # test wrote its evaluation, so it may say "no evaluation"; the numbers are in status, checked above).
+    assert any(t == "Warning" and r == "RolloutGateFailed" for t, r, _ in _events(qs, "gated")), _events(qs, "gated")
     assert _lora_row(qs, "gated")["ROLLOUT"] == "GateFailed", _lora_row(qs, "gated")
     # The route has the public model but no backend to send it to, for a while (the route re-reads the table, the
     # loaders poll): no loader is ever asked to load the version.
