@@ -22,9 +22,9 @@ the replica it wakes serves the adapter:
 
     request sent (held)   →   its answer
 
-split (`support.e2e_flows.scale_from_zero_breakdown`) into wake (the router's scale-subresource patch, the
-Deployment and ReplicaSet controllers: → pod created), scheduling, process start, vLLM start, adapter load and
-router release, with the router's own `loraplane_router_hold_seconds` for the request (`router_hold_s`). KEDA is
+split (`support.e2e_flows.scale_from_zero_breakdown`) into wake (→ the router's scale-subresource patch),
+replicaset (→ the pod created), scheduling, process start (these four from two `kubectl get -w` watches,
+sub-second), vLLM start, adapter load and router release, with the router's own `loraplane_router_hold_seconds` for the request (`router_hold_s`). KEDA is
 not here: a KEDA route adds one Prometheus scrape and one KEDA poll before `wake` (docs/operations.md).
 
 No target is set by issue 11 for this number: it is printed to be watched. Exit status 0 unless a round failed.
@@ -47,7 +47,7 @@ from support.adapters import write_adapter  # noqa: E402
 from support.e2e import start_plane  # noqa: E402
 from support.e2e_flows import (ARTIFACT_CLAIM, MODEL_CLAIM, RELEASE_NAMESPACE, V120, claim, complete,  # noqa: E402
                                first_token_breakdown, install_chart, router_metrics, router_url,
-                               scale_from_zero_breakdown)
+                               scale_from_zero_breakdown, WakeTimeline)
 from support.kubectl import Kubectl  # noqa: E402
 from loraplane.local.tinymodel import tiny_model_path  # noqa: E402
 
@@ -102,12 +102,14 @@ def from_zero_round(plane, k: Kubectl) -> dict:
     plane.wait(lambda: not any(v for name, v in router_metrics(url).items()
                                if name.startswith("loraplane_router_replica_up")), 60, "the router to see none")
     before = router_metrics(url).get("loraplane_router_hold_seconds_sum", 0.0)
+    timeline = WakeTimeline().watch(k, "bench").start()
     sent_at = time.time()
     code, text = complete(url, "assistant", "what does the cat see?\n", max_tokens=1, timeout=600)
     answered_at = time.time()
+    watched = timeline.stop()
     if code != 200:
         raise RuntimeError(f"the held request was answered {code}: {text}")
-    split = scale_from_zero_breakdown(k, "bench", "bench--1", sent_at, answered_at)
+    split = scale_from_zero_breakdown(k, "bench", "bench--1", sent_at, answered_at, watched)
     split["router_hold_s"] = round(router_metrics(url)["loraplane_router_hold_seconds_sum"] - before, 2)
     return split
 

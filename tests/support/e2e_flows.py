@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from support.chart_rendering import objects
-from support.kubectl import Kubectl
+from support.kubectl import KUBECTL, Kubectl
 from support.paths import ROOT
 
 RELEASE_NAMESPACE = "loraplane-system"
@@ -194,7 +197,7 @@ def first_token_breakdown(kubectl: Kubectl, route: str, served: str, applied_at:
 
 
 def scale_from_zero_breakdown(kubectl: Kubectl, route: str, served: str, sent_at: float,
-                              answered_at: float) -> dict[str, float]:
+                              answered_at: float, watched: dict[str, float] | None = None) -> dict[str, float]:
     """Seconds a request for adapter `served` was held by the router of route `route` at zero replicas, from
     sending it (epoch `sent_at`) to its answer (epoch `answered_at`), split into consecutive phases read from the
     objects of the replica that woke (the first created after `sent_at` whose report says `served` is Ready):
@@ -205,11 +208,19 @@ def scale_from_zero_breakdown(kubectl: Kubectl, route: str, served: str, sent_at
     - `router_release`: → the answer (the router's replica poll finds the adapter Ready, releases the held
       request, vLLM answers it).
 
-    API timestamps have one-second resolution, so each phase is ±1 s; `total` is exact."""
+    API timestamps have one-second resolution, so each phase is ±1 s; `total` is exact. With `watched` (a
+    WakeTimeline's marks) the first phases are sub-second: `wake` ends when the Deployment asks for a replica,
+    `replicaset` when the pod appears, `scheduling` when it has a node, `process_start` when vLLM runs."""
     pod, report = ready_replica(kubectl, route, served, created_after=sent_at - 1)
     marks, steps = replica_marks(pod, report)
-    return _split(sent_at, [("wake", _ts(pod["metadata"]["creationTimestamp"])), *marks,
-                            ("router_release", answered_at)], answered_at, steps)
+    if watched is not None:
+        # Sub-second marks for the steps before vLLM's own start (WakeTimeline), in place of the API's.
+        marks = [("wake", watched.get("woken")), ("replicaset", watched.get("pod_created")),
+                 ("scheduling", watched.get("scheduled")), ("process_start", watched.get("process_start")),
+                 *marks[2:]]
+    else:
+        marks = [("wake", _ts(pod["metadata"]["creationTimestamp"])), *marks]
+    return _split(sent_at, [*marks, ("router_release", answered_at)], answered_at, steps)
 
 
 def ready_replica(kubectl: Kubectl, route: str, served: str, created_after: float = 0,
@@ -287,3 +298,77 @@ def complete_with_headers(url: str, model: str, prompt: str, timeout: float = 60
             return r.status, dict(r.headers), r.read().decode(errors="replace")
     except urllib.error.HTTPError as exc:
         return exc.code, dict(exc.headers), exc.read().decode(errors="replace")[:500]
+
+
+
+class WakeTimeline:
+    """When route `route`'s engine Deployment and its new pods reached each step, as this process saw them
+    through two `kubectl get -w` watches (epoch seconds, sub-second: the API's own timestamps have one-second
+    resolution, too coarse for steps that take milliseconds). `WakeTimeline().watch(kubectl, route).start()` before
+    the request, `stop()` after:
+
+    - `woken`: the Deployment first asks for replicas (the router's scale patch);
+    - `pod_created`: a new engine pod appears (ReplicaSet controller);
+    - `scheduled`: it has a node (kube-scheduler's binding);
+    - `process_start`: its vLLM container runs (the node stand-in started it)."""
+
+    def __init__(self):
+        self.marks: dict[str, float] = {}
+        self._old: set[str] = set()     # pods that existed before start()
+        self._started = False
+        self._procs: list[subprocess.Popen] = []
+
+    def watch(self, kubectl: Kubectl, route: str) -> "WakeTimeline":
+        """Start the two watches (threads feeding `observe`)."""
+        for what in (["deployment", f"{route}-engine"], ["pods", "-l", f"loraplane.io/route={route}"]):
+            argv = [KUBECTL, *(["-n", kubectl.namespace] if kubectl.namespace else []), "get", *what,
+                    "-w", "-o", "json"]
+            proc = subprocess.Popen(argv, env={**os.environ, "KUBECONFIG": str(kubectl.kubeconfig)},
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self._procs.append(proc)
+            threading.Thread(target=self._read, args=(proc,), daemon=True).start()
+        return self
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        """Parse the watch's stream of pretty-printed JSON objects as they come."""
+        decoder, buf = json.JSONDecoder(), ""
+        for line in proc.stdout:
+            buf += line
+            try:
+                obj, end = decoder.raw_decode(buf.lstrip())
+            except ValueError:
+                continue   # the object is not complete yet
+            buf = buf.lstrip()[end:]
+            self.observe(obj, time.time())
+
+    def observe(self, obj: dict, at: float) -> None:
+        """Record the steps `obj` (a Deployment or pod, seen at epoch `at`) shows for the first time."""
+        if obj.get("kind") == "Deployment":
+            if self._started and (obj.get("spec") or {}).get("replicas"):
+                self.marks.setdefault("woken", at)
+            return
+        name = obj["metadata"]["name"]
+        if not self._started:
+            self._old.add(name)
+            return
+        if name in self._old or obj["metadata"].get("deletionTimestamp"):
+            return
+        self.marks.setdefault("pod_created", at)
+        if (obj.get("spec") or {}).get("nodeName"):
+            self.marks.setdefault("scheduled", at)
+        if any(c["name"] == "vllm" and "running" in (c.get("state") or {})
+               for c in (obj.get("status") or {}).get("containerStatuses") or []):
+            self.marks.setdefault("process_start", at)
+
+    def start(self, settle: float = 2.0) -> "WakeTimeline":
+        """Let the watches list what exists now (`settle` seconds: those pods are old), then record."""
+        time.sleep(settle)
+        self._started = True
+        return self
+
+    def stop(self) -> dict[str, float]:
+        """End the watches; the marks recorded (a step never seen is missing)."""
+        for proc in self._procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+        return dict(self.marks)

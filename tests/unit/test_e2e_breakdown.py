@@ -53,3 +53,35 @@ def test_first_token_split_is_unchanged():
     assert split == {"operator": 1.0, "scheduling": 2.0, "process_start": 2.0, "vllm_start": 32.0,
                      "adapter_load": 3.0, "router_ready": 2.0, "total": 42.0, "loader_gate": 0.5, "loader_load": 2.0,
                      "loader_probe": 0.5}
+
+
+def test_wake_timeline_counts_only_pods_after_start_and_first_times():
+    from support.e2e_flows import WakeTimeline
+
+    t = WakeTimeline()
+    dep = {"kind": "Deployment", "spec": {"replicas": 0}}
+    old = {"kind": "Pod", "metadata": {"name": "old"}, "spec": {"nodeName": "n"},
+           "status": {"containerStatuses": [{"name": "vllm", "state": {"running": {}}}]}}
+    t.observe(dep, 1.0)
+    t.observe(old, 1.0)
+    t._started = True
+    t.observe(old, 2.0)                                    # still listed (terminating): not the woken pod
+    t.observe(dep, 3.0)
+    t.observe({**dep, "spec": {"replicas": 1}}, 4.0)
+    new = {"kind": "Pod", "metadata": {"name": "new"}, "spec": {}, "status": {}}
+    t.observe(new, 4.1)
+    t.observe({**new, "spec": {"nodeName": "n"}}, 4.2)
+    t.observe({**new, "spec": {"nodeName": "n"}, "status": {"containerStatuses": [
+        {"name": "loader", "state": {"running": {}}}, {"name": "vllm", "state": {"waiting": {}}}]}}, 4.3)
+    t.observe({**new, "spec": {"nodeName": "n"}, "status": {"containerStatuses": [
+        {"name": "vllm", "state": {"running": {}}}]}}, 4.5)
+    t.observe({**dep, "spec": {"replicas": 1}}, 9.0)
+    assert t.stop() == {"woken": 4.0, "pod_created": 4.1, "scheduled": 4.2, "process_start": 4.5}
+
+
+def test_scale_from_zero_split_with_watched_marks():
+    kubectl = FakeKubectl([pod("new", 102, 103, 105, 140, "load 2.0s")])
+    watched = {"woken": T0 + 100.05, "pod_created": T0 + 100.07, "scheduled": T0 + 100.1, "process_start": T0 + 100.5}
+    split = scale_from_zero_breakdown(kubectl, "r", "a--1", T0 + 100, T0 + 141, watched)
+    assert split == {"wake": 0.05, "replicaset": 0.02, "scheduling": 0.03, "process_start": 0.4, "vllm_start": 37.5,
+                     "adapter_load": 2.0, "router_release": 1.0, "total": 41.0, "loader_load": 2.0}
