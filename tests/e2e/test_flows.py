@@ -329,7 +329,7 @@ def test_scale_from_zero(quickstart):
     node stand-in running vLLM and the loader, and the HPA controller (kube-controller-manager). Absent: a
     metrics API (the HPA cannot read its metric: it must not undo the wake-up, checked below), KEDA and
     Prometheus (the KEDA route's trigger on loraplane_router_held_requests is checked against KEDA's schema
-    only, tests/unit/builders)."""
+    only, tests/unit/builders/test_autoscaling.py)."""
     import threading
 
     qs, k = quickstart, quickstart.kubectl
