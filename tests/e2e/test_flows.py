@@ -15,7 +15,9 @@ loader and router processes in their own network and mount namespaces. The flows
 5. failed candidate (issue 14): a version that fails its smoke test never gets a request;
 6. evaluation gate (issue 14): a version evaluated worse than the base (mustBeatBase) is never loaded;
 7. training preemption: the trainer pod deleted mid-run → the Job's next pod resumes from a checkpoint;
-8. deletion: deleting the ModelRoute and the FineTuneJob leaves no pods, processes or namespaces.
+8. scale from zero: the route HPA-autoscaled and parked at zero; a request is held, the router wakes the
+   Deployment, the request is answered; past router.coldStart.maxWaitSeconds a held request gets 503 + Retry-After;
+9. deletion: deleting the ModelRoute and the FineTuneJob leaves no pods, processes or namespaces.
 
 Each flow prints its wall time; together they must stay within the CI budget (issue 11: 10 minutes on 2 cores).
 
@@ -31,9 +33,9 @@ import time
 
 import pytest
 
-from support.e2e_flows import (ADAPTER_ANSWER, ARTIFACT_CLAIM, MODEL_URI, PROMPTS, QS_NS, complete, condition,
-                               first_token_breakdown, quickstart_docs,
-                         router_url, status_of)
+from support.e2e_flows import (ADAPTER_ANSWER, ARTIFACT_CLAIM, MODEL_URI, PROMPTS, QS_NS, complete,
+                               complete_with_headers, condition, first_token_breakdown, quickstart_docs, router_metrics,
+                               router_url, scale_from_zero_breakdown, status_of, WakeTimeline)
 from support.adapters import write_adapter
 
 # Also marked with what they need (a real API server, vLLM, training), so selections that leave those out (the
@@ -74,8 +76,9 @@ def test_quickstart(quickstart):
     qs, k = quickstart, quickstart.kubectl
     try:
         qs.timings["ftj_ready_s"] = k.wait("condition=Ready", "ftj/quickstart", timeout=420)
-        adapter = k.get("adapter", "quickstart-adapter")
         qs.timings["adapter_ready_s"] = k.wait("condition=Ready", "adapter/quickstart-adapter", timeout=420)
+        # Read once Ready: right after the job's Ready the Adapter may not have its servedName yet.
+        adapter = k.get("adapter", "quickstart-adapter")
         qs.timings["route_ready_s"] = k.wait("condition=Ready", "mr/quickstart", timeout=300)
     except Exception as exc:
         raise AssertionError(f"{exc}\n{qs.diagnostics()}")
@@ -551,6 +554,134 @@ def test_training_preemption(quickstart):
     assert steps[-1] == 400, steps
     print(f"\n[e2e] preemption: steps seen {steps}, newest checkpoint at deletion {at_delete}, "
           f"resumed from {resumed.group(1)}")
+
+
+def _walk(obj):
+    """(key, value) of every mapping entry in a JSON document, at any depth."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            yield key, value
+            yield from _walk(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from _walk(value)
+
+
+def _deploy_replicas(k) -> int | None:
+    return (k.get("deployment", "quickstart-engine").get("spec") or {}).get("replicas")
+
+
+def _scale_to_zero(qs) -> dict:
+    """`kubectl scale deploy/quickstart-engine --replicas=0`, as a user parks a route; returns the route's status
+    once no engine pod is left, the router's poll has seen them gone and the status says so."""
+    k = qs.kubectl
+    k("scale", "deployment/quickstart-engine", "--replicas=0")
+    qs.plane.wait(lambda: not k.get("pods", "-l", "loraplane.io/route=quickstart")["items"], 180,
+                  "no engine pod left")
+    url = router_url(k, "quickstart")
+    qs.plane.wait(lambda: not any(v for n, v in router_metrics(url).items()
+                                  if n.startswith("loraplane_router_replica_up")), 60,
+                  "the router to see no replica up")
+    return qs.plane.wait(lambda: (s := status_of(k, "mr", "quickstart")).get("phase") == "ScaledToZero" and s,
+                         60, "the route's status ScaledToZero")
+
+
+def test_scale_from_zero(quickstart):
+    """Scale from zero through the router (issue 16), on the quickstart's route made HPA-autoscaled
+    (`autoscaling: {backend: hpa, minReplicas: 1, maxReplicas: 2}`) and parked at zero by hand
+    (`kubectl scale deploy/quickstart-engine --replicas=0`): the status says ScaledToZero; a request through the
+    router is held (the router's held gauge says 1, not a 503); the router wakes the Deployment through its scale
+    subresource; a replica starts (scheduler, node stand-in, vLLM, loader); the held request is answered with the
+    adapter's answer; the route is Ready again. Then, parked again with `router.coldStart.maxWaitSeconds: 2`, a
+    request is answered 503 `cold_start_timeout` with Retry-After after about 2 s.
+
+    Real: the router's hold, its wake-up with its own service-account token and Role (get/patch of this one
+    Deployment's scale, enforced by the API server), the Deployment/ReplicaSet controllers, the scheduler, the
+    node stand-in running vLLM and the loader, and the HPA controller (kube-controller-manager). Absent: a
+    metrics API (the HPA cannot read its metric: it must not undo the wake-up, checked below), KEDA and
+    Prometheus (the KEDA route's trigger on loraplane_router_held_requests is checked against KEDA's schema
+    only, tests/unit/builders/test_autoscaling.py)."""
+    import threading
+
+    qs, k = quickstart, quickstart.kubectl
+    served = k.get("adapter", "quickstart-adapter")["status"]["servedName"]
+    k("patch", "mr", "quickstart", "--type=merge", "-p", json.dumps({"spec": {
+        "replicas": None, "autoscaling": {"backend": "hpa", "minReplicas": 1, "maxReplicas": 2}}}))
+    # The router rolls out with --wake-deployment and its Role gains the scale grant.
+    qs.plane.wait(lambda: k.get("hpa")["items"], 60, "the route's HPA")
+    qs.plane.wait(lambda: "--wake-deployment" in json.dumps(k.get("deployment", "quickstart-router")["spec"]),
+                  60, "the router Deployment with --wake-deployment")
+    k("rollout", "status", "deployment/quickstart-router", "--timeout=120s", timeout=150)
+    k.wait("condition=Ready", "mr/quickstart", timeout=180)
+
+    st = _scale_to_zero(qs)
+    ready = condition(st, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ScaledToZero"), st
+    assert "holds up to 100 requests for up to 300 s" in ready["message"], ready
+
+    url = router_url(k, "quickstart")
+    assert url, "the router Service has no ready endpoint at zero replicas"
+    before = router_metrics(url)
+    timeline = WakeTimeline().watch(k, "quickstart").start()
+    result: dict = {}
+
+    def send():
+        result["sent_at"] = time.time()
+        result["answer"] = complete(url, "assistant", PROMPTS[0], timeout=300)
+        result["answered_at"] = time.time()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    held_seen, replicas_seen, wait_to = False, [], time.monotonic() + 300
+    while sender.is_alive() and time.monotonic() < wait_to:
+        held_seen = held_seen or router_metrics(url).get("loraplane_router_held_requests") == 1
+        replicas_seen.append(_deploy_replicas(k))
+        time.sleep(1)
+    sender.join(timeout=5)
+    watched = timeline.stop()
+    assert "answer" in result, f"no answer within 300 s\n{qs.diagnostics()}"
+    code, text = result["answer"]
+    assert code == 200 and text.strip().startswith(ADAPTER_ANSWER), (code, text, qs.diagnostics())
+    assert held_seen, "the request was never counted held by the router"
+    after = router_metrics(url)
+    assert after.get('loraplane_router_scale_wakeups_total{result="scaled"}', 0) >= \
+        before.get('loraplane_router_scale_wakeups_total{result="scaled"}', 0) + 1, after
+    released = (after.get('loraplane_router_held_total{result="released"}', 0)
+                - before.get('loraplane_router_held_total{result="released"}', 0))
+    assert released == 1, after
+    held_s = after["loraplane_router_hold_seconds_sum"] - before.get("loraplane_router_hold_seconds_sum", 0)
+    # Once woken the Deployment stayed at 1: the HPA (no metrics here) neither scaled it back nor up.
+    woke = replicas_seen.index(1) if 1 in replicas_seen else None
+    assert woke is not None and set(replicas_seen[woke:]) == {1}, replicas_seen
+    k.wait("condition=Ready", "mr/quickstart", timeout=120)
+    assert _deploy_replicas(k) == 1
+    # The HPA controller ran all along and could not read its metric (no metrics API here: the events a user sees
+    # with `kubectl describe hpa`); it left the replica count to the router's wake-up (replicas_seen above).
+    events = k.get("events", "--field-selector",
+                   "involvedObject.kind=HorizontalPodAutoscaler,involvedObject.name=quickstart-engine")["items"]
+    hpa_events = sorted({e["reason"] for e in events})
+    assert {"FailedGetPodsMetric", "FailedComputeMetricsReplicas"} & set(hpa_events), hpa_events
+    split = scale_from_zero_breakdown(k, "quickstart", served, result["sent_at"], result["answered_at"], watched)
+    split["router_hold_s"] = round(held_s, 2)
+    print(f"\n[e2e] scale from zero, held request → answer: {json.dumps(split)}")
+    print(f"[e2e] HPA events: {hpa_events}; Deployment replicas seen each second: {replicas_seen}")
+
+    # Past router.coldStart.maxWaitSeconds: 503 cold_start_timeout with Retry-After.
+    k("patch", "mr", "quickstart", "--type=merge", "-p",
+      json.dumps({"spec": {"router": {"coldStart": {"maxWaitSeconds": 2}}}}))
+    def cold_wait() -> float | None:
+        table = json.loads(k.get("configmap", "quickstart-serving")["data"]["serving.json"])
+        found = [v for key, v in _walk(table) if key in ("cold_start_wait_seconds", "coldStartWaitSeconds")]
+        return found[0] if found else None
+
+    qs.plane.wait(lambda: cold_wait() == 2, 60, "the serving table with maxWaitSeconds 2")
+    _scale_to_zero(qs)
+    started = time.monotonic()
+    code, headers, body = complete_with_headers(router_url(k, "quickstart"), "assistant", PROMPTS[0])
+    took = time.monotonic() - started
+    assert code == 503 and "cold_start_timeout" in body, (code, body)
+    assert headers.get("Retry-After") == "15", headers
+    assert 1.5 < took < 10, took
 
 
 def test_deletion(quickstart):

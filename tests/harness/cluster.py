@@ -36,10 +36,12 @@ CONTROLLERS = "garbagecollector,namespace,serviceaccount,serviceaccount-token,jo
 # What a user's cluster runs for our objects (FineTuneJob → Job → Pods + PVC; ModelRoute → Deployment →
 # ReplicaSet → Pods, Services → Endpoints): the e2e control plane. `persistentvolume-binder` binds the claims
 # the node stand-in provisions volumes for; `root-ca-cert-publisher` writes kube-root-ca.crt in every namespace;
-# `nodelifecycle` lifts the not-ready taint the API server puts on new Nodes once they report Ready.
+# `nodelifecycle` lifts the not-ready taint the API server puts on new Nodes once they report Ready;
+# `horizontalpodautoscaling` runs the HPAs of autoscaled routes (without a metrics API here: it must not fight the
+# router's wake-up from zero, tests/e2e/test_flows.py test_scale_from_zero).
 USER_CONTROLLERS = CONTROLLERS + (",endpoint,endpointslice,endpointslicemirroring,statefulset,cronjob,"
                                   "ttl-after-finished,podgc,persistentvolume-binder,pvc-protection,"
-                                  "root-ca-cert-publisher,disruption,nodelifecycle")
+                                  "root-ca-cert-publisher,disruption,nodelifecycle,horizontalpodautoscaling")
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 KUBERNETES_SERVICE_IP = "10.0.0.1"   # the first address of SERVICE_CLUSTER_IP_RANGE: the `kubernetes` Service
 

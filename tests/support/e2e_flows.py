@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from support.chart_rendering import objects
-from support.kubectl import Kubectl
+from support.kubectl import KUBECTL, Kubectl
 from support.paths import ROOT
 
 RELEASE_NAMESPACE = "loraplane-system"
@@ -186,28 +189,67 @@ def first_token_breakdown(kubectl: Kubectl, route: str, served: str, applied_at:
     API timestamps have one-second resolution, so each phase is ±1 s; `total` is exact (the caller's clocks).
     `loader_fetch`/`loader_gate`/`loader_load`/`loader_probe` are the loader's own times of its last attempt
     (the steps it ran: a cached artifact has no fetch)."""
-    import re
-
     dep = kubectl.get("deployment", f"{route}-engine")
+    pod, report = ready_replica(kubectl, route, served)
+    marks, steps = replica_marks(pod, report)
+    return _split(applied_at, [("operator", _ts(dep["metadata"]["creationTimestamp"])), *marks,
+                               ("router_ready", first_token_at)], first_token_at, steps)
 
-    def ready_entry() -> tuple[dict, dict] | None:
-        """(pod, its report's entry for `served`) of the first replica whose relayed report says Ready."""
+
+def scale_from_zero_breakdown(kubectl: Kubectl, route: str, served: str, sent_at: float,
+                              answered_at: float, watched: dict[str, float] | None = None) -> dict[str, float]:
+    """Seconds a request for adapter `served` was held by the router of route `route` at zero replicas, from
+    sending it (epoch `sent_at`) to its answer (epoch `answered_at`), split into consecutive phases read from the
+    objects of the replica that woke (the first created after `sent_at` whose report says `served` is Ready):
+
+    - `wake`: → the engine pod created (the router's scale-subresource wake-up, then the Deployment and
+      ReplicaSet controllers);
+    - `scheduling`, `process_start`, `vllm_start`, `adapter_load`: as in `first_token_breakdown`;
+    - `router_release`: → the answer (the router's replica poll finds the adapter Ready, releases the held
+      request, vLLM answers it).
+
+    API timestamps have one-second resolution, so each phase is ±1 s; `total` is exact. With `watched` (a
+    WakeTimeline's marks) the first phases are sub-second: `wake` ends when the Deployment asks for a replica,
+    `replicaset` when the pod appears, `scheduling` when it has a node, `process_start` when vLLM runs."""
+    pod, report = ready_replica(kubectl, route, served, created_after=sent_at - 1)
+    marks, steps = replica_marks(pod, report)
+    if watched is not None:
+        # Sub-second marks for the steps before vLLM's own start (WakeTimeline), in place of the API's.
+        marks = [("wake", watched.get("woken")), ("replicaset", watched.get("pod_created")),
+                 ("scheduling", watched.get("scheduled")), ("process_start", watched.get("process_start")),
+                 *marks[2:]]
+    else:
+        marks = [("wake", _ts(pod["metadata"]["creationTimestamp"])), *marks]
+    return _split(sent_at, [*marks, ("router_release", answered_at)], answered_at, steps)
+
+
+def ready_replica(kubectl: Kubectl, route: str, served: str, created_after: float = 0,
+                  wait: float = 30) -> tuple[dict, dict]:
+    """(pod, its report's entry for `served`) of the first replica of `route` created after epoch
+    `created_after` whose relayed report (the pod's annotation) says Ready. The operator relays the loader's
+    report every few seconds: it may still show the adapter loading when the router already answers, hence the
+    wait (seconds). AssertionError when none does."""
+    deadline = time.monotonic() + wait
+    while True:
         for p in sorted(kubectl.get("pods", "-l", f"loraplane.io/route={route}")["items"],
                         key=lambda p: p["metadata"]["creationTimestamp"]):
+            if (_ts(p["metadata"]["creationTimestamp"]) or 0) < created_after:
+                continue
             raw = (p["metadata"].get("annotations") or {}).get("loraplane.io/adapters")
             entry = json.loads(raw)["adapters"].get(served) if raw else None
             if entry and entry["state"] == "Ready":
                 return p, entry
-        return None
-
-    # The operator relays the loader's report into the pod annotation every few seconds: it may still show the
-    # adapter loading when the router already answers.
-    deadline = time.monotonic() + 30
-    while (found := ready_entry()) is None and time.monotonic() < deadline:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no replica of {route} reports {served} Ready in its annotation")
         time.sleep(0.5)
-    if found is None:
-        raise AssertionError(f"no replica of {route} reports {served} Ready in its annotation")
-    pod, report = found
+
+
+def replica_marks(pod: dict, report: dict) -> tuple[list[tuple[str, float | None]], dict[str, float]]:
+    """The ends of a replica's start phases as epoch seconds (scheduling: its PodScheduled condition;
+    process_start: vLLM's container started; vllm_start: the loader's load of the adapter began; adapter_load:
+    the report says Ready) and the loader's own step times (fetch/gate/load/probe, from its Ready message)."""
+    import re
+
     scheduled = next(c["lastTransitionTime"] for c in pod["status"]["conditions"] if c["type"] == "PodScheduled")
     vllm = next(c for c in pod["status"]["containerStatuses"] if c["name"] == "vllm")
     started = (vllm["state"].get("running") or {}).get("startedAt") or (vllm.get("lastState", {}).get("running")
@@ -215,14 +257,118 @@ def first_token_breakdown(kubectl: Kubectl, route: str, served: str, applied_at:
     ready_at = _ts(report["since"])
     steps = {k: float(v) for k, v in re.findall(r"(fetch|gate|load|probe) ([0-9.]+)s", report.get("message", ""))}
     load = sum(steps.values())
-    marks = [("operator", _ts(dep["metadata"]["creationTimestamp"])), ("scheduling", _ts(scheduled)),
-             ("process_start", _ts(started)), ("vllm_start", ready_at - load), ("adapter_load", ready_at),
-             ("router_ready", first_token_at)]
-    out, last = {}, applied_at
+    return ([("scheduling", _ts(scheduled)), ("process_start", _ts(started)), ("vllm_start", ready_at - load),
+             ("adapter_load", ready_at)], steps)
+
+
+def _split(start: float, marks: list[tuple[str, float | None]], end: float, steps: dict[str, float]) -> dict:
+    """Consecutive phase lengths from `start` through `marks` (a missing or earlier mark: 0 s), the `total`
+    (`end` - `start`) and the loader's steps as `loader_<step>`."""
+    out, last = {}, start
     for name, at in marks:
         at = max(at or last, last)
         out[name] = round(at - last, 2)
         last = at
-    out["total"] = round(first_token_at - applied_at, 2)
+    out["total"] = round(end - start, 2)
     out.update({f"loader_{k}": v for k, v in steps.items()})   # the loader's own split of adapter_load
     return out
+
+
+def router_metrics(url: str) -> dict[str, float]:
+    """The router's /metrics at `url` (http://<router pod>:8080) as {sample name + labels: value}, e.g.
+    `loraplane_router_held_requests` or `loraplane_router_scale_wakeups_total{result="scaled"}`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    return out
+
+
+def complete_with_headers(url: str, model: str, prompt: str, timeout: float = 60) -> tuple[int, dict, str]:
+    """POST /v1/completions (one greedy token); (HTTP status, response headers, body)."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0}).encode()
+    req = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read().decode(errors="replace")[:500]
+
+
+
+class WakeTimeline:
+    """When route `route`'s engine Deployment and its new pods reached each step, as this process saw them
+    through two `kubectl get -w` watches (epoch seconds, sub-second: the API's own timestamps have one-second
+    resolution, too coarse for steps that take milliseconds). `WakeTimeline().watch(kubectl, route).start()` before
+    the request, `stop()` after:
+
+    - `woken`: the Deployment first asks for replicas (the router's scale patch);
+    - `pod_created`: a new engine pod appears (ReplicaSet controller);
+    - `scheduled`: it has a node (kube-scheduler's binding);
+    - `process_start`: its vLLM container runs (the node stand-in started it)."""
+
+    def __init__(self):
+        self.marks: dict[str, float] = {}
+        self._old: set[str] = set()     # pods that existed before start()
+        self._started = False
+        self._procs: list[subprocess.Popen] = []
+
+    def watch(self, kubectl: Kubectl, route: str) -> "WakeTimeline":
+        """Start the two watches (threads feeding `observe`)."""
+        for what in (["deployment", f"{route}-engine"], ["pods", "-l", f"loraplane.io/route={route}"]):
+            argv = [KUBECTL, *(["-n", kubectl.namespace] if kubectl.namespace else []), "get", *what,
+                    "-w", "-o", "json"]
+            proc = subprocess.Popen(argv, env={**os.environ, "KUBECONFIG": str(kubectl.kubeconfig)},
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self._procs.append(proc)
+            threading.Thread(target=self._read, args=(proc,), daemon=True).start()
+        return self
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        """Parse the watch's stream of pretty-printed JSON objects as they come."""
+        decoder, buf = json.JSONDecoder(), ""
+        for line in proc.stdout:
+            buf += line
+            try:
+                obj, end = decoder.raw_decode(buf.lstrip())
+            except ValueError:
+                continue   # the object is not complete yet
+            buf = buf.lstrip()[end:]
+            self.observe(obj, time.time())
+
+    def observe(self, obj: dict, at: float) -> None:
+        """Record the steps `obj` (a Deployment or pod, seen at epoch `at`) shows for the first time."""
+        if obj.get("kind") == "Deployment":
+            if self._started and (obj.get("spec") or {}).get("replicas"):
+                self.marks.setdefault("woken", at)
+            return
+        name = obj["metadata"]["name"]
+        if not self._started:
+            self._old.add(name)
+            return
+        if name in self._old or obj["metadata"].get("deletionTimestamp"):
+            return
+        self.marks.setdefault("pod_created", at)
+        if (obj.get("spec") or {}).get("nodeName"):
+            self.marks.setdefault("scheduled", at)
+        if any(c["name"] == "vllm" and "running" in (c.get("state") or {})
+               for c in (obj.get("status") or {}).get("containerStatuses") or []):
+            self.marks.setdefault("process_start", at)
+
+    def start(self, settle: float = 2.0) -> "WakeTimeline":
+        """Let the watches list what exists now (`settle` seconds: those pods are old), then record."""
+        time.sleep(settle)
+        self._started = True
+        return self
+
+    def stop(self) -> dict[str, float]:
+        """End the watches; the marks recorded (a step never seen is missing)."""
+        for proc in self._procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+        return dict(self.marks)
