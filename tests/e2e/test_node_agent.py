@@ -425,3 +425,25 @@ def test_headless_service_name_resolves_to_every_ready_pod(e2e_plane, e2e_namesp
         {"name": "c", "image": "python:3.11", "command": ["python3", "-c", resolve]}]))
     wait_phase(e2e_plane, e2e_namespace, "resolver")
     assert e2e_plane.pod_log(e2e_namespace, "resolver", "c").split() == ips
+
+
+def test_a_volume_over_an_ancestor_of_the_checkout_does_not_hide_the_image_environment(e2e_plane, e2e_namespace):
+    """Found by a fresh-clone CI run: the clone lived under /tmp and the chart's operator pod mounts an emptyDir at
+    /tmp, which hid the checkout and its .venv inside the pod (`exec: loraplane: not found`). Wherever the
+    checkout is, a volume mounted over its top-level folder leaves the image table's environment visible, while
+    the volume itself is the pod's own (empty, writable)."""
+    from harness.node import ROOT
+
+    top = "/" + ROOT.resolve().parts[1]       # e.g. /tmp for /tmp/ci/..., /work for /work/main
+    script = (f"import loraplane, pathlib; p = pathlib.Path({top!r}) / 'written-by-pod'; p.write_text('x'); "
+              "print('ok')")
+    api = core(e2e_plane)
+    api.create_namespaced_pod(e2e_namespace, pod_obj("covered", [
+        {"name": "main", "image": "python:3.11", "command": ["python3", "-c", script],
+         "volumeMounts": [{"name": "scratch", "mountPath": top}]}],
+        volumes=[{"name": "scratch", "emptyDir": {}}]))
+    pod = wait_phase(e2e_plane, e2e_namespace, "covered")
+    log = e2e_plane.pod_log(e2e_namespace, "covered", "main")
+    assert pod.status.phase == "Succeeded", log
+    assert log.startswith("ok"), log
+    assert not (Path(top) / "written-by-pod").exists()   # the write went to the pod's emptyDir, not the host

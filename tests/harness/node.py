@@ -110,6 +110,11 @@ TOKEN_SECONDS = 3600
 VENV_BIN = str(Path(sys.executable).parent) if (Path(sys.executable).parent / "activate").exists() \
     else str(ROOT / ".venv" / "bin")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Where the image table's environments live on this machine: the checkout (operator/ and, usually, .venv), the
+# venv wherever it really is, and the base Python the venv points to. A pod's volume mounted over an ancestor of
+# one of them must not hide it (start_container binds them back).
+IMAGE_ROOTS = tuple(dict.fromkeys(str(p) for p in (
+    ROOT.resolve(), Path(VENV_BIN).resolve().parent, Path(sys.base_prefix).resolve())))
 
 
 def _cpu_engine() -> tuple[dict[str, str], list[str]]:
@@ -679,6 +684,7 @@ class PodWorker(threading.Thread):
         stage = self.agent.bridge.state_dir / "stage"
         stage.mkdir(parents=True, exist_ok=True)
         mounts = [(src, dst, ro, Path(src).is_dir()) for src, dst, ro in mounts]
+        hidden_roots: list[tuple[str, str]] = []
         if not any(stage.is_relative_to(dst) for _, dst, _, _ in mounts):
             script.append(f"/usr/bin/mount -t tmpfs -o size=1m loraplane-stage {shlex.quote(str(stage))}")
             staged = []
@@ -688,6 +694,16 @@ class PodWorker(threading.Thread):
                 script.append(f"/usr/bin/mount --bind {shlex.quote(src)} {shlex.quote(tmp)}")
                 staged.append((tmp, dst, ro, is_dir))
             mounts = staged
+            # The image table's environments (the checkout with its .venv, the base Python) must stay visible:
+            # a volume mounted over one of their ancestors (the operator pod's emptyDir at /tmp, with a checkout
+            # under /tmp as in a CI clone) would otherwise hide them and the container would not find its
+            # command ("exec: loraplane: not found"). Each hidden root is staged too and bound back after the
+            # volumes. (Found by a fresh-clone CI run, issue 11.)
+            for i, root in enumerate(r for r in IMAGE_ROOTS if any(Path(r).is_relative_to(d) for _, d, _, _ in mounts)):
+                tmp = str(stage / f"root{i}")
+                script.append(f"mkdir -p {shlex.quote(tmp)}")
+                script.append(f"/usr/bin/mount --rbind {shlex.quote(root)} {shlex.quote(tmp)}")
+                hidden_roots.append((tmp, root))
         for src, dst, ro, is_dir in mounts:
             if is_dir:
                 script.append(f"[ -e {shlex.quote(dst)} ] || mkdir -p {shlex.quote(dst)}")
@@ -698,6 +714,8 @@ class PodWorker(threading.Thread):
             script.append(f"/usr/bin/mount --bind {shlex.quote(src)} {shlex.quote(dst)}")
             if ro:
                 script.append(f"/usr/bin/mount -o remount,bind,ro {shlex.quote(dst)}")
+        for tmp, root in hidden_roots:
+            script.append(f"mkdir -p {shlex.quote(root)} && /usr/bin/mount --rbind {shlex.quote(tmp)} {shlex.quote(root)}")
         workdir = c.spec.get("workingDir") or image.workdir
         script.append(f"mkdir -p {shlex.quote(workdir)} && cd {shlex.quote(workdir)}")
         script.append('exec "$@"')
