@@ -491,7 +491,8 @@ def test_evaluation_gate(quickstart):
       json.dumps({"status": {"provenance": {"evaluation": real}}}))
     try:
         qs.plane.wait(lambda: (s := status_of(k, "adapter", "gated")).get("phase") == "Ready"
-                      and (s.get("rollout") or {}).get("state") == "Promoted", 120, "the version promoted")
+                      and (s.get("rollout") or {}).get("state") in ("Promoted", "Stable"),   # Stable: one reconcile on
+                      120, "the version promoted")
     except TimeoutError as exc:
         raise AssertionError(f"{exc}: {status_of(k, 'adapter', 'gated')}\n{qs.diagnostics()}")
     assert ask(qs, "gated", PROMPTS[0]).strip().startswith(ADAPTER_ANSWER)
