@@ -8,6 +8,8 @@ one request and answers what the router refuses itself.
 
 from __future__ import annotations
 
+import time
+
 import logging
 from typing import TYPE_CHECKING
 
@@ -21,6 +23,10 @@ from loraplane.router.table import BadRequest, read_model, rewrite_model
 
 if TYPE_CHECKING:
     from loraplane.router.server import Router
+
+# How long after a table switch a request may still go to its model's previous backends (seconds): the
+# loaders drain a replaced version for at least 5 s (loader --drain-seconds); the router polls them every 1 s.
+SWITCH_GRACE_S = 5.0
 
 log = logging.getLogger("loraplane.router")
 
@@ -144,6 +150,13 @@ def proxy(router: Router, conn: ClientConnection, req: Request, hold: Hold | Non
             skipped.add(backend)
             backend = route.pick(rng, sticky, skipped)
             replica = pool.choose(backend.served_name) if backend is not None else None
+        if replica is None and router.previous_table is not None \
+                and time.monotonic() - router.replaced_at < SWITCH_GRACE_S:
+            previous = router.previous_table.models.get(model)
+            prev_backend = previous.pick(rng, sticky) if previous is not None else None
+            replica = pool.choose(prev_backend.served_name) if prev_backend is not None else None
+            if replica is not None:
+                backend = prev_backend
         if replica is None:
             if hold is not None:
                 return False   # still cold: stays held until a replica serves it or its time is up

@@ -94,6 +94,12 @@ class Router:
         self.access_log = access_log
         self.rng = rng or random.Random()
         self.table: RoutingTable | None = None
+        # The table before the current one and when it was replaced (monotonic s): for SWITCH_GRACE_S after a
+        # switch, a model whose new backends no replica reports Ready yet (this router's poll of the loaders lags
+        # the table by up to a poll interval) is served by its previous backends, which the loaders keep loaded
+        # (Draining) for at least that long: make-before-break holds at the router too (issue 14).
+        self.previous_table: RoutingTable | None = None
+        self.replaced_at = 0.0
         self.sticky_header_lower: bytes | None = None
         self.max_request_bytes = 4 * 1024 * 1024
         self.timeout_seconds = 600.0
@@ -141,6 +147,8 @@ class Router:
         self.cold_start_wait = rs.cold_start_wait_seconds
         self.cold_start_max = rs.cold_start_max_requests
         self.pool.base_served_name = table.served_model_name
+        if self.table is not None:
+            self.previous_table, self.replaced_at = self.table, time.monotonic()
         self.table = compiled
         self.metrics.table_generation.set(table.generation)
         self.metrics.table_dropped_entries.set(len(compiled.dropped))
