@@ -23,22 +23,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from loraplane.api.paths import ROUTER_PORT
 from loraplane.builders.rollout import Counts, Window
 from loraplane.controllers.reports import pod_address
+from loraplane.storage.httpbody import read_bounded
 
 log = logging.getLogger("loraplane.operator.rollout")
 
 MAX_METRICS_BYTES = 8 * 1024 * 1024
 TIMEOUT_SECONDS = 3.0
-_CHUNK_BYTES = 64 * 1024
 REQUESTS = "loraplane_router_requests"
 DURATION = "loraplane_router_request_duration_seconds"
 TTFT = "loraplane_router_time_to_first_token_seconds"
 
 # One router's reading: served name -> Counts. A reading of several routers: router pod name -> that.
 Reading = dict[str, Counts]
-
-
-class MetricsTooLarge(ValueError):
-    """A router answered more than MAX_METRICS_BYTES."""
 
 
 def parse_router_metrics(text: str, served_names: Iterable[str]) -> Reading:
@@ -92,16 +88,10 @@ def window_between(earlier: dict[str, Reading], later: dict[str, Reading], candi
 
 async def read_metrics(session: aiohttp.ClientSession, url: str) -> str:
     """GET a router's /metrics, at most MAX_METRICS_BYTES. Raises aiohttp.ClientError / asyncio.TimeoutError
-    (unreachable), MetricsTooLarge."""
+    (unreachable), storage.httpbody.BodyTooLarge (a ValueError)."""
     async with session.get(url, allow_redirects=False) as resp:
         resp.raise_for_status()
-        if (resp.content_length or 0) > MAX_METRICS_BYTES:
-            raise MetricsTooLarge(f"{url}: {resp.content_length} bytes")
-        body = bytearray()
-        async for chunk in resp.content.iter_chunked(_CHUNK_BYTES):
-            body += chunk
-            if len(body) > MAX_METRICS_BYTES:
-                raise MetricsTooLarge(f"{url}: more than {MAX_METRICS_BYTES} bytes")
+        body = await read_bounded(resp, MAX_METRICS_BYTES, url)
     return body.decode("utf-8", errors="replace")
 
 
