@@ -129,25 +129,17 @@ class RolloutDefaults(ApiModel):
                                description="How many versions status.history keeps.")
 
 
-class RolloutPolicy(ApiModel):
-    """How a new version of this Adapter goes live (spec.rollout). Without it a new version takes all the traffic
-    as soon as every replica has loaded it."""
+class RolloutPolicy(RolloutDefaults):
+    """How a new version of this Adapter goes live (spec.rollout): the route's defaults' fields plus the ones that
+    name this Adapter's versions. Without it a new version takes all the traffic as soon as every replica has
+    loaded it."""
 
-    gates: RolloutGates | None = None
-    steps: list[RolloutStep] = Field(default_factory=list, max_length=20, description=(
-        "Traffic steps, e.g. 10, 50, 100. Empty: straight to 100 % once the gates pass and the version is loaded. "
-        "An Adapter's first version skips the steps (there is nothing to split with)."))
-    analysis: RolloutAnalysis | None = None
-    manual_promotion: bool = Field(default=False, description="After the last step, wait (state Paused) until "
-                                   "`promote` names the version.")
     promote: str | None = _version("Promote this version now: skips the remaining gates, steps and analysis "
                                    "(it is still loaded on every replica first). Ignored for other versions.")
     abort: str | None = _version("Abort the rollout of this version: all traffic back to the stable version. "
                                  "Ignored for other versions.")
     rollback_to: str | None = _version("Serve this earlier version (from status.history) instead of spec.version; "
                                        "remove it to roll spec.version out again.")
-    history_limit: int = Field(default=DEFAULT_HISTORY_LIMIT, ge=1, le=MAX_HISTORY_LIMIT,
-                               description="How many versions status.history keeps.")
 
 
 class RolloutState(StrEnum):
