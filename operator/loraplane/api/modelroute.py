@@ -31,6 +31,7 @@ from loraplane.api.common import (
     quantity_value,
 )
 from loraplane.api.finetunejob import immutable
+from loraplane.api.orchestration import ContentModelStatus, ContentRoute
 from loraplane.api.pods import PodSettings
 from loraplane.api.rollout import RolloutDefaults
 
@@ -317,6 +318,8 @@ class RouterSpec(ApiModel):
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     timeout_seconds: int = Field(default=600, ge=1, le=86400)
     log_prompts: bool = Field(default=False, description="Log request bodies (off: no prompt contents in logs).")
+    log_decisions: bool = Field(default=False, description=(
+        "Log one line per content-routing decision (model, destination, method, time; never the prompt)."))
     cold_start: ColdStartSpec = Field(default_factory=ColdStartSpec, description=(
         "Requests while no replica is up are held, bounded in number and time (a route at zero replicas "
         "wakes on them); not with fixed replicas: 0."))
@@ -372,6 +375,10 @@ class ModelRouteSpec(ApiModel):
         "Default rollout policy (gates, steps, analysis) for the Adapters this route serves; an Adapter's own "
         "spec.rollout overrides it field by field. An Adapter served by several routes uses the default of the "
         "first of them by name that has one (docs/rollouts.md)."))
+    content_routing: list[ContentRoute] = Field(default_factory=list, max_length=32, description=(
+        "Public models routed by content (e.g. `auto`): each request goes to one of its destinations (public "
+        "models of this route or of routes in the namespace), chosen by rules, a trained classifier or "
+        "semantic similarity, else the default (docs/orchestration.md)."))
 
 
 class BackendStatus(ApiModel):
@@ -414,6 +421,8 @@ class ModelRouteStatus(StatusBase):
     ready_replicas: int | None = None
     endpoint: str | None = Field(default=None, description="OpenAI-compatible base URL of the router.")
     models: list[ServedModel] = Field(default_factory=list)
+    content_models: list[ContentModelStatus] = Field(default_factory=list, description=(
+        "Each spec.contentRouting model, its destinations and whether each is ready."))
 
 
 class ModelRoute(Resource):

@@ -46,6 +46,8 @@ PATTERN_WORDS: dict[str, str] = {
     r"^[A-Za-z_]+$": "a capability name: letters and '_' (e.g. NET_BIND_SERVICE)",
     r"^[a-zA-Z_:][a-zA-Z0-9_:]*$": "a Prometheus metric name: letters, digits, '_' and ':', not starting with a "
                                    "digit (e.g. vllm:num_requests_waiting)",
+    r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$": "a label word: lowercase letters, digits, '-' and '_', starting and "
+                                          "ending with a letter or digit (e.g. sql)",
     DURATION_PATTERN: "a duration: a whole number with the unit s, m or h (e.g. 30s, 5m, 1h)",
 }
 

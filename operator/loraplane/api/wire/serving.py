@@ -22,6 +22,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loraplane.api.common import DNS_NAME
+from loraplane.api.orchestration import ContentModel, ExternalModel
 from loraplane.api.reasons import Reason, quoted_reason, reason_or_unknown
 
 # Re-exported: the keys and ports this contract travels through (defined once in api.keys / api.paths).
@@ -107,6 +108,13 @@ class ServingTable(_Model):
     adapters: list[DesiredAdapter] = Field(default_factory=list)
     models: list[PublicModel] = Field(default_factory=list)
     router: RouterSettings = Field(default_factory=RouterSettings)
+    # Issue 15 (api/orchestration.py): content-routed public models, and the public models of other routes in
+    # the namespace they reach (forwarded to that route's router).
+    content_models: list[ContentModel] = Field(default_factory=list)
+    external_models: list[ExternalModel] = Field(default_factory=list)
+    # The route's metadata.creationTimestamp: the gateway's first-come rule for public names across routes
+    # (api.orchestration.public_name_owners).
+    route_created: str | None = None
 
     @cached_property
     def json_text(self) -> str:
