@@ -17,12 +17,12 @@ import urllib.error
 import urllib.request
 from collections import Counter
 
-import aiohttp
 import pytest
 
 from support.adapters import write_adapter
 from support.loader_run import LoaderRun, desired
 from support.orchestration_data import LABELS, examples, split
+from support.router_running import running_router, table_json
 from support.vllm_server import VllmServer, tiny_route
 from loraplane.api.orchestration import WireDestination
 from loraplane.loader.reconciler import WARMUP_PROMPT
@@ -97,37 +97,42 @@ def test_adapters_on_the_embedding_route_are_refused_and_never_reach_vllm(embedd
     loader.set_table([])
 
 
-def test_a_semantic_index_over_the_tiny_embedding_model_routes_held_out_prompts(embedding_server, loader):
+async def test_a_semantic_index_over_the_tiny_embedding_model_routes_held_out_prompts(embedding_server, loader,
+                                                                                       tmp_path):
+    """Through the route's router (client -> router -> pooling vLLM, the replica's readiness from the loader),
+    as semantic routing reaches another route's embedding model."""
     loader.wait(lambda s: s is not None and s["engine_ready"], timeout=120)
     train, held_out = split()
     destinations = [WireDestination(model=label, examples=examples(label, train)) for label in LABELS]
-    url = embedding_server.base_url + "/v1/embeddings"
+    table = table_json({"embedder": [(embedding_server.served_name, 100)]}, base=embedding_server.served_name)
+    replica = f"{embedding_server.base_url},{loader.url}/status"
+    async with running_router(tmp_path, [replica], table) as (_, client):
+        batches: list[int] = []
 
-    async def run():
-        async with aiohttp.ClientSession() as session:
-            batches: list[int] = []
+        async def embed(texts: list[str]) -> list[list[float]]:
+            batches.append(len(texts))
+            async with client.post("/v1/embeddings", json={"model": "embedder", "input": texts}) as resp:
+                body = await resp.json()
+                assert resp.status == 200, body
+                assert resp.headers["X-Loraplane-Backend"] == embedding_server.served_name
+                return [d["embedding"] for d in sorted(body["data"], key=lambda d: d["index"])]
 
-            async def embed(texts: list[str]) -> list[list[float]]:
-                batches.append(len(texts))
-                async with session.post(url, json={"model": embedding_server.served_name, "input": texts}) as r:
-                    body = await r.json()
-                    assert r.status == 200, body
-                    return [d["embedding"] for d in sorted(body["data"], key=lambda d: d["index"])]
-
-            index = await SemanticIndex.build(destinations, embed)
-            assert max(batches) <= EMBED_BATCH
-            queries = [p.text for p in held_out]
-            return index, [v for i in range(0, len(queries), EMBED_BATCH)
-                           for v in await embed(queries[i:i + EMBED_BATCH])]
-
-    index, vectors = asyncio.run(run())
-    assert len(index) == sum(len(d.examples) for d in destinations)
-
-    # Exact behaviour: a request identical to an example goes to that example's destination, similarity 1.
-    for d in destinations:
-        for text, vector in zip(d.examples, embeddings(embedding_server, d.examples)):
-            model, similarity = index.nearest(vector)
-            assert model == d.model and similarity == pytest.approx(1.0, abs=1e-4), (text, model, similarity)
+        for _ in range(100):   # the router's first poll of the loader's report
+            async with client.post("/v1/embeddings", json={"model": "embedder", "input": ["hi"]}) as resp:
+                if resp.status == 200:
+                    break
+            await asyncio.sleep(0.1)
+        index = await SemanticIndex.build(destinations, embed)
+        assert max(batches) <= EMBED_BATCH and len(index) == sum(len(d.examples) for d in destinations)
+        queries = [p.text for p in held_out]
+        vectors = [v for i in range(0, len(queries), EMBED_BATCH) for v in await embed(queries[i:i + EMBED_BATCH])]
+        # Exact behaviour: a request identical to an example goes to that example's destination, similarity 1.
+        for d in destinations:
+            for text, vector in zip(d.examples, await embed(d.examples)):
+                model, similarity = index.nearest(vector)
+                assert model == d.model and similarity == pytest.approx(1.0, abs=1e-4), (text, model, similarity)
+        # The router relays vLLM's vectors unchanged.
+        assert await embed(queries[:2]) == embeddings(embedding_server, queries[:2])
 
     chosen = [index.nearest(v)[0] for v in vectors]
     right = Counter(p.label for p, c in zip(held_out, chosen) if p.label == c)
