@@ -142,3 +142,24 @@ async def test_a_semantic_index_over_the_tiny_embedding_model_routes_held_out_pr
           f"({sum(right.values())}/{len(held_out)}; per destination "
           + ", ".join(f"{k} {v:.2f}" for k, v in per_label.items()) + f"; chance {1 / len(LABELS):.2f})")
     assert accuracy > 1 / len(LABELS)
+
+
+def test_loraplane_run_serves_an_embedding_route(tiny_model_dir, tmp_path):
+    """The local runner (`loraplane run`) starts an embedding route from the same builders (pooling vLLM, the
+    loader with --engine-task embed, the router) and asks it for embeddings instead of completions."""
+    import io
+
+    from loraplane.local import pipeline
+
+    spec = tmp_path / "embedder.yaml"
+    spec.write_text(json.dumps({
+        "apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute", "metadata": {"name": "embedder"},
+        "spec": {"baseModel": {"uri": str(tiny_model_dir)}, "servedModelName": "tiny-embed", "replicas": 1,
+                 "engine": {"task": "embed", "dtype": "float32", "maxModelLen": 256, "gpus": 0},
+                 "routes": [{"name": "embedder", "backends": [{"base": True}]}]}}))
+    out = io.StringIO()
+    assert pipeline.run(spec, tmp_path / "work", prompts=["where is my order?"], out=out) == 0, out.getvalue()
+    text = out.getvalue()
+    assert re.search(r"embedder → '128 numbers \[", text), text
+    loader_log = (tmp_path / "work" / "routes" / "embedder" / "loader.log").read_text()
+    assert "first embedding took" in loader_log, loader_log[-2000:]
