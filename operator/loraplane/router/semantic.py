@@ -38,6 +38,12 @@ class EmbeddingError(ValueError):
     and counts fallback `unavailable`."""
 
 
+class DimensionMismatch(EmbeddingError):
+    """A vector's length is not the index's dimension: within one build, the embedding model answers
+    inconsistently; for a request, the embedding model changed (another model behind the same public name) since
+    the index was built, so the caller should drop the index and build it again rather than fall back forever."""
+
+
 def as_unit_vector(vector: object, dimension: int | None = None, what: str = "the embedding") -> np.ndarray:
     """`vector` (a JSON-decoded list of numbers) as a float32 unit vector.
 
@@ -51,7 +57,7 @@ def as_unit_vector(vector: object, dimension: int | None = None, what: str = "th
     if len(vector) > MAX_DIMENSION:
         raise EmbeddingError(f"{what} has {len(vector)} numbers, more than the {MAX_DIMENSION} accepted")
     if dimension is not None and len(vector) != dimension:
-        raise EmbeddingError(f"{what} has {len(vector)} numbers where the index's have {dimension}: the "
+        raise DimensionMismatch(f"{what} has {len(vector)} numbers where the index's have {dimension}: the "
                              "embedding model answers inconsistently, or changed since the index was built")
     try:
         # No dtype: numpy infers one, so strings, None, nested lists and bools are told apart from numbers.
@@ -125,7 +131,8 @@ class SemanticIndex:
         cosine similarity (in [-1, 1]); None when the index has no examples. Ties go to the earlier example
         (destination order, then example order), as rules go to the first matching destination.
 
-        Raises EmbeddingError when `vector` is unusable or its dimension is not the index's."""
+        Raises EmbeddingError when `vector` is unusable; DimensionMismatch (an EmbeddingError) when its dimension
+        is not the index's (rebuild the index: the embedding model changed)."""
         if not self.models:
             return None
         v = as_unit_vector(vector, self.dimension, "the request's embedding")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from loraplane.api.orchestration import WireDestination
-from loraplane.router.semantic import (EMBED_BATCH, MAX_DIMENSION, MAX_INDEX_VALUES, EmbeddingError, SemanticIndex,
-                                       as_unit_vector)
+from loraplane.router.semantic import (EMBED_BATCH, MAX_DIMENSION, MAX_INDEX_VALUES, DimensionMismatch, EmbeddingError,
+                                       SemanticIndex, as_unit_vector)
 
 # A toy embedding: fixed vectors per text, so similarities are known exactly.
 VECTORS = {
@@ -135,12 +135,12 @@ async def test_an_unusable_example_embedding_fails_the_build(vector, message):
 
 async def test_dimension_mismatches_are_refused():
     index = await SemanticIndex.build(DESTINATIONS, Recorder())
-    with pytest.raises(EmbeddingError, match="4 numbers where the index's have 3"):
+    with pytest.raises(DimensionMismatch, match="4 numbers where the index's have 3"):
         index.nearest([1.0, 0.0, 0.0, 0.0])
-    with pytest.raises(EmbeddingError, match="2 numbers where the index's have 3"):
+    with pytest.raises(DimensionMismatch, match="2 numbers where the index's have 3"):
         index.nearest([1.0, 0.0])
     inconsistent = Recorder(answer=lambda texts: [[1.0, 0.0] if t == "chat one" else VECTORS[t] for t in texts])
-    with pytest.raises(EmbeddingError, match="example 5 has 2 numbers"):
+    with pytest.raises(DimensionMismatch, match="example 5 has 2 numbers"):
         await SemanticIndex.build(DESTINATIONS, inconsistent)
 
 
