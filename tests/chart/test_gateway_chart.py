@@ -88,3 +88,11 @@ def test_the_chart_gateway_args_are_what_the_router_cli_accepts():
     assert args.gateway and _configure(args) is None
     assert parse_route_selector(args.route_selector) == "tier=prod"
     assert str(args.api_keys_file) == "/etc/loraplane/api-keys" and args.port == 8080
+
+
+def test_notes_say_where_the_gateway_is():
+    from support.chart_rendering import notes
+
+    assert "gateway" not in notes().lower()
+    text = notes({"gateway": {"enabled": True, "namespace": "team-a"}})
+    assert f"http://{RELEASE}-loraplane-gateway.team-a.svc:8080/v1" in text
