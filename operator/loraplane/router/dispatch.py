@@ -134,10 +134,9 @@ def proxy(router: Router, conn: ClientConnection, req: Request, hold: Hold | Non
         return True
     route = table.models.get(model)
     if route is None:
-        ext = table.external.get(model)
-        if ext is not None:   # another route's public model: its router serves it (router/forward.py)
-            forward_external(router, conn, req, model, body, ext)
-            return True
+        external = table.external.get(model)
+        if external is not None:   # another route's public model: its router serves it (router/forward.py)
+            return forward_external(router, conn, req, external, body, hold)
         router.metrics.count_refused(UNKNOWN_MODEL, 404)
         names = table.served_names()
         conn.respond_error(404, f"The model `{model}` does not exist. Served models: {', '.join(names)}",

@@ -25,6 +25,7 @@ from loraplane.router.exchange import Exchange
 from loraplane.router.table import ExternalRoute
 
 if TYPE_CHECKING:
+    from loraplane.router.hold import Hold
     from loraplane.router.server import Router
 
 # Never forwarded as client headers: hop-by-hop headers (RFC 9110 section 7.6.1), those the exchange writes
@@ -85,17 +86,22 @@ def forwarded_headers(router: Router, req: Request) -> bytes:
     return b"".join(parts)
 
 
-def forward_external(router: Router, conn: ClientConnection, req: Request, model: str, body: bytes,
-                     ext: ExternalRoute, extra_headers: bytes = b"") -> None:
-    """Forward one /v1/completions or /v1/chat/completions request for `model` (a name in
-    `router.table.external`, the entry `ext`) to that route's router, `body` sent as given (the client's bytes;
-    content routing passes the body whose `model` it rewrote), with `forwarded_headers` (the client's
-    Authorization, never the engine key). `extra_headers`: header lines (each with CRLF) added to the answer,
-    e.g. a content-routing decision's. Answers the client through the `Exchange`: the other router's answer
-    relayed (its status, body or stream, and its X-Loraplane-Backend/Retry-After/routing headers), 502 when its
-    router cannot be reached or fails before answering, 504 after router.timeoutSeconds. Counted under
-    (model, `route:<route>`). Never resent: the other router does its own retries."""
-    ex = Exchange(router, conn, req, model, ext.backend, ext.replica, body, req.path,
+def forward_external(router: Router, conn: ClientConnection, req: Request, ext: ExternalRoute, body: bytes,
+                     hold: Hold | None = None, extra_headers: bytes = b"") -> bool:
+    """Forward one /v1/completions or /v1/chat/completions request for `ext.name` (an entry of
+    `router.table.external`) to that route's router, `body` sent as given (the client's bytes; content routing
+    passes the body whose `model` it rewrote), with `forwarded_headers` (the client's Authorization, never the
+    engine key). `hold`: the request's Hold when a held request is being released (dispatch.proxy), marked
+    released here. `extra_headers`: header lines (each with CRLF) added to the answer, e.g. a content-routing
+    decision's. Answers the client through the `Exchange`: the other router's answer relayed (its status, body
+    or stream, and its X-Loraplane-Backend/Retry-After/routing headers), 502 when its router cannot be reached or
+    fails before answering, 504 after router.timeoutSeconds. Counted under (ext.name, `route:<route>`). Never
+    resent: the other router does its own retries. Returns True (the request is answered or on its way), as
+    dispatch.proxy does."""
+    if hold is not None:
+        hold.released()
+    ex = Exchange(router, conn, req, ext.name, ext.backend, ext.replica, body, req.path,
                   forward=forwarded_headers(router, req), extra_headers=extra_headers)
     conn.exchange = ex
     ex.start()
+    return True

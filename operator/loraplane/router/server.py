@@ -83,7 +83,9 @@ class Router:
                  connection_class: type[ClientConnection] = ClientConnection):
         self.pool = pool
         # The route's engine key, sent to vLLM on every request as `Authorization: Bearer` (never a client's
-        # key: the client's headers are not forwarded). Raises ValueError for a key that is not one header token.
+        # key: the client's headers are not forwarded to vLLM). Never sent anywhere else: a request forwarded to
+        # another route's router carries the client's own key (router/forward.py). Raises ValueError for a key
+        # that is not one header token.
         self.engine_auth = engine_authorization(engine_key)
         if engine_key:
             pool.engine_headers = {"Authorization": f"Bearer {engine_key}"}
