@@ -225,3 +225,51 @@ async def test_gateway_connections_forward_end_to_end_headers_not_hop_by_hop(tmp
         assert head.lower().count(b"content-length") == 1 and b"route-key" not in head
     finally:
         await a.stop()
+
+
+async def test_a_held_request_whose_model_moved_to_another_route_is_forwarded(tmp_path, capture):
+    """A request held for a cold start (no replica up) whose public model then belongs to another route (the
+    table changed) is released to that route's router, counted as released."""
+    a = await StubReplica("a", adapters={"chat-v1"}, engine_ready=False).start()
+    try:
+        held_table = table_with_external({"chat": "chat-v1"}, {}, cold_start_wait_seconds=20,
+                                         cold_start_max_requests=4)
+        async with running_router(tmp_path, [a.spec], held_table) as (svc, c):
+            pending = asyncio.create_task(c.post("/v1/completions", json={"model": "chat", "prompt": "p"},
+                                                 headers={"Authorization": "Bearer client-secret"}))
+            for _ in range(200):
+                if svc.router.held:
+                    break
+                await asyncio.sleep(0.02)
+            assert svc.router.held
+            moved = json.loads(table_with_external({}, {"chat": ("b", capture.url)}, cold_start_wait_seconds=20,
+                                                   cold_start_max_requests=4))
+            moved["generation"] = 2
+            (tmp_path / "serving.json").write_text(json.dumps(moved))
+            resp = await asyncio.wait_for(pending, 10)
+            assert resp.status == 200 and resp.headers["X-Loraplane-Backend"] == "sql-v2"
+            resp.release()
+            assert not svc.router.held
+            metrics = await (await c.get("/metrics")).text()
+        assert b"Authorization: Bearer client-secret" in capture.received[-1]
+        assert 'loraplane_router_held_total{result="released"} 1.0' in metrics
+    finally:
+        await a.stop()
+
+
+async def test_the_other_routers_refusal_is_relayed_with_its_retry_after(tmp_path):
+    """A 503 of the route's router (no replica ready) reaches the client as it was, Retry-After included, and
+    keeps this router's `route:<route>` backend header (that router named no version)."""
+    body = b'{"error":{"message":"no replica is ready","code":"no_ready_replica"}}'
+    busy = await CaptureRouter(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                               b"Retry-After: 2\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)).start()
+    a = await StubReplica("a").start()
+    try:
+        async with running_router(tmp_path, [a.spec], table_with_external({}, {"sql": ("b", busy.url)})) as (_, c):
+            async with c.post("/v1/completions", json={"model": "sql", "prompt": "p"}) as resp:
+                assert resp.status == 503 and resp.headers["Retry-After"] == "2"
+                assert resp.headers["X-Loraplane-Backend"] == "route:b"
+                assert (await resp.read()) == body
+    finally:
+        await a.stop()
+        await busy.stop()

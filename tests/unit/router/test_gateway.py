@@ -91,3 +91,57 @@ async def test_cli_gateway_argument_rules():
                                                     stderr=asyncio.subprocess.PIPE)
         _, err = await proc.communicate()
         assert proc.returncode == 2 and fragment in err, err
+
+
+class FakeKube:
+    """Stands in for KubeClient: LIST answers from `lists` in turn (an exception is raised), WATCH yields the
+    events put in `events` and then waits."""
+
+    def __init__(self, lists: list):
+        self.lists = lists
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.selectors: list = []
+
+    async def list_with_version(self, api_version, kind, namespace, label_selector=None, **_):
+        self.selectors.append((kind, namespace, label_selector))
+        item = self.lists.pop(0) if len(self.lists) > 1 else self.lists[0]
+        if isinstance(item, Exception):
+            raise item
+        return [dict(o) for o in item], "7"
+
+    async def watch(self, api_version, kind, namespace, label_selector, resource_version, timeout_seconds=300, **_):
+        while True:
+            yield await self.events.get()
+
+
+async def test_the_watch_says_what_rbac_is_missing_then_follows_changes(monkeypatch):
+    from loraplane.kube.client import ApiError
+    from loraplane.router import gateway
+
+    sleeps = []
+    real_sleep = asyncio.sleep
+
+    async def no_sleep(seconds):
+        sleeps.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(gateway.asyncio, "sleep", no_sleep)
+    a = route_obj("a", "2026-01-01T00:00:00Z", ["x"])
+    a["metadata"]["resourceVersion"] = "5"
+    kube = FakeKube([ApiError(403, {"message": "modelroutes is forbidden"}, "list"), [a]])
+    reads = gateway.watch_gateway_table(kube, "team", "tier=prod")
+    first = await asyncio.wait_for(anext(reads), 5)
+    assert first.table is None and "HTTP 403" in first.problem and "get/list/watch on modelroutes" in first.problem
+    second = await asyncio.wait_for(anext(reads), 5)
+    assert [e.name for e in second.table.external_models] == ["x"] and second.table.generation == 1
+    assert kube.selectors[0] == ("ModelRoute", "team", "tier=prod") and sleeps[0] == 1.0
+    # A status-only change that keeps the names yields nothing; a new name yields generation 2.
+    b = route_obj("a", "2026-01-01T00:00:00Z", ["x"], phase="Ready")
+    b["metadata"]["resourceVersion"] = "8"
+    await kube.events.put(("MODIFIED", b))
+    c = route_obj("a", "2026-01-01T00:00:00Z", ["x", "y"])
+    c["metadata"]["resourceVersion"] = "9"
+    await kube.events.put(("MODIFIED", c))
+    third = await asyncio.wait_for(anext(reads), 5)
+    assert [e.name for e in third.table.external_models] == ["x", "y"] and third.table.generation == 2
+    await reads.aclose()
