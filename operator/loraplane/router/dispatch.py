@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from loraplane.router.client_protocol import ClientConnection, Request
 from loraplane.router.exchange import Exchange, ask_for_usage
+from loraplane.router.forward import forward_external
 from loraplane.router.hold import Hold
 from loraplane.router.metrics import NO_BACKEND, UNKNOWN_MODEL
 from loraplane.router.table import BadRequest, read_model, rewrite_model
@@ -119,7 +120,8 @@ def proxy(router: Router, conn: ClientConnection, req: Request, hold: Hold | Non
     The API key and the body size were checked before the body was read (`admit`, `on_body`). Refuses
     with an OpenAI error, before any backend is chosen: 503 without a routing table, 400 for a body
     without a usable `model` (or one that vLLM could read differently: see table.read_model), 404 for
-    a model the route does not serve, 503 (Retry-After: 2) when no backend of the model has a usable
+    a model the route does not serve (a public model of another route, `table.external`, is forwarded to that
+    route's router by `forward.forward_external`, body unchanged), 503 (Retry-After: 2) when no backend of the model has a usable
     replica, unless the router holds it for a cold start (hold.py). Otherwise picks a backend (weights, or
     sticky by the route's header), skipping backends with no usable replica (their weight goes to the
     others), and the least loaded replica that has it Ready.
@@ -138,8 +140,11 @@ def proxy(router: Router, conn: ClientConnection, req: Request, hold: Hold | Non
         return True
     route = table.models.get(model)
     if route is None:
+        external = table.external.get(model)
+        if external is not None:   # another route's public model: its router serves it (router/forward.py)
+            return forward_external(router, conn, req, external, body, hold)
         router.metrics.count_refused(UNKNOWN_MODEL, 404)
-        names = list(table.models)
+        names = table.served_names()
         conn.respond_error(404, f"The model `{model}` does not exist. Served models: {', '.join(names)}",
                            "NotFoundError", "model_not_found", "model", close=close, available_models=names)
         return True
