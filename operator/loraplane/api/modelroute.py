@@ -380,6 +380,33 @@ class ModelRouteSpec(ApiModel):
         "models of this route or of routes in the namespace), chosen by rules, a trained classifier or "
         "semantic similarity, else the default (docs/orchestration.md)."))
 
+    @model_validator(mode="after")
+    def _check_content_routing(self):
+        """Public names across spec.routes and spec.contentRouting (api/orchestration.py): a content model's
+        name is published by nothing else of this route, and a content model sends requests only to served
+        models, never to a content model (no chains: a decision costs at most one method run, and no loop
+        of content models can forward a request forever). Selector-derived names are only known with the
+        Adapters: builders.resolution leaves such a name out with PublicNameConflict."""
+        routes = {r.name: i for i, r in enumerate(self.routes) if r.name}
+        content: dict[str, int] = {}
+        for i, c in enumerate(self.content_routing):
+            if c.name in routes:
+                raise ValueError(f"contentRouting[{i}].name {c.name!r} is also routes[{routes[c.name]}].name: a "
+                                 "public name has one meaning; rename the content-routed model or the route")
+            if c.name in content:
+                raise ValueError(f"contentRouting[{i}].name {c.name!r} is also contentRouting[{content[c.name]}]"
+                                 ".name: give each content-routed model its own name")
+            content[c.name] = i
+        for i, c in enumerate(self.content_routing):
+            for path, name in c.references():
+                if name in content:
+                    raise ValueError(
+                        f"contentRouting[{i}].{path} {name!r} is a content-routed model (contentRouting"
+                        f"[{content[name]}]): content-routed models do not chain; name a served model instead "
+                        "(a spec.routes name, an Adapter's public name, or a model another ModelRoute of the "
+                        "namespace publishes)")
+        return self
+
 
 class BackendStatus(ApiModel):
     """One backend of a public model: the base model or an adapter, its weight and whether it is ready."""
