@@ -1,0 +1,154 @@
+"""builders.orchestration: a route's spec.contentRouting resolved against the ModelRoutes of its namespace (issue 15):
+the wire content models, the external models owned by other routes, ownership across routes (oldest wins),
+missing references and chains. Pure: the other routes are Publications built by hand."""
+
+from __future__ import annotations
+
+from loraplane.api import Adapter, ModelRoute
+from loraplane.api.paths import ROUTER_PORT
+from loraplane.builders.orchestration import (Publication, publication, publication_changes, referenced_names,
+                                              resolve_content)
+from loraplane.builders.resolution import resolve
+
+T1, T2, T3 = "2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z", "2026-01-03T00:00:00Z"
+
+
+def route_body(name="front", created=T2, content=None, routes=None, log_decisions=False) -> dict:
+    return {"apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute",
+            "metadata": {"name": name, "namespace": "team", "creationTimestamp": created, "generation": 1},
+            "spec": {"baseModel": {"name": "org/base"},
+                     "router": {"logDecisions": log_decisions},
+                     "routes": routes if routes is not None else [
+                         {"name": "general", "backends": [{"base": True}]},
+                         {"name": "sql", "backends": [{"adapter": "sql"}]}],
+                     "contentRouting": content or []}}
+
+
+def auto(**extra) -> dict:
+    return {"name": "auto", "default": "general",
+            "methods": ["rules", "classifier", "semantic"],
+            "destinations": [{"model": "sql", "label": "sql", "rules": {"pattern": "(?i)\\bselect\\b"},
+                              "examples": ["count rows per day"]},
+                             {"model": "support", "label": "support", "rules": {"keywords": ["refund"]},
+                              "examples": ["where is my order"]}],
+            "classifier": {"model": "router-clf"}, "semantic": {"embeddingModel": "embed"}, **extra}
+
+
+SQL = Adapter.model_validate({"kind": "Adapter", "metadata": {"name": "sql", "namespace": "team"},
+                              "spec": {"baseModel": {"name": "org/base"}, "source": {"uri": "s3://b/sql"},
+                                       "version": "1", "rank": 8}})
+
+
+def test_names_served_here_stay_local_and_other_routes_names_become_external_models():
+    route = ModelRoute.model_validate(route_body(content=[auto()], log_decisions=True))
+    others = [Publication("support-route", T1, models=(("support", True),)),
+              Publication("classifiers", T3, models=(("router-clf", False),))]
+    res = resolve(route, [SQL], others=others)
+    table = res.table
+    assert table.route_created == T2
+    [cm] = table.content_models
+    assert cm.name == "auto" and cm.default == "general" and cm.log_decisions
+    assert [d.model for d in cm.destinations] == ["sql", "support"]
+    assert cm.destinations[0].rules.pattern == "(?i)\\bselect\\b" and cm.destinations[1].rules.keywords == ["refund"]
+    assert cm.destinations[0].label == "sql" and cm.destinations[0].examples == ["count rows per day"]
+    # The embedding model is nowhere: method semantic is taken out; the classifier (another route's) stays.
+    assert cm.methods == ["rules", "classifier"] and cm.semantic is None and cm.classifier.model == "router-clf"
+    assert [(e.name, e.route, e.url) for e in table.external_models] == [
+        ("router-clf", "classifiers", f"http://classifiers-router.team.svc:{ROUTER_PORT}"),
+        ("support", "support-route", f"http://support-route-router.team.svc:{ROUTER_PORT}")]
+    targets = res.content.targets
+    assert targets["sql"].local and targets["general"].local and targets["sql"].route == "front"
+    assert targets["embed"].missing == "no ModelRoute of the namespace publishes it"
+    assert res.content.missing == {"auto": [("semantic.embeddingModel", "embed")]}
+    assert "semantic.embeddingModel 'embed'" in res.content.missing_message()
+    # The table JSON round-trips (the router reads it with extra=forbid).
+    assert type(table).model_validate_json(table.to_json()) == table
+
+
+def test_the_oldest_route_publishing_a_name_owns_it():
+    route = ModelRoute.model_validate(route_body(content=[auto(methods=["rules"], classifier=None,
+                                                               semantic=None)]))
+    others = [Publication("young", T3, models=(("support", True),)),
+              Publication("old", T1, models=(("support", False),))]
+    res = resolve(route, [SQL], others=others).content
+    assert res.targets["support"].route == "old"
+    assert [e.route for e in res.external] == ["old"]
+
+
+def test_a_name_an_older_route_publishes_is_a_conflict_on_the_later_route_only():
+    later = ModelRoute.model_validate(route_body(created=T2))
+    older = ModelRoute.model_validate(route_body(name="older", created=T1))
+    assert resolve(later, [SQL], others=[Publication("older", T1, models=(("sql", True),))]).content.conflicts == [
+        ("sql", "older")]
+    assert resolve(older, [SQL], others=[Publication("front", T2, models=(("sql", True),))]).content.conflicts == []
+    # A content-routed name counts as published too.
+    content = ModelRoute.model_validate(route_body(content=[auto(methods=["rules"], classifier=None,
+                                                                 semantic=None)]))
+    res = resolve(content, [SQL], others=[Publication("older", T1, content=(("auto", True),))]).content
+    assert res.conflicts == [("auto", "older")]
+    assert "'auto'" in res.conflict_message() and "ModelRoute older" in res.conflict_message()
+
+
+def test_another_routes_content_model_is_not_a_destination_no_chains():
+    route = ModelRoute.model_validate(route_body(content=[auto(methods=["rules"], classifier=None, semantic=None)]))
+    res = resolve(route, [SQL], others=[Publication("b", T1, content=(("support", True),))])
+    assert "content models do not chain" in res.content.targets["support"].missing
+    assert [d.model for d in res.table.content_models[0].destinations] == ["sql"]
+    assert res.table.external_models == []
+
+
+def test_a_content_model_whose_default_nobody_serves_is_left_out_of_the_table():
+    route = ModelRoute.model_validate(route_body(content=[auto(default="nowhere", methods=["rules"],
+                                                               classifier=None, semantic=None)]))
+    res = resolve(route, [SQL], others=[Publication("b", T1, models=(("support", True),))])
+    assert res.table.content_models == [] and res.table.external_models == []
+    assert ("default", "nowhere") in res.content.missing["auto"]
+
+
+def test_a_selector_name_equal_to_a_content_model_name_is_left_out_with_public_name_conflict():
+    routes = [{"name": "general", "backends": [{"base": True}]},
+              {"selector": {"matchLabels": {}}, "prefix": "au"}]
+    to = Adapter.model_validate({"kind": "Adapter", "metadata": {"name": "to", "namespace": "team"},
+                                 "spec": {"baseModel": {"name": "org/base"}, "source": {"uri": "s3://b/to"},
+                                          "version": "1", "rank": 8}})
+    route = ModelRoute.model_validate(route_body(routes=routes, content=[
+        {"name": "auto", "default": "general", "destinations": [{"model": "general"}]}]))
+    res = resolve(route, [to])
+    assert [m.name for m in res.table.models] == ["general"]
+    assert [c.name for c in res.table.content_models] == ["auto"]
+    assert [(c.name, c.kept) for c in res.conflicts] == [("auto", "contentRouting[0] (auto)")]
+
+
+def test_without_content_routing_the_table_has_no_content_or_external_models():
+    route = ModelRoute.model_validate(route_body())
+    res = resolve(route, [SQL], others=[Publication("b", T1, models=(("support", True),))])
+    assert res.table.content_models == [] and res.table.external_models == [] and res.content.missing == {}
+
+
+def test_publication_reads_status_and_tolerates_foreign_shapes():
+    body = {"metadata": {"name": "b", "creationTimestamp": T1},
+            "status": {"models": [{"name": "x", "ready": True}, {"name": "y"}, "junk", {"name": 3}],
+                       "contentModels": [{"name": "auto", "ready": False}]}}
+    p = publication(body)
+    assert p == Publication("b", T1, models=(("x", True), ("y", False)), content=(("auto", False),))
+    assert publication({"metadata": {"name": "c"}, "status": "bad"}) == Publication("c", "")
+    assert p.names() == ["x", "y", "auto"]
+
+
+def test_referenced_names_and_publication_changes():
+    assert referenced_names(route_body(content=[auto()])) == {"sql", "support", "general", "router-clf", "embed"}
+    assert referenced_names(route_body()) == set()
+    assert referenced_names({"spec": {"contentRouting": ["junk", {"destinations": "x", "classifier": 1}]}}) == set()
+    a = Publication("b", T1, models=(("x", True), ("y", False)), content=(("auto", False),))
+    assert publication_changes(a, a) == (set(), set())
+    assert publication_changes(a, Publication("b", T1, models=(("x", False), ("y", False)),
+                                              content=(("auto", True),))) == ({"x"}, set())
+    assert publication_changes(a, Publication("b", T1, models=(("x", True),))) == ({"y", "auto"}, {"y", "auto"})
+    assert publication_changes(None, a) == ({"x", "y", "auto"}, {"x", "y", "auto"})
+
+
+def test_resolve_content_ignores_its_own_publication_among_the_others():
+    route = ModelRoute.model_validate(route_body(content=[auto(methods=["rules"], classifier=None, semantic=None)]))
+    me = Publication("front", T2, models=(("general", True), ("sql", True)), content=(("auto", True),))
+    res = resolve_content(route, ["general", "sql"], [me])
+    assert res.conflicts == [] and res.targets["general"].local
