@@ -700,7 +700,7 @@ class ModelRouteController(Controller):
         out.status = status_patch(current, dump_status(new), OWNED_STATUS)
         old_phase = current.get("phase")
         ready = new.condition(ConditionType.Ready)
-        warn = REPLICA_PROBLEMS + (Reason.SpecImmutable, Reason.PublicNameConflict)
+        warn = REPLICA_PROBLEMS + (Reason.SpecImmutable, Reason.PublicNameConflict, Reason.ContentTargetNotFound)
         if ready and ready.reason in warn and ready_reason(current) != ready.reason:
             out.events.append(Event(EventType.Warning, ready.reason, ready.message))
         elif old_phase != new.phase and new.phase in (ModelRoutePhase.Ready, ModelRoutePhase.Degraded) or (old_phase is None and new.phase):
