@@ -152,3 +152,32 @@ def test_resolve_content_ignores_its_own_publication_among_the_others():
     me = Publication("front", T2, models=(("general", True), ("sql", True)), content=(("auto", True),))
     res = resolve_content(route, ["general", "sql"], [me])
     assert res.conflicts == [] and res.targets["general"].local
+
+
+def test_the_worked_example_of_docs_orchestration_parses_and_every_name_resolves():
+    """docs/orchestration.md: each `assistant` variant parses (schema, CEL and the content-routing rules) and every
+    name its content model sends requests to is served (by itself, or by the `embeddings` route: its own block
+    needs spec.engine.task, another part of issue 15, so it is stood in for by its Publication)."""
+    import re
+
+    import yaml
+
+    from loraplane.api import parse
+    from loraplane.api.modelroute import ModelRouteStatus
+    from support.paths import ROOT
+
+    text = (ROOT / "docs" / "orchestration.md").read_text()
+    docs = [d for block in re.findall(r"```yaml\n(.*?)```", text, re.S) for d in yaml.safe_load_all(block) if d]
+    adapters = [parse(d) for d in docs if d.get("kind") == "Adapter"]
+    routes = [parse(d) for d in docs if d.get("kind") == "ModelRoute" and d["metadata"]["name"] == "assistant"]
+    assert len(adapters) == 2 and len(routes) == 3
+    classifier = Adapter.model_validate({**adapters[0].model_dump(by_alias=True, exclude_none=True),
+                                         "metadata": {"name": "router-classifier", "namespace": "team"}})
+    embeddings = Publication("embeddings", T1, models=(("embed", True),))
+    for r in routes:
+        res = resolve(r, [*adapters, classifier], others=[embeddings])
+        assert res.content.missing == {} and res.content.conflicts == [] and res.conflicts == []
+        assert [m.name for m in res.table.content_models] == ["auto"]
+    assert [e.name for e in resolve(routes[2], adapters, others=[embeddings]).table.external_models] == ["embed"]
+    status = next(d["status"] for d in docs if "status" in d and "kind" not in d)
+    assert ModelRouteStatus.model_validate(status).content_models[0].destinations[0].route == "assistant"
