@@ -181,3 +181,19 @@ def test_the_worked_example_of_docs_orchestration_parses_and_every_name_resolves
     assert [e.name for e in resolve(routes[2], adapters, others=[embeddings]).table.external_models] == ["embed"]
     status = next(d["status"] for d in docs if "status" in d and "kind" not in d)
     assert ModelRouteStatus.model_validate(status).content_models[0].destinations[0].route == "assistant"
+
+
+def test_render_and_validate_resolve_content_routing_against_the_routes_among_the_files():
+    from loraplane.builders import render, route_warnings
+
+    front = ModelRoute.model_validate(route_body(content=[auto(methods=["rules"], classifier=None, semantic=None)]))
+    other = ModelRoute.model_validate(route_body(name="helpdesk", routes=[
+        {"name": "support", "backends": [{"base": True}]}]))
+    cm = next(m for m in render([front, other, SQL]) if m["kind"] == "ConfigMap"
+              and m["metadata"]["name"] == "front-serving")
+    table = type(resolve(front, []).table).model_validate_json(next(iter(cm["data"].values())))
+    assert [(e.name, e.route) for e in table.external_models] == [("support", "helpdesk")]
+    assert route_warnings([front, other, SQL]) == []
+    [warning] = route_warnings([front, SQL])
+    assert warning.startswith("ModelRoute team/front: spec.contentRouting names what no ModelRoute among these files")
+    assert "destinations[1].model 'support'" in warning
