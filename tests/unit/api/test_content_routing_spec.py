@@ -88,3 +88,11 @@ def test_methods_that_could_never_choose_are_refused():
     assert "methods: 'rules' is listed twice" in error([auto(methods=["rules", "rules"])])
     assert "no destination has a `label`" in error([auto(methods=["classifier"], classifier={"model": "c"})])
     assert "no destination has `examples`" in error([auto(methods=["semantic"], semantic={"embeddingModel": "e"})])
+
+
+def test_content_routing_too_large_for_the_serving_table_is_refused():
+    examples = ["x" * 2000] * 256
+    big = [auto(name=f"auto{i}", methods=["semantic"], semantic={"embeddingModel": "e"},
+                destinations=[{"model": "sql", "examples": examples}]) for i in range(1)]
+    msg = error(big)
+    assert "contentRouting is" in msg and "262144-byte budget" in msg and "fewer or shorter" in msg
