@@ -364,6 +364,13 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
     return new
 
 
+def _published_part(body: dict) -> tuple:
+    """The parts of a stored ModelRoute its Publication is read from (builders.orchestration.publication)."""
+    status = body.get("status")
+    status = status if isinstance(status, dict) else {}
+    return ((body.get("metadata") or {}).get("creationTimestamp"), status.get("models"), status.get("contentModels"))
+
+
 def accepted_base(table_json: str | None) -> BaseModelId | None:
     """The base model (identity, revision) a serving table (its ConfigMap's JSON) was written for."""
     if not table_json:
@@ -485,6 +492,8 @@ class ModelRouteController(Controller):
         PublicNameConflict of the later one). Most route events (its replicas' counts, its conditions) change
         neither: one comparison of two Publications, nothing scheduled. A route without contentRouting is only
         looked at for a name that appeared or disappeared."""
+        if old is not None and _published_part(old) == _published_part(obj):
+            return []   # the common case (replica counts, conditions): one comparison, in C
         changed, presence = publication_changes(publication(old) if old is not None else None, publication(obj))
         if not changed:
             return []
