@@ -490,8 +490,9 @@ class ModelRouteController(Controller):
         model whose presence or readiness changed (their table's external models and status.contentModels), and
         those publishing a name that appeared or disappeared here (which route is older and owns it: the
         PublicNameConflict of the later one). Most route events (its replicas' counts, its conditions) change
-        neither: one comparison of two Publications, nothing scheduled. A route without contentRouting is only
-        looked at for a name that appeared or disappeared."""
+        neither: one comparison of the status parts a Publication is read from, nothing scheduled. The other
+        routes are walked only when a name or a readiness changed; a route without contentRouting costs one dict
+        lookup then, and is scheduled only for a name it publishes too that appeared or disappeared."""
         if old is not None and _published_part(old) == _published_part(obj):
             return []   # the common case (replica counts, conditions): one comparison, in C
         changed, presence = publication_changes(publication(old) if old is not None else None, publication(obj))
