@@ -16,7 +16,7 @@ PublicNameConflict), so the table the router gets never holds a duplicate.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from loraplane.api.adapter import Adapter, AdapterPhase
@@ -294,6 +294,27 @@ def resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Verd
             excess -= cost[name]
             if excess <= 0:
                 break
+
+
+def with_others(resolution: Resolution, route: ModelRoute, others: Sequence[Publication],
+                max_bytes: int = TABLE_MAX_BYTES) -> Resolution | None:
+    """`resolution` (of `route`, resolved with any `others`, typically none) with spec.contentRouting resolved
+    again against `others`: the adapters, the public models and their verdicts do not depend on other routes, so
+    only Resolution.content and the table's content and external models are recomputed. The table is the same
+    object when those are unchanged (a route without contentRouting: only its conflicts across routes are new).
+    None when the new table would be over `max_bytes`: `resolve` with `others` then leaves adapters out to fit.
+
+    This is what lets the controller re-resolve a route cheaply when only another route's names changed, instead
+    of matching every selector against every Adapter again."""
+    content = resolve_content(route, [m.name for m in resolution.table.models], others)
+    table = resolution.table
+    if content.models != table.content_models or content.external != table.external_models:
+        # A new table (not model_copy: that would carry over the cached json_text of the old one).
+        table = ServingTable(**{**{k: getattr(table, k) for k in type(table).model_fields},
+                                "content_models": content.models, "external_models": content.external})
+        if len(table.to_json().encode()) > max_bytes:
+            return None
+    return replace(resolution, table=table, content=content)
 
 
 def _resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Verdict],

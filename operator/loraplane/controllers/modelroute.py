@@ -24,7 +24,7 @@ from loraplane.builders import engine_pod
 from loraplane.builders import modelroute as route_builders
 from loraplane.builders.policy import policy_message
 from loraplane.builders.orchestration import Publication, publication, publication_changes, referenced_names
-from loraplane.builders.resolution import Resolution, Verdict, resolve
+from loraplane.builders.resolution import Resolution, Verdict, resolve, with_others
 from loraplane.controllers.base import API, Context, Controller
 from loraplane.controllers.pods import (config_problem, crash_problem, image_pull_problem, pod_name, pod_ready,
                                         pods_refused, replica_report, unschedulable)
@@ -447,6 +447,8 @@ class ModelRouteController(Controller):
         self._accepted: dict[tuple[str, str, str], BaseModelId] = {}
         self._resolutions: dict[Key, Resolution] = {}
         self._resolved: dict[Key, tuple[tuple, dict[str, Verdict], Resolution]] = {}  # observe's resolve() memo
+        # observe's with_others() memo: (the resolve() memo's Resolution, the other routes' names, the result).
+        self._with_others: dict[Key, tuple[Resolution, tuple, Resolution]] = {}
         self._selected: dict[Key, dict[str, Verdict]] = {}
         self._held: dict[Key, dict[str, Verdict]] = {}   # Resolution.held of the table each route serves
         self._applied: dict[Key, tuple] = {}
@@ -532,8 +534,8 @@ class ModelRouteController(Controller):
 
     def forget(self, key: Key) -> None:
         """Drop what was remembered about a deleted route and its children."""
-        for memory in (self._resolutions, self._resolved, self._selected, self._applied, self._engine_hash,
-                       self._router_hash, self._held):
+        for memory in (self._resolutions, self._resolved, self._with_others, self._selected, self._applied,
+                       self._engine_hash, self._router_hash, self._held):
             memory.pop(key, None)
         if not self.store.keys_in(key[0]):
             self._publications.pop(key[0], None)
@@ -565,16 +567,25 @@ class ModelRouteController(Controller):
         # version of the namespace) and the rejections: most reconciles (a pod, a Deployment, the route's own
         # status) change none of them, so the last one is reused instead of matching every selector against
         # every Adapter again (the largest cost of a reconcile with 1,000 Adapters).
-        # The other routes of the namespace: what they publish (names for ownership and content routing, their
-        # readiness for status.contentModels). The table depends on their names only, so the memo does too.
-        others = [p for p in self.publications(ns) if p.route != name]
-        memo = (uid, route.metadata.generation, self.stores.Adapter.version(ns), tuple(p.naming for p in others))
+        memo = (uid, route.metadata.generation, self.stores.Adapter.version(ns))
         hit = self._resolved.get(key)
         if hit is not None and hit[0] == memo and hit[1] == rejected:
-            resolution = hit[2]
+            base = hit[2]
         else:
-            resolution = resolve(route, adapters, rejected, others=others)
-            self._resolved[key] = (memo, rejected, resolution)
+            base = resolve(route, adapters, rejected)
+            self._resolved[key] = (memo, rejected, base)
+        # The other routes of the namespace: what they publish (names for ownership and content routing, their
+        # readiness for status.contentModels). Only the content part of the resolution depends on them, and on
+        # their names only: it is redone on top of the memo above when those change (`with_others`), without
+        # matching the selectors again; its table is the memo's own object while its content part is unchanged.
+        others = [p for p in self.publications(ns) if p.route != name]
+        naming = tuple(p.naming for p in others)
+        hit2 = self._with_others.get(key)
+        if hit2 is not None and hit2[0] is base and hit2[1] == naming:
+            resolution = hit2[2]
+        else:
+            resolution = with_others(base, route, others) or resolve(route, adapters, rejected, others=others)
+            self._with_others[key] = (base, naming, resolution)
 
         def own(obj: dict | None) -> dict | None:
             # Found by computed name: only this route's (controller ownerReference = its uid) counts; another

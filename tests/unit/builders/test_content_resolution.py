@@ -197,3 +197,22 @@ def test_render_and_validate_resolve_content_routing_against_the_routes_among_th
     [warning] = route_warnings([front, SQL])
     assert warning.startswith("ModelRoute team/front: spec.contentRouting names what no ModelRoute among these files")
     assert "destinations[1].model 'support'" in warning
+
+
+def test_with_others_redoes_only_the_content_part_and_keeps_the_table_when_it_is_unchanged():
+    from loraplane.builders.resolution import with_others
+
+    route = ModelRoute.model_validate(route_body(content=[auto(methods=["rules"], classifier=None, semantic=None)]))
+    base = resolve(route, [SQL])
+    others = [Publication("b", T1, models=(("support", True),))]
+    full = resolve(route, [SQL], others=others)
+    redone = with_others(base, route, others)
+    assert redone.table == full.table and redone.table.to_json() == full.table.to_json()
+    assert redone.content.targets == full.content.targets and redone.selected == base.selected
+    # Nothing of the content part changes: the very same table object (its JSON is not rebuilt).
+    plain = ModelRoute.model_validate(route_body())
+    plain_base = resolve(plain, [SQL])
+    conflicted = with_others(plain_base, plain, [Publication("b", T1, models=(("sql", True),))])
+    assert conflicted.table is plain_base.table and conflicted.content.conflicts == [("sql", "b")]
+    # Over the byte budget with the external models: None (resolve with others leaves adapters out instead).
+    assert with_others(base, route, others, max_bytes=len(base.table.to_json())) is None

@@ -128,7 +128,7 @@ def test_public_name_conflict_lands_on_the_later_route_only_naming_the_name_and_
     assert ready_of(older)["reason"] == Reason.Ready
 
 
-def test_observe_resolves_again_on_another_routes_names_not_on_its_readiness(monkeypatch):
+def test_observe_redoes_only_the_content_part_on_another_routes_names_and_nothing_on_its_readiness(monkeypatch):
     from loraplane.controllers import modelroute as mr
 
     calls = []
@@ -149,7 +149,13 @@ def test_observe_resolves_again_on_another_routes_names_not_on_its_readiness(mon
     again = observe()
     assert len(calls) == 1 and again.others[0].models == (("support", True),)   # readiness: status only
     ctl.stores.ModelRoute.put(body("support-route", T1, rv="3", status={"models": [{"name": "help", "ready": True}]}))
-    assert observe().resolution.table.external_models == [] and len(calls) == 2   # a name went away
+    third = observe()
+    # A name went away: the content part is redone on the memo (no selector matched again), into a new table.
+    assert third.resolution.table.external_models == [] and len(calls) == 1
+    assert third.resolution.table is not first.resolution.table
+    assert third.resolution.content.targets["support"].missing
+    ctl.stores.ModelRoute.put(body("support-route", T1, rv="4", status={"models": [{"name": "help", "ready": False}]}))
+    assert observe().resolution is third.resolution                               # readiness only: reused
 
 
 def test_a_routes_change_schedules_only_the_routes_it_concerns():
