@@ -268,7 +268,10 @@ class WireSemantic(_Wire):
 
 
 class ContentModel(_Wire):
-    """One content-routed public model (ServingTable.content_models[])."""
+    """One content-routed public model (ServingTable.content_models[]). Every name it references (default,
+    destinations, classifier, embedding model) is one of the table's `models` or `external_models`: the operator
+    leaves out a destination nobody serves, takes a method out of `methods` when its classifier or embedding model
+    is served by nobody, and leaves the whole content model out when its default is (builders.orchestration)."""
 
     name: str
     default: str

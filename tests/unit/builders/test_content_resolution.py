@@ -61,6 +61,9 @@ def test_names_served_here_stay_local_and_other_routes_names_become_external_mod
     assert targets["embed"].missing == "no ModelRoute of the namespace publishes it"
     assert res.content.missing == {"auto": [("semantic.embeddingModel", "embed")]}
     assert "semantic.embeddingModel 'embed'" in res.content.missing_message()
+    # The wire invariant the router relies on: every name a content model references is in the table.
+    known = {m.name for m in table.models} | {e.name for e in table.external_models}
+    assert {cm.default, *(d.model for d in cm.destinations), cm.classifier.model} <= known
     # The table JSON round-trips (the router reads it with extra=forbid).
     assert type(table).model_validate_json(table.to_json()) == table
 
@@ -216,3 +219,40 @@ def test_with_others_redoes_only_the_content_part_and_keeps_the_table_when_it_is
     assert conflicted.table is plain_base.table and conflicted.content.conflicts == [("sql", "b")]
     # Over the byte budget with the external models: None (resolve with others leaves adapters out instead).
     assert with_others(base, route, others, max_bytes=len(base.table.to_json())) is None
+
+
+def test_the_wire_invariant_holds_for_any_mix_of_local_external_missing_and_chained_names():
+    """Seeded random specs and namespaces: resolution never raises, every name a wire content model references is
+    in the table (models or external_models), each external model is owned by the oldest route publishing it, and a
+    content model is in the table exactly when its default resolves."""
+    import random
+
+    rnd = random.Random(15)
+    pool = ["general", "sql", "support", "clf", "embed", "x1", "x2", "other-auto"]
+    for _ in range(150):
+        dests = [{"model": m, "label": f"l{i}", "examples": ["e"]} for i, m in enumerate(rnd.sample(pool, 3))]
+        content = [{"name": "auto", "default": rnd.choice(pool), "methods": ["rules", "classifier", "semantic"],
+                    "classifier": {"model": rnd.choice(pool)}, "semantic": {"embeddingModel": rnd.choice(pool)},
+                    "destinations": dests}]
+        route = ModelRoute.model_validate(route_body(content=content))
+        others = []
+        for i in range(rnd.randint(0, 3)):
+            names = rnd.sample(pool, 2)
+            others.append(Publication(f"r{i}", rnd.choice([T1, T3]), models=((names[0], rnd.random() < .5),),
+                                      content=((names[1], True),) if rnd.random() < .3 else ()))
+        res = resolve(route, [SQL], others=others)
+        table = res.table
+        known = {m.name for m in table.models} | {e.name for e in table.external_models}
+        for cm in table.content_models:
+            refs = {cm.default, *(d.model for d in cm.destinations)}
+            refs |= {cm.classifier.model} if cm.classifier else set()
+            refs |= {cm.semantic.embedding_model} if cm.semantic else set()
+            assert refs <= known
+            assert (cm.classifier is not None) == ("classifier" in cm.methods)
+            assert (cm.semantic is not None) == ("semantic" in cm.methods)
+        for e in table.external_models:
+            publishers = sorted((p.created, p.route) for p in others if e.name in dict(p.models)
+                                or e.name in dict(p.content))
+            assert e.route == publishers[0][1]
+        assert bool(table.content_models) == (res.content.targets[content[0]["default"]]
+                                              .missing is None)
