@@ -6,7 +6,7 @@ import re
 from enum import StrEnum
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, TypeAdapter, model_validator
 
 from loraplane.api.adapter import SERVED_NAME_SEPARATOR
 from loraplane.api.common import (
@@ -347,6 +347,12 @@ class RouterSpec(ApiModel):
         "Settings of the router pods over the chart's childPods defaults (the same fields as engine.pod)."))
 
 
+# spec.contentRouting travels in the serving table (one ConfigMap, at most 1 MiB with every adapter's entry): its
+# JSON gets at most this much of it, so examples can never push the route's adapters out of the table.
+CONTENT_ROUTING_MAX_BYTES = 256 * 1024
+_CONTENT_ROUTES = TypeAdapter(list[ContentRoute])
+
+
 class ModelRouteSpec(ApiModel):
     """What a ModelRoute asks for: the base model, its vLLM engine and replicas, public routes and the router."""
 
@@ -403,6 +409,40 @@ class ModelRouteSpec(ApiModel):
         "Public models routed by content (e.g. `auto`): each request goes to one of its destinations (public "
         "models of this route or of routes in the namespace), chosen by rules, a trained classifier or "
         "semantic similarity, else the default (docs/orchestration.md)."))
+
+    @model_validator(mode="after")
+    def _check_content_routing(self):
+        """Public names across spec.routes and spec.contentRouting (api/orchestration.py): a content model's
+        name is published by nothing else of this route, and a content model sends requests only to served
+        models, never to a content model (no chains: a decision costs at most one method run, and no loop
+        of content models can forward a request forever). Selector-derived names are only known with the
+        Adapters: builders.resolution leaves such a name out with PublicNameConflict."""
+        if self.content_routing:
+            size = len(_CONTENT_ROUTES.dump_json(self.content_routing, exclude_none=True))
+            if size > CONTENT_ROUTING_MAX_BYTES:
+                raise ValueError(
+                    f"contentRouting is {size} bytes as JSON, over the {CONTENT_ROUTING_MAX_BYTES}-byte budget it "
+                    "has in the route's serving table (one ConfigMap of at most 1 MiB, shared with the adapters): "
+                    "use fewer or shorter destinations[].examples, keywords or patterns")
+        routes = {r.name: i for i, r in enumerate(self.routes) if r.name}
+        content: dict[str, int] = {}
+        for i, c in enumerate(self.content_routing):
+            if c.name in routes:
+                raise ValueError(f"contentRouting[{i}].name {c.name!r} is also routes[{routes[c.name]}].name: a "
+                                 "public name has one meaning; rename the content-routed model or the route")
+            if c.name in content:
+                raise ValueError(f"contentRouting[{i}].name {c.name!r} is also contentRouting[{content[c.name]}]"
+                                 ".name: give each content-routed model its own name")
+            content[c.name] = i
+        for i, c in enumerate(self.content_routing):
+            for path, name in c.references():
+                if name in content:
+                    raise ValueError(
+                        f"contentRouting[{i}].{path} {name!r} is a content-routed model (contentRouting"
+                        f"[{content[name]}]): content-routed models do not chain; name a served model instead "
+                        "(a spec.routes name, an Adapter's public name, or a model another ModelRoute of the "
+                        "namespace publishes)")
+        return self
 
 
 class BackendStatus(ApiModel):

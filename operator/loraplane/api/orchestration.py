@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, ClassVar, Iterable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from loraplane.api.common import ApiModel, CelRule
 from loraplane.api.paths import ROUTER_PORT
@@ -56,6 +56,30 @@ FALLBACK_HEADER = "X-Loraplane-Routing-Fallback"
 # What the router reads from a request to decide: the last user message (chat) or the prompt (completions),
 # cut to this many characters (bounded work per request whatever the body size).
 MAX_DECISION_TEXT_CHARS = 4096
+
+
+# RE2's program memory per rule pattern (bytes), as the loader gate bounds its target_modules patterns: a pattern
+# cannot blow up the memory of the operator (which compiles it to validate) or of the router (which runs it).
+PATTERN_MAX_MEM = 8 << 20
+
+
+def compile_pattern(pattern: str):
+    """The RE2 program of a rule's `pattern` (google-re2: linear-time matching, no backreferences or lookaround,
+    program memory bounded at PATTERN_MAX_MEM), with the options the router matches it with. Raises ValueError
+    saying why RE2 refuses it. The API validates spec patterns with it, so a pattern the router cannot run never
+    reaches a serving table."""
+    import re2   # late import: only a spec with a pattern needs it (google-re2 is a dependency of the package)
+
+    options = re2.Options()
+    options.log_errors = False
+    options.max_mem = PATTERN_MAX_MEM
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as exc:
+        detail = exc.args[0] if exc.args else exc
+        if isinstance(detail, bytes):
+            detail = detail.decode(errors="replace")
+        raise ValueError(f"RE2 refuses it ({detail})") from None
 
 
 def classifier_prompt(text: str) -> str:
@@ -88,6 +112,18 @@ class RuleMatch(ApiModel):
         "The request text has at least this many tokens (counted by the route's vLLM /tokenize, the engine's "
         "own tokenizer; costs one round trip, only when set)."))
     max_prompt_tokens: int | None = Field(default=None, ge=0, description="At most this many tokens (see above).")
+
+    @field_validator("pattern")
+    @classmethod
+    def _check_pattern(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                compile_pattern(pattern)
+            except ValueError as exc:
+                raise ValueError(f"{pattern[:80]!r} is not a pattern the router can run: {exc}; write it in RE2 "
+                                 "syntax (https://github.com/google/re2/wiki/Syntax: no backreferences, no "
+                                 "lookahead or lookbehind)") from None
+        return pattern
 
     @field_validator("headers")
     @classmethod
@@ -157,6 +193,42 @@ class ContentRoute(ApiModel):
     classifier: ClassifierSpec | None = None
     semantic: SemanticSpec | None = None
 
+    @model_validator(mode="after")
+    def _check_destinations(self):
+        # Each message names the field and the fix (a ModelRouteSpec rule adds the names across content models).
+        seen: set[str] = set()
+        for m in self.methods:
+            if m in seen:
+                raise ValueError(f"methods: {m!r} is listed twice; list each method once, in the order to try them")
+            seen.add(m)
+        labels: dict[str, int] = {}
+        for i, d in enumerate(self.destinations):
+            if d.label is None:
+                continue
+            if d.label in labels:
+                raise ValueError(f"destinations[{i}].label {d.label!r} is also destinations[{labels[d.label]}]."
+                                 "label: the classifier's answer must name one destination; give each a different "
+                                 "label")
+            labels[d.label] = i
+        if "classifier" in self.methods and not labels:
+            raise ValueError("methods has `classifier` but no destination has a `label` (the classifier could "
+                             "never choose one): set destinations[].label to the labels it was trained on")
+        if "semantic" in self.methods and not any(d.examples for d in self.destinations):
+            raise ValueError("methods has `semantic` but no destination has `examples` (nothing to compare a "
+                             "request with): add example prompts to destinations[].examples")
+        return self
+
+    def references(self) -> list[tuple[str, str]]:
+        """Every public model this content model sends requests to, as (field path under the content route,
+        name), in spec order: each destination, the default, the classifier and the embedding model."""
+        out = [(f"destinations[{i}].model", d.model) for i, d in enumerate(self.destinations)]
+        out.append(("default", self.default))
+        if self.classifier is not None:
+            out.append(("classifier.model", self.classifier.model))
+        if self.semantic is not None:
+            out.append(("semantic.embeddingModel", self.semantic.embedding_model))
+        return out
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Wire (ServingTable.content_models / external_models): snake_case JSON, like the rest of the serving table.
@@ -197,7 +269,10 @@ class WireSemantic(_Wire):
 
 
 class ContentModel(_Wire):
-    """One content-routed public model (ServingTable.content_models[])."""
+    """One content-routed public model (ServingTable.content_models[]). Every name it references (default,
+    destinations, classifier, embedding model) is one of the table's `models` or `external_models`: the operator
+    leaves out a destination nobody serves, takes a method out of `methods` when its classifier or embedding model
+    is served by nobody, and leaves the whole content model out when its default is (builders.orchestration)."""
 
     name: str
     default: str
@@ -222,12 +297,14 @@ class ExternalModel(_Wire):
 
 
 class ContentDestinationStatus(ApiModel):
-    """One destination of a content-routed model and whether it can serve."""
+    """One public model a content-routed model sends requests to and whether it can serve."""
 
     model: str
     route: str | None = Field(default=None, description="The ModelRoute publishing it (None: not found).")
     ready: bool = False
-    reason: str | None = None
+    reason: str | None = Field(default=None, description=(
+        "Why it is not ready: the owning route's backend reason (e.g. NotLoaded), ModelsNotReady for another "
+        "route's model, or ContentTargetNotFound when no route of the namespace publishes it."))
 
 
 class ContentModelStatus(ApiModel):
@@ -237,7 +314,12 @@ class ContentModelStatus(ApiModel):
     ready: bool = Field(default=False, description="The default destination can serve.")
     default: str
     methods: list[str] = Field(default_factory=list)
-    destinations: list[ContentDestinationStatus] = Field(default_factory=list)
+    destinations: list[ContentDestinationStatus] = Field(default_factory=list, description=(
+        "Each destination model once, in spec order, then the default when it is no destination."))
+    classifier: ContentDestinationStatus | None = Field(default=None, description=(
+        "The classifier model (method `classifier`); when it cannot serve, the default serves."))
+    embedding_model: ContentDestinationStatus | None = Field(default=None, description=(
+        "The embedding model (method `semantic`); when it cannot serve, the default serves."))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -452,11 +452,24 @@ class Reason(StrEnum):
         "`spec.router.replicas` is 0: no router pod serves `status.endpoint` (the engine replicas may be up).",
         "Set `spec.router.replicas` to 1 or more to serve the route.", IDLE)
     PublicNameConflict = ("PublicNameConflict", ROUTE,
-        "Two sources of one ModelRoute publish the same public model name (a route's `name` and a selector's "
-        "`prefix` + Adapter name, or two selectors); the message names both. The later source is left out of the "
-        "serving table: an explicit route (with `backends`) wins over a selector, an earlier route over a later "
-        "one. Every other name is served.",
-        "Rename the route, change the selector route's `prefix`, or narrow its selector so the names differ.", STALLED)
+        "Two sources publish the same public model name; the message names the name and both sources. Within one "
+        "ModelRoute (a route's `name`, a contentRouting name and a selector's `prefix` + Adapter name, or two "
+        "selectors) the later source is left out of the serving table: an explicit route (with `backends`) or a "
+        "content-routed model wins over a selector, an earlier route over a later one. Across the ModelRoutes of "
+        "a namespace the oldest route (metadata.creationTimestamp) owns the name: this later route keeps serving "
+        "it on its own endpoint, but the namespace's gateway and other routes' content routing send that name to "
+        "the older route. Every other name is served.",
+        "Rename the route or content-routed model, change the selector route's `prefix`, or narrow its selector "
+        "so the names differ.", STALLED)
+    ContentTargetNotFound = ("ContentTargetNotFound", f"{ROUTE}; status.contentModels[].destinations[].reason",
+        "A spec.contentRouting model sends requests to a public model (a destination, the default, the classifier "
+        "or the embedding model) that no ModelRoute of the namespace serves: neither this route nor another one "
+        "publishes it (their status.models), or the route that does publishes it as a content-routed model "
+        "itself (content models do not chain). The content model serves with what it has: a destination that is "
+        "missing is never chosen, a missing classifier or embedding model makes that method fall back to the "
+        "default; with the default missing it cannot serve (status.contentModels[].ready false).",
+        "Fix the name in spec.contentRouting (`kubectl get modelroutes -o yaml` lists each route's status.models), "
+        "or create the ModelRoute or Adapter that publishes it.", STALLED)
     ModelsNotReady = ("ModelsNotReady", ROUTE,
         "Replicas are up but some public models have no ready backend; the message lists "
         "them.", "Look at each named Adapter's Ready condition.", RECONCILING)

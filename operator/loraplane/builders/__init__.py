@@ -9,35 +9,52 @@ from loraplane.api import Adapter, FineTuneJob, ModelRoute, Resource
 from loraplane.api.reasons import Reason
 from loraplane.builders import finetunejob, modelroute
 from loraplane.builders.common import Manifest
+from loraplane.builders.orchestration import Publication, route_created
 from loraplane.builders.resolution import Resolution, resolve
 from loraplane.builders.settings import BuildSettings
 
 
-def route_resolution(route: ModelRoute, adapters: list[Adapter]) -> Resolution:
-    """`resolve` against only the Adapters in the route's namespace (a route never serves another's)."""
+def route_resolution(route: ModelRoute, adapters: list[Adapter],
+                     routes: list[ModelRoute] | None = None) -> Resolution:
+    """`resolve` against only the Adapters in the route's namespace (a route never serves another's), and its
+    spec.contentRouting against the other `routes` of its namespace (what each would publish, resolved against
+    the same Adapters; ready as far as files can tell)."""
     ns = route.metadata.namespace or "default"
-    return resolve(route, [a for a in adapters if (a.metadata.namespace or "default") == ns])
+    mine = [a for a in adapters if (a.metadata.namespace or "default") == ns]
+    others = []
+    if route.spec.content_routing:
+        for other in routes or []:
+            if (other.metadata.namespace or "default") != ns or other.metadata.name == route.metadata.name:
+                continue
+            table = resolve(other, mine).table
+            others.append(Publication(other.metadata.name or "", route_created(other),
+                                      models=tuple((m.name, True) for m in table.models),
+                                      content=tuple((c.name, True) for c in table.content_models)))
+    return resolve(route, mine, others=others)
 
 
 def render(resources: list[Resource], settings: BuildSettings = BuildSettings()) -> list[Manifest]:
     """The children of every FineTuneJob and ModelRoute in `resources`. A ModelRoute's serving table is
     resolved against the Adapters among `resources` (the operator uses those of the namespace)."""
     adapters = [r for r in resources if isinstance(r, Adapter)]
+    routes = [r for r in resources if isinstance(r, ModelRoute)]
     out: list[Manifest] = []
     for r in resources:
         if isinstance(r, FineTuneJob):
             out += finetunejob.children(r, settings)
         elif isinstance(r, ModelRoute):
-            out += modelroute.children(r, route_resolution(r, adapters).table, settings)
+            out += modelroute.children(r, route_resolution(r, adapters, routes).table, settings)
     return out
 
 
 def route_warnings(resources: list[Resource]) -> list[str]:
     """What the operator would report about the ModelRoutes in `resources`, resolved against the Adapters among
-    them (as `render` does), one line each, `ModelRoute NS/NAME: <message>`: public names published twice, and
+    them (as `render` does), one line each, `ModelRoute NS/NAME: <message>`: public names published twice,
     backends left out of the table (an Adapter that is not in `resources` — it may exist in the cluster —, or
-    one the route cannot serve, e.g. a rank over engine.maxLoraRank or another base model), with the reason."""
+    one the route cannot serve, e.g. a rank over engine.maxLoraRank or another base model), with the reason, and
+    spec.contentRouting names that no route among `resources` publishes (another route in the cluster may)."""
     adapters = [r for r in resources if isinstance(r, Adapter)]
+    routes = [r for r in resources if isinstance(r, ModelRoute)]
     # Adapters a FineTuneJob among `resources` creates when it succeeds: not missing, only not trained yet.
     produced = {(j.metadata.namespace or "default", j.spec.output.adapter_name)
                 for j in resources if isinstance(j, FineTuneJob)}
@@ -47,8 +64,11 @@ def route_warnings(resources: list[Resource]) -> list[str]:
             continue
         ns = r.metadata.namespace or "default"
         where = f"ModelRoute {ns}/{r.metadata.name}"
-        resolution = route_resolution(r, adapters)
+        resolution = route_resolution(r, adapters, routes)
         out += [f"{where}: {c.message}" for c in resolution.conflicts]
+        if resolution.content.missing:
+            out.append(f"{where}: spec.contentRouting names what no ModelRoute among these files publishes (another "
+                       f"in the cluster may): {resolution.content.missing_message()}")
         out += [f"{where}: backend {adapter} of {public!r} is left out ({verdict.reason}): {verdict.message}"
                 for (public, adapter), verdict in sorted(resolution.missing.items())
                 if not (verdict.reason == Reason.AdapterNotFound and (ns, adapter) in produced)]

@@ -60,12 +60,24 @@ def engine_name(route: ModelRoute) -> str:
 
 def router_name(route: ModelRoute) -> str:
     """Name of the router's Deployment, Service and RBAC: `<route>-router`."""
-    return child_name(route.metadata.name or "", "router", 63, "dns1035")
+    return router_service_name(route.metadata.name or "")
+
+
+def router_service_name(route_name: str) -> str:
+    """`router_name` from the route's name alone (another route's, read from the store)."""
+    return child_name(route_name, "router", 63, "dns1035")
+
+
+def router_url(route_name: str, namespace: str) -> str:
+    """The in-cluster base URL of a route's router Service, no path: `http://<route>-router.<ns>.svc:ROUTER_PORT`.
+    Built from the two names only (never from a field a pod could write), so a serving table's external model
+    can only point at a loraplane router of the namespace."""
+    return f"http://{router_service_name(route_name)}.{namespace}.svc:{ROUTER_PORT}"
 
 
 def endpoint(route: ModelRoute) -> str:
     """The router's in-cluster OpenAI base URL: `http://<route>-router.<ns>.svc:ROUTER_PORT/v1`."""
-    return f"http://{router_name(route)}.{namespace_of(route)}.svc:{ROUTER_PORT}/v1"
+    return f"{router_url(route.metadata.name or '', namespace_of(route))}/v1"
 
 
 def engine_selector(route: ModelRoute) -> dict[str, str]:

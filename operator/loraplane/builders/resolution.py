@@ -15,7 +15,8 @@ PublicNameConflict), so the table the router gets never holds a duplicate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from loraplane.api.adapter import Adapter, AdapterPhase
@@ -25,6 +26,7 @@ from loraplane.api.redaction import redacted
 from loraplane.builders.rollout import candidate_served
 from loraplane.api.modelroute import ModelRoute
 from loraplane.builders.engine_pod import FORCE_INCLUDE_USAGE, model_path_in_replica, served_model_name
+from loraplane.builders.orchestration import ContentResolution, Publication, resolve_content, route_created
 from loraplane.api.wire.serving import Backend, DesiredAdapter, PublicModel, RouterSettings, ServingTable
 from loraplane.storage.uri import Scheme, try_parse_uri
 
@@ -55,6 +57,8 @@ class Resolution:
     # Adapter name -> why its candidate version is left out of the table (NoRoomForCandidate, or a metadata check
     # such as RankTooLarge refuses it) while its stable version serves.
     held: dict[str, Verdict] = field(default_factory=dict)
+    # spec.contentRouting resolved against the namespace's other routes (builders.orchestration).
+    content: ContentResolution = field(default_factory=ContentResolution)
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,8 @@ class NameConflict:
     def message(self) -> str:
         """One sentence naming both sources and the fix."""
         return (f"public model {self.name!r} is published by {self.kept} and by {self.dropped}; "
-                f"{self.dropped} is left out (explicit routes win over selectors, earlier routes over later); "
+                f"{self.dropped} is left out (explicit routes and content-routed models win over selectors, "
+                "earlier routes over later); "
                 "rename the route, change the selector's prefix, or narrow the selector")
 
 
@@ -252,11 +257,15 @@ TABLE_MAX_BYTES = CONFIGMAP_DATA_LIMIT - 64 * 1024
 
 
 def resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Verdict] | None = None,
-            max_bytes: int = TABLE_MAX_BYTES, *, local_paths: bool = False) -> Resolution:
+            max_bytes: int = TABLE_MAX_BYTES, *, local_paths: bool = False,
+            others: Sequence[Publication] = ()) -> Resolution:
     """The ServingTable of `route` given the Adapters of its namespace.
 
     `rejected` names adapters the operator refuses (an invalid spec or a change to an immutable field):
     they are never served, whatever selects them. `local_paths`: check_compatibility's (local runs only).
+    `others`: what the namespace's other ModelRoutes publish (builders.orchestration.Publication), against
+    which spec.contentRouting's names resolve (Resolution.content; without them a name the route does not
+    serve itself is missing).
 
     The table's JSON (`ServingTable.to_json`, what the ConfigMap holds) is kept within `max_bytes`: when the
     adapters it would serve make it larger, the ones with the largest entries are left out (ties by name, so
@@ -266,7 +275,7 @@ def resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Verd
     """
     rejected = dict(rejected or {})
     while True:
-        resolution = _resolve(route, adapters, rejected, local_paths)
+        resolution = _resolve(route, adapters, rejected, local_paths, others)
         size = len(resolution.table.to_json().encode())
         if size <= max_bytes:
             return resolution
@@ -287,8 +296,29 @@ def resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Verd
                 break
 
 
+def with_others(resolution: Resolution, route: ModelRoute, others: Sequence[Publication],
+                max_bytes: int = TABLE_MAX_BYTES) -> Resolution | None:
+    """`resolution` (of `route`, resolved with any `others`, typically none) with spec.contentRouting resolved
+    again against `others`: the adapters, the public models and their verdicts do not depend on other routes, so
+    only Resolution.content and the table's content and external models are recomputed. The table is the same
+    object when those are unchanged (a route without contentRouting: only its conflicts across routes are new).
+    None when the new table would be over `max_bytes`: `resolve` with `others` then leaves adapters out to fit.
+
+    This is what lets the controller re-resolve a route cheaply when only another route's names changed, instead
+    of matching every selector against every Adapter again."""
+    content = resolve_content(route, [m.name for m in resolution.table.models], others)
+    table = resolution.table
+    if content.models != table.content_models or content.external != table.external_models:
+        # A new table (not model_copy: that would carry over the cached json_text of the old one).
+        table = ServingTable(**{**{k: getattr(table, k) for k in type(table).model_fields},
+                                "content_models": content.models, "external_models": content.external})
+        if len(table.to_json().encode()) > max_bytes:
+            return None
+    return replace(resolution, table=table, content=content)
+
+
 def _resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Verdict],
-             local_paths: bool = False) -> Resolution:
+             local_paths: bool = False, others: Sequence[Publication] = ()) -> Resolution:
     """`resolve` without the size bound."""
     by_name = {a.metadata.name: a for a in adapters}
     base_served = served_model_name(route)
@@ -359,6 +389,9 @@ def _resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Ver
     # Explicit names first (they win), so a selector's derived name can be checked against all of them.
     sources: dict[str, str] = {r.name: f"routes[{i}] ({r.name})" for i, r in enumerate(route.spec.routes)
                                if r.backends is not None and r.name}
+    # Content-routed names are explicit too (the API keeps them apart from spec.routes' names).
+    sources.update({c.name: f"contentRouting[{i}] ({c.name})" for i, c in enumerate(route.spec.content_routing)
+                    if c.name not in sources})
     conflicts: list[NameConflict] = []
     for i, r in enumerate(route.spec.routes):
         if r.backends is not None:
@@ -387,13 +420,15 @@ def _resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Ver
     served = sorted((d for v in versions.values() for _, d in v.entries()),
                     key=lambda d: d.served_name)
     spec = route.spec
+    content = resolve_content(route, [m.name for m in models], others)
     table = ServingTable(
         route=route.metadata.name or "", namespace=route.metadata.namespace or "default",
         generation=route.metadata.generation or 0,
         base_model=spec.base_model.identity, base_model_revision=spec.base_model.revision,
         served_model_name=base_served, model_path=model_path_in_replica(spec.base_model),
         max_lora_rank=spec.engine.max_lora_rank, max_loras=spec.engine.max_loras,
-        adapters=served, models=models,
+        adapters=served, models=models, content_models=content.models, external_models=content.external,
+        route_created=route_created(route) or None,
         router=RouterSettings(sticky_header=spec.router.sticky_header,
                               timeout_seconds=spec.router.timeout_seconds,
                               max_request_bytes=spec.router.max_request_bytes,
@@ -404,4 +439,4 @@ def _resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Ver
                               engine_includes_usage=any(a.split("=", 1)[0] == FORCE_INCLUDE_USAGE
                                                         for a in spec.engine.extra_args)))
     return Resolution(table=table, selected=selected, missing=missing, conflicts=conflicts,
-                      versions=versions, held=held)
+                      versions=versions, held=held, content=content)

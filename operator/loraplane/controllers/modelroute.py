@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -16,13 +16,15 @@ from loraplane.api.adapter import Adapter
 from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType, Progress, progress_of
 from loraplane.api.keys import HASH_ANNOTATION, ROUTE_LABEL, ROUTER_LABEL
 from loraplane.api.modelroute import BackendStatus, ModelRoute, ModelRoutePhase, ModelRouteStatus, ServedModel
+from loraplane.api.orchestration import ContentDestinationStatus, ContentModelStatus
 from loraplane.api.reasons import Reason
 from loraplane.api.validation import format_validation_error
 from loraplane.api.wire.serving import CONFIGMAP_KEY, AdapterState, ReplicaReport, ServingTable, configmap_name
 from loraplane.builders import engine_pod
 from loraplane.builders import modelroute as route_builders
 from loraplane.builders.policy import policy_message
-from loraplane.builders.resolution import Resolution, Verdict, resolve
+from loraplane.builders.orchestration import Publication, publication, publication_changes, referenced_names
+from loraplane.builders.resolution import Resolution, Verdict, resolve, with_others
 from loraplane.controllers.base import API, Context, Controller
 from loraplane.controllers.pods import (config_problem, crash_problem, image_pull_problem, pod_name, pod_ready,
                                         pods_refused, replica_report, unschedulable)
@@ -36,7 +38,8 @@ from loraplane.kube.informer import Key
 # The Adapter status fields its serving-table entries are resolved from (builders.resolution.adapter_versions):
 # the serving version and its artifact, and the candidate (its phase and share of the traffic).
 TABLE_STATUS_FIELDS = ("artifact", "servedName", "version", "candidate")
-OWNED_STATUS = ("phase", "observedGeneration", "conditions", "replicas", "readyReplicas", "endpoint", "models")
+OWNED_STATUS = ("phase", "observedGeneration", "conditions", "replicas", "readyReplicas", "endpoint", "models",
+                "contentModels")
 # How long adapter changes are gathered before the routes of their namespace re-resolve their tables.
 ROUTE_BATCH_SECONDS = 0.5
 # Ready reasons that explain unready replicas (each posts a Warning event when it appears).
@@ -192,9 +195,47 @@ def scaled_to_zero(route: ModelRoute, deployment: dict | None) -> bool:
     return spec.get("replicas") == 0 and not status.get("replicas")
 
 
+def content_status(route: ModelRoute, resolution: Resolution, models: list[ServedModel],
+                   others: Sequence[Publication] = ()) -> list[ContentModelStatus]:
+    """status.contentModels (pure): each spec.contentRouting model with every public model it sends requests to
+    and whether each can serve. A model of this route is ready when its status.models entry is (its reason: the
+    first unready backend's); another route's when that route's status.models says so (else ModelsNotReady);
+    one nobody serves is not ready with ContentTargetNotFound. A content model is ready when its default is."""
+    served = {m.name: m for m in models}
+    published = {p.route: dict(p.models) for p in others}
+    targets = resolution.content.targets
+
+    def entry(name: str) -> ContentDestinationStatus:
+        t = targets.get(name)
+        if t is None or t.missing is not None:
+            return ContentDestinationStatus(model=name, route=t.route if t else None, ready=False,
+                                            reason=Reason.ContentTargetNotFound)
+        if t.local:
+            m = served.get(name)
+            ready = bool(m and m.ready)
+            reason = None if ready else next((b.reason for b in (m.backends if m else []) if b.reason),
+                                             Reason.ModelsNotReady)
+            return ContentDestinationStatus(model=name, route=t.route, ready=ready, reason=reason)
+        ready = published.get(t.route or "", {}).get(name, False)
+        return ContentDestinationStatus(model=name, route=t.route, ready=ready,
+                                        reason=None if ready else Reason.ModelsNotReady)
+
+    out = []
+    for c in route.spec.content_routing:
+        names = list(dict.fromkeys([*(d.model for d in c.destinations), c.default]))
+        default = entry(c.default)
+        out.append(ContentModelStatus(
+            name=c.name, ready=default.ready, default=c.default, methods=list(c.methods),
+            destinations=[entry(n) for n in names],
+            classifier=entry(c.classifier.model) if c.classifier is not None else None,
+            embedding_model=entry(c.semantic.embedding_model) if c.semantic is not None else None))
+    return out
+
+
 def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | None, pods: list[dict],
                  generation: int | None, previous: ModelRouteStatus,
-                 desired_hash: str | None = None, *, router: RouterFacts) -> ModelRouteStatus:
+                 desired_hash: str | None = None, *, router: RouterFacts,
+                 others: Sequence[Publication] = ()) -> ModelRouteStatus:
     """Aggregate (pure): replicas, per-model backend readiness, phase and the Ready condition.
 
     Ready is True only when the current spec is rolled out (`rollout_pending`, with `desired_hash` the engine
@@ -202,7 +243,12 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
     up, Ready is False at the new observedGeneration with the new pods' reason (ImagePull, EngineFailing, ...).
     It also needs the router (`router`, `router_state`): an endpoint with no available router pod of the current
     spec serves nothing, so Ready is False with its reason; of the engine's and the router's reasons the more
-    severe one (Stalled over Reconciling over Idle) is Ready's, the other is added to the message."""
+    severe one (Stalled over Reconciling over Idle) is Ready's, the other is added to the message.
+
+    Content routing (`others`: what the namespace's other routes publish): status.contentModels
+    (`content_status`); a content model whose default cannot serve counts as a model with no ready backend
+    (ModelsNotReady); a name of this route an older route owns is PublicNameConflict, and a content model's
+    reference nobody serves is ContentTargetNotFound (both spec mistakes, shown whatever else the state is)."""
     table = resolution.table
     ds = (deployment or {}).get("status") or {}
     reports = ready_reports(pods)
@@ -243,7 +289,9 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
                                               reason=verdict.reason))
         models.append(ServedModel(name=model.name, ready=any(b.ready for b in backends), backends=backends))
     new.models = models
-    unready = [m.name for m in models if not m.ready]
+    new.content_models = content_status(route, resolution, models, others)
+    unready = [m.name for m in models if not m.ready] + [
+        c.name for c in new.content_models if not c.ready and c.name not in resolution.content.missing]
     excluded = sorted({f"{a} ({v.reason})" for (_, a), v in resolution.missing.items()}
                       | {f"{a} ({v.reason})" for a, v in resolution.selected.items()
                          if v.reason == Reason.ServingTableFull}   # selector-matched ones are in no backend
@@ -300,14 +348,27 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
             ready = ready._replace(message=f"{ready.message}; {router_problem.message}")
     if excluded:
         ready = ready._replace(message=ready.message + f"; left out: {', '.join(excluded)}")
-    if resolution.conflicts:
-        # A spec mistake the user must fix: it names both sources whatever else the route's state is.
+    content = resolution.content
+    mistakes = []   # spec mistakes the user must fix: shown whatever else the route's state is, first one's reason
+    if resolution.conflicts or content.conflicts:
+        mistakes.append((Reason.PublicNameConflict, "; ".join(
+            [c.message for c in resolution.conflicts] + ([content.conflict_message()] if content.conflicts else []))))
+    if content.missing:
+        mistakes.append((Reason.ContentTargetNotFound, "nothing in the namespace serves what spec.contentRouting "
+                         f"names: {content.missing_message()}"))
+    if mistakes:
         if new.phase == ModelRoutePhase.Ready:
             new.phase = ModelRoutePhase.Degraded
-        ready = ConditionState(FALSE, Reason.PublicNameConflict,
-                               "; ".join(c.message for c in resolution.conflicts) + f". {ready.message}")
+        ready = ConditionState(FALSE, mistakes[0][0], ". ".join(m for _, m in mistakes) + f". {ready.message}")
     new.set_condition(ConditionType.Ready, ready, generation)
     return new
+
+
+def _published_part(body: dict) -> tuple:
+    """The parts of a stored ModelRoute its Publication is read from (builders.orchestration.publication)."""
+    status = body.get("status")
+    status = status if isinstance(status, dict) else {}
+    return ((body.get("metadata") or {}).get("creationTimestamp"), status.get("models"), status.get("contentModels"))
 
 
 def accepted_base(table_json: str | None) -> BaseModelId | None:
@@ -344,6 +405,7 @@ class ModelRouteFacts:
     router_pods: list[dict] = field(default_factory=list)  # the router pods
     router_hash: str | None = None               # HASH_ANNOTATION of the router Deployment last applied
     engine_key_due: bool = False                 # the engine key Secret's create is to be tried (again)
+    others: list[Publication] = field(default_factory=list)  # what the namespace's other routes publish
 
 
 @dataclass
@@ -385,6 +447,8 @@ class ModelRouteController(Controller):
         self._accepted: dict[tuple[str, str, str], BaseModelId] = {}
         self._resolutions: dict[Key, Resolution] = {}
         self._resolved: dict[Key, tuple[tuple, dict[str, Verdict], Resolution]] = {}  # observe's resolve() memo
+        # observe's with_others() memo: (the resolve() memo's Resolution, the other routes' names, the result).
+        self._with_others: dict[Key, tuple[Resolution, tuple, Resolution]] = {}
         self._selected: dict[Key, dict[str, Verdict]] = {}
         self._held: dict[Key, dict[str, Verdict]] = {}   # Resolution.held of the table each route serves
         self._applied: dict[Key, tuple] = {}
@@ -395,14 +459,18 @@ class ModelRouteController(Controller):
         self._key_conflicts: dict[tuple[str, str, str], float] = {}
         self._clock = time.monotonic   # for ENGINE_KEY_RETRY_SECONDS (tests replace it)
         self._wall = time.time         # for ENGINE_KEY_YOUNG_SECONDS, against creationTimestamp
+        # namespace -> (the ModelRoute store's version of it, the Publication of each route): `publications`.
+        self._publications: dict[str, tuple[int, list[Publication]]] = {}
 
     def on_change(self, source: str, obj: dict, old: dict | None) -> None:
-        """Schedule the route itself; re-resolve the namespace's routes (batched, ROUTE_BATCH_SECONDS) when an
+        """Schedule the route itself, and the other routes of its namespace that its change concerns
+        (`schedule_dependents`); re-resolve the namespace's routes (batched, ROUTE_BATCH_SECONDS) when an
         Adapter's spec, labels or artifact changed; schedule the route named by a changed replica or Deployment."""
         meta = obj.get("metadata") or {}
         ns = meta.get("namespace") or ""
         if source == "ModelRoute":
             self.schedule((ns, meta.get("name") or ""))
+            self.schedule_dependents(ns, meta.get("name") or "", obj, old)
         elif source == "Adapter":
             before = old or {}
             if (old is None or before.get("spec") != obj.get("spec")
@@ -417,6 +485,31 @@ class ModelRouteController(Controller):
         elif source in ("RouterPod", "RouterDeployment"):
             if route := (meta.get("labels") or {}).get(ROUTER_LABEL):
                 self.schedule((ns, route))
+
+    def schedule_dependents(self, ns: str, name: str, obj: dict, old: dict | None) -> list[Key]:
+        """Schedule the other routes of `ns` that a change of route `name` (`old` -> `obj`; `old` None when it
+        appeared or disappeared) concerns, and return their keys: those whose spec.contentRouting names a public
+        model whose presence or readiness changed (their table's external models and status.contentModels), and
+        those publishing a name that appeared or disappeared here (which route is older and owns it: the
+        PublicNameConflict of the later one). Most route events (its replicas' counts, its conditions) change
+        neither: one comparison of the status parts a Publication is read from, nothing scheduled. The other
+        routes are walked only when a name or a readiness changed; a route without contentRouting costs one dict
+        lookup then, and is scheduled only for a name it publishes too that appeared or disappeared."""
+        if old is not None and _published_part(old) == _published_part(obj):
+            return []   # the common case (replica counts, conditions): one comparison, in C
+        changed, presence = publication_changes(publication(old) if old is not None else None, publication(obj))
+        if not changed:
+            return []
+        keys = []
+        publications = {p.route: p for p in self.publications(ns)} if presence else {}
+        for key in self.store.keys_in(ns):
+            if key[1] == name or (body := self.store.get(key)) is None:
+                continue
+            if (changed & referenced_names(body)
+                    or (presence and (p := publications.get(key[1])) and presence.intersection(p.names()))):
+                keys.append(key)
+                self.schedule(key)
+        return keys
 
     async def reconcile(self, key: Key) -> None:
         """observe -> plan -> execute for one ModelRoute; a deleted one is forgotten."""
@@ -441,9 +534,11 @@ class ModelRouteController(Controller):
 
     def forget(self, key: Key) -> None:
         """Drop what was remembered about a deleted route and its children."""
-        for memory in (self._resolutions, self._resolved, self._selected, self._applied, self._engine_hash,
-                       self._router_hash, self._held):
+        for memory in (self._resolutions, self._resolved, self._with_others, self._selected, self._applied,
+                       self._engine_hash, self._router_hash, self._held):
             memory.pop(key, None)
+        if not self.store.keys_in(key[0]):
+            self._publications.pop(key[0], None)
         for ident in [i for i in self._accepted if i[:2] == key]:
             del self._accepted[ident]
         for memory in (self._key_conflicts,):
@@ -475,10 +570,22 @@ class ModelRouteController(Controller):
         memo = (uid, route.metadata.generation, self.stores.Adapter.version(ns))
         hit = self._resolved.get(key)
         if hit is not None and hit[0] == memo and hit[1] == rejected:
-            resolution = hit[2]
+            base = hit[2]
         else:
-            resolution = resolve(route, adapters, rejected)
-            self._resolved[key] = (memo, rejected, resolution)
+            base = resolve(route, adapters, rejected)
+            self._resolved[key] = (memo, rejected, base)
+        # The other routes of the namespace: what they publish (names for ownership and content routing, their
+        # readiness for status.contentModels). Only the content part of the resolution depends on them, and on
+        # their names only: it is redone on top of the memo above when those change (`with_others`), without
+        # matching the selectors again; its table is the memo's own object while its content part is unchanged.
+        others = [p for p in self.publications(ns) if p.route != name]
+        naming = tuple(p.naming for p in others)
+        hit2 = self._with_others.get(key)
+        if hit2 is not None and hit2[0] is base and hit2[1] == naming:
+            resolution = hit2[2]
+        else:
+            resolution = with_others(base, route, others) or resolve(route, adapters, rejected, others=others)
+            self._with_others[key] = (base, naming, resolution)
 
         def own(obj: dict | None) -> dict | None:
             # Found by computed name: only this route's (controller ownerReference = its uid) counts; another
@@ -496,7 +603,21 @@ class ModelRouteController(Controller):
             router_deployment=own(self.stores.RouterDeployment.get((ns, route_builders.router_name(route)))),
             router_pods=self.stores.RouterPod.group(ns, name), router_hash=self._router_hash.get(key),
             engine_key_due=self.engine_key_due(body, route, self.stores.EnginePod.group(ns, name),
-                                               self.stores.RouterPod.group(ns, name)))
+                                               self.stores.RouterPod.group(ns, name)),
+            others=others)
+
+    def publications(self, namespace: str) -> list[Publication]:
+        """What every ModelRoute of `namespace` publishes (builders.orchestration.publication of each stored
+        object), in store order. Built once per change of the namespace's routes (the store's version) and
+        shared by the reconciles until the next one."""
+        store = self.store
+        version = store.version(namespace)
+        hit = self._publications.get(namespace)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        out = [publication(body) for k in store.keys_in(namespace) if (body := store.get(k)) is not None]
+        self._publications[namespace] = (version, out)
+        return out
 
     def engine_key_due(self, body: dict, route: ModelRoute, pods: list[dict], router_pods: list[dict]) -> bool:
         """Whether the route's engine key Secret is to be created (again) in this reconcile, besides when its
@@ -561,7 +682,7 @@ class ModelRouteController(Controller):
             out.status, out.events = patch, [event] if event else []
             out.selected, out.held = facts.last_selected, facts.last_held
             return out
-        resolution = facts.resolution or resolve(route, facts.adapters, facts.rejected)
+        resolution = facts.resolution or resolve(route, facts.adapters, facts.rejected, others=facts.others)
         wanted = (route.spec.base_model.identity, route.spec.base_model.revision)
         rejected = facts.accepted_base is not None and facts.accepted_base != wanted
         if not rejected:
@@ -590,7 +711,8 @@ class ModelRouteController(Controller):
             resolution = facts.last_resolution or resolution
         previous = owned_status(ModelRouteStatus, current, OWNED_STATUS)
         new = route_status(route, resolution, facts.deployment, facts.pods, generation, previous, out.engine_hash,
-                           router=RouterFacts(facts.router_deployment, facts.router_pods, out.router_hash))
+                           router=RouterFacts(facts.router_deployment, facts.router_pods, out.router_hash),
+                           others=facts.others)
         if rejected:
             accepted = facts.accepted_base
             new.set_condition(ConditionType.Ready, ConditionState(FALSE, Reason.SpecImmutable, (
@@ -599,7 +721,7 @@ class ModelRouteController(Controller):
         out.status = status_patch(current, dump_status(new), OWNED_STATUS)
         old_phase = current.get("phase")
         ready = new.condition(ConditionType.Ready)
-        warn = REPLICA_PROBLEMS + (Reason.SpecImmutable, Reason.PublicNameConflict)
+        warn = REPLICA_PROBLEMS + (Reason.SpecImmutable, Reason.PublicNameConflict, Reason.ContentTargetNotFound)
         if ready and ready.reason in warn and ready_reason(current) != ready.reason:
             out.events.append(Event(EventType.Warning, ready.reason, ready.message))
         elif old_phase != new.phase and new.phase in (ModelRoutePhase.Ready, ModelRoutePhase.Degraded) or (old_phase is None and new.phase):

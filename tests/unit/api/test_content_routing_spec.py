@@ -1,0 +1,98 @@
+"""spec.contentRouting validation (issue 15): what `api.parse` refuses (so `loraplane validate`, `render` and the
+operator's InvalidSpec say the same), each message naming the field and the fix."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from loraplane.api import parse
+from loraplane.api.orchestration import compile_pattern
+from loraplane.api.validation import format_validation_error
+
+
+def route(content: list[dict], routes: list[dict] | None = None) -> dict:
+    return {"apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute", "metadata": {"name": "r"},
+            "spec": {"baseModel": {"name": "org/tiny"},
+                     "routes": routes or [{"name": "sql", "backends": [{"adapter": "sql"}]},
+                                          {"name": "general", "backends": [{"base": True}]}],
+                     "contentRouting": content}}
+
+
+def error(content: list[dict], routes: list[dict] | None = None) -> str:
+    with pytest.raises(ValidationError) as err:
+        parse(route(content, routes))
+    return format_validation_error(err.value, "spec field ")
+
+
+def auto(**extra) -> dict:
+    return {"name": "auto", "default": "general", "destinations": [{"model": "sql"}], **extra}
+
+
+def test_a_valid_content_route_parses():
+    r = parse(route([auto(methods=["rules", "classifier"], classifier={"model": "clf"},
+                          destinations=[{"model": "sql", "label": "sql", "rules": {"pattern": "(?i)\\bselect\\b"}},
+                                        {"model": "support", "label": "support"}])]))
+    assert r.spec.content_routing[0].destinations[0].rules.pattern == "(?i)\\bselect\\b"
+
+
+@pytest.mark.parametrize("pattern", ["(a)\\1", "(?=x)y", "(?<!a)b", "a{2000}{2000}"])
+def test_a_pattern_re2_cannot_run_is_refused_naming_the_field(pattern):
+    msg = error([auto(destinations=[{"model": "sql", "rules": {"pattern": pattern}}])])
+    assert "spec.contentRouting[0].destinations[0].rules.pattern" in msg
+    assert "RE2 refuses it" in msg and "RE2 syntax" in msg
+
+
+def test_compile_pattern_is_the_routers_program():
+    assert compile_pattern("(?i)\\bselect\\b").search("please SELECT a row")
+    with pytest.raises(ValueError, match="RE2 refuses it"):
+        compile_pattern("(a)\\1")
+
+
+def test_a_content_name_that_spec_routes_also_publishes_is_refused():
+    msg = error([auto(name="sql")])
+    assert "contentRouting[0].name 'sql' is also routes[0].name" in msg and "rename" in msg
+
+
+def test_two_content_models_with_one_name_are_refused():
+    msg = error([auto(), auto()])
+    assert "contentRouting[1].name 'auto' is also contentRouting[0].name" in msg
+
+
+def test_a_label_used_twice_is_refused():
+    msg = error([auto(methods=["classifier"], classifier={"model": "clf"},
+                      destinations=[{"model": "sql", "label": "data"}, {"model": "general", "label": "data"}])])
+    assert "spec.contentRouting[0]" in msg
+    assert "destinations[1].label 'data' is also destinations[0].label" in msg and "different label" in msg
+
+
+@pytest.mark.parametrize("field,extra", [
+    ("default", {"default": "auto2"}),
+    ("destinations[0].model", {"destinations": [{"model": "auto2"}]}),
+    ("classifier.model", {"methods": ["classifier"], "classifier": {"model": "auto2"},
+                          "destinations": [{"model": "sql", "label": "sql"}]}),
+    ("semantic.embeddingModel", {"methods": ["semantic"], "semantic": {"embeddingModel": "auto2"},
+                                 "destinations": [{"model": "sql", "examples": ["x"]}]}),
+])
+def test_a_content_model_sending_requests_to_a_content_model_is_refused_no_chains(field, extra):
+    msg = error([auto(**extra), {"name": "auto2", "default": "general", "destinations": [{"model": "sql"}]}])
+    assert f"contentRouting[0].{field} 'auto2' is a content-routed model (contentRouting[1])" in msg
+    assert "do not chain" in msg
+
+
+def test_a_content_model_naming_itself_is_refused():
+    assert "do not chain" in error([auto(default="auto")])
+
+
+def test_methods_that_could_never_choose_are_refused():
+    assert "methods: 'rules' is listed twice" in error([auto(methods=["rules", "rules"])])
+    assert "no destination has a `label`" in error([auto(methods=["classifier"], classifier={"model": "c"})])
+    assert "no destination has `examples`" in error([auto(methods=["semantic"], semantic={"embeddingModel": "e"})])
+
+
+def test_content_routing_too_large_for_the_serving_table_is_refused():
+    examples = ["x" * 2000] * 256
+    big = [auto(name=f"auto{i}", methods=["semantic"], semantic={"embeddingModel": "e"},
+                destinations=[{"model": "sql", "examples": examples}]) for i in range(1)]
+    msg = error(big)
+    assert "contentRouting is" in msg and "262144-byte budget" in msg and "fewer or shorter" in msg

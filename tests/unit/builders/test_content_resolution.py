@@ -1,0 +1,258 @@
+"""builders.orchestration: a route's spec.contentRouting resolved against the ModelRoutes of its namespace (issue 15):
+the wire content models, the external models owned by other routes, ownership across routes (oldest wins),
+missing references and chains. Pure: the other routes are Publications built by hand."""
+
+from __future__ import annotations
+
+from loraplane.api import Adapter, ModelRoute
+from loraplane.api.paths import ROUTER_PORT
+from loraplane.builders.orchestration import (Publication, publication, publication_changes, referenced_names,
+                                              resolve_content)
+from loraplane.builders.resolution import resolve
+
+T1, T2, T3 = "2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z", "2026-01-03T00:00:00Z"
+
+
+def route_body(name="front", created=T2, content=None, routes=None, log_decisions=False) -> dict:
+    return {"apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute",
+            "metadata": {"name": name, "namespace": "team", "creationTimestamp": created, "generation": 1},
+            "spec": {"baseModel": {"name": "org/base"},
+                     "router": {"logDecisions": log_decisions},
+                     "routes": routes if routes is not None else [
+                         {"name": "general", "backends": [{"base": True}]},
+                         {"name": "sql", "backends": [{"adapter": "sql"}]}],
+                     "contentRouting": content or []}}
+
+
+def auto(**extra) -> dict:
+    return {"name": "auto", "default": "general",
+            "methods": ["rules", "classifier", "semantic"],
+            "destinations": [{"model": "sql", "label": "sql", "rules": {"pattern": "(?i)\\bselect\\b"},
+                              "examples": ["count rows per day"]},
+                             {"model": "support", "label": "support", "rules": {"keywords": ["refund"]},
+                              "examples": ["where is my order"]}],
+            "classifier": {"model": "router-clf"}, "semantic": {"embeddingModel": "embed"}, **extra}
+
+
+SQL = Adapter.model_validate({"kind": "Adapter", "metadata": {"name": "sql", "namespace": "team"},
+                              "spec": {"baseModel": {"name": "org/base"}, "source": {"uri": "s3://b/sql"},
+                                       "version": "1", "rank": 8}})
+
+
+def test_names_served_here_stay_local_and_other_routes_names_become_external_models():
+    route = ModelRoute.model_validate(route_body(content=[auto()], log_decisions=True))
+    others = [Publication("support-route", T1, models=(("support", True),)),
+              Publication("classifiers", T3, models=(("router-clf", False),))]
+    res = resolve(route, [SQL], others=others)
+    table = res.table
+    assert table.route_created == T2
+    [cm] = table.content_models
+    assert cm.name == "auto" and cm.default == "general" and cm.log_decisions
+    assert [d.model for d in cm.destinations] == ["sql", "support"]
+    assert cm.destinations[0].rules.pattern == "(?i)\\bselect\\b" and cm.destinations[1].rules.keywords == ["refund"]
+    assert cm.destinations[0].label == "sql" and cm.destinations[0].examples == ["count rows per day"]
+    # The embedding model is nowhere: method semantic is taken out; the classifier (another route's) stays.
+    assert cm.methods == ["rules", "classifier"] and cm.semantic is None and cm.classifier.model == "router-clf"
+    assert [(e.name, e.route, e.url) for e in table.external_models] == [
+        ("router-clf", "classifiers", f"http://classifiers-router.team.svc:{ROUTER_PORT}"),
+        ("support", "support-route", f"http://support-route-router.team.svc:{ROUTER_PORT}")]
+    targets = res.content.targets
+    assert targets["sql"].local and targets["general"].local and targets["sql"].route == "front"
+    assert targets["embed"].missing == "no ModelRoute of the namespace publishes it"
+    assert res.content.missing == {"auto": [("semantic.embeddingModel", "embed")]}
+    assert "semantic.embeddingModel 'embed'" in res.content.missing_message()
+    # The wire invariant the router relies on: every name a content model references is in the table.
+    known = {m.name for m in table.models} | {e.name for e in table.external_models}
+    assert {cm.default, *(d.model for d in cm.destinations), cm.classifier.model} <= known
+    # The table JSON round-trips (the router reads it with extra=forbid).
+    assert type(table).model_validate_json(table.to_json()) == table
+
+
+def test_the_oldest_route_publishing_a_name_owns_it():
+    route = ModelRoute.model_validate(route_body(content=[auto(methods=["rules"], classifier=None,
+                                                               semantic=None)]))
+    others = [Publication("young", T3, models=(("support", True),)),
+              Publication("old", T1, models=(("support", False),))]
+    res = resolve(route, [SQL], others=others).content
+    assert res.targets["support"].route == "old"
+    assert [e.route for e in res.external] == ["old"]
+
+
+def test_a_name_an_older_route_publishes_is_a_conflict_on_the_later_route_only():
+    later = ModelRoute.model_validate(route_body(created=T2))
+    older = ModelRoute.model_validate(route_body(name="older", created=T1))
+    assert resolve(later, [SQL], others=[Publication("older", T1, models=(("sql", True),))]).content.conflicts == [
+        ("sql", "older")]
+    assert resolve(older, [SQL], others=[Publication("front", T2, models=(("sql", True),))]).content.conflicts == []
+    # A content-routed name counts as published too.
+    content = ModelRoute.model_validate(route_body(content=[auto(methods=["rules"], classifier=None,
+                                                                 semantic=None)]))
+    res = resolve(content, [SQL], others=[Publication("older", T1, content=(("auto", True),))]).content
+    assert res.conflicts == [("auto", "older")]
+    assert "'auto'" in res.conflict_message() and "ModelRoute older" in res.conflict_message()
+
+
+def test_another_routes_content_model_is_not_a_destination_no_chains():
+    route = ModelRoute.model_validate(route_body(content=[auto(methods=["rules"], classifier=None, semantic=None)]))
+    res = resolve(route, [SQL], others=[Publication("b", T1, content=(("support", True),))])
+    assert "content models do not chain" in res.content.targets["support"].missing
+    assert [d.model for d in res.table.content_models[0].destinations] == ["sql"]
+    assert res.table.external_models == []
+
+
+def test_a_content_model_whose_default_nobody_serves_is_left_out_of_the_table():
+    route = ModelRoute.model_validate(route_body(content=[auto(default="nowhere", methods=["rules"],
+                                                               classifier=None, semantic=None)]))
+    res = resolve(route, [SQL], others=[Publication("b", T1, models=(("support", True),))])
+    assert res.table.content_models == [] and res.table.external_models == []
+    assert ("default", "nowhere") in res.content.missing["auto"]
+
+
+def test_a_selector_name_equal_to_a_content_model_name_is_left_out_with_public_name_conflict():
+    routes = [{"name": "general", "backends": [{"base": True}]},
+              {"selector": {"matchLabels": {}}, "prefix": "au"}]
+    to = Adapter.model_validate({"kind": "Adapter", "metadata": {"name": "to", "namespace": "team"},
+                                 "spec": {"baseModel": {"name": "org/base"}, "source": {"uri": "s3://b/to"},
+                                          "version": "1", "rank": 8}})
+    route = ModelRoute.model_validate(route_body(routes=routes, content=[
+        {"name": "auto", "default": "general", "destinations": [{"model": "general"}]}]))
+    res = resolve(route, [to])
+    assert [m.name for m in res.table.models] == ["general"]
+    assert [c.name for c in res.table.content_models] == ["auto"]
+    assert [(c.name, c.kept) for c in res.conflicts] == [("auto", "contentRouting[0] (auto)")]
+
+
+def test_without_content_routing_the_table_has_no_content_or_external_models():
+    route = ModelRoute.model_validate(route_body())
+    res = resolve(route, [SQL], others=[Publication("b", T1, models=(("support", True),))])
+    assert res.table.content_models == [] and res.table.external_models == [] and res.content.missing == {}
+
+
+def test_publication_reads_status_and_tolerates_foreign_shapes():
+    body = {"metadata": {"name": "b", "creationTimestamp": T1},
+            "status": {"models": [{"name": "x", "ready": True}, {"name": "y"}, "junk", {"name": 3}],
+                       "contentModels": [{"name": "auto", "ready": False}]}}
+    p = publication(body)
+    assert p == Publication("b", T1, models=(("x", True), ("y", False)), content=(("auto", False),))
+    assert publication({"metadata": {"name": "c"}, "status": "bad"}) == Publication("c", "")
+    assert p.names() == ["x", "y", "auto"]
+
+
+def test_referenced_names_and_publication_changes():
+    assert referenced_names(route_body(content=[auto()])) == {"sql", "support", "general", "router-clf", "embed"}
+    assert referenced_names(route_body()) == set()
+    assert referenced_names({"spec": {"contentRouting": ["junk", {"destinations": "x", "classifier": 1}]}}) == set()
+    a = Publication("b", T1, models=(("x", True), ("y", False)), content=(("auto", False),))
+    assert publication_changes(a, a) == (set(), set())
+    assert publication_changes(a, Publication("b", T1, models=(("x", False), ("y", False)),
+                                              content=(("auto", True),))) == ({"x"}, set())
+    assert publication_changes(a, Publication("b", T1, models=(("x", True),))) == ({"y", "auto"}, {"y", "auto"})
+    assert publication_changes(None, a) == ({"x", "y", "auto"}, {"x", "y", "auto"})
+
+
+def test_resolve_content_ignores_its_own_publication_among_the_others():
+    route = ModelRoute.model_validate(route_body(content=[auto(methods=["rules"], classifier=None, semantic=None)]))
+    me = Publication("front", T2, models=(("general", True), ("sql", True)), content=(("auto", True),))
+    res = resolve_content(route, ["general", "sql"], [me])
+    assert res.conflicts == [] and res.targets["general"].local
+
+
+def test_the_worked_example_of_docs_orchestration_parses_and_every_name_resolves():
+    """docs/orchestration.md: each `assistant` variant parses (schema, CEL and the content-routing rules) and every
+    name its content model sends requests to is served (by itself, or by the `embeddings` route: its own block
+    needs spec.engine.task, another part of issue 15, so it is stood in for by its Publication)."""
+    import re
+
+    import yaml
+
+    from loraplane.api import parse
+    from loraplane.api.modelroute import ModelRouteStatus
+    from support.paths import ROOT
+
+    text = (ROOT / "docs" / "orchestration.md").read_text()
+    docs = [d for block in re.findall(r"```yaml\n(.*?)```", text, re.S) for d in yaml.safe_load_all(block) if d]
+    adapters = [parse(d) for d in docs if d.get("kind") == "Adapter"]
+    routes = [parse(d) for d in docs if d.get("kind") == "ModelRoute" and d["metadata"]["name"] == "assistant"]
+    assert len(adapters) == 2 and len(routes) == 3
+    classifier = Adapter.model_validate({**adapters[0].model_dump(by_alias=True, exclude_none=True),
+                                         "metadata": {"name": "router-classifier", "namespace": "team"}})
+    embeddings = Publication("embeddings", T1, models=(("embed", True),))
+    for r in routes:
+        res = resolve(r, [*adapters, classifier], others=[embeddings])
+        assert res.content.missing == {} and res.content.conflicts == [] and res.conflicts == []
+        assert [m.name for m in res.table.content_models] == ["auto"]
+    assert [e.name for e in resolve(routes[2], adapters, others=[embeddings]).table.external_models] == ["embed"]
+    status = next(d["status"] for d in docs if "status" in d and "kind" not in d)
+    assert ModelRouteStatus.model_validate(status).content_models[0].destinations[0].route == "assistant"
+
+
+def test_render_and_validate_resolve_content_routing_against_the_routes_among_the_files():
+    from loraplane.builders import render, route_warnings
+
+    front = ModelRoute.model_validate(route_body(content=[auto(methods=["rules"], classifier=None, semantic=None)]))
+    other = ModelRoute.model_validate(route_body(name="helpdesk", routes=[
+        {"name": "support", "backends": [{"base": True}]}]))
+    cm = next(m for m in render([front, other, SQL]) if m["kind"] == "ConfigMap"
+              and m["metadata"]["name"] == "front-serving")
+    table = type(resolve(front, []).table).model_validate_json(next(iter(cm["data"].values())))
+    assert [(e.name, e.route) for e in table.external_models] == [("support", "helpdesk")]
+    assert route_warnings([front, other, SQL]) == []
+    [warning] = route_warnings([front, SQL])
+    assert warning.startswith("ModelRoute team/front: spec.contentRouting names what no ModelRoute among these files")
+    assert "destinations[1].model 'support'" in warning
+
+
+def test_with_others_redoes_only_the_content_part_and_keeps_the_table_when_it_is_unchanged():
+    from loraplane.builders.resolution import with_others
+
+    route = ModelRoute.model_validate(route_body(content=[auto(methods=["rules"], classifier=None, semantic=None)]))
+    base = resolve(route, [SQL])
+    others = [Publication("b", T1, models=(("support", True),))]
+    full = resolve(route, [SQL], others=others)
+    redone = with_others(base, route, others)
+    assert redone.table == full.table and redone.table.to_json() == full.table.to_json()
+    assert redone.content.targets == full.content.targets and redone.selected == base.selected
+    # Nothing of the content part changes: the very same table object (its JSON is not rebuilt).
+    plain = ModelRoute.model_validate(route_body())
+    plain_base = resolve(plain, [SQL])
+    conflicted = with_others(plain_base, plain, [Publication("b", T1, models=(("sql", True),))])
+    assert conflicted.table is plain_base.table and conflicted.content.conflicts == [("sql", "b")]
+    # Over the byte budget with the external models: None (resolve with others leaves adapters out instead).
+    assert with_others(base, route, others, max_bytes=len(base.table.to_json())) is None
+
+
+def test_the_wire_invariant_holds_for_any_mix_of_local_external_missing_and_chained_names():
+    """Seeded random specs and namespaces: resolution never raises, every name a wire content model references is
+    in the table (models or external_models), each external model is owned by the oldest route publishing it, and a
+    content model is in the table exactly when its default resolves."""
+    import random
+
+    rnd = random.Random(15)
+    pool = ["general", "sql", "support", "clf", "embed", "x1", "x2", "other-auto"]
+    for _ in range(150):
+        dests = [{"model": m, "label": f"l{i}", "examples": ["e"]} for i, m in enumerate(rnd.sample(pool, 3))]
+        content = [{"name": "auto", "default": rnd.choice(pool), "methods": ["rules", "classifier", "semantic"],
+                    "classifier": {"model": rnd.choice(pool)}, "semantic": {"embeddingModel": rnd.choice(pool)},
+                    "destinations": dests}]
+        route = ModelRoute.model_validate(route_body(content=content))
+        others = []
+        for i in range(rnd.randint(0, 3)):
+            names = rnd.sample(pool, 2)
+            others.append(Publication(f"r{i}", rnd.choice([T1, T3]), models=((names[0], rnd.random() < .5),),
+                                      content=((names[1], True),) if rnd.random() < .3 else ()))
+        res = resolve(route, [SQL], others=others)
+        table = res.table
+        known = {m.name for m in table.models} | {e.name for e in table.external_models}
+        for cm in table.content_models:
+            refs = {cm.default, *(d.model for d in cm.destinations)}
+            refs |= {cm.classifier.model} if cm.classifier else set()
+            refs |= {cm.semantic.embedding_model} if cm.semantic else set()
+            assert refs <= known
+            assert (cm.classifier is not None) == ("classifier" in cm.methods)
+            assert (cm.semantic is not None) == ("semantic" in cm.methods)
+        for e in table.external_models:
+            publishers = sorted((p.created, p.route) for p in others if e.name in dict(p.models)
+                                or e.name in dict(p.content))
+            assert e.route == publishers[0][1]
+        assert bool(table.content_models) == (res.content.targets[content[0]["default"]]
+                                              .missing is None)
