@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 from loraplane.api.modelroute import ModelRoute
+from loraplane.api.orchestration import router_url  # the one builder of a route's router URL (from names)
 from loraplane.api.paths import API_KEYS_MOUNT, ENGINE_KEY_SECRET_KEY
 from loraplane.builders import engine_pod
 from loraplane.builders.common import (
@@ -66,13 +67,6 @@ def router_name(route: ModelRoute) -> str:
 def router_service_name(route_name: str) -> str:
     """`router_name` from the route's name alone (another route's, read from the store)."""
     return child_name(route_name, "router", 63, "dns1035")
-
-
-def router_url(route_name: str, namespace: str) -> str:
-    """The in-cluster base URL of a route's router Service, no path: `http://<route>-router.<ns>.svc:ROUTER_PORT`.
-    Built from the two names only (never from a field a pod could write), so a serving table's external model
-    can only point at a loraplane router of the namespace."""
-    return f"http://{router_service_name(route_name)}.{namespace}.svc:{ROUTER_PORT}"
 
 
 def endpoint(route: ModelRoute) -> str:
