@@ -8,18 +8,21 @@ one request and answers what the router refuses itself.
 
 from __future__ import annotations
 
-import time
-
+import asyncio
+import json
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from loraplane.api.orchestration import ExternalModel
 from loraplane.router.client_protocol import ClientConnection, Request
+from loraplane.router.content import CompiledContentModel, decision_text
 from loraplane.router.exchange import Exchange, ask_for_usage
 from loraplane.router.hold import Hold
 from loraplane.router.metrics import NO_BACKEND, UNKNOWN_MODEL
-from loraplane.router.table import BadRequest, read_model, rewrite_model
+from loraplane.router.table import BackendRoute, BadRequest, read_model, rewrite_model
 
 if TYPE_CHECKING:
     from loraplane.router.server import Router
@@ -132,10 +135,20 @@ def proxy(router: Router, conn: ClientConnection, req: Request, hold: Hold | Non
         return True
     route = table.models.get(model)
     if route is None:
+        # Not a public model of this route: only now (a miss) are content-routed and external names looked up,
+        # so a request naming a public model pays nothing for them.
+        content = table.content.get(model)
+        if content is not None and not req.routed:
+            route_by_content(router, conn, req, content, body, handle)
+            return True
+        external = table.external.get(model)
+        if external is not None:
+            return forward_external(router, conn, req, external, body, hold)
         router.metrics.count_refused(UNKNOWN_MODEL, 404)
-        names = list(table.models)
+        names = table.names
         conn.respond_error(404, f"The model `{model}` does not exist. Served models: {', '.join(names)}",
-                           "NotFoundError", "model_not_found", "model", close=close, available_models=names)
+                           "NotFoundError", "model_not_found", "model", extra=req.routed, close=close,
+                           available_models=names)
         return True
     if router.log_prompts and hold is None:
         log.info("request body (router.logPrompts is on): %s", body.decode("utf-8", "replace"))
@@ -167,7 +180,7 @@ def proxy(router: Router, conn: ClientConnection, req: Request, hold: Hold | Non
             conn.respond_error(
                 503, f"no replica is ready to serve `{model}` (backends: "
                      f"{', '.join(b.served_name for b in route.backends)}); adapters may still be loading",
-                "service_unavailable", "no_ready_replica", extra=b"Retry-After: 2\r\n", close=close)
+                "service_unavailable", "no_ready_replica", extra=b"Retry-After: 2\r\n" + req.routed, close=close)
             return True
     if hold is not None:
         hold.released()
@@ -181,3 +194,89 @@ def proxy(router: Router, conn: ClientConnection, req: Request, hold: Hold | Non
     ex.start()
     return True
 
+
+
+# ---- content routing (issue 15): decide, rewrite `model` to the destination, then the named-model path ----
+
+
+class Deciding:
+    """Stands in the connection's `exchange` slot while a content-routing decision runs (it has no upstream and
+    no deadline of its own: each method's budget bounds it). A client that leaves cancels the decision (499)."""
+
+    __slots__ = ("router", "model", "task")
+    upstream = None
+    deadline = 0.0
+
+    def __init__(self, router: Router, model: str):
+        self.router, self.model = router, model
+        self.task: asyncio.Task | None = None
+
+    def client_lost(self) -> None:
+        """The client closed its connection mid-decision: stop deciding, count 499."""
+        if self.task is not None:
+            self.task.cancel()
+        self.router.metrics.count_refused(self.model, 499)
+
+
+def route_by_content(router: Router, conn: ClientConnection, req: Request, content: CompiledContentModel,
+                     body: bytes, handle: object) -> None:
+    """Decide where a request for a content-routed model goes (orchestrate.py, async), then send it down the
+    named-model path (`proxy`) with its body's `model` rewritten to the destination's public name and the
+    decision's response headers (`req.routed`) on whatever answers it. 400 for a body that is not JSON: the
+    decision reads the messages or prompt (content.decision_text)."""
+    if type(handle) is dict:
+        obj = handle
+    else:
+        try:
+            obj = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            router.metrics.count_refused(content.name, 400)
+            conn.respond_error(400, f"the request body is not valid JSON: {exc}", "invalid_request_error",
+                               close=not req.keep_alive)
+            return
+    text = decision_text(obj, req.path == CHAT_COMPLETIONS)
+    deciding = Deciding(router, content.name)
+    conn.exchange = deciding
+    router.active += 1   # a draining router waits for it, as for a proxied request
+    deciding.task = router.loop.create_task(_decide_and_send(router, conn, req, content, body, handle, text,
+                                                             deciding))
+
+
+async def _decide_and_send(router: Router, conn: ClientConnection, req: Request, content: CompiledContentModel,
+                           body: bytes, handle: object, text: bytes, deciding: Deciding) -> None:
+    try:
+        decision = await router.orchestrator.decide(content, text, getattr(req, "rule_headers", None),
+                                                    req.authorization)
+    except asyncio.CancelledError:
+        return
+    except Exception:   # decide() counts its methods' failures itself; this is a bug: answer, never hang
+        log.exception("content routing of %s failed", content.name)
+        if conn.exchange is deciding:
+            conn.exchange = None
+            router.metrics.count_refused(content.name, 500)
+            conn.respond_error(500, "content routing failed (see the router's log)", "internal_error",
+                               close=not req.keep_alive)
+        return
+    finally:
+        router.active -= 1
+    if conn.exchange is not deciding or conn.transport is None:
+        return   # the client left meanwhile (counted by Deciding.client_lost)
+    conn.exchange = None
+    req.routed = decision.head
+    payload = rewrite_model(body, handle, BackendRoute(decision.destination, None, 0))
+    req.body = [payload]
+    req.size = len(payload)
+    proxy(router, conn, req)
+
+
+def forward_external(router: Router, conn: ClientConnection, req: Request, external: ExternalModel, body: bytes,
+                     hold: Hold | None) -> bool:
+    """A request whose model is another route's public model (`ServingTable.external_models`): forwarded to that
+    route's router with the client's Authorization. The forwarding path is orch-gateway's (issue 15); until it
+    is merged this router answers 503 naming the route that serves the model."""
+    router.metrics.count_refused(external.name, 503)
+    conn.respond_error(503, f"`{external.name}` is served by the ModelRoute `{external.route}`; this router does "
+                            "not forward to other routes yet: send the request to that route's endpoint",
+                       "service_unavailable", "external_model_not_forwarded", extra=req.routed,
+                       close=not req.keep_alive)
+    return True

@@ -276,9 +276,9 @@ class Exchange:
             self.streaming = True
             t = self.conn.transport
             if t is not None:
-                t.write(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nCache-Control: no-cache\r\n%s: %s\r\n"
+                t.write(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nCache-Control: no-cache\r\n%s: %s\r\n%s"
                         b"Transfer-Encoding: chunked\r\n%s\r\n" % (
-                            content_type, _BACKEND_HEADER, self.backend.served_json,
+                            content_type, _BACKEND_HEADER, self.backend.served_json, self.req.routed,
                             b"" if self.req.keep_alive else b"Connection: close\r\n"))
         else:
             self.ctype = content_type
@@ -332,9 +332,9 @@ class Exchange:
             body = b"".join(self.chunks)
             t = self.conn.transport
             if t is not None:
-                t.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s: %s\r\n%s\r\n%s" % (
+                t.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s: %s\r\n%s%s\r\n%s" % (
                     self.status, STATUS_PHRASES.get(self.status, b"Unknown"), self.ctype, len(body),
-                    _BACKEND_HEADER, self.backend.served_json,
+                    _BACKEND_HEADER, self.backend.served_json, self.req.routed,
                     b"" if self.req.keep_alive else b"Connection: close\r\n", body))
             usage = parse_usage(body) if self.status == 200 else None
         if usage is not None:
@@ -445,7 +445,8 @@ class Exchange:
     def fail(self, status: int, message: str, type_: str, code: str, extra: bytes = b"") -> None:
         """Finish with an OpenAI error answer (nothing was sent to the client yet)."""
         self._finish(status, log_always=True)
-        self.conn.respond_error(status, message, type_, code, extra=extra, close=not self.req.keep_alive)
+        self.conn.respond_error(status, message, type_, code, extra=extra + self.req.routed,
+                                close=not self.req.keep_alive)
 
     def _drop_upstream(self) -> None:
         up, self.upstream = self.upstream, None

@@ -35,6 +35,7 @@ from loraplane.router.client_protocol import BODY, HEAD, IDLE, LINGER, LINGER_SE
 from loraplane.router.dispatch import admit, dispatch, proxy
 from loraplane.router.hold import MAX_HELD_BYTES, RETRY_AFTER_HEADER, Hold
 from loraplane.router.metrics import RouterMetrics
+from loraplane.router.orchestrate import Orchestrator
 from loraplane.router.replicas import ReplicaPool
 from loraplane.router.table import RoutingTable
 from loraplane.api.wire.serving import ServingTable
@@ -101,6 +102,10 @@ class Router:
         self.previous_table: RoutingTable | None = None
         self.replaced_at = 0.0
         self.sticky_header_lower: bytes | None = None
+        # Request headers content-routing rules read (lower-cased), from the table: the client connections keep
+        # these beside the few they always read.
+        self.rule_headers: frozenset[bytes] = frozenset()
+        self._orchestrator: Orchestrator | None = None
         self.max_request_bytes = 4 * 1024 * 1024
         self.timeout_seconds = 600.0
         self.log_prompts = False
@@ -150,6 +155,9 @@ class Router:
         if self.table is not None:
             self.previous_table, self.replaced_at = self.table, time.monotonic()
         self.table = compiled
+        self.rule_headers = compiled.rule_headers
+        if self._orchestrator is not None:
+            self._orchestrator.forget_unused({c.semantic_key for c in compiled.content.values()})
         self.metrics.table_generation.set(table.generation)
         self.metrics.table_dropped_entries.set(len(compiled.dropped))
         for problem in compiled.dropped:
@@ -158,6 +166,16 @@ class Router:
         log.info("routing table generation %d: %s", table.generation,
                  ", ".join(f"{m.name} -> " + "/".join(f"{b.served_name}:{b.weight}" for b in m.backends)
                            for m in table.models) or "no models")
+        for c in compiled.content.values():
+            log.info("content-routed model %s: methods %s, destinations %s, default %s", c.name,
+                     "/".join(c.source.methods), ", ".join(d.model for d in c.source.destinations), c.source.default)
+
+    @property
+    def orchestrator(self):
+        """The content-routing decisions' runner (router/orchestrate.py), made on first use."""
+        if self._orchestrator is None:
+            self._orchestrator = Orchestrator(self)
+        return self._orchestrator
 
     # ---- cold start (hold.py) ----
 
@@ -170,7 +188,7 @@ class Router:
             conn.respond_error(503, f"no replica is up to serve `{model}` and {len(self.held)} requests "
                                     f"({self.held_bytes} bytes) already wait for one (router.coldStart.maxRequests); "
                                     "retry later",
-                               "service_unavailable", "cold_start_queue_full", extra=RETRY_AFTER_HEADER,
+                               "service_unavailable", "cold_start_queue_full", extra=RETRY_AFTER_HEADER + req.routed,
                                close=not req.keep_alive)
             return
         h = Hold(self, conn, req, model)
@@ -278,3 +296,5 @@ class Router:
                 c.transport.close()
         for r in self.pool.replicas:
             r.close_idle()
+        if self._orchestrator is not None:
+            await self._orchestrator.close()

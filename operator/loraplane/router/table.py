@@ -14,7 +14,9 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from loraplane.api.orchestration import ExternalModel
 from loraplane.api.wire.serving import ServingTable
+from loraplane.router.content import CompiledContentModel
 
 STICKY_CACHE_SIZE = 65536
 # Sticky header values longer than this are routed by the same hash but not cached: the cache holds
@@ -130,6 +132,12 @@ class RoutingTable:
     models_json: bytes  # the /v1/models answer, rendered once
     # Entries left out, one readable line each ("models[3] 'x': ..."): one bad entry never costs the rest.
     dropped: list[str] = field(default_factory=list)
+    # Issue 15: content-routed public names (looked up only when `models` has no such name, so a request naming
+    # a public model pays nothing for them), the public models of other routes they reach, and the request
+    # headers any content rule reads (lower-cased; the client connection keeps only those, see client_protocol).
+    content: dict[str, CompiledContentModel] = field(default_factory=dict)
+    external: dict[str, ExternalModel] = field(default_factory=dict)
+    rule_headers: frozenset[bytes] = frozenset()
 
     @classmethod
     def compile(cls, table: ServingTable) -> "RoutingTable":
@@ -144,11 +152,39 @@ class RoutingTable:
                 continue
             backends = tuple(BackendRoute(b.served_name, b.adapter, b.weight) for b in pm.backends)
             models[pm.name] = PublicRoute(pm.name, backends)
+        external: dict[str, ExternalModel] = {}
+        for i, ext in enumerate(table.external_models):
+            if ext.name in models or ext.name in external:
+                dropped.append(f"external_models[{i}] {ext.name!r}: this route already has the name; its own "
+                               "entry serves it")
+                continue
+            external[ext.name] = ext
+        content: dict[str, CompiledContentModel] = {}
+        for i, cm in enumerate(table.content_models):
+            if cm.name in models or cm.name in external or cm.name in content:
+                dropped.append(f"content_models[{i}] {cm.name!r}: the name is already a public model; that "
+                               "entry serves it")
+                continue
+            compiled = CompiledContentModel.compile(cm, f"content_models[{i}]")
+            dropped += compiled.problems
+            for name, role in ((cm.default, "default"), *((d.model, "destination") for d in cm.destinations)):
+                if name not in models and name not in external:
+                    dropped.append(f"content_models[{i}] {cm.name!r}: {role} {name!r} is neither a model of this "
+                                   "route nor an external model (requests routed to it are answered 404)")
+            content[cm.name] = compiled
+        names = [*models, *content]
         listing = {"object": "list",
                    "data": [{"id": name, "object": "model", "created": 0, "owned_by": table.route,
-                             "root": name, "parent": None} for name in models]}
+                             "root": name, "parent": None} for name in names]}
         return cls(source=table, models=models, base_served_name=table.served_model_name,
-                   models_json=json.dumps(listing, separators=(",", ":")).encode(), dropped=dropped)
+                   models_json=json.dumps(listing, separators=(",", ":")).encode(), dropped=dropped,
+                   content=content, external=external,
+                   rule_headers=frozenset(n for c in content.values() for n in c.header_names))
+
+    @property
+    def names(self) -> list[str]:
+        """The public names clients may send: this route's models, then its content-routed models."""
+        return [*self.models, *self.content]
 
     @property
     def sticky_header(self) -> str | None:
