@@ -49,8 +49,9 @@ def compile_re2(pattern: str, what: str):
     """An RE2 program for `pattern` over UTF-8 bytes (linear time, program memory at most RE2_MAX_MEM).
     Raises ValueError naming `what` and why RE2 refuses it (backreferences, lookaround, too large)."""
     try:
-        # surrogatepass: a lone surrogate (JSON can spell one) becomes bytes RE2 refuses as invalid UTF-8.
-        return re2.compile(pattern.encode("utf-8", "surrogatepass"), _options())
+        return re2.compile(pattern.encode("utf-8"), _options())
+    except UnicodeEncodeError:   # a lone surrogate: JSON can spell one, UTF-8 cannot
+        raise ValueError(f"{what}: it holds a lone surrogate (\\ud800-\\udfff), not a character") from None
     except re2.error as exc:
         detail = exc.args[0] if exc.args else exc
         if isinstance(detail, bytes):
