@@ -96,7 +96,8 @@ class ClientConnection(asyncio.Protocol):
     in `pending` (over MAX_PIPELINED the router stops reading from the client).
 
     Reads from `router`: `connections` (it registers itself there), `max_connections`, `max_header_bytes`,
-    `sticky_header_lower`, `max_request_bytes`, `metrics`, `admit(conn, req)`, which may refuse a request
+    `sticky_header_lower` and `watched_headers` (it and the headers content rules read), `max_request_bytes`,
+    `metrics`, `admit(conn, req)`, which may refuse a request
     once its headers are complete, and `dispatch(conn, req)`, which answers a complete request.
     `phase` (IDLE, HEAD, BODY, LINGER) and `deadline` (time.perf_counter() seconds; 0.0: not armed yet) are
     the read phase and its deadline, armed and enforced by `Router.sweep`; `refused` is set once the
@@ -255,13 +256,14 @@ class ClientConnection(asyncio.Protocol):
             req.request_id = value
         elif n == b"expect":
             req.expect = value.lower()
-        elif n == self.router.sticky_header_lower:
-            req.sticky = value
-        elif n in self.router.rule_headers:   # read by content-routing rules (an empty set without any)
-            try:
-                req.rule_headers.setdefault(n, value)
-            except AttributeError:   # the first one (the slot is left unset otherwise: no work per request)
-                req.rule_headers = {n: value}
+        elif n in self.router.watched_headers:   # the sticky header and those content rules read (often none)
+            if n == self.router.sticky_header_lower:
+                req.sticky = value
+            else:
+                try:
+                    req.rule_headers.setdefault(n, value)
+                except AttributeError:   # the first one (the slot is left unset otherwise: no work per request)
+                    req.rule_headers = {n: value}
 
     def on_headers_complete(self):
         """httptools callback: method, path and keep-alive are known. `router.admit` may refuse the request

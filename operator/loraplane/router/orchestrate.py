@@ -69,6 +69,8 @@ EMBED_BATCH = 32
 INDEX_BUILD_TIMEOUT_S = 120.0
 INDEX_BODY_MAX_BYTES = 64 * 1024 * 1024
 INDEX_RETRY_S = 5.0
+# A method's failures are logged at most this often (seconds) per (content model, method, reason).
+WARN_INTERVAL_S = 10.0
 # The classifier's max_tokens: enough for the longest label (a token is at least one character) plus a space.
 MAX_CLASSIFIER_TOKENS = 64
 
@@ -144,6 +146,7 @@ class Orchestrator:
         self._session: aiohttp.ClientSession | None = None
         self._indexes: dict[str, _IndexState] = {}
         self._index_class = index_class or semantic_index_class
+        self._warned: dict[tuple[str, str, Fallback], float] = {}
 
     # ---- the decision ----
 
@@ -163,14 +166,13 @@ class Orchestrator:
             except MethodFailed as failed:
                 reason = failed.reason
                 if reason is not Fallback.NoMatch:
-                    log.warning("content model %s: method %s failed (%s): %s", src.name, method, reason.value,
-                                failed)
+                    self._warn(src.name, method, reason, str(failed))
             except asyncio.TimeoutError:
                 reason = Fallback.Timeout
+                self._warn(src.name, method, reason, "past its budget")
             except (aiohttp.ClientError, OSError, ValueError) as exc:
                 reason = Fallback.Unavailable
-                log.warning("content model %s: method %s unavailable: %s: %s", src.name, method,
-                            type(exc).__name__, exc)
+                self._warn(src.name, method, reason, f"{type(exc).__name__}: {exc}")
             except asyncio.CancelledError:
                 raise
             except Exception:   # a bug in one method must not fail the request: the default serves
@@ -182,6 +184,16 @@ class Orchestrator:
             if first_failure is None and reason is not Fallback.NoMatch:
                 first_failure = reason
         return self._decided(content, src.default, DEFAULT_METHOD, first_failure or Fallback.NoMatch, started)
+
+    def _warn(self, model: str, method: str, reason: Fallback, detail: str) -> None:
+        """Log why a method failed, at most once per WARN_INTERVAL_S per (model, method, reason): an outage of a
+        classifier's route must not write a line per request (the fallback counter counts every one)."""
+        key = (model, method, reason)
+        now = time.monotonic()
+        if now - self._warned.get(key, -WARN_INTERVAL_S) >= WARN_INTERVAL_S:
+            self._warned[key] = now
+            log.warning("content model %s: method %s fell back (%s): %s; the default or the next method serves "
+                        "(logged at most every %g s)", model, method, reason.value, detail[:300], WARN_INTERVAL_S)
 
     def _decided(self, content: CompiledContentModel, destination: str, method: str, fallback: Fallback | None,
                  started: float) -> Decision:

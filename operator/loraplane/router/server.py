@@ -105,6 +105,9 @@ class Router:
         # Request headers content-routing rules read (lower-cased), from the table: the client connections keep
         # these beside the few they always read.
         self.rule_headers: frozenset[bytes] = frozenset()
+        # The headers a client connection keeps besides its fixed few: the sticky header and rule_headers (one set
+        # lookup per other header, as the one comparison with the sticky header's name cost before).
+        self.watched_headers: frozenset[bytes] = frozenset()
         self._orchestrator: Orchestrator | None = None
         self.max_request_bytes = 4 * 1024 * 1024
         self.timeout_seconds = 600.0
@@ -156,6 +159,8 @@ class Router:
             self.previous_table, self.replaced_at = self.table, time.monotonic()
         self.table = compiled
         self.rule_headers = compiled.rule_headers
+        self.watched_headers = compiled.rule_headers | (
+            {self.sticky_header_lower} if self.sticky_header_lower else set())
         if self._orchestrator is not None:
             self._orchestrator.forget_unused({c.semantic_key for c in compiled.content.values()})
         self.metrics.table_generation.set(table.generation)
