@@ -10,6 +10,8 @@ latency, TTFT. One module per concern:
 - dispatch.py: which endpoint answers, which backend and replica get an inference request;
 - exchange.py: one proxied request (retries, streaming relay, usage and latency accounting);
 - upstream.py: the connections to vLLM and their keep-alive pool;
+- content.py + orchestrate.py: content routing (issue 15): a content-routed name (e.g. `auto`) is decided per
+  request (rules, classifier, semantic; budgets, fallbacks), then served as the destination's request;
 - auth.py (API keys), kube/mounted.py (change detection of re-read files), table.py (the routing table,
   `model` rewriting), replicas.py (polling, choice), metrics.py (Prometheus), service.py (table sources,
   background loops), cli.py (the command line).
