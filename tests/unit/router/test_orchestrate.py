@@ -366,3 +366,13 @@ async def test_decision_log_is_off_by_default_and_never_has_the_prompt(stub, tmp
         await ask(c, "auto", "secret refund text")
     lines = [r.getMessage() for r in caplog.records if "content routing:" in r.getMessage()]
     assert len(lines) == 1 and "destination=support method=rules" in lines[0] and "secret" not in caplog.text
+
+
+async def test_semantic_with_router_semantic_index(stub, tmp_path):
+    # The real index (router/semantic.py, orch-semantic's), imported lazily by the orchestrator as in production.
+    pytest.importorskip("loraplane.router.semantic")
+    async with running_router(tmp_path, [stub.spec], table({"methods": ["semantic"]})) as (svc, c):
+        for prompt, dest, method in (("refund refund", "support", "semantic"), ("SELECT select", "sql", "semantic"),
+                                     ("the weather", "general", "default")):
+            _, headers, _ = await ask(c, "auto", prompt)
+            assert (headers[DESTINATION_HEADER], headers[METHOD_HEADER]) == (dest, method), prompt
