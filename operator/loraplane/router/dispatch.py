@@ -22,7 +22,8 @@ from loraplane.router.content import CompiledContentModel, decision_text
 from loraplane.router.exchange import Exchange, ask_for_usage
 from loraplane.router.hold import Hold
 from loraplane.router.metrics import NO_BACKEND, UNKNOWN_MODEL
-from loraplane.router.table import BackendRoute, BadRequest, read_model, rewrite_model
+from loraplane.router.orchestrate import Decision, Pending
+from loraplane.router.table import BadRequest, read_model, rewrite_model
 
 if TYPE_CHECKING:
     from loraplane.router.server import Router
@@ -235,18 +236,34 @@ def route_by_content(router: Router, conn: ClientConnection, req: Request, conte
                                close=not req.keep_alive)
             return
     text = decision_text(obj, req.path == CHAT_COMPLETIONS)
+    headers = getattr(req, "rule_headers", None)   # unset unless a rule's header arrived
+    decision = router.orchestrator.decide_now(content, text, headers)
+    if type(decision) is Decision:   # rules decided without I/O: no task, no event-loop round trip
+        send_decided(router, conn, req, body, handle, decision)
+        return
     deciding = Deciding(router, content.name)
     conn.exchange = deciding
     router.active += 1   # a draining router waits for it, as for a proxied request
     deciding.task = router.loop.create_task(_decide_and_send(router, conn, req, content, body, handle, text,
-                                                             deciding))
+                                                             headers, decision, deciding))
+
+
+def send_decided(router: Router, conn: ClientConnection, req: Request, body: bytes, handle: object,
+                 decision: Decision) -> None:
+    """Send a decided request down the named-model path: its body's `model` rewritten to the destination (only
+    that changes) and the decision's header lines on whatever answers it."""
+    req.routed = decision.head
+    payload = rewrite_model(body, handle, decision.rewrite)
+    req.body = [payload]
+    req.size = len(payload)
+    proxy(router, conn, req)
 
 
 async def _decide_and_send(router: Router, conn: ClientConnection, req: Request, content: CompiledContentModel,
-                           body: bytes, handle: object, text: bytes, deciding: Deciding) -> None:
+                           body: bytes, handle: object, text: bytes, headers: dict[bytes, bytes] | None,
+                           pending: Pending, deciding: Deciding) -> None:
     try:
-        decision = await router.orchestrator.decide(content, text, getattr(req, "rule_headers", None),
-                                                    req.authorization)
+        decision = await router.orchestrator.decide(content, text, headers, req.authorization, pending)
     except asyncio.CancelledError:
         return
     except Exception:   # decide() counts its methods' failures itself; this is a bug: answer, never hang
@@ -262,11 +279,7 @@ async def _decide_and_send(router: Router, conn: ClientConnection, req: Request,
     if conn.exchange is not deciding or conn.transport is None:
         return   # the client left meanwhile (counted by Deciding.client_lost)
     conn.exchange = None
-    req.routed = decision.head
-    payload = rewrite_model(body, handle, BackendRoute(decision.destination, None, 0))
-    req.body = [payload]
-    req.size = len(payload)
-    proxy(router, conn, req)
+    send_decided(router, conn, req, body, handle, decision)
 
 
 def forward_external(router: Router, conn: ClientConnection, req: Request, external: ExternalModel, body: bytes,

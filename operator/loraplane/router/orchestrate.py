@@ -37,6 +37,7 @@ import aiohttp
 from loraplane.api.orchestration import (DEFAULT_METHOD, DESTINATION_HEADER, FALLBACK_HEADER, METHOD_HEADER,
                                          classifier_prompt)
 from loraplane.router.content import CompiledContentModel, parse_label
+from loraplane.router.table import BackendRoute
 from loraplane.storage.httpbody import read_bounded
 
 if TYPE_CHECKING:
@@ -83,27 +84,44 @@ class MethodFailed(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
+def decision_head(destination: str, method: str, fallback: Fallback | None) -> bytes:
+    """The response header lines (each with CRLF) of a decision: DESTINATION_HEADER and METHOD_HEADER, and
+    FALLBACK_HEADER when the default served. The name is JSON-escaped like X-Loraplane-Backend's value: a table
+    cannot put a line break into an answer's head."""
+    name = json.dumps(destination)[1:-1].encode()
+    out = b"%s: %s\r\n%s: %s\r\n" % (DESTINATION_HEADER.encode(), name, METHOD_HEADER.encode(), method.encode())
+    if fallback is not None:
+        out += b"%s: %s\r\n" % (FALLBACK_HEADER.encode(), fallback.value.encode())
+    return out
+
+
+@dataclass(slots=True)   # not frozen: a frozen dataclass's __init__ costs ~1 us, once per request here
 class Decision:
     """Where one request goes: the destination public model, the method that chose it (or DEFAULT_METHOD), why
     the default served (None when a method chose), how long the decision took (seconds), and the response header
-    lines that say it (`head`, CRLF-terminated)."""
+    lines that say it (`head`: decision_head's); `rewrite`: the destination in the form table.rewrite_model
+    takes (its name as the new `model`)."""
 
     destination: str
     method: str
     fallback: Fallback | None
     seconds: float
+    head: bytes
+    rewrite: BackendRoute
 
-    @property
-    def head(self) -> bytes:
-        """DESTINATION_HEADER and METHOD_HEADER lines (+ FALLBACK_HEADER when the default served). The name is
-        JSON-escaped like X-Loraplane-Backend's value: a table cannot put a line break into the answer's head."""
-        name = json.dumps(self.destination)[1:-1].encode()
-        out = b"%s: %s\r\n%s: %s\r\n" % (DESTINATION_HEADER.encode(), name, METHOD_HEADER.encode(),
-                                         self.method.encode())
-        if self.fallback is not None:
-            out += b"%s: %s\r\n" % (FALLBACK_HEADER.encode(), self.fallback.value.encode())
-        return out
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """What `Orchestrator.decide_now` leaves to `decide`: resume at method `index`, with the first failure so far
+    and the decision's start (time.perf_counter())."""
+
+    index: int
+    first_failure: Fallback | None
+    started: float
+
+
+# `_rules_now`: a matching rule has token bounds (the count needs a /tokenize round trip).
+_NEEDS_TOKENS = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,20 +165,48 @@ class Orchestrator:
         self._indexes: dict[str, _IndexState] = {}
         self._index_class = index_class or semantic_index_class
         self._warned: dict[tuple[str, str, Fallback], float] = {}
+        # (destination, method, fallback) -> (head, rewrite): rendered once, not per request.
+        self._rendered: dict[tuple[str, str, Fallback | None], tuple[bytes, BackendRoute]] = {}
 
     # ---- the decision ----
 
-    async def decide(self, content: CompiledContentModel, text: bytes, headers: dict[bytes, bytes] | None,
-                     authorization: bytes | None) -> Decision:
-        """Run the content model's methods in order on the decision text (content.decision_text), the request's
-        rule headers (lower-cased name -> value) and the client's Authorization (for external models); never
-        raises for a method's failure (counted, next method). Counts the decision and its latency."""
+    def decide_now(self, content: CompiledContentModel, text: bytes,
+                   headers: dict[bytes, bytes] | None) -> Decision | Pending:
+        """The decision, when it needs no I/O: the methods in order while they are `rules` whose matching rule
+        has no token bounds (pure CPU, no task: the common case costs no event-loop round trip). Otherwise a
+        `Pending` for `decide`, which goes on from there. Counts what it decides, as `decide` does."""
         started = time.perf_counter()
         src = content.source
+        for i, method in enumerate(src.methods):
+            if method != "rules":
+                return Pending(i, None, started)
+            destination = self._rules_now(content, text, headers)
+            if destination is _NEEDS_TOKENS:
+                return Pending(i, None, started)
+            if destination is not None:
+                return self._decided(content, destination, method, None, started)
+            self.router.metrics.count_fallback(src.name, method, Fallback.NoMatch.value)
+        return self._decided(content, src.default, DEFAULT_METHOD, Fallback.NoMatch, started)
+
+    @staticmethod
+    def _rules_now(content: CompiledContentModel, text: bytes, headers: dict[bytes, bytes] | None):
+        for rule in content.rules:
+            if rule.match_text(text, headers):
+                return _NEEDS_TOKENS if rule.needs_tokens else rule.destination
+        return None
+
+    async def decide(self, content: CompiledContentModel, text: bytes, headers: dict[bytes, bytes] | None,
+                     authorization: bytes | None, pending: Pending | None = None) -> Decision:
+        """Run the content model's methods in order (from `pending.index` when `decide_now` started) on the
+        decision text (content.decision_text), the request's rule headers (lower-cased name -> value) and the
+        client's Authorization (for external models); never raises for a method's failure (counted, next
+        method). Counts the decision and its latency."""
+        started = pending.started if pending is not None else time.perf_counter()
+        src = content.source
         metrics = self.router.metrics
-        first_failure: Fallback | None = None
+        first_failure: Fallback | None = pending.first_failure if pending is not None else None
         tokens: list[int] = []   # the token count, once counted (rules)
-        for method in src.methods:
+        for method in src.methods[pending.index if pending is not None else 0:]:
             try:
                 destination = await self._run(method, content, text, headers, authorization, tokens)
             except MethodFailed as failed:
@@ -197,7 +243,14 @@ class Orchestrator:
 
     def _decided(self, content: CompiledContentModel, destination: str, method: str, fallback: Fallback | None,
                  started: float) -> Decision:
-        d = Decision(destination, method, fallback, time.perf_counter() - started)
+        key = (destination, method, fallback)
+        rendered = self._rendered.get(key)
+        if rendered is None:
+            if len(self._rendered) >= 4096:   # names come from tables; a long-lived router sees many
+                self._rendered.clear()
+            rendered = self._rendered[key] = (decision_head(destination, method, fallback),
+                                              BackendRoute(destination, None, 0))
+        d = Decision(destination, method, fallback, time.perf_counter() - started, *rendered)
         self.router.metrics.count_decision(content.name, destination, method, d.seconds)
         if content.source.log_decisions:
             # Never the prompt (nor the client's headers): what was decided, how, and how long it took.

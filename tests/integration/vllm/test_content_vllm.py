@@ -41,7 +41,7 @@ def loader(vllm_server, two_adapters, tmp_path_factory):
     run.stop()
 
 
-def table(base: str, down_router_url: str) -> str:
+def table(base: str, down_router_url: str, max_short_tokens: int = 1) -> str:
     destinations = [
         {"model": "blue", "label": "blue", "rules": {"keywords": ["bread", "market"]}},
         {"model": "fox", "label": "fox", "rules": {"pattern": r"(?i)\bchild\b"}},
@@ -60,6 +60,9 @@ def table(base: str, down_router_url: str) -> str:
              "classifier": {"model": "clf", "timeout_ms": 2000}},
             {"name": "auto-remote", "default": "tiny", "methods": ["classifier", "rules"], "destinations": destinations,
              "classifier": {"model": "remote-clf", "timeout_ms": 2000}},
+            # Short prompts (by the engine's own tokenizer) to fox, the others to the base model.
+            {"name": "auto-short", "default": "tiny", "destinations": [
+                {"model": "fox", "rules": {"max_prompt_tokens": max_short_tokens}}]},
         ],
         # Another route's classifier whose router is down (nothing listens there).
         "external_models": [{"name": "remote-clf", "route": "classifiers", "url": down_router_url}]})
@@ -134,3 +137,18 @@ async def test_classifier_down_the_default_serves_and_says_so(vllm_server, loade
                 'reason="unavailable"} 2.0') in text
         assert 'loraplane_router_content_decisions_total{destination="tiny",method="default",model="auto-clf"} 1.0' \
             in text
+
+
+async def test_token_bounds_are_counted_by_the_engines_tokenizer(vllm_server, loader, tmp_path):
+    spec = f"{vllm_server.base_url},{loader.url}/status"
+    short, long = instruction_prompt("describe a tree."), BLUE_PROMPT + " " + BLUE_PROMPT
+    async with aiohttp.ClientSession(base_url=vllm_server.base_url) as direct:
+        async with direct.post("/tokenize", json={"model": vllm_server.served_name, "prompt": short,
+                                                  "add_special_tokens": False}) as resp:
+            short_tokens = (await resp.json())["count"]
+    down = f"http://127.0.0.1:{free_port()}"
+    async with running_router(tmp_path, [spec], table(vllm_server.served_name, down, short_tokens)) as (svc, c):
+        _, answer, headers = await complete(c, "auto-short", short, max_tokens=1)
+        assert (headers[DESTINATION_HEADER], headers[METHOD_HEADER], answer["model"]) == ("fox", "rules", "fox--v1")
+        _, answer, headers = await complete(c, "auto-short", long, max_tokens=1)
+        assert (headers[DESTINATION_HEADER], headers[FALLBACK_HEADER]) == ("tiny", "no-match")
