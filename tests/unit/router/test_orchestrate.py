@@ -376,3 +376,25 @@ async def test_semantic_with_router_semantic_index(stub, tmp_path):
                                      ("the weather", "general", "default")):
             _, headers, _ = await ask(c, "auto", prompt)
             assert (headers[DESTINATION_HEADER], headers[METHOD_HEADER]) == (dest, method), prompt
+
+
+async def test_rules_without_token_bounds_decide_without_a_task(stub, tmp_path, monkeypatch):
+    # The common case (rules on text and headers) is decided synchronously in the dispatch; only methods that
+    # need I/O (here a rule with token bounds) go through the async decide().
+    calls = []
+    real = Orchestrator.decide
+
+    async def spy(self, *args, **kwargs):
+        calls.append(args[0].name)
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Orchestrator, "decide", spy)
+    content = {"destinations": [{"model": "support", "rules": {"keywords": ["refund"]}},
+                                {"model": "sql", "rules": {"keywords": ["long"], "min_prompt_tokens": 2}}]}
+    async with running_router(tmp_path, [stub.spec], table(content)) as (svc, c):
+        for prompt in ("refund", "hello"):
+            _, headers, _ = await ask(c, "auto", prompt)
+            assert headers[DESTINATION_HEADER] in ("support", "general")
+        assert calls == []
+        _, headers, _ = await ask(c, "auto", "a long text")
+        assert headers[DESTINATION_HEADER] == "sql" and calls == ["auto"]
