@@ -230,10 +230,11 @@ def route_by_content(router: Router, conn: ClientConnection, req: Request, conte
     else:
         try:
             obj = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             router.metrics.count_refused(content.name, 400)
-            conn.respond_error(400, f"the request body is not valid JSON: {exc}", "invalid_request_error",
-                               close=not req.keep_alive)
+            why = "nests arrays or objects too deeply to be read" if isinstance(exc, RecursionError) else \
+                f"is not valid JSON: {exc}"
+            conn.respond_error(400, f"the request body {why}", "invalid_request_error", close=not req.keep_alive)
             return
     text = decision_text(obj, req.path == CHAT_COMPLETIONS)
     headers = getattr(req, "rule_headers", None)   # unset unless a rule's header arrived

@@ -239,6 +239,8 @@ def read_model(body: bytes) -> tuple[str, object]:
         obj = json.loads(body) if literal else json.loads(body, object_pairs_hook=pairs_hook)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:   # json's C decoder recurses per nesting level: `[[[[...` a few thousand deep
+        raise BadRequest("the request body nests arrays or objects too deeply to be read") from None
     if not isinstance(obj, dict):
         raise BadRequest("the request body must be a JSON object with a `model` field")
     if seen_model > 1:

@@ -11,7 +11,7 @@ import pytest
 from loraplane.api.orchestration import MAX_DECISION_TEXT_CHARS, ContentModel
 from loraplane.api.wire.serving import ServingTable
 from loraplane.router.content import CompiledContentModel, compile_re2, decision_text, parse_label
-from loraplane.router.table import RoutingTable
+from loraplane.router.table import BadRequest, RoutingTable, read_model
 
 
 def content_model(*destinations: dict, default: str = "base", **extra) -> ContentModel:
@@ -214,3 +214,11 @@ def test_semantic_key_changes_only_with_examples_or_embedding_model():
             semantic={"embedding_model": embedding})).semantic_key
     assert key(["x"]) == key(["x"]) != key(["y"])
     assert key(["x"]) != key(["x"], "emb2")
+
+
+def test_a_body_nested_too_deeply_is_a_bad_request_not_a_crash():
+    # json's C decoder raises RecursionError (not ValueError) past ~1000 levels; read_model parses bodies whose
+    # `model` is spelled with escapes, and content routing parses every body it decides on.
+    body = b'{"mod\\u0065l": "auto", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(BadRequest, match="nests arrays or objects too deeply"):
+        read_model(body)

@@ -229,7 +229,8 @@ async def test_streamed_answers_and_errors_after_the_decision_carry_the_headers(
 
 async def test_invalid_bodies_are_refused_before_deciding(stub, tmp_path):
     async with running_router(tmp_path, [stub.spec], table()) as (svc, c):
-        for body in (b'{"model": "auto", "prompt": "\xff\xfe bad utf-8"}', b'{"model": "auto", "prompt": }'):
+        deep = b'{"model": "auto", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"   # json's decoder recurses
+        for body in (b'{"model": "auto", "prompt": "\xff\xfe bad utf-8"}', b'{"model": "auto", "prompt": }', deep):
             async with c.post("/v1/completions", data=body) as resp:
                 assert resp.status == 400 and DESTINATION_HEADER not in resp.headers
         m = await metric_samples(c)
