@@ -399,3 +399,12 @@ async def test_rules_without_token_bounds_decide_without_a_task(stub, tmp_path, 
         assert calls == []
         _, headers, _ = await ask(c, "auto", "a long text")
         assert headers[DESTINATION_HEADER] == "sql" and calls == ["auto"]
+
+
+async def test_a_deeply_nested_named_request_is_answered_400_not_disconnected(stub, tmp_path):
+    # `model` spelled with an escape takes read_model's parse; before, its RecursionError closed the connection.
+    async with running_router(tmp_path, [stub.spec], table()) as (svc, c):
+        body = b'{"mod\\u0065l": "sql", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        async with c.post("/v1/completions", data=body) as resp:
+            assert resp.status == 400
+            assert "too deeply" in (await resp.json())["error"]["message"]
