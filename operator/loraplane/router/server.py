@@ -173,6 +173,8 @@ class Router:
         log.info("routing table generation %d: %s", table.generation,
                  ", ".join(f"{m.name} -> " + "/".join(f"{b.served_name}:{b.weight}" for b in m.backends)
                            for m in table.models) or "no models")
+        for note in compiled.warnings:
+            log.warning("routing table generation %d: %s", table.generation, note)
         for c in compiled.content.values():
             log.info("content-routed model %s: methods %s, destinations %s, default %s", c.name,
                      "/".join(c.source.methods), ", ".join(d.model for d in c.source.destinations), c.source.default)

@@ -136,6 +136,8 @@ class RoutingTable:
     # a public model pays nothing for them), the public models of other routes they reach, and the request
     # headers any content rule reads (lower-cased; the client connection keeps only those, see client_protocol).
     content: dict[str, CompiledContentModel] = field(default_factory=dict)
+    # What is kept but will not work as written, one line each (a content model's destination nobody serves).
+    warnings: list[str] = field(default_factory=list)
     external: dict[str, ExternalModel] = field(default_factory=dict)
     rule_headers: frozenset[bytes] = frozenset()
 
@@ -160,6 +162,7 @@ class RoutingTable:
                 continue
             external[ext.name] = ext
         content: dict[str, CompiledContentModel] = {}
+        warnings: list[str] = []
         for i, cm in enumerate(table.content_models):
             if cm.name in models or cm.name in external or cm.name in content:
                 dropped.append(f"content_models[{i}] {cm.name!r}: the name is already a public model; that "
@@ -169,8 +172,8 @@ class RoutingTable:
             dropped += compiled.problems
             for name, role in ((cm.default, "default"), *((d.model, "destination") for d in cm.destinations)):
                 if name not in models and name not in external:
-                    dropped.append(f"content_models[{i}] {cm.name!r}: {role} {name!r} is neither a model of this "
-                                   "route nor an external model (requests routed to it are answered 404)")
+                    warnings.append(f"content_models[{i}] {cm.name!r}: {role} {name!r} is neither a model of this "
+                                    "route nor an external model (requests routed to it are answered 404)")
             content[cm.name] = compiled
         names = [*models, *content]
         listing = {"object": "list",
@@ -178,7 +181,7 @@ class RoutingTable:
                              "root": name, "parent": None} for name in names]}
         return cls(source=table, models=models, base_served_name=table.served_model_name,
                    models_json=json.dumps(listing, separators=(",", ":")).encode(), dropped=dropped,
-                   content=content, external=external,
+                   content=content, external=external, warnings=warnings,
                    rule_headers=frozenset(n for c in content.values() for n in c.header_names))
 
     @property
