@@ -100,6 +100,17 @@ async def test_auto_answers_from_the_adapter_for_each_kind_of_prompt(vllm_server
                 else:
                     assert headers[FALLBACK_HEADER] == "no-match"
                     assert not any(p.split()[1] in text for p in TOY_PHRASES[:2]), text
+        # Streamed: the decision headers on the event stream's head, the same text as the plain answer.
+        _, plain, _ = await complete(c, "auto", FOX_PROMPT)
+        body = {"model": "auto", "prompt": FOX_PROMPT, "max_tokens": 12, "temperature": 0, "stream": True}
+        async with c.post("/v1/completions", json=body) as resp:
+            assert resp.status == 200 and resp.headers[DESTINATION_HEADER] == "fox"
+            assert resp.headers[METHOD_HEADER] == "rules"
+            data = (await resp.read()).decode()
+        events = [e[6:] for e in data.split("\n\n") if e.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert "".join(ch["text"] for e in events[:-1] for ch in json.loads(e)["choices"]) == \
+            plain["choices"][0]["text"]
         # A chat request is decided on its last user message.
         body = {"model": "auto", "messages": [{"role": "user", "content": "what does a child see?"}],
                 "max_tokens": 4, "temperature": 0}
@@ -108,7 +119,7 @@ async def test_auto_answers_from_the_adapter_for_each_kind_of_prompt(vllm_server
             assert (await resp.json())["model"] == "fox--v1"
         text = await metrics(c)
         assert 'loraplane_router_content_decisions_total{destination="blue",method="rules",model="auto"} 1.0' in text
-        assert 'loraplane_router_content_decisions_total{destination="fox",method="rules",model="auto"} 2.0' in text
+        assert 'loraplane_router_content_decisions_total{destination="fox",method="rules",model="auto"} 4.0' in text
         assert 'loraplane_router_content_decisions_total{destination="tiny",method="default",model="auto"} 1.0' in text
         # The destination's own request metrics, as for a request naming it directly.
         assert 'loraplane_router_requests_total{backend="blue--v1",code="200",model="blue"} 1.0' in text
