@@ -47,6 +47,10 @@ VALUE_SETS = {
                                               "size": "1Ti"},
                                 "policy": {"allowedPriorityClasses": ["team-*"],
                                            "allowedModelCacheHostPaths": ["/var/cache/loraplane/*"]}}},
+    # issue 15: the gateway (one endpoint across a namespace's ModelRoutes), in a team namespace, with keys
+    "gateway": {"gateway": {"enabled": True, "namespace": "team-a", "routeSelector": {"tier": "prod"},
+                            "apiKeySecret": "gateway-keys", "replicas": 2},
+                "imagePullSecrets": [{"name": "regcred"}]},
 }
 RECOMMENDED_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
                       "app.kubernetes.io/managed-by", "app.kubernetes.io/part-of", "helm.sh/chart")
@@ -123,6 +127,10 @@ BAD_VALUES = [
     ("scrape interval", {"metrics": {"serviceMonitor": {"interval": "often"}}}, "interval"),
     ("policy flag not a flag", {"operator": {"policy": {"allowedEngineArgs": ["--seed 1"]}}}, "allowedEngineArgs"),
     ("policy key misspelled", {"operator": {"policy": {"allowImages": ["x/*"]}}}, "allowImages"),
+    ("gateway key misspelled", {"gateway": {"enable": True}}, "enable"),
+    ("gateway namespace not a DNS label", {"gateway": {"namespace": "Team_A"}}, "namespace"),
+    ("gateway selector value not a string", {"gateway": {"routeSelector": {"tier": 1}}}, "tier"),
+    ("gateway with no replica", {"gateway": {"replicas": 0}}, "replicas"),
 ]
 
 

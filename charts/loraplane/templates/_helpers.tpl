@@ -129,3 +129,23 @@ childPods.imagePullSecrets is null. */}}
 {{- end }}
 {{- toJson $pods }}
 {{- end }}
+
+{{/* Labels of the gateway's objects (gateway.enabled). */}}
+{{- define "loraplane.gatewayLabels" -}}
+{{ include "loraplane.labels" . }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{- define "loraplane.gatewaySelectorLabels" -}}
+{{ include "loraplane.selectorLabels" . }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{/* A label map as an equality selector string: k1=v1,k2=v2 (keys sorted). */}}
+{{- define "loraplane.selectorString" -}}
+{{- $terms := list }}
+{{- range $k, $v := . }}
+{{- $terms = append $terms (printf "%s=%s" $k $v) }}
+{{- end }}
+{{- join "," $terms }}
+{{- end }}

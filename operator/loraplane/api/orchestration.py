@@ -29,6 +29,7 @@ from typing import Annotated, ClassVar, Iterable, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from loraplane.api.common import ApiModel, CelRule
+from loraplane.api.paths import ROUTER_PORT
 
 # A public model name (the same grammar as spec.routes[].name).
 PUBLIC_NAME = r"^[A-Za-z0-9]([-A-Za-z0-9_.:/]*[A-Za-z0-9])?$"
@@ -263,3 +264,12 @@ def public_name_owners(routes: Iterable[tuple[str, str, Iterable[str]]]) -> tupl
             if owner != route:
                 conflicts.setdefault(route, []).append((n, owner))
     return owners, conflicts
+
+
+def router_url(route: str, namespace: str) -> str:
+    """The in-cluster base URL of ModelRoute `route`'s router Service, no path:
+    `http://<route>-router.<namespace>.svc:ROUTER_PORT`. Built from the two names only, never from a field a pod
+    could write, so an external model (and the gateway's table) can only point at a loraplane router of the
+    namespace. A ModelRoute name is a DNS-1035 label of at most 50 characters, so `<route>-router` is the router
+    Service's name exactly as builders.modelroute names it (a test checks the two agree)."""
+    return f"http://{route}-router.{namespace}.svc:{ROUTER_PORT}"

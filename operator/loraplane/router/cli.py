@@ -1,4 +1,5 @@
-"""`loraplane router` / `python -m loraplane.router`: run the OpenAI-compatible router of one ModelRoute."""
+"""`loraplane router` / `python -m loraplane.router`: run the OpenAI-compatible router of one ModelRoute, or
+(`--gateway`) one endpoint across the ModelRoutes of a namespace (router/gateway.py)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,15 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
                      help="ServingTable JSON (e.g. the mounted ConfigMap key serving.json); reloaded on change")
     src.add_argument("--configmap", metavar="NAME",
                      help="watch this ConfigMap's serving.json through the Kubernetes API (faster than a volume)")
+    src.add_argument("--gateway", action="store_true",
+                     help="gateway mode: serve every public model of the namespace's ModelRoutes (watched "
+                          "read-only), each forwarded to its route's router with the client's Authorization; "
+                          "no replicas of its own")
+    p.add_argument("--route-selector", metavar="KEY=VALUE[,...]",
+                   help="with --gateway: only the ModelRoutes with these labels")
     p.add_argument("--namespace", metavar="NS",
-                   help="namespace of --configmap (default: the pod's own, else 'default')")
+                   help="namespace of --configmap or of the --gateway's ModelRoutes (default: the pod's own, "
+                        "else 'default')")
     p.add_argument("--kubeconfig", type=Path, metavar="FILE",
                    help="for --configmap outside a pod (default: the service account, else $KUBECONFIG)")
     rep = p.add_argument_group("replicas (one of)")
@@ -71,10 +79,17 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
 
 def _configure(args: argparse.Namespace) -> str | None:
     """None if the arguments make sense, else the error to print."""
-    if bool(args.table) == bool(args.configmap):
-        return "give exactly one routing table source: --table FILE or --configmap NAME"
-    if bool(args.replica) == bool(args.replicas_dns):
-        return "give the replicas: --replica URL (repeatable) or --replicas-dns HOST, not both"
+    if args.gateway:
+        if args.table or args.configmap or args.replica or args.replicas_dns or args.wake_deployment:
+            return ("--gateway takes its table from the namespace's ModelRoutes and has no replicas: drop --table, "
+                    "--configmap, --replica, --replicas-dns and --wake-deployment")
+    else:
+        if args.route_selector:
+            return "--route-selector needs --gateway"
+        if bool(args.table) == bool(args.configmap):
+            return "give exactly one routing table source: --table FILE or --configmap NAME (or --gateway)"
+        if bool(args.replica) == bool(args.replicas_dns):
+            return "give the replicas: --replica URL (repeatable) or --replicas-dns HOST, not both"
     if args.poll_interval <= 0 or args.dns_interval <= 0:
         return "--poll-interval and --dns-interval must be > 0"
     if min(args.header_timeout, args.body_timeout, args.idle_timeout) <= 0:
@@ -89,10 +104,14 @@ async def _serve(args: argparse.Namespace) -> int:
     from loraplane.router.auth import ApiKeys
     from loraplane.router.server import Router
     from loraplane.router.service import RouterService
+    from loraplane.router.client_protocol import ClientConnection
+    from loraplane.router.forward import ForwardingConnection
+    from loraplane.router.gateway import parse_route_selector
 
     try:
         specs = [parse_replica_arg(v) for v in args.replica]
         api_keys = ApiKeys(args.api_keys_file) if args.api_keys_file else None
+        selector = parse_route_selector(args.route_selector) if args.route_selector else None
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -100,7 +119,9 @@ async def _serve(args: argparse.Namespace) -> int:
     pool.set_replicas(specs)
     try:
         router = Router(pool, api_keys=api_keys, connect_timeout=args.connect_timeout,
-                        engine_key=os.environ.get(ENGINE_API_KEY_ENV) or None,
+                        # A gateway has no vLLM of its own: no engine key, whatever the environment holds.
+                        engine_key=None if args.gateway else os.environ.get(ENGINE_API_KEY_ENV) or None,
+                        connection_class=ForwardingConnection if args.gateway else ClientConnection,
                         max_attempts=args.max_attempts, access_log=args.access_log,
                         max_connections=args.max_connections, max_header_bytes=args.max_header_bytes,
                         header_timeout=args.header_timeout, body_timeout=args.body_timeout,
@@ -108,15 +129,17 @@ async def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:   # an engine key that cannot be a header value (the key itself is not printed)
         print(f"error: ${ENGINE_API_KEY_ENV}: {exc}", file=sys.stderr)
         return 2
-    configmap = None
+    configmap = gateway = None
+    ns = args.namespace or (_SA_NAMESPACE.read_text().strip() if _SA_NAMESPACE.exists() else "default")
     if args.configmap:
-        ns = args.namespace or (_SA_NAMESPACE.read_text().strip() if _SA_NAMESPACE.exists() else "default")
         configmap = (ns, args.configmap)
+    if args.gateway:
+        gateway = (ns, selector)
     service = RouterService(router, table_path=args.table, configmap=configmap, kubeconfig=args.kubeconfig,
                             replicas_dns=args.replicas_dns,
                             dns_interval=args.dns_interval, host=args.host, port=args.port,
                             drain_seconds=args.drain_seconds, wake_deployment=args.wake_deployment,
-                            wake_namespace=configmap[0] if configmap else args.namespace)
+                            wake_namespace=configmap[0] if configmap else args.namespace, gateway=gateway)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from loraplane.api.orchestration import ExternalModel
 from loraplane.router.client_protocol import ClientConnection, Request
 from loraplane.router.content import CompiledContentModel, decision_text
 from loraplane.router.exchange import Exchange, ask_for_usage
+from loraplane.router.forward import forward_external
 from loraplane.router.hold import Hold
 from loraplane.router.metrics import NO_BACKEND, UNKNOWN_MODEL
 from loraplane.router.orchestrate import Decision, Pending
@@ -117,7 +117,8 @@ def proxy(router: Router, conn: ClientConnection, req: Request, hold: Hold | Non
     The API key and the body size were checked before the body was read (`admit`, `on_body`). Refuses
     with an OpenAI error, before any backend is chosen: 503 without a routing table, 400 for a body
     without a usable `model` (or one that vLLM could read differently: see table.read_model), 404 for
-    a model the route does not serve, 503 (Retry-After: 2) when no backend of the model has a usable
+    a model the route does not serve (a public model of another route, `table.external`, is forwarded to that
+    route's router by `forward.forward_external`, body unchanged), 503 (Retry-After: 2) when no backend of the model has a usable
     replica, unless the router holds it for a cold start (hold.py). Otherwise picks a backend (weights, or
     sticky by the route's header), skipping backends with no usable replica (their weight goes to the
     others), and the least loaded replica that has it Ready.
@@ -144,9 +145,9 @@ def proxy(router: Router, conn: ClientConnection, req: Request, hold: Hold | Non
             return True
         external = table.external.get(model)
         if external is not None:
-            return forward_external(router, conn, req, external, body, hold)
+            return forward_external(router, conn, req, external, body, hold, req.routed)
         router.metrics.count_refused(UNKNOWN_MODEL, 404)
-        names = table.names
+        names = table.served_names()
         conn.respond_error(404, f"The model `{model}` does not exist. Served models: {', '.join(names)}",
                            "NotFoundError", "model_not_found", "model", extra=req.routed, close=close,
                            available_models=names)
@@ -282,15 +283,3 @@ async def _decide_and_send(router: Router, conn: ClientConnection, req: Request,
     conn.exchange = None
     send_decided(router, conn, req, body, handle, decision)
 
-
-def forward_external(router: Router, conn: ClientConnection, req: Request, external: ExternalModel, body: bytes,
-                     hold: Hold | None) -> bool:
-    """A request whose model is another route's public model (`ServingTable.external_models`): forwarded to that
-    route's router with the client's Authorization. The forwarding path is orch-gateway's (issue 15); until it
-    is merged this router answers 503 naming the route that serves the model."""
-    router.metrics.count_refused(external.name, 503)
-    conn.respond_error(503, f"`{external.name}` is served by the ModelRoute `{external.route}`; this router does "
-                            "not forward to other routes yet: send the request to that route's endpoint",
-                       "service_unavailable", "external_model_not_forwarded", extra=req.routed,
-                       close=not req.keep_alive)
-    return True

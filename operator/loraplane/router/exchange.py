@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from loraplane.router.client_protocol import JSON, STATUS_PHRASES, ClientConnection, Request
 from loraplane.router.replicas import Replica
-from loraplane.router.table import BackendRoute
+from loraplane.router.table import BACKEND_HEADER, BackendRoute  # noqa: F401 (BACKEND_HEADER re-exported)
 from loraplane.router.upstream import Upstream, open_upstream, take_idle
 
 if TYPE_CHECKING:
@@ -30,8 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("loraplane.router")
 
-BACKEND_HEADER = "X-Loraplane-Backend"  # tells the caller which version answered (canaries, debugging)
-_BACKEND_HEADER = BACKEND_HEADER.encode()
 _USAGE_VALUE = re.compile(rb'\s*:\s*\{')  # after `"usage"`: the key of an object (not a string value, not null)
 _USAGE_SPAN = 2048  # bytes from the usage object's `{` that hold it (it is ~150 bytes; raw_decode stops at its end)
 # vLLM's UsageInfo as it serialises it (prompt_tokens, total_tokens, completion_tokens, …): read with one match;
@@ -169,14 +167,21 @@ class Exchange:
 
     `strip_usage`: the router added `stream_options.include_usage` to the payload (`ask_for_usage`), so the
     usage-only chunk vLLM sends last is counted and left out of what the client receives.
+
+    `forward`: header lines (each with CRLF) sent instead of the route's engine key, for a request forwarded
+    to another route's router (`replica.external`, router/forward.py): the client's own Authorization and the
+    headers that router reads. `extra_headers`: header lines added to the answer (before X-Loraplane-Backend,
+    which for a forwarded request is the other router's own, relayed by `ForwardUpstream`).
     """
 
     __slots__ = ("router", "conn", "req", "model", "backend", "stats", "replica", "payload", "head", "tried",
                  "upstream", "status", "streaming", "chunks", "tail", "first_byte", "deadline", "finished",
-                 "retry_404", "path", "ctype", "attempt_open", "strip_usage", "held", "ending", "usage")
+                 "retry_404", "path", "ctype", "attempt_open", "strip_usage", "held", "ending", "usage",
+                 "extra_headers", "backend_line")
 
     def __init__(self, router: Router, conn: ClientConnection, req: Request, model: str, backend: BackendRoute,
-                 replica: Replica, payload: bytes, path: bytes, strip_usage: bool = False):
+                 replica: Replica, payload: bytes, path: bytes, strip_usage: bool = False,
+                 forward: bytes | None = None, extra_headers: bytes = b""):
         self.router, self.conn, self.req, self.model = router, conn, req, model
         self.backend, self.stats, self.replica, self.payload = backend, backend.stats, replica, payload
         self.path = path
@@ -196,10 +201,14 @@ class Exchange:
         self.held = b""   # the unfinished SSE event while stripping usage
         self.ending: list[bytes] | None = None   # the held end of the stream (see _without_usage_event)
         self.usage: tuple[int, int] | None = None
+        self.extra_headers = extra_headers or req.routed   # a content-routing decision's headers
+        self.backend_line = backend.header_line   # X-Loraplane-Backend (ForwardUpstream: the other router's)
         rid = req.request_id
-        # Everything after the Host line; the client's own headers (its API key above all) stay here.
+        # Everything after the Host line. To vLLM: the route's engine key; the client's own headers (its API key
+        # above all) stay here. To another route's router (`forward`): the client's Authorization, never the key.
         self.head = b"Content-Type: application/json\r\nContent-Length: %d\r\n%s%s\r\n" % (
-            len(payload), b"X-Request-Id: " + rid + b"\r\n" if rid else b"", router.engine_auth)
+            len(payload), b"X-Request-Id: " + rid + b"\r\n" if rid else b"",
+            router.engine_auth if forward is None else forward)
 
     def start(self) -> None:
         """Count it in flight, set its deadline and send it to `replica`."""
@@ -248,6 +257,12 @@ class Exchange:
         if self.finished:
             return
         self._release_attempt()
+        if replica.external:
+            # Another route's router behind its Service: not in this router's pool, nothing else serves it.
+            log.warning("%s: connection failed (%s)", replica.name, exc or type(exc).__name__)
+            self.fail(502, f"could not connect to the router serving `{self.model}` ({replica.name})",
+                      "bad_gateway", "route_unreachable")
+            return
         self.router.pool.mark_failed(replica)
         log.warning("replica %s: connection failed (%s); not routing to it until it answers a poll", replica.name,
                     exc or type(exc).__name__)
@@ -276,9 +291,9 @@ class Exchange:
             self.streaming = True
             t = self.conn.transport
             if t is not None:
-                t.write(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nCache-Control: no-cache\r\n%s: %s\r\n%s"
+                t.write(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nCache-Control: no-cache\r\n%s%s"
                         b"Transfer-Encoding: chunked\r\n%s\r\n" % (
-                            content_type, _BACKEND_HEADER, self.backend.served_json, self.req.routed,
+                            content_type, self.extra_headers, self.backend_line,
                             b"" if self.req.keep_alive else b"Connection: close\r\n"))
         else:
             self.ctype = content_type
@@ -332,9 +347,9 @@ class Exchange:
             body = b"".join(self.chunks)
             t = self.conn.transport
             if t is not None:
-                t.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s: %s\r\n%s%s\r\n%s" % (
+                t.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s%s%s\r\n%s" % (
                     self.status, STATUS_PHRASES.get(self.status, b"Unknown"), self.ctype, len(body),
-                    _BACKEND_HEADER, self.backend.served_json, self.req.routed,
+                    self.extra_headers, self.backend_line,
                     b"" if self.req.keep_alive else b"Connection: close\r\n", body))
             usage = parse_usage(body) if self.status == 200 else None
         if usage is not None:

@@ -71,6 +71,9 @@ class Replica:
     port: int = 0
     host_header: bytes = b""
     idle: list = field(default_factory=list)  # kept-alive upstream connections (router.upstream.Upstream)
+    # Another route's router (an external model's URL, router/forward.py), not a vLLM replica: never polled nor
+    # in a pool; requests carry the client's Authorization, not the engine key, and are not resent elsewhere.
+    external: bool = False
 
     def __post_init__(self):
         self.engine_url = self.engine_url.rstrip("/")

@@ -38,7 +38,7 @@ from loraplane.router.dispatch import admit, dispatch, proxy
 from loraplane.router.hold import MAX_HELD_BYTES, RETRY_AFTER_HEADER, Hold
 from loraplane.router.metrics import RouterMetrics
 from loraplane.router.orchestrate import Orchestrator
-from loraplane.router.replicas import ReplicaPool
+from loraplane.router.replicas import Replica, ReplicaPool
 from loraplane.router.table import RoutingTable
 from loraplane.api.wire.serving import ServingTable
 
@@ -68,7 +68,8 @@ class Router:
     `body_timeout` seconds from then to its last body byte, `idle_timeout` seconds of keep-alive between
     requests. `sweep` enforces the timeouts, and each proxied request's router.timeoutSeconds (its
     `Exchange.deadline`), every `sweep_interval` seconds (at most 1 s, a quarter of the shortest timeout when
-    that is shorter), so each is met within one interval.
+    that is shorter), so each is met within one interval. `connection_class` accepts the client connections
+    (forward.ForwardingConnection in gateway mode).
     """
 
     # Answers one complete request; ClientConnection calls `router.dispatch(conn, req)`. Defined in
@@ -81,10 +82,13 @@ class Router:
                  connect_timeout: float = 3.0, max_attempts: int = 3, access_log: bool = False,
                  rng: random.Random | None = None, max_connections: int = 4096,
                  max_header_bytes: int = 64 * 1024, header_timeout: float = 10.0, body_timeout: float = 60.0,
-                 idle_timeout: float = 75.0, engine_key: str | None = None):
+                 idle_timeout: float = 75.0, engine_key: str | None = None,
+                 connection_class: type[ClientConnection] = ClientConnection):
         self.pool = pool
         # The route's engine key, sent to vLLM on every request as `Authorization: Bearer` (never a client's
-        # key: the client's headers are not forwarded). Raises ValueError for a key that is not one header token.
+        # key: the client's headers are not forwarded to vLLM). Never sent anywhere else: a request forwarded to
+        # another route's router carries the client's own key (router/forward.py). Raises ValueError for a key
+        # that is not one header token.
         self.engine_auth = engine_authorization(engine_key)
         if engine_key:
             pool.engine_headers = {"Authorization": f"Bearer {engine_key}"}
@@ -124,6 +128,11 @@ class Router:
         self.on_demand: Callable[[], None] | None = None
         pool.listeners.append(self.release_held)
         self.connections: set[ClientConnection] = set()
+        # What accepts client connections: forward.ForwardingConnection in gateway mode (keeps every header).
+        self.connection_class = connection_class
+        # External models' upstreams (another route's router, router/forward.py) by URL: kept across tables so
+        # their kept-alive connections are reused.
+        self.external_upstreams: dict[str, Replica] = {}
         self.max_connections = max_connections
         self.max_header_bytes = max_header_bytes
         self.header_timeout, self.body_timeout, self.idle_timeout = header_timeout, body_timeout, idle_timeout
@@ -146,6 +155,16 @@ class Router:
         for route in compiled.models.values():
             for b in route.backends:
                 b.stats = self.metrics.stats(route.name, b.served_name)
+        upstreams: dict[str, Replica] = {}
+        for ext in compiled.external.values():
+            up = upstreams.get(ext.url) or self.external_upstreams.get(ext.url) or Replica(ext.url, None,
+                                                                                          external=True)
+            upstreams[ext.url] = ext.replica = up
+            ext.backend.stats = self.metrics.stats(ext.name, ext.backend.served_name)
+        for url, up in self.external_upstreams.items():
+            if url not in upstreams:
+                up.close_idle()
+        self.external_upstreams = upstreams
         rs = table.router
         self.sticky_header_lower = rs.sticky_header.lower().encode() if rs.sticky_header else None
         self.max_request_bytes = rs.max_request_bytes
@@ -173,6 +192,9 @@ class Router:
         log.info("routing table generation %d: %s", table.generation,
                  ", ".join(f"{m.name} -> " + "/".join(f"{b.served_name}:{b.weight}" for b in m.backends)
                            for m in table.models) or "no models")
+        if compiled.external:
+            log.info("routing table generation %d: forwarded to other routes' routers: %s", table.generation,
+                     ", ".join(f"{e.name} -> {e.route} ({e.url})" for e in compiled.external.values()))
         for note in compiled.warnings:
             log.warning("routing table generation %d: %s", table.generation, note)
         for c in compiled.content.values():
@@ -232,7 +254,8 @@ class Router:
     async def start_server(self, host: str, port: int) -> int:
         """Listen on `host`:`port` (0: any free port) on the running loop; returns the bound port."""
         self.loop = asyncio.get_running_loop()
-        self.server = await self.loop.create_server(lambda: ClientConnection(self), host, port, backlog=2048,
+        cls = self.connection_class
+        self.server = await self.loop.create_server(lambda: cls(self), host, port, backlog=2048,
                                                     reuse_address=True)
         self._sweeper = self.loop.call_later(self.sweep_interval, self.sweep)
         return self.server.sockets[0].getsockname()[1]
@@ -303,7 +326,7 @@ class Router:
         for c in list(self.connections):
             if c.transport is not None:
                 c.transport.close()
-        for r in self.pool.replicas:
+        for r in (*self.pool.replicas, *self.external_upstreams.values()):
             r.close_idle()
         if self._orchestrator is not None:
             await self._orchestrator.close()

@@ -5,12 +5,14 @@ Table sources, both the data plane's one serving-table watcher (loraplane.kube.t
   the kubelet refreshes such volumes only on its sync period plus its cache TTL (typically 60-90 s);
 - the ConfigMap itself (`--configmap`), watched through the API: changes arrive within a second, which
   matters when the operator shifts canary weights or retires a version. Needs get/list/watch on it.
+In gateway mode (`--gateway`) the table is synthesised from the namespace's ModelRoutes (router/gateway.py).
 An invalid table is refused with the fields named in the log, and the previous one stays in use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ import aiohttp
 
 from loraplane.kube.client import KubeClient
 from loraplane.kube.tablewatch import TableRead, watch_configmap_table, watch_table_file
+from loraplane.router.gateway import watch_gateway_table
 from loraplane.router.replicas import ReplicaPool, run_dns_discovery
 from loraplane.router.server import Router
 from loraplane.router.wake import ScaleWaker
@@ -47,6 +50,9 @@ class RouterService:
     # None: the router only exports its held requests (KEDA wakes the route on them).
     wake_deployment: str | None = None
     wake_namespace: str | None = None
+    # Gateway mode (router/gateway.py): (namespace, label selector or None) of the ModelRoutes whose public names
+    # this router forwards to their routers; the table comes from that watch instead of a file or ConfigMap.
+    gateway: tuple[str, str | None] | None = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _poll_session: aiohttp.ClientSession | None = None
     _kube: KubeClient | None = None
@@ -79,11 +85,13 @@ class RouterService:
         return True
 
     async def _follow(self, reads: AsyncIterator[TableRead]) -> None:
-        async for read in reads:
-            try:
-                self.apply_read(read)
-            except Exception:
-                log.exception("applying the routing table from %s failed", read.origin)
+        # aclosing: on cancellation the source's own cleanup (the gateway's watch task) runs now, not at GC.
+        async with contextlib.aclosing(reads):
+            async for read in reads:
+                try:
+                    self.apply_read(read)
+                except Exception:
+                    log.exception("applying the routing table from %s failed", read.origin)
 
     async def _reload_api_keys(self) -> None:
         while True:
@@ -109,6 +117,12 @@ class RouterService:
             self._kube = KubeClient.from_environment(str(self.kubeconfig) if self.kubeconfig else None)
             namespace, name = self.configmap
             self._tasks.append(asyncio.create_task(self._follow(watch_configmap_table(self._kube, namespace, name))))
+        if self.gateway is not None:
+            if self._kube is None:
+                self._kube = KubeClient.from_environment(str(self.kubeconfig) if self.kubeconfig else None)
+            namespace, selector = self.gateway
+            self._tasks.append(asyncio.create_task(self._follow(watch_gateway_table(self._kube, namespace,
+                                                                                    selector))))
         if self.wake_deployment:
             if self._kube is None:
                 self._kube = KubeClient.from_environment(str(self.kubeconfig) if self.kubeconfig else None)

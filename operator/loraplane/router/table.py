@@ -13,8 +13,8 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
-from loraplane.api.orchestration import ExternalModel
 from loraplane.api.wire.serving import ServingTable
 from loraplane.router.content import CompiledContentModel
 
@@ -32,6 +32,9 @@ _LETTER_ESCAPE = re.compile(rb"\\u006")
 _UTF16_32_START = (b"\xfe", b"\xff")  # first byte of a UTF-16/32 BOM (the UTF-32-BE one starts with NUL)
 # After the key: `: "value"` where the value has no escapes (the common case; anything else is parsed).
 _SIMPLE_VALUE = re.compile(rb'\s*:\s*"([^"\\]*)"')
+
+
+BACKEND_HEADER = "X-Loraplane-Backend"  # tells the caller which version answered (canaries, debugging)
 
 
 class BadRequest(ValueError):
@@ -53,9 +56,12 @@ class BackendRoute:
     served_json: bytes = b""
     # Filled by Router.set_table: its metric children, so the hot path does no label lookups.
     stats: object = None
+    # The answer's `X-Loraplane-Backend: <served name>` header line (with CRLF), rendered once.
+    header_line: bytes = b""
 
     def __post_init__(self):
         self.served_json = json.dumps(self.served_name, ensure_ascii=False)[1:-1].encode()
+        self.header_line = b"%s: %s\r\n" % (BACKEND_HEADER.encode(), self.served_json)
 
     @property
     def is_base(self) -> bool:
@@ -122,6 +128,30 @@ class PublicRoute:
         return rng.choices(remaining, weights=[b.weight for b in remaining])[0]
 
 
+# The backend label (metrics, logs) of a model forwarded to another route's router: `route:<route name>`.
+EXTERNAL_BACKEND_PREFIX = "route:"
+
+
+@dataclass(slots=True, eq=False)
+class ExternalRoute:
+    """A public model of another ModelRoute (`ServingTable.external_models`): its requests are forwarded, body
+    unchanged, to that route's router (`url`, built by the operator or the gateway from the route's name and
+    namespace), with the client's own Authorization, never this route's engine key (router/forward.py). That
+    router does its own weights, replica choice and metrics; here it is one backend, `route:<route>`."""
+
+    name: str
+    route: str
+    url: str
+    backend: BackendRoute = field(init=False)
+    # The upstream (a `replicas.Replica` with `external` set: its kept-alive connections), assigned by
+    # Router.set_table and shared by every name of the same URL across table versions.
+    replica: object = None
+
+    def __post_init__(self):
+        # adapter None: a 404 from the other router is its answer (unknown name), never resent here.
+        self.backend = BackendRoute(EXTERNAL_BACKEND_PREFIX + self.route, None, 1)
+
+
 @dataclass(slots=True, eq=False)
 class RoutingTable:
     """What the router needs from a ServingTable, prepared once per table version."""
@@ -138,7 +168,7 @@ class RoutingTable:
     content: dict[str, CompiledContentModel] = field(default_factory=dict)
     # What is kept but will not work as written, one line each (a content model's destination nobody serves).
     warnings: list[str] = field(default_factory=list)
-    external: dict[str, ExternalModel] = field(default_factory=dict)
+    external: dict[str, ExternalRoute] = field(default_factory=dict)
     rule_headers: frozenset[bytes] = frozenset()
 
     @classmethod
@@ -154,13 +184,17 @@ class RoutingTable:
                 continue
             backends = tuple(BackendRoute(b.served_name, b.adapter, b.weight) for b in pm.backends)
             models[pm.name] = PublicRoute(pm.name, backends)
-        external: dict[str, ExternalModel] = {}
-        for i, ext in enumerate(table.external_models):
-            if ext.name in models or ext.name in external:
-                dropped.append(f"external_models[{i}] {ext.name!r}: this route already has the name; its own "
-                               "entry serves it")
+        external: dict[str, ExternalRoute] = {}
+        for i, em in enumerate(table.external_models):
+            if em.name in models or em.name in external:
+                dropped.append(f"external_models[{i}] {em.name!r}: the name is already served here; that entry "
+                               "serves it")
                 continue
-            external[ext.name] = ext
+            problem = external_url_problem(em.url)
+            if problem is not None:
+                dropped.append(f"external_models[{i}] {em.name!r}: {problem}")
+                continue
+            external[em.name] = ExternalRoute(em.name, em.route, em.url.rstrip("/"))
         content: dict[str, CompiledContentModel] = {}
         warnings: list[str] = []
         for i, cm in enumerate(table.content_models):
@@ -175,24 +209,41 @@ class RoutingTable:
                     warnings.append(f"content_models[{i}] {cm.name!r}: {role} {name!r} is neither a model of this "
                                     "route nor an external model (requests routed to it are answered 404)")
             content[cm.name] = compiled
-        names = [*models, *content]
         listing = {"object": "list",
                    "data": [{"id": name, "object": "model", "created": 0, "owned_by": table.route,
-                             "root": name, "parent": None} for name in names]}
+                             "root": name, "parent": None} for name in (*models, *content)]
+                   + [{"id": name, "object": "model", "created": 0, "owned_by": ext.route,
+                       "root": name, "parent": None} for name, ext in external.items()]}
         return cls(source=table, models=models, base_served_name=table.served_model_name,
                    models_json=json.dumps(listing, separators=(",", ":")).encode(), dropped=dropped,
                    content=content, external=external, warnings=warnings,
                    rule_headers=frozenset(n for c in content.values() for n in c.header_names))
 
-    @property
-    def names(self) -> list[str]:
-        """The public names clients may send: this route's models, then its content-routed models."""
-        return [*self.models, *self.content]
+    def served_names(self) -> list[str]:
+        """Every public name this table answers: its own models, its content-routed models, then the other
+        routes' (external) ones."""
+        return [*self.models, *self.content, *self.external]
 
     @property
     def sticky_header(self) -> str | None:
         """The route's router.stickyHeader (a header name), or None."""
         return self.source.router.sticky_header
+
+
+def external_url_problem(url: str) -> str | None:
+    """Why `url` cannot be an external model's router URL, or None. The router forwards over plain HTTP inside
+    the cluster to `http://host:port` with no path, query or credentials (the operator and the gateway build it
+    from a route's name and namespace)."""
+    parts = urlsplit(url)
+    try:
+        parts.port
+    except ValueError:
+        return f"url {url[:200]!r}: the port is not a number in 0-65535"
+    if parts.scheme != "http" or not parts.hostname:
+        return f"url {url[:200]!r}: must be http://<host>:<port>"
+    if parts.username or parts.password or parts.query or parts.fragment or parts.path not in ("", "/"):
+        return f"url {url[:200]!r}: must be http://<host>:<port> without credentials, path or query"
+    return None
 
 
 def read_model(body: bytes) -> tuple[str, object]:

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from loraplane.api.orchestration import DESTINATION_HEADER, FALLBACK_HEADER, METHOD_HEADER
 from loraplane.router.replicas import Replica
+from loraplane.router.table import BACKEND_HEADER
 
 if TYPE_CHECKING:
     from loraplane.router.exchange import Exchange
@@ -143,6 +145,45 @@ class Upstream(asyncio.Protocol):
             ex.upstream_complete()
 
 
+# The headers of another route's router's answer that a forwarding router relays to its client: which version
+# answered, when to retry, and a content-routing decision made there (api.orchestration's header names).
+RELAYED_HEADERS = frozenset(h.lower().encode() for h in (
+    BACKEND_HEADER, "Retry-After", DESTINATION_HEADER, METHOD_HEADER, FALLBACK_HEADER))
+_BACKEND_LOWER = BACKEND_HEADER.lower().encode()
+
+
+class ForwardUpstream(Upstream):
+    """A kept-alive connection to another route's router (an external model, router/forward.py): an `Upstream`
+    that also relays that router's RELAYED_HEADERS to the client, its X-Loraplane-Backend (the version that
+    answered there) in place of this router's `route:<route>`."""
+
+    def __init__(self, replica: Replica):
+        super().__init__(replica)
+        self.relayed: list[bytes] = []
+
+    def send(self, exchange: Exchange, head: bytes, payload: bytes) -> None:
+        """As `Upstream.send`, starting a fresh list of relayed headers."""
+        self.relayed = []
+        super().send(exchange, head, payload)
+
+    def on_header(self, name: bytes, value: bytes):
+        """httptools callback: the Content-Type, and the headers relayed to the client."""
+        n = name.lower()
+        if n == b"content-type":
+            self.content_type = value
+        elif n in RELAYED_HEADERS:
+            self.relayed.append(b"%s: %s\r\n" % (name, value))
+
+    def on_headers_complete(self):
+        """httptools callback: hand the relayed headers to the exchange, then as `Upstream`."""
+        ex = self.exchange
+        if ex is not None and self.relayed:
+            lines = b"".join(self.relayed)
+            has_backend = any(line.lower().startswith(_BACKEND_LOWER + b":") for line in self.relayed)
+            ex.backend_line = lines if has_backend else ex.backend_line + lines
+        super().on_headers_complete()
+
+
 def take_idle(replica: Replica) -> Upstream | None:
     """A pooled connection to `replica` fit for the next request, or None (then open one).
 
@@ -163,6 +204,7 @@ async def open_upstream(replica: Replica, timeout: float) -> Upstream:
     """A new connection to `replica`'s vLLM. Raises OSError (refused, unreachable) or asyncio.TimeoutError
     after `timeout` seconds (the router's --connect-timeout); in both cases nothing was sent."""
     loop = asyncio.get_running_loop()
-    _, up = await asyncio.wait_for(loop.create_connection(lambda: Upstream(replica), replica.host, replica.port),
+    cls = ForwardUpstream if replica.external else Upstream
+    _, up = await asyncio.wait_for(loop.create_connection(lambda: cls(replica), replica.host, replica.port),
                                    timeout)
     return up

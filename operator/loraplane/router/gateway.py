@@ -1,0 +1,139 @@
+"""Gateway mode (`loraplane router --gateway`, issue 15): one OpenAI-compatible endpoint across the ModelRoutes
+of a namespace.
+
+The gateway watches the ModelRoutes of its namespace (optionally a label selector), read-only, and serves one
+routing table in which every public name of every selected route (`status.models[].name` and
+`status.contentModels[].name`: what the operator resolved) is an external model forwarded to that route's router
+(router/forward.py): body unchanged, the client's own Authorization, every end-to-end client header. The route's
+router then does its own weights, adapter-aware replica choice and metrics; the gateway counts each name under
+backend `route:<route>`.
+
+- URL: `api.orchestration.router_url(route, namespace)`, from the route's name and the watched namespace only
+  (never a status field: a pod-writable endpoint could otherwise redirect clients' keys).
+- Ownership: `api.orchestration.public_name_owners`: the oldest route owns a name; only the conflicting name of
+  a later route is left out (logged; the operator puts the PublicNameConflict condition on that route), never
+  the route's other names.
+- The table's source is this watch: `watch_gateway_table` yields `TableRead`s as the ConfigMap watch does, so the
+  router applies it the same way (RouterService.apply_read); a new table only when the forwarded names change
+  (status updates of replicas or conditions change nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Iterable
+
+from loraplane.api.common import API_VERSION, DNS_1035_LABEL
+from loraplane.api.orchestration import PUBLIC_NAME, ExternalModel, public_name_owners, router_url
+from loraplane.api.wire.serving import ServingTable
+from loraplane.kube.client import ApiError, KubeClient
+from loraplane.kube.informer import Informer, Source, Store
+from loraplane.kube.tablewatch import BACKOFF_FIRST, BACKOFF_MAX, TableRead
+
+log = logging.getLogger("loraplane.router")
+
+GATEWAY_ROUTE = "gateway"   # the synthesised table's `route` (its /v1/models entries name their own routes)
+_ROUTE_NAME = re.compile(DNS_1035_LABEL)
+_PUBLIC_NAME = re.compile(PUBLIC_NAME)
+# --route-selector: equality terms only (key=value,...): a label key (optional DNS prefix) and a label value.
+_SELECTOR_TERM = re.compile(r"^((?:[a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)="
+                            r"(([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?)$")
+
+
+def parse_route_selector(text: str) -> str:
+    """`--route-selector k=v[,k=v...]` checked and normalised (the label selector sent to the API server).
+    Raises ValueError naming the bad term: only equality terms of valid label keys and values."""
+    terms = [t.strip() for t in text.split(",")]
+    for t in terms:
+        m = _SELECTOR_TERM.match(t)
+        if m is None or len(m.group(1).rsplit("/", 1)[-1]) > 63 or len(m.group(4)) > 63:
+            raise ValueError(f"--route-selector: {t[:100]!r} is not key=value with a label key and value "
+                             "(e.g. team=search,tier=prod)")
+    return ",".join(terms)
+
+
+def route_names(obj: dict) -> tuple[str, str, list[str]] | None:
+    """(route name, creationTimestamp, its public names) of a ModelRoute object as the API returns it, or None
+    when it cannot be served (a name that is not a route name). The names are status.models[].name then
+    status.contentModels[].name, each a public model name (others skipped: status is read, not trusted)."""
+    meta = obj.get("metadata") or {}
+    name = meta.get("name")
+    if not isinstance(name, str) or len(name) > 50 or not _ROUTE_NAME.match(name):
+        return None
+    created = meta.get("creationTimestamp")
+    status = obj.get("status") if isinstance(obj.get("status"), dict) else {}
+    names: list[str] = []
+    for field in ("models", "contentModels"):
+        entries = status.get(field)
+        for entry in entries if isinstance(entries, list) else ():
+            n = entry.get("name") if isinstance(entry, dict) else None
+            if isinstance(n, str) and len(n) <= 200 and _PUBLIC_NAME.match(n) and n not in names:
+                names.append(n)
+    return name, created if isinstance(created, str) else "", names
+
+
+def synthesize_table(objects: Iterable[dict], namespace: str, generation: int = 0
+                     ) -> tuple[ServingTable, dict[str, list[tuple[str, str]]]]:
+    """The gateway's table for the ModelRoute objects of `namespace`: every public name of every route as an
+    external model to `router_url(route, namespace)`, owned by `public_name_owners` (the oldest route). Returns
+    (table, conflicts: later route -> [(name left out, owning route)]). Pure."""
+    routes = [r for r in (route_names(o) for o in objects) if r is not None]
+    owners, conflicts = public_name_owners(routes)
+    order = {name: i for i, (name, _, _) in enumerate(sorted(routes, key=lambda r: (r[1], r[0])))}
+    external = [ExternalModel(name=n, route=owner, url=router_url(owner, namespace))
+                for n, owner in sorted(owners.items(), key=lambda kv: (order[kv[1]], kv[0]))]
+    table = ServingTable(route=GATEWAY_ROUTE, namespace=namespace, generation=generation, base_model="",
+                         served_model_name="", max_lora_rank=0, max_loras=0, external_models=external)
+    return table, conflicts
+
+
+async def watch_gateway_table(kube: KubeClient, namespace: str, selector: str | None = None
+                              ) -> AsyncIterator[TableRead]:
+    """Yield the gateway's table for the ModelRoutes of `namespace` (label `selector`, if any) now and whenever
+    the forwarded names change. LIST (retried with BACKOFF_FIRST doubling to BACKOFF_MAX seconds; an API error,
+    e.g. 403 without the gateway's Role, is yielded as a read with the problem), then the kube Informer's WATCH
+    (resumes from the last resourceVersion, LISTs again after 410 Gone). Needs get/list/watch on
+    modelroutes.loraplane.io in `namespace` only. Public-name conflicts are logged when they change."""
+    origin = f"ModelRoutes in namespace {namespace}" + (f" selected by {selector}" if selector else "")
+    store = Store()
+    changed = asyncio.Event()
+    informer = Informer(kube, Source("modelroutes", API_VERSION, "ModelRoute", selector), store,
+                        lambda *_: changed.set(), namespaces=(namespace,))
+    backoff = BACKOFF_FIRST
+    while True:
+        try:
+            await informer.relist(namespace)
+            break
+        except ApiError as exc:
+            yield TableRead(origin, problem=f"cannot be listed: HTTP {exc.status} {exc.message} (the gateway needs "
+                                            f"get/list/watch on modelroutes.loraplane.io in {namespace})")
+        except Exception as exc:  # noqa: BLE001 - API server restarts, network: retry
+            log.warning("listing %s failed (%s); retrying in %.0f s", origin, exc, backoff)
+        await asyncio.sleep(backoff)
+        backoff = min(BACKOFF_MAX, backoff * 2)
+    informer.active = True
+    task = asyncio.create_task(informer.run(namespace))
+    last_names: list | None = None
+    last_conflicts: dict | None = None
+    generation = 0
+    try:
+        while True:
+            changed.clear()
+            table, conflicts = synthesize_table(list(store.objects.values()), namespace, generation + 1)
+            if conflicts != last_conflicts:
+                for route, names in sorted(conflicts.items()):
+                    for name, owner in names:
+                        log.warning("public model %r of ModelRoute %s/%s is left out: the older route %s "
+                                    "publishes it (condition PublicNameConflict on %s)", name, namespace, route,
+                                    owner, route)
+                last_conflicts = conflicts
+            if table.external_models != last_names:
+                last_names = table.external_models
+                generation += 1
+                yield TableRead(origin, text=table.to_json(), table=table)
+            await changed.wait()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
