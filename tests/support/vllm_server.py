@@ -33,12 +33,13 @@ SERVED_NAME = "tiny"
 STARTUP_TIMEOUT = 420
 
 def tiny_route(model_dir: Path, max_loras: int = 4, max_lora_rank: int = 16, max_cpu_loras: int = 8,
-               name: str = "tiny") -> ModelRoute:
-    """The ModelRoute a user would write for the tiny model (float32: the CPU build has no fast bf16 here)."""
+               name: str = "tiny", task: str = "generate") -> ModelRoute:
+    """The ModelRoute a user would write for the tiny model (float32: the CPU build has no fast bf16 here);
+    `task` embed serves it as an embedding model (vLLM's pooling runner)."""
     return ModelRoute.model_validate({
         "apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute", "metadata": {"name": name},
         "spec": {"baseModel": {"uri": str(model_dir)}, "servedModelName": SERVED_NAME,
-                 "engine": {"dtype": "float32", "maxModelLen": 256, "maxLoras": max_loras,
+                 "engine": {"dtype": "float32", "maxModelLen": 256, "maxLoras": max_loras, "task": task,
                             "maxLoraRank": max_lora_rank, "maxCpuLoras": max_cpu_loras, "gpus": 0}},
     })
 

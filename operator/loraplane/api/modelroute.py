@@ -77,8 +77,21 @@ class ModelCacheSpec(ApiModel):
         "or hostPath, where it would do nothing."))
 
 
+# spec.engine.task: what the route's vLLM serves (builders.engine_pod.engine_args turns it into vLLM's runner).
+ENGINE_TASK_GENERATE = "generate"
+ENGINE_TASK_EMBED = "embed"
+EngineTask = Literal["generate", "embed"]
+
+
 class EngineSpec(ApiModel):
     """The vLLM server each replica runs."""
+
+    task: EngineTask = Field(default=ENGINE_TASK_GENERATE, description=(
+        "generate: a text-generation model with multi-LoRA (/v1/completions, /v1/chat/completions). embed: an "
+        "embedding model on vLLM's pooling runner (--runner pooling; a *ForCausalLM checkpoint is converted to "
+        "an embedding model by last-token pooling, vLLM's --convert auto), answering /v1/embeddings, e.g. the "
+        "embeddingModel of contentRouting's semantic method. An embed route serves no adapters: routes with an "
+        "adapter backend or a selector are refused."))
 
     image: str | None = Field(max_length=IMAGE_MAX_LENGTH, default=None, description=(
         "vLLM OpenAI-compatible server image. Default: the operator's engine image (chart value `engineImage`, "
@@ -355,6 +368,17 @@ class ModelRouteSpec(ApiModel):
                      f"!self.baseModel.name.contains('{SERVED_NAME_SEPARATOR}')",
                 message=f"spec.baseModel.name contains '{SERVED_NAME_SEPARATOR}', which is reserved for adapter "
                         "served names: set spec.servedModelName to a name without it"),
+        # vLLM's pooling runner is started without --enable-lora (builders.engine_pod.engine_args): an adapter
+        # would never load, so a route asking for one is refused here rather than left Pending forever.
+        CelRule(rule="!has(self.engine) || !has(self.engine.task) || self.engine.task != 'embed' || "
+                     "!has(self.routes) || self.routes.all(r, !has(r.selector) && "
+                     "(!has(r.backends) || r.backends.all(b, !has(b.adapter))))",
+                check=lambda spec: (spec.get("engine") or {}).get("task") != ENGINE_TASK_EMBED or all(
+                    "selector" not in r and all("adapter" not in b for b in r.get("backends") or ())
+                    for r in spec.get("routes") or ()),
+                message="spec.engine.task embed serves an embedding model without adapters: spec.routes may have "
+                        "only base: true backends (no adapter backend, no selector); remove those routes, or "
+                        "serve the adapters from a route with engine.task generate"),
         CelRule(rule="!has(self.routes) || self.routes.all(r, has(r.name) ? "
                      "self.routes.filter(s, has(s.name) ? s.name == r.name : false).size() == 1 : true)",
                 message="route names must be unique"),

@@ -199,6 +199,12 @@ class Reason(StrEnum):
     UnsupportedAdapterFeature = ("UnsupportedAdapterFeature", ADAPTER,
         "The adapter uses a PEFT feature vLLM cannot serve (e.g. DoRA).",
         "Retrain without it.", STALLED)
+    EmbeddingRouteNoAdapters = ("EmbeddingRouteNoAdapters", ADAPTER,
+        "The route serves an embedding model (`spec.engine.task: embed`, vLLM's pooling runner without LoRA): "
+        "no adapter loads on it. The API refuses such routes; a replica whose table still lists adapters "
+        "refuses each with this reason, before fetching it.",
+        "Serve the adapter from a route with `engine.task: generate`, or remove it from this route's `routes`.",
+        STALLED)
     UnsupportedAdapterType = ("UnsupportedAdapterType", ADAPTER,
         "The artifact is not a LoRA adapter (another PEFT type).",
         "Serve LoRA adapters only.", STALLED)

@@ -27,8 +27,8 @@ from typing import Any
 
 from loraplane.api.adapter import base_served_name
 from loraplane.api.common import ModelRef
-from loraplane.api.modelroute import (DEFAULT_ENGINE_IMAGE, DEFAULT_MODEL_CACHE_SIZE, SHM_PER_WORKER_GI, ModelCacheSpec,
-                                      ModelRoute)
+from loraplane.api.modelroute import (DEFAULT_ENGINE_IMAGE, DEFAULT_MODEL_CACHE_SIZE, ENGINE_TASK_EMBED,
+                                      SHM_PER_WORKER_GI, ModelCacheSpec, ModelRoute)
 from loraplane.api.paths import (ADAPTER_CACHE_PATH, ADAPTER_CREDENTIALS_ROOT, FETCHED_MODELS_PATH, HF_HOME,
                                  MODEL_CACHE_PATH, SERVICE_ACCOUNT_PATH, ENGINE_API_KEY_ENV, ENGINE_KEY_SECRET_KEY)
 from loraplane.builders.common import (bounded_name, child_name, container_security_context, pvc_claims,
@@ -123,16 +123,24 @@ def served_model_name(route: ModelRoute) -> str:
 
 
 def engine_args(route: ModelRoute, port: int = ENGINE_PORT) -> list[str]:
-    """vLLM OpenAI server arguments for the route: multi-LoRA on, limits from spec.engine, extraArgs last."""
+    """vLLM OpenAI server arguments for the route: multi-LoRA on, limits from spec.engine, extraArgs last.
+    spec.engine.task embed: vLLM's pooling runner (`--runner pooling`; vLLM's `--convert auto` turns a
+    *ForCausalLM checkpoint into an embedding model, vllm/config/model.py `_get_default_convert_type`) and no
+    LoRA flags (the API refuses adapters on such a route)."""
     spec, engine = route.spec, route.spec.engine
     args = ["--model", model_location(spec.base_model), "--served-model-name", served_model_name(route)]
     if spec.base_model.name and spec.base_model.revision:
         args += ["--revision", spec.base_model.revision]
+    if engine.task == ENGINE_TASK_EMBED:
+        args += ["--runner", "pooling"]
+    else:
+        args += [
+            "--enable-lora",
+            "--max-loras", str(engine.max_loras),
+            "--max-lora-rank", str(engine.max_lora_rank),
+            "--max-cpu-loras", str(engine.max_cpu_loras or 2 * engine.max_loras),
+        ]
     args += [
-        "--enable-lora",
-        "--max-loras", str(engine.max_loras),
-        "--max-lora-rank", str(engine.max_lora_rank),
-        "--max-cpu-loras", str(engine.max_cpu_loras or 2 * engine.max_loras),
         "--dtype", engine.dtype,
         "--tensor-parallel-size", str(engine.tensor_parallel_size),
         "--host", "0.0.0.0",
@@ -177,13 +185,14 @@ def credential_env(ref: ModelRef) -> Env:
 
 
 def engine_env(route: ModelRoute) -> Env:
-    """vLLM's env: runtime LoRA loading on (the loader needs it), HF cache on the shared volume, HOME and TMPDIR
-    on its scratch volume (the root filesystem is read-only), the route's engine key (vLLM's --api-key), user
-    env last. One entry per name (server-side apply refuses a container with two): a user entry named like one
+    """vLLM's env: runtime LoRA loading on (the loader needs it; not on an embed route, which has no LoRA), HF
+    cache on the shared volume, HOME and TMPDIR on its scratch volume (the root filesystem is read-only), the
+    route's engine key (vLLM's --api-key), user env last. One entry per name (server-side apply refuses a container with two): a user entry named like one
     of ours is dropped, never the operator's (an empty VLLM_API_KEY would switch vLLM's key check off; the policy
     refuses such a spec first: builders/policy.py ENGINE_OWNED_ENV)."""
     env: Env = [
-        {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
+        *([] if route.spec.engine.task == ENGINE_TASK_EMBED else
+          [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}]),
         {"name": "HF_HOME", "value": HF_HOME},
         *scratch_env(),
         *engine_key_env(route),
@@ -345,6 +354,7 @@ def loader_args(route: ModelRoute, namespace: str, cache_max_bytes: int = DEFAUL
         "--credentials-root", ADAPTER_CREDENTIALS_ROOT,
         "--port", str(LOADER_PORT),
         *(["--allow-insecure-http"] if allow_insecure_http else []),
+        *(["--engine-task", ENGINE_TASK_EMBED] if route.spec.engine.task == ENGINE_TASK_EMBED else []),
     ]
 
 

@@ -53,6 +53,9 @@ def add_loader_arguments(p: argparse.ArgumentParser) -> None:
                         "fetch every adapter with this process's environment (local runs)")
     p.add_argument("--model-dir", help="the base model's local directory (default: the table's modelPath, then "
                                        "the Hugging Face cache)")
+    p.add_argument("--engine-task", choices=("generate", "embed"), default="generate",
+                   help="the route's spec.engine.task: embed is a pooling (embedding) engine without LoRA, warmed "
+                        "up with one /v1/embeddings request; adapters are refused on it")
     p.add_argument("--max-lora-rank", type=int, help="override the table's maxLoraRank (must equal vLLM's flag)")
     p.add_argument("--no-smoke-test", dest="smoke_test", action="store_false",
                    help="do not probe each adapter after loading (then a no-op adapter is reported Ready)")
@@ -134,7 +137,7 @@ async def serve(args: argparse.Namespace, started: asyncio.Event | None = None) 
                         probe_prompt=args.probe_prompt or DEFAULT_PROBE_PROMPT, probe_tokens=args.probe_tokens,
                         max_attempts=args.max_attempts, backoff_base=args.backoff_seconds,
                         resync=args.resync_seconds, drain_seconds=DRAIN_SECONDS if args.drain_seconds is None else args.drain_seconds,
-                        max_header_bytes=args.max_header_bytes,
+                        max_header_bytes=args.max_header_bytes, engine_task=args.engine_task,
                         credentials_root=None if args.credentials_root == "none" else args.credentials_root)
         loader.metrics.cache_bytes.set(cache.total_bytes())
 

@@ -145,6 +145,22 @@ class VllmClient:
                      logprobs=tuple(math.nan if x is None else float(x) for x in (lp.get("token_logprobs") or ())))
 
 
+    async def embed(self, model: str, texts: list[str]) -> list[list[float]]:
+        """POST /v1/embeddings of `texts` with `model` (a pooling engine: spec.engine.task embed); one vector per
+        text, in order. Raises EngineError on a non-200 answer or one without a vector for each text."""
+        status, text, body = await self._request("POST", "/v1/embeddings", {"model": model, "input": texts})
+        if status != 200:
+            raise EngineError(status, _message(text, body))
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list) or len(data) != len(texts) or not all(
+                isinstance(d, dict) and isinstance(d.get("embedding"), list) and d["embedding"] for d in data):
+            raise EngineError(status, f"/v1/embeddings answered without one embedding per input: {text[:200]}")
+        # OpenAI's answer carries each vector's input position in `index`; without usable indices, answer order.
+        if sorted(d.get("index") for d in data if isinstance(d.get("index"), int)) == list(range(len(data))):
+            data = sorted(data, key=lambda d: d["index"])
+        return [d["embedding"] for d in data]
+
+
 _REQUESTS = re.compile(r"^vllm:num_requests_(?:running|waiting)(?:\{[^}\n]*\})? ([0-9.eE+-]+|NaN)\s*$", re.MULTILINE)
 _LORA_INFO = re.compile(r"^vllm:lora_requests_info\{([^}\n]*)\} ([0-9.eE+-]+)\s*$", re.MULTILINE)
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')

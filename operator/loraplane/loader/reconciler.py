@@ -33,6 +33,7 @@ from typing import TypeVar
 import aiohttp
 
 from loraplane.api.common import now_rfc3339
+from loraplane.api.modelroute import ENGINE_TASK_EMBED, ENGINE_TASK_GENERATE
 from loraplane.api.redaction import MAX_MESSAGE, redacted
 from loraplane.api.reasons import Reason
 from loraplane.api.wire.serving import (AdapterReport, AdapterState, DesiredAdapter, ReplicaReport,
@@ -74,6 +75,7 @@ OUTCOMES: dict[Reason, Outcome] = {
                      Reason.RankMismatch, Reason.NonFiniteWeights, Reason.UnsafeArtifact, Reason.ArtifactTooLarge,
                      Reason.InvalidTargetModules), _ARTIFACT),
     **dict.fromkeys((Reason.AccessDenied, Reason.InsecureSource), _REFUSED),
+    Reason.EmbeddingRouteNoAdapters: _ARTIFACT,   # the engine itself cannot load any: no retry, never fetched
     **dict.fromkeys((Reason.NoEffect, Reason.NonFiniteOutput), _BROKEN),
     # the store or the engine may answer otherwise next time; an unforeseen error may be a passing one
     **dict.fromkeys((Reason.FetchFailed, Reason.ChecksumMismatch, Reason.AlreadyLoaded, Reason.AdapterNotFound,
@@ -175,6 +177,9 @@ class Loader:
     differ from the base model's, else it is unloaded as NoEffect.
     An adapter that leaves the table while Ready drains first (`_drained`): it stays loaded at least
     `drain_seconds`, then until vLLM runs no request with it, at most the table's router.timeoutSeconds more.
+    `engine_task` is the route's spec.engine.task: with `embed` (vLLM's pooling runner, no LoRA) the warm-up is
+    one /v1/embeddings request instead of a completion, and every adapter in the table is refused
+    (EmbeddingRouteNoAdapters) without being fetched.
     """
 
     def __init__(self, engine: VllmClient, cache: ArtifactCache, replica: str, *,
@@ -185,7 +190,7 @@ class Loader:
                  engine_url: str | None = None, report_sinks: list[ReportSink] | None = None,
                  max_header_bytes: int = gate.MAX_ADAPTER_HEADER_BYTES,
                  credentials_root: str | Path | None = ADAPTER_CREDENTIALS_ROOT,
-                 drain_seconds: float = DRAIN_SECONDS):
+                 drain_seconds: float = DRAIN_SECONDS, engine_task: str = ENGINE_TASK_GENERATE):
         self.engine = engine
         self.cache = cache
         self.replica = replica
@@ -203,6 +208,9 @@ class Loader:
         self.report_sinks = list(report_sinks or [])
         self.max_header_bytes = max_header_bytes   # the gate's safetensors header limit (--max-header-bytes)
         self.credentials_root = Path(credentials_root) if credentials_root is not None else None
+        if engine_task not in (ENGINE_TASK_GENERATE, ENGINE_TASK_EMBED):
+            raise ValueError(f"engine_task must be {ENGINE_TASK_GENERATE} or {ENGINE_TASK_EMBED}, not {engine_task!r}")
+        self.engine_task = engine_task
         self.table: ServingTable | None = None
         self.slots: dict[str, Slot] = {}
         self.unloading: dict[str, str] = {}   # served name -> since
@@ -467,24 +475,29 @@ class Loader:
         with a warning. Other failures (5xx, connection errors, timeouts) are kept in `_warmup_error` for the
         adapters' messages and retried after `resync` seconds; it never raises."""
         started = time.monotonic()
+        what = self._warmup_what
         try:
-            await self.engine.probe(self.table.served_model_name, WARMUP_PROMPT, WARMUP_TOKENS)
+            if self.engine_task == ENGINE_TASK_EMBED:
+                # A pooling engine has no completions endpoint: its first request is an embedding.
+                await self.engine.embed(self.table.served_model_name, [WARMUP_PROMPT])
+            else:
+                await self.engine.probe(self.table.served_model_name, WARMUP_PROMPT, WARMUP_TOKENS)
         except asyncio.CancelledError:
             raise
         except EngineError as exc:
             if 400 <= exc.status < 500 and epoch == self._engine_epoch:
                 # The engine is up and answered; it only refuses this request (e.g. extraArgs set
                 # --max-logprobs 0). Keeping the replica out for that would wedge it: serve without the warm-up.
-                log.warning("vLLM refused the warm-up completion (HTTP %d: %s); the replica serves without it "
-                            "and its first request may be slow", exc.status, redacted(exc.message, MAX_MESSAGE))
+                log.warning("vLLM refused the warm-up %s (HTTP %d: %s); the replica serves without it "
+                            "and its first request may be slow", what, exc.status, redacted(exc.message, MAX_MESSAGE))
                 self.engine_warm = True
                 self._warmup_error = ""
                 self.metrics.engine_ready.set(1)
                 self.wake()
                 return
-            self._warmup_error = f"vLLM answers /health but failed the warm-up completion: {exc.message}"
+            self._warmup_error = f"vLLM answers /health but failed the warm-up {what}: {exc.message}"
         except Exception as exc:  # noqa: BLE001 - connection errors and anything else: retried, never raised
-            self._warmup_error = f"the warm-up completion failed: {type(exc).__name__}: {exc}".rstrip(": ")
+            self._warmup_error = f"the warm-up {what} failed: {type(exc).__name__}: {exc}".rstrip(": ")
         else:
             if epoch == self._engine_epoch:
                 elapsed = time.monotonic() - started
@@ -492,13 +505,17 @@ class Loader:
                 self._warmup_error = ""
                 self.metrics.engine_ready.set(1)
                 self.metrics.load_seconds.labels("warmup").observe(elapsed)
-                log.info("engine warm: its first completion took %.2fs; the replica serves now", elapsed)
+                log.info("engine warm: its first %s took %.2fs; the replica serves now", what, elapsed)
             self.wake()
             return
         if epoch == self._engine_epoch:
             self._warmup_not_before = time.monotonic() + self.resync
             log.warning("%s (retrying in %.1fs)", redacted(self._warmup_error, MAX_MESSAGE), self.resync)
         self.wake()
+
+    @property
+    def _warmup_what(self) -> str:
+        return "embedding" if self.engine_task == ENGINE_TASK_EMBED else "completion"
 
     async def _wait_warm(self) -> bool:
         """Wait for the warm-up (starting it when none runs); True when the engine is warm."""
@@ -519,6 +536,11 @@ class Loader:
         started = time.monotonic()
         steps: dict[str, float] = {}
         slot.attempts += 1
+        if self.engine_task == ENGINE_TASK_EMBED:
+            await self._failed(slot, Reason.EmbeddingRouteNoAdapters, "this route serves an embedding model "
+                               "(spec.engine.task: embed, vLLM's pooling runner without LoRA): no adapter can be "
+                               "loaded on it; serve the adapter from a route with engine.task generate", loaded)
+            return
         try:
             slot.move(AdapterState.Fetching, Reason.Fetching, f"fetching {want.uri}")
             t = time.monotonic()

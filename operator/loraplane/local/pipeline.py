@@ -26,6 +26,7 @@ import yaml
 from pydantic import ValidationError
 
 from loraplane.api import Adapter, FineTuneJob, ModelRoute, parse
+from loraplane.api.modelroute import ENGINE_TASK_EMBED
 from loraplane.builders import BuildSettings, finetunejob as ftj_builders, modelroute as route_builders
 from loraplane.api.paths import ADAPTER_CACHE_PATH, PVC_ROOT
 from loraplane.builders.engine_pod import loader_container, model_fetch_container
@@ -425,16 +426,32 @@ def complete(router_url: str, model: str, prompt: str, max_tokens: int = 16,
 
     A 503 with Retry-After (the router has not yet seen a replica report the adapter) is retried as a
     well-behaved client would, for up to `patience` seconds."""
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    status, answer, seconds = _post(f"{router_url}/v1/completions", body, patience)
+    return status, answer["choices"][0]["text"] if status == 200 else answer, seconds
+
+
+def embed(router_url: str, model: str, text: str, patience: float = 15) -> tuple[int, str, float]:
+    """One /v1/embeddings request through the router of an embedding route (spec.engine.task embed): (HTTP
+    status, the vector's size and first numbers or the error, seconds); 503s retried as `complete` does."""
+    status, answer, seconds = _post(f"{router_url}/v1/embeddings", {"model": model, "input": text}, patience)
+    if status != 200:
+        return status, answer, seconds
+    vector = answer["data"][0]["embedding"]
+    return status, f"{len(vector)} numbers [{', '.join(f'{x:.3f}' for x in vector[:4])}, …]", seconds
+
+
+def _post(url: str, body: dict, patience: float) -> tuple[int, Any, float]:
+    """POST `body` as JSON: (status, the answer's JSON on 200 else its text, seconds). A 503 with Retry-After is
+    retried for up to `patience` seconds."""
+    data = json.dumps(body).encode()
     deadline = time.monotonic() + patience
     while True:
-        req = urllib.request.Request(f"{router_url}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
         started = time.monotonic()
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
-                text = json.loads(r.read())["choices"][0]["text"]
-                return r.status, text, time.monotonic() - started
+                return r.status, json.loads(r.read()), time.monotonic() - started
         except urllib.error.HTTPError as exc:
             retry_after = exc.headers.get("Retry-After")
             if exc.code == 503 and retry_after and time.monotonic() < deadline:
@@ -501,7 +518,8 @@ def run(path: Path, workdir: Path, model_dir: Path | None = None, prompts: list[
             for prompt in prompts:
                 say(f"  prompt: {prompt!r}")   # repr: a trailing newline or space is part of the prompt
                 for model in s.public_models:
-                    status, text, seconds = complete(s.router_url, model, prompt)
+                    ask = embed if s.route.spec.engine.task == ENGINE_TASK_EMBED else complete
+                    status, text, seconds = ask(s.router_url, model, prompt)
                     shown = repr(text) if status == 200 else f"HTTP {status}: {text}"
                     say(f"    {model:>12} → {shown}   ({seconds * 1000:.0f} ms)")
         say("\n• Timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in lr.timings.items()))

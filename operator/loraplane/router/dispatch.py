@@ -36,14 +36,19 @@ log = logging.getLogger("loraplane.router")
 
 # The OpenAI API endpoints served (vLLM serves the same paths).
 COMPLETIONS, CHAT_COMPLETIONS, MODELS = b"/v1/completions", b"/v1/chat/completions", b"/v1/models"
+# An embedding route's endpoint (spec.engine.task embed: vLLM's pooling runner); proxied like a completion
+# (`model` rewritten, replica choice, metrics). A generation engine answers it with vLLM's own error.
+EMBEDDINGS = b"/v1/embeddings"
+# Every path `proxy` serves.
+INFERENCE_PATHS = frozenset((COMPLETIONS, CHAT_COMPLETIONS, EMBEDDINGS))
 
 
 # Paths that need an API key (when keys are set); /metrics, /healthz and /readyz are open to probes.
-KEYED_PATHS = frozenset((COMPLETIONS, CHAT_COMPLETIONS, MODELS))
+KEYED_PATHS = INFERENCE_PATHS | {MODELS}
 # Paths whose requests have a body (up to router.maxRequestBytes). Every other request must have none: a body
 # there is refused before it is read, so a client without a key cannot make the router buffer bodies on an
 # open path (/healthz, an unknown path) either.
-BODY_PATHS = frozenset((COMPLETIONS, CHAT_COMPLETIONS))
+BODY_PATHS = INFERENCE_PATHS
 # X-Request-Id is forwarded to vLLM, which logs it (and with --enable-request-id-headers uses it as the
 # request's id): longer values are refused rather than passed on or cut.
 MAX_REQUEST_ID_BYTES = 256
@@ -82,7 +87,7 @@ def dispatch(router: Router, conn: ClientConnection, req: Request) -> None:
     format), /healthz (the process runs) and /readyz (503 until a routing table is loaded); 404 otherwise.
     Bound as `Router.dispatch`, which `ClientConnection` calls."""
     path = req.path
-    if path == COMPLETIONS or path == CHAT_COMPLETIONS:
+    if path in INFERENCE_PATHS:
         if req.method != b"POST":
             conn.respond_error(405, f"use POST for {path.decode()}", "invalid_request_error",
                                extra=b"Allow: POST\r\n", close=not req.keep_alive)
@@ -106,11 +111,12 @@ def dispatch(router: Router, conn: ClientConnection, req: Request) -> None:
             conn.respond(200, b"ok", b"text/plain", keep_alive=req.keep_alive)
     else:
         conn.respond_error(404, f"no such endpoint: {path.decode('latin-1')} (this router serves "
-                                "/v1/completions, /v1/chat/completions, /v1/models)", "invalid_request_error",
+                                "/v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models)",
+                           "invalid_request_error",
                            "not_found", close=not req.keep_alive)
 
 def proxy(router: Router, conn: ClientConnection, req: Request, hold: Hold | None = None) -> bool:
-    """Route one /v1/completions or /v1/chat/completions request and start its `Exchange`. Returns False
+    """Route one /v1/completions, /v1/chat/completions or /v1/embeddings request and start its `Exchange`. Returns False
     only when `hold` (the request's `Hold`, when it is being released: see hold.py) is given and still no
     replica serves its model: it stays held.
 

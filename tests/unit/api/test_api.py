@@ -411,3 +411,34 @@ def test_model_cache_size_limit_only_with_the_default_cache(tmp_path, capsys):
         ok = copy.deepcopy(route)
         ok["spec"]["engine"]["modelCache"] = cache
         parse(ok)
+
+
+@pytest.mark.parametrize("routes,refused", [
+    ([], False),
+    ([{"name": "embed", "backends": [{"base": True}]}], False),
+    ([{"name": "sql", "backends": [{"adapter": "sql"}]}], True),
+    ([{"name": "mix", "backends": [{"base": True, "weight": 50}, {"adapter": "sql", "weight": 50}]}], True),
+    ([{"selector": {"matchLabels": {"team": "a"}}}], True),
+])
+def test_an_embedding_route_refuses_adapters_naming_the_field(routes, refused):
+    """spec.engine.task embed runs vLLM's pooling runner without --enable-lora: a route that needs an adapter
+    is refused by the CRD's rule (CEL, as the API server runs it) and by `parse` (its Python mirror) alike."""
+    from loraplane.api import cel
+    from loraplane.api.modelroute import ModelRouteSpec
+
+    doc = {"apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute", "metadata": {"name": "embedder"},
+           "spec": {"baseModel": {"uri": "/models/e5"}, "engine": {"task": "embed"}, "routes": routes}}
+    rule = next(r for r in ModelRouteSpec.cel_rules if "embed" in r.rule)
+    assert cel.evaluate(rule.rule, doc["spec"]) is (not refused)
+    assert rule.check(doc["spec"]) is (not refused)
+    if refused:
+        with pytest.raises(ValidationError, match="spec.engine.task embed serves an embedding model without "
+                                                  "adapters"):
+            parse(doc)
+    else:
+        assert parse(doc).spec.engine.task == "embed"
+    generate = copy.deepcopy(doc)
+    generate["spec"]["engine"]["task"] = "generate"
+    assert parse(generate).spec.engine.task == "generate"
+    del generate["spec"]["engine"]
+    assert parse(generate).spec.engine.task == "generate" and rule.check(generate["spec"])

@@ -255,3 +255,34 @@ def test_a_node_path_model_cache_needs_the_policy():
     allowed = BuildSettings(policy=SpecPolicy(allowed_model_cache_host_paths=("/var/cache/loraplane/*",)))
     assert allowed.violations(r) == []
     assert BuildSettings().violations(route(engine={"modelCache": {"claimName": "models"}})) == []
+
+
+def test_an_embedding_route_runs_vllms_pooling_runner_without_lora_and_tells_the_loader():
+    """spec.engine.task embed: `--runner pooling` (vLLM 0.32's flag; its `--convert auto` turns a *ForCausalLM
+    into an embedding model), no LoRA flags nor runtime-LoRA env, and the loader warms it with an embedding
+    (`--engine-task embed`); the default task is generate, unchanged."""
+    embed = route(engine={"task": "embed", "maxModelLen": 512})
+    cmd = engine_pod.engine_command(embed)
+    assert flag(cmd, "--runner") == "pooling"
+    assert not [a for a in cmd if "lora" in a.lower()], cmd
+    assert flag(cmd, "--max-model-len") == "512" and flag(cmd, "--served-model-name")
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in {e["name"] for e in engine_pod.engine_env(embed)}
+    parser = argparse.ArgumentParser()
+    add_loader_arguments(parser)
+    loader = engine_pod.loader_container(embed, "ml", "ghcr.io/x/loraplane:1")
+    assert parser.parse_args(loader["command"][3:]).engine_task == "embed"
+
+    generate = engine_pod.engine_command(route())
+    assert "--runner" not in generate and "--enable-lora" in generate
+    assert parser.parse_args(engine_pod.loader_container(route(), "ml", "i")["command"][3:]).engine_task == \
+        "generate"
+
+
+def test_vllm_knows_the_pooling_runner_flag():
+    """The flag the builder passes is one vLLM 0.32's own argument parser accepts (not a guess)."""
+    pytest.importorskip("vllm")
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    args = EngineArgs.add_cli_args(FlexibleArgumentParser()).parse_args(["--model", "m", "--runner", "pooling"])
+    assert args.runner == "pooling"
