@@ -70,10 +70,13 @@ class Request:
     `request_id` (X-Request-Id) and `expect` (lower-cased) are raw header values or None; `body` is the list of
     received chunks, `size` its length in bytes (a body over the limit is refused, never kept);
     `started` is time.perf_counter() at the first byte, what latency and TTFT are measured from.
+    `routed`: the response header lines of a content-routing decision (b"" for a request naming a public model;
+    see dispatch.route_by_content), put on whatever answers it. `rule_headers` (lower-cased name -> value) holds
+    the headers content rules read, and is set only when one arrives (`router.rule_headers`).
     """
 
     __slots__ = ("method", "path", "authorization", "sticky", "request_id", "expect", "content_length",
-                 "body", "size", "keep_alive", "started", "body_limit")
+                 "body", "size", "keep_alive", "started", "body_limit", "routed", "rule_headers")
 
     def __init__(self):
         self.authorization = self.sticky = self.request_id = self.expect = None
@@ -85,6 +88,7 @@ class Request:
         # Bytes of body this request may have (set by `router.admit`: max_request_bytes on the paths that take
         # a body, 0 elsewhere); over it the request is refused as soon as a byte too many arrives.
         self.body_limit = 0
+        self.routed = b""
 
 
 class ClientConnection(asyncio.Protocol):
@@ -92,7 +96,8 @@ class ClientConnection(asyncio.Protocol):
     in `pending` (over MAX_PIPELINED the router stops reading from the client).
 
     Reads from `router`: `connections` (it registers itself there), `max_connections`, `max_header_bytes`,
-    `sticky_header_lower`, `max_request_bytes`, `metrics`, `admit(conn, req)`, which may refuse a request
+    `sticky_header_lower` and `watched_headers` (it and the headers content rules read), `max_request_bytes`,
+    `metrics`, `admit(conn, req)`, which may refuse a request
     once its headers are complete, and `dispatch(conn, req)`, which answers a complete request.
     `phase` (IDLE, HEAD, BODY, LINGER) and `deadline` (time.perf_counter() seconds; 0.0: not armed yet) are
     the read phase and its deadline, armed and enforced by `Router.sweep`; `refused` is set once the
@@ -251,8 +256,14 @@ class ClientConnection(asyncio.Protocol):
             req.request_id = value
         elif n == b"expect":
             req.expect = value.lower()
-        elif n == self.router.sticky_header_lower:
-            req.sticky = value
+        elif n in self.router.watched_headers:   # the sticky header and those content rules read (often none)
+            if n == self.router.sticky_header_lower:
+                req.sticky = value
+            else:
+                try:
+                    req.rule_headers.setdefault(n, value)
+                except AttributeError:   # the first one (the slot is left unset otherwise: no work per request)
+                    req.rule_headers = {n: value}
 
     def on_headers_complete(self):
         """httptools callback: method, path and keep-alive are known. `router.admit` may refuse the request

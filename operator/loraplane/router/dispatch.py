@@ -8,18 +8,21 @@ one request and answers what the router refuses itself.
 
 from __future__ import annotations
 
-import time
-
+import asyncio
+import json
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from loraplane.router.client_protocol import ClientConnection, Request
+from loraplane.router.content import CompiledContentModel, decision_text
 from loraplane.router.exchange import Exchange, ask_for_usage
 from loraplane.router.forward import forward_external
 from loraplane.router.hold import Hold
 from loraplane.router.metrics import NO_BACKEND, UNKNOWN_MODEL
+from loraplane.router.orchestrate import Decision, Pending
 from loraplane.router.table import BadRequest, read_model, rewrite_model
 
 if TYPE_CHECKING:
@@ -140,13 +143,20 @@ def proxy(router: Router, conn: ClientConnection, req: Request, hold: Hold | Non
         return True
     route = table.models.get(model)
     if route is None:
+        # Not a public model of this route: only now (a miss) are content-routed and external names looked up,
+        # so a request naming a public model pays nothing for them.
+        content = table.content.get(model)
+        if content is not None and not req.routed:
+            route_by_content(router, conn, req, content, body, handle)
+            return True
         external = table.external.get(model)
-        if external is not None:   # another route's public model: its router serves it (router/forward.py)
-            return forward_external(router, conn, req, external, body, hold)
+        if external is not None:
+            return forward_external(router, conn, req, external, body, hold, req.routed)
         router.metrics.count_refused(UNKNOWN_MODEL, 404)
         names = table.served_names()
         conn.respond_error(404, f"The model `{model}` does not exist. Served models: {', '.join(names)}",
-                           "NotFoundError", "model_not_found", "model", close=close, available_models=names)
+                           "NotFoundError", "model_not_found", "model", extra=req.routed, close=close,
+                           available_models=names)
         return True
     if router.log_prompts and hold is None:
         log.info("request body (router.logPrompts is on): %s", body.decode("utf-8", "replace"))
@@ -178,7 +188,7 @@ def proxy(router: Router, conn: ClientConnection, req: Request, hold: Hold | Non
             conn.respond_error(
                 503, f"no replica is ready to serve `{model}` (backends: "
                      f"{', '.join(b.served_name for b in route.backends)}); adapters may still be loading",
-                "service_unavailable", "no_ready_replica", extra=b"Retry-After: 2\r\n", close=close)
+                "service_unavailable", "no_ready_replica", extra=b"Retry-After: 2\r\n" + req.routed, close=close)
             return True
     if hold is not None:
         hold.released()
@@ -191,4 +201,91 @@ def proxy(router: Router, conn: ClientConnection, req: Request, hold: Hold | Non
     conn.exchange = ex
     ex.start()
     return True
+
+
+
+# ---- content routing (issue 15): decide, rewrite `model` to the destination, then the named-model path ----
+
+
+class Deciding:
+    """Stands in the connection's `exchange` slot while a content-routing decision runs (it has no upstream and
+    no deadline of its own: each method's budget bounds it). A client that leaves cancels the decision (499)."""
+
+    __slots__ = ("router", "model", "task")
+    upstream = None
+    deadline = 0.0
+
+    def __init__(self, router: Router, model: str):
+        self.router, self.model = router, model
+        self.task: asyncio.Task | None = None
+
+    def client_lost(self) -> None:
+        """The client closed its connection mid-decision: stop deciding, count 499."""
+        if self.task is not None:
+            self.task.cancel()
+        self.router.metrics.count_refused(self.model, 499)
+
+
+def route_by_content(router: Router, conn: ClientConnection, req: Request, content: CompiledContentModel,
+                     body: bytes, handle: object) -> None:
+    """Decide where a request for a content-routed model goes (orchestrate.py, async), then send it down the
+    named-model path (`proxy`) with its body's `model` rewritten to the destination's public name and the
+    decision's response headers (`req.routed`) on whatever answers it. 400 for a body that is not JSON: the
+    decision reads the messages or prompt (content.decision_text)."""
+    if type(handle) is dict:
+        obj = handle
+    else:
+        try:
+            obj = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            router.metrics.count_refused(content.name, 400)
+            why = "nests arrays or objects too deeply to be read" if isinstance(exc, RecursionError) else \
+                f"is not valid JSON: {exc}"
+            conn.respond_error(400, f"the request body {why}", "invalid_request_error", close=not req.keep_alive)
+            return
+    text = decision_text(obj, req.path == CHAT_COMPLETIONS)
+    headers = getattr(req, "rule_headers", None)   # unset unless a rule's header arrived
+    decision = router.orchestrator.decide_now(content, text, headers)
+    if type(decision) is Decision:   # rules decided without I/O: no task, no event-loop round trip
+        send_decided(router, conn, req, body, handle, decision)
+        return
+    deciding = Deciding(router, content.name)
+    conn.exchange = deciding
+    router.active += 1   # a draining router waits for it, as for a proxied request
+    deciding.task = router.loop.create_task(_decide_and_send(router, conn, req, content, body, handle, text,
+                                                             headers, decision, deciding))
+
+
+def send_decided(router: Router, conn: ClientConnection, req: Request, body: bytes, handle: object,
+                 decision: Decision) -> None:
+    """Send a decided request down the named-model path: its body's `model` rewritten to the destination (only
+    that changes) and the decision's header lines on whatever answers it."""
+    req.routed = decision.head
+    payload = rewrite_model(body, handle, decision.rewrite)
+    req.body = [payload]
+    req.size = len(payload)
+    proxy(router, conn, req)
+
+
+async def _decide_and_send(router: Router, conn: ClientConnection, req: Request, content: CompiledContentModel,
+                           body: bytes, handle: object, text: bytes, headers: dict[bytes, bytes] | None,
+                           pending: Pending, deciding: Deciding) -> None:
+    try:
+        decision = await router.orchestrator.decide(content, text, headers, req.authorization, pending)
+    except asyncio.CancelledError:
+        return
+    except Exception:   # decide() counts its methods' failures itself; this is a bug: answer, never hang
+        log.exception("content routing of %s failed", content.name)
+        if conn.exchange is deciding:
+            conn.exchange = None
+            router.metrics.count_refused(content.name, 500)
+            conn.respond_error(500, "content routing failed (see the router's log)", "internal_error",
+                               close=not req.keep_alive)
+        return
+    finally:
+        router.active -= 1
+    if conn.exchange is not deciding or conn.transport is None:
+        return   # the client left meanwhile (counted by Deciding.client_lost)
+    conn.exchange = None
+    send_decided(router, conn, req, body, handle, decision)
 

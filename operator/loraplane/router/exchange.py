@@ -201,7 +201,7 @@ class Exchange:
         self.held = b""   # the unfinished SSE event while stripping usage
         self.ending: list[bytes] | None = None   # the held end of the stream (see _without_usage_event)
         self.usage: tuple[int, int] | None = None
-        self.extra_headers = extra_headers
+        self.extra_headers = extra_headers or req.routed   # a content-routing decision's headers
         self.backend_line = backend.header_line   # X-Loraplane-Backend (ForwardUpstream: the other router's)
         rid = req.request_id
         # Everything after the Host line. To vLLM: the route's engine key; the client's own headers (its API key
@@ -460,7 +460,8 @@ class Exchange:
     def fail(self, status: int, message: str, type_: str, code: str, extra: bytes = b"") -> None:
         """Finish with an OpenAI error answer (nothing was sent to the client yet)."""
         self._finish(status, log_always=True)
-        self.conn.respond_error(status, message, type_, code, extra=extra, close=not self.req.keep_alive)
+        self.conn.respond_error(status, message, type_, code, extra=extra + self.req.routed,
+                                close=not self.req.keep_alive)
 
     def _drop_upstream(self) -> None:
         up, self.upstream = self.upstream, None

@@ -83,5 +83,5 @@ class Hold:
     def refuse(self, message: str, code: str) -> None:
         """Answer 503 with Retry-After (the request was held and is answered without a replica)."""
         self.router.metrics.count_refused(self.model, 503)
-        self.conn.respond_error(503, message, "service_unavailable", code, extra=RETRY_AFTER_HEADER,
+        self.conn.respond_error(503, message, "service_unavailable", code, extra=RETRY_AFTER_HEADER + self.req.routed,
                                 close=not self.req.keep_alive)

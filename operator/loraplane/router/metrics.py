@@ -16,6 +16,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 # LLM requests take from milliseconds (cached, short) to minutes (long generations).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40)
+# Content-routing decisions (issue 15): from microseconds (rules) to a classifier's or embedding's round trip.
+DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                    10, 30, 60)
 NO_BACKEND = ""  # label value for requests refused before a backend was chosen
 UNKNOWN_MODEL = "<unknown>"  # one label value for every unknown name, so clients cannot explode cardinality
 
@@ -87,6 +90,12 @@ class RouterMetrics:
         # ones waited, and how each hold ended.
         self.held_results: dict[str, int] = {}
         self.hold_wait = Hist(LATENCY_BUCKETS)
+        # Content routing (router/orchestrate.py): decisions per (content model, destination, method), their
+        # latency per (content model, method), and methods that did not choose per (content model, method, why).
+        # Label values come from the table (names, methods) and orchestrate.Fallback: bounded.
+        self.decisions: dict[tuple[str, str, str], int] = {}
+        self.decision_seconds: dict[tuple[str, str], Hist] = {}
+        self.fallbacks: dict[tuple[str, str, str], int] = {}
         self._router = None
         self.scale_wakeups = Counter("loraplane_router_scale_wakeups", "Scale-subresource wake-ups of the engine "
                                      "Deployment from zero replicas, by result (scaled, not_zero, conflict, "
@@ -101,6 +110,20 @@ class RouterMetrics:
         """A held request was sent to a replica after `seconds` held."""
         self.count_held_result("released")
         self.hold_wait.observe(seconds)
+
+    def count_decision(self, model: str, destination: str, method: str, seconds: float) -> None:
+        """Count one content-routing decision for `model` (the content-routed name) and its latency."""
+        key = (model, destination, method)
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+        hist = self.decision_seconds.get((model, method))
+        if hist is None:
+            hist = self.decision_seconds[(model, method)] = Hist(DECISION_BUCKETS)
+        hist.observe(seconds)
+
+    def count_fallback(self, model: str, method: str, reason: str) -> None:
+        """Count a method that did not choose a destination for `model`, and why (orchestrate.Fallback)."""
+        key = (model, method, reason)
+        self.fallbacks[key] = self.fallbacks.get(key, 0) + 1
 
     def watch_router(self, router) -> None:
         """Export the router's held requests at scrape time."""
@@ -195,3 +218,23 @@ class _Collector:
                                      "How long released requests were held for a replica (cold start wait).")
         wait.add_metric([], self._m.hold_wait.buckets(), self._m.hold_wait.sum)
         yield from (held, results, wait)
+
+        m = self._m
+        decisions = CounterMetricFamily("loraplane_router_content_decisions",
+                                        "Content-routing decisions, by content-routed model, destination and the "
+                                        "method that chose it (`default`: none chose).",
+                                        labels=["model", "destination", "method"])
+        for key, n in sorted(m.decisions.items()):
+            decisions.add_metric(list(key), n)
+        seconds = HistogramMetricFamily("loraplane_router_content_decision_seconds",
+                                        "Time a content-routing decision took, by content-routed model and the "
+                                        "method that decided.", labels=["model", "method"])
+        for key, h in sorted(m.decision_seconds.items()):
+            seconds.add_metric(list(key), h.buckets(), h.sum)
+        fallbacks = CounterMetricFamily("loraplane_router_content_fallbacks",
+                                        "Content-routing methods that did not choose a destination, by why: "
+                                        "no-match, timeout, unavailable, invalid-answer.",
+                                        labels=["model", "method", "reason"])
+        for key, n in sorted(m.fallbacks.items()):
+            fallbacks.add_metric(list(key), n)
+        yield from (decisions, seconds, fallbacks)

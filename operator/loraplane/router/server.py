@@ -10,6 +10,8 @@ latency, TTFT. One module per concern:
 - dispatch.py: which endpoint answers, which backend and replica get an inference request;
 - exchange.py: one proxied request (retries, streaming relay, usage and latency accounting);
 - upstream.py: the connections to vLLM and their keep-alive pool;
+- content.py + orchestrate.py: content routing (issue 15): a content-routed name (e.g. `auto`) is decided per
+  request (rules, classifier, semantic; budgets, fallbacks), then served as the destination's request;
 - auth.py (API keys), kube/mounted.py (change detection of re-read files), table.py (the routing table,
   `model` rewriting), replicas.py (polling, choice), metrics.py (Prometheus), service.py (table sources,
   background loops), cli.py (the command line).
@@ -35,6 +37,7 @@ from loraplane.router.client_protocol import BODY, HEAD, IDLE, LINGER, LINGER_SE
 from loraplane.router.dispatch import admit, dispatch, proxy
 from loraplane.router.hold import MAX_HELD_BYTES, RETRY_AFTER_HEADER, Hold
 from loraplane.router.metrics import RouterMetrics
+from loraplane.router.orchestrate import Orchestrator
 from loraplane.router.replicas import Replica, ReplicaPool
 from loraplane.router.table import RoutingTable
 from loraplane.api.wire.serving import ServingTable
@@ -105,6 +108,13 @@ class Router:
         self.previous_table: RoutingTable | None = None
         self.replaced_at = 0.0
         self.sticky_header_lower: bytes | None = None
+        # Request headers content-routing rules read (lower-cased), from the table: the client connections keep
+        # these beside the few they always read.
+        self.rule_headers: frozenset[bytes] = frozenset()
+        # The headers a client connection keeps besides its fixed few: the sticky header and rule_headers (one set
+        # lookup per other header, as the one comparison with the sticky header's name cost before).
+        self.watched_headers: frozenset[bytes] = frozenset()
+        self._orchestrator: Orchestrator | None = None
         self.max_request_bytes = 4 * 1024 * 1024
         self.timeout_seconds = 600.0
         self.log_prompts = False
@@ -169,6 +179,11 @@ class Router:
         if self.table is not None:
             self.previous_table, self.replaced_at = self.table, time.monotonic()
         self.table = compiled
+        self.rule_headers = compiled.rule_headers
+        self.watched_headers = compiled.rule_headers | (
+            {self.sticky_header_lower} if self.sticky_header_lower else set())
+        if self._orchestrator is not None:
+            self._orchestrator.forget_unused({c.semantic_key for c in compiled.content.values()})
         self.metrics.table_generation.set(table.generation)
         self.metrics.table_dropped_entries.set(len(compiled.dropped))
         for problem in compiled.dropped:
@@ -180,6 +195,18 @@ class Router:
         if compiled.external:
             log.info("routing table generation %d: forwarded to other routes' routers: %s", table.generation,
                      ", ".join(f"{e.name} -> {e.route} ({e.url})" for e in compiled.external.values()))
+        for note in compiled.warnings:
+            log.warning("routing table generation %d: %s", table.generation, note)
+        for c in compiled.content.values():
+            log.info("content-routed model %s: methods %s, destinations %s, default %s", c.name,
+                     "/".join(c.source.methods), ", ".join(d.model for d in c.source.destinations), c.source.default)
+
+    @property
+    def orchestrator(self):
+        """The content-routing decisions' runner (router/orchestrate.py), made on first use."""
+        if self._orchestrator is None:
+            self._orchestrator = Orchestrator(self)
+        return self._orchestrator
 
     # ---- cold start (hold.py) ----
 
@@ -192,7 +219,7 @@ class Router:
             conn.respond_error(503, f"no replica is up to serve `{model}` and {len(self.held)} requests "
                                     f"({self.held_bytes} bytes) already wait for one (router.coldStart.maxRequests); "
                                     "retry later",
-                               "service_unavailable", "cold_start_queue_full", extra=RETRY_AFTER_HEADER,
+                               "service_unavailable", "cold_start_queue_full", extra=RETRY_AFTER_HEADER + req.routed,
                                close=not req.keep_alive)
             return
         h = Hold(self, conn, req, model)
@@ -301,3 +328,5 @@ class Router:
                 c.transport.close()
         for r in (*self.pool.replicas, *self.external_upstreams.values()):
             r.close_idle()
+        if self._orchestrator is not None:
+            await self._orchestrator.close()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from loraplane.api.wire.serving import ServingTable
+from loraplane.router.content import CompiledContentModel
 
 STICKY_CACHE_SIZE = 65536
 # Sticky header values longer than this are routed by the same hash but not cached: the cache holds
@@ -161,8 +162,14 @@ class RoutingTable:
     models_json: bytes  # the /v1/models answer, rendered once
     # Entries left out, one readable line each ("models[3] 'x': ..."): one bad entry never costs the rest.
     dropped: list[str] = field(default_factory=list)
-    # Public models of other routes, forwarded to their routers (looked up only after a miss in `models`).
+    # Issue 15: content-routed public names (looked up only when `models` has no such name, so a request naming
+    # a public model pays nothing for them), the public models of other routes they reach, and the request
+    # headers any content rule reads (lower-cased; the client connection keeps only those, see client_protocol).
+    content: dict[str, CompiledContentModel] = field(default_factory=dict)
+    # What is kept but will not work as written, one line each (a content model's destination nobody serves).
+    warnings: list[str] = field(default_factory=list)
     external: dict[str, ExternalRoute] = field(default_factory=dict)
+    rule_headers: frozenset[bytes] = frozenset()
 
     @classmethod
     def compile(cls, table: ServingTable) -> "RoutingTable":
@@ -188,18 +195,34 @@ class RoutingTable:
                 dropped.append(f"external_models[{i}] {em.name!r}: {problem}")
                 continue
             external[em.name] = ExternalRoute(em.name, em.route, em.url.rstrip("/"))
+        content: dict[str, CompiledContentModel] = {}
+        warnings: list[str] = []
+        for i, cm in enumerate(table.content_models):
+            if cm.name in models or cm.name in external or cm.name in content:
+                dropped.append(f"content_models[{i}] {cm.name!r}: the name is already a public model; that "
+                               "entry serves it")
+                continue
+            compiled = CompiledContentModel.compile(cm, f"content_models[{i}]")
+            dropped += compiled.problems
+            for name, role in ((cm.default, "default"), *((d.model, "destination") for d in cm.destinations)):
+                if name not in models and name not in external:
+                    warnings.append(f"content_models[{i}] {cm.name!r}: {role} {name!r} is neither a model of this "
+                                    "route nor an external model (requests routed to it are answered 404)")
+            content[cm.name] = compiled
         listing = {"object": "list",
                    "data": [{"id": name, "object": "model", "created": 0, "owned_by": table.route,
-                             "root": name, "parent": None} for name in models]
+                             "root": name, "parent": None} for name in (*models, *content)]
                    + [{"id": name, "object": "model", "created": 0, "owned_by": ext.route,
                        "root": name, "parent": None} for name, ext in external.items()]}
         return cls(source=table, models=models, base_served_name=table.served_model_name,
                    models_json=json.dumps(listing, separators=(",", ":")).encode(), dropped=dropped,
-                   external=external)
+                   content=content, external=external, warnings=warnings,
+                   rule_headers=frozenset(n for c in content.values() for n in c.header_names))
 
     def served_names(self) -> list[str]:
-        """Every public name this table answers: its own models, then the other routes' (external) ones."""
-        return [*self.models, *self.external]
+        """Every public name this table answers: its own models, its content-routed models, then the other
+        routes' (external) ones."""
+        return [*self.models, *self.content, *self.external]
 
     @property
     def sticky_header(self) -> str | None:
@@ -270,6 +293,8 @@ def read_model(body: bytes) -> tuple[str, object]:
         obj = json.loads(body) if literal else json.loads(body, object_pairs_hook=pairs_hook)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:   # json's C decoder recurses per nesting level: `[[[[...` a few thousand deep
+        raise BadRequest("the request body nests arrays or objects too deeply to be read") from None
     if not isinstance(obj, dict):
         raise BadRequest("the request body must be a JSON object with a `model` field")
     if seen_model > 1:
