@@ -14,10 +14,13 @@ loader and router processes in their own network and mount namespaces. The flows
 4. version switch (issue 14): a new version goes live make-before-break under steady load, 0 requests lost;
 5. failed candidate (issue 14): a version that fails its smoke test never gets a request;
 6. evaluation gate (issue 14): a version evaluated worse than the base (mustBeatBase) is never loaded;
-7. training preemption: the trainer pod deleted mid-run → the Job's next pod resumes from a checkpoint;
-8. scale from zero: the route HPA-autoscaled and parked at zero; a request is held, the router wakes the
+7. content routing (issue 15): `model: auto` answers from the adapter each kind of prompt names; a second route's
+   router and the chart's gateway forward to this route's router; a classifier on a route at zero replicas, then
+   deleted, leaves the default to serve and the status says so;
+8. training preemption: the trainer pod deleted mid-run → the Job's next pod resumes from a checkpoint;
+9. scale from zero: the route HPA-autoscaled and parked at zero; a request is held, the router wakes the
    Deployment, the request is answered; past router.coldStart.maxWaitSeconds a held request gets 503 + Retry-After;
-9. deletion: deleting the ModelRoute and the FineTuneJob leaves no pods, processes or namespaces.
+10. deletion: deleting the ModelRoute and the FineTuneJob leaves no pods, processes or namespaces.
 
 Each flow prints its wall time; together they must stay within the CI budget (issue 11: 10 minutes on 2 cores).
 
@@ -30,12 +33,13 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.request
 
 import pytest
 
-from support.e2e_flows import (ADAPTER_ANSWER, ARTIFACT_CLAIM, MODEL_URI, PROMPTS, QS_NS, complete,
+from support.e2e_flows import (ADAPTER_ANSWER, ARTIFACT_CLAIM, MODEL_URI, PROMPTS, QS_NS, V120, complete,
                                complete_with_headers, condition, first_token_breakdown, quickstart_docs, router_metrics,
-                               router_url, scale_from_zero_breakdown, status_of, WakeTimeline)
+                               router_url, scale_from_zero_breakdown, service_endpoints, status_of, WakeTimeline)
 from support.adapters import write_adapter
 
 # Also marked with what they need (a real API server, vLLM, training), so selections that leave those out (the
@@ -502,6 +506,197 @@ def test_evaluation_gate(quickstart):
     k("delete", "adapter", "gated", "--wait=true")
     k.wait("condition=Ready", "mr/quickstart", timeout=60)
     print(f"\n[e2e] evaluation gate: {gate}")
+
+
+# Content routing (issue 15): the prompts of each kind, in the toy world's vocabulary (every toy question is
+# answered by an adapter with its phrase, by the base model with corpus text).
+MARKET_PROMPT, CHILD_PROMPT, OTHER_PROMPT = "what is near the market?\n", "why does a child wait?\n", PROMPTS[0]
+RIVER_PROMPT = "where does the river go?\n"
+AUTO = {"name": "auto", "default": "base", "methods": ["rules"], "destinations": [
+    {"model": "assistant", "rules": {"keywords": ["market", "bread"]}},
+    {"model": "fox", "rules": {"pattern": "(?i)\\bchild\\b"}}]}
+
+
+def _routed(url: str | None, model: str, prompt: str) -> tuple[int, dict, str]:
+    """(HTTP status, response headers, the answer's text or the error body) of a greedy completion."""
+    if url is None:
+        return 0, {}, "no ready router endpoint"
+    code, headers, body = complete_with_headers(url, model, prompt, max_tokens=12)
+    return code, headers, json.loads(body)["choices"][0]["text"] if code == 200 else body
+
+
+def _content_status(k, route: str, name: str) -> dict:
+    """status.contentModels[name] of ModelRoute `route` as {model: (route, ready, reason)} of its destinations,
+    with the classifier under the key `classifier`."""
+    for m in status_of(k, "mr", route).get("contentModels") or []:
+        if m["name"] == name:
+            out = {d["model"]: (d.get("route"), d["ready"], d.get("reason")) for d in m.get("destinations") or []}
+            if m.get("classifier"):
+                c = m["classifier"]
+                out["classifier"] = (c.get("model"), c.get("route"), c["ready"], c.get("reason"))
+            return out
+    return {}
+
+
+def test_content_routing(quickstart, make_adapter):
+    """Issue 15 on the real control plane: `model: auto` through the operator-built router Service answers from
+    the adapter each kind of prompt names (rules), with the decision headers, and status.contentModels lists its
+    destinations ready; another ModelRoute's router forwards its content model's requests to this route's router,
+    which answers them; the chart's gateway lists both routes' names with their route on one /v1/models and
+    forwards to each; a classifier on a route at zero replicas leaves the decision to the next method and the
+    default (fallback `unavailable`), a destination there answers that router's 503 (the decision stands); once
+    that route is deleted the Ready condition says ContentTargetNotFound and the table leaves both out.
+
+    Real: the operator's resolution (serving tables, status.contentModels, external models with the router
+    Service URL, the cross-route watch), both routers (the table from their ConfigMaps, the decision, forwarding
+    by the Service name through the node's hosts file), the loader loading a second adapter (trained by the test
+    in-process with the trainer, copied to the artifact claim), vLLM answering."""
+    import shutil
+
+    from loraplane.api.orchestration import DESTINATION_HEADER, FALLBACK_HEADER, METHOD_HEADER
+    from support.tiny_model import TOY_PHRASES
+
+    qs, k = quickstart, quickstart.kubectl
+    fox_dir = qs.installed.pvc_dir(QS_NS, ARTIFACT_CLAIM) / "e2e" / "fox"
+    shutil.copytree(make_adapter("fox", TOY_PHRASES[1]), fox_dir, dirs_exist_ok=True)
+    config = json.loads((fox_dir / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = ""   # trained on the host's copy of the model: the claim's path differs
+    (fox_dir / "adapter_config.json").write_text(json.dumps(config))
+    k.apply([{"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter", "metadata": {"name": "fox"},
+              "spec": {"baseModel": {"name": MODEL_URI}, "version": "1",
+                       "source": {"uri": f"pvc://{ARTIFACT_CLAIM}/e2e/fox"}}}])
+    routes = k.get("mr", "quickstart")["spec"]["routes"]
+    auto_clf = {**AUTO, "name": "auto-clf", "methods": ["classifier", "rules"],
+                "destinations": [*({**d, "label": d["model"]} for d in AUTO["destinations"]),
+                                 {"model": "front-clf", "label": "front", "rules": {"keywords": ["river"]}}],
+                "classifier": {"model": "front-clf", "timeoutMilliseconds": 2000}}
+    k("patch", "mr", "quickstart", "--type=merge", "-p", json.dumps({"spec": {
+        "routes": [*routes, {"name": "fox", "backends": [{"adapter": "fox", "weight": 100}]}],
+        "contentRouting": [AUTO, auto_clf]}}))
+    # Another route of the namespace, parked at zero replicas (no vLLM of its own): its public `front-clf` is the
+    # classifier above (unavailable), and its content model `front-auto` sends everything to this route's models.
+    engine = next(d for d in quickstart_docs() if d["kind"] == "ModelRoute")["spec"]["engine"]
+    k.apply([{"apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute", "metadata": {"name": "front"},
+              "spec": {"baseModel": {"uri": MODEL_URI}, "engine": engine, "replicas": 0, "router": {"replicas": 1},
+                       "routes": [{"name": "front-clf", "backends": [{"base": True}]}],
+                       "contentRouting": [{**AUTO, "name": "front-auto"}]}}])
+    # The chart's gateway (gateway.enabled, serving this namespace): one endpoint for both routes' names.
+    from support.chart_rendering import render
+
+    gateway = next(docs for path, docs in render({**V120, "gateway": {"enabled": True, "namespace": QS_NS}}).items()
+                   if path.endswith("/gateway.yaml"))
+    k.apply(gateway)
+    gateway_svc = next(o["metadata"]["name"] for o in gateway if o["kind"] == "Service")
+    try:
+        k.wait("condition=Ready", "adapter/fox", timeout=180)
+        served = {name: k.get("adapter", name)["status"]["servedName"] for name in ("quickstart-adapter", "fox")}
+        qs.plane.wait(lambda: _content_status(k, "quickstart", "auto") == {
+            "assistant": ("quickstart", True, None), "fox": ("quickstart", True, None),
+            "base": ("quickstart", True, None)}, 120, "status.contentModels: auto's destinations ready")
+    except Exception as exc:
+        raise AssertionError(f"{exc}: {status_of(k, 'mr', 'quickstart').get('contentModels')}\n{qs.diagnostics()}")
+    # Every destination's answer is checked against its phrase (adapters) or its absence (the base model).
+    expected = [(MARKET_PROMPT, "assistant", "rules", ADAPTER_ANSWER, served["quickstart-adapter"]),
+                (CHILD_PROMPT, "fox", "rules", TOY_PHRASES[1], served["fox"]),
+                (OTHER_PROMPT, "base", "default", None, "tiny")]
+
+    def check(url: str, model: str, fallback_when_default: str = "no-match") -> None:
+        for prompt, destination, method, phrase, backend in expected:
+            code, headers, text = _routed(url, model, prompt)
+            assert code == 200, (model, prompt, code, text)
+            assert (headers.get(DESTINATION_HEADER), headers.get(METHOD_HEADER)) == (destination, method), headers
+            assert headers.get("X-Loraplane-Backend") == backend, headers
+            if phrase:
+                assert text.strip().startswith(phrase) and FALLBACK_HEADER not in headers, (destination, text)
+            else:
+                assert headers.get(FALLBACK_HEADER) == fallback_when_default, headers
+                assert not any(p.split()[1] in text for p in (ADAPTER_ANSWER, TOY_PHRASES[1])), text
+
+    # 1. `model: auto` through the route's router Service (the table reaches the router within its poll).
+    qs.plane.wait(lambda: _routed(router_url(k, "quickstart"), "auto", CHILD_PROMPT)[0] == 200, 60,
+                  "the router serving `auto`")
+    url = router_url(k, "quickstart")
+    check(url, "auto")
+    # 2. The other route's router: `front-auto`'s destinations and default are this route's models (external):
+    # forwarded to this route's router Service, answered there (its X-Loraplane-Backend relayed), counted under
+    # the backend `route:quickstart` by the front router.
+    try:
+        qs.plane.wait(lambda: _content_status(k, "front", "front-auto") == {
+            "assistant": ("quickstart", True, None), "fox": ("quickstart", True, None),
+            "base": ("quickstart", True, None)}, 60, "front's status.contentModels")
+        qs.plane.wait(lambda: _routed(router_url(k, "front"), "front-auto", CHILD_PROMPT)[0] == 200, 90,
+                      "the front router serving `front-auto`")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}: {status_of(k, 'mr', 'front')}\n{qs.diagnostics()}")
+    front_url = router_url(k, "front")
+    table = json.loads(k.get("configmap", "front-serving")["data"]["serving.json"])
+    assert {(e["name"], e["route"], e["url"]) for e in table["external_models"]} == {
+        (n, "quickstart", "http://quickstart-router.quickstart.svc:8080") for n in ("assistant", "fox", "base")}
+    check(front_url, "front-auto")
+    front_metrics = router_metrics(front_url)
+    assert front_metrics.get('loraplane_router_requests_total{backend="route:quickstart",code="200",model="fox"}',
+                             0) >= 2, front_metrics
+    # 3. The gateway lists every public name of both routes with its route, and forwards by name to its route's
+    # router (`front-auto` then on to this route's router, a second forward).
+    def gateway_models() -> dict[str, str] | None:
+        addresses = service_endpoints(k, gateway_svc)
+        if not addresses:
+            return None
+        try:
+            with urllib.request.urlopen(f"http://{addresses[0]}:8080/v1/models", timeout=10) as r:
+                return {m["id"]: m["owned_by"] for m in json.loads(r.read())["data"]}
+        except OSError:
+            return None
+
+    listed = {"assistant": "quickstart", "base": "quickstart", "fox": "quickstart", "auto": "quickstart",
+              "auto-clf": "quickstart", "front-clf": "front", "front-auto": "front"}
+    try:
+        qs.plane.wait(lambda: (m := gateway_models()) and listed.items() <= m.items(), 120,
+                      "the gateway listing both routes' models")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}: {gateway_models()}\n{qs.diagnostics()}")
+    gateway_url = f"http://{service_endpoints(k, gateway_svc)[0]}:8080"
+    for model, prompt, phrase, backend in (("assistant", MARKET_PROMPT, ADAPTER_ANSWER, served["quickstart-adapter"]),
+                                           ("front-auto", CHILD_PROMPT, TOY_PHRASES[1], served["fox"]),
+                                           ("auto", MARKET_PROMPT, ADAPTER_ANSWER, served["quickstart-adapter"])):
+        code, headers, text = _routed(gateway_url, model, prompt)
+        assert code == 200 and text.strip().startswith(phrase), (model, code, text)
+        assert headers.get("X-Loraplane-Backend") == backend, headers
+    # 4. The classifier's route is at zero replicas: its router answers 503, the classifier method is
+    # `unavailable`, rules decide, and the default serves saying why the classifier did not.
+    assert _content_status(k, "quickstart", "auto-clf")["classifier"][:3] == ("front-clf", "front", False)
+    check(url, "auto-clf", fallback_when_default="unavailable")
+    # A destination on that route: the request goes there (the decision is not undone) and its router's 503 (no
+    # replica) is relayed, with the decision's headers; status.contentModels says it is not ready.
+    code, headers, text = _routed(url, "auto-clf", RIVER_PROMPT)
+    assert code == 503 and (headers.get(DESTINATION_HEADER), headers.get(METHOD_HEADER)) == ("front-clf", "rules"), \
+        (code, headers, text)
+    assert _content_status(k, "quickstart", "auto-clf")["front-clf"] == ("front", False, "ModelsNotReady")
+    # ... then the route is deleted: nobody publishes `front-clf`; the route's Ready condition names it
+    # (ContentTargetNotFound), the table leaves the method out, and the default serves for no match.
+    k("delete", "mr", "front", "--wait=true", timeout=120)
+    try:
+        ready = qs.plane.wait(lambda: (c := condition(status_of(k, "mr", "quickstart"), "Ready")).get("reason")
+                              == "ContentTargetNotFound" and c, 60, "ContentTargetNotFound on quickstart")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}: {status_of(k, 'mr', 'quickstart')}")
+    assert "front-clf" in ready["message"] and ready["status"] == "False", ready
+    assert _content_status(k, "quickstart", "auto-clf")["classifier"] == (
+        "front-clf", None, False, "ContentTargetNotFound")
+    qs.plane.wait(lambda: _routed(url, "auto-clf", OTHER_PROMPT)[1].get(FALLBACK_HEADER) == "no-match", 30,
+                  "the router's table without the classifier")
+    check(url, "auto-clf")
+    code, headers, _ = _routed(url, "auto-clf", RIVER_PROMPT)   # its destination left out: no rule matches
+    assert code == 200 and headers.get(FALLBACK_HEADER) == "no-match", headers
+    decisions = {n: v for n, v in router_metrics(url).items() if n.startswith("loraplane_router_content_")}
+    print(f"\n[e2e] content routing, the quickstart router's counters: {json.dumps(decisions)}")
+    # Back to the quickstart's routes for the flows after this one.
+    k("patch", "mr", "quickstart", "--type=merge", "-p", json.dumps({"spec": {"routes": routes,
+                                                                             "contentRouting": None}}))
+    k("delete", "adapter", "fox", "--wait=true")
+    for o in gateway:
+        k("delete", o["kind"].lower(), o["metadata"]["name"], "--wait=false")
+    k.wait("condition=Ready", "mr/quickstart", timeout=60)
 
 
 def test_training_preemption(quickstart):

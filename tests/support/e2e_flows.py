@@ -289,9 +289,10 @@ def router_metrics(url: str) -> dict[str, float]:
     return out
 
 
-def complete_with_headers(url: str, model: str, prompt: str, timeout: float = 60) -> tuple[int, dict, str]:
-    """POST /v1/completions (one greedy token); (HTTP status, response headers, body)."""
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0}).encode()
+def complete_with_headers(url: str, model: str, prompt: str, timeout: float = 60,
+                          max_tokens: int = 1) -> tuple[int, dict, str]:
+    """POST /v1/completions (greedy, one token unless `max_tokens`); (HTTP status, response headers, body)."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
     req = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
