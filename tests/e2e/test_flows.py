@@ -688,8 +688,14 @@ def test_content_routing(quickstart, make_adapter):
     check(url, "auto-clf")
     code, headers, _ = _routed(url, "auto-clf", RIVER_PROMPT)   # its destination left out: no rule matches
     assert code == 200 and headers.get(FALLBACK_HEADER) == "no-match", headers
-    decisions = {n: v for n, v in router_metrics(url).items() if n.startswith("loraplane_router_content_")}
-    print(f"\n[e2e] content routing, the quickstart router's counters: {json.dumps(decisions)}")
+    # Every decision counted per (content model, destination, method), every fallback with why.
+    counted = {n: v for n, v in router_metrics(url).items()
+               if n.startswith(("loraplane_router_content_decisions_total", "loraplane_router_content_fallbacks_total"))}
+    assert counted['loraplane_router_content_decisions_total{destination="front-clf",method="rules",model="auto-clf"}'] \
+        == 1, counted
+    assert counted['loraplane_router_content_fallbacks_total{method="classifier",model="auto-clf",'
+                   'reason="unavailable"}'] >= 4, counted
+    print(f"\n[e2e] content routing, the quickstart router's counters: {json.dumps(counted)}")
     # Back to the quickstart's routes for the flows after this one.
     k("patch", "mr", "quickstart", "--type=merge", "-p", json.dumps({"spec": {"routes": routes,
                                                                              "contentRouting": None}}))
