@@ -273,3 +273,54 @@ async def test_the_other_routers_refusal_is_relayed_with_its_retry_after(tmp_pat
     finally:
         await a.stop()
         await busy.stop()
+
+
+async def test_a_huge_whole_answer_is_relayed_as_it_arrives_not_collected(tmp_path):
+    """A whole (not SSE) answer bigger than MAX_BUFFERED_ANSWER (an embeddings batch of many inputs; here another
+    route's router) used to be collected entirely before the client got a byte: one request could make the router
+    hold gigabytes. Past the bound it is relayed as it arrives (chunked, under flow control): the client has the
+    head and the first part while the other side still holds the rest back, and the whole arrives unchanged, its
+    usage counted."""
+    from loraplane.router.exchange import MAX_BUFFERED_ANSWER
+
+    first = b'{"data":[' + b'"' + b"x" * (MAX_BUFFERED_ANSWER + (1 << 20)) + b'"'
+    rest = b'],"usage":{"prompt_tokens":5,"total_tokens":5,"completion_tokens":0}}'
+    go_on = asyncio.Event()
+
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                     % (len(first) + len(rest)) + first)
+        await writer.drain()
+        await go_on.wait()
+        writer.write(rest)
+        await writer.drain()
+        writer.close()
+
+    other = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{other.sockets[0].getsockname()[1]}"
+    a = await StubReplica("a").start()
+    try:
+        async with running_router(tmp_path, [a.spec], table_with_external({}, {"emb": ("b", url)})) as (svc, c):
+            reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+            body = b'{"model":"emb","input":["a"]}'
+            writer.write(b"POST /v1/embeddings HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)   # before the rest was sent
+            assert head.startswith(b"HTTP/1.1 200 OK") and b"Transfer-Encoding: chunked" in head
+            assert b"X-Loraplane-Backend: route:b" in head
+            go_on.set()
+            received = b""
+            while True:
+                size = int((await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)).strip(), 16)
+                received += await reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                received = received[:-2]
+            writer.close()
+            assert received[:-2] == first + rest
+            metrics = await (await c.get("/metrics")).text()
+        assert 'loraplane_router_prompt_tokens_total{backend="route:b",model="emb"} 5.0' in metrics
+    finally:
+        other.close()
+        await a.stop()
