@@ -40,11 +40,14 @@ class ForwardingRequest(Request):
     """A `Request` that also keeps its end-to-end headers (`headers`: (name, value) raw bytes, in order), for
     forwarding them to a route's router (gateway mode). Bounded by the router's --max-header-bytes."""
 
-    __slots__ = ("headers",)
+    __slots__ = ("headers", "connection_named")
 
     def __init__(self):
         super().__init__()
         self.headers: list[tuple[bytes, bytes]] = []
+        # Lower-case names the client's Connection header lists: hop-by-hop too (RFC 9110 section 7.6.1), so
+        # never forwarded, wherever they appear among the headers.
+        self.connection_named: frozenset[bytes] = frozenset()
 
 
 class ForwardingConnection(ClientConnection):
@@ -61,7 +64,10 @@ class ForwardingConnection(ClientConnection):
     def on_header(self, name: bytes, value: bytes):
         """httptools callback: as ClientConnection, and keep the header unless NOT_FORWARDED."""
         super().on_header(name, value)
-        if name.lower() not in NOT_FORWARDED:
+        lower = name.lower()
+        if lower == b"connection":
+            self.req.connection_named |= {t.strip().lower() for t in value.split(b",") if t.strip()}
+        elif lower not in NOT_FORWARDED:
             self.req.headers.append((name, value))
 
 
@@ -73,14 +79,16 @@ def _header_safe(value: bytes) -> bool:
 def forwarded_headers(router: Router, req: Request) -> bytes:
     """The header lines (each with CRLF) a forwarded request carries besides Host, Content-Type, Content-Length
     and X-Request-Id: the client's `Authorization` exactly as it sent it (none when it sent none), then the
-    client's other end-to-end headers (a ForwardingRequest), or else this route's sticky header with its value.
+    client's other end-to-end headers (a ForwardingRequest; not those its Connection header names), or else this route's sticky header with its value.
     Never this route's engine key."""
     parts = []
     if req.authorization and _header_safe(req.authorization):
         parts.append(b"Authorization: %s\r\n" % req.authorization)
     headers = getattr(req, "headers", None)
     if headers is not None:
-        parts.extend(b"%s: %s\r\n" % (n, v) for n, v in headers if _header_safe(n) and _header_safe(v))
+        named = req.connection_named
+        parts.extend(b"%s: %s\r\n" % (n, v) for n, v in headers
+                     if _header_safe(n) and _header_safe(v) and (not named or n.lower() not in named))
     elif req.sticky is not None and router.sticky_header_lower and _header_safe(req.sticky):
         parts.append(b"%s: %s\r\n" % (router.sticky_header_lower, req.sticky))
     return b"".join(parts)

@@ -324,3 +324,48 @@ async def test_a_huge_whole_answer_is_relayed_as_it_arrives_not_collected(tmp_pa
     finally:
         other.close()
         await a.stop()
+
+
+async def test_gateway_drops_headers_the_clients_connection_header_names(tmp_path, capture):
+    """A header the client's Connection header names is hop-by-hop (RFC 9110 section 7.6.1), wherever it
+    appears: the gateway does not pass it on to the route's router; other end-to-end headers still go."""
+    from loraplane.router.forward import ForwardingConnection
+
+    a = await StubReplica("a").start()
+    try:
+        async with running_router(tmp_path, [a.spec], table_with_external({}, {"sql": ("b", capture.url)}),
+                                  connection_class=ForwardingConnection) as (svc, _):
+            body = b'{"model":"sql","prompt":"p"}'
+            reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\nX-Hop: secret\r\n"
+                         b"X-Keep: 1\r\nConnection: keep-alive, X-Hop ,x-other-hop\r\nX-Other-Hop: 2\r\n\r\n%s"
+                         % (len(body), body))
+            await writer.drain()
+            await asyncio.wait_for(reader.readuntil(b'"completion_tokens":3}}'), 5)
+            writer.close()
+        head = capture.received[-1].split(b"\r\n\r\n", 1)[0].lower() + b"\r\n"
+        assert b"x-keep: 1\r\n" in head
+        assert b"x-hop" not in head and b"secret" not in head and b"x-other-hop" not in head, head
+    finally:
+        await a.stop()
+
+
+async def test_the_relayed_headers_of_another_router_are_bounded(tmp_path):
+    """The response parser keeps no header size limit: an answer with endless relayed headers (Retry-After)
+    reaches the client with at most MAX_RELAYED_HEADERS of them, none over 1 KiB."""
+    from loraplane.router.upstream import MAX_RELAYED_HEADERS
+
+    body = b'{"ok":true}'
+    many = b"".join(b"Retry-After: %d\r\n" % i for i in range(2000)) + b"X-Loraplane-Backend: " + b"v" * 5000 + b"\r\n"
+    flood = await CaptureRouter(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s"
+                                % (many, len(body), body)).start()
+    a = await StubReplica("a").start()
+    try:
+        async with running_router(tmp_path, [a.spec], table_with_external({}, {"sql": ("b", flood.url)})) as (_, c):
+            async with c.post("/v1/completions", json={"model": "sql", "prompt": "p"}) as resp:
+                assert resp.status == 200 and (await resp.read()) == body
+                assert len(resp.headers.getall("Retry-After")) == MAX_RELAYED_HEADERS
+                assert resp.headers["X-Loraplane-Backend"] == "route:b"
+    finally:
+        await a.stop()
+        await flood.stop()
