@@ -55,6 +55,13 @@ DESTINATION_HEADER = "X-Loraplane-Destination"   # the public model that served 
 METHOD_HEADER = "X-Loraplane-Routing-Method"      # rules | classifier | semantic | default
 # Why the default served, when it did: no-match | timeout | unavailable | invalid-answer.
 FALLBACK_HEADER = "X-Loraplane-Routing-Fallback"
+# Request header a router sets on a request it forwards to another route's router (router/forward.py): how many
+# times the request has been forwarded so far, this forward included. The legitimate chain is at most the gateway
+# then a content model's external destination (2); a router refuses to forward a request that arrived with
+# MAX_FORWARD_HOPS already (508), so two routers whose tables disagree for a moment (a public name moving from
+# one route to another) cannot pass a request back and forth forever.
+FORWARD_HOPS_HEADER = "X-Loraplane-Hops"
+MAX_FORWARD_HOPS = 2
 
 # What the router reads from a request to decide: the last user message (chat) or the prompt (completions),
 # cut to this many characters (bounded work per request whatever the body size).

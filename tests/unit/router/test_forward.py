@@ -369,3 +369,49 @@ async def test_the_relayed_headers_of_another_router_are_bounded(tmp_path):
     finally:
         await a.stop()
         await flood.stop()
+
+
+async def _reload(svc, path, text: str, generation: int) -> None:
+    table = json.loads(text)
+    table["generation"] = generation
+    path.write_text(json.dumps(table))
+    for _ in range(200):
+        if svc.router.table is not None and svc.router.table.source.generation == generation:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the table was not reloaded")
+
+
+async def test_two_routers_whose_tables_disagree_cannot_pass_a_request_back_and_forth(tmp_path):
+    """While a public name moves between routes, router A may still forward it to B while B forwards it to A:
+    each forward used to be a new request, endlessly. Each forward now carries its hop count; a router refuses to
+    forward a request that already made MAX_FORWARD_HOPS (508, naming the model). The legitimate longest chain,
+    the gateway then a route's router forwarding to the route that serves it, still answers."""
+    from loraplane.router.forward import ForwardingConnection
+
+    served = await StubReplica("c", adapters={"sql-v1"}).start()
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir(), (tmp_path / "c").mkdir(), (tmp_path / "g").mkdir()
+    try:
+        async with running_router(tmp_path / "a", [served.spec], table_with_external({}, {})) as (a, ca), \
+                running_router(tmp_path / "b", [served.spec], table_with_external({}, {"sql": ("a", a.url)})) as (b, _), \
+                running_router(tmp_path / "c", [served.spec], table_with_external({"sql": "sql-v1"}, {})) as (c, _), \
+                running_router(tmp_path / "g", [served.spec], table_with_external({}, {"sql": ("a", a.url)}),
+                               connection_class=ForwardingConnection) as (_, cg):
+            await _reload(a, tmp_path / "a" / "serving.json", table_with_external({}, {"sql": ("b", b.url)}), 2)
+            async with ca.post("/v1/completions", json={"model": "sql", "prompt": "p"},
+                               headers={"Authorization": "Bearer k"}) as resp:
+                assert resp.status == 508, await resp.text()
+                err = (await resp.json())["error"]
+                assert err["code"] == "forwarding_loop" and "`sql` was forwarded 2 times" in err["message"]
+            # A -> C (serves it): gateway -> A -> C is two forwards and answers.
+            await _reload(a, tmp_path / "a" / "serving.json", table_with_external({}, {"sql": ("c", c.url)}), 3)
+            async with cg.post("/v1/completions", json={"model": "sql", "prompt": "p"}) as resp:
+                assert resp.status == 200, await resp.text()
+            # Back to the loop, through the gateway, with the client claiming no hops: its header is replaced by
+            # the gateway's count, never passed on beside it, and the loop still ends.
+            await _reload(a, tmp_path / "a" / "serving.json", table_with_external({}, {"sql": ("b", b.url)}), 4)
+            async with cg.post("/v1/completions", json={"model": "sql", "prompt": "p"},
+                               headers={"X-Loraplane-Hops": "0"}) as resp:
+                assert resp.status == 508
+    finally:
+        await served.stop()
