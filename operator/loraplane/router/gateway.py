@@ -29,7 +29,7 @@ from loraplane.api.common import API_VERSION, DNS_1035_LABEL
 from loraplane.api.orchestration import PUBLIC_NAME, ExternalModel, public_name_owners, router_url
 from loraplane.api.wire.serving import ServingTable
 from loraplane.kube.client import ApiError, KubeClient
-from loraplane.kube.informer import Informer, Source, Store
+from loraplane.kube.informer import Informer, Source, Store, key_of
 from loraplane.kube.tablewatch import BACKOFF_FIRST, BACKOFF_MAX, TableRead
 
 log = logging.getLogger("loraplane.router")
@@ -79,7 +79,12 @@ def synthesize_table(objects: Iterable[dict], namespace: str, generation: int = 
     """The gateway's table for the ModelRoute objects of `namespace`: every public name of every route as an
     external model to `router_url(route, namespace)`, owned by `public_name_owners` (the oldest route). Returns
     (table, conflicts: later route -> [(name left out, owning route)]). Pure."""
-    routes = [r for r in (route_names(o) for o in objects) if r is not None]
+    return table_of_routes([r for r in (route_names(o) for o in objects) if r is not None], namespace, generation)
+
+
+def table_of_routes(routes: list[tuple[str, str, list[str]]], namespace: str, generation: int = 0
+                    ) -> tuple[ServingTable, dict[str, list[tuple[str, str]]]]:
+    """`synthesize_table` on routes already read by `route_names`."""
     owners, conflicts = public_name_owners(routes)
     order = {name: i for i, (name, _, _) in enumerate(sorted(routes, key=lambda r: (r[1], r[0])))}
     external = [ExternalModel(name=n, route=owner, url=router_url(owner, namespace))
@@ -99,8 +104,24 @@ async def watch_gateway_table(kube: KubeClient, namespace: str, selector: str | 
     origin = f"ModelRoutes in namespace {namespace}" + (f" selected by {selector}" if selector else "")
     store = Store()
     changed = asyncio.Event()
+    # Each stored route's `route_names`, kept up to date per event: an event (most are status updates of one
+    # route's replicas or conditions) costs reading that route only, and the table is rebuilt only when some
+    # route's names changed. Rebuilding from every route on every event cost ~0.35 s per event at 50,000 names.
+    namings: dict[tuple[str, str], tuple[str, str, list[str]] | None] = {}
+
+    def on_change(_source: str, obj: dict, _old: dict | None) -> None:
+        key = key_of(obj)
+        if key in store.objects:
+            naming = route_names(obj)
+            if key in namings and namings[key] == naming:
+                return   # e.g. a status update of its replicas: same names, same table
+            namings[key] = naming
+        elif namings.pop(key, None) is None:
+            return       # deleted, and it served no name
+        changed.set()
+
     informer = Informer(kube, Source("modelroutes", API_VERSION, "ModelRoute", selector), store,
-                        lambda *_: changed.set(), namespaces=(namespace,))
+                        on_change, namespaces=(namespace,))
     backoff = BACKOFF_FIRST
     while True:
         try:
@@ -113,6 +134,7 @@ async def watch_gateway_table(kube: KubeClient, namespace: str, selector: str | 
             log.warning("listing %s failed (%s); retrying in %.0f s", origin, exc, backoff)
         await asyncio.sleep(backoff)
         backoff = min(BACKOFF_MAX, backoff * 2)
+    namings.update((key, route_names(obj)) for key, obj in store.objects.items())
     informer.active = True
     task = asyncio.create_task(informer.run(namespace))
     last_names: list | None = None
@@ -121,7 +143,8 @@ async def watch_gateway_table(kube: KubeClient, namespace: str, selector: str | 
     try:
         while True:
             changed.clear()
-            table, conflicts = synthesize_table(list(store.objects.values()), namespace, generation + 1)
+            table, conflicts = table_of_routes([n for n in namings.values() if n is not None], namespace,
+                                               generation + 1)
             if conflicts != last_conflicts:
                 for route, names in sorted(conflicts.items()):
                     for name, owner in names:

@@ -145,3 +145,37 @@ async def test_the_watch_says_what_rbac_is_missing_then_follows_changes(monkeypa
     third = await asyncio.wait_for(anext(reads), 5)
     assert [e.name for e in third.table.external_models] == ["x", "y"] and third.table.generation == 2
     await reads.aclose()
+
+
+async def test_an_event_costs_reading_its_own_route_only(monkeypatch):
+    """Most events are status updates of one route (replicas, conditions). The table used to be rebuilt from every
+    route on each (~0.35 s per event at 50,000 names, the gateway's one event loop busy): now an event reads its
+    own route only and the table is rebuilt only when some route's names changed."""
+    from loraplane.router import gateway
+
+    routes = [route_obj(f"r{i}", f"2026-01-01T00:00:{i:02d}Z", [f"m{i}-{j}" for j in range(3)]) for i in range(40)]
+    for r in routes:
+        r["metadata"]["resourceVersion"] = "5"
+    kube = FakeKube([routes])
+    reads = gateway.watch_gateway_table(kube, "team")
+    first = await asyncio.wait_for(anext(reads), 5)
+    assert len(first.table.external_models) == 120
+    calls = []
+    real = gateway.route_names
+    monkeypatch.setattr(gateway, "route_names", lambda obj: calls.append(obj["metadata"]["name"]) or real(obj))
+    for v in range(6, 16):   # ten status-only updates of r7
+        b = route_obj("r7", "2026-01-01T00:00:07Z", [f"m7-{j}" for j in range(3)], phase="Ready")
+        b["metadata"]["resourceVersion"] = str(v)
+        await kube.events.put(("MODIFIED", b))
+    c = route_obj("r7", "2026-01-01T00:00:07Z", ["m7-0", "new"])
+    c["metadata"]["resourceVersion"] = "20"
+    await kube.events.put(("MODIFIED", c))
+    second = await asyncio.wait_for(anext(reads), 5)
+    assert second.table.generation == 2 and "new" in [e.name for e in second.table.external_models]
+    assert len(second.table.external_models) == 119
+    assert set(calls) == {"r7"} and len(calls) == 11
+    # A deleted route takes its names with it.
+    await kube.events.put(("DELETED", c))
+    third = await asyncio.wait_for(anext(reads), 5)
+    assert len(third.table.external_models) == 117 and third.table.generation == 3
+    await reads.aclose()
