@@ -179,3 +179,23 @@ async def test_an_event_costs_reading_its_own_route_only(monkeypatch):
     third = await asyncio.wait_for(anext(reads), 5)
     assert len(third.table.external_models) == 117 and third.table.generation == 3
     await reads.aclose()
+
+
+def test_the_gateway_is_no_stricter_than_its_routes_and_bounded_itself():
+    """A route whose router allows hour-long streams (timeoutSeconds 3600) or large bodies (maxRequestBytes) used
+    to be cut at the gateway's defaults (600 s: a truncated stream; 4 MiB: 413). The gateway takes the largest
+    timeout and body limit of its routes, the body limit at most GATEWAY_MAX_REQUEST_BYTES (a route's has no upper
+    bound, and the gateway holds each body); fields of another shape count as the defaults."""
+    from loraplane.router.gateway import GATEWAY_MAX_REQUEST_BYTES
+
+    long = route_obj("long", "2026-01-01T00:00:00Z", ["story"])
+    long["spec"] = {"router": {"timeoutSeconds": 3600, "maxRequestBytes": 16 << 20}}
+    huge = route_obj("huge", "2026-01-02T00:00:00Z", ["big"])
+    huge["spec"] = {"router": {"maxRequestBytes": 10 << 30, "timeoutSeconds": "forever"}}
+    bad = route_obj("Not.A.Route", "2026-01-03T00:00:00Z", ["x"])
+    bad["spec"] = {"router": {"timeoutSeconds": 86400}}
+    table, _ = synthesize_table([long, huge, bad], "team")
+    assert table.router.timeout_seconds == 3600
+    assert table.router.max_request_bytes == GATEWAY_MAX_REQUEST_BYTES == 64 << 20
+    plain, _ = synthesize_table([route_obj("a", "2026-01-01T00:00:00Z", ["x"])], "team")
+    assert plain.router.timeout_seconds == 600 and plain.router.max_request_bytes == 4 << 20
