@@ -31,7 +31,7 @@ from loraplane.api.common import (
     quantity_value,
 )
 from loraplane.api.finetunejob import immutable
-from loraplane.api.orchestration import ContentModelStatus, ContentRoute
+from loraplane.api.orchestration import ContentModelStatus, ContentRoute, pattern_budget
 from loraplane.api.pods import PodSettings
 from loraplane.api.rollout import RolloutDefaults
 
@@ -409,6 +409,15 @@ class ModelRouteSpec(ApiModel):
         "Public models routed by content (e.g. `auto`): each request goes to one of its destinations (public "
         "models of this route or of routes in the namespace), chosen by rules, a trained classifier or "
         "semantic similarity, else the default (docs/orchestration.md)."))
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _pattern_budget(cls, value, handler):
+        """The whole spec is validated inside one `pattern_budget`: its rule patterns together compile to at most
+        PATTERNS_MAX_INSTRUCTIONS RE2 instructions, so parsing a spec (every reconcile) stays cheap whatever it
+        holds."""
+        with pattern_budget():
+            return handler(value)
 
     @model_validator(mode="after")
     def _check_content_routing(self):

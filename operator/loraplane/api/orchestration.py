@@ -24,6 +24,9 @@ The contracts, in one place:
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Annotated, ClassVar, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
@@ -52,6 +55,13 @@ DESTINATION_HEADER = "X-Loraplane-Destination"   # the public model that served 
 METHOD_HEADER = "X-Loraplane-Routing-Method"      # rules | classifier | semantic | default
 # Why the default served, when it did: no-match | timeout | unavailable | invalid-answer.
 FALLBACK_HEADER = "X-Loraplane-Routing-Fallback"
+# Request header a router sets on a request it forwards to another route's router (router/forward.py): how many
+# times the request has been forwarded so far, this forward included. The legitimate chain is at most the gateway
+# then a content model's external destination (2); a router refuses to forward a request that arrived with
+# MAX_FORWARD_HOPS already (508), so two routers whose tables disagree for a moment (a public name moving from
+# one route to another) cannot pass a request back and forth forever.
+FORWARD_HOPS_HEADER = "X-Loraplane-Hops"
+MAX_FORWARD_HOPS = 2
 
 # What the router reads from a request to decide: the last user message (chat) or the prompt (completions),
 # cut to this many characters (bounded work per request whatever the body size).
@@ -60,7 +70,28 @@ MAX_DECISION_TEXT_CHARS = 4096
 
 # RE2's program memory per rule pattern (bytes), as the loader gate bounds its target_modules patterns: a pattern
 # cannot blow up the memory of the operator (which compiles it to validate) or of the router (which runs it).
-PATTERN_MAX_MEM = 8 << 20
+# Compile time grows with the program: at this bound one pattern compiles in ~10-20 ms (a Unicode class repeated,
+# e.g. [\p{L}\p{N}]{50}: 67k instructions); at 8 MiB it took ~0.2-0.4 s.
+PATTERN_MAX_MEM = 1 << 20
+# All rule patterns of one ModelRoute spec together, in RE2 program instructions (`programsize`; a pattern RE2
+# refuses counts PATTERN_REFUSED_COST): a spec may hold 32 x 64 patterns, and each parse of it (every reconcile,
+# `loraplane validate`) compiles them all, so without a total one spec of distinct near-limit patterns cost
+# minutes of the operator's CPU per reconcile. Typical patterns are tens of instructions.
+PATTERNS_MAX_INSTRUCTIONS = 1 << 18
+PATTERN_REFUSED_COST = 1 << 16
+# The budget left while a ModelRouteSpec is being validated (a one-element list, decremented); None outside one.
+_pattern_budget: ContextVar[list[int] | None] = ContextVar("pattern_budget", default=None)
+
+
+@contextmanager
+def pattern_budget(instructions: int = PATTERNS_MAX_INSTRUCTIONS) -> Iterator[None]:
+    """Within it, the rule patterns validated (RuleMatch.pattern) share `instructions` RE2 program instructions
+    (see PATTERNS_MAX_INSTRUCTIONS): ModelRouteSpec validates its whole spec inside one."""
+    token = _pattern_budget.set([instructions])
+    try:
+        yield
+    finally:
+        _pattern_budget.reset(token)
 
 
 def compile_pattern(pattern: str):
@@ -116,13 +147,27 @@ class RuleMatch(ApiModel):
     @field_validator("pattern")
     @classmethod
     def _check_pattern(cls, pattern: str | None) -> str | None:
-        if pattern is not None:
-            try:
-                compile_pattern(pattern)
-            except ValueError as exc:
-                raise ValueError(f"{pattern[:80]!r} is not a pattern the router can run: {exc}; write it in RE2 "
-                                 "syntax (https://github.com/google/re2/wiki/Syntax: no backreferences, no "
-                                 "lookahead or lookbehind)") from None
+        if pattern is None:
+            return pattern
+        budget = _pattern_budget.get()
+        over = ("the rule patterns of this ModelRoute together are over their budget of "
+                f"{PATTERNS_MAX_INSTRUCTIONS} RE2 program instructions (each compiled on every check of the spec): "
+                "use fewer or simpler patterns (a repeated Unicode class such as \\p{L}{50} is tens of thousands), "
+                "or keywords")
+        if budget is not None and budget[0] <= 0:
+            raise ValueError(f"{pattern[:80]!r}: {over}")
+        try:
+            program = compile_pattern(pattern)
+        except ValueError as exc:
+            if budget is not None:
+                budget[0] -= PATTERN_REFUSED_COST
+            raise ValueError(f"{pattern[:80]!r} is not a pattern the router can run: {exc}; write it in RE2 "
+                             "syntax (https://github.com/google/re2/wiki/Syntax: no backreferences, no "
+                             "lookahead or lookbehind) and keep its program small") from None
+        if budget is not None:
+            budget[0] -= program.programsize
+            if budget[0] < 0:
+                raise ValueError(f"{pattern[:80]!r}: {over}")
         return pattern
 
     @field_validator("headers")

@@ -15,14 +15,22 @@ controller reads them from its stores, tests build them by hand.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from loraplane.api.common import DNS_1035_LABEL
 from loraplane.api.modelroute import ModelRoute
 from loraplane.api.orchestration import (
-    ContentModel, ContentRoute, ExternalModel, WireClassifier, WireDestination, WireRules, WireSemantic,
+    PUBLIC_NAME, ContentModel, ContentRoute, ExternalModel, WireClassifier, WireDestination, WireRules, WireSemantic,
     public_name_owners,
 )
+
+# What the gateway also requires of a stored route (router/gateway.route_names): a route name its router Service
+# can be named after (the API refuses others, but the API server stores any DNS subdomain, e.g. `a.b`, whose
+# router URL would name another host), and public model names of the API's grammar.
+_ROUTE_NAME = re.compile(DNS_1035_LABEL)
+_PUBLIC_NAME = re.compile(PUBLIC_NAME)
 from loraplane.builders.modelroute import router_url
 
 
@@ -55,18 +63,26 @@ def _entries(value: object) -> tuple[tuple[str, bool], ...]:
         return ()
     out: dict[str, bool] = {}
     for item in value:
-        if isinstance(item, dict) and isinstance(name := item.get("name"), str) and name:
+        if (isinstance(item, dict) and isinstance(name := item.get("name"), str) and len(name) <= 200
+                and _PUBLIC_NAME.match(name)):
             out.setdefault(name, item.get("ready") is True)
     return tuple(out.items())
 
 
 def publication(body: dict) -> Publication:
     """The Publication of a ModelRoute object (a dict as the store holds it). A route with no status yet
-    publishes nothing: a name is published once the route's operator reconcile wrote it into status."""
+    publishes nothing: a name is published once the route's operator reconcile wrote it into status. Neither does
+    a route whose name is no DNS-1035 label of at most 50 characters, and only public names of the API's grammar
+    count (as the gateway reads them)."""
     meta = body.get("metadata") or {}
     status = body.get("status") if isinstance(body.get("status"), dict) else {}
     created = meta.get("creationTimestamp")
-    return Publication(route=str(meta.get("name") or ""), created=created if isinstance(created, str) else "",
+    name = str(meta.get("name") or "")
+    if len(name) > 50 or not _ROUTE_NAME.match(name):
+        # Not a route name the operator serves (it refuses the spec): it publishes nothing, so no router URL is
+        # ever built from it.
+        return Publication(route=name, created=created if isinstance(created, str) else "")
+    return Publication(route=name, created=created if isinstance(created, str) else "",
                        models=_entries(status.get("models")), content=_entries(status.get("contentModels")))
 
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from loraplane.api.orchestration import FORWARD_HOPS_HEADER
 from loraplane.router.metrics import NO_BACKEND
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 JSON = b"application/json"
 STATUS_PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}  # 404 -> b"Not Found"
+_HOPS_LOWER = FORWARD_HOPS_HEADER.lower().encode()
 MAX_PIPELINED = 8  # requests parsed ahead of the one being answered before the router stops reading
 # After a refusal mid-request: how long and how much of what the client still sends is read and dropped
 # (so the client can finish sending and read the answer) before the connection is closed.
@@ -76,7 +78,7 @@ class Request:
     """
 
     __slots__ = ("method", "path", "authorization", "sticky", "request_id", "expect", "content_length",
-                 "body", "size", "keep_alive", "started", "body_limit", "routed", "rule_headers")
+                 "body", "size", "keep_alive", "started", "body_limit", "routed", "rule_headers", "hops")
 
     def __init__(self):
         self.authorization = self.sticky = self.request_id = self.expect = None
@@ -89,6 +91,8 @@ class Request:
         # a body, 0 elsewhere); over it the request is refused as soon as a byte too many arrives.
         self.body_limit = 0
         self.routed = b""
+        # FORWARD_HOPS_HEADER: how many routers forwarded it here already (router/forward.py); 0 from a client.
+        self.hops = 0
 
 
 class ClientConnection(asyncio.Protocol):
@@ -264,6 +268,8 @@ class ClientConnection(asyncio.Protocol):
                     req.rule_headers.setdefault(n, value)
                 except AttributeError:   # the first one (the slot is left unset otherwise: no work per request)
                     req.rule_headers = {n: value}
+        elif n == _HOPS_LOWER:
+            req.hops = int(value) if value.isdigit() and len(value) <= 3 else 0
 
     def on_headers_complete(self):
         """httptools callback: method, path and keep-alive are known. `router.admit` may refuse the request

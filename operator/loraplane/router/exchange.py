@@ -41,6 +41,11 @@ _ASK_USAGE = b'"stream_options":{"include_usage":true},'
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')  # vLLM's usage-only chunk, the last before [DONE]
 _FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')  # a choice's terminal chunk (finish_reason not null)
 _MAX_HELD = 1 << 20  # bytes of an unfinished SSE event held back while usage is being stripped
+# A whole (not SSE) answer is collected to be sent with its Content-Length, up to this many bytes; a bigger one
+# (an embeddings batch of many inputs, a huge answer of another route's router) is relayed from there on as it
+# arrives (chunked, under the client connection's flow control), so one request cannot make the router hold
+# gigabytes.
+MAX_BUFFERED_ANSWER = 8 << 20
 _DECODER = json.JSONDecoder()
 CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
 STREAM_BROKEN = 599  # the replica failed after the stream had started: the client got a truncated stream
@@ -177,7 +182,7 @@ class Exchange:
     __slots__ = ("router", "conn", "req", "model", "backend", "stats", "replica", "payload", "head", "tried",
                  "upstream", "status", "streaming", "chunks", "tail", "first_byte", "deadline", "finished",
                  "retry_404", "path", "ctype", "attempt_open", "strip_usage", "held", "ending", "usage",
-                 "extra_headers", "backend_line")
+                 "extra_headers", "backend_line", "collected")
 
     def __init__(self, router: Router, conn: ClientConnection, req: Request, model: str, backend: BackendRoute,
                  replica: Replica, payload: bytes, path: bytes, strip_usage: bool = False,
@@ -203,6 +208,7 @@ class Exchange:
         self.usage: tuple[int, int] | None = None
         self.extra_headers = extra_headers or req.routed   # a content-routing decision's headers
         self.backend_line = backend.header_line   # X-Loraplane-Backend (ForwardUpstream: the other router's)
+        self.collected = 0   # bytes of a whole answer collected so far (MAX_BUFFERED_ANSWER)
         rid = req.request_id
         # Everything after the Host line. To vLLM: the route's engine key; the client's own headers (its API key
         # above all) stay here. To another route's router (`forward`): the client's Authorization, never the key.
@@ -315,6 +321,25 @@ class Exchange:
                 t.write(b"%x\r\n%s\r\n" % (len(data), data))
         elif not self.retry_404:
             self.chunks.append(data)
+            self.collected += len(data)
+            if self.collected > MAX_BUFFERED_ANSWER:
+                self._relay_from_here()
+
+    def _relay_from_here(self) -> None:
+        """A whole answer over MAX_BUFFERED_ANSWER: send its head (chunked) and what arrived so far, and relay the
+        rest as it arrives, as a stream is (`streaming`; its end and usage are handled the same way)."""
+        self.streaming = True
+        self.first_byte = False   # not a token stream: no time to first token
+        self.strip_usage = False
+        body = b"".join(self.chunks)
+        self.chunks = []
+        self.tail = body[-4096:]
+        t = self.conn.transport
+        if t is not None:
+            t.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%s%sTransfer-Encoding: chunked\r\n%s\r\n"
+                    b"%x\r\n%s\r\n" % (
+                self.status, STATUS_PHRASES.get(self.status, b"Unknown"), self.ctype, self.extra_headers,
+                self.backend_line, b"" if self.req.keep_alive else b"Connection: close\r\n", len(body), body))
 
     def upstream_complete(self) -> None:
         """vLLM's answer is complete: finish the client's answer, count status and usage tokens."""

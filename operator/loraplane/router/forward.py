@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from loraplane.api.orchestration import FORWARD_HOPS_HEADER, MAX_FORWARD_HOPS
 from loraplane.router.client_protocol import HEAD, ClientConnection, Request
 from loraplane.router.exchange import Exchange
 from loraplane.router.table import ExternalRoute
@@ -29,22 +30,27 @@ if TYPE_CHECKING:
     from loraplane.router.server import Router
 
 # Never forwarded as client headers: hop-by-hop headers (RFC 9110 section 7.6.1), those the exchange writes
-# itself (Host, Content-Type, Content-Length, X-Request-Id, Authorization), and Expect (answered here).
+# itself (Host, Content-Type, Content-Length, X-Request-Id, Authorization, the hop count), and Expect (answered
+# here).
 NOT_FORWARDED = frozenset((
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
     b"proxy-authorization", b"proxy-authenticate", b"host", b"content-type", b"content-length",
-    b"x-request-id", b"authorization", b"expect"))
+    b"x-request-id", b"authorization", b"expect", FORWARD_HOPS_HEADER.lower().encode()))
+_HOPS = FORWARD_HOPS_HEADER.encode()
 
 
 class ForwardingRequest(Request):
     """A `Request` that also keeps its end-to-end headers (`headers`: (name, value) raw bytes, in order), for
     forwarding them to a route's router (gateway mode). Bounded by the router's --max-header-bytes."""
 
-    __slots__ = ("headers",)
+    __slots__ = ("headers", "connection_named")
 
     def __init__(self):
         super().__init__()
         self.headers: list[tuple[bytes, bytes]] = []
+        # Lower-case names the client's Connection header lists: hop-by-hop too (RFC 9110 section 7.6.1), so
+        # never forwarded, wherever they appear among the headers.
+        self.connection_named: frozenset[bytes] = frozenset()
 
 
 class ForwardingConnection(ClientConnection):
@@ -61,7 +67,10 @@ class ForwardingConnection(ClientConnection):
     def on_header(self, name: bytes, value: bytes):
         """httptools callback: as ClientConnection, and keep the header unless NOT_FORWARDED."""
         super().on_header(name, value)
-        if name.lower() not in NOT_FORWARDED:
+        lower = name.lower()
+        if lower == b"connection":
+            self.req.connection_named |= {t.strip().lower() for t in value.split(b",") if t.strip()}
+        elif lower not in NOT_FORWARDED:
             self.req.headers.append((name, value))
 
 
@@ -72,15 +81,17 @@ def _header_safe(value: bytes) -> bool:
 
 def forwarded_headers(router: Router, req: Request) -> bytes:
     """The header lines (each with CRLF) a forwarded request carries besides Host, Content-Type, Content-Length
-    and X-Request-Id: the client's `Authorization` exactly as it sent it (none when it sent none), then the
-    client's other end-to-end headers (a ForwardingRequest), or else this route's sticky header with its value.
+    and X-Request-Id: FORWARD_HOPS_HEADER (the hops it arrived with, plus this one), the client's `Authorization` exactly as it sent it (none when it sent none), then the
+    client's other end-to-end headers (a ForwardingRequest; not those its Connection header names), or else this route's sticky header with its value.
     Never this route's engine key."""
-    parts = []
+    parts = [b"%s: %d\r\n" % (_HOPS, req.hops + 1)]
     if req.authorization and _header_safe(req.authorization):
         parts.append(b"Authorization: %s\r\n" % req.authorization)
     headers = getattr(req, "headers", None)
     if headers is not None:
-        parts.extend(b"%s: %s\r\n" % (n, v) for n, v in headers if _header_safe(n) and _header_safe(v))
+        named = req.connection_named
+        parts.extend(b"%s: %s\r\n" % (n, v) for n, v in headers
+                     if _header_safe(n) and _header_safe(v) and (not named or n.lower() not in named))
     elif req.sticky is not None and router.sticky_header_lower and _header_safe(req.sticky):
         parts.append(b"%s: %s\r\n" % (router.sticky_header_lower, req.sticky))
     return b"".join(parts)
@@ -97,9 +108,17 @@ def forward_external(router: Router, conn: ClientConnection, req: Request, ext: 
     or stream, and its X-Loraplane-Backend/Retry-After/routing headers), 502 when its router cannot be reached or
     fails before answering, 504 after router.timeoutSeconds. Counted under (ext.name, `route:<route>`). Never
     resent: the other router does its own retries. Returns True (the request is answered or on its way), as
-    dispatch.proxy does."""
+    dispatch.proxy does. A request that arrived forwarded MAX_FORWARD_HOPS times already is answered 508 (Loop
+    Detected) instead: two routers' tables disagree about who serves the name (it is moving between routes)."""
     if hold is not None:
         hold.released()
+    if req.hops >= MAX_FORWARD_HOPS:
+        router.metrics.count_refused(ext.name, 508)
+        conn.respond_error(508, f"`{ext.name}` was forwarded {req.hops} times between routers already (this one "
+                           f"would send it to route {ext.route} again): the routes' tables disagree about who "
+                           "serves it, e.g. while it moves from one ModelRoute to another; retry shortly",
+                           "loop_detected", "forwarding_loop", "model", close=not req.keep_alive)
+        return True
     ex = Exchange(router, conn, req, ext.name, ext.backend, ext.replica, body, req.path,
                   forward=forwarded_headers(router, req), extra_headers=extra_headers)
     conn.exchange = ex

@@ -149,6 +149,9 @@ class Upstream(asyncio.Protocol):
 # answered, when to retry, and a content-routing decision made there (api.orchestration's header names).
 RELAYED_HEADERS = frozenset(h.lower().encode() for h in (
     BACKEND_HEADER, "Retry-After", DESTINATION_HEADER, METHOD_HEADER, FALLBACK_HEADER))
+# At most this many relayed header lines per answer (a router sends one of each): the response parser has no
+# header size limit of its own, so an answer of endless such headers would otherwise all be kept.
+MAX_RELAYED_HEADERS = 16
 _BACKEND_LOWER = BACKEND_HEADER.lower().encode()
 
 
@@ -171,7 +174,7 @@ class ForwardUpstream(Upstream):
         n = name.lower()
         if n == b"content-type":
             self.content_type = value
-        elif n in RELAYED_HEADERS:
+        elif n in RELAYED_HEADERS and len(self.relayed) < MAX_RELAYED_HEADERS and len(value) <= 1024:
             self.relayed.append(b"%s: %s\r\n" % (name, value))
 
     def on_headers_complete(self):

@@ -96,3 +96,34 @@ def test_content_routing_too_large_for_the_serving_table_is_refused():
                 destinations=[{"model": "sql", "examples": examples}]) for i in range(1)]
     msg = error(big)
     assert "contentRouting is" in msg and "262144-byte budget" in msg and "fewer or shorter" in msg
+
+
+def test_the_patterns_of_one_spec_share_a_compile_budget_so_parsing_it_stays_cheap():
+    """A spec may hold 32 x 64 rule patterns and every parse (each reconcile, `loraplane validate`) compiles them
+    all: distinct near-limit patterns (a repeated Unicode class) used to be accepted after ~0.1-0.4 s each, minutes
+    of the operator's CPU per reconcile for one spec. Now they share PATTERNS_MAX_INSTRUCTIONS: refused, fast,
+    naming the field and the fix; many ordinary patterns still fit."""
+    import time
+
+    heavy = [{"name": f"auto{i}", "default": "general",
+              "destinations": [{"model": "sql", "rules": {"pattern": "[\\p{L}\\p{N}]{300}" + f"z{i}x{j}"}}
+                               for j in range(64)]} for i in range(2)]
+    started = time.perf_counter()
+    msg = error(heavy)
+    assert time.perf_counter() - started < 5
+    assert "spec.contentRouting[0].destinations[0].rules.pattern" in msg
+    assert "over their budget" in msg or "RE2 refuses it" in msg
+    # Near the per-pattern bound (accepted one by one), the total refuses the rest without compiling them.
+    near = [{"name": f"auto{i}", "default": "general",
+             "destinations": [{"model": "sql", "rules": {"pattern": "[\\p{L}\\p{N}]{50}" + f"z{i}x{j}"}}
+                              for j in range(64)]} for i in range(2)]
+    started = time.perf_counter()
+    msg = error(near)
+    assert time.perf_counter() - started < 5
+    assert "contentRouting[0].destinations[2].rules" not in msg and "spec.contentRouting[0].destinations[3].rules.pattern" in msg
+    assert "over their budget of 262144 RE2 program instructions" in msg and "fewer or simpler" in msg
+    # Ordinary patterns: 32 x 64 of them fit.
+    plain = [{"name": f"auto{i}", "default": "general",
+              "destinations": [{"model": "sql", "rules": {"pattern": f"(?i)\\b(select|join|w{i}x{j})\\b"}}
+                               for j in range(64)]} for i in range(32)]
+    parse(route(plain))

@@ -256,3 +256,20 @@ def test_the_wire_invariant_holds_for_any_mix_of_local_external_missing_and_chai
             assert e.route == publishers[0][1]
         assert bool(table.content_models) == (res.content.targets[content[0]["default"]]
                                               .missing is None)
+
+
+def test_a_stored_route_name_the_api_refuses_publishes_nothing_so_no_url_names_another_host():
+    """The API server stores any DNS subdomain as a name (`evil.victim`): `<name>-router.<ns>.svc` would then
+    name a host other than a route's router Service. Such a route (the operator refuses its spec) publishes no
+    name, nor do status entries outside the public-name grammar count, as in the gateway."""
+    status = {"models": [{"name": "support", "ready": True}]}
+    for name in ("evil.victim", "x" * 51, "Upper", ""):
+        assert publication({"metadata": {"name": name, "creationTimestamp": T1}, "status": status}).names() == []
+    odd = publication({"metadata": {"name": "b", "creationTimestamp": T1},
+                       "status": {"models": [{"name": "a b"}, {"name": "x\r\nHost: y"}, {"name": "-x"},
+                                             {"name": "n" * 201}, {"name": "ok"}]}})
+    assert odd.names() == ["ok"]
+    route = ModelRoute.model_validate(route_body(content=[auto(methods=["rules"], classifier=None, semantic=None)]))
+    others = [publication({"metadata": {"name": "evil.victim", "creationTimestamp": T1}, "status": status})]
+    res = resolve(route, [SQL], others=others)
+    assert res.table.external_models == [] and res.content.targets["support"].missing

@@ -273,3 +273,145 @@ async def test_the_other_routers_refusal_is_relayed_with_its_retry_after(tmp_pat
     finally:
         await a.stop()
         await busy.stop()
+
+
+async def test_a_huge_whole_answer_is_relayed_as_it_arrives_not_collected(tmp_path):
+    """A whole (not SSE) answer bigger than MAX_BUFFERED_ANSWER (an embeddings batch of many inputs; here another
+    route's router) used to be collected entirely before the client got a byte: one request could make the router
+    hold gigabytes. Past the bound it is relayed as it arrives (chunked, under flow control): the client has the
+    head and the first part while the other side still holds the rest back, and the whole arrives unchanged, its
+    usage counted."""
+    from loraplane.router.exchange import MAX_BUFFERED_ANSWER
+
+    first = b'{"data":[' + b'"' + b"x" * (MAX_BUFFERED_ANSWER + (1 << 20)) + b'"'
+    rest = b'],"usage":{"prompt_tokens":5,"total_tokens":5,"completion_tokens":0}}'
+    go_on = asyncio.Event()
+
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                     % (len(first) + len(rest)) + first)
+        await writer.drain()
+        await go_on.wait()
+        writer.write(rest)
+        await writer.drain()
+        writer.close()
+
+    other = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{other.sockets[0].getsockname()[1]}"
+    a = await StubReplica("a").start()
+    try:
+        async with running_router(tmp_path, [a.spec], table_with_external({}, {"emb": ("b", url)})) as (svc, c):
+            reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+            body = b'{"model":"emb","input":["a"]}'
+            writer.write(b"POST /v1/embeddings HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)   # before the rest was sent
+            assert head.startswith(b"HTTP/1.1 200 OK") and b"Transfer-Encoding: chunked" in head
+            assert b"X-Loraplane-Backend: route:b" in head
+            go_on.set()
+            received = b""
+            while True:
+                size = int((await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)).strip(), 16)
+                received += await reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                received = received[:-2]
+            writer.close()
+            assert received[:-2] == first + rest
+            metrics = await (await c.get("/metrics")).text()
+        assert 'loraplane_router_prompt_tokens_total{backend="route:b",model="emb"} 5.0' in metrics
+    finally:
+        other.close()
+        await a.stop()
+
+
+async def test_gateway_drops_headers_the_clients_connection_header_names(tmp_path, capture):
+    """A header the client's Connection header names is hop-by-hop (RFC 9110 section 7.6.1), wherever it
+    appears: the gateway does not pass it on to the route's router; other end-to-end headers still go."""
+    from loraplane.router.forward import ForwardingConnection
+
+    a = await StubReplica("a").start()
+    try:
+        async with running_router(tmp_path, [a.spec], table_with_external({}, {"sql": ("b", capture.url)}),
+                                  connection_class=ForwardingConnection) as (svc, _):
+            body = b'{"model":"sql","prompt":"p"}'
+            reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\nX-Hop: secret\r\n"
+                         b"X-Keep: 1\r\nConnection: keep-alive, X-Hop ,x-other-hop\r\nX-Other-Hop: 2\r\n\r\n%s"
+                         % (len(body), body))
+            await writer.drain()
+            await asyncio.wait_for(reader.readuntil(b'"completion_tokens":3}}'), 5)
+            writer.close()
+        head = capture.received[-1].split(b"\r\n\r\n", 1)[0].lower() + b"\r\n"
+        assert b"x-keep: 1\r\n" in head
+        assert b"x-hop" not in head and b"secret" not in head and b"x-other-hop" not in head, head
+    finally:
+        await a.stop()
+
+
+async def test_the_relayed_headers_of_another_router_are_bounded(tmp_path):
+    """The response parser keeps no header size limit: an answer with endless relayed headers (Retry-After)
+    reaches the client with at most MAX_RELAYED_HEADERS of them, none over 1 KiB."""
+    from loraplane.router.upstream import MAX_RELAYED_HEADERS
+
+    body = b'{"ok":true}'
+    many = b"".join(b"Retry-After: %d\r\n" % i for i in range(2000)) + b"X-Loraplane-Backend: " + b"v" * 5000 + b"\r\n"
+    flood = await CaptureRouter(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s"
+                                % (many, len(body), body)).start()
+    a = await StubReplica("a").start()
+    try:
+        async with running_router(tmp_path, [a.spec], table_with_external({}, {"sql": ("b", flood.url)})) as (_, c):
+            async with c.post("/v1/completions", json={"model": "sql", "prompt": "p"}) as resp:
+                assert resp.status == 200 and (await resp.read()) == body
+                assert len(resp.headers.getall("Retry-After")) == MAX_RELAYED_HEADERS
+                assert resp.headers["X-Loraplane-Backend"] == "route:b"
+    finally:
+        await a.stop()
+        await flood.stop()
+
+
+async def _reload(svc, path, text: str, generation: int) -> None:
+    table = json.loads(text)
+    table["generation"] = generation
+    path.write_text(json.dumps(table))
+    for _ in range(200):
+        if svc.router.table is not None and svc.router.table.source.generation == generation:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the table was not reloaded")
+
+
+async def test_two_routers_whose_tables_disagree_cannot_pass_a_request_back_and_forth(tmp_path):
+    """While a public name moves between routes, router A may still forward it to B while B forwards it to A:
+    each forward used to be a new request, endlessly. Each forward now carries its hop count; a router refuses to
+    forward a request that already made MAX_FORWARD_HOPS (508, naming the model). The legitimate longest chain,
+    the gateway then a route's router forwarding to the route that serves it, still answers."""
+    from loraplane.router.forward import ForwardingConnection
+
+    served = await StubReplica("c", adapters={"sql-v1"}).start()
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir(), (tmp_path / "c").mkdir(), (tmp_path / "g").mkdir()
+    try:
+        async with running_router(tmp_path / "a", [served.spec], table_with_external({}, {})) as (a, ca), \
+                running_router(tmp_path / "b", [served.spec], table_with_external({}, {"sql": ("a", a.url)})) as (b, _), \
+                running_router(tmp_path / "c", [served.spec], table_with_external({"sql": "sql-v1"}, {})) as (c, _), \
+                running_router(tmp_path / "g", [served.spec], table_with_external({}, {"sql": ("a", a.url)}),
+                               connection_class=ForwardingConnection) as (_, cg):
+            await _reload(a, tmp_path / "a" / "serving.json", table_with_external({}, {"sql": ("b", b.url)}), 2)
+            async with ca.post("/v1/completions", json={"model": "sql", "prompt": "p"},
+                               headers={"Authorization": "Bearer k"}) as resp:
+                assert resp.status == 508, await resp.text()
+                err = (await resp.json())["error"]
+                assert err["code"] == "forwarding_loop" and "`sql` was forwarded 2 times" in err["message"]
+            # A -> C (serves it): gateway -> A -> C is two forwards and answers.
+            await _reload(a, tmp_path / "a" / "serving.json", table_with_external({}, {"sql": ("c", c.url)}), 3)
+            async with cg.post("/v1/completions", json={"model": "sql", "prompt": "p"}) as resp:
+                assert resp.status == 200, await resp.text()
+            # Back to the loop, through the gateway, with the client claiming no hops: its header is replaced by
+            # the gateway's count, never passed on beside it, and the loop still ends.
+            await _reload(a, tmp_path / "a" / "serving.json", table_with_external({}, {"sql": ("b", b.url)}), 4)
+            async with cg.post("/v1/completions", json={"model": "sql", "prompt": "p"},
+                               headers={"X-Loraplane-Hops": "0"}) as resp:
+                assert resp.status == 508
+    finally:
+        await served.stop()
