@@ -80,6 +80,18 @@ def selector_matches(selector: LabelSelector | None, labels: dict[str, str]) -> 
     return selector is not None and selector.matches(labels)
 
 
+def route_selects(route: ModelRoute, name: str | None, labels: dict[str, str]) -> bool:
+    """Whether one of `route`'s public models names the Adapter `name` as a backend or matches its `labels` by
+    label selector: the Adapters whose state a route's resolution reads (no other Adapter changes it)."""
+    for r in route.spec.routes:
+        if r.backends is not None:
+            if any(b.adapter == name for b in r.backends):
+                return True
+        elif selector_matches(r.selector, labels):
+            return True
+    return False
+
+
 def declared_rank(adapter: Adapter) -> int | None:
     """The adapter's LoRA rank: spec.rank, else the rank read from its artifact; None when neither is known."""
     if adapter.spec.rank:

@@ -39,7 +39,7 @@ from loraplane.api.reasons import Reason, reason_or_unknown
 from loraplane.api.rollout import RolloutPolicy, RolloutState
 from loraplane.api.validation import format_validation_error
 from loraplane.api.wire.serving import AdapterState
-from loraplane.builders.resolution import Verdict, check_compatibility, selector_matches
+from loraplane.builders.resolution import Verdict, check_compatibility, route_selects
 from loraplane.builders.rollout import RolloutDecision, Window
 from loraplane.builders.rollout import candidate_weight as rollout_weight
 from loraplane.controllers.base import API, Context, Controller
@@ -66,13 +66,7 @@ TRUE, FALSE, UNKNOWN = ConditionStatus.TRUE, ConditionStatus.FALSE, ConditionSta
 
 def selects(route: ModelRoute, adapter: Adapter) -> bool:
     """Whether one of `route`'s public models names `adapter` as a backend or matches it by label selector."""
-    name = adapter.metadata.name
-    for r in route.spec.routes:
-        if r.backends is not None and any(b.adapter == name for b in r.backends):
-            return True
-        if r.selector is not None and selector_matches(r.selector, adapter.metadata.labels):
-            return True
-    return False
+    return route_selects(route, adapter.metadata.name, adapter.metadata.labels)
 
 
 def serving_elsewhere(adapter: Adapter, previous: AdapterStatus, rejection: Verdict | None) -> bool:

@@ -22,7 +22,7 @@ from loraplane.api.wire.serving import CONFIGMAP_KEY, AdapterState, ReplicaRepor
 from loraplane.builders import engine_pod
 from loraplane.builders import modelroute as route_builders
 from loraplane.builders.policy import policy_message
-from loraplane.builders.resolution import Resolution, Verdict, resolve
+from loraplane.builders.resolution import Resolution, Verdict, resolve, route_selects
 from loraplane.controllers.base import API, Context, Controller
 from loraplane.controllers.pods import (config_problem, crash_problem, image_pull_problem, pod_name, pod_ready,
                                         pods_refused, replica_report, unschedulable)
@@ -36,6 +36,9 @@ from loraplane.kube.informer import Key
 # The Adapter status fields its serving-table entries are resolved from (builders.resolution.adapter_versions):
 # the serving version and its artifact, and the candidate (its phase and share of the traffic).
 TABLE_STATUS_FIELDS = ("artifact", "servedName", "version", "candidate")
+# What builders.resolution reads of an Adapter's status (the table fields and the rollout that holds a version back):
+# a change elsewhere in it does not change any route's resolution.
+RESOLUTION_STATUS_FIELDS = (*TABLE_STATUS_FIELDS, "rollout")
 OWNED_STATUS = ("phase", "observedGeneration", "conditions", "replicas", "readyReplicas", "endpoint", "models")
 # How long adapter changes are gathered before the routes of their namespace re-resolve their tables.
 ROUTE_BATCH_SECONDS = 0.5
@@ -385,6 +388,9 @@ class ModelRouteController(Controller):
         self._accepted: dict[tuple[str, str, str], BaseModelId] = {}
         self._resolutions: dict[Key, Resolution] = {}
         self._resolved: dict[Key, tuple[tuple, dict[str, Verdict], Resolution]] = {}  # observe's resolve() memo
+        # Per route, a counter that moves when an Adapter it selects (before or after the change) changes in what
+        # its resolution reads: the memo above is kept until it moves (routes_selecting).
+        self._adapters_epoch: dict[Key, int] = {}
         self._selected: dict[Key, dict[str, Verdict]] = {}
         self._held: dict[Key, dict[str, Verdict]] = {}   # Resolution.held of the table each route serves
         self._applied: dict[Key, tuple] = {}
@@ -405,18 +411,37 @@ class ModelRouteController(Controller):
             self.schedule((ns, meta.get("name") or ""))
         elif source == "Adapter":
             before = old or {}
+            status, was = obj.get("status") or {}, before.get("status") or {}
             if (old is None or before.get("spec") != obj.get("spec")
                     or (before.get("metadata") or {}).get("labels") != meta.get("labels")
-                    or any((before.get("status") or {}).get(f) != (obj.get("status") or {}).get(f)
-                           for f in TABLE_STATUS_FIELDS)):
-                # Batched: a burst of adapter changes re-resolves each route once, not once per adapter.
-                self.schedule_namespace(ns, delay=ROUTE_BATCH_SECONDS)
+                    or any(was.get(f) != status.get(f) for f in RESOLUTION_STATUS_FIELDS)):
+                table = old is None or any(was.get(f) != status.get(f) for f in TABLE_STATUS_FIELDS) or (
+                    before.get("spec") != obj.get("spec")
+                    or (before.get("metadata") or {}).get("labels") != meta.get("labels"))
+                for key in self.routes_selecting(ns, obj, old):
+                    self._adapters_epoch[key] = self._adapters_epoch.get(key, 0) + 1
+                    if table:
+                        # Batched: a burst of adapter changes re-resolves each route once, not once per adapter.
+                        self.schedule(key, ROUTE_BATCH_SECONDS)
         elif source in ("EnginePod", "Deployment"):
             if route := (meta.get("labels") or {}).get(ROUTE_LABEL):
                 self.schedule((ns, route))
         elif source in ("RouterPod", "RouterDeployment"):
             if route := (meta.get("labels") or {}).get(ROUTER_LABEL):
                 self.schedule((ns, route))
+
+    def routes_selecting(self, namespace: str, adapter: dict, old: dict | None) -> list[Key]:
+        """The routes of `namespace` whose resolution reads the Adapter `adapter` (a stored object; `old` its
+        previous state): those that select it now or selected it before (builders.resolution.route_selects), and
+        those that do not parse (which Adapters they select is unknown)."""
+        out = []
+        for key in self.store.keys_in(namespace):
+            route = self.store.parsed(key, ModelRoute)
+            if not isinstance(route, ModelRoute) or any(
+                    route_selects(route, (o.get("metadata") or {}).get("name"), (o.get("metadata") or {}).get("labels")
+                                  or {}) for o in (adapter, old) if o is not None):
+                out.append(key)
+        return out
 
     async def reconcile(self, key: Key) -> None:
         """observe -> plan -> execute for one ModelRoute; a deleted one is forgotten."""
@@ -442,7 +467,7 @@ class ModelRouteController(Controller):
     def forget(self, key: Key) -> None:
         """Drop what was remembered about a deleted route and its children."""
         for memory in (self._resolutions, self._resolved, self._selected, self._applied, self._engine_hash,
-                       self._router_hash, self._held):
+                       self._router_hash, self._held, self._adapters_epoch):
             memory.pop(key, None)
         for ident in [i for i in self._accepted if i[:2] == key]:
             del self._accepted[ident]
@@ -465,18 +490,20 @@ class ModelRouteController(Controller):
         if isinstance(route, ValidationError):
             return ModelRouteFacts(body, None, invalid=format_validation_error(route, "spec field "))
         ns, name = key
-        adapters = list(self.stores.Adapter.valid_in(ns, Adapter))
         rejected = self._rejections(ns)
         uid = route.metadata.uid
-        # The resolution is a function of the route's spec (its generation), the namespace's Adapters (the store's
-        # version of the namespace) and the rejections: most reconciles (a pod, a Deployment, the route's own
-        # status) change none of them, so the last one is reused instead of matching every selector against
-        # every Adapter again (the largest cost of a reconcile with 1,000 Adapters).
-        memo = (uid, route.metadata.generation, self.stores.Adapter.version(ns))
+        # The resolution is a function of the route's spec (its generation), the Adapters it selects (what
+        # RESOLUTION_STATUS_FIELDS, spec and labels say: `_adapters_epoch`, moved by on_change) and the
+        # rejections: most reconciles (a pod, a Deployment, the route's own status, another route's Adapter)
+        # change none of them, so the last one is reused instead of matching every selector against every
+        # Adapter again (the largest cost of a reconcile with 1,000 Adapters).
+        memo = (uid, route.metadata.generation, self._adapters_epoch.get(key, 0))
         hit = self._resolved.get(key)
+        adapters: list[Adapter] = []
         if hit is not None and hit[0] == memo and hit[1] == rejected:
             resolution = hit[2]
         else:
+            adapters = list(self.stores.Adapter.valid_in(ns, Adapter))
             resolution = resolve(route, adapters, rejected)
             self._resolved[key] = (memo, rejected, resolution)
 

@@ -432,43 +432,63 @@ def test_a_route_reads_only_the_deployments_it_controls():
 
 def test_a_route_resolves_again_only_when_its_spec_its_adapters_or_the_rejections_change(monkeypatch):
     """observe() reuses the route's last resolution while nothing it depends on changed (a pod or Deployment event,
-    the route's own status patch), and resolves again on an Adapter change, a new generation or a new rejection:
-    matching every selector against every Adapter on every reconcile was the largest cost at 1,000 Adapters."""
+    the route's own status patch, an Adapter status field the resolution does not read, an Adapter it does not
+    select), and resolves again when an Adapter it selects (before or after the change) changes in its spec,
+    labels or the status fields the resolution reads, on a new generation or a new rejection: matching every
+    selector against every Adapter on every reconcile was the largest cost at 1,000 Adapters (issue 17). Only the
+    routes an Adapter change concerns are scheduled."""
     from loraplane.builders.resolution import Verdict
     from loraplane.controllers import modelroute as mr
 
-    calls = []
+    calls, scheduled = [], []
     real = mr.resolve
     monkeypatch.setattr(mr, "resolve", lambda *a, **k: calls.append(1) or real(*a, **k))
     rejected: dict = {}
     ctl = ModelRouteController(context(), rejections=lambda ns: dict(rejected), reselected=lambda key: None)
-    adapter_body = {"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",
-                    "metadata": {"name": "a", "namespace": "ns", "uid": "au", "generation": 1,
-                                 "resourceVersion": "1"},
-                    "spec": {"baseModel": {"name": "org/base"}, "source": {"uri": "s3://b/a"}, "version": "1",
-                             "rank": 8}}
-    ctl.stores.ModelRoute.put({**ROUTE_BODY, "metadata": {**ROUTE_BODY["metadata"], "resourceVersion": "1"}})
-    ctl.stores.Adapter.put(adapter_body)
+    monkeypatch.setattr(ctl, "schedule", lambda key, delay=None: scheduled.append(key))
+    route_body = {**ROUTE_BODY, "metadata": {**ROUTE_BODY["metadata"], "resourceVersion": "1"},
+                  "spec": {**ROUTE_BODY["spec"], "routes": [*ROUTE_BODY["spec"]["routes"],
+                                                            {"selector": {"matchLabels": {"g": "x"}}}]}}
+    rv = iter(range(2, 100))
 
-    def observe():
-        return asyncio.run(ctl.observe(("ns", "r")))
+    def adapter(name, labels=None, status=None):
+        return {"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",
+                "metadata": {"name": name, "namespace": "ns", "uid": f"u-{name}", "generation": 1,
+                             "resourceVersion": str(next(rv)), "labels": labels or {}},
+                "spec": {"baseModel": {"name": "org/base"}, "source": {"uri": f"s3://b/{name}"}, "version": "1",
+                         "rank": 8}, **({"status": status} if status else {})}
 
-    first = observe()
-    assert len(calls) == 1 and [d.adapter for d in first.resolution.table.adapters] == ["a"]
-    ctl.stores.EnginePod.put({"metadata": {"name": "p", "namespace": "ns", "labels": {"loraplane.io/route": "r"}}})
-    ctl.stores.ModelRoute.put({**ROUTE_BODY, "metadata": {**ROUTE_BODY["metadata"], "resourceVersion": "2"},
-                               "status": {"phase": "Pending"}})
-    assert observe().resolution is first.resolution and len(calls) == 1     # nothing it depends on changed
-    ctl.stores.Adapter.put({**adapter_body, "metadata": {**adapter_body["metadata"], "resourceVersion": "2"},
-                            "status": {"phase": "Ready"}})
-    observe()
-    assert len(calls) == 2                                                    # an Adapter changed
+    def put(source, body):   # what the informer does: store it, then report the change
+        old = ctl.stores.of(source).put(body)
+        ctl.on_change(source, body, old)
+
+    def resolves(change) -> int:
+        scheduled.clear()
+        before = len(calls)
+        change()
+        asyncio.run(ctl.observe(("ns", "r")))
+        return len(calls) - before
+
+    put("ModelRoute", route_body)
+    assert resolves(lambda: put("Adapter", adapter("a"))) == 1 and scheduled == [("ns", "r")]
+    pod = {"metadata": {"name": "p", "namespace": "ns", "labels": {"loraplane.io/route": "r"}}}
+    assert resolves(lambda: put("EnginePod", pod)) == 0
+    assert resolves(lambda: put("ModelRoute", {**route_body, "metadata": {**route_body["metadata"],
+                                                                          "resourceVersion": "99"},
+                                               "status": {"phase": "Pending"}})) == 0
+    assert resolves(lambda: put("Adapter", adapter("a", status={"phase": "Ready"}))) == 0 and not scheduled
+    assert resolves(lambda: put("Adapter", adapter("other", {"g": "y"}))) == 0 and not scheduled
+    assert resolves(lambda: put("Adapter", adapter("b", {"g": "x"}))) == 1 and scheduled == [("ns", "r")]
+    assert resolves(lambda: put("Adapter", adapter("b", {"g": "y"}))) == 1 and scheduled == [("ns", "r")]  # left
+    assert resolves(lambda: put("Adapter", adapter("a", status={"phase": "Ready", "servedName": "a--1"}))) == 1
+    # status.rollout is read (a held-back version) but not scheduled on: the memo still follows it.
+    assert resolves(lambda: put("Adapter", adapter("a", status={"phase": "Ready", "servedName": "a--1",
+                                                                 "rollout": {"state": "Stable"}}))) == 1
+    assert resolves(lambda: ctl.on_change("Adapter", adapter("a"), None)) == 1   # deleted (or re-created)
     rejected["a"] = Verdict(False, Reason.SpecImmutable, "no")
-    assert observe().resolution.table.adapters == [] and len(calls) == 3      # a new rejection
-    ctl.stores.ModelRoute.put({**ROUTE_BODY, "metadata": {**ROUTE_BODY["metadata"], "resourceVersion": "3",
-                                                          "generation": 4}})
-    observe()
-    assert len(calls) == 4                                                    # a new generation
+    assert resolves(lambda: None) == 1                                            # a new rejection
+    assert resolves(lambda: put("ModelRoute", {**route_body, "metadata": {**route_body["metadata"], "generation": 4,
+                                                                          "resourceVersion": "100"}})) == 1
 
 
 def test_the_route_engine_key_secret_is_created_once_with_a_random_key_and_never_overwritten():
