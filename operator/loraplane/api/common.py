@@ -216,8 +216,9 @@ class LabelSelector(ApiModel):
 
     def matches(self, labels: dict[str, str]) -> bool:
         """Kubernetes' selector semantics on a label map."""
-        if any(labels.get(k) != v for k, v in self.match_labels.items()):
-            return False
+        for k, v in self.match_labels.items():   # a loop, not any(<generator>): called per (route, Adapter) pair
+            if labels.get(k) != v:
+                return False
         for e in self.match_expressions:
             present = e.key in labels
             if e.operator == "In" and (not present or labels[e.key] not in (e.values or [])):

@@ -82,14 +82,35 @@ def selector_matches(selector: LabelSelector | None, labels: dict[str, str]) -> 
 
 def route_selects(route: ModelRoute, name: str | None, labels: dict[str, str]) -> bool:
     """Whether one of `route`'s public models names the Adapter `name` as a backend or matches its `labels` by
-    label selector: the Adapters whose state a route's resolution reads (no other Adapter changes it)."""
-    for r in route.spec.routes:
-        if r.backends is not None:
-            if any(b.adapter == name for b in r.backends):
-                return True
-        elif selector_matches(r.selector, labels):
+    label selector: the Adapters whose state a route's resolution reads (no other Adapter changes it).
+
+    Called for every (route, Adapter) pair of a namespace when Adapters change (tens of thousands of times in a
+    burst): what the spec selects is read once per spec object (`_selection`), not walked on every call."""
+    names, selectors = _selection(route.spec)
+    if name in names:
+        return True
+    for selector in selectors:
+        if selector.matches(labels):
             return True
     return False
+
+
+# id(spec) -> (spec, the Adapter names its backends name, its selectors). Parsed specs are shared by every
+# status update of a route (api objects are copied shallowly), so this holds one entry per route generation; the
+# entry keeps its spec alive, so an id is never reused while its entry exists.
+_SELECTIONS: dict[int, tuple[object, frozenset[str], tuple[LabelSelector, ...]]] = {}
+_SELECTIONS_MAX = 4096
+
+
+def _selection(spec) -> tuple[frozenset[str], tuple[LabelSelector, ...]]:
+    hit = _SELECTIONS.get(id(spec))
+    if hit is None or hit[0] is not spec:
+        names = frozenset(b.adapter for r in spec.routes if r.backends is not None for b in r.backends if b.adapter)
+        selectors = tuple(r.selector for r in spec.routes if r.backends is None and r.selector is not None)
+        if len(_SELECTIONS) >= _SELECTIONS_MAX:
+            _SELECTIONS.clear()
+        hit = _SELECTIONS[id(spec)] = (spec, names, selectors)
+    return hit[1], hit[2]
 
 
 def declared_rank(adapter: Adapter) -> int | None:

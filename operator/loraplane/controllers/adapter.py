@@ -403,7 +403,9 @@ class AdapterFacts:
     body: dict
     adapter: Adapter | None                   # None when the spec is invalid (`invalid` says why)
     invalid: str | None = None
-    routes: list[ModelRoute] = field(default_factory=list)  # the valid ModelRoutes of its namespace
+    # The valid ModelRoutes of its namespace that select it (observe leaves the others out: every use below reads
+    # only those, and matching each route again at each use was most of an Adapter reconcile's CPU).
+    routes: list[ModelRoute] = field(default_factory=list)
     pods_by_route: dict[str, list[dict]] = field(default_factory=dict)  # their engine pods
     table_verdicts: dict[str, Verdict] = field(default_factory=dict)  # routes whose table left it out (size)
     held: dict[str, Verdict] = field(default_factory=dict)  # routes whose table leaves its new version out
@@ -494,7 +496,7 @@ class AdapterController(Controller):
         if isinstance(adapter, ValidationError):
             return AdapterFacts(body, None, invalid=format_validation_error(adapter, "spec field "))
         ns = key[0]
-        routes = list(self.stores.ModelRoute.valid_in(ns, ModelRoute))
+        routes = [r for r in self.stores.ModelRoute.valid_in(ns, ModelRoute) if selects(r, adapter)]
         pods = {r.metadata.name or "": self.stores.EnginePod.group(ns, r.metadata.name or "") for r in routes}
         return AdapterFacts(body, adapter, routes=routes, pods_by_route=pods,
                             table_verdicts=self._table_verdicts(ns, key[1]), held=self._held(ns, key[1]))
