@@ -39,7 +39,7 @@ from loraplane.api.reasons import Reason, reason_or_unknown
 from loraplane.api.rollout import RolloutPolicy, RolloutState
 from loraplane.api.validation import format_validation_error
 from loraplane.api.wire.serving import AdapterState
-from loraplane.builders.resolution import Verdict, check_compatibility, route_selects
+from loraplane.builders.resolution import Verdict, check_compatibility, route_selects, selection_index
 from loraplane.builders.rollout import RolloutDecision, Window
 from loraplane.builders.rollout import candidate_weight as rollout_weight
 from loraplane.controllers.base import API, Context, Controller
@@ -496,7 +496,8 @@ class AdapterController(Controller):
         if isinstance(adapter, ValidationError):
             return AdapterFacts(body, None, invalid=format_validation_error(adapter, "spec field "))
         ns = key[0]
-        routes = [r for r in self.stores.ModelRoute.valid_in(ns, ModelRoute) if selects(r, adapter)]
+        routes = selection_index(self.stores.ModelRoute.valid_in(ns, ModelRoute)).selecting(
+            adapter.metadata.name, adapter.metadata.labels)
         pods = {r.metadata.name or "": self.stores.EnginePod.group(ns, r.metadata.name or "") for r in routes}
         return AdapterFacts(body, adapter, routes=routes, pods_by_route=pods,
                             table_verdicts=self._table_verdicts(ns, key[1]), held=self._held(ns, key[1]))
@@ -576,7 +577,8 @@ class AdapterController(Controller):
         decision = plan.rollout
         adapter = self.store.parsed(key, Adapter)
         if decision is not None and isinstance(adapter, Adapter):
-            routes = [r for r in self.stores.ModelRoute.valid_in(key[0], ModelRoute) if selects(r, adapter)]
+            routes = selection_index(self.stores.ModelRoute.valid_in(key[0], ModelRoute)).selecting(
+                adapter.metadata.name, adapter.metadata.labels)
             await self.windows.after(key, policy_of(adapter, routes), decision, plan.reading, routes)
             if decision.requeue_seconds is not None:
                 self.schedule(key, decision.requeue_seconds)

@@ -22,7 +22,7 @@ from loraplane.api.wire.serving import CONFIGMAP_KEY, AdapterState, ReplicaRepor
 from loraplane.builders import engine_pod
 from loraplane.builders import modelroute as route_builders
 from loraplane.builders.policy import policy_message
-from loraplane.builders.resolution import Resolution, Verdict, resolve, route_selects
+from loraplane.builders.resolution import Resolution, Verdict, resolve, selection_index
 from loraplane.controllers.base import API, Context, Controller
 from loraplane.controllers.pods import (config_problem, crash_problem, image_pull_problem, pod_name, pod_ready,
                                         pods_refused, replica_report, unschedulable)
@@ -434,14 +434,18 @@ class ModelRouteController(Controller):
         """The routes of `namespace` whose resolution reads the Adapter `adapter` (a stored object; `old` its
         previous state): those that select it now or selected it before (builders.resolution.route_selects), and
         those that do not parse (which Adapters they select is unknown)."""
-        out = []
-        for key in self.store.keys_in(namespace):
-            route = self.store.parsed(key, ModelRoute)
-            if not isinstance(route, ModelRoute) or any(
-                    route_selects(route, (o.get("metadata") or {}).get("name"), (o.get("metadata") or {}).get("labels")
-                                  or {}) for o in (adapter, old) if o is not None):
-                out.append(key)
-        return out
+        valid = self.store.valid_in(namespace, ModelRoute)
+        index = selection_index(valid)
+        found: set[Key] = set()
+        for o in (adapter, old):
+            if o is not None:
+                meta = o.get("metadata") or {}
+                found.update((namespace, r.metadata.name or "") for r in index.selecting(meta.get("name"),
+                                                                                        meta.get("labels") or {}))
+        keys = self.store.keys_in(namespace)
+        if len(keys) != len(valid):   # routes that do not parse: which Adapters they select is unknown
+            found.update(k for k in keys if not isinstance(self.store.parsed(k, ModelRoute), ModelRoute))
+        return [k for k in keys if k in found]
 
     async def reconcile(self, key: Key) -> None:
         """observe -> plan -> execute for one ModelRoute; a deleted one is forgotten."""
