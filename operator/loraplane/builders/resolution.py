@@ -401,15 +401,18 @@ def _resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Ver
         return selected[name]
 
     # Every verdict first (in the order the route selects the adapters), so the room for candidates is known.
-    for r in route.spec.routes:
+    # Each selector is matched once, against the adapters sorted once (the second pass below reuses the matches).
+    by_name_sorted = sorted(adapters, key=lambda a: a.metadata.name or "")
+    matched: dict[int, list[Adapter]] = {}
+    for i, r in enumerate(route.spec.routes):
         if r.backends is not None:
             for b in r.backends:
                 if b.adapter:
                     verdict(b.adapter)
         else:
-            for a in sorted(adapters, key=lambda a: a.metadata.name or ""):
-                if selector_matches(r.selector, a.metadata.labels):
-                    verdict(a.metadata.name or "")
+            matched[i] = [a for a in by_name_sorted if selector_matches(r.selector, a.metadata.labels)]
+            for a in matched[i]:
+                verdict(a.metadata.name or "")
     # Make-before-break needs room for both versions of an Adapter being updated: candidates enter the table while
     # it holds at most lora_capacity(route) versions (in the order the route selects the adapters); the others
     # wait with NoRoomForCandidate while their stable versions serve. Stable versions are never left out here.
@@ -453,8 +456,8 @@ def _resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Ver
                     backends.append(Backend(served_name=base_served, adapter=None, weight=b.weight))
             models.append(PublicModel(name=r.name or "", backends=backends))
         else:
-            for a in sorted(adapters, key=lambda a: a.metadata.name or ""):
-                if selector_matches(r.selector, a.metadata.labels) and verdict(a.metadata.name or "").compatible:
+            for a in matched[i]:
+                if verdict(a.metadata.name or "").compatible:
                     public = f"{r.prefix}{a.metadata.name}"
                     source = f"routes[{i}] selector (Adapter {a.metadata.name})"
                     if public in sources:
