@@ -102,6 +102,11 @@ _SELECTIONS: dict[int, tuple[object, frozenset[str], tuple[LabelSelector, ...]]]
 _SELECTIONS_MAX = 4096
 
 
+def route_selection(route: ModelRoute) -> tuple[frozenset[str], tuple[LabelSelector, ...]]:
+    """What `route` selects Adapters by: the names its backends name, and its selectors (read once per spec)."""
+    return _selection(route.spec)
+
+
 def _selection(spec) -> tuple[frozenset[str], tuple[LabelSelector, ...]]:
     hit = _SELECTIONS.get(id(spec))
     if hit is None or hit[0] is not spec:

@@ -22,7 +22,8 @@ from loraplane.api.wire.serving import CONFIGMAP_KEY, AdapterState, ReplicaRepor
 from loraplane.builders import engine_pod
 from loraplane.builders import modelroute as route_builders
 from loraplane.builders.policy import policy_message
-from loraplane.builders.resolution import Resolution, Verdict, resolve, selection_index
+from loraplane.builders.resolution import (Resolution, Verdict, resolve, route_selection, route_selects,
+                                          selection_index)
 from loraplane.controllers.base import API, Context, Controller
 from loraplane.controllers.pods import (config_problem, crash_problem, image_pull_problem, pod_name, pod_ready,
                                         pods_refused, replica_report, unschedulable)
@@ -447,6 +448,25 @@ class ModelRouteController(Controller):
             found.update(k for k in keys if not isinstance(self.store.parsed(k, ModelRoute), ModelRoute))
         return [k for k in keys if k in found]
 
+    def selected_adapters(self, namespace: str, route: ModelRoute) -> list[Adapter]:
+        """The valid Adapters of `namespace` that `route` selects, by name: the only ones its resolution reads
+        (builders.resolution.resolve gives the same result for them as for the whole namespace). Found through
+        the Adapter store's label index (one matchLabels pair per selector) instead of walking every Adapter."""
+        store = self.stores.Adapter
+        names, selectors = route_selection(route)
+        candidates = set(names)
+        for selector in selectors:
+            if not selector.match_labels:   # matchExpressions only, or empty (every Adapter): walk them all
+                candidates.update(name for _, name in store.keys_in(namespace))
+                break
+            candidates |= store.with_label(namespace, *next(iter(selector.match_labels.items())))
+        out = []
+        for name in sorted(candidates):
+            adapter = store.parsed((namespace, name), Adapter)
+            if isinstance(adapter, Adapter) and route_selects(route, adapter.metadata.name, adapter.metadata.labels):
+                out.append(adapter)
+        return out
+
     async def reconcile(self, key: Key) -> None:
         """observe -> plan -> execute for one ModelRoute; a deleted one is forgotten."""
         facts = await self.observe(key)
@@ -507,7 +527,7 @@ class ModelRouteController(Controller):
         if hit is not None and hit[0] == memo and hit[1] == rejected:
             resolution = hit[2]
         else:
-            adapters = list(self.stores.Adapter.valid_in(ns, Adapter))
+            adapters = self.selected_adapters(ns, route)
             resolution = resolve(route, adapters, rejected)
             self._resolved[key] = (memo, rejected, resolution)
 

@@ -648,3 +648,34 @@ def test_applier_creates_a_role_before_the_binding_that_names_it():
     kube = RbacKube()
     asyncio.run(Applier(kube).ensure([kids], fresh=True))   # one stage, as a controller may pass them
     assert [k["kind"] for k in kube.applied].index("RoleBinding") > [k["kind"] for k in kube.applied].index("Role")
+
+
+@pytest.mark.parametrize("selector", [{"matchLabels": {"g": "x"}}, {"matchLabels": {"g": "x", "t": "1"}},
+                                      {"matchExpressions": [{"key": "g", "operator": "In", "values": ["x"]}]}, {}])
+def test_a_route_resolves_from_the_adapters_it_selects_as_from_the_whole_namespace(selector):
+    """observe() resolves a route from the Adapters it selects, found through the Adapter store's label index
+    (issue 17: not every Adapter of the namespace on every resolution); the table, verdicts and left-out
+    backends are the ones the whole namespace gives."""
+    from loraplane.builders.resolution import resolve
+
+    ctl = route_controller()
+    body = {**ROUTE_BODY, "metadata": {**ROUTE_BODY["metadata"], "resourceVersion": "1"},
+            "spec": {**ROUTE_BODY["spec"], "routes": [{"name": "m", "backends": [{"adapter": "a"}]},
+                                                      {"name": "gone", "backends": [{"adapter": "missing"}]},
+                                                      {"selector": selector, "prefix": "s/"}]}}
+    ctl.stores.ModelRoute.put(body)
+    for i, labels in enumerate([{}, {"g": "x"}, {"g": "x", "t": "1"}, {"g": "y"}, {"t": "1"}, {"g": "x", "t": "2"}]):
+        for name in (f"n{i}", "a") if i == 0 else (f"n{i}",):
+            ctl.stores.Adapter.put({"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",
+                                    "metadata": {"name": name, "namespace": "ns", "uid": f"u{name}", "generation": 1,
+                                                 "resourceVersion": "1", "labels": labels},
+                                    "spec": {"baseModel": {"name": "org/base"}, "source": {"uri": f"s3://b/{name}"},
+                                             "rank": 8 if i != 5 else 64}})
+    ctl.stores.Adapter.put({"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",   # invalid: left out
+                            "metadata": {"name": "bad", "namespace": "ns", "uid": "ub", "generation": 1,
+                                         "resourceVersion": "1", "labels": {"g": "x"}},
+                            "spec": {"baseModel": {"name": "org/base"}, "source": {}}})
+    facts = asyncio.run(ctl.observe(("ns", "r")))
+    whole = resolve(facts.route, ctl.stores.Adapter.valid_in("ns", Adapter), {})
+    assert facts.resolution.table == whole.table and facts.resolution.selected == whole.selected
+    assert facts.resolution.missing == whole.missing and len(whole.table.models) >= 2
