@@ -43,6 +43,11 @@ RESOLUTION_STATUS_FIELDS = (*TABLE_STATUS_FIELDS, "rollout")
 OWNED_STATUS = ("phase", "observedGeneration", "conditions", "replicas", "readyReplicas", "endpoint", "models")
 # How long adapter changes are gathered before the routes of their namespace re-resolve their tables.
 ROUTE_BATCH_SECONDS = 0.5
+# While Adapter changes keep coming (a burst of creates), a route's table waits for ROUTE_BATCH_SECONDS without
+# one, but not longer than this after the first: each table version is a ConfigMap write, a route status patch
+# and a re-render of the children, and every reconcile in between (a pod, a Deployment, the route's own status)
+# would otherwise publish the table of the moment.
+ROUTE_BATCH_MAX_SECONDS = 2.0
 # Ready reasons that explain unready replicas (each posts a Warning event when it appears).
 REPLICA_PROBLEMS = (Reason.Unschedulable, Reason.ImagePull, Reason.ModelFetchFailed, Reason.EngineFailing,
                     Reason.ContainerConfig, Reason.RolloutStalled, Reason.RouterFailing, Reason.PodsRefused)
@@ -392,6 +397,8 @@ class ModelRouteController(Controller):
         # Per route, a counter that moves when an Adapter it selects (before or after the change) changes in what
         # its resolution reads: the memo above is kept until it moves (routes_selecting).
         self._adapters_epoch: dict[Key, int] = {}
+        # Per route, [first, last] time (self._clock) of the Adapter changes its last resolution does not have yet.
+        self._adapters_changed: dict[Key, list[float]] = {}
         self._selected: dict[Key, dict[str, Verdict]] = {}
         self._held: dict[Key, dict[str, Verdict]] = {}   # Resolution.held of the table each route serves
         self._applied: dict[Key, tuple] = {}
@@ -404,7 +411,8 @@ class ModelRouteController(Controller):
         self._wall = time.time         # for ENGINE_KEY_YOUNG_SECONDS, against creationTimestamp
 
     def on_change(self, source: str, obj: dict, old: dict | None) -> None:
-        """Schedule the route itself; re-resolve the namespace's routes (batched, ROUTE_BATCH_SECONDS) when an
+        """Schedule the route itself; re-resolve the routes that select an Adapter (batched: ROUTE_BATCH_SECONDS
+        without a change, at most ROUTE_BATCH_MAX_SECONDS after the first) when an
         Adapter's spec, labels or artifact changed; schedule the route named by a changed replica or Deployment."""
         meta = obj.get("metadata") or {}
         ns = meta.get("namespace") or ""
@@ -419,8 +427,10 @@ class ModelRouteController(Controller):
                 table = old is None or any(was.get(f) != status.get(f) for f in TABLE_STATUS_FIELDS) or (
                     before.get("spec") != obj.get("spec")
                     or (before.get("metadata") or {}).get("labels") != meta.get("labels"))
+                now = self._clock()
                 for key in self.routes_selecting(ns, obj, old):
                     self._adapters_epoch[key] = self._adapters_epoch.get(key, 0) + 1
+                    self._adapters_changed.setdefault(key, [now, now])[1] = now
                     if table:
                         # Batched: a burst of adapter changes re-resolves each route once, not once per adapter.
                         self.schedule(key, ROUTE_BATCH_SECONDS)
@@ -447,6 +457,16 @@ class ModelRouteController(Controller):
         if len(keys) != len(valid):   # routes that do not parse: which Adapters they select is unknown
             found.update(k for k in keys if not isinstance(self.store.parsed(k, ModelRoute), ModelRoute))
         return [k for k in keys if k in found]
+
+    def adapter_batch_wait(self, key: Key) -> float:
+        """Seconds until the Adapter changes that route `key`'s resolution does not have yet are due: a batch is
+        due ROUTE_BATCH_SECONDS after its last change, at most ROUTE_BATCH_MAX_SECONDS after its first
+        (0 when it is due or there is none)."""
+        changed = self._adapters_changed.get(key)
+        if changed is None:
+            return 0.0
+        first, last = changed
+        return max(0.0, min(last + ROUTE_BATCH_SECONDS, first + ROUTE_BATCH_MAX_SECONDS) - self._clock())
 
     def selected_adapters(self, namespace: str, route: ModelRoute) -> list[Adapter]:
         """The valid Adapters of `namespace` that `route` selects, by name: the only ones its resolution reads
@@ -491,7 +511,7 @@ class ModelRouteController(Controller):
     def forget(self, key: Key) -> None:
         """Drop what was remembered about a deleted route and its children."""
         for memory in (self._resolutions, self._resolved, self._selected, self._applied, self._engine_hash,
-                       self._router_hash, self._held, self._adapters_epoch):
+                       self._router_hash, self._held, self._adapters_epoch, self._adapters_changed):
             memory.pop(key, None)
         for ident in [i for i in self._accepted if i[:2] == key]:
             del self._accepted[ident]
@@ -526,10 +546,16 @@ class ModelRouteController(Controller):
         adapters: list[Adapter] = []
         if hit is not None and hit[0] == memo and hit[1] == rejected:
             resolution = hit[2]
+        elif (hit is not None and hit[0][:2] == memo[:2] and hit[1] == rejected
+              and (wait := self.adapter_batch_wait(key)) > 0):
+            # Only Adapters changed, and their batch is not due: the route keeps the table it has until it is.
+            resolution = hit[2]
+            self.schedule_later(key, wait)
         else:
             adapters = self.selected_adapters(ns, route)
             resolution = resolve(route, adapters, rejected)
             self._resolved[key] = (memo, rejected, resolution)
+            self._adapters_changed.pop(key, None)
 
         def own(obj: dict | None) -> dict | None:
             # Found by computed name: only this route's (controller ownerReference = its uid) counts; another

@@ -446,6 +446,8 @@ def test_a_route_resolves_again_only_when_its_spec_its_adapters_or_the_rejection
     rejected: dict = {}
     ctl = ModelRouteController(context(), rejections=lambda ns: dict(rejected), reselected=lambda key: None)
     monkeypatch.setattr(ctl, "schedule", lambda key, delay=None: scheduled.append(key))
+    clock = [100.0]
+    ctl._clock = lambda: clock[0]
     route_body = {**ROUTE_BODY, "metadata": {**ROUTE_BODY["metadata"], "resourceVersion": "1"},
                   "spec": {**ROUTE_BODY["spec"], "routes": [*ROUTE_BODY["spec"]["routes"],
                                                             {"selector": {"matchLabels": {"g": "x"}}}]}}
@@ -466,6 +468,7 @@ def test_a_route_resolves_again_only_when_its_spec_its_adapters_or_the_rejection
         scheduled.clear()
         before = len(calls)
         change()
+        clock[0] += 10   # past any batch of Adapter changes (test_adapter_changes_reach_the_table_in_batches)
         asyncio.run(ctl.observe(("ns", "r")))
         return len(calls) - before
 
@@ -489,6 +492,55 @@ def test_a_route_resolves_again_only_when_its_spec_its_adapters_or_the_rejection
     assert resolves(lambda: None) == 1                                            # a new rejection
     assert resolves(lambda: put("ModelRoute", {**route_body, "metadata": {**route_body["metadata"], "generation": 4,
                                                                           "resourceVersion": "100"}})) == 1
+
+
+def test_adapter_changes_reach_the_table_in_batches(monkeypatch):
+    """A route re-resolves its table ROUTE_BATCH_SECONDS after the last change of an Adapter it selects, but at
+    most ROUTE_BATCH_MAX_SECONDS after the first while changes keep coming; a reconcile in between (a pod, the
+    route's own status) keeps the table it has and comes back when the batch is due (issue 17: each table
+    version is a ConfigMap write, a status patch and a re-render of the children). A new generation or a new
+    rejection re-resolves at once."""
+    from loraplane.controllers import modelroute as mr
+
+    calls, later = [], []
+    real = mr.resolve
+    monkeypatch.setattr(mr, "resolve", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rejected: dict = {}
+    ctl = ModelRouteController(context(), rejections=lambda ns: dict(rejected), reselected=lambda key: None)
+    monkeypatch.setattr(ctl, "schedule", lambda key, delay=None: None)
+    monkeypatch.setattr(ctl, "schedule_later", lambda key, delay: later.append(round(delay, 3)))
+    clock = [100.0]
+    ctl._clock = lambda: clock[0]
+    route_body = {**ROUTE_BODY, "metadata": {**ROUTE_BODY["metadata"], "resourceVersion": "1"}}
+    ctl.stores.ModelRoute.put(route_body)
+    rv = iter(range(2, 1000))
+
+    def change():   # adapter "a" (selected by name) changes its source
+        body = {"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",
+                "metadata": {"name": "a", "namespace": "ns", "uid": "ua", "generation": 1,
+                             "resourceVersion": str(next(rv))},
+                "spec": {"baseModel": {"name": "org/base"}, "source": {"uri": f"s3://b/{next(rv)}"}, "rank": 8}}
+        ctl.on_change("Adapter", body, ctl.stores.Adapter.put(body))
+
+    def table_uri():
+        facts = asyncio.run(ctl.observe(("ns", "r")))
+        return [d.uri for d in facts.resolution.table.adapters]
+
+    assert table_uri() == [] and len(calls) == 1            # the first resolution is never held back
+    change()
+    first = ctl.stores.Adapter.get(("ns", "a"))["spec"]["source"]["uri"]
+    clock[0] += 0.1
+    assert table_uri() == [] and later == [0.4]              # not due: the table it has, back in 0.4 s
+    clock[0] += 0.4
+    assert table_uri() == [first] and len(calls) == 2        # due: 0.5 s without a change
+    for _ in range(6):                                        # a change every 0.4 s: never 0.5 s of quiet
+        change()
+        clock[0] += 0.4
+        table_uri()
+    assert len(calls) == 3                                    # ... but resolved 2 s after the first change
+    change()
+    rejected["x"] = mr.Verdict(False, Reason.SpecImmutable, "no")
+    assert len(table_uri()) == 1 and len(calls) == 4          # a new rejection: at once
 
 
 def test_the_route_engine_key_secret_is_created_once_with_a_random_key_and_never_overwritten():
