@@ -47,7 +47,7 @@ ROUTE_BATCH_SECONDS = 0.5
 # one, but not longer than this after the first: each table version is a ConfigMap write, a route status patch
 # and a re-render of the children, and every reconcile in between (a pod, a Deployment, the route's own status)
 # would otherwise publish the table of the moment.
-ROUTE_BATCH_MAX_SECONDS = 5.0
+ROUTE_BATCH_MAX_SECONDS = 10.0
 # Ready reasons that explain unready replicas (each posts a Warning event when it appears).
 REPLICA_PROBLEMS = (Reason.Unschedulable, Reason.ImagePull, Reason.ModelFetchFailed, Reason.EngineFailing,
                     Reason.ContainerConfig, Reason.RolloutStalled, Reason.RouterFailing, Reason.PodsRefused)
