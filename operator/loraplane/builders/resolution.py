@@ -15,6 +15,7 @@ PublicNameConflict), so the table the router gets never holds a duplicate.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -95,11 +96,10 @@ def route_selects(route: ModelRoute, name: str | None, labels: dict[str, str]) -
     return False
 
 
-# id(spec) -> (spec, the Adapter names its backends name, its selectors). Parsed specs are shared by every
-# status update of a route (api objects are copied shallowly), so this holds one entry per route generation; the
-# entry keeps its spec alive, so an id is never reused while its entry exists.
-_SELECTIONS: dict[int, tuple[object, frozenset[str], tuple[LabelSelector, ...]]] = {}
-_SELECTIONS_MAX = 4096
+# id(spec) -> (a weak reference to the spec, the Adapter names its backends name, its selectors). Parsed specs are
+# shared by every status update of a route (api objects are copied shallowly), so this holds one entry per route
+# generation in memory; an entry goes with its spec.
+_SELECTIONS: dict[int, tuple[weakref.ref, frozenset[str], tuple[LabelSelector, ...]]] = {}
 
 
 def route_selection(route: ModelRoute) -> tuple[frozenset[str], tuple[LabelSelector, ...]]:
@@ -108,13 +108,17 @@ def route_selection(route: ModelRoute) -> tuple[frozenset[str], tuple[LabelSelec
 
 
 def _selection(spec) -> tuple[frozenset[str], tuple[LabelSelector, ...]]:
-    hit = _SELECTIONS.get(id(spec))
-    if hit is None or hit[0] is not spec:
+    key = id(spec)
+    hit = _SELECTIONS.get(key)
+    if hit is None or hit[0]() is not spec:
         names = frozenset(b.adapter for r in spec.routes if r.backends is not None for b in r.backends if b.adapter)
         selectors = tuple(r.selector for r in spec.routes if r.backends is None and r.selector is not None)
-        if len(_SELECTIONS) >= _SELECTIONS_MAX:
-            _SELECTIONS.clear()
-        hit = _SELECTIONS[id(spec)] = (spec, names, selectors)
+
+        def gone(ref: weakref.ref) -> None:
+            if (entry := _SELECTIONS.get(key)) is not None and entry[0] is ref:
+                del _SELECTIONS[key]
+
+        hit = _SELECTIONS[key] = (weakref.ref(spec, gone), names, selectors)
     return hit[1], hit[2]
 
 
@@ -150,15 +154,17 @@ class SelectionIndex:
         return [self.routes[i] for i in sorted(found) if route_selects(self.routes[i], name, labels)]
 
 
-# id(routes list) -> (the list, its index): a store's valid_in() list is reused until the namespace changes.
+# id(routes list) -> (the list, its index): a store's valid_in() list is reused until the namespace changes. A
+# few entries (one per busy namespace); each keeps its list, and so its routes, alive until it is dropped.
 _INDEXES: dict[int, tuple[list, SelectionIndex]] = {}
+_INDEXES_MAX = 16
 
 
 def selection_index(routes: list[ModelRoute]) -> SelectionIndex:
     """The SelectionIndex of `routes`, built once per list object (callers must not mutate the list)."""
     hit = _INDEXES.get(id(routes))
     if hit is None or hit[0] is not routes:
-        if len(_INDEXES) >= _SELECTIONS_MAX:
+        if len(_INDEXES) >= _INDEXES_MAX:
             _INDEXES.clear()
         hit = _INDEXES[id(routes)] = (routes, SelectionIndex(routes))
     return hit[1]

@@ -50,3 +50,16 @@ def test_the_index_is_built_once_per_list_object():
     routes = list(ROUTES)
     assert selection_index(routes) is selection_index(routes)
     assert selection_index(list(routes)) is not selection_index(routes)
+
+
+def test_what_a_spec_selects_is_forgotten_with_the_spec():
+    import gc
+
+    from loraplane.builders import resolution
+
+    spec_route = route(999, {"matchLabels": {"g": "a"}}, "a1")
+    assert route_selects(spec_route, "a1", {}) and id(spec_route.spec) in resolution._SELECTIONS
+    key = id(spec_route.spec)
+    del spec_route
+    gc.collect()
+    assert key not in resolution._SELECTIONS
