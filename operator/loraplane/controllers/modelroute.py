@@ -48,6 +48,10 @@ ROUTE_BATCH_SECONDS = 0.5
 # and a re-render of the children, and every reconcile in between (a pod, a Deployment, the route's own status)
 # would otherwise publish the table of the moment.
 ROUTE_BATCH_MAX_SECONDS = 10.0
+# How long a change of a route's Deployments or pods waits for more before the route reconciles: a rollout moves
+# them through several states within a fraction of a second (Deployment, ReplicaSet, pods created, scheduled),
+# and each reconcile in between would patch the route's status with a state already gone.
+CHILD_BATCH_SECONDS = 0.5
 # Ready reasons that explain unready replicas (each posts a Warning event when it appears).
 REPLICA_PROBLEMS = (Reason.Unschedulable, Reason.ImagePull, Reason.ModelFetchFailed, Reason.EngineFailing,
                     Reason.ContainerConfig, Reason.RolloutStalled, Reason.RouterFailing, Reason.PodsRefused)
@@ -436,10 +440,10 @@ class ModelRouteController(Controller):
                         self.schedule(key, ROUTE_BATCH_SECONDS)
         elif source in ("EnginePod", "Deployment"):
             if route := (meta.get("labels") or {}).get(ROUTE_LABEL):
-                self.schedule((ns, route))
+                self.schedule((ns, route), CHILD_BATCH_SECONDS)
         elif source in ("RouterPod", "RouterDeployment"):
             if route := (meta.get("labels") or {}).get(ROUTER_LABEL):
-                self.schedule((ns, route))
+                self.schedule((ns, route), CHILD_BATCH_SECONDS)
 
     def routes_selecting(self, namespace: str, adapter: dict, old: dict | None) -> list[Key]:
         """The routes of `namespace` whose resolution reads the Adapter `adapter` (a stored object; `old` its
