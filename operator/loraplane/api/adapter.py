@@ -76,6 +76,7 @@ class AdapterSource(ApiModel):
 
     cel_rules: ClassVar = (
         CelRule(rule="has(self.uri) != has(self.fineTuneJobRef)",
+                check=lambda o: ("uri" in o) != ("fineTuneJobRef" in o),
                 message="set exactly one of source.uri or source.fineTuneJobRef"),
         *uri_rules("uri", "source.uri"),
     )

@@ -57,9 +57,9 @@ def compile_all(root: type) -> int:
     many rules there are.
 
     Building cel-python's parser takes seconds of CPU and each rule's compilation milliseconds; both are cached
-    per process (`_environment`, `_program`). The operator calls this once at start-up, before it parses its
-    first object, so that cost is not paid inside the first reconciles (where it showed as ~10% of the CPU of a
-    420-object settle). Rules with a Python mirror (`CelRule.check`) are compiled too: the CRDs carry them."""
+    per process (`_environment`, `_program`). The operator does not need it: every rule has a Python mirror
+    (`CelRule.check`, tests/unit/api/test_cel_mirrors.py), so parsing never runs cel-python; the tests compile
+    every rule the CRDs carry with it."""
     rules: set[str] = set()
     pending, seen = [root], set()
     while pending:

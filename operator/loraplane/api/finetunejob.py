@@ -48,8 +48,10 @@ class DatasetSpec(ApiModel):
 
     cel_rules: ClassVar = (
         CelRule(rule="has(self.uri) != has(self.configMapRef)",
+                check=lambda o: ("uri" in o) != ("configMapRef" in o),
                 message="set exactly one of dataset.uri or dataset.configMapRef"),
         CelRule(rule="!has(self.validationSplit) || !has(self.validationUri)",
+                check=lambda o: not ("validationSplit" in o and "validationUri" in o),
                 message="set at most one of dataset.validationSplit or dataset.validationUri"),
         *uri_rules("uri", "dataset.uri"),
         *uri_rules("validationUri", "dataset.validationUri"),
@@ -194,6 +196,7 @@ class TrainingSpec(ApiModel):
 
     cel_rules: ClassVar = (
         CelRule(rule="!(has(self.epochs) && has(self.maxSteps))",
+                check=lambda o: not ("epochs" in o and "maxSteps" in o),
                 message="set at most one of training.epochs or training.maxSteps"),
     )
 

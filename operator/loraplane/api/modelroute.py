@@ -55,12 +55,15 @@ class ModelCacheSpec(ApiModel):
 
     cel_rules: ClassVar = (
         CelRule(rule="!(has(self.claimName) && has(self.hostPath))",
+                check=lambda o: not ("claimName" in o and "hostPath" in o),
                 message="set at most one of modelCache.claimName or modelCache.hostPath"),
         # The policy matches the path against globs: a `..` or `.` segment would walk out of an allowed tree.
         CelRule(rule="!has(self.hostPath) || !self.hostPath.matches('/[.][.]?(/|$)')",
+                check=lambda o: "hostPath" not in o or not re.search(r"/[.][.]?(/|$)", o["hostPath"]),
                 message="modelCache.hostPath must be a normalised absolute path (no '.' or '..' segments)"),
         # sizeLimit bounds only the default emptyDir: next to a claim or node path it would do nothing.
         CelRule(rule="!has(self.sizeLimit) || !(has(self.claimName) || has(self.hostPath))",
+                check=lambda o: "sizeLimit" not in o or not ("claimName" in o or "hostPath" in o),
                 message="modelCache.sizeLimit bounds only the default emptyDir cache: it does nothing with "
                         "modelCache.claimName or modelCache.hostPath (size the PVC or the node's disk instead); "
                         "remove modelCache.sizeLimit"),
@@ -212,27 +215,35 @@ class AutoscalingSpec(ApiModel):
         # minReplicas is optional (default 1, and maxReplicas >= 1): the CRD carries no defaults, so the API server
         # evaluates the object as written and an unguarded `self.minReplicas` would refuse a valid spec.
         CelRule(rule="!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
+                check=lambda o: "minReplicas" not in o or o["minReplicas"] <= o["maxReplicas"],
                 message="autoscaling.minReplicas must be <= autoscaling.maxReplicas"),
         # The metric is spliced into a PromQL query (KEDA) and an HPA metric name: only a metric name may go in.
         CelRule(rule=f"!has(self.metric) || self.metric.matches('{PROMETHEUS_METRIC_NAME}')",
+                check=lambda o: "metric" not in o or bool(re.search(PROMETHEUS_METRIC_NAME, o["metric"])),
                 message="autoscaling.metric must be a Prometheus metric name ([a-zA-Z_:][a-zA-Z0-9_:]*), e.g. "
                         "vllm:num_requests_waiting"),
         # An HPA neither scales to zero nor from it (without an alpha feature gate): refused rather than
         # silently raised to 1.
         CelRule(rule="!has(self.minReplicas) || self.minReplicas > 0 || "
                      "(has(self.backend) && self.backend == 'keda')",
+                check=lambda o: "minReplicas" not in o or o["minReplicas"] > 0 or o.get("backend") == "keda",
                 message="autoscaling.minReplicas 0 needs backend: keda (an HPA cannot scale to or from zero); "
                         "set backend: keda, or minReplicas >= 1"),
         CelRule(rule="!has(self.fallback) || (has(self.backend) && self.backend == 'keda')",
+                check=lambda o: "fallback" not in o or o.get("backend") == "keda",
                 message="autoscaling.fallback is KEDA's: set backend: keda, or remove fallback"),
         CelRule(rule="!has(self.scaleToZeroAfterSeconds) || (has(self.backend) && self.backend == 'keda')",
+                check=lambda o: "scaleToZeroAfterSeconds" not in o or o.get("backend") == "keda",
                 message="autoscaling.scaleToZeroAfterSeconds is KEDA's (cooldownPeriod): set backend: keda with "
                         "minReplicas 0, or remove scaleToZeroAfterSeconds"),
         CelRule(rule="!has(self.fallback) || self.fallback.replicas <= self.maxReplicas",
+                check=lambda o: "fallback" not in o or o["fallback"]["replicas"] <= o["maxReplicas"],
                 message="autoscaling.fallback.replicas must be <= autoscaling.maxReplicas"),
         CelRule(rule="!has(self.behavior) || !has(self.behavior.scaleDown) || "
                      "!has(self.behavior.scaleDown.stabilizationWindowSeconds) || "
                      "!has(self.scaleDownStabilizationSeconds)",
+                check=lambda o: ("stabilizationWindowSeconds" not in ((o.get("behavior") or {}).get("scaleDown") or {})
+                                 or "scaleDownStabilizationSeconds" not in o),
                 message="set autoscaling.scaleDownStabilizationSeconds or "
                         "autoscaling.behavior.scaleDown.stabilizationWindowSeconds, not both"),
     )
@@ -274,6 +285,7 @@ class RouteBackend(ApiModel):
 
     cel_rules: ClassVar = (
         CelRule(rule="has(self.adapter) != (has(self.base) && self.base)",
+                check=lambda o: ("adapter" in o) != ("base" in o and o["base"] is True),
                 message="a backend sets exactly one of adapter: NAME or base: true"),
     )
 
@@ -288,9 +300,12 @@ class Route(ApiModel):
 
     cel_rules: ClassVar = (
         CelRule(rule="has(self.backends) != has(self.selector)",
+                check=lambda o: ("backends" in o) != ("selector" in o),
                 message="a route sets exactly one of backends or selector"),
-        CelRule(rule="!has(self.backends) || has(self.name)", message="a route with backends needs a name"),
+        CelRule(rule="!has(self.backends) || has(self.name)", check=lambda o: "backends" not in o or "name" in o,
+                message="a route with backends needs a name"),
         CelRule(rule="!has(self.backends) || self.backends.map(b, has(b.weight) ? b.weight : 100).sum() == 100",
+                check=lambda o: "backends" not in o or sum(b.get("weight", 100) for b in o["backends"]) == 100,
                 message="the weights of a route's backends must sum to 100"),
     )
 
@@ -353,25 +368,37 @@ CONTENT_ROUTING_MAX_BYTES = 256 * 1024
 _CONTENT_ROUTES = TypeAdapter(list[ContentRoute])
 
 
+def _unique_names(routes) -> bool:
+    """The Python mirror of ModelRouteSpec's "route names must be unique" rule (routes without a name count none)."""
+    names = [r["name"] for r in routes if "name" in r]
+    return len(names) == len(set(names))
+
+
 class ModelRouteSpec(ApiModel):
     """What a ModelRoute asks for: the base model, its vLLM engine and replicas, public routes and the router."""
 
     cel_rules: ClassVar = (
         CelRule(rule="!has(self.autoscaling) || !has(self.replicas)",
+                check=lambda o: not ("autoscaling" in o and "replicas" in o),
                 message="set replicas or autoscaling, not both"),
         # An https:// base model is fetched as one archive (a web server lists no directories).
         # The suffix is read on the URL's path, as storage.uri does: "#.tar.gz" or "?x=.tar" does not count, a
         # presigned query after "a.tar.gz?" does.
         CelRule(rule="!has(self.baseModel.uri) || !self.baseModel.uri.startsWith('http') || "
                      "self.baseModel.uri.matches('^https?://[^?#]*[.](tar[.]gz|tgz|tar)([?][^#]*)?$')",
+                check=lambda o: ("uri" not in o["baseModel"] or not o["baseModel"]["uri"].startswith("http")
+                                 or bool(re.search(r"^https?://[^?#]*[.](tar[.]gz|tgz|tar)([?][^#]*)?$",
+                                                   o["baseModel"]["uri"]))),
                 message="spec.baseModel.uri: an https:// base model must be a .tar.gz, .tgz or .tar archive of "
                         "the model directory (or use s3://BUCKET/PREFIX, pvc://CLAIM/PATH or a hub id in "
                         "baseModel.name)"),
         CelRule(rule=f"!has(self.servedModelName) || !self.servedModelName.contains('{SERVED_NAME_SEPARATOR}')",
+                check=lambda o: SERVED_NAME_SEPARATOR not in o.get("servedModelName", ""),
                 message=f"spec.servedModelName must not contain '{SERVED_NAME_SEPARATOR}' (reserved for adapter "
                         "served names <adapter>--<version>)"),
         CelRule(rule=f"has(self.servedModelName) || !has(self.baseModel.name) || "
                      f"!self.baseModel.name.contains('{SERVED_NAME_SEPARATOR}')",
+                check=lambda o: "servedModelName" in o or SERVED_NAME_SEPARATOR not in o["baseModel"].get("name", ""),
                 message=f"spec.baseModel.name contains '{SERVED_NAME_SEPARATOR}', which is reserved for adapter "
                         "served names: set spec.servedModelName to a name without it"),
         # vLLM's pooling runner is started without --enable-lora (builders.engine_pod.engine_args): an adapter
@@ -387,6 +414,7 @@ class ModelRouteSpec(ApiModel):
                         "serve the adapters from a route with engine.task generate"),
         CelRule(rule="!has(self.routes) || self.routes.all(r, has(r.name) ? "
                      "self.routes.filter(s, has(s.name) ? s.name == r.name : false).size() == 1 : true)",
+                check=lambda o: _unique_names(o.get("routes", ())),
                 message="route names must be unique"),
     )
 

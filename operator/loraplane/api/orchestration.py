@@ -221,8 +221,10 @@ class ContentRoute(ApiModel):
 
     cel_rules: ClassVar = (
         CelRule(rule="!has(self.methods) || !self.methods.exists(m, m == 'classifier') || has(self.classifier)",
+                check=lambda o: "classifier" not in o.get("methods", ()) or "classifier" in o,
                 message="contentRouting: method classifier needs `classifier` (its model)"),
         CelRule(rule="!has(self.methods) || !self.methods.exists(m, m == 'semantic') || has(self.semantic)",
+                check=lambda o: "semantic" not in o.get("methods", ()) or "semantic" in o,
                 message="contentRouting: method semantic needs `semantic` (its embeddingModel)"),
     )
 

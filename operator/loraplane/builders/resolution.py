@@ -15,6 +15,7 @@ PublicNameConflict), so the table the router gets never holds a duplicate.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -83,6 +84,95 @@ def selector_matches(selector: LabelSelector | None, labels: dict[str, str]) -> 
     """Kubernetes label-selector semantics (matchLabels AND matchExpressions); an empty selector matches all,
     None matches nothing. The selector is the API's validated LabelSelector, so matching cannot fail."""
     return selector is not None and selector.matches(labels)
+
+
+def route_selects(route: ModelRoute, name: str | None, labels: dict[str, str]) -> bool:
+    """Whether one of `route`'s public models names the Adapter `name` as a backend or matches its `labels` by
+    label selector: the Adapters whose state a route's resolution reads (no other Adapter changes it).
+
+    Called for every (route, Adapter) pair of a namespace when Adapters change (tens of thousands of times in a
+    burst): what the spec selects is read once per spec object (`_selection`), not walked on every call."""
+    names, selectors = _selection(route.spec)
+    if name in names:
+        return True
+    for selector in selectors:
+        if selector.matches(labels):
+            return True
+    return False
+
+
+# id(spec) -> (a weak reference to the spec, the Adapter names its backends name, its selectors). Parsed specs are
+# shared by every status update of a route (api objects are copied shallowly), so this holds one entry per route
+# generation in memory; an entry goes with its spec.
+_SELECTIONS: dict[int, tuple[weakref.ref, frozenset[str], tuple[LabelSelector, ...]]] = {}
+
+
+def route_selection(route: ModelRoute) -> tuple[frozenset[str], tuple[LabelSelector, ...]]:
+    """What `route` selects Adapters by: the names its backends name, and its selectors (read once per spec)."""
+    return _selection(route.spec)
+
+
+def _selection(spec) -> tuple[frozenset[str], tuple[LabelSelector, ...]]:
+    key = id(spec)
+    hit = _SELECTIONS.get(key)
+    if hit is None or hit[0]() is not spec:
+        names = frozenset(b.adapter for r in spec.routes if r.backends is not None for b in r.backends if b.adapter)
+        selectors = tuple(r.selector for r in spec.routes if r.backends is None and r.selector is not None)
+
+        def gone(ref: weakref.ref) -> None:
+            if (entry := _SELECTIONS.get(key)) is not None and entry[0] is ref:
+                del _SELECTIONS[key]
+
+        hit = _SELECTIONS[key] = (weakref.ref(spec, gone), names, selectors)
+    return hit[1], hit[2]
+
+
+class SelectionIndex:
+    """Which of a namespace's routes select an Adapter (`route_selects`), found without matching every route: the
+    routes are indexed by the Adapter names their backends name and by one matchLabels pair of each selector;
+    only the routes found so (and those whose selectors have no matchLabels) are matched. With 50 routes and
+    1,000 Adapters changing, matching every route for every Adapter change was the largest cost left of an
+    Adapter reconcile (issue 17)."""
+
+    def __init__(self, routes: list[ModelRoute]):
+        self.routes = routes
+        self._by_name: dict[str, list[int]] = {}
+        self._by_label: dict[tuple[str, str], list[int]] = {}
+        self._always: list[int] = []   # routes with a selector without matchLabels: matched for every Adapter
+        for i, route in enumerate(routes):
+            names, selectors = _selection(route.spec)
+            for name in names:
+                self._by_name.setdefault(name, []).append(i)
+            for selector in selectors:
+                if selector.match_labels:
+                    self._by_label.setdefault(next(iter(selector.match_labels.items())), []).append(i)
+                else:
+                    self._always.append(i)
+
+    def selecting(self, name: str | None, labels: dict[str, str]) -> list[ModelRoute]:
+        """The routes that select the Adapter `name` with `labels`, in the order of `routes`."""
+        found = set(self._always)
+        found.update(self._by_name.get(name or "", ()))
+        for pair in labels.items():
+            if isinstance(pair[1], str):
+                found.update(self._by_label.get(pair, ()))
+        return [self.routes[i] for i in sorted(found) if route_selects(self.routes[i], name, labels)]
+
+
+# id(routes list) -> (the list, its index): a store's valid_in() list is reused until the namespace changes. A
+# few entries (one per busy namespace); each keeps its list, and so its routes, alive until it is dropped.
+_INDEXES: dict[int, tuple[list, SelectionIndex]] = {}
+_INDEXES_MAX = 16
+
+
+def selection_index(routes: list[ModelRoute]) -> SelectionIndex:
+    """The SelectionIndex of `routes`, built once per list object (callers must not mutate the list)."""
+    hit = _INDEXES.get(id(routes))
+    if hit is None or hit[0] is not routes:
+        if len(_INDEXES) >= _INDEXES_MAX:
+            _INDEXES.clear()
+        hit = _INDEXES[id(routes)] = (routes, SelectionIndex(routes))
+    return hit[1]
 
 
 def declared_rank(adapter: Adapter) -> int | None:
@@ -352,15 +442,18 @@ def _resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Ver
         return selected[name]
 
     # Every verdict first (in the order the route selects the adapters), so the room for candidates is known.
-    for r in route.spec.routes:
+    # Each selector is matched once, against the adapters sorted once (the second pass below reuses the matches).
+    by_name_sorted = sorted(adapters, key=lambda a: a.metadata.name or "")
+    matched: dict[int, list[Adapter]] = {}
+    for i, r in enumerate(route.spec.routes):
         if r.backends is not None:
             for b in r.backends:
                 if b.adapter:
                     verdict(b.adapter)
         else:
-            for a in sorted(adapters, key=lambda a: a.metadata.name or ""):
-                if selector_matches(r.selector, a.metadata.labels):
-                    verdict(a.metadata.name or "")
+            matched[i] = [a for a in by_name_sorted if selector_matches(r.selector, a.metadata.labels)]
+            for a in matched[i]:
+                verdict(a.metadata.name or "")
     # Make-before-break needs room for both versions of an Adapter being updated: candidates enter the table while
     # it holds at most lora_capacity(route) versions (in the order the route selects the adapters); the others
     # wait with NoRoomForCandidate while their stable versions serve. Stable versions are never left out here.
@@ -407,8 +500,8 @@ def _resolve(route: ModelRoute, adapters: list[Adapter], rejected: dict[str, Ver
                     backends.append(Backend(served_name=base_served, adapter=None, weight=b.weight))
             models.append(PublicModel(name=r.name or "", backends=backends))
         else:
-            for a in sorted(adapters, key=lambda a: a.metadata.name or ""):
-                if selector_matches(r.selector, a.metadata.labels) and verdict(a.metadata.name or "").compatible:
+            for a in matched[i]:
+                if verdict(a.metadata.name or "").compatible:
                     public = f"{r.prefix}{a.metadata.name}"
                     source = f"routes[{i}] selector (Adapter {a.metadata.name})"
                     if public in sources:

@@ -39,7 +39,7 @@ from loraplane.api.reasons import Reason, reason_or_unknown
 from loraplane.api.rollout import RolloutPolicy, RolloutState
 from loraplane.api.validation import format_validation_error
 from loraplane.api.wire.serving import AdapterState
-from loraplane.builders.resolution import Verdict, check_compatibility, selector_matches
+from loraplane.builders.resolution import Verdict, check_compatibility, route_selects, selection_index
 from loraplane.builders.rollout import RolloutDecision, Window
 from loraplane.builders.rollout import candidate_weight as rollout_weight
 from loraplane.controllers.base import API, Context, Controller
@@ -66,13 +66,7 @@ TRUE, FALSE, UNKNOWN = ConditionStatus.TRUE, ConditionStatus.FALSE, ConditionSta
 
 def selects(route: ModelRoute, adapter: Adapter) -> bool:
     """Whether one of `route`'s public models names `adapter` as a backend or matches it by label selector."""
-    name = adapter.metadata.name
-    for r in route.spec.routes:
-        if r.backends is not None and any(b.adapter == name for b in r.backends):
-            return True
-        if r.selector is not None and selector_matches(r.selector, adapter.metadata.labels):
-            return True
-    return False
+    return route_selects(route, adapter.metadata.name, adapter.metadata.labels)
 
 
 def serving_elsewhere(adapter: Adapter, previous: AdapterStatus, rejection: Verdict | None) -> bool:
@@ -409,7 +403,9 @@ class AdapterFacts:
     body: dict
     adapter: Adapter | None                   # None when the spec is invalid (`invalid` says why)
     invalid: str | None = None
-    routes: list[ModelRoute] = field(default_factory=list)  # the valid ModelRoutes of its namespace
+    # The valid ModelRoutes of its namespace that select it (observe leaves the others out: every use below reads
+    # only those, and matching each route again at each use was most of an Adapter reconcile's CPU).
+    routes: list[ModelRoute] = field(default_factory=list)
     pods_by_route: dict[str, list[dict]] = field(default_factory=dict)  # their engine pods
     table_verdicts: dict[str, Verdict] = field(default_factory=dict)  # routes whose table left it out (size)
     held: dict[str, Verdict] = field(default_factory=dict)  # routes whose table leaves its new version out
@@ -500,7 +496,8 @@ class AdapterController(Controller):
         if isinstance(adapter, ValidationError):
             return AdapterFacts(body, None, invalid=format_validation_error(adapter, "spec field "))
         ns = key[0]
-        routes = list(self.stores.ModelRoute.valid_in(ns, ModelRoute))
+        routes = selection_index(self.stores.ModelRoute.valid_in(ns, ModelRoute)).selecting(
+            adapter.metadata.name, adapter.metadata.labels)
         pods = {r.metadata.name or "": self.stores.EnginePod.group(ns, r.metadata.name or "") for r in routes}
         return AdapterFacts(body, adapter, routes=routes, pods_by_route=pods,
                             table_verdicts=self._table_verdicts(ns, key[1]), held=self._held(ns, key[1]))
@@ -580,7 +577,8 @@ class AdapterController(Controller):
         decision = plan.rollout
         adapter = self.store.parsed(key, Adapter)
         if decision is not None and isinstance(adapter, Adapter):
-            routes = [r for r in self.stores.ModelRoute.valid_in(key[0], ModelRoute) if selects(r, adapter)]
+            routes = selection_index(self.stores.ModelRoute.valid_in(key[0], ModelRoute)).selecting(
+                adapter.metadata.name, adapter.metadata.labels)
             await self.windows.after(key, policy_of(adapter, routes), decision, plan.reading, routes)
             if decision.requeue_seconds is not None:
                 self.schedule(key, decision.requeue_seconds)

@@ -39,7 +39,7 @@ class Stores:
     their owner's label, so "the pods of job X" is one lookup."""
 
     FineTuneJob: Store = field(default_factory=Store)
-    Adapter: Store = field(default_factory=Store)
+    Adapter: Store = field(default_factory=lambda: Store(index_labels=True))   # routes select Adapters by label
     ModelRoute: Store = field(default_factory=Store)
     Job: Store = field(default_factory=lambda: Store(group_by=label_getter(FINETUNEJOB_LABEL)))
     TrainPod: Store = field(default_factory=lambda: Store(group_by=label_getter(FINETUNEJOB_LABEL)))

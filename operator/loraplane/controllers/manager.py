@@ -12,9 +12,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from loraplane.api import cel
 from loraplane.api.adapter import AdapterStatus
-from loraplane.api.common import ApiModel
 from loraplane.api.finetunejob import FineTuneJobStatus
 from loraplane.api.modelroute import ModelRouteStatus
 from loraplane.controllers.adapter import AdapterController
@@ -108,8 +106,6 @@ class Manager:
     async def start(self) -> None:
         """Register the phase gauges, serve /metrics and /healthz, prime the stores (one LIST per source), then
         start the periodic resync, the report relay and the watches of the children."""
-        # CEL's parser and every rule compiled before the first object is parsed (seconds of CPU, once).
-        await asyncio.to_thread(cel.compile_all, ApiModel)
         self._collector = _StateCollector(self.stores)
         REGISTRY.register(self._collector)
         await self.start_http()

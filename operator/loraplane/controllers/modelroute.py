@@ -24,7 +24,8 @@ from loraplane.builders import engine_pod
 from loraplane.builders import modelroute as route_builders
 from loraplane.builders.policy import policy_message
 from loraplane.builders.orchestration import Publication, publication, publication_changes, referenced_names
-from loraplane.builders.resolution import Resolution, Verdict, resolve, with_others
+from loraplane.builders.resolution import (Resolution, Verdict, resolve, route_selection, route_selects,
+                                          selection_index, with_others)
 from loraplane.controllers.base import API, Context, Controller
 from loraplane.controllers.pods import (config_problem, crash_problem, image_pull_problem, pod_name, pod_ready,
                                         pods_refused, replica_report, unschedulable)
@@ -38,10 +39,22 @@ from loraplane.kube.informer import Key
 # The Adapter status fields its serving-table entries are resolved from (builders.resolution.adapter_versions):
 # the serving version and its artifact, and the candidate (its phase and share of the traffic).
 TABLE_STATUS_FIELDS = ("artifact", "servedName", "version", "candidate")
+# What builders.resolution reads of an Adapter's status (the table fields and the rollout that holds a version back):
+# a change elsewhere in it does not change any route's resolution.
+RESOLUTION_STATUS_FIELDS = (*TABLE_STATUS_FIELDS, "rollout")
 OWNED_STATUS = ("phase", "observedGeneration", "conditions", "replicas", "readyReplicas", "endpoint", "models",
                 "contentModels")
 # How long adapter changes are gathered before the routes of their namespace re-resolve their tables.
 ROUTE_BATCH_SECONDS = 0.5
+# While Adapter changes keep coming (a burst of creates), a route's table waits for ROUTE_BATCH_SECONDS without
+# one, but not longer than this after the first: each table version is a ConfigMap write, a route status patch
+# and a re-render of the children, and every reconcile in between (a pod, a Deployment, the route's own status)
+# would otherwise publish the table of the moment.
+ROUTE_BATCH_MAX_SECONDS = 10.0
+# How long a change of a route's Deployments or pods waits for more before the route reconciles: a rollout moves
+# them through several states within a fraction of a second (Deployment, ReplicaSet, pods created, scheduled),
+# and each reconcile in between would patch the route's status with a state already gone.
+CHILD_BATCH_SECONDS = 0.5
 # Ready reasons that explain unready replicas (each posts a Warning event when it appears).
 REPLICA_PROBLEMS = (Reason.Unschedulable, Reason.ImagePull, Reason.ModelFetchFailed, Reason.EngineFailing,
                     Reason.ContainerConfig, Reason.RolloutStalled, Reason.RouterFailing, Reason.PodsRefused)
@@ -449,6 +462,11 @@ class ModelRouteController(Controller):
         self._resolved: dict[Key, tuple[tuple, dict[str, Verdict], Resolution]] = {}  # observe's resolve() memo
         # observe's with_others() memo: (the resolve() memo's Resolution, the other routes' names, the result).
         self._with_others: dict[Key, tuple[Resolution, tuple, Resolution]] = {}
+        # Per route, a counter that moves when an Adapter it selects (before or after the change) changes in what
+        # its resolution reads: the memo above is kept until it moves (routes_selecting).
+        self._adapters_epoch: dict[Key, int] = {}
+        # Per route, [first, last] time (self._clock) of the Adapter changes its last resolution does not have yet.
+        self._adapters_changed: dict[Key, list[float]] = {}
         self._selected: dict[Key, dict[str, Verdict]] = {}
         self._held: dict[Key, dict[str, Verdict]] = {}   # Resolution.held of the table each route serves
         self._applied: dict[Key, tuple] = {}
@@ -464,7 +482,8 @@ class ModelRouteController(Controller):
 
     def on_change(self, source: str, obj: dict, old: dict | None) -> None:
         """Schedule the route itself, and the other routes of its namespace that its change concerns
-        (`schedule_dependents`); re-resolve the namespace's routes (batched, ROUTE_BATCH_SECONDS) when an
+        (`schedule_dependents`); re-resolve the routes that select an Adapter (batched: ROUTE_BATCH_SECONDS
+        without a change, at most ROUTE_BATCH_MAX_SECONDS after the first) when an
         Adapter's spec, labels or artifact changed; schedule the route named by a changed replica or Deployment."""
         meta = obj.get("metadata") or {}
         ns = meta.get("namespace") or ""
@@ -473,18 +492,72 @@ class ModelRouteController(Controller):
             self.schedule_dependents(ns, meta.get("name") or "", obj, old)
         elif source == "Adapter":
             before = old or {}
+            status, was = obj.get("status") or {}, before.get("status") or {}
             if (old is None or before.get("spec") != obj.get("spec")
                     or (before.get("metadata") or {}).get("labels") != meta.get("labels")
-                    or any((before.get("status") or {}).get(f) != (obj.get("status") or {}).get(f)
-                           for f in TABLE_STATUS_FIELDS)):
-                # Batched: a burst of adapter changes re-resolves each route once, not once per adapter.
-                self.schedule_namespace(ns, delay=ROUTE_BATCH_SECONDS)
+                    or any(was.get(f) != status.get(f) for f in RESOLUTION_STATUS_FIELDS)):
+                table = old is None or any(was.get(f) != status.get(f) for f in TABLE_STATUS_FIELDS) or (
+                    before.get("spec") != obj.get("spec")
+                    or (before.get("metadata") or {}).get("labels") != meta.get("labels"))
+                now = self._clock()
+                for key in self.routes_selecting(ns, obj, old):
+                    self._adapters_epoch[key] = self._adapters_epoch.get(key, 0) + 1
+                    self._adapters_changed.setdefault(key, [now, now])[1] = now
+                    if table:
+                        # Batched: a burst of adapter changes re-resolves each route once, not once per adapter.
+                        self.schedule(key, ROUTE_BATCH_SECONDS)
         elif source in ("EnginePod", "Deployment"):
             if route := (meta.get("labels") or {}).get(ROUTE_LABEL):
-                self.schedule((ns, route))
+                self.schedule((ns, route), CHILD_BATCH_SECONDS)
         elif source in ("RouterPod", "RouterDeployment"):
             if route := (meta.get("labels") or {}).get(ROUTER_LABEL):
-                self.schedule((ns, route))
+                self.schedule((ns, route), CHILD_BATCH_SECONDS)
+
+    def routes_selecting(self, namespace: str, adapter: dict, old: dict | None) -> list[Key]:
+        """The routes of `namespace` whose resolution reads the Adapter `adapter` (a stored object; `old` its
+        previous state): those that select it now or selected it before (builders.resolution.route_selects), and
+        those that do not parse (which Adapters they select is unknown)."""
+        valid = self.store.valid_in(namespace, ModelRoute)
+        index = selection_index(valid)
+        found: set[Key] = set()
+        for o in (adapter, old):
+            if o is not None:
+                meta = o.get("metadata") or {}
+                found.update((namespace, r.metadata.name or "") for r in index.selecting(meta.get("name"),
+                                                                                        meta.get("labels") or {}))
+        keys = self.store.keys_in(namespace)
+        if len(keys) != len(valid):   # routes that do not parse: which Adapters they select is unknown
+            found.update(k for k in keys if not isinstance(self.store.parsed(k, ModelRoute), ModelRoute))
+        return [k for k in keys if k in found]
+
+    def adapter_batch_wait(self, key: Key) -> float:
+        """Seconds until the Adapter changes that route `key`'s resolution does not have yet are due: a batch is
+        due ROUTE_BATCH_SECONDS after its last change, at most ROUTE_BATCH_MAX_SECONDS after its first
+        (0 when it is due or there is none)."""
+        changed = self._adapters_changed.get(key)
+        if changed is None:
+            return 0.0
+        first, last = changed
+        return max(0.0, min(last + ROUTE_BATCH_SECONDS, first + ROUTE_BATCH_MAX_SECONDS) - self._clock())
+
+    def selected_adapters(self, namespace: str, route: ModelRoute) -> list[Adapter]:
+        """The valid Adapters of `namespace` that `route` selects, by name: the only ones its resolution reads
+        (builders.resolution.resolve gives the same result for them as for the whole namespace). Found through
+        the Adapter store's label index (one matchLabels pair per selector) instead of walking every Adapter."""
+        store = self.stores.Adapter
+        names, selectors = route_selection(route)
+        candidates = set(names)
+        for selector in selectors:
+            if not selector.match_labels:   # matchExpressions only, or empty (every Adapter): walk them all
+                candidates.update(name for _, name in store.keys_in(namespace))
+                break
+            candidates |= store.with_label(namespace, *next(iter(selector.match_labels.items())))
+        out = []
+        for name in sorted(candidates):
+            adapter = store.parsed((namespace, name), Adapter)
+            if isinstance(adapter, Adapter) and route_selects(route, adapter.metadata.name, adapter.metadata.labels):
+                out.append(adapter)
+        return out
 
     def schedule_dependents(self, ns: str, name: str, obj: dict, old: dict | None) -> list[Key]:
         """Schedule the other routes of `ns` that a change of route `name` (`old` -> `obj`; `old` None when it
@@ -535,7 +608,8 @@ class ModelRouteController(Controller):
     def forget(self, key: Key) -> None:
         """Drop what was remembered about a deleted route and its children."""
         for memory in (self._resolutions, self._resolved, self._with_others, self._selected, self._applied,
-                       self._engine_hash, self._router_hash, self._held):
+                       self._engine_hash, self._router_hash, self._held, self._adapters_epoch,
+                       self._adapters_changed):
             memory.pop(key, None)
         if not self.store.keys_in(key[0]):
             self._publications.pop(key[0], None)
@@ -560,20 +634,28 @@ class ModelRouteController(Controller):
         if isinstance(route, ValidationError):
             return ModelRouteFacts(body, None, invalid=format_validation_error(route, "spec field "))
         ns, name = key
-        adapters = list(self.stores.Adapter.valid_in(ns, Adapter))
         rejected = self._rejections(ns)
         uid = route.metadata.uid
-        # The resolution is a function of the route's spec (its generation), the namespace's Adapters (the store's
-        # version of the namespace) and the rejections: most reconciles (a pod, a Deployment, the route's own
-        # status) change none of them, so the last one is reused instead of matching every selector against
-        # every Adapter again (the largest cost of a reconcile with 1,000 Adapters).
-        memo = (uid, route.metadata.generation, self.stores.Adapter.version(ns))
+        # The resolution is a function of the route's spec (its generation), the Adapters it selects (what
+        # RESOLUTION_STATUS_FIELDS, spec and labels say: `_adapters_epoch`, moved by on_change) and the
+        # rejections: most reconciles (a pod, a Deployment, the route's own status, another route's Adapter)
+        # change none of them, so the last one is reused instead of matching every selector against every
+        # Adapter again (the largest cost of a reconcile with 1,000 Adapters).
+        memo = (uid, route.metadata.generation, self._adapters_epoch.get(key, 0))
         hit = self._resolved.get(key)
+        adapters: list[Adapter] = []
         if hit is not None and hit[0] == memo and hit[1] == rejected:
             base = hit[2]
+        elif (hit is not None and hit[0][:2] == memo[:2] and hit[1] == rejected
+              and (wait := self.adapter_batch_wait(key)) > 0):
+            # Only Adapters changed, and their batch is not due: the route keeps the table it has until it is.
+            base = hit[2]
+            self.schedule_later(key, wait)
         else:
+            adapters = self.selected_adapters(ns, route)
             base = resolve(route, adapters, rejected)
             self._resolved[key] = (memo, rejected, base)
+            self._adapters_changed.pop(key, None)
         # The other routes of the namespace: what they publish (names for ownership and content routing, their
         # readiness for status.contentModels). Only the content part of the resolution depends on them, and on
         # their names only: it is redone on top of the memo above when those change (`with_others`), without
@@ -584,7 +666,9 @@ class ModelRouteController(Controller):
         if hit2 is not None and hit2[0] is base and hit2[1] == naming:
             resolution = hit2[2]
         else:
-            resolution = with_others(base, route, others) or resolve(route, adapters, rejected, others=others)
+            resolution = with_others(base, route, others)
+            if resolution is None:
+                resolution = resolve(route, adapters or self.selected_adapters(ns, route), rejected, others=others)
             self._with_others[key] = (base, naming, resolution)
 
         def own(obj: dict | None) -> dict | None:

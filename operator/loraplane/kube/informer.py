@@ -41,10 +41,14 @@ def label_getter(name: str) -> Callable[[dict], str | None]:
 class Store:
     """Objects of one kind by (namespace, name), with an optional secondary index (e.g. an owner label)."""
 
-    def __init__(self, group_by: Callable[[dict], str | None] | None = None):
+    def __init__(self, group_by: Callable[[dict], str | None] | None = None, index_labels: bool = False):
         self.objects: dict[Key, dict] = {}
         self._group_by = group_by
         self._groups: dict[Key, set[str]] = defaultdict(set)
+        # (namespace, label key, label value) -> names, when index_labels: `with_label` answers a selector's
+        # matchLabels pair without walking the namespace.
+        self._index_labels = index_labels
+        self._labelled: dict[tuple[str, str, str], set[str]] = defaultdict(set)
         self._parsed: dict[Key, tuple[str, Any]] = {}
         self._spec_parsed: dict[Key, tuple[str, Any]] = {}
         # Names per namespace (insertion-ordered), and a counter per namespace that moves on every put/remove:
@@ -64,6 +68,8 @@ class Store:
         self._ns_version[key[0]] += 1
         if self._group_by and (g := self._group_by(obj)):
             self._groups[(key[0], g)].add(key[1])
+        for k, v in self._labels(obj):
+            self._labelled[(key[0], k, v)].add(key[1])
         return old
 
     def remove(self, obj: dict) -> dict | None:
@@ -89,6 +95,25 @@ class Store:
                 names.discard(key[1])
                 if not names:
                     del self._groups[(key[0], g)]
+        for k, v in self._labels(obj):
+            names = self._labelled.get((key[0], k, v))
+            if names:
+                names.discard(key[1])
+                if not names:
+                    del self._labelled[(key[0], k, v)]
+
+    def _labels(self, obj: dict) -> list[tuple[str, str]]:
+        if not self._index_labels:
+            return []
+        labels = (obj.get("metadata") or {}).get("labels")
+        if not isinstance(labels, dict):
+            return []
+        return [(k, v) for k, v in labels.items() if isinstance(k, str) and isinstance(v, str)]
+
+    def with_label(self, namespace: str, key: str, value: str) -> set[str]:
+        """The names of the objects of `namespace` labelled `key=value` (a store made with index_labels; else
+        always empty)."""
+        return set(self._labelled.get((namespace, key, value), ()))
 
     def get(self, key: Key) -> dict | None:
         """The stored object with `key` (namespace, name), or None."""
@@ -125,8 +150,8 @@ class Store:
         """The object validated as `model` (a pydantic model with an optional `status`), the ValidationError
         of its spec, or None when the store has no such object.
 
-        Validating a spec runs its CEL rules (cel-python, ~1 ms each), so the spec part is cached per
-        (uid, generation, labels) and only the status, which our own patches change, is re-read."""
+        Validating a spec runs its field and cross-field rules (~0.1 ms for a ModelRoute), so the spec part is
+        cached per (uid, generation, labels) and only the status, which our own patches change, is re-read."""
         obj = self.objects.get(key)
         if obj is None:
             return None

@@ -432,43 +432,117 @@ def test_a_route_reads_only_the_deployments_it_controls():
 
 def test_a_route_resolves_again_only_when_its_spec_its_adapters_or_the_rejections_change(monkeypatch):
     """observe() reuses the route's last resolution while nothing it depends on changed (a pod or Deployment event,
-    the route's own status patch), and resolves again on an Adapter change, a new generation or a new rejection:
-    matching every selector against every Adapter on every reconcile was the largest cost at 1,000 Adapters."""
+    the route's own status patch, an Adapter status field the resolution does not read, an Adapter it does not
+    select), and resolves again when an Adapter it selects (before or after the change) changes in its spec,
+    labels or the status fields the resolution reads, on a new generation or a new rejection: matching every
+    selector against every Adapter on every reconcile was the largest cost at 1,000 Adapters (issue 17). Only the
+    routes an Adapter change concerns are scheduled."""
     from loraplane.builders.resolution import Verdict
     from loraplane.controllers import modelroute as mr
 
-    calls = []
+    calls, scheduled = [], []
     real = mr.resolve
     monkeypatch.setattr(mr, "resolve", lambda *a, **k: calls.append(1) or real(*a, **k))
     rejected: dict = {}
     ctl = ModelRouteController(context(), rejections=lambda ns: dict(rejected), reselected=lambda key: None)
-    adapter_body = {"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",
-                    "metadata": {"name": "a", "namespace": "ns", "uid": "au", "generation": 1,
-                                 "resourceVersion": "1"},
-                    "spec": {"baseModel": {"name": "org/base"}, "source": {"uri": "s3://b/a"}, "version": "1",
-                             "rank": 8}}
-    ctl.stores.ModelRoute.put({**ROUTE_BODY, "metadata": {**ROUTE_BODY["metadata"], "resourceVersion": "1"}})
-    ctl.stores.Adapter.put(adapter_body)
+    monkeypatch.setattr(ctl, "schedule", lambda key, delay=None: scheduled.append(key))
+    clock = [100.0]
+    ctl._clock = lambda: clock[0]
+    route_body = {**ROUTE_BODY, "metadata": {**ROUTE_BODY["metadata"], "resourceVersion": "1"},
+                  "spec": {**ROUTE_BODY["spec"], "routes": [*ROUTE_BODY["spec"]["routes"],
+                                                            {"selector": {"matchLabels": {"g": "x"}}}]}}
+    rv = iter(range(2, 100))
 
-    def observe():
-        return asyncio.run(ctl.observe(("ns", "r")))
+    def adapter(name, labels=None, status=None):
+        return {"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",
+                "metadata": {"name": name, "namespace": "ns", "uid": f"u-{name}", "generation": 1,
+                             "resourceVersion": str(next(rv)), "labels": labels or {}},
+                "spec": {"baseModel": {"name": "org/base"}, "source": {"uri": f"s3://b/{name}"}, "version": "1",
+                         "rank": 8}, **({"status": status} if status else {})}
 
-    first = observe()
-    assert len(calls) == 1 and [d.adapter for d in first.resolution.table.adapters] == ["a"]
-    ctl.stores.EnginePod.put({"metadata": {"name": "p", "namespace": "ns", "labels": {"loraplane.io/route": "r"}}})
-    ctl.stores.ModelRoute.put({**ROUTE_BODY, "metadata": {**ROUTE_BODY["metadata"], "resourceVersion": "2"},
-                               "status": {"phase": "Pending"}})
-    assert observe().resolution is first.resolution and len(calls) == 1     # nothing it depends on changed
-    ctl.stores.Adapter.put({**adapter_body, "metadata": {**adapter_body["metadata"], "resourceVersion": "2"},
-                            "status": {"phase": "Ready"}})
-    observe()
-    assert len(calls) == 2                                                    # an Adapter changed
+    def put(source, body):   # what the informer does: store it, then report the change
+        old = ctl.stores.of(source).put(body)
+        ctl.on_change(source, body, old)
+
+    def resolves(change) -> int:
+        scheduled.clear()
+        before = len(calls)
+        change()
+        clock[0] += 10   # past any batch of Adapter changes (test_adapter_changes_reach_the_table_in_batches)
+        asyncio.run(ctl.observe(("ns", "r")))
+        return len(calls) - before
+
+    put("ModelRoute", route_body)
+    assert resolves(lambda: put("Adapter", adapter("a"))) == 1 and scheduled == [("ns", "r")]
+    pod = {"metadata": {"name": "p", "namespace": "ns", "labels": {"loraplane.io/route": "r"}}}
+    assert resolves(lambda: put("EnginePod", pod)) == 0
+    assert resolves(lambda: put("ModelRoute", {**route_body, "metadata": {**route_body["metadata"],
+                                                                          "resourceVersion": "99"},
+                                               "status": {"phase": "Pending"}})) == 0
+    assert resolves(lambda: put("Adapter", adapter("a", status={"phase": "Ready"}))) == 0 and not scheduled
+    assert resolves(lambda: put("Adapter", adapter("other", {"g": "y"}))) == 0 and not scheduled
+    assert resolves(lambda: put("Adapter", adapter("b", {"g": "x"}))) == 1 and scheduled == [("ns", "r")]
+    assert resolves(lambda: put("Adapter", adapter("b", {"g": "y"}))) == 1 and scheduled == [("ns", "r")]  # left
+    assert resolves(lambda: put("Adapter", adapter("a", status={"phase": "Ready", "servedName": "a--1"}))) == 1
+    # status.rollout is read (a held-back version) but not scheduled on: the memo still follows it.
+    assert resolves(lambda: put("Adapter", adapter("a", status={"phase": "Ready", "servedName": "a--1",
+                                                                 "rollout": {"state": "Stable"}}))) == 1
+    assert resolves(lambda: ctl.on_change("Adapter", adapter("a"), None)) == 1   # deleted (or re-created)
     rejected["a"] = Verdict(False, Reason.SpecImmutable, "no")
-    assert observe().resolution.table.adapters == [] and len(calls) == 3      # a new rejection
-    ctl.stores.ModelRoute.put({**ROUTE_BODY, "metadata": {**ROUTE_BODY["metadata"], "resourceVersion": "3",
-                                                          "generation": 4}})
-    observe()
-    assert len(calls) == 4                                                    # a new generation
+    assert resolves(lambda: None) == 1                                            # a new rejection
+    assert resolves(lambda: put("ModelRoute", {**route_body, "metadata": {**route_body["metadata"], "generation": 4,
+                                                                          "resourceVersion": "100"}})) == 1
+
+
+def test_adapter_changes_reach_the_table_in_batches(monkeypatch):
+    """A route re-resolves its table ROUTE_BATCH_SECONDS after the last change of an Adapter it selects, but at
+    most ROUTE_BATCH_MAX_SECONDS after the first while changes keep coming; a reconcile in between (a pod, the
+    route's own status) keeps the table it has and comes back when the batch is due (issue 17: each table
+    version is a ConfigMap write, a status patch and a re-render of the children). A new generation or a new
+    rejection re-resolves at once."""
+    from loraplane.controllers import modelroute as mr
+
+    calls, later = [], []
+    real = mr.resolve
+    monkeypatch.setattr(mr, "resolve", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rejected: dict = {}
+    ctl = ModelRouteController(context(), rejections=lambda ns: dict(rejected), reselected=lambda key: None)
+    monkeypatch.setattr(ctl, "schedule", lambda key, delay=None: None)
+    monkeypatch.setattr(ctl, "schedule_later", lambda key, delay: later.append(round(delay, 3)))
+    clock = [100.0]
+    ctl._clock = lambda: clock[0]
+    route_body = {**ROUTE_BODY, "metadata": {**ROUTE_BODY["metadata"], "resourceVersion": "1"}}
+    ctl.stores.ModelRoute.put(route_body)
+    rv = iter(range(2, 1000))
+
+    def change():   # adapter "a" (selected by name) changes its source
+        body = {"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",
+                "metadata": {"name": "a", "namespace": "ns", "uid": "ua", "generation": 1,
+                             "resourceVersion": str(next(rv))},
+                "spec": {"baseModel": {"name": "org/base"}, "source": {"uri": f"s3://b/{next(rv)}"}, "rank": 8}}
+        ctl.on_change("Adapter", body, ctl.stores.Adapter.put(body))
+
+    def table_uri():
+        facts = asyncio.run(ctl.observe(("ns", "r")))
+        return [d.uri for d in facts.resolution.table.adapters]
+
+    assert table_uri() == [] and len(calls) == 1            # the first resolution is never held back
+    change()
+    first = ctl.stores.Adapter.get(("ns", "a"))["spec"]["source"]["uri"]
+    clock[0] += 0.1
+    assert table_uri() == [] and later == [0.4]              # not due: the table it has, back in 0.4 s
+    clock[0] += 0.4
+    assert table_uri() == [first] and len(calls) == 2        # due: 0.5 s without a change
+    steps = int(mr.ROUTE_BATCH_MAX_SECONDS / 0.4) + 1
+    for i in range(steps):                                    # a change every 0.4 s: never 0.5 s of quiet ...
+        change()
+        clock[0] += 0.4
+        table_uri()
+        assert len(calls) == (2 if 0.4 * (i + 1) < mr.ROUTE_BATCH_MAX_SECONDS - 1e-9 else 3), i
+    assert len(calls) == 3                                    # ... but resolved ROUTE_BATCH_MAX_SECONDS after the first
+    change()
+    rejected["x"] = mr.Verdict(False, Reason.SpecImmutable, "no")
+    assert len(table_uri()) == 1 and len(calls) == 4          # a new rejection: at once
 
 
 def test_the_route_engine_key_secret_is_created_once_with_a_random_key_and_never_overwritten():
@@ -628,3 +702,34 @@ def test_applier_creates_a_role_before_the_binding_that_names_it():
     kube = RbacKube()
     asyncio.run(Applier(kube).ensure([kids], fresh=True))   # one stage, as a controller may pass them
     assert [k["kind"] for k in kube.applied].index("RoleBinding") > [k["kind"] for k in kube.applied].index("Role")
+
+
+@pytest.mark.parametrize("selector", [{"matchLabels": {"g": "x"}}, {"matchLabels": {"g": "x", "t": "1"}},
+                                      {"matchExpressions": [{"key": "g", "operator": "In", "values": ["x"]}]}, {}])
+def test_a_route_resolves_from_the_adapters_it_selects_as_from_the_whole_namespace(selector):
+    """observe() resolves a route from the Adapters it selects, found through the Adapter store's label index
+    (issue 17: not every Adapter of the namespace on every resolution); the table, verdicts and left-out
+    backends are the ones the whole namespace gives."""
+    from loraplane.builders.resolution import resolve
+
+    ctl = route_controller()
+    body = {**ROUTE_BODY, "metadata": {**ROUTE_BODY["metadata"], "resourceVersion": "1"},
+            "spec": {**ROUTE_BODY["spec"], "routes": [{"name": "m", "backends": [{"adapter": "a"}]},
+                                                      {"name": "gone", "backends": [{"adapter": "missing"}]},
+                                                      {"selector": selector, "prefix": "s/"}]}}
+    ctl.stores.ModelRoute.put(body)
+    for i, labels in enumerate([{}, {"g": "x"}, {"g": "x", "t": "1"}, {"g": "y"}, {"t": "1"}, {"g": "x", "t": "2"}]):
+        for name in (f"n{i}", "a") if i == 0 else (f"n{i}",):
+            ctl.stores.Adapter.put({"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",
+                                    "metadata": {"name": name, "namespace": "ns", "uid": f"u{name}", "generation": 1,
+                                                 "resourceVersion": "1", "labels": labels},
+                                    "spec": {"baseModel": {"name": "org/base"}, "source": {"uri": f"s3://b/{name}"},
+                                             "rank": 8 if i != 5 else 64}})
+    ctl.stores.Adapter.put({"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",   # invalid: left out
+                            "metadata": {"name": "bad", "namespace": "ns", "uid": "ub", "generation": 1,
+                                         "resourceVersion": "1", "labels": {"g": "x"}},
+                            "spec": {"baseModel": {"name": "org/base"}, "source": {}}})
+    facts = asyncio.run(ctl.observe(("ns", "r")))
+    whole = resolve(facts.route, ctl.stores.Adapter.valid_in("ns", Adapter), {})
+    assert facts.resolution.table == whole.table and facts.resolution.selected == whole.selected
+    assert facts.resolution.missing == whole.missing and len(whole.table.models) >= 2

@@ -204,7 +204,8 @@ def test_the_route_controller_tells_the_adapter_about_a_held_candidate_and_follo
     ctl._held[("ns", "r")] = held.held     # what execute remembers
     assert ctl.held_candidates("ns", "a") == {"r": held.held["a"]}
     scheduled = []
-    ctl.schedule_namespace = lambda ns, delay=None: scheduled.append(ns)
+    ctl.stores.ModelRoute.put(ROUTE_BODY)   # the routes that select the Adapter are scheduled
+    ctl.schedule = lambda key, delay=None: scheduled.append(key[0])
     promoted = {**bumped, "status": {**bumped["status"], "servedName": "a--2"}}
     ctl.on_change("Adapter", promoted, bumped)
     candidate = {**bumped, "status": {**bumped["status"], "candidate": {"servedName": "a--2", "phase": "Ready",

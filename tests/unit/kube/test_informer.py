@@ -246,3 +246,21 @@ async def test_a_malformed_or_huge_retry_after_never_raises_nor_stalls_a_request
     assert await client.request("GET", "/api/v1/namespaces/ns/pods/p") == {"ok": True}
     assert slept == [0.2, 30.0, 0.8]   # the default backoff, MAX_RETRY_AFTER, the default backoff
     assert kc.MAX_RETRY_AFTER == 30.0
+
+
+def test_the_label_index_follows_puts_relabels_and_removes():
+    store = Store(index_labels=True)
+
+    def obj(name, labels, ns="ns"):
+        return {"metadata": {"name": name, "namespace": ns, "labels": labels}}
+
+    store.put(obj("a", {"g": "x"}))
+    store.put(obj("b", {"g": "x", "t": "1"}))
+    store.put(obj("c", {"g": "x"}, ns="other"))
+    store.put(obj("d", {"g": ["not", "a", "string"]}))   # malformed: not indexed, no error
+    assert store.with_label("ns", "g", "x") == {"a", "b"} and store.with_label("ns", "t", "1") == {"b"}
+    store.put(obj("a", {"g": "y"}))                        # relabelled
+    assert store.with_label("ns", "g", "x") == {"b"} and store.with_label("ns", "g", "y") == {"a"}
+    store.remove(obj("b", {}))
+    assert store.with_label("ns", "g", "x") == set() and store.with_label("ns", "t", "1") == set()
+    assert Store().with_label("ns", "g", "x") == set()    # not an indexing store
