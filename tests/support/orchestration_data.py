@@ -54,7 +54,7 @@ _TOPIC = ["cats", "the ocean", "autumn", "coffee", "a robot", "the moon", "mount
           "the city at night"]
 _PLACE = ["France", "Japan", "Brazil", "Kenya", "Canada", "Norway", "Peru", "Egypt", "Vietnam", "Chile"]
 _THING = ["a rainbow", "thunder", "the tides", "a volcano", "snowflakes", "the seasons", "an eclipse", "fog",
-          "the northern lights"]
+          "the northern lights", "a sunset"]
 
 TEMPLATES: dict[str, list[tuple[str, dict[str, list[str]]]]] = {
     "support": [
@@ -87,6 +87,7 @@ TEMPLATES: dict[str, list[tuple[str, dict[str, list[str]]]]] = {
         ("why do we see {h}?", {"h": _THING}),
         ("give me three fun facts about {x}", {"x": _TOPIC}),
         ("plan a weekend trip to {p}", {"p": _PLACE}),
+        ("recommend a good book about {x}", {"x": _TOPIC}),
     ],
 }
 
@@ -123,7 +124,7 @@ def _variants(label: str, rng: random.Random) -> list[list[str]]:
     return out
 
 
-def split(per_label_train: int = 40, per_label_held_out: int = 20, seed: int = SEED) -> tuple[list[Prompt],
+def split(per_label_train: int = 60, per_label_held_out: int = 20, seed: int = SEED) -> tuple[list[Prompt],
                                                                                               list[Prompt]]:
     """(train, held_out): `per_label_*` prompts of each label, drawn without replacement with
     `random.Random(seed)`, round-robin over the label's templates (every phrasing in both parts), so the two

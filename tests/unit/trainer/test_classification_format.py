@@ -136,7 +136,7 @@ def test_the_prompt_set_is_deterministic_disjoint_and_balanced(tmp_path, tokeniz
     assert (train, held_out) == split()                                  # seeded: same on every run
     assert not {p.text for p in train} & {p.text for p in held_out}     # no held-out prompt was trained on
     assert len({p.text for p in train}) == len(train)
-    for part, n in ((train, 40), (held_out, 20)):
+    for part, n in ((train, 60), (held_out, 20)):
         assert {lb: sum(p.label == lb for p in part) for lb in LABELS} == {lb: n for lb in LABELS}
     assert split(seed=16)[0] != train
     # Every row is a valid classification record that fits the tiny model's context with the prompt.
