@@ -162,26 +162,27 @@ def accuracy(port: int, method: str, held_out) -> dict:
     return {"accuracy": right / len(held_out), "methods": methods, "fallbacks": fallbacks, "failed": failed}
 
 
-def latency_rounds(targets: list[Load], rounds: int, duration: float, cpu_of=None) -> dict:
+def latency_rounds(targets: list[Load], rounds: int, duration: float, cpu: dict | None = None) -> dict:
     """Interleaved closed-loop rounds at concurrency 1 and 16: p50 per target and phase (medians over rounds),
-    requests, non-200 answers, and (with `cpu_of`) the router's CPU seconds during each target's phases."""
-    out = {t.name: {"p50": {1: [], 16: []}, "requests": 0, "bad": 0, "cpu": 0.0, "cpu_requests": 0} for t in targets}
+    requests, non-200 answers, and for each probe of `cpu` (name -> CPU seconds so far) the CPU seconds spent
+    during each target's phases."""
+    cpu = cpu or {}
+    out = {t.name: {"p50": {1: [], 16: []}, "requests": 0, "bad": 0, "cpu": {k: 0.0 for k in cpu}} for t in targets}
     for rnd in range(rounds):
         for c in (1, 16):
             for t in targets:
-                before = cpu_of() if cpu_of else 0.0
+                before = {k: f() for k, f in cpu.items()}
                 res = br.load(t, c, duration)
-                n = len(res["latencies"])
                 row = out[t.name]
-                if cpu_of:
-                    row["cpu"] += cpu_of() - before
-                    row["cpu_requests"] += n
-                row["requests"] += n
+                for k, f in cpu.items():
+                    row["cpu"][k] += f() - before[k]
+                row["requests"] += len(res["latencies"])
                 row["bad"] += sum(v for k, v in res["statuses"].items() if k != "200")
                 row["p50"][c].append(br.percentile(res["latencies"], .5))
         print(f"  round {rnd + 1}/{rounds} done", file=sys.stderr, flush=True)
     for row in out.values():
         row["p50"] = {c: statistics.median(v) for c, v in row["p50"].items()}
+        row["cpu_us"] = {k: v / max(1, row["requests"]) * 1e6 for k, v in row["cpu"].items()}
     return out
 
 
@@ -256,10 +257,13 @@ def part_vllm(args, work: Path, report: dict) -> None:
             res = br.load(t, 4, 1.0)
             if set(res["statuses"]) != {"200"}:
                 raise RuntimeError(f"{t.name}: warm-up answered {res['statuses']}; see {work}")
-        lat = latency_rounds(targets, args.rounds, args.duration)
+        probes = {"router": lambda: br.tree_cpu_seconds(router.pid),
+                  "engines": lambda: sum(br.tree_cpu_seconds(s.proc.pid) for s in servers if s.proc)}
+        lat = latency_rounds(targets, args.rounds, args.duration, probes)
         report["latency_vllm"] = {name: {"p50_ms": {c: v * 1e3 for c, v in row["p50"].items()},
                                          "ratio": {c: row["p50"][c] / lat["plain"]["p50"][c] for c in (1, 16)},
-                                         "requests": row["requests"], "non_200": row["bad"]}
+                                         "requests": row["requests"], "non_200": row["bad"],
+                                         "cpu_us": row["cpu_us"]}
                                   for name, row in lat.items()}
     finally:
         if router:
@@ -298,12 +302,12 @@ def part_cpu(args, work: Path, report: dict) -> None:
             res = br.load(t, 4, 1.0)
             if set(res["statuses"]) != {"200"}:
                 raise RuntimeError(f"{t.name}: warm-up answered {res['statuses']}; see {work}")
-        lat = latency_rounds(targets, args.rounds, args.duration, cpu_of=lambda: br.tree_cpu_seconds(router.pid))
-        cpu = {n: row["cpu"] / max(1, row["cpu_requests"]) * 1e6 for n, row in lat.items()}
+        lat = latency_rounds(targets, args.rounds, args.duration, {"router": lambda: br.tree_cpu_seconds(router.pid)})
+        cpu = {n: row["cpu_us"]["router"] for n, row in lat.items()}
         report["cpu_stub"] = {"cpu_us_per_request": cpu, "rules_extra": cpu["rules"] / cpu["plain"] - 1,
                               "p50_ms": {n: {c: v * 1e3 for c, v in row["p50"].items()} for n, row in lat.items()},
                               "ratio": {c: lat["rules"]["p50"][c] / lat["plain"]["p50"][c] for c in (1, 16)},
-                              "requests": {n: row["cpu_requests"] for n, row in lat.items()},
+                              "requests": {n: row["requests"] for n, row in lat.items()},
                               "non_200": {n: row["bad"] for n, row in lat.items()}}
     finally:
         if router:
@@ -340,6 +344,10 @@ def print_report(report: dict) -> int:
         print(f"{m:12} {acc_s} {lat_s}  {notes}")
     print("(real vLLM CPU build, tiny model, completions of 1 token; p50 over interleaved rounds; x plain: ratio "
           "to the plain named request through the same router)")
+    if lat:
+        print("CPU per request (all phases): " + "; ".join(
+            f"{n} router {row['cpu_us']['router']:.0f} us + engines {row['cpu_us']['engines']:.0f} us"
+            for n, row in lat.items()))
     cpu = report.get("cpu_stub")
     if cpu:
         c = cpu["cpu_us_per_request"]
