@@ -54,7 +54,7 @@ _TOPIC = ["cats", "the ocean", "autumn", "coffee", "a robot", "the moon", "mount
           "the city at night"]
 _PLACE = ["France", "Japan", "Brazil", "Kenya", "Canada", "Norway", "Peru", "Egypt", "Vietnam", "Chile"]
 _THING = ["a rainbow", "thunder", "the tides", "a volcano", "snowflakes", "the seasons", "an eclipse", "fog",
-          "the northern lights"]
+          "the northern lights", "a sunset"]
 
 TEMPLATES: dict[str, list[tuple[str, dict[str, list[str]]]]] = {
     "support": [
@@ -87,6 +87,7 @@ TEMPLATES: dict[str, list[tuple[str, dict[str, list[str]]]]] = {
         ("why do we see {h}?", {"h": _THING}),
         ("give me three fun facts about {x}", {"x": _TOPIC}),
         ("plan a weekend trip to {p}", {"p": _PLACE}),
+        ("recommend a good book about {x}", {"x": _TOPIC}),
     ],
 }
 
@@ -123,7 +124,7 @@ def _variants(label: str, rng: random.Random) -> list[list[str]]:
     return out
 
 
-def split(per_label_train: int = 40, per_label_held_out: int = 20, seed: int = SEED) -> tuple[list[Prompt],
+def split(per_label_train: int = 60, per_label_held_out: int = 20, seed: int = SEED) -> tuple[list[Prompt],
                                                                                               list[Prompt]]:
     """(train, held_out): `per_label_*` prompts of each label, drawn without replacement with
     `random.Random(seed)`, round-robin over the label's templates (every phrasing in both parts), so the two
@@ -184,3 +185,38 @@ def content_model(name: str = "auto", *, models: dict[str, str] | None = None, m
         classifier=WireClassifier(model=classifier, timeout_ms=timeout_ms) if classifier else None,
         semantic=(WireSemantic(embedding_model=embedding_model, min_similarity=min_similarity, timeout_ms=timeout_ms)
                   if embedding_model else None))
+
+
+# The classifier's training settings (the FineTuneJob `classification` run of the train split on the tiny model):
+# rank 16 on every linear layer, 300 steps of 8 rows (about 13 epochs of 180 rows), lr 4e-3 with 5% warm-up and
+# cosine decay, fixed seed. The tiny model spells these words in small byte-level pieces, so the adapter needs
+# every layer and a few epochs. Tuned on 2026-12-06 with transformers' greedy decoding of the held-out split:
+# accuracy 1.0 for seeds 0, 1 and 2 (a constant lr of 3e-3 gave 0.92-1.0, 5e-3 0.85-0.9); 12-19 s of training
+# on a 2-core machine.
+CLASSIFIER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CLASSIFIER_TRAINING = {"r": 16, "target_modules": CLASSIFIER_TARGETS, "steps": 300, "learning_rate": 4e-3,
+                       "batch_size": 8, "seed": 0, "lrScheduler": "cosine", "warmupRatio": 0.05}
+# The classifier's max_tokens when asked: the longest label ("support") is 6 tokens of the tiny tokenizer.
+CLASSIFIER_MAX_TOKENS = 8
+
+
+def classifier_job(model_dir: Path, dataset: Path, name: str = "router", **overrides):
+    """The FineTuneJob (dataset format `classification`) that trains the router's classifier on `dataset`."""
+    from loraplane.local.tinymodel import quick_job
+
+    return quick_job(model_dir, dataset, name=name, fmt="classification", **{**CLASSIFIER_TRAINING, **overrides})
+
+
+def train_classifier(model_dir: Path, work: Path, train: list[Prompt] | None = None):
+    """Train the classifier with the real trainer into `work/adapter`: (RunResult, training seconds)."""
+    import time
+
+    from loraplane.trainer import resolve_runtime, run_training
+
+    train = train if train is not None else split()[0]
+    job = classifier_job(model_dir, write_classification_dataset(Path(work) / "train.jsonl", train))
+    runtime = resolve_runtime(job, output_dir=Path(work) / "adapter", checkpoint_dir=Path(work) / "ck",
+                              progress_bar=False)
+    started = time.monotonic()
+    result = run_training(job, runtime, sinks=[])
+    return result, time.monotonic() - started

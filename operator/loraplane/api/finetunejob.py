@@ -53,6 +53,13 @@ class DatasetSpec(ApiModel):
         CelRule(rule="!has(self.validationSplit) || !has(self.validationUri)",
                 check=lambda o: not ("validationSplit" in o and "validationUri" in o),
                 message="set at most one of dataset.validationSplit or dataset.validationUri"),
+        CelRule(rule="!has(self.format) || self.format != 'classification' || "
+                     "(has(self.textField) ? self.textField : 'text') != "
+                     "(has(self.labelField) ? self.labelField : 'label')",
+                check=lambda obj: obj.get("format") != "classification"
+                or obj.get("textField", "text") != obj.get("labelField", "label"),
+                message="dataset.textField and dataset.labelField name the same field: a classification record "
+                        "needs its text and its label in two fields"),
         *uri_rules("uri", "dataset.uri"),
         *uri_rules("validationUri", "dataset.validationUri"),
     )
@@ -62,11 +69,17 @@ class DatasetSpec(ApiModel):
         description="pvc://CLAIM/PATH, s3://BUCKET/KEY, https://…, hf://ORG/DATASET[@revision], "
                     "or a local path for local runs.")
     config_map_ref: ConfigMapKeyRef | None = Field(default=None, description="Small datasets, inline.")
-    format: Literal["text", "instruction", "chat"] = Field(
+    format: Literal["text", "instruction", "chat", "classification"] = Field(
         default="instruction",
         description="text: {text}; instruction: {prompt, response}; chat: {messages:[{role, content}]} "
-                    "rendered with the tokenizer's chat template, loss on assistant turns only.")
-    text_field: str = Field(max_length=256, default="text", description="Field of a `text` record.")
+                    "rendered with the tokenizer's chat template, loss on assistant turns only; classification: "
+                    "{text, label}, trained as the content router's classifier prompt with the label as the "
+                    "answer (loss on the label only), for spec.contentRouting[].classifier of a ModelRoute.")
+    text_field: str = Field(max_length=256, default="text",
+                            description="Field of a `text` or `classification` record's text.")
+    label_field: str = Field(max_length=256, default="label", description=(
+        "Field of a `classification` record's label: lower-case letters, digits, `-` and `_`, at most 63 "
+        "characters (the `label` of a contentRouting destination)."))
     prompt_field: str = Field(max_length=256, default="prompt", description="Field of an `instruction` record's prompt.")
     response_field: str = Field(max_length=256, default="response", description="Field of an `instruction` record's answer.")
     messages_field: str = Field(max_length=256, default="messages", description="Field of a `chat` record's message list.")
@@ -281,6 +294,13 @@ class FineTuneJobSpec(ApiModel):
                 or _validation_set(obj.get("dataset", {})),
                 message="spec.evaluation.primaryMetric eval_loss/perplexity needs a validation set: set "
                         "spec.dataset.validationSplit or validationUri"),
+        CelRule(rule="!has(self.training) || !has(self.training.packing) || !self.training.packing || "
+                     "(has(self.dataset.format) && self.dataset.format == 'text')",
+                check=lambda obj: not obj.get("training", {}).get("packing")
+                or obj.get("dataset", {}).get("format") == "text",
+                message="spec.training.packing works with spec.dataset.format text only (instruction, chat and "
+                        "classification records keep their boundaries so their loss masks stay right); set "
+                        "packing: false or format: text"),
     )
 
     base_model: ModelRef = Field(description="The model to fine-tune.",

@@ -5,9 +5,13 @@ Formats (spec.dataset.format), one JSON object per line:
 - instruction: {"prompt": "...", "response": "..."}  trained as prompt + response + EOS, loss on the response
 - chat:        {"messages": [{"role", "content"}]}   rendered with the tokenizer's chat template; loss on
                                                      assistant turns only
-Field names are configurable (textField, promptField, responseField, messagesField). Records of the
-instruction and chat formats longer than maxSeqLength are rejected with their line numbers (truncating
-them would train on answers cut mid-way).
+- classification: {"text": "...", "label": "..."}    the content router's classifier: trained as the instruction
+                                                     record {classifier_prompt(text), classifier_completion(label)}
+                                                     (api.orchestration), so the router asks exactly what was
+                                                     trained; loss on the label (and EOS) only
+Field names are configurable (textField, promptField, responseField, messagesField, labelField). Records of the
+instruction, chat and classification formats longer than maxSeqLength are rejected with their line numbers
+(truncating them would train on answers cut mid-way).
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ import hashlib
 import json
 import logging
 import random
+import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loraplane.api.finetunejob import DatasetSpec
+from loraplane.api.orchestration import LABEL, MAX_DECISION_TEXT_CHARS, classifier_completion, classifier_prompt
 from loraplane.api.redaction import redacted
 from loraplane.storage.digest import sha256_file
 from loraplane.storage.errors import (
@@ -48,6 +55,8 @@ from loraplane.trainer.errors import (
 log = logging.getLogger("loraplane.trainer")
 IGNORE_INDEX = -100  # label of tokens that carry no loss (the value transformers' loss ignores)
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+_LABEL = re.compile(LABEL)
+MAX_LABEL_CHARS = 63  # ContentDestination.label's limit: a label no destination can carry could never route
 _MAX_LISTED = 5  # line numbers quoted in an error message
 
 
@@ -200,7 +209,9 @@ def check_records(source: Source, spec: DatasetSpec, where: str = "spec.dataset"
     fmt = spec.format
     needed = {"text": [("textField", getattr(spec, "text_field", "text"))],
               "instruction": [("promptField", spec.prompt_field), ("responseField", spec.response_field)],
-              "chat": [("messagesField", spec.messages_field)]}[fmt]
+              "chat": [("messagesField", spec.messages_field)],
+              "classification": [("textField", getattr(spec, "text_field", "text")),
+                                 ("labelField", getattr(spec, "label_field", "label"))]}[fmt]
     problems: list[str] = []
     seen_fields: set[str] = set()
     for number, rec in source.records:
@@ -215,12 +226,39 @@ def check_records(source: Source, spec: DatasetSpec, where: str = "spec.dataset"
                 problems.extend(f"line {number}: {p}" for p in _chat_problems(rec[name], name))
             elif not isinstance(rec[name], str):
                 problems.append(f"line {number}: field {name!r} must be a string, got {type(rec[name]).__name__}")
+            elif fmt == "classification":
+                problems.extend(f"line {number}: {p}" for p in _classification_problems(rec[name], name, setting))
     if problems:
         names = ", ".join(f"{where}.{s}={n!r}" for s, n in needed)
         found = ", ".join(sorted(seen_fields)[:12]) or "none"
         raise field_error(problems, len(source.records),
                            f"The {fmt!r} format reads {names}; the records have fields: {found}. Set the "
                            f"field names in {where} (or {where}.format) to match the data.")
+
+
+def _classification_problems(value: str, name: str, setting: str) -> list[str]:
+    """A classification record's text (non-empty, at most MAX_DECISION_TEXT_CHARS: the router reads no more of a
+    request) or label (api.orchestration.LABEL, at most 63 characters: what a contentRouting destination's
+    `label` may be)."""
+    if setting == "textField":
+        if not value.strip():
+            return [f"field {name!r} is empty (a request text to classify is needed)"]
+        if len(value) > MAX_DECISION_TEXT_CHARS:
+            return [f"field {name!r} has {len(value)} characters, more than the {MAX_DECISION_TEXT_CHARS} the "
+                    "content router reads of a request; cut it to that length"]
+        return []
+    if len(value) > MAX_LABEL_CHARS or not _LABEL.fullmatch(value):  # fullmatch: `$` allows a final \n
+        shown = value if len(value) <= 40 else value[:40] + "…"
+        return [f"field {name!r} is {shown!r}, not a label (lower-case letters, digits, '-' and '_', starting and "
+                f"ending with a letter or digit, at most {MAX_LABEL_CHARS} characters, as contentRouting "
+                "destinations' `label`)"]
+    return []
+
+
+def label_counts(source: Source, spec: DatasetSpec) -> dict[str, int]:
+    """Records per label of a checked `classification` source (provenance: what the classifier can answer)."""
+    counts = Counter(rec[spec.label_field] for _, rec in source.records)
+    return dict(sorted(counts.items()))
 
 
 def _chat_problems(messages: Any, name: str) -> list[str]:
@@ -254,9 +292,14 @@ def tokenize(source: Source, spec: DatasetSpec, tokenizer, max_len: int, packing
             if not packing:
                 ids = ids[:max_len]  # text is truncated, as documented for the format
             labels = list(ids)
-        elif spec.format == "instruction":
-            prompt = tokenizer(rec[spec.prompt_field], add_special_tokens=True, verbose=False)["input_ids"]
-            answer = tokenizer(rec[spec.response_field], add_special_tokens=False, verbose=False)["input_ids"] + eos
+        elif spec.format in ("instruction", "classification"):
+            if spec.format == "instruction":
+                prompt_text, answer_text = rec[spec.prompt_field], rec[spec.response_field]
+            else:  # the router asks with classifier_prompt and reads the first word of the answer
+                prompt_text = classifier_prompt(rec[spec.text_field])
+                answer_text = classifier_completion(rec[spec.label_field])
+            prompt = tokenizer(prompt_text, add_special_tokens=True, verbose=False)["input_ids"]
+            answer = tokenizer(answer_text, add_special_tokens=False, verbose=False)["input_ids"] + eos
             ids, labels = prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
         else:
             try:
@@ -285,8 +328,9 @@ def tokenize(source: Source, spec: DatasetSpec, tokenizer, max_len: int, packing
         raise InvalidDataset("no record has any token to learn from (every response/assistant turn is empty)")
     if packing:
         if spec.format != "text":
-            raise InvalidConfig("spec.training.packing works with the text format only (instruction and chat "
-                                "records keep their boundaries so their loss masks stay right); set packing: false")
+            raise InvalidConfig("spec.training.packing works with the text format only (instruction, chat and "
+                                "classification records keep their boundaries so their loss masks stay right); "
+                                "set packing: false")
         rows, lines = _pack(rows, lines, max_len)
     return Examples(rows=rows, lines=lines)
 

@@ -29,7 +29,9 @@ from loraplane.api.wire.trainer import ArtifactInfo, TerminationMessage
 from loraplane.storage.digest import sha256_dir
 from loraplane.trainer import checkpoints, data, evaluate as evalmod, model as modelmod, progress
 from loraplane.trainer.config import Runtime, dump_json_atomic, spec_uri
-from loraplane.trainer.errors import InvalidConfig, OutOfMemory, OutputWriteFailed, TrainerError, is_out_of_memory
+from loraplane.trainer.errors import (
+    InvalidConfig, InvalidDataset, OutOfMemory, OutputWriteFailed, TrainerError, is_out_of_memory,
+)
 
 log = logging.getLogger("loraplane.trainer")
 PROVENANCE_FILE = "provenance.json"
@@ -210,6 +212,10 @@ def prepare_data(job: FineTuneJob, runtime: Runtime, scratch: Path, base: BaseMo
     ds, t = job.spec.dataset, job.spec.training
     train_src = _read_dataset(ds.uri, runtime.dataset_path, scratch, runtime, "spec.dataset.uri")
     train_ex = data.tokenize(train_src, ds, base.tokenizer, base.max_len, packing=t.packing)
+    if ds.format == "classification" and len(labels := data.label_counts(train_src, ds)) < 2:
+        raise InvalidDataset(f"spec.dataset.uri: every record has the label {next(iter(labels))!r} (field "
+                             f"{ds.label_field!r}, spec.dataset.labelField); a classifier needs records of two or "
+                             "more labels to learn to tell them apart")
     val_src, val_ex = None, None
     if ds.validation_uri or runtime.validation_path:
         val_src = _read_dataset(ds.validation_uri, runtime.validation_path, scratch, runtime,
@@ -401,7 +407,10 @@ def provenance(job: FineTuneJob, base: BaseModel, prepared: TrainingData, target
                       "resolvedRevision": getattr(base.config, "_commit_hash", None)},
         "dataset": {"uri": train_src.uri, "sha256": train_src.sha256, "format": ds.format,
                     "records": len(train_src.records), "trainExamples": len(train_ex.rows),
-                    "trainTokens": train_ex.tokens},
+                    "trainTokens": train_ex.tokens,
+                    # classification: the labels the adapter can answer (records per label), to check against
+                    # a ModelRoute's contentRouting destinations' `label`s
+                    **({"labels": data.label_counts(train_src, ds)} if ds.format == "classification" else {})},
         "validation": ({"uri": val_src.uri if val_src else f"split {ds.validation_split} of the dataset",
                         "sha256": val_src.sha256 if val_src else train_src.sha256,
                         "examples": len(val_ex.rows)} if val_ex else None),

@@ -81,7 +81,11 @@ CASES: dict[str, list[dict[str, Any]]] = {
     "AdapterSource": [{"uri": "s3://b/k"}, {"fineTuneJobRef": {"name": "j"}}, {},
                       {"uri": "s3://b/k", "fineTuneJobRef": {"name": "j"}}],
     "DatasetSpec": [{"uri": "s3://b/k"}, {"configMapRef": {"name": "c"}}, {},
-                    {"uri": "s3://b/k", "validationSplit": 0.1, "validationUri": "s3://b/v"}],
+                    {"uri": "s3://b/k", "validationSplit": 0.1, "validationUri": "s3://b/v"},
+                    # classification: the text and label columns must differ (both verdicts, defaults included).
+                    {"uri": "s3://b/k", "format": "classification"},
+                    {"uri": "s3://b/k", "format": "classification", "textField": "label"},
+                    {"uri": "s3://b/k", "format": "classification", "textField": "q", "labelField": "q"}],
     "TrainingSpec": [{}, {"epochs": 1}, {"maxSteps": 10}, {"epochs": 1, "maxSteps": 10}],
     "EnvVarSource": [{"fieldRef": {"fieldPath": "x"}}, {"secretKeyRef": {"name": "s", "key": "k"}}],
     "FineTuneJobSpec": [{"dataset": {"uri": "s3://b/d"}, "evaluation": {}},
