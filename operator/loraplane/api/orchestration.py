@@ -130,9 +130,19 @@ class RuleMatch(ApiModel):
     def _check_header_names(cls, headers: dict[str, str]) -> dict[str, str]:
         for name in headers:
             if not HEADER_NAME.match(name):
-                raise ValueError(f"headers: {name[:60]!r} is not an HTTP header name (letters, digits and "
-                                 "!#$%&'*+.^_`|~- only, at most 256): fix the name")
+                raise ValueError(f"{name[:60]!r} is not an HTTP header name (letters, digits and "
+                                 "!#$%&'*+.^_`|~- only, at most 256; no spaces or ':'): write the name alone, "
+                                 "e.g. X-Team, and its exact value after the ':'")
         return headers
+
+    @model_validator(mode="after")
+    def _check_token_bounds(self):
+        # Both bounds must hold (AND): min over max could never match, and costs a /tokenize call per request.
+        lo, hi = self.min_prompt_tokens, self.max_prompt_tokens
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"minPromptTokens {lo} is over maxPromptTokens {hi}: no request could match (both "
+                             "must hold); swap them or remove one")
+        return self
 
 
 class ContentDestination(ApiModel):
@@ -176,9 +186,11 @@ class ContentRoute(ApiModel):
 
     cel_rules: ClassVar = (
         CelRule(rule="!has(self.methods) || !self.methods.exists(m, m == 'classifier') || has(self.classifier)",
-                message="contentRouting: method classifier needs `classifier` (its model)"),
+                message="methods has `classifier` but `classifier` is not set: add `classifier: {model: <the "
+                        "public name of the classifier adapter>}`, or remove classifier from methods"),
         CelRule(rule="!has(self.methods) || !self.methods.exists(m, m == 'semantic') || has(self.semantic)",
-                message="contentRouting: method semantic needs `semantic` (its embeddingModel)"),
+                message="methods has `semantic` but `semantic` is not set: add `semantic: {embeddingModel: <the "
+                        "public name of an embedding model>}`, or remove semantic from methods"),
     )
 
     name: str = Field(min_length=1, max_length=200, pattern=PUBLIC_NAME, description=(
