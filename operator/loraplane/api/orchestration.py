@@ -137,6 +137,10 @@ class RuleMatch(ApiModel):
 
     @model_validator(mode="after")
     def _check_token_bounds(self):
+        if (self.pattern is None and not self.keywords and not self.headers and self.min_prompt_tokens is None
+                and self.max_prompt_tokens is None):
+            raise ValueError("rules sets no condition, so it never matches: set pattern, keywords, headers, "
+                             "minPromptTokens or maxPromptTokens, or remove rules")
         # Both bounds must hold (AND): min over max could never match, and costs a /tokenize call per request.
         lo, hi = self.min_prompt_tokens, self.max_prompt_tokens
         if lo is not None and hi is not None and lo > hi:
@@ -229,6 +233,18 @@ class ContentRoute(ApiModel):
             raise ValueError("methods has `semantic` but no destination has `examples` (nothing to compare a "
                              "request with): add example prompts to destinations[].examples")
         return self
+
+    def unreachable(self) -> list[str]:
+        """One sentence per destination that none of `methods` can choose (rules without `rules`, classifier
+        without `label`, semantic without `examples`): valid, since the default may be meant to cover it, but
+        usually a forgotten field; `loraplane validate` warns with it."""
+        ways = {"rules": lambda d: d.rules is not None, "classifier": lambda d: d.label is not None,
+                "semantic": lambda d: bool(d.examples)}
+        fields = {"rules": "rules", "classifier": "label", "semantic": "examples"}
+        return [f"destinations[{i}] {d.model!r} can never be chosen by methods {list(self.methods)}: give it "
+                + " or ".join(f"`{fields[m]}`" for m in self.methods)
+                for i, d in enumerate(self.destinations)
+                if d.model != self.default and not any(ways[m](d) for m in self.methods)]
 
     def references(self) -> list[tuple[str, str]]:
         """Every public model this content model sends requests to, as (field path under the content route,

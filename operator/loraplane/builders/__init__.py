@@ -71,6 +71,7 @@ def route_warnings(resources: list[Resource]) -> list[str]:
             out.append(f"{where}: spec.contentRouting names what no ModelRoute among these files publishes (another "
                        f"in the cluster may): {resolution.content.missing_message()}")
         out += _engine_task_mismatches(where, r, resolution, routes)
+        out += [f"{where}: contentRouting {c.name!r}: {line}" for c in r.spec.content_routing for line in c.unreachable()]
         out += [f"{where}: backend {adapter} of {public!r} is left out ({verdict.reason}): {verdict.message}"
                 for (public, adapter), verdict in sorted(resolution.missing.items())
                 if not (verdict.reason == Reason.AdapterNotFound and (ns, adapter) in produced)]

@@ -151,3 +151,9 @@ def test_an_embed_routes_own_model_as_the_embedding_model_parses():
                  routes=[{"name": "embed", "backends": [{"base": True}]}])
     body["spec"]["engine"] = {"task": "embed"}
     parse(body)
+
+
+def test_an_empty_rules_block_is_refused_it_never_matches():
+    msg = error([auto(destinations=[{"model": "sql", "rules": {}}])])
+    assert "spec.contentRouting[0].destinations[0].rules: rules sets no condition, so it never matches" in msg
+    assert "set pattern, keywords, headers" in msg and "or remove rules" in msg

@@ -270,7 +270,7 @@ def test_a_typo_in_a_referenced_name_suggests_the_served_name_closest_to_it():
 
     front = ModelRoute.model_validate(route_body(content=[auto(
         default="generl", methods=["rules"], classifier=None, semantic=None,
-        destinations=[{"model": "sqll", "rules": {"keywords": ["x"]}}, {"model": "helpdesk-bot"}])]))
+        destinations=[{"model": "sqll", "rules": {"keywords": ["x"]}}, {"model": "helpdesk-bot", "rules": {"keywords": ["y"]}}])]))
     other = ModelRoute.model_validate(route_body(name="helpdesk", routes=[
         {"name": "helpdesk-bots", "backends": [{"base": True}]}]))
     [warning] = route_warnings([front, other, SQL])
@@ -301,3 +301,15 @@ def test_validate_warns_when_another_routes_model_cannot_answer_what_content_rou
         default="general", methods=["semantic"], classifier=None, semantic={"embeddingModel": "embed"},
         destinations=[{"model": "sql", "examples": ["count rows"]}])]))
     assert route_warnings([right, embeddings, SQL]) == []
+
+
+def test_validate_warns_about_a_destination_no_listed_method_can_choose():
+    from loraplane.builders import route_warnings
+
+    front = ModelRoute.model_validate(route_body(content=[auto(
+        methods=["rules", "classifier"], semantic=None, classifier={"model": "general"},
+        destinations=[{"model": "sql", "label": "sql", "rules": {"keywords": ["x"]}}, {"model": "general"},
+                      {"model": "sql", "examples": ["only for semantic"]}])]))
+    warnings = route_warnings([front, SQL])
+    assert warnings == ["ModelRoute team/front: contentRouting 'auto': destinations[2] 'sql' can never be chosen by "
+                        "methods ['rules', 'classifier']: give it `rules` or `label`"], warnings
