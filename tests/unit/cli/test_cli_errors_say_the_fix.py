@@ -162,3 +162,24 @@ def test_run_takes_the_same_file_spellings(spelling, tmp_path):
     p = argparse.ArgumentParser()
     add_run_arguments(p)
     assert p.parse_args([spelling, str(tmp_path / "x.yaml")]).file == tmp_path / "x.yaml"
+
+
+@pytest.mark.parametrize("field,value,fix", [
+    ("methods", "rules", "expected a list, got a string 'rules': write `methods: [rules]`"),
+    ("keywords", "my order", "expected a list, got a string 'my order': write `keywords: [my order]`"),
+    ("keywords", "a: b", "expected a list, got a string 'a: b': write `keywords: [\"a: b\"]`"),
+    ("backends", {"base": True}, "expected a list, got a mapping \"{'base': True}\": write `backends: [{...}]`"),
+])
+def test_a_scalar_or_mapping_where_a_list_belongs_says_how_to_write_the_list(tmp_path, capsys, field, value, fix):
+    import json
+
+    route = {"apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute", "metadata": {"name": "r"},
+             "spec": {"baseModel": {"name": "m"}, "routes": [{"name": "general", "backends": [{"base": True}]}],
+                      "contentRouting": [{"name": "auto", "default": "general",
+                                          "destinations": [{"model": "general", "rules": {"keywords": ["x"]}}]}]}}
+    where = {"methods": route["spec"]["contentRouting"][0],
+             "keywords": route["spec"]["contentRouting"][0]["destinations"][0]["rules"],
+             "backends": route["spec"]["routes"][0]}[field]
+    where[field] = value
+    rc, out = validate(tmp_path, capsys, json.dumps(route))
+    assert rc == 1 and fix in out, out
