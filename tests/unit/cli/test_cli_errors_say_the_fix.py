@@ -183,3 +183,22 @@ def test_a_scalar_or_mapping_where_a_list_belongs_says_how_to_write_the_list(tmp
     where[field] = value
     rc, out = validate(tmp_path, capsys, json.dumps(route))
     assert rc == 1 and fix in out, out
+
+
+def test_validate_strict_fails_on_a_content_routing_typo_that_is_otherwise_only_a_warning(tmp_path, capsys):
+    """A contentRouting name no route among the files publishes is a warning (another route in the cluster may
+    publish it); --strict makes it fail CI, with the suggestion of the name meant."""
+    path = tmp_path / "in.yaml"
+    path.write_text("""apiVersion: loraplane.io/v1alpha1
+kind: ModelRoute
+metadata: {name: r}
+spec:
+  baseModel: {name: m}
+  routes: [{name: general, backends: [{base: true}]}]
+  contentRouting: [{name: auto, default: generl, destinations: [{model: general, rules: {keywords: [x]}}]}]
+""")
+    assert validate_main(argparse.Namespace(files=[path])) == 0
+    assert "did you mean 'general'?" in capsys.readouterr().out
+    assert validate_main(argparse.Namespace(files=[path], strict=True)) == 1
+    assert "error 1 warning(s) with --strict" in capsys.readouterr().out
+    assert main(["validate", "--strict", str(path)]) == 1
