@@ -479,7 +479,30 @@ class ModelRouteSpec(ApiModel):
                         f"[{content[name]}]): content-routed models do not chain; name a served model instead "
                         "(a spec.routes name, an Adapter's public name, or a model another ModelRoute of the "
                         "namespace publishes)")
+        self._check_engine_task_of_references(routes)
         return self
+
+    def _check_engine_task_of_references(self, routes: dict[str, int]) -> None:
+        """A content model's reference to one of this route's own names must ask that name for what this route's
+        vLLM serves (spec.engine.task): the embedding model answers /v1/embeddings (engine.task embed), the
+        destinations, the default and the classifier answer completions (engine.task generate). A mismatch could
+        only ever fall back (the sub-request or the request fails on every call), so it is refused here; a name
+        of another route is checked by `loraplane validate` against the routes among its files."""
+        embed = self.engine.task == ENGINE_TASK_EMBED
+        for i, c in enumerate(self.content_routing):
+            for path, name in c.references():
+                if name not in routes or (path == "semantic.embeddingModel") == embed:
+                    continue
+                if embed:
+                    raise ValueError(
+                        f"contentRouting[{i}].{path} {name!r} is routes[{routes[name]}].name of this route, which "
+                        "serves an embedding model (spec.engine.task embed: /v1/embeddings only), so it cannot "
+                        "answer a completion: name a model of a ModelRoute with engine.task generate")
+                raise ValueError(
+                    f"contentRouting[{i}].semantic.embeddingModel {name!r} is routes[{routes[name]}].name of this "
+                    f"route, which serves a generation model (spec.engine.task {self.engine.task}): /v1/embeddings "
+                    "needs an embedding model; name the public model of a ModelRoute with spec.engine.task embed "
+                    "(docs/orchestration.md, Variant: semantic similarity)")
 
 
 class BackendStatus(ApiModel):

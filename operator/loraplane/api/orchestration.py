@@ -175,9 +175,23 @@ class RuleMatch(ApiModel):
     def _check_header_names(cls, headers: dict[str, str]) -> dict[str, str]:
         for name in headers:
             if not HEADER_NAME.match(name):
-                raise ValueError(f"headers: {name[:60]!r} is not an HTTP header name (letters, digits and "
-                                 "!#$%&'*+.^_`|~- only, at most 256): fix the name")
+                raise ValueError(f"{name[:60]!r} is not an HTTP header name (letters, digits and "
+                                 "!#$%&'*+.^_`|~- only, at most 256; no spaces or ':'): write the name alone, "
+                                 "e.g. X-Team, and its exact value after the ':'")
         return headers
+
+    @model_validator(mode="after")
+    def _check_token_bounds(self):
+        if (self.pattern is None and not self.keywords and not self.headers and self.min_prompt_tokens is None
+                and self.max_prompt_tokens is None):
+            raise ValueError("rules sets no condition, so it never matches: set pattern, keywords, headers, "
+                             "minPromptTokens or maxPromptTokens, or remove rules")
+        # Both bounds must hold (AND): min over max could never match, and costs a /tokenize call per request.
+        lo, hi = self.min_prompt_tokens, self.max_prompt_tokens
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"minPromptTokens {lo} is over maxPromptTokens {hi}: no request could match (both "
+                             "must hold); swap them or remove one")
+        return self
 
 
 class ContentDestination(ApiModel):
@@ -222,10 +236,12 @@ class ContentRoute(ApiModel):
     cel_rules: ClassVar = (
         CelRule(rule="!has(self.methods) || !self.methods.exists(m, m == 'classifier') || has(self.classifier)",
                 check=lambda o: "classifier" not in o.get("methods", ()) or "classifier" in o,
-                message="contentRouting: method classifier needs `classifier` (its model)"),
+                message="methods has `classifier` but `classifier` is not set: add `classifier: {model: <the "
+                        "public name of the classifier adapter>}`, or remove classifier from methods"),
         CelRule(rule="!has(self.methods) || !self.methods.exists(m, m == 'semantic') || has(self.semantic)",
                 check=lambda o: "semantic" not in o.get("methods", ()) or "semantic" in o,
-                message="contentRouting: method semantic needs `semantic` (its embeddingModel)"),
+                message="methods has `semantic` but `semantic` is not set: add `semantic: {embeddingModel: <the "
+                        "public name of an embedding model>}`, or remove semantic from methods"),
     )
 
     name: str = Field(min_length=1, max_length=200, pattern=PUBLIC_NAME, description=(
@@ -264,6 +280,18 @@ class ContentRoute(ApiModel):
             raise ValueError("methods has `semantic` but no destination has `examples` (nothing to compare a "
                              "request with): add example prompts to destinations[].examples")
         return self
+
+    def unreachable(self) -> list[str]:
+        """One sentence per destination that none of `methods` can choose (rules without `rules`, classifier
+        without `label`, semantic without `examples`): valid, since the default may be meant to cover it, but
+        usually a forgotten field; `loraplane validate` warns with it."""
+        ways = {"rules": lambda d: d.rules is not None, "classifier": lambda d: d.label is not None,
+                "semantic": lambda d: bool(d.examples)}
+        fields = {"rules": "rules", "classifier": "label", "semantic": "examples"}
+        return [f"destinations[{i}] {d.model!r} can never be chosen by methods {list(self.methods)}: give it "
+                + " or ".join(f"`{fields[m]}`" for m in self.methods)
+                for i, d in enumerate(self.destinations)
+                if d.model != self.default and not any(ways[m](d) for m in self.methods)]
 
     def references(self) -> list[tuple[str, str]]:
         """Every public model this content model sends requests to, as (field path under the content route,

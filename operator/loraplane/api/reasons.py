@@ -468,8 +468,9 @@ class Reason(StrEnum):
         "itself (content models do not chain). The content model serves with what it has: a destination that is "
         "missing is never chosen, a missing classifier or embedding model makes that method fall back to the "
         "default; with the default missing it cannot serve (status.contentModels[].ready false).",
-        "Fix the name in spec.contentRouting (`kubectl get modelroutes -o yaml` lists each route's status.models), "
-        "or create the ModelRoute or Adapter that publishes it.", STALLED)
+        "Fix the name in spec.contentRouting (the message suggests the served name closest to a typo: `did you "
+        "mean 'sql'?`; `kubectl get modelroutes -o yaml` lists each route's status.models), or create the "
+        "ModelRoute or Adapter that publishes it.", STALLED)
     ModelsNotReady = ("ModelsNotReady", ROUTE,
         "Replicas are up but some public models have no ready backend; the message lists "
         "them.", "Look at each named Adapter's Ready condition.", RECONCILING)

@@ -12,6 +12,8 @@ what a missing field is for.
 from __future__ import annotations
 
 import difflib
+import json
+import re
 import typing
 from typing import Any
 
@@ -153,6 +155,18 @@ def _message(e: dict, root: type[BaseModel] | None = None) -> str:
         docs = [f.description or next((m.__doc__ for m in _models_in(f.annotation) if m.__doc__), "") for f in infos]
         about = " ".join((docs[0] if docs else "").split()).split(". ")[0].rstrip(".")[:200]
         return f"required: add `{key}:`" + (f" ({about})" if about else "")
+    if e["type"] == "list_type" and e["loc"] and isinstance(e["loc"][-1], str):
+        # A newcomer's `methods: rules` or `keywords: refund`: a scalar where a YAML list belongs.
+        key, value = e["loc"][-1], e.get("input")
+        if isinstance(value, dict):
+            shown = "{...}"   # one mapping where a list of them belongs: make it the list's first item
+        elif isinstance(value, str) and not re.fullmatch(r"[\w.\- ]{1,60}", value):
+            shown = json.dumps(value[:60])
+        else:
+            shown = str(value)[:60]
+        kind = {str: "a string", dict: "a mapping", bool: "a boolean", int: "a number", float: "a number"}.get(
+            type(value), type(value).__name__)
+        return f"expected a list, got {kind} {str(value)[:60]!r}: write `{key}: [{shown}]`"
     return e["msg"].removeprefix("Value error, ")
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from difflib import get_close_matches
 
 from loraplane.api.common import DNS_1035_LABEL
 from loraplane.api.modelroute import ModelRoute
@@ -165,6 +166,13 @@ def wire_content_model(spec: ContentRoute, log_decisions: bool, found: set[str])
                         classifier=classifier, semantic=semantic, log_decisions=log_decisions)
 
 
+def _did_you_mean(name: str, known: Sequence[str]) -> str:
+    """`; did you mean 'x'?` naming the served public name closest to a missing `name` (a typo in a destination
+    is the usual cause of ContentTargetNotFound), or "" when none is close (difflib's ratio >= 0.75)."""
+    close = get_close_matches(name, sorted(set(known)), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def resolve_content(route: ModelRoute, served: Sequence[str], others: Sequence[Publication]) -> ContentResolution:
     """Resolve `route`'s spec.contentRouting.
 
@@ -193,7 +201,9 @@ def resolve_content(route: ModelRoute, served: Sequence[str], others: Sequence[P
                 target = Target(name, route=me, missing=f"a content-routed model of ModelRoute {me}: content "
                                 "models do not chain")
             elif (owner := owners.get(name)) is None or owner not in by_route:
-                target = Target(name, missing="no ModelRoute of the namespace publishes it")
+                target = Target(name, missing="no ModelRoute of the namespace publishes it"
+                                + _did_you_mean(name, [*served, *(r.name for r in spec.routes if r.name),
+                                                         *(n for p in by_route.values() for n, _ in p.models)]))
             elif name not in dict(by_route[owner].models):
                 target = Target(name, route=owner, missing=f"a content-routed model of ModelRoute {owner}: "
                                 "content models do not chain")

@@ -31,6 +31,9 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
                         "FineTuneJob and ModelRoute against its operator.policy (and its images), as the operator "
                         "does (reason PolicyViolation; docs/security.md); without it, only what no policy allows "
                         "(a securityContext loosening the restricted profile, operator-owned flags, env and labels)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 on warnings too (e.g. a contentRouting name no route among the files publishes: "
+                        "a typo, unless another route in the cluster publishes it), for CI")
 
 
 def settings_from_values(values: dict) -> "BuildSettings":
@@ -149,8 +152,8 @@ def validate_main(args: argparse.Namespace) -> int:
     """Validate every loraplane object in the files as the operator parses them (and, with --policy, against the
     operator's policy), printing ok/error per document (other API groups are skipped; an unknown loraplane.io
     kind, unreadable YAML or a non-object document is an error) and warnings for what the operator would report
-    about the routes; returns 1 when any is invalid or refused, or when there is no loraplane object at all,
-    2 when no file is named, else 0."""
+    about the routes; returns 1 when any is invalid or refused, or when there is no loraplane object at all
+    (or, with --strict, when anything was warned about), 2 when no file is named, else 0."""
     from loraplane.api import GROUP
 
     from loraplane.builders import route_warnings
@@ -196,10 +199,16 @@ def validate_main(args: argparse.Namespace) -> int:
         return 1
     # What the operator would report about the valid routes, resolved against the files' Adapters: a public name
     # published twice (served once, PublicNameConflict), a backend left out (missing here, or incompatible).
+    warned = 0
     for line in route_warnings(parsed):
+        warned += 1
         print(f"warn  {line}")
     for obj in parsed:
         for path, uri in http_uris(obj.wire().get("spec") or {}, "spec"):
             if warning := fetch_warning(uri):
+                warned += 1
                 print(f"warn  {obj.kind}/{obj.metadata.name}: {path} ({redacted(uri)}): {warning}")
+    if warned and getattr(args, "strict", False):
+        print(f"error {warned} warning(s) with --strict")
+        return 1
     return 1 if bad else 0

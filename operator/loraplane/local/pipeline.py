@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from loraplane.api import Adapter, FineTuneJob, ModelRoute, parse
 from loraplane.api.modelroute import ENGINE_TASK_EMBED
+from loraplane.api.orchestration import DESTINATION_HEADER, FALLBACK_HEADER, METHOD_HEADER
 from loraplane.builders import BuildSettings, finetunejob as ftj_builders, modelroute as route_builders
 from loraplane.api.paths import ADAPTER_CACHE_PATH, PVC_ROOT
 from loraplane.builders.engine_pod import loader_container, model_fetch_container
@@ -327,6 +328,10 @@ class LocalRun:
         for name, verdict in sorted(resolution.selected.items()):
             if not verdict.compatible:
                 self.say(f"  ! Adapter {name} not served: {verdict.reason}: {verdict.message}")
+        if resolution.content.missing:
+            # Each route runs alone here (no other route's router to forward to): say what content routing lost.
+            self.say(f"  ! spec.contentRouting, left out of this local run: {resolution.content.missing_message()} "
+                     "(a local run serves each ModelRoute on its own: another route's names are not reachable)")
         table = resolution.table
         rdir = self.workdir / "routes" / (route.metadata.name or "route")
         rdir.mkdir(parents=True, exist_ok=True)
@@ -397,7 +402,8 @@ class LocalRun:
         return ServingRoute(route=route, table_path=table_path, router_url=f"http://127.0.0.1:{router_port}",
                             engine_url=f"http://127.0.0.1:{engine_port}",
                             loader_url=f"http://127.0.0.1:{loader_port}", logs=rdir,
-                            public_models=[m.name for m in table.models])
+                            public_models=[m.name for m in table.models],
+                            content_models=[c.name for c in table.content_models])
 
     def stop(self) -> None:
         """Stop every process this run started, the last started first."""
@@ -418,16 +424,19 @@ class ServingRoute:
     loader_url: str
     logs: Path
     public_models: list[str]
+    # spec.contentRouting names (e.g. `auto`): asked like the others, with where the router sent each request.
+    content_models: list[str] = field(default_factory=list)
 
 
 def complete(router_url: str, model: str, prompt: str, max_tokens: int = 16,
-             patience: float = 15) -> tuple[int, str, float]:
+             patience: float = 15, headers: dict[str, str] | None = None) -> tuple[int, str, float]:
     """One greedy completion through the router: (HTTP status, text or error, seconds).
 
     A 503 with Retry-After (the router has not yet seen a replica report the adapter) is retried as a
-    well-behaved client would, for up to `patience` seconds."""
+    well-behaved client would, for up to `patience` seconds. `headers`, when given, is filled with the
+    answer's response headers (e.g. content routing's X-Loraplane-Destination)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-    status, answer, seconds = _post(f"{router_url}/v1/completions", body, patience)
+    status, answer, seconds = _post(f"{router_url}/v1/completions", body, patience, headers)
     return status, answer["choices"][0]["text"] if status == 200 else answer, seconds
 
 
@@ -441,9 +450,22 @@ def embed(router_url: str, model: str, text: str, patience: float = 15) -> tuple
     return status, f"{len(vector)} numbers [{', '.join(f'{x:.3f}' for x in vector[:4])}, …]", seconds
 
 
-def _post(url: str, body: dict, patience: float) -> tuple[int, Any, float]:
+def routing_note(headers: dict[str, str]) -> str:
+    """What content routing did for one answer, from its response headers: `  [via sql, rules]`, with the
+    fallback reason when the default served (`  [via general, default: no-match]`); "" without a decision."""
+    low = {k.lower(): v for k, v in headers.items()}
+    destination = low.get(DESTINATION_HEADER.lower())
+    if destination is None:
+        return ""
+    method = low.get(METHOD_HEADER.lower(), "?")
+    fallback = low.get(FALLBACK_HEADER.lower())
+    return f"  [via {destination}, {method}{f': {fallback}' if fallback else ''}]"
+
+
+def _post(url: str, body: dict, patience: float,
+          headers: dict[str, str] | None = None) -> tuple[int, Any, float]:
     """POST `body` as JSON: (status, the answer's JSON on 200 else its text, seconds). A 503 with Retry-After is
-    retried for up to `patience` seconds."""
+    retried for up to `patience` seconds. `headers`, when given, receives the final answer's headers."""
     data = json.dumps(body).encode()
     deadline = time.monotonic() + patience
     while True:
@@ -451,8 +473,12 @@ def _post(url: str, body: dict, patience: float) -> tuple[int, Any, float]:
         started = time.monotonic()
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
+                if headers is not None:
+                    headers.update(r.headers.items())
                 return r.status, json.loads(r.read()), time.monotonic() - started
         except urllib.error.HTTPError as exc:
+            if headers is not None:
+                headers.update(exc.headers.items())
             retry_after = exc.headers.get("Retry-After")
             if exc.code == 503 and retry_after and time.monotonic() < deadline:
                 time.sleep(min(float(retry_after), 2.0))
@@ -522,6 +548,11 @@ def run(path: Path, workdir: Path, model_dir: Path | None = None, prompts: list[
                     status, text, seconds = ask(s.router_url, model, prompt)
                     shown = repr(text) if status == 200 else f"HTTP {status}: {text}"
                     say(f"    {model:>12} → {shown}   ({seconds * 1000:.0f} ms)")
+                for model in s.content_models:   # content-routed: where the router sent it, and why
+                    answer_headers: dict[str, str] = {}
+                    status, text, seconds = complete(s.router_url, model, prompt, headers=answer_headers)
+                    shown = repr(text) if status == 200 else f"HTTP {status}: {text}"
+                    say(f"    {model:>12} → {shown}   ({seconds * 1000:.0f} ms){routing_note(answer_headers)}")
         say("\n• Timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in lr.timings.items()))
         say("• Where things are:")
         say(f"    work folder      {workdir}")

@@ -127,3 +127,64 @@ def test_the_patterns_of_one_spec_share_a_compile_budget_so_parsing_it_stays_che
               "destinations": [{"model": "sql", "rules": {"pattern": f"(?i)\\b(select|join|w{i}x{j})\\b"}}
                                for j in range(64)]} for i in range(32)]
     parse(route(plain))
+
+
+# A newcomer's mistakes (issue 15 follow-up): each refused with the field and the fix.
+
+
+@pytest.mark.parametrize("method,setting", [("classifier", "classifier: {model:"),
+                                            ("semantic", "semantic: {embeddingModel:")])
+def test_a_method_without_its_settings_names_the_field_to_add_or_the_method_to_remove(method, setting):
+    msg = error([auto(methods=[method], destinations=[{"model": "sql", "label": "sql", "examples": ["x"]}])])
+    assert f"methods has `{method}` but `{method}` is not set" in msg
+    assert setting in msg and f"remove {method} from methods" in msg
+
+
+def test_min_prompt_tokens_over_max_is_refused_it_could_never_match():
+    msg = error([auto(destinations=[{"model": "sql", "rules": {"minPromptTokens": 100, "maxPromptTokens": 10}}])])
+    assert "spec.contentRouting[0].destinations[0].rules" in msg
+    assert "minPromptTokens 100 is over maxPromptTokens 10" in msg and "swap them" in msg
+    parse(route([auto(destinations=[{"model": "sql", "rules": {"minPromptTokens": 10, "maxPromptTokens": 10}}])]))
+
+
+@pytest.mark.parametrize("name", ["X Team", "x-tenant:", ""])
+def test_an_odd_header_name_is_refused_once_naming_the_field_and_the_fix(name):
+    msg = error([auto(destinations=[{"model": "sql", "rules": {"headers": {name: "a"}}}])])
+    assert f"spec.contentRouting[0].destinations[0].rules.headers: {name!r} is not an HTTP header name" in msg
+    assert "e.g. X-Team" in msg
+
+
+def test_an_embedding_model_that_is_this_generate_routes_own_model_is_refused():
+    msg = error([auto(methods=["semantic"], semantic={"embeddingModel": "general"},
+                      destinations=[{"model": "sql", "examples": ["count rows"]}])])
+    assert "contentRouting[0].semantic.embeddingModel 'general' is routes[1].name of this route" in msg
+    assert "spec.engine.task generate" in msg and "ModelRoute with spec.engine.task embed" in msg
+
+
+@pytest.mark.parametrize("extra", [
+    {"default": "embed"},
+    {"destinations": [{"model": "embed"}]},
+    {"methods": ["classifier"], "classifier": {"model": "embed"}, "destinations": [{"model": "chat", "label": "a"}]},
+])
+def test_a_completion_asked_of_this_embed_routes_own_model_is_refused(extra):
+    body = route([auto(**{"default": "chat", **extra})], routes=[{"name": "embed", "backends": [{"base": True}]}])
+    body["spec"]["engine"] = {"task": "embed"}
+    with pytest.raises(ValidationError) as err:
+        parse(body)
+    msg = format_validation_error(err.value, "spec field ")
+    assert "'embed' is routes[0].name of this route, which serves an embedding model" in msg
+    assert "engine.task generate" in msg
+
+
+def test_an_embed_routes_own_model_as_the_embedding_model_parses():
+    body = route([auto(default="chat", methods=["semantic"], semantic={"embeddingModel": "embed"},
+                       destinations=[{"model": "chat", "examples": ["x"]}])],
+                 routes=[{"name": "embed", "backends": [{"base": True}]}])
+    body["spec"]["engine"] = {"task": "embed"}
+    parse(body)
+
+
+def test_an_empty_rules_block_is_refused_it_never_matches():
+    msg = error([auto(destinations=[{"model": "sql", "rules": {}}])])
+    assert "spec.contentRouting[0].destinations[0].rules: rules sets no condition, so it never matches" in msg
+    assert "set pattern, keywords, headers" in msg and "or remove rules" in msg

@@ -182,6 +182,12 @@ def test_the_worked_example_of_docs_orchestration_parses_and_every_name_resolves
         assert res.content.missing == {} and res.content.conflicts == [] and res.conflicts == []
         assert [m.name for m in res.table.content_models] == ["auto"]
     assert [e.name for e in resolve(routes[2], adapters, others=[embeddings]).table.external_models] == ["embed"]
+    # With the real `embeddings` route (spec.engine.task embed), `loraplane validate` has nothing to say about
+    # the semantic variant: every name resolves and each is asked for what its route serves.
+    from loraplane.builders import route_warnings
+
+    [embed_route] = [parse(d) for d in docs if d.get("kind") == "ModelRoute" and d["metadata"]["name"] == "embeddings"]
+    assert route_warnings([*adapters, embed_route, routes[2]]) == []
     status = next(d["status"] for d in docs if "status" in d and "kind" not in d)
     assert ModelRouteStatus.model_validate(status).content_models[0].destinations[0].route == "assistant"
 
@@ -228,11 +234,12 @@ def test_the_wire_invariant_holds_for_any_mix_of_local_external_missing_and_chai
     import random
 
     rnd = random.Random(15)
+    # The first two are route_body's own (generate) models: never its embedding model (refused by the API).
     pool = ["general", "sql", "support", "clf", "embed", "x1", "x2", "other-auto"]
     for _ in range(150):
         dests = [{"model": m, "label": f"l{i}", "examples": ["e"]} for i, m in enumerate(rnd.sample(pool, 3))]
         content = [{"name": "auto", "default": rnd.choice(pool), "methods": ["rules", "classifier", "semantic"],
-                    "classifier": {"model": rnd.choice(pool)}, "semantic": {"embeddingModel": rnd.choice(pool)},
+                    "classifier": {"model": rnd.choice(pool)}, "semantic": {"embeddingModel": rnd.choice(pool[2:])},
                     "destinations": dests}]
         route = ModelRoute.model_validate(route_body(content=content))
         others = []
@@ -273,3 +280,53 @@ def test_a_stored_route_name_the_api_refuses_publishes_nothing_so_no_url_names_a
     others = [publication({"metadata": {"name": "evil.victim", "creationTimestamp": T1}, "status": status})]
     res = resolve(route, [SQL], others=others)
     assert res.table.external_models == [] and res.content.targets["support"].missing
+
+
+def test_a_typo_in_a_referenced_name_suggests_the_served_name_closest_to_it():
+    from loraplane.builders import route_warnings
+
+    front = ModelRoute.model_validate(route_body(content=[auto(
+        default="generl", methods=["rules"], classifier=None, semantic=None,
+        destinations=[{"model": "sqll", "rules": {"keywords": ["x"]}}, {"model": "helpdesk-bot", "rules": {"keywords": ["y"]}}])]))
+    other = ModelRoute.model_validate(route_body(name="helpdesk", routes=[
+        {"name": "helpdesk-bots", "backends": [{"base": True}]}]))
+    [warning] = route_warnings([front, other, SQL])
+    assert "destinations[0].model 'sqll' (no ModelRoute of the namespace publishes it; did you mean 'sql'?)" in warning
+    assert "default 'generl' (no ModelRoute of the namespace publishes it; did you mean 'general'?)" in warning
+    assert "'helpdesk-bot' (no ModelRoute of the namespace publishes it; did you mean 'helpdesk-bots'?)" in warning
+    # Nothing close: no guess. The operator's ContentTargetNotFound message is the same text.
+    far = resolve_content(ModelRoute.model_validate(route_body(content=[auto(default="zzz")])), ["general"], [])
+    assert far.targets["zzz"].missing == "no ModelRoute of the namespace publishes it"
+
+
+def test_validate_warns_when_another_routes_model_cannot_answer_what_content_routing_asks_of_it():
+    from loraplane.builders import route_warnings
+
+    embeddings = ModelRoute.model_validate(route_body(name="embeddings", routes=[
+        {"name": "embed", "backends": [{"base": True}]}]))
+    embeddings.spec.engine.task = "embed"
+    chat = ModelRoute.model_validate(route_body(name="chatty", routes=[{"name": "chat", "backends": [{"base": True}]}]))
+    wrong = ModelRoute.model_validate(route_body(content=[auto(
+        default="embed", methods=["semantic"], classifier=None, semantic={"embeddingModel": "chat"},
+        destinations=[{"model": "sql", "examples": ["count rows"]}])]))
+    warnings = route_warnings([wrong, embeddings, chat, SQL])
+    assert any("semantic.embeddingModel 'chat' is served by ModelRoute chatty, a generation model" in w
+               and "spec.engine.task embed" in w for w in warnings), warnings
+    assert any("default 'embed' is served by ModelRoute embeddings, an embedding model" in w
+               and "spec.engine.task generate" in w for w in warnings), warnings
+    right = ModelRoute.model_validate(route_body(content=[auto(
+        default="general", methods=["semantic"], classifier=None, semantic={"embeddingModel": "embed"},
+        destinations=[{"model": "sql", "examples": ["count rows"]}])]))
+    assert route_warnings([right, embeddings, SQL]) == []
+
+
+def test_validate_warns_about_a_destination_no_listed_method_can_choose():
+    from loraplane.builders import route_warnings
+
+    front = ModelRoute.model_validate(route_body(content=[auto(
+        methods=["rules", "classifier"], semantic=None, classifier={"model": "general"},
+        destinations=[{"model": "sql", "label": "sql", "rules": {"keywords": ["x"]}}, {"model": "general"},
+                      {"model": "sql", "examples": ["only for semantic"]}])]))
+    warnings = route_warnings([front, SQL])
+    assert warnings == ["ModelRoute team/front: contentRouting 'auto': destinations[2] 'sql' can never be chosen by "
+                        "methods ['rules', 'classifier']: give it `rules` or `label`"], warnings

@@ -162,3 +162,43 @@ def test_run_takes_the_same_file_spellings(spelling, tmp_path):
     p = argparse.ArgumentParser()
     add_run_arguments(p)
     assert p.parse_args([spelling, str(tmp_path / "x.yaml")]).file == tmp_path / "x.yaml"
+
+
+@pytest.mark.parametrize("field,value,fix", [
+    ("methods", "rules", "expected a list, got a string 'rules': write `methods: [rules]`"),
+    ("keywords", "my order", "expected a list, got a string 'my order': write `keywords: [my order]`"),
+    ("keywords", "a: b", "expected a list, got a string 'a: b': write `keywords: [\"a: b\"]`"),
+    ("backends", {"base": True}, "expected a list, got a mapping \"{'base': True}\": write `backends: [{...}]`"),
+])
+def test_a_scalar_or_mapping_where_a_list_belongs_says_how_to_write_the_list(tmp_path, capsys, field, value, fix):
+    import json
+
+    route = {"apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute", "metadata": {"name": "r"},
+             "spec": {"baseModel": {"name": "m"}, "routes": [{"name": "general", "backends": [{"base": True}]}],
+                      "contentRouting": [{"name": "auto", "default": "general",
+                                          "destinations": [{"model": "general", "rules": {"keywords": ["x"]}}]}]}}
+    where = {"methods": route["spec"]["contentRouting"][0],
+             "keywords": route["spec"]["contentRouting"][0]["destinations"][0]["rules"],
+             "backends": route["spec"]["routes"][0]}[field]
+    where[field] = value
+    rc, out = validate(tmp_path, capsys, json.dumps(route))
+    assert rc == 1 and fix in out, out
+
+
+def test_validate_strict_fails_on_a_content_routing_typo_that_is_otherwise_only_a_warning(tmp_path, capsys):
+    """A contentRouting name no route among the files publishes is a warning (another route in the cluster may
+    publish it); --strict makes it fail CI, with the suggestion of the name meant."""
+    path = tmp_path / "in.yaml"
+    path.write_text("""apiVersion: loraplane.io/v1alpha1
+kind: ModelRoute
+metadata: {name: r}
+spec:
+  baseModel: {name: m}
+  routes: [{name: general, backends: [{base: true}]}]
+  contentRouting: [{name: auto, default: generl, destinations: [{model: general, rules: {keywords: [x]}}]}]
+""")
+    assert validate_main(argparse.Namespace(files=[path])) == 0
+    assert "did you mean 'general'?" in capsys.readouterr().out
+    assert validate_main(argparse.Namespace(files=[path], strict=True)) == 1
+    assert "error 1 warning(s) with --strict" in capsys.readouterr().out
+    assert main(["validate", "--strict", str(path)]) == 1
