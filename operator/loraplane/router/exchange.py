@@ -260,6 +260,8 @@ class Exchange:
         if replica.external:
             # Another route's router behind its Service: not in this router's pool, nothing else serves it.
             log.warning("%s: connection failed (%s)", replica.name, exc or type(exc).__name__)
+            if self._route_unavailable(502, True):
+                return
             self.fail(502, f"could not connect to the router serving `{self.model}` ({replica.name})",
                       "bad_gateway", "route_unreachable")
             return
@@ -335,6 +337,9 @@ class Exchange:
             self.stats.retries += 1
             self.replica = nxt
             self.send()
+            return
+        if self.replica.external and self.status in (502, 503) and self._route_unavailable(self.status,
+                                                                                             self.status == 503):
             return
         stats = self.stats
         if self.streaming:
@@ -434,6 +439,26 @@ class Exchange:
                 t.close()  # no terminating chunk: the client sees a truncated stream, not a complete one
             return
         self.fail(502, "the replica closed the connection before answering", "bad_gateway", "replica_failed")
+
+    def _route_unavailable(self, status: int, resend: bool) -> bool:
+        """A forward to another route's router failed before any byte reached the client (`status`: 503 it
+        answered, 502 it answered or it could not be reached): mark the external model unavailable for content
+        routing (Orchestrator.mark_unavailable, for its Retry-After) and, when `resend` and the request was
+        content-routed there (`req.fallback`), send it to its content model's default instead: True when it did
+        (this exchange is finished, counted with `status`). Resent only when nothing was generated there: its
+        router was not reached, or it answered 503 (no ready replica); its 502 may come after its vLLM got the
+        request, so that one is relayed."""
+        retry = None
+        if status == 503:
+            i = self.backend_line.lower().find(b"retry-after:")
+            if i >= 0:
+                retry = self.backend_line[i + 12:self.backend_line.find(b"\r\n", i)]
+        self.router.orchestrator.mark_unavailable(self.model, retry)
+        fallback, self.req.fallback = getattr(self.req, "fallback", None), None
+        if not resend or fallback is None or not fallback():
+            return False
+        self._finish(status)   # this attempt, under the external backend; the default's exchange answers
+        return True
 
     # ---- client / deadline events ----
 
