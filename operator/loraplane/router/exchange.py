@@ -338,9 +338,6 @@ class Exchange:
             self.replica = nxt
             self.send()
             return
-        if self.replica.external and self.status in (502, 503) and self._route_unavailable(self.status,
-                                                                                             self.status == 503):
-            return
         stats = self.stats
         if self.streaming:
             t = self.conn.transport
@@ -439,6 +436,15 @@ class Exchange:
                 t.close()  # no terminating chunk: the client sees a truncated stream, not a complete one
             return
         self.fail(502, "the replica closed the connection before answering", "bad_gateway", "replica_failed")
+
+    def route_failed(self, status: int) -> bool:
+        """Another route's router answered `status` 502 or 503 and its answer is complete (ForwardUpstream calls
+        this instead of `upstream_complete`, so a request to vLLM pays nothing for it): see _route_unavailable.
+        True when the request went to its content model's default; else relay the answer (upstream_complete)."""
+        if self.finished:
+            return False
+        self.upstream = None
+        return self._route_unavailable(status, status == 503)
 
     def _route_unavailable(self, status: int, resend: bool) -> bool:
         """A forward to another route's router failed before any byte reached the client (`status`: 503 it
