@@ -356,8 +356,8 @@ async def test_external_destination_is_left_to_the_forwarding_path_with_the_head
 class OutageRouter:
     """Another route's router that answers 503 (Retry-After `retry_after`) while `down`, else 200; counts asks."""
 
-    def __init__(self, retry_after: str | None = "2"):
-        self.down, self.retry_after, self.asked = True, retry_after, 0
+    def __init__(self, retry_after: str | None = "2", status: int = 503):
+        self.down, self.retry_after, self.asked, self.status = True, retry_after, 0, status
         self.runner = None
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -365,7 +365,7 @@ class OutageRouter:
         self.asked += 1
         if self.down:
             headers = {"Retry-After": self.retry_after} if self.retry_after else {}
-            return web.json_response({"error": {"code": "no_ready_replica"}}, status=503, headers=headers)
+            return web.json_response({"error": {"code": "no_ready_replica"}}, status=self.status, headers=headers)
         return web.json_response({"choices": [{"index": 0, "text": "remote"}]})
 
     async def start(self) -> "OutageRouter":
@@ -433,6 +433,23 @@ async def test_an_external_outage_with_the_default_unavailable_too_is_relayed(st
                 status, headers, _ = await ask(c, "auto", "read the docs")
                 assert status == 503 and headers[DESTINATION_HEADER] == "docs" and other.asked == n
                 assert FALLBACK_HEADER not in headers
+    finally:
+        await other.stop()
+
+
+async def test_an_external_502_is_relayed_and_later_requests_go_to_the_default(stub, tmp_path):
+    """A 502 of the route's router may come after its vLLM got the request: that one is not re-sent, but the
+    route is marked and the next request goes to the default."""
+    other = await OutageRouter(retry_after=None, status=502).start()
+    try:
+        content = {"destinations": [{"model": "docs", "rules": {"keywords": ["docs"]}}]}
+        ext = [{"name": "docs", "route": "other", "url": other.url}]
+        async with running_router(tmp_path, [stub.spec], table(content, ext)) as (svc, c):
+            status, headers, _ = await ask(c, "auto", "read the docs")
+            assert status == 502 and headers[DESTINATION_HEADER] == "docs" and other.asked == 1
+            status, headers, _ = await ask(c, "auto", "read the docs")
+            assert status == 200 and headers[FALLBACK_HEADER] == "unavailable" and other.asked == 1
+            assert served(stub) == "general-v1"
     finally:
         await other.stop()
 
