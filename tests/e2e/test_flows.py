@@ -544,7 +544,8 @@ def test_content_routing(quickstart, make_adapter):
     destinations ready; another ModelRoute's router forwards its content model's requests to this route's router,
     which answers them; the chart's gateway lists both routes' names with their route on one /v1/models and
     forwards to each; a classifier on a route at zero replicas leaves the decision to the next method and the
-    default (fallback `unavailable`), a destination there answers that router's 503 (the decision stands); once
+    default (fallback `unavailable`), a request routed to a destination there is served by the default (that
+    router's 503 is not relayed: the route outage falls back to the default, fallback `unavailable`); once
     that route is deleted the Ready condition says ContentTargetNotFound and the table leaves both out.
 
     Real: the operator's resolution (serving tables, status.contentModels, external models with the router
@@ -666,11 +667,12 @@ def test_content_routing(quickstart, make_adapter):
     # `unavailable`, rules decide, and the default serves saying why the classifier did not.
     assert _content_status(k, "quickstart", "auto-clf")["classifier"][:3] == ("front-clf", "front", False)
     check(url, "auto-clf", fallback_when_default="unavailable")
-    # A destination on that route: the request goes there (the decision is not undone) and its router's 503 (no
-    # replica) is relayed, with the decision's headers; status.contentModels says it is not ready.
+    # A destination on that route: the rules choose it, its router answers 503 (no replica), and the request is
+    # re-sent to the default (nothing reached the client), saying so; status.contentModels says it is not ready.
     code, headers, text = _routed(url, "auto-clf", RIVER_PROMPT)
-    assert code == 503 and (headers.get(DESTINATION_HEADER), headers.get(METHOD_HEADER)) == ("front-clf", "rules"), \
-        (code, headers, text)
+    assert code == 200 and (headers.get(DESTINATION_HEADER), headers.get(METHOD_HEADER),
+                            headers.get(FALLBACK_HEADER)) == ("base", "default", "unavailable"), (code, headers, text)
+    assert headers.get("X-Loraplane-Backend") == "tiny", headers
     assert _content_status(k, "quickstart", "auto-clf")["front-clf"] == ("front", False, "ModelsNotReady")
     # ... then the route is deleted: nobody publishes `front-clf`; the route's Ready condition names it
     # (ContentTargetNotFound), the table leaves the method out, and the default serves for no match.
@@ -695,6 +697,8 @@ def test_content_routing(quickstart, make_adapter):
         == 1, counted
     assert counted['loraplane_router_content_fallbacks_total{method="classifier",model="auto-clf",'
                    'reason="unavailable"}'] >= 4, counted
+    assert counted['loraplane_router_content_fallbacks_total{method="rules",model="auto-clf",'
+                   'reason="unavailable"}'] == 1, counted
     print(f"\n[e2e] content routing, the quickstart router's counters: {json.dumps(counted)}")
     # Back to the quickstart's routes for the flows after this one.
     k("patch", "mr", "quickstart", "--type=merge", "-p", json.dumps({"spec": {"routes": routes,

@@ -74,11 +74,14 @@ class Request:
     `started` is time.perf_counter() at the first byte, what latency and TTFT are measured from.
     `routed`: the response header lines of a content-routing decision (b"" for a request naming a public model;
     see dispatch.route_by_content), put on whatever answers it. `rule_headers` (lower-cased name -> value) holds
-    the headers content rules read, and is set only when one arrives (`router.rule_headers`).
+    the headers content rules read, and is set only when one arrives (`router.rule_headers`). `fallback` (set
+    only on a content-routed request sent to an external destination: dispatch.send_decided) re-sends it to its
+    content model's default when that route is unavailable before any byte reached the client (exchange.py).
     """
 
     __slots__ = ("method", "path", "authorization", "sticky", "request_id", "expect", "content_length",
-                 "body", "size", "keep_alive", "started", "body_limit", "routed", "rule_headers", "hops")
+                 "body", "size", "keep_alive", "started", "body_limit", "routed", "rule_headers", "hops",
+                 "fallback")
 
     def __init__(self):
         self.authorization = self.sticky = self.request_id = self.expect = None

@@ -247,7 +247,7 @@ def route_by_content(router: Router, conn: ClientConnection, req: Request, conte
     headers = getattr(req, "rule_headers", None)   # unset unless a rule's header arrived
     decision = router.orchestrator.decide_now(content, text, headers)
     if type(decision) is Decision:   # rules decided without I/O: no task, no event-loop round trip
-        send_decided(router, conn, req, body, handle, decision)
+        send_decided(router, conn, req, body, handle, decision, content)
         return
     deciding = Deciding(router, content.name)
     conn.exchange = deciding
@@ -257,10 +257,22 @@ def route_by_content(router: Router, conn: ClientConnection, req: Request, conte
 
 
 def send_decided(router: Router, conn: ClientConnection, req: Request, body: bytes, handle: object,
-                 decision: Decision) -> None:
+                 decision: Decision, content: CompiledContentModel | None = None) -> None:
     """Send a decided request down the named-model path: its body's `model` rewritten to the destination (only
-    that changes) and the decision's header lines on whatever answers it."""
+    that changes) and the decision's header lines on whatever answers it. A method's choice of an external
+    destination gets `req.fallback` (with `content`): if that route turns out unavailable before any byte reached
+    the client (exchange.py), the request is sent to the default instead, once."""
     req.routed = decision.head
+    if content is not None and decision.fallback is None and decision.destination in router.table.external:
+        def fallback() -> bool:
+            default = router.orchestrator.fall_back(content, decision)
+            if default is None:
+                return False
+            send_decided(router, conn, req, body, handle, default)
+            return True
+        req.fallback = fallback
+    else:
+        req.fallback = None
     payload = rewrite_model(body, handle, decision.rewrite)
     req.body = [payload]
     req.size = len(payload)
@@ -287,5 +299,5 @@ async def _decide_and_send(router: Router, conn: ClientConnection, req: Request,
     if conn.exchange is not deciding or conn.transport is None:
         return   # the client left meanwhile (counted by Deciding.client_lost)
     conn.exchange = None
-    send_decided(router, conn, req, body, handle, decision)
+    send_decided(router, conn, req, body, handle, decision, content)
 

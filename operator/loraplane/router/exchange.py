@@ -266,6 +266,8 @@ class Exchange:
         if replica.external:
             # Another route's router behind its Service: not in this router's pool, nothing else serves it.
             log.warning("%s: connection failed (%s)", replica.name, exc or type(exc).__name__)
+            if self._route_unavailable(502, True):
+                return
             self.fail(502, f"could not connect to the router serving `{self.model}` ({replica.name})",
                       "bad_gateway", "route_unreachable")
             return
@@ -459,6 +461,35 @@ class Exchange:
                 t.close()  # no terminating chunk: the client sees a truncated stream, not a complete one
             return
         self.fail(502, "the replica closed the connection before answering", "bad_gateway", "replica_failed")
+
+    def route_failed(self, status: int) -> bool:
+        """Another route's router answered `status` 502 or 503 and its answer is complete (ForwardUpstream calls
+        this instead of `upstream_complete`, so a request to vLLM pays nothing for it): see _route_unavailable.
+        True when the request went to its content model's default; else relay the answer (upstream_complete)."""
+        if self.finished:
+            return False
+        self.upstream = None
+        return self._route_unavailable(status, status == 503)
+
+    def _route_unavailable(self, status: int, resend: bool) -> bool:
+        """A forward to another route's router failed before any byte reached the client (`status`: 503 it
+        answered, 502 it answered or it could not be reached): mark the external model unavailable for content
+        routing (Orchestrator.mark_unavailable, for its Retry-After) and, when `resend` and the request was
+        content-routed there (`req.fallback`), send it to its content model's default instead: True when it did
+        (this exchange is finished, counted with `status`). Resent only when nothing was generated there: its
+        router was not reached, or it answered 503 (no ready replica); its 502 may come after its vLLM got the
+        request, so that one is relayed."""
+        retry = None
+        if status == 503:
+            i = self.backend_line.lower().find(b"retry-after:")
+            if i >= 0:
+                retry = self.backend_line[i + 12:self.backend_line.find(b"\r\n", i)]
+        self.router.orchestrator.mark_unavailable(self.model, retry)
+        fallback, self.req.fallback = getattr(self.req, "fallback", None), None
+        if not resend or fallback is None or not fallback():
+            return False
+        self._finish(status)   # this attempt, under the external backend; the default's exchange answers
+        return True
 
     # ---- client / deadline events ----
 

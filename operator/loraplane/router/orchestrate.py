@@ -13,6 +13,14 @@ A method that does not choose is counted with why (`Fallback`: no-match, timeout
 and the next one runs; when none chooses, the default serves and the decision's fallback is the first reason
 that is not no-match (else no-match): `api.orchestration.FALLBACK_HEADER` says it.
 
+A chosen destination that cannot serve is not sent to: the default serves instead (fallback `unavailable`,
+counted for the method that chose it), unless the default cannot serve either (then the destination gets it and
+answers as it would). A public model of this route cannot serve when no usable replica has any of its weighted
+backends Ready (`ReplicaPool.serves`); an external model cannot while it is marked unavailable: for
+EXTERNAL_DOWN_DEFAULT_S (or its answer's Retry-After, at most EXTERNAL_DOWN_MAX_S) after a forward to it failed
+before any byte reached the client (503, 502, or its router could not be reached: exchange.py calls
+`mark_unavailable`). The check runs only when a method chose (never for a request naming a public model).
+
 Sub-requests (classifier, embeddings, /tokenize) go to a public model: one this route serves goes to a usable
 replica that has it Ready (its backend chosen by weight), with this route's engine key; one in the table's
 `external_models` goes to that route's router URL with the client's own `Authorization` (never the engine key).
@@ -72,6 +80,11 @@ INDEX_BODY_MAX_BYTES = 64 * 1024 * 1024
 INDEX_RETRY_S = 5.0
 # A method's failures are logged at most this often (seconds) per (content model, method, reason).
 WARN_INTERVAL_S = 10.0
+# How long an external model stays marked unavailable after a forward to it failed (seconds): its answer's
+# Retry-After when it has one (a route's router sends 2 with its 503), else the default; never over the cap, so a
+# route that comes back gets content-routed traffic again within seconds.
+EXTERNAL_DOWN_DEFAULT_S = 2.0
+EXTERNAL_DOWN_MAX_S = 10.0
 # The classifier's max_tokens: enough for the longest label (a token is at least one character) plus a space.
 MAX_CLASSIFIER_TOKENS = 64
 
@@ -167,6 +180,55 @@ class Orchestrator:
         self._warned: dict[tuple[str, str, Fallback], float] = {}
         # (destination, method, fallback) -> (head, rewrite): rendered once, not per request.
         self._rendered: dict[tuple[str, str, Fallback | None], tuple[bytes, BackendRoute]] = {}
+        # External model name -> time.monotonic() until which it is unavailable (mark_unavailable).
+        self._down: dict[str, float] = {}
+
+    # ---- destinations' availability ----
+
+    def available(self, name: str) -> bool:
+        """Whether the destination `name` can serve a request now: a public model of this route when some usable
+        replica has one of its backends (weight > 0) Ready; an external model unless it is marked unavailable;
+        any other name True (the named-model path answers it, e.g. 404). O(backends x replicas), run only for a
+        content-routed request."""
+        table = self.router.table
+        route = table.models.get(name) if table is not None else None
+        if route is not None:
+            serves = self.router.pool.serves
+            return any(b.weight > 0 and serves(b.served_name) for b in route.backends)
+        until = self._down.get(name)
+        if until is None:
+            return True
+        if time.monotonic() < until:
+            return False
+        del self._down[name]
+        return True
+
+    def mark_unavailable(self, name: str, retry_after: bytes | None = None) -> float:
+        """Mark the external model `name` unavailable (a forward to it failed before answering the client): for
+        `retry_after` seconds (its answer's Retry-After value, delta-seconds) within [0, EXTERNAL_DOWN_MAX_S],
+        else EXTERNAL_DOWN_DEFAULT_S. Returns the seconds marked. Kept for names the current table has."""
+        seconds = EXTERNAL_DOWN_DEFAULT_S
+        if retry_after is not None:
+            try:
+                seconds = min(max(float(int(retry_after.strip())), 0.0), EXTERNAL_DOWN_MAX_S)
+            except ValueError:   # an HTTP-date or garbage: the default
+                pass
+        if len(self._down) >= 4096:
+            self._down.clear()
+        self._down[name] = time.monotonic() + seconds
+        return seconds
+
+    def fall_back(self, content: CompiledContentModel, decision: Decision) -> Decision | None:
+        """The decision to serve `decision`'s request by the default instead, because its destination turned
+        out unavailable after it was sent there (nothing reached the client; exchange.py): counted as fallback
+        `unavailable` of the method that chose, not as a second decision. None when a method did not choose
+        (the default already served) or the default is unavailable too."""
+        src = content.source
+        if decision.fallback is not None or decision.destination == src.default or not self.available(src.default):
+            return None
+        self.router.metrics.count_fallback(src.name, decision.method, Fallback.Unavailable.value)
+        head, rewrite = self._render(src.default, DEFAULT_METHOD, Fallback.Unavailable)
+        return Decision(src.default, DEFAULT_METHOD, Fallback.Unavailable, decision.seconds, head, rewrite)
 
     # ---- the decision ----
 
@@ -243,6 +305,22 @@ class Orchestrator:
 
     def _decided(self, content: CompiledContentModel, destination: str, method: str, fallback: Fallback | None,
                  started: float) -> Decision:
+        if fallback is None:
+            src = content.source
+            if destination != src.default and not self.available(destination) and self.available(src.default):
+                # The chosen destination cannot serve: the default does (said by the header and the counter).
+                self.router.metrics.count_fallback(src.name, method, Fallback.Unavailable.value)
+                destination, method, fallback = src.default, DEFAULT_METHOD, Fallback.Unavailable
+        d = Decision(destination, method, fallback, time.perf_counter() - started,
+                     *self._render(destination, method, fallback))
+        self.router.metrics.count_decision(content.name, destination, method, d.seconds)
+        if content.source.log_decisions:
+            # Never the prompt (nor the client's headers): what was decided, how, and how long it took.
+            log.info("content routing: model=%s destination=%s method=%s%s %.1fms", content.name, destination,
+                     method, f" fallback={fallback.value}" if fallback else "", d.seconds * 1000)
+        return d
+
+    def _render(self, destination: str, method: str, fallback: Fallback | None) -> tuple[bytes, BackendRoute]:
         key = (destination, method, fallback)
         rendered = self._rendered.get(key)
         if rendered is None:
@@ -250,13 +328,7 @@ class Orchestrator:
                 self._rendered.clear()
             rendered = self._rendered[key] = (decision_head(destination, method, fallback),
                                               BackendRoute(destination, None, 0))
-        d = Decision(destination, method, fallback, time.perf_counter() - started, *rendered)
-        self.router.metrics.count_decision(content.name, destination, method, d.seconds)
-        if content.source.log_decisions:
-            # Never the prompt (nor the client's headers): what was decided, how, and how long it took.
-            log.info("content routing: model=%s destination=%s method=%s%s %.1fms", content.name, destination,
-                     method, f" fallback={fallback.value}" if fallback else "", d.seconds * 1000)
-        return d
+        return rendered
 
     async def _run(self, method: str, content: CompiledContentModel, text: bytes,
                    headers: dict[bytes, bytes] | None, authorization: bytes | None, tokens: list[int]) -> str:

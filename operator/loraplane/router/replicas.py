@@ -186,6 +186,14 @@ class ReplicaPool:
                 best, best_load = r, load
         return best
 
+    def serves(self, served_name: str) -> bool:
+        """Whether some usable replica has `served_name` Ready (what `choose` needs to answer one), without
+        choosing one (the round robin does not move). For content routing's check of a destination."""
+        for r in self.replicas:
+            if served_name in r.ready and r.engine_ready and not r.failed_at:
+                return True
+        return False
+
     def mark_failed(self, replica: Replica) -> None:
         """A connection to it failed: skip it until a poll started after now answers."""
         replica.failed_at = time.monotonic()

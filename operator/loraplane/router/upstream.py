@@ -187,6 +187,24 @@ class ForwardUpstream(Upstream):
         super().on_headers_complete()
 
 
+    def on_message_complete(self):
+        """httptools callback: as `Upstream`, except that a 502 or 503 of that router (it could not serve) is
+        first offered to the exchange (`Exchange.route_failed`: mark the route unavailable, maybe re-send a
+        content-routed request to its default) and relayed only when it was not re-sent."""
+        ex = self.exchange
+        status = self.parser.get_status_code()
+        if ex is None or (status != 503 and status != 502):
+            super().on_message_complete()
+            return
+        self.exchange = None
+        if self.parser.should_keep_alive() and self.transport is not None:
+            self.release()
+        else:
+            self.close()
+        if not ex.route_failed(status):
+            ex.upstream_complete()
+
+
 def take_idle(replica: Replica) -> Upstream | None:
     """A pooled connection to `replica` fit for the next request, or None (then open one).
 

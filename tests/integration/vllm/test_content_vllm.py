@@ -60,6 +60,11 @@ def table(base: str, down_router_url: str, max_short_tokens: int = 1) -> str:
              "classifier": {"model": "clf", "timeout_ms": 2000}},
             {"name": "auto-remote", "default": "tiny", "methods": ["classifier", "rules"], "destinations": destinations,
              "classifier": {"model": "remote-clf", "timeout_ms": 2000}},
+            # Destinations that cannot serve: `clf` (its adapter on no replica) and `remote-clf` (its route's
+            # router down): the default serves instead (issue 15: a route outage falls back to the default).
+            {"name": "auto-down", "default": "tiny", "destinations": [
+                {"model": "clf", "rules": {"keywords": ["bread", "market"]}},
+                {"model": "remote-clf", "rules": {"pattern": r"(?i)\bchild\b"}}]},
             # Short prompts (by the engine's own tokenizer) to fox, the others to the base model.
             {"name": "auto-short", "default": "tiny", "destinations": [
                 {"model": "fox", "rules": {"max_prompt_tokens": max_short_tokens}}]},
@@ -148,6 +153,25 @@ async def test_classifier_down_the_default_serves_and_says_so(vllm_server, loade
                 'reason="unavailable"} 2.0') in text
         assert 'loraplane_router_content_decisions_total{destination="tiny",method="default",model="auto-clf"} 1.0' \
             in text
+
+
+async def test_a_destination_that_cannot_serve_falls_back_to_the_default(vllm_server, loader, tmp_path):
+    spec = f"{vllm_server.base_url},{loader.url}/status"
+    down = f"http://127.0.0.1:{free_port()}"
+    async with running_router(tmp_path, [spec], table(vllm_server.served_name, down)) as (svc, c), \
+            aiohttp.ClientSession(base_url=vllm_server.base_url) as direct:
+        # `clf`'s adapter is on no replica; `remote-clf`'s router is down (the request is re-sent to the default).
+        for prompt in (BLUE_PROMPT, FOX_PROMPT, FOX_PROMPT):
+            status, answer, headers = await complete(c, "auto-down", prompt)
+            assert status == 200, answer
+            assert (headers[DESTINATION_HEADER], headers[METHOD_HEADER], headers[FALLBACK_HEADER]) == \
+                ("tiny", "default", "unavailable")
+            assert answer["model"] == vllm_server.served_name == headers["X-Loraplane-Backend"]
+            _, straight, _ = await complete(direct, vllm_server.served_name, prompt)
+            assert answer["choices"][0]["text"] == straight["choices"][0]["text"]
+        text = await metrics(c)
+        assert ('loraplane_router_content_fallbacks_total{method="rules",model="auto-down",reason="unavailable"}'
+                ' 3.0') in text
 
 
 async def test_token_bounds_are_counted_by_the_engines_tokenizer(vllm_server, loader, tmp_path):

@@ -217,14 +217,47 @@ async def test_token_bounds_ask_the_route_tokenizer_only_when_set(stub, tmp_path
 
 
 async def test_streamed_answers_and_errors_after_the_decision_carry_the_headers(stub, tmp_path):
-    stub.adapters.discard("sql-v1")   # the SQL destination has no replica
+    stub.adapters -= {"sql-v1", "general-v1"}   # the SQL destination and the default have no replica
     async with running_router(tmp_path, [stub.spec], table()) as (svc, c):
         status, headers, raw = await ask(c, "auto", "refund", stream=True)
         assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
         assert headers[DESTINATION_HEADER] == "support" and raw.endswith(b"data: [DONE]\n\n")
+        # The default cannot serve either: the destination answers as it would (its 503), with the headers.
         status, headers, raw = await ask(c, "auto", "select a from b")
         assert status == 503 and json.loads(raw)["error"]["code"] == "no_ready_replica"
         assert headers[DESTINATION_HEADER] == "sql" and headers[METHOD_HEADER] == "rules"
+        assert FALLBACK_HEADER not in headers
+
+
+async def test_a_destination_without_a_usable_replica_falls_back_to_the_default_counted(stub, tmp_path):
+    """Issue 15: a route outage falls back to the default and says so. `sql` (its adapter on no replica) is
+    chosen by the rules: the default serves it with fallback `unavailable`, counted for the rules method; once
+    the adapter is back the destination serves again."""
+    stub.adapters.discard("sql-v1")
+    async with running_router(tmp_path, [stub.spec], table({"methods": ["classifier"]})) as (svc, c):
+        for prompt in ("select a from b", "x"):   # the classifier answers sql whatever the prompt
+            status, headers, _ = await ask(c, "auto", prompt)
+            assert status == 200 and served(stub) == "general-v1"
+            assert (headers[DESTINATION_HEADER], headers[METHOD_HEADER], headers[FALLBACK_HEADER]) == \
+                ("general", "default", "unavailable")
+        m = await metric_samples(c)
+        assert m[("loraplane_router_content_fallbacks_total",
+                  labels(model="auto", method="classifier", reason="unavailable"))] == 2
+        assert m[("loraplane_router_content_decisions_total",
+                  labels(model="auto", destination="general", method="default"))] == 2
+        stub.adapters.add("sql-v1")
+        await wait_for(lambda: all("sql-v1" in r.ready for r in svc.pool.replicas))
+        status, headers, _ = await ask(c, "auto", "x")
+        assert status == 200 and served(stub) == "sql-v1" and headers[DESTINATION_HEADER] == "sql"
+        assert FALLBACK_HEADER not in headers
+    # The rules' no-I/O path (decide_now) checks too.
+    stub.adapters.discard("sql-v1")
+    async with running_router(tmp_path, [stub.spec], table()) as (svc, c):
+        status, headers, _ = await ask(c, "auto", "select a from b")
+        assert status == 200 and served(stub) == "general-v1" and headers[FALLBACK_HEADER] == "unavailable"
+        m = await metric_samples(c)
+        assert m[("loraplane_router_content_fallbacks_total",
+                  labels(model="auto", method="rules", reason="unavailable"))] == 1
 
 
 async def test_invalid_bodies_are_refused_before_deciding(stub, tmp_path):
@@ -309,10 +342,127 @@ async def test_local_classifier_gets_the_engine_key(stub, tmp_path):
 
 async def test_external_destination_is_left_to_the_forwarding_path_with_the_headers(stub, tmp_path):
     content = {"destinations": [{"model": "docs", "rules": {"keywords": ["docs"]}}]}
+    other = await SmartStub("other", adapters={"docs"}).start()
+    try:
+        ext = [{"name": "docs", "route": "other", "url": other.engine_url}]
+        async with running_router(tmp_path, [stub.spec], table(content, ext)) as (svc, c):
+            status, headers, raw = await ask(c, "auto", "read the docs")
+            assert headers[DESTINATION_HEADER] == "docs" and status == 200, raw
+            assert json.loads(other.received[-1][1])["model"] == "docs"
+    finally:
+        await other.stop()
+
+
+class OutageRouter:
+    """Another route's router that answers 503 (Retry-After `retry_after`) while `down`, else 200; counts asks."""
+
+    def __init__(self, retry_after: str | None = "2", status: int = 503):
+        self.down, self.retry_after, self.asked, self.status = True, retry_after, 0, status
+        self.runner = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.asked += 1
+        if self.down:
+            headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+            return web.json_response({"error": {"code": "no_ready_replica"}}, status=self.status, headers=headers)
+        return web.json_response({"choices": [{"index": 0, "text": "remote"}]})
+
+    async def start(self) -> "OutageRouter":
+        app = web.Application()
+        app.router.add_post("/v1/completions", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def test_an_external_destination_at_zero_replicas_falls_back_to_the_default_and_is_marked(stub, tmp_path):
+    """Issue 15: the destination's route answers 503 (no ready replica): that request itself is sent to the
+    default (nothing reached the client yet), and for its Retry-After the route is not asked again: the
+    default serves at once; afterwards the route gets content-routed requests again."""
+    other = await OutageRouter(retry_after="1").start()
+    try:
+        content = {"destinations": [{"model": "docs", "rules": {"keywords": ["docs"]}}]}
+        ext = [{"name": "docs", "route": "other", "url": other.url}]
+        async with running_router(tmp_path, [stub.spec], table(content, ext)) as (svc, c):
+            for n in range(3):
+                status, headers, raw = await ask(c, "auto", "read the docs")
+                assert status == 200 and served(stub) == "general-v1", raw
+                assert (headers[DESTINATION_HEADER], headers[METHOD_HEADER], headers[FALLBACK_HEADER]) == \
+                    ("general", "default", "unavailable")
+            assert other.asked == 1   # marked after the first 503: the next two never went there
+            m = await metric_samples(c)
+            assert m[("loraplane_router_content_fallbacks_total",
+                      labels(model="auto", method="rules", reason="unavailable"))] == 3
+            # A request naming the external model is forwarded as before (the mark is content routing's).
+            status, _, _ = await ask(c, "docs", "x")
+            assert status == 503 and other.asked == 2
+            other.down = False
+            await asyncio.sleep(1.1)   # its Retry-After: 1
+            status, headers, raw = await ask(c, "auto", "read the docs")
+            assert status == 200 and headers[DESTINATION_HEADER] == "docs" and FALLBACK_HEADER not in headers
+            assert json.loads(raw)["choices"][0]["text"] == "remote"
+    finally:
+        await other.stop()
+
+
+async def test_an_unreachable_external_destination_falls_back_to_the_default(stub, tmp_path):
+    content = {"destinations": [{"model": "docs", "rules": {"keywords": ["docs"]}}]}
     ext = [{"name": "docs", "route": "other", "url": "http://127.0.0.1:9"}]
     async with running_router(tmp_path, [stub.spec], table(content, ext)) as (svc, c):
-        status, headers, raw = await ask(c, "auto", "read the docs")
-        assert headers[DESTINATION_HEADER] == "docs" and status in (200, 502, 503), raw
+        for _ in range(2):
+            status, headers, raw = await ask(c, "auto", "read the docs", stream=True)
+            assert status == 200 and raw.endswith(b"data: [DONE]\n\n") and served(stub) == "general-v1"
+            assert (headers[DESTINATION_HEADER], headers[FALLBACK_HEADER]) == ("general", "unavailable")
+
+
+async def test_an_external_outage_with_the_default_unavailable_too_is_relayed(stub, tmp_path):
+    stub.adapters.discard("general-v1")
+    other = await OutageRouter(retry_after=None).start()
+    try:
+        content = {"destinations": [{"model": "docs", "rules": {"keywords": ["docs"]}}]}
+        ext = [{"name": "docs", "route": "other", "url": other.url}]
+        async with running_router(tmp_path, [stub.spec], table(content, ext)) as (svc, c):
+            for n in (1, 2):
+                status, headers, _ = await ask(c, "auto", "read the docs")
+                assert status == 503 and headers[DESTINATION_HEADER] == "docs" and other.asked == n
+                assert FALLBACK_HEADER not in headers
+    finally:
+        await other.stop()
+
+
+async def test_an_external_502_is_relayed_and_later_requests_go_to_the_default(stub, tmp_path):
+    """A 502 of the route's router may come after its vLLM got the request: that one is not re-sent, but the
+    route is marked and the next request goes to the default."""
+    other = await OutageRouter(retry_after=None, status=502).start()
+    try:
+        content = {"destinations": [{"model": "docs", "rules": {"keywords": ["docs"]}}]}
+        ext = [{"name": "docs", "route": "other", "url": other.url}]
+        async with running_router(tmp_path, [stub.spec], table(content, ext)) as (svc, c):
+            status, headers, _ = await ask(c, "auto", "read the docs")
+            assert status == 502 and headers[DESTINATION_HEADER] == "docs" and other.asked == 1
+            status, headers, _ = await ask(c, "auto", "read the docs")
+            assert status == 200 and headers[FALLBACK_HEADER] == "unavailable" and other.asked == 1
+            assert served(stub) == "general-v1"
+    finally:
+        await other.stop()
+
+
+def test_mark_unavailable_reads_retry_after_capped():
+    from loraplane.router.orchestrate import EXTERNAL_DOWN_DEFAULT_S, EXTERNAL_DOWN_MAX_S
+    o = Orchestrator.__new__(Orchestrator)
+    o._down = {}
+    assert o.mark_unavailable("a", b" 3") == 3.0
+    assert o.mark_unavailable("a", b"3600") == EXTERNAL_DOWN_MAX_S
+    assert o.mark_unavailable("a", b"Wed, 21 Oct 2015 07:28:00 GMT") == EXTERNAL_DOWN_DEFAULT_S
+    assert o.mark_unavailable("a", None) == EXTERNAL_DOWN_DEFAULT_S
+    assert o.mark_unavailable("a", b"-5") == 0.0
 
 
 async def test_semantic_routes_by_similarity_with_the_index_built_once(stub, tmp_path):
