@@ -39,6 +39,8 @@ COMPLETIONS, CHAT_COMPLETIONS, MODELS = b"/v1/completions", b"/v1/chat/completio
 # An embedding route's endpoint (spec.engine.task embed: vLLM's pooling runner); proxied like a completion
 # (`model` rewritten, replica choice, metrics). A generation engine answers it with vLLM's own error.
 EMBEDDINGS = b"/v1/embeddings"
+# json.loads' own decoder (no options), for route_by_content's UTF-8 bodies.
+_JSON = json.JSONDecoder()
 # Every path `proxy` serves.
 INFERENCE_PATHS = frozenset((COMPLETIONS, CHAT_COMPLETIONS, EMBEDDINGS))
 
@@ -251,7 +253,10 @@ def route_by_content(router: Router, conn: ClientConnection, req: Request, conte
         obj = handle
     else:
         try:
-            obj = json.loads(body)
+            # json.loads(body) without its wrapper's encoding detection where that detection says UTF-8 (a body
+            # that starts `{` and a byte other than NUL): the same decoding, ~0.5 us less per request.
+            obj = _JSON.decode(body.decode("utf-8", "surrogatepass")) \
+                if body[:1] == b"{" and body[1:2] not in (b"\x00", b"") else json.loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             router.metrics.count_refused(content.name, 400)
             why = "nests arrays or objects too deeply to be read" if isinstance(exc, RecursionError) else \

@@ -165,8 +165,6 @@ class Orchestrator:
         self._indexes: dict[str, _IndexState] = {}
         self._index_class = index_class or semantic_index_class
         self._warned: dict[tuple[str, str, Fallback], float] = {}
-        # (destination, method, fallback) -> (head, rewrite): rendered once, not per request.
-        self._rendered: dict[tuple[str, str, Fallback | None], tuple[bytes, BackendRoute]] = {}
 
     # ---- the decision ----
 
@@ -244,14 +242,14 @@ class Orchestrator:
     def _decided(self, content: CompiledContentModel, destination: str, method: str, fallback: Fallback | None,
                  started: float) -> Decision:
         key = (destination, method, fallback)
-        rendered = self._rendered.get(key)
-        if rendered is None:
-            if len(self._rendered) >= 4096:   # names come from tables; a long-lived router sees many
-                self._rendered.clear()
-            rendered = self._rendered[key] = (decision_head(destination, method, fallback),
-                                              BackendRoute(destination, None, 0))
-        d = Decision(destination, method, fallback, time.perf_counter() - started, *rendered)
-        self.router.metrics.count_decision(content.name, destination, method, d.seconds)
+        rendered = content.decided.get(key)
+        if rendered is None:   # once per content model of a table and possible decision (bounded by the table)
+            rendered = content.decided[key] = (
+                decision_head(destination, method, fallback), BackendRoute(destination, None, 0),
+                self.router.metrics.decision_count(content.name, destination, method))
+        head, rewrite, count = rendered
+        d = Decision(destination, method, fallback, time.perf_counter() - started, head, rewrite)
+        count.count(d.seconds)
         if content.source.log_decisions:
             # Never the prompt (nor the client's headers): what was decided, how, and how long it took.
             log.info("content routing: model=%s destination=%s method=%s%s %.1fms", content.name, destination,
