@@ -23,7 +23,7 @@ from loraplane.router.forward import forward_external
 from loraplane.router.hold import Hold
 from loraplane.router.metrics import NO_BACKEND, UNKNOWN_MODEL
 from loraplane.router.orchestrate import Decision, Pending
-from loraplane.router.table import BadRequest, read_model, rewrite_model
+from loraplane.router.table import BackendRoute, BadRequest, PublicRoute, read_model, rewrite_model
 
 if TYPE_CHECKING:
     from loraplane.router.server import Router
@@ -39,6 +39,8 @@ COMPLETIONS, CHAT_COMPLETIONS, MODELS = b"/v1/completions", b"/v1/chat/completio
 # An embedding route's endpoint (spec.engine.task embed: vLLM's pooling runner); proxied like a completion
 # (`model` rewritten, replica choice, metrics). A generation engine answers it with vLLM's own error.
 EMBEDDINGS = b"/v1/embeddings"
+# json.loads' own decoder (no options), for route_by_content's UTF-8 bodies.
+_JSON = json.JSONDecoder()
 # Every path `proxy` serves.
 INFERENCE_PATHS = frozenset((COMPLETIONS, CHAT_COMPLETIONS, EMBEDDINGS))
 
@@ -158,7 +160,20 @@ def proxy(router: Router, conn: ClientConnection, req: Request, hold: Hold | Non
                            "NotFoundError", "model_not_found", "model", extra=req.routed, close=close,
                            available_models=names)
         return True
+    return send_named(router, conn, req, model, route, body, handle, hold)
+
+
+def send_named(router: Router, conn: ClientConnection, req: Request, model: str, route: PublicRoute, body: bytes,
+               handle: object, hold: Hold | None = None, renamed: BackendRoute | None = None) -> bool:
+    """The named-model part of `proxy`: `route` (the public model `model` of the current table) picks the backend
+    and replica, and `body`'s `model` (located by `handle`, read_model's) is rewritten to the backend's served
+    name. `renamed`: a content-routing decision's destination (`body` still names the content-routed model):
+    the body is rewritten to name it only where it is kept (a held request is proxied again from `req.body`) or
+    logged, so a decided request is read and rewritten once, as a named one is. Returns as `proxy`."""
+    close = not req.keep_alive
     if router.log_prompts and hold is None:
+        if renamed is not None:
+            body, handle, renamed = _renamed(req, body, handle, renamed)
         log.info("request body (router.logPrompts is on): %s", body.decode("utf-8", "replace"))
     sticky = req.sticky
     # A backend with no usable replica is skipped; its weight goes to the others.
@@ -182,6 +197,8 @@ def proxy(router: Router, conn: ClientConnection, req: Request, hold: Hold | Non
             if hold is not None:
                 return False   # still cold: stays held until a replica serves it or its time is up
             if router.cold_start_wait > 0 and (router.held or not router.pool.any_usable()):
+                if renamed is not None:
+                    _renamed(req, body, handle, renamed)
                 router.hold(conn, req, model)
                 return True
             router.metrics.count_refused(model, 503)
@@ -236,7 +253,10 @@ def route_by_content(router: Router, conn: ClientConnection, req: Request, conte
         obj = handle
     else:
         try:
-            obj = json.loads(body)
+            # json.loads(body) without its wrapper's encoding detection where that detection says UTF-8 (a body
+            # that starts `{` and a byte other than NUL): the same decoding, ~0.5 us less per request.
+            obj = _JSON.decode(body.decode("utf-8", "surrogatepass")) \
+                if body[:1] == b"{" and body[1:2] not in (b"\x00", b"") else json.loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             router.metrics.count_refused(content.name, 400)
             why = "nests arrays or objects too deeply to be read" if isinstance(exc, RecursionError) else \
@@ -273,10 +293,25 @@ def send_decided(router: Router, conn: ClientConnection, req: Request, body: byt
         req.fallback = fallback
     else:
         req.fallback = None
-    payload = rewrite_model(body, handle, decision.rewrite)
+    table = router.table
+    route = table.models.get(decision.destination) if table is not None else None
+    if route is not None:   # a public model of this route: straight to its backend, the body read once
+        send_named(router, conn, req, decision.destination, route, body, handle, None, decision.rewrite)
+        return
+    payload = rewrite_model(body, handle, decision.rewrite)   # another route's model (or none): proxy decides
     req.body = [payload]
     req.size = len(payload)
     proxy(router, conn, req)
+
+
+def _renamed(req: Request, body: bytes, handle: object, renamed: BackendRoute) -> tuple[bytes, object, None]:
+    """`body` rewritten to name `renamed` (a decision's destination), kept as `req.body`: (the new body, its
+    handle, None). Only for the rare paths that keep or log a decided request's body."""
+    payload = rewrite_model(body, handle, renamed)
+    req.body = [payload]
+    req.size = len(payload)
+    _, new_handle = read_model(payload)
+    return payload, new_handle, None
 
 
 async def _decide_and_send(router: Router, conn: ClientConnection, req: Request, content: CompiledContentModel,

@@ -48,6 +48,22 @@ class Hist:
         return out
 
 
+class DecisionCount:
+    """The decisions of one (content model, destination, method), and the latency histogram of its (content
+    model, method) that each adds to: held by the compiled content model, so a decision does no label lookup."""
+
+    __slots__ = ("n", "hist")
+
+    def __init__(self, hist: Hist):
+        self.n = 0
+        self.hist = hist
+
+    def count(self, seconds: float) -> None:
+        """Count one decision that took `seconds`."""
+        self.n += 1
+        self.hist.observe(seconds)
+
+
 class BackendStats:
     """The figures of one (public model, backend) pair."""
 
@@ -93,7 +109,7 @@ class RouterMetrics:
         # Content routing (router/orchestrate.py): decisions per (content model, destination, method), their
         # latency per (content model, method), and methods that did not choose per (content model, method, why).
         # Label values come from the table (names, methods) and orchestrate.Fallback: bounded.
-        self.decisions: dict[tuple[str, str, str], int] = {}
+        self.decisions: dict[tuple[str, str, str], DecisionCount] = {}
         self.decision_seconds: dict[tuple[str, str], Hist] = {}
         self.fallbacks: dict[tuple[str, str, str], int] = {}
         self._router = None
@@ -111,14 +127,21 @@ class RouterMetrics:
         self.count_held_result("released")
         self.hold_wait.observe(seconds)
 
+    def decision_count(self, model: str, destination: str, method: str) -> DecisionCount:
+        """The counter of content-routing decisions for `model` (the content-routed name) that chose
+        `destination` by `method`, created on first use and kept (a new table keeps counting on it)."""
+        key = (model, destination, method)
+        count = self.decisions.get(key)
+        if count is None:
+            hist = self.decision_seconds.get((model, method))
+            if hist is None:
+                hist = self.decision_seconds[(model, method)] = Hist(DECISION_BUCKETS)
+            count = self.decisions[key] = DecisionCount(hist)
+        return count
+
     def count_decision(self, model: str, destination: str, method: str, seconds: float) -> None:
         """Count one content-routing decision for `model` (the content-routed name) and its latency."""
-        key = (model, destination, method)
-        self.decisions[key] = self.decisions.get(key, 0) + 1
-        hist = self.decision_seconds.get((model, method))
-        if hist is None:
-            hist = self.decision_seconds[(model, method)] = Hist(DECISION_BUCKETS)
-        hist.observe(seconds)
+        self.decision_count(model, destination, method).count(seconds)
 
     def count_fallback(self, model: str, method: str, reason: str) -> None:
         """Count a method that did not choose a destination for `model`, and why (orchestrate.Fallback)."""
@@ -224,8 +247,8 @@ class _Collector:
                                         "Content-routing decisions, by content-routed model, destination and the "
                                         "method that chose it (`default`: none chose).",
                                         labels=["model", "destination", "method"])
-        for key, n in sorted(m.decisions.items()):
-            decisions.add_metric(list(key), n)
+        for key, count in sorted(m.decisions.items()):
+            decisions.add_metric(list(key), count.n)
         seconds = HistogramMetricFamily("loraplane_router_content_decision_seconds",
                                         "Time a content-routing decision took, by content-routed model and the "
                                         "method that decided.", labels=["model", "method"])

@@ -178,8 +178,6 @@ class Orchestrator:
         self._indexes: dict[str, _IndexState] = {}
         self._index_class = index_class or semantic_index_class
         self._warned: dict[tuple[str, str, Fallback], float] = {}
-        # (destination, method, fallback) -> (head, rewrite): rendered once, not per request.
-        self._rendered: dict[tuple[str, str, Fallback | None], tuple[bytes, BackendRoute]] = {}
         # External model name -> time.monotonic() until which it is unavailable (mark_unavailable).
         self._down: dict[str, float] = {}
 
@@ -227,7 +225,7 @@ class Orchestrator:
         if decision.fallback is not None or decision.destination == src.default or not self.available(src.default):
             return None
         self.router.metrics.count_fallback(src.name, decision.method, Fallback.Unavailable.value)
-        head, rewrite = self._render(src.default, DEFAULT_METHOD, Fallback.Unavailable)
+        head, rewrite, _count = self._rendered(content, src.default, DEFAULT_METHOD, Fallback.Unavailable)
         return Decision(src.default, DEFAULT_METHOD, Fallback.Unavailable, decision.seconds, head, rewrite)
 
     # ---- the decision ----
@@ -311,23 +309,25 @@ class Orchestrator:
                 # The chosen destination cannot serve: the default does (said by the header and the counter).
                 self.router.metrics.count_fallback(src.name, method, Fallback.Unavailable.value)
                 destination, method, fallback = src.default, DEFAULT_METHOD, Fallback.Unavailable
-        d = Decision(destination, method, fallback, time.perf_counter() - started,
-                     *self._render(destination, method, fallback))
-        self.router.metrics.count_decision(content.name, destination, method, d.seconds)
+        head, rewrite, count = self._rendered(content, destination, method, fallback)
+        d = Decision(destination, method, fallback, time.perf_counter() - started, head, rewrite)
+        count.count(d.seconds)
         if content.source.log_decisions:
             # Never the prompt (nor the client's headers): what was decided, how, and how long it took.
             log.info("content routing: model=%s destination=%s method=%s%s %.1fms", content.name, destination,
                      method, f" fallback={fallback.value}" if fallback else "", d.seconds * 1000)
         return d
 
-    def _render(self, destination: str, method: str, fallback: Fallback | None) -> tuple[bytes, BackendRoute]:
+    def _rendered(self, content: CompiledContentModel, destination: str, method: str,
+                  fallback: Fallback | None) -> tuple[bytes, BackendRoute, Any]:
+        """(the decision's response header lines, the rewrite target, its DecisionCount): made once per content
+        model of a table and possible decision (bounded by the table), not per request."""
         key = (destination, method, fallback)
-        rendered = self._rendered.get(key)
+        rendered = content.decided.get(key)
         if rendered is None:
-            if len(self._rendered) >= 4096:   # names come from tables; a long-lived router sees many
-                self._rendered.clear()
-            rendered = self._rendered[key] = (decision_head(destination, method, fallback),
-                                              BackendRoute(destination, None, 0))
+            rendered = content.decided[key] = (
+                decision_head(destination, method, fallback), BackendRoute(destination, None, 0),
+                self.router.metrics.decision_count(content.name, destination, method))
         return rendered
 
     async def _run(self, method: str, content: CompiledContentModel, text: bytes,

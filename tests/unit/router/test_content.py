@@ -224,3 +224,25 @@ def test_a_body_nested_too_deeply_is_a_bad_request_not_a_crash():
     body = b'{"mod\\u0065l": "auto", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     with pytest.raises(BadRequest, match="nests arrays or objects too deeply"):
         read_model(body)
+
+
+def test_rule_matchers_answer_as_re2_search_does():
+    # The rules call RE2's compiled program directly (content._matcher); its answer must be search's, on any text.
+    from loraplane.router import content as mod
+    programs = [compile_re2(r"(?i)\b(sql|query)\b", "p"), compile_re2(r"^$", "empty"), compile_re2(r"é+", "u"),
+                mod._keyword_program(["refund", "log in", "C++"], "k")]
+    texts = [b"", b"SQL?", b"mysql", b"a query here", "caf\u00e9\u00e9".encode(), b"please log   in", b"c++ x",
+             b"\xff\xfe not utf-8", b"x" * 10_000 + b" refund"]
+    for p in programs:
+        fast, slow = mod._matcher(p), (lambda t, p=p: p.search(t) is not None)
+        assert [fast(t) for t in texts] == [slow(t) for t in texts]
+
+    class Wrapped:   # a google-re2 without the internals the fast path uses: search answers
+        def __init__(self, p):
+            self.p = p
+
+        def search(self, text):
+            return self.p.search(text)
+
+    assert [mod._matcher(Wrapped(programs[0]))(t) for t in texts] == [programs[0].search(t) is not None
+                                                                      for t in texts]

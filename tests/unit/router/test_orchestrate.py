@@ -18,6 +18,7 @@ from aiohttp import web
 
 from loraplane.api.orchestration import DESTINATION_HEADER, FALLBACK_HEADER, METHOD_HEADER
 from loraplane.router.orchestrate import Orchestrator
+from loraplane.router.replicas import parse_replica_arg
 from support.router_running import running_router
 from support.router_stubs import StubReplica
 
@@ -558,3 +559,71 @@ async def test_a_deeply_nested_named_request_is_answered_400_not_disconnected(st
         async with c.post("/v1/completions", data=body) as resp:
             assert resp.status == 400
             assert "too deeply" in (await resp.json())["error"]["message"]
+
+
+# ---- the decided path's cost (issue 15: rules add less than 5% router CPU per request) ----
+
+
+async def test_a_rules_routed_request_reads_its_body_once_as_a_named_one(stub, tmp_path, monkeypatch):
+    # Before, the decided request was rewritten to name its destination and read again (read_model, a regex scan
+    # of the whole body) before the named-model path rewrote it once more to the served name.
+    import loraplane.router.dispatch as dispatch
+    calls = []
+    real = dispatch.read_model
+
+    def spy(body):
+        calls.append(body)
+        return real(body)
+
+    monkeypatch.setattr(dispatch, "read_model", spy)
+    async with running_router(tmp_path, [stub.spec], table()) as (svc, c):
+        for prompt, backend in (("refund please", "support-v1"), ("tell me a story", "general-v1")):
+            calls.clear()
+            status, headers, _ = await ask(c, "auto", prompt)
+            assert status == 200 and headers["X-Loraplane-Backend"] == backend and served(stub) == backend
+            assert len(calls) == 1, calls
+        calls.clear()
+        status, _, _ = await ask(c, "sql", "refund")
+        assert status == 200 and len(calls) == 1
+
+
+async def test_a_decided_request_held_for_a_cold_start_is_released_to_its_destination(tmp_path):
+    # The decided request skips the rewrite to its destination's name; where it is kept (held until a replica
+    # serves it, then proxied again from req.body) it must still name the destination, never `auto`.
+    async with running_router(tmp_path, [], table(cold_start_wait_seconds=20, cold_start_max_requests=4)) as \
+            (svc, c):
+        sent = asyncio.create_task(ask(c, "auto", "refund please"))
+        await wait_for(lambda: len(svc.router.held) == 1)
+        (held,) = svc.router.held
+        assert json.loads(b"".join(held.req.body))["model"] == "support" and held.req.size == len(held.req.body[0])
+        s = await SmartStub("a", adapters=set(ADAPTERS)).start()
+        try:
+            svc.pool.set_replicas([parse_replica_arg(s.spec)])
+            await svc.pool.poll_once(svc._poll_session)
+            status, headers, _ = await sent
+            assert status == 200 and headers[DESTINATION_HEADER] == "support", headers
+            assert headers["X-Loraplane-Backend"] == "support-v1" and served(s) == "support-v1"
+        finally:
+            await s.stop()
+
+
+async def test_prompt_logging_of_a_decided_request_logs_the_body_naming_its_destination(stub, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="loraplane.router")
+    async with running_router(tmp_path, [stub.spec], table(log_prompts=True)) as (svc, c):
+        status, _, _ = await ask(c, "auto", "refund please")
+        assert status == 200 and served(stub) == "support-v1"
+    logged = [r.getMessage() for r in caplog.records if "logPrompts" in r.getMessage()]
+    assert len(logged) == 1 and '"model": "support"' in logged[0] and "refund please" in logged[0], logged
+
+
+async def test_utf16_and_bom_bodies_are_still_decided(stub, tmp_path):
+    # route_by_content decodes UTF-8 bodies itself; every other encoding json.loads reads goes to json.loads.
+    async with running_router(tmp_path, [stub.spec], table()) as (svc, c):
+        text = json.dumps({"model": "auto", "prompt": "refund please"})
+        for body in (text.encode("utf-16"), b"\xef\xbb\xbf" + text.encode(), text.encode("utf-16-le"),
+                     b" " + text.encode()):
+            async with c.post("/v1/completions", data=body, headers={"Content-Type": "application/json"}) as resp:
+                assert resp.status == 200, (body[:8], await resp.text())
+                assert resp.headers[DESTINATION_HEADER] == "support"
+        async with c.post("/v1/completions", data=b'{"model": "auto", "prompt": "x",}') as resp:
+            assert resp.status == 400 and "not valid JSON" in (await resp.json())["error"]["message"]
