@@ -559,7 +559,7 @@ def test_content_routing(quickstart, make_adapter):
 
     qs, k = quickstart, quickstart.kubectl
     fox_dir = qs.installed.pvc_dir(QS_NS, ARTIFACT_CLAIM) / "e2e" / "fox"
-    shutil.copytree(make_adapter("fox", TOY_PHRASES[1]), fox_dir, dirs_exist_ok=True)
+    shutil.copytree(make_adapter("e2e-fox", TOY_PHRASES[1]), fox_dir, dirs_exist_ok=True)
     config = json.loads((fox_dir / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = ""   # trained on the host's copy of the model: the claim's path differs
     (fox_dir / "adapter_config.json").write_text(json.dumps(config))

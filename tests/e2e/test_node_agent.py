@@ -98,14 +98,18 @@ def test_failing_readiness_probe_never_becomes_ready(e2e_plane, e2e_namespace):
 
     e2e_plane.wait(lambda: ready(read(e2e_plane, e2e_namespace, "good")), 60, "the good server Ready")
     # The failing one: running and probed (its server logs the 404s), and never Ready meanwhile.
-    deadline = time.monotonic() + 4
-    while time.monotonic() < deadline:
+    # Watched for at least 4 s and until its server has logged a probe's 404 (a loaded machine may take longer
+    # than 4 s to send the first one; the pod must stay unready all along either way).
+    started = time.monotonic()
+    probed = False
+    while not probed or time.monotonic() < started + 4:
         pod = read(e2e_plane, e2e_namespace, "never")
         assert not ready(pod), pod.status
+        probed = probed or '"GET /missing HTTP/1.1" 404' in e2e_plane.pod_log(e2e_namespace, "never", "web")
+        assert time.monotonic() < started + 60, "the readiness probe never reached the server in 60 s"
         time.sleep(0.2)
     assert pod.status.phase == "Running" and pod.status.container_statuses[0].state.running
     assert pod.status.container_statuses[0].ready is False
-    assert '"GET /missing HTTP/1.1" 404' in e2e_plane.pod_log(e2e_namespace, "never", "web")
     ep = api.read_namespaced_endpoints("never", e2e_namespace)
     assert all(not s.addresses for s in ep.subsets or [])
     assert [a.ip for s in ep.subsets for a in s.not_ready_addresses or []] == [pod.status.pod_ip]
