@@ -31,6 +31,7 @@ from typing import Annotated, ClassVar, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
+from loraplane.api.patterns import compile_re2
 from loraplane.api.common import ApiModel, CelRule
 from loraplane.api.paths import ROUTER_PORT
 
@@ -99,18 +100,7 @@ def compile_pattern(pattern: str):
     program memory bounded at PATTERN_MAX_MEM), with the options the router matches it with. Raises ValueError
     saying why RE2 refuses it. The API validates spec patterns with it, so a pattern the router cannot run never
     reaches a serving table."""
-    import re2   # late import: only a spec with a pattern needs it (google-re2 is a dependency of the package)
-
-    options = re2.Options()
-    options.log_errors = False
-    options.max_mem = PATTERN_MAX_MEM
-    try:
-        return re2.compile(pattern, options)
-    except re2.error as exc:
-        detail = exc.args[0] if exc.args else exc
-        if isinstance(detail, bytes):
-            detail = detail.decode(errors="replace")
-        raise ValueError(f"RE2 refuses it ({detail})") from None
+    return compile_re2(pattern, PATTERN_MAX_MEM)
 
 
 def classifier_prompt(text: str) -> str:

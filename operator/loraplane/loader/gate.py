@@ -35,9 +35,9 @@ from functools import cached_property, update_wrapper
 from pathlib import Path
 from typing import Any
 
-import re2   # google-re2: linear-time matching of target_modules patterns
 
 from loraplane.api.modelroute import ENGINE_VERSION
+from loraplane.api.patterns import compile_re2
 from loraplane.api.redaction import redacted
 from loraplane.api.reasons import Reason
 from loraplane.storage.uri import recorded_path
@@ -868,13 +868,7 @@ def _compile_target_pattern(pattern: str) -> tuple[Any, str | None]:
     refuses what needs backtracking; its program size is bounded (max_mem) so a pattern cannot blow up memory."""
     if len(pattern) > MAX_PATTERN_CHARS:
         return None, f"it is {len(pattern)} characters long (at most {MAX_PATTERN_CHARS})"
-    options = re2.Options()
-    options.log_errors = False
-    options.max_mem = 8 << 20
     try:
-        return re2.compile(pattern, options), None
-    except re2.error as exc:
-        detail = exc.args[0] if exc.args else exc
-        if isinstance(detail, bytes):
-            detail = detail.decode(errors="replace")
-        return None, f"RE2 refuses it ({detail})"
+        return compile_re2(pattern), None
+    except ValueError as exc:
+        return None, str(exc)

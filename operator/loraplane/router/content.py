@@ -25,11 +25,13 @@ from typing import Callable
 
 import re2   # google-re2: linear-time matching, bounded memory (as loader/gate.py)
 
+from loraplane.api import patterns
 from loraplane.api.orchestration import MAX_DECISION_TEXT_CHARS, ContentModel, WireDestination
 
-# Program memory of one compiled RE2 (bytes): as loader/gate.py and trainer/evaluate.py. 256 keywords of 200
-# characters each, case-insensitive, compile in ~1 MiB with the boundaries factored out (see _keyword_program).
-RE2_MAX_MEM = 8 << 20
+# Program memory of one compiled RE2 (bytes): the shared bound (api.patterns), as loader/gate.py and
+# trainer/evaluate.py. 256 keywords of 200 characters each, case-insensitive, compile in ~1 MiB with the
+# boundaries factored out (see _keyword_program).
+RE2_MAX_MEM = patterns.RE2_MAX_MEM
 # A "word" character for keyword boundaries: letters, digits (any script) and `_`; RE2's \b is ASCII-only.
 _WORD = r"[\pL\pN_]"
 _NON_WORD = r"[^\pL\pN_]"
@@ -55,26 +57,16 @@ def _matcher(program) -> Callable[[bytes], bool]:
     return lambda text: raw(_UNANCHORED, text, 0, len(text))[0][0] >= 0
 
 
-def _options() -> re2.Options:
-    options = re2.Options()
-    options.log_errors = False
-    options.max_mem = RE2_MAX_MEM
-    return options
-
-
 def compile_re2(pattern: str, what: str):
-    """An RE2 program for `pattern` over UTF-8 bytes (linear time, program memory at most RE2_MAX_MEM).
-    Raises ValueError naming `what` and why RE2 refuses it (backreferences, lookaround, too large)."""
+    """An RE2 program for `pattern` over UTF-8 bytes (linear time, program memory at most RE2_MAX_MEM; the
+    shared api.patterns.compile_re2). Raises ValueError naming `what` and why RE2 refuses it (backreferences,
+    lookaround, too large)."""
     try:
-        return re2.compile(pattern.encode("utf-8"), _options())
+        return patterns.compile_re2(pattern.encode("utf-8"), RE2_MAX_MEM)
     except UnicodeEncodeError:   # a lone surrogate: JSON can spell one, UTF-8 cannot
         raise ValueError(f"{what}: it holds a lone surrogate (\\ud800-\\udfff), not a character") from None
-    except re2.error as exc:
-        detail = exc.args[0] if exc.args else exc
-        if isinstance(detail, bytes):
-            detail = detail.decode(errors="replace")
-        raise ValueError(f"{what}: RE2 refuses it ({detail}); RE2 syntax has no backreferences or lookaround") \
-            from None
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}; RE2 syntax has no backreferences or lookaround") from None
 
 
 def _keyword_program(keywords: list[str], what: str):

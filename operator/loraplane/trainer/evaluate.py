@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 from loraplane.api.common import now_rfc3339
 from loraplane.api.evaluation import EvaluationMetric, EvaluationResult, EvaluationScores
 from loraplane.api.finetunejob import EvaluationSpec
+from loraplane.api.patterns import compile_re2
 from loraplane.api.redaction import redacted
 from loraplane.api.wire.trainer import PreviousVersion
 from loraplane.trainer import data
@@ -67,18 +68,9 @@ def contains(completion: str, reference: str) -> float:
 def compile_pattern(pattern: str):
     """An RE2 program for a record's pattern (linear-time matching, program memory bounded at 8 MiB, as the
     loader's target_modules patterns). Raises ValueError saying why RE2 refuses it."""
-    import re2
-
     if len(pattern) > MAX_PATTERN_CHARS:
         raise ValueError(f"it is {len(pattern)} characters long (at most {MAX_PATTERN_CHARS})")
-    options = re2.Options()
-    options.log_errors = False
-    options.max_mem = 8 << 20
-    try:
-        return re2.compile(pattern, options)
-    except re2.error as exc:
-        detail = exc.args[0] if exc.args else exc
-        raise ValueError(f"RE2 refuses it ({detail.decode(errors='replace') if isinstance(detail, bytes) else detail})")
+    return compile_re2(pattern)
 
 
 def regex_match(completion: str, pattern) -> float:
