@@ -27,12 +27,13 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Annotated, ClassVar, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from loraplane.api.patterns import compile_re2
-from loraplane.api.common import ApiModel, CelRule
+from loraplane.api.common import DNS_1035_LABEL, ApiModel, CelRule
 from loraplane.api.paths import ROUTER_PORT
 
 # A public model name (the same grammar as spec.routes[].name).
@@ -420,3 +421,70 @@ def router_url(route: str, namespace: str) -> str:
     namespace. A ModelRoute name is a DNS-1035 label of at most 50 characters, so `<route>-router` is the router
     Service's name exactly as builders.modelroute names it (a test checks the two agree)."""
     return f"http://{route}-router.{namespace}.svc:{ROUTER_PORT}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a stored ModelRoute publishes (read by the operator for ownership and status, and by the gateway)
+
+# A route name its router Service can be named after (the API refuses others, but the API server stores any DNS
+# subdomain, e.g. `a.b`, whose router URL would name another host); public model names of the API's grammar.
+_ROUTE_NAME = re.compile(DNS_1035_LABEL)
+_PUBLIC_NAME = re.compile(PUBLIC_NAME)
+
+
+def is_route_name(name: object) -> bool:
+    """Whether a stored ModelRoute's metadata.name is one the operator serves: a DNS-1035 label of at most 50
+    characters (api.modelroute's rule), so `router_url` of it names that route's router Service and no other host."""
+    return isinstance(name, str) and len(name) <= 50 and _ROUTE_NAME.match(name) is not None
+
+
+@dataclass(frozen=True)
+class Publication:
+    """What one ModelRoute of a namespace publishes, from its stored object: its name, its
+    metadata.creationTimestamp, its served public models with their readiness (status.models) and its
+    content-routed models with theirs (status.contentModels). Hashable: the controller keys its memo on
+    `naming`."""
+
+    route: str
+    created: str
+    models: tuple[tuple[str, bool], ...] = ()
+    content: tuple[tuple[str, bool], ...] = ()
+
+    def names(self) -> list[str]:
+        """Every public name it publishes (served models, then content models)."""
+        return [n for n, _ in self.models] + [n for n, _ in self.content]
+
+    @property
+    def naming(self) -> tuple:
+        """What ownership and the serving table depend on (names, not readiness)."""
+        return self.route, self.created, tuple(n for n, _ in self.models), tuple(n for n, _ in self.content)
+
+
+def _entries(value: object) -> tuple[tuple[str, bool], ...]:
+    """(name, ready) of a status list as stored; entries of another shape are skipped (the object is read from
+    the API server, whose schema a foreign writer of the status may not have followed)."""
+    if not isinstance(value, list):
+        return ()
+    out: dict[str, bool] = {}
+    for item in value:
+        if (isinstance(item, dict) and isinstance(name := item.get("name"), str) and len(name) <= 200
+                and _PUBLIC_NAME.match(name)):
+            out.setdefault(name, item.get("ready") is True)
+    return tuple(out.items())
+
+
+def publication(body: dict) -> Publication:
+    """The Publication of a ModelRoute object (a dict as the store holds it). A route with no status yet
+    publishes nothing: a name is published once the route's operator reconcile wrote it into status. Neither does
+    a route whose name is no DNS-1035 label of at most 50 characters, and only public names of the API's grammar
+    count (as the gateway reads them)."""
+    meta = body.get("metadata") or {}
+    status = body.get("status") if isinstance(body.get("status"), dict) else {}
+    created = meta.get("creationTimestamp")
+    name = str(meta.get("name") or "")
+    if not is_route_name(name):
+        # Not a route name the operator serves (it refuses the spec): it publishes nothing, so no router URL is
+        # ever built from it.
+        return Publication(route=name, created=created if isinstance(created, str) else "")
+    return Publication(route=name, created=created if isinstance(created, str) else "",
+                       models=_entries(status.get("models")), content=_entries(status.get("contentModels")))

@@ -15,76 +15,17 @@ controller reads them from its stores, tests build them by hand.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 
-from loraplane.api.common import DNS_1035_LABEL
 from loraplane.api.modelroute import ModelRoute
 from loraplane.api.orchestration import (
-    PUBLIC_NAME, ContentModel, ContentRoute, ExternalModel, WireClassifier, WireDestination, WireRules, WireSemantic,
-    public_name_owners,
+    ContentModel, ContentRoute, ExternalModel, Publication, WireClassifier, WireDestination, WireRules,
+    WireSemantic, public_name_owners,
 )
 
-# What the gateway also requires of a stored route (router/gateway.route_names): a route name its router Service
-# can be named after (the API refuses others, but the API server stores any DNS subdomain, e.g. `a.b`, whose
-# router URL would name another host), and public model names of the API's grammar.
-_ROUTE_NAME = re.compile(DNS_1035_LABEL)
-_PUBLIC_NAME = re.compile(PUBLIC_NAME)
 from loraplane.builders.modelroute import router_url
-
-
-@dataclass(frozen=True)
-class Publication:
-    """What one ModelRoute of a namespace publishes, from its stored object: its name, its
-    metadata.creationTimestamp, its served public models with their readiness (status.models) and its
-    content-routed models with theirs (status.contentModels). Hashable: the controller keys its memo on
-    `naming`."""
-
-    route: str
-    created: str
-    models: tuple[tuple[str, bool], ...] = ()
-    content: tuple[tuple[str, bool], ...] = ()
-
-    def names(self) -> list[str]:
-        """Every public name it publishes (served models, then content models)."""
-        return [n for n, _ in self.models] + [n for n, _ in self.content]
-
-    @property
-    def naming(self) -> tuple:
-        """What ownership and the serving table depend on (names, not readiness)."""
-        return self.route, self.created, tuple(n for n, _ in self.models), tuple(n for n, _ in self.content)
-
-
-def _entries(value: object) -> tuple[tuple[str, bool], ...]:
-    """(name, ready) of a status list as stored; entries of another shape are skipped (the object is read from
-    the API server, whose schema a foreign writer of the status may not have followed)."""
-    if not isinstance(value, list):
-        return ()
-    out: dict[str, bool] = {}
-    for item in value:
-        if (isinstance(item, dict) and isinstance(name := item.get("name"), str) and len(name) <= 200
-                and _PUBLIC_NAME.match(name)):
-            out.setdefault(name, item.get("ready") is True)
-    return tuple(out.items())
-
-
-def publication(body: dict) -> Publication:
-    """The Publication of a ModelRoute object (a dict as the store holds it). A route with no status yet
-    publishes nothing: a name is published once the route's operator reconcile wrote it into status. Neither does
-    a route whose name is no DNS-1035 label of at most 50 characters, and only public names of the API's grammar
-    count (as the gateway reads them)."""
-    meta = body.get("metadata") or {}
-    status = body.get("status") if isinstance(body.get("status"), dict) else {}
-    created = meta.get("creationTimestamp")
-    name = str(meta.get("name") or "")
-    if len(name) > 50 or not _ROUTE_NAME.match(name):
-        # Not a route name the operator serves (it refuses the spec): it publishes nothing, so no router URL is
-        # ever built from it.
-        return Publication(route=name, created=created if isinstance(created, str) else "")
-    return Publication(route=name, created=created if isinstance(created, str) else "",
-                       models=_entries(status.get("models")), content=_entries(status.get("contentModels")))
 
 
 def route_created(route: ModelRoute) -> str:

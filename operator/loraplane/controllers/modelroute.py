@@ -23,7 +23,8 @@ from loraplane.api.wire.serving import CONFIGMAP_KEY, AdapterState, ReplicaRepor
 from loraplane.builders import engine_pod
 from loraplane.builders import modelroute as route_builders
 from loraplane.builders.policy import policy_message
-from loraplane.builders.orchestration import Publication, publication, publication_changes, referenced_names
+from loraplane.api.orchestration import Publication, publication
+from loraplane.builders.orchestration import publication_changes, referenced_names
 from loraplane.builders.resolution import (Resolution, Verdict, resolve, route_selection, route_selects,
                                           selection_index, with_others)
 from loraplane.controllers.base import API, Context, Controller

@@ -27,8 +27,8 @@ import logging
 import re
 from collections.abc import AsyncIterator, Iterable
 
-from loraplane.api.common import API_VERSION, DNS_1035_LABEL
-from loraplane.api.orchestration import PUBLIC_NAME, ExternalModel, public_name_owners, router_url
+from loraplane.api.common import API_VERSION
+from loraplane.api.orchestration import ExternalModel, is_route_name, public_name_owners, publication, router_url
 from loraplane.api.wire.serving import RouterSettings, ServingTable
 from loraplane.kube.client import ApiError, KubeClient
 from loraplane.kube.informer import Informer, Source, Store, key_of
@@ -41,8 +41,6 @@ log = logging.getLogger("loraplane.router")
 GATEWAY_MAX_REQUEST_BYTES = 64 << 20
 _DEFAULT_ROUTER = RouterSettings()
 GATEWAY_ROUTE = "gateway"   # the synthesised table's `route` (its /v1/models entries name their own routes)
-_ROUTE_NAME = re.compile(DNS_1035_LABEL)
-_PUBLIC_NAME = re.compile(PUBLIC_NAME)
 # --route-selector: equality terms only (key=value,...): a label key (optional DNS prefix) and a label value.
 _SELECTOR_TERM = re.compile(r"^((?:[a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)="
                             r"(([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?)$")
@@ -63,21 +61,12 @@ def parse_route_selector(text: str) -> str:
 def route_names(obj: dict) -> tuple[str, str, list[str]] | None:
     """(route name, creationTimestamp, its public names) of a ModelRoute object as the API returns it, or None
     when it cannot be served (a name that is not a route name). The names are status.models[].name then
-    status.contentModels[].name, each a public model name (others skipped: status is read, not trusted)."""
-    meta = obj.get("metadata") or {}
-    name = meta.get("name")
-    if not isinstance(name, str) or len(name) > 50 or not _ROUTE_NAME.match(name):
+    status.contentModels[].name, each a public model name (others skipped: status is read, not trusted), each once:
+    what the operator reads of it too (api.orchestration.publication)."""
+    if not is_route_name((obj.get("metadata") or {}).get("name")):
         return None
-    created = meta.get("creationTimestamp")
-    status = obj.get("status") if isinstance(obj.get("status"), dict) else {}
-    names: list[str] = []
-    for field in ("models", "contentModels"):
-        entries = status.get(field)
-        for entry in entries if isinstance(entries, list) else ():
-            n = entry.get("name") if isinstance(entry, dict) else None
-            if isinstance(n, str) and len(n) <= 200 and _PUBLIC_NAME.match(n) and n not in names:
-                names.append(n)
-    return name, created if isinstance(created, str) else "", names
+    pub = publication(obj)
+    return pub.route, pub.created, list(dict.fromkeys(pub.names()))
 
 
 def route_limits(obj: dict) -> tuple[float, int]:

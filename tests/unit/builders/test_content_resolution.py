@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from loraplane.api import Adapter, ModelRoute
 from loraplane.api.paths import ROUTER_PORT
-from loraplane.builders.orchestration import (Publication, publication, publication_changes, referenced_names,
+from loraplane.api.orchestration import Publication, publication
+from loraplane.builders.orchestration import (publication_changes, referenced_names,
                                               resolve_content)
 from loraplane.builders.resolution import resolve
 
