@@ -106,11 +106,12 @@ class RouterMetrics:
         # ones waited, and how each hold ended.
         self.held_results: dict[str, int] = {}
         self.hold_wait = Hist(LATENCY_BUCKETS)
-        # Content routing (router/orchestrate.py): decisions per (content model, destination, method), their
-        # latency per (content model, method), and methods that did not choose per (content model, method, why).
+        # Content routing (router/orchestrate.py): decisions and their latency per (content model, destination,
+        # method) (issue 15: a counter and a latency histogram per destination and per method), and methods that
+        # did not choose per (content model, method, why).
         # Label values come from the table (names, methods) and orchestrate.Fallback: bounded.
         self.decisions: dict[tuple[str, str, str], DecisionCount] = {}
-        self.decision_seconds: dict[tuple[str, str], Hist] = {}
+        self.decision_seconds: dict[tuple[str, str, str], Hist] = {}
         self.fallbacks: dict[tuple[str, str, str], int] = {}
         self._router = None
         self.scale_wakeups = Counter("loraplane_router_scale_wakeups", "Scale-subresource wake-ups of the engine "
@@ -128,14 +129,12 @@ class RouterMetrics:
         self.hold_wait.observe(seconds)
 
     def decision_count(self, model: str, destination: str, method: str) -> DecisionCount:
-        """The counter of content-routing decisions for `model` (the content-routed name) that chose
-        `destination` by `method`, created on first use and kept (a new table keeps counting on it)."""
+        """The counter and latency histogram of content-routing decisions for `model` (the content-routed name)
+        that chose `destination` by `method`, created on first use and kept (a new table keeps counting on it)."""
         key = (model, destination, method)
         count = self.decisions.get(key)
         if count is None:
-            hist = self.decision_seconds.get((model, method))
-            if hist is None:
-                hist = self.decision_seconds[(model, method)] = Hist(DECISION_BUCKETS)
+            hist = self.decision_seconds[key] = Hist(DECISION_BUCKETS)
             count = self.decisions[key] = DecisionCount(hist)
         return count
 
@@ -250,8 +249,9 @@ class _Collector:
         for key, count in sorted(m.decisions.items()):
             decisions.add_metric(list(key), count.n)
         seconds = HistogramMetricFamily("loraplane_router_content_decision_seconds",
-                                        "Time a content-routing decision took, by content-routed model and the "
-                                        "method that decided.", labels=["model", "method"])
+                                        "Time a content-routing decision took, by content-routed model, "
+                                        "destination and the method that chose it (`default`: none chose).",
+                                        labels=["model", "destination", "method"])
         for key, h in sorted(m.decision_seconds.items()):
             seconds.add_metric(list(key), h.buckets(), h.sum)
         fallbacks = CounterMetricFamily("loraplane_router_content_fallbacks",

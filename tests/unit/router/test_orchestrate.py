@@ -182,7 +182,10 @@ async def test_rules_route_each_kind_and_say_so(stub, tmp_path):
                                                                     method="default"))] == 1
         assert m[("loraplane_router_content_fallbacks_total", labels(model="auto", method="rules",
                                                                     reason="no-match"))] == 1
-        assert m[("loraplane_router_content_decision_seconds_count", labels(model="auto", method="rules"))] == 2
+        # The decision latency per destination and method, as the counter (issue 15).
+        for dest, method in (("support", "rules"), ("sql", "rules"), ("general", "default")):
+            assert m[("loraplane_router_content_decision_seconds_count",
+                      labels(model="auto", destination=dest, method=method))] == 1, (dest, method)
         # The named path's own metrics count the destination as usual (public model = the destination).
         assert m[("loraplane_router_requests_total", labels(model="support", backend="support-v1", code="200"))] == 1
 
