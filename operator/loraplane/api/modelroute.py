@@ -31,7 +31,9 @@ from loraplane.api.common import (
     quantity_value,
 )
 from loraplane.api.finetunejob import immutable
-from loraplane.api.orchestration import ContentModelStatus, ContentRoute, pattern_budget
+from loraplane.api.orchestration import (  # noqa: F401  (the engine task names are read from here too)
+    ENGINE_TASK_EMBED, ENGINE_TASK_GENERATE, ContentModelStatus, ContentRoute, EngineTask, pattern_budget,
+)
 from loraplane.api.pods import PodSettings
 from loraplane.api.rollout import RolloutDefaults
 
@@ -80,10 +82,6 @@ class ModelCacheSpec(ApiModel):
         "or hostPath, where it would do nothing."))
 
 
-# spec.engine.task: what the route's vLLM serves (builders.engine_pod.engine_args turns it into vLLM's runner).
-ENGINE_TASK_GENERATE = "generate"
-ENGINE_TASK_EMBED = "embed"
-EngineTask = Literal["generate", "embed"]
 
 
 class EngineSpec(ApiModel):

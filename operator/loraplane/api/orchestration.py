@@ -36,6 +36,13 @@ from loraplane.api.patterns import compile_re2
 from loraplane.api.common import DNS_1035_LABEL, ApiModel, CelRule
 from loraplane.api.paths import ROUTER_PORT
 
+# spec.engine.task of a ModelRoute: what the route's vLLM serves (builders.engine_pod.engine_args turns it into
+# vLLM's runner). Here rather than in api.modelroute because a Publication carries it (which role another route's
+# public model can play in content routing) and api.modelroute imports this module.
+ENGINE_TASK_GENERATE = "generate"
+ENGINE_TASK_EMBED = "embed"
+EngineTask = Literal["generate", "embed"]
+
 # A public model name (the same grammar as spec.routes[].name).
 PUBLIC_NAME = r"^[A-Za-z0-9]([-A-Za-z0-9_.:/]*[A-Za-z0-9])?$"
 # A classifier label: what the classification adapter answers, one token-ish word.
@@ -370,7 +377,8 @@ class ContentDestinationStatus(ApiModel):
     ready: bool = False
     reason: str | None = Field(default=None, description=(
         "Why it is not ready: the owning route's backend reason (e.g. NotLoaded), ModelsNotReady for another "
-        "route's model, or ContentTargetNotFound when no route of the namespace publishes it."))
+        "route's model, ContentTargetNotFound when no route of the namespace publishes it, or "
+        "ContentTargetWrongTask when the route that does cannot answer this role (its spec.engine.task)."))
 
 
 class ContentModelStatus(ApiModel):
@@ -449,6 +457,8 @@ class Publication:
     created: str
     models: tuple[tuple[str, bool], ...] = ()
     content: tuple[tuple[str, bool], ...] = ()
+    # Its spec.engine.task: `embed` routes answer /v1/embeddings only, `generate` routes completions only.
+    task: str = ENGINE_TASK_GENERATE
 
     def names(self) -> list[str]:
         """Every public name it publishes (served models, then content models)."""
@@ -456,8 +466,9 @@ class Publication:
 
     @property
     def naming(self) -> tuple:
-        """What ownership and the serving table depend on (names, not readiness)."""
-        return self.route, self.created, tuple(n for n, _ in self.models), tuple(n for n, _ in self.content)
+        """What ownership and the serving table depend on (names and the engine task, not readiness)."""
+        return (self.route, self.created, tuple(n for n, _ in self.models), tuple(n for n, _ in self.content),
+                self.task)
 
 
 def _entries(value: object) -> tuple[tuple[str, bool], ...]:
@@ -487,4 +498,14 @@ def publication(body: dict) -> Publication:
         # ever built from it.
         return Publication(route=name, created=created if isinstance(created, str) else "")
     return Publication(route=name, created=created if isinstance(created, str) else "",
-                       models=_entries(status.get("models")), content=_entries(status.get("contentModels")))
+                       models=_entries(status.get("models")), content=_entries(status.get("contentModels")),
+                       task=engine_task(body))
+
+
+def engine_task(body: dict) -> str:
+    """spec.engine.task of a stored ModelRoute (a dict as the store holds it): `embed` or `generate` (the API's
+    default, also for a value of another shape: the API server's schema refuses any other)."""
+    spec = body.get("spec")
+    engine = spec.get("engine") if isinstance(spec, dict) else None
+    task = engine.get("task") if isinstance(engine, dict) else None
+    return ENGINE_TASK_EMBED if task == ENGINE_TASK_EMBED else ENGINE_TASK_GENERATE

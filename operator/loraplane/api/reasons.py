@@ -471,6 +471,15 @@ class Reason(StrEnum):
         "Fix the name in spec.contentRouting (the message suggests the served name closest to a typo: `did you "
         "mean 'sql'?`; `kubectl get modelroutes -o yaml` lists each route's status.models), or create the "
         "ModelRoute or Adapter that publishes it.", STALLED)
+    ContentTargetWrongTask = ("ContentTargetWrongTask", f"{ROUTE}; status.contentModels[].destinations[].reason",
+        "A spec.contentRouting model asks another ModelRoute's public model for what that route's vLLM does not "
+        "serve: its semantic.embeddingModel is served by a route with spec.engine.task generate (no "
+        "/v1/embeddings), or a destination, the default or the classifier by a route with spec.engine.task embed "
+        "(no completions). Every request would fail there, so the reference is treated as missing: such a "
+        "destination is never chosen, such a classifier or embedding model takes its method out (the default "
+        "serves), and with the default on an embed route the content model cannot serve.",
+        "Name a public model of a route whose spec.engine.task fits the role (embed for semantic.embeddingModel, "
+        "generate for the rest), or change that route's spec.engine.task.", STALLED)
     ModelsNotReady = ("ModelsNotReady", ROUTE,
         "Replicas are up but some public models have no ready backend; the message lists "
         "them.", "Look at each named Adapter's Ready condition.", RECONCILING)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 from loraplane.api import Adapter, FineTuneJob, ModelRoute, Resource
-from loraplane.api.modelroute import ENGINE_TASK_EMBED
 from loraplane.api.reasons import Reason
 from loraplane.builders import finetunejob, modelroute
 from loraplane.builders.common import Manifest
@@ -30,7 +29,8 @@ def route_resolution(route: ModelRoute, adapters: list[Adapter],
             table = resolve(other, mine).table
             others.append(Publication(other.metadata.name or "", route_created(other),
                                       models=tuple((m.name, True) for m in table.models),
-                                      content=tuple((c.name, True) for c in table.content_models)))
+                                      content=tuple((c.name, True) for c in table.content_models),
+                                      task=other.spec.engine.task))
     return resolve(route, mine, others=others)
 
 
@@ -68,40 +68,12 @@ def route_warnings(resources: list[Resource]) -> list[str]:
         resolution = route_resolution(r, adapters, routes)
         out += [f"{where}: {c.message}" for c in resolution.conflicts]
         if resolution.content.missing:
-            out.append(f"{where}: spec.contentRouting names what no ModelRoute among these files publishes (another "
-                       f"in the cluster may): {resolution.content.missing_message()}")
-        out += _engine_task_mismatches(where, r, resolution, routes)
+            out.append(f"{where}: spec.contentRouting names what no ModelRoute among these files can serve (another "
+                       f"in the cluster may publish it): {resolution.content.missing_message()}")
         out += [f"{where}: contentRouting {c.name!r}: {line}" for c in r.spec.content_routing for line in c.unreachable()]
         out += [f"{where}: backend {adapter} of {public!r} is left out ({verdict.reason}): {verdict.message}"
                 for (public, adapter), verdict in sorted(resolution.missing.items())
                 if not (verdict.reason == Reason.AdapterNotFound and (ns, adapter) in produced)]
-    return out
-
-
-def _engine_task_mismatches(where: str, route: ModelRoute, resolution: Resolution,
-                            routes: list[ModelRoute]) -> list[str]:
-    """One line per spec.contentRouting reference to another route among `routes` whose spec.engine.task cannot
-    answer it: an embedding model on a generate route (no /v1/embeddings: semantic would always fall back), or a
-    destination, default or classifier on an embed route (no completions). The same check within one route is
-    refused by the API (ModelRouteSpec); across routes only the files (or the cluster) know the other's task."""
-    ns = route.metadata.namespace or "default"
-    task = {r.metadata.name: r.spec.engine.task for r in routes if (r.metadata.namespace or "default") == ns}
-    out = []
-    for c in route.spec.content_routing:
-        for path, name in c.references():
-            target = resolution.content.targets.get(name)
-            if target is None or target.local or target.route not in task:
-                continue
-            other = task[target.route]
-            if path == "semantic.embeddingModel" and other != ENGINE_TASK_EMBED:
-                out.append(f"{where}: contentRouting {c.name!r}: semantic.embeddingModel {name!r} is served by "
-                           f"ModelRoute {target.route}, a generation model (spec.engine.task {other}) that has no "
-                           "/v1/embeddings: semantic routing would always fall back to the default; name the "
-                           "public model of a ModelRoute with spec.engine.task embed")
-            elif path != "semantic.embeddingModel" and other == ENGINE_TASK_EMBED:
-                out.append(f"{where}: contentRouting {c.name!r}: {path} {name!r} is served by ModelRoute "
-                           f"{target.route}, an embedding model (spec.engine.task embed) that cannot answer a "
-                           "completion: name a model of a ModelRoute with spec.engine.task generate")
     return out
 
 

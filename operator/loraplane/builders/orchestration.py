@@ -21,9 +21,10 @@ from difflib import get_close_matches
 
 from loraplane.api.modelroute import ModelRoute
 from loraplane.api.orchestration import (
-    ContentModel, ContentRoute, ExternalModel, Publication, WireClassifier, WireDestination, WireRules,
-    WireSemantic, public_name_owners,
+    ENGINE_TASK_EMBED, ContentModel, ContentRoute, ExternalModel, Publication, WireClassifier, WireDestination,
+    WireRules, WireSemantic, public_name_owners,
 )
+from loraplane.api.reasons import Reason
 
 from loraplane.builders.modelroute import router_url
 
@@ -37,13 +38,16 @@ def route_created(route: ModelRoute) -> str:
 @dataclass(frozen=True)
 class Target:
     """Where a public model a content model names is served: by this route (`local`), by another route
-    (`route`, then `external` is its ExternalModel), or nowhere (`missing` says why, reason ContentTargetNotFound)."""
+    (`route`, then `external` is its ExternalModel), or nowhere it can serve (`missing` says why, `reason` is
+    ContentTargetNotFound, or ContentTargetWrongTask for another route whose spec.engine.task cannot answer what
+    the reference asks)."""
 
     name: str
     route: str | None = None
     local: bool = False
     external: ExternalModel | None = None
     missing: str | None = None
+    reason: Reason = Reason.ContentTargetNotFound
 
 
 @dataclass
@@ -65,6 +69,15 @@ class ContentResolution:
             f"public model {name!r} is also published by ModelRoute {owner}, which is older and owns it in the "
             "namespace (the gateway and other routes' content routing send it there; this route still serves it "
             "on its own endpoint): rename it here or remove it from one of the two" for name, owner in self.conflicts)
+
+    @property
+    def missing_reason(self) -> Reason | None:
+        """The reason of the first missing reference (spec order): ContentTargetNotFound or ContentTargetWrongTask;
+        None when nothing is missing."""
+        for refs in self.missing.values():
+            for _path, name in refs:
+                return self.targets[name].reason
+        return None
 
     def missing_message(self) -> str:
         """One clause per content model with missing references, naming each field, name and why."""
@@ -114,6 +127,24 @@ def _did_you_mean(name: str, known: Sequence[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def _wrong_task(content: Sequence[ContentRoute], name: str, owner: str, task: str) -> str:
+    """Why route `owner` (spec.engine.task `task`) cannot answer what `content` asks of its public model `name`,
+    or "": an embedding model must be on an embed route (vLLM's pooling runner answers /v1/embeddings only), a
+    destination, default or classifier on a generate route (the pooling runner answers no completions). Within
+    one route the API refuses the same mismatch (ModelRouteSpec); across routes only the other's spec knows."""
+    embed = task == ENGINE_TASK_EMBED
+    for path, ref in (r for c in content for r in c.references()):
+        if ref != name or (path == "semantic.embeddingModel") == embed:
+            continue
+        if embed:
+            return (f"served by ModelRoute {owner}, an embedding model (spec.engine.task embed) that cannot answer "
+                    f"the completion {path} asks for; name a model of a ModelRoute with spec.engine.task generate")
+        return (f"served by ModelRoute {owner}, a generation model (spec.engine.task {task}) that has no "
+                "/v1/embeddings, so semantic routing would always fall back; name the public model of a ModelRoute "
+                "with spec.engine.task embed")
+    return ""
+
+
 def resolve_content(route: ModelRoute, served: Sequence[str], others: Sequence[Publication]) -> ContentResolution:
     """Resolve `route`'s spec.contentRouting.
 
@@ -148,6 +179,8 @@ def resolve_content(route: ModelRoute, served: Sequence[str], others: Sequence[P
             elif name not in dict(by_route[owner].models):
                 target = Target(name, route=owner, missing=f"a content-routed model of ModelRoute {owner}: "
                                 "content models do not chain")
+            elif why := _wrong_task(spec.content_routing, name, owner, by_route[owner].task):
+                target = Target(name, route=owner, missing=why, reason=Reason.ContentTargetWrongTask)
             else:
                 target = Target(name, route=owner,
                                 external=ExternalModel(name=name, route=owner, url=router_url(owner, ns)))
@@ -202,6 +235,8 @@ def publication_changes(before: Publication | None, after: Publication) -> tuple
     if before is None:
         names = set(after.names())
         return names, names
+    if before.task != after.task:   # every name now answers other requests (ContentTargetWrongTask or not)
+        return set(before.names()) | set(after.names()), set()
     bm, am = dict(before.models), dict(after.models)
     bc, ac = {n for n, _ in before.content}, {n for n, _ in after.content}
     presence = (bm.keys() ^ am.keys()) | (bc ^ ac)

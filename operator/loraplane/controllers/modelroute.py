@@ -23,7 +23,7 @@ from loraplane.api.wire.serving import CONFIGMAP_KEY, AdapterState, ReplicaRepor
 from loraplane.builders import engine_pod
 from loraplane.builders import modelroute as route_builders
 from loraplane.builders.policy import policy_message
-from loraplane.api.orchestration import Publication, publication
+from loraplane.api.orchestration import Publication, engine_task, publication
 from loraplane.builders.orchestration import publication_changes, referenced_names
 from loraplane.builders.resolution import (Resolution, Verdict, resolve, route_selection, route_selects,
                                           selection_index, with_others)
@@ -223,7 +223,7 @@ def content_status(route: ModelRoute, resolution: Resolution, models: list[Serve
         t = targets.get(name)
         if t is None or t.missing is not None:
             return ContentDestinationStatus(model=name, route=t.route if t else None, ready=False,
-                                            reason=Reason.ContentTargetNotFound)
+                                            reason=t.reason if t else Reason.ContentTargetNotFound)
         if t.local:
             m = served.get(name)
             ready = bool(m and m.ready)
@@ -368,7 +368,7 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
         mistakes.append((Reason.PublicNameConflict, "; ".join(
             [c.message for c in resolution.conflicts] + ([content.conflict_message()] if content.conflicts else []))))
     if content.missing:
-        mistakes.append((Reason.ContentTargetNotFound, "nothing in the namespace serves what spec.contentRouting "
+        mistakes.append((content.missing_reason, "nothing in the namespace can serve what spec.contentRouting "
                          f"names: {content.missing_message()}"))
     if mistakes:
         if new.phase == ModelRoutePhase.Ready:
@@ -382,7 +382,8 @@ def _published_part(body: dict) -> tuple:
     """The parts of a stored ModelRoute its Publication is read from (builders.orchestration.publication)."""
     status = body.get("status")
     status = status if isinstance(status, dict) else {}
-    return ((body.get("metadata") or {}).get("creationTimestamp"), status.get("models"), status.get("contentModels"))
+    return ((body.get("metadata") or {}).get("creationTimestamp"), status.get("models"), status.get("contentModels"),
+            engine_task(body))
 
 
 def accepted_base(table_json: str | None) -> BaseModelId | None:
@@ -806,7 +807,8 @@ class ModelRouteController(Controller):
         out.status = status_patch(current, dump_status(new), OWNED_STATUS)
         old_phase = current.get("phase")
         ready = new.condition(ConditionType.Ready)
-        warn = REPLICA_PROBLEMS + (Reason.SpecImmutable, Reason.PublicNameConflict, Reason.ContentTargetNotFound)
+        warn = REPLICA_PROBLEMS + (Reason.SpecImmutable, Reason.PublicNameConflict, Reason.ContentTargetNotFound,
+                                   Reason.ContentTargetWrongTask)
         if ready and ready.reason in warn and ready_reason(current) != ready.reason:
             out.events.append(Event(EventType.Warning, ready.reason, ready.message))
         elif old_phase != new.phase and new.phase in (ModelRoutePhase.Ready, ModelRoutePhase.Degraded) or (old_phase is None and new.phase):

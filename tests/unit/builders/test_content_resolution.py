@@ -177,7 +177,7 @@ def test_the_worked_example_of_docs_orchestration_parses_and_every_name_resolves
     assert len(adapters) == 2 and len(routes) == 3
     classifier = Adapter.model_validate({**adapters[0].model_dump(by_alias=True, exclude_none=True),
                                          "metadata": {"name": "router-classifier", "namespace": "team"}})
-    embeddings = Publication("embeddings", T1, models=(("embed", True),))
+    embeddings = Publication("embeddings", T1, models=(("embed", True),), task="embed")
     for r in routes:
         res = resolve(r, [*adapters, classifier], others=[embeddings])
         assert res.content.missing == {} and res.content.conflicts == [] and res.conflicts == []
@@ -247,7 +247,8 @@ def test_the_wire_invariant_holds_for_any_mix_of_local_external_missing_and_chai
         for i in range(rnd.randint(0, 3)):
             names = rnd.sample(pool, 2)
             others.append(Publication(f"r{i}", rnd.choice([T1, T3]), models=((names[0], rnd.random() < .5),),
-                                      content=((names[1], True),) if rnd.random() < .3 else ()))
+                                      content=((names[1], True),) if rnd.random() < .3 else (),
+                                      task=rnd.choice(["generate", "embed"])))
         res = resolve(route, [SQL], others=others)
         table = res.table
         known = {m.name for m in table.models} | {e.name for e in table.external_models}
@@ -311,9 +312,9 @@ def test_validate_warns_when_another_routes_model_cannot_answer_what_content_rou
         default="embed", methods=["semantic"], classifier=None, semantic={"embeddingModel": "chat"},
         destinations=[{"model": "sql", "examples": ["count rows"]}])]))
     warnings = route_warnings([wrong, embeddings, chat, SQL])
-    assert any("semantic.embeddingModel 'chat' is served by ModelRoute chatty, a generation model" in w
+    assert any("semantic.embeddingModel 'chat' (served by ModelRoute chatty, a generation model" in w
                and "spec.engine.task embed" in w for w in warnings), warnings
-    assert any("default 'embed' is served by ModelRoute embeddings, an embedding model" in w
+    assert any("default 'embed' (served by ModelRoute embeddings, an embedding model" in w
                and "spec.engine.task generate" in w for w in warnings), warnings
     right = ModelRoute.model_validate(route_body(content=[auto(
         default="general", methods=["semantic"], classifier=None, semantic={"embeddingModel": "embed"},
@@ -331,3 +332,48 @@ def test_validate_warns_about_a_destination_no_listed_method_can_choose():
     warnings = route_warnings([front, SQL])
     assert warnings == ["ModelRoute team/front: contentRouting 'auto': destinations[2] 'sql' can never be chosen by "
                         "methods ['rules', 'classifier']: give it `rules` or `label`"], warnings
+
+
+def test_another_routes_model_whose_engine_task_cannot_answer_the_role_is_wrong_task_and_left_out():
+    """The operator knows every route's spec.engine.task (Publication.task): an embedding model on a generate
+    route, or a classifier or destination on an embed route, would fail on every request, so it is treated as
+    missing with ContentTargetWrongTask (the method is taken out, the destination never chosen), never sent to."""
+    from loraplane.api.reasons import Reason
+
+    others = [Publication("chatty", T1, models=(("chat", True), ("router-clf", True), ("support", True))),
+              Publication("embeddings", T1, models=(("embed", True), ("emb-clf", True)), task="embed")]
+    wrong = ModelRoute.model_validate(route_body(content=[auto(
+        semantic={"embeddingModel": "chat"}, classifier={"model": "emb-clf"})]))
+    res = resolve(wrong, [SQL], others=others)
+    targets = res.content.targets
+    assert targets["chat"].reason == Reason.ContentTargetWrongTask and "no /v1/embeddings" in targets["chat"].missing
+    assert targets["emb-clf"].reason == Reason.ContentTargetWrongTask
+    assert "cannot answer the completion classifier.model asks for" in targets["emb-clf"].missing
+    assert res.content.missing_reason == Reason.ContentTargetWrongTask
+    [cm] = res.table.content_models
+    assert cm.methods == ["rules"] and cm.classifier is None and cm.semantic is None
+    assert [e.name for e in res.table.external_models] == ["support"]
+    # The right tasks: both methods stay, both names are external models.
+    right = ModelRoute.model_validate(route_body(content=[auto(
+        semantic={"embeddingModel": "embed"}, classifier={"model": "router-clf"})]))
+    res = resolve(right, [SQL], others=others)
+    assert res.content.missing == {} and res.content.missing_reason is None
+    assert res.table.content_models[0].methods == ["rules", "classifier", "semantic"]
+    # A default on an embed route: the content model cannot serve at all (left out of the table).
+    on_embed = ModelRoute.model_validate(route_body(content=[auto(default="embed")]))
+    res = resolve(on_embed, [SQL], others=others)
+    assert res.table.content_models == [] and res.content.targets["embed"].reason == Reason.ContentTargetWrongTask
+
+
+def test_a_publication_carries_the_engine_task_and_a_task_change_concerns_every_name():
+    from loraplane.builders.orchestration import publication_changes
+
+    status = {"models": [{"name": "embed", "ready": True}]}
+    body = {"metadata": {"name": "embeddings", "creationTimestamp": T1}, "status": status,
+            "spec": {"engine": {"task": "embed"}}}
+    assert publication(body).task == "embed"
+    assert publication({**body, "spec": {}}).task == "generate"
+    assert publication({**body, "spec": {"engine": {"task": ["embed"]}}}).task == "generate"   # hostile shape
+    before, after = publication({**body, "spec": {}}), publication(body)
+    assert before.naming != after.naming
+    assert publication_changes(before, after) == ({"embed"}, set())

@@ -191,3 +191,37 @@ def test_a_routes_change_schedules_only_the_routes_it_concerns():
     ctl.stores.ModelRoute.remove(shared)
     ctl.on_change("ModelRoute", shared, None)
     assert sorted(k[1] for k in scheduled) == ["front", "plain", "support-route"]
+
+
+def test_a_classifier_on_an_embed_route_is_wrong_task_in_status_and_left_out_of_the_table():
+    """The operator checks other routes' spec.engine.task (not only `loraplane validate`): a classifier served by
+    an embed route could never answer a completion, so the status says ContentTargetWrongTask, the Ready condition
+    names it, and the table takes the classifier method out instead of sending requests there."""
+    content = [{**AUTO, "destinations": AUTO["destinations"][:2]}]
+    others = [Publication("support-route", T1, models=(("support", True),)),
+              Publication("classifiers", T1, models=(("clf", True),), task="embed")]
+    p = plan(body("front", T2, content=content), others)
+    [auto] = p.status["contentModels"]
+    assert auto["classifier"] == {"model": "clf", "route": "classifiers", "ready": False,
+                                  "reason": Reason.ContentTargetWrongTask}
+    ready = ready_of(p)
+    assert ready["status"] == "False" and ready["reason"] == Reason.ContentTargetWrongTask
+    assert "classifier.model 'clf' (served by ModelRoute classifiers, an embedding model" in ready["message"]
+    table = json.loads(next(iter(next(m for m in p.children[0] if m["kind"] == "ConfigMap")["data"].values())))
+    assert table["content_models"][0]["methods"] == ["rules"]
+    assert [e["name"] for e in table["external_models"]] == ["support"]
+
+
+def test_a_route_whose_engine_task_changes_reschedules_the_routes_that_name_its_models():
+    """spec.engine.task decides which role another route's model can play (ContentTargetWrongTask): a change of it
+    re-reconciles the routes that name its models, though no status name or readiness changed."""
+    ctl = controller()
+    scheduled = []
+    ctl.schedule = lambda key, delay=None: scheduled.append(key)
+    ctl.stores.ModelRoute.put(body("front", T2, content=[AUTO]))          # its classifier is `clf`
+    before = body("classifiers", T1, status={"models": [{"name": "clf", "ready": True}]})
+    after = {**before, "spec": {**before["spec"], "engine": {"task": "embed"}},
+             "metadata": {**before["metadata"], "resourceVersion": "2"}}
+    ctl.stores.ModelRoute.put(after)
+    ctl.on_change("ModelRoute", after, before)
+    assert sorted(k[1] for k in scheduled) == ["classifiers", "front"]
