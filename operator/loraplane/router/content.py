@@ -1,4 +1,4 @@
-"""Content routing, the pure part (issue 15; no I/O): what the router reads from a request to decide, the rules
+"""Content routing, the pure part (issue 15; no I/O): what the router reads from a request to decide and the rules
 compiled once per table.
 
 - `decision_text(obj, chat)`: the last `user` message of a chat request (a string, or the text parts of a
@@ -10,6 +10,7 @@ compiled once per table.
   memory bounded like the loader's gate patterns: `RE2_MAX_MEM`), the headers as exact (lower-cased name, value)
   byte pairs. A destination whose pattern RE2 refuses keeps no rules (its `problems` say why); the table's other
   entries are unaffected.
+
 The reading of a classifier's answer (`parse_label`) is in api.orchestration: the trainer's `accuracy` reads
 answers with it too.
 
