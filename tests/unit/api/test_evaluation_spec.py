@@ -144,3 +144,17 @@ def test_the_accuracy_rules_agree_with_their_python_mirrors(evaluation, dataset)
     for model, value in ((FineTuneJobSpec, spec), (EvaluationSpec, evaluation)):
         for rule in model.cel_rules:
             assert rule.check(value) == cel.evaluate(rule.rule, value), (rule.rule, value)
+
+
+def test_the_classifier_job_of_docs_orchestration_is_scored_by_accuracy():
+    import re
+
+    import yaml
+
+    from support.paths import ROOT
+
+    text = (ROOT / "docs" / "orchestration.md").read_text()
+    [doc] = [d for block in re.findall(r"```yaml\n(.*?)```", text, re.S) for d in yaml.safe_load_all(block)
+             if d and d.get("kind") == "FineTuneJob"]
+    spec = FineTuneJob.model_validate(doc).spec
+    assert spec.dataset.format == "classification" and spec.evaluation.primary(classification=True) == "accuracy"
