@@ -355,3 +355,41 @@ def test_per_label_accuracy_is_left_out_past_its_bound():
     result = evaluate.evaluate(stub, stub, classification_spec(), eval_set, None, 8, classification=True)
     assert result.score == 1.0 and result.candidate.labels is None
     assert f"per-label accuracy left out: the examples have {MAX_LABEL_SCORES + 1} labels" in result.message
+
+
+@pytest.mark.parametrize("validation", ["split", "uri"])
+def test_a_classification_jobs_validation_records_are_its_accuracy_examples(tmp_path, tokenizer, validation):
+    """prepare_data: without evaluation.dataset, a classification job's held-out records (by their line in the file
+    they came from) are asked as the router asks; the loss rows and the accuracy examples are the same records."""
+    from types import SimpleNamespace
+
+    from loraplane.local.tinymodel import quick_job
+    from loraplane.trainer import resolve_runtime
+    from loraplane.trainer.run import BaseModel, prepare_data
+
+    rows = [{"text": f"request {i}", "label": ("support", "sql")[i % 2]} for i in range(20)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held = [{"text": "refund my order", "label": "support"}, {"text": "select 1", "label": "billing"}]
+    options = {"validationSplit": 0.25}
+    if validation == "uri":
+        (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+        options = {"validationUri": str(tmp_path / "val.jsonl")}
+    job = quick_job(tmp_path, train, fmt="classification", dataset_options=options)
+    job = job.model_copy(update={"spec": job.spec.model_copy(update={"evaluation": EvaluationSpec(maxExamples=4)})})
+    base = BaseModel(None, tokenizer, SimpleNamespace(max_position_embeddings=256), 128)
+    runtime = resolve_runtime(job, output_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ck")
+    prepared = prepare_data(job, runtime, tmp_path / "scratch", base, 1)
+    got = prepared.validation_labels
+    source = dict(data.read_file(tmp_path / ("val.jsonl" if validation == "uri" else "train.jsonl"), "x").records)
+    assert prepared.evaluation is None and got.classification
+    assert [e.line for e in got.examples] == prepared.validation.lines[:4]
+    for example in got.examples:
+        record = source[example.line]
+        assert example.label == record["label"]
+        assert example.prompt_ids == tokenizer(classifier_prompt(record["text"]))["input_ids"]
+    assert got.max_new_tokens == classifier_max_tokens(len("support"))
+    if validation == "uri":   # a held-out label the classifier was never trained on is said, not hidden
+        assert got.notes and "(billing)" in got.notes[0]
+    else:
+        assert len(got.examples) == 4 and not got.notes   # maxExamples of the 5 held out
