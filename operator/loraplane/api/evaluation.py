@@ -22,16 +22,23 @@ class EvaluationMetric(StrEnum):
     The generation metrics score a greedy completion of each evaluation prompt against its reference, averaged
     over the examples (0..1): exact_match (after whitespace normalisation), contains (the reference occurs in the
     completion), regex (the example's pattern matches the completion; linear-time RE2), rouge_l (ROUGE-L F1, Lin
-    2004, as computed by the `rouge-score` library). eval_loss is the mean token cross-entropy on the validation
-    split (nats) and perplexity its exponential."""
+    2004, as computed by the `rouge-score` library). accuracy scores a `classification` adapter as the content
+    router asks it: the fraction of examples whose greedy answer to `classifier_prompt(text)`, read by
+    `api.orchestration.parse_label`, is the record's label. eval_loss is the mean token cross-entropy on the
+    validation split (nats) and perplexity its exponential."""
 
     exact_match = "exact_match"
     contains = "contains"
     regex = "regex"
     rouge_l = "rouge_l"
+    accuracy = "accuracy"
     eval_loss = "eval_loss"
     perplexity = "perplexity"
 
+
+# Per-label accuracies reported (EvaluationScores.labels) for at most this many labels: the result travels in the
+# trainer's 4 KiB termination message (api.wire.trainer), 63-character labels included.
+MAX_LABEL_SCORES = 8
 
 # Metrics where a smaller value is better; every other metric is better when larger.
 LOWER_IS_BETTER = frozenset({EvaluationMetric.eval_loss, EvaluationMetric.perplexity})
@@ -47,6 +54,11 @@ class EvaluationScores(ApiModel):
 
     metrics: dict[str, float] = Field(default_factory=dict, description="Metric name -> value.")
     examples: int = Field(default=0, ge=0, description="How many evaluation examples were scored.")
+    # Added with `accuracy` (optional; readers must not require it):
+    labels: dict[str, float] | None = Field(
+        default=None, max_length=MAX_LABEL_SCORES, description=(
+            "Classification only, the new adapter only: each true label's accuracy (of the examples with this "
+            f"label, the fraction answered with it), when the examples have at most {MAX_LABEL_SCORES} labels."))
 
 
 class EvaluationResult(ApiModel):

@@ -94,17 +94,40 @@ class DatasetSpec(ApiModel):
 
 # The metrics that score generated completions against references (need spec.evaluation.dataset), and the ones
 # computed on the validation split (need spec.dataset.validationSplit or validationUri).
-GenerationMetric = Literal["exact_match", "contains", "regex", "rouge_l"]
+GenerationMetric = Literal["exact_match", "contains", "regex", "rouge_l", "accuracy"]
 DEFAULT_METRICS: tuple[str, ...] = ("rouge_l", "exact_match", "contains")
 LOSS_METRICS: tuple[str, ...] = (EvaluationMetric.eval_loss.value, EvaluationMetric.perplexity.value)
 _CEL_METRICS = "(has(self.metrics) ? self.metrics : [" + ", ".join(f"'{m}'" for m in DEFAULT_METRICS) + "])"
 _CEL_LOSS = "[" + ", ".join(f"'{m}'" for m in LOSS_METRICS) + "]"
+# The metric of a `classification` job (what the content router's classifier is judged by): its default primary
+# metric, and the only generation metric it may list (the others compare free text with a reference).
+ACCURACY = EvaluationMetric.accuracy.value
+CLASSIFICATION_METRICS: tuple[str, ...] = (ACCURACY, *LOSS_METRICS)
+_CEL_CLASSIFICATION = "(has(self.dataset.format) && self.dataset.format == 'classification')"
 
 
 def _primary_ok(obj: dict) -> bool:
     primary = obj.get("primaryMetric")
-    return primary is None or primary in LOSS_METRICS or (
+    return primary is None or primary in LOSS_METRICS or primary == ACCURACY or (
         "dataset" in obj and primary in obj.get("metrics", DEFAULT_METRICS))
+
+
+def _is_classification(obj: dict) -> bool:
+    return obj.get("dataset", {}).get("format") == "classification"
+
+
+def _asks_accuracy(evaluation: dict) -> bool:
+    return ACCURACY in evaluation.get("metrics", ()) or evaluation.get("primaryMetric") == ACCURACY
+
+
+def _classification_metrics_ok(evaluation: dict) -> bool:
+    return all(m == ACCURACY for m in evaluation.get("metrics", ())) \
+        and evaluation.get("primaryMetric", ACCURACY) in CLASSIFICATION_METRICS
+
+
+def _evaluation_format_ok(obj: dict) -> bool:
+    ev = obj.get("evaluation", {})
+    return "dataset" not in ev or (ev["dataset"].get("format") == "classification") == _is_classification(obj)
 
 
 def _validation_set(dataset: dict) -> bool:
@@ -113,7 +136,8 @@ def _validation_set(dataset: dict) -> bool:
 
 class EvaluationDatasetSpec(ApiModel):
     """An evaluation set: prompts with references (and optional regex patterns), as JSON lines from a URI or an
-    inline ConfigMap, in the instruction or chat layout of training data."""
+    inline ConfigMap, in the instruction or chat layout of training data; for a `classification` job, {text,
+    label} records scored by `accuracy`."""
 
     cel_rules: ClassVar = (
         CelRule(rule="has(self.uri) != has(self.configMapRef)",
@@ -126,15 +150,24 @@ class EvaluationDatasetSpec(ApiModel):
         default=None, pattern=uri_pattern("pvc", "s3", "http", "hf", "file", "path"),
         description="The same URI forms as spec.dataset.uri; fetched with spec.dataset.credentialsSecretRef.")
     config_map_ref: ConfigMapKeyRef | None = Field(default=None, description="A small evaluation set, inline.")
-    format: Literal["instruction", "chat"] = Field(
+    format: Literal["instruction", "chat", "classification"] = Field(
         default="instruction",
         description="instruction: {prompt, response}, the response is the reference; chat: {messages}, the last "
                     "message (role assistant) is the reference and the ones before it, rendered with the "
-                    "tokenizer's chat template, the prompt. Prompts are tokenised as in training.")
+                    "tokenizer's chat template, the prompt. Prompts are tokenised as in training. "
+                    "classification (and only for a job whose spec.dataset.format is classification): {text, "
+                    "label} records, checked like training records, asked as the content router asks and scored "
+                    "by accuracy.")
     prompt_field: str = Field(max_length=256, default="prompt", description="Field of an instruction record's prompt.")
     response_field: str = Field(max_length=256, default="response",
                                 description="Field of an instruction record's reference answer.")
     messages_field: str = Field(max_length=256, default="messages", description="Field of a chat record's messages.")
+    text_field: str = Field(max_length=256, default="text", description=(
+        "Field of a classification record's text (its own setting, default `text`; spec.dataset.textField does "
+        "not apply here)."))
+    label_field: str = Field(max_length=256, default="label", description=(
+        "Field of a classification record's expected label (default `label`; spec.dataset.labelField does not "
+        "apply here)."))
     pattern_field: str = Field(max_length=256, default="pattern",
                                description="Field holding the RE2 pattern the `regex` metric matches the completion "
                                            "against (every record needs one when `regex` is among the metrics).")
@@ -147,10 +180,12 @@ class EvaluationSpec(ApiModel):
 
     cel_rules: ClassVar = (
         CelRule(rule=f"!has(self.primaryMetric) || self.primaryMetric in {_CEL_LOSS} || "
+                     f"self.primaryMetric == '{ACCURACY}' || "
                      f"(has(self.dataset) && self.primaryMetric in {_CEL_METRICS})",
                 check=_primary_ok,
-                message="evaluation.primaryMetric must be eval_loss or perplexity, or one of evaluation.metrics "
-                        "(default rouge_l, exact_match, contains) with evaluation.dataset set"),
+                message="evaluation.primaryMetric must be eval_loss or perplexity, accuracy (classification jobs), "
+                        "or one of evaluation.metrics (default rouge_l, exact_match, contains) with "
+                        "evaluation.dataset set"),
     )
 
     dataset: EvaluationDatasetSpec | None = Field(
@@ -160,15 +195,22 @@ class EvaluationSpec(ApiModel):
         json_schema_extra={"x-kubernetes-list-type": "set"},
         description="Metrics of the completions, each averaged over the examples (0..1): exact_match, contains, "
                     "regex (RE2, linear time), rouge_l (ROUGE-L F1, the rouge-score library). Default: "
-                    "rouge_l, exact_match, contains.")
-    primary_metric: Literal["exact_match", "contains", "regex", "rouge_l", "eval_loss", "perplexity"] | None = Field(
-        default=None, description="The metric the rollout gates compare and `kubectl get` shows. Default: the first "
-                                  "of `metrics` with a dataset, else eval_loss.")
+                    "rouge_l, exact_match, contains. A classification job (spec.dataset.format classification) "
+                    "scores accuracy only (the fraction of examples whose greedy answer, read as the content "
+                    "router reads it, is the record's label), on evaluation.dataset when set, else on the "
+                    "validation set; leave metrics unset or list accuracy alone.")
+    primary_metric: Literal["exact_match", "contains", "regex", "rouge_l", "accuracy", "eval_loss",
+                            "perplexity"] | None = Field(
+        default=None, description="The metric the rollout gates compare and `kubectl get` shows. Default: accuracy "
+                                  "for a classification job, else the first of `metrics` with a dataset, else "
+                                  "eval_loss.")
     max_examples: int = Field(default=200, ge=1, le=10000,
                               description="Score at most this many records (the first ones) of the evaluation set, "
                                           "and of the validation split.")
     max_new_tokens: int = Field(default=64, ge=1, le=4096,
-                                description="Greedy decoding stops after this many new tokens (or at EOS).")
+                                description="Greedy decoding stops after this many new tokens (or at EOS). A "
+                                            "classifier's answer gets the content router's budget instead: the "
+                                            "longest label's characters + 2, at most 64.")
     timeout_seconds: int = Field(default=900, ge=10, le=86400,
                                  description="Time budget of the whole evaluation; when it runs out, the scores "
                                              "cover the examples done so far (the same ones for every model) and "
@@ -182,11 +224,19 @@ class EvaluationSpec(ApiModel):
             raise ValueError("evaluation.metrics lists a metric twice; list each once")
         return self
 
-    def primary(self) -> str:
-        """The primary metric: primaryMetric, else the first of `metrics` with a dataset, else eval_loss."""
+    def primary(self, classification: bool = False) -> str:
+        """The primary metric: primaryMetric, else accuracy for a `classification` job, else the first of
+        `metrics` with a dataset, else eval_loss."""
         if self.primary_metric:
             return self.primary_metric
+        if classification:
+            return ACCURACY
         return self.metrics[0] if self.dataset else EvaluationMetric.eval_loss.value
+
+    def generation_metrics(self, classification: bool = False) -> list[str]:
+        """The metrics scored on generated answers: accuracy for a `classification` job (the API refuses any
+        other there), else `metrics`."""
+        return [ACCURACY] if classification else list(self.metrics)
 
 
 class MethodSpec(ApiModel):
@@ -294,6 +344,30 @@ class FineTuneJobSpec(ApiModel):
                 or _validation_set(obj.get("dataset", {})),
                 message="spec.evaluation.primaryMetric eval_loss/perplexity needs a validation set: set "
                         "spec.dataset.validationSplit or validationUri"),
+        CelRule(rule="!has(self.evaluation) || " + _CEL_CLASSIFICATION + " || "
+                     f"((!has(self.evaluation.metrics) || !('{ACCURACY}' in self.evaluation.metrics)) && "
+                     f"(!has(self.evaluation.primaryMetric) || self.evaluation.primaryMetric != '{ACCURACY}'))",
+                check=lambda obj: "evaluation" not in obj or _is_classification(obj)
+                or not _asks_accuracy(obj["evaluation"]),
+                message="spec.evaluation: accuracy scores a classifier's label and needs spec.dataset.format "
+                        "classification; remove accuracy from spec.evaluation.metrics and primaryMetric, or train "
+                        "on a classification dataset"),
+        CelRule(rule="!has(self.evaluation) || !" + _CEL_CLASSIFICATION + " || "
+                     f"((!has(self.evaluation.metrics) || self.evaluation.metrics.all(m, m == '{ACCURACY}')) && "
+                     "(!has(self.evaluation.primaryMetric) || self.evaluation.primaryMetric in ["
+                     + ", ".join(f"'{m}'" for m in CLASSIFICATION_METRICS) + "]))",
+                check=lambda obj: "evaluation" not in obj or not _is_classification(obj)
+                or _classification_metrics_ok(obj["evaluation"]),
+                message="spec.evaluation of a classification job scores accuracy (and eval_loss/perplexity on the "
+                        "validation set): leave spec.evaluation.metrics unset or set it to [accuracy], and set "
+                        "primaryMetric to accuracy, eval_loss or perplexity (or leave it unset: accuracy)"),
+        CelRule(rule="!has(self.evaluation) || !has(self.evaluation.dataset) || "
+                     "((has(self.evaluation.dataset.format) && self.evaluation.dataset.format == 'classification') "
+                     "== " + _CEL_CLASSIFICATION + ")",
+                check=_evaluation_format_ok,
+                message="spec.evaluation.dataset.format must be classification exactly when spec.dataset.format "
+                        "is: a classifier is scored on {text, label} records (accuracy), other adapters on "
+                        "prompt/reference records"),
         CelRule(rule="!has(self.training) || !has(self.training.packing) || !self.training.packing || "
                      "(has(self.dataset.format) && self.dataset.format == 'text')",
                 check=lambda obj: not obj.get("training", {}).get("packing")

@@ -12,8 +12,10 @@ The contracts, in one place:
   the request there with the client's own `Authorization` (never this route's engine key).
 - **Status** (`ModelRoute.status.contentModels`): each content-routed model, its destinations and whether each
   is ready.
-- **Classifier prompt** (`classifier_prompt`): the one text template the trainer trains a `classification`
-  adapter on and the router asks it with, so the two cannot drift.
+- **Classifier prompt and answer** (`classifier_prompt`, `classifier_max_tokens`, `parse_label`): the one text
+  template the trainer trains a `classification` adapter on and the router asks it with, the answer's token
+  budget and the one reading of the answer, shared by the router and the trainer's evaluation (`accuracy`), so
+  what is measured before routing is what routing does.
 - **Name ownership across routes** (`public_name_owners`): in a namespace (the scope of the gateway and of
   cross-route destinations) a public model name belongs to the oldest route publishing it; later routes get the
   condition reason `PublicNameConflict` for that name, and only that name is left out of the gateway.
@@ -120,6 +122,31 @@ def classifier_prompt(text: str) -> str:
 def classifier_completion(label: str) -> str:
     """The completion a `classification` adapter is trained to write after `classifier_prompt`."""
     return f" {label}"
+
+
+# The classifier's max_tokens: enough for the longest label (a token is at least one character) plus a space,
+# never more than this.
+MAX_CLASSIFIER_TOKENS = 64
+# A classifier label at the start of its answer (LABEL, read case-insensitively).
+_LABEL_WORD = re.compile(r"\s*([A-Za-z0-9](?:[-A-Za-z0-9_]*[A-Za-z0-9])?)(?![-A-Za-z0-9_])")
+
+
+def classifier_max_tokens(max_label_chars: int) -> int:
+    """The max_tokens a classifier is asked with when its longest label has `max_label_chars` characters:
+    `max_label_chars + 2` (a token is at least one character, plus the leading space), between 1 and
+    MAX_CLASSIFIER_TOKENS. The router uses its destinations' labels, the trainer's evaluation the dataset's."""
+    return max(1, min(MAX_CLASSIFIER_TOKENS, max_label_chars + 2))
+
+
+def parse_label(answer: object) -> str | None:
+    """The label a classifier answered: the first word of its completion text (letters, digits, `-`, `_`),
+    lower-cased; None when the answer is not a string or does not start with one (after whitespace). Only the
+    first 256 characters are read. The router routes by it; the trainer's `accuracy` compares it to the record's
+    label."""
+    if not isinstance(answer, str):
+        return None
+    m = _LABEL_WORD.match(answer[:256])
+    return m.group(1).lower() if m else None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Content routing, the pure part (issue 15; no I/O): what the router reads from a request to decide, the rules
-compiled once per table, and the reading of a classifier's answer.
+"""Content routing, the pure part (issue 15; no I/O): what the router reads from a request to decide and the rules
+compiled once per table.
 
 - `decision_text(obj, chat)`: the last `user` message of a chat request (a string, or the text parts of a
   content list) or the `prompt` of a completions request (a string, or the first of a list), cut to
@@ -10,8 +10,9 @@ compiled once per table, and the reading of a classifier's answer.
   memory bounded like the loader's gate patterns: `RE2_MAX_MEM`), the headers as exact (lower-cased name, value)
   byte pairs. A destination whose pattern RE2 refuses keeps no rules (its `problems` say why); the table's other
   entries are unaffected.
-- `parse_label(answer)`: the first word of a classifier's completion, lower-cased (the label grammar of
-  `api.orchestration.LABEL`), or None.
+
+The reading of a classifier's answer (`parse_label`) is in api.orchestration: the trainer's `accuracy` reads
+answers with it too.
 
 orchestrate.py runs the decision (sub-requests, budgets, fallbacks); dispatch.py calls it.
 """
@@ -37,8 +38,6 @@ _WORD = r"[\pL\pN_]"
 _NON_WORD = r"[^\pL\pN_]"
 _IS_WORD = re.compile(r"\w")
 _SPACES = re.compile(r"\s+")
-# A classifier label at the start of its answer (api.orchestration.LABEL, read case-insensitively).
-_LABEL_WORD = re.compile(r"\s*([A-Za-z0-9](?:[-A-Za-z0-9_]*[A-Za-z0-9])?)(?![-A-Za-z0-9_])")
 
 
 # The C++ RE2::Match under google-re2's `search`: called directly by the rules (`_matcher`), it skips the
@@ -131,15 +130,6 @@ def _content_text(content: object, limit: int) -> str:
                 if size >= limit:
                     break
     return "\n".join(parts)
-
-
-def parse_label(answer: object) -> str | None:
-    """The label a classifier answered: the first word of its completion text (letters, digits, `-`, `_`),
-    lower-cased; None when the answer does not start with one (after whitespace)."""
-    if not isinstance(answer, str):
-        return None
-    m = _LABEL_WORD.match(answer[:256])
-    return m.group(1).lower() if m else None
 
 
 @dataclass(frozen=True, slots=True, eq=False)

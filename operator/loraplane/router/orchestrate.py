@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import aiohttp
 
 from loraplane.api.orchestration import (DEFAULT_METHOD, DESTINATION_HEADER, FALLBACK_HEADER, METHOD_HEADER,
-                                         classifier_prompt)
-from loraplane.router.content import CompiledContentModel, parse_label
+                                         classifier_max_tokens, classifier_prompt, parse_label)
+from loraplane.router.content import CompiledContentModel
 from loraplane.router.table import BackendRoute
 from loraplane.storage.httpbody import read_bounded
 
@@ -85,8 +85,6 @@ WARN_INTERVAL_S = 10.0
 # route that comes back gets content-routed traffic again within seconds.
 EXTERNAL_DOWN_DEFAULT_S = 2.0
 EXTERNAL_DOWN_MAX_S = 10.0
-# The classifier's max_tokens: enough for the longest label (a token is at least one character) plus a space.
-MAX_CLASSIFIER_TOKENS = 64
 
 
 class MethodFailed(Exception):
@@ -385,9 +383,9 @@ class Orchestrator:
         if target is None:
             raise MethodFailed(Fallback.Unavailable, f"the classifier `{classifier.model}` has no usable replica "
                                                      "or route")
-        max_tokens = min(MAX_CLASSIFIER_TOKENS, content.max_label_chars + 2)
+        max_tokens = classifier_max_tokens(content.max_label_chars)
         answer = await self._post(target, "/v1/completions", {
-            "model": target.model, "prompt": classifier_prompt(text.decode("utf-8")), "max_tokens": max(1, max_tokens),
+            "model": target.model, "prompt": classifier_prompt(text.decode("utf-8")), "max_tokens": max_tokens,
             "temperature": 0, "stream": False})
         try:
             completion = answer["choices"][0]["text"]

@@ -7,7 +7,12 @@ Two kinds of scores (api.evaluation.EvaluationMetric):
 - generation metrics on an evaluation set (spec.evaluation.dataset): each prompt is completed greedily (at most
   maxNewTokens new tokens) and the completion scored against the record's reference: exact_match, contains,
   regex (the record's RE2 pattern; linear time, bounded memory) and rouge_l (ROUGE-L F1 from Google's
-  `rouge-score`), each averaged over the examples.
+  `rouge-score`), each averaged over the examples;
+- accuracy of a `classification` job (the content router's classifier), asked exactly as the router asks it:
+  `classifier_prompt(text)` completed greedily with the router's token budget (`classifier_max_tokens` of the
+  longest label), the answer read by the router's `parse_label` and compared with the record's label. The
+  examples are spec.evaluation.dataset's {text, label} records when set, else the validation set's records; the
+  new adapter's accuracy per true label is reported too (at most MAX_LABEL_SCORES labels).
 
 One PEFT model serves the three: the adapter trained here (`default`), the base model (peft's `disable_adapter`)
 and the previous version loaded as a second adapter (`previous`, removed again before the artifact is saved).
@@ -26,11 +31,12 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from loraplane.api.common import now_rfc3339
-from loraplane.api.evaluation import EvaluationMetric, EvaluationResult, EvaluationScores
+from loraplane.api.evaluation import MAX_LABEL_SCORES, EvaluationMetric, EvaluationResult, EvaluationScores
 from loraplane.api.finetunejob import EvaluationSpec
+from loraplane.api.orchestration import classifier_max_tokens, classifier_prompt, parse_label
 from loraplane.api.patterns import compile_re2
 from loraplane.api.redaction import redacted
 from loraplane.api.wire.trainer import PreviousVersion
@@ -102,8 +108,16 @@ def rouge_l(completion: str, reference: str) -> float:
     return float(_scorer.score(reference, completion)["rougeL"].fmeasure)
 
 
+def accuracy(completion: str, label: str | None) -> float:
+    """1.0 when the content router would read `label` from the classifier's `completion`
+    (api.orchestration.parse_label: the first word, lower-cased), else 0.0."""
+    return float(label is not None and parse_label(completion) == label)
+
+
 def score(metric: str, completion: str, example: "Example") -> float:
     """One example's value of a generation `metric` (api.finetunejob.GenerationMetric)."""
+    if metric == EvaluationMetric.accuracy:
+        return accuracy(completion, example.label)
     if metric == EvaluationMetric.exact_match:
         return exact_match(completion, example.reference)
     if metric == EvaluationMetric.contains:
@@ -119,22 +133,29 @@ def score(metric: str, completion: str, example: "Example") -> float:
 
 @dataclass
 class Example:
-    """One scored record: its line, the tokenised prompt, the reference answer and the compiled regex (or None)."""
+    """One scored record: its line, the tokenised prompt, the reference answer and the compiled regex (or None);
+    a classification record has its expected `label` (and no reference)."""
 
     line: int
     prompt_ids: list[int]
     reference: str
     pattern: Any = None
+    label: str | None = None
 
 
 @dataclass
 class EvalSet:
-    """The evaluation set as read and checked: where it came from, its digest and the examples to score."""
+    """The evaluation set as read and checked: where it came from, its digest and the examples to score.
+    A classification set (`classification`) is scored by accuracy with `max_new_tokens` (the router's budget);
+    `notes` go to the result's message."""
 
     uri: str
     sha256: str
     records: int
     examples: list[Example]
+    classification: bool = False
+    max_new_tokens: int | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def read_source(spec: EvaluationSpec, scratch: Path, pvc_root: Path, override: Path | None,
@@ -152,13 +173,21 @@ def read_source(spec: EvaluationSpec, scratch: Path, pvc_root: Path, override: P
     return data.fetch(ds.uri or "", scratch, pvc_root, f"{WHERE}.uri")
 
 
-def prepare(spec: EvaluationSpec, source: data.Source, tokenizer, context: int | None) -> EvalSet:
+def prepare(spec: EvaluationSpec, source: data.Source, tokenizer, context: int | None,
+            train_labels: Iterable[str] = ()) -> EvalSet:
     """Check the records (the layout of spec.evaluation.dataset.format, a non-empty reference, a pattern RE2
     accepts when `regex` is scored, a prompt that leaves room for maxNewTokens in the model's `context`) and
-    tokenise the prompts of the first maxExamples as in training. Raises InvalidDataset listing the bad lines."""
+    tokenise the prompts of the first maxExamples as in training. A `classification` set is checked as training
+    records are (a non-empty text of at most MAX_DECISION_TEXT_CHARS, a label of the LABEL grammar) and asked as
+    the router asks (`classification_examples`); `train_labels` are the labels the classifier was trained on
+    (labels outside them are noted: they can only count as wrong). Raises InvalidDataset listing the bad lines."""
     ds = spec.dataset
     assert ds is not None
     data.check_records(source, ds, where=WHERE)
+    if ds.format == "classification":
+        examples = classification_examples(source, [n for n, _ in source.records[: spec.max_examples]],
+                                           ds.text_field, ds.label_field, tokenizer, context, WHERE)
+        return classification_set(source, examples, train_labels)
     if ds.format == "chat" and not tokenizer.chat_template:
         raise InvalidDataset(f"{WHERE}.format is 'chat' but the base model's tokenizer has no chat template; "
                              "use the instruction format")
@@ -206,6 +235,48 @@ def prepare(spec: EvaluationSpec, source: data.Source, tokenizer, context: int |
         raise data.field_error(problems, min(len(source.records), spec.max_examples),
                                f"Fix the records of the evaluation set ({WHERE}).")
     return EvalSet(source.uri, source.sha256, len(source.records), examples)
+
+
+def classification_examples(source: data.Source, lines: Iterable[int], text_field: str, label_field: str,
+                            tokenizer, context: int | None, where: str) -> list[Example]:
+    """The records of `source` at `lines` (checked classification records) as examples asked the way the content
+    router asks: the prompt `classifier_prompt(text)` tokenised as vLLM's completions endpoint and the trainer
+    tokenise it (with the tokenizer's special tokens), the record's label expected. Raises InvalidDataset (naming
+    `where` and the lines) for a prompt that leaves no room for the answer in the model's `context`."""
+    by_line = dict(source.records)
+    examples: list[Example] = []
+    problems: list[str] = []
+    for number in lines:
+        rec = by_line[number]
+        prompt_ids = tokenizer(classifier_prompt(rec[text_field]), add_special_tokens=True,
+                               verbose=False)["input_ids"]
+        label = rec[label_field]
+        if context is not None and len(prompt_ids) + classifier_max_tokens(len(label)) > context:
+            problems.append(f"line {number}: the classifier prompt has {len(prompt_ids)} tokens, which leaves no "
+                            f"room for the label in the model's context of {context} tokens")
+            continue
+        examples.append(Example(number, prompt_ids, "", label=label))
+    if problems:
+        raise data.field_error(problems, len(examples) + len(problems),
+                               f"Shorten the texts of these records ({where}).")
+    return examples
+
+
+def classification_set(source: data.Source, examples: list[Example], train_labels: Iterable[str],
+                       uri: str | None = None) -> EvalSet:
+    """A classification EvalSet of `examples`, answered with the router's token budget for the longest label of
+    the examples and of `train_labels` (what the classifier may answer). Labels of the examples the training data
+    does not have are noted (they count as wrong: the classifier never learnt to answer them)."""
+    known = set(train_labels)
+    labels = {e.label for e in examples if e.label is not None}
+    longest = max((len(label) for label in labels | known), default=0)
+    notes = []
+    if known and (unknown := sorted(labels - known)):
+        shown = ", ".join(unknown[:5]) + (", …" if len(unknown) > 5 else "")
+        notes.append(f"{len(unknown)} label(s) of the evaluated records are not in the training data ({shown}): "
+                     "they count as wrong")
+    return EvalSet(uri or source.uri, source.sha256, len(source.records), examples, classification=True,
+                   max_new_tokens=classifier_max_tokens(longest), notes=notes)
 
 
 # ---- the previous version ------------------------------------------------------------------------------------
@@ -356,9 +427,16 @@ class _Tally:
     loss_tokens: int = 0
     loss_examples: int = 0
     examples: int = 0
+    # classification: true label -> [examples, answered right]
+    labels: dict[str, list[int]] = field(default_factory=dict)
 
     def add(self, metric: str, value: float) -> None:
         self.sums[metric] = self.sums.get(metric, 0.0) + value
+
+    def add_label(self, label: str, right: bool) -> None:
+        counts = self.labels.setdefault(label, [0, 0])
+        counts[0] += 1
+        counts[1] += int(right)
 
 
 def _modes(peft_model, with_previous: bool) -> dict[str, Callable[[], Any]]:
@@ -401,15 +479,22 @@ def _complete(model, tokenizer, example: Example, max_new_tokens: int, device) -
 def evaluate(peft_model, tokenizer, spec: EvaluationSpec, eval_set: EvalSet | None,
              validation_rows: list[dict] | None, batch_size: int, previous: PreviousVersion | None = None,
              scratch: Path | None = None, pvc_root: Path | None = None, identity: str = "",
-             clock: Callable[[], float] = time.monotonic) -> EvaluationResult:
+             clock: Callable[[], float] = time.monotonic, classification: bool = False) -> EvaluationResult:
     """Score the candidate adapter, the base model and (when `previous` is given and loads) the previous version
     on the same data, within spec.timeoutSeconds (at least one batch and one example are scored). Returns the
     api.evaluation result; what could not be scored is said in its `message`. The previous adapter is removed
-    from `peft_model` before returning, so the saved artifact holds the new adapter only."""
+    from `peft_model` before returning, so the saved artifact holds the new adapter only.
+
+    `classification`: the job trains the content router's classifier; `eval_set` is then a classification set
+    (evaluation.dataset, or the validation records: `classification_set`), scored by accuracy, the default
+    primary metric."""
     import torch
 
     deadline = clock() + spec.timeout_seconds
-    notes: list[str] = []
+    notes: list[str] = list(eval_set.notes) if eval_set is not None else []
+    metrics = [EvaluationMetric.accuracy.value] if eval_set is not None and eval_set.classification \
+        else spec.generation_metrics(classification)
+    max_new_tokens = (eval_set.max_new_tokens if eval_set is not None else None) or spec.max_new_tokens
     with_previous = False
     if previous is not None and spec.compare_previous:
         try:
@@ -451,17 +536,22 @@ def evaluate(peft_model, tokenizer, spec: EvaluationSpec, eval_set: EvalSet | No
                         break
                     for name, mode in modes.items():
                         with mode():
-                            completion = _complete(peft_model, tokenizer, example, spec.max_new_tokens, device)
-                        for metric in spec.metrics:
+                            completion = _complete(peft_model, tokenizer, example, max_new_tokens, device)
+                        for metric in metrics:
                             tallies[name].add(metric, score(metric, completion, example))
+                        if example.label is not None:
+                            tallies[name].add_label(example.label, bool(accuracy(completion, example.label)))
                         tallies[name].examples += 1
     finally:
         if with_previous:
             peft_model.set_adapter("default")
             peft_model.delete_adapter(PREVIOUS_ADAPTER)
         peft_model.train(was_training)
-    scores = {name: _scores(t) for name, t in tallies.items()}
-    primary = spec.primary()
+    scores = {name: _scores(t, per_label=name == CANDIDATE) for name, t in tallies.items()}
+    if len(tallies[CANDIDATE].labels) > MAX_LABEL_SCORES:
+        notes.append(f"per-label accuracy left out: the examples have {len(tallies[CANDIDATE].labels)} labels (at "
+                     f"most {MAX_LABEL_SCORES} are reported)")
+    primary = spec.primary(classification)
     if primary not in scores[CANDIDATE].metrics:
         notes.append(f"the primary metric {primary} was not computed")
     message = "; ".join(notes)
@@ -472,7 +562,9 @@ def evaluate(peft_model, tokenizer, spec: EvaluationSpec, eval_set: EvalSet | No
         message=(message[: MESSAGE_LIMIT - 2] + " …" if len(message) > MESSAGE_LIMIT else message) or None)
 
 
-def _scores(t: _Tally) -> EvaluationScores:
+def _scores(t: _Tally, per_label: bool = False) -> EvaluationScores:
+    """A model's tally as scores; `per_label`: with each true label's accuracy (classification, at most
+    MAX_LABEL_SCORES labels)."""
     metrics: dict[str, float] = {}
     if t.loss_tokens:
         loss = t.loss_sum / t.loss_tokens
@@ -481,4 +573,7 @@ def _scores(t: _Tally) -> EvaluationScores:
     if t.examples:
         metrics.update({m: round(v / t.examples, DIGITS) for m, v in t.sums.items()})
     # examples: the generation examples scored, else (loss metrics only) the validation examples.
-    return EvaluationScores(metrics={str(k): v for k, v in metrics.items()}, examples=t.examples or t.loss_examples)
+    labels = ({label: round(right / n, DIGITS) for label, (n, right) in sorted(t.labels.items())}
+              if per_label and 0 < len(t.labels) <= MAX_LABEL_SCORES else None)
+    return EvaluationScores(metrics={str(k): v for k, v in metrics.items()}, examples=t.examples or t.loss_examples,
+                            labels=labels)

@@ -140,6 +140,9 @@ class TrainingData:
     validation: data.Examples | None
     total_steps: int
     evaluation: evalmod.EvalSet | None = None   # spec.evaluation.dataset, read and checked
+    # A classification job without spec.evaluation.dataset: the validation records, asked as the router asks
+    # (accuracy).
+    validation_labels: evalmod.EvalSet | None = None
 
 
 def run_training(job: FineTuneJob, runtime: Runtime, sinks: list | None = None,
@@ -212,7 +215,9 @@ def prepare_data(job: FineTuneJob, runtime: Runtime, scratch: Path, base: BaseMo
     ds, t = job.spec.dataset, job.spec.training
     train_src = _read_dataset(ds.uri, runtime.dataset_path, scratch, runtime, "spec.dataset.uri")
     train_ex = data.tokenize(train_src, ds, base.tokenizer, base.max_len, packing=t.packing)
-    if ds.format == "classification" and len(labels := data.label_counts(train_src, ds)) < 2:
+    classification = ds.format == "classification"
+    labels = data.label_counts(train_src, ds) if classification else {}
+    if classification and len(labels) < 2:
         raise InvalidDataset(f"spec.dataset.uri: every record has the label {next(iter(labels))!r} (field "
                              f"{ds.label_field!r}, spec.dataset.labelField); a classifier needs records of two or "
                              "more labels to learn to tell them apart")
@@ -224,13 +229,21 @@ def prepare_data(job: FineTuneJob, runtime: Runtime, scratch: Path, base: BaseMo
     elif ds.validation_split:
         train_ex, val_ex = data.split(train_ex, ds.validation_split, t.seed)
     ev = job.spec.evaluation
-    eval_set = None
+    eval_set = validation_labels = None
+    context = modelmod.context_tokens(base.config) or base.max_len
     if ev is not None and ev.dataset is not None:
         # Read and checked now, before any weights load: a bad evaluation set fails the run before training.
         source = evalmod.read_source(ev, scratch, runtime.pvc_root, runtime.evaluation_path, runtime.configmap_root)
-        eval_set = evalmod.prepare(ev, source, base.tokenizer, modelmod.context_tokens(base.config) or base.max_len)
+        eval_set = evalmod.prepare(ev, source, base.tokenizer, context, train_labels=labels)
+    elif ev is not None and classification and val_ex is not None:
+        # The held-out records (already checked as training records), by their lines in their source.
+        where = "spec.dataset.validationUri" if val_src is not None else "spec.dataset.validationSplit"
+        held = val_src or train_src
+        validation_labels = evalmod.classification_set(held, evalmod.classification_examples(
+            held, val_ex.lines[: ev.max_examples], ds.text_field, ds.label_field, base.tokenizer, context, where),
+            labels)
     return TrainingData(train_src, train_ex, val_src, val_ex, planned_steps(len(train_ex.rows), job, world_size),
-                        eval_set)
+                        eval_set, validation_labels)
 
 
 def resume_point(runtime: Runtime) -> tuple[Path | None, checkpoints.S3CheckpointMirror | None]:
@@ -378,10 +391,10 @@ def run_evaluation(job: FineTuneJob, runtime: Runtime, scratch: Path, base: Base
     started = time.monotonic()
     try:
         result = evalmod.evaluate(
-            peft_model, base.tokenizer, spec, prepared.evaluation,
+            peft_model, base.tokenizer, spec, prepared.evaluation or prepared.validation_labels,
             prepared.validation.rows if prepared.validation else None, job.spec.training.batch_size,
             previous=runtime.previous, scratch=scratch, pvc_root=runtime.pvc_root,
-            identity=job.spec.base_model.identity)
+            identity=job.spec.base_model.identity, classification=job.spec.dataset.format == "classification")
     except TrainerError:
         raise
     except Exception as exc:

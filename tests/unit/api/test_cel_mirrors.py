@@ -30,7 +30,7 @@ EDGE_STRINGS = (
     "x", "a--b", " s3://b/k", "s3://b/k ", "pvc://c/../x", "pvc://c/a/..", "pvc://" + "c" * 254, "https://",
     "https://h/m.tar.gz", "https://h/m.tgz?sig=1", "https://h/m", "http://h/m.tar#.tar.gz", "s3://b/k", "hf://o/r",
     "/abs/path", "/a/./b", "/a/../b", "/a/b", "vllm:num_requests_waiting", "1bad", "classifier", "semantic",
-    "rules", "keda", "hpa", "eval_loss", "rouge_l", "regex", "perplexity", "contains",
+    "rules", "keda", "hpa", "eval_loss", "rouge_l", "regex", "perplexity", "contains", "accuracy",
 )
 EDGE_NUMBERS = (0, 1, 2, 5, 100, 1000)
 
@@ -91,7 +91,32 @@ CASES: dict[str, list[dict[str, Any]]] = {
     "FineTuneJobSpec": [{"dataset": {"uri": "s3://b/d"}, "evaluation": {}},
                         {"dataset": {"uri": "s3://b/d"}, "evaluation": {"dataset": {}, "primaryMetric": "eval_loss"}},
                         {"dataset": {"uri": "s3://b/d", "validationSplit": 0.1},
-                         "evaluation": {"primaryMetric": "eval_loss"}}],
+                         "evaluation": {"primaryMetric": "eval_loss"}},
+                        # accuracy (issue 15's classifier): classification jobs only, and they score nothing else;
+                        # the evaluation set's format follows the job's (both verdicts of each rule).
+                        {"dataset": {"uri": "s3://b/d", "format": "classification", "validationSplit": 0.1},
+                         "evaluation": {}},
+                        {"dataset": {"uri": "s3://b/d", "format": "classification", "validationSplit": 0.1},
+                         "evaluation": {"metrics": ["accuracy"], "primaryMetric": "accuracy"}},
+                        {"dataset": {"uri": "s3://b/d", "format": "classification", "validationSplit": 0.1},
+                         "evaluation": {"primaryMetric": "perplexity"}},
+                        {"dataset": {"uri": "s3://b/d", "validationSplit": 0.1},
+                         "evaluation": {"primaryMetric": "accuracy"}},
+                        {"dataset": {"uri": "s3://b/d", "format": "instruction"},
+                         "evaluation": {"dataset": {}, "metrics": ["accuracy"]}},
+                        {"dataset": {"uri": "s3://b/d", "format": "classification", "validationSplit": 0.1},
+                         "evaluation": {"metrics": ["accuracy", "exact_match"]}},
+                        {"dataset": {"uri": "s3://b/d", "format": "classification", "validationSplit": 0.1},
+                         "evaluation": {"primaryMetric": "rouge_l"}},
+                        {"dataset": {"uri": "s3://b/d", "format": "classification"},
+                         "evaluation": {"dataset": {"format": "classification"}}},
+                        {"dataset": {"uri": "s3://b/d", "format": "classification"},
+                         "evaluation": {"dataset": {"format": "instruction"}}},
+                        {"dataset": {"uri": "s3://b/d", "format": "classification"}, "evaluation": {"dataset": {}}},
+                        {"dataset": {"uri": "s3://b/d"}, "evaluation": {"dataset": {"format": "classification"}}},
+                        {"dataset": {"uri": "s3://b/d", "format": "chat"}, "evaluation": {"dataset": {"format": "chat"}}}],
+    "EvaluationSpec": [{"primaryMetric": "accuracy"}, {"primaryMetric": "rouge_l"},
+                       {"dataset": {}, "primaryMetric": "rouge_l"}],
 }
 
 

@@ -89,3 +89,72 @@ def test_kubectl_get_wide_shows_the_primary_metric_and_the_scores():
     assert columns["Score"]["jsonPath"] == ".status.evaluation.score"
     assert columns["BaseScore"]["jsonPath"] == ".status.evaluation.baseScore"
     assert all(columns[c].get("priority") == 1 for c in ("Metric", "Score", "BaseScore"))
+
+
+# ---- accuracy: the content router's classifier (a `classification` job) --------------------------------------
+
+CLASSIFICATION = {"format": "classification", "validationSplit": 0.2}
+CLASSIFICATION_SET = {**EVAL_SET, "format": "classification"}
+
+
+@pytest.mark.parametrize("evaluation, dataset, primary", [
+    ({}, CLASSIFICATION, "accuracy"),                                             # the default for a classifier
+    ({"metrics": ["accuracy"], "primaryMetric": "accuracy"}, CLASSIFICATION, "accuracy"),
+    ({"primaryMetric": "eval_loss"}, CLASSIFICATION, "eval_loss"),
+    ({"dataset": CLASSIFICATION_SET}, {"format": "classification"}, "accuracy"),  # no validation set needed
+    ({"dataset": {**CLASSIFICATION_SET, "textField": "q", "labelField": "route"}}, {"format": "classification"},
+     "accuracy"),
+])
+def test_a_classification_job_is_scored_by_accuracy(evaluation, dataset, primary):
+    spec = FineTuneJob.model_validate(job(evaluation, **dataset)).spec
+    assert spec.evaluation.primary(classification=True) == primary
+    assert spec.evaluation.generation_metrics(classification=True) == ["accuracy"]
+
+
+@pytest.mark.parametrize("evaluation, dataset, message", [
+    # accuracy reads a classifier's label: refused for other formats, naming the field and the fix.
+    ({"dataset": EVAL_SET, "metrics": ["accuracy"]}, {}, "accuracy scores a classifier's label and needs "
+                                                         "spec.dataset.format classification"),
+    ({"primaryMetric": "accuracy"}, {"validationSplit": 0.1}, "remove accuracy from spec.evaluation.metrics"),
+    # a classifier is scored by accuracy only: free-text metrics against a label are refused.
+    ({"metrics": ["exact_match"]}, CLASSIFICATION, "leave spec.evaluation.metrics unset or set it to [accuracy]"),
+    ({"metrics": ["accuracy", "rouge_l"]}, CLASSIFICATION, "evaluation of a classification job scores accuracy"),
+    ({"dataset": CLASSIFICATION_SET, "primaryMetric": "rouge_l"}, {"format": "classification"},
+     "primaryMetric to accuracy, eval_loss or perplexity"),
+    # the evaluation set's layout follows the job's.
+    ({"dataset": EVAL_SET}, {"format": "classification"}, "spec.evaluation.dataset.format must be classification "
+                                                           "exactly when spec.dataset.format is"),
+    ({"dataset": CLASSIFICATION_SET}, {}, "spec.evaluation.dataset.format must be classification"),
+])
+def test_accuracy_outside_a_classification_job_and_other_metrics_inside_one_are_refused(evaluation, dataset,
+                                                                                          message):
+    with pytest.raises(ValidationError) as err:
+        FineTuneJob.model_validate(job(evaluation, **dataset))
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("evaluation", [
+    {}, {"metrics": ["accuracy"]}, {"primaryMetric": "accuracy"}, {"metrics": ["exact_match"]},
+    {"dataset": CLASSIFICATION_SET}, {"dataset": EVAL_SET}, {"dataset": EVAL_SET, "metrics": ["accuracy"]},
+    {"primaryMetric": "perplexity"}, {"metrics": ["accuracy", "contains"], "primaryMetric": "rouge_l"},
+])
+@pytest.mark.parametrize("dataset", [{}, {"format": "classification"}, CLASSIFICATION, {"format": "chat"}])
+def test_the_accuracy_rules_agree_with_their_python_mirrors(evaluation, dataset):
+    spec = {**BASE["spec"], "dataset": {**BASE["spec"]["dataset"], **dataset}, "evaluation": evaluation}
+    for model, value in ((FineTuneJobSpec, spec), (EvaluationSpec, evaluation)):
+        for rule in model.cel_rules:
+            assert rule.check(value) == cel.evaluate(rule.rule, value), (rule.rule, value)
+
+
+def test_the_classifier_job_of_docs_orchestration_is_scored_by_accuracy():
+    import re
+
+    import yaml
+
+    from support.paths import ROOT
+
+    text = (ROOT / "docs" / "orchestration.md").read_text()
+    [doc] = [d for block in re.findall(r"```yaml\n(.*?)```", text, re.S) for d in yaml.safe_load_all(block)
+             if d and d.get("kind") == "FineTuneJob"]
+    spec = FineTuneJob.model_validate(doc).spec
+    assert spec.dataset.format == "classification" and spec.evaluation.primary(classification=True) == "accuracy"

@@ -10,7 +10,8 @@ import pytest
 
 from loraplane.api.orchestration import MAX_DECISION_TEXT_CHARS, ContentModel
 from loraplane.api.wire.serving import ServingTable
-from loraplane.router.content import CompiledContentModel, compile_re2, decision_text, parse_label
+from loraplane.api.orchestration import parse_label
+from loraplane.router.content import CompiledContentModel, compile_re2, decision_text
 from loraplane.router.table import BadRequest, RoutingTable, read_model
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from loraplane.api.evaluation import EvaluationResult, EvaluationScores
+from loraplane.api.evaluation import MAX_LABEL_SCORES, EvaluationResult, EvaluationScores
 from loraplane.api.finetunejob import EvaluationSpec
+from loraplane.api.orchestration import MAX_DECISION_TEXT_CHARS, classifier_max_tokens, classifier_prompt, parse_label
 from loraplane.api.wire.trainer import (
     TERMINATION_MESSAGE_LIMIT, PreviousVersion, TerminationMessage, write_termination_message,
 )
@@ -153,7 +154,10 @@ def full_result() -> EvaluationResult:
     metrics = {"eval_loss": 1.2345, "perplexity": 3.4367, "exact_match": 0.5, "contains": 0.75, "regex": 0.25,
                "rouge_l": 0.8123}
     s = EvaluationScores(metrics=metrics, examples=200)
-    return EvaluationResult(primary_metric="rouge_l", candidate=s, base=s, previous=s, previous_version="12",
+    # A classifier's result carries per-label accuracies too (at most MAX_LABEL_SCORES labels of 63 characters).
+    labelled = EvaluationScores(metrics={**metrics, "accuracy": 0.9876}, examples=200,
+                                labels={f"{i}" + "l" * 62: 0.1234 for i in range(MAX_LABEL_SCORES)})
+    return EvaluationResult(primary_metric="rouge_l", candidate=labelled, base=s, previous=s, previous_version="12",
                             evaluated_at="2026-01-01T00:00:00Z", score=0.8123, base_score=0.8123,
                             message="time budget (900 s) reached: generation metrics cover 150 of 200 examples")
 
@@ -218,3 +222,174 @@ def test_the_previous_config_carries_no_pattern_peft_would_backtrack_on():
 def test_a_previous_config_that_cannot_be_loaded_safely_is_refused_naming_the_field(cfg, match):
     with pytest.raises(ValueError, match=match):
         evaluate.safe_previous_config(cfg, MODULES)
+
+
+# ---- accuracy of a classification job (the content router's classifier) -----------------------------------------
+
+def classification_spec(**kw) -> EvaluationSpec:
+    return EvaluationSpec.model_validate({"dataset": {"uri": "/e.jsonl", "format": "classification"}, **kw})
+
+
+@pytest.mark.parametrize("completion, label, right", [
+    (" support", "support", 1.0), ("Support! how can I help", "support", 1.0),   # the router's reading: first word,
+    ("\n sql\n", "sql", 1.0),                                                      # lower-cased, after whitespace
+    (" supportive", "support", 0.0), (" sql", "support", 0.0), ("", "support", 0.0), ("!support", "support", 0.0),
+    (" billing-eu", "billing-eu", 1.0), (" billing", "billing-eu", 0.0),
+])
+def test_accuracy_reads_the_answer_as_the_router_does(completion, label, right):
+    example = evaluate.Example(1, [1], "", label=label)
+    assert evaluate.score("accuracy", completion, example) == right
+    assert (parse_label(completion) == label) == bool(right)   # the router's own reading (api.orchestration)
+
+
+def test_a_classification_evaluation_set_is_asked_as_the_router_asks(tmp_path, tokenizer):
+    records = [{"q": "where is my order?", "route": "support"}, {"q": "select 1", "route": "sql"},
+               {"q": "tell me a joke", "route": "general"}, {"q": "refund", "route": "refunds-eu"}]
+    spec = classification_spec(dataset={"uri": "/e", "format": "classification", "textField": "q",
+                                        "labelField": "route"}, maxExamples=3)
+    out = evaluate.prepare(spec, source(tmp_path, records), tokenizer, 2048, train_labels=["support", "sql"])
+    assert out.classification and out.records == 4 and [e.line for e in out.examples] == [1, 2, 3]
+    first = out.examples[0]
+    assert first.prompt_ids == tokenizer(classifier_prompt("where is my order?"))["input_ids"]
+    assert first.label == "support"
+    # The router's answer budget, for the longest label the classifier may answer ("support", 7 characters).
+    assert out.max_new_tokens == classifier_max_tokens(7) == 9
+    assert out.notes == ["1 label(s) of the evaluated records are not in the training data (general): they count "
+                         "as wrong"]
+
+
+@pytest.mark.parametrize("record, needle", [
+    ({"question": "hi", "label": "sql"}, "line 1 has no field 'text' (spec.evaluation.dataset.textField)"),
+    ({"text": "hi"}, "line 1 has no field 'label' (spec.evaluation.dataset.labelField)"),
+    ({"text": "hi", "label": 3}, "line 1: field 'label' must be a string, got int"),
+    ({"text": "hi", "label": "SQL"}, "line 1: field 'label' is 'SQL', not a label"),
+    ({"text": "hi", "label": "a" * 64}, "not a label"),
+    ({"text": "  ", "label": "sql"}, "line 1: field 'text' is empty"),
+    ({"text": "x" * (MAX_DECISION_TEXT_CHARS + 1), "label": "sql"}, "more than the 4096 the content router reads"),
+    (["text", "label"], "line 1 is a list, not a JSON object"),
+])
+def test_hostile_classification_records_are_refused_by_line_and_field(tmp_path, tokenizer, record, needle):
+    with pytest.raises(InvalidDataset) as err:
+        evaluate.prepare(classification_spec(), source(tmp_path, [{"text": "ok", "label": "sql"}, record]),
+                         tokenizer, 2048)
+    assert needle.replace("line 1", "line 2") in err.value.message
+
+
+def test_a_classification_prompt_that_leaves_no_room_for_the_label_is_refused(tmp_path, tokenizer):
+    with pytest.raises(InvalidDataset, match="line 1: the classifier prompt has .* no room for the label"):
+        evaluate.prepare(classification_spec(), source(tmp_path, [{"text": "word " * 60, "label": "sql"}]),
+                         tokenizer, 64)
+
+
+class _Tokens:
+    """A tokenizer and model stand-in: each example's prompt is one token (its line); an answer is one token
+    decoding to a text of `answers` (the candidate's, by line) or `junk` (the base model's)."""
+
+    def __init__(self, answers: dict[int, str], junk: str = " ?"):
+        import torch
+
+        self.answers, self.junk, self.texts = answers, junk, [junk, *answers.values()]
+        self.pad_token_id, self.training, self.adapter_off, self.max_new_tokens = 0, True, False, set()
+        self._weight = torch.zeros(1)
+
+    # tokenizer
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return "".join(self.texts[int(i) - 10_000] for i in ids)
+
+    # model
+    def parameters(self):
+        return iter([self._weight])
+
+    def eval(self):
+        self.training = False
+
+    def train(self, mode=True):
+        self.training = mode
+
+    def set_adapter(self, name):
+        pass
+
+    def disable_adapter(self):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def off():
+            self.adapter_off = True
+            try:
+                yield
+            finally:
+                self.adapter_off = False
+        return off()
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **_):
+        import torch
+
+        self.max_new_tokens.add(max_new_tokens)
+        line = int(input_ids[0, 0])
+        text = self.junk if self.adapter_off else self.answers[line]
+        return torch.cat([input_ids, torch.tensor([[10_000 + self.texts.index(text)]])], dim=1)
+
+
+def test_evaluate_scores_accuracy_per_label_with_the_routers_budget():
+    # support: 2 of 3 right; sql: 1 of 2; general: 0 of 1 (an empty answer routes nowhere).
+    labels = {1: "support", 2: "support", 3: "support", 4: "sql", 5: "sql", 6: "general"}
+    answers = {1: " support", 2: " Support!", 3: " supportive", 4: "sql\n", 5: " general", 6: ""}
+    stub = _Tokens(answers)
+    examples = [evaluate.Example(n, [n], "", label=label) for n, label in labels.items()]
+    eval_set = evaluate.classification_set(data.Source("/v", [], "0" * 64), examples, ["support", "sql", "general"])
+    spec = classification_spec()
+    result = evaluate.evaluate(stub, stub, spec, eval_set, None, 8, classification=True)
+    assert result.primary_metric == "accuracy" and result.score == 0.5 and result.base_score == 0.0
+    assert result.candidate.metrics == {"accuracy": 0.5} and result.candidate.examples == 6
+    assert result.candidate.labels == {"general": 0.0, "sql": 0.5, "support": 0.6667}
+    assert result.base.labels is None                       # per label: the new adapter only
+    assert stub.max_new_tokens == {classifier_max_tokens(len("support"))}   # not spec.maxNewTokens (64)
+    assert stub.training and result.message is None
+
+
+def test_per_label_accuracy_is_left_out_past_its_bound():
+    labels = [f"label-{i}" for i in range(MAX_LABEL_SCORES + 1)]
+    stub = _Tokens({n: f" {label}" for n, label in enumerate(labels, start=1)})
+    examples = [evaluate.Example(n, [n], "", label=label) for n, label in enumerate(labels, start=1)]
+    eval_set = evaluate.classification_set(data.Source("/v", [], "0" * 64), examples, labels)
+    result = evaluate.evaluate(stub, stub, classification_spec(), eval_set, None, 8, classification=True)
+    assert result.score == 1.0 and result.candidate.labels is None
+    assert f"per-label accuracy left out: the examples have {MAX_LABEL_SCORES + 1} labels" in result.message
+
+
+@pytest.mark.parametrize("validation", ["split", "uri"])
+def test_a_classification_jobs_validation_records_are_its_accuracy_examples(tmp_path, tokenizer, validation):
+    """prepare_data: without evaluation.dataset, a classification job's held-out records (by their line in the file
+    they came from) are asked as the router asks; the loss rows and the accuracy examples are the same records."""
+    from types import SimpleNamespace
+
+    from loraplane.local.tinymodel import quick_job
+    from loraplane.trainer import resolve_runtime
+    from loraplane.trainer.run import BaseModel, prepare_data
+
+    rows = [{"text": f"request {i}", "label": ("support", "sql")[i % 2]} for i in range(20)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held = [{"text": "refund my order", "label": "support"}, {"text": "select 1", "label": "billing"}]
+    options = {"validationSplit": 0.25}
+    if validation == "uri":
+        (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+        options = {"validationUri": str(tmp_path / "val.jsonl")}
+    job = quick_job(tmp_path, train, fmt="classification", dataset_options=options)
+    job = job.model_copy(update={"spec": job.spec.model_copy(update={"evaluation": EvaluationSpec(maxExamples=4)})})
+    base = BaseModel(None, tokenizer, SimpleNamespace(max_position_embeddings=256), 128)
+    runtime = resolve_runtime(job, output_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ck")
+    prepared = prepare_data(job, runtime, tmp_path / "scratch", base, 1)
+    got = prepared.validation_labels
+    source = dict(data.read_file(tmp_path / ("val.jsonl" if validation == "uri" else "train.jsonl"), "x").records)
+    assert prepared.evaluation is None and got.classification
+    assert [e.line for e in got.examples] == prepared.validation.lines[:4]
+    for example in got.examples:
+        record = source[example.line]
+        assert example.label == record["label"]
+        assert example.prompt_ids == tokenizer(classifier_prompt(record["text"]))["input_ids"]
+    assert got.max_new_tokens == classifier_max_tokens(len("support"))
+    if validation == "uri":   # a held-out label the classifier was never trained on is said, not hidden
+        assert got.notes and "(billing)" in got.notes[0]
+    else:
+        assert len(got.examples) == 4 and not got.notes   # maxExamples of the 5 held out
