@@ -68,8 +68,14 @@ def route_warnings(resources: list[Resource]) -> list[str]:
         resolution = route_resolution(r, adapters, routes)
         out += [f"{where}: {c.message}" for c in resolution.conflicts]
         if resolution.content.missing:
-            out.append(f"{where}: spec.contentRouting names what no ModelRoute among these files can serve (another "
-                       f"in the cluster may publish it): {resolution.content.missing_message()}")
+            # A wrong spec.engine.task is a mistake whatever the cluster holds; a name the files lack may be
+            # published by a route that is not among them.
+            content = resolution.content
+            maybe = ("" if all(content.target(p, n).reason == Reason.ContentTargetWrongTask
+                               for refs in content.missing.values() for p, n in refs)
+                     else " (another in the cluster may publish what they lack)")
+            out.append(f"{where}: spec.contentRouting names what no ModelRoute among these files can serve{maybe}: "
+                       f"{resolution.content.missing_message()}")
         out += [f"{where}: contentRouting {c.name!r}: {line}" for c in r.spec.content_routing for line in c.unreachable()]
         out += [f"{where}: backend {adapter} of {public!r} is left out ({verdict.reason}): {verdict.message}"
                 for (public, adapter), verdict in sorted(resolution.missing.items())

@@ -15,7 +15,7 @@ controller reads them from its stores, tests build them by hand.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 
@@ -57,7 +57,12 @@ class ContentResolution:
 
     models: list[ContentModel] = field(default_factory=list)
     external: list[ExternalModel] = field(default_factory=list)
+    # Where each referenced name is served. A name another route serves with a spec.engine.task that cannot answer
+    # one role is still here as that route's external model (it may answer the other role: an embed route's model
+    # is a right embeddingModel and a wrong default); the role's verdict is in `wrong_task`, read by `target()`.
     targets: dict[str, Target] = field(default_factory=dict)
+    # (name, asked as an embedding model) -> its ContentTargetWrongTask Target, for that role only.
+    wrong_task: dict[tuple[str, bool], Target] = field(default_factory=dict)
     # (public name, older route owning it): names this route publishes that an older route published first.
     conflicts: list[tuple[str, str]] = field(default_factory=list)
     # Content model name -> the (field path, name) references that are missing, in spec order.
@@ -70,20 +75,27 @@ class ContentResolution:
             "namespace (the gateway and other routes' content routing send it there; this route still serves it "
             "on its own endpoint): rename it here or remove it from one of the two" for name, owner in self.conflicts)
 
+    def target(self, path: str, name: str) -> Target:
+        """Where the reference `path` (a field path under the content route, as ContentRoute.references gives)
+        to `name` is served, for that role: ContentTargetWrongTask when the route serving `name` cannot answer
+        what `path` asks (an embedding model for semantic.embeddingModel, a completion for the others), else the
+        name's Target. KeyError for a name no content model references."""
+        return self.wrong_task.get((name, path == EMBEDDING_PATH)) or self.targets[name]
+
     @property
     def missing_reason(self) -> Reason | None:
         """The reason of the first missing reference (spec order): ContentTargetNotFound or ContentTargetWrongTask;
         None when nothing is missing."""
         for refs in self.missing.values():
-            for _path, name in refs:
-                return self.targets[name].reason
+            for path, name in refs:
+                return self.target(path, name).reason
         return None
 
     def missing_message(self) -> str:
         """One clause per content model with missing references, naming each field, name and why."""
         parts = []
         for model, refs in self.missing.items():
-            what = ", ".join(f"{path} {name!r} ({self.targets[name].missing})" for path, name in refs)
+            what = ", ".join(f"{path} {name!r} ({self.target(path, name).missing})" for path, name in refs)
             parts.append(f"content model {model!r}: {what}")
         return "; ".join(parts)
 
@@ -97,17 +109,20 @@ def _wire_destination(d) -> WireDestination:
     return WireDestination(model=d.model, rules=rules, examples=list(d.examples), label=d.label)
 
 
-def wire_content_model(spec: ContentRoute, log_decisions: bool, found: set[str]) -> ContentModel | None:
-    """The router's form of one content model, with only the references in `found` (the names that serve):
-    a destination nobody serves is left out (never chosen), a classifier or embedding model nobody serves takes
-    its method out of `methods` (the other methods and the default still decide). None when the default is not
-    found: the content model cannot serve, so it is not in the table at all (a request for it is answered as an
-    unknown model, and the route's status says why)."""
+def wire_content_model(spec: ContentRoute, log_decisions: bool, found: Container[str],
+                       embeddings: Container[str] | None = None) -> ContentModel | None:
+    """The router's form of one content model, with only the references in `found` (the names that serve a
+    completion; `embeddings`: the names that serve /v1/embeddings, default `found`): a destination nobody serves
+    is left out (never chosen), a classifier or embedding model nobody serves takes its method out of `methods`
+    (the other methods and the default still decide). None when the default is not found: the content model
+    cannot serve, so it is not in the table at all (a request for it is answered as an unknown model, and the
+    route's status says why)."""
+    embeddings = found if embeddings is None else embeddings
     if spec.default not in found:
         return None
     methods = [m for m in spec.methods
                if not (m == "classifier" and (spec.classifier is None or spec.classifier.model not in found))
-               and not (m == "semantic" and (spec.semantic is None or spec.semantic.embedding_model not in found))]
+               and not (m == "semantic" and (spec.semantic is None or spec.semantic.embedding_model not in embeddings))]
     classifier = semantic = None
     if "classifier" in methods and spec.classifier is not None:
         classifier = WireClassifier(model=spec.classifier.model, timeout_ms=spec.classifier.timeout_milliseconds)
@@ -127,22 +142,26 @@ def _did_you_mean(name: str, known: Sequence[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _wrong_task(content: Sequence[ContentRoute], name: str, owner: str, task: str) -> str:
-    """Why route `owner` (spec.engine.task `task`) cannot answer what `content` asks of its public model `name`,
-    or "": an embedding model must be on an embed route (vLLM's pooling runner answers /v1/embeddings only), a
-    destination, default or classifier on a generate route (the pooling runner answers no completions). Within
-    one route the API refuses the same mismatch (ModelRouteSpec); across routes only the other's spec knows."""
+EMBEDDING_PATH = "semantic.embeddingModel"   # the one reference that asks for /v1/embeddings, not a completion
+
+
+def _wrong_task(path: str, owner: str, task: str) -> str:
+    """Why route `owner` (spec.engine.task `task`) cannot answer what the reference `path` asks of its public
+    model, or "": an embedding model must be on an embed route (vLLM's pooling runner answers /v1/embeddings
+    only), a destination, default or classifier on a generate route (the pooling runner answers no completions).
+    Within one route the API refuses the same mismatch (ModelRouteSpec); across routes only the other's spec
+    knows. The verdict is per reference, not per name: one name may be right in one role and wrong in another."""
     embed = task == ENGINE_TASK_EMBED
-    for path, ref in (r for c in content for r in c.references()):
-        if ref != name or (path == "semantic.embeddingModel") == embed:
-            continue
-        if embed:
-            return (f"served by ModelRoute {owner}, an embedding model (spec.engine.task embed) that cannot answer "
-                    f"the completion {path} asks for; name a model of a ModelRoute with spec.engine.task generate")
-        return (f"served by ModelRoute {owner}, a generation model (spec.engine.task {task}) that has no "
-                "/v1/embeddings, so semantic routing would always fall back; name the public model of a ModelRoute "
-                "with spec.engine.task embed")
-    return ""
+    if (path == EMBEDDING_PATH) == embed:
+        return ""
+    role = "an embedding model" if path == EMBEDDING_PATH else "a destination, default or classifier"
+    if embed:
+        return (f"served by ModelRoute {owner}, an embedding model (spec.engine.task embed) that cannot answer "
+                f"the completion {path} asks for; {role} must be a model of a ModelRoute with spec.engine.task "
+                "generate")
+    return (f"served by ModelRoute {owner}, a generation model (spec.engine.task {task}) that has no "
+            "/v1/embeddings, so semantic routing would always fall back; name the public model of a ModelRoute "
+            "with spec.engine.task embed")
 
 
 def resolve_content(route: ModelRoute, served: Sequence[str], others: Sequence[Publication]) -> ContentResolution:
@@ -164,8 +183,14 @@ def resolve_content(route: ModelRoute, served: Sequence[str], others: Sequence[P
     local = set(served)
     content = set(content_names)
     for c in spec.content_routing:
-        for _path, name in c.references():
-            if name in out.targets:
+        for path, name in c.references():
+            if (name, path == EMBEDDING_PATH) in out.wrong_task:
+                continue
+            if (known := out.targets.get(name)) is not None:
+                if known.external is not None and (why := _wrong_task(path, known.route or "",
+                                                                         by_route[known.route or ""].task)):
+                    out.wrong_task[(name, path == EMBEDDING_PATH)] = Target(
+                        name, route=known.route, missing=why, reason=Reason.ContentTargetWrongTask)
                 continue
             if name in local:
                 target = Target(name, route=me, local=True)
@@ -179,17 +204,19 @@ def resolve_content(route: ModelRoute, served: Sequence[str], others: Sequence[P
             elif name not in dict(by_route[owner].models):
                 target = Target(name, route=owner, missing=f"a content-routed model of ModelRoute {owner}: "
                                 "content models do not chain")
-            elif why := _wrong_task(spec.content_routing, name, owner, by_route[owner].task):
-                target = Target(name, route=owner, missing=why, reason=Reason.ContentTargetWrongTask)
             else:
                 target = Target(name, route=owner,
                                 external=ExternalModel(name=name, route=owner, url=router_url(owner, ns)))
+                if why := _wrong_task(path, owner, by_route[owner].task):
+                    out.wrong_task[(name, path == EMBEDDING_PATH)] = Target(
+                        name, route=owner, missing=why, reason=Reason.ContentTargetWrongTask)
             out.targets[name] = target
-    found = {n for n, t in out.targets.items() if t.missing is None}
+    found = {n for n, t in out.targets.items() if t.missing is None and (n, False) not in out.wrong_task}
+    embeddings = {n for n, t in out.targets.items() if t.missing is None and (n, True) not in out.wrong_task}
     for c in spec.content_routing:
-        if refs := [(path, n) for path, n in c.references() if n not in found]:
+        if refs := [(path, n) for path, n in c.references() if out.target(path, n).missing is not None]:
             out.missing[c.name] = refs
-        if (wire := wire_content_model(c, spec.router.log_decisions, found)) is not None:
+        if (wire := wire_content_model(c, spec.router.log_decisions, found, embeddings)) is not None:
             out.models.append(wire)
     used = {n for m in out.models for n in (m.default, *(d.model for d in m.destinations),
                                             *([m.classifier.model] if m.classifier else []),

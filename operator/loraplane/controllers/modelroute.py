@@ -24,7 +24,7 @@ from loraplane.builders import engine_pod
 from loraplane.builders import modelroute as route_builders
 from loraplane.builders.policy import policy_message
 from loraplane.api.orchestration import Publication, engine_task, publication
-from loraplane.builders.orchestration import publication_changes, referenced_names
+from loraplane.builders.orchestration import EMBEDDING_PATH, publication_changes, referenced_names
 from loraplane.builders.resolution import (Resolution, Verdict, resolve, route_selection, route_selects,
                                           selection_index, with_others)
 from loraplane.controllers.base import API, Context, Controller
@@ -214,13 +214,15 @@ def content_status(route: ModelRoute, resolution: Resolution, models: list[Serve
     """status.contentModels (pure): each spec.contentRouting model with every public model it sends requests to
     and whether each can serve. A model of this route is ready when its status.models entry is (its reason: the
     first unready backend's); another route's when that route's status.models says so (else ModelsNotReady);
-    one nobody serves is not ready with ContentTargetNotFound. A content model is ready when its default is."""
+    one nobody serves is not ready with ContentTargetNotFound, one whose route's spec.engine.task cannot answer
+    the role it is named in with ContentTargetWrongTask (per role: an embed route's model can be a right
+    embeddingModel and a wrong default). A content model is ready when its default is."""
     served = {m.name: m for m in models}
     published = {p.route: dict(p.models) for p in others}
-    targets = resolution.content.targets
+    content = resolution.content
 
-    def entry(name: str) -> ContentDestinationStatus:
-        t = targets.get(name)
+    def entry(name: str, path: str = "default") -> ContentDestinationStatus:
+        t = content.target(path, name) if name in content.targets else None
         if t is None or t.missing is not None:
             return ContentDestinationStatus(model=name, route=t.route if t else None, ready=False,
                                             reason=t.reason if t else Reason.ContentTargetNotFound)
@@ -242,7 +244,8 @@ def content_status(route: ModelRoute, resolution: Resolution, models: list[Serve
             name=c.name, ready=default.ready, default=c.default, methods=list(c.methods),
             destinations=[entry(n) for n in names],
             classifier=entry(c.classifier.model) if c.classifier is not None else None,
-            embedding_model=entry(c.semantic.embedding_model) if c.semantic is not None else None))
+            embedding_model=(entry(c.semantic.embedding_model, EMBEDDING_PATH) if c.semantic is not None
+                             else None)))
     return out
 
 

@@ -263,7 +263,7 @@ def test_the_wire_invariant_holds_for_any_mix_of_local_external_missing_and_chai
             publishers = sorted((p.created, p.route) for p in others if e.name in dict(p.models)
                                 or e.name in dict(p.content))
             assert e.route == publishers[0][1]
-        assert bool(table.content_models) == (res.content.targets[content[0]["default"]]
+        assert bool(table.content_models) == (res.content.target("default", content[0]["default"])
                                               .missing is None)
 
 
@@ -345,10 +345,11 @@ def test_another_routes_model_whose_engine_task_cannot_answer_the_role_is_wrong_
     wrong = ModelRoute.model_validate(route_body(content=[auto(
         semantic={"embeddingModel": "chat"}, classifier={"model": "emb-clf"})]))
     res = resolve(wrong, [SQL], others=others)
-    targets = res.content.targets
-    assert targets["chat"].reason == Reason.ContentTargetWrongTask and "no /v1/embeddings" in targets["chat"].missing
-    assert targets["emb-clf"].reason == Reason.ContentTargetWrongTask
-    assert "cannot answer the completion classifier.model asks for" in targets["emb-clf"].missing
+    chat, emb_clf = (res.content.target("semantic.embeddingModel", "chat"),
+                     res.content.target("classifier.model", "emb-clf"))
+    assert chat.reason == Reason.ContentTargetWrongTask and "no /v1/embeddings" in chat.missing
+    assert emb_clf.reason == Reason.ContentTargetWrongTask
+    assert "cannot answer the completion classifier.model asks for" in emb_clf.missing
     assert res.content.missing_reason == Reason.ContentTargetWrongTask
     [cm] = res.table.content_models
     assert cm.methods == ["rules"] and cm.classifier is None and cm.semantic is None
@@ -362,7 +363,45 @@ def test_another_routes_model_whose_engine_task_cannot_answer_the_role_is_wrong_
     # A default on an embed route: the content model cannot serve at all (left out of the table).
     on_embed = ModelRoute.model_validate(route_body(content=[auto(default="embed")]))
     res = resolve(on_embed, [SQL], others=others)
-    assert res.table.content_models == [] and res.content.targets["embed"].reason == Reason.ContentTargetWrongTask
+    assert res.table.content_models == [] and res.content.target("default", "embed").reason == \
+        Reason.ContentTargetWrongTask
+
+
+def test_wrong_task_is_judged_per_role_not_per_name():
+    """One name can be right in one role and wrong in another: an embed route's model is a right embeddingModel
+    and a wrong default or destination (a generate route's model the reverse). Only the wrong reference is
+    missing (ContentTargetWrongTask, its message naming its own field); the right one keeps its method or its
+    destination, in the table, in the status and in `loraplane validate`'s warning, across content models too."""
+    from loraplane.api.reasons import Reason
+    from loraplane.controllers.modelroute import content_status
+
+    others = [Publication("chatty", T1, models=(("chat", True),)),
+              Publication("embeddings", T1, models=(("embed", True),), task="embed")]
+    # Destination `embed` (wrong) next to embeddingModel `embed` (right); embeddingModel `chat` (wrong) of a
+    # second content model next to destination `chat` (right) of the first.
+    body = route_body(content=[
+        auto(methods=["rules", "semantic"], classifier=None, destinations=[
+            {"model": "embed", "rules": {"keywords": ["x"]}},
+            {"model": "chat", "rules": {"keywords": ["y"]}, "examples": ["y"]}]),
+        auto(name="auto2", methods=["semantic"], classifier=None, semantic={"embeddingModel": "chat"},
+             destinations=[{"model": "sql", "examples": ["z"]}])])
+    res = resolve(ModelRoute.model_validate(body), [SQL], others=others)
+    assert res.content.missing == {"auto": [("destinations[0].model", "embed")],
+                                   "auto2": [("semantic.embeddingModel", "chat")]}
+    message = res.content.missing_message()
+    assert "destinations[0].model 'embed' (served by ModelRoute embeddings, an embedding model" in message
+    assert "semantic.embeddingModel 'chat' (served by ModelRoute chatty, a generation model" in message
+    assert "semantic.embeddingModel 'embed'" not in message and "model 'chat'" not in message, message
+    first, second = res.table.content_models
+    assert first.methods == ["rules", "semantic"] and first.semantic.embedding_model == "embed"
+    assert [d.model for d in first.destinations] == ["chat"]
+    assert second.methods == [] and second.semantic is None
+    assert [e.name for e in res.table.external_models] == ["chat", "embed"]
+    status = {c.name: c for c in content_status(ModelRoute.model_validate(body), res, [], others)}
+    assert status["auto"].embedding_model.ready and status["auto"].embedding_model.reason is None
+    assert [(d.model, d.reason) for d in status["auto"].destinations] == [
+        ("embed", Reason.ContentTargetWrongTask), ("chat", None), ("general", Reason.ModelsNotReady)]
+    assert status["auto2"].embedding_model.reason == Reason.ContentTargetWrongTask
 
 
 def test_a_publication_carries_the_engine_task_and_a_task_change_concerns_every_name():
