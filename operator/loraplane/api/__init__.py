@@ -9,11 +9,16 @@ KINDS: dict[str, type[Resource]] = {cls.KIND: cls for cls in (FineTuneJob, Adapt
 
 
 def parse(obj: dict) -> Resource:
-    """Validate a manifest of one of our kinds; raises pydantic.ValidationError naming the bad field."""
+    """Validate a manifest of one of our kinds; raises pydantic.ValidationError naming the bad field.
+
+    A manifest is the wire form: its fields are the camelCase names of the CRD schema only. The Python names
+    (`validation_split`) that ApiModel's populate_by_name admits for code are unknown fields here, as the API
+    server refuses them (kubectl's strict field validation) or prunes them: a file `loraplane validate` passes
+    must be one the cluster takes as written."""
     kind = obj.get("kind")
     if kind not in KINDS:
         raise ValueError(f"kind: {kind!r} is not a loraplane.io kind (expected one of {', '.join(KINDS)})")
-    return KINDS[kind].model_validate(obj)
+    return KINDS[kind].model_validate(obj, by_alias=True, by_name=False)
 
 
 __all__ = [

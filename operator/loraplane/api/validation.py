@@ -243,7 +243,7 @@ def format_all_problems(model: type[BaseModel], data: Any, err: ValidationError,
         if not progressed:
             break
         try:
-            model.model_validate(pruned)
+            model.model_validate(pruned, by_alias=True, by_name=False)   # the wire form, as parse()
         except ValidationError as again:
             # A required field just left out is reported already, as its wrong value.
             current = again

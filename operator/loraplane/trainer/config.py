@@ -108,7 +108,7 @@ def job_from_dict(doc: dict, source: str = "config") -> FineTuneJob:
     from loraplane.api.validation import format_validation_error
 
     try:
-        return FineTuneJob.model_validate(doc)
+        return FineTuneJob.model_validate(doc, by_alias=True, by_name=False)   # the wire form, as api.parse
     except ValidationError as exc:
         raise InvalidConfig(f"{source} is not a valid FineTuneJob:\n{format_validation_error(exc, '  ')}") from exc
     except ValueError as exc:  # CEL rule failures

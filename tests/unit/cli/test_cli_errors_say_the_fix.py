@@ -202,3 +202,25 @@ spec:
     assert validate_main(argparse.Namespace(files=[path], strict=True)) == 1
     assert "error 1 warning(s) with --strict" in capsys.readouterr().out
     assert main(["validate", "--strict", str(path)]) == 1
+
+
+def test_a_python_field_name_is_an_unknown_field_as_the_api_server_says(tmp_path, capsys):
+    """A manifest's fields are the CRD schema's camelCase names. `validation_split` (the Python name, which
+    ApiModel's populate_by_name admits for code) passed `loraplane validate` and `loraplane train` as if it were
+    `validationSplit`, while kubectl refuses it (strict field validation) or the API server prunes it: the 20%
+    the user meant to hold out was not. It is an unknown field naming the wire name, in every reader of files."""
+    from loraplane.trainer.config import InvalidConfig, job_from_dict
+
+    job = JOB.replace('{uri: "pvc://data/train.jsonl"}', '{uri: "pvc://data/train.jsonl", validation_split: 0.2}')
+    rc, out = validate(tmp_path, capsys, job)
+    assert rc == 1
+    assert "spec.dataset.validation_split: unknown field 'validation_split': did you mean 'validationSplit'?" \
+        in out, out
+    rc, out = validate(tmp_path, capsys, JOB.replace("baseModel: {name: m}", "base_model: {name: m}"))
+    assert rc == 1 and "did you mean 'baseModel'?" in out, out
+    import yaml
+    with pytest.raises(InvalidConfig, match="validation_split"):
+        job_from_dict(yaml.safe_load(job))
+    rc, out = validate(tmp_path, capsys, JOB.replace("pvc://data/train.jsonl\"}", "pvc://data/train.jsonl\", "
+                                                     "validationSplit: 0.2}"))
+    assert rc == 0, out
