@@ -183,9 +183,9 @@ class EvaluationSpec(ApiModel):
                      f"self.primaryMetric == '{ACCURACY}' || "
                      f"(has(self.dataset) && self.primaryMetric in {_CEL_METRICS})",
                 check=_primary_ok,
-                message="evaluation.primaryMetric must be eval_loss or perplexity, accuracy (classification jobs), "
-                        "or one of evaluation.metrics (default rouge_l, exact_match, contains) with "
-                        "evaluation.dataset set"),
+                message="evaluation.primaryMetric must be eval_loss or perplexity; accuracy for a classification "
+                        "job (spec.dataset.format classification: no other metric); or, for other jobs, one of "
+                        "evaluation.metrics (default rouge_l, exact_match, contains) with evaluation.dataset set"),
     )
 
     dataset: EvaluationDatasetSpec | None = Field(
@@ -366,8 +366,9 @@ class FineTuneJobSpec(ApiModel):
                      "== " + _CEL_CLASSIFICATION + ")",
                 check=_evaluation_format_ok,
                 message="spec.evaluation.dataset.format must be classification exactly when spec.dataset.format "
-                        "is: a classifier is scored on {text, label} records (accuracy), other adapters on "
-                        "prompt/reference records"),
+                        "is (unset, it is instruction): a classifier is scored on {text, label} records (accuracy), "
+                        "other adapters on prompt/reference records; set spec.evaluation.dataset.format: "
+                        "classification for a classifier's evaluation set, instruction or chat for another's"),
         CelRule(rule="!has(self.training) || !has(self.training.packing) || !self.training.packing || "
                      "(has(self.dataset.format) && self.dataset.format == 'text')",
                 check=lambda obj: not obj.get("training", {}).get("packing")

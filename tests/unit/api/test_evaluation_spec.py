@@ -125,6 +125,15 @@ def test_a_classification_job_is_scored_by_accuracy(evaluation, dataset, primary
     ({"dataset": EVAL_SET}, {"format": "classification"}, "spec.evaluation.dataset.format must be classification "
                                                            "exactly when spec.dataset.format is"),
     ({"dataset": CLASSIFICATION_SET}, {}, "spec.evaluation.dataset.format must be classification"),
+    # The mistakes a user makes, each told the fix: a format left unset is instruction, so a classifier's
+    # evaluation set without `format` is the wrong layout; a free-text primaryMetric on a classifier without an
+    # evaluation set is refused by the evaluation's own rule, which must not suggest rouge_l for it.
+    ({"dataset": {"uri": "s3://d/eval.jsonl"}}, {"format": "classification"},
+     "(unset, it is instruction)"),
+    ({"dataset": {"uri": "s3://d/eval.jsonl"}}, {"format": "classification"},
+     "set spec.evaluation.dataset.format: classification for a classifier's evaluation set"),
+    ({"primaryMetric": "rouge_l"}, {"format": "classification", "validationSplit": 0.2},
+     "accuracy for a classification job (spec.dataset.format classification: no other metric)"),
 ])
 def test_accuracy_outside_a_classification_job_and_other_metrics_inside_one_are_refused(evaluation, dataset,
                                                                                           message):
