@@ -156,10 +156,16 @@ def trainer_config(ftj: FineTuneJob, settings: BuildSettings, output: str | None
     (`previous_version`)."""
     spec = ftj.spec.model_copy(update={"output": ftj.spec.output.model_copy(
         update={"uri": output or output_uri(ftj, settings)})})
+    wire = spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    ev = spec.evaluation
+    if spec.dataset.format == "classification" and ev is not None and "metrics" not in ev.model_fields_set:
+        # The default metrics (rouge_l, ...) are refused for a classification job (it is scored by accuracy only):
+        # dumped, they made the trainer refuse its own config (InvalidConfig) for every classifier evaluated.
+        wire["evaluation"].pop("metrics", None)
     out = {
         "apiVersion": ftj.api_version, "kind": ftj.kind,
         "metadata": {"name": ftj.metadata.name, "namespace": namespace_of(ftj)},
-        "spec": spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+        "spec": wire,
     }
     if previous is not None:
         out[PREVIOUS_VERSION_KEY] = previous.model_dump(by_alias=True, exclude_none=True, mode="json")
