@@ -43,6 +43,37 @@ class ConfigMapKeyRef(ApiModel):
                      description="Key of the ConfigMap that holds the JSONL.")
 
 
+# The record fields each format reads, with their defaults: a field of another format is ignored by the trainer,
+# so one set to another value than its default is a mistake (`responseField: route` on a classification set meant
+# labelField; its records then lack `label` and the run fails only once the data is read). A field set to its own
+# default is harmless, and code that dumps a spec with its defaults (ApiModel.wire) writes such fields.
+_FIELD_DEFAULTS = {"textField": "text", "labelField": "label", "promptField": "prompt",
+                   "responseField": "response", "messagesField": "messages", "patternField": "pattern"}
+
+
+def _format_fields_rule(where: str, fields: dict[str, tuple[str, ...]]) -> CelRule:
+    """The rule refusing, for each format of `fields` (format -> the record fields it reads), a record field of
+    another format set to other than its default; `where` names the object in the message (e.g. `dataset`).
+    The format defaults to instruction, as both dataset kinds' `format` does."""
+    all_fields = sorted({f for names in fields.values() for f in names})
+    clauses = []
+    for fmt, names in fields.items():
+        foreign = " && ".join(f"(!has(self.{f}) || self.{f} == '{_FIELD_DEFAULTS[f]}')"
+                              for f in all_fields if f not in names)
+        clauses.append(f"(has(self.format) ? self.format : 'instruction') != '{fmt}' || ({foreign})")
+
+    def check(obj: dict) -> bool:
+        names = fields.get(obj.get("format", "instruction"), all_fields)
+        return all(obj.get(f, _FIELD_DEFAULTS[f]) == _FIELD_DEFAULTS[f] for f in all_fields if f not in names)
+
+    reads = "; ".join(f"{fmt}: {', '.join(names)}" for fmt, names in fields.items())
+    return CelRule(rule=" && ".join(f"({c})" for c in clauses), check=check,
+                   message=f"{where} sets a record field of another format, which the trainer would ignore "
+                           f"(format unset is instruction); each format reads only its own fields ({reads}): use "
+                           f"the field of {where}.format (a classification record's label is labelField, not "
+                           f"responseField), or correct {where}.format")
+
+
 class DatasetSpec(ApiModel):
     """Training data: JSON lines from a URI or an inline ConfigMap."""
 
@@ -60,6 +91,9 @@ class DatasetSpec(ApiModel):
                 or obj.get("textField", "text") != obj.get("labelField", "label"),
                 message="dataset.textField and dataset.labelField name the same field: a classification record "
                         "needs its text and its label in two fields"),
+        _format_fields_rule("dataset", {"text": ("textField",), "instruction": ("promptField", "responseField"),
+                                        "chat": ("messagesField",),
+                                        "classification": ("textField", "labelField")}),
         *uri_rules("uri", "dataset.uri"),
         *uri_rules("validationUri", "dataset.validationUri"),
     )
@@ -143,6 +177,9 @@ class EvaluationDatasetSpec(ApiModel):
         CelRule(rule="has(self.uri) != has(self.configMapRef)",
                 check=lambda obj: ("uri" in obj) != ("configMapRef" in obj),
                 message="set exactly one of evaluation.dataset.uri or evaluation.dataset.configMapRef"),
+        _format_fields_rule("evaluation.dataset", {
+            "instruction": ("promptField", "responseField", "patternField"),
+            "chat": ("messagesField", "patternField"), "classification": ("textField", "labelField")}),
         *uri_rules("uri", "evaluation.dataset.uri"),
     )
 

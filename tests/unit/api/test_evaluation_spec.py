@@ -167,3 +167,40 @@ def test_the_classifier_job_of_docs_orchestration_is_scored_by_accuracy():
              if d and d.get("kind") == "FineTuneJob"]
     spec = FineTuneJob.model_validate(doc).spec
     assert spec.dataset.format == "classification" and spec.evaluation.primary(classification=True) == "accuracy"
+
+
+@pytest.mark.parametrize("evaluation, dataset", [
+    # A classifier's evaluation set with an instruction field: `responseField: route` meant labelField.
+    ({"dataset": {**CLASSIFICATION_SET, "responseField": "route"}}, {"format": "classification"}),
+    ({"dataset": {**CLASSIFICATION_SET, "patternField": "p"}}, {"format": "classification"}),
+    # An instruction evaluation set (format unset) with a classification field; a chat one with a prompt field.
+    ({"dataset": {**EVAL_SET, "textField": "t"}}, {}),
+    ({"dataset": {**EVAL_SET, "format": "chat", "promptField": "q"}}, {"format": "chat"}),
+    # The training data too: a classification set with `promptField` (its text is textField).
+    ({}, {"format": "classification", "validationSplit": 0.2, "promptField": "question"}),
+    ({}, {"format": "chat", "validationSplit": 0.2, "responseField": "answer"}),
+])
+def test_a_record_field_of_another_format_is_refused(evaluation, dataset):
+    """Each format reads only its own record fields; one of another format was ignored, so the run read the
+    default field instead and failed (InvalidDataset) only once the data was fetched, or scored the wrong field.
+    Admission refuses it, naming the fields each format reads. A field set to its own default is harmless (code
+    dumps a spec with its defaults): accepted."""
+    with pytest.raises(ValidationError) as err:
+        FineTuneJob.model_validate(job(evaluation, **dataset))
+    assert "sets a record field of another format" in str(err.value)
+    assert "classification: textField, labelField" in str(err.value)
+
+
+def test_a_record_field_at_its_default_or_of_its_own_format_is_accepted():
+    FineTuneJob.model_validate(job({"dataset": {**CLASSIFICATION_SET, "textField": "q", "labelField": "route",
+                                                "promptField": "prompt", "patternField": "pattern"}},
+                                   format="classification", textField="body", responseField="response"))
+    FineTuneJob.model_validate(job({"dataset": {**EVAL_SET, "format": "chat", "messagesField": "m",
+                                                "patternField": "p"}, "metrics": ["regex"]},
+                                   format="chat", messagesField="turns", validationSplit=0.1))
+    # Datasets dumped with every default (ApiModel.wire, the trainer's config) validate again.
+    from loraplane.api.finetunejob import DatasetSpec, EvaluationDatasetSpec
+
+    spec = FineTuneJob.model_validate(job({"dataset": CLASSIFICATION_SET}, format="classification")).spec
+    DatasetSpec.model_validate(spec.dataset.wire())
+    EvaluationDatasetSpec.model_validate(spec.evaluation.dataset.wire())

@@ -98,7 +98,11 @@ def test_packing_is_refused_by_admission_and_by_the_trainer(tmp_path, tokenizer)
 def test_text_and_label_fields_must_differ():
     with pytest.raises(ValidationError, match="textField and dataset.labelField name the same field"):
         DatasetSpec.model_validate({"uri": "/d", "format": "classification", "labelField": "text"})
-    DatasetSpec.model_validate({"uri": "/d", "format": "instruction", "labelField": "text"})  # not read there
+    DatasetSpec.model_validate({"uri": "/d", "format": "text", "textField": "body"})
+    # An instruction set does not read labelField: set to other than its default it is a mistake, refused by the
+    # rule on fields of another format (test_a_record_field_of_another_format_is_refused), not by this one.
+    with pytest.raises(ValidationError, match="sets a record field of another format"):
+        DatasetSpec.model_validate({"uri": "/d", "format": "instruction", "labelField": "text"})
 
 
 @pytest.mark.parametrize("value", [
