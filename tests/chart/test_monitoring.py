@@ -220,3 +220,19 @@ def test_dashboard_and_alerts_query_only_exported_metrics():
         queried |= names
     missing = sorted(queried - exported)
     assert not missing, f"queried but exported by nothing: {missing}"
+
+
+def test_an_alert_fires_when_a_content_routing_method_keeps_failing():
+    """A content model whose classifier or embedding model times out, is unavailable or answers no label is
+    answered by its default (the client sees only X-Loraplane-Routing-Fallback): an alert names the content model,
+    the method and why, as a share of the content model's decisions, leaving out `no-match` (routing as
+    configured, not a failure)."""
+    (rule,) = by_kind(objects(ALL_ON), "PrometheusRule")
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    fallback = alerts["LoraplaneContentRoutingFallbacks"]
+    assert promql_metric_names(fallback["expr"]) == {"loraplane_router_content_fallbacks_total",
+                                                     "loraplane_router_content_decisions_total"}
+    assert 'reason!="no-match"' in fallback["expr"]
+    assert "by (namespace, model, method, reason)" in fallback["expr"]
+    summary = fallback["annotations"]["summary"]
+    assert all(f"{{{{ $labels.{label} }}}}" in summary for label in ("model", "method", "reason")), summary
