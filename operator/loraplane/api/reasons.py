@@ -16,6 +16,9 @@ ADAPTER = "Adapter Ready / Compatible; loader report"
 ROUTE = "ModelRoute Ready"
 ANY = "any kind, Ready"
 ROLLOUT = "Adapter status.rollout.reason (Ready when the rollout failed or was stopped); Event on an Adapter"
+# The status.contentModels entries a content-routing reason is found on (each one a public model it names).
+CONTENT_ENTRIES = (f"{ROUTE}; status.contentModels[] .destinations[].reason, .classifier.reason, "
+                   ".embeddingModel.reason")
 
 
 class Progress(StrEnum):
@@ -461,7 +464,7 @@ class Reason(StrEnum):
         "the older route. Every other name is served.",
         "Rename the route or content-routed model, change the selector route's `prefix`, or narrow its selector "
         "so the names differ.", STALLED)
-    ContentTargetNotFound = ("ContentTargetNotFound", f"{ROUTE}; status.contentModels[].destinations[].reason",
+    ContentTargetNotFound = ("ContentTargetNotFound", CONTENT_ENTRIES,
         "A spec.contentRouting model sends requests to a public model (a destination, the default, the classifier "
         "or the embedding model) that no ModelRoute of the namespace serves: neither this route nor another one "
         "publishes it (their status.models), or the route that does publishes it as a content-routed model "
@@ -471,7 +474,7 @@ class Reason(StrEnum):
         "Fix the name in spec.contentRouting (the message suggests the served name closest to a typo: `did you "
         "mean 'sql'?`; `kubectl get modelroutes -o yaml` lists each route's status.models), or create the "
         "ModelRoute or Adapter that publishes it.", STALLED)
-    ContentTargetWrongTask = ("ContentTargetWrongTask", f"{ROUTE}; status.contentModels[].destinations[].reason",
+    ContentTargetWrongTask = ("ContentTargetWrongTask", CONTENT_ENTRIES,
         "A spec.contentRouting model asks another ModelRoute's public model for what that route's vLLM does not "
         "serve: its semantic.embeddingModel is served by a route with spec.engine.task generate (no "
         "/v1/embeddings), or a destination, the default or the classifier by a route with spec.engine.task embed "
