@@ -316,6 +316,14 @@ def test_validate_warns_when_another_routes_model_cannot_answer_what_content_rou
                and "spec.engine.task embed" in w for w in warnings), warnings
     assert any("default 'embed' (served by ModelRoute embeddings, an embedding model" in w
                and "spec.engine.task generate" in w for w in warnings), warnings
+    # A wrong task is a mistake whatever the cluster holds: the warning does not say another route may publish
+    # it (it does, among the files); with a name the files lack too, it does.
+    assert not any("another in the cluster may publish" in w for w in warnings), warnings
+    typo = ModelRoute.model_validate(route_body(content=[auto(
+        default="embed", methods=["semantic"], classifier=None, semantic={"embeddingModel": "embedd"},
+        destinations=[{"model": "sql", "examples": ["count rows"]}])]))
+    assert any("another in the cluster may publish what they lack" in w
+               for w in route_warnings([typo, embeddings, SQL])), route_warnings([typo, embeddings, SQL])
     right = ModelRoute.model_validate(route_body(content=[auto(
         default="general", methods=["semantic"], classifier=None, semantic={"embeddingModel": "embed"},
         destinations=[{"model": "sql", "examples": ["count rows"]}])]))
