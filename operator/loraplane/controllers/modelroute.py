@@ -371,8 +371,8 @@ def route_status(route: ModelRoute, resolution: Resolution, deployment: dict | N
         mistakes.append((Reason.PublicNameConflict, "; ".join(
             [c.message for c in resolution.conflicts] + ([content.conflict_message()] if content.conflicts else []))))
     if content.missing:
-        mistakes.append((content.missing_reason, "nothing in the namespace can serve what spec.contentRouting "
-                         f"names: {content.missing_message()}"))
+        mistakes.append((content.missing_reason, "spec.contentRouting names what no route of the namespace can "
+                         f"serve as asked: {content.missing_message()}"))
     if mistakes:
         if new.phase == ModelRoutePhase.Ready:
             new.phase = ModelRoutePhase.Degraded

@@ -207,6 +207,9 @@ def test_a_classifier_on_an_embed_route_is_wrong_task_in_status_and_left_out_of_
     ready = ready_of(p)
     assert ready["status"] == "False" and ready["reason"] == Reason.ContentTargetWrongTask
     assert "classifier.model 'clf' (served by ModelRoute classifiers, an embedding model" in ready["message"]
+    # The route serving `clf` exists: the message does not say nothing in the namespace serves it.
+    assert "nothing in the namespace" not in ready["message"], ready["message"]
+    assert "spec.contentRouting names what no route of the namespace can serve as asked" in ready["message"]
     table = json.loads(next(iter(next(m for m in p.children[0] if m["kind"] == "ConfigMap")["data"].values())))
     assert table["content_models"][0]["methods"] == ["rules"]
     assert [e["name"] for e in table["external_models"]] == ["support"]
