@@ -26,10 +26,10 @@ dependencies that conflict with ours: they go into a separate venv, ~/.cache/lor
 on first run.
 
 Exits 3 when our CPU per request is above TARGET_CPU_RATIO (0.5) times vllm-router round-robin's (issue 17's
-target), 0 otherwise. Not met: three consecutive default runs on 2026-12-07 measured 0.75, 0.73 and 0.71 (ours
-32 us, vllm-router round-robin 43-45 us, the floor 17-18 us: 0.38-0.41 of vllm-router). Most of a request's CPU
-here is the kernel's (the loopback sends); our routing features cost ~14-15 us above the floor, and 0.5 would
-need them at ~4 us (docs/router.md, "Design and cost", has the profile).
+target), 0 otherwise. Not met: three consecutive default runs on 2026-12-07 measured 0.72, 0.77 and 0.73 (ours
+30-33 us, vllm-router round-robin 40-43 us, the floor 16-17 us: 0.39-0.40 of vllm-router), each exit 3. Most of
+a request's CPU here is the kernel's (the loopback sends); our routing features cost 13-16 us above the floor,
+and 0.5 would need them at ~4 us (docs/router.md, "Design and cost", has the profile).
 """
 
 from __future__ import annotations
@@ -561,15 +561,15 @@ def main() -> int:
 
         phases = [1, 16, 64]
         results = {t.name: {c: [] for c in phases} for t in targets}
-        cpu = {t.name: [0.0, 0] for t in targets}
+        cpu = {t.name: {c: [0.0, 0] for c in phases} for t in targets}   # CPU seconds, requests per phase
         for rnd in range(args.rounds):
             for c in phases:
                 for t in targets:
                     before = t.cpu()
                     res = load(t, c, args.duration if t.name != "litellm" else max(args.duration, 3.0))
-                    cpu[t.name][0] += t.cpu() - before
+                    cpu[t.name][c][0] += t.cpu() - before
                     n = len(res["latencies"])
-                    cpu[t.name][1] += n
+                    cpu[t.name][c][1] += n
                     bad = {k: v for k, v in res["statuses"].items() if k != "200"}
                     if bad:
                         print(f"  {t.name} c={c}: non-200 answers {bad}", file=sys.stderr)
@@ -589,16 +589,28 @@ def main() -> int:
         print(hdr)
         print("-" * len(hdr))
         summary = {}
+
+        def cpu_us_of(t, cs):
+            secs, n = sum(cpu[t.name][c][0] for c in cs), sum(cpu[t.name][c][1] for c in cs)
+            return secs / max(1, n) * 1e6 if t.proc else float("nan")
+
         for t in targets:
-            cpu_us = cpu[t.name][0] / max(1, cpu[t.name][1]) * 1e6 if t.proc else float("nan")
+            cpu_us = cpu_us_of(t, phases)
             p50, p99 = med(t.name, 1, "p50"), med(t.name, 1, "p99")
             row = {"cpu_us_per_request": cpu_us, "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3,
                    "added_p50_ms": (p50 - direct50) * 1e3, "added_p99_ms": (p99 - direct99) * 1e3,
-                   "rps_16": med(t.name, 16, "rps"), "rps_64": med(t.name, 64, "rps")}
+                   "rps_16": med(t.name, 16, "rps"), "rps_64": med(t.name, 64, "rps"),
+                   # The same CPU per request by concurrency: the total above weighs each by its request count.
+                   "cpu_us_per_request_by_concurrency": {c: cpu_us_of(t, [c]) for c in phases}}
             summary[t.name] = row
             cpu_s = "-" if t.proc is None else (f"{cpu_us:8.0f}us" if cpu_us < 10000 else f"{cpu_us / 1000:7.1f}ms")
             print(f"{t.name:28} {cpu_s:>10} {row['p50_ms']:8.3f}m {row['added_p50_ms']:7.3f}m "
                   f"{row['p99_ms']:8.3f}m {row['added_p99_ms']:7.3f}m {row['rps_16']:11.0f} {row['rps_64']:11.0f}")
+        print("\nCPU per request by concurrency:")
+        for t in targets:
+            if t.proc is not None and t.name != "litellm":
+                by_c = summary[t.name]["cpu_us_per_request_by_concurrency"]
+                print(f"  {t.name:26} " + "  ".join(f"c={c} {v:5.1f}us" for c, v in by_c.items()))
         lines, missed = verdict(summary)
         print("\n" + "\n".join(lines) if lines else "")
         (work / "summary.json").write_text(json.dumps(summary, indent=2))
