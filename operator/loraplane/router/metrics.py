@@ -8,6 +8,7 @@ hundred nanoseconds per request, where prometheus-client's locked Counter/Histog
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -21,6 +22,11 @@ DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
                     10, 30, 60)
 NO_BACKEND = ""  # label value for requests refused before a backend was chosen
 UNKNOWN_MODEL = "<unknown>"  # one label value for every unknown name, so clients cannot explode cardinality
+# A series of a (model, backend) pair or of a content model that the routing table in use no longer feeds is
+# still exported for this long (seconds), so scrapes see its last increments (Prometheus itself marks a series
+# stale 5 minutes after it stops appearing), then dropped. Each adapter version has its own served name: a router
+# that kept every pair it ever served would grow /metrics without bound over months of releases.
+RETIRED_SERIES_SECONDS = 900.0
 
 
 class Hist:
@@ -49,8 +55,8 @@ class Hist:
 
 
 class DecisionCount:
-    """The decisions of one (content model, destination, method), and the latency histogram of its (content
-    model, method) that each adds to: held by the compiled content model, so a decision does no label lookup."""
+    """The decisions of one (content model, destination, method) and their latency histogram: held by the
+    compiled content model, so a decision does no label lookup."""
 
     __slots__ = ("n", "hist")
 
@@ -114,6 +120,11 @@ class RouterMetrics:
         self.decision_seconds: dict[tuple[str, str, str], Hist] = {}
         self.fallbacks: dict[tuple[str, str, str], int] = {}
         self._router = None
+        # What the routing table in use feeds (`feeds`), and since when (time.monotonic) each series it no longer
+        # feeds has been left (`expire`). None: no table yet, nothing expires.
+        self._fed: tuple[set[tuple[str, str]], dict[str, set[str]]] | None = None
+        self._left: dict[tuple, float] = {}
+        self.clock = time.monotonic   # seconds; replaced by tests
         self.scale_wakeups = Counter("loraplane_router_scale_wakeups", "Scale-subresource wake-ups of the engine "
                                      "Deployment from zero replicas, by result (scaled, not_zero, conflict, "
                                      "error).", ("result",), registry=self.registry)
@@ -160,6 +171,44 @@ class RouterMetrics:
             s = self._stats[key] = BackendStats(model, backend)
         return s
 
+    def feeds(self, pairs: set[tuple[str, str]], content: dict[str, set[str]]) -> None:
+        """The routing table now in use feeds these series: `pairs`, its (public model, backend served name)
+        pairs (a public name with NO_BACKEND for what the router refuses itself is always fed while the name is
+        in the table), and `content`, content model name -> its destinations and default. The others are
+        dropped RETIRED_SERIES_SECONDS after they were last fed (`expire`)."""
+        self._fed = (pairs, content)
+
+    def expire(self) -> None:
+        """Drop the series the routing table has not fed for RETIRED_SERIES_SECONDS (a pair with requests still
+        in flight stays): at scrape time, so each is exported a last time with its final values first."""
+        if self._fed is None:
+            return
+        now = self.clock()
+        pairs, content = self._fed
+        names = {m for m, _ in pairs} | set(content)
+        left = self._left
+
+        def gone(key: tuple, fed: bool) -> bool:
+            if fed:
+                left.pop(key, None)
+                return False
+            return now - left.setdefault(key, now) >= RETIRED_SERIES_SECONDS
+
+        for key, s in list(self._stats.items()):
+            fed = key in pairs or (key[1] == NO_BACKEND and (key[0] in names or key[0] in (UNKNOWN_MODEL, NO_BACKEND)))
+            if gone(("stats", *key), fed) and s.in_flight <= 0:
+                del self._stats[key]
+                left.pop(("stats", *key), None)
+        for key in list(self.decisions):
+            if gone(("decision", *key), key[1] in content.get(key[0], ())):
+                del self.decisions[key]
+                self.decision_seconds.pop(key, None)
+                left.pop(("decision", *key), None)
+        for key in list(self.fallbacks):
+            if gone(("fallback", *key), key[0] in content):
+                del self.fallbacks[key]
+                left.pop(("fallback", *key), None)
+
     def count_refused(self, model: str, status: int) -> None:
         """Count a request the router answered itself with `status`, before any backend was chosen (label
         backend=NO_BACKEND; `model` is the public name, UNKNOWN_MODEL, or NO_BACKEND before it was read)."""
@@ -178,6 +227,7 @@ class _Collector:
         return []
 
     def collect(self):
+        self._m.expire()
         labels = ["model", "backend"]
         requests = CounterMetricFamily("loraplane_router_requests", "Requests answered, by HTTP status code "
                                        "(499: client left first; 599: stream broken after it started).",

@@ -184,6 +184,10 @@ class Router:
             {self.sticky_header_lower} if self.sticky_header_lower else set())
         if self._orchestrator is not None:
             self._orchestrator.forget_unused({c.semantic_key for c in compiled.content.values()})
+        self.metrics.feeds({(name, b.served_name) for name, r in compiled.models.items() for b in r.backends}
+                           | {(name, e.backend.served_name) for name, e in compiled.external.items()},
+                           {name: {c.source.default, *(d.model for d in c.source.destinations)}
+                            for name, c in compiled.content.items()})
         self.metrics.table_generation.set(table.generation)
         self.metrics.table_dropped_entries.set(len(compiled.dropped))
         for problem in compiled.dropped:

@@ -190,3 +190,60 @@ def test_the_operators_router_command_line_is_accepted():
     args = parser.parse_args(router_args(route))
     assert _configure(args) is None
     assert args.api_keys_file is not None and args.replicas_dns
+
+
+def test_series_the_table_no_longer_feeds_are_dropped_after_their_retention_not_before():
+    """Each adapter version has its own served name: a long-lived router must not keep a series per version it
+    ever served. A (model, backend) pair, or a content model's decision series, that the routing table in use no
+    longer feeds is still exported for RETIRED_SERIES_SECONDS (its last increments get scraped), then dropped;
+    a pair with a request in flight stays; refusals under <unknown> are always kept."""
+    from loraplane.api.wire.serving import ServingTable
+    from loraplane.router.metrics import RETIRED_SERIES_SECONDS, UNKNOWN_MODEL, NO_BACKEND
+    from loraplane.router.replicas import ReplicaPool
+    from loraplane.router.server import Router
+
+    def table(version: str, content: bool) -> ServingTable:
+        return ServingTable.model_validate({
+            "route": "r", "generation": 1, "base_model": "tiny", "served_model_name": "base", "max_lora_rank": 16,
+            "max_loras": 4,
+            "models": [{"name": "support", "backends": [{"served_name": f"support-{version}", "adapter": "support",
+                                                         "weight": 100}]},
+                       {"name": "general", "backends": [{"served_name": "base", "weight": 100}]}],
+            "content_models": [{"name": "auto", "default": "general", "methods": ["rules"], "destinations": [
+                {"model": "support", "rules": {"keywords": ["refund"]}}]}] if content else []})
+
+    m = RouterMetrics()
+    router = Router(ReplicaPool([]), metrics=m)
+    router.set_table(table("v1", content=True))
+    m.stats("support", "support-v1").count(200)
+    busy = m.stats("support", "support-v1b")   # a pair of no table with a request still in flight
+    busy.in_flight = 1
+    m.count_refused(UNKNOWN_MODEL, 404)
+    m.count_decision("auto", "support", "rules", 0.0001)
+    m.count_fallback("auto", "rules", "no-match")
+    router.set_table(table("v2", content=False))   # support-v2 replaces v1; the content model is gone
+    m.stats("support", "support-v2").count(200)
+
+    def series(now: float) -> str:   # a scrape at `now`
+        m.clock = lambda: now
+        return generate_latest(m.registry).decode()
+
+    t0 = 1000.0
+    text = series(t0)   # left now: still exported, with its last values
+    assert 'backend="support-v1",code="200",model="support"} 1.0' in text
+    assert 'loraplane_router_content_decisions_total{destination="support",method="rules",model="auto"} 1.0' in text
+    assert series(t0 + RETIRED_SERIES_SECONDS - 1).count('backend="support-v1"') > 0
+    text = series(t0 + RETIRED_SERIES_SECONDS)
+    assert 'backend="support-v1"' not in text and 'model="auto"' not in text
+    assert 'backend="support-v1b"' in text   # in flight: kept until it ends
+    assert 'backend="support-v2",code="200",model="support"} 1.0' in text
+    assert f'backend="{NO_BACKEND}",code="404",model="{UNKNOWN_MODEL}"' in text
+    busy.in_flight = 0
+    assert 'backend="support-v1b"' not in series(t0 + RETIRED_SERIES_SECONDS + 1)
+    # A pair that comes back before its time is up keeps counting on the same series.
+    router.set_table(table("v1", content=False))
+    m.stats("support", "support-v1").count(200)
+    router.set_table(table("v2", content=False))
+    series(t0 + 2 * RETIRED_SERIES_SECONDS)
+    router.set_table(table("v1", content=False))
+    assert 'backend="support-v1",code="200",model="support"} 1.0' in series(t0 + 2 * RETIRED_SERIES_SECONDS + 10)
