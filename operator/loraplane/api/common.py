@@ -21,6 +21,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from loraplane.api import cel
 from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType, Progress, progress_of
 from loraplane.api.redaction import scrubbed
 
@@ -175,8 +176,6 @@ class ApiModel(BaseModel):
     def _check_cel_rules(cls, data: Any, handler):
         model = handler(data)
         if cls.cel_rules:
-            from loraplane.api import cel  # late import: cel-python is only needed when rules exist
-
             # What the API server would evaluate: wire names, only the fields the user set.
             raw = model.model_dump(by_alias=True, exclude_unset=True, exclude_none=True, mode="json")
             failed = cel.failed_rules(cls, raw)
@@ -470,6 +469,10 @@ def set_condition(conditions: list[Condition], type: ConditionType, state: Condi
             out.append(c)
             continue
         found = True
+        if (c.status, c.reason, c.message, c.observed_generation) == (status_str, reason, message,
+                                                                       observed_generation):
+            out.append(c)   # unchanged (the usual case on a re-reconcile): no new model validated
+            continue
         ltt = c.last_transition_time if c.status == status_str else (now or now_rfc3339())
         out.append(Condition(type=type, status=status_str, reason=reason, message=message,
                              observed_generation=observed_generation, last_transition_time=ltt))

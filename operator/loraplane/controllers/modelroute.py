@@ -222,6 +222,8 @@ def content_status(route: ModelRoute, resolution: Resolution, models: list[Serve
     and whether each can serve. A model of this route is ready when its status.models entry is (its reason: the
     first unready backend's); another route's when that route's status.models says so (else ModelsNotReady);
     one nobody serves is not ready with ContentTargetNotFound. A content model is ready when its default is."""
+    if not route.spec.content_routing:
+        return []   # (every other route's status.models would be indexed below for nothing)
     served = {m.name: m for m in models}
     published = {p.route: dict(p.models) for p in others}
     targets = resolution.content.targets
@@ -490,6 +492,7 @@ class ModelRouteController(Controller):
         self._clock = time.monotonic   # for ENGINE_KEY_RETRY_SECONDS (tests replace it)
         # namespace -> (the ModelRoute store's version of it, the Publication of each route): `publications`.
         self._publications: dict[str, tuple[int, list[Publication]]] = {}
+        self._publication: dict[Key, tuple[str, Publication]] = {}   # route -> (its resourceVersion, Publication)
 
     def on_change(self, source: str, obj: dict, old: dict | None) -> None:
         """Schedule the route itself, and the other routes of its namespace that its change concerns
@@ -619,6 +622,7 @@ class ModelRouteController(Controller):
     def forget(self, key: Key) -> None:
         """Drop what was remembered about a deleted route and its children."""
         for memory in (self._resolutions, self._resolved, self._with_others, self._selected, self._applied,
+                       self._publication,
                        self._engine_hash, self._router_hash, self._held, self._adapters_epoch,
                        self._adapters_changed):
             memory.pop(key, None)
@@ -712,7 +716,22 @@ class ModelRouteController(Controller):
         hit = self._publications.get(namespace)
         if hit is not None and hit[0] == version:
             return hit[1]
-        out = [publication(body) for k in store.keys_in(namespace) if (body := store.get(k)) is not None]
+        # One route's status patch moves the version: only that route's Publication is read again (each is
+        # kept per resourceVersion, which moves on every change of the stored object).
+        out = []
+        for k in store.keys_in(namespace):
+            body = store.get(k)
+            if body is None:
+                continue
+            rv = (body.get("metadata") or {}).get("resourceVersion")
+            kept = self._publication.get(k)
+            if rv and kept is not None and kept[0] == rv:
+                out.append(kept[1])
+                continue
+            pub = publication(body)
+            if rv:
+                self._publication[k] = (rv, pub)
+            out.append(pub)
         self._publications[namespace] = (version, out)
         return out
 
