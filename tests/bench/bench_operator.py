@@ -194,7 +194,7 @@ def run_loraplane(args, work: Path, profile: bool = False) -> dict:
         api_cpu0 = cpu_seconds(apiserver)
         spy = None
         if profile:  # py-spy samples the operator (not pausing it) from the creates until settled
-            spy = subprocess.Popen([args.py_spy, "record", "--nonblocking", "--format", "raw", "-r", "100",
+            spy = subprocess.Popen([args.py_spy, "record", "--nonblocking", "--format", "raw", "-r", str(args.py_spy_rate),
                                     "-o", str(work / "profile.txt"), "-p", str(op.proc.pid)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)
@@ -357,6 +357,7 @@ def main() -> int:
     p.add_argument("--no-minimal", action="store_true", help="loraplane only (no anchor, no ratio)")
     p.add_argument("--py-spy", metavar="PY_SPY", default=None,
                    help="profile loraplane's operator during one extra settle (after the rounds) with this py-spy")
+    p.add_argument("--py-spy-rate", type=int, default=100, help="py-spy samples per second (default 100)")
     p.add_argument("--enforce-ratio", type=float, default=1.5, metavar="R",
                    help="exit 3 when loraplane/minimal operator CPU per object is above R (default 1.5, issue 17's "
                         "target; 0 turns the check off)")

@@ -94,3 +94,34 @@ def test_an_adapter_reconcile_parses_its_owned_status_once(monkeypatch):
     asyncio.run(ctl.reconcile(("ns", "a")))
     assert calls == [ad.AdapterStatus]
     assert ctl.kube.status_patches   # it did reconcile (status written)
+
+
+def test_kopf_keeps_no_handler_progress_and_clears_nothing():
+    """kopf cleared handler progress marks off both (empty) essences of every event with its default storage,
+    deep-copying them four times per event; the operator has only on.event handlers, which have no progress."""
+    import kopf
+
+    from loraplane.controllers.handlers import configure_kopf
+
+    settings = kopf.OperatorSettings()
+    configure_kopf(settings)
+    storage = settings.persistence.progress_storage
+    essence = {}
+    assert storage.clear(essence=essence) is essence
+    assert storage.fetch(key="h", body={}) is None
+
+
+def test_condition_messages_are_scrubbed_once_per_distinct_text():
+    """Every reconcile sets its conditions again with mostly the same messages: each text is scrubbed once (the
+    result cached), and still scrubbed."""
+    from loraplane.api import common
+    from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType
+    from loraplane.api.reasons import Reason
+
+    message = "fetch of https://user:pw@example.com/a failed"
+    state = ConditionState(ConditionStatus.FALSE, Reason.Loading, message)
+    hits = common._scrubbed_message.cache_info().hits
+    first = common.set_condition([], ConditionType.Ready, state, 1)
+    again = common.set_condition([], ConditionType.Ready, state, 1)
+    assert common._scrubbed_message.cache_info().hits > hits
+    assert "pw@" not in first[0].message and first[0].message == again[0].message
