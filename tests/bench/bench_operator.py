@@ -22,8 +22,8 @@ Measured 2026-12-07 (2-core machine shared with other work; docs/operator.md, Sc
 round (they were 50, one engine key Secret create per route, before the Secret was named after the route's
 uid), 1.91-1.95 writes per object (minimal: 3.00), ratio 1.41, 1.62, 1.55 in three two-round runs on the final
 code (exit 0, 3, 3): loraplane 2.85-3.95 ms per object, the minimal operator 1.97-2.58 ms, the spread mostly
-load from other work; with three rounds (now the default) 1.44 (exit 0; loraplane 2.57-2.82 ms, minimal
-1.77-2.09 ms).
+load from other work; with three rounds (now the default) 1.44 and 1.49 (exit 0 both; loraplane 2.57-3.13 ms,
+minimal 1.77-2.60 ms): at the target, without margin.
 
 Exits 0 only when both targets hold: 2 on writes while idle (loraplane), 3 when the ratio is above
 --enforce-ratio (default 1.5; `--enforce-ratio 0` reports it without failing), 1 when a side does not settle.
