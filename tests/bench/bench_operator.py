@@ -1,7 +1,7 @@
 """The operator at scale against the real kube-apiserver (v1.20.2 + controller-manager, built locally).
 
-    .venv/bin/python tests/bench/bench_operator.py [--adapters 1000] [--routes 50] [--idle 25] [--rounds 2]
-        [--enforce-ratio 1.5]
+    .venv/bin/python tests/bench/bench_operator.py [--adapters 1000] [--routes 50] [--idle 25] [--rounds 3]
+        [--enforce-ratio 1.5 (0: off)]
 
 Creates N ModelRoutes and M Adapters in one namespace (each route selects M/N adapters by label and
 references one by name) with the operator already running, then measures, in one run:
@@ -18,8 +18,15 @@ references one by name) with the operator already running, then measures, in one
   side of each round, so neither sees the other's objects), and the ratio of operator CPU per object
   loraplane/minimal (target in issue 17: <= 1.5).
 
-Exits 2 on writes while idle (loraplane), 3 when --enforce-ratio is given and the ratio is above it, 1 when a
-side does not settle.
+Measured 2026-12-07 (2-core machine shared with other work; docs/operator.md, Scale): idle writes 0 in every
+round (they were 50, one engine key Secret create per route, before the Secret was named after the route's
+uid), 1.91-1.95 writes per object (minimal: 3.00), ratio 1.41, 1.62, 1.55 in three two-round runs on the final
+code (exit 0, 3, 3): loraplane 2.85-3.95 ms per object, the minimal operator 1.97-2.58 ms, the spread mostly
+load from other work; with three rounds (now the default) 1.44 and 1.49 (exit 0 both; loraplane 2.57-3.13 ms,
+minimal 1.77-2.60 ms): at the target, without margin.
+
+Exits 0 only when both targets hold: 2 on writes while idle (loraplane), 3 when the ratio is above
+--enforce-ratio (default 1.5; `--enforce-ratio 0` reports it without failing), 1 when a side does not settle.
 """
 
 from __future__ import annotations
@@ -194,7 +201,7 @@ def run_loraplane(args, work: Path, profile: bool = False) -> dict:
         api_cpu0 = cpu_seconds(apiserver)
         spy = None
         if profile:  # py-spy samples the operator (not pausing it) from the creates until settled
-            spy = subprocess.Popen([args.py_spy, "record", "--nonblocking", "--format", "raw", "-r", "100",
+            spy = subprocess.Popen([args.py_spy, "record", "--nonblocking", "--format", "raw", "-r", str(args.py_spy_rate),
                                     "-o", str(work / "profile.txt"), "-p", str(op.proc.pid)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)
@@ -353,12 +360,16 @@ def main() -> int:
     p.add_argument("--routes", type=int, default=50)
     p.add_argument("--idle", type=float, default=25, help="idle seconds measured (resync every idle/2.5 s)")
     p.add_argument("--timeout", type=float, default=600)
-    p.add_argument("--rounds", type=int, default=2, help="rounds of (loraplane, minimal), interleaved")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of (loraplane, minimal), interleaved (default 3: the median of three leaves out one "
+                        "round disturbed by other work on the machine, on either side)")
     p.add_argument("--no-minimal", action="store_true", help="loraplane only (no anchor, no ratio)")
     p.add_argument("--py-spy", metavar="PY_SPY", default=None,
                    help="profile loraplane's operator during one extra settle (after the rounds) with this py-spy")
-    p.add_argument("--enforce-ratio", type=float, default=None, metavar="R",
-                   help="exit 3 when loraplane/minimal operator CPU per object is above R (off by default)")
+    p.add_argument("--py-spy-rate", type=int, default=100, help="py-spy samples per second (default 100)")
+    p.add_argument("--enforce-ratio", type=float, default=1.5, metavar="R",
+                   help="exit 3 when loraplane/minimal operator CPU per object is above R (default 1.5, issue 17's "
+                        "target; 0 turns the check off)")
     args = p.parse_args()
 
     warnings.filterwarnings("ignore", message="Unverified HTTPS request")
@@ -393,9 +404,9 @@ def main() -> int:
               f"writes per object {statistics.median(r['writes_per_object'] for r in anchor):.2f}; "
               f"settle {statistics.median(r['settle_s'] for r in anchor):.1f} s")
         print(f"ratio loraplane/minimal operator CPU per object: {ratio:.2f} (target <= 1.5"
-              + (f", enforced at {args.enforce_ratio}" if args.enforce_ratio is not None else ", not enforced")
+              + (f", enforced at {args.enforce_ratio}" if args.enforce_ratio else ", not enforced")
               + ")")
-        if args.enforce_ratio is not None and ratio > args.enforce_ratio and rc == 0:
+        if args.enforce_ratio and ratio > args.enforce_ratio and rc == 0:
             rc = 3
     print(f"idle writes (loraplane, worst round): {idle:.0f} (target 0)", flush=True)
     if args.py_spy:

@@ -299,9 +299,12 @@ def _engine_key(qs) -> str:
     """The route's engine key (vLLM's --api-key), read from its Secret as a cluster admin can."""
     import base64
 
+    from loraplane.api.modelroute import ModelRoute
     from loraplane.api.paths import ENGINE_KEY_SECRET_KEY
+    from loraplane.builders.engine_pod import engine_key_secret_name
 
-    secret = qs.kubectl.get("secret", "quickstart-engine-key")
+    route = ModelRoute.model_validate(qs.kubectl.get("modelroute", "quickstart"))
+    secret = qs.kubectl.get("secret", engine_key_secret_name(route))   # `quickstart-engine-key-<route uid>`
     return base64.b64decode(secret["data"][ENGINE_KEY_SECRET_KEY]).decode()
 
 

@@ -7,12 +7,19 @@ here means one definition of each rule, enforced everywhere a spec is parsed.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import celpy
+if TYPE_CHECKING:
+    import celpy
+
+# cel-python (celpy, and its lark parser) is imported by the functions that evaluate with it, not here: parsing a
+# spec imports this module for `failed_rules`, and every rule has a Python mirror (CelRule.check), so the
+# operator never loads it (its import cost ~50 ms of CPU, on the first parse of a reconcile).
 
 
 def _list_sum(values):
+    import celpy
+
     total = celpy.celtypes.IntType(0)
     for v in values:
         total = total + v
@@ -25,13 +32,21 @@ KUBERNETES_FUNCTIONS = {
     "sum": _list_sum,
     "min": lambda values: min(values),
     "max": lambda values: max(values),
-    "isSorted": lambda values: celpy.celtypes.BoolType(list(values) == sorted(values)),
+    "isSorted": lambda values: _celtypes().BoolType(list(values) == sorted(values)),
 }
+
+
+def _celtypes():
+    import celpy
+
+    return celpy.celtypes
 
 
 @functools.lru_cache(maxsize=1)
 def _environment() -> celpy.Environment:
     # Building the CEL grammar's parser is the expensive part (seconds): once per process.
+    import celpy
+
     return celpy.Environment()
 
 
@@ -43,6 +58,8 @@ def _program(rule: str):
 
 def evaluate(rule: str, self_value: Any, old_self: Any = None) -> bool:
     """True when `rule` holds for `self_value` (and `old_self`, for transition rules)."""
+    import celpy
+
     activation = {"self": celpy.json_to_cel(self_value)}
     if old_self is not None:
         activation["oldSelf"] = celpy.json_to_cel(old_self)

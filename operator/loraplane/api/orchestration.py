@@ -25,6 +25,7 @@ The contracts, in one place:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -491,9 +492,10 @@ class Publication:
         """Every public name it publishes (served models, then content models)."""
         return [n for n, _ in self.models] + [n for n, _ in self.content]
 
-    @property
+    @functools.cached_property
     def naming(self) -> tuple:
-        """What ownership and the serving table depend on (names and the engine task, not readiness)."""
+        """What ownership and the serving table depend on (names and the engine task, not readiness). Computed
+        once (the controller compares every other route's on each reconcile); the fields are frozen."""
         return (self.route, self.created, tuple(n for n, _ in self.models), tuple(n for n, _ in self.content),
                 self.task)
 

@@ -38,7 +38,7 @@ ADAPTER_CREDENTIALS_ROOT = "/var/run/secrets/loraplane/adapters"
 # The in-cluster ServiceAccount credentials (token, ca.crt, namespace), where Kubernetes clients look for them.
 # Engine pods mount them in the loader container only (automountServiceAccountToken is off for the pod).
 SERVICE_ACCOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
-# The route's engine key (a Secret `<route>-engine-key` the operator generates once, key ENGINE_KEY_SECRET_KEY):
+# The route's engine key (a Secret `<route>-engine-key-<route uid>` the operator generates once, key ENGINE_KEY_SECRET_KEY):
 # vLLM requires it on /v1/* (its --api-key comes from this env var) and the loader and router send it as
 # `Authorization: Bearer`. All three read it from the same env var; unset (local runs) means no key.
 ENGINE_API_KEY_ENV = "VLLM_API_KEY"

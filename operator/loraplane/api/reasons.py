@@ -435,8 +435,8 @@ class Reason(StrEnum):
     ContainerConfig = ("ContainerConfig", ROUTE,
         "A container of the engine pods cannot be created (CreateContainerConfigError): a Secret, ConfigMap or key "
         "its env or volumes name does not exist; the message names the pod, the container and what is missing. "
-        "The route's engine key Secret `<route>-engine-key` is re-created by the operator within about 30 s when "
-        "it is missing (e.g. the old route's Secret was garbage-collected after a delete and re-create).",
+        "The route's engine key Secret `<route>-engine-key-<route uid>` is re-created by the operator within about "
+        "30 s when a pod reports it missing (someone deleted it).",
         "Create the named Secret or ConfigMap (`spec.engine.env` valueFrom, `spec.baseModel.credentialsSecretRef`, ...); "
         "if it is the engine key and it stays missing, check the operator's log for the create's error.", STALLED)
     PodsRefused = ("PodsRefused", "ModelRoute Ready; FineTuneJob Ready",

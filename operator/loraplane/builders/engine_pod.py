@@ -22,6 +22,7 @@ Layout inside a replica pod:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -160,9 +161,15 @@ def engine_command(route: ModelRoute, port: int = ENGINE_PORT) -> list[str]:
 
 
 def engine_key_secret_name(route: ModelRoute) -> str:
-    """The Secret holding the route's engine key: `<route>-engine-key` (the operator creates it once, with a
-    random key: controllers/modelroute.py)."""
-    return child_name(route.metadata.name or "", "engine-key", 253, "subdomain")
+    """The Secret holding the route's engine key: `<route>-engine-key-<route uid>` (the operator creates it once,
+    with a random key: controllers/modelroute.py), shortened with a hash when longer than 253 characters
+    (`child_name`). The uid makes the name unique to this route object: a route deleted and created again under
+    the same name gets a Secret of another name, so the operator (which may only create Secrets, never read them)
+    knows that a create answered 409 found this route's own Secret, never a predecessor's awaiting garbage
+    collection. Without a uid (`loraplane render`: nothing has been created yet) it is `<route>-engine-key`."""
+    # An API server's uid is an RFC 4122 string (lowercase hex and dashes); anything else is made name-safe.
+    uid = re.sub(r"[^a-z0-9-]+", "-", (route.metadata.uid or "").lower()).strip("-")
+    return child_name(route.metadata.name or "", f"engine-key-{uid}" if uid else "engine-key", 253, "subdomain")
 
 
 def engine_key_env(route: ModelRoute) -> Env:

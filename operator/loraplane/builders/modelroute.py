@@ -469,7 +469,7 @@ def router_deployment(route: ModelRoute, settings: BuildSettings) -> Manifest:
 
 
 def engine_key_secret(route: ModelRoute, key: str) -> Manifest:
-    """The Secret `<route>-engine-key` holding `key` (ENGINE_KEY_SECRET_KEY), owned by the route. Not a
+    """The Secret `<route>-engine-key-<route uid>` (engine_pod.engine_key_secret_name) holding `key` (ENGINE_KEY_SECRET_KEY), owned by the route. Not a
     child the applier keeps in sync: the operator only creates it, once, with a random key
     (controllers/modelroute.py), and never reads or overwrites it."""
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",

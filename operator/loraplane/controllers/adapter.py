@@ -412,6 +412,9 @@ class AdapterFacts:
     now: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     window: Window | None = None   # the rollout's analysis window, when one is due (controllers.rollout)
     reading: dict[str, Reading] | None = None   # the routers' reading it ends with
+    # The owned part of its stored status, parsed (owned_status); None: plan parses it. reconcile parses it once
+    # for the rollout window and plan, instead of validating the same status twice per reconcile.
+    previous: AdapterStatus | None = None
 
 
 @dataclass
@@ -481,7 +484,7 @@ class AdapterController(Controller):
             self.windows.forget(key)
             return
         if facts.adapter is not None:
-            previous = owned_status(AdapterStatus, facts.body.get("status") or {}, OWNED_STATUS)
+            previous = facts.previous = owned_status(AdapterStatus, facts.body.get("status") or {}, OWNED_STATUS)
             selecting = [r for r in facts.routes if selects(r, facts.adapter)]
             facts.window, facts.reading = await self.windows.window(key, policy_of(facts.adapter, selecting),
                                                                     previous.rollout, selecting, facts.now)
@@ -512,7 +515,8 @@ class AdapterController(Controller):
             message = facts.invalid or ""
             patch, event = invalid_spec(current, generation, message)
             return AdapterPlan(body, Verdict(False, Reason.InvalidSpec, message), patch, [event] if event else [])
-        previous = owned_status(AdapterStatus, current, OWNED_STATUS)
+        previous = facts.previous if facts.previous is not None else owned_status(AdapterStatus, current,
+                                                                                   OWNED_STATUS)
         rejection = immutable_rejection(facts.adapter, previous)
         evaluation = evaluation_of(current)
         policy = policy_of(facts.adapter, [r for r in facts.routes if selects(r, facts.adapter)])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -59,13 +58,11 @@ CHILD_BATCH_SECONDS = 0.5
 # Ready reasons that explain unready replicas (each posts a Warning event when it appears).
 REPLICA_PROBLEMS = (Reason.Unschedulable, Reason.ImagePull, Reason.ModelFetchFailed, Reason.EngineFailing,
                     Reason.ContainerConfig, Reason.RolloutStalled, Reason.RouterFailing, Reason.PodsRefused)
-# The engine key Secret's create is retried at most this often per route (seconds) while it may be missing: its
-# create found a Secret of that name (409) for a route younger than ENGINE_KEY_YOUNG_SECONDS (the previous
-# route's of that name, deleted and awaiting garbage collection, then gone), or a pod of the route cannot be
-# created because a Secret is missing (CreateContainerConfigError). The operator may not read Secrets, so a
-# 409 cannot say whose Secret it found.
+# The engine key Secret's create is tried again at most this often per route (seconds) while a pod of the route
+# cannot be created because that Secret is missing (CreateContainerConfigError: someone deleted it). Its name
+# carries the route's uid (engine_pod.engine_key_secret_name), so a create answered 409 found the route's own
+# Secret, never a deleted predecessor's of the same name: nothing else makes the operator try again.
 ENGINE_KEY_RETRY_SECONDS = 30.0
-ENGINE_KEY_YOUNG_SECONDS = 600.0
 FALSE = ConditionStatus.FALSE
 # Which of two Ready=False states (the engine's, the router's) says more: the one that needs someone to act.
 SEVERITY = {Progress.Idle: 0, Progress.Done: 0, Progress.Reconciling: 1, Progress.Stalled: 2}
@@ -117,6 +114,16 @@ def replica_problem(route: ModelRoute, pods: list[dict]) -> ConditionState | Non
             if problem := crash_problem(pod, name):
                 return ConditionState(FALSE, Reason.EngineFailing, problem)
     return None
+
+
+def references_secret(deployment: dict | None, name: str) -> bool:
+    """Whether `deployment`'s pod template takes an env value from Secret `name` (any container, init ones too),
+    e.g. the engine key's secretKeyRef (engine_pod.engine_key_env). False for None."""
+    template = ((deployment or {}).get("spec") or {}).get("template") or {}
+    spec = template.get("spec") or {}
+    return any(((env.get("valueFrom") or {}).get("secretKeyRef") or {}).get("name") == name
+               for c in (*(spec.get("initContainers") or ()), *(spec.get("containers") or ()))
+               for env in (c.get("env") or ()))
 
 
 class Rollout(NamedTuple):
@@ -217,6 +224,8 @@ def content_status(route: ModelRoute, resolution: Resolution, models: list[Serve
     one nobody serves is not ready with ContentTargetNotFound, one whose route's spec.engine.task cannot answer
     the role it is named in with ContentTargetWrongTask (per role: an embed route's model can be a right
     embeddingModel and a wrong default). A content model is ready when its default is."""
+    if not route.spec.content_routing:
+        return []   # (every other route's status.models would be indexed below for nothing)
     served = {m.name: m for m in models}
     published = {p.route: dict(p.models) for p in others}
     content = resolution.content
@@ -423,6 +432,9 @@ class ModelRouteFacts:
     router_pods: list[dict] = field(default_factory=list)  # the router pods
     router_hash: str | None = None               # HASH_ANNOTATION of the router Deployment last applied
     engine_key_due: bool = False                 # the engine key Secret's create is to be tried (again)
+    # The engine Deployment (this route's, by uid) takes its key from the engine key Secret of this route's uid:
+    # the Secret was made (or found) before it was applied (execute), so a restarted operator need not create it.
+    engine_key_known: bool = False
     others: list[Publication] = field(default_factory=list)  # what the namespace's other routes publish
 
 
@@ -477,13 +489,14 @@ class ModelRouteController(Controller):
         self._applied: dict[Key, tuple] = {}
         self._engine_hash: dict[Key, str] = {}
         self._router_hash: dict[Key, str] = {}
-        self._keyed: set[tuple[str, str, str]] = set()   # routes' (namespace, name, uid) whose key Secret it made
-        # (namespace, name, uid) -> time.monotonic() of its last engine key create that found a Secret (409).
-        self._key_conflicts: dict[tuple[str, str, str], float] = {}
+        # Routes' (namespace, name, uid) whose key Secret exists: created (201) or found (409) by this process.
+        self._keyed: set[tuple[str, str, str]] = set()
+        # (namespace, name, uid) -> time.monotonic() of its last create for a pod waiting on the missing Secret.
+        self._key_tries: dict[tuple[str, str, str], float] = {}
         self._clock = time.monotonic   # for ENGINE_KEY_RETRY_SECONDS (tests replace it)
-        self._wall = time.time         # for ENGINE_KEY_YOUNG_SECONDS, against creationTimestamp
         # namespace -> (the ModelRoute store's version of it, the Publication of each route): `publications`.
         self._publications: dict[str, tuple[int, list[Publication]]] = {}
+        self._publication: dict[Key, tuple[str, Publication]] = {}   # route -> (its resourceVersion, Publication)
 
     def on_change(self, source: str, obj: dict, old: dict | None) -> None:
         """Schedule the route itself, and the other routes of its namespace that its change concerns
@@ -613,6 +626,7 @@ class ModelRouteController(Controller):
     def forget(self, key: Key) -> None:
         """Drop what was remembered about a deleted route and its children."""
         for memory in (self._resolutions, self._resolved, self._with_others, self._selected, self._applied,
+                       self._publication,
                        self._engine_hash, self._router_hash, self._held, self._adapters_epoch,
                        self._adapters_changed):
             memory.pop(key, None)
@@ -620,7 +634,7 @@ class ModelRouteController(Controller):
             self._publications.pop(key[0], None)
         for ident in [i for i in self._accepted if i[:2] == key]:
             del self._accepted[ident]
-        for memory in (self._key_conflicts,):
+        for memory in (self._key_tries,):
             for ident in [i for i in memory if i[:2] == key]:
                 del memory[ident]
         self._keyed = {i for i in self._keyed if i[:2] != key}
@@ -681,18 +695,20 @@ class ModelRouteController(Controller):
             # owner's object of that name is not read as this route's (applying it shows NameConflict).
             return obj if owned_by(obj, uid) else None
 
+        deployment = own(self.stores.Deployment.get((ns, route_builders.engine_name(route))))
         return ModelRouteFacts(
             body, route, adapters=adapters, rejected=rejected, resolution=resolution,
             accepted_base=await self.accepted_base_of(route) if body.get("status") else None,
-            deployment=own(self.stores.Deployment.get((ns, route_builders.engine_name(route)))),
+            deployment=deployment,
             pods=self.stores.EnginePod.group(ns, name), last_resolution=self._resolutions.get(key),
             last_applied=self._applied.get(key), last_selected=self._selected.get(key, {}),
             last_held=self._held.get(key, {}),
             applier_epoch=self.ctx.applier.epoch, engine_hash=self._engine_hash.get(key),
             router_deployment=own(self.stores.RouterDeployment.get((ns, route_builders.router_name(route)))),
             router_pods=self.stores.RouterPod.group(ns, name), router_hash=self._router_hash.get(key),
-            engine_key_due=self.engine_key_due(body, route, self.stores.EnginePod.group(ns, name),
+            engine_key_due=self.engine_key_due(route, self.stores.EnginePod.group(ns, name),
                                                self.stores.RouterPod.group(ns, name)),
+            engine_key_known=references_secret(deployment, engine_pod.engine_key_secret_name(route)),
             others=others)
 
     def publications(self, namespace: str) -> list[Publication]:
@@ -704,38 +720,39 @@ class ModelRouteController(Controller):
         hit = self._publications.get(namespace)
         if hit is not None and hit[0] == version:
             return hit[1]
-        out = [publication(body) for k in store.keys_in(namespace) if (body := store.get(k)) is not None]
+        # One route's status patch moves the version: only that route's Publication is read again (each is
+        # kept per resourceVersion, which moves on every change of the stored object).
+        out = []
+        for k in store.keys_in(namespace):
+            body = store.get(k)
+            if body is None:
+                continue
+            rv = (body.get("metadata") or {}).get("resourceVersion")
+            kept = self._publication.get(k)
+            if rv and kept is not None and kept[0] == rv:
+                out.append(kept[1])
+                continue
+            pub = publication(body)
+            if rv:
+                self._publication[k] = (rv, pub)
+            out.append(pub)
         self._publications[namespace] = (version, out)
         return out
 
-    def engine_key_due(self, body: dict, route: ModelRoute, pods: list[dict], router_pods: list[dict]) -> bool:
-        """Whether the route's engine key Secret is to be created (again) in this reconcile, besides when its
-        children are rendered: never tried for this uid, or (at most every ENGINE_KEY_RETRY_SECONDS) a pod of
-        the route waits on its missing engine key Secret, or its last create found one (409) while the route is younger than
-        ENGINE_KEY_YOUNG_SECONDS: the Secret found may be a deleted predecessor's, which the garbage collector
-        removes afterwards (then every new pod would fail until it is created again)."""
+    def engine_key_due(self, route: ModelRoute, pods: list[dict], router_pods: list[dict]) -> bool:
+        """Whether the route's engine key Secret is to be created again in this reconcile although it was made
+        (or found) before: a pod of the route waits on it missing (someone deleted it), at most every
+        ENGINE_KEY_RETRY_SECONDS. Its first create happens when the children are rendered (`plan`)."""
         mark = (route.metadata.namespace or "", route.metadata.name or "", route.metadata.uid or "")
-        last = self._key_conflicts.get(mark)
-        # kubelet's message names what is missing (`secret "r-engine-key" not found`): only the key counts.
+        # kubelet's message names what is missing (`secret "r-engine-key-<uid>" not found`): only the key counts.
         missing = f'"{engine_pod.engine_key_secret_name(route)}"'
         stuck = any(missing in (config_problem(p, (engine_pod.ENGINE_CONTAINER, engine_pod.LOADER_CONTAINER)) or "")
                     for p in pods) \
             or any(missing in (config_problem(p, (route_builders.ROUTER_CONTAINER,)) or "") for p in router_pods)
-        if mark in self._keyed and not stuck:
+        if not stuck:
             return False
-        if last is None:
-            return mark not in self._keyed or stuck
-        if self._clock() - last < ENGINE_KEY_RETRY_SECONDS:
-            return False
-        return stuck or self._young(body)
-
-    def _young(self, body: dict) -> bool:
-        created = (body.get("metadata") or {}).get("creationTimestamp")
-        try:
-            at = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
-        except (AttributeError, ValueError):
-            return True   # unknown age: keep retrying at the bounded rate
-        return self._wall() - at < ENGINE_KEY_YOUNG_SECONDS
+        last = self._key_tries.get(mark)
+        return last is None or self._clock() - last >= ENGINE_KEY_RETRY_SECONDS
 
     async def accepted_base_of(self, route: ModelRoute) -> BaseModelId | None:
         """The base model the route's serving table was written for: from memory, else its ConfigMap."""
@@ -786,7 +803,8 @@ class ModelRouteController(Controller):
                 out.fresh = not current
                 out.unwanted = route_builders.unwanted_children(route, self.ctx.build)
                 out.applied_as = applied_as
-                out.engine_key = route_builders.engine_key_secret(route, "")
+                if not facts.engine_key_known:
+                    out.engine_key = route_builders.engine_key_secret(route, "")
                 engine = route_builders.engine_name(route)
                 out.engine_hash = next((k["metadata"]["annotations"].get(HASH_ANNOTATION) for k in kids
                                         if k["kind"] == "Deployment" and k["metadata"]["name"] == engine), None)
@@ -831,26 +849,24 @@ class ModelRouteController(Controller):
     async def ensure_engine_key(self, secret: dict, due: bool = False) -> bool:
         """Create the route's engine key Secret with a random key (256 bits, URL-safe) unless it exists: a create
         that finds it (409) leaves it alone, so the key is generated once and never overwritten, and the
-        operator needs only `create` on Secrets, never `get`. The key is never logged.
+        operator needs only `create` on Secrets, never `get`. The key is never logged. Its name carries the
+        route's uid (engine_pod.engine_key_secret_name), so a 409 found this route's own Secret.
 
-        A create that made it is remembered per route (uid) and operator process. One that found a Secret (409)
-        is not: the Secret found may be the previous route's of that name, deleted with it and awaiting garbage
-        collection; `engine_key_due` tries again (at most every ENGINE_KEY_RETRY_SECONDS) while the route is
-        young or while its pods wait on a missing Secret (docs/security.md). Without `due` (a re-render of the
-        children) a route whose Secret was made, or whose last create found one, is not tried. Returns whether a
-        retry is to be scheduled."""
+        Either answer is remembered per route (uid) and operator process: without `due` (a re-render of the
+        children) a route whose Secret exists is not tried again. With `due` (engine_key_due: a pod waits on the
+        Secret missing) it is, and the time is remembered for ENGINE_KEY_RETRY_SECONDS. Returns whether to look
+        at the route again later (after a `due` create: the pod may still wait)."""
         meta = secret["metadata"]
         owner = (meta.get("ownerReferences") or [{}])[0]
         mark = (meta["namespace"], owner.get("name") or "", owner.get("uid") or "")   # the route's (ns, name, uid)
-        if not due and (mark in self._keyed or mark in self._key_conflicts):
+        if not due and mark in self._keyed:
             return False
+        if due:
+            self._key_tries[mark] = self._clock()
         body = {**secret, "stringData": {ENGINE_KEY_SECRET_KEY: secrets.token_urlsafe(32)}}
-        if await self.kube.create_if_absent(body):
-            self._keyed.add(mark)
-            self._key_conflicts.pop(mark, None)
-            return False
-        self._key_conflicts[mark] = self._clock()
-        return True
+        await self.kube.create_if_absent(body)   # created (201) or this route's own, found (409)
+        self._keyed.add(mark)
+        return due
 
     async def execute(self, key: Key, plan: ModelRoutePlan) -> None:
         """Apply the children and prune the unwanted ones, remember what was accepted, patch the status, post
@@ -858,7 +874,7 @@ class ModelRouteController(Controller):
         ns, name = key
         applier = self.ctx.applier
         if plan.engine_key is not None and await self.ensure_engine_key(plan.engine_key, plan.engine_key_due):
-            # Found one: look again later (engine_key_due decides whether the create is tried again).
+            # Created for a pod that waited on it: look again later (engine_key_due decides whether to try again).
             self.schedule(key, ENGINE_KEY_RETRY_SECONDS)
         if plan.children:
             if await self.apply_children(plan.body, plan.children, plan.fresh) is None:

@@ -95,7 +95,7 @@ def image_pull_problem(pod: dict, names: tuple[str, ...], init: bool = False) ->
 
 def config_problem(pod: dict, names: tuple[str, ...], init: bool = False) -> str | None:
     """Which of the containers `names` cannot be created because a Secret, ConfigMap or key it reads is missing
-    (waiting CreateContainerConfigError, e.g. `secret "r-engine-key" not found`), and kubelet's message, else
+    (waiting CreateContainerConfigError, e.g. `secret "r-engine-key-<uid>" not found`), and kubelet's message, else
     None."""
     for name in names:
         cs = container_status(pod, name, init)

@@ -286,3 +286,27 @@ def test_vllm_knows_the_pooling_runner_flag():
 
     args = EngineArgs.add_cli_args(FlexibleArgumentParser()).parse_args(["--model", "m", "--runner", "pooling"])
     assert args.runner == "pooling"
+
+
+def test_the_engine_key_secret_name_carries_the_route_uid_and_is_a_valid_name_for_any_route_name():
+    """Issue 17: the name is unique to the route object (its uid), so a route deleted and created again never
+    meets its predecessor's Secret; the longest route name (50 characters: its Services are named after it) with
+    a uid is far below Secret names' 253; without a uid (`loraplane render`) it is `<route>-engine-key`."""
+    import re
+
+    from loraplane.api.modelroute import ModelRoute as MR
+
+    def named(name: str, uid: str | None) -> MR:
+        return MR.model_validate({"apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute",
+                                  "metadata": {"name": name, "namespace": "ns", **({"uid": uid} if uid else {})},
+                                  "spec": {"baseModel": {"name": "org/base"}}})
+
+    uid1, uid2 = "0b7c1c4e-5f4a-4d3b-9a43-1f2e3d4c5b6a", "9d8e7f60-1a2b-4c3d-8e9f-a0b1c2d3e4f5"
+    assert engine_pod.engine_key_secret_name(named("chat", uid1)) == f"chat-engine-key-{uid1}"
+    assert engine_pod.engine_key_secret_name(named("chat", None)) == "chat-engine-key"
+    subdomain = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    long = "r" * 50
+    names = {engine_pod.engine_key_secret_name(named(long, u)) for u in (uid1, uid2)}
+    assert names == {f"{long}-engine-key-{uid1}", f"{long}-engine-key-{uid2}"} and all(map(subdomain.match, names))
+    env = engine_pod.engine_key_env(named("chat", uid1))
+    assert env[0]["valueFrom"]["secretKeyRef"]["name"] == f"chat-engine-key-{uid1}"

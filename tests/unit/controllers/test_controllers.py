@@ -558,7 +558,7 @@ def test_the_route_engine_key_secret_is_created_once_with_a_random_key_and_never
     plan = ctl.plan(ModelRouteFacts(ROUTE_BODY, ROUTE, adapters=[ADAPTER]))
     asyncio.run(ctl.execute(("ns", "r"), plan))
     (secret,) = kube.created
-    assert (secret["kind"], secret["metadata"]["name"]) == ("Secret", "r-engine-key")
+    assert (secret["kind"], secret["metadata"]["name"]) == ("Secret", "r-engine-key-ru")   # the route's uid
     assert secret["metadata"]["ownerReferences"][0]["uid"] == "ru"
     key = secret["stringData"]["api-key"]
     assert len(key) >= 40 and kube.applied, "the Secret is created before the children are applied"
@@ -567,7 +567,7 @@ def test_the_route_engine_key_secret_is_created_once_with_a_random_key_and_never
     refs = {c["name"]: e["valueFrom"]["secretKeyRef"] for p in pods for c in p["containers"]
             for e in c.get("env", []) if e["name"] == "VLLM_API_KEY"}
     assert set(refs) == {"vllm", "adapter-loader", "router"}
-    assert all(r == {"name": "r-engine-key", "key": "api-key"} for r in refs.values())
+    assert all(r == {"name": "r-engine-key-ru", "key": "api-key"} for r in refs.values())
     # A re-render (a resync, a new table) does not create it again; another route gets its own random key.
     again = ctl.plan(ModelRouteFacts(ROUTE_BODY, ROUTE, adapters=[ADAPTER], applier_epoch=1))
     asyncio.run(ctl.execute(("ns", "r"), again))
@@ -578,68 +578,131 @@ def test_the_route_engine_key_secret_is_created_once_with_a_random_key_and_never
     # ...and the create finding the Secret leaves the stored one unchanged (KubeClient.create_if_absent: 409).
 
 
-def test_an_engine_key_create_that_finds_a_predecessors_secret_is_retried_until_it_creates_one():
-    """`kubectl delete modelroute r && kubectl apply -f r.yaml`: the new route's create finds the old route's
-    `r-engine-key` (409, awaiting garbage collection), then the GC deletes it. Before, the 409 was remembered as
-    done for the new uid and every new pod failed with CreateContainerConfigError until the operator restarted;
-    now the create is retried (at most every ENGINE_KEY_RETRY_SECONDS) and makes the Secret once it is gone."""
+class SecretsKube(FakeKube):
+    """create_if_absent against a set of existing Secret names: 201 once per name, 409 after."""
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self.names = set(existing)
+
+    async def create_if_absent(self, manifest):
+        self.created.append(manifest)
+        name = manifest["metadata"]["name"]
+        if name in self.names:
+            return False
+        self.names.add(name)
+        return True
+
+
+def young_route(uid: str) -> dict:
+    """ROUTE_BODY as the API server would show it just after `kubectl apply` (created now, with `uid`)."""
     from datetime import datetime, timezone
 
-    from loraplane.controllers.modelroute import ENGINE_KEY_RETRY_SECONDS, ENGINE_KEY_YOUNG_SECONDS
+    created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {**ROUTE_BODY, "metadata": {**ROUTE_BODY["metadata"], "uid": uid, "creationTimestamp": created}}
 
-    class GcLater(FakeKube):
-        answers = [False, False, True]      # 409 (the old Secret), 409 again, 201 once the GC deleted it
 
-        async def create_if_absent(self, manifest):
-            self.created.append(manifest)
-            return self.answers[min(len(self.created), len(self.answers)) - 1]
+def test_a_restarted_operator_does_not_create_a_young_routes_engine_key_again_and_again():
+    """Issue 17: a restarted operator (fresh memory) whose engine key create finds the route's own Secret (409)
+    created it again every ENGINE_KEY_RETRY_SECONDS while the route was younger than 10 minutes (a write per
+    route per 30 s, the benchmark's idle writes): the operator may not read Secrets, and the Secret's name
+    (`<route>-engine-key`) was also a deleted predecessor's. The name now carries the route's uid, so a 409 is
+    the route's own Secret; and a restarted operator whose engine Deployment (the route's, by uid) already takes
+    its key from that Secret does not create it at all."""
+    from loraplane.controllers.modelroute import ENGINE_KEY_RETRY_SECONDS
 
-    now = {"mono": 1000.0, "wall": datetime(2026, 1, 1, tzinfo=timezone.utc).timestamp()}
-    body = {**ROUTE_BODY, "metadata": {**ROUTE_BODY["metadata"], "creationTimestamp": "2026-01-01T00:00:00Z"}}
-    kube = GcLater()
+    body = young_route("ru")
+    now = {"mono": 1000.0}
+    first = SecretsKube()
+    ctl = ModelRouteController(context(first), rejections=lambda ns: {}, reselected=lambda key: None)
+    ctl._clock = lambda: now["mono"]
+    ctl.stores.ModelRoute.put(body)
+    asyncio.run(ctl.reconcile(("ns", "r")))
+    assert [m["metadata"]["name"] for m in first.created] == ["r-engine-key-ru"]
+    deployment = next(m for m in first.applied if m["kind"] == "Deployment"
+                      and m["metadata"]["name"] == "r-engine")
+
+    # A restarted operator before its informers show the Deployment: one create, 409 (the route's own Secret,
+    # since no other route's has its uid in the name), then never again: not on later reconciles, nor resyncs.
+    kube = SecretsKube(first.names)
+    restarted = ModelRouteController(context(kube), rejections=lambda ns: {}, reselected=lambda key: None)
+    restarted._clock = lambda: now["mono"]
+    scheduled = []
+    restarted.schedule = lambda key, delay=None: scheduled.append((key, delay))
+    restarted.stores.ModelRoute.put(body)
+    for epoch in range(4):
+        now["mono"] += ENGINE_KEY_RETRY_SECONDS
+        restarted.ctx.applier.epoch = epoch   # a resync re-renders the children
+        asyncio.run(restarted.reconcile(("ns", "r")))
+    assert len(kube.created) == 1 and scheduled == []
+
+    # A restarted operator whose store holds the route's engine Deployment, which takes its key from the
+    # Secret: the Secret was made before the Deployment was applied; no create at all.
+    kube = SecretsKube(first.names)
+    again = ModelRouteController(context(kube), rejections=lambda ns: {}, reselected=lambda key: None)
+    again.stores.ModelRoute.put(body)
+    again.stores.Deployment.put(deployment)
+    for _ in range(3):
+        now["mono"] += ENGINE_KEY_RETRY_SECONDS
+        asyncio.run(again.reconcile(("ns", "r")))
+    assert kube.created == []
+
+
+def test_a_recreated_route_gets_its_own_engine_key_secret_not_its_predecessors():
+    """`kubectl delete modelroute r && kubectl apply -f r.yaml`: the old route's Secret (and Deployment) may still
+    await garbage collection. The new route's Secret has another name (its uid), so its create makes it at
+    once (201) and its pods never take the old key; the old Deployment (another owner uid) does not count as
+    the new route's. A pod waiting on the route's Secret missing (someone deleted it) re-creates it, at most
+    every ENGINE_KEY_RETRY_SECONDS; a pod missing another Secret does not."""
+    from loraplane.controllers.modelroute import ENGINE_KEY_RETRY_SECONDS
+
+    old = young_route("old-uid")
+    first = SecretsKube()
+    ctl = ModelRouteController(context(first), rejections=lambda ns: {}, reselected=lambda key: None)
+    ctl.stores.ModelRoute.put(old)
+    asyncio.run(ctl.reconcile(("ns", "r")))
+    old_deployment = next(m for m in first.applied if m["kind"] == "Deployment"
+                          and m["metadata"]["name"] == "r-engine")
+
+    now = {"mono": 1000.0}
+    kube = SecretsKube(first.names)          # the old route's Secret is still there
     ctl = ModelRouteController(context(kube), rejections=lambda ns: {}, reselected=lambda key: None)
-    ctl._clock, ctl._wall = (lambda: now["mono"]), (lambda: now["wall"])
+    ctl._clock = lambda: now["mono"]
     scheduled = []
     ctl.schedule = lambda key, delay=None: scheduled.append((key, delay))
-    ctl.stores.ModelRoute.put(body)
+    ctl.stores.ModelRoute.put(young_route("new-uid"))
+    ctl.stores.Deployment.put(old_deployment)  # awaiting garbage collection
+    asyncio.run(ctl.reconcile(("ns", "r")))
+    assert [m["metadata"]["name"] for m in kube.created] == ["r-engine-key-new-uid"]
+    assert kube.names == {"r-engine-key-old-uid", "r-engine-key-new-uid"}
+    pods = [m["spec"]["template"]["spec"] for m in kube.applied if m["kind"] == "Deployment"]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for p in pods for c in p["containers"]
+            for e in c.get("env", []) if e["name"] == "VLLM_API_KEY"} == {"r-engine-key-new-uid"}
 
-    def reconcile(seconds_later: float) -> int:
-        now["mono"] += seconds_later
-        now["wall"] += seconds_later
-        asyncio.run(ctl.reconcile(("ns", "r")))
-        return len(kube.created)
-
-    assert reconcile(0) == 1 and scheduled == [(("ns", "r"), ENGINE_KEY_RETRY_SECONDS)]
-    assert reconcile(5) == 1                          # bounded: not again within ENGINE_KEY_RETRY_SECONDS
-    assert reconcile(ENGINE_KEY_RETRY_SECONDS) == 2   # still there (409): tried again, looked at later again
-    assert reconcile(ENGINE_KEY_RETRY_SECONDS) == 3   # the GC removed it: created (201)
-    assert reconcile(ENGINE_KEY_RETRY_SECONDS) == 3   # and done for this uid
-    assert len(scheduled) == 2
-
-    # An old route whose create finds its own Secret (an operator restart) is not retried...
-    old = ModelRouteController(context(GcLater()), rejections=lambda ns: {}, reselected=lambda key: None)
-    old._clock, old._wall = (lambda: now["mono"]), (lambda: now["wall"] + ENGINE_KEY_YOUNG_SECONDS)
-    old.stores.ModelRoute.put(body)
-    asyncio.run(old.reconcile(("ns", "r")))
-    now["mono"] += ENGINE_KEY_RETRY_SECONDS
-    asyncio.run(old.reconcile(("ns", "r")))
-    assert len(old.kube.created) == 1
-    # ...unless a pod of the route waits on a missing Secret: then it is, and the route's status says why.
-    old.stores.EnginePod.put({"metadata": {"name": "r-engine-1", "namespace": "ns", "labels": {"loraplane.io/route": "r"},
+    # Someone deletes the Secret: a pod of the route waits on it; the operator creates it again, rate-limited.
+    kube.names.discard("r-engine-key-new-uid")
+    ctl.stores.EnginePod.put({"metadata": {"name": "r-engine-1", "namespace": "ns", "labels": {"loraplane.io/route": "r"},
                                            "creationTimestamp": "2026-01-01T00:00:00Z"},
                               "status": {"containerStatuses": [{"name": "vllm", "state": {"waiting": {
                                   "reason": "CreateContainerConfigError",
-                                  "message": 'secret "r-engine-key" not found'}}}]}})
-    asyncio.run(old.reconcile(("ns", "r")))
-    assert len(old.kube.created) == 2
-    ready = next(c for c in old.kube.status_patches[-1][2]["conditions"] if c["type"] == "Ready")
-    assert ready["reason"] == Reason.ContainerConfig and 'secret "r-engine-key" not found' in ready["message"]
+                                  "message": 'secret "r-engine-key-new-uid" not found'}}}]}})
+    asyncio.run(ctl.reconcile(("ns", "r")))
+    assert len(kube.created) == 2 and "r-engine-key-new-uid" in kube.names
+    assert scheduled == [(("ns", "r"), ENGINE_KEY_RETRY_SECONDS)]   # looked at again: the pod may still wait
+    ready = next(c for c in kube.status_patches[-1][2]["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == Reason.ContainerConfig and 'secret "r-engine-key-new-uid" not found' in ready["message"]
+    now["mono"] += 5
+    asyncio.run(ctl.reconcile(("ns", "r")))
+    assert len(kube.created) == 2                     # bounded: not again within ENGINE_KEY_RETRY_SECONDS
+    now["mono"] += ENGINE_KEY_RETRY_SECONDS
+    asyncio.run(ctl.reconcile(("ns", "r")))
+    assert len(kube.created) == 3                     # still waiting: tried again (409: it is there)
     # A pod missing another Secret (the user's) is shown, but does not make the operator create its key again.
     now["mono"] += ENGINE_KEY_RETRY_SECONDS
-    pod = old.stores.EnginePod.get(("ns", "r-engine-1"))
+    pod = ctl.stores.EnginePod.get(("ns", "r-engine-1"))
     pod["status"]["containerStatuses"][0]["state"]["waiting"]["message"] = 'secret "users-secret" not found'
-    asyncio.run(old.reconcile(("ns", "r")))
-    assert len(old.kube.created) == 2
+    asyncio.run(ctl.reconcile(("ns", "r")))
+    assert len(kube.created) == 3
 
 
 async def test_a_job_whose_pod_is_refused_shows_it_once_per_recheck_not_in_a_loop():

@@ -1,0 +1,127 @@
+"""Issue 17: work the operator's reconcile path no longer repeats (each test fails on the code before)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_parsing_specs_does_not_import_cel_python():
+    """Every CEL rule has a Python mirror (CelRule.check), so the operator never evaluates with cel-python; it
+    still imported it (and its lark parser, ~50 ms of CPU) on the first parse of its first reconcile."""
+    code = """
+import sys
+import loraplane.controllers.manager
+from loraplane.api.modelroute import ModelRoute
+from loraplane.api.adapter import Adapter
+ModelRoute.model_validate({"apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute",
+    "metadata": {"name": "r", "namespace": "ns"},
+    "spec": {"baseModel": {"name": "org/base"}, "routes": [{"name": "m", "backends": [{"adapter": "a"}]}]}})
+Adapter.model_validate({"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",
+    "metadata": {"name": "a", "namespace": "ns"},
+    "spec": {"baseModel": {"name": "org/base"}, "source": {"uri": "s3://b/a"}, "version": "1", "rank": 8}})
+print("celpy" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(ROOT / "operator"), "PATH": "/usr/bin:/bin"}, cwd=ROOT)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_setting_an_unchanged_condition_keeps_the_condition_object():
+    """A re-reconcile sets the same conditions again: the unchanged one is kept as it is, not validated anew."""
+    from loraplane.api.common import set_condition
+    from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType
+    from loraplane.api.reasons import Reason
+
+    state = ConditionState(ConditionStatus.TRUE, Reason.Loaded, "served")
+    first = set_condition([], ConditionType.Ready, state, 2, now="2026-01-01T00:00:00Z")
+    again = set_condition(first, ConditionType.Ready, state, 2, now="2026-02-02T00:00:00Z")
+    assert again[0] is first[0]
+    moved = set_condition(first, ConditionType.Ready, state, 3, now="2026-02-02T00:00:00Z")
+    assert moved[0].observed_generation == 3 and moved[0].last_transition_time == "2026-01-01T00:00:00Z"
+    flipped = set_condition(first, ConditionType.Ready, ConditionState(ConditionStatus.FALSE, Reason.Loading, "w"),
+                            3, now="2026-02-02T00:00:00Z")
+    assert flipped[0].last_transition_time == "2026-02-02T00:00:00Z"
+
+
+def test_a_route_status_change_reads_only_that_routes_publication_again(monkeypatch):
+    """Every route's reconcile reads what the namespace's routes publish; a status patch of one route moved the
+    namespace's version and every route's Publication was read again (its status lists, name by name)."""
+    from loraplane.controllers import modelroute as mr
+    from test_controllers import FakeKube, context
+
+    calls = []
+    real = mr.publication
+    monkeypatch.setattr(mr, "publication", lambda body: calls.append(body["metadata"]["name"]) or real(body))
+    ctl = mr.ModelRouteController(context(FakeKube()), rejections=lambda ns: {}, reselected=lambda key: None)
+
+    def route(i: int, rv: str, models=()) -> dict:
+        return {"apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute",
+                "metadata": {"name": f"r{i}", "namespace": "ns", "uid": f"u{i}", "resourceVersion": rv},
+                "spec": {}, "status": {"models": [{"name": m, "ready": True} for m in models]}}
+
+    for i in range(5):
+        ctl.stores.ModelRoute.put(route(i, "1"))
+    assert len(ctl.publications("ns")) == 5 and len(calls) == 5
+    ctl.stores.ModelRoute.put(route(2, "2", ["m2"]))
+    pubs = ctl.publications("ns")
+    assert calls[5:] == ["r2"]
+    assert [p.models for p in pubs if p.route == "r2"] == [(("m2", True),)]
+
+
+def test_an_adapter_reconcile_parses_its_owned_status_once(monkeypatch):
+    """The rollout window and the plan both read the Adapter's owned status: it was validated twice per reconcile
+    (every reconcile, most of which change nothing)."""
+    from loraplane.controllers import adapter as ad
+    from test_controllers import ROUTE_BODY, FakeKube, context
+
+    calls = []
+    real = ad.owned_status
+    monkeypatch.setattr(ad, "owned_status", lambda *a: calls.append(a[0]) or real(*a))
+    ctl = ad.AdapterController(context(FakeKube()))
+    ctl.stores.ModelRoute.put(ROUTE_BODY)
+    ctl.stores.Adapter.put({"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",
+                            "metadata": {"name": "a", "namespace": "ns", "uid": "au", "generation": 1,
+                                         "resourceVersion": "5"},
+                            "spec": {"baseModel": {"name": "org/base"}, "source": {"uri": "s3://b/a"},
+                                     "version": "1", "rank": 8},
+                            "status": {"phase": "Loading", "observedGeneration": 1}})
+    import asyncio
+
+    asyncio.run(ctl.reconcile(("ns", "a")))
+    assert calls == [ad.AdapterStatus]
+    assert ctl.kube.status_patches   # it did reconcile (status written)
+
+
+def test_kopf_keeps_no_handler_progress_and_clears_nothing():
+    """kopf cleared handler progress marks off both (empty) essences of every event with its default storage,
+    deep-copying them four times per event; the operator has only on.event handlers, which have no progress."""
+    import kopf
+
+    from loraplane.controllers.handlers import configure_kopf
+
+    settings = kopf.OperatorSettings()
+    configure_kopf(settings)
+    storage = settings.persistence.progress_storage
+    essence = {}
+    assert storage.clear(essence=essence) is essence
+    assert storage.fetch(key="h", body={}) is None
+
+
+def test_condition_messages_are_scrubbed_once_per_distinct_text():
+    """Every reconcile sets its conditions again with mostly the same messages: each text is scrubbed once (the
+    result cached), and still scrubbed."""
+    from loraplane.api import common
+    from loraplane.api.conditions import ConditionState, ConditionStatus, ConditionType
+    from loraplane.api.reasons import Reason
+
+    message = "fetch of https://user:pw@example.com/a failed"
+    state = ConditionState(ConditionStatus.FALSE, Reason.Loading, message)
+    hits = common._scrubbed_message.cache_info().hits
+    first = common.set_condition([], ConditionType.Ready, state, 1)
+    again = common.set_condition([], ConditionType.Ready, state, 1)
+    assert common._scrubbed_message.cache_info().hits > hits
+    assert "pw@" not in first[0].message and first[0].message == again[0].message
