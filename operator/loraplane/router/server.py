@@ -36,7 +36,7 @@ from loraplane.router.auth import ApiKeys
 from loraplane.router.client_protocol import BODY, HEAD, IDLE, LINGER, LINGER_SECONDS, ClientConnection
 from loraplane.router.dispatch import admit, dispatch, proxy
 from loraplane.router.hold import MAX_HELD_BYTES, RETRY_AFTER_HEADER, Hold
-from loraplane.router.metrics import RouterMetrics
+from loraplane.router.metrics import NO_BACKEND, RouterMetrics
 from loraplane.router.orchestrate import Orchestrator
 from loraplane.router.replicas import Replica, ReplicaPool
 from loraplane.router.table import RoutingTable
@@ -184,7 +184,10 @@ class Router:
             {self.sticky_header_lower} if self.sticky_header_lower else set())
         if self._orchestrator is not None:
             self._orchestrator.forget_unused({c.semantic_key for c in compiled.content.values()})
+        # Every public name feeds its refusals (backend NO_BACKEND), a name without backends too: the router
+        # answers it 503 itself while it is in the table.
         self.metrics.feeds({(name, b.served_name) for name, r in compiled.models.items() for b in r.backends}
+                           | {(name, NO_BACKEND) for name in compiled.models}
                            | {(name, e.backend.served_name) for name, e in compiled.external.items()},
                            {name: {c.source.default, *(d.model for d in c.source.destinations)}
                             for name, c in compiled.content.items()})

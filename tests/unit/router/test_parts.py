@@ -247,3 +247,24 @@ def test_series_the_table_no_longer_feeds_are_dropped_after_their_retention_not_
     series(t0 + 2 * RETIRED_SERIES_SECONDS)
     router.set_table(table("v1", content=False))
     assert 'backend="support-v1",code="200",model="support"} 1.0' in series(t0 + 2 * RETIRED_SERIES_SECONDS + 10)
+
+
+def test_refusals_of_a_public_name_without_backends_are_kept_while_the_table_has_the_name():
+    """A route whose explicit backends all name unusable adapters publishes the name with no backends (the
+    router answers it 503 itself, under backend=""): that series is fed by the table while the name is in it,
+    so it is not dropped (and restarted from 0) every RETIRED_SERIES_SECONDS while clients are refused."""
+    from loraplane.api.wire.serving import ServingTable
+    from loraplane.router.metrics import NO_BACKEND, RETIRED_SERIES_SECONDS
+    from loraplane.router.replicas import ReplicaPool
+    from loraplane.router.server import Router
+
+    m = RouterMetrics()
+    router = Router(ReplicaPool([]), metrics=m)
+    router.set_table(ServingTable.model_validate({
+        "route": "r", "generation": 1, "base_model": "tiny", "served_model_name": "base", "max_lora_rank": 16,
+        "max_loras": 4, "models": [{"name": "support", "backends": []}]}))
+    m.count_refused("support", 503)
+    for now in (1000.0, 1000.0 + RETIRED_SERIES_SECONDS + 1):
+        m.clock = lambda now=now: now
+        text = generate_latest(m.registry).decode()
+        assert f'backend="{NO_BACKEND}",code="503",model="support"}} 1.0' in text
