@@ -178,6 +178,29 @@ def test_the_evaluation_survives_the_termination_message_limit(tmp_path, monkeyp
     assert read.evaluation == full_result() and read.artifact.sha256 == "a" * 64
 
 
+@pytest.mark.parametrize("note", ["x", "é"])
+def test_a_worst_case_evaluation_still_fits_the_termination_message(tmp_path, monkeypatch, note):
+    """The longest artifact URI, an evaluation message at its 1024-character limit (e.g. a previous version that
+    failed to load, its error quoting a long URI; non-ASCII text is escaped to 6 bytes a character in JSON) and 8
+    per-label accuracies: Kubernetes would cut such a JSON at 4 KiB and the operator could read none of it.
+    The evaluation's message is shortened (then the per-label scores left out); the scores themselves arrive."""
+    from loraplane.api.common import URI_MAX_LENGTH
+
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("LORAPLANE_TERMINATION_LOG", str(log))
+    evaluation = full_result().model_copy(update={"message": note * 1022 + " …"})
+    message = TerminationMessage(
+        reason="Succeeded", artifact={"uri": "s3://bucket/" + "p" * (URI_MAX_LENGTH - 12), "sha256": "a" * 64},
+        dataset_sha256="b" * 64, completed_at="2026-01-01T00:00:00Z", evaluation=evaluation)
+    assert write_termination_message(message.to_json())
+    text = log.read_text()
+    assert len(text.encode()) <= TERMINATION_MESSAGE_LIMIT
+    read = TerminationMessage.parse(text)
+    assert read is not None and read.evaluation is not None
+    assert read.evaluation.candidate.metrics == evaluation.candidate.metrics and read.evaluation.score == 0.8123
+    assert read.artifact.uri == message.artifact.uri and read.evaluation.message.endswith(" …")
+
+
 # ---- the previous version's adapter_config.json is untrusted ----------------------------------------------------
 
 MODULES = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj")]

@@ -77,12 +77,14 @@ def write_termination_message(payload: dict) -> bool:
     Credentials in URLs of `message` are redacted (api.redaction). A `message` that would push the JSON past
     TERMINATION_MESSAGE_LIMIT bytes is cut (UTF-8 safe) and ends
     in " …", so the reason always survives. A success message still too long loses DROPPABLE_FIELDS, in order
-    (Kubernetes would otherwise cut the JSON itself and the operator could not read any of it).
+    (Kubernetes would otherwise cut the JSON itself and the operator could not read any of it), then the
+    evaluation's message is shortened and its per-label scores left out (`_fit_evaluation`).
     """
     for name in DROPPABLE_FIELDS:
-        if len(json.dumps(payload, separators=(",", ":")).encode()) <= TERMINATION_MESSAGE_LIMIT:
+        if _json_bytes(payload) <= TERMINATION_MESSAGE_LIMIT:
             break
         payload = {k: v for k, v in payload.items() if k != name}
+    payload = _fit_evaluation(payload)
     if isinstance(payload.get("message"), str):
         payload = {**payload, "message": redacted(payload["message"], TERMINATION_MESSAGE_LIMIT)}
     data = json.dumps(payload, separators=(",", ":"))
@@ -96,6 +98,39 @@ def write_termination_message(payload: dict) -> bool:
     except OSError:
         return False  # not in a pod (or the path is read-only): the log and the exit code still tell
     return True
+
+
+def _json_bytes(value: Any) -> int:
+    """Bytes of `value` as written (compact JSON, non-ASCII escaped)."""
+    return len(json.dumps(value, separators=(",", ":")).encode())
+
+
+def _fit_evaluation(payload: dict) -> dict:
+    """`payload` with its `evaluation` made to fit TERMINATION_MESSAGE_LIMIT when the whole does not: the
+    evaluation's `message` (up to 1024 characters, 6 bytes each once escaped) shortened, ending in " …", then the
+    per-label accuracies (EvaluationScores.labels, up to ~600 bytes) left out. A success message with the
+    longest artifact URI and both at their limits is ~9 KiB; the scores themselves are what the rollout needs."""
+    evaluation = payload.get("evaluation")
+    over = _json_bytes(payload) - TERMINATION_MESSAGE_LIMIT
+    if over <= 0 or not isinstance(evaluation, dict):
+        return payload
+    note = evaluation.get("message")
+    if isinstance(note, str) and note:
+        budget = _json_bytes(note) - over
+        lo, hi = 0, len(note)   # the longest prefix whose JSON form (with " …") fits the budget
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if _json_bytes(note[:mid] + " …") <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        evaluation = {**evaluation, "message": note[:lo].rstrip() + " …"}
+        payload = {**payload, "evaluation": evaluation}
+    if _json_bytes(payload) > TERMINATION_MESSAGE_LIMIT:
+        evaluation = {k: ({kk: vv for kk, vv in v.items() if kk != "labels"} if isinstance(v, dict) else v)
+                      for k, v in evaluation.items()}
+        payload = {**payload, "evaluation": evaluation}
+    return payload
 
 
 class _Wire(BaseModel):
