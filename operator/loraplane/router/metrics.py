@@ -180,7 +180,8 @@ class RouterMetrics:
 
     def expire(self) -> None:
         """Drop the series the routing table has not fed for RETIRED_SERIES_SECONDS (a pair with requests still
-        in flight stays): at scrape time, so each is exported a last time with its final values first."""
+        in flight stays): at scrape time, so each is exported a last time with its final values first, and on
+        each table change (Router.set_table), so a router nobody scrapes does not keep them either."""
         if self._fed is None:
             return
         now = self.clock()

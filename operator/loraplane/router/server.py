@@ -191,6 +191,9 @@ class Router:
                            | {(name, e.backend.served_name) for name, e in compiled.external.items()},
                            {name: {c.source.default, *(d.model for d in c.source.destinations)}
                             for name, c in compiled.content.items()})
+        # Each release is a table change: expire here too, not only at scrape time, so a router nobody scrapes
+        # does not keep a series per adapter version it ever served.
+        self.metrics.expire()
         self.metrics.table_generation.set(table.generation)
         self.metrics.table_dropped_entries.set(len(compiled.dropped))
         for problem in compiled.dropped:

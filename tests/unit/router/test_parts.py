@@ -213,6 +213,7 @@ def test_series_the_table_no_longer_feeds_are_dropped_after_their_retention_not_
                 {"model": "support", "rules": {"keywords": ["refund"]}}]}] if content else []})
 
     m = RouterMetrics()
+    m.clock = lambda: 1000.0   # table changes expire too: they read the same clock as the scrapes below
     router = Router(ReplicaPool([]), metrics=m)
     router.set_table(table("v1", content=True))
     m.stats("support", "support-v1").count(200)
@@ -268,3 +269,31 @@ def test_refusals_of_a_public_name_without_backends_are_kept_while_the_table_has
         m.clock = lambda now=now: now
         text = generate_latest(m.registry).decode()
         assert f'backend="{NO_BACKEND}",code="503",model="support"}} 1.0' in text
+
+
+def test_series_expire_on_table_changes_too_when_nobody_scrapes():
+    """Expiry ran at scrape time only: a router nobody scrapes (no Prometheus, no rollout analysis) kept a series
+    per adapter version it ever served, the growth RETIRED_SERIES_SECONDS is there to bound. A table change
+    expires too (each release is one), so such a router holds the versions of the last RETIRED_SERIES_SECONDS."""
+    from loraplane.api.wire.serving import ServingTable
+    from loraplane.router.metrics import RETIRED_SERIES_SECONDS
+    from loraplane.router.replicas import ReplicaPool
+    from loraplane.router.server import Router
+
+    def table(version: int) -> ServingTable:
+        return ServingTable.model_validate({
+            "route": "r", "generation": version, "base_model": "tiny", "served_model_name": "base",
+            "max_lora_rank": 16, "max_loras": 4,
+            "models": [{"name": "support", "backends": [{"served_name": f"support-v{version}", "adapter": "support",
+                                                         "weight": 100}]}]})
+
+    m = RouterMetrics()
+    router = Router(ReplicaPool([]), metrics=m)
+    now = 0.0
+    m.clock = lambda: now
+    for version in range(1, 50):
+        router.set_table(table(version))
+        m.stats("support", f"support-v{version}").count(200)
+        now += RETIRED_SERIES_SECONDS / 2   # a release every 7.5 minutes, never scraped
+    kept = {backend for _, backend in m._stats}
+    assert "support-v49" in kept and "support-v48" in kept and len(kept) <= 4, kept
