@@ -201,6 +201,21 @@ def test_a_worst_case_evaluation_still_fits_the_termination_message(tmp_path, mo
     assert read.artifact.uri == message.artifact.uri and read.evaluation.message.endswith(" …")
 
 
+def test_a_result_with_fields_this_operator_does_not_know_is_still_read():
+    """A trainer of another version adds fields (today's per-label `labels` is one): the wire contract says they
+    are ignored, but the evaluation is an ApiModel (extra forbidden), so one unknown field inside it made the
+    whole success message unreadable: the Adapter was then published without its sha256 and evaluation."""
+    doc = TerminationMessage(reason="Succeeded", artifact={"uri": "s3://b/k", "sha256": "a" * 64},
+                             evaluation=full_result()).to_json()
+    doc["evaluation"]["calibration"] = 0.5
+    doc["evaluation"]["candidate"]["labelCounts"] = {"support": 3}
+    doc["futureField"] = True
+    read = TerminationMessage.parse(json.dumps(doc))
+    assert read is not None and read.artifact.sha256 == "a" * 64
+    assert read.evaluation == full_result()
+    assert TerminationMessage.parse(json.dumps({**doc, "reason": "bad reason"})) is None   # still not ours
+
+
 # ---- the previous version's adapter_config.json is untrusted ----------------------------------------------------
 
 MODULES = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj")]

@@ -208,10 +208,33 @@ class TerminationMessage(_Wire):
 
     @classmethod
     def parse(cls, text: str | None) -> "TerminationMessage | None":
-        """The message in `text` (a container's terminated.message), or None when it is absent or not ours."""
+        """The message in `text` (a container's terminated.message), or None when it is absent or not ours.
+
+        Fields a trainer of another version adds are ignored, inside `evaluation` too (an api.evaluation model,
+        which forbids unknown fields): the fields the errors name as unknown are left out and the rest is read
+        again, so one new field never makes a whole success message (artifact digest, evaluation) unreadable."""
         if not text:
             return None
         try:
             return cls.model_validate_json(text.strip())
+        except (ValidationError, ValueError) as exc:
+            extra = [e["loc"] for e in exc.errors() if e["type"] == "extra_forbidden"] \
+                if isinstance(exc, ValidationError) else []
+        if not extra:
+            return None
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            return None
+        for loc in extra:
+            parent: Any = doc
+            for part in loc[:-1]:
+                parent = parent.get(part) if isinstance(parent, dict) else (
+                    parent[part] if isinstance(parent, list) and isinstance(part, int) and part < len(parent)
+                    else None)
+            if isinstance(parent, dict):
+                parent.pop(loc[-1], None)
+        try:
+            return cls.model_validate(doc)
         except (ValidationError, ValueError):
             return None
