@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import random
+import time
 from pathlib import Path
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from loraplane.router.replicas import ReplicaPool, parse_replica_arg
 from loraplane.router.auth import ApiKeys
@@ -46,3 +49,26 @@ async def running_router(tmp_path: Path, replica_specs: list[str], table: str, *
             yield service, client
     finally:
         await service.stop()
+
+
+async def metric_samples(client) -> dict[tuple, float]:
+    """The router's /metrics (through `client`, an aiohttp session on it) as {(sample name, labels): value}, the
+    labels as `labels(...)` spells them."""
+    async with client.get("/metrics") as resp:
+        text = await resp.text()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def labels(**kw) -> tuple:
+    """A sample's labels as `metric_samples` keys them."""
+    return tuple(sorted(kw.items()))
+
+
+async def wait_for(predicate, timeout=15.0):  # generous: CI machines are busy
+    """Poll `predicate` every 20 ms until it is true; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.02)

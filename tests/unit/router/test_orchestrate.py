@@ -19,30 +19,11 @@ from aiohttp import web
 from loraplane.api.orchestration import DESTINATION_HEADER, FALLBACK_HEADER, METHOD_HEADER
 from loraplane.router.orchestrate import Orchestrator
 from loraplane.router.replicas import parse_replica_arg
-from support.router_running import running_router
+from support.router_running import labels, metric_samples, running_router, wait_for
 from support.router_stubs import StubReplica
 
-from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.timeout(60)
-
-async def metric_samples(client) -> dict[tuple, float]:
-    async with client.get("/metrics") as resp:
-        text = await resp.text()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def labels(**kw) -> tuple:
-    return tuple(sorted(kw.items()))
-
-
-async def wait_for(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.02)
 
 
 ADAPTERS = {"support-v1", "sql-v1", "general-v1", "clf-v1"}

@@ -15,9 +15,8 @@ import time
 import aiohttp
 import pytest
 import pytest_asyncio
-from prometheus_client.parser import text_string_to_metric_families
 
-from support.router_running import running_router, table_json
+from support.router_running import labels, metric_samples, running_router, table_json, wait_for
 from support.router_stubs import StubReplica
 
 pytestmark = pytest.mark.timeout(60)
@@ -36,28 +35,6 @@ async def started():
     yield start
     for r in running:
         await r.stop()
-
-
-async def metric_samples(client) -> dict[tuple, float]:
-    async with client.get("/metrics") as resp:
-        text = await resp.text()
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def labels(**kw) -> tuple:
-    return tuple(sorted(kw.items()))
-
-
-async def wait_for(predicate, timeout=15.0):  # generous: CI machines are busy
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.02)
 
 
 async def test_routes_public_name_and_rewrites_only_model(started, tmp_path):

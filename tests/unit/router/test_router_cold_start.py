@@ -11,11 +11,10 @@ import pytest
 
 from loraplane.router.hold import COLD_RETRY_AFTER
 from loraplane.router.replicas import parse_replica_arg
-from support.router_running import running_router, table_json
+from support.router_running import labels, metric_samples, running_router, table_json, wait_for
 from support.router_stubs import StubReplica
 
 import pytest_asyncio
-from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,24 +32,6 @@ async def started():
     for r in running:
         await r.stop()
 
-
-async def metric_samples(client) -> dict[tuple, float]:
-    async with client.get("/metrics") as resp:
-        text = await resp.text()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def labels(**kw) -> tuple:
-    return tuple(sorted(kw.items()))
-
-
-async def wait_for(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.02)
 
 COLD = {"cold_start_wait_seconds": 20, "cold_start_max_requests": 4}
 
