@@ -4,8 +4,16 @@ the loader's warm-up (the replica serves only after vLLM's first completion) and
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
 
+from loraplane.api.wire.serving import DesiredAdapter, ServingTable
 from loraplane.loader.engine import EngineError, Probe
+from loraplane.loader.reconciler import Loader
+from loraplane.storage.cache import ArtifactCache
+from support.adapters import write_adapter
+
+BASE = "loraplane/tiny-llama"
 
 
 class WarmingEngine:
@@ -48,3 +56,24 @@ class WarmingEngine:
             raise EngineError(self.fail_status, "EngineCore encountered an issue" if self.fail_status >= 500
                               else "Requested sample logprobs of 1, which is greater than max allowed: 0")
         return Probe(text=model, tokens=(model,), logprobs=(0.0,))
+
+
+def fake_loader(tmp_path: Path, engine, *names: str, route: str = "r", resync: float = 0.05, **loader_kw) -> Loader:
+    """A Loader on `engine` (a stand-in such as WarmingEngine) whose table lists one written test adapter per name
+    (served name = adapter name, base model BASE), with a real artifact cache under `tmp_path`, two attempts and
+    no back-off; `loader_kw` go to Loader (e.g. engine_task)."""
+    loader = Loader(engine, ArtifactCache(tmp_path / "cache", 1 << 30), "replica-0", max_attempts=2,
+                    backoff_base=0.0, resync=resync, **loader_kw)
+    loader.set_table(ServingTable(
+        route=route, base_model=BASE, served_model_name="base", max_lora_rank=16, max_loras=4,
+        adapters=[DesiredAdapter(served_name=n, adapter=n, uri=str(write_adapter(tmp_path / n, seed=i)),
+                                 base_model=BASE) for i, n in enumerate(names)]))
+    return loader
+
+
+async def until(predicate, timeout: float = 10.0) -> None:
+    """Poll `predicate` every 10 ms until it is true; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)

@@ -9,8 +9,8 @@ import pytest
 
 from loraplane.api.reasons import Reason
 from loraplane.api.wire.serving import AdapterState
-from support.engine_fakes import WarmingEngine
-from unit.loader.test_loader_warmup import _loader, _state, _until
+from support.engine_fakes import WarmingEngine, fake_loader, until
+from unit.loader.test_loader_warmup import _state
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -27,7 +27,7 @@ class RecordingEngine(WarmingEngine):
 
 async def test_an_adapter_replaced_under_its_name_is_unloaded_and_loaded_again_from_its_artifact(tmp_path):
     engine = RecordingEngine()
-    loader = _loader(tmp_path, engine, "a")
+    loader = fake_loader(tmp_path, engine, "a")
     reasons: list[str] = []
 
     async def sink(report):
@@ -36,12 +36,12 @@ async def test_an_adapter_replaced_under_its_name_is_unloaded_and_loaded_again_f
     loader.report_sinks.append(sink)
     run = asyncio.create_task(loader.run())
     try:
-        await _until(lambda: _state(loader, "a")[0] == AdapterState.Ready)
+        await until(lambda: _state(loader, "a")[0] == AdapterState.Ready)
         own = engine.loaded["a"]
         # Another pod calls /v1/unload_lora_adapter and /v1/load_lora_adapter with its own weights, same name.
         engine.loaded["a"] = "/tmp/attacker-weights"
-        await _until(lambda: Reason.AdapterReplaced in reasons)
-        await _until(lambda: _state(loader, "a")[0] == AdapterState.Ready and engine.loaded.get("a") == own)
+        await until(lambda: Reason.AdapterReplaced in reasons)
+        await until(lambda: _state(loader, "a")[0] == AdapterState.Ready and engine.loaded.get("a") == own)
         assert "a" in engine.unloads and engine.events.count("load a") == 2
         assert _state(loader, "a")[1] == Reason.Loaded
     finally:

@@ -5,23 +5,19 @@ refuses every adapter a table lists with EmbeddingRouteNoAdapters without fetchi
 from __future__ import annotations
 
 import asyncio
-import time
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from support.adapters import write_adapter
-from support.engine_fakes import WarmingEngine
+from support.engine_fakes import WarmingEngine, fake_loader, until
 from loraplane.api.reasons import Reason
-from loraplane.api.wire.serving import AdapterState, DesiredAdapter, ServingTable
+from loraplane.api.wire.serving import AdapterState
 from loraplane.loader.engine import EngineError, Probe, VllmClient
 from loraplane.loader.reconciler import OUTCOMES, WARMUP_PROMPT, Loader
-from loraplane.storage.cache import ArtifactCache
 
 pytestmark = pytest.mark.timeout(30)
-BASE = "loraplane/tiny-llama"
 
 
 class PoolingEngine(WarmingEngine):
@@ -52,26 +48,13 @@ class PoolingEngine(WarmingEngine):
 
 
 def _loader(tmp_path, engine, *names: str, task: str = "embed", resync: float = 0.05) -> Loader:
-    loader = Loader(engine, ArtifactCache(tmp_path / "cache", 1 << 30), "replica-0", max_attempts=2,
-                    backoff_base=0.0, resync=resync, engine_task=task)
-    loader.set_table(ServingTable(
-        route="embedder", base_model=BASE, served_model_name="base", max_lora_rank=16, max_loras=4,
-        adapters=[DesiredAdapter(served_name=n, adapter=n, uri=str(write_adapter(tmp_path / n, seed=i)),
-                                 base_model=BASE) for i, n in enumerate(names)]))
-    return loader
-
-
-async def _until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
+    return fake_loader(tmp_path, engine, *names, route="embedder", resync=resync, engine_task=task)
 
 
 async def _running(loader: Loader, predicate) -> None:
     run = asyncio.create_task(loader.run())
     try:
-        await _until(predicate)
+        await until(predicate)
     finally:
         run.cancel()
         await asyncio.gather(run, return_exceptions=True)

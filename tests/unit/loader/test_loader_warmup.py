@@ -4,36 +4,15 @@ completion, which runs while the first adapter is fetched and gated and before a
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
-from support.adapters import write_adapter
-from support.engine_fakes import WarmingEngine
+from support.engine_fakes import WarmingEngine, fake_loader, until
 from loraplane.api.reasons import Reason
-from loraplane.api.wire.serving import AdapterState, DesiredAdapter, ServingTable
+from loraplane.api.wire.serving import AdapterState
 from loraplane.loader.reconciler import WARMUP_TOKENS, Loader
-from loraplane.storage.cache import ArtifactCache
 
 pytestmark = pytest.mark.timeout(30)
-BASE = "loraplane/tiny-llama"
-
-
-def _loader(tmp_path, engine: WarmingEngine, *names: str, resync: float = 0.05) -> Loader:
-    loader = Loader(engine, ArtifactCache(tmp_path / "cache", 1 << 30), "replica-0", max_attempts=2,
-                    backoff_base=0.0, resync=resync)
-    loader.set_table(ServingTable(
-        route="r", base_model=BASE, served_model_name="base", max_lora_rank=16, max_loras=4,
-        adapters=[DesiredAdapter(served_name=n, adapter=n, uri=str(write_adapter(tmp_path / n, seed=i)),
-                                 base_model=BASE) for i, n in enumerate(names)]))
-    return loader
-
-
-async def _until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 def _state(loader: Loader, name: str) -> tuple[AdapterState, str, str]:
@@ -44,12 +23,12 @@ def _state(loader: Loader, name: str) -> tuple[AdapterState, str, str]:
 async def test_the_replica_serves_only_after_the_warm_up_which_overlaps_the_first_fetch(tmp_path):
     engine = WarmingEngine()
     engine.hold = asyncio.Event()             # the cold engine's first completion takes long
-    loader = _loader(tmp_path, engine, "a")
+    loader = fake_loader(tmp_path, engine, "a")
     run = asyncio.create_task(loader.run())
     try:
         # The warm-up is the first request: a one-token base completion; meanwhile the adapter was fetched
         # and gated and now waits, and the replica is not reported ready though vLLM answers /health.
-        await _until(lambda: "waiting for vLLM's warm-up" in _state(loader, "a")[2])
+        await until(lambda: "waiting for vLLM's warm-up" in _state(loader, "a")[2])
         assert engine.calls == [("base", WARMUP_TOKENS)]
         assert loader.engine_ready and not loader.report().engine_ready
         assert loader.metrics.engine_ready._value.get() == 0
@@ -58,7 +37,7 @@ async def test_the_replica_serves_only_after_the_warm_up_which_overlaps_the_firs
         assert engine.events == ["complete base"]            # nothing loaded or probed yet
 
         engine.hold.set()
-        await _until(lambda: _state(loader, "a")[0] == AdapterState.Ready)
+        await until(lambda: _state(loader, "a")[0] == AdapterState.Ready)
         report = loader.report()
         assert report.engine_ready and loader.metrics.engine_ready._value.get() == 1
         # load and smoke test only after the warm-up answered; it is sent once
@@ -74,7 +53,7 @@ async def test_a_failed_warm_up_keeps_the_replica_out_and_is_retried(tmp_path):
     engine.fail_completions = 1
     # The retry waits `resync` seconds: an hour, so the second pass below always comes before it however slow
     # the machine is; the retry is then let due at once, so the loop retries without waiting for the clock.
-    loader = _loader(tmp_path, engine, "a", resync=3600.0)
+    loader = fake_loader(tmp_path, engine, "a", resync=3600.0)
     await loader.reconcile_once()
     await asyncio.wait({loader._warmup})
     await loader.reconcile_once()
@@ -89,7 +68,7 @@ async def test_a_failed_warm_up_keeps_the_replica_out_and_is_retried(tmp_path):
     loader.slots["a"].next_try = 0.0
     run = asyncio.create_task(loader.run())
     try:
-        await _until(lambda: _state(loader, "a")[0] == AdapterState.Ready)
+        await until(lambda: _state(loader, "a")[0] == AdapterState.Ready)
         assert loader.report().engine_ready
     finally:
         run.cancel()
@@ -98,25 +77,25 @@ async def test_a_failed_warm_up_keeps_the_replica_out_and_is_retried(tmp_path):
 
 async def test_an_engine_restart_makes_the_replica_cold_again(tmp_path):
     engine = WarmingEngine()
-    loader = _loader(tmp_path, engine, "a")
+    loader = fake_loader(tmp_path, engine, "a")
     run = asyncio.create_task(loader.run())
     try:
-        await _until(lambda: _state(loader, "a")[0] == AdapterState.Ready and loader.report().engine_ready)
+        await until(lambda: _state(loader, "a")[0] == AdapterState.Ready and loader.report().engine_ready)
         engine.hold = asyncio.Event()
         engine.loaded.clear()                             # vLLM restarted between two passes: adapters gone
-        await _until(lambda: engine.calls.count(("base", WARMUP_TOKENS)) == 2)
+        await until(lambda: engine.calls.count(("base", WARMUP_TOKENS)) == 2)
         assert not loader.report().engine_ready
         engine.hold.set()
-        await _until(lambda: _state(loader, "a")[0] == AdapterState.Ready and loader.report().engine_ready)
+        await until(lambda: _state(loader, "a")[0] == AdapterState.Ready and loader.report().engine_ready)
 
         engine.is_healthy = False                         # vLLM down: not serving, and cold when it is back
-        await _until(lambda: not loader.report().engine_ready and not loader.engine_warm)
+        await until(lambda: not loader.report().engine_ready and not loader.engine_warm)
         engine.hold = asyncio.Event()
         engine.is_healthy = True
-        await _until(lambda: engine.calls.count(("base", WARMUP_TOKENS)) == 3)
+        await until(lambda: engine.calls.count(("base", WARMUP_TOKENS)) == 3)
         assert not loader.report().engine_ready
         engine.hold.set()
-        await _until(lambda: loader.report().engine_ready)
+        await until(lambda: loader.report().engine_ready)
     finally:
         run.cancel()
         await asyncio.gather(run, return_exceptions=True)
@@ -127,7 +106,7 @@ async def test_a_refused_warm_up_request_does_not_wedge_the_replica(tmp_path):
     # serves without the warm-up instead of staying out forever.
     engine = WarmingEngine()
     engine.fail_completions, engine.fail_status = 1, 400
-    loader = _loader(tmp_path, engine)
+    loader = fake_loader(tmp_path, engine)
     await loader.reconcile_once()
     await asyncio.wait({loader._warmup})
     assert loader.report().engine_ready
