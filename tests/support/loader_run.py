@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -93,6 +94,21 @@ class LoaderRun:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
+
+
+@contextlib.contextmanager
+def ready_loader(server: VllmServer, workdir: Path, adapters: dict[str, Path]):
+    """A LoaderRun beside `server` whose table lists each of `adapters` (name -> artifact directory) as version v1,
+    started and settled with every one Ready (AssertionError otherwise); stopped on exit."""
+    run = LoaderRun(server, workdir)
+    try:
+        run.set_table([desired(name, path) for name, path in adapters.items()])
+        run.start()
+        status = run.wait_settled(timeout=300)
+        assert {n: a["state"] for n, a in status["adapters"].items()} == {f"{n}--v1": "Ready" for n in adapters}
+        yield run
+    finally:
+        run.stop()
 
 
 def openai(server: VllmServer, path: str, body: dict | None = None) -> dict:

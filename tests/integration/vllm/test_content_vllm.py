@@ -17,7 +17,7 @@ import pytest
 
 from loraplane.api.orchestration import DESTINATION_HEADER, FALLBACK_HEADER, METHOD_HEADER
 from loraplane.local.processes import free_port
-from support.loader_run import LoaderRun, desired
+from support.loader_run import ready_loader
 from support.router_running import running_router
 from support.tiny_model import TOY_PHRASES, instruction_prompt
 
@@ -32,13 +32,9 @@ BASE_PROMPT = instruction_prompt("where does the cat go?")
 
 @pytest.fixture(scope="module")
 def loader(vllm_server, two_adapters, tmp_path_factory):
-    run = LoaderRun(vllm_server, tmp_path_factory.mktemp("content-loader"))
-    run.set_table([desired("blue", two_adapters["blue"]), desired("fox", two_adapters["fox"])])
-    run.start()
-    status = run.wait_settled(timeout=300)
-    assert {n: a["state"] for n, a in status["adapters"].items()} == {"blue--v1": "Ready", "fox--v1": "Ready"}
-    yield run
-    run.stop()
+    with ready_loader(vllm_server, tmp_path_factory.mktemp("content-loader"),
+                      {"blue": two_adapters["blue"], "fox": two_adapters["fox"]}) as run:
+        yield run
 
 
 def table(base: str, down_router_url: str, max_short_tokens: int = 1) -> str:

@@ -14,7 +14,7 @@ import json
 import pytest
 
 from loraplane.router.forward import ForwardingConnection
-from support.loader_run import LoaderRun, desired
+from support.loader_run import ready_loader
 from support.router_running import running_router, table_json
 from support.tiny_model import TOY_PHRASES, instruction_prompt, toy_prompts
 
@@ -25,13 +25,9 @@ PROMPT = instruction_prompt(toy_prompts(1, seed=11)[0])
 
 @pytest.fixture(scope="module")
 def loader(vllm_server, two_adapters, tmp_path_factory):
-    run = LoaderRun(vllm_server, tmp_path_factory.mktemp("gateway-loader"))
-    run.set_table([desired("blue", two_adapters["blue"]), desired("fox", two_adapters["fox"])])
-    run.start()
-    status = run.wait_settled(timeout=300)
-    assert {n: a["state"] for n, a in status["adapters"].items()} == {"blue--v1": "Ready", "fox--v1": "Ready"}
-    yield run
-    run.stop()
+    with ready_loader(vllm_server, tmp_path_factory.mktemp("gateway-loader"),
+                      {"blue": two_adapters["blue"], "fox": two_adapters["fox"]}) as run:
+        yield run
 
 
 def gateway_table(routes: dict[str, tuple[str, list[str]]]) -> str:

@@ -18,7 +18,7 @@ import re
 import aiohttp
 import pytest
 
-from support.loader_run import LoaderRun, desired
+from support.loader_run import ready_loader
 from support.router_running import running_router, table_json
 from support.tiny_model import TOY_PHRASES, instruction_prompt, toy_prompts
 
@@ -77,13 +77,9 @@ def adapters(two_adapters):
 
 @pytest.fixture(scope="module")
 def loader(vllm_server, adapters, tmp_path_factory):
-    run = LoaderRun(vllm_server, tmp_path_factory.mktemp("router-loader"))
-    run.set_table([desired("blue", adapters["blue"]), desired("fox", adapters["fox"])])
-    run.start()
-    status = run.wait_settled(timeout=300)
-    assert {n: a["state"] for n, a in status["adapters"].items()} == {"blue--v1": "Ready", "fox--v1": "Ready"}
-    yield run
-    run.stop()
+    with ready_loader(vllm_server, tmp_path_factory.mktemp("router-loader"),
+                      {"blue": adapters["blue"], "fox": adapters["fox"]}) as run:
+        yield run
 
 
 def routes(base: str, **router) -> str:
