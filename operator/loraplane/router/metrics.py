@@ -116,8 +116,7 @@ class RouterMetrics:
         # method) (issue 15: a counter and a latency histogram per destination and per method), and methods that
         # did not choose per (content model, method, why).
         # Label values come from the table (names, methods) and orchestrate.Fallback: bounded.
-        self.decisions: dict[tuple[str, str, str], DecisionCount] = {}
-        self.decision_seconds: dict[tuple[str, str, str], Hist] = {}
+        self.decisions: dict[tuple[str, str, str], DecisionCount] = {}   # each holds its latency histogram
         self.fallbacks: dict[tuple[str, str, str], int] = {}
         self._router = None
         # What the routing table in use feeds (`feeds`), and since when (time.monotonic) each series it no longer
@@ -145,8 +144,7 @@ class RouterMetrics:
         key = (model, destination, method)
         count = self.decisions.get(key)
         if count is None:
-            hist = self.decision_seconds[key] = Hist(DECISION_BUCKETS)
-            count = self.decisions[key] = DecisionCount(hist)
+            count = self.decisions[key] = DecisionCount(Hist(DECISION_BUCKETS))
         return count
 
     def count_decision(self, model: str, destination: str, method: str, seconds: float) -> None:
@@ -203,7 +201,6 @@ class RouterMetrics:
         for key in list(self.decisions):
             if gone(("decision", *key), key[1] in content.get(key[0], ())):
                 del self.decisions[key]
-                self.decision_seconds.pop(key, None)
                 left.pop(("decision", *key), None)
         for key in list(self.fallbacks):
             if gone(("fallback", *key), key[0] in content):
@@ -297,14 +294,13 @@ class _Collector:
                                         "Content-routing decisions, by content-routed model, destination and the "
                                         "method that chose it (`default`: none chose).",
                                         labels=["model", "destination", "method"])
-        for key, count in sorted(m.decisions.items()):
-            decisions.add_metric(list(key), count.n)
         seconds = HistogramMetricFamily("loraplane_router_content_decision_seconds",
                                         "Time a content-routing decision took, by content-routed model, "
                                         "destination and the method that chose it (`default`: none chose).",
                                         labels=["model", "destination", "method"])
-        for key, h in sorted(m.decision_seconds.items()):
-            seconds.add_metric(list(key), h.buckets(), h.sum)
+        for key, count in sorted(m.decisions.items()):
+            decisions.add_metric(list(key), count.n)
+            seconds.add_metric(list(key), count.hist.buckets(), count.hist.sum)
         fallbacks = CounterMetricFamily("loraplane_router_content_fallbacks",
                                         "Content-routing methods that did not choose a destination, by why: "
                                         "no-match, timeout, unavailable, invalid-answer.",
