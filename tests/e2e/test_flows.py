@@ -528,6 +528,28 @@ def _routed(url: str | None, model: str, prompt: str) -> tuple[int, dict, str]:
     return code, headers, json.loads(body)["choices"][0]["text"] if code == 200 else body
 
 
+def _gateway_diagnostics(qs, gateway: list[dict]) -> str:
+    """What to read when a request through the gateway fails: the log tails of the gateway's and the routers'
+    pods, the /etc/hosts the node stand-in keeps for the gateway pod, and the namespace's diagnostics."""
+    from pathlib import Path
+
+    k = qs.kubectl
+    deploy = next(o["metadata"]["name"] for o in gateway if o["kind"] == "Deployment")
+    parts = []
+    for pod in k.get("pods")["items"]:
+        name = pod["metadata"]["name"]
+        if not name.startswith((deploy, "front-router", "quickstart-router")):
+            continue
+        for c in pod["spec"]["containers"]:
+            parts.append(f"--- {name}/{c['name']} log\n" + qs.plane.pod_log(QS_NS, name, c["name"])[-2500:])
+        if name.startswith(deploy):
+            for hosts in Path("/etc/netns").glob("*/hosts"):
+                text = hosts.read_text(errors="replace")
+                if name in text:
+                    parts.append(f"--- {hosts}\n{text}")
+    return "\n".join(parts) + "\n" + qs.diagnostics()
+
+
 def _content_status(k, route: str, name: str) -> dict:
     """status.contentModels[name] of ModelRoute `route` as {model: (route, ready, reason)} of its destinations,
     with the classifier under the key `classifier`."""
@@ -541,7 +563,7 @@ def _content_status(k, route: str, name: str) -> dict:
     return {}
 
 
-def test_content_routing(quickstart, make_adapter):
+def test_content_routing(quickstart, make_adapter, request):
     """Issue 15 on the real control plane: `model: auto` through the operator-built router Service answers from
     the adapter each kind of prompt names (rules), with the decision headers, and status.contentModels lists its
     destinations ready; another ModelRoute's router forwards its content model's requests to this route's router,
@@ -570,6 +592,20 @@ def test_content_routing(quickstart, make_adapter):
               "spec": {"baseModel": {"name": MODEL_URI}, "version": "1",
                        "source": {"uri": f"pvc://{ARTIFACT_CLAIM}/e2e/fox"}}}])
     routes = k.get("mr", "quickstart")["spec"]["routes"]
+
+    def restore() -> None:
+        # Back to the quickstart's routes for the flows after this one, also when a step failed (else what this
+        # flow added, the gateway and the other route's router pods, fails the flows after it).
+        k("patch", "mr", "quickstart", "--type=merge", "-p", json.dumps({"spec": {"routes": routes,
+                                                                                 "contentRouting": None}}))
+        k("delete", "mr", "front", "--ignore-not-found", "--wait=true", timeout=120)
+        k("delete", "adapter", "fox", "--ignore-not-found", "--wait=true")
+        for o in gateway:
+            k("delete", o["kind"].lower(), o["metadata"]["name"], "--ignore-not-found", "--wait=false")
+        k.wait("condition=Ready", "mr/quickstart", timeout=60)
+
+    gateway: list[dict] = []
+    request.addfinalizer(restore)
     auto_clf = {**AUTO, "name": "auto-clf", "methods": ["classifier", "rules"],
                 "destinations": [*({**d, "label": d["model"]} for d in AUTO["destinations"]),
                                  {"model": "front-clf", "label": "front", "rules": {"keywords": ["river"]}}],
@@ -587,8 +623,8 @@ def test_content_routing(quickstart, make_adapter):
     # The chart's gateway (gateway.enabled, serving this namespace): one endpoint for both routes' names.
     from support.chart_rendering import render
 
-    gateway = next(docs for path, docs in render({**V120, "gateway": {"enabled": True, "namespace": QS_NS}}).items()
-                   if path.endswith("/gateway.yaml"))
+    gateway.extend(next(docs for path, docs in render({**V120, "gateway": {"enabled": True, "namespace": QS_NS}}).items()
+                        if path.endswith("/gateway.yaml")))
     k.apply(gateway)
     gateway_svc = next(o["metadata"]["name"] for o in gateway if o["kind"] == "Service")
     try:
@@ -664,7 +700,7 @@ def test_content_routing(quickstart, make_adapter):
                                            ("front-auto", CHILD_PROMPT, TOY_PHRASES[1], served["fox"]),
                                            ("auto", MARKET_PROMPT, ADAPTER_ANSWER, served["quickstart-adapter"])):
         code, headers, text = _routed(gateway_url, model, prompt)
-        assert code == 200 and text.strip().startswith(phrase), (model, code, text)
+        assert code == 200 and text.strip().startswith(phrase), (model, code, text, _gateway_diagnostics(qs, gateway))
         assert headers.get("X-Loraplane-Backend") == backend, headers
     # 4. The classifier's route is at zero replicas: its router answers 503, the classifier method is
     # `unavailable`, rules decide, and the default serves saying why the classifier did not.
@@ -703,13 +739,6 @@ def test_content_routing(quickstart, make_adapter):
     assert counted['loraplane_router_content_fallbacks_total{method="rules",model="auto-clf",'
                    'reason="unavailable"}'] == 1, counted
     print(f"\n[e2e] content routing, the quickstart router's counters: {json.dumps(counted)}")
-    # Back to the quickstart's routes for the flows after this one.
-    k("patch", "mr", "quickstart", "--type=merge", "-p", json.dumps({"spec": {"routes": routes,
-                                                                             "contentRouting": None}}))
-    k("delete", "adapter", "fox", "--wait=true")
-    for o in gateway:
-        k("delete", o["kind"].lower(), o["metadata"]["name"], "--wait=false")
-    k.wait("condition=Ready", "mr/quickstart", timeout=60)
 
 
 def test_training_preemption(quickstart):

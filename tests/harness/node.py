@@ -1110,14 +1110,12 @@ class PodWorker(threading.Thread):
             return
         text = self.agent.hosts_for(self.pod, self.pod_ip)
         if text != self.hosts_text:
-            self.hosts_text = text
             try:
-                # In place: `ip netns exec` bind-mounted this very file (inode) over /etc/hosts.
-                with open(Path("/etc/netns") / self.netns / "hosts", "r+") as f:
-                    f.truncate(0)
-                    f.write(text)
-            except OSError:
-                pass
+                rewrite_in_place(Path("/etc/netns") / self.netns / "hosts", text.encode())
+            except OSError as exc:
+                log.warning("hosts of %s/%s: %s (tried again on the next refresh)", self.ns, self.name, exc)
+                return
+            self.hosts_text = text
 
     def push_status(self, final: bool = False) -> None:
         inits_done = self.initialized
@@ -1205,6 +1203,22 @@ def write_tree(base: Path, files: dict[str, tuple[bytes, int]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- log access
+
+def rewrite_in_place(path: Path, data: bytes) -> None:
+    """Replace the content of `path` keeping its inode (`ip netns exec` bind-mounted this very file over a pod's
+    /etc/hosts, so a rename would not reach the pod), never showing a reader an empty or cut file: one pwrite of
+    the new content, padded with newlines to the old length, then the padding cut off. Truncating first, then
+    writing, left a window (the GIL let other threads run in it) in which a pod's name lookups read an empty
+    file and failed: a request to another Service failed to connect while every hosts file was rewritten."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        old = os.fstat(fd).st_size
+        os.pwrite(fd, data + b"\n" * max(0, old - len(data)), 0)
+        if old > len(data):
+            os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+
 
 def pod_log_path(workdir: Path, namespace: str, pod: str, container: str, restart: int | None = None) -> Path | None:
     """The log file of `container` of the newest pod named `namespace/pod` (restart count `restart`, default the

@@ -36,6 +36,12 @@ _USAGE_SPAN = 2048  # bytes from the usage object's `{` that hold it (it is ~150
 # any other layout is parsed.
 _VLLM_USAGE = re.compile(rb'(?:\s*:\s*)?\{\s*"prompt_tokens"\s*:\s*(\d+)\s*,\s*"total_tokens"\s*:\s*\d+\s*,\s*'
                          rb'"completion_tokens"\s*:\s*(\d+)\s*[,}]')
+# Connecting to another route's router (its Service) is tried this many times, this far apart, before the
+# request fails with 502 `route_unreachable`: a Service's endpoints change under it (a router pod replaced, DNS
+# or kube-proxy catching up, about a second), and nothing was sent, so a second attempt is safe. Istio's default
+# retry policy is the same idea: 2 attempts on `connect-failure` (istio.io, "Traffic Management: retries").
+EXTERNAL_ATTEMPTS = 2
+EXTERNAL_RETRY_DELAY_S = 0.25
 _STREAM_TRUE = re.compile(rb'\s*:\s*true')   # after `"stream"`
 _ASK_USAGE = b'"stream_options":{"include_usage":true},'
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')  # vLLM's usage-only chunk, the last before [DONE]
@@ -266,6 +272,14 @@ class Exchange:
         if replica.external:
             # Another route's router behind its Service: not in this router's pool, nothing else serves it.
             log.warning("%s: connection failed (%s)", replica.name, exc or type(exc).__name__)
+            self.tried += (replica,)
+            if getattr(self.req, "fallback", None) is None and len(self.tried) < min(EXTERNAL_ATTEMPTS,
+                                                                                      self.router.max_attempts):
+                # Nothing was sent: once more after a pause, resolving the Service name again (its endpoints may
+                # have just changed). A content-routed request goes to its default instead (_route_unavailable).
+                self.stats.retries += 1
+                self.router.loop.call_later(EXTERNAL_RETRY_DELAY_S, self._send_again)
+                return
             if self._route_unavailable(502, True):
                 return
             self.fail(502, f"could not connect to the router serving `{self.model}` ({replica.name})",
@@ -284,6 +298,12 @@ class Exchange:
         self.stats.retries += 1
         self.replica = nxt
         self.send()
+
+    def _send_again(self) -> None:
+        """The delayed second attempt to another route's router (connect_failed); nothing when the request
+        ended meanwhile (its client left, or its deadline passed)."""
+        if not self.finished:
+            self.send()
 
     # ---- upstream callbacks ----
 

@@ -198,6 +198,42 @@ async def test_unreachable_external_router_is_a_502_naming_it(tmp_path):
         await a.stop()
 
 
+async def test_a_router_refusing_the_first_connection_is_tried_once_more(tmp_path, caplog):
+    """Another route's router refuses the first connection (its Service's endpoints changing under it): nothing
+    was sent, so the request is sent once more after EXTERNAL_RETRY_DELAY_S, answered, and counted as a retry."""
+    import logging
+
+    from loraplane.router.exchange import EXTERNAL_RETRY_DELAY_S
+    from support.router_running import metric_samples
+
+    other = await CaptureRouter().start()
+    port = other.server.sockets[0].getsockname()[1]
+    await other.stop()   # its port now refuses connections
+    a = await StubReplica("a").start()
+    caplog.set_level(logging.WARNING, "loraplane.router")
+    try:
+        async with running_router(tmp_path, [a.spec], table_with_external(
+                {}, {"sql": ("b", f"http://127.0.0.1:{port}")})) as (_, c):
+            answer = asyncio.create_task(c.post("/v1/completions", json={"model": "sql", "prompt": "p"}))
+            for _ in range(200):   # the first attempt refused (logged), the second not sent yet
+                if any("connection failed" in r.getMessage() for r in caplog.records):
+                    break
+                await asyncio.sleep(0.005)
+            else:
+                raise AssertionError("the first connection was not refused")
+            assert not answer.done()
+            other.server = await asyncio.start_server(other._handle, "127.0.0.1", port)
+            async with await asyncio.wait_for(answer, EXTERNAL_RETRY_DELAY_S + 5) as r:
+                assert r.status == 200 and r.headers["X-Loraplane-Backend"] == "sql-v2"
+            assert len(other.received) == 1
+            samples = await metric_samples(c)
+            assert samples[("loraplane_router_retries_total", (("backend", "route:b"), ("model", "sql")))] == 1
+    finally:
+        await a.stop()
+        if other.server is not None:
+            await other.stop()
+
+
 async def test_gateway_connections_forward_end_to_end_headers_not_hop_by_hop(tmp_path, capture):
     """Gateway mode (ForwardingConnection): the client's other headers reach the route's router (its sticky
     header, headers its content rules match on); hop-by-hop ones and a second Host/Content-Length do not."""
