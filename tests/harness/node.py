@@ -1202,8 +1202,6 @@ def write_tree(base: Path, files: dict[str, tuple[bytes, int]]) -> None:
             p.unlink()
 
 
-# ---------------------------------------------------------------------------------------------------- log access
-
 def rewrite_in_place(path: Path, data: bytes) -> None:
     """Replace the content of `path` keeping its inode (`ip netns exec` bind-mounted this very file over a pod's
     /etc/hosts, so a rename would not reach the pod), never showing a reader an empty or cut file: one pwrite of
@@ -1219,6 +1217,8 @@ def rewrite_in_place(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
 
+
+# ---------------------------------------------------------------------------------------------------- log access
 
 def pod_log_path(workdir: Path, namespace: str, pod: str, container: str, restart: int | None = None) -> Path | None:
     """The log file of `container` of the newest pod named `namespace/pod` (restart count `restart`, default the
