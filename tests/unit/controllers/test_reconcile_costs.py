@@ -125,3 +125,28 @@ def test_condition_messages_are_scrubbed_once_per_distinct_text():
     again = common.set_condition([], ConditionType.Ready, state, 1)
     assert common._scrubbed_message.cache_info().hits > hits
     assert "pw@" not in first[0].message and first[0].message == again[0].message
+
+
+def test_a_route_reconciles_an_adapter_only_when_what_its_status_reads_of_the_route_changed():
+    """An Adapter's status reads two things of a route's resolution: a ServingTableFull verdict (table_verdicts)
+    and a held candidate (held_candidates); which routes select it and whether it is compatible it computes itself
+    from the ModelRoute store. A route told the Adapter controller of every selection that appeared, so each
+    Adapter of a burst of creates was reconciled once more for nothing (a third of the Adapter reconciles)."""
+    from loraplane.api.reasons import Reason
+    from loraplane.builders.resolution import Verdict
+    from loraplane.controllers.modelroute import ModelRouteFacts, table_full
+    from test_controllers import ADAPTER, ROUTE, ROUTE_BODY, route_controller
+
+    ctl = route_controller()
+    first = ctl.plan(ModelRouteFacts(ROUTE_BODY, ROUTE, adapters=[ADAPTER]))
+    assert first.selected["a"].compatible and first.reselected == []
+    full = Verdict(False, Reason.ServingTableFull, "Adapter a is left out of route r's serving table")
+    assert table_full(full) is full and table_full(first.selected["a"]) is None and table_full(None) is None
+    # Left out for size before, served now: the Adapter's Ready condition changes, so it is told.
+    assert ctl.plan(ModelRouteFacts(ROUTE_BODY, ROUTE, adapters=[ADAPTER],
+                                    last_selected={"a": full})).reselected == ["a"]
+    # Left out before, no longer selected at all: likewise.
+    assert ctl.plan(ModelRouteFacts(ROUTE_BODY, ROUTE, adapters=[], last_selected={"a": full})).reselected == ["a"]
+    # The verdict an Adapter shows is exactly what table_verdicts hands it.
+    ctl._selected[("ns", "r")] = {"a": full, "b": first.selected["a"]}
+    assert ctl.table_verdicts("ns", "a") == {"r": full} and ctl.table_verdicts("ns", "b") == {}
