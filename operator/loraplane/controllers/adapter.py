@@ -55,7 +55,7 @@ from loraplane.controllers.status import (
     with_status_patch,
 )
 from loraplane.kube.events import Event, EventType
-from loraplane.kube.informer import Key
+from loraplane.kube.informer import Key, with_parsed_status
 
 OWNED_STATUS = ("phase", "observedGeneration", "conditions", "version", "servedName", "routes", "loadedOn",
                 "acceptedBaseModel", "artifact", "candidate", "rollout", "history")
@@ -531,7 +531,10 @@ class AdapterController(Controller):
         if facts.adapter is None or not waits_on_nothing(plan.rollout):
             return None
         echo = with_status_patch(facts.body, plan.status)
-        again = cls.plan(replace(facts, body=echo, previous=None, window=None, reading=None))
+        # The Adapter as the store parses the echo: its status is read too (the rank status.artifact records
+        # decides RankTooLarge when spec.rank is unset: builders.resolution.declared_rank).
+        adapter = with_parsed_status(facts.adapter.model_copy(update={"status": None}), echo, Adapter)
+        again = cls.plan(replace(facts, body=echo, adapter=adapter, previous=None, window=None, reading=None))
         if again.status or again.events or again.rejection != plan.rejection or not waits_on_nothing(again.rollout):
             return None
         return echo

@@ -247,3 +247,22 @@ def test_an_adapter_write_whose_reconcile_would_change_more_is_reconciled_again(
     assert not ad.waits_on_nothing(RolloutDecision(decision.status, [], new_window=True))
     analysed = decision.status.model_copy(update={"state": next(iter(ANALYSED))})
     assert not ad.waits_on_nothing(RolloutDecision(analysed, []))
+
+
+def test_the_settles_check_reads_the_adapter_with_the_status_its_write_makes(monkeypatch):
+    """The Adapter's parsed status is an input of its reconcile (builders.resolution.declared_rank reads the rank
+    status.artifact records when spec.rank is unset): the check that the write's echo changes nothing plans with
+    the Adapter as the store will parse the echo, not with the status it had before the write."""
+    from loraplane.controllers import adapter as ad
+
+    real = ad.AdapterController.plan
+    seen = []
+    monkeypatch.setattr(ad.AdapterController, "plan",
+                        staticmethod(lambda facts: seen.append(facts) or real(facts)))
+    ctl, body, echo, scheduled = _adapter_echo_setup()
+    first, check = seen
+    assert first.adapter.status is None   # as stored: no status yet
+    assert check.body["status"] == echo["status"]
+    assert check.adapter.status is not None and check.adapter.status.phase == echo["status"]["phase"]
+    assert check.adapter.status.served_name == echo["status"]["servedName"]
+    assert check.adapter.spec == first.adapter.spec
