@@ -20,10 +20,12 @@ references one by name) with the operator already running, then measures, in one
 
 Measured 2026-12-07 (2-core machine shared with other work; docs/operator.md, Scale): idle writes 0 in every
 round (they were 50, one engine key Secret create per route, before the Secret was named after the route's
-uid), 1.91-1.95 writes per object (minimal: 3.00), ratio 1.41, 1.62, 1.55 in three two-round runs on the final
-code (exit 0, 3, 3): loraplane 2.85-3.95 ms per object, the minimal operator 1.97-2.58 ms, the spread mostly
-load from other work; with three rounds (now the default) 1.44 and 1.49 (exit 0 both; loraplane 2.57-3.13 ms,
-minimal 1.77-2.60 ms): at the target, without margin.
+uid), 1.91-1.94 writes per object (minimal: 3.00). Before the last changes, three-round runs gave 1.44 and 1.49
+(and two-round runs 1.41, 1.62, 1.55). Since an Adapter's own status write is no longer reconciled again and a
+route tells an Adapter only what its status reads, a settle runs ~1,600 reconciles instead of ~3,600; two sets
+of three consecutive three-round runs then gave 1.46, 1.42, 1.73 (exit 0, 0, 3) and 1.28, 1.24, 1.45 (exit 0,
+0, 0): loraplane 2.44-3.55 ms per object, minimal 1.76-2.92 ms, load average 0.8-2.2. Loraplane's CPU per
+object still moves by a third between rounds of one run, so the margin depends on the machine's other work.
 
 Exits 0 only when both targets hold: 2 on writes while idle (loraplane), 3 when the ratio is above
 --enforce-ratio (default 1.5; `--enforce-ratio 0` reports it without failing), 1 when a side does not settle.

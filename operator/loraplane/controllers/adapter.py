@@ -15,7 +15,7 @@ the namespace when that set changes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 from pydantic import ValidationError
@@ -40,15 +40,22 @@ from loraplane.api.rollout import RolloutPolicy, RolloutState
 from loraplane.api.validation import format_validation_error
 from loraplane.api.wire.serving import AdapterState
 from loraplane.builders.resolution import Verdict, check_compatibility, route_selects, selection_index
-from loraplane.builders.rollout import RolloutDecision, Window
+from loraplane.builders.rollout import ANALYSED, RolloutDecision, Window
 from loraplane.builders.rollout import candidate_weight as rollout_weight
 from loraplane.controllers.base import API, Context, Controller
 from loraplane.controllers.pods import pod_ready, replica_report, reported_adapters
 from loraplane.controllers.rollout import RolloutWindows, policy_of, rollout_decision
 from loraplane.controllers.rollout_metrics import Reading, RouterMetricsReader
-from loraplane.controllers.status import dump_status, invalid_spec, owned_status, status_patch
+from loraplane.controllers.status import (
+    dump_status,
+    invalid_spec,
+    owned_status,
+    same_but_noise,
+    status_patch,
+    with_status_patch,
+)
 from loraplane.kube.events import Event, EventType
-from loraplane.kube.informer import Key
+from loraplane.kube.informer import Key, with_parsed_status
 
 OWNED_STATUS = ("phase", "observedGeneration", "conditions", "version", "servedName", "routes", "loadedOn",
                 "acceptedBaseModel", "artifact", "candidate", "rollout", "history")
@@ -281,6 +288,13 @@ def adapter_status(adapter: Adapter, routes: list[ModelRoute], pods_by_route: di
     return new
 
 
+def waits_on_nothing(decision: RolloutDecision | None) -> bool:
+    """Whether a rollout decision leaves nothing to do later by itself: no requeue, no new analysis window, not
+    in a state whose analysis reads the routers' metrics (builders.rollout.ANALYSED)."""
+    return decision is None or (decision.requeue_seconds is None and not decision.new_window
+                                and decision.status.state not in ANALYSED)
+
+
 def held_back(adapter: Adapter, new: AdapterStatus, decision: RolloutDecision, generation: int | None) -> AdapterStatus:
     """`new` as the rollout `decision` leaves it (pure). While spec's version is held back (gate failed, rolled
     back, aborted) Ready is False with the rollout's reason: kstatus reads the stalled reasons as Failed, the
@@ -442,6 +456,10 @@ class AdapterController(Controller):
         self._held: Callable[[str, str], dict[str, Verdict]] = lambda namespace, adapter: {}
         # Where each rollout's analysis window began (controllers.rollout); reads the routers' /metrics.
         self.windows = RolloutWindows(self.stores.RouterPod, RouterMetricsReader())
+        # Per Adapter, the object its last status write makes (with_status_patch), when a reconcile of exactly that
+        # object was found to change nothing (`settles`): the watch event of our own write is then not reconciled
+        # (on_change). One event per entry: any event of the Adapter takes it out.
+        self._echoes: dict[Key, dict] = {}
 
     def connect(self, rejections_changed: Callable[[str], None],
                 table_verdicts: Callable[[str, str], dict[str, Verdict]] | None = None,
@@ -467,7 +485,11 @@ class AdapterController(Controller):
         meta = obj.get("metadata") or {}
         ns = meta.get("namespace") or ""
         if source == "Adapter":
-            self.schedule((ns, meta.get("name") or ""))
+            key = (ns, meta.get("name") or "")
+            echo = self._echoes.pop(key, None)
+            if echo is not None and old is not None and same_but_noise(echo, obj):
+                return   # our own status write, and nothing else: reconciling it was found to change nothing
+            self.schedule(key)
         elif source == "ModelRoute":
             if old is None or old.get("spec") != obj.get("spec"):
                 self.schedule_namespace(ns)  # which adapters it selects may have changed
@@ -481,6 +503,7 @@ class AdapterController(Controller):
         facts = self.observe(key)
         if facts is None:
             self._rejected.pop(key, None)
+            self._echoes.pop(key, None)
             self.windows.forget(key)
             return
         if facts.adapter is not None:
@@ -488,7 +511,33 @@ class AdapterController(Controller):
             selecting = [r for r in facts.routes if selects(r, facts.adapter)]
             facts.window, facts.reading = await self.windows.window(key, policy_of(facts.adapter, selecting),
                                                                     previous.rollout, selecting, facts.now)
-        await self.execute(key, self.plan(facts))
+        plan = self.plan(facts)
+        # Set before the write: the watch may deliver its event before the PATCH's answer is read.
+        if plan.status and (echo := self.settles(facts, plan)) is not None:
+            self._echoes[key] = echo
+        try:
+            await self.execute(key, plan)
+        except BaseException:
+            self._echoes.pop(key, None)
+            raise
+
+    @classmethod
+    def settles(cls, facts: AdapterFacts, plan: AdapterPlan) -> dict | None:
+        """The object `plan`'s status write makes (with_status_patch) when a reconcile of it with the same facts
+        would write, post and decide nothing new, else None (pure). Then that write's own watch event needs no
+        reconcile: every other input (routes, pods, the routes' verdicts, an Adapter change by anyone else)
+        schedules the Adapter itself when it changes. Rollouts that wait on time or read the routers' metrics
+        (a requeue, an analysed state) are always reconciled again, as before."""
+        if facts.adapter is None or not waits_on_nothing(plan.rollout):
+            return None
+        echo = with_status_patch(facts.body, plan.status)
+        # The Adapter as the store parses the echo: its status is read too (the rank status.artifact records
+        # decides RankTooLarge when spec.rank is unset: builders.resolution.declared_rank).
+        adapter = with_parsed_status(facts.adapter.model_copy(update={"status": None}), echo, Adapter)
+        again = cls.plan(replace(facts, body=echo, adapter=adapter, previous=None, window=None, reading=None))
+        if again.status or again.events or again.rejection != plan.rejection or not waits_on_nothing(again.rollout):
+            return None
+        return echo
 
     def observe(self, key: Key) -> AdapterFacts | None:
         """Everything comes from the stores: no I/O."""

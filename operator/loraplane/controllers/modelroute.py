@@ -453,12 +453,19 @@ class ModelRoutePlan:
     events: list[Event] = field(default_factory=list)
     selected: dict[str, Verdict] = field(default_factory=dict)
     held: dict[str, Verdict] = field(default_factory=dict)   # Resolution.held (candidates left out)
-    reselected: list[str] = field(default_factory=list)  # adapters whose selection or verdict changed
+    reselected: list[str] = field(default_factory=list)  # adapters whose table_full verdict or held changed
     engine_hash: str | None = None               # the engine Deployment's HASH_ANNOTATION, remembered once applied
     router_hash: str | None = None               # the router Deployment's, likewise
     # The route's engine key Secret without its key (execute generates one when it creates the Secret).
     engine_key: dict | None = None
     engine_key_due: bool = False                 # create it even if remembered (ModelRouteFacts.engine_key_due)
+
+
+def table_full(verdict: Verdict | None) -> Verdict | None:
+    """`verdict` (a route's resolution of one Adapter) when it left the Adapter out of the table for its size
+    (Reason.ServingTableFull), else None: the part of a route's verdict an Adapter's status shows
+    (ModelRouteController.table_verdicts), and so the part whose change reconciles the Adapter."""
+    return verdict if verdict is not None and verdict.reason == Reason.ServingTableFull else None
 
 
 class ModelRouteController(Controller):
@@ -470,7 +477,8 @@ class ModelRouteController(Controller):
     def __init__(self, ctx: Context, rejections: Callable[[str], dict[str, Verdict]],
                  reselected: Callable[[Key], None]):
         """`rejections(namespace)`: the Adapters no route may serve (AdapterController.rejections);
-        `reselected(adapter key)`: called when a route's selection or verdict of that Adapter changed."""
+        `reselected(adapter key)`: called when what the Adapter's status reads of a route's resolution changed (its
+        table_full verdict, its held candidate)."""
         super().__init__(ctx)
         self._rejections = rejections
         self._reselected = reselected
@@ -621,7 +629,7 @@ class ModelRouteController(Controller):
         """Route name -> the verdict of the routes of `namespace` that left `adapter` out of their serving table
         for its size (Reason.ServingTableFull): only the route's resolution knows it, the Adapter shows it."""
         return {name: v for (ns, name), selected in self._selected.items() if ns == namespace
-                and (v := selected.get(adapter)) is not None and v.reason == Reason.ServingTableFull}
+                and (v := table_full(selected.get(adapter))) is not None}
 
     def forget(self, key: Key) -> None:
         """Drop what was remembered about a deleted route and its children."""
@@ -835,12 +843,17 @@ class ModelRouteController(Controller):
         elif old_phase != new.phase and new.phase in (ModelRoutePhase.Ready, ModelRoutePhase.Degraded) or (old_phase is None and new.phase):
             out.events.append(Event(EventType.Normal if new.phase != ModelRoutePhase.Degraded else EventType.Warning, new.phase,
                                     ready.message if ready else ""))
-        # Adapters' status lists the routes that select them: those whose selection or verdict changed follow.
+        # The Adapters whose status reads something of this route's resolution that changed follow: its
+        # ServingTableFull verdict (table_verdicts) or its held candidate (held_candidates). Which routes select
+        # an Adapter, and whether it is compatible with them, it computes itself from the ModelRoute store (a
+        # route's creation, spec change or deletion schedules every Adapter of the namespace: AdapterController
+        # .on_change); telling it of every selection that appeared ran one more reconcile per Adapter that
+        # changed nothing (issue 17: a third of the Adapter reconciles of a burst of creates).
         out.selected = dict(resolution.selected)
         out.held = dict(resolution.held)
         out.reselected = [a for a in sorted(set(out.selected) | set(facts.last_selected)
                                             | set(out.held) | set(facts.last_held))
-                          if facts.last_selected.get(a) != out.selected.get(a)
+                          if table_full(facts.last_selected.get(a)) != table_full(out.selected.get(a))
                           or facts.last_held.get(a) != out.held.get(a)]
         return out
 

@@ -61,6 +61,48 @@ def dump_status(model: BaseModel) -> dict:
     return model.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+# What a status write changes in an object's metadata: its resourceVersion and the writer's managedFields entry.
+WRITE_NOISE = ("resourceVersion", "managedFields")
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """`target` with the JSON merge patch `patch` applied (RFC 7386: objects merge key by key, null deletes, any
+    other value replaces); a new value, `target` is not changed."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
+    return out
+
+
+def with_status_patch(body: dict, patch: dict) -> dict:
+    """The object `body` as the API server stores it once the merge patch {"status": patch} is written to its status
+    subresource, but for WRITE_NOISE (compare with `same_but_noise`). A new dict; `body` is not changed."""
+    return {**body, "status": merge_patch(body.get("status") or {}, patch)}
+
+
+def same_but_noise(expected: dict, obj: dict) -> bool:
+    """Whether the watched object `obj` is `expected` (with_status_patch) in every field but WRITE_NOISE: spec,
+    status, labels, annotations, generation, finalizers, deletionTimestamp and every other key alike. Default
+    values or pruning the API server applied, or any other writer's change, make them differ."""
+    if expected.keys() != obj.keys():
+        return False
+    for k, v in expected.items():
+        if k != "metadata":
+            if obj[k] != v:
+                return False
+            continue
+        meta = obj[k] if isinstance(obj[k], dict) else {}
+        if not isinstance(v, dict) or ({m: x for m, x in v.items() if m not in WRITE_NOISE}
+                                       != {m: x for m, x in meta.items() if m not in WRITE_NOISE}):
+            return False
+    return True
+
+
 def invalid_spec(current: dict, generation: int | None, message: str,
                  reason: Reason = Reason.InvalidSpec) -> tuple[dict, Event | None]:
     """For a spec that fails validation (or the operator's policy: `reason` PolicyViolation): the status patch
@@ -77,4 +119,5 @@ def invalid_spec(current: dict, generation: int | None, message: str,
     return patch, Event(EventType.Warning, reason, message) if patch and new_message else None
 
 
-__all__ = ["canonical", "dump_status", "invalid_spec", "owned_status", "ready_reason", "status_patch"]
+__all__ = ["WRITE_NOISE", "canonical", "dump_status", "invalid_spec", "merge_patch", "owned_status", "ready_reason",
+           "same_but_noise", "status_patch", "with_status_patch"]

@@ -170,15 +170,22 @@ class Store:
             except ValidationError as exc:
                 base = exc
             self._spec_parsed[key] = (spec_key, base)
-        value = base
-        if not isinstance(base, ValidationError) and isinstance(obj.get("status"), dict):
-            try:
-                status = _status_model(model).model_validate(without_status_extras(obj, model)["status"])
-                value = base.model_copy(update={"status": status})
-            except ValidationError:
-                value = base
+        value = with_parsed_status(base, obj, model)
         self._parsed[key] = (rv, value)
         return value
+
+
+def with_parsed_status(base: Any, obj: dict, model: type[BaseModel]) -> Any:
+    """`base` (`obj` parsed as `model` without its status, or that parse's ValidationError) with `obj`'s status
+    parsed into it, as `Store.parsed` returns it: an unreadable status (another writer's, or an older version's)
+    leaves it without one, and a ValidationError is returned as it is."""
+    if isinstance(base, ValidationError) or not isinstance(obj.get("status"), dict):
+        return base
+    try:
+        status = _status_model(model).model_validate(without_status_extras(obj, model)["status"])
+    except ValidationError:
+        return base
+    return base.model_copy(update={"status": status})
 
 
 def _status_model(model: type[BaseModel]) -> type[BaseModel]:
@@ -328,4 +335,5 @@ def _older(obj: dict, list_rv: str) -> bool:
         return True
 
 
-__all__ = ["ChangeHandler", "Informer", "Key", "Source", "Store", "key_of", "label_getter", "without_status_extras"]
+__all__ = ["ChangeHandler", "Informer", "Key", "Source", "Store", "key_of", "label_getter", "with_parsed_status",
+           "without_status_extras"]

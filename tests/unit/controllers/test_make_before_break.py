@@ -196,7 +196,7 @@ def test_the_route_controller_tells_the_adapter_about_a_held_candidate_and_follo
     route = ModelRoute.model_validate(ROUTE_BODY)
     bumped = _serving_v1()
     plan = ctl.plan(ModelRouteFacts(ROUTE_BODY, route, adapters=[Adapter.model_validate(bumped)]))
-    assert set(plan.held) == set() and "a" in plan.reselected   # room and a compatible candidate: nothing held
+    assert set(plan.held) == set() and "a" not in plan.reselected   # room and a compatible candidate: nothing held
     bumped["spec"]["rank"] = 64
     held = ctl.plan(ModelRouteFacts(ROUTE_BODY, route, adapters=[Adapter.model_validate(bumped)],
                                     last_selected=plan.selected))
