@@ -458,7 +458,7 @@ class AdapterController(Controller):
         self.windows = RolloutWindows(self.stores.RouterPod, RouterMetricsReader())
         # Per Adapter, the object its last status write makes (with_status_patch), when a reconcile of exactly that
         # object was found to change nothing (`settles`): the watch event of our own write is then not reconciled
-        # (on_change). One event per entry: any event of the Adapter takes it out.
+        # (on_change). One event per entry: any event of the Adapter, and any later reconcile of it, takes it out.
         self._echoes: dict[Key, dict] = {}
 
     def connect(self, rejections_changed: Callable[[str], None],
@@ -500,10 +500,13 @@ class AdapterController(Controller):
 
     async def reconcile(self, key: Key) -> None:
         """observe -> plan -> execute for one Adapter; a deleted one leaves the rejected set."""
+        # Any reconcile disarms the skip of the previous write's echo: one that runs before that echo is in the
+        # store reads the status from before the write, with newer facts, and may find nothing to write (or write
+        # less); the echo's status was computed from facts that no longer hold, so it must be reconciled.
+        self._echoes.pop(key, None)
         facts = self.observe(key)
         if facts is None:
             self._rejected.pop(key, None)
-            self._echoes.pop(key, None)
             self.windows.forget(key)
             return
         if facts.adapter is not None:

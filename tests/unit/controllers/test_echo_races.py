@@ -1,0 +1,99 @@
+"""Issue 17 review: the watch event of an Adapter's own status write (its "echo") is skipped when a reconcile of the
+object it makes was found to change nothing (AdapterController.settles). These tests drive the races around that
+skip with the real controllers and stores: a second reconcile that ran before the echo arrived, a route deleted
+while an Adapter's reconcile read what that route remembered. MOCK: FakeKube records writes; the watch is played
+by putting the object the API server would store and calling on_change, in the order a real watch may deliver."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+from loraplane.api.keys import REPORT_ANNOTATION, ROUTE_LABEL
+from loraplane.api.reasons import Reason
+from loraplane.api.wire.serving import AdapterReport, AdapterState, ReplicaReport
+from loraplane.controllers import adapter as ad
+from loraplane.controllers.status import merge_patch
+from test_controllers import ROUTE_BODY, FakeKube, context
+
+KEY = ("ns", "a")
+ADAPTER_BODY = {"apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",
+                "metadata": {"name": "a", "namespace": "ns", "uid": "au", "generation": 1, "resourceVersion": "5"},
+                "spec": {"baseModel": {"name": "org/base"}, "source": {"uri": "s3://b/a"}, "version": "1",
+                         "rank": 8}}
+
+
+def engine_pod(name: str, served: str, route: str = "r") -> dict:
+    """A ready engine replica of `route` whose loader reports `served` Ready."""
+    report = ReplicaReport(replica=name, route=route, generation=1, engine_ready=True, updated_at="t", adapters={
+        served: AdapterReport(state=AdapterState.Ready, reason=Reason.Loaded, since="2026-01-01T00:00:00Z",
+                              sha256="1" * 64)})
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "ns", "labels": {ROUTE_LABEL: route},
+                         "annotations": {REPORT_ANNOTATION: report.to_annotation()}},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+
+
+class Cluster:
+    """An Adapter controller over real stores, with the API server's side played by hand: `write` is what the
+    last status PATCH made of the object, `deliver` its watch event."""
+
+    def __init__(self):
+        self.ctl = ad.AdapterController(context(FakeKube()))
+        self.scheduled: list = []
+        self.ctl.schedule = lambda key, delay=None: self.scheduled.append(key)
+        self.rv = 5
+
+    def reconcile(self) -> dict:
+        """One reconcile; returns its status patch ({} when it wrote nothing)."""
+        before = len(self.ctl.kube.status_patches)
+        asyncio.run(self.ctl.reconcile(KEY))
+        patches = self.ctl.kube.status_patches[before:]
+        return patches[-1][2] if patches else {}
+
+    def server_object(self, base: dict, patch: dict) -> dict:
+        """What the API server stores for the merge patch {"status": patch} on `base`."""
+        self.rv += 1
+        out = copy.deepcopy(base)
+        out["status"] = merge_patch(base.get("status") or {}, patch)
+        out["metadata"]["resourceVersion"] = str(self.rv)
+        return out
+
+    def deliver(self, obj: dict) -> None:
+        """The watch event of `obj`: the store holds it, then the controller is told (Informer.on_event)."""
+        old = self.ctl.stores.Adapter.put(obj)
+        self.ctl.on_change("Adapter", obj, old)
+
+    def settle(self) -> dict:
+        """Reconcile until a reconcile writes nothing, each write's echo delivered; the stored object."""
+        for _ in range(5):
+            patch = self.reconcile()
+            if not patch:
+                return self.ctl.stores.Adapter.get(KEY)
+            self.deliver(self.server_object(self.ctl.stores.Adapter.get(KEY), patch))
+        raise AssertionError("did not settle")
+
+
+def test_an_echo_is_reconciled_when_a_later_reconcile_ran_before_it_arrived():
+    """Reconcile 1 writes status S1 from facts F1 and arms the skip of its echo; a pod goes away (F2) and reconcile
+    2 runs before the echo is in the store (the watch lags the PATCH's answer): it reads the old status, which F2
+    gives again, so it writes nothing. The echo of S1 then arrives: it equals what reconcile 1 armed, but S1 was
+    computed from facts that no longer hold (loadedOn lists a replica that is gone). It must be
+    reconciled; skipping it left the status lying for good."""
+    c = Cluster()
+    c.ctl.stores.ModelRoute.put(ROUTE_BODY)
+    c.ctl.stores.Adapter.put(copy.deepcopy(ADAPTER_BODY))
+    c.ctl.stores.EnginePod.put(engine_pod("p0", "a--1"))
+    s0 = c.settle()
+    assert s0["status"]["phase"] == "Ready" and [lo["replica"] for lo in s0["status"]["loadedOn"]] == ["p0"]
+    pod = engine_pod("p1", "a--1")
+    c.ctl.stores.EnginePod.put(pod)
+    p1 = c.reconcile()                     # reconcile 1: loaded on p0 and p1
+    assert [lo["replica"] for lo in p1["loadedOn"]] == ["p0", "p1"]
+    c.ctl.stores.EnginePod.remove(pod)     # p1 goes (its event schedules the Adapter: reconcile 2)
+    assert c.reconcile() == {}             # reconcile 2 reads S0 from the store: nothing to write
+    c.scheduled.clear()
+    c.deliver(c.server_object(s0, p1))     # the echo of reconcile 1's write arrives
+    assert c.scheduled == [KEY], "the echo of a write whose facts changed since was not reconciled"
+    final = c.settle()
+    assert [lo["replica"] for lo in final["status"]["loadedOn"]] == ["p0"]
