@@ -632,7 +632,11 @@ class ModelRouteController(Controller):
                 and (v := table_full(selected.get(adapter))) is not None}
 
     def forget(self, key: Key) -> None:
-        """Drop what was remembered about a deleted route and its children."""
+        """Drop what was remembered about a deleted route and its children, and tell the Adapters whose status read
+        its resolution (a ServingTableFull verdict, a held candidate: `reselected`): the Adapter reconcile the
+        deletion itself schedules may have run first and read them (AdapterController.on_change)."""
+        told = {a for a, v in self._selected.get(key, {}).items() if table_full(v) is not None}
+        told.update(self._held.get(key, {}))
         for memory in (self._resolutions, self._resolved, self._with_others, self._selected, self._applied,
                        self._publication,
                        self._engine_hash, self._router_hash, self._held, self._adapters_epoch,
@@ -647,6 +651,8 @@ class ModelRouteController(Controller):
                 del memory[ident]
         self._keyed = {i for i in self._keyed if i[:2] != key}
         self.ctx.applier.forget(key[0], f"{key[1]}-")
+        for adapter in sorted(told):
+            self._reselected((key[0], adapter))
 
     # ---- observe -----------------------------------------------------------------------------------------
 

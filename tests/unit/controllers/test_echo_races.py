@@ -97,3 +97,27 @@ def test_an_echo_is_reconciled_when_a_later_reconcile_ran_before_it_arrived():
     assert c.scheduled == [KEY], "the echo of a write whose facts changed since was not reconciled"
     final = c.settle()
     assert [lo["replica"] for lo in final["status"]["loadedOn"]] == ["p0"]
+
+
+def test_a_deleted_route_tells_the_adapters_it_held_or_left_out():
+    """An Adapter's status reads what a route's resolution remembers of it (held_candidates: its new version left
+    out; table_verdicts: left out for size), and a route tells the Adapter when that changes (reselected) — but a
+    deleted route's memory was dropped (forget) without a word. The Adapter reconcile the deletion schedules runs
+    first (the Manager tells the Adapter controller before the ModelRoute controller) and still reads the deleted
+    route's held verdict; its write's echo settles on that, so it is skipped, and the candidate stayed Pending
+    (NoRoomForCandidate, naming a route that is gone) with no traffic until some other event."""
+    from loraplane.builders.resolution import Verdict
+    from loraplane.controllers.modelroute import ModelRouteController
+
+    told = []
+    routes = ModelRouteController(context(FakeKube()), rejections=lambda ns: {}, reselected=told.append)
+    held = Verdict(False, Reason.NoRoomForCandidate, "route r2 has no room for a--2 yet")
+    full = Verdict(False, Reason.ServingTableFull, "Adapter b is left out of route r2's serving table")
+    fine = Verdict(True, Reason.Compatible, "compatible with ModelRoute r2")
+    routes._held[("ns", "r2")] = {"a": held}
+    routes._selected[("ns", "r2")] = {"a": fine, "b": full, "c": fine}
+    assert routes.held_candidates("ns", "a") == {"r2": held} and routes.table_verdicts("ns", "b") == {"r2": full}
+    asyncio.run(routes.reconcile(("ns", "r2")))    # the route is gone from the store: forgotten
+    assert routes.held_candidates("ns", "a") == {} and routes.table_verdicts("ns", "b") == {}
+    # The Adapters whose status read those verdicts are reconciled again; the others (compatible: c) need not be.
+    assert sorted(told) == [("ns", "a"), ("ns", "b")]
