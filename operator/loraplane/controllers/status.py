@@ -45,8 +45,19 @@ def status_patch(current: dict | None, desired: dict, owned: tuple[str, ...]) ->
     for k in owned:
         want = desired.get(k)
         if canonical(current.get(k)) != canonical(want):
-            patch[k] = want
+            patch[k] = merge_value(current.get(k), want)
     return patch
+
+
+def merge_value(current: Any, want: Any) -> Any:
+    """The value a JSON merge patch sends to turn `current` into `want` (RFC 7386): the API server merges an object
+    into the stored one key by key, so each key of `current` that `want` lacks is sent as null (at every depth);
+    anything else (a list, a scalar, an object replacing a non-object) replaces what is stored."""
+    if not (isinstance(current, dict) and isinstance(want, dict)):
+        return want
+    out: dict[str, Any] = {k: None for k in current if k not in want}
+    out.update((k, merge_value(current.get(k), v)) for k, v in want.items())
+    return out
 
 
 def canonical(value: Any) -> str:
@@ -119,5 +130,5 @@ def invalid_spec(current: dict, generation: int | None, message: str,
     return patch, Event(EventType.Warning, reason, message) if patch and new_message else None
 
 
-__all__ = ["WRITE_NOISE", "canonical", "dump_status", "invalid_spec", "merge_patch", "owned_status", "ready_reason",
-           "same_but_noise", "status_patch", "with_status_patch"]
+__all__ = ["WRITE_NOISE", "canonical", "dump_status", "invalid_spec", "merge_patch", "merge_value", "owned_status",
+           "ready_reason", "same_but_noise", "status_patch", "with_status_patch"]

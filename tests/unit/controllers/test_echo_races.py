@@ -121,3 +121,30 @@ def test_a_deleted_route_tells_the_adapters_it_held_or_left_out():
     assert routes.held_candidates("ns", "a") == {} and routes.table_verdicts("ns", "b") == {}
     # The Adapters whose status read those verdicts are reconciled again; the others (compatible: c) need not be.
     assert sorted(told) == [("ns", "a"), ("ns", "b")]
+
+
+
+def test_a_status_patch_drops_the_nested_keys_the_new_status_no_longer_has():
+    """A JSON merge patch merges objects key by key on the API server (RFC 7386): sending the new value of an owned
+    object (status.rollout) without a key it had left that key as it was. After a rollout promoted, status.rollout
+    kept the step, stepStartedAt and lastAnalysisAt of its steps (the next rollout's Loading showed them too), and
+    since the stored value never became the desired one, every reconcile of the Adapter wrote the same patch again."""
+    from loraplane.controllers.status import status_patch, with_status_patch
+
+    body = {"metadata": {"name": "a"}, "status": {
+        "phase": "Ready", "provenance": {"fineTuneJobUid": "j"},
+        "rollout": {"state": "Progressing", "candidate": "2", "stable": "1", "step": 2, "weight": 50,
+                    "stepStartedAt": "2026-01-01T00:00:00Z", "lastAnalysisAt": "2026-01-01T00:01:00Z",
+                    "lastAnalysis": {"verdict": "Passed", "windowSeconds": 60, "candidate": {"requests": 9}}}}}
+    desired = {"phase": "Ready",
+               "rollout": {"state": "Promoted", "candidate": "2", "stable": "2", "weight": 100,
+                           "lastAnalysis": {"verdict": "Passed", "windowSeconds": 60, "candidate": {"requests": 9}}}}
+    patch = status_patch(body["status"], desired, ("phase", "rollout"))
+    stored = with_status_patch(body, patch)["status"]   # what the API server's merge makes of it
+    assert stored["rollout"] == desired["rollout"]
+    assert stored["provenance"] == {"fineTuneJobUid": "j"}   # another writer's key: untouched
+    assert status_patch(stored, desired, ("phase", "rollout")) == {}   # a fixed point: nothing to write again
+    # A nested object that lost a key, inside the new value, likewise.
+    desired["rollout"]["lastAnalysis"] = {"verdict": "Passed", "windowSeconds": 60, "candidate": {}}
+    stored = with_status_patch({"status": stored}, status_patch(stored, desired, ("rollout",)))["status"]
+    assert stored["rollout"]["lastAnalysis"]["candidate"] == {}
