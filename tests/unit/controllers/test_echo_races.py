@@ -148,3 +148,44 @@ def test_a_status_patch_drops_the_nested_keys_the_new_status_no_longer_has():
     desired["rollout"]["lastAnalysis"] = {"verdict": "Passed", "windowSeconds": 60, "candidate": {}}
     stored = with_status_patch({"status": stored}, status_patch(stored, desired, ("rollout",)))["status"]
     assert stored["rollout"]["lastAnalysis"]["candidate"] == {}
+
+
+def test_a_deleted_routes_held_candidate_does_not_stay_on_the_adapter():
+    """The story of test_a_deleted_route_tells_the_adapters_it_held_or_left_out with both controllers: routes r and
+    r2 serve Adapter a; r2 has no room for its version 2 (held), which r's replica has loaded. r2 is deleted: the
+    Adapter's reconcile runs first and still reads r2's held verdict (it writes routes: [r]; its echo settles on
+    that), then the route controller forgets r2. The Adapter must be reconciled again and promote version 2."""
+    from loraplane.builders.resolution import Verdict
+    from loraplane.controllers.modelroute import ModelRouteController
+
+    c = Cluster()
+    routes = ModelRouteController(c.ctl.ctx, rejections=c.ctl.rejections, reselected=c.ctl.schedule)
+    c.ctl.connect(lambda ns: None, routes.table_verdicts, routes.held_candidates)
+    r2 = copy.deepcopy(ROUTE_BODY)
+    r2["metadata"].update(name="r2", uid="r2u")
+    c.ctl.stores.ModelRoute.put(ROUTE_BODY)
+    c.ctl.stores.ModelRoute.put(r2)
+    c.ctl.stores.Adapter.put(copy.deepcopy(ADAPTER_BODY))
+    c.ctl.stores.EnginePod.put(engine_pod("p0", "a--1"))
+    v1 = copy.deepcopy(c.settle())
+    v1["spec"].update(version="2", source={"uri": "s3://b/a2"})
+    v1["metadata"]["generation"] = 2
+    c.deliver(v1)
+    routes._held[("ns", "r2")] = {"a": Verdict(False, Reason.NoRoomForCandidate, "route r2 has no room for a--2")}
+    pod = engine_pod("p0", "a--1")
+    pod["metadata"]["annotations"][REPORT_ANNOTATION] = ReplicaReport(
+        replica="p0", route="r", generation=1, engine_ready=True, updated_at="t", adapters={
+            n: AdapterReport(state=AdapterState.Ready, reason=Reason.Loaded, since="2026-01-01T00:00:00Z",
+                             sha256="1" * 64) for n in ("a--1", "a--2")}).to_annotation()
+    c.ctl.stores.EnginePod.put(pod)
+    held = c.settle()
+    assert held["status"]["candidate"]["reason"] == Reason.NoRoomForCandidate
+    c.ctl.stores.ModelRoute.remove(r2)   # deleted: the Adapter reconcile it schedules runs first
+    c.scheduled.clear()
+    patch = c.reconcile()
+    assert patch["routes"] == ["r"]
+    asyncio.run(routes.reconcile(("ns", "r2")))    # then the route controller forgets r2
+    c.deliver(c.server_object(held, patch))        # and the echo of the Adapter's write arrives
+    assert ("ns", "a") in c.scheduled
+    final = c.settle()["status"]
+    assert final.get("candidate") is None and final["version"] == "2"
