@@ -32,7 +32,7 @@ from loraplane.controllers.base import API, Context, Controller
 from loraplane.controllers.pods import (JOB_FAILED_CREATE, container_status, image_pull_problem, last_terminated,
                                         pod_name, refusal_text, termination_message, unschedulable)
 from loraplane.controllers.status import (
-    canonical, dump_status, invalid_spec, owned_status, status_patch,
+    canonical, dump_status, invalid_spec, merge_value, owned_status, status_patch,
 )
 from loraplane.kube.apply import owned_by
 from loraplane.kube.client import ApiError
@@ -552,10 +552,12 @@ class FineTuneJobController(Controller):
                 manifest | {"metadata": {**manifest["metadata"], "uid": live["metadata"]["uid"]}},
                 Event(EventType.Normal, Reason.Created if produced.created else Reason.VersionBumped,
                       f"version {manifest['spec']['version']} from FineTuneJob {produced.job}"))
-        if canonical(((live or {}).get("status") or {}).get("provenance")) != canonical(produced.provenance):
+        stored = ((live or {}).get("status") or {}).get("provenance")
+        if canonical(stored) != canonical(produced.provenance):
             meta = manifest["metadata"]
+            # merge_value: the previous run's keys this run has not (its evaluation) are dropped, not merged into.
             await self.kube.patch_status(API, "Adapter", meta["namespace"], meta["name"],
-                                         {"provenance": produced.provenance})
+                                         {"provenance": merge_value(stored, produced.provenance)})
 
 
 def produced_adapter(ftj: FineTuneJob, uri: str, sha: str | None, result: TerminationMessage | None,

@@ -189,3 +189,20 @@ def test_a_deleted_routes_held_candidate_does_not_stay_on_the_adapter():
     assert ("ns", "a") in c.scheduled
     final = c.settle()["status"]
     assert final.get("candidate") is None and final["version"] == "2"
+
+
+def test_a_new_runs_provenance_does_not_keep_the_previous_runs_evaluation():
+    """The FineTuneJob writes the produced Adapter's status.provenance as a merge patch; the API server merges the
+    object key by key, so a run without an evaluation left the previous run's status.provenance.evaluation in place
+    (beside the new run's uid) and the Adapter's gates judged the new version by the old version's scores."""
+    from loraplane.controllers.finetunejob import FineTuneJobController, ProducedAdapter
+
+    ctl = FineTuneJobController(context(FakeKube()))
+    old = {"fineTuneJob": "j1", "fineTuneJobUid": "u1", "metrics": {"loss": 0.5, "accuracy": 0.9},
+           "evaluation": {"primaryMetric": "rouge_l", "candidate": {"metrics": {"rouge_l": 0.9}, "examples": 40}}}
+    live = {**ADAPTER_BODY, "status": {"phase": "Ready", "provenance": old}}
+    new = {"fineTuneJob": "j2", "fineTuneJobUid": "u2", "metrics": {"loss": 0.4}}
+    asyncio.run(ctl._write_adapter(ProducedAdapter(ADAPTER_BODY, job="j2", apply=False, created=False, live=live,
+                                                   provenance=new)))
+    [(_, _, patch)] = ctl.kube.status_patches
+    assert merge_patch(live["status"], patch)["provenance"] == new
