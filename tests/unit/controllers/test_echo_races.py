@@ -1,8 +1,10 @@
 """Issue 17 review: the watch event of an Adapter's own status write (its "echo") is skipped when a reconcile of the
 object it makes was found to change nothing (AdapterController.settles). These tests drive the races around that
 skip with the real controllers and stores: a second reconcile that ran before the echo arrived, a route deleted
-while an Adapter's reconcile read what that route remembered. MOCK: FakeKube records writes; the watch is played
-by putting the object the API server would store and calling on_change, in the order a real watch may deliver."""
+while an Adapter's reconcile read what that route remembered; and what the API server makes of a status merge
+patch (RFC 7386: objects merge key by key), which the echo is computed from. MOCK: FakeKube records writes; the
+watch is played by putting the object the API server would store (controllers.status.merge_patch) and calling
+on_change, in the order a real watch may deliver."""
 
 from __future__ import annotations
 
