@@ -44,9 +44,16 @@ def status_patch(current: dict | None, desired: dict, owned: tuple[str, ...]) ->
     patch: dict[str, Any] = {}
     for k in owned:
         want = desired.get(k)
-        if canonical(current.get(k)) != canonical(want):
+        if not same_value(current.get(k), want):
             patch[k] = merge_value(current.get(k), want)
     return patch
+
+
+def same_value(stored: Any, want: Any) -> bool:
+    """Whether a stored status value already is `want`: equal as Python values (a number without a fraction is
+    stored by the API server as an integer, so the 1.0 a float field dumps comes back as 1; == also compares
+    nested objects without serialising them), or equal by `canonical` (None, [] and {} alike)."""
+    return stored == want or canonical(stored) == canonical(want)
 
 
 def merge_value(current: Any, want: Any) -> Any:
@@ -131,4 +138,4 @@ def invalid_spec(current: dict, generation: int | None, message: str,
 
 
 __all__ = ["WRITE_NOISE", "canonical", "dump_status", "invalid_spec", "merge_patch", "merge_value", "owned_status",
-           "ready_reason", "same_but_noise", "status_patch", "with_status_patch"]
+           "ready_reason", "same_but_noise", "same_value", "status_patch", "with_status_patch"]

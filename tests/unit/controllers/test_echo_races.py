@@ -208,3 +208,25 @@ def test_a_new_runs_provenance_does_not_keep_the_previous_runs_evaluation():
                                                    provenance=new)))
     [(_, _, patch)] = ctl.kube.status_patches
     assert merge_patch(live["status"], patch)["provenance"] == new
+
+
+def test_an_integral_float_the_api_server_stores_as_an_integer_is_not_written_again():
+    """The API server stores a JSON number without a fraction as an integer (1.0 comes back as 1), while the
+    operator's status models dump floats as 1.0: status_patch compared the two as JSON text and wrote the key again
+    on every reconcile of the object for ever (the server finds nothing to change: no event, a PATCH for nothing).
+    A rollout's lastAnalysis keeps errorRate 0.0 after a clean analysis, so every such Adapter's idle resync wrote;
+    likewise the FineTuneJob's provenance metrics (a loss of 2.0)."""
+    from loraplane.controllers.finetunejob import FineTuneJobController, ProducedAdapter
+    from loraplane.controllers.status import status_patch
+
+    stored = {"rollout": {"state": "Stable", "lastAnalysis": {"windowSeconds": 30, "candidate": {"errorRate": 0}}}}
+    desired = {"rollout": {"state": "Stable", "lastAnalysis": {"windowSeconds": 30.0,
+                                                               "candidate": {"errorRate": 0.0}}}}
+    assert status_patch(stored, desired, ("rollout",)) == {}
+    desired["rollout"]["lastAnalysis"]["candidate"]["errorRate"] = 0.5   # a real change is still written
+    assert status_patch(stored, desired, ("rollout",)) == {"rollout": desired["rollout"]}
+    ctl = FineTuneJobController(context(FakeKube()))
+    live = {**ADAPTER_BODY, "status": {"provenance": {"fineTuneJobUid": "u2", "metrics": {"loss": 2}}}}
+    asyncio.run(ctl._write_adapter(ProducedAdapter(ADAPTER_BODY, job="j2", apply=False, created=False, live=live,
+                                                   provenance={"fineTuneJobUid": "u2", "metrics": {"loss": 2.0}})))
+    assert ctl.kube.status_patches == []
