@@ -24,8 +24,11 @@ uid), 1.91-1.94 writes per object (minimal: 3.00). Before the last changes, thre
 (and two-round runs 1.41, 1.62, 1.55). Since an Adapter's own status write is no longer reconciled again and a
 route tells an Adapter only what its status reads, a settle runs ~1,600 reconciles instead of ~3,600; two sets
 of three consecutive three-round runs then gave 1.46, 1.42, 1.73 (exit 0, 0, 3) and 1.28, 1.24, 1.45 (exit 0,
-0, 0): loraplane 2.44-3.55 ms per object, minimal 1.76-2.92 ms, load average 0.8-2.2. Loraplane's CPU per
-object still moves by a third between rounds of one run, so the margin depends on the machine's other work.
+0, 0): loraplane 2.44-3.55 ms per object, minimal 1.76-2.92 ms, load average 0.8-2.2. On the final code (the
+echo skip disarmed by any later reconcile, nested status keys removed with null) three consecutive runs on a
+quiet machine gave 1.41, 1.38, 1.38 (exit 0 each; loraplane 2.21-2.65 ms, minimal 1.59-1.91 ms, ~1,600
+reconciles per settle). Loraplane's CPU per object still moves by a third between rounds when other work
+shares the machine, so the margin depends on it.
 
 Exits 0 only when both targets hold: 2 on writes while idle (loraplane), 3 when the ratio is above
 --enforce-ratio (default 1.5; `--enforce-ratio 0` reports it without failing), 1 when a side does not settle.
