@@ -32,7 +32,7 @@ from loraplane.controllers.base import API, Context, Controller
 from loraplane.controllers.pods import (JOB_FAILED_CREATE, container_status, image_pull_problem, last_terminated,
                                         pod_name, refusal_text, termination_message, unschedulable)
 from loraplane.controllers.status import (
-    dump_status, invalid_spec, merge_value, owned_status, same_value, status_patch,
+    dump_status, invalid_spec, owned_status, status_patch,
 )
 from loraplane.kube.apply import owned_by
 from loraplane.kube.client import ApiError
@@ -552,12 +552,11 @@ class FineTuneJobController(Controller):
                 manifest | {"metadata": {**manifest["metadata"], "uid": live["metadata"]["uid"]}},
                 Event(EventType.Normal, Reason.Created if produced.created else Reason.VersionBumped,
                       f"version {manifest['spec']['version']} from FineTuneJob {produced.job}"))
-        stored = ((live or {}).get("status") or {}).get("provenance")
-        if not same_value(stored, produced.provenance):
+        # status_patch: the previous run's keys this run has not (its evaluation) are sent as null, not merged into.
+        patch = status_patch((live or {}).get("status"), {"provenance": produced.provenance}, ("provenance",))
+        if patch:
             meta = manifest["metadata"]
-            # merge_value: the previous run's keys this run has not (its evaluation) are dropped, not merged into.
-            await self.kube.patch_status(API, "Adapter", meta["namespace"], meta["name"],
-                                         {"provenance": merge_value(stored, produced.provenance)})
+            await self.kube.patch_status(API, "Adapter", meta["namespace"], meta["name"], patch)
 
 
 def produced_adapter(ftj: FineTuneJob, uri: str, sha: str | None, result: TerminationMessage | None,
