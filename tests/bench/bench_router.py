@@ -29,7 +29,9 @@ Exits 3 when our CPU per request is above TARGET_CPU_RATIO (0.5) times vllm-rout
 target), 0 otherwise. Not met: three consecutive default runs on 2026-12-07 measured 0.72, 0.77 and 0.73 (ours
 30-33 us, vllm-router round-robin 40-43 us, the floor 16-17 us: 0.39-0.40 of vllm-router), each exit 3. Most of
 a request's CPU here is the kernel's (the loopback sends); our routing features cost 13-16 us above the floor,
-and 0.5 would need them at ~4 us (docs/router.md, "Design and cost", has the profile).
+and 0.5 would need them at ~4 us (docs/router.md, "Design and cost", has the profile). Compiling the request path
+with Cython as it is, or dropping the one extra syscall per request (the pre-reuse poll), measured no gain
+(docs/router.md lists the runs): the target needs the request path out of CPython.
 """
 
 from __future__ import annotations
