@@ -1,0 +1,127 @@
+"""Hostile adapter files against the gate's readers (attack round on the loader's untrusted input): every file
+the gate cannot read or that vLLM's safetensors could not open is refused as InvalidAdapter with a message naming
+the file and the fix, never an exception the loader reports as a retried InternalError, and no adapter-controlled
+text makes the gate (or the message it produces) take time quadratic in its size."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support.adapters import write_adapter
+from loraplane.api.reasons import Reason
+from loraplane.loader import gate
+
+OPERATOR_DIR = str(Path(gate.__file__).resolve().parents[2])
+F16_2x2 = {"dtype": "F16", "shape": [2, 2], "data_offsets": [0, 8]}
+
+
+def _write_safetensors(path: Path, header: dict | bytes, data: bytes) -> None:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+# name -> (header, data section): each one the safetensors library refuses to open (so vLLM cannot load it)
+HOSTILE_HEADERS = {
+    "dtype lie (F16 2x2 in 4 bytes)": ({"a": {**F16_2x2, "data_offsets": [0, 4]}}, b"\0" * 4),
+    "overlapping tensors": ({"a": F16_2x2, "b": F16_2x2}, b"\0" * 8),
+    "gap between tensors": ({"a": F16_2x2, "b": {**F16_2x2, "data_offsets": [16, 24]}}, b"\0" * 24),
+    "bytes after the last tensor": ({"a": F16_2x2}, b"\0" * 12),
+    "shape product overflows": ({"a": {**F16_2x2, "shape": [2 ** 40, 2 ** 40]}}, b"\0" * 8),
+    "negative dimension": ({"a": {**F16_2x2, "shape": [-2, -2]}}, b"\0" * 8),
+    "float dimension": ({"a": {**F16_2x2, "shape": [2.0, 2]}}, b"\0" * 8),
+    "bool dimension": ({"a": {**F16_2x2, "shape": [True, 4]}}, b"\0" * 8),
+    "infinite dimension": (b'{"a": {"dtype": "F16", "shape": [1e400, 2], "data_offsets": [0, 8]}}', b"\0" * 8),
+    "infinite offset": (b'{"a": {"dtype": "F16", "shape": [2, 2], "data_offsets": [0, 1e400]}}', b"\0" * 8),
+    "entry not an object": ({"a": [1, 2]}, b""),
+    "deeply nested header": (b"[" * 100_000 + b"]" * 100_000, b""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_HEADERS))
+def test_a_safetensors_header_vllm_could_not_open_is_an_invalid_adapter(tmp_path, case):
+    """The gate read only each entry's shape (int() of anything) and dtype: a file whose offsets overlap, leave
+    gaps, disagree with its shape and dtype, or whose shape overflows passed the gate and failed in vLLM (a
+    LoadFailed retried five times); 1e400 or a deeply nested header raised OverflowError / RecursionError
+    (no ValueError: an InternalError, retried). Now the header is checked as safetensors checks it."""
+    from safetensors import safe_open
+
+    d = write_adapter(tmp_path / "a")
+    path = d / "adapter_model.safetensors"
+    _write_safetensors(path, *HOSTILE_HEADERS[case])
+    with pytest.raises(Exception):   # the premise: the library vLLM loads adapters with refuses this file
+        with safe_open(str(path), "np") as fh:
+            list(fh.keys())
+    with pytest.raises(gate.GateError) as info:
+        gate.read_adapter(d)
+    assert info.value.reason is Reason.InvalidAdapter
+    assert "adapter_model.safetensors" in str(info.value)
+
+
+def test_well_formed_headers_still_pass(tmp_path):
+    d = write_adapter(tmp_path / "a")
+    assert gate.read_adapter(d).tensors   # written by safetensors itself
+    # zero-sized, scalar and unknown-dtype tensors are valid safetensors (the float_dtypes rule judges dtypes)
+    _write_safetensors(d / "adapter_model.safetensors",
+                       {"a": {"dtype": "F16", "shape": [0, 2], "data_offsets": [0, 0]},
+                        "b": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]},
+                        "c": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [4, 6]},
+                        "__metadata__": {"format": "pt"}}, b"\0" * 6)
+    assert gate.read_adapter(d).tensors == {"a": ((0, 2), "F16"), "b": ((), "F32"), "c": ((2,), "F8_E4M3")}
+
+
+@pytest.mark.parametrize("config", [b"[" * 100_000 + b"]" * 100_000, b'{"r": ' + b"9" * 5000 + b"}",
+                                    b'{"r": 8, "x": "\xff"}'], ids=["deep", "huge-int", "not-utf8"])
+def test_an_adapter_config_python_cannot_parse_is_an_invalid_adapter(tmp_path, config):
+    """A deeply nested adapter_config.json raised RecursionError out of read_adapter (no ValueError: the loader's
+    gate step did not catch it, InternalError, retried)."""
+    d = write_adapter(tmp_path / "a")
+    (d / "adapter_config.json").write_bytes(config)
+    with pytest.raises(gate.GateError) as info:
+        gate.read_adapter(d)
+    assert info.value.reason is Reason.InvalidAdapter and "adapter_config.json" in str(info.value)
+
+
+def test_a_pickled_adapter_that_is_not_a_state_dict_is_an_invalid_adapter(tmp_path):
+    torch = pytest.importorskip("torch")
+    d = write_adapter(tmp_path / "a")
+    (d / "adapter_model.safetensors").unlink()
+    for content in (b"not a pickle", None):
+        if content is None:
+            torch.save([torch.zeros(2)], d / "adapter_model.bin")   # loads, but is a list
+        else:
+            (d / "adapter_model.bin").write_bytes(content)
+        with pytest.raises(gate.GateError) as info:
+            gate.read_adapter(d)
+        assert info.value.reason is Reason.InvalidAdapter and "adapter_model.bin" in str(info.value)
+
+
+def _bounded(code: str, timeout: float = 20) -> str:
+    """Run `code` in a fresh interpreter; fail when it takes longer than `timeout` seconds."""
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                              env={"PYTHONPATH": OPERATOR_DIR})
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"took over {timeout}s: time superlinear in an adapter-controlled value")
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_a_long_recorded_base_model_path_is_matched_in_linear_time():
+    """peft's base_model_name_or_path (up to MAX_CONFIG_BYTES) was searched with a regex for a Hugging Face cache
+    snapshot that backtracks quadratically: `models--a` + `--` * 200,000 held the gate (and the GIL, so the
+    loader's event loop) for minutes. Now it is parsed by path components."""
+    code = ("from loraplane.loader import gate; "
+            "rec = 'models--a' + '--' * 200_000 + '/snapshots/'; "
+            "print(gate.identity_matches(rec, 'meta-llama/Llama-3.1-8B', None)[0])")
+    assert _bounded(code) == "False"
+    # What the regex found, the parser finds
+    assert gate.hf_snapshot("/root/.cache/huggingface/hub/models--meta-llama--Llama-3.1-8B/snapshots/abc/") == (
+        "meta-llama/Llama-3.1-8B", "abc")
+    assert gate.hf_snapshot("x/models--org--name--more/snapshots/r") == ("org/name--more", "r")
+    for path in ("models--org/snapshots/r", "models--org--name/snapshots/", "models--org--name/refs/r", ""):
+        assert gate.hf_snapshot(path) is None, path
