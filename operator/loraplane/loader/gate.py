@@ -357,6 +357,7 @@ def read_adapter(directory: Path, max_header_bytes: int = MAX_ADAPTER_HEADER_BYT
             raise ValueError("adapter_model.bin (pickle) needs torch to inspect; save the adapter as "
                              "safetensors (PEFT's default)") from exc
 
+        _check_torch_archive(directory / "adapter_model.bin")
         try:
             state = torch.load(directory / "adapter_model.bin", map_location="cpu", weights_only=True)
         except OSError:
@@ -376,6 +377,30 @@ def read_adapter(directory: Path, max_header_bytes: int = MAX_ADAPTER_HEADER_BYT
     else:
         raise ValueError("no adapter_model.safetensors (or adapter_model.bin) next to adapter_config.json")
     return AdapterFacts(config=config, tensors=tensors, nonfinite=nonfinite, values_scanned=scanned)
+
+
+def _check_torch_archive(path: Path) -> None:
+    """Refuse (GateError InvalidAdapter) an adapter_model.bin that torch.load could inflate: it must be what
+    torch.save writes (PyTorch >= 1.6, PEFT's .bin format), a zip archive of *stored* members whose sizes add up to
+    no more than the file. A deflated member holding a tensor of zeros inflates about 1000x when loaded (a 200 KB
+    file became 200 MB in the loader's memory; an 8 GiB artifact, terabytes), and the legacy (pre-zip) pickle
+    format allocates each storage at the size its header claims. Checked from the zip's central directory
+    before torch reads a byte of tensor data."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+        raise GateError("adapter_model.bin is not a torch.save archive (a zip, PyTorch 1.6+; older pickles are "
+                        "not read); save the adapter as safetensors (PEFT's default)") from exc
+    packed = next((m.filename for m in members if m.compress_type != zipfile.ZIP_STORED), None)
+    unpacked = sum(m.file_size for m in members)
+    if packed is not None or unpacked > path.stat().st_size:
+        what = (f"member {packed[:80]!r} is compressed" if packed is not None
+                else f"its members claim {unpacked} bytes, more than the file's {path.stat().st_size}")
+        raise GateError(f"adapter_model.bin is not as torch.save writes it ({what}: loading it could inflate it "
+                        "in memory); save the adapter as safetensors (PEFT's default)")
 
 
 def read_base(identity: str, revision: str | None, path: Path | None) -> BaseFacts:

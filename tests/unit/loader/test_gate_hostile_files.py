@@ -100,6 +100,35 @@ def test_a_pickled_adapter_that_is_not_a_state_dict_is_an_invalid_adapter(tmp_pa
         assert info.value.reason is Reason.InvalidAdapter and "adapter_model.bin" in str(info.value)
 
 
+def test_a_pickled_adapter_that_would_inflate_in_memory_is_refused_before_loading(tmp_path, monkeypatch):
+    """adapter_model.bin went straight to torch.load, which inflates deflated zip members: a 4 KB file whose
+    member is a deflated tensor of zeros loads as 4 MB (200 KB -> 200 MB measured; within the 8 GiB artifact
+    limit, terabytes: the loader is OOM-killed). torch.save stores members uncompressed, so only such files
+    are read now; the legacy pre-zip pickle (which allocates the sizes its header claims) is refused too."""
+    import zipfile
+
+    torch = pytest.importorskip("torch")
+    d = write_adapter(tmp_path / "a")
+    (d / "adapter_model.safetensors").unlink()
+    plain = d / "adapter_model.bin"
+    torch.save({"base_model.model.x.lora_A.weight": torch.zeros(1_000_000)}, plain)
+    assert gate.read_adapter(d).tensors   # what torch.save writes is still read
+    bomb = tmp_path / "bomb.bin"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as out:
+        for name in src.namelist():
+            out.writestr(name, src.read(name))
+    assert bomb.stat().st_size < 50_000 < 4_000_000 <= sum(i.file_size for i in zipfile.ZipFile(bomb).infolist())
+    bomb.replace(plain)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load read an inflating archive"))
+    with pytest.raises(gate.GateError, match="is compressed") as info:
+        gate.read_adapter(d)
+    assert info.value.reason is Reason.InvalidAdapter
+    monkeypatch.undo()
+    torch.save({"x": torch.zeros(4)}, plain, _use_new_zipfile_serialization=False)
+    with pytest.raises(gate.GateError, match="not a torch.save archive"):
+        gate.read_adapter(d)
+
+
 def _bounded(code: str, timeout: float = 20) -> str:
     """Run `code` in a fresh interpreter; fail when it takes longer than `timeout` seconds."""
     try:
