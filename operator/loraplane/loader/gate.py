@@ -197,11 +197,27 @@ SAFETENSORS_DTYPE_BITS = {
 }
 
 
+# safetensors reads shapes and offsets as usize and multiplies them with checked_mul: nothing larger is valid.
+_USIZE_MAX = (1 << 64) - 1
+
+
 def _dims(value: Any) -> tuple[int, ...] | None:
-    """A safetensors shape: a list of non-negative JSON integers (not bools, not floats), else None."""
-    if not isinstance(value, list) or not all(type(d) is int and d >= 0 for d in value):
+    """A safetensors shape: a list of JSON integers 0..2**64-1 (not bools, not floats), else None."""
+    if not isinstance(value, list) or not all(type(d) is int and 0 <= d <= _USIZE_MAX for d in value):
         return None
     return tuple(value)
+
+
+def _elements(shape: tuple[int, ...]) -> int | None:
+    """The product of `shape`, or None where safetensors' checked_mul overflows usize on the way (so the
+    product never grows past 128 bits: multiplying up a hostile 400,000-dimension shape as Python's unbounded
+    int took minutes)."""
+    elements = 1
+    for d in shape:
+        elements *= d
+        if elements > _USIZE_MAX:
+            return None
+    return elements
 
 
 def _checked_entries(path: Path, header: dict[str, Any], data_bytes: int) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -223,16 +239,14 @@ def _checked_entries(path: Path, header: dict[str, Any], data_bytes: int) -> dic
                             f"{str(entry.get('shape'))[:60]}, dtype {str(dtype)[:20]!r}: a shape is a list of "
                             f"non-negative integers); {fix}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-                and 0 <= offsets[0] <= offsets[1]):
+                and 0 <= offsets[0] <= offsets[1] <= _USIZE_MAX):
             raise GateError(f"{path.name}: tensor {name[:80]!r} has invalid data_offsets "
                             f"{str(offsets)[:60]}; {fix}")
         begin, end = offsets
         bits = SAFETENSORS_DTYPE_BITS.get(dtype)
         if bits is not None:
-            elements = 1
-            for d in shape:
-                elements *= d
-            if elements * bits != (end - begin) * 8:
+            elements = _elements(shape)
+            if elements is None or elements * bits != (end - begin) * 8:
                 raise GateError(f"{path.name}: tensor {name[:80]!r} is {dtype} of shape {list(shape)[:8]} but its "
                                 f"data is {end - begin} bytes (its dtype or shape is wrong, or its size "
                                 f"overflows); {fix}")

@@ -39,6 +39,7 @@ HOSTILE_HEADERS = {
     "infinite offset": (b'{"a": {"dtype": "F16", "shape": [2, 2], "data_offsets": [0, 1e400]}}', b"\0" * 8),
     "entry not an object": ({"a": [1, 2]}, b""),
     "deeply nested header": (b"[" * 100_000 + b"]" * 100_000, b""),
+    "dimension beyond usize": ({"a": {**F16_2x2, "shape": [2 ** 64, 0]}}, b""),
 }
 
 
@@ -62,6 +63,17 @@ def test_a_safetensors_header_vllm_could_not_open_is_an_invalid_adapter(tmp_path
     assert "adapter_model.safetensors" in str(info.value)
 
 
+def test_a_shape_of_many_huge_dimensions_is_refused_in_linear_time():
+    """The shape's product was Python's unbounded int: 400,000 dimensions of 2**62 (8 MB, within the header limit)
+    took minutes to multiply (quadratic). Now the product stops where safetensors' usize checked_mul overflows."""
+    code = ("import json, pathlib, tempfile; from loraplane.loader import gate; "
+            "d = pathlib.Path(tempfile.mkdtemp()); (d / 'adapter_config.json').write_text('{}'); "
+            "h = json.dumps({'a': {'dtype': 'F16', 'shape': [2 ** 62] * 390_000, 'data_offsets': [0, 8]}}).encode(); "
+            "(d / 'adapter_model.safetensors').write_bytes(len(h).to_bytes(8, 'little') + h + bytes(8)); "
+            "exec('try: gate.read_adapter(d)\\nexcept gate.GateError as e: print(e.reason)')")
+    assert _bounded(code) == "InvalidAdapter"
+
+
 def test_well_formed_headers_still_pass(tmp_path):
     d = write_adapter(tmp_path / "a")
     assert gate.read_adapter(d).tensors   # written by safetensors itself
@@ -70,8 +82,10 @@ def test_well_formed_headers_still_pass(tmp_path):
                        {"a": {"dtype": "F16", "shape": [0, 2], "data_offsets": [0, 0]},
                         "b": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]},
                         "c": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [4, 6]},
+                        "d": {"dtype": "F16", "shape": [2 ** 63, 0], "data_offsets": [6, 6]},   # no overflow
                         "__metadata__": {"format": "pt"}}, b"\0" * 6)
-    assert gate.read_adapter(d).tensors == {"a": ((0, 2), "F16"), "b": ((), "F32"), "c": ((2,), "F8_E4M3")}
+    assert gate.read_adapter(d).tensors == {"a": ((0, 2), "F16"), "b": ((), "F32"), "c": ((2,), "F8_E4M3"),
+                                            "d": ((2 ** 63, 0), "F16")}
 
 
 @pytest.mark.parametrize("config", [b"[" * 100_000 + b"]" * 100_000, b'{"r": ' + b"9" * 5000 + b"}",
