@@ -145,6 +145,12 @@ MAX_TARGET_MODULES = 10_000
 # Most rank_pattern / alpha_pattern keys accepted: PEFT writes one per module given another rank; vLLM matches
 # each key against every adapted module with Python's re, whose compiled-pattern cache holds 512.
 MAX_PATTERN_KEYS = 512
+# Most (rank_pattern + alpha_pattern key, adapted module) pairs matched: PEFT and vLLM match every key against every
+# module when the adapter loads (Python's re, about a microsecond each with the pattern cached, much more once 1024
+# keys thrash re's 512-pattern cache), and so does the gate (RE2, ~1.5 us per pair with Python's call overhead). 512
+# keys over the ~38,000 modules an 8 MiB header can name was ~30 s in the gate and as long in the engine; a
+# million pairs (a 47,000-module MoE adapter with 21 keys) is about a second.
+MAX_PATTERN_MATCHES = 1_000_000
 
 
 class GateError(ValueError):
@@ -741,6 +747,11 @@ def config_rank_matches_tensors(g: GateInput) -> str | None:
     if not isinstance(alpha, dict):
         return (f"adapter_config.json's alpha_pattern is {str(alpha)[:80]!r}; it must map module name patterns to "
                 "alphas. Re-save the adapter with PEFT")
+    pairs = (len(pattern) + len(alpha)) * len(g.lora_modules)
+    if pairs > MAX_PATTERN_MATCHES:
+        return (f"adapter_config.json's rank_pattern and alpha_pattern have {len(pattern) + len(alpha)} keys for "
+                f"{len(g.lora_modules)} adapted modules: {pairs} regex matches when the adapter loads (at most "
+                f"{MAX_PATTERN_MATCHES}); use fewer keys (one regular expression can cover many modules)")
     programs: list[tuple[str, Any]] = []
     for which, value in (("rank_pattern", pattern), ("alpha_pattern", alpha)):   # vLLM matches both alike
         try:

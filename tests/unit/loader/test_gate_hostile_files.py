@@ -143,6 +143,31 @@ def test_a_pickled_adapter_that_would_inflate_in_memory_is_refused_before_loadin
         gate.read_adapter(d)
 
 
+def _moe_facts(modules: int, keys: int) -> gate.AdapterFacts:
+    """A rank-8 adapter of `modules` q_proj modules whose rank_pattern has `keys` keys matching none of them."""
+    tensors = {}
+    for i in range(modules):
+        prefix = f"base_model.model.model.layers.{i}.self_attn.q_proj"
+        tensors[f"{prefix}.lora_A.weight"] = ((8, 4), "F16")
+        tensors[f"{prefix}.lora_B.weight"] = ((4, 8), "F16")
+    return gate.AdapterFacts({"r": 8, "rank_pattern": {f"expert\\.{k}\\.w1": 8 for k in range(keys)}}, tensors)
+
+
+def test_rank_pattern_keys_times_modules_is_bounded():
+    """Every rank_pattern / alpha_pattern key is matched against every adapted module, by the gate and again by
+    vLLM when the adapter loads: 512 keys over 38,000 modules (within the key and header limits) held the gate
+    ~30 s and then the engine as long. Now (keys x modules) is at most MAX_PATTERN_MATCHES."""
+    import time
+
+    base = gate.BaseFacts("x", None, None)
+    started = time.monotonic()
+    hostile = gate.check(_moe_facts(4_000, 512), base, max_lora_rank=8)
+    assert time.monotonic() - started < 1.0, "matched 2,048,000 (key, module) pairs"
+    assert [f.reason for f in hostile] == [Reason.InvalidAdapter]
+    assert "rank_pattern" in hostile[0].message and str(gate.MAX_PATTERN_MATCHES) in hostile[0].message
+    assert gate.check(_moe_facts(4_000, 20), base, max_lora_rank=8) == []   # a large honest adapter passes
+
+
 def _bounded(code: str, timeout: float = 20) -> str:
     """Run `code` in a fresh interpreter; fail when it takes longer than `timeout` seconds."""
     try:
