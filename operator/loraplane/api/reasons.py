@@ -219,7 +219,8 @@ class Reason(StrEnum):
         "Serve on an unquantized (or supported) base model.", STALLED)
     InvalidAdapter = ("InvalidAdapter", ADAPTER,
         "The artifact is not a readable PEFT adapter directory (no adapter_config.json, "
-        "no weights, corrupt files), or its adapter_config.json disagrees with its tensors (e.g. `r` or "
+        "no weights, corrupt files: JSON Python cannot parse, a safetensors header whose offsets, shapes or "
+        "dtypes do not fit its data), or its adapter_config.json disagrees with its tensors (e.g. `r` or "
         "`rank_pattern` is not the rank of the lora_A/lora_B matrices: PEFT refuses it, vLLM would scale it "
         "by the wrong `lora_alpha / r`). Not retried.",
         "Check the artifact at `source.uri`; the message names the file, module and values that disagree. "
@@ -243,7 +244,8 @@ class Reason(StrEnum):
         "the artifact (or to a directory), an absolute or '..' path in an archive. Nothing of it was kept.",
         "Rebuild the archive or directory from the adapter's files only (`tar czf a.tar.gz -C DIR .`).", STALLED)
     ArtifactTooLarge = ("ArtifactTooLarge", f"{ADAPTER}; ModelRoute ModelFetchFailed message",
-        "The artifact exceeds a loader limit: members in the archive, a file's or the total unpacked size "
+        "The artifact exceeds a loader limit: members in the archive (files of an s3:// prefix or hf:// repo, "
+        "checked from the store's listing before the download), a file's or the total unpacked size "
         "(sparse files count with their full size), the download size, or the safetensors header length.",
         "Check that `source.uri` is the adapter you meant; a real LoRA adapter is far below the limits "
         "(docs/security.md, \"Artifacts and fetching\", lists them and the loader flags that raise them).", STALLED)

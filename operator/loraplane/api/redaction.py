@@ -28,7 +28,13 @@ MAX_MESSAGE = 2000         # characters of one message in a replica report
 # A parameter whose (decoded, case-folded) name contains any of these has a credential for a value.
 SECRET_NAME_PARTS = ("token", "secret", "signature", "credential", "password", "passwd", "pwd", "key", "auth",
                      "sig", "code", "session", "jwt", "cookie", "private")
-_URL = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)([^\s\"'<>]*)")
+# A URL is `SCHEME://BODY`: SCHEME a letter then letters, digits, '+', '.' or '-', BODY up to whitespace, a
+# quote or '<>'. `_mask_urls` finds them by their "://" and walks back over the scheme: the regex it replaces
+# (`\b[a-zA-Z][a-zA-Z0-9+.-]*://`), tried at every word start of a long run of scheme characters ("a-a-a-…"),
+# took time quadratic in it (minutes for the 1 MB adapter_config.json value a loader message quotes), and every
+# status message goes through here.
+_SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-")
+_URL_BODY = re.compile(r"[^\s\"'<>]*")
 _PARAM = re.compile(r"([?&#;])([^=&#;?\s\"'<>]{1,200})=")
 _VALUE_END = frozenset("&; \t\r\n\"'<>")
 _HEADER = re.compile(r"(?i)\b((?:proxy-)?authorization|x-api-key|api-key|x-auth-token|private-token|cookie)"
@@ -46,8 +52,30 @@ def _secret_name(name: str) -> bool:
     return any(part in name for part in SECRET_NAME_PARTS)
 
 
-def _mask_userinfo(match: re.Match) -> str:
-    scheme, body = match.group(1), match.group(2)
+def _mask_urls(text: str) -> str:
+    """`text` with each URL's userinfo masked (`_mask_userinfo`); time linear in len(text)."""
+    out: list[str] = []
+    pos = 0   # text before pos is done; no scheme starts before it
+    find = 0
+    while (sep := text.find("://", find)) != -1:
+        run = sep
+        while run > pos and text[run - 1] in _SCHEME_CHARS:
+            run -= 1
+        # the scheme starts at the run's first letter (runs never overlap, so walking back and scanning forward
+        # visit each character a bounded number of times). Unlike the regex's word boundary, a scheme glued to
+        # a word character (`_https://`, `1s3://`) is masked too.
+        start = next((i for i in range(run, sep) if text[i].isalpha()), None)
+        if start is None:
+            find = sep + 1
+            continue
+        body_end = _URL_BODY.match(text, sep + 3).end()
+        out.append(text[pos:start] + _mask_userinfo(text[start:sep + 3], text[sep + 3:body_end]))
+        pos = find = body_end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _mask_userinfo(scheme: str, body: str) -> str:
     end = len(body)
     for sep in "/?#":
         pos = body.find(sep)
@@ -83,7 +111,7 @@ def scrubbed(text: str) -> str:
     """`text` with every credential a URL or header in it may carry masked (module docstring: userinfo ->
     `***@`, secret parameter values and header values -> `***`), not cut: for messages that have their own size
     bound."""
-    text = _URL.sub(_mask_userinfo, text)
+    text = _mask_urls(text)
     text = _mask_params(text)
     text = _HEADER.sub(lambda m: m.group(1) + m.group(2) + (m.group(3) + " " if m.group(3) else "") + "***", text)
     return _BEARER.sub(lambda m: (m.group(1) or m.group(2)) + " ***", text)

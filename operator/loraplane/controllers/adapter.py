@@ -320,17 +320,34 @@ def held_back(adapter: Adapter, new: AdapterStatus, decision: RolloutDecision, g
     return new
 
 
-def evaluation_pending(adapter: Adapter, policy: RolloutPolicy | None, status: dict) -> bool:
+def evaluation_pending(adapter: Adapter, policy: RolloutPolicy | None, status: dict,
+                       producer_exists: bool = True) -> bool:
     """Whether the gates must wait for the evaluation of spec's version: the Adapter has gates, a FineTuneJob
-    produced spec's version (its uid in PRODUCED_BY_ANNOTATION), and status.provenance is still another run's.
-    The job writes spec first and provenance just after (controllers.finetunejob); judging in between would
-    judge the previous version's scores. Meanwhile the rollout status stays as it was and the candidate gets
-    no traffic."""
+    produced spec's version (its uid in PRODUCED_BY_ANNOTATION), that job still exists (`producer_exists`), and
+    status.provenance is still another run's. The job writes spec first and provenance just after
+    (controllers.finetunejob); judging in between would judge the previous version's scores. Meanwhile the
+    rollout status stays as it was and the candidate gets no traffic. A job that no longer exists never writes
+    the evaluation (deleted between its two writes, or an annotation copied with the manifest, as a GitOps export
+    does): waiting for it wedged the version for ever (a first version served without its gates judged), so
+    then the gates judge at once, without another run's scores (`judged_evaluation`)."""
+    if not producer_exists:
+        return False
     produced_by = adapter.metadata.annotations.get(PRODUCED_BY_ANNOTATION)
     if policy is None or policy.gates is None or not produced_by:
         return False
     provenance = (status or {}).get("provenance") or {}
     return provenance.get("fineTuneJobUid") != produced_by
+
+
+def judged_evaluation(adapter: Adapter, status: dict) -> EvaluationResult | None:
+    """The evaluation the gates judge spec's version by: status.provenance's, unless PRODUCED_BY_ANNOTATION names
+    a FineTuneJob run other than the one provenance records (those are the previous version's scores: None, so
+    a gate fails on no data and says so)."""
+    produced_by = adapter.metadata.annotations.get(PRODUCED_BY_ANNOTATION)
+    provenance = (status or {}).get("provenance") or {}
+    if produced_by and provenance.get("fineTuneJobUid") != produced_by:
+        return None
+    return evaluation_of(status)
 
 
 def evaluation_of(status: dict) -> EvaluationResult | None:
@@ -429,6 +446,9 @@ class AdapterFacts:
     # The owned part of its stored status, parsed (owned_status); None: plan parses it. reconcile parses it once
     # for the rollout window and plan, instead of validating the same status twice per reconcile.
     previous: AdapterStatus | None = None
+    # Whether the FineTuneJob PRODUCED_BY_ANNOTATION names (by uid) is in the store (True without the annotation):
+    # only a job that exists can still write the evaluation the gates wait for (evaluation_pending).
+    producer_exists: bool = True
 
 
 @dataclass
@@ -497,6 +517,11 @@ class AdapterController(Controller):
             for pod in (obj, old):  # a replica's report names the adapters whose loadedOn may change
                 for adapter in reported_adapters(pod):
                     self.schedule((ns, adapter))
+        elif source == "FineTuneJob" and old is None:
+            # A job appeared or is gone: the Adapter it publishes may wait for its evaluation (evaluation_pending).
+            name = ((obj.get("spec") or {}).get("output") or {}).get("adapterName")
+            if isinstance(name, str) and name:
+                self.schedule((ns, name))
 
     async def reconcile(self, key: Key) -> None:
         """observe -> plan -> execute for one Adapter; a deleted one leaves the rejected set."""
@@ -555,7 +580,17 @@ class AdapterController(Controller):
             adapter.metadata.name, adapter.metadata.labels)
         pods = {r.metadata.name or "": self.stores.EnginePod.group(ns, r.metadata.name or "") for r in routes}
         return AdapterFacts(body, adapter, routes=routes, pods_by_route=pods,
-                            table_verdicts=self._table_verdicts(ns, key[1]), held=self._held(ns, key[1]))
+                            table_verdicts=self._table_verdicts(ns, key[1]), held=self._held(ns, key[1]),
+                            producer_exists=self._producer_exists(ns, adapter))
+
+    def _producer_exists(self, ns: str, adapter: Adapter) -> bool:
+        """Whether the FineTuneJob whose uid the Adapter's PRODUCED_BY_ANNOTATION names is in the store (True
+        without the annotation)."""
+        uid = adapter.metadata.annotations.get(PRODUCED_BY_ANNOTATION)
+        if not uid:
+            return True
+        jobs = self.stores.FineTuneJob
+        return any(((jobs.get(k) or {}).get("metadata") or {}).get("uid") == uid for k in jobs.keys_in(ns))
 
     @staticmethod
     def plan(facts: AdapterFacts) -> AdapterPlan:
@@ -570,9 +605,9 @@ class AdapterController(Controller):
         previous = facts.previous if facts.previous is not None else owned_status(AdapterStatus, current,
                                                                                    OWNED_STATUS)
         rejection = immutable_rejection(facts.adapter, previous)
-        evaluation = evaluation_of(current)
+        evaluation = judged_evaluation(facts.adapter, current)
         policy = policy_of(facts.adapter, [r for r in facts.routes if selects(r, facts.adapter)])
-        pending = evaluation_pending(facts.adapter, policy, current)
+        pending = evaluation_pending(facts.adapter, policy, current, facts.producer_exists)
         decision: RolloutDecision | None = None
 
         def weigh(candidate: CandidateVersion) -> int:

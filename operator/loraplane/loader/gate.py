@@ -145,6 +145,12 @@ MAX_TARGET_MODULES = 10_000
 # Most rank_pattern / alpha_pattern keys accepted: PEFT writes one per module given another rank; vLLM matches
 # each key against every adapted module with Python's re, whose compiled-pattern cache holds 512.
 MAX_PATTERN_KEYS = 512
+# Most (rank_pattern + alpha_pattern key, adapted module) pairs matched: PEFT and vLLM match every key against every
+# module when the adapter loads (Python's re, about a microsecond each with the pattern cached, much more once 1024
+# keys thrash re's 512-pattern cache), and so does the gate (RE2, ~1.5 us per pair with Python's call overhead). 512
+# keys over the ~38,000 modules an 8 MiB header can name was ~30 s in the gate and as long in the engine; a
+# million pairs (a 47,000-module MoE adapter with 21 keys) is about a second.
+MAX_PATTERN_MATCHES = 1_000_000
 
 
 class GateError(ValueError):
@@ -169,25 +175,108 @@ def _raw_safetensors_header(path: Path, max_header_bytes: int = MAX_BASE_HEADER_
         raw = fh.read(size)
     if size <= 0 or len(raw) != size:
         raise GateError(f"{path.name}: not a safetensors file (header size {size}, {len(raw)} bytes present)")
-    try:
-        header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise GateError(f"{path.name}: not a safetensors file (its header is not valid JSON: {type(exc).__name__})") from exc
+    header = _untrusted_json(raw, f"{path.name}: not a safetensors file (its header")
     if not isinstance(header, dict):
         raise GateError(f"{path.name}: not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
     return header, 8 + size
 
 
+def _untrusted_json(raw: bytes, what: str) -> Any:
+    """json.loads of an untrusted file's bytes. Every way it can fail is a GateError (InvalidAdapter) whose
+    message starts with `what` (e.g. "adapter_config.json (it") and says why: not UTF-8 or not JSON, nesting
+    deeper than Python's parser recurses (RecursionError, which is no ValueError: the loader reported it as a
+    retried InternalError), or an integer longer than Python converts (4300 digits)."""
+    try:
+        return json.loads(raw)
+    except RecursionError as exc:
+        raise GateError(f"{what} nests arrays or objects too deeply to parse)") from exc
+    except ValueError as exc:   # JSONDecodeError, UnicodeDecodeError, an integer over sys.get_int_max_str_digits
+        raise GateError(f"{what} is not valid JSON: {redacted(str(exc), 200)})") from exc
+
+
+# Bits per element of each safetensors dtype (safetensors' Dtype::bitsize; the sub-byte float formats pack).
+SAFETENSORS_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
+    "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}
+
+
+# safetensors reads shapes and offsets as usize and multiplies them with checked_mul: nothing larger is valid.
+_USIZE_MAX = (1 << 64) - 1
+
+
+def _dims(value: Any) -> tuple[int, ...] | None:
+    """A safetensors shape: a list of JSON integers 0..2**64-1 (not bools, not floats), else None."""
+    if not isinstance(value, list) or not all(type(d) is int and 0 <= d <= _USIZE_MAX for d in value):
+        return None
+    return tuple(value)
+
+
+def _elements(shape: tuple[int, ...]) -> int | None:
+    """The product of `shape`, or None where safetensors' checked_mul overflows usize on the way (so the
+    product never grows past 128 bits: multiplying up a hostile 400,000-dimension shape as Python's unbounded
+    int took minutes)."""
+    elements = 1
+    for d in shape:
+        elements *= d
+        if elements > _USIZE_MAX:
+            return None
+    return elements
+
+
+def _checked_entries(path: Path, header: dict[str, Any], data_bytes: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype) of a safetensors header, checked as the safetensors library checks it when vLLM
+    opens the file (safetensors' Metadata::validate): every entry an object with a string dtype, a shape of
+    non-negative integers and two integer data_offsets; the tensors, in offset order, tile the data section
+    exactly (no gap, overlap or trailing bytes); and a tensor of a known dtype spans exactly its shape's
+    elements times the dtype's size (a dtype or shape that lies, or a shape whose product overflows). An
+    unknown dtype is left to the float_dtypes rule. Raises GateError (InvalidAdapter) naming the tensor."""
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    spans: list[tuple[int, int, str]] = []
+    fix = "re-save it with safetensors/PEFT"
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise GateError(f"{path.name}: tensor {name[:80]!r} is not an object in the header; {fix}")
+        dtype, shape, offsets = entry.get("dtype"), _dims(entry.get("shape")), entry.get("data_offsets")
+        if not isinstance(dtype, str) or shape is None:
+            raise GateError(f"{path.name}: tensor {name[:80]!r} lacks a valid shape or dtype (shape "
+                            f"{str(entry.get('shape'))[:60]}, dtype {str(dtype)[:20]!r}: a shape is a list of "
+                            f"non-negative integers); {fix}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= _USIZE_MAX):
+            raise GateError(f"{path.name}: tensor {name[:80]!r} has invalid data_offsets "
+                            f"{str(offsets)[:60]}; {fix}")
+        begin, end = offsets
+        bits = SAFETENSORS_DTYPE_BITS.get(dtype)
+        if bits is not None:
+            elements = _elements(shape)
+            if elements is None or elements * bits != (end - begin) * 8:
+                raise GateError(f"{path.name}: tensor {name[:80]!r} is {dtype} of shape {list(shape)[:8]} but its "
+                                f"data is {end - begin} bytes (its dtype or shape is wrong, or its size "
+                                f"overflows); {fix}")
+        spans.append((begin, end, name))
+        out[name] = (shape, dtype)
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            raise GateError(f"{path.name}: tensor {name[:80]!r}'s data starts at byte {begin}, not {at}: tensors "
+                            f"overlap or leave a gap; {fix}")
+        at = end
+    if at != data_bytes:
+        raise GateError(f"{path.name}: its tensors cover {at} bytes but the data section is {data_bytes} bytes "
+                        f"(the file is truncated or corrupt); {fix}")
+    return out
+
+
 def read_safetensors_header(path: Path, max_header_bytes: int = MAX_BASE_HEADER_BYTES
                             ) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, dtype) from a .safetensors header (`_raw_safetensors_header`), without reading the
-    tensors. Raises GateError (a ValueError)."""
-    header, _ = _raw_safetensors_header(path, max_header_bytes)
-    try:
-        return {k: (tuple(int(d) for d in v["shape"]), str(v["dtype"])) for k, v in header.items()}
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise GateError(f"{path.name}: a tensor entry lacks a valid shape or dtype ({type(exc).__name__})") from exc
+    tensors; the header is checked as the safetensors library checks it (`_checked_entries`), so a file vLLM
+    could not open is refused here. Raises GateError (a ValueError)."""
+    header, data_start = _raw_safetensors_header(path, max_header_bytes)
+    return _checked_entries(path, header, path.stat().st_size - data_start)
 
 
 # Float dtypes as unsigned integers and their exponent bits: a value is NaN or Inf exactly when its exponent
@@ -217,8 +306,8 @@ def scan_nonfinite(path: Path, budget: int = SCAN_BYTES) -> tuple[dict[str, int]
         try:
             begin, end = (int(x) for x in entry["data_offsets"])
             dtype = entry["dtype"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path.name}: tensor {name!r} has no valid data_offsets ({exc})") from exc
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:   # 1e400 is a float inf
+            raise ValueError(f"{path.name}: tensor {name[:80]!r} has no valid data_offsets ({exc})") from exc
         if not 0 <= begin <= end or data_start + end > size:
             raise ValueError(f"{path.name}: tensor {name!r} lies outside the file (offsets {begin}..{end}, "
                              f"{size - data_start} data bytes): the file is truncated or corrupt")
@@ -268,11 +357,9 @@ def read_adapter(directory: Path, max_header_bytes: int = MAX_ADAPTER_HEADER_BYT
             raw = fh.read(MAX_CONFIG_BYTES + 1)   # bounded even if the file grew after fstat
         if len(raw) > MAX_CONFIG_BYTES:
             raise GateError(f"adapter_config.json is more than {MAX_CONFIG_BYTES} bytes", Reason.ArtifactTooLarge)
-        config = json.loads(raw)
     except OSError as exc:
         raise ValueError(f"adapter_config.json is missing: {exc}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"adapter_config.json is not valid JSON: {exc}") from exc
+    config = _untrusted_json(raw, "adapter_config.json (it")
     if not isinstance(config, dict):
         raise ValueError("adapter_config.json must hold a JSON object")
     tensors: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -290,7 +377,18 @@ def read_adapter(directory: Path, max_header_bytes: int = MAX_ADAPTER_HEADER_BYT
             raise ValueError("adapter_model.bin (pickle) needs torch to inspect; save the adapter as "
                              "safetensors (PEFT's default)") from exc
 
-        state = torch.load(directory / "adapter_model.bin", map_location="cpu", weights_only=True)
+        _check_torch_archive(directory / "adapter_model.bin")
+        try:
+            state = torch.load(directory / "adapter_model.bin", map_location="cpu", weights_only=True)
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError (bad zip), EOFError...: the file's fault
+            raise GateError(f"adapter_model.bin cannot be read as a PyTorch state dict ({type(exc).__name__}: "
+                            f"{redacted(str(exc), 200)}); save the adapter as safetensors (PEFT's default)") from exc
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
+            raise GateError("adapter_model.bin does not hold a state dict (tensor names -> tensors); save the "
+                            "adapter as safetensors (PEFT's default)")
         dt = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
         tensors = {k: (tuple(v.shape), dt.get(v.dtype, str(v.dtype))) for k, v in state.items()}
         nonfinite = {k: n for k, v in state.items() if v.is_floating_point()
@@ -299,6 +397,30 @@ def read_adapter(directory: Path, max_header_bytes: int = MAX_ADAPTER_HEADER_BYT
     else:
         raise ValueError("no adapter_model.safetensors (or adapter_model.bin) next to adapter_config.json")
     return AdapterFacts(config=config, tensors=tensors, nonfinite=nonfinite, values_scanned=scanned)
+
+
+def _check_torch_archive(path: Path) -> None:
+    """Refuse (GateError InvalidAdapter) an adapter_model.bin that torch.load could inflate: it must be what
+    torch.save writes (PyTorch >= 1.6, PEFT's .bin format), a zip archive of *stored* members whose sizes add up to
+    no more than the file. A deflated member holding a tensor of zeros inflates about 1000x when loaded (a 200 KB
+    file became 200 MB in the loader's memory; an 8 GiB artifact, terabytes), and the legacy (pre-zip) pickle
+    format allocates each storage at the size its header claims. Checked from the zip's central directory
+    before torch reads a byte of tensor data."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+        raise GateError("adapter_model.bin is not a torch.save archive (a zip, PyTorch 1.6+; older pickles are "
+                        "not read); save the adapter as safetensors (PEFT's default)") from exc
+    packed = next((m.filename for m in members if m.compress_type != zipfile.ZIP_STORED), None)
+    unpacked = sum(m.file_size for m in members)
+    if packed is not None or unpacked > path.stat().st_size:
+        what = (f"member {packed[:80]!r} is compressed" if packed is not None
+                else f"its members claim {unpacked} bytes, more than the file's {path.stat().st_size}")
+        raise GateError(f"adapter_model.bin is not as torch.save writes it ({what}: loading it could inflate it "
+                        "in memory); save the adapter as safetensors (PEFT's default)")
 
 
 def read_base(identity: str, revision: str | None, path: Path | None) -> BaseFacts:
@@ -337,7 +459,21 @@ def find_base_model_dir(identity: str, revision: str | None, model_path: str | N
 
 
 # ---- identity ----------------------------------------------------------------------------------------------
-_HF_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[^/]+)")
+def hf_snapshot(path: str) -> tuple[str, str] | None:
+    """(ORG/NAME, REV) when `path` runs through a Hugging Face cache snapshot (`…models--ORG--NAME/snapshots/REV…`),
+    else None. Parsed by components, linear in the path: `path` is peft's base_model_name_or_path, untrusted
+    (up to MAX_CONFIG_BYTES), and a regex search for this shape backtracks quadratically on a long
+    `models--a----…` (minutes of a held GIL for a 1 MB config)."""
+    parts = path.split("/")
+    for i, part in enumerate(parts[:-2]):
+        at = part.find("models--")
+        if at == -1 or parts[i + 1] != "snapshots" or not parts[i + 2]:
+            continue
+        repo = part[at + len("models--"):]
+        cut = repo.find("--", 1)   # ORG is at least one character; NAME follows the first "--" after it
+        if cut != -1 and repo[cut + 2:]:
+            return f"{repo[:cut]}/{repo[cut + 2:]}", parts[i + 2]
+    return None
 
 
 def _is_path(s: str) -> bool:
@@ -356,12 +492,12 @@ def identity_matches(recorded: str, identity: str, model_path: str | None,
                 return True, ""
         except OSError:
             pass
-    if m := _HF_SNAPSHOT.search(rec):
-        repo = f"{m['org']}/{m['name']}"
+    if snapshot := hf_snapshot(rec):
+        repo, rev = snapshot
         if repo.lower() != ident.lower():
             return False, f"it was trained on a cache snapshot of {repo}"
-        if revision and len(revision) == 40 and m["rev"] != revision:
-            return False, f"it was trained on revision {m['rev']}, the route serves {revision}"
+        if revision and len(revision) == 40 and rev != revision:
+            return False, f"it was trained on revision {rev}, the route serves {revision}"
         return True, ""
     if _is_path(rec) or _is_path(ident):
         if rec.rsplit("/", 1)[-1].lower() == ident.rsplit("/", 1)[-1].lower():
@@ -611,6 +747,11 @@ def config_rank_matches_tensors(g: GateInput) -> str | None:
     if not isinstance(alpha, dict):
         return (f"adapter_config.json's alpha_pattern is {str(alpha)[:80]!r}; it must map module name patterns to "
                 "alphas. Re-save the adapter with PEFT")
+    pairs = (len(pattern) + len(alpha)) * len(g.lora_modules)
+    if pairs > MAX_PATTERN_MATCHES:
+        return (f"adapter_config.json's rank_pattern and alpha_pattern have {len(pattern) + len(alpha)} keys for "
+                f"{len(g.lora_modules)} adapted modules: {pairs} regex matches when the adapter loads (at most "
+                f"{MAX_PATTERN_MATCHES}); use fewer keys (one regular expression can cover many modules)")
     programs: list[tuple[str, Any]] = []
     for which, value in (("rank_pattern", pattern), ("alpha_pattern", alpha)):   # vLLM matches both alike
         try:

@@ -158,7 +158,7 @@ class ArtifactCache:
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.limits = limits.at_most(max_bytes)
-        self.policy = replace(policy, max_bytes=self.limits.max_total_bytes,
+        self.policy = replace(policy, max_bytes=self.limits.max_total_bytes, max_files=self.limits.max_members,
                               private_roots=(*policy.private_roots, str(self.root)))
         self.pvc_root = pvc_root
         self.http_timeout = http_timeout

@@ -167,3 +167,29 @@ def test_scrubbed_keeps_what_is_not_a_credential():
     for text in ("hf://org/repo@main", "https://host:8443/a@b", "http://[::1]:8080/x", "s3://bucket/key",
                  "exit code 1, basic check failed", "pvc://claim/a.tar.gz", "https://h/a.tar.gz?version=3"):
         assert scrubbed(text) == text
+
+
+def test_scrubbing_takes_time_linear_in_the_text():
+    """Every status message goes through `scrubbed`, and loader messages quote adapter_config.json values (up to
+    1 MB). Its URL regex (`\\b[a-zA-Z][a-zA-Z0-9+.-]*://`) was tried at every word start of a run of scheme
+    characters: `"a-" * 200_000` took about a minute (quadratic), holding the loader's event loop. Now URLs are
+    found by their "://" (the regex's matches, compared on random text while writing this, and also a scheme
+    glued to a word character, which the regex's \\b left unmasked)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import loraplane
+
+    code = ("from loraplane.api.redaction import redacted; "
+            "print(len(redacted('a-' * 200_000 + ' https://u:s3cr3t@h/x ' + 'b.' * 200_000, 10**7)))")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20,
+                              env={"PYTHONPATH": str(Path(loraplane.__file__).resolve().parents[1])})
+    except subprocess.TimeoutExpired:
+        pytest.fail("scrubbing 800 KB of text took over 20 s")
+    assert done.returncode == 0, done.stderr
+    # what the regex masked is still masked, and a scheme glued to a word character is masked too
+    assert scrubbed("x-https://u:s3cr3t@h/") == "x-https://***@h/"
+    assert scrubbed("a.b-c+d://u:s3cr3t@h") == "a.b-c+d://***@h"
+    assert scrubbed("_http://u:p@h ://x 1a://u:p@h") == "_http://***@h ://x 1a://***@h"

@@ -177,3 +177,61 @@ def test_a_routes_default_policy_applies_to_its_adapters_and_theirs_overrides_it
         assert "promote" in str(exc)
     else:
         raise AssertionError("a route default cannot name an Adapter's version")
+
+
+def test_gates_do_not_wait_for_a_finetunejob_that_no_longer_exists():
+    """The gates waited for the evaluation of the FineTuneJob named by the produced-by annotation as long as
+    provenance was another run's, even when that job no longer existed (deleted between its two writes, or the
+    annotation copied with the manifest, as a GitOps export does): a bumped version waited for ever with its
+    candidate Ready at weight 0 and nothing saying why, and a first version served at 100 % without its gates
+    judged. Now only an existing job is waited for; without it the gates judge at once, and not by another run's
+    scores (a gate fails on no evaluation, saying so)."""
+    def gone(body: dict, *pods: dict):
+        plan = AdapterController.plan(AdapterFacts(body, Adapter.model_validate(body), routes=[ROUTE],
+                                                   pods_by_route={"r": list(pods)}, now=T0, producer_exists=False))
+        return plan, {**body, "status": {**body["status"], **plan.status}}
+
+    ghost = {"loraplane.io/produced-by": "deleted-run"}
+    first = with_policy(_body(), POLICY)
+    first["metadata"] = {**first["metadata"], "annotations": ghost}
+    _, b = gone(first, _pod("p0", {"a--1": READY}))
+    assert b["status"]["rollout"]["state"] == RolloutState.GateFailed and _backends(b) == []
+    assert "no evaluation" in ready_condition(b)["message"]
+
+    bumped_body = bumped(POLICY, None)
+    bumped_body["metadata"] = {**bumped_body["metadata"], "annotations": ghost}
+    bumped_body["status"]["provenance"] = {"fineTuneJobUid": "run-1", "evaluation": EVAL_GOOD}   # v1's scores
+    _, b = gone(bumped_body, *BOTH)
+    assert b["status"]["rollout"]["state"] == RolloutState.GateFailed and _backends(b) == [("a--1", 100)]
+    assert ready_condition(b)["reason"] == Reason.RolloutGateFailed
+    assert "no evaluation" in ready_condition(b)["message"]   # not judged by version 1's good scores
+
+
+def test_observe_says_whether_the_producing_finetunejob_exists_and_its_deletion_reconciles_the_adapter():
+    from test_controllers import FTJ_BODY, context
+
+    ctl = AdapterController(context())
+    body = with_policy(_body(), POLICY)
+    body["metadata"] = {**body["metadata"], "annotations": {"loraplane.io/produced-by": FTJ_BODY["metadata"]["uid"]}}
+    ctl.stores.Adapter.put(body)
+    key = (body["metadata"]["namespace"], body["metadata"]["name"])
+    assert ctl.observe(key).producer_exists is False
+    job = {**FTJ_BODY, "metadata": {**FTJ_BODY["metadata"], "namespace": key[0]},
+           "spec": {**FTJ_BODY["spec"], "output": {"adapterName": key[1]}}}
+    ctl.stores.FineTuneJob.put(job)
+    assert ctl.observe(key).producer_exists is True
+    scheduled = []
+    ctl.schedule = lambda k, delay=None: scheduled.append(k)
+    ctl.stores.FineTuneJob.remove(job)
+    ctl.on_change("FineTuneJob", job, None)
+    assert scheduled == [key] and ctl.observe(key).producer_exists is False
+    # Through observe and plan, with the route and its replica in the stores: the first version is judged (no
+    # evaluation: not served), where it was served ungated while waiting for the deleted job.
+    ctl.stores.ModelRoute.put(ROUTE.wire())
+    pod = _pod("p0", {"a--1": READY})
+    pod["metadata"].update(namespace=key[0], labels={"loraplane.io/route": "r", "loraplane.io/component": "engine"})
+    ctl.stores.EnginePod.put(pod)
+    facts = ctl.observe(key)
+    assert [r.metadata.name for r in facts.routes] == ["r"] and facts.pods_by_route["r"]
+    status = {**body["status"], **AdapterController.plan(facts).status}
+    assert status["rollout"]["state"] == RolloutState.GateFailed and _backends({**body, "status": status}) == []

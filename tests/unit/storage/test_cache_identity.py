@@ -186,6 +186,7 @@ async def test_a_hub_401_is_access_denied_on_the_first_attempt(monkeypatch, cach
         raise GatedRepoError("401 Client Error: gated repo", response=Resp())
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", denied)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", denied)   # the file list is asked for first
     with pytest.raises(FetchAccessDenied, match="Secret hf-adapter-token"):
         await cache.fetch("hf://org/private-lora@v1", version="1",
                           credentials=Credentials("Secret hf-adapter-token", {"HF_TOKEN": "bad"}))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from loraplane.api.wire.trainer import INSECURE_HTTP_ENV
-from loraplane.storage.errors import StorageError
+from loraplane.storage.errors import StorageError, TooLarge
 from loraplane.storage.uri import ArtifactUri, Scheme
 
 if TYPE_CHECKING:
@@ -22,7 +22,9 @@ class FetchPolicy:
 
     `allow_insecure_http`: also plain http:// and loopback addresses (the chart's `allowInsecureHttp`, the
     local quickstart and tests; never needed against a real store). `max_bytes`: the largest download
-    accepted (None: unbounded), so a server streaming forever stops at the artifact limit.
+    accepted (None: unbounded), so a server streaming forever stops at the artifact limit; `max_files`: the
+    most files a tree (an S3 prefix, a Hub repo) may hold (None: unbounded). Both are checked against the
+    store's listing before a byte is downloaded (`check_listing`), and again against what was written.
     `allow_local_paths`: local `/PATH` and `file://` sources may be read (local runs; the adapter loader in a
     cluster sets it False, since its file system holds other tenants' cached adapters and credentials).
     `private_roots`: folders no local or pvc:// source may name or lie under, whatever `allow_local_paths`
@@ -31,6 +33,7 @@ class FetchPolicy:
 
     allow_insecure_http: bool = False
     max_bytes: int | None = None
+    max_files: int | None = None
     allow_local_paths: bool = True
     private_roots: tuple[str, ...] = ()
 
@@ -64,6 +67,22 @@ class Fetcher(ABC):
         """Copy the directory `uri` names (a folder, an S3 prefix, a Hub repo snapshot) to the new directory
         `dest` as regular files (no symlinks). Returns `dest`."""
         raise StorageError(uri.text, "not a directory", f"{uri}: a {uri.scheme} URI does not name a directory")
+
+
+def check_listing(uri: str, sizes: list[int], policy: FetchPolicy | None, what: str = "the listing") -> None:
+    """Raise TooLarge when a tree of files of these `sizes` (bytes) holds more than `policy.max_files` files or
+    more than `policy.max_bytes` bytes in all: called with the store's listing before anything is downloaded
+    (an S3 prefix or a Hub repo of 100,000 files or a terabyte must not fill the replica's disk first), and with
+    what was written (a store answering with more than it listed). `what` says which in the message."""
+    if policy is None:
+        return
+    if policy.max_files is not None and len(sizes) > policy.max_files:
+        raise TooLarge(uri, "too many files", f"{uri}: {what} has {len(sizes)} files (the artifact limit is "
+                       f"{policy.max_files})")
+    total = sum(sizes)
+    if policy.max_bytes is not None and total > policy.max_bytes:
+        raise TooLarge(uri, "too large", f"{uri}: {what} holds {total} bytes (the artifact limit is "
+                       f"{policy.max_bytes})")
 
 
 def partial_path(dest: Path) -> Path:

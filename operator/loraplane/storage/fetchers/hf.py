@@ -19,7 +19,7 @@ from loraplane.storage.errors import (
     StorageError,
     Unavailable,
 )
-from loraplane.storage.fetchers.base import Fetcher
+from loraplane.storage.fetchers.base import Fetcher, FetchPolicy, check_listing
 from loraplane.storage.uri import ArtifactUri, Scheme
 
 _TRUE = ("1", "true", "yes", "on")
@@ -35,14 +35,16 @@ class HfFetcher(Fetcher):
 
     schemes = (Scheme.HF,)
 
-    def __init__(self, credentials=None):
+    def __init__(self, credentials=None, policy: FetchPolicy | None = None):
         self.credentials = credentials
+        self.policy = policy
 
     @classmethod
     def configured(cls, *, pvc_root: str | Path, http_timeout_s: float | None,
                    send_hub_token: bool = False, policy=None, credentials=None) -> "HfFetcher":
-        """Fetcher.configured: only `credentials` applies (None: huggingface_hub reads $HF_TOKEN itself)."""
-        return cls(credentials)
+        """Fetcher.configured: `credentials` (None: huggingface_hub reads $HF_TOKEN itself) and the policy's
+        size bounds (max_bytes, max_files) apply."""
+        return cls(credentials, policy)
 
     def _token(self) -> str | bool | None:
         """snapshot_download's `token`: None reads $HF_TOKEN; explicit credentials give theirs, or False
@@ -53,8 +55,10 @@ class HfFetcher(Fetcher):
 
     def fetch_tree(self, uri: ArtifactUri, dest: Path) -> Path:
         """A snapshot of the repo at its revision, copied as regular files (the HF cache holds symlinks into
-        its blob store: the copy stands alone)."""
+        its blob store: the copy stands alone). The policy's bounds (check_listing) are checked against the
+        Hub's file list before the download (online) and against the snapshot before it is copied: TooLarge."""
         try:
+            import huggingface_hub
             from huggingface_hub import snapshot_download
             from huggingface_hub.errors import (
                 GatedRepoError,
@@ -67,7 +71,12 @@ class HfFetcher(Fetcher):
         except ImportError as exc:
             raise MissingDependency(uri.text, "huggingface_hub is not installed",
                                     "hf:// sources need huggingface_hub in the image") from exc
+        bounded = self.policy is not None and (self.policy.max_bytes, self.policy.max_files) != (None, None)
         try:
+            if bounded and not hub_offline():   # the Hub lists every file with its size: nothing downloaded yet
+                info = huggingface_hub.HfApi().model_info(uri.repo or "", revision=uri.revision,
+                                                          files_metadata=True, token=self._token())
+                check_listing(uri.text, [s.size or 0 for s in info.siblings or []], self.policy, "the repository")
             snapshot = snapshot_download(uri.repo or "", revision=uri.revision, local_files_only=hub_offline(),
                                          token=self._token())
         except LocalEntryNotFoundError as exc:
@@ -81,8 +90,23 @@ class HfFetcher(Fetcher):
                 else NotFound if isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError))
                 else Unavailable)
             raise cls(uri.text, f"{type(exc).__name__}: {exc}") from exc
+        if bounded:   # offline (a cache filled by someone else), or a repo that changed since it was listed
+            check_listing(uri.text, _file_sizes(Path(snapshot)), self.policy, "the snapshot")
         shutil.copytree(snapshot, dest, symlinks=False, ignore=shutil.ignore_patterns(".cache", ".gitattributes"))
         return dest
+
+
+def _file_sizes(root: Path) -> list[int]:
+    """The size of every file under `root`, links followed (a snapshot's files link into the blob store); a
+    dangling link counts 0 (the copy reports it)."""
+    sizes = []
+    for directory, _, files in os.walk(root):
+        for name in files:
+            try:
+                sizes.append(os.stat(Path(directory, name)).st_size)
+            except OSError:
+                sizes.append(0)
+    return sizes
 
 
 def load_hub_dataset(uri: ArtifactUri, split: str = "train"):

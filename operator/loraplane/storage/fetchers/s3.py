@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from loraplane.api.redaction import redacted
 from loraplane.storage.errors import (InvalidContent, MissingDependency, NoCredentials, NotFound, Refused,
                                       Unavailable, s3_error)
-from loraplane.storage.fetchers.base import Fetcher, FetchPolicy, partial_path
+from loraplane.storage.fetchers.base import Fetcher, FetchPolicy, check_listing, partial_path
 from loraplane.storage.fetchers.http import refused_address
 from loraplane.storage.uri import ArtifactUri, Scheme
 
@@ -137,7 +137,11 @@ class S3Fetcher(Fetcher):
             raise NotFound(uri.text, "no key", f"{uri}: names no object (expected s3://BUCKET/KEY)")
         tmp = partial_path(dest)
         try:
+            if self.policy is not None and self.policy.max_bytes is not None:   # refused before it fills the disk
+                size = self.client.head_object(Bucket=uri.bucket, Key=uri.key).get("ContentLength") or 0
+                check_listing(uri.text, [size], self.policy, "the object")
             self.client.download_file(uri.bucket, uri.key, str(tmp))
+            check_listing(uri.text, [tmp.stat().st_size], self.policy, "the object downloaded")
             os.replace(tmp, dest)
         except _boto_errors() as exc:
             raise s3_error(uri.text, exc) from exc
@@ -150,18 +154,21 @@ class S3Fetcher(Fetcher):
         holds no object; InvalidContent for a key that would land outside `dest`."""
         prefix = uri.key.rstrip("/") + "/" if uri.key else ""
         objects = self.list_objects(uri.bucket or "", prefix, uri=uri.text)
+        files = {k: size for k, size in objects.items() if k[len(prefix):] and not k.endswith("/")}
+        check_listing(uri.text, list(files.values()), self.policy, "the prefix")   # before any download
         dest.mkdir(parents=True, exist_ok=True)
         found = 0
+        written: list[int] = []
         try:
-            for key in sorted(objects):
+            for key in sorted(files):
                 rel = key[len(prefix):]
-                if not rel or rel.endswith("/"):
-                    continue  # "folder" placeholder objects
                 target = dest / rel
                 if dest.resolve() not in target.resolve().parents:
                     raise InvalidContent(uri.text, f"key {key!r}", f"s3 key {key!r} escapes the artifact directory")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 self.client.download_file(uri.bucket, key, str(target))
+                written.append(target.stat().st_size)
+                check_listing(uri.text, written, self.policy, "what was downloaded")   # objects grown since listed
                 found += 1
         except _boto_errors() as exc:
             raise s3_error(uri.text, exc) from exc

@@ -1,0 +1,114 @@
+"""Remote trees obey the artifact limits before they fill the disk (attack round on the loader's fetchers).
+
+Archives, local and pvc:// trees were bounded (test_hostile_artifacts), but an s3:// prefix and an hf:// repo were
+downloaded whole: every object, however many and however large, into the replica's disk, then copied into the
+cache. Now the store's own listing (S3 ListObjectsV2 sizes, the Hub's file metadata) is checked against the
+cache's limits first, and what was written is checked again (a store answering with more than it listed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from loraplane.api.reasons import Reason
+from loraplane.storage.archive import ArtifactLimits
+from loraplane.storage.cache import ArtifactCache, FetchError
+from loraplane.storage.fetchers import FetchPolicy
+from loraplane.storage.fetchers.s3 import S3Fetcher
+
+pytestmark = pytest.mark.timeout(60)
+LIMITS = ArtifactLimits(max_members=5, max_member_bytes=1000, max_total_bytes=1000)
+
+
+@pytest.fixture
+def cache(tmp_path) -> ArtifactCache:
+    return ArtifactCache(tmp_path / "cache", max_bytes=1 << 30, limits=LIMITS,
+                         policy=FetchPolicy(allow_insecure_http=True))
+
+
+def _downloads(monkeypatch) -> list[str]:
+    """The keys S3Fetcher downloads (spied on; they still download)."""
+    seen: list[str] = []
+    real = S3Fetcher.client.fget
+
+    class Spy:
+        def __init__(self, client):
+            self._client = client
+
+        def __getattr__(self, name):
+            return getattr(self._client, name)
+
+        def download_file(self, bucket, key, path, *args, **kwargs):
+            seen.append(key)
+            return self._client.download_file(bucket, key, path, *args, **kwargs)
+
+    monkeypatch.setattr(S3Fetcher, "client", property(lambda self: Spy(real(self))))
+    return seen
+
+
+async def test_an_s3_prefix_over_the_limits_is_refused_before_a_download(s3_env, cache, monkeypatch):
+    client = s3_env.client()
+    client.create_bucket(Bucket="wide")
+    for i in range(LIMITS.max_members + 1):
+        client.put_object(Bucket="wide", Key=f"many/f{i}", Body=b"x")
+    client.put_object(Bucket="wide", Key="big/adapter_model.safetensors", Body=b"x" * (LIMITS.max_total_bytes + 1))
+    downloads = _downloads(monkeypatch)
+    for prefix, needle in (("many", f"{LIMITS.max_members + 1} files"), ("big", f"{LIMITS.max_total_bytes + 1} bytes")):
+        with pytest.raises(FetchError) as info:
+            await cache.fetch(f"s3://wide/{prefix}")
+        assert info.value.reason == Reason.ArtifactTooLarge and needle in str(info.value), str(info.value)
+    assert downloads == []
+    # within the limits it is fetched as before
+    client.put_object(Bucket="wide", Key="ok/adapter_config.json", Body=b"{}")
+    assert (await cache.fetch("s3://wide/ok")).path.joinpath("adapter_config.json").read_text() == "{}"
+
+
+async def test_an_s3_archive_over_the_limit_is_refused_before_its_download(s3_env, cache, monkeypatch):
+    client = s3_env.client()
+    client.create_bucket(Bucket="arch")
+    client.put_object(Bucket="arch", Key="a.tar.gz", Body=b"x" * (LIMITS.max_total_bytes + 1))
+    downloads = _downloads(monkeypatch)
+    with pytest.raises(FetchError) as info:
+        await cache.fetch("s3://arch/a.tar.gz")
+    assert info.value.reason == Reason.ArtifactTooLarge and "the object" in str(info.value)
+    assert downloads == []
+
+
+def _snapshot(root: Path, files: int, size: int = 1) -> Path:
+    root.mkdir(parents=True)
+    (root / "adapter_config.json").write_text("{}")
+    for i in range(files - 1):
+        (root / f"f{i}").write_bytes(b"x" * size)
+    return root
+
+
+async def test_an_hf_repo_over_the_limits_is_refused(cache, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    # Online: the Hub's file list says too much: nothing is downloaded.
+    def listing(self, repo, revision=None, files_metadata=False, token=None):
+        assert files_metadata
+        return SimpleNamespace(siblings=[SimpleNamespace(rfilename=f"f{i}", size=10) for i in range(50)])
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", listing)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda *a, **k: pytest.fail("downloaded a repository over the limits"))
+    with pytest.raises(FetchError) as info:
+        await cache.fetch("hf://org/wide-lora")
+    assert info.value.reason == Reason.ArtifactTooLarge and "the repository has 50 files" in str(info.value)
+
+    # Offline (a cache someone else filled), or a repo grown since it was listed: the snapshot is checked.
+    snapshots = {"wide": _snapshot(tmp_path / "wide", LIMITS.max_members + 1),
+                 "big": _snapshot(tmp_path / "big", 2, LIMITS.max_total_bytes + 1),
+                 "ok": _snapshot(tmp_path / "ok", 2)}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **k: str(snapshots[repo.split("/")[1]]))
+    for name in ("wide", "big"):
+        with pytest.raises(FetchError) as info:
+            await cache.fetch(f"hf://org/{name}")
+        assert info.value.reason == Reason.ArtifactTooLarge and "the snapshot" in str(info.value), name
+    assert (await cache.fetch("hf://org/ok")).path.joinpath("adapter_config.json").read_text() == "{}"
