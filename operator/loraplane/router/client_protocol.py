@@ -130,6 +130,7 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = 0.0
         self.refused = False
         self.dropped = 0  # bytes discarded while lingering
+        self.head_only = False  # the answer `respond` writes next is to a HEAD request: its head only
 
     # ---- transport events ----
 
@@ -345,12 +346,15 @@ class ClientConnection(asyncio.Protocol):
     def respond(self, status: int, body: bytes, content_type: bytes = JSON, extra: bytes = b"",
                 keep_alive: bool = True) -> None:
         """Answer the current request with a complete response: `extra` is more header lines (each ending in
-        CRLF); without `keep_alive` the answer says `Connection: close` and the connection closes after it."""
+        CRLF); without `keep_alive` the answer says `Connection: close` and the connection closes after it. When
+        `head_only` is set (dispatch: a HEAD request) the body is left out, its Content-Length kept (RFC 9110
+        section 9.3.2), and the flag cleared."""
         t = self.transport
         if t is not None:
             t.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n%s" % (
                 status, STATUS_PHRASES.get(status, b"Unknown"), content_type, len(body), extra,
-                b"" if keep_alive else b"Connection: close\r\n", body))
+                b"" if keep_alive else b"Connection: close\r\n", b"" if self.head_only else body))
+        self.head_only = False
         self.done(keep_alive)
 
     def refuse_no_body(self) -> None:
@@ -373,9 +377,10 @@ class ClientConnection(asyncio.Protocol):
             t.pause_reading()
             return
         body = error_body(message, type_, code, param)
+        head = getattr(self.req, "method", None) == b"HEAD"   # known once its headers are complete
         t.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s"
                 b"Connection: close\r\n\r\n%s" % (status, STATUS_PHRASES.get(status, b"Unknown"), len(body),
-                                                   extra, body))
+                                                   extra, b"" if head else body))
         self.busy = True  # nothing else is dispatched on this connection
         self.pending.clear()
         self.phase = LINGER
