@@ -11,10 +11,10 @@ writes the answer itself and then calls `done`.
 Every phase of reading a request is bounded, so a client without a key cannot hold the router's memory or
 connections (issue: slow-header, slow-body, huge-header and idle clients):
 - size: the request line and headers together at most `router.max_header_bytes`, counted on the raw bytes
-  as they arrive (httptools would otherwise accumulate one endless header value); the body at most
-  `router.max_request_bytes`;
-- time: each connection is in one read phase (IDLE between requests, HEAD, BODY, LINGER after a refusal)
-  with a deadline that `Router.sweep` checks about once a second (the hot path only stores the phase);
+  as they arrive (httptools would otherwise accumulate one endless header value), and so is a chunked body's
+  trailer section; the body at most `router.max_request_bytes`;
+- time: each connection is in one read phase (IDLE between requests, HEAD, BODY, TRAILER, LINGER after a
+  refusal) with a deadline that `Router.sweep` checks about once a second (the hot path only stores the phase);
 - count: at most `router.max_connections` client connections; more are answered 503 and closed.
 A refusal before the request was read whole answers, half-closes (FIN after the answer) and then discards,
 never buffers, what the client still sends, for at most LINGER_SECONDS / LINGER_BYTES: closing at once
@@ -47,8 +47,10 @@ MAX_PIPELINED = 8  # requests parsed ahead of the one being answered before the 
 # (so the client can finish sending and read the answer) before the connection is closed.
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 1024 * 1024
-# Read phases (ClientConnection.phase); Router.sweep applies each one's timeout.
-IDLE, HEAD, BODY, LINGER = 0, 1, 2, 3
+# Read phases (ClientConnection.phase); Router.sweep applies each one's timeout. TRAILER: after a chunk-size line,
+# until its data begins (on_body) or the message ends: the trailer section after the last (0) chunk, whose bytes
+# count against max_header_bytes as a head's do, within the body's deadline.
+IDLE, HEAD, BODY, LINGER, TRAILER = 0, 1, 2, 3, 4
 
 
 class _Stop(Exception):
@@ -212,8 +214,9 @@ class ClientConnection(asyncio.Protocol):
             room = limit - self.head_bytes
             if room <= 0:
                 self.router.metrics.count_refused(NO_BACKEND, 431)
-                self.refuse(431, f"request line and headers over {limit} bytes (the router's "
-                                 "--max-header-bytes)", "invalid_request_error", "headers_too_large")
+                what = "trailer section" if self.phase == TRAILER else "request line and headers"
+                self.refuse(431, f"{what} over {limit} bytes (the router's --max-header-bytes)",
+                            "invalid_request_error", "headers_too_large")
                 return
             piece = view[pos:pos + room]
             heads = self.heads
@@ -253,7 +256,12 @@ class ClientConnection(asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes):
-        """httptools callback: keep the headers the router reads (their size is capped in data_received)."""
+        """httptools callback: keep the headers the router reads (their size is capped in data_received).
+        Fields of a chunked body's trailer section (httptools reports them here too) are ignored: RFC 9110
+        section 6.5.1 forbids merging them into the header section, and they arrive after `admit` checked the
+        headers (an X-Request-Id there went to vLLM unchecked)."""
+        if self.phase == TRAILER:   # ~10 ns per header
+            return
         n = name.lower()
         req = self.req
         if n == b"authorization":
@@ -293,10 +301,19 @@ class ClientConnection(asyncio.Protocol):
         if req.expect == b"100-continue" and not self.busy:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
+    def on_chunk_header(self):
+        """httptools callback (chunked bodies only): a chunk-size line was read. The last chunk's is followed by
+        the trailer section: TRAILER until the chunk's data begins (`on_body`), its bytes counted as a head's
+        (a new allowance: `heads` tells _feed_capped that the count restarted)."""
+        self.phase = TRAILER
+        self.head_bytes = 0
+        self.heads += 1
+
     def on_body(self, body: bytes):
         """httptools callback: collect a body chunk; past the request's body_limit (max_request_bytes, 0 on a
         path that takes no body; a chunked body: its length was not announced) refuse at once (413, or 400 for
         a body where none belongs), without reading the rest."""
+        self.phase = BODY   # after a chunk-size line (TRAILER) the chunk's data: a body again
         req = self.req
         req.size += len(body)
         if req.size > req.body_limit:
@@ -402,7 +419,7 @@ class ClientConnection(asyncio.Protocol):
         if t is None:
             return
         phase = self.phase
-        if phase == HEAD or phase == BODY:
+        if phase == HEAD or phase == BODY or phase == TRAILER:
             self.router.metrics.count_refused(NO_BACKEND, 408)
             what, flag = ("headers", "--header-timeout") if phase == HEAD else ("body", "--body-timeout")
             self.refuse(408, f"the request {what} did not arrive in time (the router's {flag})",

@@ -110,3 +110,56 @@ async def test_lone_surrogates_in_a_body_are_answered_not_dropped(stub, tmp_path
         assert out.startswith(b"HTTP/1.1 200 "), out[:300]
         sent = json.loads(stub.received[-1][1])
         assert sent["prompt"] == "\ud800" and sent["stream_options"]["include_usage"] is True
+
+
+# ---- trailer sections of chunked bodies ----
+
+async def test_a_trailer_section_is_bounded_like_headers(stub, tmp_path):
+    """After the last chunk of a chunked body come trailer fields, which httptools accumulates like a header. The
+    router counted only the request line and headers against --max-header-bytes: a client without a key sent
+    `POST /healthz` chunked, `0`, then one endless trailer value, and httptools' copying of the growing value
+    froze the event loop (every client of the router) and grew its memory without bound. Now the trailer section
+    is counted as a head is: 431 within about one allowance."""
+    limit = 4096
+    async with running_router(tmp_path, [stub.spec], table_json({"chat": [("v1", 100)]}),
+                              max_header_bytes=limit) as (svc, client):
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        writer.write(b"POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-Big: ")
+        try:   # 512 KiB, 128 allowances (the old router kept it all, waiting for more); within what a refused
+            for _ in range(8):   # connection still reads and drops (client_protocol.LINGER_BYTES)
+                writer.write(b"a" * 65536)
+                await asyncio.wait_for(writer.drain(), 5)
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+        out = await read_all(reader)
+        writer.close()
+        assert out.startswith(b"HTTP/1.1 431 ") and b"trailer section over 4096 bytes" in out, out[:300]
+        async with client.get("/healthz") as resp:   # and the router serves others
+            assert resp.status == 200
+
+
+async def test_trailer_fields_are_not_taken_for_headers(stub, tmp_path):
+    """A trailer field arrives after `admit` checked the headers: an X-Request-Id there (any length up to the
+    header limit) replaced the checked one and went to vLLM. Trailer fields are ignored (RFC 9110 section 6.5.1);
+    a chunked body with trailers, and one of many small chunks read at once, are served as before."""
+    async with running_router(tmp_path, [stub.spec], table_json({"chat": [("v1", 100)]}),
+                              max_header_bytes=4096) as (svc, _):
+        body = b'{"model":"chat","prompt":"p"}'
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nX-Request-Id: ok\r\n"
+                     b"Connection: close\r\n\r\n%x\r\n%s\r\n0\r\nX-Request-Id: %s\r\n\r\n" % (len(body), body, b"r" * 3000))
+        out = await read_all(reader)
+        writer.close()
+        assert out.startswith(b"HTTP/1.1 200 "), out[:300]
+        assert stub.received[-1][2]["X-Request-Id"] == "ok"
+        # 20 KB of 5-byte chunks in one write (many chunk-size lines, each followed by data): not a trailer.
+        prompt = b"x" * 20000
+        body = b'{"model":"chat","prompt":"' + prompt + b'"}'
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 5]), body[i:i + 5]) for i in range(0, len(body), 5))
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                     + chunks + b"0\r\nX-Note: t\r\n\r\n")
+        out = await read_all(reader)
+        writer.close()
+        assert out.startswith(b"HTTP/1.1 200 "), out[:300]
+        assert json.loads(stub.received[-1][1])["prompt"] == prompt.decode()
