@@ -15,7 +15,11 @@ connections (issue: slow-header, slow-body, huge-header and idle clients):
   trailer section; the body at most `router.max_request_bytes`;
 - time: each connection is in one read phase (IDLE between requests, HEAD, BODY, TRAILER, LINGER after a
   refusal) with a deadline that `Router.sweep` checks about once a second (the hot path only stores the phase);
-- count: at most `router.max_connections` client connections; more are answered 503 and closed.
+- count: at most `router.max_connections` client connections; more are answered 503 and closed;
+- answers not read: while the client's send buffer is full (asyncio's pause_writing: the client reads slower
+  than the router answers), the router reads no more requests from it and answers none of those it already
+  read (`stalled`), so a client pipelining requests without reading cannot make it buffer their answers (one
+  `GET /metrics` line is answered with kilobytes); at most MAX_QUEUED requests are kept unanswered.
 A refusal before the request was read whole answers, half-closes (FIN after the answer) and then discards,
 never buffers, what the client still sends, for at most LINGER_SECONDS / LINGER_BYTES: closing at once
 would make the kernel reset the connection and the client could lose the answer.
@@ -43,6 +47,10 @@ JSON = b"application/json"
 STATUS_PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}  # 404 -> b"Not Found"
 _HOPS_LOWER = FORWARD_HOPS_HEADER.lower().encode()
 MAX_PIPELINED = 8  # requests parsed ahead of the one being answered before the router stops reading
+# ... and the most kept: reading stops past MAX_PIPELINED, but one read (up to 256 KiB) can hold thousands of tiny
+# requests; past this many the connection is closed after the answer in progress (HTTP/1.1 pipelining is rare:
+# browsers never, curl and the Python clients no longer do it).
+MAX_QUEUED = 256
 # After a refusal mid-request: how long and how much of what the client still sends is read and dropped
 # (so the client can finish sending and read the answer) before the connection is closed.
 LINGER_SECONDS = 2.0
@@ -133,6 +141,9 @@ class ClientConnection(asyncio.Protocol):
         self.refused = False
         self.dropped = 0  # bytes discarded while lingering
         self.head_only = False  # the answer `respond` writes next is to a HEAD request: its head only
+        self.writing_paused = False  # between asyncio's pause_writing and resume_writing
+        self.stalled = False  # an answer is complete but the next waits for resume_writing (see `done`)
+        self.answering = False  # _answer_queued is dispatching queued requests
 
     # ---- transport events ----
 
@@ -226,21 +237,34 @@ class ClientConnection(asyncio.Protocol):
                 self.head_bytes += len(piece)
 
     def pause_writing(self):
-        """asyncio flow control: the client's send buffer is full; pause reading from the replica."""
-        # The client reads slower than the replica streams: stop reading from the replica.
+        """asyncio flow control: the client's send buffer is full (over the transport's high-water mark, 64 KiB):
+        stop reading requests from the client (their answers would pile up in memory: `done` stalls) and pause
+        reading from the replica (the client reads slower than it streams)."""
+        self.writing_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
         ex = self.exchange
         if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
             self.paused_upstream = ex.upstream.transport
             self.paused_upstream.pause_reading()
 
     def resume_writing(self):
-        """asyncio flow control: the client drained its buffer; resume reading from the replica."""
+        """asyncio flow control: the client drained its buffer: resume reading from the replica, go on with the
+        next request if `done` stalled, and read requests again (unless MAX_PIPELINED are queued or the
+        connection is closing)."""
+        self.writing_paused = False
         if self.paused_upstream is not None:
             try:
                 self.paused_upstream.resume_reading()
             except Exception:  # that connection has closed meanwhile: nothing to resume
                 pass
             self.paused_upstream = None
+        if self.stalled:
+            self.stalled = False
+            self.done(True)   # stalled only on a kept-alive connection; may pause writing again
+        t = self.transport
+        if t is not None and not self.writing_paused and not self.closing and len(self.pending) <= MAX_PIPELINED:
+            t.resume_reading()
 
     # ---- parser callbacks ----
 
@@ -336,6 +360,9 @@ class ClientConnection(asyncio.Protocol):
             self.pending.append(req)
             if len(self.pending) > MAX_PIPELINED:  # a client pipelining without reading: stop reading from it
                 self.transport.pause_reading()
+                if len(self.pending) > MAX_QUEUED:   # within one read: keep no more, close after the answer
+                    self.refuse(400, "too many pipelined requests", "invalid_request_error")
+                    raise _Stop
             return
         self.busy = True
         self.router.dispatch(self, req)
@@ -343,22 +370,42 @@ class ClientConnection(asyncio.Protocol):
     # ---- answering ----
 
     def done(self, keep_alive: bool) -> None:
-        """The current response is complete: close, or go on with the next pipelined request."""
+        """The current response is complete: close, or go on with the next pipelined request (`_answer_queued`),
+        unless the client has not read what was sent so far (`stalled` until resume_writing)."""
         self.exchange = None
         self.busy = False
-        if self.transport is None:
+        t = self.transport
+        if t is None:
             return
         if not keep_alive or self.closing:
-            self.transport.close()
+            self.closing = True   # what is still queued is not answered
+            t.close()
             return
         if self.phase == IDLE:
             self.deadline = 0.0  # the keep-alive idle time starts now, not when the request arrived
-        if self.pending:
-            req = self.pending.pop(0)
-            if len(self.pending) <= MAX_PIPELINED:
-                self.transport.resume_reading()
-            self.busy = True
-            self.router.dispatch(self, req)
+        if self.writing_paused:
+            # The client has not read what was sent so far: the next request (queued, or read later in the same
+            # data) waits for resume_writing, as behind an answer in progress; one attribute test per request.
+            self.busy = self.stalled = True
+            return
+        if self.pending and not self.answering:
+            self._answer_queued()
+
+    def _answer_queued(self) -> None:
+        """Dispatch the queued (pipelined) requests in order until one is answered later (`busy` stays set: its
+        `done` goes on from there), the connection stalls, or it closes. A loop, not recursion: a request answered
+        at once calls `done` from within `dispatch`, which returns here (`answering`); a few hundred queued
+        requests answered at once used to recurse past Python's limit (RecursionError: the connection hung)."""
+        self.answering = True
+        try:
+            while self.pending and not self.busy and not self.closing and self.transport is not None:
+                req = self.pending.pop(0)
+                if len(self.pending) <= MAX_PIPELINED:
+                    self.transport.resume_reading()
+                self.busy = True
+                self.router.dispatch(self, req)
+        finally:
+            self.answering = False
 
     def respond(self, status: int, body: bytes, content_type: bytes = JSON, extra: bytes = b"",
                 keep_alive: bool = True) -> None:

@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import socket
 
 import pytest
 import pytest_asyncio
 
-from support.router_running import running_router, table_json
+from support.router_running import running_router, table_json, wait_for
 from support.router_stubs import StubReplica
 
 pytestmark = pytest.mark.timeout(60)
@@ -163,3 +164,73 @@ async def test_trailer_fields_are_not_taken_for_headers(stub, tmp_path):
         writer.close()
         assert out.startswith(b"HTTP/1.1 200 "), out[:300]
         assert json.loads(stub.received[-1][1])["prompt"] == prompt.decode()
+
+
+# ---- clients that pipeline requests without reading the answers ----
+
+async def test_a_client_that_does_not_read_its_answers_cannot_make_the_router_buffer_them(stub, tmp_path):
+    """The router kept reading requests while the client's send buffer was full: a client pipelining requests
+    with small requests and large answers (`GET /metrics`, open to all, 35 bytes answered with ~9 KB; here
+    `GET /v1/models` of a route without API keys, ~40 KB) and reading nothing made it buffer every answer (a probe:
+    10 MB of /metrics requests sent, 1.6 GB buffered). Now it stops reading requests while the client does not read
+    (asyncio's pause_writing) and answers nothing more until it does, then every request in order."""
+    n = 250   # ~10 MB of answers (the kernel's socket buffers take ~4 MB), fewer than client_protocol.MAX_QUEUED
+    loop = asyncio.get_running_loop()
+    table = table_json({f"model-{i:04d}": [("v1", 100)] for i in range(400)})
+    async with running_router(tmp_path, [stub.spec], table) as (svc, _):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", svc.port))
+            await wait_for(lambda: len(svc.router.connections) == 1)
+            (conn,) = svc.router.connections
+            await loop.sock_sendall(sock, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n" * n
+                                    + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            await asyncio.sleep(0.5)   # the old router answered all of it into its buffer meanwhile
+            buffered = conn.transport.get_write_buffer_size()
+            assert buffered < 512 * 1024, buffered
+            out = []   # now read: everything is answered, in order
+            while chunk := await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 10):
+                out.append(chunk)
+        out = b"".join(out)
+        assert out.count(b"HTTP/1.1 200 OK\r\n") == n + 1 and out.endswith(b"\r\n\r\nok"), (len(out), out[-200:])
+
+
+async def test_hundreds_of_pipelined_requests_answered_at_once_are_answered_in_a_loop(stub, tmp_path):
+    """Requests queued behind a proxied one and answered at once (404s here) were dispatched recursively, one
+    stack level per request (done -> dispatch -> respond_error -> respond -> done): 250 of them passed Python's
+    recursion limit when the proxied answer completed, and the connection hung with the rest unanswered."""
+    stub.hold = asyncio.Event()
+    n = 250
+    async with running_router(tmp_path, [stub.spec], table_json({"chat": [("v1", 100)]})) as (svc, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        writer.write(post(b'{"model":"chat","prompt":"p"}') + b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n" * n
+                     + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await wait_for(lambda: len(stub.received) == 1)
+        await asyncio.sleep(0.2)   # all of it read and queued
+        stub.hold.set()
+        out = await read_all(reader)
+        writer.close()
+        assert out.startswith(b"HTTP/1.1 200 ") and out.count(b"HTTP/1.1 404 ") == n and out.endswith(b"ok"), \
+            (out.count(b"HTTP/1.1 "), out[-200:])
+
+
+async def test_a_client_pipelining_hundreds_of_requests_in_one_write_is_closed_after_the_answer_in_progress(
+        stub, tmp_path):
+    """One read (up to 256 KiB) can hold thousands of tiny requests, all kept (about 300 bytes each) behind an
+    answer in progress. Past client_protocol.MAX_QUEUED the connection is closed after that answer, and nothing
+    more is read or kept."""
+    from loraplane.router import client_protocol
+    MAX_QUEUED = getattr(client_protocol, "MAX_QUEUED", 256)   # (the router before it kept them all)
+    stub.hold = asyncio.Event()
+    async with running_router(tmp_path, [stub.spec], table_json({"chat": [("v1", 100)]})) as (svc, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        writer.write(post(b'{"model":"chat","prompt":"p"}') + b"GET /healthz HTTP/1.1\r\n\r\n" * (MAX_QUEUED + 50))
+        await wait_for(lambda: len(svc.router.connections) == 1)
+        (conn,) = svc.router.connections
+        await wait_for(lambda: conn.closing)
+        assert len(conn.pending) == MAX_QUEUED + 1
+        stub.hold.set()
+        out = await read_all(reader)
+        writer.close()
+        assert out.startswith(b"HTTP/1.1 200 ") and out.count(b"HTTP/1.1 ") == 1, out[:300]
