@@ -110,13 +110,15 @@ class Request:
 
 class ClientConnection(asyncio.Protocol):
     """One client's keep-alive connection. Requests are answered in order, one at a time; pipelined ones wait
-    in `pending` (over MAX_PIPELINED the router stops reading from the client).
+    in `pending` (over MAX_PIPELINED the router stops reading from the client, over MAX_QUEUED it closes the
+    connection after the answer in progress), and while the client does not read what was sent (`writing_paused`)
+    the router reads none and answers none (`stalled`).
 
     Reads from `router`: `connections` (it registers itself there), `max_connections`, `max_header_bytes`,
     `sticky_header_lower` and `watched_headers` (it and the headers content rules read), `max_request_bytes`,
     `metrics`, `admit(conn, req)`, which may refuse a request
     once its headers are complete, and `dispatch(conn, req)`, which answers a complete request.
-    `phase` (IDLE, HEAD, BODY, LINGER) and `deadline` (time.perf_counter() seconds; 0.0: not armed yet) are
+    `phase` (IDLE, HEAD, BODY, TRAILER, LINGER) and `deadline` (time.perf_counter() seconds; 0.0: not armed yet) are
     the read phase and its deadline, armed and enforced by `Router.sweep`; `refused` is set once the
     connection answered a refusal and only drops what else arrives.
     `exchange` is the proxied exchange in progress, if any: told when the client leaves, and the connection
