@@ -146,6 +146,7 @@ class ClientConnection(asyncio.Protocol):
         self.writing_paused = False  # between asyncio's pause_writing and resume_writing
         self.stalled = False  # an answer is complete but the next waits for resume_writing (see `done`)
         self.answering = False  # _answer_queued is dispatching queued requests
+        self.unsent = 0  # answer bytes not yet sent when an idle timeout last looked (timed_out)
 
     # ---- transport events ----
 
@@ -463,7 +464,10 @@ class ClientConnection(asyncio.Protocol):
 
     def timed_out(self) -> None:
         """The read phase's deadline passed (Router.sweep): an idle keep-alive connection or a lingering one is
-        closed; a request whose headers or body did not arrive in time is answered 408."""
+        closed; a request whose headers or body did not arrive in time is answered 408. An idle one (or one
+        stalled behind answers its client does not read) with answers still unsent gets another period while
+        its client reads them (the unsent bytes went down since the last look, as nginx's send_timeout), else
+        is aborted: close() would wait for a client that reads nothing, and hold the connection for ever."""
         t = self.transport
         if t is None:
             return
@@ -475,8 +479,15 @@ class ClientConnection(asyncio.Protocol):
                         "invalid_request_error", "request_timeout")
             if self.busy and self.closing:
                 self.phase, self.deadline = IDLE, 0.0  # closes once the answer in progress is sent
-        else:
+            return
+        unsent = t.get_write_buffer_size()
+        if not unsent:
             t.close()
+        elif phase == IDLE and unsent != self.unsent:   # the client reads (or this is the first look)
+            self.unsent = unsent
+            self.deadline = 0.0   # re-armed by the next sweep
+        else:
+            t.abort()
 
     def respond_error(self, status: int, message: str, type_: str, code: str | None = None,
                       param: str | None = None, extra: bytes = b"", close: bool = False, **fields) -> None:

@@ -277,6 +277,7 @@ class Router:
         clock read or timer); the first sweep that sees the phase arms the deadline, a later one past it
         calls `ClientConnection.timed_out`. No read deadline runs while a request is being answered
         (router.timeoutSeconds bounds that) unless the client started sending another one.
+        A connection stalled behind answers its client does not read has the idle deadline (timed_out).
         A proxied request past its `deadline` (router.timeoutSeconds after it was sent) is ended here too
         (`Exchange.timed_out`: 504, or a cut stream): the hot path arms no timer per request.
         """
@@ -292,7 +293,7 @@ class Router:
                     if c.transport is not None:
                         c.transport.abort()
             phase = c.phase
-            if phase == IDLE and c.busy:
+            if phase == IDLE and c.busy and not c.stalled:   # stalled: its client reads nothing, see timed_out
                 continue
             if c.deadline == 0.0:
                 c.deadline = now + timeouts[phase]

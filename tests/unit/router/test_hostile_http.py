@@ -234,3 +234,65 @@ async def test_a_client_pipelining_hundreds_of_requests_in_one_write_is_closed_a
         out = await read_all(reader)
         writer.close()
         assert out.startswith(b"HTTP/1.1 200 ") and out.count(b"HTTP/1.1 ") == 1, out[:300]
+
+
+async def test_clients_that_never_read_do_not_hold_their_connections_for_ever(stub, tmp_path):
+    """A connection whose client reads nothing was exempt from every timeout: stalled behind its unread
+    answers, or idle with them still buffered (asyncio's close() waits for them to be sent). A few such
+    clients without a key held --max-connections for ever, and every other client was answered 503. A client
+    that reads nothing of what was sent to it for --idle-timeout seconds is now disconnected."""
+    loop = asyncio.get_running_loop()
+    table = table_json({f"model-{i:04d}": [("v1", 100)] for i in range(400)})   # /v1/models: ~40 KB
+    async with running_router(tmp_path, [stub.spec], table, max_connections=3,
+                              header_timeout=0.6, body_timeout=0.6, idle_timeout=0.6) as (svc, _):
+        socks = []
+        for _ in range(3):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", svc.port))
+            await loop.sock_sendall(sock, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
+            socks.append(sock)
+        await wait_for(lambda: len(svc.router.connections) == 3)
+        await asyncio.sleep(0.6 + 2.0)   # the idle timeout and the sweep's slack
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            out = await read_all(reader)
+            writer.close()
+        finally:
+            for sock in socks:
+                sock.close()
+        assert out.startswith(b"HTTP/1.1 200 "), out[:200]
+
+
+async def test_a_slow_reader_of_its_answers_is_not_cut_off(stub, tmp_path):
+    """The other side of the test above: a client that takes longer than --idle-timeout to read one answer, but
+    reads, keeps its connection until everything is answered."""
+    loop = asyncio.get_running_loop()
+    table = table_json({f"model-{i:05d}": [("v1", 100)] for i in range(60000)})   # /v1/models: ~6 MB (more than
+    # the kernel's socket buffers take)
+    async with running_router(tmp_path, [stub.spec], table, header_timeout=0.6, body_timeout=0.6,
+                              idle_timeout=0.6) as (svc, _):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", svc.port))
+            await loop.sock_sendall(sock, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            out = b""
+            for _ in range(60):   # up to 512 KiB every 0.3 s: ~3.5 s for the answer, the idle timeout is 0.6 s
+                await asyncio.sleep(0.3)
+                got = 0
+                try:
+                    while got < 512 * 1024:
+                        chunk = await asyncio.wait_for(loop.sock_recv(sock, 512 * 1024 - got), 0.05)
+                        if not chunk:
+                            break
+                        out += chunk
+                        got += len(chunk)
+                except asyncio.TimeoutError:
+                    pass
+                if out.endswith(b"\r\n\r\nok") or not got:
+                    break
+        assert out.count(b"HTTP/1.1 200 OK\r\n") == 2 and out.endswith(b"ok"), (len(out), out[-100:])
