@@ -11,11 +11,15 @@ writes the answer itself and then calls `done`.
 Every phase of reading a request is bounded, so a client without a key cannot hold the router's memory or
 connections (issue: slow-header, slow-body, huge-header and idle clients):
 - size: the request line and headers together at most `router.max_header_bytes`, counted on the raw bytes
-  as they arrive (httptools would otherwise accumulate one endless header value); the body at most
-  `router.max_request_bytes`;
-- time: each connection is in one read phase (IDLE between requests, HEAD, BODY, LINGER after a refusal)
-  with a deadline that `Router.sweep` checks about once a second (the hot path only stores the phase);
-- count: at most `router.max_connections` client connections; more are answered 503 and closed.
+  as they arrive (httptools would otherwise accumulate one endless header value), and so is a chunked body's
+  trailer section; the body at most `router.max_request_bytes`;
+- time: each connection is in one read phase (IDLE between requests, HEAD, BODY, TRAILER, LINGER after a
+  refusal) with a deadline that `Router.sweep` checks about once a second (the hot path only stores the phase);
+- count: at most `router.max_connections` client connections; more are answered 503 and closed;
+- answers not read: while the client's send buffer is full (asyncio's pause_writing: the client reads slower
+  than the router answers), the router reads no more requests from it and answers none of those it already
+  read (`stalled`), so a client pipelining requests without reading cannot make it buffer their answers (one
+  `GET /metrics` line is answered with kilobytes); at most MAX_QUEUED requests are kept unanswered.
 A refusal before the request was read whole answers, half-closes (FIN after the answer) and then discards,
 never buffers, what the client still sends, for at most LINGER_SECONDS / LINGER_BYTES: closing at once
 would make the kernel reset the connection and the client could lose the answer.
@@ -43,12 +47,18 @@ JSON = b"application/json"
 STATUS_PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}  # 404 -> b"Not Found"
 _HOPS_LOWER = FORWARD_HOPS_HEADER.lower().encode()
 MAX_PIPELINED = 8  # requests parsed ahead of the one being answered before the router stops reading
+# ... and the most kept: reading stops past MAX_PIPELINED, but one read (up to 256 KiB) can hold thousands of tiny
+# requests; past this many the connection is closed after the answer in progress (HTTP/1.1 pipelining is rare:
+# browsers never, curl and the Python clients no longer do it).
+MAX_QUEUED = 256
 # After a refusal mid-request: how long and how much of what the client still sends is read and dropped
 # (so the client can finish sending and read the answer) before the connection is closed.
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 1024 * 1024
-# Read phases (ClientConnection.phase); Router.sweep applies each one's timeout.
-IDLE, HEAD, BODY, LINGER = 0, 1, 2, 3
+# Read phases (ClientConnection.phase); Router.sweep applies each one's timeout. TRAILER: after a chunk-size line,
+# until its data begins (on_body) or the message ends: the trailer section after the last (0) chunk, whose bytes
+# count against max_header_bytes as a head's do, within the body's deadline.
+IDLE, HEAD, BODY, LINGER, TRAILER = 0, 1, 2, 3, 4
 
 
 class _Stop(Exception):
@@ -100,13 +110,15 @@ class Request:
 
 class ClientConnection(asyncio.Protocol):
     """One client's keep-alive connection. Requests are answered in order, one at a time; pipelined ones wait
-    in `pending` (over MAX_PIPELINED the router stops reading from the client).
+    in `pending` (over MAX_PIPELINED the router stops reading from the client, over MAX_QUEUED it closes the
+    connection after the answer in progress), and while the client does not read what was sent (`writing_paused`)
+    the router reads none and answers none (`stalled`).
 
     Reads from `router`: `connections` (it registers itself there), `max_connections`, `max_header_bytes`,
     `sticky_header_lower` and `watched_headers` (it and the headers content rules read), `max_request_bytes`,
     `metrics`, `admit(conn, req)`, which may refuse a request
     once its headers are complete, and `dispatch(conn, req)`, which answers a complete request.
-    `phase` (IDLE, HEAD, BODY, LINGER) and `deadline` (time.perf_counter() seconds; 0.0: not armed yet) are
+    `phase` (IDLE, HEAD, BODY, TRAILER, LINGER) and `deadline` (time.perf_counter() seconds; 0.0: not armed yet) are
     the read phase and its deadline, armed and enforced by `Router.sweep`; `refused` is set once the
     connection answered a refusal and only drops what else arrives.
     `exchange` is the proxied exchange in progress, if any: told when the client leaves, and the connection
@@ -130,6 +142,11 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = 0.0
         self.refused = False
         self.dropped = 0  # bytes discarded while lingering
+        self.head_only = False  # the answer `respond` writes next is to a HEAD request: its head only
+        self.writing_paused = False  # between asyncio's pause_writing and resume_writing
+        self.stalled = False  # an answer is complete but the next waits for resume_writing (see `done`)
+        self.answering = False  # _answer_queued is dispatching queued requests
+        self.unsent = 0  # answer bytes not yet sent when an idle timeout last looked (timed_out)
 
     # ---- transport events ----
 
@@ -211,8 +228,9 @@ class ClientConnection(asyncio.Protocol):
             room = limit - self.head_bytes
             if room <= 0:
                 self.router.metrics.count_refused(NO_BACKEND, 431)
-                self.refuse(431, f"request line and headers over {limit} bytes (the router's "
-                                 "--max-header-bytes)", "invalid_request_error", "headers_too_large")
+                what = "trailer section" if self.phase == TRAILER else "request line and headers"
+                self.refuse(431, f"{what} over {limit} bytes (the router's --max-header-bytes)",
+                            "invalid_request_error", "headers_too_large")
                 return
             piece = view[pos:pos + room]
             heads = self.heads
@@ -222,21 +240,34 @@ class ClientConnection(asyncio.Protocol):
                 self.head_bytes += len(piece)
 
     def pause_writing(self):
-        """asyncio flow control: the client's send buffer is full; pause reading from the replica."""
-        # The client reads slower than the replica streams: stop reading from the replica.
+        """asyncio flow control: the client's send buffer is full (over the transport's high-water mark, 64 KiB):
+        stop reading requests from the client (their answers would pile up in memory: `done` stalls) and pause
+        reading from the replica (the client reads slower than it streams)."""
+        self.writing_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
         ex = self.exchange
         if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
             self.paused_upstream = ex.upstream.transport
             self.paused_upstream.pause_reading()
 
     def resume_writing(self):
-        """asyncio flow control: the client drained its buffer; resume reading from the replica."""
+        """asyncio flow control: the client drained its buffer: resume reading from the replica, go on with the
+        next request if `done` stalled, and read requests again (unless MAX_PIPELINED are queued or the
+        connection is closing)."""
+        self.writing_paused = False
         if self.paused_upstream is not None:
             try:
                 self.paused_upstream.resume_reading()
             except Exception:  # that connection has closed meanwhile: nothing to resume
                 pass
             self.paused_upstream = None
+        if self.stalled:
+            self.stalled = False
+            self.done(True)   # stalled only on a kept-alive connection; may pause writing again
+        t = self.transport
+        if t is not None and not self.writing_paused and not self.closing and len(self.pending) <= MAX_PIPELINED:
+            t.resume_reading()
 
     # ---- parser callbacks ----
 
@@ -252,7 +283,12 @@ class ClientConnection(asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes):
-        """httptools callback: keep the headers the router reads (their size is capped in data_received)."""
+        """httptools callback: keep the headers the router reads (their size is capped in data_received).
+        Fields of a chunked body's trailer section (httptools reports them here too) are ignored: RFC 9110
+        section 6.5.1 forbids merging them into the header section, and they arrive after `admit` checked the
+        headers (an X-Request-Id there went to vLLM unchecked)."""
+        if self.phase == TRAILER:   # ~10 ns per header
+            return
         n = name.lower()
         req = self.req
         if n == b"authorization":
@@ -292,10 +328,19 @@ class ClientConnection(asyncio.Protocol):
         if req.expect == b"100-continue" and not self.busy:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
+    def on_chunk_header(self):
+        """httptools callback (chunked bodies only): a chunk-size line was read. The last chunk's is followed by
+        the trailer section: TRAILER until the chunk's data begins (`on_body`), its bytes counted as a head's
+        (a new allowance: `heads` tells _feed_capped that the count restarted)."""
+        self.phase = TRAILER
+        self.head_bytes = 0
+        self.heads += 1
+
     def on_body(self, body: bytes):
         """httptools callback: collect a body chunk; past the request's body_limit (max_request_bytes, 0 on a
         path that takes no body; a chunked body: its length was not announced) refuse at once (413, or 400 for
         a body where none belongs), without reading the rest."""
+        self.phase = BODY   # after a chunk-size line (TRAILER) the chunk's data: a body again
         req = self.req
         req.size += len(body)
         if req.size > req.body_limit:
@@ -318,6 +363,9 @@ class ClientConnection(asyncio.Protocol):
             self.pending.append(req)
             if len(self.pending) > MAX_PIPELINED:  # a client pipelining without reading: stop reading from it
                 self.transport.pause_reading()
+                if len(self.pending) > MAX_QUEUED:   # within one read: keep no more, close after the answer
+                    self.refuse(400, "too many pipelined requests", "invalid_request_error")
+                    raise _Stop
             return
         self.busy = True
         self.router.dispatch(self, req)
@@ -325,32 +373,55 @@ class ClientConnection(asyncio.Protocol):
     # ---- answering ----
 
     def done(self, keep_alive: bool) -> None:
-        """The current response is complete: close, or go on with the next pipelined request."""
+        """The current response is complete: close, or go on with the next pipelined request (`_answer_queued`),
+        unless the client has not read what was sent so far (`stalled` until resume_writing)."""
         self.exchange = None
         self.busy = False
-        if self.transport is None:
+        t = self.transport
+        if t is None:
             return
         if not keep_alive or self.closing:
-            self.transport.close()
+            self.closing = True   # what is still queued is not answered
+            t.close()
             return
         if self.phase == IDLE:
             self.deadline = 0.0  # the keep-alive idle time starts now, not when the request arrived
-        if self.pending:
-            req = self.pending.pop(0)
-            if len(self.pending) <= MAX_PIPELINED:
-                self.transport.resume_reading()
-            self.busy = True
-            self.router.dispatch(self, req)
+        if self.writing_paused:
+            # The client has not read what was sent so far: the next request (queued, or read later in the same
+            # data) waits for resume_writing, as behind an answer in progress; one attribute test per request.
+            self.busy = self.stalled = True
+            return
+        if self.pending and not self.answering:
+            self._answer_queued()
+
+    def _answer_queued(self) -> None:
+        """Dispatch the queued (pipelined) requests in order until one is answered later (`busy` stays set: its
+        `done` goes on from there), the connection stalls, or it closes. A loop, not recursion: a request answered
+        at once calls `done` from within `dispatch`, which returns here (`answering`); a few hundred queued
+        requests answered at once used to recurse past Python's limit (RecursionError: the connection hung)."""
+        self.answering = True
+        try:
+            while self.pending and not self.busy and not self.closing and self.transport is not None:
+                req = self.pending.pop(0)
+                if len(self.pending) <= MAX_PIPELINED:
+                    self.transport.resume_reading()
+                self.busy = True
+                self.router.dispatch(self, req)
+        finally:
+            self.answering = False
 
     def respond(self, status: int, body: bytes, content_type: bytes = JSON, extra: bytes = b"",
                 keep_alive: bool = True) -> None:
         """Answer the current request with a complete response: `extra` is more header lines (each ending in
-        CRLF); without `keep_alive` the answer says `Connection: close` and the connection closes after it."""
+        CRLF); without `keep_alive` the answer says `Connection: close` and the connection closes after it. When
+        `head_only` is set (dispatch: a HEAD request) the body is left out, its Content-Length kept (RFC 9110
+        section 9.3.2), and the flag cleared."""
         t = self.transport
         if t is not None:
             t.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n%s" % (
                 status, STATUS_PHRASES.get(status, b"Unknown"), content_type, len(body), extra,
-                b"" if keep_alive else b"Connection: close\r\n", body))
+                b"" if keep_alive else b"Connection: close\r\n", b"" if self.head_only else body))
+        self.head_only = False
         self.done(keep_alive)
 
     def refuse_no_body(self) -> None:
@@ -373,9 +444,10 @@ class ClientConnection(asyncio.Protocol):
             t.pause_reading()
             return
         body = error_body(message, type_, code, param)
+        head = getattr(self.req, "method", None) == b"HEAD"   # known once its headers are complete
         t.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s"
                 b"Connection: close\r\n\r\n%s" % (status, STATUS_PHRASES.get(status, b"Unknown"), len(body),
-                                                   extra, body))
+                                                   extra, b"" if head else body))
         self.busy = True  # nothing else is dispatched on this connection
         self.pending.clear()
         self.phase = LINGER
@@ -392,20 +464,30 @@ class ClientConnection(asyncio.Protocol):
 
     def timed_out(self) -> None:
         """The read phase's deadline passed (Router.sweep): an idle keep-alive connection or a lingering one is
-        closed; a request whose headers or body did not arrive in time is answered 408."""
+        closed; a request whose headers or body did not arrive in time is answered 408. An idle one (or one
+        stalled behind answers its client does not read) with answers still unsent gets another period while
+        its client reads them (the unsent bytes went down since the last look, as nginx's send_timeout), else
+        is aborted: close() would wait for a client that reads nothing, and hold the connection for ever."""
         t = self.transport
         if t is None:
             return
         phase = self.phase
-        if phase == HEAD or phase == BODY:
+        if phase == HEAD or phase == BODY or phase == TRAILER:
             self.router.metrics.count_refused(NO_BACKEND, 408)
             what, flag = ("headers", "--header-timeout") if phase == HEAD else ("body", "--body-timeout")
             self.refuse(408, f"the request {what} did not arrive in time (the router's {flag})",
                         "invalid_request_error", "request_timeout")
             if self.busy and self.closing:
                 self.phase, self.deadline = IDLE, 0.0  # closes once the answer in progress is sent
-        else:
+            return
+        unsent = t.get_write_buffer_size()
+        if not unsent:
             t.close()
+        elif phase == IDLE and unsent != self.unsent:   # the client reads (or this is the first look)
+            self.unsent = unsent
+            self.deadline = 0.0   # re-armed by the next sweep
+        else:
+            t.abort()
 
     def respond_error(self, status: int, message: str, type_: str, code: str | None = None,
                       param: str | None = None, extra: bytes = b"", close: bool = False, **fields) -> None:

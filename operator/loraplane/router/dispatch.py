@@ -87,14 +87,19 @@ def dispatch(router: Router, conn: ClientConnection, req: Request) -> None:
     """Answer one complete client request: proxy the OpenAI inference endpoints (POST only), answer
     /v1/models (the public model names; the API key was checked by `admit`), /metrics (Prometheus text
     format), /healthz (the process runs) and /readyz (503 until a routing table is loaded); 404 otherwise.
-    Bound as `Router.dispatch`, which `ClientConnection` calls."""
+    Bound as `Router.dispatch`, which `ClientConnection` calls. The answer to a HEAD request is its head only
+    (`ClientConnection.head_only`)."""
     path = req.path
-    if path in INFERENCE_PATHS:
-        if req.method != b"POST":
-            conn.respond_error(405, f"use POST for {path.decode()}", "invalid_request_error",
-                               extra=b"Allow: POST\r\n", close=not req.keep_alive)
-            return
+    if path in INFERENCE_PATHS and req.method == b"POST":
         proxy(router, conn, req)
+        return
+    # Every other request is answered here, at once, by `respond`: to a HEAD request without the body (RFC 9110
+    # section 9.3.2). A body after a HEAD answer is read by the client (or a proxy pooling the connection) as the
+    # start of the next answer: every later answer on the connection would be off by one.
+    conn.head_only = req.method == b"HEAD"
+    if path in INFERENCE_PATHS:
+        conn.respond_error(405, f"use POST for {path.decode()}", "invalid_request_error",
+                           extra=b"Allow: POST\r\n", close=not req.keep_alive)
     elif path == MODELS:
         if router.table is None:
             conn.respond_error(503, "no routing table loaded yet", "service_unavailable",

@@ -163,7 +163,9 @@ def ask_for_usage(payload: bytes) -> bytes | None:
     if options and options.get("include_usage") is True:
         return None   # asked for: counted from the stream's tail
     obj["stream_options"] = {**(options or {}), "include_usage": True, "continuous_usage_stats": False}
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    # surrogatepass: a string of the body may be a lone surrogate (`"\ud800"`, which json.loads accepts);
+    # vLLM's json.loads decodes these bytes back to the same string (plain .encode() raised on it).
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
 
 
 class Exchange:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from loraplane.api.orchestration import FORWARD_HOPS_HEADER, MAX_FORWARD_HOPS
-from loraplane.router.client_protocol import HEAD, ClientConnection, Request
+from loraplane.router.client_protocol import HEAD, TRAILER, ClientConnection, Request
 from loraplane.router.exchange import Exchange
 from loraplane.router.table import ExternalRoute
 
@@ -65,7 +65,10 @@ class ForwardingConnection(ClientConnection):
         self.deadline = 0.0
 
     def on_header(self, name: bytes, value: bytes):
-        """httptools callback: as ClientConnection, and keep the header unless NOT_FORWARDED."""
+        """httptools callback: as ClientConnection, and keep the header unless NOT_FORWARDED (a trailer field
+        is neither read nor forwarded, as there)."""
+        if self.phase == TRAILER:
+            return
         super().on_header(name, value)
         lower = name.lower()
         if lower == b"connection":

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 
 from loraplane.router.auth import ApiKeys
-from loraplane.router.client_protocol import BODY, HEAD, IDLE, LINGER, LINGER_SECONDS, ClientConnection
+from loraplane.router.client_protocol import BODY, HEAD, IDLE, LINGER, LINGER_SECONDS, TRAILER, ClientConnection
 from loraplane.router.dispatch import admit, dispatch, proxy
 from loraplane.router.hold import MAX_HELD_BYTES, RETRY_AFTER_HEADER, Hold
 from loraplane.router.metrics import NO_BACKEND, RouterMetrics
@@ -139,7 +139,7 @@ class Router:
         self._client_sweep_interval = max(0.02, min(1.0, header_timeout / 4, body_timeout / 4, idle_timeout / 4))
         self.sweep_interval = self._client_sweep_interval
         self._phase_timeouts = {IDLE: idle_timeout, HEAD: header_timeout, BODY: body_timeout,
-                                LINGER: LINGER_SECONDS}
+                                LINGER: LINGER_SECONDS, TRAILER: body_timeout}
         self._sweeper: asyncio.TimerHandle | None = None
         self._refused_logged = 0.0
         self.refused_connections = 0
@@ -277,6 +277,7 @@ class Router:
         clock read or timer); the first sweep that sees the phase arms the deadline, a later one past it
         calls `ClientConnection.timed_out`. No read deadline runs while a request is being answered
         (router.timeoutSeconds bounds that) unless the client started sending another one.
+        A connection stalled behind answers its client does not read has the idle deadline (timed_out).
         A proxied request past its `deadline` (router.timeoutSeconds after it was sent) is ended here too
         (`Exchange.timed_out`: 504, or a cut stream): the hot path arms no timer per request.
         """
@@ -292,7 +293,7 @@ class Router:
                     if c.transport is not None:
                         c.transport.abort()
             phase = c.phase
-            if phase == IDLE and c.busy:
+            if phase == IDLE and c.busy and not c.stalled:   # stalled: its client reads nothing, see timed_out
                 continue
             if c.deadline == 0.0:
                 c.deadline = now + timeouts[phase]

@@ -307,7 +307,9 @@ def read_model(body: bytes) -> tuple[str, object]:
         # The one literal `"model"` is the top-level key (no other spelling exists): splice when its value
         # is unescaped.
         m = _SIMPLE_VALUE.match(body, i + 7)
-        if m is not None and m.group(1) == model.encode():
+        # surrogatepass: json.loads decodes with it, so `model` may hold a lone surrogate (raw bytes ED A0 80
+        # in the body); plain .encode() would raise on it (a crash on client input).
+        if m is not None and m.group(1) == model.encode("utf-8", "surrogatepass"):
             return model, m.span(1)
     return model, obj
 

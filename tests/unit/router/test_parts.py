@@ -106,6 +106,16 @@ def test_ask_for_usage_only_for_streams_that_do_not():
         assert out["stream_options"] == {**(options or {}), "include_usage": True, "continuous_usage_stats": False}
 
 
+@pytest.mark.parametrize("text", [b'"\\ud800"', b'"a\xed\xb0\x80b"'])   # escaped, and raw (ED B0 80) bytes
+def test_ask_for_usage_keeps_lone_surrogates_vllm_reads(text):
+    """A lone surrogate is a string json.loads (vLLM's parser) accepts, escaped or as raw bytes; re-encoding a
+    body that has stream_options raised UnicodeEncodeError, and the client's connection was dropped unanswered."""
+    body = b'{"model":"m","prompt":%s,"stream":true,"stream_options":{"include_usage":false}}' % text
+    out = ask_for_usage(body)
+    assert json.loads(out) == {**json.loads(body), "stream_options": {"include_usage": True,
+                                                                      "continuous_usage_stats": False}}
+
+
 def test_api_keys_file_and_errors(tmp_path):
     f = tmp_path / "keys"
     f.write_text("# comment\n\n  k1  \nk2\n")

@@ -91,6 +91,9 @@ TRICKY_BODIES = [
     b'{"model":"chat", "prompt": "say \\"model\\": \\"x--v9\\""}',
     b'{"model":"chat","model":"chat"}',
     b'{"model":"chat","mod\\u0065l":"x--v9"}',                          # issue 12: vLLM would serve x--v9
+    b'{"model":"\xed\xa0\x80"}',                                        # a lone surrogate as raw bytes: json.loads
+    b'\xef\xbb\xbf{"model":"ch\xed\xb0\x80at"}',                          # reads them (surrogatepass)
+    b'{"model":"chat","p":"\xed\xa0\x80"}',
 ]
 
 
