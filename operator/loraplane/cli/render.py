@@ -70,7 +70,7 @@ def render_main(args: argparse.Namespace) -> int:
     """Print the children of every loraplane object in the files as multi-document YAML; returns 1 (and
     prints nothing to stdout) when any object is invalid, else 0."""
     from loraplane.builders import render, route_warnings
-    from loraplane.cli.manifests import parse_document, read_documents
+    from loraplane.local.manifests import parse_document, read_documents
     from loraplane.builders.policy import unconditional_violations
 
     values = None

@@ -12,7 +12,7 @@ import yaml
 from loraplane.api.reasons import Reason
 from loraplane.api.redaction import redacted
 from loraplane.api.validation import format_validation_error
-from loraplane.cli.manifests import parse_document, read_documents
+from loraplane.local.manifests import parse_document, read_documents
 
 if TYPE_CHECKING:
     from loraplane.api.pods import ChildPodSettings

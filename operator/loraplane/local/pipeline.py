@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import ValidationError
 
-from loraplane.api import Adapter, FineTuneJob, ModelRoute, parse
+from loraplane.api import Adapter, FineTuneJob, ModelRoute
 from loraplane.api.modelroute import ENGINE_TASK_EMBED
 from loraplane.api.orchestration import DESTINATION_HEADER, FALLBACK_HEADER, METHOD_HEADER
 from loraplane.builders import BuildSettings, finetunejob as ftj_builders, modelroute as route_builders
@@ -33,8 +31,8 @@ from loraplane.api.paths import ADAPTER_CACHE_PATH, PVC_ROOT
 from loraplane.builders.engine_pod import loader_container, model_fetch_container
 from loraplane.builders.engine_pod import engine_command, engine_env
 from loraplane.builders.resolution import resolve
-from loraplane.api.validation import format_validation_error
 from loraplane.local import cpu, hfcache
+from loraplane.local.manifests import parse_document, read_documents
 from loraplane.local.podspec import LocalPod, container_argv, container_env
 from loraplane.local.processes import ManagedProcess, ProcessFailed, free_port, http_ok
 from loraplane.api.wire.serving import AdapterState, ReplicaReport
@@ -58,20 +56,37 @@ class Plan:
 
 
 def load_plan(path: Path) -> Plan:
-    """Validate every object of the file exactly as the operator does; all problems at once."""
+    """Validate every object of the file exactly as the operator does, all problems at once, read as
+    `loraplane validate` reads it (local.manifests: a YAML error, a document that is not a mapping, a key written
+    twice, an object without metadata.name are each an error naming the document, never a traceback). Raises
+    RunError listing them; objects of other API groups than loraplane.io and core ConfigMaps are refused too (a
+    local run has nothing to do with them)."""
     plan, problems = Plan(), []
-    for i, doc in enumerate(d for d in yaml.safe_load_all(Path(path).read_text()) if d):
-        kind, name = doc.get("kind"), (doc.get("metadata") or {}).get("name")
-        if kind == "ConfigMap" and doc.get("apiVersion") == "v1":
-            plan.configmaps[name] = dict(doc.get("data") or {})
+    for d in read_documents([Path(path)]):
+        doc = d.doc
+        if d.error is not None:
+            problems.append(f"{d.where}\n  {d.error}")
             continue
-        try:
-            obj = parse(doc)
-        except ValidationError as exc:
-            problems.append(f"{path} #{i} {kind}/{name}:\n{format_validation_error(exc, '  ')}")
+        if d.skip:
+            if doc.get("kind") == "ConfigMap" and doc.get("apiVersion") == "v1":
+                meta = doc.get("metadata")
+                data = doc.get("data")
+                if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
+                    problems.append(f"{d.where}\n  metadata.name: required: every object needs a name "
+                                    "(metadata: {name: NAME})")
+                elif data is not None and not (isinstance(data, dict) and all(
+                        isinstance(k, str) and isinstance(v, str) for k, v in data.items())):
+                    problems.append(f"{d.where}\n  data: a ConfigMap's data maps keys to strings (write each "
+                                    "value as a YAML block: `train.jsonl: |`)")
+                else:
+                    plan.configmaps[meta["name"]] = dict(data or {})
+            else:
+                problems.append(f"{d.where}\n  a local run takes FineTuneJobs, Adapters, ModelRoutes and the "
+                                "ConfigMaps (apiVersion: v1) they name; remove this object from the file")
             continue
-        except ValueError as exc:
-            problems.append(f"{path} #{i}: {exc}")
+        obj, detail = parse_document(doc)
+        if obj is None:
+            problems.append(f"{d.where}\n{detail}")
             continue
         obj.metadata.namespace = obj.metadata.namespace or NAMESPACE
         {FineTuneJob: plan.jobs, Adapter: plan.adapters, ModelRoute: plan.routes}[type(obj)].append(obj)

@@ -1,6 +1,7 @@
-"""Reading the manifests `validate` and `render` are given: files or `-` (stdin), multi-document YAML.
+"""Reading the manifests `validate`, `render` and `run` are given: files or `-` (stdin), multi-document YAML.
 
-One reader for both commands, so they agree on what is a loraplane object and on how bad input is reported:
+One reader for the three commands (it lives here, below `cli/`, because `local.pipeline` reads `run`'s file with
+it), so they agree on what is a loraplane object and on how bad input is reported:
 a file that cannot be read or parsed, a document that is not a mapping, and an object of the loraplane.io API
 group whose kind does not exist (a typo such as `Adaptor` would otherwise be skipped like a Secret and pass CI)
 are each one error naming the file and document, never a traceback. A key written twice in one mapping is such
