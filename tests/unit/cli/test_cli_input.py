@@ -118,3 +118,21 @@ def test_an_adapter_a_finetunejob_in_the_files_will_create_is_not_reported_missi
     does not exist until the job succeeds; that is not a mistake to warn about."""
     rc, out = run_validate([ROOT / "docs" / "examples" / "quickstart.yaml"], capsys)
     assert rc == 0 and "left out" not in out, out
+
+
+def test_render_writes_every_value_where_it_is_without_yaml_anchors(capsys):
+    """The engine's probes share one httpGet dict in the builders: rendered, each probe spells it out (PyYAML
+    printed `httpGet: &id001` once and `httpGet: *id001` for the others)."""
+    import yaml
+
+    p = argparse.ArgumentParser()
+    add_render_arguments(p)
+    rc = render_main(p.parse_args(["-f", str(ROOT / "docs" / "examples" / "modelroute.yaml"),
+                                   "-f", str(ROOT / "docs" / "examples" / "adapter.yaml")]))
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "&id" not in out and "*id" not in out, [line for line in out.splitlines() if "id0" in line]
+    engine = next(m for m in yaml.safe_load_all(out) if m["kind"] == "Deployment"
+                  and any(c["name"] == "vllm" for c in m["spec"]["template"]["spec"]["containers"]))
+    vllm = next(c for c in engine["spec"]["template"]["spec"]["containers"] if c["name"] == "vllm")
+    assert vllm["startupProbe"]["httpGet"] == vllm["livenessProbe"]["httpGet"] == {"path": "/health", "port": 8000}
