@@ -224,3 +224,30 @@ def test_a_python_field_name_is_an_unknown_field_as_the_api_server_says(tmp_path
     rc, out = validate(tmp_path, capsys, JOB.replace("pvc://data/train.jsonl\"}", "pvc://data/train.jsonl\", "
                                                      "validationSplit: 0.2}"))
     assert rc == 0, out
+
+
+ROUTE_WEIGHTS = """apiVersion: loraplane.io/v1alpha1
+kind: ModelRoute
+metadata: {name: r}
+spec:
+  baseModel: {name: m}
+  routes:
+    - name: s
+      backends: [{adapter: a, weight: W1}, {adapter: b, weight: W2}]
+"""
+
+
+@pytest.mark.parametrize("run", [validate, render])
+@pytest.mark.parametrize("w1, w2, says_sum", [
+    ("-10", "110", False),    # out of range each, but they do sum to 100
+    ('"x"', "50", False),     # a weight of the wrong type: reported on its field, no guess about the sum
+    ("200", "50", True),      # the user's weights really do not sum to 100
+])
+def test_a_rule_above_a_wrong_field_is_reported_only_when_the_users_values_break_it(run, w1, w2, says_sum, tmp_path,
+                                                                                     capsys):
+    """A wrong field is left out to check the rest, and takes its default: two weights -10 and 110 each counted
+    100 and `the weights of a route's backends must sum to 100` was reported, though they sum to 100. The route's
+    rule is now evaluated on the values as written."""
+    rc, out = run(tmp_path, capsys, ROUTE_WEIGHTS.replace("W1", w1).replace("W2", w2))
+    assert rc == 1 and "spec.routes[0].backends[0].weight:" in out, out
+    assert ("spec.routes[0]: the weights of a route's backends must sum to 100" in out) == says_sum, out
