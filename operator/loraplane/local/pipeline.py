@@ -575,11 +575,17 @@ def run(path: Path, workdir: Path, model_dir: Path | None = None, prompts: list[
         for s in served:
             say(f"    serving table    {s.table_path}")
             say(f"    logs             {s.logs}/{{vllm,loader,router}}.log")
+            # Without --keep-serving these processes stop when this function returns: say so where their URLs
+            # are, or a user curls a port nothing listens on any more.
             say(f"    router (OpenAI)  {s.router_url}/v1   loader status {s.loader_url}/status   "
-                f"vLLM {s.engine_url}")
+                f"vLLM {s.engine_url}" + ("" if keep_serving else "   (stopped now)"))
+        if served and not keep_serving:
+            say("\nThe run is over and its processes are stopped. To send your own requests, run it again with "
+                "--keep-serving (the trained adapter is reused), or try your own job: loraplane run -f my-job.yaml "
+                "[--model DIR]; on a cluster: kubectl apply -f (docs/quickstart.md).")
         if keep_serving and served:
             say("\nServing; Ctrl-C stops every process this run started.")
-            while all(p.running for p in lr.processes):
+            while lr.processes and all(p.running for p in lr.processes):
                 time.sleep(1)
             raise ProcessFailed("a serving process exited: " + ", ".join(
                 f"{p.name} (log {p.log_path})" for p in lr.processes if not p.running))
