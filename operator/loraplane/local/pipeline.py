@@ -132,10 +132,22 @@ def demo_prompts(plan: Plan, count: int = 2) -> list[str]:
 
 
 def trainer_line_shown_later(line: bytes) -> bool:
-    """The trainer's evaluation lines (its log line and its summary on stdout): `train` prints the evaluation
-    itself, with each model's scores, also when it reuses an earlier run's adapter; shown once, not three times.
-    The trainer's log keeps them."""
-    return line.startswith(b"evaluation: ") or b" INFO loraplane.trainer: evaluation (" in line
+    """The trainer's lines `train` prints itself, shown once, not two or three times (the trainer's log keeps
+    them): its evaluation lines (its log line and its summary on stdout; `train` prints the evaluation with each
+    model's scores, also when it reuses an earlier run's adapter), and a failure's reason and message, which the
+    trainer logs and prints as JSON and `train`'s error then says in words (its ERROR log line stays)."""
+    return (line.startswith(b"evaluation: ") or b" INFO loraplane.trainer: evaluation (" in line
+            or line.startswith(b'{"reason": '))
+
+
+def trainer_failure(termination: str, exit_code: int) -> str:
+    """A failed trainer's termination message (`{"reason", "message"}` JSON, api.wire.trainer) in words:
+    `InvalidDataset (exit 65): <message>`; text that is no such message (a crash before it was written) is shown
+    as it is."""
+    message = TerminationMessage.parse(termination)
+    if message is None or not message.message:
+        return f"(exit {exit_code}): {termination.strip()}"
+    return f"{message.reason} (exit {exit_code}): {message.message}"
 
 
 class LocalRun:
@@ -306,7 +318,7 @@ class LocalRun:
             if code != 0:
                 term = state_dir / "termination-log"
                 detail = term.read_text() if term.is_file() else proc.log_tail()
-                raise RunError(f"FineTuneJob {ftj.metadata.name} failed (exit {code}): {detail.strip()}\n"
+                raise RunError(f"FineTuneJob {ftj.metadata.name} failed, {trainer_failure(detail, code)}\n"
                                f"log: {proc.log_path}")
             result = json.loads(result_file.read_text())
         artifact = result.get("artifact") or {}
