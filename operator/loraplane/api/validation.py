@@ -21,8 +21,8 @@ from pydantic import BaseModel, ValidationError
 
 from loraplane.api.rollout import DURATION_PATTERN
 from loraplane.api.common import (
-    DNS_1035_LABEL, DNS_LABEL, DNS_NAME, ENV_NAME, LABEL_VALUE, QUALIFIED_NAME_PART, URI_FORM_HINTS, URI_FORM_PROBLEMS,
-    URI_PATTERN_FORMS,
+    DNS_1035_LABEL, DNS_LABEL, DNS_NAME, ENV_NAME, LABEL_VALUE, QUALIFIED_NAME_PART, QUANTITY_PATTERN, URI_FORM_HINTS,
+    URI_FORM_PROBLEMS, URI_PATTERN_FORMS,
 )
 
 # Every `pattern` of the API models, in words (what a user reads instead of the regular expression).
@@ -51,6 +51,7 @@ PATTERN_WORDS: dict[str, str] = {
     r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$": "a label word: lowercase letters, digits, '-' and '_', starting and "
                                           "ending with a letter or digit (e.g. sql)",
     DURATION_PATTERN: "a duration: a whole number with the unit s, m or h (e.g. 30s, 5m, 1h)",
+    QUANTITY_PATTERN: "a Kubernetes quantity: a number with an optional unit and no space (e.g. 8, 500m, 64Gi, 64G)",
 }
 
 
