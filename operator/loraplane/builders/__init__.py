@@ -48,12 +48,14 @@ def render(resources: list[Resource], settings: BuildSettings = BuildSettings())
     return out
 
 
-def route_warnings(resources: list[Resource]) -> list[str]:
+def route_warnings(resources: list[Resource], invalid_jobs_produce: frozenset[tuple[str, str]] = frozenset()) -> list[str]:
     """What the operator would report about the ModelRoutes in `resources`, resolved against the Adapters among
     them (as `render` does), one line each, `ModelRoute NS/NAME: <message>`: public names published twice,
     backends left out of the table (an Adapter that is not in `resources` — it may exist in the cluster —, or
     one the route cannot serve, e.g. a rank over engine.maxLoraRank or another base model), with the reason, and
-    spec.contentRouting names that no route among `resources` publishes (another route in the cluster may)."""
+    spec.contentRouting names that no route among `resources` publishes (another route in the cluster may).
+    `invalid_jobs_produce`: (namespace, adapterName) of the FineTuneJobs of the files that did not validate (their
+    errors are reported): the Adapters they name are not reported missing on top of those errors."""
     adapters = [r for r in resources if isinstance(r, Adapter)]
     routes = [r for r in resources if isinstance(r, ModelRoute)]
     # Adapters a FineTuneJob among `resources` creates when it succeeds: not missing, only not trained yet, and
@@ -94,7 +96,8 @@ def route_warnings(resources: list[Resource]) -> list[str]:
                 + (f" (the Adapter FineTuneJob {produced[ns, adapter].metadata.name} creates)"
                    if (ns, adapter) in produced else "")
                 for (public, adapter), verdict in sorted(resolution.missing.items())
-                if not (verdict.reason == Reason.AdapterNotFound and (ns, adapter) in produced)]
+                if not (verdict.reason == Reason.AdapterNotFound
+                        and ((ns, adapter) in produced or (ns, adapter) in invalid_jobs_produce))]
         # What a selector matches is no backend: an Adapter it selects and cannot serve is said too.
         backends = {a for (_, a) in resolution.missing}
         out += [f"{where}: Adapter {name}, which a selector of spec.routes matches, is not served ({verdict.reason}): "

@@ -148,6 +148,17 @@ def fetch_warning(uri: str) -> str | None:
     return None
 
 
+def _adapter_named_by_job(doc: dict) -> tuple[str, str] | None:
+    """(namespace, spec.output.adapterName) of a FineTuneJob document that did not validate, when it names one."""
+    if doc.get("kind") != "FineTuneJob":
+        return None
+    spec, meta = doc.get("spec"), doc.get("metadata")
+    output = spec.get("output") if isinstance(spec, dict) else None
+    name = output.get("adapterName") if isinstance(output, dict) else None
+    namespace = (meta.get("namespace") if isinstance(meta, dict) else None) or "default"
+    return (str(namespace), name) if isinstance(name, str) else None
+
+
 def validate_main(args: argparse.Namespace) -> int:
     """Validate every loraplane object in the files as the operator parses them (and, with --policy, against the
     operator's policy), printing ok/error per document (other API groups are skipped; an unknown loraplane.io
@@ -172,6 +183,7 @@ def validate_main(args: argparse.Namespace) -> int:
             return 1
     bad = 0
     parsed = []
+    invalid_jobs_produce: set[tuple[str, str]] = set()
     for d in read_documents(args.files):
         if d.skip:
             continue
@@ -183,6 +195,8 @@ def validate_main(args: argparse.Namespace) -> int:
         if obj is None:
             bad += 1
             print(f"error {d.where}\n{detail}")
+            if produces := _adapter_named_by_job(d.doc):
+                invalid_jobs_produce.add(produces)
             continue
         parsed.append(obj)
         # Without the chart's values: what no policy allows (a loosened security context, ...), the default
@@ -200,7 +214,7 @@ def validate_main(args: argparse.Namespace) -> int:
     # What the operator would report about the valid routes, resolved against the files' Adapters: a public name
     # published twice (served once, PublicNameConflict), a backend left out (missing here, or incompatible).
     warned = 0
-    for line in route_warnings(parsed):
+    for line in route_warnings(parsed, frozenset(invalid_jobs_produce)):
         warned += 1
         print(f"warn  {line}")
     for obj in parsed:

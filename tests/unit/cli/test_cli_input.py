@@ -177,3 +177,15 @@ spec:
     assert rc == 0, out
     assert ("Adapter sql, which a selector of spec.routes matches, is not served (RankTooLarge): adapter sql has "
             "rank 64") in out, out
+
+
+def test_an_invalid_finetunejob_does_not_also_make_its_adapter_reported_missing(tmp_path, capsys):
+    """The quickstart with a mistake in its FineTuneJob: the job's error is the finding; the route's backend
+    naming the Adapter that job creates used to be warned AdapterNotFound too, sending the user to the wrong
+    object."""
+    path = tmp_path / "in.yaml"
+    path.write_text((ROOT / "docs" / "examples" / "quickstart.yaml").read_text()
+                    .replace("targetModules: [q_proj, v_proj]", "targetModules: q_proj"))
+    rc, out = run_validate([path], capsys)
+    assert rc == 1 and "spec.method.targetModules: expected a list" in out, out
+    assert "AdapterNotFound" not in out, out
