@@ -92,6 +92,21 @@ class ModelCacheSpec(ApiModel):
 class EngineSpec(ApiModel):
     """The vLLM server each replica runs."""
 
+    cel_rules: ClassVar = (
+        # vLLM refuses both at startup (LoRAConfig: max_cpu_loras < max_loras; a tensor-parallel world larger
+        # than the GPUs the pod has): the route would crash-loop instead of being refused. The CRD carries no
+        # defaults, so a field left out is its default here (maxLoras 4, gpus 1, tensorParallelSize 1).
+        CelRule(rule="!has(self.maxCpuLoras) || self.maxCpuLoras >= (has(self.maxLoras) ? self.maxLoras : 4)",
+                check=lambda o: "maxCpuLoras" not in o or o["maxCpuLoras"] >= o.get("maxLoras", 4),
+                message="engine.maxCpuLoras must be >= engine.maxLoras (default 4): vLLM refuses to start "
+                        "otherwise; raise maxCpuLoras or lower maxLoras"),
+        CelRule(rule="(has(self.gpus) ? self.gpus : 1) == 0 || "
+                     "(has(self.tensorParallelSize) ? self.tensorParallelSize : 1) <= (has(self.gpus) ? self.gpus : 1)",
+                check=lambda o: o.get("gpus", 1) == 0 or o.get("tensorParallelSize", 1) <= o.get("gpus", 1),
+                message="engine.tensorParallelSize must be <= engine.gpus (default 1): each tensor-parallel worker "
+                        "needs its own GPU in the replica; raise gpus or lower tensorParallelSize"),
+    )
+
     task: EngineTask = Field(default=ENGINE_TASK_GENERATE, description=(
         "generate: a text-generation model with multi-LoRA (/v1/completions, /v1/chat/completions). embed: an "
         "embedding model on vLLM's pooling runner (--runner pooling; a *ForCausalLM checkpoint is converted to "
