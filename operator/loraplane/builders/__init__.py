@@ -48,7 +48,8 @@ def render(resources: list[Resource], settings: BuildSettings = BuildSettings())
     return out
 
 
-def route_warnings(resources: list[Resource], invalid_jobs_produce: frozenset[tuple[str, str]] = frozenset()) -> list[str]:
+def route_warnings(resources: list[Resource],
+                   invalid_jobs_produce: frozenset[tuple[str, str]] = frozenset()) -> list[str]:
     """What the operator would report about the ModelRoutes in `resources`, resolved against the Adapters among
     them (as `render` does), one line each, `ModelRoute NS/NAME: <message>`: public names published twice,
     backends left out of the table (an Adapter that is not in `resources` — it may exist in the cluster —, or

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from loraplane.api import Adapter, FineTuneJob, ModelRoute
 from loraplane.api.modelroute import ENGINE_TASK_EMBED
 from loraplane.api.orchestration import DESTINATION_HEADER, FALLBACK_HEADER, METHOD_HEADER
