@@ -135,12 +135,15 @@ def _type_problems(value: object, schema: dict, path: str) -> list[str]:
             fix = f"write it without quotes (`{key}: {value.strip()}`)" if value.strip() else "remove it"
             if schema.get("type") == "boolean":
                 fix = f"write `{key}: true` or `{key}: false`, without quotes"
+        elif isinstance(value, bool) and schema.get("type") in ("integer", "number"):
+            fix = f"write a number (`{key}: 1`)"
         elif isinstance(value, (bool, int, float)) and schema.get("type") == "string":
             shown = str(value).lower() if isinstance(value, bool) else value
             fix = f"quote it (`{key}: \"{shown}\"`): YAML reads {shown} as {_yaml_type(value)}"
         else:
             return []   # a mapping or list where a scalar belongs (or the reverse): the model names that itself
-        return [f"{path}: {value!r} is {_yaml_type(value)}, the field takes {expected} (the API server refuses it): "
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)   # as YAML writes it
+        return [f"{path}: {shown} is {_yaml_type(value)}, the field takes {expected} (the API server refuses it): "
                 f"{fix}"]
     out = []
     if isinstance(value, dict):

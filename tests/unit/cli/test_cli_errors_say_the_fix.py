@@ -262,6 +262,8 @@ def test_a_rule_above_a_wrong_field_is_reported_only_when_the_users_values_break
                                       "or false"),
     ("version", "3", "spec.version: 3 is an integer, the field takes a string (the API server refuses it): quote it "
                      "(`version: \"3\"`)"),
+    ("replicas", "true", "spec.replicas: true is a boolean, the field takes an integer (the API server refuses it): "
+                         "write a number"),
 ])
 def test_a_value_of_another_json_type_than_the_crds_is_refused_with_the_fix(run, field, written, expected, tmp_path,
                                                                              capsys):
