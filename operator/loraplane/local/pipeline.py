@@ -380,6 +380,9 @@ class LocalRun:
                               "healthy")
         self.timings["vLLM startup"] = time.monotonic() - started
 
+        # Adapter activation counts from here: the loader starts loading once vLLM is up, while the router starts
+        # beside it (timed from after the router was up, a load that ended meanwhile read 0.0s).
+        activation_started = time.monotonic()
         loader_c = loader_container(route, NAMESPACE, self.settings.image,
                                     allow_insecure_http=self.settings.allow_insecure_http)
         argv = container_argv(loader_c, pod)
@@ -404,7 +407,6 @@ class LocalRun:
         self.processes.append(router)
         router.wait_until(lambda: http_ok(f"http://127.0.0.1:{router_port}/healthz"), 60, None, "listening")
 
-        started = time.monotonic()
         wanted = {a.served_name for a in table.adapters}
         report: dict[str, Any] = {}
 
@@ -421,7 +423,7 @@ class LocalRun:
         if wanted:
             with _spinner("  loading adapters") as tick:
                 loader.wait_until(settled, 300, tick, "done loading")
-        self.timings["adapter activation"] = time.monotonic() - started
+        self.timings["adapter activation"] = time.monotonic() - activation_started
         for name, a in sorted(report.get("adapters", {}).items()):
             mark = "✓" if a["state"] == AdapterState.Ready else "✗"
             self.say(f"  {mark} {name}: {a['state']} ({a['reason']}) {a.get('message', '')}".rstrip())

@@ -68,3 +68,55 @@ def test_with_keep_serving_the_urls_are_not_said_stopped(tmp_path, no_processes,
     text = _run(tmp_path, True, monkeypatch)
     assert "stopped now" not in text and "processes are stopped" not in text, text
     assert "Serving; Ctrl-C stops every process this run started." in text
+
+
+def test_adapter_activation_counts_from_the_loaders_start_not_from_the_routers(tmp_path, monkeypatch):
+    """The loader loads while the router starts: timed from after the router was up, an adapter that had loaded
+    meanwhile showed `adapter activation 0.0s` beside the loader's own `loaded ... in 0.22s`."""
+    import json
+    import time
+
+    from loraplane.api.wire.serving import AdapterState
+
+    class Proc:
+        """vLLM, loader and router stand-ins: the router takes 0.3 s to listen."""
+
+        def __init__(self, name, argv, env, log_path, cwd=None):
+            self.name, self.log_path, self.running = name, log_path, True
+
+        def start(self):
+            return self
+
+        def wait_until(self, ready, timeout, tick=None, what="ready"):
+            if self.name == "router":
+                time.sleep(0.3)
+            assert ready()
+            return 0.0
+
+        def stop(self):
+            pass
+
+    plan = load_plan(QUICKSTART)
+    adapter = pipeline.Adapter.model_validate({
+        "apiVersion": "loraplane.io/v1alpha1", "kind": "Adapter",
+        "metadata": {"name": "quickstart-adapter", "namespace": "default"},
+        "spec": {"baseModel": {"name": "loraplane/tiny-llama"}, "source": {"uri": "/tmp/a"}, "version": "1"}})
+    served = adapter.served_name()
+
+    class Answer(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    report = {"replica": "p", "route": "quickstart", "generation": 1, "engine_ready": True,
+              "updated_at": "2026-12-07T00:00:00Z",
+              "adapters": {served: {"state": AdapterState.Ready, "reason": "Loaded", "message": "",
+                                    "since": "2026-12-07T00:00:00Z"}}}
+    monkeypatch.setattr(pipeline, "ManagedProcess", Proc)
+    monkeypatch.setattr(pipeline, "http_ok", lambda url, timeout=2: True)
+    monkeypatch.setattr(pipeline.urllib.request, "urlopen", lambda url, timeout=2: Answer(json.dumps(report).encode()))
+    run = LocalRun(plan, tmp_path, out=io.StringIO())
+    run.serve(plan.routes[0], [adapter])
+    assert run.timings["adapter activation"] >= 0.3, run.timings
