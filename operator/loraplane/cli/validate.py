@@ -4,6 +4,7 @@ CEL rules), before they are applied."""
 from __future__ import annotations
 
 import argparse
+import difflib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,12 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
                         "a typo, unless another route in the cluster publishes it), for CI")
 
 
+# The keys of the chart's operator.policy (values.yaml, values.schema.json), each read below.
+POLICY_KEYS = ("allowedImages", "allowedEngineArgs", "allowTrustRemoteCode", "allowedEnvSecrets", "allowedEngineEnv",
+               "allowedServiceAccounts", "allowedPrometheusAddresses", "allowedPriorityClasses",
+               "allowedRuntimeClasses", "allowedPodMetadataKeys", "allowedModelCacheHostPaths")
+
+
 def settings_from_values(values: dict) -> "BuildSettings":
     """The BuildSettings whose policy and own images the chart `values` (a values.yaml, defaults filled in for
     what it omits) give the operator: `operator.policy.*` and the repositories of image, trainerImage and
@@ -48,9 +55,18 @@ def settings_from_values(values: dict) -> "BuildSettings":
         raise ValueError("the values file is not a YAML mapping")
     d, dp = BuildSettings(), SpecPolicy()
     operator = values.get("operator") or {}
-    policy = (operator.get("policy") if isinstance(operator, dict) else None) or {}
+    if not isinstance(operator, dict):
+        raise ValueError("operator must be a mapping")
+    policy = operator.get("policy") or {}
     if not isinstance(policy, dict):
         raise ValueError("operator.policy must be a mapping")
+    # A misspelt key would be ignored here and the default policy checked instead of the intended one; the chart's
+    # values.schema.json refuses it at install (additionalProperties: false), so it is an error here too.
+    for key in policy:
+        if key not in POLICY_KEYS:
+            close = difflib.get_close_matches(str(key), POLICY_KEYS, n=1)
+            raise ValueError(f"operator.policy.{key}: unknown key" + (f": did you mean {close[0]!r}?" if close else
+                             f"; the keys are {', '.join(POLICY_KEYS)}"))
 
     def strings(key: str, default: tuple[str, ...]) -> tuple[str, ...]:
         value = policy.get(key, default)
