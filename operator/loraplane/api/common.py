@@ -97,18 +97,38 @@ def _check_env(env: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return env
 
 
-# An int-or-string Kubernetes quantity ("8", 8, "64Gi", "500m"), marked the Kubernetes way in the schema.
-Quantity = Annotated[
-    int | str,
-    WithJsonSchema({"x-kubernetes-int-or-string": True}),
-    Field(description="A Kubernetes quantity, e.g. 8, \"500m\" or \"64Gi\"."),
-]
 QUANTITY_RE = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
 # Kubernetes quantity suffixes (apimachinery resource.Quantity): binary SI, decimal SI, and e/E exponents.
 _QUANTITY_SUFFIX = {"Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40, "Pi": 2 ** 50, "Ei": 2 ** 60,
                     "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": 1, "k": 10 ** 3,
                     "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12, "P": 10 ** 15, "E": 10 ** 18}
 _QUANTITY_PARTS = re.compile(r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(?:([eE][-+]?[0-9]+)|([KMGTPE]i|[numkMGTPE]?))$")
+# What a quantity string of the API may be, in the CRD schema too (as controller-gen writes resource.Quantity's,
+# without a sign: every quantity of the API is a size or a CPU amount, which pods refuse negative).
+QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[KMGTPE]i|[numkMGTPE])?$"
+
+
+def _check_quantity(value: int | str) -> int | str:
+    """A quantity field's value, refused (ValueError naming the fix) unless apimachinery's resource.Quantity reads
+    it and it is not negative. The CRD admits any int-or-string without QUANTITY_PATTERN, and the children the
+    operator builds from such a value (a Job's `memory: 4GB`) are refused by the API server only then."""
+    number = quantity_value(value)
+    if number is None or isinstance(value, str) and not re.fullmatch(QUANTITY_PATTERN, value):
+        raise ValueError(f"{str(value)[:60]!r} is not a Kubernetes quantity: write a number with an optional unit "
+                         "suffix and no space, e.g. 8, \"500m\" (CPU), \"64Gi\" (Ki, Mi, Gi, Ti: powers of 1024) or "
+                         "\"64G\" (k, M, G, T: powers of 1000); \"GB\" and \"GiB\" are not units Kubernetes reads")
+    if number < 0:
+        raise ValueError(f"{value!r} is negative: a quantity here is a size or a CPU amount")
+    return value
+
+
+# An int-or-string Kubernetes quantity ("8", 8, "64Gi", "500m"), marked the Kubernetes way in the schema.
+Quantity = Annotated[
+    int | str,
+    AfterValidator(_check_quantity),
+    WithJsonSchema({"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN}),
+    Field(description="A Kubernetes quantity, e.g. 8, \"500m\" or \"64Gi\"."),
+]
 
 
 def quantity_value(value: int | str) -> Decimal | None:

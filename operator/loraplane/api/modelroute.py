@@ -52,6 +52,11 @@ SHM_PER_WORKER_GI = 2
 DEFAULT_MODEL_CACHE_SIZE = "100Gi"
 
 
+
+# The values vLLM's --max-lora-rank takes (vllm.config.lora.MaxLoRARanks in the image's vLLM 0.32; 8..512 before):
+# any other makes the engine exit at startup, a route in CrashLoopBackOff.
+VllmMaxLoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+
 class ModelCacheSpec(ApiModel):
     """Where a replica keeps its base model. At most one of claimName and hostPath; neither: a bounded emptyDir."""
 
@@ -87,6 +92,21 @@ class ModelCacheSpec(ApiModel):
 class EngineSpec(ApiModel):
     """The vLLM server each replica runs."""
 
+    cel_rules: ClassVar = (
+        # vLLM refuses both at startup (LoRAConfig: max_cpu_loras < max_loras; a tensor-parallel world larger
+        # than the GPUs the pod has): the route would crash-loop instead of being refused. The CRD carries no
+        # defaults, so a field left out is its default here (maxLoras 4, gpus 1, tensorParallelSize 1).
+        CelRule(rule="!has(self.maxCpuLoras) || self.maxCpuLoras >= (has(self.maxLoras) ? self.maxLoras : 4)",
+                check=lambda o: "maxCpuLoras" not in o or o["maxCpuLoras"] >= o.get("maxLoras", 4),
+                message="engine.maxCpuLoras must be >= engine.maxLoras (default 4): vLLM refuses to start "
+                        "otherwise; raise maxCpuLoras or lower maxLoras"),
+        CelRule(rule="(has(self.gpus) ? self.gpus : 1) == 0 || "
+                     "(has(self.tensorParallelSize) ? self.tensorParallelSize : 1) <= (has(self.gpus) ? self.gpus : 1)",
+                check=lambda o: o.get("gpus", 1) == 0 or o.get("tensorParallelSize", 1) <= o.get("gpus", 1),
+                message="engine.tensorParallelSize must be <= engine.gpus (default 1): each tensor-parallel worker "
+                        "needs its own GPU in the replica; raise gpus or lower tensorParallelSize"),
+    )
+
     task: EngineTask = Field(default=ENGINE_TASK_GENERATE, description=(
         "generate: a text-generation model with multi-LoRA (/v1/completions, /v1/chat/completions). embed: an "
         "embedding model on vLLM's pooling runner (--runner pooling; a *ForCausalLM checkpoint is converted to "
@@ -102,8 +122,9 @@ class EngineSpec(ApiModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_model_len: int | None = Field(default=None, ge=16, description="Context length (--max-model-len).")
     max_loras: int = Field(default=4, ge=1, le=256, description="Adapters in one batch (--max-loras).")
-    max_lora_rank: int = Field(default=16, ge=1, le=512,
-                               description="Largest adapter rank served (--max-lora-rank); larger are refused.")
+    max_lora_rank: VllmMaxLoraRank = Field(default=16, description=(
+        "Largest adapter rank served (--max-lora-rank); larger are refused. One of the values vLLM takes: 1, 8, 16, "
+        "32, 64, 128, 256, 320, 512 (another one passed admission and vLLM then refused to start)."))
     max_cpu_loras: int | None = Field(default=None, ge=1, description="Adapters cached in CPU memory.")
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)

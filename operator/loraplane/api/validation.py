@@ -21,8 +21,8 @@ from pydantic import BaseModel, ValidationError
 
 from loraplane.api.rollout import DURATION_PATTERN
 from loraplane.api.common import (
-    DNS_1035_LABEL, DNS_LABEL, DNS_NAME, ENV_NAME, LABEL_VALUE, QUALIFIED_NAME_PART, URI_FORM_HINTS, URI_FORM_PROBLEMS,
-    URI_PATTERN_FORMS,
+    DNS_1035_LABEL, DNS_LABEL, DNS_NAME, ENV_NAME, LABEL_VALUE, QUALIFIED_NAME_PART, QUANTITY_PATTERN, URI_FORM_HINTS,
+    URI_FORM_PROBLEMS, URI_PATTERN_FORMS,
 )
 
 # Every `pattern` of the API models, in words (what a user reads instead of the regular expression).
@@ -51,6 +51,7 @@ PATTERN_WORDS: dict[str, str] = {
     r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$": "a label word: lowercase letters, digits, '-' and '_', starting and "
                                           "ending with a letter or digit (e.g. sql)",
     DURATION_PATTERN: "a duration: a whole number with the unit s, m or h (e.g. 30s, 5m, 1h)",
+    QUANTITY_PATTERN: "a Kubernetes quantity: a number with an optional unit and no space (e.g. 8, 500m, 64Gi, 64G)",
 }
 
 
@@ -213,6 +214,42 @@ def _about_removed(e: dict, removed: list[tuple]) -> bool:
     return any(e["loc"] == loc[:-1] or field_path(loc[-2:]) in e["msg"] for loc in removed if loc)
 
 
+def _value_at(data: Any, loc: tuple) -> Any:
+    """The value at `loc` in `data` (None when there is none)."""
+    for part in (p for p in loc if not _internal(p)):
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _rules_the_user_broke(e: dict, root: type[BaseModel], data: Any, removed: list[tuple]) -> str | None:
+    """The message of a later round's rule error on an object *above* a field left out, as far as the user's own
+    values break those rules; None when none does (the error is then an artifact of the left-out field).
+
+    A field left out takes its default, which an ancestor's rule then sees: two weights -10 and 110 (each out of
+    range) sum to 100, but left out each counts 100 and `the weights of a route's backends must sum to 100` would
+    be reported, untruthfully. So each of the object's rules named in the message is evaluated on the object as
+    the user wrote it (its Python mirror, CelRule.check): a rule it passes, or cannot evaluate because a value has
+    the wrong type (already reported), is dropped. An error that names no rule is kept as it is."""
+    loc = e["loc"]
+    if not any(len(r) > len(loc) + 1 and r[:len(loc)] == loc for r in removed):
+        return e["msg"]   # not above a left-out field
+    rules = [r for m in _models_at(root, loc) for r in getattr(m, "cel_rules", ()) if r.message in e["msg"]]
+    if not rules:
+        return e["msg"]
+    original = _value_at(data, loc)
+    broken = []
+    for rule in rules:
+        try:
+            if rule.check is not None and rule.check(original) is False:
+                broken.append(rule.message)
+        except Exception:  # noqa: BLE001 - a value of the wrong type: reported on its own field
+            continue
+    return "; ".join(dict.fromkeys(broken)) or None
+
+
 def format_all_problems(model: type[BaseModel], data: Any, err: ValidationError, prefix: str = "") -> str:
     """format_validation_error of `err` (the error of `model.model_validate(data)`), plus the problems it hides.
 
@@ -236,6 +273,11 @@ def format_all_problems(model: type[BaseModel], data: Any, err: ValidationError,
             if key in seen or current is not err and _about_removed(e, removed):
                 continue
             seen.add(key)
+            if current is not err and e["type"] == "value_error":
+                msg = _rules_the_user_broke(e, root, data, removed)
+                if msg is None:
+                    continue
+                e = {**e, "msg": msg}
             lines.append(f"{prefix}{field_path(e['loc']) or '<object>'}: {_message(e, root)}")
             if e["type"] not in _PRUNABLE and _without(pruned, e["loc"]):
                 removed.append(e["loc"])

@@ -48,17 +48,33 @@ def render(resources: list[Resource], settings: BuildSettings = BuildSettings())
     return out
 
 
-def route_warnings(resources: list[Resource]) -> list[str]:
+def route_warnings(resources: list[Resource],
+                   invalid_jobs_produce: frozenset[tuple[str, str]] = frozenset()) -> list[str]:
     """What the operator would report about the ModelRoutes in `resources`, resolved against the Adapters among
     them (as `render` does), one line each, `ModelRoute NS/NAME: <message>`: public names published twice,
     backends left out of the table (an Adapter that is not in `resources` — it may exist in the cluster —, or
     one the route cannot serve, e.g. a rank over engine.maxLoraRank or another base model), with the reason, and
-    spec.contentRouting names that no route among `resources` publishes (another route in the cluster may)."""
+    spec.contentRouting names that no route among `resources` publishes (another route in the cluster may).
+    `invalid_jobs_produce`: (namespace, adapterName) of the FineTuneJobs of the files that did not validate (their
+    errors are reported): the Adapters they name are not reported missing on top of those errors."""
     adapters = [r for r in resources if isinstance(r, Adapter)]
     routes = [r for r in resources if isinstance(r, ModelRoute)]
-    # Adapters a FineTuneJob among `resources` creates when it succeeds: not missing, only not trained yet.
-    produced = {(j.metadata.namespace or "default", j.spec.output.adapter_name)
-                for j in resources if isinstance(j, FineTuneJob)}
+    # Adapters a FineTuneJob among `resources` creates when it succeeds: not missing, only not trained yet, and
+    # checked as the Adapter the job will create (finetunejob.produced_adapter: its base model, method.r as its
+    # rank, its labels), so a job whose adapter no route of the files can serve (a rank over maxLoraRank,
+    # another base model) is said before its GPU hours are spent. One the files define is checked as written.
+    named = {(a.metadata.namespace or "default", a.metadata.name) for a in adapters}
+    produced: dict[tuple[str, str], FineTuneJob] = {}
+    for j in resources:
+        key = (j.metadata.namespace or "default", j.spec.output.adapter_name) if isinstance(j, FineTuneJob) else None
+        if key is None or key in named or key in produced:
+            continue
+        produced[key] = j
+        try:
+            adapters.append(Adapter.model_validate(finetunejob.produced_adapter(
+                j, finetunejob.output_uri(j, BuildSettings()), None, None)))
+        except ValueError:   # not expected for a valid job; then it is only not reported missing
+            pass
     out = []
     for r in resources:
         if not isinstance(r, ModelRoute):
@@ -78,8 +94,18 @@ def route_warnings(resources: list[Resource]) -> list[str]:
                        f"{resolution.content.missing_message()}")
         out += [f"{where}: contentRouting {c.name!r}: {line}" for c in r.spec.content_routing for line in c.unreachable()]
         out += [f"{where}: backend {adapter} of {public!r} is left out ({verdict.reason}): {verdict.message}"
+                + (f" (the Adapter FineTuneJob {produced[ns, adapter].metadata.name} creates)"
+                   if (ns, adapter) in produced else "")
                 for (public, adapter), verdict in sorted(resolution.missing.items())
-                if not (verdict.reason == Reason.AdapterNotFound and (ns, adapter) in produced)]
+                if not (verdict.reason == Reason.AdapterNotFound
+                        and ((ns, adapter) in produced or (ns, adapter) in invalid_jobs_produce))]
+        # What a selector matches is no backend: an Adapter it selects and cannot serve is said too.
+        backends = {a for (_, a) in resolution.missing}
+        out += [f"{where}: Adapter {name}, which a selector of spec.routes matches, is not served ({verdict.reason}): "
+                f"{verdict.message}" + (f" (the Adapter FineTuneJob {produced[ns, name].metadata.name} creates)"
+                                        if (ns, name) in produced else "")
+                for name, verdict in sorted(resolution.selected.items())
+                if not verdict.compatible and name not in backends and verdict.reason != Reason.AdapterNotFound]
     return out
 
 

@@ -203,11 +203,13 @@ def check_compatibility(adapter: Adapter, route: ModelRoute, *, local_paths: boo
     if want.name != base.identity:
         return Verdict(False, Reason.BaseModelMismatch,
                        f"adapter {adapter.metadata.name} was trained on {want.name}, but ModelRoute "
-                       f"{route.metadata.name} serves {base.identity}")
+                       f"{route.metadata.name} serves {base.identity}; serve it on a ModelRoute of "
+                       f"{want.name}, or retrain it on {base.identity}")
     if want.revision and base.revision and want.revision != base.revision:
         return Verdict(False, Reason.BaseModelRevisionMismatch,
                        f"adapter {adapter.metadata.name} was trained on {want.name}@{want.revision}, but "
-                       f"ModelRoute {route.metadata.name} serves revision {base.revision}")
+                       f"ModelRoute {route.metadata.name} serves revision {base.revision}; align "
+                       "spec.baseModel.revision of the two, or retrain on the served revision")
     rank = declared_rank(adapter)
     if rank and rank > route.spec.engine.max_lora_rank:
         return Verdict(False, Reason.RankTooLarge,

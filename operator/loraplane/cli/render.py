@@ -70,7 +70,7 @@ def render_main(args: argparse.Namespace) -> int:
     """Print the children of every loraplane object in the files as multi-document YAML; returns 1 (and
     prints nothing to stdout) when any object is invalid, else 0."""
     from loraplane.builders import render, route_warnings
-    from loraplane.cli.manifests import parse_document, read_documents
+    from loraplane.local.manifests import parse_document, read_documents
     from loraplane.builders.policy import unconditional_violations
 
     values = None
@@ -123,7 +123,13 @@ def dump_json(manifests: list[dict]) -> str:
 
 
 class _BlockDumper(yaml.SafeDumper):
-    """Multi-line strings (ConfigMap data: the serving table, the trainer config) as readable blocks."""
+    """Multi-line strings (ConfigMap data: the serving table, the trainer config) as readable blocks, and every
+    value written out where it is: the builders share one dict between fields (the engine's three probes have
+    one httpGet), which PyYAML would print once as an anchor `&id001` and then as aliases `*id001`, a
+    manifest a reviewer cannot read field by field and that tools without alias support refuse."""
+
+    def ignore_aliases(self, data) -> bool:  # noqa: D102 - PyYAML hook
+        return True
 
 
 def _str(dumper: yaml.SafeDumper, value: str):

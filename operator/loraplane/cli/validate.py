@@ -4,6 +4,7 @@ CEL rules), before they are applied."""
 from __future__ import annotations
 
 import argparse
+import difflib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,7 +13,7 @@ import yaml
 from loraplane.api.reasons import Reason
 from loraplane.api.redaction import redacted
 from loraplane.api.validation import format_validation_error
-from loraplane.cli.manifests import parse_document, read_documents
+from loraplane.local.manifests import parse_document, read_documents
 
 if TYPE_CHECKING:
     from loraplane.api.pods import ChildPodSettings
@@ -36,6 +37,12 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
                         "a typo, unless another route in the cluster publishes it), for CI")
 
 
+# The keys of the chart's operator.policy (values.yaml, values.schema.json), each read below.
+POLICY_KEYS = ("allowedImages", "allowedEngineArgs", "allowTrustRemoteCode", "allowedEnvSecrets", "allowedEngineEnv",
+               "allowedServiceAccounts", "allowedPrometheusAddresses", "allowedPriorityClasses",
+               "allowedRuntimeClasses", "allowedPodMetadataKeys", "allowedModelCacheHostPaths")
+
+
 def settings_from_values(values: dict) -> "BuildSettings":
     """The BuildSettings whose policy and own images the chart `values` (a values.yaml, defaults filled in for
     what it omits) give the operator: `operator.policy.*` and the repositories of image, trainerImage and
@@ -48,9 +55,18 @@ def settings_from_values(values: dict) -> "BuildSettings":
         raise ValueError("the values file is not a YAML mapping")
     d, dp = BuildSettings(), SpecPolicy()
     operator = values.get("operator") or {}
-    policy = (operator.get("policy") if isinstance(operator, dict) else None) or {}
+    if not isinstance(operator, dict):
+        raise ValueError("operator must be a mapping")
+    policy = operator.get("policy") or {}
     if not isinstance(policy, dict):
         raise ValueError("operator.policy must be a mapping")
+    # A misspelt key would be ignored here and the default policy checked instead of the intended one; the chart's
+    # values.schema.json refuses it at install (additionalProperties: false), so it is an error here too.
+    for key in policy:
+        if key not in POLICY_KEYS:
+            close = difflib.get_close_matches(str(key), POLICY_KEYS, n=1)
+            raise ValueError(f"operator.policy.{key}: unknown key" + (f": did you mean {close[0]!r}?" if close else
+                             f"; the keys are {', '.join(POLICY_KEYS)}"))
 
     def strings(key: str, default: tuple[str, ...]) -> tuple[str, ...]:
         value = policy.get(key, default)
@@ -148,6 +164,17 @@ def fetch_warning(uri: str) -> str | None:
     return None
 
 
+def _adapter_named_by_job(doc: dict) -> tuple[str, str] | None:
+    """(namespace, spec.output.adapterName) of a FineTuneJob document that did not validate, when it names one."""
+    if doc.get("kind") != "FineTuneJob":
+        return None
+    spec, meta = doc.get("spec"), doc.get("metadata")
+    output = spec.get("output") if isinstance(spec, dict) else None
+    name = output.get("adapterName") if isinstance(output, dict) else None
+    namespace = (meta.get("namespace") if isinstance(meta, dict) else None) or "default"
+    return (str(namespace), name) if isinstance(name, str) else None
+
+
 def validate_main(args: argparse.Namespace) -> int:
     """Validate every loraplane object in the files as the operator parses them (and, with --policy, against the
     operator's policy), printing ok/error per document (other API groups are skipped; an unknown loraplane.io
@@ -172,6 +199,7 @@ def validate_main(args: argparse.Namespace) -> int:
             return 1
     bad = 0
     parsed = []
+    invalid_jobs_produce: set[tuple[str, str]] = set()
     for d in read_documents(args.files):
         if d.skip:
             continue
@@ -183,6 +211,8 @@ def validate_main(args: argparse.Namespace) -> int:
         if obj is None:
             bad += 1
             print(f"error {d.where}\n{detail}")
+            if produces := _adapter_named_by_job(d.doc):
+                invalid_jobs_produce.add(produces)
             continue
         parsed.append(obj)
         # Without the chart's values: what no policy allows (a loosened security context, ...), the default
@@ -200,7 +230,7 @@ def validate_main(args: argparse.Namespace) -> int:
     # What the operator would report about the valid routes, resolved against the files' Adapters: a public name
     # published twice (served once, PublicNameConflict), a backend left out (missing here, or incompatible).
     warned = 0
-    for line in route_warnings(parsed):
+    for line in route_warnings(parsed, frozenset(invalid_jobs_produce)):
         warned += 1
         print(f"warn  {line}")
     for obj in parsed:

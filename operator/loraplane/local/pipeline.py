@@ -22,10 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import ValidationError
-
-from loraplane.api import Adapter, FineTuneJob, ModelRoute, parse
+from loraplane.api import Adapter, FineTuneJob, ModelRoute
 from loraplane.api.modelroute import ENGINE_TASK_EMBED
 from loraplane.api.orchestration import DESTINATION_HEADER, FALLBACK_HEADER, METHOD_HEADER
 from loraplane.builders import BuildSettings, finetunejob as ftj_builders, modelroute as route_builders
@@ -33,8 +30,8 @@ from loraplane.api.paths import ADAPTER_CACHE_PATH, PVC_ROOT
 from loraplane.builders.engine_pod import loader_container, model_fetch_container
 from loraplane.builders.engine_pod import engine_command, engine_env
 from loraplane.builders.resolution import resolve
-from loraplane.api.validation import format_validation_error
 from loraplane.local import cpu, hfcache
+from loraplane.local.manifests import parse_document, read_documents
 from loraplane.local.podspec import LocalPod, container_argv, container_env
 from loraplane.local.processes import ManagedProcess, ProcessFailed, free_port, http_ok
 from loraplane.api.wire.serving import AdapterState, ReplicaReport
@@ -58,20 +55,37 @@ class Plan:
 
 
 def load_plan(path: Path) -> Plan:
-    """Validate every object of the file exactly as the operator does; all problems at once."""
+    """Validate every object of the file exactly as the operator does, all problems at once, read as
+    `loraplane validate` reads it (local.manifests: a YAML error, a document that is not a mapping, a key written
+    twice, an object without metadata.name are each an error naming the document, never a traceback). Raises
+    RunError listing them; objects of other API groups than loraplane.io and core ConfigMaps are refused too (a
+    local run has nothing to do with them)."""
     plan, problems = Plan(), []
-    for i, doc in enumerate(d for d in yaml.safe_load_all(Path(path).read_text()) if d):
-        kind, name = doc.get("kind"), (doc.get("metadata") or {}).get("name")
-        if kind == "ConfigMap" and doc.get("apiVersion") == "v1":
-            plan.configmaps[name] = dict(doc.get("data") or {})
+    for d in read_documents([Path(path)]):
+        doc = d.doc
+        if d.error is not None:
+            problems.append(f"{d.where}\n  {d.error}")
             continue
-        try:
-            obj = parse(doc)
-        except ValidationError as exc:
-            problems.append(f"{path} #{i} {kind}/{name}:\n{format_validation_error(exc, '  ')}")
+        if d.skip:
+            if doc.get("kind") == "ConfigMap" and doc.get("apiVersion") == "v1":
+                meta = doc.get("metadata")
+                data = doc.get("data")
+                if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
+                    problems.append(f"{d.where}\n  metadata.name: required: every object needs a name "
+                                    "(metadata: {name: NAME})")
+                elif data is not None and not (isinstance(data, dict) and all(
+                        isinstance(k, str) and isinstance(v, str) for k, v in data.items())):
+                    problems.append(f"{d.where}\n  data: a ConfigMap's data maps keys to strings (write each "
+                                    "value as a YAML block: `train.jsonl: |`)")
+                else:
+                    plan.configmaps[meta["name"]] = dict(data or {})
+            else:
+                problems.append(f"{d.where}\n  a local run takes FineTuneJobs, Adapters, ModelRoutes and the "
+                                "ConfigMaps (apiVersion: v1) they name; remove this object from the file")
             continue
-        except ValueError as exc:
-            problems.append(f"{path} #{i}: {exc}")
+        obj, detail = parse_document(doc)
+        if obj is None:
+            problems.append(f"{d.where}\n{detail}")
             continue
         obj.metadata.namespace = obj.metadata.namespace or NAMESPACE
         {FineTuneJob: plan.jobs, Adapter: plan.adapters, ModelRoute: plan.routes}[type(obj)].append(obj)
@@ -117,10 +131,22 @@ def demo_prompts(plan: Plan, count: int = 2) -> list[str]:
 
 
 def trainer_line_shown_later(line: bytes) -> bool:
-    """The trainer's evaluation lines (its log line and its summary on stdout): `train` prints the evaluation
-    itself, with each model's scores, also when it reuses an earlier run's adapter; shown once, not three times.
-    The trainer's log keeps them."""
-    return line.startswith(b"evaluation: ") or b" INFO loraplane.trainer: evaluation (" in line
+    """The trainer's lines `train` prints itself, shown once, not two or three times (the trainer's log keeps
+    them): its evaluation lines (its log line and its summary on stdout; `train` prints the evaluation with each
+    model's scores, also when it reuses an earlier run's adapter), and a failure's reason and message, which the
+    trainer logs and prints as JSON and `train`'s error then says in words (its ERROR log line stays)."""
+    return (line.startswith(b"evaluation: ") or b" INFO loraplane.trainer: evaluation (" in line
+            or line.startswith(b'{"reason": '))
+
+
+def trainer_failure(termination: str, exit_code: int) -> str:
+    """A failed trainer's termination message (`{"reason", "message"}` JSON, api.wire.trainer) in words:
+    `InvalidDataset (exit 65): <message>`; text that is no such message (a crash before it was written) is shown
+    as it is."""
+    message = TerminationMessage.parse(termination)
+    if message is None or not message.message:
+        return f"(exit {exit_code}): {termination.strip()}"
+    return f"{message.reason} (exit {exit_code}): {message.message}"
 
 
 class LocalRun:
@@ -291,7 +317,7 @@ class LocalRun:
             if code != 0:
                 term = state_dir / "termination-log"
                 detail = term.read_text() if term.is_file() else proc.log_tail()
-                raise RunError(f"FineTuneJob {ftj.metadata.name} failed (exit {code}): {detail.strip()}\n"
+                raise RunError(f"FineTuneJob {ftj.metadata.name} failed, {trainer_failure(detail, code)}\n"
                                f"log: {proc.log_path}")
             result = json.loads(result_file.read_text())
         artifact = result.get("artifact") or {}
@@ -354,6 +380,9 @@ class LocalRun:
                               "healthy")
         self.timings["vLLM startup"] = time.monotonic() - started
 
+        # Adapter activation counts from here: the loader starts loading once vLLM is up, while the router starts
+        # beside it (timed from after the router was up, a load that ended meanwhile read 0.0s).
+        activation_started = time.monotonic()
         loader_c = loader_container(route, NAMESPACE, self.settings.image,
                                     allow_insecure_http=self.settings.allow_insecure_http)
         argv = container_argv(loader_c, pod)
@@ -378,7 +407,6 @@ class LocalRun:
         self.processes.append(router)
         router.wait_until(lambda: http_ok(f"http://127.0.0.1:{router_port}/healthz"), 60, None, "listening")
 
-        started = time.monotonic()
         wanted = {a.served_name for a in table.adapters}
         report: dict[str, Any] = {}
 
@@ -395,7 +423,7 @@ class LocalRun:
         if wanted:
             with _spinner("  loading adapters") as tick:
                 loader.wait_until(settled, 300, tick, "done loading")
-        self.timings["adapter activation"] = time.monotonic() - started
+        self.timings["adapter activation"] = time.monotonic() - activation_started
         for name, a in sorted(report.get("adapters", {}).items()):
             mark = "✓" if a["state"] == AdapterState.Ready else "✗"
             self.say(f"  {mark} {name}: {a['state']} ({a['reason']}) {a.get('message', '')}".rstrip())
@@ -560,11 +588,17 @@ def run(path: Path, workdir: Path, model_dir: Path | None = None, prompts: list[
         for s in served:
             say(f"    serving table    {s.table_path}")
             say(f"    logs             {s.logs}/{{vllm,loader,router}}.log")
+            # Without --keep-serving these processes stop when this function returns: say so where their URLs
+            # are, or a user curls a port nothing listens on any more.
             say(f"    router (OpenAI)  {s.router_url}/v1   loader status {s.loader_url}/status   "
-                f"vLLM {s.engine_url}")
+                f"vLLM {s.engine_url}" + ("" if keep_serving else "   (stopped now)"))
+        if served and not keep_serving:
+            say("\nThe run is over and its processes are stopped. To send your own requests, run it again with "
+                "--keep-serving (the trained adapter is reused), or try your own job: loraplane run -f my-job.yaml "
+                "[--model DIR]; on a cluster: kubectl apply -f (docs/quickstart.md).")
         if keep_serving and served:
             say("\nServing; Ctrl-C stops every process this run started.")
-            while all(p.running for p in lr.processes):
+            while lr.processes and all(p.running for p in lr.processes):
                 time.sleep(1)
             raise ProcessFailed("a serving process exited: " + ", ".join(
                 f"{p.name} (log {p.log_path})" for p in lr.processes if not p.running))

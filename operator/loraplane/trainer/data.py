@@ -155,6 +155,21 @@ def _fetch_hub(uri: ArtifactUri, what: str) -> Source:
     return Source(uri=uri.text, records=records, sha256=digest.hexdigest())
 
 
+def read_configmap_key(root: Path, name: str, key: str, what: str) -> Source:
+    """The records of ConfigMap `name`'s key `key`, mounted under `root` (`<root>/<name>/<key>`, as the trainer
+    Job mounts it). Raises DatasetNotFound naming `what` (the configMapRef field) and, since only the trainer pod
+    has it mounted, how to train outside one: `loraplane train` on a manifest found no file at /data/... and said
+    only to check the path."""
+    path = Path(root) / name / key
+    if not path.exists():
+        raise DatasetNotFound(
+            f"{what}: ConfigMap {name} key {key} is not mounted here (no file at {path}): in the trainer pod the "
+            f"operator mounts it, so the ConfigMap has no such key. Outside a pod, pass the file (--dataset-path FILE, or --evaluation-path FILE for "
+            f"spec.evaluation) or set LORAPLANE_CONFIGMAP_ROOT to a folder holding {name}/{key}; `loraplane run -f "
+            "FILE` reads the ConfigMaps of its file itself")
+    return read_file(path, what, f"configmap://{name}/{key}")
+
+
 def read_file(path: Path, what: str, uri: str | None = None) -> Source:
     """Parse a JSONL file (or a .json array) into numbered records."""
     path = Path(path)

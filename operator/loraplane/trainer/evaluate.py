@@ -168,8 +168,7 @@ def read_source(spec: EvaluationSpec, scratch: Path, pvc_root: Path, override: P
         return data.read_file(Path(override), "evaluation path", ds.uri or str(override))
     if ds.config_map_ref:
         ref = ds.config_map_ref
-        return data.read_file(configmap_root / ref.name / ref.key, f"{WHERE}.configMapRef",
-                              f"configmap://{ref.name}/{ref.key}")
+        return data.read_configmap_key(configmap_root, ref.name, ref.key, f"{WHERE}.configMapRef")
     return data.fetch(ds.uri or "", scratch, pvc_root, f"{WHERE}.uri")
 
 

@@ -213,7 +213,12 @@ def prepare_data(job: FineTuneJob, runtime: Runtime, scratch: Path, base: BaseMo
     """Step 2: read, check and tokenise the dataset (and the validation set: its own URI, or a seeded split),
     then plan the number of optimizer steps. Raises the Dataset* / InvalidDataset errors."""
     ds, t = job.spec.dataset, job.spec.training
-    train_src = _read_dataset(ds.uri, runtime.dataset_path, scratch, runtime, "spec.dataset.uri")
+    ref = ds.config_map_ref
+    if ref is not None and runtime.dataset_path == runtime.configmap_root / ref.name / ref.key:
+        # The path config.resolve_runtime derived from spec.dataset.configMapRef (not one the user passed).
+        train_src = data.read_configmap_key(runtime.configmap_root, ref.name, ref.key, "spec.dataset.configMapRef")
+    else:
+        train_src = _read_dataset(ds.uri, runtime.dataset_path, scratch, runtime, "spec.dataset.uri")
     train_ex = data.tokenize(train_src, ds, base.tokenizer, base.max_len, packing=t.packing)
     classification = ds.format == "classification"
     labels = data.label_counts(train_src, ds) if classification else {}

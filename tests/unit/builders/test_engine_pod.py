@@ -23,7 +23,7 @@ def flag(cmd: list[str], name: str) -> str:
 
 def test_engine_command_carries_the_route_engine_settings():
     r = route(servedModelName="llama", engine={"maxLoras": 8, "maxLoraRank": 64, "maxModelLen": 4096,
-                                                  "dtype": "bfloat16", "tensorParallelSize": 2,
+                                                  "dtype": "bfloat16", "tensorParallelSize": 2, "gpus": 2,
                                                   "extraArgs": ["--enable-prefix-caching"]})
     cmd = engine_pod.engine_command(r)
     assert cmd[:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]

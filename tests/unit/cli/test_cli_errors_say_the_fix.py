@@ -224,3 +224,61 @@ def test_a_python_field_name_is_an_unknown_field_as_the_api_server_says(tmp_path
     rc, out = validate(tmp_path, capsys, JOB.replace("pvc://data/train.jsonl\"}", "pvc://data/train.jsonl\", "
                                                      "validationSplit: 0.2}"))
     assert rc == 0, out
+
+
+ROUTE_WEIGHTS = """apiVersion: loraplane.io/v1alpha1
+kind: ModelRoute
+metadata: {name: r}
+spec:
+  baseModel: {name: m}
+  routes:
+    - name: s
+      backends: [{adapter: a, weight: W1}, {adapter: b, weight: W2}]
+"""
+
+
+@pytest.mark.parametrize("run", [validate, render])
+@pytest.mark.parametrize("w1, w2, says_sum", [
+    ("-10", "110", False),    # out of range each, but they do sum to 100
+    ('"x"', "50", False),     # a weight of the wrong type: reported on its field, no guess about the sum
+    ("200", "50", True),      # the user's weights really do not sum to 100
+])
+def test_a_rule_above_a_wrong_field_is_reported_only_when_the_users_values_break_it(run, w1, w2, says_sum, tmp_path,
+                                                                                     capsys):
+    """A wrong field is left out to check the rest, and takes its default: two weights -10 and 110 each counted
+    100 and `the weights of a route's backends must sum to 100` was reported, though they sum to 100. The route's
+    rule is now evaluated on the values as written."""
+    rc, out = run(tmp_path, capsys, ROUTE_WEIGHTS.replace("W1", w1).replace("W2", w2))
+    assert rc == 1 and "spec.routes[0].backends[0].weight:" in out, out
+    assert ("spec.routes[0]: the weights of a route's backends must sum to 100" in out) == says_sum, out
+
+
+@pytest.mark.parametrize("run", [validate, render])
+@pytest.mark.parametrize("field, written, expected", [
+    ("replicas", '"2"', "spec.replicas: '2' is a string, the field takes an integer (the API server refuses it): "
+                        "write it without quotes (`replicas: 2`)"),
+    ("learningRate", '"0.001"', "spec.training.learningRate: '0.001' is a string, the field takes a number"),
+    ("gradientCheckpointing", '"no"', "spec.training.gradientCheckpointing: 'no' is a string, the field takes true "
+                                      "or false"),
+    ("version", "3", "spec.version: 3 is an integer, the field takes a string (the API server refuses it): quote it "
+                     "(`version: \"3\"`)"),
+    ("replicas", "true", "spec.replicas: true is a boolean, the field takes an integer (the API server refuses it): "
+                         "write a number"),
+])
+def test_a_value_of_another_json_type_than_the_crds_is_refused_with_the_fix(run, field, written, expected, tmp_path,
+                                                                             capsys):
+    """pydantic converted `replicas: "2"` to 2 and `gradientCheckpointing: "no"` to false, so validate passed what
+    `kubectl apply` refuses (the CRD's type); and `version: 3` got `Input should be a valid string`, no fix."""
+    text = {"replicas": "apiVersion: loraplane.io/v1alpha1\nkind: ModelRoute\nmetadata: {name: r}\n"
+                        "spec: {baseModel: {name: m}, replicas: VALUE, routes: [{name: b, backends: [{base: true}]}]}\n",
+            "version": ADAPTER.replace('version: "1"', "version: VALUE")}.get(
+        field, JOB.replace("spec:\n", f"spec:\n  training: {{{field}: VALUE}}\n", 1))
+    rc, out = run(tmp_path, capsys, text.replace("VALUE", written))
+    assert rc == 1 and expected in out, out
+    assert "Input should be a valid string" not in out, out
+
+
+def test_a_number_with_an_exponent_is_read_as_kubectl_reads_it(tmp_path, capsys):
+    """`learningRate: 2e-4` is a float for kubectl (YAML 1.2) but a string for PyYAML: read as kubectl does."""
+    rc, out = validate(tmp_path, capsys, JOB.replace("spec:\n", "spec:\n  training: {learningRate: 2e-4}\n", 1))
+    assert rc == 0, out

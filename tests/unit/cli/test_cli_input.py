@@ -118,3 +118,74 @@ def test_an_adapter_a_finetunejob_in_the_files_will_create_is_not_reported_missi
     does not exist until the job succeeds; that is not a mistake to warn about."""
     rc, out = run_validate([ROOT / "docs" / "examples" / "quickstart.yaml"], capsys)
     assert rc == 0 and "left out" not in out, out
+
+
+def test_render_writes_every_value_where_it_is_without_yaml_anchors(capsys):
+    """The engine's probes share one httpGet dict in the builders: rendered, each probe spells it out (PyYAML
+    printed `httpGet: &id001` once and `httpGet: *id001` for the others)."""
+    import yaml
+
+    p = argparse.ArgumentParser()
+    add_render_arguments(p)
+    rc = render_main(p.parse_args(["-f", str(ROOT / "docs" / "examples" / "modelroute.yaml"),
+                                   "-f", str(ROOT / "docs" / "examples" / "adapter.yaml")]))
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "&id" not in out and "*id" not in out, [line for line in out.splitlines() if "id0" in line]
+    engine = next(m for m in yaml.safe_load_all(out) if m["kind"] == "Deployment"
+                  and any(c["name"] == "vllm" for c in m["spec"]["template"]["spec"]["containers"]))
+    vllm = next(c for c in engine["spec"]["template"]["spec"]["containers"] if c["name"] == "vllm")
+    assert vllm["startupProbe"]["httpGet"] == vllm["livenessProbe"]["httpGet"] == {"path": "/health", "port": 8000}
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (("    r: 8\n", "    r: 32\n"),
+     "backend quickstart-adapter of 'assistant' is left out (RankTooLarge): adapter quickstart-adapter has rank 32, "
+     "above ModelRoute quickstart's engine.maxLoraRank 16; raise maxLoraRank or train with a smaller method.r "
+     "(the Adapter FineTuneJob quickstart creates)"),
+    (("kind: ModelRoute\nmetadata:\n  name: quickstart\nspec:\n  baseModel:\n    name: loraplane/tiny-llama\n",
+      "kind: ModelRoute\nmetadata:\n  name: quickstart\nspec:\n  baseModel:\n    name: Qwen/Qwen2.5-0.5B\n"),
+     "(BaseModelMismatch): adapter quickstart-adapter was trained on loraplane/tiny-llama, but ModelRoute quickstart "
+     "serves Qwen/Qwen2.5-0.5B; serve it on a ModelRoute of loraplane/tiny-llama, or retrain it on Qwen/Qwen2.5-0.5B"),
+])
+def test_validate_checks_the_adapter_a_finetunejob_will_create_against_the_route(edit, expected, tmp_path, capsys):
+    """A FineTuneJob whose adapter the route of the same files cannot serve (method.r over engine.maxLoraRank,
+    another base model) is warned about before its GPU hours are spent; it used to pass without a word (the
+    produced Adapter was only exempted from AdapterNotFound, never checked)."""
+    text = (ROOT / "docs" / "examples" / "quickstart.yaml").read_text()
+    assert edit[0] in text
+    path = tmp_path / "in.yaml"
+    path.write_text(text.replace(*edit))
+    rc, out = run_validate([path], capsys)
+    assert rc == 0 and expected in out, out
+
+
+def test_validate_warns_about_an_adapter_a_selector_matches_but_the_route_cannot_serve(tmp_path, capsys):
+    path = tmp_path / "in.yaml"
+    path.write_text(ADAPTER.replace("metadata: {name: sql}", "metadata: {name: sql, labels: {team: a}}")
+                    .replace('version: "1"', 'version: "1", rank: 64') + """---
+apiVersion: loraplane.io/v1alpha1
+kind: ModelRoute
+metadata: {name: r}
+spec:
+  baseModel: {name: m}
+  engine: {maxLoraRank: 8}
+  routes:
+  - selector: {matchLabels: {team: a}}
+""")
+    rc, out = run_validate([path], capsys)
+    assert rc == 0, out
+    assert ("Adapter sql, which a selector of spec.routes matches, is not served (RankTooLarge): adapter sql has "
+            "rank 64") in out, out
+
+
+def test_an_invalid_finetunejob_does_not_also_make_its_adapter_reported_missing(tmp_path, capsys):
+    """The quickstart with a mistake in its FineTuneJob: the job's error is the finding; the route's backend
+    naming the Adapter that job creates used to be warned AdapterNotFound too, sending the user to the wrong
+    object."""
+    path = tmp_path / "in.yaml"
+    path.write_text((ROOT / "docs" / "examples" / "quickstart.yaml").read_text()
+                    .replace("targetModules: [q_proj, v_proj]", "targetModules: q_proj"))
+    rc, out = run_validate([path], capsys)
+    assert rc == 1 and "spec.method.targetModules: expected a list" in out, out
+    assert "AdapterNotFound" not in out, out

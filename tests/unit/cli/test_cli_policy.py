@@ -3,6 +3,7 @@ from the same chart values the operator is installed with."""
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from loraplane.cli import main as cli_main
@@ -98,3 +99,26 @@ def test_the_policy_message_does_not_send_the_user_to_the_platform_team_for_what
     message = policy_message(unconditional_violations(parse(doc)))
     assert message.endswith("Nothing was created or changed: change the spec"), message
     assert "platform team" not in message and "setting:" not in message
+
+
+@pytest.mark.parametrize("values, expected", [
+    ("operator: {policy: {allowedImage: [x]}}\n", "operator.policy.allowedImage: unknown key: did you mean "
+                                                  "'allowedImages'?"),
+    ("operator: [1]\n", "operator must be a mapping"),
+])
+def test_a_policy_key_the_chart_does_not_have_is_an_error_not_ignored(values, expected, tmp_path, capsys):
+    """A misspelt policy key was ignored and the examples checked against the default policy: `ok` for what the
+    intended one refuses. The chart's values schema refuses such a key at install; validate does too."""
+    bad = tmp_path / "values.yaml"
+    bad.write_text(values)
+    assert cli_main(["validate", "--policy", str(bad), str(EXAMPLE)]) == 1
+    assert expected in capsys.readouterr().out
+
+
+def test_the_policy_keys_are_the_charts():
+    import json
+
+    schema = json.loads((ROOT / "charts" / "loraplane" / "values.schema.json").read_text())
+    from loraplane.cli.validate import POLICY_KEYS
+
+    assert set(POLICY_KEYS) == set(schema["properties"]["operator"]["properties"]["policy"]["properties"])

@@ -65,3 +65,23 @@ def test_the_run_shows_the_trainers_evaluation_once_and_logs_every_line(tmp_path
     assert shown.endswith("no newline at the end")
     logged = (tmp_path / "trainer.log").read_text()
     assert logged.count("evaluation") == 2 and "ERROR real problem" in logged
+
+
+def test_a_failed_trainer_is_said_once_in_words_not_as_json(tmp_path, capfd):
+    """A dataset with a bad line: the run's error said the trainer's termination JSON verbatim, after the trainer's
+    own JSON line had been shown too; now its reason and message in words, the JSON line only in the log."""
+    from loraplane.local.pipeline import trainer_failure, trainer_line_shown_later
+    from loraplane.local.processes import ManagedProcess
+
+    term = '{"reason":"InvalidDataset","message":"dataset path: d.jsonl has 1 line(s) that are not JSON (line 6)"}'
+    assert trainer_failure(term, 65) == ("InvalidDataset (exit 65): dataset path: d.jsonl has 1 line(s) that are not "
+                                         "JSON (line 6)")
+    assert trainer_failure("Traceback: boom\n", 1) == "(exit 1): Traceback: boom"
+    script = ("import sys\n"
+              "sys.stdout.write('2026-12-07 ERROR loraplane.trainer: InvalidDataset: bad line 6\\n')\n"
+              "sys.stdout.write('{\"reason\": \"InvalidDataset\", \"message\": \"bad line 6\"}\\n')\n")
+    proc = ManagedProcess("trainer", [sys.executable, "-c", script], {}, tmp_path / "trainer.log")
+    assert proc.run_foreground(hide=trainer_line_shown_later) == 0
+    shown = capfd.readouterr().err
+    assert "ERROR loraplane.trainer: InvalidDataset" in shown and '{"reason"' not in shown, shown
+    assert '{"reason": "InvalidDataset"' in (tmp_path / "trainer.log").read_text()

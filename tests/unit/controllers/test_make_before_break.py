@@ -19,7 +19,8 @@ DIGEST_1 = "1" * 64
 
 
 def _route(max_cpu_loras: int | None = None, backends=None) -> ModelRoute:
-    engine = {"maxCpuLoras": max_cpu_loras} if max_cpu_loras else {}
+    # maxLoras no larger than maxCpuLoras: vLLM (and the API) refuse a smaller CPU cache than one batch.
+    engine = {"maxCpuLoras": max_cpu_loras, "maxLoras": min(max_cpu_loras, 4)} if max_cpu_loras else {}
     return ModelRoute.model_validate({
         "apiVersion": "loraplane.io/v1alpha1", "kind": "ModelRoute", "metadata": {"name": "r", "namespace": "ns"},
         "spec": {"baseModel": {"name": "org/base"}, "engine": engine,

@@ -1,6 +1,7 @@
-"""Reading the manifests `validate` and `render` are given: files or `-` (stdin), multi-document YAML.
+"""Reading the manifests `validate`, `render` and `run` are given: files or `-` (stdin), multi-document YAML.
 
-One reader for both commands, so they agree on what is a loraplane object and on how bad input is reported:
+One reader for the three commands (it lives here, below `cli/`, because `local.pipeline` reads `run`'s file with
+it), so they agree on what is a loraplane object and on how bad input is reported:
 a file that cannot be read or parsed, a document that is not a mapping, and an object of the loraplane.io API
 group whose kind does not exist (a typo such as `Adaptor` would otherwise be skipped like a Secret and pass CI)
 are each one error naming the file and document, never a traceback. A key written twice in one mapping is such
@@ -9,6 +10,8 @@ an error too (PyYAML would keep the last silently), and so is an object without 
 
 from __future__ import annotations
 
+import functools
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,6 +58,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# A number with an exponent and no dot (`2e-4`, `1E6`) is a float in YAML 1.2 and for kubectl (go-yaml), but a
+# string for PyYAML (YAML 1.1 wants a dot): read it as kubectl does, so `learningRate: 2e-4` is the number it is
+# in the cluster (a quoted "2e-4" stays a string, as there).
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def read_documents(paths: list[Path]) -> Iterator[Document]:
     """Every document of `paths` (`-` is stdin, read once). Documents of other API groups are yielded with
     skip=True; empty documents are dropped."""
@@ -91,6 +101,82 @@ def read_documents(paths: list[Path]) -> Iterator[Document]:
                 yield Document(where, doc, skip=True)
 
 
+_JSON_TYPES = {"integer": "an integer", "number": "a number", "boolean": "true or false", "string": "a string"}
+
+
+def _yaml_type(value: object) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+            list: "a list"}.get(type(value), type(value).__name__)
+
+
+def _type_fits(value: object, schema: dict) -> bool:
+    if schema.get("x-kubernetes-int-or-string"):
+        return isinstance(value, (int, str)) and not isinstance(value, bool)
+    want = schema.get("type")
+    if want == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if want == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if want == "boolean":
+        return isinstance(value, bool)
+    if want == "string":
+        return isinstance(value, str)
+    return True
+
+
+def _type_problems(value: object, schema: dict, path: str) -> list[str]:
+    """The scalars under `value` whose YAML type is not the one `schema` (a structural CRD schema) declares."""
+    if value is None or schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    if not _type_fits(value, schema):
+        key = path.rsplit(".", 1)[-1]
+        expected = _JSON_TYPES.get(schema.get("type", ""), "an integer or a string")
+        if isinstance(value, str) and schema.get("type") in ("integer", "number", "boolean"):
+            fix = f"write it without quotes (`{key}: {value.strip()}`)" if value.strip() else "remove it"
+            if schema.get("type") == "boolean":
+                fix = f"write `{key}: true` or `{key}: false`, without quotes"
+        elif isinstance(value, bool) and schema.get("type") in ("integer", "number"):
+            fix = f"write a number (`{key}: 1`)"
+        elif isinstance(value, (bool, int, float)) and schema.get("type") == "string":
+            shown = str(value).lower() if isinstance(value, bool) else value
+            fix = f"quote it (`{key}: \"{shown}\"`): YAML reads {shown} as {_yaml_type(value)}"
+        else:
+            return []   # a mapping or list where a scalar belongs (or the reverse): the model names that itself
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)   # as YAML writes it
+        return [f"{path}: {shown} is {_yaml_type(value)}, the field takes {expected} (the API server refuses it): "
+                f"{fix}"]
+    out = []
+    if isinstance(value, dict):
+        props = schema.get("properties") or {}
+        extra = schema.get("additionalProperties")
+        for k, v in value.items():
+            sub = props.get(k) if props else (extra if isinstance(extra, dict) else None)
+            if isinstance(sub, dict):
+                out += _type_problems(v, sub, f"{path}.{k}")
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, v in enumerate(value):
+            out += _type_problems(v, schema["items"], f"{path}[{i}]")
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _spec_schema(kind: str) -> dict:
+    from loraplane.codegen.crds import crd_for
+
+    return crd_for(KINDS[kind])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+
+
+def type_problems(doc: dict) -> list[str]:
+    """The fields of a loraplane object's spec whose value has another JSON type than its CRD declares, each with
+    the fix: a quoted number or boolean (`replicas: "2"`, `gradientCheckpointing: "no"`) where the API server
+    wants the number (pydantic would convert it and pass what `kubectl apply` refuses), and an unquoted number
+    where it wants a string (`version: 3`). Checked against the generated CRD (codegen.crds), as admission does."""
+    spec = doc.get("spec")
+    if not isinstance(spec, dict) or doc.get("kind") not in KINDS:
+        return []
+    return _type_problems(spec, _spec_schema(doc["kind"]), "spec")
+
+
 def parse_document(doc: dict) -> tuple[Resource | None, str | None]:
     """Parse one loraplane object of a manifest as the operator does, for `validate` and `render`: (the object,
     None), or (None, the problems, one indented line each). Besides the schema and the rules (every problem
@@ -102,10 +188,16 @@ def parse_document(doc: dict) -> tuple[Resource | None, str | None]:
     meta = doc.get("metadata")
     no_name = isinstance(meta, dict) and not meta.get("name") or meta is None
     lines = ["  metadata.name: required: every object needs a name (metadata: {name: NAME})"] if no_name else []
+    typed = type_problems(doc)
+    lines += [f"  {t}" for t in typed]
+    typed_paths = tuple(f"  {t.split(':', 1)[0]}:" for t in typed)
     try:
         obj = parse(doc)
     except ValidationError as exc:
-        lines.append(format_all_problems(KINDS[doc["kind"]], doc, exc, "  "))
+        # A field of the wrong type is said once, by the line above (pydantic's `Input should be a valid string`
+        # names no fix).
+        lines += [line for line in format_all_problems(KINDS[doc["kind"]], doc, exc, "  ").splitlines()
+                  if not line.startswith(typed_paths)]
         return None, "\n".join(lines)
     except ValueError as exc:
         lines.append(f"  {exc}")
