@@ -31,10 +31,12 @@ machine without a cluster (README command one). It stays as it is and is not mar
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import urllib.request
 
+import psutil
 import pytest
 
 from support.e2e_flows import (ADAPTER_ANSWER, ARTIFACT_CLAIM, MODEL_URI, PROMPTS, QS_NS, V120, complete,
@@ -939,7 +941,18 @@ def test_deletion(quickstart):
         prefix = qs.plane.bridge.netns_name(0).rsplit("-", 1)[0]
         netns = [n.split()[0] for n in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                                        text=True).stdout.splitlines() if n.startswith(prefix + "-")]
-        procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        # Only processes in another network namespace than this test's: a container's (the node stand-in runs
+        # each in its pod's). The same programs run in the host's namespace by other work on the machine (a
+        # router test, a benchmark) are not the node's leftovers.
+        host_net = os.readlink("/proc/self/ns/net")
+        procs = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if os.readlink(f"/proc/{proc.info['pid']}/ns/net") != host_net:
+                    procs.append(" ".join(proc.info["cmdline"] or ()))
+            except OSError:   # gone meanwhile, or a kernel thread
+                continue
+        procs = "\n".join(procs)
         stray = [m for m in ("vllm.entrypoints", "loraplane.router", "loraplane.loader", "loraplane.trainer")
                  if m in procs]
         return (netns, stray, len(running)) if len(netns) > len(running) or stray else None
