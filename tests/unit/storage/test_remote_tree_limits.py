@@ -112,3 +112,35 @@ async def test_an_hf_repo_over_the_limits_is_refused(cache, monkeypatch, tmp_pat
             await cache.fetch(f"hf://org/{name}")
         assert info.value.reason == Reason.ArtifactTooLarge and "the snapshot" in str(info.value), name
     assert (await cache.fetch("hf://org/ok")).path.joinpath("adapter_config.json").read_text() == "{}"
+
+
+def test_an_hf_repo_in_the_local_cache_is_fetched_while_the_hub_is_down(tmp_path):
+    """Attack round 3: the Hub listing that bounds a repo before its download (model_info) must not fail the
+    fetch when the Hub cannot be reached. snapshot_download serves the replica's cached snapshot then (and the
+    snapshot is still bounded); the listing raised the HTTP client's ConnectError instead, out of the cache as no
+    FetchError, so an adapter already cached could not be loaded during a Hub outage. Run in a subprocess:
+    huggingface_hub reads HF_HOME and HF_ENDPOINT when it is imported."""
+    import socket
+    import subprocess
+    import sys
+
+    import loraplane
+
+    with socket.socket() as s:   # a port nothing listens on: the connection is refused, as with the Hub down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = tmp_path / "hf" / "hub" / "models--org--cached-lora"
+    (repo / "snapshots" / ("a" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("a" * 40) / "adapter_config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    code = (
+        "import asyncio, sys\n"
+        "from loraplane.storage.archive import ArtifactLimits\n"
+        "from loraplane.storage.cache import ArtifactCache\n"
+        f"cache = ArtifactCache({str(tmp_path / 'cache')!r}, max_bytes=1 << 30, limits=ArtifactLimits(5, 1000, 1000))\n"
+        "print(asyncio.run(cache.fetch('hf://org/cached-lora')).path.joinpath('adapter_config.json').read_text())\n")
+    env = {"PYTHONPATH": str(Path(loraplane.__file__).resolve().parents[1]), "HF_HOME": str(tmp_path / "hf"),
+           "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_DISABLE_TELEMETRY": "1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "{}", done.stderr[-2000:]
