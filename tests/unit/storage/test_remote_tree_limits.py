@@ -144,3 +144,26 @@ def test_an_hf_repo_in_the_local_cache_is_fetched_while_the_hub_is_down(tmp_path
            "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_DISABLE_TELEMETRY": "1", "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50, env=env)
     assert done.returncode == 0 and done.stdout.strip() == "{}", done.stderr[-2000:]
+
+
+def test_an_s3_prefix_of_millions_of_objects_is_refused_without_listing_them_all(tmp_path):
+    """Attack round 3: the prefix's listing was checked only once complete: a prefix of millions of objects cost
+    thousands of ListObjectsV2 requests (minutes) and every key in memory before the refusal. The listing stops
+    at the first page past the file limit."""
+    from loraplane.storage.errors import TooLarge
+    from loraplane.storage.uri import parse_uri
+
+    pages_read = []
+
+    class Paginator:
+        def paginate(self, Bucket, Prefix):
+            for n in range(50):   # 50,000 objects, 1,000 a page as S3 lists them
+                pages_read.append(n)
+                yield {"Contents": [{"Key": f"{Prefix}f{n}-{i}", "Size": 1} for i in range(1000)]}
+
+    client = SimpleNamespace(get_paginator=lambda name: Paginator(),
+                             download_file=lambda *a: pytest.fail("downloaded from a prefix over the limits"))
+    fetcher = S3Fetcher(client, policy=FetchPolicy(max_files=LIMITS.max_members, max_bytes=LIMITS.max_total_bytes))
+    with pytest.raises(TooLarge, match="too many files|has 1000 files"):
+        fetcher.fetch_tree(parse_uri("s3://huge/adapter"), tmp_path / "dest")
+    assert len(pages_read) == 1
