@@ -335,3 +335,26 @@ async def test_a_pipelined_request_behind_unread_answers_is_not_refused_for_the_
                     break
                 await asyncio.sleep(0.3)
         assert out.count(b"HTTP/1.1 200 OK\r\n") == 2 and out.endswith(b"ok"), (len(out), out[-200:])
+
+
+async def test_a_stream_cut_while_its_client_does_not_read_does_not_hold_the_connection(stub, tmp_path):
+    """Attack round 3: a stream that ends cut (router.timeoutSeconds passed, or vLLM closed mid-stream) closed the
+    client's transport but left the connection busy with its finished exchange: exempt from every read deadline,
+    and close() waits to send what is buffered to a client that reads nothing. Such clients held
+    --max-connections for ever. The cut stream now ends the answer (`done`), and the connection is judged as
+    any other whose client does not read."""
+    stub.big_stream = 400   # 25 MB of events: more than the socket buffers take
+    loop = asyncio.get_running_loop()
+    async with running_router(tmp_path, [stub.spec], table_json({"chat": [("v1", 100)]}), header_timeout=0.6,
+                              body_timeout=0.6, idle_timeout=0.6) as (svc, _):
+        svc.router.timeout_seconds = 1.0
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", svc.port))
+            await loop.sock_sendall(sock, post(b'{"model":"chat","prompt":"p","stream":true}'))
+            await wait_for(lambda: len(svc.router.connections) == 1)
+            (conn,) = svc.router.connections
+            await wait_for(lambda: conn.writing_paused)
+            # the timeout (1 s), then the idle deadline twice (0.6 s each) and the sweep's slack
+            await wait_for(lambda: not svc.router.connections, timeout=6)
