@@ -488,7 +488,8 @@ class ClientConnection(asyncio.Protocol):
         unsent = t.get_write_buffer_size()
         if not unsent:
             t.close()
-        elif (phase == IDLE or self.writing_paused) and unsent != self.unsent:   # the client reads (or a first look)
+        elif (phase == IDLE or (self.writing_paused and phase != LINGER)) and unsent != self.unsent:
+            # the client reads (or this is the first look): another period
             self.unsent = unsent
             self.deadline = 0.0   # re-armed by the next sweep
         else:
