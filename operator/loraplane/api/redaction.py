@@ -5,7 +5,8 @@ text may carry:
 
 - a URL's userinfo (`scheme://USER:PASSWORD@host`): everything up to the LAST `@` of the authority, since a
   password may hold a raw `@` (as urllib.parse and yarl split it); and a password holding a raw `/`, `?` or `#`
-  (`user:pa/ss@host`), which ends the authority early, up to the first `@` after it;
+  (`user:pa/ss@host`), which ends the authority early, up to the first `@` after it; every URL, also one inside
+  or glued to another's body (`?next=http://u:p@h`, `http://u:p@a,https://u:p@b`);
 - the value of every query, fragment or `;` parameter whose name, percent-decoded (`X%2DAmz%2DSignature`) and
   case-folded, contains one of SECRET_NAME_PARTS (token, secret, signature, credential, password, key, auth, sig,
   code...): presigned S3/GCS URLs, Azure SAS and function keys, OAuth codes, `hf_token`, `client_secret`,
@@ -52,42 +53,70 @@ def _secret_name(name: str) -> bool:
     return any(part in name for part in SECRET_NAME_PARTS)
 
 
+def _scheme_start(text: str, sep: int, floor: int) -> int | None:
+    """Where the scheme of the "://" at `sep` begins: the first letter of the run of scheme characters before it
+    (not before `floor`), or None when that run has no letter (no URL). Runs end at ':' and '/', so walks back
+    from successive "://" never cross each other."""
+    run = sep
+    while run > floor and text[run - 1] in _SCHEME_CHARS:
+        run -= 1
+    return next((i for i in range(run, sep) if text[i].isalpha()), None)
+
+
 def _mask_urls(text: str) -> str:
-    """`text` with each URL's userinfo masked (`_mask_userinfo`); time linear in len(text)."""
+    """`text` with each URL's userinfo masked (`_userinfo_end`); time linear in len(text).
+
+    Every URL is masked, also one inside or glued to another's body (`https://a/?next=http://u:p@b`,
+    `http://u:p@a,https://u:p@b`, a Markdown `[https://u:p@a](https://u:p@a)`): a body runs to the next space
+    or quote, and the second URL's credentials were shown when that body was skipped whole. A URL within a
+    masked userinfo (a password holding `x://`) stays masked with it."""
     out: list[str] = []
-    pos = 0   # text before pos is done; no scheme starts before it
+    pos = 0   # text before pos is written out; a scheme never starts before it
     find = 0
+    body_end = -1   # where the last body scanned ends: a URL nested in it ends there too (each run scanned once)
+    memo = [-1, -1]   # _userinfo_end's: [from, the first '@' in text[from:body_end], or -1]
     while (sep := text.find("://", find)) != -1:
-        run = sep
-        while run > pos and text[run - 1] in _SCHEME_CHARS:
-            run -= 1
-        # the scheme starts at the run's first letter (runs never overlap, so walking back and scanning forward
-        # visit each character a bounded number of times). Unlike the regex's word boundary, a scheme glued to
+        # the scheme starts at the run's first letter. Unlike the old regex's word boundary, a scheme glued to
         # a word character (`_https://`, `1s3://`) is masked too.
-        start = next((i for i in range(run, sep) if text[i].isalpha()), None)
+        start = _scheme_start(text, sep, pos)
         if start is None:
             find = sep + 1
             continue
-        body_end = _URL_BODY.match(text, sep + 3).end()
-        out.append(text[pos:start] + _mask_userinfo(text[start:sep + 3], text[sep + 3:body_end]))
-        pos = find = body_end
+        begin = sep + 3
+        if begin >= body_end:
+            body_end = _URL_BODY.match(text, begin).end()
+            memo[0] = memo[1] = -1
+        at = _userinfo_end(text, begin, body_end, memo)
+        if at == -1:
+            out.append(text[pos:begin])
+            pos = find = begin
+        else:
+            out.append(text[pos:begin] + "***@")
+            pos = find = at + 1
     out.append(text[pos:])
     return "".join(out)
 
 
-def _mask_userinfo(scheme: str, body: str) -> str:
-    end = len(body)
+def _userinfo_end(text: str, begin: int, body_end: int, memo: list[int]) -> int:
+    """The index of the '@' that ends the userinfo of the URL whose body is text[begin:body_end], or -1 when it
+    has none: the LAST '@' of the authority (a password may hold a raw '@', as urllib.parse and yarl split it);
+    for a password holding a raw '/', '?' or '#' (`user:pa/ss@host`), which ends the authority early, the first
+    '@' after it. Bounded scans only (nested URLs share a body): the authority ends at the first '/', '?' or '#'
+    (each searched before the last found), and the first '@' after it is kept in `memo` for the next URL."""
+    end = body_end
     for sep in "/?#":
-        pos = body.find(sep)
-        if pos != -1:
-            end = min(end, pos)
-    at = body.rfind("@", 0, end)
-    if at == -1 and not body.startswith("[") and ":" in body[:end] and "@" in body[end:]:
-        # `user:pa/ss@host`: what follows the colon is no port, so the authority was cut by the password.
-        after = body[:end].split(":", 1)[1]
-        if not after.isdigit():
-            at = body.find("@", end)
-    return scheme + ("***@" + body[at + 1:] if at != -1 else body)
+        found = text.find(sep, begin, end)
+        if found != -1:
+            end = found
+    at = text.rfind("@", begin, end)
+    if at != -1 or end == body_end or text.startswith("[", begin):
+        return at
+    colon = text.find(":", begin, end)
+    if colon == -1 or text[colon + 1:end].isdigit():
+        return -1   # no password, or `host:port`
+    if not (memo[0] != -1 and memo[0] <= end and (memo[1] == -1 or memo[1] >= end)):
+        memo[0], memo[1] = end, text.find("@", end, body_end)
+    return memo[1]
 
 
 def _mask_params(text: str) -> str:

@@ -256,6 +256,7 @@ class ClientConnection(asyncio.Protocol):
         next request if `done` stalled, and read requests again (unless MAX_PIPELINED are queued or the
         connection is closing)."""
         self.writing_paused = False
+        self.unsent = 0   # the next stall's first look always gives a period (timed_out)
         if self.paused_upstream is not None:
             try:
                 self.paused_upstream.resume_reading()
@@ -464,15 +465,16 @@ class ClientConnection(asyncio.Protocol):
 
     def timed_out(self) -> None:
         """The read phase's deadline passed (Router.sweep): an idle keep-alive connection or a lingering one is
-        closed; a request whose headers or body did not arrive in time is answered 408. An idle one (or one
-        stalled behind answers its client does not read) with answers still unsent gets another period while
+        closed; a request whose headers or body did not arrive in time is answered 408, unless the router stopped
+        reading it because its client does not read (`writing_paused`). An idle one (or one stalled behind
+        answers its client does not read, or with reading so paused) with answers still unsent gets another period while
         its client reads them (the unsent bytes went down since the last look, as nginx's send_timeout), else
         is aborted: close() would wait for a client that reads nothing, and hold the connection for ever."""
         t = self.transport
         if t is None:
             return
         phase = self.phase
-        if phase == HEAD or phase == BODY or phase == TRAILER:
+        if (phase == HEAD or phase == BODY or phase == TRAILER) and not self.writing_paused:
             self.router.metrics.count_refused(NO_BACKEND, 408)
             what, flag = ("headers", "--header-timeout") if phase == HEAD else ("body", "--body-timeout")
             self.refuse(408, f"the request {what} did not arrive in time (the router's {flag})",
@@ -480,10 +482,14 @@ class ClientConnection(asyncio.Protocol):
             if self.busy and self.closing:
                 self.phase, self.deadline = IDLE, 0.0  # closes once the answer in progress is sent
             return
+        # Idle, lingering, or reading paused while the client does not read (then the rest of a pipelined
+        # request may be waiting, sent, in the socket: judging its head or body by the read deadline refused 408
+        # a client that sent in time; it is judged by whether it reads what was sent to it).
         unsent = t.get_write_buffer_size()
         if not unsent:
             t.close()
-        elif phase == IDLE and unsent != self.unsent:   # the client reads (or this is the first look)
+        elif (phase == IDLE or (self.writing_paused and phase != LINGER)) and unsent != self.unsent:
+            # the client reads (or this is the first look): another period
             self.unsent = unsent
             self.deadline = 0.0   # re-armed by the next sweep
         else:

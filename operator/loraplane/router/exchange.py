@@ -480,7 +480,11 @@ class Exchange:
                 held = self._end_of_stream() if self.strip_usage else b""
                 if held:   # what vLLM did send, as it would have reached the client directly
                     t.write(b"%x\r\n%s\r\n" % (len(held), held))
-                t.close()  # no terminating chunk: the client sees a truncated stream, not a complete one
+            # No terminating chunk: the client sees a truncated stream, not a complete one. `done`, not a bare
+            # close: a connection left busy with a finished exchange had no deadline, and close() waits for a
+            # client that reads nothing to take what is buffered (held for ever; the sweep's idle deadline then
+            # aborts it, ClientConnection.timed_out).
+            self.conn.done(False)
             return
         self.fail(502, "the replica closed the connection before answering", "bad_gateway", "replica_failed")
 
@@ -529,8 +533,7 @@ class Exchange:
         if self.streaming:
             self._finish(504)
             self._drop_upstream()
-            if self.conn.transport is not None:
-                self.conn.transport.close()
+            self.conn.done(False)   # a cut stream ends the answer: closed, and judged as any connection (done)
             return
         self._drop_upstream()
         self.fail(504, "the replica did not answer in time (router.timeoutSeconds)", "timeout", "upstream_timeout")

@@ -295,8 +295,8 @@ class Router:
             phase = c.phase
             if phase == IDLE and c.busy and not c.stalled:   # stalled: its client reads nothing, see timed_out
                 continue
-            if c.deadline == 0.0:
-                c.deadline = now + timeouts[phase]
+            if c.deadline == 0.0:   # while the client does not read, its reads wait: the idle (send) deadline
+                c.deadline = now + timeouts[IDLE if c.writing_paused and phase != LINGER else phase]
             elif now >= c.deadline:
                 try:
                     c.timed_out()

@@ -193,3 +193,18 @@ def test_scrubbing_takes_time_linear_in_the_text():
     assert scrubbed("x-https://u:s3cr3t@h/") == "x-https://***@h/"
     assert scrubbed("a.b-c+d://u:s3cr3t@h") == "a.b-c+d://***@h"
     assert scrubbed("_http://u:p@h ://x 1a://u:p@h") == "_http://***@h ://x 1a://***@h"
+
+
+def test_a_url_within_a_url_or_glued_to_one_has_its_userinfo_masked_too():
+    """Attack round 3: a URL's body ran to the next space or quote, so a second URL inside it or glued to it (a
+    comma-separated list, a redirect parameter, a Markdown link) kept its credentials in the message."""
+    assert scrubbed("mirrors=http://u:p@a,https://u2:p2@b next") == "mirrors=http://***@a,https://***@b next"
+    assert scrubbed("https://h/login?next=http://u:s3cr3t@h2/x") == "https://h/login?next=http://***@h2/x"
+    assert scrubbed("[https://u:p@a](https://u:p@a)") == "[https://***@a](https://***@a)"
+    assert scrubbed("s3://b/k;hf://x s3://u:p@h/1://x") == "s3://b/k;hf://x s3://***@h/1://x"
+    import time
+    started = time.perf_counter()   # still linear: URLs nested in URLs, and "://" runs without a scheme
+    scrubbed("a://" * 100_000 + "http://" + "1://" * 100_000 + "x://" + "1" * 100_000 + "://" + "a://x:y/" * 100_000)
+    # a password holding "://" is masked whole, not cut where the glued URL begins
+    assert scrubbed("https://user:p://q@host/x") == "https://***@host/x"
+    assert time.perf_counter() - started < 5

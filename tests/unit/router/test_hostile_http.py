@@ -296,3 +296,65 @@ async def test_a_slow_reader_of_its_answers_is_not_cut_off(stub, tmp_path):
                 if out.endswith(b"\r\n\r\nok") or not got:
                     break
         assert out.count(b"HTTP/1.1 200 OK\r\n") == 2 and out.endswith(b"ok"), (len(out), out[-100:])
+
+
+async def test_a_pipelined_request_behind_unread_answers_is_not_refused_for_the_time_the_router_did_not_read(
+        stub, tmp_path):
+    """Attack round 3: while its client does not read (pause_writing) the router stops reading from it. A
+    pipelining client whose next request's head was cut by that pause had the rest of it sent, but unread by the
+    router, while the header deadline ran: 408 and the connection closed, though the client sent in time and read
+    its answers (slowly). While the router does not read, the client is judged by whether it reads, as a stalled
+    connection is (timed_out), and the request is answered once it does."""
+    loop = asyncio.get_running_loop()
+    table = table_json({f"model-{i:05d}": [("v1", 100)] for i in range(60000)})   # /v1/models: ~6 MB
+    async with running_router(tmp_path, [stub.spec], table, header_timeout=0.6, body_timeout=0.6,
+                              idle_timeout=0.6) as (svc, _):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", svc.port))
+            await wait_for(lambda: len(svc.router.connections) == 1)
+            (conn,) = svc.router.connections
+            await loop.sock_sendall(sock, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHo")
+            await wait_for(lambda: conn.writing_paused)
+            await loop.sock_sendall(sock, b"st: x\r\nConnection: close\r\n\r\n")   # sent; the router reads no more
+            await asyncio.sleep(1.0)   # past the header timeout (0.6 s and the sweep's slack), reading nothing
+            out = b""
+            for _ in range(60):   # then reading: up to 512 KiB every 0.3 s
+                got = 0
+                try:
+                    while got < 512 * 1024:
+                        chunk = await asyncio.wait_for(loop.sock_recv(sock, 512 * 1024 - got), 0.05)
+                        if not chunk:
+                            break
+                        out += chunk
+                        got += len(chunk)
+                except asyncio.TimeoutError:
+                    pass
+                if out.endswith(b"\r\n\r\nok") or not got:
+                    break
+                await asyncio.sleep(0.3)
+        assert out.count(b"HTTP/1.1 200 OK\r\n") == 2 and out.endswith(b"ok"), (len(out), out[-200:])
+
+
+async def test_a_stream_cut_while_its_client_does_not_read_does_not_hold_the_connection(stub, tmp_path):
+    """Attack round 3: a stream that ends cut (router.timeoutSeconds passed, or vLLM closed mid-stream) closed the
+    client's transport but left the connection busy with its finished exchange: exempt from every read deadline,
+    and close() waits to send what is buffered to a client that reads nothing. Such clients held
+    --max-connections for ever. The cut stream now ends the answer (`done`), and the connection is judged as
+    any other whose client does not read."""
+    stub.big_stream = 400   # 25 MB of events: more than the socket buffers take
+    loop = asyncio.get_running_loop()
+    async with running_router(tmp_path, [stub.spec], table_json({"chat": [("v1", 100)]}), header_timeout=0.6,
+                              body_timeout=0.6, idle_timeout=0.6) as (svc, _):
+        svc.router.timeout_seconds = 1.0
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", svc.port))
+            await loop.sock_sendall(sock, post(b'{"model":"chat","prompt":"p","stream":true}'))
+            await wait_for(lambda: len(svc.router.connections) == 1)
+            (conn,) = svc.router.connections
+            await wait_for(lambda: conn.writing_paused)
+            # the timeout (1 s), then the idle deadline twice (0.6 s each) and the sweep's slack
+            await wait_for(lambda: not svc.router.connections, timeout=6)

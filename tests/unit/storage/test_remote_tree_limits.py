@@ -112,3 +112,58 @@ async def test_an_hf_repo_over_the_limits_is_refused(cache, monkeypatch, tmp_pat
             await cache.fetch(f"hf://org/{name}")
         assert info.value.reason == Reason.ArtifactTooLarge and "the snapshot" in str(info.value), name
     assert (await cache.fetch("hf://org/ok")).path.joinpath("adapter_config.json").read_text() == "{}"
+
+
+def test_an_hf_repo_in_the_local_cache_is_fetched_while_the_hub_is_down(tmp_path):
+    """Attack round 3: the Hub listing that bounds a repo before its download (model_info) must not fail the
+    fetch when the Hub cannot be reached. snapshot_download serves the replica's cached snapshot then (and the
+    snapshot is still bounded); the listing raised the HTTP client's ConnectError instead, out of the cache as no
+    FetchError, so an adapter already cached could not be loaded during a Hub outage. Run in a subprocess:
+    huggingface_hub reads HF_HOME and HF_ENDPOINT when it is imported."""
+    import socket
+    import subprocess
+    import sys
+
+    import loraplane
+
+    with socket.socket() as s:   # a port nothing listens on: the connection is refused, as with the Hub down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = tmp_path / "hf" / "hub" / "models--org--cached-lora"
+    (repo / "snapshots" / ("a" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("a" * 40) / "adapter_config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    code = (
+        "import asyncio, sys\n"
+        "from loraplane.storage.archive import ArtifactLimits\n"
+        "from loraplane.storage.cache import ArtifactCache\n"
+        f"cache = ArtifactCache({str(tmp_path / 'cache')!r}, max_bytes=1 << 30, limits=ArtifactLimits(5, 1000, 1000))\n"
+        "print(asyncio.run(cache.fetch('hf://org/cached-lora')).path.joinpath('adapter_config.json').read_text())\n")
+    env = {"PYTHONPATH": str(Path(loraplane.__file__).resolve().parents[1]), "HF_HOME": str(tmp_path / "hf"),
+           "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_DISABLE_TELEMETRY": "1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "{}", done.stderr[-2000:]
+
+
+def test_an_s3_prefix_of_millions_of_objects_is_refused_without_listing_them_all(tmp_path):
+    """Attack round 3: the prefix's listing was checked only once complete: a prefix of millions of objects cost
+    thousands of ListObjectsV2 requests (minutes) and every key in memory before the refusal. The listing stops
+    at the first page past the file limit."""
+    from loraplane.storage.errors import TooLarge
+    from loraplane.storage.uri import parse_uri
+
+    pages_read = []
+
+    class Paginator:
+        def paginate(self, Bucket, Prefix):
+            for n in range(50):   # 50,000 objects, 1,000 a page as S3 lists them
+                pages_read.append(n)
+                yield {"Contents": [{"Key": f"{Prefix}f{n}-{i}", "Size": 1} for i in range(1000)]}
+
+    client = SimpleNamespace(get_paginator=lambda name: Paginator(),
+                             download_file=lambda *a: pytest.fail("downloaded from a prefix over the limits"))
+    fetcher = S3Fetcher(client, policy=FetchPolicy(max_files=LIMITS.max_members, max_bytes=LIMITS.max_total_bytes))
+    with pytest.raises(TooLarge, match="too many files|has 1000 files"):
+        fetcher.fetch_tree(parse_uri("s3://huge/adapter"), tmp_path / "dest")
+    assert len(pages_read) == 1

@@ -69,17 +69,19 @@ class Fetcher(ABC):
         raise StorageError(uri.text, "not a directory", f"{uri}: a {uri.scheme} URI does not name a directory")
 
 
-def check_listing(uri: str, sizes: list[int], policy: FetchPolicy | None, what: str = "the listing") -> None:
+def check_listing(uri: str, sizes: list[int], policy: FetchPolicy | None, what: str = "the listing",
+                  total: int | None = None) -> None:
     """Raise TooLarge when a tree of files of these `sizes` (bytes) holds more than `policy.max_files` files or
     more than `policy.max_bytes` bytes in all: called with the store's listing before anything is downloaded
     (an S3 prefix or a Hub repo of 100,000 files or a terabyte must not fill the replica's disk first), and with
-    what was written (a store answering with more than it listed). `what` says which in the message."""
+    what was written (a store answering with more than it listed). `what` says which in the message; `total`,
+    when given, is sum(sizes) (a caller checking after each file keeps it, instead of summing again)."""
     if policy is None:
         return
     if policy.max_files is not None and len(sizes) > policy.max_files:
         raise TooLarge(uri, "too many files", f"{uri}: {what} has {len(sizes)} files (the artifact limit is "
                        f"{policy.max_files})")
-    total = sum(sizes)
+    total = sum(sizes) if total is None else total
     if policy.max_bytes is not None and total > policy.max_bytes:
         raise TooLarge(uri, "too large", f"{uri}: {what} holds {total} bytes (the artifact limit is "
                        f"{policy.max_bytes})")

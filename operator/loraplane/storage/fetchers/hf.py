@@ -74,9 +74,9 @@ class HfFetcher(Fetcher):
         bounded = self.policy is not None and (self.policy.max_bytes, self.policy.max_files) != (None, None)
         try:
             if bounded and not hub_offline():   # the Hub lists every file with its size: nothing downloaded yet
-                info = huggingface_hub.HfApi().model_info(uri.repo or "", revision=uri.revision,
-                                                          files_metadata=True, token=self._token())
-                check_listing(uri.text, [s.size or 0 for s in info.siblings or []], self.policy, "the repository")
+                sizes = self._listed_sizes(huggingface_hub.HfApi(), uri)
+                if sizes is not None:
+                    check_listing(uri.text, sizes, self.policy, "the repository")
             snapshot = snapshot_download(uri.repo or "", revision=uri.revision, local_files_only=hub_offline(),
                                          token=self._token())
         except LocalEntryNotFoundError as exc:
@@ -94,6 +94,20 @@ class HfFetcher(Fetcher):
             check_listing(uri.text, _file_sizes(Path(snapshot)), self.policy, "the snapshot")
         shutil.copytree(snapshot, dest, symlinks=False, ignore=shutil.ignore_patterns(".cache", ".gitattributes"))
         return dest
+
+
+    def _listed_sizes(self, api, uri: ArtifactUri) -> list[int] | None:
+        """The size of every file of the repo at its revision from the Hub's file metadata, or None when the Hub
+        did not answer (connection refused, timeout, 5xx, 429, an auth or not-found answer). snapshot_download
+        decides those cases itself, as it did before the listing existed: it serves a cached snapshot when the
+        Hub cannot be reached (then `_file_sizes` bounds it) and raises the error that maps to the right
+        StorageError otherwise. Failing the fetch here instead turned a Hub outage into a failed fetch of an
+        adapter already in the replica's HF cache, with the HTTP client's own exception (no StorageError)."""
+        try:
+            info = api.model_info(uri.repo or "", revision=uri.revision, files_metadata=True, token=self._token())
+        except Exception:  # noqa: BLE001 - any failure of the pre-check is left to snapshot_download (docstring)
+            return None
+        return [s.size or 0 for s in info.siblings or []]
 
 
 def _file_sizes(root: Path) -> list[int]:

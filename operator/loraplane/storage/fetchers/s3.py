@@ -153,12 +153,14 @@ class S3Fetcher(Fetcher):
         """Every object under the prefix KEY/ to `dest`, keeping the relative layout. NotFound when the prefix
         holds no object; InvalidContent for a key that would land outside `dest`."""
         prefix = uri.key.rstrip("/") + "/" if uri.key else ""
-        objects = self.list_objects(uri.bucket or "", prefix, uri=uri.text)
+        objects = self.list_objects(uri.bucket or "", prefix, uri=uri.text,
+                                    max_files=self.policy.max_files if self.policy is not None else None)
         files = {k: size for k, size in objects.items() if k[len(prefix):] and not k.endswith("/")}
         check_listing(uri.text, list(files.values()), self.policy, "the prefix")   # before any download
         dest.mkdir(parents=True, exist_ok=True)
         found = 0
-        written: list[int] = []
+        written: list[int] = []   # sizes so far; checked as a running count and total (linear in the files)
+        total = 0
         try:
             for key in sorted(files):
                 rel = key[len(prefix):]
@@ -167,8 +169,10 @@ class S3Fetcher(Fetcher):
                     raise InvalidContent(uri.text, f"key {key!r}", f"s3 key {key!r} escapes the artifact directory")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 self.client.download_file(uri.bucket, key, str(target))
-                written.append(target.stat().st_size)
-                check_listing(uri.text, written, self.policy, "what was downloaded")   # objects grown since listed
+                size = target.stat().st_size
+                written.append(size)
+                total += size
+                check_listing(uri.text, written, self.policy, "what was downloaded", total)   # grown since listed
                 found += 1
         except _boto_errors() as exc:
             raise s3_error(uri.text, exc) from exc
@@ -176,13 +180,22 @@ class S3Fetcher(Fetcher):
             raise NotFound(uri.text, "empty prefix", f"{uri}: no objects under that prefix")
         return dest
 
-    def list_objects(self, bucket: str, prefix: str, uri: str | None = None) -> dict[str, int]:
-        """{key: size in bytes} of every object under `prefix` (paginated)."""
+    def list_objects(self, bucket: str, prefix: str, uri: str | None = None,
+                     max_files: int | None = None) -> dict[str, int]:
+        """{key: size in bytes} of every object under `prefix` (paginated, 1,000 keys a page). With `max_files`,
+        the listing stops at the page where more than that many files (keys other than `prefix` and "folder"
+        placeholders ending in '/') were seen: a caller that refuses so many needs no more, and a prefix of
+        millions of objects would otherwise cost thousands of requests and their keys' memory first."""
         out: dict[str, int] = {}
+        files = 0
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
                 for obj in page.get("Contents", []):
-                    out[obj["Key"]] = obj["Size"]
+                    key = obj["Key"]
+                    out[key] = obj["Size"]
+                    files += key != prefix and not key.endswith("/")
+                if max_files is not None and files > max_files:
+                    break
         except _boto_errors() as exc:
             raise s3_error(uri or f"s3://{bucket}/{prefix}", exc) from exc
         return out
