@@ -282,3 +282,13 @@ def test_a_number_with_an_exponent_is_read_as_kubectl_reads_it(tmp_path, capsys)
     """`learningRate: 2e-4` is a float for kubectl (YAML 1.2) but a string for PyYAML: read as kubectl does."""
     rc, out = validate(tmp_path, capsys, JOB.replace("spec:\n", "spec:\n  training: {learningRate: 2e-4}\n", 1))
     assert rc == 0, out
+
+
+@pytest.mark.parametrize("run", [validate, render])
+def test_a_date_or_base_60_looking_value_is_the_string_kubectl_reads(run, tmp_path, capsys):
+    """kubectl (go-yaml v2) reads `version: 2024-06-01` as the string written and `1:30` as "1:30"; PyYAML made a
+    date (`Input should be a valid string`: a valid Adapter refused) and the int 90 (validate said to quote "90")."""
+    rc, out = run(tmp_path, capsys, ADAPTER.replace('version: "1"', "version: 2024-06-01"))
+    assert rc == 0, out
+    rc, out = run(tmp_path, capsys, ADAPTER.replace('version: "1"', "version: 1:30"))
+    assert rc == 1 and "'1:30'" in out and "90" not in out, out
