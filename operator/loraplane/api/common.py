@@ -104,8 +104,9 @@ _QUANTITY_SUFFIX = {"Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40, 
                     "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12, "P": 10 ** 15, "E": 10 ** 18}
 _QUANTITY_PARTS = re.compile(r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(?:([eE][-+]?[0-9]+)|([KMGTPE]i|[numkMGTPE]?))$")
 # What a quantity string of the API may be, in the CRD schema too (as controller-gen writes resource.Quantity's,
-# without a sign: every quantity of the API is a size or a CPU amount, which pods refuse negative).
-QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[KMGTPE]i|[numkMGTPE])?$"
+# without the minus sign: every quantity of the API is a size or a CPU amount, which pods refuse negative; a
+# leading `+`, which Kubernetes reads, is taken).
+QUANTITY_PATTERN = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[KMGTPE]i|[numkMGTPE])?$"
 
 
 def _check_quantity(value: int | str) -> int | str:

@@ -18,7 +18,9 @@ from support.paths import ROOT
 QUICKSTART = list(yaml.safe_load_all((ROOT / "docs" / "examples" / "quickstart.yaml").read_text()))
 JOB, ROUTE = QUICKSTART[1], QUICKSTART[2]
 
-GOOD = [8, "8", "500m", "64Gi", "64G", "1e3", "0.5", ".5", "1.5Gi", "100k", "0"]
+# "+1" and "1." too: apimachinery's ParseQuantity reads a leading + and a trailing dot (pods take them).
+GOOD = [8, "8", "500m", "64Gi", "64G", "1e3", "0.5", ".5", "1.5Gi", "100k", "0", "+1", "+500m", "1.", "1E3", "1e-3",
+        "1u", "1n"]
 BAD = ["4GB", "4 Gi", "lots", "4GiB", "", "Gi", "-1", "-4Gi", "1.2.3", "4gi"]
 
 
