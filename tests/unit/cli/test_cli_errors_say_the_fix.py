@@ -285,10 +285,15 @@ def test_a_number_with_an_exponent_is_read_as_kubectl_reads_it(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("run", [validate, render])
-def test_a_date_or_base_60_looking_value_is_the_string_kubectl_reads(run, tmp_path, capsys):
+def test_yaml_is_read_as_kubectl_reads_it_dates_base_60_y_n_and_0o(run, tmp_path, capsys):
     """kubectl (go-yaml v2) reads `version: 2024-06-01` as the string written and `1:30` as "1:30"; PyYAML made a
     date (`Input should be a valid string`: a valid Adapter refused) and the int 90 (validate said to quote "90")."""
     rc, out = run(tmp_path, capsys, ADAPTER.replace('version: "1"', "version: 2024-06-01"))
     assert rc == 0, out
     rc, out = run(tmp_path, capsys, ADAPTER.replace('version: "1"', "version: 1:30"))
     assert rc == 1 and "'1:30'" in out and "90" not in out, out
+    # go-yaml v2 reads `y` as true and `0o17` as 15 (`kubectl label --local -o json`), PyYAML as strings.
+    rc, out = run(tmp_path, capsys, JOB.replace("spec:\n", "spec:\n  training: {gradientCheckpointing: y}\n", 1))
+    assert rc == 0, out
+    rc, out = run(tmp_path, capsys, ADAPTER.replace('version: "1"', "version: 0o17"))
+    assert rc == 1 and "spec.version: 15 is an integer" in out, out
