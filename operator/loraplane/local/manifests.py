@@ -62,7 +62,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 # string for PyYAML (YAML 1.1 wants a dot): read it as kubectl does, so `learningRate: 2e-4` is the number it is
 # in the cluster (a quoted "2e-4" stays a string, as there).
 _UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
 # YAML as kubectl reads it (go-yaml v2, through sigs.k8s.io/yaml; checked with `kubectl label --local -o json`).
 # Two YAML 1.1 readings of PyYAML's that kubectl does not make: an unquoted date or
 # time (`version: 2024-06-01`) stays the string written (go-yaml keeps a timestamp as a string in an untyped
@@ -73,10 +74,13 @@ _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.
 _SEXAGESIMAL = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
 for _first in "-+0123456789":   # the class's own lists (copied from SafeLoader's by add_implicit_resolver above)
     _UniqueKeyLoader.yaml_implicit_resolvers[_first].insert(0, ("tag:yaml.org,2002:str", _SEXAGESIMAL))
-# And two go-yaml v2 reads that PyYAML lacks: `y`/`n` (any case) are booleans and `0o17` is octal 15.
+# And go-yaml v2 reads that PyYAML lacks: `y`/`n` (any case) are booleans and `0o17` is octal 15.
 _UniqueKeyLoader.bool_values = {**yaml.SafeLoader.bool_values, "y": True, "n": False}
 _UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:y|Y|n|N)$"), list("yYnN"))
 _UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?0o[0-7_]+$"), list("-+0"))
+# Digits after a leading 0 that octal cannot read (`09`) are the number 9 for kubectl (go-yaml falls back to a
+# float), a string for PyYAML: a number here too (after the int resolvers, which take every other run of digits).
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?0[0-9_]+$"), list("-+0"))
 
 
 def read_documents(paths: list[Path]) -> Iterator[Document]:

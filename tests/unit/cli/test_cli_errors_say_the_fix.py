@@ -284,16 +284,29 @@ def test_a_number_with_an_exponent_is_read_as_kubectl_reads_it(tmp_path, capsys)
     assert rc == 0, out
 
 
+# What kubectl (go-yaml v2) sends for a YAML spelling PyYAML reads otherwise (`kubectl label --local -o json` shows
+# it): (the spelling in place of a field, whether validate passes, a text its output must have).
+KUBECTL_READS = [
+    # a date is the string written: PyYAML made a datetime, refused with `Input should be a valid string`
+    ("version: 2024-06-01", 0, ""),
+    # "1:30", not base 60: validate said `version: 90 is an integer ... quote it ("90")`
+    ("version: 1:30", 1, "'1:30' is not valid"),
+    ("version: 0o17", 1, "spec.version: 15 is an integer"),      # octal, as Go reads it
+    ("version: 09", 1, "spec.version: 9.0 is a number"),         # not octal: a number, not a string
+    ("training: {gradientCheckpointing: y}", 0, ""),             # y/n are booleans
+    ("training: {learningRate: +.5e-3}", 0, ""),                 # a sign, a leading dot, an exponent
+]
+
+
 @pytest.mark.parametrize("run", [validate, render])
-def test_yaml_is_read_as_kubectl_reads_it_dates_base_60_y_n_and_0o(run, tmp_path, capsys):
-    """kubectl (go-yaml v2) reads `version: 2024-06-01` as the string written and `1:30` as "1:30"; PyYAML made a
-    date (`Input should be a valid string`: a valid Adapter refused) and the int 90 (validate said to quote "90")."""
-    rc, out = run(tmp_path, capsys, ADAPTER.replace('version: "1"', "version: 2024-06-01"))
-    assert rc == 0, out
-    rc, out = run(tmp_path, capsys, ADAPTER.replace('version: "1"', "version: 1:30"))
-    assert rc == 1 and "'1:30'" in out and "90" not in out, out
-    # go-yaml v2 reads `y` as true and `0o17` as 15 (`kubectl label --local -o json`), PyYAML as strings.
-    rc, out = run(tmp_path, capsys, JOB.replace("spec:\n", "spec:\n  training: {gradientCheckpointing: y}\n", 1))
-    assert rc == 0, out
-    rc, out = run(tmp_path, capsys, ADAPTER.replace('version: "1"', "version: 0o17"))
-    assert rc == 1 and "spec.version: 15 is an integer" in out, out
+@pytest.mark.parametrize("written, rc_expected, expected", KUBECTL_READS, ids=[k[0] for k in KUBECTL_READS])
+def test_yaml_is_read_as_kubectl_reads_it(run, written, rc_expected, expected, tmp_path, capsys):
+    """validate/render/run read a value as kubectl sends it to the API server, so they pass what it admits and
+    refuse (with the fix) what it refuses."""
+    if written.startswith("version:"):
+        text = ADAPTER.replace('version: "1"', written)
+    else:
+        text = JOB.replace("spec:\n", f"spec:\n  {written}\n", 1)
+    rc, out = run(tmp_path, capsys, text)
+    assert rc == rc_expected and expected in out, out
+    assert "90" not in out, out
