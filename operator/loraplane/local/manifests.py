@@ -83,6 +83,18 @@ _UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-
 _UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?0[0-9_]+$"), list("-+0"))
 
 
+def _list_items(docs: list) -> Iterator[tuple[str, object]]:
+    """(index, object) of each document, a list's items in its place (`3.items[0]`): `kubectl apply -f` applies
+    the items of a `kind: List` (or `AdapterList`...; what `kubectl get -o yaml` exports), so they are checked,
+    not skipped as another API's object."""
+    for i, doc in enumerate(docs):
+        items = doc.get("items") if isinstance(doc, dict) else None
+        if isinstance(doc, dict) and str(doc.get("kind") or "").endswith("List") and isinstance(items, list):
+            yield from ((f"{i}.items[{j}]", item) for j, item in enumerate(items))
+        else:
+            yield str(i), doc
+
+
 def read_documents(paths: list[Path]) -> Iterator[Document]:
     """Every document of `paths` (`-` is stdin, read once). Documents of other API groups are yielded with
     skip=True; empty documents are dropped."""
@@ -99,7 +111,7 @@ def read_documents(paths: list[Path]) -> Iterator[Document]:
             at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
             yield Document(f"{path}", None, f"not valid YAML{at}: {getattr(exc, 'problem', None) or exc}")
             continue
-        for i, doc in enumerate(docs):
+        for i, doc in _list_items(docs):
             if doc is None:
                 continue
             if not isinstance(doc, dict):

@@ -310,3 +310,17 @@ def test_yaml_is_read_as_kubectl_reads_it(run, written, rc_expected, expected, t
     rc, out = run(tmp_path, capsys, text)
     assert rc == rc_expected and expected in out, out
     assert "90" not in out, out
+
+
+@pytest.mark.parametrize("run", [validate, render])
+@pytest.mark.parametrize("list_kind", ["apiVersion: v1\nkind: List", "apiVersion: loraplane.io/v1alpha1\nkind: AdapterList"])
+def test_the_items_of_a_list_are_checked_as_kubectl_applies_them(run, list_kind, tmp_path, capsys):
+    """`kubectl get adapters -o yaml` exports a `kind: List` that `kubectl apply -f` applies item by item: its
+    items were skipped as another API's object (`no loraplane.io object`), a valid export refused and a wrong
+    item never checked."""
+    item = "\n".join("  " + line for line in ADAPTER.strip().splitlines())
+    text = f"{list_kind}\nitems:\n- {item.strip()}\n"
+    rc, out = run(tmp_path, capsys, text)
+    assert rc == 0, out
+    rc, out = run(tmp_path, capsys, text.replace('version: "1"', "version: 3"))
+    assert rc == 1 and "#0.items[0] Adapter/sql" in out and "spec.version: 3 is an integer" in out, out
