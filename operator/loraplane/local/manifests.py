@@ -196,6 +196,40 @@ def _spec_schema(kind: str) -> dict:
     return crd_for(KINDS[kind])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
 
 
+def _without_nulls(value: object, schema: dict) -> object:
+    """`value` without the nulls the API server prunes: a field of `schema` (a structural CRD schema, none of
+    whose fields is nullable) given null (`training:` with every line under it commented out) is dropped before
+    validation, so it takes its default; values the schema does not describe (x-kubernetes-preserve-unknown-fields,
+    unknown keys: the model names them) are left as written."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return value
+    if isinstance(value, dict):
+        props = schema.get("properties") or {}
+        extra = schema.get("additionalProperties")
+        out = {}
+        for k, v in value.items():
+            sub = props.get(k) if props else (extra if isinstance(extra, dict) else None)
+            if isinstance(sub, dict):
+                if v is None and not sub.get("nullable"):
+                    continue
+                v = _without_nulls(v, sub)
+            out[k] = v
+        return out
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [_without_nulls(v, schema["items"]) for v in value]
+    return value
+
+
+def without_pruned_nulls(doc: dict) -> dict:
+    """`doc` with its spec as the API server stores it: a null where the CRD declares a field that is not nullable
+    is pruned (apiextensions.k8s.io/v1, Kubernetes >= 1.20), so `kubectl apply` takes it as left out; pydantic
+    refused it (`Input should be a valid dictionary`). A copy; `doc` is not changed."""
+    spec = doc.get("spec")
+    if not isinstance(spec, dict) or doc.get("kind") not in KINDS:
+        return doc
+    return {**doc, "spec": _without_nulls(spec, _spec_schema(doc["kind"]))}
+
+
 def type_problems(doc: dict) -> list[str]:
     """The fields of a loraplane object's spec whose value has another JSON type than its CRD declares, each with
     the fix: a quoted number or boolean (`replicas: "2"`, `gradientCheckpointing: "no"`) where the API server
@@ -215,6 +249,7 @@ def parse_document(doc: dict) -> tuple[Resource | None, str | None]:
     from loraplane.api import parse
     from loraplane.api.validation import format_all_problems
 
+    doc = without_pruned_nulls(doc)
     meta = doc.get("metadata")
     no_name = isinstance(meta, dict) and not meta.get("name") or meta is None
     lines = ["  metadata.name: required: every object needs a name (metadata: {name: NAME})"] if no_name else []

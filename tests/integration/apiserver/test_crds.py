@@ -109,3 +109,20 @@ def test_status_subresource_and_kubectl(kube_cluster, kube_api, namespace):
     obj = api.get_namespaced_custom_object("loraplane.io", "v1alpha1", namespace, "finetunejobs", "support-bot-v1")
     assert obj["status"]["progress"]["step"] == 40
     assert obj["spec"] == load_docs(EXAMPLES / "finetunejob.yaml")[0]["spec"]
+
+
+def test_a_null_field_is_pruned_as_validate_drops_it(kube_api, namespace):
+    """The API server prunes a null where the CRD declares a field (none is nullable): `training:` with every line
+    under it commented out is taken as left out. `loraplane validate` drops it the same way
+    (local.manifests.without_pruned_nulls); it refused it with `Input should be a valid dictionary`."""
+    from loraplane.local.manifests import parse_document
+
+    doc = {"apiVersion": "loraplane.io/v1alpha1", "kind": "FineTuneJob",
+           "metadata": {"name": "nulls", "namespace": namespace},
+           "spec": {"baseModel": {"name": "m"}, "dataset": {"uri": "pvc://data/train.jsonl"},
+                    "output": {"adapterName": "a"}, "training": None, "method": {"r": None}}}
+    created = create(kube_api, namespace, doc)
+    assert "training" not in created["spec"] and created["spec"]["method"] == {}, created["spec"]
+    obj, problems = parse_document(doc)
+    assert problems is None and obj.spec.training.learning_rate == parse_document(
+        {**doc, "spec": created["spec"]})[0].spec.training.learning_rate, problems

@@ -324,3 +324,13 @@ def test_the_items_of_a_list_are_checked_as_kubectl_applies_them(run, list_kind,
     assert rc == 0, out
     rc, out = run(tmp_path, capsys, text.replace('version: "1"', "version: 3"))
     assert rc == 1 and "#0.items[0] Adapter/sql" in out and "spec.version: 3 is an integer" in out, out
+
+
+@pytest.mark.parametrize("run", [validate, render])
+def test_a_null_field_is_taken_as_left_out_as_the_api_server_prunes_it(run, tmp_path, capsys):
+    """`training:` with every line under it commented out is null, which the API server prunes (no field of the
+    CRDs is nullable; tests/integration/apiserver/test_crds.py checks it there): validate refused it with
+    `Input should be a valid dictionary`."""
+    text = JOB + "  training:\n    # learningRate: 2e-4\n  method: {r: }\n  resources:\n"
+    rc, out = run(tmp_path, capsys, text)
+    assert rc == 0, out
