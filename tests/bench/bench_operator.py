@@ -27,7 +27,8 @@ of three consecutive three-round runs then gave 1.46, 1.42, 1.73 (exit 0, 0, 3) 
 0, 0): loraplane 2.44-3.55 ms per object, minimal 1.76-2.92 ms, load average 0.8-2.2. On the final code (the
 echo skip disarmed by any later reconcile, nested status keys removed with null) three consecutive runs on a
 quiet machine gave 1.41, 1.38, 1.38 (exit 0 each; loraplane 2.21-2.65 ms, minimal 1.59-1.91 ms, ~1,600
-reconciles per settle). Loraplane's CPU per object still moves by a third between rounds when other work
+reconciles per settle); after the next stop's changes (the Adapter also follows its FineTuneJob's existence)
+1.39 (exit 0; loraplane 2.18-2.33 ms, minimal 1.60-1.73 ms). Loraplane's CPU per object still moves by a third between rounds when other work
 shares the machine, so the margin depends on it.
 
 Exits 0 only when both targets hold: 2 on writes while idle (loraplane), 3 when the ratio is above

@@ -72,3 +72,11 @@ async def wait_for(predicate, timeout=15.0):  # generous: CI machines are busy
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached")
         await asyncio.sleep(0.02)
+
+
+def keys_dir(tmp_path: Path, key: str) -> Path:
+    """A --api-keys-file directory under `tmp_path` holding one key (the router reads every file in it)."""
+    d = tmp_path / "keys"
+    d.mkdir()
+    (d / "k").write_text(key + "\n")
+    return d

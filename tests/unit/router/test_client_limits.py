@@ -10,10 +10,8 @@ import json
 import time
 
 import pytest
-import pytest_asyncio
 
-from support.router_running import running_router, table_json
-from support.router_stubs import StubReplica
+from support.router_running import keys_dir, running_router, table_json
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -21,20 +19,6 @@ KEY = "key-one"
 # Short limits so the test runs in seconds; the sweep checks deadlines every timeout/4 here.
 LIMITS = dict(header_timeout=0.6, body_timeout=0.6, idle_timeout=0.6, max_header_bytes=4096)
 SLACK = 2.0  # a cut-off may come this much after its timeout on a busy machine (sweep interval + scheduling)
-
-
-@pytest_asyncio.fixture(loop_scope="function")
-async def stub():
-    r = await StubReplica("a", adapters={"v1"}).start()
-    yield r
-    await r.stop()
-
-
-def keys_dir(tmp_path):
-    d = tmp_path / "keys"
-    d.mkdir()
-    (d / "k").write_text(KEY + "\n")
-    return d
 
 
 async def read_answer(reader: asyncio.StreamReader, timeout: float) -> tuple[bytes, float]:
@@ -53,7 +37,7 @@ async def test_api_key_is_checked_before_the_body_is_read(stub, tmp_path):
     """401 as soon as the headers are complete, with or without Expect: 100-continue; the body (announced,
     never sent) is not waited for, and the connection ends."""
     async with running_router(tmp_path, [stub.spec], table_json({"chat": [("v1", 100)]}),
-                              api_keys=keys_dir(tmp_path)) as (svc, _):
+                              api_keys=keys_dir(tmp_path, KEY)) as (svc, _):
         for extra in (b"", b"Expect: 100-continue\r\n", b"Authorization: Bearer wrong\r\n"):
             reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
             writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -88,7 +72,7 @@ async def test_api_key_is_checked_before_the_body_is_read(stub, tmp_path):
 
 async def test_slow_huge_and_idle_clients_are_cut_off_while_a_normal_client_is_served(stub, tmp_path):
     async with running_router(tmp_path, [stub.spec], table_json({"chat": [("v1", 100)]}),
-                              api_keys=keys_dir(tmp_path), **LIMITS) as (svc, client):
+                              api_keys=keys_dir(tmp_path, KEY), **LIMITS) as (svc, client):
         head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
                 b"\r\nContent-Length: 1000\r\n\r\n")
 
@@ -277,7 +261,7 @@ async def test_a_body_on_a_path_that_takes_none_is_refused_unread(stub, tmp_path
     maxRequestBytes on each of max_connections connections (4 MiB x 4096 by default). Only the two inference
     paths take a body now: elsewhere it is refused (400) before it is read, announced or chunked."""
     async with running_router(tmp_path, [stub.spec], table_json({"chat": [("v1", 100)]}),
-                              api_keys=keys_dir(tmp_path), **LIMITS) as (svc, _):
+                              api_keys=keys_dir(tmp_path, KEY), **LIMITS) as (svc, _):
         reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
         auth = f"Authorization: Bearer {KEY}\r\n".encode() if path == b"/v1/models" else b""
         if framing == "length":   # announced, never sent: the answer must not wait for it

@@ -10,27 +10,11 @@ import json
 import socket
 
 import pytest
-import pytest_asyncio
 
-from support.router_running import running_router, table_json, wait_for
-from support.router_stubs import StubReplica
+from support.router_running import keys_dir, running_router, table_json, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 KEY = "key-one"
-
-
-@pytest_asyncio.fixture(loop_scope="function")
-async def stub():
-    r = await StubReplica("a", adapters={"v1"}).start()
-    yield r
-    await r.stop()
-
-
-def keys_dir(tmp_path):
-    d = tmp_path / "keys"
-    d.mkdir()
-    (d / "k").write_text(KEY + "\n")
-    return d
 
 
 async def read_all(reader: asyncio.StreamReader, timeout: float = 5) -> bytes:
@@ -42,6 +26,32 @@ async def read_all(reader: asyncio.StreamReader, timeout: float = 5) -> bytes:
     except (asyncio.TimeoutError, ConnectionError):
         pass
     return out
+
+async def read_slowly(sock: socket.socket, first_pause: bool = False) -> bytes:
+    """Read what the router sends on non-blocking `sock` as a slow client does: up to 512 KiB, then a pause of
+    0.3 s (before the first read too with `first_pause`), until the last answer ends in `ok` (the /healthz body),
+    a round gets nothing, or 60 rounds passed."""
+    loop = asyncio.get_running_loop()
+    out = b""
+    for _ in range(60):
+        if first_pause:
+            await asyncio.sleep(0.3)
+        got = 0
+        try:
+            while got < 512 * 1024:
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, 512 * 1024 - got), 0.05)
+                if not chunk:
+                    break
+                out += chunk
+                got += len(chunk)
+        except asyncio.TimeoutError:
+            pass
+        if out.endswith(b"\r\n\r\nok") or not got:
+            break
+        if not first_pause:
+            await asyncio.sleep(0.3)
+    return out
+
 
 
 def post(body: bytes, extra: bytes = b"", path: bytes = b"/v1/completions") -> bytes:
@@ -83,7 +93,7 @@ async def test_answers_to_head_requests_have_no_body_and_the_connection_stays_in
 
 async def test_a_refused_head_request_gets_no_body_either(stub, tmp_path):
     async with running_router(tmp_path, [stub.spec], table_json({"chat": [("v1", 100)]}),
-                              api_keys=keys_dir(tmp_path)) as (svc, _):
+                              api_keys=keys_dir(tmp_path, KEY)) as (svc, _):
         reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
         writer.write(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
         out = await read_all(reader)
@@ -280,21 +290,8 @@ async def test_a_slow_reader_of_its_answers_is_not_cut_off(stub, tmp_path):
             await loop.sock_connect(sock, ("127.0.0.1", svc.port))
             await loop.sock_sendall(sock, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
                                     b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            out = b""
-            for _ in range(60):   # up to 512 KiB every 0.3 s: ~3.5 s for the answer, the idle timeout is 0.6 s
-                await asyncio.sleep(0.3)
-                got = 0
-                try:
-                    while got < 512 * 1024:
-                        chunk = await asyncio.wait_for(loop.sock_recv(sock, 512 * 1024 - got), 0.05)
-                        if not chunk:
-                            break
-                        out += chunk
-                        got += len(chunk)
-                except asyncio.TimeoutError:
-                    pass
-                if out.endswith(b"\r\n\r\nok") or not got:
-                    break
+            # up to 512 KiB every 0.3 s: ~3.5 s for the answer, the idle timeout is 0.6 s
+            out = await read_slowly(sock, first_pause=True)
         assert out.count(b"HTTP/1.1 200 OK\r\n") == 2 and out.endswith(b"ok"), (len(out), out[-100:])
 
 
@@ -319,21 +316,7 @@ async def test_a_pipelined_request_behind_unread_answers_is_not_refused_for_the_
             await wait_for(lambda: conn.writing_paused)
             await loop.sock_sendall(sock, b"st: x\r\nConnection: close\r\n\r\n")   # sent; the router reads no more
             await asyncio.sleep(1.0)   # past the header timeout (0.6 s and the sweep's slack), reading nothing
-            out = b""
-            for _ in range(60):   # then reading: up to 512 KiB every 0.3 s
-                got = 0
-                try:
-                    while got < 512 * 1024:
-                        chunk = await asyncio.wait_for(loop.sock_recv(sock, 512 * 1024 - got), 0.05)
-                        if not chunk:
-                            break
-                        out += chunk
-                        got += len(chunk)
-                except asyncio.TimeoutError:
-                    pass
-                if out.endswith(b"\r\n\r\nok") or not got:
-                    break
-                await asyncio.sleep(0.3)
+            out = await read_slowly(sock)   # then reading: up to 512 KiB every 0.3 s
         assert out.count(b"HTTP/1.1 200 OK\r\n") == 2 and out.endswith(b"ok"), (len(out), out[-200:])
 
 
