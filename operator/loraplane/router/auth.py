@@ -59,11 +59,13 @@ class ApiKeys:
     def check(self, authorization: bytes | None) -> bool:
         """Whether an `Authorization` header value (raw bytes, None when absent) is `Bearer <an accepted key>`.
 
-        The hot path: a value seen before costs one set lookup; a new one costs one SHA-256.
+        The hot path: a value seen before costs one set lookup; a new one costs one SHA-256. The scheme name is
+        matched in any case (`bearer`, `BEARER`): RFC 9110 section 11.1 makes authentication schemes
+        case-insensitive, and some HTTP clients lower-case it.
         """
         if authorization in self._accepted:
             return True
-        if not authorization or not authorization.startswith(b"Bearer "):
+        if not authorization or authorization[:7].lower() != b"bearer ":
             return False
         if hashlib.sha256(authorization[7:].strip()).digest() in self._digests:
             if len(self._accepted) < _MAX_ACCEPTED:  # only verified values are remembered

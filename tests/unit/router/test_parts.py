@@ -183,6 +183,18 @@ async def test_dns_discovery_looks_again_soon_while_no_replica_can_serve(monkeyp
     assert len(lookups) == seen           # one usable replica: back to the interval
     task.cancel()
 
+def test_the_bearer_scheme_is_matched_in_any_case(tmp_path):
+    """RFC 9110 section 11.1: authentication schemes are case-insensitive; `bearer <key>` (as some clients send it)
+    was refused 401. The key itself stays exact, and another scheme or no space is still refused."""
+    f = tmp_path / "keys"
+    f.write_text("k1\n")
+    keys = ApiKeys(f)
+    for value in (b"bearer k1", b"BEARER k1", b"BeArEr k1", b"Bearer  k1"):
+        assert keys.check(value), value
+    for value in (b"bearer K1", b"Basic k1", b"bearerk1", b"bearer", b"Bearer_k1"):
+        assert not keys.check(value), value
+
+
 
 def test_the_operators_router_command_line_is_accepted():
     """The Deployment the operator builds runs `python -m loraplane.router` with these arguments."""

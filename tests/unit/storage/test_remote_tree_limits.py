@@ -146,6 +146,37 @@ def test_an_hf_repo_in_the_local_cache_is_fetched_while_the_hub_is_down(tmp_path
     assert done.returncode == 0 and done.stdout.strip() == "{}", done.stderr[-2000:]
 
 
+def test_an_hf_repo_neither_cached_nor_reachable_is_said_to_be_unreachable_not_offline(tmp_path):
+    """With the Hub down and the repo not in the local cache, snapshot_download raises LocalEntryNotFoundError,
+    the error it also raises in offline mode; the loader said "HF_HUB_OFFLINE is set" though it was not, sending
+    the user to the wrong setting. Online, it is a failure a retry may fix, said as such."""
+    import socket
+    import subprocess
+    import sys
+
+    import loraplane
+
+    with socket.socket() as s:   # a port nothing listens on: the connection is refused, as with the Hub down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (
+        "import asyncio\n"
+        "from loraplane.storage.archive import ArtifactLimits\n"
+        "from loraplane.storage.cache import ArtifactCache, FetchError\n"
+        f"cache = ArtifactCache({str(tmp_path / 'cache')!r}, max_bytes=1 << 30, limits=ArtifactLimits(5, 1000, 1000))\n"
+        "try:\n"
+        "    asyncio.run(cache.fetch('hf://org/not-cached'))\n"
+        "except FetchError as exc:\n"
+        "    print(exc)\n")
+    env = {"PYTHONPATH": str(Path(loraplane.__file__).resolve().parents[1]), "HF_HOME": str(tmp_path / "hf"),
+           "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_DISABLE_TELEMETRY": "1", "PATH": "/usr/bin:/bin",
+           "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "5"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50, env=env)
+    said = done.stdout.strip()
+    assert done.returncode == 0 and "could not be reached" in said and "HF_HUB_OFFLINE" not in said, (
+        said, done.stderr[-2000:])
+
+
 def test_an_s3_prefix_of_millions_of_objects_is_refused_without_listing_them_all(tmp_path):
     """Attack round 3: the prefix's listing was checked only once complete: a prefix of millions of objects cost
     thousands of ListObjectsV2 requests (minutes) and every key in memory before the refusal. The listing stops

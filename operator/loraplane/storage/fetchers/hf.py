@@ -80,9 +80,15 @@ class HfFetcher(Fetcher):
             snapshot = snapshot_download(uri.repo or "", revision=uri.revision, local_files_only=hub_offline(),
                                          token=self._token())
         except LocalEntryNotFoundError as exc:
-            raise OfflineMiss(uri.text, "not in the local cache",
-                              f"{uri} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
-                              "pre-populate HF_HOME or allow hub access") from exc
+            if hub_offline():
+                raise OfflineMiss(uri.text, "not in the local cache",
+                                  f"{uri} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                                  "pre-populate HF_HOME or allow hub access") from exc
+            # Online, snapshot_download raises the same error when the Hub cannot be reached (connection refused,
+            # timeout, DNS) and the repo is not cached: a failure a retry may fix, not offline mode.
+            cause = str(exc.__cause__ or exc).replace("\n", " ")[:300]
+            raise Unavailable(uri.text, "the Hugging Face Hub could not be reached and the repo is not in the "
+                                        f"local cache ({cause})") from exc
         except (HfHubHTTPError, HFValidationError, OSError) as exc:
             status = getattr(getattr(exc, "response", None), "status_code", None)
             cls: type[StorageError] = (
