@@ -51,11 +51,10 @@ SHM_PER_WORKER_GI = 2
 # The default size of a replica's base-model cache emptyDir (counts against the node's ephemeral storage).
 DEFAULT_MODEL_CACHE_SIZE = "100Gi"
 
-
-
 # The values vLLM's --max-lora-rank takes (vllm.config.lora.MaxLoRARanks in the image's vLLM 0.32; 8..512 before):
 # any other makes the engine exit at startup, a route in CrashLoopBackOff.
 VllmMaxLoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+
 
 class ModelCacheSpec(ApiModel):
     """Where a replica keeps its base model. At most one of claimName and hostPath; neither: a bounded emptyDir."""

@@ -75,6 +75,11 @@ def route_warnings(resources: list[Resource],
                 j, finetunejob.output_uri(j, BuildSettings()), None, None)))
         except ValueError:   # not expected for a valid job; then it is only not reported missing
             pass
+
+    def made_by(ns: str, name: str) -> str:
+        job = produced.get((ns, name))
+        return f" (the Adapter FineTuneJob {job.metadata.name} creates)" if job is not None else ""
+
     out = []
     for r in resources:
         if not isinstance(r, ModelRoute):
@@ -94,16 +99,14 @@ def route_warnings(resources: list[Resource],
                        f"{resolution.content.missing_message()}")
         out += [f"{where}: contentRouting {c.name!r}: {line}" for c in r.spec.content_routing for line in c.unreachable()]
         out += [f"{where}: backend {adapter} of {public!r} is left out ({verdict.reason}): {verdict.message}"
-                + (f" (the Adapter FineTuneJob {produced[ns, adapter].metadata.name} creates)"
-                   if (ns, adapter) in produced else "")
+                + made_by(ns, adapter)
                 for (public, adapter), verdict in sorted(resolution.missing.items())
                 if not (verdict.reason == Reason.AdapterNotFound
                         and ((ns, adapter) in produced or (ns, adapter) in invalid_jobs_produce))]
         # What a selector matches is no backend: an Adapter it selects and cannot serve is said too.
         backends = {a for (_, a) in resolution.missing}
         out += [f"{where}: Adapter {name}, which a selector of spec.routes matches, is not served ({verdict.reason}): "
-                f"{verdict.message}" + (f" (the Adapter FineTuneJob {produced[ns, name].metadata.name} creates)"
-                                        if (ns, name) in produced else "")
+                f"{verdict.message}{made_by(ns, name)}"
                 for name, verdict in sorted(resolution.selected.items())
                 if not verdict.compatible and name not in backends and verdict.reason != Reason.AdapterNotFound]
     return out

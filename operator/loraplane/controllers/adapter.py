@@ -330,24 +330,23 @@ def evaluation_pending(adapter: Adapter, policy: RolloutPolicy | None, status: d
     the evaluation (deleted between its two writes, or an annotation copied with the manifest, as a GitOps export
     does): waiting for it wedged the version for ever (a first version served without its gates judged), so
     then the gates judge at once, without another run's scores (`judged_evaluation`)."""
-    if not producer_exists:
+    if not producer_exists or policy is None or policy.gates is None:
         return False
+    return provenance_of_another_run(adapter, status)
+
+
+def provenance_of_another_run(adapter: Adapter, status: dict) -> bool:
+    """Whether PRODUCED_BY_ANNOTATION names a FineTuneJob run (its uid) and status.provenance records another run,
+    or none: the evaluation stored there is not spec's version's."""
     produced_by = adapter.metadata.annotations.get(PRODUCED_BY_ANNOTATION)
-    if policy is None or policy.gates is None or not produced_by:
-        return False
     provenance = (status or {}).get("provenance") or {}
-    return provenance.get("fineTuneJobUid") != produced_by
+    return bool(produced_by) and provenance.get("fineTuneJobUid") != produced_by
 
 
 def judged_evaluation(adapter: Adapter, status: dict) -> EvaluationResult | None:
-    """The evaluation the gates judge spec's version by: status.provenance's, unless PRODUCED_BY_ANNOTATION names
-    a FineTuneJob run other than the one provenance records (those are the previous version's scores: None, so
-    a gate fails on no data and says so)."""
-    produced_by = adapter.metadata.annotations.get(PRODUCED_BY_ANNOTATION)
-    provenance = (status or {}).get("provenance") or {}
-    if produced_by and provenance.get("fineTuneJobUid") != produced_by:
-        return None
-    return evaluation_of(status)
+    """The evaluation the gates judge spec's version by: status.provenance's, unless it is another run's
+    (`provenance_of_another_run`: the previous version's scores; None, so a gate fails on no data and says so)."""
+    return None if provenance_of_another_run(adapter, status) else evaluation_of(status)
 
 
 def evaluation_of(status: dict) -> EvaluationResult | None:

@@ -415,10 +415,10 @@ def _check_torch_archive(path: Path) -> None:
         raise GateError("adapter_model.bin is not a torch.save archive (a zip, PyTorch 1.6+; older pickles are "
                         "not read); save the adapter as safetensors (PEFT's default)") from exc
     packed = next((m.filename for m in members if m.compress_type != zipfile.ZIP_STORED), None)
-    unpacked = sum(m.file_size for m in members)
-    if packed is not None or unpacked > path.stat().st_size:
+    unpacked, size = sum(m.file_size for m in members), path.stat().st_size
+    if packed is not None or unpacked > size:
         what = (f"member {packed[:80]!r} is compressed" if packed is not None
-                else f"its members claim {unpacked} bytes, more than the file's {path.stat().st_size}")
+                else f"its members claim {unpacked} bytes, more than the file's {size}")
         raise GateError(f"adapter_model.bin is not as torch.save writes it ({what}: loading it could inflate it "
                         "in memory); save the adapter as safetensors (PEFT's default)")
 

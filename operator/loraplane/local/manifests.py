@@ -154,6 +154,14 @@ def _type_fits(value: object, schema: dict) -> bool:
     return True
 
 
+def _field_schema(schema: dict, key: object) -> dict | None:
+    """The schema of key `key` of an object `schema` (a structural CRD schema): its property, or, for a map
+    without properties, additionalProperties; None when the schema does not describe it."""
+    props = schema.get("properties") or {}
+    sub = props.get(key) if props else schema.get("additionalProperties")
+    return sub if isinstance(sub, dict) else None
+
+
 def _type_problems(value: object, schema: dict, path: str) -> list[str]:
     """The scalars under `value` whose YAML type is not the one `schema` (a structural CRD schema) declares."""
     if value is None or schema.get("x-kubernetes-preserve-unknown-fields"):
@@ -177,11 +185,8 @@ def _type_problems(value: object, schema: dict, path: str) -> list[str]:
                 f"{fix}"]
     out = []
     if isinstance(value, dict):
-        props = schema.get("properties") or {}
-        extra = schema.get("additionalProperties")
         for k, v in value.items():
-            sub = props.get(k) if props else (extra if isinstance(extra, dict) else None)
-            if isinstance(sub, dict):
+            if (sub := _field_schema(schema, k)) is not None:
                 out += _type_problems(v, sub, f"{path}.{k}")
     elif isinstance(value, list) and isinstance(schema.get("items"), dict):
         for i, v in enumerate(value):
@@ -204,12 +209,9 @@ def _without_nulls(value: object, schema: dict) -> object:
     if schema.get("x-kubernetes-preserve-unknown-fields"):
         return value
     if isinstance(value, dict):
-        props = schema.get("properties") or {}
-        extra = schema.get("additionalProperties")
         out = {}
         for k, v in value.items():
-            sub = props.get(k) if props else (extra if isinstance(extra, dict) else None)
-            if isinstance(sub, dict):
+            if (sub := _field_schema(schema, k)) is not None:
                 if v is None and not sub.get("nullable"):
                     continue
                 v = _without_nulls(v, sub)

@@ -52,6 +52,16 @@ async def read_slowly(sock: socket.socket, first_pause: bool = False) -> bytes:
             await asyncio.sleep(0.3)
     return out
 
+async def slow_client(port: int) -> socket.socket:
+    """A non-blocking socket connected to the router on `port`, with a 4 KiB receive buffer: a client that reads
+    slowly (or not at all) fills it, and the router's send buffer, at once."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return sock
+
+
 
 
 def post(body: bytes, extra: bytes = b"", path: bytes = b"/v1/completions") -> bytes:
@@ -188,10 +198,7 @@ async def test_a_client_that_does_not_read_its_answers_cannot_make_the_router_bu
     loop = asyncio.get_running_loop()
     table = table_json({f"model-{i:04d}": [("v1", 100)] for i in range(400)})
     async with running_router(tmp_path, [stub.spec], table) as (svc, _):
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
-            await loop.sock_connect(sock, ("127.0.0.1", svc.port))
+        with await slow_client(svc.port) as sock:
             await wait_for(lambda: len(svc.router.connections) == 1)
             (conn,) = svc.router.connections
             await loop.sock_sendall(sock, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n" * n
@@ -257,10 +264,7 @@ async def test_clients_that_never_read_do_not_hold_their_connections_for_ever(st
                               header_timeout=0.6, body_timeout=0.6, idle_timeout=0.6) as (svc, _):
         socks = []
         for _ in range(3):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
-            await loop.sock_connect(sock, ("127.0.0.1", svc.port))
+            sock = await slow_client(svc.port)
             await loop.sock_sendall(sock, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
             socks.append(sock)
         await wait_for(lambda: len(svc.router.connections) == 3)
@@ -284,10 +288,7 @@ async def test_a_slow_reader_of_its_answers_is_not_cut_off(stub, tmp_path):
     # the kernel's socket buffers take)
     async with running_router(tmp_path, [stub.spec], table, header_timeout=0.6, body_timeout=0.6,
                               idle_timeout=0.6) as (svc, _):
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
-            await loop.sock_connect(sock, ("127.0.0.1", svc.port))
+        with await slow_client(svc.port) as sock:
             await loop.sock_sendall(sock, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
                                     b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             # up to 512 KiB every 0.3 s: ~3.5 s for the answer, the idle timeout is 0.6 s
@@ -306,10 +307,7 @@ async def test_a_pipelined_request_behind_unread_answers_is_not_refused_for_the_
     table = table_json({f"model-{i:05d}": [("v1", 100)] for i in range(60000)})   # /v1/models: ~6 MB
     async with running_router(tmp_path, [stub.spec], table, header_timeout=0.6, body_timeout=0.6,
                               idle_timeout=0.6) as (svc, _):
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
-            await loop.sock_connect(sock, ("127.0.0.1", svc.port))
+        with await slow_client(svc.port) as sock:
             await wait_for(lambda: len(svc.router.connections) == 1)
             (conn,) = svc.router.connections
             await loop.sock_sendall(sock, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHo")
@@ -331,10 +329,7 @@ async def test_a_stream_cut_while_its_client_does_not_read_does_not_hold_the_con
     async with running_router(tmp_path, [stub.spec], table_json({"chat": [("v1", 100)]}), header_timeout=0.6,
                               body_timeout=0.6, idle_timeout=0.6) as (svc, _):
         svc.router.timeout_seconds = 1.0
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
-            await loop.sock_connect(sock, ("127.0.0.1", svc.port))
+        with await slow_client(svc.port) as sock:
             await loop.sock_sendall(sock, post(b'{"model":"chat","prompt":"p","stream":true}'))
             await wait_for(lambda: len(svc.router.connections) == 1)
             (conn,) = svc.router.connections

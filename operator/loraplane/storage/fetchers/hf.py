@@ -101,7 +101,6 @@ class HfFetcher(Fetcher):
         shutil.copytree(snapshot, dest, symlinks=False, ignore=shutil.ignore_patterns(".cache", ".gitattributes"))
         return dest
 
-
     def _listed_sizes(self, api, uri: ArtifactUri) -> list[int] | None:
         """The size of every file of the repo at its revision from the Hub's file metadata, or None when the Hub
         did not answer (connection refused, timeout, 5xx, 429, an auth or not-found answer). snapshot_download

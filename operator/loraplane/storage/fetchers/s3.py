@@ -158,7 +158,6 @@ class S3Fetcher(Fetcher):
         files = {k: size for k, size in objects.items() if k[len(prefix):] and not k.endswith("/")}
         check_listing(uri.text, list(files.values()), self.policy, "the prefix")   # before any download
         dest.mkdir(parents=True, exist_ok=True)
-        found = 0
         written: list[int] = []   # sizes so far; checked as a running count and total (linear in the files)
         total = 0
         try:
@@ -173,10 +172,9 @@ class S3Fetcher(Fetcher):
                 written.append(size)
                 total += size
                 check_listing(uri.text, written, self.policy, "what was downloaded", total)   # grown since listed
-                found += 1
         except _boto_errors() as exc:
             raise s3_error(uri.text, exc) from exc
-        if not found:
+        if not written:
             raise NotFound(uri.text, "empty prefix", f"{uri}: no objects under that prefix")
         return dest
 
